@@ -1,0 +1,8 @@
+//! The meshlink agent: WireGuard tunnels between overlay addresses, through a TUN device.
+//!
+//! See `ARCHITECTURE.md` at the top of the repository for the map of this crate.
+
+pub mod config;
+pub mod keyfile;
+pub mod settings;
+pub mod uapi;

@@ -1,0 +1,104 @@
+//! The agent's validated settings: what configuration files, environment variables and flags
+//! become once parsed and checked (see `config`), and what the rest of the agent is built from.
+//!
+//! Architecture invariant: nothing past this module sees raw configuration text; constructors
+//! take these types, which hold only checked values.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use boringtun::x25519;
+use ipnet::IpNet;
+use meshlink_proto::{Key, PublicKey};
+
+/// The default interface name.
+pub const DEFAULT_INTERFACE: &str = "mesh0";
+/// The default tunnel MTU: 1500 minus the 80 bytes of IPv6 + UDP + WireGuard overhead.
+pub const DEFAULT_MTU: u16 = 1420;
+/// The default directory of WireGuard userspace API sockets, where `wg` looks for them.
+pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+
+/// A private X25519 key. It is generated on the host that uses it, read from a 0600 file and
+/// never printed: `Debug` hides it.
+#[derive(Clone)]
+pub struct PrivateKey(pub x25519::StaticSecret);
+
+impl PrivateKey {
+    /// A fresh key from the operating system's random source.
+    pub fn generate() -> Self {
+        PrivateKey(x25519::StaticSecret::random_from_rng(rand_core::OsRng))
+    }
+
+    /// The key from its 32 bytes, clamped as `wg genkey` clamps.
+    pub fn from_bytes(mut bytes: [u8; 32]) -> Self {
+        bytes[0] &= 248;
+        bytes[31] = (bytes[31] & 127) | 64;
+        PrivateKey(x25519::StaticSecret::from(bytes))
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(x25519::PublicKey::from(&self.0).to_bytes())
+    }
+
+    /// The raw bytes, for the userspace API and for writing the key file.
+    pub fn to_key(&self) -> Key {
+        Key(self.0.to_bytes())
+    }
+}
+
+impl PartialEq for PrivateKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.to_bytes() == other.0.to_bytes()
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(public {})", self.public_key().short())
+    }
+}
+
+/// One WireGuard peer as configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerConfig {
+    /// The peer's static public key; it names the peer.
+    pub public_key: PublicKey,
+    /// An optional preshared key mixed into the handshake.
+    pub preshared_key: Option<Key>,
+    /// Where to send to the peer until it roams; `None` waits for the peer to reach us first.
+    pub endpoint: Option<SocketAddr>,
+    /// The inner addresses this peer may send from and receives packets for.
+    pub allowed_ips: Vec<IpNet>,
+    /// Seconds between keepalives when otherwise idle; `None` sends none.
+    pub persistent_keepalive: Option<u16>,
+}
+
+/// The WireGuard side of the device: the part the userspace API reads and writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceConfig {
+    /// This device's private key.
+    pub private_key: PrivateKey,
+    /// UDP port to listen on; 0 picks a free one.
+    pub listen_port: u16,
+    /// Firewall mark set on outgoing UDP packets; `None` or 0 sets none.
+    pub fwmark: Option<u32>,
+    /// The peers, at most one per public key.
+    pub peers: Vec<PeerConfig>,
+}
+
+/// Everything `meshlink-agent up` needs, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    /// Interface name (at most 15 bytes).
+    pub interface: String,
+    /// Overlay addresses assigned to the interface, with their prefix lengths.
+    pub addresses: Vec<IpNet>,
+    /// Interface MTU.
+    pub mtu: u16,
+    /// Directory for the userspace API socket (`IFACE.sock`).
+    pub uapi_dir: PathBuf,
+    /// The WireGuard device.
+    pub device: DeviceConfig,
+}

@@ -1,0 +1,1 @@
+//! WireGuard userspace API (in progress).

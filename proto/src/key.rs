@@ -1,0 +1,170 @@
+//! WireGuard keys as they appear in configuration and on the wire: 32 bytes, written as
+//! standard base64 with padding (44 characters), exactly as `wg genkey` and `wg pubkey` print them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+/// Why a string is not a key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// The text is not base64.
+    #[error("not valid base64")]
+    NotBase64,
+    /// The text decodes, but not to 32 bytes.
+    #[error("a key is 32 bytes (44 base64 characters), this one is {0} bytes")]
+    WrongLength(usize),
+}
+
+/// 32 bytes of key material: a public, private or preshared key.
+///
+/// `Debug` does not print the bytes, so a secret held in a `Key` never lands in a log by accident.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// Parses base64 text (surrounding whitespace ignored).
+    ///
+    /// # Errors
+    /// [`KeyError`] when the text is not base64 or not 32 bytes long.
+    pub fn from_base64(text: &str) -> Result<Self, KeyError> {
+        let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::NotBase64)?;
+        let arr: [u8; 32] = bytes
+            .as_slice()
+            .try_into()
+            .map_err(|_| KeyError::WrongLength(bytes.len()))?;
+        Ok(Key(arr))
+    }
+
+    /// Parses the lowercase hex form used by the WireGuard userspace API.
+    ///
+    /// # Errors
+    /// [`KeyError`] when the text is not 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self, KeyError> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(KeyError::WrongLength(text.len() / 2));
+        }
+        let mut out = [0u8; 32];
+        for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+            let s = std::str::from_utf8(chunk).map_err(|_| KeyError::NotBase64)?;
+            out[i] = u8::from_str_radix(s, 16).map_err(|_| KeyError::NotBase64)?;
+        }
+        Ok(Key(out))
+    }
+
+    /// The base64 text of the key.
+    pub fn to_base64(&self) -> String {
+        STANDARD.encode(self.0)
+    }
+
+    /// The lowercase hex text of the key, as the WireGuard userspace API writes it.
+    pub fn to_hex(&self) -> String {
+        let mut s = String::with_capacity(64);
+        for b in self.0 {
+            s.push_str(&format!("{b:02x}"));
+        }
+        s
+    }
+
+    /// True when every byte is zero (the userspace API's way of saying "no key").
+    pub fn is_zero(&self) -> bool {
+        self.0.iter().all(|b| *b == 0)
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// A peer's public key. Unlike [`Key`], it prints itself in base64, since it is not a secret.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PublicKey(pub [u8; 32]);
+
+impl PublicKey {
+    /// The base64 text of the key.
+    pub fn to_base64(&self) -> String {
+        Key(self.0).to_base64()
+    }
+
+    /// A short form for logs: the first 8 characters of the base64 text.
+    pub fn short(&self) -> String {
+        self.to_base64()[..8].to_string()
+    }
+}
+
+impl From<Key> for PublicKey {
+    fn from(k: Key) -> Self {
+        PublicKey(k.0)
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = KeyError;
+    fn from_str(s: &str) -> Result<Self, KeyError> {
+        Key::from_base64(s).map(PublicKey::from)
+    }
+}
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_base64())
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.short())
+    }
+}
+
+impl serde::Serialize for PublicKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_base64())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for PublicKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_round_trip() {
+        let k = Key([7u8; 32]);
+        assert_eq!(Key::from_base64(&k.to_base64()).unwrap(), k);
+        assert_eq!(k.to_base64().len(), 44);
+    }
+
+    #[test]
+    fn hex_round_trip() {
+        let mut b = [0u8; 32];
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = i as u8 * 7;
+        }
+        let k = Key(b);
+        assert_eq!(Key::from_hex(&k.to_hex()).unwrap(), k);
+        assert!(Key::from_hex("zz").is_err());
+    }
+
+    #[test]
+    fn rejects_bad_keys() {
+        assert_eq!(Key::from_base64("not base64!"), Err(KeyError::NotBase64));
+        assert_eq!(Key::from_base64("AAAA"), Err(KeyError::WrongLength(3)));
+    }
+
+    #[test]
+    fn debug_hides_secret() {
+        assert_eq!(format!("{:?}", Key([1; 32])), "Key(..)");
+    }
+}
