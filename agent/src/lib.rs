@@ -3,6 +3,9 @@
 //! See `ARCHITECTURE.md` at the top of the repository for the map of this crate.
 
 pub mod config;
+pub mod dataplane;
 pub mod keyfile;
+pub mod platform;
+pub mod run;
 pub mod settings;
 pub mod uapi;

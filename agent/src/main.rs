@@ -1,1 +1,200 @@
-fn main() {}
+//! `meshlink-agent`: the daemon on every VM. See `meshlink-agent --help`.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use meshlink_agent::config::{self, Overrides};
+use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
+use meshlink_agent::{run, uapi};
+use meshlink_proto::Key;
+
+/// meshlink agent: WireGuard tunnels through a TUN device.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print a new base64 private key (like `wg genkey`).
+    Genkey,
+    /// Read a base64 private key on stdin and print its public key (like `wg pubkey`).
+    Pubkey,
+    /// Bring the interface up and run in the foreground until SIGINT or SIGTERM.
+    Up(UpArgs),
+    /// Show the running agent's peers: endpoints, handshakes, traffic and drops.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Agent configuration file (TOML; see configs/agent.static.example.toml). Env: MESHLINK_CONFIG.
+    #[arg(long, value_name = "FILE", conflicts_with = "wg_quick")]
+    config: Option<PathBuf>,
+    /// A stock wg-quick configuration file instead. Env: MESHLINK_WG_QUICK.
+    #[arg(long, value_name = "FILE")]
+    wg_quick: Option<PathBuf>,
+    /// Interface name [default: mesh0, or the wg-quick file's name]. Env: MESHLINK_INTERFACE.
+    #[arg(long)]
+    interface: Option<String>,
+    /// Private key file (mode 0600 or stricter). Env: MESHLINK_PRIVATE_KEY_FILE.
+    #[arg(long, value_name = "FILE")]
+    private_key_file: Option<PathBuf>,
+    /// UDP listen port (0 picks one). Env: MESHLINK_LISTEN_PORT.
+    #[arg(long)]
+    listen_port: Option<u16>,
+    /// Overlay address with prefix length; repeat for several. Env: MESHLINK_ADDRESSES.
+    #[arg(long = "address", value_name = "CIDR")]
+    addresses: Option<Vec<String>>,
+    /// Tunnel MTU [default: 1420]. Env: MESHLINK_MTU.
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// Firewall mark for the tunnel's UDP packets. Env: MESHLINK_FWMARK.
+    #[arg(long)]
+    fwmark: Option<u32>,
+    /// Directory of the userspace API socket [default: /var/run/wireguard]. Env: MESHLINK_UAPI_DIR.
+    #[arg(long, value_name = "DIR")]
+    uapi_dir: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Interface of the agent to ask. Env: MESHLINK_INTERFACE.
+    #[arg(long, env = "MESHLINK_INTERFACE", default_value = DEFAULT_INTERFACE)]
+    interface: String,
+    /// Directory of the userspace API socket. Env: MESHLINK_UAPI_DIR.
+    #[arg(long, env = "MESHLINK_UAPI_DIR", default_value = DEFAULT_UAPI_DIR)]
+    uapi_dir: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value = "table")]
+    output: Output,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Genkey => genkey(),
+        Command::Pubkey => pubkey(),
+        Command::Up(args) => up(args),
+        Command::Status(args) => status(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshlink-agent: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn genkey() -> anyhow::Result<()> {
+    println!("{}", PrivateKey::generate().to_key().to_base64());
+    Ok(())
+}
+
+fn pubkey() -> anyhow::Result<()> {
+    let mut text = String::new();
+    std::io::stdin().take(1024).read_to_string(&mut text)?;
+    let key = Key::from_base64(&text).map_err(|e| anyhow::anyhow!("stdin: not a private key: {e}"))?;
+    let mut out = std::io::stdout();
+    writeln!(out, "{}", PrivateKey::from_bytes(key.0).public_key())?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("meshlink").build()?)
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let overrides = Overrides {
+        interface: args.interface,
+        private_key_file: args.private_key_file,
+        listen_port: args.listen_port,
+        addresses: args.addresses,
+        mtu: args.mtu,
+        fwmark: args.fwmark,
+        uapi_dir: args.uapi_dir,
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &env)?;
+    let rt = runtime()?;
+    rt.block_on(async move {
+        let shutdown = async {
+            use tokio::signal::unix::{signal, SignalKind};
+            match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+                (Ok(mut int), Ok(mut term)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
+                }
+                _ => std::future::pending::<()>().await,
+            }
+        };
+        run::run(settings, shutdown).await
+    })?;
+    Ok(())
+}
+
+fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let path = args.uapi_dir.join(format!("{}.sock", args.interface));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let response = rt
+        .block_on(uapi::request(&path, "get=meshlink"))
+        .map_err(|e| anyhow::anyhow!("no agent answers on {}: {e}", path.display()))?;
+    let json_line = response.lines().next().unwrap_or_default();
+    let v: serde_json::Value =
+        serde_json::from_str(json_line).map_err(|e| anyhow::anyhow!("{}: unexpected answer: {e}", path.display()))?;
+    match args.output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Output::Table => print_status_table(&v),
+    }
+    Ok(())
+}
+
+fn print_status_table(v: &serde_json::Value) {
+    let s = |x: &serde_json::Value| x.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
+    println!(
+        "interface {}  public key {}  port {}  addresses {}",
+        s(&v["interface"]),
+        s(&v["public_key"]),
+        v["listen_port"],
+        v["addresses"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default()
+    );
+    println!("device drops: {}", v["drops"]);
+    println!("{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  DROPS", "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX");
+    for p in v["peers"].as_array().into_iter().flatten() {
+        let hs = p["latest_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
+        let allowed = p["allowed_ips"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let drops: Vec<String> = p["drops"]
+            .as_object()
+            .map(|o| o.iter().filter(|(_, n)| n.as_u64().unwrap_or(0) > 0).map(|(k, n)| format!("{k}={n}")).collect())
+            .unwrap_or_default();
+        println!(
+            "{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  {}",
+            s(&p["public_key"]),
+            s(&p["endpoint"]),
+            allowed,
+            hs,
+            p["rx_bytes"],
+            p["tx_bytes"],
+            if drops.is_empty() { "-".to_string() } else { drops.join(" ") }
+        );
+    }
+}

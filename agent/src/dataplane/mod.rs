@@ -1,0 +1,443 @@
+//! The data plane's core: peers, cryptokey routing and the WireGuard sessions, with no I/O.
+//!
+//! Pipeline:
+//!
+//! ```text
+//!  TUN read batch ──> Device::outbound ──> allowed-IPs lookup (dst) ──> peer.encapsulate ──> NetBatch ──> UDP (GSO)
+//!  UDP read batch ──> Device::inbound  ──> peer by receiver index / handshake ──> decapsulate
+//!                                          ──> allowed-IPs check (src) ──> roam endpoint ──> TunBatch ──> TUN (GRO)
+//!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
+//! ```
+//!
+//! The I/O loops in `crate::run` own the sockets and call in here one batch at a time. The
+//! `Device` is shared by those loops: the peer table sits behind a read-write lock that the
+//! loops take once per batch, and each peer's session behind its own mutex, so the send and
+//! receive paths run on different cores.
+//!
+//! Architecture invariant: nothing here touches a socket, a file or the clock; the WireGuard
+//! engine keeps its own timers (see `noise`).
+
+pub mod allowed_ips;
+pub mod batch;
+pub mod noise;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
+use std::time::SystemTime;
+
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::{Packet, TunnResult};
+use boringtun::x25519;
+use meshlink_proto::PublicKey;
+
+use crate::settings::{DeviceConfig, PeerConfig};
+use crate::uapi::{DeviceStatus, DropCounts, PeerStatus};
+pub use allowed_ips::AllowedIps;
+pub use batch::{NetBatch, TunBatch};
+pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
+
+/// Handshake initiations per second the device accepts before it asks for cookies.
+const HANDSHAKE_RATE_LIMIT: u64 = 100;
+/// WireGuard overhead on a data packet: header (16) and tag (16); plaintext is padded to 16.
+const DATA_OVERHEAD: usize = 32 + 16;
+/// The smallest buffer boringtun accepts for output (a handshake initiation).
+const MIN_OUT: usize = 148;
+
+/// Drops the device counts before any peer is known.
+#[derive(Debug, Default)]
+pub struct DeviceDrops {
+    /// Outbound packets whose destination no peer's allowed IPs hold.
+    pub no_route: AtomicU64,
+    /// Outbound packets for a peer with no known endpoint.
+    pub no_endpoint: AtomicU64,
+    /// Inbound datagrams that name no peer of ours, or fail the handshake MAC.
+    pub unknown_peer: AtomicU64,
+    /// Outbound packets that are not IPv4 or IPv6.
+    pub malformed: AtomicU64,
+}
+
+/// One peer: its session and where it is.
+pub struct Peer {
+    /// The peer's public key.
+    pub key: PublicKey,
+    index: u32,
+    state: Mutex<PeerState>,
+}
+
+struct PeerState {
+    noise: Box<dyn Noise>,
+    endpoint: Option<SocketAddr>,
+    config: PeerConfig,
+    rx_bytes: u64,
+    tx_bytes: u64,
+    drops: DropCounts,
+}
+
+impl Peer {
+    fn lock(&self) -> MutexGuard<'_, PeerState> {
+        // A panic while holding a peer lock is a bug, but the data must stay usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+struct Table {
+    config: DeviceConfig,
+    public: x25519::PublicKey,
+    limiter: Arc<RateLimiter>,
+    peers: HashMap<PublicKey, Arc<Peer>>,
+    by_index: HashMap<u32, Arc<Peer>>,
+    routes: AllowedIps<Arc<Peer>>,
+    next_index: u32,
+}
+
+/// The data plane of one interface. See the module documentation.
+pub struct Device {
+    table: RwLock<Table>,
+    drops: DeviceDrops,
+}
+
+/// Makes a WireGuard session; tests may substitute their own engine.
+pub type NoiseFactory = dyn Fn(&x25519::StaticSecret, &PeerConfig, u32, Arc<RateLimiter>) -> Box<dyn Noise> + Send + Sync;
+
+fn boring_factory(private: &x25519::StaticSecret, peer: &PeerConfig, index: u32, limiter: Arc<RateLimiter>) -> Box<dyn Noise> {
+    Box::new(BoringNoise::new(
+        private.clone(),
+        x25519::PublicKey::from(peer.public_key.0),
+        peer.preshared_key.map(|k| k.0),
+        peer.persistent_keepalive.filter(|k| *k > 0),
+        index,
+        limiter,
+    ))
+}
+
+fn new_limiter(public: &x25519::PublicKey) -> Arc<RateLimiter> {
+    Arc::new(RateLimiter::new(public, HANDSHAKE_RATE_LIMIT))
+}
+
+/// The destination address of an IP packet, if it is one.
+#[inline]
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let b: [u8; 4] = packet[16..20].try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        6 if packet.len() >= 40 => {
+            let b: [u8; 16] = packet[24..40].try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
+    }
+}
+
+impl Device {
+    /// A device with `config`'s key and peers. `index_seed` varies the session indexes between
+    /// runs (pass something random in production, anything in tests).
+    pub fn new(config: DeviceConfig, index_seed: u32) -> Self {
+        let public = x25519::PublicKey::from(&config.private_key.0);
+        let table = Table {
+            public,
+            limiter: new_limiter(&public),
+            config: DeviceConfig { peers: Vec::new(), ..config.clone() },
+            peers: HashMap::new(),
+            by_index: HashMap::new(),
+            routes: AllowedIps::new(),
+            next_index: index_seed & 0x00ff_ffff,
+        };
+        let device = Device { table: RwLock::new(table), drops: DeviceDrops::default() };
+        device.set_config(config);
+        device
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Table> {
+        self.table.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The current configuration (peers' endpoints as configured, not as roamed).
+    pub fn config(&self) -> DeviceConfig {
+        self.read().config.clone()
+    }
+
+    /// Device-wide drop counters.
+    pub fn drops(&self) -> &DeviceDrops {
+        &self.drops
+    }
+
+    /// Brings the device to `new`, touching only what differs: a peer whose key, preshared key
+    /// and keepalive are unchanged keeps its session; its endpoint changes only if the
+    /// configured endpoint changed; allowed IPs are rebuilt. An allowed IP claimed by two peers
+    /// goes to the later one, as in WireGuard.
+    pub fn set_config(&self, mut new: DeviceConfig) {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let key_changed = t.config.private_key != new.private_key;
+        if key_changed {
+            t.public = x25519::PublicKey::from(&new.private_key.0);
+            t.limiter = new_limiter(&t.public);
+        }
+        // Later peers win contested prefixes; drop the prefix from the earlier holder.
+        let mut owner: HashMap<ipnet::IpNet, usize> = HashMap::new();
+        for (i, p) in new.peers.iter_mut().enumerate() {
+            for net in p.allowed_ips.iter_mut() {
+                *net = net.trunc();
+            }
+            p.allowed_ips.dedup();
+            for net in &p.allowed_ips {
+                owner.insert(*net, i);
+            }
+        }
+        for (i, p) in new.peers.iter_mut().enumerate() {
+            p.allowed_ips.retain(|n| owner.get(n) == Some(&i));
+        }
+
+        let mut peers = HashMap::with_capacity(new.peers.len());
+        let mut by_index = HashMap::with_capacity(new.peers.len());
+        let mut routes = AllowedIps::new();
+        for pc in &new.peers {
+            let keep = t.peers.get(&pc.public_key).filter(|old| {
+                let s = old.lock();
+                !key_changed && s.config.preshared_key == pc.preshared_key && s.config.persistent_keepalive == pc.persistent_keepalive
+            });
+            let peer = match keep {
+                Some(old) => {
+                    let mut s = old.lock();
+                    if s.config.endpoint != pc.endpoint && pc.endpoint.is_some() {
+                        s.endpoint = pc.endpoint;
+                    }
+                    s.config = pc.clone();
+                    drop(s);
+                    old.clone()
+                }
+                None => {
+                    let index = loop {
+                        t.next_index = (t.next_index + 1) & 0x00ff_ffff;
+                        let i = t.next_index;
+                        if !t.by_index.contains_key(&i) && !by_index.contains_key(&i) {
+                            break i;
+                        }
+                    };
+                    // A replaced session keeps the endpoint it had learned.
+                    let endpoint = pc.endpoint.or_else(|| t.peers.get(&pc.public_key).and_then(|o| o.lock().endpoint));
+                    let noise = boring_factory(&new.private_key.0, pc, index, t.limiter.clone());
+                    Arc::new(Peer {
+                        key: pc.public_key,
+                        index,
+                        state: Mutex::new(PeerState {
+                            noise,
+                            endpoint,
+                            config: pc.clone(),
+                            rx_bytes: 0,
+                            tx_bytes: 0,
+                            drops: DropCounts::default(),
+                        }),
+                    })
+                }
+            };
+            for net in &pc.allowed_ips {
+                routes.insert(*net, peer.clone());
+            }
+            by_index.insert(peer.index, peer.clone());
+            peers.insert(pc.public_key, peer);
+        }
+        t.peers = peers;
+        t.by_index = by_index;
+        t.routes = routes;
+        t.config = new;
+    }
+
+    /// Encrypts one IP packet read from the TUN device into `net`, or drops it (counted).
+    pub fn outbound(&self, packet: &[u8], net: &mut NetBatch) {
+        self.outbound_batch(std::iter::once(packet), net);
+    }
+
+    /// Encrypts a batch of IP packets read from the TUN device into `net`, taking the peer
+    /// table once for the whole batch.
+    pub fn outbound_batch<'p>(&self, packets: impl IntoIterator<Item = &'p [u8]>, net: &mut NetBatch) {
+        let t = self.read();
+        for packet in packets {
+            let Some(dst) = destination(packet) else {
+                self.drops.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let Some(peer) = t.routes.lookup(dst) else {
+                self.drops.no_route.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut s = peer.lock();
+            let Some(endpoint) = s.endpoint else {
+                self.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let space = net.space((packet.len() + DATA_OVERHEAD).max(MIN_OUT));
+            if let NoiseOutput::Network(out) = s.noise.encapsulate(packet, space) {
+                let n = out.len();
+                s.tx_bytes += n as u64;
+                net.commit(endpoint, n);
+            }
+        }
+    }
+
+    /// Handles one datagram received from `from`: decrypted packets go to `tun`, replies and
+    /// packets released by a completed handshake go to `net`. Anything invalid is dropped and
+    /// counted; nothing a remote sends can make this panic.
+    pub fn inbound(&self, from: SocketAddr, datagram: &[u8], tun: &mut TunBatch, net: &mut NetBatch) {
+        let t = self.read();
+        self.inbound_locked(&t, from, datagram, tun, net);
+    }
+
+    /// Handles a batch of datagrams that all came from `from` with one table lock.
+    pub fn inbound_batch<'d>(&self, from: SocketAddr, datagrams: impl IntoIterator<Item = &'d [u8]>, tun: &mut TunBatch, net: &mut NetBatch) {
+        let t = self.read();
+        for d in datagrams {
+            self.inbound_locked(&t, from, d, tun, net);
+        }
+    }
+
+    fn inbound_locked(&self, t: &Table, from: SocketAddr, datagram: &[u8], tun: &mut TunBatch, net: &mut NetBatch) {
+        let Some(peer) = self.find_sender(t, from, datagram, net) else {
+            return;
+        };
+        let kind = datagram[0];
+        let mut s = peer.lock();
+        let PeerState { noise, endpoint, rx_bytes, drops, .. } = &mut *s;
+        let mut authenticated = false;
+        match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
+            NoiseOutput::Tunnel(packet, src) => {
+                // Cryptokey routing, inbound half: the inner source must be one of the peer's.
+                let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer));
+                if owner_ok {
+                    let n = packet.len();
+                    tun.commit(n);
+                    authenticated = true;
+                } else {
+                    drops.spoofed_source += 1;
+                    // The packet was genuine WireGuard from this peer, so it still roams.
+                    authenticated = true;
+                }
+            }
+            NoiseOutput::Network(reply) => {
+                // A cookie reply is what the limiter sends to unauthenticated senders.
+                authenticated = reply.first() != Some(&3);
+                net.push(from, reply);
+                if authenticated {
+                    // A completed handshake releases the packets queued while it ran.
+                    loop {
+                        let space = net.space(1500 + DATA_OVERHEAD + 64);
+                        match noise.decapsulate(None, &[], space) {
+                            NoiseOutput::Network(out) => {
+                                let n = out.len();
+                                net.commit(from, n);
+                            }
+                            _ => break,
+                        }
+                    }
+                }
+            }
+            NoiseOutput::Done => authenticated = kind == 4 || kind == 2,
+            NoiseOutput::Error(e) => match e {
+                NoiseError::DecryptFailed => drops.decrypt_failed += 1,
+                NoiseError::Replay => drops.replay += 1,
+                _ => drops.other += 1,
+            },
+        }
+        if authenticated {
+            *rx_bytes += datagram.len() as u64;
+            // Roaming: the endpoint follows the latest authenticated packet.
+            if *endpoint != Some(from) {
+                *endpoint = Some(from);
+            }
+        }
+    }
+
+    /// Which peer a datagram claims to come from. Handshake initiations are checked (MAC,
+    /// cookie under load) and opened to learn the sender's static key; other messages name
+    /// our session index.
+    fn find_sender<'t>(&self, t: &'t Table, from: SocketAddr, datagram: &[u8], net: &mut NetBatch) -> Option<&'t Arc<Peer>> {
+        let mut cookie = [0u8; 64];
+        let found = match t.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
+            Ok(Packet::HandshakeInit(init)) => parse_handshake_anon(&t.config.private_key.0, &t.public, &init)
+                .ok()
+                .and_then(|half| t.peers.get(&PublicKey(half.peer_static_public))),
+            Ok(Packet::HandshakeResponse(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
+            Ok(Packet::PacketCookieReply(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
+            Ok(Packet::PacketData(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
+            Err(TunnResult::WriteToNetwork(reply)) => {
+                net.push(from, reply);
+                return None;
+            }
+            Err(_) => None,
+        };
+        if found.is_none() {
+            self.drops.unknown_peer.fetch_add(1, Ordering::Relaxed);
+        }
+        found
+    }
+
+    /// Runs every peer's protocol timers; datagrams they produce go to `net`. Call every
+    /// 250 ms or so.
+    pub fn handle_timeout(&self, net: &mut NetBatch) {
+        let t = self.read();
+        for peer in t.peers.values() {
+            let mut s = peer.lock();
+            let endpoint = s.endpoint;
+            let space = net.space(MIN_OUT + 64);
+            if let NoiseOutput::Network(out) = s.noise.update_timers(space) {
+                let n = out.len();
+                if let Some(ep) = endpoint {
+                    s.tx_bytes += n as u64;
+                    net.commit(ep, n);
+                }
+            }
+        }
+    }
+
+    /// Starts a new one-second window of the handshake limiter. Call once a second.
+    pub fn reset_handshake_limiter(&self) {
+        self.read().limiter.reset_count();
+    }
+
+    /// Live status: endpoints as roamed, handshake ages, counters. `now` is wall-clock time,
+    /// used to turn handshake ages into timestamps.
+    pub fn status(&self, now: SystemTime) -> DeviceStatus {
+        let t = self.read();
+        let peers = t
+            .config
+            .peers
+            .iter()
+            .filter_map(|pc| t.peers.get(&pc.public_key))
+            .map(|p| {
+                let s = p.lock();
+                PeerStatus {
+                    public_key: p.key,
+                    endpoint: s.endpoint,
+                    last_handshake: s.noise.time_since_last_handshake().and_then(|d| now.checked_sub(d)),
+                    tx_bytes: s.tx_bytes,
+                    rx_bytes: s.rx_bytes,
+                    drops: s.drops,
+                }
+            })
+            .collect();
+        DeviceStatus { listen_port: t.config.listen_port, peers }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destination_of_ipv4_and_ipv6() {
+        let mut v4 = [0u8; 20];
+        v4[0] = 0x45;
+        v4[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        assert_eq!(destination(&v4), Some("100.64.0.2".parse().unwrap()));
+        let mut v6 = [0u8; 40];
+        v6[0] = 0x60;
+        v6[39] = 1;
+        assert_eq!(destination(&v6), Some("::1".parse().unwrap()));
+        assert_eq!(destination(&[0x45, 0, 0]), None);
+        assert_eq!(destination(&[]), None);
+    }
+}

@@ -1,0 +1,9 @@
+//! Operating-system effects: the TUN device, the UDP socket and netlink.
+//!
+//! Everything that talks to the kernel lives here, behind small types that the I/O loops in
+//! `crate::run` drive; the pure decisions (which routes to add or remove) are plain functions
+//! tested without a kernel.
+
+pub mod netlink;
+pub mod tun;
+pub mod udp;

@@ -1,0 +1,150 @@
+//! Addresses, MTU, link state and routes of the tunnel interface, through rtnetlink.
+//!
+//! [`route_plan`] decides; [`Netlink`] applies. The agent installs one route per allowed IP
+//! (except default routes, see [`route_plan`]) and removes exactly those on exit.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use futures::TryStreamExt;
+use ipnet::IpNet;
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// A netlink operation that failed, naming what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    /// The netlink socket could not be opened.
+    #[error("cannot open a netlink socket: {0}")]
+    Socket(std::io::Error),
+    /// The kernel refused an operation.
+    #[error("{what}: {source}")]
+    Kernel {
+        /// The operation, e.g. "add route 10.0.0.0/24 dev mesh0".
+        what: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+    /// The interface does not exist.
+    #[error("interface {0} not found")]
+    NoSuchInterface(String),
+}
+
+/// The routes to add and to remove to go from `installed` to the routes `wanted` asks for.
+/// Default routes (`/0`) are left out: sending everything through the tunnel needs policy
+/// routing so that the tunnel's own UDP packets do not loop, which this agent does not set up.
+pub fn route_plan(installed: &BTreeSet<IpNet>, wanted: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
+    let want: BTreeSet<IpNet> = wanted.iter().map(|n| n.trunc()).filter(|n| n.prefix_len() > 0).collect();
+    let add = want.difference(installed).copied().collect();
+    let del = installed.difference(&want).copied().collect();
+    (add, del)
+}
+
+/// A netlink session bound to one interface.
+pub struct Netlink {
+    handle: Handle,
+    name: String,
+    index: u32,
+}
+
+/// Opens a netlink session (spawning its connection on the current tokio runtime).
+///
+/// # Errors
+/// [`NetlinkError::Socket`] when the socket cannot be opened.
+pub fn connect() -> Result<Handle, NetlinkError> {
+    let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Socket)?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+/// The index of interface `name`, if it exists.
+///
+/// # Errors
+/// [`NetlinkError::Kernel`] when the query fails for another reason than absence.
+pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, NetlinkError> {
+    let mut links = handle.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(link)) => Ok(Some(link.header.index)),
+        Ok(None) => Ok(None),
+        // The kernel answers ENODEV for a name it does not know.
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(source) => Err(NetlinkError::Kernel { what: format!("look up interface {name}"), source }),
+    }
+}
+
+impl Netlink {
+    /// A session for the existing interface `name`.
+    ///
+    /// # Errors
+    /// [`NetlinkError::NoSuchInterface`] if it does not exist.
+    pub async fn for_interface(handle: Handle, name: &str) -> Result<Self, NetlinkError> {
+        let index = link_index(&handle, name).await?.ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?;
+        Ok(Netlink { handle, name: name.to_string(), index })
+    }
+
+    fn err(&self, what: String) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
+        move |source| NetlinkError::Kernel { what, source }
+    }
+
+    /// Sets the MTU and brings the link up.
+    pub async fn set_mtu_and_up(&self, mtu: u16) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(self.index).mtu(u32::from(mtu)).up().build();
+        self.handle.link().set(msg).execute().await.map_err(self.err(format!("set mtu {mtu} and up on {}", self.name)))
+    }
+
+    /// Adds an address with its prefix length (replacing an identical one).
+    pub async fn add_address(&self, net: IpNet) -> Result<(), NetlinkError> {
+        self.handle
+            .address()
+            .add(self.index, net.addr(), net.prefix_len())
+            .replace()
+            .execute()
+            .await
+            .map_err(self.err(format!("add address {net} to {}", self.name)))
+    }
+
+    fn route_message(&self, net: IpNet) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
+        let b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(net.addr(), net.prefix_len())
+            .map_err(|e| NetlinkError::Kernel { what: format!("route {net}: {e}"), source: rtnetlink::Error::RequestFailed })?;
+        Ok(b.output_interface(self.index).build())
+    }
+
+    /// Adds a route to `net` through the interface (replacing one that exists).
+    pub async fn add_route(&self, net: IpNet) -> Result<(), NetlinkError> {
+        let msg = self.route_message(net)?;
+        self.handle.route().add(msg).replace().execute().await.map_err(self.err(format!("add route {net} dev {}", self.name)))
+    }
+
+    /// Removes the route to `net` through the interface; one already gone is not an error.
+    pub async fn del_route(&self, net: IpNet) -> Result<(), NetlinkError> {
+        let msg = self.route_message(net)?;
+        match self.handle.route().del(msg).execute().await {
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH || e.raw_code() == -libc::ENODEV => Ok(()),
+            r => r.map_err(self.err(format!("delete route {net} dev {}", self.name))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn plan_adds_and_removes_only_the_difference() {
+        let installed: BTreeSet<IpNet> = nets(&["100.64.0.2/32", "10.0.0.0/24"]).into_iter().collect();
+        let (add, del) = route_plan(&installed, &nets(&["100.64.0.2/32", "100.64.0.3/32", "0.0.0.0/0", "::/0", "fd00::1/128"]));
+        assert_eq!(add, nets(&["100.64.0.3/32", "fd00::1/128"]));
+        assert_eq!(del, nets(&["10.0.0.0/24"]));
+    }
+
+    #[test]
+    fn plan_normalizes_host_bits() {
+        let installed: BTreeSet<IpNet> = nets(&["10.0.0.0/24"]).into_iter().collect();
+        let (add, del) = route_plan(&installed, &nets(&["10.0.0.9/24"]));
+        assert!(add.is_empty() && del.is_empty());
+    }
+}

@@ -1,0 +1,338 @@
+//! `meshlink-agent up`: sets the interface up from `Settings` and runs the data plane until
+//! told to stop, then removes everything it added.
+//!
+//! One explicit loop per owned object, each on the shared tokio runtime:
+//! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends;
+//! - `udp_to_tun`: GRO/`recvmmsg` receive -> `Device::inbound_batch` -> coalesced TUN writes;
+//! - `timers`: WireGuard timers every 250 ms, handshake limiter window every second;
+//! - `routes`: applies route changes that follow configuration changes;
+//! - the userspace API server (`crate::uapi`).
+//!
+//! The send and receive loops run on different worker threads, so one tunnel uses two cores.
+
+use std::collections::BTreeSet;
+use std::io::IoSliceMut;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use ipnet::IpNet;
+use quinn_udp::RecvMeta;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::dataplane::{Device, NetBatch, TunBatch};
+use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
+use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
+use crate::platform::udp::{UdpError, UdpTransport};
+use crate::settings::{DeviceConfig, Settings};
+use crate::uapi::{self, DeviceStatus, UapiError, UapiHandler};
+
+/// Why the agent could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The interface name is taken.
+    #[error("interface {0} already exists (choose another with --interface or remove it)")]
+    InterfaceExists(String),
+    /// The TUN device could not be created.
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    /// The UDP socket could not be bound.
+    #[error(transparent)]
+    Udp(#[from] UdpError),
+    /// A netlink operation failed.
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    /// The userspace API socket could not be bound.
+    #[error(transparent)]
+    Uapi(#[from] UapiError),
+    /// A packet loop failed on I/O.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The wanted routes of a configuration: every peer's allowed IPs.
+fn wanted_routes(config: &DeviceConfig) -> Vec<IpNet> {
+    config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect()
+}
+
+/// What the userspace API and `status` see of a running agent.
+struct Control {
+    device: Arc<Device>,
+    interface: String,
+    addresses: Vec<IpNet>,
+    listen_port: u16,
+    routes_tx: mpsc::UnboundedSender<Vec<IpNet>>,
+}
+
+impl UapiHandler for Control {
+    fn config(&self) -> DeviceConfig {
+        self.device.config()
+    }
+
+    fn status(&self) -> DeviceStatus {
+        self.device.status(SystemTime::now())
+    }
+
+    fn apply(&self, new: DeviceConfig) -> Result<(), String> {
+        if new.listen_port != self.listen_port && new.listen_port != 0 {
+            return Err(format!("changing listen-port at runtime is not supported (bound to {}); restart the agent", self.listen_port));
+        }
+        let mut new = new;
+        new.listen_port = self.listen_port;
+        let routes = wanted_routes(&new);
+        self.device.set_config(new);
+        let _ = self.routes_tx.send(routes);
+        Ok(())
+    }
+
+    fn status_json(&self) -> String {
+        let status = self.device.status(SystemTime::now());
+        let config = self.device.config();
+        let now = SystemTime::now();
+        let drops = self.device.drops();
+        let peers: Vec<serde_json::Value> = status
+            .peers
+            .iter()
+            .map(|p| {
+                let allowed: Vec<String> = config
+                    .peers
+                    .iter()
+                    .find(|c| c.public_key == p.public_key)
+                    .map(|c| c.allowed_ips.iter().map(|n| n.to_string()).collect())
+                    .unwrap_or_default();
+                serde_json::json!({
+                    "public_key": p.public_key.to_base64(),
+                    "endpoint": p.endpoint.map(|e| e.to_string()),
+                    "allowed_ips": allowed,
+                    "latest_handshake_secs_ago": p.last_handshake.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
+                    "rx_bytes": p.rx_bytes,
+                    "tx_bytes": p.tx_bytes,
+                    "drops": p.drops,
+                })
+            })
+            .collect();
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "interface": self.interface,
+            "public_key": config.private_key.public_key().to_base64(),
+            "listen_port": self.listen_port,
+            "addresses": self.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "drops": {
+                "no_route": drops.no_route.load(Relaxed),
+                "no_endpoint": drops.no_endpoint.load(Relaxed),
+                "unknown_peer": drops.unknown_peer.load(Relaxed),
+                "malformed": drops.malformed.load(Relaxed),
+            },
+            "peers": peers,
+        })
+        .to_string()
+    }
+}
+
+/// Removes what the agent added, also when start-up fails half-way.
+struct Cleanup {
+    socket: Option<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Some(p) = self.socket.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves.
+///
+/// # Errors
+/// [`RunError`] when the interface cannot be set up or a packet loop fails.
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
+    let handle = netlink::connect()?;
+    if netlink::link_index(&handle, &settings.interface).await?.is_some() {
+        return Err(RunError::InterfaceExists(settings.interface.clone()));
+    }
+    let udp = Arc::new(UdpTransport::bind(settings.device.listen_port, settings.device.fwmark)?);
+    let tun = Arc::new(Tun::create(&settings.interface, settings.mtu)?);
+    let nl = Netlink::for_interface(handle, &settings.interface).await?;
+    nl.set_mtu_and_up(settings.mtu).await?;
+    for a in &settings.addresses {
+        nl.add_address(*a).await?;
+    }
+    let mut installed = BTreeSet::new();
+    let (add, _) = route_plan(&installed, &wanted_routes(&settings.device));
+    for net in add {
+        nl.add_route(net).await?;
+        installed.insert(net);
+    }
+    let mut cleanup = Cleanup { socket: None };
+    let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
+    cleanup.socket = Some(settings.uapi_dir.join(format!("{}.sock", settings.interface)));
+
+    let mut device_config = settings.device.clone();
+    device_config.listen_port = udp.port();
+    let seed = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
+    let device = Arc::new(Device::new(device_config, seed));
+    let (routes_tx, mut routes_rx) = mpsc::unbounded_channel();
+    let control = Arc::new(Control {
+        device: device.clone(),
+        interface: settings.interface.clone(),
+        addresses: settings.addresses.clone(),
+        listen_port: udp.port(),
+        routes_tx,
+    });
+    info!(
+        interface = %settings.interface,
+        public_key = %settings.device.private_key.public_key(),
+        listen_port = udp.port(),
+        peers = settings.device.peers.len(),
+        tun_offload = tun.offload(),
+        udp_gso = udp.max_gso_segments(),
+        udp_gro = udp.gro_segments(),
+        "interface up"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(tun_to_udp(device.clone(), tun.clone(), udp.clone(), settings.mtu));
+    tasks.spawn(udp_to_tun(device.clone(), tun.clone(), udp.clone()));
+    tasks.spawn(timers(device.clone(), udp.clone()));
+    tasks.spawn({
+        let handler: Arc<dyn UapiHandler> = control.clone();
+        let stop = stop_rx.clone();
+        async move {
+            uapi::serve(listener, handler, stop).await;
+            Ok(())
+        }
+    });
+
+    let result = tokio::select! {
+        () = shutdown => {
+            info!("shutting down");
+            Ok(())
+        }
+        Some(r) = tasks.join_next() => match r {
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(())) => Err(RunError::Io("a packet loop stopped".into())),
+            Err(e) => Err(RunError::Io(format!("a packet loop panicked: {e}"))),
+        },
+        () = async {
+            while let Some(wanted) = routes_rx.recv().await {
+                let (add, del) = route_plan(&installed, &wanted);
+                for net in del {
+                    if let Err(e) = nl.del_route(net).await { warn!("{e}"); }
+                    installed.remove(&net);
+                }
+                for net in add {
+                    match nl.add_route(net).await {
+                        Ok(()) => { installed.insert(net); }
+                        Err(e) => warn!("{e}"),
+                    }
+                }
+            }
+        } => Ok(()),
+    };
+    let _ = stop_tx.send(true);
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    for net in &installed {
+        if let Err(e) = nl.del_route(*net).await {
+            debug!("{e}");
+        }
+    }
+    drop(cleanup);
+    // Dropping the last handle closes the TUN device, which removes the interface.
+    drop(tun);
+    result
+}
+
+async fn tun_to_udp(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>, mtu: u16) -> Result<(), RunError> {
+    let slots = IDEAL_BATCH_SIZE;
+    let mut original = vec![0u8; HEADROOM + 65536];
+    let mut bufs: Vec<Vec<u8>> = (0..slots).map(|_| vec![0u8; usize::from(mtu).max(1280) + 128]).collect();
+    let mut sizes = vec![0usize; slots];
+    let mut net = NetBatch::with_capacity(slots * (usize::from(mtu) + 64));
+    loop {
+        let n = match tun.recv(&mut original, &mut bufs, &mut sizes).await {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                // A malformed offload frame affects one read only.
+                debug!("tun read: {e}");
+                if e.raw_os_error().is_some() {
+                    return Err(RunError::Io(format!("reading the TUN device: {e}")));
+                }
+                continue;
+            }
+        };
+        device.outbound_batch(bufs[..n].iter().zip(&sizes[..n]).map(|(b, s)| &b[..*s]), &mut net);
+        if !net.is_empty() {
+            udp.send_batch(&net).await;
+            net.clear();
+        }
+    }
+}
+
+async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) -> Result<(), RunError> {
+    const SLOT: usize = 65536;
+    let batch = quinn_udp::BATCH_SIZE.max(1);
+    let mut storage = vec![0u8; SLOT * batch];
+    let mut meta = vec![RecvMeta::default(); batch];
+    let mut tun_batch = TunBatch::new(IDEAL_BATCH_SIZE, HEADROOM, 2048);
+    let mut net = NetBatch::with_capacity(16 * 1024);
+    let mut gro = tun_rs::GROTable::default();
+    loop {
+        let n = {
+            let mut slices: Vec<IoSliceMut<'_>> = storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
+            match udp.recv(&mut slices, &mut meta).await {
+                Ok(n) => n,
+                Err(e) => {
+                    debug!("udp receive: {e}");
+                    continue;
+                }
+            }
+        };
+        for (i, m) in meta[..n].iter().enumerate() {
+            let data = &storage[i * SLOT..i * SLOT + m.len];
+            let stride = m.stride.max(1);
+            device.inbound_batch(m.addr, data.chunks(stride), &mut tun_batch, &mut net);
+            if tun_batch.len() + 64 >= IDEAL_BATCH_SIZE {
+                flush_tun(&tun, &mut gro, &mut tun_batch).await;
+            }
+        }
+        flush_tun(&tun, &mut gro, &mut tun_batch).await;
+        if !net.is_empty() {
+            udp.send_batch(&net).await;
+            net.clear();
+        }
+    }
+}
+
+async fn flush_tun(tun: &Tun, gro: &mut tun_rs::GROTable, batch: &mut TunBatch) {
+    if batch.is_empty() {
+        return;
+    }
+    if let Err(e) = tun.send(gro, batch).await {
+        debug!("tun write: {e}");
+    }
+    batch.clear();
+}
+
+async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunError> {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut net = NetBatch::with_capacity(4096);
+    let mut n: u64 = 0;
+    loop {
+        tick.tick().await;
+        n += 1;
+        if n.is_multiple_of(4) {
+            device.reset_handshake_limiter();
+        }
+        device.handle_timeout(&mut net);
+        if !net.is_empty() {
+            udp.send_batch(&net).await;
+            net.clear();
+        }
+    }
+}
