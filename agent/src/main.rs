@@ -133,8 +133,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         fwmark: args.fwmark,
         uapi_dir: args.uapi_dir,
     };
-    let env = |name: &str| std::env::var(name).ok();
-    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &env)?;
+    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &config::process_env)?;
     let rt = runtime()?;
     rt.block_on(async move {
         let shutdown = async {

@@ -25,9 +25,11 @@ pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
 pub struct PrivateKey(pub x25519::StaticSecret);
 
 impl PrivateKey {
-    /// A fresh key from the operating system's random source.
+    /// A fresh key from the operating system's random source, clamped as `wg genkey` prints it.
     pub fn generate() -> Self {
-        PrivateKey(x25519::StaticSecret::random_from_rng(rand_core::OsRng))
+        let mut bytes = [0u8; 32];
+        rand_core::RngCore::fill_bytes(&mut rand_core::OsRng, &mut bytes);
+        Self::from_bytes(bytes)
     }
 
     /// The key from its 32 bytes, clamped as `wg genkey` clamps.
