@@ -62,6 +62,7 @@ struct Control {
     interface: String,
     addresses: Vec<IpNet>,
     listen_port: u16,
+    udp: Arc<UdpTransport>,
     routes_tx: mpsc::UnboundedSender<Vec<IpNet>>,
 }
 
@@ -123,6 +124,7 @@ impl UapiHandler for Control {
                 "no_endpoint": drops.no_endpoint.load(Relaxed),
                 "unknown_peer": drops.unknown_peer.load(Relaxed),
                 "malformed": drops.malformed.load(Relaxed),
+                "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
         })
@@ -179,6 +181,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         interface: settings.interface.clone(),
         addresses: settings.addresses.clone(),
         listen_port: udp.port(),
+        udp: udp.clone(),
         routes_tx,
     });
     info!(

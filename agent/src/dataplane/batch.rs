@@ -79,10 +79,11 @@ impl NetBatch {
     }
 
     /// Splits the batch into sends: each run is consecutive datagrams to one destination, all
-    /// of one size except perhaps a shorter last one, at most `max_segments` long. Returns
-    /// (destination, bytes, segment size).
-    pub fn runs(&self, max_segments: usize) -> Runs<'_> {
-        Runs { batch: self, next: 0, max_segments: max_segments.max(1) }
+    /// of one size except perhaps a shorter last one, at most `max_segments` long and at most
+    /// `max_bytes` in all (a single datagram may exceed it). Returns (destination, bytes,
+    /// segment size).
+    pub fn runs(&self, max_segments: usize, max_bytes: usize) -> Runs<'_> {
+        Runs { batch: self, next: 0, max_segments: max_segments.max(1), max_bytes }
     }
 }
 
@@ -91,6 +92,7 @@ pub struct Runs<'a> {
     batch: &'a NetBatch,
     next: usize,
     max_segments: usize,
+    max_bytes: usize,
 }
 
 impl<'a> Iterator for Runs<'a> {
@@ -104,7 +106,12 @@ impl<'a> Iterator for Runs<'a> {
         while end < items.len() && end - self.next < self.max_segments {
             let it = items[end];
             let prev = items[end - 1];
-            if it.dst != first.dst || it.len > first.len || prev.len != first.len || it.start != prev.start + prev.len {
+            if it.dst != first.dst
+                || it.len > first.len
+                || prev.len != first.len
+                || it.start != prev.start + prev.len
+                || total + it.len > self.max_bytes
+            {
                 break;
             }
             total += it.len;
@@ -199,10 +206,12 @@ mod tests {
             b.push(addr(1), &vec![1; len]);
         }
         b.push(addr(2), &[2; 100]);
-        let runs: Vec<_> = b.runs(64).map(|(d, bytes, seg)| (d, bytes.len(), seg)).collect();
+        let runs: Vec<_> = b.runs(64, 65000).map(|(d, bytes, seg)| (d, bytes.len(), seg)).collect();
         assert_eq!(runs, vec![(addr(1), 360, 100), (addr(1), 200, 100), (addr(2), 100, 100)]);
-        let capped: Vec<_> = b.runs(2).map(|(_, bytes, _)| bytes.len()).collect();
+        let capped: Vec<_> = b.runs(2, 65000).map(|(_, bytes, _)| bytes.len()).collect();
         assert_eq!(capped, vec![200, 160, 200, 100]);
+        let by_bytes: Vec<_> = b.runs(64, 250).map(|(_, bytes, _)| bytes.len()).collect();
+        assert_eq!(by_bytes, vec![200, 160, 200, 100]);
     }
 
     #[test]

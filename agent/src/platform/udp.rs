@@ -7,6 +7,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use nix::sys::socket::{setsockopt, sockopt};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
@@ -18,6 +19,9 @@ use crate::dataplane::NetBatch;
 
 /// Receive and send buffer size asked of the kernel.
 pub const SOCKET_BUFFER: usize = 4 << 20;
+/// The most UDP payload one GSO send may carry: the kernel refuses a super-datagram whose
+/// IP length would pass 64 KiB.
+const MAX_GSO_BYTES: usize = 65_535 - 48 - 8;
 
 /// Why the socket could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +45,7 @@ pub struct UdpTransport {
     state: UdpSocketState,
     dual_stack: bool,
     port: u16,
+    send_errors: AtomicU64,
 }
 
 fn open(port: u16, v6: bool, fwmark: Option<u32>) -> io::Result<Socket> {
@@ -56,11 +61,12 @@ fn open(port: u16, v6: bool, fwmark: Option<u32>) -> io::Result<Socket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     // Raise the buffers past net.core.{r,w}mem_max when privileged, else as far as allowed.
-    if setsockopt(&s, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    let size = std::env::var("MESHLINK_EXP_SOCKBUF").ok().and_then(|v| v.parse().ok()).unwrap_or(SOCKET_BUFFER);
+    if setsockopt(&s, sockopt::RcvBufForce, &size).is_err() {
+        let _ = s.set_recv_buffer_size(size);
     }
-    if setsockopt(&s, sockopt::SndBufForce, &SOCKET_BUFFER).is_err() {
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    if setsockopt(&s, sockopt::SndBufForce, &size).is_err() {
+        let _ = s.set_send_buffer_size(size);
     }
     Ok(s)
 }
@@ -88,12 +94,17 @@ impl UdpTransport {
         let state = UdpSocketState::new(UdpSockRef::from(&std_sock)).map_err(map)?;
         let socket = UdpSocket::from_std(std_sock).map_err(map)?;
         let port = socket.local_addr().map_err(map)?.port();
-        Ok(UdpTransport { socket, state, dual_stack, port })
+        Ok(UdpTransport { socket, state, dual_stack, port, send_errors: AtomicU64::new(0) })
     }
 
     /// The bound port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// Datagrams the kernel refused to send since start.
+    pub fn send_errors(&self) -> u64 {
+        self.send_errors.load(Ordering::Relaxed)
     }
 
     /// How many datagrams one GSO send may carry.
@@ -114,11 +125,9 @@ impl UdpTransport {
     }
 
     /// Sends every datagram of `batch`, in GSO runs. A datagram the kernel refuses (an
-    /// unreachable network, say) is dropped, as a router would; the count of such drops is
-    /// returned.
-    pub async fn send_batch(&self, batch: &NetBatch) -> usize {
-        let mut failed = 0;
-        for (dst, bytes, seg) in batch.runs(self.max_gso_segments()) {
+    /// unreachable network, say) is dropped, as a router would, and counted.
+    pub async fn send_batch(&self, batch: &NetBatch) {
+        for (dst, bytes, seg) in batch.runs(self.max_gso_segments(), MAX_GSO_BYTES) {
             let segment_size = (bytes.len() > seg).then_some(seg);
             let t = Transmit { destination: self.wire_addr(dst), ecn: None, contents: bytes, segment_size, src_ip: None };
             loop {
@@ -126,18 +135,18 @@ impl UdpTransport {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if self.socket.writable().await.is_err() {
-                            failed += 1;
+                            self.send_errors.fetch_add(1, Ordering::Relaxed);
                             break;
                         }
                     }
-                    Err(_) => {
-                        failed += 1;
+                    Err(e) => {
+                        tracing::debug!(%dst, len = bytes.len(), segment = seg, "udp send: {e}");
+                        self.send_errors.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
                 }
             }
         }
-        failed
     }
 
     /// Receives one batch of datagrams into `bufs`, returning how many buffers were filled.
