@@ -91,7 +91,8 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshlink-agent: {e:#}");
+            // Our error types already carry their causes in their text; print the top level only.
+            eprintln!("meshlink-agent: {e}");
             ExitCode::FAILURE
         }
     }
