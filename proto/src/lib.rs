@@ -1,8 +1,15 @@
-//! meshlink's pure core: the types and logic that the agent and the coordinator share.
+//! meshlink's pure core: the types and logic that the agent, the coordinator and `meshctl`
+//! share: keys, network maps and their deltas, the control protocol and its framing, join
+//! tokens, address allocation.
 //!
 //! Architecture invariant: this crate does no I/O. It has no tokio, no sockets, no clock, no
 //! filesystem and no random-number reads; callers pass those in.
 
+pub mod control;
+pub mod ipam;
 pub mod key;
+pub mod netmap;
+pub mod token;
 
 pub use key::{Key, KeyError, PublicKey};
+pub use netmap::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo};

@@ -1,0 +1,256 @@
+//! The control protocol between agents and the coordinator, carried on one bidirectional QUIC
+//! stream per session.
+//!
+//! Framing: every message is a 4-byte big-endian length followed by that many bytes of JSON.
+//! The length is checked against a cap before anything is buffered ([`Decoder`]), so a peer
+//! cannot make the other side allocate more than the cap.
+//!
+//! Protocol versions ([`PROTOCOL_VERSION`]):
+//! - 1 (2026-11-26): hello/welcome, full maps and deltas, endpoint reports, revocation.
+//!
+//! Absent optional fields mean "none" or "empty" as documented per field; they never mean
+//! "unchanged", since every message that carries state carries all of it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::key::PublicKey;
+use crate::netmap::{Netmap, NetmapDelta, NodeId};
+
+/// The protocol version this code speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The largest message an agent may send (the coordinator closes the session past it).
+pub const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+/// The largest message the coordinator may send (a full map of a large network).
+pub const MAX_SERVER_MESSAGE: usize = 64 * 1024 * 1024;
+
+/// How an agent proves who it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind")]
+pub enum Auth {
+    /// First contact: the secret of a join token.
+    JoinToken {
+        /// The token's secret part.
+        secret: String,
+    },
+    /// Every later contact: the credentials given at join.
+    Node {
+        /// The node's id.
+        node_id: NodeId,
+        /// The node's secret.
+        secret: String,
+    },
+}
+
+/// The first message of a session, from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// The agent's [`PROTOCOL_VERSION`].
+    pub protocol: u32,
+    /// Credentials.
+    pub auth: Auth,
+    /// The node's WireGuard public key (the private key never leaves the node).
+    pub public_key: PublicKey,
+    /// Wanted name at join; ignored afterwards. Absent: the coordinator picks one.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Labels at join; ignored afterwards. Absent: none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The node's local underlay addresses with its WireGuard port.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Messages from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ClientMessage {
+    /// Opens the session; must be first and only once.
+    Hello(Hello),
+    /// The node's local endpoints changed.
+    Endpoints {
+        /// The new list (replaces the old one).
+        endpoints: Vec<SocketAddr>,
+    },
+    /// The agent saw a version gap and wants a full map.
+    FullMapRequest,
+}
+
+/// The coordinator's answer to an accepted hello.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The node's name.
+    pub name: String,
+    /// The network's name.
+    pub network: String,
+    /// The network's prefix.
+    pub network_cidr: IpNet,
+    /// The node's overlay addresses, with the network's prefix length.
+    pub addresses: Vec<IpNet>,
+    /// Present only on join: the node's secret for [`Auth::Node`]. The agent stores it (0600).
+    #[serde(default)]
+    pub node_secret: Option<String>,
+}
+
+/// Messages from the coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ServerMessage {
+    /// The hello was accepted.
+    Welcome(Welcome),
+    /// The whole map; replaces whatever the agent had.
+    FullMap(Netmap),
+    /// One change to the map.
+    Delta(NetmapDelta),
+    /// The hello was refused; the session closes.
+    Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// The node was revoked; the agent must drop its peers and not reconnect.
+    Revoked {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
+
+/// Why bytes are not a message.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    /// The length prefix exceeds the cap.
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    TooLarge {
+        /// Announced length.
+        len: usize,
+        /// The cap.
+        max: usize,
+    },
+    /// The body is not a valid message.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+}
+
+/// Frames one message.
+///
+/// # Panics
+/// Never for the message types of this module: their JSON encoding cannot fail.
+pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
+    let body = serde_json::to_vec(msg).expect("control messages always serialize");
+    let mut out = Vec::with_capacity(4 + body.len());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Incremental decoder of framed messages, with a size cap.
+#[derive(Debug)]
+pub struct Decoder {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl Decoder {
+    /// A decoder refusing messages over `max` bytes.
+    pub fn new(max: usize) -> Self {
+        Decoder { buf: Vec::new(), max }
+    }
+
+    /// Appends received bytes. Refuses at once when a length prefix is over the cap.
+    ///
+    /// # Errors
+    /// [`CodecError::TooLarge`].
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), CodecError> {
+        self.buf.extend_from_slice(bytes);
+        self.check_len()
+    }
+
+    fn check_len(&self) -> Result<(), CodecError> {
+        if self.buf.len() >= 4 {
+            let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+            if len > self.max {
+                return Err(CodecError::TooLarge { len, max: self.max });
+            }
+        }
+        Ok(())
+    }
+
+    /// The next whole message, if one has arrived. `Ok(None)` means "need more bytes".
+    ///
+    /// # Errors
+    /// [`CodecError`] when the next message is over the cap or malformed; the stream is then
+    /// unusable.
+    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+        self.check_len()?;
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let parsed = serde_json::from_slice(&self.buf[4..4 + len]).map_err(|e| CodecError::Malformed(e.to_string()));
+        self.buf.drain(..4 + len);
+        parsed.map(Some)
+    }
+
+    /// Bytes held that do not yet form a message.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> ClientMessage {
+        ClientMessage::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            auth: Auth::Node { node_id: 4, secret: "s".into() },
+            public_key: PublicKey([3; 32]),
+            name: Some("vm-a".into()),
+            labels: BTreeMap::from([("provider".into(), "aws".into())]),
+            endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
+        })
+    }
+
+    #[test]
+    fn round_trip_in_pieces() {
+        let a = encode(&hello());
+        let b = encode(&ClientMessage::FullMapRequest);
+        let all: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        let mut got = Vec::new();
+        for chunk in all.chunks(3) {
+            d.push(chunk).unwrap();
+            while let Some(m) = d.next::<ClientMessage>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![hello(), ClientMessage::FullMapRequest]);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn oversized_prefix_is_refused_before_buffering() {
+        let mut d = Decoder::new(100);
+        assert_eq!(d.push(&1000u32.to_be_bytes()), Err(CodecError::TooLarge { len: 1000, max: 100 }));
+    }
+
+    #[test]
+    fn malformed_body_is_an_error_not_a_panic() {
+        let mut d = Decoder::new(100);
+        d.push(&[0, 0, 0, 5, b'{', b'x', 0xff, b'}', b'!']).unwrap();
+        assert!(matches!(d.next::<ClientMessage>(), Err(CodecError::Malformed(_))));
+        let mut d = Decoder::new(100);
+        d.push(&[0, 0, 0, 2, b'{', b'}']).unwrap();
+        assert!(matches!(d.next::<ClientMessage>(), Err(CodecError::Malformed(_))));
+    }
+}

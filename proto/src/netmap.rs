@@ -1,0 +1,189 @@
+//! Network maps: what a node knows of its peers, and the deltas that move a map from one
+//! version to the next.
+//!
+//! The coordinator keeps one map per network and bumps its version on every change; each change
+//! is one [`NetmapDelta`], the same bytes for every agent of the network (an agent skips its own
+//! entry). An agent applies deltas in order; a delta that does not start at the agent's version
+//! is a gap ([`Gap`]) and the agent asks for a full map.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::key::PublicKey;
+
+/// A node's identifier, unique within a coordinator and never reused.
+pub type NodeId = u64;
+
+/// One node as its peers see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// The node's identifier.
+    pub node_id: NodeId,
+    /// The node's name, unique in its network.
+    pub name: String,
+    /// The node's WireGuard public key.
+    pub public_key: PublicKey,
+    /// The node's own overlay addresses (host prefixes).
+    pub addresses: Vec<IpNet>,
+    /// Everything routed to the node: its addresses and any further prefixes. Absent means the
+    /// same as `addresses`.
+    #[serde(default)]
+    pub allowed_ips: Vec<IpNet>,
+    /// Underlay endpoints to try, best first. Empty: the node cannot be reached first, it
+    /// reaches out.
+    #[serde(default)]
+    pub endpoints: Vec<SocketAddr>,
+    /// Free-form labels (`provider=aws`). Absent means none.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl PeerInfo {
+    /// The prefixes to route to this node: `allowed_ips`, or `addresses` when none are given.
+    pub fn routed(&self) -> Vec<IpNet> {
+        if self.allowed_ips.is_empty() {
+            self.addresses.clone()
+        } else {
+            self.allowed_ips.clone()
+        }
+    }
+}
+
+/// A full map of a network at one version.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Netmap {
+    /// The network's version this map reflects.
+    pub version: u64,
+    /// Every node of the network, by id.
+    #[serde(with = "peers_as_list")]
+    pub peers: BTreeMap<NodeId, PeerInfo>,
+}
+
+/// The change from one version of a network's map to the next.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetmapDelta {
+    /// The version this delta applies to.
+    pub from_version: u64,
+    /// The version after it.
+    pub to_version: u64,
+    /// Nodes added or changed, whole.
+    #[serde(default)]
+    pub upsert: Vec<PeerInfo>,
+    /// Nodes removed.
+    #[serde(default)]
+    pub remove: Vec<NodeId>,
+}
+
+/// A delta that does not follow the map's version: the holder needs a full map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("netmap delta from version {delta_from} does not follow version {have}")]
+pub struct Gap {
+    /// The map's version.
+    pub have: u64,
+    /// The version the delta starts from.
+    pub delta_from: u64,
+}
+
+impl Netmap {
+    /// Applies `delta`, or refuses it (changing nothing) when it does not start at this map's
+    /// version. A delta that is already applied (`to_version <= version`) is ignored.
+    ///
+    /// # Errors
+    /// [`Gap`] when versions do not line up.
+    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), Gap> {
+        if delta.to_version <= self.version && delta.from_version < self.version {
+            return Ok(());
+        }
+        if delta.from_version != self.version || delta.to_version <= delta.from_version {
+            return Err(Gap { have: self.version, delta_from: delta.from_version });
+        }
+        for id in &delta.remove {
+            self.peers.remove(id);
+        }
+        for p in &delta.upsert {
+            self.peers.insert(p.node_id, p.clone());
+        }
+        self.version = delta.to_version;
+        Ok(())
+    }
+
+    /// The delta from this map to `newer`.
+    pub fn diff(&self, newer: &Netmap) -> NetmapDelta {
+        let upsert = newer.peers.values().filter(|p| self.peers.get(&p.node_id) != Some(*p)).cloned().collect();
+        let remove = self.peers.keys().filter(|id| !newer.peers.contains_key(id)).copied().collect();
+        NetmapDelta { from_version: self.version, to_version: newer.version, upsert, remove }
+    }
+}
+
+mod peers_as_list {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(peers: &BTreeMap<NodeId, PeerInfo>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(peers.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<NodeId, PeerInfo>, D::Error> {
+        let list = Vec::<PeerInfo>::deserialize(d)?;
+        Ok(list.into_iter().map(|p| (p.node_id, p)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: NodeId, ep: &str) -> PeerInfo {
+        PeerInfo {
+            node_id: id,
+            name: format!("vm-{id}"),
+            public_key: PublicKey([id as u8; 32]),
+            addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
+            allowed_ips: vec![],
+            endpoints: vec![ep.parse().unwrap()],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_newer_map() {
+        let mut old = Netmap { version: 3, peers: BTreeMap::new() };
+        old.peers.insert(1, peer(1, "198.18.0.1:51820"));
+        old.peers.insert(2, peer(2, "198.18.0.2:51820"));
+        let mut new = old.clone();
+        new.version = 5;
+        new.peers.remove(&1);
+        new.peers.insert(2, peer(2, "198.18.0.9:51820"));
+        new.peers.insert(3, peer(3, "198.18.0.3:51820"));
+        let d = old.diff(&new);
+        assert_eq!(d.remove, vec![1]);
+        assert_eq!(d.upsert.len(), 2);
+        let mut applied = old.clone();
+        applied.apply(&d).unwrap();
+        assert_eq!(applied, new);
+    }
+
+    #[test]
+    fn gaps_are_refused_and_repeats_ignored() {
+        let mut m = Netmap { version: 4, peers: BTreeMap::new() };
+        let gap = NetmapDelta { from_version: 5, to_version: 6, ..Default::default() };
+        assert_eq!(m.apply(&gap), Err(Gap { have: 4, delta_from: 5 }));
+        assert_eq!(m.version, 4);
+        let old = NetmapDelta { from_version: 2, to_version: 3, upsert: vec![peer(9, "198.18.0.9:1")], ..Default::default() };
+        assert_eq!(m.apply(&old), Ok(()));
+        assert!(m.peers.is_empty());
+        let backwards = NetmapDelta { from_version: 4, to_version: 4, ..Default::default() };
+        assert!(m.apply(&backwards).is_err());
+    }
+
+    #[test]
+    fn absent_optional_fields_mean_empty() {
+        let json = r#"{"node_id":7,"name":"a","public_key":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","addresses":["100.64.0.7/32"]}"#;
+        let p: PeerInfo = serde_json::from_str(json).unwrap();
+        assert!(p.endpoints.is_empty() && p.labels.is_empty());
+        assert_eq!(p.routed(), p.addresses);
+    }
+}
