@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` at the top of the repository for the map of this crate.
 
 pub mod config;
+pub mod control;
 pub mod dataplane;
 pub mod keyfile;
 pub mod platform;

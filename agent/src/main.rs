@@ -7,7 +7,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use meshlink_agent::config::{self, Overrides};
 use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
+use meshlink_agent::control::state::{self, StateDir};
+use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
 use meshlink_agent::{run, uapi};
+use meshlink_proto::token::JoinToken;
 use meshlink_proto::Key;
 
 /// meshlink agent: WireGuard tunnels through a TUN device.
@@ -59,6 +62,25 @@ struct UpArgs {
     /// Directory of the userspace API socket [default: /var/run/wireguard]. Env: MESHLINK_UAPI_DIR.
     #[arg(long, value_name = "DIR")]
     uapi_dir: Option<PathBuf>,
+    /// Join a network with this token (from `meshctl token create`).
+    #[arg(long, env = "MESHLINK_TOKEN", hide_env_values = true, conflicts_with_all = ["config", "wg_quick"])]
+    token: Option<String>,
+    /// Node name to ask for at join [default: chosen by the coordinator].
+    #[arg(long, env = "MESHLINK_NAME")]
+    name: Option<String>,
+    /// Label to attach at join, KEY=VALUE; repeat for several.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Where a joined node keeps its identity and cached map.
+    #[arg(long, env = "MESHLINK_STATE_DIR", default_value = state::DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: a label is KEY=VALUE")),
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,7 +147,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let overrides = Overrides {
+    let mut overrides = Overrides {
         interface: args.interface,
         private_key_file: args.private_key_file,
         listen_port: args.listen_port,
@@ -134,23 +156,82 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         fwmark: args.fwmark,
         uapi_dir: args.uapi_dir,
     };
-    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &config::process_env)?;
+    let joined = args.state_dir.join("node.json").exists();
+    let mesh_mode = args.token.is_some() || (args.config.is_none() && args.wg_quick.is_none() && joined);
     let rt = runtime()?;
-    rt.block_on(async move {
-        let shutdown = async {
-            use tokio::signal::unix::{signal, SignalKind};
-            match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
-                (Ok(mut int), Ok(mut term)) => {
-                    tokio::select! {
-                        _ = int.recv() => {}
-                        _ = term.recv() => {}
-                    }
-                }
-                _ => std::future::pending::<()>().await,
+    if mesh_mode {
+        let state = StateDir::open(&args.state_dir)?;
+        let key = state.private_key()?;
+        overrides.private_key_file = Some(state.key_path());
+        let settings = config::load_settings(None, None, &overrides, &config::process_env)?;
+        let labels = args.labels.into_iter().collect();
+        return rt.block_on(up_mesh(settings, state, key.public_key(), args.token, args.name, labels));
+    }
+    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &config::process_env)?;
+    rt.block_on(async move { run::run(settings, shutdown_signal(), None).await })?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
             }
-        };
-        run::run(settings, shutdown).await
-    })?;
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+/// `up --token` (or a restart of a joined node): join if needed, then run with the control loop.
+async fn up_mesh(
+    mut settings: meshlink_agent::settings::Settings,
+    state: StateDir,
+    public_key: meshlink_proto::PublicKey,
+    token: Option<String>,
+    name: Option<String>,
+    labels: std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let (node, map, first) = match state.node()? {
+        Some(node) => {
+            if token.is_some() {
+                tracing::info!(name = %node.name, network = %node.network, "already joined; the token is not used (remove {} to join again)", state.path().join("node.json").display());
+            }
+            let map = state.netmap()?.unwrap_or_default();
+            tracing::info!(name = %node.name, peers = map.peers.len().saturating_sub(1), "starting from the cached network map");
+            (node, map, None)
+        }
+        None => {
+            let text = token.ok_or_else(|| anyhow::anyhow!("this node has not joined a network: pass --token (from `meshctl token create`)"))?;
+            let token = JoinToken::decode(&text).map_err(ControlError::from)?;
+            let mut backoff = std::time::Duration::from_secs(1);
+            let (node, map, session) = loop {
+                match ctl::join(&token, public_key, name.clone(), labels.clone()).await {
+                    Ok(joined) => break joined,
+                    Err(e @ ControlError::Connect { .. }) => {
+                        tracing::warn!("{e}; retrying in {backoff:?}");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {}
+                            _ = shutdown_signal() => return Ok(()),
+                        }
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            };
+            state.save_node(&node)?;
+            state.save_netmap(&map)?;
+            tracing::info!(name = %node.name, network = %node.network, addresses = ?node.addresses, "joined");
+            (node, map, Some(session))
+        }
+    };
+    settings.addresses = node.addresses.clone();
+    let (tx, rx) = tokio::sync::watch::channel(map);
+    let control = MeshControl::new(state, node.clone(), public_key, tx, first);
+    run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control })).await?;
     Ok(())
 }
 

@@ -14,14 +14,17 @@ use std::collections::BTreeSet;
 use std::io::IoSliceMut;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use quinn_udp::RecvMeta;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::control::peers::EndpointChooser;
+use crate::control::{ControlError, MeshControl};
 use crate::dataplane::{Device, NetBatch, TunBatch};
+use meshlink_proto::{Netmap, NodeId};
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
 use crate::platform::udp::{UdpError, UdpTransport};
@@ -49,6 +52,19 @@ pub enum RunError {
     /// A packet loop failed on I/O.
     #[error("{0}")]
     Io(String),
+    /// The control channel ended for good (revoked, refused).
+    #[error(transparent)]
+    Control(#[from] ControlError),
+}
+
+/// A joined node's link to the coordinator: the control loop and the maps it publishes.
+pub struct Mesh {
+    /// This node's id (left out of its own peers).
+    pub self_id: NodeId,
+    /// The latest network map.
+    pub maps: watch::Receiver<Netmap>,
+    /// The control loop, started once the UDP port is known.
+    pub control: MeshControl,
 }
 
 /// The wanted routes of a configuration: every peer's allowed IPs.
@@ -149,7 +165,7 @@ impl Drop for Cleanup {
 ///
 /// # Errors
 /// [`RunError`] when the interface cannot be set up or a packet loop fails.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>) -> Result<(), RunError> {
+pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>, mesh: Option<Mesh>) -> Result<(), RunError> {
     let handle = netlink::connect()?;
     if netlink::link_index(&handle, &settings.interface).await?.is_some() {
         return Err(RunError::InterfaceExists(settings.interface.clone()));
@@ -209,6 +225,13 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         }
     });
 
+    if let Some(mesh) = mesh {
+        let port = udp.port();
+        let tunnel = settings.interface.clone();
+        tasks.spawn(async move { mesh.control.run(port, tunnel).await.map_err(RunError::from) });
+        tasks.spawn(reconcile_mesh(control.clone(), mesh.self_id, mesh.maps));
+    }
+
     let result = tokio::select! {
         () = shutdown => {
             info!("shutting down");
@@ -247,6 +270,42 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     // Dropping the last handle closes the TUN device, which removes the interface.
     drop(tun);
     result
+}
+
+/// Keeps the device's peers equal to the latest network map, touching only what changed, and
+/// moves silent peers to their next endpoint.
+async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch::Receiver<Netmap>) -> Result<(), RunError> {
+    let mut chooser = EndpointChooser::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    maps.mark_changed();
+    loop {
+        tokio::select! {
+            r = maps.changed() => {
+                if r.is_err() {
+                    // The control loop ended; it reports why.
+                    std::future::pending::<()>().await;
+                }
+            }
+            _ = tick.tick() => {
+                let map = maps.borrow().clone();
+                let status = control.device.status(SystemTime::now());
+                if !chooser.rotate_silent(&map, &status.peers, Instant::now()) {
+                    continue;
+                }
+            }
+        }
+        let map = maps.borrow_and_update().clone();
+        let peers = chooser.peers(&map, self_id, Instant::now());
+        let mut config = control.device.config();
+        if config.peers != peers {
+            debug!(version = map.version, peers = peers.len(), "applying network map");
+            config.peers = peers;
+            if let Err(e) = control.apply(config) {
+                warn!("applying the network map: {e}");
+            }
+        }
+    }
 }
 
 async fn tun_to_udp(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>, mtu: u16) -> Result<(), RunError> {

@@ -12,7 +12,10 @@
 //!   process, never share a name. Interface names stay within Linux's 15 bytes.
 //! - Every resource is a guard that removes what it made on `Drop`, which also runs when a test
 //!   panics: processes are ended by their pid (SIGTERM, then SIGKILL), namespaces deleted (their
-//!   veths and TUN devices go with them), stale UAPI sockets removed.
+//!   veths and TUN devices go with them), stale UAPI sockets removed. Long-running processes are
+//!   also started under `setpriv --pdeathsig TERM`, so a test run killed outright (which runs no
+//!   `Drop`) does not leave them running, and the namespaces of dead runs are swept at the next
+//!   run's first [`Netns::create`].
 //! - When a test fails, each process guard prints the tail of its log and the scratch directory
 //!   ([`ScratchDir`]) is kept for inspection.
 //! - Tests that need root call [`require_root`] first; it prints one visible line and returns
@@ -40,7 +43,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-pub use agent::{Agent, AgentConfig, PeerConfig};
+pub use agent::{Agent, AgentConfig, ConfigFormat, PeerConfig};
 pub use keys::{write_secret, Keypair};
 pub use netns::{host_run, veth, Netns, NsRef, Veth};
 pub use process::Process;

@@ -1,0 +1,515 @@
+#!/usr/bin/env python3
+"""Side-by-side throughput, latency and CPU of meshlink-agent against the stock tunnels.
+
+One command, as root:
+
+    python3 benches/netbench.py                      # build release agent, 3 rounds, 10 s runs
+    python3 benches/netbench.py --rounds 5 --time 20
+    python3 benches/netbench.py --only veth,wireguard-go --time 3   # no build, no agent
+    python3 benches/netbench.py --with-boringtun     # also boringtun-cli, if on PATH
+
+Setup (mirrors shared/BASELINES.md): two network namespaces joined by a veth with MTU 1500
+(underlay 198.18.0.1 and .2), tunnel MTU 1420, overlay 100.64.0.1 and .2; both tunnel ends,
+the iperf3 client and server all on this machine. Implementations measured in one run:
+
+  veth          no tunnel: iperf3 straight over the veth (the ceiling)
+  meshlink      target/release/meshlink-agent on both ends (`up --config`)
+  wireguard-go  Debian's wireguard-go on both ends, configured with `wg setconf`
+  boringtun     boringtun-cli on both ends (--with-boringtun), configured with `wg setconf`
+
+Per implementation and round, with the tunnel started fresh:
+  - `iperf3 -c PEER -t T -O 1 -J`, 1 stream and `-P 4`: sum received bits/s;
+  - `ping -c 200 -i 0.01` idle: average and p99 of the per-packet times;
+  - the same ping while a 1-stream iperf3 runs ("under load");
+  - daemon CPU on both ends: utime+stime deltas from /proc/PID/stat over the 1-stream iperf3
+    run, in cores (1.0 = one core busy all the time).
+Every implementation runs once per round; the order rotates each round. The report is the
+median [min-max] over rounds, as a markdown table, with ratios against wireguard-go and raw
+veth. `--json FILE` also writes every raw sample.
+
+Only python3's standard library is used. Everything made (namespaces, veth, processes, UAPI
+sockets, temp files) is removed on exit, also on Ctrl-C or SIGTERM. Names carry the prefix
+`mlb<pid>` so two runs never collide. No packet leaves the two namespaces.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+UNDERLAY_A, UNDERLAY_B = "198.18.0.1", "198.18.0.2"
+OVERLAY_A, OVERLAY_B = "100.64.0.1", "100.64.0.2"
+WG_PORT = 51820
+IPERF_PORT = 5201
+TUNNEL_MTU = 1420
+UAPI_DIR = "/var/run/wireguard"
+ALL_IMPLS = ["veth", "meshlink", "wireguard-go", "boringtun"]
+LABELS = {
+    "veth": "raw veth, no tunnel (the ceiling)",
+    "meshlink": "meshlink-agent",
+    "wireguard-go": "wireguard-go",
+    "boringtun": "boringtun-cli",
+}
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args, check=True, **kw):
+    """Runs a command to completion and returns its stdout as text."""
+    proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+class Bench:
+    """Owns everything the run creates; `cleanup` removes it all."""
+
+    def __init__(self, opts):
+        self.opts = opts
+        self.prefix = f"mlb{os.getpid()}"
+        self.ns_a = f"{self.prefix}-a"
+        self.ns_b = f"{self.prefix}-b"
+        self.veth_a = f"{self.prefix}va"
+        self.veth_b = f"{self.prefix}vb"
+        self.if_a = f"{self.prefix}a"
+        self.if_b = f"{self.prefix}b"
+        self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
+        self.procs = []  # every Popen we started, ended by pid in cleanup
+        self.namespaces = []
+        self.keys = {}
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def ns(self, ns, *args, check=True):
+        return run(["ip", "netns", "exec", ns, *args], check=check)
+
+    def spawn(self, ns, args, log_name, env=None):
+        logf = open(os.path.join(self.tmp, log_name), "wb")
+        full_env = dict(os.environ, **(env or {}))
+        # `ip netns exec` and `setpriv` each replace themselves with the next program, so
+        # proc.pid is the daemon's own pid (for signals and /proc/PID/stat). --pdeathsig ends
+        # the daemon should this script die without cleaning up (e.g. SIGKILL).
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, "setpriv", "--pdeathsig", "TERM", "--", *args],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=full_env,
+        )
+        logf.close()
+        proc.log_path = os.path.join(self.tmp, log_name)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc, grace=5.0):
+        """SIGTERM by pid, SIGKILL after `grace` seconds."""
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc in self.procs:
+            self.procs.remove(proc)
+
+    def wait_for(self, what, timeout, probe, proc=None):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{what}: process exited ({proc.returncode}):\n{tail(proc.log_path)}")
+            if probe():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"timed out after {timeout}s waiting for {what}"
+                           + (f":\n{tail(proc.log_path)}" if proc is not None else ""))
+
+    # ---- topology -------------------------------------------------------------------------
+
+    def setup(self):
+        for ns in (self.ns_a, self.ns_b):
+            run(["ip", "netns", "add", ns])
+            self.namespaces.append(ns)
+            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+        run(["ip", "link", "add", self.veth_a, "netns", self.ns_a, "mtu", "1500", "type", "veth",
+             "peer", "name", self.veth_b, "netns", self.ns_b, "mtu", "1500"])
+        for ns, dev, addr in ((self.ns_a, self.veth_a, UNDERLAY_A), (self.ns_b, self.veth_b, UNDERLAY_B)):
+            run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+            run(["ip", "-n", ns, "link", "set", dev, "up"])
+        self.wait_for("underlay ping", 10,
+                      lambda: subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c1", "-W1", UNDERLAY_B],
+                                             capture_output=True).returncode == 0)
+        for side in ("a", "b"):
+            priv = run(["wg", "genkey"]).strip()
+            pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True,
+                                 check=True).stdout.strip()
+            key_file = os.path.join(self.tmp, f"{side}.key")
+            fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, (priv + "\n").encode())
+            os.close(fd)
+            self.keys[side] = (priv, pub, key_file)
+
+    def cleanup(self):
+        for proc in list(self.procs):
+            try:
+                self.stop(proc, grace=3)
+            except Exception as e:  # keep cleaning up whatever happens
+                log(f"warning: could not stop pid {proc.pid}: {e}")
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces = []
+        for iface in (self.if_a, self.if_b):
+            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
+            if os.path.exists(sock):
+                os.unlink(sock)
+        if self.opts.keep_logs:
+            log(f"logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # ---- tunnels --------------------------------------------------------------------------
+
+    def sides(self):
+        """(side, namespace, iface, own overlay, peer side, peer underlay, peer overlay)."""
+        return (("a", self.ns_a, self.if_a, OVERLAY_A, "b", UNDERLAY_B, OVERLAY_B),
+                ("b", self.ns_b, self.if_b, OVERLAY_B, "a", UNDERLAY_A, OVERLAY_A))
+
+    def start(self, impl):
+        """Starts `impl` on both ends; returns (daemon processes, address to measure against)."""
+        if impl == "veth":
+            return [], UNDERLAY_B
+        daemons = []
+        for side, ns, iface, overlay, peer, peer_underlay, peer_overlay in self.sides():
+            _, _, key_file = self.keys[side]
+            peer_pub = self.keys[peer][1]
+            if impl == "meshlink":
+                conf = os.path.join(self.tmp, f"{side}.toml")
+                with open(conf, "w") as f:
+                    f.write(f'interface = "{iface}"\nprivate_key_file = "{key_file}"\n'
+                            f'listen_port = {WG_PORT}\naddresses = ["{overlay}/24"]\nmtu = {TUNNEL_MTU}\n\n'
+                            f'[[peers]]\npublic_key = "{peer_pub}"\nendpoint = "{peer_underlay}:{WG_PORT}"\n'
+                            f'allowed_ips = ["{peer_overlay}/32"]\n')
+                proc = self.spawn(ns, [self.opts.agent_bin, "up", "--config", conf], f"{impl}-{side}.log")
+            elif impl == "wireguard-go":
+                proc = self.spawn(ns, ["wireguard-go", iface], f"{impl}-{side}.log",
+                                  env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"})
+            elif impl == "boringtun":
+                proc = self.spawn(ns, ["boringtun-cli", iface, "--foreground", "--disable-drop-privileges"],
+                                  f"{impl}-{side}.log")
+            else:
+                raise ValueError(impl)
+            daemons.append(proc)
+            self.wait_for(f"{impl} {iface} UAPI socket", 20,
+                          lambda: subprocess.run(["ip", "netns", "exec", ns, "wg", "show", iface],
+                                                 capture_output=True).returncode == 0, proc)
+            if impl != "meshlink":
+                # The stock way: `wg setconf` over the UAPI socket, then iproute2.
+                conf = os.path.join(self.tmp, f"{impl}-{side}.conf")
+                fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+                os.write(fd, (f"[Interface]\nPrivateKey = {self.keys[side][0]}\nListenPort = {WG_PORT}\n\n"
+                              f"[Peer]\nPublicKey = {peer_pub}\nEndpoint = {peer_underlay}:{WG_PORT}\n"
+                              f"AllowedIPs = {peer_overlay}/32\n").encode())
+                os.close(fd)
+                self.ns(ns, "wg", "setconf", iface, conf)
+                run(["ip", "-n", ns, "addr", "add", f"{overlay}/24", "dev", iface])
+                run(["ip", "-n", ns, "link", "set", "dev", iface, "mtu", str(TUNNEL_MTU), "up"])
+        self.wait_for(f"{impl} tunnel to pass a ping", 20,
+                      lambda: subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c1", "-W1", OVERLAY_B],
+                                             capture_output=True).returncode == 0)
+        return daemons, OVERLAY_B
+
+    def teardown(self, daemons):
+        for proc in daemons:
+            self.stop(proc)
+        # Wait until the interfaces are gone so the next implementation can reuse the names.
+        for ns, iface in ((self.ns_a, self.if_a), (self.ns_b, self.if_b)):
+            self.wait_for(f"{iface} to disappear", 10,
+                          lambda: subprocess.run(["ip", "-n", ns, "link", "show", iface],
+                                                 capture_output=True).returncode != 0)
+            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
+            if os.path.exists(sock):
+                os.unlink(sock)
+
+    # ---- measurements ---------------------------------------------------------------------
+
+    def iperf(self, target, streams, seconds, omit=1):
+        args = ["iperf3", "-c", target, "-p", str(IPERF_PORT), "-t", str(seconds), "-O", str(omit), "-J"]
+        if streams > 1:
+            args += ["-P", str(streams)]
+        out = self.ns(self.ns_a, *args, check=False)
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError:
+            raise RuntimeError(f"iperf3 printed no JSON: {out[-500:]}")
+        if "error" in data:
+            raise RuntimeError(f"iperf3: {data['error']}")
+        end = data["end"]
+        return {
+            "bps": end["sum_received"]["bits_per_second"],
+            "retransmits": end.get("sum_sent", {}).get("retransmits"),
+        }
+
+    def ping(self, target):
+        out = self.ns(self.ns_a, "ping", "-n", "-c", str(self.opts.ping_count), "-i", "0.01", target,
+                      check=False)
+        times = [float(m) for m in re.findall(r"time=([0-9.]+) ms", out)]
+        if not times:
+            raise RuntimeError(f"ping {target} got no replies:\n{out[-500:]}")
+        times.sort()
+        p99 = times[max(0, math.ceil(0.99 * len(times)) - 1)]
+        return {"avg_ms": statistics.fmean(times), "p99_ms": p99,
+                "lost": self.opts.ping_count - len(times)}
+
+    def measure(self, impl):
+        daemons, target = self.start(impl)
+        try:
+            server = self.spawn(self.ns_b, ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-server-{impl}.log")
+            # iperf3 block-buffers its banner into a file: ask the socket table instead.
+            self.wait_for("iperf3 server", 10,
+                          lambda: str(IPERF_PORT) in run(["ip", "netns", "exec", self.ns_b, "ss", "-Hltn",
+                                                          f"sport = :{IPERF_PORT}"], check=False), server)
+            t = self.opts.time
+
+            cpu0, wall0 = cpu_ticks(daemons), time.monotonic()
+            one = self.iperf(target, 1, t)
+            cores = None
+            if daemons:
+                cores = (cpu_ticks(daemons) - cpu0) / CLK_TCK / (time.monotonic() - wall0)
+            four = self.iperf(target, 4, t)
+            idle = self.ping(target)
+
+            # Ping under load: a 1-stream flow long enough to cover the whole ping run.
+            ping_secs = self.opts.ping_count * 0.01 + 1
+            load_secs = max(t, math.ceil(ping_secs) + 2)
+            load = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns_a, "iperf3", "-c", target, "-p", str(IPERF_PORT),
+                 "-t", str(load_secs), "-J"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            self.procs.append(load)
+            time.sleep(1.0)  # past slow start
+            loaded = self.ping(target)
+            try:
+                load.wait(load_secs + 15)
+            finally:
+                self.stop(load)
+            self.stop(server)
+            return {"tcp1_bps": one["bps"], "tcp1_retransmits": one["retransmits"],
+                    "tcp4_bps": four["bps"], "tcp4_retransmits": four["retransmits"],
+                    "ping_idle": idle, "ping_load": loaded, "cpu_cores": cores}
+        finally:
+            self.teardown(daemons)
+
+
+def cpu_ticks(procs):
+    """utime+stime (clock ticks) summed over processes, from /proc/PID/stat."""
+    total = 0
+    for proc in procs:
+        with open(f"/proc/{proc.pid}/stat") as f:
+            # The command name may contain spaces and parentheses: split after the last ')'.
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
+    return total
+
+
+def tail(path, n=30):
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ---- reporting ------------------------------------------------------------------------------
+
+def spread(values, fmt):
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    if len(values) == 1:
+        return fmt.format(med)
+    return f"{fmt.format(med)} [{fmt.format(min(values))}-{fmt.format(max(values))}]"
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def report(results, impls, opts):
+    lines = []
+    lines.append(f"Two namespaces, veth MTU 1500, tunnel MTU {TUNNEL_MTU}; iperf3 -t {opts.time} -O 1; "
+                 f"ping -c {opts.ping_count} -i 0.01. Median [min-max] over {opts.rounds} round(s), "
+                 "order rotated each round.")
+    lines.append("")
+    lines.append("| implementation | TCP 1 stream Gbit/s | TCP 4 streams | ping idle avg / p99 ms "
+                 "| ping under 1-stream TCP, avg / p99 ms | daemon CPU (both ends), cores |")
+    lines.append("|---|---|---|---|---|---|")
+    for impl in impls:
+        rs = results[impl]
+        gb1 = [r["tcp1_bps"] / 1e9 for r in rs]
+        gb4 = [r["tcp4_bps"] / 1e9 for r in rs]
+        fmt = "{:.2f}" if max(gb1 + gb4) < 10 else "{:.1f}"
+        idle = f"{med([r['ping_idle']['avg_ms'] for r in rs]):.2f} / {med([r['ping_idle']['p99_ms'] for r in rs]):.2f}"
+        load = f"{med([r['ping_load']['avg_ms'] for r in rs]):.2f} / {med([r['ping_load']['p99_ms'] for r in rs]):.2f}"
+        cpu = spread([r["cpu_cores"] for r in rs], "{:.2f}")
+        lines.append(f"| {LABELS[impl]} | {spread(gb1, fmt)} | {spread(gb4, fmt)} | {idle} | {load} | {cpu} |")
+
+    tunnels = [i for i in impls if i != "veth"]
+    if "wireguard-go" in tunnels and len(tunnels) > 1:
+        lines.append("")
+        lines.append("Against wireguard-go, ratio of medians (throughput: higher is better; latency and "
+                     "CPU: lower is better):")
+        lines.append("")
+        lines.append("| implementation | TCP 1 stream | TCP 4 streams | ping idle avg / p99 "
+                     "| ping loaded avg / p99 | CPU cores | Gbit/s per core, 1 stream |")
+        lines.append("|---|---|---|---|---|---|---|")
+        b = summary(results["wireguard-go"])
+        for impl in tunnels:
+            s = summary(results[impl])
+            eff = f"{s['tcp1'] / s['cpu']:.2f}" if s["cpu"] else "-"
+            lines.append(f"| {LABELS[impl]} | {ratio(s['tcp1'], b['tcp1'])} | {ratio(s['tcp4'], b['tcp4'])} "
+                         f"| {ratio(s['idle_avg'], b['idle_avg'])} / {ratio(s['idle_p99'], b['idle_p99'])} "
+                         f"| {ratio(s['load_avg'], b['load_avg'])} / {ratio(s['load_p99'], b['load_p99'])} "
+                         f"| {ratio(s['cpu'], b['cpu'])} | {eff} |")
+    if "veth" in impls and tunnels:
+        lines.append("")
+        lines.append("Against raw veth (the ceiling), share of its median throughput:")
+        lines.append("")
+        lines.append("| implementation | TCP 1 stream | TCP 4 streams |")
+        lines.append("|---|---|---|")
+        b = summary(results["veth"])
+        for impl in tunnels:
+            s = summary(results[impl])
+            lines.append(f"| {LABELS[impl]} | {100 * s['tcp1'] / b['tcp1']:.1f}% | {100 * s['tcp4'] / b['tcp4']:.1f}% |")
+    return "\n".join(lines)
+
+
+def summary(rs):
+    return {
+        "tcp1": med([r["tcp1_bps"] / 1e9 for r in rs]),
+        "tcp4": med([r["tcp4_bps"] / 1e9 for r in rs]),
+        "idle_avg": med([r["ping_idle"]["avg_ms"] for r in rs]),
+        "idle_p99": med([r["ping_idle"]["p99_ms"] for r in rs]),
+        "load_avg": med([r["ping_load"]["avg_ms"] for r in rs]),
+        "load_p99": med([r["ping_load"]["p99_ms"] for r in rs]),
+        "cpu": med([r["cpu_cores"] for r in rs]),
+    }
+
+
+def ratio(x, y):
+    if x is None or y is None or y == 0:
+        return "-"
+    return f"{x / y:.2f}x"
+
+
+def environment(opts, impls):
+    env = {"kernel": os.uname().release, "cpus": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            env["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+    except OSError:
+        pass
+    env["iperf3"] = run(["iperf3", "--version"], check=False).splitlines()[0] if shutil.which("iperf3") else None
+    if "wireguard-go" in impls:
+        env["wireguard-go"] = run(["wireguard-go", "--version"], check=False).splitlines()[0]
+    if "meshlink" in impls:
+        env["meshlink"] = run(["git", "-C", REPO, "describe", "--always", "--dirty"], check=False).strip()
+    return env
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every implementation once (3)")
+    p.add_argument("--time", type=int, default=10, help="seconds per iperf3 run, -t (10)")
+    p.add_argument("--ping-count", type=int, default=200, help="pings per latency sample (200)")
+    p.add_argument("--only", default="veth,meshlink,wireguard-go",
+                   help="comma-separated subset of: " + ",".join(ALL_IMPLS) + " (default: all but boringtun)")
+    p.add_argument("--with-boringtun", action="store_true", help="add boringtun-cli (must be on PATH)")
+    p.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
+    p.add_argument("--agent-bin", help="meshlink-agent binary (default: <target>/release/meshlink-agent)")
+    p.add_argument("--json", help="also write all samples to this file")
+    p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with daemon logs")
+    opts = p.parse_args()
+
+    impls = [i.strip() for i in opts.only.split(",") if i.strip()]
+    if opts.with_boringtun and "boringtun" not in impls:
+        impls.append("boringtun")
+    unknown = [i for i in impls if i not in ALL_IMPLS]
+    if unknown:
+        p.error(f"unknown implementation(s): {', '.join(unknown)}")
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        print("skipped: needs root and /dev/net/tun", file=sys.stderr)
+        return 1
+    needed = {"ip", "iperf3", "ping", "wg"}
+    needed |= {"wireguard-go"} if "wireguard-go" in impls else set()
+    needed |= {"boringtun-cli"} if "boringtun" in impls else set()
+    missing = sorted(t for t in needed if not shutil.which(t))
+    if missing:
+        hint = " (cargo install boringtun-cli)" if "boringtun-cli" in missing else ""
+        print(f"missing tools: {', '.join(missing)}; apt-get install -y iproute2 iputils-ping iperf3 "
+              f"wireguard-tools wireguard-go{hint}", file=sys.stderr)
+        return 1
+
+    if "meshlink" in impls:
+        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
+        if not opts.agent_bin:
+            opts.agent_bin = os.path.join(target, "release", "meshlink-agent")
+        if not opts.no_build:
+            log("building: cargo build --release -p meshlink-agent")
+            subprocess.run(["cargo", "build", "--release", "-p", "meshlink-agent"], cwd=REPO, check=True)
+        if not os.access(opts.agent_bin, os.X_OK):
+            print(f"{opts.agent_bin} not found: build it or pass --agent-bin", file=sys.stderr)
+            return 1
+
+    bench = Bench(opts)
+
+    # Turn SIGTERM and SIGHUP into an exception so the `finally` below cleans up.
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+
+    results = {i: [] for i in impls}
+    try:
+        bench.setup()
+        for rnd in range(opts.rounds):
+            order = impls[rnd % len(impls):] + impls[:rnd % len(impls)]
+            for impl in order:
+                log(f"round {rnd + 1}/{opts.rounds}: {impl}")
+                r = bench.measure(impl)
+                results[impl].append(r)
+                cpu = f"{r['cpu_cores']:.2f}" if r["cpu_cores"] is not None else "-"
+                log(f"  tcp1 {r['tcp1_bps'] / 1e9:.3f} Gbit/s, tcp4 {r['tcp4_bps'] / 1e9:.3f} Gbit/s, "
+                    f"ping idle {r['ping_idle']['avg_ms']:.3f}/{r['ping_idle']['p99_ms']:.3f} ms, "
+                    f"loaded {r['ping_load']['avg_ms']:.3f}/{r['ping_load']['p99_ms']:.3f} ms, cpu {cpu}")
+    except KeyboardInterrupt:
+        log("interrupted: cleaning up")
+        return 130
+    finally:
+        bench.cleanup()
+
+    env = environment(opts, impls)
+    print(report(results, impls, opts))
+    print()
+    print("Environment: " + "; ".join(f"{k} {v}" for k, v in env.items() if v))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"options": vars(opts), "environment": env, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+//! Long-running processes started by a test, ended by their pid when the guard drops.
+//!
+//! A [`Process`] sends its stderr (and, unless its stdout is read line by line, its stdout) to
+//! a log file. On drop it stops the process if it still runs: SIGTERM, then SIGKILL after a
+//! grace period. If the test is panicking, it also prints the tail of the log, so the failure
+//! message comes with what the process said.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// How long [`Process::terminate`] waits after SIGTERM before sending SIGKILL.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
+
+/// How many lines of a log [`Process`] prints when a test fails.
+const LOG_TAIL_LINES: usize = 80;
+
+/// Where a spawned process's stdout goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stdout {
+    /// Into the log file, with stderr.
+    Log,
+    /// Line by line to [`Process::next_line`]; each line is also appended to the log.
+    Lines,
+}
+
+/// A child process owned by a test. Dropping it ends the process (by pid) if still running.
+#[derive(Debug)]
+pub struct Process {
+    name: String,
+    child: Child,
+    exit: Option<ExitStatus>,
+    log: PathBuf,
+    lines: Option<mpsc::Receiver<String>>,
+    grace: Duration,
+    /// Whether the test ended it (by signal) rather than the process exiting on its own or
+    /// being ended by someone else: failure reports say which, since a daemon that died
+    /// mid-test looks like a network fault otherwise.
+    ended_by_test: bool,
+}
+
+impl Process {
+    /// Starts `cmd`, logging to `log` (created or truncated). `name` labels the process in
+    /// messages.
+    ///
+    /// # Panics
+    /// When the log cannot be created or the command cannot be started.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path, stdout: Stdout) -> Process {
+        let file = File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create log {}: {e}", log.display()));
+        let stderr = file.try_clone().expect("clone log file handle");
+        cmd.stdin(Stdio::null()).stderr(stderr);
+        match stdout {
+            Stdout::Log => cmd.stdout(file),
+            Stdout::Lines => cmd.stdout(Stdio::piped()),
+        };
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let lines = child.stdout.take().map(|out| {
+            let (tx, rx) = mpsc::channel();
+            let mut copy = OpenOptions::new().append(true).open(log).ok();
+            thread::spawn(move || {
+                for line in BufReader::new(out).lines().map_while(Result::ok) {
+                    if let Some(copy) = copy.as_mut() {
+                        let _ = writeln!(copy, "{line}");
+                    }
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            rx
+        });
+        Process {
+            name: name.to_owned(),
+            child,
+            exit: None,
+            log: log.to_owned(),
+            lines,
+            grace: DEFAULT_GRACE,
+            ended_by_test: false,
+        }
+    }
+
+    /// The label given at spawn.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The log file's path.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last `n` lines of the log, for failure messages.
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The next stdout line, waiting at most `timeout`. `None` on timeout, at end of output,
+    /// or when stdout was not spawned as [`Stdout::Lines`].
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.lines.as_ref()?.recv_timeout(timeout).ok()
+    }
+
+    /// The exit status if the process has exited (reaping it), `None` while it runs.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            self.exit = self.child.try_wait().ok().flatten();
+        }
+        self.exit
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.try_wait().is_none()
+    }
+
+    /// Waits up to `timeout` for the process to exit on its own.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to the process by pid, unless it has already been reaped (whose pid the
+    /// system may have reused).
+    ///
+    /// # Panics
+    /// Never for a real pid (they fit in `i32`).
+    pub fn signal(&mut self, signal: Signal) {
+        if self.try_wait().is_none() {
+            self.ended_by_test |=
+                matches!(signal, Signal::SIGTERM | Signal::SIGKILL | Signal::SIGINT);
+            let pid = Pid::from_raw(i32::try_from(self.pid()).expect("pid fits in i32"));
+            let _ = kill(pid, signal);
+        }
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited after the grace period; returns the status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        if let Some(status) = self.wait_timeout(self.grace) {
+            return status;
+        }
+        eprintln!(
+            "{} (pid {}) ignored SIGTERM for {:?}: sending SIGKILL",
+            self.name,
+            self.pid(),
+            self.grace
+        );
+        self.kill()
+    }
+
+    /// SIGKILL, then reaps the process; returns the status.
+    ///
+    /// # Panics
+    /// When waiting for the child fails, which only happens if it was already reaped elsewhere.
+    pub fn kill(&mut self) -> ExitStatus {
+        if let Some(status) = self.try_wait() {
+            return status;
+        }
+        self.ended_by_test = true;
+        let _ = self.child.kill();
+        let status = self.child.wait().expect("wait for a killed child");
+        self.exit = Some(status);
+        status
+    }
+
+    /// Sets how long [`Process::terminate`] waits before SIGKILL.
+    pub fn set_grace(&mut self, grace: Duration) {
+        self.grace = grace;
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let status = match self.try_wait() {
+            Some(status) => status,
+            None => self.terminate(),
+        };
+        if thread::panicking() {
+            let how = if self.ended_by_test {
+                format!("ended by the test: {status}")
+            } else {
+                format!("exited before the test ended it: {status}")
+            };
+            eprintln!(
+                "---- {} (pid {}, {how}) log {} ----\n{}\n---- end of {} log ----",
+                self.name,
+                self.pid(),
+                self.log.display(),
+                self.log_tail(LOG_TAIL_LINES),
+                self.name
+            );
+        }
+    }
+}
