@@ -1,0 +1,740 @@
+//! A typed, blocking client for the coordinator's HTTP/JSON admin API.
+//!
+//! One method per route. A method that returns data returns a [`Reply`]: the typed view that
+//! the tables are drawn from, and the JSON exactly as the server sent it, which `-o json`
+//! prints. The response types are lenient: every field has a default, `null` counts as
+//! missing, ids may be strings or numbers, times are kept as whatever JSON came (RFC 3339 text
+//! or unix seconds), and unknown fields are ignored. A coordinator that adds a field, or leaves
+//! one out, does not break the CLI.
+//!
+//! Errors are grouped by who is at fault: the caller's URL ([`UrlError`]), the network
+//! ([`ClientError::Unreachable`], [`ClientError::Transport`]), the caller's request as judged
+//! by the server ([`ClientError::Unauthorized`], [`ClientError::Api`]) and the server itself
+//! ([`ClientError::BadResponse`]).
+//!
+//! # Security
+//!
+//! The admin token goes in an `Authorization: Bearer` header on every request. The admin API
+//! speaks plain HTTP and is meant to be reached on loopback or through an SSH tunnel; `https`
+//! URLs are refused rather than silently downgraded. Redirects are not followed and the
+//! `HTTP_PROXY`-style variables are ignored, so the token goes to the coordinator named and to
+//! no other host. `Debug` on [`AdminClient`] hides the token.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::admin_token::AdminToken;
+
+/// Where the coordinator listens by default.
+pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7444";
+
+/// How long to wait for a TCP connection to the coordinator.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a whole request, answer included, may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest answer read; a node list of many thousands of nodes fits easily.
+const RESPONSE_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// The longest server error message shown; longer ones are cut.
+const MESSAGE_LIMIT: usize = 500;
+
+/// The base URL of a coordinator's admin API: `http://host[:port][/prefix]`, without a
+/// trailing slash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorUrl(String);
+
+/// Why a coordinator URL is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    /// The URL asks for TLS, which the admin API does not speak.
+    #[error(
+        "{url}: the admin API speaks plain HTTP; use http:// on loopback, or reach a remote \
+         coordinator through an SSH tunnel"
+    )]
+    Https {
+        /// The URL given.
+        url: String,
+    },
+    /// The URL is not of the form `http://host[:port]`.
+    #[error("{url:?} is not a coordinator URL; write it like {DEFAULT_COORDINATOR}")]
+    Malformed {
+        /// The URL given.
+        url: String,
+    },
+}
+
+impl FromStr for CoordinatorUrl {
+    type Err = UrlError;
+
+    /// Accepts `http://host[:port][/prefix]`, and `host[:port]` as shorthand for it.
+    fn from_str(text: &str) -> Result<Self, UrlError> {
+        let url = text.trim();
+        let malformed = || UrlError::Malformed {
+            url: text.to_owned(),
+        };
+        let rest = match url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+                return Err(UrlError::Https {
+                    url: text.to_owned(),
+                })
+            }
+            Some(_) => return Err(malformed()),
+            None => url,
+        };
+        let rest = rest.trim_end_matches('/');
+        let host = rest.split('/').next().unwrap_or_default();
+        let bad_char = |c: char| c.is_whitespace() || c.is_control() || "?#@\\".contains(c);
+        if host.is_empty() || rest.contains(bad_char) {
+            return Err(malformed());
+        }
+        Ok(Self(format!("http://{rest}")))
+    }
+}
+
+impl fmt::Display for CoordinatorUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Why an admin request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No HTTP exchange happened: the connection was refused, the name did not resolve, or
+    /// the coordinator did not answer in time.
+    #[error("cannot reach the coordinator at {url}: {}", describe(.cause))]
+    Unreachable {
+        /// The coordinator's base URL.
+        url: CoordinatorUrl,
+        /// What the transport reported.
+        #[source]
+        cause: ureq::Error,
+    },
+    /// The exchange broke down after the connection was made (for example, the peer does not
+    /// speak HTTP).
+    #[error("talking to the coordinator at {url} failed: {}", describe(.cause))]
+    Transport {
+        /// The coordinator's base URL.
+        url: CoordinatorUrl,
+        /// What the transport reported.
+        #[source]
+        cause: ureq::Error,
+    },
+    /// The coordinator refused the admin token (HTTP 401).
+    #[error("the coordinator refused the admin token (401)")]
+    Unauthorized,
+    /// The coordinator answered with an error status and, usually, a message.
+    #[error("the coordinator answered {}: {message}", status_line(*.status))]
+    Api {
+        /// The HTTP status code.
+        status: u16,
+        /// The server's `error` message, or a stand-in when it sent none.
+        message: String,
+    },
+    /// The coordinator answered success with a body that is not the JSON expected.
+    #[error("the coordinator sent an unexpected answer ({status}): {detail}")]
+    BadResponse {
+        /// The HTTP status code.
+        status: u16,
+        /// What was wrong with the body.
+        detail: String,
+    },
+}
+
+impl ClientError {
+    /// The HTTP status the coordinator answered with, when it answered.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Self::Unauthorized => Some(401),
+            Self::Api { status, .. } | Self::BadResponse { status, .. } => Some(*status),
+            Self::Unreachable { .. } | Self::Transport { .. } => None,
+        }
+    }
+}
+
+/// The transport error as one line, without ureq's `io:` prefix for plain socket errors.
+fn describe(cause: &ureq::Error) -> String {
+    match cause {
+        ureq::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// `404 Not Found`, or just `599` for a code without a standard reason.
+fn status_line(status: u16) -> String {
+    let reason = ureq::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|code| code.canonical_reason());
+    match reason {
+        Some(reason) => format!("{status} {reason}"),
+        None => status.to_string(),
+    }
+}
+
+/// What a data-returning route answered: the typed view and the JSON as sent.
+#[derive(Debug, Clone)]
+pub struct Reply<T> {
+    /// The answer, read leniently into the CLI's own types.
+    pub value: T,
+    /// The answer exactly as the server sent it.
+    pub json: Value,
+}
+
+/// `POST /v1/networks`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewNetwork {
+    /// The network's name.
+    pub name: String,
+    /// The overlay prefix, for example `100.64.0.0/16`; the coordinator validates it.
+    pub cidr: String,
+}
+
+/// A network, as `GET /v1/networks` lists it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Network {
+    /// The network's name.
+    #[serde(deserialize_with = "text")]
+    pub name: String,
+    /// The overlay prefix.
+    #[serde(deserialize_with = "text")]
+    pub cidr: String,
+    /// The network map's version, bumped on every change.
+    #[serde(deserialize_with = "text")]
+    pub version: String,
+    /// How many nodes are enrolled.
+    #[serde(deserialize_with = "or_default")]
+    pub nodes: u64,
+    /// How many of them are connected now.
+    #[serde(deserialize_with = "or_default")]
+    pub online: u64,
+    /// When the network was made: RFC 3339 text or unix seconds.
+    pub created_at: Value,
+}
+
+/// `POST /v1/tokens`. Absent options are left out of the request, so the coordinator's
+/// defaults apply.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewToken {
+    /// The network the token enrolls into.
+    pub network: String,
+    /// Tags given to every node enrolled with the token.
+    pub tags: Vec<String>,
+    /// Lifetime in seconds; absent means the coordinator's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_in_secs: Option<u64>,
+    /// How many enrollments it allows; absent means the coordinator's default.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u64>,
+}
+
+/// A join token. The secret text is present only in the answer to its creation.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Token {
+    /// The token's id, used to revoke it.
+    #[serde(deserialize_with = "text")]
+    pub id: String,
+    /// The secret text (`mlj1_...`); only when just created.
+    #[serde(deserialize_with = "or_default")]
+    pub token: Option<String>,
+    /// The network it enrolls into.
+    #[serde(deserialize_with = "text")]
+    pub network: String,
+    /// Tags given to the nodes it enrolls.
+    #[serde(deserialize_with = "or_default")]
+    pub tags: Vec<String>,
+    /// When it stops working, or `null` for never.
+    pub expires_at: Value,
+    /// How many enrollments it allows, or `null` for no limit.
+    #[serde(deserialize_with = "or_default")]
+    pub uses: Option<u64>,
+    /// How many enrollments it has made.
+    #[serde(deserialize_with = "or_default")]
+    pub used: u64,
+    /// Whether an admin revoked it.
+    #[serde(deserialize_with = "or_default")]
+    pub revoked: bool,
+    /// Whether its lifetime is over.
+    #[serde(deserialize_with = "or_default")]
+    pub expired: bool,
+}
+
+/// A node, as the node routes return it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Node {
+    /// The node's id.
+    #[serde(deserialize_with = "text")]
+    pub id: String,
+    /// The node's name, unique in its network.
+    #[serde(deserialize_with = "text")]
+    pub name: String,
+    /// The network it belongs to.
+    #[serde(deserialize_with = "text")]
+    pub network: String,
+    /// Its overlay address.
+    #[serde(deserialize_with = "text")]
+    pub address: String,
+    /// Its WireGuard public key.
+    #[serde(deserialize_with = "text")]
+    pub public_key: String,
+    /// Labels, usually an object of strings.
+    pub labels: Value,
+    /// Tags, from its join token.
+    #[serde(deserialize_with = "or_default")]
+    pub tags: Vec<String>,
+    /// Endpoints it reported, usually `ip:port` strings.
+    pub endpoints: Value,
+    /// Whether it is connected now.
+    #[serde(deserialize_with = "or_default")]
+    pub online: bool,
+    /// When it was last connected, or `null`.
+    pub last_seen: Value,
+    /// Whether an admin revoked it.
+    #[serde(deserialize_with = "or_default")]
+    pub revoked: bool,
+    /// When it enrolled.
+    pub created_at: Value,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Status {
+    /// The coordinator's version.
+    #[serde(deserialize_with = "text")]
+    pub version: String,
+    /// How many networks exist.
+    #[serde(deserialize_with = "or_default")]
+    pub networks: u64,
+    /// How many nodes are enrolled.
+    #[serde(deserialize_with = "or_default")]
+    pub nodes: u64,
+    /// How many nodes are connected now.
+    #[serde(deserialize_with = "or_default")]
+    pub online: u64,
+    /// Seconds since the coordinator started.
+    #[serde(deserialize_with = "or_default")]
+    pub uptime_secs: u64,
+    /// The address its QUIC control listener is bound to.
+    #[serde(deserialize_with = "text")]
+    pub quic_listen: String,
+    /// The address or addresses it tells agents to dial.
+    pub advertise: Value,
+    /// Its TLS certificate fingerprint, which agents pin.
+    #[serde(deserialize_with = "text")]
+    pub fingerprint: String,
+}
+
+/// Reads a field that may be `null` as its default.
+fn or_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
+}
+
+/// Reads a string-like field that may come as a string, a number or `null`.
+fn text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(deserializer)? {
+        Value::String(s) => s,
+        Value::Null => String::new(),
+        other => other.to_string(),
+    })
+}
+
+/// The HTTP methods the admin API uses.
+#[derive(Debug, Clone, Copy)]
+enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+/// A client for one coordinator, holding the admin token.
+pub struct AdminClient {
+    base: CoordinatorUrl,
+    token: AdminToken,
+    agent: ureq::Agent,
+}
+
+impl fmt::Debug for AdminClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminClient")
+            .field("base", &self.base)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AdminClient {
+    /// A client for the coordinator at `base`, authenticating with `token`.
+    pub fn new(base: CoordinatorUrl, token: AdminToken) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .proxy(None)
+            .timeout_connect(Some(CONNECT_TIMEOUT))
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .user_agent(concat!("meshctl/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .new_agent();
+        Self { base, token, agent }
+    }
+
+    /// The coordinator's base URL.
+    pub fn base(&self) -> &CoordinatorUrl {
+        &self.base
+    }
+
+    /// `POST /v1/networks`: creates a network.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a name already taken is [`ClientError::Api`] with status 409.
+    pub fn create_network(&self, request: &NewNetwork) -> Result<Reply<Network>, ClientError> {
+        self.fetch(Method::Post, "/v1/networks", None, Some(request))
+    }
+
+    /// `GET /v1/networks`: every network.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn networks(&self) -> Result<Reply<Vec<Network>>, ClientError> {
+        self.fetch(Method::Get, "/v1/networks", None, None::<&()>)
+    }
+
+    /// `POST /v1/tokens`: creates a join token; the answer holds its secret text.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn create_token(&self, request: &NewToken) -> Result<Reply<Token>, ClientError> {
+        self.fetch(Method::Post, "/v1/tokens", None, Some(request))
+    }
+
+    /// `GET /v1/tokens`: every join token, without secret text.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn tokens(&self) -> Result<Reply<Vec<Token>>, ClientError> {
+        self.fetch(Method::Get, "/v1/tokens", None, None::<&()>)
+    }
+
+    /// `DELETE /v1/tokens/{id}`: revokes a join token.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; an unknown id is [`ClientError::Api`] with status 404.
+    pub fn revoke_token(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/v1/tokens/{}", encode(id));
+        self.send(Method::Delete, &path, None, None::<&()>)
+            .map(drop)
+    }
+
+    /// `GET /v1/nodes`: every node, or those of one network.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn nodes(&self, network: Option<&str>) -> Result<Reply<Vec<Node>>, ClientError> {
+        self.fetch(Method::Get, "/v1/nodes", network, None::<&()>)
+    }
+
+    /// `GET /v1/nodes/{node}`: one node, by id or name. `network` disambiguates a name used
+    /// in several networks.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; an unknown node is [`ClientError::Api`] with status 404.
+    pub fn node(&self, node: &str, network: Option<&str>) -> Result<Reply<Node>, ClientError> {
+        let path = format!("/v1/nodes/{}", encode(node));
+        self.fetch(Method::Get, &path, network, None::<&()>)
+    }
+
+    /// `POST /v1/nodes/{node}/revoke`: cuts a node off; the answer is the revoked node.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn revoke_node(
+        &self,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<Node>, ClientError> {
+        let path = format!("/v1/nodes/{}/revoke", encode(node));
+        self.fetch(Method::Post, &path, network, None::<&()>)
+    }
+
+    /// `DELETE /v1/nodes/{node}`: removes a node.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn delete_node(&self, node: &str, network: Option<&str>) -> Result<(), ClientError> {
+        let path = format!("/v1/nodes/{}", encode(node));
+        self.send(Method::Delete, &path, network, None::<&()>)
+            .map(drop)
+    }
+
+    /// `GET /v1/status`: the coordinator's own state.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn status(&self) -> Result<Reply<Status>, ClientError> {
+        self.fetch(Method::Get, "/v1/status", None, None::<&()>)
+    }
+
+    /// Sends a request and reads the JSON answer into `T` as well.
+    fn fetch<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        network: Option<&str>,
+        body: Option<&impl Serialize>,
+    ) -> Result<Reply<T>, ClientError> {
+        let (status, json) = self.send(method, path, network, body)?;
+        let value = T::deserialize(&json).map_err(|err| ClientError::BadResponse {
+            status,
+            detail: err.to_string(),
+        })?;
+        Ok(Reply { value, json })
+    }
+
+    /// Sends a request and returns the success status with its JSON body (`null` when the
+    /// body is empty, as for 204), or the error the answer means.
+    fn send(
+        &self,
+        method: Method,
+        path: &str,
+        network: Option<&str>,
+        body: Option<&impl Serialize>,
+    ) -> Result<(u16, Value), ClientError> {
+        let mut url = format!("{}{path}", self.base);
+        if let Some(network) = network {
+            url.push_str("?network=");
+            url.push_str(&encode(network));
+        }
+        let authorization = format!("Bearer {}", self.token.secret());
+        let result = match method {
+            Method::Get => self
+                .agent
+                .get(&url)
+                .header("Authorization", &authorization)
+                .call(),
+            Method::Delete => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &authorization)
+                .call(),
+            Method::Post => {
+                let request = self
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &authorization);
+                match body {
+                    Some(body) => request.send_json(body),
+                    None => request.send_empty(),
+                }
+            }
+        };
+        let mut response = result.map_err(|cause| self.transport_error(cause))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .body_mut()
+            .with_config()
+            .limit(RESPONSE_LIMIT)
+            .read_to_vec()
+            .map_err(|cause| self.transport_error(cause))?;
+        interpret(status, &bytes)
+    }
+
+    /// Sorts a transport failure into "never reached" and "broke down".
+    fn transport_error(&self, cause: ureq::Error) -> ClientError {
+        let url = self.base.clone();
+        match cause {
+            ureq::Error::Io(_)
+            | ureq::Error::ConnectionFailed
+            | ureq::Error::HostNotFound
+            | ureq::Error::Timeout(_) => ClientError::Unreachable { url, cause },
+            cause => ClientError::Transport { url, cause },
+        }
+    }
+}
+
+/// Turns a status and body into the JSON answer or the error it means.
+fn interpret(status: u16, body: &[u8]) -> Result<(u16, Value), ClientError> {
+    if status == 401 {
+        return Err(ClientError::Unauthorized);
+    }
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        Ok(Value::Null)
+    } else {
+        serde_json::from_slice::<Value>(body)
+    };
+    if (200..300).contains(&status) {
+        return parsed
+            .map(|json| (status, json))
+            .map_err(|err| ClientError::BadResponse {
+                status,
+                detail: format!("not JSON: {err}"),
+            });
+    }
+    let message = match &parsed {
+        Ok(Value::Object(fields)) => match fields.get("error") {
+            Some(Value::String(message)) => message.clone(),
+            Some(other) if !other.is_null() => other.to_string(),
+            _ => String::from_utf8_lossy(body).into_owned(),
+        },
+        _ => String::from_utf8_lossy(body).into_owned(),
+    };
+    let message = one_line(&message);
+    let message = if message.is_empty() {
+        "no error message".to_owned()
+    } else {
+        message
+    };
+    Err(ClientError::Api { status, message })
+}
+
+/// Makes server text safe to print on one terminal line: control characters become spaces,
+/// runs of space collapse, and the text is cut at [`MESSAGE_LIMIT`] characters.
+fn one_line(text: &str) -> String {
+    let cleaned: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let mut out = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
+    if let Some((cut, _)) = out.char_indices().nth(MESSAGE_LIMIT) {
+        out.truncate(cut);
+        out.push_str("...");
+    }
+    out
+}
+
+/// Percent-encodes text for one URL path segment or query value: everything but ASCII letters,
+/// digits and `-._~` is escaped, and a segment made only of dots is escaped whole so that it
+/// cannot mean "this directory" or "the parent".
+fn encode(text: &str) -> String {
+    let all_dots = !text.is_empty() && text.bytes().all(|b| b == b'.');
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        let plain = byte.is_ascii_alphanumeric() || b"-_~".contains(&byte) || byte == b'.';
+        if plain && !(all_dots && byte == b'.') {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coordinator_urls() {
+        let url = |s: &str| s.parse::<CoordinatorUrl>().map(|u| u.to_string());
+        assert_eq!(
+            url("http://127.0.0.1:7444"),
+            Ok("http://127.0.0.1:7444".into())
+        );
+        assert_eq!(
+            url("http://127.0.0.1:7444/"),
+            Ok("http://127.0.0.1:7444".into())
+        );
+        assert_eq!(url("HTTP://[::1]:7444"), Ok("http://[::1]:7444".into()));
+        assert_eq!(url("localhost:7444"), Ok("http://localhost:7444".into()));
+        assert_eq!(url("http://h/mesh/"), Ok("http://h/mesh".into()));
+        assert!(matches!(url("https://h:7444"), Err(UrlError::Https { .. })));
+        assert!(matches!(url("ftp://h"), Err(UrlError::Malformed { .. })));
+        assert!(matches!(url("http://"), Err(UrlError::Malformed { .. })));
+        assert!(matches!(
+            url("http://h?x=1"),
+            Err(UrlError::Malformed { .. })
+        ));
+        assert!(matches!(url("http://u@h"), Err(UrlError::Malformed { .. })));
+        assert!(matches!(url("http://a b"), Err(UrlError::Malformed { .. })));
+    }
+
+    #[test]
+    fn path_segments_are_escaped() {
+        assert_eq!(encode("web-1.prod_x~"), "web-1.prod_x~");
+        assert_eq!(encode("a/b c?#%"), "a%2Fb%20c%3F%23%25");
+        assert_eq!(encode(".."), "%2E%2E");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
+
+    #[test]
+    fn answers_are_interpreted() {
+        assert_eq!(interpret(204, b"").unwrap(), (204, Value::Null));
+        assert_eq!(interpret(200, b"[1]").unwrap().1, serde_json::json!([1]));
+        assert!(matches!(
+            interpret(401, b"{}"),
+            Err(ClientError::Unauthorized)
+        ));
+        assert!(matches!(
+            interpret(200, b"<html>"),
+            Err(ClientError::BadResponse { status: 200, .. })
+        ));
+        let err = interpret(409, br#"{"error":"network \"prod\" exists"}"#).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"the coordinator answered 409 Conflict: network "prod" exists"#
+        );
+        let err = interpret(502, b"bad gateway\n\x1b[31mred").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the coordinator answered 502 Bad Gateway: bad gateway [31mred"
+        );
+        let err = interpret(500, b"").unwrap_err();
+        assert!(err.to_string().ends_with("no error message"), "{err}");
+    }
+
+    #[test]
+    fn long_messages_are_cut() {
+        let long = "x".repeat(2 * MESSAGE_LIMIT);
+        assert_eq!(one_line(&long).chars().count(), MESSAGE_LIMIT + 3);
+    }
+
+    #[test]
+    fn lenient_types_tolerate_drift() {
+        let node: Node = serde_json::from_value(serde_json::json!({
+            "id": 7, "name": "web-1", "tags": null, "online": null, "brand_new_field": [1, 2],
+        }))
+        .unwrap();
+        assert_eq!(node.id, "7");
+        assert_eq!(node.name, "web-1");
+        assert!(node.tags.is_empty());
+        assert!(!node.online);
+        assert!(node.last_seen.is_null());
+    }
+
+    #[test]
+    fn token_request_leaves_out_absent_options() {
+        let request = NewToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: Some(1),
+        };
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            serde_json::json!({"network": "prod", "tags": [], "uses": 1})
+        );
+    }
+}

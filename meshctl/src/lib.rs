@@ -1,0 +1,17 @@
+//! `meshctl`'s library half: the admin client and the rendering, kept apart from `main` so that
+//! the integration tests can drive the client directly.
+//!
+//! The crate holds no business logic. The coordinator decides everything (what a valid CIDR or
+//! node name is, whether a token is expired); `meshctl` parses arguments, sends them, and shows
+//! what comes back.
+//!
+//! - [`client`]: [`AdminClient`](client::AdminClient), one typed method per admin route, and
+//!   [`ClientError`](client::ClientError).
+//! - [`admin_token`]: the bearer token, read from a flag or from a private file.
+//! - [`duration`]: `--expires` durations (`90s`, `30m`, `1h`, `2d`) in and out.
+//! - [`render`]: aligned tables, field listings, times.
+
+pub mod admin_token;
+pub mod client;
+pub mod duration;
+pub mod render;

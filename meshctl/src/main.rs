@@ -1,0 +1,450 @@
+//! `meshctl`: the admin CLI of meshlink. It talks to the coordinator's HTTP admin API and
+//! shows the answers as aligned tables (`-o table`, the default) or as the server's JSON,
+//! pretty-printed (`-o json`).
+//!
+//! # Usage
+//!
+//! ```text
+//! meshctl [--coordinator URL] [--admin-token-file FILE | --admin-token TOKEN] [-o table|json] COMMAND
+//!
+//! meshctl network create NAME --cidr CIDR
+//! meshctl network list
+//! meshctl token create --network NAME [--tag TAG]... [--expires 1h|30m|2d|90s] [--uses N]
+//! meshctl token list
+//! meshctl token revoke ID
+//! meshctl node list [--network NAME]
+//! meshctl node show NODE [--network NAME]      # NODE is an id or a name
+//! meshctl node revoke NODE [--network NAME]
+//! meshctl node delete NODE [--network NAME]
+//! meshctl status
+//! ```
+//!
+//! The coordinator is `http://127.0.0.1:7444` unless `--coordinator` or
+//! `MESHLINK_COORDINATOR` says otherwise. The admin token comes from `--admin-token-file`
+//! (`MESHLINK_ADMIN_TOKEN_FILE`), which must be `chmod 600`, or from `--admin-token`
+//! (`MESHLINK_ADMIN_TOKEN`); prefer the file, since a token on the command line is visible to
+//! every local user in the process list.
+//!
+//! `token create` prints the join token's text alone on the last line in table mode, and as the
+//! `token` field in JSON mode, so both of these work:
+//!
+//! ```text
+//! meshctl token create --network prod --tag web --expires 1h --uses 1
+//! TOKEN=$(meshctl token create --network prod --uses 1 -o json | jq -r .token)
+//! ```
+//!
+//! `token revoke` and `node delete` print a confirmation in table mode and nothing in JSON
+//! mode. On failure, `meshctl` prints one line to stderr and exits with status 1; usage errors
+//! exit with status 2.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{anyhow, Result};
+use clap::builder::NonEmptyStringValueParser;
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use meshctl::admin_token::AdminToken;
+use meshctl::client::{AdminClient, CoordinatorUrl, NewNetwork, NewToken, DEFAULT_COORDINATOR};
+use meshctl::{duration, render};
+
+/// meshlink's admin CLI: manage networks, join tokens and nodes on a coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, propagate_version = true)]
+struct Cli {
+    /// The coordinator's admin API.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHLINK_COORDINATOR",
+        default_value = DEFAULT_COORDINATOR,
+        value_name = "URL"
+    )]
+    coordinator: CoordinatorUrl,
+
+    /// The admin token itself. Prefer --admin-token-file: a command line is visible to all
+    /// local users.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHLINK_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    admin_token: Option<String>,
+
+    /// A file holding the admin token; it must not be readable by group or others.
+    #[arg(
+        long,
+        global = true,
+        env = "MESHLINK_ADMIN_TOKEN_FILE",
+        value_name = "FILE"
+    )]
+    admin_token_file: Option<PathBuf>,
+
+    /// How to print the answer.
+    #[arg(
+        short = 'o',
+        long = "output",
+        global = true,
+        value_enum,
+        default_value_t = Output::Table
+    )]
+    output: Output,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// The coordinator's JSON, pretty-printed, for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create and list networks.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// Create, list and revoke join tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List, inspect, revoke and delete nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Show the coordinator's state.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCommand {
+    /// Create a network.
+    Create {
+        /// The network's name.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        name: String,
+        /// The overlay prefix its nodes get addresses from, for example 100.64.0.0/16.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        cidr: String,
+    },
+    /// List networks.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Create a join token and print its text (last line in table mode, `.token` in JSON).
+    Create {
+        /// The network the token enrolls nodes into.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+        /// A tag for every node enrolled with the token; repeat for several.
+        #[arg(long = "tag", value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
+        tags: Vec<String>,
+        /// How long the token stays valid: 90s, 30m, 1h, 2d, 1w, or combined like 1h30m.
+        #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
+        expires: Option<std::time::Duration>,
+        /// How many nodes may enroll with it.
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        uses: Option<u64>,
+    },
+    /// List join tokens (without their text).
+    List,
+    /// Revoke a join token.
+    Revoke {
+        /// The token's id, as `token list` shows it.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        id: String,
+    },
+}
+
+/// A node, named by id or name.
+#[derive(Debug, Args)]
+struct NodeRef {
+    /// The node's id or name.
+    #[arg(value_name = "NODE", value_parser = NonEmptyStringValueParser::new())]
+    node: String,
+    /// The network to look the name up in, when it is used in several.
+    #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+    network: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// List nodes.
+    List {
+        /// Only the nodes of this network.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        network: Option<String>,
+    },
+    /// Show one node.
+    Show(NodeRef),
+    /// Revoke a node: it is cut off from its peers and cannot reconnect.
+    Revoke(NodeRef),
+    /// Delete a node.
+    Delete(NodeRef),
+}
+
+fn main() -> ExitCode {
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|err| err.exit());
+    let source = TokenSource::of(&matches);
+    match run(cli, source) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // Every error is typed and says what happened in one line; the sources are
+            // already part of that line.
+            eprintln!("meshctl: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Which admin token option to use when both the inline and the file option are set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TokenSource {
+    /// Use the file (also when only the file is set, or neither).
+    File,
+    /// Use the inline token.
+    Inline,
+    /// Both came from the same place (both flags, or both variables): refuse to guess.
+    Ambiguous,
+}
+
+impl TokenSource {
+    /// A flag beats an environment variable, so `--admin-token` works in a shell that
+    /// exports `MESHLINK_ADMIN_TOKEN_FILE`, and the other way round.
+    fn of(matches: &ArgMatches) -> Self {
+        let from_flag = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let (inline, file) = (
+            matches.value_source("admin_token"),
+            matches.value_source("admin_token_file"),
+        );
+        match (inline, file) {
+            (Some(_), Some(_)) if from_flag("admin_token") == from_flag("admin_token_file") => {
+                Self::Ambiguous
+            }
+            (Some(_), Some(_)) if from_flag("admin_token") => Self::Inline,
+            (Some(_), None) => Self::Inline,
+            _ => Self::File,
+        }
+    }
+}
+
+/// The admin token from the flag or the file, or an error saying how to give one.
+fn admin_token(cli: &Cli, source: TokenSource) -> Result<AdminToken> {
+    if source == TokenSource::Ambiguous {
+        return Err(anyhow!(
+            "both an admin token and an admin token file are given; pass only one"
+        ));
+    }
+    match (&cli.admin_token_file, &cli.admin_token, source) {
+        (Some(path), _, TokenSource::File) => Ok(AdminToken::from_file(path)?),
+        (_, Some(token), TokenSource::Inline) => Ok(AdminToken::new(token, "--admin-token")?),
+        _ => Err(anyhow!(
+            "no admin token: pass --admin-token-file FILE (or set MESHLINK_ADMIN_TOKEN_FILE), \
+             or --admin-token TOKEN (or set MESHLINK_ADMIN_TOKEN)"
+        )),
+    }
+}
+
+/// Now, in unix seconds, for relative times.
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Prints an answer: the table text, or the server's JSON pretty-printed.
+fn emit(output: Output, json: &Value, table: impl FnOnce() -> String) -> Result<()> {
+    match output {
+        Output::Table => print!("{}", table()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(json)?),
+    }
+    Ok(())
+}
+
+/// Prints a confirmation for an answer without a body, in table mode only.
+fn confirm(output: Output, message: String) {
+    if output == Output::Table {
+        println!("{message}");
+    }
+}
+
+fn run(cli: Cli, source: TokenSource) -> Result<()> {
+    let client = AdminClient::new(cli.coordinator.clone(), admin_token(&cli, source)?);
+    let output = cli.output;
+    match cli.command {
+        Command::Network(NetworkCommand::Create { name, cidr }) => {
+            let reply = client.create_network(&NewNetwork { name, cidr })?;
+            emit(output, &reply.json, || {
+                render::networks(std::slice::from_ref(&reply.value))
+            })
+        }
+        Command::Network(NetworkCommand::List) => {
+            let reply = client.networks()?;
+            emit(output, &reply.json, || render::networks(&reply.value))
+        }
+        Command::Token(TokenCommand::Create {
+            network,
+            tags,
+            expires,
+            uses,
+        }) => {
+            let request = NewToken {
+                network,
+                tags,
+                expires_in_secs: expires.map(|d| d.as_secs()),
+                uses,
+            };
+            let reply = client.create_token(&request)?;
+            let secret = reply.value.token.clone().unwrap_or_default();
+            if secret.is_empty() {
+                return Err(anyhow!(
+                    "the coordinator created token {} but did not return its text",
+                    reply.value.id
+                ));
+            }
+            emit(output, &reply.json, || {
+                render::created_token(&reply.value, &secret, now())
+            })
+        }
+        Command::Token(TokenCommand::List) => {
+            let reply = client.tokens()?;
+            emit(output, &reply.json, || render::tokens(&reply.value, now()))
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            client.revoke_token(&id)?;
+            confirm(output, format!("token {id} revoked"));
+            Ok(())
+        }
+        Command::Node(NodeCommand::List { network }) => {
+            let reply = client.nodes(network.as_deref())?;
+            emit(output, &reply.json, || render::nodes(&reply.value, now()))
+        }
+        Command::Node(NodeCommand::Show(NodeRef { node, network })) => {
+            let reply = client.node(&node, network.as_deref())?;
+            emit(output, &reply.json, || render::node(&reply.value, now()))
+        }
+        Command::Node(NodeCommand::Revoke(NodeRef { node, network })) => {
+            let reply = client.revoke_node(&node, network.as_deref())?;
+            emit(output, &reply.json, || render::node(&reply.value, now()))
+        }
+        Command::Node(NodeCommand::Delete(NodeRef { node, network })) => {
+            client.delete_node(&node, network.as_deref())?;
+            confirm(output, format!("node {node} deleted"));
+            Ok(())
+        }
+        Command::Status => {
+            let reply = client.status()?;
+            emit(output, &reply.json, || render::status(&reply.value))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn token_create_arguments() {
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "token",
+            "create",
+            "--network",
+            "prod",
+            "--tag",
+            "web",
+            "--tag",
+            "eu",
+            "--expires",
+            "1h30m",
+            "--uses",
+            "3",
+            "-o",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.output, Output::Json);
+        let Command::Token(TokenCommand::Create {
+            network,
+            tags,
+            expires,
+            uses,
+        }) = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(network, "prod");
+        assert_eq!(tags, ["web", "eu"]);
+        assert_eq!(expires, Some(std::time::Duration::from_secs(5_400)));
+        assert_eq!(uses, Some(3));
+    }
+
+    #[test]
+    fn a_flag_beats_a_variable_for_the_token() {
+        let source = |args: &[&str]| TokenSource::of(&Cli::command().get_matches_from(args));
+        assert_eq!(source(&["meshctl", "status"]), TokenSource::File);
+        assert_eq!(
+            source(&["meshctl", "status", "--admin-token", "t"]),
+            TokenSource::Inline
+        );
+        assert_eq!(
+            source(&["meshctl", "status", "--admin-token-file", "f"]),
+            TokenSource::File
+        );
+        assert_eq!(
+            source(&[
+                "meshctl",
+                "--admin-token",
+                "t",
+                "status",
+                "--admin-token-file",
+                "f"
+            ]),
+            TokenSource::Ambiguous
+        );
+    }
+
+    #[test]
+    fn bad_arguments_are_usage_errors() {
+        for args in [
+            &[
+                "meshctl",
+                "token",
+                "create",
+                "--network",
+                "p",
+                "--expires",
+                "soon",
+            ][..],
+            &[
+                "meshctl",
+                "token",
+                "create",
+                "--network",
+                "p",
+                "--uses",
+                "0",
+            ],
+            &["meshctl", "node", "show", ""],
+            &["meshctl", "--coordinator", "https://c:7444", "status"],
+            &["meshctl", "status", "-o", "yaml"],
+        ] {
+            assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
+        }
+    }
+}
