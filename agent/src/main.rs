@@ -229,6 +229,16 @@ async fn up_mesh(
         }
     };
     settings.addresses = node.addresses.clone();
+    // Keep the port peers know, unless one was asked for; a first start takes WireGuard's usual
+    // port when it is free.
+    if settings.device.listen_port == 0 {
+        let free = |p: u16| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok();
+        settings.device.listen_port = match node.listen_port {
+            Some(p) if free(p) => p,
+            None if free(51820) => 51820,
+            _ => 0,
+        };
+    }
     let (tx, rx) = tokio::sync::watch::channel(map);
     let control = MeshControl::new(state, node.clone(), public_key, tx, first);
     run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control })).await?;

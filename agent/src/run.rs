@@ -173,7 +173,8 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     let udp = Arc::new(UdpTransport::bind(settings.device.listen_port, settings.device.fwmark)?);
     let tun = Arc::new(Tun::create(&settings.interface, settings.mtu)?);
     let nl = Netlink::for_interface(handle, &settings.interface).await?;
-    nl.set_mtu_and_up(settings.mtu).await?;
+    let txq = std::env::var("MESHLINK_EXP_TXQLEN").ok().and_then(|v| v.parse().ok()).unwrap_or(500);
+    nl.set_mtu_and_up(settings.mtu, txq).await?;
     for a in &settings.addresses {
         nl.add_address(*a).await?;
     }

@@ -157,6 +157,7 @@ pub async fn join(
         network: w.network,
         network_cidr: w.network_cidr,
         addresses: w.addresses,
+        listen_port: None,
     };
     Ok((node, map, s))
 }
@@ -240,6 +241,12 @@ impl MeshControl {
     /// # Errors
     /// [`ControlError::Revoked`] or [`ControlError::Refused`]; other failures are retried.
     pub async fn run(mut self, wg_port: u16, tunnel: String) -> Result<(), ControlError> {
+        if self.node.listen_port != Some(wg_port) {
+            self.node.listen_port = Some(wg_port);
+            if let Err(e) = self.state.save_node(&self.node) {
+                warn!("saving the listen port: {e}");
+            }
+        }
         let mut backoff = Duration::from_secs(1);
         let mut failures = 0u32;
         loop {

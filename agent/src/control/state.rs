@@ -44,6 +44,10 @@ pub struct NodeState {
     pub network_cidr: IpNet,
     /// This node's overlay addresses.
     pub addresses: Vec<IpNet>,
+    /// The UDP port the node used last: peers keep it while the coordinator is away, so a
+    /// restarted node keeps it too. Absent: not yet chosen.
+    #[serde(default)]
+    pub listen_port: Option<u16>,
 }
 
 /// A problem with the state directory, naming the file.
@@ -198,6 +202,7 @@ mod tests {
             network: "prod".into(),
             network_cidr: "100.64.0.0/16".parse().unwrap(),
             addresses: vec!["100.64.0.3/16".parse().unwrap()],
+            listen_port: Some(51820),
         };
         assert!(s.node().unwrap().is_none());
         s.save_node(&node).unwrap();

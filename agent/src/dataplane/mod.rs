@@ -74,6 +74,10 @@ struct PeerState {
     rx_bytes: u64,
     tx_bytes: u64,
     drops: DropCounts,
+    /// Send a keepalive at the next timer tick: set for new peers with a persistent keepalive,
+    /// so that a restarted node announces itself (and its new endpoint) at once, as WireGuard
+    /// does when a keepalive interval is configured.
+    kick: bool,
 }
 
 impl Peer {
@@ -231,6 +235,7 @@ impl Device {
                             rx_bytes: 0,
                             tx_bytes: 0,
                             drops: DropCounts::default(),
+                            kick: pc.persistent_keepalive.is_some_and(|k| k > 0),
                         }),
                     })
                 }
@@ -382,6 +387,17 @@ impl Device {
         for peer in t.peers.values() {
             let mut s = peer.lock();
             let endpoint = s.endpoint;
+            if s.kick && endpoint.is_some() {
+                s.kick = false;
+                let space = net.space(MIN_OUT + 64);
+                if let NoiseOutput::Network(out) = s.noise.encapsulate(&[], space) {
+                    let n = out.len();
+                    if let Some(ep) = endpoint {
+                        s.tx_bytes += n as u64;
+                        net.commit(ep, n);
+                    }
+                }
+            }
             let space = net.space(MIN_OUT + 64);
             if let NoiseOutput::Network(out) = s.noise.update_timers(space) {
                 let n = out.len();

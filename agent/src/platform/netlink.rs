@@ -85,9 +85,9 @@ impl Netlink {
         move |source| NetlinkError::Kernel { what, source }
     }
 
-    /// Sets the MTU and brings the link up.
-    pub async fn set_mtu_and_up(&self, mtu: u16) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(self.index).mtu(u32::from(mtu)).up().build();
+    /// Sets the MTU and the transmit queue length and brings the link up.
+    pub async fn set_mtu_and_up(&self, mtu: u16, txqueuelen: u32) -> Result<(), NetlinkError> {
+        let msg = LinkUnspec::new_with_index(self.index).mtu(u32::from(mtu)).txqueuelen(txqueuelen).up().build();
         self.handle.link().set(msg).execute().await.map_err(self.err(format!("set mtu {mtu} and up on {}", self.name)))
     }
 

@@ -1,0 +1,461 @@
+//! The admin HTTP API (axum), for `meshctl` and operators.
+//!
+//! Every route needs `Authorization: Bearer <admin token>`; bodies are JSON; errors are
+//! `{"error": "message"}` with status 400 (invalid request), 401 (missing or wrong token),
+//! 403, 404 (no such thing), 409 (conflict or refused by state) or 500. Times are Unix seconds
+//! (integers); absent times are `null`.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `POST /v1/networks` `{"name","cidr"}` | 201 [`NetworkView`] |
+//! | `GET /v1/networks` | `[`[`NetworkView`]`]` |
+//! | `POST /v1/tokens` `{"network","tags"?,"expires_in_secs"?,"uses"?}` | 201 [`CreatedTokenView`] (the only time the token text is shown) |
+//! | `GET /v1/tokens` | `[`[`TokenView`]`]` |
+//! | `DELETE /v1/tokens/{id}` | 204 |
+//! | `GET /v1/nodes[?network=N]` | `[`[`NodeView`]`]` |
+//! | `GET /v1/nodes/{ref}[?network=N]` | [`NodeView`]; `ref` is an id or a name |
+//! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`NodeView`] |
+//! | `DELETE /v1/nodes/{ref}[?network=N]` | 204 |
+//! | `GET /v1/status` | [`StatusView`] |
+//!
+//! Each route is a thin adapter: it calls a handler from [`crate::handlers`] (through
+//! [`Service`] when live sessions must learn of the change) and renders the result.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use meshlink_proto::token::JoinToken;
+use meshlink_proto::NodeId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::handlers::networks::{self, CreateNetwork};
+use crate::handlers::nodes::{self, peer_info};
+use crate::handlers::tokens::{self, is_expired, CreateToken};
+use crate::handlers::{constant_time_eq, ApiError, Caller};
+use crate::service::Service;
+use crate::store::{NetworkRecord, NodeRecord, TokenId, TokenRecord, UnixTime};
+
+/// What the admin API needs besides the service.
+#[derive(Debug, Clone)]
+pub struct AdminContext {
+    /// The admin token.
+    pub admin_token: String,
+    /// The QUIC address the coordinator listens on.
+    pub quic_listen: SocketAddr,
+    /// The `host:port` put in join tokens.
+    pub advertise: String,
+    /// The certificate fingerprint put in join tokens.
+    pub fingerprint: String,
+    /// When the coordinator started.
+    pub started: Instant,
+}
+
+#[derive(Debug, Clone)]
+struct AppState {
+    service: Arc<Service>,
+    token_hash: [u8; 32],
+    ctx: Arc<AdminContext>,
+}
+
+/// A network, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkView {
+    /// Name.
+    pub name: String,
+    /// Prefix, such as `100.64.0.0/16`.
+    pub cidr: String,
+    /// Map version.
+    pub version: u64,
+    /// Nodes that are not revoked.
+    pub nodes: usize,
+    /// Nodes with a live session.
+    pub online: usize,
+    /// Creation time.
+    pub created_at: UnixTime,
+}
+
+/// A token just created: the only answer that holds the token text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedTokenView {
+    /// Id, for revocation.
+    pub id: TokenId,
+    /// The join token (`mlj1_...`), with the advertised address and fingerprint in it.
+    pub token: String,
+    /// Network.
+    pub network: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Expiry; `null`: never.
+    pub expires_at: Option<UnixTime>,
+    /// Use limit; `null`: unlimited.
+    pub uses: Option<u64>,
+    /// Uses so far.
+    pub used: u64,
+}
+
+/// A token, as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenView {
+    /// Id.
+    pub id: TokenId,
+    /// Network.
+    pub network: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Expiry; `null`: never.
+    pub expires_at: Option<UnixTime>,
+    /// Use limit; `null`: unlimited.
+    pub uses: Option<u64>,
+    /// Uses so far.
+    pub used: u64,
+    /// Revoked by an operator.
+    pub revoked: bool,
+    /// Past its expiry now.
+    pub expired: bool,
+    /// Creation time.
+    pub created_at: UnixTime,
+}
+
+/// A node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Id.
+    pub id: NodeId,
+    /// Name.
+    pub name: String,
+    /// Network.
+    pub network: String,
+    /// Overlay address, without prefix length (`100.64.0.1`).
+    pub address: String,
+    /// WireGuard public key (base64).
+    pub public_key: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Endpoints as peers see them: reported, then observed.
+    pub endpoints: Vec<String>,
+    /// Has a live session.
+    pub online: bool,
+    /// Last session start or end; `null`: never.
+    pub last_seen: Option<UnixTime>,
+    /// Revoked.
+    pub revoked: bool,
+    /// Join time.
+    pub created_at: UnixTime,
+}
+
+/// `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The coordinator's version.
+    pub version: String,
+    /// Networks.
+    pub networks: usize,
+    /// Nodes that are not revoked.
+    pub nodes: usize,
+    /// Nodes with a live session.
+    pub online: usize,
+    /// Seconds since start.
+    pub uptime_secs: u64,
+    /// The QUIC listen address.
+    pub quic_listen: String,
+    /// The address in join tokens.
+    pub advertise: String,
+    /// The certificate fingerprint.
+    pub fingerprint: String,
+}
+
+/// The `{"error": ...}` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// `?network=` on node routes.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NetworkFilter {
+    network: Option<String>,
+}
+
+/// An error on its way to becoming a JSON response.
+#[derive(Debug)]
+struct HttpError(StatusCode, String);
+
+impl From<ApiError> for HttpError {
+    fn from(e: ApiError) -> Self {
+        let status = match &e {
+            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) | ApiError::Refused(_) => StatusCode::CONFLICT,
+            ApiError::Internal(inner) => {
+                tracing::error!("admin request failed: {inner}");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        HttpError(status, e.public_message())
+    }
+}
+
+impl From<JsonRejection> for HttpError {
+    fn from(e: JsonRejection) -> Self {
+        HttpError(StatusCode::BAD_REQUEST, e.body_text())
+    }
+}
+
+impl From<QueryRejection> for HttpError {
+    fn from(e: QueryRejection) -> Self {
+        HttpError(StatusCode::BAD_REQUEST, e.body_text())
+    }
+}
+
+impl IntoResponse for HttpError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+type HttpResult<T> = Result<T, HttpError>;
+
+/// The admin API's router, with the bearer-token check on every route.
+pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
+    let token_hash: [u8; 32] = Sha256::digest(ctx.admin_token.as_bytes()).into();
+    let state = AppState {
+        service,
+        token_hash,
+        ctx: Arc::new(ctx),
+    };
+    Router::new()
+        .route("/v1/networks", post(create_network).get(list_networks))
+        .route("/v1/tokens", post(create_token).get(list_tokens))
+        .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{reference}", get(show_node).delete(delete_node))
+        .route("/v1/nodes/{reference}/revoke", post(revoke_node))
+        .route("/v1/status", get(status))
+        .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_token,
+        ))
+        .with_state(state)
+}
+
+async fn require_admin_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let ok = presented
+        .is_some_and(|t| constant_time_eq(&Sha256::digest(t.as_bytes()), &state.token_hash));
+    if ok {
+        next.run(req).await
+    } else {
+        HttpError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer ...)".into(),
+        )
+        .into_response()
+    }
+}
+
+async fn create_network(
+    State(s): State<AppState>,
+    body: Result<Json<CreateNetwork>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<NetworkView>)> {
+    let Json(req) = body?;
+    let net = s.service.create_network(req).await?;
+    Ok((StatusCode::CREATED, Json(network_view(&s, &net, 0))))
+}
+
+async fn list_networks(State(s): State<AppState>) -> HttpResult<Json<Vec<NetworkView>>> {
+    let store = s.service.store();
+    let nets = networks::list_networks(store, &Caller::Admin).await?;
+    let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for n in all.iter().filter(|n| !n.revoked) {
+        *counts.entry(n.network.as_str()).or_default() += 1;
+    }
+    let views = nets
+        .iter()
+        .map(|net| network_view(&s, net, counts.get(net.name.as_str()).copied().unwrap_or(0)))
+        .collect();
+    Ok(Json(views))
+}
+
+fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize) -> NetworkView {
+    NetworkView {
+        name: net.name.clone(),
+        cidr: net.cidr.to_string(),
+        // The hub's version is the live one; the record's may be older in a list.
+        version: s
+            .service
+            .hub()
+            .version(&net.name)
+            .unwrap_or(net.version)
+            .max(net.version),
+        nodes,
+        online: s.service.hub().online_count(&net.name),
+        created_at: net.created_at,
+    }
+}
+
+async fn create_token(
+    State(s): State<AppState>,
+    body: Result<Json<CreateToken>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<CreatedTokenView>)> {
+    let Json(req) = body?;
+    let (t, secret) = s.service.create_token(req).await?;
+    let text = JoinToken {
+        coordinator: s.ctx.advertise.clone(),
+        fingerprint: s.ctx.fingerprint.clone(),
+        secret,
+    }
+    .encode();
+    let view = CreatedTokenView {
+        id: t.id,
+        token: text,
+        network: t.network,
+        tags: t.tags,
+        expires_at: t.expires_at,
+        uses: t.max_uses,
+        used: t.used,
+    };
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_tokens(State(s): State<AppState>) -> HttpResult<Json<Vec<TokenView>>> {
+    let now = s.service.now();
+    let list = tokens::list_tokens(s.service.store(), &Caller::Admin).await?;
+    Ok(Json(list.iter().map(|t| token_view(t, now)).collect()))
+}
+
+fn token_view(t: &TokenRecord, now: UnixTime) -> TokenView {
+    TokenView {
+        id: t.id,
+        network: t.network.clone(),
+        tags: t.tags.clone(),
+        expires_at: t.expires_at,
+        uses: t.max_uses,
+        used: t.used,
+        revoked: t.revoked,
+        expired: is_expired(t, now),
+        created_at: t.created_at,
+    }
+}
+
+async fn revoke_token(State(s): State<AppState>, Path(id): Path<String>) -> HttpResult<StatusCode> {
+    let id: TokenId = id.parse().map_err(|_| {
+        HttpError(
+            StatusCode::BAD_REQUEST,
+            format!("token id {id:?} is not a number"),
+        )
+    })?;
+    s.service.revoke_token(id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_nodes(
+    State(s): State<AppState>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<Vec<NodeView>>> {
+    let Query(q) = q?;
+    let list = nodes::list_nodes(s.service.store(), &Caller::Admin, q.network.as_deref()).await?;
+    let online = s.service.hub().online();
+    Ok(Json(list.iter().map(|n| node_view(n, &online)).collect()))
+}
+
+async fn show_node(
+    State(s): State<AppState>,
+    Path(reference): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<NodeView>> {
+    let Query(q) = q?;
+    let node = nodes::find_node(
+        s.service.store(),
+        &Caller::Admin,
+        &reference,
+        q.network.as_deref(),
+    )
+    .await?;
+    Ok(Json(node_view(&node, &s.service.hub().online())))
+}
+
+async fn revoke_node(
+    State(s): State<AppState>,
+    Path(reference): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<NodeView>> {
+    let Query(q) = q?;
+    let node = s
+        .service
+        .revoke_node(&reference, q.network.as_deref())
+        .await?;
+    Ok(Json(node_view(&node, &s.service.hub().online())))
+}
+
+async fn delete_node(
+    State(s): State<AppState>,
+    Path(reference): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<StatusCode> {
+    let Query(q) = q?;
+    s.service
+        .delete_node(&reference, q.network.as_deref())
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> NodeView {
+    NodeView {
+        id: n.id,
+        name: n.name.clone(),
+        network: n.network.clone(),
+        address: n.address.to_string(),
+        public_key: n.public_key.to_base64(),
+        labels: n.labels.clone(),
+        tags: n.tags.clone(),
+        endpoints: peer_info(n)
+            .endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        online: online.contains(&n.id),
+        last_seen: n.last_seen,
+        revoked: n.revoked,
+        created_at: n.created_at,
+    }
+}
+
+async fn status(State(s): State<AppState>) -> HttpResult<Json<StatusView>> {
+    let store = s.service.store();
+    let nets = networks::list_networks(store, &Caller::Admin).await?;
+    let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
+    Ok(Json(StatusView {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        networks: nets.len(),
+        nodes: all.iter().filter(|n| !n.revoked).count(),
+        online: s.service.hub().online().len(),
+        uptime_secs: s.ctx.started.elapsed().as_secs(),
+        quic_listen: s.ctx.quic_listen.to_string(),
+        advertise: s.ctx.advertise.clone(),
+        fingerprint: s.ctx.fingerprint.clone(),
+    }))
+}

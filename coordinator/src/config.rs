@@ -1,0 +1,546 @@
+//! Configuration: a TOML file, `MESHLINK_*` environment variables and flags become one
+//! validated [`Settings`].
+//!
+//! # Precedence
+//!
+//! For each setting on its own: flag > environment variable > file > default. Flags and
+//! variables arrive together as [`Overrides`] (clap reads both, the flag winning); the file
+//! fills what they leave unset.
+//!
+//! # Keys
+//!
+//! Every key, its variable, flag and default is documented in
+//! `configs/coordinator.example.toml`. Unknown keys are refused. A relative `state_dir` in a
+//! file is relative to the file's directory.
+//!
+//! # Errors
+//!
+//! Every [`ConfigError`] is one line naming the file and line or key at fault
+//! (`/etc/meshlink/coordinator.toml: message_rate: must be at least 1`).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::server::Limits;
+
+/// Default state directory.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshlink-coordinator";
+/// Default QUIC listen address.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:7443";
+/// Default admin API listen address: loopback, so other hosts cannot reach it.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:7444";
+
+/// The largest configuration file read, in bytes.
+const CONFIG_FILE_LIMIT: u64 = 1 << 20;
+
+/// The coordinator's validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Where the database, TLS identity and admin token live.
+    pub state_dir: PathBuf,
+    /// QUIC (UDP) listen address for agents.
+    pub listen: SocketAddr,
+    /// HTTP listen address of the admin API.
+    pub admin_listen: SocketAddr,
+    /// `host:port` put in join tokens. `None`: derived at start ([`default_advertise`]).
+    pub advertise: Option<String>,
+    /// Protection limits.
+    pub limits: Limits,
+}
+
+impl Settings {
+    /// The defaults, with `state_dir` replaced (handy in tests).
+    pub fn with_state_dir(state_dir: PathBuf) -> Self {
+        Settings {
+            state_dir,
+            listen: parse_default(DEFAULT_LISTEN),
+            admin_listen: parse_default(DEFAULT_ADMIN_LISTEN),
+            advertise: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+fn parse_default(s: &str) -> SocketAddr {
+    s.parse()
+        .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+}
+
+/// Values from flags or environment variables; `None`: neither gave one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--state-dir` / `MESHLINK_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
+    /// `--listen` / `MESHLINK_LISTEN`.
+    pub listen: Option<SocketAddr>,
+    /// `--admin-listen` / `MESHLINK_ADMIN_LISTEN`.
+    pub admin_listen: Option<SocketAddr>,
+    /// `--advertise` / `MESHLINK_ADVERTISE`.
+    pub advertise: Option<String>,
+    /// `--hello-timeout-secs` / `MESHLINK_HELLO_TIMEOUT_SECS`.
+    pub hello_timeout_secs: Option<u64>,
+    /// `--message-rate` / `MESHLINK_MESSAGE_RATE`.
+    pub message_rate: Option<u32>,
+    /// `--message-burst` / `MESHLINK_MESSAGE_BURST`.
+    pub message_burst: Option<u32>,
+    /// `--session-queue` / `MESHLINK_SESSION_QUEUE`.
+    pub session_queue: Option<usize>,
+    /// `--max-connections` / `MESHLINK_MAX_CONNECTIONS`.
+    pub max_connections: Option<usize>,
+    /// `--idle-timeout-secs` / `MESHLINK_IDLE_TIMEOUT_SECS`.
+    pub idle_timeout_secs: Option<u64>,
+}
+
+/// Where a bad value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// A flag or its environment variable.
+    Flag(&'static str, &'static str),
+    /// A key in a file.
+    File(PathBuf, &'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Flag(flag, var) => write!(f, "{flag} (or {var})"),
+            Origin::File(path, key) => write!(f, "{}: {key}", path.display()),
+        }
+    }
+}
+
+/// Why the configuration cannot become [`Settings`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, has an unknown key or a value of the wrong type.
+    #[error("{path} line {line}: {message}")]
+    Syntax {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong, naming the key where possible.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{origin}: {message}")]
+    Value {
+        /// Where it came from.
+        origin: Origin,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The TOML file's keys. See `configs/coordinator.example.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: Option<PathBuf>,
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    advertise: Option<String>,
+    hello_timeout_secs: Option<u64>,
+    message_rate: Option<u32>,
+    message_burst: Option<u32>,
+    session_queue: Option<usize>,
+    max_connections: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+}
+
+/// Builds [`Settings`] from an optional file and the overrides.
+///
+/// # Errors
+/// [`ConfigError`], naming the file and key or the flag.
+pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigError> {
+    let (cfg, path) = match file {
+        Some(path) => (read_file(path)?, Some(path.to_path_buf())),
+        None => (FileConfig::default(), None),
+    };
+    let file_origin = |key: &'static str| Origin::File(path.clone().unwrap_or_default(), key);
+    let bad = |origin: Origin, message: String| ConfigError::Value { origin, message };
+
+    let state_dir = match (over.state_dir, cfg.state_dir) {
+        (Some(d), _) => d,
+        (None, Some(d)) => match path.as_deref().and_then(Path::parent) {
+            Some(base) if d.is_relative() => base.join(d),
+            _ => d,
+        },
+        (None, None) => PathBuf::from(DEFAULT_STATE_DIR),
+    };
+    if state_dir.as_os_str().is_empty() {
+        return Err(bad(file_origin("state_dir"), "must not be empty".into()));
+    }
+
+    let addr = |flag: Option<SocketAddr>,
+                text: Option<String>,
+                key: &'static str,
+                default: &str|
+     -> Result<SocketAddr, ConfigError> {
+        match (flag, text) {
+            (Some(a), _) => Ok(a),
+            (None, Some(t)) => t.parse().map_err(|_| {
+                bad(
+                    file_origin(key),
+                    format!("{t:?} is not an address such as 0.0.0.0:7443"),
+                )
+            }),
+            (None, None) => Ok(parse_default(default)),
+        }
+    };
+    let listen = addr(over.listen, cfg.listen, "listen", DEFAULT_LISTEN)?;
+    let admin_listen = addr(
+        over.admin_listen,
+        cfg.admin_listen,
+        "admin_listen",
+        DEFAULT_ADMIN_LISTEN,
+    )?;
+
+    let advertise = match (over.advertise, cfg.advertise) {
+        (Some(a), _) => Some(
+            validate_advertise(&a)
+                .map_err(|m| bad(Origin::Flag("--advertise", "MESHLINK_ADVERTISE"), m))?,
+        ),
+        (None, Some(a)) => {
+            Some(validate_advertise(&a).map_err(|m| bad(file_origin("advertise"), m))?)
+        }
+        (None, None) => None,
+    };
+
+    let d = Limits::default();
+    let at_least_one = |v: u64, origin: Origin| -> Result<u64, ConfigError> {
+        if v == 0 {
+            Err(bad(origin, "must be at least 1".into()))
+        } else {
+            Ok(v)
+        }
+    };
+    macro_rules! pick {
+        ($name:ident, $flag:literal, $var:literal, $default:expr) => {
+            match (over.$name, cfg.$name) {
+                (Some(v), _) => at_least_one(v as u64, Origin::Flag($flag, $var)).map(|_| v)?,
+                (None, Some(v)) => {
+                    at_least_one(v as u64, file_origin(stringify!($name))).map(|_| v)?
+                }
+                (None, None) => $default,
+            }
+        };
+    }
+    let hello_timeout_secs = pick!(
+        hello_timeout_secs,
+        "--hello-timeout-secs",
+        "MESHLINK_HELLO_TIMEOUT_SECS",
+        d.hello_timeout.as_secs()
+    );
+    let idle_timeout_secs = pick!(
+        idle_timeout_secs,
+        "--idle-timeout-secs",
+        "MESHLINK_IDLE_TIMEOUT_SECS",
+        d.idle_timeout.as_secs()
+    );
+    let limits = Limits {
+        hello_timeout: Duration::from_secs(hello_timeout_secs),
+        message_rate: pick!(
+            message_rate,
+            "--message-rate",
+            "MESHLINK_MESSAGE_RATE",
+            d.message_rate
+        ),
+        message_burst: pick!(
+            message_burst,
+            "--message-burst",
+            "MESHLINK_MESSAGE_BURST",
+            d.message_burst
+        ),
+        session_queue: pick!(
+            session_queue,
+            "--session-queue",
+            "MESHLINK_SESSION_QUEUE",
+            d.session_queue
+        ),
+        max_connections: pick!(
+            max_connections,
+            "--max-connections",
+            "MESHLINK_MAX_CONNECTIONS",
+            d.max_connections
+        ),
+        write_timeout: d.write_timeout,
+        idle_timeout: Duration::from_secs(idle_timeout_secs.max(3)),
+    };
+    Ok(Settings {
+        state_dir,
+        listen,
+        admin_listen,
+        advertise,
+        limits,
+    })
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    use std::io::Read;
+    let read_err = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .map_err(read_err)?
+        .take(CONFIG_FILE_LIMIT)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    toml::from_str(&text).map_err(|e| {
+        let start = e.span().map_or(0, |s| s.start).min(text.len());
+        let line = 1 + text.as_bytes()[..start]
+            .iter()
+            .filter(|b| **b == b'\n')
+            .count();
+        let mut message = e.message().trim().replace('\n', " ");
+        if !message.contains('`') {
+            if let Some(key) = key_on_line(&text, start) {
+                message = format!("{key}: {message}");
+            }
+        }
+        ConfigError::Syntax {
+            path: path.to_path_buf(),
+            line,
+            message,
+        }
+    })
+}
+
+/// The key of the `key = value` line holding byte `offset`.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text
+        .get(offset..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let key = text.get(start..end)?.split_once('=')?.0.trim();
+    (!key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        .then(|| key.to_string())
+}
+
+/// Checks an advertised address: `host:port` with a non-zero port, IPv6 in brackets.
+///
+/// # Errors
+/// A message saying what is wrong.
+pub fn validate_advertise(text: &str) -> Result<String, String> {
+    let text = text.trim();
+    let err =
+        || format!("{text:?} is not host:port (such as 198.18.0.1:7443 or coord.example:7443)");
+    if let Ok(sa) = text.parse::<SocketAddr>() {
+        if sa.port() == 0 {
+            return Err(err());
+        }
+        return Ok(sa.to_string());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(err)?;
+    let port: u16 = port.parse().map_err(|_| err())?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if port == 0 || !host_ok {
+        return Err(err());
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+/// The address to advertise when none is configured: the listen address itself when it is a
+/// specific one, otherwise the host's first non-loopback IPv4 address, with the bound port.
+/// Falls back to loopback (with a warning) on a host with no such address.
+pub fn default_advertise(bound: SocketAddr) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    let ip = host_ipv4().unwrap_or_else(|| {
+        tracing::warn!("no non-loopback IPv4 address found; advertising 127.0.0.1 (set advertise)");
+        Ipv4Addr::LOCALHOST
+    });
+    SocketAddr::new(IpAddr::V4(ip), bound.port()).to_string()
+}
+
+/// The host's first non-loopback IPv4 address of an interface that is up (by `getifaddrs`),
+/// else the source address the kernel would use towards 198.18.0.1 (a UDP `connect`, which
+/// sends nothing).
+pub fn host_ipv4() -> Option<Ipv4Addr> {
+    let from_interfaces = nix::ifaddrs::getifaddrs().ok().and_then(|addrs| {
+        let candidates = addrs.filter_map(|a| {
+            let up = a.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP);
+            let v4 = a.address.as_ref()?.as_sockaddr_in()?.ip();
+            Some((up, v4))
+        });
+        pick_ipv4(candidates)
+    });
+    from_interfaces.or_else(|| {
+        let sock = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+        sock.connect((Ipv4Addr::new(198, 18, 0, 1), 9)).ok()?;
+        match sock.local_addr().ok()?.ip() {
+            IpAddr::V4(v4) if !v4.is_loopback() && !v4.is_unspecified() => Some(v4),
+            _ => None,
+        }
+    })
+}
+
+/// The first address of an up interface that is not loopback, link-local or unspecified.
+pub fn pick_ipv4(candidates: impl IntoIterator<Item = (bool, Ipv4Addr)>) -> Option<Ipv4Addr> {
+    candidates
+        .into_iter()
+        .find(|(up, a)| *up && !a.is_loopback() && !a.is_link_local() && !a.is_unspecified())
+        .map(|(_, a)| a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A configuration file in its own scratch directory, removed on drop.
+    struct TestFile(PathBuf);
+
+    impl std::ops::Deref for TestFile {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TestFile {
+        fn drop(&mut self) {
+            if let Some(dir) = self.0.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+        }
+    }
+
+    fn file(name: &str, text: &str) -> TestFile {
+        let dir = std::env::temp_dir().join(format!(
+            "meshlink-coord-config-{}-{name}",
+            std::process::id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        TestFile(p)
+    }
+
+    #[test]
+    fn defaults() {
+        let s = load(None, Overrides::default()).unwrap();
+        assert_eq!(s.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(s.listen.to_string(), "0.0.0.0:7443");
+        assert_eq!(s.admin_listen.to_string(), "127.0.0.1:7444");
+        assert_eq!(s.advertise, None);
+        assert_eq!(s.limits, Limits::default());
+    }
+
+    #[test]
+    fn the_example_file_documents_the_defaults() {
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/coordinator.example.toml");
+        let s = load(Some(&example), Overrides::default()).unwrap();
+        assert_eq!(s, load(None, Overrides::default()).unwrap());
+    }
+
+    #[test]
+    fn flags_win_over_the_file() {
+        let p = file("a.toml", "state_dir = \"state\"\nlisten = \"127.0.0.1:9000\"\nmessage_rate = 5\nadvertise = \"coord.example:9000\"\n");
+        let over = Overrides {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            message_burst: Some(7),
+            ..Overrides::default()
+        };
+        let s = load(Some(&p), over).unwrap();
+        assert_eq!(
+            s.state_dir,
+            p.parent().unwrap().join("state"),
+            "relative to the file"
+        );
+        assert_eq!(s.listen.port(), 9001);
+        assert_eq!((s.limits.message_rate, s.limits.message_burst), (5, 7));
+        assert_eq!(s.advertise.as_deref(), Some("coord.example:9000"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_key() {
+        let p = file("b.toml", "listen = \"0.0.0.0:7443\"\nbogus = 1\n");
+        let e = load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("b.toml line 2") && e.contains("bogus"), "{e}");
+        let p = file("c.toml", "message_rate = 0\n");
+        let e = load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("c.toml: message_rate: must be at least 1"),
+            "{e}"
+        );
+        let p = file("d.toml", "admin_listen = \"localhost\"\n");
+        let e = load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d.toml: admin_listen"), "{e}");
+        let p = file("e.toml", "message_rate = \"fast\"\n");
+        let e = load(Some(&p), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("e.toml line 1") && e.contains("message_rate"),
+            "{e}"
+        );
+        let e = load(
+            None,
+            Overrides {
+                advertise: Some("nope".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--advertise"), "{e}");
+    }
+
+    #[test]
+    fn advertise_rules() {
+        assert_eq!(
+            validate_advertise("198.18.0.1:7443").unwrap(),
+            "198.18.0.1:7443"
+        );
+        assert_eq!(
+            validate_advertise("[fd00::1]:7443").unwrap(),
+            "[fd00::1]:7443"
+        );
+        assert!(validate_advertise("coord.example").is_err());
+        assert!(validate_advertise("coord.example:0").is_err());
+        assert!(validate_advertise("a b:1").is_err());
+        assert_eq!(
+            default_advertise("198.18.0.7:7443".parse().unwrap()),
+            "198.18.0.7:7443"
+        );
+        assert!(default_advertise("0.0.0.0:7443".parse().unwrap()).ends_with(":7443"));
+    }
+
+    #[test]
+    fn picks_the_first_usable_ipv4() {
+        let lo = (true, Ipv4Addr::LOCALHOST);
+        let down = (false, Ipv4Addr::new(10, 0, 0, 1));
+        let ll = (true, Ipv4Addr::new(169, 254, 1, 1));
+        let good = (true, Ipv4Addr::new(198, 18, 0, 5));
+        assert_eq!(pick_ipv4([lo, down, ll, good]), Some(good.1));
+        assert_eq!(pick_ipv4([lo]), None);
+    }
+}

@@ -1,0 +1,580 @@
+//! Nodes: joining with a token, authenticating with node credentials, endpoint reports, and
+//! the operator's listing, revocation and deletion. Also the pure conversions from records to
+//! what agents see ([`peer_info`], [`welcome`], [`netmap`]).
+//!
+//! # Endpoints
+//!
+//! A peer's endpoints are the ones its agent reported (cleaned by [`clean_endpoints`], in the
+//! agent's order), followed by the one the coordinator observed ([`observed_endpoint`]): the
+//! source IP of the agent's QUIC connection with the WireGuard port of its first reported
+//! endpoint of the same family. The observed endpoint is what crosses a NAT; it is left out
+//! when it is loopback or already reported.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use ipnet::{IpNet, Ipv4Net};
+use meshlink_proto::control::{Hello, Welcome, PROTOCOL_VERSION};
+use meshlink_proto::ipam::allocate_v4;
+use meshlink_proto::{Netmap, NodeId, PeerInfo};
+
+use super::tokens::unusable_reason;
+use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
+use crate::store::{NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime};
+
+/// The most endpoints an agent may report.
+pub const MAX_ENDPOINTS: usize = 16;
+/// The most labels a node may carry.
+pub const MAX_LABELS: usize = 32;
+/// The longest label key, in bytes.
+pub const MAX_LABEL_KEY: usize = 63;
+/// The longest label value, in bytes.
+pub const MAX_LABEL_VALUE: usize = 255;
+
+/// A node that just joined.
+#[derive(Debug, Clone)]
+pub struct Joined {
+    /// The new node.
+    pub node: NodeRecord,
+    /// Its network.
+    pub network: NetworkRecord,
+    /// The network's version after the join.
+    pub version: u64,
+}
+
+/// A node that proved its identity.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// The node, with the endpoints of its hello.
+    pub node: NodeRecord,
+    /// Its network.
+    pub network: NetworkRecord,
+    /// The network's new version when the hello changed the node's endpoints.
+    pub version: Option<u64>,
+}
+
+/// A change to one node's map entry.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    /// The node after the change.
+    pub node: NodeRecord,
+    /// The network's version after the change; `None` when the map did not change (the node
+    /// was already revoked, or already out of the map).
+    pub version: Option<u64>,
+}
+
+/// Creates a node from a join token and the agent's hello. `node_secret` is the credential
+/// the agent gets in its welcome (drawn by the caller; only its hash is stored).
+///
+/// The node gets the lowest free address of the network, the hello's name (or `node-<id>`),
+/// labels and endpoints, and the token's tags.
+///
+/// # Errors
+/// [`ApiError::Unauthorized`] for an unknown token; [`ApiError::Refused`] for a revoked,
+/// expired or used-up token, a wrong protocol version or a full network;
+/// [`ApiError::Conflict`] when the name or public key is already used in the network;
+/// [`ApiError::Invalid`] for a bad name, labels or endpoints.
+pub async fn join(
+    store: &dyn Store,
+    now: UnixTime,
+    caller: &Caller,
+    hello: &Hello,
+    token_secret: &str,
+    node_secret: &str,
+) -> Result<Joined, ApiError> {
+    let remote = agent_remote(caller)?;
+    check_protocol(hello)?;
+    let token = store
+        .token_by_hash(&hash_secret(token_secret))
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown join token".into()))?;
+    if let Some(reason) = unusable_reason(&token, now) {
+        return Err(ApiError::Refused(reason.into()));
+    }
+    let network = store.network(&token.network).await?.ok_or_else(|| {
+        ApiError::Refused(format!(
+            "the token's network {} no longer exists",
+            token.network
+        ))
+    })?;
+    if let Some(name) = &hello.name {
+        validate_node_name(name)?;
+    }
+    validate_labels(&hello.labels)?;
+    let endpoints = clean_endpoints(&hello.endpoints)?;
+    // Both lookups are indexed, so a join costs the same in a large network.
+    if let Some(name) = &hello.name {
+        if let Some(other) = store
+            .nodes_named(name)
+            .await?
+            .into_iter()
+            .find(|n| n.network == network.name)
+        {
+            return Err(ApiError::Conflict(format!(
+                "the name {} is already used by node {} in network {}; pick another name or delete that node",
+                other.name, other.id, network.name
+            )));
+        }
+    }
+    if let Some(other) = store
+        .node_with_key(&network.name, &hello.public_key)
+        .await?
+    {
+        return Err(ApiError::Conflict(format!(
+            "this public key already belongs to node {} ({}) in network {}",
+            other.id, other.name, network.name
+        )));
+    }
+    let used = store.used_addresses(&network.name).await?;
+    let address = allocate_v4(network.cidr, &used).ok_or_else(|| {
+        ApiError::Refused(format!(
+            "network {} ({}) has no free address",
+            network.name, network.cidr
+        ))
+    })?;
+    let new = NewNode {
+        network: network.name.clone(),
+        name: hello.name.clone(),
+        public_key: hello.public_key,
+        address,
+        secret_hash: hash_secret(node_secret),
+        labels: hello.labels.clone(),
+        tags: token.tags.clone(),
+        observed: observed_endpoint(&endpoints, remote),
+        endpoints,
+        created_at: now,
+    };
+    let (node, version) = store
+        .insert_node(new, Some((token.id, now)))
+        .await
+        .map_err(|e| match e {
+            StoreError::TokenUnusable => {
+                ApiError::Refused("the join token can no longer be used".into())
+            }
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            e => e.into(),
+        })?;
+    Ok(Joined {
+        node,
+        network,
+        version,
+    })
+}
+
+/// Checks a returning node's credentials and records its hello's endpoints and the time.
+///
+/// # Errors
+/// [`ApiError::Unauthorized`] for an unknown (or deleted) node or a wrong secret;
+/// [`ApiError::Refused`] for a revoked node, a wrong protocol version or a public key that
+/// differs from the registered one; [`ApiError::Invalid`] for bad endpoints.
+pub async fn authenticate(
+    store: &dyn Store,
+    now: UnixTime,
+    caller: &Caller,
+    hello: &Hello,
+    node_id: NodeId,
+    secret: &str,
+) -> Result<Authenticated, ApiError> {
+    let remote = agent_remote(caller)?;
+    check_protocol(hello)?;
+    let mut node = store.node(node_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized(format!(
+            "node {node_id} is unknown (deleted?); join again with a token"
+        ))
+    })?;
+    if !constant_time_eq(hash_secret(secret).as_bytes(), node.secret_hash.as_bytes()) {
+        return Err(ApiError::Unauthorized(format!(
+            "wrong secret for node {node_id}"
+        )));
+    }
+    if node.revoked {
+        return Err(ApiError::Refused(format!(
+            "node {} ({}) has been revoked",
+            node.id, node.name
+        )));
+    }
+    if node.public_key != hello.public_key {
+        return Err(ApiError::Refused(format!(
+            "the public key differs from the one node {} joined with; key rotation is not supported: delete the node and join again",
+            node.id
+        )));
+    }
+    let network = store
+        .network(&node.network)
+        .await?
+        .ok_or_else(|| ApiError::Refused(format!("network {} no longer exists", node.network)))?;
+    let endpoints = clean_endpoints(&hello.endpoints)?;
+    let observed = observed_endpoint(&endpoints, remote);
+    let version = if endpoints != node.endpoints || observed != node.observed {
+        let v = store
+            .set_endpoints(node.id, endpoints.clone(), observed)
+            .await?;
+        node.endpoints = endpoints;
+        node.observed = observed;
+        Some(v)
+    } else {
+        None
+    };
+    store.touch_node(node.id, now).await?;
+    node.last_seen = Some(now);
+    Ok(Authenticated {
+        node,
+        network,
+        version,
+    })
+}
+
+/// Replaces an authenticated node's endpoints. Reporting the same endpoints again changes
+/// nothing and bumps no version.
+///
+/// # Errors
+/// [`ApiError::Forbidden`] unless the caller is a node; [`ApiError::NotFound`] when it was
+/// deleted, [`ApiError::Refused`] when revoked; [`ApiError::Invalid`] for bad endpoints.
+pub async fn update_endpoints(
+    store: &dyn Store,
+    caller: &Caller,
+    endpoints: &[SocketAddr],
+) -> Result<Changed, ApiError> {
+    let Caller::Node { id, remote } = *caller else {
+        return Err(ApiError::Forbidden("only a node reports endpoints".into()));
+    };
+    let mut node = store
+        .node(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node {id} no longer exists")))?;
+    if node.revoked {
+        return Err(ApiError::Refused(format!("node {id} has been revoked")));
+    }
+    let endpoints = clean_endpoints(endpoints)?;
+    let observed = observed_endpoint(&endpoints, remote);
+    if endpoints == node.endpoints && observed == node.observed {
+        return Ok(Changed {
+            node,
+            version: None,
+        });
+    }
+    let version = store
+        .set_endpoints(id, endpoints.clone(), observed)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(m) => ApiError::NotFound(m),
+            e => e.into(),
+        })?;
+    node.endpoints = endpoints;
+    node.observed = observed;
+    Ok(Changed {
+        node,
+        version: Some(version),
+    })
+}
+
+/// Every node, or those of one network.
+///
+/// # Errors
+/// [`ApiError::NotFound`] when `network` names no network.
+pub async fn list_nodes(
+    store: &dyn Store,
+    caller: &Caller,
+    network: Option<&str>,
+) -> Result<Vec<NodeRecord>, ApiError> {
+    require_admin(caller)?;
+    if let Some(name) = network {
+        if store.network(name).await?.is_none() {
+            return Err(ApiError::NotFound(format!("no network named {name:?}")));
+        }
+    }
+    Ok(store.nodes(network).await?)
+}
+
+/// Finds a node by reference: an id (all digits; names never are) or a name, optionally
+/// within one network.
+///
+/// # Errors
+/// [`ApiError::NotFound`]; [`ApiError::Conflict`] when a name exists in several networks and
+/// none was given.
+pub async fn find_node(
+    store: &dyn Store,
+    caller: &Caller,
+    reference: &str,
+    network: Option<&str>,
+) -> Result<NodeRecord, ApiError> {
+    require_admin(caller)?;
+    let in_network = |n: &NodeRecord| network.is_none_or(|want| n.network == want);
+    let where_ = network
+        .map(|n| format!(" in network {n}"))
+        .unwrap_or_default();
+    if let Ok(id) = reference.parse::<NodeId>() {
+        return match store.node(id).await? {
+            Some(node) if in_network(&node) => Ok(node),
+            _ => Err(ApiError::NotFound(format!("no node with id {id}{where_}"))),
+        };
+    }
+    let mut found: Vec<NodeRecord> = store
+        .nodes_named(reference)
+        .await?
+        .into_iter()
+        .filter(in_network)
+        .collect();
+    match found.len() {
+        0 => Err(ApiError::NotFound(format!(
+            "no node named {reference:?}{where_}"
+        ))),
+        1 => Ok(found.remove(0)),
+        _ => {
+            let networks: Vec<&str> = found.iter().map(|n| n.network.as_str()).collect();
+            Err(ApiError::Conflict(format!(
+                "node name {reference:?} exists in networks {}; say which with ?network=",
+                networks.join(", ")
+            )))
+        }
+    }
+}
+
+/// Revokes a node: it is refused from now on and leaves every map. Revoking a revoked node
+/// changes nothing (`version: None`).
+///
+/// # Errors
+/// As [`find_node`].
+pub async fn revoke_node(
+    store: &dyn Store,
+    caller: &Caller,
+    reference: &str,
+    network: Option<&str>,
+) -> Result<Changed, ApiError> {
+    let mut node = find_node(store, caller, reference, network).await?;
+    if node.revoked {
+        return Ok(Changed {
+            node,
+            version: None,
+        });
+    }
+    let version = store.revoke_node(node.id).await.map_err(not_found)?;
+    node.revoked = true;
+    Ok(Changed {
+        node,
+        version: Some(version),
+    })
+}
+
+/// Deletes a node, freeing its name and address for reuse (its id is never reused). The map
+/// changes only when the node was not already revoked.
+///
+/// # Errors
+/// As [`find_node`].
+pub async fn delete_node(
+    store: &dyn Store,
+    caller: &Caller,
+    reference: &str,
+    network: Option<&str>,
+) -> Result<Changed, ApiError> {
+    let node = find_node(store, caller, reference, network).await?;
+    let version = store
+        .delete_node(node.id, !node.revoked)
+        .await
+        .map_err(not_found)?;
+    Ok(Changed { node, version })
+}
+
+fn not_found(e: StoreError) -> ApiError {
+    match e {
+        StoreError::NotFound(m) => ApiError::NotFound(m),
+        e => e.into(),
+    }
+}
+
+fn agent_remote(caller: &Caller) -> Result<IpAddr, ApiError> {
+    match caller {
+        Caller::Agent { remote } => Ok(*remote),
+        _ => Err(ApiError::Forbidden("only an agent says hello".into())),
+    }
+}
+
+fn check_protocol(hello: &Hello) -> Result<(), ApiError> {
+    if hello.protocol == PROTOCOL_VERSION {
+        Ok(())
+    } else {
+        Err(ApiError::Refused(format!(
+            "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+            hello.protocol
+        )))
+    }
+}
+
+/// Checks a node name: as [`validate_name`], and not only digits (a reference of only digits
+/// is an id).
+///
+/// # Errors
+/// [`ApiError::Invalid`].
+pub fn validate_node_name(name: &str) -> Result<(), ApiError> {
+    validate_name("node", name)?;
+    if name.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::Invalid(format!(
+            "node name {name:?} is only digits, which reads as a node id"
+        )));
+    }
+    Ok(())
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > MAX_LABELS {
+        return Err(ApiError::Invalid(format!("at most {MAX_LABELS} labels")));
+    }
+    for (k, v) in labels {
+        if k.is_empty()
+            || k.len() > MAX_LABEL_KEY
+            || v.len() > MAX_LABEL_VALUE
+            || k.chars().any(char::is_control)
+            || v.chars().any(char::is_control)
+        {
+            return Err(ApiError::Invalid(format!(
+                "label {k:?} is not valid: keys are 1 to {MAX_LABEL_KEY} bytes, values up to {MAX_LABEL_VALUE}, no control characters"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Cleans reported endpoints: IPv4-mapped IPv6 becomes IPv4; port 0, unspecified, multicast
+/// and broadcast addresses are dropped; repeats are dropped, order is kept.
+///
+/// # Errors
+/// [`ApiError::Invalid`] when more than [`MAX_ENDPOINTS`] remain.
+pub fn clean_endpoints(reported: &[SocketAddr]) -> Result<Vec<SocketAddr>, ApiError> {
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for ep in reported {
+        let ep = SocketAddr::new(ep.ip().to_canonical(), ep.port());
+        let unusable = ep.port() == 0
+            || ep.ip().is_unspecified()
+            || ep.ip().is_multicast()
+            || matches!(ep.ip(), IpAddr::V4(v4) if v4.is_broadcast());
+        if !unusable && !out.contains(&ep) {
+            out.push(ep);
+        }
+    }
+    if out.len() > MAX_ENDPOINTS {
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_ENDPOINTS} endpoints"
+        )));
+    }
+    Ok(out)
+}
+
+/// The endpoint seen from the coordinator: `remote` with the port of the first reported
+/// endpoint of the same family (or of the first one). `None` without reported endpoints,
+/// for a loopback or unspecified `remote`, or when it is already reported.
+pub fn observed_endpoint(reported: &[SocketAddr], remote: IpAddr) -> Option<SocketAddr> {
+    let remote = remote.to_canonical();
+    if remote.is_loopback() || remote.is_unspecified() {
+        return None;
+    }
+    let port = reported
+        .iter()
+        .find(|e| e.is_ipv4() == remote.is_ipv4())
+        .or_else(|| reported.first())?
+        .port();
+    let observed = SocketAddr::new(remote, port);
+    (!reported.contains(&observed)).then_some(observed)
+}
+
+/// What peers see of a node.
+pub fn peer_info(node: &NodeRecord) -> PeerInfo {
+    let mut endpoints = node.endpoints.clone();
+    if let Some(o) = node.observed {
+        if !endpoints.contains(&o) {
+            endpoints.push(o);
+        }
+    }
+    PeerInfo {
+        node_id: node.id,
+        name: node.name.clone(),
+        public_key: node.public_key,
+        addresses: vec![IpNet::V4(Ipv4Net::from(node.address))],
+        allowed_ips: Vec::new(),
+        endpoints,
+        labels: node.labels.clone(),
+    }
+}
+
+/// The welcome for a node of `network`; `node_secret` only right after a join.
+pub fn welcome(node: &NodeRecord, network: &NetworkRecord, node_secret: Option<String>) -> Welcome {
+    // The prefix length of a valid Ipv4Net always fits an address of it.
+    let address = Ipv4Net::new(node.address, network.cidr.prefix_len())
+        .unwrap_or_else(|_| Ipv4Net::from(node.address));
+    Welcome {
+        node_id: node.id,
+        name: node.name.clone(),
+        network: network.name.clone(),
+        network_cidr: IpNet::V4(network.cidr),
+        addresses: vec![IpNet::V4(address)],
+        node_secret,
+    }
+}
+
+/// The map of a network at `version`: every node that is not revoked.
+pub fn netmap(version: u64, nodes: &[NodeRecord]) -> Netmap {
+    Netmap {
+        version,
+        peers: nodes
+            .iter()
+            .filter(|n| !n.revoked)
+            .map(|n| (n.id, peer_info(n)))
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn endpoints_are_cleaned() {
+        let got = clean_endpoints(&[
+            sa("198.18.0.1:51820"),
+            sa("0.0.0.0:51820"),
+            sa("198.18.0.2:0"),
+            sa("[::ffff:198.18.0.3]:51820"),
+            sa("198.18.0.1:51820"),
+            sa("224.0.0.1:5"),
+        ])
+        .unwrap();
+        assert_eq!(got, vec![sa("198.18.0.1:51820"), sa("198.18.0.3:51820")]);
+        let many: Vec<SocketAddr> = (1..=17)
+            .map(|p| SocketAddr::new("198.18.0.1".parse().unwrap(), p))
+            .collect();
+        assert!(clean_endpoints(&many).is_err());
+    }
+
+    #[test]
+    fn observed_endpoint_takes_the_wireguard_port() {
+        let reported = [sa("[fd00::1]:4000"), sa("10.0.0.5:51820")];
+        assert_eq!(
+            observed_endpoint(&reported, "198.18.1.1".parse().unwrap()),
+            Some(sa("198.18.1.1:51820"))
+        );
+        assert_eq!(
+            observed_endpoint(&reported, "::ffff:198.18.1.1".parse().unwrap()),
+            Some(sa("198.18.1.1:51820"))
+        );
+        assert_eq!(
+            observed_endpoint(&reported, "10.0.0.5".parse().unwrap()),
+            None,
+            "already reported"
+        );
+        assert_eq!(
+            observed_endpoint(&reported, "127.0.0.1".parse().unwrap()),
+            None
+        );
+        assert_eq!(observed_endpoint(&[], "198.18.1.1".parse().unwrap()), None);
+    }
+
+    #[test]
+    fn node_names() {
+        assert!(validate_node_name("web-1").is_ok());
+        assert!(validate_node_name("123").is_err());
+        assert!(validate_node_name("Web").is_err());
+    }
+}

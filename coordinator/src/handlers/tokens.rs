@@ -1,0 +1,195 @@
+//! Join tokens: creation, listing (never the secret), revocation, and the usability check
+//! that a join runs.
+
+use serde::Deserialize;
+
+use super::{hash_secret, require_admin, ApiError, Caller};
+use crate::store::{NewToken, Store, StoreError, TokenId, TokenRecord, UnixTime};
+
+/// The most tags a token may carry.
+pub const MAX_TAGS: usize = 32;
+/// The longest tag, in bytes.
+pub const MAX_TAG_LEN: usize = 63;
+
+/// `POST /v1/tokens`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// The network a joining node lands in.
+    pub network: String,
+    /// Tags every node joining with the token gets. Absent: none.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Lifetime in seconds from now. Absent: never expires.
+    #[serde(default)]
+    pub expires_in_secs: Option<u64>,
+    /// How many joins it allows. Absent: unlimited.
+    #[serde(default)]
+    pub uses: Option<u64>,
+}
+
+/// Why a token cannot be used now, or `None` when it can.
+pub fn unusable_reason(token: &TokenRecord, now: UnixTime) -> Option<&'static str> {
+    if token.revoked {
+        Some("the join token was revoked")
+    } else if is_expired(token, now) {
+        Some("the join token has expired")
+    } else if token.max_uses.is_some_and(|max| token.used >= max) {
+        Some("the join token has no uses left")
+    } else {
+        None
+    }
+}
+
+/// Whether the token's lifetime is over at `now`.
+pub fn is_expired(token: &TokenRecord, now: UnixTime) -> bool {
+    token.expires_at.is_some_and(|at| at <= now)
+}
+
+/// Creates a token whose secret is `secret` (the caller draws it; only its hash is stored).
+///
+/// # Errors
+/// [`ApiError::NotFound`] when the network does not exist, [`ApiError::Invalid`] for bad
+/// tags, a zero lifetime or zero uses.
+pub async fn create_token(
+    store: &dyn Store,
+    now: UnixTime,
+    caller: &Caller,
+    req: CreateToken,
+    secret: &str,
+) -> Result<TokenRecord, ApiError> {
+    require_admin(caller)?;
+    validate_tags(&req.tags)?;
+    let expires_at = match req.expires_in_secs {
+        Some(0) => {
+            return Err(ApiError::Invalid(
+                "expires_in_secs must be at least 1".into(),
+            ))
+        }
+        Some(secs) => Some(
+            i64::try_from(secs)
+                .ok()
+                .and_then(|s| now.checked_add(s))
+                .ok_or_else(|| ApiError::Invalid("expires_in_secs is too large".into()))?,
+        ),
+        None => None,
+    };
+    if req.uses == Some(0) {
+        return Err(ApiError::Invalid("uses must be at least 1".into()));
+    }
+    if store.network(&req.network).await?.is_none() {
+        return Err(ApiError::NotFound(format!(
+            "no network named {:?}",
+            req.network
+        )));
+    }
+    let new = NewToken {
+        secret_hash: hash_secret(secret),
+        network: req.network,
+        tags: req.tags,
+        expires_at,
+        max_uses: req.uses,
+        created_at: now,
+    };
+    store.create_token(new).await.map_err(|e| match e {
+        StoreError::NotFound(m) => ApiError::NotFound(m),
+        e => e.into(),
+    })
+}
+
+/// Every token, by id.
+///
+/// # Errors
+/// [`ApiError::Forbidden`] for non-admins; [`ApiError::Internal`].
+pub async fn list_tokens(store: &dyn Store, caller: &Caller) -> Result<Vec<TokenRecord>, ApiError> {
+    require_admin(caller)?;
+    Ok(store.tokens().await?)
+}
+
+/// Revokes a token; revoking a revoked token is not an error. Nodes that joined with it stay.
+///
+/// # Errors
+/// [`ApiError::NotFound`] when no such token exists.
+pub async fn revoke_token(store: &dyn Store, caller: &Caller, id: TokenId) -> Result<(), ApiError> {
+    require_admin(caller)?;
+    if store.revoke_token(id).await? {
+        Ok(())
+    } else {
+        Err(ApiError::NotFound(format!("no join token with id {id}")))
+    }
+}
+
+fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
+    if tags.len() > MAX_TAGS {
+        return Err(ApiError::Invalid(format!("at most {MAX_TAGS} tags")));
+    }
+    for tag in tags {
+        let ok = (1..=MAX_TAG_LEN).contains(&tag.len())
+            && tag.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'=')
+            });
+        if !ok {
+            return Err(ApiError::Invalid(format!(
+                "tag {tag:?} is not valid: use 1 to {MAX_TAG_LEN} of a-z, A-Z, 0-9, - _ . : ="
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> TokenRecord {
+        TokenRecord {
+            id: 1,
+            secret_hash: String::new(),
+            network: "n".into(),
+            tags: vec![],
+            expires_at: Some(100),
+            max_uses: Some(2),
+            used: 1,
+            revoked: false,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn usability() {
+        assert_eq!(unusable_reason(&token(), 99), None);
+        assert!(unusable_reason(&token(), 100).unwrap().contains("expired"));
+        assert!(unusable_reason(&TokenRecord { used: 2, ..token() }, 0)
+            .unwrap()
+            .contains("no uses"));
+        assert!(unusable_reason(
+            &TokenRecord {
+                revoked: true,
+                ..token()
+            },
+            0
+        )
+        .unwrap()
+        .contains("revoked"));
+        assert_eq!(
+            unusable_reason(
+                &TokenRecord {
+                    expires_at: None,
+                    max_uses: None,
+                    used: 9,
+                    ..token()
+                },
+                1 << 40
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn tags() {
+        assert!(validate_tags(&["role=web".into(), "eu".into()]).is_ok());
+        assert!(validate_tags(&["".into()]).is_err());
+        assert!(validate_tags(&["a b".into()]).is_err());
+        assert!(validate_tags(&vec!["x".to_string(); 33]).is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! Live network state: the current [`Netmap`] of every network and the sessions attached to
+//! it, each with a bounded outbound queue.
+//!
+//! A change is applied with [`Hub::apply`]: it becomes one [`NetmapDelta`], encoded once, and
+//! the same bytes ([`Frame`], reference-counted) are queued to every session of the network,
+//! so the work per change grows linearly with the number of sessions. A session whose queue
+//! is full is dropped from the hub at once (its sender is dropped, so its task sees the queue
+//! end after what was queued); it reconnects and gets a full map.
+//!
+//! The hub never blocks and never awaits: its lock is held only to touch maps and queues.
+//! Ordering of changes is the caller's job ([`crate::service`] holds its write lock while it
+//! changes the store and applies the result here), so deltas reach every queue in version
+//! order.
+//!
+//! Architecture invariant: a node has at most one attached session; attaching a new one
+//! closes the old one ([`CloseReason::Replaced`]).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use meshlink_proto::control::{encode, ServerMessage};
+use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo};
+use tokio::sync::mpsc;
+
+/// An encoded server message, shared by every queue it is put on.
+pub type Frame = Arc<[u8]>;
+
+/// What a session's queue carries.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// Bytes to write to the agent as they are.
+    Frame(Frame),
+    /// Close the session after what came before.
+    Close(CloseReason),
+}
+
+/// Why the hub closed a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// A newer session of the same node was attached.
+    Replaced,
+    /// The node was revoked.
+    Revoked,
+    /// The node was deleted.
+    Deleted,
+}
+
+/// A session just attached: its queue, and the full map to send first.
+#[derive(Debug)]
+pub struct Attached {
+    /// Identifies this attachment, for [`Hub::detach`].
+    pub serial: u64,
+    /// Everything to send after the full map, in order. It ends (`None`) when the hub drops
+    /// the session without a [`Outbound::Close`]: the queue was full.
+    pub rx: mpsc::Receiver<Outbound>,
+    /// The network's map when the session attached.
+    pub full_map: Frame,
+}
+
+/// What one [`Hub::apply`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Fanout {
+    /// Bytes of the encoded delta (queued once per session, shared).
+    pub bytes: usize,
+    /// Sessions it was queued to.
+    pub sessions: usize,
+    /// Sessions dropped because their queue was full.
+    pub dropped: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    serial: u64,
+    tx: mpsc::Sender<Outbound>,
+}
+
+#[derive(Debug, Default)]
+struct NetworkState {
+    map: Netmap,
+    /// The encoded full map at `map.version`, made on first demand after each change.
+    full: Option<Frame>,
+    sessions: HashMap<NodeId, Slot>,
+}
+
+impl NetworkState {
+    fn full_frame(&mut self) -> Frame {
+        if let Some(f) = &self.full {
+            return f.clone();
+        }
+        let f: Frame = encode(&ServerMessage::FullMap(self.map.clone())).into();
+        self.full = Some(f.clone());
+        f
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    networks: HashMap<String, NetworkState>,
+    next_serial: u64,
+}
+
+/// The networks' live maps and sessions. See the module documentation.
+#[derive(Debug)]
+pub struct Hub {
+    state: Mutex<State>,
+    queue_depth: usize,
+}
+
+impl Hub {
+    /// A hub whose session queues hold `queue_depth` messages.
+    pub fn new(queue_depth: usize) -> Self {
+        Hub {
+            state: Mutex::new(State::default()),
+            queue_depth: queue_depth.max(1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave a map half-changed (each change is
+        // applied by `Netmap::apply` after the delta is built), so a poisoned lock is usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets a network's map (at start, or when a network is created). Sessions stay.
+    pub fn set_map(&self, network: &str, map: Netmap) {
+        let mut st = self.lock();
+        let net = st.networks.entry(network.to_string()).or_default();
+        net.map = map;
+        net.full = None;
+    }
+
+    /// A network's current version.
+    pub fn version(&self, network: &str) -> Option<u64> {
+        self.lock().networks.get(network).map(|n| n.map.version)
+    }
+
+    /// A copy of a network's current map.
+    pub fn map(&self, network: &str) -> Option<Netmap> {
+        self.lock().networks.get(network).map(|n| n.map.clone())
+    }
+
+    /// Moves a network's map to `to_version` by upserting and removing peers, and queues the
+    /// one encoded delta to every session of the network. Nothing happens (`None`) for an
+    /// unknown network or a version that does not move forward.
+    pub fn apply(
+        &self,
+        network: &str,
+        to_version: u64,
+        upsert: Vec<PeerInfo>,
+        remove: Vec<NodeId>,
+    ) -> Option<Fanout> {
+        let mut st = self.lock();
+        let net = st.networks.get_mut(network)?;
+        if to_version <= net.map.version {
+            return None;
+        }
+        let delta = NetmapDelta {
+            from_version: net.map.version,
+            to_version,
+            upsert,
+            remove,
+        };
+        net.map.apply(&delta).ok()?;
+        net.full = None;
+        let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
+        let mut fanout = Fanout {
+            bytes: frame.len(),
+            ..Fanout::default()
+        };
+        net.sessions.retain(
+            |node, slot| match slot.tx.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => {
+                    fanout.sessions += 1;
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    tracing::info!(node, network, "session dropped: its queue is full");
+                    fanout.dropped += 1;
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            },
+        );
+        Some(fanout)
+    }
+
+    /// Attaches a session of `node`, closing an older one ([`CloseReason::Replaced`]).
+    /// `None` for an unknown network.
+    pub fn attach(&self, network: &str, node: NodeId) -> Option<Attached> {
+        let mut st = self.lock();
+        st.next_serial += 1;
+        let serial = st.next_serial;
+        let net = st.networks.get_mut(network)?;
+        if let Some(old) = net.sessions.remove(&node) {
+            let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
+        }
+        let (tx, rx) = mpsc::channel(self.queue_depth);
+        net.sessions.insert(node, Slot { serial, tx });
+        Some(Attached {
+            serial,
+            rx,
+            full_map: net.full_frame(),
+        })
+    }
+
+    /// Detaches a session when it ends; `false` when it was no longer attached (replaced or
+    /// dropped).
+    pub fn detach(&self, network: &str, node: NodeId, serial: u64) -> bool {
+        let mut st = self.lock();
+        let Some(net) = st.networks.get_mut(network) else {
+            return false;
+        };
+        match net.sessions.get(&node) {
+            Some(slot) if slot.serial == serial => {
+                net.sessions.remove(&node);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closes a node's session, if it has one: queues `last` (when given) and the close, then
+    /// forgets the session. Returns whether there was one.
+    pub fn close(
+        &self,
+        network: &str,
+        node: NodeId,
+        reason: CloseReason,
+        last: Option<Frame>,
+    ) -> bool {
+        let mut st = self.lock();
+        let Some(slot) = st
+            .networks
+            .get_mut(network)
+            .and_then(|n| n.sessions.remove(&node))
+        else {
+            return false;
+        };
+        if let Some(frame) = last {
+            let _ = slot.tx.try_send(Outbound::Frame(frame));
+        }
+        let _ = slot.tx.try_send(Outbound::Close(reason));
+        true
+    }
+
+    /// The encoded full map of a network.
+    pub fn full_map(&self, network: &str) -> Option<Frame> {
+        self.lock()
+            .networks
+            .get_mut(network)
+            .map(NetworkState::full_frame)
+    }
+
+    /// Whether a node has an attached session.
+    pub fn is_online(&self, network: &str, node: NodeId) -> bool {
+        self.lock()
+            .networks
+            .get(network)
+            .is_some_and(|n| n.sessions.contains_key(&node))
+    }
+
+    /// Every node with an attached session.
+    pub fn online(&self) -> HashSet<NodeId> {
+        self.lock()
+            .networks
+            .values()
+            .flat_map(|n| n.sessions.keys().copied())
+            .collect()
+    }
+
+    /// How many sessions a network has.
+    pub fn online_count(&self, network: &str) -> usize {
+        self.lock()
+            .networks
+            .get(network)
+            .map_or(0, |n| n.sessions.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use meshlink_proto::control::{Decoder, MAX_SERVER_MESSAGE};
+    use meshlink_proto::PublicKey;
+
+    use super::*;
+
+    fn peer(id: NodeId) -> PeerInfo {
+        PeerInfo {
+            node_id: id,
+            name: format!("n{id}"),
+            public_key: PublicKey([id as u8; 32]),
+            addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
+            allowed_ips: vec![],
+            endpoints: vec![],
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn decode(frame: &[u8]) -> ServerMessage {
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        d.push(frame).unwrap();
+        d.next().unwrap().unwrap()
+    }
+
+    #[test]
+    fn one_encoding_is_shared_by_every_session() {
+        let hub = Hub::new(8);
+        hub.set_map(
+            "n",
+            Netmap {
+                version: 5,
+                peers: BTreeMap::new(),
+            },
+        );
+        let mut sessions: Vec<Attached> = (1..=3).map(|id| hub.attach("n", id).unwrap()).collect();
+        let fan = hub.apply("n", 6, vec![peer(9)], vec![]).unwrap();
+        assert_eq!((fan.sessions, fan.dropped), (3, 0));
+        let frames: Vec<Frame> = sessions
+            .iter_mut()
+            .map(|s| match s.rx.try_recv().unwrap() {
+                Outbound::Frame(f) => f,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(frames.iter().all(|f| Arc::ptr_eq(f, &frames[0])));
+        match decode(&frames[0]) {
+            ServerMessage::Delta(d) => {
+                assert_eq!((d.from_version, d.to_version, d.upsert.len()), (5, 6, 1))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(hub.version("n"), Some(6));
+        assert!(
+            hub.apply("n", 6, vec![], vec![]).is_none(),
+            "versions only move forward"
+        );
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_session() {
+        let hub = Hub::new(2);
+        hub.set_map("n", Netmap::default());
+        let mut slow = hub.attach("n", 1).unwrap();
+        let _fast = hub.attach("n", 2).unwrap();
+        for v in 1..=3 {
+            hub.apply("n", v, vec![peer(v)], vec![]);
+        }
+        assert!(!hub.is_online("n", 1));
+        // What was queued still arrives, then the queue ends without a close.
+        assert!(matches!(slow.rx.try_recv(), Ok(Outbound::Frame(_))));
+        assert!(matches!(slow.rx.try_recv(), Ok(Outbound::Frame(_))));
+        assert!(matches!(
+            slow.rx.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn attaching_again_replaces_and_detach_checks_the_serial() {
+        let hub = Hub::new(4);
+        hub.set_map("n", Netmap::default());
+        let mut first = hub.attach("n", 1).unwrap();
+        let second = hub.attach("n", 1).unwrap();
+        assert!(matches!(
+            first.rx.try_recv(),
+            Ok(Outbound::Close(CloseReason::Replaced))
+        ));
+        assert!(
+            !hub.detach("n", 1, first.serial),
+            "the old session does not detach the new one"
+        );
+        assert!(hub.is_online("n", 1));
+        assert!(hub.detach("n", 1, second.serial));
+        assert_eq!(hub.online_count("n"), 0);
+    }
+
+    #[test]
+    fn full_map_is_cached_until_the_next_change() {
+        let hub = Hub::new(4);
+        hub.set_map("n", Netmap::default());
+        let a = hub.full_map("n").unwrap();
+        assert!(Arc::ptr_eq(&a, &hub.full_map("n").unwrap()));
+        hub.apply("n", 1, vec![peer(1)], vec![]);
+        match decode(&hub.full_map("n").unwrap()) {
+            ServerMessage::FullMap(m) => assert_eq!((m.version, m.peers.len()), (1, 1)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn close_sends_the_last_words_then_closes() {
+        let hub = Hub::new(4);
+        hub.set_map("n", Netmap::default());
+        let mut s = hub.attach("n", 1).unwrap();
+        let last: Frame = encode(&ServerMessage::Revoked { reason: "r".into() }).into();
+        assert!(hub.close("n", 1, CloseReason::Revoked, Some(last)));
+        assert!(matches!(s.rx.try_recv(), Ok(Outbound::Frame(_))));
+        assert!(matches!(
+            s.rx.try_recv(),
+            Ok(Outbound::Close(CloseReason::Revoked))
+        ));
+        assert!(!hub.close("n", 1, CloseReason::Revoked, None));
+    }
+}

@@ -1,0 +1,31 @@
+//! The meshlink coordinator: it admits nodes with join tokens, gives each an identity and an
+//! overlay address, keeps one network map per network and pushes every change to the agents
+//! as one delta, over QUIC. Operators drive it through an HTTP admin API (`meshctl`).
+//!
+//! Code map (see `coordinator/ARCHITECTURE.md` for the invariants):
+//!
+//! - [`config`]: file, environment and flags become [`config::Settings`].
+//! - [`identity`]: state directory, TLS identity, admin token, random secrets.
+//! - [`store`]: the [`store::Store`] trait and [`store::SqliteStore`].
+//! - [`handlers`]: every operation as a plain function of (store, now, caller, request).
+//! - [`hub`]: live maps and sessions; deltas encoded once and fanned out.
+//! - [`service`]: handlers + hub under one write lock, as both front ends call them.
+//! - [`server`]: the QUIC control server (one session per agent).
+//! - [`admin`]: the admin HTTP API.
+//! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
+//! - [`run`]: start-up and shutdown ([`Coordinator`]).
+
+pub mod admin;
+pub mod config;
+pub mod handlers;
+pub mod hub;
+pub mod identity;
+pub mod pin;
+pub mod ratelimit;
+pub mod run;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use config::Settings;
+pub use run::{Coordinator, StartError};

@@ -1,0 +1,130 @@
+//! `meshlink-coordinator`: the control service. See `meshlink-coordinator --help`.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshlink_coordinator::config::{self, Overrides};
+use meshlink_coordinator::Coordinator;
+use tracing_subscriber::EnvFilter;
+
+/// meshlink coordinator: join tokens, node identities, addresses and network maps.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve agents (QUIC) and operators (admin HTTP API) until SIGINT or SIGTERM.
+    Serve(ServeArgs),
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Configuration file (TOML; see configs/coordinator.example.toml).
+    #[arg(long, env = "MESHLINK_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// State directory: database, TLS identity, admin token [default: /var/lib/meshlink-coordinator].
+    #[arg(long, env = "MESHLINK_STATE_DIR", value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// QUIC (UDP) address agents connect to [default: 0.0.0.0:7443].
+    #[arg(long, env = "MESHLINK_LISTEN", value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Admin API (HTTP) address [default: 127.0.0.1:7444].
+    #[arg(long, env = "MESHLINK_ADMIN_LISTEN", value_name = "ADDR")]
+    admin_listen: Option<SocketAddr>,
+    /// host:port put in join tokens [default: the listen address, or the host's first IPv4 address].
+    #[arg(long, env = "MESHLINK_ADVERTISE", value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Seconds an agent has to say hello [default: 10].
+    #[arg(long, env = "MESHLINK_HELLO_TIMEOUT_SECS", value_name = "SECS")]
+    hello_timeout_secs: Option<u64>,
+    /// Messages per second an agent may send [default: 20].
+    #[arg(long, env = "MESHLINK_MESSAGE_RATE")]
+    message_rate: Option<u32>,
+    /// Messages an agent may send at once [default: 100].
+    #[arg(long, env = "MESHLINK_MESSAGE_BURST")]
+    message_burst: Option<u32>,
+    /// Messages queued per session before it is dropped as too slow [default: 256].
+    #[arg(long, env = "MESHLINK_SESSION_QUEUE")]
+    session_queue: Option<usize>,
+    /// Agent connections at once [default: 10000].
+    #[arg(long, env = "MESHLINK_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
+    /// Seconds without traffic before a connection is dropped [default: 30].
+    #[arg(long, env = "MESHLINK_IDLE_TIMEOUT_SECS", value_name = "SECS")]
+    idle_timeout_secs: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let stderr_is_tty = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("MESHLINK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(stderr_is_tty)
+        .init();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // Every error of this crate names its cause in its own message, so the chain is
+            // not printed again.
+            eprintln!("meshlink-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let over = Overrides {
+        state_dir: args.state_dir,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        advertise: args.advertise,
+        hello_timeout_secs: args.hello_timeout_secs,
+        message_rate: args.message_rate,
+        message_burst: args.message_burst,
+        session_queue: args.session_queue,
+        max_connections: args.max_connections,
+        idle_timeout_secs: args.idle_timeout_secs,
+    };
+    let settings = config::load(args.config.as_deref(), over)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let coordinator = Coordinator::start(&settings).await?;
+        let token = coordinator.admin_token();
+        if token.created {
+            println!(
+                "admin token: {} (stored in {})",
+                token.value,
+                token.path.display()
+            );
+        }
+        println!("coordinator fingerprint: {}", coordinator.fingerprint());
+        wait_for_signal().await?;
+        tracing::info!("shutting down");
+        coordinator.shutdown().await;
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}

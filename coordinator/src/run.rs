@@ -1,0 +1,203 @@
+//! Start-up and shutdown: state directory, identity, admin token and store, then the QUIC
+//! server and the admin API as two tasks sharing one [`Service`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin::{self, AdminContext};
+use crate::config::{default_advertise, Settings};
+use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
+use crate::server::{self, ServerError};
+use crate::service::{Service, SystemClock};
+use crate::store::{SqliteStore, StoreError};
+
+/// Why the coordinator cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The state directory, TLS identity or admin token cannot be used.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The database cannot be opened or migrated.
+    #[error("database {path}: {source}")]
+    Store {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: StoreError,
+    },
+    /// The QUIC endpoint cannot be made.
+    #[error(transparent)]
+    Quic(#[from] ServerError),
+    /// The admin API cannot listen.
+    #[error("cannot listen on TCP {addr} (admin API): {source}")]
+    Admin {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running coordinator. Dropping it without [`Coordinator::shutdown`] leaves its tasks
+/// running until the runtime ends.
+#[derive(Debug)]
+pub struct Coordinator {
+    quic_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    advertise: String,
+    fingerprint: String,
+    admin_token: AdminToken,
+    service: Arc<Service>,
+    store: SqliteStore,
+    shutdown: watch::Sender<bool>,
+    quic_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+}
+
+impl Coordinator {
+    /// Prepares the state directory and starts serving.
+    ///
+    /// # Errors
+    /// [`StartError`].
+    pub async fn start(settings: &Settings) -> Result<Coordinator, StartError> {
+        let dir = &settings.state_dir;
+        identity::prepare_state_dir(dir)?;
+        let id = identity::load_or_create_identity(dir)?;
+        if id.created {
+            tracing::info!(dir = %dir.display(), "made a new TLS identity");
+        }
+        let admin_token = identity::load_or_create_admin_token(dir)?;
+        let db = dir.join(DATABASE_FILE);
+        let store = SqliteStore::open(&db)
+            .await
+            .map_err(|source| StartError::Store {
+                path: db.clone(),
+                source,
+            })?;
+        let service = Arc::new(
+            Service::load(
+                Arc::new(store.clone()),
+                Arc::new(SystemClock),
+                settings.limits.session_queue,
+            )
+            .await
+            .map_err(|source| StartError::Store {
+                path: db.clone(),
+                source,
+            })?,
+        );
+
+        let endpoint = server::endpoint(&id, settings.listen, &settings.limits)?;
+        let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let listener = TcpListener::bind(settings.admin_listen)
+            .await
+            .map_err(|source| StartError::Admin {
+                addr: settings.admin_listen,
+                source,
+            })?;
+        let admin_addr = listener.local_addr().map_err(|source| StartError::Admin {
+            addr: settings.admin_listen,
+            source,
+        })?;
+        let advertise = settings
+            .advertise
+            .clone()
+            .unwrap_or_else(|| default_advertise(quic_addr));
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let quic_task = tokio::spawn(server::run(
+            endpoint,
+            service.clone(),
+            settings.limits.clone(),
+            shutdown_rx.clone(),
+        ));
+        let ctx = AdminContext {
+            admin_token: admin_token.value.clone(),
+            quic_listen: quic_addr,
+            advertise: advertise.clone(),
+            fingerprint: id.fingerprint.clone(),
+            started: Instant::now(),
+        };
+        let app = admin::router(service.clone(), ctx);
+        let mut admin_rx = shutdown_rx;
+        let admin_task = tokio::spawn(async move {
+            let stop = async move {
+                let _ = admin_rx.changed().await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(stop)
+                .await
+            {
+                tracing::error!("admin API stopped: {e}");
+            }
+        });
+        tracing::info!(%quic_addr, %admin_addr, %advertise, "coordinator running");
+        Ok(Coordinator {
+            quic_addr,
+            admin_addr,
+            advertise,
+            fingerprint: id.fingerprint,
+            admin_token,
+            service,
+            store,
+            shutdown,
+            quic_task,
+            admin_task,
+        })
+    }
+
+    /// The bound QUIC address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound admin API address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The `host:port` put in join tokens.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// Hex SHA-256 of the certificate.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// The admin token (and whether this start made it).
+    pub fn admin_token(&self) -> &AdminToken {
+        &self.admin_token
+    }
+
+    /// The service, for in-process callers and tests.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    /// Stops accepting, closes every session (code `SHUTDOWN`), stops the admin API and
+    /// closes the database.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.quic_task.await;
+        if tokio::time::timeout(Duration::from_secs(5), self.admin_task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("admin API did not stop in time");
+        }
+        self.store.close().await;
+        tracing::info!("coordinator stopped");
+    }
+}

@@ -1,0 +1,253 @@
+//! Durable state: networks, join tokens and nodes, behind the [`Store`] trait.
+//!
+//! The trait speaks in records ([`NetworkRecord`], [`TokenRecord`], [`NodeRecord`]) and knows
+//! no policy: validation, refusals and address choice live in [`crate::handlers`]. Each method
+//! is one transaction, so a change and the version bump it causes land together or not at all.
+//!
+//! Secrets never reach the store: join tokens and node credentials are kept as SHA-256 hashes
+//! (lowercase hex), compared by the handlers.
+//!
+//! [`SqliteStore`] is the embedded default. The SQL is written with `$1` binds and the runtime
+//! `query()` API so that a PostgreSQL store can follow with its own migrations.
+//!
+//! Architecture invariant: node ids and token ids are never reused (SQLite `AUTOINCREMENT`),
+//! and a network's version only grows, across restarts too.
+
+mod sqlite;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+
+use ipnet::Ipv4Net;
+use meshlink_proto::{NodeId, PublicKey};
+
+pub use sqlite::SqliteStore;
+
+/// Seconds since the Unix epoch, the only time unit of the store and of the admin API.
+pub type UnixTime = i64;
+
+/// A join token's identifier, never reused.
+pub type TokenId = u64;
+
+/// The future every [`Store`] method returns: boxed, so that `dyn Store` works.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// Why the store did not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A uniqueness rule was broken (a name, address or key already taken); the text names it.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The record the change refers to does not exist (any more).
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The join token can no longer be used (revoked, expired or used up) at the moment of use.
+    #[error("the join token can no longer be used")]
+    TokenUnusable,
+    /// A stored value does not parse: the database was edited by hand or is damaged.
+    #[error("corrupt record: {0}")]
+    Corrupt(String),
+    /// The database itself failed (I/O, locking, migrations).
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// One overlay network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkRecord {
+    /// Unique name (`[a-z0-9-]{1,63}`).
+    pub name: String,
+    /// The overlay prefix nodes get their addresses from.
+    pub cidr: Ipv4Net,
+    /// The version of the network's map; bumped by every change to it, never lowered.
+    pub version: u64,
+    /// When it was created.
+    pub created_at: UnixTime,
+}
+
+/// A new network, as [`Store::create_network`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewNetwork {
+    /// Name.
+    pub name: String,
+    /// Prefix.
+    pub cidr: Ipv4Net,
+    /// Creation time.
+    pub created_at: UnixTime,
+}
+
+/// One join token. The secret is not here, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Identifier.
+    pub id: TokenId,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// The network a node joining with it lands in.
+    pub network: String,
+    /// Tags given to every node that joins with it.
+    pub tags: Vec<String>,
+    /// After this time it no longer works; `None`: never expires.
+    pub expires_at: Option<UnixTime>,
+    /// How many joins it allows; `None`: unlimited.
+    pub max_uses: Option<u64>,
+    /// How many joins it was used for.
+    pub used: u64,
+    /// Revoked by an operator.
+    pub revoked: bool,
+    /// When it was created.
+    pub created_at: UnixTime,
+}
+
+/// A new join token, as [`Store::create_token`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewToken {
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// Network.
+    pub network: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Expiry.
+    pub expires_at: Option<UnixTime>,
+    /// Use limit.
+    pub max_uses: Option<u64>,
+    /// Creation time.
+    pub created_at: UnixTime,
+}
+
+/// One node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
+    /// Identifier, never reused.
+    pub id: NodeId,
+    /// The network it belongs to.
+    pub network: String,
+    /// Name, unique in its network.
+    pub name: String,
+    /// WireGuard public key.
+    pub public_key: PublicKey,
+    /// Overlay address, unique in its network; freed only when the node is deleted.
+    pub address: Ipv4Addr,
+    /// Hex SHA-256 of the node secret.
+    pub secret_hash: String,
+    /// Labels the agent gave at join.
+    pub labels: BTreeMap<String, String>,
+    /// Tags of the token it joined with.
+    pub tags: Vec<String>,
+    /// Endpoints the agent reported, in its order.
+    pub endpoints: Vec<SocketAddr>,
+    /// The endpoint the coordinator derived from the agent's QUIC source address, when it
+    /// differs from the reported ones.
+    pub observed: Option<SocketAddr>,
+    /// Revoked: refused at authentication and absent from maps.
+    pub revoked: bool,
+    /// When it joined.
+    pub created_at: UnixTime,
+    /// When a session of it was last opened or closed.
+    pub last_seen: Option<UnixTime>,
+}
+
+/// A new node, as [`Store::insert_node`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewNode {
+    /// Network.
+    pub network: String,
+    /// Name; `None`: `node-<id>` (with a suffix in the unlikely case that is taken).
+    pub name: Option<String>,
+    /// Public key.
+    pub public_key: PublicKey,
+    /// Overlay address, chosen by the caller.
+    pub address: Ipv4Addr,
+    /// Hex SHA-256 of the node secret.
+    pub secret_hash: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Reported endpoints.
+    pub endpoints: Vec<SocketAddr>,
+    /// Observed endpoint.
+    pub observed: Option<SocketAddr>,
+    /// Creation time, also the first `last_seen`.
+    pub created_at: UnixTime,
+}
+
+/// Durable state of the coordinator. Every method is atomic. Methods that change a network's
+/// map return the network's new version.
+///
+/// # Errors
+/// Every method fails with [`StoreError::Database`] when the database does; the others are
+/// named per method.
+pub trait Store: Send + Sync {
+    /// Adds a network at version 0. [`StoreError::Conflict`] when the name is taken.
+    fn create_network(&self, network: NewNetwork) -> StoreFuture<'_, NetworkRecord>;
+
+    /// Every network, by name.
+    fn networks(&self) -> StoreFuture<'_, Vec<NetworkRecord>>;
+
+    /// One network.
+    fn network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<NetworkRecord>>;
+
+    /// Adds a join token. [`StoreError::NotFound`] when the network does not exist.
+    fn create_token(&self, token: NewToken) -> StoreFuture<'_, TokenRecord>;
+
+    /// Every join token, by id.
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>>;
+
+    /// The token with this secret hash.
+    fn token_by_hash<'a>(&'a self, secret_hash: &'a str) -> StoreFuture<'a, Option<TokenRecord>>;
+
+    /// Marks a token revoked. `false` when no such token exists.
+    fn revoke_token(&self, id: TokenId) -> StoreFuture<'_, bool>;
+
+    /// Adds a node and bumps its network's version; with `token`, also counts one use of that
+    /// token, refusing with [`StoreError::TokenUnusable`] when at `now` it is revoked, expired
+    /// or used up. [`StoreError::Conflict`] when the name, address or public key is taken.
+    fn insert_node(
+        &self,
+        node: NewNode,
+        token: Option<(TokenId, UnixTime)>,
+    ) -> StoreFuture<'_, (NodeRecord, u64)>;
+
+    /// Every node, or those of one network, by id.
+    fn nodes<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<NodeRecord>>;
+
+    /// One node.
+    fn node(&self, id: NodeId) -> StoreFuture<'_, Option<NodeRecord>>;
+
+    /// The nodes with this name, in any network, by id.
+    fn nodes_named<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Vec<NodeRecord>>;
+
+    /// The node of a network with this public key.
+    fn node_with_key<'a>(
+        &'a self,
+        network: &'a str,
+        key: &'a PublicKey,
+    ) -> StoreFuture<'a, Option<NodeRecord>>;
+
+    /// The addresses held by the nodes of a network, revoked ones included.
+    fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>>;
+
+    /// Replaces a node's endpoints and bumps its network's version.
+    /// [`StoreError::NotFound`] when the node does not exist.
+    fn set_endpoints(
+        &self,
+        id: NodeId,
+        endpoints: Vec<SocketAddr>,
+        observed: Option<SocketAddr>,
+    ) -> StoreFuture<'_, u64>;
+
+    /// Records that a node was seen at `now`. Does not change any map.
+    fn touch_node(&self, id: NodeId, now: UnixTime) -> StoreFuture<'_, ()>;
+
+    /// Marks a node revoked and bumps its network's version.
+    /// [`StoreError::NotFound`] when the node does not exist.
+    fn revoke_node(&self, id: NodeId) -> StoreFuture<'_, u64>;
+
+    /// Deletes a node, freeing its name and address. With `bump`, also bumps its network's
+    /// version and returns the new one. [`StoreError::NotFound`] when the node does not exist.
+    fn delete_node(&self, id: NodeId, bump: bool) -> StoreFuture<'_, Option<u64>>;
+}

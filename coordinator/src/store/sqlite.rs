@@ -1,0 +1,541 @@
+//! [`SqliteStore`]: the [`Store`] on an embedded SQLite database (WAL mode), with its
+//! migrations compiled in (`coordinator/migrations/sqlite`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use meshlink_proto::{NodeId, PublicKey};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+
+use super::{
+    NetworkRecord, NewNetwork, NewNode, NewToken, NodeRecord, Store, StoreError, StoreFuture,
+    TokenId, TokenRecord, UnixTime,
+};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+
+/// How long a connection waits for another writer before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
+                            endpoints, observed, revoked, created_at, last_seen";
+
+/// The SQLite [`Store`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database at `path` and brings its schema up to date.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the file cannot be opened or a migration fails.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
+        MIGRATOR
+            .run(&pool)
+            .await
+            .map_err(|e| StoreError::Database(e.into()))?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Waits for the connections to close; later calls fail.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so a
+    /// read-then-write transaction cannot fail on a snapshot another writer made stale.
+    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    async fn bump(tx: &mut Transaction<'static, Sqlite>, network: &str) -> Result<u64, StoreError> {
+        let row = sqlx::query(
+            "UPDATE networks SET version = version + 1 WHERE name = $1 RETURNING version",
+        )
+        .bind(network)
+        .fetch_optional(&mut **tx)
+        .await?
+        .ok_or_else(|| StoreError::NotFound(format!("network {network}")))?;
+        to_u64(row.try_get::<i64, _>("version")?)
+    }
+
+    async fn node_network(
+        tx: &mut Transaction<'static, Sqlite>,
+        id: NodeId,
+    ) -> Result<String, StoreError> {
+        let row = sqlx::query("SELECT network FROM nodes WHERE id = $1")
+            .bind(to_i64(id)?)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("node {id}")))?;
+        Ok(row.try_get("network")?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn create_network(&self, n: NewNetwork) -> StoreFuture<'_, NetworkRecord> {
+        Box::pin(async move {
+            sqlx::query(
+                "INSERT INTO networks (name, cidr, version, created_at) VALUES ($1, $2, 0, $3)",
+            )
+            .bind(&n.name)
+            .bind(n.cidr.to_string())
+            .bind(n.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(conflict)?;
+            Ok(NetworkRecord {
+                name: n.name,
+                cidr: n.cidr,
+                version: 0,
+                created_at: n.created_at,
+            })
+        })
+    }
+
+    fn networks(&self) -> StoreFuture<'_, Vec<NetworkRecord>> {
+        Box::pin(async move {
+            let rows =
+                sqlx::query("SELECT name, cidr, version, created_at FROM networks ORDER BY name")
+                    .fetch_all(&self.pool)
+                    .await?;
+            rows.iter().map(network_row).collect()
+        })
+    }
+
+    fn network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<NetworkRecord>> {
+        Box::pin(async move {
+            let row =
+                sqlx::query("SELECT name, cidr, version, created_at FROM networks WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+            row.as_ref().map(network_row).transpose()
+        })
+    }
+
+    fn create_token(&self, t: NewToken) -> StoreFuture<'_, TokenRecord> {
+        Box::pin(async move {
+            let max_uses = t.max_uses.map(to_i64).transpose()?;
+            let row = sqlx::query(
+                "INSERT INTO join_tokens (secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at) \
+                 SELECT $1, name, $3, $4, $5, 0, 0, $6 FROM networks WHERE name = $2 RETURNING id",
+            )
+            .bind(&t.secret_hash)
+            .bind(&t.network)
+            .bind(to_json(&t.tags))
+            .bind(t.expires_at)
+            .bind(max_uses)
+            .bind(t.created_at)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(conflict)?
+            .ok_or_else(|| StoreError::NotFound(format!("network {}", t.network)))?;
+            Ok(TokenRecord {
+                id: to_u64(row.try_get::<i64, _>("id")?)?,
+                secret_hash: t.secret_hash,
+                network: t.network,
+                tags: t.tags,
+                expires_at: t.expires_at,
+                max_uses: t.max_uses,
+                used: 0,
+                revoked: false,
+                created_at: t.created_at,
+            })
+        })
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at \
+                 FROM join_tokens ORDER BY id",
+            )
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(token_row).collect()
+        })
+    }
+
+    fn token_by_hash<'a>(&'a self, secret_hash: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(
+                "SELECT id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at \
+                 FROM join_tokens WHERE secret_hash = $1",
+            )
+            .bind(secret_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(token_row).transpose()
+        })
+    }
+
+    fn revoke_token(&self, id: TokenId) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let done = sqlx::query("UPDATE join_tokens SET revoked = 1 WHERE id = $1")
+                .bind(to_i64(id)?)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn insert_node(
+        &self,
+        n: NewNode,
+        token: Option<(TokenId, UnixTime)>,
+    ) -> StoreFuture<'_, (NodeRecord, u64)> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            if let Some((token_id, now)) = token {
+                let used = sqlx::query(
+                    "UPDATE join_tokens SET used = used + 1 \
+                     WHERE id = $1 AND revoked = 0 AND network = $2 \
+                     AND (max_uses IS NULL OR used < max_uses) \
+                     AND (expires_at IS NULL OR expires_at > $3)",
+                )
+                .bind(to_i64(token_id)?)
+                .bind(&n.network)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                if used.rows_affected() != 1 {
+                    return Err(StoreError::TokenUnusable);
+                }
+            }
+            // Without a wanted name the node is inserted under an empty name (never a valid
+            // name, and the transaction holds the write lock) and renamed once its id is known.
+            let row = sqlx::query(
+                "INSERT INTO nodes (network, name, public_key, address, secret_hash, labels, tags, \
+                 endpoints, observed, revoked, created_at, last_seen) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $10) RETURNING id",
+            )
+            .bind(&n.network)
+            .bind(n.name.as_deref().unwrap_or(""))
+            .bind(n.public_key.to_base64())
+            .bind(n.address.to_string())
+            .bind(&n.secret_hash)
+            .bind(to_json(&n.labels))
+            .bind(to_json(&n.tags))
+            .bind(to_json(&n.endpoints))
+            .bind(n.observed.map(|o| o.to_string()))
+            .bind(n.created_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(conflict)?;
+            let id = to_u64(row.try_get::<i64, _>("id")?)?;
+            let name = match n.name {
+                Some(name) => name,
+                None => {
+                    let mut chosen = None;
+                    for attempt in 0..16u32 {
+                        let candidate = if attempt == 0 {
+                            format!("node-{id}")
+                        } else {
+                            format!("node-{id}-{attempt}")
+                        };
+                        let taken =
+                            sqlx::query("SELECT 1 FROM nodes WHERE network = $1 AND name = $2")
+                                .bind(&n.network)
+                                .bind(&candidate)
+                                .fetch_optional(&mut *tx)
+                                .await?
+                                .is_some();
+                        if !taken {
+                            chosen = Some(candidate);
+                            break;
+                        }
+                    }
+                    let name = chosen.ok_or_else(|| {
+                        StoreError::Conflict(format!("no free default name for node {id}"))
+                    })?;
+                    sqlx::query("UPDATE nodes SET name = $1 WHERE id = $2")
+                        .bind(&name)
+                        .bind(to_i64(id)?)
+                        .execute(&mut *tx)
+                        .await?;
+                    name
+                }
+            };
+            let version = Self::bump(&mut tx, &n.network).await?;
+            tx.commit().await?;
+            let record = NodeRecord {
+                id,
+                network: n.network,
+                name,
+                public_key: n.public_key,
+                address: n.address,
+                secret_hash: n.secret_hash,
+                labels: n.labels,
+                tags: n.tags,
+                endpoints: n.endpoints,
+                observed: n.observed,
+                revoked: false,
+                created_at: n.created_at,
+                last_seen: Some(n.created_at),
+            };
+            Ok((record, version))
+        })
+    }
+
+    fn nodes<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<NodeRecord>> {
+        Box::pin(async move {
+            let rows = match network {
+                Some(network) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {NODE_COLUMNS} FROM nodes WHERE network = $1 ORDER BY id"
+                    )))
+                    .bind(network)
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                None => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"
+                    )))
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+            };
+            rows.iter().map(node_row).collect()
+        })
+    }
+
+    fn node(&self, id: NodeId) -> StoreFuture<'_, Option<NodeRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {NODE_COLUMNS} FROM nodes WHERE id = $1"
+            )))
+            .bind(to_i64(id)?)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(node_row).transpose()
+        })
+    }
+
+    fn nodes_named<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Vec<NodeRecord>> {
+        Box::pin(async move {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {NODE_COLUMNS} FROM nodes WHERE name = $1 ORDER BY id"
+            )))
+            .bind(name)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(node_row).collect()
+        })
+    }
+
+    fn node_with_key<'a>(
+        &'a self,
+        network: &'a str,
+        key: &'a PublicKey,
+    ) -> StoreFuture<'a, Option<NodeRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {NODE_COLUMNS} FROM nodes WHERE network = $1 AND public_key = $2"
+            )))
+            .bind(network)
+            .bind(key.to_base64())
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(node_row).transpose()
+        })
+    }
+
+    fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>> {
+        Box::pin(async move {
+            let rows = sqlx::query("SELECT address FROM nodes WHERE network = $1")
+                .bind(network)
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| parse::<Ipv4Addr>(&r.try_get::<String, _>("address")?, "address"))
+                .collect()
+        })
+    }
+
+    fn set_endpoints(
+        &self,
+        id: NodeId,
+        endpoints: Vec<SocketAddr>,
+        observed: Option<SocketAddr>,
+    ) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let network = Self::node_network(&mut tx, id).await?;
+            sqlx::query("UPDATE nodes SET endpoints = $1, observed = $2 WHERE id = $3")
+                .bind(to_json(&endpoints))
+                .bind(observed.map(|o| o.to_string()))
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await?;
+            let version = Self::bump(&mut tx, &network).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    fn touch_node(&self, id: NodeId, now: UnixTime) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            sqlx::query("UPDATE nodes SET last_seen = $1 WHERE id = $2")
+                .bind(now)
+                .bind(to_i64(id)?)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn revoke_node(&self, id: NodeId) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let network = Self::node_network(&mut tx, id).await?;
+            sqlx::query("UPDATE nodes SET revoked = 1 WHERE id = $1")
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await?;
+            let version = Self::bump(&mut tx, &network).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    fn delete_node(&self, id: NodeId, bump: bool) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let network = Self::node_network(&mut tx, id).await?;
+            sqlx::query("DELETE FROM nodes WHERE id = $1")
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await?;
+            let version = if bump {
+                Some(Self::bump(&mut tx, &network).await?)
+            } else {
+                None
+            };
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+}
+
+/// Maps a unique-constraint failure to [`StoreError::Conflict`], naming the columns.
+fn conflict(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            let what = db.message().rsplit(':').next().unwrap_or("").trim();
+            StoreError::Conflict(format!("{what} already taken"))
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+fn network_row(row: &SqliteRow) -> Result<NetworkRecord, StoreError> {
+    Ok(NetworkRecord {
+        name: row.try_get("name")?,
+        cidr: parse(&row.try_get::<String, _>("cidr")?, "cidr")?,
+        version: to_u64(row.try_get("version")?)?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn token_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
+    Ok(TokenRecord {
+        id: to_u64(row.try_get("id")?)?,
+        secret_hash: row.try_get("secret_hash")?,
+        network: row.try_get("network")?,
+        tags: from_json(&row.try_get::<String, _>("tags")?, "tags")?,
+        expires_at: row.try_get("expires_at")?,
+        max_uses: row
+            .try_get::<Option<i64>, _>("max_uses")?
+            .map(to_u64)
+            .transpose()?,
+        used: to_u64(row.try_get("used")?)?,
+        revoked: row.try_get("revoked")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn node_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+    let observed: Option<String> = row.try_get("observed")?;
+    Ok(NodeRecord {
+        id: to_u64(row.try_get("id")?)?,
+        network: row.try_get("network")?,
+        name: row.try_get("name")?,
+        public_key: parse::<PublicKey>(&row.try_get::<String, _>("public_key")?, "public_key")?,
+        address: parse(&row.try_get::<String, _>("address")?, "address")?,
+        secret_hash: row.try_get("secret_hash")?,
+        labels: from_json::<BTreeMap<String, String>>(
+            &row.try_get::<String, _>("labels")?,
+            "labels",
+        )?,
+        tags: from_json(&row.try_get::<String, _>("tags")?, "tags")?,
+        endpoints: from_json(&row.try_get::<String, _>("endpoints")?, "endpoints")?,
+        observed: observed
+            .as_deref()
+            .map(|o| parse(o, "observed"))
+            .transpose()?,
+        revoked: row.try_get("revoked")?,
+        created_at: row.try_get("created_at")?,
+        last_seen: row.try_get("last_seen")?,
+    })
+}
+
+fn parse<T: FromStr>(text: &str, column: &str) -> Result<T, StoreError> {
+    text.parse()
+        .map_err(|_| StoreError::Corrupt(format!("column {column}: cannot parse {text:?}")))
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> String {
+    // Strings, string maps and socket addresses always serialize.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(text: &str, column: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("column {column}: {e}")))
+}
+
+fn to_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value {v}")))
+}
+
+fn to_i64(v: u64) -> Result<i64, StoreError> {
+    i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("value {v} out of range")))
+}
+
+#[cfg(test)]
+mod tests {
+    use ipnet::Ipv4Net;
+
+    use super::*;
+
+    #[test]
+    fn ipv4net_round_trips_through_text() {
+        let net: Ipv4Net = "100.64.0.0/10".parse().unwrap();
+        assert_eq!(parse::<Ipv4Net>(&net.to_string(), "cidr").unwrap(), net);
+        assert!(matches!(
+            parse::<Ipv4Net>("nope", "cidr"),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+}

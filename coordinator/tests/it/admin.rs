@@ -1,0 +1,231 @@
+//! Admin API tests against a coordinator on loopback: authentication and response shapes.
+
+use meshlink_proto::token::JoinToken;
+use serde_json::{json, Value};
+
+use crate::common::{http, start, TempDir};
+
+fn keys(v: &Value) -> Vec<String> {
+    let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
+    k.sort();
+    k
+}
+
+fn sorted(list: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn every_route_needs_the_admin_token() {
+    let dir = TempDir::new("admin-auth");
+    let c = start(dir.path()).await;
+    let addr = c.admin_addr();
+    for (method, path) in [
+        ("GET", "/v1/status"),
+        ("GET", "/v1/networks"),
+        ("POST", "/v1/tokens"),
+        ("DELETE", "/v1/nodes/1"),
+        ("GET", "/nope"),
+    ] {
+        let (status, body) = http(addr, method, path, None, None).await;
+        assert_eq!(status, 401, "{method} {path}");
+        assert!(body["error"].as_str().unwrap().contains("admin token"));
+        let (status, _) = http(addr, method, path, Some("wrong-token-wrong-token"), None).await;
+        assert_eq!(status, 401, "{method} {path} with a wrong token");
+    }
+    let (status, _) = http(
+        addr,
+        "GET",
+        "/v1/status",
+        Some(&c.admin_token().value),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn shapes_of_networks_tokens_and_status() {
+    let dir = TempDir::new("admin-shapes");
+    let c = start(dir.path()).await;
+    let addr = c.admin_addr();
+    let t = c.admin_token().value.clone();
+    let t = Some(t.as_str());
+
+    let (status, net) = http(
+        addr,
+        "POST",
+        "/v1/networks",
+        t,
+        Some(r#"{"name":"prod","cidr":"100.64.0.0/24"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{net}");
+    assert_eq!(
+        keys(&net),
+        sorted(&["name", "cidr", "version", "nodes", "online", "created_at"])
+    );
+    assert_eq!(
+        (
+            net["name"].as_str(),
+            net["cidr"].as_str(),
+            net["version"].as_u64()
+        ),
+        (Some("prod"), Some("100.64.0.0/24"), Some(0))
+    );
+    assert!(
+        net["created_at"].as_i64().unwrap() > 1_600_000_000,
+        "unix seconds"
+    );
+
+    let (status, e) = http(
+        addr,
+        "POST",
+        "/v1/networks",
+        t,
+        Some(r#"{"name":"dev","cidr":"100.64.0.128/25"}"#),
+    )
+    .await;
+    assert_eq!(status, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("overlaps"));
+    let (status, e) = http(
+        addr,
+        "POST",
+        "/v1/networks",
+        t,
+        Some(r#"{"name":"Dev","cidr":"100.64.1.0/24"}"#),
+    )
+    .await;
+    assert_eq!(status, 400, "{e}");
+    let (status, e) = http(addr, "POST", "/v1/networks", t, Some("{not json")).await;
+    assert_eq!(status, 400);
+    assert!(e["error"].is_string());
+
+    let (status, list) = http(addr, "GET", "/v1/networks", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(keys(&list[0]), keys(&net));
+
+    let body = json!({"network": "prod", "tags": ["role=web"], "expires_in_secs": 3600, "uses": 3})
+        .to_string();
+    let (status, tok) = http(addr, "POST", "/v1/tokens", t, Some(&body)).await;
+    assert_eq!(status, 201, "{tok}");
+    assert_eq!(
+        keys(&tok),
+        sorted(&[
+            "id",
+            "token",
+            "network",
+            "tags",
+            "expires_at",
+            "uses",
+            "used"
+        ])
+    );
+    assert_eq!(
+        (tok["uses"].as_u64(), tok["used"].as_u64()),
+        (Some(3), Some(0))
+    );
+    assert_eq!(tok["tags"], json!(["role=web"]));
+    let text = tok["token"].as_str().unwrap();
+    assert!(text.starts_with("mlj1_"));
+    let parsed = JoinToken::decode(text).unwrap();
+    assert_eq!(parsed.coordinator, c.advertise());
+    assert_eq!(
+        parsed.coordinator,
+        c.quic_addr().to_string(),
+        "a specific listen address is advertised as is"
+    );
+    assert_eq!(parsed.fingerprint, c.fingerprint());
+
+    let (status, _) = http(addr, "POST", "/v1/tokens", t, Some(r#"{"network":"prod"}"#)).await;
+    assert_eq!(status, 201, "tags, expiry and uses are optional");
+    let (status, e) = http(
+        addr,
+        "POST",
+        "/v1/tokens",
+        t,
+        Some(r#"{"network":"ghost"}"#),
+    )
+    .await;
+    assert_eq!(status, 404, "{e}");
+
+    let (status, list) = http(addr, "GET", "/v1/tokens", t, None).await;
+    assert_eq!(status, 200);
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(
+        keys(&list[0]),
+        sorted(&[
+            "id",
+            "network",
+            "tags",
+            "expires_at",
+            "uses",
+            "used",
+            "revoked",
+            "expired",
+            "created_at"
+        ])
+    );
+    assert!(
+        !list[0].to_string().contains(&parsed.secret),
+        "the secret is never listed"
+    );
+    assert_eq!(list[1]["expires_at"], Value::Null);
+    assert_eq!(list[1]["uses"], Value::Null);
+
+    let id = tok["id"].as_u64().unwrap();
+    let (status, body) = http(addr, "DELETE", &format!("/v1/tokens/{id}"), t, None).await;
+    assert_eq!((status, body), (204, Value::Null));
+    let (status, _) = http(addr, "DELETE", "/v1/tokens/999", t, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "DELETE", "/v1/tokens/abc", t, None).await;
+    assert_eq!(status, 400);
+    let (_, list) = http(addr, "GET", "/v1/tokens", t, None).await;
+    assert_eq!(list[0]["revoked"], json!(true));
+    assert_eq!(list[0]["expired"], json!(false));
+
+    let (status, nodes) = http(addr, "GET", "/v1/nodes", t, None).await;
+    assert_eq!((status, nodes), (200, json!([])));
+    let (status, _) = http(addr, "GET", "/v1/nodes?network=ghost", t, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "GET", "/v1/nodes/ghost", t, None).await;
+    assert_eq!(status, 404);
+    let (status, _) = http(addr, "GET", "/v1/nothing-here", t, None).await;
+    assert_eq!(status, 404);
+
+    let (status, st) = http(addr, "GET", "/v1/status", t, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        keys(&st),
+        sorted(&[
+            "version",
+            "networks",
+            "nodes",
+            "online",
+            "uptime_secs",
+            "quic_listen",
+            "advertise",
+            "fingerprint"
+        ])
+    );
+    assert_eq!(st["version"], json!(env!("CARGO_PKG_VERSION")));
+    assert_eq!(
+        (
+            st["networks"].as_u64(),
+            st["nodes"].as_u64(),
+            st["online"].as_u64()
+        ),
+        (Some(1), Some(0), Some(0))
+    );
+    assert_eq!(st["fingerprint"].as_str(), Some(c.fingerprint()));
+    assert_eq!(
+        st["quic_listen"].as_str(),
+        Some(c.quic_addr().to_string().as_str())
+    );
+    c.shutdown().await;
+}

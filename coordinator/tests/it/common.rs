@@ -1,0 +1,208 @@
+//! Helpers shared by the integration tests: scratch directories, hellos, a minimal HTTP
+//! client for the admin API, and a QUIC agent that pins the coordinator's certificate.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use meshlink_coordinator::config::Settings;
+use meshlink_coordinator::identity::SERVER_NAME;
+use meshlink_coordinator::{pin, Coordinator};
+use meshlink_proto::control::{
+    encode, Auth, ClientMessage, Decoder, Hello, ServerMessage, MAX_SERVER_MESSAGE,
+    PROTOCOL_VERSION,
+};
+use meshlink_proto::{NodeId, PublicKey};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a test waits for anything.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A scratch directory, removed on drop (also on panic).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("meshlink-coord-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn key(n: u8) -> PublicKey {
+    let mut k = [n; 32];
+    k[0] = 0x42;
+    PublicKey(k)
+}
+
+pub fn join_hello(secret: &str, key_byte: u8, name: Option<&str>) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        auth: Auth::JoinToken {
+            secret: secret.into(),
+        },
+        public_key: key(key_byte),
+        name: name.map(str::to_string),
+        labels: BTreeMap::from([("provider".to_string(), "test".to_string())]),
+        endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
+    }
+}
+
+pub fn node_hello(node_id: NodeId, secret: &str, key_byte: u8) -> Hello {
+    Hello {
+        protocol: PROTOCOL_VERSION,
+        auth: Auth::Node {
+            node_id,
+            secret: secret.into(),
+        },
+        public_key: key(key_byte),
+        name: None,
+        labels: BTreeMap::new(),
+        endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
+    }
+}
+
+/// Settings for a coordinator on loopback with ephemeral ports.
+pub fn loopback_settings(state_dir: &Path) -> Settings {
+    let mut s = Settings::with_state_dir(state_dir.to_path_buf());
+    s.listen = "127.0.0.1:0".parse().unwrap();
+    s.admin_listen = "127.0.0.1:0".parse().unwrap();
+    s
+}
+
+pub async fn start(state_dir: &Path) -> Coordinator {
+    Coordinator::start(&loopback_settings(state_dir))
+        .await
+        .unwrap()
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the status and the parsed body
+/// (`Null` when empty).
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    let body = body.unwrap_or("");
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/json\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let status: u16 = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "test client reads plain bodies only"
+    );
+    let value = if body.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_str(body).unwrap()
+    };
+    (status, value)
+}
+
+/// A minimal agent: one QUIC connection, one stream, framed messages.
+pub struct Agent {
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    _endpoint: quinn::Endpoint,
+}
+
+impl Agent {
+    /// Connects, pinning `fingerprint`, and opens the stream (the server sees it with the
+    /// first bytes).
+    pub async fn connect(addr: SocketAddr, fingerprint: &str) -> Result<Agent, String> {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        endpoint.set_default_client_config(pin::client_config(fingerprint).unwrap());
+        let conn = endpoint
+            .connect(addr, SERVER_NAME)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        Ok(Agent {
+            conn,
+            send,
+            recv,
+            decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            _endpoint: endpoint,
+        })
+    }
+
+    pub async fn send(&mut self, msg: &ClientMessage) {
+        self.send.write_all(&encode(msg)).await.unwrap();
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.send.write_all(bytes).await.unwrap();
+    }
+
+    /// The next message, or `None` when the stream or connection ended.
+    pub async fn recv(&mut self) -> Option<ServerMessage> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some(m) = self.decoder.next::<ServerMessage>().unwrap() {
+                return Some(m);
+            }
+            match tokio::time::timeout(WAIT, self.recv.read(&mut buf))
+                .await
+                .expect("timed out waiting for a message")
+            {
+                Ok(Some(n)) => self.decoder.push(&buf[..n]).unwrap(),
+                Ok(None) | Err(_) => return None,
+            }
+        }
+    }
+
+    /// Sends a hello and returns the first answer.
+    pub async fn hello(&mut self, hello: Hello) -> ServerMessage {
+        self.send(&ClientMessage::Hello(hello)).await;
+        self.recv().await.expect("an answer to the hello")
+    }
+
+    /// The application close code once the coordinator closes the connection.
+    pub async fn closed_code(&self) -> u64 {
+        match tokio::time::timeout(WAIT, self.conn.closed())
+            .await
+            .expect("the coordinator did not close")
+        {
+            quinn::ConnectionError::ApplicationClosed(c) => c.error_code.into_inner(),
+            other => panic!("closed otherwise: {other}"),
+        }
+    }
+}

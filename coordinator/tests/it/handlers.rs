@@ -1,0 +1,533 @@
+//! Handler tests over a temporary SQLite store: no sockets, time passed in.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use meshlink_coordinator::handlers::networks::{create_network, list_networks, CreateNetwork};
+use meshlink_coordinator::handlers::nodes::{
+    authenticate, delete_node, find_node, join, list_nodes, netmap, revoke_node, update_endpoints,
+    Joined,
+};
+use meshlink_coordinator::handlers::tokens::{
+    create_token, list_tokens, revoke_token, CreateToken,
+};
+use meshlink_coordinator::handlers::{ApiError, Caller};
+use meshlink_coordinator::store::{SqliteStore, Store, TokenRecord};
+
+use crate::common::{join_hello, node_hello, TempDir};
+
+const ADMIN: Caller = Caller::Admin;
+
+fn agent() -> Caller {
+    Caller::Agent {
+        remote: "198.18.5.5".parse().unwrap(),
+    }
+}
+
+async fn open(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("coordinator.db"))
+        .await
+        .unwrap()
+}
+
+async fn network(store: &dyn Store, name: &str, cidr: &str) {
+    create_network(
+        store,
+        1000,
+        &ADMIN,
+        CreateNetwork {
+            name: name.into(),
+            cidr: cidr.into(),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+async fn token(
+    store: &dyn Store,
+    net: &str,
+    secret: &str,
+    expires: Option<u64>,
+    uses: Option<u64>,
+) -> TokenRecord {
+    let req = CreateToken {
+        network: net.into(),
+        tags: vec!["role=web".into()],
+        expires_in_secs: expires,
+        uses,
+    };
+    create_token(store, 1000, &ADMIN, req, secret)
+        .await
+        .unwrap()
+}
+
+async fn join_ok(store: &dyn Store, secret: &str, key: u8, name: Option<&str>) -> Joined {
+    join(
+        store,
+        1001,
+        &agent(),
+        &join_hello(secret, key, name),
+        secret,
+        &format!("node-secret-{key}"),
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn join_allocates_lowest_addresses_and_counts_uses() {
+    let dir = TempDir::new("join");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "tok", None, Some(2)).await;
+
+    let a = join_ok(&store, "tok", 1, Some("web-1")).await;
+    assert_eq!(
+        (
+            a.node.id,
+            a.node.name.as_str(),
+            a.node.address.to_string().as_str()
+        ),
+        (1, "web-1", "100.64.0.1")
+    );
+    assert_eq!(a.node.tags, vec!["role=web".to_string()]);
+    assert_eq!(a.node.observed, Some("198.18.5.5:51820".parse().unwrap()));
+    assert_eq!(a.version, 1);
+    let b = join_ok(&store, "tok", 2, None).await;
+    assert_eq!(
+        (b.node.name.as_str(), b.node.address.to_string().as_str()),
+        ("node-2", "100.64.0.2")
+    );
+    assert_eq!(b.version, 2);
+
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("tok", 3, None),
+        "tok",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("no uses left")),
+        "{e}"
+    );
+    let tokens = list_tokens(&store, &ADMIN).await.unwrap();
+    assert_eq!((tokens[0].used, tokens[0].max_uses), (2, Some(2)));
+    assert!(!tokens[0].secret_hash.contains("tok"));
+
+    let unknown = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("nope", 4, None),
+        "nope",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(unknown, ApiError::Unauthorized(_)));
+}
+
+#[tokio::test]
+async fn expired_and_revoked_tokens_are_refused() {
+    let dir = TempDir::new("expiry");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "short", Some(60), None).await;
+    let e = join(
+        &store,
+        1060,
+        &agent(),
+        &join_hello("short", 1, None),
+        "short",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("expired")),
+        "{e}"
+    );
+    join(
+        &store,
+        1059,
+        &agent(),
+        &join_hello("short", 1, None),
+        "short",
+        "s",
+    )
+    .await
+    .unwrap();
+
+    let t = token(&store, "prod", "revoked", None, None).await;
+    revoke_token(&store, &ADMIN, t.id).await.unwrap();
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("revoked", 2, None),
+        "revoked",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("revoked")),
+        "{e}"
+    );
+    assert!(matches!(
+        revoke_token(&store, &ADMIN, 999).await,
+        Err(ApiError::NotFound(_))
+    ));
+
+    let e = create_token(
+        &store,
+        0,
+        &ADMIN,
+        CreateToken {
+            network: "nope".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        },
+        "x",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)));
+}
+
+#[tokio::test]
+async fn addresses_are_stable_across_authentication_and_reopening() {
+    let dir = TempDir::new("stable");
+    let (id, address) = {
+        let store = open(&dir).await;
+        network(&store, "prod", "100.64.0.0/24").await;
+        token(&store, "prod", "tok", None, None).await;
+        join_ok(&store, "tok", 1, None).await;
+        let b = join_ok(&store, "tok", 2, None).await;
+        let again = authenticate(
+            &store,
+            2000,
+            &agent(),
+            &node_hello(b.node.id, "node-secret-2", 2),
+            b.node.id,
+            "node-secret-2",
+        )
+        .await
+        .unwrap();
+        assert_eq!(again.node.address, b.node.address);
+        assert_eq!(again.node.last_seen, Some(2000));
+        assert_eq!(again.version, None, "same endpoints: no change");
+        store.close().await;
+        (b.node.id, b.node.address)
+    };
+    let store = open(&dir).await;
+    let again = authenticate(
+        &store,
+        3000,
+        &agent(),
+        &node_hello(id, "node-secret-2", 2),
+        id,
+        "node-secret-2",
+    )
+    .await
+    .unwrap();
+    assert_eq!((again.node.id, again.node.address), (id, address));
+    let wrong = authenticate(&store, 3000, &agent(), &node_hello(id, "bad", 2), id, "bad")
+        .await
+        .unwrap_err();
+    assert!(matches!(wrong, ApiError::Unauthorized(_)));
+    let other_key = authenticate(
+        &store,
+        3000,
+        &agent(),
+        &node_hello(id, "node-secret-2", 9),
+        id,
+        "node-secret-2",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(other_key, ApiError::Refused(_)));
+}
+
+#[tokio::test]
+async fn deleted_addresses_are_reused_but_ids_are_not() {
+    let dir = TempDir::new("reuse");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "tok", None, None).await;
+    let a = join_ok(&store, "tok", 1, Some("a")).await;
+    join_ok(&store, "tok", 2, Some("b")).await;
+    let deleted = delete_node(&store, &ADMIN, "a", None).await.unwrap();
+    assert_eq!(deleted.node.id, a.node.id);
+    let c = join_ok(&store, "tok", 3, Some("a")).await;
+    assert_eq!(
+        c.node.address, a.node.address,
+        "the lowest free address is the freed one"
+    );
+    assert_eq!(c.node.id, 3, "ids are never reused");
+    let gone = authenticate(
+        &store,
+        2000,
+        &agent(),
+        &node_hello(a.node.id, "node-secret-1", 1),
+        a.node.id,
+        "node-secret-1",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(gone, ApiError::Unauthorized(_)));
+}
+
+#[tokio::test]
+async fn revoked_nodes_are_refused_and_leave_the_map() {
+    let dir = TempDir::new("revoke");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "tok", None, None).await;
+    let a = join_ok(&store, "tok", 1, Some("a")).await;
+    join_ok(&store, "tok", 2, Some("b")).await;
+    let r = revoke_node(&store, &ADMIN, &a.node.id.to_string(), None)
+        .await
+        .unwrap();
+    assert!(r.node.revoked);
+    assert!(r.version.is_some());
+    let again = revoke_node(&store, &ADMIN, "a", None).await.unwrap();
+    assert_eq!(again.version, None, "revoking twice changes nothing");
+    let e = authenticate(
+        &store,
+        2000,
+        &agent(),
+        &node_hello(a.node.id, "node-secret-1", 1),
+        a.node.id,
+        "node-secret-1",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("revoked")),
+        "{e}"
+    );
+    let nodes = list_nodes(&store, &ADMIN, Some("prod")).await.unwrap();
+    assert_eq!(
+        netmap(9, &nodes).peers.keys().copied().collect::<Vec<_>>(),
+        vec![2]
+    );
+    let e = update_endpoints(
+        &store,
+        &Caller::Node {
+            id: a.node.id,
+            remote: IpAddr::from([198, 18, 0, 1]),
+        },
+        &[],
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ApiError::Refused(_)));
+    // A revoked node keeps its address until deleted; deleting it changes no map.
+    let d = delete_node(&store, &ADMIN, "a", Some("prod"))
+        .await
+        .unwrap();
+    assert_eq!(d.version, None);
+}
+
+#[tokio::test]
+async fn names_conflict_within_a_network_only() {
+    let dir = TempDir::new("names");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    network(&store, "dev", "100.64.1.0/24").await;
+    token(&store, "prod", "p", None, None).await;
+    token(&store, "dev", "d", None, None).await;
+    join_ok(&store, "p", 1, Some("web")).await;
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("p", 2, Some("web")),
+        "p",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Conflict(m) if m.contains("web") && m.contains("already used")),
+        "{e}"
+    );
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("p", 1, Some("other")),
+        "p",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Conflict(m) if m.contains("public key")),
+        "{e}"
+    );
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("p", 3, Some("Bad_Name")),
+        "p",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)));
+    let dev = join_ok(&store, "d", 4, Some("web")).await;
+    assert_eq!(dev.node.address.to_string(), "100.64.1.1");
+    assert!(matches!(
+        find_node(&store, &ADMIN, "web", None).await,
+        Err(ApiError::Conflict(_))
+    ));
+    assert_eq!(
+        find_node(&store, &ADMIN, "web", Some("dev"))
+            .await
+            .unwrap()
+            .id,
+        dev.node.id
+    );
+    assert!(matches!(
+        find_node(&store, &ADMIN, "ghost", None).await,
+        Err(ApiError::NotFound(_))
+    ));
+    assert!(matches!(
+        find_node(&store, &ADMIN, "1", Some("dev")).await,
+        Err(ApiError::NotFound(_))
+    ));
+    // Refused joins used no token uses and no addresses.
+    let tokens = list_tokens(&store, &ADMIN).await.unwrap();
+    assert_eq!(
+        tokens.iter().map(|t| t.used).collect::<Vec<_>>(),
+        vec![1, 1]
+    );
+}
+
+#[tokio::test]
+async fn versions_only_grow_even_across_reopening() {
+    let dir = TempDir::new("versions");
+    let mut seen = Vec::new();
+    let a_id;
+    {
+        let store = open(&dir).await;
+        network(&store, "prod", "100.64.0.0/24").await;
+        token(&store, "prod", "tok", None, None).await;
+        let a = join_ok(&store, "tok", 1, Some("a")).await;
+        a_id = a.node.id;
+        seen.push(a.version);
+        seen.push(join_ok(&store, "tok", 2, Some("b")).await.version);
+        let node = Caller::Node {
+            id: a_id,
+            remote: "198.18.9.9".parse().unwrap(),
+        };
+        let ep = [
+            "198.18.0.1:51820".parse().unwrap(),
+            "10.0.0.1:51820".parse().unwrap(),
+        ];
+        let changed = update_endpoints(&store, &node, &ep).await.unwrap();
+        seen.push(changed.version.unwrap());
+        assert_eq!(
+            update_endpoints(&store, &node, &ep).await.unwrap().version,
+            None,
+            "no change, no bump"
+        );
+        seen.push(
+            revoke_node(&store, &ADMIN, "b", None)
+                .await
+                .unwrap()
+                .version
+                .unwrap(),
+        );
+        store.close().await;
+    }
+    let store = open(&dir).await;
+    let net = &list_networks(&store, &ADMIN).await.unwrap()[0];
+    assert_eq!(net.version, *seen.last().unwrap());
+    seen.push(
+        delete_node(&store, &ADMIN, "a", None)
+            .await
+            .unwrap()
+            .version
+            .unwrap(),
+    );
+    assert!(seen.windows(2).all(|w| w[0] < w[1]), "{seen:?}");
+    assert_eq!(
+        list_networks(&store, &ADMIN).await.unwrap()[0].version,
+        *seen.last().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn network_rules() {
+    let dir = TempDir::new("networks");
+    let store = open(&dir).await;
+    network(&store, "prod", "100.64.0.0/16").await;
+    let mk = |name: &str, cidr: &str| CreateNetwork {
+        name: name.into(),
+        cidr: cidr.into(),
+    };
+    let e = create_network(&store, 0, &ADMIN, mk("prod", "10.0.0.0/24"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Conflict(_)));
+    let e = create_network(&store, 0, &ADMIN, mk("other", "100.64.3.0/24"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Conflict(m) if m.contains("overlaps")),
+        "{e}"
+    );
+    let e = create_network(&store, 0, &ADMIN, mk("wide", "100.64.0.0/10"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ApiError::Conflict(_)),
+        "a wider prefix overlaps too"
+    );
+    let e = create_network(&store, 0, &ADMIN, mk("Bad", "10.0.0.0/24"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)));
+    let e = create_network(&store, 0, &agent(), mk("x", "10.0.0.0/24"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Forbidden(_)));
+    create_network(&store, 0, &ADMIN, mk("lab", "10.9.0.0/30"))
+        .await
+        .unwrap();
+    token(&store, "lab", "lab", None, None).await;
+    join_ok(&store, "lab", 1, None).await;
+    join_ok(&store, "lab", 2, None).await;
+    let e = join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("lab", 3, None),
+        "lab",
+        "s",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("no free address")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn the_store_trait_is_object_safe() {
+    let dir = TempDir::new("dyn");
+    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
+    network(store.as_ref(), "prod", "100.64.0.0/24").await;
+    assert_eq!(store.networks().await.unwrap().len(), 1);
+}

@@ -1,0 +1,8 @@
+//! Integration tests of the coordinator, in one binary: handlers over a temporary store, the
+//! admin API on loopback, and QUIC sessions on loopback.
+
+mod admin;
+mod common;
+mod handlers;
+mod quic;
+mod service;

@@ -1,0 +1,350 @@
+//! QUIC tests on 127.0.0.1: agents join with tokens made through the admin API, receive maps
+//! and deltas, get revoked, misbehave, and survive a coordinator restart.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use meshlink_coordinator::server::close_code;
+use meshlink_coordinator::Coordinator;
+use meshlink_proto::control::{ClientMessage, ServerMessage, Welcome};
+use meshlink_proto::token::JoinToken;
+use meshlink_proto::{Netmap, NetmapDelta};
+use serde_json::json;
+
+use crate::common::{http, join_hello, loopback_settings, node_hello, start, Agent, TempDir};
+
+/// Creates a network and returns a fresh join token for it, both through the admin API.
+async fn token_for(c: &Coordinator, network: &str, cidr: &str) -> JoinToken {
+    let t = c.admin_token().value.clone();
+    let body = json!({"name": network, "cidr": cidr}).to_string();
+    let (status, _) = http(
+        c.admin_addr(),
+        "POST",
+        "/v1/networks",
+        Some(&t),
+        Some(&body),
+    )
+    .await;
+    assert!(status == 201 || status == 409, "network: {status}");
+    let body = json!({"network": network}).to_string();
+    let (status, tok) = http(c.admin_addr(), "POST", "/v1/tokens", Some(&t), Some(&body)).await;
+    assert_eq!(status, 201);
+    JoinToken::decode(tok["token"].as_str().unwrap()).unwrap()
+}
+
+fn addr_of(t: &JoinToken) -> SocketAddr {
+    t.coordinator.parse().unwrap()
+}
+
+fn welcome(m: ServerMessage) -> Welcome {
+    match m {
+        ServerMessage::Welcome(w) => w,
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+async fn full_map(a: &mut Agent) -> Netmap {
+    match a.recv().await {
+        Some(ServerMessage::FullMap(m)) => m,
+        other => panic!("expected a full map, got {other:?}"),
+    }
+}
+
+async fn delta(a: &mut Agent) -> NetmapDelta {
+    match a.recv().await {
+        Some(ServerMessage::Delta(d)) => d,
+        other => panic!("expected a delta, got {other:?}"),
+    }
+}
+
+/// Joins and reads the welcome and the full map.
+async fn join(t: &JoinToken, key: u8, name: Option<&str>) -> (Agent, Welcome, Netmap) {
+    let mut a = Agent::connect(addr_of(t), &t.fingerprint).await.unwrap();
+    let w = welcome(a.hello(join_hello(&t.secret, key, name)).await);
+    let m = full_map(&mut a).await;
+    (a, w, m)
+}
+
+#[tokio::test]
+async fn join_deltas_revocation_and_deletion() {
+    let dir = TempDir::new("quic-flow");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let admin = c.admin_token().value.clone();
+    let admin = Some(admin.as_str());
+
+    let (mut a, wa, ma) = join(&t, 1, Some("a")).await;
+    assert_eq!(
+        (wa.node_id, wa.name.as_str(), wa.network.as_str()),
+        (1, "a", "prod")
+    );
+    assert_eq!(wa.addresses, vec!["100.64.0.1/24".parse().unwrap()]);
+    assert_eq!(wa.network_cidr, "100.64.0.0/24".parse().unwrap());
+    let a_secret = wa.node_secret.clone().expect("a secret at join");
+    assert_eq!(ma.version, 1);
+    assert_eq!(
+        ma.peers[&1].addresses,
+        vec!["100.64.0.1/32".parse().unwrap()]
+    );
+    assert_eq!(
+        ma.peers[&1].labels.get("provider").map(String::as_str),
+        Some("test")
+    );
+
+    let (mut b, wb, mb) = join(&t, 2, None).await;
+    assert_eq!((wb.node_id, wb.name.as_str()), (2, "node-2"));
+    assert_eq!((mb.version, mb.peers.len()), (2, 2));
+    let d = delta(&mut a).await;
+    assert_eq!((d.from_version, d.to_version, d.remove.len()), (1, 2, 0));
+    assert_eq!(
+        d.upsert.iter().map(|p| p.node_id).collect::<Vec<_>>(),
+        vec![2]
+    );
+
+    let eps: Vec<SocketAddr> = vec![
+        "198.18.0.2:51820".parse().unwrap(),
+        "10.1.1.1:51820".parse().unwrap(),
+    ];
+    b.send(&ClientMessage::Endpoints {
+        endpoints: eps.clone(),
+    })
+    .await;
+    let d = delta(&mut a).await;
+    assert_eq!((d.from_version, d.to_version), (2, 3));
+    assert_eq!(d.upsert[0].endpoints, eps);
+    assert_eq!(
+        delta(&mut b).await.to_version,
+        3,
+        "the same delta reaches its subject"
+    );
+    b.send(&ClientMessage::Endpoints {
+        endpoints: eps.clone(),
+    })
+    .await;
+
+    a.send(&ClientMessage::FullMapRequest).await;
+    let m = full_map(&mut a).await;
+    assert_eq!(
+        (m.version, m.peers.len()),
+        (3, 2),
+        "repeating endpoints changed nothing"
+    );
+
+    let (status, nodes) = http(c.admin_addr(), "GET", "/v1/nodes?network=prod", admin, None).await;
+    assert_eq!(status, 200);
+    let nodes = nodes.as_array().unwrap().clone();
+    assert_eq!(nodes.len(), 2);
+    let mut k: Vec<&String> = nodes[0].as_object().unwrap().keys().collect();
+    k.sort();
+    assert_eq!(
+        k,
+        [
+            "address",
+            "created_at",
+            "endpoints",
+            "id",
+            "labels",
+            "last_seen",
+            "name",
+            "network",
+            "online",
+            "public_key",
+            "revoked",
+            "tags"
+        ]
+        .iter()
+        .collect::<Vec<_>>()
+    );
+    assert_eq!(nodes[0]["address"], json!("100.64.0.1"));
+    assert_eq!(nodes[0]["online"], json!(true));
+    assert_eq!(
+        nodes[1]["endpoints"],
+        json!(["198.18.0.2:51820", "10.1.1.1:51820"])
+    );
+    let (status, one) = http(c.admin_addr(), "GET", "/v1/nodes/node-2", admin, None).await;
+    assert_eq!((status, one["id"].as_u64()), (200, Some(2)));
+    let (_, st) = http(c.admin_addr(), "GET", "/v1/status", admin, None).await;
+    assert_eq!(
+        (st["nodes"].as_u64(), st["online"].as_u64()),
+        (Some(2), Some(2))
+    );
+
+    let (status, revoked) = http(c.admin_addr(), "POST", "/v1/nodes/a/revoke", admin, None).await;
+    assert_eq!(status, 200, "{revoked}");
+    assert_eq!(revoked["revoked"], json!(true));
+    match a.recv().await {
+        Some(ServerMessage::Revoked { reason }) => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("expected Revoked, got {other:?}"),
+    }
+    assert_eq!(a.closed_code().await, u64::from(close_code::REVOKED));
+    let d = delta(&mut b).await;
+    assert_eq!(
+        (d.from_version, d.to_version, d.remove.clone()),
+        (3, 4, vec![1])
+    );
+
+    let mut again = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    match again.hello(node_hello(1, &a_secret, 1)).await {
+        ServerMessage::Refused { reason } => assert!(reason.contains("revoked"), "{reason}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    assert_eq!(again.closed_code().await, u64::from(close_code::REFUSED));
+
+    let (status, _) = http(c.admin_addr(), "DELETE", "/v1/nodes/2", admin, None).await;
+    assert_eq!(status, 204);
+    assert!(matches!(
+        b.recv().await,
+        Some(ServerMessage::Revoked { .. })
+    ));
+    assert_eq!(b.closed_code().await, u64::from(close_code::REVOKED));
+    let (_, st) = http(c.admin_addr(), "GET", "/v1/status", admin, None).await;
+    assert_eq!(
+        (st["nodes"].as_u64(), st["online"].as_u64()),
+        (Some(0), Some(0))
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn bad_agents_lose_only_their_own_session() {
+    let dir = TempDir::new("quic-bad");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (mut good, _, _) = join(&t, 1, Some("good")).await;
+
+    // Malformed JSON after the hello.
+    let (mut bad, _, _) = join(&t, 2, None).await;
+    bad.send_raw(&[0, 0, 0, 3, b'x', b'y', b'z']).await;
+    assert_eq!(bad.closed_code().await, u64::from(close_code::PROTOCOL));
+
+    // An oversized length prefix before anything else.
+    let mut big = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    big.send_raw(&(1u32 << 20).to_be_bytes()).await;
+    assert_eq!(big.closed_code().await, u64::from(close_code::PROTOCOL));
+
+    // Something other than a hello first.
+    let mut early = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    early.send(&ClientMessage::FullMapRequest).await;
+    assert_eq!(early.closed_code().await, u64::from(close_code::PROTOCOL));
+
+    // A second hello.
+    let (mut twice, _, _) = join(&t, 4, None).await;
+    twice
+        .send(&ClientMessage::Hello(join_hello(&t.secret, 5, None)))
+        .await;
+    assert_eq!(twice.closed_code().await, u64::from(close_code::PROTOCOL));
+
+    // A wrong pin never gets a session.
+    assert!(Agent::connect(addr_of(&t), &"00".repeat(32)).await.is_err());
+
+    // The good agent saw the two joins and still gets answers.
+    assert_eq!(delta(&mut good).await.to_version, 2);
+    assert_eq!(delta(&mut good).await.to_version, 3);
+    good.send(&ClientMessage::FullMapRequest).await;
+    let m = full_map(&mut good).await;
+    assert_eq!((m.version, m.peers.len()), (3, 3));
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn silence_and_floods_are_cut_off() {
+    let dir = TempDir::new("quic-limits");
+    let mut s = loopback_settings(dir.path());
+    s.limits.hello_timeout = Duration::from_secs(1);
+    s.limits.message_rate = 1;
+    s.limits.message_burst = 5;
+    let c = Coordinator::start(&s).await.unwrap();
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+
+    let silent = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(
+        silent.closed_code().await,
+        u64::from(close_code::HELLO_TIMEOUT)
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let (mut flood, _, _) = join(&t, 1, None).await;
+    for _ in 0..20 {
+        flood.send(&ClientMessage::FullMapRequest).await;
+    }
+    assert_eq!(
+        flood.closed_code().await,
+        u64::from(close_code::RATE_LIMITED)
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_new_session_replaces_the_old_one() {
+    let dir = TempDir::new("quic-replace");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (old, w, _) = join(&t, 1, None).await;
+    let mut new = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    let w2 = welcome(
+        new.hello(node_hello(w.node_id, w.node_secret.as_deref().unwrap(), 1))
+            .await,
+    );
+    assert_eq!(
+        (w2.node_id, w2.addresses.clone(), w2.node_secret.clone()),
+        (w.node_id, w.addresses.clone(), None)
+    );
+    assert_eq!(old.closed_code().await, u64::from(close_code::REPLACED));
+    let m = full_map(&mut new).await;
+    assert_eq!(m.peers.len(), 1);
+    assert!(
+        c.service().hub().is_online("prod", w.node_id),
+        "the replaced session does not detach the new one"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_keeps_identity_addresses_and_versions() {
+    let dir = TempDir::new("quic-restart");
+    let c = start(dir.path()).await;
+    assert!(c.admin_token().created);
+    let fingerprint = c.fingerprint().to_string();
+    let admin = c.admin_token().value.clone();
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (a, _, _) = join(&t, 1, Some("a")).await;
+    let (_b, wb, mb) = join(&t, 2, Some("b")).await;
+    c.shutdown().await;
+    assert_eq!(a.closed_code().await, u64::from(close_code::SHUTDOWN));
+
+    let c = start(dir.path()).await;
+    assert_eq!(c.fingerprint(), fingerprint);
+    assert!(!c.admin_token().created);
+    assert_eq!(c.admin_token().value, admin);
+    let mut b = Agent::connect(c.quic_addr(), c.fingerprint())
+        .await
+        .unwrap();
+    let w = welcome(
+        b.hello(node_hello(
+            wb.node_id,
+            wb.node_secret.as_deref().unwrap(),
+            2,
+        ))
+        .await,
+    );
+    assert_eq!(
+        (w.node_id, w.addresses.clone()),
+        (wb.node_id, vec!["100.64.0.2/24".parse().unwrap()])
+    );
+    let m = full_map(&mut b).await;
+    assert!(m.version >= mb.version);
+    assert_eq!(m.peers.len(), 2);
+
+    // The token from before the restart still works, and the next address is the next one.
+    let t2 = JoinToken {
+        coordinator: c.quic_addr().to_string(),
+        ..t
+    };
+    let (_c3, w3, _) = join(&t2, 3, None).await;
+    assert_eq!(w3.addresses, vec!["100.64.0.3/24".parse().unwrap()]);
+    assert_eq!(w3.node_id, 3);
+    let d = delta(&mut b).await;
+    assert_eq!(d.from_version, m.version);
+    c.shutdown().await;
+}

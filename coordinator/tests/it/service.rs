@@ -1,0 +1,116 @@
+//! The service in process, without sockets: many agents, one encoded delta per change, and a
+//! clock the test moves.
+
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use meshlink_coordinator::handlers::networks::CreateNetwork;
+use meshlink_coordinator::handlers::tokens::CreateToken;
+use meshlink_coordinator::handlers::ApiError;
+use meshlink_coordinator::hub::Outbound;
+use meshlink_coordinator::service::{Clock, Service, Session};
+use meshlink_coordinator::store::{SqliteStore, UnixTime};
+
+use crate::common::{join_hello, TempDir};
+
+struct TestClock(AtomicI64);
+
+impl Clock for TestClock {
+    fn now(&self) -> UnixTime {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+async fn service(dir: &TempDir, clock: Arc<TestClock>, queue: usize) -> Service {
+    let store = SqliteStore::open(&dir.path().join("coordinator.db"))
+        .await
+        .unwrap();
+    let s = Service::load(Arc::new(store), clock, queue).await.unwrap();
+    s.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/16".into(),
+    })
+    .await
+    .unwrap();
+    s
+}
+
+fn remote() -> IpAddr {
+    "198.18.3.3".parse().unwrap()
+}
+
+#[tokio::test]
+async fn each_change_is_encoded_once_for_every_session() {
+    const N: usize = 200;
+    let dir = TempDir::new("svc-fanout");
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+    let s = service(&dir, clock, 2 * N).await;
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+
+    let started = Instant::now();
+    let mut sessions: Vec<Session> = Vec::new();
+    for i in 0..N {
+        let mut hello = join_hello(&secret, 0, None);
+        hello.public_key.0[1] = i as u8;
+        hello.public_key.0[2] = (i >> 8) as u8;
+        sessions.push(s.hello(&hello, remote()).await.unwrap());
+    }
+    let elapsed = started.elapsed();
+    assert!(elapsed.as_secs() < 30, "{N} joins took {elapsed:?}");
+    assert_eq!(s.hub().online_count("prod"), N);
+
+    // The last join reached the N-1 earlier sessions as the very same bytes.
+    let mut last_frames = Vec::new();
+    for (i, session) in sessions.iter_mut().enumerate().take(N - 1) {
+        let mut last = None;
+        let mut count = 0;
+        while let Ok(Outbound::Frame(f)) = session.attached.rx.try_recv() {
+            last = Some(f);
+            count += 1;
+        }
+        assert_eq!(count, N - 1 - i, "session {i} got one delta per later join");
+        last_frames.push(last.unwrap());
+    }
+    assert!(last_frames.iter().all(|f| Arc::ptr_eq(f, &last_frames[0])));
+    let full = s.hub().full_map("prod").unwrap();
+    assert!(
+        last_frames[0].len() * 20 < full.len(),
+        "a delta is small next to the full map"
+    );
+}
+
+#[tokio::test]
+async fn token_expiry_follows_the_service_clock() {
+    let dir = TempDir::new("svc-clock");
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+    let s = service(&dir, clock.clone(), 16).await;
+    let (t, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: Some(60),
+            uses: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!(t.expires_at, Some(1_060));
+    s.hello(&join_hello(&secret, 1, None), remote())
+        .await
+        .unwrap();
+    clock.0.store(1_060, Ordering::Relaxed);
+    let e = s
+        .hello(&join_hello(&secret, 2, None), remote())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Refused(_)), "{e}");
+}
