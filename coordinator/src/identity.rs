@@ -23,9 +23,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
-/// The name in the coordinator's certificate (subject alternative name), and the server name
-/// agents use.
-pub const SERVER_NAME: &str = "meshlink-coordinator";
+pub use meshlink_proto::control::SERVER_NAME;
 /// Certificate file (PEM) in the state directory.
 pub const CERT_FILE: &str = "coordinator.crt";
 /// Private key file (PEM, 0600) in the state directory.

@@ -35,8 +35,7 @@ use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
 use crate::service::{Service, Session};
 
-/// The ALPN protocol of the control channel.
-pub const ALPN: &[u8] = b"meshlink/1";
+pub use meshlink_proto::control::ALPN;
 
 /// How long the coordinator waits for the agent to receive its last message (`Refused`,
 /// `Revoked`) before closing the connection.

@@ -21,6 +21,11 @@ use serde::{Deserialize, Serialize};
 use crate::key::PublicKey;
 use crate::netmap::{Netmap, NetmapDelta, NodeId};
 
+/// The ALPN protocol of the control channel (QUIC, TLS 1.3).
+pub const ALPN: &[u8] = b"meshlink/1";
+/// The name the coordinator's certificate is issued to and clients ask for.
+pub const SERVER_NAME: &str = "meshlink-coordinator";
+
 /// The protocol version this code speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 /// The largest message an agent may send (the coordinator closes the session past it).
