@@ -156,8 +156,13 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         fwmark: args.fwmark,
         uapi_dir: args.uapi_dir,
     };
-    let joined = args.state_dir.join("node.json").exists();
-    let mesh_mode = args.token.is_some() || (args.config.is_none() && args.wg_quick.is_none() && joined);
+    // Static peers come from a config or wg-quick file, or at least a private key given by
+    // flag or variable; without any of those the agent is a mesh node (joined or joining).
+    let static_source = args.config.is_some()
+        || args.wg_quick.is_some()
+        || overrides.private_key_file.is_some()
+        || ["MESHLINK_CONFIG", "MESHLINK_WG_QUICK", "MESHLINK_PRIVATE_KEY_FILE"].iter().any(|v| config::process_env(v).is_some_and(|x| !x.is_empty()));
+    let mesh_mode = args.token.is_some() || !static_source;
     let rt = runtime()?;
     if mesh_mode {
         let state = StateDir::open(&args.state_dir)?;
@@ -186,6 +191,20 @@ async fn shutdown_signal() {
     }
 }
 
+/// The UDP port for a mesh node: the one asked for, else the one peers know (`known`), else
+/// WireGuard's usual 51820; any of them only if free, else 0 (the system picks).
+fn preferred_port(settings: &meshlink_agent::settings::Settings, known: Option<u16>) -> u16 {
+    if settings.device.listen_port != 0 {
+        return settings.device.listen_port;
+    }
+    let free = |p: u16| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok();
+    match known {
+        Some(p) if free(p) => p,
+        None if free(51820) => 51820,
+        _ => 0,
+    }
+}
+
 /// `up --token` (or a restart of a joined node): join if needed, then run with the control loop.
 async fn up_mesh(
     mut settings: meshlink_agent::settings::Settings,
@@ -205,11 +224,23 @@ async fn up_mesh(
             (node, map, None)
         }
         None => {
-            let text = token.ok_or_else(|| anyhow::anyhow!("this node has not joined a network: pass --token (from `meshctl token create`)"))?;
+            let text = token.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: this node has not joined a network (or was revoked): pass --token from `meshctl token create` \
+                     (a revoked node must be deleted with `meshctl node delete` before it joins again), \
+                     or give static peers with --config or --wg-quick",
+                    state.path().display()
+                )
+            })?;
             let token = JoinToken::decode(&text).map_err(ControlError::from)?;
+            let port = preferred_port(&settings, None);
+            let endpoints = match port {
+                0 => Vec::new(),
+                p => ctl::local_endpoints(p, &settings.interface, &"0.0.0.0/32".parse().expect("a valid prefix")),
+            };
             let mut backoff = std::time::Duration::from_secs(1);
             let (node, map, session) = loop {
-                match ctl::join(&token, public_key, name.clone(), labels.clone()).await {
+                match ctl::join(&token, public_key, name.clone(), labels.clone(), endpoints.clone()).await {
                     Ok(joined) => break joined,
                     Err(e @ ControlError::Connect { .. }) => {
                         tracing::warn!("{e}; retrying in {backoff:?}");
@@ -229,16 +260,7 @@ async fn up_mesh(
         }
     };
     settings.addresses = node.addresses.clone();
-    // Keep the port peers know, unless one was asked for; a first start takes WireGuard's usual
-    // port when it is free.
-    if settings.device.listen_port == 0 {
-        let free = |p: u16| std::net::UdpSocket::bind(("0.0.0.0", p)).is_ok();
-        settings.device.listen_port = match node.listen_port {
-            Some(p) if free(p) => p,
-            None if free(51820) => 51820,
-            _ => 0,
-        };
-    }
+    settings.device.listen_port = preferred_port(&settings, node.listen_port);
     let (tx, rx) = tokio::sync::watch::channel(map);
     let control = MeshControl::new(state, node.clone(), public_key, tx, first);
     run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control })).await?;

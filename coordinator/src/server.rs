@@ -24,6 +24,7 @@ use meshlink_proto::control::{
     encode, ClientMessage, CodecError, Decoder, ServerMessage, MAX_CLIENT_MESSAGE,
 };
 use quinn::crypto::rustls::QuicServerConfig;
+use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at};
@@ -144,10 +145,19 @@ pub fn endpoint(
         .max_idle_timeout(limits.idle_timeout.try_into().ok());
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
-    quinn::Endpoint::server(config, listen).map_err(|source| ServerError::Bind {
-        addr: listen,
-        source,
-    })
+    // The stateless-reset key is derived from the identity, so it survives restarts: agents
+    // whose sessions died with an earlier process get a reset on their next keepalive and
+    // reconnect at once, instead of waiting out the idle timeout.
+    let mut seed = Sha256::new();
+    seed.update(b"meshlink stateless reset v1");
+    seed.update(identity.key.secret_der());
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed.finalize());
+    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let bind = |source| ServerError::Bind { addr: listen, source };
+    let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
 }
 
 /// Accepts connections until `shutdown` changes (or its sender is dropped), then closes the

@@ -24,13 +24,22 @@
 //! Most tests start from [`TwoHosts`]: two namespaces on one veth with keys, addresses and
 //! interface names already chosen.
 //!
+//! The mesh tests use [`Providers`] instead: a router namespace with one bridge per simulated
+//! cloud provider (198.18.1.0/24, 198.18.2.0/24, ...), hosts on those bridges routing the
+//! underlay through their provider's router. On them run a [`Coordinator`] (state kept across
+//! restarts and kills, [`Meshctl`] inside its namespace for the admin API) and agents that join
+//! with a token ([`MeshAgent`]); [`Reach`] checks many overlay paths at once.
+//!
 //! The helpers panic with a descriptive message instead of returning errors: they are for
 //! tests, where a panic with context is the most useful failure.
 
 pub mod agent;
+pub mod coordinator;
 pub mod keys;
+pub mod mesh;
 pub mod netns;
 pub mod process;
+pub mod providers;
 pub mod scratch;
 pub mod topology;
 pub mod wait;
@@ -44,9 +53,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
 pub use agent::{Agent, AgentConfig, ConfigFormat, PeerConfig};
+pub use coordinator::{Coordinator, Meshctl, NodeInfo};
 pub use keys::{write_secret, Keypair};
-pub use netns::{host_run, veth, Netns, NsRef, Veth};
+pub use mesh::{MeshAgent, Reach};
+pub use netns::{host_run, veth, veth_link, Netns, NsRef, Veth};
 pub use process::Process;
+pub use providers::{Provider, ProviderHost, Providers};
 pub use scratch::ScratchDir;
 pub use topology::{Host, TwoHosts};
 pub use wait::{wait_until, TimedOut};
@@ -158,6 +170,46 @@ fn assert_real_clock(binary: &std::path::Path) {
          with `cargo build -p meshlink-agent`",
         binary.display()
     );
+}
+
+/// A workspace binary: `$env_var` if set, else `<target>/<profile>/name`.
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+fn workspace_bin(name: &str, env_var: &str, package: &str) -> PathBuf {
+    let path = match std::env::var_os(env_var) {
+        Some(path) => PathBuf::from(path),
+        None => target_profile_dir().join(name),
+    };
+    assert!(
+        path.is_file(),
+        "{} does not exist: run `cargo build -p {package}` first (or point {env_var} at the \
+         binary)",
+        path.display()
+    );
+    path
+}
+
+/// The `meshlink-coordinator` binary under test: `$MESHLINK_COORDINATOR_BIN` if set, else the
+/// one next to this test's executable.
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+pub fn coordinator_bin() -> PathBuf {
+    workspace_bin(
+        "meshlink-coordinator",
+        "MESHLINK_COORDINATOR_BIN",
+        "meshlink-coordinator",
+    )
+}
+
+/// The `meshctl` binary under test: `$MESHLINK_MESHCTL_BIN` if set, else the one next to this
+/// test's executable.
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+pub fn meshctl_bin() -> PathBuf {
+    workspace_bin("meshctl", "MESHLINK_MESHCTL_BIN", "meshctl")
 }
 
 /// The `meshlink-xfer` binary of this crate, which Cargo builds before the integration tests.

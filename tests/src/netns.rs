@@ -273,6 +273,19 @@ pub struct Veth {
 /// # Panics
 /// When any `ip` command fails.
 pub fn veth(a: &NsRef, a_addr: &str, b: &NsRef, b_addr: &str) -> Veth {
+    let ends = veth_link(a, b);
+    for (ns, dev, addr) in [(a, &ends.a, a_addr), (b, &ends.b, b_addr)] {
+        ns.ip(&["addr", "add", addr, "dev", dev]);
+    }
+    ends
+}
+
+/// Joins two namespaces with a veth pair (MTU 1500, both ends up) without addresses, e.g. to
+/// put one end on a bridge.
+///
+/// # Panics
+/// When any `ip` command fails.
+pub fn veth_link(a: &NsRef, b: &NsRef) -> Veth {
     let base = unique_name("v");
     let ends = Veth {
         a: format!("{base}a"),
@@ -300,8 +313,7 @@ pub fn veth(a: &NsRef, a_addr: &str, b: &NsRef, b_addr: &str) -> Veth {
             "1500",
         ],
     );
-    for (ns, dev, addr) in [(a, &ends.a, a_addr), (b, &ends.b, b_addr)] {
-        ns.ip(&["addr", "add", addr, "dev", dev]);
+    for (ns, dev) in [(a, &ends.a), (b, &ends.b)] {
         ns.ip(&["link", "set", dev, "up"]);
     }
     ends

@@ -134,7 +134,8 @@ fn kind(m: &ServerMessage) -> &'static str {
     }
 }
 
-/// Joins the network a token names. The private key stays here; only `public_key` is sent.
+/// Joins the network a token names, reporting `endpoints` (the node's underlay addresses and
+/// WireGuard port, when already known). The private key stays here; only `public_key` is sent.
 ///
 /// # Errors
 /// [`ControlError`]: unreachable coordinator, refused token, protocol trouble.
@@ -143,9 +144,10 @@ pub async fn join(
     public_key: PublicKey,
     name: Option<String>,
     labels: BTreeMap<String, String>,
+    endpoints: Vec<SocketAddr>,
 ) -> Result<(NodeState, Netmap, Session), ControlError> {
     let mut s = Session::connect(&token.coordinator, &token.fingerprint).await?;
-    let hello = Hello { protocol: PROTOCOL_VERSION, auth: Auth::JoinToken { secret: token.secret.clone() }, public_key, name, labels, endpoints: vec![] };
+    let hello = Hello { protocol: PROTOCOL_VERSION, auth: Auth::JoinToken { secret: token.secret.clone() }, public_key, name, labels, endpoints };
     let (w, map) = s.hello(hello).await?;
     let secret = w.node_secret.clone().ok_or_else(|| ControlError::Protocol("the welcome after a join carries no node secret".into()))?;
     let node = NodeState {
