@@ -68,6 +68,10 @@ pub struct Fanout {
     pub dropped: usize,
 }
 
+/// Queue places reserved for a session's closing messages (a last frame such as `Revoked`,
+/// then the close), so that a session whose queue filled up still learns why it ends.
+const CLOSE_ROOM: usize = 2;
+
 #[derive(Debug)]
 struct Slot {
     serial: u64,
@@ -167,8 +171,14 @@ impl Hub {
             bytes: frame.len(),
             ..Fanout::default()
         };
-        net.sessions.retain(
-            |node, slot| match slot.tx.try_send(Outbound::Frame(frame.clone())) {
+        net.sessions.retain(|node, slot| {
+            // The last CLOSE_ROOM places are kept for a closing message (see `close`).
+            let send = if slot.tx.capacity() > CLOSE_ROOM {
+                slot.tx.try_send(Outbound::Frame(frame.clone()))
+            } else {
+                Err(mpsc::error::TrySendError::Full(Outbound::Frame(frame.clone())))
+            };
+            match send {
                 Ok(()) => {
                     fanout.sessions += 1;
                     true
@@ -179,8 +189,8 @@ impl Hub {
                     false
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => false,
-            },
-        );
+            }
+        });
         Some(fanout)
     }
 
@@ -194,7 +204,7 @@ impl Hub {
         if let Some(old) = net.sessions.remove(&node) {
             let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
         }
-        let (tx, rx) = mpsc::channel(self.queue_depth);
+        let (tx, rx) = mpsc::channel(self.queue_depth + CLOSE_ROOM);
         net.sessions.insert(node, Slot { serial, tx });
         Some(Attached {
             serial,

@@ -300,17 +300,22 @@ impl MeshControl {
         s.send(&ClientMessage::Endpoints { endpoints: endpoints.clone() }).await?;
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // After a gap, deltas are skipped until the one full map asked for arrives.
+        let mut awaiting_full_map = false;
         loop {
             tokio::select! {
                 m = s.recv() => match m? {
                     ServerMessage::FullMap(m) => {
+                        awaiting_full_map = false;
                         map = m;
                         self.publish(map.clone());
                     }
+                    ServerMessage::Delta(_) if awaiting_full_map => {}
                     ServerMessage::Delta(d) => match map.apply(&d) {
                         Ok(()) => self.publish(map.clone()),
                         Err(gap) => {
                             info!("{gap}; asking for a full map");
+                            awaiting_full_map = true;
                             s.send(&ClientMessage::FullMapRequest).await?;
                         }
                     },

@@ -6,3 +6,4 @@ mod common;
 mod handlers;
 mod quic;
 mod service;
+mod simulation;

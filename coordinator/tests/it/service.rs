@@ -114,3 +114,32 @@ async fn token_expiry_follows_the_service_clock() {
         .unwrap_err();
     assert!(matches!(e, ApiError::Refused(_)), "{e}");
 }
+
+#[tokio::test]
+async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
+    let dir = TempDir::new("svc-revoke-full");
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+    let s = service(&dir, clock, 1).await;
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    let mut a = s.hello(&join_hello(&secret, 1, None), remote()).await.unwrap();
+    // b's join fills a's one-place queue.
+    let _b = s.hello(&join_hello(&secret, 2, None), remote()).await.unwrap();
+    s.revoke_node(&a.node.to_string(), None).await.unwrap();
+    let mut got = Vec::new();
+    while let Ok(out) = a.attached.rx.try_recv() {
+        got.push(out);
+    }
+    let revoked = got.iter().any(|o| {
+        matches!(o, Outbound::Frame(f) if std::str::from_utf8(&f[4..]).is_ok_and(|t| t.contains("\"revoked\"")))
+    });
+    assert!(revoked, "no Revoked frame reached the session: {got:?}");
+    assert!(matches!(got.last(), Some(Outbound::Close(_))), "the session was not closed: {got:?}");
+}
