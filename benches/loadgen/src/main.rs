@@ -1,1 +1,553 @@
-fn main() {}
+//! `meshlink-loadgen`: the control-plane propagation benchmark. See `README.md` beside
+//! `Cargo.toml` for what it measures and how to read the results.
+//!
+//! Phases:
+//!
+//! ```text
+//! start a coordinator (in-process) or use an external one
+//!   ─> admin API: a network and a join token with N uses
+//!   ─> ramp: N agents join over QUIC at a controlled pace (each join is a change, so the
+//!      ramp costs O(N²) bytes in total; it is reported, not measured)
+//!   ─> drain: wait until every agent holds the network's version
+//!   ─> K changes, one at a time: an existing agent reports new endpoints; time until every
+//!      agent has applied the delta, bytes on the wire, CPU
+//!   ─> check every agent's map against the coordinator's, report, shut down
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use meshlink_coordinator::server::Limits;
+use meshlink_coordinator::service::Service;
+use meshlink_coordinator::{Coordinator, Settings};
+use meshlink_loadgen::admin::{Admin, NetworkState};
+use meshlink_loadgen::agent::Shared;
+use meshlink_loadgen::fleet::{Fleet, RampKind, RampPlan};
+use meshlink_loadgen::report::{ChangeResult, RampResult, RunReport, Spread};
+use meshlink_loadgen::scoreboard::Scoreboard;
+use meshlink_loadgen::sys;
+use meshlink_loadgen::table::{map_digest, TableKind};
+use meshlink_proto::token::JoinToken;
+
+/// Above this many agents, `--map auto` keeps digests instead of whole maps (see `table.rs`).
+const FULL_MAP_AGENTS: usize = 2000;
+/// Traffic and CPU of a change are read this long after the last agent applied it, so that
+/// the acknowledgements (delayed up to 25 ms by QUIC) and the coordinator's retransmissions
+/// of deltas whose acknowledgement was dropped (after a probe timeout of some tens of
+/// milliseconds on loopback) are counted with it.
+const SETTLE: Duration = Duration::from_millis(250);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RampArg {
+    /// Every agent joins and stays connected; each join is a delta to every agent already
+    /// connected (N²/2 deltas in all).
+    Live,
+    /// Every agent joins and disconnects after its welcome, then every agent connects with
+    /// its node credentials (no deltas; each still receives a full map).
+    Enroll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum MapArg {
+    /// Whole maps up to 2,000 agents, digests above.
+    Auto,
+    /// A whole `Netmap` per agent, as the real agent (about 300 B per peer per agent).
+    Full,
+    /// A digest per peer per agent.
+    Compact,
+}
+
+/// Measures how one change to a network's map reaches N agents over real QUIC on loopback.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Simulated agents.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Measured changes.
+    #[arg(long, default_value_t = 20)]
+    changes: usize,
+    /// Unmeasured changes before the measured ones.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Write the full report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// How agents come online before the measurement.
+    #[arg(long, value_enum, default_value_t = RampArg::Live)]
+    ramp: RampArg,
+    /// Joins in flight at once during the ramp.
+    #[arg(long, default_value_t = 16)]
+    join_concurrency: usize,
+    /// Joins started per second at most (0: as fast as --join-concurrency allows).
+    #[arg(long, default_value_t = 0.0)]
+    join_rate: f64,
+    /// Client UDP sockets the agents' connections are spread over [default: one per 500
+    /// agents, 1 to 32].
+    #[arg(long)]
+    client_endpoints: Option<usize>,
+    /// Receive and send buffer asked for each client socket, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    socket_buffer: usize,
+    /// How agents hold their maps.
+    #[arg(long, value_enum, default_value_t = MapArg::Auto)]
+    map: MapArg,
+    /// Pause between changes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    interval_ms: u64,
+    /// How long to wait for one change to reach every agent, in seconds.
+    #[arg(long, default_value_t = 60)]
+    change_timeout_secs: u64,
+    /// How long to wait for the agents to drain after the ramp, in seconds.
+    #[arg(long, default_value_t = 1800)]
+    drain_timeout_secs: u64,
+    /// Worker threads of the in-process coordinator's runtime.
+    #[arg(long, default_value_t = 2)]
+    coordinator_threads: usize,
+    /// Worker threads of the agents' runtime.
+    #[arg(long, default_value_t = 2)]
+    agent_threads: usize,
+    /// The network to create [default: loadgen-<agents>-<pid>].
+    #[arg(long)]
+    network: Option<String>,
+    /// The network's prefix [default: 100.64.0.0/16, or /10 past 65,000 agents].
+    #[arg(long)]
+    cidr: Option<String>,
+    /// State directory of the in-process coordinator [default: a new one under the temporary
+    /// directory, removed at the end].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Keep the in-process coordinator's state directory.
+    #[arg(long)]
+    keep_state: bool,
+    /// Use the coordinator at this QUIC address instead of starting one.
+    #[arg(long, requires_all = ["fingerprint", "admin"])]
+    coordinator: Option<SocketAddr>,
+    /// The external coordinator's certificate fingerprint (hex SHA-256).
+    #[arg(long)]
+    fingerprint: Option<String>,
+    /// The external coordinator's admin API base URL (http://127.0.0.1:7444).
+    #[arg(long)]
+    admin: Option<String>,
+    /// The external coordinator's admin token.
+    #[arg(long, env = "MESHLINK_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
+    admin_token: Option<String>,
+    /// A file holding the external coordinator's admin token.
+    #[arg(long)]
+    admin_token_file: Option<PathBuf>,
+    /// No progress lines on standard error.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// Where the agents connect, and how to administer it.
+struct Target {
+    quic: SocketAddr,
+    fingerprint: String,
+    admin: Admin,
+    /// The in-process coordinator's service, to compare the agents' maps with its own.
+    service: Option<Arc<Service>>,
+    describe: String,
+    limits: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if args.agents == 0 {
+        bail!("--agents must be at least 1");
+    }
+    let n = args.agents;
+    let table = match args.map {
+        MapArg::Full => TableKind::Full,
+        MapArg::Compact => TableKind::Compact,
+        MapArg::Auto if n <= FULL_MAP_AGENTS => TableKind::Full,
+        MapArg::Auto => TableKind::Compact,
+    };
+
+    let agent_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.agent_threads.max(1))
+        .thread_name("ml-agents")
+        .enable_all()
+        .build()
+        .context("agents' runtime")?;
+
+    // The coordinator, in-process or not.
+    let mut in_process: Option<(tokio::runtime::Runtime, Coordinator, PathBuf)> = None;
+    let target = match args.coordinator {
+        Some(quic) => {
+            let token = match (&args.admin_token, &args.admin_token_file) {
+                (Some(t), _) => t.clone(),
+                (None, Some(path)) => std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                (None, None) => bail!("--coordinator needs --admin-token or --admin-token-file"),
+            };
+            Target {
+                quic,
+                fingerprint: args.fingerprint.clone().unwrap_or_default(),
+                admin: Admin::new(args.admin.as_deref().unwrap_or_default(), &token),
+                service: None,
+                describe: format!("external coordinator {quic}"),
+                limits: Vec::new(),
+            }
+        }
+        None => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.coordinator_threads.max(1))
+                .thread_name("ml-coord")
+                .enable_all()
+                .build()
+                .context("coordinator's runtime")?;
+            let dir = args.state_dir.clone().unwrap_or_else(|| {
+                let nanos = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos());
+                std::env::temp_dir().join(format!(
+                    "meshlink-loadgen-{}-{nanos}",
+                    std::process::id()
+                ))
+            });
+            let mut settings = Settings::with_state_dir(dir.clone());
+            settings.listen = "127.0.0.1:0".parse()?;
+            settings.admin_listen = "127.0.0.1:0".parse()?;
+            let d = Limits::default();
+            // Room for every agent, and a queue that holds every delta of the ramp, so that
+            // an agent slowed down by the shared CPU is not dropped as lagging.
+            settings.limits.max_connections = d.max_connections.max(n + 64);
+            settings.limits.session_queue = d.session_queue.max(n + 256);
+            let limits = vec![
+                format!("max_connections={}", settings.limits.max_connections),
+                format!("session_queue={}", settings.limits.session_queue),
+            ];
+            let coordinator = rt
+                .block_on(Coordinator::start(&settings))
+                .context("starting the coordinator")?;
+            let target = Target {
+                quic: coordinator.quic_addr(),
+                fingerprint: coordinator.fingerprint().to_string(),
+                admin: Admin::new(
+                    &format!("http://{}", coordinator.admin_addr()),
+                    &coordinator.admin_token().value,
+                ),
+                service: Some(coordinator.service().clone()),
+                describe: "in-process".into(),
+                limits,
+            };
+            in_process = Some((rt, coordinator, dir));
+            target
+        }
+    };
+
+    let network = args
+        .network
+        .clone()
+        .unwrap_or_else(|| format!("loadgen-{n}-{}", std::process::id()));
+    let cidr = args.cidr.clone().unwrap_or_else(|| {
+        if n < 65_000 { "100.64.0.0/16" } else { "100.64.0.0/10" }.to_string()
+    });
+    target
+        .admin
+        .create_network(&network, &cidr)
+        .context("creating the network")?;
+    // N uses, plus a few for joins that are tried again after the coordinator completed
+    // them but the agent did not hear back (each such join leaves an offline node).
+    let token_uses = (n + (n / 50).max(16)) as u64;
+    let text = target
+        .admin
+        .create_token(&network, token_uses)
+        .context("creating the join token")?;
+    let token = JoinToken::decode(&text).context("the join token")?;
+
+    let outcome = agent_rt.block_on(run(&args, &target, &network, table, &token.secret))
+        .map(|mut report| {
+            report.token_uses = token_uses;
+            report
+        });
+
+    if let Some((rt, coordinator, dir)) = in_process {
+        rt.block_on(coordinator.shutdown());
+        rt.shutdown_timeout(Duration::from_secs(5));
+        if !args.keep_state && args.state_dir.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    agent_rt.shutdown_timeout(Duration::from_secs(5));
+
+    let report = outcome?;
+    println!("{}", report.markdown());
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Reads the network's state through the admin API, off the runtime's threads.
+async fn network_state(admin: &Admin, network: &str) -> anyhow::Result<NetworkState> {
+    let (admin, network) = (admin.clone(), network.to_string());
+    Ok(tokio::task::spawn_blocking(move || admin.network(&network)).await??)
+}
+
+/// The endpoint agent `agent` reports for change `k`: distinct for every change.
+fn change_endpoint(k: usize) -> SocketAddr {
+    let k = u32::try_from(k).unwrap_or(0);
+    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + (k & 0xffff));
+    SocketAddr::from((ip, 40000 + (k % 20000) as u16))
+}
+
+/// The agent that makes change `k`: spread over the fleet.
+fn change_agent(k: usize, agents: usize) -> usize {
+    (k.wrapping_mul(7919).wrapping_add(13)) % agents
+}
+
+async fn run(
+    args: &Args,
+    target: &Target,
+    network: &str,
+    table: TableKind,
+    token: &str,
+) -> anyhow::Result<RunReport> {
+    let n = args.agents;
+    let board = Arc::new(Scoreboard::new(n));
+    let shared = Arc::new(Shared {
+        server: target.quic,
+        table,
+        board: board.clone(),
+        stopping: AtomicBool::new(false),
+    });
+    let plan = RampPlan {
+        agents: n,
+        kind: match args.ramp {
+            RampArg::Live => RampKind::Live,
+            RampArg::Enroll => RampKind::Enroll,
+        },
+        client_endpoints: args
+            .client_endpoints
+            .unwrap_or_else(|| n.div_ceil(500).clamp(1, 32)),
+        concurrency: args.join_concurrency,
+        rate: (args.join_rate > 0.0).then_some(args.join_rate),
+        socket_buffer: args.socket_buffer,
+        progress: !args.quiet,
+    };
+    let say = |m: String| {
+        if !args.quiet {
+            eprintln!("{m}");
+        }
+    };
+
+    // Ramp.
+    say(format!(
+        "bringing {n} agents online ({:?} ramp) in {} network {network} ({} client sockets, {} in flight)",
+        plan.kind, target.describe, plan.client_endpoints, plan.concurrency
+    ));
+    let udp_start = sys::udp_drops();
+    let (fleet, ramp) = Fleet::ramp(shared, &plan, &target.fingerprint, token).await?;
+
+    // Drain: every agent at the network's version, every agent online.
+    let drain_start = Instant::now();
+    let mut last_say = Instant::now();
+    let version = loop {
+        let net = network_state(&target.admin, network).await?;
+        let at = board.agents_at(net.version);
+        if net.online >= n && at == n {
+            break net.version;
+        }
+        if drain_start.elapsed() > Duration::from_secs(args.drain_timeout_secs) {
+            bail!(
+                "not drained after {} s: {} of {n} agents at version {}, {} online",
+                args.drain_timeout_secs,
+                at,
+                net.version,
+                net.online
+            );
+        }
+        if last_say.elapsed() > Duration::from_secs(5) {
+            last_say = Instant::now();
+            say(format!(
+                "  draining: {at}/{n} agents at version {}, lowest {}, {} online",
+                net.version,
+                board.lowest_version(),
+                net.online
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let drain = drain_start.elapsed();
+    let ramp_version = version;
+    let ramp_wire = board.wire();
+    let udp_ramp = sys::udp_drops().since(&udp_start);
+    let memory_after_ramp = sys::memory();
+    let counters_after_ramp = board.counters.values();
+    say(format!(
+        "ramp: {n} online in {:.1} s, drained in {:.1} s at version {version}; RSS {} MiB",
+        ramp.duration.as_secs_f64(),
+        drain.as_secs_f64(),
+        memory_after_ramp.rss >> 20
+    ));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Changes.
+    let udp_changes_start = sys::udp_drops();
+    let mut per_change = Vec::new();
+    let mut all = Vec::with_capacity(n * args.changes);
+    let mut version = version;
+    for k in 0..args.warmup + args.changes {
+        let agent = change_agent(k, n);
+        board.arm(version + 1);
+        let wire0 = board.wire();
+        let cpu0 = sys::cpu();
+        let Some(trigger) = fleet
+            .report_endpoints(agent, vec![change_endpoint(k)])
+            .await
+        else {
+            bail!("agent {agent} is gone");
+        };
+        let arrivals = board
+            .wait(trigger, Duration::from_secs(args.change_timeout_secs))
+            .await;
+        tokio::time::sleep(SETTLE).await;
+        let wire = board.wire().since(&wire0);
+        let cpu = sys::cpu_since(&sys::cpu(), &cpu0);
+        let latencies: Vec<Duration> = arrivals.latency.iter().flatten().copied().collect();
+        let missing = n - latencies.len();
+        let net = network_state(&target.admin, network).await?;
+        if net.version != version + 1 {
+            say(format!(
+                "  note: change {k} moved the network from version {version} to {}",
+                net.version
+            ));
+        }
+        version = net.version;
+        let cpu_ms = |g: &str| cpu.get(g).copied().unwrap_or(0) as f64 / 1e6;
+        let result = ChangeResult {
+            change: k + 1 - args.warmup.min(k + 1),
+            trigger_agent: agent,
+            version,
+            latency: Spread::of(latencies.clone()),
+            missing,
+            by_full_map: arrivals.by_full_map,
+            frame_bytes: arrivals.frame_bytes,
+            wire,
+            coordinator_cpu_ms: cpu_ms("coordinator"),
+            agents_cpu_ms: cpu_ms("agents"),
+        };
+        if k < args.warmup {
+            say(format!(
+                "  warm-up change: p99 {:.1} ms, max {:.1} ms",
+                result.latency.p99_ms, result.latency.max_ms
+            ));
+        } else {
+            say(format!(
+                "  change {}/{}: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} missing, {} delta bytes, {} wire bytes",
+                result.change,
+                args.changes,
+                result.latency.p50_ms,
+                result.latency.p99_ms,
+                result.latency.max_ms,
+                missing,
+                result.frame_bytes,
+                result.wire.rx_bytes
+            ));
+            all.extend(latencies);
+            per_change.push(result);
+        }
+        if missing > 0 {
+            // Let the stragglers catch up before the next change.
+            let wait = Instant::now();
+            while board.agents_at(version) < n && wait.elapsed() < Duration::from_secs(60) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
+    }
+    let udp_changes = sys::udp_drops().since(&udp_changes_start);
+
+    // Every agent against the coordinator's map.
+    let summaries = fleet.describe().await;
+    let net = network_state(&target.admin, network).await?;
+    let expected = target
+        .service
+        .as_ref()
+        .and_then(|s| s.hub().map(network))
+        .map(|m| map_digest(&m));
+    let reference = expected.or_else(|| summaries.iter().flatten().next().map(|s| s.digest));
+    let answered = summaries.iter().flatten().count();
+    let matching = summaries
+        .iter()
+        .flatten()
+        .filter(|s| s.version == net.version && s.peers == net.nodes && Some(s.digest) == reference)
+        .count();
+    let consistent = answered == n && matching == n;
+    let consistency = format!(
+        "{matching} of {n} agents hold version {} with all {} peers, identical to {}",
+        net.version,
+        net.nodes,
+        if expected.is_some() { "the coordinator's map" } else { "each other" }
+    );
+    let memory_end = sys::memory();
+    let counters_end = board.counters.values();
+
+    let errors = fleet.stop().await;
+    if !errors.is_empty() {
+        say(format!(
+            "{} agents ended with an error; the first: {}",
+            errors.len(),
+            errors[0]
+        ));
+    }
+
+    let mut report = RunReport {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        agents: n,
+        changes: per_change.len(),
+        coordinator: target.describe.clone(),
+        map: match table {
+            TableKind::Full => "full",
+            TableKind::Compact => "compact",
+        }
+        .into(),
+        client_endpoints: plan.client_endpoints,
+        token_uses: 0,
+        limits: target.limits.clone(),
+        threads: (args.coordinator_threads, args.agent_threads),
+        ramp: RampResult {
+            kind: format!("{:?}", plan.kind).to_lowercase(),
+            enroll_secs: ramp.enrolled.map(|d| d.as_secs_f64()),
+            join_secs: ramp.duration.as_secs_f64(),
+            drain_secs: drain.as_secs_f64(),
+            online_latency: Spread::of(ramp.latency),
+            wire: ramp_wire,
+            version: ramp_version,
+        },
+        per_change,
+        latency: Spread::default(),
+        worst_change_p99_ms: 0.0,
+        frame_bytes_per_change: 0.0,
+        wire_rx_bytes_per_change: 0.0,
+        wire_tx_bytes_per_change: 0.0,
+        coordinator_cpu_ms_per_change: 0.0,
+        agents_cpu_ms_per_change: 0.0,
+        full_map_bytes: counters_end.largest_full_map,
+        memory_after_ramp,
+        memory_end,
+        counters_after_ramp,
+        counters_end,
+        udp_drops_ramp: udp_ramp,
+        udp_drops_changes: udp_changes,
+        consistent,
+        consistency,
+    };
+    report.summarise(all);
+    Ok(report)
+}

@@ -1,0 +1,496 @@
+//! One simulated agent: the control-channel half of `meshlink-agent`, over real QUIC, without
+//! a data plane.
+//!
+//! Like the real agent it opens one QUIC connection (ALPN `meshlink/1`, the coordinator's
+//! certificate pinned by fingerprint, server name `meshlink-coordinator`) and one
+//! bidirectional stream, sends a `Hello` (a join token the first time, the node's credentials
+//! after that), reads `Welcome` and `FullMap`, then applies every `Delta` to its map, asking
+//! for a full map when a delta does not follow its version. Unlike the real agent it shares a
+//! client `quinn::Endpoint` (one UDP socket) with other simulated agents, keeps its map in
+//! memory only, and reports endpoints only when the benchmark tells it to
+//! ([`Command::ReportEndpoints`]).
+//!
+//! Every map version it reaches is reported to the [`Scoreboard`] right after it is applied.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshlink_coordinator::identity::SERVER_NAME;
+use meshlink_proto::control::{
+    encode, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
+    PROTOCOL_VERSION,
+};
+use meshlink_proto::{NodeId, PublicKey};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::scoreboard::Scoreboard;
+use crate::table::{PeerTable, TableKind};
+
+/// How long connecting plus the hello exchange may take. Generous: a join the coordinator
+/// completed but the agent gave up on leaves a node behind and spends a token use.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
+/// The pause before opening a lost session again.
+const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
+/// After a frame this large, the decoder is made anew once empty, so that ten thousand
+/// agents do not each keep a buffer the size of the largest full map they ever received.
+const SHRINK_AFTER: usize = 256 * 1024;
+
+/// `e` and its sources, as one line (quinn's errors say little without their source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Why a session failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The connection could not be made, or broke.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// The coordinator refused the hello.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The node was revoked.
+    #[error("revoked: {0}")]
+    Revoked(String),
+    /// The coordinator sent something out of order or undecodable.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The hello exchange took longer than [`HELLO_TIMEOUT`].
+    #[error("no welcome and full map within {HELLO_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// What every agent of a run shares.
+#[derive(Debug)]
+pub struct Shared {
+    /// The coordinator's QUIC address.
+    pub server: SocketAddr,
+    /// How agents hold their maps.
+    pub table: TableKind,
+    /// Where agents report.
+    pub board: Arc<Scoreboard>,
+    /// Set when the run ends: lost sessions are then not opened again.
+    pub stopping: AtomicBool,
+}
+
+/// Orders from the benchmark to one agent.
+#[derive(Debug)]
+pub enum Command {
+    /// Send `Endpoints` with these endpoints; answer with the instant just before the write.
+    ReportEndpoints {
+        /// The new endpoints.
+        endpoints: Vec<SocketAddr>,
+        /// Receives the instant the message was handed to QUIC.
+        sent: oneshot::Sender<Instant>,
+    },
+    /// Answer with the map's version, size and digest.
+    Describe(oneshot::Sender<MapSummary>),
+}
+
+/// An agent's map, summarised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapSummary {
+    /// Version.
+    pub version: u64,
+    /// Peers.
+    pub peers: usize,
+    /// [`PeerTable::digest`].
+    pub digest: u64,
+}
+
+/// An open control session: one connection, one stream, a decoder.
+struct Session {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    decoder: Decoder,
+    /// A large frame went through the decoder; shrink it when it is empty.
+    shrink: bool,
+}
+
+impl Session {
+    async fn open(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Session, AgentError> {
+        let conn = endpoint
+            .connect(server, SERVER_NAME)
+            .map_err(|e| AgentError::Connection(chain(&e)))?
+            .await
+            .map_err(|e| AgentError::Connection(chain(&e)))?;
+        let (send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| AgentError::Connection(chain(&e)))?;
+        Ok(Session {
+            conn,
+            send,
+            recv,
+            decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            shrink: false,
+        })
+    }
+
+    async fn send(&mut self, msg: &ClientMessage) -> Result<(), AgentError> {
+        self.send
+            .write_all(&encode(msg))
+            .await
+            .map_err(|e| AgentError::Connection(chain(&e)))
+    }
+
+    /// The next whole message already received, with its frame length (prefix included).
+    fn decoded(&mut self) -> Result<Option<(ServerMessage, usize)>, AgentError> {
+        let before = self.decoder.buffered();
+        let msg = self
+            .decoder
+            .next::<ServerMessage>()
+            .map_err(|e| AgentError::Protocol(e.to_string()))?;
+        Ok(msg.map(|m| {
+            let len = before - self.decoder.buffered();
+            self.shrink |= len > SHRINK_AFTER;
+            (m, len)
+        }))
+    }
+
+    /// Reads more bytes into the decoder. Cancel-safe (`read_chunk` is).
+    async fn fill(&mut self) -> Result<(), AgentError> {
+        if self.shrink && self.decoder.buffered() == 0 {
+            self.decoder = Decoder::new(MAX_SERVER_MESSAGE);
+            self.shrink = false;
+        }
+        match self.recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => self
+                .decoder
+                .push(&chunk.bytes)
+                .map_err(|e| AgentError::Protocol(e.to_string())),
+            Ok(None) => Err(AgentError::Connection(
+                "the coordinator finished the stream".into(),
+            )),
+            Err(e) => Err(AgentError::Connection(chain(&e))),
+        }
+    }
+
+    async fn next(&mut self) -> Result<(ServerMessage, usize), AgentError> {
+        loop {
+            if let Some(m) = self.decoded()? {
+                return Ok(m);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Sends the hello and reads the welcome.
+    async fn hello(&mut self, hello: Hello) -> Result<Welcome, AgentError> {
+        self.send(&ClientMessage::Hello(hello)).await?;
+        match self.next().await?.0 {
+            ServerMessage::Welcome(w) => Ok(w),
+            ServerMessage::Refused { reason } => Err(AgentError::Refused(reason)),
+            ServerMessage::Revoked { reason } => Err(AgentError::Revoked(reason)),
+            other => Err(AgentError::Protocol(format!("expected a welcome, got {other:?}"))),
+        }
+    }
+
+    /// Reads the full map that follows the welcome.
+    async fn first_map(&mut self) -> Result<(ServerMessage, usize), AgentError> {
+        let (map, len) = self.next().await?;
+        if !matches!(map, ServerMessage::FullMap(_)) {
+            return Err(AgentError::Protocol("expected a full map after the welcome".into()));
+        }
+        Ok((map, len))
+    }
+}
+
+/// What a node needs to open a session after its join.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The node's id.
+    pub node: NodeId,
+    /// The node's secret, from the welcome of its join.
+    pub secret: String,
+    /// The node's WireGuard public key (random here).
+    pub public_key: PublicKey,
+    /// The underlay endpoints it reports.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+impl Credentials {
+    fn hello(&self) -> Hello {
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            auth: Auth::Node {
+                node_id: self.node,
+                secret: self.secret.clone(),
+            },
+            public_key: self.public_key,
+            name: None,
+            labels: BTreeMap::new(),
+            endpoints: self.endpoints.clone(),
+        }
+    }
+}
+
+/// Joins with the token secret `token` under a new random public key: opens a session and
+/// reads the welcome, within [`HELLO_TIMEOUT`].
+async fn join_session(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    token: &str,
+    endpoints: Vec<SocketAddr>,
+) -> Result<(Session, Credentials), AgentError> {
+    let public_key = PublicKey(rand::random());
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        auth: Auth::JoinToken {
+            secret: token.to_string(),
+        },
+        public_key,
+        name: None,
+        labels: BTreeMap::new(),
+        endpoints: endpoints.clone(),
+    };
+    let exchange = async {
+        let mut session = Session::open(endpoint, server).await?;
+        let welcome = session.hello(hello).await?;
+        Ok::<_, AgentError>((session, welcome))
+    };
+    let (session, welcome) = tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| AgentError::Timeout)??;
+    let secret = welcome
+        .node_secret
+        .ok_or_else(|| AgentError::Protocol("no node secret in the welcome of a join".into()))?;
+    let creds = Credentials {
+        node: welcome.node_id,
+        secret,
+        public_key,
+        endpoints,
+    };
+    Ok((session, creds))
+}
+
+/// Opens a session with a node's credentials and reads the welcome and the full map, within
+/// [`HELLO_TIMEOUT`].
+async fn authenticate(
+    endpoint: &quinn::Endpoint,
+    server: SocketAddr,
+    creds: &Credentials,
+) -> Result<(Session, ServerMessage, usize), AgentError> {
+    let exchange = async {
+        let mut session = Session::open(endpoint, server).await?;
+        session.hello(creds.hello()).await?;
+        let (map, len) = session.first_map().await?;
+        Ok::<_, AgentError>((session, map, len))
+    };
+    tokio::time::timeout(HELLO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| AgentError::Timeout)?
+}
+
+/// A simulated agent with an open session.
+pub struct Agent {
+    index: usize,
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    creds: Credentials,
+    session: Session,
+    table: PeerTable,
+    awaiting_full_map: bool,
+}
+
+impl Agent {
+    /// Joins with the token secret `token`: a new random public key, `endpoints` as its
+    /// underlay endpoints. Returns once the welcome and the full map are in.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub async fn join(
+        shared: Arc<Shared>,
+        endpoint: quinn::Endpoint,
+        index: usize,
+        token: &str,
+        endpoints: Vec<SocketAddr>,
+    ) -> Result<Agent, AgentError> {
+        let (mut session, creds) = join_session(&endpoint, shared.server, token, endpoints).await?;
+        let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
+            .await
+            .map_err(|_| AgentError::Timeout)??;
+        Agent::start(shared, endpoint, index, creds, session, map, len).await
+    }
+
+    /// Joins like [`Agent::join`], but closes the session right after the welcome: the node
+    /// is enrolled and offline. [`Agent::connect`] brings it online later.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub async fn enroll(
+        endpoint: &quinn::Endpoint,
+        server: SocketAddr,
+        token: &str,
+        endpoints: Vec<SocketAddr>,
+    ) -> Result<Credentials, AgentError> {
+        let (session, creds) = join_session(endpoint, server, token, endpoints).await?;
+        session.conn.close(0u32.into(), b"enrolled");
+        Ok(creds)
+    }
+
+    /// Opens a session with an enrolled node's credentials (as an agent does after a
+    /// restart). Returns once the welcome and the full map are in.
+    ///
+    /// # Errors
+    /// [`AgentError`].
+    pub async fn connect(
+        shared: Arc<Shared>,
+        endpoint: quinn::Endpoint,
+        index: usize,
+        creds: Credentials,
+    ) -> Result<Agent, AgentError> {
+        let (session, map, len) = authenticate(&endpoint, shared.server, &creds).await?;
+        Agent::start(shared, endpoint, index, creds, session, map, len).await
+    }
+
+    async fn start(
+        shared: Arc<Shared>,
+        endpoint: quinn::Endpoint,
+        index: usize,
+        creds: Credentials,
+        session: Session,
+        map: ServerMessage,
+        len: usize,
+    ) -> Result<Agent, AgentError> {
+        shared.board.set_connection(index, session.conn.clone());
+        let mut agent = Agent {
+            index,
+            table: PeerTable::from_full_map(shared.table, Default::default()),
+            shared,
+            endpoint,
+            creds,
+            session,
+            awaiting_full_map: false,
+        };
+        agent.handle(map, len).await?;
+        Ok(agent)
+    }
+
+    /// Runs until the run ends, the node is revoked or refused, or `commands` closes.
+    /// Lost sessions are opened again with the node's credentials.
+    pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<(), AgentError> {
+        loop {
+            match self.serve(&mut commands).await {
+                Ok(()) => return Ok(()),
+                Err(e) if self.shared.stopping.load(Ordering::Relaxed) => {
+                    tracing::debug!(agent = self.index, "session ended at shutdown: {e}");
+                    return Ok(());
+                }
+                Err(e @ (AgentError::Revoked(_) | AgentError::Refused(_))) => {
+                    self.shared.board.counters.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.shared.board.counters.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(agent = self.index, node = self.creds.node, "session lost: {e}; opening it again");
+                }
+            }
+            loop {
+                tokio::time::sleep(RECONNECT_PAUSE).await;
+                if self.shared.stopping.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                match self.reconnect().await {
+                    Ok(()) => break,
+                    Err(e @ (AgentError::Revoked(_) | AgentError::Refused(_))) => return Err(e),
+                    Err(e) => tracing::info!(agent = self.index, "reconnecting failed: {e}"),
+                }
+            }
+        }
+    }
+
+    async fn reconnect(&mut self) -> Result<(), AgentError> {
+        let (session, map, len) = authenticate(&self.endpoint, self.shared.server, &self.creds).await?;
+        self.shared.board.set_connection(self.index, session.conn.clone());
+        self.shared.board.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        self.session = session;
+        self.awaiting_full_map = false;
+        self.handle(map, len).await
+    }
+
+    /// One session: messages from the coordinator and commands from the benchmark.
+    async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), AgentError> {
+        loop {
+            while let Some((msg, len)) = self.session.decoded()? {
+                self.handle(msg, len).await?;
+            }
+            tokio::select! {
+                filled = self.session.fill() => filled?,
+                cmd = commands.recv() => match cmd {
+                    None => return Ok(()),
+                    Some(Command::ReportEndpoints { endpoints, sent }) => {
+                        self.creds.endpoints = endpoints.clone();
+                        let frame = encode(&ClientMessage::Endpoints { endpoints });
+                        let at = Instant::now();
+                        self.session
+                            .send
+                            .write_all(&frame)
+                            .await
+                            .map_err(|e| AgentError::Connection(chain(&e)))?;
+                        let _ = sent.send(at);
+                    }
+                    Some(Command::Describe(reply)) => {
+                        let _ = reply.send(MapSummary {
+                            version: self.table.version(),
+                            peers: self.table.len(),
+                            digest: self.table.digest(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    /// Applies one message from the coordinator.
+    async fn handle(&mut self, msg: ServerMessage, len: usize) -> Result<(), AgentError> {
+        let board = &self.shared.board;
+        match msg {
+            ServerMessage::FullMap(map) => {
+                self.table = PeerTable::from_full_map(self.shared.table, map);
+                self.awaiting_full_map = false;
+                board.counters.full_maps.fetch_add(1, Ordering::Relaxed);
+                board
+                    .counters
+                    .largest_full_map
+                    .fetch_max(len as u64, Ordering::Relaxed);
+                board.applied(self.index, self.table.version(), None);
+            }
+            ServerMessage::Delta(delta) => {
+                let before = self.table.version();
+                match self.table.apply(&delta) {
+                    Ok(()) if self.table.version() != before => {
+                        board.counters.deltas.fetch_add(1, Ordering::Relaxed);
+                        board.applied(self.index, self.table.version(), Some(len));
+                    }
+                    Ok(()) => {}
+                    Err(gap) => {
+                        board.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                        if !self.awaiting_full_map {
+                            tracing::info!(agent = self.index, "{gap}; asking for a full map");
+                            self.awaiting_full_map = true;
+                            self.session.send(&ClientMessage::FullMapRequest).await?;
+                        }
+                    }
+                }
+            }
+            ServerMessage::Revoked { reason } => return Err(AgentError::Revoked(reason)),
+            ServerMessage::Refused { reason } => return Err(AgentError::Refused(reason)),
+            ServerMessage::Welcome(_) => {
+                return Err(AgentError::Protocol("a second welcome".into()))
+            }
+        }
+        Ok(())
+    }
+}
