@@ -396,6 +396,15 @@ impl Fleet {
         out
     }
 
+    /// The local UDP ports of the agents' client sockets.
+    pub fn local_ports(&self) -> Vec<u16> {
+        self.endpoints
+            .iter()
+            .filter_map(|e| e.local_addr().ok())
+            .map(|a| a.port())
+            .collect()
+    }
+
     /// How many agents there are.
     pub fn len(&self) -> usize {
         self.commands.len()

@@ -106,6 +106,10 @@ struct Args {
     /// How long to wait for the agents to drain after the ramp, in seconds.
     #[arg(long, default_value_t = 1800)]
     drain_timeout_secs: u64,
+    /// The in-process coordinator's `session_queue` limit [default: N + 256, so that no
+    /// agent is dropped as lagging during the ramp; the coordinator's own default is 256].
+    #[arg(long)]
+    session_queue: Option<usize>,
     /// Worker threads of the in-process coordinator's runtime.
     #[arg(long, default_value_t = 2)]
     coordinator_threads: usize,
@@ -225,7 +229,10 @@ fn main() -> anyhow::Result<()> {
             // Room for every agent, and a queue that holds every delta of the ramp, so that
             // an agent slowed down by the shared CPU is not dropped as lagging.
             settings.limits.max_connections = d.max_connections.max(n + 64);
-            settings.limits.session_queue = d.session_queue.max(n + 256);
+            settings.limits.session_queue = args
+                .session_queue
+                .unwrap_or_else(|| d.session_queue.max(n + 256))
+                .max(1);
             let limits = vec![
                 format!("max_connections={}", settings.limits.max_connections),
                 format!("session_queue={}", settings.limits.session_queue),
@@ -241,7 +248,7 @@ fn main() -> anyhow::Result<()> {
                     &coordinator.admin_token().value,
                 ),
                 service: Some(coordinator.service().clone()),
-                describe: "in-process".into(),
+                describe: format!("in-process coordinator, QUIC {}", coordinator.quic_addr()),
                 limits,
             };
             in_process = Some((rt, coordinator, dir));
@@ -348,7 +355,7 @@ async fn run(
 
     // Ramp.
     say(format!(
-        "bringing {n} agents online ({:?} ramp) in {} network {network} ({} client sockets, {} in flight)",
+        "bringing {n} agents online ({:?} ramp) into network {network}, {} ({} client sockets, {} in flight)",
         plan.kind, target.describe, plan.client_endpoints, plan.concurrency
     ));
     let udp_start = sys::udp_drops();
@@ -385,6 +392,14 @@ async fn run(
     };
     let drain = drain_start.elapsed();
     let ramp_version = version;
+    let agent_ports = fleet.local_ports();
+    let socket_drops = || {
+        let by_port = sys::udp_drops_by_port();
+        let coordinator = by_port.get(&target.quic.port()).copied();
+        let agents: u64 = agent_ports.iter().filter_map(|p| by_port.get(p)).sum();
+        (coordinator, agents)
+    };
+    let ramp_socket_drops = socket_drops();
     let ramp_wire = board.wire();
     let udp_ramp = sys::udp_drops().since(&udp_start);
     let memory_after_ramp = sys::memory();
@@ -472,6 +487,7 @@ async fn run(
         tokio::time::sleep(Duration::from_millis(args.interval_ms)).await;
     }
     let udp_changes = sys::udp_drops().since(&udp_changes_start);
+    let end_socket_drops = socket_drops();
 
     // Every agent against the coordinator's map.
     let summaries = fleet.describe().await;
@@ -543,6 +559,14 @@ async fn run(
         memory_end,
         counters_after_ramp,
         counters_end,
+        coordinator_socket_drops: ramp_socket_drops
+            .0
+            .zip(end_socket_drops.0)
+            .map(|(r, e)| (r, e.saturating_sub(r))),
+        agent_socket_drops: (
+            ramp_socket_drops.1,
+            end_socket_drops.1.saturating_sub(ramp_socket_drops.1),
+        ),
         udp_drops_ramp: udp_ramp,
         udp_drops_changes: udp_changes,
         consistent,

@@ -147,6 +147,12 @@ pub struct RunReport {
     pub counters_after_ramp: CounterValues,
     /// Agent event counters at the end.
     pub counters_end: CounterValues,
+    /// Datagrams dropped by the coordinator's own UDP socket (full receive buffer) during
+    /// the ramp and during the changes; `None` when its socket is not in this network
+    /// namespace's `/proc/net/udp`.
+    pub coordinator_socket_drops: Option<(u64, u64)>,
+    /// Datagrams dropped by the agents' client sockets, during the ramp and the changes.
+    pub agent_socket_drops: (u64, u64),
     /// UDP drops in the network namespace during the ramp.
     pub udp_drops_ramp: UdpDrops,
     /// UDP drops during the measured changes.
@@ -297,6 +303,14 @@ impl RunReport {
             e.reconnects,
             self.udp_drops_ramp.rcvbuf_errors,
             self.udp_drops_changes.rcvbuf_errors,
+        );
+        let _ = writeln!(
+            out,
+            "Dropped by socket (ramp / changes): coordinator {}, agents {} / {}.",
+            self.coordinator_socket_drops
+                .map_or("not visible".to_string(), |(r, c)| format!("{r} / {c}")),
+            self.agent_socket_drops.0,
+            self.agent_socket_drops.1,
         );
         let _ = writeln!(out, "Consistency: {}.", self.consistency);
         if !self.limits.is_empty() {

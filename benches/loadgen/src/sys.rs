@@ -116,6 +116,25 @@ pub fn udp_drops() -> UdpDrops {
     }
 }
 
+/// Datagrams dropped so far by each IPv4 UDP socket of the network namespace, by local port
+/// (the `drops` column of `/proc/net/udp`; cumulative over the socket's life). Tells the
+/// coordinator's socket from the agents' ones.
+pub fn udp_drops_by_port() -> BTreeMap<u16, u64> {
+    let text = fs::read_to_string("/proc/net/udp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let port = u16::from_str_radix(fields.get(1)?.split(':').nth(1)?, 16).ok()?;
+            let drops = fields.get(12)?.parse::<u64>().ok()?;
+            Some((port, drops))
+        })
+        .fold(BTreeMap::new(), |mut map, (port, drops)| {
+            *map.entry(port).or_default() += drops;
+            map
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
