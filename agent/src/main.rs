@@ -262,8 +262,10 @@ async fn up_mesh(
     settings.addresses = node.addresses.clone();
     settings.device.listen_port = preferred_port(&settings, node.listen_port);
     let (tx, rx) = tokio::sync::watch::channel(map);
-    let control = MeshControl::new(state, node.clone(), public_key, tx, first);
-    run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control })).await?;
+    let shared = std::sync::Arc::new(ctl::workloads::Shared::new(node.node_id));
+    let (claims_tx, claims_rx) = tokio::sync::mpsc::channel(16);
+    let control = MeshControl::new(state, node.clone(), public_key, tx, first, shared.clone(), claims_rx);
+    run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control, shared, claims: claims_tx })).await?;
     Ok(())
 }
 

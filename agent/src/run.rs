@@ -10,7 +10,7 @@
 //!
 //! The send and receive loops run on different worker threads, so one tunnel uses two cores.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::IoSliceMut;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,8 +22,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::control::peers::EndpointChooser;
+use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
-use crate::dataplane::{Device, NetBatch, TunBatch};
+use crate::dataplane::{Device, NetBatch, TunBatch, WorkloadRouting};
 use meshlink_proto::{Netmap, NodeId};
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
@@ -69,6 +70,45 @@ pub struct Mesh {
     pub maps: watch::Receiver<Netmap>,
     /// The control loop, started once the UDP port is known.
     pub control: MeshControl,
+    /// Workload fencing state, kept by the control loop.
+    pub shared: Arc<Shared>,
+    /// Where `meshctl workload claim` requests go.
+    pub claims: ClaimSender,
+}
+
+/// A session younger than this counts as fresh when a move is prepared (WireGuard rekeys
+/// after 120 s, so a fresh session will not need a handshake during the switch).
+const FRESH_SESSION: Duration = Duration::from_secs(90);
+
+/// Changes to the interface that the main loop makes through netlink, in order.
+enum NetCmd {
+    /// The wanted routes (all of them).
+    Routes(Vec<IpNet>),
+    /// The wanted workload addresses held here (all of them).
+    Addresses(Vec<IpNet>),
+}
+
+/// The data plane as the control loop sees it (to prepare moves).
+struct DataPlane {
+    device: Arc<Device>,
+    udp: Arc<UdpTransport>,
+}
+
+impl Tunnels for DataPlane {
+    fn warm(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
+            let mut net = NetBatch::with_capacity(64 * 1024);
+            let started = self.device.warm(FRESH_SESSION, &mut net);
+            if !net.is_empty() {
+                self.udp.send_batch(&net).await;
+            }
+            debug!(started, "handshakes started to prepare a move");
+        })
+    }
+
+    fn all_fresh(&self) -> bool {
+        self.device.all_fresh(FRESH_SESSION)
+    }
 }
 
 /// The wanted routes of a configuration: every peer's allowed IPs.
@@ -83,7 +123,8 @@ struct Control {
     addresses: Vec<IpNet>,
     listen_port: u16,
     udp: Arc<UdpTransport>,
-    routes_tx: mpsc::UnboundedSender<Vec<IpNet>>,
+    routes_tx: mpsc::UnboundedSender<NetCmd>,
+    claims: Option<ClaimSender>,
 }
 
 impl UapiHandler for Control {
@@ -103,8 +144,15 @@ impl UapiHandler for Control {
         new.listen_port = self.listen_port;
         let routes = wanted_routes(&new);
         self.device.set_config(new);
-        let _ = self.routes_tx.send(routes);
+        let _ = self.routes_tx.send(NetCmd::Routes(routes));
         Ok(())
+    }
+
+    fn claim(&self, workload: &str) -> Result<u64, String> {
+        match &self.claims {
+            Some(tx) => claim_blocking(tx, workload),
+            None => Err(format!("cannot claim {workload}: this agent runs static peers, not joined to a coordinator")),
+        }
     }
 
     fn status_json(&self) -> String {
@@ -144,6 +192,7 @@ impl UapiHandler for Control {
                 "no_endpoint": drops.no_endpoint.load(Relaxed),
                 "unknown_peer": drops.unknown_peer.load(Relaxed),
                 "malformed": drops.malformed.load(Relaxed),
+                "forwarded": drops.forwarded.load(Relaxed),
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
@@ -182,6 +231,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         nl.add_address(*a).await?;
     }
     let mut installed = BTreeSet::new();
+    let mut workload_addrs: BTreeSet<IpNet> = BTreeSet::new();
     let (add, _) = route_plan(&installed, &wanted_routes(&settings.device));
     for net in add {
         nl.add_route(net).await?;
@@ -203,6 +253,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         listen_port: udp.port(),
         udp: udp.clone(),
         routes_tx,
+        claims: mesh.as_ref().map(|m| m.claims.clone()),
     });
     info!(
         interface = %settings.interface,
@@ -232,8 +283,9 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     if let Some(mesh) = mesh {
         let port = udp.port();
         let tunnel = settings.interface.clone();
-        tasks.spawn(async move { mesh.control.run(port, tunnel).await.map_err(RunError::from) });
-        tasks.spawn(reconcile_mesh(control.clone(), mesh.self_id, mesh.maps));
+        let tunnels: Arc<dyn Tunnels> = Arc::new(DataPlane { device: device.clone(), udp: udp.clone() });
+        tasks.spawn(async move { mesh.control.run(port, tunnel, tunnels).await.map_err(RunError::from) });
+        tasks.spawn(reconcile_mesh(control.clone(), mesh.self_id, mesh.maps, mesh.shared));
     }
 
     let result = tokio::select! {
@@ -247,16 +299,39 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
             Err(e) => Err(RunError::Io(format!("a packet loop panicked: {e}"))),
         },
         () = async {
-            while let Some(wanted) = routes_rx.recv().await {
-                let (add, del) = route_plan(&installed, &wanted);
-                for net in del {
-                    if let Err(e) = nl.del_route(net).await { warn!("{e}"); }
-                    installed.remove(&net);
-                }
-                for net in add {
-                    match nl.add_route(net).await {
-                        Ok(()) => { installed.insert(net); }
-                        Err(e) => warn!("{e}"),
+            while let Some(cmd) = routes_rx.recv().await {
+                match cmd {
+                    NetCmd::Routes(wanted) => {
+                        let (add, del) = route_plan(&installed, &wanted);
+                        for net in del {
+                            if let Err(e) = nl.del_route(net).await { warn!("{e}"); }
+                            installed.remove(&net);
+                        }
+                        for net in add {
+                            match nl.add_route(net).await {
+                                Ok(()) => { installed.insert(net); }
+                                Err(e) => warn!("{e}"),
+                            }
+                        }
+                    }
+                    NetCmd::Addresses(wanted) => {
+                        let (add, del) = route_plan(&workload_addrs, &wanted);
+                        for net in del {
+                            match nl.del_address(net).await {
+                                Ok(()) => info!(address = %net, "workload address released"),
+                                Err(e) => warn!("{e}"),
+                            }
+                            workload_addrs.remove(&net);
+                        }
+                        for net in add {
+                            match nl.add_address(net).await {
+                                Ok(()) => {
+                                    info!(address = %net, "workload address held");
+                                    workload_addrs.insert(net);
+                                }
+                                Err(e) => warn!("{e}"),
+                            }
+                        }
                     }
                 }
             }
@@ -277,20 +352,27 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
 }
 
 /// Keeps the device's peers equal to the latest network map, touching only what changed, and
-/// moves silent peers to their next endpoint.
-async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch::Receiver<Netmap>) -> Result<(), RunError> {
+/// moves silent peers to their next endpoint. Workload addresses: routed to their holders,
+/// held here while the fencing state says so, forwarded after a move for the grace period.
+async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch::Receiver<Netmap>, shared: Arc<Shared>) -> Result<(), RunError> {
     let mut chooser = EndpointChooser::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     maps.mark_changed();
+    let mut held_now: Vec<IpNet> = Vec::new();
+    let mut control_gone = false;
     loop {
+        let wake = shared.lock().poll_timeout().map(tokio::time::Instant::from_std);
         tokio::select! {
-            r = maps.changed() => {
+            r = maps.changed(), if !control_gone => {
                 if r.is_err() {
                     // The control loop ended; it reports why.
-                    std::future::pending::<()>().await;
+                    control_gone = true;
+                    continue;
                 }
             }
+            () = shared.changed.notified() => {}
+            () = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {}
             _ = tick.tick() => {
                 let map = maps.borrow().clone();
                 let status = control.device.status(SystemTime::now());
@@ -300,7 +382,33 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
             }
         }
         let map = maps.borrow_and_update().clone();
-        let peers = chooser.peers(&map, self_id, Instant::now());
+        let now = Instant::now();
+        let mut peers = chooser.peers(&map, self_id, now);
+        // Workload addresses go to their holders' allowed IPs.
+        let key_of: HashMap<NodeId, meshlink_proto::PublicKey> = map.peers.values().map(|p| (p.node_id, p.public_key)).collect();
+        for w in map.workloads.values() {
+            let Some(holder) = w.holder.filter(|h| *h != self_id) else { continue };
+            let Some(key) = key_of.get(&holder) else { continue };
+            if let Some(p) = peers.iter_mut().find(|p| p.public_key == *key) {
+                if !p.allowed_ips.contains(&w.address) {
+                    p.allowed_ips.push(w.address);
+                }
+            }
+        }
+        let (held, forwards) = {
+            let mut h = shared.lock();
+            (h.held(now), h.forwards(now))
+        };
+        let routing = WorkloadRouting {
+            forward: forwards.iter().filter_map(|f| Some((f.address, *key_of.get(&f.to)?))).collect(),
+            also_from: map
+                .workloads
+                .values()
+                .map(|w| (w.ip(), w.candidates.iter().filter(|c| **c != self_id).filter_map(|c| key_of.get(c).copied()).collect()))
+                .collect(),
+        };
+        // Forwarding first, then addresses: a released address is never left unanswered.
+        control.device.set_workload_routing(routing);
         let mut config = control.device.config();
         if config.peers != peers {
             debug!(version = map.version, peers = peers.len(), "applying network map");
@@ -308,6 +416,11 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
             if let Err(e) = control.apply(config) {
                 warn!("applying the network map: {e}");
             }
+        }
+        let wanted: Vec<IpNet> = held.iter().map(|h| h.address).collect();
+        if wanted != held_now {
+            held_now = wanted.clone();
+            let _ = control.routes_tx.send(NetCmd::Addresses(wanted));
         }
     }
 }

@@ -525,6 +525,12 @@ pub trait UapiHandler: Send + Sync + 'static {
     fn apply(&self, new: DeviceConfig) -> Result<(), String>;
     /// JSON for `meshlink-agent status` (our extension op `get=meshlink`).
     fn status_json(&self) -> String;
+    /// Claims a workload for this node through the coordinator (our extension op
+    /// `claim=NAME`, used by `meshctl workload claim`): the generation it is now held at, or
+    /// why not. Blocks until the coordinator answers or a timeout.
+    fn claim(&self, workload: &str) -> Result<u64, String> {
+        Err(format!("cannot claim {workload}: this agent is not joined to a coordinator"))
+    }
 }
 
 /// Answers userspace API requests on `listener` until `shutdown` turns true (or its sender is
@@ -715,6 +721,19 @@ fn try_handle_request(
             // Raw newlines in JSON text can only be whitespace: flatten to one line.
             let json = handler.status_json().replace(['\n', '\r'], " ");
             Ok(format!("{json}\nerrno=0\n\n"))
+        }
+        _ if op.starts_with("claim=") => {
+            let name = &op["claim=".len()..];
+            if !body.is_empty() {
+                return Err(UapiError::Malformed("claim takes no arguments".into()));
+            }
+            Ok(match handler.claim(name) {
+                Ok(generation) => format!("generation={generation}\nerrno=0\n\n"),
+                Err(message) => {
+                    tracing::warn!("userspace API: claim of {}: {message}", clip(name));
+                    format!("message={}\nerrno=-{}\n\n", message.replace(['\n', '\r'], " "), libc::EPERM)
+                }
+            })
         }
         "set=1" => {
             let _serialized = set_lock

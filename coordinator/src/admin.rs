@@ -16,15 +16,25 @@
 //! | `GET /v1/nodes/{ref}[?network=N]` | [`NodeView`]; `ref` is an id or a name |
 //! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`NodeView`] |
 //! | `DELETE /v1/nodes/{ref}[?network=N]` | 204 |
+//! | `POST /v1/workloads` `{"name","network","address"?,"standby"?,"allowed"?}` | 201 [`WorkloadView`] |
+//! | `GET /v1/workloads[?network=N]` | `[`[`WorkloadView`]`]` |
+//! | `GET /v1/workloads/{name}[?network=N]` | [`WorkloadView`] |
+//! | `DELETE /v1/workloads/{name}[?network=N]` | 204 |
+//! | `POST /v1/workloads/{name}/attach[?network=N]` `{"node"}` | [`MovedWorkloadView`] |
+//! | `POST /v1/workloads/{name}/move[?network=N]` `{"node"}` | [`MovedWorkloadView`] (the same operation as attach) |
+//! | `POST /v1/workloads/{name}/detach[?network=N]` | [`MovedWorkloadView`] |
 //! | `GET /v1/status` | [`StatusView`] |
+//!
+//! `?network=` may be left out on the routes of one node or one workload when the name exists
+//! in exactly one network; a name used in several networks is a 409 that names them.
 //!
 //! Each route is a thin adapter: it calls a handler from [`crate::handlers`] (through
 //! [`Service`] when live sessions must learn of the change) and renders the result.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, Request, State};
@@ -41,9 +51,10 @@ use sha2::{Digest, Sha256};
 use crate::handlers::networks::{self, CreateNetwork};
 use crate::handlers::nodes::{self, peer_info};
 use crate::handlers::tokens::{self, is_expired, CreateToken};
+use crate::handlers::workloads::{self, CreateWorkload};
 use crate::handlers::{constant_time_eq, ApiError, Caller};
-use crate::service::Service;
-use crate::store::{NetworkRecord, NodeRecord, TokenId, TokenRecord, UnixTime};
+use crate::service::{MoveOutcome, Service};
+use crate::store::{NetworkRecord, NodeRecord, TokenId, TokenRecord, UnixTime, WorkloadRecord};
 
 /// What the admin API needs besides the service.
 #[derive(Debug, Clone)]
@@ -176,6 +187,70 @@ pub struct StatusView {
     pub fingerprint: String,
 }
 
+/// A node named in a workload. A deleted node keeps its id and has no name (`null`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeNameView {
+    /// Id.
+    pub id: NodeId,
+    /// Name; `null`: the node was deleted.
+    pub name: Option<String>,
+}
+
+/// Where a workload's address is answered for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadState {
+    /// A holder with a live session answers for the address.
+    Held,
+    /// It has a holder, but that node has no live session now.
+    HolderOffline,
+    /// No holder: nobody answers for the address.
+    Detached,
+}
+
+/// A workload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadView {
+    /// Name, unique in its network.
+    pub name: String,
+    /// Network.
+    pub network: String,
+    /// Overlay address, without prefix length (`100.64.50.10`).
+    pub address: String,
+    /// The node holding it; `null`: detached.
+    pub holder: Option<NodeNameView>,
+    /// Bumped by every change of holder; 0 until it is first attached.
+    pub generation: u64,
+    /// The holder before the last change; `null`: none.
+    pub previous: Option<NodeNameView>,
+    /// Failover candidates, in order.
+    pub standby: Vec<NodeNameView>,
+    /// Nodes that may claim it from their own agent.
+    pub allowed: Vec<NodeNameView>,
+    /// Whether its address is answered for now.
+    pub state: WorkloadState,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// When its holder last changed; `null`: never.
+    pub moved_at: Option<UnixTime>,
+}
+
+/// The answer to attach, move and detach: the workload after the change, and what it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MovedWorkloadView {
+    /// The workload after the change.
+    #[serde(flatten)]
+    pub workload: WorkloadView,
+    /// False when nothing had to change (the node already held it, or it was already
+    /// detached).
+    pub changed: bool,
+    /// Milliseconds the destination took to report its tunnels ready; `null` when it was not
+    /// asked (offline, detach, no change) or did not answer in time.
+    pub prepared_ms: Option<f64>,
+    /// Milliseconds from the request to the change being queued to every session.
+    pub took_ms: f64,
+}
+
 /// The `{"error": ...}` body.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -183,11 +258,36 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-/// `?network=` on node routes.
+/// `?network=` on node and workload routes.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NetworkFilter {
     network: Option<String>,
+}
+
+/// `POST /v1/workloads`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateWorkloadBody {
+    name: String,
+    network: String,
+    /// Absent or `null`: the lowest free address of the network.
+    #[serde(default)]
+    address: Option<Ipv4Addr>,
+    /// Node names or ids, in failover order.
+    #[serde(default)]
+    standby: Vec<String>,
+    /// Node names or ids.
+    #[serde(default)]
+    allowed: Vec<String>,
+}
+
+/// `POST /v1/workloads/{name}/attach` and `/move`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MoveBody {
+    /// The destination: a node name or id.
+    node: String,
 }
 
 /// An error on its way to becoming a JSON response.
@@ -246,6 +346,14 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{reference}", get(show_node).delete(delete_node))
         .route("/v1/nodes/{reference}/revoke", post(revoke_node))
+        .route("/v1/workloads", post(create_workload).get(list_workloads))
+        .route(
+            "/v1/workloads/{name}",
+            get(show_workload).delete(delete_workload),
+        )
+        .route("/v1/workloads/{name}/attach", post(move_workload))
+        .route("/v1/workloads/{name}/move", post(move_workload))
+        .route("/v1/workloads/{name}/detach", post(detach_workload))
         .route("/v1/status", get(status))
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
@@ -441,6 +549,184 @@ fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> NodeView {
         last_seen: n.last_seen,
         revoked: n.revoked,
         created_at: n.created_at,
+    }
+}
+
+async fn create_workload(
+    State(s): State<AppState>,
+    body: Result<Json<CreateWorkloadBody>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<WorkloadView>)> {
+    let Json(body) = body?;
+    let w = s
+        .service
+        .create_workload(CreateWorkload {
+            name: body.name,
+            network: body.network,
+            address: body.address,
+            standby: body.standby,
+            allowed: body.allowed,
+        })
+        .await?;
+    let view = workload_view(&s, &w).await?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn list_workloads(
+    State(s): State<AppState>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<Vec<WorkloadView>>> {
+    let Query(q) = q?;
+    let store = s.service.store();
+    if let Some(name) = q.network.as_deref() {
+        // As for nodes: an unknown network is a 404, not an empty list.
+        if store.network(name).await.map_err(ApiError::from)?.is_none() {
+            return Err(ApiError::NotFound(format!("no network named {name:?}")).into());
+        }
+    }
+    let list = workloads::list_workloads(store, &Caller::Admin, q.network.as_deref()).await?;
+    let names = node_names(&s, q.network.as_deref()).await?;
+    Ok(Json(
+        list.iter().map(|w| render_workload(&s, w, &names)).collect(),
+    ))
+}
+
+async fn show_workload(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<WorkloadView>> {
+    let Query(q) = q?;
+    let network = workload_network(&s, &name, q.network).await?;
+    let w = workloads::find_workload(s.service.store(), &network, &name).await?;
+    Ok(Json(workload_view(&s, &w).await?))
+}
+
+async fn delete_workload(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<StatusCode> {
+    let Query(q) = q?;
+    let network = workload_network(&s, &name, q.network).await?;
+    s.service.delete_workload(&network, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Attach and move: both give the workload to the node in the body.
+async fn move_workload(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+    body: Result<Json<MoveBody>, JsonRejection>,
+) -> HttpResult<Json<MovedWorkloadView>> {
+    let Query(q) = q?;
+    let Json(body) = body?;
+    let network = workload_network(&s, &name, q.network).await?;
+    let outcome = s
+        .service
+        .move_workload(&network, &name, Some(&body.node))
+        .await?;
+    Ok(Json(moved_view(&s, outcome).await?))
+}
+
+async fn detach_workload(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    q: Result<Query<NetworkFilter>, QueryRejection>,
+) -> HttpResult<Json<MovedWorkloadView>> {
+    let Query(q) = q?;
+    let network = workload_network(&s, &name, q.network).await?;
+    let outcome = s.service.move_workload(&network, &name, None).await?;
+    Ok(Json(moved_view(&s, outcome).await?))
+}
+
+/// The network of the workload `name`: the one given, or else the only network that has a
+/// workload of that name.
+///
+/// # Errors
+/// 404 when no network has it, 409 naming the networks when several do.
+async fn workload_network(
+    s: &AppState,
+    name: &str,
+    network: Option<String>,
+) -> HttpResult<String> {
+    if let Some(network) = network {
+        return Ok(network);
+    }
+    let all = workloads::list_workloads(s.service.store(), &Caller::Admin, None).await?;
+    let mut found: Vec<String> = all
+        .into_iter()
+        .filter(|w| w.name == name)
+        .map(|w| w.network)
+        .collect();
+    match found.len() {
+        0 => Err(ApiError::NotFound(format!("no workload named {name:?}")).into()),
+        1 => Ok(found.remove(0)),
+        _ => Err(ApiError::Conflict(format!(
+            "workload name {name:?} exists in networks {}; say which with ?network=",
+            found.join(", ")
+        ))
+        .into()),
+    }
+}
+
+/// Names of the nodes of one network (or of all), by id, for rendering workloads.
+async fn node_names(s: &AppState, network: Option<&str>) -> HttpResult<HashMap<NodeId, String>> {
+    let list = s
+        .service
+        .store()
+        .nodes(network)
+        .await
+        .map_err(ApiError::from)?;
+    Ok(list.into_iter().map(|n| (n.id, n.name)).collect())
+}
+
+async fn workload_view(s: &AppState, w: &WorkloadRecord) -> HttpResult<WorkloadView> {
+    let names = node_names(s, Some(&w.network)).await?;
+    Ok(render_workload(s, w, &names))
+}
+
+async fn moved_view(s: &AppState, outcome: MoveOutcome) -> HttpResult<MovedWorkloadView> {
+    Ok(MovedWorkloadView {
+        workload: workload_view(s, &outcome.workload).await?,
+        changed: outcome.changed,
+        prepared_ms: outcome.prepared_in.map(millis),
+        took_ms: millis(outcome.took),
+    })
+}
+
+/// A duration in milliseconds, to the microsecond.
+fn millis(d: Duration) -> f64 {
+    // Microseconds fit an f64 exactly for any duration a request can take.
+    d.as_micros() as f64 / 1000.0
+}
+
+fn render_workload(
+    s: &AppState,
+    w: &WorkloadRecord,
+    names: &HashMap<NodeId, String>,
+) -> WorkloadView {
+    let named = |id: &NodeId| NodeNameView {
+        id: *id,
+        name: names.get(id).cloned(),
+    };
+    let state = match w.holder {
+        None => WorkloadState::Detached,
+        Some(h) if s.service.hub().is_online(&w.network, h) => WorkloadState::Held,
+        Some(_) => WorkloadState::HolderOffline,
+    };
+    WorkloadView {
+        name: w.name.clone(),
+        network: w.network.clone(),
+        address: w.address.to_string(),
+        holder: w.holder.as_ref().map(named),
+        generation: w.generation,
+        previous: w.previous.as_ref().map(named),
+        standby: w.standby.iter().map(named).collect(),
+        allowed: w.allowed.iter().map(named).collect(),
+        state,
+        created_at: w.created_at,
+        moved_at: w.moved_at,
     }
 }
 

@@ -93,6 +93,8 @@ pub struct Overrides {
     pub max_connections: Option<usize>,
     /// `--idle-timeout-secs` / `MESHLINK_IDLE_TIMEOUT_SECS`.
     pub idle_timeout_secs: Option<u64>,
+    /// `--workload-lease-ms` / `MESHLINK_WORKLOAD_LEASE_MS`.
+    pub workload_lease_ms: Option<u64>,
 }
 
 /// Where a bad value came from.
@@ -159,6 +161,7 @@ struct FileConfig {
     session_queue: Option<usize>,
     max_connections: Option<usize>,
     idle_timeout_secs: Option<u64>,
+    workload_lease_ms: Option<u64>,
 }
 
 /// Builds [`Settings`] from an optional file and the overrides.
@@ -251,6 +254,20 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         "MESHLINK_IDLE_TIMEOUT_SECS",
         d.idle_timeout.as_secs()
     );
+    let workload_lease_ms = pick!(
+        workload_lease_ms,
+        "--workload-lease-ms",
+        "MESHLINK_WORKLOAD_LEASE_MS",
+        u64::try_from(d.workload_lease.as_millis()).unwrap_or(u64::MAX)
+    );
+    if !(100..=600_000).contains(&workload_lease_ms) {
+        let origin = if over.workload_lease_ms.is_some() {
+            Origin::Flag("--workload-lease-ms", "MESHLINK_WORKLOAD_LEASE_MS")
+        } else {
+            file_origin("workload_lease_ms")
+        };
+        return Err(bad(origin, format!("{workload_lease_ms} is outside 100..=600000 milliseconds")));
+    }
     let limits = Limits {
         hello_timeout: Duration::from_secs(hello_timeout_secs),
         message_rate: pick!(
@@ -279,6 +296,7 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         ),
         write_timeout: d.write_timeout,
         idle_timeout: Duration::from_secs(idle_timeout_secs.max(3)),
+        workload_lease: Duration::from_millis(workload_lease_ms),
     };
     Ok(Settings {
         state_dir,

@@ -153,17 +153,27 @@ impl Hub {
         upsert: Vec<PeerInfo>,
         remove: Vec<NodeId>,
     ) -> Option<Fanout> {
+        self.apply_delta(
+            network,
+            NetmapDelta {
+                to_version,
+                upsert,
+                remove,
+                ..NetmapDelta::default()
+            },
+        )
+    }
+
+    /// As [`Hub::apply`] for a whole delta (peers and workloads); its `from_version` is set
+    /// here to the map's version.
+    pub fn apply_delta(&self, network: &str, mut delta: NetmapDelta) -> Option<Fanout> {
+        let to_version = delta.to_version;
         let mut st = self.lock();
         let net = st.networks.get_mut(network)?;
         if to_version <= net.map.version {
             return None;
         }
-        let delta = NetmapDelta {
-            from_version: net.map.version,
-            to_version,
-            upsert,
-            remove,
-        };
+        delta.from_version = net.map.version;
         net.map.apply(&delta).ok()?;
         net.full = None;
         let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
@@ -253,12 +263,31 @@ impl Hub {
         true
     }
 
+    /// Queues `frame` to one node's session only (a message meant for it alone). Returns
+    /// whether it was queued: `false` when the node has no session or its queue is full.
+    pub fn send_to(&self, network: &str, node: NodeId, frame: Frame) -> bool {
+        let st = self.lock();
+        let Some(slot) = st.networks.get(network).and_then(|n| n.sessions.get(&node)) else {
+            return false;
+        };
+        slot.tx.capacity() > CLOSE_ROOM && slot.tx.try_send(Outbound::Frame(frame)).is_ok()
+    }
+
     /// The encoded full map of a network.
     pub fn full_map(&self, network: &str) -> Option<Frame> {
         self.lock()
             .networks
             .get_mut(network)
             .map(NetworkState::full_frame)
+    }
+
+    /// Every workload of every network, with its network's name.
+    pub fn workloads(&self) -> Vec<(String, meshlink_proto::WorkloadInfo)> {
+        self.lock()
+            .networks
+            .iter()
+            .flat_map(|(name, n)| n.map.workloads.values().map(move |w| (name.clone(), w.clone())))
+            .collect()
     }
 
     /// Whether a node has an attached session.
@@ -321,7 +350,7 @@ mod tests {
             "n",
             Netmap {
                 version: 5,
-                peers: BTreeMap::new(),
+                ..Netmap::default()
             },
         );
         let mut sessions: Vec<Attached> = (1..=3).map(|id| hub.attach("n", id).unwrap()).collect();

@@ -59,6 +59,10 @@ struct ServeArgs {
     /// Seconds without traffic before a connection is dropped [default: 30].
     #[arg(long, env = "MESHLINK_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     idle_timeout_secs: Option<u64>,
+    /// Milliseconds a workload holder keeps its address after its last answered heartbeat;
+    /// a silent holder fails over after it [default: 1500].
+    #[arg(long, env = "MESHLINK_WORKLOAD_LEASE_MS", value_name = "MS")]
+    workload_lease_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -97,6 +101,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         session_queue: args.session_queue,
         max_connections: args.max_connections,
         idle_timeout_secs: args.idle_timeout_secs,
+        workload_lease_ms: args.workload_lease_ms,
     };
     let settings = config::load(args.config.as_deref(), over)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -13,7 +13,7 @@ use crate::admin::{self, AdminContext};
 use crate::config::{default_advertise, Settings};
 use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::server::{self, ServerError};
-use crate::service::{Service, SystemClock};
+use crate::service::{Service, SystemClock, WorkloadTiming};
 use crate::store::{SqliteStore, StoreError};
 
 /// Why the coordinator cannot start.
@@ -59,7 +59,11 @@ pub struct Coordinator {
     shutdown: watch::Sender<bool>,
     quic_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    failover_task: JoinHandle<()>,
 }
+
+/// How often silent workload holders are looked for.
+const FAILOVER_CHECK: Duration = Duration::from_millis(50);
 
 impl Coordinator {
     /// Prepares the state directory and starts serving.
@@ -82,10 +86,14 @@ impl Coordinator {
                 source,
             })?;
         let service = Arc::new(
-            Service::load(
+            Service::load_with(
                 Arc::new(store.clone()),
                 Arc::new(SystemClock),
                 settings.limits.session_queue,
+                WorkloadTiming {
+                    lease: settings.limits.workload_lease,
+                    ..WorkloadTiming::default()
+                },
             )
             .await
             .map_err(|source| StartError::Store {
@@ -115,6 +123,7 @@ impl Coordinator {
             .unwrap_or_else(|| default_advertise(quic_addr));
 
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let shutdown_rx_failover = shutdown_rx.clone();
         let quic_task = tokio::spawn(server::run(
             endpoint,
             service.clone(),
@@ -141,6 +150,20 @@ impl Coordinator {
                 tracing::error!("admin API stopped: {e}");
             }
         });
+        let failover_task = tokio::spawn({
+            let service = service.clone();
+            let mut stop = shutdown_rx_failover;
+            async move {
+                let mut tick = tokio::time::interval(FAILOVER_CHECK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => service.failover_tick().await,
+                        _ = stop.changed() => break,
+                    }
+                }
+            }
+        });
         tracing::info!(%quic_addr, %admin_addr, %advertise, "coordinator running");
         Ok(Coordinator {
             quic_addr,
@@ -153,6 +176,7 @@ impl Coordinator {
             shutdown,
             quic_task,
             admin_task,
+            failover_task,
         })
     }
 
@@ -191,6 +215,7 @@ impl Coordinator {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
+        let _ = self.failover_task.await;
         if tokio::time::timeout(Duration::from_secs(5), self.admin_task)
             .await
             .is_err()

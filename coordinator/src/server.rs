@@ -84,6 +84,10 @@ pub struct Limits {
     /// A connection with no traffic for this long is closed (the coordinator pings at a third
     /// of it).
     pub idle_timeout: Duration,
+    /// The lease a workload holder gets with each answered heartbeat: a holder cut off from
+    /// the coordinator stops answering for its workload addresses this long after its last
+    /// answered heartbeat, and a silent holder's workloads fail over after it.
+    pub workload_lease: Duration,
 }
 
 impl Default for Limits {
@@ -96,6 +100,7 @@ impl Default for Limits {
             max_connections: 10_000,
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
+            workload_lease: meshlink_proto::workload::DEFAULT_LEASE,
         }
     }
 }
@@ -293,7 +298,7 @@ async fn connection(incoming: quinn::Incoming, service: Arc<Service>, limits: Li
 
 async fn drive(
     conn: &quinn::Connection,
-    service: &Service,
+    service: &Arc<Service>,
     limits: &Limits,
     deadline: tokio::time::Instant,
 ) -> End {
@@ -364,7 +369,7 @@ async fn session_loop(
     conn: &quinn::Connection,
     send: &mut quinn::SendStream,
     reader: &mut Reader,
-    service: &Service,
+    service: &Arc<Service>,
     session: &mut Session,
     limits: &Limits,
 ) -> End {
@@ -390,6 +395,34 @@ async fn session_loop(
                     if let Err(end) = write(send, &frame, limits).await {
                         return end;
                     }
+                }
+                Ok(ClientMessage::Heartbeat { seq }) => {
+                    let lease = service.heartbeat(session.node);
+                    let frame = encode(&ServerMessage::Lease {
+                        seq,
+                        lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+                        version: service.hub().version(&session.network).unwrap_or(0),
+                    });
+                    if let Err(end) = write(send, &frame, limits).await {
+                        return end;
+                    }
+                }
+                Ok(ClientMessage::Prepared { workload, generation }) => {
+                    service.prepared(session.node, &workload, generation);
+                }
+                Ok(ClientMessage::Claim { request, workload }) => {
+                    // The claim waits for this same session's `Prepared`, so it runs apart
+                    // from this loop; its answer goes through the session's queue.
+                    let service = service.clone();
+                    let (node, network) = (session.node, session.network.clone());
+                    let remote = conn.remote_address().ip();
+                    tokio::spawn(async move {
+                        let msg = match service.claim(node, remote, &workload).await {
+                            Ok(o) => ServerMessage::ClaimResult { request, generation: Some(o.workload.generation), error: None },
+                            Err(e) => ServerMessage::ClaimResult { request, generation: None, error: Some(e.public_message()) },
+                        };
+                        service.hub().send_to(&network, node, encode(&msg).into());
+                    });
                 }
                 Ok(ClientMessage::Hello(_)) => return End::protocol("a second hello"),
                 Err(fail) => return End::read(fail),

@@ -7,21 +7,63 @@
 //! node revoked or deleted can never slip into an attached session (authentication and attach
 //! happen under the same lock). Reads do not take it.
 
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, Auth, Hello, ServerMessage};
-use meshlink_proto::NodeId;
-use tokio::sync::Mutex;
+use meshlink_proto::workload::{failover_target, LeaseTable, DEFAULT_LEASE};
+use meshlink_proto::{NetmapDelta, NodeId};
+use tokio::sync::{oneshot, Mutex};
 
 use crate::handlers::networks::{self, CreateNetwork};
 use crate::handlers::nodes::{self, peer_info, welcome};
 use crate::handlers::tokens::{self, CreateToken};
+use crate::handlers::workloads::{self, CreateWorkload, PlannedMove};
 use crate::handlers::{ApiError, Caller};
 use crate::hub::{Attached, CloseReason, Frame, Hub};
 use crate::identity::random_secret;
-use crate::store::{NetworkRecord, NodeRecord, Store, StoreError, TokenId, TokenRecord, UnixTime};
+use crate::store::{
+    NetworkRecord, NodeRecord, Store, StoreError, TokenId, TokenRecord, UnixTime, WorkloadRecord,
+};
+
+/// Timings of workload moves and leases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkloadTiming {
+    /// The lease a holder gets with each answered heartbeat.
+    pub lease: Duration,
+    /// Extra time the coordinator waits past a silent holder's lease before failing over.
+    pub margin: Duration,
+    /// How long a move waits for the destination to report its tunnels ready.
+    pub prepare_timeout: Duration,
+}
+
+impl Default for WorkloadTiming {
+    fn default() -> Self {
+        WorkloadTiming {
+            lease: DEFAULT_LEASE,
+            margin: Duration::from_millis(100),
+            prepare_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What a change of holder did.
+#[derive(Debug, Clone)]
+pub struct MoveOutcome {
+    /// The workload after the change.
+    pub workload: WorkloadRecord,
+    /// False when nothing had to change (the node already held it).
+    pub changed: bool,
+    /// How long the destination took to report its tunnels ready; `None` when it was not
+    /// asked (offline, detach) or did not answer in time.
+    pub prepared_in: Option<Duration>,
+    /// Time from the request to the change being queued to every session.
+    pub took: Duration,
+}
+
+type PrepareKey = (NodeId, String, u64);
 
 /// The source of "now" for handlers.
 pub trait Clock: Send + Sync {
@@ -64,6 +106,11 @@ pub struct Service {
     hub: Hub,
     clock: Arc<dyn Clock>,
     write: Mutex<()>,
+    timing: WorkloadTiming,
+    leases: std::sync::Mutex<LeaseTable>,
+    prepares: std::sync::Mutex<HashMap<PrepareKey, oneshot::Sender<()>>>,
+    /// Workloads already reported as having no standby to fail over to.
+    stranded: std::sync::Mutex<HashSet<(String, String, u64)>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -85,17 +132,269 @@ impl Service {
         clock: Arc<dyn Clock>,
         queue_depth: usize,
     ) -> Result<Self, StoreError> {
+        Self::load_with(store, clock, queue_depth, WorkloadTiming::default()).await
+    }
+
+    /// As [`Service::load`], with workload timings.
+    ///
+    /// # Errors
+    /// [`StoreError`] when the store cannot be read.
+    pub async fn load_with(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        queue_depth: usize,
+        timing: WorkloadTiming,
+    ) -> Result<Self, StoreError> {
         let hub = Hub::new(queue_depth);
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
-            hub.set_map(&net.name, nodes::netmap(net.version, &members));
+            let wls = store.workloads(Some(&net.name)).await?;
+            hub.set_map(&net.name, nodes::netmap(net.version, &members, &wls));
         }
         Ok(Service {
             store,
             hub,
             clock,
             write: Mutex::new(()),
+            timing,
+            // Holders of the previous run may hold leases it granted: they count from now.
+            leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, Instant::now())),
+            prepares: std::sync::Mutex::new(HashMap::new()),
+            stranded: std::sync::Mutex::new(HashSet::new()),
         })
+    }
+
+    /// The workload timings.
+    pub fn timing(&self) -> WorkloadTiming {
+        self.timing
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
+        self.leases.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A holder's heartbeat arrived: returns the lease to grant.
+    pub fn heartbeat(&self, node: NodeId) -> Duration {
+        let mut l = self.leases();
+        l.heartbeat(node, Instant::now());
+        l.lease()
+    }
+
+    /// A node reports it is ready to take a workload (answer to `Prepare`).
+    pub fn prepared(&self, node: NodeId, workload: &str, generation: u64) {
+        let waiter = self
+            .prepares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(node, workload.to_string(), generation));
+        if let Some(tx) = waiter {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Asks the destination of a move to bring its tunnels up and waits (bounded) for it.
+    async fn prepare(&self, w: &WorkloadRecord, to: NodeId) -> Option<Duration> {
+        if !self.hub.is_online(&w.network, to) {
+            return None;
+        }
+        let started = Instant::now();
+        let generation = w.generation + 1;
+        let key = (to, w.name.clone(), generation);
+        let (tx, rx) = oneshot::channel();
+        self.prepares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), tx);
+        let frame: Frame = encode(&ServerMessage::Prepare {
+            workload: w.name.clone(),
+            generation,
+        })
+        .into();
+        let answered = self.hub.send_to(&w.network, to, frame)
+            && matches!(
+                tokio::time::timeout(self.timing.prepare_timeout, rx).await,
+                Ok(Ok(()))
+            );
+        self.prepares
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+        if answered {
+            Some(started.elapsed())
+        } else {
+            tracing::info!(workload = %w.name, node = to, "the destination did not report ready in time; moving anyway");
+            None
+        }
+    }
+
+    /// Carries out a checked change of holder: prepare the destination, then commit the new
+    /// generation and queue it to every session, under the write lock.
+    async fn execute(&self, plan: PlannedMove, why: &str) -> Result<MoveOutcome, ApiError> {
+        let started = Instant::now();
+        if plan.is_noop() {
+            return Ok(MoveOutcome { workload: plan.workload, changed: false, prepared_in: None, took: started.elapsed() });
+        }
+        let prepared_in = match &plan.to {
+            Some(to) => self.prepare(&plan.workload, to.id).await,
+            None => None,
+        };
+        let _w = self.write.lock().await;
+        let (rec, version) = workloads::commit_holder(self.store(), self.clock.now(), &plan).await?;
+        if let Some(h) = rec.holder {
+            self.leases().granted(h, Instant::now());
+        }
+        self.hub.apply_delta(
+            &rec.network,
+            NetmapDelta {
+                to_version: version,
+                upsert_workloads: vec![workloads::info(&rec)],
+                ..NetmapDelta::default()
+            },
+        );
+        let took = started.elapsed();
+        tracing::info!(
+            workload = %rec.name,
+            network = %rec.network,
+            from = ?rec.previous,
+            to = ?rec.holder,
+            generation = rec.generation,
+            prepared_ms = prepared_in.map(|d| d.as_secs_f64() * 1000.0),
+            took_ms = took.as_secs_f64() * 1000.0,
+            "workload {why}"
+        );
+        Ok(MoveOutcome { workload: rec, changed: true, prepared_in, took })
+    }
+
+    /// Creates a workload (admin).
+    ///
+    /// # Errors
+    /// As [`workloads::create_workload`].
+    pub async fn create_workload(&self, req: CreateWorkload) -> Result<WorkloadRecord, ApiError> {
+        let _w = self.write.lock().await;
+        let (rec, version) =
+            workloads::create_workload(self.store(), self.clock.now(), &Caller::Admin, req).await?;
+        self.hub.apply_delta(
+            &rec.network,
+            NetmapDelta {
+                to_version: version,
+                upsert_workloads: vec![workloads::info(&rec)],
+                ..NetmapDelta::default()
+            },
+        );
+        Ok(rec)
+    }
+
+    /// Deletes a workload (admin).
+    ///
+    /// # Errors
+    /// As [`workloads::delete_workload`].
+    pub async fn delete_workload(&self, network: &str, name: &str) -> Result<WorkloadRecord, ApiError> {
+        let _w = self.write.lock().await;
+        let (rec, version) =
+            workloads::delete_workload(self.store(), &Caller::Admin, network, name).await?;
+        self.hub.apply_delta(
+            network,
+            NetmapDelta {
+                to_version: version,
+                remove_workloads: vec![rec.name.clone()],
+                ..NetmapDelta::default()
+            },
+        );
+        Ok(rec)
+    }
+
+    /// Attaches, moves (`to: Some`) or detaches (`to: None`) a workload (admin).
+    ///
+    /// # Errors
+    /// As [`workloads::plan_move`] and [`workloads::commit_holder`].
+    pub async fn move_workload(&self, network: &str, name: &str, to: Option<&str>) -> Result<MoveOutcome, ApiError> {
+        let plan = workloads::plan_move(self.store(), &Caller::Admin, network, name, to).await?;
+        let why = if to.is_some() { "moved by an operator" } else { "detached by an operator" };
+        self.execute(plan, why).await
+    }
+
+    /// A node claims a workload for itself, from its own agent.
+    ///
+    /// # Errors
+    /// As [`workloads::plan_claim`] and [`workloads::commit_holder`].
+    pub async fn claim(&self, node: NodeId, remote: IpAddr, name: &str) -> Result<MoveOutcome, ApiError> {
+        let plan = workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name).await?;
+        self.execute(plan, "claimed by its destination").await
+    }
+
+    /// Fails over every workload whose holder went silent for longer than its lease to the
+    /// first online standby. Call it often (every 50 ms or so); it reads only memory unless a
+    /// holder is silent.
+    pub async fn failover_tick(&self) {
+        let now = Instant::now();
+        let silent: Vec<(String, String)> = {
+            let leases = self.leases();
+            self.hub
+                .workloads()
+                .into_iter()
+                .filter(|(_, w)| w.holder.is_some_and(|h| leases.is_silent(h, now)))
+                .map(|(net, w)| (net, w.name))
+                .collect()
+        };
+        for (network, name) in silent {
+            let rec = match self.store.workload(&network, &name).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(workload = %name, "failover: cannot read the workload: {e}");
+                    continue;
+                }
+            };
+            let target = {
+                let leases = self.leases();
+                failover_target(&workloads::info(&rec), &rec.standby, &leases, |n| self.hub.is_online(&network, n), now)
+            };
+            let Some(target) = target else {
+                let key = (network.clone(), name.clone(), rec.generation);
+                if !rec.standby.is_empty() && self.stranded.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
+                    tracing::warn!(workload = %name, holder = ?rec.holder, "holder is silent and no standby is online");
+                }
+                continue;
+            };
+            let node = match self.store.node(target).await {
+                Ok(Some(n)) if !n.revoked => n,
+                _ => continue,
+            };
+            let plan = PlannedMove { workload: rec, to: Some(node) };
+            if let Err(e) = self.execute(plan, "failed over: its holder went silent").await {
+                tracing::warn!(workload = %name, "failover: {e}");
+            }
+        }
+    }
+
+    /// Moves the workloads a node held to their first online standby, or detaches them: the
+    /// node was revoked or deleted.
+    async fn release_held(&self, node: &NodeRecord) {
+        self.leases().forget(node.id);
+        let held = match self.store.workloads(Some(&node.network)).await {
+            Ok(all) => all.into_iter().filter(|w| w.holder == Some(node.id)).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(node = node.id, "cannot read workloads: {e}");
+                return;
+            }
+        };
+        for w in held {
+            let mut to = None;
+            for s in w.standby.iter().filter(|s| **s != node.id) {
+                if self.hub.is_online(&w.network, *s) {
+                    if let Ok(Some(n)) = self.store.node(*s).await {
+                        if !n.revoked {
+                            to = Some(n);
+                            break;
+                        }
+                    }
+                }
+            }
+            let name = w.name.clone();
+            if let Err(e) = self.execute(PlannedMove { workload: w, to }, "released from a removed node").await {
+                tracing::warn!(workload = %name, "{e}");
+            }
+        }
     }
 
     /// The store, for reads.
@@ -199,7 +498,7 @@ impl Service {
         let _w = self.write.lock().await;
         let net =
             networks::create_network(self.store(), self.clock.now(), &Caller::Admin, req).await?;
-        self.hub.set_map(&net.name, nodes::netmap(net.version, &[]));
+        self.hub.set_map(&net.name, nodes::netmap(net.version, &[], &[]));
         Ok(net)
     }
 
@@ -241,6 +540,8 @@ impl Service {
             CloseReason::Revoked,
             "revoked by an operator",
         );
+        drop(_w);
+        self.release_held(&changed.node).await;
         Ok(changed.node)
     }
 
@@ -262,6 +563,8 @@ impl Service {
             CloseReason::Deleted,
             "deleted by an operator",
         );
+        drop(_w);
+        self.release_held(&changed.node).await;
         Ok(changed.node)
     }
 

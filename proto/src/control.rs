@@ -6,7 +6,9 @@
 //! cannot make the other side allocate more than the cap.
 //!
 //! Protocol versions ([`PROTOCOL_VERSION`]):
-//! - 1 (2026-11-26): hello/welcome, full maps and deltas, endpoint reports, revocation.
+//! - 1 (2026-11-26): hello/welcome, full maps and deltas, endpoint reports, revocation;
+//!   (2026-11-27, before any release) workloads in maps, heartbeats and leases, move
+//!   preparation, claims.
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -84,6 +86,28 @@ pub enum ClientMessage {
     },
     /// The agent saw a version gap and wants a full map.
     FullMapRequest,
+    /// A holder of workload addresses keeps its lease alive; answered by
+    /// [`ServerMessage::Lease`] with the same `seq`.
+    Heartbeat {
+        /// Sequence number, chosen by the agent.
+        seq: u64,
+    },
+    /// The agent is ready to take `workload` at `generation` (its tunnels are up), in answer
+    /// to [`ServerMessage::Prepare`].
+    Prepared {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+    },
+    /// The node asks to become the holder of `workload` (a migration script on this VM);
+    /// answered by [`ServerMessage::ClaimResult`] with the same `request`.
+    Claim {
+        /// Request number, chosen by the agent.
+        request: u64,
+        /// The workload's name.
+        workload: String,
+    },
 }
 
 /// The coordinator's answer to an accepted hello.
@@ -123,6 +147,36 @@ pub enum ServerMessage {
     Revoked {
         /// Why, for the operator.
         reason: String,
+    },
+    /// The answer to [`ClientMessage::Heartbeat`] `seq`: the node may answer for the
+    /// workload addresses its map gives it until the heartbeat's send time plus `lease_ms`.
+    Lease {
+        /// The heartbeat answered.
+        seq: u64,
+        /// The lease, in milliseconds.
+        lease_ms: u64,
+        /// The network's map version when it was granted: it holds only once the agent's map
+        /// has reached it.
+        version: u64,
+    },
+    /// This node is about to become the holder of `workload` at `generation`: bring up
+    /// tunnels to the peers, then answer [`ClientMessage::Prepared`].
+    Prepare {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+    },
+    /// The answer to [`ClientMessage::Claim`] `request`.
+    ClaimResult {
+        /// The claim answered.
+        request: u64,
+        /// The generation the node now holds the workload at, when granted.
+        #[serde(default)]
+        generation: Option<u64>,
+        /// Why the claim was refused, when it was.
+        #[serde(default)]
+        error: Option<String>,
     },
 }
 

@@ -10,6 +10,8 @@ pub mod ipam;
 pub mod key;
 pub mod netmap;
 pub mod token;
+pub mod workload;
 
 pub use key::{Key, KeyError, PublicKey};
 pub use netmap::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo};
+pub use workload::WorkloadInfo;

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::key::PublicKey;
+use crate::workload::WorkloadInfo;
 
 /// A node's identifier, unique within a coordinator and never reused.
 pub type NodeId = u64;
@@ -60,6 +61,9 @@ pub struct Netmap {
     /// Every node of the network, by id.
     #[serde(with = "peers_as_list")]
     pub peers: BTreeMap<NodeId, PeerInfo>,
+    /// Every workload of the network, by name. Absent means none.
+    #[serde(default, with = "workloads_as_list")]
+    pub workloads: BTreeMap<String, WorkloadInfo>,
 }
 
 /// The change from one version of a network's map to the next.
@@ -75,6 +79,12 @@ pub struct NetmapDelta {
     /// Nodes removed.
     #[serde(default)]
     pub remove: Vec<NodeId>,
+    /// Workloads added or changed, whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upsert_workloads: Vec<WorkloadInfo>,
+    /// Workloads removed, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_workloads: Vec<String>,
 }
 
 /// A delta that does not follow the map's version: the holder needs a full map.
@@ -106,6 +116,12 @@ impl Netmap {
         for p in &delta.upsert {
             self.peers.insert(p.node_id, p.clone());
         }
+        for name in &delta.remove_workloads {
+            self.workloads.remove(name);
+        }
+        for w in &delta.upsert_workloads {
+            self.workloads.insert(w.name.clone(), w.clone());
+        }
         self.version = delta.to_version;
         Ok(())
     }
@@ -114,7 +130,17 @@ impl Netmap {
     pub fn diff(&self, newer: &Netmap) -> NetmapDelta {
         let upsert = newer.peers.values().filter(|p| self.peers.get(&p.node_id) != Some(*p)).cloned().collect();
         let remove = self.peers.keys().filter(|id| !newer.peers.contains_key(id)).copied().collect();
-        NetmapDelta { from_version: self.version, to_version: newer.version, upsert, remove }
+        let upsert_workloads = newer.workloads.values().filter(|w| self.workloads.get(&w.name) != Some(*w)).cloned().collect();
+        let remove_workloads = self.workloads.keys().filter(|n| !newer.workloads.contains_key(*n)).cloned().collect();
+        NetmapDelta { from_version: self.version, to_version: newer.version, upsert, remove, upsert_workloads, remove_workloads }
+    }
+
+    /// The prefixes routed to node `id`: its own ([`PeerInfo::routed`]) and the addresses of
+    /// the workloads it holds.
+    pub fn routed_to(&self, id: NodeId) -> Vec<IpNet> {
+        let mut out = self.peers.get(&id).map(PeerInfo::routed).unwrap_or_default();
+        out.extend(self.workloads.values().filter(|w| w.holder == Some(id)).map(|w| w.address));
+        out
     }
 }
 
@@ -129,6 +155,20 @@ mod peers_as_list {
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<NodeId, PeerInfo>, D::Error> {
         let list = Vec::<PeerInfo>::deserialize(d)?;
         Ok(list.into_iter().map(|p| (p.node_id, p)).collect())
+    }
+}
+
+mod workloads_as_list {
+    use super::*;
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(w: &BTreeMap<String, WorkloadInfo>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(w.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, WorkloadInfo>, D::Error> {
+        let list = Vec::<WorkloadInfo>::deserialize(d)?;
+        Ok(list.into_iter().map(|w| (w.name.clone(), w)).collect())
     }
 }
 
@@ -150,7 +190,7 @@ mod tests {
 
     #[test]
     fn diff_then_apply_reaches_the_newer_map() {
-        let mut old = Netmap { version: 3, peers: BTreeMap::new() };
+        let mut old = Netmap { version: 3, ..Netmap::default() };
         old.peers.insert(1, peer(1, "198.18.0.1:51820"));
         old.peers.insert(2, peer(2, "198.18.0.2:51820"));
         let mut new = old.clone();
@@ -168,7 +208,7 @@ mod tests {
 
     #[test]
     fn gaps_are_refused_and_repeats_ignored() {
-        let mut m = Netmap { version: 4, peers: BTreeMap::new() };
+        let mut m = Netmap { version: 4, ..Netmap::default() };
         let gap = NetmapDelta { from_version: 5, to_version: 6, ..Default::default() };
         assert_eq!(m.apply(&gap), Err(Gap { have: 4, delta_from: 5 }));
         assert_eq!(m.version, 4);

@@ -13,19 +13,22 @@
 pub mod peers;
 pub mod state;
 pub mod tls;
+pub mod workloads;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use meshlink_proto::control::{self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE, PROTOCOL_VERSION};
 use meshlink_proto::token::{JoinToken, TokenError};
 use meshlink_proto::{Netmap, PublicKey};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use state::{NodeState, StateDir, StateError};
+use workloads::{ClaimRequest, Shared, Tunnels};
 
 /// How long connecting and the first exchange may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -131,6 +134,9 @@ fn kind(m: &ServerMessage) -> &'static str {
         ServerMessage::Delta(_) => "delta",
         ServerMessage::Refused { .. } => "refusal",
         ServerMessage::Revoked { .. } => "revocation",
+        ServerMessage::Lease { .. } => "lease",
+        ServerMessage::Prepare { .. } => "prepare",
+        ServerMessage::ClaimResult { .. } => "claim result",
     }
 }
 
@@ -214,6 +220,9 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(0.5 + f64::from(r) / 1000.0)
 }
 
+/// How often the control loop checks whether a heartbeat is due.
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(50);
+
 /// The long-lived control loop of a joined node.
 pub struct MeshControl {
     state: StateDir,
@@ -221,20 +230,27 @@ pub struct MeshControl {
     public_key: PublicKey,
     maps: watch::Sender<Netmap>,
     first: Option<Session>,
+    shared: Arc<Shared>,
+    claims: mpsc::Receiver<ClaimRequest>,
 }
 
 impl MeshControl {
     /// A loop for `node`, publishing maps on `maps`; `first` is a session already open (after a
-    /// join), if any.
-    pub fn new(state: StateDir, node: NodeState, public_key: PublicKey, maps: watch::Sender<Netmap>, first: Option<Session>) -> Self {
-        MeshControl { state, node, public_key, maps, first }
+    /// join), if any. `shared` is the workload state it keeps current; `claims` come from the
+    /// userspace API.
+    pub fn new(state: StateDir, node: NodeState, public_key: PublicKey, maps: watch::Sender<Netmap>, first: Option<Session>, shared: Arc<Shared>, claims: mpsc::Receiver<ClaimRequest>) -> Self {
+        shared.lock().on_map(&maps.borrow(), Instant::now());
+        MeshControl { state, node, public_key, maps, first, shared, claims }
     }
 
     fn publish(&self, map: Netmap) {
         if let Err(e) = self.state.save_netmap(&map) {
             warn!("caching the network map: {e}");
         }
+        // Fencing first, so that the reconciler never sees a map the holdings do not know.
+        self.shared.lock().on_map(&map, Instant::now());
         self.maps.send_replace(map);
+        self.shared.changed.notify_one();
     }
 
     /// Runs until the node is revoked or refused. `wg_port` is the data plane's UDP port and
@@ -242,7 +258,7 @@ impl MeshControl {
     ///
     /// # Errors
     /// [`ControlError::Revoked`] or [`ControlError::Refused`]; other failures are retried.
-    pub async fn run(mut self, wg_port: u16, tunnel: String) -> Result<(), ControlError> {
+    pub async fn run(mut self, wg_port: u16, tunnel: String, tunnels: Arc<dyn Tunnels>) -> Result<(), ControlError> {
         if self.node.listen_port != Some(wg_port) {
             self.node.listen_port = Some(wg_port);
             if let Err(e) = self.state.save_node(&self.node) {
@@ -269,8 +285,10 @@ impl MeshControl {
                     }
                     failures = 0;
                     backoff = Duration::from_secs(1);
-                    match self.serve(s, wg_port, &tunnel).await {
+                    match self.serve(s, wg_port, &tunnel, &tunnels).await {
                         Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
+                            self.shared.lock().drop_lease();
+                            self.shared.changed.notify_one();
                             if matches!(e, ControlError::Revoked(_)) {
                                 self.state.forget_node();
                                 self.maps.send_replace(Netmap::default());
@@ -294,14 +312,20 @@ impl MeshControl {
         }
     }
 
-    async fn serve(&mut self, mut s: Session, wg_port: u16, tunnel: &str) -> Result<(), ControlError> {
+    async fn serve(&mut self, mut s: Session, wg_port: u16, tunnel: &str, tunnels: &Arc<dyn Tunnels>) -> Result<(), ControlError> {
         let mut map = self.maps.borrow().clone();
         let mut endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
         s.send(&ClientMessage::Endpoints { endpoints: endpoints.clone() }).await?;
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut beat = tokio::time::interval(HEARTBEAT_CHECK);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // After a gap, deltas are skipped until the one full map asked for arrives.
         let mut awaiting_full_map = false;
+        // Claims sent and not yet answered; dropping them (session lost) tells the caller.
+        let mut claims: HashMap<u64, std::sync::mpsc::Sender<Result<u64, String>>> = HashMap::new();
+        let mut next_claim = 1u64;
+        let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         loop {
             tokio::select! {
                 m = s.recv() => match m? {
@@ -319,10 +343,50 @@ impl MeshControl {
                             s.send(&ClientMessage::FullMapRequest).await?;
                         }
                     },
+                    ServerMessage::Lease { seq, lease_ms, version } => {
+                        self.shared.lock().on_lease(seq, Duration::from_millis(lease_ms), version);
+                        self.shared.changed.notify_one();
+                    }
+                    ServerMessage::Prepare { workload, generation } => {
+                        debug!(%workload, generation, "preparing to take a workload");
+                        // A lease before the move lands, and tunnels up to every peer.
+                        let seq = self.shared.lock().heartbeat_now(Instant::now());
+                        s.send(&ClientMessage::Heartbeat { seq }).await?;
+                        let tunnels = tunnels.clone();
+                        let tx = prepared_tx.clone();
+                        tokio::spawn(async move {
+                            workloads::prepare(tunnels.as_ref()).await;
+                            let _ = tx.send((workload, generation)).await;
+                        });
+                    }
+                    ServerMessage::ClaimResult { request, generation, error } => {
+                        if let Some(reply) = claims.remove(&request) {
+                            let _ = reply.send(match (generation, error) {
+                                (Some(g), None) => Ok(g),
+                                (_, Some(e)) => Err(e),
+                                (None, None) => Err("the coordinator gave no result".into()),
+                            });
+                        }
+                    }
                     ServerMessage::Revoked { reason } => return Err(ControlError::Revoked(reason)),
                     ServerMessage::Refused { reason } => return Err(ControlError::Refused(reason)),
                     ServerMessage::Welcome(_) => return Err(ControlError::Protocol("a second welcome".into())),
                 },
+                Some((workload, generation)) = prepared_rx.recv() => {
+                    s.send(&ClientMessage::Prepared { workload, generation }).await?;
+                }
+                Some(claim) = self.claims.recv() => {
+                    let request = next_claim;
+                    next_claim += 1;
+                    claims.insert(request, claim.reply);
+                    s.send(&ClientMessage::Claim { request, workload: claim.workload }).await?;
+                }
+                _ = beat.tick() => {
+                    let due = self.shared.lock().poll_heartbeat(Instant::now());
+                    if let Some(seq) = due {
+                        s.send(&ClientMessage::Heartbeat { seq }).await?;
+                    }
+                }
                 _ = tick.tick() => {
                     let now = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
                     if now != endpoints {

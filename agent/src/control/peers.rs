@@ -98,7 +98,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn map() -> Netmap {
-        let mut m = Netmap { version: 1, peers: BTreeMap::new() };
+        let mut m = Netmap { version: 1, ..Netmap::default() };
         for id in 1..=3u64 {
             m.peers.insert(
                 id,

@@ -149,6 +149,12 @@ impl TunBatch {
         &mut b[self.headroom..]
     }
 
+    /// The first `len` bytes of the last [`slot`](Self::slot), not kept as a packet (the next
+    /// `slot` reuses the room).
+    pub fn uncommitted(&self, len: usize) -> &[u8] {
+        &self.bufs[self.count][self.headroom..self.headroom + len]
+    }
+
     /// Keeps the first `len` bytes of the last [`slot`](Self::slot) as a packet.
     pub fn commit(&mut self, len: usize) {
         self.bufs[self.count].truncate(self.headroom + len);

@@ -57,6 +57,8 @@ pub struct DeviceDrops {
     pub unknown_peer: AtomicU64,
     /// Outbound packets that are not IPv4 or IPv6.
     pub malformed: AtomicU64,
+    /// Not a drop: packets for a released workload address sent on to its new holder.
+    pub forwarded: AtomicU64,
 }
 
 /// One peer: its session and where it is.
@@ -87,8 +89,21 @@ impl Peer {
     }
 }
 
+/// How workload addresses bend cryptokey routing (see `crate::workloads`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WorkloadRouting {
+    /// Addresses this node released in a move, and the new holder: a packet that still
+    /// arrives here for one of them is sent on to the new holder instead of the TUN device.
+    pub forward: HashMap<IpAddr, PublicKey>,
+    /// Inner source addresses also accepted from these peers, beyond their allowed IPs: a
+    /// workload address from every node that may hold it, so that the answers of a new holder
+    /// are not dropped while this node has not yet learned of the move.
+    pub also_from: HashMap<IpAddr, Vec<PublicKey>>,
+}
+
 struct Table {
     config: DeviceConfig,
+    workloads: WorkloadRouting,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
     peers: HashMap<PublicKey, Arc<Peer>>,
@@ -146,6 +161,7 @@ impl Device {
             public,
             limiter: new_limiter(&public),
             config: DeviceConfig { peers: Vec::new(), ..config.clone() },
+            workloads: WorkloadRouting::default(),
             peers: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
@@ -252,6 +268,46 @@ impl Device {
         t.config = new;
     }
 
+    /// Sets how workload addresses are forwarded and accepted; peers and sessions stay.
+    pub fn set_workload_routing(&self, routing: WorkloadRouting) {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if t.workloads != routing {
+            t.workloads = routing;
+        }
+    }
+
+    /// Starts a handshake with every peer that has an endpoint and no session younger than
+    /// `fresh` (the datagrams go to `net`); returns how many were started. A node about to
+    /// take over a workload address calls it so that its tunnels are up before the switch.
+    pub fn warm(&self, fresh: std::time::Duration, net: &mut NetBatch) -> usize {
+        let t = self.read();
+        let mut started = 0;
+        for peer in t.peers.values() {
+            let mut s = peer.lock();
+            let Some(ep) = s.endpoint else { continue };
+            if s.noise.time_since_last_handshake().is_some_and(|d| d < fresh) {
+                continue;
+            }
+            let space = net.space(MIN_OUT + 64);
+            if let NoiseOutput::Network(out) = s.noise.encapsulate(&[], space) {
+                let n = out.len();
+                s.tx_bytes += n as u64;
+                net.commit(ep, n);
+                started += 1;
+            }
+        }
+        started
+    }
+
+    /// Whether every peer with an endpoint has a session younger than `fresh`.
+    pub fn all_fresh(&self, fresh: std::time::Duration) -> bool {
+        let t = self.read();
+        t.peers.values().all(|p| {
+            let s = p.lock();
+            s.endpoint.is_none() || s.noise.time_since_last_handshake().is_some_and(|d| d < fresh)
+        })
+    }
+
     /// Encrypts one IP packet read from the TUN device into `net`, or drops it (counted).
     pub fn outbound(&self, packet: &[u8], net: &mut NetBatch) {
         self.outbound_batch(std::iter::once(packet), net);
@@ -308,13 +364,25 @@ impl Device {
         let mut s = peer.lock();
         let PeerState { noise, endpoint, rx_bytes, drops, .. } = &mut *s;
         let mut authenticated = false;
+        let mut forward: Option<(&Arc<Peer>, usize)> = None;
         match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
             NoiseOutput::Tunnel(packet, src) => {
-                // Cryptokey routing, inbound half: the inner source must be one of the peer's.
-                let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer));
+                // Cryptokey routing, inbound half: the inner source must be one of the peer's,
+                // or a workload address the peer may hold.
+                let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer))
+                    || t.workloads.also_from.get(&src).is_some_and(|keys| keys.contains(&peer.key));
                 if owner_ok {
                     let n = packet.len();
-                    tun.commit(n);
+                    let next = if t.workloads.forward.is_empty() {
+                        None
+                    } else {
+                        destination(packet).and_then(|d| t.workloads.forward.get(&d)).and_then(|k| t.peers.get(k))
+                    };
+                    match next {
+                        // Never back to the sender: that would loop.
+                        Some(to) if !Arc::ptr_eq(to, peer) => forward = Some((to, n)),
+                        _ => tun.commit(n),
+                    }
                     authenticated = true;
                 } else {
                     drops.spoofed_source += 1;
@@ -353,6 +421,23 @@ impl Device {
             if *endpoint != Some(from) {
                 *endpoint = Some(from);
             }
+        }
+        drop(s);
+        if let Some((to, n)) = forward {
+            // A released workload address: on to its new holder, one peer lock at a time.
+            let packet = tun.uncommitted(n);
+            let mut s = to.lock();
+            let Some(ep) = s.endpoint else {
+                self.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let space = net.space((packet.len() + DATA_OVERHEAD).max(MIN_OUT));
+            if let NoiseOutput::Network(out) = s.noise.encapsulate(packet, space) {
+                let n = out.len();
+                s.tx_bytes += n as u64;
+                net.commit(ep, n);
+            }
+            self.drops.forwarded.fetch_add(1, Ordering::Relaxed);
         }
     }
 

@@ -102,6 +102,19 @@ impl Netlink {
             .map_err(self.err(format!("add address {net} to {}", self.name)))
     }
 
+    /// Removes an address from the interface; one already gone is not an error.
+    pub async fn del_address(&self, net: IpNet) -> Result<(), NetlinkError> {
+        use futures::TryStreamExt;
+        let mut found = self.handle.address().get().set_link_index_filter(self.index).set_address_filter(net.addr()).execute();
+        while let Some(msg) = found.try_next().await.map_err(self.err(format!("list addresses of {}", self.name)))? {
+            match self.handle.address().del(msg).execute().await {
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENODEV => {}
+                r => r.map_err(self.err(format!("delete address {net} from {}", self.name)))?,
+            }
+        }
+        Ok(())
+    }
+
     fn route_message(&self, net: IpNet) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
         let b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(net.addr(), net.prefix_len())

@@ -490,6 +490,10 @@ impl Agent {
             ServerMessage::Welcome(_) => {
                 return Err(AgentError::Protocol("a second welcome".into()))
             }
+            // Simulated agents hold no workloads and claim none: these never come unasked.
+            ServerMessage::Lease { .. }
+            | ServerMessage::Prepare { .. }
+            | ServerMessage::ClaimResult { .. } => {}
         }
         Ok(())
     }

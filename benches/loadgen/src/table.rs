@@ -209,6 +209,7 @@ mod tests {
         let start = Netmap {
             version: 3,
             peers: (1..=5).map(|id| (id, peer(id, 51820))).collect(),
+            ..Netmap::default()
         };
         let mut full = PeerTable::from_full_map(TableKind::Full, start.clone());
         let mut compact = PeerTable::from_full_map(TableKind::Compact, start);
@@ -229,6 +230,7 @@ mod tests {
                     .map(|_| peer(1 + rng.next(8), 1 + rng.next(60000) as u16))
                     .collect(),
                 remove: (0..rng.next(2)).map(|_| 1 + rng.next(8)).collect(),
+                ..NetmapDelta::default()
             };
             let a = full.apply(&delta);
             let b = compact.apply(&delta);

@@ -11,6 +11,7 @@
 pub mod networks;
 pub mod nodes;
 pub mod tokens;
+pub mod workloads;
 
 use std::net::IpAddr;
 

@@ -20,7 +20,7 @@ use meshlink_proto::{Netmap, NodeId, PeerInfo};
 
 use super::tokens::unusable_reason;
 use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
-use crate::store::{NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime};
+use crate::store::{NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord};
 
 /// The most endpoints an agent may report.
 pub const MAX_ENDPOINTS: usize = 16;
@@ -510,14 +510,18 @@ pub fn welcome(node: &NodeRecord, network: &NetworkRecord, node_secret: Option<S
     }
 }
 
-/// The map of a network at `version`: every node that is not revoked.
-pub fn netmap(version: u64, nodes: &[NodeRecord]) -> Netmap {
+/// The map of a network at `version`: every node that is not revoked, and every workload.
+pub fn netmap(version: u64, nodes: &[NodeRecord], workloads: &[WorkloadRecord]) -> Netmap {
     Netmap {
         version,
         peers: nodes
             .iter()
             .filter(|n| !n.revoked)
             .map(|n| (n.id, peer_info(n)))
+            .collect(),
+        workloads: workloads
+            .iter()
+            .map(|w| (w.name.clone(), super::workloads::info(w)))
             .collect(),
     }
 }

@@ -175,6 +175,50 @@ pub struct NewNode {
     pub created_at: UnixTime,
 }
 
+/// One workload: an overlay address that belongs to a workload, not to a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadRecord {
+    /// Identifier, never reused.
+    pub id: u64,
+    /// The network it belongs to.
+    pub network: String,
+    /// Name, unique in its network.
+    pub name: String,
+    /// Its overlay address, unique in its network among nodes and workloads.
+    pub address: Ipv4Addr,
+    /// The node holding it; `None`: detached.
+    pub holder: Option<NodeId>,
+    /// Bumped by every change of holder.
+    pub generation: u64,
+    /// The holder before the last change.
+    pub previous: Option<NodeId>,
+    /// Failover candidates, in order.
+    pub standby: Vec<NodeId>,
+    /// Nodes that may claim it from their own agent.
+    pub allowed: Vec<NodeId>,
+    /// When it was created.
+    pub created_at: UnixTime,
+    /// When its holder last changed.
+    pub moved_at: Option<UnixTime>,
+}
+
+/// A new workload, as [`Store::create_workload`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewWorkload {
+    /// Network.
+    pub network: String,
+    /// Name.
+    pub name: String,
+    /// Address, chosen by the caller.
+    pub address: Ipv4Addr,
+    /// Failover candidates.
+    pub standby: Vec<NodeId>,
+    /// Nodes that may claim it.
+    pub allowed: Vec<NodeId>,
+    /// Creation time.
+    pub created_at: UnixTime,
+}
+
 /// Durable state of the coordinator. Every method is atomic. Methods that change a network's
 /// map return the network's new version.
 ///
@@ -228,7 +272,7 @@ pub trait Store: Send + Sync {
         key: &'a PublicKey,
     ) -> StoreFuture<'a, Option<NodeRecord>>;
 
-    /// The addresses held by the nodes of a network, revoked ones included.
+    /// The addresses held by the nodes and workloads of a network, revoked nodes included.
     fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>>;
 
     /// Replaces a node's endpoints and bumps its network's version.
@@ -250,4 +294,32 @@ pub trait Store: Send + Sync {
     /// Deletes a node, freeing its name and address. With `bump`, also bumps its network's
     /// version and returns the new one. [`StoreError::NotFound`] when the node does not exist.
     fn delete_node(&self, id: NodeId, bump: bool) -> StoreFuture<'_, Option<u64>>;
+
+    /// Adds a workload (detached, generation 0) and bumps its network's version.
+    /// [`StoreError::Conflict`] when the name or address is taken (by a workload or a node),
+    /// [`StoreError::NotFound`] when the network does not exist.
+    fn create_workload(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)>;
+
+    /// Every workload, or those of one network, by id.
+    fn workloads<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<WorkloadRecord>>;
+
+    /// One workload of a network, by name.
+    fn workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, Option<WorkloadRecord>>;
+
+    /// Gives a workload to `holder` (`None`: detaches it) at generation `expected + 1`, only if
+    /// its generation is still `expected` (fencing: two racing moves cannot both win); the old
+    /// holder becomes `previous`. Bumps the network's version. [`StoreError::Conflict`] when
+    /// the generation moved on, [`StoreError::NotFound`] when the workload does not exist.
+    fn set_holder<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+        holder: Option<NodeId>,
+        expected: u64,
+        now: UnixTime,
+    ) -> StoreFuture<'a, (WorkloadRecord, u64)>;
+
+    /// Deletes a workload and bumps its network's version. [`StoreError::NotFound`] when it
+    /// does not exist.
+    fn delete_workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, u64>;
 }

@@ -15,14 +15,17 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, Transaction};
 
 use super::{
-    NetworkRecord, NewNetwork, NewNode, NewToken, NodeRecord, Store, StoreError, StoreFuture,
-    TokenId, TokenRecord, UnixTime,
+    NetworkRecord, NewNetwork, NewNode, NewToken, NewWorkload, NodeRecord, Store, StoreError,
+    StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
 };
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 /// How long a connection waits for another writer before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, previous, \
+                                standby, allowed, created_at, moved_at";
 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
                             endpoints, observed, revoked, created_at, last_seen";
@@ -364,7 +367,10 @@ impl Store for SqliteStore {
 
     fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>> {
         Box::pin(async move {
-            let rows = sqlx::query("SELECT address FROM nodes WHERE network = $1")
+            let rows = sqlx::query(
+                "SELECT address FROM nodes WHERE network = $1 \
+                 UNION ALL SELECT address FROM workloads WHERE network = $1",
+            )
                 .bind(network)
                 .fetch_all(&self.pool)
                 .await?;
@@ -437,6 +443,186 @@ impl Store for SqliteStore {
             Ok(version)
         })
     }
+
+    fn create_workload(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)> {
+        self.create_workload_impl(w)
+    }
+
+    fn workloads<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<WorkloadRecord>> {
+        Box::pin(async move {
+            let rows = match network {
+                Some(n) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 ORDER BY id"
+                    )))
+                    .bind(n)
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                None => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY id")))
+                        .fetch_all(&self.pool)
+                        .await?
+                }
+            };
+            rows.iter().map(workload_row).collect()
+        })
+    }
+
+    fn workload<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+    ) -> StoreFuture<'a, Option<WorkloadRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 AND name = $2"
+            )))
+            .bind(network)
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(workload_row).transpose()
+        })
+    }
+
+    fn set_holder<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+        holder: Option<NodeId>,
+        expected: u64,
+        now: UnixTime,
+    ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
+        self.set_holder_impl(network, name, holder, expected, now)
+    }
+
+    fn delete_workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let done = sqlx::query("DELETE FROM workloads WHERE network = $1 AND name = $2")
+                .bind(network)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::NotFound(format!("workload {name}")));
+            }
+            let version = Self::bump(&mut tx, network).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+}
+
+impl SqliteStore {
+    async fn workload_in(
+        tx: &mut Transaction<'static, Sqlite>,
+        network: &str,
+        name: &str,
+    ) -> Result<Option<WorkloadRecord>, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 AND name = $2"
+        )))
+        .bind(network)
+        .bind(name)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.as_ref().map(workload_row).transpose()
+    }
+}
+
+impl SqliteStore {
+    /// The workload methods of [`Store`], kept apart for reading.
+    fn create_workload_impl(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let clash = sqlx::query("SELECT 1 FROM nodes WHERE network = $1 AND address = $2")
+                .bind(&w.network)
+                .bind(w.address.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if clash.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "address {} is a node's address",
+                    w.address
+                )));
+            }
+            let row = sqlx::query(
+                "INSERT INTO workloads (network, name, address, holder, generation, previous, \
+                 standby, allowed, created_at, moved_at) \
+                 VALUES ($1, $2, $3, NULL, 0, NULL, $4, $5, $6, NULL) RETURNING id",
+            )
+            .bind(&w.network)
+            .bind(&w.name)
+            .bind(w.address.to_string())
+            .bind(to_json(&w.standby))
+            .bind(to_json(&w.allowed))
+            .bind(w.created_at)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(conflict)?;
+            let id = to_u64(row.try_get::<i64, _>("id")?)?;
+            let version = Self::bump(&mut tx, &w.network).await?;
+            tx.commit().await?;
+            Ok((
+                WorkloadRecord {
+                    id,
+                    network: w.network,
+                    name: w.name,
+                    address: w.address,
+                    holder: None,
+                    generation: 0,
+                    previous: None,
+                    standby: w.standby,
+                    allowed: w.allowed,
+                    created_at: w.created_at,
+                    moved_at: None,
+                },
+                version,
+            ))
+        })
+    }
+
+    fn set_holder_impl<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+        holder: Option<NodeId>,
+        expected: u64,
+        now: UnixTime,
+    ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let done = sqlx::query(
+                "UPDATE workloads SET previous = holder, holder = $1, \
+                 generation = generation + 1, moved_at = $2 \
+                 WHERE network = $3 AND name = $4 AND generation = $5",
+            )
+            .bind(holder.map(to_i64).transpose()?)
+            .bind(now)
+            .bind(network)
+            .bind(name)
+            .bind(to_i64(expected)?)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return match Self::workload_in(&mut tx, network, name).await? {
+                    None => Err(StoreError::NotFound(format!("workload {name}"))),
+                    Some(w) => Err(StoreError::Conflict(format!(
+                        "workload {name} moved on to generation {} meanwhile",
+                        w.generation
+                    ))),
+                };
+            }
+            let record = Self::workload_in(&mut tx, network, name)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("workload {name}")))?;
+            let version = Self::bump(&mut tx, network).await?;
+            tx.commit().await?;
+            Ok((record, version))
+        })
+    }
 }
 
 /// Maps a unique-constraint failure to [`StoreError::Conflict`], naming the columns.
@@ -473,6 +659,25 @@ fn token_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
         used: to_u64(row.try_get("used")?)?,
         revoked: row.try_get("revoked")?,
         created_at: row.try_get("created_at")?,
+    })
+}
+
+fn workload_row(row: &SqliteRow) -> Result<WorkloadRecord, StoreError> {
+    let opt_id = |col: &str| -> Result<Option<NodeId>, StoreError> {
+        row.try_get::<Option<i64>, _>(col)?.map(to_u64).transpose()
+    };
+    Ok(WorkloadRecord {
+        id: to_u64(row.try_get::<i64, _>("id")?)?,
+        network: row.try_get("network")?,
+        name: row.try_get("name")?,
+        address: parse(&row.try_get::<String, _>("address")?, "workloads.address")?,
+        holder: opt_id("holder")?,
+        generation: to_u64(row.try_get::<i64, _>("generation")?)?,
+        previous: opt_id("previous")?,
+        standby: from_json(&row.try_get::<String, _>("standby")?, "workloads.standby")?,
+        allowed: from_json(&row.try_get::<String, _>("allowed")?, "workloads.allowed")?,
+        created_at: row.try_get("created_at")?,
+        moved_at: row.try_get("moved_at")?,
     })
 }
 

@@ -289,6 +289,9 @@ fn decode(cache: &mut HashMap<usize, (Frame, Msg)>, frame: &Frame) -> Msg {
         ServerMessage::Revoked { .. } => Msg::Revoked,
         ServerMessage::Welcome(_) => Msg::Other("welcome"),
         ServerMessage::Refused { .. } => Msg::Other("refusal"),
+        ServerMessage::Lease { .. } => Msg::Other("lease"),
+        ServerMessage::Prepare { .. } => Msg::Other("prepare"),
+        ServerMessage::ClaimResult { .. } => Msg::Other("claim result"),
     };
     cache.insert(key, (frame.clone(), msg.clone()));
     msg
@@ -1098,7 +1101,7 @@ impl Sim {
                 // or does not follow.
                 let mut trial = Netmap {
                     version: agent.map.version,
-                    peers: BTreeMap::new(),
+                    ..Netmap::default()
                 };
                 match trial.apply(d) {
                     Ok(()) if trial.version == agent.map.version => {
@@ -1302,7 +1305,7 @@ impl Sim {
             assert_eq!(net.version, self.versions[i]);
             let records = self.store.nodes(Some(name)).await.unwrap();
             assert_eq!(
-                netmap(net.version, &records),
+                netmap(net.version, &records, &[]),
                 self.svc.hub().map(name).unwrap(),
                 "seed {seed} step {step}: the hub's map of {name} is not the one the store would load"
             );

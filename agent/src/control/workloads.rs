@@ -1,0 +1,82 @@
+//! What the control loop and the data plane share about workload addresses: the fencing
+//! state ([`Holdings`], from `meshlink_proto::workload`), a wake-up for the reconciler, and
+//! claims coming from the userspace API (`meshctl workload claim`).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use meshlink_proto::workload::Holdings;
+use meshlink_proto::NodeId;
+use tokio::sync::{mpsc, Notify};
+
+/// How long `meshctl workload claim` waits for the coordinator.
+pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by the control loop (maps, leases) and the reconciler (addresses, routing).
+#[derive(Debug)]
+pub struct Shared {
+    holdings: Mutex<Holdings>,
+    /// Woken whenever holdings may have changed (a map, a lease, a revocation).
+    pub changed: Notify,
+}
+
+impl Shared {
+    /// Nothing held yet by node `me`.
+    pub fn new(me: NodeId) -> Self {
+        Shared { holdings: Mutex::new(Holdings::new(me)), changed: Notify::new() }
+    }
+
+    /// The fencing state.
+    pub fn lock(&self) -> MutexGuard<'_, Holdings> {
+        self.holdings.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A claim from the userspace API, answered on `reply` with the generation or why not.
+#[derive(Debug)]
+pub struct ClaimRequest {
+    /// The workload's name.
+    pub workload: String,
+    /// Where the answer goes (a blocking caller waits on it).
+    pub reply: std::sync::mpsc::Sender<Result<u64, String>>,
+}
+
+/// The sending half for claims, held by the userspace API handler.
+pub type ClaimSender = mpsc::Sender<ClaimRequest>;
+
+/// Asks the control loop to claim `workload` and waits (blocking) for the answer.
+///
+/// # Errors
+/// The coordinator's refusal, or why no answer came.
+pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, String> {
+    let (reply, answer) = std::sync::mpsc::channel();
+    tx.try_send(ClaimRequest { workload: workload.to_string(), reply }).map_err(|_| "the control loop is busy or stopped".to_string())?;
+    match answer.recv_timeout(CLAIM_TIMEOUT) {
+        Ok(r) => r,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!("no answer from the coordinator within {} s (is it reachable?)", CLAIM_TIMEOUT.as_secs())),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the control session to the coordinator was lost; try again".into()),
+    }
+}
+
+/// What the control loop needs from the data plane to prepare a move here.
+pub trait Tunnels: Send + Sync + 'static {
+    /// Starts handshakes with every peer that has no fresh session, and sends them.
+    fn warm(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether every reachable peer has a fresh session.
+    fn all_fresh(&self) -> bool;
+}
+
+/// How long a move's preparation waits for handshakes before answering anyway.
+pub const PREPARE_BUDGET: Duration = Duration::from_millis(300);
+
+/// Brings tunnels up for a coming move: starts handshakes, then waits until every peer has a
+/// fresh session or [`PREPARE_BUDGET`] has passed.
+pub async fn prepare(tunnels: &dyn Tunnels) {
+    tunnels.warm().await;
+    let deadline = tokio::time::Instant::now() + PREPARE_BUDGET;
+    while !tunnels.all_fresh() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}

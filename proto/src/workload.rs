@@ -1,0 +1,496 @@
+//! Workload addresses: an overlay address that belongs to a workload, not to a node, held by
+//! at most one node at a time and moved between nodes by the coordinator.
+//!
+//! Fencing has three parts:
+//!
+//! - **Generations.** Every change of holder takes a new, higher generation
+//!   ([`WorkloadInfo::generation`]). An agent remembers the highest generation it has seen of
+//!   each workload ([`Holdings`]) and never acts on an older one, so a stale map (a cache read at
+//!   start-up, a delayed full map) cannot hand an address back.
+//! - **Leases.** A holder sends heartbeats; each answer ([`crate::control::ServerMessage::Lease`])
+//!   makes it the holder until *the instant the heartbeat was sent* plus the lease. The
+//!   coordinator counts from the instant it *received* the latest heartbeat ([`LeaseTable`]),
+//!   which is later, so when the coordinator considers a lease over, the holder has already
+//!   stopped answering. A holder cut off from the coordinator therefore goes quiet on its own
+//!   before anyone else is given its address.
+//! - **Release on sight.** An agent that learns of a newer generation held elsewhere releases
+//!   the address at once and forwards what still reaches it for the address to the new holder
+//!   for a grace period ([`Holdings::forwards`]): a planned move loses nothing in flight.
+//!
+//! Everything here is a pure state machine that is given time.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::netmap::{Netmap, NodeId};
+
+/// The default lease: how long a holder keeps answering for an address after the last
+/// heartbeat the coordinator answered (counted from when that heartbeat was sent).
+pub const DEFAULT_LEASE: Duration = Duration::from_millis(1500);
+/// The default grace period during which a former holder forwards packets for the address to
+/// the new holder.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How many heartbeats a lease spans: a holder sends one every `lease / HEARTBEATS_PER_LEASE`,
+/// so one or two lost heartbeats do not end the lease.
+pub const HEARTBEATS_PER_LEASE: u32 = 5;
+
+/// One workload as every node of its network sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkloadInfo {
+    /// The workload's name, unique in its network.
+    pub name: String,
+    /// Its overlay address (a host prefix).
+    pub address: IpNet,
+    /// The node that holds it now; `None`: detached (nobody answers for it).
+    #[serde(default)]
+    pub holder: Option<NodeId>,
+    /// Bumped by every change of holder; only grows.
+    pub generation: u64,
+    /// The holder before the last change, which forwards to the new one for a grace period.
+    #[serde(default)]
+    pub previous: Option<NodeId>,
+    /// Every node that may hold the address (allowed claimers and standbys, the holder
+    /// included). Packets from the address are accepted from any of them, so that answers
+    /// from a new holder are not dropped by a peer that has not yet learned of the move.
+    #[serde(default)]
+    pub candidates: Vec<NodeId>,
+    /// The grace period for forwarding after a move, in milliseconds. Absent: the default.
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+}
+
+impl WorkloadInfo {
+    /// The grace period of this workload.
+    pub fn grace(&self) -> Duration {
+        self.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis)
+    }
+
+    /// The single address of the workload.
+    pub fn ip(&self) -> IpAddr {
+        self.address.addr()
+    }
+}
+
+/// One address this node should answer for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Held {
+    /// The address (a host prefix).
+    pub address: IpNet,
+    /// The generation it is held at.
+    pub generation: u64,
+}
+
+/// An address this node released, and where packets that still reach it for the address go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward {
+    /// The released address.
+    pub address: IpAddr,
+    /// The new holder.
+    pub to: NodeId,
+    /// When forwarding stops.
+    pub until: Instant,
+}
+
+/// The agent's side of fencing: which workload addresses this node may answer for, given the
+/// network map it has, the leases it was granted and the time. See the module documentation.
+#[derive(Debug)]
+pub struct Holdings {
+    me: NodeId,
+    /// The highest generation seen of each workload, by name.
+    seen: HashMap<String, u64>,
+    /// The newest map's workloads, by name.
+    current: BTreeMap<String, WorkloadInfo>,
+    /// The lease: valid before this instant.
+    lease_until: Option<Instant>,
+    /// A lease granted at a map version this node has not reached yet: (version, until).
+    pending: Option<(u64, Instant)>,
+    /// The version of the newest map taken.
+    map_version: u64,
+    /// Heartbeats sent and not yet answered: (sequence number, when sent).
+    in_flight: VecDeque<(u64, Instant)>,
+    next_seq: u64,
+    last_heartbeat: Option<Instant>,
+    /// The lease length the coordinator announced last (used to pace heartbeats).
+    lease: Duration,
+    forwards: BTreeMap<String, Forward>,
+}
+
+impl Holdings {
+    /// Nothing held, no lease: a node answers for nothing until the coordinator has answered
+    /// one of its heartbeats.
+    pub fn new(me: NodeId) -> Self {
+        Holdings {
+            me,
+            seen: HashMap::new(),
+            current: BTreeMap::new(),
+            lease_until: None,
+            pending: None,
+            map_version: 0,
+            in_flight: VecDeque::new(),
+            next_seq: 1,
+            last_heartbeat: None,
+            lease: DEFAULT_LEASE,
+            forwards: BTreeMap::new(),
+        }
+    }
+
+    /// This node's id.
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    /// Takes the workloads of a newer map. Entries older than a generation already seen are
+    /// ignored (fencing). An address this node answered for until now and that is now held by
+    /// another node is forwarded to it until the workload's grace period ends.
+    pub fn on_map(&mut self, map: &Netmap, now: Instant) {
+        let held_before: BTreeMap<String, Held> = self.held_named(now);
+        self.map_version = self.map_version.max(map.version);
+        if let Some((v, until)) = self.pending {
+            if v <= self.map_version {
+                self.pending = None;
+                self.extend(until);
+            }
+        }
+        let mut next = BTreeMap::new();
+        for w in map.workloads.values() {
+            let seen = self.seen.entry(w.name.clone()).or_insert(0);
+            if w.generation < *seen {
+                // A stale entry: keep what we knew.
+                if let Some(old) = self.current.get(&w.name) {
+                    next.insert(w.name.clone(), old.clone());
+                }
+                continue;
+            }
+            *seen = w.generation;
+            next.insert(w.name.clone(), w.clone());
+        }
+        // Workloads deleted from the map are forgotten, except their highest generation.
+        self.current = next;
+        for (name, held) in held_before {
+            match self.current.get(&name) {
+                Some(w) if w.holder == Some(self.me) => {
+                    self.forwards.remove(&name);
+                }
+                Some(w) => {
+                    if let Some(to) = w.holder {
+                        self.forwards.insert(name.clone(), Forward { address: held.address.addr(), to, until: now + w.grace() });
+                    } else {
+                        self.forwards.remove(&name);
+                    }
+                }
+                None => {
+                    self.forwards.remove(&name);
+                }
+            }
+        }
+        // A forward follows the workload when it moves on again, and stops when it comes back.
+        let mut done = Vec::new();
+        for (name, f) in &mut self.forwards {
+            match self.current.get(name).and_then(|w| w.holder) {
+                Some(h) if h == self.me => done.push(name.clone()),
+                Some(h) => f.to = h,
+                None => done.push(name.clone()),
+            }
+        }
+        for n in done {
+            self.forwards.remove(&n);
+        }
+    }
+
+    /// Whether this node is the holder of any workload in the newest map (and so must keep
+    /// its lease alive).
+    pub fn is_holder(&self) -> bool {
+        self.current.values().any(|w| w.holder == Some(self.me))
+    }
+
+    /// A heartbeat to send now, if one is due: its sequence number. Heartbeats are sent only
+    /// by holders, every `lease / HEARTBEATS_PER_LEASE`.
+    pub fn poll_heartbeat(&mut self, now: Instant) -> Option<u64> {
+        if !self.is_holder() {
+            return None;
+        }
+        let due = self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= self.heartbeat_interval());
+        if !due {
+            return None;
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.last_heartbeat = Some(now);
+        self.in_flight.push_back((seq, now));
+        // Answers older than a few leases no longer matter.
+        while self.in_flight.len() > 64 {
+            self.in_flight.pop_front();
+        }
+        Some(seq)
+    }
+
+    /// A heartbeat to send now whatever the pace: this node is about to become a holder (a
+    /// move is being prepared), so that it has a lease when the move lands.
+    pub fn heartbeat_now(&mut self, now: Instant) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.last_heartbeat = Some(now);
+        self.in_flight.push_back((seq, now));
+        while self.in_flight.len() > 64 {
+            self.in_flight.pop_front();
+        }
+        seq
+    }
+
+    /// The interval between heartbeats.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.lease / HEARTBEATS_PER_LEASE
+    }
+
+    /// The coordinator answered heartbeat `seq` with a lease of `lease`, when its map was at
+    /// `version`: this node may answer for what its map gives it until the heartbeat's send
+    /// time plus `lease`, once its own map has reached `version` (so that a node that missed
+    /// a move cannot renew a lease for an address it no longer holds). Unknown or repeated
+    /// answers change nothing.
+    pub fn on_lease(&mut self, seq: u64, lease: Duration, version: u64) {
+        let Some(pos) = self.in_flight.iter().position(|(s, _)| *s == seq) else {
+            return;
+        };
+        let (_, sent) = self.in_flight[pos];
+        // Answers to earlier heartbeats are implied by this one.
+        self.in_flight.drain(..=pos);
+        let until = sent + lease;
+        self.lease = lease.max(Duration::from_millis(50));
+        if version <= self.map_version {
+            self.extend(until);
+        } else if self.pending.is_none_or(|(v, _)| version >= v) {
+            self.pending = Some((version, until));
+        }
+    }
+
+    fn extend(&mut self, until: Instant) {
+        if self.lease_until.is_none_or(|u| until > u) {
+            self.lease_until = Some(until);
+        }
+    }
+
+    /// Drops the lease at once (the session was refused or the node revoked).
+    pub fn drop_lease(&mut self) {
+        self.lease_until = None;
+        self.pending = None;
+        self.in_flight.clear();
+    }
+
+    /// Whether the lease is valid at `now`.
+    pub fn lease_valid(&self, now: Instant) -> bool {
+        self.lease_until.is_some_and(|u| now < u)
+    }
+
+    fn held_named(&self, now: Instant) -> BTreeMap<String, Held> {
+        if !self.lease_valid(now) {
+            return BTreeMap::new();
+        }
+        self.current
+            .values()
+            .filter(|w| w.holder == Some(self.me))
+            .map(|w| (w.name.clone(), Held { address: w.address, generation: w.generation }))
+            .collect()
+    }
+
+    /// The addresses this node answers for at `now`: those the newest map gives it, while the
+    /// lease is valid.
+    pub fn held(&self, now: Instant) -> Vec<Held> {
+        self.held_named(now).into_values().collect()
+    }
+
+    /// The addresses this node released and still forwards at `now`, with their new holders.
+    pub fn forwards(&mut self, now: Instant) -> Vec<Forward> {
+        self.forwards.retain(|_, f| now < f.until);
+        self.forwards.values().copied().collect()
+    }
+
+    /// The highest generation seen of a workload.
+    pub fn seen_generation(&self, name: &str) -> Option<u64> {
+        self.seen.get(name).copied()
+    }
+
+    /// The next instant at which [`Holdings::held`] or [`Holdings::forwards`] may change by
+    /// time alone, or a heartbeat falls due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut consider = |i: Instant| t = Some(t.map_or(i, |x| x.min(i)));
+        if let Some(u) = self.lease_until {
+            if self.is_holder() {
+                consider(u);
+            }
+        }
+        if self.is_holder() {
+            if let Some(l) = self.last_heartbeat {
+                consider(l + self.heartbeat_interval());
+            }
+        }
+        for f in self.forwards.values() {
+            consider(f.until);
+        }
+        t
+    }
+}
+
+/// The coordinator's side of leases: when each holder's latest heartbeat arrived, and which
+/// holders have gone silent for longer than the lease plus a margin.
+#[derive(Debug)]
+pub struct LeaseTable {
+    lease: Duration,
+    margin: Duration,
+    last: HashMap<NodeId, Instant>,
+    started: Instant,
+}
+
+impl LeaseTable {
+    /// A table for leases of `lease`; a holder is silent once no heartbeat arrived for
+    /// `lease + margin`. `started` is when the coordinator started: a holder that has not sent
+    /// a heartbeat since then is treated as if it had sent one at that instant (it may hold a
+    /// lease granted by the previous run).
+    pub fn new(lease: Duration, margin: Duration, started: Instant) -> Self {
+        LeaseTable { lease, margin, last: HashMap::new(), started }
+    }
+
+    /// The lease granted with each answer.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// A heartbeat from `node` arrived at `now`.
+    pub fn heartbeat(&mut self, node: NodeId, now: Instant) {
+        let e = self.last.entry(node).or_insert(now);
+        if now > *e {
+            *e = now;
+        }
+    }
+
+    /// A node becomes the holder at `now` (a move or a claim): its lease period starts now, so
+    /// that it is not declared silent before it had a chance to send a heartbeat.
+    pub fn granted(&mut self, node: NodeId, now: Instant) {
+        self.heartbeat(node, now);
+    }
+
+    /// Forgets a node (deleted or revoked).
+    pub fn forget(&mut self, node: NodeId) {
+        self.last.remove(&node);
+    }
+
+    /// Whether `node`'s lease has surely run out at `now`: no heartbeat for `lease + margin`.
+    pub fn is_silent(&self, node: NodeId, now: Instant) -> bool {
+        let last = self.last.get(&node).copied().unwrap_or(self.started).max(self.started);
+        now.saturating_duration_since(last) > self.lease + self.margin
+    }
+
+    /// When `node`'s lease surely ends, as far as the coordinator knows.
+    pub fn expires(&self, node: NodeId) -> Instant {
+        self.last.get(&node).copied().unwrap_or(self.started).max(self.started) + self.lease + self.margin
+    }
+}
+
+/// The failover decision for one workload: when its holder is silent, the first standby in
+/// `standby` order that is online and not silent itself. `None`: nothing to do.
+pub fn failover_target(w: &WorkloadInfo, standby: &[NodeId], leases: &LeaseTable, online: impl Fn(NodeId) -> bool, now: Instant) -> Option<NodeId> {
+    let holder = w.holder?;
+    if !leases.is_silent(holder, now) {
+        return None;
+    }
+    standby.iter().copied().find(|s| *s != holder && online(*s))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wl(name: &str, holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
+        WorkloadInfo {
+            name: name.into(),
+            address: "100.64.50.10/32".parse().unwrap(),
+            holder,
+            generation,
+            previous: None,
+            candidates: vec![1, 2, 3],
+            grace_ms: Some(1000),
+        }
+    }
+
+    fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
+        Netmap { version, workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(), ..Netmap::default() }
+    }
+
+    #[test]
+    fn nothing_is_held_without_a_lease() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        assert!(h.held(t0).is_empty());
+        let seq = h.poll_heartbeat(t0).unwrap();
+        assert_eq!(h.poll_heartbeat(t0), None, "one heartbeat per interval");
+        h.on_lease(seq, Duration::from_millis(1500), 1);
+        assert_eq!(h.held(t0 + Duration::from_millis(10)).len(), 1);
+        // The lease counts from the send time.
+        assert_eq!(h.held(t0 + Duration::from_millis(1499)).len(), 1);
+        assert!(h.held(t0 + Duration::from_millis(1500)).is_empty());
+        assert_eq!(h.poll_timeout(), Some(t0 + Duration::from_millis(300)));
+    }
+
+    #[test]
+    fn a_newer_generation_elsewhere_releases_and_forwards() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        let s = h.poll_heartbeat(t0).unwrap();
+        h.on_lease(s, Duration::from_secs(5), 1);
+        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0 + Duration::from_millis(5));
+        assert!(h.held(t0 + Duration::from_millis(6)).is_empty());
+        let f = h.forwards(t0 + Duration::from_millis(6));
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].to, 2);
+        // It follows a further move, and ends after the grace period.
+        h.on_map(&map(3, &[wl("chat", Some(3), 3)]), t0 + Duration::from_millis(7));
+        assert_eq!(h.forwards(t0 + Duration::from_millis(8))[0].to, 3);
+        assert!(h.forwards(t0 + Duration::from_millis(1006)).is_empty());
+        // A stale map cannot hand the address back.
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0 + Duration::from_millis(9));
+        assert!(h.held(t0 + Duration::from_millis(10)).is_empty());
+        assert_eq!(h.seen_generation("chat"), Some(3));
+    }
+
+    #[test]
+    fn only_holders_heartbeat_and_stale_answers_are_ignored() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(2);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        assert_eq!(h.poll_heartbeat(t0), None);
+        h.on_lease(99, Duration::from_secs(5), 1);
+        assert!(!h.lease_valid(t0));
+    }
+
+    #[test]
+    fn a_lease_from_a_newer_map_waits_for_that_map() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(1);
+        h.on_map(&map(3, &[wl("chat", Some(1), 1)]), t0);
+        let s = h.poll_heartbeat(t0).unwrap();
+        // The coordinator was at version 4 (it moved the workload away; the delta is late).
+        h.on_lease(s, Duration::from_secs(5), 4);
+        assert!(h.held(t0).is_empty(), "no lease before the map catches up");
+        h.on_map(&map(4, &[wl("chat", Some(2), 2)]), t0);
+        assert!(h.lease_valid(t0));
+        assert!(h.held(t0).is_empty(), "and then the map says another node holds it");
+    }
+
+    #[test]
+    fn silent_holders_fail_over_to_the_first_live_standby() {
+        let t0 = Instant::now();
+        let mut leases = LeaseTable::new(Duration::from_millis(1500), Duration::from_millis(100), t0);
+        let w = wl("chat", Some(1), 4);
+        leases.heartbeat(1, t0 + Duration::from_millis(100));
+        let online = |n: NodeId| n != 4;
+        assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1700)), None);
+        assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1701)), Some(5));
+        assert_eq!(failover_target(&w, &[4], &leases, online, t0 + Duration::from_secs(9)), None);
+    }
+}
