@@ -406,6 +406,12 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
                 .values()
                 .map(|w| (w.ip(), w.candidates.iter().filter(|c| **c != self_id).filter_map(|c| key_of.get(c).copied()).collect()))
                 .collect(),
+            relay_from: map
+                .workloads
+                .values()
+                .filter(|w| held.iter().any(|h| h.address == w.address))
+                .filter_map(|w| Some((w.ip(), vec![*key_of.get(&w.previous?)?])))
+                .collect(),
         };
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);

@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
-use meshlink_agent::dataplane::{Device, NetBatch, TunBatch};
+use meshlink_agent::dataplane::{Device, NetBatch, TunBatch, WorkloadRouting};
 use meshlink_agent::settings::{DeviceConfig, PeerConfig, PrivateKey};
 use mock_instant::MockClock;
 
@@ -346,4 +346,94 @@ fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
     // after REKEY_TIMEOUT (5 s), by which time the limiter's window has passed.
     sim.advance(Duration::from_secs(6));
     assert!(sim.ping(0, 1, b"after flood"));
+}
+
+/// The workload address of the move tests.
+const WORKLOAD: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
+
+/// Gives `WORKLOAD` to node `holder` in the peer tables of every other node.
+fn route_workload(sim: &mut Sim, holder: usize) {
+    for i in 0..sim.nodes.len() {
+        let mut config = sim.nodes[i].device.config();
+        let holder_key = sim.nodes[holder].key.public_key();
+        for p in &mut config.peers {
+            p.allowed_ips.retain(|n| n.addr() != std::net::IpAddr::V4(WORKLOAD));
+            if p.public_key == holder_key {
+                p.allowed_ips.push(format!("{WORKLOAD}/32").parse().unwrap());
+            }
+        }
+        sim.nodes[i].device.set_config(config);
+    }
+}
+
+#[test]
+fn a_released_workload_address_is_forwarded_to_its_new_holder() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    // Every node knows every endpoint, as in a mesh made by the coordinator.
+    for i in 0..3 {
+        let mut config = sim.nodes[i].device.config();
+        for p in &mut config.peers {
+            let j = sim.nodes.iter().position(|n| n.key.public_key() == p.public_key).unwrap();
+            p.endpoint = Some(sim.nodes[j].addr);
+        }
+        sim.nodes[i].device.set_config(config);
+    }
+    assert!(sim.ping(0, 1, b"hello 1"));
+    assert!(sim.ping(0, 2, b"hello 2"));
+    assert!(sim.ping(1, 2, b"1 to 2"));
+    route_workload(&mut sim, 1);
+    let to_workload = ipv4(sim.nodes[0].overlay, WORKLOAD, b"to the workload");
+    sim.send(0, &to_workload);
+    assert_eq!(sim.nodes[1].delivered.last(), Some(&to_workload), "node 1 holds it");
+
+    // Node 1 hands the address to node 2; node 0 has not heard yet and still sends to node 1.
+    let (k0, k1, k2) = (sim.nodes[0].key.public_key(), sim.nodes[1].key.public_key(), sim.nodes[2].key.public_key());
+    sim.nodes[1].device.set_workload_routing(WorkloadRouting { forward: [(WORKLOAD.into(), k2)].into(), ..WorkloadRouting::default() });
+    let before = sim.nodes[2].delivered.len();
+    let in_flight = ipv4(sim.nodes[0].overlay, WORKLOAD, b"in flight");
+    sim.send(0, &in_flight);
+    assert!(!sim.nodes[1].delivered.contains(&in_flight), "the old holder does not deliver it");
+    assert_eq!(sim.nodes[2].delivered.len(), before, "the new holder refuses a relayed packet it was not told to accept");
+    assert_eq!(sim.nodes[2].device.status(SystemTime::now()).peers.iter().map(|p| p.drops.spoofed_source).sum::<u64>(), 1);
+
+    sim.nodes[2].device.set_workload_routing(WorkloadRouting { relay_from: [(WORKLOAD.into(), vec![k1])].into(), ..WorkloadRouting::default() });
+    sim.send(0, &in_flight);
+    assert_eq!(sim.nodes[2].delivered.last(), Some(&in_flight), "relayed by the old holder to the new one");
+    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+    // The new holder answers from the workload address before node 0 routes it there: node 0
+    // accepts it from node 2 only as a candidate holder.
+    let answer = ipv4(WORKLOAD, sim.nodes[0].overlay, b"answer");
+    let before = sim.nodes[0].delivered.len();
+    sim.send(2, &answer);
+    assert_eq!(sim.nodes[0].delivered.len(), before, "not yet a candidate: dropped as spoofed");
+    sim.nodes[0].device.set_workload_routing(WorkloadRouting { also_from: [(WORKLOAD.into(), vec![k1, k2])].into(), ..WorkloadRouting::default() });
+    sim.send(2, &answer);
+    assert_eq!(sim.nodes[0].delivered.last(), Some(&answer));
+
+    // Once node 0 learns of the move it sends to node 2 directly; nothing is forwarded.
+    route_workload(&mut sim, 2);
+    let direct = ipv4(sim.nodes[0].overlay, WORKLOAD, b"direct");
+    sim.send(0, &direct);
+    assert_eq!(sim.nodes[2].delivered.last(), Some(&direct));
+    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 2);
+    let _ = k0;
+}
+
+#[test]
+fn forwarding_never_sends_a_packet_back_to_its_sender() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(2, None);
+    assert!(sim.ping(0, 1, b"hello"));
+    route_workload(&mut sim, 1);
+    // Node 1 was told to forward the address to node 0, which itself sends to it: a loop.
+    let k0 = sim.nodes[0].key.public_key();
+    sim.nodes[1].device.set_workload_routing(WorkloadRouting { forward: [(WORKLOAD.into(), k0)].into(), ..WorkloadRouting::default() });
+    let p = ipv4(sim.nodes[0].overlay, WORKLOAD, b"loop?");
+    let wire_before = sim.lost;
+    sim.send(0, &p);
+    assert_eq!(sim.nodes[1].delivered.last(), Some(&p), "delivered locally instead of bounced");
+    assert_eq!(sim.lost, wire_before);
+    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 0);
 }

@@ -99,6 +99,10 @@ pub struct WorkloadRouting {
     /// workload address from every node that may hold it, so that the answers of a new holder
     /// are not dropped while this node has not yet learned of the move.
     pub also_from: HashMap<IpAddr, Vec<PublicKey>>,
+    /// Workload addresses held here, and the peers that may relay packets to them from any
+    /// inner source: their previous holders, which forward what still reaches them after a
+    /// move (the packets keep their original senders' addresses).
+    pub relay_from: HashMap<IpAddr, Vec<PublicKey>>,
 }
 
 struct Table {
@@ -370,7 +374,11 @@ impl Device {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
                 // or a workload address the peer may hold.
                 let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer))
-                    || t.workloads.also_from.get(&src).is_some_and(|keys| keys.contains(&peer.key));
+                    || t.workloads.also_from.get(&src).is_some_and(|keys| keys.contains(&peer.key))
+                    || (!t.workloads.relay_from.is_empty()
+                        && destination(packet)
+                            .and_then(|d| t.workloads.relay_from.get(&d))
+                            .is_some_and(|keys| keys.contains(&peer.key)));
                 if owner_ok {
                     let n = packet.len();
                     let next = if t.workloads.forward.is_empty() {
