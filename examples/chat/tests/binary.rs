@@ -1,0 +1,167 @@
+//! The `meshlink-chat` binary as a harness drives it: stdin, stdout, signals, exit codes. On
+//! 127.0.0.1 with ephemeral ports.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meshlink-chat");
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A running `meshlink-chat` with its stdout read line by line on a thread.
+struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    fn start(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        Proc {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// Waits for a stdout line containing `text` and returns it.
+    fn expect(&self, text: &str) -> String {
+        let mut seen = Vec::new();
+        loop {
+            match self.lines.recv_timeout(WAIT) {
+                Ok(line) if line.contains(text) => return line,
+                Ok(line) => seen.push(line),
+                Err(e) => panic!("no line with {text:?} ({e}); saw {seen:?}"),
+            }
+        }
+    }
+
+    fn say(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Closes stdin and waits for the exit code.
+    fn finish(mut self) -> i32 {
+        self.stdin.take();
+        for _ in 0..(WAIT.as_millis() / 20) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().expect("exited, not killed");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        panic!("meshlink-chat did not exit");
+    }
+}
+
+#[test]
+fn clients_and_server_through_stdin_and_stdout() {
+    let server = Proc::start(&["server", "--listen", "127.0.0.1:0", "--name", "vm-a"]);
+    let listening = server.expect("listening on ");
+    let addr = listening
+        .split("listening on ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_string();
+
+    let mut alice = Proc::start(&["client", "--server", &addr, "--nick", "alice"]);
+    alice.expect(&format!("* connected to {addr}"));
+    alice.expect("* welcome to the room on vm-a");
+    server.expect("alice joined from 127.0.0.1:");
+    let bob = Proc::start(&[
+        "client",
+        "--server",
+        &addr,
+        "--nick",
+        "bob",
+        "--linger-ms",
+        "100",
+    ]);
+    bob.expect("* welcome to the room on vm-a");
+    alice.expect("* bob joined");
+    alice.say("hello from alice");
+    bob.expect("alice: hello from alice");
+
+    server.signal(Signal::SIGTERM);
+    alice.expect("* server shutting down");
+    alice.expect("* disconnected: ");
+    assert_eq!(server.finish(), 0);
+    assert_eq!(alice.finish(), 0);
+    assert_eq!(bob.finish(), 0);
+}
+
+#[test]
+fn sigint_stops_the_server() {
+    let server = Proc::start(&["server", "--listen", "127.0.0.1:0"]);
+    server.expect("listening on ");
+    server.signal(Signal::SIGINT);
+    server.expect("stopped");
+    assert_eq!(server.finish(), 0);
+}
+
+#[test]
+fn an_address_in_use_is_one_error_line_and_status_1() {
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mut child = Command::new(BIN)
+        .args(["server", "--listen", &addr])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_bad_nick_is_a_usage_error() {
+    let status = Command::new(BIN)
+        .args(["client", "--server", "127.0.0.1:9", "--nick", "no spaces"])
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(2));
+}
