@@ -586,7 +586,9 @@ async fn list_workloads(
     let list = workloads::list_workloads(store, &Caller::Admin, q.network.as_deref()).await?;
     let names = node_names(&s, q.network.as_deref()).await?;
     Ok(Json(
-        list.iter().map(|w| render_workload(&s, w, &names)).collect(),
+        list.iter()
+            .map(|w| render_workload(&s, w, &names))
+            .collect(),
     ))
 }
 
@@ -645,11 +647,7 @@ async fn detach_workload(
 ///
 /// # Errors
 /// 404 when no network has it, 409 naming the networks when several do.
-async fn workload_network(
-    s: &AppState,
-    name: &str,
-    network: Option<String>,
-) -> HttpResult<String> {
+async fn workload_network(s: &AppState, name: &str, network: Option<String>) -> HttpResult<String> {
     if let Some(network) = network {
         return Ok(network);
     }

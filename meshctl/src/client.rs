@@ -335,6 +335,98 @@ pub struct Status {
     pub fingerprint: String,
 }
 
+/// `POST /v1/workloads`. An absent address is left out of the request, so the coordinator
+/// picks the lowest free one.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewWorkload {
+    /// The workload's name.
+    pub name: String,
+    /// The network it belongs to.
+    pub network: String,
+    /// The address it wants; absent means the lowest free address of the network.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Failover candidates in order, node names or ids.
+    pub standby: Vec<String>,
+    /// Nodes that may claim it from their own agent, names or ids.
+    pub allowed: Vec<String>,
+}
+
+/// A node as a workload names it: its id, and its name unless it was deleted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NodeName {
+    /// The node's id.
+    #[serde(deserialize_with = "text")]
+    pub id: String,
+    /// The node's name; `None` when the node was deleted.
+    #[serde(deserialize_with = "or_default")]
+    pub name: Option<String>,
+}
+
+/// A workload: an overlay address that belongs to it and moves between nodes.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct Workload {
+    /// The workload's name, unique in its network.
+    #[serde(deserialize_with = "text")]
+    pub name: String,
+    /// The network it belongs to.
+    #[serde(deserialize_with = "text")]
+    pub network: String,
+    /// Its overlay address.
+    #[serde(deserialize_with = "text")]
+    pub address: String,
+    /// The node that holds it; `None` when detached.
+    #[serde(deserialize_with = "or_default")]
+    pub holder: Option<NodeName>,
+    /// Bumped by every change of holder.
+    #[serde(deserialize_with = "text")]
+    pub generation: String,
+    /// The holder before the last change.
+    #[serde(deserialize_with = "or_default")]
+    pub previous: Option<NodeName>,
+    /// Failover candidates, in order.
+    #[serde(deserialize_with = "or_default")]
+    pub standby: Vec<NodeName>,
+    /// Nodes that may claim it.
+    #[serde(deserialize_with = "or_default")]
+    pub allowed: Vec<NodeName>,
+    /// `held`, `holder-offline` or `detached`.
+    #[serde(deserialize_with = "text")]
+    pub state: String,
+    /// When it was made.
+    pub created_at: Value,
+    /// When its holder last changed, or `null`.
+    pub moved_at: Value,
+}
+
+/// The answer to attach, move and detach: the workload after the change, and what it took.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MovedWorkload {
+    /// The workload after the change.
+    #[serde(flatten)]
+    pub workload: Workload,
+    /// False when nothing had to change.
+    #[serde(deserialize_with = "or_default")]
+    pub changed: bool,
+    /// Milliseconds the destination took to report ready; `None` when it was not asked or
+    /// did not answer in time.
+    #[serde(deserialize_with = "or_default")]
+    pub prepared_ms: Option<f64>,
+    /// Milliseconds the coordinator took for the change.
+    #[serde(deserialize_with = "or_default")]
+    pub took_ms: Option<f64>,
+}
+
+/// `POST /v1/workloads/{name}/attach` and `/move`.
+#[derive(Debug, Clone, Serialize)]
+struct MoveTo<'a> {
+    /// The destination node's name or id.
+    node: &'a str,
+}
+
 /// Reads a field that may be `null` as its default.
 fn or_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
@@ -487,6 +579,97 @@ impl AdminClient {
         let path = format!("/v1/nodes/{}", encode(node));
         self.send(Method::Delete, &path, network, None::<&()>)
             .map(drop)
+    }
+
+    /// `POST /v1/workloads`: creates a detached workload.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a name or address already taken is [`ClientError::Api`] with
+    /// status 409.
+    pub fn create_workload(&self, request: &NewWorkload) -> Result<Reply<Workload>, ClientError> {
+        self.fetch(Method::Post, "/v1/workloads", None, Some(request))
+    }
+
+    /// `GET /v1/workloads`: every workload, or those of one network.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn workloads(&self, network: Option<&str>) -> Result<Reply<Vec<Workload>>, ClientError> {
+        self.fetch(Method::Get, "/v1/workloads", network, None::<&()>)
+    }
+
+    /// `GET /v1/workloads/{name}`: one workload. `network` may be left out when the name is
+    /// used in one network only.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; an unknown workload is [`ClientError::Api`] with status 404, a
+    /// name used in several networks without `network` one with status 409.
+    pub fn workload(
+        &self,
+        name: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<Workload>, ClientError> {
+        let path = format!("/v1/workloads/{}", encode(name));
+        self.fetch(Method::Get, &path, network, None::<&()>)
+    }
+
+    /// `DELETE /v1/workloads/{name}`: removes a workload and frees its address.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn delete_workload(&self, name: &str, network: Option<&str>) -> Result<(), ClientError> {
+        let path = format!("/v1/workloads/{}", encode(name));
+        self.send(Method::Delete, &path, network, None::<&()>)
+            .map(drop)
+    }
+
+    /// `POST /v1/workloads/{name}/attach`: gives a workload to `node` (a name or an id).
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn attach_workload(
+        &self,
+        name: &str,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<MovedWorkload>, ClientError> {
+        let path = format!("/v1/workloads/{}/attach", encode(name));
+        self.fetch(Method::Post, &path, network, Some(&MoveTo { node }))
+    }
+
+    /// `POST /v1/workloads/{name}/move`: moves a workload to `node` (a name or an id).
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn move_workload(
+        &self,
+        name: &str,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<MovedWorkload>, ClientError> {
+        let path = format!("/v1/workloads/{}/move", encode(name));
+        self.fetch(Method::Post, &path, network, Some(&MoveTo { node }))
+    }
+
+    /// `POST /v1/workloads/{name}/detach`: takes a workload from its holder; nobody answers
+    /// for its address until it is attached again.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn detach_workload(
+        &self,
+        name: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<MovedWorkload>, ClientError> {
+        let path = format!("/v1/workloads/{}/detach", encode(name));
+        self.fetch(Method::Post, &path, network, None::<&()>)
     }
 
     /// `GET /v1/status`: the coordinator's own state.
@@ -722,6 +905,45 @@ mod tests {
         assert!(node.tags.is_empty());
         assert!(!node.online);
         assert!(node.last_seen.is_null());
+    }
+
+    #[test]
+    fn moved_workloads_read_leniently() {
+        let moved: MovedWorkload = serde_json::from_value(serde_json::json!({
+            "name": "chat", "network": "prod", "address": "100.64.0.9",
+            "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
+            "previous": {"id": 1, "name": null}, "standby": null, "state": "held",
+            "changed": true, "prepared_ms": 3.1, "took_ms": 12.4, "brand_new_field": 1,
+        }))
+        .unwrap();
+        let w = &moved.workload;
+        assert_eq!((w.name.as_str(), w.generation.as_str()), ("chat", "3"));
+        assert_eq!(
+            w.holder,
+            Some(NodeName {
+                id: "3".into(),
+                name: Some("vm-c".into())
+            })
+        );
+        assert_eq!(w.previous.as_ref().unwrap().name, None);
+        assert!(w.standby.is_empty());
+        assert!(moved.changed);
+        assert_eq!((moved.prepared_ms, moved.took_ms), (Some(3.1), Some(12.4)));
+    }
+
+    #[test]
+    fn workload_request_leaves_out_an_absent_address() {
+        let request = NewWorkload {
+            name: "chat".into(),
+            network: "prod".into(),
+            address: None,
+            standby: vec!["vm-d".into()],
+            allowed: vec![],
+        };
+        assert_eq!(
+            serde_json::to_value(&request).unwrap(),
+            serde_json::json!({"name": "chat", "network": "prod", "standby": ["vm-d"], "allowed": []})
+        );
     }
 
     #[test]

@@ -2,16 +2,19 @@
 //! the integration tests can drive the client directly.
 //!
 //! The crate holds no business logic. The coordinator decides everything (what a valid CIDR or
-//! node name is, whether a token is expired); `meshctl` parses arguments, sends them, and shows
-//! what comes back.
+//! node name is, whether a token is expired, who may hold a workload); `meshctl` parses
+//! arguments, sends them, and shows what comes back.
 //!
 //! - [`client`]: [`AdminClient`](client::AdminClient), one typed method per admin route, and
 //!   [`ClientError`](client::ClientError).
+//! - [`claim`]: `workload claim`, which asks the local agent over its unix socket rather than
+//!   the coordinator.
 //! - [`admin_token`]: the bearer token, read from a flag or from a private file.
 //! - [`duration`]: `--expires` durations (`90s`, `30m`, `1h`, `2d`) in and out.
 //! - [`render`]: aligned tables, field listings, times.
 
 pub mod admin_token;
+pub mod claim;
 pub mod client;
 pub mod duration;
 pub mod render;

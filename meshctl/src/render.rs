@@ -11,10 +11,11 @@
 //! terminal or forge extra lines.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::client::{Network, Node, Status, Token};
+use crate::client::{MovedWorkload, Network, Node, NodeName, Status, Token, Workload};
 use crate::duration;
 
 /// Columns are separated by this many spaces.
@@ -426,6 +427,136 @@ pub fn node(node: &Node, now: i64) -> String {
     fields.to_string()
 }
 
+/// A node named by a workload: its name, or `#ID (deleted)` when it no longer exists.
+fn node_name(node: &NodeName) -> String {
+    match &node.name {
+        Some(name) if !name.is_empty() => name.clone(),
+        _ => format!("#{} (deleted)", node.id),
+    }
+}
+
+/// An optional node as cell text.
+fn maybe_node(node: Option<&NodeName>) -> String {
+    node.map_or_else(|| NONE.to_owned(), node_name)
+}
+
+/// Nodes as cell text, in order.
+fn node_names(nodes: &[NodeName]) -> String {
+    or_none(nodes.iter().map(node_name).collect::<Vec<_>>().join(","))
+}
+
+/// `workload list`.
+pub fn workloads(workloads: &[Workload]) -> String {
+    let mut table = Table::new(&[
+        "NAME",
+        "NETWORK",
+        "ADDRESS",
+        "HOLDER",
+        "GENERATION",
+        "STATE",
+        "STANDBY",
+    ]);
+    for w in workloads {
+        table.row([
+            or_none(w.name.clone()),
+            or_none(w.network.clone()),
+            or_none(w.address.clone()),
+            maybe_node(w.holder.as_ref()),
+            or_none(w.generation.clone()),
+            or_none(w.state.clone()),
+            node_names(&w.standby),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `workload show` and `workload create`.
+pub fn workload(w: &Workload, now: i64) -> String {
+    let mut fields = Fields::new();
+    fields
+        .field("NAME", or_none(w.name.clone()))
+        .field("NETWORK", or_none(w.network.clone()))
+        .field("ADDRESS", or_none(w.address.clone()))
+        .field("STATE", or_none(w.state.clone()))
+        .field("HOLDER", maybe_node(w.holder.as_ref()))
+        .field("GENERATION", or_none(w.generation.clone()))
+        .field("PREVIOUS", maybe_node(w.previous.as_ref()))
+        .field("STANDBY", node_names(&w.standby))
+        .field("ALLOWED", node_names(&w.allowed))
+        .field("MOVED", time_and_relative(&w.moved_at, now))
+        .field("CREATED", time(&w.created_at));
+    fields.to_string()
+}
+
+/// Which change of holder was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// `workload attach`.
+    Attach,
+    /// `workload move`.
+    Move,
+    /// `workload detach`.
+    Detach,
+}
+
+/// Milliseconds as `12.4 ms`.
+fn millis(ms: f64) -> String {
+    format!("{ms:.1} ms")
+}
+
+/// `workload attach`, `move` and `detach`: one line saying what happened, for example
+/// `chat moved to vm-c (generation 3) in 12.4 ms (destination ready in 3.1 ms)`.
+pub fn moved(reply: &MovedWorkload, change: Change) -> String {
+    let w = &reply.workload;
+    let name = or_none(w.name.clone());
+    let generation = or_none(w.generation.clone());
+    let took = reply
+        .took_ms
+        .map(|ms| format!(" in {}", millis(ms)))
+        .unwrap_or_default();
+    let holder = maybe_node(w.holder.as_ref());
+    let line = match (change, reply.changed) {
+        (Change::Attach | Change::Move, true) => {
+            let verb = if change == Change::Attach {
+                "attached"
+            } else {
+                "moved"
+            };
+            let readiness = match (reply.prepared_ms, w.state.as_str()) {
+                (Some(ms), _) => format!(" (destination ready in {})", millis(ms)),
+                (None, "holder-offline") => format!(" ({holder} is offline)"),
+                (None, "held") => " (destination did not report ready in time)".to_owned(),
+                (None, _) => String::new(),
+            };
+            format!("{name} {verb} to {holder} (generation {generation}){took}{readiness}")
+        }
+        (Change::Attach | Change::Move, false) => {
+            format!("{name} is already held by {holder} (generation {generation})")
+        }
+        (Change::Detach, true) => match &w.previous {
+            Some(previous) => format!(
+                "{name} detached from {} (generation {generation}){took}",
+                node_name(previous)
+            ),
+            None => format!("{name} detached (generation {generation}){took}"),
+        },
+        (Change::Detach, false) => {
+            format!("{name} is already detached (generation {generation})")
+        }
+    };
+    format!("{}\n", clean(&line))
+}
+
+/// `workload claim`: `claimed chat (generation 4) in 2.0 ms`.
+pub fn claimed(name: &str, generation: u64, took: Duration) -> String {
+    let ms = took.as_secs_f64() * 1000.0;
+    format!(
+        "claimed {} (generation {generation}) in {}\n",
+        clean(name),
+        millis(ms)
+    )
+}
+
 /// `status`.
 pub fn status(status: &Status) -> String {
     let mut fields = Fields::new();
@@ -630,6 +761,114 @@ mod tests {
         assert!(
             text.contains("EXPIRES  2024-05-01T13:00:00Z (in 1h)\n"),
             "{text}"
+        );
+    }
+
+    fn sample_workloads() -> Vec<Workload> {
+        serde_json::from_value(json!([
+            {"name": "chat", "network": "prod", "address": "100.64.0.9",
+             "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
+             "previous": {"id": 1, "name": null}, "state": "held",
+             "standby": [{"id": 4, "name": "vm-d"}, {"id": 5, "name": "vm-e"}],
+             "allowed": [{"id": 3, "name": "vm-c"}],
+             "created_at": NOW - 3_600, "moved_at": NOW - 60},
+            {"name": "db", "network": "prod", "address": "100.64.0.10", "holder": null,
+             "generation": 0, "previous": null, "state": "detached", "standby": [],
+             "allowed": [], "created_at": NOW, "moved_at": null},
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn workload_table() {
+        assert_eq!(
+            workloads(&sample_workloads()),
+            "NAME  NETWORK  ADDRESS      HOLDER  GENERATION  STATE     STANDBY\n\
+             chat  prod     100.64.0.9   vm-c    3           held      vm-d,vm-e\n\
+             db    prod     100.64.0.10  -       0           detached  -\n"
+        );
+    }
+
+    #[test]
+    fn workload_fields() {
+        assert_eq!(
+            workload(&sample_workloads()[0], NOW),
+            "NAME        chat\n\
+             NETWORK     prod\n\
+             ADDRESS     100.64.0.9\n\
+             STATE       held\n\
+             HOLDER      vm-c\n\
+             GENERATION  3\n\
+             PREVIOUS    #1 (deleted)\n\
+             STANDBY     vm-d,vm-e\n\
+             ALLOWED     vm-c\n\
+             MOVED       2024-05-01T11:59:00Z (1m ago)\n\
+             CREATED     2024-05-01T11:00:00Z\n"
+        );
+    }
+
+    fn moved_reply(answer: Value) -> MovedWorkload {
+        serde_json::from_value(answer).unwrap()
+    }
+
+    #[test]
+    fn changes_of_holder_in_one_line() {
+        let held = moved_reply(json!({
+            "name": "chat", "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
+            "state": "held", "changed": true, "prepared_ms": 3.12, "took_ms": 12.44,
+        }));
+        assert_eq!(
+            moved(&held, Change::Move),
+            "chat moved to vm-c (generation 3) in 12.4 ms (destination ready in 3.1 ms)\n"
+        );
+        let offline = moved_reply(json!({
+            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 1,
+            "state": "holder-offline", "changed": true, "prepared_ms": null, "took_ms": 0.8,
+        }));
+        assert_eq!(
+            moved(&offline, Change::Attach),
+            "chat attached to vm-a (generation 1) in 0.8 ms (vm-a is offline)\n"
+        );
+        let silent = moved_reply(json!({
+            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 2,
+            "state": "held", "changed": true, "took_ms": 501.0,
+        }));
+        assert_eq!(
+            moved(&silent, Change::Move),
+            "chat moved to vm-a (generation 2) in 501.0 ms \
+             (destination did not report ready in time)\n"
+        );
+        let same = moved_reply(json!({
+            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 2,
+            "state": "held", "changed": false, "took_ms": 0.1,
+        }));
+        assert_eq!(
+            moved(&same, Change::Move),
+            "chat is already held by vm-a (generation 2)\n"
+        );
+        let detached = moved_reply(json!({
+            "name": "chat", "holder": null, "previous": {"id": 1, "name": "vm-a"},
+            "generation": 3, "state": "detached", "changed": true, "took_ms": 1.23,
+        }));
+        assert_eq!(
+            moved(&detached, Change::Detach),
+            "chat detached from vm-a (generation 3) in 1.2 ms\n"
+        );
+        let again = MovedWorkload {
+            changed: false,
+            ..detached
+        };
+        assert_eq!(
+            moved(&again, Change::Detach),
+            "chat is already detached (generation 3)\n"
+        );
+    }
+
+    #[test]
+    fn claims_in_one_line() {
+        assert_eq!(
+            claimed("chat", 4, Duration::from_micros(2_040)),
+            "claimed chat (generation 4) in 2.0 ms\n"
         );
     }
 

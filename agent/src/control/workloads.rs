@@ -11,7 +11,8 @@ use meshlink_proto::workload::Holdings;
 use meshlink_proto::NodeId;
 use tokio::sync::{mpsc, Notify};
 
-/// How long `meshctl workload claim` waits for the coordinator.
+/// How long `meshctl workload claim` waits for the coordinator (meshctl waits 15 s, so that this
+/// agent's own message reaches it).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by the control loop (maps, leases) and the reconciler (addresses, routing).

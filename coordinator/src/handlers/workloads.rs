@@ -104,6 +104,9 @@ pub async fn create_workload(
     let allowed = resolve(store, &network.name, &req.allowed, "allowed").await?;
     let new = NewWorkload { network: network.name.clone(), name: req.name.clone(), address, standby, allowed, created_at: now };
     store.create_workload(new).await.map_err(|e| match e {
+        StoreError::Conflict(m) if m.contains("workloads.name") => {
+            ApiError::Conflict(format!("a workload named {} already exists in network {}", req.name, network.name))
+        }
         StoreError::Conflict(m) => ApiError::Conflict(format!("workload {}: {m}", req.name)),
         other => other.into(),
     })

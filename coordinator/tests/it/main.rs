@@ -7,3 +7,4 @@ mod handlers;
 mod quic;
 mod service;
 mod simulation;
+mod workloads;
