@@ -80,6 +80,11 @@ pub struct Mesh {
 /// after 120 s, so a fresh session will not need a handshake during the switch).
 const FRESH_SESSION: Duration = Duration::from_secs(90);
 
+/// How long a released workload address stays on the interface after packets for it are
+/// forwarded to the new holder: new packets no longer reach local programs, but answers they
+/// are writing at that instant still leave from it instead of failing.
+const RELEASE_LINGER: Duration = Duration::from_millis(20);
+
 /// Changes to the interface that the main loop makes through netlink, in order.
 enum NetCmd {
     /// The wanted routes (all of them).
@@ -360,9 +365,15 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     maps.mark_changed();
     let mut held_now: Vec<IpNet> = Vec::new();
+    let mut releasing: HashMap<IpNet, Instant> = HashMap::new();
     let mut control_gone = false;
     loop {
-        let wake = shared.lock().poll_timeout().map(tokio::time::Instant::from_std);
+        let linger_end = releasing.values().min().copied();
+        let wake = match (shared.lock().poll_timeout(), linger_end) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+        .map(tokio::time::Instant::from_std);
         tokio::select! {
             r = maps.changed(), if !control_gone => {
                 if r.is_err() {
@@ -395,10 +406,11 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
                 }
             }
         }
-        let (held, forwards) = {
+        let (held, forwards, tentative) = {
             let mut h = shared.lock();
-            (h.held(now), h.forwards(now))
+            (h.held(now), h.forwards(now), h.tentative(now))
         };
+        let tentative: Vec<IpNet> = tentative.into_iter().filter(|t| !held.iter().any(|h| h.address == *t)).collect();
         let routing = WorkloadRouting {
             forward: forwards.iter().filter_map(|f| Some((f.address, *key_of.get(&f.to)?))).collect(),
             also_from: map
@@ -406,11 +418,14 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
                 .values()
                 .map(|w| (w.ip(), w.candidates.iter().filter(|c| **c != self_id).filter_map(|c| key_of.get(c).copied()).collect()))
                 .collect(),
+            // An address held here, or prepared for a move that is landing, takes packets its
+            // previous or current holder relays: that node forwards only once it has seen the
+            // move, so whatever reaches this node for the address comes after the switch.
             relay_from: map
                 .workloads
                 .values()
-                .filter(|w| held.iter().any(|h| h.address == w.address))
-                .filter_map(|w| Some((w.ip(), vec![*key_of.get(&w.previous?)?])))
+                .filter(|w| held.iter().any(|h| h.address == w.address) || tentative.contains(&w.address))
+                .map(|w| (w.ip(), w.previous.iter().chain(w.holder.iter()).filter(|n| **n != self_id).filter_map(|n| key_of.get(n).copied()).collect()))
                 .collect(),
         };
         // Forwarding first, then addresses: a released address is never left unanswered.
@@ -423,7 +438,17 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
                 warn!("applying the network map: {e}");
             }
         }
-        let wanted: Vec<IpNet> = held.iter().map(|h| h.address).collect();
+        let mut wanted: Vec<IpNet> = held.iter().map(|h| h.address).chain(tentative).collect();
+        // Addresses forwarded elsewhere linger briefly (see RELEASE_LINGER).
+        for gone in held_now.iter().filter(|a| !wanted.contains(a)) {
+            if forwards.iter().any(|f| f.address == gone.addr()) {
+                releasing.entry(*gone).or_insert(now + RELEASE_LINGER);
+            }
+        }
+        releasing.retain(|a, until| now < *until && !wanted.contains(a));
+        wanted.extend(releasing.keys().copied());
+        wanted.sort();
+        wanted.dedup();
         if wanted != held_now {
             held_now = wanted.clone();
             let _ = control.routes_tx.send(NetCmd::Addresses(wanted));

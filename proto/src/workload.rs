@@ -34,6 +34,8 @@ pub const DEFAULT_LEASE: Duration = Duration::from_millis(1500);
 /// The default grace period during which a former holder forwards packets for the address to
 /// the new holder.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+/// How long a node keeps a workload address prepared for a move that does not land.
+pub const PREPARE_HOLD: Duration = Duration::from_secs(3);
 /// How many heartbeats a lease spans: a holder sends one every `lease / HEARTBEATS_PER_LEASE`,
 /// so one or two lost heartbeats do not end the lease.
 pub const HEARTBEATS_PER_LEASE: u32 = 5;
@@ -117,6 +119,8 @@ pub struct Holdings {
     /// The lease length the coordinator announced last (used to pace heartbeats).
     lease: Duration,
     forwards: BTreeMap<String, Forward>,
+    /// Moves being prepared here: the address, the generation it will take, and until when.
+    tentative: BTreeMap<String, (IpNet, u64, Instant)>,
 }
 
 impl Holdings {
@@ -135,6 +139,7 @@ impl Holdings {
             last_heartbeat: None,
             lease: DEFAULT_LEASE,
             forwards: BTreeMap::new(),
+            tentative: BTreeMap::new(),
         }
     }
 
@@ -170,6 +175,9 @@ impl Holdings {
         }
         // Workloads deleted from the map are forgotten, except their highest generation.
         self.current = next;
+        // A prepared move has landed (or another one won): it is no longer tentative.
+        let seen = &self.seen;
+        self.tentative.retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s < generation));
         for (name, held) in held_before {
             match self.current.get(&name) {
                 Some(w) if w.holder == Some(self.me) => {
@@ -199,6 +207,29 @@ impl Holdings {
         for n in done {
             self.forwards.remove(&n);
         }
+    }
+
+    /// The coordinator is about to give `workload` to this node at `generation`: the address
+    /// is set up here ahead of the switch (see [`Holdings::tentative`]) so that the first
+    /// packets after it find it, and dropped if the move has not landed within
+    /// [`PREPARE_HOLD`]. Nothing can reach it here before the switch: no peer routes it to
+    /// this node until the new generation is in its map.
+    pub fn on_prepare(&mut self, workload: &str, generation: u64, now: Instant) {
+        let Some(w) = self.current.get(workload) else { return };
+        if self.seen.get(workload).is_some_and(|s| *s >= generation) {
+            return;
+        }
+        self.tentative.insert(workload.to_string(), (w.address, generation, now + PREPARE_HOLD));
+        // The address is coming back here: stop forwarding it away (to the node that is about
+        // to forward it here), or packets would bounce between the two.
+        self.forwards.remove(workload);
+    }
+
+    /// Addresses set up for moves being prepared, not (yet) held. Only packets sent after the
+    /// switch can reach them (no peer routes them here before), so answering those is safe.
+    pub fn tentative(&mut self, now: Instant) -> Vec<IpNet> {
+        self.tentative.retain(|_, (_, _, until)| now < *until);
+        self.tentative.values().map(|(a, _, _)| *a).collect()
     }
 
     /// Whether this node is the holder of any workload in the newest map (and so must keep
@@ -330,6 +361,9 @@ impl Holdings {
         }
         for f in self.forwards.values() {
             consider(f.until);
+        }
+        for (_, _, until) in self.tentative.values() {
+            consider(*until);
         }
         t
     }
@@ -466,6 +500,40 @@ mod tests {
         assert_eq!(h.poll_heartbeat(t0), None);
         h.on_lease(99, Duration::from_secs(5), 1);
         assert!(!h.lease_valid(t0));
+    }
+
+    #[test]
+    fn a_prepared_address_is_tentative_until_the_move_lands_or_expires() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(2);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        h.on_prepare("chat", 2, t0);
+        assert_eq!(h.tentative(t0).len(), 1);
+        h.on_prepare("chat", 1, t0);
+        let s = h.heartbeat_now(t0);
+        h.on_lease(s, Duration::from_secs(5), 1);
+        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0 + Duration::from_millis(3));
+        assert!(h.tentative(t0 + Duration::from_millis(3)).is_empty(), "landed");
+        assert_eq!(h.held(t0 + Duration::from_millis(3)).len(), 1);
+        // Preparing to take back an address this node forwards elsewhere ends the forwarding.
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        let s = h.heartbeat_now(t0);
+        h.on_lease(s, Duration::from_secs(5), 1);
+        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0);
+        assert_eq!(h.forwards(t0).len(), 1);
+        h.on_prepare("chat", 3, t0);
+        assert!(h.forwards(t0).is_empty());
+        // A move that never lands is forgotten.
+        let mut h = Holdings::new(3);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        h.on_prepare("chat", 2, t0);
+        assert_eq!(h.poll_timeout(), Some(t0 + PREPARE_HOLD));
+        assert!(h.tentative(t0 + PREPARE_HOLD).is_empty());
+        // Another node winning the generation ends it too.
+        h.on_prepare("chat", 2, t0);
+        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0);
+        assert!(h.tentative(t0).is_empty());
     }
 
     #[test]

@@ -212,6 +212,15 @@ pub fn meshctl_bin() -> PathBuf {
     workspace_bin("meshctl", "MESHLINK_MESHCTL_BIN", "meshctl")
 }
 
+/// The `meshlink-chat` binary (the example app of the workload tests): `$MESHLINK_CHAT_BIN`
+/// if set, else the one next to this test's executable.
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+pub fn chat_bin() -> PathBuf {
+    workspace_bin("meshlink-chat", "MESHLINK_CHAT_BIN", "meshlink-chat")
+}
+
 /// The `meshlink-xfer` binary of this crate, which Cargo builds before the integration tests.
 ///
 /// # Panics

@@ -8,7 +8,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,6 +39,7 @@ pub struct Process {
     exit: Option<ExitStatus>,
     log: PathBuf,
     lines: Option<mpsc::Receiver<String>>,
+    stdin: Option<ChildStdin>,
     grace: Duration,
     /// Whether the test ended it (by signal) rather than the process exiting on its own or
     /// being ended by someone else: failure reports say which, since a daemon that died
@@ -52,11 +53,24 @@ impl Process {
     ///
     /// # Panics
     /// When the log cannot be created or the command cannot be started.
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path, stdout: Stdout) -> Process {
+    pub fn spawn(name: &str, cmd: Command, log: &Path, stdout: Stdout) -> Process {
+        Self::start(name, cmd, log, stdout, false)
+    }
+
+    /// Like [`Process::spawn`] with stdout read line by line, and a pipe on stdin that
+    /// [`Process::write_line`] writes to (an interactive program such as a chat client).
+    ///
+    /// # Panics
+    /// As [`Process::spawn`].
+    pub fn spawn_interactive(name: &str, cmd: Command, log: &Path) -> Process {
+        Self::start(name, cmd, log, Stdout::Lines, true)
+    }
+
+    fn start(name: &str, mut cmd: Command, log: &Path, stdout: Stdout, stdin: bool) -> Process {
         let file = File::create(log)
             .unwrap_or_else(|e| panic!("cannot create log {}: {e}", log.display()));
         let stderr = file.try_clone().expect("clone log file handle");
-        cmd.stdin(Stdio::null()).stderr(stderr);
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() }).stderr(stderr);
         match stdout {
             Stdout::Log => cmd.stdout(file),
             Stdout::Lines => cmd.stdout(Stdio::piped()),
@@ -64,6 +78,7 @@ impl Process {
         let mut child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name} ({cmd:?}): {e}"));
+        let stdin = child.stdin.take();
         let lines = child.stdout.take().map(|out| {
             let (tx, rx) = mpsc::channel();
             let mut copy = OpenOptions::new().append(true).open(log).ok();
@@ -85,8 +100,34 @@ impl Process {
             exit: None,
             log: log.to_owned(),
             lines,
+            stdin,
             grace: DEFAULT_GRACE,
             ended_by_test: false,
+        }
+    }
+
+    /// Writes one line to the process's stdin (see [`Process::spawn_interactive`]).
+    ///
+    /// # Panics
+    /// When it has no stdin pipe or the write fails.
+    pub fn write_line(&mut self, line: &str) {
+        let name = self.name.clone();
+        let stdin = self.stdin.as_mut().unwrap_or_else(|| panic!("{name} has no stdin pipe"));
+        writeln!(stdin, "{line}")
+            .and_then(|()| stdin.flush())
+            .unwrap_or_else(|e| panic!("writing to {name}: {e}"));
+    }
+
+    /// Reads stdout lines until one contains `needle`, for at most `timeout`; returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            match self.next_line(left) {
+                Some(line) if line.contains(needle) => return Some(line),
+                Some(_) => {}
+                None => return None,
+            }
         }
     }
 

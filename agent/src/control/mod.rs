@@ -349,8 +349,14 @@ impl MeshControl {
                     }
                     ServerMessage::Prepare { workload, generation } => {
                         debug!(%workload, generation, "preparing to take a workload");
-                        // A lease before the move lands, and tunnels up to every peer.
-                        let seq = self.shared.lock().heartbeat_now(Instant::now());
+                        // The address ready, a lease before the move lands, and tunnels up to
+                        // every peer.
+                        let seq = {
+                            let mut h = self.shared.lock();
+                            h.on_prepare(&workload, generation, Instant::now());
+                            h.heartbeat_now(Instant::now())
+                        };
+                        self.shared.changed.notify_one();
                         s.send(&ClientMessage::Heartbeat { seq }).await?;
                         let tunnels = tunnels.clone();
                         let tx = prepared_tx.clone();

@@ -59,6 +59,7 @@ pub struct DeviceDrops {
     pub malformed: AtomicU64,
     /// Not a drop: packets for a released workload address sent on to its new holder.
     pub forwarded: AtomicU64,
+
 }
 
 /// One peer: its session and where it is.
@@ -547,6 +548,7 @@ mod tests {
         v6[39] = 1;
         assert_eq!(destination(&v6), Some("::1".parse().unwrap()));
         assert_eq!(destination(&[0x45, 0, 0]), None);
+
         assert_eq!(destination(&[]), None);
     }
 }

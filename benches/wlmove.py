@@ -1,0 +1,305 @@
+#!/usr/bin/env python3
+"""Workload moves under a steady probe: how fast traffic follows a workload address, and what
+is lost on the way.
+
+One command, as root:
+
+    python3 benches/wlmove.py                    # builds the release binaries; 20 moves, 5 failovers
+    python3 benches/wlmove.py --moves 40 --failovers 10 --json wlmove.json
+    python3 benches/wlmove.py --no-build --bin-dir target/debug   # quick check, debug build
+
+Setup: three simulated providers (a router namespace with one bridge each: A on 198.18.1.0/24,
+B on 198.18.2.0/24, C on 198.18.3.0/24; every host routes 198.18.0.0/15 via its provider's
+router). The coordinator runs on A (198.18.1.10); vm-a on A, vm-b on B and vm-c on C run
+`meshlink-agent up --token`. A workload `bench` (100.64.50.10) is created with vm-c as standby
+and vm-a, vm-c as allowed holders, and attached to vm-a. vm-a and vm-c run
+`meshlink-probe echo` on 0.0.0.0:7000 (answers carry the responder's name); vm-b runs
+`meshlink-probe send` to 100.64.50.10:7000, one probe per millisecond.
+
+Planned moves: the workload moves between vm-a and vm-c `--moves` times, one move every
+`--gap` seconds, each requested through the admin API by a small client that runs in the
+coordinator's namespace and stamps the request with CLOCK_REALTIME just before sending it (the
+probes carry the same clock). Per move:
+  - to new holder: from the request to the first probe answered by the new holder among the
+    probes sent after the request;
+  - lost: probes sent from the request until the next move's request (or the end of the run)
+    that were never answered;
+  - the coordinator's own figures from its answer: destination ready (tunnels up) and commit.
+Failover: `--failovers` times, with the workload on vm-a, vm-a's agent is killed (SIGKILL: the
+tunnel interface and with it the address vanish, the coordinator hears nothing); failover time
+is from the kill to the first probe answered by vm-c among those sent after the kill. Then vm-a's
+agent is restarted and the workload moved back.
+
+The report is a markdown table; `--json` keeps every figure. Only python3's standard library
+is used; everything made is removed on exit (names carry `mlw<pid>`), also on Ctrl-C.
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bed import Bed, log, run, tail  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NETWORK, NETWORK_CIDR = "bench", "100.64.0.0/16"
+WORKLOAD, WORKLOAD_IP, PORT = "bench", "100.64.50.10", 7000
+QUIC_PORT, ADMIN_PORT = 7443, 7444
+# (host, provider, last octet); the coordinator is "c0".
+HOSTS = [("c0", 1, 10), ("a", 1, 11), ("b", 2, 10), ("c", 3, 10)]
+AGENTS = ["a", "b", "c"]
+
+# Runs inside the coordinator's namespace: reads `move NODE` lines, answers one JSON line each
+# with the request's CLOCK_REALTIME stamp (ns) and the admin API's answer.
+MOVER = r"""
+import json, sys, time, urllib.request
+base, token, name = sys.argv[1], open(sys.argv[2]).read().strip(), sys.argv[3]
+for line in sys.stdin:
+    verb, node = line.split()
+    body = json.dumps({"node": node}).encode()
+    req = urllib.request.Request(f"{base}/v1/workloads/{name}/{verb}", data=body, method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    t_req = time.time_ns()
+    with urllib.request.urlopen(req, timeout=10) as r:
+        answer = json.loads(r.read())
+    t_resp = time.time_ns()
+    print(json.dumps({"t_req": t_req, "t_resp": t_resp, "answer": answer}), flush=True)
+"""
+
+
+class MoveBench(Bed):
+    def __init__(self, opts):
+        super().__init__(opts, prefix=f"mlw{os.getpid()}", providers=3, hosts=HOSTS)
+        self.coord = self.state = None
+        self.agents = {}
+        self.echo = {}
+
+    def start(self):
+        self.state = os.path.join(self.tmp, "coordinator")
+        self.coord = self.spawn("c0", [self.bin("meshlink-coordinator"), "serve", "--state-dir", self.state,
+                                       "--listen", f"0.0.0.0:{QUIC_PORT}", "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
+                                       "--advertise", f"198.18.1.10:{QUIC_PORT}"], "coordinator.log")
+        self.wait_for("the coordinator's fingerprint line", 20,
+                      lambda: "coordinator fingerprint:" in tail(self.coord.log_path, 200), self.coord)
+        self.meshctl("network", "create", NETWORK, "--cidr", NETWORK_CIDR)
+        self.token = json.loads(self.meshctl("token", "create", "--network", NETWORK, "--uses", "3",
+                                             "--expires", "1h", "-o", "json"))["token"]
+        for h in AGENTS:
+            self.start_agent(h)
+        self.wait_for("three nodes online", 30, lambda: self.online() == 3)
+        self.meshctl("workload", "create", WORKLOAD, "--network", NETWORK, "--address", WORKLOAD_IP,
+                     "--standby", "vm-c", "--allow", "vm-a,vm-c")
+        self.meshctl("workload", "attach", WORKLOAD, "--node", "vm-a")
+        for h in ("a", "c"):
+            self.echo[h] = self.spawn(h, [self.bin("meshlink-probe"), "echo", "--bind", f"0.0.0.0:{PORT}",
+                                          "--name", f"vm-{h}"], f"echo-{h}.log")
+        self.mover = self.spawn_piped("c0", ["python3", "-c", MOVER, f"http://127.0.0.1:{ADMIN_PORT}",
+                                             os.path.join(self.state, "admin.token"), WORKLOAD], "mover.log")
+
+    def start_agent(self, h):
+        iface = f"{self.prefix}{h}"
+        self.interfaces.append(iface)
+        self.agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token", self.token,
+                                        "--name", f"vm-{h}", "--label", f"provider={h}",
+                                        "--state-dir", os.path.join(self.tmp, f"state-{h}"),
+                                        "--interface", iface], f"agent-{h}.log")
+
+    def online(self):
+        out = self.meshctl("node", "list", "-o", "json", check=False)
+        try:
+            return sum(1 for n in json.loads(out) if n.get("online"))
+        except (json.JSONDecodeError, TypeError):
+            return 0
+
+    def meshctl(self, *args, check=True):
+        return run(["ip", "netns", "exec", self.ns_name("c0"), self.bin("meshctl"),
+                    "--coordinator", f"http://127.0.0.1:{ADMIN_PORT}",
+                    "--admin-token-file", os.path.join(self.state, "admin.token"), *args], check=check)
+
+    def move(self, to):
+        self.mover.stdin.write(f"move vm-{to}\n")
+        self.mover.stdin.flush()
+        line = self.mover.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the move client stopped:\n{tail(self.mover.log_path)}")
+        return json.loads(line)
+
+    def holder(self):
+        w = json.loads(self.meshctl("workload", "show", WORKLOAD, "-o", "json"))
+        return (w.get("holder") or {}).get("name")
+
+    def probe(self, seconds, name):
+        out = os.path.join(self.tmp, f"{name}.jsonl")
+        ready = os.path.join(self.tmp, f"{name}.ready")
+        proc = self.spawn("b", [self.bin("meshlink-probe"), "send", "--to", f"{WORKLOAD_IP}:{PORT}",
+                                "--interval-us", "1000", "--duration-s", str(seconds), "--out", out,
+                                "--ready-file", ready], f"{name}.log")
+        self.wait_for("the probe to start", 10, lambda: os.path.exists(ready), proc)
+        return proc, out
+
+    @staticmethod
+    def records(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def moves(self):
+        n, gap = self.opts.moves, self.opts.gap
+        proc, out = self.probe(int(2 + n * gap + 2), "moves")
+        time.sleep(1.0)
+        done, target = [], "c"
+        for _ in range(n):
+            r = self.move(target)
+            r["to"], r["from"] = f"vm-{target}", f"vm-{'a' if target == 'c' else 'c'}"
+            done.append(r)
+            target = "a" if target == "c" else "c"
+            time.sleep(gap)
+        proc.wait(timeout=n * gap + 30)
+        self.untrack(proc)
+        recs = self.records(out)
+        end = max(r["sent"] for r in recs) - 600_000_000  # the prober's grace before its end
+        before = [r for r in recs if r["sent"] < done[0]["t_req"]]
+        results = []
+        for i, m in enumerate(done):
+            t0 = m["t_req"]
+            t1 = done[i + 1]["t_req"] if i + 1 < len(done) else end
+            window = [r for r in recs if t0 <= r["sent"] < t1]
+            first = [r["recv"] for r in window if r["by"] == m["to"] and r["recv"] is not None]
+            results.append({
+                "to": m["to"],
+                "to_new_holder_ms": (min(first) - t0) / 1e6 if first else None,
+                "lost": sum(1 for r in window if r["recv"] is None),
+                "answered_by_old": sum(1 for r in window if r["by"] == m["from"]),
+                "probes": len(window),
+                "request_ms": (m["t_resp"] - t0) / 1e6,
+                "prepared_ms": m["answer"].get("prepared_ms"),
+                "commit_ms": m["answer"].get("took_ms"),
+                "generation": m["answer"].get("generation"),
+            })
+        return {"moves": results, "lost_before_first_move": sum(1 for r in before if r["recv"] is None),
+                "probes_before_first_move": len(before), "agent_drops": self.drops()}
+
+    def drops(self):
+        """Every agent's drop counters (device and per peer, summed), for the record."""
+        out = {}
+        for h in AGENTS:
+            try:
+                st = json.loads(run(["ip", "netns", "exec", self.ns_name(h), self.bin("meshlink-agent"), "status",
+                                     "--interface", f"{self.prefix}{h}", "-o", "json"]))
+            except (RuntimeError, json.JSONDecodeError) as e:
+                out[f"vm-{h}"] = str(e)
+                continue
+            peers = {}
+            for p in st.get("peers", []):
+                for k, v in (p.get("drops") or {}).items():
+                    peers[k] = peers.get(k, 0) + v
+            out[f"vm-{h}"] = {"device": st.get("drops"), "peers": peers}
+        return out
+
+    def failovers(self):
+        results = []
+        for k in range(self.opts.failovers):
+            if self.holder() != "vm-a":
+                self.move("a")
+            time.sleep(2.0)
+            proc, out = self.probe(8, f"failover-{k}")
+            time.sleep(1.0)
+            t_kill = time.time_ns()
+            self.agents["a"].kill()
+            self.agents["a"].wait()
+            self.untrack(self.agents["a"])
+            proc.wait(timeout=30)
+            self.untrack(proc)
+            recs = self.records(out)
+            after = [r["recv"] for r in recs if r["sent"] >= t_kill and r["by"] == "vm-c" and r["recv"]]
+            results.append({"failover_ms": (min(after) - t_kill) / 1e6 if after else None,
+                            "lost": sum(1 for r in recs if r["sent"] >= t_kill and r["recv"] is None)})
+            log(f"failover {k + 1}: {results[-1]}")
+            self.start_agent("a")
+            self.wait_for("vm-a back online", 30, lambda: self.online() == 3)
+        return results
+
+
+def pct(values, q):
+    v = sorted(values)
+    if not v:
+        return None
+    i = min(len(v) - 1, max(0, int(round(q / 100 * (len(v) - 1)))))
+    return v[i]
+
+
+def fmt(x, unit=" ms"):
+    return "n/a" if x is None else f"{x:.1f}{unit}"
+
+
+def report(res, opts):
+    mv = res["moves"]["moves"]
+    lat = [m["to_new_holder_ms"] for m in mv if m["to_new_holder_ms"] is not None]
+    lost = [m["lost"] for m in mv]
+    missing = len(mv) - len(lat)
+    print(f"\n## Workload moves: {len(mv)} planned moves vm-a <-> vm-c, probe 1/ms from vm-b\n")
+    print("| figure | median | p99 | max | bar |")
+    print("|---|---|---|---|---|")
+    print(f"| move request -> first probe answered by the new holder | {fmt(statistics.median(lat) if lat else None)} "
+          f"| {fmt(pct(lat, 99))} | {fmt(max(lat) if lat else None)} | median < 50 ms, p99 < 200 ms |")
+    for key, label in (("request_ms", "admin API request -> answer"), ("prepared_ms", "destination ready (tunnels)"),
+                       ("commit_ms", "coordinator: request -> change queued")):
+        v = [m[key] for m in mv if m[key] is not None]
+        print(f"| {label} | {fmt(statistics.median(v) if v else None)} | {fmt(pct(v, 99))} | {fmt(max(v) if v else None)} | |")
+    print(f"\nProbes lost per planned move: total {sum(lost)} over {len(mv)} moves, max {max(lost) if lost else 0} "
+          f"(bar: 0); moves never answered by the new holder: {missing}. Before the first move: "
+          f"{res['moves']['lost_before_first_move']} lost of {res['moves']['probes_before_first_move']}.")
+    fo = res["failovers"]
+    if fo:
+        t = [f["failover_ms"] for f in fo if f["failover_ms"] is not None]
+        print(f"\n## Failover: holder's agent killed, {len(fo)} times\n")
+        print("| figure | median | max | bar |")
+        print("|---|---|---|---|")
+        print(f"| kill -> first probe answered by the standby | {fmt(statistics.median(t) if t else None)} "
+              f"| {fmt(max(t) if t else None)} | < 2000 ms |")
+        print(f"\nFailovers that never completed: {len(fo) - len(t)}.")
+    print(f"\nPer move: {json.dumps([(m['to'], m['to_new_holder_ms'], m['lost']) for m in mv])}")
+    print(f"\nAgent drop counters after the moves: {json.dumps(res['moves']['agent_drops'])}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--moves", type=int, default=20)
+    ap.add_argument("--gap", type=float, default=1.0, help="seconds between moves")
+    ap.add_argument("--failovers", type=int, default=5)
+    ap.add_argument("--no-build", action="store_true")
+    ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release"))
+    ap.add_argument("--json", help="write every figure here")
+    ap.add_argument("--keep-logs", action="store_true")
+    opts = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("wlmove: needs root (network namespaces and TUN devices)")
+    if not opts.no_build:
+        log("building release binaries ...")
+        run(["cargo", "build", "--release", "-q", "-p", "meshlink-agent", "-p", "meshlink-coordinator",
+             "-p", "meshctl", "-p", "meshlink-probe"], cwd=REPO, capture=False)
+    bench = MoveBench(opts)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        bench.setup()
+        bench.start()
+        res = {"moves": bench.moves(), "failovers": bench.failovers(), "machine": bench.environment()}
+    except Exception:
+        log(f"logs: {bench.tmp}")
+        opts.keep_logs = True
+        raise
+    finally:
+        bench.cleanup()
+    report(res, opts)
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
