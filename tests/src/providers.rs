@@ -33,6 +33,8 @@ impl Provider {
     pub const A: Provider = Provider(0);
     /// Provider B: 198.18.2.0/24.
     pub const B: Provider = Provider(1);
+    /// Provider C: 198.18.3.0/24.
+    pub const C: Provider = Provider(2);
 
     /// Its letter, `a`, `b`, ... (for names and labels).
     ///

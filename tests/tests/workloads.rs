@@ -1,0 +1,290 @@
+//! Workload addresses end to end with real binaries: a chat server on a workload address moves
+//! between VMs on three simulated providers, and clients on other VMs follow it.
+//!
+//! Topology (`meshlink_tests::Providers`, three providers A, B, C): the coordinator and vm-a1 on
+//! A, vm-b1 and vm-b2 on B, vm-c1 on C. The workload `chat` (100.64.50.10) may be held by vm-a1
+//! and vm-c1 (vm-c1 is also its standby). The chat server is `meshlink-chat` (examples/chat).
+//!
+//! - `chat_moves_across_providers_and_clients_follow`: the server runs on vm-a1, alice (vm-b1)
+//!   and bob (vm-b2) talk through it; the server stops, vm-c1 claims the workload through its
+//!   own agent (`meshctl workload claim`, no admin token), the server starts on vm-c1, the
+//!   clients reconnect to the same address and talk again.
+//! - `holder_killed_the_standby_takes_over`: a hot standby server waits on vm-c1 (bound ahead
+//!   of time with `ip_nonlocal_bind`); vm-a1's agent is killed; the coordinator moves the
+//!   address to vm-c1 by itself and the clients carry on. vm-a1's agent restarted later does
+//!   not take the address back.
+//! - `cut_off_holder_stops_answering_when_its_lease_ends`: vm-a1 loses its route to the
+//!   coordinator; within its lease it drops the address on its own, and the standby takes over.
+//!
+//! Needs root (skips with one line otherwise) and the binaries: `cargo build -p meshlink-agent
+//! -p meshlink-coordinator -p meshctl -p meshlink-chat` first.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use meshlink_tests::process::Process;
+use meshlink_tests::{
+    agent_bin, chat_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator,
+    MeshAgent, Meshctl, NsRef, Provider, ProviderHost, Providers, ScratchDir,
+};
+
+const NETWORK: &str = "prod";
+const NETWORK_CIDR: &str = "100.64.0.0/16";
+const WORKLOAD: &str = "chat";
+const WORKLOAD_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
+const CHAT: &str = "100.64.50.10:7070";
+/// Bound on a client (re)connecting, a message getting through, an address appearing.
+const STEP: Duration = Duration::from_secs(15);
+
+fn timing(what: &str, took: Duration) {
+    eprintln!("workloads: {what}: {took:.2?}");
+}
+
+/// The bed of every test here: providers, coordinator, four agents, the workload created.
+struct Bed {
+    // Field order is drop order: processes before the namespaces they run in, and the
+    // scratch directory last.
+    agents: Vec<MeshAgent>,
+    coord: Coordinator,
+    _hosts: Vec<ProviderHost>,
+    _providers: Providers,
+    dir: ScratchDir,
+}
+
+impl Bed {
+    fn new(name: &str) -> Bed {
+        agent_bin();
+        coordinator_bin();
+        meshctl_bin();
+        chat_bin();
+        let dir = ScratchDir::create(name);
+        let mut providers = Providers::create(3);
+        let coord_host = providers.add_host(Provider::A);
+        let hosts = [
+            (providers.add_host(Provider::A), "vm-a1", "aws"),
+            (providers.add_host(Provider::B), "vm-b1", "gcp"),
+            (providers.add_host(Provider::B), "vm-b2", "gcp"),
+            (providers.add_host(Provider::C), "vm-c1", "azure"),
+        ];
+        let coord = Coordinator::start(&coord_host.ns, &dir, coord_host.underlay);
+        let ctl = coord.meshctl();
+        ctl.network_create(NETWORK, NETWORK_CIDR);
+        let token = ctl.token_create(NETWORK, Some(4), Some("1h"));
+        let mut agents: Vec<MeshAgent> = hosts
+            .iter()
+            .map(|(h, name, provider)| MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)]))
+            .collect();
+        let mut kept: Vec<ProviderHost> = hosts.into_iter().map(|(h, _, _)| h).collect();
+        kept.push(coord_host);
+        for a in &mut agents {
+            a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
+        }
+        ctl.run(&[
+            "workload", "create", WORKLOAD, "--network", NETWORK, "--address", "100.64.50.10", "--standby", "vm-c1", "--allow",
+            "vm-a1,vm-c1",
+        ]);
+        Bed { agents, coord, _hosts: kept, _providers: providers, dir }
+    }
+
+    fn ctl(&self) -> Meshctl {
+        self.coord.meshctl()
+    }
+
+    fn agent(&self, name: &str) -> &MeshAgent {
+        self.agents.iter().find(|a| a.name() == name).unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    fn agent_mut(&mut self, name: &str) -> &mut MeshAgent {
+        self.agents.iter_mut().find(|a| a.name() == name).unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    /// Whether the workload address is on `name`'s tunnel interface.
+    fn has_address(&self, name: &str) -> bool {
+        let a = self.agent(name);
+        a.ns().ip(&["-br", "addr", "show", "dev", a.interface()]).contains("100.64.50.10/32")
+    }
+
+    fn wait_address(&self, name: &str, present: bool, within: Duration) -> Duration {
+        let started = Instant::now();
+        let what = format!("100.64.50.10 to be {} on {name}", if present { "present" } else { "absent" });
+        wait_until(within, &what, || (self.has_address(name) == present).then_some(()))
+            .unwrap_or_else(|e| panic!("{e}"));
+        started.elapsed()
+    }
+
+    /// `meshctl workload show chat -o json`.
+    fn workload(&self) -> serde_json::Value {
+        self.ctl().json(&["workload", "show", WORKLOAD])
+    }
+
+    fn holder(&self) -> Option<String> {
+        self.workload().pointer("/holder/name").and_then(|v| v.as_str()).map(str::to_owned)
+    }
+
+    fn server(&self, on: &str, extra_sysctl: bool) -> Process {
+        let a = self.agent(on);
+        if extra_sysctl {
+            a.ns().sysctl("net/ipv4/ip_nonlocal_bind", "1");
+        }
+        let mut cmd = a.ns().daemon_command(chat_bin());
+        cmd.args(["server", "--listen", CHAT, "--name", on]);
+        let mut p = Process::spawn_interactive(&format!("chat server on {on}"), cmd, &self.dir.join(&format!("server-{on}.log")));
+        p.wait_for_line("listening on", STEP).unwrap_or_else(|| panic!("the chat server on {on} did not start:\n{}", p.log_tail(20)));
+        let _ = &mut p;
+        p
+    }
+
+    fn client(&self, on: &str, nick: &str) -> Process {
+        let a = self.agent(on);
+        let mut cmd = a.ns().daemon_command(chat_bin());
+        cmd.args(["client", "--server", CHAT, "--nick", nick]);
+        Process::spawn_interactive(&format!("chat client {nick} on {on}"), cmd, &self.dir.join(&format!("client-{nick}.log")))
+    }
+}
+
+/// Waits for a line containing `needle` from `p`.
+fn expect(p: &Process, needle: &str) -> String {
+    p.wait_for_line(needle, STEP)
+        .unwrap_or_else(|| panic!("{} did not print {needle:?} within {STEP:?}; log:\n{}", p.name(), p.log_tail(30)))
+}
+
+/// `from` says `text`; `to` must see it (as `nick: text`). Returns the time it took.
+fn say(from: &mut Process, nick: &str, to: &Process, text: &str) -> Duration {
+    let started = Instant::now();
+    from.write_line(text);
+    expect(to, &format!("{nick}: {text}"));
+    started.elapsed()
+}
+
+fn meshctl_in(ns: &NsRef, args: &[&str]) -> std::process::Output {
+    ns.exec(meshctl_bin().to_str().expect("UTF-8 path"), args)
+}
+
+#[test]
+fn chat_moves_across_providers_and_clients_follow() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("wl-move");
+    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    timing("address on vm-a1 after attach", bed.wait_address("vm-a1", true, STEP));
+    let w = bed.workload();
+    assert_eq!(w["generation"], 1, "{w}");
+    assert_eq!(w["state"], "held", "{w}");
+
+    let mut server_a = bed.server("vm-a1", false);
+    let mut alice = bed.client("vm-b1", "alice");
+    let bob = bed.client("vm-b2", "bob");
+    expect(&alice, "* connected to");
+    expect(&alice, "welcome to the room on vm-a1");
+    expect(&bob, "* connected to");
+    expect(&bob, "welcome to the room on vm-a1");
+    say(&mut alice, "alice", &bob, "hello from gcp");
+
+    // The migration: the server stops on vm-a1; vm-c1 (provider C) claims the workload
+    // through its own agent; the server starts there; the clients come back by themselves.
+    server_a.terminate();
+    let started = Instant::now();
+    let c1 = bed.agent("vm-c1");
+    let out = meshctl_in(c1.ns(), &["workload", "claim", WORKLOAD, "--interface", c1.interface()]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("claimed chat (generation 2)"), "claim failed: {text}");
+    timing("claim answered", started.elapsed());
+    bed.wait_address("vm-c1", true, STEP);
+    timing("address on vm-c1", started.elapsed());
+    bed.wait_address("vm-a1", false, STEP);
+    let _server_c = bed.server("vm-c1", false);
+    timing("server listening on vm-c1", started.elapsed());
+    expect(&alice, "welcome to the room on vm-c1");
+    let mut bob = bob;
+    expect(&bob, "welcome to the room on vm-c1");
+    say(&mut bob, "bob", &alice, "hello again");
+    timing("first message through after the move", started.elapsed());
+
+    let w = bed.workload();
+    assert_eq!(w.pointer("/holder/name").and_then(|v| v.as_str()), Some("vm-c1"), "{w}");
+    assert_eq!(w.pointer("/previous/name").and_then(|v| v.as_str()), Some("vm-a1"), "{w}");
+    assert_eq!(w["generation"], 2, "{w}");
+
+    // A node that is not an allowed holder cannot claim it.
+    let b2 = bed.agent("vm-b2");
+    let out = meshctl_in(b2.ns(), &["workload", "claim", WORKLOAD, "--interface", b2.interface()]);
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("not an allowed holder"), "vm-b2's claim: {text}");
+    assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
+}
+
+#[test]
+fn holder_killed_the_standby_takes_over() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("wl-failover");
+    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    bed.wait_address("vm-a1", true, STEP);
+    let _server_a = bed.server("vm-a1", false);
+    // The hot standby: bound to the address before vm-c1 holds it.
+    let _server_c = bed.server("vm-c1", true);
+    let mut alice = bed.client("vm-b1", "alice");
+    let bob = bed.client("vm-b2", "bob");
+    expect(&alice, "welcome to the room on vm-a1");
+    expect(&bob, "welcome to the room on vm-a1");
+    say(&mut alice, "alice", &bob, "before");
+
+    let started = Instant::now();
+    bed.agent_mut("vm-a1").kill();
+    let moved = wait_until(STEP, "the coordinator to move chat to vm-c1", || (bed.holder().as_deref() == Some("vm-c1")).then_some(()));
+    moved.unwrap_or_else(|e| panic!("{e}; workload: {}", bed.workload()));
+    let failover = started.elapsed();
+    timing("holder killed -> coordinator moved the workload", failover);
+    bed.wait_address("vm-c1", true, STEP);
+    timing("holder killed -> address on the standby", started.elapsed());
+    // A client finds out that its server is gone when the new holder answers its next
+    // segment with a reset (an idle one, when it next sends: that line is lost with the old
+    // connection, as on any server crash).
+    let mut bob = bob;
+    bob.write_line("anyone there?");
+    expect(&alice, "welcome to the room on vm-c1");
+    expect(&bob, "welcome to the room on vm-c1");
+    say(&mut bob, "bob", &alice, "after");
+    timing("holder killed -> first message through the standby", started.elapsed());
+    assert!(failover < Duration::from_secs(5), "failover took {failover:?} (lease 1.5 s)");
+    assert_eq!(bed.workload()["generation"], 2);
+
+    // The old holder comes back: its map says vm-c1 holds generation 2; it must not answer.
+    bed.agent_mut("vm-a1").restart();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!bed.has_address("vm-a1"), "the restarted old holder took the address back");
+    assert!(bed.has_address("vm-c1"));
+    assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
+}
+
+#[test]
+fn cut_off_holder_stops_answering_when_its_lease_ends() {
+    if !require_root() {
+        return;
+    }
+    let bed = Bed::new("wl-lease");
+    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    bed.wait_address("vm-a1", true, STEP);
+    // vm-a1 loses its path to the coordinator (and only to it: its tunnels stay up).
+    let coord_ip = bed.coord.advertise().ip().to_string();
+    let a1 = bed.agent("vm-a1");
+    a1.ns().ip(&["route", "add", "blackhole", &format!("{coord_ip}/32")]);
+    let started = Instant::now();
+    let gone = bed.wait_address("vm-a1", false, Duration::from_secs(5));
+    timing("cut-off holder dropped the address", gone);
+    assert!(gone < Duration::from_millis(2500), "the cut-off holder kept the address {gone:?} (lease 1.5 s)");
+    bed.wait_address("vm-c1", true, STEP);
+    timing("cut off -> standby holds it", started.elapsed());
+    assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
+    // Never both at once after the cut: vm-a1 stays without it.
+    assert!(!bed.has_address("vm-a1"));
+    let b1 = bed.agent("vm-b1");
+    assert!(b1.ns().wait_for_ping(WORKLOAD_IP, STEP).is_ok(), "the workload address does not answer from vm-b1");
+    // The path comes back: vm-a1 learns the newer generation and does not take it back.
+    a1.ns().ip(&["route", "del", "blackhole", &format!("{coord_ip}/32")]);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!bed.has_address("vm-a1"));
+    assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
+}
