@@ -483,6 +483,36 @@ async fn tun_to_udp(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>, 
     }
 }
 
+/// Datagrams up to this size are taken ahead of a receive batch's bulk (see `udp_to_tun`):
+/// a ping's (84-byte IP packet, padded to 96, plus 32 bytes of WireGuard) fits, a full TCP
+/// segment does not.
+const SMALL_DATAGRAM: usize = 160;
+
+/// What of one received entry (`len` bytes of datagrams `stride` apart, GRO) is small enough
+/// to go ahead of the bulk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ahead {
+    /// The entry is one small datagram (or several).
+    Whole,
+    /// A GRO train that ends with one short datagram, starting at this offset.
+    LastSegment(usize),
+    /// Nothing.
+    Nothing,
+}
+
+fn ahead(len: usize, stride: usize) -> Ahead {
+    let stride = stride.max(1);
+    if len <= SMALL_DATAGRAM {
+        return Ahead::Whole;
+    }
+    let last = len % stride;
+    if len > stride && last != 0 && last <= SMALL_DATAGRAM {
+        Ahead::LastSegment(len - last)
+    } else {
+        Ahead::Nothing
+    }
+}
+
 async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) -> Result<(), RunError> {
     const SLOT: usize = 65536;
     let batch = quinn_udp::BATCH_SIZE.max(1);
@@ -502,11 +532,40 @@ async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) 
                 }
             }
         };
+        // Small datagrams first (pings, ACKs, real-time UDP: a ping is 128 bytes on the
+        // wire): under load a batch holds hundreds of kilobytes of bulk data, and a small
+        // packet would otherwise wait for all of it to be decrypted. Only datagrams this small
+        // jump ahead, so a bulk TCP flow is not reordered (its segments are larger), and
+        // WireGuard's replay window takes the counters out of order.
+        let mut skip_last = [false; quinn_udp::BATCH_SIZE];
+        let mut done = [false; quinn_udp::BATCH_SIZE];
         for (i, m) in meta[..n].iter().enumerate() {
             let data = &storage[i * SLOT..i * SLOT + m.len];
             let stride = m.stride.max(1);
-            device.inbound_batch(m.addr, data.chunks(stride), &mut tun_batch, &mut net);
-            if tun_batch.len() + 64 >= IDEAL_BATCH_SIZE {
+            match ahead(data.len(), stride) {
+                Ahead::Whole => {
+                    device.inbound_batch(m.addr, data.chunks(stride), &mut tun_batch, &mut net);
+                    done[i] = true;
+                }
+                Ahead::LastSegment(at) => {
+                    device.inbound(m.addr, &data[at..], &mut tun_batch, &mut net);
+                    skip_last[i] = true;
+                }
+                Ahead::Nothing => {}
+            }
+        }
+        if !tun_batch.is_empty() {
+            flush_tun(&tun, &mut gro, &mut tun_batch).await;
+        }
+        for (i, m) in meta[..n].iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let data = &storage[i * SLOT..i * SLOT + m.len];
+            let stride = m.stride.max(1);
+            let count = data.len().div_ceil(stride) - usize::from(skip_last[i]);
+            device.inbound_batch(m.addr, data.chunks(stride).take(count), &mut tun_batch, &mut net);
+            if tun_batch.is_urgent() || tun_batch.len() + 64 >= IDEAL_BATCH_SIZE {
                 flush_tun(&tun, &mut gro, &mut tun_batch).await;
             }
         }
@@ -544,5 +603,21 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunEr
             udp.send_batch(&net).await;
             net.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_datagrams_and_short_train_tails_go_ahead() {
+        assert_eq!(ahead(128, 128), Ahead::Whole, "a ping");
+        assert_eq!(ahead(96, 96), Ahead::Whole, "a TCP ACK");
+        assert_eq!(ahead(1452, 1452), Ahead::Nothing, "a full segment");
+        assert_eq!(ahead(1452 * 3, 1452), Ahead::Nothing, "a train of full segments");
+        assert_eq!(ahead(1452 * 3 + 128, 1452), Ahead::LastSegment(1452 * 3), "a train ending in a ping");
+        assert_eq!(ahead(1452 * 3 + 700, 1452), Ahead::Nothing, "a train ending in a bulk tail");
+        assert_eq!(ahead(0, 0), Ahead::Whole);
     }
 }

@@ -127,6 +127,7 @@ impl<'a> Iterator for Runs<'a> {
 pub struct TunBatch {
     bufs: Vec<Vec<u8>>,
     count: usize,
+    urgent: bool,
     headroom: usize,
     packet_room: usize,
 }
@@ -136,7 +137,7 @@ impl TunBatch {
     /// `packet_room` bytes of packet.
     pub fn new(slots: usize, headroom: usize, packet_room: usize) -> Self {
         let bufs = (0..slots).map(|_| Vec::with_capacity(headroom + packet_room)).collect();
-        TunBatch { bufs, count: 0, headroom, packet_room }
+        TunBatch { bufs, count: 0, urgent: false, headroom, packet_room }
     }
 
     /// The next free packet slot.
@@ -159,6 +160,17 @@ impl TunBatch {
     pub fn commit(&mut self, len: usize) {
         self.bufs[self.count].truncate(self.headroom + len);
         self.count += 1;
+    }
+
+    /// Marks the batch as holding a packet that should not wait for the rest of a receive
+    /// batch (see `Device::inbound`).
+    pub fn mark_urgent(&mut self) {
+        self.urgent = true;
+    }
+
+    /// Whether a packet that should be written at once is held.
+    pub fn is_urgent(&self) -> bool {
+        self.urgent
     }
 
     /// Number of packets held.
@@ -194,6 +206,7 @@ impl TunBatch {
     /// Empties the batch, keeping its buffers.
     pub fn clear(&mut self) {
         self.count = 0;
+        self.urgent = false;
     }
 }
 

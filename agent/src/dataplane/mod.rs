@@ -141,6 +141,20 @@ fn new_limiter(public: &x25519::PublicKey) -> Arc<RateLimiter> {
     Arc::new(RateLimiter::new(public, HANDSHAKE_RATE_LIMIT))
 }
 
+/// Whether a decrypted packet should reach the TUN device without waiting for the rest of its
+/// receive batch: anything but TCP (pings, DNS, real-time UDP). Bulk TCP is what fills large
+/// batches; a packet of another kind decrypted early in one would otherwise wait for all of
+/// them. Writing it at once (with what came before it) keeps every flow in order.
+#[inline]
+fn is_urgent(packet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9).is_some_and(|p| *p != TCP),
+        Some(6) => packet.get(6).is_some_and(|p| *p != TCP),
+        _ => false,
+    }
+}
+
 /// The destination address of an IP packet, if it is one.
 #[inline]
 fn destination(packet: &[u8]) -> Option<IpAddr> {
@@ -390,7 +404,12 @@ impl Device {
                     match next {
                         // Never back to the sender: that would loop.
                         Some(to) if !Arc::ptr_eq(to, peer) => forward = Some((to, n)),
-                        _ => tun.commit(n),
+                        _ => {
+                            if is_urgent(packet) {
+                                tun.mark_urgent();
+                            }
+                            tun.commit(n);
+                        }
                     }
                     authenticated = true;
                 } else {
@@ -550,5 +569,13 @@ mod tests {
         assert_eq!(destination(&[0x45, 0, 0]), None);
 
         assert_eq!(destination(&[]), None);
+        let mut tcp = v4;
+        tcp[9] = 6;
+        let mut icmp = v4;
+        icmp[9] = 1;
+        assert!(!is_urgent(&tcp) && is_urgent(&icmp));
+        let mut v6_udp = v6;
+        v6_udp[6] = 17;
+        assert!(is_urgent(&v6_udp) && !is_urgent(&[]));
     }
 }
