@@ -79,6 +79,9 @@ pub struct Mesh {
 /// A session younger than this counts as fresh when a move is prepared (WireGuard rekeys
 /// after 120 s, so a fresh session will not need a handshake during the switch).
 const FRESH_SESSION: Duration = Duration::from_secs(90);
+/// A peer with no handshake for this long (or never) may be gone: a prepared move does not
+/// wait for it (`Device::all_fresh`).
+const PEER_ALIVE: Duration = Duration::from_secs(600);
 
 /// How long a released workload address stays on the interface after packets for it are
 /// forwarded to the new holder: new packets no longer reach local programs, but answers they
@@ -112,7 +115,7 @@ impl Tunnels for DataPlane {
     }
 
     fn all_fresh(&self) -> bool {
-        self.device.all_fresh(FRESH_SESSION)
+        self.device.all_fresh(FRESH_SESSION, PEER_ALIVE)
     }
 }
 

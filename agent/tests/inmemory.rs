@@ -437,3 +437,25 @@ fn forwarding_never_sends_a_packet_back_to_its_sender() {
     assert_eq!(sim.lost, wire_before);
     assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
+
+#[test]
+fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    assert!(sim.ping(0, 1, b"hello 1"));
+    let (fresh, alive) = (Duration::from_secs(90), Duration::from_secs(600));
+    // Node 2 has never answered node 0: it does not hold the check up.
+    assert!(sim.nodes[0].device.all_fresh(fresh, alive));
+    sim.advance(Duration::from_secs(100));
+    assert!(!sim.nodes[0].device.all_fresh(fresh, alive), "a 100 s old session is not fresh");
+    let mut net = NetBatch::with_capacity(4096);
+    let started = sim.nodes[0].device.warm(fresh, &mut net);
+    assert_eq!(started, 2, "both peers are asked");
+    sim.enqueue(0, &net);
+    sim.run();
+    assert!(sim.nodes[0].device.all_fresh(fresh, alive), "the live peer answered the handshake");
+    let mut net = NetBatch::with_capacity(4096);
+    assert_eq!(sim.nodes[0].device.warm(fresh, &mut net), 0, "both peers answered: nothing to renew");
+    // Traffic on the renewed session still flows.
+    assert!(sim.ping(0, 1, b"after the rekey"));
+}

@@ -308,7 +308,7 @@ impl Device {
                 continue;
             }
             let space = net.space(MIN_OUT + 64);
-            if let NoiseOutput::Network(out) = s.noise.encapsulate(&[], space) {
+            if let NoiseOutput::Network(out) = s.noise.start_handshake(space) {
                 let n = out.len();
                 s.tx_bytes += n as u64;
                 net.commit(ep, n);
@@ -318,12 +318,17 @@ impl Device {
         started
     }
 
-    /// Whether every peer with an endpoint has a session younger than `fresh`.
-    pub fn all_fresh(&self, fresh: std::time::Duration) -> bool {
+    /// Whether every peer that is likely alive has a session younger than `fresh`: peers with
+    /// an endpoint and a handshake within `alive` (a peer silent for longer, or never heard
+    /// from, may be gone, and is not waited for; [`Device::warm`] still reaches out to it).
+    pub fn all_fresh(&self, fresh: std::time::Duration, alive: std::time::Duration) -> bool {
         let t = self.read();
         t.peers.values().all(|p| {
             let s = p.lock();
-            s.endpoint.is_none() || s.noise.time_since_last_handshake().is_some_and(|d| d < fresh)
+            match (s.endpoint, s.noise.time_since_last_handshake()) {
+                (Some(_), Some(age)) if age < alive => age < fresh,
+                _ => true,
+            }
         })
     }
 

@@ -67,6 +67,9 @@ pub trait Noise: Send {
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a>;
     /// Time since the last completed handshake, if any.
     fn time_since_last_handshake(&self) -> Option<Duration>;
+    /// Starts a handshake now (unless one is under way), also with a live session, which
+    /// keeps carrying traffic until the new one is up: a rekey ahead of time.
+    fn start_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a>;
 }
 
 /// The boringtun engine.
@@ -108,5 +111,8 @@ impl Noise for BoringNoise {
     }
     fn time_since_last_handshake(&self) -> Option<Duration> {
         self.0.time_since_last_handshake()
+    }
+    fn start_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a> {
+        convert(self.0.format_handshake_initiation(dst, false))
     }
 }
