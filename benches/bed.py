@@ -5,17 +5,24 @@ Topology: a router namespace with one bridge per provider, provider k on 198.18.
 the router at .1 (IPv4 forwarding on); every host has one veth to its provider's bridge and
 routes 198.18.0.0/15 through that router, with no default route. No packet leaves the
 namespaces. Only python3's standard library is used.
+
+`Harness` is the part without a topology (namespaces, processes, UAPI sockets and the temp
+directory of a run, and their cleanup); `Bed` adds the providers. netbench.py builds its own
+two-namespace topology on `Harness`.
 """
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UAPI_DIR = "/var/run/wireguard"
 UNDERLAY = "198.18.0.0/15"
 
@@ -44,29 +51,83 @@ def tail(path, n=30):
         return ""
 
 
-class Bed:
-    """Owns every namespace, process and file a run creates; `cleanup` removes them all.
+def pings(ns, dst):
+    """True when one ping from namespace `ns` to `dst` is answered within a second."""
+    return subprocess.run(["ip", "netns", "exec", ns, "ping", "-c1", "-W1", dst], capture_output=True).returncode == 0
 
-    `hosts` is a list of `(name, provider number, last octet)`.
+
+def remove_uapi_socket(iface):
+    """Removes the UAPI socket of `iface` if a daemon left it behind; returns its path if it did."""
+    sock = os.path.join(UAPI_DIR, f"{iface}.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+        return sock
+    return None
+
+
+def release_dir():
+    """Cargo's release directory: $CARGO_TARGET_DIR/release, by default <repo>/target/release."""
+    return os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release")
+
+
+def cargo_build(*packages):
+    """`cargo build --release -p ...` in the repository, echoing the command to stderr."""
+    cmd = ["cargo", "build", "--release"] + [arg for p in packages for arg in ("-p", p)]
+    log("building: " + " ".join(cmd))
+    subprocess.run(cmd, cwd=REPO, check=True)
+
+
+def root_and_tun():
+    """True when running as root with /dev/net/tun; otherwise says the run is skipped."""
+    if os.geteuid() == 0 and os.path.exists("/dev/net/tun"):
+        return True
+    print("skipped: needs root and /dev/net/tun", file=sys.stderr)
+    return False
+
+
+def interrupt_on(*sigs):
+    """Turns each of `sigs` into a KeyboardInterrupt, so a `finally` cleans up."""
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in sigs:
+        signal.signal(sig, on_signal)
+
+
+def publish(report, env, opts, results):
+    """Prints the report and the environment line to stdout; with `--json FILE`, writes every sample."""
+    print(report)
+    print()
+    print("Environment: " + "; ".join(f"{k} {v}" for k, v in env.items() if v))
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump({"options": vars(opts), "environment": env, "results": results}, f, indent=2)
+
+
+class Harness:
+    """Owns the namespaces, processes and files a run creates; `cleanup` removes them all.
+
+    Processes start inside a namespace under `setpriv --pdeathsig TERM`, with their output in a
+    log file in the run's temp directory. `interfaces` lists tunnel interface names whose UAPI
+    sockets `cleanup` removes should their daemons leave them behind; `opts.keep_logs` keeps
+    the temp directory.
     """
 
-    def __init__(self, opts, prefix, providers, hosts):
+    poll_interval = 0.05  # seconds between two probes in `wait_for`
+
+    def __init__(self, opts, prefix):
         self.opts = opts
         self.prefix = prefix
-        self.providers = providers
-        self.hosts = hosts
         self.tmp = tempfile.mkdtemp(prefix=f"{prefix}-")
         self.procs = []  # every Popen still running, ended in cleanup
         self.lock = threading.Lock()
         self.namespaces = []
-        self.interfaces = []  # agent interface names, for leftover UAPI sockets
-        self.bin = lambda name: os.path.join(opts.bin_dir, name)
+        self.interfaces = []  # tunnel interface names, for leftover UAPI sockets
 
-    def ns_name(self, host):
-        return f"{self.prefix}-{host}"
-
-    def ip(self, host, *args):
-        return run(["ip", "-n", self.ns_name(host), *args])
+    def add_namespace(self, ns):
+        """Creates namespace `ns` (removed in cleanup) with its loopback up."""
+        run(["ip", "netns", "add", ns])
+        self.namespaces.append(ns)
+        run(["ip", "-n", ns, "link", "set", "lo", "up"])
 
     def track(self, proc):
         with self.lock:
@@ -78,25 +139,28 @@ class Bed:
             if proc in self.procs:
                 self.procs.remove(proc)
 
-    def _exec(self, host, args):
+    @staticmethod
+    def exec_args(ns, args):
         # `ip netns exec` and `setpriv` replace themselves with the program, so proc.pid is the
-        # program's own pid; --pdeathsig ends it should this script die without cleanup.
-        return ["ip", "netns", "exec", self.ns_name(host), "setpriv", "--pdeathsig", "TERM", "--", *args]
+        # program's own pid (for signals and /proc/PID/stat); --pdeathsig ends it should this
+        # script die without cleanup (e.g. SIGKILL).
+        return ["ip", "netns", "exec", ns, "setpriv", "--pdeathsig", "TERM", "--", *args]
 
-    def spawn(self, host, args, log_name):
-        """Starts `args` in `host`, output to a log file in the run's directory."""
+    def spawn_in(self, ns, args, log_name, env=None):
+        """Starts `args` in namespace `ns`, output to a log file in the run's directory; `env`
+        adds to this script's environment."""
         path = os.path.join(self.tmp, log_name)
         with open(path, "wb") as logf:
-            proc = subprocess.Popen(self._exec(host, args), stdin=subprocess.DEVNULL, stdout=logf,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(self.exec_args(ns, args), stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, env=dict(os.environ, **env) if env else None)
         proc.log_path = path
         return self.track(proc)
 
-    def spawn_piped(self, host, args, log_name):
-        """Starts `args` in `host` with text pipes on stdin and stdout; stderr to a log."""
+    def spawn_piped_in(self, ns, args, log_name):
+        """Starts `args` in namespace `ns` with text pipes on stdin and stdout; stderr to a log."""
         path = os.path.join(self.tmp, log_name)
         with open(path, "wb") as logf:
-            proc = subprocess.Popen(self._exec(host, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            proc = subprocess.Popen(self.exec_args(ns, args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=logf, text=True, bufsize=1)
         proc.log_path = path
         return self.track(proc)
@@ -119,16 +183,71 @@ class Bed:
                 raise RuntimeError(f"{what}: process exited ({proc.returncode}):\n{tail(proc.log_path)}")
             if probe():
                 return
-            time.sleep(0.05)
+            time.sleep(self.poll_interval)
         raise RuntimeError(f"timed out after {timeout}s waiting for {what}"
                            + (f":\n{tail(proc.log_path)}" if proc is not None else ""))
 
+    def cleanup(self):
+        for proc in list(self.procs):
+            try:
+                self.stop(proc, grace=3)
+            except Exception as e:  # keep cleaning up whatever happens
+                log(f"warning: could not stop pid {proc.pid}: {e}")
+        for ns in self.namespaces:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces = []
+        for iface in self.interfaces:
+            remove_uapi_socket(iface)
+        if self.opts.keep_logs:
+            log(f"logs kept in {self.tmp}")
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    @staticmethod
+    def environment(unknown_cpu=None):
+        """Kernel, CPU count and CPU model; `unknown_cpu` stands for a model /proc/cpuinfo lacks."""
+        env = {"kernel": os.uname().release, "cpus": os.cpu_count()}
+        try:
+            with open("/proc/cpuinfo") as f:
+                m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
+                if m:
+                    env["cpu"] = m.group(1).strip()
+                elif unknown_cpu is not None:
+                    env["cpu"] = unknown_cpu
+        except OSError:
+            pass
+        return env
+
+
+class Bed(Harness):
+    """Owns every namespace, process and file a run creates; `cleanup` removes them all.
+
+    `hosts` is a list of `(name, provider number, last octet)`.
+    """
+
+    def __init__(self, opts, prefix, providers, hosts):
+        super().__init__(opts, prefix)
+        self.providers = providers
+        self.hosts = hosts
+        self.bin = lambda name: os.path.join(opts.bin_dir, name)
+
+    def ns_name(self, host):
+        return f"{self.prefix}-{host}"
+
+    def ip(self, host, *args):
+        return run(["ip", "-n", self.ns_name(host), *args])
+
+    def spawn(self, host, args, log_name):
+        """Starts `args` in `host`, output to a log file in the run's directory."""
+        return self.spawn_in(self.ns_name(host), args, log_name)
+
+    def spawn_piped(self, host, args, log_name):
+        """Starts `args` in `host` with text pipes on stdin and stdout; stderr to a log."""
+        return self.spawn_piped_in(self.ns_name(host), args, log_name)
+
     def setup(self):
         for host in ["r"] + [h for h, _, _ in self.hosts]:
-            ns = self.ns_name(host)
-            run(["ip", "netns", "add", ns])
-            self.namespaces.append(ns)
-            self.ip(host, "link", "set", "lo", "up")
+            self.add_namespace(self.ns_name(host))
         run(["ip", "netns", "exec", self.ns_name("r"), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
         for prov in range(1, self.providers + 1):
             br = f"{self.prefix}br{prov}"
@@ -143,33 +262,3 @@ class Bed:
             self.ip(host, "addr", "add", f"198.18.{prov}.{octet}/24", "dev", here)
             self.ip(host, "link", "set", here, "up")
             self.ip(host, "route", "add", UNDERLAY, "via", f"198.18.{prov}.1")
-
-    def cleanup(self):
-        for proc in list(self.procs):
-            try:
-                self.stop(proc, grace=3)
-            except Exception as e:  # keep cleaning up whatever happens
-                log(f"warning: could not stop pid {proc.pid}: {e}")
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.namespaces = []
-        for iface in self.interfaces:
-            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
-            if os.path.exists(sock):
-                os.unlink(sock)
-        if self.opts.keep_logs:
-            log(f"logs kept in {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-
-    @staticmethod
-    def environment():
-        env = {"kernel": os.uname().release, "cpus": os.cpu_count()}
-        try:
-            with open("/proc/cpuinfo") as f:
-                m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-                if m:
-                    env["cpu"] = m.group(1).strip()
-        except OSError:
-            pass
-        return env

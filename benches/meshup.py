@@ -40,13 +40,13 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-UAPI_DIR = "/var/run/wireguard"
-UNDERLAY = "198.18.0.0/15"
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bed import (Bed, cargo_build, interrupt_on, log, pings, publish, release_dir,  # noqa: E402
+                 remove_uapi_socket, root_and_tun, run, tail)
+
 NETWORK, NETWORK_CIDR = "bench", "100.64.0.0/16"
 QUIC_PORT, ADMIN_PORT = 7443, 7444
 # (host, provider octet, last octet); the coordinator is "c".
@@ -54,89 +54,11 @@ HOSTS = [("c", 1, 10), ("a1", 1, 11), ("a2", 1, 12), ("b1", 2, 10)]
 AGENTS = ["a1", "a2", "b1"]
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(args, check=True, **kw):
-    """Runs a command to completion and returns its stdout as text."""
-    proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def tail(path, n=30):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
-
-
-class Bench:
+class Bench(Bed):
     """Owns everything the run creates; `cleanup` removes it all."""
 
     def __init__(self, opts):
-        self.opts = opts
-        self.prefix = f"mlm{os.getpid()}"
-        self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-        self.procs = []  # every Popen still running, ended by pid in cleanup
-        self.lock = threading.Lock()
-        self.namespaces = []
-        self.interfaces = []  # agent interface names, for leftover UAPI sockets
-        self.bin = lambda name: os.path.join(opts.bin_dir, name)
-
-    # ---- plumbing -------------------------------------------------------------------------
-
-    def ns_name(self, host):
-        return f"{self.prefix}-{host}" if host != "r" else f"{self.prefix}-r"
-
-    def ip(self, host, *args):
-        return run(["ip", "-n", self.ns_name(host), *args])
-
-    def track(self, proc):
-        with self.lock:
-            self.procs.append(proc)
-        return proc
-
-    def untrack(self, proc):
-        with self.lock:
-            if proc in self.procs:
-                self.procs.remove(proc)
-
-    def spawn(self, host, args, log_name):
-        logf = open(os.path.join(self.tmp, log_name), "wb")
-        # `ip netns exec` and `setpriv` replace themselves with the program, so proc.pid is
-        # the daemon's own pid; --pdeathsig ends it should this script die without cleanup.
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns_name(host), "setpriv", "--pdeathsig", "TERM", "--", *args],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT)
-        logf.close()
-        proc.log_path = os.path.join(self.tmp, log_name)
-        return self.track(proc)
-
-    def stop(self, proc, grace=5.0):
-        """SIGTERM by pid, SIGKILL after `grace` seconds."""
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self.untrack(proc)
-
-    def wait_for(self, what, timeout, probe, proc=None):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what}: process exited ({proc.returncode}):\n{tail(proc.log_path)}")
-            if probe():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"timed out after {timeout}s waiting for {what}"
-                           + (f":\n{tail(proc.log_path)}" if proc is not None else ""))
+        super().__init__(opts, f"mlm{os.getpid()}", providers=2, hosts=HOSTS)
 
     def meshctl(self, state_dir, *args, check=True):
         return run(["ip", "netns", "exec", self.ns_name("c"), self.bin("meshctl"),
@@ -146,47 +68,9 @@ class Bench:
     # ---- topology -------------------------------------------------------------------------
 
     def setup(self):
-        for host in ["r"] + [h for h, _, _ in HOSTS]:
-            ns = self.ns_name(host)
-            run(["ip", "netns", "add", ns])
-            self.namespaces.append(ns)
-            self.ip(host, "link", "set", "lo", "up")
-        run(["ip", "netns", "exec", self.ns_name("r"), "sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
-        for prov in (1, 2):
-            br = f"{self.prefix}br{prov}"
-            self.ip("r", "link", "add", br, "type", "bridge")
-            self.ip("r", "addr", "add", f"198.18.{prov}.1/24", "dev", br)
-            self.ip("r", "link", "set", br, "up")
-        for host, prov, octet in HOSTS:
-            here, there = f"{self.prefix}{host}e", f"{self.prefix}{host}r"
-            run(["ip", "link", "add", here, "netns", self.ns_name(host), "mtu", "1500", "type", "veth",
-                 "peer", "name", there, "netns", self.ns_name("r"), "mtu", "1500"])
-            self.ip("r", "link", "set", there, "master", f"{self.prefix}br{prov}", "up")
-            self.ip(host, "addr", "add", f"198.18.{prov}.{octet}/24", "dev", here)
-            self.ip(host, "link", "set", here, "up")
-            self.ip(host, "route", "add", UNDERLAY, "via", f"198.18.{prov}.1")
-        ping = lambda src, dst: subprocess.run(
-            ["ip", "netns", "exec", self.ns_name(src), "ping", "-c1", "-W1", dst], capture_output=True).returncode == 0
+        super().setup()
         self.wait_for("underlay pings across the router", 10,
-                      lambda: ping("b1", "198.18.1.10") and ping("a1", "198.18.2.10"))
-
-    def cleanup(self):
-        for proc in list(self.procs):
-            try:
-                self.stop(proc, grace=3)
-            except Exception as e:  # keep cleaning up whatever happens
-                log(f"warning: could not stop pid {proc.pid}: {e}")
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.namespaces = []
-        for iface in self.interfaces:
-            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
-            if os.path.exists(sock):
-                os.unlink(sock)
-        if self.opts.keep_logs:
-            log(f"logs kept in {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+                      lambda: pings(self.ns_name("b1"), "198.18.1.10") and pings(self.ns_name("a1"), "198.18.2.10"))
 
     # ---- one round ------------------------------------------------------------------------
 
@@ -289,11 +173,9 @@ class Bench:
                 self.stop(proc)
             self.stop(coord)
             for h in AGENTS:
-                iface = f"{self.prefix}{h}{rnd}"
-                sock = os.path.join(UAPI_DIR, f"{iface}.sock")
-                if os.path.exists(sock):
+                sock = remove_uapi_socket(f"{self.prefix}{h}{rnd}")
+                if sock:
                     log(f"warning: {sock} left behind by the agent; removing it")
-                    os.unlink(sock)
 
 
 # ---- reporting ------------------------------------------------------------------------------
@@ -324,18 +206,6 @@ def report(results, opts):
     return "\n".join(lines)
 
 
-def environment():
-    env = {"kernel": os.uname().release, "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-            if m:
-                env["cpu"] = m.group(1).strip()
-    except OSError:
-        pass
-    return env
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -349,8 +219,7 @@ def main():
     if opts.rounds < 1:
         p.error("--rounds must be at least 1")
 
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        print("skipped: needs root and /dev/net/tun", file=sys.stderr)
+    if not root_and_tun():
         return 1
     missing = sorted(t for t in ("ip", "ping", "setpriv") if not shutil.which(t))
     if missing:
@@ -358,12 +227,9 @@ def main():
               file=sys.stderr)
         return 1
 
-    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
-    opts.bin_dir = os.path.abspath(opts.bin_dir or os.path.join(target, "release"))
+    opts.bin_dir = os.path.abspath(opts.bin_dir or release_dir())
     if not opts.no_build:
-        cmd = ["cargo", "build", "--release", "-p", "meshlink-agent", "-p", "meshlink-coordinator", "-p", "meshctl"]
-        log("building: " + " ".join(cmd))
-        subprocess.run(cmd, cwd=REPO, check=True)
+        cargo_build("meshlink-agent", "meshlink-coordinator", "meshctl")
     for name in ("meshlink-agent", "meshlink-coordinator", "meshctl"):
         path = os.path.join(opts.bin_dir, name)
         if not os.access(path, os.X_OK):
@@ -374,10 +240,7 @@ def main():
 
     # Turn SIGINT (also when started in the background, where it is ignored by default),
     # SIGTERM and SIGHUP into an exception so the `finally` below cleans up.
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
+    interrupt_on(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     results = []
     try:
@@ -396,13 +259,7 @@ def main():
             signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
         bench.cleanup()
 
-    env = environment()
-    print(report(results, opts))
-    print()
-    print("Environment: " + "; ".join(f"{k} {v}" for k, v in env.items() if v))
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"options": vars(opts), "environment": env, "results": results}, f, indent=2)
+    publish(report(results, opts), Bed.environment(), opts, results)
     return 0
 
 

@@ -42,15 +42,18 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# log, run and tail are also netbench.log, .run and .tail for scripts that import netbench.
+from bed import (REPO, Harness, cargo_build, interrupt_on, log, pings, publish,  # noqa: E402,F401
+                 release_dir, remove_uapi_socket, root_and_tun, run, tail)
 
 UNDERLAY_A, UNDERLAY_B = "198.18.0.1", "198.18.0.2"
 OVERLAY_A, OVERLAY_B = "100.64.0.1", "100.64.0.2"
 WG_PORT = 51820
 IPERF_PORT = 5201
 TUNNEL_MTU = 1420
-UAPI_DIR = "/var/run/wireguard"
 ALL_IMPLS = ["veth", "meshlink", "wireguard-go", "boringtun"]
 LABELS = {
     "veth": "raw veth, no tunnel (the ceiling)",
@@ -59,37 +62,23 @@ LABELS = {
     "boringtun": "boringtun-cli",
 }
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def log(msg):
-    print(msg, file=sys.stderr, flush=True)
-
-
-def run(args, check=True, **kw):
-    """Runs a command to completion and returns its stdout as text."""
-    proc = subprocess.run(args, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kw)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
-
-
-class Bench:
+class Bench(Harness):
     """Owns everything the run creates; `cleanup` removes it all."""
 
+    poll_interval = 0.1
+
     def __init__(self, opts):
-        self.opts = opts
-        self.prefix = f"mlb{os.getpid()}"
+        super().__init__(opts, f"mlb{os.getpid()}")
         self.ns_a = f"{self.prefix}-a"
         self.ns_b = f"{self.prefix}-b"
         self.veth_a = f"{self.prefix}va"
         self.veth_b = f"{self.prefix}vb"
         self.if_a = f"{self.prefix}a"
         self.if_b = f"{self.prefix}b"
-        self.tmp = tempfile.mkdtemp(prefix=f"{self.prefix}-")
-        self.procs = []  # every Popen we started, ended by pid in cleanup
-        self.namespaces = []
+        self.interfaces = [self.if_a, self.if_b]  # their UAPI sockets go in cleanup
         self.keys = {}
 
     # ---- plumbing -------------------------------------------------------------------------
@@ -97,59 +86,20 @@ class Bench:
     def ns(self, ns, *args, check=True):
         return run(["ip", "netns", "exec", ns, *args], check=check)
 
-    def spawn(self, ns, args, log_name, env=None):
-        logf = open(os.path.join(self.tmp, log_name), "wb")
-        full_env = dict(os.environ, **(env or {}))
-        # `ip netns exec` and `setpriv` each replace themselves with the next program, so
-        # proc.pid is the daemon's own pid (for signals and /proc/PID/stat). --pdeathsig ends
-        # the daemon should this script die without cleaning up (e.g. SIGKILL).
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, "setpriv", "--pdeathsig", "TERM", "--", *args],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT, env=full_env,
-        )
-        logf.close()
-        proc.log_path = os.path.join(self.tmp, log_name)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc, grace=5.0):
-        """SIGTERM by pid, SIGKILL after `grace` seconds."""
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc in self.procs:
-            self.procs.remove(proc)
-
-    def wait_for(self, what, timeout, probe, proc=None):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"{what}: process exited ({proc.returncode}):\n{tail(proc.log_path)}")
-            if probe():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out after {timeout}s waiting for {what}"
-                           + (f":\n{tail(proc.log_path)}" if proc is not None else ""))
+    # Starts a daemon in namespace `ns` (a name, not a host: pingload.py calls it too).
+    spawn = Harness.spawn_in
 
     # ---- topology -------------------------------------------------------------------------
 
     def setup(self):
         for ns in (self.ns_a, self.ns_b):
-            run(["ip", "netns", "add", ns])
-            self.namespaces.append(ns)
-            run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            self.add_namespace(ns)
         run(["ip", "link", "add", self.veth_a, "netns", self.ns_a, "mtu", "1500", "type", "veth",
              "peer", "name", self.veth_b, "netns", self.ns_b, "mtu", "1500"])
         for ns, dev, addr in ((self.ns_a, self.veth_a, UNDERLAY_A), (self.ns_b, self.veth_b, UNDERLAY_B)):
             run(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
             run(["ip", "-n", ns, "link", "set", dev, "up"])
-        self.wait_for("underlay ping", 10,
-                      lambda: subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c1", "-W1", UNDERLAY_B],
-                                             capture_output=True).returncode == 0)
+        self.wait_for("underlay ping", 10, lambda: pings(self.ns_a, UNDERLAY_B))
         for side in ("a", "b"):
             priv = run(["wg", "genkey"]).strip()
             pub = subprocess.run(["wg", "pubkey"], input=priv, capture_output=True, text=True,
@@ -159,24 +109,6 @@ class Bench:
             os.write(fd, (priv + "\n").encode())
             os.close(fd)
             self.keys[side] = (priv, pub, key_file)
-
-    def cleanup(self):
-        for proc in list(self.procs):
-            try:
-                self.stop(proc, grace=3)
-            except Exception as e:  # keep cleaning up whatever happens
-                log(f"warning: could not stop pid {proc.pid}: {e}")
-        for ns in self.namespaces:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
-        self.namespaces = []
-        for iface in (self.if_a, self.if_b):
-            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
-            if os.path.exists(sock):
-                os.unlink(sock)
-        if self.opts.keep_logs:
-            log(f"logs kept in {self.tmp}")
-        else:
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---- tunnels --------------------------------------------------------------------------
 
@@ -224,9 +156,7 @@ class Bench:
                 self.ns(ns, "wg", "setconf", iface, conf)
                 run(["ip", "-n", ns, "addr", "add", f"{overlay}/24", "dev", iface])
                 run(["ip", "-n", ns, "link", "set", "dev", iface, "mtu", str(TUNNEL_MTU), "up"])
-        self.wait_for(f"{impl} tunnel to pass a ping", 20,
-                      lambda: subprocess.run(["ip", "netns", "exec", self.ns_a, "ping", "-c1", "-W1", OVERLAY_B],
-                                             capture_output=True).returncode == 0)
+        self.wait_for(f"{impl} tunnel to pass a ping", 20, lambda: pings(self.ns_a, OVERLAY_B))
         return daemons, OVERLAY_B
 
     def teardown(self, daemons):
@@ -237,9 +167,7 @@ class Bench:
             self.wait_for(f"{iface} to disappear", 10,
                           lambda: subprocess.run(["ip", "-n", ns, "link", "show", iface],
                                                  capture_output=True).returncode != 0)
-            sock = os.path.join(UAPI_DIR, f"{iface}.sock")
-            if os.path.exists(sock):
-                os.unlink(sock)
+            remove_uapi_socket(iface)
 
     # ---- measurements ---------------------------------------------------------------------
 
@@ -296,7 +224,7 @@ class Bench:
                 ["ip", "netns", "exec", self.ns_a, "iperf3", "-c", target, "-p", str(IPERF_PORT),
                  "-t", str(load_secs), "-J"],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            self.procs.append(load)
+            self.track(load)
             time.sleep(1.0)  # past slow start
             loaded = self.ping(target)
             try:
@@ -320,14 +248,6 @@ def cpu_ticks(procs):
             fields = f.read().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5)
     return total
-
-
-def tail(path, n=30):
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return ""
 
 
 # ---- reporting ------------------------------------------------------------------------------
@@ -415,12 +335,7 @@ def ratio(x, y):
 
 
 def environment(opts, impls):
-    env = {"kernel": os.uname().release, "cpus": os.cpu_count()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
-    except OSError:
-        pass
+    env = Harness.environment(unknown_cpu="?")
     env["iperf3"] = run(["iperf3", "--version"], check=False).splitlines()[0] if shutil.which("iperf3") else None
     if "wireguard-go" in impls:
         env["wireguard-go"] = run(["wireguard-go", "--version"], check=False).splitlines()[0]
@@ -450,8 +365,7 @@ def main():
     unknown = [i for i in impls if i not in ALL_IMPLS]
     if unknown:
         p.error(f"unknown implementation(s): {', '.join(unknown)}")
-    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
-        print("skipped: needs root and /dev/net/tun", file=sys.stderr)
+    if not root_and_tun():
         return 1
     needed = {"ip", "iperf3", "ping", "wg"}
     needed |= {"wireguard-go"} if "wireguard-go" in impls else set()
@@ -464,12 +378,10 @@ def main():
         return 1
 
     if "meshlink" in impls:
-        target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target"))
         if not opts.agent_bin:
-            opts.agent_bin = os.path.join(target, "release", "meshlink-agent")
+            opts.agent_bin = os.path.join(release_dir(), "meshlink-agent")
         if not opts.no_build:
-            log("building: cargo build --release -p meshlink-agent")
-            subprocess.run(["cargo", "build", "--release", "-p", "meshlink-agent"], cwd=REPO, check=True)
+            cargo_build("meshlink-agent")
         if not os.access(opts.agent_bin, os.X_OK):
             print(f"{opts.agent_bin} not found: build it or pass --agent-bin", file=sys.stderr)
             return 1
@@ -477,10 +389,7 @@ def main():
     bench = Bench(opts)
 
     # Turn SIGTERM and SIGHUP into an exception so the `finally` below cleans up.
-    def on_signal(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
+    interrupt_on(signal.SIGTERM, signal.SIGHUP)
 
     results = {i: [] for i in impls}
     try:
@@ -501,13 +410,7 @@ def main():
     finally:
         bench.cleanup()
 
-    env = environment(opts, impls)
-    print(report(results, impls, opts))
-    print()
-    print("Environment: " + "; ".join(f"{k} {v}" for k, v in env.items() if v))
-    if opts.json:
-        with open(opts.json, "w") as f:
-            json.dump({"options": vars(opts), "environment": env, "results": results}, f, indent=2)
+    publish(report(results, impls, opts), environment(opts, impls), opts, results)
     return 0
 
 
