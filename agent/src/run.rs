@@ -424,12 +424,19 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
             // An address held here, or prepared for a move that is landing, takes packets its
             // previous or current holder relays: that node forwards only once it has seen the
             // move, so whatever reaches this node for the address comes after the switch.
-            relay_from: map
-                .workloads
-                .values()
-                .filter(|w| held.iter().any(|h| h.address == w.address) || tentative.contains(&w.address))
-                .map(|w| (w.ip(), w.previous.iter().chain(w.holder.iter()).filter(|n| **n != self_id).filter_map(|n| key_of.get(n).copied()).collect()))
-                .collect(),
+            // The previous holder only for the grace period after the move.
+            relay_from: {
+                let h = shared.lock();
+                map.workloads
+                    .values()
+                    .filter(|w| held.iter().any(|x| x.address == w.address) || tentative.contains(&w.address))
+                    .map(|w| {
+                        let previous = w.previous.filter(|_| h.in_grace(&w.name, now));
+                        let relays = previous.iter().chain(w.holder.iter()).filter(|n| **n != self_id).filter_map(|n| key_of.get(n).copied()).collect();
+                        (w.ip(), relays)
+                    })
+                    .collect()
+            },
         };
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);
@@ -522,6 +529,8 @@ async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) 
     let mut storage = vec![0u8; SLOT * batch];
     let mut meta = vec![RecvMeta::default(); batch];
     let mut tun_batch = TunBatch::new(IDEAL_BATCH_SIZE, HEADROOM, 2048);
+    // Packets of small datagrams, decrypted ahead of their batch (see below).
+    let mut early = TunBatch::new(batch * 4, HEADROOM, 2048);
     let mut net = NetBatch::with_capacity(16 * 1024);
     let mut gro = tun_rs::GROTable::default();
     loop {
@@ -535,39 +544,51 @@ async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) 
                 }
             }
         };
-        // Small datagrams first (pings, ACKs, real-time UDP: a ping is 128 bytes on the
-        // wire): under load a batch holds hundreds of kilobytes of bulk data, and a small
-        // packet would otherwise wait for all of it to be decrypted. Only datagrams this small
-        // jump ahead, so a bulk TCP flow is not reordered (its segments are larger), and
-        // WireGuard's replay window takes the counters out of order.
-        let mut skip_last = [false; quinn_udp::BATCH_SIZE];
-        let mut done = [false; quinn_udp::BATCH_SIZE];
+        // Small datagrams are decrypted first (a ping is 128 bytes on the wire, a full TCP
+        // segment 1,452): under load a batch holds hundreds of kilobytes of bulk data that a
+        // ping would otherwise wait for. What they carry goes to the TUN device at once when
+        // it is not TCP (pings, DNS, real-time UDP); small TCP segments (ACKs, a flow's short
+        // last segment) keep their place after the datagrams received before them, so no TCP
+        // flow is reordered. WireGuard's replay window takes the counters out of order.
+        let mut early_of = [(0usize, 0usize); quinn_udp::BATCH_SIZE];
+        let mut rest_of = [0usize; quinn_udp::BATCH_SIZE];
+        early.clear();
         for (i, m) in meta[..n].iter().enumerate() {
             let data = &storage[i * SLOT..i * SLOT + m.len];
             let stride = m.stride.max(1);
-            match ahead(data.len(), stride) {
-                Ahead::Whole => {
-                    device.inbound_batch(m.addr, data.chunks(stride), &mut tun_batch, &mut net);
-                    done[i] = true;
+            let (small, rest) = match ahead(data.len(), stride) {
+                Ahead::Whole => (data, 0),
+                Ahead::LastSegment(at) => (&data[at..], data.len().div_ceil(stride) - 1),
+                Ahead::Nothing => {
+                    rest_of[i] = data.len().div_ceil(stride);
+                    continue;
                 }
-                Ahead::LastSegment(at) => {
-                    device.inbound(m.addr, &data[at..], &mut tun_batch, &mut net);
-                    skip_last[i] = true;
+            };
+            rest_of[i] = rest;
+            let start = early.len();
+            early.clear_urgent();
+            device.inbound_batch(m.addr, small.chunks(stride), &mut early, &mut net);
+            if early.is_urgent() {
+                for k in start..early.len() {
+                    tun_batch.push_copy(early.packet(k));
                 }
-                Ahead::Nothing => {}
+                early.truncate(start);
             }
+            early_of[i] = (start, early.len());
         }
         if !tun_batch.is_empty() {
             flush_tun(&tun, &mut gro, &mut tun_batch).await;
         }
         for (i, m) in meta[..n].iter().enumerate() {
-            if done[i] {
-                continue;
-            }
             let data = &storage[i * SLOT..i * SLOT + m.len];
             let stride = m.stride.max(1);
-            let count = data.len().div_ceil(stride) - usize::from(skip_last[i]);
-            device.inbound_batch(m.addr, data.chunks(stride).take(count), &mut tun_batch, &mut net);
+            if rest_of[i] > 0 {
+                device.inbound_batch(m.addr, data.chunks(stride).take(rest_of[i]), &mut tun_batch, &mut net);
+            }
+            let (from, to) = early_of[i];
+            for k in from..to {
+                tun_batch.push_copy(early.packet(k));
+            }
             if tun_batch.is_urgent() || tun_batch.len() + 64 >= IDEAL_BATCH_SIZE {
                 flush_tun(&tun, &mut gro, &mut tun_batch).await;
             }

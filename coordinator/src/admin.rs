@@ -78,6 +78,19 @@ struct AppState {
     ctx: Arc<AdminContext>,
 }
 
+/// Runs a change through the service on its own task, so that a client that goes away mid-
+/// request (which drops the handler) cannot cut a change between its database commit and
+/// the delta that tells the agents.
+async fn detached<T, F>(s: &AppState, op: impl FnOnce(Arc<Service>) -> F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    tokio::spawn(op(s.service.clone()))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::Refused(format!("the operation failed: {e}"))))
+}
+
 /// A network, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkView {
@@ -389,7 +402,7 @@ async fn create_network(
     body: Result<Json<CreateNetwork>, JsonRejection>,
 ) -> HttpResult<(StatusCode, Json<NetworkView>)> {
     let Json(req) = body?;
-    let net = s.service.create_network(req).await?;
+    let net = detached(&s, |svc| async move { svc.create_network(req).await }).await?;
     Ok((StatusCode::CREATED, Json(network_view(&s, &net, 0))))
 }
 
@@ -430,7 +443,7 @@ async fn create_token(
     body: Result<Json<CreateToken>, JsonRejection>,
 ) -> HttpResult<(StatusCode, Json<CreatedTokenView>)> {
     let Json(req) = body?;
-    let (t, secret) = s.service.create_token(req).await?;
+    let (t, secret) = detached(&s, |svc| async move { svc.create_token(req).await }).await?;
     let text = JoinToken {
         coordinator: s.ctx.advertise.clone(),
         fingerprint: s.ctx.fingerprint.clone(),
@@ -476,7 +489,7 @@ async fn revoke_token(State(s): State<AppState>, Path(id): Path<String>) -> Http
             format!("token id {id:?} is not a number"),
         )
     })?;
-    s.service.revoke_token(id).await?;
+    detached(&s, move |svc| async move { svc.revoke_token(id).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -512,10 +525,7 @@ async fn revoke_node(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<Json<NodeView>> {
     let Query(q) = q?;
-    let node = s
-        .service
-        .revoke_node(&reference, q.network.as_deref())
-        .await?;
+    let node = detached(&s, move |svc| async move { svc.revoke_node(&reference, q.network.as_deref()).await }).await?;
     Ok(Json(node_view(&node, &s.service.hub().online())))
 }
 
@@ -525,9 +535,7 @@ async fn delete_node(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<StatusCode> {
     let Query(q) = q?;
-    s.service
-        .delete_node(&reference, q.network.as_deref())
-        .await?;
+    detached(&s, move |svc| async move { svc.delete_node(&reference, q.network.as_deref()).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -557,16 +565,14 @@ async fn create_workload(
     body: Result<Json<CreateWorkloadBody>, JsonRejection>,
 ) -> HttpResult<(StatusCode, Json<WorkloadView>)> {
     let Json(body) = body?;
-    let w = s
-        .service
-        .create_workload(CreateWorkload {
-            name: body.name,
-            network: body.network,
-            address: body.address,
-            standby: body.standby,
-            allowed: body.allowed,
-        })
-        .await?;
+    let req = CreateWorkload {
+        name: body.name,
+        network: body.network,
+        address: body.address,
+        standby: body.standby,
+        allowed: body.allowed,
+    };
+    let w = detached(&s, |svc| async move { svc.create_workload(req).await }).await?;
     let view = workload_view(&s, &w).await?;
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -610,7 +616,8 @@ async fn delete_workload(
 ) -> HttpResult<StatusCode> {
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
-    s.service.delete_workload(&network, &name).await?;
+    let (net, n) = (network.clone(), name.clone());
+    detached(&s, move |svc| async move { svc.delete_workload(&net, &n).await }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -624,10 +631,8 @@ async fn move_workload(
     let Query(q) = q?;
     let Json(body) = body?;
     let network = workload_network(&s, &name, q.network).await?;
-    let outcome = s
-        .service
-        .move_workload(&network, &name, Some(&body.node))
-        .await?;
+    let (net, n) = (network.clone(), name.clone());
+    let outcome = detached(&s, move |svc| async move { svc.move_workload(&net, &n, Some(&body.node)).await }).await?;
     Ok(Json(moved_view(&s, outcome).await?))
 }
 
@@ -638,7 +643,8 @@ async fn detach_workload(
 ) -> HttpResult<Json<MovedWorkloadView>> {
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
-    let outcome = s.service.move_workload(&network, &name, None).await?;
+    let (net, n) = (network.clone(), name.clone());
+    let outcome = detached(&s, move |svc| async move { svc.move_workload(&net, &n, None).await }).await?;
     Ok(Json(moved_view(&s, outcome).await?))
 }
 

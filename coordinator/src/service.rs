@@ -7,13 +7,13 @@
 //! node revoked or deleted can never slip into an attached session (authentication and attach
 //! happen under the same lock). Reads do not take it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, Auth, Hello, ServerMessage};
-use meshlink_proto::workload::{failover_target, LeaseTable, DEFAULT_LEASE};
+use meshlink_proto::workload::{failover_target, LeaseTable, DEFAULT_LEASE, HEARTBEATS_PER_LEASE};
 use meshlink_proto::{NetmapDelta, NodeId};
 use tokio::sync::{oneshot, Mutex};
 
@@ -65,6 +65,21 @@ pub struct MoveOutcome {
 
 type PrepareKey = (NodeId, String, u64);
 
+/// Keeps a node fenced (see `LeaseTable::fence`) until dropped, also when the operation is
+/// cancelled half-way.
+struct Fence<'a> {
+    service: &'a Service,
+    node: Option<NodeId>,
+}
+
+impl Drop for Fence<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.node.take() {
+            self.service.leases().unfence(n);
+        }
+    }
+}
+
 /// The source of "now" for handlers.
 pub trait Clock: Send + Sync {
     /// Seconds since the Unix epoch.
@@ -108,9 +123,10 @@ pub struct Service {
     write: Mutex<()>,
     timing: WorkloadTiming,
     leases: std::sync::Mutex<LeaseTable>,
-    prepares: std::sync::Mutex<HashMap<PrepareKey, oneshot::Sender<()>>>,
-    /// Workloads already reported as having no standby to fail over to.
-    stranded: std::sync::Mutex<HashSet<(String, String, u64)>>,
+    prepares: std::sync::Mutex<HashMap<PrepareKey, Vec<oneshot::Sender<()>>>>,
+    /// Workloads whose holder is silent with no standby online: when to look again (and
+    /// whether that was already logged).
+    stranded: std::sync::Mutex<HashMap<(String, String, u64), Instant>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -160,7 +176,7 @@ impl Service {
             // Holders of the previous run may hold leases it granted: they count from now.
             leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, Instant::now())),
             prepares: std::sync::Mutex::new(HashMap::new()),
-            stranded: std::sync::Mutex::new(HashSet::new()),
+            stranded: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -173,11 +189,10 @@ impl Service {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A holder's heartbeat arrived: returns the lease to grant.
+    /// A holder's heartbeat arrived: returns the lease to grant (zero while the node's
+    /// workloads are being taken from it).
     pub fn heartbeat(&self, node: NodeId) -> Duration {
-        let mut l = self.leases();
-        l.heartbeat(node, Instant::now());
-        l.lease()
+        self.leases().heartbeat(node, Instant::now())
     }
 
     /// A node reports it is ready to take a workload (answer to `Prepare`).
@@ -187,7 +202,7 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&(node, workload.to_string(), generation));
-        if let Some(tx) = waiter {
+        for tx in waiter.into_iter().flatten() {
             let _ = tx.send(());
         }
     }
@@ -204,23 +219,34 @@ impl Service {
         self.prepares
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key.clone(), tx);
+            .entry(key.clone())
+            .or_default()
+            .push(tx);
         let frame: Frame = encode(&ServerMessage::Prepare {
             workload: w.name.clone(),
             generation,
         })
         .into();
-        let answered = self.hub.send_to(&w.network, to, frame)
+        let sent = self.hub.send_to(&w.network, to, frame);
+        let answered = sent
             && matches!(
                 tokio::time::timeout(self.timing.prepare_timeout, rx).await,
                 Ok(Ok(()))
             );
-        self.prepares
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&key);
+        {
+            let mut p = self.prepares.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(waiters) = p.get_mut(&key) {
+                waiters.retain(|t| !t.is_closed());
+                if waiters.is_empty() {
+                    p.remove(&key);
+                }
+            }
+        }
         if answered {
             Some(started.elapsed())
+        } else if !sent {
+            tracing::info!(workload = %w.name, node = to, "could not ask the destination to prepare (its queue is full); moving anyway");
+            None
         } else {
             tracing::info!(workload = %w.name, node = to, "the destination did not report ready in time; moving anyway");
             None
@@ -229,10 +255,34 @@ impl Service {
 
     /// Carries out a checked change of holder: prepare the destination, then commit the new
     /// generation and queue it to every session, under the write lock.
-    async fn execute(&self, plan: PlannedMove, why: &str) -> Result<MoveOutcome, ApiError> {
+    ///
+    /// `fenced`: the old holder, already fenced by a failover (unfenced here when done). A
+    /// planned change away from a holder that has not sent a heartbeat for two heartbeat
+    /// intervals fences it too and waits until its lease has surely run out: a holder that is
+    /// cut off cannot learn of the change, and must have stopped answering before the new
+    /// holder starts.
+    async fn execute(&self, plan: PlannedMove, why: &str, fenced: Option<NodeId>) -> Result<MoveOutcome, ApiError> {
         let started = Instant::now();
+        let mut fence = Fence { service: self, node: fenced };
         if plan.is_noop() {
             return Ok(MoveOutcome { workload: plan.workload, changed: false, prepared_in: None, took: started.elapsed() });
+        }
+        if fence.node.is_none() {
+            if let Some(old) = plan.workload.holder.filter(|h| Some(*h) != plan.to.as_ref().map(|n| n.id)) {
+                let until = {
+                    let mut l = self.leases();
+                    let quiet = l.heard_ago(old, Instant::now()) > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
+                    quiet.then(|| {
+                        l.fence(old);
+                        l.expires(old)
+                    })
+                };
+                if let Some(until) = until {
+                    fence.node = Some(old);
+                    tracing::info!(workload = %plan.workload.name, holder = old, "the holder is not answering: waiting for its lease to run out before moving");
+                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                }
+            }
         }
         let prepared_in = match &plan.to {
             Some(to) => self.prepare(&plan.workload, to.id).await,
@@ -262,6 +312,7 @@ impl Service {
             took_ms = took.as_secs_f64() * 1000.0,
             "workload {why}"
         );
+        drop(fence);
         Ok(MoveOutcome { workload: rec, changed: true, prepared_in, took })
     }
 
@@ -310,7 +361,7 @@ impl Service {
     pub async fn move_workload(&self, network: &str, name: &str, to: Option<&str>) -> Result<MoveOutcome, ApiError> {
         let plan = workloads::plan_move(self.store(), &Caller::Admin, network, name, to).await?;
         let why = if to.is_some() { "moved by an operator" } else { "detached by an operator" };
-        self.execute(plan, why).await
+        self.execute(plan, why, None).await
     }
 
     /// A node claims a workload for itself, from its own agent.
@@ -319,79 +370,113 @@ impl Service {
     /// As [`workloads::plan_claim`] and [`workloads::commit_holder`].
     pub async fn claim(&self, node: NodeId, remote: IpAddr, name: &str) -> Result<MoveOutcome, ApiError> {
         let plan = workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name).await?;
-        self.execute(plan, "claimed by its destination").await
+        self.execute(plan, "claimed by its destination", None).await
     }
 
     /// Fails over every workload whose holder went silent for longer than its lease to the
     /// first online standby. Call it often (every 50 ms or so); it reads only memory unless a
-    /// holder is silent.
+    /// holder is silent (and then, while no standby is online, once a second).
     pub async fn failover_tick(&self) {
         let now = Instant::now();
-        let silent: Vec<(String, String)> = {
+        let silent: Vec<(String, String, u64, NodeId)> = {
             let leases = self.leases();
             self.hub
                 .workloads()
                 .into_iter()
-                .filter(|(_, w)| w.holder.is_some_and(|h| leases.is_silent(h, now)))
-                .map(|(net, w)| (net, w.name))
+                .filter_map(|(net, w)| {
+                    let h = w.holder?;
+                    leases.is_silent(h, now).then_some((net, w.name, w.generation, h))
+                })
                 .collect()
         };
-        for (network, name) in silent {
+        {
+            let mut stranded = self.stranded.lock().unwrap_or_else(|p| p.into_inner());
+            stranded.retain(|k, _| silent.iter().any(|(n, w, g, _)| (n, w, g) == (&k.0, &k.1, &k.2)));
+        }
+        for (network, name, generation, holder) in silent {
+            let key = (network.clone(), name.clone(), generation);
+            if self.stranded.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|next| now < *next) {
+                continue;
+            }
             let rec = match self.store.workload(&network, &name).await {
-                Ok(Some(r)) => r,
-                Ok(None) => continue,
+                Ok(Some(r)) if r.generation == generation => r,
+                Ok(_) => continue,
                 Err(e) => {
                     tracing::warn!(workload = %name, "failover: cannot read the workload: {e}");
                     continue;
                 }
             };
+            // Decide and fence at once: no heartbeat may renew the holder's lease from here
+            // until the change is committed.
             let target = {
-                let leases = self.leases();
-                failover_target(&workloads::info(&rec), &rec.standby, &leases, |n| self.hub.is_online(&network, n), now)
+                let mut leases = self.leases();
+                let t = failover_target(&workloads::info(&rec), &rec.standby, &leases, |n| self.hub.is_online(&network, n), Instant::now());
+                if t.is_some() {
+                    leases.fence(holder);
+                }
+                t
             };
             let Some(target) = target else {
-                let key = (network.clone(), name.clone(), rec.generation);
-                if !rec.standby.is_empty() && self.stranded.lock().unwrap_or_else(|p| p.into_inner()).insert(key) {
-                    tracing::warn!(workload = %name, holder = ?rec.holder, "holder is silent and no standby is online");
+                let mut stranded = self.stranded.lock().unwrap_or_else(|p| p.into_inner());
+                if !stranded.contains_key(&key) && !rec.standby.is_empty() {
+                    tracing::warn!(workload = %name, holder, "holder is silent and no standby is online");
                 }
+                stranded.insert(key, now + Duration::from_secs(1));
                 continue;
             };
             let node = match self.store.node(target).await {
                 Ok(Some(n)) if !n.revoked => n,
-                _ => continue,
+                _ => {
+                    self.leases().unfence(holder);
+                    continue;
+                }
             };
             let plan = PlannedMove { workload: rec, to: Some(node) };
-            if let Err(e) = self.execute(plan, "failed over: its holder went silent").await {
+            if let Err(e) = self.execute(plan, "failed over: its holder went silent", Some(holder)).await {
                 tracing::warn!(workload = %name, "failover: {e}");
             }
         }
     }
 
-    /// Moves the workloads a node held to their first online standby, or detaches them: the
-    /// node was revoked or deleted.
-    async fn release_held(&self, node: &NodeRecord) {
-        self.leases().forget(node.id);
-        let held = match self.store.workloads(Some(&node.network)).await {
-            Ok(all) => all.into_iter().filter(|w| w.holder == Some(node.id)).collect::<Vec<_>>(),
+    /// After a node of `network` was revoked or deleted: every workload whose holder is gone
+    /// moves to its first online standby. With no standby online it stays for
+    /// `failover_tick` to move once one is (a removed node sends no heartbeats, so it goes
+    /// silent); with no standby left at all (each deleted or revoked) it is detached. A holder
+    /// that was not answering (it may be cut off, and unaware) keeps its workloads until its
+    /// lease has surely run out (see `execute`).
+    async fn release_orphans(&self, network: &str) {
+        let all = match self.store.workloads(Some(network)).await {
+            Ok(all) => all,
             Err(e) => {
-                tracing::warn!(node = node.id, "cannot read workloads: {e}");
+                tracing::warn!(network, "cannot read workloads: {e}");
                 return;
             }
         };
-        for w in held {
+        let live = |n: Option<NodeRecord>| n.filter(|n| !n.revoked);
+        for w in all {
+            let Some(holder) = w.holder else { continue };
+            match self.store.node(holder).await {
+                Ok(Some(n)) if !n.revoked => continue,
+                Ok(_) => {}
+                Err(_) => continue,
+            }
             let mut to = None;
-            for s in w.standby.iter().filter(|s| **s != node.id) {
-                if self.hub.is_online(&w.network, *s) {
-                    if let Ok(Some(n)) = self.store.node(*s).await {
-                        if !n.revoked {
-                            to = Some(n);
-                            break;
-                        }
-                    }
+            let mut standby_left = false;
+            for s in w.standby.iter().filter(|s| **s != holder) {
+                let Ok(n) = self.store.node(*s).await else { continue };
+                let Some(n) = live(n) else { continue };
+                standby_left = true;
+                if self.hub.is_online(network, n.id) {
+                    to = Some(n);
+                    break;
                 }
             }
+            if to.is_none() && standby_left {
+                tracing::info!(workload = %w.name, "its holder was removed; it moves when a standby is online");
+                continue;
+            }
             let name = w.name.clone();
-            if let Err(e) = self.execute(PlannedMove { workload: w, to }, "released from a removed node").await {
+            if let Err(e) = self.execute(PlannedMove { workload: w, to }, "released from a removed node", None).await {
                 tracing::warn!(workload = %name, "{e}");
             }
         }
@@ -541,7 +626,7 @@ impl Service {
             "revoked by an operator",
         );
         drop(_w);
-        self.release_held(&changed.node).await;
+        self.release_orphans(&changed.node.network).await;
         Ok(changed.node)
     }
 
@@ -564,7 +649,7 @@ impl Service {
             "deleted by an operator",
         );
         drop(_w);
-        self.release_held(&changed.node).await;
+        self.release_orphans(&changed.node.network).await;
         Ok(changed.node)
     }
 

@@ -43,6 +43,10 @@ pub const HEARTBEATS_PER_LEASE: u32 = 5;
 /// One workload as every node of its network sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkloadInfo {
+    /// The workload's identifier, never reused: a workload deleted and created again under
+    /// the same name is another workload, whose generations start again.
+    #[serde(default)]
+    pub id: u64,
     /// The workload's name, unique in its network.
     pub name: String,
     /// Its overlay address (a host prefix).
@@ -56,7 +60,7 @@ pub struct WorkloadInfo {
     #[serde(default)]
     pub previous: Option<NodeId>,
     /// Every node that may hold the address (allowed claimers and standbys, the holder
-    /// included). Packets from the address are accepted from any of them, so that answers
+    /// included; not the previous holder unless it is one of those). Packets from the address are accepted from any of them, so that answers
     /// from a new holder are not dropped by a peer that has not yet learned of the move.
     #[serde(default)]
     pub candidates: Vec<NodeId>,
@@ -102,8 +106,10 @@ pub struct Forward {
 #[derive(Debug)]
 pub struct Holdings {
     me: NodeId,
-    /// The highest generation seen of each workload, by name.
-    seen: HashMap<String, u64>,
+    /// The highest generation seen of each workload, by name, with the workload's id.
+    seen: HashMap<String, (u64, u64)>,
+    /// When this node saw each workload's current generation first.
+    changed_at: HashMap<String, Instant>,
     /// The newest map's workloads, by name.
     current: BTreeMap<String, WorkloadInfo>,
     /// The lease: valid before this instant.
@@ -130,6 +136,7 @@ impl Holdings {
         Holdings {
             me,
             seen: HashMap::new(),
+            changed_at: HashMap::new(),
             current: BTreeMap::new(),
             lease_until: None,
             pending: None,
@@ -162,22 +169,31 @@ impl Holdings {
         }
         let mut next = BTreeMap::new();
         for w in map.workloads.values() {
-            let seen = self.seen.entry(w.name.clone()).or_insert(0);
-            if w.generation < *seen {
+            let seen = self.seen.entry(w.name.clone()).or_insert((w.id, 0));
+            if seen.0 != w.id {
+                // Another workload under the same name: its generations start again.
+                *seen = (w.id, 0);
+            }
+            if w.generation < seen.1 {
                 // A stale entry: keep what we knew.
                 if let Some(old) = self.current.get(&w.name) {
                     next.insert(w.name.clone(), old.clone());
                 }
                 continue;
             }
-            *seen = w.generation;
+            if w.generation > seen.1 || !self.changed_at.contains_key(&w.name) {
+                self.changed_at.insert(w.name.clone(), now);
+            }
+            seen.1 = w.generation;
             next.insert(w.name.clone(), w.clone());
         }
         // Workloads deleted from the map are forgotten, except their highest generation.
         self.current = next;
         // A prepared move has landed (or another one won): it is no longer tentative.
         let seen = &self.seen;
-        self.tentative.retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s < generation));
+        self.tentative.retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s.1 < *generation));
+        let current = &self.current;
+        self.changed_at.retain(|name, _| current.contains_key(name));
         for (name, held) in held_before {
             match self.current.get(&name) {
                 Some(w) if w.holder == Some(self.me) => {
@@ -216,7 +232,7 @@ impl Holdings {
     /// this node until the new generation is in its map.
     pub fn on_prepare(&mut self, workload: &str, generation: u64, now: Instant) {
         let Some(w) = self.current.get(workload) else { return };
-        if self.seen.get(workload).is_some_and(|s| *s >= generation) {
+        if self.seen.get(workload).is_some_and(|s| s.0 == w.id && s.1 >= generation) {
             return;
         }
         self.tentative.insert(workload.to_string(), (w.address, generation, now + PREPARE_HOLD));
@@ -290,6 +306,10 @@ impl Holdings {
         // Answers to earlier heartbeats are implied by this one.
         self.in_flight.drain(..=pos);
         let until = sent + lease;
+        if lease.is_zero() {
+            // A refusal (the coordinator is failing this node's workloads over): no renewal.
+            return;
+        }
         self.lease = lease.max(Duration::from_millis(50));
         if version <= self.map_version {
             self.extend(until);
@@ -341,7 +361,16 @@ impl Holdings {
 
     /// The highest generation seen of a workload.
     pub fn seen_generation(&self, name: &str) -> Option<u64> {
-        self.seen.get(name).copied()
+        self.seen.get(name).map(|s| s.1)
+    }
+
+    /// Whether `workload` changed holder less than its grace period before `now` (as this node
+    /// saw it): the window in which its previous holder may still relay packets for it.
+    pub fn in_grace(&self, workload: &str, now: Instant) -> bool {
+        match (self.changed_at.get(workload), self.current.get(workload)) {
+            (Some(at), Some(w)) => now.saturating_duration_since(*at) < w.grace(),
+            _ => false,
+        }
     }
 
     /// The next instant at which [`Holdings::held`] or [`Holdings::forwards`] may change by
@@ -377,7 +406,14 @@ pub struct LeaseTable {
     margin: Duration,
     last: HashMap<NodeId, Instant>,
     started: Instant,
+    /// Nodes whose workloads are being taken from them: their heartbeats are answered with
+    /// no lease until the change is committed.
+    fenced: HashMap<NodeId, u32>,
 }
+
+/// After a coordinator start, how much longer than a lease a holder that has not been heard
+/// from yet is given before its workloads fail over: agents reconnect with a backoff.
+pub const STARTUP_GRACE: Duration = Duration::from_secs(3);
 
 impl LeaseTable {
     /// A table for leases of `lease`; a holder is silent once no heartbeat arrived for
@@ -385,7 +421,7 @@ impl LeaseTable {
     /// a heartbeat since then is treated as if it had sent one at that instant (it may hold a
     /// lease granted by the previous run).
     pub fn new(lease: Duration, margin: Duration, started: Instant) -> Self {
-        LeaseTable { lease, margin, last: HashMap::new(), started }
+        LeaseTable { lease, margin, last: HashMap::new(), started, fenced: HashMap::new() }
     }
 
     /// The lease granted with each answer.
@@ -393,34 +429,66 @@ impl LeaseTable {
         self.lease
     }
 
-    /// A heartbeat from `node` arrived at `now`.
-    pub fn heartbeat(&mut self, node: NodeId, now: Instant) {
+    /// A heartbeat from `node` arrived at `now`: the lease to answer with, zero while the
+    /// node is fenced.
+    pub fn heartbeat(&mut self, node: NodeId, now: Instant) -> Duration {
+        if self.fenced.contains_key(&node) {
+            return Duration::ZERO;
+        }
+        let e = self.last.entry(node).or_insert(now);
+        if now > *e {
+            *e = now;
+        }
+        self.lease
+    }
+
+    /// Stops renewing `node`'s lease until [`LeaseTable::unfence`] (as many times as fenced):
+    /// called when its workloads are about to be given to another node without its knowledge
+    /// (a failover, a move away from a holder that is not answering), so that a heartbeat
+    /// arriving meanwhile cannot extend a lease past the change.
+    pub fn fence(&mut self, node: NodeId) {
+        *self.fenced.entry(node).or_insert(0) += 1;
+    }
+
+    /// Ends one [`LeaseTable::fence`].
+    pub fn unfence(&mut self, node: NodeId) {
+        if let Some(n) = self.fenced.get_mut(&node) {
+            *n -= 1;
+            if *n == 0 {
+                self.fenced.remove(&node);
+            }
+        }
+    }
+
+    /// How long ago `node`'s latest heartbeat arrived (since the start when none did).
+    pub fn heard_ago(&self, node: NodeId, now: Instant) -> Duration {
+        now.saturating_duration_since(self.last.get(&node).copied().unwrap_or(self.started).max(self.started))
+    }
+
+    /// A node becomes the holder at `now` (a move or a claim): its lease period starts now, so
+    /// that it is not declared silent before it had a chance to send a heartbeat.
+    pub fn granted(&mut self, node: NodeId, now: Instant) {
+        // Counted even while the node is fenced (for another workload): the grant is the
+        // coordinator's own doing.
         let e = self.last.entry(node).or_insert(now);
         if now > *e {
             *e = now;
         }
     }
 
-    /// A node becomes the holder at `now` (a move or a claim): its lease period starts now, so
-    /// that it is not declared silent before it had a chance to send a heartbeat.
-    pub fn granted(&mut self, node: NodeId, now: Instant) {
-        self.heartbeat(node, now);
-    }
-
-    /// Forgets a node (deleted or revoked).
-    pub fn forget(&mut self, node: NodeId) {
-        self.last.remove(&node);
-    }
 
     /// Whether `node`'s lease has surely run out at `now`: no heartbeat for `lease + margin`.
     pub fn is_silent(&self, node: NodeId, now: Instant) -> bool {
-        let last = self.last.get(&node).copied().unwrap_or(self.started).max(self.started);
-        now.saturating_duration_since(last) > self.lease + self.margin
+        now >= self.expires(node) && now.saturating_duration_since(self.expires(node)) > Duration::ZERO
     }
 
-    /// When `node`'s lease surely ends, as far as the coordinator knows.
+    /// When `node`'s lease surely ends, as far as the coordinator knows. A node not heard
+    /// from since the coordinator started gets [`STARTUP_GRACE`] more.
     pub fn expires(&self, node: NodeId) -> Instant {
-        self.last.get(&node).copied().unwrap_or(self.started).max(self.started) + self.lease + self.margin
+        match self.last.get(&node) {
+            Some(t) if *t >= self.started => *t + self.lease + self.margin,
+            _ => self.started + self.lease + self.margin + STARTUP_GRACE,
+        }
     }
 }
 
@@ -440,6 +508,7 @@ mod tests {
 
     fn wl(name: &str, holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
         WorkloadInfo {
+            id: 7,
             name: name.into(),
             address: "100.64.50.10/32".parse().unwrap(),
             holder,
@@ -555,10 +624,38 @@ mod tests {
         let t0 = Instant::now();
         let mut leases = LeaseTable::new(Duration::from_millis(1500), Duration::from_millis(100), t0);
         let w = wl("chat", Some(1), 4);
-        leases.heartbeat(1, t0 + Duration::from_millis(100));
+        assert_eq!(leases.heartbeat(1, t0 + Duration::from_millis(100)), Duration::from_millis(1500));
         let online = |n: NodeId| n != 4;
         assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1700)), None);
         assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1701)), Some(5));
         assert_eq!(failover_target(&w, &[4], &leases, online, t0 + Duration::from_secs(9)), None);
+        // A fenced node gets no lease, and its heartbeat does not count.
+        leases.fence(1);
+        assert_eq!(leases.heartbeat(1, t0 + Duration::from_secs(2)), Duration::ZERO);
+        assert!(leases.is_silent(1, t0 + Duration::from_secs(2)));
+        leases.unfence(1);
+        assert_eq!(leases.heartbeat(1, t0 + Duration::from_secs(2)), Duration::from_millis(1500));
+        // After a start, a holder not heard from yet gets the startup grace.
+        assert!(!leases.is_silent(9, t0 + Duration::from_millis(1601)));
+        assert!(leases.is_silent(9, t0 + Duration::from_millis(1601) + STARTUP_GRACE));
+    }
+
+    #[test]
+    fn a_workload_created_again_under_its_name_starts_over() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(2), 5)]), t0);
+        let mut again = wl("chat", Some(1), 1);
+        again.id = 8;
+        h.on_map(&map(2, &[again]), t0);
+        assert_eq!(h.seen_generation("chat"), Some(1));
+        assert!(h.is_holder());
+        let s = h.heartbeat_now(t0);
+        h.on_lease(s, Duration::from_secs(5), 2);
+        assert_eq!(h.held(t0).len(), 1);
+        // A zero lease (a refusal) renews nothing.
+        let s = h.heartbeat_now(t0 + Duration::from_secs(1));
+        h.on_lease(s, Duration::ZERO, 2);
+        assert!(h.held(t0 + Duration::from_secs(5)).is_empty());
     }
 }

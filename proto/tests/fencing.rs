@@ -13,8 +13,10 @@
 //! and after the chaos ends, that every agent converges to the coordinator's newest
 //! generation of every workload, with exactly its holder answering for it.
 //!
-//! The coordinator's move preparation (tunnels warmed before the switch) is not modelled: it
-//! changes when a move lands, not what may hold an address.
+//! The coordinator's side follows `coordinator/src/service.rs`: a failover fences the silent
+//! holder (its heartbeats get no lease) and commits after a preparation delay; a planned change
+//! away from a holder that is not answering fences it too and waits until its lease has surely
+//! run out; a planned change away from a holder that answers lands at once (make-before-break).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -54,7 +56,7 @@ impl Rng {
 enum Down {
     Delta(NetmapDelta),
     Full(Netmap),
-    Lease { seq: u64, version: u64 },
+    Lease { seq: u64, lease: Duration, version: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -116,7 +118,18 @@ enum Grant {
     Failover,
 }
 
+/// A change decided and not yet committed (preparing the destination, or waiting out the
+/// old holder's lease), with the node it fences.
+struct Pending {
+    name: String,
+    to: Option<NodeId>,
+    kind: Grant,
+    at: u64,
+    fenced: Option<NodeId>,
+}
+
 struct Coordinator {
+    pending: Vec<Pending>,
     map: Netmap,
     leases: LeaseTable,
     standby: BTreeMap<String, Vec<NodeId>>,
@@ -147,6 +160,7 @@ impl Sim {
         for w in 0..WORKLOADS {
             let name = format!("w{w}");
             let info = WorkloadInfo {
+                id: w as u64 + 1,
                 name: name.clone(),
                 address: format!("100.64.50.{}/32", 10 + w).parse().unwrap_or_else(|e| panic!("{e}")),
                 holder: Some(1 + w as u64),
@@ -184,6 +198,7 @@ impl Sim {
             now: 0,
             loss_per_million: 20_000,
             coord: Coordinator {
+                pending: Vec::new(),
                 map,
                 leases: LeaseTable::new(LEASE, MARGIN, t0),
                 standby,
@@ -219,6 +234,25 @@ impl Sim {
         self.agents[i].down.send(now, lat, msg);
     }
 
+    /// A planned change (a move, a claim, a detach): at once when the holder answers
+    /// heartbeats; otherwise fenced, after the holder's lease has surely ended.
+    fn plan(&mut self, name: &str, to: Option<NodeId>) {
+        if self.coord.pending.iter().any(|p| p.name == name) {
+            return; // one change at a time per workload, as the generation check makes it
+        }
+        let Some(w) = self.coord.map.workloads.get(name).cloned() else { return };
+        let now_i = self.instant();
+        match w.holder {
+            Some(old) if Some(old) != to && self.coord.leases.heard_ago(old, now_i) > 2 * (LEASE / 5) => {
+                self.coord.leases.fence(old);
+                let wait = self.coord.leases.expires(old).saturating_duration_since(now_i).as_millis() as u64;
+                let at = self.now + wait + 1;
+                self.coord.pending.push(Pending { name: name.to_string(), to, kind: Grant::Planned, at, fenced: Some(old) });
+            }
+            _ => self.change_holder(name, to, Grant::Planned),
+        }
+    }
+
     /// A change of holder at the next generation, sent to every connected agent.
     fn change_holder(&mut self, name: &str, to: Option<NodeId>, kind: Grant) {
         let Some(mut w) = self.coord.map.workloads.get(name).cloned() else { return };
@@ -229,6 +263,10 @@ impl Sim {
         w.holder = to;
         w.generation += 1;
         self.coord.grants.insert((name.to_string(), w.generation), kind);
+        if std::env::var_os("FENCING_TRACE").is_some() {
+            let heard: Vec<(u64, u128)> = (1..=AGENTS).map(|n| (n, self.coord.leases.heard_ago(n, self.instant()).as_millis())).collect();
+            eprintln!("t={} {name} gen {} {:?} -> {:?} ({kind:?}) version {} heard {heard:?}", self.now, w.generation, w.previous, to, self.coord.map.version + 1);
+        }
         if let Some(h) = to {
             let at = self.instant();
             self.coord.leases.granted(h, at);
@@ -259,15 +297,15 @@ impl Sim {
             for m in msgs {
                 match m {
                     Up::Heartbeat(seq) => {
-                        self.coord.leases.heartbeat(id, now_i);
+                        let lease = self.coord.leases.heartbeat(id, now_i);
                         let version = self.coord.map.version;
-                        self.to_agent(i, Down::Lease { seq, version });
+                        self.to_agent(i, Down::Lease { seq, lease, version });
                     }
                     Up::FullMapRequest => {
                         let full = self.coord.map.clone();
                         self.to_agent(i, Down::Full(full));
                     }
-                    Up::Claim(name) => self.change_holder(&name, Some(id), Grant::Planned),
+                    Up::Claim(name) => self.plan(&name, Some(id)),
                 }
             }
         }
@@ -276,19 +314,21 @@ impl Sim {
             if self.rng.chance(4_000) {
                 let name = format!("w{}", self.rng.below(WORKLOADS as u64));
                 let to = if self.rng.chance(100_000) { None } else { Some(1 + self.rng.below(AGENTS)) };
-                self.change_holder(&name, to, Grant::Planned);
+                self.plan(&name, to);
             }
             // A workload left detached is attached again after a while.
             let detached: Vec<String> = self.coord.map.workloads.values().filter(|w| w.holder.is_none()).map(|w| w.name.clone()).collect();
             for name in detached {
                 if self.rng.chance(2_000) {
                     let to = 1 + self.rng.below(AGENTS);
-                    self.change_holder(&name, Some(to), Grant::Planned);
+                    self.plan(&name, Some(to));
                 }
             }
-            // The coordinator restarts: every session drops, leases count from now.
+            // The coordinator restarts: every session drops, leases count from now, changes
+            // under way are lost.
             if self.rng.chance(30) {
                 self.coord.leases = LeaseTable::new(LEASE, MARGIN, now_i);
+                self.coord.pending.clear();
                 for a in &mut self.agents {
                     a.up.cut();
                     a.down.cut();
@@ -298,15 +338,30 @@ impl Sim {
                 }
             }
         }
-        // Failover, every 50 ms.
+        // Changes whose time has come.
+        let now = self.now;
+        let (due, later): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.coord.pending).into_iter().partition(|p| p.at <= now);
+        self.coord.pending = later;
+        for p in due {
+            self.change_holder(&p.name, p.to, p.kind);
+            if let Some(f) = p.fenced {
+                self.coord.leases.unfence(f);
+            }
+        }
+        // Failover, every 50 ms: fence the silent holder, commit after a preparation.
         if self.now % 50 == 0 {
             let names: Vec<String> = self.coord.map.workloads.keys().cloned().collect();
             for name in names {
+                if self.coord.pending.iter().any(|p| p.name == name) {
+                    continue;
+                }
                 let w = self.coord.map.workloads[&name].clone();
                 let online: Vec<bool> = self.agents.iter().map(Agent::connected).collect();
                 let target = failover_target(&w, &self.coord.standby[&name], &self.coord.leases, |n| online[(n - 1) as usize], now_i);
-                if let Some(t) = target {
-                    self.change_holder(&name, Some(t), Grant::Failover);
+                if let (Some(t), Some(old)) = (target, w.holder) {
+                    self.coord.leases.fence(old);
+                    let at = self.now + self.rng.below(500);
+                    self.coord.pending.push(Pending { name, to: Some(t), kind: Grant::Failover, at, fenced: Some(old) });
                 }
             }
         }
@@ -337,7 +392,7 @@ impl Sim {
             }
         }
         if chaos && self.agents[i].connected() {
-            if self.rng.chance(60) {
+            if self.rng.chance(120) {
                 let a = &mut self.agents[i];
                 a.dead_until = Some(now + 500 + self.rng.below(2500));
                 a.up.cut();
@@ -372,7 +427,7 @@ impl Sim {
                         }
                     }
                 },
-                Down::Lease { seq, version } => a.holdings.on_lease(seq, LEASE, version),
+                Down::Lease { seq, lease, version } => a.holdings.on_lease(seq, lease, version),
             }
         }
         // Heartbeats and claims.

@@ -34,6 +34,8 @@ use workloads::{ClaimRequest, Shared, Tunnels};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest pause between reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// The longest pause between reconnection attempts while this node holds a workload address.
+const HOLDER_MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often local endpoints are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 
@@ -232,6 +234,9 @@ pub struct MeshControl {
     first: Option<Session>,
     shared: Arc<Shared>,
     claims: mpsc::Receiver<ClaimRequest>,
+    /// Claim request numbers, unique for the life of the process (a late answer from an
+    /// earlier session can never match a later claim).
+    next_claim: u64,
 }
 
 impl MeshControl {
@@ -240,7 +245,7 @@ impl MeshControl {
     /// userspace API.
     pub fn new(state: StateDir, node: NodeState, public_key: PublicKey, maps: watch::Sender<Netmap>, first: Option<Session>, shared: Arc<Shared>, claims: mpsc::Receiver<ClaimRequest>) -> Self {
         shared.lock().on_map(&maps.borrow(), Instant::now());
-        MeshControl { state, node, public_key, maps, first, shared, claims }
+        MeshControl { state, node, public_key, maps, first, shared, claims, next_claim: 1 }
     }
 
     fn publish(&self, map: Netmap) {
@@ -308,7 +313,9 @@ impl MeshControl {
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            // A holder of workload addresses comes back quickly: its lease is short.
+            let cap = if self.shared.lock().is_holder() { HOLDER_MAX_BACKOFF } else { MAX_BACKOFF };
+            backoff = (backoff * 2).min(cap);
         }
     }
 
@@ -324,7 +331,6 @@ impl MeshControl {
         let mut awaiting_full_map = false;
         // Claims sent and not yet answered; dropping them (session lost) tells the caller.
         let mut claims: HashMap<u64, std::sync::mpsc::Sender<Result<u64, String>>> = HashMap::new();
-        let mut next_claim = 1u64;
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         loop {
             tokio::select! {
@@ -382,8 +388,12 @@ impl MeshControl {
                     s.send(&ClientMessage::Prepared { workload, generation }).await?;
                 }
                 Some(claim) = self.claims.recv() => {
-                    let request = next_claim;
-                    next_claim += 1;
+                    if Instant::now() >= claim.deadline {
+                        // Queued while the session was down; its caller has given up.
+                        continue;
+                    }
+                    let request = self.next_claim;
+                    self.next_claim += 1;
                     claims.insert(request, claim.reply);
                     s.send(&ClientMessage::Claim { request, workload: claim.workload }).await?;
                 }

@@ -42,6 +42,9 @@ pub struct ClaimRequest {
     pub workload: String,
     /// Where the answer goes (a blocking caller waits on it).
     pub reply: std::sync::mpsc::Sender<Result<u64, String>>,
+    /// The caller gives up then: a claim still queued by that time is not sent (the caller
+    /// was told it failed).
+    pub deadline: std::time::Instant,
 }
 
 /// The sending half for claims, held by the userspace API handler.
@@ -53,7 +56,8 @@ pub type ClaimSender = mpsc::Sender<ClaimRequest>;
 /// The coordinator's refusal, or why no answer came.
 pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, String> {
     let (reply, answer) = std::sync::mpsc::channel();
-    tx.try_send(ClaimRequest { workload: workload.to_string(), reply }).map_err(|_| "the control loop is busy or stopped".to_string())?;
+    let deadline = std::time::Instant::now() + CLAIM_TIMEOUT;
+    tx.try_send(ClaimRequest { workload: workload.to_string(), reply, deadline }).map_err(|_| "the control loop is busy or stopped".to_string())?;
     match answer.recv_timeout(CLAIM_TIMEOUT) {
         Ok(r) => r,
         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!("no answer from the coordinator within {} s (is it reachable?)", CLAIM_TIMEOUT.as_secs())),

@@ -173,6 +173,30 @@ impl TunBatch {
         self.urgent
     }
 
+    /// Forgets the urgent mark (the packets stay).
+    pub fn clear_urgent(&mut self) {
+        self.urgent = false;
+    }
+
+    /// The `i`th packet held, without headroom.
+    pub fn packet(&self, i: usize) -> &[u8] {
+        &self.bufs[i][self.headroom..]
+    }
+
+    /// Keeps only the first `len` packets.
+    pub fn truncate(&mut self, len: usize) {
+        self.count = self.count.min(len);
+    }
+
+    /// Appends a copy of `packet` (at most the slot's room; longer ones are cut, which no IP
+    /// packet from a TUN-sized batch is).
+    pub fn push_copy(&mut self, packet: &[u8]) {
+        let slot = self.slot();
+        let n = packet.len().min(slot.len());
+        slot[..n].copy_from_slice(&packet[..n]);
+        self.commit(n);
+    }
+
     /// Number of packets held.
     pub fn len(&self) -> usize {
         self.count

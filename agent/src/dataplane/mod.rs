@@ -398,7 +398,9 @@ impl Device {
                     || (!t.workloads.relay_from.is_empty()
                         && destination(packet)
                             .and_then(|d| t.workloads.relay_from.get(&d))
-                            .is_some_and(|keys| keys.contains(&peer.key)));
+                            .is_some_and(|keys| keys.contains(&peer.key))
+                        // A relayed packet comes from one of our peers' addresses.
+                        && t.routes.lookup(src).is_some());
                 if owner_ok {
                     let n = packet.len();
                     let next = if t.workloads.forward.is_empty() {

@@ -31,12 +31,15 @@ pub struct CreateWorkload {
 /// The workload as agents see it, in maps.
 pub fn info(w: &WorkloadRecord) -> WorkloadInfo {
     let mut candidates: Vec<NodeId> = Vec::new();
-    for id in w.holder.iter().chain(&w.standby).chain(&w.allowed).chain(w.previous.iter()) {
+    // Not the previous holder: once peers know of a move, they accept the address only from
+    // nodes that may hold it.
+    for id in w.holder.iter().chain(&w.standby).chain(&w.allowed) {
         if !candidates.contains(id) {
             candidates.push(*id);
         }
     }
     WorkloadInfo {
+        id: w.id,
         name: w.name.clone(),
         address: IpNet::V4(Ipv4Net::from(w.address)),
         holder: w.holder,

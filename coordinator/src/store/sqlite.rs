@@ -594,6 +594,17 @@ impl SqliteStore {
     ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
         Box::pin(async move {
             let mut tx = self.write_tx().await?;
+            if let Some(h) = holder {
+                // A node deleted or revoked since the move was planned cannot become holder.
+                let ok = sqlx::query("SELECT 1 FROM nodes WHERE id = $1 AND revoked = 0")
+                    .bind(to_i64(h)?)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .is_some();
+                if !ok {
+                    return Err(StoreError::NotFound(format!("node {h} (deleted or revoked)")));
+                }
+            }
             let done = sqlx::query(
                 "UPDATE workloads SET previous = holder, holder = $1, \
                  generation = generation + 1, moved_at = $2 \
