@@ -293,14 +293,7 @@ impl Service {
         if let Some(h) = rec.holder {
             self.leases().granted(h, Instant::now());
         }
-        self.hub.apply_delta(
-            &rec.network,
-            NetmapDelta {
-                to_version: version,
-                upsert_workloads: vec![workloads::info(&rec)],
-                ..NetmapDelta::default()
-            },
-        );
+        self.upsert_workload(&rec, version);
         let took = started.elapsed();
         tracing::info!(
             workload = %rec.name,
@@ -316,6 +309,18 @@ impl Service {
         Ok(MoveOutcome { workload: rec, changed: true, prepared_in, took })
     }
 
+    /// Tells every session of the workload's network its new state, at `version`.
+    fn upsert_workload(&self, rec: &WorkloadRecord, version: u64) {
+        self.hub.apply_delta(
+            &rec.network,
+            NetmapDelta {
+                to_version: version,
+                upsert_workloads: vec![workloads::info(rec)],
+                ..NetmapDelta::default()
+            },
+        );
+    }
+
     /// Creates a workload (admin).
     ///
     /// # Errors
@@ -324,14 +329,7 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::create_workload(self.store(), self.clock.now(), &Caller::Admin, req).await?;
-        self.hub.apply_delta(
-            &rec.network,
-            NetmapDelta {
-                to_version: version,
-                upsert_workloads: vec![workloads::info(&rec)],
-                ..NetmapDelta::default()
-            },
-        );
+        self.upsert_workload(&rec, version);
         Ok(rec)
     }
 

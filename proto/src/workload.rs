@@ -261,18 +261,7 @@ impl Holdings {
             return None;
         }
         let due = self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= self.heartbeat_interval());
-        if !due {
-            return None;
-        }
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.last_heartbeat = Some(now);
-        self.in_flight.push_back((seq, now));
-        // Answers older than a few leases no longer matter.
-        while self.in_flight.len() > 64 {
-            self.in_flight.pop_front();
-        }
-        Some(seq)
+        due.then(|| self.heartbeat_now(now))
     }
 
     /// A heartbeat to send now whatever the pace: this node is about to become a holder (a
@@ -282,6 +271,7 @@ impl Holdings {
         self.next_seq += 1;
         self.last_heartbeat = Some(now);
         self.in_flight.push_back((seq, now));
+        // Answers older than a few leases no longer matter.
         while self.in_flight.len() > 64 {
             self.in_flight.pop_front();
         }
