@@ -95,6 +95,8 @@ pub struct Overrides {
     pub idle_timeout_secs: Option<u64>,
     /// `--workload-lease-ms` / `MESHLINK_WORKLOAD_LEASE_MS`.
     pub workload_lease_ms: Option<u64>,
+    /// `--workload-grace-ms` / `MESHLINK_WORKLOAD_GRACE_MS`.
+    pub workload_grace_ms: Option<u64>,
 }
 
 /// Where a bad value came from.
@@ -162,6 +164,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     idle_timeout_secs: Option<u64>,
     workload_lease_ms: Option<u64>,
+    workload_grace_ms: Option<u64>,
 }
 
 /// Builds [`Settings`] from an optional file and the overrides.
@@ -268,6 +271,20 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         };
         return Err(bad(origin, format!("{workload_lease_ms} is outside 100..=600000 milliseconds")));
     }
+    let workload_grace_ms = pick!(
+        workload_grace_ms,
+        "--workload-grace-ms",
+        "MESHLINK_WORKLOAD_GRACE_MS",
+        u64::try_from(d.workload_grace.as_millis()).unwrap_or(u64::MAX)
+    );
+    if !(100..=600_000).contains(&workload_grace_ms) {
+        let origin = if over.workload_grace_ms.is_some() {
+            Origin::Flag("--workload-grace-ms", "MESHLINK_WORKLOAD_GRACE_MS")
+        } else {
+            file_origin("workload_grace_ms")
+        };
+        return Err(bad(origin, format!("{workload_grace_ms} is outside 100..=600000 milliseconds")));
+    }
     let limits = Limits {
         hello_timeout: Duration::from_secs(hello_timeout_secs),
         message_rate: pick!(
@@ -297,6 +314,7 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         write_timeout: d.write_timeout,
         idle_timeout: Duration::from_secs(idle_timeout_secs.max(3)),
         workload_lease: Duration::from_millis(workload_lease_ms),
+        workload_grace: Duration::from_millis(workload_grace_ms),
     };
     Ok(Settings {
         state_dir,

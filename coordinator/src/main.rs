@@ -63,6 +63,10 @@ struct ServeArgs {
     /// a silent holder fails over after it [default: 1500].
     #[arg(long, env = "MESHLINK_WORKLOAD_LEASE_MS", value_name = "MS")]
     workload_lease_ms: Option<u64>,
+    /// Milliseconds a former holder forwards packets for a moved workload address to the new
+    /// holder [default: 10000].
+    #[arg(long, env = "MESHLINK_WORKLOAD_GRACE_MS", value_name = "MS")]
+    workload_grace_ms: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -102,6 +106,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         max_connections: args.max_connections,
         idle_timeout_secs: args.idle_timeout_secs,
         workload_lease_ms: args.workload_lease_ms,
+        workload_grace_ms: args.workload_grace_ms,
     };
     let settings = config::load(args.config.as_deref(), over)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -92,6 +92,7 @@ impl Coordinator {
                 settings.limits.session_queue,
                 WorkloadTiming {
                     lease: settings.limits.workload_lease,
+                    grace: settings.limits.workload_grace,
                     ..WorkloadTiming::default()
                 },
             )

@@ -88,6 +88,9 @@ pub struct Limits {
     /// the coordinator stops answering for its workload addresses this long after its last
     /// answered heartbeat, and a silent holder's workloads fail over after it.
     pub workload_lease: Duration,
+    /// How long a former holder forwards packets for a moved workload address to the new
+    /// holder (and the new holder accepts what it relays).
+    pub workload_grace: Duration,
 }
 
 impl Default for Limits {
@@ -101,6 +104,7 @@ impl Default for Limits {
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             workload_lease: meshlink_proto::workload::DEFAULT_LEASE,
+            workload_grace: meshlink_proto::workload::DEFAULT_GRACE,
         }
     }
 }

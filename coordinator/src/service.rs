@@ -37,6 +37,8 @@ pub struct WorkloadTiming {
     pub margin: Duration,
     /// How long a move waits for the destination to report its tunnels ready.
     pub prepare_timeout: Duration,
+    /// How long a former holder forwards for a moved address (told to agents in maps).
+    pub grace: Duration,
 }
 
 impl Default for WorkloadTiming {
@@ -45,6 +47,7 @@ impl Default for WorkloadTiming {
             lease: DEFAULT_LEASE,
             margin: Duration::from_millis(100),
             prepare_timeout: Duration::from_millis(500),
+            grace: meshlink_proto::workload::DEFAULT_GRACE,
         }
     }
 }
@@ -64,6 +67,10 @@ pub struct MoveOutcome {
 }
 
 type PrepareKey = (NodeId, String, u64);
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// Keeps a node fenced (see `LeaseTable::fence`) until dropped, also when the operation is
 /// cancelled half-way.
@@ -165,7 +172,11 @@ impl Service {
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
             let wls = store.workloads(Some(&net.name)).await?;
-            hub.set_map(&net.name, nodes::netmap(net.version, &members, &wls));
+            let mut map = nodes::netmap(net.version, &members, &wls);
+            for w in map.workloads.values_mut() {
+                w.grace_ms = Some(millis(timing.grace));
+            }
+            hub.set_map(&net.name, map);
         }
         Ok(Service {
             store,
@@ -309,13 +320,20 @@ impl Service {
         Ok(MoveOutcome { workload: rec, changed: true, prepared_in, took })
     }
 
+    /// A workload as agents see it, with this coordinator's grace period.
+    fn info(&self, rec: &WorkloadRecord) -> meshlink_proto::WorkloadInfo {
+        let mut i = workloads::info(rec);
+        i.grace_ms = Some(millis(self.timing.grace));
+        i
+    }
+
     /// Tells every session of the workload's network its new state, at `version`.
     fn upsert_workload(&self, rec: &WorkloadRecord, version: u64) {
         self.hub.apply_delta(
             &rec.network,
             NetmapDelta {
                 to_version: version,
-                upsert_workloads: vec![workloads::info(rec)],
+                upsert_workloads: vec![self.info(rec)],
                 ..NetmapDelta::default()
             },
         );
