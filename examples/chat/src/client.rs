@@ -133,6 +133,7 @@ impl<F: FnMut(ClientEvent)> Client<'_, F> {
             let failure = match time::timeout(self.config.connect_timeout, connect).await {
                 Ok(Ok(stream)) => {
                     failures = 0;
+                    keep_alive(&stream);
                     let connected_at = Instant::now();
                     (self.events)(ClientEvent::Connected(self.config.server));
                     match self.session(stream).await {
@@ -252,5 +253,18 @@ impl<F: FnMut(ClientEvent)> Client<'_, F> {
                 }
             }
         }
+    }
+}
+
+/// TCP keepalive probes after 2 s of silence, every second, three times: an idle client
+/// notices within a few seconds that its server is gone, also when the server's address has
+/// moved to another VM (whose kernel answers the first probe with a reset) or died with it.
+fn keep_alive(stream: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(2))
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!("TCP keepalive not set: {e}");
     }
 }
