@@ -97,12 +97,7 @@ enum NetCmd {
 }
 
 /// The data plane as the control loop sees it (to prepare moves).
-struct DataPlane {
-    device: Arc<Device>,
-    udp: Arc<UdpTransport>,
-}
-
-impl Tunnels for DataPlane {
+impl Tunnels for Control {
     fn warm(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let mut net = NetBatch::with_capacity(64 * 1024);
@@ -291,7 +286,7 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     if let Some(mesh) = mesh {
         let port = udp.port();
         let tunnel = settings.interface.clone();
-        let tunnels: Arc<dyn Tunnels> = Arc::new(DataPlane { device: device.clone(), udp: udp.clone() });
+        let tunnels: Arc<dyn Tunnels> = control.clone();
         tasks.spawn(async move { mesh.control.run(port, tunnel, tunnels).await.map_err(RunError::from) });
         tasks.spawn(reconcile_mesh(control.clone(), mesh.self_id, mesh.maps, mesh.shared));
     }
@@ -397,18 +392,8 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
         }
         let map = maps.borrow_and_update().clone();
         let now = Instant::now();
-        let mut peers = chooser.peers(&map, self_id, now);
-        // Workload addresses go to their holders' allowed IPs.
+        let peers = chooser.peers(&map, self_id, now);
         let key_of: HashMap<NodeId, meshlink_proto::PublicKey> = map.peers.values().map(|p| (p.node_id, p.public_key)).collect();
-        for w in map.workloads.values() {
-            let Some(holder) = w.holder.filter(|h| *h != self_id) else { continue };
-            let Some(key) = key_of.get(&holder) else { continue };
-            if let Some(p) = peers.iter_mut().find(|p| p.public_key == *key) {
-                if !p.allowed_ips.contains(&w.address) {
-                    p.allowed_ips.push(w.address);
-                }
-            }
-        }
         let (held, forwards, tentative) = {
             let mut h = shared.lock();
             (h.held(now), h.forwards(now), h.tentative(now))

@@ -220,6 +220,27 @@ mod tests {
     }
 
     #[test]
+    fn a_node_is_routed_its_prefixes_and_the_workloads_it_holds() {
+        let mut m = Netmap { version: 1, ..Netmap::default() };
+        m.peers.insert(1, peer(1, "198.18.0.1:51820"));
+        m.peers.insert(2, peer(2, "198.18.0.2:51820"));
+        let w = WorkloadInfo {
+            id: 1,
+            name: "chat".into(),
+            address: "100.64.50.10/32".parse().unwrap(),
+            holder: Some(2),
+            generation: 1,
+            previous: None,
+            candidates: vec![1, 2],
+            grace_ms: None,
+        };
+        m.workloads.insert(w.name.clone(), w);
+        assert_eq!(m.routed_to(1), vec!["100.64.0.1/32".parse::<IpNet>().unwrap()]);
+        assert_eq!(m.routed_to(2), vec!["100.64.0.2/32".parse::<IpNet>().unwrap(), "100.64.50.10/32".parse().unwrap()]);
+        assert!(m.routed_to(3).is_empty());
+    }
+
+    #[test]
     fn absent_optional_fields_mean_empty() {
         let json = r#"{"node_id":7,"name":"a","public_key":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","addresses":["100.64.0.7/32"]}"#;
         let p: PeerInfo = serde_json::from_str(json).unwrap();

@@ -225,7 +225,7 @@ impl Sim {
         self.rng.chance(self.loss_per_million)
     }
 
-    fn to_agent(&mut self, i: usize, msg: Down) {
+    fn send_down(&mut self, i: usize, msg: Down) {
         if !self.agents[i].connected() || self.lost() {
             return;
         }
@@ -283,7 +283,7 @@ impl Sim {
             Grant::Planned => self.coord.moves += 1,
         }
         for i in 0..self.agents.len() {
-            self.to_agent(i, Down::Delta(delta.clone()));
+            self.send_down(i, Down::Delta(delta.clone()));
         }
     }
 
@@ -299,11 +299,11 @@ impl Sim {
                     Up::Heartbeat(seq) => {
                         let lease = self.coord.leases.heartbeat(id, now_i);
                         let version = self.coord.map.version;
-                        self.to_agent(i, Down::Lease { seq, lease, version });
+                        self.send_down(i, Down::Lease { seq, lease, version });
                     }
                     Up::FullMapRequest => {
                         let full = self.coord.map.clone();
-                        self.to_agent(i, Down::Full(full));
+                        self.send_down(i, Down::Full(full));
                     }
                     Up::Claim(name) => self.plan(&name, Some(id)),
                 }
@@ -349,7 +349,7 @@ impl Sim {
             }
         }
         // Failover, every 50 ms: fence the silent holder, commit after a preparation.
-        if self.now % 50 == 0 {
+        if self.now.is_multiple_of(50) {
             let names: Vec<String> = self.coord.map.workloads.keys().cloned().collect();
             for name in names {
                 if self.coord.pending.iter().any(|p| p.name == name) {
@@ -382,13 +382,13 @@ impl Sim {
             a.holdings.on_map(&a.map, now_i);
             a.awaiting_full = false;
             let full = self.coord.map.clone();
-            self.to_agent(i, Down::Full(full));
+            self.send_down(i, Down::Full(full));
         }
         if let Some(until) = self.agents[i].cut_until {
             if now >= until {
                 self.agents[i].cut_until = None;
                 let full = self.coord.map.clone();
-                self.to_agent(i, Down::Full(full));
+                self.send_down(i, Down::Full(full));
             }
         }
         if chaos && self.agents[i].connected() {

@@ -52,7 +52,8 @@ impl EndpointChooser {
                     public_key: p.public_key,
                     preshared_key: None,
                     endpoint,
-                    allowed_ips: p.routed(),
+                    // Its own prefixes and the workload addresses it holds.
+                    allowed_ips: map.routed_to(p.node_id),
                     persistent_keepalive: Some(MESH_KEEPALIVE),
                 }
             })

@@ -83,6 +83,36 @@ struct PeerState {
     kick: bool,
 }
 
+impl PeerState {
+    /// Runs `op` on the session with `room` bytes of `net`; the datagram it makes goes to the
+    /// peer's endpoint (counted in `tx_bytes`), or nowhere when it has none. Returns whether one
+    /// was queued.
+    fn emit(&mut self, net: &mut NetBatch, room: usize, op: impl for<'a> FnOnce(&mut dyn Noise, &'a mut [u8]) -> NoiseOutput<'a>) -> bool {
+        let space = net.space(room);
+        if let NoiseOutput::Network(out) = op(self.noise.as_mut(), space) {
+            let n = out.len();
+            if let Some(ep) = self.endpoint {
+                self.tx_bytes += n as u64;
+                net.commit(ep, n);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Encrypts an IP packet for this peer into `net`; without an endpoint the packet is
+    /// dropped, counted in `drops`, and `false` returned.
+    #[inline]
+    fn seal(&mut self, packet: &[u8], net: &mut NetBatch, drops: &DeviceDrops) -> bool {
+        if self.endpoint.is_none() {
+            drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        self.emit(net, (packet.len() + DATA_OVERHEAD).max(MIN_OUT), |noise, out| noise.encapsulate(packet, out));
+        true
+    }
+}
+
 impl Peer {
     fn lock(&self) -> MutexGuard<'_, PeerState> {
         // A panic while holding a peer lock is a bug, but the data must stay usable.
@@ -303,15 +333,10 @@ impl Device {
         let mut started = 0;
         for peer in t.peers.values() {
             let mut s = peer.lock();
-            let Some(ep) = s.endpoint else { continue };
-            if s.noise.time_since_last_handshake().is_some_and(|d| d < fresh) {
+            if s.endpoint.is_none() || s.noise.time_since_last_handshake().is_some_and(|d| d < fresh) {
                 continue;
             }
-            let space = net.space(MIN_OUT + 64);
-            if let NoiseOutput::Network(out) = s.noise.start_handshake(space) {
-                let n = out.len();
-                s.tx_bytes += n as u64;
-                net.commit(ep, n);
+            if s.emit(net, MIN_OUT + 64, |noise, out| noise.start_handshake(out)) {
                 started += 1;
             }
         }
@@ -350,17 +375,7 @@ impl Device {
                 self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let mut s = peer.lock();
-            let Some(endpoint) = s.endpoint else {
-                self.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            let space = net.space((packet.len() + DATA_OVERHEAD).max(MIN_OUT));
-            if let NoiseOutput::Network(out) = s.noise.encapsulate(packet, space) {
-                let n = out.len();
-                s.tx_bytes += n as u64;
-                net.commit(endpoint, n);
-            }
+            peer.lock().seal(packet, net, &self.drops);
         }
     }
 
@@ -460,19 +475,9 @@ impl Device {
         drop(s);
         if let Some((to, n)) = forward {
             // A released workload address: on to its new holder, one peer lock at a time.
-            let packet = tun.uncommitted(n);
-            let mut s = to.lock();
-            let Some(ep) = s.endpoint else {
-                self.drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            let space = net.space((packet.len() + DATA_OVERHEAD).max(MIN_OUT));
-            if let NoiseOutput::Network(out) = s.noise.encapsulate(packet, space) {
-                let n = out.len();
-                s.tx_bytes += n as u64;
-                net.commit(ep, n);
+            if to.lock().seal(tun.uncommitted(n), net, &self.drops) {
+                self.drops.forwarded.fetch_add(1, Ordering::Relaxed);
             }
-            self.drops.forwarded.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -506,26 +511,12 @@ impl Device {
         let t = self.read();
         for peer in t.peers.values() {
             let mut s = peer.lock();
-            let endpoint = s.endpoint;
-            if s.kick && endpoint.is_some() {
+            if s.kick && s.endpoint.is_some() {
                 s.kick = false;
-                let space = net.space(MIN_OUT + 64);
-                if let NoiseOutput::Network(out) = s.noise.encapsulate(&[], space) {
-                    let n = out.len();
-                    if let Some(ep) = endpoint {
-                        s.tx_bytes += n as u64;
-                        net.commit(ep, n);
-                    }
-                }
+                s.emit(net, MIN_OUT + 64, |noise, out| noise.encapsulate(&[], out));
             }
-            let space = net.space(MIN_OUT + 64);
-            if let NoiseOutput::Network(out) = s.noise.update_timers(space) {
-                let n = out.len();
-                if let Some(ep) = endpoint {
-                    s.tx_bytes += n as u64;
-                    net.commit(ep, n);
-                }
-            }
+            // The timers run with or without an endpoint; only a datagram needs one.
+            s.emit(net, MIN_OUT + 64, |noise, out| noise.update_timers(out));
         }
     }
 

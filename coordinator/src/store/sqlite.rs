@@ -445,96 +445,6 @@ impl Store for SqliteStore {
     }
 
     fn create_workload(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)> {
-        self.create_workload_impl(w)
-    }
-
-    fn workloads<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<WorkloadRecord>> {
-        Box::pin(async move {
-            let rows = match network {
-                Some(n) => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!(
-                        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 ORDER BY id"
-                    )))
-                    .bind(n)
-                    .fetch_all(&self.pool)
-                    .await?
-                }
-                None => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY id")))
-                        .fetch_all(&self.pool)
-                        .await?
-                }
-            };
-            rows.iter().map(workload_row).collect()
-        })
-    }
-
-    fn workload<'a>(
-        &'a self,
-        network: &'a str,
-        name: &'a str,
-    ) -> StoreFuture<'a, Option<WorkloadRecord>> {
-        Box::pin(async move {
-            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 AND name = $2"
-            )))
-            .bind(network)
-            .bind(name)
-            .fetch_optional(&self.pool)
-            .await?;
-            row.as_ref().map(workload_row).transpose()
-        })
-    }
-
-    fn set_holder<'a>(
-        &'a self,
-        network: &'a str,
-        name: &'a str,
-        holder: Option<NodeId>,
-        expected: u64,
-        now: UnixTime,
-    ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
-        self.set_holder_impl(network, name, holder, expected, now)
-    }
-
-    fn delete_workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, u64> {
-        Box::pin(async move {
-            let mut tx = self.write_tx().await?;
-            let done = sqlx::query("DELETE FROM workloads WHERE network = $1 AND name = $2")
-                .bind(network)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() != 1 {
-                return Err(StoreError::NotFound(format!("workload {name}")));
-            }
-            let version = Self::bump(&mut tx, network).await?;
-            tx.commit().await?;
-            Ok(version)
-        })
-    }
-}
-
-impl SqliteStore {
-    async fn workload_in(
-        tx: &mut Transaction<'static, Sqlite>,
-        network: &str,
-        name: &str,
-    ) -> Result<Option<WorkloadRecord>, StoreError> {
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 AND name = $2"
-        )))
-        .bind(network)
-        .bind(name)
-        .fetch_optional(&mut **tx)
-        .await?;
-        row.as_ref().map(workload_row).transpose()
-    }
-}
-
-impl SqliteStore {
-    /// The workload methods of [`Store`], kept apart for reading.
-    fn create_workload_impl(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)> {
         Box::pin(async move {
             let mut tx = self.write_tx().await?;
             let clash = sqlx::query("SELECT 1 FROM nodes WHERE network = $1 AND address = $2")
@@ -584,7 +494,36 @@ impl SqliteStore {
         })
     }
 
-    fn set_holder_impl<'a>(
+    fn workloads<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<WorkloadRecord>> {
+        Box::pin(async move {
+            let rows = match network {
+                Some(n) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 ORDER BY id"
+                    )))
+                    .bind(n)
+                    .fetch_all(&self.pool)
+                    .await?
+                }
+                None => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY id")))
+                        .fetch_all(&self.pool)
+                        .await?
+                }
+            };
+            rows.iter().map(workload_row).collect()
+        })
+    }
+
+    fn workload<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+    ) -> StoreFuture<'a, Option<WorkloadRecord>> {
+        Box::pin(workload_by_name(&self.pool, network, name))
+    }
+
+    fn set_holder<'a>(
         &'a self,
         network: &'a str,
         name: &'a str,
@@ -618,7 +557,7 @@ impl SqliteStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
-                return match Self::workload_in(&mut tx, network, name).await? {
+                return match workload_by_name(&mut *tx, network, name).await? {
                     None => Err(StoreError::NotFound(format!("workload {name}"))),
                     Some(w) => Err(StoreError::Conflict(format!(
                         "workload {name} moved on to generation {} meanwhile",
@@ -626,7 +565,7 @@ impl SqliteStore {
                     ))),
                 };
             }
-            let record = Self::workload_in(&mut tx, network, name)
+            let record = workload_by_name(&mut *tx, network, name)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("workload {name}")))?;
             let version = Self::bump(&mut tx, network).await?;
@@ -634,6 +573,39 @@ impl SqliteStore {
             Ok((record, version))
         })
     }
+
+    fn delete_workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let done = sqlx::query("DELETE FROM workloads WHERE network = $1 AND name = $2")
+                .bind(network)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::NotFound(format!("workload {name}")));
+            }
+            let version = Self::bump(&mut tx, network).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+}
+
+/// The workload of a network with this name, on the pool or inside a transaction.
+async fn workload_by_name<'e>(
+    db: impl sqlx::Executor<'e, Database = Sqlite>,
+    network: &str,
+    name: &str,
+) -> Result<Option<WorkloadRecord>, StoreError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE network = $1 AND name = $2"
+    )))
+    .bind(network)
+    .bind(name)
+    .fetch_optional(db)
+    .await?;
+    row.as_ref().map(workload_row).transpose()
 }
 
 /// Maps a unique-constraint failure to [`StoreError::Conflict`], naming the columns.
