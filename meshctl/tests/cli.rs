@@ -5,32 +5,13 @@ mod support;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{closed_url, Canned, FakeCoordinator};
+use support::{closed_url, meshctl, stderr, stdout, Canned, FakeCoordinator};
 
 const NETWORKS: &str = r#"[{"name":"prod","cidr":"100.64.0.0/16","version":7,"nodes":3,
     "online":2,"created_at":"2024-05-01T12:00:00Z"},{"name":"lab","cidr":"10.9.0.0/24",
     "version":1,"nodes":0,"online":0,"created_at":1714564800}]"#;
-
-/// Runs `meshctl` with a clean environment, the fake's URL and an inline admin token.
-fn meshctl(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .env_clear()
-        .env("MESHLINK_COORDINATOR", url)
-        .env("MESHLINK_ADMIN_TOKEN", "cli-secret")
-        .args(args)
-        .output()
-        .expect("run meshctl")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
 
 #[test]
 fn network_list_json_is_the_server_json() {

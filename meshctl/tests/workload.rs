@@ -12,31 +12,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::{closed_url, Canned, FakeCoordinator};
+use support::{closed_url, meshctl, stderr, stdout, Canned, FakeCoordinator};
 
 const CHAT: &str = r#"{"name":"chat","network":"prod","address":"100.64.50.10",
     "holder":{"id":3,"name":"vm-c"},"generation":3,"previous":{"id":1,"name":"vm-a"},
     "standby":[{"id":4,"name":"vm-d"}],"allowed":[{"id":3,"name":"vm-c"}],"state":"held",
     "created_at":1714564800,"moved_at":1714564860}"#;
-
-/// Runs `meshctl` with a clean environment, the fake's URL and an inline admin token.
-fn meshctl(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .env_clear()
-        .env("MESHLINK_COORDINATOR", url)
-        .env("MESHLINK_ADMIN_TOKEN", "cli-secret")
-        .args(args)
-        .output()
-        .expect("run meshctl")
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8(output.stdout.clone()).unwrap()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8(output.stderr.clone()).unwrap()
-}
 
 /// `CHAT` as the answer to a move: with the change's fields.
 fn moved(changed: bool, prepared_ms: Option<f64>, took_ms: f64) -> String {

@@ -157,3 +157,24 @@ pub fn closed_url() -> String {
     drop(listener);
     format!("http://{addr}")
 }
+
+/// Runs the built `meshctl` with a clean environment, the fake's URL and an inline admin token.
+pub fn meshctl(url: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .env_clear()
+        .env("MESHLINK_COORDINATOR", url)
+        .env("MESHLINK_ADMIN_TOKEN", "cli-secret")
+        .args(args)
+        .output()
+        .expect("run meshctl")
+}
+
+/// A command's stdout as text.
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// A command's stderr as text.
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
