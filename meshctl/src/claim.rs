@@ -27,14 +27,13 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::client::one_line;
+
 /// How long a claim waits for the agent's answer by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// The longest reply read; a real one is a few dozen bytes.
 const REPLY_LIMIT: usize = 64 * 1024;
-
-/// The longest agent message shown; longer ones are cut.
-const MESSAGE_LIMIT: usize = 500;
 
 /// What a successful claim returns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,21 +310,6 @@ fn describe_errno(errno: i64) -> String {
         Some((words, _)) => words.to_owned(),
         None => text,
     }
-}
-
-/// Makes agent text safe to print on one terminal line: control characters become spaces,
-/// runs of space collapse, and the text is cut at [`MESSAGE_LIMIT`] characters.
-fn one_line(text: &str) -> String {
-    let cleaned: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    let mut out = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
-    if let Some((cut, _)) = out.char_indices().nth(MESSAGE_LIMIT) {
-        out.truncate(cut);
-        out.push_str("...");
-    }
-    out
 }
 
 #[cfg(test)]

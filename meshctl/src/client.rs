@@ -793,9 +793,9 @@ fn interpret(status: u16, body: &[u8]) -> Result<(u16, Value), ClientError> {
     Err(ClientError::Api { status, message })
 }
 
-/// Makes server text safe to print on one terminal line: control characters become spaces,
-/// runs of space collapse, and the text is cut at [`MESSAGE_LIMIT`] characters.
-fn one_line(text: &str) -> String {
+/// Makes server (or agent) text safe to print on one terminal line: control characters become
+/// spaces, runs of space collapse, and the text is cut at [`MESSAGE_LIMIT`] characters.
+pub(crate) fn one_line(text: &str) -> String {
     let cleaned: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
