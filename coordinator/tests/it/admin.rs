@@ -3,19 +3,7 @@
 use meshlink_proto::token::JoinToken;
 use serde_json::{json, Value};
 
-use crate::common::{http, start, TempDir};
-
-fn keys(v: &Value) -> Vec<String> {
-    let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
-    k.sort();
-    k
-}
-
-fn sorted(list: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
-    v.sort();
-    v
-}
+use crate::common::{http, keys, sorted, start, TempDir};
 
 #[tokio::test]
 async fn every_route_needs_the_admin_token() {

@@ -16,19 +16,7 @@ use meshlink_proto::control::{Decoder, ServerMessage, MAX_SERVER_MESSAGE};
 use meshlink_proto::NodeId;
 use serde_json::{json, Value};
 
-use crate::common::{http, join_hello, start, TempDir, WAIT};
-
-fn keys(v: &Value) -> Vec<String> {
-    let mut k: Vec<String> = v.as_object().expect("an object").keys().cloned().collect();
-    k.sort();
-    k
-}
-
-fn sorted(list: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = list.iter().map(|s| s.to_string()).collect();
-    v.sort();
-    v
-}
+use crate::common::{http, join_hello, keys, sorted, start, TempDir, WAIT};
 
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
