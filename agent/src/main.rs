@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshlink_agent::config::{self, Overrides};
-use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
 use meshlink_agent::control::state::{self, StateDir};
 use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
+use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
 use meshlink_agent::{run, uapi};
 use meshlink_proto::token::JoinToken;
 use meshlink_proto::Key;
@@ -128,14 +128,19 @@ fn genkey() -> anyhow::Result<()> {
 fn pubkey() -> anyhow::Result<()> {
     let mut text = String::new();
     std::io::stdin().take(1024).read_to_string(&mut text)?;
-    let key = Key::from_base64(&text).map_err(|e| anyhow::anyhow!("stdin: not a private key: {e}"))?;
+    let key =
+        Key::from_base64(&text).map_err(|e| anyhow::anyhow!("stdin: not a private key: {e}"))?;
     let mut out = std::io::stdout();
     writeln!(out, "{}", PrivateKey::from_bytes(key.0).public_key())?;
     Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("meshlink").build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("meshlink")
+        .build()?)
 }
 
 fn up(args: UpArgs) -> anyhow::Result<()> {
@@ -144,7 +149,8 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
     let mut overrides = Overrides {
@@ -161,7 +167,13 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
     let static_source = args.config.is_some()
         || args.wg_quick.is_some()
         || overrides.private_key_file.is_some()
-        || ["MESHLINK_CONFIG", "MESHLINK_WG_QUICK", "MESHLINK_PRIVATE_KEY_FILE"].iter().any(|v| config::process_env(v).is_some_and(|x| !x.is_empty()));
+        || [
+            "MESHLINK_CONFIG",
+            "MESHLINK_WG_QUICK",
+            "MESHLINK_PRIVATE_KEY_FILE",
+        ]
+        .iter()
+        .any(|v| config::process_env(v).is_some_and(|x| !x.is_empty()));
     let mesh_mode = args.token.is_some() || !static_source;
     let rt = runtime()?;
     if mesh_mode {
@@ -170,9 +182,21 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         overrides.private_key_file = Some(state.key_path());
         let settings = config::load_settings(None, None, &overrides, &config::process_env)?;
         let labels = args.labels.into_iter().collect();
-        return rt.block_on(up_mesh(settings, state, key.public_key(), args.token, args.name, labels));
+        return rt.block_on(up_mesh(
+            settings,
+            state,
+            key.public_key(),
+            args.token,
+            args.name,
+            labels,
+        ));
     }
-    let settings = config::load_settings(args.config.as_deref(), args.wg_quick.as_deref(), &overrides, &config::process_env)?;
+    let settings = config::load_settings(
+        args.config.as_deref(),
+        args.wg_quick.as_deref(),
+        &overrides,
+        &config::process_env,
+    )?;
     rt.block_on(async move { run::run(settings, shutdown_signal(), None).await })?;
     Ok(())
 }
@@ -180,7 +204,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
 /// Resolves on SIGINT or SIGTERM.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
         (Ok(mut int), Ok(mut term)) => {
             tokio::select! {
                 _ = int.recv() => {}
@@ -236,11 +263,23 @@ async fn up_mesh(
             let port = preferred_port(&settings, None);
             let endpoints = match port {
                 0 => Vec::new(),
-                p => ctl::local_endpoints(p, &settings.interface, &"0.0.0.0/32".parse().expect("a valid prefix")),
+                p => ctl::local_endpoints(
+                    p,
+                    &settings.interface,
+                    &"0.0.0.0/32".parse().expect("a valid prefix"),
+                ),
             };
             let mut backoff = std::time::Duration::from_secs(1);
             let (node, map, session) = loop {
-                match ctl::join(&token, public_key, name.clone(), labels.clone(), endpoints.clone()).await {
+                match ctl::join(
+                    &token,
+                    public_key,
+                    name.clone(),
+                    labels.clone(),
+                    endpoints.clone(),
+                )
+                .await
+                {
                     Ok(joined) => break joined,
                     Err(e @ ControlError::Connect { .. }) => {
                         tracing::warn!("{e}; retrying in {backoff:?}");
@@ -264,20 +303,41 @@ async fn up_mesh(
     let (tx, rx) = tokio::sync::watch::channel(map);
     let shared = std::sync::Arc::new(ctl::workloads::Shared::new(node.node_id));
     let (claims_tx, claims_rx) = tokio::sync::mpsc::channel(16);
-    let control = MeshControl::new(state, node.clone(), public_key, tx, first, shared.clone(), claims_rx);
-    run::run(settings, shutdown_signal(), Some(run::Mesh { self_id: node.node_id, maps: rx, control, shared, claims: claims_tx })).await?;
+    let control = MeshControl::new(
+        state,
+        node.clone(),
+        public_key,
+        tx,
+        first,
+        shared.clone(),
+        claims_rx,
+    );
+    run::run(
+        settings,
+        shutdown_signal(),
+        Some(run::Mesh {
+            self_id: node.node_id,
+            maps: rx,
+            control,
+            shared,
+            claims: claims_tx,
+        }),
+    )
+    .await?;
     Ok(())
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<()> {
     let path = args.uapi_dir.join(format!("{}.sock", args.interface));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let response = rt
         .block_on(uapi::request(&path, "get=meshlink"))
         .map_err(|e| anyhow::anyhow!("no agent answers on {}: {e}", path.display()))?;
     let json_line = response.lines().next().unwrap_or_default();
-    let v: serde_json::Value =
-        serde_json::from_str(json_line).map_err(|e| anyhow::anyhow!("{}: unexpected answer: {e}", path.display()))?;
+    let v: serde_json::Value = serde_json::from_str(json_line)
+        .map_err(|e| anyhow::anyhow!("{}: unexpected answer: {e}", path.display()))?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
         Output::Table => print_status_table(&v),
@@ -292,16 +352,33 @@ fn print_status_table(v: &serde_json::Value) {
         s(&v["interface"]),
         s(&v["public_key"]),
         v["listen_port"],
-        v["addresses"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default()
+        v["addresses"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default()
     );
     println!("device drops: {}", v["drops"]);
-    println!("{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  DROPS", "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX");
+    println!(
+        "{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  DROPS",
+        "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"
+    );
     for p in v["peers"].as_array().into_iter().flatten() {
-        let hs = p["latest_handshake_secs_ago"].as_u64().map(|x| format!("{x}s ago")).unwrap_or_else(|| "never".into());
-        let allowed = p["allowed_ips"].as_array().map(|a| a.iter().map(s).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let hs = p["latest_handshake_secs_ago"]
+            .as_u64()
+            .map(|x| format!("{x}s ago"))
+            .unwrap_or_else(|| "never".into());
+        let allowed = p["allowed_ips"]
+            .as_array()
+            .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
+            .unwrap_or_default();
         let drops: Vec<String> = p["drops"]
             .as_object()
-            .map(|o| o.iter().filter(|(_, n)| n.as_u64().unwrap_or(0) > 0).map(|(k, n)| format!("{k}={n}")).collect())
+            .map(|o| {
+                o.iter()
+                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                    .map(|(k, n)| format!("{k}={n}"))
+                    .collect()
+            })
             .unwrap_or_default();
         println!(
             "{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  {}",
@@ -311,7 +388,11 @@ fn print_status_table(v: &serde_json::Value) {
             hs,
             p["rx_bytes"],
             p["tx_bytes"],
-            if drops.is_empty() { "-".to_string() } else { drops.join(" ") }
+            if drops.is_empty() {
+                "-".to_string()
+            } else {
+                drops.join(" ")
+            }
         );
     }
 }

@@ -25,12 +25,12 @@ use crate::control::peers::EndpointChooser;
 use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
 use crate::dataplane::{Device, NetBatch, TunBatch, WorkloadRouting};
-use meshlink_proto::{Netmap, NodeId};
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
 use crate::platform::udp::{UdpError, UdpTransport};
 use crate::settings::{DeviceConfig, Settings};
 use crate::uapi::{self, DeviceStatus, UapiError, UapiHandler};
+use meshlink_proto::{Netmap, NodeId};
 
 /// The TUN device's transmit queue length: the kernel's default for TUN. Shorter queues (32,
 /// 64, 100) were measured and gave no repeatable latency gain under load (BENCHMARKS.md).
@@ -116,7 +116,11 @@ impl Tunnels for Control {
 
 /// The wanted routes of a configuration: every peer's allowed IPs.
 fn wanted_routes(config: &DeviceConfig) -> Vec<IpNet> {
-    config.peers.iter().flat_map(|p| p.allowed_ips.iter().copied()).collect()
+    config
+        .peers
+        .iter()
+        .flat_map(|p| p.allowed_ips.iter().copied())
+        .collect()
 }
 
 /// What the userspace API and `status` see of a running agent.
@@ -141,7 +145,10 @@ impl UapiHandler for Control {
 
     fn apply(&self, new: DeviceConfig) -> Result<(), String> {
         if new.listen_port != self.listen_port && new.listen_port != 0 {
-            return Err(format!("changing listen-port at runtime is not supported (bound to {}); restart the agent", self.listen_port));
+            return Err(format!(
+                "changing listen-port at runtime is not supported (bound to {}); restart the agent",
+                self.listen_port
+            ));
         }
         let mut new = new;
         new.listen_port = self.listen_port;
@@ -221,12 +228,22 @@ impl Drop for Cleanup {
 ///
 /// # Errors
 /// [`RunError`] when the interface cannot be set up or a packet loop fails.
-pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output = ()>, mesh: Option<Mesh>) -> Result<(), RunError> {
+pub async fn run(
+    settings: Settings,
+    shutdown: impl std::future::Future<Output = ()>,
+    mesh: Option<Mesh>,
+) -> Result<(), RunError> {
     let handle = netlink::connect()?;
-    if netlink::link_index(&handle, &settings.interface).await?.is_some() {
+    if netlink::link_index(&handle, &settings.interface)
+        .await?
+        .is_some()
+    {
         return Err(RunError::InterfaceExists(settings.interface.clone()));
     }
-    let udp = Arc::new(UdpTransport::bind(settings.device.listen_port, settings.device.fwmark)?);
+    let udp = Arc::new(UdpTransport::bind(
+        settings.device.listen_port,
+        settings.device.fwmark,
+    )?);
     let tun = Arc::new(Tun::create(&settings.interface, settings.mtu)?);
     let nl = Netlink::for_interface(handle, &settings.interface).await?;
     nl.set_mtu_and_up(settings.mtu, TUN_TXQUEUELEN).await?;
@@ -242,7 +259,11 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
     }
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
-    cleanup.socket = Some(settings.uapi_dir.join(format!("{}.sock", settings.interface)));
+    cleanup.socket = Some(
+        settings
+            .uapi_dir
+            .join(format!("{}.sock", settings.interface)),
+    );
 
     let mut device_config = settings.device.clone();
     device_config.listen_port = udp.port();
@@ -271,7 +292,12 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(tun_to_udp(device.clone(), tun.clone(), udp.clone(), settings.mtu));
+    tasks.spawn(tun_to_udp(
+        device.clone(),
+        tun.clone(),
+        udp.clone(),
+        settings.mtu,
+    ));
     tasks.spawn(udp_to_tun(device.clone(), tun.clone(), udp.clone()));
     tasks.spawn(timers(device.clone(), udp.clone()));
     tasks.spawn({
@@ -287,8 +313,18 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
         let port = udp.port();
         let tunnel = settings.interface.clone();
         let tunnels: Arc<dyn Tunnels> = control.clone();
-        tasks.spawn(async move { mesh.control.run(port, tunnel, tunnels).await.map_err(RunError::from) });
-        tasks.spawn(reconcile_mesh(control.clone(), mesh.self_id, mesh.maps, mesh.shared));
+        tasks.spawn(async move {
+            mesh.control
+                .run(port, tunnel, tunnels)
+                .await
+                .map_err(RunError::from)
+        });
+        tasks.spawn(reconcile_mesh(
+            control.clone(),
+            mesh.self_id,
+            mesh.maps,
+            mesh.shared,
+        ));
     }
 
     let result = tokio::select! {
@@ -357,7 +393,12 @@ pub async fn run(settings: Settings, shutdown: impl std::future::Future<Output =
 /// Keeps the device's peers equal to the latest network map, touching only what changed, and
 /// moves silent peers to their next endpoint. Workload addresses: routed to their holders,
 /// held here while the fencing state says so, forwarded after a move for the grace period.
-async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch::Receiver<Netmap>, shared: Arc<Shared>) -> Result<(), RunError> {
+async fn reconcile_mesh(
+    control: Arc<Control>,
+    self_id: NodeId,
+    mut maps: watch::Receiver<Netmap>,
+    shared: Arc<Shared>,
+) -> Result<(), RunError> {
     let mut chooser = EndpointChooser::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -393,18 +434,37 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
         let map = maps.borrow_and_update().clone();
         let now = Instant::now();
         let peers = chooser.peers(&map, self_id, now);
-        let key_of: HashMap<NodeId, meshlink_proto::PublicKey> = map.peers.values().map(|p| (p.node_id, p.public_key)).collect();
+        let key_of: HashMap<NodeId, meshlink_proto::PublicKey> = map
+            .peers
+            .values()
+            .map(|p| (p.node_id, p.public_key))
+            .collect();
         let (held, forwards, tentative) = {
             let mut h = shared.lock();
             (h.held(now), h.forwards(now), h.tentative(now))
         };
-        let tentative: Vec<IpNet> = tentative.into_iter().filter(|t| !held.iter().any(|h| h.address == *t)).collect();
+        let tentative: Vec<IpNet> = tentative
+            .into_iter()
+            .filter(|t| !held.iter().any(|h| h.address == *t))
+            .collect();
         let routing = WorkloadRouting {
-            forward: forwards.iter().filter_map(|f| Some((f.address, *key_of.get(&f.to)?))).collect(),
+            forward: forwards
+                .iter()
+                .filter_map(|f| Some((f.address, *key_of.get(&f.to)?)))
+                .collect(),
             also_from: map
                 .workloads
                 .values()
-                .map(|w| (w.ip(), w.candidates.iter().filter(|c| **c != self_id).filter_map(|c| key_of.get(c).copied()).collect()))
+                .map(|w| {
+                    (
+                        w.ip(),
+                        w.candidates
+                            .iter()
+                            .filter(|c| **c != self_id)
+                            .filter_map(|c| key_of.get(c).copied())
+                            .collect(),
+                    )
+                })
                 .collect(),
             // An address held here, or prepared for a move that is landing, takes packets its
             // previous or current holder relays: that node forwards only once it has seen the
@@ -414,10 +474,18 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
                 let h = shared.lock();
                 map.workloads
                     .values()
-                    .filter(|w| held.iter().any(|x| x.address == w.address) || tentative.contains(&w.address))
+                    .filter(|w| {
+                        held.iter().any(|x| x.address == w.address)
+                            || tentative.contains(&w.address)
+                    })
                     .map(|w| {
                         let previous = w.previous.filter(|_| h.in_grace(&w.name, now));
-                        let relays = previous.iter().chain(w.holder.iter()).filter(|n| **n != self_id).filter_map(|n| key_of.get(n).copied()).collect();
+                        let relays = previous
+                            .iter()
+                            .chain(w.holder.iter())
+                            .filter(|n| **n != self_id)
+                            .filter_map(|n| key_of.get(n).copied())
+                            .collect();
                         (w.ip(), relays)
                     })
                     .collect()
@@ -427,7 +495,11 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
         control.device.set_workload_routing(routing);
         let mut config = control.device.config();
         if config.peers != peers {
-            debug!(version = map.version, peers = peers.len(), "applying network map");
+            debug!(
+                version = map.version,
+                peers = peers.len(),
+                "applying network map"
+            );
             config.peers = peers;
             if let Err(e) = control.apply(config) {
                 warn!("applying the network map: {e}");
@@ -451,10 +523,17 @@ async fn reconcile_mesh(control: Arc<Control>, self_id: NodeId, mut maps: watch:
     }
 }
 
-async fn tun_to_udp(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>, mtu: u16) -> Result<(), RunError> {
+async fn tun_to_udp(
+    device: Arc<Device>,
+    tun: Arc<Tun>,
+    udp: Arc<UdpTransport>,
+    mtu: u16,
+) -> Result<(), RunError> {
     let slots = IDEAL_BATCH_SIZE;
     let mut original = vec![0u8; HEADROOM + 65536];
-    let mut bufs: Vec<Vec<u8>> = (0..slots).map(|_| vec![0u8; usize::from(mtu).max(1280) + 128]).collect();
+    let mut bufs: Vec<Vec<u8>> = (0..slots)
+        .map(|_| vec![0u8; usize::from(mtu).max(1280) + 128])
+        .collect();
     let mut sizes = vec![0usize; slots];
     let mut net = NetBatch::with_capacity(slots * (usize::from(mtu) + 64));
     loop {
@@ -470,7 +549,10 @@ async fn tun_to_udp(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>, 
                 continue;
             }
         };
-        device.outbound_batch(bufs[..n].iter().zip(&sizes[..n]).map(|(b, s)| &b[..*s]), &mut net);
+        device.outbound_batch(
+            bufs[..n].iter().zip(&sizes[..n]).map(|(b, s)| &b[..*s]),
+            &mut net,
+        );
         if !net.is_empty() {
             udp.send_batch(&net).await;
             net.clear();
@@ -508,7 +590,11 @@ fn ahead(len: usize, stride: usize) -> Ahead {
     }
 }
 
-async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) -> Result<(), RunError> {
+async fn udp_to_tun(
+    device: Arc<Device>,
+    tun: Arc<Tun>,
+    udp: Arc<UdpTransport>,
+) -> Result<(), RunError> {
     const SLOT: usize = 65536;
     let batch = quinn_udp::BATCH_SIZE.max(1);
     let mut storage = vec![0u8; SLOT * batch];
@@ -520,7 +606,8 @@ async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) 
     let mut gro = tun_rs::GROTable::default();
     loop {
         let n = {
-            let mut slices: Vec<IoSliceMut<'_>> = storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
+            let mut slices: Vec<IoSliceMut<'_>> =
+                storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
             match udp.recv(&mut slices, &mut meta).await {
                 Ok(n) => n,
                 Err(e) => {
@@ -568,7 +655,12 @@ async fn udp_to_tun(device: Arc<Device>, tun: Arc<Tun>, udp: Arc<UdpTransport>) 
             let data = &storage[i * SLOT..i * SLOT + m.len];
             let stride = m.stride.max(1);
             if rest_of[i] > 0 {
-                device.inbound_batch(m.addr, data.chunks(stride).take(rest_of[i]), &mut tun_batch, &mut net);
+                device.inbound_batch(
+                    m.addr,
+                    data.chunks(stride).take(rest_of[i]),
+                    &mut tun_batch,
+                    &mut net,
+                );
             }
             let (from, to) = early_of[i];
             for k in from..to {
@@ -624,9 +716,21 @@ mod tests {
         assert_eq!(ahead(128, 128), Ahead::Whole, "a ping");
         assert_eq!(ahead(96, 96), Ahead::Whole, "a TCP ACK");
         assert_eq!(ahead(1452, 1452), Ahead::Nothing, "a full segment");
-        assert_eq!(ahead(1452 * 3, 1452), Ahead::Nothing, "a train of full segments");
-        assert_eq!(ahead(1452 * 3 + 128, 1452), Ahead::LastSegment(1452 * 3), "a train ending in a ping");
-        assert_eq!(ahead(1452 * 3 + 700, 1452), Ahead::Nothing, "a train ending in a bulk tail");
+        assert_eq!(
+            ahead(1452 * 3, 1452),
+            Ahead::Nothing,
+            "a train of full segments"
+        );
+        assert_eq!(
+            ahead(1452 * 3 + 128, 1452),
+            Ahead::LastSegment(1452 * 3),
+            "a train ending in a ping"
+        );
+        assert_eq!(
+            ahead(1452 * 3 + 700, 1452),
+            Ahead::Nothing,
+            "a train ending in a bulk tail"
+        );
         assert_eq!(ahead(0, 0), Ahead::Whole);
     }
 }

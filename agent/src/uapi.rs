@@ -529,7 +529,9 @@ pub trait UapiHandler: Send + Sync + 'static {
     /// `claim=NAME`, used by `meshctl workload claim`): the generation it is now held at, or
     /// why not. Blocks until the coordinator answers or a timeout.
     fn claim(&self, workload: &str) -> Result<u64, String> {
-        Err(format!("cannot claim {workload}: this agent is not joined to a coordinator"))
+        Err(format!(
+            "cannot claim {workload}: this agent is not joined to a coordinator"
+        ))
     }
 }
 
@@ -731,7 +733,11 @@ fn try_handle_request(
                 Ok(generation) => format!("generation={generation}\nerrno=0\n\n"),
                 Err(message) => {
                     tracing::warn!("userspace API: claim of {}: {message}", clip(name));
-                    format!("message={}\nerrno=-{}\n\n", message.replace(['\n', '\r'], " "), libc::EPERM)
+                    format!(
+                        "message={}\nerrno=-{}\n\n",
+                        message.replace(['\n', '\r'], " "),
+                        libc::EPERM
+                    )
                 }
             })
         }

@@ -70,7 +70,12 @@ impl Sim {
                         persistent_keepalive: keepalive,
                     })
                     .collect();
-                let config = DeviceConfig { private_key: keys[i as usize].clone(), listen_port: 51820, fwmark: None, peers };
+                let config = DeviceConfig {
+                    private_key: keys[i as usize].clone(),
+                    listen_port: 51820,
+                    fwmark: None,
+                    peers,
+                };
                 Node {
                     device: Device::new(config, u32::from(i) * 1000),
                     key: keys[i as usize].clone(),
@@ -80,13 +85,18 @@ impl Sim {
                 }
             })
             .collect();
-        Sim { nodes, wire: VecDeque::new(), lost: 0 }
+        Sim {
+            nodes,
+            wire: VecDeque::new(),
+            lost: 0,
+        }
     }
 
     fn enqueue(&mut self, from: usize, net: &NetBatch) {
         let src = self.nodes[from].addr;
         for item in net.items() {
-            self.wire.push_back((src, item.dst, net.bytes(item.start, item.len).to_vec()));
+            self.wire
+                .push_back((src, item.dst, net.bytes(item.start, item.len).to_vec()));
         }
     }
 
@@ -107,7 +117,9 @@ impl Sim {
             };
             let mut tun = TunBatch::new(4, 16, 2048);
             let mut net = NetBatch::with_capacity(4096);
-            self.nodes[j].device.inbound(from, &data, &mut tun, &mut net);
+            self.nodes[j]
+                .device
+                .inbound(from, &data, &mut tun, &mut net);
             let packets: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
             self.nodes[j].delivered.extend(packets);
             self.enqueue(j, &net);
@@ -150,7 +162,13 @@ impl Sim {
 
     fn peer_status(&self, node: usize, peer: usize) -> meshlink_agent::uapi::PeerStatus {
         let pk = self.nodes[peer].key.public_key();
-        self.nodes[node].device.status(SystemTime::now()).peers.into_iter().find(|p| p.public_key == pk).unwrap()
+        self.nodes[node]
+            .device
+            .status(SystemTime::now())
+            .peers
+            .into_iter()
+            .find(|p| p.public_key == pk)
+            .unwrap()
     }
 }
 
@@ -159,7 +177,10 @@ fn handshake_and_traffic_both_ways() {
     let mut sim = Sim::mesh(2, None);
     assert!(sim.handshake_age(0, 1).is_none());
     // The first packet starts the handshake and is queued, then released when it completes.
-    assert!(sim.ping(0, 1, b"hello"), "first packet is delivered after the handshake");
+    assert!(
+        sim.ping(0, 1, b"hello"),
+        "first packet is delivered after the handshake"
+    );
     assert!(sim.handshake_age(0, 1).is_some());
     // B learned A's endpoint from the handshake (B was configured without one).
     assert_eq!(sim.peer_status(1, 0).endpoint, Some(sim.nodes[0].addr));
@@ -185,7 +206,10 @@ fn rekeys_after_simulated_minutes_without_losing_traffic() {
     }
     // Sessions rekey every 120 s: the last handshake is recent, not ten minutes old.
     let age = sim.handshake_age(0, 1).unwrap();
-    assert!(age < Duration::from_secs(130), "last handshake {age:?} ago: no rekey");
+    assert!(
+        age < Duration::from_secs(130),
+        "last handshake {age:?} ago: no rekey"
+    );
     // A packet sent while a rekey runs is queued, not lost; allow none lost.
     assert_eq!(delivered, 1200);
 }
@@ -223,7 +247,11 @@ fn roaming_follows_the_latest_authenticated_packet() {
     // Replies now go to the new address.
     assert!(sim.ping(0, 1, b"reply"));
     // A forged datagram from elsewhere does not move the endpoint.
-    sim.wire.push_back((underlay(99, 1), sim.nodes[0].addr, vec![4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9]));
+    sim.wire.push_back((
+        underlay(99, 1),
+        sim.nodes[0].addr,
+        vec![4, 0, 0, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 9, 9],
+    ));
     sim.run();
     assert_eq!(sim.peer_status(0, 1).endpoint, Some(underlay(77, 40000)));
 }
@@ -233,10 +261,18 @@ fn spoofed_inner_source_is_dropped_and_counted() {
     let mut sim = Sim::mesh(2, None);
     assert!(sim.ping(0, 1, b"up"));
     // Node 1 sends a packet claiming an inner source it does not own.
-    let forged = ipv4(Ipv4Addr::new(100, 64, 0, 99), sim.nodes[0].overlay, b"spoof");
+    let forged = ipv4(
+        Ipv4Addr::new(100, 64, 0, 99),
+        sim.nodes[0].overlay,
+        b"spoof",
+    );
     let before = sim.nodes[0].delivered.len();
     sim.send(1, &forged);
-    assert_eq!(sim.nodes[0].delivered.len(), before, "spoofed packet was delivered");
+    assert_eq!(
+        sim.nodes[0].delivered.len(),
+        before,
+        "spoofed packet was delivered"
+    );
     assert_eq!(sim.peer_status(0, 1).drops.spoofed_source, 1);
     // Genuine traffic still flows.
     assert!(sim.ping(1, 0, b"genuine"));
@@ -248,7 +284,9 @@ fn longest_prefix_picks_the_peer() {
     // Node 1 also routes 10.0.0.0/8, node 2 the narrower 10.1.0.0/16.
     let mut cfg = sim.nodes[0].device.config();
     cfg.peers[0].allowed_ips.push("10.0.0.0/8".parse().unwrap());
-    cfg.peers[1].allowed_ips.push("10.1.0.0/16".parse().unwrap());
+    cfg.peers[1]
+        .allowed_ips
+        .push("10.1.0.0/16".parse().unwrap());
     sim.nodes[0].device.set_config(cfg);
     // Nodes 1 and 2 accept any inner source from node 0.
     for node in [1usize, 2] {
@@ -259,11 +297,24 @@ fn longest_prefix_picks_the_peer() {
     let to = |d: [u8; 4]| ipv4(Ipv4Addr::new(100, 64, 0, 1), Ipv4Addr::from(d), b"x");
     sim.send(0, &to([10, 1, 2, 3]));
     sim.send(0, &to([10, 2, 2, 3]));
-    assert_eq!(sim.nodes[2].delivered.last().map(|p| p[16..20].to_vec()), Some(vec![10, 1, 2, 3]));
-    assert_eq!(sim.nodes[1].delivered.last().map(|p| p[16..20].to_vec()), Some(vec![10, 2, 2, 3]));
+    assert_eq!(
+        sim.nodes[2].delivered.last().map(|p| p[16..20].to_vec()),
+        Some(vec![10, 1, 2, 3])
+    );
+    assert_eq!(
+        sim.nodes[1].delivered.last().map(|p| p[16..20].to_vec()),
+        Some(vec![10, 2, 2, 3])
+    );
     // Nothing routes 192.0.2.1: dropped and counted.
     sim.send(0, &to([192, 0, 2, 1]));
-    assert_eq!(sim.nodes[0].device.drops().no_route.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(
+        sim.nodes[0]
+            .device
+            .drops()
+            .no_route
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 }
 
 #[test]
@@ -281,18 +332,26 @@ fn reconfiguring_other_peers_keeps_a_live_session() {
         allowed_ips: vec!["100.64.0.42/32".parse().unwrap()],
         persistent_keepalive: None,
     });
-    cfg.peers[0].allowed_ips.push("10.9.0.0/16".parse().unwrap());
+    cfg.peers[0]
+        .allowed_ips
+        .push("10.9.0.0/16".parse().unwrap());
     sim.nodes[0].device.set_config(cfg);
     let wire_before = sim.wire.len();
     assert!(sim.ping(0, 1, b"still up"));
-    assert!(sim.handshake_age(0, 1).unwrap() >= age, "the session was restarted");
+    assert!(
+        sim.handshake_age(0, 1).unwrap() >= age,
+        "the session was restarted"
+    );
     assert_eq!(wire_before, 0);
     // Removing the peer ends its session; routes to it go with it.
     let mut cfg = sim.nodes[0].device.config();
     cfg.peers.retain(|p| p.public_key == key(42).public_key());
     sim.nodes[0].device.set_config(cfg);
     let before = sim.nodes[1].delivered.len();
-    sim.send(0, &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"gone"));
+    sim.send(
+        0,
+        &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"gone"),
+    );
     assert_eq!(sim.nodes[1].delivered.len(), before);
 }
 
@@ -317,10 +376,25 @@ fn garbage_from_the_network_is_dropped_without_panic() {
     }
     let before = sim.nodes[0].delivered.len();
     sim.run();
-    assert_eq!(sim.nodes[0].delivered.len(), before, "garbage reached the TUN device");
-    assert_eq!(sim.peer_status(0, 1).endpoint, Some(sim.nodes[1].addr), "garbage moved an endpoint");
+    assert_eq!(
+        sim.nodes[0].delivered.len(),
+        before,
+        "garbage reached the TUN device"
+    );
+    assert_eq!(
+        sim.peer_status(0, 1).endpoint,
+        Some(sim.nodes[1].addr),
+        "garbage moved an endpoint"
+    );
     assert!(sim.ping(1, 0, b"still fine"));
-    assert!(sim.nodes[0].device.drops().unknown_peer.load(std::sync::atomic::Ordering::Relaxed) > 1000);
+    assert!(
+        sim.nodes[0]
+            .device
+            .drops()
+            .unknown_peer
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 1000
+    );
 }
 
 #[test]
@@ -328,9 +402,15 @@ fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
     let mut sim = Sim::mesh(2, None);
     // Capture a genuine handshake initiation from node 1 to replay as a flood.
     let mut net = NetBatch::with_capacity(4096);
-    sim.nodes[1].device.outbound(&ipv4(sim.nodes[1].overlay, sim.nodes[0].overlay, b"x"), &mut net);
+    sim.nodes[1].device.outbound(
+        &ipv4(sim.nodes[1].overlay, sim.nodes[0].overlay, b"x"),
+        &mut net,
+    );
     assert!(net.is_empty(), "node 1 knows no endpoint for node 0 yet");
-    sim.nodes[0].device.outbound(&ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"), &mut net);
+    sim.nodes[0].device.outbound(
+        &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"),
+        &mut net,
+    );
     let init = net.bytes(net.items()[0].start, net.items()[0].len).to_vec();
     assert_eq!(init[0], 1);
     // Node 1 receives 500 copies from a flooding address within one limiter window.
@@ -338,8 +418,14 @@ fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
     for _ in 0..500 {
         let mut tun = TunBatch::new(1, 16, 2048);
         let mut out = NetBatch::with_capacity(4096);
-        sim.nodes[1].device.inbound(underlay(66, 6), &init, &mut tun, &mut out);
-        cookies += out.items().iter().filter(|i| out.bytes(i.start, i.len)[0] == 3).count();
+        sim.nodes[1]
+            .device
+            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
+        cookies += out
+            .items()
+            .iter()
+            .filter(|i| out.bytes(i.start, i.len)[0] == 3)
+            .count();
     }
     assert!(cookies > 300, "only {cookies} cookie replies under load");
     // Node 0's own initiation was the one replayed, so its handshake is in flight; it retries
@@ -357,9 +443,11 @@ fn route_workload(sim: &mut Sim, holder: usize) {
         let mut config = sim.nodes[i].device.config();
         let holder_key = sim.nodes[holder].key.public_key();
         for p in &mut config.peers {
-            p.allowed_ips.retain(|n| n.addr() != std::net::IpAddr::V4(WORKLOAD));
+            p.allowed_ips
+                .retain(|n| n.addr() != std::net::IpAddr::V4(WORKLOAD));
             if p.public_key == holder_key {
-                p.allowed_ips.push(format!("{WORKLOAD}/32").parse().unwrap());
+                p.allowed_ips
+                    .push(format!("{WORKLOAD}/32").parse().unwrap());
             }
         }
         sim.nodes[i].device.set_config(config);
@@ -374,7 +462,11 @@ fn a_released_workload_address_is_forwarded_to_its_new_holder() {
     for i in 0..3 {
         let mut config = sim.nodes[i].device.config();
         for p in &mut config.peers {
-            let j = sim.nodes.iter().position(|n| n.key.public_key() == p.public_key).unwrap();
+            let j = sim
+                .nodes
+                .iter()
+                .position(|n| n.key.public_key() == p.public_key)
+                .unwrap();
             p.endpoint = Some(sim.nodes[j].addr);
         }
         sim.nodes[i].device.set_config(config);
@@ -385,30 +477,78 @@ fn a_released_workload_address_is_forwarded_to_its_new_holder() {
     route_workload(&mut sim, 1);
     let to_workload = ipv4(sim.nodes[0].overlay, WORKLOAD, b"to the workload");
     sim.send(0, &to_workload);
-    assert_eq!(sim.nodes[1].delivered.last(), Some(&to_workload), "node 1 holds it");
+    assert_eq!(
+        sim.nodes[1].delivered.last(),
+        Some(&to_workload),
+        "node 1 holds it"
+    );
 
     // Node 1 hands the address to node 2; node 0 has not heard yet and still sends to node 1.
-    let (k0, k1, k2) = (sim.nodes[0].key.public_key(), sim.nodes[1].key.public_key(), sim.nodes[2].key.public_key());
-    sim.nodes[1].device.set_workload_routing(WorkloadRouting { forward: [(WORKLOAD.into(), k2)].into(), ..WorkloadRouting::default() });
+    let (k0, k1, k2) = (
+        sim.nodes[0].key.public_key(),
+        sim.nodes[1].key.public_key(),
+        sim.nodes[2].key.public_key(),
+    );
+    sim.nodes[1].device.set_workload_routing(WorkloadRouting {
+        forward: [(WORKLOAD.into(), k2)].into(),
+        ..WorkloadRouting::default()
+    });
     let before = sim.nodes[2].delivered.len();
     let in_flight = ipv4(sim.nodes[0].overlay, WORKLOAD, b"in flight");
     sim.send(0, &in_flight);
-    assert!(!sim.nodes[1].delivered.contains(&in_flight), "the old holder does not deliver it");
-    assert_eq!(sim.nodes[2].delivered.len(), before, "the new holder refuses a relayed packet it was not told to accept");
-    assert_eq!(sim.nodes[2].device.status(SystemTime::now()).peers.iter().map(|p| p.drops.spoofed_source).sum::<u64>(), 1);
+    assert!(
+        !sim.nodes[1].delivered.contains(&in_flight),
+        "the old holder does not deliver it"
+    );
+    assert_eq!(
+        sim.nodes[2].delivered.len(),
+        before,
+        "the new holder refuses a relayed packet it was not told to accept"
+    );
+    assert_eq!(
+        sim.nodes[2]
+            .device
+            .status(SystemTime::now())
+            .peers
+            .iter()
+            .map(|p| p.drops.spoofed_source)
+            .sum::<u64>(),
+        1
+    );
 
-    sim.nodes[2].device.set_workload_routing(WorkloadRouting { relay_from: [(WORKLOAD.into(), vec![k1])].into(), ..WorkloadRouting::default() });
+    sim.nodes[2].device.set_workload_routing(WorkloadRouting {
+        relay_from: [(WORKLOAD.into(), vec![k1])].into(),
+        ..WorkloadRouting::default()
+    });
     sim.send(0, &in_flight);
-    assert_eq!(sim.nodes[2].delivered.last(), Some(&in_flight), "relayed by the old holder to the new one");
-    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        sim.nodes[2].delivered.last(),
+        Some(&in_flight),
+        "relayed by the old holder to the new one"
+    );
+    assert_eq!(
+        sim.nodes[1]
+            .device
+            .drops()
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
 
     // The new holder answers from the workload address before node 0 routes it there: node 0
     // accepts it from node 2 only as a candidate holder.
     let answer = ipv4(WORKLOAD, sim.nodes[0].overlay, b"answer");
     let before = sim.nodes[0].delivered.len();
     sim.send(2, &answer);
-    assert_eq!(sim.nodes[0].delivered.len(), before, "not yet a candidate: dropped as spoofed");
-    sim.nodes[0].device.set_workload_routing(WorkloadRouting { also_from: [(WORKLOAD.into(), vec![k1, k2])].into(), ..WorkloadRouting::default() });
+    assert_eq!(
+        sim.nodes[0].delivered.len(),
+        before,
+        "not yet a candidate: dropped as spoofed"
+    );
+    sim.nodes[0].device.set_workload_routing(WorkloadRouting {
+        also_from: [(WORKLOAD.into(), vec![k1, k2])].into(),
+        ..WorkloadRouting::default()
+    });
     sim.send(2, &answer);
     assert_eq!(sim.nodes[0].delivered.last(), Some(&answer));
 
@@ -417,7 +557,14 @@ fn a_released_workload_address_is_forwarded_to_its_new_holder() {
     let direct = ipv4(sim.nodes[0].overlay, WORKLOAD, b"direct");
     sim.send(0, &direct);
     assert_eq!(sim.nodes[2].delivered.last(), Some(&direct));
-    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(
+        sim.nodes[1]
+            .device
+            .drops()
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
     let _ = k0;
 }
 
@@ -429,13 +576,27 @@ fn forwarding_never_sends_a_packet_back_to_its_sender() {
     route_workload(&mut sim, 1);
     // Node 1 was told to forward the address to node 0, which itself sends to it: a loop.
     let k0 = sim.nodes[0].key.public_key();
-    sim.nodes[1].device.set_workload_routing(WorkloadRouting { forward: [(WORKLOAD.into(), k0)].into(), ..WorkloadRouting::default() });
+    sim.nodes[1].device.set_workload_routing(WorkloadRouting {
+        forward: [(WORKLOAD.into(), k0)].into(),
+        ..WorkloadRouting::default()
+    });
     let p = ipv4(sim.nodes[0].overlay, WORKLOAD, b"loop?");
     let wire_before = sim.lost;
     sim.send(0, &p);
-    assert_eq!(sim.nodes[1].delivered.last(), Some(&p), "delivered locally instead of bounced");
+    assert_eq!(
+        sim.nodes[1].delivered.last(),
+        Some(&p),
+        "delivered locally instead of bounced"
+    );
     assert_eq!(sim.lost, wire_before);
-    assert_eq!(sim.nodes[1].device.drops().forwarded.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(
+        sim.nodes[1]
+            .device
+            .drops()
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }
 
 #[test]
@@ -447,15 +608,25 @@ fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
     // Node 2 has never answered node 0: it does not hold the check up.
     assert!(sim.nodes[0].device.all_fresh(fresh, alive));
     sim.advance(Duration::from_secs(100));
-    assert!(!sim.nodes[0].device.all_fresh(fresh, alive), "a 100 s old session is not fresh");
+    assert!(
+        !sim.nodes[0].device.all_fresh(fresh, alive),
+        "a 100 s old session is not fresh"
+    );
     let mut net = NetBatch::with_capacity(4096);
     let started = sim.nodes[0].device.warm(fresh, &mut net);
     assert_eq!(started, 2, "both peers are asked");
     sim.enqueue(0, &net);
     sim.run();
-    assert!(sim.nodes[0].device.all_fresh(fresh, alive), "the live peer answered the handshake");
+    assert!(
+        sim.nodes[0].device.all_fresh(fresh, alive),
+        "the live peer answered the handshake"
+    );
     let mut net = NetBatch::with_capacity(4096);
-    assert_eq!(sim.nodes[0].device.warm(fresh, &mut net), 0, "both peers answered: nothing to renew");
+    assert_eq!(
+        sim.nodes[0].device.warm(fresh, &mut net),
+        0,
+        "both peers answered: nothing to renew"
+    );
     // Traffic on the renewed session still flows.
     assert!(sim.ping(0, 1, b"after the rekey"));
 }

@@ -525,7 +525,10 @@ async fn revoke_node(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<Json<NodeView>> {
     let Query(q) = q?;
-    let node = detached(&s, move |svc| async move { svc.revoke_node(&reference, q.network.as_deref()).await }).await?;
+    let node = detached(&s, move |svc| async move {
+        svc.revoke_node(&reference, q.network.as_deref()).await
+    })
+    .await?;
     Ok(Json(node_view(&node, &s.service.hub().online())))
 }
 
@@ -535,7 +538,10 @@ async fn delete_node(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<StatusCode> {
     let Query(q) = q?;
-    detached(&s, move |svc| async move { svc.delete_node(&reference, q.network.as_deref()).await }).await?;
+    detached(&s, move |svc| async move {
+        svc.delete_node(&reference, q.network.as_deref()).await
+    })
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -617,7 +623,11 @@ async fn delete_workload(
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
     let (net, n) = (network.clone(), name.clone());
-    detached(&s, move |svc| async move { svc.delete_workload(&net, &n).await }).await?;
+    detached(
+        &s,
+        move |svc| async move { svc.delete_workload(&net, &n).await },
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -632,7 +642,10 @@ async fn move_workload(
     let Json(body) = body?;
     let network = workload_network(&s, &name, q.network).await?;
     let (net, n) = (network.clone(), name.clone());
-    let outcome = detached(&s, move |svc| async move { svc.move_workload(&net, &n, Some(&body.node)).await }).await?;
+    let outcome = detached(&s, move |svc| async move {
+        svc.move_workload(&net, &n, Some(&body.node)).await
+    })
+    .await?;
     Ok(Json(moved_view(&s, outcome).await?))
 }
 
@@ -644,7 +657,10 @@ async fn detach_workload(
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
     let (net, n) = (network.clone(), name.clone());
-    let outcome = detached(&s, move |svc| async move { svc.move_workload(&net, &n, None).await }).await?;
+    let outcome = detached(&s, move |svc| async move {
+        svc.move_workload(&net, &n, None).await
+    })
+    .await?;
     Ok(Json(moved_view(&s, outcome).await?))
 }
 

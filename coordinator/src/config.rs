@@ -269,7 +269,10 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         } else {
             file_origin("workload_lease_ms")
         };
-        return Err(bad(origin, format!("{workload_lease_ms} is outside 100..=600000 milliseconds")));
+        return Err(bad(
+            origin,
+            format!("{workload_lease_ms} is outside 100..=600000 milliseconds"),
+        ));
     }
     let workload_grace_ms = pick!(
         workload_grace_ms,
@@ -283,7 +286,10 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         } else {
             file_origin("workload_grace_ms")
         };
-        return Err(bad(origin, format!("{workload_grace_ms} is outside 100..=600000 milliseconds")));
+        return Err(bad(
+            origin,
+            format!("{workload_grace_ms} is outside 100..=600000 milliseconds"),
+        ));
     }
     let limits = Limits {
         hello_timeout: Duration::from_secs(hello_timeout_secs),

@@ -186,7 +186,9 @@ impl Hub {
             let send = if slot.tx.capacity() > CLOSE_ROOM {
                 slot.tx.try_send(Outbound::Frame(frame.clone()))
             } else {
-                Err(mpsc::error::TrySendError::Full(Outbound::Frame(frame.clone())))
+                Err(mpsc::error::TrySendError::Full(Outbound::Frame(
+                    frame.clone(),
+                )))
             };
             match send {
                 Ok(()) => {
@@ -286,7 +288,12 @@ impl Hub {
         self.lock()
             .networks
             .iter()
-            .flat_map(|(name, n)| n.map.workloads.values().map(move |w| (name.clone(), w.clone())))
+            .flat_map(|(name, n)| {
+                n.map
+                    .workloads
+                    .values()
+                    .map(move |w| (name.clone(), w.clone()))
+            })
             .collect()
     }
 

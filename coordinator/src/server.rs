@@ -162,10 +162,13 @@ pub fn endpoint(
     seed.update(identity.key.secret_der());
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed.finalize());
     let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
-    let bind = |source| ServerError::Bind { addr: listen, source };
+    let bind = |source| ServerError::Bind {
+        addr: listen,
+        source,
+    };
     let socket = std::net::UdpSocket::bind(listen).map_err(bind)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
 }
 

@@ -185,7 +185,11 @@ impl Service {
             write: Mutex::new(()),
             timing,
             // Holders of the previous run may hold leases it granted: they count from now.
-            leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, Instant::now())),
+            leases: std::sync::Mutex::new(LeaseTable::new(
+                timing.lease,
+                timing.margin,
+                Instant::now(),
+            )),
             prepares: std::sync::Mutex::new(HashMap::new()),
             stranded: std::sync::Mutex::new(HashMap::new()),
         })
@@ -272,17 +276,35 @@ impl Service {
     /// intervals fences it too and waits until its lease has surely run out: a holder that is
     /// cut off cannot learn of the change, and must have stopped answering before the new
     /// holder starts.
-    async fn execute(&self, plan: PlannedMove, why: &str, fenced: Option<NodeId>) -> Result<MoveOutcome, ApiError> {
+    async fn execute(
+        &self,
+        plan: PlannedMove,
+        why: &str,
+        fenced: Option<NodeId>,
+    ) -> Result<MoveOutcome, ApiError> {
         let started = Instant::now();
-        let mut fence = Fence { service: self, node: fenced };
+        let mut fence = Fence {
+            service: self,
+            node: fenced,
+        };
         if plan.is_noop() {
-            return Ok(MoveOutcome { workload: plan.workload, changed: false, prepared_in: None, took: started.elapsed() });
+            return Ok(MoveOutcome {
+                workload: plan.workload,
+                changed: false,
+                prepared_in: None,
+                took: started.elapsed(),
+            });
         }
         if fence.node.is_none() {
-            if let Some(old) = plan.workload.holder.filter(|h| Some(*h) != plan.to.as_ref().map(|n| n.id)) {
+            if let Some(old) = plan
+                .workload
+                .holder
+                .filter(|h| Some(*h) != plan.to.as_ref().map(|n| n.id))
+            {
                 let until = {
                     let mut l = self.leases();
-                    let quiet = l.heard_ago(old, Instant::now()) > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
+                    let quiet =
+                        l.heard_ago(old, Instant::now()) > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
                     quiet.then(|| {
                         l.fence(old);
                         l.expires(old)
@@ -300,7 +322,8 @@ impl Service {
             None => None,
         };
         let _w = self.write.lock().await;
-        let (rec, version) = workloads::commit_holder(self.store(), self.clock.now(), &plan).await?;
+        let (rec, version) =
+            workloads::commit_holder(self.store(), self.clock.now(), &plan).await?;
         if let Some(h) = rec.holder {
             self.leases().granted(h, Instant::now());
         }
@@ -317,7 +340,12 @@ impl Service {
             "workload {why}"
         );
         drop(fence);
-        Ok(MoveOutcome { workload: rec, changed: true, prepared_in, took })
+        Ok(MoveOutcome {
+            workload: rec,
+            changed: true,
+            prepared_in,
+            took,
+        })
     }
 
     /// A workload as agents see it, with this coordinator's grace period.
@@ -355,7 +383,11 @@ impl Service {
     ///
     /// # Errors
     /// As [`workloads::delete_workload`].
-    pub async fn delete_workload(&self, network: &str, name: &str) -> Result<WorkloadRecord, ApiError> {
+    pub async fn delete_workload(
+        &self,
+        network: &str,
+        name: &str,
+    ) -> Result<WorkloadRecord, ApiError> {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::delete_workload(self.store(), &Caller::Admin, network, name).await?;
@@ -374,9 +406,18 @@ impl Service {
     ///
     /// # Errors
     /// As [`workloads::plan_move`] and [`workloads::commit_holder`].
-    pub async fn move_workload(&self, network: &str, name: &str, to: Option<&str>) -> Result<MoveOutcome, ApiError> {
+    pub async fn move_workload(
+        &self,
+        network: &str,
+        name: &str,
+        to: Option<&str>,
+    ) -> Result<MoveOutcome, ApiError> {
         let plan = workloads::plan_move(self.store(), &Caller::Admin, network, name, to).await?;
-        let why = if to.is_some() { "moved by an operator" } else { "detached by an operator" };
+        let why = if to.is_some() {
+            "moved by an operator"
+        } else {
+            "detached by an operator"
+        };
         self.execute(plan, why, None).await
     }
 
@@ -384,8 +425,14 @@ impl Service {
     ///
     /// # Errors
     /// As [`workloads::plan_claim`] and [`workloads::commit_holder`].
-    pub async fn claim(&self, node: NodeId, remote: IpAddr, name: &str) -> Result<MoveOutcome, ApiError> {
-        let plan = workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name).await?;
+    pub async fn claim(
+        &self,
+        node: NodeId,
+        remote: IpAddr,
+        name: &str,
+    ) -> Result<MoveOutcome, ApiError> {
+        let plan =
+            workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name).await?;
         self.execute(plan, "claimed by its destination", None).await
     }
 
@@ -401,17 +448,29 @@ impl Service {
                 .into_iter()
                 .filter_map(|(net, w)| {
                     let h = w.holder?;
-                    leases.is_silent(h, now).then_some((net, w.name, w.generation, h))
+                    leases
+                        .is_silent(h, now)
+                        .then_some((net, w.name, w.generation, h))
                 })
                 .collect()
         };
         {
             let mut stranded = self.stranded.lock().unwrap_or_else(|p| p.into_inner());
-            stranded.retain(|k, _| silent.iter().any(|(n, w, g, _)| (n, w, g) == (&k.0, &k.1, &k.2)));
+            stranded.retain(|k, _| {
+                silent
+                    .iter()
+                    .any(|(n, w, g, _)| (n, w, g) == (&k.0, &k.1, &k.2))
+            });
         }
         for (network, name, generation, holder) in silent {
             let key = (network.clone(), name.clone(), generation);
-            if self.stranded.lock().unwrap_or_else(|p| p.into_inner()).get(&key).is_some_and(|next| now < *next) {
+            if self
+                .stranded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&key)
+                .is_some_and(|next| now < *next)
+            {
                 continue;
             }
             let rec = match self.store.workload(&network, &name).await {
@@ -426,7 +485,13 @@ impl Service {
             // until the change is committed.
             let target = {
                 let mut leases = self.leases();
-                let t = failover_target(&workloads::info(&rec), &rec.standby, &leases, |n| self.hub.is_online(&network, n), Instant::now());
+                let t = failover_target(
+                    &workloads::info(&rec),
+                    &rec.standby,
+                    &leases,
+                    |n| self.hub.is_online(&network, n),
+                    Instant::now(),
+                );
                 if t.is_some() {
                     leases.fence(holder);
                 }
@@ -447,8 +512,14 @@ impl Service {
                     continue;
                 }
             };
-            let plan = PlannedMove { workload: rec, to: Some(node) };
-            if let Err(e) = self.execute(plan, "failed over: its holder went silent", Some(holder)).await {
+            let plan = PlannedMove {
+                workload: rec,
+                to: Some(node),
+            };
+            if let Err(e) = self
+                .execute(plan, "failed over: its holder went silent", Some(holder))
+                .await
+            {
                 tracing::warn!(workload = %name, "failover: {e}");
             }
         }
@@ -479,7 +550,9 @@ impl Service {
             let mut to = None;
             let mut standby_left = false;
             for s in w.standby.iter().filter(|s| **s != holder) {
-                let Ok(n) = self.store.node(*s).await else { continue };
+                let Ok(n) = self.store.node(*s).await else {
+                    continue;
+                };
                 let Some(n) = live(n) else { continue };
                 standby_left = true;
                 if self.hub.is_online(network, n.id) {
@@ -492,7 +565,14 @@ impl Service {
                 continue;
             }
             let name = w.name.clone();
-            if let Err(e) = self.execute(PlannedMove { workload: w, to }, "released from a removed node", None).await {
+            if let Err(e) = self
+                .execute(
+                    PlannedMove { workload: w, to },
+                    "released from a removed node",
+                    None,
+                )
+                .await
+            {
                 tracing::warn!(workload = %name, "{e}");
             }
         }
@@ -599,7 +679,8 @@ impl Service {
         let _w = self.write.lock().await;
         let net =
             networks::create_network(self.store(), self.clock.now(), &Caller::Admin, req).await?;
-        self.hub.set_map(&net.name, nodes::netmap(net.version, &[], &[]));
+        self.hub
+            .set_map(&net.name, nodes::netmap(net.version, &[], &[]));
         Ok(net)
     }
 

@@ -218,7 +218,10 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder refusing messages over `max` bytes.
     pub fn new(max: usize) -> Self {
-        Decoder { buf: Vec::new(), max }
+        Decoder {
+            buf: Vec::new(),
+            max,
+        }
     }
 
     /// Appends received bytes. Refuses at once when a length prefix is over the cap.
@@ -232,7 +235,8 @@ impl Decoder {
 
     fn check_len(&self) -> Result<(), CodecError> {
         if self.buf.len() >= 4 {
-            let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+            let len =
+                u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
             if len > self.max {
                 return Err(CodecError::TooLarge { len, max: self.max });
             }
@@ -254,7 +258,8 @@ impl Decoder {
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        let parsed = serde_json::from_slice(&self.buf[4..4 + len]).map_err(|e| CodecError::Malformed(e.to_string()));
+        let parsed = serde_json::from_slice(&self.buf[4..4 + len])
+            .map_err(|e| CodecError::Malformed(e.to_string()));
         self.buf.drain(..4 + len);
         parsed.map(Some)
     }
@@ -272,7 +277,10 @@ mod tests {
     fn hello() -> ClientMessage {
         ClientMessage::Hello(Hello {
             protocol: PROTOCOL_VERSION,
-            auth: Auth::Node { node_id: 4, secret: "s".into() },
+            auth: Auth::Node {
+                node_id: 4,
+                secret: "s".into(),
+            },
             public_key: PublicKey([3; 32]),
             name: Some("vm-a".into()),
             labels: BTreeMap::from([("provider".into(), "aws".into())]),
@@ -300,16 +308,28 @@ mod tests {
     #[test]
     fn oversized_prefix_is_refused_before_buffering() {
         let mut d = Decoder::new(100);
-        assert_eq!(d.push(&1000u32.to_be_bytes()), Err(CodecError::TooLarge { len: 1000, max: 100 }));
+        assert_eq!(
+            d.push(&1000u32.to_be_bytes()),
+            Err(CodecError::TooLarge {
+                len: 1000,
+                max: 100
+            })
+        );
     }
 
     #[test]
     fn malformed_body_is_an_error_not_a_panic() {
         let mut d = Decoder::new(100);
         d.push(&[0, 0, 0, 5, b'{', b'x', 0xff, b'}', b'!']).unwrap();
-        assert!(matches!(d.next::<ClientMessage>(), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            d.next::<ClientMessage>(),
+            Err(CodecError::Malformed(_))
+        ));
         let mut d = Decoder::new(100);
         d.push(&[0, 0, 0, 2, b'{', b'}']).unwrap();
-        assert!(matches!(d.next::<ClientMessage>(), Err(CodecError::Malformed(_))));
+        assert!(matches!(
+            d.next::<ClientMessage>(),
+            Err(CodecError::Malformed(_))
+        ));
     }
 }

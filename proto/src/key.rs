@@ -30,7 +30,9 @@ impl Key {
     /// # Errors
     /// [`KeyError`] when the text is not base64 or not 32 bytes long.
     pub fn from_base64(text: &str) -> Result<Self, KeyError> {
-        let bytes = STANDARD.decode(text.trim()).map_err(|_| KeyError::NotBase64)?;
+        let bytes = STANDARD
+            .decode(text.trim())
+            .map_err(|_| KeyError::NotBase64)?;
         let arr: [u8; 32] = bytes
             .as_slice()
             .try_into()

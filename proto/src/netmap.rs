@@ -108,7 +108,10 @@ impl Netmap {
             return Ok(());
         }
         if delta.from_version != self.version || delta.to_version <= delta.from_version {
-            return Err(Gap { have: self.version, delta_from: delta.from_version });
+            return Err(Gap {
+                have: self.version,
+                delta_from: delta.from_version,
+            });
         }
         for id in &delta.remove {
             self.peers.remove(id);
@@ -128,18 +131,54 @@ impl Netmap {
 
     /// The delta from this map to `newer`.
     pub fn diff(&self, newer: &Netmap) -> NetmapDelta {
-        let upsert = newer.peers.values().filter(|p| self.peers.get(&p.node_id) != Some(*p)).cloned().collect();
-        let remove = self.peers.keys().filter(|id| !newer.peers.contains_key(id)).copied().collect();
-        let upsert_workloads = newer.workloads.values().filter(|w| self.workloads.get(&w.name) != Some(*w)).cloned().collect();
-        let remove_workloads = self.workloads.keys().filter(|n| !newer.workloads.contains_key(*n)).cloned().collect();
-        NetmapDelta { from_version: self.version, to_version: newer.version, upsert, remove, upsert_workloads, remove_workloads }
+        let upsert = newer
+            .peers
+            .values()
+            .filter(|p| self.peers.get(&p.node_id) != Some(*p))
+            .cloned()
+            .collect();
+        let remove = self
+            .peers
+            .keys()
+            .filter(|id| !newer.peers.contains_key(id))
+            .copied()
+            .collect();
+        let upsert_workloads = newer
+            .workloads
+            .values()
+            .filter(|w| self.workloads.get(&w.name) != Some(*w))
+            .cloned()
+            .collect();
+        let remove_workloads = self
+            .workloads
+            .keys()
+            .filter(|n| !newer.workloads.contains_key(*n))
+            .cloned()
+            .collect();
+        NetmapDelta {
+            from_version: self.version,
+            to_version: newer.version,
+            upsert,
+            remove,
+            upsert_workloads,
+            remove_workloads,
+        }
     }
 
     /// The prefixes routed to node `id`: its own ([`PeerInfo::routed`]) and the addresses of
     /// the workloads it holds.
     pub fn routed_to(&self, id: NodeId) -> Vec<IpNet> {
-        let mut out = self.peers.get(&id).map(PeerInfo::routed).unwrap_or_default();
-        out.extend(self.workloads.values().filter(|w| w.holder == Some(id)).map(|w| w.address));
+        let mut out = self
+            .peers
+            .get(&id)
+            .map(PeerInfo::routed)
+            .unwrap_or_default();
+        out.extend(
+            self.workloads
+                .values()
+                .filter(|w| w.holder == Some(id))
+                .map(|w| w.address),
+        );
         out
     }
 }
@@ -148,11 +187,16 @@ mod peers_as_list {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(peers: &BTreeMap<NodeId, PeerInfo>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        peers: &BTreeMap<NodeId, PeerInfo>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(peers.values())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<NodeId, PeerInfo>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<NodeId, PeerInfo>, D::Error> {
         let list = Vec::<PeerInfo>::deserialize(d)?;
         Ok(list.into_iter().map(|p| (p.node_id, p)).collect())
     }
@@ -162,11 +206,16 @@ mod workloads_as_list {
     use super::*;
     use serde::{Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(w: &BTreeMap<String, WorkloadInfo>, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(
+        w: &BTreeMap<String, WorkloadInfo>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.collect_seq(w.values())
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, WorkloadInfo>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<String, WorkloadInfo>, D::Error> {
         let list = Vec::<WorkloadInfo>::deserialize(d)?;
         Ok(list.into_iter().map(|w| (w.name.clone(), w)).collect())
     }
@@ -190,7 +239,10 @@ mod tests {
 
     #[test]
     fn diff_then_apply_reaches_the_newer_map() {
-        let mut old = Netmap { version: 3, ..Netmap::default() };
+        let mut old = Netmap {
+            version: 3,
+            ..Netmap::default()
+        };
         old.peers.insert(1, peer(1, "198.18.0.1:51820"));
         old.peers.insert(2, peer(2, "198.18.0.2:51820"));
         let mut new = old.clone();
@@ -208,20 +260,45 @@ mod tests {
 
     #[test]
     fn gaps_are_refused_and_repeats_ignored() {
-        let mut m = Netmap { version: 4, ..Netmap::default() };
-        let gap = NetmapDelta { from_version: 5, to_version: 6, ..Default::default() };
-        assert_eq!(m.apply(&gap), Err(Gap { have: 4, delta_from: 5 }));
+        let mut m = Netmap {
+            version: 4,
+            ..Netmap::default()
+        };
+        let gap = NetmapDelta {
+            from_version: 5,
+            to_version: 6,
+            ..Default::default()
+        };
+        assert_eq!(
+            m.apply(&gap),
+            Err(Gap {
+                have: 4,
+                delta_from: 5
+            })
+        );
         assert_eq!(m.version, 4);
-        let old = NetmapDelta { from_version: 2, to_version: 3, upsert: vec![peer(9, "198.18.0.9:1")], ..Default::default() };
+        let old = NetmapDelta {
+            from_version: 2,
+            to_version: 3,
+            upsert: vec![peer(9, "198.18.0.9:1")],
+            ..Default::default()
+        };
         assert_eq!(m.apply(&old), Ok(()));
         assert!(m.peers.is_empty());
-        let backwards = NetmapDelta { from_version: 4, to_version: 4, ..Default::default() };
+        let backwards = NetmapDelta {
+            from_version: 4,
+            to_version: 4,
+            ..Default::default()
+        };
         assert!(m.apply(&backwards).is_err());
     }
 
     #[test]
     fn a_node_is_routed_its_prefixes_and_the_workloads_it_holds() {
-        let mut m = Netmap { version: 1, ..Netmap::default() };
+        let mut m = Netmap {
+            version: 1,
+            ..Netmap::default()
+        };
         m.peers.insert(1, peer(1, "198.18.0.1:51820"));
         m.peers.insert(2, peer(2, "198.18.0.2:51820"));
         let w = WorkloadInfo {
@@ -235,8 +312,17 @@ mod tests {
             grace_ms: None,
         };
         m.workloads.insert(w.name.clone(), w);
-        assert_eq!(m.routed_to(1), vec!["100.64.0.1/32".parse::<IpNet>().unwrap()]);
-        assert_eq!(m.routed_to(2), vec!["100.64.0.2/32".parse::<IpNet>().unwrap(), "100.64.50.10/32".parse().unwrap()]);
+        assert_eq!(
+            m.routed_to(1),
+            vec!["100.64.0.1/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            m.routed_to(2),
+            vec![
+                "100.64.0.2/32".parse::<IpNet>().unwrap(),
+                "100.64.50.10/32".parse().unwrap()
+            ]
+        );
         assert!(m.routed_to(3).is_empty());
     }
 

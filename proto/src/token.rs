@@ -49,7 +49,9 @@ impl JoinToken {
     /// [`TokenError`].
     pub fn decode(text: &str) -> Result<Self, TokenError> {
         let body = text.trim().strip_prefix(PREFIX).ok_or(TokenError::Prefix)?;
-        let json = URL_SAFE_NO_PAD.decode(body).map_err(|_| TokenError::Damaged)?;
+        let json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TokenError::Damaged)?;
         let t: JoinToken = serde_json::from_slice(&json).map_err(|_| TokenError::Damaged)?;
         if t.secret.is_empty() || t.coordinator.is_empty() || t.fingerprint.len() != 64 {
             return Err(TokenError::Damaged);
@@ -64,13 +66,22 @@ mod tests {
 
     #[test]
     fn round_trip_and_damage() {
-        let t = JoinToken { coordinator: "198.18.1.1:7443".into(), fingerprint: "ab".repeat(32), secret: "sekret".into() };
+        let t = JoinToken {
+            coordinator: "198.18.1.1:7443".into(),
+            fingerprint: "ab".repeat(32),
+            secret: "sekret".into(),
+        };
         let s = t.encode();
         assert!(s.starts_with("mlj1_"));
         assert_eq!(JoinToken::decode(&format!(" {s}\n")).unwrap(), t);
         assert_eq!(JoinToken::decode("xyz"), Err(TokenError::Prefix));
-        assert_eq!(JoinToken::decode(&s[..s.len() - 4]), Err(TokenError::Damaged));
-        let e = JoinToken::decode(&s[..s.len() - 4]).unwrap_err().to_string();
+        assert_eq!(
+            JoinToken::decode(&s[..s.len() - 4]),
+            Err(TokenError::Damaged)
+        );
+        let e = JoinToken::decode(&s[..s.len() - 4])
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains("sekret"));
     }
 }

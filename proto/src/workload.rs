@@ -191,7 +191,8 @@ impl Holdings {
         self.current = next;
         // A prepared move has landed (or another one won): it is no longer tentative.
         let seen = &self.seen;
-        self.tentative.retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s.1 < *generation));
+        self.tentative
+            .retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s.1 < *generation));
         let current = &self.current;
         self.changed_at.retain(|name, _| current.contains_key(name));
         for (name, held) in held_before {
@@ -201,7 +202,14 @@ impl Holdings {
                 }
                 Some(w) => {
                     if let Some(to) = w.holder {
-                        self.forwards.insert(name.clone(), Forward { address: held.address.addr(), to, until: now + w.grace() });
+                        self.forwards.insert(
+                            name.clone(),
+                            Forward {
+                                address: held.address.addr(),
+                                to,
+                                until: now + w.grace(),
+                            },
+                        );
                     } else {
                         self.forwards.remove(&name);
                     }
@@ -231,11 +239,20 @@ impl Holdings {
     /// [`PREPARE_HOLD`]. Nothing can reach it here before the switch: no peer routes it to
     /// this node until the new generation is in its map.
     pub fn on_prepare(&mut self, workload: &str, generation: u64, now: Instant) {
-        let Some(w) = self.current.get(workload) else { return };
-        if self.seen.get(workload).is_some_and(|s| s.0 == w.id && s.1 >= generation) {
+        let Some(w) = self.current.get(workload) else {
+            return;
+        };
+        if self
+            .seen
+            .get(workload)
+            .is_some_and(|s| s.0 == w.id && s.1 >= generation)
+        {
             return;
         }
-        self.tentative.insert(workload.to_string(), (w.address, generation, now + PREPARE_HOLD));
+        self.tentative.insert(
+            workload.to_string(),
+            (w.address, generation, now + PREPARE_HOLD),
+        );
         // The address is coming back here: stop forwarding it away (to the node that is about
         // to forward it here), or packets would bounce between the two.
         self.forwards.remove(workload);
@@ -260,7 +277,9 @@ impl Holdings {
         if !self.is_holder() {
             return None;
         }
-        let due = self.last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= self.heartbeat_interval());
+        let due = self
+            .last_heartbeat
+            .is_none_or(|t| now.saturating_duration_since(t) >= self.heartbeat_interval());
         due.then(|| self.heartbeat_now(now))
     }
 
@@ -333,7 +352,15 @@ impl Holdings {
         self.current
             .values()
             .filter(|w| w.holder == Some(self.me))
-            .map(|w| (w.name.clone(), Held { address: w.address, generation: w.generation }))
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    Held {
+                        address: w.address,
+                        generation: w.generation,
+                    },
+                )
+            })
             .collect()
     }
 
@@ -411,7 +438,13 @@ impl LeaseTable {
     /// a heartbeat since then is treated as if it had sent one at that instant (it may hold a
     /// lease granted by the previous run).
     pub fn new(lease: Duration, margin: Duration, started: Instant) -> Self {
-        LeaseTable { lease, margin, last: HashMap::new(), started, fenced: HashMap::new() }
+        LeaseTable {
+            lease,
+            margin,
+            last: HashMap::new(),
+            started,
+            fenced: HashMap::new(),
+        }
     }
 
     /// The lease granted with each answer.
@@ -452,7 +485,13 @@ impl LeaseTable {
 
     /// How long ago `node`'s latest heartbeat arrived (since the start when none did).
     pub fn heard_ago(&self, node: NodeId, now: Instant) -> Duration {
-        now.saturating_duration_since(self.last.get(&node).copied().unwrap_or(self.started).max(self.started))
+        now.saturating_duration_since(
+            self.last
+                .get(&node)
+                .copied()
+                .unwrap_or(self.started)
+                .max(self.started),
+        )
     }
 
     /// A node becomes the holder at `now` (a move or a claim): its lease period starts now, so
@@ -466,10 +505,10 @@ impl LeaseTable {
         }
     }
 
-
     /// Whether `node`'s lease has surely run out at `now`: no heartbeat for `lease + margin`.
     pub fn is_silent(&self, node: NodeId, now: Instant) -> bool {
-        now >= self.expires(node) && now.saturating_duration_since(self.expires(node)) > Duration::ZERO
+        now >= self.expires(node)
+            && now.saturating_duration_since(self.expires(node)) > Duration::ZERO
     }
 
     /// When `node`'s lease surely ends, as far as the coordinator knows. A node not heard
@@ -484,7 +523,13 @@ impl LeaseTable {
 
 /// The failover decision for one workload: when its holder is silent, the first standby in
 /// `standby` order that is online and not silent itself. `None`: nothing to do.
-pub fn failover_target(w: &WorkloadInfo, standby: &[NodeId], leases: &LeaseTable, online: impl Fn(NodeId) -> bool, now: Instant) -> Option<NodeId> {
+pub fn failover_target(
+    w: &WorkloadInfo,
+    standby: &[NodeId],
+    leases: &LeaseTable,
+    online: impl Fn(NodeId) -> bool,
+    now: Instant,
+) -> Option<NodeId> {
     let holder = w.holder?;
     if !leases.is_silent(holder, now) {
         return None;
@@ -510,7 +555,11 @@ mod tests {
     }
 
     fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
-        Netmap { version, workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(), ..Netmap::default() }
+        Netmap {
+            version,
+            workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(),
+            ..Netmap::default()
+        }
     }
 
     #[test]
@@ -536,17 +585,26 @@ mod tests {
         h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
         let s = h.poll_heartbeat(t0).unwrap();
         h.on_lease(s, Duration::from_secs(5), 1);
-        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0 + Duration::from_millis(5));
+        h.on_map(
+            &map(2, &[wl("chat", Some(2), 2)]),
+            t0 + Duration::from_millis(5),
+        );
         assert!(h.held(t0 + Duration::from_millis(6)).is_empty());
         let f = h.forwards(t0 + Duration::from_millis(6));
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].to, 2);
         // It follows a further move, and ends after the grace period.
-        h.on_map(&map(3, &[wl("chat", Some(3), 3)]), t0 + Duration::from_millis(7));
+        h.on_map(
+            &map(3, &[wl("chat", Some(3), 3)]),
+            t0 + Duration::from_millis(7),
+        );
         assert_eq!(h.forwards(t0 + Duration::from_millis(8))[0].to, 3);
         assert!(h.forwards(t0 + Duration::from_millis(1006)).is_empty());
         // A stale map cannot hand the address back.
-        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0 + Duration::from_millis(9));
+        h.on_map(
+            &map(1, &[wl("chat", Some(1), 1)]),
+            t0 + Duration::from_millis(9),
+        );
         assert!(h.held(t0 + Duration::from_millis(10)).is_empty());
         assert_eq!(h.seen_generation("chat"), Some(3));
     }
@@ -571,8 +629,14 @@ mod tests {
         h.on_prepare("chat", 1, t0);
         let s = h.heartbeat_now(t0);
         h.on_lease(s, Duration::from_secs(5), 1);
-        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0 + Duration::from_millis(3));
-        assert!(h.tentative(t0 + Duration::from_millis(3)).is_empty(), "landed");
+        h.on_map(
+            &map(2, &[wl("chat", Some(2), 2)]),
+            t0 + Duration::from_millis(3),
+        );
+        assert!(
+            h.tentative(t0 + Duration::from_millis(3)).is_empty(),
+            "landed"
+        );
         assert_eq!(h.held(t0 + Duration::from_millis(3)).len(), 1);
         // Preparing to take back an address this node forwards elsewhere ends the forwarding.
         let mut h = Holdings::new(1);
@@ -606,25 +670,59 @@ mod tests {
         assert!(h.held(t0).is_empty(), "no lease before the map catches up");
         h.on_map(&map(4, &[wl("chat", Some(2), 2)]), t0);
         assert!(h.lease_valid(t0));
-        assert!(h.held(t0).is_empty(), "and then the map says another node holds it");
+        assert!(
+            h.held(t0).is_empty(),
+            "and then the map says another node holds it"
+        );
     }
 
     #[test]
     fn silent_holders_fail_over_to_the_first_live_standby() {
         let t0 = Instant::now();
-        let mut leases = LeaseTable::new(Duration::from_millis(1500), Duration::from_millis(100), t0);
+        let mut leases =
+            LeaseTable::new(Duration::from_millis(1500), Duration::from_millis(100), t0);
         let w = wl("chat", Some(1), 4);
-        assert_eq!(leases.heartbeat(1, t0 + Duration::from_millis(100)), Duration::from_millis(1500));
+        assert_eq!(
+            leases.heartbeat(1, t0 + Duration::from_millis(100)),
+            Duration::from_millis(1500)
+        );
         let online = |n: NodeId| n != 4;
-        assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1700)), None);
-        assert_eq!(failover_target(&w, &[4, 5], &leases, online, t0 + Duration::from_millis(1701)), Some(5));
-        assert_eq!(failover_target(&w, &[4], &leases, online, t0 + Duration::from_secs(9)), None);
+        assert_eq!(
+            failover_target(
+                &w,
+                &[4, 5],
+                &leases,
+                online,
+                t0 + Duration::from_millis(1700)
+            ),
+            None
+        );
+        assert_eq!(
+            failover_target(
+                &w,
+                &[4, 5],
+                &leases,
+                online,
+                t0 + Duration::from_millis(1701)
+            ),
+            Some(5)
+        );
+        assert_eq!(
+            failover_target(&w, &[4], &leases, online, t0 + Duration::from_secs(9)),
+            None
+        );
         // A fenced node gets no lease, and its heartbeat does not count.
         leases.fence(1);
-        assert_eq!(leases.heartbeat(1, t0 + Duration::from_secs(2)), Duration::ZERO);
+        assert_eq!(
+            leases.heartbeat(1, t0 + Duration::from_secs(2)),
+            Duration::ZERO
+        );
         assert!(leases.is_silent(1, t0 + Duration::from_secs(2)));
         leases.unfence(1);
-        assert_eq!(leases.heartbeat(1, t0 + Duration::from_secs(2)), Duration::from_millis(1500));
+        assert_eq!(
+            leases.heartbeat(1, t0 + Duration::from_secs(2)),
+            Duration::from_millis(1500)
+        );
         // After a start, a holder not heard from yet gets the startup grace.
         assert!(!leases.is_silent(9, t0 + Duration::from_millis(1601)));
         assert!(leases.is_silent(9, t0 + Duration::from_millis(1601) + STARTUP_GRACE));

@@ -56,7 +56,11 @@ impl Rng {
 enum Down {
     Delta(NetmapDelta),
     Full(Netmap),
-    Lease { seq: u64, lease: Duration, version: u64 },
+    Lease {
+        seq: u64,
+        lease: Duration,
+        version: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -74,7 +78,10 @@ struct Link<T> {
 
 impl<T> Link<T> {
     fn new() -> Self {
-        Link { queue: VecDeque::new(), last: 0 }
+        Link {
+            queue: VecDeque::new(),
+            last: 0,
+        }
     }
     fn send(&mut self, now: u64, latency: u64, msg: T) {
         let at = (now + latency).max(self.last);
@@ -84,7 +91,12 @@ impl<T> Link<T> {
     fn due(&mut self, now: u64) -> Vec<T> {
         let mut out = Vec::new();
         while self.queue.front().is_some_and(|(at, _)| *at <= now) {
-            out.push(self.queue.pop_front().map(|(_, m)| m).unwrap_or_else(|| unreachable!()));
+            out.push(
+                self.queue
+                    .pop_front()
+                    .map(|(_, m)| m)
+                    .unwrap_or_else(|| unreachable!()),
+            );
         }
         out
     }
@@ -155,21 +167,29 @@ struct Sim {
 impl Sim {
     fn new(seed: u64) -> Sim {
         let t0 = Instant::now();
-        let mut map = Netmap { version: 1, ..Netmap::default() };
+        let mut map = Netmap {
+            version: 1,
+            ..Netmap::default()
+        };
         let mut standby = BTreeMap::new();
         for w in 0..WORKLOADS {
             let name = format!("w{w}");
             let info = WorkloadInfo {
                 id: w as u64 + 1,
                 name: name.clone(),
-                address: format!("100.64.50.{}/32", 10 + w).parse().unwrap_or_else(|e| panic!("{e}")),
+                address: format!("100.64.50.{}/32", 10 + w)
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{e}")),
                 holder: Some(1 + w as u64),
                 generation: 1,
                 previous: None,
                 candidates: (1..=AGENTS).collect(),
                 grace_ms: Some(2000),
             };
-            standby.insert(name.clone(), vec![4 + (w as u64 % 3), 1 + ((w as u64 + 1) % 3)]);
+            standby.insert(
+                name.clone(),
+                vec![4 + (w as u64 % 3), 1 + ((w as u64 + 1) % 3)],
+            );
             map.workloads.insert(name, info);
         }
         let mut grants = BTreeMap::new();
@@ -240,14 +260,29 @@ impl Sim {
         if self.coord.pending.iter().any(|p| p.name == name) {
             return; // one change at a time per workload, as the generation check makes it
         }
-        let Some(w) = self.coord.map.workloads.get(name).cloned() else { return };
+        let Some(w) = self.coord.map.workloads.get(name).cloned() else {
+            return;
+        };
         let now_i = self.instant();
         match w.holder {
-            Some(old) if Some(old) != to && self.coord.leases.heard_ago(old, now_i) > 2 * (LEASE / 5) => {
+            Some(old)
+                if Some(old) != to && self.coord.leases.heard_ago(old, now_i) > 2 * (LEASE / 5) =>
+            {
                 self.coord.leases.fence(old);
-                let wait = self.coord.leases.expires(old).saturating_duration_since(now_i).as_millis() as u64;
+                let wait = self
+                    .coord
+                    .leases
+                    .expires(old)
+                    .saturating_duration_since(now_i)
+                    .as_millis() as u64;
                 let at = self.now + wait + 1;
-                self.coord.pending.push(Pending { name: name.to_string(), to, kind: Grant::Planned, at, fenced: Some(old) });
+                self.coord.pending.push(Pending {
+                    name: name.to_string(),
+                    to,
+                    kind: Grant::Planned,
+                    at,
+                    fenced: Some(old),
+                });
             }
             _ => self.change_holder(name, to, Grant::Planned),
         }
@@ -255,17 +290,35 @@ impl Sim {
 
     /// A change of holder at the next generation, sent to every connected agent.
     fn change_holder(&mut self, name: &str, to: Option<NodeId>, kind: Grant) {
-        let Some(mut w) = self.coord.map.workloads.get(name).cloned() else { return };
+        let Some(mut w) = self.coord.map.workloads.get(name).cloned() else {
+            return;
+        };
         if w.holder == to {
             return;
         }
         w.previous = w.holder;
         w.holder = to;
         w.generation += 1;
-        self.coord.grants.insert((name.to_string(), w.generation), kind);
+        self.coord
+            .grants
+            .insert((name.to_string(), w.generation), kind);
         if std::env::var_os("FENCING_TRACE").is_some() {
-            let heard: Vec<(u64, u128)> = (1..=AGENTS).map(|n| (n, self.coord.leases.heard_ago(n, self.instant()).as_millis())).collect();
-            eprintln!("t={} {name} gen {} {:?} -> {:?} ({kind:?}) version {} heard {heard:?}", self.now, w.generation, w.previous, to, self.coord.map.version + 1);
+            let heard: Vec<(u64, u128)> = (1..=AGENTS)
+                .map(|n| {
+                    (
+                        n,
+                        self.coord.leases.heard_ago(n, self.instant()).as_millis(),
+                    )
+                })
+                .collect();
+            eprintln!(
+                "t={} {name} gen {} {:?} -> {:?} ({kind:?}) version {} heard {heard:?}",
+                self.now,
+                w.generation,
+                w.previous,
+                to,
+                self.coord.map.version + 1
+            );
         }
         if let Some(h) = to {
             let at = self.instant();
@@ -277,7 +330,10 @@ impl Sim {
             upsert_workloads: vec![w],
             ..NetmapDelta::default()
         };
-        self.coord.map.apply(&delta).unwrap_or_else(|e| panic!("coordinator's own delta: {e}"));
+        self.coord
+            .map
+            .apply(&delta)
+            .unwrap_or_else(|e| panic!("coordinator's own delta: {e}"));
         match kind {
             Grant::Failover => self.coord.failovers += 1,
             Grant::Planned => self.coord.moves += 1,
@@ -299,7 +355,14 @@ impl Sim {
                     Up::Heartbeat(seq) => {
                         let lease = self.coord.leases.heartbeat(id, now_i);
                         let version = self.coord.map.version;
-                        self.send_down(i, Down::Lease { seq, lease, version });
+                        self.send_down(
+                            i,
+                            Down::Lease {
+                                seq,
+                                lease,
+                                version,
+                            },
+                        );
                     }
                     Up::FullMapRequest => {
                         let full = self.coord.map.clone();
@@ -313,11 +376,22 @@ impl Sim {
             // Planned moves and detaches by an operator.
             if self.rng.chance(4_000) {
                 let name = format!("w{}", self.rng.below(WORKLOADS as u64));
-                let to = if self.rng.chance(100_000) { None } else { Some(1 + self.rng.below(AGENTS)) };
+                let to = if self.rng.chance(100_000) {
+                    None
+                } else {
+                    Some(1 + self.rng.below(AGENTS))
+                };
                 self.plan(&name, to);
             }
             // A workload left detached is attached again after a while.
-            let detached: Vec<String> = self.coord.map.workloads.values().filter(|w| w.holder.is_none()).map(|w| w.name.clone()).collect();
+            let detached: Vec<String> = self
+                .coord
+                .map
+                .workloads
+                .values()
+                .filter(|w| w.holder.is_none())
+                .map(|w| w.name.clone())
+                .collect();
             for name in detached {
                 if self.rng.chance(2_000) {
                     let to = 1 + self.rng.below(AGENTS);
@@ -340,7 +414,9 @@ impl Sim {
         }
         // Changes whose time has come.
         let now = self.now;
-        let (due, later): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.coord.pending).into_iter().partition(|p| p.at <= now);
+        let (due, later): (Vec<Pending>, Vec<Pending>) = std::mem::take(&mut self.coord.pending)
+            .into_iter()
+            .partition(|p| p.at <= now);
         self.coord.pending = later;
         for p in due {
             self.change_holder(&p.name, p.to, p.kind);
@@ -357,11 +433,23 @@ impl Sim {
                 }
                 let w = self.coord.map.workloads[&name].clone();
                 let online: Vec<bool> = self.agents.iter().map(Agent::connected).collect();
-                let target = failover_target(&w, &self.coord.standby[&name], &self.coord.leases, |n| online[(n - 1) as usize], now_i);
+                let target = failover_target(
+                    &w,
+                    &self.coord.standby[&name],
+                    &self.coord.leases,
+                    |n| online[(n - 1) as usize],
+                    now_i,
+                );
                 if let (Some(t), Some(old)) = (target, w.holder) {
                     self.coord.leases.fence(old);
                     let at = self.now + self.rng.below(500);
-                    self.coord.pending.push(Pending { name, to: Some(t), kind: Grant::Failover, at, fenced: Some(old) });
+                    self.coord.pending.push(Pending {
+                        name,
+                        to: Some(t),
+                        kind: Grant::Failover,
+                        at,
+                        fenced: Some(old),
+                    });
                 }
             }
         }
@@ -427,7 +515,11 @@ impl Sim {
                         }
                     }
                 },
-                Down::Lease { seq, lease, version } => a.holdings.on_lease(seq, lease, version),
+                Down::Lease {
+                    seq,
+                    lease,
+                    version,
+                } => a.holdings.on_lease(seq, lease, version),
             }
         }
         // Heartbeats and claims.
@@ -458,10 +550,19 @@ impl Sim {
                 continue; // a dead process answers for nothing
             }
             for h in a.holdings.held(now_i) {
-                by_workload.entry(h.address.addr()).or_default().push((a.id, h.generation));
+                by_workload
+                    .entry(h.address.addr())
+                    .or_default()
+                    .push((a.id, h.generation));
             }
         }
-        let names: BTreeMap<IpAddr, String> = self.coord.map.workloads.values().map(|w| (w.ip(), w.name.clone())).collect();
+        let names: BTreeMap<IpAddr, String> = self
+            .coord
+            .map
+            .workloads
+            .values()
+            .map(|w| (w.ip(), w.name.clone()))
+            .collect();
         for name in names.values() {
             let ip = self.coord.map.workloads[name].ip();
             let holders = by_workload.get(&ip).cloned().unwrap_or_default();
@@ -469,7 +570,12 @@ impl Sim {
             gens.sort_unstable();
             let before = gens.len();
             gens.dedup();
-            assert_eq!(gens.len(), before, "t={} ms: two holders of {name} at one generation: {holders:?}", self.now);
+            assert_eq!(
+                gens.len(),
+                before,
+                "t={} ms: two holders of {name} at one generation: {holders:?}",
+                self.now
+            );
             if holders.len() > 1 {
                 let (lo, hi) = (gens[0], gens[gens.len() - 1]);
                 for g in lo + 1..=hi {
@@ -515,10 +621,31 @@ impl Sim {
         let now_i = self.instant();
         for w in self.coord.map.workloads.values() {
             for a in &self.agents {
-                assert!(a.dead_until.is_none() && a.cut_until.is_none(), "agent {} still down after healing", a.id);
-                assert_eq!(a.holdings.seen_generation(&w.name), Some(w.generation), "agent {} has not converged on {}", a.id, w.name);
-                let holds = a.holdings.held(now_i).iter().any(|h| h.address == w.address);
-                assert_eq!(holds, w.holder == Some(a.id), "agent {} answering for {} is {holds}, holder is {:?}", a.id, w.name, w.holder);
+                assert!(
+                    a.dead_until.is_none() && a.cut_until.is_none(),
+                    "agent {} still down after healing",
+                    a.id
+                );
+                assert_eq!(
+                    a.holdings.seen_generation(&w.name),
+                    Some(w.generation),
+                    "agent {} has not converged on {}",
+                    a.id,
+                    w.name
+                );
+                let holds = a
+                    .holdings
+                    .held(now_i)
+                    .iter()
+                    .any(|h| h.address == w.address);
+                assert_eq!(
+                    holds,
+                    w.holder == Some(a.id),
+                    "agent {} answering for {} is {holds}, holder is {:?}",
+                    a.id,
+                    w.name,
+                    w.holder
+                );
             }
         }
     }

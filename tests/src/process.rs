@@ -70,7 +70,8 @@ impl Process {
         let file = File::create(log)
             .unwrap_or_else(|e| panic!("cannot create log {}: {e}", log.display()));
         let stderr = file.try_clone().expect("clone log file handle");
-        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() }).stderr(stderr);
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stderr(stderr);
         match stdout {
             Stdout::Log => cmd.stdout(file),
             Stdout::Lines => cmd.stdout(Stdio::piped()),
@@ -112,7 +113,10 @@ impl Process {
     /// When it has no stdin pipe or the write fails.
     pub fn write_line(&mut self, line: &str) {
         let name = self.name.clone();
-        let stdin = self.stdin.as_mut().unwrap_or_else(|| panic!("{name} has no stdin pipe"));
+        let stdin = self
+            .stdin
+            .as_mut()
+            .unwrap_or_else(|| panic!("{name} has no stdin pipe"));
         writeln!(stdin, "{line}")
             .and_then(|()| stdin.flush())
             .unwrap_or_else(|e| panic!("writing to {name}: {e}"));

@@ -72,7 +72,9 @@ impl Bed {
         let token = ctl.token_create(NETWORK, Some(4), Some("1h"));
         let mut agents: Vec<MeshAgent> = hosts
             .iter()
-            .map(|(h, name, provider)| MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)]))
+            .map(|(h, name, provider)| {
+                MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)])
+            })
             .collect();
         let mut kept: Vec<ProviderHost> = hosts.into_iter().map(|(h, _, _)| h).collect();
         kept.push(coord_host);
@@ -80,10 +82,25 @@ impl Bed {
             a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
         }
         ctl.run(&[
-            "workload", "create", WORKLOAD, "--network", NETWORK, "--address", "100.64.50.10", "--standby", "vm-c1", "--allow",
+            "workload",
+            "create",
+            WORKLOAD,
+            "--network",
+            NETWORK,
+            "--address",
+            "100.64.50.10",
+            "--standby",
+            "vm-c1",
+            "--allow",
             "vm-a1,vm-c1",
         ]);
-        Bed { agents, coord, _hosts: kept, _providers: providers, dir }
+        Bed {
+            agents,
+            coord,
+            _hosts: kept,
+            _providers: providers,
+            dir,
+        }
     }
 
     fn ctl(&self) -> Meshctl {
@@ -91,24 +108,37 @@ impl Bed {
     }
 
     fn agent(&self, name: &str) -> &MeshAgent {
-        self.agents.iter().find(|a| a.name() == name).unwrap_or_else(|| panic!("no agent {name}"))
+        self.agents
+            .iter()
+            .find(|a| a.name() == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
     }
 
     fn agent_mut(&mut self, name: &str) -> &mut MeshAgent {
-        self.agents.iter_mut().find(|a| a.name() == name).unwrap_or_else(|| panic!("no agent {name}"))
+        self.agents
+            .iter_mut()
+            .find(|a| a.name() == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
     }
 
     /// Whether the workload address is on `name`'s tunnel interface.
     fn has_address(&self, name: &str) -> bool {
         let a = self.agent(name);
-        a.ns().ip(&["-br", "addr", "show", "dev", a.interface()]).contains("100.64.50.10/32")
+        a.ns()
+            .ip(&["-br", "addr", "show", "dev", a.interface()])
+            .contains("100.64.50.10/32")
     }
 
     fn wait_address(&self, name: &str, present: bool, within: Duration) -> Duration {
         let started = Instant::now();
-        let what = format!("100.64.50.10 to be {} on {name}", if present { "present" } else { "absent" });
-        wait_until(within, &what, || (self.has_address(name) == present).then_some(()))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let what = format!(
+            "100.64.50.10 to be {} on {name}",
+            if present { "present" } else { "absent" }
+        );
+        wait_until(within, &what, || {
+            (self.has_address(name) == present).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
         started.elapsed()
     }
 
@@ -118,7 +148,10 @@ impl Bed {
     }
 
     fn holder(&self) -> Option<String> {
-        self.workload().pointer("/holder/name").and_then(|v| v.as_str()).map(str::to_owned)
+        self.workload()
+            .pointer("/holder/name")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
     }
 
     fn server(&self, on: &str, extra_sysctl: bool) -> Process {
@@ -128,8 +161,14 @@ impl Bed {
         }
         let mut cmd = a.ns().daemon_command(chat_bin());
         cmd.args(["server", "--listen", CHAT, "--name", on]);
-        let mut p = Process::spawn_interactive(&format!("chat server on {on}"), cmd, &self.dir.join(&format!("server-{on}.log")));
-        p.wait_for_line("listening on", STEP).unwrap_or_else(|| panic!("the chat server on {on} did not start:\n{}", p.log_tail(20)));
+        let mut p = Process::spawn_interactive(
+            &format!("chat server on {on}"),
+            cmd,
+            &self.dir.join(&format!("server-{on}.log")),
+        );
+        p.wait_for_line("listening on", STEP).unwrap_or_else(|| {
+            panic!("the chat server on {on} did not start:\n{}", p.log_tail(20))
+        });
         let _ = &mut p;
         p
     }
@@ -138,14 +177,23 @@ impl Bed {
         let a = self.agent(on);
         let mut cmd = a.ns().daemon_command(chat_bin());
         cmd.args(["client", "--server", CHAT, "--nick", nick]);
-        Process::spawn_interactive(&format!("chat client {nick} on {on}"), cmd, &self.dir.join(&format!("client-{nick}.log")))
+        Process::spawn_interactive(
+            &format!("chat client {nick} on {on}"),
+            cmd,
+            &self.dir.join(&format!("client-{nick}.log")),
+        )
     }
 }
 
 /// Waits for a line containing `needle` from `p`.
 fn expect(p: &Process, needle: &str) -> String {
-    p.wait_for_line(needle, STEP)
-        .unwrap_or_else(|| panic!("{} did not print {needle:?} within {STEP:?}; log:\n{}", p.name(), p.log_tail(30)))
+    p.wait_for_line(needle, STEP).unwrap_or_else(|| {
+        panic!(
+            "{} did not print {needle:?} within {STEP:?}; log:\n{}",
+            p.name(),
+            p.log_tail(30)
+        )
+    })
 }
 
 /// `from` says `text`; `to` must see it (as `nick: text`). Returns the time it took.
@@ -166,8 +214,12 @@ fn chat_moves_across_providers_and_clients_follow() {
         return;
     }
     let bed = Bed::new("wl-move");
-    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
-    timing("address on vm-a1 after attach", bed.wait_address("vm-a1", true, STEP));
+    bed.ctl()
+        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    timing(
+        "address on vm-a1 after attach",
+        bed.wait_address("vm-a1", true, STEP),
+    );
     let w = bed.workload();
     assert_eq!(w["generation"], 1, "{w}");
     assert_eq!(w["state"], "held", "{w}");
@@ -186,9 +238,16 @@ fn chat_moves_across_providers_and_clients_follow() {
     server_a.terminate();
     let started = Instant::now();
     let c1 = bed.agent("vm-c1");
-    let out = meshctl_in(c1.ns(), &["workload", "claim", WORKLOAD, "--interface", c1.interface()]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && text.contains("claimed chat (generation 2)"), "claim failed: {text}");
+    let out = meshctl_in(
+        c1.ns(),
+        &["workload", "claim", WORKLOAD, "--interface", c1.interface()],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("claimed chat (generation 2)"),
+        "claim failed: {text}"
+    );
     timing("claim answered", started.elapsed());
     bed.wait_address("vm-c1", true, STEP);
     timing("address on vm-c1", started.elapsed());
@@ -202,15 +261,29 @@ fn chat_moves_across_providers_and_clients_follow() {
     timing("first message through after the move", started.elapsed());
 
     let w = bed.workload();
-    assert_eq!(w.pointer("/holder/name").and_then(|v| v.as_str()), Some("vm-c1"), "{w}");
-    assert_eq!(w.pointer("/previous/name").and_then(|v| v.as_str()), Some("vm-a1"), "{w}");
+    assert_eq!(
+        w.pointer("/holder/name").and_then(|v| v.as_str()),
+        Some("vm-c1"),
+        "{w}"
+    );
+    assert_eq!(
+        w.pointer("/previous/name").and_then(|v| v.as_str()),
+        Some("vm-a1"),
+        "{w}"
+    );
     assert_eq!(w["generation"], 2, "{w}");
 
     // A node that is not an allowed holder cannot claim it.
     let b2 = bed.agent("vm-b2");
-    let out = meshctl_in(b2.ns(), &["workload", "claim", WORKLOAD, "--interface", b2.interface()]);
+    let out = meshctl_in(
+        b2.ns(),
+        &["workload", "claim", WORKLOAD, "--interface", b2.interface()],
+    );
     let text = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && text.contains("not an allowed holder"), "vm-b2's claim: {text}");
+    assert!(
+        !out.status.success() && text.contains("not an allowed holder"),
+        "vm-b2's claim: {text}"
+    );
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
 }
 
@@ -220,7 +293,8 @@ fn holder_killed_the_standby_takes_over() {
         return;
     }
     let mut bed = Bed::new("wl-failover");
-    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    bed.ctl()
+        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
     bed.wait_address("vm-a1", true, STEP);
     let _server_a = bed.server("vm-a1", false);
     // The hot standby: bound to the address before vm-c1 holds it.
@@ -233,7 +307,9 @@ fn holder_killed_the_standby_takes_over() {
 
     let started = Instant::now();
     bed.agent_mut("vm-a1").kill();
-    let moved = wait_until(STEP, "the coordinator to move chat to vm-c1", || (bed.holder().as_deref() == Some("vm-c1")).then_some(()));
+    let moved = wait_until(STEP, "the coordinator to move chat to vm-c1", || {
+        (bed.holder().as_deref() == Some("vm-c1")).then_some(())
+    });
     moved.unwrap_or_else(|e| panic!("{e}; workload: {}", bed.workload()));
     let failover = started.elapsed();
     timing("holder killed -> coordinator moved the workload", failover);
@@ -245,14 +321,23 @@ fn holder_killed_the_standby_takes_over() {
     expect(&alice, "welcome to the room on vm-c1");
     expect(&bob, "welcome to the room on vm-c1");
     say(&mut bob, "bob", &alice, "after");
-    timing("holder killed -> first message through the standby", started.elapsed());
-    assert!(failover < Duration::from_secs(5), "failover took {failover:?} (lease 1.5 s)");
+    timing(
+        "holder killed -> first message through the standby",
+        started.elapsed(),
+    );
+    assert!(
+        failover < Duration::from_secs(5),
+        "failover took {failover:?} (lease 1.5 s)"
+    );
     assert_eq!(bed.workload()["generation"], 2);
 
     // The old holder comes back: its map says vm-c1 holds generation 2; it must not answer.
     bed.agent_mut("vm-a1").restart();
     std::thread::sleep(Duration::from_secs(3));
-    assert!(!bed.has_address("vm-a1"), "the restarted old holder took the address back");
+    assert!(
+        !bed.has_address("vm-a1"),
+        "the restarted old holder took the address back"
+    );
     assert!(bed.has_address("vm-c1"));
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
 }
@@ -263,25 +348,34 @@ fn cut_off_holder_stops_answering_when_its_lease_ends() {
         return;
     }
     let bed = Bed::new("wl-lease");
-    bed.ctl().run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    bed.ctl()
+        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
     bed.wait_address("vm-a1", true, STEP);
     // vm-a1 loses its path to the coordinator (and only to it: its tunnels stay up).
     let coord_ip = bed.coord.advertise().ip().to_string();
     let a1 = bed.agent("vm-a1");
-    a1.ns().ip(&["route", "add", "blackhole", &format!("{coord_ip}/32")]);
+    a1.ns()
+        .ip(&["route", "add", "blackhole", &format!("{coord_ip}/32")]);
     let started = Instant::now();
     let gone = bed.wait_address("vm-a1", false, Duration::from_secs(5));
     timing("cut-off holder dropped the address", gone);
-    assert!(gone < Duration::from_millis(2500), "the cut-off holder kept the address {gone:?} (lease 1.5 s)");
+    assert!(
+        gone < Duration::from_millis(2500),
+        "the cut-off holder kept the address {gone:?} (lease 1.5 s)"
+    );
     bed.wait_address("vm-c1", true, STEP);
     timing("cut off -> standby holds it", started.elapsed());
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
     // Never both at once after the cut: vm-a1 stays without it.
     assert!(!bed.has_address("vm-a1"));
     let b1 = bed.agent("vm-b1");
-    assert!(b1.ns().wait_for_ping(WORKLOAD_IP, STEP).is_ok(), "the workload address does not answer from vm-b1");
+    assert!(
+        b1.ns().wait_for_ping(WORKLOAD_IP, STEP).is_ok(),
+        "the workload address does not answer from vm-b1"
+    );
     // The path comes back: vm-a1 learns the newer generation and does not take it back.
-    a1.ns().ip(&["route", "del", "blackhole", &format!("{coord_ip}/32")]);
+    a1.ns()
+        .ip(&["route", "del", "blackhole", &format!("{coord_ip}/32")]);
     std::thread::sleep(Duration::from_secs(3));
     assert!(!bed.has_address("vm-a1"));
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));

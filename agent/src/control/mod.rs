@@ -21,7 +21,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
-use meshlink_proto::control::{self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE, PROTOCOL_VERSION};
+use meshlink_proto::control::{
+    self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
+    PROTOCOL_VERSION,
+};
 use meshlink_proto::token::{JoinToken, TokenError};
 use meshlink_proto::{Netmap, PublicKey};
 use tokio::sync::{mpsc, watch};
@@ -79,31 +82,77 @@ pub struct Session {
 
 impl Session {
     async fn connect(addr: &str, pin: &str) -> Result<Session, ControlError> {
-        let fail = |reason: String| ControlError::Connect { addr: addr.to_string(), reason };
-        let target = tokio::net::lookup_host(addr).await.map_err(|e| fail(e.to_string()))?.next().ok_or_else(|| fail("no address".into()))?;
-        let bind: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        let fail = |reason: String| ControlError::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let target = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| fail(e.to_string()))?
+            .next()
+            .ok_or_else(|| fail("no address".into()))?;
+        let bind: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| fail(e.to_string()))?;
         endpoint.set_default_client_config(tls::client_config(pin).map_err(fail)?);
-        let connecting = endpoint.connect(target, tls::SERVER_NAME).map_err(|e| fail(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await.map_err(|_| fail("timed out".into()))?.map_err(|e| fail(e.to_string()))?;
+        let connecting = endpoint
+            .connect(target, tls::SERVER_NAME)
+            .map_err(|e| fail(e.to_string()))?;
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+            .await
+            .map_err(|_| fail("timed out".into()))?
+            .map_err(|e| fail(e.to_string()))?;
         let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-        Ok(Session { addr: addr.to_string(), _endpoint: endpoint, _conn: conn, send, recv, decoder: Decoder::new(MAX_SERVER_MESSAGE) })
+        Ok(Session {
+            addr: addr.to_string(),
+            _endpoint: endpoint,
+            _conn: conn,
+            send,
+            recv,
+            decoder: Decoder::new(MAX_SERVER_MESSAGE),
+        })
     }
 
     async fn send(&mut self, msg: &ClientMessage) -> Result<(), ControlError> {
-        self.send.write_all(&control::encode(msg)).await.map_err(|e| ControlError::Connect { addr: self.addr.clone(), reason: e.to_string() })
+        self.send
+            .write_all(&control::encode(msg))
+            .await
+            .map_err(|e| ControlError::Connect {
+                addr: self.addr.clone(),
+                reason: e.to_string(),
+            })
     }
 
     async fn recv(&mut self) -> Result<ServerMessage, ControlError> {
         let mut buf = [0u8; 16 * 1024];
         loop {
-            if let Some(m) = self.decoder.next::<ServerMessage>().map_err(|e| ControlError::Protocol(e.to_string()))? {
+            if let Some(m) = self
+                .decoder
+                .next::<ServerMessage>()
+                .map_err(|e| ControlError::Protocol(e.to_string()))?
+            {
                 return Ok(m);
             }
             match self.recv.read(&mut buf).await {
-                Ok(Some(n)) => self.decoder.push(&buf[..n]).map_err(|e| ControlError::Protocol(e.to_string()))?,
-                Ok(None) => return Err(ControlError::Connect { addr: self.addr.clone(), reason: "the coordinator closed the session".into() }),
-                Err(e) => return Err(ControlError::Connect { addr: self.addr.clone(), reason: e.to_string() }),
+                Ok(Some(n)) => self
+                    .decoder
+                    .push(&buf[..n])
+                    .map_err(|e| ControlError::Protocol(e.to_string()))?,
+                Ok(None) => {
+                    return Err(ControlError::Connect {
+                        addr: self.addr.clone(),
+                        reason: "the coordinator closed the session".into(),
+                    })
+                }
+                Err(e) => {
+                    return Err(ControlError::Connect {
+                        addr: self.addr.clone(),
+                        reason: e.to_string(),
+                    })
+                }
             }
         }
     }
@@ -116,16 +165,27 @@ impl Session {
                 ServerMessage::Welcome(w) => w,
                 ServerMessage::Refused { reason } => return Err(ControlError::Refused(reason)),
                 ServerMessage::Revoked { reason } => return Err(ControlError::Revoked(reason)),
-                other => return Err(ControlError::Protocol(format!("expected a welcome, got {}", kind(&other)))),
+                other => {
+                    return Err(ControlError::Protocol(format!(
+                        "expected a welcome, got {}",
+                        kind(&other)
+                    )))
+                }
             };
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
-                other => Err(ControlError::Protocol(format!("expected a full map, got {}", kind(&other)))),
+                other => Err(ControlError::Protocol(format!(
+                    "expected a full map, got {}",
+                    kind(&other)
+                ))),
             }
         };
         tokio::time::timeout(CONNECT_TIMEOUT, exchange)
             .await
-            .map_err(|_| ControlError::Connect { addr: self.addr.clone(), reason: "no welcome within 10 s".into() })?
+            .map_err(|_| ControlError::Connect {
+                addr: self.addr.clone(),
+                reason: "no welcome within 10 s".into(),
+            })?
     }
 }
 
@@ -155,9 +215,20 @@ pub async fn join(
     endpoints: Vec<SocketAddr>,
 ) -> Result<(NodeState, Netmap, Session), ControlError> {
     let mut s = Session::connect(&token.coordinator, &token.fingerprint).await?;
-    let hello = Hello { protocol: PROTOCOL_VERSION, auth: Auth::JoinToken { secret: token.secret.clone() }, public_key, name, labels, endpoints };
+    let hello = Hello {
+        protocol: PROTOCOL_VERSION,
+        auth: Auth::JoinToken {
+            secret: token.secret.clone(),
+        },
+        public_key,
+        name,
+        labels,
+        endpoints,
+    };
     let (w, map) = s.hello(hello).await?;
-    let secret = w.node_secret.clone().ok_or_else(|| ControlError::Protocol("the welcome after a join carries no node secret".into()))?;
+    let secret = w.node_secret.clone().ok_or_else(|| {
+        ControlError::Protocol("the welcome after a join carries no node secret".into())
+    })?;
     let node = NodeState {
         coordinator: token.coordinator.clone(),
         fingerprint: token.fingerprint.clone(),
@@ -176,11 +247,18 @@ pub async fn join(
 ///
 /// # Errors
 /// [`ControlError`].
-pub async fn authenticate(node: &NodeState, public_key: PublicKey, endpoints: Vec<SocketAddr>) -> Result<(Welcome, Netmap, Session), ControlError> {
+pub async fn authenticate(
+    node: &NodeState,
+    public_key: PublicKey,
+    endpoints: Vec<SocketAddr>,
+) -> Result<(Welcome, Netmap, Session), ControlError> {
     let mut s = Session::connect(&node.coordinator, &node.fingerprint).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
-        auth: Auth::Node { node_id: node.node_id, secret: node.node_secret.clone() },
+        auth: Auth::Node {
+            node_id: node.node_id,
+            secret: node.node_secret.clone(),
+        },
         public_key,
         name: None,
         labels: BTreeMap::new(),
@@ -193,7 +271,9 @@ pub async fn authenticate(node: &NodeState, public_key: PublicKey, endpoints: Ve
 /// This host's underlay endpoints: every up, non-loopback address with `port`, except those of
 /// the tunnel interface and inside the overlay.
 pub fn local_endpoints(port: u16, tunnel: &str, overlay: &IpNet) -> Vec<SocketAddr> {
-    let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return Vec::new() };
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
     let mut out: Vec<SocketAddr> = addrs
         .filter(|a| a.interface_name != tunnel)
         .filter_map(|a| {
@@ -243,9 +323,26 @@ impl MeshControl {
     /// A loop for `node`, publishing maps on `maps`; `first` is a session already open (after a
     /// join), if any. `shared` is the workload state it keeps current; `claims` come from the
     /// userspace API.
-    pub fn new(state: StateDir, node: NodeState, public_key: PublicKey, maps: watch::Sender<Netmap>, first: Option<Session>, shared: Arc<Shared>, claims: mpsc::Receiver<ClaimRequest>) -> Self {
+    pub fn new(
+        state: StateDir,
+        node: NodeState,
+        public_key: PublicKey,
+        maps: watch::Sender<Netmap>,
+        first: Option<Session>,
+        shared: Arc<Shared>,
+        claims: mpsc::Receiver<ClaimRequest>,
+    ) -> Self {
         shared.lock().on_map(&maps.borrow(), Instant::now());
-        MeshControl { state, node, public_key, maps, first, shared, claims, next_claim: 1 }
+        MeshControl {
+            state,
+            node,
+            public_key,
+            maps,
+            first,
+            shared,
+            claims,
+            next_claim: 1,
+        }
     }
 
     fn publish(&self, map: Netmap) {
@@ -263,7 +360,12 @@ impl MeshControl {
     ///
     /// # Errors
     /// [`ControlError::Revoked`] or [`ControlError::Refused`]; other failures are retried.
-    pub async fn run(mut self, wg_port: u16, tunnel: String, tunnels: Arc<dyn Tunnels>) -> Result<(), ControlError> {
+    pub async fn run(
+        mut self,
+        wg_port: u16,
+        tunnel: String,
+        tunnels: Arc<dyn Tunnels>,
+    ) -> Result<(), ControlError> {
         if self.node.listen_port != Some(wg_port) {
             self.node.listen_port = Some(wg_port);
             if let Err(e) = self.state.save_node(&self.node) {
@@ -277,10 +379,12 @@ impl MeshControl {
                 Some(s) => Ok(s),
                 None => {
                     let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
-                    authenticate(&self.node, self.public_key, eps).await.map(|(_, map, s)| {
-                        self.publish(map);
-                        s
-                    })
+                    authenticate(&self.node, self.public_key, eps)
+                        .await
+                        .map(|(_, map, s)| {
+                            self.publish(map);
+                            s
+                        })
                 }
             };
             match session {
@@ -300,7 +404,9 @@ impl MeshControl {
                             }
                             return Err(e);
                         }
-                        Err(e) => warn!("control session lost: {e}; tunnels keep running on the last map"),
+                        Err(e) => {
+                            warn!("control session lost: {e}; tunnels keep running on the last map")
+                        }
                         Ok(()) => {}
                     }
                 }
@@ -308,21 +414,37 @@ impl MeshControl {
                 Err(e) => {
                     failures += 1;
                     if failures == 1 || failures.is_power_of_two() {
-                        warn!(attempt = failures, "cannot reach the coordinator: {e}; retrying");
+                        warn!(
+                            attempt = failures,
+                            "cannot reach the coordinator: {e}; retrying"
+                        );
                     }
                 }
             }
             tokio::time::sleep(jitter(backoff)).await;
             // A holder of workload addresses comes back quickly: its lease is short.
-            let cap = if self.shared.lock().is_holder() { HOLDER_MAX_BACKOFF } else { MAX_BACKOFF };
+            let cap = if self.shared.lock().is_holder() {
+                HOLDER_MAX_BACKOFF
+            } else {
+                MAX_BACKOFF
+            };
             backoff = (backoff * 2).min(cap);
         }
     }
 
-    async fn serve(&mut self, mut s: Session, wg_port: u16, tunnel: &str, tunnels: &Arc<dyn Tunnels>) -> Result<(), ControlError> {
+    async fn serve(
+        &mut self,
+        mut s: Session,
+        wg_port: u16,
+        tunnel: &str,
+        tunnels: &Arc<dyn Tunnels>,
+    ) -> Result<(), ControlError> {
         let mut map = self.maps.borrow().clone();
         let mut endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
-        s.send(&ClientMessage::Endpoints { endpoints: endpoints.clone() }).await?;
+        s.send(&ClientMessage::Endpoints {
+            endpoints: endpoints.clone(),
+        })
+        .await?;
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut beat = tokio::time::interval(HEARTBEAT_CHECK);

@@ -41,13 +41,23 @@ impl EndpointChooser {
 
     /// The WireGuard peers for `map`, leaving out this node (`self_id`).
     pub fn peers(&mut self, map: &Netmap, self_id: NodeId, now: Instant) -> Vec<PeerConfig> {
-        self.choices.retain(|k, _| map.peers.values().any(|p| p.public_key == *k));
+        self.choices
+            .retain(|k, _| map.peers.values().any(|p| p.public_key == *k));
         map.peers
             .values()
             .filter(|p| p.node_id != self_id)
             .map(|p| {
-                let c = self.choices.entry(p.public_key).or_insert(Choice { index: 0, since: now, tx: 0, rx: 0 });
-                let endpoint = if p.endpoints.is_empty() { None } else { Some(p.endpoints[c.index % p.endpoints.len()]) };
+                let c = self.choices.entry(p.public_key).or_insert(Choice {
+                    index: 0,
+                    since: now,
+                    tx: 0,
+                    rx: 0,
+                });
+                let endpoint = if p.endpoints.is_empty() {
+                    None
+                } else {
+                    Some(p.endpoints[c.index % p.endpoints.len()])
+                };
                 PeerConfig {
                     public_key: p.public_key,
                     preshared_key: None,
@@ -66,17 +76,31 @@ impl EndpointChooser {
     pub fn rotate_silent(&mut self, map: &Netmap, status: &[PeerStatus], now: Instant) -> bool {
         let mut changed = false;
         for st in status {
-            let Some(peer) = map.peers.values().find(|p| p.public_key == st.public_key) else { continue };
-            let Some(c) = self.choices.get_mut(&st.public_key) else { continue };
+            let Some(peer) = map.peers.values().find(|p| p.public_key == st.public_key) else {
+                continue;
+            };
+            let Some(c) = self.choices.get_mut(&st.public_key) else {
+                continue;
+            };
             let sending = st.tx_bytes > c.tx;
             let hearing = st.rx_bytes > c.rx;
             if hearing || !sending {
                 // Working, or idle: restart the clock.
-                *c = Choice { index: c.index, since: now, tx: st.tx_bytes, rx: st.rx_bytes };
+                *c = Choice {
+                    index: c.index,
+                    since: now,
+                    tx: st.tx_bytes,
+                    rx: st.rx_bytes,
+                };
                 continue;
             }
             if peer.endpoints.len() > 1 && now.duration_since(c.since) >= TRY_ENDPOINT_FOR {
-                *c = Choice { index: (c.index + 1) % peer.endpoints.len(), since: now, tx: st.tx_bytes, rx: st.rx_bytes };
+                *c = Choice {
+                    index: (c.index + 1) % peer.endpoints.len(),
+                    since: now,
+                    tx: st.tx_bytes,
+                    rx: st.rx_bytes,
+                };
                 changed = true;
             }
         }
@@ -99,7 +123,10 @@ mod tests {
     use std::collections::BTreeMap;
 
     fn map() -> Netmap {
-        let mut m = Netmap { version: 1, ..Netmap::default() };
+        let mut m = Netmap {
+            version: 1,
+            ..Netmap::default()
+        };
         for id in 1..=3u64 {
             m.peers.insert(
                 id,
@@ -109,7 +136,10 @@ mod tests {
                     public_key: PublicKey([id as u8; 32]),
                     addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
                     allowed_ips: vec![],
-                    endpoints: vec![format!("198.18.0.{id}:51820").parse().unwrap(), format!("198.18.1.{id}:51820").parse().unwrap()],
+                    endpoints: vec![
+                        format!("198.18.0.{id}:51820").parse().unwrap(),
+                        format!("198.18.1.{id}:51820").parse().unwrap(),
+                    ],
                     labels: BTreeMap::new(),
                 },
             );
@@ -118,7 +148,14 @@ mod tests {
     }
 
     fn status(id: u8, tx: u64, rx: u64) -> PeerStatus {
-        PeerStatus { public_key: PublicKey([id; 32]), endpoint: None, last_handshake: None, tx_bytes: tx, rx_bytes: rx, drops: DropCounts::default() }
+        PeerStatus {
+            public_key: PublicKey([id; 32]),
+            endpoint: None,
+            last_handshake: None,
+            tx_bytes: tx,
+            rx_bytes: rx,
+            drops: DropCounts::default(),
+        }
     }
 
     #[test]
@@ -143,8 +180,14 @@ mod tests {
         assert!(!c.rotate_silent(&m, &[status(1, 500, 0), status(2, 500, 300)], t1));
         let t2 = t0 + Duration::from_secs(7);
         assert!(c.rotate_silent(&m, &[status(1, 900, 0), status(2, 900, 600)], t2));
-        assert_eq!(c.chosen(&m, &PublicKey([1; 32])), Some("198.18.1.1:51820".parse().unwrap()));
-        assert_eq!(c.chosen(&m, &PublicKey([2; 32])), Some("198.18.0.2:51820".parse().unwrap()));
+        assert_eq!(
+            c.chosen(&m, &PublicKey([1; 32])),
+            Some("198.18.1.1:51820".parse().unwrap())
+        );
+        assert_eq!(
+            c.chosen(&m, &PublicKey([2; 32])),
+            Some("198.18.0.2:51820".parse().unwrap())
+        );
         // Idle (nothing sent) never rotates.
         let t3 = t2 + Duration::from_secs(60);
         assert!(!c.rotate_silent(&m, &[status(1, 900, 0)], t3));

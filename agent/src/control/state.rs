@@ -86,8 +86,17 @@ impl StateDir {
     /// # Errors
     /// [`StateError::Io`] when it cannot be created.
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| StateError::Io { path: dir.to_path_buf(), source })?;
-        Ok(StateDir { dir: dir.to_path_buf() })
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(StateDir {
+            dir: dir.to_path_buf(),
+        })
     }
 
     /// The directory.
@@ -119,16 +128,32 @@ impl StateDir {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(source) => return Err(StateError::Io { path, source }),
         };
-        serde_json::from_slice(&text).map(Some).map_err(|e| StateError::Damaged { path, reason: e.to_string() })
+        serde_json::from_slice(&text)
+            .map(Some)
+            .map_err(|e| StateError::Damaged {
+                path,
+                reason: e.to_string(),
+            })
     }
 
     fn write_json<T: Serialize>(&self, name: &str, value: &T) -> Result<(), StateError> {
         let path = self.dir.join(name);
         let tmp = self.dir.join(format!(".{name}.tmp"));
-        let io = |source| StateError::Io { path: path.clone(), source };
-        let body = serde_json::to_vec_pretty(value).map_err(|e| StateError::Damaged { path: path.clone(), reason: e.to_string() })?;
+        let io = |source| StateError::Io {
+            path: path.clone(),
+            source,
+        };
+        let body = serde_json::to_vec_pretty(value).map_err(|e| StateError::Damaged {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
         let _ = fs::remove_file(&tmp);
-        let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).map_err(io)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(&body).map_err(io)?;
         f.sync_all().map_err(io)?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
@@ -192,7 +217,10 @@ mod tests {
         assert_eq!(k1.public_key(), k2.public_key());
         let mode = fs::metadata(s.key_path()).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        assert_eq!(fs::metadata(&d).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&d).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
         let node = NodeState {
             coordinator: "198.18.1.1:7443".into(),
             fingerprint: "00".repeat(32),
@@ -207,7 +235,14 @@ mod tests {
         assert!(s.node().unwrap().is_none());
         s.save_node(&node).unwrap();
         assert_eq!(s.node().unwrap(), Some(node));
-        assert_eq!(fs::metadata(d.join("node.json")).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(d.join("node.json"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
         fs::write(d.join("netmap.json"), b"{nope").unwrap();
         assert!(matches!(s.netmap(), Err(StateError::Damaged { .. })));
         s.forget_node();

@@ -26,7 +26,10 @@ pub struct Shared {
 impl Shared {
     /// Nothing held yet by node `me`.
     pub fn new(me: NodeId) -> Self {
-        Shared { holdings: Mutex::new(Holdings::new(me)), changed: Notify::new() }
+        Shared {
+            holdings: Mutex::new(Holdings::new(me)),
+            changed: Notify::new(),
+        }
     }
 
     /// The fencing state.
@@ -57,11 +60,21 @@ pub type ClaimSender = mpsc::Sender<ClaimRequest>;
 pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, String> {
     let (reply, answer) = std::sync::mpsc::channel();
     let deadline = std::time::Instant::now() + CLAIM_TIMEOUT;
-    tx.try_send(ClaimRequest { workload: workload.to_string(), reply, deadline }).map_err(|_| "the control loop is busy or stopped".to_string())?;
+    tx.try_send(ClaimRequest {
+        workload: workload.to_string(),
+        reply,
+        deadline,
+    })
+    .map_err(|_| "the control loop is busy or stopped".to_string())?;
     match answer.recv_timeout(CLAIM_TIMEOUT) {
         Ok(r) => r,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!("no answer from the coordinator within {} s (is it reachable?)", CLAIM_TIMEOUT.as_secs())),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err("the control session to the coordinator was lost; try again".into()),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
+            "no answer from the coordinator within {} s (is it reachable?)",
+            CLAIM_TIMEOUT.as_secs()
+        )),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+            Err("the control session to the coordinator was lost; try again".into())
+        }
     }
 }
 

@@ -18,7 +18,10 @@ pub struct AllowedIps<T> {
 impl<T> AllowedIps<T> {
     /// An empty table.
     pub fn new() -> Self {
-        AllowedIps { v4: PrefixMap::new(), v6: PrefixMap::new() }
+        AllowedIps {
+            v4: PrefixMap::new(),
+            v6: PrefixMap::new(),
+        }
     }
 
     /// Maps `net` (host bits cleared) to `value`, returning the value it replaces.

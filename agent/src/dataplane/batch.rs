@@ -27,7 +27,11 @@ pub struct NetItem {
 impl NetBatch {
     /// A batch with room for `bytes` of datagrams before it must grow.
     pub fn with_capacity(bytes: usize) -> Self {
-        NetBatch { buf: vec![0; bytes], used: 0, items: Vec::with_capacity(bytes / 1024 + 1) }
+        NetBatch {
+            buf: vec![0; bytes],
+            used: 0,
+            items: Vec::with_capacity(bytes / 1024 + 1),
+        }
     }
 
     /// Space for the next datagram: at least `need` bytes. Grows the buffer if it must.
@@ -42,7 +46,11 @@ impl NetBatch {
     /// Records that the first `len` bytes of the last [`space`](Self::space) hold a datagram
     /// for `dst`.
     pub fn commit(&mut self, dst: SocketAddr, len: usize) {
-        self.items.push(NetItem { dst, start: self.used, len });
+        self.items.push(NetItem {
+            dst,
+            start: self.used,
+            len,
+        });
         self.used += len;
     }
 
@@ -83,7 +91,12 @@ impl NetBatch {
     /// `max_bytes` in all (a single datagram may exceed it). Returns (destination, bytes,
     /// segment size).
     pub fn runs(&self, max_segments: usize, max_bytes: usize) -> Runs<'_> {
-        Runs { batch: self, next: 0, max_segments: max_segments.max(1), max_bytes }
+        Runs {
+            batch: self,
+            next: 0,
+            max_segments: max_segments.max(1),
+            max_bytes,
+        }
     }
 }
 
@@ -118,7 +131,11 @@ impl<'a> Iterator for Runs<'a> {
             end += 1;
         }
         self.next = end;
-        Some((first.dst, &self.batch.buf[first.start..first.start + total], first.len))
+        Some((
+            first.dst,
+            &self.batch.buf[first.start..first.start + total],
+            first.len,
+        ))
     }
 }
 
@@ -136,14 +153,23 @@ impl TunBatch {
     /// A batch of `slots` buffers, each with `headroom` bytes before the packet and room for
     /// `packet_room` bytes of packet.
     pub fn new(slots: usize, headroom: usize, packet_room: usize) -> Self {
-        let bufs = (0..slots).map(|_| Vec::with_capacity(headroom + packet_room)).collect();
-        TunBatch { bufs, count: 0, urgent: false, headroom, packet_room }
+        let bufs = (0..slots)
+            .map(|_| Vec::with_capacity(headroom + packet_room))
+            .collect();
+        TunBatch {
+            bufs,
+            count: 0,
+            urgent: false,
+            headroom,
+            packet_room,
+        }
     }
 
     /// The next free packet slot.
     pub fn slot(&mut self) -> &mut [u8] {
         if self.count == self.bufs.len() {
-            self.bufs.push(Vec::with_capacity(self.headroom + self.packet_room));
+            self.bufs
+                .push(Vec::with_capacity(self.headroom + self.packet_room));
         }
         let b = &mut self.bufs[self.count];
         b.resize(self.headroom + self.packet_room, 0);
@@ -249,8 +275,18 @@ mod tests {
             b.push(addr(1), &vec![1; len]);
         }
         b.push(addr(2), &[2; 100]);
-        let runs: Vec<_> = b.runs(64, 65000).map(|(d, bytes, seg)| (d, bytes.len(), seg)).collect();
-        assert_eq!(runs, vec![(addr(1), 360, 100), (addr(1), 200, 100), (addr(2), 100, 100)]);
+        let runs: Vec<_> = b
+            .runs(64, 65000)
+            .map(|(d, bytes, seg)| (d, bytes.len(), seg))
+            .collect();
+        assert_eq!(
+            runs,
+            vec![
+                (addr(1), 360, 100),
+                (addr(1), 200, 100),
+                (addr(2), 100, 100)
+            ]
+        );
         let capped: Vec<_> = b.runs(2, 65000).map(|(_, bytes, _)| bytes.len()).collect();
         assert_eq!(capped, vec![200, 160, 200, 100]);
         let by_bytes: Vec<_> = b.runs(64, 250).map(|(_, bytes, _)| bytes.len()).collect();
@@ -265,7 +301,10 @@ mod tests {
         assert!(t.is_full());
         t.slot()[0] = 9;
         t.commit(1);
-        assert_eq!(t.packets().collect::<Vec<_>>(), vec![&[1, 2, 3][..], &[9][..]]);
+        assert_eq!(
+            t.packets().collect::<Vec<_>>(),
+            vec![&[1, 2, 3][..], &[9][..]]
+        );
         assert_eq!(t.buffers_mut()[0].len(), 13);
         t.clear();
         assert!(t.is_empty());

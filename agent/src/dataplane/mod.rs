@@ -59,7 +59,6 @@ pub struct DeviceDrops {
     pub malformed: AtomicU64,
     /// Not a drop: packets for a released workload address sent on to its new holder.
     pub forwarded: AtomicU64,
-
 }
 
 /// One peer: its session and where it is.
@@ -87,7 +86,12 @@ impl PeerState {
     /// Runs `op` on the session with `room` bytes of `net`; the datagram it makes goes to the
     /// peer's endpoint (counted in `tx_bytes`), or nowhere when it has none. Returns whether one
     /// was queued.
-    fn emit(&mut self, net: &mut NetBatch, room: usize, op: impl for<'a> FnOnce(&mut dyn Noise, &'a mut [u8]) -> NoiseOutput<'a>) -> bool {
+    fn emit(
+        &mut self,
+        net: &mut NetBatch,
+        room: usize,
+        op: impl for<'a> FnOnce(&mut dyn Noise, &'a mut [u8]) -> NoiseOutput<'a>,
+    ) -> bool {
         let space = net.space(room);
         if let NoiseOutput::Network(out) = op(self.noise.as_mut(), space) {
             let n = out.len();
@@ -108,7 +112,11 @@ impl PeerState {
             drops.no_endpoint.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.emit(net, (packet.len() + DATA_OVERHEAD).max(MIN_OUT), |noise, out| noise.encapsulate(packet, out));
+        self.emit(
+            net,
+            (packet.len() + DATA_OVERHEAD).max(MIN_OUT),
+            |noise, out| noise.encapsulate(packet, out),
+        );
         true
     }
 }
@@ -154,9 +162,16 @@ pub struct Device {
 }
 
 /// Makes a WireGuard session; tests may substitute their own engine.
-pub type NoiseFactory = dyn Fn(&x25519::StaticSecret, &PeerConfig, u32, Arc<RateLimiter>) -> Box<dyn Noise> + Send + Sync;
+pub type NoiseFactory = dyn Fn(&x25519::StaticSecret, &PeerConfig, u32, Arc<RateLimiter>) -> Box<dyn Noise>
+    + Send
+    + Sync;
 
-fn boring_factory(private: &x25519::StaticSecret, peer: &PeerConfig, index: u32, limiter: Arc<RateLimiter>) -> Box<dyn Noise> {
+fn boring_factory(
+    private: &x25519::StaticSecret,
+    peer: &PeerConfig,
+    index: u32,
+    limiter: Arc<RateLimiter>,
+) -> Box<dyn Noise> {
     Box::new(BoringNoise::new(
         private.clone(),
         x25519::PublicKey::from(peer.public_key.0),
@@ -209,14 +224,20 @@ impl Device {
         let table = Table {
             public,
             limiter: new_limiter(&public),
-            config: DeviceConfig { peers: Vec::new(), ..config.clone() },
+            config: DeviceConfig {
+                peers: Vec::new(),
+                ..config.clone()
+            },
             workloads: WorkloadRouting::default(),
             peers: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
             next_index: index_seed & 0x00ff_ffff,
         };
-        let device = Device { table: RwLock::new(table), drops: DeviceDrops::default() };
+        let device = Device {
+            table: RwLock::new(table),
+            drops: DeviceDrops::default(),
+        };
         device.set_config(config);
         device
     }
@@ -267,7 +288,9 @@ impl Device {
         for pc in &new.peers {
             let keep = t.peers.get(&pc.public_key).filter(|old| {
                 let s = old.lock();
-                !key_changed && s.config.preshared_key == pc.preshared_key && s.config.persistent_keepalive == pc.persistent_keepalive
+                !key_changed
+                    && s.config.preshared_key == pc.preshared_key
+                    && s.config.persistent_keepalive == pc.persistent_keepalive
             });
             let peer = match keep {
                 Some(old) => {
@@ -288,7 +311,9 @@ impl Device {
                         }
                     };
                     // A replaced session keeps the endpoint it had learned.
-                    let endpoint = pc.endpoint.or_else(|| t.peers.get(&pc.public_key).and_then(|o| o.lock().endpoint));
+                    let endpoint = pc
+                        .endpoint
+                        .or_else(|| t.peers.get(&pc.public_key).and_then(|o| o.lock().endpoint));
                     let noise = boring_factory(&new.private_key.0, pc, index, t.limiter.clone());
                     Arc::new(Peer {
                         key: pc.public_key,
@@ -333,7 +358,11 @@ impl Device {
         let mut started = 0;
         for peer in t.peers.values() {
             let mut s = peer.lock();
-            if s.endpoint.is_none() || s.noise.time_since_last_handshake().is_some_and(|d| d < fresh) {
+            if s.endpoint.is_none()
+                || s.noise
+                    .time_since_last_handshake()
+                    .is_some_and(|d| d < fresh)
+            {
                 continue;
             }
             if s.emit(net, MIN_OUT + 64, |noise, out| noise.start_handshake(out)) {
@@ -364,7 +393,11 @@ impl Device {
 
     /// Encrypts a batch of IP packets read from the TUN device into `net`, taking the peer
     /// table once for the whole batch.
-    pub fn outbound_batch<'p>(&self, packets: impl IntoIterator<Item = &'p [u8]>, net: &mut NetBatch) {
+    pub fn outbound_batch<'p>(
+        &self,
+        packets: impl IntoIterator<Item = &'p [u8]>,
+        net: &mut NetBatch,
+    ) {
         let t = self.read();
         for packet in packets {
             let Some(dst) = destination(packet) else {
@@ -382,26 +415,51 @@ impl Device {
     /// Handles one datagram received from `from`: decrypted packets go to `tun`, replies and
     /// packets released by a completed handshake go to `net`. Anything invalid is dropped and
     /// counted; nothing a remote sends can make this panic.
-    pub fn inbound(&self, from: SocketAddr, datagram: &[u8], tun: &mut TunBatch, net: &mut NetBatch) {
+    pub fn inbound(
+        &self,
+        from: SocketAddr,
+        datagram: &[u8],
+        tun: &mut TunBatch,
+        net: &mut NetBatch,
+    ) {
         let t = self.read();
         self.inbound_locked(&t, from, datagram, tun, net);
     }
 
     /// Handles a batch of datagrams that all came from `from` with one table lock.
-    pub fn inbound_batch<'d>(&self, from: SocketAddr, datagrams: impl IntoIterator<Item = &'d [u8]>, tun: &mut TunBatch, net: &mut NetBatch) {
+    pub fn inbound_batch<'d>(
+        &self,
+        from: SocketAddr,
+        datagrams: impl IntoIterator<Item = &'d [u8]>,
+        tun: &mut TunBatch,
+        net: &mut NetBatch,
+    ) {
         let t = self.read();
         for d in datagrams {
             self.inbound_locked(&t, from, d, tun, net);
         }
     }
 
-    fn inbound_locked(&self, t: &Table, from: SocketAddr, datagram: &[u8], tun: &mut TunBatch, net: &mut NetBatch) {
+    fn inbound_locked(
+        &self,
+        t: &Table,
+        from: SocketAddr,
+        datagram: &[u8],
+        tun: &mut TunBatch,
+        net: &mut NetBatch,
+    ) {
         let Some(peer) = self.find_sender(t, from, datagram, net) else {
             return;
         };
         let kind = datagram[0];
         let mut s = peer.lock();
-        let PeerState { noise, endpoint, rx_bytes, drops, .. } = &mut *s;
+        let PeerState {
+            noise,
+            endpoint,
+            rx_bytes,
+            drops,
+            ..
+        } = &mut *s;
         let mut authenticated = false;
         let mut forward: Option<(&Arc<Peer>, usize)> = None;
         match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
@@ -409,7 +467,10 @@ impl Device {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
                 // or a workload address the peer may hold.
                 let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer))
-                    || t.workloads.also_from.get(&src).is_some_and(|keys| keys.contains(&peer.key))
+                    || t.workloads
+                        .also_from
+                        .get(&src)
+                        .is_some_and(|keys| keys.contains(&peer.key))
                     || (!t.workloads.relay_from.is_empty()
                         && destination(packet)
                             .and_then(|d| t.workloads.relay_from.get(&d))
@@ -421,7 +482,9 @@ impl Device {
                     let next = if t.workloads.forward.is_empty() {
                         None
                     } else {
-                        destination(packet).and_then(|d| t.workloads.forward.get(&d)).and_then(|k| t.peers.get(k))
+                        destination(packet)
+                            .and_then(|d| t.workloads.forward.get(&d))
+                            .and_then(|k| t.peers.get(k))
                     };
                     match next {
                         // Never back to the sender: that would loop.
@@ -484,12 +547,23 @@ impl Device {
     /// Which peer a datagram claims to come from. Handshake initiations are checked (MAC,
     /// cookie under load) and opened to learn the sender's static key; other messages name
     /// our session index.
-    fn find_sender<'t>(&self, t: &'t Table, from: SocketAddr, datagram: &[u8], net: &mut NetBatch) -> Option<&'t Arc<Peer>> {
+    fn find_sender<'t>(
+        &self,
+        t: &'t Table,
+        from: SocketAddr,
+        datagram: &[u8],
+        net: &mut NetBatch,
+    ) -> Option<&'t Arc<Peer>> {
         let mut cookie = [0u8; 64];
-        let found = match t.limiter.verify_packet(Some(from.ip()), datagram, &mut cookie) {
-            Ok(Packet::HandshakeInit(init)) => parse_handshake_anon(&t.config.private_key.0, &t.public, &init)
-                .ok()
-                .and_then(|half| t.peers.get(&PublicKey(half.peer_static_public))),
+        let found = match t
+            .limiter
+            .verify_packet(Some(from.ip()), datagram, &mut cookie)
+        {
+            Ok(Packet::HandshakeInit(init)) => {
+                parse_handshake_anon(&t.config.private_key.0, &t.public, &init)
+                    .ok()
+                    .and_then(|half| t.peers.get(&PublicKey(half.peer_static_public)))
+            }
             Ok(Packet::HandshakeResponse(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
             Ok(Packet::PacketCookieReply(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
             Ok(Packet::PacketData(p)) => t.by_index.get(&(p.receiver_idx >> 8)),
@@ -539,14 +613,20 @@ impl Device {
                 PeerStatus {
                     public_key: p.key,
                     endpoint: s.endpoint,
-                    last_handshake: s.noise.time_since_last_handshake().and_then(|d| now.checked_sub(d)),
+                    last_handshake: s
+                        .noise
+                        .time_since_last_handshake()
+                        .and_then(|d| now.checked_sub(d)),
                     tx_bytes: s.tx_bytes,
                     rx_bytes: s.rx_bytes,
                     drops: s.drops,
                 }
             })
             .collect();
-        DeviceStatus { listen_port: t.config.listen_port, peers }
+        DeviceStatus {
+            listen_port: t.config.listen_port,
+            peers,
+        }
     }
 }
 

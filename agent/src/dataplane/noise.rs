@@ -45,7 +45,9 @@ pub enum NoiseError {
 impl From<WireGuardError> for NoiseError {
     fn from(e: WireGuardError) -> Self {
         match e {
-            WireGuardError::InvalidMac | WireGuardError::InvalidAeadTag => NoiseError::DecryptFailed,
+            WireGuardError::InvalidMac | WireGuardError::InvalidAeadTag => {
+                NoiseError::DecryptFailed
+            }
             WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => NoiseError::Replay,
             WireGuardError::NoCurrentSession | WireGuardError::WrongIndex => NoiseError::NoSession,
             WireGuardError::UnderLoad => NoiseError::UnderLoad,
@@ -62,7 +64,12 @@ pub trait Noise: Send {
     fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> NoiseOutput<'a>;
     /// Processes one datagram from the peer. After a `Network` output, call again with an empty
     /// datagram until `Done` to flush packets queued during the handshake.
-    fn decapsulate<'a>(&mut self, from: Option<IpAddr>, datagram: &[u8], dst: &'a mut [u8]) -> NoiseOutput<'a>;
+    fn decapsulate<'a>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        dst: &'a mut [u8],
+    ) -> NoiseOutput<'a>;
     /// Runs the protocol timers: retransmits, rekeys, keepalives, expiry.
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a>;
     /// Time since the last completed handshake, if any.
@@ -85,7 +92,14 @@ impl BoringNoise {
         index: u32,
         limiter: Arc<RateLimiter>,
     ) -> Self {
-        BoringNoise(Tunn::new(private, peer, preshared, keepalive, index, Some(limiter)))
+        BoringNoise(Tunn::new(
+            private,
+            peer,
+            preshared,
+            keepalive,
+            index,
+            Some(limiter),
+        ))
     }
 }
 
@@ -103,7 +117,12 @@ impl Noise for BoringNoise {
     fn encapsulate<'a>(&mut self, src: &[u8], dst: &'a mut [u8]) -> NoiseOutput<'a> {
         convert(self.0.encapsulate(src, dst))
     }
-    fn decapsulate<'a>(&mut self, from: Option<IpAddr>, datagram: &[u8], dst: &'a mut [u8]) -> NoiseOutput<'a> {
+    fn decapsulate<'a>(
+        &mut self,
+        from: Option<IpAddr>,
+        datagram: &[u8],
+        dst: &'a mut [u8],
+    ) -> NoiseOutput<'a> {
         convert(self.0.decapsulate(from, datagram, dst))
     }
     fn update_timers<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a> {

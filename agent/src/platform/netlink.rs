@@ -33,7 +33,11 @@ pub enum NetlinkError {
 /// Default routes (`/0`) are left out: sending everything through the tunnel needs policy
 /// routing so that the tunnel's own UDP packets do not loop, which this agent does not set up.
 pub fn route_plan(installed: &BTreeSet<IpNet>, wanted: &[IpNet]) -> (Vec<IpNet>, Vec<IpNet>) {
-    let want: BTreeSet<IpNet> = wanted.iter().map(|n| n.trunc()).filter(|n| n.prefix_len() > 0).collect();
+    let want: BTreeSet<IpNet> = wanted
+        .iter()
+        .map(|n| n.trunc())
+        .filter(|n| n.prefix_len() > 0)
+        .collect();
     let add = want.difference(installed).copied().collect();
     let del = installed.difference(&want).copied().collect();
     (add, del)
@@ -67,7 +71,10 @@ pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, Netl
         Ok(None) => Ok(None),
         // The kernel answers ENODEV for a name it does not know.
         Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
-        Err(source) => Err(NetlinkError::Kernel { what: format!("look up interface {name}"), source }),
+        Err(source) => Err(NetlinkError::Kernel {
+            what: format!("look up interface {name}"),
+            source,
+        }),
     }
 }
 
@@ -77,8 +84,14 @@ impl Netlink {
     /// # Errors
     /// [`NetlinkError::NoSuchInterface`] if it does not exist.
     pub async fn for_interface(handle: Handle, name: &str) -> Result<Self, NetlinkError> {
-        let index = link_index(&handle, name).await?.ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?;
-        Ok(Netlink { handle, name: name.to_string(), index })
+        let index = link_index(&handle, name)
+            .await?
+            .ok_or_else(|| NetlinkError::NoSuchInterface(name.to_string()))?;
+        Ok(Netlink {
+            handle,
+            name: name.to_string(),
+            index,
+        })
     }
 
     fn err(&self, what: String) -> impl FnOnce(rtnetlink::Error) -> NetlinkError {
@@ -87,8 +100,17 @@ impl Netlink {
 
     /// Sets the MTU and the transmit queue length and brings the link up.
     pub async fn set_mtu_and_up(&self, mtu: u16, txqueuelen: u32) -> Result<(), NetlinkError> {
-        let msg = LinkUnspec::new_with_index(self.index).mtu(u32::from(mtu)).txqueuelen(txqueuelen).up().build();
-        self.handle.link().set(msg).execute().await.map_err(self.err(format!("set mtu {mtu} and up on {}", self.name)))
+        let msg = LinkUnspec::new_with_index(self.index)
+            .mtu(u32::from(mtu))
+            .txqueuelen(txqueuelen)
+            .up()
+            .build();
+        self.handle
+            .link()
+            .set(msg)
+            .execute()
+            .await
+            .map_err(self.err(format!("set mtu {mtu} and up on {}", self.name)))
     }
 
     /// Adds an address with its prefix length (replacing an identical one).
@@ -105,34 +127,61 @@ impl Netlink {
     /// Removes an address from the interface; one already gone is not an error.
     pub async fn del_address(&self, net: IpNet) -> Result<(), NetlinkError> {
         use futures::TryStreamExt;
-        let mut found = self.handle.address().get().set_link_index_filter(self.index).set_address_filter(net.addr()).execute();
-        while let Some(msg) = found.try_next().await.map_err(self.err(format!("list addresses of {}", self.name)))? {
+        let mut found = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(self.index)
+            .set_address_filter(net.addr())
+            .execute();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .map_err(self.err(format!("list addresses of {}", self.name)))?
+        {
             match self.handle.address().del(msg).execute().await {
-                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENODEV => {}
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.raw_code() == -libc::EADDRNOTAVAIL || e.raw_code() == -libc::ENODEV => {}
                 r => r.map_err(self.err(format!("delete address {net} from {}", self.name)))?,
             }
         }
         Ok(())
     }
 
-    fn route_message(&self, net: IpNet) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
+    fn route_message(
+        &self,
+        net: IpNet,
+    ) -> Result<rtnetlink::packet_route::route::RouteMessage, NetlinkError> {
         let b = RouteMessageBuilder::<IpAddr>::new()
             .destination_prefix(net.addr(), net.prefix_len())
-            .map_err(|e| NetlinkError::Kernel { what: format!("route {net}: {e}"), source: rtnetlink::Error::RequestFailed })?;
+            .map_err(|e| NetlinkError::Kernel {
+                what: format!("route {net}: {e}"),
+                source: rtnetlink::Error::RequestFailed,
+            })?;
         Ok(b.output_interface(self.index).build())
     }
 
     /// Adds a route to `net` through the interface (replacing one that exists).
     pub async fn add_route(&self, net: IpNet) -> Result<(), NetlinkError> {
         let msg = self.route_message(net)?;
-        self.handle.route().add(msg).replace().execute().await.map_err(self.err(format!("add route {net} dev {}", self.name)))
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(self.err(format!("add route {net} dev {}", self.name)))
     }
 
     /// Removes the route to `net` through the interface; one already gone is not an error.
     pub async fn del_route(&self, net: IpNet) -> Result<(), NetlinkError> {
         let msg = self.route_message(net)?;
         match self.handle.route().del(msg).execute().await {
-            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH || e.raw_code() == -libc::ENODEV => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -libc::ESRCH || e.raw_code() == -libc::ENODEV =>
+            {
+                Ok(())
+            }
             r => r.map_err(self.err(format!("delete route {net} dev {}", self.name))),
         }
     }
@@ -148,8 +197,19 @@ mod tests {
 
     #[test]
     fn plan_adds_and_removes_only_the_difference() {
-        let installed: BTreeSet<IpNet> = nets(&["100.64.0.2/32", "10.0.0.0/24"]).into_iter().collect();
-        let (add, del) = route_plan(&installed, &nets(&["100.64.0.2/32", "100.64.0.3/32", "0.0.0.0/0", "::/0", "fd00::1/128"]));
+        let installed: BTreeSet<IpNet> = nets(&["100.64.0.2/32", "10.0.0.0/24"])
+            .into_iter()
+            .collect();
+        let (add, del) = route_plan(
+            &installed,
+            &nets(&[
+                "100.64.0.2/32",
+                "100.64.0.3/32",
+                "0.0.0.0/0",
+                "::/0",
+                "fd00::1/128",
+            ]),
+        );
         assert_eq!(add, nets(&["100.64.0.3/32", "fd00::1/128"]));
         assert_eq!(del, nets(&["10.0.0.0/24"]));
     }

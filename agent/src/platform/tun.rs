@@ -47,14 +47,26 @@ impl Tun {
         if let Err(e) = std::fs::metadata("/dev/net/tun") {
             return Err(TunError::NoTunDevice(e));
         }
-        let build = |offload: bool| DeviceBuilder::new().name(name).mtu(mtu).offload(offload).build_async();
+        let build = |offload: bool| {
+            DeviceBuilder::new()
+                .name(name)
+                .mtu(mtu)
+                .offload(offload)
+                .build_async()
+        };
         let dev = match build(true) {
             Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied || e.raw_os_error() == Some(libc::EPERM) => {
+            Err(e)
+                if e.kind() == io::ErrorKind::PermissionDenied
+                    || e.raw_os_error() == Some(libc::EPERM) =>
+            {
                 return Err(TunError::NoPrivilege(name.to_string()))
             }
             // Kernels without offload on TUN: fall back to one packet per read.
-            Err(_) => build(false).map_err(|source| TunError::Other { name: name.to_string(), source })?,
+            Err(_) => build(false).map_err(|source| TunError::Other {
+                name: name.to_string(),
+                source,
+            })?,
         };
         let offload = dev.tcp_gso();
         Ok(Tun { dev, offload })
@@ -66,13 +78,20 @@ impl Tun {
     }
 
     /// Reads one batch: up to `bufs.len()` packets (one super-packet split up, with offload).
-    pub async fn recv(&self, original: &mut [u8], bufs: &mut [Vec<u8>], sizes: &mut [usize]) -> io::Result<usize> {
+    pub async fn recv(
+        &self,
+        original: &mut [u8],
+        bufs: &mut [Vec<u8>],
+        sizes: &mut [usize],
+    ) -> io::Result<usize> {
         self.dev.recv_multiple(original, bufs, sizes, 0).await
     }
 
     /// Writes the batch, coalescing TCP and UDP flows where it can.
     pub async fn send(&self, gro: &mut GROTable, batch: &mut TunBatch) -> io::Result<usize> {
         let headroom = batch.headroom();
-        self.dev.send_multiple(gro, batch.buffers_mut(), headroom).await
+        self.dev
+            .send_multiple(gro, batch.buffers_mut(), headroom)
+            .await
     }
 }

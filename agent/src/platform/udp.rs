@@ -51,8 +51,11 @@ pub struct UdpTransport {
 }
 
 fn open(port: u16, v6: bool, fwmark: Option<u32>) -> io::Result<Socket> {
-    let (domain, addr): (Domain, SocketAddr) =
-        if v6 { (Domain::IPV6, (Ipv6Addr::UNSPECIFIED, port).into()) } else { (Domain::IPV4, ([0, 0, 0, 0], port).into()) };
+    let (domain, addr): (Domain, SocketAddr) = if v6 {
+        (Domain::IPV6, (Ipv6Addr::UNSPECIFIED, port).into())
+    } else {
+        (Domain::IPV4, ([0, 0, 0, 0], port).into())
+    };
     let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
     if v6 {
         s.set_only_v6(false)?;
@@ -95,7 +98,13 @@ impl UdpTransport {
         let state = UdpSocketState::new(UdpSockRef::from(&std_sock)).map_err(map)?;
         let socket = UdpSocket::from_std(std_sock).map_err(map)?;
         let port = socket.local_addr().map_err(map)?.port();
-        Ok(UdpTransport { socket, state, dual_stack, port, send_errors: AtomicU64::new(0) })
+        Ok(UdpTransport {
+            socket,
+            state,
+            dual_stack,
+            port,
+            send_errors: AtomicU64::new(0),
+        })
     }
 
     /// The bound port.
@@ -120,7 +129,9 @@ impl UdpTransport {
 
     fn wire_addr(&self, a: SocketAddr) -> SocketAddr {
         match a {
-            SocketAddr::V4(v4) if self.dual_stack => SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0)),
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+            }
             other => other,
         }
     }
@@ -130,9 +141,17 @@ impl UdpTransport {
     pub async fn send_batch(&self, batch: &NetBatch) {
         for (dst, bytes, seg) in batch.runs(self.max_gso_segments(), MAX_GSO_BYTES) {
             let segment_size = (bytes.len() > seg).then_some(seg);
-            let t = Transmit { destination: self.wire_addr(dst), ecn: None, contents: bytes, segment_size, src_ip: None };
+            let t = Transmit {
+                destination: self.wire_addr(dst),
+                ecn: None,
+                contents: bytes,
+                segment_size,
+                src_ip: None,
+            };
             loop {
-                match self.socket.try_io(Interest::WRITABLE, || self.state.try_send(UdpSockRef::from(&self.socket), &t)) {
+                match self.socket.try_io(Interest::WRITABLE, || {
+                    self.state.try_send(UdpSockRef::from(&self.socket), &t)
+                }) {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         if self.socket.writable().await.is_err() {
@@ -152,10 +171,16 @@ impl UdpTransport {
 
     /// Receives one batch of datagrams into `bufs`, returning how many buffers were filled.
     /// Source addresses come back in their plain IPv4 form.
-    pub async fn recv(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    pub async fn recv(
+        &self,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         loop {
             self.socket.readable().await?;
-            match self.socket.try_io(Interest::READABLE, || self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)) {
+            match self.socket.try_io(Interest::READABLE, || {
+                self.state.recv(UdpSockRef::from(&self.socket), bufs, meta)
+            }) {
                 Ok(n) => {
                     for m in &mut meta[..n] {
                         m.addr = SocketAddr::new(m.addr.ip().to_canonical(), m.addr.port());

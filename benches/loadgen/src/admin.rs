@@ -102,7 +102,11 @@ impl Admin {
             .read_to_string()
             .map_err(transport)?;
         if !(200..300).contains(&status) {
-            return Err(AdminError::Status { url, status, body: text });
+            return Err(AdminError::Status {
+                url,
+                status,
+                body: text,
+            });
         }
         serde_json::from_str(&text).map_err(|e| AdminError::Answer {
             url,
@@ -115,8 +119,12 @@ impl Admin {
     /// # Errors
     /// [`AdminError`]; a name or prefix already taken is a 409 [`AdminError::Status`].
     pub fn create_network(&self, name: &str, cidr: &str) -> Result<(), AdminError> {
-        self.call("POST", "/v1/networks", Some(json!({"name": name, "cidr": cidr})))
-            .map(drop)
+        self.call(
+            "POST",
+            "/v1/networks",
+            Some(json!({"name": name, "cidr": cidr})),
+        )
+        .map(drop)
     }
 
     /// `POST /v1/tokens` for `uses` joins; returns the token text (`mlj1_...`).

@@ -193,7 +193,9 @@ impl Session {
             ServerMessage::Welcome(w) => Ok(w),
             ServerMessage::Refused { reason } => Err(AgentError::Refused(reason)),
             ServerMessage::Revoked { reason } => Err(AgentError::Revoked(reason)),
-            other => Err(AgentError::Protocol(format!("expected a welcome, got {other:?}"))),
+            other => Err(AgentError::Protocol(format!(
+                "expected a welcome, got {other:?}"
+            ))),
         }
     }
 
@@ -201,7 +203,9 @@ impl Session {
     async fn first_map(&mut self) -> Result<(ServerMessage, usize), AgentError> {
         let (map, len) = self.next().await?;
         if !matches!(map, ServerMessage::FullMap(_)) {
-            return Err(AgentError::Protocol("expected a full map after the welcome".into()));
+            return Err(AgentError::Protocol(
+                "expected a full map after the welcome".into(),
+            ));
         }
         Ok((map, len))
     }
@@ -389,12 +393,24 @@ impl Agent {
                     return Ok(());
                 }
                 Err(e @ (AgentError::Revoked(_) | AgentError::Refused(_))) => {
-                    self.shared.board.counters.sessions_lost.fetch_add(1, Ordering::Relaxed);
+                    self.shared
+                        .board
+                        .counters
+                        .sessions_lost
+                        .fetch_add(1, Ordering::Relaxed);
                     return Err(e);
                 }
                 Err(e) => {
-                    self.shared.board.counters.sessions_lost.fetch_add(1, Ordering::Relaxed);
-                    tracing::info!(agent = self.index, node = self.creds.node, "session lost: {e}; opening it again");
+                    self.shared
+                        .board
+                        .counters
+                        .sessions_lost
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(
+                        agent = self.index,
+                        node = self.creds.node,
+                        "session lost: {e}; opening it again"
+                    );
                 }
             }
             loop {
@@ -412,9 +428,16 @@ impl Agent {
     }
 
     async fn reconnect(&mut self) -> Result<(), AgentError> {
-        let (session, map, len) = authenticate(&self.endpoint, self.shared.server, &self.creds).await?;
-        self.shared.board.set_connection(self.index, session.conn.clone());
-        self.shared.board.counters.reconnects.fetch_add(1, Ordering::Relaxed);
+        let (session, map, len) =
+            authenticate(&self.endpoint, self.shared.server, &self.creds).await?;
+        self.shared
+            .board
+            .set_connection(self.index, session.conn.clone());
+        self.shared
+            .board
+            .counters
+            .reconnects
+            .fetch_add(1, Ordering::Relaxed);
         self.session = session;
         self.awaiting_full_map = false;
         self.handle(map, len).await

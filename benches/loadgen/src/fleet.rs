@@ -2,9 +2,9 @@
 //! connections), the ramp that joins them at a controlled pace, the command channel to each,
 //! and shutdown.
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -153,7 +153,11 @@ async fn start_loop(
 
 /// Runs `attempt` until it succeeds, fails for good, or [`JOIN_ATTEMPTS`] are used up;
 /// connection failures and timeouts are tried again after a second, and counted.
-async fn with_retries<T, F, Fut>(shared: &Shared, index: usize, mut attempt: F) -> Result<T, AgentError>
+async fn with_retries<T, F, Fut>(
+    shared: &Shared,
+    index: usize,
+    mut attempt: F,
+) -> Result<T, AgentError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, AgentError>>,
@@ -163,7 +167,11 @@ where
         match attempt().await {
             Err(e @ (AgentError::Connection(_) | AgentError::Timeout)) if tries < JOIN_ATTEMPTS => {
                 tracing::info!(agent = index, tries, "failed: {e}; trying again");
-                shared.board.counters.join_retries.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .board
+                    .counters
+                    .join_retries
+                    .fetch_add(1, Ordering::Relaxed);
                 tries += 1;
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
@@ -185,7 +193,11 @@ struct Phase<'a> {
 type Reported = mpsc::UnboundedSender<Result<Duration, AgentError>>;
 
 impl Phase<'_> {
-    async fn run<F, Fut>(&self, tasks: &mut JoinSet<Result<(), AgentError>>, mut task: F) -> Result<Vec<Duration>, FleetError>
+    async fn run<F, Fut>(
+        &self,
+        tasks: &mut JoinSet<Result<(), AgentError>>,
+        mut task: F,
+    ) -> Result<Vec<Duration>, FleetError>
     where
         F: FnMut(usize, OwnedSemaphorePermit, Reported) -> Fut,
         Fut: Future<Output = Result<(), AgentError>> + Send + 'static,
@@ -204,14 +216,15 @@ impl Phase<'_> {
         let mut latency = Vec::with_capacity(plan.agents);
         let mut failures: Vec<AgentError> = Vec::new();
         let mut done: usize = 0;
-        let mut record = |result: Result<Duration, AgentError>| {
-            done += 1;
-            match result {
-                Ok(d) => latency.push(d),
-                Err(e) => failures.push(e),
-            }
-            if plan.progress && (done.is_multiple_of(step) || done == plan.agents) {
-                eprintln!(
+        let mut record =
+            |result: Result<Duration, AgentError>| {
+                done += 1;
+                match result {
+                    Ok(d) => latency.push(d),
+                    Err(e) => failures.push(e),
+                }
+                if plan.progress && (done.is_multiple_of(step) || done == plan.agents) {
+                    eprintln!(
                     "  {} {done}/{} in {:.1} s (RSS {} MiB, {} retries, {} UDP datagrams dropped)",
                     self.name,
                     plan.agents,
@@ -220,8 +233,8 @@ impl Phase<'_> {
                     self.shared.board.counters.join_retries.load(Ordering::Relaxed),
                     crate::sys::udp_drops().since(&udp_start).rcvbuf_errors,
                 );
-            }
-        };
+                }
+            };
         // Counted here as well as in `record`, which holds `done` while it lives.
         let mut received = 0;
         for index in 0..plan.agents {
@@ -292,7 +305,11 @@ impl Fleet {
         let mut enrolled = None;
         let latency = match plan.kind {
             RampKind::Live => {
-                let phase = Phase { plan, name: "joined", shared: &shared };
+                let phase = Phase {
+                    plan,
+                    name: "joined",
+                    shared: &shared,
+                };
                 phase
                     .run(&mut fleet.tasks, |index, permit, reported| {
                         let shared = shared.clone();
@@ -303,7 +320,13 @@ impl Fleet {
                             let t = Instant::now();
                             let agent = with_retries(&shared, index, || {
                                 let endpoints = vec![join_endpoint(index)];
-                                Agent::join(shared.clone(), endpoint.clone(), index, &token, endpoints)
+                                Agent::join(
+                                    shared.clone(),
+                                    endpoint.clone(),
+                                    index,
+                                    &token,
+                                    endpoints,
+                                )
                             })
                             .await;
                             drop(permit);
@@ -315,7 +338,11 @@ impl Fleet {
             RampKind::Enroll => {
                 let creds: Arc<Mutex<Vec<Option<Credentials>>>> =
                     Arc::new(Mutex::new(vec![None; plan.agents]));
-                let phase = Phase { plan, name: "enrolled", shared: &shared };
+                let phase = Phase {
+                    plan,
+                    name: "enrolled",
+                    shared: &shared,
+                };
                 let mut enroll_tasks = JoinSet::new();
                 phase
                     .run(&mut enroll_tasks, |index, permit, reported| {
@@ -326,7 +353,12 @@ impl Fleet {
                         async move {
                             let t = Instant::now();
                             let enrolled = with_retries(&shared, index, || {
-                                Agent::enroll(&endpoint, shared.server, &token, vec![join_endpoint(index)])
+                                Agent::enroll(
+                                    &endpoint,
+                                    shared.server,
+                                    &token,
+                                    vec![join_endpoint(index)],
+                                )
                             })
                             .await;
                             drop(permit);
@@ -339,7 +371,11 @@ impl Fleet {
                     })
                     .await?;
                 enrolled = Some(start.elapsed());
-                let phase = Phase { plan, name: "connected", shared: &shared };
+                let phase = Phase {
+                    plan,
+                    name: "connected",
+                    shared: &shared,
+                };
                 phase
                     .run(&mut fleet.tasks, |index, permit, reported| {
                         let shared = shared.clone();
@@ -352,7 +388,12 @@ impl Fleet {
                                 return Err(AgentError::Protocol("not enrolled".into()));
                             };
                             let agent = with_retries(&shared, index, || {
-                                Agent::connect(shared.clone(), endpoint.clone(), index, creds.clone())
+                                Agent::connect(
+                                    shared.clone(),
+                                    endpoint.clone(),
+                                    index,
+                                    creds.clone(),
+                                )
                             })
                             .await;
                             drop(permit);
@@ -374,7 +415,11 @@ impl Fleet {
 
     /// Tells agent `index` to report `endpoints`; returns the instant the report was handed
     /// to QUIC, or `None` when the agent is gone.
-    pub async fn report_endpoints(&self, index: usize, endpoints: Vec<SocketAddr>) -> Option<Instant> {
+    pub async fn report_endpoints(
+        &self,
+        index: usize,
+        endpoints: Vec<SocketAddr>,
+    ) -> Option<Instant> {
         let (sent, at) = oneshot::channel();
         self.commands[index]
             .send(Command::ReportEndpoints { endpoints, sent })

@@ -139,7 +139,12 @@ struct Args {
     #[arg(long)]
     admin: Option<String>,
     /// The external coordinator's admin token.
-    #[arg(long, env = "MESHLINK_ADMIN_TOKEN", hide_env_values = true, conflicts_with = "admin_token_file")]
+    #[arg(
+        long,
+        env = "MESHLINK_ADMIN_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "admin_token_file"
+    )]
     admin_token: Option<String>,
     /// A file holding the external coordinator's admin token.
     #[arg(long)]
@@ -217,10 +222,8 @@ fn main() -> anyhow::Result<()> {
                 let nanos = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_nanos());
-                std::env::temp_dir().join(format!(
-                    "meshlink-loadgen-{}-{nanos}",
-                    std::process::id()
-                ))
+                std::env::temp_dir()
+                    .join(format!("meshlink-loadgen-{}-{nanos}", std::process::id()))
             });
             let mut settings = Settings::with_state_dir(dir.clone());
             settings.listen = "127.0.0.1:0".parse()?;
@@ -261,7 +264,12 @@ fn main() -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("loadgen-{n}-{}", std::process::id()));
     let cidr = args.cidr.clone().unwrap_or_else(|| {
-        if n < 65_000 { "100.64.0.0/16" } else { "100.64.0.0/10" }.to_string()
+        if n < 65_000 {
+            "100.64.0.0/16"
+        } else {
+            "100.64.0.0/10"
+        }
+        .to_string()
     });
     target
         .admin
@@ -276,7 +284,8 @@ fn main() -> anyhow::Result<()> {
         .context("creating the join token")?;
     let token = JoinToken::decode(&text).context("the join token")?;
 
-    let outcome = agent_rt.block_on(run(&args, &target, &network, table, &token.secret))
+    let outcome = agent_rt
+        .block_on(run(&args, &target, &network, table, &token.secret))
         .map(|mut report| {
             report.token_uses = token_uses;
             report
@@ -309,7 +318,8 @@ async fn network_state(admin: &Admin, network: &str) -> anyhow::Result<NetworkSt
 /// The endpoint agent `agent` reports for change `k`: distinct for every change.
 fn change_endpoint(k: usize) -> SocketAddr {
     let k = u32::try_from(k).unwrap_or(0);
-    let ip = std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + (k & 0xffff));
+    let ip =
+        std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + (k & 0xffff));
     SocketAddr::from((ip, 40000 + (k % 20000) as u16))
 }
 
@@ -509,7 +519,11 @@ async fn run(
         "{matching} of {n} agents hold version {} with all {} peers, identical to {}",
         net.version,
         net.nodes,
-        if expected.is_some() { "the coordinator's map" } else { "each other" }
+        if expected.is_some() {
+            "the coordinator's map"
+        } else {
+            "each other"
+        }
     );
     let memory_end = sys::memory();
     let counters_end = board.counters.values();

@@ -264,8 +264,7 @@ impl Scoreboard {
 
     /// Nanoseconds since the board was made, plus one (zero means "not yet").
     fn stamp(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_nanos())
-            .unwrap_or(u64::MAX - 1)
+        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX - 1)
             + 1
     }
 }
@@ -288,7 +287,10 @@ mod tests {
         board.applied(2, 6, Some(90));
         let got = board.wait(trigger, Duration::from_secs(1)).await;
         assert!(got.latency.iter().all(Option::is_some));
-        assert_eq!(got.frame_bytes, 100, "only the delta to the armed version counts");
+        assert_eq!(
+            got.frame_bytes, 100,
+            "only the delta to the armed version counts"
+        );
         assert_eq!(got.by_full_map, 1);
         assert_eq!(board.agents_at(5), 2);
         assert_eq!(board.lowest_version(), 5);

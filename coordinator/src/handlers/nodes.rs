@@ -20,7 +20,9 @@ use meshlink_proto::{Netmap, NodeId, PeerInfo};
 
 use super::tokens::unusable_reason;
 use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
-use crate::store::{NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord};
+use crate::store::{
+    NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
+};
 
 /// The most endpoints an agent may report.
 pub const MAX_ENDPOINTS: usize = 16;

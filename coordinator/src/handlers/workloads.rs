@@ -50,7 +50,12 @@ pub fn info(w: &WorkloadRecord) -> WorkloadInfo {
     }
 }
 
-async fn resolve(store: &dyn Store, network: &str, refs: &[String], what: &str) -> Result<Vec<NodeId>, ApiError> {
+async fn resolve(
+    store: &dyn Store,
+    network: &str,
+    refs: &[String],
+    what: &str,
+) -> Result<Vec<NodeId>, ApiError> {
     let mut out = Vec::new();
     for r in refs {
         let node = find_node(store, &Caller::Admin, r, Some(network))
@@ -89,27 +94,42 @@ pub async fn create_workload(
     let address = match req.address {
         Some(a) => {
             let cidr = network.cidr;
-            if !cidr.contains(&a) || a == cidr.network() || (cidr.prefix_len() < 31 && a == cidr.broadcast()) {
+            if !cidr.contains(&a)
+                || a == cidr.network()
+                || (cidr.prefix_len() < 31 && a == cidr.broadcast())
+            {
                 return Err(ApiError::Invalid(format!(
                     "address {a} is not a usable address of network {} ({cidr})",
                     network.name
                 )));
             }
             if used.contains(&a) {
-                return Err(ApiError::Conflict(format!("address {a} is already taken in network {}", network.name)));
+                return Err(ApiError::Conflict(format!(
+                    "address {a} is already taken in network {}",
+                    network.name
+                )));
             }
             a
         }
-        None => allocate_v4(network.cidr, &used)
-            .ok_or_else(|| ApiError::Refused(format!("network {} has no free address", network.name)))?,
+        None => allocate_v4(network.cidr, &used).ok_or_else(|| {
+            ApiError::Refused(format!("network {} has no free address", network.name))
+        })?,
     };
     let standby = resolve(store, &network.name, &req.standby, "standby").await?;
     let allowed = resolve(store, &network.name, &req.allowed, "allowed").await?;
-    let new = NewWorkload { network: network.name.clone(), name: req.name.clone(), address, standby, allowed, created_at: now };
+    let new = NewWorkload {
+        network: network.name.clone(),
+        name: req.name.clone(),
+        address,
+        standby,
+        allowed,
+        created_at: now,
+    };
     store.create_workload(new).await.map_err(|e| match e {
-        StoreError::Conflict(m) if m.contains("workloads.name") => {
-            ApiError::Conflict(format!("a workload named {} already exists in network {}", req.name, network.name))
-        }
+        StoreError::Conflict(m) if m.contains("workloads.name") => ApiError::Conflict(format!(
+            "a workload named {} already exists in network {}",
+            req.name, network.name
+        )),
         StoreError::Conflict(m) => ApiError::Conflict(format!("workload {}: {m}", req.name)),
         other => other.into(),
     })
@@ -119,7 +139,11 @@ pub async fn create_workload(
 ///
 /// # Errors
 /// [`ApiError::Forbidden`] for non-admins; store failures.
-pub async fn list_workloads(store: &dyn Store, caller: &Caller, network: Option<&str>) -> Result<Vec<WorkloadRecord>, ApiError> {
+pub async fn list_workloads(
+    store: &dyn Store,
+    caller: &Caller,
+    network: Option<&str>,
+) -> Result<Vec<WorkloadRecord>, ApiError> {
     require_admin(caller)?;
     Ok(store.workloads(network).await?)
 }
@@ -128,11 +152,14 @@ pub async fn list_workloads(store: &dyn Store, caller: &Caller, network: Option<
 ///
 /// # Errors
 /// [`ApiError::NotFound`].
-pub async fn find_workload(store: &dyn Store, network: &str, name: &str) -> Result<WorkloadRecord, ApiError> {
-    store
-        .workload(network, name)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no workload named {name:?} in network {network}")))
+pub async fn find_workload(
+    store: &dyn Store,
+    network: &str,
+    name: &str,
+) -> Result<WorkloadRecord, ApiError> {
+    store.workload(network, name).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("no workload named {name:?} in network {network}"))
+    })
 }
 
 /// Where a workload should go, checked: the workload, and its next holder (`None`: detach).
@@ -153,7 +180,10 @@ impl PlannedMove {
 
 fn check_target(w: &WorkloadRecord, node: &NodeRecord) -> Result<(), ApiError> {
     if node.network != w.network {
-        return Err(ApiError::Invalid(format!("node {} is in network {}, workload {} in {}", node.name, node.network, w.name, w.network)));
+        return Err(ApiError::Invalid(format!(
+            "node {} is in network {}, workload {} in {}",
+            node.name, node.network, w.name, w.network
+        )));
     }
     if node.revoked {
         return Err(ApiError::Refused(format!("node {} is revoked", node.name)));
@@ -166,7 +196,13 @@ fn check_target(w: &WorkloadRecord, node: &NodeRecord) -> Result<(), ApiError> {
 /// # Errors
 /// [`ApiError::NotFound`] for an unknown workload or node, [`ApiError::Refused`] for a revoked
 /// node, [`ApiError::Invalid`] for a node of another network.
-pub async fn plan_move(store: &dyn Store, caller: &Caller, network: &str, name: &str, to: Option<&str>) -> Result<PlannedMove, ApiError> {
+pub async fn plan_move(
+    store: &dyn Store,
+    caller: &Caller,
+    network: &str,
+    name: &str,
+    to: Option<&str>,
+) -> Result<PlannedMove, ApiError> {
     require_admin(caller)?;
     let workload = find_workload(store, network, name).await?;
     let to = match to {
@@ -185,11 +221,20 @@ pub async fn plan_move(store: &dyn Store, caller: &Caller, network: &str, name: 
 ///
 /// # Errors
 /// [`ApiError::Forbidden`] for other nodes and non-node callers, [`ApiError::NotFound`].
-pub async fn plan_claim(store: &dyn Store, caller: &Caller, name: &str) -> Result<PlannedMove, ApiError> {
+pub async fn plan_claim(
+    store: &dyn Store,
+    caller: &Caller,
+    name: &str,
+) -> Result<PlannedMove, ApiError> {
     let Caller::Node { id, .. } = caller else {
-        return Err(ApiError::Forbidden("only a node's own agent can claim a workload".into()));
+        return Err(ApiError::Forbidden(
+            "only a node's own agent can claim a workload".into(),
+        ));
     };
-    let node = store.node(*id).await?.ok_or_else(|| ApiError::NotFound(format!("node {id}")))?;
+    let node = store
+        .node(*id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node {id}")))?;
     let workload = find_workload(store, &node.network, name).await?;
     if !workload.allowed.contains(&node.id) && !workload.standby.contains(&node.id) {
         return Err(ApiError::Forbidden(format!(
@@ -198,7 +243,10 @@ pub async fn plan_claim(store: &dyn Store, caller: &Caller, name: &str) -> Resul
         )));
     }
     check_target(&workload, &node)?;
-    Ok(PlannedMove { workload, to: Some(node) })
+    Ok(PlannedMove {
+        workload,
+        to: Some(node),
+    })
 }
 
 /// Makes a planned move durable at the next generation, provided nobody moved the workload
@@ -207,10 +255,20 @@ pub async fn plan_claim(store: &dyn Store, caller: &Caller, name: &str) -> Resul
 /// # Errors
 /// [`ApiError::Conflict`] when another move won the race, [`ApiError::NotFound`] when the
 /// workload was deleted meanwhile.
-pub async fn commit_holder(store: &dyn Store, now: UnixTime, plan: &PlannedMove) -> Result<(WorkloadRecord, u64), ApiError> {
+pub async fn commit_holder(
+    store: &dyn Store,
+    now: UnixTime,
+    plan: &PlannedMove,
+) -> Result<(WorkloadRecord, u64), ApiError> {
     let w = &plan.workload;
     store
-        .set_holder(&w.network, &w.name, plan.to.as_ref().map(|n| n.id), w.generation, now)
+        .set_holder(
+            &w.network,
+            &w.name,
+            plan.to.as_ref().map(|n| n.id),
+            w.generation,
+            now,
+        )
         .await
         .map_err(|e| match e {
             StoreError::Conflict(m) => ApiError::Conflict(m),
@@ -223,12 +281,20 @@ pub async fn commit_holder(store: &dyn Store, now: UnixTime, plan: &PlannedMove)
 ///
 /// # Errors
 /// [`ApiError::NotFound`].
-pub async fn delete_workload(store: &dyn Store, caller: &Caller, network: &str, name: &str) -> Result<(WorkloadRecord, u64), ApiError> {
+pub async fn delete_workload(
+    store: &dyn Store,
+    caller: &Caller,
+    network: &str,
+    name: &str,
+) -> Result<(WorkloadRecord, u64), ApiError> {
     require_admin(caller)?;
     let w = find_workload(store, network, name).await?;
-    let v = store.delete_workload(network, name).await.map_err(|e| match e {
-        StoreError::NotFound(m) => ApiError::NotFound(m),
-        other => other.into(),
-    })?;
+    let v = store
+        .delete_workload(network, name)
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound(m) => ApiError::NotFound(m),
+            other => other.into(),
+        })?;
     Ok((w, v))
 }

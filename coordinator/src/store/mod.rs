@@ -304,7 +304,11 @@ pub trait Store: Send + Sync {
     fn workloads<'a>(&'a self, network: Option<&'a str>) -> StoreFuture<'a, Vec<WorkloadRecord>>;
 
     /// One workload of a network, by name.
-    fn workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, Option<WorkloadRecord>>;
+    fn workload<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+    ) -> StoreFuture<'a, Option<WorkloadRecord>>;
 
     /// Gives a workload to `holder` (`None`: detaches it) at generation `expected + 1`, only if
     /// its generation is still `expected` (fencing: two racing moves cannot both win); the old

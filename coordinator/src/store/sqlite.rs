@@ -371,9 +371,9 @@ impl Store for SqliteStore {
                 "SELECT address FROM nodes WHERE network = $1 \
                  UNION ALL SELECT address FROM workloads WHERE network = $1",
             )
-                .bind(network)
-                .fetch_all(&self.pool)
-                .await?;
+            .bind(network)
+            .fetch_all(&self.pool)
+            .await?;
             rows.iter()
                 .map(|r| parse::<Ipv4Addr>(&r.try_get::<String, _>("address")?, "address"))
                 .collect()
@@ -506,9 +506,11 @@ impl Store for SqliteStore {
                     .await?
                 }
                 None => {
-                    sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY id")))
-                        .fetch_all(&self.pool)
-                        .await?
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY id"
+                    )))
+                    .fetch_all(&self.pool)
+                    .await?
                 }
             };
             rows.iter().map(workload_row).collect()
@@ -541,7 +543,9 @@ impl Store for SqliteStore {
                     .await?
                     .is_some();
                 if !ok {
-                    return Err(StoreError::NotFound(format!("node {h} (deleted or revoked)")));
+                    return Err(StoreError::NotFound(format!(
+                        "node {h} (deleted or revoked)"
+                    )));
                 }
             }
             let done = sqlx::query(

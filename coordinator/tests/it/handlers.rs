@@ -315,7 +315,11 @@ async fn revoked_nodes_are_refused_and_leave_the_map() {
     );
     let nodes = list_nodes(&store, &ADMIN, Some("prod")).await.unwrap();
     assert_eq!(
-        netmap(9, &nodes, &[]).peers.keys().copied().collect::<Vec<_>>(),
+        netmap(9, &nodes, &[])
+            .peers
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
         vec![2]
     );
     let e = update_endpoints(

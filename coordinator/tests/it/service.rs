@@ -129,9 +129,15 @@ async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
         })
         .await
         .unwrap();
-    let mut a = s.hello(&join_hello(&secret, 1, None), remote()).await.unwrap();
+    let mut a = s
+        .hello(&join_hello(&secret, 1, None), remote())
+        .await
+        .unwrap();
     // b's join fills a's one-place queue.
-    let _b = s.hello(&join_hello(&secret, 2, None), remote()).await.unwrap();
+    let _b = s
+        .hello(&join_hello(&secret, 2, None), remote())
+        .await
+        .unwrap();
     s.revoke_node(&a.node.to_string(), None).await.unwrap();
     let mut got = Vec::new();
     while let Ok(out) = a.attached.rx.try_recv() {
@@ -141,5 +147,8 @@ async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
         matches!(o, Outbound::Frame(f) if std::str::from_utf8(&f[4..]).is_ok_and(|t| t.contains("\"revoked\"")))
     });
     assert!(revoked, "no Revoked frame reached the session: {got:?}");
-    assert!(matches!(got.last(), Some(Outbound::Close(_))), "the session was not closed: {got:?}");
+    assert!(
+        matches!(got.last(), Some(Outbound::Close(_))),
+        "the session was not closed: {got:?}"
+    );
 }
