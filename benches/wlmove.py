@@ -29,6 +29,11 @@ Failover: `--failovers` times, with the workload on vm-a, vm-a's agent is killed
 tunnel interface and with it the address vanish, the coordinator hears nothing); failover time
 is from the kill to the first probe answered by vm-c among those sent after the kill. Then vm-a's
 agent is restarted and the workload moved back.
+Coordinator restarts: `--restarts` times, with the workload on vm-a under the probe, the
+coordinator is killed (SIGKILL) and started again on the same state directory `--outage`
+seconds later; per round: probes lost from the kill on, the longest silence of the workload
+address (send time of the last answered probe before a run of lost ones to that of the first
+answered one after it), and the time from the new start to every agent online.
 
 The report is a markdown table; `--json` keeps every figure. Only python3's standard library
 is used; everything made is removed on exit (names carry `mlw<pid>`), also on Ctrl-C.
@@ -78,13 +83,16 @@ class MoveBench(Bed):
         self.agents = {}
         self.echo = {}
 
-    def start(self):
-        self.state = os.path.join(self.tmp, "coordinator")
+    def start_coordinator(self, log_name="coordinator.log"):
         self.coord = self.spawn("c0", [self.bin("meshlink-coordinator"), "serve", "--state-dir", self.state,
                                        "--listen", f"0.0.0.0:{QUIC_PORT}", "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
-                                       "--advertise", f"198.18.1.10:{QUIC_PORT}"], "coordinator.log")
+                                       "--advertise", f"198.18.1.10:{QUIC_PORT}"], log_name)
         self.wait_for("the coordinator's fingerprint line", 20,
                       lambda: "coordinator fingerprint:" in tail(self.coord.log_path, 200), self.coord)
+
+    def start(self):
+        self.state = os.path.join(self.tmp, "coordinator")
+        self.start_coordinator()
         self.meshctl("network", "create", NETWORK, "--cidr", NETWORK_CIDR)
         self.token = json.loads(self.meshctl("token", "create", "--network", NETWORK, "--uses", "3",
                                              "--expires", "1h", "-o", "json"))["token"]
@@ -222,6 +230,60 @@ class MoveBench(Bed):
             self.wait_for("vm-a back online", 30, lambda: self.online() == 3)
         return results
 
+    def restarts(self):
+        """The coordinator SIGKILLed and started again `--outage` seconds later, `--restarts`
+        times, with the workload held by vm-a and probed once per millisecond throughout."""
+        results = []
+        for k in range(self.opts.restarts):
+            if self.holder() != "vm-a":
+                self.move("a")
+            time.sleep(2.0)
+            seconds = int(self.opts.outage + 8)
+            proc, out = self.probe(seconds, f"restart-{k}")
+            time.sleep(1.0)
+            self.mover.kill()
+            self.untrack(self.mover)
+            t_kill = time.time_ns()
+            self.coord.kill()
+            self.coord.wait()
+            self.untrack(self.coord)
+            time.sleep(self.opts.outage)
+            t_start = time.time_ns()
+            self.start_coordinator(f"coordinator-{k + 1}.log")
+            t_ready = time.time_ns()
+            self.mover = self.spawn_piped("c0", ["python3", "-c", MOVER, f"http://127.0.0.1:{ADMIN_PORT}",
+                                                 os.path.join(self.state, "admin.token"), WORKLOAD],
+                                          f"mover-{k + 1}.log")
+            self.wait_for("every agent back online", 60, lambda: self.online() == 3)
+            t_online = time.time_ns()
+            proc.wait(timeout=seconds + 30)
+            self.untrack(proc)
+            recs = self.records(out)
+            after = sorted((r for r in recs if r["sent"] >= t_kill), key=lambda r: r["seq"])
+            # The longest run of unanswered probes, as the time between the last answered
+            # probe before it and the first answered one after it (probe send times).
+            longest, last_ok, lost = 0, None, 0
+            for r in after:
+                if r["recv"] is None:
+                    lost += 1
+                    continue
+                if last_ok is not None:
+                    longest = max(longest, r["sent"] - last_ok)
+                last_ok = r["sent"]
+            unanswered_tail = any(r["recv"] is None for r in after[-50:])
+            results.append({
+                "outage_s": self.opts.outage,
+                "lost": lost,
+                "probes": len(after),
+                "longest_silence_ms": longest / 1e6,
+                "silent_at_end": unanswered_tail,
+                "restart_ready_ms": (t_ready - t_start) / 1e6,
+                "all_online_after_start_ms": (t_online - t_start) / 1e6,
+                "answered_by": sorted({r["by"] for r in after if r["by"]}),
+            })
+            log(f"restart {k + 1}: {results[-1]}")
+        return results
+
 
 def pct(values, q):
     v = sorted(values)
@@ -236,6 +298,13 @@ def fmt(x, unit=" ms"):
 
 
 def report(res, opts):
+    if res["moves"]:
+        report_moves(res)
+    report_failovers(res["failovers"])
+    report_restarts(res["restarts"], opts)
+
+
+def report_moves(res):
     mv = res["moves"]["moves"]
     lat = [m["to_new_holder_ms"] for m in mv if m["to_new_holder_ms"] is not None]
     lost = [m["lost"] for m in mv]
@@ -252,17 +321,36 @@ def report(res, opts):
     print(f"\nProbes lost per planned move: total {sum(lost)} over {len(mv)} moves, max {max(lost) if lost else 0} "
           f"(bar: 0); moves never answered by the new holder: {missing}. Before the first move: "
           f"{res['moves']['lost_before_first_move']} lost of {res['moves']['probes_before_first_move']}.")
-    fo = res["failovers"]
-    if fo:
-        t = [f["failover_ms"] for f in fo if f["failover_ms"] is not None]
-        print(f"\n## Failover: holder's agent killed, {len(fo)} times\n")
-        print("| figure | median | max | bar |")
-        print("|---|---|---|---|")
-        print(f"| kill -> first probe answered by the standby | {fmt(statistics.median(t) if t else None)} "
-              f"| {fmt(max(t) if t else None)} | < 2000 ms |")
-        print(f"\nFailovers that never completed: {len(fo) - len(t)}.")
     print(f"\nPer move: {json.dumps([(m['to'], m['to_new_holder_ms'], m['lost']) for m in mv])}")
     print(f"\nAgent drop counters after the moves: {json.dumps(res['moves']['agent_drops'])}")
+
+
+def report_failovers(fo):
+    if not fo:
+        return
+    t = [f["failover_ms"] for f in fo if f["failover_ms"] is not None]
+    print(f"\n## Failover: holder's agent killed, {len(fo)} times\n")
+    print("| figure | median | max | bar |")
+    print("|---|---|---|---|")
+    print(f"| kill -> first probe answered by the standby | {fmt(statistics.median(t) if t else None)} "
+          f"| {fmt(max(t) if t else None)} | < 2000 ms |")
+    print(f"\nFailovers that never completed: {len(fo) - len(t)}.")
+
+
+def report_restarts(rs, opts):
+    if not rs:
+        return
+    sil = [r["longest_silence_ms"] for r in rs]
+    lost = [r["lost"] for r in rs]
+    print(f"\n## Coordinator SIGKILLed, started again {opts.outage:g} s later, {len(rs)} times; holder under probe\n")
+    print("| figure | median | max | bar |")
+    print("|---|---|---|---|")
+    print(f"| probes lost (1/ms) | {statistics.median(lost):.0f} | {max(lost)} | 0 |")
+    print(f"| longest silence of the workload address | {fmt(statistics.median(sil))} | {fmt(max(sil))} | 0 |")
+    v = [r["all_online_after_start_ms"] for r in rs]
+    print(f"| coordinator start -> every agent online (meshctl polled) | {fmt(statistics.median(v))} | {fmt(max(v))} | |")
+    print(f"\nRounds still silent when the probe ended: {sum(1 for r in rs if r['silent_at_end'])}.")
+    print(f"\nPer round: {json.dumps([(r['lost'], r['longest_silence_ms'], r['answered_by']) for r in rs])}")
 
 
 def main():
@@ -270,6 +358,9 @@ def main():
     ap.add_argument("--moves", type=int, default=20)
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between moves")
     ap.add_argument("--failovers", type=int, default=5)
+    ap.add_argument("--restarts", type=int, default=0,
+                    help="coordinator SIGKILL + restart rounds with the workload under probe")
+    ap.add_argument("--outage", type=float, default=1.0, help="seconds the coordinator stays down per restart")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release"))
     ap.add_argument("--json", help="write every figure here")
@@ -286,7 +377,8 @@ def main():
     try:
         bench.setup()
         bench.start()
-        res = {"moves": bench.moves(), "failovers": bench.failovers(), "machine": bench.environment()}
+        res = {"moves": bench.moves() if opts.moves else None, "failovers": bench.failovers(), "restarts": bench.restarts(),
+               "machine": bench.environment()}
     except Exception:
         log(f"logs: {bench.tmp}")
         opts.keep_logs = True

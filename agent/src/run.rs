@@ -408,7 +408,9 @@ async fn reconcile_mesh(
     let mut control_gone = false;
     loop {
         let linger_end = releasing.values().min().copied();
-        let wake = match (shared.lock().poll_timeout(), linger_end) {
+        // Only instants still ahead: a lease that ran out is no timer (it would wake this
+        // loop over and over until the map changes).
+        let wake = match (shared.lock().poll_timeout(Instant::now()), linger_end) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

@@ -347,7 +347,7 @@ mod tests {
     fn decode(frame: &[u8]) -> ServerMessage {
         let mut d = Decoder::new(MAX_SERVER_MESSAGE);
         d.push(frame).unwrap();
-        d.next().unwrap().unwrap()
+        d.decode().unwrap().unwrap()
     }
 
     #[test]

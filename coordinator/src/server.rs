@@ -154,14 +154,22 @@ pub fn endpoint(
         .max_idle_timeout(limits.idle_timeout.try_into().ok());
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
     config.transport_config(Arc::new(transport));
-    // The stateless-reset key is derived from the identity, so it survives restarts: agents
-    // whose sessions died with an earlier process get a reset on their next keepalive and
-    // reconnect at once, instead of waiting out the idle timeout.
+    // The stateless-reset key is derived from the identity, so it survives restarts, and
+    // connection IDs are plain random ones that any process accepts as its own (quinn's
+    // default signs them with a key of the process, and drops, without a reset, packets whose
+    // ID it cannot validate). So a restarted coordinator answers a packet of a connection of
+    // the previous process with a reset the agent accepts: agents learn of the restart from
+    // their next packet and reconnect at once, instead of waiting out the idle timeout.
     let mut seed = Sha256::new();
     seed.update(b"meshlink stateless reset v1");
     seed.update(identity.key.secret_der());
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed.finalize());
-    let endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    endpoint_config.cid_generator(|| Box::new(RandomCids));
+    // quinn sends at most one reset per 20 ms by default: after a restart, a fleet's
+    // keepalives would then wait their turn for seconds. A reset is always smaller than the
+    // packet that drew it, so a shorter interval amplifies nothing.
+    endpoint_config.min_reset_interval(RESET_INTERVAL);
     let bind = |source| ServerError::Bind {
         addr: listen,
         source,
@@ -171,6 +179,32 @@ pub fn endpoint(
         quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime")))?;
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
 }
+
+/// Connection IDs of [`CID_LEN`] random bytes, valid for any coordinator process (see
+/// [`endpoint`]).
+struct RandomCids;
+
+/// The length of the coordinator's connection IDs.
+const CID_LEN: usize = 8;
+
+impl quinn::ConnectionIdGenerator for RandomCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; CID_LEN];
+        rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut bytes);
+        quinn::ConnectionId::new(&bytes)
+    }
+
+    fn cid_len(&self) -> usize {
+        CID_LEN
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The shortest time between two stateless resets (see [`endpoint`]).
+const RESET_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Accepts connections until `shutdown` changes (or its sender is dropped), then closes the
 /// endpoint and waits a little for sessions to end.
@@ -498,7 +532,7 @@ impl Reader {
         loop {
             if let Some(msg) = self
                 .decoder
-                .next::<ClientMessage>()
+                .decode::<ClientMessage>()
                 .map_err(ReadFail::Codec)?
             {
                 if !self.bucket.allow(Instant::now()) {

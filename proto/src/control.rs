@@ -249,7 +249,7 @@ impl Decoder {
     /// # Errors
     /// [`CodecError`] when the next message is over the cap or malformed; the stream is then
     /// unusable.
-    pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
+    pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
         self.check_len()?;
         if self.buf.len() < 4 {
             return Ok(None);
@@ -297,7 +297,7 @@ mod tests {
         let mut got = Vec::new();
         for chunk in all.chunks(3) {
             d.push(chunk).unwrap();
-            while let Some(m) = d.next::<ClientMessage>().unwrap() {
+            while let Some(m) = d.decode::<ClientMessage>().unwrap() {
                 got.push(m);
             }
         }
@@ -322,13 +322,13 @@ mod tests {
         let mut d = Decoder::new(100);
         d.push(&[0, 0, 0, 5, b'{', b'x', 0xff, b'}', b'!']).unwrap();
         assert!(matches!(
-            d.next::<ClientMessage>(),
+            d.decode::<ClientMessage>(),
             Err(CodecError::Malformed(_))
         ));
         let mut d = Decoder::new(100);
         d.push(&[0, 0, 0, 2, b'{', b'}']).unwrap();
         assert!(matches!(
-            d.next::<ClientMessage>(),
+            d.decode::<ClientMessage>(),
             Err(CodecError::Malformed(_))
         ));
     }

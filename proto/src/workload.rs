@@ -39,6 +39,11 @@ pub const PREPARE_HOLD: Duration = Duration::from_secs(3);
 /// How many heartbeats a lease spans: a holder sends one every `lease / HEARTBEATS_PER_LEASE`,
 /// so one or two lost heartbeats do not end the lease.
 pub const HEARTBEATS_PER_LEASE: u32 = 5;
+/// The pace of a holder's heartbeats while the latest answer is overdue (none for a whole
+/// heartbeat interval): the coordinator may have restarted, and each heartbeat that reaches a
+/// restarted coordinator draws the stateless reset that tells the agent to reconnect at once,
+/// before its lease runs out.
+pub const OVERDUE_HEARTBEAT: Duration = Duration::from_millis(50);
 
 /// One workload as every node of its network sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -272,15 +277,32 @@ impl Holdings {
     }
 
     /// A heartbeat to send now, if one is due: its sequence number. Heartbeats are sent only
-    /// by holders, every `lease / HEARTBEATS_PER_LEASE`.
+    /// by holders, every `lease / HEARTBEATS_PER_LEASE`, and every [`OVERDUE_HEARTBEAT`] while
+    /// the oldest unanswered one is older than that interval.
     pub fn poll_heartbeat(&mut self, now: Instant) -> Option<u64> {
         if !self.is_holder() {
             return None;
         }
-        let due = self
-            .last_heartbeat
-            .is_none_or(|t| now.saturating_duration_since(t) >= self.heartbeat_interval());
+        let due = self.next_heartbeat().is_none_or(|t| now >= t);
         due.then(|| self.heartbeat_now(now))
+    }
+
+    /// When the next heartbeat falls due: `None` when this node holds nothing, or has sent
+    /// no heartbeat yet (then one is due at once).
+    pub fn next_heartbeat(&self) -> Option<Instant> {
+        if !self.is_holder() {
+            return None;
+        }
+        let last = self.last_heartbeat?;
+        let overdue = self.in_flight.front().is_some_and(|(_, sent)| {
+            last.saturating_duration_since(*sent) >= self.heartbeat_interval()
+        });
+        let pace = if overdue {
+            OVERDUE_HEARTBEAT.min(self.heartbeat_interval())
+        } else {
+            self.heartbeat_interval()
+        };
+        Some(last + pace)
     }
 
     /// A heartbeat to send now whatever the pace: this node is about to become a holder (a
@@ -390,28 +412,19 @@ impl Holdings {
         }
     }
 
-    /// The next instant at which [`Holdings::held`] or [`Holdings::forwards`] may change by
-    /// time alone, or a heartbeat falls due.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        let mut t: Option<Instant> = None;
-        let mut consider = |i: Instant| t = Some(t.map_or(i, |x| x.min(i)));
-        if let Some(u) = self.lease_until {
-            if self.is_holder() {
-                consider(u);
-            }
-        }
-        if self.is_holder() {
-            if let Some(l) = self.last_heartbeat {
-                consider(l + self.heartbeat_interval());
-            }
-        }
-        for f in self.forwards.values() {
-            consider(f.until);
-        }
-        for (_, _, until) in self.tentative.values() {
-            consider(*until);
-        }
-        t
+    /// The next instant after `now` at which [`Holdings::held`], [`Holdings::forwards`] or
+    /// [`Holdings::tentative`] may change by time alone (a lease, a forward or a prepared
+    /// move ending). Heartbeats are paced apart: [`Holdings::next_heartbeat`].
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        let lease = self.lease_until.filter(|_| self.is_holder());
+        let forwards = self.forwards.values().map(|f| f.until);
+        let tentative = self.tentative.values().map(|(_, _, until)| *until);
+        lease
+            .into_iter()
+            .chain(forwards)
+            .chain(tentative)
+            .filter(|t| *t > now)
+            .min()
     }
 }
 
@@ -575,7 +588,13 @@ mod tests {
         // The lease counts from the send time.
         assert_eq!(h.held(t0 + Duration::from_millis(1499)).len(), 1);
         assert!(h.held(t0 + Duration::from_millis(1500)).is_empty());
-        assert_eq!(h.poll_timeout(), Some(t0 + Duration::from_millis(300)));
+        assert_eq!(h.next_heartbeat(), Some(t0 + Duration::from_millis(300)));
+        assert_eq!(h.poll_timeout(t0), Some(t0 + Duration::from_millis(1500)));
+        assert_eq!(
+            h.poll_timeout(t0 + Duration::from_millis(1500)),
+            None,
+            "no timer in the past"
+        );
     }
 
     #[test]
@@ -620,6 +639,34 @@ mod tests {
     }
 
     #[test]
+    fn heartbeats_quicken_while_an_answer_is_overdue_and_slow_down_once_answered() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        let interval = h.heartbeat_interval();
+        let s1 = h.poll_heartbeat(t0).unwrap();
+        h.on_lease(s1, DEFAULT_LEASE, 1);
+        // Answered: the normal pace.
+        assert_eq!(h.poll_heartbeat(t0 + interval - ms(1)), None);
+        let s2 = h.poll_heartbeat(t0 + interval).unwrap();
+        // Not answered yet, but not overdue either: still the normal pace.
+        assert_eq!(h.next_heartbeat(), Some(t0 + 2 * interval));
+        let s3 = h.poll_heartbeat(t0 + 2 * interval).unwrap();
+        // s2 has now waited a whole interval: one every OVERDUE_HEARTBEAT.
+        let t = t0 + 2 * interval;
+        assert_eq!(h.next_heartbeat(), Some(t + OVERDUE_HEARTBEAT));
+        assert_eq!(h.poll_heartbeat(t + OVERDUE_HEARTBEAT - ms(1)), None);
+        let s4 = h.poll_heartbeat(t + OVERDUE_HEARTBEAT).unwrap();
+        assert!(s2 < s3 && s3 < s4);
+        // An answer (to any of them: a new session answers the newest) restores the pace.
+        h.on_lease(s4, DEFAULT_LEASE, 1);
+        let last = t + OVERDUE_HEARTBEAT;
+        assert_eq!(h.poll_heartbeat(last + OVERDUE_HEARTBEAT), None);
+        assert!(h.poll_heartbeat(last + interval).is_some());
+    }
+
+    #[test]
     fn a_prepared_address_is_tentative_until_the_move_lands_or_expires() {
         let t0 = Instant::now();
         let mut h = Holdings::new(2);
@@ -651,7 +698,7 @@ mod tests {
         let mut h = Holdings::new(3);
         h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
         h.on_prepare("chat", 2, t0);
-        assert_eq!(h.poll_timeout(), Some(t0 + PREPARE_HOLD));
+        assert_eq!(h.poll_timeout(t0), Some(t0 + PREPARE_HOLD));
         assert!(h.tentative(t0 + PREPARE_HOLD).is_empty());
         // Another node winning the generation ends it too.
         h.on_prepare("chat", 2, t0);

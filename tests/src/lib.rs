@@ -71,18 +71,40 @@ pub const UAPI_DIR: &str = "/var/run/wireguard";
 
 /// Whether this process may build namespaces and TUN devices.
 ///
-/// Returns `true` when running as root with `/dev/net/tun` present. Otherwise prints the single
-/// line `skipped: needs root and /dev/net/tun` straight to stderr (past the test harness's
-/// output capture, so it is seen) and returns `false`; the caller then returns early.
+/// Returns `true` when running as root with `/dev/net/tun` present. Otherwise, on a developer's
+/// machine, prints the single line `skipped: needs root and /dev/net/tun` straight to stderr
+/// (past the test harness's output capture, so it is seen) and returns `false`; the caller then
+/// returns early.
+///
+/// # Panics
+/// When they are missing and skipping is not allowed ([`skipping_allowed`]): under CI, a
+/// namespace test that cannot run is a failure, never a pass.
 pub fn require_root() -> bool {
     let root = nix::unistd::geteuid().is_root();
     let tun = std::path::Path::new("/dev/net/tun").exists();
     if root && tun {
         return true;
     }
+    let missing = match (root, tun) {
+        (false, false) => "root and /dev/net/tun",
+        (false, true) => "root",
+        _ => "/dev/net/tun",
+    };
+    assert!(
+        skipping_allowed(|k| std::env::var(k).ok()),
+        "this namespace test needs {missing}, and CI=true or MESHLINK_REQUIRE_NETNS=1 forbids skipping it"
+    );
     // `eprintln!` is captured by the test harness; a direct write to fd 2 is not.
-    let _ = writeln!(std::io::stderr(), "skipped: needs root and /dev/net/tun");
+    let _ = writeln!(std::io::stderr(), "skipped: needs {missing}");
     false
+}
+
+/// Whether a namespace test may skip itself when root or TUN is missing: not when `CI` is
+/// `true` (CI sets it) or `MESHLINK_REQUIRE_NETNS` is `1`. `var` reads the environment.
+pub fn skipping_allowed(var: impl Fn(&str) -> Option<String>) -> bool {
+    let ci = var("CI").is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1");
+    let required = var("MESHLINK_REQUIRE_NETNS").is_some_and(|v| v == "1");
+    !(ci || required)
 }
 
 /// Panics unless `program` can be run, naming the Debian package that provides it.
@@ -233,4 +255,27 @@ pub fn xfer_bin() -> PathBuf {
         path.display()
     );
     path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::skipping_allowed;
+
+    #[test]
+    fn ci_or_the_variable_forbid_skipping() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| (*v).to_string())
+            }
+        };
+        assert!(skipping_allowed(env(&[])));
+        assert!(skipping_allowed(env(&[("CI", "false")])));
+        assert!(skipping_allowed(env(&[("MESHLINK_REQUIRE_NETNS", "0")])));
+        assert!(!skipping_allowed(env(&[("CI", "true")])));
+        assert!(!skipping_allowed(env(&[("CI", "1")])));
+        assert!(!skipping_allowed(env(&[("MESHLINK_REQUIRE_NETNS", "1")])));
+    }
 }

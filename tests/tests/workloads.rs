@@ -15,6 +15,10 @@
 //!   not take the address back.
 //! - `cut_off_holder_stops_answering_when_its_lease_ends`: vm-a1 loses its route to the
 //!   coordinator; within its lease it drops the address on its own, and the standby takes over.
+//! - `coordinator_restart_silences_no_workload_address`: the coordinator is SIGKILLed and
+//!   started again half a second later while vm-b1 pings the workload address every 10 ms:
+//!   vm-a1 learns of the restart from the stateless reset its next heartbeat draws, reconnects
+//!   and renews its lease before it runs out, so no ping is lost and nothing moves.
 //!
 //! Needs root (skips with one line otherwise) and the binaries: `cargo build -p meshlink-agent
 //! -p meshlink-coordinator -p meshctl -p meshlink-chat` first.
@@ -379,4 +383,83 @@ fn cut_off_holder_stops_answering_when_its_lease_ends() {
     std::thread::sleep(Duration::from_secs(3));
     assert!(!bed.has_address("vm-a1"));
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
+}
+
+/// Starts `count` pings from `ns` to `dst`, one every 10 ms (ping waits for the last answers
+/// before it prints its summary).
+fn ping_run(ns: &NsRef, dst: Ipv4Addr, count: u32) -> std::process::Child {
+    let mut cmd = ns.command("ping");
+    cmd.args([
+        "-n",
+        "-q",
+        "-i",
+        "0.01",
+        "-c",
+        &count.to_string(),
+        &dst.to_string(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    cmd.spawn().expect("ping starts")
+}
+
+/// `(transmitted, received)` from ping's summary line.
+fn ping_summary(out: &str) -> (u32, u32) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in {out:?}"));
+    let num = |i: usize| -> u32 {
+        line.split(',')
+            .nth(i)
+            .and_then(|f| f.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("ping summary {line:?}"))
+    };
+    (num(0), num(1))
+}
+
+#[test]
+fn coordinator_restart_silences_no_workload_address() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Bed::new("wl-restart");
+    bed.ctl()
+        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    bed.wait_address("vm-a1", true, STEP);
+    let b1 = bed.agent("vm-b1").ns().clone();
+    b1.wait_for_ping(WORKLOAD_IP, STEP)
+        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
+    let generation = bed.workload()["generation"].clone();
+
+    let ping = ping_run(&b1, WORKLOAD_IP, 500);
+    std::thread::sleep(Duration::from_secs(1));
+    bed.coord.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    bed.coord.restart();
+    timing("coordinator restarted", started.elapsed());
+    let out = ping.wait_with_output().expect("ping runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sent, received) = ping_summary(&text);
+    timing(
+        &format!("pings answered across the restart: {received} of {sent}"),
+        Duration::ZERO,
+    );
+    assert!(sent >= 300, "ping sent only {sent}: {text}");
+    assert_eq!(
+        received, sent,
+        "the workload address went silent across a 0.5 s coordinator restart: {text}"
+    );
+    // Nothing moved, and vm-a1 holds it still.
+    let w = bed.workload();
+    assert_eq!(w["generation"], generation, "{w}");
+    assert_eq!(bed.holder().as_deref(), Some("vm-a1"), "{w}");
+    assert!(bed.has_address("vm-a1"));
+    // Every agent is back on the restarted coordinator.
+    wait_until(STEP, "every agent online after the restart", || {
+        bed.ctl().nodes().iter().all(|n| n.online).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
 }

@@ -35,10 +35,21 @@ use workloads::{ClaimRequest, Shared, Tunnels};
 
 /// How long connecting and the first exchange may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest pause between reconnection attempts.
+/// How long the QUIC handshake of a holder of workload addresses may take before it starts
+/// over: a fresh attempt sends its first packet at once, where a late one would wait for its
+/// retransmission timer, so a coordinator back from a restart is reached sooner.
+const HOLDER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The first pause after a failed attempt, and the longest, for nodes holding no workload.
+const BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// The longest pause between reconnection attempts while this node holds a workload address.
-const HOLDER_MAX_BACKOFF: Duration = Duration::from_secs(1);
+/// The same for a node holding a workload address: its lease is short.
+const HOLDER_BACKOFF: Duration = Duration::from_millis(100);
+const HOLDER_MAX_BACKOFF: Duration = Duration::from_millis(250);
+/// After a session that worked ends, the next attempt starts after a random pause below this
+/// (a holder: below [`HOLDER_FIRST_RETRY`]): a coordinator that restarted is usually back
+/// already, and the pause spreads a whole fleet's reconnections over a second.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const HOLDER_FIRST_RETRY: Duration = Duration::from_millis(20);
 /// How often local endpoints are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 
@@ -81,7 +92,7 @@ pub struct Session {
 }
 
 impl Session {
-    async fn connect(addr: &str, pin: &str) -> Result<Session, ControlError> {
+    async fn connect(addr: &str, pin: &str, patience: Duration) -> Result<Session, ControlError> {
         let fail = |reason: String| ControlError::Connect {
             addr: addr.to_string(),
             reason,
@@ -101,7 +112,7 @@ impl Session {
         let connecting = endpoint
             .connect(target, tls::SERVER_NAME)
             .map_err(|e| fail(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        let conn = tokio::time::timeout(patience, connecting)
             .await
             .map_err(|_| fail("timed out".into()))?
             .map_err(|e| fail(e.to_string()))?;
@@ -131,7 +142,7 @@ impl Session {
         loop {
             if let Some(m) = self
                 .decoder
-                .next::<ServerMessage>()
+                .decode::<ServerMessage>()
                 .map_err(|e| ControlError::Protocol(e.to_string()))?
             {
                 return Ok(m);
@@ -214,7 +225,7 @@ pub async fn join(
     labels: BTreeMap<String, String>,
     endpoints: Vec<SocketAddr>,
 ) -> Result<(NodeState, Netmap, Session), ControlError> {
-    let mut s = Session::connect(&token.coordinator, &token.fingerprint).await?;
+    let mut s = Session::connect(&token.coordinator, &token.fingerprint, CONNECT_TIMEOUT).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         auth: Auth::JoinToken {
@@ -243,7 +254,7 @@ pub async fn join(
     Ok((node, map, s))
 }
 
-/// Opens a session with the node's own credentials.
+/// Opens a session with the node's own credentials; the QUIC handshake may take `patience`.
 ///
 /// # Errors
 /// [`ControlError`].
@@ -251,8 +262,9 @@ pub async fn authenticate(
     node: &NodeState,
     public_key: PublicKey,
     endpoints: Vec<SocketAddr>,
+    patience: Duration,
 ) -> Result<(Welcome, Netmap, Session), ControlError> {
-    let mut s = Session::connect(&node.coordinator, &node.fingerprint).await?;
+    let mut s = Session::connect(&node.coordinator, &node.fingerprint, patience).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         auth: Auth::Node {
@@ -296,14 +308,19 @@ pub fn local_endpoints(port: u16, tunnel: &str, overlay: &IpNet) -> Vec<SocketAd
     out
 }
 
-fn jitter(d: Duration) -> Duration {
-    // Between 50% and 150% of `d`, so that agents restarted together do not reconnect in step.
-    let r = rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000;
-    d.mul_f64(0.5 + f64::from(r) / 1000.0)
+/// A uniformly random fraction of `[0, 1)`, in thousandths.
+fn fraction() -> f64 {
+    f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000) / 1000.0
 }
 
-/// How often the control loop checks whether a heartbeat is due.
-const HEARTBEAT_CHECK: Duration = Duration::from_millis(50);
+fn jitter(d: Duration) -> Duration {
+    // Between 50% and 150% of `d`, so that agents restarted together do not reconnect in step.
+    d.mul_f64(0.5 + fraction())
+}
+
+/// How often the control loop checks whether a heartbeat is due (overdue ones go out every
+/// `OVERDUE_HEARTBEAT`, 50 ms).
+const HEARTBEAT_CHECK: Duration = Duration::from_millis(25);
 
 /// The long-lived control loop of a joined node.
 pub struct MeshControl {
@@ -372,28 +389,35 @@ impl MeshControl {
                 warn!("saving the listen port: {e}");
             }
         }
-        let mut backoff = Duration::from_secs(1);
+        let mut backoff = BACKOFF;
         let mut failures = 0u32;
         loop {
+            let holder = self.shared.lock().is_holder();
             let session = match self.first.take() {
                 Some(s) => Ok(s),
                 None => {
                     let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
-                    authenticate(&self.node, self.public_key, eps)
+                    let patience = if holder {
+                        HOLDER_HANDSHAKE_TIMEOUT
+                    } else {
+                        CONNECT_TIMEOUT
+                    };
+                    debug!("connecting");
+                    authenticate(&self.node, self.public_key, eps, patience)
                         .await
                         .map(|(_, map, s)| {
+                            debug!("authenticated");
                             self.publish(map);
                             s
                         })
                 }
             };
-            match session {
+            let pause = match session {
                 Ok(s) => {
                     if failures > 0 {
                         info!(coordinator = %self.node.coordinator, "control session re-established");
                     }
                     failures = 0;
-                    backoff = Duration::from_secs(1);
                     match self.serve(s, wg_port, &tunnel, &tunnels).await {
                         Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
                             self.shared.lock().drop_lease();
@@ -409,6 +433,14 @@ impl MeshControl {
                         }
                         Ok(()) => {}
                     }
+                    let holder = self.shared.lock().is_holder();
+                    backoff = if holder { HOLDER_BACKOFF } else { BACKOFF };
+                    (if holder {
+                        HOLDER_FIRST_RETRY
+                    } else {
+                        FIRST_RETRY
+                    })
+                    .mul_f64(fraction())
                 }
                 Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => return Err(e),
                 Err(e) => {
@@ -419,16 +451,18 @@ impl MeshControl {
                             "cannot reach the coordinator: {e}; retrying"
                         );
                     }
+                    // A holder of workload addresses comes back quickly: its lease is short.
+                    let (first, cap) = if holder {
+                        (HOLDER_BACKOFF, HOLDER_MAX_BACKOFF)
+                    } else {
+                        (BACKOFF, MAX_BACKOFF)
+                    };
+                    let pause = jitter(backoff.clamp(first, cap));
+                    backoff = (backoff * 2).clamp(first, cap);
+                    pause
                 }
-            }
-            tokio::time::sleep(jitter(backoff)).await;
-            // A holder of workload addresses comes back quickly: its lease is short.
-            let cap = if self.shared.lock().is_holder() {
-                HOLDER_MAX_BACKOFF
-            } else {
-                MAX_BACKOFF
             };
-            backoff = (backoff * 2).min(cap);
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -440,6 +474,16 @@ impl MeshControl {
         tunnels: &Arc<dyn Tunnels>,
     ) -> Result<(), ControlError> {
         let mut map = self.maps.borrow().clone();
+        // A holder renews its lease at once on a new session: the previous one may have died
+        // with a coordinator, and the lease has been running down since.
+        let renew = {
+            let mut h = self.shared.lock();
+            h.is_holder().then(|| h.heartbeat_now(Instant::now()))
+        };
+        if let Some(seq) = renew {
+            debug!(seq, "renewing the lease on the new session");
+            s.send(&ClientMessage::Heartbeat { seq }).await?;
+        }
         let mut endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
         s.send(&ClientMessage::Endpoints {
             endpoints: endpoints.clone(),
@@ -472,6 +516,7 @@ impl MeshControl {
                         }
                     },
                     ServerMessage::Lease { seq, lease_ms, version } => {
+                        debug!(seq, lease_ms, version, "lease");
                         self.shared.lock().on_lease(seq, Duration::from_millis(lease_ms), version);
                         self.shared.changed.notify_one();
                     }

@@ -150,7 +150,7 @@ impl Session {
         let before = self.decoder.buffered();
         let msg = self
             .decoder
-            .next::<ServerMessage>()
+            .decode::<ServerMessage>()
             .map_err(|e| AgentError::Protocol(e.to_string()))?;
         Ok(msg.map(|m| {
             let len = before - self.decoder.buffered();

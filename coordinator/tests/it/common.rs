@@ -176,7 +176,7 @@ impl Agent {
     pub async fn recv(&mut self) -> Option<ServerMessage> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if let Some(m) = self.decoder.next::<ServerMessage>().unwrap() {
+            if let Some(m) = self.decoder.decode::<ServerMessage>().unwrap() {
                 return Some(m);
             }
             match tokio::time::timeout(WAIT, self.recv.read(&mut buf))

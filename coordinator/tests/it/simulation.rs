@@ -267,7 +267,7 @@ fn decode_frame(frame: &[u8]) -> ServerMessage {
     let mut d = Decoder::new(MAX_SERVER_MESSAGE);
     d.push(frame).expect("a frame within the cap");
     let msg = d
-        .next()
+        .decode()
         .expect("a well-formed frame")
         .expect("a whole frame");
     assert_eq!(d.buffered(), 0, "one frame is one message");

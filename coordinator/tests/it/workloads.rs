@@ -368,7 +368,7 @@ async fn answer_prepare(c: &Coordinator, session: &mut Session) {
         if let Some(ServerMessage::Prepare {
             workload,
             generation,
-        }) = d.next().unwrap()
+        }) = d.decode().unwrap()
         {
             c.service().prepared(session.node, &workload, generation);
             return;
