@@ -295,13 +295,17 @@ async fn up_mesh(
             state.save_node(&node)?;
             state.save_netmap(&map)?;
             tracing::info!(name = %node.name, network = %node.network, addresses = ?node.addresses, "joined");
-            (node, map, Some(session))
+            (node, map.clone(), Some((session, map)))
         }
     };
     settings.addresses = node.addresses.clone();
     settings.device.listen_port = preferred_port(&settings, node.listen_port);
-    let (tx, rx) = tokio::sync::watch::channel(map);
-    let shared = std::sync::Arc::new(ctl::workloads::Shared::new(node.node_id));
+    let (tx, rx) = tokio::sync::watch::channel(map.clone());
+    let shared = std::sync::Arc::new(ctl::workloads::Shared::new(
+        node.node_id,
+        map,
+        std::time::Instant::now(),
+    ));
     let (claims_tx, claims_rx) = tokio::sync::mpsc::channel(16);
     let control = MeshControl::new(
         state,

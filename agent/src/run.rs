@@ -410,7 +410,10 @@ async fn reconcile_mesh(
         let linger_end = releasing.values().min().copied();
         // Only instants still ahead: a lease that ran out is no timer (it would wake this
         // loop over and over until the map changes).
-        let wake = match (shared.lock().poll_timeout(Instant::now()), linger_end) {
+        let wake = match (
+            shared.lock().holdings().poll_timeout(Instant::now()),
+            linger_end,
+        ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -442,7 +445,8 @@ async fn reconcile_mesh(
             .map(|p| (p.node_id, p.public_key))
             .collect();
         let (held, forwards, tentative) = {
-            let mut h = shared.lock();
+            let mut s = shared.lock();
+            let h = s.holdings_mut();
             (h.held(now), h.forwards(now), h.tentative(now))
         };
         let tentative: Vec<IpNet> = tentative
@@ -473,7 +477,8 @@ async fn reconcile_mesh(
             // move, so whatever reaches this node for the address comes after the switch.
             // The previous holder only for the grace period after the move.
             relay_from: {
-                let h = shared.lock();
+                let s = shared.lock();
+                let h = s.holdings();
                 map.workloads
                     .values()
                     .filter(|w| {

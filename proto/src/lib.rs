@@ -5,10 +5,12 @@
 //! Architecture invariant: this crate does no I/O. It has no tokio, no sockets, no clock, no
 //! filesystem and no random-number reads; callers pass those in.
 
+pub mod agent_session;
 pub mod control;
 pub mod ipam;
 pub mod key;
 pub mod netmap;
+pub mod reconnect;
 pub mod token;
 pub mod workload;
 

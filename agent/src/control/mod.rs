@@ -30,26 +30,14 @@ use meshlink_proto::{Netmap, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use meshlink_proto::agent_session::{ClaimId, Event, SessionError};
+use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use state::{NodeState, StateDir, StateError};
 use workloads::{ClaimRequest, Shared, Tunnels};
 
-/// How long connecting and the first exchange may take.
+/// How long connecting and the first exchange may take (joining; reconnections follow
+/// [`ReconnectPolicy`]).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the QUIC handshake of a holder of workload addresses may take before it starts
-/// over: a fresh attempt sends its first packet at once, where a late one would wait for its
-/// retransmission timer, so a coordinator back from a restart is reached sooner.
-const HOLDER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
-/// The first pause after a failed attempt, and the longest, for nodes holding no workload.
-const BACKOFF: Duration = Duration::from_secs(1);
-const MAX_BACKOFF: Duration = Duration::from_secs(30);
-/// The same for a node holding a workload address: its lease is short.
-const HOLDER_BACKOFF: Duration = Duration::from_millis(100);
-const HOLDER_MAX_BACKOFF: Duration = Duration::from_millis(250);
-/// After a session that worked ends, the next attempt starts after a random pause below this
-/// (a holder: below [`HOLDER_FIRST_RETRY`]): a coordinator that restarted is usually back
-/// already, and the pause spreads a whole fleet's reconnections over a second.
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-const HOLDER_FIRST_RETRY: Duration = Duration::from_millis(20);
 /// How often local endpoints are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 
@@ -313,43 +301,52 @@ fn fraction() -> f64 {
     f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000) / 1000.0
 }
 
-fn jitter(d: Duration) -> Duration {
-    // Between 50% and 150% of `d`, so that agents restarted together do not reconnect in step.
-    d.mul_f64(0.5 + fraction())
+impl From<SessionError> for ControlError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Refused(r) => ControlError::Refused(r),
+            SessionError::Revoked(r) => ControlError::Revoked(r),
+            SessionError::Protocol(r) => ControlError::Protocol(r),
+        }
+    }
 }
 
-/// How often the control loop checks whether a heartbeat is due (overdue ones go out every
-/// `OVERDUE_HEARTBEAT`, 50 ms).
-const HEARTBEAT_CHECK: Duration = Duration::from_millis(25);
-
-/// The long-lived control loop of a joined node.
+/// The long-lived control loop of a joined node: the I/O shell around
+/// [`meshlink_proto::agent_session::AgentSession`] (kept in [`Shared`], where the reconciler
+/// reads the holdings), which decides everything. This loop only moves its messages over the
+/// QUIC session, feeds it time, claims and endpoint changes, and carries out its events.
 pub struct MeshControl {
     state: StateDir,
     node: NodeState,
     public_key: PublicKey,
     maps: watch::Sender<Netmap>,
-    first: Option<Session>,
+    first: Option<(Session, Netmap)>,
     shared: Arc<Shared>,
     claims: mpsc::Receiver<ClaimRequest>,
-    /// Claim request numbers, unique for the life of the process (a late answer from an
-    /// earlier session can never match a later claim).
-    next_claim: u64,
+    /// Where the answer of each claim handed to the session goes.
+    replies: HashMap<ClaimId, std::sync::mpsc::Sender<Result<u64, String>>>,
+    reconnect: Reconnect,
+}
+
+/// What the control loop needs to carry out a session's events.
+struct Effects<'a> {
+    tunnels: &'a Arc<dyn Tunnels>,
+    prepared: &'a mpsc::Sender<(String, u64)>,
 }
 
 impl MeshControl {
     /// A loop for `node`, publishing maps on `maps`; `first` is a session already open (after a
-    /// join), if any. `shared` is the workload state it keeps current; `claims` come from the
-    /// userspace API.
+    /// join) with its first map, if any. `shared` holds the session state (its map is the one
+    /// `maps` starts with); `claims` come from the userspace API.
     pub fn new(
         state: StateDir,
         node: NodeState,
         public_key: PublicKey,
         maps: watch::Sender<Netmap>,
-        first: Option<Session>,
+        first: Option<(Session, Netmap)>,
         shared: Arc<Shared>,
         claims: mpsc::Receiver<ClaimRequest>,
     ) -> Self {
-        shared.lock().on_map(&maps.borrow(), Instant::now());
         MeshControl {
             state,
             node,
@@ -358,18 +355,9 @@ impl MeshControl {
             first,
             shared,
             claims,
-            next_claim: 1,
+            replies: HashMap::new(),
+            reconnect: Reconnect::new(ReconnectPolicy::default()),
         }
-    }
-
-    fn publish(&self, map: Netmap) {
-        if let Err(e) = self.state.save_netmap(&map) {
-            warn!("caching the network map: {e}");
-        }
-        // Fencing first, so that the reconciler never sees a map the holdings do not know.
-        self.shared.lock().on_map(&map, Instant::now());
-        self.maps.send_replace(map);
-        self.shared.changed.notify_one();
     }
 
     /// Runs until the node is revoked or refused. `wg_port` is the data plane's UDP port and
@@ -389,196 +377,174 @@ impl MeshControl {
                 warn!("saving the listen port: {e}");
             }
         }
-        let mut backoff = BACKOFF;
-        let mut failures = 0u32;
         loop {
-            let holder = self.shared.lock().is_holder();
-            let session = match self.first.take() {
-                Some(s) => Ok(s),
+            let holder = self.shared.lock().holdings().is_holder();
+            let opened = match self.first.take() {
+                Some(first) => Ok(first),
                 None => {
                     let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
-                    let patience = if holder {
-                        HOLDER_HANDSHAKE_TIMEOUT
-                    } else {
-                        CONNECT_TIMEOUT
-                    };
                     debug!("connecting");
-                    authenticate(&self.node, self.public_key, eps, patience)
-                        .await
-                        .map(|(_, map, s)| {
-                            debug!("authenticated");
-                            self.publish(map);
-                            s
-                        })
+                    authenticate(
+                        &self.node,
+                        self.public_key,
+                        eps,
+                        self.reconnect.patience(holder),
+                    )
+                    .await
+                    .map(|(_, map, s)| (s, map))
                 }
             };
-            let pause = match session {
-                Ok(s) => {
-                    if failures > 0 {
+            let pause = match opened {
+                Ok((s, map)) => {
+                    if self.reconnect.failures() > 0 {
                         info!(coordinator = %self.node.coordinator, "control session re-established");
                     }
-                    failures = 0;
-                    match self.serve(s, wg_port, &tunnel, &tunnels).await {
+                    self.reconnect.connected();
+                    match self.serve(s, map, wg_port, &tunnel, &tunnels).await {
                         Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
-                            self.shared.lock().drop_lease();
-                            self.shared.changed.notify_one();
-                            if matches!(e, ControlError::Revoked(_)) {
-                                self.state.forget_node();
-                                self.maps.send_replace(Netmap::default());
-                            }
-                            return Err(e);
+                            return Err(self.stopped(e));
                         }
                         Err(e) => {
                             warn!("control session lost: {e}; tunnels keep running on the last map")
                         }
                         Ok(()) => {}
                     }
-                    let holder = self.shared.lock().is_holder();
-                    backoff = if holder { HOLDER_BACKOFF } else { BACKOFF };
-                    (if holder {
-                        HOLDER_FIRST_RETRY
-                    } else {
-                        FIRST_RETRY
-                    })
-                    .mul_f64(fraction())
+                    let holder = self.shared.lock().holdings().is_holder();
+                    self.reconnect.after_session(holder, fraction())
                 }
-                Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => return Err(e),
+                Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
+                    self.shared.lock().stop();
+                    return Err(self.stopped(e));
+                }
                 Err(e) => {
-                    failures += 1;
-                    if failures == 1 || failures.is_power_of_two() {
-                        warn!(
-                            attempt = failures,
-                            "cannot reach the coordinator: {e}; retrying"
-                        );
+                    let attempt = self.reconnect.failures() + 1;
+                    if attempt == 1 || attempt.is_power_of_two() {
+                        warn!(attempt, "cannot reach the coordinator: {e}; retrying");
                     }
-                    // A holder of workload addresses comes back quickly: its lease is short.
-                    let (first, cap) = if holder {
-                        (HOLDER_BACKOFF, HOLDER_MAX_BACKOFF)
-                    } else {
-                        (BACKOFF, MAX_BACKOFF)
-                    };
-                    let pause = jitter(backoff.clamp(first, cap));
-                    backoff = (backoff * 2).clamp(first, cap);
-                    pause
+                    self.reconnect.after_failure(holder, fraction())
                 }
             };
             tokio::time::sleep(pause).await;
         }
     }
 
+    /// The node was refused or revoked: nothing is held any more; a revoked node forgets its
+    /// credentials and its map.
+    fn stopped(&mut self, e: ControlError) -> ControlError {
+        self.shared.changed.notify_one();
+        if matches!(e, ControlError::Revoked(_)) {
+            self.state.forget_node();
+            self.maps.send_replace(Netmap::default());
+        }
+        e
+    }
+
+    /// One session: its messages, time, claims and endpoint changes go into the session
+    /// state; what it asks for goes out.
     async fn serve(
         &mut self,
         mut s: Session,
+        map: Netmap,
         wg_port: u16,
         tunnel: &str,
         tunnels: &Arc<dyn Tunnels>,
     ) -> Result<(), ControlError> {
-        let mut map = self.maps.borrow().clone();
-        // A holder renews its lease at once on a new session: the previous one may have died
-        // with a coordinator, and the lease has been running down since.
-        let renew = {
-            let mut h = self.shared.lock();
-            h.is_holder().then(|| h.heartbeat_now(Instant::now()))
+        let endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
+        self.shared.lock().connected(Instant::now(), map, endpoints);
+        let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
+        let effects = Effects {
+            tunnels,
+            prepared: &prepared_tx,
         };
-        if let Some(seq) = renew {
-            debug!(seq, "renewing the lease on the new session");
-            s.send(&ClientMessage::Heartbeat { seq }).await?;
-        }
-        let mut endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
-        s.send(&ClientMessage::Endpoints {
-            endpoints: endpoints.clone(),
-        })
-        .await?;
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut beat = tokio::time::interval(HEARTBEAT_CHECK);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // After a gap, deltas are skipped until the one full map asked for arrives.
-        let mut awaiting_full_map = false;
-        // Claims sent and not yet answered; dropping them (session lost) tells the caller.
-        let mut claims: HashMap<u64, std::sync::mpsc::Sender<Result<u64, String>>> = HashMap::new();
-        let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
-        loop {
+        let ended = loop {
+            if let Err(e) = self.flush(&mut s, &effects).await {
+                break e;
+            }
+            let wake = self.shared.lock().poll_timeout();
             tokio::select! {
-                m = s.recv() => match m? {
-                    ServerMessage::FullMap(m) => {
-                        awaiting_full_map = false;
-                        map = m;
-                        self.publish(map.clone());
+                m = s.recv() => {
+                    let handled = m.and_then(|m| {
+                        self.shared.lock().handle_message(Instant::now(), m).map_err(ControlError::from)
+                    });
+                    if let Err(e) = handled {
+                        break e;
                     }
-                    ServerMessage::Delta(_) if awaiting_full_map => {}
-                    ServerMessage::Delta(d) => match map.apply(&d) {
-                        Ok(()) => self.publish(map.clone()),
-                        Err(gap) => {
-                            info!("{gap}; asking for a full map");
-                            awaiting_full_map = true;
-                            s.send(&ClientMessage::FullMapRequest).await?;
-                        }
-                    },
-                    ServerMessage::Lease { seq, lease_ms, version } => {
-                        debug!(seq, lease_ms, version, "lease");
-                        self.shared.lock().on_lease(seq, Duration::from_millis(lease_ms), version);
-                        self.shared.changed.notify_one();
-                    }
-                    ServerMessage::Prepare { workload, generation } => {
-                        debug!(%workload, generation, "preparing to take a workload");
-                        // The address ready, a lease before the move lands, and tunnels up to
-                        // every peer.
-                        let seq = {
-                            let mut h = self.shared.lock();
-                            h.on_prepare(&workload, generation, Instant::now());
-                            h.heartbeat_now(Instant::now())
-                        };
-                        self.shared.changed.notify_one();
-                        s.send(&ClientMessage::Heartbeat { seq }).await?;
-                        let tunnels = tunnels.clone();
-                        let tx = prepared_tx.clone();
-                        tokio::spawn(async move {
-                            workloads::prepare(tunnels.as_ref()).await;
-                            let _ = tx.send((workload, generation)).await;
-                        });
-                    }
-                    ServerMessage::ClaimResult { request, generation, error } => {
-                        if let Some(reply) = claims.remove(&request) {
-                            let _ = reply.send(match (generation, error) {
-                                (Some(g), None) => Ok(g),
-                                (_, Some(e)) => Err(e),
-                                (None, None) => Err("the coordinator gave no result".into()),
-                            });
-                        }
-                    }
-                    ServerMessage::Revoked { reason } => return Err(ControlError::Revoked(reason)),
-                    ServerMessage::Refused { reason } => return Err(ControlError::Refused(reason)),
-                    ServerMessage::Welcome(_) => return Err(ControlError::Protocol("a second welcome".into())),
-                },
+                }
                 Some((workload, generation)) = prepared_rx.recv() => {
-                    s.send(&ClientMessage::Prepared { workload, generation }).await?;
+                    self.shared.lock().prepared(workload, generation);
                 }
                 Some(claim) = self.claims.recv() => {
-                    if Instant::now() >= claim.deadline {
-                        // Queued while the session was down; its caller has given up.
-                        continue;
-                    }
-                    let request = self.next_claim;
-                    self.next_claim += 1;
-                    claims.insert(request, claim.reply);
-                    s.send(&ClientMessage::Claim { request, workload: claim.workload }).await?;
+                    let id = self.shared.lock().claim(Instant::now(), claim.workload, claim.deadline);
+                    self.replies.insert(id, claim.reply);
                 }
-                _ = beat.tick() => {
-                    let due = self.shared.lock().poll_heartbeat(Instant::now());
-                    if let Some(seq) = due {
-                        s.send(&ClientMessage::Heartbeat { seq }).await?;
-                    }
+                () = sleep_until(wake) => {
+                    self.shared.lock().handle_timeout(Instant::now());
                 }
                 _ = tick.tick() => {
                     let now = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
-                    if now != endpoints {
-                        endpoints = now;
-                        info!(?endpoints, "local endpoints changed");
-                        s.send(&ClientMessage::Endpoints { endpoints: endpoints.clone() }).await?;
+                    self.shared.lock().set_endpoints(now);
+                }
+            }
+        };
+        self.shared.lock().disconnected();
+        // Claims sent on this session are answered now (it is lost).
+        self.act(&effects);
+        Err(ended)
+    }
+
+    /// Sends what the session state asks to send, then carries out its events.
+    async fn flush(&mut self, s: &mut Session, effects: &Effects<'_>) -> Result<(), ControlError> {
+        loop {
+            let next = self.shared.lock().poll_transmit();
+            let Some(msg) = next else { break };
+            s.send(&msg).await?;
+        }
+        self.act(effects);
+        Ok(())
+    }
+
+    fn act(&mut self, effects: &Effects<'_>) {
+        loop {
+            let next = self.shared.lock().poll_event();
+            let Some(event) = next else { break };
+            match event {
+                Event::MapChanged => {
+                    let map = self.shared.lock().map().clone();
+                    if let Err(e) = self.state.save_netmap(&map) {
+                        warn!("caching the network map: {e}");
+                    }
+                    self.maps.send_replace(map);
+                    self.shared.changed.notify_one();
+                }
+                Event::HoldingsChanged => self.shared.changed.notify_one(),
+                Event::Prepare {
+                    workload,
+                    generation,
+                } => {
+                    debug!(%workload, generation, "preparing to take a workload");
+                    let tunnels = effects.tunnels.clone();
+                    let tx = effects.prepared.clone();
+                    tokio::spawn(async move {
+                        workloads::prepare(tunnels.as_ref()).await;
+                        let _ = tx.send((workload, generation)).await;
+                    });
+                }
+                Event::ClaimAnswered { id, result } => {
+                    if let Some(reply) = self.replies.remove(&id) {
+                        let _ = reply.send(result.map_err(|e| e.to_string()));
                     }
                 }
             }
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }

@@ -1,14 +1,15 @@
-//! What the control loop and the data plane share about workload addresses: the fencing
-//! state ([`Holdings`], from `meshlink_proto::workload`), a wake-up for the reconciler, and
-//! claims coming from the userspace API (`meshctl workload claim`).
+//! What the control loop and the data plane share about workload addresses: the session state
+//! ([`AgentSession`], whose [`meshlink_proto::workload::Holdings`] say what this node answers
+//! for), a wake-up for the reconciler, and claims coming from the userspace API
+//! (`meshctl workload claim`).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use meshlink_proto::workload::Holdings;
-use meshlink_proto::NodeId;
+use meshlink_proto::agent_session::AgentSession;
+use meshlink_proto::{Netmap, NodeId};
 use tokio::sync::{mpsc, Notify};
 
 /// How long `meshctl workload claim` waits for the coordinator (meshctl waits 15 s, so that this
@@ -18,23 +19,23 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 /// State shared by the control loop (maps, leases) and the reconciler (addresses, routing).
 #[derive(Debug)]
 pub struct Shared {
-    holdings: Mutex<Holdings>,
+    session: Mutex<AgentSession>,
     /// Woken whenever holdings may have changed (a map, a lease, a revocation).
     pub changed: Notify,
 }
 
 impl Shared {
-    /// Nothing held yet by node `me`.
-    pub fn new(me: NodeId) -> Self {
+    /// Node `me`, starting from `map` (cached or just received), nothing held yet.
+    pub fn new(me: NodeId, map: Netmap, now: std::time::Instant) -> Self {
         Shared {
-            holdings: Mutex::new(Holdings::new(me)),
+            session: Mutex::new(AgentSession::new(me, map, now)),
             changed: Notify::new(),
         }
     }
 
-    /// The fencing state.
-    pub fn lock(&self) -> MutexGuard<'_, Holdings> {
-        self.holdings.lock().unwrap_or_else(|e| e.into_inner())
+    /// The session state.
+    pub fn lock(&self) -> MutexGuard<'_, AgentSession> {
+        self.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

@@ -1,0 +1,720 @@
+//! The agent's side of the control protocol as a state machine without I/O: what an agent
+//! does with the coordinator's messages, its own claims and the passing of time, across the
+//! QUIC connections that come and go. The agent's control loop, the coordinator's simulation,
+//! the load generator and the fencing simulation all drive this one implementation.
+//!
+//! ```text
+//!  connected(now, first map, endpoints) ─┐
+//!  handle_message(now, ServerMessage) ───┤                 ┌─> poll_transmit(): ClientMessage to send
+//!  claim(now, workload, deadline) ───────┼─> AgentSession ─┼─> poll_event(): map changed, holdings
+//!  prepared(workload, generation) ───────┤   (Holdings,    │   changed, prepare tunnels, claim answered
+//!  set_endpoints(endpoints) ─────────────┤    Netmap)      └─> poll_timeout(): when to call
+//!  handle_timeout(now) ──────────────────┤                      handle_timeout next
+//!  disconnected(now) ────────────────────┘
+//! ```
+//!
+//! It never reads a clock or a socket: every input carries `now`. The shell sends what
+//! `poll_transmit` returns in order on the session's stream, and acts on every event.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::control::{ClientMessage, ServerMessage};
+use crate::netmap::{Netmap, NodeId};
+use crate::workload::Holdings;
+
+/// A claim's number, unique for the life of an [`AgentSession`], so that a late answer from an
+/// earlier connection can never match a later claim.
+pub type ClaimId = u64;
+
+/// Something the shell must act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The map changed: publish [`AgentSession::map`] (and cache it).
+    MapChanged,
+    /// What this node answers for may have changed (a map, a lease, a revocation): whoever
+    /// applies [`Holdings`] to the system should look again.
+    HoldingsChanged,
+    /// A move to this node is coming: bring tunnels up, then call [`AgentSession::prepared`].
+    Prepare {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+    },
+    /// The answer to a claim.
+    ClaimAnswered {
+        /// The claim.
+        id: ClaimId,
+        /// The generation this node now holds the workload at, or why not.
+        result: Result<u64, ClaimError>,
+    },
+}
+
+/// Why a claim did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The coordinator refused it.
+    #[error("{0}")]
+    Refused(String),
+    /// The coordinator answered with neither a generation nor an error.
+    #[error("the coordinator gave no result")]
+    NoResult,
+    /// The connection it was sent on ended before the answer came.
+    #[error("the control session to the coordinator was lost; try again")]
+    SessionLost,
+    /// Its deadline passed before it could be sent.
+    #[error("the coordinator could not be reached before the claim's deadline")]
+    Expired,
+}
+
+/// Why the coordinator ended the session (the connection must be closed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionError {
+    /// The coordinator refused this node.
+    #[error("the coordinator refused this node: {0}")]
+    Refused(String),
+    /// The node was revoked: it must forget its credentials and not come back.
+    #[error("this node was revoked: {0}")]
+    Revoked(String),
+    /// The coordinator broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct AgentSession {
+    holdings: Holdings,
+    map: Netmap,
+    connected: bool,
+    /// After a version gap, deltas are skipped until the one full map asked for arrives.
+    awaiting_full_map: bool,
+    /// The endpoints last reported on this connection (or to report on the next one).
+    endpoints: Vec<SocketAddr>,
+    /// Claims sent on this connection and not answered yet.
+    claims_sent: BTreeMap<ClaimId, String>,
+    /// Claims waiting for a connection, with their deadlines.
+    claims_queued: VecDeque<(ClaimId, String, Instant)>,
+    next_claim: ClaimId,
+    /// When holdings next change by time alone, as of the latest input.
+    holdings_timer: Option<Instant>,
+    transmits: VecDeque<ClientMessage>,
+    events: VecDeque<Event>,
+}
+
+impl AgentSession {
+    /// Node `me`, starting from `map` (the cached one, or an empty map), not connected.
+    pub fn new(me: NodeId, map: Netmap, now: Instant) -> Self {
+        let mut holdings = Holdings::new(me);
+        holdings.on_map(&map, now);
+        AgentSession {
+            holdings,
+            map,
+            connected: false,
+            awaiting_full_map: false,
+            endpoints: Vec::new(),
+            claims_sent: BTreeMap::new(),
+            claims_queued: VecDeque::new(),
+            next_claim: 1,
+            holdings_timer: None,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The newest map.
+    pub fn map(&self) -> &Netmap {
+        &self.map
+    }
+
+    /// The fencing state: what this node answers for and forwards.
+    pub fn holdings(&self) -> &Holdings {
+        &self.holdings
+    }
+
+    /// The fencing state, for the reconciler's timers ([`Holdings::forwards`] prunes).
+    pub fn holdings_mut(&mut self) -> &mut Holdings {
+        &mut self.holdings
+    }
+
+    /// Whether a connection is open.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// A connection was opened and the coordinator accepted the hello with `map`; the node's
+    /// underlay endpoints are `endpoints`. A holder renews its lease at once (the previous
+    /// connection may have died with a coordinator, and the lease has been running down
+    /// since); the endpoints are reported; claims still within their deadline are sent.
+    pub fn connected(&mut self, now: Instant, map: Netmap, endpoints: Vec<SocketAddr>) {
+        self.awaiting_full_map = false;
+        self.transmits.clear();
+        self.take_map(map, now);
+        self.connected = true;
+        if self.holdings.is_holder() {
+            let seq = self.holdings.heartbeat_now(now);
+            self.transmits.push_back(ClientMessage::Heartbeat { seq });
+        }
+        self.endpoints = endpoints;
+        self.transmits.push_back(ClientMessage::Endpoints {
+            endpoints: self.endpoints.clone(),
+        });
+        self.expire_claims(now);
+        while let Some((id, workload, _)) = self.claims_queued.pop_front() {
+            self.send_claim(id, workload);
+        }
+        self.after_input(now);
+    }
+
+    /// The connection ended (lost, or closed after a [`SessionError`]). Claims sent on it are
+    /// answered with [`ClaimError::SessionLost`]; messages not yet sent are dropped.
+    pub fn disconnected(&mut self) {
+        self.connected = false;
+        self.awaiting_full_map = false;
+        self.transmits.clear();
+        for (id, _) in std::mem::take(&mut self.claims_sent) {
+            self.events.push_back(Event::ClaimAnswered {
+                id,
+                result: Err(ClaimError::SessionLost),
+            });
+        }
+    }
+
+    /// A message from the coordinator.
+    ///
+    /// # Errors
+    /// [`SessionError`] when the coordinator ends the session (revocation, refusal) or breaks
+    /// the protocol; the shell closes the connection and calls
+    /// [`AgentSession::disconnected`]. On a revocation or refusal the lease is dropped at
+    /// once: this node answers for nothing from then on.
+    pub fn handle_message(&mut self, now: Instant, msg: ServerMessage) -> Result<(), SessionError> {
+        let result = self.message(now, msg);
+        self.after_input(now);
+        result
+    }
+
+    fn message(&mut self, now: Instant, msg: ServerMessage) -> Result<(), SessionError> {
+        match msg {
+            ServerMessage::FullMap(m) => {
+                self.awaiting_full_map = false;
+                self.take_map(m, now);
+            }
+            ServerMessage::Delta(_) if self.awaiting_full_map => {}
+            ServerMessage::Delta(d) => {
+                let mut next = self.map.clone();
+                match next.apply(&d) {
+                    Ok(()) => self.take_map(next, now),
+                    Err(_gap) => {
+                        self.awaiting_full_map = true;
+                        self.transmits.push_back(ClientMessage::FullMapRequest);
+                    }
+                }
+            }
+            ServerMessage::Lease {
+                seq,
+                lease_ms,
+                version,
+            } => {
+                self.holdings
+                    .on_lease(seq, std::time::Duration::from_millis(lease_ms), version);
+                self.events.push_back(Event::HoldingsChanged);
+            }
+            ServerMessage::Prepare {
+                workload,
+                generation,
+            } => {
+                // The address ready and a lease before the move lands; the shell brings the
+                // tunnels up and answers.
+                self.holdings.on_prepare(&workload, generation, now);
+                let seq = self.holdings.heartbeat_now(now);
+                self.transmits.push_back(ClientMessage::Heartbeat { seq });
+                self.events.push_back(Event::HoldingsChanged);
+                self.events.push_back(Event::Prepare {
+                    workload,
+                    generation,
+                });
+            }
+            ServerMessage::ClaimResult {
+                request,
+                generation,
+                error,
+            } => {
+                if self.claims_sent.remove(&request).is_some() {
+                    let result = match (generation, error) {
+                        (_, Some(e)) => Err(ClaimError::Refused(e)),
+                        (Some(g), None) => Ok(g),
+                        (None, None) => Err(ClaimError::NoResult),
+                    };
+                    self.events.push_back(Event::ClaimAnswered {
+                        id: request,
+                        result,
+                    });
+                }
+            }
+            ServerMessage::Revoked { reason } => {
+                self.end_lease();
+                return Err(SessionError::Revoked(reason));
+            }
+            ServerMessage::Refused { reason } => {
+                self.end_lease();
+                return Err(SessionError::Refused(reason));
+            }
+            ServerMessage::Welcome(_) => {
+                return Err(SessionError::Protocol("a second welcome".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks to become the holder of `workload`; the answer comes as
+    /// [`Event::ClaimAnswered`] with the returned id. Without a connection the claim waits for
+    /// the next one until `deadline`.
+    pub fn claim(&mut self, now: Instant, workload: String, deadline: Instant) -> ClaimId {
+        let id = self.next_claim;
+        self.next_claim += 1;
+        if now >= deadline {
+            self.events.push_back(Event::ClaimAnswered {
+                id,
+                result: Err(ClaimError::Expired),
+            });
+        } else if self.connected {
+            self.send_claim(id, workload);
+        } else {
+            self.claims_queued.push_back((id, workload, deadline));
+        }
+        self.after_input(now);
+        id
+    }
+
+    /// The tunnels for a coming move are up (the answer to [`Event::Prepare`]).
+    pub fn prepared(&mut self, workload: String, generation: u64) {
+        if self.connected {
+            self.transmits.push_back(ClientMessage::Prepared {
+                workload,
+                generation,
+            });
+        }
+    }
+
+    /// The node's underlay endpoints now; reported when they changed.
+    pub fn set_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+        if endpoints == self.endpoints {
+            return;
+        }
+        self.endpoints = endpoints;
+        if self.connected {
+            self.transmits.push_back(ClientMessage::Endpoints {
+                endpoints: self.endpoints.clone(),
+            });
+        }
+    }
+
+    /// Time passed: sends a heartbeat when one is due, gives up on claims past their
+    /// deadline, and reports that holdings may have changed when a lease or a forward ran
+    /// out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire_claims(now);
+        if self.holdings_timer.is_some_and(|t| t <= now) {
+            self.events.push_back(Event::HoldingsChanged);
+        }
+        self.after_input(now);
+    }
+
+    /// When [`AgentSession::handle_timeout`] should be called next: a heartbeat due (only
+    /// while connected), a claim's deadline, a lease, forward or prepared move ending (as of
+    /// the latest input).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let heartbeat = self
+            .connected
+            .then(|| self.holdings.next_heartbeat())
+            .flatten();
+        let claim = self.claims_queued.iter().map(|(_, _, d)| *d).min();
+        [heartbeat, claim, self.holdings_timer]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// The next message to send, in order.
+    pub fn poll_transmit(&mut self) -> Option<ClientMessage> {
+        self.transmits.pop_front()
+    }
+
+    /// The next event to act on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn take_map(&mut self, map: Netmap, now: Instant) {
+        // Fencing first, so that nobody sees a map the holdings do not know.
+        self.holdings.on_map(&map, now);
+        self.map = map;
+        self.events.push_back(Event::MapChanged);
+        self.events.push_back(Event::HoldingsChanged);
+        self.after_input(now);
+    }
+
+    /// Bookkeeping after any input at `now`: a node that has just become a holder sends its
+    /// first heartbeat at once, and the holdings' next timer is taken.
+    fn after_input(&mut self, now: Instant) {
+        if self.connected {
+            if let Some(seq) = self.holdings.poll_heartbeat(now) {
+                self.transmits.push_back(ClientMessage::Heartbeat { seq });
+            }
+        }
+        self.holdings_timer = self.holdings.poll_timeout(now);
+    }
+
+    /// The coordinator refused or revoked this node when it said hello: it answers for
+    /// nothing from now on (as after [`SessionError::Refused`] or [`SessionError::Revoked`]
+    /// in a session).
+    pub fn stop(&mut self) {
+        self.end_lease();
+    }
+
+    fn end_lease(&mut self) {
+        self.holdings.drop_lease();
+        self.events.push_back(Event::HoldingsChanged);
+    }
+
+    fn send_claim(&mut self, id: ClaimId, workload: String) {
+        self.claims_sent.insert(id, workload.clone());
+        self.transmits.push_back(ClientMessage::Claim {
+            request: id,
+            workload,
+        });
+    }
+
+    fn expire_claims(&mut self, now: Instant) {
+        let (late, keep): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.claims_queued)
+            .into_iter()
+            .partition(|(_, _, deadline)| now >= *deadline);
+        self.claims_queued = keep;
+        for (id, _, _) in late {
+            self.events.push_back(Event::ClaimAnswered {
+                id,
+                result: Err(ClaimError::Expired),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::netmap::NetmapDelta;
+    use crate::workload::{WorkloadInfo, DEFAULT_LEASE, OVERDUE_HEARTBEAT};
+
+    fn wl(holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
+        WorkloadInfo {
+            id: 7,
+            name: "chat".into(),
+            address: "100.64.50.10/32".parse().unwrap(),
+            holder,
+            generation,
+            previous: None,
+            candidates: vec![1, 2],
+            grace_ms: Some(1000),
+        }
+    }
+
+    fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
+        Netmap {
+            version,
+            workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(),
+            ..Netmap::default()
+        }
+    }
+
+    fn delta(from: u64, to: u64) -> NetmapDelta {
+        NetmapDelta {
+            from_version: from,
+            to_version: to,
+            ..NetmapDelta::default()
+        }
+    }
+
+    fn transmits(s: &mut AgentSession) -> Vec<ClientMessage> {
+        std::iter::from_fn(|| s.poll_transmit()).collect()
+    }
+
+    fn events(s: &mut AgentSession) -> Vec<Event> {
+        std::iter::from_fn(|| s.poll_event()).collect()
+    }
+
+    fn heartbeat_seq(m: &[ClientMessage]) -> Option<u64> {
+        m.iter().find_map(|m| match m {
+            ClientMessage::Heartbeat { seq } => Some(*seq),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn a_new_session_renews_a_holders_lease_and_reports_endpoints() {
+        let t0 = Instant::now();
+        let cached = map(3, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(1, cached.clone(), t0);
+        assert!(
+            transmits(&mut s).is_empty(),
+            "nothing is sent without a session"
+        );
+        s.handle_timeout(t0 + Duration::from_secs(1));
+        assert!(transmits(&mut s).is_empty());
+        let ep: SocketAddr = "198.18.1.11:51820".parse().unwrap();
+        s.connected(t0, cached, vec![ep]);
+        let sent = transmits(&mut s);
+        let seq = heartbeat_seq(&sent).expect("a renewing heartbeat");
+        assert!(sent.contains(&ClientMessage::Endpoints {
+            endpoints: vec![ep]
+        }));
+        assert!(s.holdings().held(t0).is_empty(), "no lease yet");
+        s.handle_message(
+            t0,
+            ServerMessage::Lease {
+                seq,
+                lease_ms: 1500,
+                version: 3,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.holdings().held(t0).len(), 1);
+        assert!(events(&mut s).contains(&Event::HoldingsChanged));
+        // The same endpoints again are not reported; new ones are.
+        s.set_endpoints(vec![ep]);
+        assert!(transmits(&mut s).is_empty());
+        s.set_endpoints(vec![]);
+        assert_eq!(
+            transmits(&mut s),
+            vec![ClientMessage::Endpoints { endpoints: vec![] }]
+        );
+    }
+
+    #[test]
+    fn heartbeats_follow_poll_timeout_and_quicken_when_unanswered() {
+        let t0 = Instant::now();
+        let m = map(1, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(1, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        let first = heartbeat_seq(&transmits(&mut s)).unwrap();
+        s.handle_message(
+            t0,
+            ServerMessage::Lease {
+                seq: first,
+                lease_ms: 1500,
+                version: 1,
+            },
+        )
+        .unwrap();
+        let interval = DEFAULT_LEASE / crate::workload::HEARTBEATS_PER_LEASE;
+        assert_eq!(s.poll_timeout(), Some(t0 + interval));
+        // The coordinator goes quiet: one interval, a second, then the overdue pace.
+        let mut now = t0;
+        let mut sent_at = Vec::new();
+        for _ in 0..6 {
+            now = s.poll_timeout().unwrap();
+            s.handle_timeout(now);
+            if heartbeat_seq(&transmits(&mut s)).is_some() {
+                sent_at.push(now - t0);
+            }
+        }
+        assert_eq!(sent_at[0], interval);
+        assert_eq!(sent_at[1], 2 * interval);
+        assert_eq!(sent_at[2], 2 * interval + OVERDUE_HEARTBEAT);
+        // The lease runs out at t0 + 1.5 s whatever is sent meanwhile.
+        assert!(s.holdings().held(t0 + DEFAULT_LEASE).is_empty());
+        let _ = now;
+    }
+
+    #[test]
+    fn a_gap_asks_once_for_a_full_map_and_skips_deltas_until_it_comes() {
+        let t0 = Instant::now();
+        let mut s = AgentSession::new(2, map(1, &[]), t0);
+        s.connected(t0, map(1, &[]), vec![]);
+        transmits(&mut s);
+        events(&mut s);
+        s.handle_message(t0, ServerMessage::Delta(delta(1, 2)))
+            .unwrap();
+        assert_eq!(s.map().version, 2);
+        assert!(events(&mut s).contains(&Event::MapChanged));
+        // 3 is missing.
+        s.handle_message(t0, ServerMessage::Delta(delta(3, 4)))
+            .unwrap();
+        s.handle_message(t0, ServerMessage::Delta(delta(4, 5)))
+            .unwrap();
+        assert_eq!(transmits(&mut s), vec![ClientMessage::FullMapRequest]);
+        assert_eq!(s.map().version, 2);
+        assert!(!events(&mut s).contains(&Event::MapChanged));
+        s.handle_message(t0, ServerMessage::FullMap(map(5, &[])))
+            .unwrap();
+        s.handle_message(t0, ServerMessage::Delta(delta(5, 6)))
+            .unwrap();
+        assert_eq!(s.map().version, 6);
+        // A lost connection forgets the request: the next session starts from its full map.
+        s.handle_message(t0, ServerMessage::Delta(delta(7, 8)))
+            .unwrap();
+        s.disconnected();
+        s.connected(t0, map(8, &[]), vec![]);
+        s.handle_message(t0, ServerMessage::Delta(delta(8, 9)))
+            .unwrap();
+        assert_eq!(s.map().version, 9);
+    }
+
+    #[test]
+    fn claims_wait_for_a_session_until_their_deadline_and_fail_with_it() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = AgentSession::new(2, map(1, &[wl(Some(1), 1)]), t0);
+        let late = s.claim(t0, "chat".into(), t0 + ms(100));
+        let kept = s.claim(t0, "chat".into(), t0 + ms(500));
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(100)));
+        s.handle_timeout(t0 + ms(100));
+        assert_eq!(
+            events(&mut s),
+            vec![Event::ClaimAnswered {
+                id: late,
+                result: Err(ClaimError::Expired)
+            }]
+        );
+        s.connected(t0 + ms(200), map(1, &[wl(Some(1), 1)]), vec![]);
+        assert!(transmits(&mut s).contains(&ClientMessage::Claim {
+            request: kept,
+            workload: "chat".into()
+        }));
+        // An answer to an unknown request changes nothing; the right one is passed on.
+        s.handle_message(
+            t0,
+            ServerMessage::ClaimResult {
+                request: 99,
+                generation: Some(2),
+                error: None,
+            },
+        )
+        .unwrap();
+        assert!(!events(&mut s)
+            .iter()
+            .any(|e| matches!(e, Event::ClaimAnswered { .. })));
+        let again = s.claim(t0 + ms(300), "chat".into(), t0 + ms(900));
+        s.handle_message(
+            t0,
+            ServerMessage::ClaimResult {
+                request: kept,
+                generation: None,
+                error: Some("not an allowed holder".into()),
+            },
+        )
+        .unwrap();
+        assert!(events(&mut s).contains(&Event::ClaimAnswered {
+            id: kept,
+            result: Err(ClaimError::Refused("not an allowed holder".into()))
+        }));
+        s.disconnected();
+        assert!(events(&mut s).contains(&Event::ClaimAnswered {
+            id: again,
+            result: Err(ClaimError::SessionLost)
+        }));
+    }
+
+    #[test]
+    fn prepare_heartbeats_at_once_and_prepared_is_sent_only_in_a_session() {
+        let t0 = Instant::now();
+        let m = map(1, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(2, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        transmits(&mut s);
+        s.handle_message(
+            t0,
+            ServerMessage::Prepare {
+                workload: "chat".into(),
+                generation: 2,
+            },
+        )
+        .unwrap();
+        assert!(heartbeat_seq(&transmits(&mut s)).is_some());
+        assert!(events(&mut s).contains(&Event::Prepare {
+            workload: "chat".into(),
+            generation: 2
+        }));
+        assert_eq!(s.holdings_mut().tentative(t0).len(), 1);
+        s.prepared("chat".into(), 2);
+        assert_eq!(
+            transmits(&mut s),
+            vec![ClientMessage::Prepared {
+                workload: "chat".into(),
+                generation: 2
+            }]
+        );
+        s.disconnected();
+        s.prepared("chat".into(), 2);
+        assert!(transmits(&mut s).is_empty());
+    }
+
+    #[test]
+    fn revocation_ends_the_lease_at_once() {
+        let t0 = Instant::now();
+        let m = map(1, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(1, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        let seq = heartbeat_seq(&transmits(&mut s)).unwrap();
+        s.handle_message(
+            t0,
+            ServerMessage::Lease {
+                seq,
+                lease_ms: 1500,
+                version: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.holdings().held(t0).len(), 1);
+        let end = s.handle_message(
+            t0,
+            ServerMessage::Revoked {
+                reason: "by an operator".into(),
+            },
+        );
+        assert_eq!(end, Err(SessionError::Revoked("by an operator".into())));
+        assert!(s.holdings().held(t0).is_empty());
+        assert!(matches!(
+            s.handle_message(
+                t0,
+                ServerMessage::Welcome(crate::control::Welcome {
+                    node_id: 1,
+                    name: "a".into(),
+                    network: "n".into(),
+                    network_cidr: "100.64.0.0/16".parse().unwrap(),
+                    addresses: vec![],
+                    node_secret: None,
+                })
+            ),
+            Err(SessionError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn a_lease_running_out_wakes_the_shell_once() {
+        let t0 = Instant::now();
+        let m = map(1, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(1, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        let seq = heartbeat_seq(&transmits(&mut s)).unwrap();
+        s.handle_message(
+            t0,
+            ServerMessage::Lease {
+                seq,
+                lease_ms: 1500,
+                version: 1,
+            },
+        )
+        .unwrap();
+        s.disconnected();
+        events(&mut s);
+        // Without a session only the lease's end is a timer, and only once.
+        assert_eq!(s.poll_timeout(), Some(t0 + DEFAULT_LEASE));
+        s.handle_timeout(t0 + DEFAULT_LEASE);
+        assert_eq!(events(&mut s), vec![Event::HoldingsChanged]);
+        assert_eq!(s.poll_timeout(), None);
+    }
+}
