@@ -410,24 +410,28 @@ mod tests {
     use crate::workload::{WorkloadInfo, DEFAULT_LEASE, OVERDUE_HEARTBEAT};
 
     fn wl(holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
-        WorkloadInfo {
-            id: 7,
-            name: "chat".into(),
-            address: "100.64.50.10/32".parse().unwrap(),
-            holder,
-            generation,
-            previous: None,
-            candidates: vec![1, 2],
-            grace_ms: Some(1000),
-        }
+        crate::workload::tests::wl("chat", holder, generation)
     }
 
-    fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
-        Netmap {
-            version,
-            workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(),
-            ..Netmap::default()
-        }
+    use crate::workload::tests::map;
+
+    /// Node 1, holder of `chat` in a session, with a lease granted at `t0`.
+    fn leased_holder(t0: Instant) -> AgentSession {
+        let m = map(1, &[wl(Some(1), 1)]);
+        let mut s = AgentSession::new(1, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        let seq = heartbeat_seq(&transmits(&mut s)).expect("a heartbeat on connecting");
+        s.handle_message(
+            t0,
+            ServerMessage::Lease {
+                seq,
+                lease_ms: 1500,
+                version: 1,
+            },
+        )
+        .unwrap();
+        assert_eq!(s.holdings().held(t0).len(), 1);
+        s
     }
 
     fn delta(from: u64, to: u64) -> NetmapDelta {
@@ -496,19 +500,7 @@ mod tests {
     #[test]
     fn heartbeats_follow_poll_timeout_and_quicken_when_unanswered() {
         let t0 = Instant::now();
-        let m = map(1, &[wl(Some(1), 1)]);
-        let mut s = AgentSession::new(1, m.clone(), t0);
-        s.connected(t0, m, vec![]);
-        let first = heartbeat_seq(&transmits(&mut s)).unwrap();
-        s.handle_message(
-            t0,
-            ServerMessage::Lease {
-                seq: first,
-                lease_ms: 1500,
-                version: 1,
-            },
-        )
-        .unwrap();
+        let mut s = leased_holder(t0);
         let interval = DEFAULT_LEASE / crate::workload::HEARTBEATS_PER_LEASE;
         assert_eq!(s.poll_timeout(), Some(t0 + interval));
         // The coordinator goes quiet: one interval, a second, then the overdue pace.
@@ -655,20 +647,7 @@ mod tests {
     #[test]
     fn revocation_ends_the_lease_at_once() {
         let t0 = Instant::now();
-        let m = map(1, &[wl(Some(1), 1)]);
-        let mut s = AgentSession::new(1, m.clone(), t0);
-        s.connected(t0, m, vec![]);
-        let seq = heartbeat_seq(&transmits(&mut s)).unwrap();
-        s.handle_message(
-            t0,
-            ServerMessage::Lease {
-                seq,
-                lease_ms: 1500,
-                version: 1,
-            },
-        )
-        .unwrap();
-        assert_eq!(s.holdings().held(t0).len(), 1);
+        let mut s = leased_holder(t0);
         let end = s.handle_message(
             t0,
             ServerMessage::Revoked {
@@ -696,19 +675,7 @@ mod tests {
     #[test]
     fn a_lease_running_out_wakes_the_shell_once() {
         let t0 = Instant::now();
-        let m = map(1, &[wl(Some(1), 1)]);
-        let mut s = AgentSession::new(1, m.clone(), t0);
-        s.connected(t0, m, vec![]);
-        let seq = heartbeat_seq(&transmits(&mut s)).unwrap();
-        s.handle_message(
-            t0,
-            ServerMessage::Lease {
-                seq,
-                lease_ms: 1500,
-                version: 1,
-            },
-        )
-        .unwrap();
+        let mut s = leased_holder(t0);
         s.disconnected();
         events(&mut s);
         // Without a session only the lease's end is a timer, and only once.

@@ -551,10 +551,11 @@ pub fn failover_target(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn wl(name: &str, holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
+    /// Workload `name` at 100.64.50.10, candidates 1, 2 and 3 (shared with other tests).
+    pub(crate) fn wl(name: &str, holder: Option<NodeId>, generation: u64) -> WorkloadInfo {
         WorkloadInfo {
             id: 7,
             name: name.into(),
@@ -567,7 +568,8 @@ mod tests {
         }
     }
 
-    fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
+    /// A map at `version` holding only `ws`.
+    pub(crate) fn map(version: u64, ws: &[WorkloadInfo]) -> Netmap {
         Netmap {
             version,
             workloads: ws.iter().map(|w| (w.name.clone(), w.clone())).collect(),

@@ -55,15 +55,10 @@ pub enum ControlError {
         /// What went wrong.
         reason: String,
     },
-    /// The coordinator refused this node (bad or used-up token, unknown node).
-    #[error("the coordinator refused this node: {0}")]
-    Refused(String),
-    /// The node was revoked.
-    #[error("this node was revoked: {0}")]
-    Revoked(String),
-    /// The coordinator broke the protocol.
-    #[error("protocol error: {0}")]
-    Protocol(String),
+    /// The coordinator refused or revoked this node (a bad or used-up token, an unknown
+    /// node), or broke the protocol.
+    #[error(transparent)]
+    Session(#[from] SessionError),
     /// The state directory failed.
     #[error(transparent)]
     State(#[from] StateError),
@@ -131,7 +126,7 @@ impl Session {
             if let Some(m) = self
                 .decoder
                 .decode::<ServerMessage>()
-                .map_err(|e| ControlError::Protocol(e.to_string()))?
+                .map_err(|e| protocol(e.to_string()))?
             {
                 return Ok(m);
             }
@@ -139,7 +134,7 @@ impl Session {
                 Ok(Some(n)) => self
                     .decoder
                     .push(&buf[..n])
-                    .map_err(|e| ControlError::Protocol(e.to_string()))?,
+                    .map_err(|e| protocol(e.to_string()))?,
                 Ok(None) => {
                     return Err(ControlError::Connect {
                         addr: self.addr.clone(),
@@ -162,10 +157,14 @@ impl Session {
         let exchange = async {
             let welcome = match self.recv().await? {
                 ServerMessage::Welcome(w) => w,
-                ServerMessage::Refused { reason } => return Err(ControlError::Refused(reason)),
-                ServerMessage::Revoked { reason } => return Err(ControlError::Revoked(reason)),
+                ServerMessage::Refused { reason } => {
+                    return Err(SessionError::Refused(reason).into())
+                }
+                ServerMessage::Revoked { reason } => {
+                    return Err(SessionError::Revoked(reason).into())
+                }
                 other => {
-                    return Err(ControlError::Protocol(format!(
+                    return Err(protocol(format!(
                         "expected a welcome, got {}",
                         kind(&other)
                     )))
@@ -173,7 +172,7 @@ impl Session {
             };
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
-                other => Err(ControlError::Protocol(format!(
+                other => Err(protocol(format!(
                     "expected a full map, got {}",
                     kind(&other)
                 ))),
@@ -225,9 +224,10 @@ pub async fn join(
         endpoints,
     };
     let (w, map) = s.hello(hello).await?;
-    let secret = w.node_secret.clone().ok_or_else(|| {
-        ControlError::Protocol("the welcome after a join carries no node secret".into())
-    })?;
+    let secret = w
+        .node_secret
+        .clone()
+        .ok_or_else(|| protocol("the welcome after a join carries no node secret"))?;
     let node = NodeState {
         coordinator: token.coordinator.clone(),
         fingerprint: token.fingerprint.clone(),
@@ -301,13 +301,19 @@ fn fraction() -> f64 {
     f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000) / 1000.0
 }
 
-impl From<SessionError> for ControlError {
-    fn from(e: SessionError) -> Self {
-        match e {
-            SessionError::Refused(r) => ControlError::Refused(r),
-            SessionError::Revoked(r) => ControlError::Revoked(r),
-            SessionError::Protocol(r) => ControlError::Protocol(r),
-        }
+/// The coordinator broke the protocol.
+fn protocol(reason: impl Into<String>) -> ControlError {
+    SessionError::Protocol(reason.into()).into()
+}
+
+impl ControlError {
+    /// Whether the coordinator turned this node away for good (refused or revoked): no
+    /// reconnection helps.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            ControlError::Session(SessionError::Refused(_) | SessionError::Revoked(_))
+        )
     }
 }
 
@@ -364,7 +370,8 @@ impl MeshControl {
     /// `tunnel` its interface (left out of reported endpoints).
     ///
     /// # Errors
-    /// [`ControlError::Revoked`] or [`ControlError::Refused`]; other failures are retried.
+    /// [`ControlError::Session`] when the node was revoked or refused; other failures are
+    /// retried.
     pub async fn run(
         mut self,
         wg_port: u16,
@@ -401,7 +408,7 @@ impl MeshControl {
                     }
                     self.reconnect.connected();
                     match self.serve(s, map, wg_port, &tunnel, &tunnels).await {
-                        Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
+                        Err(e) if e.is_final() => {
                             return Err(self.stopped(e));
                         }
                         Err(e) => {
@@ -412,7 +419,7 @@ impl MeshControl {
                     let holder = self.shared.lock().holdings().is_holder();
                     self.reconnect.after_session(holder, fraction())
                 }
-                Err(e @ (ControlError::Revoked(_) | ControlError::Refused(_))) => {
+                Err(e) if e.is_final() => {
                     self.shared.lock().stop();
                     return Err(self.stopped(e));
                 }
@@ -432,7 +439,7 @@ impl MeshControl {
     /// credentials and its map.
     fn stopped(&mut self, e: ControlError) -> ControlError {
         self.shared.changed.notify_one();
-        if matches!(e, ControlError::Revoked(_)) {
+        if matches!(e, ControlError::Session(SessionError::Revoked(_))) {
             self.state.forget_node();
             self.maps.send_replace(Netmap::default());
         }
