@@ -17,6 +17,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod dispatch;
 pub mod handlers;
 pub mod hub;
 pub mod identity;

@@ -211,8 +211,8 @@ impl Coordinator {
         &self.service
     }
 
-    /// Stops accepting, closes every session (code `SHUTDOWN`), stops the admin API and
-    /// closes the database.
+    /// Stops accepting, closes every session (code `SHUTDOWN`), stops the admin API, ends
+    /// claims still in progress and closes the database.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
@@ -223,6 +223,8 @@ impl Coordinator {
         {
             tracing::warn!("admin API did not stop in time");
         }
+        // Claims still waiting for their destination end with their sessions.
+        self.service.abort_tasks();
         self.store.close().await;
         tracing::info!("coordinator stopped");
     }

@@ -7,7 +7,7 @@
 //!   ─> Service::hello (join or authenticate; attach to the hub)
 //!        refused: write Refused, finish, close(REFUSED)
 //!   ─> write Welcome, FullMap
-//!   ─> loop: agent messages (Endpoints, FullMapRequest), rate-capped
+//!   ─> loop: agent messages (Service::on_agent_message, in dispatch.rs), rate-capped
 //!            hub queue (deltas, Revoked + close), each write under write_timeout
 //!   ─> close(code) with one log line; Service::session_closed
 //! ```
@@ -30,6 +30,7 @@ use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at};
 use tracing::{info, warn, Instrument};
 
+use crate::dispatch::{SessionFault, SessionRef};
 use crate::handlers::ApiError;
 use crate::hub::{CloseReason, Outbound};
 use crate::identity::Identity;
@@ -423,49 +424,26 @@ async fn session_loop(
     loop {
         tokio::select! {
             msg = reader.next() => match msg {
-                Ok(ClientMessage::Endpoints { endpoints }) => {
-                    let remote = conn.remote_address().ip();
-                    if let Err(e) = service.report_endpoints(session.node, remote, &endpoints).await {
-                        return End::api(&e);
-                    }
-                }
-                Ok(ClientMessage::FullMapRequest) => {
-                    let Some(frame) = service.hub().full_map(&session.network) else {
-                        return End::new(close_code::INTERNAL, "internal error", "the network is gone");
+                Ok(msg) => {
+                    let from = SessionRef {
+                        node: session.node,
+                        network: &session.network,
+                        remote: conn.remote_address().ip(),
                     };
-                    if let Err(end) = write(send, &frame, limits).await {
-                        return end;
+                    match service.on_agent_message(from, msg).await {
+                        Ok(Some(frame)) => {
+                            if let Err(end) = write(send, &frame, limits).await {
+                                return end;
+                            }
+                        }
+                        Ok(None) => {}
+                        Err(SessionFault::Api(e)) => return End::api(&e),
+                        Err(SessionFault::NetworkGone) => {
+                            return End::new(close_code::INTERNAL, "internal error", "the network is gone")
+                        }
+                        Err(SessionFault::SecondHello) => return End::protocol("a second hello"),
                     }
                 }
-                Ok(ClientMessage::Heartbeat { seq }) => {
-                    let lease = service.heartbeat(session.node);
-                    let frame = encode(&ServerMessage::Lease {
-                        seq,
-                        lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-                        version: service.hub().version(&session.network).unwrap_or(0),
-                    });
-                    if let Err(end) = write(send, &frame, limits).await {
-                        return end;
-                    }
-                }
-                Ok(ClientMessage::Prepared { workload, generation }) => {
-                    service.prepared(session.node, &workload, generation);
-                }
-                Ok(ClientMessage::Claim { request, workload }) => {
-                    // The claim waits for this same session's `Prepared`, so it runs apart
-                    // from this loop; its answer goes through the session's queue.
-                    let service = service.clone();
-                    let (node, network) = (session.node, session.network.clone());
-                    let remote = conn.remote_address().ip();
-                    tokio::spawn(async move {
-                        let msg = match service.claim(node, remote, &workload).await {
-                            Ok(o) => ServerMessage::ClaimResult { request, generation: Some(o.workload.generation), error: None },
-                            Err(e) => ServerMessage::ClaimResult { request, generation: None, error: Some(e.public_message()) },
-                        };
-                        service.hub().send_to(&network, node, encode(&msg).into());
-                    });
-                }
-                Ok(ClientMessage::Hello(_)) => return End::protocol("a second hello"),
                 Err(fail) => return End::read(fail),
             },
             out = session.attached.rx.recv() => match out {

@@ -8,7 +8,9 @@
 //! happen under the same lock). Reads do not take it.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -16,6 +18,7 @@ use meshlink_proto::control::{encode, Auth, Hello, ServerMessage};
 use meshlink_proto::workload::{failover_target, LeaseTable, DEFAULT_LEASE, HEARTBEATS_PER_LEASE};
 use meshlink_proto::{NetmapDelta, NodeId};
 use tokio::sync::{oneshot, Mutex};
+use tokio::task::JoinSet;
 
 use crate::handlers::networks::{self, CreateNetwork};
 use crate::handlers::nodes::{self, peer_info, welcome};
@@ -87,13 +90,30 @@ impl Drop for Fence<'_> {
     }
 }
 
-/// The source of "now" for handlers.
+/// The service's only source of time: the wall clock for records, and the monotonic clock
+/// (and sleeping on it) for leases, failovers and moves. A simulation passes its own and
+/// drives a whole mesh through minutes in milliseconds.
 pub trait Clock: Send + Sync {
     /// Seconds since the Unix epoch.
     fn now(&self) -> UnixTime;
+    /// Monotonic time.
+    fn instant(&self) -> Instant;
+    /// Resolves once [`Clock::instant`] has reached `at`.
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
-/// The system's wall clock.
+/// `rx`'s value, unless `deadline` comes first.
+async fn answer_within<T>(
+    rx: oneshot::Receiver<T>,
+    deadline: impl Future<Output = ()>,
+) -> Result<Result<T, oneshot::error::RecvError>, ()> {
+    tokio::select! {
+        r = rx => Ok(r),
+        () = deadline => Err(()),
+    }
+}
+
+/// The system's clocks.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
 
@@ -102,6 +122,14 @@ impl Clock for SystemClock {
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    }
+
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
+
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(tokio::time::sleep_until(tokio::time::Instant::from_std(at)))
     }
 }
 
@@ -134,6 +162,8 @@ pub struct Service {
     /// Workloads whose holder is silent with no standby online: when to look again (and
     /// whether that was already logged).
     stranded: std::sync::Mutex<HashMap<(String, String, u64), Instant>>,
+    /// Work the service started apart from its callers (claims), ended with it.
+    tasks: std::sync::Mutex<JoinSet<()>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -178,6 +208,7 @@ impl Service {
             }
             hub.set_map(&net.name, map);
         }
+        let started = clock.instant();
         Ok(Service {
             store,
             hub,
@@ -185,14 +216,29 @@ impl Service {
             write: Mutex::new(()),
             timing,
             // Holders of the previous run may hold leases it granted: they count from now.
-            leases: std::sync::Mutex::new(LeaseTable::new(
-                timing.lease,
-                timing.margin,
-                Instant::now(),
-            )),
+            leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, started)),
             prepares: std::sync::Mutex::new(HashMap::new()),
             stranded: std::sync::Mutex::new(HashMap::new()),
+            tasks: std::sync::Mutex::new(JoinSet::new()),
         })
+    }
+
+    /// Runs `work` apart from the caller, as part of the service: [`Service::abort_tasks`]
+    /// ends it.
+    pub fn spawn(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // Reap what has finished, so that the set does not grow.
+        while tasks.try_join_next().is_some() {}
+        tasks.spawn(work);
+    }
+
+    /// Ends the work started by [`Service::spawn`] (the service is going away: a simulated
+    /// crash, or a shutdown).
+    pub fn abort_tasks(&self) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .abort_all();
     }
 
     /// The workload timings.
@@ -207,7 +253,7 @@ impl Service {
     /// A holder's heartbeat arrived: returns the lease to grant (zero while the node's
     /// workloads are being taken from it).
     pub fn heartbeat(&self, node: NodeId) -> Duration {
-        self.leases().heartbeat(node, Instant::now())
+        self.leases().heartbeat(node, self.clock.instant())
     }
 
     /// A node reports it is ready to take a workload (answer to `Prepare`).
@@ -227,7 +273,7 @@ impl Service {
         if !self.hub.is_online(&w.network, to) {
             return None;
         }
-        let started = Instant::now();
+        let started = self.clock.instant();
         let generation = w.generation + 1;
         let key = (to, w.name.clone(), generation);
         let (tx, rx) = oneshot::channel();
@@ -245,7 +291,12 @@ impl Service {
         let sent = self.hub.send_to(&w.network, to, frame);
         let answered = sent
             && matches!(
-                tokio::time::timeout(self.timing.prepare_timeout, rx).await,
+                answer_within(
+                    rx,
+                    self.clock
+                        .sleep_until(started + self.timing.prepare_timeout)
+                )
+                .await,
                 Ok(Ok(()))
             );
         {
@@ -258,7 +309,7 @@ impl Service {
             }
         }
         if answered {
-            Some(started.elapsed())
+            Some(self.clock.instant().saturating_duration_since(started))
         } else if !sent {
             tracing::info!(workload = %w.name, node = to, "could not ask the destination to prepare (its queue is full); moving anyway");
             None
@@ -282,7 +333,7 @@ impl Service {
         why: &str,
         fenced: Option<NodeId>,
     ) -> Result<MoveOutcome, ApiError> {
-        let started = Instant::now();
+        let started = self.clock.instant();
         let mut fence = Fence {
             service: self,
             node: fenced,
@@ -292,7 +343,7 @@ impl Service {
                 workload: plan.workload,
                 changed: false,
                 prepared_in: None,
-                took: started.elapsed(),
+                took: self.clock.instant().saturating_duration_since(started),
             });
         }
         if fence.node.is_none() {
@@ -303,8 +354,8 @@ impl Service {
             {
                 let until = {
                     let mut l = self.leases();
-                    let quiet =
-                        l.heard_ago(old, Instant::now()) > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
+                    let quiet = l.heard_ago(old, self.clock.instant())
+                        > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
                     quiet.then(|| {
                         l.fence(old);
                         l.expires(old)
@@ -313,7 +364,7 @@ impl Service {
                 if let Some(until) = until {
                     fence.node = Some(old);
                     tracing::info!(workload = %plan.workload.name, holder = old, "the holder is not answering: waiting for its lease to run out before moving");
-                    tokio::time::sleep_until(tokio::time::Instant::from_std(until)).await;
+                    self.clock.sleep_until(until).await;
                 }
             }
         }
@@ -325,10 +376,10 @@ impl Service {
         let (rec, version) =
             workloads::commit_holder(self.store(), self.clock.now(), &plan).await?;
         if let Some(h) = rec.holder {
-            self.leases().granted(h, Instant::now());
+            self.leases().granted(h, self.clock.instant());
         }
         self.upsert_workload(&rec, version);
-        let took = started.elapsed();
+        let took = self.clock.instant().saturating_duration_since(started);
         tracing::info!(
             workload = %rec.name,
             network = %rec.network,
@@ -440,7 +491,7 @@ impl Service {
     /// first online standby. Call it often (every 50 ms or so); it reads only memory unless a
     /// holder is silent (and then, while no standby is online, once a second).
     pub async fn failover_tick(&self) {
-        let now = Instant::now();
+        let now = self.clock.instant();
         let silent: Vec<(String, String, u64, NodeId)> = {
             let leases = self.leases();
             self.hub
@@ -490,7 +541,7 @@ impl Service {
                     &rec.standby,
                     &leases,
                     |n| self.hub.is_online(&network, n),
-                    Instant::now(),
+                    self.clock.instant(),
                 );
                 if t.is_some() {
                     leases.fence(holder);

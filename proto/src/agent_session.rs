@@ -203,9 +203,11 @@ impl AgentSession {
             }
             ServerMessage::Delta(_) if self.awaiting_full_map => {}
             ServerMessage::Delta(d) => {
-                let mut next = self.map.clone();
-                match next.apply(&d) {
-                    Ok(()) => self.take_map(next, now),
+                // In place: `apply` changes nothing when it refuses a delta.
+                let before = self.map.version;
+                match self.map.apply(&d) {
+                    Ok(()) if self.map.version != before => self.map_changed(now),
+                    Ok(()) => {} // already applied
                     Err(_gap) => {
                         self.awaiting_full_map = true;
                         self.transmits.push_back(ClientMessage::FullMapRequest);
@@ -348,9 +350,13 @@ impl AgentSession {
     }
 
     fn take_map(&mut self, map: Netmap, now: Instant) {
-        // Fencing first, so that nobody sees a map the holdings do not know.
-        self.holdings.on_map(&map, now);
         self.map = map;
+        self.map_changed(now);
+    }
+
+    fn map_changed(&mut self, now: Instant) {
+        // Fencing before anyone is told, so that nobody sees a map the holdings do not know.
+        self.holdings.on_map(&self.map, now);
         self.events.push_back(Event::MapChanged);
         self.events.push_back(Event::HoldingsChanged);
         self.after_input(now);

@@ -180,6 +180,22 @@ pub enum ServerMessage {
     },
 }
 
+impl ServerMessage {
+    /// What kind of message this is, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::Welcome(_) => "welcome",
+            ServerMessage::FullMap(_) => "full map",
+            ServerMessage::Delta(_) => "delta",
+            ServerMessage::Refused { .. } => "refusal",
+            ServerMessage::Revoked { .. } => "revocation",
+            ServerMessage::Lease { .. } => "lease",
+            ServerMessage::Prepare { .. } => "prepare",
+            ServerMessage::ClaimResult { .. } => "claim result",
+        }
+    }
+}
+
 /// Why bytes are not a message.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CodecError {

@@ -166,7 +166,7 @@ impl Session {
                 other => {
                     return Err(protocol(format!(
                         "expected a welcome, got {}",
-                        kind(&other)
+                        other.kind()
                     )))
                 }
             };
@@ -174,7 +174,7 @@ impl Session {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
                     "expected a full map, got {}",
-                    kind(&other)
+                    other.kind()
                 ))),
             }
         };
@@ -184,19 +184,6 @@ impl Session {
                 addr: self.addr.clone(),
                 reason: "no welcome within 10 s".into(),
             })?
-    }
-}
-
-fn kind(m: &ServerMessage) -> &'static str {
-    match m {
-        ServerMessage::Welcome(_) => "welcome",
-        ServerMessage::FullMap(_) => "full map",
-        ServerMessage::Delta(_) => "delta",
-        ServerMessage::Refused { .. } => "refusal",
-        ServerMessage::Revoked { .. } => "revocation",
-        ServerMessage::Lease { .. } => "lease",
-        ServerMessage::Prepare { .. } => "prepare",
-        ServerMessage::ClaimResult { .. } => "claim result",
     }
 }
 

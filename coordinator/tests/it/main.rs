@@ -3,6 +3,7 @@
 
 mod admin;
 mod common;
+mod fencing;
 mod handlers;
 mod quic;
 mod service;

@@ -348,3 +348,142 @@ async fn a_restart_keeps_identity_addresses_and_versions() {
     assert_eq!(d.from_version, m.version);
     c.shutdown().await;
 }
+
+/// The workload messages over real QUIC: a holder's heartbeats are answered with leases; a
+/// claim from an allowed node is prepared on that node's own session (`Prepare`, a heartbeat,
+/// `Prepared`), committed, and answered; a claim from a node that is not allowed is refused.
+#[tokio::test]
+async fn heartbeats_claims_and_prepared_over_quic() {
+    let dir = TempDir::new("quic-workloads");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let admin = c.admin_token().value.clone();
+    let (mut a, wa, _) = join(&t, 1, Some("a")).await;
+    let (mut b, wb, _) = join(&t, 2, Some("b")).await;
+    let (mut x, _, _) = join(&t, 3, Some("x")).await;
+    let _ = delta(&mut a).await; // b joined
+    let _ = delta(&mut a).await; // x joined
+    let _ = delta(&mut b).await; // x joined
+    let body = json!({"name": "chat", "network": "prod", "standby": ["b"], "allowed": ["a", "b"]});
+    let (status, _) = http(
+        c.admin_addr(),
+        "POST",
+        "/v1/workloads",
+        Some(&admin),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let (status, moved) = http(
+        c.admin_addr(),
+        "POST",
+        "/v1/workloads/chat/attach?network=prod",
+        Some(&admin),
+        Some(&json!({"node": "a"}).to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{moved}");
+    // The destination was asked to prepare (it did not answer: the attach went ahead after
+    // the preparation timeout); every node saw the creation and the attach.
+    for (name, agent) in [("a", &mut a), ("b", &mut b), ("x", &mut x)] {
+        let d = delta(agent).await; // created
+        assert_eq!(d.upsert_workloads[0].holder, None);
+        let mut next = agent.recv().await;
+        if name == "a" {
+            assert!(
+                matches!(&next, Some(ServerMessage::Prepare { generation: 1, .. })),
+                "{next:?}"
+            );
+            next = agent.recv().await;
+        }
+        match next {
+            Some(ServerMessage::Delta(d)) => {
+                assert_eq!(d.upsert_workloads[0].holder, Some(wa.node_id));
+            }
+            other => panic!("{name}: expected the attach, got {other:?}"),
+        }
+    }
+
+    // The holder's heartbeat gets a lease at the map's version.
+    a.send(&ClientMessage::Heartbeat { seq: 7 }).await;
+    match a.recv().await {
+        Some(ServerMessage::Lease {
+            seq: 7,
+            lease_ms,
+            version,
+        }) => {
+            assert_eq!(lease_ms, 1500);
+            assert_eq!(
+                version, 5,
+                "two joins after the first, a create and an attach"
+            );
+        }
+        other => panic!("expected a lease, got {other:?}"),
+    }
+
+    // b claims it: the coordinator asks b to prepare, b heartbeats and reports ready, and the
+    // change lands at generation 2.
+    b.send(&ClientMessage::Claim {
+        request: 1,
+        workload: "chat".into(),
+    })
+    .await;
+    match b.recv().await {
+        Some(ServerMessage::Prepare {
+            workload,
+            generation,
+        }) => assert_eq!((workload.as_str(), generation), ("chat", 2)),
+        other => panic!("expected a prepare, got {other:?}"),
+    }
+    b.send(&ClientMessage::Heartbeat { seq: 1 }).await;
+    assert!(matches!(
+        b.recv().await,
+        Some(ServerMessage::Lease { seq: 1, .. })
+    ));
+    b.send(&ClientMessage::Prepared {
+        workload: "chat".into(),
+        generation: 2,
+    })
+    .await;
+    let mut answered = None;
+    let mut moved = None;
+    while answered.is_none() || moved.is_none() {
+        match b.recv().await {
+            Some(ServerMessage::ClaimResult {
+                request: 1,
+                generation,
+                error,
+            }) => answered = Some((generation, error)),
+            Some(ServerMessage::Delta(d)) => moved = Some(d.upsert_workloads[0].clone()),
+            other => panic!("expected the claim's result and its delta, got {other:?}"),
+        }
+    }
+    assert_eq!(answered, Some((Some(2), None)));
+    let w = moved.unwrap();
+    assert_eq!(
+        (w.holder, w.previous, w.generation),
+        (Some(wb.node_id), Some(wa.node_id), 2)
+    );
+    // The old holder learns of the move.
+    assert_eq!(
+        delta(&mut a).await.upsert_workloads[0].holder,
+        Some(wb.node_id)
+    );
+
+    // x is not an allowed holder: refused, nothing changes.
+    x.send(&ClientMessage::Claim {
+        request: 9,
+        workload: "chat".into(),
+    })
+    .await;
+    let _ = delta(&mut x).await; // the move to b
+    match x.recv().await {
+        Some(ServerMessage::ClaimResult {
+            request: 9,
+            generation: None,
+            error: Some(e),
+        }) => assert!(e.contains("not an allowed holder"), "{e}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    c.shutdown().await;
+}

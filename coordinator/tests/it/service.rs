@@ -1,7 +1,9 @@
 //! The service in process, without sockets: many agents, one encoded delta per change, and a
 //! clock the test moves.
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,16 +12,26 @@ use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::Outbound;
-use meshlink_coordinator::service::{Clock, Service, Session};
+use meshlink_coordinator::service::{Clock, Service, Session, SystemClock};
 use meshlink_coordinator::store::{SqliteStore, UnixTime};
 
 use crate::common::{join_hello, TempDir};
 
 struct TestClock(AtomicI64);
 
+/// A wall clock the test sets; monotonic time and sleeps are the system's (nothing here
+/// depends on them).
 impl Clock for TestClock {
     fn now(&self) -> UnixTime {
         self.0.load(Ordering::Relaxed)
+    }
+
+    fn instant(&self) -> Instant {
+        SystemClock.instant()
+    }
+
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        SystemClock.sleep_until(at)
     }
 }
 

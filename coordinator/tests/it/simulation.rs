@@ -4,12 +4,18 @@
 //! leaves, revocations, agent crashes and reconnections, NAT rebinding, coordinator restarts,
 //! and lost, duplicated and reordered messages, while the test moves the clock.
 //!
-//! Each agent is a small state machine following the real agent's policy
-//! (`agent/src/control/mod.rs`, `MeshControl::serve`): a full map replaces its map; a delta is
-//! applied, and a version gap makes it ask for a full map, answered with `Hub::full_map` as
-//! `server.rs` answers `FullMapRequest`; `Revoked` makes it forget its credentials and stop; a
-//! refused hello stops it. A crash drops the session and keeps the credentials and the cached
-//! map, and the agent comes back with `Auth::Node`.
+//! Each agent runs the real agent's session state machine, [`AgentSession`] from
+//! `meshlink_proto`, driven as its I/O shell drives it (`agent/src/control/mod.rs`,
+//! `MeshControl::serve`): `connected` with the welcome's full map and the node's endpoints,
+//! every frame read into `handle_message`, `set_endpoints` when the endpoints change,
+//! `handle_timeout` when `poll_timeout` says, `disconnected` when the session ends; what
+//! `poll_transmit` yields is carried to the coordinator (`Endpoints` to
+//! `Service::report_endpoints`, `FullMapRequest` answered with `Hub::full_map` as `server.rs`
+//! answers it), and the agent's map is `AgentSession::map`. Its time is a fixed `Instant` plus
+//! the simulated seconds. `Revoked` ends the session and the agent forgets its credentials and
+//! its map; a refused hello stops it (it keeps its cached map, as the real agent does). A crash
+//! restarts the agent's process from its cached map and keeps its credentials, and the agent
+//! comes back with `Auth::Node`; a lost connection keeps the process.
 //!
 //! Between the hub and an agent sits a model of one session ([`Link`]): the hub's queue, the
 //! frames the server task has written but the agent has not read (`wire`), and the full-map
@@ -19,20 +25,24 @@
 //!
 //! An oracle follows every action (which nodes exist and are revoked, the address each must
 //! hold, which tokens can still be used, which version each network must be at) and every
-//! outcome is checked against it at once; invariants are checked after every step. Then the
-//! faults stop and the system heals: every session is drained, dropped agents reconnect, and one
-//! more change per network shows a gap to any agent that lost the last frame of its session
-//! (it cannot know otherwise). Every live agent must then hold exactly the hub's map.
+//! outcome is checked against it at once; invariants are checked after every step. The agents
+//! are checked too: a gap only where a frame was lost or reordered, one full-map request per
+//! gap, no delta applied while it waits for that map. Then the faults stop and the system
+//! heals: every session is drained, dropped agents reconnect, and one more change per network
+//! shows a gap to any agent that lost the last frame of its session (it cannot know
+//! otherwise). Every live agent must then hold exactly the hub's map.
 //!
 //! A failure names its seed; each seed is its own test (`cargo test -p meshlink-coordinator
 //! --test it simulation::seed_3` replays one run).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
@@ -42,10 +52,12 @@ use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::{CloseReason, Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, Session};
 use meshlink_coordinator::store::{SqliteStore, Store, TokenId, UnixTime};
+use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
 use meshlink_proto::control::{
-    Auth, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE, PROTOCOL_VERSION,
+    Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
+    PROTOCOL_VERSION,
 };
-use meshlink_proto::{Netmap, NetmapDelta, NodeId, PublicKey};
+use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use crate::common::TempDir;
@@ -58,7 +70,9 @@ const NETWORKS: [(&str, &str); 3] = [
 ];
 /// The simulated clock's start, in Unix seconds.
 const EPOCH: UnixTime = 1_700_000_000;
-/// Per mille of frames the agent never reads (lost).
+/// Per mille of frames the agent never reads (lost). A full map is never lost: the only ones on
+/// the wire answer the agent's request, and the real agent waits for that answer for the rest
+/// of the session (the stream is reliable; it does not ask again).
 const LOSS: u64 = 50;
 /// Per mille of maps and deltas the agent handles twice.
 const DUPLICATE: u64 = 10;
@@ -127,11 +141,30 @@ impl Rng {
     }
 }
 
-struct SimClock(AtomicI64);
+/// Whole simulated seconds since [`EPOCH`], and the same as monotonic time from `t0`.
+struct SimClock {
+    secs: AtomicI64,
+    t0: Instant,
+}
 
 impl Clock for SimClock {
     fn now(&self) -> UnixTime {
-        self.0.load(Ordering::Relaxed)
+        self.secs.load(Ordering::Relaxed)
+    }
+
+    fn instant(&self) -> Instant {
+        let secs = u64::try_from(self.now() - EPOCH).expect("the clock only moves forward");
+        self.t0 + Duration::from_secs(secs)
+    }
+
+    /// Nothing here waits on the clock (no workloads move): a sleep that has not ended yet
+    /// is a test failure, not a hang.
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        assert!(
+            at <= self.instant(),
+            "the simulation does not wait on the service's clock"
+        );
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -203,7 +236,10 @@ struct Link {
     serial: u64,
     rx: mpsc::Receiver<Outbound>,
     wire: VecDeque<Frame>,
+    /// Full-map requests the server has not answered yet.
     requests: u32,
+    /// The agent asked for a full map and has not read one since.
+    awaiting_full_map: bool,
     /// The server task ended: nothing more is written after `wire`.
     server_done: bool,
     /// A frame of this session was lost or reordered since the agent last got a full map, so
@@ -221,21 +257,23 @@ impl Link {
             rx: session.attached.rx,
             wire: VecDeque::new(),
             requests: 0,
+            awaiting_full_map: false,
             server_done: false,
             tainted: false,
         }
     }
 }
 
-/// The agent model.
+/// One simulated agent: its process's state and the test's view of it.
 struct Agent {
     key: PublicKey,
     creds: Option<Creds>,
     link: Option<Link>,
     /// When an agent with credentials and no session tries again.
     reconnect_at: Option<UnixTime>,
-    /// The cached map (shared with the decoded frame until a delta changes it).
-    map: Rc<Netmap>,
+    /// The real agent's session state, from its join on; its map is the agent's map (and
+    /// cache). `None` before the first join and after a revocation (the agent forgot it all).
+    session: Option<AgentSession>,
     /// The highest version held during the current membership.
     high: u64,
     endpoints: Vec<SocketAddr>,
@@ -245,9 +283,33 @@ struct Agent {
 }
 
 impl Agent {
-    fn stop(&mut self) {
+    fn session(&mut self) -> &mut AgentSession {
+        self.session
+            .as_mut()
+            .expect("an agent with credentials has a session state")
+    }
+
+    /// The connection ended (the process lives on).
+    fn disconnected(&mut self) {
+        self.link = None;
+        if let Some(s) = &mut self.session {
+            s.disconnected();
+        }
+    }
+
+    /// Refused: the agent stops holding anything and exits; its cached map stays. An operator
+    /// would enroll it again.
+    fn refused(&mut self) {
+        self.session().stop();
         self.creds = None;
-        self.map = Rc::new(Netmap::default());
+        self.high = 0;
+        self.reconnect_at = None;
+    }
+
+    /// Revoked: the agent forgets its credentials and its map, and exits.
+    fn revoked(&mut self) {
+        self.session = None;
+        self.creds = None;
         self.high = 0;
         self.reconnect_at = None;
     }
@@ -255,13 +317,7 @@ impl Agent {
 
 /// A decoded server frame. The hub shares one encoding among all sessions, so it is decoded
 /// once per frame.
-#[derive(Clone)]
-enum Msg {
-    Full(Rc<Netmap>),
-    Delta(Rc<NetmapDelta>),
-    Revoked,
-    Other(&'static str),
-}
+type Msg = Rc<ServerMessage>;
 
 fn decode_frame(frame: &[u8]) -> ServerMessage {
     let mut d = Decoder::new(MAX_SERVER_MESSAGE);
@@ -283,18 +339,17 @@ fn decode(cache: &mut HashMap<usize, (Frame, Msg)>, frame: &Frame) -> Msg {
     if cache.len() >= 4096 {
         cache.clear();
     }
-    let msg = match decode_frame(frame) {
-        ServerMessage::FullMap(m) => Msg::Full(Rc::new(m)),
-        ServerMessage::Delta(d) => Msg::Delta(Rc::new(d)),
-        ServerMessage::Revoked { .. } => Msg::Revoked,
-        ServerMessage::Welcome(_) => Msg::Other("welcome"),
-        ServerMessage::Refused { .. } => Msg::Other("refusal"),
-        ServerMessage::Lease { .. } => Msg::Other("lease"),
-        ServerMessage::Prepare { .. } => Msg::Other("prepare"),
-        ServerMessage::ClaimResult { .. } => Msg::Other("claim result"),
-    };
+    let msg = Rc::new(decode_frame(frame));
     cache.insert(key, (frame.clone(), msg.clone()));
     msg
+}
+
+/// The first map of a session, read after the welcome.
+fn first_map(cache: &mut HashMap<usize, (Frame, Msg)>, frame: &Frame) -> Netmap {
+    match &*decode(cache, frame) {
+        ServerMessage::FullMap(m) => m.clone(),
+        _ => panic!("the first map is not a full map"),
+    }
 }
 
 fn welcome_of(frame: &Frame) -> Welcome {
@@ -399,7 +454,10 @@ struct Sim {
 impl Sim {
     async fn new(plan: Plan) -> Sim {
         let dir = TempDir::new(&format!("sim-{}", plan.seed));
-        let clock = Arc::new(SimClock(AtomicI64::new(EPOCH)));
+        let clock = Arc::new(SimClock {
+            secs: AtomicI64::new(EPOCH),
+            t0: Instant::now(),
+        });
         let store = Arc::new(
             SqliteStore::open(&dir.path().join("coordinator.db"))
                 .await
@@ -427,7 +485,7 @@ impl Sim {
                 creds: None,
                 link: None,
                 reconnect_at: None,
-                map: Rc::new(Netmap::default()),
+                session: None,
                 high: 0,
                 endpoints: endpoints_of(a, 0),
                 remote: remote_of(a, 0),
@@ -470,11 +528,17 @@ impl Sim {
     }
 
     fn now(&self) -> UnixTime {
-        self.clock.0.load(Ordering::Relaxed)
+        self.clock.now()
+    }
+
+    /// The agents' `now`: the clock's start plus the simulated seconds, so that a run does
+    /// not depend on the wall clock.
+    fn instant(&self) -> Instant {
+        self.clock.instant()
     }
 
     fn advance(&self, secs: UnixTime) {
-        self.clock.0.fetch_add(secs, Ordering::Relaxed);
+        self.clock.secs.fetch_add(secs, Ordering::Relaxed);
     }
 
     fn count(&mut self, what: &'static str) {
@@ -648,7 +712,8 @@ impl Sim {
         // Every connection dies with the process; the old hub's queues go with it.
         let now = self.now();
         for agent in &mut self.agents {
-            if agent.link.take().is_some() {
+            if agent.link.is_some() {
+                agent.disconnected();
                 agent.reconnect_at = Some(now + 1 + self.rng.below(10) as UnixTime);
             }
         }
@@ -794,14 +859,13 @@ impl Sim {
                 remote,
             },
         );
-        let Msg::Full(full) = decode(&mut self.decoded, &session.attached.full_map) else {
-            panic!("the first map is not a full map");
-        };
+        let full = first_map(&mut self.decoded, &session.attached.full_map);
         assert_eq!(full.version, self.versions[net]);
         assert!(
             full.peers.contains_key(&id),
             "a new node is in its first map"
         );
+        let now = self.instant();
         let agent = &mut self.agents[a];
         agent.creds = Some(Creds {
             node: id,
@@ -809,10 +873,14 @@ impl Sim {
             network: net,
         });
         agent.high = full.version;
-        agent.map = full;
         agent.reconnect_at = None;
         agent.link = Some(Link::new(a, session));
+        // A new agent process: its state starts from the map of the join.
+        let mut state = AgentSession::new(id, full.clone(), now);
+        state.connected(now, full, agent.endpoints.clone());
+        agent.session = Some(state);
         self.count("join.ok");
+        self.flush(a).await;
     }
 
     /// An agent with credentials and no session says hello again.
@@ -832,7 +900,7 @@ impl Sim {
             (Ok(session), Expect::Ok) => session,
             (Err(e), expect) if expect.matches(&e) => {
                 // The real agent exits here; an operator would enroll it again.
-                self.agents[a].stop();
+                self.agents[a].refused();
                 self.count(expect.label());
                 return;
             }
@@ -857,11 +925,10 @@ impl Sim {
             f.remote = remote;
             self.count("reconnect.moved");
         }
-        let Msg::Full(full) = decode(&mut self.decoded, &session.attached.full_map) else {
-            panic!("the first map is not a full map");
-        };
+        let full = first_map(&mut self.decoded, &session.attached.full_map);
         assert_eq!(full.version, self.versions[creds.network]);
         let (seed, step) = (self.plan.seed, self.step);
+        let now = self.instant();
         let agent = &mut self.agents[a];
         assert!(
             full.version >= agent.high,
@@ -870,14 +937,16 @@ impl Sim {
             agent.high
         );
         agent.high = full.version;
-        agent.map = full;
         agent.reconnect_at = None;
         agent.link = Some(Link::new(a, session));
+        let endpoints = agent.endpoints.clone();
+        agent.session().connected(now, full, endpoints);
         self.count(if replaced {
             "reconnect.ok-replacing"
         } else {
             "reconnect.ok"
         });
+        self.flush(a).await;
     }
 
     /// Reconnects up to `max` agents whose backoff is over.
@@ -902,19 +971,37 @@ impl Sim {
         }
     }
 
-    /// An agent's local endpoints change (or are reported again unchanged).
-    async fn report_endpoints(&mut self, a: usize, moves: bool) {
+    /// An agent's local endpoints change (or are found unchanged): the agent's session state
+    /// decides whether to report them.
+    async fn change_endpoints(&mut self, a: usize, moves: bool) {
         let agent = &mut self.agents[a];
         if agent.link.as_ref().is_none_or(|l| l.server_done) {
             return;
         }
-        let creds = agent.creds.clone().expect("a linked agent has credentials");
         if moves {
             agent.moves += 1;
             agent.endpoints = endpoints_of(a, agent.moves);
         }
-        let (endpoints, remote) = (agent.endpoints.clone(), agent.remote);
-        let fact = self.nodes.get(&creds.node);
+        let endpoints = agent.endpoints.clone();
+        agent.session().set_endpoints(endpoints);
+        self.flush(a).await;
+    }
+
+    /// The server's side of an `Endpoints` message on `a`'s session: `report_endpoints` from
+    /// the session's source address; a refusal ends the session.
+    async fn deliver_endpoints(&mut self, a: usize, endpoints: Vec<SocketAddr>) {
+        let agent = &self.agents[a];
+        let Some(link) = agent.link.as_ref().filter(|l| !l.server_done) else {
+            // Nobody reads the stream any more.
+            return;
+        };
+        let (node, remote) = (link.node, agent.remote);
+        let network = agent
+            .creds
+            .as_ref()
+            .expect("a linked agent has credentials")
+            .network;
+        let fact = self.nodes.get(&node);
         let expect = match fact {
             None => Expect::NotFound("endpoints.refused-deleted"),
             Some(f) if f.revoked => Expect::Refused("endpoints.refused-revoked"),
@@ -922,14 +1009,12 @@ impl Sim {
         };
         let moved = fact.is_some_and(|f| f.endpoints != endpoints || f.remote != remote);
         match (
-            self.svc
-                .report_endpoints(creds.node, remote, &endpoints)
-                .await,
+            self.svc.report_endpoints(node, remote, &endpoints).await,
             &expect,
         ) {
             (Ok(()), Expect::Ok) if moved => {
-                self.versions[creds.network] += 1;
-                self.nodes.get_mut(&creds.node).unwrap().endpoints = endpoints;
+                self.versions[network] += 1;
+                self.nodes.get_mut(&node).unwrap().endpoints = endpoints;
                 self.count("endpoints.changed");
             }
             (Ok(()), Expect::Ok) => self.count("endpoints.same"),
@@ -942,22 +1027,86 @@ impl Sim {
                 self.count(expect.label());
             }
             (got, expect) => panic!(
-                "seed {} step {}: node {} reporting endpoints: expected {expect:?}, got {got:?}",
-                self.plan.seed, self.step, creds.node
+                "seed {} step {}: node {node} reporting endpoints: expected {expect:?}, got {got:?}",
+                self.plan.seed, self.step
             ),
         }
     }
 
-    /// The agent process dies; the server notices later.
-    fn crash(&mut self, a: usize, back_in: UnixTime) {
+    /// The agent loses its connection (`restart`: its process dies, and comes back from its
+    /// cached map); the server notices later.
+    fn crash(&mut self, a: usize, back_in: UnixTime, restart: bool) {
         let now = self.now();
+        let instant = self.instant();
         let agent = &mut self.agents[a];
         if let Some(link) = agent.link.take() {
             if !link.server_done {
                 self.zombies.push(link);
             }
         }
+        if restart {
+            let node = agent.creds.as_ref().expect("credentials").node;
+            let cached = agent.session().map().clone();
+            agent.session = Some(AgentSession::new(node, cached, instant));
+        } else {
+            agent.disconnected();
+        }
         agent.reconnect_at = Some(now + back_in);
+    }
+
+    /// Carries out what `a`'s session state asks for, as the agent's shell does after every
+    /// input: messages go to the server, events are acted on.
+    async fn flush(&mut self, a: usize) {
+        let (seed, step) = (self.plan.seed, self.step);
+        loop {
+            let Some(state) = self.agents[a].session.as_mut() else {
+                return;
+            };
+            let Some(msg) = state.poll_transmit() else {
+                break;
+            };
+            match msg {
+                ClientMessage::FullMapRequest => self.full_map_requested(a),
+                ClientMessage::Endpoints { endpoints } => {
+                    self.deliver_endpoints(a, endpoints).await;
+                }
+                other => panic!(
+                    "seed {seed} step {step}: agent {a} sent {other:?}, but the simulation runs no workloads"
+                ),
+            }
+        }
+        let state = self.agents[a].session();
+        while let Some(event) = state.poll_event() {
+            match event {
+                // The map is read from the session state when it is checked.
+                Event::MapChanged | Event::HoldingsChanged => {}
+                other => panic!(
+                    "seed {seed} step {step}: agent {a}'s session state asked for {other:?}, but the simulation runs no workloads"
+                ),
+            }
+        }
+    }
+
+    /// The agent sent `FullMapRequest`: the server answers it when it gets to it.
+    fn full_map_requested(&mut self, a: usize) {
+        let (seed, step) = (self.plan.seed, self.step);
+        let agent = &mut self.agents[a];
+        let version = agent.session.as_ref().map_or(0, |s| s.map().version);
+        let link = agent
+            .link
+            .as_mut()
+            .expect("a full-map request is sent on a session");
+        assert!(
+            !link.awaiting_full_map,
+            "seed {seed} step {step}: agent {a} (map version {version}) asked for a full map again before the one it asked for came"
+        );
+        assert!(
+            link.tainted,
+            "seed {seed} step {step}: agent {a} (map version {version}) saw a gap on a session that lost and reordered nothing"
+        );
+        link.awaiting_full_map = true;
+        link.requests += 1;
+        bump(&mut self.counts, "fullmap.requested");
     }
 
     // ---------------------------------------------------------------- the network
@@ -1025,125 +1174,163 @@ impl Sim {
 
     /// The agent reads up to `budget` frames, some lost, duplicated or reordered on the way.
     /// Returns whether anything happened.
-    fn read(&mut self, a: usize, budget: usize) -> bool {
+    async fn read(&mut self, a: usize, budget: usize) -> bool {
         let mut progress = false;
         for _ in 0..budget {
             let now = self.now();
             let Some(link) = self.agents[a].link.as_mut() else {
                 break;
             };
-            let Some(mut frame) = link.wire.pop_front() else {
+            let Some(frame) = link.wire.pop_front() else {
                 if link.server_done {
                     // The stream ended: back off, then reconnect.
                     let agent = &mut self.agents[a];
-                    agent.link = None;
+                    agent.disconnected();
                     agent.reconnect_at = Some(now + 1 + self.rng.below(4) as UnixTime);
                     bump(&mut self.counts, "session.end-seen");
                     progress = true;
+                    self.flush(a).await;
                 }
                 break;
             };
             progress = true;
+            let mut msg = decode(&mut self.decoded, &frame);
             if self.faults {
-                if self.rng.chance(LOSS) {
+                if !matches!(*msg, ServerMessage::FullMap(_)) && self.rng.chance(LOSS) {
                     link.tainted = true;
                     bump(&mut self.counts, "frames.lost");
                     continue;
                 }
                 if self.rng.chance(REORDER) {
-                    if let Some(next) = link.wire.front().cloned() {
-                        let both_deltas =
-                            matches!(decode(&mut self.decoded, &frame), Msg::Delta(_))
-                                && matches!(decode(&mut self.decoded, &next), Msg::Delta(_));
+                    if let Some(next) = link.wire.front() {
+                        let next_msg = decode(&mut self.decoded, next);
+                        let both_deltas = matches!(*msg, ServerMessage::Delta(_))
+                            && matches!(*next_msg, ServerMessage::Delta(_));
                         if both_deltas {
                             link.wire[0] = frame;
-                            frame = next;
+                            msg = next_msg;
                             link.tainted = true;
                             bump(&mut self.counts, "frames.reordered");
                         }
                     }
                 }
             }
-            let msg = decode(&mut self.decoded, &frame);
             bump(&mut self.counts, "frames.read");
             let twice = self.faults
-                && matches!(msg, Msg::Full(_) | Msg::Delta(_))
+                && matches!(*msg, ServerMessage::FullMap(_) | ServerMessage::Delta(_))
                 && self.rng.chance(DUPLICATE);
-            self.handle(a, &msg);
+            self.handle(a, &msg).await;
             if twice {
                 bump(&mut self.counts, "frames.duplicated");
-                self.handle(a, &msg);
+                self.handle(a, &msg).await;
             }
         }
         progress
     }
 
-    /// The agent's policy for one server message on its session.
-    fn handle(&mut self, a: usize, msg: &Msg) {
+    /// One server message read on `a`'s session goes into the agent's session state, and
+    /// what that asks for is carried out.
+    async fn handle(&mut self, a: usize, msg: &ServerMessage) {
         let (seed, step) = (self.plan.seed, self.step);
+        let now = self.instant();
         let agent = &mut self.agents[a];
+        let link = agent.link.as_mut().expect("a message is read on a session");
+        let awaiting = link.awaiting_full_map;
         match msg {
-            Msg::Full(m) => {
+            ServerMessage::FullMap(m) => {
                 assert!(
                     m.version >= agent.high,
                     "seed {seed} step {step}: agent {a} got full map version {} after holding {}",
                     m.version,
                     agent.high
                 );
-                agent.high = m.version;
-                agent.map = m.clone();
-                agent.link.as_mut().unwrap().tainted = false;
+                link.tainted = false;
+                link.awaiting_full_map = false;
                 bump(&mut self.counts, "fullmap.received");
             }
-            Msg::Delta(d) => {
-                // `Netmap::apply` decides on versions alone; deciding on an empty map of the
-                // same version first spares copying a shared map for a delta that is stale
-                // or does not follow.
-                let mut trial = Netmap {
-                    version: agent.map.version,
-                    ..Netmap::default()
-                };
-                match trial.apply(d) {
-                    Ok(()) if trial.version == agent.map.version => {
-                        bump(&mut self.counts, "delta.stale");
-                    }
-                    Ok(()) => {
-                        Rc::make_mut(&mut agent.map)
-                            .apply(d)
-                            .expect("the same versions");
-                        assert!(agent.map.version >= agent.high);
-                        agent.high = agent.map.version;
-                        bump(&mut self.counts, "delta.applied");
-                    }
-                    Err(gap) => {
-                        let link = agent.link.as_mut().unwrap();
-                        assert!(
-                            link.tainted,
-                            "seed {seed} step {step}: agent {a} saw a gap ({gap}) on a session that lost and reordered nothing"
-                        );
-                        // As the real agent: one full-map request per gap.
-                        link.requests += 1;
-                        bump(&mut self.counts, "fullmap.requested");
-                    }
-                }
-            }
-            Msg::Revoked => {
+            ServerMessage::Revoked { .. } => {
                 let node = agent.creds.as_ref().expect("credentials").node;
                 assert!(
                     self.deleted.contains_key(&node)
                         || self.nodes.get(&node).is_some_and(|f| f.revoked),
                     "seed {seed} step {step}: node {node} was told it is revoked, but it is not"
                 );
+            }
+            ServerMessage::Lease { .. }
+            | ServerMessage::Prepare { .. }
+            | ServerMessage::ClaimResult { .. } => panic!(
+                "seed {seed} step {step}: agent {a} got a {}, but the simulation runs no workloads",
+                msg.kind()
+            ),
+            ServerMessage::Delta(_) | ServerMessage::Welcome(_) | ServerMessage::Refused { .. } => {
+                // The session state decides.
+            }
+        }
+        let before = agent.session().map().version;
+        match agent.session().handle_message(now, msg.clone()) {
+            Ok(()) => {}
+            Err(SessionError::Revoked(_)) => {
+                // The agent closes the connection, forgets its credentials and its map, and
+                // exits.
                 let link = agent.link.take().unwrap();
                 if !link.server_done {
                     self.zombies.push(link);
                 }
-                agent.stop();
+                agent.session().disconnected();
+                agent.revoked();
                 bump(&mut self.counts, "session.revoked-seen");
+                return;
             }
-            Msg::Other(kind) => {
-                panic!("seed {seed} step {step}: agent {a} got a {kind} in an open session")
+            // The real agent would drop the connection and reconnect; the coordinator must
+            // never make it.
+            Err(e) => panic!(
+                "seed {seed} step {step}: agent {a}'s session state ended its session on a {}: {e}",
+                msg.kind()
+            ),
+        }
+        let after = agent.session().map().version;
+        assert!(
+            after >= agent.high,
+            "seed {seed} step {step}: agent {a} went back from map version {} to {after}",
+            agent.high
+        );
+        agent.high = after;
+        self.flush(a).await;
+        if let ServerMessage::Delta(d) = msg {
+            let asked = self.agents[a]
+                .link
+                .as_ref()
+                .is_some_and(|l| l.awaiting_full_map);
+            let what = if awaiting {
+                assert_eq!(
+                    after, before,
+                    "seed {seed} step {step}: agent {a} applied delta {}->{} while it waited for the full map it asked for",
+                    d.from_version, d.to_version
+                );
+                "delta.skipped-awaiting-full-map"
+            } else if after > before {
+                "delta.applied"
+            } else if asked {
+                // A gap: counted as `fullmap.requested`.
+                ""
+            } else {
+                "delta.stale"
+            };
+            if !what.is_empty() {
+                bump(&mut self.counts, what);
             }
+        }
+    }
+
+    /// Time passes for `a`'s session state: `handle_timeout` when `poll_timeout` is due.
+    async fn timers(&mut self, a: usize) {
+        let now = self.instant();
+        let Some(state) = self.agents[a].session.as_mut() else {
+            return;
+        };
+        if state.poll_timeout().is_some_and(|at| at <= now) {
+            state.handle_timeout(now);
+            self.flush(a).await;
         }
     }
 
@@ -1157,7 +1344,8 @@ impl Sim {
                 break;
             };
             self.pump(a, BURST).await;
-            self.read(a, BURST);
+            self.read(a, BURST).await;
+            self.timers(a).await;
         }
         let mut i = 0;
         while i < self.zombies.len() {
@@ -1203,7 +1391,7 @@ impl Sim {
             0..=119 => {
                 if let Some(a) = self.rng.pick(&linked) {
                     let moves = !self.rng.chance(250);
-                    self.report_endpoints(a, moves).await;
+                    self.change_endpoints(a, moves).await;
                 }
             }
             120..=199 => {
@@ -1219,14 +1407,14 @@ impl Sim {
             250..=289 => {
                 if let Some(a) = self.rng.pick(&linked) {
                     let back_in = 1 + self.rng.below(20) as UnixTime;
-                    self.crash(a, back_in);
+                    self.crash(a, back_in, true);
                     self.count("agent.crash");
                 }
             }
             290..=309 => {
                 // The agent gives up on a connection the server still thinks alive.
                 if let Some(a) = self.rng.pick(&linked) {
-                    self.crash(a, 0);
+                    self.crash(a, 0, false);
                     self.reconnect(a).await;
                     self.count("agent.flap");
                 }
@@ -1237,7 +1425,7 @@ impl Sim {
                     agent.rebinds += 1;
                     agent.remote = remote_of(a, agent.rebinds);
                     let back_in = 1 + self.rng.below(5) as UnixTime;
-                    self.crash(a, back_in);
+                    self.crash(a, back_in, false);
                     self.count("agent.rebind");
                 }
             }
@@ -1353,7 +1541,7 @@ impl Sim {
             for a in 0..self.agents.len() {
                 loop {
                     let wrote = self.pump(a, usize::MAX).await;
-                    let read = self.read(a, usize::MAX);
+                    let read = self.read(a, usize::MAX).await;
                     if !(wrote || read) {
                         break;
                     }
@@ -1384,7 +1572,7 @@ impl Sim {
             });
             if let Some(a) = member {
                 let v = self.versions[net];
-                self.report_endpoints(a, true).await;
+                self.change_endpoints(a, true).await;
                 assert_eq!(self.versions[net], v + 1, "the probe changes the map");
             }
         }
@@ -1406,19 +1594,32 @@ impl Sim {
         let mut live: HashSet<NodeId> = HashSet::new();
         for (a, agent) in self.agents.iter().enumerate() {
             let Some(c) = &agent.creds else {
-                assert!(agent.link.is_none() && agent.map.peers.is_empty());
+                // Stopped (refused: it keeps its cached map) or gone (revoked, or never in).
+                assert!(agent.link.is_none());
+                assert!(agent
+                    .session
+                    .as_ref()
+                    .is_none_or(|s| !s.is_connected() && !s.holdings().is_holder()));
                 continue;
             };
             let link = agent.link.as_ref().unwrap_or_else(|| {
                 panic!("seed {seed}: live agent {a} has no session after healing")
             });
             assert!(!link.server_done && link.wire.is_empty() && link.requests == 0);
+            assert!(!link.awaiting_full_map);
+            let state = agent
+                .session
+                .as_ref()
+                .expect("a live agent's session state");
+            assert!(state.is_connected());
             let fact = &self.nodes[&c.node];
             assert!(!fact.revoked && fact.agent == a);
             assert_eq!(
-                *agent.map, maps[c.network],
+                *state.map(),
+                maps[c.network],
                 "seed {seed}: agent {a} (node {}) holds another map than {}'s",
-                c.node, NETWORKS[c.network].0
+                c.node,
+                NETWORKS[c.network].0
             );
             live.insert(c.node);
         }

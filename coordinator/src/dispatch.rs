@@ -1,0 +1,102 @@
+//! What the coordinator does with each message of an attached agent session, apart from how
+//! it arrived: the QUIC server (`server.rs`) and the simulations in `tests/it/` both call
+//! [`Service::on_agent_message`], so the simulations run the same dispatch as production.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use meshlink_proto::control::{encode, ClientMessage, ServerMessage};
+use meshlink_proto::NodeId;
+
+use crate::handlers::ApiError;
+use crate::hub::Frame;
+use crate::service::Service;
+
+/// Which session a message came on.
+#[derive(Debug, Clone)]
+pub struct SessionRef<'a> {
+    /// The node.
+    pub node: NodeId,
+    /// Its network.
+    pub network: &'a str,
+    /// The address the session comes from.
+    pub remote: IpAddr,
+}
+
+/// Why an agent's message ends its session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionFault {
+    /// A handler refused what the agent asked (or failed).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The session's network is no longer loaded.
+    #[error("the network is gone")]
+    NetworkGone,
+    /// A second hello.
+    #[error("a second hello")]
+    SecondHello,
+}
+
+impl Service {
+    /// Handles one message of an attached session; returns the frame to write back at once,
+    /// if any. A claim runs apart (it waits for this node's own `Prepared`): its answer goes
+    /// through the session's hub queue.
+    ///
+    /// # Errors
+    /// [`SessionFault`]: the session should end.
+    pub async fn on_agent_message(
+        self: &Arc<Self>,
+        from: SessionRef<'_>,
+        msg: ClientMessage,
+    ) -> Result<Option<Frame>, SessionFault> {
+        match msg {
+            ClientMessage::Endpoints { endpoints } => {
+                self.report_endpoints(from.node, from.remote, &endpoints)
+                    .await?;
+                Ok(None)
+            }
+            ClientMessage::FullMapRequest => self
+                .hub()
+                .full_map(from.network)
+                .map(Some)
+                .ok_or(SessionFault::NetworkGone),
+            ClientMessage::Heartbeat { seq } => {
+                let lease = self.heartbeat(from.node);
+                let answer = ServerMessage::Lease {
+                    seq,
+                    lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
+                    version: self.hub().version(from.network).unwrap_or(0),
+                };
+                Ok(Some(encode(&answer).into()))
+            }
+            ClientMessage::Prepared {
+                workload,
+                generation,
+            } => {
+                self.prepared(from.node, &workload, generation);
+                Ok(None)
+            }
+            ClientMessage::Claim { request, workload } => {
+                let service = self.clone();
+                let (node, network, remote) = (from.node, from.network.to_string(), from.remote);
+                self.spawn(async move {
+                    let msg = match service.claim(node, remote, &workload).await {
+                        Ok(o) => ServerMessage::ClaimResult {
+                            request,
+                            generation: Some(o.workload.generation),
+                            error: None,
+                        },
+                        Err(e) => ServerMessage::ClaimResult {
+                            request,
+                            generation: None,
+                            error: Some(e.public_message()),
+                        },
+                    };
+                    service.hub().send_to(&network, node, encode(&msg).into());
+                });
+                Ok(None)
+            }
+            ClientMessage::Hello(_) => Err(SessionFault::SecondHello),
+        }
+    }
+}

@@ -1,0 +1,818 @@
+//! Workload fencing end to end in simulated time: the real coordinator [`Service`] (its
+//! SQLite store, hub, leases, moves, claims and `failover_tick`, dispatching agent messages
+//! through [`Service::on_agent_message`] as the QUIC server does) and agents running the real
+//! [`AgentSession`] and [`Reconnect`], joined by ordered links with delay. Meanwhile workloads
+//! are moved, detached and claimed, agents crash and are cut off, and the coordinator
+//! restarts. The service reads time only from the simulation's [`Clock`].
+//!
+//! Checked at every simulated millisecond:
+//! - never two live holders of one workload at one generation;
+//! - two live holders at once only while a *planned* change (move, claim, detach) reaches the
+//!   older one, never across a failover, and never for longer than a lease plus the links'
+//!   delay (a holder that is cut off stops on its own);
+//!
+//! and after the chaos ends, that every agent converges to the store's generation of every
+//! workload, with exactly its holder answering for it.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshlink_coordinator::dispatch::SessionRef;
+use meshlink_coordinator::handlers::networks::CreateNetwork;
+use meshlink_coordinator::handlers::tokens::CreateToken;
+use meshlink_coordinator::handlers::workloads::CreateWorkload;
+use meshlink_coordinator::hub::{Frame, Outbound};
+use meshlink_coordinator::service::{Clock, Service, WorkloadTiming};
+use meshlink_coordinator::store::{SqliteStore, Store, UnixTime};
+use meshlink_proto::agent_session::{AgentSession, ClaimId, Event};
+use meshlink_proto::control::{ClientMessage, Decoder, ServerMessage, MAX_SERVER_MESSAGE};
+use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
+use meshlink_proto::NodeId;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::common::{join_hello, node_hello, TempDir};
+
+const NETWORK: &str = "prod";
+const AGENTS: usize = 6;
+const WORKLOADS: usize = 3;
+const MAX_LATENCY_MS: u64 = 30;
+/// How long after a cut or a crash each end notices that the connection is dead (the QUIC
+/// idle timeout).
+const IDLE_MS: u64 = 4_000;
+const CHAOS_MS: u64 = 30_000;
+/// How long a planned change may take from the request to the new holder's first answer: a
+/// quiet holder's lease waited out (1.6 s), the destination's preparation (up to 500 ms), the
+/// links.
+const PLANNED_WITHIN_MS: u64 = 2_500;
+const HEAL_MS: u64 = 10_000;
+
+/// Simulated time: milliseconds since `t0`, moved by the simulation only.
+struct SimClock {
+    t0: Instant,
+    ms: AtomicU64,
+    tick: watch::Sender<u64>,
+}
+
+impl SimClock {
+    fn new() -> Self {
+        SimClock {
+            t0: Instant::now(),
+            ms: AtomicU64::new(0),
+            tick: watch::channel(0).0,
+        }
+    }
+
+    fn set(&self, ms: u64) {
+        self.ms.store(ms, Ordering::SeqCst);
+        self.tick.send_replace(ms);
+    }
+
+    fn at(&self, ms: u64) -> Instant {
+        self.t0 + Duration::from_millis(ms)
+    }
+}
+
+impl Clock for SimClock {
+    fn now(&self) -> UnixTime {
+        1_800_000_000 + i64::try_from(self.ms.load(Ordering::SeqCst) / 1000).unwrap_or(0)
+    }
+
+    fn instant(&self) -> Instant {
+        self.at(self.ms.load(Ordering::SeqCst))
+    }
+
+    fn sleep_until(&self, at: Instant) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        let target =
+            u64::try_from(at.saturating_duration_since(self.t0).as_millis()).unwrap_or(u64::MAX);
+        let mut rx = self.tick.subscribe();
+        Box::pin(async move {
+            while *rx.borrow_and_update() < target {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        })
+    }
+}
+
+/// An ordered link with delay: what is sent arrives in order, unless the link is cut.
+struct Link<T> {
+    queue: VecDeque<(u64, T)>,
+    last: u64,
+}
+
+impl<T> Link<T> {
+    fn new() -> Self {
+        Link {
+            queue: VecDeque::new(),
+            last: 0,
+        }
+    }
+
+    /// Sends at `now`, arriving `latency` later, or that long after `blocked_until`.
+    fn send(&mut self, now: u64, latency: u64, blocked_until: Option<u64>, msg: T) {
+        let at = (blocked_until.map_or(now, |b| b.max(now)) + latency).max(self.last);
+        self.last = at;
+        self.queue.push_back((at, msg));
+    }
+
+    fn due(&mut self, now: u64) -> Option<T> {
+        if self.queue.front().is_some_and(|(at, _)| *at <= now) {
+            self.queue.pop_front().map(|(_, m)| m)
+        } else {
+            None
+        }
+    }
+
+    fn cut(&mut self) {
+        self.queue.clear();
+    }
+}
+
+/// The coordinator's end of an agent's session.
+struct CoordEnd {
+    serial: u64,
+    rx: mpsc::Receiver<Outbound>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Life {
+    /// The process is dead until then.
+    Dead(u64),
+    /// Not connected; the next attempt then.
+    Offline(u64),
+    Online,
+}
+
+struct Agent {
+    id: NodeId,
+    key: u8,
+    secret: String,
+    session: AgentSession,
+    reconnect: Reconnect,
+    life: Life,
+    /// Cut off from the coordinator until then.
+    cut_until: Option<u64>,
+    /// When the current session is found dead (a cut, a crash, a coordinator restart).
+    lost_at: Option<u64>,
+    /// When a cut that is still on kills the connection (the idle timeout).
+    idle_at: Option<u64>,
+    coord: Option<CoordEnd>,
+    up: Link<ClientMessage>,
+    down: Link<Frame>,
+    /// Moves being prepared here: (ready at, workload, generation).
+    preparing: Vec<(u64, String, u64)>,
+    claims: BTreeMap<ClaimId, String>,
+}
+
+/// Changes of holder whose new generation an operator or a claim asked for.
+type Planned = Arc<Mutex<BTreeSet<(String, u64)>>>;
+
+struct Sim {
+    seed: u64,
+    rng: StdRng,
+    clock: Arc<SimClock>,
+    store: Arc<dyn Store>,
+    service: Arc<Service>,
+    tasks: JoinSet<()>,
+    agents: Vec<Agent>,
+    workloads: Vec<String>,
+    planned: Planned,
+    now: u64,
+    /// Per workload, overlaps seen: (older generation, newer generation) -> (from, to, newer
+    /// holder).
+    overlaps: BTreeMap<(String, u64, u64), (u64, u64, NodeId)>,
+    /// Planned changes asked for: (workload, destination) -> when (last asked). A planned
+    /// change whose answer was lost (a session or a coordinator gone in between) is known by
+    /// these.
+    asked: BTreeMap<(String, Option<NodeId>), u64>,
+    stats: BTreeMap<&'static str, u64>,
+}
+
+fn decode(frame: &[u8]) -> ServerMessage {
+    let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+    d.push(frame).expect("a frame within the cap");
+    d.decode()
+        .expect("a well-formed frame")
+        .expect("a whole frame")
+}
+
+fn remote(key: u8) -> IpAddr {
+    IpAddr::from([198, 18, 0, key])
+}
+
+impl Sim {
+    async fn new(dir: &TempDir, seed: u64) -> Sim {
+        let clock = Arc::new(SimClock::new());
+        let store: Arc<dyn Store> = Arc::new(
+            SqliteStore::open(&dir.path().join("coordinator.db"))
+                .await
+                .unwrap(),
+        );
+        let service = Arc::new(
+            Service::load_with(
+                store.clone(),
+                clock.clone(),
+                1024,
+                WorkloadTiming::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        service
+            .create_network(CreateNetwork {
+                name: NETWORK.into(),
+                cidr: "100.64.0.0/16".into(),
+            })
+            .await
+            .unwrap();
+        let (_, token) = service
+            .create_token(CreateToken {
+                network: NETWORK.into(),
+                tags: vec![],
+                expires_in_secs: None,
+                uses: None,
+            })
+            .await
+            .unwrap();
+        let mut agents = Vec::new();
+        for n in 1..=AGENTS {
+            let key = u8::try_from(n).unwrap();
+            let name = format!("vm-{n}");
+            let s = service
+                .hello(&join_hello(&token, key, Some(&name)), remote(key))
+                .await
+                .unwrap();
+            let ServerMessage::Welcome(w) = decode(&s.welcome) else {
+                panic!("no welcome")
+            };
+            service
+                .session_closed(NETWORK, s.node, s.attached.serial)
+                .await;
+            agents.push(Agent {
+                id: s.node,
+                key,
+                secret: w.node_secret.expect("a join gives a secret"),
+                session: AgentSession::new(s.node, Default::default(), clock.instant()),
+                reconnect: Reconnect::new(ReconnectPolicy::default()),
+                life: Life::Offline(0),
+                cut_until: None,
+                lost_at: None,
+                idle_at: None,
+                coord: None,
+                up: Link::new(),
+                down: Link::new(),
+                preparing: Vec::new(),
+                claims: BTreeMap::new(),
+            });
+        }
+        let mut workloads = Vec::new();
+        for k in 0..WORKLOADS {
+            let name = format!("w{k}");
+            let standby = vec![format!("vm-{}", 2 + k), format!("vm-{}", 3 + k)];
+            let mut allowed = standby.clone();
+            allowed.push(format!("vm-{}", 1 + k));
+            service
+                .create_workload(CreateWorkload {
+                    name: name.clone(),
+                    network: NETWORK.into(),
+                    address: None,
+                    standby,
+                    allowed,
+                })
+                .await
+                .unwrap();
+            service
+                .move_workload(NETWORK, &name, Some(&format!("vm-{}", 1 + k)))
+                .await
+                .unwrap();
+            workloads.push(name);
+        }
+        let mut sim = Sim {
+            seed,
+            rng: StdRng::seed_from_u64(seed),
+            clock,
+            store,
+            service,
+            tasks: JoinSet::new(),
+            agents,
+            workloads,
+            planned: Arc::new(Mutex::new(BTreeSet::new())),
+            now: 0,
+            overlaps: BTreeMap::new(),
+            asked: BTreeMap::new(),
+            stats: BTreeMap::new(),
+        };
+        for w in &sim.workloads {
+            let g = sim.generation(w).await;
+            sim.planned.lock().unwrap().insert((w.clone(), g));
+        }
+        sim.start_failover_loop();
+        sim
+    }
+
+    /// The store's generation of workload `name`.
+    async fn generation(&self, name: &str) -> u64 {
+        let w = self.store.workload(NETWORK, name).await.unwrap();
+        w.expect("the workload exists").generation
+    }
+
+    fn count(&mut self, what: &'static str) {
+        *self.stats.entry(what).or_default() += 1;
+    }
+
+    fn start_failover_loop(&mut self) {
+        let (service, clock) = (self.service.clone(), self.clock.clone());
+        self.tasks.spawn(async move {
+            let mut next = clock.instant();
+            loop {
+                next += Duration::from_millis(50);
+                clock.sleep_until(next).await;
+                service.failover_tick().await;
+            }
+        });
+    }
+
+    fn latency(&mut self) -> u64 {
+        1 + self.rng.gen_range(0..MAX_LATENCY_MS)
+    }
+
+    /// The coordinator crashes and starts again on the same store: every session dies, and
+    /// agents learn of it from the stateless reset their next packet draws.
+    async fn restart_coordinator(&mut self) {
+        self.count("coordinator restarts");
+        self.tasks.abort_all();
+        self.service.abort_tasks();
+        while self.tasks.join_next().await.is_some() {}
+        // A transaction the crash interrupted may still be finishing on SQLite's own thread
+        // (a real crash settles it, one way or the other, before the restart reads): let it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.service = Arc::new(
+            Service::load_with(
+                self.store.clone(),
+                self.clock.clone(),
+                1024,
+                WorkloadTiming::default(),
+            )
+            .await
+            .unwrap(),
+        );
+        for i in 0..self.agents.len() {
+            let soon = self.now + 1 + self.rng.gen_range(0..300);
+            let a = &mut self.agents[i];
+            a.coord = None;
+            a.up.cut();
+            a.down.cut();
+            if a.life == Life::Online {
+                a.lost_at = Some(a.lost_at.map_or(soon, |t| t.min(soon)));
+            }
+        }
+        self.start_failover_loop();
+    }
+
+    /// An operator moves, detaches or attaches a workload (through the service, as the admin
+    /// API does).
+    fn operator(&mut self) {
+        let name = self.workloads[self.rng.gen_range(0..WORKLOADS)].clone();
+        let to = match self.rng.gen_range(0..8) {
+            0 => None,
+            n => Some(format!("vm-{}", 1 + (n as usize % AGENTS))),
+        };
+        self.count("operator changes");
+        let to_id = to
+            .as_ref()
+            .map(|n| self.agents[n[3..].parse::<usize>().unwrap() - 1].id);
+        self.asked.insert((name.clone(), to_id), self.now);
+        let (service, planned) = (self.service.clone(), self.planned.clone());
+        self.tasks.spawn(async move {
+            if let Ok(o) = service.move_workload(NETWORK, &name, to.as_deref()).await {
+                planned
+                    .lock()
+                    .unwrap()
+                    .insert((o.workload.name.clone(), o.workload.generation));
+            }
+        });
+    }
+
+    /// Ends agent `i`'s session on both sides.
+    async fn lose(&mut self, i: usize) {
+        let pause_fraction: f64 = self.rng.gen();
+        let a = &mut self.agents[i];
+        a.session.disconnected();
+        a.up.cut();
+        a.down.cut();
+        a.lost_at = None;
+        a.idle_at = None;
+        if let Some(c) = a.coord.take() {
+            self.service.session_closed(NETWORK, a.id, c.serial).await;
+        }
+        let holder = a.session.holdings().is_holder();
+        let pause = a.reconnect.after_session(holder, pause_fraction);
+        a.life = Life::Offline(self.now + u64::try_from(pause.as_millis()).unwrap());
+    }
+
+    async fn connect(&mut self, i: usize) {
+        let now_i = self.clock.instant();
+        let a = &self.agents[i];
+        let hello = node_hello(a.id, &a.secret, a.key);
+        match self.service.hello(&hello, remote(a.key)).await {
+            Ok(s) => {
+                let ServerMessage::FullMap(map) = decode(&s.attached.full_map) else {
+                    panic!("seed {}: no full map after the welcome", self.seed)
+                };
+                let a = &mut self.agents[i];
+                a.session.connected(now_i, map, vec![]);
+                a.reconnect.connected();
+                a.coord = Some(CoordEnd {
+                    serial: s.attached.serial,
+                    rx: s.attached.rx,
+                });
+                a.life = Life::Online;
+                self.count("sessions");
+            }
+            Err(e) => panic!("seed {}: vm-{} refused: {e}", self.seed, i + 1),
+        }
+    }
+
+    async fn agent_step(&mut self, i: usize, chaos: bool) {
+        let now = self.now;
+        let now_i = self.clock.instant();
+        if let Some(until) = self.agents[i].cut_until {
+            if now >= until {
+                // A cut shorter than the idle timeout leaves the connection up: what is sent
+                // from now on arrives again.
+                let a = &mut self.agents[i];
+                a.cut_until = None;
+                a.idle_at = None;
+            }
+        }
+        match self.agents[i].life {
+            Life::Dead(until) if now < until => return,
+            Life::Dead(_) => {
+                // Restarted from its cached map, with fresh state.
+                let a = &mut self.agents[i];
+                a.session = AgentSession::new(a.id, a.session.map().clone(), now_i);
+                a.reconnect = Reconnect::new(ReconnectPolicy::default());
+                a.preparing.clear();
+                a.claims.clear();
+                a.lost_at = None;
+                a.idle_at = None;
+                a.life = Life::Offline(now);
+            }
+            Life::Offline(at) if now >= at => {
+                if let Some(until) = self.agents[i].cut_until {
+                    let f: f64 = self.rng.gen();
+                    let a = &mut self.agents[i];
+                    let holder = a.session.holdings().is_holder();
+                    let patience = a.reconnect.patience(holder);
+                    let patience_ms = u64::try_from(patience.as_millis()).unwrap();
+                    a.life = if until <= now + patience_ms {
+                        // The handshake's retransmissions get through once the cut ends.
+                        Life::Offline(until)
+                    } else {
+                        // The attempt times out after its patience, then backs off.
+                        let wait = patience + a.reconnect.after_failure(holder, f);
+                        Life::Offline(now + u64::try_from(wait.as_millis()).unwrap())
+                    };
+                } else {
+                    self.connect(i).await;
+                }
+            }
+            _ => {}
+        }
+        if chaos && self.agents[i].life == Life::Online {
+            if self.rng.gen_ratio(1, 8_000) {
+                self.count("crashes");
+                let until = now + 500 + self.rng.gen_range(0..2_500);
+                let a = &mut self.agents[i];
+                a.life = Life::Dead(until);
+                a.up.cut();
+                a.down.cut();
+                // The coordinator notices the dead connection after the idle timeout.
+                if let Some(c) = a.coord.take() {
+                    let (service, clock, node) = (self.service.clone(), self.clock.clone(), a.id);
+                    let at = clock.at(now + IDLE_MS);
+                    self.tasks.spawn(async move {
+                        clock.sleep_until(at).await;
+                        service.session_closed(NETWORK, node, c.serial).await;
+                    });
+                }
+                return;
+            }
+            if self.agents[i].cut_until.is_none() && self.rng.gen_ratio(1, 10_000) {
+                self.count("cuts");
+                let until = now + 500 + self.rng.gen_range(0..5_000);
+                // Nothing gets through until the cut ends; what is in flight or sent
+                // meanwhile arrives after it (QUIC retransmits), unless the connection dies
+                // of the idle timeout first.
+                let a = &mut self.agents[i];
+                a.cut_until = Some(until);
+                a.idle_at = Some(now + IDLE_MS);
+            }
+        }
+        let a = &self.agents[i];
+        if a.lost_at.into_iter().chain(a.idle_at).any(|t| now >= t) {
+            self.lose(i).await;
+        }
+        let online = self.agents[i].life == Life::Online;
+        if online {
+            self.carry(i).await;
+        }
+        // Time, and what the session asks for.
+        let a = &mut self.agents[i];
+        if a.session.poll_timeout().is_some_and(|t| t <= now_i) {
+            a.session.handle_timeout(now_i);
+        }
+        let ready: Vec<(String, u64)> = a
+            .preparing
+            .iter()
+            .filter(|(at, _, _)| *at <= now)
+            .map(|(_, w, g)| (w.clone(), *g))
+            .collect();
+        a.preparing.retain(|(at, _, _)| *at > now);
+        for (w, g) in ready {
+            a.session.prepared(w, g);
+        }
+        if chaos && online && self.rng.gen_ratio(1, 4_000) {
+            let name = self.workloads[self.rng.gen_range(0..WORKLOADS)].clone();
+            let a = &mut self.agents[i];
+            let id = a
+                .session
+                .claim(now_i, name.clone(), now_i + Duration::from_secs(10));
+            a.claims.insert(id, name.clone());
+            let me = a.id;
+            self.asked.insert((name, Some(me)), self.now);
+            self.count("claims");
+        }
+        while let Some(msg) = self.agents[i].session.poll_transmit() {
+            let lat = self.latency();
+            let a = &mut self.agents[i];
+            if a.life == Life::Online {
+                a.up.send(now, lat, a.cut_until, msg);
+            }
+        }
+        while let Some(event) = self.agents[i].session.poll_event() {
+            match event {
+                Event::Prepare {
+                    workload,
+                    generation,
+                } => {
+                    // Warming tunnels takes a while, sometimes longer than the coordinator
+                    // waits (500 ms): failovers commit 0-600 ms after their decision.
+                    let warm = self.rng.gen_range(0..600);
+                    self.agents[i]
+                        .preparing
+                        .push((now + warm, workload, generation));
+                }
+                Event::ClaimAnswered { id, result } => {
+                    if let (Some(name), Ok(g)) = (self.agents[i].claims.remove(&id), result) {
+                        self.planned.lock().unwrap().insert((name, g));
+                    }
+                }
+                Event::MapChanged | Event::HoldingsChanged => {}
+            }
+        }
+    }
+
+    /// Moves agent `i`'s messages both ways and hands what arrived to each side.
+    async fn carry(&mut self, i: usize) {
+        let now = self.now;
+        let now_i = self.clock.instant();
+        // The coordinator's queue onto the link.
+        loop {
+            let lat = self.latency();
+            let a = &mut self.agents[i];
+            let Some(c) = a.coord.as_mut() else { break };
+            match c.rx.try_recv() {
+                Ok(Outbound::Frame(f)) => a.down.send(now, lat, a.cut_until, f),
+                Ok(Outbound::Close(_)) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                    a.lost_at = Some(now + lat);
+                    a.coord = None;
+                    break;
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+        while let Some(frame) = self.agents[i].down.due(now) {
+            if let Err(e) = self.agents[i].session.handle_message(now_i, decode(&frame)) {
+                panic!("seed {}: vm-{}: {e}", self.seed, i + 1);
+            }
+        }
+        while let Some(msg) = self.agents[i].up.due(now) {
+            let a = &self.agents[i];
+            if a.coord.is_none() {
+                continue;
+            }
+            let from = SessionRef {
+                node: a.id,
+                network: NETWORK,
+                remote: remote(a.key),
+            };
+            match self.service.on_agent_message(from, msg).await {
+                Ok(Some(frame)) => {
+                    let lat = self.latency();
+                    let a = &mut self.agents[i];
+                    a.down.send(now, lat, a.cut_until, frame);
+                }
+                Ok(None) => {}
+                Err(e) => panic!("seed {}: vm-{}'s session ended: {e}", self.seed, i + 1),
+            }
+        }
+    }
+
+    /// The invariants that hold at every instant.
+    fn check(&mut self) {
+        let now_i = self.clock.instant();
+        let mut by_workload: BTreeMap<String, Vec<(NodeId, u64)>> = BTreeMap::new();
+        for a in &self.agents {
+            if matches!(a.life, Life::Dead(_)) {
+                continue; // a dead process answers for nothing
+            }
+            let names: BTreeMap<_, _> = a
+                .session
+                .map()
+                .workloads
+                .values()
+                .map(|w| (w.address, w.name.clone()))
+                .collect();
+            for h in a.session.holdings().held(now_i) {
+                let name = names.get(&h.address).cloned().unwrap_or_default();
+                by_workload
+                    .entry(name)
+                    .or_default()
+                    .push((a.id, h.generation));
+            }
+        }
+        for (name, holders) in by_workload {
+            let gens: BTreeSet<u64> = holders.iter().map(|(_, g)| *g).collect();
+            assert_eq!(
+                gens.len(),
+                holders.len(),
+                "seed {}, t={} ms: two holders of {name} at one generation: {holders:?}",
+                self.seed,
+                self.now
+            );
+            if holders.len() > 1 {
+                let (lo, hi) = (gens.first().copied(), gens.last().copied());
+                let newer = holders
+                    .iter()
+                    .max_by_key(|(_, g)| *g)
+                    .map_or(0, |(n, _)| *n);
+                let key = (name, lo.unwrap_or(0), hi.unwrap_or(0));
+                let now = self.now;
+                self.overlaps
+                    .entry(key)
+                    .and_modify(|(_, to, _)| *to = now)
+                    .or_insert((now, now, newer));
+            }
+        }
+    }
+
+    /// After the chaos: judged once every planned generation is known.
+    fn judge_overlaps(&self) {
+        let planned = self.planned.lock().unwrap();
+        let bound = WorkloadTiming::default().lease.as_millis() as u64 + 2 * MAX_LATENCY_MS + 100;
+        for ((name, old, new), (from, to, holder)) in &self.overlaps {
+            let asked = self
+                .asked
+                .get(&(name.clone(), Some(*holder)))
+                .is_some_and(|at| at <= from && from - at <= PLANNED_WITHIN_MS);
+            assert!(
+                planned.contains(&(name.clone(), *new)) || asked,
+                "seed {}: {name} held at generations {old} and {new} (by vm-{holder}) at once \
+                 ({from}-{to} ms), across a failover",
+                self.seed
+            );
+            assert!(
+                to - from <= bound,
+                "seed {}: {name} held at generations {old} and {new} at once for {} ms",
+                self.seed,
+                to - from
+            );
+        }
+    }
+
+    /// Whether every agent has the store's generation of every workload, with exactly its
+    /// holder answering for it; otherwise what differs.
+    async fn converged(&self) -> Result<(), String> {
+        let now_i = self.clock.instant();
+        for name in &self.workloads {
+            let w = self.store.workload(NETWORK, name).await.unwrap().unwrap();
+            for a in &self.agents {
+                let seen = a.session.map().workloads.get(name).map(|x| x.generation);
+                if seen != Some(w.generation) {
+                    return Err(format!(
+                        "vm-{} has {name} at generation {seen:?}, the store at {}: life {:?}, \
+                         cut {:?}, connected {}, map version {}, hub version {:?}",
+                        a.id,
+                        w.generation,
+                        a.life,
+                        a.cut_until,
+                        a.session.is_connected(),
+                        a.session.map().version,
+                        self.service.hub().version(NETWORK)
+                    ));
+                }
+                let holds = a
+                    .session
+                    .holdings()
+                    .held(now_i)
+                    .iter()
+                    .any(|h| h.address.addr() == IpAddr::V4(w.address));
+                if holds != (w.holder == Some(a.id)) {
+                    return Err(format!(
+                        "vm-{} answers for {name}: {holds}; the store: {w:?}; its map: {:?}",
+                        a.id,
+                        a.session.map().workloads.get(name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One simulated millisecond.
+    async fn step(&mut self, now: u64, chaos: bool) {
+        self.now = now;
+        self.clock.set(now);
+        // Let spawned work (moves, failovers) see the new time.
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
+        if chaos && self.rng.gen_ratio(1, 12_000) {
+            self.restart_coordinator().await;
+        }
+        if chaos && self.rng.gen_ratio(1, 700) {
+            self.operator();
+        }
+        for i in 0..self.agents.len() {
+            self.agent_step(i, chaos).await;
+        }
+        self.check();
+    }
+
+    /// The chaos, then calm until every agent has converged (checked every 100 ms, for at
+    /// most `HEAL_MS`): a change the service is still committing when the chaos ends lands
+    /// during the calm.
+    async fn run(&mut self) {
+        for now in 1..=CHAOS_MS {
+            self.step(now, true).await;
+        }
+        let mut last = Err(String::new());
+        for now in CHAOS_MS + 1..=CHAOS_MS + HEAL_MS {
+            self.step(now, false).await;
+            if now % 100 == 0 {
+                last = self.converged().await;
+                if last.is_ok() {
+                    break;
+                }
+            }
+        }
+        self.judge_overlaps();
+        if let Err(e) = last {
+            panic!(
+                "seed {}: not converged {HEAL_MS} ms after the chaos: {e}",
+                self.seed
+            );
+        }
+    }
+}
+
+async fn simulate(seed: u64) -> BTreeMap<&'static str, u64> {
+    let dir = TempDir::new(&format!("fencing-{seed}"));
+    let mut sim = Sim::new(&dir, seed).await;
+    sim.run().await;
+    let gens: u64 = {
+        let mut total = 0;
+        for w in &sim.workloads {
+            total += sim.generation(w).await;
+        }
+        total
+    };
+    let mut stats = sim.stats.clone();
+    stats.insert("generations", gens);
+    stats.insert("overlaps", sim.overlaps.len() as u64);
+    stats.insert("planned", sim.planned.lock().unwrap().len() as u64);
+    sim.tasks.abort_all();
+    stats
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fencing_holds_through_moves_claims_crashes_cuts_and_coordinator_restarts() {
+    for seed in 1..=4 {
+        let stats = simulate(seed).await;
+        eprintln!("fencing seed {seed}: {stats:?}");
+        assert!(
+            stats["generations"] > 3 * WORKLOADS as u64,
+            "seed {seed}: too few changes: {stats:?}"
+        );
+    }
+}
