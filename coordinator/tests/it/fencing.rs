@@ -13,6 +13,10 @@
 //!
 //! and after the chaos ends, that every agent converges to the store's generation of every
 //! workload, with exactly its holder answering for it.
+//!
+//! Two single scenes on the same bed: two moves racing on one generation (one commits, the
+//! other is a conflict), and a quiet holder revoked while its standby is online (the standby
+//! takes over, prepared, only after the holder's lease has surely ended).
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
@@ -815,4 +819,103 @@ async fn fencing_holds_through_moves_claims_crashes_cuts_and_coordinator_restart
             "seed {seed}: too few changes: {stats:?}"
         );
     }
+}
+
+/// Two planned changes of one workload computed from the same generation: the store's
+/// compare-and-set lets exactly one of them commit the next generation; the other is refused
+/// as a conflict, and what every session was told matches the store.
+#[tokio::test(flavor = "current_thread")]
+async fn two_moves_racing_on_one_generation_commit_once() {
+    let dir = TempDir::new("fencing-race");
+    let sim = Sim::new(&dir, 7).await;
+    let before = sim.generation("w0").await;
+    // Both destinations are offline: no preparation, both go straight to the commit.
+    let (a, b) = tokio::join!(
+        sim.service.move_workload(NETWORK, "w0", Some("vm-4")),
+        sim.service.move_workload(NETWORK, "w0", Some("vm-5")),
+    );
+    let won: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter_map(|r| r.as_ref().ok())
+        .collect();
+    let lost: Vec<_> = [&a, &b]
+        .into_iter()
+        .filter_map(|r| r.as_ref().err())
+        .collect();
+    assert_eq!(won.len(), 1, "exactly one move commits: {a:?} / {b:?}");
+    assert!(
+        matches!(
+            lost[..],
+            [meshlink_coordinator::handlers::ApiError::Conflict(_)]
+        ),
+        "the other is a conflict: {lost:?}"
+    );
+    let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    assert_eq!(w.generation, before + 1);
+    assert_eq!(w.holder, won[0].workload.holder);
+    let map = sim
+        .service
+        .hub()
+        .full_map(NETWORK)
+        .expect("the network is loaded");
+    let ServerMessage::FullMap(map) = decode(&map) else {
+        panic!("not a full map")
+    };
+    assert_eq!(map.workloads["w0"].generation, w.generation);
+    assert_eq!(map.workloads["w0"].holder, w.holder);
+}
+
+/// A holder revoked while its standby is online, and not answering (it may be cut off, and
+/// then cannot learn that it was revoked): the workload moves to the standby, prepared first,
+/// but only once the revoked holder's lease has surely run out.
+#[tokio::test(flavor = "current_thread")]
+async fn a_quiet_revoked_holder_hands_over_to_its_standby_after_its_lease() {
+    let dir = TempDir::new("fencing-revoke");
+    let mut sim = Sim::new(&dir, 8).await;
+    // Only the revocation moves anything here.
+    sim.tasks.abort_all();
+    // w0 was given to vm-1 at 0 ms; vm-1 never answers. Its standbys are vm-2, then vm-3;
+    // only vm-2 connects, at 1 s, when vm-1 has been quiet for longer than two heartbeats.
+    let (holder_quiet_at, standby) = (1_000, 1);
+    sim.now = holder_quiet_at;
+    sim.clock.set(holder_quiet_at);
+    sim.connect(standby).await;
+    let before = sim.generation("w0").await;
+    let service = sim.service.clone();
+    let revoke = tokio::spawn(async move { service.revoke_node("vm-1", Some(NETWORK)).await });
+    let mut now = holder_quiet_at;
+    let mut prepared_at = None;
+    while !revoke.is_finished() {
+        now += 10;
+        sim.now = now;
+        sim.clock.set(now);
+        tokio::task::yield_now().await;
+        sim.carry(standby).await;
+        while let Some(e) = sim.agents[standby].session.poll_event() {
+            if let Event::Prepare {
+                workload,
+                generation,
+            } = e
+            {
+                prepared_at.get_or_insert(now);
+                sim.agents[standby].session.prepared(workload, generation);
+            }
+        }
+        while let Some(m) = sim.agents[standby].session.poll_transmit() {
+            sim.agents[standby].up.send(now, 1, None, m);
+        }
+        assert!(now < 10_000, "the revocation did not finish");
+    }
+    revoke.await.unwrap().unwrap();
+    let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    assert_eq!(w.holder, Some(sim.agents[standby].id), "{w:?}");
+    assert_eq!(w.generation, before + 1);
+    // vm-1's lease could last until the grant (0 ms) plus a lease and the margin.
+    let timing = WorkloadTiming::default();
+    let lease_end = (timing.lease + timing.margin).as_millis() as u64;
+    let prepared_at = prepared_at.expect("the standby was asked to prepare");
+    assert!(
+        prepared_at >= lease_end,
+        "the standby was prepared at {prepared_at} ms, before the revoked holder's lease ended ({lease_end} ms)"
+    );
 }
