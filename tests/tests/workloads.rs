@@ -19,6 +19,8 @@
 //!   started again half a second later while vm-b1 pings the workload address every 10 ms:
 //!   vm-a1 learns of the restart from the stateless reset its next heartbeat draws, reconnects
 //!   and renews its lease before it runs out, so no ping is lost and nothing moves.
+//! - `planned_moves_under_traffic_lose_nothing`: `meshctl workload move` four times between
+//!   vm-a1 and vm-c1 while vm-b1 pings the address every 10 ms: every ping is answered.
 //!
 //! Needs root (skips with one line otherwise) and the binaries: `cargo build -p meshlink-agent
 //! -p meshlink-coordinator -p meshctl -p meshlink-chat` first.
@@ -105,6 +107,19 @@ impl Bed {
             _providers: providers,
             dir,
         }
+    }
+
+    /// Root and TUN checked (`None`: skipped), the bed made, and the workload attached to
+    /// vm-a1, its address up there.
+    fn held_by_vm_a1(name: &str) -> Option<Bed> {
+        if !require_root() {
+            return None;
+        }
+        let bed = Bed::new(name);
+        bed.ctl()
+            .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+        bed.wait_address("vm-a1", true, STEP);
+        Some(bed)
     }
 
     fn ctl(&self) -> Meshctl {
@@ -293,13 +308,9 @@ fn chat_moves_across_providers_and_clients_follow() {
 
 #[test]
 fn holder_killed_the_standby_takes_over() {
-    if !require_root() {
+    let Some(mut bed) = Bed::held_by_vm_a1("wl-failover") else {
         return;
-    }
-    let mut bed = Bed::new("wl-failover");
-    bed.ctl()
-        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
-    bed.wait_address("vm-a1", true, STEP);
+    };
     let _server_a = bed.server("vm-a1", false);
     // The hot standby: bound to the address before vm-c1 holds it.
     let _server_c = bed.server("vm-c1", true);
@@ -348,13 +359,9 @@ fn holder_killed_the_standby_takes_over() {
 
 #[test]
 fn cut_off_holder_stops_answering_when_its_lease_ends() {
-    if !require_root() {
+    let Some(bed) = Bed::held_by_vm_a1("wl-lease") else {
         return;
-    }
-    let bed = Bed::new("wl-lease");
-    bed.ctl()
-        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
-    bed.wait_address("vm-a1", true, STEP);
+    };
     // vm-a1 loses its path to the coordinator (and only to it: its tunnels stay up).
     let coord_ip = bed.coord.advertise().ip().to_string();
     let a1 = bed.agent("vm-a1");
@@ -421,13 +428,9 @@ fn ping_summary(out: &str) -> (u32, u32) {
 
 #[test]
 fn coordinator_restart_silences_no_workload_address() {
-    if !require_root() {
+    let Some(mut bed) = Bed::held_by_vm_a1("wl-restart") else {
         return;
-    }
-    let mut bed = Bed::new("wl-restart");
-    bed.ctl()
-        .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
-    bed.wait_address("vm-a1", true, STEP);
+    };
     let b1 = bed.agent("vm-b1").ns().clone();
     b1.wait_for_ping(WORKLOAD_IP, STEP)
         .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
@@ -462,4 +465,37 @@ fn coordinator_restart_silences_no_workload_address() {
         bed.ctl().nodes().iter().all(|n| n.online).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn planned_moves_under_traffic_lose_nothing() {
+    let Some(bed) = Bed::held_by_vm_a1("wl-moves") else {
+        return;
+    };
+    let b1 = bed.agent("vm-b1").ns().clone();
+    b1.wait_for_ping(WORKLOAD_IP, STEP)
+        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
+    // vm-b1 pings the address every 10 ms while it moves back and forth four times.
+    let ping = ping_run(&b1, WORKLOAD_IP, 600);
+    std::thread::sleep(Duration::from_millis(500));
+    for to in ["vm-c1", "vm-a1", "vm-c1", "vm-a1"] {
+        let started = Instant::now();
+        bed.ctl().run(&["workload", "move", WORKLOAD, "--to", to]);
+        timing(&format!("move to {to} answered"), started.elapsed());
+        bed.wait_address(to, true, STEP);
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let out = ping.wait_with_output().expect("ping runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sent, received) = ping_summary(&text);
+    timing(
+        &format!("pings answered across four moves: {received} of {sent}"),
+        Duration::ZERO,
+    );
+    assert_eq!(
+        received, sent,
+        "pings were lost across planned moves: {text}"
+    );
+    assert_eq!(bed.workload()["generation"], 5);
+    assert_eq!(bed.holder().as_deref(), Some("vm-a1"));
 }
