@@ -362,6 +362,42 @@ fn print_status_table(v: &serde_json::Value) {
             .unwrap_or_default()
     );
     println!("device drops: {}", v["drops"]);
+    let c = &v["control"];
+    if c.is_object() {
+        let held: Vec<String> = c["workloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|w| w["held_here"].as_bool() == Some(true))
+            .map(|w| {
+                format!(
+                    "{} ({}, generation {})",
+                    s(&w["name"]),
+                    s(&w["address"]),
+                    w["generation"]
+                )
+            })
+            .collect();
+        println!(
+            "control: {}  map version {}  lease {}  holding {}",
+            if c["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "not connected"
+            },
+            c["map_version"],
+            if c["lease_valid"].as_bool() == Some(true) {
+                "valid"
+            } else {
+                "none"
+            },
+            if held.is_empty() {
+                "nothing".to_string()
+            } else {
+                held.join(", ")
+            }
+        );
+    }
     println!(
         "{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  DROPS",
         "PEER", "ENDPOINT", "ALLOWED IPS", "HANDSHAKE", "RX", "TX"

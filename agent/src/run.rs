@@ -30,6 +30,7 @@ use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
 use crate::platform::udp::{UdpError, UdpTransport};
 use crate::settings::{DeviceConfig, Settings};
 use crate::uapi::{self, DeviceStatus, UapiError, UapiHandler};
+use meshlink_proto::agent_session::AgentSession;
 use meshlink_proto::{Netmap, NodeId};
 
 /// The TUN device's transmit queue length: the kernel's default for TUN. Shorter queues (32,
@@ -132,6 +133,8 @@ struct Control {
     udp: Arc<UdpTransport>,
     routes_tx: mpsc::UnboundedSender<NetCmd>,
     claims: Option<ClaimSender>,
+    /// The control session's state, when joined to a coordinator.
+    session: Option<Arc<Shared>>,
 }
 
 impl UapiHandler for Control {
@@ -206,9 +209,36 @@ impl UapiHandler for Control {
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
+            "control": self.session.as_ref().map(|s| control_json(&s.lock(), Instant::now())),
         })
         .to_string()
     }
+}
+
+/// The control session as `meshlink-agent status` shows it: whether it is connected, the map
+/// version, and each workload of the map with whether this node answers for it now.
+fn control_json(session: &AgentSession, now: Instant) -> serde_json::Value {
+    let held = session.holdings().held(now);
+    let workloads: Vec<serde_json::Value> = session
+        .map()
+        .workloads
+        .values()
+        .map(|w| {
+            serde_json::json!({
+                "name": w.name,
+                "address": w.address.addr().to_string(),
+                "generation": w.generation,
+                "holder": w.holder,
+                "held_here": held.iter().any(|h| h.address == w.address),
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "connected": session.is_connected(),
+        "map_version": session.map().version,
+        "lease_valid": session.holdings().lease_valid(now),
+        "workloads": workloads,
+    })
 }
 
 /// Removes what the agent added, also when start-up fails half-way.
@@ -278,6 +308,7 @@ pub async fn run(
         udp: udp.clone(),
         routes_tx,
         claims: mesh.as_ref().map(|m| m.claims.clone()),
+        session: mesh.as_ref().map(|m| m.shared.clone()),
     });
     info!(
         interface = %settings.interface,

@@ -161,6 +161,26 @@ impl Bed {
         started.elapsed()
     }
 
+    /// Waits until `name`'s agent is connected to the coordinator and its map has the
+    /// workload at `generation` (as `meshlink-agent status` reports), and its reconciler has
+    /// had a moment to act on it.
+    fn wait_knows(&self, name: &str, generation: u64) {
+        let a = self.agent(name);
+        let what = format!("{name} to be connected and know {WORKLOAD} at generation {generation}");
+        wait_until(STEP, &what, || {
+            let st = a.try_status()?;
+            let c = &st["control"];
+            let known = c["workloads"]
+                .as_array()?
+                .iter()
+                .any(|w| w["name"] == WORKLOAD && w["generation"] == generation);
+            (c["connected"] == true && known).then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        // The map is taken before the interface is reconciled: leave that a few milliseconds.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     /// `meshctl workload show chat -o json`.
     fn workload(&self) -> serde_json::Value {
         self.ctl().json(&["workload", "show", WORKLOAD])
@@ -348,7 +368,7 @@ fn holder_killed_the_standby_takes_over() {
 
     // The old holder comes back: its map says vm-c1 holds generation 2; it must not answer.
     bed.agent_mut("vm-a1").restart();
-    std::thread::sleep(Duration::from_secs(3));
+    bed.wait_knows("vm-a1", 2);
     assert!(
         !bed.has_address("vm-a1"),
         "the restarted old holder took the address back"
@@ -387,7 +407,7 @@ fn cut_off_holder_stops_answering_when_its_lease_ends() {
     // The path comes back: vm-a1 learns the newer generation and does not take it back.
     a1.ns()
         .ip(&["route", "del", "blackhole", &format!("{coord_ip}/32")]);
-    std::thread::sleep(Duration::from_secs(3));
+    bed.wait_knows("vm-a1", 2);
     assert!(!bed.has_address("vm-a1"));
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
 }
