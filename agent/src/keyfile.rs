@@ -211,36 +211,28 @@ fn temporary_sibling(path: &Path) -> io::Result<PathBuf> {
 #[cfg(test)]
 pub(crate) mod test_support {
     use super::*;
-    use std::time::{SystemTime, UNIX_EPOCH};
 
     /// A fresh directory under the system temporary directory, removed (with its content)
     /// when dropped.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
+    pub(crate) struct TempDir(tempfile::TempDir);
 
     impl TempDir {
         pub(crate) fn new(tag: &str) -> TempDir {
-            static COUNTER: AtomicU64 = AtomicU64::new(0);
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
-            let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-            let dir = std::env::temp_dir().join(format!(
-                "meshlink-test-{tag}-{}-{n}-{nanos}",
-                std::process::id()
-            ));
-            std::fs::create_dir_all(&dir).expect("create temporary directory");
+            let dir = tempfile::Builder::new()
+                .prefix(&format!("meshlink-test-{tag}-"))
+                .tempdir()
+                .expect("create temporary directory");
             TempDir(dir)
         }
 
-        pub(crate) fn path(&self, name: &str) -> PathBuf {
-            self.0.join(name)
+        /// The directory itself.
+        pub(crate) fn dir(&self) -> &Path {
+            self.0.path()
         }
-    }
 
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+        /// `name` inside it.
+        pub(crate) fn path(&self, name: &str) -> PathBuf {
+            self.0.path().join(name)
         }
     }
 
@@ -322,7 +314,9 @@ mod tests {
         let msg = read_private_key(&path).expect_err("missing").to_string();
         assert!(msg.contains(&path.display().to_string()), "{msg}");
         assert!(msg.contains("No such file"), "{msg}");
-        let msg = read_private_key(&dir.0).expect_err("directory").to_string();
+        let msg = read_private_key(dir.dir())
+            .expect_err("directory")
+            .to_string();
         assert!(msg.contains("not a regular file"), "{msg}");
     }
 
@@ -352,7 +346,7 @@ mod tests {
         assert_eq!(back, PrivateKey::from_bytes(key.to_key().0));
         assert_eq!(back.public_key(), key.public_key());
         // No temporary file is left behind.
-        let names: Vec<_> = std::fs::read_dir(&dir.0)
+        let names: Vec<_> = std::fs::read_dir(dir.dir())
             .expect("list")
             .filter_map(|e| e.ok())
             .map(|e| e.file_name())

@@ -911,6 +911,7 @@ pub fn response_errno(response: &str) -> Option<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keyfile::test_support::TempDir;
     use std::net::{Ipv4Addr, Ipv6Addr};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -1240,12 +1241,6 @@ mod tests {
         }
     }
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        std::env::temp_dir().join(format!("meshlink-uapi-{tag}-{}-{n}", std::process::id()))
-    }
-
     async fn read_response(reader: &mut BufReader<UnixStream>) -> String {
         let mut out = String::new();
         loop {
@@ -1263,7 +1258,8 @@ mod tests {
 
     #[tokio::test]
     async fn server_round_trip() {
-        let dir = temp_dir("serve").join("nested");
+        let tmp = TempDir::new("serve");
+        let dir = tmp.path("nested");
         let listener = bind(&dir, "mltest0").unwrap();
         let path = dir.join("mltest0.sock");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
@@ -1371,7 +1367,8 @@ mod tests {
 
     #[tokio::test]
     async fn apply_failure_is_eio() {
-        let dir = temp_dir("eio");
+        let tmp = TempDir::new("eio");
+        let dir = tmp.path("uapi");
         let listener = bind(&dir, "mltest1").unwrap();
         let handler = Arc::new(FakeHandler {
             config: Mutex::new(sample_config()),
@@ -1394,7 +1391,8 @@ mod tests {
 
     #[tokio::test]
     async fn bind_refusals() {
-        let dir = temp_dir("refuse");
+        let tmp = TempDir::new("refuse");
+        let dir = tmp.path("uapi");
         assert!(matches!(
             bind(&dir, "a/b"),
             Err(UapiError::InvalidInterface(_))
@@ -1416,7 +1414,7 @@ mod tests {
     #[test]
     fn bind_needs_runtime() {
         assert!(matches!(
-            bind(&temp_dir("nort"), "mltest3"),
+            bind(&TempDir::new("nort").path("uapi"), "mltest3"),
             Err(UapiError::NoRuntime)
         ));
     }

@@ -44,6 +44,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng};
+
 use ipnet::Ipv4Net;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::nodes::netmap;
@@ -107,33 +110,21 @@ fn plan(seed: u64) -> Plan {
     }
 }
 
-/// xorshift64*, seeded through splitmix64 so that neighbouring seeds diverge at once.
-struct Rng(u64);
+/// The run's randomness: rand's seeded `StdRng`, so that a seed replays exactly.
+struct Rng(StdRng);
 
 impl Rng {
     fn new(seed: u64) -> Self {
-        let mut z = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        Rng(StdRng::seed_from_u64(seed))
     }
 
     /// Uniform in `0..n`; `n` is not 0.
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        self.0.gen_range(0..n)
     }
 
     fn chance(&mut self, per_mille: u64) -> bool {
-        self.next() % 1000 < per_mille
+        self.0.gen_range(0..1000) < per_mille
     }
 
     fn pick<T: Copy>(&mut self, items: &[T]) -> Option<T> {
