@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use meshlink_proto::{Netmap, NodeId, PublicKey};
 
+use crate::dataplane::status::PeerStatus;
 use crate::settings::PeerConfig;
-use crate::uapi::PeerStatus;
 
 /// Keepalive for mesh peers: keeps NAT mappings open and failures visible.
 pub const MESH_KEEPALIVE: u16 = 25;
@@ -118,7 +118,7 @@ impl EndpointChooser {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::uapi::DropCounts;
+    use crate::dataplane::status::DropCounts;
     use meshlink_proto::PeerInfo;
     use std::collections::BTreeMap;
 

@@ -20,6 +20,7 @@
 pub mod allowed_ips;
 pub mod batch;
 pub mod noise;
+pub mod status;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -34,10 +35,10 @@ use boringtun::x25519;
 use meshlink_proto::PublicKey;
 
 use crate::settings::{DeviceConfig, PeerConfig};
-use crate::uapi::{DeviceStatus, DropCounts, PeerStatus};
 pub use allowed_ips::AllowedIps;
 pub use batch::{NetBatch, TunBatch};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
+use status::{DeviceStatus, DropCounts, PeerStatus};
 
 /// Handshake initiations per second the device accepts before it asks for cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;

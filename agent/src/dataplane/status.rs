@@ -1,0 +1,50 @@
+//! What the data plane reports of itself: per-peer and per-device state and drop counters.
+//! The userspace API (`crate::uapi`) and `meshlink-agent status` show them; they are defined
+//! here, where they are produced.
+
+use std::net::SocketAddr;
+use std::time::SystemTime;
+
+use meshlink_proto::PublicKey;
+
+/// Packets dropped on behalf of one peer (or of the device), by reason.
+#[derive(Default, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DropCounts {
+    /// Decrypted packets whose inner source address is not among the peer's allowed IPs.
+    pub spoofed_source: u64,
+    /// Packets with no peer to route to (counted per device; kept per peer for symmetry).
+    pub no_route: u64,
+    /// Packets that failed authentication or decryption.
+    pub decrypt_failed: u64,
+    /// Packets rejected by the replay window.
+    pub replay: u64,
+    /// Drops for any other reason.
+    pub other: u64,
+}
+
+/// The live state of one peer, as the data plane reports it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct PeerStatus {
+    /// The peer's public key.
+    pub public_key: PublicKey,
+    /// Where the peer was last heard from (or was configured), which may differ from the
+    /// configured endpoint once the peer has roamed.
+    pub endpoint: Option<SocketAddr>,
+    /// When the last handshake completed, if one ever did.
+    pub last_handshake: Option<SystemTime>,
+    /// Bytes sent to the peer, on the wire.
+    pub tx_bytes: u64,
+    /// Bytes received from the peer, on the wire.
+    pub rx_bytes: u64,
+    /// Packets dropped for this peer.
+    pub drops: DropCounts,
+}
+
+/// The live state of the device, as the data plane reports it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct DeviceStatus {
+    /// The UDP port actually bound (the configuration may say 0, "pick one"); 0 when unbound.
+    pub listen_port: u16,
+    /// One entry per peer the data plane knows.
+    pub peers: Vec<PeerStatus>,
+}
