@@ -300,10 +300,11 @@ impl AgentSession {
         }
     }
 
-    /// The node's underlay endpoints now; reported when they changed.
-    pub fn set_endpoints(&mut self, endpoints: Vec<SocketAddr>) {
+    /// The node's underlay endpoints now; reported when they changed. Returns whether they
+    /// changed.
+    pub fn set_endpoints(&mut self, endpoints: Vec<SocketAddr>) -> bool {
         if endpoints == self.endpoints {
-            return;
+            return false;
         }
         self.endpoints = endpoints;
         if self.connected {
@@ -311,6 +312,7 @@ impl AgentSession {
                 endpoints: self.endpoints.clone(),
             });
         }
+        true
     }
 
     /// Time passed: sends a heartbeat when one is due, gives up on claims past their
@@ -494,9 +496,9 @@ mod tests {
         assert_eq!(s.holdings().held(t0).len(), 1);
         assert!(events(&mut s).contains(&Event::HoldingsChanged));
         // The same endpoints again are not reported; new ones are.
-        s.set_endpoints(vec![ep]);
+        assert!(!s.set_endpoints(vec![ep]));
         assert!(transmits(&mut s).is_empty());
-        s.set_endpoints(vec![]);
+        assert!(s.set_endpoints(vec![]));
         assert_eq!(
             transmits(&mut s),
             vec![ClientMessage::Endpoints { endpoints: vec![] }]

@@ -394,15 +394,11 @@ impl MeshControl {
                         info!(coordinator = %self.node.coordinator, "control session re-established");
                     }
                     self.reconnect.connected();
-                    match self.serve(s, map, wg_port, &tunnel, &tunnels).await {
-                        Err(e) if e.is_final() => {
-                            return Err(self.stopped(e));
-                        }
-                        Err(e) => {
-                            warn!("control session lost: {e}; tunnels keep running on the last map")
-                        }
-                        Ok(()) => {}
+                    let e = self.serve(s, map, wg_port, &tunnel, &tunnels).await;
+                    if e.is_final() {
+                        return Err(self.stopped(e));
                     }
+                    warn!("control session lost: {e}; tunnels keep running on the last map");
                     let holder = self.shared.lock().holdings().is_holder();
                     self.reconnect.after_session(holder, fraction())
                 }
@@ -434,7 +430,8 @@ impl MeshControl {
     }
 
     /// One session: its messages, time, claims and endpoint changes go into the session
-    /// state; what it asks for goes out.
+    /// state; what it asks for goes out. Returns why it ended (a session only ends by an
+    /// error: the connection lost, or the coordinator ending it).
     async fn serve(
         &mut self,
         mut s: Session,
@@ -442,7 +439,7 @@ impl MeshControl {
         wg_port: u16,
         tunnel: &str,
         tunnels: &Arc<dyn Tunnels>,
-    ) -> Result<(), ControlError> {
+    ) -> ControlError {
         let endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
         self.shared.lock().connected(Instant::now(), map, endpoints);
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
@@ -478,14 +475,16 @@ impl MeshControl {
                 }
                 _ = tick.tick() => {
                     let now = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
-                    self.shared.lock().set_endpoints(now);
+                    if self.shared.lock().set_endpoints(now.clone()) {
+                        info!(endpoints = ?now, "local endpoints changed");
+                    }
                 }
             }
         };
         self.shared.lock().disconnected();
         // Claims sent on this session are answered now (it is lost).
         self.act(&effects);
-        Err(ended)
+        ended
     }
 
     /// Sends what the session state asks to send, then carries out its events.
@@ -493,6 +492,13 @@ impl MeshControl {
         loop {
             let next = self.shared.lock().poll_transmit();
             let Some(msg) = next else { break };
+            if matches!(msg, ClientMessage::FullMapRequest) {
+                let version = self.shared.lock().map().version;
+                info!(
+                    version,
+                    "a version gap in the deltas; asking for a full map"
+                );
+            }
             s.send(&msg).await?;
         }
         self.act(effects);

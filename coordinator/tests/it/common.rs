@@ -19,6 +19,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// How long a test waits for anything.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The one message of a frame the hub queued (a whole frame, one message, no bytes left).
+pub fn decode_frame(frame: &[u8]) -> ServerMessage {
+    let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+    d.push(frame).expect("a frame within the cap");
+    let msg = d
+        .decode()
+        .expect("a well-formed frame")
+        .expect("a whole frame");
+    assert_eq!(d.buffered(), 0, "one frame is one message");
+    msg
+}
+
 /// A scratch directory, removed on drop (also on panic).
 pub struct TempDir(tempfile::TempDir);
 

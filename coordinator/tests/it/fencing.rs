@@ -34,7 +34,7 @@ use meshlink_coordinator::hub::{Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, WorkloadTiming};
 use meshlink_coordinator::store::{SqliteStore, Store, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, ClaimId, Event};
-use meshlink_proto::control::{ClientMessage, Decoder, ServerMessage, MAX_SERVER_MESSAGE};
+use meshlink_proto::control::{ClientMessage, ServerMessage};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::NodeId;
 use rand::rngs::StdRng;
@@ -42,7 +42,7 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::common::{join_hello, node_hello, TempDir};
+use crate::common::{decode_frame, join_hello, node_hello, TempDir};
 
 const NETWORK: &str = "prod";
 const AGENTS: usize = 6;
@@ -201,14 +201,6 @@ struct Sim {
     stats: BTreeMap<&'static str, u64>,
 }
 
-fn decode(frame: &[u8]) -> ServerMessage {
-    let mut d = Decoder::new(MAX_SERVER_MESSAGE);
-    d.push(frame).expect("a frame within the cap");
-    d.decode()
-        .expect("a well-formed frame")
-        .expect("a whole frame")
-}
-
 fn remote(key: u8) -> IpAddr {
     IpAddr::from([198, 18, 0, key])
 }
@@ -255,7 +247,7 @@ impl Sim {
                 .hello(&join_hello(&token, key, Some(&name)), remote(key))
                 .await
                 .unwrap();
-            let ServerMessage::Welcome(w) = decode(&s.welcome) else {
+            let ServerMessage::Welcome(w) = decode_frame(&s.welcome) else {
                 panic!("no welcome")
             };
             service
@@ -429,7 +421,7 @@ impl Sim {
         let hello = node_hello(a.id, &a.secret, a.key);
         match self.service.hello(&hello, remote(a.key)).await {
             Ok(s) => {
-                let ServerMessage::FullMap(map) = decode(&s.attached.full_map) else {
+                let ServerMessage::FullMap(map) = decode_frame(&s.attached.full_map) else {
                     panic!("seed {}: no full map after the welcome", self.seed)
                 };
                 let a = &mut self.agents[i];
@@ -606,7 +598,10 @@ impl Sim {
             }
         }
         while let Some(frame) = self.agents[i].down.due(now) {
-            if let Err(e) = self.agents[i].session.handle_message(now_i, decode(&frame)) {
+            if let Err(e) = self.agents[i]
+                .session
+                .handle_message(now_i, decode_frame(&frame))
+            {
                 panic!("seed {}: vm-{}: {e}", self.seed, i + 1);
             }
         }
@@ -858,7 +853,7 @@ async fn two_moves_racing_on_one_generation_commit_once() {
         .hub()
         .full_map(NETWORK)
         .expect("the network is loaded");
-    let ServerMessage::FullMap(map) = decode(&map) else {
+    let ServerMessage::FullMap(map) = decode_frame(&map) else {
         panic!("not a full map")
     };
     assert_eq!(map.workloads["w0"].generation, w.generation);
@@ -889,7 +884,9 @@ async fn a_quiet_revoked_holder_hands_over_to_its_standby_after_its_lease() {
         now += 10;
         sim.now = now;
         sim.clock.set(now);
-        tokio::task::yield_now().await;
+        // A real millisecond per simulated 10: the store works on its own thread, and a
+        // loaded machine must not see simulated seconds pass while one write is on its way.
+        tokio::time::sleep(Duration::from_millis(1)).await;
         sim.carry(standby).await;
         while let Some(e) = sim.agents[standby].session.poll_event() {
             if let Event::Prepare {

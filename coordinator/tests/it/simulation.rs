@@ -57,13 +57,12 @@ use meshlink_coordinator::service::{Clock, Service, Session};
 use meshlink_coordinator::store::{SqliteStore, Store, TokenId, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
 use meshlink_proto::control::{
-    Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
-    PROTOCOL_VERSION,
+    Auth, ClientMessage, Hello, ServerMessage, Welcome, PROTOCOL_VERSION,
 };
 use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
-use crate::common::TempDir;
+use crate::common::{decode_frame, TempDir};
 
 /// The networks: a large one, a small one, and one of 30 addresses that fills up.
 const NETWORKS: [(&str, &str); 3] = [
@@ -309,17 +308,6 @@ impl Agent {
 /// A decoded server frame. The hub shares one encoding among all sessions, so it is decoded
 /// once per frame.
 type Msg = Rc<ServerMessage>;
-
-fn decode_frame(frame: &[u8]) -> ServerMessage {
-    let mut d = Decoder::new(MAX_SERVER_MESSAGE);
-    d.push(frame).expect("a frame within the cap");
-    let msg = d
-        .decode()
-        .expect("a well-formed frame")
-        .expect("a whole frame");
-    assert_eq!(d.buffered(), 0, "one frame is one message");
-    msg
-}
 
 fn decode(cache: &mut HashMap<usize, (Frame, Msg)>, frame: &Frame) -> Msg {
     // The cache holds the frame, so its address cannot be reused while it is a key.
