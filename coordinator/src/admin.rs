@@ -65,6 +65,8 @@ pub struct AdminContext {
     pub quic_listen: SocketAddr,
     /// The `host:port` put in join tokens.
     pub advertise: String,
+    /// The mesh's other coordinators (`host:port`), put in join tokens after `advertise`.
+    pub others: Vec<String>,
     /// The certificate fingerprint put in join tokens.
     pub fingerprint: String,
     /// When the coordinator started.
@@ -446,6 +448,7 @@ async fn create_token(
     let (t, secret) = detached(&s, |svc| async move { svc.create_token(req).await }).await?;
     let text = JoinToken {
         coordinator: s.ctx.advertise.clone(),
+        others: s.ctx.others.clone(),
         fingerprint: s.ctx.fingerprint.clone(),
         secret,
     }

@@ -48,6 +48,11 @@ pub struct Settings {
     pub admin_listen: SocketAddr,
     /// `host:port` put in join tokens. `None`: derived at start ([`default_advertise`]).
     pub advertise: Option<String>,
+    /// Every coordinator of the mesh (`host:port`), put in join tokens after `advertise` and
+    /// told to agents at each session, so they can fail over. Empty: only this one.
+    pub coordinators: Vec<String>,
+    /// Where the durable state lives.
+    pub store: StoreLocation,
     /// Protection limits.
     pub limits: Limits,
 }
@@ -60,6 +65,8 @@ impl Settings {
             listen: parse_default(DEFAULT_LISTEN),
             admin_listen: parse_default(DEFAULT_ADMIN_LISTEN),
             advertise: None,
+            coordinators: Vec::new(),
+            store: StoreLocation::Sqlite,
             limits: Limits::default(),
         }
     }
@@ -68,6 +75,78 @@ impl Settings {
 fn parse_default(s: &str) -> SocketAddr {
     s.parse()
         .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+}
+
+/// Where the coordinator keeps its durable state.
+#[derive(Clone, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// The embedded SQLite database in the state directory: one coordinator.
+    Sqlite,
+    /// A PostgreSQL database (`postgres://USER@HOST[:PORT]/DB`), which several coordinators
+    /// share. The password, when one is needed, comes from `PGPASSWORD` or `~/.pgpass`, or
+    /// the URL in the file or `MESHLINK_STORE` (never shown: see [`StoreLocation::redacted`]).
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Parses `sqlite` or a PostgreSQL URL.
+    ///
+    /// # Errors
+    /// A message saying what is wrong (without the text, which may hold a password).
+    pub fn parse(text: &str) -> Result<StoreLocation, String> {
+        let text = text.trim();
+        if text == "sqlite" {
+            return Ok(StoreLocation::Sqlite);
+        }
+        let Some(rest) = text
+            .strip_prefix("postgres://")
+            .or_else(|| text.strip_prefix("postgresql://"))
+        else {
+            return Err(
+                "must be `sqlite` or a URL such as postgres://meshlink@db.example/meshlink".into(),
+            );
+        };
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let database = path.split('?').next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        if database.is_empty() || (host.is_empty() && !path.contains("host=")) {
+            return Err(
+                "a PostgreSQL URL needs a host and a database: postgres://USER@HOST[:PORT]/DB"
+                    .into(),
+            );
+        }
+        Ok(StoreLocation::Postgres(text.to_string()))
+    }
+
+    /// For logs and errors: the URL with any password replaced by `***`.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreLocation::Sqlite => "sqlite".into(),
+            StoreLocation::Postgres(url) => redact_url(url),
+        }
+    }
+}
+
+impl fmt::Debug for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:secret@host/...` becomes `scheme://user:***@host/...`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
 }
 
 /// Values from flags or environment variables; `None`: neither gave one.
@@ -81,6 +160,10 @@ pub struct Overrides {
     pub admin_listen: Option<SocketAddr>,
     /// `--advertise` / `MESHLINK_ADVERTISE`.
     pub advertise: Option<String>,
+    /// `--coordinators` / `MESHLINK_COORDINATORS`: comma-separated `host:port` list.
+    pub coordinators: Option<String>,
+    /// `--store` / `MESHLINK_STORE`.
+    pub store: Option<String>,
     /// `--hello-timeout-secs` / `MESHLINK_HELLO_TIMEOUT_SECS`.
     pub hello_timeout_secs: Option<u64>,
     /// `--message-rate` / `MESHLINK_MESSAGE_RATE`.
@@ -157,6 +240,8 @@ struct FileConfig {
     listen: Option<String>,
     admin_listen: Option<String>,
     advertise: Option<String>,
+    coordinators: Option<Vec<String>>,
+    store: Option<String>,
     hello_timeout_secs: Option<u64>,
     message_rate: Option<u32>,
     message_burst: Option<u32>,
@@ -224,6 +309,28 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
             Some(validate_advertise(&a).map_err(|m| bad(file_origin("advertise"), m))?)
         }
         (None, None) => None,
+    };
+
+    let coordinators = match (over.coordinators, cfg.coordinators) {
+        (Some(list), _) => list
+            .split(',')
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| {
+                validate_advertise(a)
+                    .map_err(|m| bad(Origin::Flag("--coordinators", "MESHLINK_COORDINATORS"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, Some(list)) => list
+            .iter()
+            .map(|a| validate_advertise(a).map_err(|m| bad(file_origin("coordinators"), m)))
+            .collect::<Result<Vec<_>, _>>()?,
+        (None, None) => Vec::new(),
+    };
+    let store = match (over.store, cfg.store) {
+        (Some(t), _) => StoreLocation::parse(&t)
+            .map_err(|m| bad(Origin::Flag("--store", "MESHLINK_STORE"), m))?,
+        (None, Some(t)) => StoreLocation::parse(&t).map_err(|m| bad(file_origin("store"), m))?,
+        (None, None) => StoreLocation::Sqlite,
     };
 
     let d = Limits::default();
@@ -327,6 +434,8 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         listen,
         admin_listen,
         advertise,
+        coordinators,
+        store,
         limits,
     })
 }
@@ -584,5 +693,61 @@ mod tests {
         let good = (true, Ipv4Addr::new(198, 18, 0, 5));
         assert_eq!(pick_ipv4([lo, down, ll, good]), Some(good.1));
         assert_eq!(pick_ipv4([lo]), None);
+    }
+
+    #[test]
+    fn store_locations_parse_and_never_show_a_password() {
+        assert_eq!(StoreLocation::parse("sqlite"), Ok(StoreLocation::Sqlite));
+        let pg = StoreLocation::parse("postgres://meshlink:hunter2@db.example:5433/mesh").unwrap();
+        assert_eq!(
+            pg.redacted(),
+            "postgres://meshlink:***@db.example:5433/mesh"
+        );
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        assert!(StoreLocation::parse("postgres://meshlink@/mesh?host=/run/postgresql").is_ok());
+        for bad in [
+            "mysql://x/y",
+            "postgres://db.example",
+            "postgres:///",
+            "",
+            "/var/db",
+        ] {
+            let e = StoreLocation::parse(bad).unwrap_err();
+            assert!(!e.is_empty(), "{bad}");
+        }
+        let e = load(
+            None,
+            Overrides {
+                store: Some("postgres://u:secret@db".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--store (or MESHLINK_STORE)"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+    }
+
+    #[test]
+    fn coordinator_lists_are_checked_entry_by_entry() {
+        let s = load(
+            None,
+            Overrides {
+                coordinators: Some("198.18.0.1:7443, coord-b.example:7443".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(s.coordinators, ["198.18.0.1:7443", "coord-b.example:7443"]);
+        let e = load(
+            None,
+            Overrides {
+                coordinators: Some("198.18.0.1:7443,nope".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--coordinators") && e.contains("nope"), "{e}");
     }
 }

@@ -61,11 +61,21 @@ impl Service {
                 .map(Some)
                 .ok_or(SessionFault::NetworkGone),
             ClientMessage::Heartbeat { seq } => {
-                let lease = self.heartbeat(from.node);
+                let (lease, shared_version) = self.heartbeat(from.node, from.network).await;
+                if shared_version > self.hub().version(from.network) {
+                    // Another coordinator committed a change this one has not pushed yet:
+                    // push it first, so that the holder has it before the lease counts.
+                    if let Err(e) = self.follow(from.network).await {
+                        tracing::debug!("cannot follow the store: {e}");
+                    }
+                }
+                let version = self.hub().version(from.network).unwrap_or(0);
                 let answer = ServerMessage::Lease {
                     seq,
                     lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-                    version: self.hub().version(from.network).unwrap_or(0),
+                    // With shared leases, the database's version: a change another
+                    // coordinator committed must reach the holder before the lease counts.
+                    version: shared_version.map_or(version, |v| v.max(version)),
                 };
                 Ok(Some(encode(&answer).into()))
             }

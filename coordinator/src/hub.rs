@@ -177,33 +177,18 @@ impl Hub {
         net.map.apply(&delta).ok()?;
         net.full = None;
         let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
-        let mut fanout = Fanout {
-            bytes: frame.len(),
-            ..Fanout::default()
-        };
-        net.sessions.retain(|node, slot| {
-            // The last CLOSE_ROOM places are kept for a closing message (see `close`).
-            let send = if slot.tx.capacity() > CLOSE_ROOM {
-                slot.tx.try_send(Outbound::Frame(frame.clone()))
-            } else {
-                Err(mpsc::error::TrySendError::Full(Outbound::Frame(
-                    frame.clone(),
-                )))
-            };
-            match send {
-                Ok(()) => {
-                    fanout.sessions += 1;
-                    true
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    tracing::info!(node, network, "session dropped: its queue is full");
-                    fanout.dropped += 1;
-                    false
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
-            }
-        });
-        Some(fanout)
+        Some(fan_out(network, net, &frame))
+    }
+
+    /// Replaces a network's map and queues it whole to every session of the network (for a
+    /// coordinator too far behind the change log to replay it). Adds the network when new.
+    pub fn reset_map(&self, network: &str, map: Netmap) -> Fanout {
+        let mut st = self.lock();
+        let net = st.networks.entry(network.to_string()).or_default();
+        net.map = map;
+        net.full = None;
+        let frame = net.full_frame();
+        fan_out(network, net, &frame)
     }
 
     /// Attaches a session of `node`, closing an older one ([`CloseReason::Replaced`]).
@@ -283,6 +268,15 @@ impl Hub {
             .map(NetworkState::full_frame)
     }
 
+    /// The generation of a workload in a network's map, if the map has it.
+    pub fn workload_generation(&self, network: &str, name: &str) -> Option<u64> {
+        self.lock()
+            .networks
+            .get(network)
+            .and_then(|n| n.map.workloads.get(name))
+            .map(|w| w.generation)
+    }
+
     /// Every workload of every network, with its network's name.
     pub fn workloads(&self) -> Vec<(String, meshlink_proto::WorkloadInfo)> {
         self.lock()
@@ -321,6 +315,37 @@ impl Hub {
             .get(network)
             .map_or(0, |n| n.sessions.len())
     }
+}
+
+/// Queues `frame` to every session of a network, dropping those whose queue is full.
+fn fan_out(network: &str, net: &mut NetworkState, frame: &Frame) -> Fanout {
+    let mut fanout = Fanout {
+        bytes: frame.len(),
+        ..Fanout::default()
+    };
+    net.sessions.retain(|node, slot| {
+        // The last CLOSE_ROOM places are kept for a closing message (see `close`).
+        let send = if slot.tx.capacity() > CLOSE_ROOM {
+            slot.tx.try_send(Outbound::Frame(frame.clone()))
+        } else {
+            Err(mpsc::error::TrySendError::Full(Outbound::Frame(
+                frame.clone(),
+            )))
+        };
+        match send {
+            Ok(()) => {
+                fanout.sessions += 1;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::info!(node, network, "session dropped: its queue is full");
+                fanout.dropped += 1;
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    });
+    fanout
 }
 
 #[cfg(test)]

@@ -6,10 +6,11 @@
 //!
 //! - [`config`]: file, environment and flags become [`config::Settings`].
 //! - [`identity`]: state directory, TLS identity, admin token, random secrets.
-//! - [`store`]: the [`store::Store`] trait and [`store::SqliteStore`].
+//! - [`store`]: the [`store::Store`] trait and [`store::SqlStore`].
 //! - [`handlers`]: every operation as a plain function of (store, now, caller, request).
 //! - [`hub`]: live maps and sessions; deltas encoded once and fanned out.
 //! - [`service`]: handlers + hub under one write lock, as both front ends call them.
+//! - [`follow`]: replays what other coordinators sharing the store committed.
 //! - [`server`]: the QUIC control server (one session per agent).
 //! - [`admin`]: the admin HTTP API.
 //! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
@@ -18,6 +19,7 @@
 pub mod admin;
 pub mod config;
 pub mod dispatch;
+pub mod follow;
 pub mod handlers;
 pub mod hub;
 pub mod identity;

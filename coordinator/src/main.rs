@@ -41,6 +41,19 @@ struct ServeArgs {
     /// host:port put in join tokens [default: the listen address, or the host's first IPv4 address].
     #[arg(long, env = "MESHLINK_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
+    /// Every coordinator of the mesh, comma-separated host:port, put in join tokens and told to
+    /// agents so that they fail over between them [default: only this one].
+    #[arg(long, env = "MESHLINK_COORDINATORS", value_name = "HOST:PORT,...")]
+    coordinators: Option<String>,
+    /// Where the state lives: `sqlite` (in the state directory) or postgres://USER@HOST/DB,
+    /// shared by several coordinators; a password from PGPASSWORD or ~/.pgpass [default: sqlite].
+    #[arg(
+        long,
+        env = "MESHLINK_STORE",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    store: Option<String>,
     /// Seconds an agent has to say hello [default: 10].
     #[arg(long, env = "MESHLINK_HELLO_TIMEOUT_SECS", value_name = "SECS")]
     hello_timeout_secs: Option<u64>,
@@ -99,6 +112,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         admin_listen: args.admin_listen,
         advertise: args.advertise,
+        coordinators: args.coordinators,
+        store: args.store,
         hello_timeout_secs: args.hello_timeout_secs,
         message_rate: args.message_rate,
         message_burst: args.message_burst,

@@ -10,11 +10,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext};
+use crate::config::StoreLocation;
 use crate::config::{default_advertise, Settings};
 use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, WorkloadTiming};
-use crate::store::{SqliteStore, StoreError};
+use crate::store::{SqlStore, StoreError};
 
 /// Why the coordinator cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -25,8 +26,8 @@ pub enum StartError {
     /// The database cannot be opened or migrated.
     #[error("database {path}: {source}")]
     Store {
-        /// The database file.
-        path: std::path::PathBuf,
+        /// The database file or URL (without its password).
+        path: String,
         /// Why.
         #[source]
         source: StoreError,
@@ -55,11 +56,12 @@ pub struct Coordinator {
     fingerprint: String,
     admin_token: AdminToken,
     service: Arc<Service>,
-    store: SqliteStore,
+    store: SqlStore,
     shutdown: watch::Sender<bool>,
     quic_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
     failover_task: JoinHandle<()>,
+    follow_task: Option<JoinHandle<()>>,
 }
 
 /// How often silent workload holders are looked for.
@@ -78,13 +80,23 @@ impl Coordinator {
             tracing::info!(dir = %dir.display(), "made a new TLS identity");
         }
         let admin_token = identity::load_or_create_admin_token(dir)?;
-        let db = dir.join(DATABASE_FILE);
-        let store = SqliteStore::open(&db)
-            .await
-            .map_err(|source| StartError::Store {
-                path: db.clone(),
-                source,
-            })?;
+        let (store, db) = match &settings.store {
+            StoreLocation::Sqlite => {
+                let file = dir.join(DATABASE_FILE);
+                (
+                    SqlStore::open_sqlite(&file).await,
+                    file.display().to_string(),
+                )
+            }
+            StoreLocation::Postgres(url) => (
+                SqlStore::connect_postgres(url).await,
+                settings.store.redacted(),
+            ),
+        };
+        let store = store.map_err(|source| StartError::Store {
+            path: db.clone(),
+            source,
+        })?;
         let service = Arc::new(
             Service::load_with(
                 Arc::new(store.clone()),
@@ -131,10 +143,23 @@ impl Coordinator {
             settings.limits.clone(),
             shutdown_rx.clone(),
         ));
+        let others: Vec<String> = settings
+            .coordinators
+            .iter()
+            .filter(|c| **c != advertise)
+            .cloned()
+            .collect();
+        // The same list, in the same order, from every coordinator of the mesh.
+        let mut all = settings.coordinators.clone();
+        if !all.contains(&advertise) {
+            all.push(advertise.clone());
+        }
+        service.set_coordinators(all);
         let ctx = AdminContext {
             admin_token: admin_token.value.clone(),
             quic_listen: quic_addr,
             advertise: advertise.clone(),
+            others,
             fingerprint: id.fingerprint.clone(),
             started: Instant::now(),
         };
@@ -165,7 +190,18 @@ impl Coordinator {
                 }
             }
         });
-        tracing::info!(%quic_addr, %admin_addr, %advertise, "coordinator running");
+        if matches!(settings.store, StoreLocation::Postgres(_)) {
+            service.share_leases(store.clone());
+        }
+        let follow_task = match &settings.store {
+            StoreLocation::Postgres(url) => Some(tokio::spawn(crate::follow::follow_postgres(
+                service.clone(),
+                url.clone(),
+                shutdown.subscribe(),
+            ))),
+            StoreLocation::Sqlite => None,
+        };
+        tracing::info!(%quic_addr, %admin_addr, %advertise, store = %settings.store.redacted(), "coordinator running");
         Ok(Coordinator {
             quic_addr,
             admin_addr,
@@ -178,6 +214,7 @@ impl Coordinator {
             quic_task,
             admin_task,
             failover_task,
+            follow_task,
         })
     }
 
@@ -217,6 +254,9 @@ impl Coordinator {
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
         let _ = self.failover_task.await;
+        if let Some(t) = self.follow_task {
+            let _ = t.await;
+        }
         if tokio::time::timeout(Duration::from_secs(5), self.admin_task)
             .await
             .is_err()

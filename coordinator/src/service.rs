@@ -28,7 +28,8 @@ use crate::handlers::{ApiError, Caller};
 use crate::hub::{Attached, CloseReason, Frame, Hub};
 use crate::identity::random_secret;
 use crate::store::{
-    NetworkRecord, NodeRecord, Store, StoreError, TokenId, TokenRecord, UnixTime, WorkloadRecord,
+    Leadership, NetworkRecord, NodeRecord, SqlStore, Store, StoreError, TokenId, TokenRecord,
+    UnixTime, WorkloadRecord,
 };
 
 /// Timings of workload moves and leases.
@@ -164,6 +165,16 @@ pub struct Service {
     stranded: std::sync::Mutex<HashMap<(String, String, u64), Instant>>,
     /// Work the service started apart from its callers (claims), ended with it.
     tasks: std::sync::Mutex<JoinSet<()>>,
+    /// Every coordinator of the mesh, told to agents in each welcome.
+    coordinators: std::sync::Mutex<Vec<String>>,
+    /// With several coordinators on one PostgreSQL store: leases kept in the database, and
+    /// this coordinator's claim to decide failovers (see `store/leases.rs`).
+    shared: std::sync::OnceLock<SqlStore>,
+    leadership: Mutex<Leadership>,
+    /// This process among the coordinators (random, for the presence table).
+    me: String,
+    /// With shared leases: the nodes with a session on any coordinator, as last read.
+    present: std::sync::Mutex<std::collections::HashSet<NodeId>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -220,6 +231,11 @@ impl Service {
             prepares: std::sync::Mutex::new(HashMap::new()),
             stranded: std::sync::Mutex::new(HashMap::new()),
             tasks: std::sync::Mutex::new(JoinSet::new()),
+            coordinators: std::sync::Mutex::new(Vec::new()),
+            shared: std::sync::OnceLock::new(),
+            leadership: Mutex::new(Leadership::default()),
+            me: random_secret(),
+            present: std::sync::Mutex::new(std::collections::HashSet::new()),
         })
     }
 
@@ -241,6 +257,17 @@ impl Service {
             .abort_all();
     }
 
+    /// Shares workload leases with the other coordinators of this PostgreSQL store: renewals
+    /// are written to it, and failovers are decided by one coordinator at a time.
+    pub fn share_leases(&self, store: SqlStore) {
+        let _ = self.shared.set(store);
+    }
+
+    /// Sets the coordinator addresses (`host:port`) told to agents in each welcome.
+    pub fn set_coordinators(&self, list: Vec<String>) {
+        *self.coordinators.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
     /// The workload timings.
     pub fn timing(&self) -> WorkloadTiming {
         self.timing
@@ -251,9 +278,70 @@ impl Service {
     }
 
     /// A holder's heartbeat arrived: returns the lease to grant (zero while the node's
-    /// workloads are being taken from it).
-    pub fn heartbeat(&self, node: NodeId) -> Duration {
-        self.leases().heartbeat(node, self.clock.instant())
+    /// workloads are being taken from it) and, with shared leases, the network's version in
+    /// the database, which the holder's map must reach before the lease counts.
+    pub async fn heartbeat(&self, node: NodeId, network: &str) -> (Duration, Option<u64>) {
+        let local = self.leases().heartbeat(node, self.clock.instant());
+        let Some(store) = self.shared.get() else {
+            return (local, None);
+        };
+        match store.renew_lease(node, network).await {
+            Ok(r) if r.renewed => (local, Some(r.version)),
+            Ok(r) => (Duration::ZERO, Some(r.version)),
+            Err(e) => {
+                // No coordinator can commit a failover without the database either: the
+                // holder keeps answering on this coordinator's word.
+                tracing::debug!(node, "cannot renew the lease in the database: {e}");
+                (local, None)
+            }
+        }
+    }
+
+    /// Whether `node` has a session here or (shared leases) on another coordinator.
+    fn is_online_anywhere(&self, network: &str, node: NodeId) -> bool {
+        self.hub.is_online(network, node)
+            || (self.shared.get().is_some()
+                && self
+                    .present
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains(&node))
+    }
+
+    /// With shared leases: records in the database that this coordinator still has its
+    /// sessions (call it every second or so).
+    pub async fn refresh_presence(&self) {
+        let Some(store) = self.shared.get() else {
+            return;
+        };
+        let mine: Vec<NodeId> = self.hub.online().into_iter().collect();
+        if let Err(e) = store.presence_refresh(&self.me, &mine).await {
+            tracing::debug!("cannot record this coordinator's sessions: {e}");
+        }
+    }
+
+    /// With shared leases: takes every renewal any coordinator recorded into the table this
+    /// coordinator decides from, and who is online where.
+    async fn refresh_leases(&self) {
+        let Some(store) = self.shared.get() else {
+            return;
+        };
+        match store.present().await {
+            Ok(p) => *self.present.lock().unwrap_or_else(|p| p.into_inner()) = p,
+            Err(e) => tracing::debug!("cannot read who is online: {e}"),
+        }
+        match store.lease_ages().await {
+            Ok(ages) => {
+                let now = self.clock.instant();
+                let mut l = self.leases();
+                for (node, ago) in ages {
+                    if let Some(at) = now.checked_sub(Duration::from_millis(ago)) {
+                        l.granted(node, at);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("cannot read the shared leases: {e}"),
+        }
     }
 
     /// A node reports it is ready to take a workload (answer to `Prepare`).
@@ -346,6 +434,9 @@ impl Service {
                 took: self.clock.instant().saturating_duration_since(started),
             });
         }
+        if fence.node.is_none() && self.shared.get().is_some() {
+            self.refresh_leases().await;
+        }
         if fence.node.is_none() {
             if let Some(old) = plan
                 .workload
@@ -378,7 +469,7 @@ impl Service {
         if let Some(h) = rec.holder {
             self.leases().granted(h, self.clock.instant());
         }
-        self.upsert_workload(&rec, version);
+        self.upsert_workload(&rec, version).await;
         let took = self.clock.instant().saturating_duration_since(started);
         tracing::info!(
             workload = %rec.name,
@@ -400,22 +491,66 @@ impl Service {
     }
 
     /// A workload as agents see it, with this coordinator's grace period.
-    fn info(&self, rec: &WorkloadRecord) -> meshlink_proto::WorkloadInfo {
+    pub(crate) fn info(&self, rec: &WorkloadRecord) -> meshlink_proto::WorkloadInfo {
         let mut i = workloads::info(rec);
-        i.grace_ms = Some(millis(self.timing.grace));
+        i.grace_ms = self.info_grace_ms();
         i
     }
 
+    /// The grace period told to agents in maps.
+    pub(crate) fn info_grace_ms(&self) -> Option<u64> {
+        Some(millis(self.timing.grace))
+    }
+
+    /// The write lock every change of a map is made under (see the module documentation).
+    pub(crate) async fn lock_writes(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.write.lock().await
+    }
+
+    /// A workload's record as read from the store: when its holder changed since this
+    /// coordinator last saw it (another coordinator moved it), the new holder's lease counts
+    /// from now here, as it does where the change was made.
+    pub(crate) fn holder_changed(&self, rec: &WorkloadRecord) {
+        let known = self.hub.workload_generation(&rec.network, &rec.name);
+        if known.is_none_or(|g| g < rec.generation) {
+            if let Some(h) = rec.holder {
+                self.leases().granted(h, self.clock.instant());
+            }
+        }
+    }
+
+    /// Queues a change this coordinator committed at `delta.to_version` to the network's
+    /// sessions. When the hub is not at the version before it (another coordinator sharing
+    /// the store committed in between), the change log is replayed up to it instead, so
+    /// that nothing is skipped. Call it with the write lock held.
+    async fn publish(&self, network: &str, delta: NetmapDelta) {
+        match self.hub.version(network) {
+            Some(v) if v + 1 == delta.to_version => {
+                self.hub.apply_delta(network, delta);
+            }
+            Some(v) if v >= delta.to_version => {}
+            _ => {
+                if let Err(e) = self.catch_up_locked(network).await {
+                    tracing::warn!(
+                        network,
+                        "cannot read the change log (the next poll retries): {e}"
+                    );
+                }
+            }
+        }
+    }
+
     /// Tells every session of the workload's network its new state, at `version`.
-    fn upsert_workload(&self, rec: &WorkloadRecord, version: u64) {
-        self.hub.apply_delta(
+    async fn upsert_workload(&self, rec: &WorkloadRecord, version: u64) {
+        self.publish(
             &rec.network,
             NetmapDelta {
                 to_version: version,
                 upsert_workloads: vec![self.info(rec)],
                 ..NetmapDelta::default()
             },
-        );
+        )
+        .await;
     }
 
     /// Creates a workload (admin).
@@ -426,7 +561,7 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::create_workload(self.store(), self.clock.now(), &Caller::Admin, req).await?;
-        self.upsert_workload(&rec, version);
+        self.upsert_workload(&rec, version).await;
         Ok(rec)
     }
 
@@ -442,14 +577,15 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::delete_workload(self.store(), &Caller::Admin, network, name).await?;
-        self.hub.apply_delta(
+        self.publish(
             network,
             NetmapDelta {
                 to_version: version,
                 remove_workloads: vec![rec.name.clone()],
                 ..NetmapDelta::default()
             },
-        );
+        )
+        .await;
         Ok(rec)
     }
 
@@ -491,6 +627,12 @@ impl Service {
     /// first online standby. Call it often (every 50 ms or so); it reads only memory unless a
     /// holder is silent (and then, while no standby is online, once a second).
     pub async fn failover_tick(&self) {
+        if let Some(store) = self.shared.get() {
+            if !store.lead(&mut *self.leadership.lock().await).await {
+                return;
+            }
+            self.refresh_leases().await;
+        }
         let now = self.clock.instant();
         let silent: Vec<(String, String, u64, NodeId)> = {
             let leases = self.leases();
@@ -540,7 +682,7 @@ impl Service {
                     &workloads::info(&rec),
                     &rec.standby,
                     &leases,
-                    |n| self.hub.is_online(&network, n),
+                    |n| self.is_online_anywhere(&network, n),
                     self.clock.instant(),
                 );
                 if t.is_some() {
@@ -563,6 +705,23 @@ impl Service {
                     continue;
                 }
             };
+            // Shared leases: fence it in the database too, unless another coordinator renewed
+            // its lease meanwhile (then it is not silent).
+            if let Some(store) = self.shared.get() {
+                let silent = millis(self.timing.lease + self.timing.margin);
+                match store.fence_lease(holder, silent).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.leases().unfence(holder);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(workload = %name, "failover: cannot fence the holder: {e}");
+                        self.leases().unfence(holder);
+                        continue;
+                    }
+                }
+            }
             let plan = PlannedMove {
                 workload: rec,
                 to: Some(node),
@@ -572,6 +731,11 @@ impl Service {
                 .await
             {
                 tracing::warn!(workload = %name, "failover: {e}");
+            }
+            if let Some(store) = self.shared.get() {
+                if let Err(e) = store.unfence_lease(holder).await {
+                    tracing::warn!(node = holder, "cannot lift the fence (it times out): {e}");
+                }
             }
         }
     }
@@ -606,7 +770,7 @@ impl Service {
                 };
                 let Some(n) = live(n) else { continue };
                 standby_left = true;
-                if self.hub.is_online(network, n.id) {
+                if self.is_online_anywhere(network, n.id) {
                     to = Some(n);
                     break;
                 }
@@ -667,16 +831,45 @@ impl Service {
             }
         };
         let joined = secret.is_some();
-        let welcome: Frame =
-            encode(&ServerMessage::Welcome(welcome(&node, &network, secret))).into();
-        if let Some(v) = version {
-            self.hub
-                .apply(&network.name, v, vec![peer_info(&node)], vec![]);
+        let welcome: Frame = encode(&ServerMessage::Welcome(welcome(
+            &node,
+            &network,
+            secret,
+            self.coordinators
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )))
+        .into();
+        match version {
+            Some(v) => {
+                self.publish(
+                    &network.name,
+                    NetmapDelta {
+                        to_version: v,
+                        upsert: vec![peer_info(&node)],
+                        ..NetmapDelta::default()
+                    },
+                )
+                .await;
+            }
+            // A network another coordinator created, not yet followed here.
+            None if self.hub.version(&network.name).is_none() => {
+                if let Err(e) = self.catch_up_locked(&network.name).await {
+                    tracing::warn!(network = %network.name, "cannot load the network: {e}");
+                }
+            }
+            None => {}
         }
         let attached = self
             .hub
             .attach(&network.name, node.id)
             .ok_or_else(|| ApiError::Refused(format!("network {} is not loaded", network.name)))?;
+        if let Some(store) = self.shared.get() {
+            if let Err(e) = store.presence_attach(node.id, &self.me).await {
+                tracing::debug!(node = node.id, "cannot record the session: {e}");
+            }
+        }
         Ok(Session {
             node: node.id,
             name: node.name,
@@ -702,12 +895,15 @@ impl Service {
             nodes::update_endpoints(self.store(), &Caller::Node { id: node, remote }, endpoints)
                 .await?;
         if let Some(v) = changed.version {
-            self.hub.apply(
+            self.publish(
                 &changed.node.network,
-                v,
-                vec![peer_info(&changed.node)],
-                vec![],
-            );
+                NetmapDelta {
+                    to_version: v,
+                    upsert: vec![peer_info(&changed.node)],
+                    ..NetmapDelta::default()
+                },
+            )
+            .await;
         }
         Ok(())
     }
@@ -716,6 +912,11 @@ impl Service {
     /// not returned (the session is gone either way).
     pub async fn session_closed(&self, network: &str, node: NodeId, serial: u64) {
         if self.hub.detach(network, node, serial) {
+            if let Some(store) = self.shared.get() {
+                if let Err(e) = store.presence_detach(node, &self.me).await {
+                    tracing::debug!(node, "cannot record the end of the session: {e}");
+                }
+            }
             if let Err(e) = self.store.touch_node(node, self.clock.now()).await {
                 tracing::warn!(node, "cannot record last_seen: {e}");
             }
@@ -772,7 +973,8 @@ impl Service {
             changed.version,
             CloseReason::Revoked,
             "revoked by an operator",
-        );
+        )
+        .await;
         drop(_w);
         self.release_orphans(&changed.node.network).await;
         Ok(changed.node)
@@ -795,13 +997,20 @@ impl Service {
             changed.version,
             CloseReason::Deleted,
             "deleted by an operator",
-        );
+        )
+        .await;
         drop(_w);
         self.release_orphans(&changed.node.network).await;
         Ok(changed.node)
     }
 
-    fn remove(&self, node: &NodeRecord, version: Option<u64>, reason: CloseReason, why: &str) {
+    async fn remove(
+        &self,
+        node: &NodeRecord,
+        version: Option<u64>,
+        reason: CloseReason,
+        why: &str,
+    ) {
         let last: Frame = encode(&ServerMessage::Revoked {
             reason: format!("node {} ({}) was {why}", node.id, node.name),
         })
@@ -810,7 +1019,15 @@ impl Service {
             tracing::info!(node = node.id, network = %node.network, "closing the session of a node {why}");
         }
         if let Some(v) = version {
-            self.hub.apply(&node.network, v, vec![], vec![node.id]);
+            self.publish(
+                &node.network,
+                NetmapDelta {
+                    to_version: v,
+                    remove: vec![node.id],
+                    ..NetmapDelta::default()
+                },
+            )
+            .await;
         }
     }
 }

@@ -674,6 +674,7 @@ mod tests {
                     network_cidr: "100.64.0.0/16".parse().unwrap(),
                     addresses: vec![],
                     node_secret: None,
+                    coordinators: vec![],
                 })
             ),
             Err(SessionError::Protocol(_))

@@ -8,7 +8,8 @@
 //! Protocol versions ([`PROTOCOL_VERSION`]):
 //! - 1 (2026-11-26): hello/welcome, full maps and deltas, endpoint reports, revocation;
 //!   (2026-11-27, before any release) workloads in maps, heartbeats and leases, move
-//!   preparation, claims.
+//!   preparation, claims; (2026-12) every coordinator address of the mesh in the welcome
+//!   (`Welcome::coordinators`, absent from older coordinators).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -126,6 +127,12 @@ pub struct Welcome {
     /// Present only on join: the node's secret for [`Auth::Node`]. The agent stores it (0600).
     #[serde(default)]
     pub node_secret: Option<String>,
+    /// Every coordinator address (`host:port`) of the mesh as this coordinator knows it now,
+    /// in the order agents should try them. The agent replaces the list it keeps with it.
+    /// Empty or absent (a coordinator from before 2026-12): unknown, the agent keeps the list
+    /// it has.
+    #[serde(default)]
+    pub coordinators: Vec<String>,
 }
 
 /// Messages from the coordinator.

@@ -19,7 +19,9 @@ use meshlink_proto::ipam::allocate_v4;
 use meshlink_proto::{Netmap, NodeId, PeerInfo};
 
 use super::tokens::unusable_reason;
-use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
+use super::{
+    constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller, ADDRESS_ATTEMPTS,
+};
 use crate::store::{
     NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
 };
@@ -127,35 +129,45 @@ pub async fn join(
             other.id, other.name, network.name
         )));
     }
-    let used = store.used_addresses(&network.name).await?;
-    let address = allocate_v4(network.cidr, &used).ok_or_else(|| {
-        ApiError::Refused(format!(
-            "network {} ({}) has no free address",
-            network.name, network.cidr
-        ))
-    })?;
-    let new = NewNode {
-        network: network.name.clone(),
-        name: hello.name.clone(),
-        public_key: hello.public_key,
-        address,
-        secret_hash: hash_secret(node_secret),
-        labels: hello.labels.clone(),
-        tags: token.tags.clone(),
-        observed: observed_endpoint(&endpoints, remote),
-        endpoints,
-        created_at: now,
-    };
-    let (node, version) = store
-        .insert_node(new, Some((token.id, now)))
-        .await
-        .map_err(|e| match e {
-            StoreError::TokenUnusable => {
-                ApiError::Refused("the join token can no longer be used".into())
-            }
-            StoreError::Conflict(m) => ApiError::Conflict(m),
-            e => e.into(),
+    // The lowest free address; when another coordinator sharing the store gives it away
+    // meanwhile, the next one.
+    let mut used = store.used_addresses(&network.name).await?;
+    let mut attempts = 0;
+    let (node, version) = loop {
+        let address = allocate_v4(network.cidr, &used).ok_or_else(|| {
+            ApiError::Refused(format!(
+                "network {} ({}) has no free address",
+                network.name, network.cidr
+            ))
         })?;
+        let new = NewNode {
+            network: network.name.clone(),
+            name: hello.name.clone(),
+            public_key: hello.public_key,
+            address,
+            secret_hash: hash_secret(node_secret),
+            labels: hello.labels.clone(),
+            tags: token.tags.clone(),
+            observed: observed_endpoint(&endpoints, remote),
+            endpoints: endpoints.clone(),
+            created_at: now,
+        };
+        match store.insert_node(new, Some((token.id, now))).await {
+            Ok(done) => break done,
+            Err(StoreError::AddressTaken(a)) if attempts < ADDRESS_ATTEMPTS => {
+                attempts += 1;
+                used = store.used_addresses(&network.name).await?;
+                used.insert(a);
+            }
+            Err(StoreError::TokenUnusable) => {
+                return Err(ApiError::Refused(
+                    "the join token can no longer be used".into(),
+                ))
+            }
+            Err(StoreError::Conflict(m)) => return Err(ApiError::Conflict(m)),
+            Err(e) => return Err(e.into()),
+        }
+    };
     Ok(Joined {
         node,
         network,
@@ -497,8 +509,14 @@ pub fn peer_info(node: &NodeRecord) -> PeerInfo {
     }
 }
 
-/// The welcome for a node of `network`; `node_secret` only right after a join.
-pub fn welcome(node: &NodeRecord, network: &NetworkRecord, node_secret: Option<String>) -> Welcome {
+/// The welcome for a node of `network`; `node_secret` only right after a join;
+/// `coordinators`: every coordinator of the mesh, for the agent to fail over to.
+pub fn welcome(
+    node: &NodeRecord,
+    network: &NetworkRecord,
+    node_secret: Option<String>,
+    coordinators: Vec<String>,
+) -> Welcome {
     // The prefix length of a valid Ipv4Net always fits an address of it.
     let address = Ipv4Net::new(node.address, network.cidr.prefix_len())
         .unwrap_or_else(|_| Ipv4Net::from(node.address));
@@ -509,6 +527,7 @@ pub fn welcome(node: &NodeRecord, network: &NetworkRecord, node_secret: Option<S
         network_cidr: IpNet::V4(network.cidr),
         addresses: vec![IpNet::V4(address)],
         node_secret,
+        coordinators,
     }
 }
 

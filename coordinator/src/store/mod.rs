@@ -7,13 +7,17 @@
 //! Secrets never reach the store: join tokens and node credentials are kept as SHA-256 hashes
 //! (lowercase hex), compared by the handlers.
 //!
-//! [`SqliteStore`] is the embedded default. The SQL is written with `$1` binds and the runtime
-//! `query()` API so that a PostgreSQL store can follow with its own migrations.
+//! [`SqlStore`] is the only implementation, on two databases ([`Backend`]): SQLite, the
+//! embedded default for one coordinator, and PostgreSQL, which several coordinators share.
+//! Every version bump also writes a row of the change log ([`ChangeRecord`]) in the same
+//! transaction, so a coordinator that did not make a change (or missed its notification)
+//! reads what changed, in version order, with [`Store::changes_since`].
 //!
-//! Architecture invariant: node ids and token ids are never reused (SQLite `AUTOINCREMENT`),
-//! and a network's version only grows, across restarts too.
+//! Architecture invariant: node ids and token ids are never reused (SQLite `AUTOINCREMENT`,
+//! PostgreSQL identity columns), and a network's version only grows, across restarts too.
 
-mod sqlite;
+mod leases;
+mod sql;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -23,7 +27,8 @@ use std::pin::Pin;
 use ipnet::Ipv4Net;
 use meshlink_proto::{NodeId, PublicKey};
 
-pub use sqlite::SqliteStore;
+pub use leases::{Leadership, Renewal};
+pub use sql::{SqlStore, CHANGES_KEPT};
 
 /// Seconds since the Unix epoch, the only time unit of the store and of the admin API.
 pub type UnixTime = i64;
@@ -34,12 +39,68 @@ pub type TokenId = u64;
 /// The future every [`Store`] method returns: boxed, so that `dyn Store` works.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
+/// The PostgreSQL notification channel on which every commit that changes a network's map
+/// sends the network's name.
+pub const CHANGES_CHANNEL: &str = "meshlink_changes";
+
+/// Which database a [`SqlStore`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// An embedded SQLite file, for one coordinator.
+    Sqlite,
+    /// A PostgreSQL server, shared by any number of coordinators.
+    Postgres,
+}
+
+/// What one version of a network changed: the entity whose current record the map must
+/// show from that version on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A node: added, its endpoints changed, revoked or deleted.
+    Node(NodeId),
+    /// A workload, by name: added, moved or deleted.
+    Workload(String),
+}
+
+impl Change {
+    fn to_columns(&self) -> (&'static str, String) {
+        match self {
+            Change::Node(id) => ("node", id.to_string()),
+            Change::Workload(name) => ("workload", name.clone()),
+        }
+    }
+
+    fn from_columns(kind: &str, reference: &str) -> Result<Change, StoreError> {
+        match kind {
+            "node" => reference
+                .parse()
+                .map(Change::Node)
+                .map_err(|_| StoreError::Corrupt(format!("changes.ref: node id {reference:?}"))),
+            "workload" => Ok(Change::Workload(reference.to_string())),
+            other => Err(StoreError::Corrupt(format!("changes.kind: {other:?}"))),
+        }
+    }
+}
+
+/// One row of the change log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeRecord {
+    /// The network's version this change made.
+    pub version: u64,
+    /// What changed.
+    pub change: Change,
+}
+
 /// Why the store did not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A uniqueness rule was broken (a name, address or key already taken); the text names it.
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The overlay address is taken in its network (by a node or a workload): another
+    /// coordinator may have given it away since the caller chose it.
+    #[error("address {0} is already taken")]
+    AddressTaken(Ipv4Addr),
     /// The record the change refers to does not exist (any more).
     #[error("not found: {0}")]
     NotFound(String),
@@ -49,6 +110,18 @@ pub enum StoreError {
     /// A stored value does not parse: the database was edited by hand or is damaged.
     #[error("corrupt record: {0}")]
     Corrupt(String),
+    /// The database was brought to a schema version this coordinator does not know: a newer
+    /// coordinator has used it. Upgrade this one.
+    #[error(
+        "the database has schema version {found}, newer than this coordinator knows ({known}); \
+         upgrade meshlink-coordinator"
+    )]
+    NewerSchema {
+        /// A version found in the database.
+        found: i64,
+        /// The newest version this coordinator knows.
+        known: i64,
+    },
     /// The database itself failed (I/O, locking, migrations).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
@@ -322,6 +395,16 @@ pub trait Store: Send + Sync {
         expected: u64,
         now: UnixTime,
     ) -> StoreFuture<'a, (WorkloadRecord, u64)>;
+
+    /// The change log of a network after version `after`, oldest first, at most `limit`
+    /// rows. Only the last [`CHANGES_KEPT`] versions are kept: when the first row returned is
+    /// not `after + 1`, the versions between are gone and the caller reloads the whole map.
+    fn changes_since<'a>(
+        &'a self,
+        network: &'a str,
+        after: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<ChangeRecord>>;
 
     /// Deletes a workload and bumps its network's version. [`StoreError::NotFound`] when it
     /// does not exist.

@@ -8,12 +8,14 @@ use std::time::Duration;
 
 use meshlink_coordinator::config::Settings;
 use meshlink_coordinator::identity::SERVER_NAME;
+use meshlink_coordinator::store::{SqlStore, StoreError};
 use meshlink_coordinator::{pin, Coordinator};
 use meshlink_proto::control::{
     encode, Auth, ClientMessage, Decoder, Hello, ServerMessage, MAX_SERVER_MESSAGE,
     PROTOCOL_VERSION,
 };
 use meshlink_proto::{NodeId, PublicKey};
+use meshlink_tests::postgres::PgCluster;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How long a test waits for anything.
@@ -46,6 +48,75 @@ impl TempDir {
     pub fn path(&self) -> &Path {
         self.0.path()
     }
+}
+
+/// A database for one test: a scratch SQLite file, or a new database of the private
+/// PostgreSQL cluster this test binary shares ([`PgCluster::shared`]).
+pub enum TestDb {
+    Sqlite(TempDir),
+    Postgres(String),
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        TestDb::Sqlite(TempDir::new("db"))
+    }
+
+    /// `None` when PostgreSQL is missing and skipping is allowed (never under `CI=true`).
+    pub fn postgres() -> Option<Self> {
+        let cluster = PgCluster::shared()?;
+        Some(TestDb::Postgres(
+            cluster.create_database("meshlink").expect("a new database"),
+        ))
+    }
+
+    /// Opens the store (again: the data stays).
+    pub async fn open(&self) -> SqlStore {
+        self.try_open().await.expect("the store opens")
+    }
+
+    pub async fn try_open(&self) -> Result<SqlStore, StoreError> {
+        match self {
+            TestDb::Sqlite(dir) => SqlStore::open_sqlite(&dir.path().join("coordinator.db")).await,
+            TestDb::Postgres(url) => SqlStore::connect_postgres(url).await,
+        }
+    }
+
+    /// A URL for sqlx's `Any` driver, to reach the database behind the store's back.
+    pub fn url(&self) -> String {
+        match self {
+            TestDb::Sqlite(dir) => {
+                format!("sqlite://{}", dir.path().join("coordinator.db").display())
+            }
+            TestDb::Postgres(url) => url.clone(),
+        }
+    }
+}
+
+/// Makes, for each named `async fn NAME(db: &TestDb)` of the calling module, two tests:
+/// `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(&$crate::common::TestDb::sqlite()).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    if let Some(db) = $crate::common::TestDb::postgres() {
+                        super::$name(&db).await;
+                    }
+                }
+            )*
+        }
+    };
 }
 
 pub fn key(n: u8) -> PublicKey {

@@ -32,7 +32,7 @@ use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::hub::{Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, WorkloadTiming};
-use meshlink_coordinator::store::{SqliteStore, Store, UnixTime};
+use meshlink_coordinator::store::{SqlStore, Store, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, ClaimId, Event};
 use meshlink_proto::control::{ClientMessage, ServerMessage};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
@@ -209,7 +209,7 @@ impl Sim {
     async fn new(dir: &TempDir, seed: u64) -> Sim {
         let clock = Arc::new(SimClock::new());
         let store: Arc<dyn Store> = Arc::new(
-            SqliteStore::open(&dir.path().join("coordinator.db"))
+            SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
                 .await
                 .unwrap(),
         );

@@ -1,4 +1,5 @@
-//! Handler tests over a temporary SQLite store: no sockets, time passed in.
+//! Handler tests, each run on a temporary SQLite store and on a database of the private
+//! PostgreSQL cluster: no sockets, time passed in.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -12,9 +13,9 @@ use meshlink_coordinator::handlers::tokens::{
     create_token, list_tokens, revoke_token, CreateToken,
 };
 use meshlink_coordinator::handlers::{ApiError, Caller};
-use meshlink_coordinator::store::{SqliteStore, Store, TokenRecord};
+use meshlink_coordinator::store::{Store, TokenRecord};
 
-use crate::common::{join_hello, node_hello, TempDir};
+use crate::common::{join_hello, node_hello, TestDb};
 
 const ADMIN: Caller = Caller::Admin;
 
@@ -22,12 +23,6 @@ fn agent() -> Caller {
     Caller::Agent {
         remote: "198.18.5.5".parse().unwrap(),
     }
-}
-
-async fn open(dir: &TempDir) -> SqliteStore {
-    SqliteStore::open(&dir.path().join("coordinator.db"))
-        .await
-        .unwrap()
 }
 
 async fn network(store: &dyn Store, name: &str, cidr: &str) {
@@ -75,10 +70,8 @@ async fn join_ok(store: &dyn Store, secret: &str, key: u8, name: Option<&str>) -
     .unwrap()
 }
 
-#[tokio::test]
-async fn join_allocates_lowest_addresses_and_counts_uses() {
-    let dir = TempDir::new("join");
-    let store = open(&dir).await;
+async fn join_allocates_lowest_addresses_and_counts_uses(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/24").await;
     token(&store, "prod", "tok", None, Some(2)).await;
 
@@ -132,10 +125,8 @@ async fn join_allocates_lowest_addresses_and_counts_uses() {
     assert!(matches!(unknown, ApiError::Unauthorized(_)));
 }
 
-#[tokio::test]
-async fn expired_and_revoked_tokens_are_refused() {
-    let dir = TempDir::new("expiry");
-    let store = open(&dir).await;
+async fn expired_and_revoked_tokens_are_refused(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/24").await;
     token(&store, "prod", "short", Some(60), None).await;
     let e = join(
@@ -201,11 +192,9 @@ async fn expired_and_revoked_tokens_are_refused() {
     assert!(matches!(e, ApiError::NotFound(_)));
 }
 
-#[tokio::test]
-async fn addresses_are_stable_across_authentication_and_reopening() {
-    let dir = TempDir::new("stable");
+async fn addresses_are_stable_across_authentication_and_reopening(db: &TestDb) {
     let (id, address) = {
-        let store = open(&dir).await;
+        let store = db.open().await;
         network(&store, "prod", "100.64.0.0/24").await;
         token(&store, "prod", "tok", None, None).await;
         join_ok(&store, "tok", 1, None).await;
@@ -226,7 +215,7 @@ async fn addresses_are_stable_across_authentication_and_reopening() {
         store.close().await;
         (b.node.id, b.node.address)
     };
-    let store = open(&dir).await;
+    let store = db.open().await;
     let again = authenticate(
         &store,
         3000,
@@ -255,10 +244,8 @@ async fn addresses_are_stable_across_authentication_and_reopening() {
     assert!(matches!(other_key, ApiError::Refused(_)));
 }
 
-#[tokio::test]
-async fn deleted_addresses_are_reused_but_ids_are_not() {
-    let dir = TempDir::new("reuse");
-    let store = open(&dir).await;
+async fn deleted_addresses_are_reused_but_ids_are_not(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/24").await;
     token(&store, "prod", "tok", None, None).await;
     let a = join_ok(&store, "tok", 1, Some("a")).await;
@@ -284,10 +271,8 @@ async fn deleted_addresses_are_reused_but_ids_are_not() {
     assert!(matches!(gone, ApiError::Unauthorized(_)));
 }
 
-#[tokio::test]
-async fn revoked_nodes_are_refused_and_leave_the_map() {
-    let dir = TempDir::new("revoke");
-    let store = open(&dir).await;
+async fn revoked_nodes_are_refused_and_leave_the_map(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/24").await;
     token(&store, "prod", "tok", None, None).await;
     let a = join_ok(&store, "tok", 1, Some("a")).await;
@@ -340,10 +325,8 @@ async fn revoked_nodes_are_refused_and_leave_the_map() {
     assert_eq!(d.version, None);
 }
 
-#[tokio::test]
-async fn names_conflict_within_a_network_only() {
-    let dir = TempDir::new("names");
-    let store = open(&dir).await;
+async fn names_conflict_within_a_network_only(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/24").await;
     network(&store, "dev", "100.64.1.0/24").await;
     token(&store, "prod", "p", None, None).await;
@@ -417,13 +400,11 @@ async fn names_conflict_within_a_network_only() {
     );
 }
 
-#[tokio::test]
-async fn versions_only_grow_even_across_reopening() {
-    let dir = TempDir::new("versions");
+async fn versions_only_grow_even_across_reopening(db: &TestDb) {
     let mut seen = Vec::new();
     let a_id;
     {
-        let store = open(&dir).await;
+        let store = db.open().await;
         network(&store, "prod", "100.64.0.0/24").await;
         token(&store, "prod", "tok", None, None).await;
         let a = join_ok(&store, "tok", 1, Some("a")).await;
@@ -454,7 +435,7 @@ async fn versions_only_grow_even_across_reopening() {
         );
         store.close().await;
     }
-    let store = open(&dir).await;
+    let store = db.open().await;
     let net = &list_networks(&store, &ADMIN).await.unwrap()[0];
     assert_eq!(net.version, *seen.last().unwrap());
     seen.push(
@@ -471,10 +452,8 @@ async fn versions_only_grow_even_across_reopening() {
     );
 }
 
-#[tokio::test]
-async fn network_rules() {
-    let dir = TempDir::new("networks");
-    let store = open(&dir).await;
+async fn network_rules(db: &TestDb) {
+    let store = db.open().await;
     network(&store, "prod", "100.64.0.0/16").await;
     let mk = |name: &str, cidr: &str| CreateNetwork {
         name: name.into(),
@@ -528,10 +507,20 @@ async fn network_rules() {
     );
 }
 
-#[tokio::test]
-async fn the_store_trait_is_object_safe() {
-    let dir = TempDir::new("dyn");
-    let store: Arc<dyn Store> = Arc::new(open(&dir).await);
+async fn the_store_trait_is_object_safe(db: &TestDb) {
+    let store: Arc<dyn Store> = Arc::new(db.open().await);
     network(store.as_ref(), "prod", "100.64.0.0/24").await;
     assert_eq!(store.networks().await.unwrap().len(), 1);
 }
+
+crate::on_both_stores!(
+    join_allocates_lowest_addresses_and_counts_uses,
+    expired_and_revoked_tokens_are_refused,
+    addresses_are_stable_across_authentication_and_reopening,
+    deleted_addresses_are_reused_but_ids_are_not,
+    revoked_nodes_are_refused_and_leave_the_map,
+    names_conflict_within_a_network_only,
+    versions_only_grow_even_across_reopening,
+    network_rules,
+    the_store_trait_is_object_safe,
+);

@@ -4,8 +4,10 @@
 mod admin;
 mod common;
 mod fencing;
+mod ha;
 mod handlers;
 mod quic;
 mod service;
 mod simulation;
+mod store;
 mod workloads;

@@ -13,7 +13,7 @@ use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::{Clock, Service, Session, SystemClock};
-use meshlink_coordinator::store::{SqliteStore, UnixTime};
+use meshlink_coordinator::store::{SqlStore, UnixTime};
 
 use crate::common::{join_hello, TempDir};
 
@@ -36,7 +36,7 @@ impl Clock for TestClock {
 }
 
 async fn service(dir: &TempDir, clock: Arc<TestClock>, queue: usize) -> Service {
-    let store = SqliteStore::open(&dir.path().join("coordinator.db"))
+    let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
         .await
         .unwrap();
     let s = Service::load(Arc::new(store), clock, queue).await.unwrap();

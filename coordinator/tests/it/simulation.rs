@@ -54,7 +54,7 @@ use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::{CloseReason, Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, Session};
-use meshlink_coordinator::store::{SqliteStore, Store, TokenId, UnixTime};
+use meshlink_coordinator::store::{SqlStore, Store, TokenId, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
 use meshlink_proto::control::{
     Auth, ClientMessage, Hello, ServerMessage, Welcome, PROTOCOL_VERSION,
@@ -410,7 +410,7 @@ struct Sim {
     rng: Rng,
     clock: Arc<SimClock>,
     dir: TempDir,
-    store: Arc<SqliteStore>,
+    store: Arc<SqlStore>,
     svc: Service,
     cidrs: Vec<Ipv4Net>,
     /// The version each network must be at.
@@ -438,7 +438,7 @@ impl Sim {
             t0: Instant::now(),
         });
         let store = Arc::new(
-            SqliteStore::open(&dir.path().join("coordinator.db"))
+            SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
                 .await
                 .unwrap(),
         );
@@ -699,7 +699,7 @@ impl Sim {
         self.zombies.clear();
         self.store.close().await;
         self.store = Arc::new(
-            SqliteStore::open(&self.dir.path().join("coordinator.db"))
+            SqlStore::open_sqlite(&self.dir.path().join("coordinator.db"))
                 .await
                 .unwrap(),
         );

@@ -1,28 +1,45 @@
-//! [`SqliteStore`]: the [`Store`] on an embedded SQLite database (WAL mode), with its
-//! migrations compiled in (`coordinator/migrations/sqlite`).
+//! [`SqlStore`]: the [`Store`] on SQLite (embedded, WAL mode) or PostgreSQL, through sqlx's
+//! `Any` driver, so that both run the same queries. Each backend has its own migrations,
+//! compiled in (`coordinator/migrations/{sqlite,postgres}`), that build the same tables with
+//! the same columns: text, 64-bit integers, 0/1 flags, JSON text for lists.
+//!
+//! Writers are serialized: SQLite's write lock (`BEGIN IMMEDIATE`), and on PostgreSQL one
+//! transaction-scoped advisory lock, so several coordinators sharing a database commit one
+//! change at a time and a read-then-write transaction never works on a stale snapshot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Once;
 use std::time::Duration;
 
 use meshlink_proto::{NodeId, PublicKey};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
-use sqlx::{Row, Sqlite, Transaction};
+use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 
 use super::{
-    NetworkRecord, NewNetwork, NewNode, NewToken, NewWorkload, NodeRecord, Store, StoreError,
-    StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
+    Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewToken, NewWorkload,
+    NodeRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
+    CHANGES_CHANNEL,
 };
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
 
-/// How long a connection waits for another writer before failing.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an SQLite connection waits for another writer before failing (milliseconds).
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 5_000;
+
+/// How long a query waits for a free connection (and, at start, for the database at all).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The advisory lock every PostgreSQL write transaction takes ("meshlink" in ASCII, folded).
+const PG_WRITE_LOCK: i64 = 0x6d65_7368_6c69_6e6b;
+
+/// How many versions of each network the change log keeps; a coordinator further behind
+/// reloads the network's whole map instead.
+pub const CHANGES_KEPT: u64 = 10_000;
 
 const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, previous, \
                                 standby, allowed, created_at, moved_at";
@@ -30,34 +47,95 @@ const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
                             endpoints, observed, revoked, created_at, last_seen";
 
-/// The SQLite [`Store`].
+const TOKEN_COLUMNS: &str =
+    "id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at";
+
+/// The SQL [`Store`], on either backend.
 #[derive(Debug, Clone)]
-pub struct SqliteStore {
-    pool: SqlitePool,
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
 }
 
-impl SqliteStore {
-    /// Opens (creating when missing) the database at `path` and brings its schema up to date.
+fn install_drivers() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(sqlx::any::install_default_drivers);
+}
+
+impl SqlStore {
+    /// Opens (creating when missing) the SQLite database at `path` and brings its schema up
+    /// to date.
     ///
     /// # Errors
-    /// [`StoreError::Database`] when the file cannot be opened or a migration fails.
-    pub async fn open(path: &Path) -> Result<Self, StoreError> {
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(BUSY_TIMEOUT);
-        let pool = SqlitePoolOptions::new()
+    /// [`StoreError::Database`] when the file cannot be opened or a migration fails,
+    /// [`StoreError::NewerSchema`] when the database was made by a newer coordinator.
+    pub async fn open_sqlite(path: &Path) -> Result<Self, StoreError> {
+        install_drivers();
+        let text = path.to_str().ok_or_else(|| {
+            StoreError::Corrupt(format!("{}: the path is not UTF-8", path.display()))
+        })?;
+        let url = format!(
+            "sqlite://{}?mode=rwc",
+            utf8_percent_encode(text, NON_ALPHANUMERIC)
+        );
+        let pool = AnyPoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    conn.execute(sqlx::AssertSqlSafe(format!(
+                        "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}; \
+                         PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                         PRAGMA foreign_keys = ON;"
+                    )))
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect(&url)
             .await?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Database(e.into()))?;
-        Ok(SqliteStore { pool })
+        Self::migrate(pool, Backend::Sqlite).await
+    }
+
+    /// Connects to the PostgreSQL database at `url` (`postgres://USER@HOST[:PORT]/DB`, with
+    /// `?host=/socket/dir` for a Unix socket) and brings its schema up to date. Several
+    /// coordinators may share it.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the database cannot be reached or a migration fails,
+    /// [`StoreError::NewerSchema`] when the database was made by a newer coordinator.
+    pub async fn connect_postgres(url: &str) -> Result<Self, StoreError> {
+        install_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect(url)
+            .await?;
+        Self::migrate(pool, Backend::Postgres).await
+    }
+
+    async fn migrate(pool: AnyPool, backend: Backend) -> Result<Self, StoreError> {
+        let migrator = match backend {
+            Backend::Sqlite => &SQLITE_MIGRATIONS,
+            Backend::Postgres => &POSTGRES_MIGRATIONS,
+        };
+        let known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+        migrator.run(&pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::VersionMissing(v) => {
+                StoreError::NewerSchema { found: v, known }
+            }
+            e => StoreError::Database(e.into()),
+        })?;
+        Ok(SqlStore { pool, backend })
+    }
+
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Waits for the connections to close; later calls fail.
@@ -65,13 +143,44 @@ impl SqliteStore {
         self.pool.close().await;
     }
 
-    /// A transaction that takes SQLite's write lock at once (`BEGIN IMMEDIATE`), so a
-    /// read-then-write transaction cannot fail on a snapshot another writer made stale.
-    async fn write_tx(&self) -> Result<Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// A transaction that holds the write lock from its start (see the module documentation).
+    async fn write_tx(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        match self.backend {
+            Backend::Sqlite => Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?),
+            Backend::Postgres => {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                    .bind(PG_WRITE_LOCK)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(tx)
+            }
+        }
     }
 
-    async fn bump(tx: &mut Transaction<'static, Sqlite>, network: &str) -> Result<u64, StoreError> {
+    /// Tells the coordinators listening that `network` changed, when the transaction commits.
+    async fn notify(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        network: &str,
+    ) -> Result<(), StoreError> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANGES_CHANNEL)
+                .bind(network)
+                .execute(&mut **tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Bumps a network's version, logs what changed at the new version, and returns it.
+    async fn bump(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        network: &str,
+        change: &Change,
+    ) -> Result<u64, StoreError> {
         let row = sqlx::query(
             "UPDATE networks SET version = version + 1 WHERE name = $1 RETURNING version",
         )
@@ -79,11 +188,27 @@ impl SqliteStore {
         .fetch_optional(&mut **tx)
         .await?
         .ok_or_else(|| StoreError::NotFound(format!("network {network}")))?;
-        to_u64(row.try_get::<i64, _>("version")?)
+        let version = row.try_get::<i64, _>(0)?;
+        let (kind, reference) = change.to_columns();
+        sqlx::query("INSERT INTO changes (network, version, kind, ref) VALUES ($1, $2, $3, $4)")
+            .bind(network)
+            .bind(version)
+            .bind(kind)
+            .bind(reference)
+            .execute(&mut **tx)
+            .await?;
+        let kept = i64::try_from(CHANGES_KEPT).unwrap_or(i64::MAX);
+        sqlx::query("DELETE FROM changes WHERE network = $1 AND version <= $2")
+            .bind(network)
+            .bind(version - kept)
+            .execute(&mut **tx)
+            .await?;
+        self.notify(tx, network).await?;
+        to_u64(version)
     }
 
     async fn node_network(
-        tx: &mut Transaction<'static, Sqlite>,
+        tx: &mut Transaction<'static, Any>,
         id: NodeId,
     ) -> Result<String, StoreError> {
         let row = sqlx::query("SELECT network FROM nodes WHERE id = $1")
@@ -95,18 +220,21 @@ impl SqliteStore {
     }
 }
 
-impl Store for SqliteStore {
+impl Store for SqlStore {
     fn create_network(&self, n: NewNetwork) -> StoreFuture<'_, NetworkRecord> {
         Box::pin(async move {
+            let mut tx = self.write_tx().await?;
             sqlx::query(
                 "INSERT INTO networks (name, cidr, version, created_at) VALUES ($1, $2, 0, $3)",
             )
             .bind(&n.name)
             .bind(n.cidr.to_string())
             .bind(n.created_at)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(conflict)?;
+            self.notify(&mut tx, &n.name).await?;
+            tx.commit().await?;
             Ok(NetworkRecord {
                 name: n.name,
                 cidr: n.cidr,
@@ -170,10 +298,9 @@ impl Store for SqliteStore {
 
     fn tokens(&self) -> StoreFuture<'_, Vec<TokenRecord>> {
         Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at \
-                 FROM join_tokens ORDER BY id",
-            )
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {TOKEN_COLUMNS} FROM join_tokens ORDER BY id"
+            )))
             .fetch_all(&self.pool)
             .await?;
             rows.iter().map(token_row).collect()
@@ -182,10 +309,9 @@ impl Store for SqliteStore {
 
     fn token_by_hash<'a>(&'a self, secret_hash: &'a str) -> StoreFuture<'a, Option<TokenRecord>> {
         Box::pin(async move {
-            let row = sqlx::query(
-                "SELECT id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at \
-                 FROM join_tokens WHERE secret_hash = $1",
-            )
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {TOKEN_COLUMNS} FROM join_tokens WHERE secret_hash = $1"
+            )))
             .bind(secret_hash)
             .fetch_optional(&self.pool)
             .await?;
@@ -226,6 +352,14 @@ impl Store for SqliteStore {
                     return Err(StoreError::TokenUnusable);
                 }
             }
+            let clash = sqlx::query("SELECT 1 FROM workloads WHERE network = $1 AND address = $2")
+                .bind(&n.network)
+                .bind(n.address.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if clash.is_some() {
+                return Err(StoreError::AddressTaken(n.address));
+            }
             // Without a wanted name the node is inserted under an empty name (never a valid
             // name, and the transaction holds the write lock) and renamed once its id is known.
             let row = sqlx::query(
@@ -245,7 +379,7 @@ impl Store for SqliteStore {
             .bind(n.created_at)
             .fetch_one(&mut *tx)
             .await
-            .map_err(conflict)?;
+            .map_err(|e| conflict_at(e, n.address))?;
             let id = to_u64(row.try_get::<i64, _>("id")?)?;
             let name = match n.name {
                 Some(name) => name,
@@ -280,7 +414,7 @@ impl Store for SqliteStore {
                     name
                 }
             };
-            let version = Self::bump(&mut tx, &n.network).await?;
+            let version = self.bump(&mut tx, &n.network, &Change::Node(id)).await?;
             tx.commit().await?;
             let record = NodeRecord {
                 id,
@@ -395,7 +529,7 @@ impl Store for SqliteStore {
                 .bind(to_i64(id)?)
                 .execute(&mut *tx)
                 .await?;
-            let version = Self::bump(&mut tx, &network).await?;
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
             tx.commit().await?;
             Ok(version)
         })
@@ -420,7 +554,7 @@ impl Store for SqliteStore {
                 .bind(to_i64(id)?)
                 .execute(&mut *tx)
                 .await?;
-            let version = Self::bump(&mut tx, &network).await?;
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
             tx.commit().await?;
             Ok(version)
         })
@@ -435,7 +569,7 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             let version = if bump {
-                Some(Self::bump(&mut tx, &network).await?)
+                Some(self.bump(&mut tx, &network, &Change::Node(id)).await?)
             } else {
                 None
             };
@@ -453,10 +587,7 @@ impl Store for SqliteStore {
                 .fetch_optional(&mut *tx)
                 .await?;
             if clash.is_some() {
-                return Err(StoreError::Conflict(format!(
-                    "address {} is a node's address",
-                    w.address
-                )));
+                return Err(StoreError::AddressTaken(w.address));
             }
             let row = sqlx::query(
                 "INSERT INTO workloads (network, name, address, holder, generation, previous, \
@@ -471,9 +602,11 @@ impl Store for SqliteStore {
             .bind(w.created_at)
             .fetch_one(&mut *tx)
             .await
-            .map_err(conflict)?;
+            .map_err(|e| conflict_at(e, w.address))?;
             let id = to_u64(row.try_get::<i64, _>("id")?)?;
-            let version = Self::bump(&mut tx, &w.network).await?;
+            let version = self
+                .bump(&mut tx, &w.network, &Change::Workload(w.name.clone()))
+                .await?;
             tx.commit().await?;
             Ok((
                 WorkloadRecord {
@@ -572,7 +705,9 @@ impl Store for SqliteStore {
             let record = workload_by_name(&mut *tx, network, name)
                 .await?
                 .ok_or_else(|| StoreError::NotFound(format!("workload {name}")))?;
-            let version = Self::bump(&mut tx, network).await?;
+            let version = self
+                .bump(&mut tx, network, &Change::Workload(name.to_string()))
+                .await?;
             tx.commit().await?;
             Ok((record, version))
         })
@@ -589,16 +724,48 @@ impl Store for SqliteStore {
             if done.rows_affected() != 1 {
                 return Err(StoreError::NotFound(format!("workload {name}")));
             }
-            let version = Self::bump(&mut tx, network).await?;
+            let version = self
+                .bump(&mut tx, network, &Change::Workload(name.to_string()))
+                .await?;
             tx.commit().await?;
             Ok(version)
+        })
+    }
+
+    fn changes_since<'a>(
+        &'a self,
+        network: &'a str,
+        after: u64,
+        limit: u32,
+    ) -> StoreFuture<'a, Vec<ChangeRecord>> {
+        Box::pin(async move {
+            let rows = sqlx::query(
+                "SELECT version, kind, ref FROM changes WHERE network = $1 AND version > $2 \
+                 ORDER BY version LIMIT $3",
+            )
+            .bind(network)
+            .bind(to_i64(after)?)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ChangeRecord {
+                        version: to_u64(r.try_get("version")?)?,
+                        change: Change::from_columns(
+                            &r.try_get::<String, _>("kind")?,
+                            &r.try_get::<String, _>("ref")?,
+                        )?,
+                    })
+                })
+                .collect()
         })
     }
 }
 
 /// The workload of a network with this name, on the pool or inside a transaction.
 async fn workload_by_name<'e>(
-    db: impl sqlx::Executor<'e, Database = Sqlite>,
+    db: impl sqlx::Executor<'e, Database = Any>,
     network: &str,
     name: &str,
 ) -> Result<Option<WorkloadRecord>, StoreError> {
@@ -616,14 +783,29 @@ async fn workload_by_name<'e>(
 fn conflict(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
-            let what = db.message().rsplit(':').next().unwrap_or("").trim();
+            // PostgreSQL names the constraint (named like SQLite's message, see the
+            // migrations); SQLite names the columns at the end of its message.
+            let what = db
+                .constraint()
+                .unwrap_or_else(|| db.message().rsplit(':').next().unwrap_or("").trim())
+                .to_string();
             StoreError::Conflict(format!("{what} already taken"))
         }
         _ => StoreError::Database(e),
     }
 }
 
-fn network_row(row: &SqliteRow) -> Result<NetworkRecord, StoreError> {
+/// As [`conflict`], but a clash on the address is [`StoreError::AddressTaken`].
+fn conflict_at(e: sqlx::Error, address: Ipv4Addr) -> StoreError {
+    match conflict(e) {
+        StoreError::Conflict(what) if what.contains(".address") => {
+            StoreError::AddressTaken(address)
+        }
+        other => other,
+    }
+}
+
+fn network_row(row: &AnyRow) -> Result<NetworkRecord, StoreError> {
     Ok(NetworkRecord {
         name: row.try_get("name")?,
         cidr: parse(&row.try_get::<String, _>("cidr")?, "cidr")?,
@@ -632,7 +814,7 @@ fn network_row(row: &SqliteRow) -> Result<NetworkRecord, StoreError> {
     })
 }
 
-fn token_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
+fn token_row(row: &AnyRow) -> Result<TokenRecord, StoreError> {
     Ok(TokenRecord {
         id: to_u64(row.try_get("id")?)?,
         secret_hash: row.try_get("secret_hash")?,
@@ -644,12 +826,12 @@ fn token_row(row: &SqliteRow) -> Result<TokenRecord, StoreError> {
             .map(to_u64)
             .transpose()?,
         used: to_u64(row.try_get("used")?)?,
-        revoked: row.try_get("revoked")?,
+        revoked: row.try_get::<i64, _>("revoked")? != 0,
         created_at: row.try_get("created_at")?,
     })
 }
 
-fn workload_row(row: &SqliteRow) -> Result<WorkloadRecord, StoreError> {
+fn workload_row(row: &AnyRow) -> Result<WorkloadRecord, StoreError> {
     let opt_id = |col: &str| -> Result<Option<NodeId>, StoreError> {
         row.try_get::<Option<i64>, _>(col)?.map(to_u64).transpose()
     };
@@ -668,7 +850,7 @@ fn workload_row(row: &SqliteRow) -> Result<WorkloadRecord, StoreError> {
     })
 }
 
-fn node_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
+fn node_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
     let observed: Option<String> = row.try_get("observed")?;
     Ok(NodeRecord {
         id: to_u64(row.try_get("id")?)?,
@@ -687,7 +869,7 @@ fn node_row(row: &SqliteRow) -> Result<NodeRecord, StoreError> {
             .as_deref()
             .map(|o| parse(o, "observed"))
             .transpose()?,
-        revoked: row.try_get("revoked")?,
+        revoked: row.try_get::<i64, _>("revoked")? != 0,
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
     })

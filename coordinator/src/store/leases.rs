@@ -1,0 +1,243 @@
+//! Workload leases shared through PostgreSQL, for several coordinators: whichever one a
+//! holder's heartbeat reaches renews the lease in the database; one of them at a time (the
+//! failover leader, holding a session-level advisory lock) reads every lease and decides
+//! failovers, fencing a silent holder in the database first, so that no coordinator can
+//! renew it while its workloads are given away. Times are the database's clock.
+
+use sqlx::pool::PoolConnection;
+use sqlx::{Any, Row};
+
+use super::{Backend, SqlStore, StoreError};
+use meshlink_proto::NodeId;
+
+/// The database clock in milliseconds since the Unix epoch.
+const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+
+/// The advisory lock the failover leader holds for as long as its connection lives.
+const LEADER_LOCK: i64 = 0x6d6c_6c65_6164_6572;
+
+/// How long a fence holds when its leader never lifts it (it crashed half-way).
+const FENCE_MS: i64 = 30_000;
+
+/// How old a presence row may be and still count: three refreshes.
+const PRESENCE_MS: i64 = 3_000;
+
+/// A coordinator's claim to be the failover leader: the connection holding the lock.
+#[derive(Debug, Default)]
+pub struct Leadership {
+    conn: Option<PoolConnection<Any>>,
+}
+
+/// What a heartbeat did in the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renewal {
+    /// Whether the lease was renewed (`false`: the holder is fenced).
+    pub renewed: bool,
+    /// The network's version in the database at that moment.
+    pub version: u64,
+}
+
+impl SqlStore {
+    fn require_postgres(&self) -> Result<(), StoreError> {
+        match self.backend() {
+            Backend::Postgres => Ok(()),
+            Backend::Sqlite => Err(StoreError::Corrupt(
+                "shared leases need the PostgreSQL store".into(),
+            )),
+        }
+    }
+
+    /// A heartbeat of `node` (of `network`) arrived: renews its lease unless it is fenced.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`] when the database cannot be reached.
+    pub async fn renew_lease(&self, node: NodeId, network: &str) -> Result<Renewal, StoreError> {
+        self.require_postgres()?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "WITH up AS (INSERT INTO leases (node, heard_ms, fenced_until_ms) \
+             VALUES ($1, {NOW_MS}, 0) \
+             ON CONFLICT (node) DO UPDATE SET heard_ms = EXCLUDED.heard_ms \
+             WHERE leases.fenced_until_ms < {NOW_MS} RETURNING node) \
+             SELECT (SELECT COUNT(*) FROM up) AS renewed, \
+             (SELECT version FROM networks WHERE name = $2) AS version"
+        )))
+        .bind(i64::try_from(node).unwrap_or(i64::MAX))
+        .bind(network)
+        .fetch_one(self.pool())
+        .await?;
+        Ok(Renewal {
+            renewed: row.try_get::<i64, _>("renewed")? > 0,
+            version: row
+                .try_get::<Option<i64>, _>("version")?
+                .and_then(|v| u64::try_from(v).ok())
+                .unwrap_or(0),
+        })
+    }
+
+    /// How long ago each node's lease was last renewed, by any coordinator.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn lease_ages(&self) -> Result<Vec<(NodeId, u64)>, StoreError> {
+        self.require_postgres()?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT node, GREATEST({NOW_MS} - heard_ms, 0) AS ago FROM leases"
+        )))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let node = u64::try_from(r.try_get::<i64, _>("node")?)
+                    .map_err(|_| StoreError::Corrupt("leases.node: negative".into()))?;
+                let ago = u64::try_from(r.try_get::<i64, _>("ago")?).unwrap_or(0);
+                Ok((node, ago))
+            })
+            .collect()
+    }
+
+    /// Fences `node` if no coordinator renewed its lease for `silent_ms`: from then on none
+    /// renews it until [`SqlStore::unfence_lease`] (or a timeout, should the caller die).
+    /// `false`: it was renewed meanwhile, so it is not silent after all.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn fence_lease(&self, node: NodeId, silent_ms: u64) -> Result<bool, StoreError> {
+        self.require_postgres()?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, 0, {NOW_MS} + $3) \
+             ON CONFLICT (node) DO UPDATE SET fenced_until_ms = {NOW_MS} + $3 \
+             WHERE leases.heard_ms < {NOW_MS} - $2 RETURNING node"
+        )))
+        .bind(i64::try_from(node).unwrap_or(i64::MAX))
+        .bind(i64::try_from(silent_ms).unwrap_or(i64::MAX))
+        .bind(FENCE_MS)
+        .fetch_optional(self.pool())
+        .await?;
+        Ok(row.is_some())
+    }
+
+    /// Lifts the fence of [`SqlStore::fence_lease`].
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn unfence_lease(&self, node: NodeId) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query("UPDATE leases SET fenced_until_ms = 0 WHERE node = $1")
+            .bind(i64::try_from(node).unwrap_or(i64::MAX))
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Whether this coordinator is the failover leader: it holds the leader lock on a
+    /// connection of its own (taking it when free), and that connection still answers. A
+    /// coordinator that lost its connection lost the lock with it, and takes no decision.
+    pub async fn lead(&self, l: &mut Leadership) -> bool {
+        if self.backend() != Backend::Postgres {
+            return true;
+        }
+        if let Some(conn) = l.conn.as_mut() {
+            if sqlx::query("SELECT 1").execute(&mut **conn).await.is_ok() {
+                return true;
+            }
+            l.conn = None;
+            tracing::warn!("lost the failover leadership (database connection)");
+        }
+        let Ok(mut conn) = self.pool().acquire().await else {
+            return false;
+        };
+        let got = sqlx::query("SELECT pg_try_advisory_lock($1) AS got")
+            .bind(LEADER_LOCK)
+            .fetch_one(&mut *conn)
+            .await
+            .and_then(|r| r.try_get::<bool, _>("got"))
+            .unwrap_or(false);
+        if got {
+            tracing::info!("this coordinator now decides failovers");
+            // The lock lives as long as this connection: keep it out of the pool.
+            l.conn = Some(conn);
+        }
+        got
+    }
+
+    /// `node` has a session with coordinator `me`.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn presence_attach(&self, node: NodeId, me: &str) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO presence (node, coordinator, seen_ms) VALUES ($1, $2, {NOW_MS}) \
+             ON CONFLICT (node) DO UPDATE SET coordinator = $2, seen_ms = {NOW_MS}"
+        )))
+        .bind(i64::try_from(node).unwrap_or(i64::MAX))
+        .bind(me)
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// `node`'s session with coordinator `me` ended (a newer one elsewhere is kept).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn presence_detach(&self, node: NodeId, me: &str) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query("DELETE FROM presence WHERE node = $1 AND coordinator = $2")
+            .bind(i64::try_from(node).unwrap_or(i64::MAX))
+            .bind(me)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
+    /// Coordinator `me` still has these sessions: their rows are fresh again, and rows of
+    /// `me` for other nodes go (sessions that ended while the database was away).
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn presence_refresh(&self, me: &str, nodes: &[NodeId]) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        let list = serde_json::to_string(nodes).unwrap_or_else(|_| "[]".into());
+        let mut tx = self.pool().begin().await?;
+        sqlx::query(
+            "DELETE FROM presence WHERE coordinator = $1 AND node NOT IN \
+             (SELECT value::BIGINT FROM json_array_elements_text($2::json))",
+        )
+        .bind(me)
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO presence (node, coordinator, seen_ms) \
+             SELECT value::BIGINT, $1, {NOW_MS} FROM json_array_elements_text($2::json) \
+             ON CONFLICT (node) DO UPDATE SET coordinator = $1, seen_ms = {NOW_MS} \
+             WHERE presence.coordinator = $1"
+        )))
+        .bind(me)
+        .bind(&list)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The nodes with a live session on any coordinator.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn present(&self) -> Result<std::collections::HashSet<NodeId>, StoreError> {
+        self.require_postgres()?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT node FROM presence WHERE seen_ms > {NOW_MS} - {PRESENCE_MS}"
+        )))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                u64::try_from(r.try_get::<i64, _>("node")?)
+                    .map_err(|_| StoreError::Corrupt("presence.node: negative".into()))
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,204 @@
+//! Several coordinators sharing one PostgreSQL store, in process (real services, a real
+//! private PostgreSQL cluster, the system clock): changes made through one reach the sessions
+//! of the other, in order; leases renewed through either keep a holder; a silent holder is
+//! failed over once, by one coordinator.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use meshlink_coordinator::handlers::networks::CreateNetwork;
+use meshlink_coordinator::handlers::tokens::CreateToken;
+use meshlink_coordinator::handlers::workloads::CreateWorkload;
+use meshlink_coordinator::hub::Outbound;
+use meshlink_coordinator::service::{Service, Session, SystemClock, WorkloadTiming};
+use meshlink_coordinator::store::SqlStore;
+use meshlink_proto::control::ServerMessage;
+use tokio::sync::watch;
+
+use crate::common::{decode_frame, join_hello, TestDb};
+
+fn remote() -> IpAddr {
+    "198.18.3.3".parse().unwrap()
+}
+
+async fn coordinator(url: &str) -> (Arc<Service>, watch::Sender<bool>) {
+    let store = SqlStore::connect_postgres(url).await.unwrap();
+    let s = Arc::new(
+        Service::load_with(
+            Arc::new(store.clone()),
+            Arc::new(SystemClock),
+            256,
+            WorkloadTiming::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    s.share_leases(store);
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(meshlink_coordinator::follow::follow_postgres(
+        s.clone(),
+        url.to_string(),
+        stop_rx,
+    ));
+    (s, stop)
+}
+
+/// Every message queued to a session so far.
+fn drain(s: &mut Session) -> Vec<ServerMessage> {
+    let mut out = Vec::new();
+    while let Ok(Outbound::Frame(f)) = s.attached.rx.try_recv() {
+        out.push(decode_frame(&f));
+    }
+    out
+}
+
+async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn two_coordinators_share_changes_and_leases() {
+    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+        return;
+    };
+    let (a, stop_a) = coordinator(&url).await;
+    let (b, stop_b) = coordinator(&url).await;
+
+    // A network made through A is known to B (notification, or the poll at the latest).
+    a.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/24".into(),
+    })
+    .await
+    .unwrap();
+    until("B loads the network", Duration::from_secs(3), || {
+        b.hub().version("prod").is_some()
+    })
+    .await;
+    let (_, secret) = b
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+
+    // n1 joins through A; n2 and n3 through B; each sees the others, in version order.
+    let mut n1 = a
+        .hello(&join_hello(&secret, 1, Some("n1")), remote())
+        .await
+        .unwrap();
+    let mut n2 = b
+        .hello(&join_hello(&secret, 2, Some("n2")), remote())
+        .await
+        .unwrap();
+    let _n3 = b
+        .hello(&join_hello(&secret, 3, Some("n3")), remote())
+        .await
+        .unwrap();
+    let took = until("A follows B's joins", Duration::from_secs(3), || {
+        a.hub().version("prod") == Some(3)
+    })
+    .await;
+    assert!(
+        took < Duration::from_millis(500),
+        "propagation took {took:?}"
+    );
+    let mut from = 1;
+    for msg in drain(&mut n1) {
+        if let ServerMessage::Delta(d) = msg {
+            assert_eq!(d.from_version, from, "deltas in order, none skipped");
+            from = d.to_version;
+        }
+    }
+    assert_eq!(from, 3);
+    assert_eq!(a.hub().map("prod").unwrap().peers.len(), 3);
+    drain(&mut n2);
+
+    // A workload made through B, moved to n1 through A (planned moves work anywhere).
+    b.create_workload(CreateWorkload {
+        network: "prod".into(),
+        name: "chat".into(),
+        address: None,
+        standby: vec!["n2".into()],
+        allowed: vec![],
+    })
+    .await
+    .unwrap();
+    until("A follows the workload", Duration::from_secs(3), || {
+        a.hub().workload_generation("prod", "chat").is_some()
+    })
+    .await;
+    let moved = a.move_workload("prod", "chat", Some("n1")).await.unwrap();
+    assert_eq!(moved.workload.generation, 1);
+
+    // Failover ticks on both, as both coordinators run them.
+    let ticking = {
+        let (a, b) = (a.clone(), b.clone());
+        tokio::spawn(async move {
+            loop {
+                a.failover_tick().await;
+                b.failover_tick().await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    // n1 heartbeats through A for 2 s, then (A "died") through B for 2 s: it keeps the
+    // workload all along, though each coordinator hears only half of it.
+    let n1_id = n1.node;
+    for (svc, name) in [(&a, "A"), (&b, "B")] {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(2) {
+            let (lease, _) = svc.heartbeat(n1_id, "prod").await;
+            assert!(!lease.is_zero(), "a lease refused through {name}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    let w = a.store().workload("prod", "chat").await.unwrap().unwrap();
+    assert_eq!(
+        (w.generation, w.holder),
+        (1, Some(n1_id)),
+        "no failover while the holder renews through either coordinator"
+    );
+
+    // n1 goes silent: one failover to n2, by one coordinator, within the lease and a tick.
+    let silent = Instant::now();
+    let took = until("failover to n2", Duration::from_secs(5), || {
+        b.hub().workload_generation("prod", "chat") == Some(2)
+    })
+    .await;
+    let w = b.store().workload("prod", "chat").await.unwrap().unwrap();
+    assert_eq!((w.generation, w.holder), (2, Some(n2.node)));
+    assert!(
+        took < Duration::from_secs(2),
+        "failover took {:?}",
+        silent.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.store()
+            .workload("prod", "chat")
+            .await
+            .unwrap()
+            .unwrap()
+            .generation,
+        2,
+        "failed over exactly once"
+    );
+    // n1's heartbeats are answered again after the failover (it holds nothing now).
+    let (lease, version) = a.heartbeat(n1_id, "prod").await;
+    assert!(!lease.is_zero());
+    assert!(version >= Some(5), "{version:?}");
+
+    ticking.abort();
+    let _ = stop_a.send(true);
+    let _ = stop_b.send(true);
+}

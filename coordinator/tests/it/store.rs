@@ -1,0 +1,177 @@
+//! The store itself, on both databases: the change log that lets coordinators sharing a
+//! database follow each other, writers from two coordinators at once, and a schema from a
+//! newer coordinator refused.
+
+use std::sync::Arc;
+
+use meshlink_coordinator::handlers::networks::{create_network, CreateNetwork};
+use meshlink_coordinator::handlers::tokens::{create_token, CreateToken};
+use meshlink_coordinator::handlers::workloads::{create_workload, CreateWorkload};
+use meshlink_coordinator::handlers::Caller;
+use meshlink_coordinator::store::{Backend, Change, SqlStore, Store, StoreError};
+
+use crate::common::{join_hello, TestDb};
+
+async fn network(store: &dyn Store) {
+    create_network(
+        store,
+        1000,
+        &Caller::Admin,
+        CreateNetwork {
+            name: "prod".into(),
+            cidr: "100.64.0.0/16".into(),
+        },
+    )
+    .await
+    .unwrap();
+    let req = CreateToken {
+        network: "prod".into(),
+        tags: vec![],
+        expires_in_secs: None,
+        uses: None,
+    };
+    create_token(store, 1000, &Caller::Admin, req, "tok")
+        .await
+        .unwrap();
+}
+
+async fn join(store: &dyn Store, key: u8) -> u64 {
+    let j = meshlink_coordinator::handlers::nodes::join(
+        store,
+        1001,
+        &Caller::Agent {
+            remote: "198.18.5.5".parse().unwrap(),
+        },
+        &join_hello("tok", key, None),
+        "tok",
+        &format!("secret-{key}"),
+    )
+    .await
+    .unwrap();
+    j.version
+}
+
+async fn every_version_is_logged_in_order(db: &TestDb) {
+    let store = db.open().await;
+    network(&store).await;
+    let v1 = join(&store, 1).await;
+    let v2 = join(&store, 2).await;
+    let (w, v3) = create_workload(
+        &store,
+        1002,
+        &Caller::Admin,
+        CreateWorkload {
+            network: "prod".into(),
+            name: "chat".into(),
+            address: None,
+            standby: vec![],
+            allowed: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((v1, v2, v3), (1, 2, 3));
+    let log = store.changes_since("prod", 0, 100).await.unwrap();
+    let versions: Vec<u64> = log.iter().map(|c| c.version).collect();
+    assert_eq!(versions, vec![1, 2, 3]);
+    assert!(matches!(log[0].change, Change::Node(_)));
+    assert_eq!(log[2].change, Change::Workload(w.name.clone()));
+    let after = store.changes_since("prod", 2, 100).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].version, 3);
+    assert_eq!(store.changes_since("prod", 1, 1).await.unwrap().len(), 1);
+    assert!(store
+        .changes_since("other", 0, 100)
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Two coordinators (two pools) writing at once: every version is taken exactly once and the
+/// log has no gap.
+async fn two_writers_share_one_version_sequence(db: &TestDb) {
+    let a: Arc<dyn Store> = Arc::new(db.open().await);
+    let b: Arc<dyn Store> = Arc::new(db.open().await);
+    network(a.as_ref()).await;
+    let mut tasks = Vec::new();
+    for (i, store) in [a.clone(), b.clone()].into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut versions = Vec::new();
+            for k in 0..20u8 {
+                versions.push(join(store.as_ref(), 10 + k * 2 + u8::try_from(i).unwrap()).await);
+            }
+            versions
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=40).collect::<Vec<u64>>());
+    let log = b.changes_since("prod", 0, 1000).await.unwrap();
+    assert_eq!(
+        log.iter().map(|c| c.version).collect::<Vec<_>>(),
+        (1..=40).collect::<Vec<u64>>()
+    );
+    assert_eq!(a.network("prod").await.unwrap().unwrap().version, 40);
+}
+
+/// A database a newer coordinator migrated is refused with an error that says so, and is
+/// left as it was.
+async fn a_newer_schema_is_refused(db: &TestDb) {
+    let store = db.open().await;
+    let backend = store.backend();
+    store.close().await;
+    let url = db.url();
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    let checksum = match backend {
+        Backend::Sqlite => "x'00'",
+        Backend::Postgres => "'\\x00'::bytea",
+    };
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (9999, 'from the future', TRUE, {checksum}, 0)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let e = match db.try_open().await {
+        Ok(_) => panic!("a newer schema was accepted"),
+        Err(e) => e,
+    };
+    assert!(
+        matches!(e, StoreError::NewerSchema { found: 9999, .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("upgrade meshlink-coordinator"),
+        "{e}"
+    );
+}
+
+crate::on_both_stores!(
+    every_version_is_logged_in_order,
+    two_writers_share_one_version_sequence,
+    a_newer_schema_is_refused,
+);
+
+#[tokio::test]
+async fn an_unreachable_database_fails_at_once_with_one_line() {
+    let dir = crate::common::TempDir::new("nodb");
+    let url = format!(
+        "postgres://postgres@localhost/meshlink?host={}",
+        dir.path().display()
+    );
+    let started = std::time::Instant::now();
+    let e = SqlStore::connect_postgres(&url).await.unwrap_err();
+    let text = e.to_string();
+    assert!(!text.contains('\n'), "{text}");
+    assert!(matches!(e, StoreError::Database(_)), "{text}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+}
