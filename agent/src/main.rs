@@ -6,10 +6,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use meshlink_agent::config::{self, Overrides};
+use meshlink_agent::control::coordinators::Coordinators;
 use meshlink_agent::control::state::{self, StateDir};
 use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
 use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
 use meshlink_agent::{run, uapi};
+use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::token::JoinToken;
 use meshlink_proto::Key;
 
@@ -260,6 +262,8 @@ async fn up_mesh(
                 )
             })?;
             let token = JoinToken::decode(&text).map_err(ControlError::from)?;
+            let mut coordinators = Coordinators::new(token.coordinators())
+                .expect("a decoded token names a coordinator");
             let port = preferred_port(&settings, None);
             let endpoints = match port {
                 0 => Vec::new(),
@@ -269,10 +273,12 @@ async fn up_mesh(
                     &"0.0.0.0/32".parse().expect("a valid prefix"),
                 ),
             };
-            let mut backoff = std::time::Duration::from_secs(1);
+            // Every address of the token in turn, with the control loop's backoff.
+            let mut reconnect = Reconnect::new(ReconnectPolicy::default());
             let (node, map, session) = loop {
                 match ctl::join(
                     &token,
+                    coordinators.target(),
                     public_key,
                     name.clone(),
                     labels.clone(),
@@ -282,12 +288,13 @@ async fn up_mesh(
                 {
                     Ok(joined) => break joined,
                     Err(e @ ControlError::Connect { .. }) => {
-                        tracing::warn!("{e}; retrying in {backoff:?}");
+                        coordinators.failed();
+                        let pause = reconnect.after_failure(false, ctl::fraction());
+                        tracing::warn!("{e}; trying {} in {pause:?}", coordinators.target());
                         tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {}
+                            _ = tokio::time::sleep(pause) => {}
                             _ = shutdown_signal() => return Ok(()),
                         }
-                        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
                     }
                     Err(e) => return Err(e.into()),
                 }
@@ -301,10 +308,17 @@ async fn up_mesh(
     settings.addresses = node.addresses.clone();
     settings.device.listen_port = preferred_port(&settings, node.listen_port);
     let (tx, rx) = tokio::sync::watch::channel(map.clone());
+    let coordinators = Coordinators::new(node.coordinators()).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{}: names no coordinator; remove it to join again",
+            state.path().join("node.json").display()
+        )
+    })?;
     let shared = std::sync::Arc::new(ctl::workloads::Shared::new(
         node.node_id,
         map,
         std::time::Instant::now(),
+        coordinators,
     ));
     let (claims_tx, claims_rx) = tokio::sync::mpsc::channel(16);
     let control = MeshControl::new(
@@ -380,10 +394,10 @@ fn print_status_table(v: &serde_json::Value) {
             .collect();
         println!(
             "control: {}  map version {}  lease {}  holding {}",
-            if c["connected"].as_bool() == Some(true) {
-                "connected"
-            } else {
-                "not connected"
+            match (c["connected"].as_bool(), c["coordinator"].as_str()) {
+                (Some(true), Some(addr)) => format!("connected to {addr}"),
+                (Some(true), None) => "connected".to_string(),
+                _ => "not connected".to_string(),
             },
             c["map_version"],
             if c["lease_valid"].as_bool() == Some(true) {
@@ -397,6 +411,15 @@ fn print_status_table(v: &serde_json::Value) {
                 held.join(", ")
             }
         );
+        let known: Vec<String> = c["coordinators"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(s)
+            .collect();
+        if !known.is_empty() {
+            println!("coordinators: {}", known.join(", "));
+        }
     }
     println!(
         "{:<44}  {:<22}  {:<24}  {:>10}  {:>12}  {:>12}  DROPS",

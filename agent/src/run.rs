@@ -21,6 +21,7 @@ use quinn_udp::RecvMeta;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
+use crate::control::coordinators::Coordinators;
 use crate::control::peers::EndpointChooser;
 use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
@@ -209,15 +210,23 @@ impl UapiHandler for Control {
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
-            "control": self.session.as_ref().map(|s| control_json(&s.lock(), Instant::now())),
+            "control": self.session.as_ref().map(|s| {
+                let coordinators = s.coordinators().clone();
+                control_json(&s.lock(), &coordinators, Instant::now())
+            }),
         })
         .to_string()
     }
 }
 
-/// The control session as `meshlink-agent status` shows it: whether it is connected, the map
-/// version, and each workload of the map with whether this node answers for it now.
-fn control_json(session: &AgentSession, now: Instant) -> serde_json::Value {
+/// The control session as `meshlink-agent status` shows it: whether it is connected and to
+/// which coordinator, the coordinators known, the map version, and each workload of the map
+/// with whether this node answers for it now.
+fn control_json(
+    session: &AgentSession,
+    coordinators: &Coordinators,
+    now: Instant,
+) -> serde_json::Value {
     let held = session.holdings().held(now);
     let workloads: Vec<serde_json::Value> = session
         .map()
@@ -235,6 +244,8 @@ fn control_json(session: &AgentSession, now: Instant) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "connected": session.is_connected(),
+        "coordinator": coordinators.session(),
+        "coordinators": coordinators.addresses(),
         "map_version": session.map().version,
         "lease_valid": session.holdings().lease_valid(now),
         "workloads": workloads,
@@ -748,6 +759,26 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_names_the_coordinator_in_use_and_those_known() {
+        let now = Instant::now();
+        let mut session = AgentSession::new(1, Netmap::default(), now);
+        let mut coordinators =
+            Coordinators::new(["198.18.0.1:7443", "198.18.0.2:7443"].map(String::from)).unwrap();
+        let v = control_json(&session, &coordinators, now);
+        assert_eq!(v["connected"], false);
+        assert_eq!(v["coordinator"], serde_json::Value::Null);
+        assert_eq!(
+            v["coordinators"],
+            serde_json::json!(["198.18.0.1:7443", "198.18.0.2:7443"])
+        );
+        coordinators.connected("198.18.0.2:7443");
+        session.connected(now, Netmap::default(), Vec::new());
+        let v = control_json(&session, &coordinators, now);
+        assert_eq!(v["connected"], true);
+        assert_eq!(v["coordinator"], "198.18.0.2:7443");
+    }
 
     #[test]
     fn small_datagrams_and_short_train_tails_go_ahead() {

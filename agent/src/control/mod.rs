@@ -1,15 +1,18 @@
 //! The control channel: joining a network with a token, then keeping the network map current
 //! over a QUIC session to the coordinator, through outages.
 //!
-//! - [`join`] and [`authenticate`] open a session (pinned TLS, see `tls`) and return the
-//!   coordinator's welcome and the first full map.
+//! - [`join`] and [`authenticate`] open a session to one coordinator address (pinned TLS, see
+//!   `tls`) and return the coordinator's welcome and the first full map.
 //! - [`MeshControl::run`] is the long-lived loop: it applies deltas (asking for a full map on a
 //!   version gap), caches every map in the state directory, reports the node's underlay
 //!   endpoints when they change, and reconnects with jittered exponential backoff when the
-//!   coordinator goes away. Tunnels never wait for it: the data plane keeps the last map.
+//!   coordinator goes away, to the next of the mesh's coordinators (`coordinators`: which
+//!   one, and when a holder gives up on one whose lease renewals stopped). Tunnels never wait
+//!   for it: the data plane keeps the last map.
 //! - Maps are published on a `watch` channel; `crate::run` turns them into peers
 //!   (`peers::EndpointChooser`) and applies only the difference.
 
+pub mod coordinators;
 pub mod peers;
 pub mod state;
 pub mod tls;
@@ -32,7 +35,9 @@ use tracing::{debug, info, warn};
 
 use meshlink_proto::agent_session::{ClaimId, Event, SessionError};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
+use meshlink_proto::workload::HEARTBEATS_PER_LEASE;
 use state::{NodeState, StateDir, StateError};
+use tls::Liveness;
 use workloads::{ClaimRequest, Shared, Tunnels};
 
 /// How long connecting and the first exchange may take (joining; reconnections follow
@@ -75,7 +80,12 @@ pub struct Session {
 }
 
 impl Session {
-    async fn connect(addr: &str, pin: &str, patience: Duration) -> Result<Session, ControlError> {
+    async fn connect(
+        addr: &str,
+        pin: &str,
+        patience: Duration,
+        liveness: Liveness,
+    ) -> Result<Session, ControlError> {
         let fail = |reason: String| ControlError::Connect {
             addr: addr.to_string(),
             reason,
@@ -91,7 +101,7 @@ impl Session {
             (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
         };
         let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| fail(e.to_string()))?;
-        endpoint.set_default_client_config(tls::client_config(pin).map_err(fail)?);
+        endpoint.set_default_client_config(tls::client_config(pin, liveness).map_err(fail)?);
         let connecting = endpoint
             .connect(target, tls::SERVER_NAME)
             .map_err(|e| fail(e.to_string()))?;
@@ -108,6 +118,11 @@ impl Session {
             recv,
             decoder: Decoder::new(MAX_SERVER_MESSAGE),
         })
+    }
+
+    /// The coordinator address the session was opened to.
+    pub fn address(&self) -> &str {
+        &self.addr
     }
 
     async fn send(&mut self, msg: &ClientMessage) -> Result<(), ControlError> {
@@ -187,19 +202,23 @@ impl Session {
     }
 }
 
-/// Joins the network a token names, reporting `endpoints` (the node's underlay addresses and
-/// WireGuard port, when already known). The private key stays here; only `public_key` is sent.
+/// Joins the network a token names through the coordinator at `addr` (one of the token's),
+/// reporting `endpoints` (the node's underlay addresses and WireGuard port, when already
+/// known). The private key stays here; only `public_key` is sent. The node's coordinators are
+/// those the welcome lists, else the token's.
 ///
 /// # Errors
 /// [`ControlError`]: unreachable coordinator, refused token, protocol trouble.
 pub async fn join(
     token: &JoinToken,
+    addr: &str,
     public_key: PublicKey,
     name: Option<String>,
     labels: BTreeMap<String, String>,
     endpoints: Vec<SocketAddr>,
 ) -> Result<(NodeState, Netmap, Session), ControlError> {
-    let mut s = Session::connect(&token.coordinator, &token.fingerprint, CONNECT_TIMEOUT).await?;
+    let mut s =
+        Session::connect(addr, &token.fingerprint, CONNECT_TIMEOUT, Liveness::QUIET).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         auth: Auth::JoinToken {
@@ -215,8 +234,9 @@ pub async fn join(
         .node_secret
         .clone()
         .ok_or_else(|| protocol("the welcome after a join carries no node secret"))?;
-    let node = NodeState {
+    let mut node = NodeState {
         coordinator: token.coordinator.clone(),
+        coordinators: token.coordinators(),
         fingerprint: token.fingerprint.clone(),
         node_id: w.node_id,
         node_secret: secret,
@@ -226,20 +246,25 @@ pub async fn join(
         addresses: w.addresses,
         listen_port: None,
     };
+    node.set_coordinators(&w.coordinators);
     Ok((node, map, s))
 }
 
-/// Opens a session with the node's own credentials; the QUIC handshake may take `patience`.
+/// Opens a session to the coordinator at `addr` with the node's own credentials; the QUIC
+/// handshake may take `patience`, and the connection notices a silent coordinator as
+/// `liveness` says.
 ///
 /// # Errors
 /// [`ControlError`].
 pub async fn authenticate(
     node: &NodeState,
+    addr: &str,
     public_key: PublicKey,
     endpoints: Vec<SocketAddr>,
     patience: Duration,
+    liveness: Liveness,
 ) -> Result<(Welcome, Netmap, Session), ControlError> {
-    let mut s = Session::connect(&node.coordinator, &node.fingerprint, patience).await?;
+    let mut s = Session::connect(addr, &node.fingerprint, patience, liveness).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         auth: Auth::Node {
@@ -284,7 +309,7 @@ pub fn local_endpoints(port: u16, tunnel: &str, overlay: &IpNet) -> Vec<SocketAd
 }
 
 /// A uniformly random fraction of `[0, 1)`, in thousandths.
-fn fraction() -> f64 {
+pub fn fraction() -> f64 {
     f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000) / 1000.0
 }
 
@@ -306,8 +331,9 @@ impl ControlError {
 
 /// The long-lived control loop of a joined node: the I/O shell around
 /// [`meshlink_proto::agent_session::AgentSession`] (kept in [`Shared`], where the reconciler
-/// reads the holdings), which decides everything. This loop only moves its messages over the
-/// QUIC session, feeds it time, claims and endpoint changes, and carries out its events.
+/// reads the holdings) and [`coordinators::Coordinators`], which decide everything. This loop
+/// only moves the session's messages over the QUIC session to the coordinator chosen, feeds
+/// it time, claims and endpoint changes, and carries out its events.
 pub struct MeshControl {
     state: StateDir,
     node: NodeState,
@@ -372,29 +398,49 @@ impl MeshControl {
             }
         }
         loop {
-            let holder = self.shared.lock().holdings().is_holder();
+            let (holder, lease) = {
+                let session = self.shared.lock();
+                let h = session.holdings();
+                (h.is_holder(), h.heartbeat_interval() * HEARTBEATS_PER_LEASE)
+            };
             let opened = match self.first.take() {
-                Some(first) => Ok(first),
+                // The join's welcome listed the coordinators already.
+                Some((s, map)) => Ok((s, map, Vec::new())),
                 None => {
                     let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
-                    debug!("connecting");
+                    let (addr, patience) = {
+                        let c = self.shared.coordinators();
+                        let patience = self.reconnect.patience(holder);
+                        (
+                            c.target().to_string(),
+                            c.patience(patience, self.reconnect.failures()),
+                        )
+                    };
+                    debug!(coordinator = %addr, "connecting");
                     authenticate(
                         &self.node,
+                        &addr,
                         self.public_key,
                         eps,
-                        self.reconnect.patience(holder),
+                        patience,
+                        Liveness::for_node(holder, lease),
                     )
                     .await
-                    .map(|(_, map, s)| (s, map))
+                    .map(|(w, map, s)| (s, map, w.coordinators))
                 }
             };
             let pause = match opened {
-                Ok((s, map)) => {
+                Ok((s, map, listed)) => {
+                    self.shared.coordinators().connected(s.address());
+                    self.learn(&listed);
                     if self.reconnect.failures() > 0 {
-                        info!(coordinator = %self.node.coordinator, "control session re-established");
+                        info!(coordinator = %s.address(), "control session re-established");
+                    } else {
+                        debug!(coordinator = %s.address(), "control session open");
                     }
                     self.reconnect.connected();
                     let e = self.serve(s, map, wg_port, &tunnel, &tunnels).await;
+                    self.shared.coordinators().failed();
                     if e.is_final() {
                         return Err(self.stopped(e));
                     }
@@ -407,14 +453,37 @@ impl MeshControl {
                     return Err(self.stopped(e));
                 }
                 Err(e) => {
+                    let next = {
+                        let mut c = self.shared.coordinators();
+                        c.failed();
+                        c.target().to_string()
+                    };
                     let attempt = self.reconnect.failures() + 1;
                     if attempt == 1 || attempt.is_power_of_two() {
-                        warn!(attempt, "cannot reach the coordinator: {e}; retrying");
+                        warn!(attempt, "cannot reach the coordinator: {e}; trying {next}");
                     }
                     self.reconnect.after_failure(holder, fraction())
                 }
             };
             tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// A welcome listed the mesh's coordinators: they replace the known ones, and the node's
+    /// file is written when they changed.
+    fn learn(&mut self, listed: &[String]) {
+        let list = {
+            let mut c = self.shared.coordinators();
+            if !c.learn(listed) {
+                return;
+            }
+            c.addresses().to_vec()
+        };
+        if self.node.set_coordinators(&list) {
+            info!(coordinators = ?list, "the mesh's coordinators changed");
+            if let Err(e) = self.state.save_node(&self.node) {
+                warn!("saving the coordinators: {e}");
+            }
         }
     }
 
@@ -449,9 +518,19 @@ impl MeshControl {
         };
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let opened = Instant::now();
         let ended = loop {
             if let Err(e) = self.flush(&mut s, &effects).await {
                 break e;
+            }
+            let now = Instant::now();
+            if coordinators::renewal_overdue(self.shared.lock().holdings(), opened, now) {
+                break ControlError::Connect {
+                    addr: s.address().to_string(),
+                    reason: "the lease has not been renewed and half of it is gone; \
+                             trying another coordinator"
+                        .into(),
+                };
             }
             let wake = self.shared.lock().poll_timeout();
             tokio::select! {

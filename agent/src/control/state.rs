@@ -28,8 +28,14 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/meshlink";
 /// What the agent keeps about its membership.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeState {
-    /// The coordinator's QUIC address.
+    /// The first coordinator's QUIC address ([`NodeState::coordinators`]' first). Kept so
+    /// that an agent from before 2026-12 (which reads only this) can still use the file.
     pub coordinator: String,
+    /// Every coordinator address of the mesh, in the order to try them: from the join token,
+    /// then from the latest welcome that listed them. Absent in files written before 2026-12:
+    /// then [`NodeState::coordinator`] is the only one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub coordinators: Vec<String>,
     /// Hex SHA-256 of the coordinator's certificate.
     pub fingerprint: String,
     /// This node's id.
@@ -48,6 +54,39 @@ pub struct NodeState {
     /// restarted node keeps it too. Absent: not yet chosen.
     #[serde(default)]
     pub listen_port: Option<u16>,
+}
+
+impl NodeState {
+    /// Every known coordinator address, in order, each once (at least
+    /// [`NodeState::coordinator`]).
+    pub fn coordinators(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::new();
+        let listed = if self.coordinators.is_empty() {
+            std::slice::from_ref(&self.coordinator)
+        } else {
+            &self.coordinators[..]
+        };
+        for a in listed {
+            if !a.is_empty() && !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all
+    }
+
+    /// Replaces the known coordinator addresses (an empty list changes nothing); returns
+    /// whether they changed.
+    pub fn set_coordinators(&mut self, addresses: &[String]) -> bool {
+        let Some(first) = addresses.first() else {
+            return false;
+        };
+        if self.coordinators() == addresses {
+            return false;
+        }
+        self.coordinator = first.clone();
+        self.coordinators = addresses.to_vec();
+        true
+    }
 }
 
 /// A problem with the state directory, naming the file.
@@ -223,6 +262,7 @@ mod tests {
         );
         let node = NodeState {
             coordinator: "198.18.1.1:7443".into(),
+            coordinators: vec!["198.18.1.1:7443".into(), "198.18.2.1:7443".into()],
             fingerprint: "00".repeat(32),
             node_id: 3,
             node_secret: "s".into(),
@@ -248,5 +288,36 @@ mod tests {
         s.forget_node();
         assert!(s.node().unwrap().is_none());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_node_file_from_before_the_coordinator_list_still_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let old = format!(
+            r#"{{"coordinator":"198.18.1.1:7443","fingerprint":"{}","node_id":3,
+                "node_secret":"s","name":"vm-a","network":"prod",
+                "network_cidr":"100.64.0.0/16","addresses":["100.64.0.3/16"],
+                "listen_port":51820}}"#,
+            "00".repeat(32)
+        );
+        fs::write(d.path().join("node.json"), old).unwrap();
+        let mut node = s.node().unwrap().unwrap();
+        assert!(node.coordinators.is_empty());
+        assert_eq!(node.coordinators(), vec!["198.18.1.1:7443".to_string()]);
+        // The same list again is no change; a new one is, and is stored with its first as
+        // `coordinator` for older agents.
+        assert!(!node.set_coordinators(&["198.18.1.1:7443".to_string()]));
+        assert!(!node.set_coordinators(&[]));
+        let two = vec!["198.18.2.1:7443".to_string(), "198.18.1.1:7443".to_string()];
+        assert!(node.set_coordinators(&two));
+        assert_eq!(node.coordinator, "198.18.2.1:7443");
+        s.save_node(&node).unwrap();
+        let back = s.node().unwrap().unwrap();
+        assert_eq!(back.coordinators(), two);
+        let json: serde_json::Value =
+            serde_json::from_slice(&fs::read(d.path().join("node.json")).unwrap()).unwrap();
+        assert_eq!(json["coordinator"], "198.18.2.1:7443");
+        assert_eq!(json["coordinators"], serde_json::json!(two));
     }
 }

@@ -1,7 +1,7 @@
 //! What the control loop and the data plane share about workload addresses: the session state
 //! ([`AgentSession`], whose [`meshlink_proto::workload::Holdings`] say what this node answers
-//! for), a wake-up for the reconciler, and claims coming from the userspace API
-//! (`meshctl workload claim`).
+//! for), the coordinators known and the one in use (for `meshlink-agent status`), a wake-up
+//! for the reconciler, and claims coming from the userspace API (`meshctl workload claim`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,23 +12,35 @@ use meshlink_proto::agent_session::AgentSession;
 use meshlink_proto::{Netmap, NodeId};
 use tokio::sync::{mpsc, Notify};
 
+use super::coordinators::Coordinators;
+
 /// How long `meshctl workload claim` waits for the coordinator (meshctl waits 15 s, so that this
 /// agent's own message reaches it).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// State shared by the control loop (maps, leases) and the reconciler (addresses, routing).
+///
+/// Lock one part at a time (the session or the coordinators), never both at once.
 #[derive(Debug)]
 pub struct Shared {
     session: Mutex<AgentSession>,
+    coordinators: Mutex<Coordinators>,
     /// Woken whenever holdings may have changed (a map, a lease, a revocation).
     pub changed: Notify,
 }
 
 impl Shared {
-    /// Node `me`, starting from `map` (cached or just received), nothing held yet.
-    pub fn new(me: NodeId, map: Netmap, now: std::time::Instant) -> Self {
+    /// Node `me`, starting from `map` (cached or just received), nothing held yet, with the
+    /// mesh's `coordinators`.
+    pub fn new(
+        me: NodeId,
+        map: Netmap,
+        now: std::time::Instant,
+        coordinators: Coordinators,
+    ) -> Self {
         Shared {
             session: Mutex::new(AgentSession::new(me, map, now)),
+            coordinators: Mutex::new(coordinators),
             changed: Notify::new(),
         }
     }
@@ -36,6 +48,11 @@ impl Shared {
     /// The session state.
     pub fn lock(&self) -> MutexGuard<'_, AgentSession> {
         self.session.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The coordinators known, and the one in use.
+    pub fn coordinators(&self) -> MutexGuard<'_, Coordinators> {
+        self.coordinators.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 

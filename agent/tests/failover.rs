@@ -1,0 +1,406 @@
+//! The control loop fails over between coordinators: `MeshControl::run` over real QUIC
+//! sessions to fake coordinators on 127.0.0.1. Each fake is a quinn server with a test-only
+//! identity (`fixtures/coordinator.*.der`, a self-signed P-256 certificate that nothing else
+//! trusts) speaking the control protocol of `meshlink_proto::control`; it reports the hellos
+//! and heartbeats it receives. Nothing is measured by time: each test waits, with a generous
+//! limit, for what it expects to happen.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use meshlink_agent::control::coordinators::Coordinators;
+use meshlink_agent::control::state::{NodeState, StateDir};
+use meshlink_agent::control::workloads::{Shared, Tunnels};
+use meshlink_agent::control::MeshControl;
+use meshlink_proto::control::{
+    self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, ALPN, MAX_CLIENT_MESSAGE,
+};
+use meshlink_proto::workload::WorkloadInfo;
+use meshlink_proto::Netmap;
+use quinn::rustls;
+use tokio::sync::{mpsc, watch};
+
+const CERT: &[u8] = include_bytes!("fixtures/coordinator.cert.der");
+const KEY: &[u8] = include_bytes!("fixtures/coordinator.key.der");
+/// How long a test waits for what it expects before it fails.
+const PATIENCE: Duration = Duration::from_secs(30);
+const NODE: u64 = 1;
+
+/// How a fake coordinator treats the sessions it accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Behaviour {
+    /// Welcome, full map, and a lease for every heartbeat.
+    Serve,
+    /// Like `Serve`, but only the first heartbeat of each session is answered: the
+    /// connection stays alive for QUIC, the lease is not renewed.
+    RenewOnce,
+    /// Every connection is closed as soon as the handshake is done.
+    CloseAtOnce,
+}
+
+/// What a fake coordinator received.
+#[derive(Debug)]
+enum Received {
+    Hello(Hello),
+    Heartbeat,
+}
+
+struct FakeCoordinator {
+    addr: SocketAddr,
+    endpoint: quinn::Endpoint,
+    received: mpsc::UnboundedReceiver<Received>,
+    connections: Arc<AtomicUsize>,
+}
+
+impl FakeCoordinator {
+    /// A fake on a free port of 127.0.0.1 whose welcomes list `listed` (read at each welcome,
+    /// so that a test can fill it once every fake has its address) and whose maps are `map`.
+    fn start(behaviour: Behaviour, listed: Arc<Mutex<Vec<String>>>, map: Netmap) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from(CERT.to_vec())],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(KEY.to_vec().into()),
+            )
+            .unwrap();
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        let endpoint =
+            quinn::Endpoint::server(config, "127.0.0.1:0".parse().unwrap()).expect("bind");
+        let addr = endpoint.local_addr().unwrap();
+        let (tx, received) = mpsc::unbounded_channel();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepting = endpoint.clone();
+        let counted = connections.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = accepting.accept().await {
+                let Ok(conn) = incoming.await else { continue };
+                counted.fetch_add(1, Ordering::SeqCst);
+                if behaviour == Behaviour::CloseAtOnce {
+                    conn.close(0u32.into(), b"not now");
+                    continue;
+                }
+                let (tx, listed, map) = (tx.clone(), listed.clone(), map.clone());
+                tokio::spawn(async move {
+                    let _ = session(conn, behaviour, tx, listed, map).await;
+                });
+            }
+        });
+        FakeCoordinator {
+            addr,
+            endpoint,
+            received,
+            connections,
+        }
+    }
+
+    fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The next hello received (heartbeats before it are skipped).
+    async fn hello(&mut self) -> Hello {
+        loop {
+            match self.next().await {
+                Received::Hello(h) => return h,
+                Received::Heartbeat => {}
+            }
+        }
+    }
+
+    /// Waits for the next heartbeat.
+    async fn heartbeat(&mut self) {
+        while !matches!(self.next().await, Received::Heartbeat) {}
+    }
+
+    async fn next(&mut self) -> Received {
+        tokio::time::timeout(PATIENCE, self.received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the coordinator at {} heard nothing", self.addr))
+            .expect("the fake coordinator stopped")
+    }
+
+    /// Closes every connection, as a coordinator that shuts down does.
+    fn stop(&self) {
+        self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// One session: hello, welcome and full map, then leases for heartbeats as `behaviour` says.
+async fn session(
+    conn: quinn::Connection,
+    behaviour: Behaviour,
+    tx: mpsc::UnboundedSender<Received>,
+    listed: Arc<Mutex<Vec<String>>>,
+    map: Netmap,
+) -> Option<()> {
+    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let mut decoder = Decoder::new(MAX_CLIENT_MESSAGE);
+    let mut buf = [0u8; 4096];
+    let mut answered = 0;
+    loop {
+        while let Some(message) = decoder.decode::<ClientMessage>().ok()? {
+            match message {
+                ClientMessage::Hello(hello) => {
+                    let _ = tx.send(Received::Hello(hello));
+                    let welcome = Welcome {
+                        node_id: NODE,
+                        name: "vm-a".into(),
+                        network: "prod".into(),
+                        network_cidr: "100.64.0.0/16".parse().unwrap(),
+                        addresses: vec!["100.64.0.1/16".parse().unwrap()],
+                        node_secret: None,
+                        coordinators: listed.lock().unwrap().clone(),
+                    };
+                    send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
+                        .await
+                        .ok()?;
+                    send.write_all(&control::encode(&ServerMessage::FullMap(map.clone())))
+                        .await
+                        .ok()?;
+                }
+                ClientMessage::Heartbeat { seq } => {
+                    let _ = tx.send(Received::Heartbeat);
+                    if behaviour == Behaviour::Serve || answered == 0 {
+                        answered += 1;
+                        let lease = ServerMessage::Lease {
+                            seq,
+                            lease_ms: 1500,
+                            version: map.version,
+                        };
+                        send.write_all(&control::encode(&lease)).await.ok()?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        let n = recv.read(&mut buf).await.ok()??;
+        decoder.push(&buf[..n]).ok()?;
+    }
+}
+
+/// A data plane with nothing to warm up.
+struct NoTunnels;
+
+impl Tunnels for NoTunnels {
+    fn warm(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(async {})
+    }
+
+    fn all_fresh(&self) -> bool {
+        true
+    }
+}
+
+/// A map at version 1, with `chat` held by this node when `holder`.
+fn map(holder: bool) -> Netmap {
+    let mut map = Netmap {
+        version: 1,
+        ..Netmap::default()
+    };
+    if holder {
+        map.workloads.insert(
+            "chat".into(),
+            WorkloadInfo {
+                id: 1,
+                name: "chat".into(),
+                address: "100.64.50.10/32".parse().unwrap(),
+                holder: Some(NODE),
+                generation: 1,
+                previous: None,
+                candidates: vec![NODE],
+                grace_ms: None,
+            },
+        );
+    }
+    map
+}
+
+/// A joined node whose state directory knows `coordinators` (only `coordinator` when it
+/// holds one address: a node file from before the list), running its control loop with
+/// `cached` as its map.
+struct Agent {
+    shared: Arc<Shared>,
+    state: StateDir,
+    task: tokio::task::JoinHandle<()>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    fn start(coordinators: &[String], cached: Netmap) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let key = state.private_key().unwrap();
+        let node = NodeState {
+            coordinator: coordinators[0].clone(),
+            coordinators: if coordinators.len() > 1 {
+                coordinators.to_vec()
+            } else {
+                Vec::new()
+            },
+            fingerprint: meshlink_tls::fingerprint(CERT),
+            node_id: NODE,
+            node_secret: "node-secret".into(),
+            name: "vm-a".into(),
+            network: "prod".into(),
+            network_cidr: "100.64.0.0/16".parse().unwrap(),
+            addresses: vec!["100.64.0.1/16".parse().unwrap()],
+            listen_port: None,
+        };
+        state.save_node(&node).unwrap();
+        let shared = Arc::new(Shared::new(
+            NODE,
+            cached.clone(),
+            Instant::now(),
+            Coordinators::new(node.coordinators()).unwrap(),
+        ));
+        let (maps, _) = watch::channel(cached);
+        let (_claims_tx, claims) = mpsc::channel(4);
+        let control = MeshControl::new(
+            state.clone(),
+            node,
+            key.public_key(),
+            maps,
+            None,
+            shared.clone(),
+            claims,
+        );
+        let task = tokio::spawn(async move {
+            let _ = control
+                .run(51820, "mltest0".into(), Arc::new(NoTunnels))
+                .await;
+        });
+        Agent {
+            shared,
+            state,
+            task,
+            _dir: dir,
+        }
+    }
+
+    fn session(&self) -> Option<String> {
+        self.shared.coordinators().session().map(str::to_string)
+    }
+
+    fn known(&self) -> Vec<String> {
+        self.shared.coordinators().addresses().to_vec()
+    }
+
+    fn stored(&self) -> Vec<String> {
+        self.state.node().unwrap().unwrap().coordinators()
+    }
+
+    /// Waits until `what` holds.
+    async fn until(&self, what: &str, mut check: impl FnMut(&Agent) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while !check(self) {
+            assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn node_auth(hello: &Hello) -> bool {
+    matches!(&hello.auth, Auth::Node { node_id, secret } if *node_id == NODE && secret == "node-secret")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_session_moves_on_to_a_coordinator_learnt_from_the_welcome() {
+    let listed = Arc::new(Mutex::new(Vec::new()));
+    let mut a = FakeCoordinator::start(Behaviour::Serve, listed.clone(), map(false));
+    let mut b = FakeCoordinator::start(Behaviour::Serve, listed.clone(), map(false));
+    *listed.lock().unwrap() = vec![a.address(), b.address()];
+
+    // The node knows only `a`, as from a token of one coordinator.
+    let agent = Agent::start(&[a.address()], map(false));
+    assert!(node_auth(&a.hello().await));
+    agent
+        .until("connected to a, knowing both", |g| {
+            g.session() == Some(a.address()) && g.known() == [a.address(), b.address()]
+        })
+        .await;
+    agent
+        .until("both stored in node.json", |g| {
+            g.stored() == [a.address(), b.address()]
+        })
+        .await;
+
+    a.stop();
+    assert!(node_auth(&b.hello().await));
+    agent
+        .until("connected to b", |g| g.session() == Some(b.address()))
+        .await;
+    assert_eq!(agent.known(), [a.address(), b.address()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_that_fails_the_connection_is_skipped() {
+    // `b` does not know the mesh's coordinators (an older coordinator): the list is kept.
+    let mut a = FakeCoordinator::start(
+        Behaviour::CloseAtOnce,
+        Arc::new(Mutex::new(Vec::new())),
+        map(false),
+    );
+    let mut b = FakeCoordinator::start(
+        Behaviour::Serve,
+        Arc::new(Mutex::new(Vec::new())),
+        map(false),
+    );
+    let both = [a.address(), b.address()];
+    let agent = Agent::start(&both, map(false));
+    assert!(node_auth(&b.hello().await));
+    assert!(a.connections.load(Ordering::SeqCst) >= 1);
+    agent
+        .until("connected to b", |g| g.session() == Some(b.address()))
+        .await;
+    assert_eq!(agent.known(), both);
+    assert_eq!(agent.stored(), both);
+    a.stop();
+    assert!(a.received.try_recv().is_err(), "a never got a hello");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_leaves_a_coordinator_that_stops_renewing_its_lease() {
+    let listed = Arc::new(Mutex::new(Vec::new()));
+    let mut a = FakeCoordinator::start(Behaviour::RenewOnce, listed.clone(), map(true));
+    let mut b = FakeCoordinator::start(Behaviour::Serve, listed.clone(), map(true));
+    *listed.lock().unwrap() = vec![a.address(), b.address()];
+
+    // A holder from its cached map: it renews its lease at once on every session.
+    let agent = Agent::start(&[a.address(), b.address()], map(true));
+    a.hello().await;
+    a.heartbeat().await;
+    agent
+        .until("a lease through a", |g| {
+            g.shared.lock().holdings().lease_valid(Instant::now())
+        })
+        .await;
+    // `a` keeps the connection open but renews nothing more: the holder goes to `b`.
+    assert!(node_auth(&b.hello().await));
+    b.heartbeat().await;
+    agent
+        .until("connected to b", |g| g.session() == Some(b.address()))
+        .await;
+    agent
+        .until("a lease through b", |g| {
+            g.shared.lock().holdings().lease_valid(Instant::now())
+        })
+        .await;
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "the session to a was left, not lost"
+    );
+}
