@@ -8,9 +8,22 @@
 //! one out, does not break the CLI.
 //!
 //! Errors are grouped by who is at fault: the caller's URL ([`UrlError`]), the network
-//! ([`ClientError::Unreachable`], [`ClientError::Transport`]), the caller's request as judged
-//! by the server ([`ClientError::Unauthorized`], [`ClientError::Api`]) and the server itself
+//! ([`ClientError::Unreachable`], [`ClientError::Transport`], [`ClientError::Unanswered`],
+//! [`ClientError::Unavailable`]), the caller's request as judged by the server
+//! ([`ClientError::Unauthorized`], [`ClientError::Api`]) and the server itself
 //! ([`ClientError::BadResponse`]).
+//!
+//! # Several coordinators
+//!
+//! A mesh may have several coordinators sharing one database; the client is given all of
+//! their URLs ([`CoordinatorUrls`]) and sends each request to the first. Only when no HTTP
+//! answer comes does it try the next one: an answer, even an error such as 404 or 409, is the
+//! mesh's answer and is returned as it is. A read (`GET`) goes to the next coordinator after
+//! any failure of the exchange, since asking twice changes nothing. A write goes to the next
+//! one only when it surely never reached the first (the connection was refused or could not
+//! be made, the name did not resolve); once it may have been delivered, the client does not
+//! send it again elsewhere, where it could be carried out twice, and reports
+//! [`ClientError::Unanswered`], naming the coordinator and saying that the outcome is unknown.
 //!
 //! # Security
 //!
@@ -34,10 +47,10 @@ use crate::admin_token::AdminToken;
 pub const DEFAULT_COORDINATOR: &str = "http://127.0.0.1:7444";
 
 /// How long to wait for a TCP connection to the coordinator.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a whole request, answer included, may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The largest answer read; a node list of many thousands of nodes fits easily.
 const RESPONSE_LIMIT: u64 = 64 * 1024 * 1024;
@@ -105,6 +118,67 @@ impl fmt::Display for CoordinatorUrl {
     }
 }
 
+/// The admin API URLs of a mesh's coordinators, in the order to try them: at least one, each
+/// once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CoordinatorUrls(Vec<CoordinatorUrl>);
+
+impl CoordinatorUrls {
+    /// `urls` in order, repeats left out; `None` when there is none.
+    pub fn new(urls: impl IntoIterator<Item = CoordinatorUrl>) -> Option<Self> {
+        let mut unique: Vec<CoordinatorUrl> = Vec::new();
+        for url in urls {
+            if !unique.contains(&url) {
+                unique.push(url);
+            }
+        }
+        (!unique.is_empty()).then_some(Self(unique))
+    }
+
+    /// The URLs, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &CoordinatorUrl> {
+        self.0.iter()
+    }
+
+    /// The first URL, where every request goes first.
+    pub fn first(&self) -> &CoordinatorUrl {
+        &self.0[0]
+    }
+}
+
+impl From<CoordinatorUrl> for CoordinatorUrls {
+    fn from(url: CoordinatorUrl) -> Self {
+        Self(vec![url])
+    }
+}
+
+impl FromStr for CoordinatorUrls {
+    type Err = UrlError;
+
+    /// Comma-separated coordinator URLs, each as [`CoordinatorUrl`] reads it.
+    fn from_str(text: &str) -> Result<Self, UrlError> {
+        let urls = text
+            .split(',')
+            .map(str::parse)
+            .collect::<Result<Vec<CoordinatorUrl>, _>>()?;
+        Self::new(urls).ok_or_else(|| UrlError::Malformed {
+            url: text.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for CoordinatorUrls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Why an admin request failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -119,7 +193,7 @@ pub enum ClientError {
         cause: ureq::Error,
     },
     /// The exchange broke down after the connection was made (for example, the peer does not
-    /// speak HTTP).
+    /// speak HTTP, or did not answer in time).
     #[error("talking to the coordinator at {url} failed: {}", describe(.cause))]
     Transport {
         /// The coordinator's base URL.
@@ -127,6 +201,27 @@ pub enum ClientError {
         /// What the transport reported.
         #[source]
         cause: ureq::Error,
+    },
+    /// A write may have reached the coordinator, but no answer came: whether it was carried
+    /// out is unknown, so it was not sent to another coordinator.
+    #[error(
+        "no answer from the coordinator at {url} ({}) after the request was sent: whether it \
+         was carried out is unknown; look (for example with a list command) before repeating it",
+        describe(.cause)
+    )]
+    Unanswered {
+        /// The coordinator's base URL.
+        url: CoordinatorUrl,
+        /// What the transport reported.
+        #[source]
+        cause: ureq::Error,
+    },
+    /// Several coordinators were tried and none answered; each failure, in order.
+    #[error("no coordinator answered: {}", list(.attempts))]
+    Unavailable {
+        /// Why each coordinator did not answer ([`ClientError::Unreachable`] or
+        /// [`ClientError::Transport`]).
+        attempts: Vec<ClientError>,
     },
     /// The coordinator refused the admin token (HTTP 401).
     #[error("the coordinator refused the admin token (401)")]
@@ -155,9 +250,21 @@ impl ClientError {
         match self {
             Self::Unauthorized => Some(401),
             Self::Api { status, .. } | Self::BadResponse { status, .. } => Some(*status),
-            Self::Unreachable { .. } | Self::Transport { .. } => None,
+            Self::Unreachable { .. }
+            | Self::Transport { .. }
+            | Self::Unanswered { .. }
+            | Self::Unavailable { .. } => None,
         }
     }
+}
+
+/// Errors joined with `; `.
+fn list(errors: &[ClientError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// The transport error as one line, without ureq's `io:` prefix for plain socket errors.
@@ -453,9 +560,17 @@ enum Method {
     Delete,
 }
 
-/// A client for one coordinator, holding the admin token.
+impl Method {
+    /// Whether sending the request twice is the same as sending it once.
+    fn is_read(self) -> bool {
+        matches!(self, Method::Get)
+    }
+}
+
+/// A client for a mesh's coordinators, holding the admin token. See the module
+/// documentation for how it picks a coordinator.
 pub struct AdminClient {
-    base: CoordinatorUrl,
+    urls: CoordinatorUrls,
     token: AdminToken,
     agent: ureq::Agent,
 }
@@ -463,30 +578,43 @@ pub struct AdminClient {
 impl fmt::Debug for AdminClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminClient")
-            .field("base", &self.base)
+            .field("urls", &self.urls)
             .field("token", &self.token)
             .finish_non_exhaustive()
     }
 }
 
 impl AdminClient {
-    /// A client for the coordinator at `base`, authenticating with `token`.
-    pub fn new(base: CoordinatorUrl, token: AdminToken) -> Self {
+    /// A client for the coordinators at `urls` (tried in order), authenticating with `token`,
+    /// waiting [`CONNECT_TIMEOUT`] for a connection and [`REQUEST_TIMEOUT`] for a whole
+    /// exchange.
+    pub fn new(urls: CoordinatorUrls, token: AdminToken) -> Self {
+        Self::with_timeouts(urls, token, CONNECT_TIMEOUT, REQUEST_TIMEOUT)
+    }
+
+    /// [`AdminClient::new`] with other timeouts: `connect` for a connection to one
+    /// coordinator, `request` for one whole exchange with it.
+    pub fn with_timeouts(
+        urls: CoordinatorUrls,
+        token: AdminToken,
+        connect: Duration,
+        request: Duration,
+    ) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .max_redirects(0)
             .proxy(None)
-            .timeout_connect(Some(CONNECT_TIMEOUT))
-            .timeout_global(Some(REQUEST_TIMEOUT))
+            .timeout_connect(Some(connect))
+            .timeout_global(Some(request))
             .user_agent(concat!("meshctl/", env!("CARGO_PKG_VERSION")))
             .build()
             .new_agent();
-        Self { base, token, agent }
+        Self { urls, token, agent }
     }
 
-    /// The coordinator's base URL.
-    pub fn base(&self) -> &CoordinatorUrl {
-        &self.base
+    /// The coordinators' base URLs, in the order they are tried.
+    pub fn urls(&self) -> &CoordinatorUrls {
+        &self.urls
     }
 
     /// `POST /v1/networks`: creates a network.
@@ -697,8 +825,9 @@ impl AdminClient {
         Ok(Reply { value, json })
     }
 
-    /// Sends a request and returns the success status with its JSON body (`null` when the
-    /// body is empty, as for 204), or the error the answer means.
+    /// Sends a request to the first coordinator that answers (see the module documentation)
+    /// and returns the success status with its JSON body (`null` when the body is empty, as
+    /// for 204), or the error the answer means.
     fn send(
         &self,
         method: Method,
@@ -706,7 +835,39 @@ impl AdminClient {
         network: Option<&str>,
         body: Option<&impl Serialize>,
     ) -> Result<(u16, Value), ClientError> {
-        let mut url = format!("{}{path}", self.base);
+        let mut attempts = Vec::new();
+        for base in self.urls.iter() {
+            let failure = match self.exchange(base, method, path, network, body) {
+                Ok((status, bytes)) => return interpret(status, &bytes),
+                Err(failure) => failure,
+            };
+            let url = base.clone();
+            let error = match failure {
+                Failure::NotDelivered(cause) => ClientError::Unreachable { url, cause },
+                Failure::Exchange(cause) if method.is_read() => {
+                    ClientError::Transport { url, cause }
+                }
+                Failure::Exchange(cause) => return Err(ClientError::Unanswered { url, cause }),
+            };
+            attempts.push(error);
+        }
+        Err(if attempts.len() == 1 {
+            attempts.remove(0)
+        } else {
+            ClientError::Unavailable { attempts }
+        })
+    }
+
+    /// One exchange with the coordinator at `base`: the status and body of its answer.
+    fn exchange(
+        &self,
+        base: &CoordinatorUrl,
+        method: Method,
+        path: &str,
+        network: Option<&str>,
+        body: Option<&impl Serialize>,
+    ) -> Result<(u16, Vec<u8>), Failure> {
+        let mut url = format!("{base}{path}");
         if let Some(network) = network {
             url.push_str("?network=");
             url.push_str(&encode(network));
@@ -734,26 +895,52 @@ impl AdminClient {
                 }
             }
         };
-        let mut response = result.map_err(|cause| self.transport_error(cause))?;
+        let mut response = result.map_err(Failure::of)?;
         let status = response.status().as_u16();
         let bytes = response
             .body_mut()
             .with_config()
             .limit(RESPONSE_LIMIT)
             .read_to_vec()
-            .map_err(|cause| self.transport_error(cause))?;
-        interpret(status, &bytes)
+            .map_err(Failure::Exchange)?;
+        Ok((status, bytes))
     }
+}
 
-    /// Sorts a transport failure into "never reached" and "broke down".
-    fn transport_error(&self, cause: ureq::Error) -> ClientError {
-        let url = self.base.clone();
-        match cause {
-            ureq::Error::Io(_)
-            | ureq::Error::ConnectionFailed
+/// Why an exchange with one coordinator gave no answer.
+#[derive(Debug)]
+enum Failure {
+    /// The request surely never reached the coordinator: no connection was made.
+    NotDelivered(ureq::Error),
+    /// The exchange failed after the connection was made, or at a point where that is not
+    /// known: the coordinator may have received the request.
+    Exchange(ureq::Error),
+}
+
+impl Failure {
+    /// Sorts a transport error by whether the request may have been delivered. Only errors
+    /// that can happen before a connection exists count as "not delivered": a name that did
+    /// not resolve, a connection refused, unroutable or timed out while connecting.
+    fn of(cause: ureq::Error) -> Self {
+        use std::io::ErrorKind;
+        let before_connecting = match &cause {
+            ureq::Error::ConnectionFailed
             | ureq::Error::HostNotFound
-            | ureq::Error::Timeout(_) => ClientError::Unreachable { url, cause },
-            cause => ClientError::Transport { url, cause },
+            | ureq::Error::Timeout(ureq::Timeout::Connect | ureq::Timeout::Resolve) => true,
+            ureq::Error::Io(e) => matches!(
+                e.kind(),
+                ErrorKind::ConnectionRefused
+                    | ErrorKind::HostUnreachable
+                    | ErrorKind::NetworkUnreachable
+                    | ErrorKind::NetworkDown
+                    | ErrorKind::AddrNotAvailable
+            ),
+            _ => false,
+        };
+        if before_connecting {
+            Failure::NotDelivered(cause)
+        } else {
+            Failure::Exchange(cause)
         }
     }
 }

@@ -5,7 +5,7 @@
 //! # Usage
 //!
 //! ```text
-//! meshctl [--coordinator URL] [--admin-token-file FILE | --admin-token TOKEN] [-o table|json] COMMAND
+//! meshctl [--coordinator URL[,URL...]] [--admin-token-file FILE | --admin-token TOKEN] [-o table|json] COMMAND
 //!
 //! meshctl network create NAME --cidr CIDR
 //! meshctl network list
@@ -28,7 +28,13 @@
 //! ```
 //!
 //! The coordinator is `http://127.0.0.1:7444` unless `--coordinator` or
-//! `MESHLINK_COORDINATOR` says otherwise. The admin token comes from `--admin-token-file`
+//! `MESHLINK_COORDINATOR` says otherwise. A mesh with several coordinators may be given all of
+//! them, comma-separated (`--coordinator http://10.0.0.1:7444,http://10.0.0.2:7444`) or with
+//! the flag repeated: a request goes to the first, and to the next only when the first does
+//! not answer at all (an error answer such as 404 is the answer). A change (create, move,
+//! revoke, delete...) is sent to the next one only when it surely never reached the one
+//! before; when it may have, `meshctl` says so and that its outcome is unknown, rather than
+//! risk making it twice. The admin token comes from `--admin-token-file`
 //! (`MESHLINK_ADMIN_TOKEN_FILE`), which must be `chmod 600`, or from `--admin-token`
 //! (`MESHLINK_ADMIN_TOKEN`); prefer the file, since a token on the command line is visible to
 //! every local user in the process list.
@@ -69,7 +75,8 @@ use serde_json::Value;
 
 use meshctl::admin_token::AdminToken;
 use meshctl::client::{
-    AdminClient, CoordinatorUrl, NewNetwork, NewToken, NewWorkload, DEFAULT_COORDINATOR,
+    AdminClient, CoordinatorUrl, CoordinatorUrls, NewNetwork, NewToken, NewWorkload,
+    DEFAULT_COORDINATOR,
 };
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
@@ -78,15 +85,17 @@ use meshctl::{claim, duration, render};
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, propagate_version = true)]
 struct Cli {
-    /// The coordinator's admin API.
+    /// The coordinator's admin API. Several coordinators of one mesh: comma-separated, or the
+    /// flag repeated; the next is used when one does not answer.
     #[arg(
         long,
         global = true,
         env = "MESHLINK_COORDINATOR",
         default_value = DEFAULT_COORDINATOR,
+        value_delimiter = ',',
         value_name = "URL"
     )]
-    coordinator: CoordinatorUrl,
+    coordinator: Vec<CoordinatorUrl>,
 
     /// The admin token itself. Prefer --admin-token-file: a command line is visible to all
     /// local users.
@@ -426,7 +435,9 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
     if let Command::Workload(WorkloadCommand::Claim(args)) = &cli.command {
         return claim_workload(output, args);
     }
-    let client = AdminClient::new(cli.coordinator.clone(), admin_token(&cli, source)?);
+    let urls = CoordinatorUrls::new(cli.coordinator.iter().cloned())
+        .ok_or_else(|| anyhow!("no coordinator URL given"))?;
+    let client = AdminClient::new(urls, admin_token(&cli, source)?);
     match cli.command {
         Command::Network(NetworkCommand::Create { name, cidr }) => {
             let reply = client.create_network(&NewNetwork { name, cidr })?;
@@ -666,6 +677,50 @@ mod tests {
         assert_eq!(args.interface, "mesh0");
         assert_eq!(args.uapi_dir, PathBuf::from("/var/run/wireguard"));
         assert_eq!(args.timeout, claim::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn several_coordinators_comma_separated_or_repeated() {
+        let urls = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            CoordinatorUrls::new(cli.coordinator).unwrap().to_string()
+        };
+        assert_eq!(urls(&["meshctl", "status"]), DEFAULT_COORDINATOR);
+        assert_eq!(
+            urls(&[
+                "meshctl",
+                "--coordinator",
+                "http://10.0.0.1:7444,10.0.0.2:7444",
+                "--coordinator",
+                "http://10.0.0.3:7444/",
+                "--coordinator",
+                "http://10.0.0.1:7444",
+                "status",
+            ]),
+            "http://10.0.0.1:7444,http://10.0.0.2:7444,http://10.0.0.3:7444"
+        );
+        assert_eq!(
+            urls(&[
+                "meshctl",
+                "node",
+                "list",
+                "--coordinator",
+                "http://10.0.0.2:7444",
+                "--coordinator",
+                "http://10.0.0.1:7444",
+            ]),
+            "http://10.0.0.2:7444,http://10.0.0.1:7444"
+        );
+        for bad in [
+            "http://a:1,,http://b:2",
+            "http://a:1,",
+            "http://a:1,https://b:2",
+        ] {
+            assert!(
+                Cli::try_parse_from(["meshctl", "--coordinator", bad, "status"]).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

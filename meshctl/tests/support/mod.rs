@@ -85,6 +85,81 @@ impl FakeCoordinator {
             .recv_timeout(Duration::from_secs(10))
             .expect("the fake coordinator received no request")
     }
+
+    /// Whether no request arrived (checked after the client is done with its call).
+    pub fn received_nothing(&self) -> bool {
+        self.received
+            .recv_timeout(Duration::from_millis(200))
+            .is_err()
+    }
+}
+
+/// How a [`Mute`] coordinator treats a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// Reads the request, then closes the connection without a word.
+    HangUp,
+    /// Reads the request and never answers (the connection stays open).
+    Stall,
+}
+
+/// A coordinator that accepts connections and reads requests but never answers them: a
+/// request sent to it was delivered, and its outcome is unknown to the client.
+pub struct Mute {
+    addr: SocketAddr,
+    received: Receiver<String>,
+}
+
+impl Mute {
+    pub fn start(silence: Silence) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the mute coordinator");
+        let addr = listener.local_addr().unwrap();
+        let (sender, received) = mpsc::channel();
+        thread::spawn(move || {
+            let mut open = Vec::new();
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { return };
+                let Some(line) = read_head(&stream) else {
+                    continue;
+                };
+                let _ = sender.send(line);
+                match silence {
+                    Silence::HangUp => drop(stream),
+                    Silence::Stall => open.push(stream),
+                }
+            }
+        });
+        Self { addr, received }
+    }
+
+    /// The base URL to give the client.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The request line of the next request received.
+    pub fn request_line(&self) -> String {
+        self.received
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the mute coordinator received no request")
+    }
+}
+
+/// Reads a request's head (up to the empty line); returns its first line.
+fn read_head(stream: &TcpStream) -> Option<String> {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut first = String::new();
+    reader.read_line(&mut first).ok()?;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 || line.trim_end().is_empty() {
+            break;
+        }
+    }
+    Some(first.trim_end().to_owned())
 }
 
 /// Reads one request from `stream` and writes `answer`.
