@@ -317,6 +317,10 @@ impl From<ApiError> for HttpError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) | ApiError::Refused(_) => StatusCode::CONFLICT,
+            ApiError::Internal(inner) if inner.is_unavailable() => {
+                tracing::warn!("admin request refused: {inner}");
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(inner) => {
                 tracing::error!("admin request failed: {inner}");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -446,12 +450,17 @@ async fn create_token(
 ) -> HttpResult<(StatusCode, Json<CreatedTokenView>)> {
     let Json(req) = body?;
     let (t, secret) = detached(&s, |svc| async move { svc.create_token(req).await }).await?;
-    let text = JoinToken {
-        coordinator: s.ctx.advertise.clone(),
-        others: s.ctx.others.clone(),
-        fingerprint: s.ctx.fingerprint.clone(),
+    let text = JoinToken::new(
+        std::iter::once(s.ctx.advertise.clone()).chain(s.ctx.others.iter().cloned()),
+        s.ctx.fingerprint.clone(),
         secret,
-    }
+    )
+    .ok_or_else(|| {
+        HttpError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "no coordinator address to put in the token".into(),
+        )
+    })?
     .encode();
     let view = CreatedTokenView {
         id: t.id,

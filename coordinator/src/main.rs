@@ -22,6 +22,14 @@ struct Cli {
 enum Command {
     /// Serve agents (QUIC) and operators (admin HTTP API) until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Make the mesh's TLS identity and admin token in a state directory (once per mesh);
+    /// copy coordinator.crt, coordinator.key and admin.token from there to the state
+    /// directory of every coordinator that shares the mesh's PostgreSQL store.
+    Init {
+        /// State directory to write [default: /var/lib/meshlink-coordinator].
+        #[arg(long, env = "MESHLINK_STATE_DIR", value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -94,6 +102,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Init { state_dir } => init(state_dir),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -104,6 +113,28 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    use meshlink_coordinator::identity;
+    let dir = state_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
+    identity::prepare_state_dir(&dir)?;
+    let id = identity::load_or_create_identity(&dir)?;
+    let token = identity::load_or_create_admin_token(&dir)?;
+    let made = if id.created || token.created {
+        "made"
+    } else {
+        "already there, kept"
+    };
+    println!("mesh identity {made} in {}", dir.display());
+    println!("coordinator fingerprint: {}", id.fingerprint);
+    println!(
+        "copy {}, {} and {} to the state directory of every coordinator of this mesh",
+        identity::CERT_FILE,
+        identity::KEY_FILE,
+        identity::ADMIN_TOKEN_FILE
+    );
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

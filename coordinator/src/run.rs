@@ -15,7 +15,7 @@ use crate::config::{default_advertise, Settings};
 use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, WorkloadTiming};
-use crate::store::{SqlStore, StoreError};
+use crate::store::{Backend, SqlStore, StoreError};
 
 /// Why the coordinator cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +97,15 @@ impl Coordinator {
             path: db.clone(),
             source,
         })?;
+        if store.backend() == Backend::Postgres {
+            store
+                .claim_identity(&id.fingerprint)
+                .await
+                .map_err(|source| StartError::Store {
+                    path: db.clone(),
+                    source,
+                })?;
+        }
         let service = Arc::new(
             Service::load_with(
                 Arc::new(store.clone()),

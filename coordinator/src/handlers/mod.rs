@@ -76,6 +76,10 @@ impl ApiError {
     /// The text to show a remote caller: internal failures are not detailed.
     pub fn public_message(&self) -> String {
         match self {
+            ApiError::Internal(e) if e.is_unavailable() => {
+                "the database is unavailable: nothing was changed; retry once it is back"
+                    .to_string()
+            }
             ApiError::Internal(_) => "internal error; try again later".to_string(),
             other => other.to_string(),
         }

@@ -16,7 +16,7 @@
 //! Architecture invariant: node ids and token ids are never reused (SQLite `AUTOINCREMENT`,
 //! PostgreSQL identity columns), and a network's version only grows, across restarts too.
 
-mod leases;
+mod shared;
 mod sql;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,7 +27,7 @@ use std::pin::Pin;
 use ipnet::Ipv4Net;
 use meshlink_proto::{NodeId, PublicKey};
 
-pub use leases::{Leadership, Renewal};
+pub use shared::{Leadership, Renewal};
 pub use sql::{SqlStore, CHANGES_KEPT};
 
 /// Seconds since the Unix epoch, the only time unit of the store and of the admin API.
@@ -125,6 +125,31 @@ pub enum StoreError {
     /// The database itself failed (I/O, locking, migrations).
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    /// Whether the database could not be reached at all (down, restarting, unreachable):
+    /// nothing was changed, and the same request may succeed once it is back.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::Protocol(_)
+                        | sqlx::Error::WorkerCrashed
+                ) || matches!(
+                    e,
+                    // PostgreSQL's "admin shutdown", "cannot connect now" and the like (class 57).
+                    sqlx::Error::Database(db) if db.code().is_some_and(|c| c.starts_with("57"))
+                )
+            }
+            _ => false,
+        }
+    }
 }
 
 /// One overlay network.

@@ -202,3 +202,70 @@ async fn two_coordinators_share_changes_and_leases() {
     let _ = stop_a.send(true);
     let _ = stop_b.send(true);
 }
+
+/// PostgreSQL stops under a running coordinator: admin writes are refused with an error that
+/// says so (nothing half-done), holders keep their leases, and once the database is back the
+/// same writes succeed without a restart of the coordinator.
+#[tokio::test]
+async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
+    use meshlink_coordinator::handlers::ApiError;
+    use meshlink_tests::postgres::PgCluster;
+    // A cluster of its own: stopping the shared one would break the other tests.
+    let cluster = match PgCluster::start() {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                meshlink_tests::skipping_allowed(|k| std::env::var(k).ok()),
+                "this test needs PostgreSQL, and CI=true forbids skipping it: {e}"
+            );
+            return;
+        }
+    };
+    let url = cluster.create_database("outage").unwrap();
+    let (a, stop) = coordinator(&url).await;
+    a.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/24".into(),
+    })
+    .await
+    .unwrap();
+    let token = || CreateToken {
+        network: "prod".into(),
+        tags: vec![],
+        expires_in_secs: None,
+        uses: None,
+    };
+    let (_, secret) = a.create_token(token()).await.unwrap();
+    let n1 = a
+        .hello(&join_hello(&secret, 1, Some("n1")), remote())
+        .await
+        .unwrap();
+
+    cluster.stop().unwrap();
+    let e = a.create_token(token()).await.unwrap_err();
+    match &e {
+        ApiError::Internal(inner) => assert!(inner.is_unavailable(), "{inner}"),
+        other => panic!("{other}"),
+    }
+    assert!(
+        e.public_message().contains("database is unavailable"),
+        "{}",
+        e.public_message()
+    );
+    let (lease, _) = a.heartbeat(n1.node, "prod").await;
+    assert!(!lease.is_zero(), "leases go on while the database is away");
+
+    cluster.restart().unwrap();
+    let started = Instant::now();
+    loop {
+        match a.create_token(token()).await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "writes did not resume: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = stop.send(true);
+}

@@ -175,3 +175,17 @@ async fn an_unreachable_database_fails_at_once_with_one_line() {
         started.elapsed()
     );
 }
+
+/// Coordinators of one PostgreSQL store must share the certificate agents pin.
+#[tokio::test]
+async fn a_coordinator_with_another_identity_is_refused() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let store = db.open().await;
+    store.claim_identity(&"a".repeat(64)).await.unwrap();
+    store.claim_identity(&"a".repeat(64)).await.unwrap();
+    let e = store.claim_identity(&"b".repeat(64)).await.unwrap_err();
+    assert!(matches!(e, StoreError::Conflict(_)), "{e}");
+    assert!(e.to_string().contains("coordinator.crt"), "{e}");
+}

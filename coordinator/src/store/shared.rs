@@ -1,4 +1,7 @@
-//! Workload leases shared through PostgreSQL, for several coordinators: whichever one a
+//! What the coordinators sharing one PostgreSQL store share beyond the records: the TLS
+//! identity agents pin (one per mesh), which node has a session where, and workload leases.
+//!
+//! Leases: whichever coordinator a
 //! holder's heartbeat reaches renews the lease in the database; one of them at a time (the
 //! failover leader, holding a session-level advisory lock) reads every lease and decides
 //! failovers, fencing a silent holder in the database first, so that no coordinator can
@@ -239,5 +242,34 @@ impl SqlStore {
                     .map_err(|_| StoreError::Corrupt("presence.node: negative".into()))
             })
             .collect()
+    }
+
+    /// Records `fingerprint` as the mesh's certificate when none is yet; refuses with
+    /// [`StoreError::Conflict`] when another one is (a coordinator started with its own
+    /// identity instead of the mesh's: agents pinning the mesh's would refuse it).
+    ///
+    /// # Errors
+    /// As described, and [`StoreError::Database`].
+    pub async fn claim_identity(&self, fingerprint: &str) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query(
+            "INSERT INTO mesh (key, value) VALUES ('fingerprint', $1) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(fingerprint)
+        .execute(self.pool())
+        .await?;
+        let row = sqlx::query("SELECT value FROM mesh WHERE key = 'fingerprint'")
+            .fetch_one(self.pool())
+            .await?;
+        let theirs: String = row.try_get("value")?;
+        if theirs == fingerprint {
+            Ok(())
+        } else {
+            Err(StoreError::Conflict(format!(
+                "this coordinator's certificate (fingerprint {fingerprint}) is not the mesh's \
+                 ({theirs}): copy coordinator.crt and coordinator.key from a coordinator of this \
+                 mesh into the state directory (see meshlink-coordinator init)"
+            )))
+        }
     }
 }
