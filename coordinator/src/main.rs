@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve agents (QUIC) and operators (admin HTTP API) until SIGINT or SIGTERM.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Make the mesh's TLS identity and admin token in a state directory (once per mesh);
     /// copy coordinator.crt, coordinator.key and admin.token from there to the state
     /// directory of every coordinator that shares the mesh's PostgreSQL store.
@@ -101,7 +101,7 @@ fn main() -> ExitCode {
         .with_ansi(stderr_is_tty)
         .init();
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Init { state_dir } => init(state_dir),
     };
     match result {
