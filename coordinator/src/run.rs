@@ -274,6 +274,7 @@ impl Coordinator {
         }
         // Claims still waiting for their destination end with their sessions.
         self.service.abort_tasks();
+        self.service.resign().await;
         self.store.close().await;
         tracing::info!("coordinator stopped");
     }

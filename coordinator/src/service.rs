@@ -263,6 +263,12 @@ impl Service {
         let _ = self.shared.set(store);
     }
 
+    /// Gives up the failover leadership (at shutdown: its connection must go back to the
+    /// pool before the pool can close, and another coordinator takes over at once).
+    pub async fn resign(&self) {
+        *self.leadership.lock().await = Leadership::default();
+    }
+
     /// Sets the coordinator addresses (`host:port`) told to agents in each welcome.
     pub fn set_coordinators(&self, list: Vec<String>) {
         *self.coordinators.lock().unwrap_or_else(|p| p.into_inner()) = list;

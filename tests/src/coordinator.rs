@@ -34,9 +34,27 @@ pub struct Coordinator {
     log_dir: PathBuf,
     advertise: SocketAddrV4,
     fingerprint: String,
+    /// Flags beyond the defaults (store, other coordinators), kept for restarts.
+    extra: Vec<String>,
+    /// Distinguishes the log files of coordinators sharing a scratch directory.
+    label: String,
     process: Process,
     /// Earlier incarnations, kept so their logs print if the test fails.
     previous: Vec<Process>,
+}
+
+/// One of several coordinators sharing a PostgreSQL store ([`Coordinator::start_shared`]).
+#[derive(Debug, Clone)]
+pub struct Shared<'a> {
+    /// Its name: state in `dir/NAME`, logs `NAME.N.log`.
+    pub name: &'a str,
+    /// The store's URL.
+    pub store: &'a str,
+    /// Every coordinator's `host:port`, in the same order for all.
+    pub coordinators: &'a [SocketAddrV4],
+    /// The state directory of a coordinator already started, whose identity (certificate,
+    /// key, admin token) this one must share; `None` for the first.
+    pub identity_from: Option<&'a Path>,
 }
 
 impl Coordinator {
@@ -50,13 +68,63 @@ impl Coordinator {
     pub fn start(ns: &NsRef, dir: &ScratchDir, ip: Ipv4Addr) -> Coordinator {
         let state_dir = dir.join("coordinator");
         let advertise = SocketAddrV4::new(ip, QUIC_PORT);
-        let (process, fingerprint) = spawn(ns, &state_dir, advertise, dir.path(), 1);
+        let label = "coordinator".to_string();
+        let (process, fingerprint) = spawn(ns, &state_dir, advertise, dir.path(), &label, &[], 1);
         Coordinator {
             ns: ns.clone(),
             state_dir,
             log_dir: dir.path().to_owned(),
             advertise,
             fingerprint,
+            extra: Vec::new(),
+            label,
+            process,
+            previous: Vec::new(),
+        }
+    }
+
+    /// Starts one of several coordinators sharing a PostgreSQL store (see [`Shared`]).
+    ///
+    /// # Panics
+    /// As [`Coordinator::start`]; also when the identity cannot be copied.
+    pub fn start_shared(
+        ns: &NsRef,
+        dir: &ScratchDir,
+        ip: Ipv4Addr,
+        shared: &Shared<'_>,
+    ) -> Coordinator {
+        let state_dir = dir.join(shared.name);
+        if let Some(from) = shared.identity_from {
+            std::fs::create_dir_all(&state_dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", state_dir.display()));
+            for file in ["coordinator.crt", "coordinator.key", "admin.token"] {
+                std::fs::copy(from.join(file), state_dir.join(file))
+                    .unwrap_or_else(|e| panic!("copy {file}: {e}"));
+            }
+        }
+        let list: Vec<String> = shared
+            .coordinators
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let extra = vec![
+            "--store".to_string(),
+            shared.store.to_string(),
+            "--coordinators".to_string(),
+            list.join(","),
+        ];
+        let advertise = SocketAddrV4::new(ip, QUIC_PORT);
+        let label = shared.name.to_string();
+        let (process, fingerprint) =
+            spawn(ns, &state_dir, advertise, dir.path(), &label, &extra, 1);
+        Coordinator {
+            ns: ns.clone(),
+            state_dir,
+            log_dir: dir.path().to_owned(),
+            advertise,
+            fingerprint,
+            extra,
+            label,
             process,
             previous: Vec::new(),
         }
@@ -71,8 +139,15 @@ impl Coordinator {
     pub fn restart(&mut self) {
         self.process.terminate();
         let n = self.previous.len() + 2;
-        let (next, fingerprint) =
-            spawn(&self.ns, &self.state_dir, self.advertise, &self.log_dir, n);
+        let (next, fingerprint) = spawn(
+            &self.ns,
+            &self.state_dir,
+            self.advertise,
+            &self.log_dir,
+            &self.label,
+            &self.extra,
+            n,
+        );
         self.previous
             .push(std::mem::replace(&mut self.process, next));
         assert_eq!(
@@ -153,6 +228,8 @@ fn spawn(
     state_dir: &Path,
     advertise: SocketAddrV4,
     log_dir: &Path,
+    label: &str,
+    extra: &[String],
     n: usize,
 ) -> (Process, String) {
     let mut cmd = ns.daemon_command(coordinator_bin());
@@ -161,10 +238,11 @@ fn spawn(
         .arg(state_dir)
         .args(["--listen", &format!("0.0.0.0:{QUIC_PORT}")])
         .args(["--admin-listen", &format!("127.0.0.1:{ADMIN_PORT}")])
-        .args(["--advertise", &advertise.to_string()]);
-    let log = log_dir.join(format!("coordinator.{n}.log"));
+        .args(["--advertise", &advertise.to_string()])
+        .args(extra);
+    let log = log_dir.join(format!("{label}.{n}.log"));
     let mut process = Process::spawn(
-        &format!("meshlink-coordinator ({n})"),
+        &format!("meshlink-coordinator {label} ({n})"),
         cmd,
         &log,
         Stdout::Lines,

@@ -38,6 +38,7 @@ pub mod coordinator;
 pub mod keys;
 pub mod mesh;
 pub mod netns;
+pub mod ping;
 pub mod postgres;
 pub mod process;
 pub mod providers;

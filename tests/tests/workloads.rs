@@ -30,6 +30,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+use meshlink_tests::ping::{ping_run, ping_summary};
 use meshlink_tests::process::Process;
 use meshlink_tests::{
     agent_bin, chat_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator,
@@ -412,40 +413,6 @@ fn cut_off_holder_stops_answering_when_its_lease_ends() {
     bed.wait_knows("vm-a1", 2);
     assert!(!bed.has_address("vm-a1"));
     assert_eq!(bed.holder().as_deref(), Some("vm-c1"));
-}
-
-/// Starts `count` pings from `ns` to `dst`, one every 10 ms (ping waits for the last answers
-/// before it prints its summary).
-fn ping_run(ns: &NsRef, dst: Ipv4Addr, count: u32) -> std::process::Child {
-    let mut cmd = ns.command("ping");
-    cmd.args([
-        "-n",
-        "-q",
-        "-i",
-        "0.01",
-        "-c",
-        &count.to_string(),
-        &dst.to_string(),
-    ])
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped());
-    cmd.spawn().expect("ping starts")
-}
-
-/// `(transmitted, received)` from ping's summary line.
-fn ping_summary(out: &str) -> (u32, u32) {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in {out:?}"));
-    let num = |i: usize| -> u32 {
-        line.split(',')
-            .nth(i)
-            .and_then(|f| f.split_whitespace().next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("ping summary {line:?}"))
-    };
-    (num(0), num(1))
 }
 
 #[test]
