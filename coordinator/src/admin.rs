@@ -200,6 +200,20 @@ pub struct StatusView {
     pub advertise: String,
     /// The certificate fingerprint.
     pub fingerprint: String,
+    /// Every coordinator of the mesh (with a shared store, as each reports itself every
+    /// second; else this one).
+    pub coordinators: Vec<CoordinatorView>,
+}
+
+/// One coordinator in [`StatusView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordinatorView {
+    /// Its `host:port` for agents.
+    pub address: String,
+    /// Agent sessions it has.
+    pub sessions: u64,
+    /// Whether it reported itself in the last few seconds.
+    pub up: bool,
 }
 
 /// A node named in a workload. A deleted node keeps its id and has no name (`null`).
@@ -766,11 +780,29 @@ async fn status(State(s): State<AppState>) -> HttpResult<Json<StatusView>> {
     let store = s.service.store();
     let nets = networks::list_networks(store, &Caller::Admin).await?;
     let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
+    let coordinators: Vec<CoordinatorView> = s
+        .service
+        .coordinators_status()
+        .await
+        .into_iter()
+        .map(|(address, sessions, up)| CoordinatorView {
+            address,
+            sessions,
+            up,
+        })
+        .collect();
+    let online = coordinators
+        .iter()
+        .filter(|c| c.up)
+        .map(|c| usize::try_from(c.sessions).unwrap_or(usize::MAX))
+        .sum::<usize>()
+        .max(s.service.hub().online().len());
     Ok(Json(StatusView {
         version: env!("CARGO_PKG_VERSION").to_string(),
         networks: nets.len(),
         nodes: all.iter().filter(|n| !n.revoked).count(),
-        online: s.service.hub().online().len(),
+        online,
+        coordinators,
         uptime_secs: s.ctx.started.elapsed().as_secs(),
         quic_listen: s.ctx.quic_listen.to_string(),
         advertise: s.ctx.advertise.clone(),

@@ -83,7 +83,8 @@ impl Service {
                 workload,
                 generation,
             } => {
-                self.prepared(from.node, &workload, generation);
+                self.prepared_here(from.node, from.network, &workload, generation)
+                    .await;
                 Ok(None)
             }
             ClientMessage::Claim { request, workload } => {

@@ -21,7 +21,9 @@ use meshlink_proto::{NetmapDelta, NodeId};
 use crate::handlers::nodes::{self, peer_info};
 use crate::hub::CloseReason;
 use crate::service::Service;
-use crate::store::{Change, StoreError};
+use crate::store::{
+    Change, PrepareNote, StoreError, CHANGES_CHANNEL, PREPARED_CHANNEL, PREPARE_CHANNEL,
+};
 
 /// How many log rows are replayed into one delta at most.
 const BATCH: u32 = 512;
@@ -173,7 +175,10 @@ pub async fn follow_postgres(
     loop {
         if listener.is_none() {
             match PgListener::connect(&url).await {
-                Ok(mut l) => match l.listen(crate::store::CHANGES_CHANNEL).await {
+                Ok(mut l) => match l
+                    .listen_all([CHANGES_CHANNEL, PREPARE_CHANNEL, PREPARED_CHANNEL])
+                    .await
+                {
                     Ok(()) => {
                         listener = Some(l);
                         warned = false;
@@ -203,11 +208,24 @@ pub async fn follow_postgres(
         };
         tokio::select! {
             n = note => match n {
-                Some(Ok(n)) => {
-                    if let Err(e) = service.follow(n.payload()).await {
-                        tracing::warn!(network = n.payload(), "cannot follow the store: {e}");
+                Some(Ok(n)) => match n.channel() {
+                    PREPARE_CHANNEL | PREPARED_CHANNEL => {
+                        match serde_json::from_str::<PrepareNote>(n.payload()) {
+                            Ok(note) if n.channel() == PREPARE_CHANNEL => {
+                                service.prepare_requested(&note);
+                            }
+                            Ok(note) => {
+                                service.prepared(note.node, &note.workload, note.generation);
+                            }
+                            Err(e) => tracing::debug!("a malformed note on {}: {e}", n.channel()),
+                        }
                     }
-                }
+                    _ => {
+                        if let Err(e) = service.follow(n.payload()).await {
+                            tracing::warn!(network = n.payload(), "cannot follow the store: {e}");
+                        }
+                    }
+                },
                 Some(Err(e)) => {
                     tracing::warn!("lost the change notifications: {e}; reconnecting");
                     listener = None;

@@ -163,7 +163,7 @@ impl Coordinator {
         if !all.contains(&advertise) {
             all.push(advertise.clone());
         }
-        service.set_coordinators(all);
+        service.set_coordinators(&advertise, all);
         let ctx = AdminContext {
             admin_token: admin_token.value.clone(),
             quic_listen: quic_addr,

@@ -28,8 +28,8 @@ use crate::handlers::{ApiError, Caller};
 use crate::hub::{Attached, CloseReason, Frame, Hub};
 use crate::identity::random_secret;
 use crate::store::{
-    Leadership, NetworkRecord, NodeRecord, SqlStore, Store, StoreError, TokenId, TokenRecord,
-    UnixTime, WorkloadRecord,
+    Leadership, NetworkRecord, NodeRecord, PrepareNote, SqlStore, Store, StoreError, TokenId,
+    TokenRecord, UnixTime, WorkloadRecord, PREPARED_CHANNEL, PREPARE_CHANNEL,
 };
 
 /// Timings of workload moves and leases.
@@ -167,6 +167,8 @@ pub struct Service {
     tasks: std::sync::Mutex<JoinSet<()>>,
     /// Every coordinator of the mesh, told to agents in each welcome.
     coordinators: std::sync::Mutex<Vec<String>>,
+    /// This coordinator's own address in that list.
+    advertise: std::sync::Mutex<String>,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
     /// this coordinator's claim to decide failovers (see `store/leases.rs`).
     shared: std::sync::OnceLock<SqlStore>,
@@ -232,6 +234,7 @@ impl Service {
             stranded: std::sync::Mutex::new(HashMap::new()),
             tasks: std::sync::Mutex::new(JoinSet::new()),
             coordinators: std::sync::Mutex::new(Vec::new()),
+            advertise: std::sync::Mutex::new(String::new()),
             shared: std::sync::OnceLock::new(),
             leadership: Mutex::new(Leadership::default()),
             me: random_secret(),
@@ -270,7 +273,8 @@ impl Service {
     }
 
     /// Sets the coordinator addresses (`host:port`) told to agents in each welcome.
-    pub fn set_coordinators(&self, list: Vec<String>) {
+    pub fn set_coordinators(&self, advertise: &str, list: Vec<String>) {
+        *self.advertise.lock().unwrap_or_else(|p| p.into_inner()) = advertise.to_string();
         *self.coordinators.lock().unwrap_or_else(|p| p.into_inner()) = list;
     }
 
@@ -324,6 +328,37 @@ impl Service {
         if let Err(e) = store.presence_refresh(&self.me, &mine).await {
             tracing::debug!("cannot record this coordinator's sessions: {e}");
         }
+        let advertise = self.advertise();
+        if !advertise.is_empty() {
+            if let Err(e) = store.report_coordinator(&advertise, mine.len()).await {
+                tracing::debug!("cannot report this coordinator: {e}");
+            }
+        }
+    }
+
+    /// The address this coordinator puts first in join tokens (empty until set).
+    fn advertise(&self) -> String {
+        self.advertise
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Every coordinator of the mesh with its session count and whether it is up: from the
+    /// database with a shared store (as each reported itself), else this one alone.
+    pub async fn coordinators_status(&self) -> Vec<(String, u64, bool)> {
+        if let Some(store) = self.shared.get() {
+            match store.coordinators().await {
+                Ok(list) => return list,
+                Err(e) => tracing::warn!("cannot read the coordinators: {e}"),
+            }
+        }
+        let online = self.hub.online().len();
+        vec![(
+            self.advertise(),
+            u64::try_from(online).unwrap_or(u64::MAX),
+            true,
+        )]
     }
 
     /// With shared leases: takes every renewal any coordinator recorded into the table this
@@ -350,6 +385,42 @@ impl Service {
         }
     }
 
+    /// A node of this coordinator's sessions reports it is ready to take a workload: wakes
+    /// the move waiting for it here, and (shared store) tells the other coordinators, one of
+    /// which may be the one waiting.
+    pub async fn prepared_here(
+        &self,
+        node: NodeId,
+        network: &str,
+        workload: &str,
+        generation: u64,
+    ) {
+        self.prepared(node, workload, generation);
+        if let Some(store) = self.shared.get() {
+            let note = PrepareNote {
+                node,
+                network: network.to_string(),
+                workload: workload.to_string(),
+                generation,
+            };
+            let payload = serde_json::to_string(&note).unwrap_or_default();
+            if let Err(e) = store.notify(PREPARED_CHANNEL, &payload).await {
+                tracing::debug!(node, "cannot pass on a Prepared: {e}");
+            }
+        }
+    }
+
+    /// Another coordinator asks for a `Prepare` to be sent to a node: sent when the node's
+    /// session is here.
+    pub fn prepare_requested(&self, note: &PrepareNote) {
+        let frame: Frame = encode(&ServerMessage::Prepare {
+            workload: note.workload.clone(),
+            generation: note.generation,
+        })
+        .into();
+        self.hub.send_to(&note.network, note.node, frame);
+    }
+
     /// A node reports it is ready to take a workload (answer to `Prepare`).
     pub fn prepared(&self, node: NodeId, workload: &str, generation: u64) {
         let waiter = self
@@ -364,7 +435,9 @@ impl Service {
 
     /// Asks the destination of a move to bring its tunnels up and waits (bounded) for it.
     async fn prepare(&self, w: &WorkloadRecord, to: NodeId) -> Option<Duration> {
-        if !self.hub.is_online(&w.network, to) {
+        let here = self.hub.is_online(&w.network, to);
+        // With a shared store the destination may have its session with another coordinator.
+        if !here && !self.is_online_anywhere(&w.network, to) {
             return None;
         }
         let started = self.clock.instant();
@@ -382,7 +455,20 @@ impl Service {
             generation,
         })
         .into();
-        let sent = self.hub.send_to(&w.network, to, frame);
+        let sent = match (here, self.shared.get()) {
+            (true, _) => self.hub.send_to(&w.network, to, frame),
+            (false, Some(store)) => {
+                let note = PrepareNote {
+                    node: to,
+                    network: w.network.clone(),
+                    workload: w.name.clone(),
+                    generation,
+                };
+                let payload = serde_json::to_string(&note).unwrap_or_default();
+                store.notify(PREPARE_CHANNEL, &payload).await.is_ok()
+            }
+            (false, None) => false,
+        };
         let answered = sent
             && matches!(
                 answer_within(

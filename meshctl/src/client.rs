@@ -440,6 +440,23 @@ pub struct Status {
     /// Its TLS certificate fingerprint, which agents pin.
     #[serde(deserialize_with = "text")]
     pub fingerprint: String,
+    /// Every coordinator of the mesh (absent from coordinators before 2026-12).
+    #[serde(default)]
+    pub coordinators: Vec<CoordinatorStatus>,
+}
+
+/// One coordinator of the mesh, in [`Status`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CoordinatorStatus {
+    /// Its `host:port` for agents.
+    #[serde(deserialize_with = "text")]
+    pub address: String,
+    /// Agent sessions it has.
+    #[serde(deserialize_with = "or_default")]
+    pub sessions: u64,
+    /// Whether it reported itself in the last few seconds.
+    #[serde(default)]
+    pub up: bool,
 }
 
 /// `POST /v1/workloads`. An absent address is left out of the request, so the coordinator

@@ -569,6 +569,14 @@ pub fn status(status: &Status) -> String {
         .field("QUIC LISTEN", or_none(status.quic_listen.clone()))
         .field("ADVERTISE", value(&status.advertise))
         .field("FINGERPRINT", or_none(status.fingerprint.clone()));
+    for c in &status.coordinators {
+        let sessions = match c.sessions {
+            1 => "1 session".to_string(),
+            n => format!("{n} sessions"),
+        };
+        let state = if c.up { "up" } else { "down" };
+        fields.field("COORDINATOR", format!("{}  {state}  {sessions}", c.address));
+    }
     fields.to_string()
 }
 
@@ -878,6 +886,10 @@ mod tests {
             "version": "0.1.0", "networks": 1, "nodes": 3, "online": 2, "uptime_secs": 93_784,
             "quic_listen": "0.0.0.0:7443", "advertise": ["198.51.100.1:7443"],
             "fingerprint": "sha256:ab",
+            "coordinators": [
+                {"address": "198.51.100.1:7443", "sessions": 2, "up": true},
+                {"address": "198.51.100.2:7443", "sessions": 1, "up": false},
+            ],
         }))
         .unwrap();
         assert_eq!(
@@ -889,7 +901,9 @@ mod tests {
              ONLINE       2\n\
              QUIC LISTEN  0.0.0.0:7443\n\
              ADVERTISE    198.51.100.1:7443\n\
-             FINGERPRINT  sha256:ab\n"
+             FINGERPRINT  sha256:ab\n\
+             COORDINATOR  198.51.100.1:7443  up  2 sessions\n\
+             COORDINATOR  198.51.100.2:7443  down  1 session\n"
         );
     }
 }

@@ -170,6 +170,25 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
     }
     let w = survivor.json(&["workload", "show", WORKLOAD]);
     assert_eq!(w["generation"], 1, "nothing moved: {w}");
+    // `meshctl status` lists the three coordinators: the dead one down, the sessions on the
+    // others.
+    let victim_addr = list[victim].to_string();
+    let last = std::cell::RefCell::new(serde_json::Value::Null);
+    wait_until(STEP, "status to show the dead coordinator down", || {
+        let st = survivor.json(&["status"]);
+        *last.borrow_mut() = st.clone();
+        let cs = st["coordinators"].as_array()?.clone();
+        let dead_down = cs
+            .iter()
+            .any(|c| c["address"] == victim_addr.as_str() && c["up"] == false);
+        let live: u64 = cs
+            .iter()
+            .filter(|c| c["up"] == true)
+            .filter_map(|c| c["sessions"].as_u64())
+            .sum();
+        (cs.len() == 3 && dead_down && live == 3).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; last status: {}", last.borrow()));
 
     // 2. PostgreSQL stops and starts again under traffic.
     let mut refused = String::new();

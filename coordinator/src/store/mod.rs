@@ -43,6 +43,26 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// sends the network's name.
 pub const CHANGES_CHANNEL: &str = "meshlink_changes";
 
+/// The PostgreSQL notification channel on which a coordinator asks the others to pass a
+/// `Prepare` to a node whose session they have ([`PrepareNote`], JSON).
+pub const PREPARE_CHANNEL: &str = "meshlink_prepare";
+
+/// The channel on which a coordinator passes on a node's `Prepared` ([`PrepareNote`], JSON).
+pub const PREPARED_CHANNEL: &str = "meshlink_prepared";
+
+/// A move's destination asked to prepare, or reporting it did, between coordinators.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PrepareNote {
+    /// The destination node.
+    pub node: NodeId,
+    /// Its network.
+    pub network: String,
+    /// The workload.
+    pub workload: String,
+    /// The generation it is to take.
+    pub generation: u64,
+}
+
 /// Which database a [`SqlStore`] runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {

@@ -244,6 +244,66 @@ impl SqlStore {
             .collect()
     }
 
+    /// Coordinator `address` is alive with `sessions` sessions.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn report_coordinator(
+        &self,
+        address: &str,
+        sessions: usize,
+    ) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO coordinators (address, seen_ms, sessions) VALUES ($1, {NOW_MS}, $2) \
+             ON CONFLICT (address) DO UPDATE SET seen_ms = {NOW_MS}, sessions = $2"
+        )))
+        .bind(address)
+        .bind(i64::try_from(sessions).unwrap_or(i64::MAX))
+        .execute(self.pool())
+        .await?;
+        Ok(())
+    }
+
+    /// Every coordinator that reported itself: address, sessions, whether it reported in the
+    /// last few seconds.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn coordinators(&self) -> Result<Vec<(String, u64, bool)>, StoreError> {
+        self.require_postgres()?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT address, sessions, \
+             CASE WHEN seen_ms > {NOW_MS} - {PRESENCE_MS} THEN 1::BIGINT ELSE 0::BIGINT END \
+             AS alive FROM coordinators ORDER BY address"
+        )))
+        .fetch_all(self.pool())
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok((
+                    r.try_get::<String, _>("address")?,
+                    u64::try_from(r.try_get::<i64, _>("sessions")?).unwrap_or(0),
+                    r.try_get::<i64, _>("alive")? != 0,
+                ))
+            })
+            .collect()
+    }
+
+    /// Sends `payload` on notification `channel` to every coordinator listening.
+    ///
+    /// # Errors
+    /// [`StoreError::Database`].
+    pub async fn notify(&self, channel: &str, payload: &str) -> Result<(), StoreError> {
+        self.require_postgres()?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(channel)
+            .bind(payload)
+            .execute(self.pool())
+            .await?;
+        Ok(())
+    }
+
     /// Records `fingerprint` as the mesh's certificate when none is yet; refuses with
     /// [`StoreError::Conflict`] when another one is (a coordinator started with its own
     /// identity instead of the mesh's: agents pinning the mesh's would refuse it).

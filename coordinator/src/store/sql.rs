@@ -159,7 +159,7 @@ impl SqlStore {
     }
 
     /// Tells the coordinators listening that `network` changed, when the transaction commits.
-    async fn notify(
+    async fn notify_changed(
         &self,
         tx: &mut Transaction<'static, Any>,
         network: &str,
@@ -203,7 +203,7 @@ impl SqlStore {
             .bind(version - kept)
             .execute(&mut **tx)
             .await?;
-        self.notify(tx, network).await?;
+        self.notify_changed(tx, network).await?;
         to_u64(version)
     }
 
@@ -233,7 +233,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await
             .map_err(conflict)?;
-            self.notify(&mut tx, &n.name).await?;
+            self.notify_changed(&mut tx, &n.name).await?;
             tx.commit().await?;
             Ok(NetworkRecord {
                 name: n.name,

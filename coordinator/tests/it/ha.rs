@@ -137,8 +137,33 @@ async fn two_coordinators_share_changes_and_leases() {
         a.hub().workload_generation("prod", "chat").is_some()
     })
     .await;
-    let moved = a.move_workload("prod", "chat", Some("n1")).await.unwrap();
+    // Moved to n1 through B, though n1's session is with A: B's Prepare reaches n1 through
+    // A, and n1's Prepared reaches B back.
+    let n1_id = n1.node;
+    let answering = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            while let Some(out) = n1.attached.rx.recv().await {
+                if let Outbound::Frame(f) = out {
+                    if let ServerMessage::Prepare {
+                        workload,
+                        generation,
+                    } = decode_frame(&f)
+                    {
+                        a.prepared_here(n1.node, "prod", &workload, generation)
+                            .await;
+                    }
+                }
+            }
+        })
+    };
+    let moved = b.move_workload("prod", "chat", Some("n1")).await.unwrap();
     assert_eq!(moved.workload.generation, 1);
+    assert!(
+        moved.prepared_in.is_some(),
+        "the destination on another coordinator was asked to prepare and answered"
+    );
+    answering.abort();
 
     // Failover ticks on both, as both coordinators run them.
     let ticking = {
@@ -153,7 +178,6 @@ async fn two_coordinators_share_changes_and_leases() {
     };
     // n1 heartbeats through A for 2 s, then (A "died") through B for 2 s: it keeps the
     // workload all along, though each coordinator hears only half of it.
-    let n1_id = n1.node;
     for (svc, name) in [(&a, "A"), (&b, "B")] {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(2) {

@@ -189,3 +189,41 @@ async fn a_coordinator_with_another_identity_is_refused() {
     assert!(matches!(e, StoreError::Conflict(_)), "{e}");
     assert!(e.to_string().contains("coordinator.crt"), "{e}");
 }
+
+/// Coordinators report themselves; one that stopped reporting shows down.
+#[tokio::test]
+async fn coordinators_report_themselves() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let store = db.open().await;
+    store
+        .report_coordinator("198.18.1.10:7443", 2)
+        .await
+        .unwrap();
+    store
+        .report_coordinator("198.18.2.10:7443", 0)
+        .await
+        .unwrap();
+    store
+        .report_coordinator("198.18.1.10:7443", 3)
+        .await
+        .unwrap();
+    let list = store.coordinators().await.unwrap();
+    assert_eq!(
+        list,
+        vec![
+            ("198.18.1.10:7443".to_string(), 3, true),
+            ("198.18.2.10:7443".to_string(), 0, true)
+        ]
+    );
+    let pool = sqlx::AnyPool::connect(&db.url()).await.unwrap();
+    sqlx::query(
+        "UPDATE coordinators SET seen_ms = seen_ms - 60000 WHERE address = '198.18.2.10:7443'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let list = store.coordinators().await.unwrap();
+    assert!(!list[1].2, "{list:?}");
+}
