@@ -423,25 +423,31 @@ async fn create_network(
 ) -> HttpResult<(StatusCode, Json<NetworkView>)> {
     let Json(req) = body?;
     let net = detached(&s, |svc| async move { svc.create_network(req).await }).await?;
-    Ok((StatusCode::CREATED, Json(network_view(&s, &net, 0))))
+    Ok((StatusCode::CREATED, Json(network_view(&s, &net, 0, 0))))
 }
 
 async fn list_networks(State(s): State<AppState>) -> HttpResult<Json<Vec<NetworkView>>> {
     let store = s.service.store();
     let nets = networks::list_networks(store, &Caller::Admin).await?;
     let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
-    let mut counts: HashMap<&str, usize> = HashMap::new();
+    let online = s.service.online_anywhere().await;
+    let mut counts: HashMap<&str, (usize, usize)> = HashMap::new();
     for n in all.iter().filter(|n| !n.revoked) {
-        *counts.entry(n.network.as_str()).or_default() += 1;
+        let c = counts.entry(n.network.as_str()).or_default();
+        c.0 += 1;
+        c.1 += usize::from(online.contains(&n.id));
     }
     let views = nets
         .iter()
-        .map(|net| network_view(&s, net, counts.get(net.name.as_str()).copied().unwrap_or(0)))
+        .map(|net| {
+            let (nodes, online) = counts.get(net.name.as_str()).copied().unwrap_or((0, 0));
+            network_view(&s, net, nodes, online)
+        })
         .collect();
     Ok(Json(views))
 }
 
-fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize) -> NetworkView {
+fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize, online: usize) -> NetworkView {
     NetworkView {
         name: net.name.clone(),
         cidr: net.cidr.to_string(),
@@ -453,7 +459,7 @@ fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize) -> NetworkView 
             .unwrap_or(net.version)
             .max(net.version),
         nodes,
-        online: s.service.hub().online_count(&net.name),
+        online,
         created_at: net.created_at,
     }
 }
@@ -525,7 +531,7 @@ async fn list_nodes(
 ) -> HttpResult<Json<Vec<NodeView>>> {
     let Query(q) = q?;
     let list = nodes::list_nodes(s.service.store(), &Caller::Admin, q.network.as_deref()).await?;
-    let online = s.service.hub().online();
+    let online = s.service.online_anywhere().await;
     Ok(Json(list.iter().map(|n| node_view(n, &online)).collect()))
 }
 
@@ -542,7 +548,7 @@ async fn show_node(
         q.network.as_deref(),
     )
     .await?;
-    Ok(Json(node_view(&node, &s.service.hub().online())))
+    Ok(Json(node_view(&node, &s.service.online_anywhere().await)))
 }
 
 async fn revoke_node(
@@ -555,7 +561,7 @@ async fn revoke_node(
         svc.revoke_node(&reference, q.network.as_deref()).await
     })
     .await?;
-    Ok(Json(node_view(&node, &s.service.hub().online())))
+    Ok(Json(node_view(&node, &s.service.online_anywhere().await)))
 }
 
 async fn delete_node(
@@ -623,9 +629,10 @@ async fn list_workloads(
     }
     let list = workloads::list_workloads(store, &Caller::Admin, q.network.as_deref()).await?;
     let names = node_names(&s, q.network.as_deref()).await?;
+    let online = s.service.online_anywhere().await;
     Ok(Json(
         list.iter()
-            .map(|w| render_workload(&s, w, &names))
+            .map(|w| render_workload(w, &names, &online))
             .collect(),
     ))
 }
@@ -729,7 +736,11 @@ async fn node_names(s: &AppState, network: Option<&str>) -> HttpResult<HashMap<N
 
 async fn workload_view(s: &AppState, w: &WorkloadRecord) -> HttpResult<WorkloadView> {
     let names = node_names(s, Some(&w.network)).await?;
-    Ok(render_workload(s, w, &names))
+    Ok(render_workload(
+        w,
+        &names,
+        &s.service.online_anywhere().await,
+    ))
 }
 
 async fn moved_view(s: &AppState, outcome: MoveOutcome) -> HttpResult<MovedWorkloadView> {
@@ -748,9 +759,9 @@ fn millis(d: Duration) -> f64 {
 }
 
 fn render_workload(
-    s: &AppState,
     w: &WorkloadRecord,
     names: &HashMap<NodeId, String>,
+    online: &HashSet<NodeId>,
 ) -> WorkloadView {
     let named = |id: &NodeId| NodeNameView {
         id: *id,
@@ -758,7 +769,7 @@ fn render_workload(
     };
     let state = match w.holder {
         None => WorkloadState::Detached,
-        Some(h) if s.service.hub().is_online(&w.network, h) => WorkloadState::Held,
+        Some(h) if online.contains(&h) => WorkloadState::Held,
         Some(_) => WorkloadState::HolderOffline,
     };
     WorkloadView {

@@ -307,6 +307,28 @@ impl Service {
         }
     }
 
+    /// The nodes with a session here or (shared store) on any coordinator, read from the
+    /// database now (as last read when it cannot be).
+    pub async fn online_anywhere(&self) -> std::collections::HashSet<NodeId> {
+        let mut all = self.hub.online();
+        if let Some(store) = self.shared.get() {
+            match store.present().await {
+                Ok(p) => {
+                    all.extend(p.iter().copied());
+                    *self.present.lock().unwrap_or_else(|p| p.into_inner()) = p;
+                }
+                Err(_) => all.extend(
+                    self.present
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .iter()
+                        .copied(),
+                ),
+            }
+        }
+        all
+    }
+
     /// Whether `node` has a session here or (shared leases) on another coordinator.
     fn is_online_anywhere(&self, network: &str, node: NodeId) -> bool {
         self.hub.is_online(network, node)

@@ -198,10 +198,16 @@ async fn shapes_of_networks_tokens_and_status() {
             "uptime_secs",
             "quic_listen",
             "advertise",
-            "fingerprint"
+            "fingerprint",
+            "coordinators"
         ])
     );
     assert_eq!(st["version"], json!(env!("CARGO_PKG_VERSION")));
+    // A lone coordinator lists itself, up, with its sessions.
+    assert_eq!(
+        st["coordinators"],
+        json!([{"address": c.advertise(), "sessions": 0, "up": true}])
+    );
     assert_eq!(
         (
             st["networks"].as_u64(),
