@@ -73,14 +73,25 @@ pub enum AgentError {
 /// What every agent of a run shares.
 #[derive(Debug)]
 pub struct Shared {
-    /// The coordinator's QUIC address.
-    pub server: SocketAddr,
+    /// The coordinators' QUIC addresses: agent `i` uses `servers[i % len]` ([`Shared::server`]).
+    pub servers: Vec<SocketAddr>,
     /// How agents hold their maps.
     pub table: TableKind,
     /// Where agents report.
     pub board: Arc<Scoreboard>,
     /// Set when the run ends: lost sessions are then not opened again.
     pub stopping: AtomicBool,
+}
+
+impl Shared {
+    /// The coordinator agent `index` connects to (and reconnects to): round robin over
+    /// [`Shared::servers`].
+    ///
+    /// # Panics
+    /// When `servers` is empty.
+    pub fn server(&self, index: usize) -> SocketAddr {
+        self.servers[index % self.servers.len()]
+    }
 }
 
 /// Orders from the benchmark to one agent.
@@ -321,7 +332,7 @@ impl Agent {
         token: &str,
         endpoints: Vec<SocketAddr>,
     ) -> Result<Agent, AgentError> {
-        let (mut session, creds) = join_session(&endpoint, shared.server, token, endpoints).await?;
+        let (mut session, creds) = join_session(&endpoint, shared.server(index), token, endpoints).await?;
         let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
             .await
             .map_err(|_| AgentError::Timeout)??;
@@ -355,7 +366,7 @@ impl Agent {
         index: usize,
         creds: Credentials,
     ) -> Result<Agent, AgentError> {
-        let (session, map, len) = authenticate(&endpoint, shared.server, &creds).await?;
+        let (session, map, len) = authenticate(&endpoint, shared.server(index), &creds).await?;
         Agent::start(shared, endpoint, index, creds, session, map, len).await
     }
 
@@ -429,7 +440,7 @@ impl Agent {
 
     async fn reconnect(&mut self) -> Result<(), AgentError> {
         let (session, map, len) =
-            authenticate(&self.endpoint, self.shared.server, &self.creds).await?;
+            authenticate(&self.endpoint, self.shared.server(self.index), &self.creds).await?;
         self.shared
             .board
             .set_connection(self.index, session.conn.clone());

@@ -355,7 +355,7 @@ impl Fleet {
                             let enrolled = with_retries(&shared, index, || {
                                 Agent::enroll(
                                     &endpoint,
-                                    shared.server,
+                                    shared.server(index),
                                     &token,
                                     vec![join_endpoint(index)],
                                 )
