@@ -12,7 +12,9 @@ two-namespace topology on `Harness`.
 """
 
 import json
+import glob
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -217,6 +219,46 @@ class Harness:
         except OSError:
             pass
         return env
+
+
+class PgCluster:
+    """A private PostgreSQL cluster: `initdb` into a temporary directory as the `postgres` user
+    (initdb refuses root), a server listening only on a Unix socket in that directory (reachable
+    from every network namespace), stopped and removed by `close`. The same procedure as
+    tests/src/postgres.rs."""
+
+    def __init__(self):
+        versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                          key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+        if not versions:
+            raise RuntimeError("PostgreSQL's server is missing (apt-get install postgresql)")
+        self.bin = os.path.dirname(versions[-1])
+        self.dir = tempfile.mkdtemp(prefix="mlpg-")
+        pw = pwd.getpwnam("postgres")
+        os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+        self.data = os.path.join(self.dir, "data")
+        self.pg("initdb", "-D", self.data, "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write(f"listen_addresses = ''\nunix_socket_directories = '{self.dir}'\nmax_connections = 200\n")
+        self.start()
+
+    def pg(self, program, *args):
+        return run(["runuser", "-u", "postgres", "--", os.path.join(self.bin, program), *args], cwd="/")
+
+    def start(self):
+        self.pg("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "server.log"), "-w", "-t", "30", "start")
+
+    def stop(self):
+        self.pg("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def create_database(self, name):
+        self.pg("createdb", "-h", self.dir, "-U", "postgres", name)
+        return f"postgres://postgres@localhost/{name}?host={self.dir}"
+
+    def close(self):
+        subprocess.run(["runuser", "-u", "postgres", "--", os.path.join(self.bin, "pg_ctl"), "-D", self.data,
+                        "-m", "immediate", "-w", "stop"], capture_output=True, cwd="/")
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Bed(Harness):

@@ -35,6 +35,14 @@ seconds later; per round: probes lost from the kill on, the longest silence of t
 address (send time of the last answered probe before a run of lost ones to that of the first
 answered one after it), and the time from the new start to every agent online.
 
+Several coordinators (`--ha N`, 2 or 3): the coordinators run on providers A, B (198.18.2.11)
+and C (198.18.3.11), sharing a private PostgreSQL cluster the bench starts (Debian's
+`postgresql` package), with one identity and the same `--coordinators` list. `--kills` times,
+with the workload on vm-a under the probe, the coordinator vm-a's agent is connected to is
+SIGKILLed (and started again once the round is over); per round: probes lost from the kill on,
+the longest silence of the workload address, and for each agent the time from the kill until
+its status shows it connected to another coordinator (polled every ~20 ms).
+
 The report is a markdown table; `--json` keeps every figure. Only python3's standard library
 is used; everything made is removed on exit (names carry `mlw<pid>`), also on Ctrl-C.
 """
@@ -42,13 +50,14 @@ is used; everything made is removed on exit (names carry `mlw<pid>`), also on Ct
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bed import Bed, log, run, tail  # noqa: E402
+from bed import Bed, PgCluster, log, run, tail  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK, NETWORK_CIDR = "bench", "100.64.0.0/16"
@@ -76,23 +85,49 @@ for line in sys.stdin:
 """
 
 
+# With --ha: the other coordinators' hosts (name, provider, last octet).
+HA_HOSTS = [("c1", 2, 11), ("c2", 3, 11)]
+
+
 class MoveBench(Bed):
     def __init__(self, opts):
-        super().__init__(opts, prefix=f"mlw{os.getpid()}", providers=3, hosts=HOSTS)
-        self.coord = self.state = None
+        self.names = ["c0"] + [h for h, _, _ in HA_HOSTS[:max(0, opts.ha - 1)]]
+        hosts = HOSTS + [h for h in HA_HOSTS if h[0] in self.names]
+        super().__init__(opts, prefix=f"mlw{os.getpid()}", providers=3, hosts=hosts)
+        self.addr = {h: f"198.18.{p}.{o}:{QUIC_PORT}" for h, p, o in hosts if h in self.names}
+        self.coords = {}
+        self.coord = self.state = self.pg = self.store = None
+        self.admin_host = "c0"
         self.agents = {}
         self.echo = {}
 
-    def start_coordinator(self, log_name="coordinator.log"):
-        self.coord = self.spawn("c0", [self.bin("meshlink-coordinator"), "serve", "--state-dir", self.state,
-                                       "--listen", f"0.0.0.0:{QUIC_PORT}", "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
-                                       "--advertise", f"198.18.1.10:{QUIC_PORT}"], log_name)
-        self.wait_for("the coordinator's fingerprint line", 20,
-                      lambda: "coordinator fingerprint:" in tail(self.coord.log_path, 200), self.coord)
+    def state_of(self, name):
+        return os.path.join(self.tmp, "coordinator" if name == "c0" else f"coordinator-{name}")
+
+    def start_coordinator(self, log_name="coordinator.log", name="c0"):
+        args = [self.bin("meshlink-coordinator"), "serve", "--state-dir", self.state_of(name),
+                "--listen", f"0.0.0.0:{QUIC_PORT}", "--admin-listen", f"127.0.0.1:{ADMIN_PORT}",
+                "--advertise", self.addr.get(name, f"198.18.1.10:{QUIC_PORT}")]
+        if self.store:
+            args += ["--store", self.store, "--coordinators", ",".join(self.addr[n] for n in self.names)]
+        proc = self.spawn(name, args, log_name)
+        self.wait_for(f"{name}'s fingerprint line", 20,
+                      lambda: "coordinator fingerprint:" in tail(proc.log_path, 200), proc)
+        self.coords[name] = proc
+        if name == "c0":
+            self.coord = proc
 
     def start(self):
-        self.state = os.path.join(self.tmp, "coordinator")
+        self.state = self.state_of("c0")
+        if self.opts.ha >= 2:
+            self.pg = PgCluster()
+            self.store = self.pg.create_database("wlmove")
         self.start_coordinator()
+        for name in self.names[1:]:
+            os.makedirs(self.state_of(name), mode=0o700)
+            for f in ("coordinator.crt", "coordinator.key", "admin.token"):
+                shutil.copy2(os.path.join(self.state, f), os.path.join(self.state_of(name), f))
+            self.start_coordinator(f"coordinator-{name}.log", name)
         self.meshctl("network", "create", NETWORK, "--cidr", NETWORK_CIDR)
         self.token = json.loads(self.meshctl("token", "create", "--network", NETWORK, "--uses", "3",
                                              "--expires", "1h", "-o", "json"))["token"]
@@ -123,8 +158,78 @@ class MoveBench(Bed):
         except (json.JSONDecodeError, TypeError):
             return 0
 
+    def cleanup(self):
+        super().cleanup()
+        if self.pg:
+            self.pg.close()
+
+    def agent_coordinator(self, h):
+        """The coordinator agent `h` is connected to (`host:port`), or None."""
+        try:
+            st = json.loads(run(["ip", "netns", "exec", self.ns_name(h), self.bin("meshlink-agent"), "status",
+                                 "--interface", f"{self.prefix}{h}", "-o", "json"]))
+        except (RuntimeError, json.JSONDecodeError):
+            return None
+        c = st.get("control") or {}
+        return c.get("coordinator") if c.get("connected") else None
+
+    def coordinator_kills(self):
+        """The coordinator vm-a is connected to SIGKILLed under the probe, `--kills` times."""
+        results = []
+        by_addr = {a: n for n, a in self.addr.items()}
+        for k in range(self.opts.kills):
+            if self.holder() != "vm-a":
+                self.meshctl("workload", "move", WORKLOAD, "--to", "vm-a")
+            time.sleep(2.0)
+            proc, out = self.probe(8, f"kill-{k}")
+            time.sleep(1.0)
+            victim_addr = self.agent_coordinator("a")
+            victim = by_addr.get(victim_addr)
+            if victim is None:
+                raise RuntimeError(f"vm-a is connected to {victim_addr!r}, not one of {self.addr}")
+            self.admin_host = next(n for n in self.names if n != victim)
+            if victim == "c0":
+                self.mover.kill()
+                self.untrack(self.mover)
+            t_kill = time.time_ns()
+            self.coords[victim].kill()
+            reconnect = {}
+            deadline = time.monotonic() + 20
+            while len(reconnect) < len(AGENTS) and time.monotonic() < deadline:
+                for h in AGENTS:
+                    if h not in reconnect:
+                        c = self.agent_coordinator(h)
+                        if c is not None and c != victim_addr:
+                            reconnect[h] = (time.time_ns() - t_kill) / 1e6
+                time.sleep(0.005)
+            self.coords[victim].wait()
+            self.untrack(self.coords[victim])
+            proc.wait(timeout=40)
+            self.untrack(proc)
+            recs = self.records(out)
+            after = sorted((r for r in recs if r["sent"] >= t_kill), key=lambda r: r["seq"])
+            longest, last_ok, lost = 0, None, 0
+            for r in after:
+                if r["recv"] is None:
+                    lost += 1
+                    continue
+                if last_ok is not None:
+                    longest = max(longest, r["sent"] - last_ok)
+                last_ok = r["sent"]
+            results.append({"victim": victim, "lost": lost, "probes": len(after),
+                            "longest_silence_ms": longest / 1e6,
+                            "reconnect_ms": {f"vm-{h}": reconnect.get(h) for h in AGENTS}})
+            log(f"kill {k + 1}: {results[-1]}")
+            self.start_coordinator(f"coordinator-{victim}-{k + 1}.log", victim)
+            if victim == "c0":
+                self.mover = self.spawn_piped("c0", ["python3", "-c", MOVER, f"http://127.0.0.1:{ADMIN_PORT}",
+                                                     os.path.join(self.state, "admin.token"), WORKLOAD],
+                                              f"mover-kill-{k + 1}.log")
+            self.admin_host = "c0"
+        return results
+
     def meshctl(self, *args, check=True):
-        return run(["ip", "netns", "exec", self.ns_name("c0"), self.bin("meshctl"),
+        return run(["ip", "netns", "exec", self.ns_name(self.admin_host), self.bin("meshctl"),
                     "--coordinator", f"http://127.0.0.1:{ADMIN_PORT}",
                     "--admin-token-file", os.path.join(self.state, "admin.token"), *args], check=check)
 
@@ -302,6 +407,29 @@ def report(res, opts):
         report_moves(res)
     report_failovers(res["failovers"])
     report_restarts(res["restarts"], opts)
+    report_kills(res.get("kills"), opts)
+
+
+def report_kills(ks, opts):
+    if not ks:
+        return
+    lost = [k["lost"] for k in ks]
+    sil = [k["longest_silence_ms"] for k in ks]
+    holder = [k["reconnect_ms"]["vm-a"] for k in ks if k["reconnect_ms"]["vm-a"] is not None]
+    others = [v for k in ks for h, v in k["reconnect_ms"].items() if h != "vm-a" and v is not None]
+    missing = sum(1 for k in ks for v in k["reconnect_ms"].values() if v is None)
+    print(f"\n## {opts.ha} coordinators on PostgreSQL: the holder's coordinator SIGKILLed, {len(ks)} times\n")
+    print("| figure | median | p99 | max | bar |")
+    print("|---|---|---|---|---|")
+    print(f"| probes lost (1/ms) | {statistics.median(lost):.0f} | {pct(lost, 99)} | {max(lost)} | 0 |")
+    print(f"| longest silence of the workload address | {fmt(statistics.median(sil))} | {fmt(pct(sil, 99))} "
+          f"| {fmt(max(sil))} | |")
+    print(f"| holder (vm-a) on another coordinator, from the kill | {fmt(statistics.median(holder) if holder else None)} "
+          f"| {fmt(pct(holder, 99))} | {fmt(max(holder) if holder else None)} | p99 < 1000 ms |")
+    print(f"| other agents on another coordinator, from the kill | {fmt(statistics.median(others) if others else None)} "
+          f"| {fmt(pct(others, 99))} | {fmt(max(others) if others else None)} | p99 < 1000 ms |")
+    print(f"\nAgents that did not reconnect within 20 s: {missing}. Victims: "
+          f"{json.dumps([k['victim'] for k in ks])}.")
 
 
 def report_moves(res):
@@ -361,11 +489,19 @@ def main():
     ap.add_argument("--restarts", type=int, default=0,
                     help="coordinator SIGKILL + restart rounds with the workload under probe")
     ap.add_argument("--outage", type=float, default=1.0, help="seconds the coordinator stays down per restart")
+    ap.add_argument("--ha", type=int, default=0, choices=[0, 2, 3],
+                    help="coordinators sharing a private PostgreSQL (0: one on SQLite)")
+    ap.add_argument("--kills", type=int, default=0,
+                    help="with --ha: rounds of SIGKILL of the holder's coordinator under the probe")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release"))
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--keep-logs", action="store_true")
     opts = ap.parse_args()
+    if opts.kills and opts.ha < 2:
+        sys.exit("wlmove: --kills needs --ha 2 or 3")
+    if opts.restarts and opts.ha:
+        sys.exit("wlmove: --restarts is for the lone coordinator (use --kills with --ha)")
     if os.geteuid() != 0:
         sys.exit("wlmove: needs root (network namespaces and TUN devices)")
     if not opts.no_build:
@@ -378,7 +514,7 @@ def main():
         bench.setup()
         bench.start()
         res = {"moves": bench.moves() if opts.moves else None, "failovers": bench.failovers(), "restarts": bench.restarts(),
-               "machine": bench.environment()}
+               "kills": bench.coordinator_kills(), "machine": bench.environment()}
     except Exception:
         log(f"logs: {bench.tmp}")
         opts.keep_logs = True

@@ -2,15 +2,19 @@
 //! generator of its own: the caller passes a uniformly random fraction in `[0, 1)` with each
 //! decision (the agent draws it from the OS, a simulation from its seed).
 //!
-//! - After a session that worked ends, the next attempt follows a short random pause: a
-//!   coordinator that restarted is usually back already, and the pause spreads a whole
-//!   fleet's reconnections out. A holder of workload addresses comes back at once: its lease
-//!   is running down.
+//! - After a session that worked ends, the next attempt follows a short random pause that
+//!   spreads a whole fleet's reconnections out: as long as it takes the fleet to reconnect at
+//!   [`RECONNECTS_PER_SECOND`] (the mesh's size is in every agent's map), at most
+//!   `first_retry`: a few milliseconds in a small mesh, a second at 10,000 nodes. A holder of
+//!   workload addresses comes back at once: its lease is running down.
 //! - After a failed attempt, the pause doubles up to a cap, jittered between 50% and 150%.
 //! - A holder's QUIC handshake gets little patience: a fresh attempt sends its first packet at
 //!   once, where a late one waits for its retransmission timer.
 
 use std::time::Duration;
+
+/// The pace at which a fleet whose coordinator went away is spread over its reconnections.
+pub const RECONNECTS_PER_SECOND: u32 = 10_000;
 
 /// The timings of [`Reconnect`]; [`ReconnectPolicy::default`] is the agent's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +92,16 @@ impl Reconnect {
         self.failures = 0;
     }
 
-    /// A session that worked ended: the pause before the next attempt. `fraction` is
-    /// uniformly random in `[0, 1)`.
-    pub fn after_session(&mut self, holder: bool, fraction: f64) -> Duration {
+    /// A session that worked ended: the pause before the next attempt, for a node of a mesh
+    /// of `fleet` nodes. `fraction` is uniformly random in `[0, 1)`.
+    pub fn after_session(&mut self, holder: bool, fleet: usize, fraction: f64) -> Duration {
         self.failures = 0;
+        let spread = (Duration::from_secs(1) / RECONNECTS_PER_SECOND)
+            .saturating_mul(u32::try_from(fleet).unwrap_or(u32::MAX));
         let (first, backoff) = if holder {
             (self.policy.holder_first_retry, self.policy.holder_backoff)
         } else {
-            (self.policy.first_retry, self.policy.backoff)
+            (self.policy.first_retry.min(spread), self.policy.backoff)
         };
         self.backoff = backoff;
         first.mul_f64(fraction.clamp(0.0, 1.0))
@@ -131,8 +137,9 @@ mod tests {
         assert_eq!(pauses, vec![1, 2, 4, 8, 16, 30, 30]);
         assert_eq!(r.failures(), 7);
         // After a working session: a pause below a second, then the backoff starts over.
-        let p = r.after_session(false, 0.999);
+        let p = r.after_session(false, 1_000_000, 0.999);
         assert!(p < Duration::from_secs(1), "{p:?}");
+        assert!(p > Duration::from_millis(990), "{p:?}");
         assert_eq!(r.failures(), 0);
         assert_eq!(r.after_failure(false, mid), Duration::from_secs(1));
     }
@@ -140,7 +147,7 @@ mod tests {
     #[test]
     fn holders_come_back_at_once_and_retry_quickly() {
         let mut r = Reconnect::new(ReconnectPolicy::default());
-        assert!(r.after_session(true, 0.999) < Duration::from_millis(20));
+        assert!(r.after_session(true, 10_000, 0.999) < Duration::from_millis(20));
         let pauses: Vec<u128> = (0..4)
             .map(|_| r.after_failure(true, 0.5).as_millis())
             .collect();
@@ -158,5 +165,22 @@ mod tests {
         let mut hi = Reconnect::new(ReconnectPolicy::default());
         assert_eq!(lo.after_failure(false, 0.0), Duration::from_millis(500));
         assert_eq!(hi.after_failure(false, 1.0), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_fleet_reconnects_spread_by_its_size() {
+        let mut r = Reconnect::new(ReconnectPolicy::default());
+        // Three nodes: within a millisecond; 1,000: within 100 ms; 10,000 and more: a second.
+        assert!(r.after_session(false, 3, 0.999) < Duration::from_millis(1));
+        let p = r.after_session(false, 1_000, 0.999);
+        assert!(
+            p < Duration::from_millis(100) && p > Duration::from_millis(99),
+            "{p:?}"
+        );
+        let p = r.after_session(false, 50_000, 0.999);
+        assert!(
+            p < Duration::from_secs(1) && p > Duration::from_millis(990),
+            "{p:?}"
+        );
     }
 }

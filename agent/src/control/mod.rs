@@ -217,8 +217,11 @@ pub async fn join(
     labels: BTreeMap<String, String>,
     endpoints: Vec<SocketAddr>,
 ) -> Result<(NodeState, Netmap, Session), ControlError> {
-    let mut s =
-        Session::connect(addr, &token.fingerprint, CONNECT_TIMEOUT, Liveness::QUIET).await?;
+    // The join's connection becomes the node's session: it notices a dead coordinator as any
+    // node's does, at the default lease (a coordinator with another lease is corrected at the
+    // next session).
+    let liveness = Liveness::for_node(false, meshlink_proto::workload::DEFAULT_LEASE);
+    let mut s = Session::connect(addr, &token.fingerprint, CONNECT_TIMEOUT, liveness).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
         auth: Auth::JoinToken {
@@ -445,8 +448,11 @@ impl MeshControl {
                         return Err(self.stopped(e));
                     }
                     warn!("control session lost: {e}; tunnels keep running on the last map");
-                    let holder = self.shared.lock().holdings().is_holder();
-                    self.reconnect.after_session(holder, fraction())
+                    let (holder, fleet) = {
+                        let s = self.shared.lock();
+                        (s.holdings().is_holder(), s.map().peers.len() + 1)
+                    };
+                    self.reconnect.after_session(holder, fleet, fraction())
                 }
                 Err(e) if e.is_final() => {
                     self.shared.lock().stop();

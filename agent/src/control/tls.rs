@@ -8,13 +8,15 @@
 //! coordinator that is gone sends nothing; the connection then ends after the idle timeout
 //! without a packet, and the agent tries the next coordinator.
 //!
-//! How soon that must be depends on what the node holds:
+//! Every node notices a dead coordinator within about a third of a lease, so that changes
+//! reach it again within a second through another coordinator ([`Liveness::for_node`]; idle
+//! timeout 500 ms at the default lease of 1.5 s):
 //! - A node that holds no workload address loses nothing while its coordinator is away (its
-//!   tunnels run on the last map): keepalive [`KEEPALIVE`], idle timeout [`IDLE_TIMEOUT`],
-//!   one small packet a second per agent on the coordinator.
+//!   tunnels run on the last map): keepalive a third of the idle timeout (six small packets a
+//!   second per agent on its coordinator).
 //! - A holder must renew its lease through another coordinator before the lease runs out: its
-//!   idle timeout is a third of the lease ([`Liveness::holder`]; 500 ms at the default lease
-//!   of 1.5 s), its keepalive a quarter of that. QUIC restarts the idle timer at every packet
+//!   keepalive is a quarter of the idle timeout ([`Liveness::holder`]), so three may be lost in
+//!   a row. QUIC restarts the idle timer at every packet
 //!   received and at the first ack-eliciting packet sent after one, so a dead coordinator is
 //!   noticed at most a keepalive plus the idle timeout after its last packet (625 ms at the
 //!   default lease), while a heartbeat answered 300 ms earlier left at least 1.2 s of lease.
@@ -32,10 +34,7 @@ use std::time::Duration;
 
 pub use meshlink_tls::SERVER_NAME;
 
-/// QUIC keepalive on the control connection of a node that holds nothing.
-pub const KEEPALIVE: Duration = Duration::from_secs(1);
-/// The control connection of a node that holds nothing counts as lost after this long without
-/// a packet.
+/// No connection waits longer than this without a packet, whatever the lease.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// The shortest idle timeout of a holder's connection, whatever the lease (quinn still waits
 /// at least three probe timeouts).
@@ -58,12 +57,6 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// For a node that holds nothing.
-    pub const QUIET: Liveness = Liveness {
-        keepalive: KEEPALIVE,
-        idle: IDLE_TIMEOUT,
-    };
-
     /// For a holder of workload addresses whose lease is `lease`: idle timeout a third of the
     /// lease (at least [`MIN_HOLDER_IDLE`], at most [`IDLE_TIMEOUT`]), four keepalives per
     /// idle timeout.
@@ -75,12 +68,17 @@ impl Liveness {
         }
     }
 
-    /// For a node that `holds` (or not) addresses under a lease of `lease`.
+    /// For a node that `holds` (or not) addresses under a lease of `lease`: the holder's
+    /// idle timeout for both, three keepalives per idle timeout for a node holding nothing.
     pub fn for_node(holds: bool, lease: Duration) -> Liveness {
+        let holder = Liveness::holder(lease);
         if holds {
-            Liveness::holder(lease)
+            holder
         } else {
-            Liveness::QUIET
+            Liveness {
+                keepalive: holder.idle / 3,
+                idle: holder.idle,
+            }
         }
     }
 }
@@ -120,26 +118,32 @@ mod tests {
     }
 
     #[test]
+    fn every_node_notices_a_dead_coordinator_within_a_lease_third() {
+        let quiet = Liveness::for_node(false, DEFAULT_LEASE);
+        assert_eq!(quiet.idle, Duration::from_millis(500));
+        assert!(quiet.keepalive * 3 <= quiet.idle, "{quiet:?}");
+        assert_eq!(
+            Liveness::for_node(true, DEFAULT_LEASE),
+            Liveness::holder(DEFAULT_LEASE)
+        );
+    }
+
+    #[test]
     fn keepalives_come_well_inside_the_idle_timeout() {
         for ms in [1, 100, 600, 1500, 3000, 10_000, 60_000] {
             let l = Liveness::holder(Duration::from_millis(ms));
             assert!(l.keepalive * 4 <= l.idle, "{l:?}");
             assert!(l.idle >= MIN_HOLDER_IDLE && l.idle <= IDLE_TIMEOUT, "{l:?}");
         }
-        assert!(Liveness::QUIET.keepalive * 4 <= Liveness::QUIET.idle);
-        // A long lease never makes a holder slower to notice than a quiet node.
-        assert_eq!(
-            Liveness::holder(Duration::from_secs(60)).idle,
-            Liveness::QUIET.idle
-        );
-        assert_eq!(Liveness::for_node(false, DEFAULT_LEASE), Liveness::QUIET);
+        // A long lease never makes a connection slower to notice than the longest idle.
+        assert_eq!(Liveness::holder(Duration::from_secs(60)).idle, IDLE_TIMEOUT);
     }
 
     #[test]
     fn configurations_are_built_for_both() {
         let pin = "ab".repeat(32);
-        assert!(client_config(&pin, Liveness::QUIET).is_ok());
+        assert!(client_config(&pin, Liveness::for_node(false, DEFAULT_LEASE)).is_ok());
         assert!(client_config(&pin, Liveness::holder(DEFAULT_LEASE)).is_ok());
-        assert!(client_config("nope", Liveness::QUIET).is_err());
+        assert!(client_config("nope", Liveness::holder(DEFAULT_LEASE)).is_err());
     }
 }

@@ -411,7 +411,7 @@ impl Sim {
             self.service.session_closed(NETWORK, a.id, c.serial).await;
         }
         let holder = a.session.holdings().is_holder();
-        let pause = a.reconnect.after_session(holder, pause_fraction);
+        let pause = a.reconnect.after_session(holder, AGENTS, pause_fraction);
         a.life = Life::Offline(self.now + u64::try_from(pause.as_millis()).unwrap());
     }
 
