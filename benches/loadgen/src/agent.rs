@@ -332,7 +332,8 @@ impl Agent {
         token: &str,
         endpoints: Vec<SocketAddr>,
     ) -> Result<Agent, AgentError> {
-        let (mut session, creds) = join_session(&endpoint, shared.server(index), token, endpoints).await?;
+        let (mut session, creds) =
+            join_session(&endpoint, shared.server(index), token, endpoints).await?;
         let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
             .await
             .map_err(|_| AgentError::Timeout)??;

@@ -1,6 +1,7 @@
-//! meshlink's control-plane load generator: one coordinator (in-process, or an external one)
-//! and N simulated agents, each with its own QUIC connection over loopback, to measure how
-//! one change to a network's map reaches every agent, and at what cost in bytes.
+//! meshlink's control-plane load generator: one coordinator or several sharing PostgreSQL
+//! (in-process), or an external one, and N simulated agents, each with its own QUIC
+//! connection over loopback, to measure how one change to a network's map reaches every
+//! agent, and at what cost in bytes.
 //!
 //! Code map:
 //!
@@ -9,6 +10,8 @@
 //! - [`fleet`]: the agents together: client sockets, the join ramp, commands, shutdown.
 //! - [`scoreboard`]: what agents report while running (versions, arrival instants, counters,
 //!   QUIC statistics).
+//! - [`coordinators`]: the in-process coordinators, their store (SQLite, a PostgreSQL URL or
+//!   a private cluster), and the cleanup of what a run leaves outside the process.
 //! - [`admin`]: the admin API calls the benchmark makes.
 //! - [`sys`]: memory, CPU per thread group and UDP drops, from `/proc`.
 //! - [`report`]: per-change figures, the summary table, markdown and JSON.
@@ -17,6 +20,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod coordinators;
 pub mod fleet;
 pub mod report;
 pub mod scoreboard;

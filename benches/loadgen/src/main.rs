@@ -4,29 +4,35 @@
 //! Phases:
 //!
 //! ```text
-//! start a coordinator (in-process) or use an external one
-//!   ─> admin API: a network and a join token with N uses
-//!   ─> ramp: N agents join over QUIC at a controlled pace (each join is a change, so the
-//!      ramp costs O(N²) bytes in total; it is reported, not measured)
+//! start M coordinators in-process (one on SQLite, or several sharing PostgreSQL) or use an
+//! external one
+//!   ─> admin API (of the first coordinator): a network and a join token with N uses
+//!   ─> ramp: N agents join over QUIC at a controlled pace, agent i on coordinator i % M
+//!      (each join is a change, so the ramp costs O(N²) bytes in total; it is reported, not
+//!      measured)
 //!   ─> drain: wait until every agent holds the network's version
-//!   ─> K changes, one at a time: an existing agent reports new endpoints; time until every
-//!      agent has applied the delta, bytes on the wire, CPU
-//!   ─> check every agent's map against the coordinator's, report, shut down
+//!   ─> K changes, one at a time: an existing agent reports new endpoints (to its
+//!      coordinator; the others learn it through the database); time until every agent has
+//!      applied the delta, bytes on the wire, CPU
+//!   ─> check every agent's map against its coordinator's, and the coordinators' maps
+//!      against each other; report, shut down, remove the private database and state
 //! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
+use meshlink_coordinator::config::StoreLocation;
 use meshlink_coordinator::server::Limits;
 use meshlink_coordinator::service::Service;
-use meshlink_coordinator::{Coordinator, Settings};
+use meshlink_coordinator::Coordinator;
 use meshlink_loadgen::admin::{Admin, NetworkState};
 use meshlink_loadgen::agent::Shared;
+use meshlink_loadgen::coordinators::{self, Cleanup, CleanupHandle, StoreChoice};
 use meshlink_loadgen::fleet::{Fleet, RampKind, RampPlan};
 use meshlink_loadgen::report::{ChangeResult, RampResult, RunReport, Spread};
 use meshlink_loadgen::scoreboard::Scoreboard;
@@ -110,7 +116,16 @@ struct Args {
     /// agent is dropped as lagging during the ramp; the coordinator's own default is 256].
     #[arg(long)]
     session_queue: Option<usize>,
-    /// Worker threads of the in-process coordinator's runtime.
+    /// In-process coordinators sharing one PostgreSQL database (`--store`); agent i
+    /// connects to coordinator i % M, admin calls go to the first.
+    #[arg(long, default_value_t = 1, conflicts_with = "coordinator")]
+    coordinators: usize,
+    /// The in-process coordinators' store: `sqlite` (one coordinator only), `postgres` (a
+    /// private PostgreSQL cluster started for the run, removed at its end) or a PostgreSQL
+    /// URL [default: sqlite for one coordinator, postgres for several].
+    #[arg(long, value_parser = StoreChoice::parse, conflicts_with = "coordinator")]
+    store: Option<StoreChoice>,
+    /// Worker threads of the in-process coordinators' runtime (one runtime for all).
     #[arg(long, default_value_t = 2)]
     coordinator_threads: usize,
     /// Worker threads of the agents' runtime.
@@ -122,7 +137,8 @@ struct Args {
     /// The network's prefix [default: 100.64.0.0/16, or /10 past 65,000 agents].
     #[arg(long)]
     cidr: Option<String>,
-    /// State directory of the in-process coordinator [default: a new one under the temporary
+    /// State directory of the in-process coordinator, or the parent of one directory per
+    /// coordinator (`coordinator-I`) with several [default: a new one under the temporary
     /// directory, removed at the end].
     #[arg(long)]
     state_dir: Option<PathBuf>,
@@ -156,27 +172,70 @@ struct Args {
 
 /// Where the agents connect, and how to administer it.
 struct Target {
-    quic: SocketAddr,
+    /// The coordinators' QUIC addresses; agent i connects to `servers[i % len]`.
+    servers: Vec<SocketAddr>,
     fingerprint: String,
+    /// The first coordinator's admin API.
     admin: Admin,
-    /// The in-process coordinator's service, to compare the agents' maps with its own.
-    service: Option<Arc<Service>>,
+    /// The in-process coordinators' services (in `servers`' order), to compare the agents'
+    /// maps with their own; empty for an external coordinator.
+    services: Vec<Arc<Service>>,
     describe: String,
+    /// The store in words.
+    store: String,
+    /// The private PostgreSQL server's process id, for its CPU time.
+    store_pid: Option<u32>,
     limits: Vec<String>,
+}
+
+/// Set on SIGINT or SIGTERM: nothing is logged any more.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Removes what the run left outside the process (the private PostgreSQL cluster, the
+/// temporary state directories) when SIGINT or SIGTERM arrives, then exits with the usual
+/// status for the signal. A run ended another way cleans up as `main` returns.
+async fn clean_up_on_signal(cleanup: CleanupHandle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    let status = tokio::select! {
+        _ = int.recv() => 130,
+        _ = term.recv() => 143,
+    };
+    eprintln!("interrupted: removing the run's database and state");
+    // The coordinators still run and would log every failed query while the database goes.
+    INTERRUPTED.store(true, Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || cleanup.clean()).await;
+    std::process::exit(status);
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    {
+        use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+        use tracing_subscriber::prelude::*;
+        let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+        let quiet = filter_fn(|_| !INTERRUPTED.load(Ordering::Relaxed));
+        tracing_subscriber::registry()
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(env.and(quiet)),
+            )
+            .init();
+    }
     if args.agents == 0 {
         bail!("--agents must be at least 1");
     }
+    if args.coordinators == 0 {
+        bail!("--coordinators must be at least 1");
+    }
+    let store = StoreChoice::for_count(args.store.clone(), args.coordinators)
+        .map_err(anyhow::Error::msg)?;
     let n = args.agents;
     let table = match args.map {
         MapArg::Full => TableKind::Full,
@@ -185,15 +244,20 @@ fn main() -> anyhow::Result<()> {
         MapArg::Auto => TableKind::Compact,
     };
 
+    // What the run leaves outside the process (a private PostgreSQL cluster, temporary
+    // state), removed when this is dropped: declared first, so dropped last, after the
+    // coordinators, on every way out of `main`.
+    let cleanup = Cleanup::default();
     let agent_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.agent_threads.max(1))
         .thread_name("ml-agents")
         .enable_all()
         .build()
         .context("agents' runtime")?;
+    agent_rt.spawn(clean_up_on_signal(cleanup.handle()));
 
-    // The coordinator, in-process or not.
-    let mut in_process: Option<(tokio::runtime::Runtime, Coordinator, PathBuf)> = None;
+    // The coordinators, in-process or not.
+    let mut in_process: Option<(tokio::runtime::Runtime, Vec<Coordinator>)> = None;
     let target = match args.coordinator {
         Some(quic) => {
             let token = match (&args.admin_token, &args.admin_token_file) {
@@ -203,11 +267,13 @@ fn main() -> anyhow::Result<()> {
                 (None, None) => bail!("--coordinator needs --admin-token or --admin-token-file"),
             };
             Target {
-                quic,
+                servers: vec![quic],
                 fingerprint: args.fingerprint.clone().unwrap_or_default(),
                 admin: Admin::new(args.admin.as_deref().unwrap_or_default(), &token),
-                service: None,
+                services: Vec::new(),
                 describe: format!("external coordinator {quic}"),
+                store: "external (unknown)".into(),
+                store_pid: None,
                 limits: Vec::new(),
             }
         }
@@ -225,36 +291,77 @@ fn main() -> anyhow::Result<()> {
                 std::env::temp_dir()
                     .join(format!("meshlink-loadgen-{}-{nanos}", std::process::id()))
             });
-            let mut settings = Settings::with_state_dir(dir.clone());
-            settings.listen = "127.0.0.1:0".parse()?;
-            settings.admin_listen = "127.0.0.1:0".parse()?;
+            if !args.keep_state && args.state_dir.is_none() {
+                cleanup.remove_dir_at_end(dir.clone());
+            }
+            let (location, store_words, store_pid) = match store {
+                StoreChoice::Sqlite => (StoreLocation::Sqlite, "sqlite".to_string(), None),
+                StoreChoice::PrivatePostgres => {
+                    if !args.quiet {
+                        eprintln!("starting a private PostgreSQL cluster");
+                    }
+                    let pg = cleanup
+                        .start_private_postgres()
+                        .map_err(|e| anyhow::anyhow!("a private PostgreSQL cluster: {e}"))?;
+                    let words = format!(
+                        "postgres {} (private cluster, Unix socket, fsync off)",
+                        pg.version
+                    );
+                    (StoreLocation::Postgres(pg.url), words, pg.postmaster)
+                }
+                StoreChoice::Postgres(url) => {
+                    let location = StoreLocation::Postgres(url);
+                    let words = format!("postgres at {}", location.redacted());
+                    (location, words, None)
+                }
+            };
             let d = Limits::default();
+            let mut limits = d.clone();
             // Room for every agent, and a queue that holds every delta of the ramp, so that
             // an agent slowed down by the shared CPU is not dropped as lagging.
-            settings.limits.max_connections = d.max_connections.max(n + 64);
-            settings.limits.session_queue = args
+            limits.max_connections = d.max_connections.max(n + 64);
+            limits.session_queue = args
                 .session_queue
                 .unwrap_or_else(|| d.session_queue.max(n + 256))
                 .max(1);
-            let limits = vec![
-                format!("max_connections={}", settings.limits.max_connections),
-                format!("session_queue={}", settings.limits.session_queue),
+            let limit_words = vec![
+                format!("max_connections={}", limits.max_connections),
+                format!("session_queue={}", limits.session_queue),
             ];
-            let coordinator = rt
-                .block_on(Coordinator::start(&settings))
-                .context("starting the coordinator")?;
-            let target = Target {
-                quic: coordinator.quic_addr(),
-                fingerprint: coordinator.fingerprint().to_string(),
-                admin: Admin::new(
-                    &format!("http://{}", coordinator.admin_addr()),
-                    &coordinator.admin_token().value,
-                ),
-                service: Some(coordinator.service().clone()),
-                describe: format!("in-process coordinator, QUIC {}", coordinator.quic_addr()),
+            let plan = coordinators::Plan {
+                count: args.coordinators,
+                store: location,
+                state_dir: dir,
                 limits,
             };
-            in_process = Some((rt, coordinator, dir));
+            let started = rt
+                .block_on(coordinators::start(&plan))
+                .context("starting the coordinators")?;
+            let first = &started[0];
+            let servers: Vec<SocketAddr> = started.iter().map(Coordinator::quic_addr).collect();
+            let quic = servers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let target = Target {
+                fingerprint: first.fingerprint().to_string(),
+                admin: Admin::new(
+                    &format!("http://{}", first.admin_addr()),
+                    &first.admin_token().value,
+                ),
+                services: started.iter().map(|c| c.service().clone()).collect(),
+                describe: if started.len() == 1 {
+                    format!("in-process coordinator, QUIC {quic}")
+                } else {
+                    format!("{} in-process coordinators, QUIC {quic}", started.len())
+                },
+                servers,
+                store: store_words,
+                store_pid,
+                limits: limit_words,
+            };
+            in_process = Some((rt, started));
             target
         }
     };
@@ -291,14 +398,17 @@ fn main() -> anyhow::Result<()> {
             report
         });
 
-    if let Some((rt, coordinator, dir)) = in_process {
-        rt.block_on(coordinator.shutdown());
+    if let Some((rt, started)) = in_process {
+        rt.block_on(async {
+            for coordinator in started {
+                coordinator.shutdown().await;
+            }
+        });
         rt.shutdown_timeout(Duration::from_secs(5));
-        if !args.keep_state && args.state_dir.is_none() {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
     }
     agent_rt.shutdown_timeout(Duration::from_secs(5));
+    // The coordinators have stopped: the private cluster and temporary state can go.
+    drop(cleanup);
 
     let report = outcome?;
     println!("{}", report.markdown());
@@ -338,7 +448,7 @@ async fn run(
     let n = args.agents;
     let board = Arc::new(Scoreboard::new(n));
     let shared = Arc::new(Shared {
-        server: target.quic,
+        servers: target.servers.clone(),
         table,
         board: board.clone(),
         stopping: AtomicBool::new(false),
@@ -365,8 +475,8 @@ async fn run(
 
     // Ramp.
     say(format!(
-        "bringing {n} agents online ({:?} ramp) into network {network}, {} ({} client sockets, {} in flight)",
-        plan.kind, target.describe, plan.client_endpoints, plan.concurrency
+        "bringing {n} agents online ({:?} ramp) into network {network}, {}, store {} ({} client sockets, {} in flight)",
+        plan.kind, target.describe, target.store, plan.client_endpoints, plan.concurrency
     ));
     let udp_start = sys::udp_drops();
     let (fleet, ramp) = Fleet::ramp(shared, &plan, &target.fingerprint, token).await?;
@@ -405,7 +515,11 @@ async fn run(
     let agent_ports = fleet.local_ports();
     let socket_drops = || {
         let by_port = sys::udp_drops_by_port();
-        let coordinator = by_port.get(&target.quic.port()).copied();
+        let coordinator = target
+            .servers
+            .iter()
+            .filter_map(|s| by_port.get(&s.port()).copied())
+            .reduce(|a, b| a + b);
         let agents: u64 = agent_ports.iter().filter_map(|p| by_port.get(p)).sum();
         (coordinator, agents)
     };
@@ -425,13 +539,17 @@ async fn run(
     // Changes.
     let udp_changes_start = sys::udp_drops();
     let mut per_change = Vec::new();
+    let m = target.servers.len();
     let mut all = Vec::with_capacity(n * args.changes);
+    let mut on_trigger = Vec::new();
+    let mut on_others = Vec::new();
     let mut version = version;
     for k in 0..args.warmup + args.changes {
         let agent = change_agent(k, n);
         board.arm(version + 1);
         let wire0 = board.wire();
         let cpu0 = sys::cpu();
+        let store_cpu0 = target.store_pid.map(sys::process_tree_cpu);
         let Some(trigger) = fleet
             .report_endpoints(agent, vec![change_endpoint(k)])
             .await
@@ -444,7 +562,21 @@ async fn run(
         tokio::time::sleep(SETTLE).await;
         let wire = board.wire().since(&wire0);
         let cpu = sys::cpu_since(&sys::cpu(), &cpu0);
+        let store_cpu = target
+            .store_pid
+            .map(sys::process_tree_cpu)
+            .zip(store_cpu0)
+            .map(|(later, earlier)| later.saturating_sub(earlier) as f64 / 1e6);
         let latencies: Vec<Duration> = arrivals.latency.iter().flatten().copied().collect();
+        let trigger_coordinator = agent % m;
+        let (local, remote): (Vec<_>, Vec<_>) = arrivals
+            .latency
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.map(|l| (i % m == trigger_coordinator, l)))
+            .partition(|(local, _)| *local);
+        let local: Vec<Duration> = local.into_iter().map(|(_, l)| l).collect();
+        let remote: Vec<Duration> = remote.into_iter().map(|(_, l)| l).collect();
         let missing = n - latencies.len();
         let net = network_state(&target.admin, network).await?;
         if net.version != version + 1 {
@@ -458,14 +590,18 @@ async fn run(
         let result = ChangeResult {
             change: k + 1 - args.warmup.min(k + 1),
             trigger_agent: agent,
+            trigger_coordinator,
             version,
             latency: Spread::of(latencies.clone()),
+            on_trigger_coordinator: Spread::of(local.clone()),
+            on_other_coordinators: Spread::of(remote.clone()),
             missing,
             by_full_map: arrivals.by_full_map,
             frame_bytes: arrivals.frame_bytes,
             wire,
             coordinator_cpu_ms: cpu_ms("coordinator"),
             agents_cpu_ms: cpu_ms("agents"),
+            store_cpu_ms: store_cpu,
         };
         if k < args.warmup {
             say(format!(
@@ -485,6 +621,8 @@ async fn run(
                 result.wire.rx_bytes
             ));
             all.extend(latencies);
+            on_trigger.extend(local);
+            on_others.extend(remote);
             per_change.push(result);
         }
         if missing > 0 {
@@ -499,31 +637,62 @@ async fn run(
     let udp_changes = sys::udp_drops().since(&udp_changes_start);
     let end_socket_drops = socket_drops();
 
-    // Every agent against the coordinator's map.
+    // Every agent against its coordinator's map, and the coordinators' maps against each
+    // other.
     let summaries = fleet.describe().await;
     let net = network_state(&target.admin, network).await?;
-    let expected = target
-        .service
-        .as_ref()
-        .and_then(|s| s.hub().map(network))
-        .map(|m| map_digest(&m));
-    let reference = expected.or_else(|| summaries.iter().flatten().next().map(|s| s.digest));
+    let expected: Vec<Option<u64>> = target
+        .services
+        .iter()
+        .map(|s| s.hub().map(network).map(|m| map_digest(&m)))
+        .collect();
+    let sessions_per_coordinator: Vec<usize> = target
+        .services
+        .iter()
+        .map(|s| s.hub().online_count(network))
+        .collect();
+    let coordinators_agree = expected.iter().all(|e| e.is_some() && *e == expected[0]);
+    let first_answer = summaries.iter().flatten().next().map(|s| s.digest);
+    let reference = |agent: usize| {
+        if expected.is_empty() {
+            first_answer
+        } else {
+            expected[agent % expected.len()]
+        }
+    };
     let answered = summaries.iter().flatten().count();
     let matching = summaries
         .iter()
-        .flatten()
-        .filter(|s| s.version == net.version && s.peers == net.nodes && Some(s.digest) == reference)
+        .enumerate()
+        .filter_map(|(i, s)| s.map(|s| (i, s)))
+        .filter(|(i, s)| {
+            s.version == net.version && s.peers == net.nodes && Some(s.digest) == reference(*i)
+        })
         .count();
-    let consistent = answered == n && matching == n;
+    let consistent = answered == n && matching == n && coordinators_agree;
+    let compared_with = match expected.len() {
+        0 => "each other".to_string(),
+        1 => "the coordinator's map".to_string(),
+        _ if coordinators_agree => format!(
+            "their coordinator's map; the {} coordinators' maps are identical",
+            expected.len()
+        ),
+        _ => format!(
+            "their coordinator's map; the coordinators' maps DIFFER (versions {})",
+            target
+                .services
+                .iter()
+                .map(|s| s
+                    .hub()
+                    .version(network)
+                    .map_or("none".into(), |v| v.to_string()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    };
     let consistency = format!(
-        "{matching} of {n} agents hold version {} with all {} peers, identical to {}",
-        net.version,
-        net.nodes,
-        if expected.is_some() {
-            "the coordinator's map"
-        } else {
-            "each other"
-        }
+        "{matching} of {n} agents hold version {} with all {} peers, identical to {compared_with}",
+        net.version, net.nodes,
     );
     let memory_end = sys::memory();
     let counters_end = board.counters.values();
@@ -542,6 +711,9 @@ async fn run(
         agents: n,
         changes: per_change.len(),
         coordinator: target.describe.clone(),
+        coordinators: m,
+        store: target.store.clone(),
+        sessions_per_coordinator,
         map: match table {
             TableKind::Full => "full",
             TableKind::Compact => "compact",
@@ -562,12 +734,15 @@ async fn run(
         },
         per_change,
         latency: Spread::default(),
+        latency_on_trigger_coordinator: Spread::default(),
+        latency_on_other_coordinators: Spread::default(),
         worst_change_p99_ms: 0.0,
         frame_bytes_per_change: 0.0,
         wire_rx_bytes_per_change: 0.0,
         wire_tx_bytes_per_change: 0.0,
         coordinator_cpu_ms_per_change: 0.0,
         agents_cpu_ms_per_change: 0.0,
+        store_cpu_ms_per_change: None,
         full_map_bytes: counters_end.largest_full_map,
         memory_after_ramp,
         memory_end,
@@ -586,6 +761,6 @@ async fn run(
         consistent,
         consistency,
     };
-    report.summarise(all);
+    report.summarise(all, on_trigger, on_others);
     Ok(report)
 }

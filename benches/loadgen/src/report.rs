@@ -57,10 +57,17 @@ pub struct ChangeResult {
     pub change: usize,
     /// The agent that reported new endpoints.
     pub trigger_agent: usize,
+    /// The coordinator that agent is connected to (0-based), where the change is made.
+    pub trigger_coordinator: usize,
     /// The network version the change produced.
     pub version: u64,
     /// From the report being handed to QUIC to each agent having applied the delta.
     pub latency: Spread,
+    /// The same, over the agents of the coordinator the change was made through.
+    pub on_trigger_coordinator: Spread,
+    /// The same, over the agents of the other coordinators (none with one coordinator):
+    /// the change reached them through the shared database.
+    pub on_other_coordinators: Spread,
     /// Agents that had not applied it when the wait timed out.
     pub missing: usize,
     /// Agents that got the version through a full map rather than the delta.
@@ -75,6 +82,9 @@ pub struct ChangeResult {
     pub coordinator_cpu_ms: f64,
     /// CPU time of the agents' threads over the same window, in milliseconds.
     pub agents_cpu_ms: f64,
+    /// CPU time of the private PostgreSQL server's processes over the same window, in
+    /// milliseconds; `None` without a private cluster.
+    pub store_cpu_ms: Option<f64>,
 }
 
 /// The ramp-up: joining every agent, then draining every delta the joins caused.
@@ -106,8 +116,16 @@ pub struct RunReport {
     pub agents: usize,
     /// Measured changes.
     pub changes: usize,
-    /// `in-process` or the external coordinator's address.
+    /// The coordinators, in words: in-process (with their QUIC addresses) or external.
     pub coordinator: String,
+    /// How many coordinators the agents are spread over (agent `i` on coordinator
+    /// `i % coordinators`).
+    pub coordinators: usize,
+    /// Their store: `sqlite`, `postgres (private cluster ...)`, the PostgreSQL URL without
+    /// its password, or `external` (unknown).
+    pub store: String,
+    /// Sessions on each in-process coordinator at the end (empty for an external one).
+    pub sessions_per_coordinator: Vec<usize>,
     /// `full` or `compact` (see `table.rs`).
     pub map: String,
     /// Client UDP sockets the agent connections share.
@@ -124,6 +142,11 @@ pub struct RunReport {
     pub per_change: Vec<ChangeResult>,
     /// Latency over every (change, agent) pair.
     pub latency: Spread,
+    /// Latency over the (change, agent) pairs where the agent is on the coordinator the
+    /// change was made through.
+    pub latency_on_trigger_coordinator: Spread,
+    /// Latency over the other pairs (the change went through the database).
+    pub latency_on_other_coordinators: Spread,
     /// The largest per-change p99.
     pub worst_change_p99_ms: f64,
     /// Mean delta frame bytes per change, summed over agents.
@@ -136,6 +159,8 @@ pub struct RunReport {
     pub coordinator_cpu_ms_per_change: f64,
     /// Mean agent CPU per change, in milliseconds.
     pub agents_cpu_ms_per_change: f64,
+    /// Mean CPU of the private PostgreSQL server per change, in milliseconds.
+    pub store_cpu_ms_per_change: Option<f64>,
     /// The largest full map an agent received, in bytes (what a coordinator that resends
     /// whole maps would send each agent per change).
     pub full_map_bytes: u64,
@@ -173,30 +198,44 @@ fn mean(values: impl Iterator<Item = f64>) -> f64 {
 }
 
 impl RunReport {
-    /// Fills the summary fields from `per_change` and `all_latencies`.
-    pub fn summarise(&mut self, all_latencies: Vec<Duration>) {
+    /// Fills the summary fields from `per_change` and the pooled latencies: all of them,
+    /// those on the change's coordinator and those on the others.
+    pub fn summarise(
+        &mut self,
+        all_latencies: Vec<Duration>,
+        on_trigger_coordinator: Vec<Duration>,
+        on_other_coordinators: Vec<Duration>,
+    ) {
         let c = &self.per_change;
         self.latency = Spread::of(all_latencies);
+        self.latency_on_trigger_coordinator = Spread::of(on_trigger_coordinator);
+        self.latency_on_other_coordinators = Spread::of(on_other_coordinators);
         self.worst_change_p99_ms = c.iter().map(|r| r.latency.p99_ms).fold(0.0, f64::max);
         self.frame_bytes_per_change = mean(c.iter().map(|r| r.frame_bytes as f64));
         self.wire_rx_bytes_per_change = mean(c.iter().map(|r| r.wire.rx_bytes as f64));
         self.wire_tx_bytes_per_change = mean(c.iter().map(|r| r.wire.tx_bytes as f64));
         self.coordinator_cpu_ms_per_change = mean(c.iter().map(|r| r.coordinator_cpu_ms));
         self.agents_cpu_ms_per_change = mean(c.iter().map(|r| r.agents_cpu_ms));
+        self.store_cpu_ms_per_change = c
+            .iter()
+            .all(|r| r.store_cpu_ms.is_some())
+            .then(|| mean(c.iter().filter_map(|r| r.store_cpu_ms)));
     }
 
     /// The header of the summary table.
     pub fn summary_header() -> &'static str {
-        "| N | changes | p50 ms | p99 ms | max ms | worst change p99 ms | delta B/agent | app B/change | wire rx B/change | wire rx B/agent | coord CPU ms/change | full map B | join ramp s | drain s | RSS MiB (peak) |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "| N | coordinators | store | changes | p50 ms | p99 ms | max ms | worst change p99 ms | delta B/agent | app B/change | wire rx B/change | wire rx B/agent | coord CPU ms/change | full map B | join ramp s | drain s | RSS MiB (peak) |\n\
+         |---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     }
 
     /// This run as one row of the summary table.
     pub fn summary_row(&self) -> String {
         let n = self.agents.max(1) as f64;
         format!(
-            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.1} | {:.1} | {} ({}) |",
+            "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {:.1} | {:.1} | {} ({}) |",
             self.agents,
+            self.coordinators,
+            self.store_kind(),
             self.changes,
             self.latency.p50_ms,
             self.latency.p99_ms,
@@ -215,28 +254,42 @@ impl RunReport {
         )
     }
 
+    /// The store in one word, for tables: `sqlite`, `postgres` or `external`.
+    pub fn store_kind(&self) -> &str {
+        self.store.split_whitespace().next().unwrap_or("")
+    }
+
     /// The whole report as markdown: summary, per-change table, ramp and anomalies.
     pub fn markdown(&self) -> String {
         let mut out = String::new();
         let n = self.agents.max(1) as f64;
         let _ = writeln!(
             out,
-            "## Propagation of one change to {} agents ({}; maps: {}; {} client sockets; threads: coordinator {}, agents {})\n",
-            self.agents, self.coordinator, self.map, self.client_endpoints, self.threads.0, self.threads.1
+            "## Propagation of one change to {} agents over {} coordinator{} ({}; store: {}; maps: {}; {} client sockets; threads: coordinators {}, agents {})\n",
+            self.agents,
+            self.coordinators,
+            if self.coordinators == 1 { "" } else { "s" },
+            self.coordinator,
+            self.store,
+            self.map,
+            self.client_endpoints,
+            self.threads.0,
+            self.threads.1
         );
         let _ = writeln!(out, "{}", Self::summary_header());
         let _ = writeln!(out, "{}\n", self.summary_row());
         let _ = writeln!(
             out,
-            "| change | agent | version | p50 ms | p99 ms | max ms | missing | delta B/agent | wire rx B | rx datagrams | wire tx B | coord CPU ms | agents CPU ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "| change | agent | coordinator | version | p50 ms | p99 ms | max ms | missing | delta B/agent | wire rx B | rx datagrams | wire tx B | coord CPU ms | agents CPU ms | store CPU ms |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         );
         for c in &self.per_change {
             let applied = (self.agents - c.missing).max(1) as f64;
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} |",
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {} | {} | {} | {:.1} | {:.1} | {} |",
                 c.change,
                 c.trigger_agent,
+                c.trigger_coordinator,
                 c.version,
                 c.latency.p50_ms,
                 c.latency.p99_ms,
@@ -248,6 +301,7 @@ impl RunReport {
                 c.wire.tx_bytes,
                 c.coordinator_cpu_ms,
                 c.agents_cpu_ms,
+                c.store_cpu_ms.map_or("-".into(), |ms| format!("{ms:.1}")),
             );
         }
         let r = &self.ramp;
@@ -280,6 +334,35 @@ impl RunReport {
             self.coordinator_cpu_ms_per_change * 1e3 / n,
             self.agents_cpu_ms_per_change * 1e3 / n,
         );
+        if self.coordinators > 1 {
+            let (t, o) = (
+                &self.latency_on_trigger_coordinator,
+                &self.latency_on_other_coordinators,
+            );
+            let _ = writeln!(
+                out,
+                "Coordinators: {} sharing {}; sessions at the end {}. Agents on the coordinator the change was made through: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; on the others (through the database): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms.",
+                self.coordinators,
+                self.store,
+                self.sessions_per_coordinator
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" / "),
+                t.p50_ms,
+                t.p99_ms,
+                t.max_ms,
+                o.p50_ms,
+                o.p99_ms,
+                o.max_ms,
+            );
+        }
+        if let Some(ms) = self.store_cpu_ms_per_change {
+            let _ = writeln!(
+                out,
+                "PostgreSQL server CPU per change: {ms:.2} ms (its processes, outside this one)."
+            );
+        }
         let m = (&self.memory_after_ramp, &self.memory_end);
         let _ = writeln!(
             out,

@@ -73,6 +73,34 @@ pub fn cpu_since(later: &CpuByGroup, earlier: &CpuByGroup) -> CpuByGroup {
         .collect()
 }
 
+/// Time on CPU of process `root` and of its children, in nanoseconds: the first field of
+/// each one's `/proc/PID/schedstat` (its main thread). Meant for a PostgreSQL server, whose
+/// postmaster and backends are single-threaded processes; a child that ended since the last
+/// call no longer counts. Zero when `root` is gone.
+pub fn process_tree_cpu(root: u32) -> u64 {
+    let on_cpu = |pid: u32| {
+        fs::read_to_string(format!("/proc/{pid}/schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    let children = procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| parent(*pid) == Some(root));
+    on_cpu(root) + children.map(on_cpu).sum::<u64>()
+}
+
+/// The parent of process `pid` (`/proc/PID/stat`, the field after the parenthesised name).
+fn parent(pid: u32) -> Option<u32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// The UDP counters of the network namespace (`/proc/net/snmp`, the `Udp:` lines) that say
 /// datagrams were dropped.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -145,5 +173,10 @@ mod tests {
         assert!(m.rss > 0 && m.peak >= m.rss);
         let c = cpu();
         assert!(c.values().sum::<u64>() > 0);
+        assert_eq!(
+            parent(std::process::id()),
+            Some(std::os::unix::process::parent_id())
+        );
+        assert!(process_tree_cpu(std::process::id()) > 0);
     }
 }
