@@ -13,8 +13,9 @@ use sqlx::{Any, Row};
 use super::{Backend, SqlStore, StoreError};
 use meshlink_proto::NodeId;
 
-/// The database clock in milliseconds since the Unix epoch.
-const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
+/// The database clock in milliseconds since the Unix epoch: the one clock every coordinator
+/// sharing the database reads, whatever their hosts' clocks say.
+pub(super) const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000)::BIGINT";
 
 /// The advisory lock the failover leader holds for as long as its connection lives.
 const LEADER_LOCK: i64 = 0x6d6c_6c65_6164_6572;
@@ -56,11 +57,12 @@ impl SqlStore {
     /// [`StoreError::Database`] when the database cannot be reached.
     pub async fn renew_lease(&self, node: NodeId, network: &str) -> Result<Renewal, StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH up AS (INSERT INTO leases (node, heard_ms, fenced_until_ms) \
-             VALUES ($1, {NOW_MS}, 0) \
+             VALUES ($1, {now}, 0) \
              ON CONFLICT (node) DO UPDATE SET heard_ms = EXCLUDED.heard_ms \
-             WHERE leases.fenced_until_ms < {NOW_MS} RETURNING node) \
+             WHERE leases.fenced_until_ms < {now} RETURNING node) \
              SELECT (SELECT COUNT(*) FROM up) AS renewed, \
              (SELECT version FROM networks WHERE name = $2) AS version"
         )))
@@ -83,8 +85,9 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn lease_ages(&self) -> Result<Vec<(NodeId, u64)>, StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT node, GREATEST({NOW_MS} - heard_ms, 0) AS ago FROM leases"
+            "SELECT node, GREATEST({now} - heard_ms, 0) AS ago FROM leases"
         )))
         .fetch_all(self.pool())
         .await?;
@@ -106,10 +109,11 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn fence_lease(&self, node: NodeId, silent_ms: u64) -> Result<bool, StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, 0, {NOW_MS} + $3) \
-             ON CONFLICT (node) DO UPDATE SET fenced_until_ms = {NOW_MS} + $3 \
-             WHERE leases.heard_ms < {NOW_MS} - $2 RETURNING node"
+            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, 0, {now} + $3) \
+             ON CONFLICT (node) DO UPDATE SET fenced_until_ms = {now} + $3 \
+             WHERE leases.heard_ms < {now} - $2 RETURNING node"
         )))
         .bind(i64::try_from(node).unwrap_or(i64::MAX))
         .bind(i64::try_from(silent_ms).unwrap_or(i64::MAX))
@@ -157,7 +161,9 @@ impl SqlStore {
             .unwrap_or(false);
         if got {
             tracing::info!("this coordinator now decides failovers");
-            // The lock lives as long as this connection: keep it out of the pool.
+            // The lock lives as long as this connection: it never goes back to the pool (where
+            // another query would hold the lock unknowingly); dropping it closes it.
+            conn.close_on_drop();
             l.conn = Some(conn);
         }
         got
@@ -169,9 +175,10 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn presence_attach(&self, node: NodeId, me: &str) -> Result<(), StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO presence (node, coordinator, seen_ms) VALUES ($1, $2, {NOW_MS}) \
-             ON CONFLICT (node) DO UPDATE SET coordinator = $2, seen_ms = {NOW_MS}"
+            "INSERT INTO presence (node, coordinator, seen_ms) VALUES ($1, $2, {now}) \
+             ON CONFLICT (node) DO UPDATE SET coordinator = $2, seen_ms = {now}"
         )))
         .bind(i64::try_from(node).unwrap_or(i64::MAX))
         .bind(me)
@@ -201,6 +208,7 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn presence_refresh(&self, me: &str, nodes: &[NodeId]) -> Result<(), StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let list = serde_json::to_string(nodes).unwrap_or_else(|_| "[]".into());
         let mut tx = self.pool().begin().await?;
         sqlx::query(
@@ -213,8 +221,8 @@ impl SqlStore {
         .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO presence (node, coordinator, seen_ms) \
-             SELECT value::BIGINT, $1, {NOW_MS} FROM json_array_elements_text($2::json) \
-             ON CONFLICT (node) DO UPDATE SET coordinator = $1, seen_ms = {NOW_MS} \
+             SELECT value::BIGINT, $1, {now} FROM json_array_elements_text($2::json) \
+             ON CONFLICT (node) DO UPDATE SET coordinator = $1, seen_ms = {now} \
              WHERE presence.coordinator = $1"
         )))
         .bind(me)
@@ -231,8 +239,9 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn present(&self) -> Result<std::collections::HashSet<NodeId>, StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT node FROM presence WHERE seen_ms > {NOW_MS} - {PRESENCE_MS}"
+            "SELECT node FROM presence WHERE seen_ms > {now} - {PRESENCE_MS}"
         )))
         .fetch_all(self.pool())
         .await?;
@@ -254,9 +263,10 @@ impl SqlStore {
         sessions: usize,
     ) -> Result<(), StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO coordinators (address, seen_ms, sessions) VALUES ($1, {NOW_MS}, $2) \
-             ON CONFLICT (address) DO UPDATE SET seen_ms = {NOW_MS}, sessions = $2"
+            "INSERT INTO coordinators (address, seen_ms, sessions) VALUES ($1, {now}, $2) \
+             ON CONFLICT (address) DO UPDATE SET seen_ms = {now}, sessions = $2"
         )))
         .bind(address)
         .bind(i64::try_from(sessions).unwrap_or(i64::MAX))
@@ -272,9 +282,10 @@ impl SqlStore {
     /// [`StoreError::Database`].
     pub async fn coordinators(&self) -> Result<Vec<(String, u64, bool)>, StoreError> {
         self.require_postgres()?;
+        let now = self.now_sql();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT address, sessions, \
-             CASE WHEN seen_ms > {NOW_MS} - {PRESENCE_MS} THEN 1::BIGINT ELSE 0::BIGINT END \
+             CASE WHEN seen_ms > {now} - {PRESENCE_MS} THEN 1::BIGINT ELSE 0::BIGINT END \
              AS alive FROM coordinators ORDER BY address"
         )))
         .fetch_all(self.pool())

@@ -55,6 +55,17 @@ const TOKEN_COLUMNS: &str =
 pub struct SqlStore {
     pool: AnyPool,
     backend: Backend,
+    clock: Option<LeaseClock>,
+}
+
+/// A clock for the shared leases in place of the database's (a simulation's), in milliseconds.
+#[derive(Clone)]
+pub struct LeaseClock(pub std::sync::Arc<dyn Fn() -> i64 + Send + Sync>);
+
+impl std::fmt::Debug for LeaseClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseClock")
+    }
 }
 
 fn install_drivers() {
@@ -126,11 +137,31 @@ impl SqlStore {
             }
             e => StoreError::Database(e.into()),
         })?;
-        Ok(SqlStore { pool, backend })
+        Ok(SqlStore {
+            pool,
+            backend,
+            clock: None,
+        })
     }
 
     pub(super) fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    /// The same store with the shared leases' times taken from `clock` instead of the
+    /// database's clock: for a simulation, whose time is its own.
+    #[must_use]
+    pub fn with_lease_clock(mut self, clock: LeaseClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// SQL for "now" in milliseconds: the database's clock, or the lease clock's reading.
+    pub(super) fn now_sql(&self) -> String {
+        match &self.clock {
+            Some(c) => format!("{}::BIGINT", (c.0)()),
+            None => super::shared::NOW_MS.to_string(),
+        }
     }
 
     /// Which database this is.

@@ -14,6 +14,12 @@
 //! and after the chaos ends, that every agent converges to the store's generation of every
 //! workload, with exactly its holder answering for it.
 //!
+//! The same chaos with three coordinators sharing one PostgreSQL database (the private test
+//! cluster): agents move between them as their sessions break, a coordinator crashes and
+//! stays down for a while, notifications are lost (a coordinator misses some and catches up
+//! from the change log), and leases are renewed through whichever coordinator an agent has;
+//! the same invariants hold.
+//!
 //! Two single scenes on the same bed: two moves racing on one generation (one commits, the
 //! other is a conflict), and a quiet holder revoked while its standby is online (the standby
 //! takes over, prepared, only after the holder's lease has surely ended).
@@ -32,7 +38,7 @@ use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::hub::{Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, WorkloadTiming};
-use meshlink_coordinator::store::{SqlStore, Store, UnixTime};
+use meshlink_coordinator::store::{LeaseClock, SqlStore, Store, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, ClaimId, Event};
 use meshlink_proto::control::{ClientMessage, ServerMessage};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
@@ -42,15 +48,19 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::common::{decode_frame, join_hello, node_hello, TempDir};
+use crate::common::{decode_frame, join_hello, node_hello, TempDir, TestDb};
 
 const NETWORK: &str = "prod";
 const AGENTS: usize = 6;
 const WORKLOADS: usize = 3;
 const MAX_LATENCY_MS: u64 = 30;
 /// How long after a cut or a crash each end notices that the connection is dead (the QUIC
-/// idle timeout).
-const IDLE_MS: u64 = 4_000;
+/// idle timeout, a third of the lease, plus a keepalive).
+const IDLE_MS: u64 = 700;
+/// With several coordinators: how often each follows the change log (its notifications), and
+/// the chance that it misses one round (a lost notification; the next round catches up).
+const FOLLOW_MS: u64 = 20;
+const MISSED_NOTIFICATION: f64 = 0.2;
 const CHAOS_MS: u64 = 30_000;
 /// How long a planned change may take from the request to the new holder's first answer: a
 /// quiet holder's lease waited out (1.6 s), the destination's preparation (up to 500 ms), the
@@ -175,6 +185,10 @@ struct Agent {
     /// Moves being prepared here: (ready at, workload, generation).
     preparing: Vec<(u64, String, u64)>,
     claims: BTreeMap<ClaimId, String>,
+    /// The coordinator of the current session.
+    at: usize,
+    /// The coordinator the next attempt goes to.
+    next: usize,
 }
 
 /// Changes of holder whose new generation an operator or a claim asked for.
@@ -185,8 +199,13 @@ struct Sim {
     rng: StdRng,
     clock: Arc<SimClock>,
     store: Arc<dyn Store>,
-    service: Arc<Service>,
-    tasks: JoinSet<()>,
+    /// The coordinators; one on SQLite, or several on one PostgreSQL database (`url`).
+    services: Vec<Arc<Service>>,
+    url: Option<String>,
+    /// Per coordinator: down (crashed) until then.
+    down_until: Vec<Option<u64>>,
+    /// Per coordinator: the work it runs (failover ticks, operators' changes), ended with it.
+    tasks: Vec<JoinSet<()>>,
     agents: Vec<Agent>,
     workloads: Vec<String>,
     planned: Planned,
@@ -205,24 +224,63 @@ fn remote(key: u8) -> IpAddr {
     IpAddr::from([198, 18, 0, key])
 }
 
+/// A coordinator's service on the shared PostgreSQL store, its leases on simulated time.
+async fn shared_service(url: &str, clock: &Arc<SimClock>) -> Arc<Service> {
+    let c = clock.clone();
+    let store = SqlStore::connect_postgres(url)
+        .await
+        .unwrap()
+        .with_lease_clock(LeaseClock(Arc::new(move || {
+            i64::try_from(c.ms.load(Ordering::SeqCst)).unwrap_or(i64::MAX)
+        })));
+    let service = Arc::new(
+        Service::load_with(
+            Arc::new(store.clone()),
+            clock.clone(),
+            1024,
+            WorkloadTiming::default(),
+        )
+        .await
+        .unwrap(),
+    );
+    service.share_leases(store);
+    service
+}
+
 impl Sim {
-    async fn new(dir: &TempDir, seed: u64) -> Sim {
+    /// One coordinator on SQLite in `dir`, or `coordinators` on the PostgreSQL database `url`.
+    async fn new(dir: &TempDir, seed: u64, url: Option<&str>, coordinators: usize) -> Sim {
         let clock = Arc::new(SimClock::new());
-        let store: Arc<dyn Store> = Arc::new(
-            SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
-                .await
-                .unwrap(),
-        );
-        let service = Arc::new(
-            Service::load_with(
-                store.clone(),
-                clock.clone(),
-                1024,
-                WorkloadTiming::default(),
-            )
-            .await
-            .unwrap(),
-        );
+        let (store, services): (Arc<dyn Store>, Vec<Arc<Service>>) = match url {
+            None => {
+                let store: Arc<dyn Store> = Arc::new(
+                    SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+                        .await
+                        .unwrap(),
+                );
+                let service = Arc::new(
+                    Service::load_with(
+                        store.clone(),
+                        clock.clone(),
+                        1024,
+                        WorkloadTiming::default(),
+                    )
+                    .await
+                    .unwrap(),
+                );
+                (store, vec![service])
+            }
+            Some(url) => {
+                let mut services = Vec::new();
+                for _ in 0..coordinators {
+                    services.push(shared_service(url, &clock).await);
+                }
+                let store: Arc<dyn Store> =
+                    Arc::new(SqlStore::connect_postgres(url).await.unwrap());
+                (store, services)
+            }
+        };
+        let service = services[0].clone();
         service
             .create_network(CreateNetwork {
                 name: NETWORK.into(),
@@ -268,6 +326,8 @@ impl Sim {
                 down: Link::new(),
                 preparing: Vec::new(),
                 claims: BTreeMap::new(),
+                at: 0,
+                next: n % services.len(),
             });
         }
         let mut workloads = Vec::new();
@@ -292,13 +352,19 @@ impl Sim {
                 .unwrap();
             workloads.push(name);
         }
+        for s in &services[1..] {
+            s.follow_all().await.unwrap();
+        }
+        let n = services.len();
         let mut sim = Sim {
             seed,
             rng: StdRng::seed_from_u64(seed),
             clock,
             store,
-            service,
-            tasks: JoinSet::new(),
+            services,
+            url: url.map(str::to_string),
+            down_until: vec![None; n],
+            tasks: (0..n).map(|_| JoinSet::new()).collect(),
             agents,
             workloads,
             planned: Arc::new(Mutex::new(BTreeSet::new())),
@@ -311,8 +377,19 @@ impl Sim {
             let g = sim.generation(w).await;
             sim.planned.lock().unwrap().insert((w.clone(), g));
         }
-        sim.start_failover_loop();
+        for k in 0..n {
+            sim.start_failover_loop(k);
+        }
         sim
+    }
+
+    /// The first coordinator (the only one on SQLite).
+    fn service(&self) -> Arc<Service> {
+        self.services[0].clone()
+    }
+
+    fn is_up(&self, k: usize) -> bool {
+        self.down_until[k].is_none()
     }
 
     /// The store's generation of workload `name`.
@@ -325,9 +402,9 @@ impl Sim {
         *self.stats.entry(what).or_default() += 1;
     }
 
-    fn start_failover_loop(&mut self) {
-        let (service, clock) = (self.service.clone(), self.clock.clone());
-        self.tasks.spawn(async move {
+    fn start_failover_loop(&mut self, k: usize) {
+        let (service, clock) = (self.services[k].clone(), self.clock.clone());
+        self.tasks[k].spawn(async move {
             let mut next = clock.instant();
             loop {
                 next += Duration::from_millis(50);
@@ -341,29 +418,26 @@ impl Sim {
         1 + self.rng.gen_range(0..MAX_LATENCY_MS)
     }
 
-    /// The coordinator crashes and starts again on the same store: every session dies, and
-    /// agents learn of it from the stateless reset their next packet draws.
-    async fn restart_coordinator(&mut self) {
-        self.count("coordinator restarts");
-        self.tasks.abort_all();
-        self.service.abort_tasks();
-        while self.tasks.join_next().await.is_some() {}
-        // A transaction the crash interrupted may still be finishing on SQLite's own thread
-        // (a real crash settles it, one way or the other, before the restart reads): let it.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.service = Arc::new(
-            Service::load_with(
-                self.store.clone(),
-                self.clock.clone(),
-                1024,
-                WorkloadTiming::default(),
-            )
-            .await
-            .unwrap(),
-        );
+    /// Coordinator `k` crashes. Alone (SQLite), it starts again at once on the same store:
+    /// every session dies, and agents learn of it from the stateless reset their next packet
+    /// draws. One of several stays down for a while: its agents notice after the idle timeout
+    /// and go to the next coordinator; its leadership (a database connection) goes with it.
+    async fn crash_coordinator(&mut self, k: usize) {
+        self.count("coordinator crashes");
+        self.tasks[k].abort_all();
+        self.services[k].abort_tasks();
+        while self.tasks[k].join_next().await.is_some() {}
+        let alone = self.services.len() == 1;
         for i in 0..self.agents.len() {
-            let soon = self.now + 1 + self.rng.gen_range(0..300);
+            let soon = if alone {
+                self.now + 1 + self.rng.gen_range(0..300)
+            } else {
+                self.now + IDLE_MS
+            };
             let a = &mut self.agents[i];
+            if a.at != k || a.coord.is_none() {
+                continue;
+            }
             a.coord = None;
             a.up.cut();
             a.down.cut();
@@ -371,7 +445,33 @@ impl Sim {
                 a.lost_at = Some(a.lost_at.map_or(soon, |t| t.min(soon)));
             }
         }
-        self.start_failover_loop();
+        if alone {
+            self.start_coordinator(k).await;
+        } else {
+            self.down_until[k] = Some(self.now + 1_000 + self.rng.gen_range(0..3_000));
+        }
+    }
+
+    /// Coordinator `k` starts (again) on the store.
+    async fn start_coordinator(&mut self, k: usize) {
+        // A transaction the crash interrupted may still be finishing on SQLite's own thread
+        // (a real crash settles it, one way or the other, before the restart reads): let it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.services[k] = match &self.url {
+            None => Arc::new(
+                Service::load_with(
+                    self.store.clone(),
+                    self.clock.clone(),
+                    1024,
+                    WorkloadTiming::default(),
+                )
+                .await
+                .unwrap(),
+            ),
+            Some(url) => shared_service(url, &self.clock).await,
+        };
+        self.down_until[k] = None;
+        self.start_failover_loop(k);
     }
 
     /// An operator moves, detaches or attaches a workload (through the service, as the admin
@@ -387,8 +487,13 @@ impl Sim {
             .as_ref()
             .map(|n| self.agents[n[3..].parse::<usize>().unwrap() - 1].id);
         self.asked.insert((name.clone(), to_id), self.now);
-        let (service, planned) = (self.service.clone(), self.planned.clone());
-        self.tasks.spawn(async move {
+        // Through any coordinator that is up.
+        let up: Vec<usize> = (0..self.services.len())
+            .filter(|k| self.is_up(*k))
+            .collect();
+        let k = up[self.rng.gen_range(0..up.len())];
+        let (service, planned) = (self.services[k].clone(), self.planned.clone());
+        self.tasks[k].spawn(async move {
             if let Ok(o) = service.move_workload(NETWORK, &name, to.as_deref()).await {
                 planned
                     .lock()
@@ -407,9 +512,17 @@ impl Sim {
         a.down.cut();
         a.lost_at = None;
         a.idle_at = None;
+        let at = a.at;
+        // The next attempt goes to the next coordinator.
+        a.next = (at + 1) % self.services.len();
         if let Some(c) = a.coord.take() {
-            self.service.session_closed(NETWORK, a.id, c.serial).await;
+            if self.down_until[at].is_none() {
+                self.services[at]
+                    .session_closed(NETWORK, a.id, c.serial)
+                    .await;
+            }
         }
+        let a = &mut self.agents[i];
         let holder = a.session.holdings().is_holder();
         let pause = a.reconnect.after_session(holder, AGENTS, pause_fraction);
         a.life = Life::Offline(self.now + u64::try_from(pause.as_millis()).unwrap());
@@ -417,9 +530,25 @@ impl Sim {
 
     async fn connect(&mut self, i: usize) {
         let now_i = self.clock.instant();
+        let k = self.agents[i].next;
+        if !self.is_up(k) {
+            // Nothing answers: the attempt gives up after its patience (a few seconds at
+            // most while other coordinators are left to try) and the next goes elsewhere.
+            let f: f64 = self.rng.gen();
+            let now = self.now;
+            let n = self.services.len();
+            let a = &mut self.agents[i];
+            let holder = a.session.holdings().is_holder();
+            let patience = a.reconnect.patience(holder).min(Duration::from_secs(3));
+            let wait = patience + a.reconnect.after_failure(holder, f);
+            a.next = (k + 1) % n;
+            a.life = Life::Offline(now + u64::try_from(wait.as_millis()).unwrap());
+            self.count("attempts to a dead coordinator");
+            return;
+        }
         let a = &self.agents[i];
         let hello = node_hello(a.id, &a.secret, a.key);
-        match self.service.hello(&hello, remote(a.key)).await {
+        match self.services[k].hello(&hello, remote(a.key)).await {
             Ok(s) => {
                 let ServerMessage::FullMap(map) = decode_frame(&s.attached.full_map) else {
                     panic!("seed {}: no full map after the welcome", self.seed)
@@ -427,6 +556,7 @@ impl Sim {
                 let a = &mut self.agents[i];
                 a.session.connected(now_i, map, vec![]);
                 a.reconnect.connected();
+                a.at = k;
                 a.coord = Some(CoordEnd {
                     serial: s.attached.serial,
                     rx: s.attached.rx,
@@ -494,9 +624,11 @@ impl Sim {
                 a.down.cut();
                 // The coordinator notices the dead connection after the idle timeout.
                 if let Some(c) = a.coord.take() {
-                    let (service, clock, node) = (self.service.clone(), self.clock.clone(), a.id);
+                    let k = a.at;
+                    let (service, clock, node) =
+                        (self.services[k].clone(), self.clock.clone(), a.id);
                     let at = clock.at(now + IDLE_MS);
-                    self.tasks.spawn(async move {
+                    self.tasks[k].spawn(async move {
                         clock.sleep_until(at).await;
                         service.session_closed(NETWORK, node, c.serial).await;
                     });
@@ -615,7 +747,8 @@ impl Sim {
                 network: NETWORK,
                 remote: remote(a.key),
             };
-            match self.service.on_agent_message(from, msg).await {
+            let k = a.at;
+            match self.services[k].on_agent_message(from, msg).await {
                 Ok(Some(frame)) => {
                     let lat = self.latency();
                     let a = &mut self.agents[i];
@@ -717,7 +850,10 @@ impl Sim {
                         a.cut_until,
                         a.session.is_connected(),
                         a.session.map().version,
-                        self.service.hub().version(NETWORK)
+                        self.services
+                            .iter()
+                            .map(|s| s.hub().version(NETWORK))
+                            .collect::<Vec<_>>()
                     ));
                 }
                 let holds = a
@@ -746,8 +882,28 @@ impl Sim {
         for _ in 0..4 {
             tokio::task::yield_now().await;
         }
-        if chaos && self.rng.gen_ratio(1, 12_000) {
-            self.restart_coordinator().await;
+        for k in 0..self.services.len() {
+            if self.down_until[k].is_some_and(|t| now >= t) {
+                self.start_coordinator(k).await;
+            }
+        }
+        // At most one coordinator of several down at a time: agents always have one left.
+        if chaos && self.rng.gen_ratio(1, 12_000) && self.down_until.iter().all(Option::is_none) {
+            let k = self.rng.gen_range(0..self.services.len());
+            self.crash_coordinator(k).await;
+        }
+        if self.url.is_some() {
+            for k in 0..self.services.len() {
+                if !self.is_up(k) {
+                    continue;
+                }
+                if now % FOLLOW_MS == 0 && !self.rng.gen_bool(MISSED_NOTIFICATION) {
+                    let _ = self.services[k].follow_all().await;
+                }
+                if now % 1_000 == 0 {
+                    self.services[k].refresh_presence().await;
+                }
+            }
         }
         if chaos && self.rng.gen_ratio(1, 700) {
             self.operator();
@@ -785,9 +941,13 @@ impl Sim {
     }
 }
 
-async fn simulate(seed: u64) -> BTreeMap<&'static str, u64> {
+async fn simulate(
+    seed: u64,
+    url: Option<&str>,
+    coordinators: usize,
+) -> BTreeMap<&'static str, u64> {
     let dir = TempDir::new(&format!("fencing-{seed}"));
-    let mut sim = Sim::new(&dir, seed).await;
+    let mut sim = Sim::new(&dir, seed, url, coordinators).await;
     sim.run().await;
     let gens: u64 = {
         let mut total = 0;
@@ -800,19 +960,37 @@ async fn simulate(seed: u64) -> BTreeMap<&'static str, u64> {
     stats.insert("generations", gens);
     stats.insert("overlaps", sim.overlaps.len() as u64);
     stats.insert("planned", sim.planned.lock().unwrap().len() as u64);
-    sim.tasks.abort_all();
+    for t in &mut sim.tasks {
+        t.abort_all();
+    }
     stats
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn fencing_holds_through_moves_claims_crashes_cuts_and_coordinator_restarts() {
     for seed in 1..=4 {
-        let stats = simulate(seed).await;
+        let stats = simulate(seed, None, 1).await;
         eprintln!("fencing seed {seed}: {stats:?}");
         assert!(
             stats["generations"] > 3 * WORKLOADS as u64,
             "seed {seed}: too few changes: {stats:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn fencing_holds_with_three_coordinators_sharing_postgresql() {
+    for seed in 11..=13 {
+        let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+            return;
+        };
+        let stats = simulate(seed, Some(&url), 3).await;
+        eprintln!("fencing (3 coordinators) seed {seed}: {stats:?}");
+        assert!(
+            stats["generations"] > 3 * WORKLOADS as u64,
+            "seed {seed}: too few changes: {stats:?}"
+        );
+        assert!(stats.get("coordinator crashes").copied().unwrap_or(0) > 0 || seed != 11);
     }
 }
 
@@ -822,12 +1000,13 @@ async fn fencing_holds_through_moves_claims_crashes_cuts_and_coordinator_restart
 #[tokio::test(flavor = "current_thread")]
 async fn two_moves_racing_on_one_generation_commit_once() {
     let dir = TempDir::new("fencing-race");
-    let sim = Sim::new(&dir, 7).await;
+    let sim = Sim::new(&dir, 7, None, 1).await;
     let before = sim.generation("w0").await;
     // Both destinations are offline: no preparation, both go straight to the commit.
+    let service = sim.service();
     let (a, b) = tokio::join!(
-        sim.service.move_workload(NETWORK, "w0", Some("vm-4")),
-        sim.service.move_workload(NETWORK, "w0", Some("vm-5")),
+        service.move_workload(NETWORK, "w0", Some("vm-4")),
+        service.move_workload(NETWORK, "w0", Some("vm-5")),
     );
     let won: Vec<_> = [&a, &b]
         .into_iter()
@@ -849,7 +1028,7 @@ async fn two_moves_racing_on_one_generation_commit_once() {
     assert_eq!(w.generation, before + 1);
     assert_eq!(w.holder, won[0].workload.holder);
     let map = sim
-        .service
+        .service()
         .hub()
         .full_map(NETWORK)
         .expect("the network is loaded");
@@ -866,9 +1045,9 @@ async fn two_moves_racing_on_one_generation_commit_once() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_quiet_revoked_holder_hands_over_to_its_standby_after_its_lease() {
     let dir = TempDir::new("fencing-revoke");
-    let mut sim = Sim::new(&dir, 8).await;
+    let mut sim = Sim::new(&dir, 8, None, 1).await;
     // Only the revocation moves anything here.
-    sim.tasks.abort_all();
+    sim.tasks[0].abort_all();
     // w0 was given to vm-1 at 0 ms; vm-1 never answers. Its standbys are vm-2, then vm-3;
     // only vm-2 connects, at 1 s, when vm-1 has been quiet for longer than two heartbeats.
     let (holder_quiet_at, standby) = (1_000, 1);
@@ -876,7 +1055,7 @@ async fn a_quiet_revoked_holder_hands_over_to_its_standby_after_its_lease() {
     sim.clock.set(holder_quiet_at);
     sim.connect(standby).await;
     let before = sim.generation("w0").await;
-    let service = sim.service.clone();
+    let service = sim.service();
     let revoke = tokio::spawn(async move { service.revoke_node("vm-1", Some(NETWORK)).await });
     let mut now = holder_quiet_at;
     let mut prepared_at = None;
