@@ -897,10 +897,10 @@ impl Sim {
                 if !self.is_up(k) {
                     continue;
                 }
-                if now % FOLLOW_MS == 0 && !self.rng.gen_bool(MISSED_NOTIFICATION) {
+                if now.is_multiple_of(FOLLOW_MS) && !self.rng.gen_bool(MISSED_NOTIFICATION) {
                     let _ = self.services[k].follow_all().await;
                 }
-                if now % 1_000 == 0 {
+                if now.is_multiple_of(1_000) {
                     self.services[k].refresh_presence().await;
                 }
             }
