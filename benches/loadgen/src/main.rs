@@ -433,9 +433,18 @@ fn change_endpoint(k: usize) -> SocketAddr {
     SocketAddr::from((ip, 40000 + (k % 20000) as u16))
 }
 
-/// The agent that makes change `k`: spread over the fleet.
-fn change_agent(k: usize, agents: usize) -> usize {
-    (k.wrapping_mul(7919).wrapping_add(13)) % agents
+/// The agent that makes change `k`: spread over the fleet and, with several coordinators,
+/// one of coordinator `k % coordinators`'s agents (agent i is on coordinator
+/// i % coordinators), so that every coordinator makes changes in turn.
+fn change_agent(k: usize, agents: usize, coordinators: usize) -> usize {
+    let spread = (k.wrapping_mul(7919).wrapping_add(13)) % agents;
+    let m = coordinators.clamp(1, agents);
+    let agent = spread - spread % m + k % m;
+    if agent < agents {
+        agent
+    } else {
+        agent - m
+    }
 }
 
 async fn run(
@@ -545,7 +554,7 @@ async fn run(
     let mut on_others = Vec::new();
     let mut version = version;
     for k in 0..args.warmup + args.changes {
-        let agent = change_agent(k, n);
+        let agent = change_agent(k, n, m);
         board.arm(version + 1);
         let wire0 = board.wire();
         let cpu0 = sys::cpu();
@@ -763,4 +772,29 @@ async fn run(
     };
     report.summarise(all, on_trigger, on_others);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::change_agent;
+
+    #[test]
+    fn changes_rotate_over_coordinators() {
+        for (agents, m) in [(1000, 3), (4, 3), (2, 2), (7, 7), (1000, 1), (1, 1)] {
+            for k in 0..50 {
+                let a = change_agent(k, agents, m);
+                assert!(
+                    a < agents,
+                    "{agents} agents, {m} coordinators, change {k}: {a}"
+                );
+                assert_eq!(
+                    a % m,
+                    k % m,
+                    "{agents} agents, {m} coordinators, change {k}"
+                );
+            }
+        }
+        // One coordinator: the agents of earlier runs.
+        assert_eq!(change_agent(1, 1000, 1), (7919 + 13) % 1000);
+    }
 }
