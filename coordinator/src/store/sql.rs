@@ -120,9 +120,12 @@ impl SqlStore {
         // One connection first, so that a wrong URL fails with the database's own reason
         // ("connection refused", "password authentication failed") rather than the pool's
         // timeout.
-        let first = tokio::time::timeout(ACQUIRE_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
-            .await
-            .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
+        let first = tokio::time::timeout(
+            ACQUIRE_TIMEOUT,
+            <sqlx::AnyConnection as sqlx::Connection>::connect(url),
+        )
+        .await
+        .map_err(|_| StoreError::Database(sqlx::Error::PoolTimedOut))??;
         sqlx::Connection::close(first).await?;
         let pool = AnyPoolOptions::new()
             .max_connections(8)

@@ -1,4 +1,5 @@
-//! The workload routes of the admin API against a coordinator on loopback: creation and its
+//! The workload routes of the admin API against a coordinator on loopback, on SQLite and on
+//! PostgreSQL: creation and its
 //! checks, attach, move, detach and delete, the `state` a holder's session gives, and finding
 //! the network of a workload by its name.
 //!
@@ -8,6 +9,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use meshlink_coordinator::config::StoreLocation;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::Session;
@@ -16,7 +18,7 @@ use meshlink_proto::control::{Decoder, ServerMessage, MAX_SERVER_MESSAGE};
 use meshlink_proto::NodeId;
 use serde_json::{json, Value};
 
-use crate::common::{http, join_hello, keys, sorted, start, TempDir, WAIT};
+use crate::common::{http, join_hello, keys, loopback_settings, sorted, TempDir, TestDb, WAIT};
 
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -37,14 +39,26 @@ struct Admin {
     c: Coordinator,
     addr: SocketAddr,
     token: String,
+    _dir: TempDir,
 }
 
 impl Admin {
-    async fn start(dir: &TempDir) -> Admin {
-        let c = start(dir.path()).await;
+    /// A coordinator on `db` (its state directory for the identity is its own).
+    async fn start(db: &TestDb) -> Admin {
+        let dir = TempDir::new("wl");
+        let mut settings = loopback_settings(dir.path());
+        if let TestDb::Postgres(url) = db {
+            settings.store = StoreLocation::Postgres(url.clone());
+        }
+        let c = Coordinator::start(&settings).await.unwrap();
         let addr = c.admin_addr();
         let token = c.admin_token().value.clone();
-        Admin { c, addr, token }
+        Admin {
+            c,
+            addr,
+            token,
+            _dir: dir,
+        }
     }
 
     async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
@@ -99,10 +113,8 @@ fn named(id: NodeId, name: &str) -> Value {
     json!({"id": id, "name": name})
 }
 
-#[tokio::test]
-async fn create_checks_its_request_and_picks_the_lowest_free_address() {
-    let dir = TempDir::new("wl-create");
-    let a = Admin::start(&dir).await;
+async fn create_checks_its_request_and_picks_the_lowest_free_address(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     let vm_a = a.join_offline("prod", 1, "vm-a").await;
     let vm_b = a.join_offline("prod", 2, "vm-b").await;
@@ -244,10 +256,8 @@ async fn create_checks_its_request_and_picks_the_lowest_free_address() {
     a.c.shutdown().await;
 }
 
-#[tokio::test]
-async fn attach_move_detach_and_delete() {
-    let dir = TempDir::new("wl-move");
-    let a = Admin::start(&dir).await;
+async fn attach_move_detach_and_delete(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     let vm_a = a.join_offline("prod", 1, "vm-a").await;
     let vm_b = a.join_offline("prod", 2, "vm-b").await;
@@ -376,10 +386,8 @@ async fn answer_prepare(c: &Coordinator, session: &mut Session) {
     }
 }
 
-#[tokio::test]
-async fn state_follows_the_holder_session_and_deleted_nodes_lose_their_name() {
-    let dir = TempDir::new("wl-state");
-    let a = Admin::start(&dir).await;
+async fn state_follows_the_holder_session_and_deleted_nodes_lose_their_name(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     let mut online = a.join("prod", 1, "vm-a").await;
     let vm_a = online.node;
@@ -419,10 +427,8 @@ async fn state_follows_the_holder_session_and_deleted_nodes_lose_their_name() {
     a.c.shutdown().await;
 }
 
-#[tokio::test]
-async fn the_network_may_be_left_out_when_the_name_is_unique() {
-    let dir = TempDir::new("wl-network");
-    let a = Admin::start(&dir).await;
+async fn the_network_may_be_left_out_when_the_name_is_unique(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     a.network("dev", "100.64.1.0/24").await;
     let dev_node = a.join_offline("dev", 1, "vm-a").await;
@@ -483,10 +489,8 @@ async fn the_network_may_be_left_out_when_the_name_is_unique() {
     a.c.shutdown().await;
 }
 
-#[tokio::test]
-async fn workload_routes_need_the_admin_token() {
-    let dir = TempDir::new("wl-auth");
-    let a = Admin::start(&dir).await;
+async fn workload_routes_need_the_admin_token(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     let (status, _) = a.create(json!({"name": "chat", "network": "prod"})).await;
     assert_eq!(status, 201);
@@ -516,10 +520,8 @@ async fn workload_routes_need_the_admin_token() {
 }
 
 /// A move to a node that does not answer `Prepare` still happens, after the bounded wait.
-#[tokio::test]
-async fn a_silent_destination_does_not_block_the_move() {
-    let dir = TempDir::new("wl-silent");
-    let a = Admin::start(&dir).await;
+async fn a_silent_destination_does_not_block_the_move(db: &TestDb) {
+    let a = Admin::start(db).await;
     a.network("prod", "100.64.0.0/24").await;
     let _online = a.join("prod", 1, "vm-a").await;
     let (status, _) = a.create(json!({"name": "chat", "network": "prod"})).await;
@@ -538,3 +540,12 @@ async fn a_silent_destination_does_not_block_the_move() {
     assert!(took < WAIT, "{took:?}");
     a.c.shutdown().await;
 }
+
+crate::on_both_stores!(
+    create_checks_its_request_and_picks_the_lowest_free_address,
+    attach_move_detach_and_delete,
+    state_follows_the_holder_session_and_deleted_nodes_lose_their_name,
+    the_network_may_be_left_out_when_the_name_is_unique,
+    workload_routes_need_the_admin_token,
+    a_silent_destination_does_not_block_the_move,
+);
