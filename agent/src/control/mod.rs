@@ -220,7 +220,8 @@ pub async fn join(
     // The join's connection becomes the node's session: it notices a dead coordinator as any
     // node's does, at the default lease (a coordinator with another lease is corrected at the
     // next session).
-    let liveness = Liveness::for_node(false, meshlink_proto::workload::DEFAULT_LEASE);
+    let elsewhere = token.coordinators().len() > 1;
+    let liveness = Liveness::for_node(false, meshlink_proto::workload::DEFAULT_LEASE, elsewhere);
     let mut s = Session::connect(addr, &token.fingerprint, CONNECT_TIMEOUT, liveness).await?;
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
@@ -411,12 +412,13 @@ impl MeshControl {
                 Some((s, map)) => Ok((s, map, Vec::new())),
                 None => {
                     let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
-                    let (addr, patience) = {
+                    let (addr, patience, elsewhere) = {
                         let c = self.shared.coordinators();
                         let patience = self.reconnect.patience(holder);
                         (
                             c.target().to_string(),
                             c.patience(patience, self.reconnect.failures()),
+                            c.addresses().len() > 1,
                         )
                     };
                     debug!(coordinator = %addr, "connecting");
@@ -426,7 +428,7 @@ impl MeshControl {
                         self.public_key,
                         eps,
                         patience,
-                        Liveness::for_node(holder, lease),
+                        Liveness::for_node(holder, lease, elsewhere),
                     )
                     .await
                     .map(|(w, map, s)| (s, map, w.coordinators))
@@ -530,7 +532,12 @@ impl MeshControl {
                 break e;
             }
             let now = Instant::now();
-            if coordinators::renewal_overdue(self.shared.lock().holdings(), opened, now) {
+            // Leaving only helps with another coordinator to go to: a lone one's restart is
+            // learnt sooner on the connection kept (its stateless reset) than by a new one.
+            let elsewhere = self.shared.coordinators().addresses().len() > 1;
+            if elsewhere
+                && coordinators::renewal_overdue(self.shared.lock().holdings(), opened, now)
+            {
                 break ControlError::Connect {
                     addr: s.address().to_string(),
                     reason: "the lease has not been renewed and half of it is gone; \

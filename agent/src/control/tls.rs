@@ -8,9 +8,11 @@
 //! coordinator that is gone sends nothing; the connection then ends after the idle timeout
 //! without a packet, and the agent tries the next coordinator.
 //!
-//! Every node notices a dead coordinator within about a third of a lease, so that changes
-//! reach it again within a second through another coordinator ([`Liveness::for_node`]; idle
-//! timeout 500 ms at the default lease of 1.5 s):
+//! With a lone coordinator there is nowhere else to go: [`Liveness::LONE`] keeps the connection
+//! through a restart (keepalive 1 s, idle timeout 4 s), and the restarted coordinator's reset
+//! ends it at the next packet. With several, every node notices a dead coordinator within
+//! about a third of a lease, so that changes reach it again within a second through another
+//! coordinator ([`Liveness::for_node`]; idle timeout 500 ms at the default lease of 1.5 s):
 //! - A node that holds no workload address loses nothing while its coordinator is away (its
 //!   tunnels run on the last map): keepalive a third of the idle timeout (six small packets a
 //!   second per agent on its coordinator).
@@ -34,8 +36,11 @@ use std::time::Duration;
 
 pub use meshlink_tls::SERVER_NAME;
 
-/// No connection waits longer than this without a packet, whatever the lease.
+/// No connection waits longer than this without a packet, whatever the lease; the idle
+/// timeout of a node with a lone coordinator.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+/// The keepalive of a node with a lone coordinator.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
 /// The shortest idle timeout of a holder's connection, whatever the lease (quinn still waits
 /// at least three probe timeouts).
 pub const MIN_HOLDER_IDLE: Duration = Duration::from_millis(200);
@@ -68,9 +73,22 @@ impl Liveness {
         }
     }
 
-    /// For a node that `holds` (or not) addresses under a lease of `lease`: the holder's
-    /// idle timeout for both, three keepalives per idle timeout for a node holding nothing.
-    pub fn for_node(holds: bool, lease: Duration) -> Liveness {
+    /// A node with a lone coordinator: there is nowhere else to go, and a connection kept
+    /// through an outage learns of the restart from the coordinator's stateless reset at its
+    /// next packet (a holder's overdue heartbeats come every 50 ms), sooner than a new
+    /// handshake would: keepalive [`KEEPALIVE`], idle timeout [`IDLE_TIMEOUT`].
+    pub const LONE: Liveness = Liveness {
+        keepalive: KEEPALIVE,
+        idle: IDLE_TIMEOUT,
+    };
+
+    /// For a node that `holds` (or not) addresses under a lease of `lease`, with
+    /// `elsewhere` another coordinator to go to: the holder's idle timeout for both, three
+    /// keepalives per idle timeout for a node holding nothing; [`Liveness::LONE`] without.
+    pub fn for_node(holds: bool, lease: Duration, elsewhere: bool) -> Liveness {
+        if !elsewhere {
+            return Liveness::LONE;
+        }
         let holder = Liveness::holder(lease);
         if holds {
             holder
@@ -119,12 +137,18 @@ mod tests {
 
     #[test]
     fn every_node_notices_a_dead_coordinator_within_a_lease_third() {
-        let quiet = Liveness::for_node(false, DEFAULT_LEASE);
+        let quiet = Liveness::for_node(false, DEFAULT_LEASE, true);
         assert_eq!(quiet.idle, Duration::from_millis(500));
         assert!(quiet.keepalive * 3 <= quiet.idle, "{quiet:?}");
         assert_eq!(
-            Liveness::for_node(true, DEFAULT_LEASE),
+            Liveness::for_node(true, DEFAULT_LEASE, true),
             Liveness::holder(DEFAULT_LEASE)
+        );
+        // With a lone coordinator, the connection outlives a restart (the reset comes sooner
+        // than a new handshake).
+        assert_eq!(
+            Liveness::for_node(true, DEFAULT_LEASE, false),
+            Liveness::LONE
         );
     }
 
@@ -142,7 +166,8 @@ mod tests {
     #[test]
     fn configurations_are_built_for_both() {
         let pin = "ab".repeat(32);
-        assert!(client_config(&pin, Liveness::for_node(false, DEFAULT_LEASE)).is_ok());
+        assert!(client_config(&pin, Liveness::for_node(false, DEFAULT_LEASE, true)).is_ok());
+        assert!(client_config(&pin, Liveness::LONE).is_ok());
         assert!(client_config(&pin, Liveness::holder(DEFAULT_LEASE)).is_ok());
         assert!(client_config("nope", Liveness::holder(DEFAULT_LEASE)).is_err());
     }
