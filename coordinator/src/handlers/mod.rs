@@ -20,10 +20,6 @@ use sha2::{Digest, Sha256};
 
 use crate::store::StoreError;
 
-/// How many times an address chosen as the lowest free one is chosen again, when another
-/// coordinator sharing the store took it meanwhile.
-pub(crate) const ADDRESS_ATTEMPTS: u32 = 16;
-
 /// Who is asking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Caller {

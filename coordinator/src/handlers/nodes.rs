@@ -15,15 +15,12 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net};
 use meshlink_proto::control::{Hello, Welcome, PROTOCOL_VERSION};
-use meshlink_proto::ipam::allocate_v4;
 use meshlink_proto::{Netmap, NodeId, PeerInfo};
 
 use super::tokens::unusable_reason;
-use super::{
-    constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller, ADDRESS_ATTEMPTS,
-};
+use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
 use crate::store::{
-    NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
+    AddressChoice, NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
 };
 
 /// The most endpoints an agent may report.
@@ -129,45 +126,34 @@ pub async fn join(
             other.id, other.name, network.name
         )));
     }
-    // The lowest free address; when another coordinator sharing the store gives it away
-    // meanwhile, the next one.
-    let mut used = store.used_addresses(&network.name).await?;
-    let mut attempts = 0;
-    let (node, version) = loop {
-        let address = allocate_v4(network.cidr, &used).ok_or_else(|| {
-            ApiError::Refused(format!(
+    // The lowest free address, chosen by the store inside its write transaction, so that
+    // coordinators sharing it never choose the same one.
+    let new = NewNode {
+        network: network.name.clone(),
+        name: hello.name.clone(),
+        public_key: hello.public_key,
+        address: AddressChoice::LowestFree(network.cidr),
+        secret_hash: hash_secret(node_secret),
+        labels: hello.labels.clone(),
+        tags: token.tags.clone(),
+        observed: observed_endpoint(&endpoints, remote),
+        endpoints,
+        created_at: now,
+    };
+    let (node, version) = store
+        .insert_node(new, Some((token.id, now)))
+        .await
+        .map_err(|e| match e {
+            StoreError::TokenUnusable => {
+                ApiError::Refused("the join token can no longer be used".into())
+            }
+            StoreError::NetworkFull => ApiError::Refused(format!(
                 "network {} ({}) has no free address",
                 network.name, network.cidr
-            ))
+            )),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            e => e.into(),
         })?;
-        let new = NewNode {
-            network: network.name.clone(),
-            name: hello.name.clone(),
-            public_key: hello.public_key,
-            address,
-            secret_hash: hash_secret(node_secret),
-            labels: hello.labels.clone(),
-            tags: token.tags.clone(),
-            observed: observed_endpoint(&endpoints, remote),
-            endpoints: endpoints.clone(),
-            created_at: now,
-        };
-        match store.insert_node(new, Some((token.id, now))).await {
-            Ok(done) => break done,
-            Err(StoreError::AddressTaken(a)) if attempts < ADDRESS_ATTEMPTS => {
-                attempts += 1;
-                used = store.used_addresses(&network.name).await?;
-                used.insert(a);
-            }
-            Err(StoreError::TokenUnusable) => {
-                return Err(ApiError::Refused(
-                    "the join token can no longer be used".into(),
-                ))
-            }
-            Err(StoreError::Conflict(m)) => return Err(ApiError::Conflict(m)),
-            Err(e) => return Err(e.into()),
-        }
-    };
     Ok(Joined {
         node,
         network,

@@ -2,16 +2,16 @@
 //! detach, claim, failover). The change itself is [`commit_holder`], a compare-and-set on the
 //! generation, so two racing moves cannot both win.
 
-use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use ipnet::{IpNet, Ipv4Net};
-use meshlink_proto::ipam::allocate_v4;
 use meshlink_proto::{NodeId, WorkloadInfo};
 
 use super::nodes::find_node;
-use super::{require_admin, validate_name, ApiError, Caller, ADDRESS_ATTEMPTS};
-use crate::store::{NewWorkload, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord};
+use super::{require_admin, validate_name, ApiError, Caller};
+use crate::store::{
+    AddressChoice, NewWorkload, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
+};
 
 /// What `POST /v1/workloads` asks for.
 #[derive(Debug, Clone, Default)]
@@ -90,7 +90,6 @@ pub async fn create_workload(
         .network(&req.network)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no network named {:?}", req.network)))?;
-    let mut used: BTreeSet<Ipv4Addr> = store.used_addresses(&network.name).await?;
     if let Some(a) = req.address {
         let cidr = network.cidr;
         if !cidr.contains(&a)
@@ -105,52 +104,34 @@ pub async fn create_workload(
     }
     let standby = resolve(store, &network.name, &req.standby, "standby").await?;
     let allowed = resolve(store, &network.name, &req.allowed, "allowed").await?;
-    let taken = |a: Ipv4Addr| {
-        ApiError::Conflict(format!(
+    // The wanted address, or the lowest free one chosen by the store inside its write
+    // transaction (coordinators sharing it never choose the same one).
+    let new = NewWorkload {
+        network: network.name.clone(),
+        name: req.name.clone(),
+        address: req.address.map_or(
+            AddressChoice::LowestFree(network.cidr),
+            AddressChoice::Exact,
+        ),
+        standby,
+        allowed,
+        created_at: now,
+    };
+    store.create_workload(new).await.map_err(|e| match e {
+        StoreError::AddressTaken(a) => ApiError::Conflict(format!(
             "address {a} is already taken in network {}",
             network.name
-        ))
-    };
-    let mut attempts = 0;
-    loop {
-        let address = match req.address {
-            Some(a) if used.contains(&a) => return Err(taken(a)),
-            Some(a) => a,
-            None => allocate_v4(network.cidr, &used).ok_or_else(|| {
-                ApiError::Refused(format!("network {} has no free address", network.name))
-            })?,
-        };
-        let new = NewWorkload {
-            network: network.name.clone(),
-            name: req.name.clone(),
-            address,
-            standby: standby.clone(),
-            allowed: allowed.clone(),
-            created_at: now,
-        };
-        match store.create_workload(new).await {
-            Ok(done) => return Ok(done),
-            // Chosen here and given away by another coordinator meanwhile: choose again.
-            Err(StoreError::AddressTaken(a))
-                if req.address.is_none() && attempts < ADDRESS_ATTEMPTS =>
-            {
-                attempts += 1;
-                used = store.used_addresses(&network.name).await?;
-                used.insert(a);
-            }
-            Err(StoreError::AddressTaken(a)) => return Err(taken(a)),
-            Err(StoreError::Conflict(m)) if m.contains("workloads.name") => {
-                return Err(ApiError::Conflict(format!(
-                    "a workload named {} already exists in network {}",
-                    req.name, network.name
-                )))
-            }
-            Err(StoreError::Conflict(m)) => {
-                return Err(ApiError::Conflict(format!("workload {}: {m}", req.name)))
-            }
-            Err(other) => return Err(other.into()),
+        )),
+        StoreError::NetworkFull => {
+            ApiError::Refused(format!("network {} has no free address", network.name))
         }
-    }
+        StoreError::Conflict(m) if m.contains("workloads.name") => ApiError::Conflict(format!(
+            "a workload named {} already exists in network {}",
+            req.name, network.name
+        )),
+        StoreError::Conflict(m) => ApiError::Conflict(format!("workload {}: {m}", req.name)),
+        other => other.into(),
+    })
 }
 
 /// Every workload, or those of one network (admin).

@@ -19,7 +19,7 @@
 mod shared;
 mod sql;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::pin::Pin;
@@ -117,10 +117,12 @@ pub enum StoreError {
     /// A uniqueness rule was broken (a name, address or key already taken); the text names it.
     #[error("conflict: {0}")]
     Conflict(String),
-    /// The overlay address is taken in its network (by a node or a workload): another
-    /// coordinator may have given it away since the caller chose it.
+    /// The overlay address asked for is taken in its network (by a node or a workload).
     #[error("address {0} is already taken")]
     AddressTaken(Ipv4Addr),
+    /// The network's prefix has no free address left.
+    #[error("the network has no free address")]
+    NetworkFull,
     /// The record the change refers to does not exist (any more).
     #[error("not found: {0}")]
     NotFound(String),
@@ -170,6 +172,17 @@ impl StoreError {
             _ => false,
         }
     }
+}
+
+/// Which overlay address a new node or workload gets. The store applies the choice inside its
+/// write transaction, so that two coordinators sharing it never give one address twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressChoice {
+    /// This one ([`StoreError::AddressTaken`] when a node or workload of the network has it).
+    Exact(Ipv4Addr),
+    /// The lowest free address of this prefix (`meshlink_proto::ipam::allocate_v4`;
+    /// [`StoreError::NetworkFull`] when none is left).
+    LowestFree(Ipv4Net),
 }
 
 /// One overlay network.
@@ -277,8 +290,8 @@ pub struct NewNode {
     pub name: Option<String>,
     /// Public key.
     pub public_key: PublicKey,
-    /// Overlay address, chosen by the caller.
-    pub address: Ipv4Addr,
+    /// Its overlay address.
+    pub address: AddressChoice,
     /// Hex SHA-256 of the node secret.
     pub secret_hash: String,
     /// Labels.
@@ -327,8 +340,8 @@ pub struct NewWorkload {
     pub network: String,
     /// Name.
     pub name: String,
-    /// Address, chosen by the caller.
-    pub address: Ipv4Addr,
+    /// Its address.
+    pub address: AddressChoice,
     /// Failover candidates.
     pub standby: Vec<NodeId>,
     /// Nodes that may claim it.
@@ -389,9 +402,6 @@ pub trait Store: Send + Sync {
         network: &'a str,
         key: &'a PublicKey,
     ) -> StoreFuture<'a, Option<NodeRecord>>;
-
-    /// The addresses held by the nodes and workloads of a network, revoked nodes included.
-    fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>>;
 
     /// Replaces a node's endpoints and bumps its network's version.
     /// [`StoreError::NotFound`] when the node does not exist.

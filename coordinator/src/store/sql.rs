@@ -19,10 +19,12 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 
+use meshlink_proto::ipam::allocate_v4;
+
 use super::{
-    Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewToken, NewWorkload,
-    NodeRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
-    CHANGES_CHANNEL,
+    AddressChoice, Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewToken,
+    NewWorkload, NodeRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime,
+    WorkloadRecord, CHANGES_CHANNEL,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -248,6 +250,33 @@ impl SqlStore {
         to_u64(version)
     }
 
+    /// Applies an [`AddressChoice`] inside a write transaction: the addresses of the
+    /// network's nodes (revoked ones included) and workloads are taken.
+    async fn choose_address(
+        tx: &mut Transaction<'static, Any>,
+        network: &str,
+        choice: AddressChoice,
+    ) -> Result<Ipv4Addr, StoreError> {
+        let rows = sqlx::query(
+            "SELECT address FROM nodes WHERE network = $1 \
+             UNION ALL SELECT address FROM workloads WHERE network = $1",
+        )
+        .bind(network)
+        .fetch_all(&mut **tx)
+        .await?;
+        let used: BTreeSet<Ipv4Addr> = rows
+            .iter()
+            .map(|r| parse::<Ipv4Addr>(&r.try_get::<String, _>("address")?, "address"))
+            .collect::<Result<_, _>>()?;
+        match choice {
+            AddressChoice::Exact(a) if used.contains(&a) => Err(StoreError::AddressTaken(a)),
+            AddressChoice::Exact(a) => Ok(a),
+            AddressChoice::LowestFree(cidr) => {
+                allocate_v4(cidr, &used).ok_or(StoreError::NetworkFull)
+            }
+        }
+    }
+
     async fn node_network(
         tx: &mut Transaction<'static, Any>,
         id: NodeId,
@@ -393,14 +422,7 @@ impl Store for SqlStore {
                     return Err(StoreError::TokenUnusable);
                 }
             }
-            let clash = sqlx::query("SELECT 1 FROM workloads WHERE network = $1 AND address = $2")
-                .bind(&n.network)
-                .bind(n.address.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-            if clash.is_some() {
-                return Err(StoreError::AddressTaken(n.address));
-            }
+            let address = Self::choose_address(&mut tx, &n.network, n.address).await?;
             // Without a wanted name the node is inserted under an empty name (never a valid
             // name, and the transaction holds the write lock) and renamed once its id is known.
             let row = sqlx::query(
@@ -411,7 +433,7 @@ impl Store for SqlStore {
             .bind(&n.network)
             .bind(n.name.as_deref().unwrap_or(""))
             .bind(n.public_key.to_base64())
-            .bind(n.address.to_string())
+            .bind(address.to_string())
             .bind(&n.secret_hash)
             .bind(to_json(&n.labels))
             .bind(to_json(&n.tags))
@@ -420,7 +442,7 @@ impl Store for SqlStore {
             .bind(n.created_at)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| conflict_at(e, n.address))?;
+            .map_err(|e| conflict_at(e, address))?;
             let id = to_u64(row.try_get::<i64, _>("id")?)?;
             let name = match n.name {
                 Some(name) => name,
@@ -462,7 +484,7 @@ impl Store for SqlStore {
                 network: n.network,
                 name,
                 public_key: n.public_key,
-                address: n.address,
+                address,
                 secret_hash: n.secret_hash,
                 labels: n.labels,
                 tags: n.tags,
@@ -540,21 +562,6 @@ impl Store for SqlStore {
         })
     }
 
-    fn used_addresses<'a>(&'a self, network: &'a str) -> StoreFuture<'a, BTreeSet<Ipv4Addr>> {
-        Box::pin(async move {
-            let rows = sqlx::query(
-                "SELECT address FROM nodes WHERE network = $1 \
-                 UNION ALL SELECT address FROM workloads WHERE network = $1",
-            )
-            .bind(network)
-            .fetch_all(&self.pool)
-            .await?;
-            rows.iter()
-                .map(|r| parse::<Ipv4Addr>(&r.try_get::<String, _>("address")?, "address"))
-                .collect()
-        })
-    }
-
     fn set_endpoints(
         &self,
         id: NodeId,
@@ -622,14 +629,7 @@ impl Store for SqlStore {
     fn create_workload(&self, w: NewWorkload) -> StoreFuture<'_, (WorkloadRecord, u64)> {
         Box::pin(async move {
             let mut tx = self.write_tx().await?;
-            let clash = sqlx::query("SELECT 1 FROM nodes WHERE network = $1 AND address = $2")
-                .bind(&w.network)
-                .bind(w.address.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-            if clash.is_some() {
-                return Err(StoreError::AddressTaken(w.address));
-            }
+            let address = Self::choose_address(&mut tx, &w.network, w.address).await?;
             let row = sqlx::query(
                 "INSERT INTO workloads (network, name, address, holder, generation, previous, \
                  standby, allowed, created_at, moved_at) \
@@ -637,13 +637,13 @@ impl Store for SqlStore {
             )
             .bind(&w.network)
             .bind(&w.name)
-            .bind(w.address.to_string())
+            .bind(address.to_string())
             .bind(to_json(&w.standby))
             .bind(to_json(&w.allowed))
             .bind(w.created_at)
             .fetch_one(&mut *tx)
             .await
-            .map_err(|e| conflict_at(e, w.address))?;
+            .map_err(|e| conflict_at(e, address))?;
             let id = to_u64(row.try_get::<i64, _>("id")?)?;
             let version = self
                 .bump(&mut tx, &w.network, &Change::Workload(w.name.clone()))
@@ -654,7 +654,7 @@ impl Store for SqlStore {
                     id,
                     network: w.network,
                     name: w.name,
-                    address: w.address,
+                    address,
                     holder: None,
                     generation: 0,
                     previous: None,
