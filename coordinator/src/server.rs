@@ -65,6 +65,9 @@ pub mod close_code {
     pub const SHUTDOWN: u32 = 8;
     /// The coordinator failed; reconnect later.
     pub const INTERNAL: u32 = 9;
+    /// The hello could not be served now (an `Unavailable` message was sent first: the
+    /// database is away); reconnect later or elsewhere.
+    pub const UNAVAILABLE: u32 = 10;
 }
 
 /// Limits that protect the coordinator from agents. See `configs/coordinator.example.toml`.
@@ -377,20 +380,24 @@ async fn drive(
     let mut session = match service.hello(&hello, conn.remote_address().ip()).await {
         Ok(session) => session,
         Err(e) => {
-            if let ApiError::Internal(inner) = &e {
+            // A failure of the coordinator itself (its database) is not the node's fault: it
+            // is told to come back, not turned away for good.
+            let (frame, code, what) = if let ApiError::Internal(inner) = &e {
                 warn!("hello failed: {inner}");
-            }
-            let frame = encode(&ServerMessage::Refused {
-                reason: e.public_message(),
-            });
+                let frame = encode(&ServerMessage::Unavailable {
+                    reason: e.public_message(),
+                });
+                (frame, close_code::UNAVAILABLE, "unavailable")
+            } else {
+                let frame = encode(&ServerMessage::Refused {
+                    reason: e.public_message(),
+                });
+                (frame, close_code::REFUSED, "refused")
+            };
             let _ = timeout(limits.write_timeout, send.write_all(&frame)).await;
             let _ = send.finish();
             let _ = timeout(LINGER, send.stopped()).await;
-            return End::new(
-                close_code::REFUSED,
-                "refused",
-                format!("hello refused: {e}"),
-            );
+            return End::new(code, what, format!("hello not served: {e}"));
         }
     };
     tracing::Span::current().record("node", session.node);

@@ -75,6 +75,9 @@ pub enum SessionError {
     /// The coordinator refused this node.
     #[error("the coordinator refused this node: {0}")]
     Refused(String),
+    /// The coordinator cannot serve this node now (its database is unavailable): try again.
+    #[error("the coordinator cannot serve this node now: {0}")]
+    Unavailable(String),
     /// The node was revoked: it must forget its credentials and not come back.
     #[error("this node was revoked: {0}")]
     Revoked(String),
@@ -262,6 +265,9 @@ impl AgentSession {
             ServerMessage::Refused { reason } => {
                 self.end_lease();
                 return Err(SessionError::Refused(reason));
+            }
+            ServerMessage::Unavailable { reason } => {
+                return Err(SessionError::Unavailable(reason));
             }
             ServerMessage::Welcome(_) => {
                 return Err(SessionError::Protocol("a second welcome".into()));
@@ -692,5 +698,22 @@ mod tests {
         s.handle_timeout(t0 + DEFAULT_LEASE);
         assert_eq!(events(&mut s), vec![Event::HoldingsChanged]);
         assert_eq!(s.poll_timeout(), None);
+    }
+
+    #[test]
+    fn an_unavailable_coordinator_keeps_the_lease_and_is_not_a_refusal() {
+        let t0 = Instant::now();
+        let mut s = leased_holder(t0);
+        let e = s
+            .handle_message(
+                t0,
+                ServerMessage::Unavailable {
+                    reason: "the database is unavailable".into(),
+                },
+            )
+            .unwrap_err();
+        assert!(matches!(e, SessionError::Unavailable(_)), "{e}");
+        // The node was not turned away: what it holds it keeps until its lease ends.
+        assert_eq!(s.holdings().held(t0).len(), 1);
     }
 }

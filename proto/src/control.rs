@@ -145,8 +145,16 @@ pub enum ServerMessage {
     FullMap(Netmap),
     /// One change to the map.
     Delta(NetmapDelta),
-    /// The hello was refused; the session closes.
+    /// The hello was refused; the session closes and the node must not come back (a bad
+    /// or used-up token, wrong credentials).
     Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+    /// The coordinator cannot serve the hello now (its database is unavailable); the session
+    /// closes and the node tries again later, or another coordinator. (Older agents do not
+    /// know it: to them it is a protocol error, after which they try again too.)
+    Unavailable {
         /// Why, for the operator.
         reason: String,
     },
@@ -195,6 +203,7 @@ impl ServerMessage {
             ServerMessage::FullMap(_) => "full map",
             ServerMessage::Delta(_) => "delta",
             ServerMessage::Refused { .. } => "refusal",
+            ServerMessage::Unavailable { .. } => "unavailability",
             ServerMessage::Revoked { .. } => "revocation",
             ServerMessage::Lease { .. } => "lease",
             ServerMessage::Prepare { .. } => "prepare",

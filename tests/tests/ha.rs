@@ -4,8 +4,9 @@
 //!
 //! 1. the coordinator every agent is connected to is SIGKILLed: no ping is lost, nothing
 //!    moves, every agent is back on another coordinator;
-//! 2. PostgreSQL stops: the mesh does not notice, admin writes are refused saying why; it
-//!    starts again: writes resume with no coordinator restarted;
+//! 2. PostgreSQL stops: the mesh does not notice, admin writes are refused saying why, an agent
+//!    restarted meanwhile is told to come back (not turned away); PostgreSQL starts again:
+//!    writes resume with no coordinator restarted, the agent is back;
 //! 3. with that coordinator still down, the holder is killed: the standby takes over.
 
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -190,9 +191,12 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
     })
     .unwrap_or_else(|e| panic!("{e}; last status: {}", last.borrow()));
 
-    // 2. PostgreSQL stops and starts again under traffic.
+    // 2. PostgreSQL stops and starts again under traffic; meanwhile vm-c1's agent restarts,
+    // and its hello cannot be served: it is told to come back, not turned away.
     let mut refused = String::new();
-    let (sent, received) = pings_across(&agents[1], 300, || {
+    let (pinger, rest) = agents.split_at_mut(2);
+    let standby = &mut rest[0];
+    let (sent, received) = pings_across(&pinger[1], 300, || {
         cluster.stop().expect("PostgreSQL stops");
         let out = survivor.exec(&["token", "create", "--network", NETWORK]);
         assert!(
@@ -200,9 +204,18 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
             "a write succeeded without the database"
         );
         refused = String::from_utf8_lossy(&out.stderr).into_owned();
+        standby.respawn();
         std::thread::sleep(Duration::from_millis(1000));
         cluster.restart().expect("PostgreSQL starts again");
     });
+    let back = wait_until(STEP, "vm-c1 back on a coordinator after the outage", || {
+        connected_to(&agents[2])
+    })
+    .unwrap_or_else(|e| panic!("{e}; its log:\n{}", agents[2].log()));
+    timing(
+        &format!("vm-c1, restarted during the outage, on {back}"),
+        Duration::ZERO,
+    );
     timing(
         &format!("pings across a PostgreSQL restart: {received} of {sent}"),
         Duration::ZERO,

@@ -175,6 +175,9 @@ impl Session {
                 ServerMessage::Refused { reason } => {
                     return Err(SessionError::Refused(reason).into())
                 }
+                ServerMessage::Unavailable { reason } => {
+                    return Err(SessionError::Unavailable(reason).into())
+                }
                 ServerMessage::Revoked { reason } => {
                     return Err(SessionError::Revoked(reason).into())
                 }

@@ -203,6 +203,9 @@ impl Session {
         match self.next().await?.0 {
             ServerMessage::Welcome(w) => Ok(w),
             ServerMessage::Refused { reason } => Err(AgentError::Refused(reason)),
+            ServerMessage::Unavailable { reason } => {
+                Err(AgentError::Connection(format!("unavailable: {reason}")))
+            }
             ServerMessage::Revoked { reason } => Err(AgentError::Revoked(reason)),
             other => Err(AgentError::Protocol(format!(
                 "expected a welcome, got {other:?}"
@@ -522,6 +525,10 @@ impl Agent {
             }
             ServerMessage::Revoked { reason } => return Err(AgentError::Revoked(reason)),
             ServerMessage::Refused { reason } => return Err(AgentError::Refused(reason)),
+            // Retried as a lost connection is.
+            ServerMessage::Unavailable { reason } => {
+                return Err(AgentError::Connection(format!("unavailable: {reason}")))
+            }
             ServerMessage::Welcome(_) => {
                 return Err(AgentError::Protocol("a second welcome".into()))
             }
