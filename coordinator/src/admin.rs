@@ -5,34 +5,38 @@
 //! 403, 404 (no such thing), 409 (conflict or refused by state) or 500. Times are Unix seconds
 //! (integers); absent times are `null`.
 //!
+//! Request bodies and answers are the types of [`meshlink_api`], which `meshctl` reads too;
+//! this module only converts store records into them.
+//!
 //! | route | answer |
 //! |---|---|
-//! | `POST /v1/networks` `{"name","cidr"}` | 201 [`NetworkView`] |
-//! | `GET /v1/networks` | `[`[`NetworkView`]`]` |
-//! | `POST /v1/tokens` `{"network","tags"?,"expires_in_secs"?,"uses"?}` | 201 [`CreatedTokenView`] (the only time the token text is shown) |
-//! | `GET /v1/tokens` | `[`[`TokenView`]`]` |
+//! | `POST /v1/networks` [`api::CreateNetwork`] | 201 [`api::Network`] |
+//! | `GET /v1/networks` | `[`[`api::Network`]`]` |
+//! | `POST /v1/tokens` [`api::CreateToken`] | 201 [`api::CreatedToken`] (the only time the token text is shown) |
+//! | `GET /v1/tokens` | `[`[`api::Token`]`]` |
 //! | `DELETE /v1/tokens/{id}` | 204 |
-//! | `GET /v1/nodes[?network=N]` | `[`[`NodeView`]`]` |
-//! | `GET /v1/nodes/{ref}[?network=N]` | [`NodeView`]; `ref` is an id or a name |
-//! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`NodeView`] |
+//! | `GET /v1/nodes[?network=N]` | `[`[`api::Node`]`]` |
+//! | `GET /v1/nodes/{ref}[?network=N]` | [`api::Node`]; `ref` is an id or a name |
+//! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`api::Node`] |
 //! | `DELETE /v1/nodes/{ref}[?network=N]` | 204 |
-//! | `POST /v1/workloads` `{"name","network","address"?,"standby"?,"allowed"?}` | 201 [`WorkloadView`] |
-//! | `GET /v1/workloads[?network=N]` | `[`[`WorkloadView`]`]` |
-//! | `GET /v1/workloads/{name}[?network=N]` | [`WorkloadView`] |
+//! | `POST /v1/workloads` [`api::CreateWorkload`] | 201 [`api::Workload`] |
+//! | `GET /v1/workloads[?network=N]` | `[`[`api::Workload`]`]` |
+//! | `GET /v1/workloads/{name}[?network=N]` | [`api::Workload`] |
 //! | `DELETE /v1/workloads/{name}[?network=N]` | 204 |
-//! | `POST /v1/workloads/{name}/attach[?network=N]` `{"node"}` | [`MovedWorkloadView`] |
-//! | `POST /v1/workloads/{name}/move[?network=N]` `{"node"}` | [`MovedWorkloadView`] (the same operation as attach) |
-//! | `POST /v1/workloads/{name}/detach[?network=N]` | [`MovedWorkloadView`] |
-//! | `GET /v1/status` | [`StatusView`] |
+//! | `POST /v1/workloads/{name}/attach[?network=N]` [`api::MoveWorkload`] | [`api::MovedWorkload`] |
+//! | `POST /v1/workloads/{name}/move[?network=N]` [`api::MoveWorkload`] | [`api::MovedWorkload`] (the same operation as attach) |
+//! | `POST /v1/workloads/{name}/detach[?network=N]` | [`api::MovedWorkload`] |
+//! | `GET /v1/status` | [`api::Status`] |
 //!
-//! `?network=` may be left out on the routes of one node or one workload when the name exists
-//! in exactly one network; a name used in several networks is a 409 that names them.
+//! `?network=` ([`api::NetworkFilter`]) may be left out on the routes of one node or one
+//! workload when the name exists in exactly one network; a name used in several networks is a
+//! 409 that names them.
 //!
 //! Each route is a thin adapter: it calls a handler from [`crate::handlers`] (through
-//! [`Service`] when live sessions must learn of the change) and renders the result.
+//! [`Service`] when live sessions must learn of the change) and converts the result.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -43,9 +47,9 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use meshlink_api::{self as api, NetworkFilter};
 use meshlink_proto::token::JoinToken;
 use meshlink_proto::NodeId;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::handlers::networks::{self, CreateNetwork};
@@ -93,232 +97,6 @@ where
         .unwrap_or_else(|e| Err(ApiError::Refused(format!("the operation failed: {e}"))))
 }
 
-/// A network, as listed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NetworkView {
-    /// Name.
-    pub name: String,
-    /// Prefix, such as `100.64.0.0/16`.
-    pub cidr: String,
-    /// Map version.
-    pub version: u64,
-    /// Nodes that are not revoked.
-    pub nodes: usize,
-    /// Nodes with a live session.
-    pub online: usize,
-    /// Creation time.
-    pub created_at: UnixTime,
-}
-
-/// A token just created: the only answer that holds the token text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CreatedTokenView {
-    /// Id, for revocation.
-    pub id: TokenId,
-    /// The join token (`mlj1_...`), with the advertised address and fingerprint in it.
-    pub token: String,
-    /// Network.
-    pub network: String,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Expiry; `null`: never.
-    pub expires_at: Option<UnixTime>,
-    /// Use limit; `null`: unlimited.
-    pub uses: Option<u64>,
-    /// Uses so far.
-    pub used: u64,
-}
-
-/// A token, as listed (never the secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TokenView {
-    /// Id.
-    pub id: TokenId,
-    /// Network.
-    pub network: String,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Expiry; `null`: never.
-    pub expires_at: Option<UnixTime>,
-    /// Use limit; `null`: unlimited.
-    pub uses: Option<u64>,
-    /// Uses so far.
-    pub used: u64,
-    /// Revoked by an operator.
-    pub revoked: bool,
-    /// Past its expiry now.
-    pub expired: bool,
-    /// Creation time.
-    pub created_at: UnixTime,
-}
-
-/// A node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeView {
-    /// Id.
-    pub id: NodeId,
-    /// Name.
-    pub name: String,
-    /// Network.
-    pub network: String,
-    /// Overlay address, without prefix length (`100.64.0.1`).
-    pub address: String,
-    /// WireGuard public key (base64).
-    pub public_key: String,
-    /// Labels.
-    pub labels: BTreeMap<String, String>,
-    /// Tags.
-    pub tags: Vec<String>,
-    /// Endpoints as peers see them: reported, then observed.
-    pub endpoints: Vec<String>,
-    /// Has a live session.
-    pub online: bool,
-    /// Last session start or end; `null`: never.
-    pub last_seen: Option<UnixTime>,
-    /// Revoked.
-    pub revoked: bool,
-    /// Join time.
-    pub created_at: UnixTime,
-}
-
-/// `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StatusView {
-    /// The coordinator's version.
-    pub version: String,
-    /// Networks.
-    pub networks: usize,
-    /// Nodes that are not revoked.
-    pub nodes: usize,
-    /// Nodes with a live session.
-    pub online: usize,
-    /// Seconds since start.
-    pub uptime_secs: u64,
-    /// The QUIC listen address.
-    pub quic_listen: String,
-    /// The address in join tokens.
-    pub advertise: String,
-    /// The certificate fingerprint.
-    pub fingerprint: String,
-    /// Every coordinator of the mesh (with a shared store, as each reports itself every
-    /// second; else this one).
-    pub coordinators: Vec<CoordinatorView>,
-}
-
-/// One coordinator in [`StatusView`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CoordinatorView {
-    /// Its `host:port` for agents.
-    pub address: String,
-    /// Agent sessions it has.
-    pub sessions: u64,
-    /// Whether it reported itself in the last few seconds.
-    pub up: bool,
-}
-
-/// A node named in a workload. A deleted node keeps its id and has no name (`null`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeNameView {
-    /// Id.
-    pub id: NodeId,
-    /// Name; `null`: the node was deleted.
-    pub name: Option<String>,
-}
-
-/// Where a workload's address is answered for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum WorkloadState {
-    /// A holder with a live session answers for the address.
-    Held,
-    /// It has a holder, but that node has no live session now.
-    HolderOffline,
-    /// No holder: nobody answers for the address.
-    Detached,
-}
-
-/// A workload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkloadView {
-    /// Name, unique in its network.
-    pub name: String,
-    /// Network.
-    pub network: String,
-    /// Overlay address, without prefix length (`100.64.50.10`).
-    pub address: String,
-    /// The node holding it; `null`: detached.
-    pub holder: Option<NodeNameView>,
-    /// Bumped by every change of holder; 0 until it is first attached.
-    pub generation: u64,
-    /// The holder before the last change; `null`: none.
-    pub previous: Option<NodeNameView>,
-    /// Failover candidates, in order.
-    pub standby: Vec<NodeNameView>,
-    /// Nodes that may claim it from their own agent.
-    pub allowed: Vec<NodeNameView>,
-    /// Whether its address is answered for now.
-    pub state: WorkloadState,
-    /// Creation time.
-    pub created_at: UnixTime,
-    /// When its holder last changed; `null`: never.
-    pub moved_at: Option<UnixTime>,
-}
-
-/// The answer to attach, move and detach: the workload after the change, and what it took.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MovedWorkloadView {
-    /// The workload after the change.
-    #[serde(flatten)]
-    pub workload: WorkloadView,
-    /// False when nothing had to change (the node already held it, or it was already
-    /// detached).
-    pub changed: bool,
-    /// Milliseconds the destination took to report its tunnels ready; `null` when it was not
-    /// asked (offline, detach, no change) or did not answer in time.
-    pub prepared_ms: Option<f64>,
-    /// Milliseconds from the request to the change being queued to every session.
-    pub took_ms: f64,
-}
-
-/// The `{"error": ...}` body.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    /// What went wrong.
-    pub error: String,
-}
-
-/// `?network=` on node and workload routes.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NetworkFilter {
-    network: Option<String>,
-}
-
-/// `POST /v1/workloads`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateWorkloadBody {
-    name: String,
-    network: String,
-    /// Absent or `null`: the lowest free address of the network.
-    #[serde(default)]
-    address: Option<Ipv4Addr>,
-    /// Node names or ids, in failover order.
-    #[serde(default)]
-    standby: Vec<String>,
-    /// Node names or ids.
-    #[serde(default)]
-    allowed: Vec<String>,
-}
-
-/// `POST /v1/workloads/{name}/attach` and `/move`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MoveBody {
-    /// The destination: a node name or id.
-    node: String,
-}
-
 /// An error on its way to becoming a JSON response.
 #[derive(Debug)]
 struct HttpError(StatusCode, String);
@@ -358,7 +136,7 @@ impl From<QueryRejection> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+        (self.0, Json(api::ErrorBody { error: self.1 })).into_response()
     }
 }
 
@@ -419,14 +197,15 @@ async fn require_admin_token(State(state): State<AppState>, req: Request, next: 
 
 async fn create_network(
     State(s): State<AppState>,
-    body: Result<Json<CreateNetwork>, JsonRejection>,
-) -> HttpResult<(StatusCode, Json<NetworkView>)> {
-    let Json(req) = body?;
+    body: Result<Json<api::CreateNetwork>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<api::Network>)> {
+    let Json(body) = body?;
+    let req = CreateNetwork::from(body);
     let net = detached(&s, |svc| async move { svc.create_network(req).await }).await?;
     Ok((StatusCode::CREATED, Json(network_view(&s, &net, 0, 0))))
 }
 
-async fn list_networks(State(s): State<AppState>) -> HttpResult<Json<Vec<NetworkView>>> {
+async fn list_networks(State(s): State<AppState>) -> HttpResult<Json<Vec<api::Network>>> {
     let store = s.service.store();
     let nets = networks::list_networks(store, &Caller::Admin).await?;
     let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
@@ -447,28 +226,30 @@ async fn list_networks(State(s): State<AppState>) -> HttpResult<Json<Vec<Network
     Ok(Json(views))
 }
 
-fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize, online: usize) -> NetworkView {
-    NetworkView {
+fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize, online: usize) -> api::Network {
+    // The hub's version is the live one; the record's may be older in a list.
+    let version = s
+        .service
+        .hub()
+        .version(&net.name)
+        .unwrap_or(net.version)
+        .max(net.version);
+    api::Network {
         name: net.name.clone(),
-        cidr: net.cidr.to_string(),
-        // The hub's version is the live one; the record's may be older in a list.
-        version: s
-            .service
-            .hub()
-            .version(&net.name)
-            .unwrap_or(net.version)
-            .max(net.version),
-        nodes,
-        online,
-        created_at: net.created_at,
+        cidr: net.cidr,
+        version: api::MapVersion(version),
+        nodes: count(nodes),
+        online: count(online),
+        created_at: time(net.created_at),
     }
 }
 
 async fn create_token(
     State(s): State<AppState>,
-    body: Result<Json<CreateToken>, JsonRejection>,
-) -> HttpResult<(StatusCode, Json<CreatedTokenView>)> {
-    let Json(req) = body?;
+    body: Result<Json<api::CreateToken>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<api::CreatedToken>)> {
+    let Json(body) = body?;
+    let req = CreateToken::from(body);
     let (t, secret) = detached(&s, |svc| async move { svc.create_token(req).await }).await?;
     let text = JoinToken::new(
         std::iter::once(s.ctx.advertise.clone()).chain(s.ctx.others.iter().cloned()),
@@ -482,35 +263,35 @@ async fn create_token(
         )
     })?
     .encode();
-    let view = CreatedTokenView {
-        id: t.id,
+    let view = api::CreatedToken {
+        id: api::TokenId(t.id),
         token: text,
         network: t.network,
         tags: t.tags,
-        expires_at: t.expires_at,
+        expires_at: t.expires_at.map(time),
         uses: t.max_uses,
         used: t.used,
     };
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn list_tokens(State(s): State<AppState>) -> HttpResult<Json<Vec<TokenView>>> {
+async fn list_tokens(State(s): State<AppState>) -> HttpResult<Json<Vec<api::Token>>> {
     let now = s.service.now();
     let list = tokens::list_tokens(s.service.store(), &Caller::Admin).await?;
     Ok(Json(list.iter().map(|t| token_view(t, now)).collect()))
 }
 
-fn token_view(t: &TokenRecord, now: UnixTime) -> TokenView {
-    TokenView {
-        id: t.id,
+fn token_view(t: &TokenRecord, now: UnixTime) -> api::Token {
+    api::Token {
+        id: api::TokenId(t.id),
         network: t.network.clone(),
         tags: t.tags.clone(),
-        expires_at: t.expires_at,
+        expires_at: t.expires_at.map(time),
         uses: t.max_uses,
         used: t.used,
         revoked: t.revoked,
         expired: is_expired(t, now),
-        created_at: t.created_at,
+        created_at: time(t.created_at),
     }
 }
 
@@ -528,7 +309,7 @@ async fn revoke_token(State(s): State<AppState>, Path(id): Path<String>) -> Http
 async fn list_nodes(
     State(s): State<AppState>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<Vec<NodeView>>> {
+) -> HttpResult<Json<Vec<api::Node>>> {
     let Query(q) = q?;
     let list = nodes::list_nodes(s.service.store(), &Caller::Admin, q.network.as_deref()).await?;
     let online = s.service.online_anywhere().await;
@@ -539,7 +320,7 @@ async fn show_node(
     State(s): State<AppState>,
     Path(reference): Path<String>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<NodeView>> {
+) -> HttpResult<Json<api::Node>> {
     let Query(q) = q?;
     let node = nodes::find_node(
         s.service.store(),
@@ -555,7 +336,7 @@ async fn revoke_node(
     State(s): State<AppState>,
     Path(reference): Path<String>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<NodeView>> {
+) -> HttpResult<Json<api::Node>> {
     let Query(q) = q?;
     let node = detached(&s, move |svc| async move {
         svc.revoke_node(&reference, q.network.as_deref()).await
@@ -577,39 +358,29 @@ async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> NodeView {
-    NodeView {
-        id: n.id,
+fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> api::Node {
+    api::Node {
+        id: api::NodeId(n.id),
         name: n.name.clone(),
         network: n.network.clone(),
-        address: n.address.to_string(),
-        public_key: n.public_key.to_base64(),
+        address: n.address,
+        public_key: n.public_key,
         labels: n.labels.clone(),
         tags: n.tags.clone(),
-        endpoints: peer_info(n)
-            .endpoints
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
+        endpoints: peer_info(n).endpoints,
         online: online.contains(&n.id),
-        last_seen: n.last_seen,
+        last_seen: n.last_seen.map(time),
         revoked: n.revoked,
-        created_at: n.created_at,
+        created_at: time(n.created_at),
     }
 }
 
 async fn create_workload(
     State(s): State<AppState>,
-    body: Result<Json<CreateWorkloadBody>, JsonRejection>,
-) -> HttpResult<(StatusCode, Json<WorkloadView>)> {
+    body: Result<Json<api::CreateWorkload>, JsonRejection>,
+) -> HttpResult<(StatusCode, Json<api::Workload>)> {
     let Json(body) = body?;
-    let req = CreateWorkload {
-        name: body.name,
-        network: body.network,
-        address: body.address,
-        standby: body.standby,
-        allowed: body.allowed,
-    };
+    let req = CreateWorkload::from(body);
     let w = detached(&s, |svc| async move { svc.create_workload(req).await }).await?;
     let view = workload_view(&s, &w).await?;
     Ok((StatusCode::CREATED, Json(view)))
@@ -618,7 +389,7 @@ async fn create_workload(
 async fn list_workloads(
     State(s): State<AppState>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<Vec<WorkloadView>>> {
+) -> HttpResult<Json<Vec<api::Workload>>> {
     let Query(q) = q?;
     let store = s.service.store();
     if let Some(name) = q.network.as_deref() {
@@ -641,7 +412,7 @@ async fn show_workload(
     State(s): State<AppState>,
     Path(name): Path<String>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<WorkloadView>> {
+) -> HttpResult<Json<api::Workload>> {
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
     let w = workloads::find_workload(s.service.store(), &network, &name).await?;
@@ -669,8 +440,8 @@ async fn move_workload(
     State(s): State<AppState>,
     Path(name): Path<String>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-    body: Result<Json<MoveBody>, JsonRejection>,
-) -> HttpResult<Json<MovedWorkloadView>> {
+    body: Result<Json<api::MoveWorkload>, JsonRejection>,
+) -> HttpResult<Json<api::MovedWorkload>> {
     let Query(q) = q?;
     let Json(body) = body?;
     let network = workload_network(&s, &name, q.network).await?;
@@ -686,7 +457,7 @@ async fn detach_workload(
     State(s): State<AppState>,
     Path(name): Path<String>,
     q: Result<Query<NetworkFilter>, QueryRejection>,
-) -> HttpResult<Json<MovedWorkloadView>> {
+) -> HttpResult<Json<api::MovedWorkload>> {
     let Query(q) = q?;
     let network = workload_network(&s, &name, q.network).await?;
     let (net, n) = (network.clone(), name.clone());
@@ -734,7 +505,7 @@ async fn node_names(s: &AppState, network: Option<&str>) -> HttpResult<HashMap<N
     Ok(list.into_iter().map(|n| (n.id, n.name)).collect())
 }
 
-async fn workload_view(s: &AppState, w: &WorkloadRecord) -> HttpResult<WorkloadView> {
+async fn workload_view(s: &AppState, w: &WorkloadRecord) -> HttpResult<api::Workload> {
     let names = node_names(s, Some(&w.network)).await?;
     Ok(render_workload(
         w,
@@ -743,8 +514,8 @@ async fn workload_view(s: &AppState, w: &WorkloadRecord) -> HttpResult<WorkloadV
     ))
 }
 
-async fn moved_view(s: &AppState, outcome: MoveOutcome) -> HttpResult<MovedWorkloadView> {
-    Ok(MovedWorkloadView {
+async fn moved_view(s: &AppState, outcome: MoveOutcome) -> HttpResult<api::MovedWorkload> {
+    Ok(api::MovedWorkload {
         workload: workload_view(s, &outcome.workload).await?,
         changed: outcome.changed,
         prepared_ms: outcome.prepared_in.map(millis),
@@ -762,41 +533,41 @@ fn render_workload(
     w: &WorkloadRecord,
     names: &HashMap<NodeId, String>,
     online: &HashSet<NodeId>,
-) -> WorkloadView {
-    let named = |id: &NodeId| NodeNameView {
-        id: *id,
+) -> api::Workload {
+    let named = |id: &NodeId| api::WorkloadNode {
+        id: api::NodeId(*id),
         name: names.get(id).cloned(),
     };
     let state = match w.holder {
-        None => WorkloadState::Detached,
-        Some(h) if online.contains(&h) => WorkloadState::Held,
-        Some(_) => WorkloadState::HolderOffline,
+        None => api::WorkloadState::Detached,
+        Some(h) if online.contains(&h) => api::WorkloadState::Held,
+        Some(_) => api::WorkloadState::HolderOffline,
     };
-    WorkloadView {
+    api::Workload {
         name: w.name.clone(),
         network: w.network.clone(),
-        address: w.address.to_string(),
+        address: w.address,
         holder: w.holder.as_ref().map(named),
-        generation: w.generation,
+        generation: api::Generation(w.generation),
         previous: w.previous.as_ref().map(named),
         standby: w.standby.iter().map(named).collect(),
         allowed: w.allowed.iter().map(named).collect(),
         state,
-        created_at: w.created_at,
-        moved_at: w.moved_at,
+        created_at: time(w.created_at),
+        moved_at: w.moved_at.map(time),
     }
 }
 
-async fn status(State(s): State<AppState>) -> HttpResult<Json<StatusView>> {
+async fn status(State(s): State<AppState>) -> HttpResult<Json<api::Status>> {
     let store = s.service.store();
     let nets = networks::list_networks(store, &Caller::Admin).await?;
     let all = nodes::list_nodes(store, &Caller::Admin, None).await?;
-    let coordinators: Vec<CoordinatorView> = s
+    let coordinators: Vec<api::CoordinatorStatus> = s
         .service
         .coordinators_status()
         .await
         .into_iter()
-        .map(|(address, sessions, up)| CoordinatorView {
+        .map(|(address, sessions, up)| api::CoordinatorStatus {
             address,
             sessions,
             up,
@@ -808,15 +579,68 @@ async fn status(State(s): State<AppState>) -> HttpResult<Json<StatusView>> {
         .map(|c| usize::try_from(c.sessions).unwrap_or(usize::MAX))
         .sum::<usize>()
         .max(s.service.hub().online().len());
-    Ok(Json(StatusView {
+    Ok(Json(api::Status {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        networks: nets.len(),
-        nodes: all.iter().filter(|n| !n.revoked).count(),
-        online,
+        networks: count(nets.len()),
+        nodes: count(all.iter().filter(|n| !n.revoked).count()),
+        online: count(online),
         coordinators,
         uptime_secs: s.ctx.started.elapsed().as_secs(),
-        quic_listen: s.ctx.quic_listen.to_string(),
+        quic_listen: s.ctx.quic_listen,
         advertise: s.ctx.advertise.clone(),
         fingerprint: s.ctx.fingerprint.clone(),
     }))
+}
+
+/// A store time as the API writes it.
+fn time(seconds: UnixTime) -> api::UnixTime {
+    api::UnixTime(seconds)
+}
+
+/// A count as the API writes it.
+fn count(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+impl From<api::CreateNetwork> for CreateNetwork {
+    fn from(body: api::CreateNetwork) -> Self {
+        let api::CreateNetwork { name, cidr } = body;
+        CreateNetwork { name, cidr }
+    }
+}
+
+impl From<api::CreateToken> for CreateToken {
+    fn from(body: api::CreateToken) -> Self {
+        let api::CreateToken {
+            network,
+            tags,
+            expires_in_secs,
+            uses,
+        } = body;
+        CreateToken {
+            network,
+            tags,
+            expires_in_secs,
+            uses,
+        }
+    }
+}
+
+impl From<api::CreateWorkload> for CreateWorkload {
+    fn from(body: api::CreateWorkload) -> Self {
+        let api::CreateWorkload {
+            name,
+            network,
+            address,
+            standby,
+            allowed,
+        } = body;
+        CreateWorkload {
+            name,
+            network,
+            address,
+            standby,
+            allowed,
+        }
+    }
 }

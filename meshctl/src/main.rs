@@ -74,12 +74,10 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use serde_json::Value;
 
 use meshctl::admin_token::AdminToken;
-use meshctl::client::{
-    AdminClient, CoordinatorUrl, CoordinatorUrls, NewNetwork, NewToken, NewWorkload,
-    DEFAULT_COORDINATOR,
-};
+use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COORDINATOR};
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
+use meshlink_api::{CreateNetwork, CreateToken, CreateWorkload, TokenId, UnixTime};
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
 #[derive(Debug, Parser)]
@@ -195,8 +193,7 @@ enum TokenCommand {
     /// Revoke a join token.
     Revoke {
         /// The token's id, as `token list` shows it.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        id: String,
+        id: TokenId,
     },
 }
 
@@ -406,11 +403,12 @@ fn admin_token(cli: &Cli, source: TokenSource) -> Result<AdminToken> {
     }
 }
 
-/// Now, in unix seconds, for relative times.
-fn now() -> i64 {
-    SystemTime::now()
+/// Now, for relative times.
+fn now() -> UnixTime {
+    let seconds = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    UnixTime(seconds)
 }
 
 /// Prints an answer: the table text, or the server's JSON pretty-printed.
@@ -440,7 +438,7 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
     let client = AdminClient::new(urls, admin_token(&cli, source)?);
     match cli.command {
         Command::Network(NetworkCommand::Create { name, cidr }) => {
-            let reply = client.create_network(&NewNetwork { name, cidr })?;
+            let reply = client.create_network(&CreateNetwork { name, cidr })?;
             emit(output, &reply.json, || {
                 render::networks(std::slice::from_ref(&reply.value))
             })
@@ -455,22 +453,21 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             expires,
             uses,
         }) => {
-            let request = NewToken {
+            let request = CreateToken {
                 network,
                 tags,
                 expires_in_secs: expires.map(|d| d.as_secs()),
                 uses,
             };
             let reply = client.create_token(&request)?;
-            let secret = reply.value.token.clone().unwrap_or_default();
-            if secret.is_empty() {
+            if reply.value.token.is_empty() {
                 return Err(anyhow!(
                     "the coordinator created token {} but did not return its text",
                     reply.value.id
                 ));
             }
             emit(output, &reply.json, || {
-                render::created_token(&reply.value, &secret, now())
+                render::created_token(&reply.value, now())
             })
         }
         Command::Token(TokenCommand::List) => {
@@ -478,7 +475,7 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             emit(output, &reply.json, || render::tokens(&reply.value, now()))
         }
         Command::Token(TokenCommand::Revoke { id }) => {
-            client.revoke_token(&id)?;
+            client.revoke_token(id)?;
             confirm(output, format!("token {id} revoked"));
             Ok(())
         }
@@ -516,10 +513,10 @@ fn workload(client: &AdminClient, output: Output, command: WorkloadCommand) -> R
             standby,
             allowed,
         } => {
-            let request = NewWorkload {
+            let request = CreateWorkload {
                 name,
                 network,
-                address: address.map(|a| a.to_string()),
+                address,
                 standby,
                 allowed,
             };
@@ -770,6 +767,7 @@ mod tests {
                 "0",
             ],
             &["meshctl", "node", "show", ""],
+            &["meshctl", "token", "revoke", "abc"],
             &["meshctl", "--coordinator", "https://c:7444", "status"],
             &["meshctl", "status", "-o", "yaml"],
             &[

@@ -1,8 +1,9 @@
 //! Rendering for `-o table`: aligned tables, field listings, and the cells inside them.
 //!
-//! Every function here is pure: it is given the answer and the current time (unix seconds)
-//! and returns text, so the tests pin the output exactly. Lists become a [`Table`] with a
-//! header row; single objects become a [`Fields`] listing, one `NAME  value` per line.
+//! Every function here is pure: it is given the answer (the [`meshlink_api`] types) and the
+//! current time and returns text, so the tests pin the output exactly. Lists become a
+//! [`Table`] with a header row; single objects become a [`Fields`] listing, one `NAME  value`
+//! per line.
 //!
 //! # Security
 //!
@@ -10,12 +11,16 @@
 //! characters in them are replaced by `?` so that no cell can move the cursor, recolour the
 //! terminal or forge extra lines.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::Value;
+use meshlink_api::{
+    CreatedToken, MovedWorkload, Network, Node, Status, Token, UnixTime, Workload, WorkloadNode,
+    WorkloadState,
+};
 
-use crate::client::{MovedWorkload, Network, Node, NodeName, Status, Token, Workload};
 use crate::duration;
 
 /// Columns are separated by this many spaces.
@@ -125,26 +130,31 @@ fn clean(text: &str) -> String {
         .collect()
 }
 
-/// A JSON value as cell text: strings bare, lists joined with `,`, objects as `key=value`
-/// pairs, and `null` or empty as `-`.
-pub fn value(json: &Value) -> String {
-    let text = match json {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        Value::Array(items) => items.iter().map(value).collect::<Vec<_>>().join(","),
-        Value::Object(fields) => fields
-            .iter()
-            .map(|(k, v)| format!("{k}={}", value(v)))
-            .collect::<Vec<_>>()
-            .join(","),
-        other => other.to_string(),
-    };
-    or_none(text)
-}
-
 /// A list of strings as cell text.
 pub fn list(items: &[String]) -> String {
     or_none(items.join(","))
+}
+
+/// Endpoints as cell text: `ip:port` joined with `,`.
+pub fn endpoints(endpoints: &[SocketAddr]) -> String {
+    or_none(
+        endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    )
+}
+
+/// Labels as cell text: `key=value` pairs joined with `,`, in key order.
+pub fn labels(labels: &BTreeMap<String, String>) -> String {
+    or_none(
+        labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    )
 }
 
 /// `-` for empty text.
@@ -156,47 +166,9 @@ fn or_none(text: String) -> String {
     }
 }
 
-/// Reads a time that came as unix seconds (a number or a string of digits) or RFC 3339 text.
-pub fn unix_seconds(json: &Value) -> Option<i64> {
-    match json {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f.floor() as i64)),
-        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().ok()
-        }
-        Value::String(s) => parse_rfc3339(s),
-        _ => None,
-    }
-}
-
-/// A time as `2024-05-01T12:00:00Z`; text that is not a time is shown as it came.
-pub fn time(json: &Value) -> String {
-    match unix_seconds(json) {
-        Some(seconds) => format_utc(seconds),
-        None => value(json),
-    }
-}
-
-/// A time relative to `now`: `5m ago`, `in 2h`; `-` when absent.
-pub fn relative(json: &Value, now: i64) -> String {
-    match unix_seconds(json) {
-        Some(seconds) if seconds <= now => {
-            format!("{} ago", duration::format(now.abs_diff(seconds)))
-        }
-        Some(seconds) => format!("in {}", duration::format(seconds.abs_diff(now))),
-        None => value(json),
-    }
-}
-
-/// A time both ways: `2024-05-01T12:00:00Z (5m ago)`; `-` when absent.
-pub fn time_and_relative(json: &Value, now: i64) -> String {
-    match unix_seconds(json) {
-        Some(_) => format!("{} ({})", time(json), relative(json, now)),
-        None => value(json),
-    }
-}
-
-/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ`.
-fn format_utc(seconds: i64) -> String {
+/// A time as `2024-05-01T12:00:00Z`.
+pub fn time(at: UnixTime) -> String {
+    let UnixTime(seconds) = at;
     let days = seconds.div_euclid(86_400);
     let of_day = seconds.rem_euclid(86_400);
     let (year, month, day) = civil_from_days(days);
@@ -208,77 +180,26 @@ fn format_utc(seconds: i64) -> String {
     )
 }
 
-/// Parses `YYYY-MM-DD(T| )HH:MM:SS[.fraction](Z|±HH:MM)` into unix seconds, dropping the
-/// fraction.
-fn parse_rfc3339(text: &str) -> Option<i64> {
-    let bytes = text.as_bytes();
-    let number = |from: usize, to: usize| -> Option<i64> {
-        let part = bytes.get(from..to)?;
-        if part.iter().all(u8::is_ascii_digit) {
-            std::str::from_utf8(part).ok()?.parse().ok()
-        } else {
-            None
+/// A time relative to `now`: `5m ago`, `in 2h`; `-` when absent.
+pub fn relative(at: Option<UnixTime>, now: UnixTime) -> String {
+    match at {
+        Some(UnixTime(seconds)) if seconds <= now.0 => {
+            format!("{} ago", duration::format(now.0.abs_diff(seconds)))
         }
-    };
-    let at = |i: usize, allowed: &[u8]| bytes.get(i).is_some_and(|b| allowed.contains(b));
-    if !(at(4, b"-") && at(7, b"-") && at(10, b"Tt ") && at(13, b":") && at(16, b":")) {
-        return None;
+        Some(UnixTime(seconds)) => format!("in {}", duration::format(seconds.abs_diff(now.0))),
+        None => NONE.to_owned(),
     }
-    let (year, month, day) = (number(0, 4)?, number(5, 7)?, number(8, 10)?);
-    let (hour, minute, second) = (number(11, 13)?, number(14, 16)?, number(17, 19)?);
-    if !(1..=12).contains(&month) || hour > 23 || minute > 59 || second > 60 {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    if civil_from_days(days) != (year, month, day) {
-        return None;
-    }
-    let mut rest = &text[19..];
-    if let Some(fraction) = rest.strip_prefix('.') {
-        let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        rest = &fraction[digits..];
-    }
-    let offset = match rest.as_bytes() {
-        b"Z" | b"z" => 0,
-        [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2] => {
-            let two = |a: u8, b: u8| -> Option<i64> {
-                (a.is_ascii_digit() && b.is_ascii_digit())
-                    .then(|| i64::from(a - b'0') * 10 + i64::from(b - b'0'))
-            };
-            let (hours, minutes) = (two(*h1, *h2)?, two(*m1, *m2)?);
-            if hours > 23 || minutes > 59 {
-                return None;
-            }
-            let offset = hours * 3_600 + minutes * 60;
-            if *sign == b'-' {
-                -offset
-            } else {
-                offset
-            }
-        }
-        _ => return None,
-    };
-    // A leap second is shown as the last second of its minute.
-    let second = second.min(59);
-    Some(days * 86_400 + hour * 3_600 + minute * 60 + second - offset)
 }
 
-/// Days since 1970-01-01 of a proleptic Gregorian date. Years are counted from March so that
-/// the leap day falls at the end of the counting year.
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year - era * 400;
-    let month_from_march = (month + 9) % 12;
-    let day_of_year = (153 * month_from_march + 2) / 5 + day - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
+/// A time both ways: `2024-05-01T12:00:00Z (5m ago)`; `-` when absent.
+pub fn time_and_relative(at: Option<UnixTime>, now: UnixTime) -> String {
+    match at {
+        Some(t) => format!("{} ({})", time(t), relative(at, now)),
+        None => NONE.to_owned(),
+    }
 }
 
-/// The date of a day counted from 1970-01-01; the inverse of [`days_from_civil`].
+/// The proleptic Gregorian date of a day counted from 1970-01-01.
 fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let days = days + 719_468;
     let era = days.div_euclid(146_097);
@@ -303,35 +224,34 @@ pub fn networks(networks: &[Network]) -> String {
     for network in networks {
         table.row([
             or_none(network.name.clone()),
-            or_none(network.cidr.clone()),
+            network.cidr.to_string(),
             network.nodes.to_string(),
             network.online.to_string(),
-            or_none(network.version.clone()),
-            time(&network.created_at),
+            network.version.to_string(),
+            time(network.created_at),
         ]);
     }
     table.to_string()
 }
 
 /// How many times a token was used, out of how many: `1/5`, or `3/-` without a limit.
-fn token_uses(token: &Token) -> String {
-    match token.uses {
-        Some(limit) => format!("{}/{limit}", token.used),
-        None => format!("{}/{NONE}", token.used),
+fn token_uses(used: u64, uses: Option<u64>) -> String {
+    match uses {
+        Some(limit) => format!("{used}/{limit}"),
+        None => format!("{used}/{NONE}"),
     }
 }
 
 /// When a token expires, relative to now; `never` when it does not.
-fn token_expiry(token: &Token, now: i64) -> String {
-    if token.expires_at.is_null() {
-        "never".to_owned()
-    } else {
-        relative(&token.expires_at, now)
+fn token_expiry(expires_at: Option<UnixTime>, now: UnixTime) -> String {
+    match expires_at {
+        Some(_) => relative(expires_at, now),
+        None => "never".to_owned(),
     }
 }
 
 /// `token list`.
-pub fn tokens(tokens: &[Token], now: i64) -> String {
+pub fn tokens(tokens: &[Token], now: UnixTime) -> String {
     let mut table = Table::new(&["ID", "NETWORK", "TAGS", "USES", "EXPIRES", "STATE"]);
     for token in tokens {
         let state = if token.revoked {
@@ -342,11 +262,11 @@ pub fn tokens(tokens: &[Token], now: i64) -> String {
             "active"
         };
         table.row([
-            or_none(token.id.clone()),
+            token.id.to_string(),
             or_none(token.network.clone()),
             list(&token.tags),
-            token_uses(token),
-            token_expiry(token, now),
+            token_uses(token.used, token.uses),
+            token_expiry(token.expires_at, now),
             state.to_owned(),
         ]);
     }
@@ -355,20 +275,19 @@ pub fn tokens(tokens: &[Token], now: i64) -> String {
 
 /// `token create`: the token's fields, a blank line, and the token text alone on the last
 /// line, so that both a reader and `tail -n 1` find it.
-pub fn created_token(token: &Token, secret: &str, now: i64) -> String {
-    let expires = if token.expires_at.is_null() {
-        "never".to_owned()
-    } else {
-        time_and_relative(&token.expires_at, now)
+pub fn created_token(token: &CreatedToken, now: UnixTime) -> String {
+    let expires = match token.expires_at {
+        Some(_) => time_and_relative(token.expires_at, now),
+        None => "never".to_owned(),
     };
     let mut fields = Fields::new();
     fields
-        .field("ID", or_none(token.id.clone()))
+        .field("ID", token.id.to_string())
         .field("NETWORK", or_none(token.network.clone()))
         .field("TAGS", list(&token.tags))
         .field("EXPIRES", expires)
-        .field("USES", token_uses(token));
-    format!("{fields}\n{}\n", clean(secret))
+        .field("USES", token_uses(token.used, token.uses));
+    format!("{fields}\n{}\n", clean(&token.token))
 }
 
 /// A node's state in one word.
@@ -383,7 +302,7 @@ fn node_state(node: &Node) -> &'static str {
 }
 
 /// `node list`.
-pub fn nodes(nodes: &[Node], now: i64) -> String {
+pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
     let mut table = Table::new(&[
         "NAME",
         "ID",
@@ -397,38 +316,38 @@ pub fn nodes(nodes: &[Node], now: i64) -> String {
     for node in nodes {
         table.row([
             or_none(node.name.clone()),
-            or_none(node.id.clone()),
+            node.id.to_string(),
             or_none(node.network.clone()),
-            or_none(node.address.clone()),
+            node.address.to_string(),
             node_state(node).to_owned(),
-            relative(&node.last_seen, now),
-            value(&node.endpoints),
-            value(&node.labels),
+            relative(node.last_seen, now),
+            endpoints(&node.endpoints),
+            labels(&node.labels),
         ]);
     }
     table.to_string()
 }
 
 /// `node show` and `node revoke`.
-pub fn node(node: &Node, now: i64) -> String {
+pub fn node(node: &Node, now: UnixTime) -> String {
     let mut fields = Fields::new();
     fields
         .field("NAME", or_none(node.name.clone()))
-        .field("ID", or_none(node.id.clone()))
+        .field("ID", node.id.to_string())
         .field("NETWORK", or_none(node.network.clone()))
-        .field("ADDRESS", or_none(node.address.clone()))
-        .field("PUBLIC KEY", or_none(node.public_key.clone()))
+        .field("ADDRESS", node.address.to_string())
+        .field("PUBLIC KEY", node.public_key.to_base64())
         .field("ONLINE", node_state(node))
-        .field("LAST SEEN", time_and_relative(&node.last_seen, now))
-        .field("ENDPOINTS", value(&node.endpoints))
+        .field("LAST SEEN", time_and_relative(node.last_seen, now))
+        .field("ENDPOINTS", endpoints(&node.endpoints))
         .field("TAGS", list(&node.tags))
-        .field("LABELS", value(&node.labels))
-        .field("CREATED", time(&node.created_at));
+        .field("LABELS", labels(&node.labels))
+        .field("CREATED", time(node.created_at));
     fields.to_string()
 }
 
 /// A node named by a workload: its name, or `#ID (deleted)` when it no longer exists.
-fn node_name(node: &NodeName) -> String {
+fn node_name(node: &WorkloadNode) -> String {
     match &node.name {
         Some(name) if !name.is_empty() => name.clone(),
         _ => format!("#{} (deleted)", node.id),
@@ -436,12 +355,12 @@ fn node_name(node: &NodeName) -> String {
 }
 
 /// An optional node as cell text.
-fn maybe_node(node: Option<&NodeName>) -> String {
+fn maybe_node(node: Option<&WorkloadNode>) -> String {
     node.map_or_else(|| NONE.to_owned(), node_name)
 }
 
 /// Nodes as cell text, in order.
-fn node_names(nodes: &[NodeName]) -> String {
+fn node_names(nodes: &[WorkloadNode]) -> String {
     or_none(nodes.iter().map(node_name).collect::<Vec<_>>().join(","))
 }
 
@@ -460,10 +379,10 @@ pub fn workloads(workloads: &[Workload]) -> String {
         table.row([
             or_none(w.name.clone()),
             or_none(w.network.clone()),
-            or_none(w.address.clone()),
+            w.address.to_string(),
             maybe_node(w.holder.as_ref()),
-            or_none(w.generation.clone()),
-            or_none(w.state.clone()),
+            w.generation.to_string(),
+            w.state.to_string(),
             node_names(&w.standby),
         ]);
     }
@@ -471,20 +390,20 @@ pub fn workloads(workloads: &[Workload]) -> String {
 }
 
 /// `workload show` and `workload create`.
-pub fn workload(w: &Workload, now: i64) -> String {
+pub fn workload(w: &Workload, now: UnixTime) -> String {
     let mut fields = Fields::new();
     fields
         .field("NAME", or_none(w.name.clone()))
         .field("NETWORK", or_none(w.network.clone()))
-        .field("ADDRESS", or_none(w.address.clone()))
-        .field("STATE", or_none(w.state.clone()))
+        .field("ADDRESS", w.address.to_string())
+        .field("STATE", w.state.as_str())
         .field("HOLDER", maybe_node(w.holder.as_ref()))
-        .field("GENERATION", or_none(w.generation.clone()))
+        .field("GENERATION", w.generation.to_string())
         .field("PREVIOUS", maybe_node(w.previous.as_ref()))
         .field("STANDBY", node_names(&w.standby))
         .field("ALLOWED", node_names(&w.allowed))
-        .field("MOVED", time_and_relative(&w.moved_at, now))
-        .field("CREATED", time(&w.created_at));
+        .field("MOVED", time_and_relative(w.moved_at, now))
+        .field("CREATED", time(w.created_at));
     fields.to_string()
 }
 
@@ -509,11 +428,8 @@ fn millis(ms: f64) -> String {
 pub fn moved(reply: &MovedWorkload, change: Change) -> String {
     let w = &reply.workload;
     let name = or_none(w.name.clone());
-    let generation = or_none(w.generation.clone());
-    let took = reply
-        .took_ms
-        .map(|ms| format!(" in {}", millis(ms)))
-        .unwrap_or_default();
+    let generation = w.generation;
+    let took = format!(" in {}", millis(reply.took_ms));
     let holder = maybe_node(w.holder.as_ref());
     let line = match (change, reply.changed) {
         (Change::Attach | Change::Move, true) => {
@@ -522,11 +438,13 @@ pub fn moved(reply: &MovedWorkload, change: Change) -> String {
             } else {
                 "moved"
             };
-            let readiness = match (reply.prepared_ms, w.state.as_str()) {
+            let readiness = match (reply.prepared_ms, w.state) {
                 (Some(ms), _) => format!(" (destination ready in {})", millis(ms)),
-                (None, "holder-offline") => format!(" ({holder} is offline)"),
-                (None, "held") => " (destination did not report ready in time)".to_owned(),
-                (None, _) => String::new(),
+                (None, WorkloadState::HolderOffline) => format!(" ({holder} is offline)"),
+                (None, WorkloadState::Held) => {
+                    " (destination did not report ready in time)".to_owned()
+                }
+                (None, WorkloadState::Detached) => String::new(),
             };
             format!("{name} {verb} to {holder} (generation {generation}){took}{readiness}")
         }
@@ -566,8 +484,8 @@ pub fn status(status: &Status) -> String {
         .field("NETWORKS", status.networks.to_string())
         .field("NODES", status.nodes.to_string())
         .field("ONLINE", status.online.to_string())
-        .field("QUIC LISTEN", or_none(status.quic_listen.clone()))
-        .field("ADVERTISE", value(&status.advertise))
+        .field("QUIC LISTEN", status.quic_listen.to_string())
+        .field("ADVERTISE", or_none(status.advertise.clone()))
         .field("FINGERPRINT", or_none(status.fingerprint.clone()));
     for c in &status.coordinators {
         let sessions = match c.sessions {
@@ -583,10 +501,16 @@ pub fn status(status: &Status) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde::de::DeserializeOwned;
     use serde_json::json;
 
     /// 2024-05-01T12:00:00Z.
-    const NOW: i64 = 1_714_564_800;
+    const NOW: UnixTime = UnixTime(1_714_564_800);
+
+    /// An answer as the coordinator would send it, read into its type.
+    fn answer<T: DeserializeOwned>(json: serde_json::Value) -> T {
+        serde_json::from_value(json).unwrap()
+    }
 
     #[test]
     fn table_aligns_columns_without_trailing_space() {
@@ -641,150 +565,136 @@ mod tests {
     }
 
     #[test]
-    fn values_as_cells() {
-        assert_eq!(value(&Value::Null), "-");
-        assert_eq!(value(&json!("")), "-");
-        assert_eq!(value(&json!([])), "-");
+    fn lists_as_cells() {
+        assert_eq!(endpoints(&[]), "-");
         assert_eq!(
-            value(&json!(["1.2.3.4:51820", "[::1]:51820"])),
+            endpoints(&[
+                "1.2.3.4:51820".parse().unwrap(),
+                "[::1]:51820".parse().unwrap()
+            ]),
             "1.2.3.4:51820,[::1]:51820"
         );
-        assert_eq!(
-            value(&json!({"role": "db", "zone": "eu"})),
-            "role=db,zone=eu"
-        );
-        assert_eq!(value(&json!(42)), "42");
+        let map = BTreeMap::from([
+            ("zone".to_owned(), "eu".to_owned()),
+            ("role".to_owned(), "db".to_owned()),
+        ]);
+        assert_eq!(labels(&map), "role=db,zone=eu");
+        assert_eq!(labels(&BTreeMap::new()), "-");
         assert_eq!(list(&[]), "-");
+        assert_eq!(list(&["a".into(), "b".into()]), "a,b");
     }
 
     #[test]
-    fn times_in_both_encodings() {
-        assert_eq!(time(&json!(NOW)), "2024-05-01T12:00:00Z");
-        assert_eq!(time(&json!("1714564800")), "2024-05-01T12:00:00Z");
-        assert_eq!(time(&json!("2024-05-01T12:00:00Z")), "2024-05-01T12:00:00Z");
-        assert_eq!(
-            time(&json!("2024-05-01T14:00:00.123456+02:00")),
-            "2024-05-01T12:00:00Z"
-        );
-        assert_eq!(
-            time(&json!("2024-05-01 07:30:00-04:30")),
-            "2024-05-01T12:00:00Z"
-        );
-        assert_eq!(time(&json!(0)), "1970-01-01T00:00:00Z");
-        assert_eq!(time(&json!(951_782_400)), "2000-02-29T00:00:00Z");
-        assert_eq!(time(&json!(-86_400)), "1969-12-31T00:00:00Z");
-        assert_eq!(time(&Value::Null), "-");
-        assert_eq!(time(&json!("yesterday")), "yesterday");
-        assert_eq!(time(&json!("2023-02-29T00:00:00Z")), "2023-02-29T00:00:00Z");
-        assert_eq!(unix_seconds(&json!("2023-02-29T00:00:00Z")), None);
-        assert_eq!(unix_seconds(&json!("2024-05-01T12:00:00")), None);
-    }
-
-    #[test]
-    fn calendar_round_trips() {
-        for days in (-800_000..800_000).step_by(997) {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
+    fn times_in_utc() {
+        assert_eq!(time(NOW), "2024-05-01T12:00:00Z");
+        assert_eq!(time(UnixTime(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(time(UnixTime(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(time(UnixTime(951_868_800)), "2000-03-01T00:00:00Z");
+        assert_eq!(time(UnixTime(4_107_542_399)), "2100-02-28T23:59:59Z");
+        assert_eq!(time(UnixTime(4_107_542_400)), "2100-03-01T00:00:00Z");
+        assert_eq!(time(UnixTime(-86_400)), "1969-12-31T00:00:00Z");
+        assert_eq!(time(UnixTime(-62_135_596_800)), "0001-01-01T00:00:00Z");
     }
 
     #[test]
     fn relative_times() {
-        assert_eq!(relative(&json!(NOW - 90), NOW), "1m30s ago");
-        assert_eq!(relative(&json!(NOW), NOW), "0s ago");
-        assert_eq!(relative(&json!(NOW + 7_200), NOW), "in 2h");
-        assert_eq!(relative(&Value::Null, NOW), "-");
+        assert_eq!(relative(Some(UnixTime(NOW.0 - 90)), NOW), "1m30s ago");
+        assert_eq!(relative(Some(NOW), NOW), "0s ago");
+        assert_eq!(relative(Some(UnixTime(NOW.0 + 7_200)), NOW), "in 2h");
+        assert_eq!(relative(None, NOW), "-");
         assert_eq!(
-            time_and_relative(&json!("2024-05-01T11:55:00Z"), NOW),
+            time_and_relative(Some(UnixTime(NOW.0 - 300)), NOW),
             "2024-05-01T11:55:00Z (5m ago)"
         );
+        assert_eq!(time_and_relative(None, NOW), "-");
     }
 
     fn sample_nodes() -> Vec<Node> {
-        serde_json::from_value(json!([
-            {"id": "n_1", "name": "web-1", "network": "prod", "address": "100.64.0.1",
-             "online": true, "last_seen": NOW - 5, "endpoints": ["203.0.113.5:51820"],
-             "labels": {"role": "web"}},
-            {"id": "n_2", "name": "db", "network": "prod", "address": "100.64.0.2",
-             "online": false, "revoked": true, "last_seen": null, "endpoints": [],
-             "labels": {}},
+        answer(json!([
+            {"id": 1, "name": "web-1", "network": "prod", "address": "100.64.0.1",
+             "public_key": "QgEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+             "labels": {"role": "web"}, "tags": ["web"], "endpoints": ["203.0.113.5:51820"],
+             "online": true, "last_seen": NOW.0 - 5, "revoked": false, "created_at": NOW.0},
+            {"id": 2, "name": "db", "network": "prod", "address": "100.64.0.2",
+             "public_key": "QgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
+             "labels": {}, "tags": [], "endpoints": [], "online": false, "last_seen": null,
+             "revoked": true, "created_at": NOW.0},
         ]))
-        .unwrap()
     }
 
     #[test]
     fn node_table() {
         assert_eq!(
             nodes(&sample_nodes(), NOW),
-            "NAME   ID   NETWORK  ADDRESS     ONLINE   LAST SEEN  ENDPOINTS          LABELS\n\
-             web-1  n_1  prod     100.64.0.1  yes      5s ago     203.0.113.5:51820  role=web\n\
-             db     n_2  prod     100.64.0.2  revoked  -          -                  -\n"
+            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  ENDPOINTS          LABELS\n\
+             web-1  1   prod     100.64.0.1  yes      5s ago     203.0.113.5:51820  role=web\n\
+             db     2   prod     100.64.0.2  revoked  -          -                  -\n"
         );
     }
 
     #[test]
     fn node_fields() {
-        let text = node(&sample_nodes()[0], NOW);
-        assert!(
-            text.starts_with("NAME        web-1\nID          n_1\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("LAST SEEN   2024-05-01T11:59:55Z (5s ago)\n"),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn network_table() {
-        let list: Vec<Network> = serde_json::from_value(json!([
-            {"name": "prod", "cidr": "100.64.0.0/16", "version": 12, "nodes": 3, "online": 2,
-             "created_at": "2024-04-01T00:00:00Z"},
-        ]))
-        .unwrap();
         assert_eq!(
-            networks(&list),
-            "NAME  CIDR           NODES  ONLINE  VERSION  CREATED\n\
-             prod  100.64.0.0/16  3      2       12       2024-04-01T00:00:00Z\n"
+            node(&sample_nodes()[0], NOW),
+            "NAME        web-1\n\
+             ID          1\n\
+             NETWORK     prod\n\
+             ADDRESS     100.64.0.1\n\
+             PUBLIC KEY  QgEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=\n\
+             ONLINE      yes\n\
+             LAST SEEN   2024-05-01T11:59:55Z (5s ago)\n\
+             ENDPOINTS   203.0.113.5:51820\n\
+             TAGS        web\n\
+             LABELS      role=web\n\
+             CREATED     2024-05-01T12:00:00Z\n"
         );
     }
 
     #[test]
     fn token_table_and_creation() {
-        let list: Vec<Token> = serde_json::from_value(json!([
-            {"id": "t1", "network": "prod", "tags": ["web"], "expires_at": NOW + 3_600,
-             "uses": 1, "used": 0},
-            {"id": "t2", "network": "prod", "tags": [], "expires_at": null, "used": 4,
-             "revoked": true},
-        ]))
-        .unwrap();
+        let list: Vec<Token> = answer(json!([
+            {"id": 1, "network": "prod", "tags": ["web"], "expires_at": NOW.0 + 3_600,
+             "uses": 1, "used": 0, "revoked": false, "expired": false, "created_at": NOW.0},
+            {"id": 2, "network": "prod", "tags": [], "expires_at": null, "uses": null,
+             "used": 4, "revoked": true, "expired": false, "created_at": NOW.0},
+            {"id": 3, "network": "lab", "tags": [], "expires_at": NOW.0 - 60, "uses": null,
+             "used": 0, "revoked": false, "expired": true, "created_at": NOW.0 - 120},
+        ]));
         assert_eq!(
             tokens(&list, NOW),
             "ID  NETWORK  TAGS  USES  EXPIRES  STATE\n\
-             t1  prod     web   0/1   in 1h    active\n\
-             t2  prod     -     4/-   never    revoked\n"
+             1   prod     web   0/1   in 1h    active\n\
+             2   prod     -     4/-   never    revoked\n\
+             3   lab      -     0/-   1m ago   expired\n"
         );
-        let text = created_token(&list[0], "mlj1_secret", NOW);
-        assert_eq!(text.lines().last(), Some("mlj1_secret"));
-        assert!(
-            text.contains("EXPIRES  2024-05-01T13:00:00Z (in 1h)\n"),
-            "{text}"
+        let created: CreatedToken = answer(json!(
+            {"id": 1, "token": "mlj1_secret", "network": "prod", "tags": ["web"],
+             "expires_at": NOW.0 + 3_600, "uses": 1, "used": 0}
+        ));
+        assert_eq!(
+            created_token(&created, NOW),
+            "ID       1\n\
+             NETWORK  prod\n\
+             TAGS     web\n\
+             EXPIRES  2024-05-01T13:00:00Z (in 1h)\n\
+             USES     0/1\n\
+             \n\
+             mlj1_secret\n"
         );
     }
 
     fn sample_workloads() -> Vec<Workload> {
-        serde_json::from_value(json!([
+        answer(json!([
             {"name": "chat", "network": "prod", "address": "100.64.0.9",
              "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
              "previous": {"id": 1, "name": null}, "state": "held",
              "standby": [{"id": 4, "name": "vm-d"}, {"id": 5, "name": "vm-e"}],
              "allowed": [{"id": 3, "name": "vm-c"}],
-             "created_at": NOW - 3_600, "moved_at": NOW - 60},
+             "created_at": NOW.0 - 3_600, "moved_at": NOW.0 - 60},
             {"name": "db", "network": "prod", "address": "100.64.0.10", "holder": null,
              "generation": 0, "previous": null, "state": "detached", "standby": [],
-             "allowed": [], "created_at": NOW, "moved_at": null},
+             "allowed": [], "created_at": NOW.0, "moved_at": null},
         ]))
-        .unwrap()
     }
 
     #[test]
@@ -815,60 +725,39 @@ mod tests {
         );
     }
 
-    fn moved_reply(answer: Value) -> MovedWorkload {
-        serde_json::from_value(answer).unwrap()
+    /// The answer to a change of holder: `sample_workloads()[0]` with these fields changed.
+    fn moved_reply(changes: serde_json::Value) -> MovedWorkload {
+        let mut json = serde_json::to_value(&sample_workloads()[0]).unwrap();
+        json["prepared_ms"] = serde_json::Value::Null;
+        for (key, value) in changes.as_object().unwrap() {
+            json[key] = value.clone();
+        }
+        answer(json)
     }
 
     #[test]
     fn changes_of_holder_in_one_line() {
-        let held = moved_reply(json!({
-            "name": "chat", "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
-            "state": "held", "changed": true, "prepared_ms": 3.12, "took_ms": 12.44,
-        }));
+        // The cases the real router cannot be made to answer on cue: a destination that
+        // reported ready, and one that did not in time. `tests/admin.rs` runs the others
+        // against a real coordinator.
+        let held = moved_reply(json!({"changed": true, "prepared_ms": 3.12, "took_ms": 12.44}));
         assert_eq!(
             moved(&held, Change::Move),
             "chat moved to vm-c (generation 3) in 12.4 ms (destination ready in 3.1 ms)\n"
         );
-        let offline = moved_reply(json!({
-            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 1,
-            "state": "holder-offline", "changed": true, "prepared_ms": null, "took_ms": 0.8,
-        }));
+        let silent = moved_reply(json!({"changed": true, "took_ms": 501.0}));
         assert_eq!(
-            moved(&offline, Change::Attach),
-            "chat attached to vm-a (generation 1) in 0.8 ms (vm-a is offline)\n"
-        );
-        let silent = moved_reply(json!({
-            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 2,
-            "state": "held", "changed": true, "took_ms": 501.0,
-        }));
-        assert_eq!(
-            moved(&silent, Change::Move),
-            "chat moved to vm-a (generation 2) in 501.0 ms \
+            moved(&silent, Change::Attach),
+            "chat attached to vm-c (generation 3) in 501.0 ms \
              (destination did not report ready in time)\n"
         );
-        let same = moved_reply(json!({
-            "name": "chat", "holder": {"id": 1, "name": "vm-a"}, "generation": 2,
-            "state": "held", "changed": false, "took_ms": 0.1,
-        }));
-        assert_eq!(
-            moved(&same, Change::Move),
-            "chat is already held by vm-a (generation 2)\n"
-        );
         let detached = moved_reply(json!({
-            "name": "chat", "holder": null, "previous": {"id": 1, "name": "vm-a"},
-            "generation": 3, "state": "detached", "changed": true, "took_ms": 1.23,
+            "holder": null, "previous": null, "state": "detached", "changed": true,
+            "took_ms": 1.23,
         }));
         assert_eq!(
             moved(&detached, Change::Detach),
-            "chat detached from vm-a (generation 3) in 1.2 ms\n"
-        );
-        let again = MovedWorkload {
-            changed: false,
-            ..detached
-        };
-        assert_eq!(
-            moved(&again, Change::Detach),
-            "chat is already detached (generation 3)\n"
+            "chat detached (generation 3) in 1.2 ms\n"
         );
     }
 
@@ -882,16 +771,15 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let answer: Status = serde_json::from_value(json!({
+        let answer: Status = answer(json!({
             "version": "0.1.0", "networks": 1, "nodes": 3, "online": 2, "uptime_secs": 93_784,
-            "quic_listen": "0.0.0.0:7443", "advertise": ["198.51.100.1:7443"],
+            "quic_listen": "0.0.0.0:7443", "advertise": "198.51.100.1:7443",
             "fingerprint": "sha256:ab",
             "coordinators": [
                 {"address": "198.51.100.1:7443", "sessions": 2, "up": true},
                 {"address": "198.51.100.2:7443", "sessions": 1, "up": false},
             ],
-        }))
-        .unwrap();
+        }));
         assert_eq!(
             status(&answer),
             "VERSION      0.1.0\n\

@@ -6,7 +6,8 @@ mod support;
 use std::time::Duration;
 
 use meshctl::admin_token::AdminToken;
-use meshctl::client::{AdminClient, ClientError, CoordinatorUrls, NewNetwork};
+use meshctl::client::{AdminClient, ClientError, CoordinatorUrls};
+use meshlink_api::CreateNetwork;
 use support::{closed_url, meshctl, stderr, stdout, Canned, FakeCoordinator, Mute, Silence};
 
 fn client(urls: &[&str]) -> AdminClient {
@@ -17,15 +18,18 @@ fn token() -> AdminToken {
     AdminToken::new("admin-secret", "test").unwrap()
 }
 
-fn network() -> NewNetwork {
-    NewNetwork {
+fn network() -> CreateNetwork {
+    CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/16".into(),
     }
 }
 
-const NETWORKS: &str = r#"[{"name":"prod","cidr":"100.64.0.0/16"}]"#;
-const CREATED: &str = r#"{"name":"prod","cidr":"100.64.0.0/16"}"#;
+/// What a coordinator answers `POST /v1/networks` and `GET /v1/networks`.
+const CREATED: &str = r#"{"name":"prod","cidr":"100.64.0.0/16","version":0,"nodes":0,
+    "online":0,"created_at":1714564800}"#;
+const NETWORKS: &str = r#"[{"name":"prod","cidr":"100.64.0.0/16","version":0,"nodes":0,
+    "online":0,"created_at":1714564800}]"#;
 
 #[test]
 fn a_read_goes_to_the_next_coordinator_when_one_is_down() {

@@ -1,0 +1,56 @@
+//! The coordinator's HTTP/JSON admin API as types: every request body and every answer, defined
+//! once and used by both ends (`meshlink-coordinator`'s `admin` module serves them, `meshctl`
+//! reads them), so the two cannot drift apart unnoticed.
+//!
+//! The routes, their status codes and authentication are documented with the router, in the
+//! coordinator's `admin` module. This crate holds the shapes only: no HTTP, no I/O, no
+//! validation beyond what the types themselves carry (the coordinator decides what a valid name
+//! or prefix is).
+//!
+//! # The wire format
+//!
+//! - Times are Unix seconds, integers ([`UnixTime`]). Ids, generations and map versions are
+//!   integers ([`NodeId`], [`TokenId`], [`Generation`], [`MapVersion`]).
+//! - An optional answer field is always sent; `null` means "none" (never expires, no holder,
+//!   never seen), as each field's documentation says.
+//! - An optional request field may be left out or sent as `null`: both mean the default the
+//!   field's documentation names. Unknown request fields are refused (400), so that a typo is
+//!   not silently ignored; unknown answer fields are ignored, so that a newer coordinator can
+//!   add one without breaking an older `meshctl`.
+//! - Errors are [`ErrorBody`]: `{"error": "message"}`.
+
+mod ids;
+mod networks;
+mod nodes;
+mod status;
+mod tokens;
+mod workloads;
+
+pub use ids::{Generation, MapVersion, NodeId, TokenId, UnixTime};
+pub use meshlink_proto::PublicKey;
+pub use networks::{CreateNetwork, Network};
+pub use nodes::Node;
+pub use status::{CoordinatorStatus, Status};
+pub use tokens::{CreateToken, CreatedToken, Token};
+pub use workloads::{
+    CreateWorkload, MoveWorkload, MovedWorkload, Workload, WorkloadNode, WorkloadState,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong, one line for people.
+    pub error: String,
+}
+
+/// `?network=` on the node and workload routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkFilter {
+    /// Only this network. Absent: every network for a list; for one node or workload, the
+    /// only network that has that name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+}
