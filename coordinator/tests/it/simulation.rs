@@ -1241,7 +1241,10 @@ impl Sim {
                 "seed {seed} step {step}: agent {a} got a {}, but the simulation runs no workloads",
                 msg.kind()
             ),
-            ServerMessage::Delta(_) | ServerMessage::Welcome(_) | ServerMessage::Refused { .. } => {
+            ServerMessage::Delta(_)
+            | ServerMessage::Welcome(_)
+            | ServerMessage::Refused { .. }
+            | ServerMessage::Unavailable { .. } => {
                 // The session state decides.
             }
         }
