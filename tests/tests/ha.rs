@@ -205,7 +205,13 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
         );
         refused = String::from_utf8_lossy(&out.stderr).into_owned();
         standby.respawn();
-        std::thread::sleep(Duration::from_millis(1000));
+        // Until its hello has met the outage (it may first try the coordinator still down).
+        wait_until(STEP, "vm-c1's hello to meet the outage", || {
+            let log = standby.log();
+            (log.contains("cannot serve this node now") || log.contains("refused this node"))
+                .then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e}; its log:\n{}", standby.log()));
         cluster.restart().expect("PostgreSQL starts again");
     });
     let back = wait_until(STEP, "vm-c1 back on a coordinator after the outage", || {
