@@ -434,8 +434,9 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Cleans reported endpoints: IPv4-mapped IPv6 becomes IPv4; port 0, unspecified, multicast
-/// and broadcast addresses are dropped; repeats are dropped, order is kept.
+/// Cleans reported endpoints: IPv4-mapped IPv6 becomes IPv4; port 0, unspecified, multicast,
+/// broadcast, loopback and link-local addresses are dropped; repeats are dropped, order is
+/// kept.
 ///
 /// # Errors
 /// [`ApiError::Invalid`] when more than [`MAX_ENDPOINTS`] remain.
@@ -443,10 +444,17 @@ pub fn clean_endpoints(reported: &[SocketAddr]) -> Result<Vec<SocketAddr>, ApiEr
     let mut out: Vec<SocketAddr> = Vec::new();
     for ep in reported {
         let ep = SocketAddr::new(ep.ip().to_canonical(), ep.port());
+        // Addresses that would make peers send to themselves (loopback), onto their own
+        // link (link-local) or to no single host are dropped: a node must not be able to point
+        // its peers' traffic back at them or at their neighbours.
         let unusable = ep.port() == 0
             || ep.ip().is_unspecified()
             || ep.ip().is_multicast()
-            || matches!(ep.ip(), IpAddr::V4(v4) if v4.is_broadcast());
+            || ep.ip().is_loopback()
+            || match ep.ip() {
+                IpAddr::V4(v4) => v4.is_broadcast() || v4.is_link_local(),
+                IpAddr::V6(v6) => v6.is_unicast_link_local(),
+            };
         if !unusable && !out.contains(&ep) {
             out.push(ep);
         }
@@ -557,6 +565,27 @@ mod tests {
             .map(|p| SocketAddr::new("198.18.0.1".parse().unwrap(), p))
             .collect();
         assert!(clean_endpoints(&many).is_err());
+    }
+
+    /// A node must not make its peers send to themselves (loopback) or onto their own link
+    /// (link-local), nor anywhere that is no single host.
+    #[test]
+    fn endpoints_that_point_back_at_the_peers_are_dropped() {
+        let got = clean_endpoints(&[
+            sa("127.0.0.1:51820"),
+            sa("127.9.9.9:51820"),
+            sa("[::1]:51820"),
+            sa("169.254.1.1:51820"),
+            sa("[fe80::1]:51820"),
+            sa("[ff02::1]:51820"),
+            sa("[::]:51820"),
+            sa("[::ffff:127.0.0.1]:51820"),
+            sa("255.255.255.255:51820"),
+            sa("198.18.0.7:51820"),
+            sa("[fd00::7]:51820"),
+        ])
+        .unwrap();
+        assert_eq!(got, vec![sa("198.18.0.7:51820"), sa("[fd00::7]:51820")]);
     }
 
     #[test]
