@@ -102,6 +102,13 @@ pub async fn join(
         validate_node_name(name)?;
     }
     validate_labels(&hello.labels)?;
+    if hello.public_key.has_small_order() {
+        return Err(ApiError::Invalid(
+            "the public key is a point of small order: no tunnel with it would be private; \
+             generate a new key pair"
+                .into(),
+        ));
+    }
     let endpoints = clean_endpoints(&hello.endpoints)?;
     // Both lookups are indexed, so a join costs the same in a large network.
     if let Some(name) = &hello.name {

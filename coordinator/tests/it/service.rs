@@ -164,3 +164,38 @@ async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
         "the session was not closed: {got:?}"
     );
 }
+
+/// A key whose shared secret with anyone is predictable (all zeros, or another point of small
+/// order on Curve25519) is refused at join: no tunnel with it would be private.
+#[tokio::test]
+async fn joins_with_low_order_public_keys_are_refused() {
+    let dir = TempDir::new("svc-weak-keys");
+    let s = service(&dir, Arc::new(TestClock(AtomicI64::new(1_000))), 16).await;
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    let mut p_minus_1 = [0xff; 32];
+    p_minus_1[0] = 0xec;
+    p_minus_1[31] = 0x7f;
+    let mut one = [0; 32];
+    one[0] = 1;
+    for weak in [[0; 32], one, p_minus_1] {
+        let mut hello = join_hello(&secret, 1, None);
+        hello.public_key.0 = weak;
+        match s.hello(&hello, remote()).await {
+            Err(ApiError::Invalid(m)) => assert!(m.contains("public key"), "{m}"),
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("a join with the low-order key {weak:02x?} was accepted"),
+        }
+    }
+    // An ordinary key still joins.
+    s.hello(&join_hello(&secret, 2, None), remote())
+        .await
+        .unwrap();
+}
