@@ -158,6 +158,9 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--admin-listen` / `MESHLINK_ADMIN_LISTEN`.
     pub admin_listen: Option<SocketAddr>,
+    /// `--admin-insecure` / `MESHLINK_ADMIN_INSECURE`: the admin API may listen beyond
+    /// loopback in plain HTTP.
+    pub admin_insecure: Option<bool>,
     /// `--advertise` / `MESHLINK_ADVERTISE`.
     pub advertise: Option<String>,
     /// `--coordinators` / `MESHLINK_COORDINATORS`: comma-separated `host:port` list.
@@ -239,6 +242,7 @@ struct FileConfig {
     state_dir: Option<PathBuf>,
     listen: Option<String>,
     admin_listen: Option<String>,
+    admin_insecure: Option<bool>,
     advertise: Option<String>,
     coordinators: Option<Vec<String>>,
     store: Option<String>,
@@ -293,12 +297,31 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         }
     };
     let listen = addr(over.listen, cfg.listen, "listen", DEFAULT_LISTEN)?;
+    let admin_from_flag = over.admin_listen.is_some();
     let admin_listen = addr(
         over.admin_listen,
         cfg.admin_listen,
         "admin_listen",
         DEFAULT_ADMIN_LISTEN,
     )?;
+    // The admin API speaks plain HTTP with a bearer token: beyond loopback, the token and
+    // every answer cross the network in the clear unless the operator put TLS in front.
+    let insecure = over.admin_insecure.or(cfg.admin_insecure).unwrap_or(false);
+    if !admin_listen.ip().is_loopback() && !insecure {
+        let origin = if admin_from_flag {
+            Origin::Flag("--admin-listen", "MESHLINK_ADMIN_LISTEN")
+        } else {
+            file_origin("admin_listen")
+        };
+        return Err(bad(
+            origin,
+            format!(
+                "{admin_listen} is not a loopback address, and the admin API speaks plain HTTP: \
+                 keep it on loopback (behind a TLS proxy for remote use), or accept plain HTTP \
+                 on the network with --admin-insecure (admin_insecure = true)"
+            ),
+        ));
+    }
 
     let advertise = match (over.advertise, cfg.advertise) {
         (Some(a), _) => Some(
@@ -749,5 +772,25 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--coordinators") && e.contains("nope"), "{e}");
+    }
+
+    /// The admin API speaks plain HTTP: listening beyond loopback needs saying so.
+    #[test]
+    fn a_non_loopback_admin_listener_must_be_asked_for() {
+        let over = |insecure| Overrides {
+            admin_listen: Some("0.0.0.0:7444".parse().unwrap()),
+            admin_insecure: insecure,
+            ..Overrides::default()
+        };
+        let e = load(None, over(None)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("--admin-listen (or MESHLINK_ADMIN_LISTEN)") && e.contains("--admin-insecure"),
+            "{e}"
+        );
+        assert!(load(None, over(Some(true))).is_ok());
+        let p = file("i.toml", "admin_listen = \"198.18.0.1:7444\"\nadmin_insecure = true\n");
+        assert!(load(Some(&p), Overrides::default()).is_ok());
+        let p = file("j.toml", "admin_listen = \"[::1]:7444\"\n");
+        assert!(load(Some(&p), Overrides::default()).is_ok(), "loopback needs nothing");
     }
 }

@@ -46,6 +46,10 @@ struct ServeArgs {
     /// Admin API (HTTP) address [default: 127.0.0.1:7444].
     #[arg(long, env = "MESHLINK_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
+    /// Let the admin API listen beyond loopback in plain HTTP (its token and answers then
+    /// cross the network in the clear: put TLS in front instead where you can).
+    #[arg(long, env = "MESHLINK_ADMIN_INSECURE")]
+    admin_insecure: bool,
     /// host:port put in join tokens [default: the listen address, or the host's first IPv4 address].
     #[arg(long, env = "MESHLINK_ADVERTISE", value_name = "HOST:PORT")]
     advertise: Option<String>,
@@ -142,6 +146,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         listen: args.listen,
         admin_listen: args.admin_listen,
+        admin_insecure: args.admin_insecure.then_some(true),
         advertise: args.advertise,
         coordinators: args.coordinators,
         store: args.store,
