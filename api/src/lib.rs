@@ -31,7 +31,10 @@ pub use meshlink_proto::PublicKey;
 pub use networks::{CreateNetwork, Network};
 pub use nodes::Node;
 pub use status::{CoordinatorStatus, Status};
-pub use tokens::{CreateToken, CreatedToken, Token};
+pub use tokens::{
+    CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,
+    DEFAULT_TOKEN_USES,
+};
 pub use workloads::{
     CreateWorkload, MoveWorkload, MovedWorkload, Workload, WorkloadNode, WorkloadState,
 };

@@ -4,8 +4,8 @@
 
 use meshlink_api::{
     CreateNetwork, CreateToken, CreateWorkload, CreatedToken, ErrorBody, Generation, MoveWorkload,
-    MovedWorkload, Network, Node, NodeId, Status, Token, TokenId, UnixTime, Workload, WorkloadNode,
-    WorkloadState,
+    MovedWorkload, Network, Node, NodeId, Status, Token, TokenId, TokenLifetime, TokenUses,
+    UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -111,11 +111,31 @@ fn requests() {
         network: "prod".into(),
         tags: vec![],
         expires_in_secs: None,
-        uses: Some(1),
+        uses: Some(TokenUses::Limit(1)),
     };
     assert_eq!(
         serde_json::to_string(&token).unwrap(),
         r#"{"network":"prod","tags":[],"uses":1}"#
+    );
+    // No limit is asked for in words.
+    let open = CreateToken {
+        network: "prod".into(),
+        tags: vec![],
+        expires_in_secs: Some(TokenLifetime::Never),
+        uses: Some(TokenUses::Unlimited),
+    };
+    assert_eq!(
+        serde_json::to_string(&open).unwrap(),
+        r#"{"network":"prod","tags":[],"expires_in_secs":"never","uses":"unlimited"}"#
+    );
+    let read: CreateToken =
+        round_trip(r#"{"network":"prod","tags":[],"expires_in_secs":"never","uses":"unlimited"}"#);
+    assert_eq!(read, open);
+    let read: CreateToken =
+        round_trip(r#"{"network":"prod","tags":[],"expires_in_secs":3600,"uses":10}"#);
+    assert_eq!(
+        (read.expires_in_secs, read.uses),
+        (Some(TokenLifetime::Secs(3600)), Some(TokenUses::Limit(10)))
     );
     let workload = CreateWorkload {
         name: "chat".into(),
@@ -139,9 +159,26 @@ fn requests() {
 #[test]
 fn requests_with_defaults_and_refusals() {
     // What a hand-written request may leave out or set to null.
+    // Absent and null limits both mean the coordinator's default (one use, one hour).
     let token: CreateToken =
-        serde_json::from_str(r#"{"network":"prod","expires_in_secs":null}"#).unwrap();
-    assert_eq!((token.tags.len(), token.expires_in_secs), (0, None));
+        serde_json::from_str(r#"{"network":"prod","expires_in_secs":null,"uses":null}"#).unwrap();
+    assert_eq!(
+        (token.tags.len(), token.expires_in_secs, token.uses),
+        (0, None, None)
+    );
+    for (text, says) in [
+        (r#"{"network":"p","uses":"lots"}"#, r#""unlimited""#),
+        (r#"{"network":"p","uses":-1}"#, r#""unlimited""#),
+        (r#"{"network":"p","uses":1.5}"#, r#""unlimited""#),
+        (
+            r#"{"network":"p","expires_in_secs":"forever"}"#,
+            r#""never""#,
+        ),
+        (r#"{"network":"p","expires_in_secs":"Never"}"#, r#""never""#),
+    ] {
+        let err = serde_json::from_str::<CreateToken>(text).unwrap_err();
+        assert!(err.to_string().contains(says), "{text}: {err}");
+    }
     let workload: CreateWorkload =
         serde_json::from_str(r#"{"name":"x","network":"prod","address":null}"#).unwrap();
     assert_eq!(workload.address, None);

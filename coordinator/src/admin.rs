@@ -12,7 +12,7 @@
 //! |---|---|
 //! | `POST /v1/networks` [`api::CreateNetwork`] | 201 [`api::Network`] |
 //! | `GET /v1/networks` | `[`[`api::Network`]`]` |
-//! | `POST /v1/tokens` [`api::CreateToken`] | 201 [`api::CreatedToken`] (the only time the token text is shown) |
+//! | `POST /v1/tokens` [`api::CreateToken`] | 201 [`api::CreatedToken`] (the only time the token text is shown); without `uses` or `expires_in_secs` a token allows one join within an hour, `"uses": "unlimited"` and `"expires_in_secs": "never"` lift them |
 //! | `GET /v1/tokens` | `[`[`api::Token`]`]` |
 //! | `DELETE /v1/tokens/{id}` | 204 |
 //! | `GET /v1/nodes[?network=N]` | `[`[`api::Node`]`]` |
@@ -606,23 +606,6 @@ impl From<api::CreateNetwork> for CreateNetwork {
     fn from(body: api::CreateNetwork) -> Self {
         let api::CreateNetwork { name, cidr } = body;
         CreateNetwork { name, cidr }
-    }
-}
-
-impl From<api::CreateToken> for CreateToken {
-    fn from(body: api::CreateToken) -> Self {
-        let api::CreateToken {
-            network,
-            tags,
-            expires_in_secs,
-            uses,
-        } = body;
-        CreateToken {
-            network,
-            tags,
-            expires_in_secs,
-            uses,
-        }
     }
 }
 

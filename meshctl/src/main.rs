@@ -9,7 +9,7 @@
 //!
 //! meshctl network create NAME --cidr CIDR
 //! meshctl network list
-//! meshctl token create --network NAME [--tag TAG]... [--expires 1h|30m|2d|90s] [--uses N]
+//! meshctl token create --network NAME [--tag TAG]... [--expires 1h|30m|2d|90s|never] [--uses N|unlimited]
 //! meshctl token list
 //! meshctl token revoke ID
 //! meshctl node list [--network NAME]
@@ -39,6 +39,8 @@
 //! (`MESHLINK_ADMIN_TOKEN`); prefer the file, since a token on the command line is visible to
 //! every local user in the process list.
 //!
+//! A join token made without `--uses` or `--expires` lets one node join within one hour; ask
+//! for more in so many words: `--uses 10`, `--uses unlimited`, `--expires 30d`, `--expires never`.
 //! `token create` prints the join token's text alone on the last line in table mode, and as the
 //! `token` field in JSON mode, so both of these work:
 //!
@@ -77,7 +79,9 @@ use meshctl::admin_token::AdminToken;
 use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COORDINATOR};
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
-use meshlink_api::{CreateNetwork, CreateToken, CreateWorkload, TokenId, UnixTime};
+use meshlink_api::{
+    CreateNetwork, CreateToken, CreateWorkload, TokenId, TokenLifetime, TokenUses, UnixTime,
+};
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
 #[derive(Debug, Parser)]
@@ -181,12 +185,13 @@ enum TokenCommand {
         /// A tag for every node enrolled with the token; repeat for several.
         #[arg(long = "tag", value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
         tags: Vec<String>,
-        /// How long the token stays valid: 90s, 30m, 1h, 2d, 1w, or combined like 1h30m.
-        #[arg(long, value_name = "DURATION", value_parser = duration::parse)]
-        expires: Option<std::time::Duration>,
-        /// How many nodes may enroll with it.
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
-        uses: Option<u64>,
+        /// How long the token stays valid: 90s, 30m, 1h, 2d, 1w, combined like 1h30m, or
+        /// `never` [default: 1h].
+        #[arg(long, value_name = "DURATION", value_parser = token_lifetime)]
+        expires: Option<TokenLifetime>,
+        /// How many nodes may enroll with it: a number, or `unlimited` [default: 1].
+        #[arg(long, value_name = "N", value_parser = token_uses, allow_negative_numbers = true)]
+        uses: Option<TokenUses>,
     },
     /// List join tokens (without their text).
     List,
@@ -331,6 +336,29 @@ fn workload_name(text: &str) -> Result<String, String> {
     }
 }
 
+/// `--uses`: a number of joins, at least 1, or `unlimited`.
+fn token_uses(text: &str) -> Result<TokenUses, String> {
+    match text {
+        "unlimited" => Ok(TokenUses::Unlimited),
+        _ => match text.parse::<u64>() {
+            Ok(n) if n >= 1 => Ok(TokenUses::Limit(n)),
+            _ => Err("write a number of nodes, 1 or more, or unlimited".into()),
+        },
+    }
+}
+
+/// `--expires`: a duration such as `1h` or `30d`, or `never`.
+fn token_lifetime(text: &str) -> Result<TokenLifetime, String> {
+    match text {
+        "never" => Ok(TokenLifetime::Never),
+        _ => match duration::parse(text) {
+            Ok(d) => Ok(TokenLifetime::Secs(d.as_secs())),
+            Err(e @ duration::DurationError::Zero { .. }) => Err(e.to_string()),
+            Err(e) => Err(format!("{e}; or never, for a token that does not expire")),
+        },
+    }
+}
+
 /// An interface name that makes a socket file name: no `/`, not `.` or `..`.
 fn interface_name(text: &str) -> Result<String, String> {
     if text.is_empty() || text == "." || text == ".." || text.contains('/') || text.contains('\0') {
@@ -456,7 +484,7 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             let request = CreateToken {
                 network,
                 tags,
-                expires_in_secs: expires.map(|d| d.as_secs()),
+                expires_in_secs: expires,
                 uses,
             };
             let reply = client.create_token(&request)?;
@@ -619,8 +647,50 @@ mod tests {
         };
         assert_eq!(network, "prod");
         assert_eq!(tags, ["web", "eu"]);
-        assert_eq!(expires, Some(std::time::Duration::from_secs(5_400)));
-        assert_eq!(uses, Some(3));
+        assert_eq!(expires, Some(TokenLifetime::Secs(5_400)));
+        assert_eq!(uses, Some(TokenUses::Limit(3)));
+    }
+
+    #[test]
+    fn token_create_limits() {
+        let limits = |extra: &[&str]| {
+            let mut args = vec!["meshctl", "token", "create", "--network", "prod"];
+            args.extend(extra);
+            match Cli::try_parse_from(args).map(|cli| cli.command) {
+                Ok(Command::Token(TokenCommand::Create { expires, uses, .. })) => {
+                    Ok((expires, uses))
+                }
+                Ok(other) => panic!("parsed as {other:?}"),
+                Err(e) => Err(e.kind()),
+            }
+        };
+        // Left out: the coordinator's defaults (one use, one hour) apply.
+        assert_eq!(limits(&[]), Ok((None, None)));
+        assert_eq!(
+            limits(&["--uses", "unlimited", "--expires", "never"]),
+            Ok((Some(TokenLifetime::Never), Some(TokenUses::Unlimited)))
+        );
+        assert_eq!(
+            limits(&["--uses", "10", "--expires", "30d"]),
+            Ok((
+                Some(TokenLifetime::Secs(30 * 86_400)),
+                Some(TokenUses::Limit(10))
+            ))
+        );
+        for bad in [
+            &["--uses", "0"][..],
+            &["--uses", "-1"],
+            &["--uses", "Unlimited"],
+            &["--uses", ""],
+            &["--expires", "0s"],
+            &["--expires", "forever"],
+        ] {
+            assert_eq!(
+                limits(bad),
+                Err(clap::error::ErrorKind::ValueValidation),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -168,6 +168,72 @@ fn networks_and_status() {
     );
 }
 
+/// `token create` without `--uses` or `--expires` makes a token for one join within an hour;
+/// `--uses N`, `--uses unlimited`, `--expires 30d` and `--expires never` ask for more.
+#[test]
+fn token_defaults_and_explicit_limits() {
+    let mesh = Mesh::start();
+    mesh.run(&["network", "create", "prod", "--cidr", "100.64.0.0/24"]);
+    let created_at = |id: &Value| {
+        let list = mesh.get("/v1/tokens");
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|t| &t["id"] == id)
+            .unwrap_or_else(|| panic!("token {id} in {list}"))["created_at"]
+            .as_i64()
+            .unwrap()
+    };
+
+    let default = mesh.run_json(&["token", "create", "--network", "prod"]);
+    assert_eq!(default["uses"], json!(1), "{default}");
+    assert_eq!(
+        default["expires_at"].as_i64(),
+        Some(created_at(&default["id"]) + 3600),
+        "{default}"
+    );
+
+    let more = mesh.run_json(&[
+        "token",
+        "create",
+        "--network",
+        "prod",
+        "--uses",
+        "10",
+        "--expires",
+        "30d",
+    ]);
+    assert_eq!(more["uses"], json!(10), "{more}");
+    assert_eq!(
+        more["expires_at"].as_i64(),
+        Some(created_at(&more["id"]) + 30 * 86_400),
+        "{more}"
+    );
+
+    let open = mesh.run_json(&[
+        "token",
+        "create",
+        "--network",
+        "prod",
+        "--uses",
+        "unlimited",
+        "--expires",
+        "never",
+    ]);
+    assert_eq!(
+        (&open["uses"], &open["expires_at"]),
+        (&Value::Null, &Value::Null),
+        "{open}"
+    );
+    assert_eq!(
+        squeeze(&mesh.run(&["token", "list"])),
+        "ID NETWORK TAGS USES EXPIRES STATE\n\
+         1 prod - 0/1 in <dur> active\n\
+         2 prod - 0/10 in <dur> active\n\
+         3 prod - 0/- never active"
+    );
+}
+
 #[test]
 fn tokens() {
     let mesh = Mesh::start();
@@ -198,7 +264,16 @@ fn tokens() {
     assert_eq!(token.fingerprint, mesh.coordinator().fingerprint());
     assert_eq!(token.coordinator, mesh.coordinator().advertise());
 
-    let created = mesh.run_json(&["token", "create", "--network", "prod"]);
+    let created = mesh.run_json(&[
+        "token",
+        "create",
+        "--network",
+        "prod",
+        "--uses",
+        "unlimited",
+        "--expires",
+        "never",
+    ]);
     assert_eq!(
         keys(&created),
         sorted(&[

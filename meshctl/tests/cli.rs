@@ -68,3 +68,22 @@ fn help_does_not_show_the_token_from_the_environment() {
     assert!(output.status.success());
     assert!(!stdout(&output).contains("cli-secret"));
 }
+
+#[test]
+fn token_create_refuses_zero_and_unknown_limits() {
+    for (args, says) in [
+        (["--uses", "0"], "unlimited"),
+        (["--uses", "lots"], "unlimited"),
+        (["--uses", "-1"], "unlimited"),
+        (["--expires", "0s"], "zero"),
+        (["--expires", "forever"], "never"),
+    ] {
+        let mut all = vec!["token", "create", "--network", "prod"];
+        all.extend(args);
+        let output = meshctl(&closed_url(), &all);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        let message = stderr(&output);
+        assert!(message.contains(args[0]), "{args:?}: {message}");
+        assert!(message.contains(says), "{args:?}: {message}");
+    }
+}

@@ -1,7 +1,7 @@
 //! Join tokens: creation, listing (never the secret), revocation, and the usability check
 //! that a join runs.
 
-use serde::Deserialize;
+use meshlink_api::{self as api, TokenLifetime, TokenUses};
 
 use super::{hash_secret, require_admin, ApiError, Caller};
 use crate::store::{NewToken, Store, StoreError, TokenId, TokenRecord, UnixTime};
@@ -11,21 +11,48 @@ pub const MAX_TAGS: usize = 32;
 /// The longest tag, in bytes.
 pub const MAX_TAG_LEN: usize = 63;
 
-/// `POST /v1/tokens`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A token to create, with every limit decided: `None` here means *no* limit.
+///
+/// This is not the admin API's request, where an absent limit means the default (one use, one
+/// hour): [`CreateToken::from`] an [`api::CreateToken`] fills those defaults in, and is the
+/// only way a request from outside gets here.
+#[derive(Debug, Clone)]
 pub struct CreateToken {
     /// The network a joining node lands in.
     pub network: String,
-    /// Tags every node joining with the token gets. Absent: none.
-    #[serde(default)]
+    /// Tags every node joining with the token gets.
     pub tags: Vec<String>,
-    /// Lifetime in seconds from now. Absent: never expires.
-    #[serde(default)]
+    /// Lifetime in seconds from now; `None`: never expires.
     pub expires_in_secs: Option<u64>,
-    /// How many joins it allows. Absent: unlimited.
-    #[serde(default)]
+    /// How many joins it allows; `None`: unlimited.
     pub uses: Option<u64>,
+}
+
+impl From<api::CreateToken> for CreateToken {
+    /// The request with the defaults of [`meshlink_api::DEFAULT_TOKEN_USES`] and
+    /// [`meshlink_api::DEFAULT_TOKEN_LIFETIME_SECS`] for what it leaves out.
+    fn from(req: api::CreateToken) -> Self {
+        let api::CreateToken {
+            network,
+            tags,
+            expires_in_secs,
+            uses,
+        } = req;
+        CreateToken {
+            network,
+            tags,
+            expires_in_secs: match expires_in_secs {
+                None => Some(api::DEFAULT_TOKEN_LIFETIME_SECS),
+                Some(TokenLifetime::Secs(secs)) => Some(secs),
+                Some(TokenLifetime::Never) => None,
+            },
+            uses: match uses {
+                None => Some(api::DEFAULT_TOKEN_USES),
+                Some(TokenUses::Limit(n)) => Some(n),
+                Some(TokenUses::Unlimited) => None,
+            },
+        }
+    }
 }
 
 /// Why a token cannot be used now, or `None` when it can.

@@ -36,6 +36,82 @@ async fn every_route_needs_the_admin_token() {
 }
 
 #[tokio::test]
+async fn join_tokens_default_to_one_use_and_one_hour() {
+    let dir = TempDir::new("admin-token-defaults");
+    let c = start(dir.path()).await;
+    let addr = c.admin_addr();
+    let t = c.admin_token().value.clone();
+    let t = Some(t.as_str());
+    let (status, net) = http(
+        addr,
+        "POST",
+        "/v1/networks",
+        t,
+        Some(r#"{"name":"prod","cidr":"100.64.0.0/24"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{net}");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64
+    };
+    let create = |body: &'static str| async move {
+        let before = now();
+        let (status, tok) = http(addr, "POST", "/v1/tokens", t, Some(body)).await;
+        (status, tok, before, now())
+    };
+
+    // Absent and null both mean the default: one join, within one hour.
+    for body in [
+        r#"{"network":"prod"}"#,
+        r#"{"network":"prod","uses":null,"expires_in_secs":null}"#,
+    ] {
+        let (status, tok, before, after) = create(body).await;
+        assert_eq!(status, 201, "{body}: {tok}");
+        assert_eq!(tok["uses"], json!(1), "{body}");
+        let expires_at = tok["expires_at"].as_i64().expect("an expiry");
+        assert!(
+            (before + 3600..=after + 3600).contains(&expires_at),
+            "{body}: expires at {expires_at}, asked between {before} and {after}"
+        );
+    }
+
+    // More is asked for explicitly.
+    let (status, tok, _, _) =
+        create(r#"{"network":"prod","uses":"unlimited","expires_in_secs":"never"}"#).await;
+    assert_eq!(status, 201, "{tok}");
+    assert_eq!(
+        (&tok["uses"], &tok["expires_at"]),
+        (&Value::Null, &Value::Null)
+    );
+    let (status, tok, before, _) =
+        create(r#"{"network":"prod","uses":10,"expires_in_secs":2592000}"#).await;
+    assert_eq!(status, 201, "{tok}");
+    assert_eq!(tok["uses"], json!(10));
+    assert!(tok["expires_at"].as_i64().unwrap() >= before + 2_592_000);
+
+    // Zero, and words other than the two, are refused and named.
+    for (body, says) in [
+        (r#"{"network":"prod","uses":0}"#, "uses"),
+        (
+            r#"{"network":"prod","expires_in_secs":0}"#,
+            "expires_in_secs",
+        ),
+        (r#"{"network":"prod","uses":"lots"}"#, "unlimited"),
+        (r#"{"network":"prod","expires_in_secs":"forever"}"#, "never"),
+        (r#"{"network":"prod","uses":-1}"#, "uses"),
+    ] {
+        let (status, e, _, _) = create(body).await;
+        assert_eq!(status, 400, "{body}: {e}");
+        let message = e["error"].as_str().unwrap();
+        assert!(message.contains(says), "{body}: {message}");
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test]
 async fn shapes_of_networks_tokens_and_status() {
     let dir = TempDir::new("admin-shapes");
     let c = start(dir.path()).await;
@@ -163,8 +239,14 @@ async fn shapes_of_networks_tokens_and_status() {
         !list[0].to_string().contains(&parsed.secret),
         "the secret is never listed"
     );
-    assert_eq!(list[1]["expires_at"], Value::Null);
-    assert_eq!(list[1]["uses"], Value::Null);
+    assert_eq!(
+        (&list[1]["expires_at"], &list[1]["uses"]),
+        (
+            &json!(list[1]["created_at"].as_i64().unwrap() + 3600),
+            &json!(1)
+        ),
+        "a token asked for without uses or expiry is good for one join within an hour"
+    );
 
     let id = tok["id"].as_u64().unwrap();
     let (status, body) = http(addr, "DELETE", &format!("/v1/tokens/{id}"), t, None).await;

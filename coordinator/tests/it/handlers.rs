@@ -192,6 +192,77 @@ async fn expired_and_revoked_tokens_are_refused(db: &TestDb) {
     assert!(matches!(e, ApiError::NotFound(_)));
 }
 
+/// A token asked for over the admin API with neither `uses` nor `expires_in_secs` (what
+/// `meshctl token create --network N` sends) allows one join, within one hour.
+async fn default_tokens_allow_one_join_within_an_hour(db: &TestDb) {
+    let store = db.open().await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    let default = || {
+        CreateToken::from(meshlink_api::CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+    };
+    let t = create_token(&store, 1000, &ADMIN, default(), "once")
+        .await
+        .unwrap();
+    assert_eq!((t.max_uses, t.expires_at), (Some(1), Some(1000 + 3600)));
+    join(
+        &store,
+        1001,
+        &agent(),
+        &join_hello("once", 1, None),
+        "once",
+        "s1",
+    )
+    .await
+    .unwrap();
+    let e = join(
+        &store,
+        1002,
+        &agent(),
+        &join_hello("once", 2, None),
+        "once",
+        "s2",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("no uses left")),
+        "a second join with a default token: {e}"
+    );
+
+    create_token(&store, 1000, &ADMIN, default(), "hour")
+        .await
+        .unwrap();
+    let e = join(
+        &store,
+        4600,
+        &agent(),
+        &join_hello("hour", 3, None),
+        "hour",
+        "s3",
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("expired")),
+        "a default token an hour later: {e}"
+    );
+    join(
+        &store,
+        4599,
+        &agent(),
+        &join_hello("hour", 3, None),
+        "hour",
+        "s3",
+    )
+    .await
+    .unwrap();
+}
+
 async fn addresses_are_stable_across_authentication_and_reopening(db: &TestDb) {
     let (id, address) = {
         let store = db.open().await;
@@ -516,6 +587,7 @@ async fn the_store_trait_is_object_safe(db: &TestDb) {
 crate::on_both_stores!(
     join_allocates_lowest_addresses_and_counts_uses,
     expired_and_revoked_tokens_are_refused,
+    default_tokens_allow_one_join_within_an_hour,
     addresses_are_stable_across_authentication_and_reopening,
     deleted_addresses_are_reused_but_ids_are_not,
     revoked_nodes_are_refused_and_leave_the_map,

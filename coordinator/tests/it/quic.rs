@@ -26,7 +26,9 @@ async fn token_for(c: &Coordinator, network: &str, cidr: &str) -> JoinToken {
     )
     .await;
     assert!(status == 201 || status == 409, "network: {status}");
-    let body = json!({"network": network}).to_string();
+    // Several nodes join with it, the tests take their time.
+    let body =
+        json!({"network": network, "uses": "unlimited", "expires_in_secs": "never"}).to_string();
     let (status, tok) = http(c.admin_addr(), "POST", "/v1/tokens", Some(&t), Some(&body)).await;
     assert_eq!(status, 201);
     JoinToken::decode(tok["token"].as_str().unwrap()).unwrap()

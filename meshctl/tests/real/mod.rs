@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use meshctl::admin_token::AdminToken;
 use meshctl::client::AdminClient;
-use meshlink_api::{CreateToken, NodeId};
+use meshlink_api::{CreateToken, NodeId, TokenUses};
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::{Service, Session};
 use meshlink_coordinator::{Coordinator, Settings};
@@ -134,7 +134,7 @@ impl Mesh {
             network: network.into(),
             tags: vec![],
             expires_in_secs: None,
-            uses: Some(1),
+            uses: Some(TokenUses::Limit(1)),
         };
         let token = self.client().create_token(&request).expect("a join token");
         let secret = JoinToken::decode(&token.value.token)
