@@ -9,4 +9,5 @@ pub mod keyfile;
 pub mod platform;
 pub mod run;
 pub mod settings;
+pub mod token_source;
 pub mod uapi;

@@ -10,6 +10,7 @@ use meshlink_agent::control::coordinators::Coordinators;
 use meshlink_agent::control::state::{self, StateDir};
 use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
 use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
+use meshlink_agent::token_source::TokenSource;
 use meshlink_agent::{run, uapi};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::token::JoinToken;
@@ -30,7 +31,7 @@ enum Command {
     /// Read a base64 private key on stdin and print its public key (like `wg pubkey`).
     Pubkey,
     /// Bring the interface up and run in the foreground until SIGINT or SIGTERM.
-    Up(UpArgs),
+    Up(Box<UpArgs>),
     /// Show the running agent's peers: endpoints, handshakes, traffic and drops.
     Status(StatusArgs),
 }
@@ -64,8 +65,14 @@ struct UpArgs {
     /// Directory of the userspace API socket [default: /var/run/wireguard]. Env: MESHLINK_UAPI_DIR.
     #[arg(long, value_name = "DIR")]
     uapi_dir: Option<PathBuf>,
-    /// Join a network with this token (from `meshctl token create`).
-    #[arg(long, env = "MESHLINK_TOKEN", hide_env_values = true, conflicts_with_all = ["config", "wg_quick"])]
+    /// Join a network with the token (from `meshctl token create`) in FILE; group or others
+    /// should not be able to read it. Env: MESHLINK_TOKEN_FILE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "wg_quick", "token"])]
+    token_file: Option<PathBuf>,
+    /// Join a network with this token; `-` reads it from standard input. A token given here is
+    /// visible to every local user in /proc/PID/cmdline: prefer --token-file, `--token -` or
+    /// the MESHLINK_TOKEN variable.
+    #[arg(long, value_name = "TOKEN|-", conflicts_with_all = ["config", "wg_quick"])]
     token: Option<String>,
     /// Node name to ask for at join [default: chosen by the coordinator].
     #[arg(long, env = "MESHLINK_NAME")]
@@ -109,7 +116,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Genkey => genkey(),
         Command::Pubkey => pubkey(),
-        Command::Up(args) => up(args),
+        Command::Up(args) => up(*args),
         Command::Status(args) => status(args),
     };
     match result {
@@ -155,6 +162,23 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    // The token is read first, so that bad input is reported before anything is touched.
+    let source = TokenSource::choose(args.token, args.token_file, &config::process_env)?;
+    if let Some(source) = &source {
+        // The flags conflict in clap already; this catches the variables.
+        if args.config.is_some() || args.wg_quick.is_some() {
+            anyhow::bail!(
+                "a join token ({source}) makes a mesh node and --config or --wg-quick a node \
+                 with static peers: give one of them"
+            );
+        }
+    }
+    let token = match source {
+        Some(source) => Some(source.read(std::io::stdin().lock(), &mut |warning| {
+            tracing::warn!("{warning}");
+        })?),
+        None => None,
+    };
     let mut overrides = Overrides {
         interface: args.interface,
         private_key_file: args.private_key_file,
@@ -176,7 +200,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         ]
         .iter()
         .any(|v| config::process_env(v).is_some_and(|x| !x.is_empty()));
-    let mesh_mode = args.token.is_some() || !static_source;
+    let mesh_mode = token.is_some() || !static_source;
     let rt = runtime()?;
     if mesh_mode {
         let state = StateDir::open(&args.state_dir)?;
@@ -188,7 +212,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
             settings,
             state,
             key.public_key(),
-            args.token,
+            token,
             args.name,
             labels,
         ));
@@ -234,12 +258,13 @@ fn preferred_port(settings: &meshlink_agent::settings::Settings, known: Option<u
     }
 }
 
-/// `up --token` (or a restart of a joined node): join if needed, then run with the control loop.
+/// `up` with a join token (or a restart of a joined node): join if needed, then run with the
+/// control loop.
 async fn up_mesh(
     mut settings: meshlink_agent::settings::Settings,
     state: StateDir,
     public_key: meshlink_proto::PublicKey,
-    token: Option<String>,
+    token: Option<JoinToken>,
     name: Option<String>,
     labels: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
@@ -253,15 +278,15 @@ async fn up_mesh(
             (node, map, None)
         }
         None => {
-            let text = token.ok_or_else(|| {
+            let token = token.ok_or_else(|| {
                 anyhow::anyhow!(
-                    "{}: this node has not joined a network (or was revoked): pass --token from `meshctl token create` \
+                    "{}: this node has not joined a network (or was revoked): give it a join token from \
+                     `meshctl token create` with --token-file FILE, --token - (standard input) or MESHLINK_TOKEN \
                      (a revoked node must be deleted with `meshctl node delete` before it joins again), \
                      or give static peers with --config or --wg-quick",
                     state.path().display()
                 )
             })?;
-            let token = JoinToken::decode(&text).map_err(ControlError::from)?;
             let mut coordinators = Coordinators::new(token.coordinators())
                 .expect("a decoded token names a coordinator");
             let port = preferred_port(&settings, None);
