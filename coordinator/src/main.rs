@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshlink_coordinator::config::{self, Overrides};
+use meshlink_coordinator::identity;
 use meshlink_coordinator::Coordinator;
 use tracing_subscriber::EnvFilter;
 
@@ -120,7 +121,6 @@ fn main() -> ExitCode {
 }
 
 fn init(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    use meshlink_coordinator::identity;
     let dir = state_dir.unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR));
     identity::prepare_state_dir(&dir)?;
     let id = identity::load_or_create_identity(&dir)?;
@@ -131,6 +131,9 @@ fn init(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
         "already there, kept"
     };
     println!("mesh identity {made} in {}", dir.display());
+    if token.created {
+        println!("{}", admin_token_written(&token));
+    }
     println!("coordinator fingerprint: {}", id.fingerprint);
     println!(
         "copy {}, {} and {} to the state directory of every coordinator of this mesh",
@@ -139,6 +142,12 @@ fn init(state_dir: Option<PathBuf>) -> anyhow::Result<()> {
         identity::ADMIN_TOKEN_FILE
     );
     Ok(())
+}
+
+/// The line saying where a new admin token was written. Never the token itself: stdout ends
+/// up in journald and in terminal scrollback, which more people read than the state directory.
+fn admin_token_written(token: &identity::AdminToken) -> String {
+    format!("admin token written to {} (0600)", token.path.display())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -167,11 +176,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let coordinator = Coordinator::start(&settings).await?;
         let token = coordinator.admin_token();
         if token.created {
-            println!(
-                "admin token: {} (stored in {})",
-                token.value,
-                token.path.display()
-            );
+            println!("{}", admin_token_written(token));
         }
         println!("coordinator fingerprint: {}", coordinator.fingerprint());
         wait_for_signal().await?;

@@ -305,3 +305,96 @@ async fn shapes_of_networks_tokens_and_status() {
     );
     c.shutdown().await;
 }
+
+/// Runs the built `meshlink-coordinator serve` on loopback in `dir` until it prints its
+/// fingerprint, and returns everything it printed on stdout by then.
+fn serve_until_ready(dir: &std::path::Path) -> String {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meshlink-coordinator"))
+        .env_clear()
+        .env("MESHLINK_LOG", "warn")
+        .args(["serve", "--state-dir"])
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(["--advertise", "127.0.0.1:7443"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("the coordinator binary starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut printed = String::new();
+    let ready = loop {
+        match rx.recv_timeout(crate::common::WAIT) {
+            Ok(line) => {
+                printed.push_str(&line);
+                printed.push('\n');
+                if line.starts_with("coordinator fingerprint: ") {
+                    break true;
+                }
+            }
+            Err(_) => break false,
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(ready, "no fingerprint line; stdout:\n{printed}");
+    printed
+}
+
+/// The admin token never goes to stdout (which journald keeps, readable to whoever may read
+/// the journal): `serve` and `init` print where it was written.
+#[test]
+fn the_admin_token_is_never_printed() {
+    let dir = TempDir::new("admin-token-print");
+    let state = dir.path().join("serve");
+    let first = serve_until_ready(&state);
+    let path = state.join("admin.token");
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    assert!(token.len() >= 16);
+    assert!(
+        !first.contains(&token),
+        "the admin token is printed:\n{first}"
+    );
+    assert!(
+        first.contains(&format!(
+            "admin token written to {} (0600)\n",
+            path.display()
+        )),
+        "{first}"
+    );
+    let again = serve_until_ready(&state);
+    assert!(
+        !again.contains("admin token"),
+        "a token made before is not mentioned again:\n{again}"
+    );
+
+    let state = dir.path().join("init");
+    let init = std::process::Command::new(env!("CARGO_BIN_EXE_meshlink-coordinator"))
+        .env_clear()
+        .args(["init", "--state-dir"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{init:?}");
+    let printed = String::from_utf8(init.stdout).unwrap();
+    let path = state.join("admin.token");
+    let token = std::fs::read_to_string(&path).unwrap().trim().to_owned();
+    assert!(!printed.contains(&token), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "admin token written to {} (0600)\n",
+            path.display()
+        )),
+        "{printed}"
+    );
+}
