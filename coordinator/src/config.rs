@@ -784,13 +784,20 @@ mod tests {
         };
         let e = load(None, over(None)).unwrap_err().to_string();
         assert!(
-            e.starts_with("--admin-listen (or MESHLINK_ADMIN_LISTEN)") && e.contains("--admin-insecure"),
+            e.starts_with("--admin-listen (or MESHLINK_ADMIN_LISTEN)")
+                && e.contains("--admin-insecure"),
             "{e}"
         );
         assert!(load(None, over(Some(true))).is_ok());
-        let p = file("i.toml", "admin_listen = \"198.18.0.1:7444\"\nadmin_insecure = true\n");
+        let p = file(
+            "i.toml",
+            "admin_listen = \"198.18.0.1:7444\"\nadmin_insecure = true\n",
+        );
         assert!(load(Some(&p), Overrides::default()).is_ok());
         let p = file("j.toml", "admin_listen = \"[::1]:7444\"\n");
-        assert!(load(Some(&p), Overrides::default()).is_ok(), "loopback needs nothing");
+        assert!(
+            load(Some(&p), Overrides::default()).is_ok(),
+            "loopback needs nothing"
+        );
     }
 }
