@@ -249,8 +249,7 @@ fn spawn(
     );
     let deadline = Instant::now() + READY_TIMEOUT;
     while Instant::now() < deadline {
-        // The first start also prints `admin token: ...`; the fingerprint comes after the
-        // listeners are bound, on every start.
+        // The fingerprint is printed once the listeners are bound, on every start.
         if let Some(line) = process.next_line(Duration::from_millis(100)) {
             if let Some(fingerprint) = line.strip_prefix("coordinator fingerprint: ") {
                 return (process, fingerprint.trim().to_owned());
