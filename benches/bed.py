@@ -221,6 +221,16 @@ class Harness:
         return env
 
 
+def token_file(directory, name, token):
+    """Writes a join token to a 0600 file (agents read it with --token-file: a token on the
+    command line is visible to every local user) and returns its path."""
+    path = os.path.join(directory, f"{name}.token")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return path
+
+
 class PgCluster:
     """A private PostgreSQL cluster: `initdb` into a temporary directory as the `postgres` user
     (initdb refuses root), a server listening only on a Unix socket in that directory (reachable

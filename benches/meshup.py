@@ -15,7 +15,7 @@ and vm-a2 (198.18.1.12) on A, vm-b1 (198.18.2.10) on B. Overlay: the coordinator
 100.64.0.0/16.
 
 Each round starts a fresh coordinator (new state directory, network, token with 3 uses), then
-starts the three `meshlink-agent up --token ...` processes at once, with fresh state
+starts the three `meshlink-agent up --token-file ...` processes at once, with fresh state
 directories, and measures from that moment:
   - join: each agent's process start to its node appearing in `meshctl node list` (polled
     every 20 ms in the coordinator's namespace);
@@ -45,7 +45,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bed import (Bed, cargo_build, interrupt_on, log, pings, publish, release_dir,  # noqa: E402
-                 remove_uapi_socket, root_and_tun, run, tail)
+                 remove_uapi_socket, root_and_tun, run, tail, token_file)
 
 NETWORK, NETWORK_CIDR = "bench", "100.64.0.0/16"
 QUIC_PORT, ADMIN_PORT = 7443, 7444
@@ -116,7 +116,8 @@ class Bench(Bed):
                 iface = f"{self.prefix}{h}{rnd}"
                 self.interfaces.append(iface)
                 spawned[h] = time.time()
-                agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token", token,
+                path = token_file(self.tmp, f"r{rnd}-{h}", token)
+                agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token-file", path,
                                            "--name", f"vm-{h}", "--label", f"provider={h[0]}",
                                            "--state-dir", os.path.join(self.tmp, f"r{rnd}-{h}"),
                                            "--interface", iface], f"r{rnd}-{h}.log")
@@ -189,7 +190,7 @@ def report(results, opts):
     lines = [
         f"Mesh formation: coordinator + 3 agents on 2 providers (router between them), "
         f"{opts.rounds} round(s), fresh coordinator and agent state each round; binaries from "
-        f"`{opts.bin_dir}`. Times in ms from starting the 3 `meshlink-agent up --token` processes.",
+        f"`{opts.bin_dir}`. Times in ms from starting the 3 `meshlink-agent up --token-file` processes.",
         "",
         "| measurement | median ms | min ms | max ms | samples |",
         "|---|---|---|---|---|",

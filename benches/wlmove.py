@@ -11,7 +11,7 @@ One command, as root:
 Setup: three simulated providers (a router namespace with one bridge each: A on 198.18.1.0/24,
 B on 198.18.2.0/24, C on 198.18.3.0/24; every host routes 198.18.0.0/15 via its provider's
 router). The coordinator runs on A (198.18.1.10); vm-a on A, vm-b on B and vm-c on C run
-`meshlink-agent up --token`. A workload `bench` (100.64.50.10) is created with vm-c as standby
+`meshlink-agent up --token-file`. A workload `bench` (100.64.50.10) is created with vm-c as standby
 and vm-a, vm-c as allowed holders, and attached to vm-a. vm-a and vm-c run
 `meshlink-probe echo` on 0.0.0.0:7000 (answers carry the responder's name); vm-b runs
 `meshlink-probe send` to 100.64.50.10:7000, one probe per millisecond.
@@ -57,7 +57,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bed import Bed, PgCluster, log, run, tail  # noqa: E402
+from bed import Bed, PgCluster, log, run, tail, token_file  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NETWORK, NETWORK_CIDR = "bench", "100.64.0.0/16"
@@ -146,7 +146,8 @@ class MoveBench(Bed):
     def start_agent(self, h):
         iface = f"{self.prefix}{h}"
         self.interfaces.append(iface)
-        self.agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token", self.token,
+        path = token_file(self.tmp, f"vm-{h}", self.token)
+        self.agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token-file", path,
                                         "--name", f"vm-{h}", "--label", f"provider={h}",
                                         "--state-dir", os.path.join(self.tmp, f"state-{h}"),
                                         "--interface", iface], f"agent-{h}.log")

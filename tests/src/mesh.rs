@@ -1,4 +1,4 @@
-//! Agents that join a mesh with a token (`meshlink-agent up --token`), and reachability checks
+//! Agents that join a mesh with a token (`meshlink-agent up --token-file`), and reachability checks
 //! over the overlay between many hosts at once.
 //!
 //! A [`MeshAgent`] keeps its state directory (identity, node credentials, cached map) across
@@ -39,7 +39,7 @@ pub struct MeshAgent {
 }
 
 impl MeshAgent {
-    /// Starts `meshlink-agent up --token TOKEN --name NAME [--label K=V]...` in `ns` with a
+    /// Starts `meshlink-agent up --token-file FILE --name NAME [--label K=V]...` in `ns` with a
     /// fresh state directory and interface name, and waits until it has joined and its
     /// interface answers.
     ///
@@ -72,8 +72,15 @@ impl MeshAgent {
     ) -> MeshAgent {
         let interface = unique_name("m");
         let state_dir = dir.join(&format!("{name}.state"));
-        let mut args: Vec<String> =
-            vec!["--token".into(), token.into(), "--name".into(), name.into()];
+        // The token goes in a file (0600), not on the command line where `ps` shows it.
+        let token_file = dir.join(&format!("{name}.token"));
+        crate::keys::write_secret(&token_file, token);
+        let mut args: Vec<String> = vec![
+            "--token-file".into(),
+            token_file.display().to_string(),
+            "--name".into(),
+            name.into(),
+        ];
         for (key, value) in labels {
             args.extend(["--label".into(), format!("{key}={value}")]);
         }
