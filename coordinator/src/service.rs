@@ -56,6 +56,10 @@ impl Default for WorkloadTiming {
     }
 }
 
+/// How long a heartbeat waits for the database to record a shared lease renewal before the
+/// coordinator answers on its own word (the database is away, or slow).
+const SHARED_RENEWAL_WAIT: Duration = Duration::from_millis(100);
+
 /// What a change of holder did.
 #[derive(Debug, Clone)]
 pub struct MoveOutcome {
@@ -177,6 +181,10 @@ pub struct Service {
     me: String,
     /// With shared leases: the nodes with a session on any coordinator, as last read.
     present: std::sync::Mutex<std::collections::HashSet<NodeId>>,
+    /// With shared leases: when each holder's lease was last recorded in the database by this
+    /// coordinator. While the database is away a lease is granted no further than a lease past
+    /// that, which is what the failover leader, reading the database, counts from.
+    recorded: std::sync::Mutex<HashMap<NodeId, Instant>>,
 }
 
 impl std::fmt::Debug for Service {
@@ -239,6 +247,7 @@ impl Service {
             leadership: Mutex::new(Leadership::default()),
             me: random_secret(),
             present: std::sync::Mutex::new(std::collections::HashSet::new()),
+            recorded: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -291,18 +300,40 @@ impl Service {
     /// workloads are being taken from it) and, with shared leases, the network's version in
     /// the database, which the holder's map must reach before the lease counts.
     pub async fn heartbeat(&self, node: NodeId, network: &str) -> (Duration, Option<u64>) {
-        let local = self.leases().heartbeat(node, self.clock.instant());
+        let sent = self.clock.instant();
+        let local = self.leases().heartbeat(node, sent);
         let Some(store) = self.shared.get() else {
             return (local, None);
         };
-        match store.renew_lease(node, network).await {
-            Ok(r) if r.renewed => (local, Some(r.version)),
-            Ok(r) => (Duration::ZERO, Some(r.version)),
-            Err(e) => {
-                // No coordinator can commit a failover without the database either: the
-                // holder keeps answering on this coordinator's word.
-                tracing::debug!(node, "cannot renew the lease in the database: {e}");
-                (local, None)
+        // A database that does not answer must not hold the answer back past the holder's
+        // next heartbeat: then this coordinator answers on its own word.
+        let deadline = self.clock.instant() + SHARED_RENEWAL_WAIT;
+        let renewed = tokio::select! {
+            r = store.renew_lease(node, network) => Some(r),
+            () = self.clock.sleep_until(deadline) => None,
+        };
+        let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
+        match renewed {
+            Some(Ok(r)) if r.renewed => {
+                recorded.insert(node, sent);
+                (local, Some(r.version))
+            }
+            Some(Ok(r)) => (Duration::ZERO, Some(r.version)),
+            failed => {
+                // Not recorded: the failover leader, which counts from the database, may fail
+                // this holder over a lease (plus margin) after the last renewal it can see. So
+                // the lease granted here ends no later than a lease after that renewal: a
+                // database outage shorter than a lease goes unnoticed, a longer one silences
+                // the holder before anyone else can take its addresses.
+                if let Some(Err(e)) = failed {
+                    tracing::debug!(node, "cannot renew the lease in the database: {e}");
+                } else {
+                    tracing::debug!(node, "the database did not renew the lease in time");
+                }
+                let bound = recorded.get(&node).map_or(Duration::ZERO, |at| {
+                    (*at + self.timing.lease).saturating_duration_since(sent)
+                });
+                (local.min(bound), None)
             }
         }
     }

@@ -265,6 +265,9 @@ async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
         .await
         .unwrap();
 
+    // A renewal recorded before the outage.
+    let (lease, _) = a.heartbeat(n1.node, "prod").await;
+    assert!(!lease.is_zero());
     cluster.stop().unwrap();
     let e = a.create_token(token()).await.unwrap_err();
     match &e {
@@ -278,6 +281,10 @@ async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
     );
     let (lease, _) = a.heartbeat(n1.node, "prod").await;
     assert!(!lease.is_zero(), "leases go on while the database is away");
+    assert!(
+        lease <= WorkloadTiming::default().lease,
+        "but no further than a lease after the last renewal the database recorded: {lease:?}"
+    );
 
     cluster.restart().unwrap();
     let started = Instant::now();
