@@ -57,7 +57,7 @@
 //!
 //! `workload claim` is the exception to all of the above: run on a VM, it asks the *local*
 //! agent, over its socket `<uapi-dir>/<interface>.sock`, to claim the workload for that VM's
-//! node (which the workload must list in `--allow` or `--standby`). It needs no admin token and
+//! node (which the workload must list in `--allow`). It needs no admin token and
 //! does not talk to the coordinator itself; it prints `claimed chat (generation 4) in 9.8 ms`.
 //!
 //! `token revoke`, `node delete` and `workload delete` print a confirmation in table mode and

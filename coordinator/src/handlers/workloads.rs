@@ -215,8 +215,8 @@ pub async fn plan_move(
     Ok(PlannedMove { workload, to })
 }
 
-/// Checks a node's claim of a workload of its own network: only a node listed as allowed or
-/// standby may claim.
+/// Checks a node's claim of a workload of its own network: only a node listed as allowed may
+/// claim (a standby is a failover candidate, not a node that may take the workload at will).
 ///
 /// # Errors
 /// [`ApiError::Forbidden`] for other nodes and non-node callers, [`ApiError::NotFound`].
@@ -235,7 +235,7 @@ pub async fn plan_claim(
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node {id}")))?;
     let workload = find_workload(store, &node.network, name).await?;
-    if !workload.allowed.contains(&node.id) && !workload.standby.contains(&node.id) {
+    if !workload.allowed.contains(&node.id) {
         return Err(ApiError::Forbidden(format!(
             "node {} is not an allowed holder of workload {name} (ask an operator to add it with --allow)",
             node.name

@@ -199,3 +199,44 @@ async fn joins_with_low_order_public_keys_are_refused() {
         .await
         .unwrap();
 }
+
+/// Being a failover candidate does not let a node take a workload whenever it likes: only
+/// the nodes listed as allowed may claim it (issue 11 item 7).
+#[tokio::test]
+async fn a_standby_may_not_claim_unless_allowed() {
+    use meshlink_coordinator::handlers::workloads::CreateWorkload;
+    let dir = TempDir::new("svc-standby-claim");
+    let s = service(&dir, Arc::new(TestClock(AtomicI64::new(1_000))), 16).await;
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    let standby = s
+        .hello(&join_hello(&secret, 1, Some("vm-s")), remote())
+        .await
+        .unwrap();
+    let allowed = s
+        .hello(&join_hello(&secret, 2, Some("vm-a")), remote())
+        .await
+        .unwrap();
+    s.create_workload(CreateWorkload {
+        name: "chat".into(),
+        network: "prod".into(),
+        address: None,
+        standby: vec!["vm-s".into()],
+        allowed: vec!["vm-a".into()],
+    })
+    .await
+    .unwrap();
+    match s.claim(standby.node, remote(), "chat").await {
+        Err(ApiError::Forbidden(m)) => assert!(m.contains("--allow"), "{m}"),
+        other => panic!("a standby-only node claimed the workload: {other:?}"),
+    }
+    let o = s.claim(allowed.node, remote(), "chat").await.unwrap();
+    assert_eq!(o.workload.holder, Some(allowed.node));
+}
