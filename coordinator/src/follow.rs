@@ -46,9 +46,8 @@ impl Service {
     /// [`StoreError`] when the store cannot be read.
     pub async fn follow_all(&self) -> Result<(), StoreError> {
         for net in self.store().networks().await? {
-            if self.hub().version(&net.name) < Some(net.version)
-                || self.hub().version(&net.name).is_none()
-            {
+            // A network the hub does not have (`None`) is behind too.
+            if self.hub().version(&net.name) < Some(net.version) {
                 self.follow(&net.name).await?;
             }
         }
@@ -142,11 +141,8 @@ impl Service {
             CloseReason::Revoked => "revoked",
             _ => "deleted",
         };
-        let last =
-            meshlink_proto::control::encode(&meshlink_proto::control::ServerMessage::Revoked {
-                reason: format!("node {node} was {why} by an operator"),
-            });
-        if self.hub().close(network, node, reason, Some(last.into())) {
+        let text = format!("node {node} was {why} by an operator");
+        if self.close_session(network, node, reason, text) {
             tracing::info!(
                 node,
                 network,

@@ -1149,6 +1149,19 @@ impl Service {
         Ok(changed.node)
     }
 
+    /// Closes a node's session, if it has one, with a last `Revoked { reason: text }` so that
+    /// it learns why; returns whether it had one.
+    pub(crate) fn close_session(
+        &self,
+        network: &str,
+        node: NodeId,
+        reason: CloseReason,
+        text: String,
+    ) -> bool {
+        let last: Frame = encode(&ServerMessage::Revoked { reason: text }).into();
+        self.hub.close(network, node, reason, Some(last))
+    }
+
     async fn remove(
         &self,
         node: &NodeRecord,
@@ -1156,11 +1169,8 @@ impl Service {
         reason: CloseReason,
         why: &str,
     ) {
-        let last: Frame = encode(&ServerMessage::Revoked {
-            reason: format!("node {} ({}) was {why}", node.id, node.name),
-        })
-        .into();
-        if self.hub.close(&node.network, node.id, reason, Some(last)) {
+        let text = format!("node {} ({}) was {why}", node.id, node.name);
+        if self.close_session(&node.network, node.id, reason, text) {
             tracing::info!(node = node.id, network = %node.network, "closing the session of a node {why}");
         }
         if let Some(v) = version {
