@@ -164,11 +164,16 @@ class MoveBench(Bed):
         if self.pg:
             self.pg.close()
 
+    def agent_status(self, h):
+        """`meshlink-agent status -o json` of agent `h`, parsed; raises RuntimeError or
+        json.JSONDecodeError when it does not answer."""
+        return json.loads(run(["ip", "netns", "exec", self.ns_name(h), self.bin("meshlink-agent"), "status",
+                               "--interface", f"{self.prefix}{h}", "-o", "json"]))
+
     def agent_coordinator(self, h):
         """The coordinator agent `h` is connected to (`host:port`), or None."""
         try:
-            st = json.loads(run(["ip", "netns", "exec", self.ns_name(h), self.bin("meshlink-agent"), "status",
-                                 "--interface", f"{self.prefix}{h}", "-o", "json"]))
+            st = self.agent_status(h)
         except (RuntimeError, json.JSONDecodeError):
             return None
         c = st.get("control") or {}
@@ -208,15 +213,7 @@ class MoveBench(Bed):
             proc.wait(timeout=40)
             self.untrack(proc)
             recs = self.records(out)
-            after = sorted((r for r in recs if r["sent"] >= t_kill), key=lambda r: r["seq"])
-            longest, last_ok, lost = 0, None, 0
-            for r in after:
-                if r["recv"] is None:
-                    lost += 1
-                    continue
-                if last_ok is not None:
-                    longest = max(longest, r["sent"] - last_ok)
-                last_ok = r["sent"]
+            after, lost, longest = silence_after(recs, t_kill)
             results.append({"victim": victim, "lost": lost, "probes": len(after),
                             "longest_silence_ms": longest / 1e6,
                             "reconnect_ms": {f"vm-{h}": reconnect.get(h) for h in AGENTS}})
@@ -301,8 +298,7 @@ class MoveBench(Bed):
         out = {}
         for h in AGENTS:
             try:
-                st = json.loads(run(["ip", "netns", "exec", self.ns_name(h), self.bin("meshlink-agent"), "status",
-                                     "--interface", f"{self.prefix}{h}", "-o", "json"]))
+                st = self.agent_status(h)
             except (RuntimeError, json.JSONDecodeError) as e:
                 out[f"vm-{h}"] = str(e)
                 continue
@@ -365,17 +361,7 @@ class MoveBench(Bed):
             proc.wait(timeout=seconds + 30)
             self.untrack(proc)
             recs = self.records(out)
-            after = sorted((r for r in recs if r["sent"] >= t_kill), key=lambda r: r["seq"])
-            # The longest run of unanswered probes, as the time between the last answered
-            # probe before it and the first answered one after it (probe send times).
-            longest, last_ok, lost = 0, None, 0
-            for r in after:
-                if r["recv"] is None:
-                    lost += 1
-                    continue
-                if last_ok is not None:
-                    longest = max(longest, r["sent"] - last_ok)
-                last_ok = r["sent"]
+            after, lost, longest = silence_after(recs, t_kill)
             unanswered_tail = any(r["recv"] is None for r in after[-50:])
             results.append({
                 "outage_s": self.opts.outage,
@@ -389,6 +375,22 @@ class MoveBench(Bed):
             })
             log(f"restart {k + 1}: {results[-1]}")
         return results
+
+
+def silence_after(recs, t0):
+    """The probes sent from `t0` on (by sequence), how many went unanswered, and the longest
+    silence in ns: the time between the last answered probe before a run of unanswered ones and
+    the first answered one after it (probe send times)."""
+    after = sorted((r for r in recs if r["sent"] >= t0), key=lambda r: r["seq"])
+    longest, last_ok, lost = 0, None, 0
+    for r in after:
+        if r["recv"] is None:
+            lost += 1
+            continue
+        if last_ok is not None:
+            longest = max(longest, r["sent"] - last_ok)
+        last_ok = r["sent"]
+    return after, lost, longest
 
 
 def pct(values, q):
