@@ -157,6 +157,8 @@ async fn session(
                         addresses: vec!["100.64.0.1/16".parse().unwrap()],
                         node_secret: None,
                         coordinators: listed.lock().unwrap().clone(),
+                        reflect_port: None,
+                        relay: false,
                     };
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
                         .await

@@ -681,6 +681,8 @@ mod tests {
                     addresses: vec![],
                     node_secret: None,
                     coordinators: vec![],
+                    reflect_port: None,
+                    relay: false,
                 })
             ),
             Err(SessionError::Protocol(_))

@@ -9,7 +9,9 @@
 //! - 1 (2026-11-26): hello/welcome, full maps and deltas, endpoint reports, revocation;
 //!   (2026-11-27, before any release) workloads in maps, heartbeats and leases, move
 //!   preparation, claims; (2026-12) every coordinator address of the mesh in the welcome
-//!   (`Welcome::coordinators`, absent from older coordinators).
+//!   (`Welcome::coordinators`, absent from older coordinators); (2026-12) the reflexive
+//!   address port and relaying (`Welcome::reflect_port`, `Welcome::relay`; QUIC datagrams of
+//!   [`crate::relay`] frames on the session's connection).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -133,6 +135,14 @@ pub struct Welcome {
     /// it has.
     #[serde(default)]
     pub coordinators: Vec<String>,
+    /// The UDP port on this coordinator's address that answers reflexive address queries
+    /// ([`crate::disco::Reflect`]) sent from the agent's WireGuard socket. Absent: none.
+    #[serde(default)]
+    pub reflect_port: Option<u16>,
+    /// Whether this coordinator relays WireGuard datagrams between the nodes of the network
+    /// as QUIC datagrams on the session's connection ([`crate::relay`]). Absent: no.
+    #[serde(default)]
+    pub relay: bool,
 }
 
 /// Messages from the coordinator.

@@ -7,10 +7,12 @@
 
 pub mod agent_session;
 pub mod control;
+pub mod disco;
 pub mod ipam;
 pub mod key;
 pub mod netmap;
 pub mod reconnect;
+pub mod relay;
 pub mod token;
 pub mod workload;
 

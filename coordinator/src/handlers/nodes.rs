@@ -529,6 +529,8 @@ pub fn welcome(
         addresses: vec![IpNet::V4(address)],
         node_secret,
         coordinators,
+        reflect_port: None,
+        relay: false,
     }
 }
 
