@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IoSliceMut;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::control::coordinators::Coordinators;
+use crate::control::discovery::Discovery;
 use crate::control::peers::EndpointChooser;
 use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
@@ -133,6 +135,8 @@ struct Control {
     listen_port: u16,
     udp: Arc<UdpTransport>,
     routes_tx: mpsc::UnboundedSender<NetCmd>,
+    /// Path discovery and the relay, when joined to a coordinator.
+    discovery: Option<Arc<Discovery>>,
     claims: Option<ClaimSender>,
     /// The control session's state, when joined to a coordinator.
     session: Option<Arc<Shared>>,
@@ -184,9 +188,19 @@ impl UapiHandler for Control {
                     .find(|c| c.public_key == p.public_key)
                     .map(|c| c.allowed_ips.iter().map(|n| n.to_string()).collect())
                     .unwrap_or_default();
+                let path = match &self.discovery {
+                    Some(d) => d.status_json(&p.public_key, p.endpoint, Instant::now()),
+                    None => serde_json::json!({
+                        "kind": if p.endpoint.is_some() { "direct" } else { "none" },
+                        "via": p.endpoint.map(|e| e.to_string()),
+                        "rtt_ms": null,
+                        "changed_secs_ago": null,
+                    }),
+                };
                 serde_json::json!({
                     "public_key": p.public_key.to_base64(),
                     "endpoint": p.endpoint.map(|e| e.to_string()),
+                    "path": path,
                     "allowed_ips": allowed,
                     "latest_handshake_secs_ago": p.last_handshake.and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs()),
                     "rx_bytes": p.rx_bytes,
@@ -210,6 +224,7 @@ impl UapiHandler for Control {
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
+            "discovery": self.discovery.as_ref().map(|d| d.counters_json()),
             "control": self.session.as_ref().map(|s| {
                 let coordinators = s.coordinators().clone();
                 control_json(&s.lock(), &coordinators, Instant::now())
@@ -306,6 +321,14 @@ pub async fn run(
             .join(format!("{}.sock", settings.interface)),
     );
 
+    let discovery = mesh.as_ref().map(|m| {
+        Discovery::new(
+            settings.device.private_key.public_key(),
+            settings.device.private_key.to_key().0,
+            udp.port(),
+            &m.shared,
+        )
+    });
     let mut device_config = settings.device.clone();
     device_config.listen_port = udp.port();
     let seed = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
@@ -318,6 +341,7 @@ pub async fn run(
         listen_port: udp.port(),
         udp: udp.clone(),
         routes_tx,
+        discovery: discovery.clone(),
         claims: mesh.as_ref().map(|m| m.claims.clone()),
         session: mesh.as_ref().map(|m| m.shared.clone()),
     });
@@ -340,7 +364,12 @@ pub async fn run(
         udp.clone(),
         settings.mtu,
     ));
-    tasks.spawn(udp_to_tun(device.clone(), tun.clone(), udp.clone()));
+    tasks.spawn(udp_to_tun(
+        device.clone(),
+        tun.clone(),
+        udp.clone(),
+        discovery.clone(),
+    ));
     tasks.spawn(timers(device.clone(), udp.clone()));
     tasks.spawn({
         let handler: Arc<dyn UapiHandler> = control.clone();
@@ -361,6 +390,13 @@ pub async fn run(
                 .await
                 .map_err(RunError::from)
         });
+        if let Some(d) = discovery.clone() {
+            let (udp, maps, shared) = (udp.clone(), mesh.maps.clone(), mesh.shared.clone());
+            tasks.spawn(async move {
+                d.run(udp, maps, shared).await;
+                Ok(())
+            });
+        }
         tasks.spawn(reconcile_mesh(
             control.clone(),
             mesh.self_id,
@@ -480,7 +516,14 @@ async fn reconcile_mesh(
         }
         let map = maps.borrow_and_update().clone();
         let now = Instant::now();
-        let peers = chooser.peers(&map, self_id, now);
+        let mut peers = chooser.peers(&map, self_id, now);
+        if let Some(d) = &control.discovery {
+            for p in &mut peers {
+                if let Some(ep) = d.endpoint(&p.public_key) {
+                    p.endpoint = Some(ep);
+                }
+            }
+        }
         let key_of: HashMap<NodeId, meshlink_proto::PublicKey> = map
             .peers
             .values()
@@ -643,7 +686,17 @@ async fn udp_to_tun(
     device: Arc<Device>,
     tun: Arc<Tun>,
     udp: Arc<UdpTransport>,
+    discovery: Option<Arc<Discovery>>,
 ) -> Result<(), RunError> {
+    // Discovery datagrams share the socket with WireGuard's; they go to the discovery task
+    // (without it, to the device, which counts them as malformed).
+    let wireguard = |from: SocketAddr, d: &[u8]| match &discovery {
+        Some(disc) if meshlink_proto::disco::is_disco(d) => {
+            disc.deliver(from, d);
+            false
+        }
+        _ => true,
+    };
     const SLOT: usize = 65536;
     let batch = quinn_udp::BATCH_SIZE.max(1);
     let mut storage = vec![0u8; SLOT * batch];
@@ -688,7 +741,12 @@ async fn udp_to_tun(
             rest_of[i] = rest;
             let start = early.len();
             early.clear_urgent();
-            device.inbound_batch(m.addr, small.chunks(stride), &mut early, &mut net);
+            device.inbound_batch(
+                m.addr,
+                small.chunks(stride).filter(|d| wireguard(m.addr, d)),
+                &mut early,
+                &mut net,
+            );
             if early.is_urgent() {
                 for k in start..early.len() {
                     tun_batch.push_copy(early.packet(k));
@@ -706,7 +764,9 @@ async fn udp_to_tun(
             if rest_of[i] > 0 {
                 device.inbound_batch(
                     m.addr,
-                    data.chunks(stride).take(rest_of[i]),
+                    data.chunks(stride)
+                        .take(rest_of[i])
+                        .filter(|d| wireguard(m.addr, d)),
                     &mut tun_batch,
                     &mut net,
                 );

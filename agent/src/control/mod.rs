@@ -13,7 +13,10 @@
 //!   (`peers::EndpointChooser`) and applies only the difference.
 
 pub mod coordinators;
+pub mod discovery;
+pub mod paths;
 pub mod peers;
+pub mod relay;
 pub mod state;
 pub mod tls;
 pub mod workloads;
@@ -73,10 +76,13 @@ pub enum ControlError {
 pub struct Session {
     addr: String,
     _endpoint: quinn::Endpoint,
-    _conn: quinn::Connection,
+    conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Decoder,
+    /// What the welcome offered: the reflexive address port and relaying.
+    reflect_port: Option<u16>,
+    relay: bool,
 }
 
 impl Session {
@@ -113,10 +119,12 @@ impl Session {
         Ok(Session {
             addr: addr.to_string(),
             _endpoint: endpoint,
-            _conn: conn,
+            conn,
             send,
             recv,
             decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            reflect_port: None,
+            relay: false,
         })
     }
 
@@ -188,6 +196,8 @@ impl Session {
                     )))
                 }
             };
+            self.reflect_port = welcome.reflect_port;
+            self.relay = welcome.relay;
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
@@ -414,7 +424,7 @@ impl MeshControl {
                 // The join's welcome listed the coordinators already.
                 Some((s, map)) => Ok((s, map, Vec::new())),
                 None => {
-                    let eps = local_endpoints(wg_port, &tunnel, &self.node.network_cidr);
+                    let eps = self.endpoints(wg_port, &tunnel);
                     let (addr, patience, elsewhere) = {
                         let c = self.shared.coordinators();
                         let patience = self.reconnect.patience(holder);
@@ -480,6 +490,18 @@ impl MeshControl {
         }
     }
 
+    /// The endpoints to report: the local ones, then the reflexive one (the WireGuard socket
+    /// as the coordinator sees it through NAT), when known and not already listed.
+    fn endpoints(&self, wg_port: u16, tunnel: &str) -> Vec<SocketAddr> {
+        let mut eps = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
+        if let Some(r) = *self.shared.reflexive.borrow() {
+            if !eps.contains(&r) {
+                eps.push(r);
+            }
+        }
+        eps
+    }
+
     /// A welcome listed the mesh's coordinators: they replace the known ones, and the node's
     /// file is written when they changed.
     fn learn(&mut self, listed: &[String]) {
@@ -520,8 +542,16 @@ impl MeshControl {
         tunnel: &str,
         tunnels: &Arc<dyn Tunnels>,
     ) -> ControlError {
-        let endpoints = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
+        let endpoints = self.endpoints(wg_port, tunnel);
         self.shared.lock().connected(Instant::now(), map, endpoints);
+        self.shared.link.send_replace(Some(workloads::Link {
+            conn: s.conn.clone(),
+            reflect: s
+                .reflect_port
+                .map(|p| SocketAddr::new(s.conn.remote_address().ip().to_canonical(), p)),
+            relay: s.relay,
+        }));
+        let mut reflexive = self.shared.reflexive.subscribe();
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         let effects = Effects {
             tunnels,
@@ -569,13 +599,20 @@ impl MeshControl {
                     self.shared.lock().handle_timeout(Instant::now());
                 }
                 _ = tick.tick() => {
-                    let now = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
+                    let now = self.endpoints(wg_port, tunnel);
                     if self.shared.lock().set_endpoints(now.clone()) {
-                        info!(endpoints = ?now, "local endpoints changed");
+                        info!(endpoints = ?now, "endpoints changed");
+                    }
+                }
+                Ok(()) = reflexive.changed() => {
+                    let now = self.endpoints(wg_port, tunnel);
+                    if self.shared.lock().set_endpoints(now.clone()) {
+                        info!(endpoints = ?now, "reflexive endpoint learnt");
                     }
                 }
             }
         };
+        self.shared.link.send_replace(None);
         self.shared.lock().disconnected();
         // Claims sent on this session are answered now (it is lost).
         self.act(&effects);

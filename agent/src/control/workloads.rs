@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use meshlink_proto::agent_session::AgentSession;
 use meshlink_proto::{Netmap, NodeId};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 
 use super::coordinators::Coordinators;
 
@@ -25,8 +25,25 @@ pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Shared {
     session: Mutex<AgentSession>,
     coordinators: Mutex<Coordinators>,
-    /// Woken whenever holdings may have changed (a map, a lease, a revocation).
+    /// Woken whenever holdings may have changed (a map, a lease, a revocation), or a path.
     pub changed: Notify,
+    /// The control session's connection while one is up, with what its coordinator offers
+    /// (path discovery and the relay read it).
+    pub link: watch::Sender<Option<Link>>,
+    /// The WireGuard socket's reflexive address, as path discovery last learnt it (the control
+    /// loop reports it as an endpoint).
+    pub reflexive: watch::Sender<Option<std::net::SocketAddr>>,
+}
+
+/// A control session's connection and what its coordinator offers.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The QUIC connection (relay frames travel on it as datagrams).
+    pub conn: quinn::Connection,
+    /// The coordinator's reflexive address port, at the connection's remote address.
+    pub reflect: Option<std::net::SocketAddr>,
+    /// Whether the coordinator relays.
+    pub relay: bool,
 }
 
 impl Shared {
@@ -42,6 +59,8 @@ impl Shared {
             session: Mutex::new(AgentSession::new(me, map, now)),
             coordinators: Mutex::new(coordinators),
             changed: Notify::new(),
+            link: watch::channel(None).0,
+            reflexive: watch::channel(None).0,
         }
     }
 

@@ -1,0 +1,228 @@
+//! The I/O shell of path discovery: feeds [`Paths`] the map's candidates, the discovery
+//! datagrams the receive loop sets aside, the control link (where to ask for the reflexive
+//! address, whether a relay is there) and time; sends what it asks from the WireGuard socket;
+//! wakes the reconciler when a path changes and tells the control loop the reflexive address.
+//! The reconciler asks [`Discovery::endpoint`] for each peer's endpoint.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use meshlink_proto::{Netmap, PublicKey};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use super::paths::{Path, Paths};
+use super::relay::RelayClient;
+use super::workloads::Shared;
+use crate::dataplane::batch::NetBatch;
+use crate::platform::udp::UdpTransport;
+
+/// A discovery datagram and where it came from.
+type Received = (SocketAddr, Vec<u8>);
+
+/// Discovery datagrams waiting for the discovery task; more are dropped (they are retried).
+const INBOX: usize = 1024;
+
+/// Path discovery and the relay, as the rest of the agent sees them.
+pub struct Discovery {
+    paths: Mutex<Paths>,
+    relay: Arc<RelayClient>,
+    inbox: mpsc::Sender<Received>,
+    inbox_rx: Mutex<Option<mpsc::Receiver<Received>>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for Discovery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Discovery").finish_non_exhaustive()
+    }
+}
+
+impl Discovery {
+    /// Discovery for the node with these keys, its WireGuard socket on `wg_port`, the control
+    /// link in `shared`.
+    #[must_use]
+    pub fn new(own: PublicKey, private: [u8; 32], wg_port: u16, shared: &Shared) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(INBOX);
+        let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
+        Arc::new(Self {
+            paths: Mutex::new(Paths::new(own, private, seed)),
+            relay: Arc::new(RelayClient::new(wg_port, shared.link.subscribe())),
+            inbox: tx,
+            inbox_rx: Mutex::new(Some(rx)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    fn paths(&self) -> MutexGuard<'_, Paths> {
+        self.paths.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A discovery datagram from the WireGuard socket (the receive loop never waits for it).
+    pub fn deliver(&self, from: SocketAddr, datagram: &[u8]) {
+        if self.inbox.try_send((from, datagram.to_vec())).is_err() {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// The endpoint `peer` should have: `Some` when discovery decided (a direct address or
+    /// the peer's relay shim), `None` to keep the caller's own choice.
+    pub fn endpoint(&self, peer: &PublicKey) -> Option<SocketAddr> {
+        let path = self.paths().path(peer);
+        match path {
+            Path::Direct(a) => Some(a),
+            Path::Relay => match self.relay.endpoint(*peer) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    debug!("relay shim: {e}");
+                    None
+                }
+            },
+            Path::Unknown => None,
+        }
+    }
+
+    /// The path to `peer` as `meshlink-agent status` shows it, given the endpoint the data
+    /// plane uses now.
+    pub fn status_json(
+        &self,
+        peer: &PublicKey,
+        endpoint: Option<SocketAddr>,
+        now: Instant,
+    ) -> serde_json::Value {
+        let st = self.paths().status(peer);
+        let relayed = endpoint.is_some_and(|e| self.relay.is_shim(e));
+        let kind = match (relayed, endpoint) {
+            (true, _) => "relay",
+            (false, Some(_)) => "direct",
+            (false, None) => "none",
+        };
+        let via = match (relayed, endpoint) {
+            (true, _) => self.relay_via().map(|a| a.to_string()),
+            (false, e) => e.map(|e| e.to_string()),
+        };
+        serde_json::json!({
+            "kind": kind,
+            "via": via,
+            "rtt_ms": st.and_then(|s| s.rtt).filter(|_| !relayed).map(|d| d.as_secs_f64() * 1000.0),
+            "changed_secs_ago": st.map(|s| now.saturating_duration_since(s.changed).as_secs()),
+        })
+    }
+
+    fn relay_via(&self) -> Option<SocketAddr> {
+        self.relay.link_remote()
+    }
+
+    /// Counters for status.
+    pub fn counters_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.relay.counters();
+        let p = self.paths();
+        serde_json::json!({
+            "reflexive": p.reflexive().map(|a| a.to_string()),
+            "disco": p.drops(),
+            "disco_inbox_full": self.dropped.load(Relaxed),
+            "relay": {
+                "tx": c.tx.load(Relaxed),
+                "rx": c.rx.load(Relaxed),
+                "no_relay": c.no_relay.load(Relaxed),
+                "too_large": c.too_large.load(Relaxed),
+                "send_failed": c.send_failed.load(Relaxed),
+                "refused": c.refused.load(Relaxed),
+            },
+        })
+    }
+
+    /// Runs discovery until the map channel closes.
+    pub async fn run(
+        self: Arc<Self>,
+        udp: Arc<UdpTransport>,
+        mut maps: watch::Receiver<Netmap>,
+        shared: Arc<Shared>,
+    ) {
+        let Some(mut inbox) = self
+            .inbox_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let known: Arc<Mutex<Vec<PublicKey>>> = Arc::new(Mutex::new(Vec::new()));
+        tokio::spawn(self.relay.clone().run_inbound({
+            let known = known.clone();
+            move |k| known.lock().unwrap_or_else(|e| e.into_inner()).contains(k)
+        }));
+        let mut link = shared.link.subscribe();
+        maps.mark_changed();
+        link.mark_changed();
+        let mut net = NetBatch::with_capacity(64 * 1024);
+        loop {
+            let wake = self.paths().poll_timeout();
+            tokio::select! {
+                r = maps.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let map = maps.borrow_and_update().clone();
+                    let peers: Vec<(PublicKey, Vec<SocketAddr>)> = map
+                        .peers
+                        .values()
+                        .map(|p| (p.public_key, p.endpoints.clone()))
+                        .collect();
+                    let keys: Vec<PublicKey> = peers.iter().map(|p| p.0).collect();
+                    self.relay.retain(&keys);
+                    *known.lock().unwrap_or_else(|e| e.into_inner()) = keys;
+                    self.paths().set_peers(peers, Instant::now());
+                }
+                r = link.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let l = link.borrow_and_update().clone();
+                    let now = Instant::now();
+                    let mut p = self.paths();
+                    p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
+                    p.set_relay(l.as_ref().is_some_and(|l| l.relay), now);
+                }
+                Some((from, d)) = inbox.recv() => {
+                    self.paths().handle_datagram(from, &d, Instant::now());
+                }
+                () = sleep_until(wake) => {
+                    self.paths().handle_timeout(Instant::now());
+                }
+            }
+            let (changed, reflexive) = {
+                let mut p = self.paths();
+                while let Some((to, d)) = p.poll_transmit() {
+                    net.push(to, &d);
+                }
+                (p.take_changed(), p.reflexive())
+            };
+            if !net.is_empty() {
+                udp.send_batch(&net).await;
+                net.clear();
+            }
+            if changed {
+                shared.changed.notify_one();
+                let learnt = shared.reflexive.send_if_modified(|r| {
+                    let new = *r != reflexive;
+                    *r = reflexive;
+                    new
+                });
+                if learnt {
+                    info!(reflexive = ?reflexive, "reflexive address");
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,245 @@
+//! The agent's side of the relay: WireGuard datagrams for relayed peers go to the coordinator
+//! as QUIC datagrams on the control session's connection ([`meshlink_proto::relay`] frames),
+//! and come back the same way.
+//!
+//! The data plane is not told about relays. Each relayed peer gets a **shim**: a UDP socket
+//! on loopback whose address is that peer's WireGuard endpoint while it is relayed. What the
+//! data plane sends there is framed for the peer and sent on the connection; what the relay
+//! delivers from the peer is sent from its shim to the WireGuard socket, so it arrives as any
+//! datagram from that "endpoint" and goes through WireGuard's authentication as usual. A path
+//! change is an endpoint change: WireGuard sessions survive it.
+//!
+//! Bounded: one shim per peer of the map (the relay delivers nothing from other keys),
+//! reassembly bounded by [`Reassembler`], QUIC's datagram buffers bounded by quinn.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use meshlink_proto::relay::{self, Reassembler};
+use meshlink_proto::PublicKey;
+use tokio::net::UdpSocket;
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::workloads::Link;
+
+/// The largest frame sent: fits a QUIC datagram on any path QUIC works on (1,200-byte UDP
+/// payloads), so a full WireGuard datagram takes two frames.
+pub const MAX_FRAME: usize = 1100;
+
+/// What the relay client counted.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Datagrams sent through the relay.
+    pub tx: AtomicU64,
+    /// Datagrams received through the relay.
+    pub rx: AtomicU64,
+    /// Datagrams for a relayed peer while no relay session was up.
+    pub no_relay: AtomicU64,
+    /// Datagrams too large for [`relay::MAX_FRAGMENTS`] frames.
+    pub too_large: AtomicU64,
+    /// Frames the connection refused (its buffer full, datagrams off).
+    pub send_failed: AtomicU64,
+    /// Frames from keys that are not peers, or malformed.
+    pub refused: AtomicU64,
+}
+
+struct Shim {
+    socket: Arc<UdpSocket>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The relay client: shims per relayed peer and the connection's datagrams.
+pub struct RelayClient {
+    wg: SocketAddr,
+    shims: Mutex<HashMap<PublicKey, Shim>>,
+    link: watch::Receiver<Option<Link>>,
+    counters: Arc<RelayCounters>,
+    next_id: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for RelayClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RelayClient").field("wg", &self.wg).finish()
+    }
+}
+
+impl RelayClient {
+    /// A client for the WireGuard socket on `wg_port`, sending on whatever connection `link`
+    /// holds.
+    #[must_use]
+    pub fn new(wg_port: u16, link: watch::Receiver<Option<Link>>) -> Self {
+        Self {
+            wg: SocketAddr::from((Ipv4Addr::LOCALHOST, wg_port)),
+            shims: Mutex::new(HashMap::new()),
+            link,
+            counters: Arc::new(RelayCounters::default()),
+            next_id: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The counters.
+    #[must_use]
+    pub fn counters(&self) -> &RelayCounters {
+        &self.counters
+    }
+
+    fn shims(&self) -> std::sync::MutexGuard<'_, HashMap<PublicKey, Shim>> {
+        self.shims.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The loopback endpoint that relays to `peer` (made on first use).
+    ///
+    /// # Errors
+    /// When no loopback socket can be bound.
+    pub fn endpoint(&self, peer: PublicKey) -> std::io::Result<SocketAddr> {
+        let mut shims = self.shims();
+        if let Some(s) = shims.get(&peer) {
+            return Ok(s.addr);
+        }
+        let std_sock = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+        std_sock.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(std_sock)?);
+        let addr = socket.local_addr()?;
+        let task = tokio::spawn(outbound(
+            socket.clone(),
+            self.wg,
+            peer,
+            self.link.clone(),
+            self.counters.clone(),
+            self.next_id.clone(),
+        ));
+        shims.insert(peer, Shim { socket, addr, task });
+        Ok(addr)
+    }
+
+    /// Whether `addr` is the shim of some peer (status shows such an endpoint as the relay).
+    #[must_use]
+    pub fn is_shim(&self, addr: SocketAddr) -> bool {
+        addr.ip().is_loopback() && self.shims().values().any(|s| s.addr == addr)
+    }
+
+    /// The relay's address (the control connection's remote end), while one is up.
+    #[must_use]
+    pub fn link_remote(&self) -> Option<SocketAddr> {
+        self.link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.relay)
+            .map(|l| l.conn.remote_address())
+    }
+
+    /// Keeps the shims of `peers` only.
+    pub fn retain(&self, peers: &[PublicKey]) {
+        self.shims().retain(|k, _| peers.contains(k));
+    }
+
+    /// Delivers what the relay sends on each connection `link` holds in turn; runs forever.
+    pub async fn run_inbound(self: Arc<Self>, peers: impl Fn(&PublicKey) -> bool + Send) {
+        let mut link = self.link.clone();
+        let mut reassembler = Reassembler::new();
+        loop {
+            let conn = link.borrow_and_update().as_ref().map(|l| l.conn.clone());
+            let Some(conn) = conn else {
+                if link.changed().await.is_err() {
+                    return;
+                }
+                continue;
+            };
+            loop {
+                let d = tokio::select! {
+                    d = conn.read_datagram() => d,
+                    r = link.changed() => {
+                        if r.is_err() { return; }
+                        break;
+                    }
+                };
+                let Ok(d) = d else {
+                    // The connection ended; wait for the next.
+                    if link.changed().await.is_err() {
+                        return;
+                    }
+                    break;
+                };
+                let Ok((header, bytes)) = relay::parse(&d) else {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                if !peers(&header.peer) {
+                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                let Some((from, whole)) = reassembler.push(header, bytes, Instant::now()) else {
+                    continue;
+                };
+                let socket = match self.endpoint(from) {
+                    Ok(_) => self.shims().get(&from).map(|s| s.socket.clone()),
+                    Err(e) => {
+                        debug!("relay shim: {e}");
+                        None
+                    }
+                };
+                if let Some(socket) = socket {
+                    self.counters.rx.fetch_add(1, Ordering::Relaxed);
+                    let _ = socket.send_to(&whole, self.wg).await;
+                }
+            }
+        }
+    }
+}
+
+/// What the data plane sends to one peer's shim goes to the relay.
+async fn outbound(
+    socket: Arc<UdpSocket>,
+    wg: SocketAddr,
+    peer: PublicKey,
+    link: watch::Receiver<Option<Link>>,
+    counters: Arc<RelayCounters>,
+    next_id: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+            return;
+        };
+        // Only the WireGuard socket speaks to a shim.
+        if from.port() != wg.port() || !from.ip().to_canonical().is_loopback() {
+            continue;
+        }
+        let conn = link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.relay)
+            .map(|l| l.conn.clone());
+        let Some(conn) = conn else {
+            counters.no_relay.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let max = conn.max_datagram_size().unwrap_or(0).min(MAX_FRAME);
+        let id = next_id.fetch_add(1, Ordering::Relaxed) as u16;
+        match relay::frames(&peer, id, &buf[..n], max) {
+            Ok(frames) => {
+                counters.tx.fetch_add(1, Ordering::Relaxed);
+                for f in frames {
+                    if conn.send_datagram(f.into()).is_err() {
+                        counters.send_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            Err(e) => {
+                counters.too_large.fetch_add(1, Ordering::Relaxed);
+                debug!("relay: {e}");
+            }
+        }
+    }
+}
