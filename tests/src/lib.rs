@@ -37,6 +37,7 @@ pub mod agent;
 pub mod coordinator;
 pub mod keys;
 pub mod mesh;
+pub mod nat;
 pub mod netns;
 pub mod ping;
 pub mod postgres;

@@ -1,0 +1,615 @@
+//! Providers behind NAT routers on a simulated internet: the test bed of NAT traversal and
+//! relays (issue 10).
+//!
+//! ```text
+//!                    switch namespace: bridge "internet", 198.18.0.0/24
+//!          |                        |                          |
+//!   coordinator host          router A (NAT)             router B (NAT)          ...
+//!     198.18.0.10        public 198.18.0.1           public 198.18.0.2
+//!   (other public hosts   LAN bridge 198.18.1.1/24    LAN bridge 198.18.2.1/24
+//!    198.18.0.11, ...)        |          |                |          |
+//!                           host       host             host       host
+//!                        198.18.1.10 198.18.1.11     198.18.2.10 198.18.2.11
+//! ```
+//!
+//! Each router namespace forwards between its LAN and the internet segment and knows no route
+//! to any other LAN, so a packet from one provider's host to another provider's private
+//! address dies at its own router: the only way between providers is through the routers'
+//! public addresses. LAN hosts route the whole underlay (198.18.0.0/15) through their router;
+//! hosts on the internet segment (the coordinator's) route only that /24 and cannot reach any
+//! LAN. Nothing has a default route.
+//!
+//! Each router runs one nftables table, `ip meshlink`:
+//! - `postrouting` (nat): what leaves on the internet side is masqueraded to the router's
+//!   public address, as its [`NatMode`] says: [`NatMode::Masquerade`] keeps source ports
+//!   where it can, so one LAN socket has one public address for every destination (an
+//!   endpoint-independent mapping); [`NatMode::RandomMasquerade`] picks a random port for every
+//!   new flow, so each destination sees another one (a "symmetric" NAT).
+//! - `forward` (filter): from the internet side only replies (`ct state established,related`)
+//!   get in, as through any stateful NAT; first it jumps to `block`, empty unless a test blocks
+//!   UDP ([`NatBed::block_udp_except`]), and further rules may be added and removed at run time
+//!   ([`NatBed::add_forward_rule`]).
+//! - `input` (filter): unsolicited packets from the internet side to the router itself are
+//!   dropped (but ICMP). Besides being what a router's firewall does, this keeps the mapping
+//!   endpoint-independent in the usual hole-punching race: a peer's packet that arrives before
+//!   the LAN host has sent one its way would otherwise leave a conntrack entry on the router's
+//!   own address and port, and the host's first packet out would then be given another port.
+//!   A dropped packet leaves no entry.
+//!
+//! Everything lives in this run's namespaces (names from [`crate::unique_name`]); the
+//! namespaces are deleted by their guards, and the nftables tables and bridges go with them.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use crate::netns::{veth_link, Netns, NsRef};
+use crate::process::{Process, Stdout};
+use crate::providers::{Provider, ProviderHost, FIRST_HOST_OCTET, UNDERLAY};
+use crate::unique_name;
+
+/// The simulated internet: the segment every router's public side and the coordinator's host
+/// share.
+pub const INTERNET: &str = "198.18.0.0/24";
+/// The coordinator's host on the internet segment.
+pub const COORDINATOR_HOST: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The most routers a bed may have: their public addresses, `198.18.0.1` onwards, stay below
+/// [`COORDINATOR_HOST`].
+pub const MAX_ROUTERS: usize = 9;
+/// The nftables table each router's rules live in (inside the router's own namespace).
+const TABLE: &str = "meshlink";
+
+/// How a router translates what its LAN sends to the internet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatMode {
+    /// `masquerade`: Linux keeps the source port where it can, so a LAN socket has one public
+    /// `address:port` whatever it sends to (an endpoint-independent mapping, in practice).
+    Masquerade,
+    /// `masquerade random,fully-random`: every new flow gets a random port, so each
+    /// destination sees the socket at another public port (a symmetric NAT).
+    RandomMasquerade,
+}
+
+impl NatMode {
+    /// The nftables statement.
+    fn statement(self) -> &'static str {
+        match self {
+            NatMode::Masquerade => "masquerade",
+            NatMode::RandomMasquerade => "masquerade random,fully-random",
+        }
+    }
+}
+
+/// A host on the internet segment itself (no NAT in front of it), such as the coordinator's.
+#[derive(Debug)]
+pub struct PublicHost {
+    /// The host's namespace.
+    pub ns: Netns,
+    /// Its address on the internet segment (/24).
+    pub address: Ipv4Addr,
+    /// Its end of the veth to the internet bridge.
+    pub veth: String,
+}
+
+impl PublicHost {
+    /// A cloneable reference to its namespace.
+    pub fn handle(&self) -> NsRef {
+        self.ns.handle()
+    }
+}
+
+/// One provider's NAT router.
+#[derive(Debug)]
+pub struct Router {
+    /// The router's namespace.
+    pub ns: Netns,
+    /// How it translates.
+    pub mode: NatMode,
+    /// Its address on the internet segment: what the internet sees its LAN hosts as.
+    pub public: Ipv4Addr,
+    /// Its interface on the internet segment.
+    pub wan: String,
+    /// Its LAN bridge (with the provider's gateway address).
+    pub lan: String,
+}
+
+/// A rule added at run time with [`NatBed::add_forward_rule`], for [`NatBed::remove_rule`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleHandle {
+    provider: Provider,
+    handle: u64,
+}
+
+/// The internet segment, the coordinator's host on it, and one NAT router per provider.
+///
+/// LAN hosts are added with [`NatBed::add_host`] and owned by the caller (drop them, with the
+/// processes in them, before the bed); more hosts on the internet segment with
+/// [`NatBed::add_public_host`].
+#[derive(Debug)]
+pub struct NatBed {
+    /// The namespace holding the internet bridge.
+    pub switch: Netns,
+    bridge: String,
+    coordinator: PublicHost,
+    routers: Vec<Router>,
+    next_lan_octet: Vec<u8>,
+    next_public_octet: u8,
+}
+
+impl NatBed {
+    /// Builds the internet segment with the coordinator's host on it, and one router per
+    /// entry of `modes`: `modes[0]` for [`Provider::A`] (LAN 198.18.1.0/24, public
+    /// 198.18.0.1), `modes[1]` for [`Provider::B`], and so on.
+    ///
+    /// # Panics
+    /// With no modes or more than [`MAX_ROUTERS`], or when a namespace, link, address or
+    /// nftables rule cannot be made.
+    pub fn create(modes: &[NatMode]) -> NatBed {
+        assert!(
+            (1..=MAX_ROUTERS).contains(&modes.len()),
+            "between 1 and {MAX_ROUTERS} routers"
+        );
+        let switch = Netns::create();
+        let bridge = unique_name("br");
+        switch.ip(&["link", "add", &bridge, "type", "bridge"]);
+        switch.ip(&["link", "set", &bridge, "up"]);
+        let coordinator = attach_public_host(&switch, &bridge, COORDINATOR_HOST);
+        let mut bed = NatBed {
+            switch,
+            bridge,
+            coordinator,
+            routers: Vec::with_capacity(modes.len()),
+            next_lan_octet: vec![FIRST_HOST_OCTET; modes.len()],
+            next_public_octet: COORDINATOR_HOST.octets()[3] + 1,
+        };
+        for (i, mode) in modes.iter().enumerate() {
+            let router = bed.make_router(Provider(i), *mode);
+            bed.routers.push(router);
+        }
+        bed
+    }
+
+    fn make_router(&self, provider: Provider, mode: NatMode) -> Router {
+        let ns = Netns::create();
+        ns.sysctl("net/ipv4/ip_forward", "1");
+        let public = public_address(provider);
+        let link = veth_link(&ns, &self.switch);
+        self.switch
+            .ip(&["link", "set", &link.b, "master", &self.bridge]);
+        ns.ip(&["addr", "add", &format!("{public}/24"), "dev", &link.a]);
+        let lan = unique_name("br");
+        ns.ip(&["link", "add", &lan, "type", "bridge"]);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", provider.gateway()),
+            "dev",
+            &lan,
+        ]);
+        ns.ip(&["link", "set", &lan, "up"]);
+        nft(&ns, &ruleset(&link.a, mode));
+        Router {
+            ns,
+            mode,
+            public,
+            wan: link.a,
+            lan,
+        }
+    }
+
+    /// The coordinator's host, [`COORDINATOR_HOST`] on the internet segment.
+    pub fn coordinator_host(&self) -> &PublicHost {
+        &self.coordinator
+    }
+
+    /// The router of `provider`.
+    ///
+    /// # Panics
+    /// When the bed has no such provider.
+    pub fn router(&self, provider: Provider) -> &Router {
+        self.routers
+            .get(provider.0)
+            .unwrap_or_else(|| panic!("the bed has no provider {}", provider.letter()))
+    }
+
+    /// The public address of `provider`'s router: what the internet sees its hosts as.
+    ///
+    /// # Panics
+    /// When the bed has no such provider.
+    pub fn public_address(&self, provider: Provider) -> Ipv4Addr {
+        self.router(provider).public
+    }
+
+    /// How many providers (routers) there are.
+    pub fn count(&self) -> usize {
+        self.routers.len()
+    }
+
+    /// A new host on `provider`'s LAN, with the next free address (`.10`, `.11`, ...) and a
+    /// route for the whole underlay through the provider's router (and no default route).
+    ///
+    /// # Panics
+    /// When there is no such provider, its /24 is full, or an `ip` command fails.
+    pub fn add_host(&mut self, provider: Provider) -> ProviderHost {
+        let router = self.router(provider);
+        let octet = self.next_lan_octet[provider.0];
+        assert!(octet < 255, "provider {} is full", provider.letter());
+        let underlay = Ipv4Addr::new(198, 18, provider.octet(), octet);
+        let ns = Netns::create();
+        let link = veth_link(&ns, &router.ns);
+        router
+            .ns
+            .ip(&["link", "set", &link.b, "master", &router.lan]);
+        ns.ip(&["addr", "add", &format!("{underlay}/24"), "dev", &link.a]);
+        ns.ip(&[
+            "route",
+            "add",
+            UNDERLAY,
+            "via",
+            &provider.gateway().to_string(),
+        ]);
+        self.next_lan_octet[provider.0] = octet + 1;
+        ProviderHost {
+            ns,
+            provider,
+            underlay,
+            veth: link.a,
+        }
+    }
+
+    /// A new host on the internet segment (`198.18.0.11`, `.12`, ...), reachable from every
+    /// LAN through its router and routing only the internet /24.
+    ///
+    /// # Panics
+    /// When the segment is full or an `ip` command fails.
+    pub fn add_public_host(&mut self) -> PublicHost {
+        let octet = self.next_public_octet;
+        assert!(octet < 255, "the internet segment is full");
+        let host = attach_public_host(&self.switch, &self.bridge, Ipv4Addr::new(198, 18, 0, octet));
+        self.next_public_octet = octet + 1;
+        host
+    }
+
+    /// Blocks UDP from `provider`'s LAN to the internet, except to `allowed`: what a
+    /// restrictive corporate firewall does. Replaces any earlier block of this router;
+    /// [`NatBed::unblock`] lifts it. Flows already established are cut as well.
+    ///
+    /// # Panics
+    /// When nftables refuses the rule.
+    pub fn block_udp_except(&self, provider: Provider, allowed: Ipv4Addr) {
+        let router = self.router(provider);
+        nft(
+            &router.ns,
+            &format!(
+                "flush chain ip {TABLE} block\n\
+                 add rule ip {TABLE} block oifname \"{wan}\" meta l4proto udp \
+                 ip daddr != {allowed} drop\n",
+                wan = router.wan
+            ),
+        );
+    }
+
+    /// [`NatBed::block_udp_except`] the coordinator's host.
+    ///
+    /// # Panics
+    /// When nftables refuses the rule.
+    pub fn block_udp_except_coordinator(&self, provider: Provider) {
+        self.block_udp_except(provider, COORDINATOR_HOST);
+    }
+
+    /// Lifts the UDP block of `provider`'s router, if any.
+    ///
+    /// # Panics
+    /// When nftables fails.
+    pub fn unblock(&self, provider: Provider) {
+        nft(
+            &self.router(provider).ns,
+            &format!("flush chain ip {TABLE} block\n"),
+        );
+    }
+
+    /// Appends `rule` (nftables syntax, e.g. `meta l4proto udp ip daddr 198.18.0.2 drop`) to
+    /// the forward chain of `provider`'s router, after the block and before the stateful
+    /// inbound filter; returns a handle for [`NatBed::remove_rule`].
+    ///
+    /// # Panics
+    /// When nftables refuses the rule or does not say its handle.
+    pub fn add_forward_rule(&self, provider: Provider, rule: &str) -> RuleHandle {
+        let router = self.router(provider);
+        // `insert ... position` would need a handle to insert before; instead every run-time
+        // rule goes right after the jump to `block`, which is the chain's first rule.
+        let jump = chain_handles(&router.ns, "forward")
+            .into_iter()
+            .next()
+            .expect("the forward chain starts with the jump to `block`");
+        let script = format!("add rule ip {TABLE} forward position {jump} {rule}");
+        let out = router.ns.run("nft", &["--echo", "--handle", &script]);
+        // The echo is the rule ending in `# handle N`, then a `# new generation` line.
+        let handle = out
+            .lines()
+            .find_map(|l| l.rsplit_once("# handle ")?.1.trim().parse().ok())
+            .unwrap_or_else(|| panic!("nft did not say the new rule's handle: {out}"));
+        RuleHandle { provider, handle }
+    }
+
+    /// Removes a rule added with [`NatBed::add_forward_rule`].
+    ///
+    /// # Panics
+    /// When nftables fails (for instance, when the rule was removed already).
+    pub fn remove_rule(&self, rule: &RuleHandle) {
+        let router = self.router(rule.provider);
+        router.ns.run(
+            "nft",
+            &[format!(
+                "delete rule ip {TABLE} forward handle {}",
+                rule.handle
+            )],
+        );
+    }
+
+    /// The ruleset of `provider`'s router, with counters, for failure messages.
+    pub fn ruleset(&self, provider: Provider) -> String {
+        let out = self
+            .router(provider)
+            .ns
+            .exec("nft", &["--handle", "list", "ruleset"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// `198.18.0.N` for the router of provider `N - 1`.
+fn public_address(provider: Provider) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 0, provider.octet())
+}
+
+/// A namespace on the internet bridge with `address/24` and no other route.
+fn attach_public_host(switch: &NsRef, bridge: &str, address: Ipv4Addr) -> PublicHost {
+    let ns = Netns::create();
+    let link = veth_link(&ns, switch);
+    switch.ip(&["link", "set", &link.b, "master", bridge]);
+    ns.ip(&["addr", "add", &format!("{address}/24"), "dev", &link.a]);
+    PublicHost {
+        ns,
+        address,
+        veth: link.a,
+    }
+}
+
+/// The router's table: NAT out of `wan`, replies only in from it, and an empty `block` chain.
+fn ruleset(wan: &str, mode: NatMode) -> String {
+    let masquerade = mode.statement();
+    format!(
+        "table ip {TABLE} {{
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+    oifname \"{wan}\" {masquerade}
+  }}
+  chain block {{
+  }}
+  chain forward {{
+    type filter hook forward priority filter; policy accept;
+    jump block
+    iifname \"{wan}\" ct state established,related accept
+    iifname \"{wan}\" drop
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"{wan}\" ct state established,related accept
+    iifname \"{wan}\" meta l4proto icmp accept
+    iifname \"{wan}\" drop
+  }}
+}}
+"
+    )
+}
+
+/// The handles of a chain's rules, in order.
+fn chain_handles(ns: &NsRef, chain: &str) -> Vec<u64> {
+    let out = ns.run("nft", &["--handle", "list", "chain", "ip", TABLE, chain]);
+    // The table's and the chain's own lines carry handles too.
+    out.lines()
+        .map(str::trim_start)
+        .filter(|l| !l.starts_with("table ") && !l.starts_with("chain "))
+        .filter_map(|l| l.rsplit_once("# handle ")?.1.trim().parse().ok())
+        .collect()
+}
+
+/// Runs an nftables script in `ns` (`nft -f -`, the script on stdin).
+///
+/// # Panics
+/// When `nft` cannot start or refuses the script; the message has the script and nft's error.
+pub fn nft(ns: &NsRef, script: &str) {
+    let mut cmd = ns.command("nft");
+    cmd.args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start nft in {}: {e}", ns.name()));
+    child
+        .stdin
+        .take()
+        .expect("piped stdin")
+        .write_all(script.as_bytes())
+        .unwrap_or_else(|e| panic!("writing to nft: {e}"));
+    let out = child.wait_with_output().expect("wait for nft");
+    assert!(
+        out.status.success(),
+        "nft -f in {} failed ({}):\n{script}\n{}",
+        ns.name(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
+}
+
+/// A UDP echo server (`python3`) that answers every datagram with the `ip:port` it came from,
+/// as text: what a host on the internet sees of a NATed sender.
+#[derive(Debug)]
+pub struct UdpEcho {
+    process: Process,
+    /// The ports it listens on, on every address of its namespace.
+    pub ports: Vec<u16>,
+}
+
+const ECHO_SERVER: &str = "
+import select, socket, sys
+ports, _, punch = ' '.join(sys.argv[1:]).partition(' --punch ')
+socks = []
+for port in ports.split():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(('0.0.0.0', int(port)))
+    socks.append(s)
+for dest in punch.split():
+    host, port = dest.rsplit(':', 1)
+    for s in socks:
+        s.sendto(b'punch', (host, int(port)))
+print('ready', flush=True)
+while True:
+    readable, _, _ = select.select(socks, [], [])
+    for s in readable:
+        data, addr = s.recvfrom(2048)
+        s.sendto(('%s:%d' % addr).encode(), addr)
+";
+
+const PROBE: &str = "
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(('0.0.0.0', int(sys.argv[1])))
+wait = float(sys.argv[2])
+for dest in sys.argv[3:]:
+    host, port = dest.rsplit(':', 1)
+    dest = (host, int(port))
+    answer = 'timeout'
+    for attempt in range(3):
+        try:
+            s.sendto(b'probe', dest)
+        except OSError as e:
+            answer = 'error'
+            break
+        deadline = time.monotonic() + wait / 3
+        while answer == 'timeout':
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            s.settimeout(left)
+            try:
+                data, source = s.recvfrom(2048)
+            except socket.timeout:
+                break
+            except OSError:
+                continue
+            if source == dest:
+                answer = data.decode()
+        if answer != 'timeout':
+            break
+    print(answer, flush=True)
+";
+
+impl UdpEcho {
+    /// Starts the server in `ns` on `ports` and waits until it has bound them; logs to `log`.
+    ///
+    /// # Panics
+    /// When `python3` cannot start or the server is not ready within 10 s.
+    pub fn start(ns: &NsRef, ports: &[u16], log: &Path) -> UdpEcho {
+        UdpEcho::start_punching(ns, ports, &[], log)
+    }
+
+    /// Like [`UdpEcho::start`], and before answering anything, sends one datagram from each
+    /// port to each of `punch`: behind a NAT, that opens the way for answers from there (a
+    /// hole punched, as two peers do to reach each other).
+    ///
+    /// # Panics
+    /// As [`UdpEcho::start`].
+    pub fn start_punching(
+        ns: &NsRef,
+        ports: &[u16],
+        punch: &[SocketAddrV4],
+        log: &Path,
+    ) -> UdpEcho {
+        let mut cmd = ns.daemon_command("python3");
+        cmd.args(["-c", ECHO_SERVER]);
+        cmd.args(ports.iter().map(u16::to_string));
+        if !punch.is_empty() {
+            cmd.arg("--punch");
+            cmd.args(punch.iter().map(ToString::to_string));
+        }
+        let process = Process::spawn(
+            &format!("udp echo in {}", ns.name()),
+            cmd,
+            log,
+            Stdout::Lines,
+        );
+        process
+            .wait_for_line("ready", Duration::from_secs(10))
+            .unwrap_or_else(|| panic!("the UDP echo did not start:\n{}", process.log_tail(20)));
+        UdpEcho {
+            process,
+            ports: ports.to_vec(),
+        }
+    }
+
+    /// The server's process.
+    pub fn process(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+/// Sends one datagram from `ns`, from local port `local_port`, to each of `destinations` in
+/// turn (one socket for all, three tries each within `wait`), and returns what each
+/// [`UdpEcho`] saw as the sender: `None` where no answer came.
+///
+/// # Panics
+/// When `python3` cannot run or prints something unexpected.
+pub fn udp_probe(
+    ns: &NsRef,
+    local_port: u16,
+    destinations: &[SocketAddrV4],
+    wait: Duration,
+) -> Vec<Option<SocketAddrV4>> {
+    let mut args = vec![
+        "-c".to_string(),
+        PROBE.to_string(),
+        local_port.to_string(),
+        wait.as_secs_f64().to_string(),
+    ];
+    args.extend(destinations.iter().map(ToString::to_string));
+    let out = ns.run("python3", &args);
+    let answers: Vec<Option<SocketAddrV4>> = out
+        .lines()
+        .map(|line| match line.trim() {
+            "timeout" | "error" => None,
+            seen => Some(
+                seen.parse()
+                    .unwrap_or_else(|e| panic!("the UDP probe printed {seen:?}: {e}")),
+            ),
+        })
+        .collect();
+    assert_eq!(
+        answers.len(),
+        destinations.len(),
+        "the UDP probe printed {out:?}"
+    );
+    answers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_addresses() {
+        assert_eq!(public_address(Provider::A), Ipv4Addr::new(198, 18, 0, 1));
+        assert_eq!(public_address(Provider(8)), Ipv4Addr::new(198, 18, 0, 9));
+        assert!(public_address(Provider(MAX_ROUTERS - 1)) < COORDINATOR_HOST);
+    }
+
+    #[test]
+    fn ruleset_masquerades_out_of_the_wan_only() {
+        let rules = ruleset("wan0", NatMode::RandomMasquerade);
+        assert!(rules.contains("oifname \"wan0\" masquerade random,fully-random"));
+        assert!(ruleset("wan0", NatMode::Masquerade).contains("oifname \"wan0\" masquerade\n"));
+    }
+}

@@ -1,0 +1,729 @@
+//! NAT traversal and relays (issue 10) with real binaries, on providers behind NAT routers
+//! (`meshlink_tests::nat::NatBed`): the coordinator on a host of the simulated internet
+//! (198.18.0.10), each provider's VMs on a private LAN (198.18.N.0/24) behind a router that
+//! masquerades them to its public address (198.18.0.N) and knows no route to any other LAN.
+//! A VM's packet to another provider's private address dies at its own router, so two VMs
+//! of different providers meet only through their routers' public addresses, or through the
+//! coordinator's relay.
+//!
+//! First the bed itself, with plain tools (`ping`, a `python3` UDP echo): if these fail, the
+//! harness or the machine is at fault, not meshlink.
+//! - `nat_bed_masquerades_and_isolates_the_lans`: LAN hosts reach the internet and are seen
+//!   there as their router (one public port per socket behind `masquerade`, another for each
+//!   destination behind `masquerade random,fully-random`); no LAN reaches another, nor does the
+//!   internet reach a LAN.
+//! - `nat_bed_blocks_udp_and_lifts_the_block`: the "UDP only to the coordinator" block, its
+//!   lifting, and a rule added and removed at run time.
+//!
+//! Then the mesh (each asserts with every agent's `status` JSON in its message; the process
+//! guards print the agents' and the coordinator's logs when a test fails):
+//! - `two_providers_behind_masquerade_connect_directly`: both VMs ping each other, on a direct
+//!   path whose endpoint is the other router's public address.
+//! - `symmetric_nat_still_connects`: one router is symmetric; the VMs still ping each other
+//!   (directly or through the relay: either is accepted, the test prints which).
+//! - `udp_blocked_between_providers_goes_through_the_relay`: UDP out of both LANs only to the
+//!   coordinator: the VMs reach each other through its relay; a TCP transfer then runs while
+//!   the block is lifted, completes intact, and the path turns direct.
+//! - `a_workload_moves_between_natted_nodes`: a workload address moves from a VM behind one
+//!   router to a VM behind another and answers a third VM (behind a third router) after it.
+//!
+//! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`, and
+//! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl` first.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use meshlink_tests::nat::{udp_probe, NatBed, NatMode, UdpEcho, COORDINATOR_HOST};
+use meshlink_tests::xfer::{XferReceiver, XferSender};
+use meshlink_tests::{
+    agent_bin, coordinator_bin, meshctl_bin, require_root, require_tool, wait_until, Coordinator,
+    MeshAgent, Provider, ProviderHost, Reach, ScratchDir,
+};
+
+const NETWORK: &str = "prod";
+const NETWORK_CIDR: &str = "100.64.0.0/16";
+/// Bound on VMs reaching each other over the overlay.
+const REACH: Duration = Duration::from_secs(20);
+/// Bound on `status` showing the path the pings already use.
+const SETTLE: Duration = Duration::from_secs(5);
+/// Bound on a relayed path turning direct once UDP between the providers is allowed.
+const DIRECT_AFTER_LIFT: Duration = Duration::from_secs(15);
+/// Bound on a workload address appearing or leaving.
+const STEP: Duration = Duration::from_secs(15);
+/// The UDP echo's ports on internet hosts.
+const ECHO_PORTS: [u16; 2] = [9001, 9002];
+/// The local port of the UDP probes on LAN hosts.
+const PROBE_PORT: u16 = 40000;
+/// How long a UDP probe waits for each answer.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
+fn timing(what: &str, took: Duration) {
+    eprintln!("nat: {what}: {took:.2?}");
+}
+
+fn require_tools() {
+    require_tool("nft", "nftables");
+    require_tool("python3", "python3");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The bed itself.
+
+/// `host:port` of an echo port on `ip`.
+fn echo(ip: Ipv4Addr, port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(ip, port)
+}
+
+#[test]
+fn nat_bed_masquerades_and_isolates_the_lans() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let dir = ScratchDir::create("nat-bed");
+    let mut bed = NatBed::create(&[NatMode::Masquerade, NatMode::RandomMasquerade]);
+    let a1 = bed.add_host(Provider::A);
+    let a2 = bed.add_host(Provider::A);
+    let b1 = bed.add_host(Provider::B);
+    let coord = bed.coordinator_host().handle();
+    let router_a = bed.public_address(Provider::A);
+    let router_b = bed.public_address(Provider::B);
+    assert_eq!(router_a, Ipv4Addr::new(198, 18, 0, 1));
+    assert_eq!(router_b, Ipv4Addr::new(198, 18, 0, 2));
+    let echo_server = UdpEcho::start(&coord, &ECHO_PORTS, &dir.join("echo.log"));
+
+    // Every LAN reaches the internet; hosts of one LAN reach each other.
+    let second = Duration::from_secs(1);
+    for (from, name) in [(&a1, "a1"), (&b1, "b1")] {
+        assert!(
+            from.ns.ping_once(COORDINATOR_HOST, second),
+            "{name} ({}) cannot ping the coordinator's host",
+            from.underlay
+        );
+    }
+    assert!(a1.ns.ping_once(a2.underlay, second), "a1 cannot ping a2");
+    assert!(
+        a1.ns.ping_once(router_b, second),
+        "a1 cannot ping router B's public address"
+    );
+    // No LAN reaches another provider's private addresses, nor does the internet reach a LAN.
+    for (from, name, to) in [
+        (&*a1.ns, "a1", b1.underlay),
+        (&*b1.ns, "b1", a1.underlay),
+        (&*a1.ns, "a1", Provider::B.gateway()),
+        (&coord, "the coordinator's host", a1.underlay),
+        (&coord, "the coordinator's host", b1.underlay),
+    ] {
+        assert!(
+            !from.ping_once(to, second),
+            "{name} reaches the private address {to}: the LANs are not isolated"
+        );
+    }
+    let routes = coord.ip(&["-4", "route", "show"]);
+    assert!(
+        !routes.contains("default") && routes.lines().count() == 1,
+        "the coordinator's host routes more than the internet segment:\n{routes}"
+    );
+
+    // Masquerade: the internet sees router A's address, and the socket's own port for every
+    // destination (an endpoint-independent mapping).
+    let to = [
+        echo(COORDINATOR_HOST, ECHO_PORTS[0]),
+        echo(COORDINATOR_HOST, ECHO_PORTS[1]),
+    ];
+    let seen = udp_probe(&a1.ns, PROBE_PORT, &to, PROBE_WAIT);
+    let expected = Some(SocketAddrV4::new(router_a, PROBE_PORT));
+    assert_eq!(
+        seen,
+        vec![expected, expected],
+        "behind Masquerade, the echo saw a1's datagrams from {seen:?}; ruleset:\n{}",
+        bed.ruleset(Provider::A)
+    );
+    // Two hosts behind one router, the same local port: the router tells them apart by port.
+    let seen_a2 = udp_probe(&a2.ns, PROBE_PORT, &to[..1], PROBE_WAIT);
+    let a2_seen = seen_a2[0].expect("a2's probe is answered");
+    assert_eq!(*a2_seen.ip(), router_a);
+    assert_ne!(
+        a2_seen.port(),
+        PROBE_PORT,
+        "a1 already has that public port"
+    );
+
+    // Random masquerade: router B's address, another port for each destination.
+    let seen = udp_probe(&b1.ns, PROBE_PORT, &to, PROBE_WAIT);
+    let [Some(first), Some(second)] = seen[..] else {
+        panic!("b1's probes were not all answered: {seen:?}");
+    };
+    assert_eq!(
+        (*first.ip(), *second.ip()),
+        (router_b, router_b),
+        "behind RandomMasquerade, the echo saw b1 as {seen:?}"
+    );
+    assert_ne!(
+        first.port(),
+        second.port(),
+        "behind RandomMasquerade, one socket kept its public port for two destinations"
+    );
+    eprintln!("nat: b1 seen as {first} and {second} (symmetric NAT)");
+
+    // Everything goes with the guards.
+    let mut names: Vec<String> = [&a1.ns, &a2.ns, &b1.ns, &bed.switch]
+        .iter()
+        .map(|ns| ns.name().to_owned())
+        .collect();
+    names.push(coord.name().to_owned());
+    for p in [Provider::A, Provider::B] {
+        names.push(bed.router(p).ns.name().to_owned());
+    }
+    drop(echo_server);
+    drop((a1, a2, b1, bed));
+    let listed = meshlink_tests::host_run("ip", &["netns", "list"]);
+    for name in names {
+        assert!(
+            !listed
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(name.as_str())),
+            "namespace {name} left behind"
+        );
+    }
+}
+
+#[test]
+fn nat_bed_blocks_udp_and_lifts_the_block() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let dir = ScratchDir::create("nat-block");
+    let mut bed = NatBed::create(&[NatMode::Masquerade]);
+    let a1 = bed.add_host(Provider::A);
+    let other = bed.add_public_host();
+    let _echo_coord = UdpEcho::start(
+        &bed.coordinator_host().handle(),
+        &ECHO_PORTS[..1],
+        &dir.join("echo-coordinator.log"),
+    );
+    let _echo_other = UdpEcho::start(
+        &other.handle(),
+        &ECHO_PORTS[..1],
+        &dir.join("echo-other.log"),
+    );
+    let to = [
+        echo(COORDINATOR_HOST, ECHO_PORTS[0]),
+        echo(other.address, ECHO_PORTS[0]),
+    ];
+    let answered = |what: &str| -> [bool; 2] {
+        let seen = udp_probe(&a1.ns, PROBE_PORT, &to, PROBE_WAIT);
+        eprintln!("nat: {what}: {seen:?}");
+        [seen[0].is_some(), seen[1].is_some()]
+    };
+    let ruleset = || bed.ruleset(Provider::A);
+
+    assert_eq!(answered("open"), [true, true], "{}", ruleset());
+
+    bed.block_udp_except_coordinator(Provider::A);
+    assert_eq!(
+        answered("UDP blocked but to the coordinator"),
+        [true, false],
+        "{}",
+        ruleset()
+    );
+    assert!(
+        a1.ns.ping_once(other.address, Duration::from_secs(1)),
+        "the UDP block stops ICMP too"
+    );
+    // Blocking twice replaces the block.
+    bed.block_udp_except_coordinator(Provider::A);
+    assert_eq!(answered("blocked again"), [true, false], "{}", ruleset());
+
+    bed.unblock(Provider::A);
+    assert_eq!(answered("block lifted"), [true, true], "{}", ruleset());
+
+    // A path that dies, and comes back.
+    let rule = bed.add_forward_rule(
+        Provider::A,
+        &format!("meta l4proto udp ip daddr {COORDINATOR_HOST} drop"),
+    );
+    assert_eq!(
+        answered("UDP to the coordinator dropped"),
+        [false, true],
+        "{}",
+        ruleset()
+    );
+    bed.remove_rule(&rule);
+    assert_eq!(answered("rule removed"), [true, true], "{}", ruleset());
+}
+
+#[test]
+fn nat_bed_lets_masqueraded_hosts_punch_through() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let dir = ScratchDir::create("nat-punch");
+    let mut bed = NatBed::create(&[NatMode::Masquerade, NatMode::Masquerade]);
+    let a1 = bed.add_host(Provider::A);
+    let b1 = bed.add_host(Provider::B);
+    let b2 = bed.add_host(Provider::B);
+    let router_a = bed.public_address(Provider::A);
+    let router_b = bed.public_address(Provider::B);
+    // b1 sends first towards a1's public mapping (198.18.0.1:PROBE_PORT), b2 does not.
+    let _punched = UdpEcho::start_punching(
+        &b1.handle(),
+        &ECHO_PORTS[..1],
+        &[SocketAddrV4::new(router_a, PROBE_PORT)],
+        &dir.join("echo-b1.log"),
+    );
+    let _unpunched = UdpEcho::start(&b2.handle(), &ECHO_PORTS[1..], &dir.join("echo-b2.log"));
+    let seen = udp_probe(
+        &a1.ns,
+        PROBE_PORT,
+        &[echo(router_b, ECHO_PORTS[0]), echo(router_b, ECHO_PORTS[1])],
+        PROBE_WAIT,
+    );
+    eprintln!("nat: a1 to b1 (punched) and b2 (not): {seen:?}");
+    assert_eq!(
+        seen,
+        vec![Some(SocketAddrV4::new(router_a, PROBE_PORT)), None],
+        "a1 -> router B's public address: b1 punched a hole and must answer, seeing a1 as \
+         router A's address with a1's own port; b2 did not and must not\nA:\n{}\nB:\n{}",
+        bed.ruleset(Provider::A),
+        bed.ruleset(Provider::B)
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The mesh behind NAT.
+
+/// The bed of every mesh test: routers, the coordinator on the internet, agents on LANs.
+struct NatMesh {
+    // Field order is drop order: processes before the namespaces they run in, and the
+    // scratch directory last.
+    agents: Vec<MeshAgent>,
+    coord: Coordinator,
+    hosts: Vec<ProviderHost>,
+    bed: NatBed,
+    token: String,
+    dir: ScratchDir,
+}
+
+impl NatMesh {
+    /// Root checked (`None`: skipped), the bed built with `modes`, the coordinator started on
+    /// its internet host, the network and a join token made.
+    fn new(name: &str, modes: &[NatMode]) -> Option<NatMesh> {
+        if !require_root() {
+            return None;
+        }
+        require_tools();
+        agent_bin();
+        coordinator_bin();
+        meshctl_bin();
+        let dir = ScratchDir::create(name);
+        let bed = NatBed::create(modes);
+        let coord = Coordinator::start(&bed.coordinator_host().handle(), &dir, COORDINATOR_HOST);
+        let ctl = coord.meshctl();
+        ctl.network_create(NETWORK, NETWORK_CIDR);
+        let token = ctl.token_create(NETWORK, Some(8), Some("1h"));
+        Some(NatMesh {
+            agents: Vec::new(),
+            coord,
+            hosts: Vec::new(),
+            bed,
+            token,
+            dir,
+        })
+    }
+
+    /// Starts an agent called `name` on a new host of each `provider`'s LAN, all at once, and
+    /// waits until every one is up.
+    fn join(&mut self, nodes: &[(&str, Provider)]) {
+        let started = Instant::now();
+        let first = self.agents.len();
+        for (name, provider) in nodes {
+            let host = self.bed.add_host(*provider);
+            let label = provider.letter().to_string();
+            let agent = MeshAgent::spawn_join(
+                &host.ns,
+                &self.dir,
+                &self.token,
+                name,
+                &[("provider", &label)],
+            );
+            self.hosts.push(host);
+            self.agents.push(agent);
+        }
+        for agent in &mut self.agents[first..] {
+            agent.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
+        }
+        timing(&format!("{} agents up", nodes.len()), started.elapsed());
+    }
+
+    fn agent(&self, name: &str) -> &MeshAgent {
+        self.agents
+            .iter()
+            .find(|a| a.name() == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    /// The provider of the host `name` runs on.
+    fn provider_of(&self, name: &str) -> Provider {
+        let ns = self.agent(name).ns();
+        self.hosts
+            .iter()
+            .find(|h| h.ns.name() == ns.name())
+            .map(|h| h.provider)
+            .unwrap_or_else(|| panic!("no host for {name}"))
+    }
+
+    /// Every agent's `status` JSON, for failure messages.
+    fn statuses(&self) -> String {
+        let mut out = String::new();
+        for a in &self.agents {
+            let status = a.try_status().map_or_else(
+                || "(no answer)".to_owned(),
+                |s| serde_json::to_string_pretty(&s).unwrap_or_default(),
+            );
+            out.push_str(&format!("---- status of {} ----\n{status}\n", a.name()));
+        }
+        out
+    }
+
+    /// Waits until every path answers a ping; panics with every agent's status otherwise.
+    fn reach(&self, paths: &[Reach], timeout: Duration) -> Duration {
+        match Reach::wait_all(paths, timeout) {
+            Ok(took) => took.into_iter().max().unwrap_or_default(),
+            Err(e) => panic!("{e}\n{}", self.statuses()),
+        }
+    }
+
+    /// Paths both ways between each pair of `names`.
+    fn both_ways(&self, names: &[&str]) -> Vec<Reach> {
+        let nodes: Vec<(&str, &meshlink_tests::NsRef, Ipv4Addr)> = names
+            .iter()
+            .map(|n| {
+                let a = self.agent(n);
+                (a.name(), a.ns(), a.address())
+            })
+            .collect();
+        Reach::all_pairs(&nodes)
+    }
+
+    /// The path from `from` to `to` as `from`'s status shows it.
+    fn path(&self, from: &str, to: &str) -> PeerPath {
+        let key = self.agent(to).public_key();
+        self.agent(from)
+            .try_status()
+            .map_or_else(PeerPath::default, |s| PeerPath::of(&s, &key))
+    }
+
+    /// Waits until `check` holds for the path of every ordered pair of `names`, for at most
+    /// `timeout`; panics with every agent's status otherwise.
+    fn wait_paths(
+        &self,
+        names: &[&str],
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&str, &str, &PeerPath) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        let result = wait_until(timeout, what, || {
+            names
+                .iter()
+                .flat_map(|from| names.iter().map(move |to| (*from, *to)))
+                .filter(|(from, to)| from != to)
+                .all(|(from, to)| check(from, to, &self.path(from, to)))
+                .then_some(())
+        });
+        if let Err(e) = result {
+            let mut paths = String::new();
+            for from in names {
+                for to in names.iter().filter(|t| *t != from) {
+                    paths.push_str(&format!("{from} -> {to}: {:?}\n", self.path(from, to)));
+                }
+            }
+            panic!("{e}\n{paths}{}", self.statuses());
+        }
+        started.elapsed()
+    }
+}
+
+/// One peer's entry of `meshlink-agent status`, as far as these tests read it.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct PeerPath {
+    /// Whether the peer is listed at all.
+    listed: bool,
+    /// `endpoint`.
+    endpoint: Option<SocketAddr>,
+    /// `path.kind`: `direct`, `relay` or `none`.
+    kind: Option<String>,
+    /// `path.via`.
+    via: Option<String>,
+    /// `path.rtt_ms`.
+    rtt_ms: Option<f64>,
+}
+
+impl PeerPath {
+    fn of(status: &Value, public_key: &str) -> PeerPath {
+        let Some(peer) = status
+            .get("peers")
+            .and_then(Value::as_array)
+            .and_then(|peers| peers.iter().find(|p| p["public_key"] == public_key))
+        else {
+            return PeerPath::default();
+        };
+        PeerPath {
+            listed: true,
+            endpoint: peer["endpoint"].as_str().and_then(|e| e.parse().ok()),
+            kind: peer
+                .pointer("/path/kind")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            via: peer
+                .pointer("/path/via")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
+        }
+    }
+
+    fn is(&self, kind: &str) -> bool {
+        self.kind.as_deref() == Some(kind)
+    }
+
+    fn endpoint_ip(&self) -> Option<IpAddr> {
+        self.endpoint.map(|e| e.ip())
+    }
+}
+
+#[test]
+fn two_providers_behind_masquerade_connect_directly() {
+    let Some(mut mesh) = NatMesh::new("nat-direct", &[NatMode::Masquerade, NatMode::Masquerade])
+    else {
+        return;
+    };
+    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 and vm-b1 ping each other", took);
+
+    // Each reaches the other directly, at the other router's public address.
+    let settled = mesh.wait_paths(
+        &names,
+        SETTLE,
+        "a direct path to the other router's public address, both ways",
+        |_, to, path| {
+            let router = mesh.bed.public_address(mesh.provider_of(to));
+            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(router))
+        },
+    );
+    timing("paths reported direct", settled);
+    for (from, to) in [("vm-a1", "vm-b1"), ("vm-b1", "vm-a1")] {
+        eprintln!("nat: {from} -> {to}: {:?}", mesh.path(from, to));
+    }
+}
+
+#[test]
+fn symmetric_nat_still_connects() {
+    let Some(mut mesh) = NatMesh::new(
+        "nat-symmetric",
+        &[NatMode::RandomMasquerade, NatMode::Masquerade],
+    ) else {
+        return;
+    };
+    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 (symmetric NAT) and vm-b1 ping each other", took);
+
+    // Either way is fine behind a symmetric NAT; the path says which.
+    mesh.wait_paths(
+        &names,
+        SETTLE,
+        "a direct or relayed path both ways",
+        |_, _, path| path.is("direct") || path.is("relay"),
+    );
+    for (from, to) in [("vm-a1", "vm-b1"), ("vm-b1", "vm-a1")] {
+        let path = mesh.path(from, to);
+        eprintln!(
+            "nat: behind a symmetric NAT, {from} -> {to} goes {} (endpoint {:?}, via {:?}, rtt {:?} ms)",
+            path.kind.as_deref().unwrap_or("?"),
+            path.endpoint,
+            path.via,
+            path.rtt_ms
+        );
+    }
+}
+
+#[test]
+fn udp_blocked_between_providers_goes_through_the_relay() {
+    let Some(mut mesh) = NatMesh::new("nat-relay", &[NatMode::Masquerade, NatMode::Masquerade])
+    else {
+        return;
+    };
+    // Only the coordinator is reachable over UDP, from the start.
+    mesh.bed.block_udp_except_coordinator(Provider::A);
+    mesh.bed.block_udp_except_coordinator(Provider::B);
+    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 and vm-b1 ping each other with UDP blocked", took);
+    mesh.wait_paths(&names, SETTLE, "a relayed path both ways", |_, _, path| {
+        path.is("relay")
+    });
+
+    // A TCP transfer through the relay, during which the block is lifted.
+    let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
+    let limit = Duration::from_secs(150);
+    let mut receiver = XferReceiver::start(b1.ns(), &mesh.dir, IpAddr::V4(b1.address()), limit);
+    // 8 MB at 4 Mbit/s: 16 s at least, so that the lift falls in the middle.
+    let bytes = 8_000_000;
+    let mut sender =
+        XferSender::start(a1.ns(), &mesh.dir, receiver.addr(), bytes, Some(4.0), limit);
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        sender.is_running(),
+        "the transfer ended before the block was lifted\n{}",
+        mesh.statuses()
+    );
+    let lifted = Instant::now();
+    mesh.bed.unblock(Provider::A);
+    mesh.bed.unblock(Provider::B);
+    let direct = mesh.wait_paths(
+        &names,
+        DIRECT_AFTER_LIFT,
+        "the path to turn direct, to the other router's public address, after the block is \
+         lifted",
+        |_, to, path| {
+            let router = mesh.bed.public_address(mesh.provider_of(to));
+            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(router))
+        },
+    );
+    timing("block lifted -> direct both ways", direct);
+    let transfer_running = sender.is_running();
+    let sent = sender.finish(limit);
+    let received = receiver.finish(Duration::from_secs(30));
+    timing(
+        &format!(
+            "transfer of {} bytes ({:.1} Mbit/s; still running when the path turned direct: \
+             {transfer_running})",
+            received.bytes,
+            received.mbit_per_sec()
+        ),
+        lifted.elapsed(),
+    );
+    assert_eq!(sent.bytes, bytes, "the sender wrote a different count");
+    assert_eq!(
+        received.bytes, sent.bytes,
+        "received {} of {} bytes across the relay-to-direct switch",
+        received.bytes, sent.bytes
+    );
+    assert_eq!(
+        received.sha256, sent.sha256,
+        "the bytes received differ from those sent across the relay-to-direct switch"
+    );
+    for (from, to) in [("vm-a1", "vm-b1"), ("vm-b1", "vm-a1")] {
+        eprintln!(
+            "nat: {from} -> {to} after the lift: {:?}",
+            mesh.path(from, to)
+        );
+    }
+}
+
+const WORKLOAD: &str = "web";
+const WORKLOAD_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
+
+/// Whether the workload address is on `agent`'s tunnel interface.
+fn has_workload(agent: &MeshAgent) -> bool {
+    agent
+        .ns()
+        .ip(&["-br", "addr", "show", "dev", agent.interface()])
+        .contains(&format!("{WORKLOAD_IP}/32"))
+}
+
+fn wait_workload(mesh: &NatMesh, name: &str, present: bool) -> Duration {
+    let started = Instant::now();
+    let agent = mesh.agent(name);
+    let what = format!(
+        "{WORKLOAD_IP} to be {} on {name}",
+        if present { "present" } else { "absent" }
+    );
+    wait_until(STEP, &what, || {
+        (has_workload(agent) == present).then_some(())
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}; workload: {}\n{}",
+            mesh.coord.meshctl().json(&["workload", "show", WORKLOAD]),
+            mesh.statuses()
+        )
+    });
+    started.elapsed()
+}
+
+#[test]
+fn a_workload_moves_between_natted_nodes() {
+    let Some(mut mesh) = NatMesh::new(
+        "nat-workload",
+        &[
+            NatMode::Masquerade,
+            NatMode::Masquerade,
+            NatMode::Masquerade,
+        ],
+    ) else {
+        return;
+    };
+    mesh.join(&[
+        ("vm-a1", Provider::A),
+        ("vm-b1", Provider::B),
+        ("vm-c1", Provider::C),
+    ]);
+    let took = mesh.reach(&mesh.both_ways(&["vm-a1", "vm-b1", "vm-c1"]), REACH);
+    timing("3 VMs behind 3 routers ping each other", took);
+
+    let ctl = mesh.coord.meshctl();
+    ctl.run(&[
+        "workload",
+        "create",
+        WORKLOAD,
+        "--network",
+        NETWORK,
+        "--address",
+        &WORKLOAD_IP.to_string(),
+        "--allow",
+        "vm-a1,vm-b1",
+    ]);
+    ctl.run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    wait_workload(&mesh, "vm-a1", true);
+    let c1 = mesh.agent("vm-c1").ns().clone();
+    let answered = c1.wait_for_ping(WORKLOAD_IP, REACH).unwrap_or_else(|e| {
+        panic!(
+            "the workload address on vm-a1 does not answer vm-c1: {e}\n{}",
+            mesh.statuses()
+        )
+    });
+    timing("workload on vm-a1 answers vm-c1", answered);
+
+    let started = Instant::now();
+    ctl.run(&["workload", "move", WORKLOAD, "--to", "vm-b1"]);
+    wait_workload(&mesh, "vm-b1", true);
+    wait_workload(&mesh, "vm-a1", false);
+    timing(
+        "moved to vm-b1 (address there, gone from vm-a1)",
+        started.elapsed(),
+    );
+    let answered = c1.wait_for_ping(WORKLOAD_IP, REACH).unwrap_or_else(|e| {
+        panic!(
+            "the workload address, moved to vm-b1, does not answer vm-c1: {e}\n{}",
+            mesh.statuses()
+        )
+    });
+    timing("workload on vm-b1 answers vm-c1", answered);
+    let w = ctl.json(&["workload", "show", WORKLOAD]);
+    assert_eq!(
+        w.pointer("/holder/name").and_then(Value::as_str),
+        Some("vm-b1"),
+        "{w}"
+    );
+}
