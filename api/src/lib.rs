@@ -30,7 +30,7 @@ pub use ids::{Generation, MapVersion, NodeId, TokenId, UnixTime};
 pub use meshlink_proto::PublicKey;
 pub use networks::{CreateNetwork, Network};
 pub use nodes::Node;
-pub use status::{CoordinatorStatus, Status};
+pub use status::{CoordinatorStatus, ReflectStatus, RelayDrops, RelayStatus, Status};
 pub use tokens::{
     CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,
     DEFAULT_TOKEN_USES,

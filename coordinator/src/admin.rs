@@ -57,6 +57,8 @@ use crate::handlers::nodes::{self, peer_info};
 use crate::handlers::tokens::{self, is_expired, CreateToken};
 use crate::handlers::workloads::{self, CreateWorkload};
 use crate::handlers::{constant_time_eq, ApiError, Caller};
+use crate::reflect::ReflectCounters;
+use crate::relay::{Relay, RelayStats};
 use crate::service::{MoveOutcome, Service};
 use crate::store::{NetworkRecord, NodeRecord, TokenId, TokenRecord, UnixTime, WorkloadRecord};
 
@@ -75,6 +77,10 @@ pub struct AdminContext {
     pub fingerprint: String,
     /// When the coordinator started.
     pub started: Instant,
+    /// The relay, when on.
+    pub relay: Option<Arc<Relay>>,
+    /// The reflexive address responder's bound address and counters, when on.
+    pub reflect: Option<(SocketAddr, Arc<ReflectCounters>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -589,7 +595,34 @@ async fn status(State(s): State<AppState>) -> HttpResult<Json<api::Status>> {
         quic_listen: s.ctx.quic_listen,
         advertise: s.ctx.advertise.clone(),
         fingerprint: s.ctx.fingerprint.clone(),
+        relay: s.ctx.relay.as_ref().map(|r| relay_view(r.stats())),
+        reflect: s.ctx.reflect.as_ref().map(|(listen, counters)| {
+            let r = counters.stats();
+            api::ReflectStatus {
+                listen: *listen,
+                answered: r.answered,
+                refused: r.refused,
+                ignored: r.ignored,
+            }
+        }),
     }))
+}
+
+fn relay_view(r: RelayStats) -> api::RelayStatus {
+    api::RelayStatus {
+        frames: r.frames,
+        bytes: r.bytes,
+        dropped: api::RelayDrops {
+            unauthenticated: r.unauthenticated,
+            rate_limited: r.rate_limited,
+            malformed: r.malformed,
+            no_route: r.no_route,
+            other_network: r.other_network,
+            too_large: r.too_large,
+            unsupported: r.unsupported,
+            congested: r.congested,
+        },
+    }
 }
 
 /// A store time as the API writes it.

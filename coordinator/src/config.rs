@@ -53,6 +53,10 @@ pub struct Settings {
     pub coordinators: Vec<String>,
     /// Where the durable state lives.
     pub store: StoreLocation,
+    /// Where the reflexive address responder listens (UDP).
+    pub reflect_listen: ReflectListen,
+    /// Whether agents' sessions relay WireGuard datagrams between the nodes of a network.
+    pub relay: bool,
     /// Protection limits.
     pub limits: Limits,
 }
@@ -67,8 +71,61 @@ impl Settings {
             advertise: None,
             coordinators: Vec::new(),
             store: StoreLocation::Sqlite,
+            reflect_listen: ReflectListen::NextToListen,
+            relay: true,
             limits: Limits::default(),
         }
+    }
+}
+
+/// Where the reflexive address responder (`crate::reflect`) listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReflectListen {
+    /// The QUIC listen address with the next port (UDP 7444 beside the default 7443); an
+    /// ephemeral port when the listen port is 0. The default.
+    NextToListen,
+    /// This address.
+    At(SocketAddr),
+    /// No responder: agents learn their NAT-mapped address from peers only.
+    Off,
+}
+
+impl ReflectListen {
+    /// Parses a socket address or `off`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<ReflectListen, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(ReflectListen::Off);
+        }
+        text.parse()
+            .map(ReflectListen::At)
+            .map_err(|_| format!("{text:?} is not an address such as 0.0.0.0:7444, or off"))
+    }
+
+    /// The address to bind beside the QUIC `listen` address; `None` when off, or when the
+    /// default has no port to take (`listen` on port 65535).
+    pub fn resolve(&self, listen: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            ReflectListen::Off => None,
+            ReflectListen::At(a) => Some(*a),
+            ReflectListen::NextToListen if listen.port() == 0 => Some(listen),
+            ReflectListen::NextToListen => listen
+                .port()
+                .checked_add(1)
+                .map(|p| SocketAddr::new(listen.ip(), p)),
+        }
+    }
+}
+
+/// `on` or `off` (also `true`/`false`), as flags and variables give it.
+fn parse_switch(text: &str) -> Result<bool, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(format!("{:?} is not on or off", text.trim())),
     }
 }
 
@@ -167,6 +224,12 @@ pub struct Overrides {
     pub coordinators: Option<String>,
     /// `--store` / `MESHLINK_STORE`.
     pub store: Option<String>,
+    /// `--reflect-listen` / `MESHLINK_REFLECT_LISTEN`: an address or `off`.
+    pub reflect_listen: Option<String>,
+    /// `--relay` / `MESHLINK_RELAY`: `on` or `off`.
+    pub relay: Option<String>,
+    /// `--relay-rate` / `MESHLINK_RELAY_RATE`.
+    pub relay_rate: Option<u64>,
     /// `--hello-timeout-secs` / `MESHLINK_HELLO_TIMEOUT_SECS`.
     pub hello_timeout_secs: Option<u64>,
     /// `--message-rate` / `MESHLINK_MESSAGE_RATE`.
@@ -246,6 +309,9 @@ struct FileConfig {
     advertise: Option<String>,
     coordinators: Option<Vec<String>>,
     store: Option<String>,
+    reflect_listen: Option<String>,
+    relay: Option<Switch>,
+    relay_rate: Option<u64>,
     hello_timeout_secs: Option<u64>,
     message_rate: Option<u32>,
     message_burst: Option<u32>,
@@ -254,6 +320,14 @@ struct FileConfig {
     idle_timeout_secs: Option<u64>,
     workload_lease_ms: Option<u64>,
     workload_grace_ms: Option<u64>,
+}
+
+/// A switch in the file: `true`/`false`, or `"on"`/`"off"` as the flag takes it.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Switch {
+    Bool(bool),
+    Text(String),
 }
 
 /// Builds [`Settings`] from an optional file and the overrides.
@@ -355,6 +429,44 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         (None, Some(t)) => StoreLocation::parse(&t).map_err(|m| bad(file_origin("store"), m))?,
         (None, None) => StoreLocation::Sqlite,
     };
+    let reflect_listen = match (over.reflect_listen, cfg.reflect_listen) {
+        (Some(t), _) => ReflectListen::parse(&t).map_err(|m| {
+            bad(
+                Origin::Flag("--reflect-listen", "MESHLINK_REFLECT_LISTEN"),
+                m,
+            )
+        })?,
+        (None, Some(t)) => {
+            ReflectListen::parse(&t).map_err(|m| bad(file_origin("reflect_listen"), m))?
+        }
+        (None, None) => {
+            if ReflectListen::NextToListen.resolve(listen).is_none() {
+                let origin = if path.is_some() {
+                    file_origin("reflect_listen")
+                } else {
+                    Origin::Flag("--reflect-listen", "MESHLINK_REFLECT_LISTEN")
+                };
+                return Err(bad(
+                    origin,
+                    format!(
+                        "the default (the listen port + 1) does not exist for listen {listen}: \
+                         set an address, or off"
+                    ),
+                ));
+            }
+            ReflectListen::NextToListen
+        }
+    };
+    let relay = match (over.relay, cfg.relay) {
+        (Some(t), _) => {
+            parse_switch(&t).map_err(|m| bad(Origin::Flag("--relay", "MESHLINK_RELAY"), m))?
+        }
+        (None, Some(Switch::Bool(b))) => b,
+        (None, Some(Switch::Text(t))) => {
+            parse_switch(&t).map_err(|m| bad(file_origin("relay"), m))?
+        }
+        (None, None) => true,
+    };
 
     let d = Limits::default();
     let at_least_one = |v: u64, origin: Origin| -> Result<u64, ConfigError> {
@@ -447,6 +559,12 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
             "MESHLINK_MAX_CONNECTIONS",
             d.max_connections
         ),
+        relay_rate: pick!(
+            relay_rate,
+            "--relay-rate",
+            "MESHLINK_RELAY_RATE",
+            d.relay_rate
+        ),
         write_timeout: d.write_timeout,
         idle_timeout: Duration::from_secs(idle_timeout_secs.max(3)),
         workload_lease: Duration::from_millis(workload_lease_ms),
@@ -459,6 +577,8 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         advertise,
         coordinators,
         store,
+        reflect_listen,
+        relay,
         limits,
     })
 }
@@ -772,6 +892,143 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--coordinators") && e.contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn the_reflect_port_is_next_to_the_listen_port_by_default() {
+        let s = load(None, Overrides::default()).unwrap();
+        assert_eq!(s.reflect_listen, ReflectListen::NextToListen);
+        assert_eq!(
+            s.reflect_listen.resolve(s.listen),
+            Some("0.0.0.0:7444".parse().unwrap()),
+            "UDP 7444: the admin API's 7444 is TCP"
+        );
+        assert!(s.relay);
+        assert_eq!(s.limits.relay_rate, crate::relay::DEFAULT_RATE);
+        let s = load(
+            None,
+            Overrides {
+                listen: Some("127.0.0.1:0".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.reflect_listen.resolve(s.listen),
+            Some("127.0.0.1:0".parse().unwrap()),
+            "an ephemeral QUIC port: an ephemeral reflect port"
+        );
+        let p = file("r1.toml", "listen = \"198.18.0.1:9000\"\n");
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(
+            s.reflect_listen.resolve(s.listen),
+            Some("198.18.0.1:9001".parse().unwrap())
+        );
+        // No port after 65535: the default cannot be, and the error says what to set.
+        let e = load(
+            None,
+            Overrides {
+                listen: Some("0.0.0.0:65535".parse().unwrap()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--reflect-listen (or MESHLINK_REFLECT_LISTEN)"),
+            "{e}"
+        );
+        let e = load(
+            Some(&file("r2.toml", "listen = \"0.0.0.0:65535\"\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("r2.toml: reflect_listen"), "{e}");
+    }
+
+    #[test]
+    fn reflect_listen_takes_an_address_or_off() {
+        let p = file("r3.toml", "reflect_listen = \"off\"\nrelay = false\n");
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(s.reflect_listen, ReflectListen::Off);
+        assert_eq!(s.reflect_listen.resolve(s.listen), None);
+        assert!(!s.relay);
+        let over = Overrides {
+            reflect_listen: Some("198.18.0.1:3478".into()),
+            relay: Some("on".into()),
+            relay_rate: Some(1_000_000),
+            ..Overrides::default()
+        };
+        let s = load(Some(&p), over).unwrap();
+        assert_eq!(
+            s.reflect_listen,
+            ReflectListen::At("198.18.0.1:3478".parse().unwrap())
+        );
+        assert!(s.relay, "the flag wins");
+        assert_eq!(s.limits.relay_rate, 1_000_000);
+        let p = file("r4.toml", "relay = \"off\"\nrelay_rate = 5000\n");
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        assert!(!s.relay);
+        assert_eq!(s.limits.relay_rate, 5000);
+    }
+
+    #[test]
+    fn bad_traversal_settings_name_their_key() {
+        let e = load(
+            Some(&file("r5.toml", "reflect_listen = \"7444\"\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("r5.toml: reflect_listen") && e.contains("or off"),
+            "{e}"
+        );
+        let e = load(
+            None,
+            Overrides {
+                reflect_listen: Some("nowhere".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--reflect-listen (or MESHLINK_REFLECT_LISTEN)"),
+            "{e}"
+        );
+        let e = load(
+            Some(&file("r6.toml", "relay = \"maybe\"\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("r6.toml: relay: \"maybe\" is not on or off"),
+            "{e}"
+        );
+        let e = load(
+            None,
+            Overrides {
+                relay: Some("yes please".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("--relay (or MESHLINK_RELAY)"), "{e}");
+        let e = load(
+            Some(&file("r7.toml", "relay_rate = 0\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("r7.toml: relay_rate: must be at least 1"), "{e}");
+        let e = load(Some(&file("r8.toml", "relay = 3\n")), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("r8.toml line 1") && e.contains("relay"), "{e}");
     }
 
     /// The admin API speaks plain HTTP: listening beyond loopback needs saying so.

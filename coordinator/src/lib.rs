@@ -12,6 +12,9 @@
 //! - [`service`]: handlers + hub under one write lock, as both front ends call them.
 //! - [`follow`]: replays what other coordinators sharing the store committed.
 //! - [`server`]: the QUIC control server (one session per agent).
+//! - [`relay`]: the relay, WireGuard datagrams between the nodes of a network on their
+//!   sessions' connections.
+//! - [`reflect`]: the reflexive address responder (the address a NAT mapped a socket to).
 //! - [`admin`]: the admin HTTP API.
 //! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
 //! - [`run`]: start-up and shutdown ([`Coordinator`]).
@@ -25,6 +28,8 @@ pub mod hub;
 pub mod identity;
 pub mod pin;
 pub mod ratelimit;
+pub mod reflect;
+pub mod relay;
 pub mod run;
 pub mod server;
 pub mod service;

@@ -67,6 +67,17 @@ struct ServeArgs {
         hide_env_values = true
     )]
     store: Option<String>,
+    /// UDP address that tells agents the address their WireGuard socket is seen from (behind
+    /// NAT), or `off` [default: the listen address with the next port, 0.0.0.0:7444].
+    #[arg(long, env = "MESHLINK_REFLECT_LISTEN", value_name = "ADDR|off")]
+    reflect_listen: Option<String>,
+    /// Relay WireGuard datagrams between the nodes of a network that cannot reach each other
+    /// directly, over their control connections [default: on].
+    #[arg(long, env = "MESHLINK_RELAY", value_name = "on|off")]
+    relay: Option<String>,
+    /// Bytes per second one node may send through the relay [default: 25000000].
+    #[arg(long, env = "MESHLINK_RELAY_RATE", value_name = "BYTES")]
+    relay_rate: Option<u64>,
     /// Seconds an agent has to say hello [default: 10].
     #[arg(long, env = "MESHLINK_HELLO_TIMEOUT_SECS", value_name = "SECS")]
     hello_timeout_secs: Option<u64>,
@@ -159,6 +170,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         advertise: args.advertise,
         coordinators: args.coordinators,
         store: args.store,
+        reflect_listen: args.reflect_listen,
+        relay: args.relay,
+        relay_rate: args.relay_rate,
         hello_timeout_secs: args.hello_timeout_secs,
         message_rate: args.message_rate,
         message_burst: args.message_burst,

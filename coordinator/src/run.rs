@@ -1,5 +1,6 @@
 //! Start-up and shutdown: state directory, identity, admin token and store, then the QUIC
-//! server and the admin API as two tasks sharing one [`Service`].
+//! server (with the relay) and the admin API as two tasks sharing one [`Service`], and the
+//! reflexive address responder on a UDP port beside the QUIC one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,10 +12,12 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext};
 use crate::config::StoreLocation;
-use crate::config::{default_advertise, Settings};
+use crate::config::{default_advertise, ReflectListen, Settings};
 use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
+use crate::reflect::{self, ReflectCounters, ReflectStats};
+use crate::relay::Relay;
 use crate::server::{self, ServerError};
-use crate::service::{Service, SystemClock, WorkloadTiming};
+use crate::service::{Service, SystemClock, Traversal, WorkloadTiming};
 use crate::store::{Backend, SqlStore, StoreError};
 
 /// Why the coordinator cannot start.
@@ -35,6 +38,15 @@ pub enum StartError {
     /// The QUIC endpoint cannot be made.
     #[error(transparent)]
     Quic(#[from] ServerError),
+    /// The reflexive address responder cannot listen.
+    #[error("cannot listen on UDP {addr} (reflect_listen): {source}")]
+    Reflect {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// The admin API cannot listen.
     #[error("cannot listen on TCP {addr} (admin API): {source}")]
     Admin {
@@ -52,6 +64,9 @@ pub enum StartError {
 pub struct Coordinator {
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    reflect_addr: Option<SocketAddr>,
+    relay: Option<Arc<Relay>>,
+    reflect_counters: Arc<ReflectCounters>,
     advertise: String,
     fingerprint: String,
     admin_token: AdminToken,
@@ -62,6 +77,7 @@ pub struct Coordinator {
     admin_task: JoinHandle<()>,
     failover_task: JoinHandle<()>,
     follow_task: Option<JoinHandle<()>>,
+    reflect_task: Option<JoinHandle<()>>,
 }
 
 /// How often silent workload holders are looked for.
@@ -124,11 +140,37 @@ impl Coordinator {
             })?,
         );
 
-        let endpoint = server::endpoint(&id, settings.listen, &settings.limits)?;
+        let endpoint = server::endpoint(&id, settings.listen, &settings.limits, settings.relay)?;
         let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: settings.listen,
             source,
         })?;
+        // Beside the QUIC address as configured (not as bound: port 0 stays ephemeral).
+        let reflect_socket = match settings.reflect_listen.resolve(settings.listen) {
+            Some(addr) => {
+                let bind_err = |source| StartError::Reflect { addr, source };
+                let socket = tokio::net::UdpSocket::bind(addr).await.map_err(bind_err)?;
+                let bound = socket.local_addr().map_err(bind_err)?;
+                Some((socket, bound))
+            }
+            None if settings.reflect_listen == ReflectListen::NextToListen => {
+                return Err(StartError::Reflect {
+                    addr: settings.listen,
+                    source: std::io::Error::other(
+                        "no port after the listen port: set reflect_listen, or off",
+                    ),
+                })
+            }
+            None => None,
+        };
+        let reflect_addr = reflect_socket.as_ref().map(|(_, a)| *a);
+        let relay = settings
+            .relay
+            .then(|| Arc::new(Relay::new(settings.limits.relay_rate)));
+        service.set_traversal(Traversal {
+            reflect_port: reflect_addr.map(|a| a.port()),
+            relay: settings.relay,
+        });
         let listener = TcpListener::bind(settings.admin_listen)
             .await
             .map_err(|source| StartError::Admin {
@@ -150,8 +192,17 @@ impl Coordinator {
             endpoint,
             service.clone(),
             settings.limits.clone(),
+            relay.clone(),
             shutdown_rx.clone(),
         ));
+        let reflect_counters = Arc::new(ReflectCounters::default());
+        let reflect_task = reflect_socket.map(|(socket, _)| {
+            tokio::spawn(reflect::run(
+                socket,
+                reflect_counters.clone(),
+                shutdown_rx.clone(),
+            ))
+        });
         let others: Vec<String> = settings
             .coordinators
             .iter()
@@ -171,6 +222,8 @@ impl Coordinator {
             others,
             fingerprint: id.fingerprint.clone(),
             started: Instant::now(),
+            relay: relay.clone(),
+            reflect: reflect_addr.map(|a| (a, reflect_counters.clone())),
         };
         let app = admin::router(service.clone(), ctx);
         let mut admin_rx = shutdown_rx;
@@ -210,10 +263,21 @@ impl Coordinator {
             ))),
             StoreLocation::Sqlite => None,
         };
-        tracing::info!(%quic_addr, %admin_addr, %advertise, store = %settings.store.redacted(), "coordinator running");
+        tracing::info!(
+            %quic_addr,
+            %admin_addr,
+            reflect = %reflect_addr.map_or("off".to_string(), |a| a.to_string()),
+            relay = settings.relay,
+            %advertise,
+            store = %settings.store.redacted(),
+            "coordinator running"
+        );
         Ok(Coordinator {
             quic_addr,
             admin_addr,
+            reflect_addr,
+            relay,
+            reflect_counters,
             advertise,
             fingerprint: id.fingerprint,
             admin_token,
@@ -224,6 +288,7 @@ impl Coordinator {
             admin_task,
             failover_task,
             follow_task,
+            reflect_task,
         })
     }
 
@@ -235,6 +300,21 @@ impl Coordinator {
     /// The bound admin API address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The bound address of the reflexive address responder; `None` when off.
+    pub fn reflect_addr(&self) -> Option<SocketAddr> {
+        self.reflect_addr
+    }
+
+    /// The relay (its counters); `None` when off.
+    pub fn relay(&self) -> Option<&Arc<Relay>> {
+        self.relay.as_ref()
+    }
+
+    /// The reflexive address responder's counters now (zero when off).
+    pub fn reflect_stats(&self) -> ReflectStats {
+        self.reflect_counters.stats()
     }
 
     /// The `host:port` put in join tokens.
@@ -263,6 +343,9 @@ impl Coordinator {
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
         let _ = self.failover_task.await;
+        if let Some(t) = self.reflect_task {
+            let _ = t.await;
+        }
         if let Some(t) = self.follow_task {
             let _ = t.await;
         }

@@ -6,9 +6,12 @@
 //! accept connection ─> accept stream ─> read Hello (within hello_timeout)
 //!   ─> Service::hello (join or authenticate; attach to the hub)
 //!        refused: write Refused, finish, close(REFUSED)
+//!        until accepted, QUIC datagrams are read and dropped (counted: unauthenticated)
+//!   ─> relay route for the node's key (crate::relay), dropped with the session
 //!   ─> write Welcome, FullMap
 //!   ─> loop: agent messages (Service::on_agent_message, in dispatch.rs), rate-capped
 //!            hub queue (deltas, Revoked + close), each write under write_timeout
+//!      beside it: QUIC datagrams from the agent ─> Relay::forward
 //!   ─> close(code) with one log line; Service::session_closed
 //! ```
 //!
@@ -35,6 +38,7 @@ use crate::handlers::ApiError;
 use crate::hub::{CloseReason, Outbound};
 use crate::identity::Identity;
 use crate::ratelimit::TokenBucket;
+use crate::relay::Relay;
 use crate::service::{Service, Session};
 
 pub use meshlink_proto::control::ALPN;
@@ -83,6 +87,8 @@ pub struct Limits {
     pub session_queue: usize,
     /// Connections at once; more are refused.
     pub max_connections: usize,
+    /// Bytes per second one node may send through the relay (see [`crate::relay`]).
+    pub relay_rate: u64,
     /// Time allowed to write one message to an agent.
     pub write_timeout: Duration,
     /// A connection with no traffic for this long is closed (the coordinator pings at a third
@@ -105,6 +111,7 @@ impl Default for Limits {
             message_burst: 100,
             session_queue: 256,
             max_connections: 10_000,
+            relay_rate: crate::relay::DEFAULT_RATE,
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             workload_lease: meshlink_proto::workload::DEFAULT_LEASE,
@@ -130,8 +137,16 @@ pub enum ServerError {
     },
 }
 
+/// Bytes of QUIC datagrams received on one connection and not yet read by its session (quinn
+/// drops the oldest beyond it). About 100 relay frames: the session reads them as they come.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 128 * 1024;
+/// Bytes of QUIC datagrams queued to one connection and not yet sent (beyond it the relay
+/// drops new frames: `congested`). At 100 Mbit/s, 20 ms of queue.
+pub const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
+
 /// Binds the QUIC endpoint with the coordinator's identity: TLS 1.3 only, ring, ALPN
-/// [`ALPN`], one bidirectional stream per connection.
+/// [`ALPN`], one bidirectional stream per connection; QUIC datagrams (bounded buffers, see
+/// [`DATAGRAM_RECEIVE_BUFFER`]) when `relay` is on, none otherwise.
 ///
 /// # Errors
 /// [`ServerError`].
@@ -139,6 +154,7 @@ pub fn endpoint(
     identity: &Identity,
     listen: SocketAddr,
     limits: &Limits,
+    relay: bool,
 ) -> Result<quinn::Endpoint, ServerError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -153,7 +169,10 @@ pub fn endpoint(
     transport
         .max_concurrent_bidi_streams(1u32.into())
         .max_concurrent_uni_streams(0u32.into())
-        .datagram_receive_buffer_size(None)
+        // Without a receive buffer, quinn offers peers no datagrams at all: an agent's
+        // `max_datagram_size()` is `None` and it cannot send any.
+        .datagram_receive_buffer_size(relay.then_some(DATAGRAM_RECEIVE_BUFFER))
+        .datagram_send_buffer_size(DATAGRAM_SEND_BUFFER)
         .keep_alive_interval(Some(limits.idle_timeout / 3))
         .max_idle_timeout(limits.idle_timeout.try_into().ok());
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(quic));
@@ -211,11 +230,12 @@ impl quinn::ConnectionIdGenerator for RandomCids {
 const RESET_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Accepts connections until `shutdown` changes (or its sender is dropped), then closes the
-/// endpoint and waits a little for sessions to end.
+/// endpoint and waits a little for sessions to end. With `relay`, sessions relay datagrams.
 pub async fn run(
     endpoint: quinn::Endpoint,
     service: Arc<Service>,
     limits: Limits,
+    relay: Option<Arc<Relay>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
@@ -234,7 +254,9 @@ pub async fn run(
             continue;
         }
         let span = tracing::info_span!("session", remote = %incoming.remote_address(), node = tracing::field::Empty);
-        sessions.spawn(connection(incoming, service.clone(), limits.clone()).instrument(span));
+        sessions.spawn(
+            connection(incoming, service.clone(), limits.clone(), relay.clone()).instrument(span),
+        );
     }
     endpoint.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
     let drained = timeout(Duration::from_secs(5), async {
@@ -315,7 +337,12 @@ impl End {
     }
 }
 
-async fn connection(incoming: quinn::Incoming, service: Arc<Service>, limits: Limits) {
+async fn connection(
+    incoming: quinn::Incoming,
+    service: Arc<Service>,
+    limits: Limits,
+    relay: Option<Arc<Relay>>,
+) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -336,7 +363,7 @@ async fn connection(incoming: quinn::Incoming, service: Arc<Service>, limits: Li
             return;
         }
     };
-    let end = drive(&conn, &service, &limits, deadline).await;
+    let end = drive(&conn, &service, &limits, relay.as_ref(), deadline).await;
     info!(code = end.code, "session closed: {}", end.log);
     conn.close(end.code.into(), end.peer.as_bytes());
 }
@@ -345,9 +372,11 @@ async fn drive(
     conn: &quinn::Connection,
     service: &Arc<Service>,
     limits: &Limits,
+    relay: Option<&Arc<Relay>>,
     deadline: tokio::time::Instant,
 ) -> End {
-    let (mut send, recv) = match timeout_at(deadline, conn.accept_bi()).await {
+    let opened = not_relaying(conn, relay, timeout_at(deadline, conn.accept_bi())).await;
+    let (mut send, recv) = match opened {
         Err(_) => {
             return End::new(
                 close_code::HELLO_TIMEOUT,
@@ -365,7 +394,8 @@ async fn drive(
         Ok(Ok(streams)) => streams,
     };
     let mut reader = Reader::new(recv, limits);
-    let hello = match timeout_at(deadline, reader.next()).await {
+    let hello = not_relaying(conn, relay, timeout_at(deadline, reader.next())).await;
+    let hello = match hello {
         Err(_) => {
             return End::new(
                 close_code::HELLO_TIMEOUT,
@@ -377,7 +407,13 @@ async fn drive(
         Ok(Ok(ClientMessage::Hello(hello))) => hello,
         Ok(Ok(_)) => return End::protocol("the first message was not a hello"),
     };
-    let mut session = match service.hello(&hello, conn.remote_address().ip()).await {
+    let accepted = not_relaying(
+        conn,
+        relay,
+        service.hello(&hello, conn.remote_address().ip()),
+    )
+    .await;
+    let mut session = match accepted {
         Ok(session) => session,
         Err(e) => {
             // A failure of the coordinator itself (its database) is not the node's fault: it
@@ -394,9 +430,12 @@ async fn drive(
                 });
                 (frame, close_code::REFUSED, "refused")
             };
-            let _ = timeout(limits.write_timeout, send.write_all(&frame)).await;
-            let _ = send.finish();
-            let _ = timeout(LINGER, send.stopped()).await;
+            let last_words = async {
+                let _ = timeout(limits.write_timeout, send.write_all(&frame)).await;
+                let _ = send.finish();
+                let _ = timeout(LINGER, send.stopped()).await;
+            };
+            not_relaying(conn, relay, last_words).await;
             return End::new(code, what, format!("hello not served: {e}"));
         }
     };
@@ -407,11 +446,74 @@ async fn drive(
         joined = session.joined,
         "session open"
     );
-    let end = session_loop(conn, &mut send, &mut reader, service, &mut session, limits).await;
+    // Registered before the welcome is written, so that a peer told of this node can reach
+    // it at once; removed when the session ends.
+    let relaying = relay.map(|relay| {
+        let route = relay.register(
+            hello.public_key,
+            &session.network,
+            session.attached.serial,
+            conn.clone(),
+        );
+        let source = relay.source(hello.public_key, &session.network, Instant::now());
+        (relay, route, source)
+    });
+    let control = session_loop(conn, &mut send, &mut reader, service, &mut session, limits);
+    let end = match relaying {
+        Some((relay, _route, source)) => {
+            tokio::select! {
+                end = control => end,
+                never = relay_frames(conn, relay, source) => match never {},
+            }
+        }
+        None => control.await,
+    };
     service
         .session_closed(&session.network, session.node, session.attached.serial)
         .await;
     end
+}
+
+/// Runs `work` while dropping (and counting) the datagrams the connection receives: before
+/// its hello is accepted, a connection is no source of relayed frames.
+async fn not_relaying<T>(
+    conn: &quinn::Connection,
+    relay: Option<&Arc<Relay>>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let Some(relay) = relay else {
+        return work.await;
+    };
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            out = &mut work => return out,
+            datagram = conn.read_datagram() => match datagram {
+                Ok(_) => relay.count_unauthenticated(),
+                // The connection is gone: `work` ends with it.
+                Err(_) => return work.await,
+            },
+        }
+    }
+}
+
+/// Relays the session's datagrams for as long as the session lasts (never returns: the
+/// session's end is the control loop's to say).
+async fn relay_frames(
+    conn: &quinn::Connection,
+    relay: &Relay,
+    mut source: crate::relay::Source,
+) -> std::convert::Infallible {
+    loop {
+        match conn.read_datagram().await {
+            Ok(datagram) => {
+                // Dropped frames are counted by the relay; none is logged.
+                let _ = relay.forward(&mut source, datagram.into(), Instant::now());
+            }
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 async fn session_loop(

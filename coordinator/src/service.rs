@@ -138,6 +138,15 @@ impl Clock for SystemClock {
     }
 }
 
+/// What this coordinator offers agents for NAT traversal, told in each welcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traversal {
+    /// The UDP port of the reflexive address responder (`crate::reflect`); `None`: off.
+    pub reflect_port: Option<u16>,
+    /// Whether sessions relay datagrams (`crate::relay`).
+    pub relay: bool,
+}
+
 /// An agent's session after an accepted hello.
 #[derive(Debug)]
 pub struct Session {
@@ -173,6 +182,8 @@ pub struct Service {
     coordinators: std::sync::Mutex<Vec<String>>,
     /// This coordinator's own address in that list.
     advertise: std::sync::Mutex<String>,
+    /// Told to agents in each welcome.
+    traversal: std::sync::Mutex<Traversal>,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
     /// this coordinator's claim to decide failovers (see `store/leases.rs`).
     shared: std::sync::OnceLock<SqlStore>,
@@ -243,6 +254,7 @@ impl Service {
             tasks: std::sync::Mutex::new(JoinSet::new()),
             coordinators: std::sync::Mutex::new(Vec::new()),
             advertise: std::sync::Mutex::new(String::new()),
+            traversal: std::sync::Mutex::new(Traversal::default()),
             shared: std::sync::OnceLock::new(),
             leadership: Mutex::new(Leadership::default()),
             me: random_secret(),
@@ -285,6 +297,11 @@ impl Service {
     pub fn set_coordinators(&self, advertise: &str, list: Vec<String>) {
         *self.advertise.lock().unwrap_or_else(|p| p.into_inner()) = advertise.to_string();
         *self.coordinators.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
+    /// Sets what the welcome tells agents of NAT traversal (nothing until set).
+    pub fn set_traversal(&self, traversal: Traversal) {
+        *self.traversal.lock().unwrap_or_else(|p| p.into_inner()) = traversal;
     }
 
     /// The workload timings.
@@ -976,7 +993,7 @@ impl Service {
             }
         };
         let joined = secret.is_some();
-        let welcome: Frame = encode(&ServerMessage::Welcome(welcome(
+        let mut welcome = welcome(
             &node,
             &network,
             secret,
@@ -984,8 +1001,11 @@ impl Service {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
-        )))
-        .into();
+        );
+        let traversal = *self.traversal.lock().unwrap_or_else(|p| p.into_inner());
+        welcome.reflect_port = traversal.reflect_port;
+        welcome.relay = traversal.relay;
+        let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {
                 self.publish(

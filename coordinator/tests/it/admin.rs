@@ -281,7 +281,9 @@ async fn shapes_of_networks_tokens_and_status() {
             "quic_listen",
             "advertise",
             "fingerprint",
-            "coordinators"
+            "coordinators",
+            "relay",
+            "reflect"
         ])
     );
     assert_eq!(st["version"], json!(env!("CARGO_PKG_VERSION")));

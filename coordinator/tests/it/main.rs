@@ -1,5 +1,6 @@
 //! Integration tests of the coordinator, in one binary: handlers over a temporary store, the
-//! admin API on loopback, and QUIC sessions on loopback.
+//! admin API on loopback, QUIC sessions on loopback, and the relay and the reflexive address
+//! responder with real sockets.
 
 mod admin;
 mod common;
@@ -7,6 +8,7 @@ mod fencing;
 mod ha;
 mod handlers;
 mod quic;
+mod relay;
 mod service;
 mod simulation;
 mod store;

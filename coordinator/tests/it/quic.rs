@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::common::{http, join_hello, loopback_settings, node_hello, start, Agent, TempDir};
 
 /// Creates a network and returns a fresh join token for it, both through the admin API.
-async fn token_for(c: &Coordinator, network: &str, cidr: &str) -> JoinToken {
+pub(crate) async fn token_for(c: &Coordinator, network: &str, cidr: &str) -> JoinToken {
     let t = c.admin_token().value.clone();
     let body = json!({"name": network, "cidr": cidr}).to_string();
     let (status, _) = http(
@@ -34,11 +34,11 @@ async fn token_for(c: &Coordinator, network: &str, cidr: &str) -> JoinToken {
     JoinToken::decode(tok["token"].as_str().unwrap()).unwrap()
 }
 
-fn addr_of(t: &JoinToken) -> SocketAddr {
+pub(crate) fn addr_of(t: &JoinToken) -> SocketAddr {
     t.coordinator.parse().unwrap()
 }
 
-fn welcome(m: ServerMessage) -> Welcome {
+pub(crate) fn welcome(m: ServerMessage) -> Welcome {
     match m {
         ServerMessage::Welcome(w) => w,
         other => panic!("expected a welcome, got {other:?}"),
@@ -60,7 +60,7 @@ async fn delta(a: &mut Agent) -> NetmapDelta {
 }
 
 /// Joins and reads the welcome and the full map.
-async fn join(t: &JoinToken, key: u8, name: Option<&str>) -> (Agent, Welcome, Netmap) {
+pub(crate) async fn join(t: &JoinToken, key: u8, name: Option<&str>) -> (Agent, Welcome, Netmap) {
     let mut a = Agent::connect(addr_of(t), &t.fingerprint).await.unwrap();
     let w = welcome(a.hello(join_hello(&t.secret, key, name)).await);
     let m = full_map(&mut a).await;

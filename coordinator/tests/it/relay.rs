@@ -1,0 +1,261 @@
+//! NAT traversal help over real sockets on 127.0.0.1: relayed frames between agents' QUIC
+//! connections (and the frames that must go nowhere), the reflexive address responder, and
+//! both switched off.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshlink_coordinator::config::ReflectListen;
+use meshlink_coordinator::relay::RelayStats;
+use meshlink_coordinator::server::close_code;
+use meshlink_coordinator::{Coordinator, StartError};
+use meshlink_proto::control::ServerMessage;
+use meshlink_proto::disco::{Reflect, TX_LEN};
+use meshlink_proto::relay::{frames, parse, Reassembler};
+use meshlink_proto::PublicKey;
+use serde_json::json;
+use tokio::net::UdpSocket;
+
+use crate::common::{http, key, loopback_settings, node_hello, start, Agent, TempDir, WAIT};
+use crate::quic::{addr_of, join, token_for, welcome};
+
+/// The largest frame agents send (they cut WireGuard datagrams to fit).
+const FRAME: usize = 1100;
+
+/// The next datagram on `a`'s connection, or `None` after `within`.
+async fn datagram(a: &Agent, within: Duration) -> Option<Vec<u8>> {
+    match tokio::time::timeout(within, a.conn.read_datagram()).await {
+        Ok(Ok(d)) => Some(d.to_vec()),
+        Ok(Err(e)) => panic!("connection lost: {e}"),
+        Err(_) => None,
+    }
+}
+
+/// Sends `payload` to `to` through the relay as frames of at most [`FRAME`] bytes.
+fn send_to(a: &Agent, to: &PublicKey, id: u16, payload: &[u8]) {
+    for f in frames(to, id, payload, FRAME).unwrap() {
+        a.conn.send_datagram(f.into()).unwrap();
+    }
+}
+
+/// Waits until the relay's counters satisfy `done`.
+async fn relay_stats(c: &Coordinator, done: impl Fn(&RelayStats) -> bool) -> RelayStats {
+    let start = Instant::now();
+    loop {
+        let s = c.relay().expect("the relay is on").stats();
+        if done(&s) {
+            return s;
+        }
+        assert!(start.elapsed() < WAIT, "relay counters stuck at {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn two_nodes_of_a_network_talk_through_the_relay() {
+    let dir = TempDir::new("relay-pair");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (a, wa, _) = join(&t, 1, Some("a")).await;
+    let (b, wb, _) = join(&t, 2, Some("b")).await;
+    let reflect_port = c.reflect_addr().expect("on by default").port();
+    for w in [&wa, &wb] {
+        assert!(w.relay);
+        assert_eq!(w.reflect_port, Some(reflect_port));
+    }
+    assert!(a.conn.max_datagram_size().is_some(), "datagrams offered");
+
+    // One WireGuard datagram of the largest size, cut in two frames, arrives whole, as from a.
+    let wg: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+    send_to(&a, &key(2), 1, &wg);
+    let mut r = Reassembler::new();
+    let mut got = None;
+    while got.is_none() {
+        let f = datagram(&b, WAIT).await.expect("a relayed frame");
+        let (h, bytes) = parse(&f).unwrap();
+        assert_eq!(h.peer, key(1), "the relay names the source");
+        got = r.push(h, bytes, Instant::now());
+    }
+    assert_eq!(got, Some((key(1), wg)));
+
+    // And back.
+    send_to(&b, &key(1), 1, b"handshake response");
+    let f = datagram(&a, WAIT).await.unwrap();
+    let (h, bytes) = parse(&f).unwrap();
+    assert_eq!((h.peer, bytes), (key(2), &b"handshake response"[..]));
+
+    let s = relay_stats(&c, |s| s.frames == 3).await;
+    assert_eq!(s.bytes, (1452 + 2 * 36 + 18 + 36) as u64);
+    assert_eq!(
+        s,
+        RelayStats {
+            frames: 3,
+            bytes: s.bytes,
+            ..RelayStats::default()
+        }
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn frames_outside_the_network_or_before_hello_go_nowhere() {
+    let dir = TempDir::new("relay-refused");
+    let c = start(dir.path()).await;
+    let prod = token_for(&c, "prod", "100.64.0.0/24").await;
+    let staging = token_for(&c, "staging", "100.65.0.0/24").await;
+    let (a, _, _) = join(&prod, 1, Some("a")).await;
+    let (b, wb, _) = join(&prod, 2, Some("b")).await;
+    let (other, _, _) = join(&staging, 3, Some("other")).await;
+
+    // To a node of another network, to nobody, to itself.
+    send_to(&a, &key(3), 1, b"across networks");
+    send_to(&a, &key(9), 2, b"to nobody");
+    send_to(&a, &key(1), 3, b"to itself");
+    // Not a frame.
+    a.conn.send_datagram(vec![0u8; 10].into()).unwrap();
+    // From a connection that never said hello, to b.
+    let lurker = Agent::connect(addr_of(&prod), &prod.fingerprint)
+        .await
+        .unwrap();
+    send_to(&lurker, &key(2), 1, b"let me in");
+
+    let s = relay_stats(&c, |s| {
+        s.other_network == 1 && s.no_route == 2 && s.malformed == 1 && s.unauthenticated == 1
+    })
+    .await;
+    assert_eq!(s.frames, 0);
+    assert_eq!(datagram(&b, Duration::from_millis(200)).await, None);
+    assert_eq!(datagram(&other, Duration::from_millis(10)).await, None);
+    assert_eq!(datagram(&a, Duration::from_millis(10)).await, None);
+
+    // The counters are in the status.
+    let admin = c.admin_token().value.clone();
+    let (_, st) = http(c.admin_addr(), "GET", "/v1/status", Some(&admin), None).await;
+    assert_eq!(
+        st["relay"],
+        json!({"frames": 0, "bytes": 0, "dropped": {
+            "unauthenticated": 1, "rate_limited": 0, "malformed": 1, "no_route": 2,
+            "other_network": 1, "too_large": 0, "unsupported": 0, "congested": 0,
+        }})
+    );
+
+    // A newer session of b takes its route, and the older one's end leaves it there.
+    let secret = wb.node_secret.expect("a secret at join");
+    let mut b2 = Agent::connect(addr_of(&prod), &prod.fingerprint)
+        .await
+        .unwrap();
+    let w = welcome(b2.hello(node_hello(wb.node_id, &secret, 2)).await);
+    assert!(w.relay);
+    assert_eq!(b.closed_code().await, u64::from(close_code::REPLACED));
+    send_to(&a, &key(2), 4, b"to the new session");
+    let f = datagram(&b2, WAIT)
+        .await
+        .expect("relayed to the newer session");
+    assert_eq!(parse(&f).unwrap().1, b"to the new session");
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_reflect_port_answers_with_the_source_address() {
+    let dir = TempDir::new("reflect");
+    let c = start(dir.path()).await;
+    let target = c.reflect_addr().unwrap();
+    assert_ne!(target.port(), 0);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let me = sock.local_addr().unwrap();
+
+    // Garbage and answers are ignored; a request is answered.
+    sock.send_to(b"not a request", target).await.unwrap();
+    let stray = Reflect::Response {
+        tx: [1; TX_LEN],
+        observed: me,
+    };
+    sock.send_to(&stray.encode(), target).await.unwrap();
+    let request = Reflect::Request { tx: [7; TX_LEN] };
+    sock.send_to(&request.encode(), target).await.unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, from) = tokio::time::timeout(WAIT, sock.recv_from(&mut buf))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(from, target);
+    assert_eq!(
+        Reflect::decode(&buf[..n]),
+        Ok(Reflect::Response {
+            tx: [7; TX_LEN],
+            observed: me
+        })
+    );
+    // Only one answer came.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), sock.recv_from(&mut buf))
+            .await
+            .is_err()
+    );
+    let s = c.reflect_stats();
+    assert_eq!((s.answered, s.ignored, s.refused), (1, 2, 0));
+
+    let admin = c.admin_token().value.clone();
+    let (_, st) = http(c.admin_addr(), "GET", "/v1/status", Some(&admin), None).await;
+    assert_eq!(
+        st["reflect"],
+        json!({"listen": target.to_string(), "answered": 1, "refused": 0, "ignored": 2})
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn relay_and_reflect_can_be_off() {
+    let dir = TempDir::new("traversal-off");
+    let mut s = loopback_settings(dir.path());
+    s.relay = false;
+    s.reflect_listen = ReflectListen::Off;
+    let c = Coordinator::start(&s).await.unwrap();
+    assert!(c.reflect_addr().is_none() && c.relay().is_none());
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (a, w, _) = join(&t, 1, None).await;
+    assert_eq!((w.relay, w.reflect_port), (false, None));
+    assert_eq!(a.conn.max_datagram_size(), None, "no datagrams offered");
+    let admin = c.admin_token().value.clone();
+    let (_, st) = http(c.admin_addr(), "GET", "/v1/status", Some(&admin), None).await;
+    let fields = st.as_object().unwrap();
+    assert!(
+        !fields.contains_key("relay") && !fields.contains_key("reflect"),
+        "{st}"
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_taken_reflect_port_is_a_start_error_naming_it() {
+    let dir = TempDir::new("reflect-taken");
+    let taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr: SocketAddr = taken.local_addr().unwrap();
+    let mut s = loopback_settings(dir.path());
+    s.reflect_listen = ReflectListen::At(addr);
+    let e = Coordinator::start(&s).await.unwrap_err();
+    assert!(matches!(e, StartError::Reflect { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&addr.to_string()) && text.contains("reflect_listen"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_hello_never_relays() {
+    let dir = TempDir::new("relay-refused-hello");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (b, _, _) = join(&t, 2, None).await;
+    let mut bad = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+    send_to(&bad, &key(2), 1, b"before");
+    match bad.hello(node_hello(2, "not the secret", 5)).await {
+        ServerMessage::Refused { .. } => {}
+        other => panic!("expected Refused, got {other:?}"),
+    }
+    relay_stats(&c, |s| s.unauthenticated >= 1).await;
+    assert_eq!(datagram(&b, Duration::from_millis(200)).await, None);
+    assert_eq!(c.relay().unwrap().stats().frames, 0);
+    c.shutdown().await;
+}
