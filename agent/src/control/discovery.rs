@@ -94,9 +94,13 @@ impl Discovery {
     ) -> serde_json::Value {
         let st = self.paths().status(peer);
         let relayed = endpoint.is_some_and(|e| self.relay.is_shim(e));
+        // "direct" only once a probe through some address answered; an endpoint nobody
+        // confirmed yet (the map's first guess) is "unconfirmed".
+        let confirmed = st.is_some_and(|s| matches!(s.path, Path::Direct(_)));
         let kind = match (relayed, endpoint) {
             (true, _) => "relay",
-            (false, Some(_)) => "direct",
+            (false, Some(_)) if confirmed => "direct",
+            (false, Some(_)) => "unconfirmed",
             (false, None) => "none",
         };
         let via = match (relayed, endpoint) {
