@@ -630,3 +630,25 @@ fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
     // Traffic on the renewed session still flows.
     assert!(sim.ping(0, 1, b"after the rekey"));
 }
+
+#[test]
+fn a_new_endpoint_for_a_peer_without_a_session_is_tried_at_once() {
+    let mut sim = Sim::mesh(2, None);
+    // Node 0 first knows node 1 by an address that goes nowhere (a private address behind
+    // another NAT): its handshake is lost.
+    let mut config = sim.nodes[0].device.config();
+    config.peers[0].endpoint = Some(underlay(200, 51820));
+    sim.nodes[0].device.set_config(config.clone());
+    assert!(!sim.ping(0, 1, b"lost"));
+    assert!(sim.lost > 0);
+    // Path discovery finds the right address: the handshake goes there at the next tick,
+    // not at WireGuard's 5 s retry.
+    config.peers[0].endpoint = Some(sim.nodes[1].addr);
+    sim.nodes[0].device.set_config(config);
+    sim.advance(Duration::from_millis(500));
+    assert!(
+        sim.handshake_age(0, 1).is_some(),
+        "no handshake within 500 ms"
+    );
+    assert!(sim.ping(0, 1, b"through"));
+}

@@ -46,6 +46,8 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 const DATA_OVERHEAD: usize = 32 + 16;
 /// The smallest buffer boringtun accepts for output (a handshake initiation).
 const MIN_OUT: usize = 148;
+/// A handshake older than this leaves no session (WireGuard's REJECT_AFTER_TIME).
+const NO_SESSION_AFTER: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Drops the device counts before any peer is known.
 #[derive(Debug, Default)]
@@ -81,6 +83,10 @@ struct PeerState {
     /// so that a restarted node announces itself (and its new endpoint) at once, as WireGuard
     /// does when a keepalive interval is configured.
     kick: bool,
+    /// Start a handshake at the next timer tick: the configured endpoint changed (a path was
+    /// found) while the peer has no session, so the handshake pending towards the old
+    /// endpoint is sent again at once rather than after its 5 s retry.
+    rehandshake: bool,
 }
 
 impl PeerState {
@@ -298,6 +304,10 @@ impl Device {
                     let mut s = old.lock();
                     if s.config.endpoint != pc.endpoint && pc.endpoint.is_some() {
                         s.endpoint = pc.endpoint;
+                        s.rehandshake = s
+                            .noise
+                            .time_since_last_handshake()
+                            .is_none_or(|d| d >= NO_SESSION_AFTER);
                     }
                     s.config = pc.clone();
                     drop(s);
@@ -327,6 +337,7 @@ impl Device {
                             tx_bytes: 0,
                             drops: DropCounts::default(),
                             kick: pc.persistent_keepalive.is_some_and(|k| k > 0),
+                            rehandshake: false,
                         }),
                     })
                 }
@@ -589,6 +600,10 @@ impl Device {
             if s.kick && s.endpoint.is_some() {
                 s.kick = false;
                 s.emit(net, MIN_OUT + 64, |noise, out| noise.encapsulate(&[], out));
+            }
+            if s.rehandshake && s.endpoint.is_some() {
+                s.rehandshake = false;
+                s.emit(net, MIN_OUT + 64, |noise, out| noise.resend_handshake(out));
             }
             // The timers run with or without an endpoint; only a datagram needs one.
             s.emit(net, MIN_OUT + 64, |noise, out| noise.update_timers(out));

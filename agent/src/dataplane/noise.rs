@@ -77,6 +77,9 @@ pub trait Noise: Send {
     /// Starts a handshake now (unless one is under way), also with a live session, which
     /// keeps carrying traffic until the new one is up: a rekey ahead of time.
     fn start_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a>;
+    /// Sends a handshake initiation now, also when one is under way (its endpoint changed:
+    /// the one under way went where no answer will come from).
+    fn resend_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a>;
 }
 
 /// The boringtun engine.
@@ -133,5 +136,8 @@ impl Noise for BoringNoise {
     }
     fn start_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a> {
         convert(self.0.format_handshake_initiation(dst, false))
+    }
+    fn resend_handshake<'a>(&mut self, dst: &'a mut [u8]) -> NoiseOutput<'a> {
+        convert(self.0.format_handshake_initiation(dst, true))
     }
 }
