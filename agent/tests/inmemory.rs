@@ -148,7 +148,7 @@ impl Sim {
         let p = ipv4(self.nodes[a].overlay, self.nodes[b].overlay, tag);
         let before = self.nodes[b].delivered.len();
         self.send(a, &p);
-        self.nodes[b].delivered[before..].iter().any(|d| *d == p)
+        self.nodes[b].delivered[before..].contains(&p)
     }
 
     /// Seconds since `node`'s last handshake with `peer`.
