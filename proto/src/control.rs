@@ -250,6 +250,39 @@ pub fn encode<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// The length prefix's top bit marks a record that is a relay frame ([`crate::relay`]), not a
+/// message: on a control session over TLS/TCP (networks that block UDP), relay frames travel
+/// on the same stream as the messages. Lengths of messages never reach it.
+pub const RELAY_RECORD: u32 = 0x8000_0000;
+/// The largest relay frame record: a whole WireGuard datagram (no fragments on a stream).
+pub const MAX_RELAY_RECORD: usize = 65_535 + crate::relay::HEADER_LEN;
+
+/// One record of a control stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record<T> {
+    /// A message.
+    Message(T),
+    /// A relay frame.
+    Relay(Vec<u8>),
+}
+
+/// Frames one relay frame as a record of a control stream.
+///
+/// # Errors
+/// [`CodecError::TooLarge`] past [`MAX_RELAY_RECORD`].
+pub fn encode_relay(frame: &[u8]) -> Result<Vec<u8>, CodecError> {
+    if frame.len() > MAX_RELAY_RECORD {
+        return Err(CodecError::TooLarge {
+            len: frame.len(),
+            max: MAX_RELAY_RECORD,
+        });
+    }
+    let mut out = Vec::with_capacity(4 + frame.len());
+    out.extend_from_slice(&(RELAY_RECORD | frame.len() as u32).to_be_bytes());
+    out.extend_from_slice(frame);
+    Ok(out)
+}
+
 /// Incremental decoder of framed messages, with a size cap.
 #[derive(Debug)]
 pub struct Decoder {
@@ -272,38 +305,60 @@ impl Decoder {
     /// [`CodecError::TooLarge`].
     pub fn push(&mut self, bytes: &[u8]) -> Result<(), CodecError> {
         self.buf.extend_from_slice(bytes);
-        self.check_len()
+        self.check_len().map(|_| ())
     }
 
-    fn check_len(&self) -> Result<(), CodecError> {
-        if self.buf.len() >= 4 {
-            let len =
-                u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
-            if len > self.max {
-                return Err(CodecError::TooLarge { len, max: self.max });
-            }
+    /// The next record's kind (relay or not) and length, once its prefix has arrived.
+    fn check_len(&self) -> Result<Option<(bool, usize)>, CodecError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
         }
-        Ok(())
+        let raw = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
+        let relay = raw & RELAY_RECORD != 0;
+        let len = (raw & !RELAY_RECORD) as usize;
+        let max = if relay { MAX_RELAY_RECORD } else { self.max };
+        if len > max {
+            return Err(CodecError::TooLarge { len, max });
+        }
+        Ok(Some((relay, len)))
     }
 
     /// The next whole message, if one has arrived. `Ok(None)` means "need more bytes".
     ///
     /// # Errors
-    /// [`CodecError`] when the next message is over the cap or malformed; the stream is then
-    /// unusable.
+    /// [`CodecError`] when the next message is over the cap or malformed, or is a relay frame;
+    /// the stream is then unusable.
     pub fn decode<T: DeserializeOwned>(&mut self) -> Result<Option<T>, CodecError> {
-        self.check_len()?;
-        if self.buf.len() < 4 {
-            return Ok(None);
+        match self.decode_record()? {
+            None => Ok(None),
+            Some(Record::Message(m)) => Ok(Some(m)),
+            Some(Record::Relay(_)) => Err(CodecError::Malformed(
+                "a relay frame where a message was expected".into(),
+            )),
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+    }
+
+    /// The next whole record (a message or a relay frame), if one has arrived.
+    ///
+    /// # Errors
+    /// [`CodecError`] when the next record is over its cap or a malformed message; the
+    /// stream is then unusable.
+    pub fn decode_record<T: DeserializeOwned>(&mut self) -> Result<Option<Record<T>>, CodecError> {
+        let Some((relay, len)) = self.check_len()? else {
+            return Ok(None);
+        };
         if self.buf.len() < 4 + len {
             return Ok(None);
+        }
+        if relay {
+            let frame = self.buf[4..4 + len].to_vec();
+            self.buf.drain(..4 + len);
+            return Ok(Some(Record::Relay(frame)));
         }
         let parsed = serde_json::from_slice(&self.buf[4..4 + len])
             .map_err(|e| CodecError::Malformed(e.to_string()));
         self.buf.drain(..4 + len);
-        parsed.map(Some)
+        parsed.map(|m| Some(Record::Message(m)))
     }
 
     /// Bytes held that do not yet form a message.
@@ -373,5 +428,35 @@ mod tests {
             d.decode::<ClientMessage>(),
             Err(CodecError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn relay_frames_and_messages_share_a_stream() {
+        let mut bytes = encode(&ClientMessage::FullMapRequest);
+        bytes.extend(encode_relay(&[7; 40]).unwrap());
+        bytes.extend(encode(&ClientMessage::Heartbeat { seq: 3 }));
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        d.push(&bytes).unwrap();
+        assert_eq!(
+            d.decode_record::<ClientMessage>().unwrap(),
+            Some(Record::Message(ClientMessage::FullMapRequest))
+        );
+        assert_eq!(
+            d.decode_record::<ClientMessage>().unwrap(),
+            Some(Record::Relay(vec![7; 40]))
+        );
+        assert_eq!(
+            d.decode::<ClientMessage>().unwrap(),
+            Some(ClientMessage::Heartbeat { seq: 3 })
+        );
+        // Where only messages are expected, a relay frame is an error; an oversized one is
+        // refused from its prefix alone.
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        d.push(&encode_relay(&[1; 8]).unwrap()).unwrap();
+        assert!(d.decode::<ClientMessage>().is_err());
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        let huge = (RELAY_RECORD | (MAX_RELAY_RECORD as u32 + 1)).to_be_bytes();
+        assert!(d.push(&huge).is_err());
+        assert!(encode_relay(&vec![0; MAX_RELAY_RECORD + 1]).is_err());
     }
 }
