@@ -108,6 +108,18 @@ impl ServerCertVerifier for PinnedServerCert {
 /// # Errors
 /// [`PinError`].
 pub fn client_config(fingerprint: &str) -> Result<quinn::ClientConfig, PinError> {
+    let tls = rustls_client_config(fingerprint)?;
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| PinError::Tls(e.to_string()))?;
+    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+}
+
+/// The TLS client configuration under [`client_config`], for the control channel over TCP
+/// (networks that block UDP): the same pin, TLS 1.3 only, ALPN [`ALPN`].
+///
+/// # Errors
+/// [`PinError`].
+pub fn rustls_client_config(fingerprint: &str) -> Result<rustls::ClientConfig, PinError> {
     let verifier = Arc::new(PinnedServerCert::new(fingerprint)?);
     let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
@@ -117,9 +129,7 @@ pub fn client_config(fingerprint: &str) -> Result<quinn::ClientConfig, PinError>
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| PinError::Tls(e.to_string()))?;
-    Ok(quinn::ClientConfig::new(Arc::new(quic)))
+    Ok(tls)
 }
 
 #[cfg(test)]
