@@ -652,3 +652,19 @@ fn a_new_endpoint_for_a_peer_without_a_session_is_tried_at_once() {
     );
     assert!(sim.ping(0, 1, b"through"));
 }
+
+#[test]
+fn a_datagram_from_loopback_does_not_pull_a_peer_off_its_direct_path() {
+    let mut sim = Sim::mesh(2, None);
+    assert!(sim.ping(0, 1, b"direct"));
+    let direct = sim.nodes[1].addr;
+    // Node 1's packets arrive through a relay shim on loopback (what the relay still carried
+    // after the path turned direct): delivered, but the endpoint stays direct.
+    sim.nodes[1].addr = "127.0.0.1:40000".parse().unwrap();
+    assert!(sim.ping(1, 0, b"relayed"));
+    assert_eq!(sim.peer_status(0, 1).endpoint, Some(direct));
+    // From another public address (a NAT rebinding), roaming still follows.
+    sim.nodes[1].addr = underlay(77, 40000);
+    assert!(sim.ping(1, 0, b"rebound"));
+    assert_eq!(sim.peer_status(0, 1).endpoint, Some(underlay(77, 40000)));
+}

@@ -291,6 +291,24 @@ impl NatBed {
         );
     }
 
+    /// Drops every UDP datagram `provider`'s hosts send out to the internet, the
+    /// coordinator's included (a firewall that lets only TCP out); lifted by
+    /// [`NatBed::unblock`].
+    ///
+    /// # Panics
+    /// When nftables refuses the rule.
+    pub fn block_all_udp(&self, provider: Provider) {
+        let router = self.router(provider);
+        nft(
+            &router.ns,
+            &format!(
+                "flush chain ip {TABLE} block\n\
+                 add rule ip {TABLE} block oifname \"{wan}\" meta l4proto udp drop\n",
+                wan = router.wan
+            ),
+        );
+    }
+
     /// [`NatBed::block_udp_except`] the coordinator's host.
     ///
     /// # Panics

@@ -460,6 +460,8 @@ struct PeerPath {
     kind: Option<String>,
     /// `path.via`.
     via: Option<String>,
+    /// `path.over`: `udp` or `tcp` for a relayed path.
+    over: Option<String>,
     /// `path.rtt_ms`.
     rtt_ms: Option<f64>,
 }
@@ -482,6 +484,10 @@ impl PeerPath {
                 .map(str::to_owned),
             via: peer
                 .pointer("/path/via")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            over: peer
+                .pointer("/path/over")
                 .and_then(Value::as_str)
                 .map(str::to_owned),
             rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
@@ -629,6 +635,49 @@ fn udp_blocked_between_providers_goes_through_the_relay() {
             mesh.path(from, to)
         );
     }
+}
+
+#[test]
+fn without_any_udp_the_session_and_the_relay_go_over_tcp() {
+    let Some(mut mesh) = NatMesh::new("nat-tcp", &[NatMode::Masquerade, NatMode::Masquerade])
+    else {
+        return;
+    };
+    // A firewall that lets only TCP out, on both sides: no QUIC to the coordinator either.
+    mesh.bed.block_all_udp(Provider::A);
+    mesh.bed.block_all_udp(Provider::B);
+    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 and vm-b1 ping each other with no UDP at all", took);
+    mesh.wait_paths(
+        &names,
+        SETTLE,
+        "a path relayed over TCP both ways",
+        |_, _, path| path.is("relay") && path.over.as_deref() == Some("tcp"),
+    );
+
+    // Bulk data through the TCP relay arrives whole.
+    let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
+    let limit = Duration::from_secs(60);
+    let mut receiver = XferReceiver::start(b1.ns(), &mesh.dir, IpAddr::V4(b1.address()), limit);
+    let bytes = 4_000_000;
+    let mut sender = XferSender::start(a1.ns(), &mesh.dir, receiver.addr(), bytes, None, limit);
+    let sent = sender.finish(limit);
+    let received = receiver.finish(Duration::from_secs(30));
+    timing(
+        &format!(
+            "transfer of {} bytes over the TCP relay ({:.1} Mbit/s)",
+            received.bytes,
+            received.mbit_per_sec()
+        ),
+        Duration::ZERO,
+    );
+    assert_eq!(received.bytes, sent.bytes, "bytes lost over the TCP relay");
+    assert_eq!(
+        received.sha256, sent.sha256,
+        "the bytes received over the TCP relay differ from those sent"
+    );
 }
 
 const WORKLOAD: &str = "web";

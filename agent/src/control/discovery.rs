@@ -103,20 +103,18 @@ impl Discovery {
             (false, Some(_)) => "unconfirmed",
             (false, None) => "none",
         };
-        let via = match (relayed, endpoint) {
-            (true, _) => self.relay_via().map(|a| a.to_string()),
-            (false, e) => e.map(|e| e.to_string()),
+        let relay = self.relay.link_remote().filter(|_| relayed);
+        let via = match relay {
+            Some((remote, _)) => Some(remote.to_string()),
+            None => endpoint.map(|e| e.to_string()),
         };
         serde_json::json!({
             "kind": kind,
             "via": via,
+            "over": relay.map(|(_, t)| t),
             "rtt_ms": st.and_then(|s| s.rtt).filter(|_| !relayed).map(|d| d.as_secs_f64() * 1000.0),
             "changed_secs_ago": st.map(|s| now.saturating_duration_since(s.changed).as_secs()),
         })
-    }
-
-    fn relay_via(&self) -> Option<SocketAddr> {
-        self.relay.link_remote()
     }
 
     /// Counters for status.
@@ -155,7 +153,16 @@ impl Discovery {
             return;
         };
         let known: Arc<Mutex<Vec<PublicKey>>> = Arc::new(Mutex::new(Vec::new()));
-        tokio::spawn(self.relay.clone().run_inbound({
+        let Some(stream_frames) = shared
+            .relay_frames
+            .rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
+        tokio::spawn(self.relay.clone().run_inbound(stream_frames, {
             let known = known.clone();
             move |k| known.lock().unwrap_or_else(|e| e.into_inner()).contains(k)
         }));
@@ -192,6 +199,7 @@ impl Discovery {
                     p.set_relay(l.as_ref().is_some_and(|l| l.relay), now);
                 }
                 Some((from, d)) = inbox.recv() => {
+                    tracing::trace!(%from, len = d.len(), "discovery datagram");
                     self.paths().handle_datagram(from, &d, Instant::now());
                 }
                 () = sleep_until(wake) => {
@@ -206,6 +214,7 @@ impl Discovery {
                 (p.take_changed(), p.reflexive())
             };
             if !net.is_empty() {
+                tracing::trace!(datagrams = net.items().len(), "discovery sends");
                 udp.send_batch(&net).await;
                 net.clear();
             }

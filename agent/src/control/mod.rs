@@ -19,6 +19,7 @@ pub mod peers;
 pub mod relay;
 pub mod state;
 pub mod tls;
+pub mod transport;
 pub mod workloads;
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
 use meshlink_proto::control::{
-    self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
+    self, Auth, ClientMessage, Decoder, Hello, Record, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
     PROTOCOL_VERSION,
 };
 use meshlink_proto::token::{JoinToken, TokenError};
@@ -41,6 +42,7 @@ use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::workload::HEARTBEATS_PER_LEASE;
 use state::{NodeState, StateDir, StateError};
 use tls::Liveness;
+use transport::Transport;
 use workloads::{ClaimRequest, Shared, Tunnels};
 
 /// How long connecting and the first exchange may take (joining; reconnections follow
@@ -75,11 +77,10 @@ pub enum ControlError {
 /// An open control session.
 pub struct Session {
     addr: String,
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    transport: Transport,
     decoder: Decoder,
+    /// Where relay frames that arrive on the stream go (sessions over TCP).
+    relay_sink: Option<mpsc::Sender<Vec<u8>>>,
     /// What the welcome offered: the reflexive address port and relaying.
     reflect_port: Option<u16>,
     relay: bool,
@@ -101,28 +102,14 @@ impl Session {
             .map_err(|e| fail(e.to_string()))?
             .next()
             .ok_or_else(|| fail("no address".into()))?;
-        let bind: SocketAddr = if target.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-        };
-        let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| fail(e.to_string()))?;
-        endpoint.set_default_client_config(tls::client_config(pin, liveness).map_err(fail)?);
-        let connecting = endpoint
-            .connect(target, tls::SERVER_NAME)
-            .map_err(|e| fail(e.to_string()))?;
-        let conn = tokio::time::timeout(patience, connecting)
+        let transport = Transport::connect(target, pin, patience, liveness)
             .await
-            .map_err(|_| fail("timed out".into()))?
-            .map_err(|e| fail(e.to_string()))?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+            .map_err(fail)?;
         Ok(Session {
             addr: addr.to_string(),
-            _endpoint: endpoint,
-            conn,
-            send,
-            recv,
+            transport,
             decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            relay_sink: None,
             reflect_port: None,
             relay: false,
         })
@@ -134,26 +121,34 @@ impl Session {
     }
 
     async fn send(&mut self, msg: &ClientMessage) -> Result<(), ControlError> {
-        self.send
-            .write_all(&control::encode(msg))
+        self.transport
+            .write(&control::encode(msg))
             .await
-            .map_err(|e| ControlError::Connect {
+            .map_err(|reason| ControlError::Connect {
                 addr: self.addr.clone(),
-                reason: e.to_string(),
+                reason,
             })
     }
 
     async fn recv(&mut self) -> Result<ServerMessage, ControlError> {
         let mut buf = [0u8; 16 * 1024];
         loop {
-            if let Some(m) = self
+            match self
                 .decoder
-                .decode::<ServerMessage>()
+                .decode_record::<ServerMessage>()
                 .map_err(|e| protocol(e.to_string()))?
             {
-                return Ok(m);
+                Some(Record::Message(m)) => return Ok(m),
+                Some(Record::Relay(frame)) => {
+                    // Relay frames on the stream (TCP): to the relay client, never waited for.
+                    if let Some(sink) = &self.relay_sink {
+                        let _ = sink.try_send(frame);
+                    }
+                    continue;
+                }
+                None => {}
             }
-            match self.recv.read(&mut buf).await {
+            match self.transport.read(&mut buf).await {
                 Ok(Some(n)) => self
                     .decoder
                     .push(&buf[..n])
@@ -164,10 +159,10 @@ impl Session {
                         reason: "the coordinator closed the session".into(),
                     })
                 }
-                Err(e) => {
+                Err(reason) => {
                     return Err(ControlError::Connect {
                         addr: self.addr.clone(),
-                        reason: e.to_string(),
+                        reason,
                     })
                 }
             }
@@ -544,11 +539,15 @@ impl MeshControl {
     ) -> ControlError {
         let endpoints = self.endpoints(wg_port, tunnel);
         self.shared.lock().connected(Instant::now(), map, endpoints);
+        s.relay_sink = Some(self.shared.relay_frames.tx.clone());
+        let remote = s.transport.remote();
         self.shared.link.send_replace(Some(workloads::Link {
-            conn: s.conn.clone(),
+            conn: s.transport.link_conn(),
+            remote,
+            transport: s.transport.kind(),
             reflect: s
                 .reflect_port
-                .map(|p| SocketAddr::new(s.conn.remote_address().ip().to_canonical(), p)),
+                .map(|p| SocketAddr::new(remote.ip().to_canonical(), p)),
             relay: s.relay,
         }));
         let mut reflexive = self.shared.reflexive.subscribe();

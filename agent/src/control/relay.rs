@@ -18,12 +18,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use meshlink_proto::control::{encode_relay, MAX_RELAY_RECORD};
 use meshlink_proto::relay::{self, Reassembler};
 use meshlink_proto::PublicKey;
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::debug;
 
+use super::transport::LinkConn;
 use super::workloads::Link;
 
 /// The largest frame sent: fits a QUIC datagram on any path QUIC works on (1,200-byte UDP
@@ -129,14 +131,15 @@ impl RelayClient {
         addr.ip().is_loopback() && self.shims().values().any(|s| s.addr == addr)
     }
 
-    /// The relay's address (the control connection's remote end), while one is up.
+    /// The relay's address (the control connection's remote end) and transport (`udp`,
+    /// `tcp`), while one is up.
     #[must_use]
-    pub fn link_remote(&self) -> Option<SocketAddr> {
+    pub fn link_remote(&self) -> Option<(SocketAddr, &'static str)> {
         self.link
             .borrow()
             .as_ref()
             .filter(|l| l.relay)
-            .map(|l| l.conn.remote_address())
+            .map(|l| (l.remote, l.transport))
     }
 
     /// Keeps the shims of `peers` only.
@@ -144,55 +147,72 @@ impl RelayClient {
         self.shims().retain(|k, _| peers.contains(k));
     }
 
-    /// Delivers what the relay sends on each connection `link` holds in turn; runs forever.
-    pub async fn run_inbound(self: Arc<Self>, peers: impl Fn(&PublicKey) -> bool + Send) {
+    /// Delivers what the relay sends: QUIC datagrams on the connection `link` holds, and
+    /// frames a TCP session's stream carried (`stream_frames`); runs until the link's
+    /// sender is gone.
+    pub async fn run_inbound(
+        self: Arc<Self>,
+        mut stream_frames: mpsc::Receiver<Vec<u8>>,
+        peers: impl Fn(&PublicKey) -> bool + Send,
+    ) {
         let mut link = self.link.clone();
         let mut reassembler = Reassembler::new();
+        // A QUIC connection that ended reads nothing more until the link changes.
+        let mut ended = false;
         loop {
-            let conn = link.borrow_and_update().as_ref().map(|l| l.conn.clone());
-            let Some(conn) = conn else {
-                if link.changed().await.is_err() {
-                    return;
-                }
-                continue;
-            };
-            loop {
-                let d = tokio::select! {
-                    d = conn.read_datagram() => d,
-                    r = link.changed() => {
-                        if r.is_err() { return; }
-                        break;
+            let quic = link
+                .borrow_and_update()
+                .as_ref()
+                .and_then(|l| match &l.conn {
+                    LinkConn::Quic(c) if !ended => Some(c.clone()),
+                    _ => None,
+                });
+            let frame: Vec<u8> = tokio::select! {
+                d = async {
+                    match &quic {
+                        Some(c) => c.read_datagram().await.ok(),
+                        None => std::future::pending().await,
                     }
-                };
-                let Ok(d) = d else {
-                    // The connection ended; wait for the next.
-                    if link.changed().await.is_err() {
+                } => match d {
+                    Some(d) => d.to_vec(),
+                    None => {
+                        ended = true;
+                        continue;
+                    }
+                },
+                f = stream_frames.recv() => match f {
+                    Some(f) => f,
+                    None => return,
+                },
+                r = link.changed() => {
+                    if r.is_err() {
                         return;
                     }
-                    break;
-                };
-                let Ok((header, bytes)) = relay::parse(&d) else {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                if !peers(&header.peer) {
-                    self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                    ended = false;
                     continue;
                 }
-                let Some((from, whole)) = reassembler.push(header, bytes, Instant::now()) else {
-                    continue;
-                };
-                let socket = match self.endpoint(from) {
-                    Ok(_) => self.shims().get(&from).map(|s| s.socket.clone()),
-                    Err(e) => {
-                        debug!("relay shim: {e}");
-                        None
-                    }
-                };
-                if let Some(socket) = socket {
-                    self.counters.rx.fetch_add(1, Ordering::Relaxed);
-                    let _ = socket.send_to(&whole, self.wg).await;
+            };
+            let Ok((header, bytes)) = relay::parse(&frame) else {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if !peers(&header.peer) {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some((from, whole)) = reassembler.push(header, bytes, Instant::now()) else {
+                continue;
+            };
+            let socket = match self.endpoint(from) {
+                Ok(_) => self.shims().get(&from).map(|s| s.socket.clone()),
+                Err(e) => {
+                    debug!("relay shim: {e}");
+                    None
                 }
+            };
+            if let Some(socket) = socket {
+                self.counters.rx.fetch_add(1, Ordering::Relaxed);
+                let _ = socket.send_to(&whole, self.wg).await;
             }
         }
     }
@@ -221,24 +241,45 @@ async fn outbound(
             .as_ref()
             .filter(|l| l.relay)
             .map(|l| l.conn.clone());
-        let Some(conn) = conn else {
-            counters.no_relay.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let max = conn.max_datagram_size().unwrap_or(0).min(MAX_FRAME);
         let id = next_id.fetch_add(1, Ordering::Relaxed) as u16;
-        match relay::frames(&peer, id, &buf[..n], max) {
-            Ok(frames) => {
-                counters.tx.fetch_add(1, Ordering::Relaxed);
-                for f in frames {
-                    if conn.send_datagram(f.into()).is_err() {
-                        counters.send_failed.fetch_add(1, Ordering::Relaxed);
+        match conn {
+            None => {
+                counters.no_relay.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(LinkConn::Quic(conn)) => {
+                let max = conn.max_datagram_size().unwrap_or(0).min(MAX_FRAME);
+                match relay::frames(&peer, id, &buf[..n], max) {
+                    Ok(frames) => {
+                        counters.tx.fetch_add(1, Ordering::Relaxed);
+                        for f in frames {
+                            if conn.send_datagram(f.into()).is_err() {
+                                counters.send_failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        counters.too_large.fetch_add(1, Ordering::Relaxed);
+                        debug!("relay: {e}");
                     }
                 }
             }
-            Err(e) => {
-                counters.too_large.fetch_add(1, Ordering::Relaxed);
-                debug!("relay: {e}");
+            Some(LinkConn::Stream(writer)) => {
+                // A stream takes a whole datagram as one record.
+                let record = relay::frames(&peer, id, &buf[..n], MAX_RELAY_RECORD)
+                    .ok()
+                    .and_then(|f| f.into_iter().next())
+                    .and_then(|f| encode_relay(&f).ok());
+                match record {
+                    Some(r) => {
+                        counters.tx.fetch_add(1, Ordering::Relaxed);
+                        if writer.write(&r).await.is_err() {
+                            counters.send_failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    None => {
+                        counters.too_large.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
             }
         }
     }

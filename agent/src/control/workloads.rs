@@ -18,6 +18,9 @@ use super::coordinators::Coordinators;
 /// agent's own message reaches it).
 pub const CLAIM_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Relay frames from a TCP session waiting for the relay client; more are dropped.
+const RELAY_FRAMES_QUEUED: usize = 1024;
+
 /// State shared by the control loop (maps, leases) and the reconciler (addresses, routing).
 ///
 /// Lock one part at a time (the session or the coordinators), never both at once.
@@ -33,13 +36,29 @@ pub struct Shared {
     /// The WireGuard socket's reflexive address, as path discovery last learnt it (the control
     /// loop reports it as an endpoint).
     pub reflexive: watch::Sender<Option<std::net::SocketAddr>>,
+    /// Relay frames that arrived on a TLS/TCP session's stream, for the relay client (the
+    /// receiver is taken once).
+    pub relay_frames: RelayFrames,
+}
+
+/// Relay frames that arrived on a TLS/TCP session's stream, on their way to the relay client.
+#[derive(Debug)]
+pub struct RelayFrames {
+    /// Where the session puts them.
+    pub tx: mpsc::Sender<Vec<u8>>,
+    /// Where the relay client takes them (taken once).
+    pub rx: Mutex<Option<mpsc::Receiver<Vec<u8>>>>,
 }
 
 /// A control session's connection and what its coordinator offers.
 #[derive(Debug, Clone)]
 pub struct Link {
-    /// The QUIC connection (relay frames travel on it as datagrams).
-    pub conn: quinn::Connection,
+    /// What relay frames travel on (QUIC datagrams, or records on a TLS/TCP stream).
+    pub conn: super::transport::LinkConn,
+    /// The coordinator's address.
+    pub remote: std::net::SocketAddr,
+    /// `udp` or `tcp`.
+    pub transport: &'static str,
     /// The coordinator's reflexive address port, at the connection's remote address.
     pub reflect: Option<std::net::SocketAddr>,
     /// Whether the coordinator relays.
@@ -61,6 +80,13 @@ impl Shared {
             changed: Notify::new(),
             link: watch::channel(None).0,
             reflexive: watch::channel(None).0,
+            relay_frames: {
+                let (tx, rx) = mpsc::channel(RELAY_FRAMES_QUEUED);
+                RelayFrames {
+                    tx,
+                    rx: Mutex::new(Some(rx)),
+                }
+            },
         }
     }
 

@@ -542,8 +542,12 @@ impl Device {
         }
         if authenticated {
             *rx_bytes += datagram.len() as u64;
-            // Roaming: the endpoint follows the latest authenticated packet.
-            if *endpoint != Some(from) {
+            // Roaming: the endpoint follows the latest authenticated packet, except from
+            // loopback (the agent's relay shims) onto a path that is not: a datagram the relay
+            // still carried must not pull a peer back from the direct path chosen for it.
+            let relayed_onto_direct =
+                from.ip().is_loopback() && endpoint.is_some_and(|e| !e.ip().is_loopback());
+            if *endpoint != Some(from) && !relayed_onto_direct {
                 *endpoint = Some(from);
             }
         }

@@ -1,0 +1,242 @@
+//! How a control session reaches its coordinator: QUIC over UDP, or TLS over TCP where UDP is
+//! blocked (corporate firewalls), to the same address.
+//!
+//! [`Transport::connect`] tries QUIC first; when no QUIC connection is up after
+//! [`TCP_AFTER`], it races a TLS/TCP connection against it and keeps whichever is up first
+//! (TCP also at once when QUIC fails outright). Both pin the coordinator's certificate
+//! (`meshlink-tls`), both carry the same framed messages; over TCP, relay frames travel on
+//! the same stream as records ([`meshlink_proto::control::RELAY_RECORD`]) instead of as
+//! QUIC datagrams. A TCP session notices a dead coordinator through TCP keepalives and
+//! `TCP_USER_TIMEOUT` at about the QUIC idle timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+
+use super::tls::{self, Liveness};
+
+/// How long QUIC has alone before TCP joins the race.
+pub const TCP_AFTER: Duration = Duration::from_millis(1000);
+
+type Tls = TlsStream<TcpStream>;
+
+/// The writing half of a TLS/TCP session, shared by the control loop (messages) and the
+/// relay client (frames).
+#[derive(Clone)]
+pub struct StreamWriter(Arc<tokio::sync::Mutex<WriteHalf<Tls>>>);
+
+impl std::fmt::Debug for StreamWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StreamWriter")
+    }
+}
+
+impl StreamWriter {
+    /// Writes `bytes` whole (one record), after whatever record is being written.
+    ///
+    /// # Errors
+    /// The stream's error.
+    pub async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let mut w = self.0.lock().await;
+        w.write_all(bytes).await?;
+        w.flush().await
+    }
+}
+
+/// What the relay client sends relay frames on.
+#[derive(Debug, Clone)]
+pub enum LinkConn {
+    /// QUIC datagrams on the session's connection.
+    Quic(quinn::Connection),
+    /// Records on the session's TLS/TCP stream.
+    Stream(StreamWriter),
+}
+
+/// An open transport to one coordinator.
+pub enum Transport {
+    /// QUIC: the connection and its one bidirectional stream.
+    Quic {
+        /// Kept for the connection's lifetime.
+        endpoint: quinn::Endpoint,
+        /// The connection.
+        conn: quinn::Connection,
+        /// Sending half of the stream.
+        send: quinn::SendStream,
+        /// Receiving half of the stream.
+        recv: quinn::RecvStream,
+    },
+    /// TLS over TCP.
+    Tcp {
+        /// The coordinator's address.
+        remote: SocketAddr,
+        /// Reading half.
+        read: ReadHalf<Tls>,
+        /// Writing half, shared with the relay client.
+        write: StreamWriter,
+    },
+}
+
+impl Transport {
+    /// Connects to `target`, pinning `pin`, within `patience`: QUIC, or TLS/TCP when QUIC is
+    /// not up within [`TCP_AFTER`] (see the module documentation).
+    ///
+    /// # Errors
+    /// Why neither worked.
+    pub async fn connect(
+        target: SocketAddr,
+        pin: &str,
+        patience: Duration,
+        liveness: Liveness,
+    ) -> Result<Transport, String> {
+        let quic = tokio::time::timeout(patience, quic(target, pin, liveness));
+        tokio::pin!(quic);
+        let quic_err = tokio::select! {
+            r = &mut quic => match r {
+                Ok(Ok(t)) => return Ok(t),
+                Ok(Err(e)) => Some(e),
+                Err(_) => Some("timed out".to_string()),
+            },
+            () = tokio::time::sleep(TCP_AFTER.min(patience)) => None,
+        };
+        let tcp = tokio::time::timeout(patience, tcp(target, pin, liveness));
+        tokio::pin!(tcp);
+        match quic_err {
+            Some(q) => match tcp.await {
+                Ok(Ok(t)) => Ok(t),
+                Ok(Err(e)) => Err(format!("QUIC: {q}; TCP: {e}")),
+                Err(_) => Err(format!("QUIC: {q}; TCP: timed out")),
+            },
+            None => {
+                let mut tcp_err = None;
+                let mut quic_err = None;
+                loop {
+                    tokio::select! {
+                        r = &mut quic, if quic_err.is_none() => match r {
+                            Ok(Ok(t)) => return Ok(t),
+                            Ok(Err(e)) => quic_err = Some(e),
+                            Err(_) => quic_err = Some("timed out".to_string()),
+                        },
+                        r = &mut tcp, if tcp_err.is_none() => match r {
+                            Ok(Ok(t)) => return Ok(t),
+                            Ok(Err(e)) => tcp_err = Some(e),
+                            Err(_) => tcp_err = Some("timed out".to_string()),
+                        },
+                    }
+                    if let (Some(q), Some(t)) = (&quic_err, &tcp_err) {
+                        return Err(format!("QUIC: {q}; TCP: {t}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The coordinator's address as connected.
+    #[must_use]
+    pub fn remote(&self) -> SocketAddr {
+        match self {
+            Transport::Quic { conn, .. } => conn.remote_address(),
+            Transport::Tcp { remote, .. } => *remote,
+        }
+    }
+
+    /// `udp` or `tcp`.
+    #[must_use]
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Transport::Quic { .. } => "udp",
+            Transport::Tcp { .. } => "tcp",
+        }
+    }
+
+    /// What relay frames go out on.
+    #[must_use]
+    pub fn link_conn(&self) -> LinkConn {
+        match self {
+            Transport::Quic { conn, .. } => LinkConn::Quic(conn.clone()),
+            Transport::Tcp { write, .. } => LinkConn::Stream(write.clone()),
+        }
+    }
+
+    /// Writes one framed record.
+    ///
+    /// # Errors
+    /// The transport's error, as text.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<(), String> {
+        match self {
+            Transport::Quic { send, .. } => send.write_all(bytes).await.map_err(|e| e.to_string()),
+            Transport::Tcp { write, .. } => write.write(bytes).await.map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Reads what has arrived into `buf`; `Ok(None)` when the coordinator closed the stream.
+    /// Cancel-safe.
+    ///
+    /// # Errors
+    /// The transport's error, as text.
+    pub async fn read(&mut self, buf: &mut [u8]) -> Result<Option<usize>, String> {
+        match self {
+            Transport::Quic { recv, .. } => recv.read(buf).await.map_err(|e| e.to_string()),
+            Transport::Tcp { read, .. } => match read.read(buf).await {
+                Ok(0) => Ok(None),
+                Ok(n) => Ok(Some(n)),
+                Err(e) => Err(e.to_string()),
+            },
+        }
+    }
+}
+
+async fn quic(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transport, String> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    endpoint.set_default_client_config(tls::client_config(pin, liveness)?);
+    let conn = endpoint
+        .connect(target, tls::SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    Ok(Transport::Quic {
+        endpoint,
+        conn,
+        send,
+        recv,
+    })
+}
+
+async fn tcp(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transport, String> {
+    let config = meshlink_tls::rustls_client_config(pin).map_err(|e| e.to_string())?;
+    let stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    // A dead coordinator is noticed about when QUIC would notice it.
+    let sock = socket2::SockRef::from(&stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(liveness.keepalive)
+        .with_interval(liveness.keepalive)
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)
+        .map_err(|e| e.to_string())?;
+    sock.set_tcp_user_timeout(Some(liveness.idle.max(Duration::from_secs(1))))
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (read, write) = tokio::io::split(tls);
+    Ok(Transport::Tcp {
+        remote: target,
+        read,
+        write: StreamWriter(Arc::new(tokio::sync::Mutex::new(write))),
+    })
+}
