@@ -315,11 +315,7 @@ pub async fn run(
     }
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
-    cleanup.socket = Some(
-        settings
-            .uapi_dir
-            .join(format!("{}.sock", settings.interface)),
-    );
+    cleanup.socket = Some(listener.path().to_path_buf());
 
     let discovery = mesh.as_ref().map(|m| {
         Discovery::new(

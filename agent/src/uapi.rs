@@ -112,6 +112,22 @@ pub enum UapiError {
     /// Something other than a socket sits where the socket belongs; it is left alone.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The socket directory exists but could let another user reach or replace the socket:
+    /// it is owned by someone other than root or this process's user, writable by group or
+    /// others, or not a directory. It is left as it is.
+    #[error(
+        "userspace API socket directory {path} {reason}; it must be a directory owned by root \
+         (or uid {euid}, the agent's user) that group and others cannot write to \
+         (e.g. `chown root {path} && chmod 755 {path}`), or choose another with --uapi-dir"
+    )]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// What is wrong with it, e.g. "has mode 0777".
+        reason: String,
+        /// This process's effective uid.
+        euid: u32,
+    },
     /// [`bind`] was called outside a Tokio runtime.
     #[error("the userspace API socket needs a Tokio runtime")]
     NoRuntime,
@@ -143,6 +159,7 @@ impl UapiError {
             UapiError::TooLarge => libc::EMSGSIZE,
             UapiError::InUse { .. } => libc::EADDRINUSE,
             UapiError::NotASocket(_) => libc::EEXIST,
+            UapiError::UnsafeDirectory { .. } => libc::EACCES,
             UapiError::Apply(_) | UapiError::NoRuntime => libc::EIO,
             UapiError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
@@ -502,17 +519,16 @@ pub trait UapiHandler: Send + Sync + 'static {
 /// `set=1` requests are serialized so that concurrent clients cannot lose each other's changes.
 /// A malformed request is answered with an `errno` and never stops the server.
 pub async fn serve(
-    listener: UnixListener,
+    listener: Listener,
     handler: Arc<dyn UapiHandler>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let socket_path = listener
-        .local_addr()
+    let Listener {
+        inner: listener,
+        path,
+    } = listener;
+    let socket_id = std::fs::symlink_metadata(&path)
         .ok()
-        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
-    let socket_id = socket_path
-        .as_deref()
-        .and_then(|p| std::fs::symlink_metadata(p).ok())
         .map(|m| (m.dev(), m.ino()));
     let set_lock = Arc::new(Mutex::new(()));
     let mut connections = JoinSet::new();
@@ -540,7 +556,7 @@ pub async fn serve(
     drop(listener);
     while connections.join_next().await.is_some() {}
 
-    if let (Some(path), Some(id)) = (socket_path, socket_id) {
+    if let Some(id) = socket_id {
         let same = std::fs::symlink_metadata(&path).is_ok_and(|m| (m.dev(), m.ino()) == id);
         if same {
             if let Err(e) = std::fs::remove_file(&path) {
@@ -721,15 +737,26 @@ fn try_handle_request(
 
 /// Creates the userspace API socket `dir/INTERFACE.sock` and listens on it.
 ///
-/// Creates `dir` (mode 0755) if missing; refuses if a live process already answers on the socket
-/// (another daemon owns the interface) or if a non-socket file is in the way; removes a stale
-/// socket left by a dead process; binds; and restricts the socket to its owner (0600), since
-/// `get=1` reveals the private key. Must be called within a Tokio runtime.
+/// Refuses if a live process already answers on the socket (another daemon owns the
+/// interface) or if a non-socket file is in the way, and removes a stale socket left by a dead
+/// process. Must be called within a Tokio runtime.
+///
+/// # Security
+/// `get=1` reveals the private key and `set=1` changes peers, so no other user may reach the
+/// socket at any moment, nor replace it:
+/// - `dir` is made with mode 0700 when missing; an existing `dir` must be a directory owned
+///   by root or by this process's user that group and others cannot write to (a root-owned
+///   0755 `/var/run/wireguard`, as stock WireGuard makes it, qualifies), else
+///   [`UapiError::UnsafeDirectory`] and nothing is touched;
+/// - the socket is bound inside a fresh 0700 directory of its own within `dir`, restricted to
+///   its owner (0600) there, and only then linked into place under its name (a link fails
+///   rather than replace a socket that appeared meanwhile). Binding in place and then
+///   changing the mode would leave it open, for an instant, as the umask allows.
 ///
 /// # Errors
-/// [`UapiError::InvalidInterface`], [`UapiError::InUse`], [`UapiError::NotASocket`],
-/// [`UapiError::NoRuntime`] or [`UapiError::Io`].
-pub fn bind(dir: &Path, interface: &str) -> Result<UnixListener, UapiError> {
+/// [`UapiError::InvalidInterface`], [`UapiError::UnsafeDirectory`], [`UapiError::InUse`],
+/// [`UapiError::NotASocket`], [`UapiError::NoRuntime`] or [`UapiError::Io`].
+pub fn bind(dir: &Path, interface: &str) -> Result<Listener, UapiError> {
     if interface.is_empty()
         || interface.len() > 15
         || interface == "."
@@ -745,9 +772,10 @@ pub fn bind(dir: &Path, interface: &str) -> Result<UnixListener, UapiError> {
     }
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o755)
+        .mode(0o700)
         .create(dir)
         .map_err(|e| UapiError::io("creating", dir, e))?;
+    check_socket_dir(dir)?;
 
     let path = dir.join(format!("{interface}.sock"));
     match std::fs::symlink_metadata(&path) {
@@ -770,25 +798,109 @@ pub fn bind(dir: &Path, interface: &str) -> Result<UnixListener, UapiError> {
         Err(e) => return Err(UapiError::io("inspecting", &path, e)),
     }
 
-    let std_listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
-        if e.kind() == io::ErrorKind::AddrInUse {
+    let private = PrivateDir::create(dir, interface)?;
+    let staged = private.path.join("s");
+    let std_listener = std::os::unix::net::UnixListener::bind(&staged)
+        .map_err(|e| UapiError::io("binding", &staged, e))?;
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| UapiError::io("restricting", &staged, e))?;
+    std::fs::hard_link(&staged, &path).map_err(|e| {
+        if e.kind() == io::ErrorKind::AlreadyExists {
             UapiError::InUse {
                 interface: interface.to_string(),
                 path: path.clone(),
             }
         } else {
-            UapiError::io("binding", &path, e)
+            UapiError::io("linking", &path, e)
         }
     })?;
+    drop(private);
     let finish = || -> io::Result<UnixListener> {
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         std_listener.set_nonblocking(true)?;
         UnixListener::from_std(std_listener)
     };
-    finish().map_err(|e| {
-        let _ = std::fs::remove_file(&path);
-        UapiError::io("setting up", &path, e)
-    })
+    match finish() {
+        Ok(inner) => Ok(Listener { inner, path }),
+        Err(e) => {
+            let _ = std::fs::remove_file(&path);
+            Err(UapiError::io("setting up", &path, e))
+        }
+    }
+}
+
+/// A listening userspace API socket, made by [`bind`], for [`serve`]. The kernel knows the
+/// socket by the private path it was bound at (see [`bind`]); this keeps the path it is
+/// reached at, which [`serve`] removes on shutdown.
+#[derive(Debug)]
+pub struct Listener {
+    inner: UnixListener,
+    path: PathBuf,
+}
+
+impl Listener {
+    /// Where clients reach the socket: `dir/INTERFACE.sock`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Checks that the existing socket directory `dir` lets no other user reach or replace what
+/// it holds: a directory, owned by root or this process's user, not writable by group or
+/// others.
+fn check_socket_dir(dir: &Path) -> Result<(), UapiError> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let meta = std::fs::metadata(dir).map_err(|e| UapiError::io("inspecting", dir, e))?;
+    let refuse = |reason: String| UapiError::UnsafeDirectory {
+        path: dir.to_path_buf(),
+        reason,
+        euid,
+    };
+    if !meta.is_dir() {
+        return Err(refuse("is not a directory".into()));
+    }
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(refuse(format!("is owned by uid {}", meta.uid())));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(refuse(format!(
+            "has mode {mode:04o}, writable by group or others"
+        )));
+    }
+    Ok(())
+}
+
+/// A fresh 0700 directory inside the socket directory where the socket is bound before it is
+/// linked into place; removed (with what it holds) when dropped.
+struct PrivateDir {
+    path: PathBuf,
+}
+
+impl PrivateDir {
+    fn create(dir: &Path, interface: &str) -> Result<Self, UapiError> {
+        let mut attempt = 0u32;
+        loop {
+            let path = dir.join(format!(
+                ".{interface}.sock.{}.{attempt}",
+                std::process::id()
+            ));
+            match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+                Ok(()) => return Ok(PrivateDir { path }),
+                // Left by an earlier process with this pid that was killed while binding.
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && attempt < 16 => {
+                    let _ = std::fs::remove_dir_all(&path);
+                    attempt += 1;
+                }
+                Err(e) => return Err(UapiError::io("creating", &path, e)),
+            }
+        }
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
 
 /// Sends one request to the userspace API socket at `path` and returns the whole response,
@@ -1368,6 +1480,70 @@ mod tests {
         ));
         assert!(dir.join("mltest2.sock").is_file());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The socket directory: one made here is 0700 and holds nothing but the socket after
+    /// `bind` (the socket is made in a private directory inside it and linked into place); an
+    /// existing one that group or others may write to is refused, naming it, and left as it is.
+    #[tokio::test]
+    async fn socket_directory_is_private_or_refused() {
+        let tmp = TempDir::new("dirmode");
+        let made = tmp.path("made/uapi");
+        drop(bind(&made, "mltest4").unwrap());
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o700, "a socket directory made by bind is 0700");
+        let entries: Vec<String> = std::fs::read_dir(&made)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(entries, ["mltest4.sock"], "only the socket is left");
+        let mode = std::fs::symlink_metadata(made.join("mltest4.sock"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        // A root-owned 0755 directory (as /var/run/wireguard is) or our own is fine.
+        let shared = tmp.path("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(bind(&shared, "mltest4").unwrap());
+
+        for mode in [0o777, 0o775, 0o1777, 0o757] {
+            let dir = tmp.path(&format!("open{mode:o}"));
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode)).unwrap();
+            match bind(&dir, "mltest4") {
+                Ok(_) => panic!("bind accepted a socket directory with mode {mode:o}"),
+                Err(e) => {
+                    assert!(
+                        matches!(e, UapiError::UnsafeDirectory { .. }),
+                        "mode {mode:o}: {e}"
+                    );
+                    assert!(e.to_string().contains(&*dir.to_string_lossy()), "{e}");
+                }
+            }
+            assert!(!dir.join("mltest4.sock").exists());
+            let after = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o7777;
+            assert_eq!(after, mode, "a refused directory is left as it is");
+        }
+
+        // A directory owned by another user (root only can make one).
+        if nix::unistd::Uid::effective().is_root() {
+            let theirs = tmp.path("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(4242), Some(4242)).unwrap();
+            match bind(&theirs, "mltest4") {
+                Ok(_) => panic!("bind accepted a socket directory owned by uid 4242"),
+                Err(e) => {
+                    assert!(matches!(e, UapiError::UnsafeDirectory { .. }), "{e}");
+                    assert!(e.to_string().contains("4242"), "{e}");
+                }
+            }
+        } else {
+            println!("part of socket_directory_is_private_or_refused skipped: needs root");
+        }
     }
 
     #[test]
