@@ -44,6 +44,8 @@ pub struct Settings {
     pub state_dir: PathBuf,
     /// QUIC (UDP) listen address for agents.
     pub listen: SocketAddr,
+    /// Where agents that cannot use UDP reach the coordinator: TLS over TCP.
+    pub tcp_listen: TcpListen,
     /// HTTP listen address of the admin API.
     pub admin_listen: SocketAddr,
     /// `host:port` put in join tokens. `None`: derived at start ([`default_advertise`]).
@@ -67,6 +69,7 @@ impl Settings {
         Settings {
             state_dir,
             listen: parse_default(DEFAULT_LISTEN),
+            tcp_listen: TcpListen::AtListen,
             admin_listen: parse_default(DEFAULT_ADMIN_LISTEN),
             advertise: None,
             coordinators: Vec::new(),
@@ -74,6 +77,44 @@ impl Settings {
             reflect_listen: ReflectListen::NextToListen,
             relay: true,
             limits: Limits::default(),
+        }
+    }
+}
+
+/// Where the control server over TLS over TCP (`crate::tcp`) listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpListen {
+    /// The bound QUIC listen address, IP and port, over TCP (TCP 7443 beside UDP 7443): where
+    /// agents fall back to when QUIC fails. The default.
+    AtListen,
+    /// This address. Agents try only the QUIC address's port: another port needs a TCP
+    /// forward from that one.
+    At(SocketAddr),
+    /// No TCP listener: agents behind a UDP block cannot reach this coordinator.
+    Off,
+}
+
+impl TcpListen {
+    /// Parses a socket address or `off`.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(text: &str) -> Result<TcpListen, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(TcpListen::Off);
+        }
+        text.parse()
+            .map(TcpListen::At)
+            .map_err(|_| format!("{text:?} is not an address such as 0.0.0.0:7443, or off"))
+    }
+
+    /// The address to bind, given the bound QUIC address; `None` when off.
+    pub fn resolve(&self, quic: SocketAddr) -> Option<SocketAddr> {
+        match self {
+            TcpListen::AtListen => Some(quic),
+            TcpListen::At(a) => Some(*a),
+            TcpListen::Off => None,
         }
     }
 }
@@ -213,6 +254,8 @@ pub struct Overrides {
     pub state_dir: Option<PathBuf>,
     /// `--listen` / `MESHLINK_LISTEN`.
     pub listen: Option<SocketAddr>,
+    /// `--tcp-listen` / `MESHLINK_TCP_LISTEN`: an address or `off`.
+    pub tcp_listen: Option<String>,
     /// `--admin-listen` / `MESHLINK_ADMIN_LISTEN`.
     pub admin_listen: Option<SocketAddr>,
     /// `--admin-insecure` / `MESHLINK_ADMIN_INSECURE`: the admin API may listen beyond
@@ -304,6 +347,7 @@ pub enum ConfigError {
 struct FileConfig {
     state_dir: Option<PathBuf>,
     listen: Option<String>,
+    tcp_listen: Option<String>,
     admin_listen: Option<String>,
     admin_insecure: Option<bool>,
     advertise: Option<String>,
@@ -371,6 +415,12 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         }
     };
     let listen = addr(over.listen, cfg.listen, "listen", DEFAULT_LISTEN)?;
+    let tcp_listen = match (over.tcp_listen, cfg.tcp_listen) {
+        (Some(t), _) => TcpListen::parse(&t)
+            .map_err(|m| bad(Origin::Flag("--tcp-listen", "MESHLINK_TCP_LISTEN"), m))?,
+        (None, Some(t)) => TcpListen::parse(&t).map_err(|m| bad(file_origin("tcp_listen"), m))?,
+        (None, None) => TcpListen::AtListen,
+    };
     let admin_from_flag = over.admin_listen.is_some();
     let admin_listen = addr(
         over.admin_listen,
@@ -573,6 +623,7 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
     Ok(Settings {
         state_dir,
         listen,
+        tcp_listen,
         admin_listen,
         advertise,
         coordinators,
@@ -945,6 +996,56 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("r2.toml: reflect_listen"), "{e}");
+    }
+
+    #[test]
+    fn tcp_listen_is_the_quic_address_by_default_an_address_or_off() {
+        let s = load(None, Overrides::default()).unwrap();
+        assert_eq!(s.tcp_listen, TcpListen::AtListen);
+        let bound: SocketAddr = "0.0.0.0:7443".parse().unwrap();
+        assert_eq!(
+            s.tcp_listen.resolve(bound),
+            Some(bound),
+            "TCP 7443 beside UDP 7443"
+        );
+        let p = file("t1.toml", "tcp_listen = \"0.0.0.0:443\"\n");
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(
+            s.tcp_listen.resolve(bound),
+            Some("0.0.0.0:443".parse().unwrap())
+        );
+        let over = Overrides {
+            tcp_listen: Some("off".into()),
+            ..Overrides::default()
+        };
+        let s = load(Some(&p), over).unwrap();
+        assert_eq!(
+            (s.tcp_listen, s.tcp_listen.resolve(bound)),
+            (TcpListen::Off, None)
+        );
+        let e = load(
+            Some(&file("t2.toml", "tcp_listen = \"443\"\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("t2.toml: tcp_listen") && e.contains("or off"),
+            "{e}"
+        );
+        let e = load(
+            None,
+            Overrides {
+                tcp_listen: Some("anywhere".into()),
+                ..Overrides::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("--tcp-listen (or MESHLINK_TCP_LISTEN)"),
+            "{e}"
+        );
     }
 
     #[test]

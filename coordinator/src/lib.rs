@@ -1,6 +1,6 @@
 //! The meshlink coordinator: it admits nodes with join tokens, gives each an identity and an
 //! overlay address, keeps one network map per network and pushes every change to the agents
-//! as one delta, over QUIC. Operators drive it through an HTTP admin API (`meshctl`).
+//! as one delta, over QUIC (or TLS over TCP where UDP is blocked). Operators drive it through an HTTP admin API (`meshctl`).
 //!
 //! Code map (see `coordinator/ARCHITECTURE.md` for the invariants):
 //!
@@ -11,7 +11,9 @@
 //! - [`hub`]: live maps and sessions; deltas encoded once and fanned out.
 //! - [`service`]: handlers + hub under one write lock, as both front ends call them.
 //! - [`follow`]: replays what other coordinators sharing the store committed.
-//! - [`server`]: the QUIC control server (one session per agent).
+//! - [`session`]: one agent session, whatever transport carries it.
+//! - [`server`]: the QUIC control server (one session per agent connection).
+//! - [`tcp`]: the control server over TLS over TCP, for networks that block UDP.
 //! - [`relay`]: the relay, WireGuard datagrams between the nodes of a network on their
 //!   sessions' connections.
 //! - [`reflect`]: the reflexive address responder (the address a NAT mapped a socket to).
@@ -33,7 +35,9 @@ pub mod relay;
 pub mod run;
 pub mod server;
 pub mod service;
+pub mod session;
 pub mod store;
+pub mod tcp;
 
 pub use config::Settings;
 pub use run::{Coordinator, StartError};

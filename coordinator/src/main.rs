@@ -21,7 +21,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve agents (QUIC) and operators (admin HTTP API) until SIGINT or SIGTERM.
+    /// Serve agents (QUIC, and TLS over TCP) and operators (admin HTTP API) until SIGINT or SIGTERM.
     Serve(Box<ServeArgs>),
     /// Make the mesh's TLS identity and admin token in a state directory (once per mesh);
     /// copy coordinator.crt, coordinator.key and admin.token from there to the state
@@ -44,6 +44,10 @@ struct ServeArgs {
     /// QUIC (UDP) address agents connect to [default: 0.0.0.0:7443].
     #[arg(long, env = "MESHLINK_LISTEN", value_name = "ADDR")]
     listen: Option<SocketAddr>,
+    /// TLS-over-TCP address for agents whose network blocks UDP, or `off`; agents try the QUIC
+    /// address's port [default: the listen address, TCP 0.0.0.0:7443].
+    #[arg(long, env = "MESHLINK_TCP_LISTEN", value_name = "ADDR|off")]
+    tcp_listen: Option<String>,
     /// Admin API (HTTP) address [default: 127.0.0.1:7444].
     #[arg(long, env = "MESHLINK_ADMIN_LISTEN", value_name = "ADDR")]
     admin_listen: Option<SocketAddr>,
@@ -165,6 +169,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let over = Overrides {
         state_dir: args.state_dir,
         listen: args.listen,
+        tcp_listen: args.tcp_listen,
         admin_listen: args.admin_listen,
         admin_insecure: args.admin_insecure.then_some(true),
         advertise: args.advertise,

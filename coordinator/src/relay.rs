@@ -1,8 +1,10 @@
 //! The relay embedded in the coordinator: WireGuard datagrams between two nodes of one network
-//! that cannot reach each other directly, carried as QUIC datagrams on each agent's control
-//! connection ([`meshlink_proto::relay`] frames).
+//! that cannot reach each other directly, carried on each agent's control connection
+//! ([`meshlink_proto::relay`] frames): as QUIC datagrams beside the stream of a QUIC session,
+//! as relay records of the stream itself on a TLS/TCP session
+//! ([`meshlink_proto::control::Record::Relay`]).
 //!
-//! Pipeline of one frame (the session loop in `server.rs` reads it from the source's
+//! Pipeline of one frame (the session loop in `session.rs` reads it from the source's
 //! connection, once the source's hello is accepted):
 //!
 //! ```text
@@ -11,10 +13,18 @@
 //!   ─> parse the header: the destination's key      malformed
 //!   ─> the destination's route in the source's network
 //!                                                   none: no_route; only in another: other_network
-//!   ─> fits the destination's max_datagram_size     too_large (unsupported: no datagrams)
+//!   ─> fits the destination's max_datagram_size     unsupported: it takes no datagrams
+//!        or is a whole datagram (count 1), cut into at most MAX_FRAGMENTS frames that fit
+//!                                                   else: too_large
 //!   ─> room in the destination's send buffer        congested
-//!   ─> readdress with the source's key ─> send_datagram on the destination's connection
+//!   ─> readdress with the source's key ─> the destination's link (a QUIC datagram, or a
+//!      record queued to the TLS/TCP session's writer)
 //! ```
+//!
+//! A TLS/TCP agent sends whole WireGuard datagrams (count 1, up to ~1,500 bytes: a stream has
+//! no datagram size); a QUIC destination takes ~1,150 bytes, so the relay cuts such a frame
+//! with the sender's id and the destination's agent puts it back together, as it does for a
+//! QUIC sender's fragments. Fragments pass to a TLS/TCP destination as they are.
 //!
 //! # Security
 //!
@@ -32,12 +42,14 @@
 //! newer one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use meshlink_proto::control::MAX_RELAY_RECORD;
 use meshlink_proto::relay;
 use meshlink_proto::PublicKey;
+use tokio::sync::mpsc;
 
 use crate::ratelimit::TokenBucket;
 
@@ -51,15 +63,20 @@ pub fn burst_for(rate: u64) -> u64 {
     (rate / 10).max(MIN_BURST)
 }
 
-/// A destination's connection, as the relay uses it. Implemented by [`quinn::Connection`]; a
-/// test puts a fake in its place.
+/// A destination's connection, as the relay uses it. Implemented by [`quinn::Connection`],
+/// [`StreamLink`] and [`SessionLink`] (either); a test puts a fake in its place.
 pub trait Link: Clone + Send + Sync + 'static {
     /// The largest datagram the connection takes now; `None`: the peer takes none.
     fn max_datagram_size(&self) -> Option<usize>;
     /// Bytes free in the connection's datagram send buffer.
     fn send_buffer_space(&self) -> usize;
-    /// Queues `datagram`; `false` when the connection is gone (or refused it).
-    fn send(&self, datagram: Vec<u8>) -> bool;
+    /// Queues `datagram`.
+    ///
+    /// # Errors
+    /// Why it was not queued: [`Dropped::NoRoute`] when the connection is gone,
+    /// [`Dropped::Congested`] when its buffer is full, [`Dropped::TooLarge`],
+    /// [`Dropped::Unsupported`].
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped>;
 }
 
 impl Link for quinn::Connection {
@@ -71,8 +88,119 @@ impl Link for quinn::Connection {
         self.datagram_send_buffer_space()
     }
 
-    fn send(&self, datagram: Vec<u8>) -> bool {
-        self.send_datagram(datagram.into()).is_ok()
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
+        use quinn::SendDatagramError as E;
+        self.send_datagram(datagram.into()).map_err(|e| match e {
+            E::TooLarge => Dropped::TooLarge,
+            E::UnsupportedByPeer | E::Disabled => Dropped::Unsupported,
+            E::ConnectionLost(_) => Dropped::NoRoute,
+        })
+    }
+}
+
+/// Bytes of relay frames queued to one TLS/TCP session and not yet taken by its writer (beyond
+/// it new frames are dropped: `congested`): the bound of a QUIC connection's datagram buffer.
+pub const STREAM_SEND_BUFFER: usize = crate::server::DATAGRAM_SEND_BUFFER;
+
+/// The relay's end of a session whose frames travel as records of its stream (TLS/TCP): a
+/// queue that the session's writer drains ([`StreamQueue`]), bounded in bytes
+/// ([`STREAM_SEND_BUFFER`]). Made by [`stream_link`].
+#[derive(Debug, Clone)]
+pub struct StreamLink {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The session's end of a [`StreamLink`]: the frames to write to its stream, oldest first.
+#[derive(Debug)]
+pub struct StreamQueue {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queue of relay frames for one stream session: the relay's end and the writer's end.
+pub fn stream_link() -> (StreamLink, StreamQueue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        StreamLink {
+            tx,
+            queued: queued.clone(),
+        },
+        StreamQueue { rx, queued },
+    )
+}
+
+impl Link for StreamLink {
+    /// A record takes a whole WireGuard datagram: no fragments are needed on a stream.
+    fn max_datagram_size(&self) -> Option<usize> {
+        Some(MAX_RELAY_RECORD)
+    }
+
+    fn send_buffer_space(&self) -> usize {
+        STREAM_SEND_BUFFER.saturating_sub(self.queued.load(Ordering::Acquire))
+    }
+
+    fn send(&self, frame: Vec<u8>) -> Result<(), Dropped> {
+        let len = frame.len();
+        // Reserved before queuing, so that sources racing each other cannot pass the bound.
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before + len > STREAM_SEND_BUFFER {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(Dropped::Congested);
+        }
+        self.tx.send(frame).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            Dropped::NoRoute
+        })
+    }
+}
+
+impl StreamQueue {
+    /// The next frame to write; `None` once every [`StreamLink`] is gone. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        let frame = self.rx.recv().await?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    /// The next frame if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+}
+
+/// A session's connection, QUIC or TLS/TCP: what the relay's routes hold.
+#[derive(Debug, Clone)]
+pub enum SessionLink {
+    /// QUIC datagrams on the session's connection.
+    Quic(quinn::Connection),
+    /// Relay records on the session's TLS/TCP stream.
+    Stream(StreamLink),
+}
+
+impl Link for SessionLink {
+    fn max_datagram_size(&self) -> Option<usize> {
+        match self {
+            SessionLink::Quic(c) => Link::max_datagram_size(c),
+            SessionLink::Stream(s) => s.max_datagram_size(),
+        }
+    }
+
+    fn send_buffer_space(&self) -> usize {
+        match self {
+            SessionLink::Quic(c) => c.send_buffer_space(),
+            SessionLink::Stream(s) => s.send_buffer_space(),
+        }
+    }
+
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
+        match self {
+            SessionLink::Quic(c) => Link::send(c, datagram),
+            SessionLink::Stream(s) => s.send(datagram),
+        }
     }
 }
 
@@ -88,7 +216,8 @@ pub enum Dropped {
     NoRoute,
     /// The key is a node with a session here, of another network.
     OtherNetwork,
-    /// Larger than the destination's connection takes.
+    /// Larger than the destination's connection takes, and not a whole datagram that could be
+    /// cut into at most [`relay::MAX_FRAGMENTS`] frames that fit.
     TooLarge,
     /// The destination's connection takes no datagrams (its agent did not ask for them).
     Unsupported,
@@ -114,9 +243,9 @@ struct Counters {
 /// A copy of the relay's counters at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RelayStats {
-    /// Frames delivered to a destination's connection.
+    /// Frames delivered to a destination's connection (a frame cut to fit counts once).
     pub frames: u64,
-    /// Their bytes.
+    /// Their bytes, as received.
     pub bytes: u64,
     /// Datagrams dropped because their connection's hello was not yet accepted.
     pub unauthenticated: u64,
@@ -145,7 +274,7 @@ struct Entry<L> {
 
 /// The relay: every node with a session here, by key, and the counters. One per coordinator,
 /// shared by every session.
-pub struct Relay<L: Link = quinn::Connection> {
+pub struct Relay<L: Link = SessionLink> {
     /// Usually one entry per key; several only when one key is a node in several networks.
     routes: RwLock<HashMap<PublicKey, Vec<Entry<L>>>>,
     counters: Counters,
@@ -164,7 +293,7 @@ impl<L: Link> std::fmt::Debug for Relay<L> {
 /// One session's place in the relay: while it lives, frames for its node go to its
 /// connection. Dropping it removes the route, unless a newer session replaced it.
 #[must_use = "the route is removed when this is dropped"]
-pub struct Route<L: Link = quinn::Connection> {
+pub struct Route<L: Link = SessionLink> {
     relay: Arc<Relay<L>>,
     key: PublicKey,
     network: Arc<str>,
@@ -305,7 +434,7 @@ impl<L: Link> Relay<L> {
         if !source.bucket.take(now, len as u64) {
             return Err(Dropped::RateLimited);
         }
-        let (header, _) = relay::parse(&frame).map_err(|_| Dropped::Malformed)?;
+        let (header, payload) = relay::parse(&frame).map_err(|_| Dropped::Malformed)?;
         if header.peer == source.key {
             return Err(Dropped::NoRoute);
         }
@@ -320,20 +449,31 @@ impl<L: Link> Relay<L> {
                 .clone()
         };
         let max = link.max_datagram_size().ok_or(Dropped::Unsupported)?;
-        if len > max {
+        if len <= max {
+            // Dropping the new frame, rather than letting quinn drop the oldest queued ones,
+            // keeps what a slow destination already has in flight in order.
+            if link.send_buffer_space() < len {
+                return Err(Dropped::Congested);
+            }
+            relay::readdress(&mut frame, &source.key).map_err(|_| Dropped::Malformed)?;
+            return link.send(frame).map(|()| len);
+        }
+        // A whole datagram from a stream session, for a destination of smaller datagrams:
+        // cut with the sender's id (the receiver reassembles by source key and id), the
+        // pieces addressed from the source.
+        if header.count != 1 {
             return Err(Dropped::TooLarge);
         }
-        // Dropping the new frame, rather than letting quinn drop the oldest queued ones,
-        // keeps what a slow destination already has in flight in order.
-        if link.send_buffer_space() < len {
+        let pieces =
+            relay::frames(&source.key, header.id, payload, max).map_err(|_| Dropped::TooLarge)?;
+        let total: usize = pieces.iter().map(Vec::len).sum();
+        if link.send_buffer_space() < total {
             return Err(Dropped::Congested);
         }
-        relay::readdress(&mut frame, &source.key).map_err(|_| Dropped::Malformed)?;
-        if link.send(frame) {
-            Ok(len)
-        } else {
-            Err(Dropped::NoRoute)
+        for piece in pieces {
+            link.send(piece)?;
         }
+        Ok(len)
     }
 
     /// The counters now.
@@ -370,7 +510,7 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    use meshlink_proto::relay::{frames, parse, HEADER_LEN};
+    use meshlink_proto::relay::{frames, parse, Reassembler, HEADER_LEN, MAX_FRAGMENTS};
 
     use super::*;
 
@@ -405,9 +545,9 @@ mod tests {
             self.space
         }
 
-        fn send(&self, datagram: Vec<u8>) -> bool {
+        fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
             self.sent.lock().unwrap().push(datagram);
-            true
+            Ok(())
         }
     }
 
@@ -525,10 +665,16 @@ mod tests {
         let _n = relay.register(key(4), "prod", 3, none.clone());
         let mut a = relay.source(key(1), "prod", now);
         assert_eq!(relay.forward(&mut a, frame(2, &[0; 10]), now), Ok(()));
+        // A fragment is never cut again; a whole datagram is, into at most MAX_FRAGMENTS.
+        let fragment = frames(&key(2), 8, &[0; 22], HEADER_LEN + 11)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, fragment, now), Err(Dropped::TooLarge));
         assert_eq!(
-            relay.forward(&mut a, frame(2, &[0; 11]), now),
+            relay.forward(&mut a, frame(2, &[0; 10 * MAX_FRAGMENTS + 1]), now),
             Err(Dropped::TooLarge)
         );
+        assert_eq!(small.sent().len(), 1);
         assert_eq!(
             relay.forward(&mut a, frame(3, &[0; 100]), now),
             Err(Dropped::Congested)
@@ -551,5 +697,72 @@ mod tests {
             .count();
         assert!((19..=21).contains(&more), "{more}");
         assert!(relay.stats().rate_limited > 0);
+    }
+
+    /// A whole datagram from a stream session reaches a QUIC destination cut to its size,
+    /// with the sender's id, and is put back together there.
+    #[test]
+    fn a_whole_datagram_is_cut_for_a_smaller_destination() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let quic = FakeLink {
+            max: Some(1150),
+            ..FakeLink::new()
+        };
+        let _q = relay.register(key(2), "prod", 1, quic.clone());
+        let mut a = relay.source(key(1), "prod", now);
+        let wg: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+        let whole = frames(&key(2), 77, &wg, MAX_RELAY_RECORD)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, whole, now), Ok(()));
+        let sent = quic.sent();
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|f| f.len() <= 1150));
+        let mut r = Reassembler::new();
+        let mut got = None;
+        for f in &sent {
+            let (h, bytes) = parse(f).unwrap();
+            assert_eq!((h.peer, h.id, h.count), (key(1), 77, 2));
+            got = got.or(r.push(h, bytes, now));
+        }
+        assert_eq!(got, Some((key(1), wg)));
+        let s = relay.stats();
+        assert_eq!((s.frames, s.bytes), (1, (HEADER_LEN + 1452) as u64));
+        // No room for every piece: none is sent.
+        let tight = FakeLink {
+            max: Some(1150),
+            space: 1200,
+            ..FakeLink::new()
+        };
+        let _t = relay.register(key(3), "prod", 2, tight.clone());
+        let whole = frames(&key(3), 78, &[0; 1452], MAX_RELAY_RECORD)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, whole, now), Err(Dropped::Congested));
+        assert!(tight.sent().is_empty());
+    }
+
+    /// A stream session's queue is bounded in bytes, and its frames come out in order.
+    #[tokio::test]
+    async fn a_stream_link_is_a_bounded_queue() {
+        let (link, mut queue) = stream_link();
+        assert_eq!(link.max_datagram_size(), Some(MAX_RELAY_RECORD));
+        let frame = vec![1u8; 60_000];
+        let fits = STREAM_SEND_BUFFER / frame.len();
+        for _ in 0..fits {
+            assert_eq!(link.send(frame.clone()), Ok(()));
+        }
+        assert!(link.send_buffer_space() < frame.len());
+        assert_eq!(link.send(frame.clone()), Err(Dropped::Congested));
+        assert_eq!(queue.recv().await.map(|f| f.len()), Some(60_000));
+        assert_eq!(link.send(vec![2; 10]), Ok(()));
+        for _ in 1..fits {
+            assert!(queue.try_recv().is_some());
+        }
+        assert_eq!(queue.try_recv(), Some(vec![2; 10]));
+        assert_eq!(link.send_buffer_space(), STREAM_SEND_BUFFER);
+        drop(queue);
+        assert_eq!(link.send(vec![3; 10]), Err(Dropped::NoRoute));
     }
 }

@@ -1,6 +1,7 @@
 //! Start-up and shutdown: state directory, identity, admin token and store, then the QUIC
-//! server (with the relay) and the admin API as two tasks sharing one [`Service`], and the
-//! reflexive address responder on a UDP port beside the QUIC one.
+//! server (with the relay), the TLS/TCP server on the same address and port over TCP, and the
+//! admin API as tasks sharing one [`Service`], and the reflexive address responder on a UDP
+//! port beside the QUIC one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,13 +13,15 @@ use tokio::task::JoinHandle;
 
 use crate::admin::{self, AdminContext};
 use crate::config::StoreLocation;
-use crate::config::{default_advertise, ReflectListen, Settings};
+use crate::config::{default_advertise, ReflectListen, Settings, TcpListen};
 use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::reflect::{self, ReflectCounters, ReflectStats};
 use crate::relay::Relay;
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, Traversal, WorkloadTiming};
+use crate::session::Connections;
 use crate::store::{Backend, SqlStore, StoreError};
+use crate::tcp;
 
 /// Why the coordinator cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +41,15 @@ pub enum StartError {
     /// The QUIC endpoint cannot be made.
     #[error(transparent)]
     Quic(#[from] ServerError),
+    /// The TLS/TCP listener for agents cannot listen.
+    #[error("cannot listen on TCP {addr} (tcp_listen): {source}")]
+    Tcp {
+        /// The address.
+        addr: SocketAddr,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
     /// The reflexive address responder cannot listen.
     #[error("cannot listen on UDP {addr} (reflect_listen): {source}")]
     Reflect {
@@ -63,6 +75,7 @@ pub enum StartError {
 #[derive(Debug)]
 pub struct Coordinator {
     quic_addr: SocketAddr,
+    tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
     reflect_addr: Option<SocketAddr>,
     relay: Option<Arc<Relay>>,
@@ -74,11 +87,15 @@ pub struct Coordinator {
     store: SqlStore,
     shutdown: watch::Sender<bool>,
     quic_task: JoinHandle<()>,
+    tcp_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     failover_task: JoinHandle<()>,
     follow_task: Option<JoinHandle<()>>,
     reflect_task: Option<JoinHandle<()>>,
 }
+
+/// Tries at a QUIC port that is free in TCP too, when the listen port is ephemeral.
+const EPHEMERAL_TRIES: usize = 16;
 
 /// How often silent workload holders are looked for.
 const FAILOVER_CHECK: Duration = Duration::from_millis(50);
@@ -140,11 +157,16 @@ impl Coordinator {
             })?,
         );
 
-        let endpoint = server::endpoint(&id, settings.listen, &settings.limits, settings.relay)?;
-        let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+        let (endpoint, quic_addr, tcp_listener) = bind_agent_listeners(&id, settings).await?;
+        let tcp_addr = match &tcp_listener {
+            Some((listener, addr)) => {
+                Some(listener.local_addr().map_err(|source| StartError::Tcp {
+                    addr: *addr,
+                    source,
+                })?)
+            }
+            None => None,
+        };
         // Beside the QUIC address as configured (not as bound: port 0 stays ephemeral).
         let reflect_socket = match settings.reflect_listen.resolve(settings.listen) {
             Some(addr) => {
@@ -188,13 +210,27 @@ impl Coordinator {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_failover = shutdown_rx.clone();
+        let connections = Arc::new(Connections::new(settings.limits.max_connections));
         let quic_task = tokio::spawn(server::run(
             endpoint,
             service.clone(),
             settings.limits.clone(),
             relay.clone(),
+            connections.clone(),
             shutdown_rx.clone(),
         ));
+        let tcp_task = match tcp_listener {
+            Some((listener, _)) => Some(tokio::spawn(tcp::run(
+                listener,
+                tcp::acceptor(&id)?,
+                service.clone(),
+                settings.limits.clone(),
+                relay.clone(),
+                connections,
+                shutdown_rx.clone(),
+            ))),
+            None => None,
+        };
         let reflect_counters = Arc::new(ReflectCounters::default());
         let reflect_task = reflect_socket.map(|(socket, _)| {
             tokio::spawn(reflect::run(
@@ -265,6 +301,7 @@ impl Coordinator {
         };
         tracing::info!(
             %quic_addr,
+            tcp = %tcp_addr.map_or("off".to_string(), |a| a.to_string()),
             %admin_addr,
             reflect = %reflect_addr.map_or("off".to_string(), |a| a.to_string()),
             relay = settings.relay,
@@ -274,6 +311,7 @@ impl Coordinator {
         );
         Ok(Coordinator {
             quic_addr,
+            tcp_addr,
             admin_addr,
             reflect_addr,
             relay,
@@ -285,6 +323,7 @@ impl Coordinator {
             store,
             shutdown,
             quic_task,
+            tcp_task,
             admin_task,
             failover_task,
             follow_task,
@@ -295,6 +334,11 @@ impl Coordinator {
     /// The bound QUIC address.
     pub fn quic_addr(&self) -> SocketAddr {
         self.quic_addr
+    }
+
+    /// The bound address of the TLS/TCP listener for agents; `None` when off.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
     }
 
     /// The bound admin API address.
@@ -342,6 +386,9 @@ impl Coordinator {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
+        if let Some(t) = self.tcp_task {
+            let _ = t.await;
+        }
         let _ = self.failover_task.await;
         if let Some(t) = self.reflect_task {
             let _ = t.await;
@@ -360,5 +407,46 @@ impl Coordinator {
         self.service.resign().await;
         self.store.close().await;
         tracing::info!("coordinator stopped");
+    }
+}
+
+/// Binds the QUIC endpoint and, unless off, the TLS/TCP listener (with the address asked
+/// for). By default the TCP listener takes the QUIC endpoint's bound address; when the listen
+/// port is ephemeral (0) and that port number is taken in TCP, another ephemeral QUIC port is
+/// tried, so that agents find both transports at one port in tests as in production.
+async fn bind_agent_listeners(
+    id: &identity::Identity,
+    settings: &Settings,
+) -> Result<
+    (
+        quinn::Endpoint,
+        SocketAddr,
+        Option<(TcpListener, SocketAddr)>,
+    ),
+    StartError,
+> {
+    let mut tries = 0;
+    loop {
+        let endpoint = server::endpoint(id, settings.listen, &settings.limits, settings.relay)?;
+        let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let Some(addr) = settings.tcp_listen.resolve(quic_addr) else {
+            return Ok((endpoint, quic_addr, None));
+        };
+        match TcpListener::bind(addr).await {
+            Ok(listener) => return Ok((endpoint, quic_addr, Some((listener, addr)))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && settings.tcp_listen == TcpListen::AtListen
+                    && settings.listen.port() == 0
+                    && tries < EPHEMERAL_TRIES =>
+            {
+                tries += 1;
+                endpoint.close(0u32.into(), b"");
+            }
+            Err(source) => return Err(StartError::Tcp { addr, source }),
+        }
     }
 }

@@ -1,53 +1,36 @@
-//! The QUIC control server: one session per agent connection, on one bidirectional stream.
-//!
-//! Pipeline of a session:
+//! The QUIC control server: one session per agent connection, on one bidirectional stream,
+//! with relay frames as QUIC datagrams beside it. The session itself (hello, maps, deltas,
+//! relay) is `session.rs`'s, shared with the TLS/TCP listener (`tcp.rs`); this file owns the
+//! endpoint, its accept loop and `QuicTransport`.
 //!
 //! ```text
-//! accept connection ─> accept stream ─> read Hello (within hello_timeout)
-//!   ─> Service::hello (join or authenticate; attach to the hub)
-//!        refused: write Refused, finish, close(REFUSED)
-//!        until accepted, QUIC datagrams are read and dropped (counted: unauthenticated)
-//!   ─> relay route for the node's key (crate::relay), dropped with the session
-//!   ─> write Welcome, FullMap
-//!   ─> loop: agent messages (Service::on_agent_message, in dispatch.rs), rate-capped
-//!            hub queue (deltas, Revoked + close), each write under write_timeout
-//!      beside it: QUIC datagrams from the agent ─> Relay::forward
-//!   ─> close(code) with one log line; Service::session_closed
+//! accept connection (max_connections, shared with TLS/TCP) ─> handshake ─> accept stream
+//!   (the handshake, the stream and the hello within hello_timeout; datagrams before the hello
+//!   dropped) ─> session::serve ─> close(code)
 //! ```
-//!
-//! Whatever one agent sends (malformed, oversized, out-of-order or too many messages) ends that
-//! session only, with a close code from [`close_code`] and an `info` line; it cannot panic the
-//! process or stall other sessions.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use meshlink_proto::control::{
-    encode, ClientMessage, CodecError, Decoder, ServerMessage, MAX_CLIENT_MESSAGE,
-};
 use quinn::crypto::rustls::QuicServerConfig;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::{timeout, timeout_at};
-use tracing::{info, warn, Instrument};
+use tracing::{info, Instrument};
 
-use crate::dispatch::{SessionFault, SessionRef};
-use crate::handlers::ApiError;
-use crate::hub::{CloseReason, Outbound};
 use crate::identity::Identity;
-use crate::ratelimit::TokenBucket;
-use crate::relay::Relay;
-use crate::service::{Service, Session};
+use crate::relay::{Relay, SessionLink};
+use crate::service::Service;
+use crate::session::{self, Connections, End, Slot, Transport, LINGER};
 
 pub use meshlink_proto::control::ALPN;
 
-/// How long the coordinator waits for the agent to receive its last message (`Refused`,
-/// `Revoked`) before closing the connection.
-const LINGER: Duration = Duration::from_secs(2);
-
-/// QUIC application close codes the coordinator uses, for the agent's logs and decisions.
+/// QUIC application close codes the coordinator uses, for the agent's logs and decisions. A
+/// TLS/TCP session carries no code: its agent learns the same from the last message
+/// (`Refused`, `Unavailable`, `Revoked`) or the end of the stream, and the code is logged.
 pub mod close_code {
     /// The agent finished its stream.
     pub const DONE: u32 = 0;
@@ -85,7 +68,7 @@ pub struct Limits {
     pub message_burst: u32,
     /// Messages queued for one session before it is dropped as lagging.
     pub session_queue: usize,
-    /// Connections at once; more are refused.
+    /// Connections at once, QUIC and TLS/TCP together; more are refused.
     pub max_connections: usize,
     /// Bytes per second one node may send through the relay (see [`crate::relay`]).
     pub relay_rate: u64,
@@ -156,15 +139,8 @@ pub fn endpoint(
     limits: &Limits,
     relay: bool,
 ) -> Result<quinn::Endpoint, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+    let quic = QuicServerConfig::try_from(tls_config(identity)?)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic = QuicServerConfig::try_from(tls).map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut transport = quinn::TransportConfig::default();
     transport
         .max_concurrent_bidi_streams(1u32.into())
@@ -203,6 +179,23 @@ pub fn endpoint(
     quinn::Endpoint::new(endpoint_config, Some(config), socket, runtime).map_err(bind)
 }
 
+/// The TLS configuration of both transports: the coordinator's identity, TLS 1.3 only, ring,
+/// ALPN [`ALPN`].
+///
+/// # Errors
+/// [`ServerError::Tls`].
+pub fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| ServerError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
 /// Connection IDs of [`CID_LEN`] random bytes, valid for any coordinator process (see
 /// [`endpoint`]).
 struct RandomCids;
@@ -231,11 +224,13 @@ const RESET_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Accepts connections until `shutdown` changes (or its sender is dropped), then closes the
 /// endpoint and waits a little for sessions to end. With `relay`, sessions relay datagrams.
+/// `connections` is shared with the TLS/TCP listener.
 pub async fn run(
     endpoint: quinn::Endpoint,
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    connections: Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
@@ -248,14 +243,21 @@ pub async fn run(
             _ = shutdown.changed() => break,
         };
         while sessions.try_join_next().is_some() {}
-        if sessions.len() >= limits.max_connections {
+        let Some(slot) = connections.take() else {
             tracing::debug!(remote = %incoming.remote_address(), "connection refused: at max_connections");
             incoming.refuse();
             continue;
-        }
-        let span = tracing::info_span!("session", remote = %incoming.remote_address(), node = tracing::field::Empty);
+        };
+        let span = tracing::info_span!("session", remote = %incoming.remote_address(), transport = "quic", node = tracing::field::Empty);
         sessions.spawn(
-            connection(incoming, service.clone(), limits.clone(), relay.clone()).instrument(span),
+            connection(
+                incoming,
+                service.clone(),
+                limits.clone(),
+                relay.clone(),
+                slot,
+            )
+            .instrument(span),
         );
     }
     endpoint.close(close_code::SHUTDOWN.into(), b"coordinator shutting down");
@@ -268,80 +270,12 @@ pub async fn run(
     }
 }
 
-/// How a session ended: the close code, a short reason for the agent, a line for the log.
-struct End {
-    code: u32,
-    peer: &'static str,
-    log: String,
-}
-
-impl End {
-    fn new(code: u32, peer: &'static str, log: impl Into<String>) -> Self {
-        End {
-            code,
-            peer,
-            log: log.into(),
-        }
-    }
-
-    fn protocol(log: impl Into<String>) -> Self {
-        End::new(close_code::PROTOCOL, "protocol error", log)
-    }
-
-    fn read(fail: ReadFail) -> Self {
-        match fail {
-            ReadFail::Codec(CodecError::TooLarge { len, max }) => {
-                End::protocol(format!("message of {len} bytes is over the limit of {max}"))
-            }
-            ReadFail::Codec(CodecError::Malformed(e)) => {
-                End::protocol(format!("malformed message: {e}"))
-            }
-            ReadFail::RateLimited => End::new(
-                close_code::RATE_LIMITED,
-                "too many messages",
-                "too many messages",
-            ),
-            ReadFail::Finished => {
-                End::new(close_code::DONE, "done", "the agent finished its stream")
-            }
-            ReadFail::Transport(e) => {
-                End::new(close_code::DONE, "done", format!("connection lost: {e}"))
-            }
-        }
-    }
-
-    fn api(e: &ApiError) -> Self {
-        match e {
-            ApiError::Invalid(m) => End::protocol(m.clone()),
-            ApiError::Internal(_) => {
-                End::new(close_code::INTERNAL, "internal error", e.to_string())
-            }
-            other => End::new(close_code::REFUSED, "refused", other.to_string()),
-        }
-    }
-
-    fn hub(reason: CloseReason) -> Self {
-        match reason {
-            CloseReason::Replaced => End::new(
-                close_code::REPLACED,
-                "replaced",
-                "a newer session of the node replaced this one",
-            ),
-            CloseReason::Revoked => {
-                End::new(close_code::REVOKED, "revoked", "the node was revoked")
-            }
-            CloseReason::Deleted => {
-                End::new(close_code::REVOKED, "deleted", "the node was deleted")
-            }
-        }
-    }
-}
-
 async fn connection(
     incoming: quinn::Incoming,
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    _slot: Slot,
 ) {
     let connecting = match incoming.accept() {
         Ok(c) => c,
@@ -363,275 +297,66 @@ async fn connection(
             return;
         }
     };
-    let end = drive(&conn, &service, &limits, relay.as_ref(), deadline).await;
+    let transport = QuicTransport(conn.clone());
+    let relay = relay.as_ref();
+    let opened =
+        session::not_relaying(&transport, relay, timeout_at(deadline, conn.accept_bi())).await;
+    let end = match opened {
+        Ok(Ok((send, recv))) => {
+            return session::serve(transport, recv, send, &service, &limits, relay, deadline).await
+        }
+        Err(_) => End::new(
+            close_code::HELLO_TIMEOUT,
+            "no hello in time",
+            "no stream opened in time",
+        ),
+        Ok(Err(e)) => End::new(
+            close_code::DONE,
+            "done",
+            format!("connection lost before the hello: {e}"),
+        ),
+    };
     info!(code = end.code, "session closed: {}", end.log);
     conn.close(end.code.into(), end.peer.as_bytes());
 }
 
-async fn drive(
-    conn: &quinn::Connection,
-    service: &Arc<Service>,
-    limits: &Limits,
-    relay: Option<&Arc<Relay>>,
-    deadline: tokio::time::Instant,
-) -> End {
-    let opened = not_relaying(conn, relay, timeout_at(deadline, conn.accept_bi())).await;
-    let (mut send, recv) = match opened {
-        Err(_) => {
-            return End::new(
-                close_code::HELLO_TIMEOUT,
-                "no hello in time",
-                "no stream opened in time",
-            )
-        }
-        Ok(Err(e)) => {
-            return End::new(
-                close_code::DONE,
-                "done",
-                format!("connection lost before the hello: {e}"),
-            )
-        }
-        Ok(Ok(streams)) => streams,
-    };
-    let mut reader = Reader::new(recv, limits);
-    let hello = not_relaying(conn, relay, timeout_at(deadline, reader.next())).await;
-    let hello = match hello {
-        Err(_) => {
-            return End::new(
-                close_code::HELLO_TIMEOUT,
-                "no hello in time",
-                "no hello in time",
-            )
-        }
-        Ok(Err(fail)) => return End::read(fail),
-        Ok(Ok(ClientMessage::Hello(hello))) => hello,
-        Ok(Ok(_)) => return End::protocol("the first message was not a hello"),
-    };
-    let accepted = not_relaying(
-        conn,
-        relay,
-        service.hello(&hello, conn.remote_address().ip()),
-    )
-    .await;
-    let mut session = match accepted {
-        Ok(session) => session,
-        Err(e) => {
-            // A failure of the coordinator itself (its database) is not the node's fault: it
-            // is told to come back, not turned away for good.
-            let (frame, code, what) = if let ApiError::Internal(inner) = &e {
-                warn!("hello failed: {inner}");
-                let frame = encode(&ServerMessage::Unavailable {
-                    reason: e.public_message(),
-                });
-                (frame, close_code::UNAVAILABLE, "unavailable")
-            } else {
-                let frame = encode(&ServerMessage::Refused {
-                    reason: e.public_message(),
-                });
-                (frame, close_code::REFUSED, "refused")
-            };
-            let last_words = async {
-                let _ = timeout(limits.write_timeout, send.write_all(&frame)).await;
-                let _ = send.finish();
-                let _ = timeout(LINGER, send.stopped()).await;
-            };
-            not_relaying(conn, relay, last_words).await;
-            return End::new(code, what, format!("hello not served: {e}"));
-        }
-    };
-    tracing::Span::current().record("node", session.node);
-    info!(
-        name = %session.name,
-        network = %session.network,
-        joined = session.joined,
-        "session open"
-    );
-    // Registered before the welcome is written, so that a peer told of this node can reach
-    // it at once; removed when the session ends.
-    let relaying = relay.map(|relay| {
-        let route = relay.register(
-            hello.public_key,
-            &session.network,
-            session.attached.serial,
-            conn.clone(),
-        );
-        let source = relay.source(hello.public_key, &session.network, Instant::now());
-        (relay, route, source)
-    });
-    let control = session_loop(conn, &mut send, &mut reader, service, &mut session, limits);
-    let end = match relaying {
-        Some((relay, _route, source)) => {
-            tokio::select! {
-                end = control => end,
-                never = relay_frames(conn, relay, source) => match never {},
-            }
-        }
-        None => control.await,
-    };
-    service
-        .session_closed(&session.network, session.node, session.attached.serial)
-        .await;
-    end
-}
+/// A QUIC connection as a session's transport: relay frames are datagrams beside the stream,
+/// close codes are QUIC application codes.
+struct QuicTransport(quinn::Connection);
 
-/// Runs `work` while dropping (and counting) the datagrams the connection receives: before
-/// its hello is accepted, a connection is no source of relayed frames.
-async fn not_relaying<T>(
-    conn: &quinn::Connection,
-    relay: Option<&Arc<Relay>>,
-    work: impl std::future::Future<Output = T>,
-) -> T {
-    let Some(relay) = relay else {
-        return work.await;
-    };
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            out = &mut work => return out,
-            datagram = conn.read_datagram() => match datagram {
-                Ok(_) => relay.count_unauthenticated(),
-                // The connection is gone: `work` ends with it.
-                Err(_) => return work.await,
-            },
-        }
-    }
-}
+impl Transport for QuicTransport {
+    type Read = quinn::RecvStream;
+    type Write = quinn::SendStream;
 
-/// Relays the session's datagrams for as long as the session lasts (never returns: the
-/// session's end is the control loop's to say).
-async fn relay_frames(
-    conn: &quinn::Connection,
-    relay: &Relay,
-    mut source: crate::relay::Source,
-) -> std::convert::Infallible {
-    loop {
-        match conn.read_datagram().await {
-            Ok(datagram) => {
-                // Dropped frames are counted by the relay; none is logged.
-                let _ = relay.forward(&mut source, datagram.into(), Instant::now());
-            }
-            Err(_) => std::future::pending().await,
-        }
-    }
-}
-
-async fn session_loop(
-    conn: &quinn::Connection,
-    send: &mut quinn::SendStream,
-    reader: &mut Reader,
-    service: &Arc<Service>,
-    session: &mut Session,
-    limits: &Limits,
-) -> End {
-    if let Err(end) = write(send, &session.welcome, limits).await {
-        return end;
-    }
-    if let Err(end) = write(send, &session.attached.full_map, limits).await {
-        return end;
-    }
-    loop {
-        tokio::select! {
-            msg = reader.next() => match msg {
-                Ok(msg) => {
-                    let from = SessionRef {
-                        node: session.node,
-                        network: &session.network,
-                        remote: conn.remote_address().ip(),
-                    };
-                    match service.on_agent_message(from, msg).await {
-                        Ok(Some(frame)) => {
-                            if let Err(end) = write(send, &frame, limits).await {
-                                return end;
-                            }
-                        }
-                        Ok(None) => {}
-                        Err(SessionFault::Api(e)) => return End::api(&e),
-                        Err(SessionFault::NetworkGone) => {
-                            return End::new(close_code::INTERNAL, "internal error", "the network is gone")
-                        }
-                        Err(SessionFault::SecondHello) => return End::protocol("a second hello"),
-                    }
-                }
-                Err(fail) => return End::read(fail),
-            },
-            out = session.attached.rx.recv() => match out {
-                Some(Outbound::Frame(frame)) => {
-                    if let Err(end) = write(send, &frame, limits).await {
-                        return end;
-                    }
-                }
-                Some(Outbound::Close(reason)) => {
-                    let _ = send.finish();
-                    let _ = timeout(LINGER, send.stopped()).await;
-                    return End::hub(reason);
-                }
-                None => return End::new(close_code::LAGGING, "too slow", "dropped: its queue was full"),
-            },
-        }
-    }
-}
-
-async fn write(send: &mut quinn::SendStream, frame: &[u8], limits: &Limits) -> Result<(), End> {
-    match timeout(limits.write_timeout, send.write_all(frame)).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::new(
-            close_code::DONE,
-            "done",
-            format!("connection lost: {e}"),
-        )),
-        Err(_) => Err(End::new(
-            close_code::LAGGING,
-            "too slow",
-            "a write timed out",
-        )),
-    }
-}
-
-enum ReadFail {
-    Codec(CodecError),
-    RateLimited,
-    Finished,
-    Transport(String),
-}
-
-/// Reads framed client messages from the stream, enforcing the size cap and the rate cap.
-struct Reader {
-    recv: quinn::RecvStream,
-    decoder: Decoder,
-    buf: Box<[u8]>,
-    bucket: TokenBucket,
-}
-
-impl Reader {
-    fn new(recv: quinn::RecvStream, limits: &Limits) -> Self {
-        Reader {
-            recv,
-            decoder: Decoder::new(MAX_CLIENT_MESSAGE),
-            buf: vec![0u8; 16 * 1024].into_boxed_slice(),
-            bucket: TokenBucket::new(limits.message_rate, limits.message_burst, Instant::now()),
-        }
+    fn remote(&self) -> SocketAddr {
+        self.0.remote_address()
     }
 
-    /// The next message. Cancel-safe: bytes are only taken from the stream and pushed into
-    /// the decoder together, with no await in between.
-    async fn next(&mut self) -> Result<ClientMessage, ReadFail> {
-        loop {
-            if let Some(msg) = self
-                .decoder
-                .decode::<ClientMessage>()
-                .map_err(ReadFail::Codec)?
-            {
-                if !self.bucket.allow(Instant::now()) {
-                    return Err(ReadFail::RateLimited);
-                }
-                return Ok(msg);
-            }
-            match self.recv.read(&mut self.buf).await {
-                Ok(Some(n)) => self.decoder.push(&self.buf[..n]).map_err(ReadFail::Codec)?,
-                Ok(None) => return Err(ReadFail::Finished),
-                Err(e) => return Err(ReadFail::Transport(e.to_string())),
-            }
-        }
+    fn datagram_link(&self) -> Option<SessionLink> {
+        Some(SessionLink::Quic(self.0.clone()))
+    }
+
+    async fn datagram(&self) -> Option<Vec<u8>> {
+        self.0.read_datagram().await.ok().map(Vec::from)
+    }
+
+    fn shutting_down(&self) -> impl Future<Output = ()> + Send {
+        // Closing the endpoint ends every read and write of its connections.
+        std::future::pending()
+    }
+
+    async fn finish(write: &mut quinn::SendStream) {
+        let _ = write.finish();
+        let _ = timeout(LINGER, write.stopped()).await;
+    }
+
+    async fn close(
+        self,
+        code: u32,
+        reason: &'static str,
+        _read: quinn::RecvStream,
+        _write: quinn::SendStream,
+    ) {
+        self.0.close(code.into(), reason.as_bytes());
     }
 }

@@ -1,6 +1,6 @@
 //! Integration tests of the coordinator, in one binary: handlers over a temporary store, the
-//! admin API on loopback, QUIC sessions on loopback, and the relay and the reflexive address
-//! responder with real sockets.
+//! admin API on loopback, QUIC and TLS/TCP sessions on loopback, and the relay and the
+//! reflexive address responder with real sockets.
 
 mod admin;
 mod common;
@@ -12,4 +12,5 @@ mod relay;
 mod service;
 mod simulation;
 mod store;
+mod tcp;
 mod workloads;

@@ -23,7 +23,7 @@ use crate::quic::{addr_of, join, token_for, welcome};
 const FRAME: usize = 1100;
 
 /// The next datagram on `a`'s connection, or `None` after `within`.
-async fn datagram(a: &Agent, within: Duration) -> Option<Vec<u8>> {
+pub(crate) async fn datagram(a: &Agent, within: Duration) -> Option<Vec<u8>> {
     match tokio::time::timeout(within, a.conn.read_datagram()).await {
         Ok(Ok(d)) => Some(d.to_vec()),
         Ok(Err(e)) => panic!("connection lost: {e}"),
@@ -32,14 +32,14 @@ async fn datagram(a: &Agent, within: Duration) -> Option<Vec<u8>> {
 }
 
 /// Sends `payload` to `to` through the relay as frames of at most [`FRAME`] bytes.
-fn send_to(a: &Agent, to: &PublicKey, id: u16, payload: &[u8]) {
+pub(crate) fn send_to(a: &Agent, to: &PublicKey, id: u16, payload: &[u8]) {
     for f in frames(to, id, payload, FRAME).unwrap() {
         a.conn.send_datagram(f.into()).unwrap();
     }
 }
 
 /// Waits until the relay's counters satisfy `done`.
-async fn relay_stats(c: &Coordinator, done: impl Fn(&RelayStats) -> bool) -> RelayStats {
+pub(crate) async fn relay_stats(c: &Coordinator, done: impl Fn(&RelayStats) -> bool) -> RelayStats {
     let start = Instant::now();
     loop {
         let s = c.relay().expect("the relay is on").stats();
