@@ -525,59 +525,37 @@ async fn reconcile_mesh(
             .values()
             .map(|p| (p.node_id, p.public_key))
             .collect();
-        let (held, forwards, tentative) = {
+        let (held, forwards, tentative, senders, relays) = {
             let mut s = shared.lock();
             let h = s.holdings_mut();
-            (h.held(now), h.forwards(now), h.tentative(now))
+            (
+                h.held(now),
+                h.forwards(now),
+                h.tentative(now),
+                h.senders(now),
+                h.relays(now),
+            )
         };
         let tentative: Vec<IpNet> = tentative
             .into_iter()
             .filter(|t| !held.iter().any(|h| h.address == *t))
             .collect();
+        let keys = |nodes: &[NodeId]| -> Vec<meshlink_proto::PublicKey> {
+            nodes
+                .iter()
+                .filter_map(|n| key_of.get(n).copied())
+                .collect()
+        };
         let routing = WorkloadRouting {
             forward: forwards
                 .iter()
                 .filter_map(|f| Some((f.address, *key_of.get(&f.to)?)))
                 .collect(),
-            also_from: map
-                .workloads
-                .values()
-                .map(|w| {
-                    (
-                        w.ip(),
-                        w.candidates
-                            .iter()
-                            .filter(|c| **c != self_id)
-                            .filter_map(|c| key_of.get(c).copied())
-                            .collect(),
-                    )
-                })
+            also_from: senders
+                .iter()
+                .map(|s| (s.address, keys(&s.nodes)))
                 .collect(),
-            // An address held here, or prepared for a move that is landing, takes packets its
-            // previous or current holder relays: that node forwards only once it has seen the
-            // move, so whatever reaches this node for the address comes after the switch.
-            // The previous holder only for the grace period after the move.
-            relay_from: {
-                let s = shared.lock();
-                let h = s.holdings();
-                map.workloads
-                    .values()
-                    .filter(|w| {
-                        held.iter().any(|x| x.address == w.address)
-                            || tentative.contains(&w.address)
-                    })
-                    .map(|w| {
-                        let previous = w.previous.filter(|_| h.in_grace(&w.name, now));
-                        let relays = previous
-                            .iter()
-                            .chain(w.holder.iter())
-                            .filter(|n| **n != self_id)
-                            .filter_map(|n| key_of.get(n).copied())
-                            .collect();
-                        (w.ip(), relays)
-                    })
-                    .collect()
-            },
+            relay_from: relays.iter().map(|r| (r.address, keys(&r.from))).collect(),
         };
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);

@@ -106,6 +106,26 @@ pub struct Forward {
     pub until: Instant,
 }
 
+/// The nodes whose packets may carry a workload address as their source, as this node sees it
+/// at an instant (see [`Holdings::senders`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Senders {
+    /// The workload address.
+    pub address: IpAddr,
+    /// The nodes that may send from it (never this node).
+    pub nodes: Vec<NodeId>,
+}
+
+/// A workload address this node holds or is being prepared for, and the nodes that may relay
+/// packets to it from other senders (see [`Holdings::relays`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// The workload address.
+    pub address: IpAddr,
+    /// The nodes that may relay packets to it (never this node).
+    pub from: Vec<NodeId>,
+}
+
 /// The agent's side of fencing: which workload addresses this node may answer for, given the
 /// network map it has, the leases it was granted and the time. See the module documentation.
 #[derive(Debug)]
@@ -410,6 +430,56 @@ impl Holdings {
             (Some(at), Some(w)) => now.saturating_duration_since(*at) < w.grace(),
             _ => false,
         }
+    }
+
+    /// Who may send packets from each workload address at `now`: every candidate holder,
+    /// so that the answers of a new holder are not dropped while this node has not yet
+    /// learned of the move.
+    pub fn senders(&self, _now: Instant) -> Vec<Senders> {
+        self.current
+            .values()
+            .map(|w| Senders {
+                address: w.ip(),
+                nodes: w
+                    .candidates
+                    .iter()
+                    .copied()
+                    .filter(|c| *c != self.me)
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// The workload addresses this node holds at `now` or is being prepared for, and the
+    /// nodes that may relay packets to them from any sender: the previous holder, during the
+    /// grace period after the move ([`Holdings::in_grace`]), and the current one (for a move
+    /// being prepared here: it forwards once it has seen the move, so whatever it relays
+    /// comes after the switch).
+    pub fn relays(&self, now: Instant) -> Vec<Relay> {
+        let held = self.held_named(now);
+        self.current
+            .values()
+            .filter(|w| {
+                held.contains_key(&w.name)
+                    || self
+                        .tentative
+                        .get(&w.name)
+                        .is_some_and(|(_, _, until)| now < *until)
+            })
+            .map(|w| {
+                let previous = w.previous.filter(|_| self.in_grace(&w.name, now));
+                Relay {
+                    address: w.ip(),
+                    from: previous
+                        .iter()
+                        .chain(w.holder.iter())
+                        .copied()
+                        .filter(|n| *n != self.me)
+                        .collect(),
+                }
+            })
+            .filter(|r| !r.from.is_empty())
+            .collect()
     }
 
     /// The next instant after `now` at which [`Holdings::held`], [`Holdings::forwards`] or
