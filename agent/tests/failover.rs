@@ -159,6 +159,7 @@ async fn session(
                         coordinators: listed.lock().unwrap().clone(),
                         reflect_port: None,
                         relay: false,
+                        path_reports: false,
                     };
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
                         .await

@@ -27,9 +27,10 @@ mod tokens;
 mod workloads;
 
 pub use ids::{Generation, MapVersion, NodeId, TokenId, UnixTime};
+pub use meshlink_proto::control::{PathKind, RelayTransport};
 pub use meshlink_proto::PublicKey;
 pub use networks::{CreateNetwork, Network};
-pub use nodes::Node;
+pub use nodes::{Node, NodePaths, PeerPath};
 pub use status::{CoordinatorStatus, ReflectStatus, RelayDrops, RelayStatus, Status};
 pub use tokens::{
     CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,

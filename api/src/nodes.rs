@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 
+use meshlink_proto::control::{PathKind, RelayTransport};
 use meshlink_proto::PublicKey;
 use serde::{Deserialize, Serialize};
 
@@ -36,4 +37,42 @@ pub struct Node {
     pub revoked: bool,
     /// Join time.
     pub created_at: UnixTime,
+    /// What the node last reported of its paths to its peers, to the coordinator that
+    /// answered. Absent: no report there (an agent from before path reports, or one whose
+    /// session is on another coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<NodePaths>,
+}
+
+/// A node's report of its paths.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodePaths {
+    /// When the report arrived.
+    pub reported_at: UnixTime,
+    /// One entry per peer.
+    pub peers: Vec<PeerPath>,
+}
+
+/// How a node reaches one peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerPath {
+    /// The peer's id.
+    pub peer: NodeId,
+    /// The peer's name, when the coordinator knows it.
+    #[serde(default)]
+    pub peer_name: Option<String>,
+    /// `direct`, `relay`, `unconfirmed` or `none`.
+    pub kind: PathKind,
+    /// The peer's address (direct) or the relay's (relay).
+    #[serde(default)]
+    pub via: Option<SocketAddr>,
+    /// What a relayed path runs over: `udp` or `tcp`.
+    #[serde(default)]
+    pub over: Option<RelayTransport>,
+    /// Round trip of a direct path, in microseconds.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// Seconds since the path changed, as of the report.
+    #[serde(default)]
+    pub changed_secs_ago: Option<u64>,
 }

@@ -319,7 +319,11 @@ async fn list_nodes(
     let Query(q) = q?;
     let list = nodes::list_nodes(s.service.store(), &Caller::Admin, q.network.as_deref()).await?;
     let online = s.service.online_anywhere().await;
-    Ok(Json(list.iter().map(|n| node_view(n, &online)).collect()))
+    Ok(Json(
+        list.iter()
+            .map(|n| node_view(n, &online, &s.service, &list))
+            .collect(),
+    ))
 }
 
 async fn show_node(
@@ -335,7 +339,18 @@ async fn show_node(
         q.network.as_deref(),
     )
     .await?;
-    Ok(Json(node_view(&node, &s.service.online_anywhere().await)))
+    let all = s
+        .service
+        .store()
+        .nodes(Some(&node.network))
+        .await
+        .unwrap_or_default();
+    Ok(Json(node_view(
+        &node,
+        &s.service.online_anywhere().await,
+        &s.service,
+        &all,
+    )))
 }
 
 async fn revoke_node(
@@ -348,7 +363,18 @@ async fn revoke_node(
         svc.revoke_node(&reference, q.network.as_deref()).await
     })
     .await?;
-    Ok(Json(node_view(&node, &s.service.online_anywhere().await)))
+    let all = s
+        .service
+        .store()
+        .nodes(Some(&node.network))
+        .await
+        .unwrap_or_default();
+    Ok(Json(node_view(
+        &node,
+        &s.service.online_anywhere().await,
+        &s.service,
+        &all,
+    )))
 }
 
 async fn delete_node(
@@ -364,7 +390,32 @@ async fn delete_node(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> api::Node {
+/// `n` as the API shows it; `all` names the peers in its path report.
+fn node_view(
+    n: &NodeRecord,
+    online: &HashSet<NodeId>,
+    service: &Service,
+    all: &[NodeRecord],
+) -> api::Node {
+    let paths = service.paths().get(n.id).map(|r| api::NodePaths {
+        reported_at: api::UnixTime(
+            r.at.duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        ),
+        peers: r
+            .paths
+            .into_iter()
+            .map(|p| api::PeerPath {
+                peer: api::NodeId(p.peer),
+                peer_name: all.iter().find(|x| x.id == p.peer).map(|x| x.name.clone()),
+                kind: p.kind,
+                via: p.via,
+                over: p.over,
+                rtt_us: p.rtt_us,
+                changed_secs_ago: p.changed_secs_ago,
+            })
+            .collect(),
+    });
     api::Node {
         id: api::NodeId(n.id),
         name: n.name.clone(),
@@ -378,6 +429,7 @@ fn node_view(n: &NodeRecord, online: &HashSet<NodeId>) -> api::Node {
         last_seen: n.last_seen.map(time),
         revoked: n.revoked,
         created_at: time(n.created_at),
+        paths,
     }
 }
 

@@ -55,6 +55,11 @@ impl Service {
                     .await?;
                 Ok(None)
             }
+            ClientMessage::Paths { paths } => {
+                self.paths()
+                    .record(from.node, paths, std::time::SystemTime::now());
+                Ok(None)
+            }
             ClientMessage::FullMapRequest => self
                 .hub()
                 .full_map(from.network)

@@ -17,6 +17,7 @@
 //! - [`relay`]: the relay, WireGuard datagrams between the nodes of a network on their
 //!   sessions' connections.
 //! - [`reflect`]: the reflexive address responder (the address a NAT mapped a socket to).
+//! - [`paths`]: what agents last reported of their paths to their peers.
 //! - [`admin`]: the admin HTTP API.
 //! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
 //! - [`run`]: start-up and shutdown ([`Coordinator`]).
@@ -28,6 +29,7 @@ pub mod follow;
 pub mod handlers;
 pub mod hub;
 pub mod identity;
+pub mod paths;
 pub mod pin;
 pub mod ratelimit;
 pub mod reflect;

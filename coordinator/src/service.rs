@@ -184,6 +184,8 @@ pub struct Service {
     advertise: std::sync::Mutex<String>,
     /// Told to agents in each welcome.
     traversal: std::sync::Mutex<Traversal>,
+    /// What agents last reported of their paths.
+    paths: crate::paths::PathBook,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
     /// this coordinator's claim to decide failovers (see `store/leases.rs`).
     shared: std::sync::OnceLock<SqlStore>,
@@ -255,6 +257,7 @@ impl Service {
             coordinators: std::sync::Mutex::new(Vec::new()),
             advertise: std::sync::Mutex::new(String::new()),
             traversal: std::sync::Mutex::new(Traversal::default()),
+            paths: crate::paths::PathBook::new(),
             shared: std::sync::OnceLock::new(),
             leadership: Mutex::new(Leadership::default()),
             me: random_secret(),
@@ -297,6 +300,11 @@ impl Service {
     pub fn set_coordinators(&self, advertise: &str, list: Vec<String>) {
         *self.advertise.lock().unwrap_or_else(|p| p.into_inner()) = advertise.to_string();
         *self.coordinators.lock().unwrap_or_else(|p| p.into_inner()) = list;
+    }
+
+    /// What agents last reported of their paths to their peers.
+    pub fn paths(&self) -> &crate::paths::PathBook {
+        &self.paths
     }
 
     /// Sets what the welcome tells agents of NAT traversal (nothing until set).
@@ -1005,6 +1013,7 @@ impl Service {
         let traversal = *self.traversal.lock().unwrap_or_else(|p| p.into_inner());
         welcome.reflect_port = traversal.reflect_port;
         welcome.relay = traversal.relay;
+        welcome.path_reports = true;
         let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {
@@ -1179,6 +1188,7 @@ impl Service {
         text: String,
     ) -> bool {
         let last: Frame = encode(&ServerMessage::Revoked { reason: text }).into();
+        self.paths.forget(node);
         self.hub.close(network, node, reason, Some(last))
     }
 

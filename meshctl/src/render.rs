@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshlink_api::{
-    CreatedToken, MovedWorkload, Network, Node, Status, Token, UnixTime, Workload, WorkloadNode,
-    WorkloadState,
+    CreatedToken, MovedWorkload, Network, Node, PathKind, PeerPath, RelayTransport, Status, Token,
+    UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 
 use crate::duration;
@@ -343,7 +343,54 @@ pub fn node(node: &Node, now: UnixTime) -> String {
         .field("TAGS", list(&node.tags))
         .field("LABELS", labels(&node.labels))
         .field("CREATED", time(node.created_at));
+    if let Some(paths) = &node.paths {
+        fields.field(
+            "PATHS",
+            format!(
+                "{} (reported {})",
+                peer_paths(&paths.peers),
+                time_and_relative(Some(paths.reported_at), now)
+            ),
+        );
+    }
     fields.to_string()
+}
+
+/// A node's paths to its peers: `vm-b direct 203.0.113.7:51820 1.2 ms, vm-c relay
+/// 198.51.100.5:7443/tcp`.
+fn peer_paths(peers: &[PeerPath]) -> String {
+    if peers.is_empty() {
+        return "-".into();
+    }
+    peers
+        .iter()
+        .map(|p| {
+            let name = p
+                .peer_name
+                .clone()
+                .unwrap_or_else(|| format!("#{}", p.peer));
+            let kind = match p.kind {
+                PathKind::Direct => "direct",
+                PathKind::Relay => "relay",
+                PathKind::Unconfirmed => "unconfirmed",
+                PathKind::None => "none",
+            };
+            let mut s = format!("{name} {kind}");
+            if let Some(via) = p.via {
+                s.push_str(&format!(" {via}"));
+            }
+            match p.over {
+                Some(RelayTransport::Udp) => s.push_str("/udp"),
+                Some(RelayTransport::Tcp) => s.push_str("/tcp"),
+                None => {}
+            }
+            if let Some(us) = p.rtt_us {
+                s.push_str(&format!(" {:.1} ms", us as f64 / 1000.0));
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A node named by a workload: its name, or `#ID (deleted)` when it no longer exists.
@@ -620,6 +667,35 @@ mod tests {
              "labels": {}, "tags": [], "endpoints": [], "online": false, "last_seen": null,
              "revoked": true, "created_at": NOW.0},
         ]))
+    }
+
+    #[test]
+    fn paths_name_the_peer_the_kind_the_address_and_the_transport() {
+        let peers = vec![
+            PeerPath {
+                peer: meshlink_api::NodeId(2),
+                peer_name: Some("vm-b".into()),
+                kind: PathKind::Direct,
+                via: Some("203.0.113.7:51820".parse().unwrap()),
+                over: None,
+                rtt_us: Some(1234),
+                changed_secs_ago: Some(4),
+            },
+            PeerPath {
+                peer: meshlink_api::NodeId(3),
+                peer_name: None,
+                kind: PathKind::Relay,
+                via: Some("198.51.100.5:7443".parse().unwrap()),
+                over: Some(RelayTransport::Tcp),
+                rtt_us: None,
+                changed_secs_ago: None,
+            },
+        ];
+        assert_eq!(
+            peer_paths(&peers),
+            "vm-b direct 203.0.113.7:51820 1.2 ms, #3 relay 198.51.100.5:7443/tcp"
+        );
+        assert_eq!(peer_paths(&[]), "-");
     }
 
     #[test]

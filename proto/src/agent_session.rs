@@ -683,6 +683,7 @@ mod tests {
                     coordinators: vec![],
                     reflect_port: None,
                     relay: false,
+                    path_reports: false,
                 })
             ),
             Err(SessionError::Protocol(_))

@@ -11,7 +11,8 @@
 //!   preparation, claims; (2026-12) every coordinator address of the mesh in the welcome
 //!   (`Welcome::coordinators`, absent from older coordinators); (2026-12) the reflexive
 //!   address port and relaying (`Welcome::reflect_port`, `Welcome::relay`; QUIC datagrams of
-//!   [`crate::relay`] frames on the session's connection).
+//!   [`crate::relay`] frames on the session's connection); path reports
+//!   (`ClientMessage::Paths`, sent only when `Welcome::path_reports` says so).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -103,6 +104,13 @@ pub enum ClientMessage {
         /// The generation the move will take.
         generation: u64,
     },
+    /// The paths this node uses to its peers, for operators (`meshctl node show`); sent only
+    /// to coordinators whose welcome says [`Welcome::path_reports`], when they changed, at
+    /// most [`MAX_PATH_REPORTS`] of them. Replaces the previous report.
+    Paths {
+        /// One entry per peer.
+        paths: Vec<PathReport>,
+    },
     /// The node asks to become the holder of `workload` (a migration script on this VM);
     /// answered by [`ServerMessage::ClaimResult`] with the same `request`.
     Claim {
@@ -111,6 +119,55 @@ pub enum ClientMessage {
         /// The workload's name.
         workload: String,
     },
+}
+
+/// The most entries of one [`ClientMessage::Paths`] (the message cap allows about twice as
+/// many).
+pub const MAX_PATH_REPORTS: usize = 256;
+
+/// How a node reaches a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathKind {
+    /// Straight to the peer's address (a probe through it answered).
+    Direct,
+    /// Through the relay.
+    Relay,
+    /// Sending to an address nothing confirmed yet.
+    Unconfirmed,
+    /// No way to send.
+    None,
+}
+
+/// What a relayed path runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelayTransport {
+    /// QUIC datagrams.
+    Udp,
+    /// Records on a TLS/TCP stream.
+    Tcp,
+}
+
+/// One peer's path in a [`ClientMessage::Paths`] report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathReport {
+    /// The peer.
+    pub peer: NodeId,
+    /// The kind of path.
+    pub kind: PathKind,
+    /// The peer's address (direct) or the relay's (relay).
+    #[serde(default)]
+    pub via: Option<SocketAddr>,
+    /// For a relay: over what.
+    #[serde(default)]
+    pub over: Option<RelayTransport>,
+    /// Round trip of a direct path, in microseconds.
+    #[serde(default)]
+    pub rtt_us: Option<u64>,
+    /// Seconds since the path last changed, when reported.
+    #[serde(default)]
+    pub changed_secs_ago: Option<u64>,
 }
 
 /// The coordinator's answer to an accepted hello.
@@ -143,6 +200,10 @@ pub struct Welcome {
     /// as QUIC datagrams on the session's connection ([`crate::relay`]). Absent: no.
     #[serde(default)]
     pub relay: bool,
+    /// Whether this coordinator takes [`ClientMessage::Paths`] (older ones close a session on
+    /// a message they do not know). Absent: no.
+    #[serde(default)]
+    pub path_reports: bool,
 }
 
 /// Messages from the coordinator.

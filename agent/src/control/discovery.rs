@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use meshlink_proto::{Netmap, PublicKey};
+use meshlink_proto::control::{PathKind, PathReport, RelayTransport, MAX_PATH_REPORTS};
+use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
@@ -17,6 +18,9 @@ use super::relay::RelayClient;
 use super::workloads::Shared;
 use crate::dataplane::batch::NetBatch;
 use crate::platform::udp::UdpTransport;
+
+/// How often the path report is refreshed without a change (round trips move).
+const REPORT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A discovery datagram and where it came from.
 type Received = (SocketAddr, Vec<u8>);
@@ -137,6 +141,43 @@ impl Discovery {
         })
     }
 
+    /// The paths to the peers `ids` names, as reported to the coordinator.
+    fn report(&self, ids: &[(PublicKey, NodeId)], now: Instant) -> Vec<PathReport> {
+        let relay = self.relay.link_remote();
+        let p = self.paths();
+        ids.iter()
+            .filter_map(|(key, id)| {
+                let st = p.status(key)?;
+                let (kind, via, over) = match st.path {
+                    Path::Direct(a) => (PathKind::Direct, Some(a), None),
+                    Path::Relay => (
+                        PathKind::Relay,
+                        relay.map(|r| r.0),
+                        relay.map(|r| {
+                            if r.1 == "tcp" {
+                                RelayTransport::Tcp
+                            } else {
+                                RelayTransport::Udp
+                            }
+                        }),
+                    ),
+                    Path::Unknown => (PathKind::Unconfirmed, None, None),
+                };
+                Some(PathReport {
+                    peer: *id,
+                    kind,
+                    via,
+                    over,
+                    rtt_us: st
+                        .rtt
+                        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
+                    changed_secs_ago: Some(now.saturating_duration_since(st.changed).as_secs()),
+                })
+            })
+            .take(MAX_PATH_REPORTS)
+            .collect()
+    }
+
     /// Runs discovery until the map channel closes.
     pub async fn run(
         self: Arc<Self>,
@@ -170,6 +211,8 @@ impl Discovery {
         maps.mark_changed();
         link.mark_changed();
         let mut net = NetBatch::with_capacity(64 * 1024);
+        let mut ids: Vec<(PublicKey, NodeId)> = Vec::new();
+        let mut reported = Instant::now();
         loop {
             let wake = self.paths().poll_timeout();
             tokio::select! {
@@ -183,6 +226,7 @@ impl Discovery {
                         .values()
                         .map(|p| (p.public_key, p.endpoints.clone()))
                         .collect();
+                    ids = map.peers.values().map(|p| (p.public_key, p.node_id)).collect();
                     let keys: Vec<PublicKey> = peers.iter().map(|p| p.0).collect();
                     self.relay.retain(&keys);
                     *known.lock().unwrap_or_else(|e| e.into_inner()) = keys;
@@ -217,6 +261,18 @@ impl Discovery {
                 tracing::trace!(datagrams = net.items().len(), "discovery sends");
                 udp.send_batch(&net).await;
                 net.clear();
+            }
+            // What operators see (`meshctl node show`): on a change, and every so often for
+            // fresh round trips; the control loop sends it at most every few seconds.
+            let now = Instant::now();
+            if changed || now.saturating_duration_since(reported) >= REPORT_EVERY {
+                reported = now;
+                let report = self.report(&ids, now);
+                shared.path_report.send_if_modified(|r| {
+                    let new = *r != report;
+                    *r = report;
+                    new
+                });
             }
             if changed {
                 shared.changed.notify_one();

@@ -81,9 +81,10 @@ pub struct Session {
     decoder: Decoder,
     /// Where relay frames that arrive on the stream go (sessions over TCP).
     relay_sink: Option<mpsc::Sender<Vec<u8>>>,
-    /// What the welcome offered: the reflexive address port and relaying.
+    /// What the welcome offered: the reflexive address port, relaying, path reports.
     reflect_port: Option<u16>,
     relay: bool,
+    path_reports: bool,
 }
 
 impl Session {
@@ -112,6 +113,7 @@ impl Session {
             relay_sink: None,
             reflect_port: None,
             relay: false,
+            path_reports: false,
         })
     }
 
@@ -193,6 +195,7 @@ impl Session {
             };
             self.reflect_port = welcome.reflect_port;
             self.relay = welcome.relay;
+            self.path_reports = welcome.path_reports;
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
@@ -551,6 +554,8 @@ impl MeshControl {
             relay: s.relay,
         }));
         let mut reflexive = self.shared.reflexive.subscribe();
+        let mut paths = self.shared.path_report.subscribe();
+        paths.mark_changed();
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         let effects = Effects {
             tunnels,
@@ -601,6 +606,13 @@ impl MeshControl {
                     let now = self.endpoints(wg_port, tunnel);
                     if self.shared.lock().set_endpoints(now.clone()) {
                         info!(endpoints = ?now, "endpoints changed");
+                    }
+                    // Path reports: at most one per tick, when they changed.
+                    if s.path_reports && paths.has_changed().unwrap_or(false) {
+                        let report = paths.borrow_and_update().clone();
+                        if let Err(e) = s.send(&ClientMessage::Paths { paths: report }).await {
+                            break e;
+                        }
                     }
                 }
                 Ok(()) = reflexive.changed() => {

@@ -39,6 +39,9 @@ pub struct Shared {
     /// Relay frames that arrived on a TLS/TCP session's stream, for the relay client (the
     /// receiver is taken once).
     pub relay_frames: RelayFrames,
+    /// The paths to the peers, as last reported by path discovery (the control loop sends
+    /// them to coordinators that take them).
+    pub path_report: watch::Sender<Vec<meshlink_proto::control::PathReport>>,
 }
 
 /// Relay frames that arrived on a TLS/TCP session's stream, on their way to the relay client.
@@ -80,6 +83,7 @@ impl Shared {
             changed: Notify::new(),
             link: watch::channel(None).0,
             reflexive: watch::channel(None).0,
+            path_report: watch::channel(Vec::new()).0,
             relay_frames: {
                 let (tx, rx) = mpsc::channel(RELAY_FRAMES_QUEUED);
                 RelayFrames {

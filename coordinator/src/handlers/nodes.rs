@@ -531,6 +531,7 @@ pub fn welcome(
         coordinators,
         reflect_port: None,
         relay: false,
+        path_reports: false,
     }
 }
 

@@ -259,3 +259,54 @@ async fn a_refused_hello_never_relays() {
     assert_eq!(c.relay().unwrap().stats().frames, 0);
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_nodes_path_report_shows_in_the_admin_api() {
+    use meshlink_proto::control::{ClientMessage, PathKind, PathReport, RelayTransport};
+    let dir = TempDir::new("paths");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (mut a, wa, _) = join(&t, 1, Some("a")).await;
+    let (_b, wb, _) = join(&t, 2, Some("b")).await;
+    assert!(wa.path_reports, "the welcome offers path reports");
+    let report = vec![PathReport {
+        peer: wb.node_id,
+        kind: PathKind::Relay,
+        via: Some(addr_of(&t)),
+        over: Some(RelayTransport::Tcp),
+        rtt_us: None,
+        changed_secs_ago: Some(2),
+    }];
+    a.send(&ClientMessage::Paths { paths: report }).await;
+    let start = Instant::now();
+    let shown = loop {
+        let (status, node) = http(
+            c.admin_addr(),
+            "GET",
+            "/v1/nodes/a?network=prod",
+            Some(&c.admin_token().value),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{node}");
+        if !node["paths"].is_null() {
+            break node;
+        }
+        assert!(start.elapsed() < WAIT, "no paths shown: {node}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(shown["paths"]["peers"][0]["peer_name"], "b");
+    assert_eq!(shown["paths"]["peers"][0]["kind"], "relay");
+    assert_eq!(shown["paths"]["peers"][0]["over"], "tcp");
+    // A node that never reported shows none (the field is absent).
+    let (_, b) = http(
+        c.admin_addr(),
+        "GET",
+        "/v1/nodes/b?network=prod",
+        Some(&c.admin_token().value),
+        None,
+    )
+    .await;
+    assert!(b.get("paths").is_none(), "{b}");
+    c.shutdown().await;
+}

@@ -1,0 +1,84 @@
+//! What each agent last reported of its paths to its peers (direct or relayed, RTT), for
+//! operators (`meshctl node show`). Kept in memory by the coordinator that holds the node's
+//! session: a report is a snapshot, not state the mesh depends on, and is replaced by the next.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use meshlink_proto::control::{PathReport, MAX_PATH_REPORTS};
+use meshlink_proto::NodeId;
+
+/// One node's last report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reported {
+    /// When it arrived.
+    pub at: SystemTime,
+    /// Its entries (at most [`MAX_PATH_REPORTS`]).
+    pub paths: Vec<PathReport>,
+}
+
+/// The last report of every node that sent one here.
+#[derive(Debug, Default)]
+pub struct PathBook {
+    reports: Mutex<HashMap<NodeId, Reported>>,
+}
+
+impl PathBook {
+    /// An empty book.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, Reported>> {
+        self.reports.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `node`'s report, keeping at most [`MAX_PATH_REPORTS`] entries.
+    pub fn record(&self, node: NodeId, mut paths: Vec<PathReport>, at: SystemTime) {
+        paths.truncate(MAX_PATH_REPORTS);
+        self.lock().insert(node, Reported { at, paths });
+    }
+
+    /// `node`'s last report.
+    #[must_use]
+    pub fn get(&self, node: NodeId) -> Option<Reported> {
+        self.lock().get(&node).cloned()
+    }
+
+    /// Forgets `node` (removed from the mesh).
+    pub fn forget(&self, node: NodeId) {
+        self.lock().remove(&node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlink_proto::control::PathKind;
+
+    fn entry(peer: NodeId) -> PathReport {
+        PathReport {
+            peer,
+            kind: PathKind::Direct,
+            via: Some("198.18.0.2:51820".parse().unwrap()),
+            over: None,
+            rtt_us: Some(1200),
+            changed_secs_ago: Some(3),
+        }
+    }
+
+    #[test]
+    fn a_report_replaces_the_last_and_is_bounded() {
+        let book = PathBook::new();
+        let t = SystemTime::UNIX_EPOCH;
+        book.record(1, vec![entry(2), entry(3)], t);
+        book.record(1, vec![entry(4)], t);
+        assert_eq!(book.get(1).unwrap().paths, vec![entry(4)]);
+        book.record(5, (0..10_000).map(entry).collect(), t);
+        assert_eq!(book.get(5).unwrap().paths.len(), MAX_PATH_REPORTS);
+        book.forget(1);
+        assert_eq!(book.get(1), None);
+    }
+}
