@@ -38,17 +38,28 @@
 //!
 //! Everything lives in this run's namespaces (names from [`crate::unique_name`]); the
 //! namespaces are deleted by their guards, and the nftables tables and bridges go with them.
+//!
+//! [`NatMesh`] puts a mesh on the bed: a coordinator on its internet host, a network and a
+//! join token, agents on LAN hosts, and their paths to each other as `status` reports them
+//! ([`PeerPath`]). The namespace tests (`tests/tests/nat.rs`) and the NAT benchmark
+//! (`benches/natbench`) both start from it.
 
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use serde_json::Value;
+
+use crate::coordinator::Coordinator;
+use crate::mesh::{MeshAgent, Reach};
 use crate::netns::{veth_link, Netns, NsRef};
 use crate::process::{Process, Stdout};
 use crate::providers::{Provider, ProviderHost, FIRST_HOST_OCTET, UNDERLAY};
-use crate::unique_name;
+use crate::scratch::ScratchDir;
+use crate::wait::wait_until;
+use crate::{agent_bin, coordinator_bin, meshctl_bin, require_tool, unique_name};
 
 /// The simulated internet: the segment every router's public side and the coordinator's host
 /// share.
@@ -613,6 +624,324 @@ pub fn udp_probe(
     answers
 }
 
+// ---------------------------------------------------------------------------------------------
+// A mesh on the bed.
+
+/// The network a [`NatMesh`] makes.
+pub const NETWORK: &str = "prod";
+/// Its overlay prefix.
+pub const NETWORK_CIDR: &str = "100.64.0.0/16";
+
+/// A mesh behind NAT routers: the bed, the coordinator on its internet host, and agents on
+/// LAN hosts that join with one token.
+///
+/// Dropping it ends the agents, then the coordinator, then deletes the namespaces; the scratch
+/// directory (logs, state) goes last, and is kept when a panic unwinds through the drop.
+#[derive(Debug)]
+pub struct NatMesh {
+    // Field order is drop order: processes before the namespaces they run in, and the
+    // scratch directory last.
+    agents: Vec<MeshAgent>,
+    coord: Coordinator,
+    hosts: Vec<ProviderHost>,
+    bed: NatBed,
+    token: String,
+    dir: ScratchDir,
+}
+
+impl NatMesh {
+    /// Builds the bed with `modes` (see [`NatBed::create`]), starts the coordinator on its
+    /// internet host, and makes the network [`NETWORK`] and a join token for up to 8 agents.
+    /// `name` tags the scratch directory.
+    ///
+    /// The caller checks for root first ([`crate::require_root`]).
+    ///
+    /// # Panics
+    /// When `nft` or a binary is missing (the message says how to get it), or the bed or the
+    /// coordinator cannot be set up.
+    pub fn new(name: &str, modes: &[NatMode]) -> NatMesh {
+        require_tool("nft", "nftables");
+        agent_bin();
+        coordinator_bin();
+        meshctl_bin();
+        let dir = ScratchDir::create(name);
+        let bed = NatBed::create(modes);
+        let coord = Coordinator::start(&bed.coordinator_host().handle(), &dir, COORDINATOR_HOST);
+        let ctl = coord.meshctl();
+        ctl.network_create(NETWORK, NETWORK_CIDR);
+        let token = ctl.token_create(NETWORK, Some(8), Some("1h"));
+        NatMesh {
+            agents: Vec::new(),
+            coord,
+            hosts: Vec::new(),
+            bed,
+            token,
+            dir,
+        }
+    }
+
+    /// Starts an agent called `name` on a new host of each `provider`'s LAN, all at once,
+    /// without waiting for them (labelled `provider=A`, ...). The hosts are made first, so
+    /// that the agents start within moments of each other; returns when the first one was
+    /// started.
+    ///
+    /// # Panics
+    /// When a host cannot be made or an agent cannot be started.
+    pub fn spawn(&mut self, nodes: &[(&str, Provider)]) -> Instant {
+        let hosts: Vec<ProviderHost> = nodes
+            .iter()
+            .map(|(_, provider)| self.bed.add_host(*provider))
+            .collect();
+        let started = Instant::now();
+        for ((name, provider), host) in nodes.iter().zip(hosts) {
+            let label = provider.letter().to_string();
+            let agent = MeshAgent::spawn_join(
+                &host.ns,
+                &self.dir,
+                &self.token,
+                name,
+                &[("provider", &label)],
+            );
+            self.hosts.push(host);
+            self.agents.push(agent);
+        }
+        started
+    }
+
+    /// [`NatMesh::spawn`], then waits until every new agent is up; returns how long it took.
+    ///
+    /// # Panics
+    /// As [`NatMesh::spawn`], and when an agent exits or is not up within
+    /// [`crate::mesh::READY_TIMEOUT`] (with its log).
+    pub fn join(&mut self, nodes: &[(&str, Provider)]) -> Duration {
+        let first = self.agents.len();
+        let started = self.spawn(nodes);
+        for agent in &mut self.agents[first..] {
+            agent.wait_ready(crate::mesh::READY_TIMEOUT);
+        }
+        started.elapsed()
+    }
+
+    /// The bed the mesh runs on.
+    pub fn bed(&self) -> &NatBed {
+        &self.bed
+    }
+
+    /// The coordinator.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coord
+    }
+
+    /// The scratch directory: state, tokens and every process's log.
+    pub fn dir(&self) -> &ScratchDir {
+        &self.dir
+    }
+
+    /// The agent called `name`.
+    ///
+    /// # Panics
+    /// When there is none.
+    pub fn agent(&self, name: &str) -> &MeshAgent {
+        self.agents
+            .iter()
+            .find(|a| a.name() == name)
+            .unwrap_or_else(|| panic!("no agent {name}"))
+    }
+
+    /// The provider of the host `name` runs on.
+    ///
+    /// # Panics
+    /// When there is no such agent.
+    pub fn provider_of(&self, name: &str) -> Provider {
+        let ns = self.agent(name).ns();
+        self.hosts
+            .iter()
+            .find(|h| h.ns.name() == ns.name())
+            .map(|h| h.provider)
+            .unwrap_or_else(|| panic!("no host for {name}"))
+    }
+
+    /// The public address of the router in front of agent `name`: where its peers reach it
+    /// on a direct path.
+    ///
+    /// # Panics
+    /// When there is no such agent.
+    pub fn public_address_of(&self, name: &str) -> Ipv4Addr {
+        self.bed.public_address(self.provider_of(name))
+    }
+
+    /// Every agent's `status` JSON, for failure messages.
+    pub fn statuses(&self) -> String {
+        let mut out = String::new();
+        for a in &self.agents {
+            let status = a.try_status().map_or_else(
+                || "(no answer)".to_owned(),
+                |s| serde_json::to_string_pretty(&s).unwrap_or_default(),
+            );
+            out.push_str(&format!("---- status of {} ----\n{status}\n", a.name()));
+        }
+        out
+    }
+
+    /// Waits until every path answers a ping; returns the longest wait.
+    ///
+    /// # Panics
+    /// When a path gives no reply within `timeout`, with every agent's status.
+    pub fn reach(&self, paths: &[Reach], timeout: Duration) -> Duration {
+        match Reach::wait_all(paths, timeout) {
+            Ok(took) => took.into_iter().max().unwrap_or_default(),
+            Err(e) => panic!("{e}\n{}", self.statuses()),
+        }
+    }
+
+    /// Paths both ways between each pair of `names`.
+    ///
+    /// # Panics
+    /// When an agent is missing or reports no address.
+    pub fn both_ways(&self, names: &[&str]) -> Vec<Reach> {
+        let nodes: Vec<(&str, &NsRef, Ipv4Addr)> = names
+            .iter()
+            .map(|n| {
+                let a = self.agent(n);
+                (a.name(), a.ns(), a.address())
+            })
+            .collect();
+        Reach::all_pairs(&nodes)
+    }
+
+    /// The path from `from` to `to` as `from`'s status shows it (all `None` while `from`
+    /// does not answer).
+    ///
+    /// # Panics
+    /// When either agent is missing, or `to` does not answer `status`.
+    pub fn path(&self, from: &str, to: &str) -> PeerPath {
+        let key = self.agent(to).public_key();
+        self.agent(from)
+            .try_status()
+            .map_or_else(PeerPath::default, |s| PeerPath::of(&s, &key))
+    }
+
+    /// Waits until `check` holds for the path of every ordered pair of `names`, for at most
+    /// `timeout`, asking every [`crate::wait::POLL_INTERVAL`]; returns how long it took.
+    ///
+    /// # Errors
+    /// When `timeout` passes first: a message with `what`, every path as last seen and every
+    /// agent's status.
+    pub fn settle_paths(
+        &self,
+        names: &[&str],
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&str, &str, &PeerPath) -> bool,
+    ) -> Result<Duration, String> {
+        let started = Instant::now();
+        let result = wait_until(timeout, what, || {
+            names
+                .iter()
+                .flat_map(|from| names.iter().map(move |to| (*from, *to)))
+                .filter(|(from, to)| from != to)
+                .all(|(from, to)| check(from, to, &self.path(from, to)))
+                .then_some(())
+        });
+        match result {
+            Ok(()) => Ok(started.elapsed()),
+            Err(e) => {
+                let mut paths = String::new();
+                for from in names {
+                    for to in names.iter().filter(|t| *t != from) {
+                        paths.push_str(&format!("{from} -> {to}: {:?}\n", self.path(from, to)));
+                    }
+                }
+                Err(format!("{e}\n{paths}{}", self.statuses()))
+            }
+        }
+    }
+
+    /// [`NatMesh::settle_paths`], panicking on a timeout.
+    ///
+    /// # Panics
+    /// When `timeout` passes first, with the paths and every agent's status.
+    pub fn wait_paths(
+        &self,
+        names: &[&str],
+        timeout: Duration,
+        what: &str,
+        check: impl Fn(&str, &str, &PeerPath) -> bool,
+    ) -> Duration {
+        self.settle_paths(names, timeout, what, check)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// One peer's entry of `meshlink-agent status -o json`: its endpoint and `path`.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PeerPath {
+    /// Whether the peer is listed at all.
+    pub listed: bool,
+    /// `endpoint`: where WireGuard sends (a loopback shim's address while relayed).
+    pub endpoint: Option<SocketAddr>,
+    /// `path.kind`: `direct`, `relay`, `unconfirmed` or `none`.
+    pub kind: Option<String>,
+    /// `path.via`: the relay, for a relayed path.
+    pub via: Option<String>,
+    /// `path.over`: `udp` or `tcp` for a relayed path.
+    pub over: Option<String>,
+    /// `path.rtt_ms`.
+    pub rtt_ms: Option<f64>,
+}
+
+impl PeerPath {
+    /// The entry of the peer with `public_key` in a `status` answer; the default (not
+    /// listed, all `None`) when it has none.
+    pub fn of(status: &Value, public_key: &str) -> PeerPath {
+        let Some(peer) = status
+            .get("peers")
+            .and_then(Value::as_array)
+            .and_then(|peers| peers.iter().find(|p| p["public_key"] == public_key))
+        else {
+            return PeerPath::default();
+        };
+        let text = |pointer: &str| {
+            peer.pointer(pointer)
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        PeerPath {
+            listed: true,
+            endpoint: peer["endpoint"].as_str().and_then(|e| e.parse().ok()),
+            kind: text("/path/kind"),
+            via: text("/path/via"),
+            over: text("/path/over"),
+            rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
+        }
+    }
+
+    /// Whether `path.kind` is `kind`.
+    pub fn is(&self, kind: &str) -> bool {
+        self.kind.as_deref() == Some(kind)
+    }
+
+    /// Whether it is relayed over `over` (`udp` or `tcp`).
+    pub fn is_relayed_over(&self, over: &str) -> bool {
+        self.is("relay") && self.over.as_deref() == Some(over)
+    }
+
+    /// The endpoint's IP address.
+    pub fn endpoint_ip(&self) -> Option<IpAddr> {
+        self.endpoint.map(|e| e.ip())
+    }
+
+    /// `kind`, with `over` for a relayed path (`direct`, `relay/udp`, ...), or `-` when not
+    /// listed: for reports.
+    pub fn describe(&self) -> String {
+        match (self.kind.as_deref(), self.over.as_deref()) {
+            (Some("relay"), Some(over)) => format!("relay/{over}"),
+            (Some(kind), _) => kind.to_owned(),
+            (None, _) => "-".to_owned(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,5 +958,32 @@ mod tests {
         let rules = ruleset("wan0", NatMode::RandomMasquerade);
         assert!(rules.contains("oifname \"wan0\" masquerade random,fully-random"));
         assert!(ruleset("wan0", NatMode::Masquerade).contains("oifname \"wan0\" masquerade\n"));
+    }
+
+    #[test]
+    fn peer_path_reads_a_status_entry() {
+        let status: Value = serde_json::from_str(
+            r#"{"peers": [
+                {"public_key": "k1", "endpoint": "127.0.0.1:40001",
+                 "path": {"kind": "relay", "via": "coordinator", "over": "tcp", "rtt_ms": 1.5,
+                          "changed_secs_ago": 3}},
+                {"public_key": "k2", "endpoint": "198.18.0.2:51820",
+                 "path": {"kind": "direct", "via": null, "over": null, "rtt_ms": null,
+                          "changed_secs_ago": null}}]}"#,
+        )
+        .unwrap();
+        let relayed = PeerPath::of(&status, "k1");
+        assert!(relayed.listed && relayed.is_relayed_over("tcp") && !relayed.is("direct"));
+        assert_eq!(relayed.via.as_deref(), Some("coordinator"));
+        assert_eq!(relayed.rtt_ms, Some(1.5));
+        assert_eq!(relayed.describe(), "relay/tcp");
+        let direct = PeerPath::of(&status, "k2");
+        assert_eq!(
+            direct.endpoint_ip(),
+            Some(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)))
+        );
+        assert_eq!(direct.describe(), "direct");
+        assert_eq!(PeerPath::of(&status, "k3"), PeerPath::default());
+        assert_eq!(PeerPath::default().describe(), "-");
     }
 }

@@ -15,8 +15,9 @@
 //! - `nat_bed_blocks_udp_and_lifts_the_block`: the "UDP only to the coordinator" block, its
 //!   lifting, and a rule added and removed at run time.
 //!
-//! Then the mesh (each asserts with every agent's `status` JSON in its message; the process
-//! guards print the agents' and the coordinator's logs when a test fails):
+//! Then the mesh, on `meshlink_tests::nat::NatMesh` (which `benches/natbench` shares). Each
+//! asserts with every agent's `status` JSON in its message; the process guards print the
+//! agents' and the coordinator's logs when a test fails:
 //! - `two_providers_behind_masquerade_connect_directly`: both VMs ping each other, on a direct
 //!   path whose endpoint is the other router's public address.
 //! - `symmetric_nat_still_connects`: one router is symmetric; the VMs still ping each other
@@ -24,26 +25,26 @@
 //! - `udp_blocked_between_providers_goes_through_the_relay`: UDP out of both LANs only to the
 //!   coordinator: the VMs reach each other through its relay; a TCP transfer then runs while
 //!   the block is lifted, completes intact, and the path turns direct.
+//! - `without_any_udp_the_session_and_the_relay_go_over_tcp`: no UDP out of either LAN, the
+//!   coordinator's included: the control session and the relay run over TLS/TCP, and a TCP
+//!   transfer through that relay arrives whole.
 //! - `a_workload_moves_between_natted_nodes`: a workload address moves from a VM behind one
 //!   router to a VM behind another and answers a third VM (behind a third router) after it.
 //!
 //! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`, and
 //! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl` first.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use meshlink_tests::nat::{udp_probe, NatBed, NatMode, UdpEcho, COORDINATOR_HOST};
-use meshlink_tests::xfer::{XferReceiver, XferSender};
-use meshlink_tests::{
-    agent_bin, coordinator_bin, meshctl_bin, require_root, require_tool, wait_until, Coordinator,
-    MeshAgent, Provider, ProviderHost, Reach, ScratchDir,
+use meshlink_tests::nat::{
+    udp_probe, NatBed, NatMesh, NatMode, UdpEcho, COORDINATOR_HOST, NETWORK,
 };
+use meshlink_tests::xfer::{XferReceiver, XferSender};
+use meshlink_tests::{require_root, require_tool, wait_until, MeshAgent, Provider, ScratchDir};
 
-const NETWORK: &str = "prod";
-const NETWORK_CIDR: &str = "100.64.0.0/16";
 /// Bound on VMs reaching each other over the overlay.
 const REACH: Duration = Duration::from_secs(20);
 /// Bound on `status` showing the path the pings already use.
@@ -297,219 +298,29 @@ fn nat_bed_lets_masqueraded_hosts_punch_through() {
 // ---------------------------------------------------------------------------------------------
 // The mesh behind NAT.
 
-/// The bed of every mesh test: routers, the coordinator on the internet, agents on LANs.
-struct NatMesh {
-    // Field order is drop order: processes before the namespaces they run in, and the
-    // scratch directory last.
-    agents: Vec<MeshAgent>,
-    coord: Coordinator,
-    hosts: Vec<ProviderHost>,
-    bed: NatBed,
-    token: String,
-    dir: ScratchDir,
+/// The bed of every mesh test ([`NatMesh`]): root checked (`None`: skipped), routers built
+/// with `modes`, the coordinator started on its internet host, the network and a join token
+/// made.
+fn nat_mesh(name: &str, modes: &[NatMode]) -> Option<NatMesh> {
+    if !require_root() {
+        return None;
+    }
+    require_tools();
+    Some(NatMesh::new(name, modes))
 }
 
-impl NatMesh {
-    /// Root checked (`None`: skipped), the bed built with `modes`, the coordinator started on
-    /// its internet host, the network and a join token made.
-    fn new(name: &str, modes: &[NatMode]) -> Option<NatMesh> {
-        if !require_root() {
-            return None;
-        }
-        require_tools();
-        agent_bin();
-        coordinator_bin();
-        meshctl_bin();
-        let dir = ScratchDir::create(name);
-        let bed = NatBed::create(modes);
-        let coord = Coordinator::start(&bed.coordinator_host().handle(), &dir, COORDINATOR_HOST);
-        let ctl = coord.meshctl();
-        ctl.network_create(NETWORK, NETWORK_CIDR);
-        let token = ctl.token_create(NETWORK, Some(8), Some("1h"));
-        Some(NatMesh {
-            agents: Vec::new(),
-            coord,
-            hosts: Vec::new(),
-            bed,
-            token,
-            dir,
-        })
-    }
-
-    /// Starts an agent called `name` on a new host of each `provider`'s LAN, all at once, and
-    /// waits until every one is up.
-    fn join(&mut self, nodes: &[(&str, Provider)]) {
-        let started = Instant::now();
-        let first = self.agents.len();
-        for (name, provider) in nodes {
-            let host = self.bed.add_host(*provider);
-            let label = provider.letter().to_string();
-            let agent = MeshAgent::spawn_join(
-                &host.ns,
-                &self.dir,
-                &self.token,
-                name,
-                &[("provider", &label)],
-            );
-            self.hosts.push(host);
-            self.agents.push(agent);
-        }
-        for agent in &mut self.agents[first..] {
-            agent.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
-        }
-        timing(&format!("{} agents up", nodes.len()), started.elapsed());
-    }
-
-    fn agent(&self, name: &str) -> &MeshAgent {
-        self.agents
-            .iter()
-            .find(|a| a.name() == name)
-            .unwrap_or_else(|| panic!("no agent {name}"))
-    }
-
-    /// The provider of the host `name` runs on.
-    fn provider_of(&self, name: &str) -> Provider {
-        let ns = self.agent(name).ns();
-        self.hosts
-            .iter()
-            .find(|h| h.ns.name() == ns.name())
-            .map(|h| h.provider)
-            .unwrap_or_else(|| panic!("no host for {name}"))
-    }
-
-    /// Every agent's `status` JSON, for failure messages.
-    fn statuses(&self) -> String {
-        let mut out = String::new();
-        for a in &self.agents {
-            let status = a.try_status().map_or_else(
-                || "(no answer)".to_owned(),
-                |s| serde_json::to_string_pretty(&s).unwrap_or_default(),
-            );
-            out.push_str(&format!("---- status of {} ----\n{status}\n", a.name()));
-        }
-        out
-    }
-
-    /// Waits until every path answers a ping; panics with every agent's status otherwise.
-    fn reach(&self, paths: &[Reach], timeout: Duration) -> Duration {
-        match Reach::wait_all(paths, timeout) {
-            Ok(took) => took.into_iter().max().unwrap_or_default(),
-            Err(e) => panic!("{e}\n{}", self.statuses()),
-        }
-    }
-
-    /// Paths both ways between each pair of `names`.
-    fn both_ways(&self, names: &[&str]) -> Vec<Reach> {
-        let nodes: Vec<(&str, &meshlink_tests::NsRef, Ipv4Addr)> = names
-            .iter()
-            .map(|n| {
-                let a = self.agent(n);
-                (a.name(), a.ns(), a.address())
-            })
-            .collect();
-        Reach::all_pairs(&nodes)
-    }
-
-    /// The path from `from` to `to` as `from`'s status shows it.
-    fn path(&self, from: &str, to: &str) -> PeerPath {
-        let key = self.agent(to).public_key();
-        self.agent(from)
-            .try_status()
-            .map_or_else(PeerPath::default, |s| PeerPath::of(&s, &key))
-    }
-
-    /// Waits until `check` holds for the path of every ordered pair of `names`, for at most
-    /// `timeout`; panics with every agent's status otherwise.
-    fn wait_paths(
-        &self,
-        names: &[&str],
-        timeout: Duration,
-        what: &str,
-        check: impl Fn(&str, &str, &PeerPath) -> bool,
-    ) -> Duration {
-        let started = Instant::now();
-        let result = wait_until(timeout, what, || {
-            names
-                .iter()
-                .flat_map(|from| names.iter().map(move |to| (*from, *to)))
-                .filter(|(from, to)| from != to)
-                .all(|(from, to)| check(from, to, &self.path(from, to)))
-                .then_some(())
-        });
-        if let Err(e) = result {
-            let mut paths = String::new();
-            for from in names {
-                for to in names.iter().filter(|t| *t != from) {
-                    paths.push_str(&format!("{from} -> {to}: {:?}\n", self.path(from, to)));
-                }
-            }
-            panic!("{e}\n{paths}{}", self.statuses());
-        }
-        started.elapsed()
-    }
-}
-
-/// One peer's entry of `meshlink-agent status`, as far as these tests read it.
-#[derive(Debug, Default, Clone, PartialEq)]
-struct PeerPath {
-    /// Whether the peer is listed at all.
-    listed: bool,
-    /// `endpoint`.
-    endpoint: Option<SocketAddr>,
-    /// `path.kind`: `direct`, `relay` or `none`.
-    kind: Option<String>,
-    /// `path.via`.
-    via: Option<String>,
-    /// `path.over`: `udp` or `tcp` for a relayed path.
-    over: Option<String>,
-    /// `path.rtt_ms`.
-    rtt_ms: Option<f64>,
-}
-
-impl PeerPath {
-    fn of(status: &Value, public_key: &str) -> PeerPath {
-        let Some(peer) = status
-            .get("peers")
-            .and_then(Value::as_array)
-            .and_then(|peers| peers.iter().find(|p| p["public_key"] == public_key))
-        else {
-            return PeerPath::default();
-        };
-        PeerPath {
-            listed: true,
-            endpoint: peer["endpoint"].as_str().and_then(|e| e.parse().ok()),
-            kind: peer
-                .pointer("/path/kind")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            via: peer
-                .pointer("/path/via")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            over: peer
-                .pointer("/path/over")
-                .and_then(Value::as_str)
-                .map(str::to_owned),
-            rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
-        }
-    }
-
-    fn is(&self, kind: &str) -> bool {
-        self.kind.as_deref() == Some(kind)
-    }
-
-    fn endpoint_ip(&self) -> Option<IpAddr> {
-        self.endpoint.map(|e| e.ip())
-    }
+/// Starts the agents of `nodes` at once and waits until every one is up.
+fn join(mesh: &mut NatMesh, nodes: &[(&str, Provider)]) {
+    let took = mesh.join(nodes);
+    timing(&format!("{} agents up", nodes.len()), took);
 }
 
 #[test]
 fn two_providers_behind_masquerade_connect_directly() {
-    let Some(mut mesh) = NatMesh::new("nat-direct", &[NatMode::Masquerade, NatMode::Masquerade])
-    else {
+    let Some(mut mesh) = nat_mesh("nat-direct", &[NatMode::Masquerade, NatMode::Masquerade]) else {
         return;
     };
-    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
     let names = ["vm-a1", "vm-b1"];
     let took = mesh.reach(&mesh.both_ways(&names), REACH);
     timing("vm-a1 and vm-b1 ping each other", took);
@@ -520,8 +331,7 @@ fn two_providers_behind_masquerade_connect_directly() {
         SETTLE,
         "a direct path to the other router's public address, both ways",
         |_, to, path| {
-            let router = mesh.bed.public_address(mesh.provider_of(to));
-            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(router))
+            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(mesh.public_address_of(to)))
         },
     );
     timing("paths reported direct", settled);
@@ -532,13 +342,13 @@ fn two_providers_behind_masquerade_connect_directly() {
 
 #[test]
 fn symmetric_nat_still_connects() {
-    let Some(mut mesh) = NatMesh::new(
+    let Some(mut mesh) = nat_mesh(
         "nat-symmetric",
         &[NatMode::RandomMasquerade, NatMode::Masquerade],
     ) else {
         return;
     };
-    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
     let names = ["vm-a1", "vm-b1"];
     let took = mesh.reach(&mesh.both_ways(&names), REACH);
     timing("vm-a1 (symmetric NAT) and vm-b1 ping each other", took);
@@ -564,14 +374,13 @@ fn symmetric_nat_still_connects() {
 
 #[test]
 fn udp_blocked_between_providers_goes_through_the_relay() {
-    let Some(mut mesh) = NatMesh::new("nat-relay", &[NatMode::Masquerade, NatMode::Masquerade])
-    else {
+    let Some(mut mesh) = nat_mesh("nat-relay", &[NatMode::Masquerade, NatMode::Masquerade]) else {
         return;
     };
     // Only the coordinator is reachable over UDP, from the start.
-    mesh.bed.block_udp_except_coordinator(Provider::A);
-    mesh.bed.block_udp_except_coordinator(Provider::B);
-    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    mesh.bed().block_udp_except_coordinator(Provider::A);
+    mesh.bed().block_udp_except_coordinator(Provider::B);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
     let names = ["vm-a1", "vm-b1"];
     let took = mesh.reach(&mesh.both_ways(&names), REACH);
     timing("vm-a1 and vm-b1 ping each other with UDP blocked", took);
@@ -582,11 +391,17 @@ fn udp_blocked_between_providers_goes_through_the_relay() {
     // A TCP transfer through the relay, during which the block is lifted.
     let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
     let limit = Duration::from_secs(150);
-    let mut receiver = XferReceiver::start(b1.ns(), &mesh.dir, IpAddr::V4(b1.address()), limit);
+    let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
     // 8 MB at 4 Mbit/s: 16 s at least, so that the lift falls in the middle.
     let bytes = 8_000_000;
-    let mut sender =
-        XferSender::start(a1.ns(), &mesh.dir, receiver.addr(), bytes, Some(4.0), limit);
+    let mut sender = XferSender::start(
+        a1.ns(),
+        mesh.dir(),
+        receiver.addr(),
+        bytes,
+        Some(4.0),
+        limit,
+    );
     std::thread::sleep(Duration::from_secs(3));
     assert!(
         sender.is_running(),
@@ -594,16 +409,15 @@ fn udp_blocked_between_providers_goes_through_the_relay() {
         mesh.statuses()
     );
     let lifted = Instant::now();
-    mesh.bed.unblock(Provider::A);
-    mesh.bed.unblock(Provider::B);
+    mesh.bed().unblock(Provider::A);
+    mesh.bed().unblock(Provider::B);
     let direct = mesh.wait_paths(
         &names,
         DIRECT_AFTER_LIFT,
         "the path to turn direct, to the other router's public address, after the block is \
          lifted",
         |_, to, path| {
-            let router = mesh.bed.public_address(mesh.provider_of(to));
-            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(router))
+            path.is("direct") && path.endpoint_ip() == Some(IpAddr::V4(mesh.public_address_of(to)))
         },
     );
     timing("block lifted -> direct both ways", direct);
@@ -639,14 +453,13 @@ fn udp_blocked_between_providers_goes_through_the_relay() {
 
 #[test]
 fn without_any_udp_the_session_and_the_relay_go_over_tcp() {
-    let Some(mut mesh) = NatMesh::new("nat-tcp", &[NatMode::Masquerade, NatMode::Masquerade])
-    else {
+    let Some(mut mesh) = nat_mesh("nat-tcp", &[NatMode::Masquerade, NatMode::Masquerade]) else {
         return;
     };
     // A firewall that lets only TCP out, on both sides: no QUIC to the coordinator either.
-    mesh.bed.block_all_udp(Provider::A);
-    mesh.bed.block_all_udp(Provider::B);
-    mesh.join(&[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    mesh.bed().block_all_udp(Provider::A);
+    mesh.bed().block_all_udp(Provider::B);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
     let names = ["vm-a1", "vm-b1"];
     let took = mesh.reach(&mesh.both_ways(&names), REACH);
     timing("vm-a1 and vm-b1 ping each other with no UDP at all", took);
@@ -654,15 +467,15 @@ fn without_any_udp_the_session_and_the_relay_go_over_tcp() {
         &names,
         SETTLE,
         "a path relayed over TCP both ways",
-        |_, _, path| path.is("relay") && path.over.as_deref() == Some("tcp"),
+        |_, _, path| path.is_relayed_over("tcp"),
     );
 
     // Bulk data through the TCP relay arrives whole.
     let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
     let limit = Duration::from_secs(60);
-    let mut receiver = XferReceiver::start(b1.ns(), &mesh.dir, IpAddr::V4(b1.address()), limit);
+    let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
     let bytes = 4_000_000;
-    let mut sender = XferSender::start(a1.ns(), &mesh.dir, receiver.addr(), bytes, None, limit);
+    let mut sender = XferSender::start(a1.ns(), mesh.dir(), receiver.addr(), bytes, None, limit);
     let sent = sender.finish(limit);
     let received = receiver.finish(Duration::from_secs(30));
     timing(
@@ -704,7 +517,9 @@ fn wait_workload(mesh: &NatMesh, name: &str, present: bool) -> Duration {
     .unwrap_or_else(|e| {
         panic!(
             "{e}; workload: {}\n{}",
-            mesh.coord.meshctl().json(&["workload", "show", WORKLOAD]),
+            mesh.coordinator()
+                .meshctl()
+                .json(&["workload", "show", WORKLOAD]),
             mesh.statuses()
         )
     });
@@ -713,7 +528,7 @@ fn wait_workload(mesh: &NatMesh, name: &str, present: bool) -> Duration {
 
 #[test]
 fn a_workload_moves_between_natted_nodes() {
-    let Some(mut mesh) = NatMesh::new(
+    let Some(mut mesh) = nat_mesh(
         "nat-workload",
         &[
             NatMode::Masquerade,
@@ -723,15 +538,18 @@ fn a_workload_moves_between_natted_nodes() {
     ) else {
         return;
     };
-    mesh.join(&[
-        ("vm-a1", Provider::A),
-        ("vm-b1", Provider::B),
-        ("vm-c1", Provider::C),
-    ]);
+    join(
+        &mut mesh,
+        &[
+            ("vm-a1", Provider::A),
+            ("vm-b1", Provider::B),
+            ("vm-c1", Provider::C),
+        ],
+    );
     let took = mesh.reach(&mesh.both_ways(&["vm-a1", "vm-b1", "vm-c1"]), REACH);
     timing("3 VMs behind 3 routers ping each other", took);
 
-    let ctl = mesh.coord.meshctl();
+    let ctl = mesh.coordinator().meshctl();
     ctl.run(&[
         "workload",
         "create",
