@@ -555,7 +555,23 @@ async fn reconcile_mesh(
                 .iter()
                 .map(|s| (s.address, keys(&s.nodes)))
                 .collect(),
-            relay_from: relays.iter().map(|r| (r.address, keys(&r.from))).collect(),
+            relay_from: relays
+                .iter()
+                .filter_map(|r| Some((r.address, *key_of.get(&r.from)?)))
+                .collect(),
+            // What a relay may pass on: packets from nodes' own addresses, not from the
+            // prefixes they route for others.
+            relay_sources: if relays.is_empty() {
+                std::collections::HashSet::new()
+            } else {
+                map.peers
+                    .values()
+                    .filter(|p| p.node_id != self_id)
+                    .flat_map(|p| &p.addresses)
+                    .filter(|a| a.prefix_len() == a.max_prefix_len())
+                    .map(IpNet::addr)
+                    .collect()
+            },
         };
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);

@@ -517,7 +517,8 @@ fn a_released_workload_address_is_forwarded_to_its_new_holder() {
     );
 
     sim.nodes[2].device.set_workload_routing(WorkloadRouting {
-        relay_from: [(WORKLOAD.into(), vec![k1])].into(),
+        relay_from: [(WORKLOAD.into(), k1)].into(),
+        relay_sources: [sim.nodes[0].overlay.into(), sim.nodes[1].overlay.into()].into(),
         ..WorkloadRouting::default()
     });
     sim.send(0, &in_flight);
@@ -597,6 +598,105 @@ fn forwarding_never_sends_a_packet_back_to_its_sender() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0
     );
+}
+
+/// Adds `prefix` to the allowed IPs of `owner` in every other node's peer table (a LAN behind
+/// it, or another workload it holds).
+fn route_prefix(sim: &mut Sim, owner: usize, prefix: &str) {
+    let owner_key = sim.nodes[owner].key.public_key();
+    for i in 0..sim.nodes.len() {
+        let mut config = sim.nodes[i].device.config();
+        for p in config
+            .peers
+            .iter_mut()
+            .filter(|p| p.public_key == owner_key)
+        {
+            p.allowed_ips.push(prefix.parse().unwrap());
+        }
+        sim.nodes[i].device.set_config(config);
+    }
+}
+
+/// Gives every node every other node's endpoint, as in a mesh made by the coordinator.
+fn know_every_endpoint(sim: &mut Sim) {
+    for i in 0..sim.nodes.len() {
+        let mut config = sim.nodes[i].device.config();
+        for p in &mut config.peers {
+            let j = sim
+                .nodes
+                .iter()
+                .position(|n| n.key.public_key() == p.public_key)
+                .unwrap();
+            p.endpoint = Some(sim.nodes[j].addr);
+        }
+        sim.nodes[i].device.set_config(config);
+    }
+}
+
+fn spoofed(sim: &Sim, node: usize) -> u64 {
+    sim.nodes[node]
+        .device
+        .status(SystemTime::now())
+        .peers
+        .iter()
+        .map(|p| p.drops.spoofed_source)
+        .sum()
+}
+
+#[test]
+fn a_relayed_packet_needs_a_node_address_as_source_and_the_workload_as_destination() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    // Node 0 routes a LAN and holds another workload address; node 2 holds WORKLOAD, which
+    // node 1 held before and may relay to it for the grace period.
+    route_prefix(&mut sim, 0, "10.1.0.0/24");
+    route_prefix(&mut sim, 0, "100.64.50.11/32");
+    route_workload(&mut sim, 2);
+    assert!(sim.ping(1, 2, b"1 to 2"));
+    let k1 = sim.nodes[1].key.public_key();
+    let node_addresses = sim.nodes.iter().take(2).map(|n| n.overlay.into());
+    sim.nodes[2].device.set_workload_routing(WorkloadRouting {
+        relay_from: [(WORKLOAD.into(), k1)].into(),
+        relay_sources: node_addresses.collect(),
+        ..WorkloadRouting::default()
+    });
+    // Node 1 relays: what it sends carries other senders' addresses.
+    let relay = |sim: &mut Sim, src: Ipv4Addr, dst: Ipv4Addr, tag: &[u8]| -> bool {
+        let p = ipv4(src, dst, tag);
+        let before = sim.nodes[2].delivered.len();
+        sim.send(1, &p);
+        sim.nodes[2].delivered[before..].contains(&p)
+    };
+    let (n0, n2) = (sim.nodes[0].overlay, sim.nodes[2].overlay);
+    assert!(
+        relay(&mut sim, n0, WORKLOAD, b"from node 0"),
+        "a packet from a node's own address to the workload is relayed"
+    );
+    let spoofed_before = spoofed(&sim, 2);
+    assert!(
+        !relay(
+            &mut sim,
+            Ipv4Addr::new(10, 1, 0, 5),
+            WORKLOAD,
+            b"from a LAN"
+        ),
+        "a prefix a peer routes for others is no relayed sender"
+    );
+    assert!(
+        !relay(
+            &mut sim,
+            Ipv4Addr::new(100, 64, 50, 11),
+            WORKLOAD,
+            b"from a workload"
+        ),
+        "another workload address is no relayed sender"
+    );
+    assert!(
+        !relay(&mut sim, n0, n2, b"to node 2"),
+        "only packets for the workload address are relayed"
+    );
+    assert_eq!(spoofed(&sim, 2), spoofed_before + 3);
 }
 
 #[test]

@@ -116,14 +116,14 @@ pub struct Senders {
     pub nodes: Vec<NodeId>,
 }
 
-/// A workload address this node holds or is being prepared for, and the nodes that may relay
-/// packets to it from other senders (see [`Holdings::relays`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A workload address this node holds or is being prepared for, and the node that may relay
+/// packets of other senders to it (see [`Holdings::relays`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Relay {
     /// The workload address.
     pub address: IpAddr,
-    /// The nodes that may relay packets to it (never this node).
-    pub from: Vec<NodeId>,
+    /// The node that may relay packets to it (never this node).
+    pub from: NodeId,
 }
 
 /// The agent's side of fencing: which workload addresses this node may answer for, given the
@@ -133,8 +133,11 @@ pub struct Holdings {
     me: NodeId,
     /// The highest generation seen of each workload, by name, with the workload's id.
     seen: HashMap<String, (u64, u64)>,
-    /// When this node saw each workload's current generation first.
-    changed_at: HashMap<String, Instant>,
+    /// When this node first saw a workload at its newest generation: (id, generation,
+    /// instant). Kept by generation, so that neither a later map at the same generation nor
+    /// the workload leaving a map and coming back moves the instant: the windows a change
+    /// opens ([`Holdings::relays`], [`Holdings::senders`]) belong to that one change.
+    first_seen: HashMap<String, (u64, u64, Instant)>,
     /// The newest map's workloads, by name.
     current: BTreeMap<String, WorkloadInfo>,
     /// The lease: valid before this instant.
@@ -161,7 +164,7 @@ impl Holdings {
         Holdings {
             me,
             seen: HashMap::new(),
-            changed_at: HashMap::new(),
+            first_seen: HashMap::new(),
             current: BTreeMap::new(),
             lease_until: None,
             pending: None,
@@ -206,8 +209,10 @@ impl Holdings {
                 }
                 continue;
             }
-            if w.generation > seen.1 || !self.changed_at.contains_key(&w.name) {
-                self.changed_at.insert(w.name.clone(), now);
+            let first = self.first_seen.get(&w.name);
+            if first.is_none_or(|(id, generation, _)| (*id, *generation) != (w.id, w.generation)) {
+                self.first_seen
+                    .insert(w.name.clone(), (w.id, w.generation, now));
             }
             seen.1 = w.generation;
             next.insert(w.name.clone(), w.clone());
@@ -218,8 +223,6 @@ impl Holdings {
         let seen = &self.seen;
         self.tentative
             .retain(|name, (_, generation, _)| seen.get(name).is_some_and(|s| s.1 < *generation));
-        let current = &self.current;
-        self.changed_at.retain(|name, _| current.contains_key(name));
         for (name, held) in held_before {
             match self.current.get(&name) {
                 Some(w) if w.holder == Some(self.me) => {
@@ -423,13 +426,20 @@ impl Holdings {
         self.seen.get(name).map(|s| s.1)
     }
 
-    /// Whether `workload` changed holder less than its grace period before `now` (as this node
-    /// saw it): the window in which its previous holder may still relay packets for it.
+    /// Whether `workload` changed holder less than its grace period before `now`, counted
+    /// from the first map that showed this node the change (later maps at the same
+    /// generation do not count again).
     pub fn in_grace(&self, workload: &str, now: Instant) -> bool {
-        match (self.changed_at.get(workload), self.current.get(workload)) {
-            (Some(at), Some(w)) => now.saturating_duration_since(*at) < w.grace(),
-            _ => false,
-        }
+        self.current
+            .get(workload)
+            .and_then(|w| self.window_end(w))
+            .is_some_and(|end| now < end)
+    }
+
+    /// When the grace period of `w`'s latest change ends, as this node saw it.
+    fn window_end(&self, w: &WorkloadInfo) -> Option<Instant> {
+        let (id, generation, at) = self.first_seen.get(&w.name)?;
+        ((*id, *generation) == (w.id, w.generation)).then(|| *at + w.grace())
     }
 
     /// Who may send packets from each workload address at `now`: every candidate holder,
@@ -450,49 +460,63 @@ impl Holdings {
             .collect()
     }
 
-    /// The workload addresses this node holds at `now` or is being prepared for, and the
-    /// nodes that may relay packets to them from any sender: the previous holder, during the
-    /// grace period after the move ([`Holdings::in_grace`]), and the current one (for a move
-    /// being prepared here: it forwards once it has seen the move, so whatever it relays
-    /// comes after the switch).
+    /// The workload addresses this node holds at `now` or is being prepared for, and the one
+    /// node that may relay packets of other senders to each (the packets peers still send to
+    /// it because their maps are not updated yet):
+    ///
+    /// - held here at generation G: G's previous holder, for the grace period counted from
+    ///   the first map that showed this node G. Keyed by G: no later map, claim or restart of
+    ///   the session reopens it; only another change of holder opens another window.
+    /// - being prepared here: the current holder (it forwards once it has seen the move, so
+    ///   whatever it relays comes after the switch), until the preparation ends.
+    ///
+    /// # Security
+    ///
+    /// The new holder cannot tell a packet the relay received from a peer from one it made
+    /// up; the window is what bounds what a relay can send. The data plane narrows it further
+    /// (a peer's own node address as source, the workload address as destination).
     pub fn relays(&self, now: Instant) -> Vec<Relay> {
         let held = self.held_named(now);
         self.current
             .values()
-            .filter(|w| {
-                held.contains_key(&w.name)
-                    || self
-                        .tentative
-                        .get(&w.name)
-                        .is_some_and(|(_, _, until)| now < *until)
-            })
-            .map(|w| {
-                let previous = w.previous.filter(|_| self.in_grace(&w.name, now));
-                Relay {
+            .filter_map(|w| {
+                let from = if held.contains_key(&w.name) {
+                    w.previous.filter(|_| self.in_grace(&w.name, now))?
+                } else if self
+                    .tentative
+                    .get(&w.name)
+                    .is_some_and(|(_, _, until)| now < *until)
+                {
+                    w.holder?
+                } else {
+                    return None;
+                };
+                (from != self.me).then(|| Relay {
                     address: w.ip(),
-                    from: previous
-                        .iter()
-                        .chain(w.holder.iter())
-                        .copied()
-                        .filter(|n| *n != self.me)
-                        .collect(),
-                }
+                    from,
+                })
             })
-            .filter(|r| !r.from.is_empty())
             .collect()
     }
 
-    /// The next instant after `now` at which [`Holdings::held`], [`Holdings::forwards`] or
-    /// [`Holdings::tentative`] may change by time alone (a lease, a forward or a prepared
-    /// move ending). Heartbeats are paced apart: [`Holdings::next_heartbeat`].
+    /// The next instant after `now` at which [`Holdings::held`], [`Holdings::forwards`],
+    /// [`Holdings::tentative`], [`Holdings::relays`] or [`Holdings::senders`] may change by
+    /// time alone (a lease, a forward, a prepared move or a change's grace period ending).
+    /// Heartbeats are paced apart: [`Holdings::next_heartbeat`].
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
         let lease = self.lease_until.filter(|_| self.is_holder());
         let forwards = self.forwards.values().map(|f| f.until);
         let tentative = self.tentative.values().map(|(_, _, until)| *until);
+        let windows = self
+            .current
+            .values()
+            .filter(|w| w.previous.is_some())
+            .filter_map(|w| self.window_end(w));
         lease
             .into_iter()
             .chain(forwards)
             .chain(tentative)
+            .chain(windows)
             .filter(|t| *t > now)
             .min()
     }
@@ -793,6 +817,47 @@ pub(crate) mod tests {
             h.held(t0).is_empty(),
             "and then the map says another node holds it"
         );
+    }
+
+    #[test]
+    fn a_relay_window_belongs_to_one_move_and_never_reopens() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let relayers = |h: &Holdings, t: Instant| -> Vec<NodeId> {
+            h.relays(t).into_iter().map(|r| r.from).collect()
+        };
+        // Node 2 holds chat at generation 2, taken from node 1 (grace: 1000 ms).
+        let mut moved = wl("chat", Some(2), 2);
+        moved.previous = Some(1);
+        let mut h = Holdings::new(2);
+        h.on_map(&map(1, &[moved.clone()]), t0);
+        let s = h.heartbeat_now(t0);
+        h.on_lease(s, Duration::from_secs(60), 1);
+        assert_eq!(relayers(&h, t0), vec![1]);
+        assert_eq!(h.relays(t0)[0].address, moved.ip());
+        // A later map at the same generation does not restart the window.
+        h.on_map(&map(2, &[moved.clone()]), t0 + ms(900));
+        assert_eq!(relayers(&h, t0 + ms(999)), vec![1]);
+        assert!(
+            relayers(&h, t0 + ms(1000)).is_empty(),
+            "the grace period is over"
+        );
+        // Nor does the workload leaving a map and coming back at the same generation.
+        h.on_map(&map(3, &[]), t0 + ms(1100));
+        h.on_map(&map(4, &[moved.clone()]), t0 + ms(1200));
+        assert_eq!(h.held(t0 + ms(1200)).len(), 1);
+        assert!(
+            relayers(&h, t0 + ms(1300)).is_empty(),
+            "the window of generation 2 does not reopen"
+        );
+
+        // Node 3, prepared to take it at generation 3, takes relays from the holder it takes
+        // over from (node 2), never from the one before (node 1), even within its grace.
+        let mut h = Holdings::new(3);
+        h.on_map(&map(1, &[moved.clone()]), t0);
+        h.on_prepare("chat", 3, t0 + ms(10));
+        assert_eq!(relayers(&h, t0 + ms(20)), vec![2]);
+        assert!(relayers(&h, t0 + ms(10) + PREPARE_HOLD).is_empty());
     }
 
     #[test]

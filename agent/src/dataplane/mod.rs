@@ -22,7 +22,7 @@ pub mod batch;
 pub mod noise;
 pub mod status;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -145,10 +145,15 @@ pub struct WorkloadRouting {
     /// workload address from every node that may hold it, so that the answers of a new holder
     /// are not dropped while this node has not yet learned of the move.
     pub also_from: HashMap<IpAddr, Vec<PublicKey>>,
-    /// Workload addresses held here, and the peers that may relay packets to them from any
-    /// inner source: their previous holders, which forward what still reaches them after a
-    /// move (the packets keep their original senders' addresses).
-    pub relay_from: HashMap<IpAddr, Vec<PublicKey>>,
+    /// Workload addresses held here (or being prepared), and the one peer that may relay
+    /// packets of other senders to each: the previous holder, which forwards what peers still
+    /// send it after a move (the packets keep their senders' addresses), for the move's grace
+    /// period only (see `meshlink_proto::workload::Holdings::relays`).
+    pub relay_from: HashMap<IpAddr, PublicKey>,
+    /// The inner sources a relayed packet may carry: the node addresses of the network's other
+    /// nodes. Never a prefix a peer routes for others (a LAN behind it) or a workload address:
+    /// a relay cannot speak for those.
+    pub relay_sources: HashSet<IpAddr>,
 }
 
 struct Table {
@@ -477,18 +482,17 @@ impl Device {
         match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
             NoiseOutput::Tunnel(packet, src) => {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
-                // or a workload address the peer may hold.
+                // or a workload address the peer may send from, or (a packet the previous
+                // holder of a workload address held here relays to it) a node's own address.
                 let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer))
                     || t.workloads
                         .also_from
                         .get(&src)
                         .is_some_and(|keys| keys.contains(&peer.key))
                     || (!t.workloads.relay_from.is_empty()
-                        && destination(packet)
-                            .and_then(|d| t.workloads.relay_from.get(&d))
-                            .is_some_and(|keys| keys.contains(&peer.key))
-                        // A relayed packet comes from one of our peers' addresses.
-                        && t.routes.lookup(src).is_some());
+                        && destination(packet).and_then(|d| t.workloads.relay_from.get(&d))
+                            == Some(&peer.key)
+                        && t.workloads.relay_sources.contains(&src));
                 if owner_ok {
                     let n = packet.len();
                     let next = if t.workloads.forward.is_empty() {
