@@ -16,8 +16,8 @@
 //!   environment and flags alone, and there are no peers.
 //! * Environment variables: `MESHLINK_INTERFACE`, `MESHLINK_PRIVATE_KEY_FILE`,
 //!   `MESHLINK_LISTEN_PORT`, `MESHLINK_ADDRESSES` (comma-separated), `MESHLINK_MTU`,
-//!   `MESHLINK_FWMARK`, `MESHLINK_UAPI_DIR`. A variable that is empty counts as unset. Other
-//!   `MESHLINK_*` variables are ignored here.
+//!   `MESHLINK_FWMARK`, `MESHLINK_UAPI_DIR`, `MESHLINK_MAX_CACHED_MAP_AGE`. A variable that is
+//!   empty counts as unset. Other `MESHLINK_*` variables are ignored here.
 //! * Flags, as [`Overrides`].
 //!
 //! Relative paths inside a TOML file (`private_key_file`, `preshared_key_file`, `uapi_dir`)
@@ -46,6 +46,7 @@ use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use meshlink_proto::{Key, PublicKey};
@@ -53,8 +54,8 @@ use serde::Deserialize;
 
 use crate::keyfile::{self, KeyFileError};
 use crate::settings::{
-    DeviceConfig, PeerConfig, PrivateKey, Settings, DEFAULT_INTERFACE, DEFAULT_MTU,
-    DEFAULT_UAPI_DIR,
+    DeviceConfig, PeerConfig, PrivateKey, Settings, DEFAULT_INTERFACE, DEFAULT_MAX_CACHED_MAP_AGE,
+    DEFAULT_MTU, DEFAULT_UAPI_DIR,
 };
 
 /// Environment variable naming a TOML configuration file.
@@ -75,6 +76,8 @@ pub const ENV_MTU: &str = "MESHLINK_MTU";
 pub const ENV_FWMARK: &str = "MESHLINK_FWMARK";
 /// Environment variable for the userspace API socket directory.
 pub const ENV_UAPI_DIR: &str = "MESHLINK_UAPI_DIR";
+/// Environment variable for the longest trust in an unconfirmed network map.
+pub const ENV_MAX_CACHED_MAP_AGE: &str = "MESHLINK_MAX_CACHED_MAP_AGE";
 
 /// The smallest MTU accepted.
 pub const MIN_MTU: u16 = 576;
@@ -84,6 +87,9 @@ pub const MIN_MTU_IPV6: u16 = 1280;
 pub const MAX_MTU: u16 = 9000;
 /// The longest interface name Linux accepts, in bytes.
 pub const MAX_INTERFACE_LEN: usize = 15;
+
+/// The longest `max_cached_map_age` accepted short of `never`: ten years.
+pub const MAX_MAP_AGE: Duration = Duration::from_secs(3650 * 24 * 3600);
 
 /// The largest wg-quick or TOML file read, in bytes.
 const CONFIG_FILE_LIMIT: u64 = 1 << 20;
@@ -107,6 +113,8 @@ pub struct Overrides {
     pub fwmark: Option<u32>,
     /// `--uapi-dir`.
     pub uapi_dir: Option<PathBuf>,
+    /// `--max-cached-map-age`: a duration (`90s`, `12h`, `7d`) or `never`.
+    pub max_cached_map_age: Option<String>,
 }
 
 /// Where a configuration value came from; errors name it.
@@ -255,6 +263,32 @@ pub fn load_settings(
     load_with(config, wg_quick, overrides, env, &system_resolve)
 }
 
+/// Whether the TOML configuration file at `path` describes a node with static peers (it names
+/// a private key or peers), rather than only the local settings of a mesh node (interface,
+/// MTU, socket directory, ...), whose key and peers come from its state directory and the
+/// coordinator.
+///
+/// # Errors
+/// [`ConfigError::Read`] or [`ConfigError::Syntax`], as [`load_settings`] would report them.
+pub fn names_static_peers(path: &Path) -> Result<bool, ConfigError> {
+    let text = read_toml_text(path)?;
+    let raw: TomlFile = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+    Ok(raw.private_key_file.is_some() || !raw.peers.is_empty())
+}
+
+/// A TOML configuration file's text.
+fn read_toml_text(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    String::from_utf8(text).map_err(|e| ConfigError::Syntax {
+        path: path.to_path_buf(),
+        line: line_of(e.as_bytes(), e.utf8_error().valid_up_to()),
+        message: "the file is not UTF-8 text".to_string(),
+    })
+}
+
 /// Resolves a host name and port to addresses.
 type Resolver = dyn Fn(&str, u16) -> io::Result<Vec<SocketAddr>>;
 
@@ -295,6 +329,8 @@ struct Layer {
     mtu: Option<Val<u16>>,
     fwmark: Option<Val<u32>>,
     uapi_dir: Option<Val<PathBuf>>,
+    /// `Some(None)`: `never`.
+    max_cached_map_age: Option<Val<Option<Duration>>>,
 }
 
 /// A file's settings and its peers, each peer with where its public key was given.
@@ -325,15 +361,7 @@ fn load_with(
     let file = match choose_file(config, wg_quick, &env)? {
         None => FileLayer::default(),
         Some((FileKind::Toml, path, _)) => {
-            let text = std::fs::read(&path).map_err(|source| ConfigError::Read {
-                path: path.clone(),
-                source,
-            })?;
-            let text = String::from_utf8(text).map_err(|e| ConfigError::Syntax {
-                path: path.clone(),
-                line: line_of(e.as_bytes(), e.utf8_error().valid_up_to()),
-                message: "the file is not UTF-8 text".to_string(),
-            })?;
+            let text = read_toml_text(&path)?;
             parse_toml(&path, &text, resolve)?
         }
         Some((FileKind::WgQuick, path, named_by)) => {
@@ -431,6 +459,11 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
         .or(env.uapi_dir)
         .or(file_layer.uapi_dir)
         .map_or_else(|| PathBuf::from(DEFAULT_UAPI_DIR), |v| v.value);
+    let max_cached_map_age = flags
+        .max_cached_map_age
+        .or(env.max_cached_map_age)
+        .or(file_layer.max_cached_map_age)
+        .map_or(Some(DEFAULT_MAX_CACHED_MAP_AGE), |v| v.value);
     let key_source = flags
         .private_key
         .or(env.private_key)
@@ -484,6 +517,7 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
             fwmark,
             peers: peers.into_iter().map(|(p, _)| p).collect(),
         },
+        max_cached_map_age,
     })
 }
 
@@ -533,6 +567,10 @@ fn flag_layer(o: &Overrides) -> Result<Layer, ConfigError> {
         check_path(dir).map_err(invalid("--uapi-dir"))?;
         layer.uapi_dir = Some(Val::new(dir.clone(), Origin::Flag("--uapi-dir")));
     }
+    if let Some(age) = &o.max_cached_map_age {
+        let value = parse_map_age(age).map_err(invalid("--max-cached-map-age"))?;
+        layer.max_cached_map_age = Some(Val::new(value, Origin::Flag("--max-cached-map-age")));
+    }
     Ok(layer)
 }
 
@@ -576,6 +614,10 @@ fn env_layer(env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError>
     if let Some(dir) = env(ENV_UAPI_DIR) {
         layer.uapi_dir = Some(Val::new(PathBuf::from(dir), Origin::Env(ENV_UAPI_DIR)));
     }
+    if let Some(age) = env(ENV_MAX_CACHED_MAP_AGE) {
+        let value = parse_map_age(&age).map_err(invalid(ENV_MAX_CACHED_MAP_AGE))?;
+        layer.max_cached_map_age = Some(Val::new(value, Origin::Env(ENV_MAX_CACHED_MAP_AGE)));
+    }
     Ok(layer)
 }
 
@@ -595,6 +637,7 @@ struct TomlFile {
     mtu: Option<i64>,
     fwmark: Option<i64>,
     uapi_dir: Option<String>,
+    max_cached_map_age: Option<String>,
     #[serde(default)]
     peers: Vec<TomlPeer>,
 }
@@ -665,6 +708,10 @@ fn parse_toml(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLayer, 
     if let Some(dir) = &raw.uapi_dir {
         check_path(Path::new(dir)).map_err(invalid("uapi_dir"))?;
         layer.uapi_dir = Some(Val::new(base.join(dir), at("uapi_dir".into())));
+    }
+    if let Some(age) = &raw.max_cached_map_age {
+        let value = parse_map_age(age).map_err(invalid("max_cached_map_age"))?;
+        layer.max_cached_map_age = Some(Val::new(value, at("max_cached_map_age".into())));
     }
 
     let mut peers: Vec<(PeerConfig, Origin)> = Vec::with_capacity(raw.peers.len());
@@ -1163,6 +1210,51 @@ fn parse_fwmark(s: &str) -> Result<u32, String> {
     parsed.map_err(|_| {
         format!("{s:?} is not a firewall mark (a number up to 4294967295, 0x hex, or off)")
     })
+}
+
+/// Parses a duration for `max_cached_map_age`: a whole number with a unit, `s`, `m`, `h` or
+/// `d` (`90s`, `30m`, `12h`, `7d`; a bare number is seconds), up to ten years, or `never`
+/// (`None`: no limit).
+pub fn parse_map_age(s: &str) -> Result<Option<Duration>, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("never") {
+        return Ok(None);
+    }
+    let digits = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(digits);
+    let unit_secs: u64 = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 24 * 3600,
+        _ => u64::MAX,
+    };
+    let n: Option<u64> = number.parse().ok();
+    match n.zip((unit_secs != u64::MAX).then_some(unit_secs)) {
+        Some((n, unit)) => match n.checked_mul(unit).map(Duration::from_secs) {
+            Some(d) if d <= MAX_MAP_AGE => Ok(Some(d)),
+            _ => Err(format!(
+                "{s:?} is longer than ten years; write never for no limit"
+            )),
+        },
+        None => Err(format!(
+            "{s:?} is not a duration such as 90s, 30m, 12h or 7d, or never"
+        )),
+    }
+}
+
+/// Writes a duration as [`parse_map_age`] reads it, in the largest unit that divides it.
+pub fn format_map_age(age: Option<Duration>) -> String {
+    let Some(age) = age else {
+        return "never".to_string();
+    };
+    let secs = age.as_secs();
+    for (unit, size) in [("d", 24 * 3600), ("h", 3600), ("m", 60)] {
+        if secs >= size && secs % size == 0 {
+            return format!("{}{unit}", secs / size);
+        }
+    }
+    format!("{secs}s")
 }
 
 /// Parses a persistent keepalive: seconds, with 0 or `off` meaning none.
@@ -1728,6 +1820,7 @@ endpoint = "peer.example:7000"
             mtu: Some(1280),
             fwmark: Some(0),
             uapi_dir: Some("/flag".into()),
+            max_cached_map_age: None,
         };
         let s = f.toml(file, &flags, &env).expect("valid");
         assert_eq!(s.interface, "flag0");
@@ -1744,6 +1837,100 @@ endpoint = "peer.example:7000"
         assert_eq!(s.mtu, 1350);
         assert_eq!(s.uapi_dir, PathBuf::from(DEFAULT_UAPI_DIR));
         assert!(s.device.peers.is_empty());
+    }
+
+    #[test]
+    fn max_cached_map_age_from_each_source() {
+        let f = Fixture::new();
+        let file = "private_key_file = \"KEY\"\n";
+        let day = Duration::from_secs(24 * 3600);
+        let s = f.toml(file, &Overrides::default(), &no_env).expect("valid");
+        assert_eq!(s.max_cached_map_age, Some(7 * day), "the default is a week");
+        let with_key = format!("{file}max_cached_map_age = \"36h\"\n");
+        let s = f
+            .toml(&with_key, &Overrides::default(), &no_env)
+            .expect("valid");
+        assert_eq!(s.max_cached_map_age, Some(Duration::from_secs(36 * 3600)));
+        let env = env_from(&[(ENV_MAX_CACHED_MAP_AGE, "never")]);
+        let s = f
+            .toml(&with_key, &Overrides::default(), &env)
+            .expect("valid");
+        assert_eq!(s.max_cached_map_age, None, "the variable beats the file");
+        let flags = Overrides {
+            max_cached_map_age: Some("90s".into()),
+            ..Overrides::default()
+        };
+        let s = f.toml(&with_key, &flags, &env).expect("valid");
+        assert_eq!(s.max_cached_map_age, Some(Duration::from_secs(90)));
+
+        let msg = f.toml_err(&format!("{file}max_cached_map_age = \"a week\"\n"));
+        assert!(
+            msg.contains("agent.toml: max_cached_map_age: \"a week\" is not a duration"),
+            "{msg}"
+        );
+        let env = env_from(&[(ENV_MAX_CACHED_MAP_AGE, "5y")]);
+        let msg = f
+            .toml(file, &Overrides::default(), &env)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            msg.contains("environment variable MESHLINK_MAX_CACHED_MAP_AGE"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_key_and_peers_is_a_mesh_nodes() {
+        let f = Fixture::new();
+        let mesh = f.write(
+            "mesh.toml",
+            "mtu = 1380\nmax_cached_map_age = \"1d\"\n",
+            0o644,
+        );
+        assert!(!names_static_peers(&mesh).unwrap());
+        let keyed = f.write("keyed.toml", "private_key_file = \"k\"\n", 0o644);
+        assert!(names_static_peers(&keyed).unwrap());
+        let peers = format!("[[peers]]\npublic_key = \"{}\"\n", pubkey(2));
+        let peers = f.write("peers.toml", &peers, 0o644);
+        assert!(names_static_peers(&peers).unwrap());
+        let bad = f.write("bad.toml", "mtu = \n", 0o644);
+        let msg = names_static_peers(&bad).unwrap_err().to_string();
+        assert!(msg.contains("bad.toml line 1"), "{msg}");
+    }
+
+    #[test]
+    fn map_ages_parse_and_print() {
+        for (text, secs) in [
+            ("45", Some(45)),
+            ("45s", Some(45)),
+            ("30m", Some(1800)),
+            (" 12h ", Some(43200)),
+            ("7d", Some(604_800)),
+            ("0s", Some(0)),
+            ("NEVER", None),
+        ] {
+            let age = parse_map_age(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(age, secs.map(Duration::from_secs), "{text}");
+        }
+        for bad in [
+            "",
+            "d",
+            "7w",
+            "-1d",
+            "1.5h",
+            "3651d",
+            "99999999999999999999d",
+        ] {
+            assert!(parse_map_age(bad).is_err(), "{bad:?} accepted");
+        }
+        for (secs, text) in [(604_800, "7d"), (90, "90s"), (7200, "2h"), (120, "2m")] {
+            assert_eq!(format_map_age(Some(Duration::from_secs(secs))), text);
+            assert_eq!(
+                parse_map_age(text).unwrap(),
+                Some(Duration::from_secs(secs))
+            );
+        }
+        assert_eq!(format_map_age(None), "never");
     }
 
     #[test]

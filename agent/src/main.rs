@@ -7,14 +7,15 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use meshlink_agent::config::{self, Overrides};
 use meshlink_agent::control::coordinators::Coordinators;
-use meshlink_agent::control::state::{self, StateDir};
+use meshlink_agent::control::state::{self, MapTrust, StateDir};
 use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
 use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
 use meshlink_agent::token_source::TokenSource;
 use meshlink_agent::{run, uapi};
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::token::JoinToken;
-use meshlink_proto::Key;
+use meshlink_proto::{Key, Netmap};
+use std::time::{Duration, Instant};
 
 /// meshlink agent: WireGuard tunnels through a TUN device.
 #[derive(Parser)]
@@ -38,7 +39,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// Agent configuration file (TOML; see configs/agent.static.example.toml). Env: MESHLINK_CONFIG.
+    /// Agent configuration file (TOML; see configs/agent.static.example.toml): static peers
+    /// and their key, or, without private_key_file and peers, a mesh node's local settings.
+    /// Env: MESHLINK_CONFIG.
     #[arg(long, value_name = "FILE", conflicts_with = "wg_quick")]
     config: Option<PathBuf>,
     /// A stock wg-quick configuration file instead. Env: MESHLINK_WG_QUICK.
@@ -65,14 +68,20 @@ struct UpArgs {
     /// Directory of the userspace API socket [default: /var/run/wireguard]. Env: MESHLINK_UAPI_DIR.
     #[arg(long, value_name = "DIR")]
     uapi_dir: Option<PathBuf>,
+    /// A mesh node's longest trust in a network map no coordinator has confirmed since: a
+    /// cached map older than this is not used at start, and peers are dropped when the map
+    /// gets this old without a coordinator. 90s, 30m, 12h, 7d or never [default: 7d].
+    /// Env: MESHLINK_MAX_CACHED_MAP_AGE.
+    #[arg(long, value_name = "AGE")]
+    max_cached_map_age: Option<String>,
     /// Join a network with the token (from `meshctl token create`) in FILE; group or others
     /// should not be able to read it. Env: MESHLINK_TOKEN_FILE.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["config", "wg_quick", "token"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["wg_quick", "token"])]
     token_file: Option<PathBuf>,
     /// Join a network with this token; `-` reads it from standard input. A token given here is
     /// visible to every local user in /proc/PID/cmdline: prefer --token-file, `--token -` or
     /// the MESHLINK_TOKEN variable.
-    #[arg(long, value_name = "TOKEN|-", conflicts_with_all = ["config", "wg_quick"])]
+    #[arg(long, value_name = "TOKEN|-", conflicts_with = "wg_quick")]
     token: Option<String>,
     /// Node name to ask for at join [default: chosen by the coordinator].
     #[arg(long, env = "MESHLINK_NAME")]
@@ -164,12 +173,24 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         .init();
     // The token is read first, so that bad input is reported before anything is touched.
     let source = TokenSource::choose(args.token, args.token_file, &config::process_env)?;
+    let given = |var: &str| config::process_env(var).is_some_and(|x| !x.trim().is_empty());
+    // A TOML file names static peers (with their key), or holds a mesh node's local settings.
+    let config_file = args.config.clone().or_else(|| {
+        config::process_env(config::ENV_CONFIG)
+            .filter(|x| !x.trim().is_empty())
+            .map(PathBuf::from)
+    });
+    let static_file = match &config_file {
+        Some(path) => config::names_static_peers(path)?,
+        None => false,
+    };
+    let wg_quick = args.wg_quick.is_some() || given(config::ENV_WG_QUICK);
     if let Some(source) = &source {
-        // The flags conflict in clap already; this catches the variables.
-        if args.config.is_some() || args.wg_quick.is_some() {
+        if static_file || wg_quick {
             anyhow::bail!(
-                "a join token ({source}) makes a mesh node and --config or --wg-quick a node \
-                 with static peers: give one of them"
+                "a join token ({source}) makes a mesh node and a configuration file with \
+                 static peers (--config or --wg-quick, or their variables) a node with static \
+                 peers: give one of them"
             );
         }
     }
@@ -187,26 +208,23 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         mtu: args.mtu,
         fwmark: args.fwmark,
         uapi_dir: args.uapi_dir,
+        max_cached_map_age: args.max_cached_map_age,
     };
-    // Static peers come from a config or wg-quick file, or at least a private key given by
-    // flag or variable; without any of those the agent is a mesh node (joined or joining).
-    let static_source = args.config.is_some()
-        || args.wg_quick.is_some()
+    // Static peers come from a config file naming them or a key, a wg-quick file, or at least
+    // a private key given by flag or variable; without any of those the agent is a mesh node
+    // (joined or joining).
+    let static_source = static_file
+        || wg_quick
         || overrides.private_key_file.is_some()
-        || [
-            "MESHLINK_CONFIG",
-            "MESHLINK_WG_QUICK",
-            "MESHLINK_PRIVATE_KEY_FILE",
-        ]
-        .iter()
-        .any(|v| config::process_env(v).is_some_and(|x| !x.is_empty()));
+        || given(config::ENV_PRIVATE_KEY_FILE);
     let mesh_mode = token.is_some() || !static_source;
     let rt = runtime()?;
     if mesh_mode {
         let state = StateDir::open(&args.state_dir)?;
         let key = state.private_key()?;
         overrides.private_key_file = Some(state.key_path());
-        let settings = config::load_settings(None, None, &overrides, &config::process_env)?;
+        let local = config_file.as_deref().filter(|_| !static_file);
+        let settings = config::load_settings(local, None, &overrides, &config::process_env)?;
         let labels = args.labels.into_iter().collect();
         return rt.block_on(up_mesh(
             settings,
@@ -268,14 +286,14 @@ async fn up_mesh(
     name: Option<String>,
     labels: std::collections::BTreeMap<String, String>,
 ) -> anyhow::Result<()> {
-    let (node, map, first) = match state.node()? {
+    let max_age = settings.max_cached_map_age;
+    let (node, map, first, trust) = match state.node()? {
         Some(node) => {
             if token.is_some() {
                 tracing::info!(name = %node.name, network = %node.network, "already joined; the token is not used (remove {} to join again)", state.path().join("node.json").display());
             }
-            let map = state.netmap()?.unwrap_or_default();
-            tracing::info!(name = %node.name, peers = map.peers.len().saturating_sub(1), "starting from the cached network map");
-            (node, map, None)
+            let (map, trust) = cached_map(&state, max_age)?;
+            (node, map, None, trust)
         }
         None => {
             let token = token.ok_or_else(|| {
@@ -327,7 +345,8 @@ async fn up_mesh(
             state.save_node(&node)?;
             state.save_netmap(&map)?;
             tracing::info!(name = %node.name, network = %node.network, addresses = ?node.addresses, "joined");
-            (node, map.clone(), Some((session, map)))
+            let trust = MapTrust::new(max_age, Some(Duration::ZERO), Instant::now());
+            (node, map.clone(), Some((session, map)), trust)
         }
     };
     settings.addresses = node.addresses.clone();
@@ -347,7 +366,7 @@ async fn up_mesh(
     ));
     let (claims_tx, claims_rx) = tokio::sync::mpsc::channel(16);
     let control = MeshControl::new(
-        state,
+        state.clone(),
         node.clone(),
         public_key,
         tx,
@@ -364,10 +383,59 @@ async fn up_mesh(
             control,
             shared,
             claims: claims_tx,
+            state,
+            trust,
         }),
     )
     .await?;
     Ok(())
+}
+
+/// The map a joined node starts from: the cached one while it is trusted (see
+/// [`MapTrust`]), else none: the node then waits for a coordinator rather than bring up peers
+/// that may have been revoked meanwhile.
+fn cached_map(state: &StateDir, max_age: Option<Duration>) -> anyhow::Result<(Netmap, MapTrust)> {
+    let now = Instant::now();
+    let Some(cached) = state.netmap()? else {
+        // Nothing cached: nothing to distrust.
+        return Ok((
+            Netmap::default(),
+            MapTrust::new(max_age, Some(Duration::ZERO), now),
+        ));
+    };
+    let age = cached.age(std::time::SystemTime::now());
+    let trust = MapTrust::new(max_age, age, now);
+    let peers = cached.map.peers.len().saturating_sub(1);
+    if trust.expired(now) {
+        let when = match age {
+            Some(age) => format!("{} ago", rough(age)),
+            None => "at an unknown time (an older agent cached it)".to_string(),
+        };
+        tracing::warn!(
+            peers,
+            "the cached network map was last confirmed by a coordinator {when}, longer ago than \
+             max_cached_map_age ({}): its peers are not brought up; waiting for a coordinator",
+            config::format_map_age(max_age)
+        );
+        return Ok((Netmap::default(), trust));
+    }
+    tracing::info!(
+        peers,
+        age = %age.map_or_else(|| "unknown".to_string(), rough),
+        "starting from the cached network map"
+    );
+    Ok((cached.map, trust))
+}
+
+/// A duration for people: in its largest whole unit, `3d`, `5h`, `12m` or `40s`.
+fn rough(age: Duration) -> String {
+    let secs = age.as_secs();
+    match secs {
+        s if s >= 2 * 86_400 => format!("{}d", s / 86_400),
+        s if s >= 2 * 3600 => format!("{}h", s / 3600),
+        s if s >= 2 * 60 => format!("{}m", s / 60),
+        s => format!("{s}s"),
+    }
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<()> {

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use boringtun::x25519;
 use ipnet::IpNet;
@@ -18,6 +19,10 @@ pub const DEFAULT_INTERFACE: &str = "mesh0";
 pub const DEFAULT_MTU: u16 = 1420;
 /// The default directory of WireGuard userspace API sockets, where `wg` looks for them.
 pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+
+/// How long a mesh node trusts a network map that no coordinator has confirmed since, by
+/// default: a week (see [`Settings::max_cached_map_age`]).
+pub const DEFAULT_MAX_CACHED_MAP_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A private X25519 key. It is generated on the host that uses it, read from a 0600 file and
 /// never printed: `Debug` hides it.
@@ -103,4 +108,11 @@ pub struct Settings {
     pub uapi_dir: PathBuf,
     /// The WireGuard device.
     pub device: DeviceConfig,
+    /// A mesh node's longest trust in a network map that no coordinator has confirmed since
+    /// (a map is confirmed when it arrives and all the while a control session is up):
+    /// an agent started from a cached map older than this waits for a coordinator instead of
+    /// bringing up its peers, and a running agent without a coordinator drops its peers when
+    /// its map gets this old. So a node that was away when a peer was revoked does not trust
+    /// the revoked peer forever. `None`: no limit. Static peers are not concerned.
+    pub max_cached_map_age: Option<Duration>,
 }

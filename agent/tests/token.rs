@@ -191,7 +191,9 @@ fn a_token_on_the_command_line_still_works_but_is_warned_about() {
 #[test]
 fn a_token_in_the_environment_does_not_mix_with_static_peers() {
     let scratch = Scratch::new();
-    let config = scratch.file("agent.toml", "", 0o600);
+    // A file naming a key (or peers) is a static node's; one without holds a mesh node's
+    // local settings, which a token may come with.
+    let config = scratch.file("agent.toml", "private_key_file = \"private.key\"\n", 0o600);
     let output = up(
         &scratch,
         &["--config", &shown(&config)],
@@ -203,4 +205,14 @@ fn a_token_in_the_environment_does_not_mix_with_static_peers() {
         stderr.contains("MESHLINK_TOKEN") && stderr.contains("--config"),
         "{stderr}"
     );
+    // A mesh node's file goes with the token: the token is read (and found damaged).
+    let local = scratch.file("mesh.toml", "mtu = 1380\n", 0o600);
+    let output = up(
+        &scratch,
+        &["--config", &shown(&local)],
+        &[("MESHLINK_TOKEN", DAMAGED)],
+        "",
+    );
+    let stderr = failure(&output, DAMAGED);
+    assert!(stderr.contains("damaged"), "{stderr}");
 }

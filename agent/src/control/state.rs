@@ -5,15 +5,21 @@
 //! - `private.key`: the WireGuard private key, made here and never sent anywhere;
 //! - `node.json`: node id, node secret, coordinator address and certificate pin, and what the
 //!   coordinator said about the node (name, network, addresses);
-//! - `netmap.json`: the cached map.
+//! - `netmap.json`: the cached map, with when a coordinator last confirmed it
+//!   ([`CachedMap`]).
 //!
 //! Writes go to a temporary file that is renamed into place, so a crash leaves the old file or
 //! the new one, never half of one.
+//!
+//! How long a map is trusted without a coordinator confirming it is [`MapTrust`]'s decision
+//! (pure: it is given the time).
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ipnet::IpNet;
 use meshlink_proto::{Netmap, NodeId};
@@ -113,10 +119,40 @@ pub enum StateError {
     Key(#[from] keyfile::KeyFileError),
 }
 
+/// The cached network map as `netmap.json` holds it: the map's own fields, plus when a
+/// coordinator last confirmed it.
+///
+/// An agent from before 2026-12 wrote the map alone and reads this file as a map (it ignores
+/// `received_at`); a file without `received_at` counts as confirmed at no known time, that is
+/// too long ago to be trusted when a maximum age is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CachedMap {
+    /// The map.
+    #[serde(flatten)]
+    pub map: Netmap,
+    /// Unix seconds when this map arrived from a coordinator, or when a control session last
+    /// showed it current (it is refreshed while one is up). Absent: unknown (an older agent
+    /// wrote the file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub received_at: Option<u64>,
+}
+
+impl CachedMap {
+    /// How long ago, at `now`, a coordinator last confirmed the map; `None` when unknown. A
+    /// time ahead of `now` (the clock went back) counts as now.
+    pub fn age(&self, now: SystemTime) -> Option<Duration> {
+        let at = UNIX_EPOCH + Duration::from_secs(self.received_at?);
+        Some(now.duration_since(at).unwrap_or_default())
+    }
+}
+
 /// The agent's state directory.
 #[derive(Debug, Clone)]
 pub struct StateDir {
     dir: PathBuf,
+    /// Held while `netmap.json` is written, so that refreshing its date (a read, then a write)
+    /// never puts back an older map that the control loop replaced meanwhile. Shared by clones.
+    map_lock: Arc<Mutex<()>>,
 }
 
 impl StateDir {
@@ -135,6 +171,7 @@ impl StateDir {
             })?;
         Ok(StateDir {
             dir: dir.to_path_buf(),
+            map_lock: Arc::new(Mutex::new(())),
         })
     }
 
@@ -221,20 +258,120 @@ impl StateDir {
         let _ = fs::remove_file(self.dir.join("netmap.json"));
     }
 
-    /// The cached network map.
+    /// The cached network map and when it was last confirmed.
     ///
     /// # Errors
     /// [`StateError`] when the file is unreadable or damaged.
-    pub fn netmap(&self) -> Result<Option<Netmap>, StateError> {
+    pub fn netmap(&self) -> Result<Option<CachedMap>, StateError> {
         self.read_json("netmap.json")
     }
 
-    /// Caches the network map.
+    /// Caches the network map, which just arrived from a coordinator.
     ///
     /// # Errors
     /// [`StateError::Io`].
     pub fn save_netmap(&self, map: &Netmap) -> Result<(), StateError> {
-        self.write_json("netmap.json", map)
+        self.save_netmap_at(map, SystemTime::now())
+    }
+
+    /// Caches the network map, received at `at`.
+    ///
+    /// # Errors
+    /// [`StateError::Io`].
+    pub fn save_netmap_at(&self, map: &Netmap, at: SystemTime) -> Result<(), StateError> {
+        let _writing = self.map_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = CachedMap {
+            map: map.clone(),
+            received_at: Some(unix_secs(at)),
+        };
+        self.write_json("netmap.json", &cached)
+    }
+
+    /// Records that a coordinator showed the map of `version` current at `at` (a control
+    /// session is up). A cached map of another version (the newer one is still on its way to
+    /// the cache), or none: nothing to do. Returns whether the date was written.
+    ///
+    /// # Errors
+    /// [`StateError`] when the file is unreadable, damaged or cannot be written.
+    pub fn confirm_netmap(&self, at: SystemTime, version: u64) -> Result<bool, StateError> {
+        let _writing = self.map_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut cached) = self.read_json::<CachedMap>("netmap.json")? else {
+            return Ok(false);
+        };
+        if cached.map.version != version {
+            return Ok(false);
+        }
+        cached.received_at = Some(unix_secs(at));
+        self.write_json("netmap.json", &cached)?;
+        Ok(true)
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// Whether the network map may still be used, given when a coordinator last confirmed it and
+/// whether a control session is up: the map is trusted while a session is up, and for
+/// `max_age` after the last instant one was (or after the cached map's date, at start).
+///
+/// Inputs are instants; it reads no clock. The shell asks [`MapTrust::expired`] at the
+/// instant [`MapTrust::poll_timeout`] names, and tells it when sessions come and go.
+#[derive(Debug, Clone)]
+pub struct MapTrust {
+    max_age: Option<Duration>,
+    /// When the map stops being trusted unless a session comes up; `None`: never.
+    deadline: Option<Instant>,
+    connected: bool,
+}
+
+impl MapTrust {
+    /// Trust in a map last confirmed `age` before `now` (`None`: at an unknown time, which is
+    /// too long ago unless `max_age` is `None`, no limit).
+    pub fn new(max_age: Option<Duration>, age: Option<Duration>, now: Instant) -> Self {
+        let deadline = max_age.map(|max| match age {
+            Some(age) if age < max => now + (max - age),
+            _ => now,
+        });
+        MapTrust {
+            max_age,
+            deadline,
+            connected: false,
+        }
+    }
+
+    /// A control session came up (`true`) or went away (`false`) at `now`. While one is up,
+    /// the map is current; after it went away, the map ages from that instant.
+    pub fn set_connected(&mut self, connected: bool, now: Instant) {
+        if self.connected && !connected {
+            self.confirmed(now);
+        }
+        self.connected = connected;
+    }
+
+    /// A coordinator confirmed the map at `now` (a new map arrived).
+    pub fn confirmed(&mut self, now: Instant) {
+        self.deadline = self.max_age.map(|max| now + max);
+    }
+
+    /// Whether the map is too old to be trusted at `now`: no session is up and none has
+    /// confirmed the map for `max_age`.
+    pub fn expired(&self, now: Instant) -> bool {
+        !self.connected && self.deadline.is_some_and(|d| now >= d)
+    }
+
+    /// The instant the map will expire if nothing changes; `None` when it will not (a session
+    /// is up, there is no limit, or it already expired).
+    pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
+        if self.connected || self.expired(now) {
+            return None;
+        }
+        self.deadline
+    }
+
+    /// The longest trust in an unconfirmed map (`None`: no limit).
+    pub fn max_age(&self) -> Option<Duration> {
+        self.max_age
     }
 }
 
@@ -288,6 +425,126 @@ mod tests {
         s.forget_node();
         assert!(s.node().unwrap().is_none());
         fs::remove_dir_all(&d).unwrap();
+    }
+
+    fn sample_map() -> Netmap {
+        let peer = meshlink_proto::netmap::PeerInfo {
+            node_id: 2,
+            name: "vm-b".into(),
+            public_key: meshlink_proto::PublicKey([2; 32]),
+            addresses: vec!["100.64.0.2/32".parse().unwrap()],
+            allowed_ips: Vec::new(),
+            endpoints: vec!["198.18.2.10:51820".parse().unwrap()],
+            labels: Default::default(),
+        };
+        Netmap {
+            version: 7,
+            peers: [(2, peer)].into_iter().collect(),
+            workloads: Default::default(),
+        }
+    }
+
+    #[test]
+    fn the_cached_map_says_when_it_was_confirmed_and_stays_readable_both_ways() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let map = sample_map();
+        let at = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        s.save_netmap_at(&map, at).unwrap();
+        let cached = s.netmap().unwrap().unwrap();
+        assert_eq!(cached.map, map);
+        assert_eq!(cached.received_at, Some(1_800_000_000));
+        assert_eq!(
+            cached.age(at + Duration::from_secs(90)),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(
+            cached.age(at - Duration::from_secs(5)),
+            Some(Duration::ZERO)
+        );
+        // An agent from before the date reads the file as a map.
+        let text = fs::read(d.path().join("netmap.json")).unwrap();
+        let old_reader: Netmap = serde_json::from_slice(&text).unwrap();
+        assert_eq!(old_reader, map);
+
+        // Confirming moves the date and keeps the map; not for another version.
+        assert!(!s.confirm_netmap(at + Duration::from_secs(60), 8).unwrap());
+        assert_eq!(
+            s.netmap().unwrap().unwrap().received_at,
+            Some(1_800_000_000)
+        );
+        assert!(s.confirm_netmap(at + Duration::from_secs(3600), 7).unwrap());
+        let cached = s.netmap().unwrap().unwrap();
+        assert_eq!(
+            (cached.map, cached.received_at),
+            (map.clone(), Some(1_800_003_600))
+        );
+        assert_eq!(
+            fs::metadata(d.path().join("netmap.json"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+
+        // A file an older agent wrote has no date: its age is unknown.
+        fs::write(
+            d.path().join("netmap.json"),
+            serde_json::to_vec(&map).unwrap(),
+        )
+        .unwrap();
+        let cached = s.netmap().unwrap().unwrap();
+        assert_eq!(cached.age(at), None);
+        assert_eq!((cached.map, cached.received_at), (map, None));
+
+        // Nothing cached: nothing to confirm.
+        s.forget_node();
+        assert!(!s.confirm_netmap(at, 7).unwrap());
+        assert!(s.netmap().unwrap().is_none());
+    }
+
+    #[test]
+    fn map_trust_lasts_max_age_after_the_last_confirmation() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let week = Some(s(7 * 24 * 3600));
+
+        // A cached map from 6 days ago: trusted for one more day without a coordinator.
+        let trust = MapTrust::new(week, Some(s(6 * 24 * 3600)), t0);
+        assert!(!trust.expired(t0));
+        assert_eq!(trust.poll_timeout(t0), Some(t0 + s(24 * 3600)));
+        assert!(trust.expired(t0 + s(24 * 3600)));
+        assert_eq!(trust.poll_timeout(t0 + s(24 * 3600)), None);
+
+        // Older than the limit, or of unknown age: not trusted at all.
+        assert!(MapTrust::new(week, Some(s(8 * 24 * 3600)), t0).expired(t0));
+        assert!(MapTrust::new(week, None, t0).expired(t0));
+        // No limit: always trusted.
+        let never = MapTrust::new(None, None, t0);
+        assert!(!never.expired(t0 + s(10 * 365 * 24 * 3600)));
+        assert_eq!(never.poll_timeout(t0), None);
+
+        // While a session is up the map is current, however long it lasts; after it goes,
+        // the map ages from that instant.
+        let max = Some(s(10));
+        let mut trust = MapTrust::new(max, Some(s(9)), t0);
+        trust.set_connected(true, t0 + s(1));
+        assert!(!trust.expired(t0 + s(100)));
+        assert_eq!(trust.poll_timeout(t0 + s(100)), None);
+        trust.set_connected(false, t0 + s(100));
+        assert!(!trust.expired(t0 + s(109)));
+        assert_eq!(trust.poll_timeout(t0 + s(101)), Some(t0 + s(110)));
+        assert!(trust.expired(t0 + s(110)));
+        // A map that expired is trusted again once a session is up.
+        trust.set_connected(true, t0 + s(200));
+        assert!(!trust.expired(t0 + s(200)));
+        // A new map restarts the count.
+        trust.set_connected(false, t0 + s(201));
+        trust.confirmed(t0 + s(205));
+        assert!(!trust.expired(t0 + s(214)));
+        assert!(trust.expired(t0 + s(215)));
+        assert_eq!(trust.max_age(), max);
     }
 
     #[test]
