@@ -537,14 +537,15 @@ fn a_released_workload_address_is_forwarded_to_its_new_holder() {
     );
 
     // The new holder answers from the workload address before node 0 routes it there: node 0
-    // accepts it from node 2 only as a candidate holder.
+    // accepts it from node 2 only once its workload routing lists node 2 as a sender (the
+    // reconciler sets it before the peer table).
     let answer = ipv4(WORKLOAD, sim.nodes[0].overlay, b"answer");
     let before = sim.nodes[0].delivered.len();
     sim.send(2, &answer);
     assert_eq!(
         sim.nodes[0].delivered.len(),
         before,
-        "not yet a candidate: dropped as spoofed"
+        "not yet a sender: dropped as spoofed"
     );
     sim.nodes[0].device.set_workload_routing(WorkloadRouting {
         also_from: [(WORKLOAD.into(), vec![k1, k2])].into(),

@@ -65,8 +65,9 @@ pub struct WorkloadInfo {
     #[serde(default)]
     pub previous: Option<NodeId>,
     /// Every node that may hold the address (allowed claimers and standbys, the holder
-    /// included; not the previous holder unless it is one of those). Packets from the address are accepted from any of them, so that answers
-    /// from a new holder are not dropped by a peer that has not yet learned of the move.
+    /// included; not the previous holder unless it is one of those). Being one is no leave
+    /// to send from the address: peers accept that only from the holder, and briefly from
+    /// the previous one ([`Holdings::senders`]).
     #[serde(default)]
     pub candidates: Vec<NodeId>,
     /// The grace period for forwarding after a move, in milliseconds. Absent: the default.
@@ -442,20 +443,29 @@ impl Holdings {
         ((*id, *generation) == (w.id, w.generation)).then(|| *at + w.grace())
     }
 
-    /// Who may send packets from each workload address at `now`: every candidate holder,
-    /// so that the answers of a new holder are not dropped while this node has not yet
-    /// learned of the move.
-    pub fn senders(&self, _now: Instant) -> Vec<Senders> {
+    /// Who may send packets from each workload address at `now`, as this node sees it: the
+    /// holder, and for the grace period after a change (counted from the first map that
+    /// showed this node the change, as [`Holdings::relays`]) the previous holder, whose
+    /// answers written before it saw the move are still on their way. A detached workload:
+    /// nobody. Standbys and allowed nodes are not senders for being candidates: they may
+    /// become holders, not send as one.
+    pub fn senders(&self, now: Instant) -> Vec<Senders> {
         self.current
             .values()
-            .map(|w| Senders {
-                address: w.ip(),
-                nodes: w
-                    .candidates
-                    .iter()
-                    .copied()
-                    .filter(|c| *c != self.me)
-                    .collect(),
+            .map(|w| {
+                let previous = w
+                    .previous
+                    .filter(|p| w.holder.is_some() && w.holder != Some(*p))
+                    .filter(|_| self.in_grace(&w.name, now));
+                Senders {
+                    address: w.ip(),
+                    nodes: w
+                        .holder
+                        .into_iter()
+                        .chain(previous)
+                        .filter(|n| *n != self.me)
+                        .collect(),
+                }
             })
             .collect()
     }
@@ -858,6 +868,47 @@ pub(crate) mod tests {
         h.on_prepare("chat", 3, t0 + ms(10));
         assert_eq!(relayers(&h, t0 + ms(20)), vec![2]);
         assert!(relayers(&h, t0 + ms(10) + PREPARE_HOLD).is_empty());
+    }
+
+    #[test]
+    fn only_the_holder_sends_from_a_workload_address_and_its_predecessor_briefly() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let senders = |h: &Holdings, t: Instant| -> Vec<(IpAddr, Vec<NodeId>)> {
+            h.senders(t)
+                .into_iter()
+                .map(|s| (s.address, s.nodes))
+                .collect()
+        };
+        // Node 4 is a peer; chat may be held by 1, 2 and 3 and is held by 1.
+        let ip = wl("chat", None, 0).ip();
+        let mut h = Holdings::new(4);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        assert_eq!(
+            senders(&h, t0),
+            vec![(ip, vec![1])],
+            "standbys and allowed nodes may not send as the workload"
+        );
+        assert_eq!(h.poll_timeout(t0), None);
+        // A move to node 2: the previous holder for the grace period (its answers in flight,
+        // its last ones before it saw the move), counted from the first map that showed it.
+        let mut moved = wl("chat", Some(2), 2);
+        moved.previous = Some(1);
+        h.on_map(&map(2, &[moved.clone()]), t0 + ms(100));
+        assert_eq!(senders(&h, t0 + ms(100)), vec![(ip, vec![2, 1])]);
+        assert_eq!(h.poll_timeout(t0 + ms(100)), Some(t0 + ms(1100)));
+        h.on_map(&map(3, &[moved.clone()]), t0 + ms(600));
+        assert_eq!(senders(&h, t0 + ms(1099)), vec![(ip, vec![2, 1])]);
+        assert_eq!(senders(&h, t0 + ms(1100)), vec![(ip, vec![2])]);
+        // Detached: nobody, not even the node that just let it go.
+        let mut detached = wl("chat", None, 3);
+        detached.previous = Some(2);
+        h.on_map(&map(4, &[detached]), t0 + ms(1200));
+        assert_eq!(senders(&h, t0 + ms(1200)), vec![(ip, vec![])]);
+        // The holder itself is never listed (it does not receive its own packets).
+        let mut h = Holdings::new(2);
+        h.on_map(&map(2, &[moved]), t0);
+        assert_eq!(senders(&h, t0), vec![(ip, vec![1])]);
     }
 
     #[test]

@@ -142,8 +142,9 @@ pub struct WorkloadRouting {
     /// arrives here for one of them is sent on to the new holder instead of the TUN device.
     pub forward: HashMap<IpAddr, PublicKey>,
     /// Inner source addresses also accepted from these peers, beyond their allowed IPs: a
-    /// workload address from every node that may hold it, so that the answers of a new holder
-    /// are not dropped while this node has not yet learned of the move.
+    /// workload address from its holder, and for a move's grace period from its previous
+    /// holder, whose answers written before it saw the move are still on their way (see
+    /// `meshlink_proto::workload::Holdings::senders`).
     pub also_from: HashMap<IpAddr, Vec<PublicKey>>,
     /// Workload addresses held here (or being prepared), and the one peer that may relay
     /// packets of other senders to each: the previous holder, which forwards what peers still
