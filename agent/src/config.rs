@@ -16,8 +16,9 @@
 //!   environment and flags alone, and there are no peers.
 //! * Environment variables: `MESHLINK_INTERFACE`, `MESHLINK_PRIVATE_KEY_FILE`,
 //!   `MESHLINK_LISTEN_PORT`, `MESHLINK_ADDRESSES` (comma-separated), `MESHLINK_MTU`,
-//!   `MESHLINK_FWMARK`, `MESHLINK_UAPI_DIR`, `MESHLINK_MAX_CACHED_MAP_AGE`. A variable that is
-//!   empty counts as unset. Other `MESHLINK_*` variables are ignored here.
+//!   `MESHLINK_FWMARK`, `MESHLINK_UAPI_DIR`, `MESHLINK_MAX_CACHED_MAP_AGE`,
+//!   `MESHLINK_FAIL_CLOSED`. A variable that is empty counts as unset. Other `MESHLINK_*`
+//!   variables are ignored here.
 //! * Flags, as [`Overrides`].
 //!
 //! Relative paths inside a TOML file (`private_key_file`, `preshared_key_file`, `uapi_dir`)
@@ -78,6 +79,8 @@ pub const ENV_FWMARK: &str = "MESHLINK_FWMARK";
 pub const ENV_UAPI_DIR: &str = "MESHLINK_UAPI_DIR";
 /// Environment variable for the longest trust in an unconfirmed network map.
 pub const ENV_MAX_CACHED_MAP_AGE: &str = "MESHLINK_MAX_CACHED_MAP_AGE";
+/// Environment variable for keeping blackhole routes for the overlay while the agent is down.
+pub const ENV_FAIL_CLOSED: &str = "MESHLINK_FAIL_CLOSED";
 
 /// The smallest MTU accepted.
 pub const MIN_MTU: u16 = 576;
@@ -115,6 +118,8 @@ pub struct Overrides {
     pub uapi_dir: Option<PathBuf>,
     /// `--max-cached-map-age`: a duration (`90s`, `12h`, `7d`) or `never`.
     pub max_cached_map_age: Option<String>,
+    /// `--fail-closed[=BOOL]`.
+    pub fail_closed: Option<bool>,
 }
 
 /// Where a configuration value came from; errors name it.
@@ -331,6 +336,7 @@ struct Layer {
     uapi_dir: Option<Val<PathBuf>>,
     /// `Some(None)`: `never`.
     max_cached_map_age: Option<Val<Option<Duration>>>,
+    fail_closed: Option<Val<bool>>,
 }
 
 /// A file's settings and its peers, each peer with where its public key was given.
@@ -464,6 +470,11 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
         .or(env.max_cached_map_age)
         .or(file_layer.max_cached_map_age)
         .map_or(Some(DEFAULT_MAX_CACHED_MAP_AGE), |v| v.value);
+    let fail_closed = flags
+        .fail_closed
+        .or(env.fail_closed)
+        .or(file_layer.fail_closed)
+        .is_some_and(|v| v.value);
     let key_source = flags
         .private_key
         .or(env.private_key)
@@ -518,6 +529,7 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
             peers: peers.into_iter().map(|(p, _)| p).collect(),
         },
         max_cached_map_age,
+        fail_closed,
     })
 }
 
@@ -571,6 +583,9 @@ fn flag_layer(o: &Overrides) -> Result<Layer, ConfigError> {
         let value = parse_map_age(age).map_err(invalid("--max-cached-map-age"))?;
         layer.max_cached_map_age = Some(Val::new(value, Origin::Flag("--max-cached-map-age")));
     }
+    if let Some(on) = o.fail_closed {
+        layer.fail_closed = Some(Val::new(on, Origin::Flag("--fail-closed")));
+    }
     Ok(layer)
 }
 
@@ -618,6 +633,10 @@ fn env_layer(env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError>
         let value = parse_map_age(&age).map_err(invalid(ENV_MAX_CACHED_MAP_AGE))?;
         layer.max_cached_map_age = Some(Val::new(value, Origin::Env(ENV_MAX_CACHED_MAP_AGE)));
     }
+    if let Some(on) = env(ENV_FAIL_CLOSED) {
+        let value = parse_bool(&on).map_err(invalid(ENV_FAIL_CLOSED))?;
+        layer.fail_closed = Some(Val::new(value, Origin::Env(ENV_FAIL_CLOSED)));
+    }
     Ok(layer)
 }
 
@@ -638,6 +657,7 @@ struct TomlFile {
     fwmark: Option<i64>,
     uapi_dir: Option<String>,
     max_cached_map_age: Option<String>,
+    fail_closed: Option<bool>,
     #[serde(default)]
     peers: Vec<TomlPeer>,
 }
@@ -712,6 +732,9 @@ fn parse_toml(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLayer, 
     if let Some(age) = &raw.max_cached_map_age {
         let value = parse_map_age(age).map_err(invalid("max_cached_map_age"))?;
         layer.max_cached_map_age = Some(Val::new(value, at("max_cached_map_age".into())));
+    }
+    if let Some(on) = raw.fail_closed {
+        layer.fail_closed = Some(Val::new(on, at("fail_closed".into())));
     }
 
     let mut peers: Vec<(PeerConfig, Origin)> = Vec::with_capacity(raw.peers.len());
@@ -1255,6 +1278,15 @@ pub fn format_map_age(age: Option<Duration>) -> String {
         }
     }
     format!("{secs}s")
+}
+
+/// Parses a yes/no setting: `true`, `1`, `yes` or `on`, or `false`, `0`, `no` or `off`.
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        other => Err(format!("{other:?} is not true or false")),
+    }
 }
 
 /// Parses a persistent keepalive: seconds, with 0 or `off` meaning none.
@@ -1821,6 +1853,7 @@ endpoint = "peer.example:7000"
             fwmark: Some(0),
             uapi_dir: Some("/flag".into()),
             max_cached_map_age: None,
+            fail_closed: None,
         };
         let s = f.toml(file, &flags, &env).expect("valid");
         assert_eq!(s.interface, "flag0");
@@ -1896,6 +1929,46 @@ endpoint = "peer.example:7000"
         let bad = f.write("bad.toml", "mtu = \n", 0o644);
         let msg = names_static_peers(&bad).unwrap_err().to_string();
         assert!(msg.contains("bad.toml line 1"), "{msg}");
+    }
+
+    #[test]
+    fn fail_closed_from_each_source() {
+        let f = Fixture::new();
+        let file = "private_key_file = \"KEY\"\n";
+        let s = f.toml(file, &Overrides::default(), &no_env).expect("valid");
+        assert!(!s.fail_closed, "off by default");
+        let on = format!("{file}fail_closed = true\n");
+        assert!(
+            f.toml(&on, &Overrides::default(), &no_env)
+                .unwrap()
+                .fail_closed
+        );
+        for (value, expected) in [("0", false), ("no", false), ("ON", true), ("yes", true)] {
+            let env = env_from(&[(ENV_FAIL_CLOSED, value)]);
+            let s = f.toml(&on, &Overrides::default(), &env).expect("valid");
+            assert_eq!(s.fail_closed, expected, "{value}");
+        }
+        let env = env_from(&[(ENV_FAIL_CLOSED, "false")]);
+        let flags = Overrides {
+            fail_closed: Some(true),
+            ..Overrides::default()
+        };
+        assert!(
+            f.toml(file, &flags, &env).unwrap().fail_closed,
+            "the flag wins"
+        );
+
+        let env = env_from(&[(ENV_FAIL_CLOSED, "maybe")]);
+        let msg = f
+            .toml(file, &Overrides::default(), &env)
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            msg.contains("environment variable MESHLINK_FAIL_CLOSED: \"maybe\""),
+            "{msg}"
+        );
+        let msg = f.toml_err(&format!("{file}fail_closed = \"yes\"\n"));
+        assert!(msg.contains("fail_closed"), "{msg}");
     }
 
     #[test]

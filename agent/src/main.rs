@@ -74,6 +74,19 @@ struct UpArgs {
     /// Env: MESHLINK_MAX_CACHED_MAP_AGE.
     #[arg(long, value_name = "AGE")]
     max_cached_map_age: Option<String>,
+    /// Keep blackhole routes for the overlay's prefixes (a joined node's network, static
+    /// peers' allowed IPs) while the agent is down, crashed included, so that overlay traffic
+    /// never leaves in the clear through the default route. Without it, such routes left by
+    /// an earlier run are removed at start. Env: MESHLINK_FAIL_CLOSED.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    fail_closed: Option<bool>,
     /// Join a network with the token (from `meshctl token create`) in FILE; group or others
     /// should not be able to read it. Env: MESHLINK_TOKEN_FILE.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["wg_quick", "token"])]
@@ -209,6 +222,7 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         fwmark: args.fwmark,
         uapi_dir: args.uapi_dir,
         max_cached_map_age: args.max_cached_map_age,
+        fail_closed: args.fail_closed,
     };
     // Static peers come from a config file naming them or a key, a wg-quick file, or at least
     // a private key given by flag or variable; without any of those the agent is a mesh node
@@ -385,6 +399,7 @@ async fn up_mesh(
             claims: claims_tx,
             state,
             trust,
+            network: node.network_cidr,
         }),
     )
     .await?;

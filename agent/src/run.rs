@@ -86,6 +86,8 @@ pub struct Mesh {
     pub state: StateDir,
     /// How far the map `maps` starts with is trusted without a coordinator.
     pub trust: MapTrust,
+    /// The network's prefix (what `fail_closed` blackholes).
+    pub network: IpNet,
 }
 
 /// A session younger than this counts as fresh when a move is prepared (WireGuard rekeys
@@ -275,6 +277,79 @@ fn control_json(
     })
 }
 
+/// The blackhole routes of `fail_closed` (see `platform::netlink`): the overlay's own prefixes
+/// (`base`), and the tunnel's routes that they do not cover, kept as the routes change.
+/// Never removed at exit: they are there for when the agent is down.
+struct FailClosed {
+    handle: rtnetlink::Handle,
+    base: Vec<IpNet>,
+    held: BTreeSet<IpNet>,
+}
+
+impl FailClosed {
+    /// Makes the blackholes of `base` exist (`on`), or removes such routes an earlier run
+    /// with `fail_closed` left for them (`!on`, so that turning the setting off works).
+    /// Returns the blackholes kept, `None` when off.
+    async fn start(
+        handle: rtnetlink::Handle,
+        base: Vec<IpNet>,
+        on: bool,
+    ) -> Result<Option<FailClosed>, RunError> {
+        let plan = netlink::blackhole_plan(&base, &BTreeSet::new());
+        if !on {
+            for net in plan {
+                netlink::del_blackhole(&handle, net).await?;
+            }
+            return Ok(None);
+        }
+        for net in &plan {
+            netlink::add_blackhole(&handle, *net).await?;
+        }
+        info!(
+            prefixes = ?plan,
+            metric = netlink::FAIL_CLOSED_METRIC,
+            "fail_closed: blackhole routes for the overlay stay while the agent is down"
+        );
+        Ok(Some(FailClosed {
+            handle,
+            base,
+            held: plan,
+        }))
+    }
+
+    /// Follows the tunnel's routes (`routes`): a blackhole for each one the base does not
+    /// cover, none for one that went.
+    async fn follow(&mut self, routes: &BTreeSet<IpNet>) {
+        let want: Vec<IpNet> = netlink::blackhole_plan(&self.base, routes)
+            .into_iter()
+            .collect();
+        let (add, del) = route_plan(&self.held, &want);
+        for net in add {
+            match netlink::add_blackhole(&self.handle, net).await {
+                Ok(()) => {
+                    self.held.insert(net);
+                }
+                Err(e) => warn!("fail_closed: {e}"),
+            }
+        }
+        for net in del {
+            if let Err(e) = netlink::del_blackhole(&self.handle, net).await {
+                warn!("fail_closed: {e}");
+            }
+            self.held.remove(&net);
+        }
+    }
+}
+
+/// The overlay's own prefixes, which `fail_closed` blackholes: a joined node's network, or a
+/// static node's allowed IPs as configured.
+fn overlay_prefixes(settings: &Settings, network: Option<IpNet>) -> Vec<IpNet> {
+    match network {
+        Some(net) => vec![net.trunc()],
+        None => wanted_routes(&settings.device),
+    }
+}
+
 /// Removes what the agent added, also when start-up fails half-way.
 struct Cleanup {
     socket: Option<PathBuf>,
@@ -304,6 +379,13 @@ pub async fn run(
     {
         return Err(RunError::InterfaceExists(settings.interface.clone()));
     }
+    // Before anything else: no instant of this start-up lets the overlay out another way.
+    let mut fail_closed = FailClosed::start(
+        handle.clone(),
+        overlay_prefixes(&settings, mesh.as_ref().map(|m| m.network)),
+        settings.fail_closed,
+    )
+    .await?;
     let udp = Arc::new(UdpTransport::bind(
         settings.device.listen_port,
         settings.device.fwmark,
@@ -453,6 +535,9 @@ pub async fn run(
                                 Err(e) => warn!("{e}"),
                             }
                         }
+                        if let Some(f) = &mut fail_closed {
+                            f.follow(&installed).await;
+                        }
                     }
                     NetCmd::Addresses(wanted) => {
                         let (add, del) = route_plan(&workload_addrs, &wanted);
@@ -484,6 +569,9 @@ pub async fn run(
         if let Err(e) = nl.del_route(*net).await {
             debug!("{e}");
         }
+    }
+    if let Some(f) = &fail_closed {
+        info!(prefixes = ?f.held, "fail_closed: blackhole routes left in place");
     }
     drop(cleanup);
     // Dropping the last handle closes the TUN device, which removes the interface.

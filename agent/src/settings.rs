@@ -115,4 +115,9 @@ pub struct Settings {
     /// its map gets this old. So a node that was away when a peer was revoked does not trust
     /// the revoked peer forever. `None`: no limit. Static peers are not concerned.
     pub max_cached_map_age: Option<Duration>,
+    /// Keep blackhole routes for the overlay's prefixes (a joined node's network, a static
+    /// node's allowed IPs) at a metric below the tunnel's routes, and leave them when the
+    /// agent stops or crashes, so that overlay traffic never leaves in the clear through
+    /// another route while it is down. Off: such routes left by an earlier run are removed.
+    pub fail_closed: bool,
 }

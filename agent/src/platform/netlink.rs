@@ -2,13 +2,29 @@
 //!
 //! [`route_plan`] decides; [`Netlink`] applies. The agent installs one route per allowed IP
 //! (except default routes, see [`route_plan`]) and removes exactly those on exit.
+//!
+//! With `fail_closed`, it also keeps blackhole routes for the overlay's prefixes
+//! ([`blackhole_plan`], [`add_blackhole`]): marked with [`FAIL_CLOSED_PROTOCOL`], at metric
+//! [`FAIL_CLOSED_METRIC`] so that the tunnel's routes win while it runs, and left in place when
+//! it stops or crashes, so that overlay traffic never leaves through another route (the default
+//! route, in the clear) while the agent is down.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use futures::TryStreamExt;
 use ipnet::IpNet;
+use rtnetlink::packet_route::route::{RouteMessage, RouteProtocol, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// The routing protocol number that marks the agent's fail-closed blackhole routes
+/// (`ip route` shows `proto 109`; 109 is in no registry of iproute2's `rt_protos`).
+pub const FAIL_CLOSED_PROTOCOL: u8 = 109;
+
+/// The metric of the fail-closed blackhole routes: above any route the agent (0, or 1024 for
+/// IPv6) or an operator is likely to install for the same prefix, so that those win while they
+/// exist, and the blackhole takes over when the tunnel's routes go with its interface.
+pub const FAIL_CLOSED_METRIC: u32 = 4_000_000_000;
 
 /// A netlink operation that failed, naming what it was doing.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +57,70 @@ pub fn route_plan(installed: &BTreeSet<IpNet>, wanted: &[IpNet]) -> (Vec<IpNet>,
     let add = want.difference(installed).copied().collect();
     let del = installed.difference(&want).copied().collect();
     (add, del)
+}
+
+/// The prefixes to keep blackhole routes for, given the overlay's own prefixes (`base`: a
+/// joined node's network, or a static node's allowed IPs when it started) and the routes the
+/// tunnel has now: the base, and each route that no base prefix covers (a peer's extra
+/// prefix, a peer added at runtime). Default routes are left out, as in [`route_plan`].
+pub fn blackhole_plan(base: &[IpNet], routes: &BTreeSet<IpNet>) -> BTreeSet<IpNet> {
+    let base: BTreeSet<IpNet> = base
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|n| n.prefix_len() > 0)
+        .collect();
+    let uncovered = routes
+        .iter()
+        .map(IpNet::trunc)
+        .filter(|r| r.prefix_len() > 0 && !base.iter().any(|b| b.contains(r)))
+        .collect::<Vec<_>>();
+    base.into_iter().chain(uncovered).collect()
+}
+
+/// The fail-closed blackhole route to `net`.
+fn blackhole_message(net: IpNet) -> Result<RouteMessage, NetlinkError> {
+    let b = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(net.addr(), net.prefix_len())
+        .map_err(|e| NetlinkError::Kernel {
+            what: format!("blackhole {net}: {e}"),
+            source: rtnetlink::Error::RequestFailed,
+        })?;
+    Ok(b.kind(RouteType::BlackHole)
+        .protocol(RouteProtocol::Other(FAIL_CLOSED_PROTOCOL))
+        .priority(FAIL_CLOSED_METRIC)
+        .build())
+}
+
+/// Adds (or keeps) the fail-closed blackhole route to `net`.
+///
+/// # Errors
+/// [`NetlinkError::Kernel`] when the kernel refuses it.
+pub async fn add_blackhole(handle: &Handle, net: IpNet) -> Result<(), NetlinkError> {
+    handle
+        .route()
+        .add(blackhole_message(net)?)
+        .replace()
+        .execute()
+        .await
+        .map_err(|source| NetlinkError::Kernel {
+            what: format!("add route blackhole {net} metric {FAIL_CLOSED_METRIC}"),
+            source,
+        })
+}
+
+/// Removes the fail-closed blackhole route to `net` (only one of the agent's: same protocol,
+/// metric and type); none there is not an error.
+///
+/// # Errors
+/// [`NetlinkError::Kernel`] when the kernel refuses it.
+pub async fn del_blackhole(handle: &Handle, net: IpNet) -> Result<(), NetlinkError> {
+    match handle.route().del(blackhole_message(net)?).execute().await {
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ESRCH => Ok(()),
+        r => r.map_err(|source| NetlinkError::Kernel {
+            what: format!("delete route blackhole {net} metric {FAIL_CLOSED_METRIC}"),
+            source,
+        }),
+    }
 }
 
 /// A netlink session bound to one interface.
@@ -212,6 +292,38 @@ mod tests {
         );
         assert_eq!(add, nets(&["100.64.0.3/32", "fd00::1/128"]));
         assert_eq!(del, nets(&["10.0.0.0/24"]));
+    }
+
+    #[test]
+    fn blackholes_cover_the_base_and_what_it_does_not() {
+        let routes: BTreeSet<IpNet> = nets(&[
+            "100.64.0.2/32",
+            "100.64.7.0/24",
+            "10.20.0.0/16",
+            "fd00::2/128",
+            "0.0.0.0/0",
+        ])
+        .into_iter()
+        .collect();
+        // A joined node: its network, plus a peer's prefix outside it.
+        let plan = blackhole_plan(&nets(&["100.64.0.9/16"]), &routes);
+        assert_eq!(
+            plan.into_iter().collect::<Vec<_>>(),
+            nets(&["10.20.0.0/16", "100.64.0.0/16", "fd00::2/128"])
+        );
+        // A static node: its allowed IPs at start, plus one added later.
+        let base = nets(&["100.64.0.2/32", "100.64.7.0/24", "::/0"]);
+        let plan = blackhole_plan(&base, &routes);
+        assert_eq!(
+            plan.into_iter().collect::<Vec<_>>(),
+            nets(&[
+                "10.20.0.0/16",
+                "100.64.0.2/32",
+                "100.64.7.0/24",
+                "fd00::2/128"
+            ])
+        );
+        assert!(blackhole_plan(&[], &BTreeSet::new()).is_empty());
     }
 
     #[test]
