@@ -283,6 +283,10 @@ pub struct Overrides {
     pub session_queue: Option<usize>,
     /// `--max-connections` / `MESHLINK_MAX_CONNECTIONS`.
     pub max_connections: Option<usize>,
+    /// `--endpoint-interval-secs` / `MESHLINK_ENDPOINT_INTERVAL_SECS`.
+    pub endpoint_interval_secs: Option<u64>,
+    /// `--endpoint-burst` / `MESHLINK_ENDPOINT_BURST`.
+    pub endpoint_burst: Option<u32>,
     /// `--idle-timeout-secs` / `MESHLINK_IDLE_TIMEOUT_SECS`.
     pub idle_timeout_secs: Option<u64>,
     /// `--workload-lease-ms` / `MESHLINK_WORKLOAD_LEASE_MS`.
@@ -361,6 +365,8 @@ struct FileConfig {
     message_burst: Option<u32>,
     session_queue: Option<usize>,
     max_connections: Option<usize>,
+    endpoint_interval_secs: Option<u64>,
+    endpoint_burst: Option<u32>,
     idle_timeout_secs: Option<u64>,
     workload_lease_ms: Option<u64>,
     workload_grace_ms: Option<u64>,
@@ -543,6 +549,12 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         "MESHLINK_HELLO_TIMEOUT_SECS",
         d.hello_timeout.as_secs()
     );
+    let endpoint_interval_secs = pick!(
+        endpoint_interval_secs,
+        "--endpoint-interval-secs",
+        "MESHLINK_ENDPOINT_INTERVAL_SECS",
+        d.endpoint_interval.as_secs()
+    );
     let idle_timeout_secs = pick!(
         idle_timeout_secs,
         "--idle-timeout-secs",
@@ -614,6 +626,13 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
             "--relay-rate",
             "MESHLINK_RELAY_RATE",
             d.relay_rate
+        ),
+        endpoint_interval: Duration::from_secs(endpoint_interval_secs),
+        endpoint_burst: pick!(
+            endpoint_burst,
+            "--endpoint-burst",
+            "MESHLINK_ENDPOINT_BURST",
+            d.endpoint_burst
         ),
         write_timeout: d.write_timeout,
         idle_timeout: Duration::from_secs(idle_timeout_secs.max(3)),
@@ -1130,6 +1149,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("r8.toml line 1") && e.contains("relay"), "{e}");
+    }
+
+    #[test]
+    fn endpoint_pacing_is_set_per_key_and_never_zero() {
+        let p = file(
+            "ep1.toml",
+            "endpoint_interval_secs = 30\nendpoint_burst = 2\n",
+        );
+        let over = Overrides {
+            endpoint_burst: Some(5),
+            ..Overrides::default()
+        };
+        let s = load(Some(&p), over).unwrap();
+        assert_eq!(
+            (s.limits.endpoint_interval, s.limits.endpoint_burst),
+            (Duration::from_secs(30), 5)
+        );
+        let e = load(
+            Some(&file("ep2.toml", "endpoint_burst = 0\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("ep2.toml: endpoint_burst: must be at least 1"),
+            "{e}"
+        );
     }
 
     /// The admin API speaks plain HTTP: listening beyond loopback needs saying so.

@@ -9,7 +9,7 @@ use meshlink_proto::control::{encode, ClientMessage, ServerMessage};
 use meshlink_proto::NodeId;
 
 use crate::handlers::ApiError;
-use crate::hub::Frame;
+use crate::hub::{Frame, FullMapAnswer};
 use crate::service::Service;
 
 /// Which session a message came on.
@@ -21,6 +21,8 @@ pub struct SessionRef<'a> {
     pub network: &'a str,
     /// The address the session comes from.
     pub remote: IpAddr,
+    /// The session's attachment to the hub (`Attached::serial`).
+    pub serial: u64,
 }
 
 /// Why an agent's message ends its session.
@@ -60,11 +62,17 @@ impl Service {
                     .record(from.node, paths, std::time::SystemTime::now());
                 Ok(None)
             }
-            ClientMessage::FullMapRequest => self
-                .hub()
-                .full_map(from.network)
-                .map(Some)
-                .ok_or(SessionFault::NetworkGone),
+            // At most one answer per version: a repeated request is answered by nothing.
+            ClientMessage::FullMapRequest => {
+                match self
+                    .hub()
+                    .full_map_for(from.network, from.node, from.serial)
+                {
+                    FullMapAnswer::Send(frame) => Ok(Some(frame)),
+                    FullMapAnswer::Nothing => Ok(None),
+                    FullMapAnswer::NoNetwork => Err(SessionFault::NetworkGone),
+                }
+            }
             ClientMessage::Heartbeat { seq } => {
                 let (lease, shared_version) = self.heartbeat(from.node, from.network).await;
                 if shared_version > self.hub().version(from.network) {

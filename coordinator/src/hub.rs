@@ -76,6 +76,21 @@ const CLOSE_ROOM: usize = 2;
 struct Slot {
     serial: u64,
     tx: mpsc::Sender<Outbound>,
+    /// The version of the last full map this session was given.
+    full_sent: u64,
+}
+
+/// What a session's request for a full map gets ([`Hub::full_map_for`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FullMapAnswer {
+    /// The full map to send.
+    Send(Frame),
+    /// Nothing: the session was given the full map of this version already (or it is no
+    /// longer attached). A session that has a gap in its deltas is behind the map's version,
+    /// so it never asks in vain.
+    Nothing,
+    /// The network is not loaded.
+    NoNetwork,
 }
 
 #[derive(Debug, Default)]
@@ -188,6 +203,10 @@ impl Hub {
         net.map = map;
         net.full = None;
         let frame = net.full_frame();
+        let version = net.map.version;
+        for slot in net.sessions.values_mut() {
+            slot.full_sent = version;
+        }
         fan_out(network, net, &frame)
     }
 
@@ -202,7 +221,14 @@ impl Hub {
             let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
         }
         let (tx, rx) = mpsc::channel(self.queue_depth + CLOSE_ROOM);
-        net.sessions.insert(node, Slot { serial, tx });
+        net.sessions.insert(
+            node,
+            Slot {
+                serial,
+                tx,
+                full_sent: net.map.version,
+            },
+        );
         Some(Attached {
             serial,
             rx,
@@ -258,6 +284,24 @@ impl Hub {
             return false;
         };
         slot.tx.capacity() > CLOSE_ROOM && slot.tx.try_send(Outbound::Frame(frame)).is_ok()
+    }
+
+    /// The encoded full map of a network for session `serial` of `node`, which asked for it:
+    /// at most once per version and session, so that repeating the request costs neither
+    /// the coordinator nor the network anything (a full map can be large).
+    pub fn full_map_for(&self, network: &str, node: NodeId, serial: u64) -> FullMapAnswer {
+        let mut st = self.lock();
+        let Some(net) = st.networks.get_mut(network) else {
+            return FullMapAnswer::NoNetwork;
+        };
+        let version = net.map.version;
+        match net.sessions.get_mut(&node) {
+            Some(slot) if slot.serial == serial && slot.full_sent != version => {
+                slot.full_sent = version;
+            }
+            _ => return FullMapAnswer::Nothing,
+        }
+        FullMapAnswer::Send(net.full_frame())
     }
 
     /// The encoded full map of a network.
@@ -458,6 +502,41 @@ mod tests {
             ServerMessage::FullMap(m) => assert_eq!((m.version, m.peers.len()), (1, 1)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_session_gets_the_full_map_of_a_version_once() {
+        let hub = Hub::new(4);
+        hub.set_map("n", Netmap::default());
+        let old = hub.attach("n", 1).unwrap();
+        hub.apply("n", 1, vec![peer(1)], vec![]);
+        let new = hub.attach("n", 1).unwrap();
+        assert_eq!(
+            hub.full_map_for("n", 1, new.serial),
+            FullMapAnswer::Nothing,
+            "the attach gave it this version's"
+        );
+        hub.apply("n", 2, vec![peer(2)], vec![]);
+        // The replaced session gets nothing, and does not spend the new one's turn.
+        assert_eq!(hub.full_map_for("n", 1, old.serial), FullMapAnswer::Nothing);
+        assert!(matches!(
+            hub.full_map_for("n", 1, new.serial),
+            FullMapAnswer::Send(_)
+        ));
+        assert_eq!(hub.full_map_for("n", 1, new.serial), FullMapAnswer::Nothing);
+        // A whole map pushed to every session counts as given.
+        hub.reset_map(
+            "n",
+            Netmap {
+                version: 9,
+                ..Netmap::default()
+            },
+        );
+        assert_eq!(hub.full_map_for("n", 1, new.serial), FullMapAnswer::Nothing);
+        assert_eq!(
+            hub.full_map_for("x", 1, new.serial),
+            FullMapAnswer::NoNetwork
+        );
     }
 
     #[test]

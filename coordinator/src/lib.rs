@@ -10,6 +10,7 @@
 //! - [`handlers`]: every operation as a plain function of (store, now, caller, request).
 //! - [`hub`]: live maps and sessions; deltas encoded once and fanned out.
 //! - [`service`]: handlers + hub under one write lock, as both front ends call them.
+//! - [`endpoint_pace`]: how often one node's endpoint reports may change its peers' maps.
 //! - [`follow`]: replays what other coordinators sharing the store committed.
 //! - [`session`]: one agent session, whatever transport carries it.
 //! - [`server`]: the QUIC control server (one session per agent connection).
@@ -25,6 +26,7 @@
 pub mod admin;
 pub mod config;
 pub mod dispatch;
+pub mod endpoint_pace;
 pub mod follow;
 pub mod handlers;
 pub mod hub;

@@ -97,6 +97,13 @@ struct ServeArgs {
     /// Agent connections at once [default: 10000].
     #[arg(long, env = "MESHLINK_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Seconds between two endpoint changes of one node past the burst; a change within it
+    /// waits for its end [default: 5].
+    #[arg(long, env = "MESHLINK_ENDPOINT_INTERVAL_SECS", value_name = "SECS")]
+    endpoint_interval_secs: Option<u64>,
+    /// Endpoint changes one node may make at once [default: 3].
+    #[arg(long, env = "MESHLINK_ENDPOINT_BURST")]
+    endpoint_burst: Option<u32>,
     /// Seconds without traffic before a connection is dropped [default: 30].
     #[arg(long, env = "MESHLINK_IDLE_TIMEOUT_SECS", value_name = "SECS")]
     idle_timeout_secs: Option<u64>,
@@ -183,6 +190,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         message_burst: args.message_burst,
         session_queue: args.session_queue,
         max_connections: args.max_connections,
+        endpoint_interval_secs: args.endpoint_interval_secs,
+        endpoint_burst: args.endpoint_burst,
         idle_timeout_secs: args.idle_timeout_secs,
         workload_lease_ms: args.workload_lease_ms,
         workload_grace_ms: args.workload_grace_ms,

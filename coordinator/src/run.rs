@@ -18,7 +18,7 @@ use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::reflect::{self, ReflectCounters, ReflectStats};
 use crate::relay::Relay;
 use crate::server::{self, ServerError};
-use crate::service::{Service, SystemClock, Traversal, WorkloadTiming};
+use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK};
 use crate::session::Connections;
 use crate::store::{Backend, SqlStore, StoreError};
 use crate::tcp;
@@ -90,6 +90,7 @@ pub struct Coordinator {
     tcp_task: Option<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     failover_task: JoinHandle<()>,
+    endpoint_task: JoinHandle<()>,
     follow_task: Option<JoinHandle<()>>,
     reflect_task: Option<JoinHandle<()>>,
 }
@@ -189,6 +190,10 @@ impl Coordinator {
         let relay = settings
             .relay
             .then(|| Arc::new(Relay::new(settings.limits.relay_rate)));
+        service.set_endpoint_pace(
+            settings.limits.endpoint_interval,
+            settings.limits.endpoint_burst,
+        );
         service.set_traversal(Traversal {
             reflect_port: reflect_addr.map(|a| a.port()),
             relay: settings.relay,
@@ -210,6 +215,7 @@ impl Coordinator {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_failover = shutdown_rx.clone();
+        let shutdown_rx_endpoints = shutdown_rx.clone();
         let connections = Arc::new(Connections::new(settings.limits.max_connections));
         let quic_task = tokio::spawn(server::run(
             endpoint,
@@ -288,6 +294,21 @@ impl Coordinator {
                 }
             }
         });
+        // Endpoint reports that waited their node's turn (see `crate::endpoint_pace`).
+        let endpoint_task = tokio::spawn({
+            let service = service.clone();
+            let mut stop = shutdown_rx_endpoints;
+            async move {
+                let mut tick = tokio::time::interval(ENDPOINT_TICK);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => service.endpoint_tick().await,
+                        _ = stop.changed() => break,
+                    }
+                }
+            }
+        });
         if matches!(settings.store, StoreLocation::Postgres(_)) {
             service.share_leases(store.clone());
         }
@@ -326,6 +347,7 @@ impl Coordinator {
             tcp_task,
             admin_task,
             failover_task,
+            endpoint_task,
             follow_task,
             reflect_task,
         })
@@ -390,6 +412,7 @@ impl Coordinator {
             let _ = t.await;
         }
         let _ = self.failover_task.await;
+        let _ = self.endpoint_task.await;
         if let Some(t) = self.reflect_task {
             let _ = t.await;
         }

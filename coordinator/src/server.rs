@@ -72,6 +72,11 @@ pub struct Limits {
     pub max_connections: usize,
     /// Bytes per second one node may send through the relay (see [`crate::relay`]).
     pub relay_rate: u64,
+    /// Time between two endpoint changes of one node past [`Limits::endpoint_burst`]; a
+    /// report within it waits for its end (see [`crate::endpoint_pace`]).
+    pub endpoint_interval: Duration,
+    /// Endpoint changes one node may make at once.
+    pub endpoint_burst: u32,
     /// Time allowed to write one message to an agent.
     pub write_timeout: Duration,
     /// A connection with no traffic for this long is closed (the coordinator pings at a third
@@ -95,6 +100,8 @@ impl Default for Limits {
             session_queue: 256,
             max_connections: 10_000,
             relay_rate: crate::relay::DEFAULT_RATE,
+            endpoint_interval: crate::endpoint_pace::DEFAULT_INTERVAL,
+            endpoint_burst: crate::endpoint_pace::DEFAULT_BURST,
             write_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(30),
             workload_lease: meshlink_proto::workload::DEFAULT_LEASE,

@@ -20,8 +20,9 @@ use meshlink_proto::{NetmapDelta, NodeId};
 use tokio::sync::{oneshot, Mutex};
 use tokio::task::JoinSet;
 
+use crate::endpoint_pace::{EndpointPace, Report};
 use crate::handlers::networks::{self, CreateNetwork};
-use crate::handlers::nodes::{self, peer_info, welcome};
+use crate::handlers::nodes::{self, peer_info, welcome, HelloEndpoints};
 use crate::handlers::tokens::{self, CreateToken};
 use crate::handlers::workloads::{self, CreateWorkload, PlannedMove};
 use crate::handlers::{ApiError, Caller};
@@ -55,6 +56,10 @@ impl Default for WorkloadTiming {
         }
     }
 }
+
+/// How often `run.rs` calls [`Service::endpoint_tick`]: how late, at most, beyond its turn a
+/// waiting endpoint report is written.
+pub const ENDPOINT_TICK: Duration = Duration::from_millis(100);
 
 /// How long a heartbeat waits for the database to record a shared lease renewal before the
 /// coordinator answers on its own word (the database is away, or slow).
@@ -186,6 +191,8 @@ pub struct Service {
     traversal: std::sync::Mutex<Traversal>,
     /// What agents last reported of their paths.
     paths: crate::paths::PathBook,
+    /// How often each node may change its endpoints, and the reports waiting their turn.
+    endpoint_pace: std::sync::Mutex<EndpointPace>,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
     /// this coordinator's claim to decide failovers (see `store/leases.rs`).
     shared: std::sync::OnceLock<SqlStore>,
@@ -258,6 +265,7 @@ impl Service {
             advertise: std::sync::Mutex::new(String::new()),
             traversal: std::sync::Mutex::new(Traversal::default()),
             paths: crate::paths::PathBook::new(),
+            endpoint_pace: std::sync::Mutex::new(EndpointPace::default()),
             shared: std::sync::OnceLock::new(),
             leadership: Mutex::new(Leadership::default()),
             me: random_secret(),
@@ -310,6 +318,16 @@ impl Service {
     /// Sets what the welcome tells agents of NAT traversal (nothing until set).
     pub fn set_traversal(&self, traversal: Traversal) {
         *self.traversal.lock().unwrap_or_else(|p| p.into_inner()) = traversal;
+    }
+
+    /// Lets each node change its endpoints `burst` times at once, then once per `interval`
+    /// (see [`crate::endpoint_pace`]; the defaults until set). Reports waiting are dropped.
+    pub fn set_endpoint_pace(&self, interval: Duration, burst: u32) {
+        *self.pace() = EndpointPace::new(interval, burst);
+    }
+
+    fn pace(&self) -> std::sync::MutexGuard<'_, EndpointPace> {
+        self.endpoint_pace.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The workload timings.
@@ -987,16 +1005,44 @@ impl Service {
         let caller = Caller::Agent { remote };
         let _w = self.write.lock().await;
         let now = self.clock.now();
+        let at = self.clock.instant();
         let (node, network, version, secret) = match &hello.auth {
             Auth::JoinToken { secret } => {
                 let node_secret = random_secret();
                 let j =
                     nodes::join(self.store(), now, &caller, hello, secret, &node_secret).await?;
+                self.pace().wrote(j.node.id, at);
                 (j.node, j.network, Some(j.version), Some(node_secret))
             }
             Auth::Node { node_id, secret } => {
-                let a = nodes::authenticate(self.store(), now, &caller, hello, *node_id, secret)
-                    .await?;
+                // A node that changed its endpoints too often just now: its hello's wait
+                // their turn, like a report (asked before, decided after authenticating, all
+                // under the write lock: nobody but the node itself can make one wait).
+                let record = if self.pace().allows(*node_id, at) {
+                    HelloEndpoints::Record
+                } else {
+                    HelloEndpoints::Leave
+                };
+                let a = nodes::authenticate(
+                    self.store(),
+                    now,
+                    &caller,
+                    hello,
+                    *node_id,
+                    secret,
+                    record,
+                )
+                .await?;
+                let report = Report {
+                    endpoints: hello.endpoints.clone(),
+                    remote,
+                };
+                let mut pace = self.pace();
+                let _ = pace.offer(a.node.id, at, report);
+                if a.version.is_some() {
+                    pace.wrote(a.node.id, at);
+                }
+                drop(pace);
                 (a.node, a.network, a.version, None)
             }
         };
@@ -1055,20 +1101,72 @@ impl Service {
     }
 
     /// Records endpoints reported by a node's session and tells its peers when they changed.
+    /// A node that changed its endpoints too often just now ([`crate::endpoint_pace`]) has
+    /// its report wait, without taking the write lock: [`Service::endpoint_tick`] writes the
+    /// latest one when its turn comes.
     ///
     /// # Errors
-    /// The handler's [`ApiError`]; the session should end.
+    /// The handler's [`ApiError`] (endpoints that are not allowed are refused at once, also
+    /// when the report would wait); the session should end.
     pub async fn report_endpoints(
         &self,
         node: NodeId,
         remote: IpAddr,
         endpoints: &[SocketAddr],
     ) -> Result<(), ApiError> {
+        nodes::clean_endpoints(endpoints)?;
+        let report = Report {
+            endpoints: endpoints.to_vec(),
+            remote,
+        };
+        let Some(report) = self.pace().offer(node, self.clock.instant(), report) else {
+            return Ok(());
+        };
         let _w = self.write.lock().await;
-        let changed =
-            nodes::update_endpoints(self.store(), &Caller::Node { id: node, remote }, endpoints)
-                .await?;
+        // Asked again under the lock: another write of this node may have come first.
+        let at = self.clock.instant();
+        let Some(report) = self.pace().offer(node, at, report) else {
+            return Ok(());
+        };
+        self.write_endpoints(node, report, at).await
+    }
+
+    /// Writes the endpoint reports whose turn has come (see [`Service::report_endpoints`]);
+    /// `run.rs` calls it every [`ENDPOINT_TICK`]. A report of a node revoked or deleted
+    /// meanwhile is dropped.
+    pub async fn endpoint_tick(&self) {
+        let due = self
+            .pace()
+            .poll_timeout()
+            .is_some_and(|at| at <= self.clock.instant());
+        if !due {
+            return;
+        }
+        let _w = self.write.lock().await;
+        let at = self.clock.instant();
+        let reports = self.pace().take_due(at);
+        for (node, report) in reports {
+            if let Err(e) = self.write_endpoints(node, report, at).await {
+                tracing::debug!(node, "a delayed endpoint report was not recorded: {e}");
+            }
+        }
+    }
+
+    /// Writes one report of `node`'s endpoints and publishes the change, if any. Call under
+    /// the write lock.
+    async fn write_endpoints(
+        &self,
+        node: NodeId,
+        report: Report,
+        at: Instant,
+    ) -> Result<(), ApiError> {
+        let caller = Caller::Node {
+            id: node,
+            remote: report.remote,
+        };
+        let changed = nodes::update_endpoints(self.store(), &caller, &report.endpoints).await?;
         if let Some(v) = changed.version {
+            self.pace().wrote(node, at);
             self.publish(
                 &changed.node.network,
                 NetmapDelta {
@@ -1200,6 +1298,7 @@ impl Service {
         why: &str,
     ) {
         let text = format!("node {} ({}) was {why}", node.id, node.name);
+        self.pace().forget(node.id);
         if self.close_session(&node.network, node.id, reason, text) {
             tracing::info!(node = node.id, network = %node.network, "closing the session of a node {why}");
         }

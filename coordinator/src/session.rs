@@ -470,6 +470,7 @@ async fn session_loop<T: Transport>(
                         node: session.node,
                         network: &session.network,
                         remote: transport.remote().ip(),
+                        serial: session.attached.serial,
                     };
                     match service.on_agent_message(from, msg).await {
                         Ok(Some(frame)) => {

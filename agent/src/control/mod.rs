@@ -50,6 +50,8 @@ use workloads::{ClaimRequest, Shared, Tunnels};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often local endpoints are checked for changes.
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
+/// The shortest time between two writes of the cached map (see [`MapCache`]).
+const CACHE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the control channel failed.
 #[derive(Debug, thiserror::Error)]
@@ -360,6 +362,77 @@ pub struct MeshControl {
     /// Where the answer of each claim handed to the session goes.
     replies: HashMap<ClaimId, std::sync::mpsc::Sender<Result<u64, String>>>,
     reconnect: Reconnect,
+    cache: MapCache,
+}
+
+/// The map cached in the state directory, written at most once per [`CACHE_INTERVAL`]: every
+/// delta changes the map, and each write is the whole map, synced to disk, so a burst of
+/// deltas (a wave of joins, a peer's endpoint changes) would otherwise cost as many. A map
+/// that changes within the interval after a write is written at its end, the latest one
+/// only; whatever waits is written when the session ends and when the control loop is dropped
+/// (the agent shutting down), and dropped when the node is revoked.
+struct MapCache {
+    state: StateDir,
+    written: Option<Instant>,
+    pending: Option<Netmap>,
+}
+
+impl MapCache {
+    fn new(state: StateDir) -> Self {
+        MapCache {
+            state,
+            written: None,
+            pending: None,
+        }
+    }
+
+    /// The map changed at `now`: written now, or kept for the end of the interval.
+    fn changed(&mut self, map: &Netmap, now: Instant) {
+        if self.written.is_some_and(|at| now < at + CACHE_INTERVAL) {
+            self.pending = Some(map.clone());
+        } else {
+            self.pending = None;
+            self.write(map, now);
+        }
+    }
+
+    /// When the map waiting must be written; `None` when none waits.
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.pending.as_ref()?;
+        self.written.map(|at| at + CACHE_INTERVAL)
+    }
+
+    /// Writes the map waiting, if its time has come at `now`.
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|at| at <= now) {
+            self.flush(now);
+        }
+    }
+
+    /// Writes the map waiting, if any, now.
+    fn flush(&mut self, now: Instant) {
+        if let Some(map) = self.pending.take() {
+            self.write(&map, now);
+        }
+    }
+
+    /// Forgets the map waiting (the node was revoked: its cache goes).
+    fn discard(&mut self) {
+        self.pending = None;
+    }
+
+    fn write(&mut self, map: &Netmap, now: Instant) {
+        self.written = Some(now);
+        if let Err(e) = self.state.save_netmap(map) {
+            warn!("caching the network map: {e}");
+        }
+    }
+}
+
+impl Drop for MapCache {
+    fn drop(&mut self) {
+        self.flush(Instant::now());
+    }
 }
 
 /// What the control loop needs to carry out a session's events.
@@ -382,6 +455,7 @@ impl MeshControl {
         claims: mpsc::Receiver<ClaimRequest>,
     ) -> Self {
         MeshControl {
+            cache: MapCache::new(state.clone()),
             state,
             node,
             public_key,
@@ -523,6 +597,7 @@ impl MeshControl {
     fn stopped(&mut self, e: ControlError) -> ControlError {
         self.shared.changed.notify_one();
         if matches!(e, ControlError::Session(SessionError::Revoked(_))) {
+            self.cache.discard();
             self.state.forget_node();
             self.maps.send_replace(Netmap::default());
         }
@@ -583,6 +658,7 @@ impl MeshControl {
                 };
             }
             let wake = self.shared.lock().poll_timeout();
+            let cache_due = self.cache.poll_timeout();
             tokio::select! {
                 m = s.recv() => {
                     let handled = m.and_then(|m| {
@@ -602,6 +678,7 @@ impl MeshControl {
                 () = sleep_until(wake) => {
                     self.shared.lock().handle_timeout(Instant::now());
                 }
+                () = sleep_until(cache_due) => self.cache.handle_timeout(Instant::now()),
                 _ = tick.tick() => {
                     let now = self.endpoints(wg_port, tunnel);
                     if self.shared.lock().set_endpoints(now.clone()) {
@@ -627,6 +704,7 @@ impl MeshControl {
         self.shared.lock().disconnected();
         // Claims sent on this session are answered now (it is lost).
         self.act(&effects);
+        self.cache.flush(Instant::now());
         ended
     }
 
@@ -655,9 +733,7 @@ impl MeshControl {
             match event {
                 Event::MapChanged => {
                     let map = self.shared.lock().map().clone();
-                    if let Err(e) = self.state.save_netmap(&map) {
-                        warn!("caching the network map: {e}");
-                    }
+                    self.cache.changed(&map, Instant::now());
                     self.maps.send_replace(map);
                     self.shared.changed.notify_one();
                 }
@@ -689,5 +765,61 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The version of the map in the cache file, if any.
+    fn cached(state: &StateDir) -> Option<u64> {
+        state.netmap().unwrap().map(|c| c.map.version)
+    }
+
+    fn map(version: u64) -> Netmap {
+        Netmap {
+            version,
+            ..Netmap::default()
+        }
+    }
+
+    #[test]
+    fn the_map_cache_is_written_at_most_once_a_second_the_latest_map_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::open(dir.path()).unwrap();
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut cache = MapCache::new(state.clone());
+        cache.changed(&map(1), t0);
+        assert_eq!(cached(&state), Some(1), "the first map at once");
+        assert_eq!(cache.poll_timeout(), None);
+        // A burst of deltas: none written until the second is over, then the latest.
+        for v in 2..=200 {
+            cache.changed(&map(v), t0 + ms(v));
+        }
+        assert_eq!(cached(&state), Some(1));
+        assert_eq!(cache.poll_timeout(), Some(t0 + CACHE_INTERVAL));
+        cache.handle_timeout(t0 + ms(999));
+        assert_eq!(cached(&state), Some(1));
+        cache.handle_timeout(t0 + CACHE_INTERVAL);
+        assert_eq!(cached(&state), Some(200));
+        assert_eq!(cache.poll_timeout(), None);
+        // A change long after the last write is written at once.
+        cache.changed(&map(201), t0 + ms(5000));
+        assert_eq!(cached(&state), Some(201));
+        // What waits when the loop goes (shutdown) is written.
+        cache.changed(&map(202), t0 + ms(5100));
+        assert_eq!(cached(&state), Some(201));
+        drop(cache);
+        assert_eq!(cached(&state), Some(202));
+        // A revoked node's map waiting is not written after its cache was removed.
+        let mut cache = MapCache::new(state.clone());
+        cache.changed(&map(203), t0);
+        cache.changed(&map(204), t0 + ms(10));
+        cache.discard();
+        state.forget_node();
+        drop(cache);
+        assert_eq!(cached(&state), None);
     }
 }

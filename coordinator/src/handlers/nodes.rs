@@ -43,10 +43,20 @@ pub struct Joined {
     pub version: u64,
 }
 
+/// Whether a returning node's hello records the endpoints it carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HelloEndpoints {
+    /// Record them (when they changed).
+    Record,
+    /// Check them, but leave the recorded ones: the node changed its endpoints too often just
+    /// now, and the hello's wait their turn (`crate::endpoint_pace`).
+    Leave,
+}
+
 /// A node that proved its identity.
 #[derive(Debug, Clone)]
 pub struct Authenticated {
-    /// The node, with the endpoints of its hello.
+    /// The node, with its endpoints as recorded now.
     pub node: NodeRecord,
     /// Its network.
     pub network: NetworkRecord,
@@ -168,7 +178,8 @@ pub async fn join(
     })
 }
 
-/// Checks a returning node's credentials and records its hello's endpoints and the time.
+/// Checks a returning node's credentials and records the time, and its hello's endpoints
+/// unless told to leave them ([`HelloEndpoints`]).
 ///
 /// # Errors
 /// [`ApiError::Unauthorized`] for an unknown (or deleted) node or a wrong secret;
@@ -181,6 +192,7 @@ pub async fn authenticate(
     hello: &Hello,
     node_id: NodeId,
     secret: &str,
+    endpoints: HelloEndpoints,
 ) -> Result<Authenticated, ApiError> {
     let remote = agent_remote(caller)?;
     check_protocol(hello)?;
@@ -210,9 +222,10 @@ pub async fn authenticate(
         .network(&node.network)
         .await?
         .ok_or_else(|| ApiError::Refused(format!("network {} no longer exists", node.network)))?;
+    let record = endpoints == HelloEndpoints::Record;
     let endpoints = clean_endpoints(&hello.endpoints)?;
     let observed = observed_endpoint(&endpoints, remote);
-    let version = if endpoints != node.endpoints || observed != node.observed {
+    let version = if record && (endpoints != node.endpoints || observed != node.observed) {
         let v = store
             .set_endpoints(node.id, endpoints.clone(), observed)
             .await?;

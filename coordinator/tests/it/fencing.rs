@@ -739,13 +739,14 @@ impl Sim {
         }
         while let Some(msg) = self.agents[i].up.due(now) {
             let a = &self.agents[i];
-            if a.coord.is_none() {
+            let Some(serial) = a.coord.as_ref().map(|c| c.serial) else {
                 continue;
-            }
+            };
             let from = SessionRef {
                 node: a.id,
                 network: NETWORK,
                 remote: remote(a.key),
+                serial,
             };
             let k = a.at;
             match self.services[k].on_agent_message(from, msg).await {

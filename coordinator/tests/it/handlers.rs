@@ -7,7 +7,7 @@ use std::sync::Arc;
 use meshlink_coordinator::handlers::networks::{create_network, list_networks, CreateNetwork};
 use meshlink_coordinator::handlers::nodes::{
     authenticate, delete_node, find_node, join, list_nodes, netmap, revoke_node, update_endpoints,
-    Joined,
+    HelloEndpoints, Joined,
 };
 use meshlink_coordinator::handlers::tokens::{
     create_token, list_tokens, revoke_token, CreateToken,
@@ -277,6 +277,7 @@ async fn addresses_are_stable_across_authentication_and_reopening(db: &TestDb) {
             &node_hello(b.node.id, "node-secret-2", 2),
             b.node.id,
             "node-secret-2",
+            HelloEndpoints::Record,
         )
         .await
         .unwrap();
@@ -294,13 +295,51 @@ async fn addresses_are_stable_across_authentication_and_reopening(db: &TestDb) {
         &node_hello(id, "node-secret-2", 2),
         id,
         "node-secret-2",
+        HelloEndpoints::Record,
     )
     .await
     .unwrap();
     assert_eq!((again.node.id, again.node.address), (id, address));
-    let wrong = authenticate(&store, 3000, &agent(), &node_hello(id, "bad", 2), id, "bad")
-        .await
-        .unwrap_err();
+    // Endpoints left for later: checked, not recorded.
+    let mut moved = node_hello(id, "node-secret-2", 2);
+    moved.endpoints = vec!["198.18.7.7:51820".parse().unwrap()];
+    let left = authenticate(
+        &store,
+        3000,
+        &agent(),
+        &moved,
+        id,
+        "node-secret-2",
+        HelloEndpoints::Leave,
+    )
+    .await
+    .unwrap();
+    assert_eq!(left.version, None);
+    assert_eq!(left.node.endpoints, again.node.endpoints);
+    let recorded = authenticate(
+        &store,
+        3000,
+        &agent(),
+        &moved,
+        id,
+        "node-secret-2",
+        HelloEndpoints::Record,
+    )
+    .await
+    .unwrap();
+    assert!(recorded.version.is_some());
+    assert_eq!(recorded.node.endpoints, moved.endpoints);
+    let wrong = authenticate(
+        &store,
+        3000,
+        &agent(),
+        &node_hello(id, "bad", 2),
+        id,
+        "bad",
+        HelloEndpoints::Record,
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(wrong, ApiError::Unauthorized(_)));
     let other_key = authenticate(
         &store,
@@ -309,6 +348,7 @@ async fn addresses_are_stable_across_authentication_and_reopening(db: &TestDb) {
         &node_hello(id, "node-secret-2", 9),
         id,
         "node-secret-2",
+        HelloEndpoints::Record,
     )
     .await
     .unwrap_err();
@@ -336,6 +376,7 @@ async fn deleted_addresses_are_reused_but_ids_are_not(db: &TestDb) {
         &node_hello(a.node.id, "node-secret-1", 1),
         a.node.id,
         "node-secret-1",
+        HelloEndpoints::Record,
     )
     .await
     .unwrap_err();
@@ -362,6 +403,7 @@ async fn revoked_nodes_are_refused_and_leave_the_map(db: &TestDb) {
         &node_hello(a.node.id, "node-secret-1", 1),
         a.node.id,
         "node-secret-1",
+        HelloEndpoints::Record,
     )
     .await
     .unwrap_err();

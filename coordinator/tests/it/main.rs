@@ -7,6 +7,7 @@ mod common;
 mod fencing;
 mod ha;
 mod handlers;
+mod hostile;
 mod quic;
 mod relay;
 mod service;

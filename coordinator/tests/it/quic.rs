@@ -45,14 +45,14 @@ pub(crate) fn welcome(m: ServerMessage) -> Welcome {
     }
 }
 
-async fn full_map(a: &mut Agent) -> Netmap {
+pub(crate) async fn full_map(a: &mut Agent) -> Netmap {
     match a.recv().await {
         Some(ServerMessage::FullMap(m)) => m,
         other => panic!("expected a full map, got {other:?}"),
     }
 }
 
-async fn delta(a: &mut Agent) -> NetmapDelta {
+pub(crate) async fn delta(a: &mut Agent) -> NetmapDelta {
     match a.recv().await {
         Some(ServerMessage::Delta(d)) => d,
         other => panic!("expected a delta, got {other:?}"),

@@ -10,7 +10,7 @@
 //! every frame read into `handle_message`, `set_endpoints` when the endpoints change,
 //! `handle_timeout` when `poll_timeout` says, `disconnected` when the session ends; what
 //! `poll_transmit` yields is carried to the coordinator (`Endpoints` to
-//! `Service::report_endpoints`, `FullMapRequest` answered with `Hub::full_map` as `server.rs`
+//! `Service::report_endpoints`, `FullMapRequest` answered with `Hub::full_map_for` as `dispatch.rs`
 //! answers it), and the agent's map is `AgentSession::map`. Its time is a fixed `Instant` plus
 //! the simulated seconds. `Revoked` ends the session and the agent forgets its credentials and
 //! its map; a refused hello stops it (it keeps its cached map, as the real agent does). A crash
@@ -52,7 +52,7 @@ use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::nodes::netmap;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::ApiError;
-use meshlink_coordinator::hub::{CloseReason, Frame, Outbound};
+use meshlink_coordinator::hub::{CloseReason, Frame, FullMapAnswer, Outbound};
 use meshlink_coordinator::service::{Clock, Service, Session};
 use meshlink_coordinator::store::{SqlStore, Store, TokenId, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
@@ -445,6 +445,7 @@ impl Sim {
         let svc = Service::load(store.clone(), clock.clone(), plan.queue)
             .await
             .unwrap();
+        unpaced(&svc);
         let mut cidrs = Vec::new();
         let mut versions = Vec::new();
         for (name, cidr) in NETWORKS {
@@ -706,6 +707,7 @@ impl Sim {
         self.svc = Service::load(self.store.clone(), self.clock.clone(), self.plan.queue)
             .await
             .unwrap();
+        unpaced(&self.svc);
         for (i, (n, _)) in NETWORKS.iter().enumerate() {
             assert_eq!(
                 self.svc.hub().map(n).unwrap(),
@@ -1139,13 +1141,20 @@ impl Sim {
                 }
             }
             link.requests -= 1;
-            let full = self
+            // As `Service::on_agent_message` answers: once per version and session. An agent
+            // asks only after a gap, so it never asks for a version it was given already.
+            match self
                 .svc
                 .hub()
-                .full_map(&link.network)
-                .expect("a loaded network");
-            link.wire.push_back(full);
-            bump(&mut self.counts, "fullmap.answered");
+                .full_map_for(&link.network, link.node, link.serial)
+            {
+                FullMapAnswer::Send(full) => {
+                    link.wire.push_back(full);
+                    bump(&mut self.counts, "fullmap.answered");
+                }
+                FullMapAnswer::Nothing => bump(&mut self.counts, "fullmap.not-answered"),
+                FullMapAnswer::NoNetwork => panic!("seed {}: the network is gone", self.plan.seed),
+            }
             progress = true;
         }
         progress
@@ -1760,4 +1769,10 @@ async fn a_seed_replays_exactly() {
     let first = run(small).await;
     let second = run(small).await;
     assert_eq!(first, second);
+}
+
+/// Every endpoint report lands at once, as the oracle expects: how often one node may change
+/// its endpoints is tested on its own (`hostile.rs`, `endpoint_pace.rs`).
+fn unpaced(svc: &Service) {
+    svc.set_endpoint_pace(Duration::ZERO, 1);
 }

@@ -441,8 +441,11 @@ async fn tcp_listen_off_means_no_listener_and_relay_off_means_no_records() {
     a.send_frame(&whole_frame(&key(2), 1, b"x")).await;
     a.closed().await;
     let (mut b, _, _) = join_tcp(&t, 2, None).await;
-    b.send(&ClientMessage::FullMapRequest).await;
-    assert!(matches!(b.recv().await, Some(ServerMessage::FullMap(_))));
+    b.send(&ClientMessage::Heartbeat { seq: 1 }).await;
+    assert!(matches!(
+        b.recv().await,
+        Some(ServerMessage::Lease { seq: 1, .. })
+    ));
     c.shutdown().await;
 }
 
