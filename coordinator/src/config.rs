@@ -283,6 +283,10 @@ pub struct Overrides {
     pub session_queue: Option<usize>,
     /// `--max-connections` / `MESHLINK_MAX_CONNECTIONS`.
     pub max_connections: Option<usize>,
+    /// `--max-unauthenticated` / `MESHLINK_MAX_UNAUTHENTICATED`.
+    pub max_unauthenticated: Option<usize>,
+    /// `--max-unauthenticated-per-ip` / `MESHLINK_MAX_UNAUTHENTICATED_PER_IP`.
+    pub max_unauthenticated_per_ip: Option<usize>,
     /// `--endpoint-interval-secs` / `MESHLINK_ENDPOINT_INTERVAL_SECS`.
     pub endpoint_interval_secs: Option<u64>,
     /// `--endpoint-burst` / `MESHLINK_ENDPOINT_BURST`.
@@ -365,6 +369,8 @@ struct FileConfig {
     message_burst: Option<u32>,
     session_queue: Option<usize>,
     max_connections: Option<usize>,
+    max_unauthenticated: Option<usize>,
+    max_unauthenticated_per_ip: Option<usize>,
     endpoint_interval_secs: Option<u64>,
     endpoint_burst: Option<u32>,
     idle_timeout_secs: Option<u64>,
@@ -620,6 +626,18 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
             "--max-connections",
             "MESHLINK_MAX_CONNECTIONS",
             d.max_connections
+        ),
+        max_unauthenticated: pick!(
+            max_unauthenticated,
+            "--max-unauthenticated",
+            "MESHLINK_MAX_UNAUTHENTICATED",
+            d.max_unauthenticated
+        ),
+        max_unauthenticated_per_ip: pick!(
+            max_unauthenticated_per_ip,
+            "--max-unauthenticated-per-ip",
+            "MESHLINK_MAX_UNAUTHENTICATED_PER_IP",
+            d.max_unauthenticated_per_ip
         ),
         relay_rate: pick!(
             relay_rate,
@@ -1149,6 +1167,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("r8.toml line 1") && e.contains("relay"), "{e}");
+    }
+
+    #[test]
+    fn the_caps_before_the_hello_are_set_per_key_and_never_zero() {
+        let p = file(
+            "u1.toml",
+            "max_unauthenticated = 50\nmax_unauthenticated_per_ip = 4\n",
+        );
+        let over = Overrides {
+            max_unauthenticated_per_ip: Some(8),
+            ..Overrides::default()
+        };
+        let s = load(Some(&p), over).unwrap();
+        assert_eq!(
+            (
+                s.limits.max_unauthenticated,
+                s.limits.max_unauthenticated_per_ip
+            ),
+            (50, 8)
+        );
+        let e = load(
+            Some(&file("u2.toml", "max_unauthenticated_per_ip = 0\n")),
+            Overrides::default(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("u2.toml: max_unauthenticated_per_ip: must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -97,6 +97,13 @@ struct ServeArgs {
     /// Agent connections at once [default: 10000].
     #[arg(long, env = "MESHLINK_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
+    /// Connections at once that have not said hello yet, of all sources [default: 1000].
+    #[arg(long, env = "MESHLINK_MAX_UNAUTHENTICATED")]
+    max_unauthenticated: Option<usize>,
+    /// Connections at once that have not said hello yet from one IPv4 address or IPv6 /64
+    /// [default: 32].
+    #[arg(long, env = "MESHLINK_MAX_UNAUTHENTICATED_PER_IP")]
+    max_unauthenticated_per_ip: Option<usize>,
     /// Seconds between two endpoint changes of one node past the burst; a change within it
     /// waits for its end [default: 5].
     #[arg(long, env = "MESHLINK_ENDPOINT_INTERVAL_SECS", value_name = "SECS")]
@@ -190,6 +197,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         message_burst: args.message_burst,
         session_queue: args.session_queue,
         max_connections: args.max_connections,
+        max_unauthenticated: args.max_unauthenticated,
+        max_unauthenticated_per_ip: args.max_unauthenticated_per_ip,
         endpoint_interval_secs: args.endpoint_interval_secs,
         endpoint_burst: args.endpoint_burst,
         idle_timeout_secs: args.idle_timeout_secs,

@@ -146,8 +146,9 @@ impl Reflector {
 }
 
 /// The key a source is capped under: its IPv4 address, or the /64 of its IPv6 address (one
-/// host commonly has a whole /64).
-fn source_key(ip: IpAddr) -> IpAddr {
+/// host commonly has a whole /64). Also the source of the caps before the hello
+/// (`session::Connections`).
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);

@@ -216,7 +216,7 @@ impl Coordinator {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_failover = shutdown_rx.clone();
         let shutdown_rx_endpoints = shutdown_rx.clone();
-        let connections = Arc::new(Connections::new(settings.limits.max_connections));
+        let connections = Arc::new(Connections::with_limits(&settings.limits));
         let quic_task = tokio::spawn(server::run(
             endpoint,
             service.clone(),

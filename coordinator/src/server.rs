@@ -4,7 +4,10 @@
 //! endpoint, its accept loop and `QuicTransport`.
 //!
 //! ```text
-//! accept connection (max_connections, shared with TLS/TCP) ─> handshake ─> accept stream
+//! Initial from an address not yet validated ─> Retry (no state kept; the client comes back
+//!   with the token, proving it receives at that address)
+//! validated ─> admit (max_connections, max_unauthenticated and max_unauthenticated_per_ip,
+//!   shared with TLS/TCP; refused otherwise) ─> handshake ─> accept stream
 //!   (the handshake, the stream and the hello within hello_timeout; datagrams before the hello
 //!   dropped) ─> session::serve ─> close(code)
 //! ```
@@ -24,7 +27,7 @@ use tracing::{info, Instrument};
 use crate::identity::Identity;
 use crate::relay::{Relay, SessionLink};
 use crate::service::Service;
-use crate::session::{self, Connections, End, Slot, Transport, LINGER};
+use crate::session::{self, Admission, Connections, End, Transport, LINGER};
 
 pub use meshlink_proto::control::ALPN;
 
@@ -70,6 +73,12 @@ pub struct Limits {
     pub session_queue: usize,
     /// Connections at once, QUIC and TLS/TCP together; more are refused.
     pub max_connections: usize,
+    /// Connections at once whose hello is not accepted yet, QUIC and TLS/TCP together (they
+    /// count in `max_connections` too); more are refused.
+    pub max_unauthenticated: usize,
+    /// Connections at once whose hello is not accepted yet from one source: an IPv4 address,
+    /// or an IPv6 /64.
+    pub max_unauthenticated_per_ip: usize,
     /// Bytes per second one node may send through the relay (see [`crate::relay`]).
     pub relay_rate: u64,
     /// Time between two endpoint changes of one node past [`Limits::endpoint_burst`]; a
@@ -99,6 +108,8 @@ impl Default for Limits {
             message_burst: 100,
             session_queue: 256,
             max_connections: 10_000,
+            max_unauthenticated: 1_000,
+            max_unauthenticated_per_ip: 32,
             relay_rate: crate::relay::DEFAULT_RATE,
             endpoint_interval: crate::endpoint_pace::DEFAULT_INTERVAL,
             endpoint_burst: crate::endpoint_pace::DEFAULT_BURST,
@@ -250,10 +261,23 @@ pub async fn run(
             _ = shutdown.changed() => break,
         };
         while sessions.try_join_next().is_some() {}
-        let Some(slot) = connections.take() else {
-            tracing::debug!(remote = %incoming.remote_address(), "connection refused: at max_connections");
-            incoming.refuse();
+        // A source proves it receives at its address before it costs anything: a spoofed
+        // address cannot take a place of the caps below, nor draw a handshake's worth of
+        // answer at a third party.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
             continue;
+        }
+        let remote = incoming.remote_address();
+        let admission = match connections.admit(remote.ip()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                tracing::debug!(%remote, "connection refused: {refusal}");
+                incoming.refuse();
+                continue;
+            }
         };
         let span = tracing::info_span!("session", remote = %incoming.remote_address(), transport = "quic", node = tracing::field::Empty);
         sessions.spawn(
@@ -262,7 +286,7 @@ pub async fn run(
                 service.clone(),
                 limits.clone(),
                 relay.clone(),
-                slot,
+                admission,
             )
             .instrument(span),
         );
@@ -282,8 +306,12 @@ async fn connection(
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
-    _slot: Slot,
+    admission: Admission,
 ) {
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -310,7 +338,17 @@ async fn connection(
         session::not_relaying(&transport, relay, timeout_at(deadline, conn.accept_bi())).await;
     let end = match opened {
         Ok(Ok((send, recv))) => {
-            return session::serve(transport, recv, send, &service, &limits, relay, deadline).await
+            return session::serve(
+                transport,
+                recv,
+                send,
+                &service,
+                &limits,
+                relay,
+                deadline,
+                before_hello,
+            )
+            .await
         }
         Err(_) => End::new(
             close_code::HELLO_TIMEOUT,

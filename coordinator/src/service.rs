@@ -1001,8 +1001,15 @@ impl Service {
     ///
     /// # Errors
     /// The handler's [`ApiError`], to be sent as `Refused`.
+    ///
+    /// # Security
+    /// The credential (join token or node secret) is checked with reads first, without the
+    /// write lock: a stream of bad hellos is refused without queueing behind changes or
+    /// holding them up. The whole check runs again under the lock, where the join or
+    /// authentication and the attach happen (a node revoked in between is refused).
     pub async fn hello(&self, hello: &Hello, remote: IpAddr) -> Result<Session, ApiError> {
         let caller = Caller::Agent { remote };
+        nodes::check_credentials(self.store(), self.clock.now(), &caller, hello).await?;
         let _w = self.write.lock().await;
         let now = self.clock.now();
         let at = self.clock.instant();
@@ -1313,5 +1320,87 @@ impl Service {
             )
             .await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use meshlink_proto::control::PROTOCOL_VERSION;
+    use meshlink_proto::PublicKey;
+
+    use super::*;
+
+    fn hello(auth: Auth, key: u8) -> Hello {
+        let mut public_key = [key; 32];
+        public_key[0] = 0x42;
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            auth,
+            public_key: PublicKey(public_key),
+            name: None,
+            labels: BTreeMap::new(),
+            endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],
+        }
+    }
+
+    /// A hello with a wrong token or node secret is refused from a read of the store: it does
+    /// not queue for the write lock behind changes (nor hold it up for them).
+    #[tokio::test]
+    async fn a_bad_credential_is_refused_without_the_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+            .await
+            .unwrap();
+        let svc = Service::load(Arc::new(store), Arc::new(SystemClock), 16)
+            .await
+            .unwrap();
+        svc.create_network(CreateNetwork {
+            name: "prod".into(),
+            cidr: "100.64.0.0/24".into(),
+        })
+        .await
+        .unwrap();
+        let (_, token) = svc
+            .create_token(CreateToken {
+                network: "prod".into(),
+                tags: vec![],
+                expires_in_secs: None,
+                uses: None,
+            })
+            .await
+            .unwrap();
+        let remote: IpAddr = "198.18.0.1".parse().unwrap();
+        let joined = svc
+            .hello(&hello(Auth::JoinToken { secret: token }, 1), remote)
+            .await
+            .unwrap();
+        let node = joined.node;
+
+        let held = svc.write.lock().await;
+        let wrong_secret = hello(
+            Auth::Node {
+                node_id: node,
+                secret: "not the secret".into(),
+            },
+            1,
+        );
+        let unknown_token = hello(
+            Auth::JoinToken {
+                secret: "not a token".into(),
+            },
+            2,
+        );
+        for bad in [wrong_secret, unknown_token] {
+            let answer = tokio::time::timeout(Duration::from_secs(2), svc.hello(&bad, remote))
+                .await
+                .expect("a refusal waited for the write lock");
+            assert!(
+                matches!(answer, Err(ApiError::Unauthorized(_))),
+                "{answer:?}"
+            );
+        }
+        drop(held);
     }
 }

@@ -4,7 +4,8 @@
 //! ([`meshlink_proto::control::Record::Relay`]) between the messages, both ways.
 //!
 //! ```text
-//! accept (max_connections, shared with QUIC) ─> TCP_NODELAY, keepalive, TCP_USER_TIMEOUT
+//! accept (max_connections, max_unauthenticated and max_unauthenticated_per_ip, shared with
+//!   QUIC) ─> TCP_NODELAY, keepalive, TCP_USER_TIMEOUT
 //!   ─> TLS 1.3 handshake, ALPN meshlink/1 (the handshake and the hello within hello_timeout)
 //!   ─> session::serve ─> close_notify and FIN; the agent's last bytes read and dropped
 //! ```
@@ -37,7 +38,7 @@ use crate::identity::Identity;
 use crate::relay::{Relay, SessionLink};
 use crate::server::{tls_config, Limits, ServerError, ALPN};
 use crate::service::Service;
-use crate::session::{self, Connections, Slot, Transport, LINGER};
+use crate::session::{self, Admission, Connections, Transport, LINGER};
 
 /// Silence on a connection before the first keepalive probe.
 pub const KEEPALIVE_TIME: Duration = Duration::from_secs(1);
@@ -105,9 +106,12 @@ pub async fn run(
             }
         };
         while sessions.try_join_next().is_some() {}
-        let Some(slot) = connections.take() else {
-            tracing::debug!(%remote, "connection refused: at max_connections");
-            continue;
+        let admission = match connections.admit(remote.ip()) {
+            Ok(admitted) => admitted,
+            Err(refusal) => {
+                tracing::debug!(%remote, "connection refused: {refusal}");
+                continue;
+            }
         };
         if let Err(e) = configure(&stream) {
             tracing::debug!(%remote, "socket options refused: {e}");
@@ -126,7 +130,7 @@ pub async fn run(
                 service.clone(),
                 limits.clone(),
                 relay.clone(),
-                slot,
+                admission,
             )
             .instrument(span),
         );
@@ -148,8 +152,12 @@ async fn connection(
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
-    _slot: Slot,
+    admission: Admission,
 ) {
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     // One deadline covers the handshake and the hello.
     let deadline = tokio::time::Instant::now() + limits.hello_timeout;
     let handshake = tokio::select! {
@@ -182,6 +190,7 @@ async fn connection(
         &limits,
         relay.as_ref(),
         deadline,
+        before_hello,
     )
     .await;
 }

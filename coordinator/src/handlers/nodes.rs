@@ -14,13 +14,14 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net};
-use meshlink_proto::control::{Hello, Welcome, PROTOCOL_VERSION};
+use meshlink_proto::control::{Auth, Hello, Welcome, PROTOCOL_VERSION};
 use meshlink_proto::{Netmap, NodeId, PeerInfo};
 
 use super::tokens::unusable_reason;
 use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
 use crate::store::{
-    AddressChoice, NetworkRecord, NewNode, NodeRecord, Store, StoreError, UnixTime, WorkloadRecord,
+    AddressChoice, NetworkRecord, NewNode, NodeRecord, Store, StoreError, TokenRecord, UnixTime,
+    WorkloadRecord,
 };
 
 /// The most endpoints an agent may report.
@@ -95,13 +96,7 @@ pub async fn join(
 ) -> Result<Joined, ApiError> {
     let remote = agent_remote(caller)?;
     check_protocol(hello)?;
-    let token = store
-        .token_by_hash(&hash_secret(token_secret))
-        .await?
-        .ok_or_else(|| ApiError::Unauthorized("unknown join token".into()))?;
-    if let Some(reason) = unusable_reason(&token, now) {
-        return Err(ApiError::Refused(reason.into()));
-    }
+    let token = usable_token(store, now, token_secret).await?;
     let network = store.network(&token.network).await?.ok_or_else(|| {
         ApiError::Refused(format!(
             "the token's network {} no longer exists",
@@ -196,28 +191,7 @@ pub async fn authenticate(
 ) -> Result<Authenticated, ApiError> {
     let remote = agent_remote(caller)?;
     check_protocol(hello)?;
-    let mut node = store.node(node_id).await?.ok_or_else(|| {
-        ApiError::Unauthorized(format!(
-            "node {node_id} is unknown (deleted?); join again with a token"
-        ))
-    })?;
-    if !constant_time_eq(hash_secret(secret).as_bytes(), node.secret_hash.as_bytes()) {
-        return Err(ApiError::Unauthorized(format!(
-            "wrong secret for node {node_id}"
-        )));
-    }
-    if node.revoked {
-        return Err(ApiError::Refused(format!(
-            "node {} ({}) has been revoked",
-            node.id, node.name
-        )));
-    }
-    if node.public_key != hello.public_key {
-        return Err(ApiError::Refused(format!(
-            "the public key differs from the one node {} joined with; key rotation is not supported: delete the node and join again",
-            node.id
-        )));
-    }
+    let mut node = returning_node(store, hello, node_id, secret).await?;
     let network = store
         .network(&node.network)
         .await?
@@ -242,6 +216,78 @@ pub async fn authenticate(
         network,
         version,
     })
+}
+
+/// The checks of a hello's credentials that need only reads: the protocol version, and a
+/// join token that exists and can be used, or a node that exists, with this secret, not
+/// revoked, with this public key. The service runs them before it takes its write lock, so
+/// that a hello with a bad credential is refused without queueing behind changes (nor holding
+/// up the next); [`join`] and [`authenticate`] run them again under the lock.
+///
+/// # Errors
+/// As [`join`] and [`authenticate`] for the same checks.
+pub async fn check_credentials(
+    store: &dyn Store,
+    now: UnixTime,
+    caller: &Caller,
+    hello: &Hello,
+) -> Result<(), ApiError> {
+    agent_remote(caller)?;
+    check_protocol(hello)?;
+    match &hello.auth {
+        Auth::JoinToken { secret } => usable_token(store, now, secret).await.map(drop),
+        Auth::Node { node_id, secret } => returning_node(store, hello, *node_id, secret)
+            .await
+            .map(drop),
+    }
+}
+
+/// The join token with this secret, if it can be used at `now`.
+async fn usable_token(
+    store: &dyn Store,
+    now: UnixTime,
+    secret: &str,
+) -> Result<TokenRecord, ApiError> {
+    let token = store
+        .token_by_hash(&hash_secret(secret))
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown join token".into()))?;
+    match unusable_reason(&token, now) {
+        Some(reason) => Err(ApiError::Refused(reason.into())),
+        None => Ok(token),
+    }
+}
+
+/// Node `node_id`, if `secret` is its secret, it is not revoked and `hello` has its key.
+async fn returning_node(
+    store: &dyn Store,
+    hello: &Hello,
+    node_id: NodeId,
+    secret: &str,
+) -> Result<NodeRecord, ApiError> {
+    let node = store.node(node_id).await?.ok_or_else(|| {
+        ApiError::Unauthorized(format!(
+            "node {node_id} is unknown (deleted?); join again with a token"
+        ))
+    })?;
+    if !constant_time_eq(hash_secret(secret).as_bytes(), node.secret_hash.as_bytes()) {
+        return Err(ApiError::Unauthorized(format!(
+            "wrong secret for node {node_id}"
+        )));
+    }
+    if node.revoked {
+        return Err(ApiError::Refused(format!(
+            "node {} ({}) has been revoked",
+            node.id, node.name
+        )));
+    }
+    if node.public_key != hello.public_key {
+        return Err(ApiError::Refused(format!(
+            "the public key differs from the one node {} joined with; key rotation is not supported: delete the node and join again",
+            node.id
+        )));
+    }
+    Ok(node)
 }
 
 /// Replaces an authenticated node's endpoints. Reporting the same endpoints again changes

@@ -221,7 +221,17 @@ impl Agent {
     /// Connects, pinning `fingerprint`, and opens the stream (the server sees it with the
     /// first bytes).
     pub async fn connect(addr: SocketAddr, fingerprint: &str) -> Result<Agent, String> {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        Agent::connect_from("127.0.0.1:0".parse().unwrap(), addr, fingerprint).await
+    }
+
+    /// As [`Agent::connect`], from the local address `local` (such as another loopback
+    /// address, to be another source).
+    pub async fn connect_from(
+        local: SocketAddr,
+        addr: SocketAddr,
+        fingerprint: &str,
+    ) -> Result<Agent, String> {
+        let mut endpoint = quinn::Endpoint::client(local).map_err(|e| e.to_string())?;
         endpoint.set_default_client_config(pin::client_config(fingerprint).unwrap());
         let conn = endpoint
             .connect(addr, SERVER_NAME)

@@ -1,6 +1,8 @@
 //! What one enrolled node, or one source address, can make the coordinator do (issue 11 items
-//! 1 and 2), over real QUIC on loopback: its endpoint changes reach the fleet paced per node,
-//! across reconnects; a full map is sent at most once per version to a session.
+//! 1 and 2), over real QUIC (and TCP) on loopback: its endpoint changes reach the fleet paced
+//! per node, across reconnects; a full map is sent at most once per version to a session;
+//! connections that never say hello from one source do not lock out another; QUIC clients
+//! prove their address with a Retry first.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -9,7 +11,9 @@ use meshlink_proto::control::{ClientMessage, ServerMessage};
 use meshlink_proto::NodeId;
 use tokio::sync::watch;
 
-use crate::common::{node_hello, start, Agent, TempDir, WAIT};
+use meshlink_coordinator::Coordinator;
+
+use crate::common::{join_hello, loopback_settings, node_hello, start, Agent, TempDir, WAIT};
 use crate::quic::{addr_of, delta, full_map, join, token_for, welcome};
 
 /// The `k`th endpoint of the flood: all different.
@@ -151,5 +155,116 @@ async fn a_full_map_is_sent_once_per_version_and_session() {
         3,
         "a new version: asked again"
     );
+    c.shutdown().await;
+}
+
+/// A second source: another loopback address.
+const OTHER_SOURCE: [u8; 4] = [127, 0, 0, 2];
+
+/// Connections that never say hello, from one source, over QUIC and TCP at once, take as many
+/// of the coordinator's connections as it lets one source hold before hello: a node from
+/// another source still gets in.
+#[tokio::test]
+async fn silent_connections_from_one_source_do_not_lock_out_another() {
+    const SILENT: usize = 24;
+    let dir = TempDir::new("hostile-silent");
+    let mut s = loopback_settings(dir.path());
+    s.limits.max_connections = 2 * SILENT;
+    let c = Coordinator::start(&s).await.unwrap();
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let from = SocketAddr::from((OTHER_SOURCE, 0));
+    let mut held = Vec::new();
+    for _ in 0..SILENT {
+        // Refused ones fail: what matters is what the source holds.
+        if let Ok(a) = Agent::connect_from(from, addr_of(&t), &t.fingerprint).await {
+            held.push(a);
+        }
+    }
+    let tcp = c.tcp_addr().expect("on by default");
+    let mut streams = Vec::new();
+    for _ in 0..SILENT {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(from).unwrap();
+        streams.push(socket.connect(tcp).await.unwrap());
+    }
+    // Let the listener take them all.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let joined = tokio::time::timeout(WAIT, async {
+        let mut a = Agent::connect(addr_of(&t), &t.fingerprint).await?;
+        match a.hello(join_hello(&t.secret, 1, Some("late"))).await {
+            ServerMessage::Welcome(_) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    assert!(
+        joined.is_ok(),
+        "a node from another source was locked out by {} silent connections: {joined:?}",
+        held.len() + streams.len()
+    );
+    assert!(
+        Agent::connect_from(from, addr_of(&t), &t.fingerprint)
+            .await
+            .is_err(),
+        "the silent source is at its cap"
+    );
+    drop((held, streams));
+    c.shutdown().await;
+}
+
+/// A QUIC client's first Initial is answered with a Retry (its address is proved before the
+/// coordinator keeps any state for it), and the client still connects and joins. Seen by a
+/// UDP relay between the two that looks at the type of the coordinator's first packet.
+#[tokio::test]
+async fn quic_sources_are_validated_with_a_retry() {
+    let dir = TempDir::new("hostile-retry");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let server = addr_of(&t);
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    upstream.connect(server).await.unwrap();
+    let (first_tx, first) = tokio::sync::oneshot::channel::<u8>();
+    let relaying = tokio::spawn(async move {
+        let mut first_tx = Some(first_tx);
+        let mut client = None;
+        let (mut up, mut down) = (vec![0u8; 65536], vec![0u8; 65536]);
+        loop {
+            tokio::select! {
+                r = relay.recv_from(&mut up) => {
+                    let (n, from) = r.unwrap();
+                    client = Some(from);
+                    upstream.send(&up[..n]).await.unwrap();
+                }
+                r = upstream.recv(&mut down) => {
+                    let n = r.unwrap();
+                    if let Some(tx) = first_tx.take() {
+                        let _ = tx.send(down[0]);
+                    }
+                    if let Some(to) = client {
+                        relay.send_to(&down[..n], to).await.unwrap();
+                    }
+                }
+            }
+        }
+    });
+    let mut a = Agent::connect(relay_addr, &t.fingerprint)
+        .await
+        .expect("the client connects after the retry");
+    let first = first.await.unwrap();
+    // A long header (bit 7) of type Retry (bits 5-4 = 3, not masked by header protection).
+    assert_eq!(
+        (first & 0x80, (first & 0x30) >> 4),
+        (0x80, 3),
+        "the coordinator's first packet ({first:#04x}) is not a Retry"
+    );
+    assert!(matches!(
+        a.hello(join_hello(&t.secret, 1, None)).await,
+        ServerMessage::Welcome(_)
+    ));
+    relaying.abort();
     c.shutdown().await;
 }
