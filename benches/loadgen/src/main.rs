@@ -320,6 +320,11 @@ fn main() -> anyhow::Result<()> {
             // Room for every agent, and a queue that holds every delta of the ramp, so that
             // an agent slowed down by the shared CPU is not dropped as lagging.
             limits.max_connections = d.max_connections.max(n + 64);
+            // Every simulated agent comes from 127.0.0.1, where a real fleet comes from many
+            // addresses: the caps on connections before the hello are per address, so they
+            // are raised to the fleet (else a reconnect wave would queue at 32 at a time).
+            limits.max_unauthenticated = d.max_unauthenticated.max(n + 64);
+            limits.max_unauthenticated_per_ip = limits.max_unauthenticated;
             limits.session_queue = args
                 .session_queue
                 .unwrap_or_else(|| d.session_queue.max(n + 256))
@@ -327,6 +332,10 @@ fn main() -> anyhow::Result<()> {
             let limit_words = vec![
                 format!("max_connections={}", limits.max_connections),
                 format!("session_queue={}", limits.session_queue),
+                format!(
+                    "max_unauthenticated(_per_ip)={}",
+                    limits.max_unauthenticated
+                ),
             ];
             let plan = coordinators::Plan {
                 count: args.coordinators,
