@@ -10,7 +10,8 @@
 # for what is left of its budget, so that its figure covers the whole budget; every crash
 # counts, and its input is kept in fuzz/artifacts/TARGET/ (reproduce with
 # `fuzz/target/x86_64-unknown-linux-gnu/release/TARGET FILE`). The corpus grows in
-# fuzz/corpus/TARGET/ (not in git); fuzz/seeds/TARGET/ is read as a second corpus.
+# fuzz/corpus/TARGET/ (not in git); fuzz/seeds/TARGET/ is read as a second corpus. The scratch
+# directories targets make (/dev/shm/meshlink-fuzz-*) are removed once their process ended.
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`, installed here if missing). Stable
 # Rust is enough: without a sanitizer, cargo-fuzz passes no unstable flag. The build is a
@@ -89,5 +90,10 @@ for t in "${TARGETS[@]}"; do
     echo "| $t | $execs | $((execs / elapsed)) | $size | $crashes | ${first:--} |"
     [ "$crashes" -eq 0 ] || failed=1
     rm -f "$log"
+    # The scratch directories of targets' processes that have ended (fuzz/src/lib.rs).
+    for d in /dev/shm/meshlink-fuzz-* "${TMPDIR:-/tmp}"/meshlink-fuzz-*; do
+        [ -d "$d" ] || continue
+        kill -0 "${d##*-}" 2>/dev/null || rm -rf -- "$d"
+    done
 done
 exit "$failed"
