@@ -920,7 +920,7 @@ fn parse_wg_quick(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLay
         if let Some(header) = content.strip_prefix('[') {
             let name = header
                 .strip_suffix(']')
-                .ok_or_else(|| syntax(format!("section header `{content}` lacks `]`")))?
+                .ok_or_else(|| syntax("a section header lacks `]`".to_string()))?
                 .trim();
             if name.eq_ignore_ascii_case("interface") {
                 if let Some(first) = interface_line {
@@ -967,7 +967,7 @@ fn parse_wg_quick(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLay
         let unknown = |section: &'static str| ConfigError::UnknownKey {
             path: path.to_path_buf(),
             line,
-            key: key.to_string(),
+            key: crate::untrusted::key_name(key),
             section,
         };
         let at = |canonical: &str| Origin::File {
@@ -1147,13 +1147,8 @@ fn parse_wg_quick(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLay
 }
 
 /// The first word of a line, for messages (a whole line could hold a secret).
-fn first_word(s: &str) -> &str {
-    let word = s.split_whitespace().next().unwrap_or("");
-    if word.len() > 32 {
-        "…"
-    } else {
-        word
-    }
+fn first_word(s: &str) -> String {
+    crate::untrusted::key_name(s.split_whitespace().next().unwrap_or(""))
 }
 
 // ---------------------------------------------------------------------------------------

@@ -11,3 +11,4 @@ pub mod run;
 pub mod settings;
 pub mod token_source;
 pub mod uapi;
+pub mod untrusted;

@@ -295,9 +295,12 @@ pub fn apply_set(current: &DeviceConfig, request: &str) -> Result<DeviceConfig, 
         if text.is_empty() {
             continue;
         }
-        let (key, value) = text
-            .split_once('=')
-            .ok_or_else(|| UapiError::Malformed(format!("line without '=': {:?}", clip(text))))?;
+        let (key, value) = text.split_once('=').ok_or_else(|| {
+            UapiError::Malformed(format!(
+                "a line without '=' (starting {})",
+                crate::untrusted::key_name(text.split(' ').next().unwrap_or(""))
+            ))
+        })?;
         if key == "public_key" {
             let public_key = PublicKey(parse_hex_key(key, value)?.0);
             section = Some(open_peer(&mut new, public_key));
@@ -360,7 +363,7 @@ fn set_device_key(config: &mut DeviceConfig, key: &str, value: &str) -> Result<(
         _ => {
             return Err(UapiError::UnknownKey {
                 scope: "device",
-                key: clip(key),
+                key: crate::untrusted::key_name(key),
             })
         }
     }
@@ -441,7 +444,7 @@ fn set_peer_key(
         _ => {
             return Err(UapiError::UnknownKey {
                 scope: "peer",
-                key: clip(key),
+                key: crate::untrusted::key_name(key),
             })
         }
     }
