@@ -481,6 +481,19 @@ impl Device {
         let mut authenticated = false;
         let mut forward: Option<(&Arc<Peer>, usize)> = None;
         match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
+            NoiseOutput::Tunnel(packet, _)
+                if packet.len()
+                    < match packet.first().map_or(0, |b| b >> 4) {
+                        6 => 40,
+                        _ => 20,
+                    } =>
+            {
+                // Shorter than its own IP header (a total length below 20 passes boringtun's
+                // check): never handed to the TUN device, where one such packet would make
+                // the kernel refuse the whole coalesced batch, other peers' packets with it.
+                drops.short_packet += 1;
+                authenticated = true;
+            }
             NoiseOutput::Tunnel(packet, src) => {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
                 // or a workload address the peer may send from, or (a packet the previous

@@ -18,6 +18,8 @@ pub struct DropCounts {
     pub decrypt_failed: u64,
     /// Packets rejected by the replay window.
     pub replay: u64,
+    /// Decrypted packets shorter than their IP header.
+    pub short_packet: u64,
     /// Drops for any other reason.
     pub other: u64,
 }
