@@ -238,12 +238,45 @@ fn redact_url(url: &str) -> String {
     };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
+    let authority = match authority.rsplit_once('@') {
         Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
         },
-        None => url.to_string(),
+        None => authority.to_string(),
+    };
+    // A password may also come as a query parameter (`?password=...`, which sqlx takes).
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_hidden_in_the_authority_and_the_query() {
+        assert_eq!(
+            redact_url("postgres://ml:s3cret@db:5432/mesh"),
+            "postgres://ml:***@db:5432/mesh"
+        );
+        assert_eq!(
+            redact_url("postgres://ml@db/mesh?sslmode=require&password=s3cret"),
+            "postgres://ml@db/mesh?sslmode=require&password=***"
+        );
+        assert_eq!(redact_url("postgres://db/mesh"), "postgres://db/mesh");
     }
 }
 
