@@ -61,6 +61,9 @@ struct Cli {
     /// Also write the JSON summary to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Copy every round's logs (agents, coordinator, ping, iperf3) into DIR/CASE-ROUND/.
+    #[arg(long, value_name = "DIR")]
+    keep_logs: Option<PathBuf>,
 }
 
 /// What can be measured.
@@ -179,7 +182,8 @@ fn run(cli: &Cli) -> Results {
                 cli.rounds,
                 case.name()
             );
-            let sample = guarded(|| measure::path_round(case, cli.seconds, round));
+            let sample =
+                guarded(|| measure::path_round(case, cli.seconds, round, cli.keep_logs.as_deref()));
             match &sample {
                 Ok(s) => eprintln!(
                     "natbench:   first ping {:.2} s ({} / {}), {:.0} Mbit/s, ping idle {:.2} \
@@ -197,7 +201,7 @@ fn run(cli: &Cli) -> Results {
         }
         if let Some(upgrade) = &mut results.upgrade {
             eprintln!("natbench: round {} of {}: upgrade", round + 1, cli.rounds);
-            let sample = guarded(|| measure::upgrade_round(round));
+            let sample = guarded(|| measure::upgrade_round(round, cli.keep_logs.as_deref()));
             match &sample {
                 Ok(s) => eprintln!(
                     "natbench:   direct both ways {:.2} s after the lift, longest ping gap {:.0} \

@@ -5,8 +5,8 @@
 //!   both agents reporting an overlay address and to the first ping answered both ways; then,
 //!   once `status` shows the expected path both ways, ping idle and a single-stream TCP flow
 //!   a1 -> b1 with ping alongside.
-//! - [`upgrade_round`]: UDP blocked except to the coordinator (relayed over UDP), a ping
-//!   a1 -> b1 every 10 ms, then the block lifted: the time from the lift to `status` showing
+//! - [`upgrade_round`]: UDP blocked except to the coordinator (relayed over UDP, pings
+//!   answered both ways), a ping a1 -> b1 every 10 ms, then the block lifted: the time from the lift to `status` showing
 //!   `direct` both ways, and the longest silence of the ping around the switch.
 //!
 //! Every wait is bounded; a round that cannot be measured returns an error saying why, with
@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -196,7 +197,7 @@ fn coordinator_status(mesh: &NatMesh) -> Value {
 /// One round of the relay-to-direct upgrade.
 #[derive(Debug, Clone, Serialize)]
 pub struct UpgradeSample {
-    /// Agent start to `relay` over UDP shown both ways, seconds.
+    /// Agent start to pings answered both ways and `relay` over UDP shown both ways, seconds.
     pub relayed_s: f64,
     /// Lift to `direct` shown by a1 (towards b1) and by b1 (towards a1), seconds.
     pub direct_each_s: [f64; 2],
@@ -236,99 +237,168 @@ impl Keys {
     }
 }
 
-/// A fresh mesh with the two agents started; returns it and the start (as an `Instant` and
-/// in Unix seconds).
-fn start(tag: &str, case: PathCase) -> (NatMesh, Instant, f64) {
-    let mut mesh = NatMesh::new(tag, &[NatMode::Masquerade, NatMode::Masquerade]);
-    case.block(&mesh);
-    let started = mesh.spawn(&NODES);
-    let unix = ping::unix_now() - started.elapsed().as_secs_f64();
-    (mesh, started, unix)
+/// A fresh mesh set up for `case`, with the two agents started.
+struct Round {
+    mesh: NatMesh,
+    /// When the first agent was started.
+    started: Instant,
+    /// The same, in Unix seconds (the clock of `ping -D`).
+    started_unix: f64,
 }
 
-/// Waits until both agents report an overlay address; returns them (a1's, b1's).
-fn addresses(mesh: &NatMesh) -> Result<[Ipv4Addr; 2], String> {
-    let deadline = Instant::now() + JOIN;
-    loop {
-        let a = mesh.agent(A).try_status().and_then(|s| address_of(&s));
-        let b = mesh.agent(B).try_status().and_then(|s| address_of(&s));
-        if let (Some(a), Some(b)) = (a, b) {
-            return Ok([a, b]);
+impl Round {
+    fn start(tag: &str, case: PathCase) -> Round {
+        let mut mesh = NatMesh::new(tag, &[NatMode::Masquerade, NatMode::Masquerade]);
+        case.block(&mesh);
+        let started = mesh.spawn(&NODES);
+        let started_unix = ping::unix_now() - started.elapsed().as_secs_f64();
+        Round {
+            mesh,
+            started,
+            started_unix,
         }
-        if Instant::now() >= deadline {
-            let logs: String = [A, B]
-                .iter()
-                .map(|n| {
-                    let log = mesh.agent(n).log();
-                    let lines: Vec<&str> = log.lines().collect();
-                    let tail = lines[lines.len().saturating_sub(8)..].join("\n");
-                    format!("---- last lines of {n}'s log ----\n{tail}\n")
-                })
-                .collect();
-            return Err(format!(
-                "the agents did not both join within {JOIN:?} (address of {A}: {a:?}, {B}: \
-                 {b:?})\n{logs}"
-            ));
+    }
+
+    /// Seconds since the first agent was started.
+    fn elapsed(&self) -> f64 {
+        self.started.elapsed().as_secs_f64()
+    }
+
+    /// Copies every log of the round (agents, coordinator, iperf3, ping) into `dir`.
+    fn keep_logs(&self, dir: &Path) {
+        let copied = std::fs::create_dir_all(dir).and_then(|()| {
+            for entry in std::fs::read_dir(self.mesh.dir().path())? {
+                let path = entry?.path();
+                if path.extension().is_some_and(|e| e == "log") {
+                    if let Some(name) = path.file_name() {
+                        std::fs::copy(&path, dir.join(name))?;
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = copied {
+            eprintln!(
+                "natbench: could not keep the logs in {}: {e}",
+                dir.display()
+            );
         }
-        std::thread::sleep(POLL);
+    }
+
+    /// Waits until both agents report an overlay address; returns them (a1's, b1's).
+    fn addresses(&self) -> Result<[Ipv4Addr; 2], String> {
+        let mesh = &self.mesh;
+        let deadline = Instant::now() + JOIN;
+        loop {
+            let a = mesh.agent(A).try_status().and_then(|s| address_of(&s));
+            let b = mesh.agent(B).try_status().and_then(|s| address_of(&s));
+            if let (Some(a), Some(b)) = (a, b) {
+                return Ok([a, b]);
+            }
+            if Instant::now() >= deadline {
+                let logs: String = [A, B]
+                    .iter()
+                    .map(|n| {
+                        let log = mesh.agent(n).log();
+                        let lines: Vec<&str> = log.lines().collect();
+                        let tail = lines[lines.len().saturating_sub(8)..].join("\n");
+                        format!("---- last lines of {n}'s log ----\n{tail}\n")
+                    })
+                    .collect();
+                return Err(format!(
+                    "the agents did not both join within {JOIN:?} (address of {A}: {a:?}, {B}: \
+                     {b:?})\n{logs}"
+                ));
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Pings both ways at once until each is answered; returns when (seconds since the
+    /// start), a1 -> b1 and b1 -> a1.
+    fn first_pings(
+        &self,
+        [addr_a, addr_b]: [Ipv4Addr; 2],
+        keys: &Keys,
+    ) -> Result<[f64; 2], String> {
+        let mesh = &self.mesh;
+        let (ns_a, ns_b) = (mesh.agent(A).ns(), mesh.agent(B).ns());
+        let (ab, ba) = std::thread::scope(|s| {
+            let ab = s.spawn(|| ping::first_reply(ns_a, addr_b, FIRST_PING));
+            let ba = s.spawn(|| ping::first_reply(ns_b, addr_a, FIRST_PING));
+            (
+                ab.join().expect("ping thread"),
+                ba.join().expect("ping thread"),
+            )
+        });
+        let first = |r: Result<f64, String>, dir: &str| {
+            r.map(|at| at - self.started_unix).map_err(|e| {
+                format!(
+                    "{dir}: {e}\npaths: {:?}\n{}",
+                    keys.paths(mesh),
+                    mesh.statuses()
+                )
+            })
+        };
+        Ok([first(ab, "a1 -> b1")?, first(ba, "b1 -> a1")?])
+    }
+
+    /// Waits until both agents show the path `case` should give.
+    fn settle(&self, case: PathCase, timeout: Duration) -> Result<Duration, String> {
+        self.mesh.settle_paths(
+            &[A, B],
+            timeout,
+            &format!("{} both ways", case.expected()),
+            |_, to, path| case.expects(&self.mesh, to, path),
+        )
     }
 }
 
-/// One round of `case`; `seconds` is the TCP flow's length (at least 3).
+/// One round of `case`; `seconds` is the TCP flow's length (at least 3). With `keep`, the
+/// round's logs are copied into `keep/CASE-ROUND/`.
 ///
 /// # Errors
 /// What could not be measured, and why.
-pub fn path_round(case: PathCase, seconds: u32, round: usize) -> Result<PathSample, String> {
-    let (mesh, started, start_unix) = start(&format!("natbench-{}-{round}", case.name()), case);
-    let [addr_a, addr_b] = addresses(&mesh)?;
-    let joined_s = started.elapsed().as_secs_f64();
+pub fn path_round(
+    case: PathCase,
+    seconds: u32,
+    round: usize,
+    keep: Option<&Path>,
+) -> Result<PathSample, String> {
+    let tag = format!("{}-{round}", case.name());
+    let r = Round::start(&format!("natbench-{tag}"), case);
+    let sample = measure_path(&r, case, seconds);
+    if let Some(dir) = keep {
+        r.keep_logs(&dir.join(tag));
+    }
+    sample
+}
 
-    let (ns_a, ns_b) = (mesh.agent(A).ns().clone(), mesh.agent(B).ns().clone());
-    let (ab, ba) = std::thread::scope(|s| {
-        let ab = s.spawn(|| ping::first_reply(&ns_a, addr_b, FIRST_PING));
-        let ba = s.spawn(|| ping::first_reply(&ns_b, addr_a, FIRST_PING));
-        (
-            ab.join().expect("ping thread"),
-            ba.join().expect("ping thread"),
-        )
-    });
-    let keys = Keys::of(&mesh);
-    let first = |r: Result<f64, String>, dir: &str| {
-        r.map(|at| at - start_unix).map_err(|e| {
-            format!(
-                "{dir}: {e}\npaths: {:?}\n{}",
-                keys.paths(&mesh),
-                mesh.statuses()
-            )
-        })
-    };
-    let first_ping_each_s = [first(ab, "a1 -> b1")?, first(ba, "b1 -> a1")?];
-    let path_at_first_ping = keys.paths(&mesh).map(|p| p.describe());
+fn measure_path(r: &Round, case: PathCase, seconds: u32) -> Result<PathSample, String> {
+    let mesh = &r.mesh;
+    let [addr_a, addr_b] = r.addresses()?;
+    let joined_s = r.elapsed();
+    let keys = Keys::of(mesh);
+    let first_ping_each_s = r.first_pings([addr_a, addr_b], &keys)?;
+    let path_at_first_ping = keys.paths(mesh).map(|p| p.describe());
+    r.settle(case, SETTLE)?;
+    let settled_s = r.elapsed();
+    let status_rtt_ms = keys.paths(mesh)[0].rtt_ms;
 
-    let names = [A, B];
-    mesh.settle_paths(
-        &names,
-        SETTLE,
-        &format!("{} both ways", case.expected()),
-        |_, to, path| case.expects(&mesh, to, path),
-    )?;
-    let settled_s = started.elapsed().as_secs_f64();
-    let status_rtt_ms = keys.paths(&mesh)[0].rtt_ms;
-
-    let ping_idle =
-        ping::burst(&ns_a, addr_b, IDLE_PINGS).map_err(|e| format!("idle ping: {e}"))?;
-    let _server = iperf::server(&ns_b, addr_b, &mesh.dir().join("iperf3-server.log"))?;
+    let (ns_a, ns_b) = (mesh.agent(A).ns(), mesh.agent(B).ns());
+    let ping_idle = ping::burst(ns_a, addr_b, IDLE_PINGS).map_err(|e| format!("idle ping: {e}"))?;
+    let _server = iperf::server(ns_b, addr_b, &mesh.dir().join("iperf3-server.log"))?;
     // The flow runs 1 + `seconds` s (`-O 1`); the pings start 1.5 s in and end about 1 s
     // before it does.
     let load_pings = (seconds.saturating_sub(3) * 100).max(100);
-    let relay_before = coordinator_status(&mesh);
+    let relay_before = coordinator_status(mesh);
     let (tcp, ping_load) = std::thread::scope(|s| {
-        let flow = s.spawn(|| iperf::client(&ns_a, addr_b, seconds));
+        let flow = s.spawn(|| iperf::client(ns_a, addr_b, seconds));
         std::thread::sleep(Duration::from_millis(1500));
-        let ping_load = ping::burst(&ns_a, addr_b, load_pings);
+        let ping_load = ping::burst(ns_a, addr_b, load_pings);
         (flow.join().expect("iperf3 thread"), ping_load)
     });
-    let relay_during_flow = RelayDelta::between(&relay_before, &coordinator_status(&mesh));
+    let relay_during_flow = RelayDelta::between(&relay_before, &coordinator_status(mesh));
     let tcp = tcp.map_err(|e| format!("TCP flow: {e}"))?;
     let ping_load = ping_load.map_err(|e| format!("ping under load: {e}"))?;
 
@@ -346,26 +416,30 @@ pub fn path_round(case: PathCase, seconds: u32, round: usize) -> Result<PathSamp
     })
 }
 
-/// One round of the relay-to-direct upgrade.
+/// One round of the relay-to-direct upgrade. With `keep`, the round's logs are copied into
+/// `keep/upgrade-ROUND/`.
 ///
 /// # Errors
 /// What could not be measured, and why.
-pub fn upgrade_round(round: usize) -> Result<UpgradeSample, String> {
-    let case = PathCase::RelayUdp;
-    let (mesh, started, _) = start(&format!("natbench-upgrade-{round}"), case);
-    let [_, addr_b] = addresses(&mesh)?;
-    let names = [A, B];
-    mesh.settle_paths(
-        &names,
-        FIRST_PING + SETTLE,
-        "relay with path.over udp both ways, before the lift",
-        |_, to, path| case.expects(&mesh, to, path),
-    )?;
-    let relayed_s = started.elapsed().as_secs_f64();
-    let keys = Keys::of(&mesh);
+pub fn upgrade_round(round: usize, keep: Option<&Path>) -> Result<UpgradeSample, String> {
+    let r = Round::start(&format!("natbench-upgrade-{round}"), PathCase::RelayUdp);
+    let sample = measure_upgrade(&r);
+    if let Some(dir) = keep {
+        r.keep_logs(&dir.join(format!("upgrade-{round}")));
+    }
+    sample
+}
 
-    let ns_a = mesh.agent(A).ns().clone();
-    let mut pinger = ns_a.spawn(
+fn measure_upgrade(r: &Round) -> Result<UpgradeSample, String> {
+    let mesh = &r.mesh;
+    let [addr_a, addr_b] = r.addresses()?;
+    let keys = Keys::of(mesh);
+    // Relayed, and answering: status can show the relay before WireGuard has a session.
+    let first = r.first_pings([addr_a, addr_b], &keys)?;
+    r.settle(PathCase::RelayUdp, SETTLE)?;
+    let relayed_s = first[0].max(first[1]).max(r.elapsed());
+
+    let mut pinger = mesh.agent(A).ns().spawn(
         "ping",
         &["-n", "-D", "-i", "0.01", &addr_b.to_string()],
         &mesh.dir().join("ping-upgrade.log"),
@@ -378,9 +452,9 @@ pub fn upgrade_round(round: usize) -> Result<UpgradeSample, String> {
 
     let mut direct: [Option<f64>; 2] = [None, None];
     while direct.iter().any(Option::is_none) && lifted.elapsed() < UPGRADE {
-        let paths = keys.paths(&mesh);
+        let paths = keys.paths(mesh);
         for (seen, (path, to)) in direct.iter_mut().zip(paths.iter().zip([B, A])) {
-            if seen.is_none() && PathCase::Direct.expects(&mesh, to, path) {
+            if seen.is_none() && PathCase::Direct.expects(mesh, to, path) {
                 *seen = Some(lifted.elapsed().as_secs_f64());
             }
         }
@@ -397,15 +471,27 @@ pub fn upgrade_round(round: usize) -> Result<UpgradeSample, String> {
              a1 {:?}); paths: {:?}\n{}",
             direct[0],
             direct[1],
-            keys.paths(&mesh),
+            keys.paths(mesh),
             mesh.statuses()
         ));
     };
-    let replies = ping::replies(&pinger.log());
-    let (longest_gap_ms, lost) = ping::longest_gap(&replies, lift_unix, end_unix)
-        .ok_or("fewer than two ping replies after the lift")?;
-    let (gap_before_ms, _) = ping::longest_gap(&replies, lift_unix - 1.0, lift_unix)
-        .ok_or("fewer than two ping replies in the second before the lift")?;
+    let log = pinger.log();
+    let replies = ping::replies(&log);
+    let ping_tail = || pinger.log_tail(5);
+    let (longest_gap_ms, lost) =
+        ping::longest_gap(&replies, lift_unix, end_unix).ok_or_else(|| {
+            format!(
+                "fewer than two ping replies after the lift: {}",
+                ping_tail()
+            )
+        })?;
+    let (gap_before_ms, _) =
+        ping::longest_gap(&replies, lift_unix - 1.0, lift_unix).ok_or_else(|| {
+            format!(
+                "fewer than two ping replies in the second before the lift: {}",
+                ping_tail()
+            )
+        })?;
     let answered = replies
         .iter()
         .filter(|r| r.at.is_some_and(|at| at >= lift_unix))
