@@ -8,13 +8,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use meshlink_proto::control::{PathKind, PathReport, RelayTransport, MAX_PATH_REPORTS};
+use meshlink_proto::control::{PathKind, PathReport, MAX_PATH_REPORTS};
 use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use super::paths::{Path, Paths};
 use super::relay::RelayClient;
+use super::sleep_until;
 use super::workloads::Shared;
 use crate::dataplane::batch::NetBatch;
 use crate::platform::udp::UdpTransport;
@@ -150,17 +151,7 @@ impl Discovery {
                 let st = p.status(key)?;
                 let (kind, via, over) = match st.path {
                     Path::Direct(a) => (PathKind::Direct, Some(a), None),
-                    Path::Relay => (
-                        PathKind::Relay,
-                        relay.map(|r| r.0),
-                        relay.map(|r| {
-                            if r.1 == "tcp" {
-                                RelayTransport::Tcp
-                            } else {
-                                RelayTransport::Udp
-                            }
-                        }),
-                    ),
+                    Path::Relay => (PathKind::Relay, relay.map(|r| r.0), relay.map(|r| r.1)),
                     Path::Unknown => (PathKind::Unconfirmed, None, None),
                 };
                 Some(PathReport {
@@ -286,12 +277,5 @@ impl Discovery {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
-        None => std::future::pending().await,
     }
 }

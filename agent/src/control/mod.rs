@@ -761,7 +761,7 @@ impl MeshControl {
 }
 
 /// Sleeps until `at`, or forever when there is nothing to wait for.
-async fn sleep_until(at: Option<Instant>) {
+pub(crate) async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,

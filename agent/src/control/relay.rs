@@ -134,7 +134,7 @@ impl RelayClient {
     /// The relay's address (the control connection's remote end) and transport (`udp`,
     /// `tcp`), while one is up.
     #[must_use]
-    pub fn link_remote(&self) -> Option<(SocketAddr, &'static str)> {
+    pub fn link_remote(&self) -> Option<(SocketAddr, meshlink_proto::control::RelayTransport)> {
         self.link
             .borrow()
             .as_ref()

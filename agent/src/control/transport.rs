@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use meshlink_proto::control::RelayTransport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
@@ -143,12 +144,12 @@ impl Transport {
         }
     }
 
-    /// `udp` or `tcp`.
+    /// What relay frames run over on this transport.
     #[must_use]
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> RelayTransport {
         match self {
-            Transport::Quic { .. } => "udp",
-            Transport::Tcp { .. } => "tcp",
+            Transport::Quic { .. } => RelayTransport::Udp,
+            Transport::Tcp { .. } => RelayTransport::Tcp,
         }
     }
 

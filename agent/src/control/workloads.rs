@@ -60,8 +60,8 @@ pub struct Link {
     pub conn: super::transport::LinkConn,
     /// The coordinator's address.
     pub remote: std::net::SocketAddr,
-    /// `udp` or `tcp`.
-    pub transport: &'static str,
+    /// What relay frames run over (QUIC datagrams: `udp`; a TLS/TCP stream: `tcp`).
+    pub transport: meshlink_proto::control::RelayTransport,
     /// The coordinator's reflexive address port, at the connection's remote address.
     pub reflect: Option<std::net::SocketAddr>,
     /// Whether the coordinator relays.
