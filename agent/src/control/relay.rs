@@ -105,9 +105,14 @@ impl RelayClient {
     /// # Errors
     /// When no loopback socket can be bound.
     pub fn endpoint(&self, peer: PublicKey) -> std::io::Result<SocketAddr> {
+        self.shim(peer).map(|(addr, _)| addr)
+    }
+
+    /// `peer`'s shim, made on first use: its address and socket.
+    fn shim(&self, peer: PublicKey) -> std::io::Result<(SocketAddr, Arc<UdpSocket>)> {
         let mut shims = self.shims();
         if let Some(s) = shims.get(&peer) {
-            return Ok(s.addr);
+            return Ok((s.addr, s.socket.clone()));
         }
         let std_sock = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
         std_sock.set_nonblocking(true)?;
@@ -121,8 +126,15 @@ impl RelayClient {
             self.counters.clone(),
             self.next_id.clone(),
         ));
-        shims.insert(peer, Shim { socket, addr, task });
-        Ok(addr)
+        shims.insert(
+            peer,
+            Shim {
+                socket: socket.clone(),
+                addr,
+                task,
+            },
+        );
+        Ok((addr, socket))
     }
 
     /// Whether `addr` is the shim of some peer (status shows such an endpoint as the relay).
@@ -203,8 +215,8 @@ impl RelayClient {
             let Some((from, whole)) = reassembler.push(header, bytes, Instant::now()) else {
                 continue;
             };
-            let socket = match self.endpoint(from) {
-                Ok(_) => self.shims().get(&from).map(|s| s.socket.clone()),
+            let socket = match self.shim(from) {
+                Ok((_, socket)) => Some(socket),
                 Err(e) => {
                     debug!("relay shim: {e}");
                     None
