@@ -398,10 +398,7 @@ fn node_view(
     all: &[NodeRecord],
 ) -> api::Node {
     let paths = service.paths().get(n.id).map(|r| api::NodePaths {
-        reported_at: api::UnixTime(
-            r.at.duration_since(std::time::SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
-        ),
+        reported_at: time(r.at),
         peers: r
             .paths
             .into_iter()

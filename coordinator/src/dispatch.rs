@@ -58,8 +58,7 @@ impl Service {
                 Ok(None)
             }
             ClientMessage::Paths { paths } => {
-                self.paths()
-                    .record(from.node, paths, std::time::SystemTime::now());
+                self.paths().record(from.node, paths, self.now());
                 Ok(None)
             }
             // At most one answer per version: a repeated request is answered by nothing.

@@ -4,16 +4,17 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::SystemTime;
 
 use meshlink_proto::control::{PathReport, MAX_PATH_REPORTS};
 use meshlink_proto::NodeId;
 
+use crate::store::UnixTime;
+
 /// One node's last report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reported {
-    /// When it arrived.
-    pub at: SystemTime,
+    /// When it arrived, by the service's clock.
+    pub at: UnixTime,
     /// Its entries (at most [`MAX_PATH_REPORTS`]).
     pub paths: Vec<PathReport>,
 }
@@ -36,7 +37,7 @@ impl PathBook {
     }
 
     /// Records `node`'s report, keeping at most [`MAX_PATH_REPORTS`] entries.
-    pub fn record(&self, node: NodeId, mut paths: Vec<PathReport>, at: SystemTime) {
+    pub fn record(&self, node: NodeId, mut paths: Vec<PathReport>, at: UnixTime) {
         paths.truncate(MAX_PATH_REPORTS);
         self.lock().insert(node, Reported { at, paths });
     }
@@ -72,7 +73,7 @@ mod tests {
     #[test]
     fn a_report_replaces_the_last_and_is_bounded() {
         let book = PathBook::new();
-        let t = SystemTime::UNIX_EPOCH;
+        let t = 0;
         book.record(1, vec![entry(2), entry(3)], t);
         book.record(1, vec![entry(4)], t);
         assert_eq!(book.get(1).unwrap().paths, vec![entry(4)]);
