@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::control::coordinators::Coordinators;
 use crate::control::discovery::Discovery;
 use crate::control::peers::EndpointChooser;
+use crate::control::sleep_until;
 use crate::control::state::{MapTrust, StateDir};
 use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
@@ -660,8 +661,7 @@ async fn trusted_maps(
         let wake = match (trust.poll_timeout(now), dated.filter(|_| connected)) {
             (Some(a), Some(b)) => Some(a.min(b + refresh)),
             (a, b) => a.or(b.map(|b| b + refresh)),
-        }
-        .map(tokio::time::Instant::from_std);
+        };
         tokio::select! {
             r = from.changed(), if from_open => match r {
                 // A map arrives from a session, so it is current.
@@ -676,7 +676,7 @@ async fn trusted_maps(
                 Err(_) => from_open = false,
             },
             _ = link.changed() => {}
-            () = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {}
+            () = sleep_until(wake) => {}
         }
     }
 }
@@ -707,8 +707,7 @@ async fn reconcile_mesh(
         ) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
-        }
-        .map(tokio::time::Instant::from_std);
+        };
         tokio::select! {
             r = maps.changed(), if !control_gone => {
                 if r.is_err() {
@@ -718,7 +717,7 @@ async fn reconcile_mesh(
                 }
             }
             () = shared.changed.notified() => {}
-            () = async { match wake { Some(w) => tokio::time::sleep_until(w).await, None => std::future::pending().await } } => {}
+            () = sleep_until(wake) => {}
             _ = tick.tick() => {
                 let map = maps.borrow().clone();
                 let status = control.device.status(SystemTime::now());
