@@ -604,6 +604,7 @@ fn without_peers(map: &Netmap, self_id: NodeId) -> Netmap {
             .map(|(id, p)| (*id, p.clone()))
             .collect(),
         workloads: Default::default(),
+        policy: map.policy.clone(),
     }
 }
 

@@ -219,6 +219,7 @@ fn map(holder: bool) -> Netmap {
                 previous: None,
                 candidates: vec![NODE],
                 grace_ms: None,
+                tags: Vec::new(),
             },
         );
     }

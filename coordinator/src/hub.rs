@@ -410,6 +410,7 @@ mod tests {
             allowed_ips: vec![],
             endpoints: vec![],
             labels: BTreeMap::new(),
+            tags: Vec::new(),
         }
     }
 

@@ -11,11 +11,13 @@ pub mod disco;
 pub mod ipam;
 pub mod key;
 pub mod netmap;
+pub mod policy;
 pub mod reconnect;
 pub mod relay;
 pub mod token;
 pub mod workload;
 
 pub use key::{Key, KeyError, PublicKey};
-pub use netmap::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo};
+pub use netmap::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange};
+pub use policy::Policy;
 pub use workload::WorkloadInfo;

@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::key::PublicKey;
+use crate::policy::Policy;
 use crate::workload::WorkloadInfo;
 
 /// A node's identifier, unique within a coordinator and never reused.
@@ -40,6 +41,10 @@ pub struct PeerInfo {
     /// Free-form labels (`provider=aws`). Absent means none.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Tags, given by the coordinator (from the join token and `meshctl node tag`), never
+    /// chosen by the node; policies select by them. Absent means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl PeerInfo {
@@ -64,6 +69,19 @@ pub struct Netmap {
     /// Every workload of the network, by name. Absent means none.
     #[serde(default, with = "workloads_as_list")]
     pub workloads: BTreeMap<String, WorkloadInfo>,
+    /// The network's access policy. Absent: none, the network is open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+}
+
+/// A change of a network's policy, in a [`NetmapDelta`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicyChange {
+    /// This policy replaces the network's (or is its first).
+    Set(Policy),
+    /// The network no longer has a policy: it is open again.
+    Clear,
 }
 
 /// The change from one version of a network's map to the next.
@@ -85,6 +103,9 @@ pub struct NetmapDelta {
     /// Workloads removed, by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remove_workloads: Vec<String>,
+    /// The network's policy changed. Absent: unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyChange>,
 }
 
 /// A delta that does not follow the map's version: the holder needs a full map.
@@ -125,6 +146,11 @@ impl Netmap {
         for w in &delta.upsert_workloads {
             self.workloads.insert(w.name.clone(), w.clone());
         }
+        match &delta.policy {
+            Some(PolicyChange::Set(p)) => self.policy = Some(p.clone()),
+            Some(PolicyChange::Clear) => self.policy = None,
+            None => {}
+        }
         self.version = delta.to_version;
         Ok(())
     }
@@ -155,6 +181,12 @@ impl Netmap {
             .filter(|n| !newer.workloads.contains_key(*n))
             .cloned()
             .collect();
+        let policy = match (&self.policy, &newer.policy) {
+            (old, new) if old == new => None,
+            (_, Some(p)) => Some(PolicyChange::Set(p.clone())),
+            (Some(_), None) => Some(PolicyChange::Clear),
+            (None, None) => None,
+        };
         NetmapDelta {
             from_version: self.version,
             to_version: newer.version,
@@ -162,6 +194,7 @@ impl Netmap {
             remove,
             upsert_workloads,
             remove_workloads,
+            policy,
         }
     }
 
@@ -234,6 +267,7 @@ mod tests {
             allowed_ips: vec![],
             endpoints: vec![ep.parse().unwrap()],
             labels: BTreeMap::new(),
+            tags: Vec::new(),
         }
     }
 
@@ -310,6 +344,7 @@ mod tests {
             previous: None,
             candidates: vec![1, 2],
             grace_ms: None,
+            tags: Vec::new(),
         };
         m.workloads.insert(w.name.clone(), w);
         assert_eq!(

@@ -73,6 +73,9 @@ pub struct WorkloadInfo {
     /// The grace period for forwarding after a move, in milliseconds. Absent: the default.
     #[serde(default)]
     pub grace_ms: Option<u64>,
+    /// Tags, given by operators; policies select by them. Absent means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl WorkloadInfo {
@@ -669,6 +672,7 @@ pub(crate) mod tests {
             previous: None,
             candidates: vec![1, 2, 3],
             grace_ms: Some(1000),
+            tags: Vec::new(),
         }
     }
 

@@ -277,6 +277,7 @@ mod tests {
                 previous: None,
                 candidates: vec![1],
                 grace_ms: None,
+                tags: Vec::new(),
             },
         );
         let mut h = Holdings::new(1);

@@ -141,6 +141,7 @@ mod tests {
                         format!("198.18.1.{id}:51820").parse().unwrap(),
                     ],
                     labels: BTreeMap::new(),
+                    tags: Vec::new(),
                 },
             );
         }

@@ -436,11 +436,13 @@ mod tests {
             allowed_ips: Vec::new(),
             endpoints: vec!["198.18.2.10:51820".parse().unwrap()],
             labels: Default::default(),
+            tags: Vec::new(),
         };
         Netmap {
             version: 7,
             peers: [(2, peer)].into_iter().collect(),
             workloads: Default::default(),
+            policy: None,
         }
     }
 

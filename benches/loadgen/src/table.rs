@@ -188,6 +188,7 @@ mod tests {
             allowed_ips: vec![],
             endpoints: vec![format!("198.18.0.{id}:{port}").parse().unwrap()],
             labels: BTreeMap::new(),
+            tags: Vec::new(),
         }
     }
 

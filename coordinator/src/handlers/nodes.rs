@@ -566,6 +566,7 @@ pub fn peer_info(node: &NodeRecord) -> PeerInfo {
         allowed_ips: Vec::new(),
         endpoints,
         labels: node.labels.clone(),
+        tags: node.tags.clone(),
     }
 }
 
@@ -607,6 +608,7 @@ pub fn netmap(version: u64, nodes: &[NodeRecord], workloads: &[WorkloadRecord]) 
             .iter()
             .map(|w| (w.name.clone(), super::workloads::info(w)))
             .collect(),
+        policy: None,
     }
 }
 

@@ -47,6 +47,7 @@ pub fn info(w: &WorkloadRecord) -> WorkloadInfo {
         previous: w.previous,
         candidates,
         grace_ms: None,
+        tags: Vec::new(),
     }
 }
 
