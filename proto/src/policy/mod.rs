@@ -29,7 +29,9 @@ use serde::{Deserialize, Serialize};
 
 pub use compile::NodeTable;
 pub use eval::{may_talk, visible_peers, Entity, TestFailure, Verdict};
-pub use parse::{parse, PolicyError, PolicyFile};
+pub use parse::{
+    parse, FlowTest, PolicyError, PolicyFile, MAX_ENTRIES, MAX_FILE_BYTES, MAX_RULES, MAX_TESTS,
+};
 
 /// The IANA protocol numbers the policy speaks of.
 pub mod ip_proto {
