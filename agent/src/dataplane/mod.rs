@@ -19,6 +19,7 @@
 
 pub mod allowed_ips;
 pub mod batch;
+pub mod conntrack;
 pub mod noise;
 pub mod status;
 
