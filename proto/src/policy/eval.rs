@@ -291,15 +291,9 @@ pub fn visible_peers(policy: Option<&Policy>, map: &Netmap, me: NodeId) -> BTree
 /// The nodes that are, or may hold, something a set of selectors matches; built up one
 /// selector at a time.
 struct Reach<'a> {
-    map: &'a Netmap,
+    index: Index<'a>,
     /// Position of each node in `map.peers`.
     position: HashMap<NodeId, usize>,
-    /// Nodes by name.
-    by_name: HashMap<&'a str, usize>,
-    /// Nodes by tag.
-    nodes_by_tag: HashMap<&'a str, Vec<usize>>,
-    /// Workloads by tag.
-    workloads_by_tag: HashMap<&'a str, Vec<&'a WorkloadInfo>>,
     /// Selectors already added.
     done: HashSet<&'a Selector>,
     /// Whether `Any` was added: every node is reached.
@@ -310,64 +304,102 @@ struct Reach<'a> {
 
 impl<'a> Reach<'a> {
     fn new(map: &'a Netmap) -> Reach<'a> {
-        let mut reach = Reach {
-            map,
-            position: HashMap::with_capacity(map.peers.len()),
-            by_name: HashMap::with_capacity(map.peers.len()),
-            nodes_by_tag: HashMap::new(),
-            workloads_by_tag: HashMap::new(),
+        Reach {
+            index: Index::new(map),
+            position: map
+                .peers
+                .keys()
+                .enumerate()
+                .map(|(i, &id)| (id, i))
+                .collect(),
             done: HashSet::new(),
             all: false,
             marked: vec![false; map.peers.len()],
-        };
-        for (i, p) in map.peers.values().enumerate() {
-            reach.position.insert(p.node_id, i);
-            reach.by_name.insert(&p.name, i);
-            for t in &p.tags {
-                reach.nodes_by_tag.entry(t).or_default().push(i);
-            }
         }
-        for w in map.workloads.values() {
-            for t in &w.tags {
-                reach.workloads_by_tag.entry(t).or_default().push(w);
-            }
-        }
-        reach
     }
 
     fn add(&mut self, selector: &'a Selector) {
         if self.all || !self.done.insert(selector) {
             return;
         }
-        match selector {
-            Selector::Any => self.all = true,
-            Selector::Tag(t) => {
-                for &i in self.nodes_by_tag.get(t.as_str()).into_iter().flatten() {
+        if *selector == Selector::Any {
+            self.all = true;
+            return;
+        }
+        for p in self.index.nodes(selector) {
+            self.marked[self.position[&p.node_id]] = true;
+        }
+        for w in self.index.workloads(selector) {
+            for id in holders(w) {
+                if let Some(&i) = self.position.get(&id) {
                     self.marked[i] = true;
-                }
-                let workloads = self.workloads_by_tag.get(t.as_str());
-                for w in workloads.into_iter().flatten() {
-                    Self::mark_holders(&mut self.marked, &self.position, w);
-                }
-            }
-            Selector::Node(n) => {
-                if let Some(&i) = self.by_name.get(n.as_str()) {
-                    self.marked[i] = true;
-                }
-            }
-            Selector::Workload(n) => {
-                if let Some(w) = self.map.workloads.get(n) {
-                    Self::mark_holders(&mut self.marked, &self.position, w);
                 }
             }
         }
     }
+}
 
-    fn mark_holders(marked: &mut [bool], position: &HashMap<NodeId, usize>, w: &WorkloadInfo) {
-        for id in holders(w) {
-            if let Some(&i) = position.get(&id) {
-                marked[i] = true;
+/// A map's nodes and workloads indexed by name and tag, to find what a selector matches
+/// without a pass over the map per selector.
+pub(super) struct Index<'a> {
+    map: &'a Netmap,
+    node_by_name: HashMap<&'a str, &'a PeerInfo>,
+    nodes_by_tag: HashMap<&'a str, Vec<&'a PeerInfo>>,
+    workloads_by_tag: HashMap<&'a str, Vec<&'a WorkloadInfo>>,
+}
+
+impl<'a> Index<'a> {
+    pub(super) fn new(map: &'a Netmap) -> Index<'a> {
+        let mut index = Index {
+            map,
+            node_by_name: HashMap::with_capacity(map.peers.len()),
+            nodes_by_tag: HashMap::new(),
+            workloads_by_tag: HashMap::new(),
+        };
+        for p in map.peers.values() {
+            index.node_by_name.insert(&p.name, p);
+            for t in &p.tags {
+                index.nodes_by_tag.entry(t).or_default().push(p);
             }
+        }
+        for w in map.workloads.values() {
+            for t in &w.tags {
+                index.workloads_by_tag.entry(t).or_default().push(w);
+            }
+        }
+        index
+    }
+
+    /// The nodes `selector` matches (a node twice if it carries a tag twice).
+    pub(super) fn nodes(&self, selector: &Selector) -> Vec<&'a PeerInfo> {
+        match selector {
+            Selector::Any => self.map.peers.values().collect(),
+            Selector::Tag(t) => self
+                .nodes_by_tag
+                .get(t.as_str())
+                .cloned()
+                .unwrap_or_default(),
+            Selector::Node(n) => self
+                .node_by_name
+                .get(n.as_str())
+                .copied()
+                .into_iter()
+                .collect(),
+            Selector::Workload(_) => Vec::new(),
+        }
+    }
+
+    /// The workloads `selector` matches (a workload twice if it carries a tag twice).
+    pub(super) fn workloads(&self, selector: &Selector) -> Vec<&'a WorkloadInfo> {
+        match selector {
+            Selector::Any => self.map.workloads.values().collect(),
+            Selector::Tag(t) => self
+                .workloads_by_tag
+                .get(t.as_str())
+                .cloned()
+                .unwrap_or_default(),
+            Selector::Workload(n) => self.map.workloads.get(n).into_iter().collect(),
+            Selector::Node(_) => Vec::new(),
         }
     }
 }
