@@ -4,7 +4,8 @@
 //! One explicit loop per owned object, each on the shared tokio runtime:
 //! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends;
 //! - `udp_to_tun`: GRO/`recvmmsg` receive -> `Device::inbound_batch` -> coalesced TUN writes;
-//! - `timers`: WireGuard timers every 250 ms, handshake limiter window every second;
+//! - `timers`: WireGuard timers and the data plane's clock every 250 ms, handshake limiter
+//!   window every second;
 //! - `routes`: applies route changes that follow configuration changes;
 //! - the userspace API server (`crate::uapi`);
 //! - for a joined node, the control loop, path discovery, `trusted_maps` (maps go on to the
@@ -1009,8 +1010,11 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunEr
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut net = NetBatch::with_capacity(4096);
     let mut n: u64 = 0;
+    // The data plane's connection table counts time from here.
+    let start = Instant::now();
     loop {
         tick.tick().await;
+        device.set_time(start.elapsed());
         n += 1;
         if n.is_multiple_of(4) {
             device.reset_handshake_limiter();

@@ -106,6 +106,15 @@ impl Tuple {
         to_ip(self.v6, &self.dst)
     }
 
+    /// The destination port a policy judges a flow of this tuple by: the TCP or UDP port, 0
+    /// for every other protocol (an ICMP echo's identifier is no port).
+    pub fn policy_port(&self) -> u16 {
+        match self.proto {
+            proto::TCP | proto::UDP => self.dport,
+            _ => 0,
+        }
+    }
+
     /// The tuple of the other direction.
     pub fn reversed(&self) -> Tuple {
         Tuple {
@@ -241,14 +250,10 @@ impl Packet {
         Some(Packet { tuple, kind })
     }
 
-    /// The destination port the policy judges a new flow by: the TCP or UDP port, 0 for
-    /// everything else.
+    /// The destination port the policy judges a new flow by ([`Tuple::policy_port`]; a
+    /// later fragment has none).
     pub fn policy_port(&self) -> u16 {
-        match self.kind {
-            Kind::Tcp(_) => self.tuple.dport,
-            Kind::Datagram if self.tuple.proto == proto::UDP => self.tuple.dport,
-            _ => 0,
-        }
+        self.tuple.policy_port()
     }
 }
 
@@ -835,7 +840,10 @@ impl Conntrack {
         while left > 0 {
             let shard = at / self.buckets_per_shard;
             let mut guard = self.lock(shard);
-            let Shard { buckets: slots, len } = &mut *guard;
+            let Shard {
+                buckets: slots,
+                len,
+            } = &mut *guard;
             let end = ((shard + 1) * self.buckets_per_shard).min(at + left);
             for b in at..end {
                 for e in slots[b - shard * self.buckets_per_shard].iter_mut() {

@@ -3,9 +3,10 @@
 //! Pipeline:
 //!
 //! ```text
-//!  TUN read batch ──> Device::outbound ──> allowed-IPs lookup (dst) ──> peer.encapsulate ──> NetBatch ──> UDP (GSO)
+//!  TUN read batch ──> Device::outbound ──> allowed-IPs lookup (dst) ──> flow noted (policy) ──> peer.encapsulate ──> NetBatch ──> UDP (GSO)
 //!  UDP read batch ──> Device::inbound  ──> peer by receiver index / handshake ──> decapsulate
-//!                                          ──> allowed-IPs check (src) ──> roam endpoint ──> TunBatch ──> TUN (GRO)
+//!                                          ──> allowed-IPs check (src) ──> roam endpoint
+//!                                          ──> firewall (destination, policy; see `firewall`) ──> TunBatch ──> TUN (GRO)
 //!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
 //! ```
 //!
@@ -15,19 +16,21 @@
 //! receive paths run on different cores.
 //!
 //! Architecture invariant: nothing here touches a socket, a file or the clock; the WireGuard
-//! engine keeps its own timers (see `noise`).
+//! engine keeps its own timers (see `noise`), and the connection table counts time from what
+//! the timer loop tells it ([`Device::set_time`]).
 
 pub mod allowed_ips;
 pub mod batch;
 pub mod conntrack;
+pub mod firewall;
 pub mod noise;
 pub mod status;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::time::{Duration, SystemTime};
 
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::rate_limiter::RateLimiter;
@@ -38,8 +41,11 @@ use meshlink_proto::PublicKey;
 use crate::settings::{DeviceConfig, PeerConfig};
 pub use allowed_ips::AllowedIps;
 pub use batch::{NetBatch, TunBatch};
+use conntrack::Conntrack;
+use firewall::Firewall;
+pub use firewall::{CompiledPolicy, FirewallConfig, FirewallCounters, Verdict};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
-use status::{DeviceStatus, DropCounts, PeerStatus};
+use status::{DeviceStatus, DropCounts, FirewallStatus, PeerStatus};
 
 /// Handshake initiations per second the device accepts before it asks for cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -161,6 +167,7 @@ pub struct WorkloadRouting {
 struct Table {
     config: DeviceConfig,
     workloads: WorkloadRouting,
+    firewall: Firewall,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
     peers: HashMap<PublicKey, Arc<Peer>>,
@@ -173,6 +180,14 @@ struct Table {
 pub struct Device {
     table: RwLock<Table>,
     drops: DeviceDrops,
+    /// The connection table, made when a policy first takes effect (a device that never
+    /// has one spends no memory on it); it outlives firewall changes.
+    flows: OnceLock<Conntrack>,
+    flow_capacity: usize,
+    flow_seed: u64,
+    /// The time as the timer loop last told it, in milliseconds ([`Device::set_time`]).
+    clock_ms: AtomicU64,
+    firewall_counters: FirewallCounters,
 }
 
 /// Makes a WireGuard session; tests may substitute their own engine.
@@ -234,6 +249,12 @@ impl Device {
     /// A device with `config`'s key and peers. `index_seed` varies the session indexes between
     /// runs (pass something random in production, anything in tests).
     pub fn new(config: DeviceConfig, index_seed: u32) -> Self {
+        Device::with_flow_capacity(config, index_seed, conntrack::DEFAULT_CAPACITY)
+    }
+
+    /// A device whose connection table holds at most `flow_capacity` flows (when a policy
+    /// makes it). `index_seed` also keys the table's hash.
+    pub fn with_flow_capacity(config: DeviceConfig, index_seed: u32, flow_capacity: usize) -> Self {
         let public = x25519::PublicKey::from(&config.private_key.0);
         let table = Table {
             public,
@@ -243,6 +264,7 @@ impl Device {
                 ..config.clone()
             },
             workloads: WorkloadRouting::default(),
+            firewall: Firewall::default(),
             peers: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
@@ -251,6 +273,12 @@ impl Device {
         let device = Device {
             table: RwLock::new(table),
             drops: DeviceDrops::default(),
+            flows: OnceLock::new(),
+            flow_capacity,
+            flow_seed: u64::from(index_seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                ^ u64::from(index_seed.rotate_left(16)),
+            clock_ms: AtomicU64::new(0),
+            firewall_counters: FirewallCounters::default(),
         };
         device.set_config(config);
         device
@@ -369,6 +397,47 @@ impl Device {
         }
     }
 
+    /// Sets what the firewall enforces (see `firewall`): the destination check and the
+    /// policy. Peers, sessions and tracked flows stay; a new policy table (another `Arc`)
+    /// makes every tracked flow be checked against it at its next packet, which cuts those it
+    /// denies. The counts per rule carry over when the policy's version is the same.
+    pub fn set_firewall(&self, config: FirewallConfig) {
+        if config.policy.is_some() {
+            // Made outside the table's lock: it is the one large allocation here.
+            self.flows
+                .get_or_init(|| Conntrack::new(self.flow_capacity, self.flow_seed));
+        }
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.firewall.set(config);
+    }
+
+    /// Tells the data plane the time, from any fixed instant (the agent's start): the
+    /// connection table's timeouts count by it. Also reclaims expired flows, a slice of the
+    /// table at a time. Call from the timer loop (every 250 ms).
+    pub fn set_time(&self, now: Duration) {
+        self.clock_ms.store(
+            u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        if let Some(flows) = self.flows.get() {
+            // The whole table every 64 calls: 16 s at 4 calls a second.
+            let buckets = (flows.capacity() / conntrack::WAYS).div_ceil(64);
+            flows.expire(now, buckets);
+        }
+    }
+
+    #[inline]
+    fn now(&self) -> Duration {
+        Duration::from_millis(self.clock_ms.load(Ordering::Relaxed))
+    }
+
+    /// The firewall's state and counters.
+    pub fn firewall_status(&self) -> FirewallStatus {
+        self.read()
+            .firewall
+            .status(self.flows.get(), &self.firewall_counters)
+    }
+
     /// Starts a handshake with every peer that has an endpoint and no session younger than
     /// `fresh` (the datagrams go to `net`); returns how many were started. A node about to
     /// take over a workload address calls it so that its tunnels are up before the switch.
@@ -418,6 +487,8 @@ impl Device {
         net: &mut NetBatch,
     ) {
         let t = self.read();
+        let flows = self.flows.get().filter(|_| t.firewall.has_policy());
+        let now = self.now();
         for packet in packets {
             let Some(dst) = destination(packet) else {
                 self.drops.malformed.fetch_add(1, Ordering::Relaxed);
@@ -427,6 +498,11 @@ impl Device {
                 self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if let Some(flows) = flows {
+                // Noted so that the replies pass.
+                t.firewall
+                    .outbound(packet, flows, now, &self.firewall_counters);
+            }
             peer.lock().seal(packet, net, &self.drops);
         }
     }
@@ -518,13 +594,31 @@ impl Device {
                             .and_then(|k| t.peers.get(k))
                     };
                     match next {
-                        // Never back to the sender: that would loop.
+                        // Never back to the sender: that would loop. The new holder's
+                        // firewall checks what is forwarded to it.
                         Some(to) if !Arc::ptr_eq(to, peer) => forward = Some((to, n)),
                         _ => {
-                            if is_urgent(packet) {
-                                tun.mark_urgent();
+                            let verdict = if t.firewall.is_open() {
+                                Verdict::Pass
+                            } else {
+                                t.firewall.inbound(
+                                    packet,
+                                    destination(packet),
+                                    self.flows.get(),
+                                    self.now(),
+                                    &self.firewall_counters,
+                                )
+                            };
+                            match verdict {
+                                Verdict::Pass => {
+                                    if is_urgent(packet) {
+                                        tun.mark_urgent();
+                                    }
+                                    tun.commit(n);
+                                }
+                                Verdict::NotLocal => drops.not_local += 1,
+                                Verdict::Denied => drops.policy_denied += 1,
                             }
-                            tun.commit(n);
                         }
                     }
                     authenticated = true;

@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
+use ipnet::IpNet;
 use meshlink_proto::PublicKey;
+
+pub use super::conntrack::ConntrackStats;
 
 /// Packets dropped on behalf of one peer (or of the device), by reason.
 #[derive(Default, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -20,6 +23,12 @@ pub struct DropCounts {
     pub replay: u64,
     /// Decrypted packets shorter than their IP header.
     pub short_packet: u64,
+    /// Decrypted packets addressed to none of this node's destinations (mesh mode: its
+    /// addresses, the prefixes the map routes to it, the workload addresses it holds).
+    pub not_local: u64,
+    /// Decrypted packets the network's policy denies (no rule allows their flow, or a policy
+    /// change cut it).
+    pub policy_denied: u64,
     /// Drops for any other reason.
     pub other: u64,
 }
@@ -49,4 +58,34 @@ pub struct DeviceStatus {
     pub listen_port: u16,
     /// One entry per peer the data plane knows.
     pub peers: Vec<PeerStatus>,
+}
+
+/// New flows one rule of the policy let in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RuleCount {
+    /// The rule's line in the policy file.
+    pub line: u32,
+    /// New flows it allowed since the policy version took effect here.
+    pub flows: u64,
+}
+
+/// The firewall's state and counters, as the data plane reports them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FirewallStatus {
+    /// Whether decrypted packets must be addressed to a local destination (mesh mode).
+    pub destination_check: bool,
+    /// Those destinations.
+    pub local: Vec<IpNet>,
+    /// The version of the policy in force; `None`: none, every flow is allowed.
+    pub policy_version: Option<u64>,
+    /// New flows allowed, by rule (in rule order).
+    pub rules: Vec<RuleCount>,
+    /// Decrypted packets addressed to no local destination.
+    pub not_local: u64,
+    /// Decrypted packets the policy denied (no rule, or their flow was cut).
+    pub denied: u64,
+    /// Flows cut by a policy change.
+    pub cut: u64,
+    /// The connection table (made when a policy first takes effect).
+    pub flows: Option<ConntrackStats>,
 }
