@@ -10,56 +10,67 @@
 //! workload may move here at any moment and the table must not need recompiling for that;
 //! whether a workload's address is local is the data plane's own check.
 //!
-//! Entries are keyed by source address, so a lookup looks only at the entries for that source:
-//! - host sources (a /32 or /128: a node's address, a workload's address) in a hash map;
-//! - wider sources (a prefix routed to a node) in a short list;
-//! - `*` sources in a list of their own: `Any` matches any source address, since the packet
-//!   has already passed WireGuard's cryptokey routing.
+//! A lookup takes two steps:
+//! 1. The destination picks its *slot*: one of this node's routed prefixes or a workload's
+//!    address (host addresses through a hash map, wider prefixes most specific first). No
+//!    slot: denied at once. Each slot has a bit per rule, set when the rule allows something
+//!    to the slot's prefix (or to a wider one holding it).
+//! 2. The source picks its rules, each list sorted by rule index: host sources (a /32 or
+//!    /128: a node's address, a workload's) through a hash map, wider sources (a prefix routed
+//!    to a node) in a short list, and per slot the rules whose source is `*` (`Any` matches
+//!    any source address: the packet has already passed WireGuard's cryptokey routing). The
+//!    first rule of a list whose slot bit is set and whose ports match is that list's
+//!    smallest; the answer is the smallest over the three, the rule [`Policy::check`] names.
 //!
-//! Each list is sorted by rule index, so the first match in a list is its smallest; the
-//! answer is the smallest over the three, the same rule [`Policy::check`] names.
+//! So a lookup costs two hash probes and a walk over the rules that name its source, never a
+//! pass over the whole policy, and allocates nothing. Rules are never multiplied out into
+//! source x destination x ports entries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
 use std::ops::Range;
 
 use ipnet::IpNet;
 
-use super::eval::Index;
+use super::eval::{selects_node, Index};
 use super::{Policy, Ports, Selector};
 use crate::{Netmap, NodeId};
+
+type AddrMap<K, V> = HashMap<K, V, BuildHasherDefault<AddrHasher>>;
 
 /// The rules of a policy that can allow a flow *to* node `me`, keyed by source address.
 ///
 /// The default table is empty: it allows nothing.
 #[derive(Debug, Clone, Default)]
 pub struct NodeTable {
-    /// The entries of every host source, grouped by source, each group sorted by rule.
-    entries: Vec<Entry>,
-    /// IPv4 host sources -> their group in `entries`.
-    hosts_v4: HashMap<u32, Range<u32>, BuildHasherDefault<AddrHasher>>,
-    /// IPv6 host sources -> their group in `entries`.
-    hosts_v6: HashMap<u128, Range<u32>, BuildHasherDefault<AddrHasher>>,
-    /// Sources wider than one address, sorted by rule.
-    wide: Vec<(Net, Entry)>,
-    /// `*` sources, sorted by rule.
-    any: Vec<Entry>,
-}
-
-/// One rule's leave for flows to `dst` on `ports`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct Entry {
-    dst: Net,
-    ports: Ports,
-    rule: u32,
-}
-
-impl Entry {
-    #[inline]
-    fn allows(&self, dst: Addr, proto: u8, port: u16) -> bool {
-        self.ports.matches(proto, port) && self.dst.contains(dst)
-    }
+    /// Per rule index: its ports, as a range of `ports`.
+    rule_ports: Vec<Range<u32>>,
+    /// The ports of every rule, one after the other.
+    ports: Vec<Ports>,
+    /// Words of one slot's rule bits.
+    words: usize,
+    /// Per slot, `words` words: bit `r` is set when rule `r` allows something to the slot.
+    slot_rules: Vec<u64>,
+    /// Per slot: its rules with a `*` source, as a range of `any_rules`.
+    slot_any: Vec<Range<u32>>,
+    /// The `*`-source rules of every slot, each slot's sorted.
+    any_rules: Vec<u32>,
+    /// Host destinations (IPv4) -> slot.
+    dst_v4: AddrMap<u32, u32>,
+    /// Host destinations (IPv6) -> slot.
+    dst_v6: AddrMap<u128, u32>,
+    /// Wider destinations, most specific first, with their slot.
+    dst_wide: Vec<(Net, u32)>,
+    /// Host sources (IPv4) -> their rules, a range of `src_rules`.
+    src_v4: AddrMap<u32, Range<u32>>,
+    /// Host sources (IPv6) -> their rules, a range of `src_rules`.
+    src_v6: AddrMap<u128, Range<u32>>,
+    /// The rules of every host source as the non-zero words of a bit set over rules (word
+    /// index, bits), each source's in word order.
+    src_rules: Vec<(u32, u64)>,
+    /// Wider sources with a rule naming them, sorted by rule.
+    src_wide: Vec<(Net, u32)>,
 }
 
 /// An address as bits, IPv4 in the low 32.
@@ -91,6 +102,7 @@ struct Net {
     v6: bool,
     bits: u128,
     mask: u128,
+    len: u8,
 }
 
 impl Net {
@@ -101,25 +113,40 @@ impl Net {
                 v6: false,
                 bits: u128::from(u32::from(n.network())),
                 mask: u128::from(u32::from(n.netmask())),
+                len: n.prefix_len(),
             },
             IpNet::V6(n) => Net {
                 v6: true,
                 bits: u128::from(n.network()),
                 mask: u128::from(n.netmask()),
+                len: n.prefix_len(),
             },
         }
+    }
+
+    fn is_host(&self) -> bool {
+        self.len == if self.v6 { 128 } else { 32 }
     }
 
     #[inline]
     fn contains(&self, a: Addr) -> bool {
         self.v6 == a.v6 && a.bits & self.mask == self.bits
     }
+
+    /// Whether `other` lies wholly within this prefix.
+    fn covers(&self, other: &Net) -> bool {
+        self.len <= other.len
+            && self.contains(Addr {
+                v6: other.v6,
+                bits: other.bits,
+            })
+    }
 }
 
-/// A hasher for addresses (one multiply): the keys are the map's addresses, chosen by the
-/// coordinator, not by whoever sends packets, so a fast hash with no key cannot be driven
-/// into collisions from outside; a lookup of any address costs one probe sequence among
-/// them.
+/// A hasher for addresses (a multiply and a shift per word): the keys are the map's
+/// addresses, chosen by the coordinator, not by whoever sends packets, so a fast hash with no
+/// secret key cannot be driven into collisions from outside; a lookup of any address costs
+/// one probe sequence among them.
 #[derive(Debug, Clone, Copy, Default)]
 struct AddrHasher(u64);
 
@@ -130,7 +157,7 @@ impl Hasher for AddrHasher {
 
     fn write(&mut self, bytes: &[u8]) {
         for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            self.write_u64(u64::from(b));
         }
     }
 
@@ -139,10 +166,10 @@ impl Hasher for AddrHasher {
     }
 
     fn write_u64(&mut self, n: u64) {
-        // Fold the high half down so that the bits hashbrown takes (top 7 and low ones)
-        // depend on every input bit.
-        let x = (self.0 ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 29);
+        // The high bits of the product depend on every input bit; fold them down so that the
+        // low bits (the bucket) do too.
+        let x = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 32);
     }
 
     fn write_u128(&mut self, n: u128) {
@@ -152,92 +179,170 @@ impl Hasher for AddrHasher {
 }
 
 impl NodeTable {
-    /// Compiles `policy` for node `me` of `map`: for every rule that allows something to
-    /// `me`'s routed prefixes or to any workload's address, an entry per source, destination
-    /// prefix and ports. A rule with no ports, or whose destinations are nobody here, leaves
-    /// nothing; an entry that an earlier rule's entry for the same source, destination and
-    /// ports already covers is left out.
+    /// Compiles `policy` for node `me` of `map`: the rules that allow something to `me`'s
+    /// routed prefixes or to any workload's address, indexed by destination and by source.
+    /// A rule with no ports, or whose destinations are nobody here, leaves nothing.
+    ///
+    /// Cost: a pass over each rule's selectors through the map's name and tag index; memory
+    /// a bit per rule per slot (one slot per routed prefix of `me` and per workload) and an
+    /// index per (source, rule) pair.
     pub fn compile(policy: &Policy, map: &Netmap, me: NodeId) -> NodeTable {
         let index = Index::new(map);
         let me = map.peers.get(&me);
-        let my_routed = me.map(|p| p.routed()).unwrap_or_default();
+        let rules = &policy.rules;
+        // Rule indices are u32 in the table; a parsed policy has at most 10,000.
+        let rules = &rules[..rules.len().min(u32::MAX as usize)];
 
-        let mut hosts: HashMap<Addr, Vec<Entry>> = HashMap::new();
-        let mut wide: Vec<(Net, Entry)> = Vec::new();
-        let mut any: Vec<Entry> = Vec::new();
-        let mut dsts: Vec<Net> = Vec::new();
-        let mut srcs: Vec<IpNet> = Vec::new();
-        for (i, rule) in policy.rules.iter().enumerate() {
-            let Ok(rule_index) = u32::try_from(i) else {
-                break;
-            };
+        let mut table = NodeTable {
+            words: rules.len().div_ceil(64),
+            ..NodeTable::default()
+        };
+        for r in rules {
+            let start = table.ports.len() as u32;
+            table.ports.extend(&r.ports);
+            table.rule_ports.push(start..table.ports.len() as u32);
+        }
+
+        // Slots: my routed prefixes, then every workload's address.
+        let mut slots: Vec<Net> = Vec::new();
+        let mut slot_of: HashMap<Net, u32> = HashMap::new();
+        let mut slot = |net: IpNet, slots: &mut Vec<Net>| -> u32 {
+            let net = Net::of(net);
+            *slot_of.entry(net).or_insert_with(|| {
+                slots.push(net);
+                slots.len() as u32 - 1
+            })
+        };
+        let my_slots: Vec<u32> = me
+            .map(|p| p.routed())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|n| slot(n, &mut slots))
+            .collect();
+        let workload_slot: HashMap<&str, u32> = map
+            .workloads
+            .values()
+            .map(|w| (w.name.as_str(), slot(w.address, &mut slots)))
+            .collect();
+        table.slot_rules = vec![0; slots.len() * table.words];
+        let mut any: Vec<Vec<u32>> = vec![Vec::new(); slots.len()];
+        let mut src_hosts: HashMap<Addr, Vec<u32>> = HashMap::new();
+
+        let mut dsts: Vec<u32> = Vec::new();
+        for (i, rule) in rules.iter().enumerate() {
+            let r = i as u32;
             if rule.ports.is_empty() {
                 continue;
             }
             dsts.clear();
             for s in &rule.to {
-                if me.is_some_and(|p| super::eval::selects_node(s, p)) {
-                    dsts.extend(my_routed.iter().map(|&n| Net::of(n)));
+                if me.is_some_and(|p| selects_node(s, p)) {
+                    dsts.extend(&my_slots);
                 }
-                dsts.extend(index.workloads(s).iter().map(|w| Net::of(w.address)));
+                dsts.extend(
+                    index
+                        .workloads(s)
+                        .iter()
+                        .map(|w| workload_slot[w.name.as_str()]),
+                );
             }
-            dsts.sort_unstable_by_key(|n| (n.v6, n.bits, n.mask));
-            dsts.dedup();
             if dsts.is_empty() {
                 continue;
             }
-            let entries = || {
-                dsts.iter().flat_map(|&dst| {
-                    rule.ports.iter().map(move |&ports| Entry {
-                        dst,
-                        ports,
-                        rule: rule_index,
-                    })
-                })
-            };
+            for &d in &dsts {
+                table.slot_rules[d as usize * table.words + i / 64] |= 1 << (i % 64);
+            }
             if rule.from.contains(&Selector::Any) {
-                any.extend(entries());
+                dsts.sort_unstable();
+                dsts.dedup();
+                for &d in &dsts {
+                    any[d as usize].push(r);
+                }
                 continue;
             }
-            srcs.clear();
             for s in &rule.from {
-                srcs.extend(index.nodes(s).iter().flat_map(|p| p.routed()));
-                srcs.extend(index.workloads(s).iter().map(|w| w.address));
-            }
-            for &src in &srcs {
-                let src = src.trunc();
-                if src.prefix_len() == src.max_prefix_len() {
-                    hosts
-                        .entry(Addr::of(src.addr()))
-                        .or_default()
-                        .extend(entries());
-                } else {
+                let nodes = index.nodes(s);
+                let workloads = index.workloads(s);
+                let prefixes = nodes
+                    .iter()
+                    .flat_map(|p| p.routed())
+                    .chain(workloads.iter().map(|w| w.address));
+                for src in prefixes {
                     let src = Net::of(src);
-                    wide.extend(entries().map(|e| (src, e)));
+                    if src.is_host() {
+                        let rules = src_hosts
+                            .entry(Addr {
+                                v6: src.v6,
+                                bits: src.bits,
+                            })
+                            .or_default();
+                        if rules.last() != Some(&r) {
+                            rules.push(r);
+                        }
+                    } else if !table.src_wide.contains(&(src, r)) {
+                        table.src_wide.push((src, r));
+                    }
                 }
             }
         }
 
-        let mut table = NodeTable {
-            any: covered_once(any, |e| *e),
-            wide: covered_once(wide, |&(src, e)| (src, e.dst, e.ports)),
-            ..NodeTable::default()
-        };
-        // Sources in address order, so that the table does not depend on hash order.
-        let mut hosts: Vec<(Addr, Vec<Entry>)> = hosts.into_iter().collect();
-        hosts.sort_unstable_by_key(|(a, _)| (a.v6, a.bits));
-        for (src, entries) in hosts {
-            let entries = covered_once(entries, |e| (e.dst, e.ports));
-            let start = table.entries.len();
-            table.entries.extend(entries);
-            let (Ok(start), Ok(end)) = (u32::try_from(start), u32::try_from(table.entries.len()))
-            else {
-                break;
-            };
-            if src.v6 {
-                table.hosts_v6.insert(src.bits, start..end);
+        // A destination in a slot is also in every wider slot holding it: give each slot the
+        // rules of those, so that a lookup consults one slot.
+        let wide: Vec<u32> = (0..slots.len() as u32)
+            .filter(|&s| !slots[s as usize].is_host())
+            .collect();
+        let own_rules = table.slot_rules.clone();
+        let own_any = any.clone();
+        for (a, net) in slots.iter().enumerate() {
+            for &b in &wide {
+                let b = b as usize;
+                if b != a && slots[b].covers(net) {
+                    let (w, words) = (table.words, table.slot_rules.len());
+                    debug_assert!(b * w + w <= words);
+                    for k in 0..w {
+                        table.slot_rules[a * w + k] |= own_rules[b * w + k];
+                    }
+                    any[a].extend(&own_any[b]);
+                }
+            }
+            any[a].sort_unstable();
+            any[a].dedup();
+        }
+        for (a, rules) in any.into_iter().enumerate() {
+            let start = table.any_rules.len() as u32;
+            table.any_rules.extend(rules);
+            table.slot_any.push(start..table.any_rules.len() as u32);
+            let net = slots[a];
+            if !net.is_host() {
+                table.dst_wide.push((net, a as u32));
+            } else if net.v6 {
+                table.dst_v6.insert(net.bits, a as u32);
             } else {
-                table.hosts_v4.insert(src.bits as u32, start..end);
+                table.dst_v4.insert(net.bits as u32, a as u32);
+            }
+        }
+        table
+            .dst_wide
+            .sort_by_key(|&(net, _)| std::cmp::Reverse(net.len));
+
+        table.src_wide.sort_by_key(|&(_, r)| r);
+        let mut hosts: Vec<(Addr, Vec<u32>)> = src_hosts.into_iter().collect();
+        hosts.sort_unstable_by_key(|(a, _)| (a.v6, a.bits));
+        for (src, rules) in hosts {
+            let start = table.src_rules.len() as u32;
+            for r in rules {
+                let (word, bit) = (r / 64, 1 << (r % 64));
+                let mine = &mut table.src_rules[start as usize..];
+                match mine.last_mut() {
+                    Some((k, bits)) if *k == word => *bits |= bit,
+                    _ => table.src_rules.push((word, bit)),
+                }
+            }
+            let range = start..table.src_rules.len() as u32;
+            if src.v6 {
+                table.src_v6.insert(src.bits, range);
+            } else {
+                table.src_v4.insert(src.bits as u32, range);
             }
         }
         table
@@ -246,81 +351,85 @@ impl NodeTable {
     /// The index of the first rule allowing a new flow from `src` to `dst` of IP protocol
     /// `proto` and destination port `port` (0 for ICMP), or `None`: denied.
     ///
-    /// Looks at the entries for `src` only (its host entries, the wider sources and the `*`
-    /// ones), stops in each list at its first match; allocates nothing.
+    /// Looks at the rules naming `src` (as a host, within a wider source, or as `*`) only,
+    /// stops in each list at its first match; allocates nothing.
     #[inline]
     pub fn lookup(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> Option<usize> {
-        let s = Addr::of(src);
-        let d = Addr::of(dst);
+        let slot = match dst {
+            IpAddr::V4(a) => self.dst_v4.get(&u32::from(a)),
+            IpAddr::V6(a) => self.dst_v6.get(&u128::from(a)),
+        };
+        let slot = match slot {
+            Some(&s) => s,
+            None => {
+                let d = Addr::of(dst);
+                self.dst_wide.iter().find(|(net, _)| net.contains(d))?.1
+            }
+        } as usize;
+        let bits = &self.slot_rules[slot * self.words..(slot + 1) * self.words];
+        let ports = |r: u32| {
+            let range = &self.rule_ports[r as usize];
+            self.ports[range.start as usize..range.end as usize]
+                .iter()
+                .any(|p| p.matches(proto, port))
+        };
+        let allows = |r: u32| bits[r as usize / 64] & (1 << (r % 64)) != 0 && ports(r);
+
         let mut best = u32::MAX;
         let host = match src {
-            IpAddr::V4(a) => self.hosts_v4.get(&u32::from(a)),
-            IpAddr::V6(a) => self.hosts_v6.get(&u128::from(a)),
+            IpAddr::V4(a) => self.src_v4.get(&u32::from(a)),
+            IpAddr::V6(a) => self.src_v6.get(&u128::from(a)),
         };
-        if let Some(r) = host {
-            let group = &self.entries[r.start as usize..r.end as usize];
-            if let Some(e) = group.iter().find(|e| e.allows(d, proto, port)) {
-                best = e.rule;
+        if let Some(range) = host {
+            // The rules naming the source and the slot, word by word, in rule order.
+            'words: for &(k, src_bits) in &self.src_rules[range.start as usize..range.end as usize]
+            {
+                let mut both = src_bits & bits[k as usize];
+                while both != 0 {
+                    let r = k * 64 + both.trailing_zeros();
+                    if ports(r) {
+                        best = r;
+                        break 'words;
+                    }
+                    both &= both - 1;
+                }
             }
         }
-        for (net, e) in &self.wide {
-            if e.rule >= best {
-                break;
-            }
-            if net.contains(s) && e.allows(d, proto, port) {
-                best = e.rule;
-                break;
+        if !self.src_wide.is_empty() {
+            let s = Addr::of(src);
+            for &(net, r) in &self.src_wide {
+                if r >= best {
+                    break;
+                }
+                if net.contains(s) && allows(r) {
+                    best = r;
+                    break;
+                }
             }
         }
-        for e in &self.any {
-            if e.rule >= best {
+        let range = &self.slot_any[slot];
+        for &r in &self.any_rules[range.start as usize..range.end as usize] {
+            if r >= best {
                 break;
             }
-            if e.allows(d, proto, port) {
-                best = e.rule;
+            if ports(r) {
+                best = r;
                 break;
             }
         }
         (best != u32::MAX).then_some(best as usize)
     }
 
-    /// How many entries the table holds (a measure of what a lookup may look at).
+    /// How many (source, rule) and (slot, `*`-source rule) pairs the table holds: a measure
+    /// of what lookups may walk.
     pub fn len(&self) -> usize {
-        self.entries.len() + self.wide.len() + self.any.len()
+        let hosts: u32 = self.src_rules.iter().map(|(_, b)| b.count_ones()).sum();
+        hosts as usize + self.src_wide.len() + self.any_rules.len()
     }
 
     /// Whether the table allows nothing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-/// `items` in rule order (stable: within a rule, as given), keeping of the items with equal
-/// `key` only the first: a later one can never be the smallest match.
-fn covered_once<T: Copy + RuleOf, K: Eq + std::hash::Hash>(
-    mut items: Vec<T>,
-    key: impl Fn(&T) -> K,
-) -> Vec<T> {
-    items.sort_by_key(|t| t.rule_of());
-    let mut seen = HashSet::new();
-    items.retain(|t| seen.insert(key(t)));
-    items
-}
-
-/// The rule an item of a table belongs to.
-trait RuleOf {
-    fn rule_of(&self) -> u32;
-}
-
-impl RuleOf for Entry {
-    fn rule_of(&self) -> u32 {
-        self.rule
-    }
-}
-
-impl RuleOf for (Net, Entry) {
-    fn rule_of(&self) -> u32 {
-        self.1.rule
     }
 }
 
@@ -449,20 +558,52 @@ ports = ["tcp:5000-6000"]
     }
 
     #[test]
-    fn redundant_entries_are_left_out() {
+    fn a_source_named_twice_by_a_rule_is_listed_once() {
         let map = map_of(vec![node(1, "a", &["x", "y"]), node(2, "b", &[])], vec![]);
         let policy = parse(
-            "[[rule]]\nfrom = [\"tag:x\", \"tag:y\", \"node:a\"]\nto = [\"*\"]\nports = [\"tcp:1\", \"tcp:1\"]\n\
-             [[rule]]\nfrom = [\"node:a\"]\nto = [\"node:b\"]\nports = [\"tcp:1\"]\n",
+            "[[rule]]\nfrom = [\"tag:x\", \"tag:y\", \"node:a\"]\nto = [\"*\"]\nports = [\"tcp:1\"]\n\
+             [[rule]]\nfrom = [\"node:a\"]\nto = [\"node:b\"]\nports = [\"tcp:1\"]\n\
+             [[rule]]\nfrom = [\"node:b\"]\nto = [\"node:a\"]\nports = [\"tcp:1\"]\n",
         )
         .unwrap()
         .into_policy(1);
         let t = NodeTable::compile(&policy, &map, 2);
-        assert_eq!(t.len(), 1, "{t:?}");
+        assert_eq!(t.len(), 2, "{t:?}");
         assert_eq!(
             t.lookup(ip("100.64.0.1"), ip("100.64.0.2"), ip_proto::TCP, 1),
             Some(0)
         );
+    }
+
+    #[test]
+    fn nested_destinations_take_the_rules_of_every_prefix_holding_them() {
+        // Me: 100.64.0.2, 10.2.0.0/16 and 10.2.5.0/24 routed; chat's address lies in the /24.
+        let mut b = node(2, "vm-b", &[]);
+        b.allowed_ips = ["100.64.0.2/32", "10.2.0.0/16", "10.2.5.0/24"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let mut chat = workload("chat", 1, Some(2), &[]);
+        chat.address = "10.2.5.9/32".parse().unwrap();
+        let map = map_of(vec![node(1, "vm-a", &[]), b], vec![chat]);
+        let policy = parse(
+            "[[rule]]\nfrom = [\"node:vm-a\"]\nto = [\"workload:chat\"]\nports = [\"tcp:1\"]\n\
+             [[rule]]\nfrom = [\"*\"]\nto = [\"node:vm-b\"]\nports = [\"tcp:2\"]\n\
+             [[rule]]\nfrom = [\"node:vm-a\"]\nto = [\"node:vm-b\"]\nports = [\"tcp:3\"]\n",
+        )
+        .unwrap()
+        .into_policy(1);
+        let t = NodeTable::compile(&policy, &map, 2);
+        let a = ip("100.64.0.1");
+        let tcp = ip_proto::TCP;
+        assert_eq!(t.lookup(a, ip("10.2.5.9"), tcp, 1), Some(0));
+        assert_eq!(t.lookup(a, ip("10.2.5.9"), tcp, 2), Some(1));
+        assert_eq!(t.lookup(a, ip("10.2.5.9"), tcp, 3), Some(2));
+        assert_eq!(t.lookup(a, ip("10.2.5.1"), tcp, 1), None);
+        assert_eq!(t.lookup(a, ip("10.2.5.1"), tcp, 2), Some(1));
+        assert_eq!(t.lookup(a, ip("10.2.7.1"), tcp, 3), Some(2));
+        assert_eq!(t.lookup(a, ip("10.3.0.1"), tcp, 2), None);
+        assert_eq!(t.lookup(ip("10.9.9.9"), ip("10.2.7.1"), tcp, 3), None);
     }
 
     /// One address in `net`: its first host for a wider prefix.
