@@ -622,6 +622,13 @@ ports = ["tcp:8000-8100"]
     }
 
     #[test]
+    fn the_example_file_parses() {
+        let f = parse(include_str!("../../../configs/policy.example.toml")).unwrap();
+        assert_eq!((f.rules.len(), f.tests.len()), (5, 3));
+        assert!(f.rules.iter().all(|r| r.line > 1));
+    }
+
+    #[test]
     fn the_first_problem_in_the_file_is_reported() {
         // `test` sorts after `rule` but comes first in the file.
         let e = err("[[test]]\nfrom = \"a\"\nto = \"b\"\nport = \"x\"\nexpect = \"deny\"\n[[rule]]\nfrom = []\n");
