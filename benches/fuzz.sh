@@ -10,7 +10,9 @@
 # for what is left of its budget, so that its figure covers the whole budget; every crash
 # counts, and its input is kept in fuzz/artifacts/TARGET/ (reproduce with
 # `fuzz/target/x86_64-unknown-linux-gnu/release/TARGET FILE`). The corpus grows in
-# fuzz/corpus/TARGET/ (not in git); fuzz/seeds/TARGET/ is read as a second corpus. The scratch
+# fuzz/corpus/TARGET/ (not in git); fuzz/seeds/TARGET/ is read as a second corpus, and so are
+# the directories EXTRA_SEEDS names for a target (`policy` starts from configs/, whose
+# policy.example.toml shows every construct of a policy file). The scratch
 # directories targets make (/dev/shm/meshlink-fuzz-*) are removed once their process ended.
 #
 # Needs cargo-fuzz (`cargo install cargo-fuzz --locked`, installed here if missing). Stable
@@ -27,6 +29,10 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 2
 TRIPLE=$(rustc -vV | sed -n 's/^host: //p')
 BIN="${CARGO_TARGET_DIR:-fuzz/target}/$TRIPLE/release"
+
+# Targets whose inputs are files kept elsewhere in the repository: seed directories besides
+# fuzz/seeds/TARGET. Every target of fuzz/Cargo.toml is run; this only adds seeds.
+declare -A EXTRA_SEEDS=([policy]="configs")
 
 if [ "$#" -gt 0 ]; then
     TARGETS=("$@")
@@ -59,6 +65,9 @@ for t in "${TARGETS[@]}"; do
     mkdir -p "$corpus" "$artifacts"
     dirs=("$corpus")
     [ -d "fuzz/seeds/$t" ] && dirs+=("fuzz/seeds/$t")
+    for d in ${EXTRA_SEEDS[$t]:-}; do
+        [ -d "$d" ] && dirs+=("$d")
+    done
     log=$(mktemp)
     execs=0
     crashes=0
