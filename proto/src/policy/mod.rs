@@ -13,9 +13,9 @@
 //!
 //! - [`parse`]: the operator's file (TOML) -> [`PolicyFile`] (rules and `[[test]]` flows), with
 //!   errors naming the line and the field.
-//! - [`eval`]: verdicts for one flow between named nodes or workloads ([`Policy::check`]), the
+//! - `eval`: verdicts for one flow between named nodes or workloads ([`Policy::check`]), the
 //!   file's tests, and which nodes may ever exchange packets ([`visible_peers`]: need to know).
-//! - [`compile`]: the per-node table the agent's data plane consults for a new flow
+//! - `compile`: the per-node table the agent's data plane consults for a new flow
 //!   ([`NodeTable`]).
 
 mod compile;
