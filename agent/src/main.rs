@@ -471,6 +471,55 @@ fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The firewall in `status`: the destination check, the policy version and what it let in
+/// (new flows by rule line, only rules that matched) and dropped, and the connection table.
+/// `None` when the firewall checks nothing (a static device).
+fn firewall_line(fw: &serde_json::Value) -> Option<String> {
+    let n = |x: &serde_json::Value| x.as_u64().unwrap_or(0);
+    let check = fw["destination_check"].as_bool() == Some(true);
+    let version = fw["policy_version"].as_u64();
+    if !check && version.is_none() {
+        return None;
+    }
+    let mut out = match version {
+        Some(v) => format!("policy: version {v}"),
+        None => "policy: none (every flow allowed)".to_string(),
+    };
+    if version.is_some() {
+        let rules: Vec<String> = fw["rules"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|r| n(&r["flows"]) > 0)
+            .map(|r| format!("line {}: {}", r["line"], n(&r["flows"])))
+            .collect();
+        out.push_str(&format!(
+            "  allowed flows by rule: {}  denied {}  cut {}",
+            if rules.is_empty() {
+                "none".to_string()
+            } else {
+                rules.join(", ")
+            },
+            n(&fw["denied"]),
+            n(&fw["cut"]),
+        ));
+    }
+    if check {
+        out.push_str(&format!("  not local {}", n(&fw["not_local"])));
+    }
+    let flows = &fw["flows"];
+    if flows.is_object() {
+        out.push_str(&format!(
+            "\nflows: {}/{}  evicted {}  expired {}",
+            n(&flows["flows"]),
+            n(&flows["capacity"]),
+            n(&flows["evicted"]),
+            n(&flows["expired"]),
+        ));
+    }
+    Some(out)
+}
+
 fn print_status_table(v: &serde_json::Value) {
     let s = |x: &serde_json::Value| x.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     println!(
@@ -484,6 +533,9 @@ fn print_status_table(v: &serde_json::Value) {
             .unwrap_or_default()
     );
     println!("device drops: {}", v["drops"]);
+    if let Some(line) = firewall_line(&v["firewall"]) {
+        println!("{line}");
+    }
     let c = &v["control"];
     if c.is_object() {
         let held: Vec<String> = c["workloads"]
@@ -564,6 +616,29 @@ fn print_status_table(v: &serde_json::Value) {
             } else {
                 drops.join(" ")
             }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_firewall_line_shows_policy_counters_and_flows() {
+        let static_device = serde_json::json!({"destination_check": false, "policy_version": null});
+        assert_eq!(firewall_line(&static_device), None);
+        let fw = serde_json::json!({
+            "destination_check": true,
+            "policy_version": 3,
+            "rules": [{"line": 4, "flows": 12}, {"line": 9, "flows": 0}],
+            "not_local": 1, "denied": 5, "cut": 2,
+            "flows": {"flows": 10, "capacity": 131072, "evicted": 0, "expired": 7},
+        });
+        assert_eq!(
+            firewall_line(&fw).unwrap(),
+            "policy: version 3  allowed flows by rule: line 4: 12  denied 5  cut 2  not local 1\n\
+             flows: 10/131072  evicted 0  expired 7"
         );
     }
 }

@@ -32,13 +32,16 @@ use crate::control::sleep_until;
 use crate::control::state::{MapTrust, StateDir};
 use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
-use crate::dataplane::{Device, NetBatch, TunBatch, WorkloadRouting};
+use crate::dataplane::{
+    CompiledPolicy, Device, FirewallConfig, NetBatch, TunBatch, WorkloadRouting,
+};
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
 use crate::platform::udp::{UdpError, UdpTransport};
 use crate::settings::{DeviceConfig, Settings};
 use crate::uapi::{self, DeviceStatus, UapiError, UapiHandler};
 use meshlink_proto::agent_session::AgentSession;
+use meshlink_proto::policy::visible_peers;
 use meshlink_proto::{Netmap, NodeId};
 
 /// The TUN device's transmit queue length: the kernel's default for TUN. Shorter queues (32,
@@ -236,6 +239,7 @@ impl UapiHandler for Control {
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
+            "firewall": self.device.firewall_status(),
             "discovery": self.discovery.as_ref().map(|d| d.counters_json()),
             "control": self.session.as_ref().map(|s| {
                 let coordinators = s.coordinators().clone();
@@ -683,6 +687,60 @@ async fn trusted_maps(
     }
 }
 
+/// What of a map the compiled policy depends on: the policy, and the nodes and workloads
+/// without what changes often and no selector names (endpoints, labels, holders). A map that
+/// differs from the last compiled one only elsewhere is not compiled again.
+fn policy_inputs(map: &Netmap) -> Netmap {
+    Netmap {
+        version: 0,
+        peers: map
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                let mut p = p.clone();
+                p.endpoints.clear();
+                p.labels.clear();
+                (*id, p)
+            })
+            .collect(),
+        workloads: map
+            .workloads
+            .iter()
+            .map(|(name, w)| {
+                let mut w = w.clone();
+                w.holder = None;
+                w.previous = None;
+                w.generation = 0;
+                w.candidates.clear();
+                w.grace_ms = None;
+                (name.clone(), w)
+            })
+            .collect(),
+        policy: map.policy.clone(),
+    }
+}
+
+/// The destinations a mesh node accepts decrypted packets for: its own addresses (in the map
+/// and on the interface), the prefixes the map routes to it, and the workload addresses it
+/// holds or is being prepared for (`workloads`).
+fn local_destinations(
+    map: &Netmap,
+    self_id: NodeId,
+    interface: &[IpNet],
+    workloads: impl IntoIterator<Item = IpNet>,
+) -> Vec<IpNet> {
+    let host = |a: &IpNet| IpNet::from(a.addr());
+    let mut local: Vec<IpNet> = interface.iter().map(host).collect();
+    if let Some(me) = map.peers.get(&self_id) {
+        local.extend(me.addresses.iter().map(host));
+        local.extend(me.routed());
+    }
+    local.extend(workloads);
+    local.sort();
+    local.dedup();
+    local
+}
+
 /// Keeps the device's peers equal to the latest network map, touching only what changed, and
 /// moves silent peers to their next endpoint. Workload addresses: routed to their holders,
 /// held here while the fencing state says so, forwarded after a move for the grace period.
@@ -699,6 +757,8 @@ async fn reconcile_mesh(
     let mut held_now: Vec<IpNet> = Vec::new();
     let mut releasing: HashMap<IpNet, Instant> = HashMap::new();
     let mut control_gone = false;
+    // The policy compiled for this node, and what of the map it was compiled from.
+    let mut compiled: Option<(Netmap, Arc<CompiledPolicy>)> = None;
     loop {
         let linger_end = releasing.values().min().copied();
         // Only instants still ahead: a lease that ran out is no timer (it would wake this
@@ -731,6 +791,17 @@ async fn reconcile_mesh(
         let map = maps.borrow_and_update().clone();
         let now = Instant::now();
         let mut peers = chooser.peers(&map, self_id, now);
+        // Need to know: only the peers the policy ever lets this node exchange packets with
+        // (every peer without a policy). The same rule whichever of map and policy came first:
+        // both are read from this one map.
+        let visible = visible_peers(map.policy.as_ref(), &map, self_id);
+        let visible_keys: std::collections::HashSet<meshlink_proto::PublicKey> = map
+            .peers
+            .values()
+            .filter(|p| visible.contains(&p.node_id))
+            .map(|p| p.public_key)
+            .collect();
+        peers.retain(|p| visible_keys.contains(&p.public_key));
         if let Some(d) = &control.discovery {
             for p in &mut peers {
                 if let Some(ep) = d.endpoint(&p.public_key) {
@@ -791,6 +862,39 @@ async fn reconcile_mesh(
                     .collect()
             },
         };
+        // The firewall first: a policy takes effect before the peers it admits, and goes on
+        // cutting what it denies until the peers it hides are gone.
+        let policy = match (&map.policy, &compiled) {
+            (None, _) => None,
+            (Some(_), Some((inputs, table))) if *inputs == policy_inputs(&map) => {
+                Some(table.clone())
+            }
+            (Some(policy), _) => {
+                let table = Arc::new(CompiledPolicy::compile(policy, &map, self_id));
+                debug!(
+                    version = policy.version,
+                    rules = policy.rules.len(),
+                    "policy compiled"
+                );
+                compiled = Some((policy_inputs(&map), table.clone()));
+                Some(table)
+            }
+        };
+        if map.policy.is_none() {
+            compiled = None;
+        }
+        let local = local_destinations(
+            &map,
+            self_id,
+            &control.addresses,
+            held.iter()
+                .map(|h| h.address)
+                .chain(tentative.iter().copied()),
+        );
+        control.device.set_firewall(FirewallConfig {
+            local: Some(local),
+            policy,
+        });
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);
         let mut config = control.device.config();
@@ -1049,6 +1153,66 @@ mod tests {
         let v = control_json(&session, &coordinators, now);
         assert_eq!(v["connected"], true);
         assert_eq!(v["coordinator"], "198.18.0.2:7443");
+    }
+
+    fn peer(id: NodeId, addr: &str, extra: &[&str], tags: &[&str]) -> meshlink_proto::PeerInfo {
+        let own: IpNet = addr.parse().unwrap();
+        meshlink_proto::PeerInfo {
+            node_id: id,
+            name: format!("n{id}"),
+            public_key: meshlink_proto::PublicKey([id as u8; 32]),
+            addresses: vec![own],
+            allowed_ips: std::iter::once(own)
+                .chain(extra.iter().map(|n| n.parse().unwrap()))
+                .collect(),
+            endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
+            labels: Default::default(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn local_destinations_are_own_addresses_routed_prefixes_and_workloads_held() {
+        let mut map = Netmap::default();
+        map.peers
+            .insert(1, peer(1, "100.64.0.1/32", &["10.1.0.0/24"], &[]));
+        map.peers
+            .insert(2, peer(2, "100.64.0.2/32", &["10.2.0.0/24"], &[]));
+        let local = local_destinations(
+            &map,
+            1,
+            &["100.64.0.1/10".parse().unwrap()],
+            ["100.64.50.10/32".parse().unwrap()],
+        );
+        let want: Vec<IpNet> = ["10.1.0.0/24", "100.64.0.1/32", "100.64.50.10/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(
+            local, want,
+            "the interface's /10 counts as its address only"
+        );
+    }
+
+    #[test]
+    fn the_policy_is_compiled_again_only_when_what_it_reads_changes() {
+        let mut map = Netmap::default();
+        map.peers.insert(1, peer(1, "100.64.0.1/32", &[], &[]));
+        map.peers.insert(2, peer(2, "100.64.0.2/32", &[], &["web"]));
+        let before = policy_inputs(&map);
+        let mut moved = map.clone();
+        moved.version += 1;
+        moved.peers.get_mut(&2).unwrap().endpoints = vec!["198.18.0.9:1".parse().unwrap()];
+        assert_eq!(policy_inputs(&moved), before, "an endpoint changed");
+        let mut tagged = map.clone();
+        tagged.peers.get_mut(&2).unwrap().tags.push("db".into());
+        assert_ne!(policy_inputs(&tagged), before, "a tag changed");
+        let mut with_policy = map.clone();
+        with_policy.policy = Some(meshlink_proto::Policy {
+            version: 1,
+            rules: Vec::new(),
+        });
+        assert_ne!(policy_inputs(&with_policy), before, "a policy arrived");
     }
 
     #[test]

@@ -132,6 +132,7 @@ impl Sim {
         for step in 0..steps {
             MockClock::advance(TICK);
             for i in 0..self.nodes.len() {
+                self.nodes[i].device.set_time(MockClock::time());
                 if step % 4 == 0 {
                     self.nodes[i].device.reset_handshake_limiter();
                 }
@@ -768,4 +769,358 @@ fn a_datagram_from_loopback_does_not_pull_a_peer_off_its_direct_path() {
     sim.nodes[1].addr = underlay(77, 40000);
     assert!(sim.ping(1, 0, b"rebound"));
     assert_eq!(sim.peer_status(0, 1).endpoint, Some(underlay(77, 40000)));
+}
+
+// Policy enforcement: real devices, a real policy compiled for each node by
+// `meshlink_proto::policy::NodeTable`, packets through WireGuard both ways.
+
+mod policy {
+    use super::*;
+    use std::sync::Arc;
+
+    use meshlink_agent::dataplane::{CompiledPolicy, FirewallConfig};
+    use meshlink_proto::policy::{Policy, Ports, Rule, Selector};
+    use meshlink_proto::{Netmap, PeerInfo};
+
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+
+    /// A TCP segment with a correct total length.
+    fn tcp(
+        src: Ipv4Addr,
+        sport: u16,
+        dst: Ipv4Addr,
+        dport: u16,
+        flags: u8,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let total = 20 + 20 + data.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&src.octets());
+        p[16..20].copy_from_slice(&dst.octets());
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p[32] = 0x50;
+        p[33] = flags;
+        p[40..].copy_from_slice(data);
+        p
+    }
+
+    /// The map of the simulated mesh: node i is `n{i}`, id i + 1, with its overlay address and
+    /// the extra prefixes given.
+    fn map_of(sim: &Sim, extra: &[(usize, &str)]) -> Netmap {
+        let mut map = Netmap::default();
+        for (i, n) in sim.nodes.iter().enumerate() {
+            let own: ipnet::IpNet = format!("{}/32", n.overlay).parse().unwrap();
+            let mut allowed = vec![own];
+            allowed.extend(
+                extra
+                    .iter()
+                    .filter(|(j, _)| *j == i)
+                    .map(|(_, p)| p.parse::<ipnet::IpNet>().unwrap()),
+            );
+            map.peers.insert(
+                i as u64 + 1,
+                PeerInfo {
+                    node_id: i as u64 + 1,
+                    name: format!("n{i}"),
+                    public_key: n.key.public_key(),
+                    addresses: vec![own],
+                    allowed_ips: allowed,
+                    endpoints: Vec::new(),
+                    labels: Default::default(),
+                    tags: Vec::new(),
+                },
+            );
+        }
+        map
+    }
+
+    fn rule(line: u32, from: &str, to: &str, ports: &str) -> Rule {
+        Rule {
+            line,
+            from: vec![from.parse::<Selector>().unwrap()],
+            to: vec![to.parse::<Selector>().unwrap()],
+            ports: vec![ports.parse::<Ports>().unwrap()],
+        }
+    }
+
+    /// Sets every node's firewall as the mesh reconciler would: its own prefixes of `map` as
+    /// local destinations, and `policy` compiled for it.
+    fn enforce(sim: &Sim, map: &Netmap, policy: Option<&Policy>) {
+        for (i, n) in sim.nodes.iter().enumerate() {
+            let id = i as u64 + 1;
+            n.device.set_firewall(FirewallConfig {
+                local: Some(map.routed_to(id)),
+                policy: policy.map(|p| Arc::new(CompiledPolicy::compile(p, map, id))),
+            });
+        }
+    }
+
+    /// Sends `p` from node `a`; whether node `b` received exactly it.
+    fn deliver(sim: &mut Sim, a: usize, b: usize, p: &[u8]) -> bool {
+        let before = sim.nodes[b].delivered.len();
+        sim.send(a, p);
+        sim.nodes[b].delivered[before..].iter().any(|d| d == p)
+    }
+
+    /// Node `node`'s drop counts for packets from `peer`.
+    fn drops(sim: &Sim, node: usize, peer: usize) -> meshlink_agent::dataplane::status::DropCounts {
+        sim.peer_status(node, peer).drops
+    }
+
+    fn mesh() -> Sim {
+        MockClock::set_time(Duration::ZERO);
+        let mut sim = Sim::mesh(3, None);
+        know_every_endpoint(&mut sim);
+        // Sessions first, so that every test packet is a data packet.
+        assert!(sim.ping(0, 1, b"up") && sim.ping(0, 2, b"up") && sim.ping(1, 2, b"up"));
+        sim
+    }
+
+    #[test]
+    fn an_allowed_flow_works_both_ways_and_a_denied_one_is_dropped_and_counted() {
+        let mut sim = mesh();
+        let map = map_of(&sim, &[]);
+        let policy = Policy {
+            version: 7,
+            rules: vec![
+                rule(4, "node:n0", "node:n1", "tcp:22"),
+                rule(9, "*", "node:n1", "udp:5000"),
+            ],
+        };
+        enforce(&sim, &map, Some(&policy));
+        let (n0, n1, n2) = (
+            sim.nodes[0].overlay,
+            sim.nodes[1].overlay,
+            sim.nodes[2].overlay,
+        );
+        // n0 opens an ssh connection to n1: the flow works both ways.
+        assert!(deliver(&mut sim, 0, 1, &tcp(n0, 40000, n1, 22, SYN, b"")));
+        assert!(deliver(
+            &mut sim,
+            1,
+            0,
+            &tcp(n1, 22, n0, 40000, SYN | ACK, b"")
+        ));
+        for i in 0..20u8 {
+            assert!(deliver(
+                &mut sim,
+                0,
+                1,
+                &tcp(n0, 40000, n1, 22, ACK, &[i; 100])
+            ));
+            assert!(deliver(
+                &mut sim,
+                1,
+                0,
+                &tcp(n1, 22, n0, 40000, ACK, &[i; 1000])
+            ));
+        }
+        // UDP from anyone to n1's port 5000 (the `ipv4` helper's ports), and its answers.
+        assert!(sim.ping(2, 1, b"udp to 5000"));
+        assert!(deliver(
+            &mut sim,
+            1,
+            2,
+            &ipv4_ports(n1, 5000, n2, 4000, b"answer")
+        ));
+        // Denied: n2 to n1's ssh, n0 to another port, n1 to n0 at all.
+        assert!(!deliver(&mut sim, 2, 1, &tcp(n2, 40000, n1, 22, SYN, b"")));
+        assert!(!deliver(&mut sim, 0, 1, &tcp(n0, 40001, n1, 23, SYN, b"")));
+        assert!(!deliver(&mut sim, 1, 0, &tcp(n1, 40002, n0, 22, SYN, b"")));
+        assert!(!sim.ping(1, 0, b"udp to n0"));
+        assert_eq!(drops(&sim, 1, 2).policy_denied, 1);
+        assert_eq!(drops(&sim, 1, 0).policy_denied, 1);
+        assert_eq!(drops(&sim, 0, 1).policy_denied, 2);
+        let st = sim.nodes[1].device.firewall_status();
+        assert_eq!(st.policy_version, Some(7));
+        assert_eq!(st.denied, 2);
+        assert_eq!(
+            st.rules
+                .iter()
+                .map(|r| (r.line, r.flows))
+                .collect::<Vec<_>>(),
+            vec![(4, 1), (9, 1)],
+            "one new flow per rule"
+        );
+        // The two flows n1 let in, and the two it opened towards n0 (which n0 denied).
+        assert_eq!(st.flows.unwrap().flows, 4);
+        assert_eq!(sim.lost, 0);
+    }
+
+    /// A UDP packet with the given ports.
+    fn ipv4_ports(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, data: &[u8]) -> Vec<u8> {
+        let mut p = ipv4(src, dst, data);
+        p[20..22].copy_from_slice(&sport.to_be_bytes());
+        p[22..24].copy_from_slice(&dport.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn replies_pass_against_a_policy_that_allows_only_the_other_direction() {
+        let mut sim = mesh();
+        let map = map_of(&sim, &[]);
+        // n0 may reach n1's web server; nothing lets n1 open anything towards n0.
+        let policy = Policy {
+            version: 1,
+            rules: vec![rule(1, "node:n0", "node:n1", "tcp:80")],
+        };
+        enforce(&sim, &map, Some(&policy));
+        let (n0, n1) = (sim.nodes[0].overlay, sim.nodes[1].overlay);
+        let reply = tcp(n1, 80, n0, 51000, SYN | ACK, b"");
+        assert!(
+            !deliver(&mut sim, 1, 0, &reply),
+            "a 'reply' to nothing n0 sent is a new flow from n1, denied"
+        );
+        assert!(deliver(&mut sim, 0, 1, &tcp(n0, 51000, n1, 80, SYN, b"")));
+        assert!(
+            deliver(&mut sim, 1, 0, &reply),
+            "n0 noted its flow: the reply passes"
+        );
+        assert!(deliver(
+            &mut sim,
+            1,
+            0,
+            &tcp(n1, 80, n0, 51000, ACK, b"page")
+        ));
+        assert_eq!(drops(&sim, 0, 1).policy_denied, 1);
+    }
+
+    #[test]
+    fn a_packet_to_an_address_that_is_not_local_is_dropped_and_counted() {
+        let mut sim = mesh();
+        // n1 routes 10.1.0.0/24 (in the map); 192.168.1.0/24 behind it is not in the map, but
+        // n0 routes it to n1 anyway (a peer that tries to use n1 as a router).
+        route_prefix(&mut sim, 0, 1, "10.1.0.0/24");
+        route_prefix(&mut sim, 0, 1, "192.168.1.0/24");
+        let map = map_of(&sim, &[(1, "10.1.0.0/24")]);
+        let n0 = sim.nodes[0].overlay;
+        let lan = Ipv4Addr::new(192, 168, 1, 5);
+        // Before the mesh's firewall is set (a static device): forwarded to the LAN.
+        assert!(deliver(&mut sim, 0, 1, &ipv4(n0, lan, b"static")));
+        enforce(&sim, &map, None);
+        assert!(!deliver(&mut sim, 0, 1, &ipv4(n0, lan, b"mesh")));
+        assert!(deliver(
+            &mut sim,
+            0,
+            1,
+            &ipv4(n0, Ipv4Addr::new(10, 1, 0, 9), b"routed")
+        ));
+        assert!(sim.ping(0, 1, b"to n1 itself"));
+        assert_eq!(drops(&sim, 1, 0).not_local, 1);
+        let st = sim.nodes[1].device.firewall_status();
+        assert_eq!((st.not_local, st.policy_version), (1, None));
+        assert!(st.destination_check);
+        assert!(st.flows.is_none(), "no policy, no connection table");
+    }
+
+    /// Adds `prefix` to `owner`'s allowed IPs in node `at`'s peer table only.
+    fn route_prefix(sim: &mut Sim, at: usize, owner: usize, prefix: &str) {
+        let key = sim.nodes[owner].key.public_key();
+        let mut config = sim.nodes[at].device.config();
+        for p in config.peers.iter_mut().filter(|p| p.public_key == key) {
+            p.allowed_ips.push(prefix.parse().unwrap());
+        }
+        sim.nodes[at].device.set_config(config);
+    }
+
+    #[test]
+    fn a_policy_change_cuts_an_established_flow_it_denies() {
+        let mut sim = mesh();
+        let map = map_of(&sim, &[]);
+        let v1 = Policy {
+            version: 1,
+            rules: vec![
+                rule(2, "node:n0", "node:n1", "tcp:22"),
+                rule(3, "node:n2", "node:n1", "tcp:22"),
+            ],
+        };
+        enforce(&sim, &map, Some(&v1));
+        let (n0, n1, n2) = (
+            sim.nodes[0].overlay,
+            sim.nodes[1].overlay,
+            sim.nodes[2].overlay,
+        );
+        for (i, src) in [(0, n0), (2, n2)] {
+            assert!(deliver(&mut sim, i, 1, &tcp(src, 40000, n1, 22, SYN, b"")));
+            assert!(deliver(
+                &mut sim,
+                1,
+                i,
+                &tcp(n1, 22, src, 40000, SYN | ACK, b"")
+            ));
+            assert!(deliver(
+                &mut sim,
+                i,
+                1,
+                &tcp(src, 40000, n1, 22, ACK, b"ls")
+            ));
+        }
+        sim.advance(Duration::from_secs(5));
+        // Version 2 keeps n2's rule only; it reaches n1 without a restart.
+        let v2 = Policy {
+            version: 2,
+            rules: vec![rule(3, "node:n2", "node:n1", "tcp:22")],
+        };
+        enforce(&sim, &map, Some(&v2));
+        assert!(!deliver(
+            &mut sim,
+            0,
+            1,
+            &tcp(n0, 40000, n1, 22, ACK, b"ls -l")
+        ));
+        // n1's side of the cut flow still leaves n1 (n0's firewall has its flow), but does
+        // not revive it at n1.
+        assert!(deliver(
+            &mut sim,
+            1,
+            0,
+            &tcp(n1, 22, n0, 40000, ACK, b"output")
+        ));
+        assert!(!deliver(
+            &mut sim,
+            0,
+            1,
+            &tcp(n0, 40000, n1, 22, ACK, b"ls -a")
+        ));
+        assert!(
+            deliver(&mut sim, 2, 1, &tcp(n2, 40000, n1, 22, ACK, b"ls -l")),
+            "n2's flow is still allowed"
+        );
+        let st = sim.nodes[1].device.firewall_status();
+        assert_eq!((st.policy_version, st.cut, st.denied), (Some(2), 1, 2));
+        assert_eq!(drops(&sim, 1, 0).policy_denied, 2);
+        // Policy cleared: open again.
+        enforce(&sim, &map, None);
+        assert!(deliver(&mut sim, 0, 1, &tcp(n0, 40000, n1, 22, ACK, b"ls")));
+    }
+
+    #[test]
+    fn tracked_flows_time_out_on_the_clock_the_timer_loop_gives() {
+        let mut sim = mesh();
+        let map = map_of(&sim, &[]);
+        let policy = Policy {
+            version: 1,
+            rules: vec![rule(1, "node:n0", "node:n1", "*")],
+        };
+        enforce(&sim, &map, Some(&policy));
+        let (n0, n1) = (sim.nodes[0].overlay, sim.nodes[1].overlay);
+        // n1 sends to n0 (noted at n1), n0's answer passes n1 within UDP's 60 s.
+        let out = ipv4_ports(n1, 6000, n0, 7000, b"query");
+        let answer = ipv4_ports(n0, 7000, n1, 6000, b"answer");
+        sim.send(1, &out);
+        sim.advance(Duration::from_secs(30));
+        assert!(deliver(&mut sim, 0, 1, &answer), "n0 may send to n1 anyway");
+        let flows = sim.nodes[1].device.firewall_status().flows.unwrap();
+        assert_eq!(flows.flows, 1);
+        // After 200 s of silence (answered UDP: 180 s) the sweep has reclaimed the flow.
+        sim.advance(Duration::from_secs(200));
+        let flows = sim.nodes[1].device.firewall_status().flows.unwrap();
+        assert_eq!((flows.flows, flows.expired), (0, 1), "{flows:?}");
+    }
 }

@@ -143,6 +143,27 @@ pub enum Verdict {
     Denied,
 }
 
+/// Local destinations in one order, host bits cleared.
+fn normalise(local: Option<Vec<IpNet>>) -> Option<Vec<IpNet>> {
+    local.map(|mut nets| {
+        for n in &mut nets {
+            *n = n.trunc();
+        }
+        nets.sort();
+        nets.dedup();
+        nets
+    })
+}
+
+/// Whether two policy tables are the same one.
+fn same_policy(a: &Option<Arc<CompiledPolicy>>, b: &Option<Arc<CompiledPolicy>>) -> bool {
+    match (a, b) {
+        (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+        (None, None) => true,
+        _ => false,
+    }
+}
+
 /// The firewall as the device holds it: the configuration, in the form the packet path uses.
 #[derive(Default)]
 pub(crate) struct Firewall {
@@ -166,17 +187,16 @@ impl Firewall {
         self.policy.is_some()
     }
 
+    /// Whether `config` is what the firewall enforces already.
+    pub(crate) fn is(&self, config: &FirewallConfig) -> bool {
+        same_policy(&self.policy, &config.policy)
+            && normalise(config.local.clone()) == self.local_nets
+    }
+
     /// Brings the firewall to `config`. Returns whether the policy table changed (and with it
     /// the generation).
     pub(crate) fn set(&mut self, config: FirewallConfig) -> bool {
-        let local_nets = config.local.map(|mut nets| {
-            for n in &mut nets {
-                *n = n.trunc();
-            }
-            nets.sort();
-            nets.dedup();
-            nets
-        });
+        let local_nets = normalise(config.local);
         if local_nets != self.local_nets {
             self.local = local_nets.as_ref().map(|nets| {
                 let mut table = AllowedIps::new();
@@ -187,12 +207,7 @@ impl Firewall {
             });
             self.local_nets = local_nets;
         }
-        let same = match (&self.policy, &config.policy) {
-            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-            (None, None) => true,
-            _ => false,
-        };
-        if same {
+        if same_policy(&self.policy, &config.policy) {
             return false;
         }
         if let (Some(old), Some(new)) = (&self.policy, &config.policy) {

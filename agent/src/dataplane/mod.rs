@@ -402,6 +402,10 @@ impl Device {
     /// makes every tracked flow be checked against it at its next packet, which cuts those it
     /// denies. The counts per rule carry over when the policy's version is the same.
     pub fn set_firewall(&self, config: FirewallConfig) {
+        if self.read().firewall.is(&config) {
+            // The reconciler sets it on every pass; the packet loops keep going.
+            return;
+        }
         if config.policy.is_some() {
             // Made outside the table's lock: it is the one large allocation here.
             self.flows
