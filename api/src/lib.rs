@@ -22,6 +22,7 @@
 mod ids;
 mod networks;
 mod nodes;
+mod policies;
 mod status;
 mod tokens;
 mod workloads;
@@ -31,6 +32,10 @@ pub use meshlink_proto::control::{PathKind, RelayTransport};
 pub use meshlink_proto::PublicKey;
 pub use networks::{CreateNetwork, Network};
 pub use nodes::{Node, NodePaths, PeerPath};
+pub use policies::{
+    EditTags, FlowVerdict, PolicyChanged, PolicyVersion, RollbackPolicy, RuleView, SetPolicy,
+    TestFlow,
+};
 pub use status::{CoordinatorStatus, ReflectStatus, RelayDrops, RelayStatus, Status};
 pub use tokens::{
     CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,

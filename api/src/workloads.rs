@@ -25,6 +25,9 @@ pub struct CreateWorkload {
     /// Node names or ids that may claim it from their own agent. Absent: none.
     #[serde(default)]
     pub allowed: Vec<String>,
+    /// Tags, which access policies select by (`tag:NAME`). Absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// `POST /v1/workloads/{name}/attach` and `/move` (detach has no body).
@@ -92,6 +95,9 @@ pub struct Workload {
     pub standby: Vec<WorkloadNode>,
     /// Nodes that may claim it from their own agent.
     pub allowed: Vec<WorkloadNode>,
+    /// Tags, which access policies select by. Absent: none.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Whether its address is answered for now.
     pub state: WorkloadState,
     /// Creation time.

@@ -143,6 +143,7 @@ fn requests() {
         address: None,
         standby: vec!["vm-d".into()],
         allowed: vec![],
+        tags: vec![],
     };
     assert_eq!(
         serde_json::to_string(&workload).unwrap(),

@@ -27,6 +27,14 @@
 //! | `POST /v1/workloads/{name}/move[?network=N]` [`api::MoveWorkload`] | [`api::MovedWorkload`] (the same operation as attach) |
 //! | `POST /v1/workloads/{name}/detach[?network=N]` | [`api::MovedWorkload`] |
 //! | `GET /v1/status` | [`api::Status`] |
+//! | `POST /v1/networks/{network}/policy` [`api::SetPolicy`] | [`api::PolicyChanged`]; 400 names the line and field of a bad file, or the `[[test]]`s that fail |
+//! | `GET /v1/networks/{network}/policy` | [`api::PolicyVersion`] in force; 404 when the network never had one |
+//! | `DELETE /v1/networks/{network}/policy` | [`api::PolicyChanged`]: a new version with no policy (open) |
+//! | `GET /v1/networks/{network}/policy/history` | `[`[`api::PolicyVersion`]`]`, oldest first |
+//! | `POST /v1/networks/{network}/policy/rollback` [`api::RollbackPolicy`] | [`api::PolicyChanged`] |
+//! | `POST /v1/policy/test` [`api::TestFlow`] | [`api::FlowVerdict`] |
+//! | `POST /v1/nodes/{ref}/tags[?network=N]` [`api::EditTags`] | [`api::Node`] |
+//! | `POST /v1/workloads/{name}/tags[?network=N]` [`api::EditTags`] | [`api::Workload`] |
 //!
 //! `?network=` ([`api::NetworkFilter`]) may be left out on the routes of one node or one
 //! workload when the name exists in exactly one network; a name used in several networks is a
@@ -34,6 +42,8 @@
 //!
 //! Each route is a thin adapter: it calls a handler from [`crate::handlers`] (through
 //! [`Service`] when live sessions must learn of the change) and converts the result.
+
+mod policy;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -172,6 +182,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .route("/v1/workloads/{name}/move", post(move_workload))
         .route("/v1/workloads/{name}/detach", post(detach_workload))
         .route("/v1/status", get(status))
+        .merge(policy::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -607,6 +618,7 @@ fn render_workload(
         previous: w.previous.as_ref().map(named),
         standby: w.standby.iter().map(named).collect(),
         allowed: w.allowed.iter().map(named).collect(),
+        tags: w.tags.clone(),
         state,
         created_at: time(w.created_at),
         moved_at: w.moved_at.map(time),
@@ -699,6 +711,7 @@ impl From<api::CreateWorkload> for CreateWorkload {
             address,
             standby,
             allowed,
+            tags,
         } = body;
         CreateWorkload {
             name,
@@ -706,6 +719,7 @@ impl From<api::CreateWorkload> for CreateWorkload {
             address,
             standby,
             allowed,
+            tags,
         }
     }
 }

@@ -16,9 +16,10 @@
 
 use std::collections::BTreeSet;
 
-use meshlink_proto::{NetmapDelta, NodeId};
+use meshlink_proto::{NetmapDelta, NodeId, PolicyChange};
 
 use crate::handlers::nodes::{self, peer_info};
+use crate::handlers::policy;
 use crate::hub::CloseReason;
 use crate::service::Service;
 use crate::store::{
@@ -103,6 +104,12 @@ impl Service {
                             None => delta.remove_workloads.push(name.clone()),
                         }
                     }
+                    Change::Policy => {
+                        delta.policy = Some(match policy::current(self.store(), network).await? {
+                            Some(p) => PolicyChange::Set(p),
+                            None => PolicyChange::Clear,
+                        });
+                    }
                     _ => {}
                 }
             }
@@ -118,7 +125,8 @@ impl Service {
         };
         let members = self.store().nodes(Some(network)).await?;
         let wls = self.store().workloads(Some(network)).await?;
-        let mut map = nodes::netmap(net.version, &members, &wls);
+        let policy = policy::current(self.store(), network).await?;
+        let mut map = nodes::netmap(net.version, &members, &wls, policy);
         for w in map.workloads.values_mut() {
             w.grace_ms = self.info_grace_ms();
         }

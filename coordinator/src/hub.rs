@@ -153,6 +153,13 @@ impl Hub {
         self.lock().networks.get(network).map(|n| n.map.version)
     }
 
+    /// The networks the hub has maps of, by name.
+    pub fn networks(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.lock().networks.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// A copy of a network's current map.
     pub fn map(&self, network: &str) -> Option<Netmap> {
         self.lock().networks.get(network).map(|n| n.map.clone())

@@ -23,6 +23,7 @@
 //! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
 //! - [`run`]: start-up and shutdown ([`Coordinator`]).
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod dispatch;

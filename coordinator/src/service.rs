@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use crate::endpoint_pace::{EndpointPace, Report};
 use crate::handlers::networks::{self, CreateNetwork};
 use crate::handlers::nodes::{self, peer_info, welcome, HelloEndpoints};
+use crate::handlers::policy;
 use crate::handlers::tokens::{self, CreateToken};
 use crate::handlers::workloads::{self, CreateWorkload, PlannedMove};
 use crate::handlers::{ApiError, Caller};
@@ -243,7 +244,8 @@ impl Service {
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
             let wls = store.workloads(Some(&net.name)).await?;
-            let mut map = nodes::netmap(net.version, &members, &wls);
+            let policy = policy::current(store.as_ref(), &net.name).await?;
+            let mut map = nodes::netmap(net.version, &members, &wls, policy);
             for w in map.workloads.values_mut() {
                 w.grace_ms = Some(millis(timing.grace));
             }
@@ -711,7 +713,7 @@ impl Service {
     /// sessions. When the hub is not at the version before it (another coordinator sharing
     /// the store committed in between), the change log is replayed up to it instead, so
     /// that nothing is skipped. Call it with the write lock held.
-    async fn publish(&self, network: &str, delta: NetmapDelta) {
+    pub(crate) async fn publish(&self, network: &str, delta: NetmapDelta) {
         match self.hub.version(network) {
             Some(v) if v + 1 == delta.to_version => {
                 self.hub.apply_delta(network, delta);
@@ -1211,7 +1213,7 @@ impl Service {
         let net =
             networks::create_network(self.store(), self.clock.now(), &Caller::Admin, req).await?;
         self.hub
-            .set_map(&net.name, nodes::netmap(net.version, &[], &[]));
+            .set_map(&net.name, nodes::netmap(net.version, &[], &[], None));
         Ok(net)
     }
 

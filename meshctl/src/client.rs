@@ -38,8 +38,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use meshlink_api::{
-    CreateNetwork, CreateToken, CreateWorkload, CreatedToken, MoveWorkload, MovedWorkload, Network,
-    Node, Status, Token, TokenId, Workload,
+    CreateNetwork, CreateToken, CreateWorkload, CreatedToken, EditTags, FlowVerdict, MoveWorkload,
+    MovedWorkload, Network, Node, PolicyChanged, PolicyVersion, RollbackPolicy, SetPolicy, Status,
+    TestFlow, Token, TokenId, Workload,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -576,6 +577,95 @@ impl AdminClient {
     /// Any [`ClientError`].
     pub fn status(&self) -> Result<Reply<Status>, ClientError> {
         self.fetch(Method::Get, "/v1/status", None, None::<&()>)
+    }
+
+    /// Sets a network's policy.
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; a bad file is a 400 naming its line and field.
+    pub fn set_policy(
+        &self,
+        network: &str,
+        request: &SetPolicy,
+    ) -> Result<Reply<PolicyChanged>, ClientError> {
+        let path = format!("/v1/networks/{}/policy", encode(network));
+        self.fetch(Method::Post, &path, None, Some(request))
+    }
+
+    /// The policy in force in a network.
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; 404 when the network never had one.
+    pub fn policy(&self, network: &str) -> Result<Reply<PolicyVersion>, ClientError> {
+        let path = format!("/v1/networks/{}/policy", encode(network));
+        self.fetch(Method::Get, &path, None, None::<&()>)
+    }
+
+    /// Clears a network's policy: the network is open again.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn clear_policy(&self, network: &str) -> Result<Reply<PolicyChanged>, ClientError> {
+        let path = format!("/v1/networks/{}/policy", encode(network));
+        self.fetch(Method::Delete, &path, None, None::<&()>)
+    }
+
+    /// Every version of a network's policy, oldest first.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn policy_history(&self, network: &str) -> Result<Reply<Vec<PolicyVersion>>, ClientError> {
+        let path = format!("/v1/networks/{}/policy/history", encode(network));
+        self.fetch(Method::Get, &path, None, None::<&()>)
+    }
+
+    /// Restores an earlier version of a network's policy, as a new version.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn rollback_policy(
+        &self,
+        network: &str,
+        version: u64,
+    ) -> Result<Reply<PolicyChanged>, ClientError> {
+        let path = format!("/v1/networks/{}/policy/rollback", encode(network));
+        self.fetch(Method::Post, &path, None, Some(&RollbackPolicy { version }))
+    }
+
+    /// The verdict of the policy on one flow.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn test_flow(&self, request: &TestFlow) -> Result<Reply<FlowVerdict>, ClientError> {
+        self.fetch(Method::Post, "/v1/policy/test", None, Some(request))
+    }
+
+    /// Adds (`+TAG`) and removes (`-TAG`) a node's tags.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn tag_node(
+        &self,
+        node: &str,
+        network: Option<&str>,
+        edits: Vec<String>,
+    ) -> Result<Reply<Node>, ClientError> {
+        let path = format!("/v1/nodes/{}/tags", encode(node));
+        self.fetch(Method::Post, &path, network, Some(&EditTags { edits }))
+    }
+
+    /// Adds (`+TAG`) and removes (`-TAG`) a workload's tags.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn tag_workload(
+        &self,
+        name: &str,
+        network: Option<&str>,
+        edits: Vec<String>,
+    ) -> Result<Reply<Workload>, ClientError> {
+        let path = format!("/v1/workloads/{}/tags", encode(name));
+        self.fetch(Method::Post, &path, network, Some(&EditTags { edits }))
     }
 
     /// Sends a request and reads the JSON answer into `T` as well.

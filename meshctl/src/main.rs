@@ -16,7 +16,7 @@
 //! meshctl node show NODE [--network NAME]      # NODE is an id or a name
 //! meshctl node revoke NODE [--network NAME]
 //! meshctl node delete NODE [--network NAME]
-//! meshctl workload create NAME --network NAME [--address IP] [--standby NODE,...] [--allow NODE,...]
+//! meshctl workload create NAME --network NAME [--address IP] [--standby NODE,...] [--allow NODE,...] [--tag TAG]...
 //! meshctl workload list [--network NAME]
 //! meshctl workload show NAME [--network NAME]
 //! meshctl workload attach NAME --node NODE [--network NAME]
@@ -24,6 +24,14 @@
 //! meshctl workload detach NAME [--network NAME]
 //! meshctl workload delete NAME [--network NAME]
 //! meshctl workload claim NAME [--interface mesh0] [--uapi-dir /var/run/wireguard] [--timeout 15s]
+//! meshctl workload tag NAME +TAG|-TAG... [--network NAME]
+//! meshctl node tag NODE +TAG|-TAG... [--network NAME]
+//! meshctl policy set NETWORK FILE               # FILE `-`: standard input
+//! meshctl policy get NETWORK
+//! meshctl policy history NETWORK
+//! meshctl policy rollback NETWORK VERSION
+//! meshctl policy clear NETWORK
+//! meshctl policy test --from NODE|WORKLOAD --to NODE|WORKLOAD --port tcp:PORT|udp:PORT|icmp [--network NAME]
 //! meshctl status
 //! ```
 //!
@@ -80,7 +88,8 @@ use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COOR
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
 use meshlink_api::{
-    CreateNetwork, CreateToken, CreateWorkload, TokenId, TokenLifetime, TokenUses, UnixTime,
+    CreateNetwork, CreateToken, CreateWorkload, SetPolicy, TestFlow, TokenId, TokenLifetime,
+    TokenUses, UnixTime,
 };
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
@@ -156,6 +165,9 @@ enum Command {
     /// Workload addresses that move between nodes: create, attach, move, detach, claim.
     #[command(subcommand)]
     Workload(WorkloadCommand),
+    /// A network's access policy: set, get, history, rollback, clear, test.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Show the coordinator's state.
     Status,
 }
@@ -225,6 +237,14 @@ enum NodeCommand {
     Show(NodeRef),
     /// Revoke a node: it is cut off from its peers and cannot reconnect.
     Revoke(NodeRef),
+    /// Add (+TAG) and remove (-TAG) a node's tags, which policies select by.
+    Tag {
+        #[command(flatten)]
+        node: NodeRef,
+        /// Edits, applied in order: +TAG adds, -TAG removes.
+        #[arg(value_name = "+TAG|-TAG", required = true, allow_hyphen_values = true)]
+        edits: Vec<String>,
+    },
     /// Delete a node.
     Delete(NodeRef),
 }
@@ -272,6 +292,17 @@ enum WorkloadCommand {
             value_parser = NonEmptyStringValueParser::new()
         )]
         allowed: Vec<String>,
+        /// A tag, which policies select by; repeat for several.
+        #[arg(long = "tag", value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
+        tags: Vec<String>,
+    },
+    /// Add (+TAG) and remove (-TAG) a workload's tags.
+    Tag {
+        #[command(flatten)]
+        workload: WorkloadRef,
+        /// Edits, applied in order: +TAG adds, -TAG removes.
+        #[arg(value_name = "+TAG|-TAG", required = true, allow_hyphen_values = true)]
+        edits: Vec<String>,
     },
     /// List workloads.
     List {
@@ -303,6 +334,61 @@ enum WorkloadCommand {
     Delete(WorkloadRef),
     /// Claim a workload for this VM's node, through the local agent (no admin token needed).
     Claim(ClaimArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Set a network's policy from a file (TOML; `-` reads stdin). The file is checked, and
+    /// its [[test]] flows run, before anything changes.
+    Set {
+        /// The network.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Show the policy in force.
+    Get {
+        /// The network.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+    },
+    /// List every version of a network's policy.
+    History {
+        /// The network.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+    },
+    /// Restore an earlier version (as a new version).
+    Rollback {
+        /// The network.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+        /// The version to restore, as `policy history` lists it.
+        #[arg(value_name = "VERSION")]
+        to: u64,
+    },
+    /// Remove the policy: every flow in the network is allowed again.
+    Clear {
+        /// The network.
+        #[arg(value_parser = NonEmptyStringValueParser::new())]
+        network: String,
+    },
+    /// The verdict of the policy in force on one flow, and the rule that decided it.
+    Test {
+        /// The source: a node or workload name (node:NAME or workload:NAME when both exist).
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        from: String,
+        /// The destination, the same way.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        to: String,
+        /// tcp:PORT, udp:PORT or icmp.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        port: String,
+        /// The network; needed only when the source's name is used in several.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        network: Option<String>,
+    },
 }
 
 /// `workload claim`: everything is local to this VM.
@@ -519,6 +605,14 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             let reply = client.revoke_node(&node, network.as_deref())?;
             emit(output, &reply.json, || render::node(&reply.value, now()))
         }
+        Command::Node(NodeCommand::Tag {
+            node: NodeRef { node, network },
+            edits,
+        }) => {
+            let reply = client.tag_node(&node, network.as_deref(), edits)?;
+            emit(output, &reply.json, || render::node(&reply.value, now()))
+        }
+        Command::Policy(command) => policy(&client, output, command),
         Command::Node(NodeCommand::Delete(NodeRef { node, network })) => {
             client.delete_node(&node, network.as_deref())?;
             confirm(output, format!("node {node} deleted"));
@@ -540,6 +634,7 @@ fn workload(client: &AdminClient, output: Output, command: WorkloadCommand) -> R
             address,
             standby,
             allowed,
+            tags,
         } => {
             let request = CreateWorkload {
                 name,
@@ -547,8 +642,15 @@ fn workload(client: &AdminClient, output: Output, command: WorkloadCommand) -> R
                 address,
                 standby,
                 allowed,
+                tags,
             };
             let reply = client.create_workload(&request)?;
+            emit(output, &reply.json, || {
+                render::workload(&reply.value, now())
+            })
+        }
+        WorkloadCommand::Tag { workload, edits } => {
+            let reply = client.tag_workload(&workload.name, workload.network.as_deref(), edits)?;
             emit(output, &reply.json, || {
                 render::workload(&reply.value, now())
             })
@@ -589,6 +691,61 @@ fn workload(client: &AdminClient, output: Output, command: WorkloadCommand) -> R
         }
         WorkloadCommand::Claim(args) => claim_workload(output, &args),
     }
+}
+
+fn policy(client: &AdminClient, output: Output, command: PolicyCommand) -> Result<()> {
+    match command {
+        PolicyCommand::Set { network, file } => {
+            let source = read_policy_file(&file)?;
+            let reply = client.set_policy(&network, &SetPolicy { source })?;
+            emit(output, &reply.json, || render::policy_changed(&reply.value))
+        }
+        PolicyCommand::Get { network } => {
+            let reply = client.policy(&network)?;
+            emit(output, &reply.json, || render::policy(&reply.value))
+        }
+        PolicyCommand::History { network } => {
+            let reply = client.policy_history(&network)?;
+            emit(output, &reply.json, || render::policy_history(&reply.value))
+        }
+        PolicyCommand::Rollback { network, to } => {
+            let reply = client.rollback_policy(&network, to)?;
+            emit(output, &reply.json, || render::policy_changed(&reply.value))
+        }
+        PolicyCommand::Clear { network } => {
+            let reply = client.clear_policy(&network)?;
+            emit(output, &reply.json, || render::policy_changed(&reply.value))
+        }
+        PolicyCommand::Test {
+            from,
+            to,
+            port,
+            network,
+        } => {
+            let reply = client.test_flow(&TestFlow {
+                network,
+                from,
+                to,
+                port,
+            })?;
+            emit(output, &reply.json, || render::verdict(&reply.value))
+        }
+    }
+}
+
+/// A policy file's text (`-`: standard input), refused with its name when unreadable or not
+/// UTF-8.
+fn read_policy_file(path: &std::path::Path) -> Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    if path == std::path::Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| anyhow!("standard input: {e}"))?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    }
+    Ok(text)
 }
 
 /// `workload claim`: asks the local agent; in JSON mode prints
@@ -710,6 +867,8 @@ mod tests {
             "vm-f",
             "--allow",
             "vm-c",
+            "--tag",
+            "app",
         ])
         .unwrap();
         let Command::Workload(WorkloadCommand::Create {
@@ -718,6 +877,7 @@ mod tests {
             address,
             standby,
             allowed,
+            tags,
         }) = cli.command
         else {
             panic!("parsed as {:?}", cli.command);
@@ -726,6 +886,25 @@ mod tests {
         assert_eq!(address, Some(Ipv4Addr::new(100, 64, 50, 10)));
         assert_eq!(standby, ["vm-d", "vm-e", "vm-f"]);
         assert_eq!(allowed, ["vm-c"]);
+        assert_eq!(tags, ["app"]);
+
+        // Tag edits start with a sign, which is not an option.
+        let cli = Cli::try_parse_from(["meshctl", "node", "tag", "vm-a", "+db", "-web"]).unwrap();
+        let Command::Node(NodeCommand::Tag { node, edits }) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(
+            (node.node.as_str(), edits),
+            ("vm-a", vec!["+db".to_string(), "-web".into()])
+        );
+        let cli = Cli::try_parse_from([
+            "meshctl", "policy", "test", "--from", "vm-a", "--to", "chat", "--port", "tcp:7070",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Policy(PolicyCommand::Test { .. })
+        ));
 
         let cli =
             Cli::try_parse_from(["meshctl", "workload", "move", "chat", "--to", "vm-c"]).unwrap();

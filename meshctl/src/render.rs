@@ -17,8 +17,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshlink_api::{
-    CreatedToken, MovedWorkload, Network, Node, PathKind, PeerPath, RelayTransport, Status, Token,
-    UnixTime, Workload, WorkloadNode, WorkloadState,
+    CreatedToken, FlowVerdict, MovedWorkload, Network, Node, PathKind, PeerPath, PolicyChanged,
+    PolicyVersion, RelayTransport, Status, Token, UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 
 use crate::duration;
@@ -449,9 +449,93 @@ pub fn workload(w: &Workload, now: UnixTime) -> String {
         .field("PREVIOUS", maybe_node(w.previous.as_ref()))
         .field("STANDBY", node_names(&w.standby))
         .field("ALLOWED", node_names(&w.allowed))
+        .field("TAGS", list(&w.tags))
         .field("MOVED", time_and_relative(w.moved_at, now))
         .field("CREATED", time(w.created_at));
     fields.to_string()
+}
+
+/// `policy get`: the version's fields, a blank line, and the file as it was set.
+pub fn policy(p: &PolicyVersion) -> String {
+    let mut fields = Fields::new();
+    fields
+        .field("NETWORK", or_none(p.network.clone()))
+        .field("VERSION", p.version.to_string())
+        .field("RULES", p.rules.to_string())
+        .field("AUTHOR", or_none(p.author.clone()))
+        .field("SET", time(p.created_at))
+        .field(
+            "RESTORED",
+            p.restored
+                .map_or(NONE.to_owned(), |v| format!("version {v}")),
+        );
+    match &p.source {
+        // The file is the operator's own text; still no control characters but newlines.
+        Some(source) => {
+            let lines: Vec<String> = source.lines().map(clean).collect();
+            format!("{fields}\n{}\n", lines.join("\n"))
+        }
+        None => format!("{fields}\nno policy: every flow in the network is allowed\n"),
+    }
+}
+
+/// `policy history`.
+pub fn policy_history(versions: &[PolicyVersion]) -> String {
+    let mut table = Table::new(&["VERSION", "RULES", "AUTHOR", "SET", "NOTE"]);
+    for p in versions {
+        let note = match (&p.source, p.restored) {
+            (None, _) => "cleared (open)".to_owned(),
+            (Some(_), Some(v)) => format!("rollback to version {v}"),
+            (Some(_), None) => NONE.to_owned(),
+        };
+        table.row([
+            p.version.to_string(),
+            p.rules.to_string(),
+            or_none(p.author.clone()),
+            time(p.created_at),
+            note,
+        ]);
+    }
+    table.to_string()
+}
+
+/// `policy set`, `policy rollback` and `policy clear`: one line, then warnings.
+pub fn policy_changed(c: &PolicyChanged) -> String {
+    let mut out = match c.policy.source {
+        Some(_) => format!(
+            "policy version {} of network {} in force ({} rule{}, map version {})\n",
+            c.policy.version,
+            clean(&c.policy.network),
+            c.policy.rules,
+            if c.policy.rules == 1 { "" } else { "s" },
+            c.map_version.0
+        ),
+        None => format!(
+            "policy cleared in network {} (version {}): every flow is allowed\n",
+            clean(&c.policy.network),
+            c.policy.version
+        ),
+    };
+    for w in &c.warnings {
+        out.push_str(&format!("warning: {}\n", clean(w)));
+    }
+    out
+}
+
+/// `policy test`: the verdict, and the rule that decided it.
+pub fn verdict(v: &FlowVerdict) -> String {
+    let mut out = format!("{}\n", clean(&v.reason));
+    if let Some(r) = &v.rule {
+        out.push_str(&format!(
+            "rule {} (line {}): from {} to {} ports {}\n",
+            r.number,
+            r.line,
+            list(&r.from),
+            list(&r.to),
+            list(&r.ports)
+        ));
+    }
+    out
 }
 
 /// Which change of holder was asked for.
@@ -765,7 +849,7 @@ mod tests {
              "holder": {"id": 3, "name": "vm-c"}, "generation": 3,
              "previous": {"id": 1, "name": null}, "state": "held",
              "standby": [{"id": 4, "name": "vm-d"}, {"id": 5, "name": "vm-e"}],
-             "allowed": [{"id": 3, "name": "vm-c"}],
+             "allowed": [{"id": 3, "name": "vm-c"}], "tags": ["app"],
              "created_at": NOW.0 - 3_600, "moved_at": NOW.0 - 60},
             {"name": "db", "network": "prod", "address": "100.64.0.10", "holder": null,
              "generation": 0, "previous": null, "state": "detached", "standby": [],
@@ -796,6 +880,7 @@ mod tests {
              PREVIOUS    #1 (deleted)\n\
              STANDBY     vm-d,vm-e\n\
              ALLOWED     vm-c\n\
+             TAGS        app\n\
              MOVED       2024-05-01T11:59:00Z (1m ago)\n\
              CREATED     2024-05-01T11:00:00Z\n"
         );

@@ -80,6 +80,7 @@ const WORKLOAD_KEYS: &[&str] = &[
     "previous",
     "standby",
     "allowed",
+    "tags",
     "state",
     "created_at",
     "moved_at",
@@ -470,6 +471,8 @@ fn workloads() {
         "vm-d",
         "--allow",
         "vm-c",
+        "--tag",
+        "app",
     ];
     assert_eq!(
         mask(&mesh.run(&args)),
@@ -482,6 +485,7 @@ fn workloads() {
          PREVIOUS    -\n\
          STANDBY     vm-d\n\
          ALLOWED     vm-c\n\
+         TAGS        app\n\
          MOVED       -\n\
          CREATED     <time>\n"
     );
@@ -543,6 +547,7 @@ fn workloads() {
          PREVIOUS    vm-c\n\
          STANDBY     vm-d\n\
          ALLOWED     vm-c\n\
+         TAGS        app\n\
          MOVED       <time> (<dur> ago)\n\
          CREATED     <time>\n"
     );
@@ -608,5 +613,110 @@ fn workloads() {
     assert!(
         matches!(err, ClientError::Api { status: 400, .. }),
         "{err:?}"
+    );
+}
+
+#[test]
+fn policies_and_tags() {
+    let mesh = Mesh::start();
+    mesh.run(&["network", "create", "prod", "--cidr", "100.64.0.0/24"]);
+    mesh.join("prod", 1, "vm-a", true);
+    mesh.join("prod", 2, "vm-b", true);
+    mesh.run(&[
+        "workload",
+        "create",
+        "chat",
+        "--network",
+        "prod",
+        "--tag",
+        "app",
+    ]);
+    // Edits may start with '-', so options come before them.
+    let tagged = mesh.run(&["-o", "json", "node", "tag", "vm-a", "+web", "+eu"]);
+    let tagged: Value = serde_json::from_str(&tagged).unwrap();
+    assert_eq!(tagged["tags"], serde_json::json!(["web", "eu"]));
+    let tagged = mesh.run(&["node", "tag", "vm-a", "-eu"]);
+    assert!(tagged.contains("\nTAGS        web\n"), "{tagged}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    // No policy yet: open.
+    assert_eq!(
+        mesh.run(&["policy", "test", "--from", "vm-b", "--to", "vm-a", "--port", "tcp:22"]),
+        "allowed: network prod has no policy, every flow is allowed\n"
+    );
+    assert_eq!(
+        failure(&mesh.meshctl(&["policy", "get", "prod"])),
+        "meshctl: the coordinator answered 404 Not Found: network prod has never had a policy: \
+         it is open\n"
+    );
+
+    // A bad file: nothing changes, the error names the line and field.
+    std::fs::write(
+        &file,
+        "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"workload:chat\"]\nports = [\"tcp:70000\"]\n",
+    )
+    .unwrap();
+    let err = failure(&mesh.meshctl(&["policy", "set", "prod", file.to_str().unwrap()]));
+    assert!(
+        err.contains("400") && err.contains("line 4") && err.contains("rule[1].ports[1]"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &file,
+        "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"workload:chat\"]\nports = [\"tcp:7070\"]\n\n\
+         [[test]]\nfrom = \"vm-a\"\nto = \"chat\"\nport = \"tcp:7070\"\nexpect = \"allow\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        mesh.run(&["policy", "set", "prod", file.to_str().unwrap()]),
+        "policy version 1 of network prod in force (1 rule, map version 6)\n"
+    );
+    assert_eq!(
+        mesh.run(&["policy", "test", "--from", "vm-a", "--to", "chat", "--port", "tcp:7070"]),
+        "allowed: tcp:7070 from vm-a to chat by rule 1 (line 1) of policy version 1\n\
+         rule 1 (line 1): from tag:web to workload:chat ports tcp:7070\n"
+    );
+    let verdict = mesh.run_json(&[
+        "policy", "test", "--from", "vm-b", "--to", "chat", "--port", "tcp:7070",
+    ]);
+    assert_eq!(verdict["allowed"], false);
+    assert_eq!(verdict["rule"], serde_json::Value::Null);
+    assert_eq!(verdict["policy_version"], 1);
+    assert_eq!(
+        failure(&mesh.meshctl(&["policy", "test", "--from", "vm-z", "--to", "chat", "--port", "tcp:1"])),
+        "meshctl: the coordinator answered 404 Not Found: no network has a node or workload named \"vm-z\"\n"
+    );
+
+    assert!(mesh
+        .run(&["policy", "clear", "prod"])
+        .starts_with("policy cleared in network prod (version 2)"));
+    assert!(mesh
+        .run(&["policy", "rollback", "prod", "1"])
+        .starts_with("policy version 3 of network prod in force"));
+    let shown = mesh.run(&["policy", "get", "prod"]);
+    assert!(
+        shown.contains("VERSION   3\n")
+            && shown.contains("RESTORED  version 1\n")
+            && shown.contains("[[test]]"),
+        "{shown}"
+    );
+    assert_eq!(
+        squeeze(&mask(&mesh.run(&["policy", "history", "prod"]))),
+        "VERSION RULES AUTHOR SET NOTE\n\
+         1 1 admin <time> -\n\
+         2 0 admin <time> cleared (open)\n\
+         3 1 admin <time> rollback to version 1"
+    );
+    let history = mesh.run_json(&["policy", "history", "prod"]);
+    assert_eq!(history, mesh.get("/v1/networks/prod/policy/history"));
+    // Standard input works as a file.
+    let source = std::fs::read_to_string(&file).unwrap();
+    let out = mesh.meshctl_stdin(&["policy", "set", "prod", "-"], &source);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("policy version 4 "),
+        "{out:?}"
     );
 }

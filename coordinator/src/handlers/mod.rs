@@ -10,6 +10,7 @@
 
 pub mod networks;
 pub mod nodes;
+pub mod policy;
 pub mod tokens;
 pub mod workloads;
 

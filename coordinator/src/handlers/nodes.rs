@@ -595,8 +595,14 @@ pub fn welcome(
     }
 }
 
-/// The map of a network at `version`: every node that is not revoked, and every workload.
-pub fn netmap(version: u64, nodes: &[NodeRecord], workloads: &[WorkloadRecord]) -> Netmap {
+/// The map of a network at `version`: every node that is not revoked, every workload, and
+/// the policy in force.
+pub fn netmap(
+    version: u64,
+    nodes: &[NodeRecord],
+    workloads: &[WorkloadRecord],
+    policy: Option<meshlink_proto::Policy>,
+) -> Netmap {
     Netmap {
         version,
         peers: nodes
@@ -608,7 +614,7 @@ pub fn netmap(version: u64, nodes: &[NodeRecord], workloads: &[WorkloadRecord]) 
             .iter()
             .map(|w| (w.name.clone(), super::workloads::info(w)))
             .collect(),
-        policy: None,
+        policy,
     }
 }
 

@@ -3,13 +3,9 @@
 
 use meshlink_api::{self as api, TokenLifetime, TokenUses};
 
+use super::policy::validate_tags;
 use super::{hash_secret, require_admin, ApiError, Caller};
 use crate::store::{NewToken, Store, StoreError, TokenId, TokenRecord, UnixTime};
-
-/// The most tags a token may carry.
-pub const MAX_TAGS: usize = 32;
-/// The longest tag, in bytes.
-pub const MAX_TAG_LEN: usize = 63;
 
 /// A token to create, with every limit decided: `None` here means *no* limit.
 ///
@@ -146,24 +142,6 @@ pub async fn revoke_token(store: &dyn Store, caller: &Caller, id: TokenId) -> Re
     }
 }
 
-fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
-    if tags.len() > MAX_TAGS {
-        return Err(ApiError::Invalid(format!("at most {MAX_TAGS} tags")));
-    }
-    for tag in tags {
-        let ok = (1..=MAX_TAG_LEN).contains(&tag.len())
-            && tag.bytes().all(|b| {
-                b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'=')
-            });
-        if !ok {
-            return Err(ApiError::Invalid(format!(
-                "tag {tag:?} is not valid: use 1 to {MAX_TAG_LEN} of a-z, A-Z, 0-9, - _ . : ="
-            )));
-        }
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,7 +192,10 @@ mod tests {
 
     #[test]
     fn tags() {
-        assert!(validate_tags(&["role=web".into(), "eu".into()]).is_ok());
+        assert!(validate_tags(&["web".into(), "eu-west.1".into()]).is_ok());
+        // A tag must be a name a policy can select (`tag:NAME`).
+        assert!(validate_tags(&["role=web".into()]).is_err());
+        assert!(validate_tags(&["Web".into()]).is_err());
         assert!(validate_tags(&["".into()]).is_err());
         assert!(validate_tags(&["a b".into()]).is_err());
         assert!(validate_tags(&vec!["x".to_string(); 33]).is_err());

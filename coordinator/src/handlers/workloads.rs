@@ -26,6 +26,8 @@ pub struct CreateWorkload {
     pub standby: Vec<String>,
     /// Nodes that may claim it from their own agent (names or ids).
     pub allowed: Vec<String>,
+    /// Tags, which policies select by.
+    pub tags: Vec<String>,
 }
 
 /// The workload as agents see it, in maps.
@@ -47,7 +49,7 @@ pub fn info(w: &WorkloadRecord) -> WorkloadInfo {
         previous: w.previous,
         candidates,
         grace_ms: None,
-        tags: Vec::new(),
+        tags: w.tags.clone(),
     }
 }
 
@@ -87,6 +89,7 @@ pub async fn create_workload(
 ) -> Result<(WorkloadRecord, u64), ApiError> {
     require_admin(caller)?;
     validate_name("workload", &req.name)?;
+    super::policy::validate_tags(&req.tags)?;
     let network = store
         .network(&req.network)
         .await?
@@ -116,6 +119,7 @@ pub async fn create_workload(
         ),
         standby,
         allowed,
+        tags: req.tags.clone(),
         created_at: now,
     };
     store.create_workload(new).await.map_err(|e| match e {

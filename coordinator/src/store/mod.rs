@@ -80,6 +80,8 @@ pub enum Change {
     Node(NodeId),
     /// A workload, by name: added, moved or deleted.
     Workload(String),
+    /// The network's policy: set, rolled back or cleared.
+    Policy,
 }
 
 impl Change {
@@ -87,6 +89,7 @@ impl Change {
         match self {
             Change::Node(id) => ("node", id.to_string()),
             Change::Workload(name) => ("workload", name.clone()),
+            Change::Policy => ("policy", String::new()),
         }
     }
 
@@ -97,6 +100,7 @@ impl Change {
                 .map(Change::Node)
                 .map_err(|_| StoreError::Corrupt(format!("changes.ref: node id {reference:?}"))),
             "workload" => Ok(Change::Workload(reference.to_string())),
+            "policy" => Ok(Change::Policy),
             other => Err(StoreError::Corrupt(format!("changes.kind: {other:?}"))),
         }
     }
@@ -327,6 +331,8 @@ pub struct WorkloadRecord {
     pub standby: Vec<NodeId>,
     /// Nodes that may claim it from their own agent.
     pub allowed: Vec<NodeId>,
+    /// Tags, which policies select by.
+    pub tags: Vec<String>,
     /// When it was created.
     pub created_at: UnixTime,
     /// When its holder last changed.
@@ -346,8 +352,43 @@ pub struct NewWorkload {
     pub standby: Vec<NodeId>,
     /// Nodes that may claim it.
     pub allowed: Vec<NodeId>,
+    /// Tags.
+    pub tags: Vec<String>,
     /// Creation time.
     pub created_at: UnixTime,
+}
+
+/// One version of a network's policy. Versions are never rewritten: the latest is in force.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRecord {
+    /// The network.
+    pub network: String,
+    /// The policy's version in its network: 1, 2, ...
+    pub version: u64,
+    /// The policy file as it was set; `None`: from this version on the network has no
+    /// policy (it is open).
+    pub source: Option<String>,
+    /// Who set it: the name of the admin token used.
+    pub author: String,
+    /// When.
+    pub created_at: UnixTime,
+    /// For a rollback, the version whose source it restored.
+    pub restored: Option<u64>,
+}
+
+/// A new version of a network's policy, as [`Store::put_policy`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewPolicy {
+    /// The network.
+    pub network: String,
+    /// The policy file, validated by the caller; `None`: no policy.
+    pub source: Option<String>,
+    /// Who sets it.
+    pub author: String,
+    /// When.
+    pub created_at: UnixTime,
+    /// For a rollback, the version restored.
+    pub restored: Option<u64>,
 }
 
 /// Durable state of the coordinator. Every method is atomic. Methods that change a network's
@@ -464,4 +505,27 @@ pub trait Store: Send + Sync {
     /// Deletes a workload and bumps its network's version. [`StoreError::NotFound`] when it
     /// does not exist.
     fn delete_workload<'a>(&'a self, network: &'a str, name: &'a str) -> StoreFuture<'a, u64>;
+
+    /// Replaces a node's tags and bumps its network's version. [`StoreError::NotFound`] when
+    /// the node does not exist.
+    fn set_node_tags(&self, id: NodeId, tags: Vec<String>) -> StoreFuture<'_, u64>;
+
+    /// Replaces a workload's tags and bumps its network's version. [`StoreError::NotFound`]
+    /// when the workload does not exist.
+    fn set_workload_tags<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+        tags: Vec<String>,
+    ) -> StoreFuture<'a, u64>;
+
+    /// Adds the next version of a network's policy and bumps the network's version.
+    /// [`StoreError::NotFound`] when the network does not exist.
+    fn put_policy(&self, policy: NewPolicy) -> StoreFuture<'_, (PolicyRecord, u64)>;
+
+    /// Every version of a network's policy, oldest first (the last is in force).
+    fn policies<'a>(&'a self, network: &'a str) -> StoreFuture<'a, Vec<PolicyRecord>>;
+
+    /// The version of a network's policy in force, if it ever had one.
+    fn policy<'a>(&'a self, network: &'a str) -> StoreFuture<'a, Option<PolicyRecord>>;
 }

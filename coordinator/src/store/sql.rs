@@ -22,9 +22,9 @@ use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 use meshlink_proto::ipam::allocate_v4;
 
 use super::{
-    AddressChoice, Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewToken,
-    NewWorkload, NodeRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime,
-    WorkloadRecord, CHANGES_CHANNEL,
+    AddressChoice, Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewPolicy,
+    NewToken, NewWorkload, NodeRecord, PolicyRecord, Store, StoreError, StoreFuture, TokenId,
+    TokenRecord, UnixTime, WorkloadRecord, CHANGES_CHANNEL,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -44,7 +44,9 @@ const PG_WRITE_LOCK: i64 = 0x6d65_7368_6c69_6e6b;
 pub const CHANGES_KEPT: u64 = 10_000;
 
 const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, previous, \
-                                standby, allowed, created_at, moved_at";
+                                standby, allowed, tags, created_at, moved_at";
+
+const POLICY_COLUMNS: &str = "network, version, source, author, created_at, restored";
 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
                             endpoints, observed, revoked, created_at, last_seen";
@@ -632,14 +634,15 @@ impl Store for SqlStore {
             let address = Self::choose_address(&mut tx, &w.network, w.address).await?;
             let row = sqlx::query(
                 "INSERT INTO workloads (network, name, address, holder, generation, previous, \
-                 standby, allowed, created_at, moved_at) \
-                 VALUES ($1, $2, $3, NULL, 0, NULL, $4, $5, $6, NULL) RETURNING id",
+                 standby, allowed, tags, created_at, moved_at) \
+                 VALUES ($1, $2, $3, NULL, 0, NULL, $4, $5, $6, $7, NULL) RETURNING id",
             )
             .bind(&w.network)
             .bind(&w.name)
             .bind(address.to_string())
             .bind(to_json(&w.standby))
             .bind(to_json(&w.allowed))
+            .bind(to_json(&w.tags))
             .bind(w.created_at)
             .fetch_one(&mut *tx)
             .await
@@ -660,6 +663,7 @@ impl Store for SqlStore {
                     previous: None,
                     standby: w.standby,
                     allowed: w.allowed,
+                    tags: w.tags,
                     created_at: w.created_at,
                     moved_at: None,
                 },
@@ -770,6 +774,116 @@ impl Store for SqlStore {
                 .await?;
             tx.commit().await?;
             Ok(version)
+        })
+    }
+
+    fn set_node_tags(&self, id: NodeId, tags: Vec<String>) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let network = Self::node_network(&mut tx, id).await?;
+            sqlx::query("UPDATE nodes SET tags = $1 WHERE id = $2")
+                .bind(to_json(&tags))
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await?;
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    fn set_workload_tags<'a>(
+        &'a self,
+        network: &'a str,
+        name: &'a str,
+        tags: Vec<String>,
+    ) -> StoreFuture<'a, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let done =
+                sqlx::query("UPDATE workloads SET tags = $1 WHERE network = $2 AND name = $3")
+                    .bind(to_json(&tags))
+                    .bind(network)
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+            if done.rows_affected() != 1 {
+                return Err(StoreError::NotFound(format!("workload {name}")));
+            }
+            let version = self
+                .bump(&mut tx, network, &Change::Workload(name.to_string()))
+                .await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    fn put_policy(&self, p: NewPolicy) -> StoreFuture<'_, (PolicyRecord, u64)> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let row = sqlx::query(
+                "SELECT COALESCE(MAX(version), 0) AS latest FROM policies WHERE network = $1",
+            )
+            .bind(&p.network)
+            .fetch_one(&mut *tx)
+            .await?;
+            let version = to_u64(row.try_get::<i64, _>("latest")?)? + 1;
+            sqlx::query(
+                "INSERT INTO policies (network, version, source, author, created_at, restored) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(&p.network)
+            .bind(to_i64(version)?)
+            .bind(p.source.as_deref())
+            .bind(&p.author)
+            .bind(p.created_at)
+            .bind(p.restored.map(to_i64).transpose()?)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(db) if db.is_foreign_key_violation() => {
+                    StoreError::NotFound(format!("network {}", p.network))
+                }
+                e => StoreError::Database(e),
+            })?;
+            let map_version = self.bump(&mut tx, &p.network, &Change::Policy).await?;
+            tx.commit().await?;
+            Ok((
+                PolicyRecord {
+                    network: p.network,
+                    version,
+                    source: p.source,
+                    author: p.author,
+                    created_at: p.created_at,
+                    restored: p.restored,
+                },
+                map_version,
+            ))
+        })
+    }
+
+    fn policies<'a>(&'a self, network: &'a str) -> StoreFuture<'a, Vec<PolicyRecord>> {
+        Box::pin(async move {
+            let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {POLICY_COLUMNS} FROM policies WHERE network = $1 ORDER BY version"
+            )))
+            .bind(network)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter().map(policy_row).collect()
+        })
+    }
+
+    fn policy<'a>(&'a self, network: &'a str) -> StoreFuture<'a, Option<PolicyRecord>> {
+        Box::pin(async move {
+            let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {POLICY_COLUMNS} FROM policies WHERE network = $1 \
+                 ORDER BY version DESC LIMIT 1"
+            )))
+            .bind(network)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.as_ref().map(policy_row).transpose()
         })
     }
 
@@ -886,8 +1000,23 @@ fn workload_row(row: &AnyRow) -> Result<WorkloadRecord, StoreError> {
         previous: opt_id("previous")?,
         standby: from_json(&row.try_get::<String, _>("standby")?, "workloads.standby")?,
         allowed: from_json(&row.try_get::<String, _>("allowed")?, "workloads.allowed")?,
+        tags: from_json(&row.try_get::<String, _>("tags")?, "workloads.tags")?,
         created_at: row.try_get("created_at")?,
         moved_at: row.try_get("moved_at")?,
+    })
+}
+
+fn policy_row(row: &AnyRow) -> Result<PolicyRecord, StoreError> {
+    Ok(PolicyRecord {
+        network: row.try_get("network")?,
+        version: to_u64(row.try_get("version")?)?,
+        source: row.try_get("source")?,
+        author: row.try_get("author")?,
+        created_at: row.try_get("created_at")?,
+        restored: row
+            .try_get::<Option<i64>, _>("restored")?
+            .map(to_u64)
+            .transpose()?,
     })
 }
 

@@ -343,6 +343,7 @@ impl Sim {
                     address: None,
                     standby,
                     allowed,
+                    tags: Vec::new(),
                 })
                 .await
                 .unwrap();

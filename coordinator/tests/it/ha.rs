@@ -130,6 +130,7 @@ async fn two_coordinators_share_changes_and_leases() {
         address: None,
         standby: vec!["n2".into()],
         allowed: vec![],
+        tags: Vec::new(),
     })
     .await
     .unwrap();

@@ -48,7 +48,7 @@ async fn token(
 ) -> TokenRecord {
     let req = CreateToken {
         network: net.into(),
-        tags: vec!["role=web".into()],
+        tags: vec!["web".into()],
         expires_in_secs: expires,
         uses,
     };
@@ -84,7 +84,7 @@ async fn join_allocates_lowest_addresses_and_counts_uses(db: &TestDb) {
         ),
         (1, "web-1", "100.64.0.1")
     );
-    assert_eq!(a.node.tags, vec!["role=web".to_string()]);
+    assert_eq!(a.node.tags, vec!["web".to_string()]);
     assert_eq!(a.node.observed, Some("198.18.5.5:51820".parse().unwrap()));
     assert_eq!(a.version, 1);
     let b = join_ok(&store, "tok", 2, None).await;
@@ -413,7 +413,7 @@ async fn revoked_nodes_are_refused_and_leave_the_map(db: &TestDb) {
     );
     let nodes = list_nodes(&store, &ADMIN, Some("prod")).await.unwrap();
     assert_eq!(
-        netmap(9, &nodes, &[])
+        netmap(9, &nodes, &[], None)
             .peers
             .keys()
             .copied()

@@ -8,6 +8,7 @@ mod fencing;
 mod ha;
 mod handlers;
 mod hostile;
+mod policy;
 mod quic;
 mod relay;
 mod service;

@@ -230,6 +230,7 @@ async fn a_standby_may_not_claim_unless_allowed() {
         address: None,
         standby: vec!["vm-s".into()],
         allowed: vec!["vm-a".into()],
+        tags: Vec::new(),
     })
     .await
     .unwrap();

@@ -1484,7 +1484,7 @@ impl Sim {
             assert_eq!(net.version, self.versions[i]);
             let records = self.store.nodes(Some(name)).await.unwrap();
             assert_eq!(
-                netmap(net.version, &records, &[]),
+                netmap(net.version, &records, &[], None),
                 self.svc.hub().map(name).unwrap(),
                 "seed {seed} step {step}: the hub's map of {name} is not the one the store would load"
             );

@@ -66,6 +66,7 @@ async fn every_version_is_logged_in_order(db: &TestDb) {
             address: None,
             standby: vec![],
             allowed: vec![],
+            tags: Vec::new(),
         },
     )
     .await

@@ -91,6 +91,28 @@ impl Mesh {
             .expect("run meshctl")
     }
 
+    /// [`Mesh::meshctl`] with `input` on its standard input.
+    pub fn meshctl_stdin(&self, args: &[&str], input: &str) -> Output {
+        use std::io::Write;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .env_clear()
+            .env("MESHLINK_COORDINATOR", self.url())
+            .env("MESHLINK_ADMIN_TOKEN", self.admin_token())
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run meshctl");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().expect("meshctl ends")
+    }
+
     /// `meshctl ARGS`, which must succeed; its stdout.
     pub fn run(&self, args: &[&str]) -> String {
         let output = self.meshctl(args);

@@ -1,0 +1,287 @@
+//! Access policies and tags through the service, on both stores: validation before anything
+//! changes, versions and rollback, the change reaching every session as one delta, tags, a
+//! restarted coordinator and a second coordinator following the change log.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use meshlink_coordinator::access::PolicyEdit;
+use meshlink_coordinator::handlers::networks::CreateNetwork;
+use meshlink_coordinator::handlers::tokens::CreateToken;
+use meshlink_coordinator::handlers::workloads::CreateWorkload;
+use meshlink_coordinator::handlers::ApiError;
+use meshlink_coordinator::hub::Outbound;
+use meshlink_coordinator::service::{Service, Session, SystemClock};
+use meshlink_proto::control::ServerMessage;
+use meshlink_proto::{NetmapDelta, PolicyChange};
+
+use crate::common::{decode_frame, join_hello, TestDb};
+
+const POLICY: &str = r#"
+[[rule]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:5432"]
+
+[[test]]
+from = "web-1"
+to = "db-1"
+port = "tcp:5432"
+expect = "allow"
+
+[[test]]
+from = "db-1"
+to = "web-1"
+port = "tcp:22"
+expect = "deny"
+"#;
+
+fn remote() -> IpAddr {
+    "198.18.3.3".parse().unwrap()
+}
+
+async fn service(db: &TestDb) -> Service {
+    Service::load(Arc::new(db.open().await), Arc::new(SystemClock), 64)
+        .await
+        .unwrap()
+}
+
+/// A network with nodes web-1 (tag web) and db-1 (tag db), joined as sessions.
+async fn mesh(s: &Service) -> Vec<Session> {
+    s.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/24".into(),
+    })
+    .await
+    .unwrap();
+    let mut sessions = Vec::new();
+    for (i, (name, tag)) in [("web-1", "web"), ("db-1", "db")].into_iter().enumerate() {
+        let (_, secret) = s
+            .create_token(CreateToken {
+                network: "prod".into(),
+                tags: vec![tag.into()],
+                expires_in_secs: None,
+                uses: Some(1),
+            })
+            .await
+            .unwrap();
+        let hello = join_hello(&secret, i as u8 + 1, Some(name));
+        sessions.push(s.hello(&hello, remote()).await.unwrap());
+    }
+    sessions
+}
+
+/// Every delta queued to a session so far.
+fn deltas(session: &mut Session) -> Vec<NetmapDelta> {
+    let mut out = Vec::new();
+    while let Ok(Outbound::Frame(f)) = session.attached.rx.try_recv() {
+        if let ServerMessage::Delta(d) = decode_frame(&f) {
+            out.push(d);
+        }
+    }
+    out
+}
+
+async fn a_bad_policy_changes_nothing_and_names_line_and_field(db: &TestDb) {
+    let s = service(db).await;
+    let mut sessions = mesh(&s).await;
+    deltas(&mut sessions[0]);
+    let version = s.hub().version("prod").unwrap();
+
+    let bad = "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:db\"]\nports = [\"tcp:5432\", \"tcp:99999\"]\n";
+    let e = s
+        .edit_policy("prod", PolicyEdit::Set(bad.into()), "admin")
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+    assert!(
+        text.contains("line 4") && text.contains("rule[1].ports[2]"),
+        "{text}"
+    );
+
+    // A test the rules do not meet: refused, with the test's line.
+    let failing = POLICY.replace(
+        "tcp:5432\"\nexpect = \"allow\"",
+        "tcp:80\"\nexpect = \"allow\"",
+    );
+    let e = s
+        .edit_policy("prod", PolicyEdit::Set(failing), "admin")
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("policy tests failed") && e.to_string().contains("line 7"),
+        "{e}"
+    );
+
+    let e = s
+        .edit_policy("nope", PolicyEdit::Set(POLICY.into()), "admin")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+
+    assert_eq!(
+        s.hub().version("prod"),
+        Some(version),
+        "no version was taken"
+    );
+    assert!(s.policy_history("prod").await.unwrap().is_empty());
+    assert!(s.hub().map("prod").unwrap().policy.is_none());
+    assert!(deltas(&mut sessions[0]).is_empty(), "nothing was sent");
+}
+
+async fn policies_are_versioned_sent_rolled_back_and_cleared(db: &TestDb) {
+    let s = service(db).await;
+    let mut sessions = mesh(&s).await;
+    for session in &mut sessions {
+        deltas(session);
+    }
+
+    let set = s
+        .edit_policy("prod", PolicyEdit::Set(POLICY.into()), "alice")
+        .await
+        .unwrap();
+    assert_eq!(set.record.version, 1);
+    assert_eq!(set.record.author, "alice");
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    for session in &mut sessions {
+        let got = deltas(session);
+        assert_eq!(got.len(), 1, "one delta per change");
+        match &got[0].policy {
+            Some(PolicyChange::Set(p)) => {
+                assert_eq!(p.version, 1);
+                assert_eq!(p.rules.len(), 1);
+            }
+            other => panic!("expected the policy, got {other:?}"),
+        }
+    }
+
+    // A second version that names nobody yet: accepted, with a warning.
+    let v2 = "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:cache\"]\nports = [\"*\"]\n";
+    let second = s
+        .edit_policy("prod", PolicyEdit::Set(v2.into()), "alice")
+        .await
+        .unwrap();
+    assert_eq!(second.record.version, 2);
+    assert!(
+        second.warnings.iter().any(|w| w.contains("tag:cache")),
+        "{:?}",
+        second.warnings
+    );
+
+    let back = s
+        .edit_policy("prod", PolicyEdit::Rollback(1), "bob")
+        .await
+        .unwrap();
+    assert_eq!(back.record.version, 3);
+    assert_eq!(back.record.restored, Some(1));
+    assert_eq!(back.record.source.as_deref(), Some(POLICY));
+    let map = s.hub().map("prod").unwrap();
+    assert_eq!(map.policy.as_ref().unwrap().version, 3);
+    assert_eq!(map.policy.as_ref().unwrap().rules[0].ports.len(), 1);
+
+    let e = s
+        .edit_policy("prod", PolicyEdit::Rollback(9), "bob")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::NotFound(_)), "{e}");
+
+    let cleared = s
+        .edit_policy("prod", PolicyEdit::Clear, "bob")
+        .await
+        .unwrap();
+    assert_eq!(cleared.record.version, 4);
+    assert!(s.hub().map("prod").unwrap().policy.is_none());
+    let got = deltas(&mut sessions[1]);
+    assert!(matches!(
+        got.last().and_then(|d| d.policy.as_ref()),
+        Some(PolicyChange::Clear)
+    ));
+    let history = s.policy_history("prod").await.unwrap();
+    let versions: Vec<u64> = history.iter().map(|p| p.version).collect();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    assert!(history[3].source.is_none());
+
+    // Rolling back to version 3 brings the policy back after a clear.
+    s.edit_policy("prod", PolicyEdit::Rollback(3), "bob")
+        .await
+        .unwrap();
+    assert_eq!(s.hub().map("prod").unwrap().policy.unwrap().version, 5);
+}
+
+async fn tags_reach_the_map_and_policies_follow_them(db: &TestDb) {
+    let s = service(db).await;
+    let mut sessions = mesh(&s).await;
+    for session in &mut sessions {
+        deltas(session);
+    }
+    let node = s
+        .tag_node("web-1", Some("prod"), &["+db".into(), "-web".into()])
+        .await
+        .unwrap();
+    assert_eq!(node.tags, ["db"]);
+    let got = deltas(&mut sessions[1]);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].upsert[0].tags, ["db"]);
+    let e = s.tag_node("web-1", None, &["db".into()]).await.unwrap_err();
+    assert!(e.to_string().contains("+TAG"), "{e}");
+    let e = s
+        .tag_node("web-1", None, &["+Not Valid".into()])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ApiError::Invalid(_)), "{e}");
+
+    s.create_workload(CreateWorkload {
+        name: "chat".into(),
+        network: "prod".into(),
+        tags: vec!["app".into()],
+        ..CreateWorkload::default()
+    })
+    .await
+    .unwrap();
+    let w = s
+        .tag_workload("prod", "chat", &["+public".into()])
+        .await
+        .unwrap();
+    assert_eq!(w.tags, ["app", "public"]);
+    let map = s.hub().map("prod").unwrap();
+    assert_eq!(map.workloads["chat"].tags, ["app", "public"]);
+}
+
+async fn a_restarted_or_second_coordinator_has_the_policy(db: &TestDb) {
+    let first = service(db).await;
+    mesh(&first).await;
+    // A second coordinator on the same store, loaded before the change: it follows the log.
+    let second = service(db).await;
+    first
+        .edit_policy("prod", PolicyEdit::Set(POLICY.into()), "alice")
+        .await
+        .unwrap();
+    second.follow("prod").await.unwrap();
+    let followed = second.hub().map("prod").unwrap();
+    assert_eq!(followed, first.hub().map("prod").unwrap());
+    assert_eq!(followed.policy.unwrap().version, 1);
+    first
+        .edit_policy("prod", PolicyEdit::Clear, "alice")
+        .await
+        .unwrap();
+    second.follow("prod").await.unwrap();
+    assert!(second.hub().map("prod").unwrap().policy.is_none());
+    first
+        .edit_policy("prod", PolicyEdit::Rollback(1), "alice")
+        .await
+        .unwrap();
+    // A third, loaded from the store afresh.
+    let third = service(db).await;
+    assert_eq!(
+        third.hub().map("prod").unwrap().policy,
+        first.hub().map("prod").unwrap().policy
+    );
+}
+
+crate::on_both_stores!(
+    a_bad_policy_changes_nothing_and_names_line_and_field,
+    policies_are_versioned_sent_rolled_back_and_cleared,
+    tags_reach_the_map_and_policies_follow_them,
+    a_restarted_or_second_coordinator_has_the_policy,
+);
