@@ -6,7 +6,9 @@
 //!   one provider off from every other (and so from a coordinator on another provider)
 //!   ([`Faults::partition`]), and drops a share of every packet between two hosts at random,
 //!   both ways ([`Faults::loss`]): routed packets between providers in an `ip` table, bridged
-//!   ones within a provider in a `bridge` table, so that each packet meets the dice once.
+//!   ones within a provider in a `bridge` table, so that each packet meets the dice once. It
+//!   also drops what one host sends to others ([`Faults::block`]), which holds up a move that
+//!   waits for that host's answer.
 //! - [`Capture`]: `tcpdump -i any` in a namespace, written to a pcap file. Run in the router's
 //!   namespace it sees every underlay packet of every host, since each host's veth has its
 //!   other end there (on a provider's bridge); it sees them as they come in, before any fault
@@ -69,11 +71,14 @@ impl Faults {
                 "table ip {TABLE} {{
   chain partition {{
   }}
+  chain block {{
+  }}
   chain loss {{
   }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
     jump partition
+    jump block
     jump loss
   }}
 }}
@@ -125,6 +130,31 @@ table bridge {TABLE} {{
         nft(&self.router, &format!("flush chain ip {TABLE} partition\n"));
     }
 
+    /// Drops every packet from `from` to any of `to` (one way only), until
+    /// [`Faults::unblock`]; adds to earlier blocks. Only packets between providers pass the
+    /// router: `from` and `to` must be on different ones.
+    ///
+    /// # Panics
+    /// When nftables fails.
+    pub fn block(&self, from: Ipv4Addr, to: &[Ipv4Addr]) {
+        let mut script = String::new();
+        for to in to {
+            script.push_str(&format!(
+                "add rule ip {TABLE} block ip saddr {from} ip daddr {to} counter drop\n"
+            ));
+        }
+        nft(&self.router, &script);
+    }
+
+    /// Lifts every [`Faults::block`].
+    ///
+    /// # Panics
+    /// When nftables fails.
+    pub fn unblock(&self) {
+        self.keep_count("ip", "block");
+        nft(&self.router, &format!("flush chain ip {TABLE} block\n"));
+    }
+
     /// Drops `percent` % of the packets between any two hosts, at random, each way;
     /// `0` lifts it.
     ///
@@ -150,10 +180,15 @@ table bridge {TABLE} {{
     /// # Panics
     /// When nftables fails.
     pub fn dropped(&self) -> u64 {
-        let now: u64 = [("ip", "partition"), ("ip", "loss"), ("bridge", "loss")]
-            .iter()
-            .map(|(family, chain)| self.chain_drops(family, chain))
-            .sum();
+        let now: u64 = [
+            ("ip", "partition"),
+            ("ip", "block"),
+            ("ip", "loss"),
+            ("bridge", "loss"),
+        ]
+        .iter()
+        .map(|(family, chain)| self.chain_drops(family, chain))
+        .sum();
         self.flushed.get() + now
     }
 
