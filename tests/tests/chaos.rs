@@ -34,14 +34,22 @@
 //!   dropped at random, both ways, while the workload moves five times; checked with the loss
 //!   still on.
 //! - `coordinator_killed_during_moves`: SQLite store; a move is started and the coordinator
-//!   SIGKILLed 0 to 250 ms later, then restarted, five times.
+//!   SIGKILLed 0 to 250 ms later (twice while it waits for the destination's answer to its
+//!   prepare, held up by dropping what the destination sends it), then restarted, five times.
 //! - `holder_killed_during_moves`: a move is started and the holder it leaves, or the node it
-//!   goes to, SIGKILLed moments later, then restarted, four times.
+//!   goes to, SIGKILLed moments later (or during a held-up prepare), then restarted, four
+//!   times.
 //! - `coordinator_killed_during_moves_with_two_on_postgres`: two coordinators on one
-//!   PostgreSQL; the one serving the move is SIGKILLed during it, then restarted, four times.
+//!   PostgreSQL; the one serving the move, or the other one, is SIGKILLed during it; the other
+//!   carries on alone, then the killed one is restarted; four times.
+//! - `bug_a_move_away_from_a_holder_cut_off_just_before_leaves_two_holders` (ignored until the
+//!   coordinator is fixed): the holder's provider is cut off and the workload moved away at
+//!   once; the test samples both nodes' interfaces and finds the address on both for about
+//!   1.3 s. See the test's documentation.
 //!
-//! Needs root, `nft`, `tcpdump` and PostgreSQL's server (each skips with one line on a
-//! developer's machine without them, and fails under CI=true), and the binaries: `cargo build
+//! Needs root (skips with one line on a developer's machine without it, fails under
+//! CI=true), `nft` and `tcpdump` (fails without them, saying which package to install),
+//! PostgreSQL's server for the test that uses it (like root), and the binaries: `cargo build
 //! -p meshlink-agent -p meshlink-coordinator -p meshctl` first.
 
 use std::fmt::Write as _;
@@ -1164,7 +1172,16 @@ fn overlaps(
 /// once when the holder it leaves was heard from in the last two heartbeat intervals (600 ms).
 /// A holder cut off less than that before the move never learns of it and keeps answering
 /// for the address until its lease runs out (up to 1.5 s), while the new holder answers from
-/// the moment its map arrives: two holders at once, on two sides of the cut.
+/// the moment its map arrives: two holders at once, on two sides of the cut. Seen in every
+/// run: the address on both vm-a1 and vm-c1 from 30-60 ms to 1.26-1.37 s after the cut.
+///
+/// The fix (not ours to make here: coordinator and agent): a new holder may answer only once
+/// the holder it replaces has acknowledged the change (a heartbeat at the map version of the
+/// change) or its lease has surely run out, as a failover already waits; for instance the
+/// change is committed with the new holder held back (routes already point to it and the
+/// old holder forwards), and a second message lets it answer on the acknowledgement or at
+/// the lease's end. Waiting only for a heartbeat sent after the move began would narrow the
+/// window without closing it (a cut between that heartbeat and the map's arrival).
 #[test]
 #[ignore = "bug: a planned move away from a holder cut off less than two heartbeat intervals \
             before it leaves two holders for up to a lease (coordinator, Service::execute)"]
