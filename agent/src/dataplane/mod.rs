@@ -42,8 +42,8 @@ use crate::settings::{DeviceConfig, PeerConfig};
 pub use allowed_ips::AllowedIps;
 pub use batch::{NetBatch, TunBatch};
 use conntrack::Conntrack;
-use firewall::Firewall;
 pub use firewall::{CompiledPolicy, FirewallConfig, FirewallCounters, Verdict};
+use firewall::{Firewall, Memo};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
 use status::{DeviceStatus, DropCounts, FirewallStatus, PeerStatus};
 
@@ -493,6 +493,7 @@ impl Device {
         let t = self.read();
         let flows = self.flows.get().filter(|_| t.firewall.has_policy());
         let now = self.now();
+        let mut memo = Memo::default();
         for packet in packets {
             let Some(dst) = destination(packet) else {
                 self.drops.malformed.fetch_add(1, Ordering::Relaxed);
@@ -505,7 +506,7 @@ impl Device {
             if let Some(flows) = flows {
                 // Noted so that the replies pass.
                 t.firewall
-                    .outbound(packet, flows, now, &self.firewall_counters);
+                    .outbound(packet, flows, now, &self.firewall_counters, &mut memo);
             }
             peer.lock().seal(packet, net, &self.drops);
         }
@@ -522,7 +523,7 @@ impl Device {
         net: &mut NetBatch,
     ) {
         let t = self.read();
-        self.inbound_locked(&t, from, datagram, tun, net);
+        self.inbound_locked(&t, from, datagram, tun, net, &mut Memo::default());
     }
 
     /// Handles a batch of datagrams that all came from `from` with one table lock.
@@ -534,8 +535,9 @@ impl Device {
         net: &mut NetBatch,
     ) {
         let t = self.read();
+        let mut memo = Memo::default();
         for d in datagrams {
-            self.inbound_locked(&t, from, d, tun, net);
+            self.inbound_locked(&t, from, d, tun, net, &mut memo);
         }
     }
 
@@ -546,6 +548,7 @@ impl Device {
         datagram: &[u8],
         tun: &mut TunBatch,
         net: &mut NetBatch,
+        memo: &mut Memo,
     ) {
         let Some(peer) = self.find_sender(t, from, datagram, net) else {
             return;
@@ -611,6 +614,7 @@ impl Device {
                                     self.flows.get(),
                                     self.now(),
                                     &self.firewall_counters,
+                                    memo,
                                 )
                             };
                             match verdict {
