@@ -7,6 +7,18 @@
 //! is full is dropped from the hub at once (its sender is dropped, so its task sees the queue
 //! end after what was queued); it reconnects and gets a full map.
 //!
+//! Need to know: while a network has a policy ([`Netmap::policy`]), a session's map holds
+//! only its node, the peers [`meshlink_proto::policy::visible_peers`] lets that node see, and
+//! every workload, the policy and tags as they are (`need_to_know`). Each session's set of
+//! visible peers is kept in its slot and computed again only when a change can alter it (a
+//! policy set or cleared: every session's; a join, tags, a workload's holders or candidates:
+//! the nodes touched, the others read off theirs); any other change is filtered by set lookup.
+//! Each session then gets the delta cut to what it sees, with the peers it sees from now on
+//! as upserts and those it no longer sees as removes, at the network's versions (a delta for
+//! every version, possibly without peers, so an agent never sees a gap). Sessions whose cut
+//! is the same share one encoding; a session's full map is encoded for it alone. Without a
+//! policy nothing of this runs: one encoding, shared.
+//!
 //! The hub never blocks and never awaits: its lock is held only to touch maps and queues.
 //! Ordering of changes is the caller's job ([`crate::service`] holds its write lock while it
 //! changes the store and applies the result here), so deltas reach every queue in version
@@ -15,12 +27,16 @@
 //! Architecture invariant: a node has at most one attached session; attaching a new one
 //! closes the old one ([`CloseReason::Replaced`]).
 
-use std::collections::{HashMap, HashSet};
+mod need_to_know;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use meshlink_proto::control::{encode, ServerMessage};
-use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo};
+use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange};
 use tokio::sync::mpsc;
+
+use need_to_know::{Selection, Visible};
 
 /// An encoded server message, shared by every queue it is put on.
 pub type Frame = Arc<[u8]>;
@@ -53,15 +69,18 @@ pub struct Attached {
     /// Everything to send after the full map, in order. It ends (`None`) when the hub drops
     /// the session without a [`Outbound::Close`]: the queue was full.
     pub rx: mpsc::Receiver<Outbound>,
-    /// The network's map when the session attached.
+    /// The network's map when the session attached, as its node may see it (need to know).
     pub full_map: Frame,
 }
 
 /// What one [`Hub::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fanout {
-    /// Bytes of the encoded delta (queued once per session, shared).
+    /// Bytes encoded: the one delta (queued once per session, shared), or under a policy the
+    /// sum of the distinct cuts.
     pub bytes: usize,
+    /// Distinct encodings made: 1 without a policy, one per distinct cut with one.
+    pub frames: usize,
     /// Sessions it was queued to.
     pub sessions: usize,
     /// Sessions dropped because their queue was full.
@@ -78,6 +97,9 @@ struct Slot {
     tx: mpsc::Sender<Outbound>,
     /// The version of the last full map this session was given.
     full_sent: u64,
+    /// The peers this session's node sees, while the network has a policy; `None`: every
+    /// peer (no policy).
+    visible: Visible,
 }
 
 /// What a session's request for a full map gets ([`Hub::full_map_for`]).
@@ -110,6 +132,25 @@ impl NetworkState {
         self.full = Some(f.clone());
         f
     }
+
+    /// The full map as a node that sees `visible` may see it: the shared encoding without a
+    /// policy, else one for it alone.
+    fn full_frame_for(&mut self, me: NodeId, visible: Option<&BTreeSet<NodeId>>) -> Frame {
+        match visible {
+            Some(v) => encode(&ServerMessage::FullMap(need_to_know::map_for(
+                &self.map, me, v,
+            )))
+            .into(),
+            None => self.full_frame(),
+        }
+    }
+
+    /// Computes every session's visible peers again (the map was replaced).
+    fn recompute_visible(&mut self) {
+        for (&node, slot) in &mut self.sessions {
+            slot.visible = need_to_know::visible(&self.map, node);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -140,12 +181,14 @@ impl Hub {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets a network's map (at start, or when a network is created). Sessions stay.
+    /// Sets a network's map (at start, or when a network is created). Sessions stay (and
+    /// are sent nothing).
     pub fn set_map(&self, network: &str, map: Netmap) {
         let mut st = self.lock();
         let net = st.networks.entry(network.to_string()).or_default();
         net.map = map;
         net.full = None;
+        net.recompute_visible();
     }
 
     /// A network's current version.
@@ -186,8 +229,10 @@ impl Hub {
         )
     }
 
-    /// As [`Hub::apply`] for a whole delta (peers and workloads); its `from_version` is set
-    /// here to the map's version.
+    /// As [`Hub::apply`] for a whole delta (peers, workloads, policy); its `from_version` is
+    /// set here to the map's version. While the network has a policy (or gets one with this
+    /// delta), each session gets the delta cut to what it may see (see the module
+    /// documentation).
     pub fn apply_delta(&self, network: &str, mut delta: NetmapDelta) -> Option<Fanout> {
         let to_version = delta.to_version;
         let mut st = self.lock();
@@ -196,25 +241,56 @@ impl Hub {
             return None;
         }
         delta.from_version = net.map.version;
+        if net.map.policy.is_none() && !matches!(delta.policy, Some(PolicyChange::Set(_))) {
+            net.map.apply(&delta).ok()?;
+            net.full = None;
+            let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
+            return Some(fan_out(network, net, &frame));
+        }
+        let pending = need_to_know::judge(&net.map, &delta);
         net.map.apply(&delta).ok()?;
         net.full = None;
-        let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
-        Some(fan_out(network, net, &frame))
+        let change = pending.applied(&net.map, &delta);
+        Some(fan_out_cut(
+            network,
+            &net.map,
+            &mut net.sessions,
+            delta,
+            &change,
+        ))
     }
 
     /// Replaces a network's map and queues it whole to every session of the network (for a
-    /// coordinator too far behind the change log to replay it). Adds the network when new.
+    /// coordinator too far behind the change log to replay it), each session's as its node
+    /// may see it. Adds the network when new.
     pub fn reset_map(&self, network: &str, map: Netmap) -> Fanout {
         let mut st = self.lock();
         let net = st.networks.entry(network.to_string()).or_default();
         net.map = map;
         net.full = None;
-        let frame = net.full_frame();
+        net.recompute_visible();
         let version = net.map.version;
         for slot in net.sessions.values_mut() {
             slot.full_sent = version;
         }
-        fan_out(network, net, &frame)
+        if net.map.policy.is_none() {
+            let frame = net.full_frame();
+            return fan_out(network, net, &frame);
+        }
+        let mut fanout = Fanout::default();
+        let map = &net.map;
+        net.sessions.retain(|&node, slot| {
+            let frame: Frame = match &slot.visible {
+                Some(v) => {
+                    encode(&ServerMessage::FullMap(need_to_know::map_for(map, node, v))).into()
+                }
+                None => encode(&ServerMessage::FullMap(map.clone())).into(),
+            };
+            fanout.bytes += frame.len();
+            fanout.frames += 1;
+            offer(network, node, slot, &frame, &mut fanout)
+        });
+        fanout
     }
 
     /// Attaches a session of `node`, closing an older one ([`CloseReason::Replaced`]).
@@ -228,18 +304,21 @@ impl Hub {
             let _ = old.tx.try_send(Outbound::Close(CloseReason::Replaced));
         }
         let (tx, rx) = mpsc::channel(self.queue_depth + CLOSE_ROOM);
+        let visible = need_to_know::visible(&net.map, node);
+        let full_map = net.full_frame_for(node, visible.as_ref());
         net.sessions.insert(
             node,
             Slot {
                 serial,
                 tx,
                 full_sent: net.map.version,
+                visible,
             },
         );
         Some(Attached {
             serial,
             rx,
-            full_map: net.full_frame(),
+            full_map,
         })
     }
 
@@ -293,25 +372,28 @@ impl Hub {
         slot.tx.capacity() > CLOSE_ROOM && slot.tx.try_send(Outbound::Frame(frame)).is_ok()
     }
 
-    /// The encoded full map of a network for session `serial` of `node`, which asked for it:
-    /// at most once per version and session, so that repeating the request costs neither
-    /// the coordinator nor the network anything (a full map can be large).
+    /// The encoded full map of a network for session `serial` of `node`, which asked for it,
+    /// as the node may see it: at most once per version and session, so that repeating the
+    /// request costs neither the coordinator nor the network anything (a full map can be
+    /// large).
     pub fn full_map_for(&self, network: &str, node: NodeId, serial: u64) -> FullMapAnswer {
         let mut st = self.lock();
         let Some(net) = st.networks.get_mut(network) else {
             return FullMapAnswer::NoNetwork;
         };
         let version = net.map.version;
-        match net.sessions.get_mut(&node) {
+        let visible = match net.sessions.get_mut(&node) {
             Some(slot) if slot.serial == serial && slot.full_sent != version => {
                 slot.full_sent = version;
+                slot.visible.clone()
             }
             _ => return FullMapAnswer::Nothing,
-        }
-        FullMapAnswer::Send(net.full_frame())
+        };
+        FullMapAnswer::Send(net.full_frame_for(node, visible.as_ref()))
     }
 
-    /// The encoded full map of a network.
+    /// The encoded full map of a network, every peer (what its sessions get while it has no
+    /// policy; the admin's and tests' view).
     pub fn full_map(&self, network: &str) -> Option<Frame> {
         self.lock()
             .networks
@@ -372,31 +454,81 @@ impl Hub {
 fn fan_out(network: &str, net: &mut NetworkState, frame: &Frame) -> Fanout {
     let mut fanout = Fanout {
         bytes: frame.len(),
+        frames: 1,
         ..Fanout::default()
     };
-    net.sessions.retain(|node, slot| {
-        // The last CLOSE_ROOM places are kept for a closing message (see `close`).
-        let send = if slot.tx.capacity() > CLOSE_ROOM {
-            slot.tx.try_send(Outbound::Frame(frame.clone()))
-        } else {
-            Err(mpsc::error::TrySendError::Full(Outbound::Frame(
-                frame.clone(),
-            )))
+    net.sessions
+        .retain(|&node, slot| offer(network, node, slot, frame, &mut fanout));
+    fanout
+}
+
+/// Queues to every session of a network the cut of `delta` (as applied to `map`) that
+/// `change` selects for it, moving its visible peers along; sessions with the same cut share
+/// one encoding. Drops sessions whose queue is full.
+fn fan_out_cut(
+    network: &str,
+    map: &Netmap,
+    sessions: &mut HashMap<NodeId, Slot>,
+    delta: NetmapDelta,
+    change: &need_to_know::Change<'_>,
+) -> Fanout {
+    // Everything but the peers is the same for every session: one message, its peers set
+    // for each distinct cut.
+    let mut message = ServerMessage::Delta(NetmapDelta {
+        upsert: Vec::new(),
+        remove: Vec::new(),
+        ..delta
+    });
+    let mut frames: HashMap<Selection, Frame> = HashMap::new();
+    let mut fanout = Fanout::default();
+    sessions.retain(|&node, slot| {
+        let selection = change.select(node, &mut slot.visible);
+        let frame = match frames.get(&selection) {
+            Some(f) => f.clone(),
+            None => {
+                if let ServerMessage::Delta(d) = &mut message {
+                    d.upsert = selection
+                        .upsert
+                        .iter()
+                        .filter_map(|id| map.peers.get(id).cloned())
+                        .collect();
+                    d.remove.clone_from(&selection.remove);
+                }
+                let f: Frame = encode(&message).into();
+                fanout.bytes += f.len();
+                fanout.frames += 1;
+                frames.insert(selection, f.clone());
+                f
+            }
         };
-        match send {
-            Ok(()) => {
-                fanout.sessions += 1;
-                true
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                tracing::info!(node, network, "session dropped: its queue is full");
-                fanout.dropped += 1;
-                false
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
+        offer(network, node, slot, &frame, &mut fanout)
     });
     fanout
+}
+
+/// Queues `frame` to one session of a fan-out; `false` when the session is to be dropped
+/// (its queue is full, or its task is gone).
+fn offer(network: &str, node: NodeId, slot: &Slot, frame: &Frame, fanout: &mut Fanout) -> bool {
+    // The last CLOSE_ROOM places are kept for a closing message (see `close`).
+    let send = if slot.tx.capacity() > CLOSE_ROOM {
+        slot.tx.try_send(Outbound::Frame(frame.clone()))
+    } else {
+        Err(mpsc::error::TrySendError::Full(Outbound::Frame(
+            frame.clone(),
+        )))
+    };
+    match send {
+        Ok(()) => {
+            fanout.sessions += 1;
+            true
+        }
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::info!(node, network, "session dropped: its queue is full");
+            fanout.dropped += 1;
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
+    }
 }
 
 #[cfg(test)]

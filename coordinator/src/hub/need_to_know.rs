@@ -1,0 +1,521 @@
+//! Need to know: which peers each session's node may see while its network has a policy, and
+//! which peers each change then upserts or removes for each session. Pure: maps and deltas in,
+//! sets and selections out; the hub queues the bytes.
+//!
+//! With a policy ([`Netmap::policy`]), a node's map holds itself, the peers
+//! [`visible_peers`] gives it, and every workload, the policy and every tag as they are (a
+//! workload entry carries no key or endpoint, and an agent needs every workload's address to
+//! route and filter it). Without one, every peer.
+//!
+//! Why a change is cheap to follow: visibility is symmetric (`b` is among `a`'s visible peers
+//! iff `a` is among `b`'s: [`meshlink_proto::policy::may_talk`] looks both ways), and whether
+//! two nodes see each other depends only on the policy and on what each of them *is* (its name
+//! and tags) or *may hold* (the name and tags of every workload naming it holder, previous
+//! holder or candidate). So a change that touches neither for any node alters no pair (an
+//! endpoint change: filtering by set lookup), and a change that touches them for some nodes
+//! (a join, tags, a workload's holders) alters only pairs with one of those: their sets are
+//! computed again, and every other session's membership of them is read off those sets. Only
+//! a policy set or cleared computes every session's set again.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use meshlink_proto::policy::visible_peers;
+use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
+
+/// The peers a session's node sees: `None` while its network has no policy (every peer).
+pub(super) type Visible = Option<BTreeSet<NodeId>>;
+
+/// The peers `me` sees in `map`: `None` (every peer) when the map has no policy.
+pub(super) fn visible(map: &Netmap, me: NodeId) -> Visible {
+    map.policy.as_ref().map(|p| visible_peers(Some(p), map, me))
+}
+
+/// `map` as node `me` may see it: itself and `visible` of its peers; every workload, the
+/// policy, tags.
+pub(super) fn map_for(map: &Netmap, me: NodeId, visible: &BTreeSet<NodeId>) -> Netmap {
+    Netmap {
+        version: map.version,
+        peers: visible
+            .iter()
+            .chain(std::iter::once(&me))
+            .filter_map(|id| Some((*id, map.peers.get(id)?.clone())))
+            .collect(),
+        workloads: map.workloads.clone(),
+        policy: map.policy.clone(),
+    }
+}
+
+/// What one session gets of one change: the peers to upsert and to remove, by id. Sessions
+/// with equal selections share one encoding.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub(super) struct Selection {
+    /// Upserted peers: those of the delta it sees, then those it sees from now on.
+    pub upsert: Vec<NodeId>,
+    /// Removed peers: those of the delta it saw, then those it sees no longer.
+    pub remove: Vec<NodeId>,
+}
+
+/// Which nodes' visibility a change can alter, judged before it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Recompute {
+    /// The policy is set or cleared: every node's.
+    All,
+    /// These nodes' only (what they are or may hold changed; new nodes), possibly none.
+    Nodes(BTreeSet<NodeId>),
+}
+
+/// A change judged against the map before it: [`Pending::applied`] once the map has taken it.
+#[derive(Debug)]
+pub(super) struct Pending {
+    recompute: Recompute,
+    /// Every peer of the map before, when it had no policy (one is being set).
+    before_all: BTreeSet<NodeId>,
+}
+
+/// Judges `delta` against `before`, the map it applies to.
+pub(super) fn judge(before: &Netmap, delta: &NetmapDelta) -> Pending {
+    let recompute = if delta.policy.is_some() {
+        Recompute::All
+    } else {
+        Recompute::Nodes(touched(before, delta))
+    };
+    let before_all = match (&recompute, &before.policy) {
+        (Recompute::All, None) => before.peers.keys().copied().collect(),
+        _ => BTreeSet::new(),
+    };
+    Pending {
+        recompute,
+        before_all,
+    }
+}
+
+/// The nodes whose name, tags or workloads held, held before or possibly held `delta`
+/// changes in `before`; new nodes too.
+fn touched(before: &Netmap, delta: &NetmapDelta) -> BTreeSet<NodeId> {
+    let mut nodes = BTreeSet::new();
+    for p in &delta.upsert {
+        match before.peers.get(&p.node_id) {
+            Some(old) if old.name == p.name && old.tags == p.tags => {}
+            _ => {
+                nodes.insert(p.node_id);
+            }
+        }
+    }
+    for w in &delta.upsert_workloads {
+        let new = may_hold(w);
+        match before.workloads.get(&w.name) {
+            Some(old) if old.tags == w.tags => {
+                nodes.extend(may_hold(old).symmetric_difference(&new));
+            }
+            Some(old) => {
+                nodes.extend(may_hold(old));
+                nodes.extend(new);
+            }
+            None => nodes.extend(new),
+        }
+    }
+    for name in &delta.remove_workloads {
+        if let Some(old) = before.workloads.get(name) {
+            nodes.extend(may_hold(old));
+        }
+    }
+    nodes
+}
+
+/// The nodes that hold, held or may hold `w`: what a policy counts as the workload.
+fn may_hold(w: &WorkloadInfo) -> BTreeSet<NodeId> {
+    w.holder
+        .into_iter()
+        .chain(w.previous)
+        .chain(w.candidates.iter().copied())
+        .collect()
+}
+
+impl Pending {
+    /// The change as `after` (the map that took `delta`) shows it, ready to select for each
+    /// session. Computes the visible peers of the nodes it touched.
+    pub(super) fn applied<'a>(self, after: &'a Netmap, delta: &NetmapDelta) -> Change<'a> {
+        let recomputed = match (&self.recompute, &after.policy) {
+            (Recompute::Nodes(nodes), Some(policy)) => nodes
+                .iter()
+                .filter(|id| after.peers.contains_key(id))
+                .map(|&id| (id, visible_peers(Some(policy), after, id)))
+                .collect(),
+            _ => HashMap::new(),
+        };
+        let after_all = match (&self.recompute, &after.policy) {
+            (Recompute::All, None) => after.peers.keys().copied().collect(),
+            _ => BTreeSet::new(),
+        };
+        Change {
+            after,
+            all: self.recompute == Recompute::All,
+            before_all: self.before_all,
+            after_all,
+            recomputed,
+            upsert: delta.upsert.iter().map(|p| p.node_id).collect(),
+            remove: delta.remove.clone(),
+            gone: delta
+                .remove
+                .iter()
+                .copied()
+                .filter(|id| !after.peers.contains_key(id))
+                .collect(),
+        }
+    }
+}
+
+/// A change applied to a network's map, from which each session's [`Selection`] is made.
+#[derive(Debug)]
+pub(super) struct Change<'a> {
+    after: &'a Netmap,
+    /// Every session's set is computed again (the policy was set or cleared).
+    all: bool,
+    /// Every peer before, when there was no policy.
+    before_all: BTreeSet<NodeId>,
+    /// Every peer after, when there is no policy any more.
+    after_all: BTreeSet<NodeId>,
+    /// The visible peers of each node the change touched, in `after`.
+    recomputed: HashMap<NodeId, BTreeSet<NodeId>>,
+    /// The delta's upserted peers, in its order.
+    upsert: Vec<NodeId>,
+    /// The delta's removed peers, in its order.
+    remove: Vec<NodeId>,
+    /// Removed peers the map no longer has.
+    gone: Vec<NodeId>,
+}
+
+impl Change<'_> {
+    /// Moves session `me`'s visible peers (`cached`) to the map after the change and says what
+    /// of it the session gets.
+    pub(super) fn select(&self, me: NodeId, cached: &mut Visible) -> Selection {
+        let old = cached.take();
+        let (new, gained, lost) = if self.all {
+            let new = visible(self.after, me);
+            let old_set = old.as_ref().unwrap_or(&self.before_all);
+            let new_set = new.as_ref().unwrap_or(&self.after_all);
+            let gained = new_set
+                .difference(old_set)
+                .copied()
+                .filter(|&id| id != me)
+                .collect();
+            let lost = old_set
+                .difference(new_set)
+                .copied()
+                .filter(|&id| id != me)
+                .collect();
+            (new, gained, lost)
+        } else if let Some(set) = self.recomputed.get(&me) {
+            let old_set = old.unwrap_or_else(|| self.assumed_before(me));
+            let gained = set.difference(&old_set).copied().collect();
+            let lost = old_set.difference(set).copied().collect();
+            (Some(set.clone()), gained, lost)
+        } else {
+            let mut set = old.unwrap_or_else(|| self.assumed_before(me));
+            let mut gained = Vec::new();
+            let mut lost = Vec::new();
+            for id in &self.gone {
+                if set.remove(id) {
+                    lost.push(*id);
+                }
+            }
+            for (&id, theirs) in &self.recomputed {
+                if theirs.contains(&me) {
+                    if set.insert(id) {
+                        gained.push(id);
+                    }
+                } else if set.remove(&id) {
+                    lost.push(id);
+                }
+            }
+            gained.sort_unstable();
+            lost.sort_unstable();
+            (Some(set), gained, lost)
+        };
+        let sees = |id: NodeId| id == me || new.as_ref().is_none_or(|s| s.contains(&id));
+        let mut selection = Selection {
+            upsert: self.upsert.iter().copied().filter(|&id| sees(id)).collect(),
+            remove: self
+                .remove
+                .iter()
+                .copied()
+                .filter(|&id| id == me || lost.binary_search(&id).is_ok())
+                .collect(),
+        };
+        if !gained.is_empty() {
+            let named: HashSet<NodeId> = self.upsert.iter().copied().collect();
+            selection
+                .upsert
+                .extend(gained.into_iter().filter(|id| !named.contains(id)));
+        }
+        if !lost.is_empty() {
+            let named: HashSet<NodeId> = self.remove.iter().copied().collect();
+            selection
+                .remove
+                .extend(lost.into_iter().filter(|id| !named.contains(id)));
+        }
+        *cached = new;
+        selection
+    }
+
+    /// A session's set when it has none although its network had a policy (never, as the hub
+    /// keeps them): as if it saw every peer, so that what it may not see is removed.
+    fn assumed_before(&self, me: NodeId) -> BTreeSet<NodeId> {
+        self.after
+            .peers
+            .keys()
+            .copied()
+            .chain(self.gone.iter().copied())
+            .filter(|&id| id != me)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use meshlink_proto::policy::parse;
+    use meshlink_proto::{PeerInfo, PolicyChange, PublicKey};
+
+    use super::*;
+
+    fn node(id: NodeId, tags: &[&str]) -> PeerInfo {
+        PeerInfo {
+            node_id: id,
+            name: format!("n{id}"),
+            public_key: PublicKey([id as u8; 32]),
+            addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
+            allowed_ips: vec![],
+            endpoints: vec![],
+            labels: BTreeMap::new(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+        }
+    }
+
+    fn workload(name: &str, holder: Option<NodeId>, candidates: &[NodeId]) -> WorkloadInfo {
+        WorkloadInfo {
+            id: 1,
+            name: name.into(),
+            address: "100.64.0.200/32".parse().unwrap(),
+            holder,
+            generation: 1,
+            previous: None,
+            candidates: candidates.to_vec(),
+            grace_ms: None,
+            tags: Vec::new(),
+        }
+    }
+
+    /// web -> db; workload:chat talks to tag:client.
+    const POLICY: &str = r#"
+[[rule]]
+from = ["tag:web"]
+to = ["tag:db"]
+ports = ["tcp:5432"]
+
+[[rule]]
+from = ["tag:client"]
+to = ["workload:chat"]
+ports = ["tcp:7070"]
+"#;
+
+    fn map() -> Netmap {
+        let mut m = Netmap {
+            version: 1,
+            policy: Some(parse(POLICY).unwrap().into_policy(1)),
+            ..Netmap::default()
+        };
+        for p in [
+            node(1, &["web"]),
+            node(2, &["db"]),
+            node(3, &["client"]),
+            node(4, &[]),
+            node(5, &[]),
+        ] {
+            m.peers.insert(p.node_id, p);
+        }
+        m.workloads
+            .insert("chat".into(), workload("chat", Some(4), &[4]));
+        m
+    }
+
+    /// Applies `delta` to `map` and selects for sessions `ids` (their sets as `sets` holds
+    /// them, updated), checking each set against a fresh computation.
+    fn step(
+        map: &mut Netmap,
+        sets: &mut BTreeMap<NodeId, Visible>,
+        mut delta: NetmapDelta,
+    ) -> BTreeMap<NodeId, Selection> {
+        delta.from_version = map.version;
+        delta.to_version = map.version + 1;
+        let pending = judge(map, &delta);
+        map.apply(&delta).unwrap();
+        let change = pending.applied(map, &delta);
+        let out = sets
+            .iter_mut()
+            .map(|(&id, set)| (id, change.select(id, set)))
+            .collect();
+        for (&id, set) in sets.iter().filter(|(id, _)| map.peers.contains_key(id)) {
+            assert_eq!(*set, visible(map, id), "node {id}'s set after the change");
+        }
+        out
+    }
+
+    fn sets(map: &Netmap) -> BTreeMap<NodeId, Visible> {
+        map.peers.keys().map(|&id| (id, visible(map, id))).collect()
+    }
+
+    #[test]
+    fn a_map_holds_the_node_what_it_sees_and_every_workload() {
+        let m = map();
+        let v = visible(&m, 1).unwrap();
+        assert_eq!(v, BTreeSet::from([2]));
+        let mine = map_for(&m, 1, &v);
+        assert_eq!(mine.peers.keys().copied().collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(mine.workloads, m.workloads);
+        assert_eq!(mine.policy, m.policy);
+        assert_eq!(visible(&m, 3).unwrap(), BTreeSet::from([4]));
+        assert_eq!(visible(&m, 5).unwrap(), BTreeSet::new());
+    }
+
+    #[test]
+    fn an_endpoint_change_reaches_only_those_who_see_it() {
+        let mut m = map();
+        let mut s = sets(&m);
+        let mut moved = node(2, &["db"]);
+        moved.endpoints = vec!["198.18.0.2:1".parse().unwrap()];
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![moved],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].upsert, [2]);
+        assert_eq!(got[&2].upsert, [2], "a node always gets itself");
+        for id in [3, 4, 5] {
+            assert_eq!(got[&id], Selection::default(), "node {id}");
+        }
+    }
+
+    #[test]
+    fn tags_bring_and_take_peers_both_ways() {
+        let mut m = map();
+        let mut s = sets(&m);
+        // 5 becomes a db: web (1) sees it, and it sees web.
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![node(5, &["db"])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].upsert, [5]);
+        assert_eq!(got[&5].upsert, [5, 1]);
+        assert!(got[&3].upsert.is_empty() && got[&2].upsert.is_empty());
+        // 1 stops being web: 2 and 5 lose it, it loses them.
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![node(1, &[])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(
+            (got[&2].upsert.clone(), got[&2].remove.clone()),
+            (vec![], vec![1])
+        );
+        assert_eq!(got[&5].remove, [1]);
+        assert_eq!(
+            (got[&1].upsert.clone(), got[&1].remove.clone()),
+            (vec![1], vec![2, 5])
+        );
+    }
+
+    #[test]
+    fn joins_removals_and_workload_moves_touch_only_their_nodes() {
+        let mut m = map();
+        let mut s = sets(&m);
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![node(6, &["web"])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&2].upsert, [6]);
+        assert!(got[&1].upsert.is_empty() && got[&3].upsert.is_empty());
+        // The removal reaches only those who saw it.
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                remove: vec![2],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].remove, [2]);
+        assert!(got[&3].remove.is_empty() && got[&5].remove.is_empty());
+        s.remove(&2);
+        // chat moves to 5, not a candidate before: the client (3) gets 5, and keeps 4
+        // (the previous holder) until the next move.
+        let mut moved = workload("chat", Some(5), &[5]);
+        moved.previous = Some(4);
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert_workloads: vec![moved],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&3].upsert, [5]);
+        assert_eq!(got[&5].upsert, [3]);
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert_workloads: vec![workload("chat", Some(5), &[5])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&3].remove, [4]);
+        assert_eq!(got[&4].remove, [3]);
+    }
+
+    #[test]
+    fn a_policy_set_or_cleared_recomputes_everyone() {
+        let mut m = map();
+        let policy = m.policy.take().unwrap();
+        let mut s = sets(&m);
+        assert!(s.values().all(Option::is_none));
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                policy: Some(PolicyChange::Set(policy)),
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].remove, [3, 4, 5]);
+        assert_eq!(got[&5].remove, [1, 2, 3, 4]);
+        assert!(got.values().all(|sel| sel.upsert.is_empty()));
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![node(7, &[])],
+                policy: Some(PolicyChange::Clear),
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].upsert, [7, 3, 4, 5]);
+        assert_eq!(got[&5].upsert, [7, 1, 2, 3, 4]);
+        assert!(s.values().all(Option::is_none));
+    }
+}
