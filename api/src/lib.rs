@@ -19,6 +19,7 @@
 //!   add one without breaking an older `meshctl`.
 //! - Errors are [`ErrorBody`]: `{"error": "message"}`.
 
+mod access;
 mod ids;
 mod networks;
 mod nodes;
@@ -27,6 +28,7 @@ mod status;
 mod tokens;
 mod workloads;
 
+pub use access::{AdminToken, AuditEntry, AuditFilter, CreateAdminToken, CreatedAdminToken, Role};
 pub use ids::{Generation, MapVersion, NodeId, TokenId, UnixTime};
 pub use meshlink_proto::control::{PathKind, RelayTransport};
 pub use meshlink_proto::PublicKey;

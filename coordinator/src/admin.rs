@@ -1,8 +1,11 @@
 //! The admin HTTP API (axum), for `meshctl` and operators.
 //!
-//! Every route needs `Authorization: Bearer <admin token>`; bodies are JSON; errors are
-//! `{"error": "message"}` with status 400 (invalid request), 401 (missing or wrong token),
-//! 403, 404 (no such thing), 409 (conflict or refused by state) or 500. Times are Unix seconds
+//! Every route needs `Authorization: Bearer <admin token>` (the bootstrap token, or one made
+//! with `POST /v1/admin-tokens`, whose role and network decide what it may do: see
+//! [`auth`]); bodies are JSON; errors are `{"error": "message"}` with status 400 (invalid
+//! request), 401 (missing or wrong token), 403 (the token's role or network does not allow
+//! it), 404 (no such thing), 409 (conflict or refused by state) or 500. Changes and refusals
+//! are recorded in the audit log. Times are Unix seconds
 //! (integers); absent times are `null`.
 //!
 //! Request bodies and answers are the types of [`meshlink_api`], which `meshctl` reads too;
@@ -35,6 +38,10 @@
 //! | `POST /v1/policy/test` [`api::TestFlow`] | [`api::FlowVerdict`] |
 //! | `POST /v1/nodes/{ref}/tags[?network=N]` [`api::EditTags`] | [`api::Node`] |
 //! | `POST /v1/workloads/{name}/tags[?network=N]` [`api::EditTags`] | [`api::Workload`] |
+//! | `POST /v1/admin-tokens` [`api::CreateAdminToken`] | 201 [`api::CreatedAdminToken`] (the only time the secret is shown) |
+//! | `GET /v1/admin-tokens` | `[`[`api::AdminToken`]`]` |
+//! | `DELETE /v1/admin-tokens/{id}` | 204 |
+//! | `GET /v1/audit[?since=T&node=N&limit=L]` | `[`[`api::AuditEntry`]`]`, oldest first |
 //!
 //! `?network=` ([`api::NetworkFilter`]) may be left out on the routes of one node or one
 //! workload when the name exists in exactly one network; a name used in several networks is a
@@ -43,6 +50,8 @@
 //! Each route is a thin adapter: it calls a handler from [`crate::handlers`] (through
 //! [`Service`] when live sessions must learn of the change) and converts the result.
 
+mod audit;
+mod auth;
 mod policy;
 
 use std::collections::{HashMap, HashSet};
@@ -51,9 +60,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -66,7 +75,7 @@ use crate::handlers::networks::{self, CreateNetwork};
 use crate::handlers::nodes::{self, peer_info};
 use crate::handlers::tokens::{self, is_expired, CreateToken};
 use crate::handlers::workloads::{self, CreateWorkload};
-use crate::handlers::{constant_time_eq, ApiError, Caller};
+use crate::handlers::{ApiError, Caller};
 use crate::reflect::ReflectCounters;
 use crate::relay::{Relay, RelayStats};
 use crate::service::{MoveOutcome, Service};
@@ -117,23 +126,31 @@ where
 #[derive(Debug)]
 struct HttpError(StatusCode, String);
 
+/// The HTTP status an [`ApiError`] is answered with (and recorded with in the audit log).
+pub fn status_of(e: &ApiError) -> u16 {
+    let status = match e {
+        ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
+        ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiError::Conflict(_) | ApiError::Refused(_) => StatusCode::CONFLICT,
+        ApiError::Internal(inner) if inner.is_unavailable() => StatusCode::SERVICE_UNAVAILABLE,
+        ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    status.as_u16()
+}
+
 impl From<ApiError> for HttpError {
     fn from(e: ApiError) -> Self {
-        let status = match &e {
-            ApiError::Invalid(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Conflict(_) | ApiError::Refused(_) => StatusCode::CONFLICT,
+        match &e {
             ApiError::Internal(inner) if inner.is_unavailable() => {
                 tracing::warn!("admin request refused: {inner}");
-                StatusCode::SERVICE_UNAVAILABLE
             }
-            ApiError::Internal(inner) => {
-                tracing::error!("admin request failed: {inner}");
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
+            ApiError::Internal(inner) => tracing::error!("admin request failed: {inner}"),
+            _ => {}
+        }
+        let status =
+            StatusCode::from_u16(status_of(&e)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         HttpError(status, e.public_message())
     }
 }
@@ -183,33 +200,15 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .route("/v1/workloads/{name}/detach", post(detach_workload))
         .route("/v1/status", get(status))
         .merge(policy::routes())
+        .merge(audit::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            require_admin_token,
+            auth::authorize,
         ))
+        // The gate reads the body itself (up to its own limit), for the audit log.
+        .layer(axum::extract::DefaultBodyLimit::max(auth::MAX_BODY))
         .with_state(state)
-}
-
-async fn require_admin_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let ok = presented
-        .is_some_and(|t| constant_time_eq(&Sha256::digest(t.as_bytes()), &state.token_hash));
-    if ok {
-        next.run(req).await
-    } else {
-        HttpError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong admin token (Authorization: Bearer ...)".into(),
-        )
-        .into_response()
-    }
 }
 
 async fn create_network(

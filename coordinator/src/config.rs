@@ -308,6 +308,8 @@ pub struct Overrides {
     pub relay_rate: Option<u64>,
     /// `--hello-timeout-secs` / `MESHLINK_HELLO_TIMEOUT_SECS`.
     pub hello_timeout_secs: Option<u64>,
+    /// `--audit-retention-days` / `MESHLINK_AUDIT_RETENTION_DAYS`.
+    pub audit_retention_days: Option<u64>,
     /// `--message-rate` / `MESHLINK_MESSAGE_RATE`.
     pub message_rate: Option<u32>,
     /// `--message-burst` / `MESHLINK_MESSAGE_BURST`.
@@ -398,6 +400,7 @@ struct FileConfig {
     relay: Option<Switch>,
     relay_rate: Option<u64>,
     hello_timeout_secs: Option<u64>,
+    audit_retention_days: Option<u64>,
     message_rate: Option<u32>,
     message_burst: Option<u32>,
     session_queue: Option<usize>,
@@ -677,6 +680,16 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
             "--relay-rate",
             "MESHLINK_RELAY_RATE",
             d.relay_rate
+        ),
+        audit_retention: Duration::from_secs(
+            pick!(
+                audit_retention_days,
+                "--audit-retention-days",
+                "MESHLINK_AUDIT_RETENTION_DAYS",
+                d.audit_retention.as_secs() / 86_400
+            )
+            .min(36_500)
+                * 86_400,
         ),
         endpoint_interval: Duration::from_secs(endpoint_interval_secs),
         endpoint_burst: pick!(

@@ -82,6 +82,9 @@ struct ServeArgs {
     /// Bytes per second one node may send through the relay [default: 25000000].
     #[arg(long, env = "MESHLINK_RELAY_RATE", value_name = "BYTES")]
     relay_rate: Option<u64>,
+    /// Days entries of the audit log are kept [default: 90].
+    #[arg(long, env = "MESHLINK_AUDIT_RETENTION_DAYS", value_name = "DAYS")]
+    audit_retention_days: Option<u64>,
     /// Seconds an agent has to say hello [default: 10].
     #[arg(long, env = "MESHLINK_HELLO_TIMEOUT_SECS", value_name = "SECS")]
     hello_timeout_secs: Option<u64>,
@@ -193,6 +196,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         relay: args.relay,
         relay_rate: args.relay_rate,
         hello_timeout_secs: args.hello_timeout_secs,
+        audit_retention_days: args.audit_retention_days,
         message_rate: args.message_rate,
         message_burst: args.message_burst,
         session_queue: args.session_queue,

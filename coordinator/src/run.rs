@@ -101,6 +101,13 @@ const EPHEMERAL_TRIES: usize = 16;
 /// How often silent workload holders are looked for.
 const FAILOVER_CHECK: Duration = Duration::from_millis(50);
 
+/// How often the audit log is pruned.
+const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The most audit entries kept, whatever their age: refused requests from anyone who can reach
+/// the admin listener cannot grow the database without bound.
+pub const AUDIT_KEPT: u64 = 1_000_000;
+
 impl Coordinator {
     /// Prepares the state directory and starts serving.
     ///
@@ -273,6 +280,8 @@ impl Coordinator {
             let stop = async move {
                 let _ = admin_rx.changed().await;
             };
+            // The client's address goes into the audit log.
+            let app = app.into_make_service_with_connect_info::<SocketAddr>();
             if let Err(e) = axum::serve(listener, app)
                 .with_graceful_shutdown(stop)
                 .await
@@ -312,6 +321,24 @@ impl Coordinator {
         if matches!(settings.store, StoreLocation::Postgres(_)) {
             service.share_leases(store.clone());
         }
+        // The audit log keeps `audit_retention` and at most AUDIT_KEPT entries.
+        service.spawn({
+            let service = service.clone();
+            let retention =
+                i64::try_from(settings.limits.audit_retention.as_secs()).unwrap_or(i64::MAX);
+            async move {
+                let mut tick = tokio::time::interval(AUDIT_PRUNE_EVERY);
+                loop {
+                    tick.tick().await;
+                    let before = service.now().saturating_sub(retention);
+                    match service.store().prune_audit(before, AUDIT_KEPT).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(entries = n, "pruned the audit log"),
+                        Err(e) => tracing::warn!("cannot prune the audit log: {e}"),
+                    }
+                }
+            }
+        });
         let follow_task = match &settings.store {
             StoreLocation::Postgres(url) => Some(tokio::spawn(crate::follow::follow_postgres(
                 service.clone(),

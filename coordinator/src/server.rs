@@ -98,6 +98,8 @@ pub struct Limits {
     /// How long a former holder forwards packets for a moved workload address to the new
     /// holder (and the new holder accepts what it relays).
     pub workload_grace: Duration,
+    /// How long entries of the audit log are kept.
+    pub audit_retention: Duration,
 }
 
 impl Default for Limits {
@@ -117,6 +119,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             workload_lease: meshlink_proto::workload::DEFAULT_LEASE,
             workload_grace: meshlink_proto::workload::DEFAULT_GRACE,
+            audit_retention: Duration::from_secs(90 * 86_400),
         }
     }
 }

@@ -808,9 +808,45 @@ impl Service {
         remote: IpAddr,
         name: &str,
     ) -> Result<MoveOutcome, ApiError> {
-        let plan =
-            workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name).await?;
-        self.execute(plan, "claimed by its destination", None).await
+        let outcome =
+            match workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name)
+                .await
+            {
+                Ok(plan) => self.execute(plan, "claimed by its destination", None).await,
+                Err(e) => Err(e),
+            };
+        self.audit_claim(node, remote, name, &outcome).await;
+        outcome
+    }
+
+    /// Records a node's claim, granted or refused, in the audit log.
+    async fn audit_claim(
+        &self,
+        node: NodeId,
+        remote: IpAddr,
+        name: &str,
+        outcome: &Result<MoveOutcome, ApiError>,
+    ) {
+        let rec = self.store().node(node).await.ok().flatten();
+        let node_name = rec.as_ref().map_or(node.to_string(), |n| n.name.clone());
+        let (status, result) = match outcome {
+            Ok(o) => (200, format!("ok: generation {}", o.workload.generation)),
+            Err(e) => (crate::admin::status_of(e), e.public_message()),
+        };
+        let entry = crate::store::AuditRecord {
+            id: 0,
+            at: self.now(),
+            actor: format!("node:{node_name}"),
+            action: format!("claim {name}"),
+            network: rec.map(|n| n.network),
+            node: Some(node_name),
+            status,
+            result,
+            source: Some(remote.to_string()),
+        };
+        if let Err(e) = self.store().record_audit(entry).await {
+            tracing::warn!("cannot write the audit log: {e}");
+        }
     }
 
     /// Fails over every workload whose holder went silent for longer than its lease to the

@@ -38,9 +38,10 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use meshlink_api::{
-    CreateNetwork, CreateToken, CreateWorkload, CreatedToken, EditTags, FlowVerdict, MoveWorkload,
-    MovedWorkload, Network, Node, PolicyChanged, PolicyVersion, RollbackPolicy, SetPolicy, Status,
-    TestFlow, Token, TokenId, Workload,
+    AdminToken as AdminTokenView, AuditEntry, AuditFilter, CreateAdminToken, CreateNetwork,
+    CreateToken, CreateWorkload, CreatedAdminToken, CreatedToken, EditTags, FlowVerdict,
+    MoveWorkload, MovedWorkload, Network, Node, PolicyChanged, PolicyVersion, RollbackPolicy,
+    SetPolicy, Status, TestFlow, Token, TokenId, Workload,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -666,6 +667,58 @@ impl AdminClient {
     ) -> Result<Reply<Workload>, ClientError> {
         let path = format!("/v1/workloads/{}/tags", encode(name));
         self.fetch(Method::Post, &path, network, Some(&EditTags { edits }))
+    }
+
+    /// Makes an admin token (its secret is in the answer, and nowhere else ever).
+    ///
+    /// # Errors
+    /// Any [`ClientError`]; 403 unless this token is an admin for every network.
+    pub fn create_admin_token(
+        &self,
+        request: &CreateAdminToken,
+    ) -> Result<Reply<CreatedAdminToken>, ClientError> {
+        self.fetch(Method::Post, "/v1/admin-tokens", None, Some(request))
+    }
+
+    /// Every admin token, without secrets.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn admin_tokens(&self) -> Result<Reply<Vec<AdminTokenView>>, ClientError> {
+        self.fetch(Method::Get, "/v1/admin-tokens", None, None::<&()>)
+    }
+
+    /// Revokes an admin token.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn revoke_admin_token(&self, id: u64) -> Result<(), ClientError> {
+        let path = format!("/v1/admin-tokens/{id}");
+        self.send(Method::Delete, &path, None, None::<&()>)
+            .map(drop)
+    }
+
+    /// Entries of the audit log, oldest first.
+    ///
+    /// # Errors
+    /// Any [`ClientError`].
+    pub fn audit(&self, filter: &AuditFilter) -> Result<Reply<Vec<AuditEntry>>, ClientError> {
+        let mut query = Vec::new();
+        if let Some(s) = filter.since {
+            query.push(format!("since={s}"));
+        }
+        if let Some(n) = &filter.node {
+            query.push(format!("node={}", encode(n)));
+        }
+        if let Some(l) = filter.limit {
+            query.push(format!("limit={l}"));
+        }
+        let mut path = "/v1/audit".to_string();
+        if !query.is_empty() {
+            path.push('?');
+            path.push_str(&query.join("&"));
+        }
+        self.fetch(Method::Get, &path, None, None::<&()>)
     }
 
     /// Sends a request and reads the JSON answer into `T` as well.

@@ -32,6 +32,10 @@
 //! meshctl policy rollback NETWORK VERSION
 //! meshctl policy clear NETWORK
 //! meshctl policy test --from NODE|WORKLOAD --to NODE|WORKLOAD --port tcp:PORT|udp:PORT|icmp [--network NAME]
+//! meshctl admin-token create --name NAME --role read|operator|admin [--network NAME]
+//! meshctl admin-token list
+//! meshctl admin-token revoke ID
+//! meshctl audit [--since 1h|UNIXTIME] [--node NODE] [--limit N]
 //! meshctl status
 //! ```
 //!
@@ -88,8 +92,8 @@ use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COOR
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
 use meshlink_api::{
-    CreateNetwork, CreateToken, CreateWorkload, SetPolicy, TestFlow, TokenId, TokenLifetime,
-    TokenUses, UnixTime,
+    AuditFilter, CreateAdminToken, CreateNetwork, CreateToken, CreateWorkload, Role, SetPolicy,
+    TestFlow, TokenId, TokenLifetime, TokenUses, UnixTime,
 };
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
@@ -168,6 +172,21 @@ enum Command {
     /// A network's access policy: set, get, history, rollback, clear, test.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Admin tokens with roles (read, operator, admin), for every network or one.
+    #[command(subcommand, name = "admin-token")]
+    AdminToken(AdminTokenCommand),
+    /// The audit log: every admin change and every refused request, oldest first.
+    Audit {
+        /// Only entries this recent: a duration (1h, 2d) or Unix seconds.
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// Only entries concerning this node (as requests named it) or made by it.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        node: Option<String>,
+        /// At most this many, the newest [default: 100, at most 10000].
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+    },
     /// Show the coordinator's state.
     Status,
 }
@@ -334,6 +353,42 @@ enum WorkloadCommand {
     Delete(WorkloadRef),
     /// Claim a workload for this VM's node, through the local agent (no admin token needed).
     Claim(ClaimArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminTokenCommand {
+    /// Make an admin token and print its secret (last line in table mode, `.token` in JSON):
+    /// the only time it is shown.
+    Create {
+        /// A unique name; the audit log names the token by it.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        name: String,
+        /// read (lists and status), operator (also moves and join tokens) or admin
+        /// (everything).
+        #[arg(long, value_enum)]
+        role: RoleArg,
+        /// The one network it may act on; every network when left out.
+        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
+        network: Option<String>,
+    },
+    /// List admin tokens (without secrets).
+    List,
+    /// Revoke an admin token.
+    Revoke {
+        /// The token's id, as `admin-token list` shows it.
+        id: u64,
+    },
+}
+
+/// `--role`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    /// Lists and status.
+    Read,
+    /// Also workload moves and join tokens.
+    Operator,
+    /// Everything.
+    Admin,
 }
 
 #[derive(Debug, Subcommand)]
@@ -613,6 +668,41 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             emit(output, &reply.json, || render::node(&reply.value, now()))
         }
         Command::Policy(command) => policy(&client, output, command),
+        Command::AdminToken(AdminTokenCommand::Create {
+            name,
+            role,
+            network,
+        }) => {
+            let role = match role {
+                RoleArg::Read => Role::Read,
+                RoleArg::Operator => Role::Operator,
+                RoleArg::Admin => Role::Admin,
+            };
+            let reply = client.create_admin_token(&CreateAdminToken {
+                name,
+                role,
+                network,
+            })?;
+            emit(output, &reply.json, || {
+                render::created_admin_token(&reply.value)
+            })
+        }
+        Command::AdminToken(AdminTokenCommand::List) => {
+            let reply = client.admin_tokens()?;
+            emit(output, &reply.json, || {
+                render::admin_tokens(&reply.value, now())
+            })
+        }
+        Command::AdminToken(AdminTokenCommand::Revoke { id }) => {
+            client.revoke_admin_token(id)?;
+            confirm(output, format!("admin token {id} revoked"));
+            Ok(())
+        }
+        Command::Audit { since, node, limit } => {
+            let since = since.map(|s| since_time(&s)).transpose()?;
+            let reply = client.audit(&AuditFilter { since, node, limit })?;
+            emit(output, &reply.json, || render::audit(&reply.value))
+        }
         Command::Node(NodeCommand::Delete(NodeRef { node, network })) => {
             client.delete_node(&node, network.as_deref())?;
             confirm(output, format!("node {node} deleted"));
@@ -731,6 +821,16 @@ fn policy(client: &AdminClient, output: Output, command: PolicyCommand) -> Resul
             emit(output, &reply.json, || render::verdict(&reply.value))
         }
     }
+}
+
+/// `--since`: Unix seconds, or a duration back from now.
+fn since_time(text: &str) -> Result<i64> {
+    if let Ok(t) = text.parse::<i64>() {
+        return Ok(t);
+    }
+    let back =
+        duration::parse(text).map_err(|e| anyhow!("--since {text:?}: {e}; or Unix seconds"))?;
+    Ok(now().0 - i64::try_from(back.as_secs()).unwrap_or(i64::MAX / 2))
 }
 
 /// A policy file's text (`-`: standard input), refused with its name when unreadable or not

@@ -17,8 +17,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshlink_api::{
-    CreatedToken, FlowVerdict, MovedWorkload, Network, Node, PathKind, PeerPath, PolicyChanged,
-    PolicyVersion, RelayTransport, Status, Token, UnixTime, Workload, WorkloadNode, WorkloadState,
+    AdminToken, AuditEntry, CreatedAdminToken, CreatedToken, FlowVerdict, MovedWorkload, Network,
+    Node, PathKind, PeerPath, PolicyChanged, PolicyVersion, RelayTransport, Status, Token,
+    UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 
 use crate::duration;
@@ -453,6 +454,62 @@ pub fn workload(w: &Workload, now: UnixTime) -> String {
         .field("MOVED", time_and_relative(w.moved_at, now))
         .field("CREATED", time(w.created_at));
     fields.to_string()
+}
+
+/// `admin-token list`.
+pub fn admin_tokens(tokens: &[AdminToken], now: UnixTime) -> String {
+    let mut table = Table::new(&["ID", "NAME", "ROLE", "NETWORK", "CREATED BY", "STATE"]);
+    for t in tokens {
+        let state = match t.revoked_at {
+            Some(_) => format!("revoked {}", relative(t.revoked_at, now)),
+            None => "active".to_owned(),
+        };
+        table.row([
+            t.id.to_string(),
+            t.name.clone(),
+            t.role.to_string(),
+            t.network.clone().unwrap_or_else(|| "(all)".to_owned()),
+            t.created_by.clone(),
+            state,
+        ]);
+    }
+    table.to_string()
+}
+
+/// `admin-token create`: the fields, a blank line, the secret alone on the last line.
+pub fn created_admin_token(t: &CreatedAdminToken) -> String {
+    let mut fields = Fields::new();
+    fields
+        .field("ID", t.admin_token.id.to_string())
+        .field("NAME", t.admin_token.name.clone())
+        .field("ROLE", t.admin_token.role.to_string())
+        .field(
+            "NETWORK",
+            t.admin_token
+                .network
+                .clone()
+                .unwrap_or_else(|| "(all)".to_owned()),
+        );
+    format!("{fields}\n{}\n", clean(&t.token))
+}
+
+/// `audit`.
+pub fn audit(entries: &[AuditEntry]) -> String {
+    let mut table = Table::new(&[
+        "TIME", "ACTOR", "ACTION", "NETWORK", "NODE", "STATUS", "RESULT",
+    ]);
+    for e in entries {
+        table.row([
+            time(e.at),
+            e.actor.clone(),
+            e.action.clone(),
+            or_none(e.network.clone().unwrap_or_default()),
+            or_none(e.node.clone().unwrap_or_default()),
+            e.status.to_string(),
+            e.result.clone(),
+        ]);
+    }
+    table.to_string()
 }
 
 /// `policy get`: the version's fields, a blank line, and the file as it was set.

@@ -705,9 +705,9 @@ fn policies_and_tags() {
     assert_eq!(
         squeeze(&mask(&mesh.run(&["policy", "history", "prod"]))),
         "VERSION RULES AUTHOR SET NOTE\n\
-         1 1 admin <time> -\n\
-         2 0 admin <time> cleared (open)\n\
-         3 1 admin <time> rollback to version 1"
+         1 1 admin:bootstrap <time> -\n\
+         2 0 admin:bootstrap <time> cleared (open)\n\
+         3 1 admin:bootstrap <time> rollback to version 1"
     );
     let history = mesh.run_json(&["policy", "history", "prod"]);
     assert_eq!(history, mesh.get("/v1/networks/prod/policy/history"));
@@ -718,5 +718,77 @@ fn policies_and_tags() {
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with("policy version 4 "),
         "{out:?}"
+    );
+}
+
+#[test]
+fn admin_tokens_with_roles_and_the_audit_log() {
+    let mesh = Mesh::start();
+    mesh.run(&["network", "create", "prod", "--cidr", "100.64.0.0/24"]);
+    let created = mesh.run(&[
+        "admin-token",
+        "create",
+        "--name",
+        "ci",
+        "--role",
+        "operator",
+        "--network",
+        "prod",
+    ]);
+    let secret = created.lines().last().unwrap().to_string();
+    assert!(secret.starts_with("mla1_"), "{created}");
+    assert!(created.contains("ROLE     operator\n"), "{created}");
+    assert_eq!(
+        squeeze(&mask(&mesh.run(&["admin-token", "list"]))),
+        "ID NAME ROLE NETWORK CREATED BY STATE\n1 ci operator prod admin:bootstrap active"
+    );
+
+    // The operator token, through meshctl: join tokens in prod, not admin tokens.
+    let as_operator = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+            .env_clear()
+            .env("MESHLINK_COORDINATOR", mesh.url())
+            .env("MESHLINK_ADMIN_TOKEN", &secret)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let ok = as_operator(&["token", "create", "--network", "prod"]);
+    assert!(ok.status.success(), "{ok:?}");
+    let refused = failure(&as_operator(&[
+        "admin-token",
+        "create",
+        "--name",
+        "mine",
+        "--role",
+        "admin",
+    ]));
+    assert!(
+        refused.contains("403") && refused.contains("needs admin"),
+        "{refused}"
+    );
+
+    let log = mesh.run(&["audit"]);
+    assert!(log.contains("admin:ci"), "{log}");
+    let json = mesh.run_json(&["audit", "--since", "1h"]);
+    let entries = json.as_array().unwrap();
+    assert!(entries.iter().any(|e| e["actor"] == "admin:ci"
+        && e["action"] == "POST /v1/tokens"
+        && e["status"] == 201));
+    assert!(entries.iter().any(|e| e["actor"] == "admin:ci"
+        && e["action"] == "POST /v1/admin-tokens"
+        && e["status"] == 403));
+    assert_eq!(
+        mesh.run(&["admin-token", "revoke", "1"]),
+        "admin token 1 revoked\n"
+    );
+    let refused = failure(&as_operator(&["node", "list", "--network", "prod"]));
+    assert!(refused.contains("401"), "{refused}");
+    assert!(
+        mesh.run_json(&["audit", "--since", "0", "--limit", "1"])
+            .as_array()
+            .unwrap()
+            .len()
+            == 1
     );
 }

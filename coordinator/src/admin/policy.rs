@@ -4,18 +4,16 @@
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use meshlink_api::{self as api, NetworkFilter};
 use meshlink_proto::policy::{Entity, Policy};
 
+use super::auth::Actor;
 use super::{detached, node_view, time, workload_network, workload_view, AppState, HttpResult};
 use crate::access::PolicyEdit;
 use crate::handlers::policy::{self, Accepted};
 use crate::handlers::{ApiError, Caller};
 use crate::store::PolicyRecord;
-
-/// Who an admin request's changes are recorded as.
-const AUTHOR: &str = "admin";
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -55,9 +53,14 @@ fn changed_view(a: Accepted) -> api::PolicyChanged {
     }
 }
 
-async fn edit(s: &AppState, network: String, edit: PolicyEdit) -> HttpResult<api::PolicyChanged> {
+async fn edit(
+    s: &AppState,
+    actor: Actor,
+    network: String,
+    edit: PolicyEdit,
+) -> HttpResult<api::PolicyChanged> {
     let accepted = detached(s, move |svc| async move {
-        svc.edit_policy(&network, edit, AUTHOR).await
+        svc.edit_policy(&network, edit, &actor.name).await
     })
     .await?;
     Ok(changed_view(accepted))
@@ -65,28 +68,33 @@ async fn edit(s: &AppState, network: String, edit: PolicyEdit) -> HttpResult<api
 
 async fn set_policy(
     State(s): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(network): Path<String>,
     body: Result<Json<api::SetPolicy>, JsonRejection>,
 ) -> HttpResult<Json<api::PolicyChanged>> {
     let Json(body) = body?;
-    Ok(Json(edit(&s, network, PolicyEdit::Set(body.source)).await?))
+    Ok(Json(
+        edit(&s, actor, network, PolicyEdit::Set(body.source)).await?,
+    ))
 }
 
 async fn clear_policy(
     State(s): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(network): Path<String>,
 ) -> HttpResult<Json<api::PolicyChanged>> {
-    Ok(Json(edit(&s, network, PolicyEdit::Clear).await?))
+    Ok(Json(edit(&s, actor, network, PolicyEdit::Clear).await?))
 }
 
 async fn rollback(
     State(s): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(network): Path<String>,
     body: Result<Json<api::RollbackPolicy>, JsonRejection>,
 ) -> HttpResult<Json<api::PolicyChanged>> {
     let Json(body) = body?;
     Ok(Json(
-        edit(&s, network, PolicyEdit::Rollback(body.version)).await?,
+        edit(&s, actor, network, PolicyEdit::Rollback(body.version)).await?,
     ))
 }
 

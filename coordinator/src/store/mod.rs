@@ -16,6 +16,7 @@
 //! Architecture invariant: node ids and token ids are never reused (SQLite `AUTOINCREMENT`,
 //! PostgreSQL identity columns), and a network's version only grows, across restarts too.
 
+mod audit;
 mod shared;
 mod sql;
 
@@ -391,6 +392,113 @@ pub struct NewPolicy {
     pub restored: Option<u64>,
 }
 
+/// What an admin token may do. Each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Role {
+    /// Lists and status.
+    Read,
+    /// Also moves, attaches, detaches and claims workloads, and join tokens.
+    Operator,
+    /// Everything: networks, nodes, workloads, policies, tags, admin tokens.
+    Admin,
+}
+
+impl Role {
+    /// The role as stored and shown: `read`, `operator`, `admin`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Read => "read",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Role::Read),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("role {other:?}: read, operator or admin")),
+        }
+    }
+}
+
+/// One admin token besides the bootstrap one. The secret is not here, only its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminTokenRecord {
+    /// Identifier, never reused.
+    pub id: u64,
+    /// Unique name; the audit log names the token by it.
+    pub name: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// What it may do.
+    pub role: Role,
+    /// The one network it may act on; `None`: every network.
+    pub network: Option<String>,
+    /// When it was made.
+    pub created_at: UnixTime,
+    /// Who made it.
+    pub created_by: String,
+    /// When it was revoked; `None`: it works.
+    pub revoked_at: Option<UnixTime>,
+}
+
+/// A new admin token, as [`Store::create_admin_token`] takes it.
+#[derive(Debug, Clone)]
+pub struct NewAdminToken {
+    /// Name.
+    pub name: String,
+    /// Hex SHA-256 of the secret.
+    pub secret_hash: String,
+    /// Role.
+    pub role: Role,
+    /// Network scope.
+    pub network: Option<String>,
+    /// Creation time.
+    pub created_at: UnixTime,
+    /// Who makes it.
+    pub created_by: String,
+}
+
+/// One entry of the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// Identifier, in order of recording.
+    pub id: u64,
+    /// When.
+    pub at: UnixTime,
+    /// Who: `admin:NAME`, `node:NAME` or `unauthenticated`.
+    pub actor: String,
+    /// What: `POST /v1/workloads/chat/move`, `claim chat`, ...
+    pub action: String,
+    /// The network concerned, when known.
+    pub network: Option<String>,
+    /// The node concerned, as the request named it, when there is one.
+    pub node: Option<String>,
+    /// The HTTP status of the answer.
+    pub status: u16,
+    /// The outcome in one line.
+    pub result: String,
+    /// The client's address.
+    pub source: Option<String>,
+}
+
+/// Which audit entries [`Store::audit`] returns: the newest `limit` matching, oldest first.
+#[derive(Debug, Clone, Default)]
+pub struct AuditQuery {
+    /// Only entries at or after this time.
+    pub since: Option<UnixTime>,
+    /// Only entries concerning this node (as named) or made by it.
+    pub node: Option<String>,
+    /// At most this many.
+    pub limit: u32,
+}
+
 /// Durable state of the coordinator. Every method is atomic. Methods that change a network's
 /// map return the network's new version.
 ///
@@ -528,4 +636,29 @@ pub trait Store: Send + Sync {
 
     /// The version of a network's policy in force, if it ever had one.
     fn policy<'a>(&'a self, network: &'a str) -> StoreFuture<'a, Option<PolicyRecord>>;
+
+    /// Adds an admin token. [`StoreError::Conflict`] when the name is taken.
+    fn create_admin_token(&self, token: NewAdminToken) -> StoreFuture<'_, AdminTokenRecord>;
+
+    /// Every admin token, revoked ones too, by id.
+    fn admin_tokens(&self) -> StoreFuture<'_, Vec<AdminTokenRecord>>;
+
+    /// The admin token with this secret hash, revoked or not.
+    fn admin_token_by_hash<'a>(
+        &'a self,
+        secret_hash: &'a str,
+    ) -> StoreFuture<'a, Option<AdminTokenRecord>>;
+
+    /// Revokes an admin token at `now`. `false` when no such token exists or it already was.
+    fn revoke_admin_token(&self, id: u64, now: UnixTime) -> StoreFuture<'_, bool>;
+
+    /// Appends an entry to the audit log (its `id` is ignored).
+    fn record_audit(&self, entry: AuditRecord) -> StoreFuture<'_, ()>;
+
+    /// Audit entries, see [`AuditQuery`].
+    fn audit(&self, query: AuditQuery) -> StoreFuture<'_, Vec<AuditRecord>>;
+
+    /// Deletes audit entries older than `before`, and the oldest beyond `keep` entries;
+    /// returns how many went.
+    fn prune_audit(&self, before: UnixTime, keep: u64) -> StoreFuture<'_, u64>;
 }

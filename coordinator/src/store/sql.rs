@@ -22,9 +22,10 @@ use sqlx::{Any, AnyPool, Executor, Row, Transaction};
 use meshlink_proto::ipam::allocate_v4;
 
 use super::{
-    AddressChoice, Backend, Change, ChangeRecord, NetworkRecord, NewNetwork, NewNode, NewPolicy,
-    NewToken, NewWorkload, NodeRecord, PolicyRecord, Store, StoreError, StoreFuture, TokenId,
-    TokenRecord, UnixTime, WorkloadRecord, CHANGES_CHANNEL,
+    AddressChoice, AdminTokenRecord, AuditQuery, AuditRecord, Backend, Change, ChangeRecord,
+    NetworkRecord, NewAdminToken, NewNetwork, NewNode, NewPolicy, NewToken, NewWorkload,
+    NodeRecord, PolicyRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime,
+    WorkloadRecord, CHANGES_CHANNEL,
 };
 
 static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -887,6 +888,37 @@ impl Store for SqlStore {
         })
     }
 
+    fn create_admin_token(&self, token: NewAdminToken) -> StoreFuture<'_, AdminTokenRecord> {
+        Box::pin(self.insert_admin_token(token))
+    }
+
+    fn admin_tokens(&self) -> StoreFuture<'_, Vec<AdminTokenRecord>> {
+        Box::pin(self.list_admin_tokens())
+    }
+
+    fn admin_token_by_hash<'a>(
+        &'a self,
+        secret_hash: &'a str,
+    ) -> StoreFuture<'a, Option<AdminTokenRecord>> {
+        Box::pin(self.find_admin_token(secret_hash))
+    }
+
+    fn revoke_admin_token(&self, id: u64, now: UnixTime) -> StoreFuture<'_, bool> {
+        Box::pin(self.revoke_admin(id, now))
+    }
+
+    fn record_audit(&self, entry: AuditRecord) -> StoreFuture<'_, ()> {
+        Box::pin(self.insert_audit(entry))
+    }
+
+    fn audit(&self, query: AuditQuery) -> StoreFuture<'_, Vec<AuditRecord>> {
+        Box::pin(self.query_audit(query))
+    }
+
+    fn prune_audit(&self, before: UnixTime, keep: u64) -> StoreFuture<'_, u64> {
+        Box::pin(self.delete_old_audit(before, keep))
+    }
+
     fn changes_since<'a>(
         &'a self,
         network: &'a str,
@@ -935,7 +967,7 @@ async fn workload_by_name<'e>(
 }
 
 /// Maps a unique-constraint failure to [`StoreError::Conflict`], naming the columns.
-fn conflict(e: sqlx::Error) -> StoreError {
+pub(super) fn conflict(e: sqlx::Error) -> StoreError {
     match &e {
         sqlx::Error::Database(db) if db.is_unique_violation() => {
             // PostgreSQL names the constraint (named like SQLite's message, see the
@@ -1059,11 +1091,11 @@ fn from_json<T: serde::de::DeserializeOwned>(text: &str, column: &str) -> Result
     serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("column {column}: {e}")))
 }
 
-fn to_u64(v: i64) -> Result<u64, StoreError> {
+pub(super) fn to_u64(v: i64) -> Result<u64, StoreError> {
     u64::try_from(v).map_err(|_| StoreError::Corrupt(format!("negative value {v}")))
 }
 
-fn to_i64(v: u64) -> Result<i64, StoreError> {
+pub(super) fn to_i64(v: u64) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| StoreError::Corrupt(format!("value {v} out of range")))
 }
 

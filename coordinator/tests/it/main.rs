@@ -11,6 +11,7 @@ mod hostile;
 mod need_to_know;
 mod policy;
 mod quic;
+mod roles;
 mod relay;
 mod service;
 mod simulation;

@@ -29,6 +29,7 @@ const WORKLOAD_KEYS: &[&str] = &[
     "previous",
     "standby",
     "allowed",
+    "tags",
     "state",
     "created_at",
     "moved_at",
