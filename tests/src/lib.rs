@@ -41,6 +41,7 @@ pub mod mesh;
 pub mod nat;
 pub mod netns;
 pub mod ping;
+pub mod policy;
 pub mod postgres;
 pub mod process;
 pub mod providers;
