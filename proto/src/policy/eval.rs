@@ -237,14 +237,22 @@ fn holders(w: &WorkloadInfo) -> impl Iterator<Item = NodeId> + '_ {
 }
 
 /// Whether nodes `a` and `b` may ever exchange packets: with no policy, always; otherwise when
-/// some rule (with at least one port) allows a flow, either way, between something `a` is or
-/// may hold and something `b` is or may hold.
+/// both may hold one workload (a move between them has the old holder forward what peers
+/// still send it, and the new one accept it: the relayed packets' own flows are judged by the
+/// rules at the new holder), or when some rule (with at least one port) allows a flow, either
+/// way, between something `a` is or may hold and something `b` is or may hold.
 pub fn may_talk(policy: Option<&Policy>, map: &Netmap, a: NodeId, b: NodeId) -> bool {
     let Some(policy) = policy else {
         return true;
     };
     let a = Holdings::of(map, a);
     let b = Holdings::of(map, b);
+    if a.workloads
+        .iter()
+        .any(|w| b.workloads.iter().any(|v| v.name == w.name))
+    {
+        return true;
+    }
     policy.rules.iter().any(|r| {
         !r.ports.is_empty()
             && ((a.meets(&r.from) && b.meets(&r.to)) || (b.meets(&r.from) && a.meets(&r.to)))
@@ -265,6 +273,10 @@ pub fn visible_peers(policy: Option<&Policy>, map: &Netmap, me: NodeId) -> BTree
     };
     let mine = Holdings::of(map, me);
     let mut reach = Reach::new(map);
+    // Whoever may hold a workload `me` may hold: a move between them relays through them.
+    for w in &mine.workloads {
+        reach.mark_holders(w);
+    }
     for r in &policy.rules {
         if r.ports.is_empty() {
             continue;
@@ -330,10 +342,15 @@ impl<'a> Reach<'a> {
             self.marked[self.position[&p.node_id]] = true;
         }
         for w in self.index.workloads(selector) {
-            for id in holders(w) {
-                if let Some(&i) = self.position.get(&id) {
-                    self.marked[i] = true;
-                }
+            self.mark_holders(w);
+        }
+    }
+
+    /// Marks every node that holds, held or may hold `w`.
+    fn mark_holders(&mut self, w: &WorkloadInfo) {
+        for id in holders(w) {
+            if let Some(&i) = self.position.get(&id) {
+                self.marked[i] = true;
             }
         }
     }
@@ -416,6 +433,7 @@ pub(super) mod tests {
             node_id: id,
             name: name.to_string(),
             public_key: PublicKey([u8::try_from(id % 251).unwrap(); 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: Vec::new(),
             endpoints: Vec::new(),
@@ -653,13 +671,13 @@ expect = \"deny\"
             assert!(may_talk(Some(&p), &map, other, 1), "either way: {other}");
         }
         assert!(!may_talk(Some(&p), &map, 1, 5));
-        assert!(
-            !may_talk(Some(&p), &map, 2, 3),
-            "fellow holders are not peers"
-        );
+        // Nodes that may hold one workload are peers whatever the rules: a move between them
+        // has the old holder forward to the new one.
+        assert!(may_talk(Some(&p), &map, 2, 3), "fellow holders are peers");
+        assert!(may_talk(Some(&p), &map, 4, 2), "and the previous holder");
         assert!(may_talk(None, &map, 2, 3));
         assert_eq!(visible_peers(Some(&p), &map, 1), BTreeSet::from([2, 3, 4]));
-        assert_eq!(visible_peers(Some(&p), &map, 3), BTreeSet::from([1]));
+        assert_eq!(visible_peers(Some(&p), &map, 3), BTreeSet::from([1, 2, 4]));
         assert_eq!(visible_peers(Some(&p), &map, 5), BTreeSet::new());
         assert_eq!(visible_peers(None, &map, 5), BTreeSet::from([1, 2, 3, 4]));
         let open = parse("[[rule]]\nfrom = [\"node:vm-e\"]\nto = [\"*\"]\nports = [\"icmp\"]\n")
@@ -814,14 +832,18 @@ expect = \"deny\"
             })
             .collect();
         let (pa, pb) = (parties(a), parties(b));
-        pa.iter().any(|x| {
-            pb.iter().any(|y| {
-                ports.iter().any(|&port| {
-                    policy.check(map, x, y, port).rule.is_some()
-                        || policy.check(map, y, x, port).rule.is_some()
+        let shared = pa
+            .iter()
+            .any(|x| matches!(x, Entity::Workload(_)) && pb.contains(x));
+        shared
+            || pa.iter().any(|x| {
+                pb.iter().any(|y| {
+                    ports.iter().any(|&port| {
+                        policy.check(map, x, y, port).rule.is_some()
+                            || policy.check(map, y, x, port).rule.is_some()
+                    })
                 })
             })
-        })
     }
 
     #[test]
