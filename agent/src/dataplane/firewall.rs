@@ -41,6 +41,10 @@ use super::status::{FirewallStatus, RuleCount};
 pub struct CompiledPolicy {
     version: u64,
     table: NodeTable,
+    /// The same rules with `from` and `to` swapped, compiled for this node: whether this node
+    /// may open a flow *to* a peer. Consulted only for TCP segments of a connection the table
+    /// has not seen open (one that began before the policy): which end may have opened it.
+    reverse: NodeTable,
     /// The file line of each rule, by rule index.
     lines: Box<[u32]>,
     /// New flows each rule let in, by rule index.
@@ -50,14 +54,32 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// Compiles `policy` for node `me` of `map`.
     pub fn compile(policy: &Policy, map: &Netmap, me: NodeId) -> CompiledPolicy {
-        CompiledPolicy::new(policy, NodeTable::compile(policy, map, me))
+        let swapped = Policy {
+            version: policy.version,
+            rules: policy
+                .rules
+                .iter()
+                .map(|r| meshlink_proto::policy::Rule {
+                    from: r.to.clone(),
+                    to: r.from.clone(),
+                    ..r.clone()
+                })
+                .collect(),
+        };
+        CompiledPolicy::new(
+            policy,
+            NodeTable::compile(policy, map, me),
+            NodeTable::compile(&swapped, map, me),
+        )
     }
 
-    /// `policy` with its table, already compiled.
-    pub fn new(policy: &Policy, table: NodeTable) -> CompiledPolicy {
+    /// `policy` with its tables, already compiled: `table` for flows to this node, `reverse`
+    /// (the rules with `from` and `to` swapped) for flows from it.
+    pub fn new(policy: &Policy, table: NodeTable, reverse: NodeTable) -> CompiledPolicy {
         CompiledPolicy {
             version: policy.version,
             table,
+            reverse,
             lines: policy.rules.iter().map(|r| r.line).collect(),
             allowed: policy.rules.iter().map(|_| AtomicU64::new(0)).collect(),
         }
@@ -86,6 +108,15 @@ impl CompiledPolicy {
             }
             None => false,
         }
+    }
+
+    /// Whether the policy lets this node open the flow of `t`, a tuple from this node to a
+    /// peer (judged by its destination port, as the peer's own agent would).
+    #[inline]
+    fn allows_out(&self, t: &Tuple) -> bool {
+        self.reverse
+            .lookup(t.dst_ip(), t.src_ip(), t.proto, t.policy_port())
+            .is_some()
     }
 
     /// Keeps the counts of `old` when it is the same version (the map changed, not the
@@ -204,6 +235,21 @@ fn flow_bytes(p: &[u8]) -> Option<FlowBytes> {
     key[2..6].copy_from_slice(&p[l4..l4 + 4]);
     key[8..8 + addrs.len()].copy_from_slice(addrs);
     Some(key)
+}
+
+/// Whether `p` is a TCP segment that does not open a connection: one of a connection the
+/// connection table may never have seen open.
+fn mid_connection(p: &Packet) -> bool {
+    const SYN: u8 = 0x02;
+    matches!(p.kind, Kind::Tcp(flags) if flags & SYN == 0)
+}
+
+/// `p` as the connection table records a flow its *receiver* opened.
+fn opened_by_receiver(p: &Packet) -> Packet {
+    Packet {
+        tuple: p.tuple.reversed(),
+        kind: p.kind,
+    }
 }
 
 /// The local destinations: a few prefixes are scanned (the usual case: an address or two and
@@ -381,6 +427,13 @@ impl Firewall {
             }
         }
         if !policy.allows(&p.tuple, true) {
+            // A segment of a TCP connection the table never saw open (it began before the
+            // policy): it passes if this node may have opened it, and is recorded so.
+            if mid_connection(&p) && policy.allows_out(&p.tuple.reversed()) {
+                flows.insert(&opened_by_receiver(&p), now, self.generation);
+                remember(memo);
+                return Verdict::Pass;
+            }
             return deny();
         }
         if !matches!(p.kind, Kind::IcmpError(_)) {
@@ -426,6 +479,18 @@ impl Firewall {
             ok
         };
         match flows.track(&p, now, self.generation, recheck) {
+            // A segment of a TCP connection the table never saw open (it began before the
+            // policy): recorded with the end the policy lets open it, or not at all (then
+            // the peer's segments are judged as they come, and denied unless allowed).
+            Track::Miss if mid_connection(&p) => {
+                if policy.allows_out(&p.tuple) {
+                    flows.insert(&p, now, self.generation);
+                } else if policy.allows(&p.tuple.reversed(), false) {
+                    flows.insert(&opened_by_receiver(&p), now, self.generation);
+                } else {
+                    return;
+                }
+            }
             Track::Miss => flows.insert(&p, now, self.generation),
             Track::Cut => return,
             Track::Pass => {}
@@ -489,6 +554,7 @@ mod tests {
             node_id: id,
             name: name.into(),
             public_key: meshlink_proto::PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![own],
             allowed_ips: allowed,
             endpoints: Vec::new(),
@@ -685,6 +751,26 @@ mod tests {
             Verdict::Denied,
             "another port pair is another flow"
         );
+    }
+
+    #[test]
+    fn connections_from_before_the_policy_are_judged_by_the_end_that_may_open_them() {
+        // a -> c:443 is allowed; nothing lets c open anything to a.
+        let policy = compiled(1, vec![rule(1, "node:a", "node:c", "tcp:443")]);
+        let fw = Fw::new(Some(LOCAL), Some(policy));
+        // c opened a connection to a:5432 before the policy; a's server speaks first. Its
+        // segment is not recorded as a flow a opened, and c's segments stay denied.
+        fw.outbound(&tcp(A, 5432, C, 40000, ACK));
+        assert_eq!(fw.inbound(&tcp(C, 40000, A, 5432, ACK)), Verdict::Denied);
+        fw.outbound(&tcp(A, 5432, C, 40000, ACK));
+        assert_eq!(fw.inbound(&tcp(C, 40000, A, 5432, ACK)), Verdict::Denied);
+        // a opened a connection to c:443 before the policy: c's segments pass, whichever end
+        // speaks first after it, and are recorded as a flow a opened.
+        assert_eq!(fw.inbound(&tcp(C, 443, A, 40001, ACK)), Verdict::Pass);
+        fw.outbound(&tcp(A, 40002, C, 443, ACK));
+        assert_eq!(fw.inbound(&tcp(C, 443, A, 40002, ACK)), Verdict::Pass);
+        // A new connection from c is still denied, whatever its port.
+        assert_eq!(fw.inbound(&tcp(C, 443, A, 40003, SYN)), Verdict::Denied);
     }
 
     #[test]
