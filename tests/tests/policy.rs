@@ -29,13 +29,15 @@
 //!   first finding below: web-1 hears nothing from the coordinator while chat moves from app-1
 //!   to app-2, and app-1 forwards web-1's datagrams to app-2.
 //!
-//! Findings, kept as ignored tests (run them with `-- --ignored`):
+//! Two tests began as findings, fixed since:
 //! - `under_a_policy_the_old_holder_relays_what_a_late_peer_sends`: the same move under a
-//!   policy that speaks only of the workload: the holders are not each other's peers (need to
-//!   know), and app-1 drops web-1's datagrams as `not_local`.
+//!   policy that speaks only of the workload: the holders were not each other's peers (need
+//!   to know) and app-1 dropped web-1's datagrams as `not_local`; nodes that may hold one
+//!   workload are now always peers.
 //! - `a_connection_from_before_the_policy_is_cut_by_it`: a connection db-1 -> web-1:5432
-//!   opened before any policy, whose server sends first, carries on under a policy that
-//!   denies it.
+//!   opened before any policy, whose server sends first, carried on under a policy that
+//!   denies it; a TCP segment of a connection the table never saw open is now recorded only
+//!   with the end the policy lets open it.
 //!
 //! Needs root (skips with one line otherwise; fails under CI=true), `python3` and `wg`, and
 //! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl` first.
@@ -764,12 +766,10 @@ fn without_a_policy_the_old_holder_relays_what_a_late_peer_sends() {
     assert_eq!(late.received, LATE_DATAGRAMS as usize, "{late:?}");
 }
 
-/// Finding: need to know makes the holders of a workload peers of each other only when a rule
-/// lets them talk, so under a policy that speaks of the workload only (`to =
-/// ["workload:chat"]`) the old holder has no tunnel to the new one and drops, as not local,
-/// what peers with a late map still send it during a planned move.
+/// Under a policy that speaks of the workload only (`to = ["workload:chat"]`), the old holder
+/// still has a tunnel to the new one and forwards what peers with a late map send it during
+/// a planned move (once a finding: need to know left the holders apart).
 #[test]
-#[ignore = "finding: under a policy a workload's old holder is not a peer of the new one (need to know), so a planned move drops what late peers send (not_local) instead of forwarding it"]
 fn under_a_policy_the_old_holder_relays_what_a_late_peer_sends() {
     let Some(late) = late_sender_across_a_move("policy-relay", Some(CHAT_UDP)) else {
         return;
@@ -783,14 +783,12 @@ fn under_a_policy_the_old_holder_relays_what_a_late_peer_sends() {
     assert_eq!(late.received, LATE_DATAGRAMS as usize, "{late:?}");
 }
 
-/// Finding: a connection opened while no policy was in force is not judged by the policy that
-/// then takes effect when the node it was opened *to* sends first: that node's agent records
-/// its outbound packet as a flow it opened itself, and the other end's packets pass as
-/// replies. Here db-1 opened a connection to web-1:5432 (a server that pushes a line every
-/// 20 ms); the policy then allows nothing from db-1 to web-1, yet the connection carries on,
-/// while a new connection is denied.
+/// A connection opened while no policy was in force is judged by the policy that then takes
+/// effect, even when the node it was opened *to* sends first (once a finding: that node's
+/// agent recorded its outbound segment as a flow it opened itself). Here db-1 opened a
+/// connection to web-1:5432 (a server that pushes a line every 20 ms); the policy then allows
+/// nothing from db-1 to web-1, and the connection stops, as a new one is denied.
 #[test]
-#[ignore = "finding: a connection opened before a policy took effect survives a policy that denies it when the server sends first (its outbound packet is recorded as a flow this node opened)"]
 fn a_connection_from_before_the_policy_is_cut_by_it() {
     let Some(mut mesh) = bed(
         "policy-before",

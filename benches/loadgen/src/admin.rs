@@ -147,6 +147,19 @@ impl Admin {
             })
     }
 
+    /// `POST /v1/networks/{network}/policy`: sets the network's policy.
+    ///
+    /// # Errors
+    /// [`AdminError`]; a policy the coordinator refuses is a 400 [`AdminError::Status`].
+    pub fn set_policy(&self, network: &str, source: &str) -> Result<(), AdminError> {
+        self.call(
+            "POST",
+            &format!("/v1/networks/{network}/policy"),
+            Some(json!({ "source": source })),
+        )
+        .map(drop)
+    }
+
     /// The network named `name` from `GET /v1/networks`.
     ///
     /// # Errors

@@ -59,6 +59,16 @@ enum RampArg {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ChangeArg {
+    /// An agent reports new endpoints.
+    Endpoints,
+    /// An operator sets a new version of the network's policy (`--policy-rules` rules over
+    /// tags, one of which lets every agent reach every other on one port, so need to know
+    /// leaves every peer in every map and the delta carries the policy alone).
+    Policy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum MapArg {
     /// Whole maps up to 2,000 agents, digests above.
     Auto,
@@ -103,6 +113,12 @@ struct Args {
     /// How agents hold their maps.
     #[arg(long, value_enum, default_value_t = MapArg::Auto)]
     map: MapArg,
+    /// What one change is.
+    #[arg(long, value_enum, default_value_t = ChangeArg::Endpoints)]
+    change: ChangeArg,
+    /// Rules of the policy each `--change policy` sets.
+    #[arg(long, default_value_t = 1000)]
+    policy_rules: usize,
     /// Pause between changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
@@ -434,6 +450,23 @@ async fn network_state(admin: &Admin, network: &str) -> anyhow::Result<NetworkSt
     Ok(tokio::task::spawn_blocking(move || admin.network(&network)).await??)
 }
 
+/// The policy of change `k`: `rules` rules, the first letting every agent (all tagged
+/// `loadgen` by their join token) reach every other on a port that differs per change, the
+/// others over tags nobody has. Every version differs; what each node may see does not.
+fn policy_source(k: usize, rules: usize) -> String {
+    let mut text = format!(
+        "[[rule]]\nfrom = [\"tag:loadgen\"]\nto = [\"tag:loadgen\"]\nports = [\"tcp:{}\"]\n",
+        1 + k % 60_000
+    );
+    for i in 1..rules {
+        text.push_str(&format!(
+            "\n[[rule]]\nfrom = [\"tag:client-{i}\", \"node:spare-{i}\"]\nto = [\"tag:server-{i}\", \"workload:svc-{i}\"]\nports = [\"tcp:{}\", \"udp:53\", \"icmp\"]\n",
+            1 + i % 60_000
+        ));
+    }
+    text
+}
+
 /// The endpoint agent `agent` reports for change `k`: distinct for every change.
 fn change_endpoint(k: usize) -> SocketAddr {
     let k = u32::try_from(k).unwrap_or(0);
@@ -568,11 +601,23 @@ async fn run(
         let wire0 = board.wire();
         let cpu0 = sys::cpu();
         let store_cpu0 = target.store_pid.map(sys::process_tree_cpu);
-        let Some(trigger) = fleet
-            .report_endpoints(agent, vec![change_endpoint(k)])
-            .await
-        else {
-            bail!("agent {agent} is gone");
+        let trigger = match args.change {
+            ChangeArg::Endpoints => {
+                let Some(trigger) = fleet
+                    .report_endpoints(agent, vec![change_endpoint(k)])
+                    .await
+                else {
+                    bail!("agent {agent} is gone");
+                };
+                trigger
+            }
+            ChangeArg::Policy => {
+                let source = policy_source(k, args.policy_rules);
+                let (admin, net) = (target.admin.clone(), network.to_string());
+                let trigger = Instant::now();
+                tokio::task::spawn_blocking(move || admin.set_policy(&net, &source)).await??;
+                trigger
+            }
         };
         let arrivals = board
             .wait(trigger, Duration::from_secs(args.change_timeout_secs))
