@@ -11,8 +11,9 @@
 //! only its node, the peers [`meshlink_proto::policy::visible_peers`] lets that node see, and
 //! every workload, the policy and tags as they are (`need_to_know`). Each session's set of
 //! visible peers is kept in its slot and computed again only when a change can alter it (a
-//! policy set or cleared: every session's; a join, tags, a workload's holders or candidates:
-//! the nodes touched, the others read off theirs); any other change is filtered by set lookup.
+//! policy set or cleared: every session's, once per kind of node; a join, tags, a workload's
+//! holders or candidates: the nodes touched, the others read off theirs); any other change is
+//! filtered by set lookup.
 //! Each session then gets the delta cut to what it sees, with the peers it sees from now on
 //! as upserts and those it no longer sees as removes, at the network's versions (a delta for
 //! every version, possibly without peers, so an agent never sees a gap). Sessions whose cut
@@ -147,8 +148,14 @@ impl NetworkState {
 
     /// Computes every session's visible peers again (the map was replaced).
     fn recompute_visible(&mut self) {
-        for (&node, slot) in &mut self.sessions {
-            slot.visible = need_to_know::visible(&self.map, node);
+        let nodes: Vec<NodeId> = self.sessions.keys().copied().collect();
+        let mut sets = need_to_know::visible_each(&self.map, &nodes);
+        for (node, slot) in &mut self.sessions {
+            slot.visible = self
+                .map
+                .policy
+                .as_ref()
+                .map(|_| sets.remove(node).unwrap_or_default());
         }
     }
 }
@@ -250,13 +257,14 @@ impl Hub {
         let pending = need_to_know::judge(&net.map, &delta);
         net.map.apply(&delta).ok()?;
         net.full = None;
-        let change = pending.applied(&net.map, &delta);
+        let nodes: Vec<NodeId> = net.sessions.keys().copied().collect();
+        let change = pending.applied(&net.map, &delta, &nodes);
         Some(fan_out_cut(
             network,
             &net.map,
             &mut net.sessions,
             delta,
-            &change,
+            change,
         ))
     }
 
@@ -470,7 +478,7 @@ fn fan_out_cut(
     map: &Netmap,
     sessions: &mut HashMap<NodeId, Slot>,
     delta: NetmapDelta,
-    change: &need_to_know::Change<'_>,
+    mut change: need_to_know::Change<'_>,
 ) -> Fanout {
     // Everything but the peers is the same for every session: one message, its peers set
     // for each distinct cut.
@@ -545,6 +553,7 @@ mod tests {
             node_id: id,
             name: format!("n{id}"),
             public_key: PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: vec![],
             endpoints: vec![],
@@ -677,6 +686,73 @@ mod tests {
             hub.full_map_for("x", 1, new.serial),
             FullMapAnswer::NoNetwork
         );
+    }
+
+    fn peers_of(frame: &[u8]) -> Vec<NodeId> {
+        match decode(frame) {
+            ServerMessage::FullMap(m) => m.peers.keys().copied().collect(),
+            ServerMessage::Delta(d) => d.upsert.iter().map(|p| p.node_id).collect(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn under_a_policy_each_session_gets_its_cut() {
+        let hub = Hub::new(8);
+        let policy = meshlink_proto::policy::parse(
+            "[[rule]]\nfrom = [\"node:n1\"]\nto = [\"node:n2\"]\nports = [\"*\"]\n",
+        )
+        .unwrap()
+        .into_policy(1);
+        let mut map = Netmap {
+            version: 1,
+            policy: Some(policy),
+            ..Netmap::default()
+        };
+        for id in 1..=3 {
+            map.peers.insert(id, peer(id));
+        }
+        hub.set_map("n", map.clone());
+        let mut s: Vec<Attached> = (1..=3).map(|id| hub.attach("n", id).unwrap()).collect();
+        assert_eq!(peers_of(&s[0].full_map), [1, 2]);
+        assert_eq!(peers_of(&s[2].full_map), [3]);
+
+        // n3's change: n3 alone gets it; n1 and n2 share the encoding without it.
+        let fan = hub.apply("n", 2, vec![peer(3)], vec![]).unwrap();
+        assert_eq!((fan.sessions, fan.frames), (3, 2));
+        let frames: Vec<Frame> = s
+            .iter_mut()
+            .map(|a| match a.rx.try_recv().unwrap() {
+                Outbound::Frame(f) => f,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(Arc::ptr_eq(&frames[0], &frames[1]));
+        assert!(peers_of(&frames[0]).is_empty());
+        assert_eq!(peers_of(&frames[2]), [3]);
+
+        // A reloaded map is sent whole to each as it may see it.
+        map.version = 7;
+        let fan = hub.reset_map("n", map);
+        assert_eq!((fan.sessions, fan.frames), (3, 3));
+        let got: Vec<Vec<NodeId>> = s
+            .iter_mut()
+            .map(|a| match a.rx.try_recv().unwrap() {
+                Outbound::Frame(f) => peers_of(&f),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(got, [vec![1, 2], vec![1, 2], vec![3]]);
+        assert_eq!(
+            hub.full_map_for("n", 3, s[2].serial),
+            FullMapAnswer::Nothing,
+            "the reload counts as given"
+        );
+        hub.apply("n", 8, vec![], vec![]);
+        match hub.full_map_for("n", 3, s[2].serial) {
+            FullMapAnswer::Send(f) => assert_eq!(peers_of(&f), [3]),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

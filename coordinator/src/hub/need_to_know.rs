@@ -19,7 +19,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use meshlink_proto::policy::visible_peers;
+use meshlink_proto::policy::{visible_peers, Selector};
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
 
 /// The peers a session's node sees: `None` while its network has no policy (every peer).
@@ -28,6 +28,78 @@ pub(super) type Visible = Option<BTreeSet<NodeId>>;
 /// The peers `me` sees in `map`: `None` (every peer) when the map has no policy.
 pub(super) fn visible(map: &Netmap, me: NodeId) -> Visible {
     map.policy.as_ref().map(|p| visible_peers(Some(p), map, me))
+}
+
+/// The visible peers of each of `nodes` in `map`; empty when `map` has no policy.
+///
+/// Computed once per kind of node: `visible_peers` reads of `me` only what it is and may hold
+/// (its tags, its name where a `node:` selector names it, the workloads it may hold). Nodes of
+/// one kind may talk with the same nodes R, themselves included or not, and each sees R but
+/// itself. So from `a`'s set `R \ {a}`, another `b` of its kind sees `R \ {b}`, where `a` is
+/// in R iff `b` is in `a`'s set (`b` in R means its kind, `a`'s, is).
+pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BTreeSet<NodeId>> {
+    let Some(policy) = &map.policy else {
+        return HashMap::new();
+    };
+    let named: HashSet<&str> = policy
+        .rules
+        .iter()
+        .flat_map(|r| r.from.iter().chain(&r.to))
+        .filter_map(|s| match s {
+            Selector::Node(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    let mut held: HashMap<NodeId, Vec<&str>> = HashMap::new();
+    for w in map.workloads.values() {
+        for id in may_hold(w) {
+            // In name order: the workloads are.
+            held.entry(id).or_default().push(&w.name);
+        }
+    }
+    let mut kinds: HashMap<Kind<'_>, (NodeId, BTreeSet<NodeId>)> = HashMap::new();
+    let mut out = HashMap::with_capacity(nodes.len());
+    for &me in nodes {
+        let Some(p) = map.peers.get(&me) else {
+            out.insert(me, visible_peers(Some(policy), map, me));
+            continue;
+        };
+        let mut tags: Vec<&str> = p.tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        let kind = Kind {
+            tags,
+            name: named.contains(p.name.as_str()).then_some(p.name.as_str()),
+            held: held.get(&me).cloned().unwrap_or_default(),
+        };
+        let set = match kinds.get(&kind) {
+            Some((a, theirs)) => {
+                let mut set = theirs.clone();
+                if set.remove(&me) {
+                    set.insert(*a);
+                }
+                set
+            }
+            None => {
+                let set = visible_peers(Some(policy), map, me);
+                kinds.insert(kind, (me, set.clone()));
+                set
+            }
+        };
+        out.insert(me, set);
+    }
+    out
+}
+
+/// What a policy can tell of a node: nodes of one kind see the same peers but themselves.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Kind<'a> {
+    /// Its tags, sorted.
+    tags: Vec<&'a str>,
+    /// Its name, when a `node:` selector names it.
+    name: Option<&'a str>,
+    /// The workloads it holds, held or may hold, by name.
+    held: Vec<&'a str>,
 }
 
 /// `map` as node `me` may see it: itself and `visible` of its peers; every workload, the
@@ -133,15 +205,24 @@ fn may_hold(w: &WorkloadInfo) -> BTreeSet<NodeId> {
 
 impl Pending {
     /// The change as `after` (the map that took `delta`) shows it, ready to select for each
-    /// session. Computes the visible peers of the nodes it touched.
-    pub(super) fn applied<'a>(self, after: &'a Netmap, delta: &NetmapDelta) -> Change<'a> {
-        let recomputed = match (&self.recompute, &after.policy) {
-            (Recompute::Nodes(nodes), Some(policy)) => nodes
-                .iter()
-                .filter(|id| after.peers.contains_key(id))
-                .map(|&id| (id, visible_peers(Some(policy), after, id)))
-                .collect(),
-            _ => HashMap::new(),
+    /// of `sessions` (by node). Computes the visible peers of the nodes it touched, or of
+    /// every session's node when the policy changed.
+    pub(super) fn applied<'a>(
+        self,
+        after: &'a Netmap,
+        delta: &NetmapDelta,
+        sessions: &[NodeId],
+    ) -> Change<'a> {
+        let recomputed = match &self.recompute {
+            Recompute::Nodes(nodes) => {
+                let present: Vec<NodeId> = nodes
+                    .iter()
+                    .copied()
+                    .filter(|id| after.peers.contains_key(id))
+                    .collect();
+                visible_each(after, &present)
+            }
+            Recompute::All => visible_each(after, sessions),
         };
         let after_all = match (&self.recompute, &after.policy) {
             (Recompute::All, None) => after.peers.keys().copied().collect(),
@@ -175,7 +256,8 @@ pub(super) struct Change<'a> {
     before_all: BTreeSet<NodeId>,
     /// Every peer after, when there is no policy any more.
     after_all: BTreeSet<NodeId>,
-    /// The visible peers of each node the change touched, in `after`.
+    /// The visible peers, in `after`, of each node the change touched (or, when `all`, of
+    /// each session's node), while there is a policy.
     recomputed: HashMap<NodeId, BTreeSet<NodeId>>,
     /// The delta's upserted peers, in its order.
     upsert: Vec<NodeId>,
@@ -188,10 +270,13 @@ pub(super) struct Change<'a> {
 impl Change<'_> {
     /// Moves session `me`'s visible peers (`cached`) to the map after the change and says what
     /// of it the session gets.
-    pub(super) fn select(&self, me: NodeId, cached: &mut Visible) -> Selection {
+    pub(super) fn select(&mut self, me: NodeId, cached: &mut Visible) -> Selection {
         let old = cached.take();
         let (new, gained, lost) = if self.all {
-            let new = visible(self.after, me);
+            let new = match self.recomputed.remove(&me) {
+                Some(set) => Some(set),
+                None => visible(self.after, me),
+            };
             let old_set = old.as_ref().unwrap_or(&self.before_all);
             let new_set = new.as_ref().unwrap_or(&self.after_all);
             let gained = new_set
@@ -285,6 +370,7 @@ mod tests {
             node_id: id,
             name: format!("n{id}"),
             public_key: PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: vec![],
             endpoints: vec![],
@@ -351,7 +437,8 @@ ports = ["tcp:7070"]
         delta.to_version = map.version + 1;
         let pending = judge(map, &delta);
         map.apply(&delta).unwrap();
-        let change = pending.applied(map, &delta);
+        let ids: Vec<NodeId> = sets.keys().copied().collect();
+        let mut change = pending.applied(map, &delta, &ids);
         let out = sets
             .iter_mut()
             .map(|(&id, set)| (id, change.select(id, set)))
@@ -463,7 +550,7 @@ ports = ["tcp:7070"]
         assert!(got[&3].remove.is_empty() && got[&5].remove.is_empty());
         s.remove(&2);
         // chat moves to 5, not a candidate before: the client (3) gets 5, and keeps 4
-        // (the previous holder) until the next move.
+        // (the previous holder) until the next move; 4 and 5, both chat's, see each other.
         let mut moved = workload("chat", Some(5), &[5]);
         moved.previous = Some(4);
         let got = step(
@@ -475,7 +562,8 @@ ports = ["tcp:7070"]
             },
         );
         assert_eq!(got[&3].upsert, [5]);
-        assert_eq!(got[&5].upsert, [3]);
+        assert_eq!(got[&4].upsert, [5]);
+        assert_eq!(got[&5].upsert, [3, 4]);
         let got = step(
             &mut m,
             &mut s,
@@ -485,7 +573,56 @@ ports = ["tcp:7070"]
             },
         );
         assert_eq!(got[&3].remove, [4]);
-        assert_eq!(got[&4].remove, [3]);
+        assert_eq!(got[&4].remove, [3, 5]);
+        assert_eq!(got[&5].remove, [4]);
+    }
+
+    #[test]
+    fn nodes_of_a_kind_share_one_computation_but_not_themselves() {
+        let mut m = map();
+        m.policy = Some(
+            parse(
+                r#"
+[[rule]]
+from = ["tag:web"]
+to = ["tag:web", "tag:db"]
+ports = ["*"]
+
+[[rule]]
+from = ["node:n8"]
+to = ["tag:client"]
+ports = ["icmp"]
+
+[[rule]]
+from = ["tag:client"]
+to = ["workload:chat"]
+ports = ["tcp:7070"]
+"#,
+            )
+            .unwrap()
+            .into_policy(2),
+        );
+        // Three webs (they see each other), two dbs (they do not), clients and spares of
+        // which one is named by a rule and one may hold chat.
+        for (id, tags) in [
+            (6, &["web"][..]),
+            (7, &["web"]),
+            (8, &["client"]),
+            (9, &["client"]),
+            (10, &["db"]),
+            (11, &[]),
+        ] {
+            m.peers.insert(id, node(id, tags));
+        }
+        m.workloads
+            .insert("chat".into(), workload("chat", Some(4), &[4, 11]));
+        let ids: Vec<NodeId> = m.peers.keys().copied().collect();
+        let each = visible_each(&m, &ids);
+        for id in ids {
+            assert_eq!(Some(&each[&id]), visible(&m, id).as_ref(), "node {id}");
+        }
+        assert_eq!(each[&6], BTreeSet::from([1, 2, 7, 10]));
+        assert!(visible_each(&Netmap::default(), &[1]).is_empty());
     }
 
     #[test]
