@@ -168,7 +168,7 @@ async fn session(
                         .await
                         .ok()?;
                 }
-                ClientMessage::Heartbeat { seq } => {
+                ClientMessage::Heartbeat { seq, .. } => {
                     let _ = tx.send(Received::Heartbeat);
                     if behaviour == Behaviour::Serve || answered == 0 {
                         answered += 1;
@@ -176,6 +176,7 @@ async fn session(
                             seq,
                             lease_ms: 1500,
                             version: map.version,
+                            confirmed: None,
                         };
                         send.write_all(&control::encode(&lease)).await.ok()?;
                     }

@@ -72,8 +72,16 @@ impl Service {
                     FullMapAnswer::NoNetwork => Err(SessionFault::NetworkGone),
                 }
             }
-            ClientMessage::Heartbeat { seq } => {
+            ClientMessage::Heartbeat {
+                seq,
+                version: applied,
+            } => {
                 let (lease, shared_version) = self.heartbeat(from.node, from.network).await;
+                // The node's map has every change up to `applied`: the workloads it held
+                // before one of them may go to their new holders.
+                if let Some(v) = applied {
+                    self.acknowledged(from.network, from.node, v);
+                }
                 if shared_version > self.hub().version(from.network) {
                     // Another coordinator committed a change this one has not pushed yet:
                     // push it first, so that the holder has it before the lease counts.
@@ -88,6 +96,8 @@ impl Service {
                     // With shared leases, the database's version: a change another
                     // coordinator committed must reach the holder before the lease counts.
                     version: shared_version.map_or(version, |v| v.max(version)),
+                    // What it holds and may answer for (see `Service::confirmed_for`).
+                    confirmed: Some(self.confirmed_for(from.network, from.node)),
                 };
                 Ok(Some(encode(&answer).into()))
             }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, Auth, Hello, ServerMessage};
-use meshlink_proto::workload::{failover_target, LeaseTable, DEFAULT_LEASE, HEARTBEATS_PER_LEASE};
+use meshlink_proto::workload::{
+    failover_target, Confirmation, LeaseTable, DEFAULT_LEASE, HEARTBEATS_PER_LEASE,
+};
 use meshlink_proto::{NetmapDelta, NodeId};
 use tokio::sync::{oneshot, Mutex};
 use tokio::task::JoinSet;
@@ -81,6 +83,45 @@ pub struct MoveOutcome {
 }
 
 type PrepareKey = (NodeId, String, u64);
+
+/// A node that held a workload before a change of holder and may still answer for it: until
+/// it acknowledges the change (a heartbeat at `version` or later) or `until` passes (its lease
+/// has surely run out), the workload's holder is not confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Release {
+    node: NodeId,
+    version: u64,
+    until: Instant,
+}
+
+/// The handovers this coordinator knows of (see `Service::confirmed_for`).
+#[derive(Debug, Default)]
+struct Handovers {
+    /// By (network, workload name): the former holders not yet done answering.
+    pending: HashMap<(String, String), Vec<Release>>,
+    /// The newest map version each node acknowledged.
+    acked: HashMap<NodeId, u64>,
+    /// By (network, workload name): the (id, generation) last confirmed to its holder
+    /// unasked, so that each is sent once.
+    told: HashMap<(String, String), (u64, u64)>,
+}
+
+impl Handovers {
+    /// Drops the releases that are over at `now`; whether none is left for the workload.
+    fn settled(&mut self, key: &(String, String), now: Instant) -> bool {
+        let acked = &self.acked;
+        let Some(list) = self.pending.get_mut(key) else {
+            return true;
+        };
+        list.retain(|r| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version));
+        if list.is_empty() {
+            self.pending.remove(key);
+            true
+        } else {
+            false
+        }
+    }
+}
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
@@ -206,6 +247,11 @@ pub struct Service {
     /// coordinator. While the database is away a lease is granted no further than a lease past
     /// that, which is what the failover leader, reading the database, counts from.
     recorded: std::sync::Mutex<HashMap<NodeId, Instant>>,
+    /// Changes of holder not confirmed yet to their new holders (see `Service::confirmed_for`).
+    handovers: std::sync::Mutex<Handovers>,
+    /// Nothing is confirmed before then (a lease plus the margin after the start): a change
+    /// the previous run made may not have been acknowledged, and this run does not know it.
+    confirm_from: Instant,
 }
 
 impl std::fmt::Debug for Service {
@@ -273,6 +319,8 @@ impl Service {
             me: random_secret(),
             present: std::sync::Mutex::new(std::collections::HashSet::new()),
             recorded: std::sync::Mutex::new(HashMap::new()),
+            handovers: std::sync::Mutex::new(Handovers::default()),
+            confirm_from: started + timing.lease + timing.margin,
         })
     }
 
@@ -660,6 +708,10 @@ impl Service {
             self.leases().granted(h, self.clock.instant());
         }
         self.upsert_workload(&rec, version).await;
+        // The holder it leaves may answer until it acknowledges the change or its lease has
+        // surely run out; not one whose lease was waited out (fenced) before the commit.
+        let old = plan.workload.holder.filter(|_| fence.node.is_none());
+        self.handed_over(&rec, old, version, true);
         let took = self.clock.instant().saturating_duration_since(started);
         tracing::info!(
             workload = %rec.name,
@@ -678,6 +730,150 @@ impl Service {
             prepared_in,
             took,
         })
+    }
+
+    /// A change of `rec`'s holder at map `version`, published: `old`, the holder it took the
+    /// workload from (`None`: nobody, or one whose lease has surely run out), may answer until
+    /// it acknowledges a version at least `version` or until a lease plus the margin from now
+    /// (any lease it holds without knowing of the change was granted before the change was
+    /// published: later answers carry its version, which the holder's map must reach first).
+    /// With `tell` (the change is in the hub's map), the new holder is told at once when
+    /// nothing is left to wait for.
+    fn handed_over(&self, rec: &WorkloadRecord, old: Option<NodeId>, version: u64, tell: bool) {
+        let now = self.clock.instant();
+        let mut until = now + self.timing.lease + self.timing.margin;
+        if let Some(o) = old {
+            if self.shared.get().is_none() {
+                // Alone, this coordinator hears every heartbeat: a holder quiet for a while
+                // lost its lease earlier.
+                until = until.min(self.leases().expires(o));
+            }
+        }
+        {
+            let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+            let key = (rec.network.clone(), rec.name.clone());
+            let list = h.pending.entry(key).or_default();
+            // The new holder's own earlier answers are no second holder.
+            list.retain(|r| Some(r.node) != rec.holder);
+            if let Some(o) = old.filter(|o| Some(*o) != rec.holder) {
+                list.push(Release {
+                    node: o,
+                    version,
+                    until,
+                });
+            }
+        }
+        if tell {
+            self.tell_confirmed(&rec.network, std::slice::from_ref(&rec.name));
+        }
+    }
+
+    /// The workloads of `network`'s map in the hub.
+    fn workloads_of(&self, network: &str) -> Vec<meshlink_proto::WorkloadInfo> {
+        self.hub
+            .workloads()
+            .into_iter()
+            .filter(|(n, _)| n == network)
+            .map(|(_, w)| w)
+            .collect()
+    }
+
+    /// The workloads `node` holds in `network`'s map and may answer for, with their
+    /// generations: those with no former holder left that may still answer (none that has
+    /// neither acknowledged the change nor surely lost its lease). Empty for a lease plus the
+    /// margin after the start.
+    pub fn confirmed_for(&self, network: &str, node: NodeId) -> Vec<Confirmation> {
+        let now = self.clock.instant();
+        if now < self.confirm_from {
+            return Vec::new();
+        }
+        let workloads = self.workloads_of(network);
+        let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        workloads
+            .iter()
+            .filter(|w| w.holder == Some(node))
+            .filter(|w| h.settled(&(network.to_string(), w.name.clone()), now))
+            .map(|w| Confirmation {
+                workload: w.id,
+                generation: w.generation,
+            })
+            .collect()
+    }
+
+    /// `node` acknowledged map `version` (a heartbeat): the workloads it held before a change
+    /// that `version` includes are confirmed to their new holders.
+    pub fn acknowledged(&self, network: &str, node: NodeId, version: u64) {
+        let waiting: Vec<String> = {
+            let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+            let acked = h.acked.entry(node).or_insert(0);
+            if *acked >= version {
+                return;
+            }
+            *acked = version;
+            h.pending
+                .iter()
+                .filter(|((net, _), list)| {
+                    net == network && list.iter().any(|r| r.node == node && r.version <= version)
+                })
+                .map(|((_, name), _)| name.clone())
+                .collect()
+        };
+        if !waiting.is_empty() {
+            self.tell_confirmed(network, &waiting);
+        }
+    }
+
+    /// Tells the holder of each of `names` (in `network`) that it may answer, unasked (a lease
+    /// message answering no heartbeat), once nothing is left to wait for; at most once per
+    /// generation.
+    fn tell_confirmed(&self, network: &str, names: &[String]) {
+        let now = self.clock.instant();
+        if now < self.confirm_from {
+            return;
+        }
+        let workloads = self.workloads_of(network);
+        let mut holders = Vec::new();
+        {
+            let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+            for name in names {
+                let Some(w) = workloads.iter().find(|w| &w.name == name) else {
+                    continue;
+                };
+                let Some(holder) = w.holder else { continue };
+                let key = (network.to_string(), name.clone());
+                if h.told.get(&key) == Some(&(w.id, w.generation)) || !h.settled(&key, now) {
+                    continue;
+                }
+                h.told.insert(key, (w.id, w.generation));
+                holders.push(holder);
+            }
+        }
+        holders.sort_unstable();
+        holders.dedup();
+        for holder in holders {
+            let frame: Frame = encode(&ServerMessage::Lease {
+                seq: 0,
+                lease_ms: 0,
+                version: self.hub.version(network).unwrap_or(0),
+                confirmed: Some(self.confirmed_for(network, holder)),
+            })
+            .into();
+            self.hub.send_to(network, holder, frame);
+        }
+    }
+
+    /// Confirms every handover whose wait is over by time alone (an old holder's lease, the
+    /// start); called by `failover_tick`.
+    fn confirm_tick(&self) {
+        let mut by_network: HashMap<String, Vec<String>> = HashMap::new();
+        for (network, w) in self.hub.workloads() {
+            if w.holder.is_some() {
+                by_network.entry(network).or_default().push(w.name);
+            }
+        }
+        for (network, names) in by_network {
+            self.tell_confirmed(&network, &names);
+        }
     }
 
     /// A workload as agents see it, with this coordinator's grace period.
@@ -706,6 +902,15 @@ impl Service {
             if let Some(h) = rec.holder {
                 self.leases().granted(h, self.clock.instant());
             }
+            // The holder it had here may still answer: another coordinator made the change,
+            // and this one does not know the version to acknowledge, so the new holder is
+            // confirmed here once the old holder's lease has surely run out.
+            let old = self
+                .workloads_of(&rec.network)
+                .into_iter()
+                .find(|w| w.name == rec.name)
+                .and_then(|w| w.holder);
+            self.handed_over(rec, old, u64::MAX, false);
         }
     }
 
@@ -853,6 +1058,8 @@ impl Service {
     /// first online standby. Call it often (every 50 ms or so); it reads only memory unless a
     /// holder is silent (and then, while no standby is online, once a second).
     pub async fn failover_tick(&self) {
+        // Every coordinator, leader or not, confirms handovers to the holders it serves.
+        self.confirm_tick();
         if let Some(store) = self.shared.get() {
             if !store.lead(&mut *self.leadership.lock().await).await {
                 return;

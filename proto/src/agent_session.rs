@@ -156,9 +156,9 @@ impl AgentSession {
         self.transmits.clear();
         self.take_map(map, now);
         self.connected = true;
-        if self.holdings.is_holder() {
+        if self.holdings.is_holder() || self.holdings.take_release_ack() {
             let seq = self.holdings.heartbeat_now(now);
-            self.transmits.push_back(ClientMessage::Heartbeat { seq });
+            self.send_heartbeat(seq);
         }
         self.endpoints = endpoints;
         self.transmits.push_back(ClientMessage::Endpoints {
@@ -221,9 +221,12 @@ impl AgentSession {
                 seq,
                 lease_ms,
                 version,
+                confirmed,
             } => {
                 self.holdings
                     .on_lease(seq, std::time::Duration::from_millis(lease_ms), version);
+                // Confirmations count whatever heartbeat the message answers (seq 0: none).
+                self.holdings.on_confirmed(confirmed.as_deref());
                 self.events.push_back(Event::HoldingsChanged);
             }
             ServerMessage::Prepare {
@@ -234,7 +237,7 @@ impl AgentSession {
                 // tunnels up and answers.
                 self.holdings.on_prepare(&workload, generation, now);
                 let seq = self.holdings.heartbeat_now(now);
-                self.transmits.push_back(ClientMessage::Heartbeat { seq });
+                self.send_heartbeat(seq);
                 self.events.push_back(Event::HoldingsChanged);
                 self.events.push_back(Event::Prepare {
                     workload,
@@ -371,14 +374,28 @@ impl AgentSession {
     }
 
     /// Bookkeeping after any input at `now`: a node that has just become a holder sends its
-    /// first heartbeat at once, and the holdings' next timer is taken.
+    /// first heartbeat at once, so does one that a change took a workload from (the
+    /// heartbeat's map version acknowledges the change, and the next holder may answer), and
+    /// the holdings' next timer is taken.
     fn after_input(&mut self, now: Instant) {
         if self.connected {
             if let Some(seq) = self.holdings.poll_heartbeat(now) {
-                self.transmits.push_back(ClientMessage::Heartbeat { seq });
+                self.send_heartbeat(seq);
+            } else if self.holdings.take_release_ack() {
+                let seq = self.holdings.heartbeat_now(now);
+                self.send_heartbeat(seq);
             }
         }
         self.holdings_timer = self.holdings.poll_timeout(now);
+    }
+
+    /// Sends heartbeat `seq` with the map's version, which acknowledges every change up to it.
+    fn send_heartbeat(&mut self, seq: u64) {
+        self.holdings.take_release_ack();
+        self.transmits.push_back(ClientMessage::Heartbeat {
+            seq,
+            version: Some(self.map.version),
+        });
     }
 
     /// The coordinator refused or revoked this node when it said hello: it answers for
@@ -441,6 +458,7 @@ mod tests {
                 seq,
                 lease_ms: 1500,
                 version: 1,
+                confirmed: None,
             },
         )
         .unwrap();
@@ -466,7 +484,7 @@ mod tests {
 
     fn heartbeat_seq(m: &[ClientMessage]) -> Option<u64> {
         m.iter().find_map(|m| match m {
-            ClientMessage::Heartbeat { seq } => Some(*seq),
+            ClientMessage::Heartbeat { seq, .. } => Some(*seq),
             _ => None,
         })
     }
@@ -496,6 +514,7 @@ mod tests {
                 seq,
                 lease_ms: 1500,
                 version: 3,
+                confirmed: None,
             },
         )
         .unwrap();
@@ -656,6 +675,97 @@ mod tests {
         s.disconnected();
         s.prepared("chat".into(), 2);
         assert!(transmits(&mut s).is_empty());
+    }
+
+    /// A planned move from node 1 to node 2 as the coordinator drives it: node 2 answers only
+    /// once the coordinator confirms, which it does on node 1's acknowledgement, sent as soon
+    /// as node 1 applies the move's map. Node 1 cut off before the map reaches it sends none:
+    /// node 2 stays held back however long.
+    #[test]
+    fn a_moved_workload_is_answered_at_its_new_holder_only_after_the_old_one_acknowledges() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let lease = |seq, version, confirmed: &[(u64, u64)]| ServerMessage::Lease {
+            seq,
+            lease_ms: 5000,
+            version,
+            confirmed: Some(
+                confirmed
+                    .iter()
+                    .map(|(workload, generation)| crate::workload::Confirmation {
+                        workload: *workload,
+                        generation: *generation,
+                    })
+                    .collect(),
+            ),
+        };
+        let before = map(1, &[wl(Some(1), 1)]);
+        let mut moved = wl(Some(2), 2);
+        moved.previous = Some(1);
+        let after = map(2, &[moved]);
+        for old_holder_cut_off in [false, true] {
+            let mut old = AgentSession::new(1, before.clone(), t0);
+            old.connected(t0, before.clone(), vec![]);
+            let seq = heartbeat_seq(&transmits(&mut old)).unwrap();
+            old.handle_message(t0, lease(seq, 1, &[(7, 1)])).unwrap();
+            assert_eq!(old.holdings().held(t0).len(), 1);
+            let mut new = AgentSession::new(2, before.clone(), t0);
+            new.connected(t0, before.clone(), vec![]);
+            transmits(&mut new);
+            new.handle_message(
+                t0 + ms(5),
+                ServerMessage::Prepare {
+                    workload: "chat".into(),
+                    generation: 2,
+                },
+            )
+            .unwrap();
+            let sent = transmits(&mut new);
+            assert!(sent.contains(&ClientMessage::Heartbeat {
+                seq: heartbeat_seq(&sent).unwrap(),
+                version: Some(1)
+            }));
+            new.handle_message(t0 + ms(6), lease(heartbeat_seq(&sent).unwrap(), 1, &[]))
+                .unwrap();
+            // The commit: the delta reaches the new holder, which holds it back.
+            new.handle_message(t0 + ms(10), ServerMessage::FullMap(after.clone()))
+                .unwrap();
+            assert!(new.holdings().held(t0 + ms(10)).is_empty());
+            assert!(new.holdings_mut().tentative(t0 + ms(10)).is_empty());
+            if old_holder_cut_off {
+                // Its lease runs on; the new holder answers for nothing meanwhile.
+                for t in (10..5000).step_by(50) {
+                    let now = t0 + ms(t);
+                    new.handle_timeout(now);
+                    assert!(
+                        old.holdings().held(now).is_empty() || new.holdings().held(now).is_empty(),
+                        "two holders at {t} ms"
+                    );
+                }
+                assert!(old.holdings().held(t0 + ms(4999)).len() == 1);
+                continue;
+            }
+            // The old holder applies the map and acknowledges it at once.
+            old.handle_message(t0 + ms(11), ServerMessage::FullMap(after.clone()))
+                .unwrap();
+            assert!(old.holdings().held(t0 + ms(11)).is_empty());
+            let ack = transmits(&mut old);
+            assert!(
+                matches!(
+                    ack[..],
+                    [ClientMessage::Heartbeat {
+                        version: Some(2),
+                        ..
+                    }]
+                ),
+                "{ack:?}"
+            );
+            // The coordinator confirms generation 2 to the new holder (unsolicited, seq 0).
+            new.handle_message(t0 + ms(12), lease(0, 2, &[(7, 2)]))
+                .unwrap();
+            assert_eq!(new.holdings().held(t0 + ms(12)).len(), 1);
+            assert!(events(&mut new).contains(&Event::HoldingsChanged));
+        }
     }
 
     #[test]

@@ -12,7 +12,10 @@
 //!   (`Welcome::coordinators`, absent from older coordinators); (2026-12) the reflexive
 //!   address port and relaying (`Welcome::reflect_port`, `Welcome::relay`; QUIC datagrams of
 //!   [`crate::relay`] frames on the session's connection); path reports
-//!   (`ClientMessage::Paths`, sent only when `Welcome::path_reports` says so).
+//!   (`ClientMessage::Paths`, sent only when `Welcome::path_reports` says so); (2026-12)
+//!   confirmed handovers of workload addresses (`Heartbeat::version`, the map version a
+//!   heartbeat acknowledges; `Lease::confirmed`, the generations a holder may answer at, also
+//!   sent unsolicited with `seq` 0: see [`crate::workload`]).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -95,6 +98,13 @@ pub enum ClientMessage {
     Heartbeat {
         /// Sequence number, chosen by the agent.
         seq: u64,
+        /// The version of the agent's map when it sent the heartbeat (every change up to it
+        /// applied): a node that a change took a workload from sends one at once, which
+        /// acknowledges the change, so that the next holder may answer. Absent: an agent
+        /// from before 2026-12, which acknowledges nothing (the next holder waits until its
+        /// lease has surely run out).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        version: Option<u64>,
     },
     /// The agent is ready to take `workload` at `generation` (its tunnels are up), in answer
     /// to [`ServerMessage::Prepare`].
@@ -244,6 +254,16 @@ pub enum ServerMessage {
         /// The network's map version when it was granted: it holds only once the agent's map
         /// has reached it.
         version: u64,
+        /// The workloads (by id) this node holds and may answer for, with the generation
+        /// confirmed: every node that held one before has acknowledged the change (a
+        /// heartbeat at its version) or has surely lost its lease. A workload the map gives
+        /// the node at a newer generation than confirmed here or earlier is held back: the
+        /// node answers for it once a later `Lease` confirms it. `seq` 0 answers no heartbeat
+        /// (agents number theirs from 1) and renews nothing: the coordinator sends it when a
+        /// handover is confirmed. Absent: a coordinator from before 2026-12, which confirms
+        /// nothing and holds nothing back.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirmed: Option<Vec<crate::workload::Confirmation>>,
     },
     /// This node is about to become the holder of `workload` at `generation`: bring up
     /// tunnels to the peers, then answer [`ClientMessage::Prepared`].
@@ -492,10 +512,49 @@ mod tests {
     }
 
     #[test]
+    fn handover_fields_are_optional_both_ways() {
+        // An agent from before 2026-12 sends no version; a coordinator from then sends no
+        // confirmations: both still decode, as `None`.
+        let old: ClientMessage = serde_json::from_str(r#"{"type":"heartbeat","seq":4}"#).unwrap();
+        assert_eq!(
+            old,
+            ClientMessage::Heartbeat {
+                seq: 4,
+                version: None
+            }
+        );
+        let old: ServerMessage =
+            serde_json::from_str(r#"{"type":"lease","seq":4,"lease_ms":1500,"version":9}"#)
+                .unwrap();
+        assert!(matches!(
+            old,
+            ServerMessage::Lease {
+                confirmed: None,
+                ..
+            }
+        ));
+        let lease = ServerMessage::Lease {
+            seq: 0,
+            lease_ms: 0,
+            version: 9,
+            confirmed: Some(vec![crate::workload::Confirmation {
+                workload: 7,
+                generation: 3,
+            }]),
+        };
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        d.push(&encode(&lease)).unwrap();
+        assert_eq!(d.decode::<ServerMessage>().unwrap(), Some(lease));
+    }
+
+    #[test]
     fn relay_frames_and_messages_share_a_stream() {
         let mut bytes = encode(&ClientMessage::FullMapRequest);
         bytes.extend(encode_relay(&[7; 40]).unwrap());
-        bytes.extend(encode(&ClientMessage::Heartbeat { seq: 3 }));
+        bytes.extend(encode(&ClientMessage::Heartbeat {
+            seq: 3,
+            version: None,
+        }));
         let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
         d.push(&bytes).unwrap();
         assert_eq!(
@@ -508,7 +567,10 @@ mod tests {
         );
         assert_eq!(
             d.decode::<ClientMessage>().unwrap(),
-            Some(ClientMessage::Heartbeat { seq: 3 })
+            Some(ClientMessage::Heartbeat {
+                seq: 3,
+                version: None
+            })
         );
         // Where only messages are expected, a relay frame is an error; an oversized one is
         // refused from its prefix alone.

@@ -15,7 +15,21 @@
 //!   before anyone else is given its address.
 //! - **Release on sight.** An agent that learns of a newer generation held elsewhere releases
 //!   the address at once and forwards what still reaches it for the address to the new holder
-//!   for a grace period ([`Holdings::forwards`]): a planned move loses nothing in flight.
+//!   for a grace period ([`Holdings::forwards`]): a planned move loses nothing in flight. It
+//!   acknowledges the change at once: a heartbeat carrying its map's version
+//!   ([`Holdings::take_release_ack`]).
+//! - **Confirmed handovers.** A node that the map makes the holder answers only once the
+//!   coordinator has confirmed that generation ([`Holdings::on_confirmed`]): every node that
+//!   held the address before has acknowledged the change, or its lease has surely run out.
+//!   So a holder cut off just before a move (which keeps its lease and cannot learn of the
+//!   move) is never answered over. Invariant: at no instant do two nodes answer for one
+//!   address, given clocks that run at the same rate (each node counts its lease from the
+//!   send time of the heartbeat the coordinator answered, before the coordinator received
+//!   it, and stops at its end on its own clock; the coordinator confirms the next holder
+//!   only after the old holder's acknowledgement or once a lease plus a margin has passed
+//!   since the change was published, on its own clock). A coordinator from before 2026-12
+//!   confirms nothing: its answers carry no confirmations, and the node answers as soon as its
+//!   map names it, as before.
 //!
 //! Everything here is a pure state machine that is given time.
 
@@ -90,6 +104,16 @@ impl WorkloadInfo {
     }
 }
 
+/// A generation of a workload that its holder may answer at: the coordinator's confirmation
+/// of a handover ([`crate::control::ServerMessage::Lease`], [`Holdings::on_confirmed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Confirmation {
+    /// The workload's id ([`WorkloadInfo::id`]).
+    pub workload: u64,
+    /// The generation confirmed (and every older one).
+    pub generation: u64,
+}
+
 /// One address this node should answer for now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Held {
@@ -159,6 +183,14 @@ pub struct Holdings {
     forwards: BTreeMap<String, Forward>,
     /// Moves being prepared here: the address, the generation it will take, and until when.
     tentative: BTreeMap<String, (IpNet, u64, Instant)>,
+    /// Whether the coordinator confirms handovers (its latest lease answer carried
+    /// confirmations): then a workload is answered for only at a confirmed generation.
+    confirms: bool,
+    /// The highest generation confirmed for this node, by workload id (ids are never
+    /// reused, so a workload created again under a name inherits nothing).
+    confirmed: HashMap<u64, u64>,
+    /// A map took a workload from this node that it has not acknowledged yet.
+    release_ack: bool,
 }
 
 impl Holdings {
@@ -179,6 +211,9 @@ impl Holdings {
             lease: DEFAULT_LEASE,
             forwards: BTreeMap::new(),
             tentative: BTreeMap::new(),
+            confirms: false,
+            confirmed: HashMap::new(),
+            release_ack: false,
         }
     }
 
@@ -220,6 +255,17 @@ impl Holdings {
             }
             seen.1 = w.generation;
             next.insert(w.name.clone(), w.clone());
+        }
+        // A workload this node was the holder of and is no longer (moved, detached, deleted):
+        // the coordinator waits for the acknowledgement before the next holder answers.
+        let me = self.me;
+        if self.current.values().any(|w| {
+            w.holder == Some(me)
+                && next
+                    .get(&w.name)
+                    .is_none_or(|n| n.holder != Some(me) || n.id != w.id)
+        }) {
+            self.release_ack = true;
         }
         // Workloads deleted from the map are forgotten, except their highest generation.
         self.current = next;
@@ -292,9 +338,58 @@ impl Holdings {
 
     /// Addresses set up for moves being prepared, not (yet) held. Only packets sent after the
     /// switch can reach them (no peer routes them here before), so answering those is safe.
+    /// None while the coordinator confirms handovers: the address then goes up only once this
+    /// node may answer for it (the holder it replaces may be cut off, and still answering).
     pub fn tentative(&mut self, now: Instant) -> Vec<IpNet> {
         self.tentative.retain(|_, (_, _, until)| now < *until);
+        if self.confirms {
+            return Vec::new();
+        }
         self.tentative.values().map(|(a, _, _)| *a).collect()
+    }
+
+    /// What a lease message said about handovers
+    /// ([`crate::control::ServerMessage::Lease`]'s `confirmed`): `Some` (a coordinator that
+    /// confirms handovers) adds the generations it confirms, by workload id; they are kept
+    /// (a confirmation is never withdrawn: the old holders it waited for have let go for
+    /// good). `None` (a coordinator from before 2026-12): nothing is held back.
+    pub fn on_confirmed(&mut self, confirmed: Option<&[Confirmation]>) {
+        let Some(confirmed) = confirmed else {
+            self.confirms = false;
+            return;
+        };
+        self.confirms = true;
+        for c in confirmed {
+            let g = self.confirmed.entry(c.workload).or_insert(0);
+            *g = (*g).max(c.generation);
+        }
+    }
+
+    /// Whether this node may answer for `w` as far as handovers go: the coordinator confirmed
+    /// its generation, or confirms nothing.
+    fn confirmed(&self, w: &WorkloadInfo) -> bool {
+        !self.confirms
+            || self
+                .confirmed
+                .get(&w.id)
+                .is_some_and(|g| *g >= w.generation)
+    }
+
+    /// Workloads the map gives this node that it may not answer for yet: the coordinator has
+    /// not confirmed their handover (see the module documentation).
+    pub fn held_back(&self) -> Vec<String> {
+        self.current
+            .values()
+            .filter(|w| w.holder == Some(self.me) && !self.confirmed(w))
+            .map(|w| w.name.clone())
+            .collect()
+    }
+
+    /// Whether a map took a workload from this node since the last call: the node then
+    /// acknowledges it at once (a heartbeat with its map's version), so that the next holder
+    /// may answer.
+    pub fn take_release_ack(&mut self) -> bool {
+        std::mem::take(&mut self.release_ack)
     }
 
     /// Whether this node is the holder of any workload in the newest map (and so must keep
@@ -400,7 +495,7 @@ impl Holdings {
         }
         self.current
             .values()
-            .filter(|w| w.holder == Some(self.me))
+            .filter(|w| w.holder == Some(self.me) && self.confirmed(w))
             .map(|w| {
                 (
                     w.name.clone(),
@@ -413,8 +508,9 @@ impl Holdings {
             .collect()
     }
 
-    /// The addresses this node answers for at `now`: those the newest map gives it, while the
-    /// lease is valid.
+    /// The addresses this node answers for at `now`: those the newest map gives it at a
+    /// generation the coordinator confirmed (or all, from a coordinator that confirms nothing),
+    /// while the lease is valid.
     pub fn held(&self, now: Instant) -> Vec<Held> {
         self.held_named(now).into_values().collect()
     }
@@ -495,10 +591,11 @@ impl Holdings {
             .filter_map(|w| {
                 let from = if held.contains_key(&w.name) {
                     w.previous.filter(|_| self.in_grace(&w.name, now))?
-                } else if self
-                    .tentative
-                    .get(&w.name)
-                    .is_some_and(|(_, _, until)| now < *until)
+                } else if !self.confirms
+                    && self
+                        .tentative
+                        .get(&w.name)
+                        .is_some_and(|(_, _, until)| now < *until)
                 {
                     w.holder?
                 } else {
@@ -965,6 +1062,105 @@ pub(crate) mod tests {
         // After a start, a holder not heard from yet gets the startup grace.
         assert!(!leases.is_silent(9, t0 + Duration::from_millis(1601)));
         assert!(leases.is_silent(9, t0 + Duration::from_millis(1601) + STARTUP_GRACE));
+    }
+
+    /// The bug the chaos tests found: node 1 holds chat and is cut off just before a move to
+    /// node 2. Node 1 keeps its lease (it cannot learn of the move) and answers until it ends;
+    /// node 2 must not answer before the coordinator confirms the handover.
+    #[test]
+    fn a_new_holder_answers_only_once_the_coordinator_confirms_the_handover() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let confirmed = |pairs: &[(u64, u64)]| -> Vec<Confirmation> {
+            pairs
+                .iter()
+                .map(|(workload, generation)| Confirmation {
+                    workload: *workload,
+                    generation: *generation,
+                })
+                .collect()
+        };
+        // Node 1, the holder, cut off at t0 + 10 ms with a lease until t0 + 1500 ms.
+        let mut old = Holdings::new(1);
+        old.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        let s = old.heartbeat_now(t0);
+        old.on_lease(s, DEFAULT_LEASE, 1);
+        old.on_confirmed(Some(&confirmed(&[(7, 1)])));
+        assert_eq!(old.held(t0 + ms(10)).len(), 1);
+        // Node 2, prepared for generation 2 and given a lease, then the move's map.
+        let mut new = Holdings::new(2);
+        new.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        new.on_prepare("chat", 2, t0 + ms(20));
+        let s = new.heartbeat_now(t0 + ms(20));
+        new.on_lease(s, Duration::from_secs(5), 1);
+        new.on_confirmed(Some(&confirmed(&[])));
+        assert!(
+            new.tentative(t0 + ms(21)).is_empty(),
+            "no address ahead of a confirmation: the holder may be cut off"
+        );
+        let mut moved = wl("chat", Some(2), 2);
+        moved.previous = Some(1);
+        new.on_map(&map(2, &[moved.clone()]), t0 + ms(30));
+        assert!(new.is_holder(), "it heartbeats as a holder");
+        assert_eq!(new.held_back(), vec!["chat".to_string()]);
+        let mut t = t0 + ms(30);
+        while t < t0 + DEFAULT_LEASE {
+            assert!(
+                old.held(t).is_empty() || new.held(t).is_empty(),
+                "two holders at {:?}",
+                t - t0
+            );
+            assert!(new.held(t).is_empty(), "not confirmed yet");
+            assert!(new.relays(t).is_empty());
+            t += ms(10);
+        }
+        assert!(old.held(t0 + DEFAULT_LEASE).is_empty(), "its lease ran out");
+        // The coordinator confirms once the old lease has surely run out; an older
+        // generation's confirmation would not do.
+        new.on_confirmed(Some(&confirmed(&[(7, 1)])));
+        assert!(new.held(t0 + ms(1600)).is_empty());
+        new.on_confirmed(Some(&confirmed(&[(7, 2)])));
+        assert_eq!(new.held(t0 + ms(1600)).len(), 1);
+        assert!(new.held_back().is_empty());
+        // A confirmation is kept: a later answer that does not list it changes nothing.
+        new.on_confirmed(Some(&confirmed(&[])));
+        assert_eq!(new.held(t0 + ms(1600)).len(), 1);
+
+        // From a coordinator that confirms nothing (before 2026-12): at once, as before.
+        let mut new = Holdings::new(2);
+        new.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        new.on_prepare("chat", 2, t0);
+        let s = new.heartbeat_now(t0);
+        new.on_lease(s, DEFAULT_LEASE, 1);
+        new.on_confirmed(None);
+        assert_eq!(new.tentative(t0).len(), 1);
+        new.on_map(&map(2, &[moved]), t0 + ms(30));
+        assert_eq!(new.held(t0 + ms(30)).len(), 1);
+    }
+
+    #[test]
+    fn a_holder_acknowledges_every_change_that_takes_a_workload_from_it() {
+        let t0 = Instant::now();
+        let mut h = Holdings::new(1);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        assert!(!h.take_release_ack(), "nothing taken yet");
+        // Acknowledged whether or not it had a lease: the coordinator cannot know.
+        h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0);
+        assert!(h.take_release_ack());
+        assert!(!h.take_release_ack(), "once");
+        h.on_map(&map(3, &[wl("chat", Some(1), 3)]), t0);
+        assert!(!h.take_release_ack());
+        h.on_map(&map(4, &[wl("chat", None, 4)]), t0);
+        assert!(h.take_release_ack(), "detached");
+        h.on_map(&map(5, &[wl("chat", Some(1), 5)]), t0);
+        h.on_map(&map(6, &[]), t0);
+        assert!(h.take_release_ack(), "deleted");
+        // A stale map changes nothing.
+        h.on_map(&map(7, &[wl("chat", Some(2), 6)]), t0);
+        h.take_release_ack();
+        h.on_map(&map(8, &[wl("chat", Some(1), 5)]), t0);
+        h.on_map(&map(9, &[wl("chat", Some(2), 6)]), t0);
+        assert!(!h.take_release_ack());
     }
 
     #[test]

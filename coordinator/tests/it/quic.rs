@@ -407,12 +407,17 @@ async fn heartbeats_claims_and_prepared_over_quic() {
     }
 
     // The holder's heartbeat gets a lease at the map's version.
-    a.send(&ClientMessage::Heartbeat { seq: 7 }).await;
+    a.send(&ClientMessage::Heartbeat {
+        seq: 7,
+        version: None,
+    })
+    .await;
     match a.recv().await {
         Some(ServerMessage::Lease {
             seq: 7,
             lease_ms,
             version,
+            ..
         }) => {
             assert_eq!(lease_ms, 1500);
             assert_eq!(
@@ -437,7 +442,11 @@ async fn heartbeats_claims_and_prepared_over_quic() {
         }) => assert_eq!((workload.as_str(), generation), ("chat", 2)),
         other => panic!("expected a prepare, got {other:?}"),
     }
-    b.send(&ClientMessage::Heartbeat { seq: 1 }).await;
+    b.send(&ClientMessage::Heartbeat {
+        seq: 1,
+        version: None,
+    })
+    .await;
     assert!(matches!(
         b.recv().await,
         Some(ServerMessage::Lease { seq: 1, .. })

@@ -209,7 +209,11 @@ async fn an_agent_over_tls_tcp_gets_welcome_maps_and_deltas() {
     };
     assert_eq!((d.to_version, d.upsert[0].endpoints.clone()), (3, eps));
     assert_eq!(delta(&mut a).await.to_version, 3);
-    a.send(&ClientMessage::Heartbeat { seq: 9 }).await;
+    a.send(&ClientMessage::Heartbeat {
+        seq: 9,
+        version: None,
+    })
+    .await;
     assert!(matches!(
         a.recv().await,
         Some(ServerMessage::Lease { seq: 9, .. })
@@ -441,7 +445,11 @@ async fn tcp_listen_off_means_no_listener_and_relay_off_means_no_records() {
     a.send_frame(&whole_frame(&key(2), 1, b"x")).await;
     a.closed().await;
     let (mut b, _, _) = join_tcp(&t, 2, None).await;
-    b.send(&ClientMessage::Heartbeat { seq: 1 }).await;
+    b.send(&ClientMessage::Heartbeat {
+        seq: 1,
+        version: None,
+    })
+    .await;
     assert!(matches!(
         b.recv().await,
         Some(ServerMessage::Lease { seq: 1, .. })
