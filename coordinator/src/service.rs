@@ -652,7 +652,8 @@ impl Service {
     /// planned change away from a holder that has not sent a heartbeat for two heartbeat
     /// intervals fences it too and waits until its lease has surely run out: a holder that is
     /// cut off cannot learn of the change, and must have stopped answering before the new
-    /// holder starts.
+    /// holder starts. Any other change commits at once, and its new holder answers only once
+    /// the old one has acknowledged it or its lease has surely run out (`handed_over`).
     async fn execute(
         &self,
         plan: PlannedMove,
