@@ -1203,6 +1203,7 @@ mod tests {
         let mut moved = map.clone();
         moved.version += 1;
         moved.peers.get_mut(&2).unwrap().endpoints = vec!["198.18.0.9:1".parse().unwrap()];
+            next_key: None,
         assert_eq!(policy_inputs(&moved), before, "an endpoint changed");
         let mut tagged = map.clone();
         tagged.peers.get_mut(&2).unwrap().tags.push("db".into());

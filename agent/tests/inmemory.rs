@@ -829,6 +829,7 @@ mod policy {
                     node_id: i as u64 + 1,
                     name: format!("n{i}"),
                     public_key: n.key.public_key(),
+                    next_key: None,
                     addresses: vec![own],
                     allowed_ips: allowed,
                     endpoints: Vec::new(),

@@ -1,5 +1,5 @@
-//! Nodes: `GET /v1/nodes`, `GET /v1/nodes/{ref}`, `POST /v1/nodes/{ref}/revoke`
-//! (`DELETE /v1/nodes/{ref}` has no body).
+//! Nodes: `GET /v1/nodes`, `GET /v1/nodes/{ref}`, `POST /v1/nodes/{ref}/revoke`,
+//! `POST /v1/nodes/{ref}/rotate-key` (`DELETE /v1/nodes/{ref}` has no body).
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -37,6 +37,27 @@ pub struct Node {
     pub revoked: bool,
     /// Join time.
     pub created_at: UnixTime,
+    /// When its WireGuard key became its key (the join, or the end of its last rotation).
+    /// Absent from coordinators before key rotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_since: Option<UnixTime>,
+    /// Its next WireGuard key while it rotates: peers accept both until the node switches.
+    /// Absent: no rotation under way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<PublicKey>,
+    /// When a rotation was asked for (by an operator or the schedule) that the node has not
+    /// answered with a next key yet. Absent: none waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_asked: Option<UnixTime>,
+    /// When the node expires if it stays away (no session) until then: the coordinator's
+    /// `node_expiry` after its last session. Absent: it does not (expiry off, it has a
+    /// session, or it is revoked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<UnixTime>,
+    /// When it was revoked for staying away too long; it must join again. Absent: it did not
+    /// expire.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expired_at: Option<UnixTime>,
     /// What the node last reported of its paths to its peers, to the coordinator that
     /// answered. Absent: no report there (an agent from before path reports, or one whose
     /// session is on another coordinator).

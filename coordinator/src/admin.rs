@@ -21,6 +21,7 @@
 //! | `GET /v1/nodes[?network=N]` | `[`[`api::Node`]`]` |
 //! | `GET /v1/nodes/{ref}[?network=N]` | [`api::Node`]; `ref` is an id or a name |
 //! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`api::Node`] |
+//! | `POST /v1/nodes/{ref}/rotate-key[?network=N]` | [`api::Node`] with `rotation_asked`; its agent makes a new key pair and switches to it (see `crate::keys`) |
 //! | `DELETE /v1/nodes/{ref}[?network=N]` | 204 |
 //! | `POST /v1/workloads` [`api::CreateWorkload`] | 201 [`api::Workload`] |
 //! | `GET /v1/workloads[?network=N]` | `[`[`api::Workload`]`]` |
@@ -52,6 +53,7 @@
 
 mod audit;
 mod auth;
+mod keys;
 mod policy;
 
 use std::collections::{HashMap, HashSet};
@@ -201,6 +203,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .route("/v1/status", get(status))
         .merge(policy::routes())
         .merge(audit::routes())
+        .merge(keys::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -436,6 +439,16 @@ fn node_view(
         last_seen: n.last_seen.map(time),
         revoked: n.revoked,
         created_at: time(n.created_at),
+        key_since: Some(time(n.key_since)),
+        next_key: n.next_key,
+        rotation_asked: n.rotation_asked.map(time),
+        expires_at: nodes::expires_at(
+            n,
+            service.key_settings().node_expiry,
+            online.contains(&n.id),
+        )
+        .map(time),
+        expired_at: n.expired_at.map(time),
         paths,
     }
 }

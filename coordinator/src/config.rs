@@ -61,6 +61,8 @@ pub struct Settings {
     pub relay: bool,
     /// Protection limits.
     pub limits: Limits,
+    /// Key rotation and node expiry.
+    pub keys: crate::keys::KeySettings,
 }
 
 impl Settings {
@@ -77,6 +79,7 @@ impl Settings {
             reflect_listen: ReflectListen::NextToListen,
             relay: true,
             limits: Limits::default(),
+            keys: crate::keys::KeySettings::default(),
         }
     }
 }
@@ -332,6 +335,12 @@ pub struct Overrides {
     pub workload_lease_ms: Option<u64>,
     /// `--workload-grace-ms` / `MESHLINK_WORKLOAD_GRACE_MS`.
     pub workload_grace_ms: Option<u64>,
+    /// `--key-rotation-secs` / `MESHLINK_KEY_ROTATION_SECS` (0: no schedule).
+    pub key_rotation_secs: Option<u64>,
+    /// `--key-rotation-grace-ms` / `MESHLINK_KEY_ROTATION_GRACE_MS`.
+    pub key_rotation_grace_ms: Option<u64>,
+    /// `--node-expiry-secs` / `MESHLINK_NODE_EXPIRY_SECS` (0: never).
+    pub node_expiry_secs: Option<u64>,
 }
 
 /// Where a bad value came from.
@@ -412,6 +421,10 @@ struct FileConfig {
     idle_timeout_secs: Option<u64>,
     workload_lease_ms: Option<u64>,
     workload_grace_ms: Option<u64>,
+    key_rotation_secs: Option<u64>,
+    key_rotation_grace_ms: Option<u64>,
+    node_expiry_secs: Option<u64>,
+    key_rotation_networks: Option<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A switch in the file: `true`/`false`, or `"on"`/`"off"` as the flag takes it.
@@ -433,6 +446,7 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
     };
     let file_origin = |key: &'static str| Origin::File(path.clone().unwrap_or_default(), key);
     let bad = |origin: Origin, message: String| ConfigError::Value { origin, message };
+    let keys = key_settings(&over, &cfg, &file_origin)?;
 
     let state_dir = match (over.state_dir, cfg.state_dir) {
         (Some(d), _) => d,
@@ -714,6 +728,58 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         reflect_listen,
         relay,
         limits,
+        keys,
+    })
+}
+
+/// The settings of key rotation and node expiry: an interval of 0 seconds (or none) is off;
+/// a network's own interval replaces the default one.
+fn key_settings(
+    over: &Overrides,
+    cfg: &FileConfig,
+    file_origin: &dyn Fn(&'static str) -> Origin,
+) -> Result<crate::keys::KeySettings, ConfigError> {
+    let secs = |v: u64| (v > 0).then(|| Duration::from_secs(v));
+    let d = crate::keys::KeySettings::default();
+    let grace_ms = match (over.key_rotation_grace_ms, cfg.key_rotation_grace_ms) {
+        (Some(v), _) => (
+            v,
+            Origin::Flag("--key-rotation-grace-ms", "MESHLINK_KEY_ROTATION_GRACE_MS"),
+        ),
+        (None, Some(v)) => (v, file_origin("key_rotation_grace_ms")),
+        (None, None) => (
+            u64::try_from(d.grace.as_millis()).unwrap_or(u64::MAX),
+            file_origin("key_rotation_grace_ms"),
+        ),
+    };
+    let max = meshlink_proto::control::MAX_KEY_SWITCH_GRACE_MS;
+    if !(100..=max).contains(&grace_ms.0) {
+        return Err(ConfigError::Value {
+            origin: grace_ms.1,
+            message: format!("{} is outside 100..={max} milliseconds", grace_ms.0),
+        });
+    }
+    let mut networks = std::collections::BTreeMap::new();
+    for (name, every) in cfg.key_rotation_networks.iter().flatten() {
+        if crate::handlers::validate_name("network", name).is_err() {
+            return Err(ConfigError::Value {
+                origin: file_origin("key_rotation_networks"),
+                message: format!("{name:?} is not a network name ([a-z0-9-]{{1,63}})"),
+            });
+        }
+        networks.insert(name.clone(), secs(*every));
+    }
+    Ok(crate::keys::KeySettings {
+        rotation: over
+            .key_rotation_secs
+            .or(cfg.key_rotation_secs)
+            .and_then(secs),
+        networks,
+        grace: Duration::from_millis(grace_ms.0),
+        node_expiry: over
+            .node_expiry_secs
+            .or(cfg.node_expiry_secs)
+            .and_then(secs),
     })
 }
 
@@ -1273,6 +1339,39 @@ mod tests {
     }
 
     /// The admin API speaks plain HTTP: listening beyond loopback needs saying so.
+    #[test]
+    fn key_rotation_and_expiry_are_off_by_default_and_set_per_network() {
+        let s = load(None, Overrides::default()).unwrap();
+        assert_eq!(s.keys, crate::keys::KeySettings::default());
+        let p = file(
+            "keys.toml",
+            "key_rotation_secs = 2592000\nnode_expiry_secs = 604800\n\
+             key_rotation_grace_ms = 500\n[key_rotation_networks]\nprod = 86400\nlab = 0\n",
+        );
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(s.keys.rotation_of("prod"), Some(day));
+        assert_eq!(s.keys.rotation_of("lab"), None);
+        assert_eq!(s.keys.rotation_of("other"), Some(30 * day));
+        assert_eq!(s.keys.node_expiry, Some(7 * day));
+        assert_eq!(s.keys.grace, Duration::from_millis(500));
+        let over = Overrides {
+            key_rotation_secs: Some(0),
+            ..Overrides::default()
+        };
+        assert_eq!(load(Some(&p), over).unwrap().keys.rotation, None);
+        let bad = file("badkeys.toml", "key_rotation_grace_ms = 5\n");
+        let e = load(Some(&bad), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_rotation_grace_ms"), "{e}");
+        let bad = file("badnet.toml", "[key_rotation_networks]\nNope = 5\n");
+        let e = load(Some(&bad), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key_rotation_networks"), "{e}");
+    }
+
     #[test]
     fn a_non_loopback_admin_listener_must_be_asked_for() {
         let over = |insecure| Overrides {

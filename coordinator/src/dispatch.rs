@@ -129,6 +129,11 @@ impl Service {
                 });
                 Ok(None)
             }
+            ClientMessage::NextKey { public_key } => {
+                self.next_key_announced(from.node, from.remote, public_key)
+                    .await?;
+                Ok(None)
+            }
             ClientMessage::Hello(_) => Err(SessionFault::SecondHello),
         }
     }

@@ -11,6 +11,7 @@
 //! - [`hub`]: live maps and sessions; deltas encoded once and fanned out.
 //! - [`service`]: handlers + hub under one write lock, as both front ends call them.
 //! - [`endpoint_pace`]: how often one node's endpoint reports may change its peers' maps.
+//! - [`keys`]: key rotation (the schedule, operators' requests) and node expiry.
 //! - [`follow`]: replays what other coordinators sharing the store committed.
 //! - [`session`]: one agent session, whatever transport carries it.
 //! - [`server`]: the QUIC control server (one session per agent connection).
@@ -32,6 +33,7 @@ pub mod follow;
 pub mod handlers;
 pub mod hub;
 pub mod identity;
+pub mod keys;
 pub mod paths;
 pub mod pin;
 pub mod ratelimit;

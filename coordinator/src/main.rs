@@ -125,6 +125,18 @@ struct ServeArgs {
     /// holder [default: 10000].
     #[arg(long, env = "MESHLINK_WORKLOAD_GRACE_MS", value_name = "MS")]
     workload_grace_ms: Option<u64>,
+    /// Seconds a node's WireGuard key may age before the coordinator has the node rotate it,
+    /// in every network without its own entry in the file; 0: no schedule [default: none].
+    #[arg(long, env = "MESHLINK_KEY_ROTATION_SECS", value_name = "SECS")]
+    key_rotation_secs: Option<u64>,
+    /// Milliseconds peers get to learn a rotating node's next key before it switches
+    /// [default: 3000].
+    #[arg(long, env = "MESHLINK_KEY_ROTATION_GRACE_MS", value_name = "MS")]
+    key_rotation_grace_ms: Option<u64>,
+    /// Seconds a node may stay away (no session) before it is revoked as expired; 0: never
+    /// [default: never].
+    #[arg(long, env = "MESHLINK_NODE_EXPIRY_SECS", value_name = "SECS")]
+    node_expiry_secs: Option<u64>,
 }
 
 fn main() -> ExitCode {
@@ -208,6 +220,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         idle_timeout_secs: args.idle_timeout_secs,
         workload_lease_ms: args.workload_lease_ms,
         workload_grace_ms: args.workload_grace_ms,
+        key_rotation_secs: args.key_rotation_secs,
+        key_rotation_grace_ms: args.key_rotation_grace_ms,
+        node_expiry_secs: args.node_expiry_secs,
     };
     let settings = config::load(args.config.as_deref(), over)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

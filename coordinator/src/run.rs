@@ -339,6 +339,20 @@ impl Coordinator {
                 }
             }
         });
+        // Key rotation on schedule, rotations asked on other coordinators, node expiry.
+        service.set_key_settings(settings.keys.clone());
+        service.spawn({
+            let service = service.clone();
+            let every = settings.keys.tick();
+            async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    service.key_tick().await;
+                }
+            }
+        });
         let follow_task = match &settings.store {
             StoreLocation::Postgres(url) => Some(tokio::spawn(crate::follow::follow_postgres(
                 service.clone(),

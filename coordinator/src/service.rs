@@ -252,6 +252,8 @@ pub struct Service {
     /// Nothing is confirmed before then (a lease plus the margin after the start): a change
     /// the previous run made may not have been acknowledged, and this run does not know it.
     confirm_from: Instant,
+    /// Key rotation and node expiry (`crate::keys`).
+    pub(crate) keys: crate::keys::KeyState,
 }
 
 impl std::fmt::Debug for Service {
@@ -321,6 +323,7 @@ impl Service {
             recorded: std::sync::Mutex::new(HashMap::new()),
             handovers: std::sync::Mutex::new(Handovers::default()),
             confirm_from: started + timing.lease + timing.margin,
+            keys: crate::keys::KeyState::default(),
         })
     }
 
@@ -1180,7 +1183,7 @@ impl Service {
     /// silent); with no standby left at all (each deleted or revoked) it is detached. A holder
     /// that was not answering (it may be cut off, and unaware) keeps its workloads until its
     /// lease has surely run out (see `execute`).
-    async fn release_orphans(&self, network: &str) {
+    pub(crate) async fn release_orphans(&self, network: &str) {
         let all = match self.store.workloads(Some(network)).await {
             Ok(all) => all,
             Err(e) => {
@@ -1343,6 +1346,7 @@ impl Service {
                 tracing::debug!(node = node.id, "cannot record the session: {e}");
             }
         }
+        self.keys_on_hello(&node, hello).await;
         Ok(Session {
             node: node.id,
             name: node.name,
@@ -1543,7 +1547,7 @@ impl Service {
         self.hub.close(network, node, reason, Some(last))
     }
 
-    async fn remove(
+    pub(crate) async fn remove(
         &self,
         node: &NodeRecord,
         version: Option<u64>,
@@ -1585,6 +1589,7 @@ mod tests {
             protocol: PROTOCOL_VERSION,
             auth,
             public_key: PublicKey(public_key),
+            key_rotation: false,
             name: None,
             labels: BTreeMap::new(),
             endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],

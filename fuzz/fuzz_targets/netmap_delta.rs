@@ -129,6 +129,7 @@ fn small_map(version: u64) -> Netmap {
         node_id: NodeId::from(id),
         name: format!("vm-{id}"),
         public_key: PublicKey([id; 32]),
+        next_key: None,
         addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
         allowed_ips: vec![],
         endpoints: vec![format!("198.18.0.{id}:51820").parse().unwrap()],

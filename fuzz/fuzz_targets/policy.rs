@@ -159,6 +159,7 @@ fn map() -> &'static Netmap {
             node_id: id,
             name: name.to_string(),
             public_key: PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: nets.iter().map(|n| n.parse().unwrap()).collect(),
             endpoints: Vec::new(),

@@ -460,6 +460,21 @@ impl AdminClient {
         self.fetch(Method::Post, &path, network, None::<&()>)
     }
 
+    /// `POST /v1/nodes/{node}/rotate-key`: asks a node to rotate its WireGuard key; the
+    /// answer is the node, with the time the rotation was asked.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a revoked node is [`ClientError::Api`] with status 409.
+    pub fn rotate_key(
+        &self,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<Node>, ClientError> {
+        let path = format!("/v1/nodes/{}/rotate-key", encode(node));
+        self.fetch(Method::Post, &path, network, None::<&()>)
+    }
+
     /// `DELETE /v1/nodes/{node}`: removes a node.
     ///
     /// # Errors

@@ -15,6 +15,7 @@
 //! meshctl node list [--network NAME]
 //! meshctl node show NODE [--network NAME]      # NODE is an id or a name
 //! meshctl node revoke NODE [--network NAME]
+//! meshctl node rotate-key NODE [--network NAME]
 //! meshctl node delete NODE [--network NAME]
 //! meshctl workload create NAME --network NAME [--address IP] [--standby NODE,...] [--allow NODE,...] [--tag TAG]...
 //! meshctl workload list [--network NAME]
@@ -256,6 +257,9 @@ enum NodeCommand {
     Show(NodeRef),
     /// Revoke a node: it is cut off from its peers and cannot reconnect.
     Revoke(NodeRef),
+    /// Rotate a node's WireGuard key: its agent makes a new key pair, peers accept both keys
+    /// for a grace period, then the node switches (connections through it survive).
+    RotateKey(NodeRef),
     /// Add (+TAG) and remove (-TAG) a node's tags, which policies select by.
     Tag {
         #[command(flatten)]
@@ -658,6 +662,10 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
         }
         Command::Node(NodeCommand::Revoke(NodeRef { node, network })) => {
             let reply = client.revoke_node(&node, network.as_deref())?;
+            emit(output, &reply.json, || render::node(&reply.value, now()))
+        }
+        Command::Node(NodeCommand::RotateKey(NodeRef { node, network })) => {
+            let reply = client.rotate_key(&node, network.as_deref())?;
             emit(output, &reply.json, || render::node(&reply.value, now()))
         }
         Command::Node(NodeCommand::Tag {

@@ -293,7 +293,9 @@ pub fn created_token(token: &CreatedToken, now: UnixTime) -> String {
 
 /// A node's state in one word.
 fn node_state(node: &Node) -> &'static str {
-    if node.revoked {
+    if node.expired_at.is_some() {
+        "expired"
+    } else if node.revoked {
         "revoked"
     } else if node.online {
         "yes"
@@ -311,6 +313,7 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
         "ADDRESS",
         "ONLINE",
         "LAST SEEN",
+        "EXPIRES",
         "ENDPOINTS",
         "LABELS",
     ]);
@@ -322,6 +325,7 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
             node.address.to_string(),
             node_state(node).to_owned(),
             relative(node.last_seen, now),
+            expires(node, now),
             endpoints(&node.endpoints),
             labels(&node.labels),
         ]);
@@ -329,7 +333,18 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
     table.to_string()
 }
 
-/// `node show` and `node revoke`.
+/// When a node away expires: `in 3d`, `due` (the coordinator's next look revokes it),
+/// `expired` (revoked for staying away), `-` (it does not: expiry off, online, revoked).
+fn expires(node: &Node, now: UnixTime) -> String {
+    match (node.expired_at, node.expires_at) {
+        (Some(_), _) => "expired".to_owned(),
+        (None, Some(at)) if at.0 <= now.0 => "due".to_owned(),
+        (None, Some(at)) => relative(Some(at), now),
+        (None, None) => NONE.to_owned(),
+    }
+}
+
+/// `node show`, `node revoke` and `node rotate-key`.
 pub fn node(node: &Node, now: UnixTime) -> String {
     let mut fields = Fields::new();
     fields
@@ -344,6 +359,36 @@ pub fn node(node: &Node, now: UnixTime) -> String {
         .field("TAGS", list(&node.tags))
         .field("LABELS", labels(&node.labels))
         .field("CREATED", time(node.created_at));
+    if node.key_since.is_some() {
+        fields.field("KEY SINCE", time_and_relative(node.key_since, now));
+    }
+    if let Some(next) = node.next_key {
+        fields.field(
+            "NEXT KEY",
+            format!(
+                "{} (peers accept both until the node switches)",
+                next.to_base64()
+            ),
+        );
+    }
+    if node.rotation_asked.is_some() {
+        fields.field(
+            "ROTATION",
+            format!(
+                "asked {}, waiting for the node",
+                relative(node.rotation_asked, now)
+            ),
+        );
+    }
+    match (node.expired_at, node.expires_at) {
+        (Some(at), _) => {
+            fields.field("EXPIRED", time_and_relative(Some(at), now));
+        }
+        (None, Some(at)) => {
+            fields.field("EXPIRES", time_and_relative(Some(at), now));
+        }
+        (None, None) => {}
+    }
     if let Some(paths) = &node.paths {
         fields.field(
             "PATHS",
@@ -843,10 +888,54 @@ mod tests {
     fn node_table() {
         assert_eq!(
             nodes(&sample_nodes(), NOW),
-            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  ENDPOINTS          LABELS\n\
-             web-1  1   prod     100.64.0.1  yes      5s ago     203.0.113.5:51820  role=web\n\
-             db     2   prod     100.64.0.2  revoked  -          -                  -\n"
+            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  EXPIRES  ENDPOINTS          LABELS\n\
+             web-1  1   prod     100.64.0.1  yes      5s ago     -        203.0.113.5:51820  role=web\n\
+             db     2   prod     100.64.0.2  revoked  -          -        -                  -\n"
         );
+    }
+
+    #[test]
+    fn nodes_away_show_when_they_expire_and_rotations_show_both_keys() {
+        let list: Vec<Node> = answer(json!([
+            {"id": 3, "name": "away", "network": "prod", "address": "100.64.0.3",
+             "public_key": "QgMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=",
+             "labels": {}, "tags": [], "endpoints": [], "online": false,
+             "last_seen": NOW.0 - 86_400, "revoked": false, "created_at": NOW.0 - 90_000,
+             "key_since": NOW.0 - 90_000, "expires_at": NOW.0 + 2 * 86_400,
+             "next_key": "QgQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=",
+             "rotation_asked": NOW.0 - 60},
+            {"id": 4, "name": "late", "network": "prod", "address": "100.64.0.4",
+             "public_key": "QgQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQ=",
+             "labels": {}, "tags": [], "endpoints": [], "online": false,
+             "last_seen": NOW.0 - 86_400, "revoked": false, "created_at": NOW.0 - 90_000,
+             "expires_at": NOW.0 - 1},
+            {"id": 5, "name": "gone", "network": "prod", "address": "100.64.0.5",
+             "public_key": "QgUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQUFBQU=",
+             "labels": {}, "tags": [], "endpoints": [], "online": false,
+             "last_seen": NOW.0 - 86_400, "revoked": true, "created_at": NOW.0 - 90_000,
+             "expired_at": NOW.0 - 10},
+        ]));
+        let table = nodes(&list, NOW);
+        let expiry: Vec<&str> = table
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().nth(7).unwrap())
+            .collect();
+        assert_eq!(expiry, ["in", "due", "expired"], "{table}");
+        assert!(table.lines().nth(1).unwrap().contains("in 2d"), "{table}");
+        assert!(
+            table.lines().nth(3).unwrap().contains(" expired "),
+            "{table}"
+        );
+        let shown = node(&list[0], NOW);
+        assert!(shown.contains("NEXT KEY    QgQEBAQE"), "{shown}");
+        assert!(shown.contains("ROTATION    asked 1m ago"), "{shown}");
+        assert!(
+            shown.contains("EXPIRES     2024-05-03T12:00:00Z (in 2d)"),
+            "{shown}"
+        );
+        assert!(shown.contains("KEY SINCE   "), "{shown}");
+        assert!(node(&list[2], NOW).contains("EXPIRED "));
     }
 
     #[test]

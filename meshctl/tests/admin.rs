@@ -70,6 +70,7 @@ const NODE_KEYS: &[&str] = &[
     "last_seen",
     "revoked",
     "created_at",
+    "key_since",
 ];
 const WORKLOAD_KEYS: &[&str] = &[
     "name",
@@ -385,9 +386,9 @@ fn nodes() {
 
     assert_eq!(
         squeeze(&mesh.run(&["node", "list", "--network", "prod"])),
-        "NAME ID NETWORK ADDRESS ONLINE LAST SEEN ENDPOINTS LABELS\n\
-         vm-a 1 prod 100.64.0.1 yes <dur> ago 198.18.0.1:51820,198.18.7.7:51820 provider=test\n\
-         vm-b 2 prod 100.64.0.2 no <dur> ago 198.18.0.2:51820,198.18.7.7:51820 provider=test"
+        "NAME ID NETWORK ADDRESS ONLINE LAST SEEN EXPIRES ENDPOINTS LABELS\n\
+         vm-a 1 prod 100.64.0.1 yes <dur> ago - 198.18.0.1:51820,198.18.7.7:51820 provider=test\n\
+         vm-b 2 prod 100.64.0.2 no <dur> ago - 198.18.0.2:51820,198.18.7.7:51820 provider=test"
     );
     let list = mesh.run_json(&["node", "list"]);
     assert_eq!(list, mesh.get("/v1/nodes"), "-o json is the server's JSON");
@@ -411,10 +412,21 @@ fn nodes() {
          ENDPOINTS   198.18.0.3:51820,198.18.7.7:51820\n\
          TAGS        -\n\
          LABELS      provider=test\n\
-         CREATED     <time>\n"
+         CREATED     <time>\n\
+         KEY SINCE   <time> (<dur> ago)\n"
     );
     let shown = mesh.run_json(&["node", "show", "2"]);
     assert_eq!(shown, mesh.get("/v1/nodes/2"));
+
+    // A rotation asked: the answer says when; its agent makes the key (no agent here).
+    let asked = mesh.run(&["node", "rotate-key", "vm-b", "--network", "prod"]);
+    assert!(asked.contains("\nROTATION    asked "), "{asked}");
+    let json = mesh.run_json(&["node", "rotate-key", "2"]);
+    assert!(json["rotation_asked"].is_i64(), "{json}");
+    assert_eq!(
+        failure(&mesh.meshctl(&["node", "rotate-key", "ghost"])),
+        "meshctl: the coordinator answered 404 Not Found: no node named \"ghost\"\n"
+    );
 
     let revoked = mesh.run(&["node", "revoke", "vm-b", "--network", "prod"]);
     assert!(revoked.contains("\nONLINE      revoked\n"), "{revoked}");

@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use crate::control::{ClientMessage, ServerMessage};
+use crate::key::PublicKey;
+use crate::key_rotation::{KeyAction, KeyRotation};
 use crate::netmap::{Netmap, NodeId};
 use crate::workload::Holdings;
 
@@ -105,6 +107,8 @@ pub struct AgentSession {
     holdings_timer: Option<Instant>,
     transmits: VecDeque<ClientMessage>,
     events: VecDeque<Event>,
+    /// The key rotation under way, if any (see [`crate::key_rotation`]).
+    keys: KeyRotation,
 }
 
 impl AgentSession {
@@ -124,6 +128,7 @@ impl AgentSession {
             holdings_timer: None,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            keys: KeyRotation::new(me),
         }
     }
 
@@ -275,6 +280,11 @@ impl AgentSession {
             ServerMessage::Welcome(_) => {
                 return Err(SessionError::Protocol("a second welcome".into()));
             }
+            ServerMessage::RotateKey { grace_ms } => {
+                if let Some(m) = self.keys.on_rotate(grace_ms) {
+                    self.transmits.push_back(m);
+                }
+            }
         }
         Ok(())
     }
@@ -329,6 +339,7 @@ impl AgentSession {
     /// out.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.expire_claims(now);
+        self.keys.handle_timeout(now);
         if self.holdings_timer.is_some_and(|t| t <= now) {
             self.events.push_back(Event::HoldingsChanged);
         }
@@ -344,10 +355,15 @@ impl AgentSession {
             .then(|| self.holdings.next_heartbeat())
             .flatten();
         let claim = self.claims_queued.iter().map(|(_, _, d)| *d).min();
-        [heartbeat, claim, self.holdings_timer]
-            .into_iter()
-            .flatten()
-            .min()
+        [
+            heartbeat,
+            claim,
+            self.holdings_timer,
+            self.keys.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next message to send, in order.
@@ -360,6 +376,46 @@ impl AgentSession {
         self.events.pop_front()
     }
 
+    /// The next step of a key rotation for the shell to take (see [`crate::key_rotation`]).
+    pub fn poll_key_action(&mut self) -> Option<KeyAction> {
+        self.keys.poll_action()
+    }
+
+    /// The key rotation's state.
+    pub fn keys(&self) -> &KeyRotation {
+        &self.keys
+    }
+
+    /// A key pair made for a rotation earlier and not used yet (found in the state directory
+    /// at start), if any.
+    pub fn set_next_key(&mut self, now: Instant, key: Option<PublicKey>) {
+        self.keys.set_pending(key);
+        self.keys.on_map(&self.map, now);
+    }
+
+    /// The shell made the key pair asked for by [`KeyAction::MakeKey`] (`None`: it could not;
+    /// the next request tries again); its public key is announced while connected.
+    pub fn next_key_made(&mut self, now: Instant, key: Option<PublicKey>) {
+        let Some(key) = key else {
+            self.keys.make_failed();
+            return;
+        };
+        let announce = self.keys.made(key);
+        if self.connected {
+            self.transmits.push_back(announce);
+        }
+        self.keys.on_map(&self.map, now);
+    }
+
+    /// The shell carried out [`KeyAction::Switch`] (`None`: it could not; the next map that
+    /// shows the key schedules it again).
+    pub fn key_switched(&mut self, key: Option<PublicKey>) {
+        match key {
+            Some(k) => self.keys.switched(k),
+            None => self.keys.switch_failed(),
+        }
+    }
+
     fn take_map(&mut self, map: Netmap, now: Instant) {
         self.map = map;
         self.map_changed(now);
@@ -368,6 +424,7 @@ impl AgentSession {
     fn map_changed(&mut self, now: Instant) {
         // Fencing before anyone is told, so that nobody sees a map the holdings do not know.
         self.holdings.on_map(&self.map, now);
+        self.keys.on_map(&self.map, now);
         self.events.push_back(Event::MapChanged);
         self.events.push_back(Event::HoldingsChanged);
         self.after_input(now);
@@ -798,6 +855,65 @@ mod tests {
             ),
             Err(SessionError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn a_key_rotation_runs_through_the_session_in_driven_time() {
+        use crate::netmap::PeerInfo;
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let me = |next: Option<PublicKey>| PeerInfo {
+            node_id: 2,
+            name: "b".into(),
+            public_key: PublicKey([2; 32]),
+            next_key: next,
+            addresses: vec!["100.64.0.2/32".parse().unwrap()],
+            allowed_ips: vec![],
+            endpoints: vec![],
+            labels: Default::default(),
+            tags: vec![],
+        };
+        let mut m = map(1, &[]);
+        m.peers.insert(2, me(None));
+        let mut s = AgentSession::new(2, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        transmits(&mut s);
+        s.handle_message(t0, ServerMessage::RotateKey { grace_ms: 300 })
+            .unwrap();
+        assert_eq!(s.poll_key_action(), Some(KeyAction::MakeKey));
+        assert!(
+            transmits(&mut s).is_empty(),
+            "nothing before the key exists"
+        );
+        let new = PublicKey([9; 32]);
+        s.next_key_made(t0 + ms(5), Some(new));
+        assert_eq!(
+            transmits(&mut s),
+            vec![ClientMessage::NextKey { public_key: new }]
+        );
+        assert_eq!(
+            s.poll_timeout(),
+            None,
+            "no switch before the map shows the key"
+        );
+        // The coordinator's delta with the next key: the switch is due 300 ms later.
+        let mut d = delta(1, 2);
+        d.upsert = vec![me(Some(new))];
+        s.handle_message(t0 + ms(20), ServerMessage::Delta(d))
+            .unwrap();
+        assert_eq!(s.poll_timeout(), Some(t0 + ms(320)));
+        s.handle_timeout(t0 + ms(319));
+        assert_eq!(s.poll_key_action(), None);
+        s.handle_timeout(t0 + ms(320));
+        assert_eq!(s.poll_key_action(), Some(KeyAction::Switch(new)));
+        s.key_switched(Some(new));
+        assert_eq!(s.keys().pending(), None);
+        // Without a session, a key made is not announced (the next RotateKey does it).
+        s.disconnected();
+        s.handle_message(t0, ServerMessage::RotateKey { grace_ms: 300 })
+            .unwrap();
+        s.next_key_made(t0, Some(PublicKey([10; 32])));
+        assert!(transmits(&mut s).is_empty());
     }
 
     #[test]

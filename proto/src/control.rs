@@ -12,10 +12,12 @@
 //!   (`Welcome::coordinators`, absent from older coordinators); (2026-12) the reflexive
 //!   address port and relaying (`Welcome::reflect_port`, `Welcome::relay`; QUIC datagrams of
 //!   [`crate::relay`] frames on the session's connection); path reports
-//!   (`ClientMessage::Paths`, sent only when `Welcome::path_reports` says so); (2026-12)
-//!   confirmed handovers of workload addresses (`Heartbeat::version`, the map version a
-//!   heartbeat acknowledges; `Lease::confirmed`, the generations a holder may answer at, also
-//!   sent unsolicited with `seq` 0: see [`crate::workload`]).
+//!   (`ClientMessage::Paths`, sent only when `Welcome::path_reports` says so); (2026-12) key
+//!   rotation (`Hello::key_rotation`, `ServerMessage::RotateKey`, `ClientMessage::NextKey`,
+//!   `PeerInfo::next_key` in maps; a hello may carry the node's next key, which completes
+//!   its rotation); (2026-12) confirmed handovers of workload addresses (`Heartbeat::version`,
+//!   the map version a heartbeat acknowledges; `Lease::confirmed`, the generations a holder
+//!   may answer at, also sent unsolicited with `seq` 0: see [`crate::workload`]).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -78,6 +80,10 @@ pub struct Hello {
     /// The node's local underlay addresses with its WireGuard port.
     #[serde(default)]
     pub endpoints: Vec<SocketAddr>,
+    /// Whether the agent rotates its key when told ([`ServerMessage::RotateKey`]); older
+    /// agents do not know the message, so they are never sent it. Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub key_rotation: bool,
 }
 
 /// Messages from the agent.
@@ -128,6 +134,13 @@ pub enum ClientMessage {
         request: u64,
         /// The workload's name.
         workload: String,
+    },
+    /// The public key of the key pair this node made for its rotation, in answer to
+    /// [`ServerMessage::RotateKey`] (again after a reconnection, the same key). The private key
+    /// stays on the node.
+    NextKey {
+        /// The new public key.
+        public_key: PublicKey,
     },
 }
 
@@ -284,7 +297,22 @@ pub enum ServerMessage {
         #[serde(default)]
         error: Option<String>,
     },
+    /// Rotate the node's WireGuard key: make a new key pair here, announce its public key
+    /// ([`ClientMessage::NextKey`]; a key pair made earlier and not used yet is announced
+    /// again instead), then, `grace_ms` after the node's own map entry first shows that key
+    /// as its [`crate::PeerInfo::next_key`] (every peer got the same delta and accepts it by
+    /// then), switch to it and say hello with it: that hello completes the rotation. Sent only
+    /// to agents whose hello says [`Hello::key_rotation`].
+    RotateKey {
+        /// How long peers get to learn the next key before the node switches, in
+        /// milliseconds (at most [`MAX_KEY_SWITCH_GRACE_MS`]; more is taken as that).
+        grace_ms: u64,
+    },
 }
+
+/// The longest wait between announcing a next key and switching to it that an agent accepts
+/// from a coordinator (a minute).
+pub const MAX_KEY_SWITCH_GRACE_MS: u64 = 60_000;
 
 impl ServerMessage {
     /// What kind of message this is, for logs and errors.
@@ -299,6 +327,7 @@ impl ServerMessage {
             ServerMessage::Lease { .. } => "lease",
             ServerMessage::Prepare { .. } => "prepare",
             ServerMessage::ClaimResult { .. } => "claim result",
+            ServerMessage::RotateKey { .. } => "key rotation",
         }
     }
 }
@@ -463,6 +492,7 @@ mod tests {
             name: Some("vm-a".into()),
             labels: BTreeMap::from([("provider".into(), "aws".into())]),
             endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
+            key_rotation: true,
         })
     }
 
@@ -481,6 +511,37 @@ mod tests {
         }
         assert_eq!(got, vec![hello(), ClientMessage::FullMapRequest]);
         assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn key_rotation_messages_and_an_older_hello() {
+        let pk = PublicKey([9; 32]);
+        let msg = ClientMessage::NextKey { public_key: pk };
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        d.push(&encode(&msg)).unwrap();
+        assert_eq!(d.decode::<ClientMessage>().unwrap(), Some(msg));
+        let rotate = ServerMessage::RotateKey { grace_ms: 2000 };
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        d.push(&encode(&rotate)).unwrap();
+        assert_eq!(d.decode::<ServerMessage>().unwrap(), Some(rotate));
+        // A hello from before key rotation has no flag: the agent is never asked to rotate.
+        let old = r#"{"type":"hello","protocol":1,"auth":{"kind":"join_token","secret":"s"},
+            "public_key":"CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk="}"#;
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        let mut framed = (old.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(old.as_bytes());
+        d.push(&framed).unwrap();
+        match d.decode::<ClientMessage>().unwrap() {
+            Some(ClientMessage::Hello(h)) => assert!(!h.key_rotation),
+            other => panic!("{other:?}"),
+        }
+        // A key that is not 32 bytes is refused, naming the field.
+        let bad = r#"{"type":"next_key","public_key":"AAAA"}"#;
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        let mut framed = (bad.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(bad.as_bytes());
+        d.push(&framed).unwrap();
+        assert!(d.decode::<ClientMessage>().is_err());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod control;
 pub mod disco;
 pub mod ipam;
 pub mod key;
+pub mod key_rotation;
 pub mod netmap;
 pub mod policy;
 pub mod reconnect;

@@ -28,6 +28,12 @@ pub struct PeerInfo {
     pub name: String,
     /// The node's WireGuard public key.
     pub public_key: PublicKey,
+    /// The node's next WireGuard public key while it rotates its key: peers accept it as the
+    /// same node (same allowed IPs) beside `public_key`, and send to whichever of the two the
+    /// node last completed a handshake with, so that the node can switch at any moment
+    /// without breaking its connections. Absent: the node has one key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<PublicKey>,
     /// The node's own overlay addresses (host prefixes).
     pub addresses: Vec<IpNet>,
     /// Everything routed to the node: its addresses and any further prefixes. Absent means the
@@ -263,6 +269,7 @@ mod tests {
             node_id: id,
             name: format!("vm-{id}"),
             public_key: PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: vec![],
             endpoints: vec![ep.parse().unwrap()],

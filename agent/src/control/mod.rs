@@ -248,6 +248,7 @@ pub async fn join(
     };
     let (w, map) = s.hello(hello).await?;
     let secret = w
+        key_rotation: true,
         .node_secret
         .clone()
         .ok_or_else(|| protocol("the welcome after a join carries no node secret"))?;
@@ -295,6 +296,7 @@ pub async fn authenticate(
     };
     let (w, m) = s.hello(hello).await?;
     Ok((w, m, s))
+        key_rotation: true,
 }
 
 /// This host's underlay endpoints: every up, non-loopback address with `port`, except those of

@@ -510,6 +510,7 @@ mod tests {
     fn map_trust_lasts_max_age_after_the_last_confirmation() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
+            next_key: None,
         let week = Some(s(7 * 24 * 3600));
 
         // A cached map from 6 days ago: trusted for one more day without a coordinator.

@@ -247,6 +247,7 @@ impl Credentials {
                 secret: self.secret.clone(),
             },
             public_key: self.public_key,
+            key_rotation: false,
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.endpoints.clone(),
@@ -269,6 +270,7 @@ async fn join_session(
             secret: token.to_string(),
         },
         public_key,
+        key_rotation: false,
         name: None,
         labels: BTreeMap::new(),
         endpoints: endpoints.clone(),
@@ -535,7 +537,8 @@ impl Agent {
             // Simulated agents hold no workloads and claim none: these never come unasked.
             ServerMessage::Lease { .. }
             | ServerMessage::Prepare { .. }
-            | ServerMessage::ClaimResult { .. } => {}
+            | ServerMessage::ClaimResult { .. }
+            | ServerMessage::RotateKey { .. } => {}
         }
         Ok(())
     }

@@ -184,6 +184,7 @@ mod tests {
             node_id: id,
             name: format!("node-{id}"),
             public_key: PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
             allowed_ips: vec![],
             endpoints: vec![format!("198.18.0.{id}:{port}").parse().unwrap()],

@@ -1,6 +1,22 @@
-//! Nodes: joining with a token, authenticating with node credentials, endpoint reports, and
-//! the operator's listing, revocation and deletion. Also the pure conversions from records to
-//! what agents see ([`peer_info`], [`welcome`], [`netmap`]).
+//! Nodes: joining with a token, authenticating with node credentials, endpoint reports, key
+//! rotation and expiry, and the operator's listing, revocation and deletion. Also the pure
+//! conversions from records to what agents see ([`peer_info`], [`welcome`], [`netmap`]).
+//!
+//! # Key rotation
+//!
+//! A rotation is asked for ([`ask_rotation`]: an operator, or the network's schedule,
+//! [`rotation_due`]); the agent makes a key pair and announces its public key
+//! ([`announce_next_key`]), which becomes the node's `next_key` in every map: peers accept
+//! both keys for the node. The agent switches after a grace period and says hello with the
+//! new key, which completes the rotation ([`complete_rotation`]): the new key is the node's
+//! only key. Until then a hello with either key is accepted (the node secret is what
+//! authenticates a node; the key only names its tunnels).
+//!
+//! # Expiry
+//!
+//! With `node_expiry` set, a node with no session anywhere whose last session ended that long
+//! ago ([`expires_at`]) is revoked as expired ([`expire`]) and leaves every map; it must join
+//! again.
 //!
 //! # Endpoints
 //!
@@ -15,7 +31,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use ipnet::{IpNet, Ipv4Net};
 use meshlink_proto::control::{Auth, Hello, Welcome, PROTOCOL_VERSION};
-use meshlink_proto::{Netmap, NodeId, PeerInfo};
+use meshlink_proto::{Netmap, NodeId, PeerInfo, PublicKey};
 
 use super::tokens::unusable_reason;
 use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
@@ -281,13 +297,178 @@ async fn returning_node(
             node.id, node.name
         )));
     }
-    if node.public_key != hello.public_key {
+    if node.public_key != hello.public_key && node.next_key != Some(hello.public_key) {
         return Err(ApiError::Refused(format!(
-            "the public key differs from the one node {} joined with; key rotation is not supported: delete the node and join again",
+            "public_key: not the key of node {} (nor its next key while it rotates); a node \
+             changes its key only through a rotation (meshctl node rotate-key)",
             node.id
         )));
     }
     Ok(node)
+}
+
+/// Asks a node to rotate its key (admin): recorded at `now`, sent to its agent at once when it
+/// has a session, else at its next hello. Asking again while a rotation is under way starts
+/// it over with a new key (an agent that lost its key pair gets to make another).
+///
+/// # Errors
+/// As [`find_node`]; [`ApiError::Refused`] for a revoked node.
+pub async fn ask_rotation(
+    store: &dyn Store,
+    caller: &Caller,
+    now: UnixTime,
+    reference: &str,
+    network: Option<&str>,
+) -> Result<NodeRecord, ApiError> {
+    let mut node = find_node(store, caller, reference, network).await?;
+    if node.revoked {
+        return Err(ApiError::Refused(format!(
+            "node {} ({}) is revoked: it has no key to rotate",
+            node.id, node.name
+        )));
+    }
+    if !store.ask_rotation(node.id, Some(now)).await? {
+        return Err(ApiError::NotFound(format!(
+            "node {} no longer exists",
+            node.id
+        )));
+    }
+    node.rotation_asked = Some(now);
+    Ok(node)
+}
+
+/// Whether the schedule asks node `node` for a rotation at `now`: it is not revoked, no
+/// rotation is under way or asked for, and its key is `every` old.
+pub fn rotation_due(node: &NodeRecord, every: std::time::Duration, now: UnixTime) -> bool {
+    let every = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
+    !node.revoked
+        && node.next_key.is_none()
+        && node.rotation_asked.is_none()
+        && node.key_since.saturating_add(every) <= now
+}
+
+/// An authenticated node's agent announces `key` as its next key. When a rotation was asked
+/// for, the key becomes the node's `next_key` (a change of the map); the same key again
+/// changes nothing; a key nobody asked for is ignored (`version: None`), so a node cannot make
+/// its peers' maps change at will.
+///
+/// # Errors
+/// [`ApiError::Forbidden`] unless the caller is a node; [`ApiError::NotFound`] when it was
+/// deleted; [`ApiError::Refused`] when revoked; [`ApiError::Invalid`] for a key of small
+/// order or the node's own key; [`ApiError::Conflict`] when another node of the network has
+/// it.
+pub async fn announce_next_key(
+    store: &dyn Store,
+    caller: &Caller,
+    key: PublicKey,
+) -> Result<Changed, ApiError> {
+    let Caller::Node { id, .. } = *caller else {
+        return Err(ApiError::Forbidden("only a node announces its keys".into()));
+    };
+    let mut node = store
+        .node(id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node {id} no longer exists")))?;
+    if node.revoked {
+        return Err(ApiError::Refused(format!("node {id} has been revoked")));
+    }
+    if key.has_small_order() {
+        return Err(ApiError::Invalid(
+            "next_key: the public key is a point of small order: no tunnel with it would be \
+             private; generate a new key pair"
+                .into(),
+        ));
+    }
+    if key == node.public_key {
+        return Err(ApiError::Invalid(format!(
+            "next_key: node {id} uses this key already; a rotation needs a new key pair"
+        )));
+    }
+    if node.next_key == Some(key) || node.rotation_asked.is_none() {
+        return Ok(Changed {
+            node,
+            version: None,
+        });
+    }
+    let version = store.set_next_key(id, key).await.map_err(|e| match e {
+        StoreError::Conflict(m) => ApiError::Conflict(format!("next_key: {m}")),
+        StoreError::NotFound(m) => ApiError::NotFound(m),
+        e => e.into(),
+    })?;
+    node.next_key = Some(key);
+    node.rotation_asked = None;
+    Ok(Changed {
+        node,
+        version: Some(version),
+    })
+}
+
+/// A node said hello with `key`: when that is its next key, the rotation is complete and it
+/// becomes the node's only key from `now` (a change of the map); otherwise nothing changes.
+///
+/// # Errors
+/// [`ApiError::Internal`] when the store fails.
+pub async fn complete_rotation(
+    store: &dyn Store,
+    node: &NodeRecord,
+    key: PublicKey,
+    now: UnixTime,
+) -> Result<Changed, ApiError> {
+    let mut node = node.clone();
+    if node.next_key != Some(key) {
+        return Ok(Changed {
+            node,
+            version: None,
+        });
+    }
+    let version = store.promote_next_key(node.id, key, now).await?;
+    if version.is_some() {
+        node.public_key = key;
+        node.next_key = None;
+        node.key_since = now;
+    }
+    Ok(Changed { node, version })
+}
+
+/// When node `node` expires if it stays away: `expiry` after its last session ended (or its
+/// join); `None` when expiry is off, the node is revoked or it has a session now (`online`).
+pub fn expires_at(
+    node: &NodeRecord,
+    expiry: Option<std::time::Duration>,
+    online: bool,
+) -> Option<UnixTime> {
+    let expiry = i64::try_from(expiry?.as_secs()).unwrap_or(i64::MAX);
+    if node.revoked || online {
+        return None;
+    }
+    Some(
+        node.last_seen
+            .unwrap_or(node.created_at)
+            .saturating_add(expiry),
+    )
+}
+
+/// Revokes node `node` as expired at `now`, unless it was seen meanwhile (its record in the
+/// store is newer than `node`) or is revoked already (`version: None`).
+///
+/// # Errors
+/// [`ApiError::Internal`] when the store fails.
+pub async fn expire(
+    store: &dyn Store,
+    node: &NodeRecord,
+    expiry: std::time::Duration,
+    now: UnixTime,
+) -> Result<Changed, ApiError> {
+    let mut node = node.clone();
+    let expiry = i64::try_from(expiry.as_secs()).unwrap_or(i64::MAX);
+    let version = store
+        .expire_node(node.id, now, now.saturating_sub(expiry).saturating_add(1))
+        .await?;
+    if version.is_some() {
+        node.revoked = true;
+        node.expired_at = Some(now);
+    }
+    Ok(Changed { node, version })
 }
 
 /// Replaces an authenticated node's endpoints. Reporting the same endpoints again changes
@@ -562,6 +743,7 @@ pub fn peer_info(node: &NodeRecord) -> PeerInfo {
         node_id: node.id,
         name: node.name.clone(),
         public_key: node.public_key,
+        next_key: node.next_key,
         addresses: vec![IpNet::V4(Ipv4Net::from(node.address))],
         allowed_ips: Vec::new(),
         endpoints,

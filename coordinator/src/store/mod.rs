@@ -284,6 +284,16 @@ pub struct NodeRecord {
     pub created_at: UnixTime,
     /// When a session of it was last opened or closed.
     pub last_seen: Option<UnixTime>,
+    /// Its next WireGuard public key while it rotates: peers accept both. `None`: one key.
+    pub next_key: Option<PublicKey>,
+    /// When `public_key` became its key: the join, or the end of its last rotation.
+    pub key_since: UnixTime,
+    /// When a rotation was asked for (by an operator or the network's schedule) that no next
+    /// key has answered yet; `None`: none asked.
+    pub rotation_asked: Option<UnixTime>,
+    /// When it was revoked for not checking in for the configured time (`node_expiry`);
+    /// `None`: it did not expire (it may still be revoked by an operator).
+    pub expired_at: Option<UnixTime>,
 }
 
 /// A new node, as [`Store::insert_node`] takes it.
@@ -545,7 +555,7 @@ pub trait Store: Send + Sync {
     /// The nodes with this name, in any network, by id.
     fn nodes_named<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Vec<NodeRecord>>;
 
-    /// The node of a network with this public key.
+    /// The node of a network with this public key, as its key or its next key.
     fn node_with_key<'a>(
         &'a self,
         network: &'a str,
@@ -661,4 +671,33 @@ pub trait Store: Send + Sync {
     /// Deletes audit entries older than `before`, and the oldest beyond `keep` entries;
     /// returns how many went.
     fn prune_audit(&self, before: UnixTime, keep: u64) -> StoreFuture<'_, u64>;
+
+    /// Records that node `id` is asked to rotate its key since `at` (`None`: no longer
+    /// asked). Changes no map. `false` when the node does not exist.
+    fn ask_rotation(&self, id: NodeId, at: Option<UnixTime>) -> StoreFuture<'_, bool>;
+
+    /// Stores `key` as node `id`'s next key, ends its request for a rotation and bumps its
+    /// network's version. [`StoreError::Conflict`] when a node of the network has `key` as its
+    /// key or next key (the node itself as its key included); [`StoreError::NotFound`] when
+    /// the node does not exist or is revoked.
+    fn set_next_key(&self, id: NodeId, key: PublicKey) -> StoreFuture<'_, u64>;
+
+    /// Makes `key`, node `id`'s next key, its only key from `now` on and bumps its network's
+    /// version; `None` (nothing changed) when `key` is not its next key.
+    fn promote_next_key(
+        &self,
+        id: NodeId,
+        key: PublicKey,
+        now: UnixTime,
+    ) -> StoreFuture<'_, Option<u64>>;
+
+    /// Revokes node `id` as expired at `now` and bumps its network's version; `None`
+    /// (nothing changed) when it is revoked already or does not exist, or when it was seen at
+    /// or after `seen_before` (a session came up meanwhile).
+    fn expire_node(
+        &self,
+        id: NodeId,
+        now: UnixTime,
+        seen_before: UnixTime,
+    ) -> StoreFuture<'_, Option<u64>>;
 }

@@ -50,7 +50,8 @@ const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, 
 const POLICY_COLUMNS: &str = "network, version, source, author, created_at, restored";
 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
-                            endpoints, observed, revoked, created_at, last_seen";
+                            endpoints, observed, revoked, created_at, last_seen, next_key, \
+                            key_since, rotation_asked, expired_at";
 
 const TOKEN_COLUMNS: &str =
     "id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at";
@@ -496,6 +497,10 @@ impl Store for SqlStore {
                 revoked: false,
                 created_at: n.created_at,
                 last_seen: Some(n.created_at),
+                next_key: None,
+                key_since: n.created_at,
+                rotation_asked: None,
+                expired_at: None,
             };
             Ok((record, version))
         })
@@ -555,7 +560,8 @@ impl Store for SqlStore {
     ) -> StoreFuture<'a, Option<NodeRecord>> {
         Box::pin(async move {
             let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT {NODE_COLUMNS} FROM nodes WHERE network = $1 AND public_key = $2"
+                "SELECT {NODE_COLUMNS} FROM nodes WHERE network = $1 \
+                 AND (public_key = $2 OR next_key = $2) ORDER BY id LIMIT 1"
             )))
             .bind(network)
             .bind(key.to_base64())
@@ -919,6 +925,110 @@ impl Store for SqlStore {
         Box::pin(self.delete_old_audit(before, keep))
     }
 
+    fn ask_rotation(&self, id: NodeId, at: Option<UnixTime>) -> StoreFuture<'_, bool> {
+        Box::pin(async move {
+            let done = sqlx::query("UPDATE nodes SET rotation_asked = $1 WHERE id = $2")
+                .bind(at)
+                .bind(to_i64(id)?)
+                .execute(&self.pool)
+                .await?;
+            Ok(done.rows_affected() == 1)
+        })
+    }
+
+    fn set_next_key(&self, id: NodeId, key: PublicKey) -> StoreFuture<'_, u64> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let row = sqlx::query("SELECT network FROM nodes WHERE id = $1 AND revoked = 0")
+                .bind(to_i64(id)?)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(format!("node {id} (deleted or revoked)")))?;
+            let network: String = row.try_get("network")?;
+            let text = key.to_base64();
+            // Checked under the write lock: no other writer can take the key in between.
+            let taken = sqlx::query(
+                "SELECT id FROM nodes WHERE network = $1 \
+                 AND (public_key = $2 OR (next_key = $2 AND id <> $3))",
+            )
+            .bind(&network)
+            .bind(&text)
+            .bind(to_i64(id)?)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(r) = taken {
+                let other = r.try_get::<i64, _>("id")?;
+                return Err(StoreError::Conflict(format!(
+                    "the key is already used by node {other} in network {network}"
+                )));
+            }
+            sqlx::query("UPDATE nodes SET next_key = $1, rotation_asked = NULL WHERE id = $2")
+                .bind(&text)
+                .bind(to_i64(id)?)
+                .execute(&mut *tx)
+                .await
+                .map_err(conflict)?;
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
+            tx.commit().await?;
+            Ok(version)
+        })
+    }
+
+    fn promote_next_key(
+        &self,
+        id: NodeId,
+        key: PublicKey,
+        now: UnixTime,
+    ) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let network = Self::node_network(&mut tx, id).await?;
+            let done = sqlx::query(
+                "UPDATE nodes SET public_key = next_key, next_key = NULL, key_since = $1 \
+                 WHERE id = $2 AND next_key = $3",
+            )
+            .bind(now)
+            .bind(to_i64(id)?)
+            .bind(key.to_base64())
+            .execute(&mut *tx)
+            .await
+            .map_err(conflict)?;
+            if done.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
+            tx.commit().await?;
+            Ok(Some(version))
+        })
+    }
+
+    fn expire_node(
+        &self,
+        id: NodeId,
+        now: UnixTime,
+        seen_before: UnixTime,
+    ) -> StoreFuture<'_, Option<u64>> {
+        Box::pin(async move {
+            let mut tx = self.write_tx().await?;
+            let done = sqlx::query(
+                "UPDATE nodes SET revoked = 1, expired_at = $1 WHERE id = $2 AND revoked = 0 \
+                 AND COALESCE(last_seen, created_at) < $3",
+            )
+            .bind(now)
+            .bind(to_i64(id)?)
+            .bind(seen_before)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() != 1 {
+                return Ok(None);
+            }
+            let network = Self::node_network(&mut tx, id).await?;
+            let version = self.bump(&mut tx, &network, &Change::Node(id)).await?;
+            tx.commit().await?;
+            Ok(Some(version))
+        })
+    }
+
     fn changes_since<'a>(
         &'a self,
         network: &'a str,
@@ -1074,6 +1184,15 @@ fn node_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
         revoked: row.try_get::<i64, _>("revoked")? != 0,
         created_at: row.try_get("created_at")?,
         last_seen: row.try_get("last_seen")?,
+        next_key: row
+            .try_get::<Option<String>, _>("next_key")?
+            .map(|k| parse::<PublicKey>(&k, "next_key"))
+            .transpose()?,
+        key_since: row
+            .try_get::<Option<i64>, _>("key_since")?
+            .map_or_else(|| row.try_get("created_at"), Ok)?,
+        rotation_asked: row.try_get("rotation_asked")?,
+        expired_at: row.try_get("expired_at")?,
     })
 }
 

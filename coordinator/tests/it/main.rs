@@ -8,6 +8,7 @@ mod fencing;
 mod ha;
 mod handlers;
 mod hostile;
+mod keys;
 mod need_to_know;
 mod policy;
 mod quic;

@@ -543,6 +543,7 @@ fn fan_out_figures() {
         node_id: id,
         name: format!("vm-{id}"),
         public_key: PublicKey([(id % 251) as u8; 32]),
+        next_key: None,
         addresses: vec![format!("100.64.{}.{}/32", id / 250, id % 250 + 1)
             .parse()
             .unwrap()],

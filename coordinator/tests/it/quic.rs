@@ -145,6 +145,7 @@ async fn join_deltas_revocation_and_deletion() {
             "created_at",
             "endpoints",
             "id",
+            "key_since",
             "labels",
             "last_seen",
             "name",

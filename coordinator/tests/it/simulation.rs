@@ -730,6 +730,7 @@ impl Sim {
                 secret: secret.into(),
             },
             public_key: self.agents[a].key,
+            key_rotation: false,
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.agents[a].endpoints.clone(),
@@ -789,6 +790,7 @@ impl Sim {
             protocol: PROTOCOL_VERSION,
             auth: Auth::JoinToken { secret },
             public_key: key,
+            key_rotation: false,
             name: name.clone(),
             labels: BTreeMap::new(),
             endpoints: self.agents[a].endpoints.clone(),
@@ -1246,7 +1248,8 @@ impl Sim {
             }
             ServerMessage::Lease { .. }
             | ServerMessage::Prepare { .. }
-            | ServerMessage::ClaimResult { .. } => panic!(
+            | ServerMessage::ClaimResult { .. }
+            | ServerMessage::RotateKey { .. } => panic!(
                 "seed {seed} step {step}: agent {a} got a {}, but the simulation runs no workloads",
                 msg.kind()
             ),
