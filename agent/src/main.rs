@@ -532,6 +532,19 @@ fn print_status_table(v: &serde_json::Value) {
             .map(|a| a.iter().map(s).collect::<Vec<_>>().join(","))
             .unwrap_or_default()
     );
+    let k = &v["key"];
+    if k.is_object() {
+        let age = k["age_secs"].as_u64().map_or_else(
+            || "unknown".to_string(),
+            |a| format!("{} days {} h", a / 86_400, a % 86_400 / 3600),
+        );
+        let rotation = match (k["next_public_key"].as_str(), k["switch_in_secs"].as_u64()) {
+            (Some(next), Some(due)) => format!("rotating to {next}, switch in {due} s"),
+            (Some(next), None) => format!("rotating to {next}, waiting for the coordinator"),
+            _ => "none".to_string(),
+        };
+        println!("key: age {age}  rotation {rotation}");
+    }
     println!("device drops: {}", v["drops"]);
     if let Some(line) = firewall_line(&v["firewall"]) {
         println!("{line}");

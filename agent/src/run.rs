@@ -155,6 +155,30 @@ struct Control {
     claims: Option<ClaimSender>,
     /// The control session's state, when joined to a coordinator.
     session: Option<Arc<Shared>>,
+    /// The state directory, when joined (the key's age).
+    state: Option<StateDir>,
+}
+
+/// A key rotation's switch, as the control loop asks for it (see `control::keys`).
+impl crate::control::keys::KeySwitch for Control {
+    fn switch_key(&self, key: &crate::settings::PrivateKey) {
+        let mut config = self.device.config();
+        config.private_key = key.clone();
+        self.device.set_config(config);
+        if let Some(d) = &self.discovery {
+            d.set_own_key(key.public_key(), key.to_key().0);
+        }
+        // Every session is new: handshakes at once rather than at the next packet or tick.
+        let mut net = NetBatch::with_capacity(64 * 1024);
+        let started = self.device.warm(Duration::ZERO, &mut net);
+        let udp = self.udp.clone();
+        tokio::spawn(async move {
+            if !net.is_empty() {
+                udp.send_batch(&net).await;
+            }
+        });
+        info!(public_key = %key.public_key(), handshakes = started, "the data plane uses the new key");
+    }
 }
 
 impl UapiHandler for Control {
@@ -245,6 +269,11 @@ impl UapiHandler for Control {
                 let coordinators = s.coordinators().clone();
                 control_json(&s.lock(), &coordinators, Instant::now())
             }),
+            "key": crate::control::keys::status_json(
+                self.state.as_ref().and_then(StateDir::key_made_at),
+                self.session.as_ref().map(|s| s.lock()).as_deref(),
+                Instant::now(),
+            ),
         })
         .to_string()
     }
@@ -436,6 +465,7 @@ pub async fn run(
         discovery: discovery.clone(),
         claims: mesh.as_ref().map(|m| m.claims.clone()),
         session: mesh.as_ref().map(|m| m.shared.clone()),
+        state: mesh.as_ref().map(|m| m.state.clone()),
     });
     info!(
         interface = %settings.interface,
@@ -476,8 +506,10 @@ pub async fn run(
         let port = udp.port();
         let tunnel = settings.interface.clone();
         let tunnels: Arc<dyn Tunnels> = control.clone();
+        let switch: Arc<dyn crate::control::keys::KeySwitch> = control.clone();
         tasks.spawn(async move {
             mesh.control
+                .with_key_switch(switch)
                 .run(port, tunnel, tunnels)
                 .await
                 .map_err(RunError::from)
@@ -759,6 +791,8 @@ async fn reconcile_mesh(
     let mut control_gone = false;
     // The policy compiled for this node, and what of the map it was compiled from.
     let mut compiled: Option<(Netmap, Arc<CompiledPolicy>)> = None;
+    // Peers' next keys configured as aliases (see `control::keys`), as last set.
+    let mut aliases: HashMap<meshlink_proto::PublicKey, meshlink_proto::PublicKey> = HashMap::new();
     loop {
         let linger_end = releasing.values().min().copied();
         // Only instants still ahead: a lease that ran out is no timer (it would wake this
@@ -897,6 +931,12 @@ async fn reconcile_mesh(
         });
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);
+        // Rotating peers: their next keys as aliases, set before the peers that use them and
+        // kept until the peers that no longer do are gone.
+        let wanted_aliases = crate::control::keys::alias_peers(&map, &mut peers);
+        let mut both = aliases.clone();
+        both.extend(wanted_aliases.iter().map(|(k, v)| (*k, *v)));
+        control.device.set_key_aliases(both);
         let mut config = control.device.config();
         if config.peers != peers {
             debug!(
@@ -909,6 +949,8 @@ async fn reconcile_mesh(
                 warn!("applying the network map: {e}");
             }
         }
+        control.device.set_key_aliases(wanted_aliases.clone());
+        aliases = wanted_aliases;
         let mut wanted: Vec<IpNet> = held.iter().map(|h| h.address).chain(tentative).collect();
         // Addresses forwarded elsewhere linger briefly (see RELEASE_LINGER).
         for gone in held_now.iter().filter(|a| !wanted.contains(a)) {
@@ -1161,6 +1203,7 @@ mod tests {
             node_id: id,
             name: format!("n{id}"),
             public_key: meshlink_proto::PublicKey([id as u8; 32]),
+            next_key: None,
             addresses: vec![own],
             allowed_ips: std::iter::once(own)
                 .chain(extra.iter().map(|n| n.parse().unwrap()))
@@ -1203,7 +1246,6 @@ mod tests {
         let mut moved = map.clone();
         moved.version += 1;
         moved.peers.get_mut(&2).unwrap().endpoints = vec!["198.18.0.9:1".parse().unwrap()];
-            next_key: None,
         assert_eq!(policy_inputs(&moved), before, "an endpoint changed");
         let mut tagged = map.clone();
         tagged.peers.get_mut(&2).unwrap().tags.push("db".into());

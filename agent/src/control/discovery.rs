@@ -60,6 +60,11 @@ impl Discovery {
         })
     }
 
+    /// The node switched to another key pair (a key rotation).
+    pub fn set_own_key(&self, own: PublicKey, private: [u8; 32]) {
+        self.paths().set_own_key(own, private);
+    }
+
     fn paths(&self) -> MutexGuard<'_, Paths> {
         self.paths.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -14,6 +14,7 @@
 
 pub mod coordinators;
 pub mod discovery;
+pub mod keys;
 pub mod paths;
 pub mod peers;
 pub mod relay;
@@ -38,6 +39,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use meshlink_proto::agent_session::{ClaimId, Event, SessionError};
+use meshlink_proto::key_rotation::KeyAction;
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::workload::HEARTBEATS_PER_LEASE;
 use state::{NodeState, StateDir, StateError};
@@ -74,6 +76,10 @@ pub enum ControlError {
     /// The state directory failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// The node switched to its next key: the session ends so that a new one says hello with
+    /// it (which completes the rotation at the coordinator); it is opened again at once.
+    #[error("switched to the new key; saying hello with it")]
+    KeySwitched,
 }
 
 /// An open control session.
@@ -242,13 +248,13 @@ pub async fn join(
             secret: token.secret.clone(),
         },
         public_key,
+        key_rotation: true,
         name,
         labels,
         endpoints,
     };
     let (w, map) = s.hello(hello).await?;
     let secret = w
-        key_rotation: true,
         .node_secret
         .clone()
         .ok_or_else(|| protocol("the welcome after a join carries no node secret"))?;
@@ -290,13 +296,13 @@ pub async fn authenticate(
             secret: node.node_secret.clone(),
         },
         public_key,
+        key_rotation: true,
         name: None,
         labels: BTreeMap::new(),
         endpoints,
     };
     let (w, m) = s.hello(hello).await?;
     Ok((w, m, s))
-        key_rotation: true,
 }
 
 /// This host's underlay endpoints: every up, non-loopback address with `port`, except those of
@@ -365,6 +371,8 @@ pub struct MeshControl {
     replies: HashMap<ClaimId, std::sync::mpsc::Sender<Result<u64, String>>>,
     reconnect: Reconnect,
     cache: MapCache,
+    /// Where a key switch reaches the data plane (see `keys`).
+    key_switch: Option<Arc<dyn keys::KeySwitch>>,
 }
 
 /// The map cached in the state directory, written at most once per [`CACHE_INTERVAL`]: every
@@ -456,7 +464,16 @@ impl MeshControl {
         shared: Arc<Shared>,
         claims: mpsc::Receiver<ClaimRequest>,
     ) -> Self {
+        // A rotation under way when the agent stopped: its next key is still to switch to.
+        match state.next_key() {
+            Ok(Some(next)) => shared
+                .lock()
+                .set_next_key(Instant::now(), Some(next.public_key())),
+            Ok(None) => {}
+            Err(e) => warn!("the next key of a rotation is unusable: {e}"),
+        }
         MeshControl {
+            key_switch: None,
             cache: MapCache::new(state.clone()),
             state,
             node,
@@ -468,6 +485,13 @@ impl MeshControl {
             replies: HashMap::new(),
             reconnect: Reconnect::new(ReconnectPolicy::default()),
         }
+    }
+
+    /// Switches of the node's key (rotations) go to `switch` (the data plane).
+    #[must_use]
+    pub fn with_key_switch(mut self, switch: Arc<dyn keys::KeySwitch>) -> Self {
+        self.key_switch = Some(switch);
+        self
     }
 
     /// Runs until the node is revoked or refused. `wg_port` is the data plane's UDP port and
@@ -532,6 +556,10 @@ impl MeshControl {
                     }
                     self.reconnect.connected();
                     let e = self.serve(s, map, wg_port, &tunnel, &tunnels).await;
+                    if matches!(e, ControlError::KeySwitched) {
+                        // Not a failure: the same coordinator, at once, with the new key.
+                        continue;
+                    }
                     self.shared.coordinators().failed();
                     if e.is_final() {
                         return Err(self.stopped(e));
@@ -712,6 +740,7 @@ impl MeshControl {
 
     /// Sends what the session state asks to send, then carries out its events.
     async fn flush(&mut self, s: &mut Session, effects: &Effects<'_>) -> Result<(), ControlError> {
+        self.rotate()?;
         loop {
             let next = self.shared.lock().poll_transmit();
             let Some(msg) = next else { break };
@@ -726,6 +755,46 @@ impl MeshControl {
         }
         self.act(effects);
         Ok(())
+    }
+
+    /// Carries out the steps of a key rotation the session asks for: the next key pair made
+    /// (its announcement is then sent with the other messages), or the switch to it, which
+    /// ends the session ([`ControlError::KeySwitched`]) so that a new one says hello with it.
+    fn rotate(&mut self) -> Result<(), ControlError> {
+        loop {
+            let next = self.shared.lock().poll_key_action();
+            match next {
+                None => return Ok(()),
+                Some(KeyAction::MakeKey) => {
+                    let made = match self.state.make_next_key() {
+                        Ok(k) => {
+                            info!(next_key = %k.public_key().short(), "made the next key pair for a rotation");
+                            Some(k.public_key())
+                        }
+                        Err(e) => {
+                            warn!("cannot make the next key pair: {e}");
+                            None
+                        }
+                    };
+                    self.shared.lock().next_key_made(Instant::now(), made);
+                }
+                Some(KeyAction::Switch(public)) => match self.state.switch_to_next_key(&public) {
+                    Ok(key) => {
+                        if let Some(switch) = &self.key_switch {
+                            switch.switch_key(&key);
+                        }
+                        self.public_key = key.public_key();
+                        self.shared.lock().key_switched(Some(public));
+                        info!(key = %public.short(), "switched to the new key");
+                        return Err(ControlError::KeySwitched);
+                    }
+                    Err(e) => {
+                        warn!("cannot switch to the new key: {e}");
+                        self.shared.lock().key_switched(None);
+                    }
+                },
+            }
+        }
     }
 
     fn act(&mut self, effects: &Effects<'_>) {

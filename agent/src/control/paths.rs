@@ -178,6 +178,17 @@ impl Paths {
         }
     }
 
+    /// This node switched to another key pair (a key rotation): probes are sealed with it from
+    /// now on. Paths found stay; peers that still know the old key answer nothing until their
+    /// map shows the new one, and a path they stop confirming falls back as any would.
+    pub fn set_own_key(&mut self, own: PublicKey, private: [u8; 32]) {
+        self.own = own;
+        self.private = private;
+        for (key, peer) in &mut self.peers {
+            peer.key = PairKey::derive(&private, key).ok();
+        }
+    }
+
     /// The peers and their listed candidates (from the map), replacing the previous set.
     pub fn set_peers(
         &mut self,

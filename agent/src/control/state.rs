@@ -2,7 +2,10 @@
 //! network map it received, so it can come back up while the coordinator is away.
 //!
 //! Files, all mode 0600 in a 0700 directory:
-//! - `private.key`: the WireGuard private key, made here and never sent anywhere;
+//! - `private.key`: the WireGuard private key in use, made here and never sent anywhere;
+//! - `private.key.next`: during a key rotation, the next private key, made here too; the
+//!   switch renames it over `private.key` (one atomic step, which also deletes the old key),
+//!   so `private.key` always names the key in use, across a restart at any point;
 //! - `node.json`: node id, node secret, coordinator address and certificate pin, and what the
 //!   coordinator said about the node (name, network, addresses);
 //! - `netmap.json`: the cached map, with when a coordinator last confirmed it
@@ -195,6 +198,81 @@ impl StateDir {
             keyfile::write_private_key(&path, &PrivateKey::generate())?;
         }
         Ok(keyfile::read_private_key(&path)?)
+    }
+
+    /// The next private key's path (during a rotation).
+    pub fn next_key_path(&self) -> PathBuf {
+        self.dir.join("private.key.next")
+    }
+
+    /// The next private key made for a rotation and not switched to yet, if any.
+    ///
+    /// # Errors
+    /// [`StateError::Key`] when the file exists but is unusable (wrong mode, damaged).
+    pub fn next_key(&self) -> Result<Option<PrivateKey>, StateError> {
+        let path = self.next_key_path();
+        if path.symlink_metadata().is_err() {
+            return Ok(None);
+        }
+        Ok(Some(keyfile::read_private_key(&path)?))
+    }
+
+    /// The next private key for a rotation: the one made before and not used yet, else a new
+    /// one, generated here and written 0600 beside the key in use.
+    ///
+    /// # Errors
+    /// [`StateError::Key`] when the file cannot be written or read back.
+    pub fn make_next_key(&self) -> Result<PrivateKey, StateError> {
+        if let Some(k) = self.next_key()? {
+            return Ok(k);
+        }
+        let key = PrivateKey::generate();
+        keyfile::write_private_key(&self.next_key_path(), &key)?;
+        Ok(keyfile::read_private_key(&self.next_key_path())?)
+    }
+
+    /// Switches to the next private key, which must have `public`: `private.key.next` is
+    /// renamed over `private.key` (atomically: a crash leaves one key or the other in use,
+    /// and the old key is gone from the directory), and the directory synced. Returns the key
+    /// now in use.
+    ///
+    /// # Errors
+    /// [`StateError::Damaged`] when no next key with that public key is there;
+    /// [`StateError::Io`] when the rename fails.
+    pub fn switch_to_next_key(
+        &self,
+        public: &meshlink_proto::PublicKey,
+    ) -> Result<PrivateKey, StateError> {
+        let next = self.next_key()?.ok_or_else(|| StateError::Damaged {
+            path: self.next_key_path(),
+            reason: "no next key to switch to".into(),
+        })?;
+        if next.public_key() != *public {
+            return Err(StateError::Damaged {
+                path: self.next_key_path(),
+                reason: format!(
+                    "it holds the key of {}, not {}",
+                    next.public_key().short(),
+                    public.short()
+                ),
+            });
+        }
+        let io = |source| StateError::Io {
+            path: self.key_path(),
+            source,
+        };
+        fs::rename(self.next_key_path(), self.key_path()).map_err(io)?;
+        if let Ok(dir) = fs::File::open(&self.dir) {
+            let _ = dir.sync_all();
+        }
+        Ok(next)
+    }
+
+    /// When the key in use was made (its file's modification time), if known.
+    pub fn key_made_at(&self) -> Option<SystemTime> {
+        fs::metadata(self.key_path())
+            .and_then(|m| m.modified())
+            .ok()
     }
 
     fn read_json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
@@ -432,6 +510,7 @@ mod tests {
             node_id: 2,
             name: "vm-b".into(),
             public_key: meshlink_proto::PublicKey([2; 32]),
+            next_key: None,
             addresses: vec!["100.64.0.2/32".parse().unwrap()],
             allowed_ips: Vec::new(),
             endpoints: vec!["198.18.2.10:51820".parse().unwrap()],
@@ -510,7 +589,6 @@ mod tests {
     fn map_trust_lasts_max_age_after_the_last_confirmation() {
         let t0 = Instant::now();
         let s = Duration::from_secs;
-            next_key: None,
         let week = Some(s(7 * 24 * 3600));
 
         // A cached map from 6 days ago: trusted for one more day without a coordinator.
@@ -548,6 +626,45 @@ mod tests {
         assert!(!trust.expired(t0 + s(214)));
         assert!(trust.expired(t0 + s(215)));
         assert_eq!(trust.max_age(), max);
+    }
+
+    #[test]
+    fn a_rotation_keeps_one_key_in_use_and_the_next_beside_it_both_private() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let old = s.private_key().unwrap();
+        assert!(s.next_key().unwrap().is_none());
+        let next = s.make_next_key().unwrap();
+        assert_ne!(next.public_key(), old.public_key());
+        // Made once: asked again (a restart, a repeated request), the same key.
+        assert_eq!(s.make_next_key().unwrap().public_key(), next.public_key());
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&s.next_key_path()), 0o600);
+        // The key in use is untouched until the switch.
+        assert_eq!(s.private_key().unwrap().public_key(), old.public_key());
+        // A switch to another key is refused and changes nothing.
+        assert!(s.switch_to_next_key(&old.public_key()).is_err());
+        assert_eq!(s.private_key().unwrap().public_key(), old.public_key());
+        let now = s.switch_to_next_key(&next.public_key()).unwrap();
+        assert_eq!(now.public_key(), next.public_key());
+        assert_eq!(s.private_key().unwrap().public_key(), next.public_key());
+        assert!(s.next_key().unwrap().is_none());
+        assert_eq!(mode(&s.key_path()), 0o600);
+        assert!(s.key_made_at().is_some());
+        // The old private key is nowhere in the directory.
+        let old_text = old.to_key().to_base64();
+        for entry in fs::read_dir(d.path()).unwrap() {
+            let text = fs::read_to_string(entry.unwrap().path()).unwrap_or_default();
+            assert!(!text.contains(&old_text));
+        }
+        // Nothing to switch to now.
+        assert!(s.switch_to_next_key(&next.public_key()).is_err());
+        // A next key readable by others is refused, naming the file.
+        let k = s.make_next_key().unwrap();
+        fs::set_permissions(s.next_key_path(), fs::Permissions::from_mode(0o644)).unwrap();
+        let e = s.next_key().unwrap_err().to_string();
+        assert!(e.contains("private.key.next"), "{e}");
+        let _ = k;
     }
 
     #[test]

@@ -18,6 +18,15 @@
 //! Architecture invariant: nothing here touches a socket, a file or the clock; the WireGuard
 //! engine keeps its own timers (see `noise`), and the connection table counts time from what
 //! the timer loop tells it ([`Device::set_time`]).
+//!
+//! Key aliases (a peer that rotates its key, see [`Device::set_key_aliases`]): the peer's next
+//! key is a peer of its own, with no allowed IPs, that stands for the same node. Inbound, a
+//! packet authenticated under either key passes the source check against the node's allowed
+//! IPs (cryptokey routing keeps one owner per prefix: the key in use). Outbound, a packet
+//! routed to the key in use goes to whichever of the two last completed a handshake, so the
+//! node can switch keys at any moment: its first handshake under the new key moves the
+//! traffic over, and a TCP connection sees at most the few packets sent to the old session
+//! in between, which it retransmits.
 
 pub mod allowed_ips;
 pub mod batch;
@@ -174,6 +183,53 @@ struct Table {
     by_index: HashMap<u32, Arc<Peer>>,
     routes: AllowedIps<Arc<Peer>>,
     next_index: u32,
+    /// Next keys of peers that rotate (an alias) -> the key they use now (see
+    /// [`Device::set_key_aliases`]).
+    aliases: HashMap<PublicKey, PublicKey>,
+    /// For each peer whose alias is configured too: its key in use -> the alias's peer.
+    alias_peers: HashMap<PublicKey, Arc<Peer>>,
+}
+
+impl Table {
+    /// Pairs each configured alias with its peer; call when peers or aliases change.
+    fn pair_aliases(&mut self) {
+        self.alias_peers = self
+            .aliases
+            .iter()
+            .filter(|(_, primary)| self.peers.contains_key(*primary))
+            .filter_map(|(alias, primary)| Some((*primary, self.peers.get(alias)?.clone())))
+            .collect();
+    }
+
+    /// The key that names the node `peer` is: its own, or for an alias the key in use.
+    #[inline]
+    fn identity<'a>(&'a self, peer: &'a Peer) -> &'a PublicKey {
+        if self.aliases.is_empty() {
+            return &peer.key;
+        }
+        self.aliases.get(&peer.key).unwrap_or(&peer.key)
+    }
+
+    /// Where a packet routed to `peer` goes: `peer`, or its alias once the alias has the newer
+    /// handshake (the node switched to its next key).
+    #[inline]
+    fn sender<'a>(&'a self, peer: &'a Arc<Peer>) -> &'a Arc<Peer> {
+        if self.alias_peers.is_empty() {
+            return peer;
+        }
+        match self.alias_peers.get(&peer.key) {
+            Some(alias) => {
+                let alias_age = alias.lock().noise.time_since_last_handshake();
+                let own_age = peer.lock().noise.time_since_last_handshake();
+                match (alias_age, own_age) {
+                    (Some(a), Some(o)) if a < o => alias,
+                    (Some(_), None) => alias,
+                    _ => peer,
+                }
+            }
+            None => peer,
+        }
+    }
 }
 
 /// The data plane of one interface. See the module documentation.
@@ -269,6 +325,8 @@ impl Device {
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
             next_index: index_seed & 0x00ff_ffff,
+            aliases: HashMap::new(),
+            alias_peers: HashMap::new(),
         };
         let device = Device {
             table: RwLock::new(table),
@@ -387,6 +445,20 @@ impl Device {
         t.by_index = by_index;
         t.routes = routes;
         t.config = new;
+        t.pair_aliases();
+    }
+
+    /// Sets which peers stand for the same node as another: `next key -> key in use`, for
+    /// peers that rotate their key (both configured as peers, the next key with no allowed
+    /// IPs). Set it before the configuration that adds the alias peers; an alias whose peers
+    /// are not both configured does nothing. See the module documentation.
+    pub fn set_key_aliases(&self, aliases: HashMap<PublicKey, PublicKey>) {
+        if self.read().aliases == aliases {
+            return;
+        }
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.aliases = aliases;
+        t.pair_aliases();
     }
 
     /// Sets how workload addresses are forwarded and accepted; peers and sessions stay.
@@ -503,6 +575,7 @@ impl Device {
                 self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            let peer = t.sender(peer);
             if let Some(flows) = flows {
                 // Noted so that the replies pass.
                 t.firewall
@@ -582,14 +655,19 @@ impl Device {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
                 // or a workload address the peer may send from, or (a packet the previous
                 // holder of a workload address held here relays to it) a node's own address.
-                let owner_ok = t.routes.lookup(src).is_some_and(|o| Arc::ptr_eq(o, peer))
+                // A peer's alias (its next key) speaks for the same node.
+                let who = t.identity(peer);
+                let owner_ok = t
+                    .routes
+                    .lookup(src)
+                    .is_some_and(|o| Arc::ptr_eq(o, peer) || o.key == *who)
                     || t.workloads
                         .also_from
                         .get(&src)
-                        .is_some_and(|keys| keys.contains(&peer.key))
+                        .is_some_and(|keys| keys.contains(who))
                     || (!t.workloads.relay_from.is_empty()
                         && destination(packet).and_then(|d| t.workloads.relay_from.get(&d))
-                            == Some(&peer.key)
+                            == Some(who)
                         && t.workloads.relay_sources.contains(&src));
                 if owner_ok {
                     let n = packet.len();
@@ -603,7 +681,7 @@ impl Device {
                     match next {
                         // Never back to the sender: that would loop. The new holder's
                         // firewall checks what is forwarded to it.
-                        Some(to) if !Arc::ptr_eq(to, peer) => forward = Some((to, n)),
+                        Some(to) if to.key != *who => forward = Some((to, n)),
                         _ => {
                             let verdict = if t.firewall.is_open() {
                                 Verdict::Pass
@@ -675,7 +753,10 @@ impl Device {
         drop(s);
         if let Some((to, n)) = forward {
             // A released workload address: on to its new holder, one peer lock at a time.
-            if to.lock().seal(tun.uncommitted(n), net, &self.drops) {
+            if t.sender(to)
+                .lock()
+                .seal(tun.uncommitted(n), net, &self.drops)
+            {
                 self.drops.forwarded.fetch_add(1, Ordering::Relaxed);
             }
         }
