@@ -66,17 +66,28 @@ impl Coordinator {
     /// When the binary is missing, or the coordinator exits or is not ready within
     /// [`READY_TIMEOUT`]; the message carries its log.
     pub fn start(ns: &NsRef, dir: &ScratchDir, ip: Ipv4Addr) -> Coordinator {
+        Coordinator::start_with(ns, dir, ip, &[])
+    }
+
+    /// As [`Coordinator::start`], with further flags (`--key-rotation-secs 10`), kept for
+    /// restarts.
+    ///
+    /// # Panics
+    /// As [`Coordinator::start`].
+    pub fn start_with(ns: &NsRef, dir: &ScratchDir, ip: Ipv4Addr, flags: &[&str]) -> Coordinator {
         let state_dir = dir.join("coordinator");
         let advertise = SocketAddrV4::new(ip, QUIC_PORT);
         let label = "coordinator".to_string();
-        let (process, fingerprint) = spawn(ns, &state_dir, advertise, dir.path(), &label, &[], 1);
+        let extra: Vec<String> = flags.iter().map(|f| (*f).to_owned()).collect();
+        let (process, fingerprint) =
+            spawn(ns, &state_dir, advertise, dir.path(), &label, &extra, 1);
         Coordinator {
             ns: ns.clone(),
             state_dir,
             log_dir: dir.path().to_owned(),
             advertise,
             fingerprint,
-            extra: Vec::new(),
+            extra,
             label,
             process,
             previous: Vec::new(),
