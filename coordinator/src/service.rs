@@ -89,6 +89,7 @@ type PrepareKey = (NodeId, String, u64);
 /// has surely run out), the workload's holder is not confirmed.
 #[derive(Debug, Clone, Copy)]
 struct Release {
+    /// The node; 0 (no node's id) after a start: whoever held it in the previous run.
     node: NodeId,
     version: u64,
     until: Instant,
@@ -249,9 +250,6 @@ pub struct Service {
     recorded: std::sync::Mutex<HashMap<NodeId, Instant>>,
     /// Changes of holder not confirmed yet to their new holders (see `Service::confirmed_for`).
     handovers: std::sync::Mutex<Handovers>,
-    /// Nothing is confirmed before then (a lease plus the margin after the start): a change
-    /// the previous run made may not have been acknowledged, and this run does not know it.
-    confirm_from: Instant,
     /// Key rotation and node expiry (`crate::keys`).
     pub(crate) keys: crate::keys::KeyState,
 }
@@ -289,9 +287,21 @@ impl Service {
         timing: WorkloadTiming,
     ) -> Result<Self, StoreError> {
         let hub = Hub::new(queue_depth);
+        // Changes of holder the previous run made less than a lease (and the margin, and the
+        // wall clock's seconds) ago: their old holders may not have acknowledged them, and this
+        // run does not know, so their new holders are confirmed a lease after the start.
+        let mut recent = Vec::new();
+        let recently = clock.now()
+            - i64::try_from((timing.lease + timing.margin).as_secs()).unwrap_or(i64::MAX)
+            - 2;
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
             let wls = store.workloads(Some(&net.name)).await?;
+            recent.extend(
+                wls.iter()
+                    .filter(|w| w.holder.is_some() && w.moved_at.is_some_and(|t| t >= recently))
+                    .map(|w| (w.network.clone(), w.name.clone())),
+            );
             let policy = policy::current(store.as_ref(), &net.name).await?;
             let mut map = nodes::netmap(net.version, &members, &wls, policy);
             for w in map.workloads.values_mut() {
@@ -300,6 +310,15 @@ impl Service {
             hub.set_map(&net.name, map);
         }
         let started = clock.instant();
+        let mut handovers = Handovers::default();
+        for key in recent {
+            let wait = Release {
+                node: 0,
+                version: u64::MAX,
+                until: started + timing.lease + timing.margin,
+            };
+            handovers.pending.insert(key, vec![wait]);
+        }
         Ok(Service {
             store,
             hub,
@@ -321,8 +340,7 @@ impl Service {
             me: random_secret(),
             present: std::sync::Mutex::new(std::collections::HashSet::new()),
             recorded: std::sync::Mutex::new(HashMap::new()),
-            handovers: std::sync::Mutex::new(Handovers::default()),
-            confirm_from: started + timing.lease + timing.margin,
+            handovers: std::sync::Mutex::new(handovers),
             keys: crate::keys::KeyState::default(),
         })
     }
@@ -784,13 +802,10 @@ impl Service {
 
     /// The workloads `node` holds in `network`'s map and may answer for, with their
     /// generations: those with no former holder left that may still answer (none that has
-    /// neither acknowledged the change nor surely lost its lease). Empty for a lease plus the
-    /// margin after the start.
+    /// neither acknowledged the change nor surely lost its lease; after a start, none moved
+    /// by the previous run less than a lease before it, until a lease after the start).
     pub fn confirmed_for(&self, network: &str, node: NodeId) -> Vec<Confirmation> {
         let now = self.clock.instant();
-        if now < self.confirm_from {
-            return Vec::new();
-        }
         let workloads = self.workloads_of(network);
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         workloads
@@ -832,9 +847,6 @@ impl Service {
     /// generation.
     fn tell_confirmed(&self, network: &str, names: &[String]) {
         let now = self.clock.instant();
-        if now < self.confirm_from {
-            return;
-        }
         let workloads = self.workloads_of(network);
         let mut holders = Vec::new();
         {
