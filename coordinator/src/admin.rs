@@ -352,18 +352,7 @@ async fn show_node(
         q.network.as_deref(),
     )
     .await?;
-    let all = s
-        .service
-        .store()
-        .nodes(Some(&node.network))
-        .await
-        .unwrap_or_default();
-    Ok(Json(node_view(
-        &node,
-        &s.service.online_anywhere().await,
-        &s.service,
-        &all,
-    )))
+    Ok(node_answer(&s, &node).await)
 }
 
 async fn revoke_node(
@@ -376,18 +365,7 @@ async fn revoke_node(
         svc.revoke_node(&reference, q.network.as_deref()).await
     })
     .await?;
-    let all = s
-        .service
-        .store()
-        .nodes(Some(&node.network))
-        .await
-        .unwrap_or_default();
-    Ok(Json(node_view(
-        &node,
-        &s.service.online_anywhere().await,
-        &s.service,
-        &all,
-    )))
+    Ok(node_answer(&s, &node).await)
 }
 
 async fn delete_node(
@@ -401,6 +379,22 @@ async fn delete_node(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A node as an answer: its view, with the names of its network's nodes for its path report.
+async fn node_answer(s: &AppState, node: &NodeRecord) -> Json<api::Node> {
+    let all = s
+        .service
+        .store()
+        .nodes(Some(&node.network))
+        .await
+        .unwrap_or_default();
+    Json(node_view(
+        node,
+        &s.service.online_anywhere().await,
+        &s.service,
+        &all,
+    ))
 }
 
 /// `n` as the API shows it; `all` names the peers in its path report.

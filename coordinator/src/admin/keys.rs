@@ -9,7 +9,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use meshlink_api::{self as api, NetworkFilter};
 
-use super::{detached, node_view, AppState, HttpResult};
+use super::{detached, node_answer, AppState, HttpResult};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new().route("/v1/nodes/{reference}/rotate-key", post(rotate_key))
@@ -25,16 +25,5 @@ async fn rotate_key(
         svc.rotate_key(&reference, q.network.as_deref()).await
     })
     .await?;
-    let all = s
-        .service
-        .store()
-        .nodes(Some(&node.network))
-        .await
-        .unwrap_or_default();
-    Ok(Json(node_view(
-        &node,
-        &s.service.online_anywhere().await,
-        &s.service,
-        &all,
-    )))
+    Ok(node_answer(&s, &node).await)
 }

@@ -9,7 +9,7 @@ use meshlink_api::{self as api, NetworkFilter};
 use meshlink_proto::policy::{Entity, Policy};
 
 use super::auth::Actor;
-use super::{detached, node_view, time, workload_network, workload_view, AppState, HttpResult};
+use super::{detached, node_answer, time, workload_network, workload_view, AppState, HttpResult};
 use crate::access::PolicyEdit;
 use crate::handlers::policy::{self, Accepted};
 use crate::handlers::{ApiError, Caller};
@@ -220,18 +220,7 @@ async fn tag_node(
             .await
     })
     .await?;
-    let all = s
-        .service
-        .store()
-        .nodes(Some(&node.network))
-        .await
-        .unwrap_or_default();
-    Ok(Json(node_view(
-        &node,
-        &s.service.online_anywhere().await,
-        &s.service,
-        &all,
-    )))
+    Ok(node_answer(&s, &node).await)
 }
 
 async fn tag_workload(
