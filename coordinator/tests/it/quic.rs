@@ -407,13 +407,18 @@ async fn heartbeats_claims_and_prepared_over_quic() {
         }
     }
 
-    // The holder's heartbeat gets a lease at the map's version.
+    // The holder's heartbeat gets a lease at the map's version (after the unsolicited one,
+    // seq 0, that confirmed the attach to it).
     a.send(&ClientMessage::Heartbeat {
         seq: 7,
         version: None,
     })
     .await;
-    match a.recv().await {
+    let mut answer = a.recv().await;
+    while let Some(ServerMessage::Lease { seq: 0, .. }) = answer {
+        answer = a.recv().await;
+    }
+    match answer {
         Some(ServerMessage::Lease {
             seq: 7,
             lease_ms,
