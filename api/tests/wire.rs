@@ -51,7 +51,7 @@ fn nodes() {
 #[test]
 fn workloads() {
     let w: Workload = round_trip(
-        r#"{"name":"db","network":"prod","address":"100.64.0.50","holder":null,"generation":3,"previous":{"id":3,"name":null},"standby":[{"id":2,"name":"vm-b"},{"id":3,"name":null}],"allowed":[{"id":3,"name":null},{"id":2,"name":"vm-b"}],"state":"detached","created_at":1796431330,"moved_at":1796431330}"#,
+        r#"{"name":"db","network":"prod","address":"100.64.0.50","holder":null,"generation":3,"previous":{"id":3,"name":null},"standby":[{"id":2,"name":"vm-b"},{"id":3,"name":null}],"allowed":[{"id":3,"name":null},{"id":2,"name":"vm-b"}],"tags":[],"state":"detached","created_at":1796431330,"moved_at":1796431330}"#,
     );
     assert_eq!(
         w.previous,
@@ -62,12 +62,12 @@ fn workloads() {
     );
     assert_eq!(w.state, WorkloadState::Detached);
     let moved: MovedWorkload = round_trip(
-        r#"{"name":"db","network":"prod","address":"100.64.0.50","holder":{"id":2,"name":"vm-b"},"generation":1,"previous":null,"standby":[{"id":2,"name":"vm-b"},{"id":3,"name":"vm-c"}],"allowed":[{"id":3,"name":"vm-c"},{"id":2,"name":"vm-b"}],"state":"holder-offline","created_at":1796431330,"moved_at":1796431330,"changed":true,"prepared_ms":null,"took_ms":1.109}"#,
+        r#"{"name":"db","network":"prod","address":"100.64.0.50","holder":{"id":2,"name":"vm-b"},"generation":1,"previous":null,"standby":[{"id":2,"name":"vm-b"},{"id":3,"name":"vm-c"}],"allowed":[{"id":3,"name":"vm-c"},{"id":2,"name":"vm-b"}],"tags":[],"state":"holder-offline","created_at":1796431330,"moved_at":1796431330,"changed":true,"prepared_ms":null,"took_ms":1.109}"#,
     );
     assert_eq!(moved.workload.generation, Generation(1));
     assert_eq!(moved.workload.state, WorkloadState::HolderOffline);
     let moved: MovedWorkload = round_trip(
-        r#"{"name":"chat","network":"prod","address":"100.64.0.4","holder":{"id":1,"name":"vm-a"},"generation":1,"previous":null,"standby":[],"allowed":[],"state":"held","created_at":1796431330,"moved_at":1796431331,"changed":true,"prepared_ms":3.25,"took_ms":0.0}"#,
+        r#"{"name":"chat","network":"prod","address":"100.64.0.4","holder":{"id":1,"name":"vm-a"},"generation":1,"previous":null,"standby":[],"allowed":[],"tags":[],"state":"held","created_at":1796431330,"moved_at":1796431331,"changed":true,"prepared_ms":3.25,"took_ms":0.0}"#,
     );
     assert_eq!(moved.prepared_ms, Some(3.25));
 }
