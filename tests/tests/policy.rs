@@ -823,3 +823,88 @@ fn a_connection_from_before_the_policy_is_cut_by_it() {
         mesh.firewall("web-1")
     );
 }
+
+/// Admin roles and the audit log against the running mesh: an operator token limited to the
+/// network makes join tokens but can neither make admin tokens nor change tags; every change
+/// and every refusal shows in `meshctl audit`, naming the token, with the policy version the
+/// admin set.
+#[test]
+fn an_operator_token_is_held_to_its_role_and_the_audit_log_shows_everything() {
+    let Some(mut mesh) = bed(
+        "policy-audit",
+        &[node("web-1", &["web"]), node("db-1", &["db"])],
+    ) else {
+        return;
+    };
+    let ctl = mesh.ctl();
+    let created = ctl.json(&[
+        "admin-token",
+        "create",
+        "--name",
+        "ci",
+        "--role",
+        "operator",
+        "--network",
+        NETWORK,
+    ]);
+    let secret = created["token"].as_str().expect("the secret").to_owned();
+    let file = mesh.dir().join("ci.token");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let as_ci = |args: &[&str]| {
+        let mut full = vec![
+            "--coordinator",
+            "http://127.0.0.1:7444",
+            "--admin-token-file",
+            file.to_str().unwrap(),
+        ];
+        full.extend_from_slice(args);
+        mesh.coordinator_ns()
+            .exec(meshlink_tests::meshctl_bin().to_str().unwrap(), &full)
+    };
+    let out = as_ci(&["token", "create", "--network", NETWORK]);
+    assert!(out.status.success(), "{out:?}");
+    let out = as_ci(&["admin-token", "create", "--name", "mine", "--role", "admin"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("403"), "{out:?}");
+    let out = as_ci(&["node", "tag", "db-1", "+web", "--network", NETWORK]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    let out = as_ci(&["token", "create", "--network", "other"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("403"),
+        "{out:?}"
+    );
+    mesh.tag("db-1", &["+pg"]);
+    let version = mesh.set_policy(WEB_TO_DB);
+
+    let log = ctl.json(&["audit", "--since", "1h"]);
+    let entries = log.as_array().expect("a list");
+    let has = |actor: &str, action: &str, status: u64| {
+        entries
+            .iter()
+            .any(|e| e["actor"] == actor && e["action"] == action && e["status"] == status)
+    };
+    assert!(
+        has("admin:bootstrap", "POST /v1/admin-tokens", 201),
+        "{log:#}"
+    );
+    assert!(has("admin:ci", "POST /v1/tokens", 201), "{log:#}");
+    assert!(has("admin:ci", "POST /v1/admin-tokens", 403), "{log:#}");
+    assert!(has("admin:ci", "POST /v1/nodes/db-1/tags", 403), "{log:#}");
+    assert!(has("admin:ci", "POST /v1/tokens", 403), "{log:#}");
+    assert!(
+        has("admin:bootstrap", "POST /v1/nodes/db-1/tags", 200),
+        "{log:#}"
+    );
+    let policy = format!("POST /v1/networks/{NETWORK}/policy");
+    assert!(has("admin:bootstrap", &policy, 200), "{log:#}");
+    let history = ctl.json(&["policy", "history", NETWORK]);
+    let last = history.as_array().unwrap().last().unwrap().clone();
+    assert_eq!(last["version"], version);
+    assert_eq!(last["author"], "admin:bootstrap");
+    let text = serde_json::to_string(&log).unwrap();
+    assert!(!text.contains(&secret), "a secret in the audit log");
+}
