@@ -28,7 +28,7 @@ use crate::store::{AuditRecord, Role};
 /// The largest request body accepted (a policy file of 1 MiB, JSON-escaped, fits).
 pub(super) const MAX_BODY: usize = 4 << 20;
 
-/// The largest answer body read back to record an error's text.
+/// The largest error answer read back to record its text.
 const MAX_ANSWER: usize = 64 << 10;
 
 /// Who made a request: set by [`authorize`] for the route handlers.
@@ -302,15 +302,17 @@ pub(super) async fn authorize(State(state): State<AppState>, req: Request, next:
         return response;
     }
     let status = response.status();
+    if status.is_success() {
+        // The answer goes out untouched, however large (a policy with its source).
+        audit(&state, record(&actor.name, status, "ok".to_string())).await;
+        return response;
+    }
+    // An error's body is one short line of JSON: read back for the log.
     let (parts, body) = response.into_parts();
     let answer = to_bytes(body, MAX_ANSWER).await.unwrap_or_default();
-    let result = if status.is_success() {
-        "ok".to_string()
-    } else {
-        serde_json::from_slice::<meshlink_api::ErrorBody>(&answer)
-            .map(|e| e.error)
-            .unwrap_or_else(|_| status.to_string())
-    };
+    let result = serde_json::from_slice::<meshlink_api::ErrorBody>(&answer)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| status.to_string());
     audit(&state, record(&actor.name, status, result)).await;
     Response::from_parts(parts, Body::from(answer))
 }

@@ -206,3 +206,41 @@ async fn roles_and_network_scopes_decide_and_the_audit_log_records() {
     assert_eq!(status, 400);
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_large_answer_comes_through_the_gate_whole() {
+    let dir = TempDir::new("admin-large");
+    let c = start(dir.path()).await;
+    let addr = c.admin_addr();
+    let boot = c.admin_token().value.clone();
+    let body = json!({"name": "prod", "cidr": "100.64.0.0/24"}).to_string();
+    let (status, _) = http(addr, "POST", "/v1/networks", Some(&boot), Some(&body)).await;
+    assert_eq!(status, 201);
+    // About 200 KB of policy: its answer carries the source, far over what the gate reads
+    // back for the audit log.
+    let mut source = String::new();
+    for i in 0..2000 {
+        source.push_str(&format!(
+            "[[rule]]\nfrom = [\"tag:team-{i}\"]\nto = [\"tag:svc-{i}\"]\nports = [\"tcp:{}\"]\n\n",
+            1000 + i
+        ));
+    }
+    let body = json!({ "source": source }).to_string();
+    let (status, answer) = http(
+        addr,
+        "POST",
+        "/v1/networks/prod/policy",
+        Some(&boot),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        answer["policy"]["rules"],
+        2000,
+        "{}",
+        &answer.to_string()[..200.min(answer.to_string().len())]
+    );
+    assert_eq!(answer["policy"]["source"].as_str(), Some(source.as_str()));
+    c.shutdown().await;
+}
