@@ -9,7 +9,8 @@
 //!
 //! Need to know: while a network has a policy ([`Netmap::policy`]), a session's map holds
 //! only its node, the peers [`meshlink_proto::policy::visible_peers`] lets that node see, and
-//! every workload, the policy and tags as they are (`need_to_know`). Each session's set of
+//! every workload and tags as they are, and the rules of the policy that concern it
+//! (`need_to_know`). Each session's set of
 //! visible peers is kept in its slot and computed again only when a change can alter it (a
 //! policy set or cleared: every session's, once per kind of node; a join, tags, a workload's
 //! holders or candidates: the nodes touched, the others read off theirs); any other change is
@@ -482,9 +483,13 @@ fn fan_out_cut(
 ) -> Fanout {
     // Everything but the peers is the same for every session: one message, its peers set
     // for each distinct cut.
+    // A policy set goes to each session as the rules that concern it (its selection's);
+    // a policy cleared, to everyone as it is.
+    let clear = matches!(delta.policy, Some(PolicyChange::Clear));
     let mut message = ServerMessage::Delta(NetmapDelta {
         upsert: Vec::new(),
         remove: Vec::new(),
+        policy: None,
         ..delta
     });
     let mut frames: HashMap<Selection, Frame> = HashMap::new();
@@ -501,6 +506,13 @@ fn fan_out_cut(
                         .filter_map(|id| map.peers.get(id).cloned())
                         .collect();
                     d.remove.clone_from(&selection.remove);
+                    d.policy = match (&selection.rules, &map.policy) {
+                        (Some(rules), Some(p)) => {
+                            Some(PolicyChange::Set(need_to_know::policy_for(p, rules)))
+                        }
+                        _ if clear => Some(PolicyChange::Clear),
+                        _ => None,
+                    };
                 }
                 let f: Frame = encode(&message).into();
                 fanout.bytes += f.len();

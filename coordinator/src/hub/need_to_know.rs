@@ -3,9 +3,14 @@
 //! sets and selections out; the hub queues the bytes.
 //!
 //! With a policy ([`Netmap::policy`]), a node's map holds itself, the peers
-//! [`visible_peers`] gives it, and every workload, the policy and every tag as they are (a
-//! workload entry carries no key or endpoint, and an agent needs every workload's address to
-//! route and filter it). Without one, every peer.
+//! [`visible_peers`] gives it, every workload and every tag as they are (a workload entry
+//! carries no key or endpoint, and an agent needs every workload's address to route and filter
+//! it), and of the policy only the rules that concern the node ([`relevant_rules`]: those that
+//! name something it is or may hold, which give its tables and its visible peers the same
+//! answers as the whole policy; a node learns nothing of the others' rules, and a policy
+//! change costs each node its own rules, not the whole file). The rules that concern a node
+//! change only with the policy or with what the node is, exactly when its set is computed
+//! again, and are sent then. Without a policy, every peer.
 //!
 //! Why a change is cheap to follow: visibility is symmetric (`b` is among `a`'s visible peers
 //! iff `a` is among `b`'s: [`meshlink_proto::policy::may_talk`] looks both ways), and whether
@@ -19,7 +24,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use meshlink_proto::policy::{visible_peers, Selector};
+use meshlink_proto::policy::{relevant_rules, visible_peers, Selector};
+use meshlink_proto::Policy;
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
 
 /// The peers a session's node sees: `None` while its network has no policy (every peer).
@@ -103,7 +109,7 @@ struct Kind<'a> {
 }
 
 /// `map` as node `me` may see it: itself and `visible` of its peers; every workload, the
-/// policy, tags.
+/// rules of the policy that concern it ([`relevant_rules`]), tags.
 pub(super) fn map_for(map: &Netmap, me: NodeId, visible: &BTreeSet<NodeId>) -> Netmap {
     Netmap {
         version: map.version,
@@ -113,7 +119,18 @@ pub(super) fn map_for(map: &Netmap, me: NodeId, visible: &BTreeSet<NodeId>) -> N
             .filter_map(|id| Some((*id, map.peers.get(id)?.clone())))
             .collect(),
         workloads: map.workloads.clone(),
-        policy: map.policy.clone(),
+        policy: map
+            .policy
+            .as_ref()
+            .map(|p| policy_for(p, &relevant_rules(p, map, me))),
+    }
+}
+
+/// The rules of `policy` at `indices`, as the policy a node gets (same version, same lines).
+pub(super) fn policy_for(policy: &Policy, indices: &[usize]) -> Policy {
+    Policy {
+        version: policy.version,
+        rules: indices.iter().map(|&i| policy.rules[i].clone()).collect(),
     }
 }
 
@@ -125,6 +142,9 @@ pub(super) struct Selection {
     pub upsert: Vec<NodeId>,
     /// Removed peers: those of the delta it saw, then those it sees no longer.
     pub remove: Vec<NodeId>,
+    /// The rules of the policy that concern the node (indices into the map's policy), when
+    /// they are to be sent: the policy was set, or the change touched what the node is.
+    pub rules: Option<Vec<usize>>,
 }
 
 /// Which nodes' visibility a change can alter, judged before it is applied.
@@ -271,6 +291,14 @@ impl Change<'_> {
     /// Moves session `me`'s visible peers (`cached`) to the map after the change and says what
     /// of it the session gets.
     pub(super) fn select(&mut self, me: NodeId, cached: &mut Visible) -> Selection {
+        // The rules that concern `me` change only with the policy or with what `me` is, and
+        // then `me`'s set is computed again (all, or `me` among the touched nodes).
+        let rules = match &self.after.policy {
+            Some(p) if self.all || self.recomputed.contains_key(&me) => {
+                Some(relevant_rules(p, self.after, me))
+            }
+            _ => None,
+        };
         let old = cached.take();
         let (new, gained, lost) = if self.all {
             let new = match self.recomputed.remove(&me) {
@@ -319,6 +347,7 @@ impl Change<'_> {
         };
         let sees = |id: NodeId| id == me || new.as_ref().is_none_or(|s| s.contains(&id));
         let mut selection = Selection {
+            rules,
             upsert: self.upsert.iter().copied().filter(|&id| sees(id)).collect(),
             remove: self
                 .remove
@@ -461,7 +490,10 @@ ports = ["tcp:7070"]
         let mine = map_for(&m, 1, &v);
         assert_eq!(mine.peers.keys().copied().collect::<Vec<_>>(), [1, 2]);
         assert_eq!(mine.workloads, m.workloads);
-        assert_eq!(mine.policy, m.policy);
+        // Of the policy, only the rules that concern node 1 (tag web: the first rule).
+        let whole = m.policy.as_ref().unwrap();
+        assert_eq!(mine.policy.as_ref().unwrap().rules, whole.rules[..1]);
+        assert_eq!(mine.policy.as_ref().unwrap().version, whole.version);
         assert_eq!(visible(&m, 3).unwrap(), BTreeSet::from([4]));
         assert_eq!(visible(&m, 5).unwrap(), BTreeSet::new());
     }

@@ -20,7 +20,7 @@ use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::hub::{Frame, FullMapAnswer, Hub, Outbound};
 use meshlink_coordinator::service::{Service, Session, SystemClock};
 use meshlink_proto::control::ServerMessage;
-use meshlink_proto::policy::visible_peers;
+use meshlink_proto::policy::{relevant_rules, visible_peers};
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange, PublicKey};
 
 use crate::common::{decode_frame, join_hello, TestDb};
@@ -146,6 +146,11 @@ fn need_to_know(map: &Netmap, me: NodeId) -> Netmap {
     let visible = visible_peers(map.policy.as_ref(), map, me);
     let mut cut = map.clone();
     cut.peers.retain(|id, _| *id == me || visible.contains(id));
+    // Of the policy, the rules that concern the node.
+    if let Some(p) = &mut cut.policy {
+        let keep = relevant_rules(p, map, me);
+        p.rules = keep.iter().map(|&i| p.rules[i].clone()).collect();
+    }
     cut
 }
 
@@ -219,9 +224,20 @@ async fn strangers_are_not_in_each_others_maps(db: &TestDb) {
     for lonely in ["client-1", "spare-1", "spare-2"] {
         assert!(mesh.agent(lonely).peers().is_empty(), "{lonely}");
     }
-    // What the agents know beside peers is whole: the policy and every node's tags (its own).
-    let web = mesh.agent("web-1");
-    assert_eq!(web.map.policy.as_ref().unwrap().rules.len(), 2);
+    // Of the policy, each agent gets the rules that concern it: web-1 the web -> db rule
+    // (line 2), client-1 the client -> chat rule (line 7), a node no rule names none.
+    let lines = |m: &Netmap| -> Vec<u32> {
+        m.policy
+            .as_ref()
+            .unwrap()
+            .rules
+            .iter()
+            .map(|r| r.line)
+            .collect()
+    };
+    assert_eq!(lines(&mesh.agent("web-1").map), [2]);
+    assert_eq!(lines(&mesh.agent("client-1").map), [7]);
+    assert_eq!(lines(&mesh.agent("spare-1").map), Vec::<u32>::new());
 
     // A session attached now gets the cut full map too, and so does a full map request.
     let client = mesh.agent("client-1").session.node;

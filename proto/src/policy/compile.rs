@@ -713,4 +713,61 @@ ports = ["tcp:5000-6000"]
             "allowed {allowed}, denied {denied}"
         );
     }
+
+    /// The rules that concern a node give its table the same answers as the whole policy for
+    /// every destination it is or may hold, and the same visible peers.
+    #[test]
+    fn the_relevant_rules_answer_as_the_whole_policy() {
+        let mut g = Lcg(0x0dd_ba11);
+        for _ in 0..1_000 {
+            let map = random_map(&mut g);
+            let policy = random_policy(&mut g, &map);
+            let sources: Vec<IpAddr> = map
+                .peers
+                .values()
+                .flat_map(|p| p.routed())
+                .map(inside)
+                .chain(map.workloads.values().map(|w| w.ip()))
+                .chain([ip("192.0.2.1")])
+                .collect();
+            for &me in map.peers.keys() {
+                let keep = super::super::relevant_rules(&policy, &map, me);
+                let subset = Policy {
+                    version: policy.version,
+                    rules: keep.iter().map(|&i| policy.rules[i].clone()).collect(),
+                };
+                assert_eq!(
+                    super::super::visible_peers(Some(&subset), &map, me),
+                    super::super::visible_peers(Some(&policy), &map, me),
+                    "node {me}: {map:?} under {policy:?}"
+                );
+                let whole = NodeTable::compile(&policy, &map, me);
+                let cut = NodeTable::compile(&subset, &map, me);
+                let mut dests: Vec<IpAddr> =
+                    map.peers[&me].routed().into_iter().map(inside).collect();
+                dests.extend(
+                    map.workloads
+                        .values()
+                        .filter(|w| {
+                            w.holder == Some(me)
+                                || w.previous == Some(me)
+                                || w.candidates.contains(&me)
+                        })
+                        .map(|w| w.ip()),
+                );
+                for dst in &dests {
+                    for _ in 0..4 {
+                        let flow = random_flow(&mut g);
+                        for src in &sources {
+                            let want = whole.lookup(*src, *dst, flow.proto, flow.port);
+                            let got = cut
+                                .lookup(*src, *dst, flow.proto, flow.port)
+                                .map(|i| keep[i]);
+                            assert_eq!(got, want, "{src} -> {dst} {flow} at node {me}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -259,6 +259,22 @@ pub fn may_talk(policy: Option<&Policy>, map: &Netmap, a: NodeId, b: NodeId) -> 
     })
 }
 
+/// The indices of the rules of `policy` that concern node `me` of `map`: those with a selector,
+/// on either side, that matches something `me` is or may hold. They are all a node needs:
+/// its table ([`super::NodeTable`]) and the reverse one, and [`visible_peers`], give the same
+/// answers from these rules as from the whole policy, so the coordinator sends each node only
+/// these (need to know, for rules too).
+pub fn relevant_rules(policy: &Policy, map: &Netmap, me: NodeId) -> Vec<usize> {
+    let mine = Holdings::of(map, me);
+    policy
+        .rules
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| mine.meets(&r.from) || mine.meets(&r.to))
+        .map(|(i, _)| i)
+        .collect()
+}
+
 /// The peers node `me` may ever exchange packets with ([`may_talk`]): every other node of
 /// `map` when there is no policy.
 ///

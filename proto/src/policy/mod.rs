@@ -28,7 +28,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use compile::NodeTable;
-pub use eval::{may_talk, visible_peers, Entity, TestFailure, Verdict};
+pub use eval::{may_talk, relevant_rules, visible_peers, Entity, TestFailure, Verdict};
 pub use parse::{
     parse, FlowTest, PolicyError, PolicyFile, MAX_ENTRIES, MAX_FILE_BYTES, MAX_RULES, MAX_TESTS,
 };
