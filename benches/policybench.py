@@ -18,9 +18,10 @@ restarted:
   - `open`: the network has no policy (`meshctl policy clear`): the data plane checks the
     destination only.
   - `policy`: a policy of `--rules` rules is set (`meshctl policy set`): one lets `tag:client`
-    reach `tag:server` on tcp:5201 and icmp, the others name tags, nodes and workloads nobody
-    has (each with three port entries), as a large policy of a real network would; vm-b's
-    firewall compiles them and judges every new flow by them, and tracks every flow.
+    reach `tag:server` on tcp:5201 and icmp, each of the others lets tags and nodes nobody has
+    reach `tag:server` or a workload (three port entries each), so that all of them concern
+    vm-b: its firewall gets and compiles every rule, judges every new flow by them, and tracks
+    every flow.
 Per mode and round, once both agents show the mode's policy version: `iperf3 -c vm-b -t T -O 1`
 (1 stream) with `ping -i 0.01` from vm-a over the tunnel during it (from its second second),
 and the agents' CPU over the iperf3 run. The report is the median [min-max] over rounds per
@@ -48,11 +49,13 @@ AGENTS = {"a": "client", "b": "server"}
 
 
 def policy_text(rules):
-    """One rule that lets the client reach the server, then `rules - 1` that match nobody."""
+    """One rule that lets the client reach the server, then `rules - 1` that let nobody there is
+    reach the server (each names the server, so the server's agent gets and compiles them all:
+    the coordinator sends each node only the rules that concern it)."""
     out = [f'[[rule]]\nfrom = ["tag:client"]\nto = ["tag:server"]\nports = ["tcp:{IPERF_PORT}", "icmp"]\n']
     for i in range(1, rules):
         out.append(f'\n[[rule]]\nfrom = ["tag:team-{i}", "node:spare-{i}"]\n'
-                   f'to = ["tag:svc-{i}", "workload:app-{i}"]\n'
+                   f'to = ["tag:server", "workload:app-{i}"]\n'
                    f'ports = ["tcp:{1000 + i}", "udp:{2000 + i % 1000}-{3000 + i % 1000}", "icmp"]\n')
     return "".join(out)
 
