@@ -419,6 +419,27 @@ impl Hub {
             .map(|w| w.generation)
     }
 
+    /// The workloads of one network, or of it those `holder` holds, cloned (nothing of the
+    /// other networks is touched: a heartbeat asks this).
+    pub fn network_workloads(
+        &self,
+        network: &str,
+        holder: Option<NodeId>,
+    ) -> Vec<meshlink_proto::WorkloadInfo> {
+        self.lock()
+            .networks
+            .get(network)
+            .map(|n| {
+                n.map
+                    .workloads
+                    .values()
+                    .filter(|w| holder.is_none() || w.holder == holder)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Every workload of every network, with its network's name.
     pub fn workloads(&self) -> Vec<(String, meshlink_proto::WorkloadInfo)> {
         self.lock()

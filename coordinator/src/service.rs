@@ -792,12 +792,7 @@ impl Service {
 
     /// The workloads of `network`'s map in the hub.
     fn workloads_of(&self, network: &str) -> Vec<meshlink_proto::WorkloadInfo> {
-        self.hub
-            .workloads()
-            .into_iter()
-            .filter(|(n, _)| n == network)
-            .map(|(_, w)| w)
-            .collect()
+        self.hub.network_workloads(network, None)
     }
 
     /// The workloads `node` holds in `network`'s map and may answer for, with their
@@ -806,11 +801,11 @@ impl Service {
     /// by the previous run less than a lease before it, until a lease after the start).
     pub fn confirmed_for(&self, network: &str, node: NodeId) -> Vec<Confirmation> {
         let now = self.clock.instant();
-        let workloads = self.workloads_of(network);
+        // Only the node's own workloads: this runs for every heartbeat.
+        let workloads = self.hub.network_workloads(network, Some(node));
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         workloads
             .iter()
-            .filter(|w| w.holder == Some(node))
             .filter(|w| h.settled(&(network.to_string(), w.name.clone()), now))
             .map(|w| Confirmation {
                 workload: w.id,
