@@ -22,45 +22,35 @@ pub struct Accepted {
     pub record: PolicyRecord,
     /// The network map version the change made.
     pub map_version: u64,
-    /// The policy as maps carry it (`None`: cleared).
+    /// The policy as maps carry it, numbered as the store numbered it (`None`: cleared).
     pub policy: Option<Policy>,
     /// What the operator should know.
     pub warnings: Vec<String>,
 }
 
-/// Parses a stored or submitted policy file as version `version`.
+/// Parses a submitted or stored policy file. It becomes a [`Policy`] once the store has
+/// given it its version ([`put`]).
 ///
 /// # Errors
 /// [`ApiError::Invalid`] with the parser's line and field.
-pub fn compile(source: &str, version: u64) -> Result<(PolicyFile, Policy), ApiError> {
+pub fn parse_source(source: &str) -> Result<PolicyFile, ApiError> {
     if source.len() > MAX_POLICY_BYTES {
         return Err(ApiError::Invalid(format!(
             "the policy file is {} bytes; at most {MAX_POLICY_BYTES} are accepted",
             source.len()
         )));
     }
-    let file = policy::parse(source).map_err(|e| ApiError::Invalid(format!("policy: {e}")))?;
-    let policy = file.clone().into_policy(version);
-    Ok((file, policy))
+    policy::parse(source).map_err(|e| ApiError::Invalid(format!("policy: {e}")))
 }
 
-/// The selectors of `policy` that name nobody in `map` (nodes may join and workloads be
+/// The selectors of `file` that name nobody in `map` (nodes may join and workloads be
 /// created later: a warning, not an error).
-pub fn unmatched(policy: &Policy, map: &Netmap) -> Vec<String> {
+pub fn unmatched(file: &PolicyFile, map: &Netmap) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for rule in &policy.rules {
+    for rule in &file.rules {
         for s in rule.from.iter().chain(&rule.to) {
-            let known = match s {
-                Selector::Any => true,
-                Selector::Tag(t) => {
-                    map.peers.values().any(|p| p.tags.contains(t))
-                        || map.workloads.values().any(|w| w.tags.contains(t))
-                }
-                Selector::Node(n) => map.peers.values().any(|p| &p.name == n),
-                Selector::Workload(n) => map.workloads.contains_key(n),
-            };
             let text = format!("line {}: {s} names nobody yet", rule.line);
-            if !known && !out.contains(&text) {
+            if *s != Selector::Any && !s.names_anyone(map) && !out.contains(&text) {
                 out.push(text);
             }
         }
@@ -84,8 +74,8 @@ pub async fn set_policy(
     author: &str,
 ) -> Result<Accepted, ApiError> {
     require_admin(caller)?;
-    let next = next_version(store, network).await?;
-    let (file, policy) = compile(&source, next)?;
+    require_network(store, network).await?;
+    let file = parse_source(&source)?;
     let failures = file.run_tests(map);
     if !failures.is_empty() {
         let lines: Vec<String> = failures
@@ -97,7 +87,7 @@ pub async fn set_policy(
             lines.join("; ")
         )));
     }
-    let warnings = unmatched(&policy, map);
+    let warnings = unmatched(&file, map);
     put(
         store,
         now,
@@ -105,7 +95,7 @@ pub async fn set_policy(
         Some(source),
         author,
         None,
-        Some(policy),
+        Some(file),
         warnings,
     )
     .await
@@ -123,7 +113,7 @@ pub async fn clear_policy(
     author: &str,
 ) -> Result<Accepted, ApiError> {
     require_admin(caller)?;
-    next_version(store, network).await?;
+    require_network(store, network).await?;
     put(store, now, network, None, author, None, None, Vec::new()).await
 }
 
@@ -143,7 +133,7 @@ pub async fn rollback_policy(
     author: &str,
 ) -> Result<Accepted, ApiError> {
     require_admin(caller)?;
-    let next = next_version(store, network).await?;
+    require_network(store, network).await?;
     let old = store
         .policies(network)
         .await?
@@ -154,16 +144,16 @@ pub async fn rollback_policy(
                 "network {network} has no policy version {version} (see policy history)"
             ))
         })?;
-    let (policy, warnings) = match &old.source {
+    let (file, warnings) = match &old.source {
         Some(source) => {
-            let (file, policy) = compile(source, next)?;
+            let file = parse_source(source)?;
             let mut warnings: Vec<String> = file
                 .run_tests(map)
                 .iter()
                 .map(|f| format!("test at line {} fails now: {}", f.line, f.message))
                 .collect();
-            warnings.extend(unmatched(&policy, map));
-            (Some(policy), warnings)
+            warnings.extend(unmatched(&file, map));
+            (Some(file), warnings)
         }
         None => (None, Vec::new()),
     };
@@ -174,7 +164,7 @@ pub async fn rollback_policy(
         old.source,
         author,
         Some(version),
-        policy,
+        file,
         warnings,
     )
     .await
@@ -250,11 +240,11 @@ pub fn validate_tags(tags: &[String]) -> Result<(), ApiError> {
     Ok(())
 }
 
-async fn next_version(store: &dyn Store, network: &str) -> Result<u64, ApiError> {
+async fn require_network(store: &dyn Store, network: &str) -> Result<(), ApiError> {
     if store.network(network).await?.is_none() {
         return Err(ApiError::NotFound(format!("no network named {network:?}")));
     }
-    Ok(store.policy(network).await?.map_or(1, |p| p.version + 1))
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -265,7 +255,7 @@ async fn put(
     source: Option<String>,
     author: &str,
     restored: Option<u64>,
-    policy: Option<Policy>,
+    file: Option<PolicyFile>,
     warnings: Vec<String>,
 ) -> Result<Accepted, ApiError> {
     let (record, map_version) = store
@@ -277,13 +267,8 @@ async fn put(
             restored,
         })
         .await?;
-    // The version the store gave is the one the policy was compiled as (the caller holds the
-    // service's write lock; with several coordinators another one may have taken it first,
-    // so the map carries the stored number).
-    let policy = policy.map(|p| Policy {
-        version: record.version,
-        ..p
-    });
+    // The store numbers versions (with several coordinators on one database, it alone can).
+    let policy = file.map(|f| f.into_policy(record.version));
     Ok(Accepted {
         record,
         map_version,

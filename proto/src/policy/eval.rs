@@ -104,6 +104,15 @@ pub(super) fn selects_node(selector: &Selector, peer: &PeerInfo) -> bool {
 }
 
 /// Whether `selector` matches workload `w`.
+impl Selector {
+    /// Whether the selector matches some node or workload of `map` (one that names nobody
+    /// matches nothing: not an error, the node may join later).
+    pub fn names_anyone(&self, map: &Netmap) -> bool {
+        map.peers.values().any(|p| selects_node(self, p))
+            || map.workloads.values().any(|w| selects_workload(self, w))
+    }
+}
+
 pub(super) fn selects_workload(selector: &Selector, w: &WorkloadInfo) -> bool {
     match selector {
         Selector::Any => true,
