@@ -73,7 +73,7 @@ mod proto {
 
 /// TCP flags.
 const FIN: u8 = 0x01;
-const SYN: u8 = 0x02;
+pub(super) const SYN: u8 = 0x02;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 

@@ -240,8 +240,7 @@ fn flow_bytes(p: &[u8]) -> Option<FlowBytes> {
 /// Whether `p` is a TCP segment that does not open a connection: one of a connection the
 /// connection table may never have seen open.
 fn mid_connection(p: &Packet) -> bool {
-    const SYN: u8 = 0x02;
-    matches!(p.kind, Kind::Tcp(flags) if flags & SYN == 0)
+    matches!(p.kind, Kind::Tcp(flags) if flags & super::conntrack::SYN == 0)
 }
 
 /// `p` as the connection table records a flow its *receiver* opened.
