@@ -410,13 +410,13 @@ impl Hub {
             .map(NetworkState::full_frame)
     }
 
-    /// The generation of a workload in a network's map, if the map has it.
-    pub fn workload_generation(&self, network: &str, name: &str) -> Option<u64> {
+    /// The id and generation of a workload in a network's map, if the map has it.
+    pub fn workload_generation(&self, network: &str, name: &str) -> Option<(u64, u64)> {
         self.lock()
             .networks
             .get(network)
             .and_then(|n| n.map.workloads.get(name))
-            .map(|w| w.generation)
+            .map(|w| (w.id, w.generation))
     }
 
     /// The workloads of one network, or of it those `holder` holds, cloned (nothing of the

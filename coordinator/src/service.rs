@@ -908,19 +908,38 @@ impl Service {
     /// coordinator last saw it (another coordinator moved it), the new holder's lease counts
     /// from now here, as it does where the change was made.
     pub(crate) fn holder_changed(&self, rec: &WorkloadRecord) {
-        let known = self.hub.workload_generation(&rec.network, &rec.name);
+        // The workload's id and generation in the hub's map, as far as this one goes (a
+        // workload deleted and created again under its name is another one).
+        let known = self
+            .hub
+            .workload_generation(&rec.network, &rec.name)
+            .filter(|(id, _)| *id == rec.id)
+            .map(|(_, g)| g);
         if known.is_none_or(|g| g < rec.generation) {
             if let Some(h) = rec.holder {
                 self.leases().granted(h, self.clock.instant());
             }
             // The holder it had here may still answer: another coordinator made the change,
             // and this one does not know the version to acknowledge, so the new holder is
-            // confirmed here once the old holder's lease has surely run out.
-            let old = self
-                .workloads_of(&rec.network)
-                .into_iter()
-                .find(|w| w.name == rec.name)
-                .and_then(|w| w.holder);
+            // confirmed here once the old holder's lease has surely run out. When this
+            // coordinator missed generations in between (several changes read at once, or a
+            // whole map reloaded), any node may have held them, the new holder included
+            // (moved away and back): whoever it was (0) is waited for.
+            let old = if known.is_some_and(|g| g + 1 == rec.generation) {
+                self.workloads_of(&rec.network)
+                    .into_iter()
+                    .find(|w| w.name == rec.name)
+                    .and_then(|w| w.holder)
+            } else if self
+                .hub
+                .workload_generation(&rec.network, &rec.name)
+                .is_none()
+                && rec.generation <= 1
+            {
+                None // its first holder: nobody held it before
+            } else {
+                Some(0)
+            };
             self.handed_over(rec, old, u64::MAX, false);
         }
     }

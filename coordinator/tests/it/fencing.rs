@@ -875,9 +875,16 @@ impl Sim {
                     .any(|h| h.address.addr() == IpAddr::V4(w.address));
                 if holds != (w.holder == Some(a.id)) {
                     return Err(format!(
-                        "vm-{} answers for {name}: {holds}; the store: {w:?}; its map: {:?}",
+                        "vm-{} answers for {name}: {holds}; the store: {w:?}; its map: {:?} at \
+                         version {}; connected {} to coordinator {}, lease valid {}, held back \
+                         {:?}",
                         a.id,
                         a.session.map().workloads.get(name),
+                        a.session.map().version,
+                        a.session.is_connected(),
+                        a.at,
+                        a.session.holdings().lease_valid(now_i),
+                        a.session.holdings().held_back(),
                     ));
                 }
             }

@@ -197,7 +197,7 @@ async fn two_coordinators_share_changes_and_leases() {
     // n1 goes silent: one failover to n2, by one coordinator, within the lease and a tick.
     let silent = Instant::now();
     let took = until("failover to n2", Duration::from_secs(5), || {
-        b.hub().workload_generation("prod", "chat") == Some(2)
+        b.hub().workload_generation("prod", "chat").map(|(_, g)| g) == Some(2)
     })
     .await;
     let w = b.store().workload("prod", "chat").await.unwrap().unwrap();
