@@ -697,21 +697,45 @@ impl Service {
         if fence.node.is_none() && self.shared.get().is_some() {
             self.refresh_leases().await;
         }
+        // A quiet holder fenced here in the database (shared store): lifted once committed.
+        let mut fenced_in_db = None;
         if fence.node.is_none() {
             if let Some(old) = plan
                 .workload
                 .holder
                 .filter(|h| Some(*h) != plan.to.as_ref().map(|n| n.id))
             {
-                let until = {
+                let silent = 2 * (self.leases().lease() / HEARTBEATS_PER_LEASE);
+                let mut until = {
                     let mut l = self.leases();
-                    let quiet = l.heard_ago(old, self.clock.instant())
-                        > 2 * (l.lease() / HEARTBEATS_PER_LEASE);
+                    let quiet = l.heard_ago(old, self.clock.instant()) > silent;
                     quiet.then(|| {
                         l.fence(old);
                         l.expires(old)
                     })
                 };
+                if let (Some(store), Some(_)) = (self.shared.get(), until) {
+                    // Fenced here alone, the holder could still be renewed by the coordinator
+                    // its heartbeats reach (it may just have come back): fence it in the
+                    // database, where renewals are decided, and count its lease from the last
+                    // renewal any coordinator recorded. Renewed meanwhile: not quiet after
+                    // all, an ordinary handover.
+                    match store.fence_lease(old, millis(silent)).await {
+                        Ok(true) => {
+                            fenced_in_db = Some(old);
+                            self.refresh_leases().await;
+                            until = Some(self.leases().expires(old));
+                        }
+                        Ok(false) => {
+                            self.leases().unfence(old);
+                            until = None;
+                        }
+                        Err(e) => {
+                            self.leases().unfence(old);
+                            return Err(ApiError::Internal(e));
+                        }
+                    }
+                }
                 if let Some(until) = until {
                     fence.node = Some(old);
                     tracing::info!(workload = %plan.workload.name, holder = old, "the holder is not answering: waiting for its lease to run out before moving");
@@ -724,8 +748,14 @@ impl Service {
             None => None,
         };
         let _w = self.write.lock().await;
-        let (rec, version) =
-            workloads::commit_holder(self.store(), self.clock.now(), &plan).await?;
+        let committed = workloads::commit_holder(self.store(), self.clock.now(), &plan).await;
+        if let (Some(store), Some(node)) = (self.shared.get(), fenced_in_db) {
+            // Its later heartbeats get leases that count only once its map has the change.
+            if let Err(e) = store.unfence_lease(node).await {
+                tracing::warn!(node, "cannot lift the fence (it times out): {e}");
+            }
+        }
+        let (rec, version) = committed?;
         if let Some(h) = rec.holder {
             self.leases().granted(h, self.clock.instant());
         }
