@@ -1646,6 +1646,7 @@ mod tests {
             auth,
             public_key: PublicKey(public_key),
             key_rotation: false,
+            policy_edits: false,
             name: None,
             labels: BTreeMap::new(),
             endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],

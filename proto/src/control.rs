@@ -17,7 +17,9 @@
 //!   `PeerInfo::next_key` in maps; a hello may carry the node's next key, which completes
 //!   its rotation); (2026-12) confirmed handovers of workload addresses (`Heartbeat::version`,
 //!   the map version a heartbeat acknowledges; `Lease::confirmed`, the generations a holder
-//!   may answer at, also sent unsolicited with `seq` 0: see [`crate::workload`]).
+//!   may answer at, also sent unsolicited with `seq` 0: see [`crate::workload`]); (2026-12)
+//!   policy edits (`Hello::policy_edits`; [`crate::PolicyChange::Edit`] in deltas, sent only
+//!   to agents whose hello says so).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -84,6 +86,11 @@ pub struct Hello {
     /// agents do not know the message, so they are never sent it. Absent: no.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub key_rotation: bool,
+    /// Whether the agent takes a policy change as an edit of the policy it has
+    /// ([`crate::PolicyChange::Edit`]); older agents do not know it (they would close the
+    /// session on it), so they always get the policy whole. Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub policy_edits: bool,
 }
 
 /// Messages from the agent.
@@ -493,6 +500,7 @@ mod tests {
             labels: BTreeMap::from([("provider".into(), "aws".into())]),
             endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
             key_rotation: true,
+            policy_edits: true,
         })
     }
 
@@ -532,7 +540,7 @@ mod tests {
         framed.extend_from_slice(old.as_bytes());
         d.push(&framed).unwrap();
         match d.decode::<ClientMessage>().unwrap() {
-            Some(ClientMessage::Hello(h)) => assert!(!h.key_rotation),
+            Some(ClientMessage::Hello(h)) => assert!(!h.key_rotation && !h.policy_edits),
             other => panic!("{other:?}"),
         }
         // A key that is not 32 bytes is refused, naming the field.

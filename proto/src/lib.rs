@@ -19,6 +19,6 @@ pub mod token;
 pub mod workload;
 
 pub use key::{Key, KeyError, PublicKey};
-pub use netmap::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange};
+pub use netmap::{DeltaError, Gap, Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange};
 pub use policy::Policy;
 pub use workload::WorkloadInfo;

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::key::PublicKey;
-use crate::policy::Policy;
+use crate::policy::{EditError, Policy, PolicyEdit};
 use crate::workload::WorkloadInfo;
 
 /// A node's identifier, unique within a coordinator and never reused.
@@ -88,6 +88,30 @@ pub enum PolicyChange {
     Set(Policy),
     /// The network no longer has a policy: it is open again.
     Clear,
+    /// The policy the holder has, edited ([`PolicyEdit`]: its base is named by version and
+    /// digest). Sent only to agents whose hello says
+    /// [`crate::control::Hello::policy_edits`]; an older agent would not decode it.
+    Edit(PolicyEdit),
+}
+
+impl PolicyChange {
+    /// The policy after this change, given the one before.
+    ///
+    /// # Errors
+    /// [`EditError`] when an edit does not apply to `before` (see [`Policy::apply_edit`]).
+    pub fn applied_to(&self, before: Option<&Policy>) -> Result<Option<Policy>, EditError> {
+        match self {
+            PolicyChange::Set(p) => Ok(Some(p.clone())),
+            PolicyChange::Clear => Ok(None),
+            PolicyChange::Edit(e) => match before {
+                Some(p) => p.apply_edit(e).map(Some),
+                None => Err(EditError::BaseVersion {
+                    base: e.base,
+                    have: "none".into(),
+                }),
+            },
+        }
+    }
 }
 
 /// The change from one version of a network's map to the next.
@@ -114,6 +138,17 @@ pub struct NetmapDelta {
     pub policy: Option<PolicyChange>,
 }
 
+/// Why a delta was refused (the map is unchanged): the holder needs a full map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeltaError {
+    /// The delta does not follow the map's version.
+    #[error(transparent)]
+    Gap(#[from] Gap),
+    /// The delta's policy edit does not apply to the map's policy.
+    #[error("policy: {0}")]
+    Policy(#[from] EditError),
+}
+
 /// A delta that does not follow the map's version: the holder needs a full map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("netmap delta from version {delta_from} does not follow version {have}")]
@@ -126,11 +161,13 @@ pub struct Gap {
 
 impl Netmap {
     /// Applies `delta`, or refuses it (changing nothing) when it does not start at this map's
-    /// version. A delta that is already applied (`to_version <= version`) is ignored.
+    /// version or its policy edit does not apply to this map's policy. A delta that is
+    /// already applied (`to_version <= version`) is ignored.
     ///
     /// # Errors
-    /// [`Gap`] when versions do not line up.
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), Gap> {
+    /// [`DeltaError::Gap`] when versions do not line up, [`DeltaError::Policy`] when the
+    /// policy edit does not fit.
+    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
         if delta.to_version <= self.version && delta.from_version < self.version {
             return Ok(());
         }
@@ -138,8 +175,14 @@ impl Netmap {
             return Err(Gap {
                 have: self.version,
                 delta_from: delta.from_version,
-            });
+            }
+            .into());
         }
+        // Before anything changes: an edit that does not fit refuses the whole delta.
+        let policy = match &delta.policy {
+            Some(change) => Some(change.applied_to(self.policy.as_ref())?),
+            None => None,
+        };
         for id in &delta.remove {
             self.peers.remove(id);
         }
@@ -152,10 +195,8 @@ impl Netmap {
         for w in &delta.upsert_workloads {
             self.workloads.insert(w.name.clone(), w.clone());
         }
-        match &delta.policy {
-            Some(PolicyChange::Set(p)) => self.policy = Some(p.clone()),
-            Some(PolicyChange::Clear) => self.policy = None,
-            None => {}
+        if let Some(policy) = policy {
+            self.policy = policy;
         }
         self.version = delta.to_version;
         Ok(())
@@ -312,10 +353,10 @@ mod tests {
         };
         assert_eq!(
             m.apply(&gap),
-            Err(Gap {
+            Err(DeltaError::Gap(Gap {
                 have: 4,
                 delta_from: 5
-            })
+            }))
         );
         assert_eq!(m.version, 4);
         let old = NetmapDelta {
@@ -332,6 +373,46 @@ mod tests {
             ..Default::default()
         };
         assert!(m.apply(&backwards).is_err());
+    }
+
+    #[test]
+    fn a_policy_edit_applies_to_its_base_or_the_whole_delta_is_refused() {
+        let rules = |ports: &[u16]| {
+            let text: String = ports
+                .iter()
+                .map(|p| format!("[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:{p}\"]\n"))
+                .collect();
+            crate::policy::parse(&text).unwrap()
+        };
+        let v1 = rules(&[1, 2, 3, 4]).into_policy(1);
+        let v2 = rules(&[1, 2, 9, 4]).into_policy(2);
+        let mut m = Netmap {
+            version: 7,
+            policy: Some(v1.clone()),
+            ..Netmap::default()
+        };
+        let delta = NetmapDelta {
+            from_version: 7,
+            to_version: 8,
+            upsert: vec![peer(1, "198.18.0.1:51820")],
+            policy: Some(PolicyChange::Edit(v1.edit_to(&v2).unwrap())),
+            ..Default::default()
+        };
+        // Over the wire, then applied.
+        let delta: NetmapDelta =
+            serde_json::from_slice(&serde_json::to_vec(&delta).unwrap()).unwrap();
+        let mut applied = m.clone();
+        applied.apply(&delta).unwrap();
+        assert_eq!(applied.policy.as_ref(), Some(&v2));
+        assert_eq!(applied.peers.len(), 1);
+        // A map with another base, or none, refuses it and changes nothing.
+        m.policy = Some(rules(&[1, 2, 3, 5]).into_policy(1));
+        let before = m.clone();
+        assert!(matches!(m.apply(&delta), Err(DeltaError::Policy(_))));
+        assert_eq!(m, before);
+        m.policy = None;
+        assert!(matches!(m.apply(&delta), Err(DeltaError::Policy(_))));
+        assert!(m.peers.is_empty() && m.version == 7);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use meshlink_proto::{Gap, Netmap, NetmapDelta, NodeId, PeerInfo};
+use meshlink_proto::{DeltaError, Gap, Netmap, NetmapDelta, NodeId, PeerInfo, Policy};
 
 /// How agents hold their map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,8 +64,9 @@ impl PeerTable {
     /// Applies a delta with the rules of [`Netmap::apply`].
     ///
     /// # Errors
-    /// [`Gap`] when the delta does not start at this version.
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), Gap> {
+    /// [`DeltaError`] when the delta does not start at this version or its policy edit does
+    /// not apply.
+    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
         match self {
             PeerTable::Full(m) => m.apply(delta),
             PeerTable::Compact(c) => c.apply(delta),
@@ -80,13 +81,23 @@ impl PeerTable {
             PeerTable::Compact(c) => c.digest(),
         }
     }
+
+    /// The map's policy (this node's rules of it), whole in both forms.
+    pub fn policy(&self) -> Option<&Policy> {
+        match self {
+            PeerTable::Full(m) => m.policy.as_ref(),
+            PeerTable::Compact(c) => c.policy.as_ref(),
+        }
+    }
 }
 
 /// A map as `node id -> digest of the PeerInfo`, with the version rules of [`Netmap::apply`].
+/// The policy is kept whole (an edit applies to it), as the real agent keeps it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CompactMap {
     version: u64,
     peers: HashMap<NodeId, u64>,
+    policy: Option<Policy>,
 }
 
 impl CompactMap {
@@ -99,15 +110,17 @@ impl CompactMap {
                 .values()
                 .map(|p| (p.node_id, peer_digest(p)))
                 .collect(),
+            policy: map.policy.clone(),
         }
     }
 
     /// See [`Netmap::apply`]: an old delta is ignored, one that does not start at this
-    /// version is a gap and changes nothing.
+    /// version is a gap, one whose policy edit does not apply is refused; either changes
+    /// nothing.
     ///
     /// # Errors
-    /// [`Gap`].
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), Gap> {
+    /// [`DeltaError`].
+    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
         if delta.to_version <= self.version && delta.from_version < self.version {
             return Ok(());
         }
@@ -115,7 +128,11 @@ impl CompactMap {
             return Err(Gap {
                 have: self.version,
                 delta_from: delta.from_version,
-            });
+            }
+            .into());
+        }
+        if let Some(change) = &delta.policy {
+            self.policy = change.applied_to(self.policy.as_ref())?;
         }
         for id in &delta.remove {
             self.peers.remove(id);

@@ -17,8 +17,11 @@
 //!   file's tests, and which nodes may ever exchange packets ([`visible_peers`]: need to know).
 //! - `compile`: the per-node table the agent's data plane consults for a new flow
 //!   ([`NodeTable`]).
+//! - `edit`: a new version as the change from the one a node has ([`PolicyEdit`]), so that
+//!   an edit of a few rules of a large policy costs each node those rules.
 
 mod compile;
+mod edit;
 mod eval;
 mod parse;
 
@@ -28,6 +31,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 pub use compile::NodeTable;
+pub use edit::{EditError, EditOp, PolicyEdit};
 pub use eval::{may_talk, relevant_rules, visible_peers, Entity, TestFailure, Verdict};
 pub use parse::{
     parse, FlowTest, PolicyError, PolicyFile, MAX_ENTRIES, MAX_FILE_BYTES, MAX_RULES, MAX_TESTS,
@@ -52,6 +56,25 @@ pub struct Policy {
     pub version: u64,
     /// The rules, in file order.
     pub rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// The rules at `indices` (of [`relevant_rules`]), as the policy a node gets: the same
+    /// version, the same lines.
+    ///
+    /// # Panics
+    /// When an index is out of range (the indices come from this policy).
+    pub fn subset(&self, indices: &[usize]) -> Policy {
+        Policy {
+            version: self.version,
+            rules: indices.iter().map(|&i| self.rules[i].clone()).collect(),
+        }
+    }
+
+    /// The policy node `me` of `map` gets: the rules that concern it ([`relevant_rules`]).
+    pub fn for_node(&self, map: &crate::Netmap, me: crate::NodeId) -> Policy {
+        self.subset(&relevant_rules(self, map, me))
+    }
 }
 
 /// One rule: flows from any of `from` to any of `to` on any of `ports` are allowed.

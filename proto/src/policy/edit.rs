@@ -1,0 +1,716 @@
+//! Policy edits: a new version of a (node's) policy as the change from the version its
+//! holder has, so that an operator's edit of a few rules of a large policy costs each agent
+//! those rules, not the whole file.
+//!
+//! An edit is a script over the base's rules, in order ([`EditOp`]): keep the next rules
+//! (their lines moved by a shift, as when a rule above them was added or removed), drop the
+//! next rules, or add rules. Run to the end, it accounts for every rule of the base, so order,
+//! repeated rules and line numbers come out exactly as the coordinator's. It names its base
+//! by version and digest ([`Policy::digest`]) and its result by version and digest: a holder
+//! whose policy is not the base, or whose result would not be the coordinator's, refuses the
+//! edit (changing nothing) and asks for a whole map ([`EditError`]).
+//!
+//! The coordinator makes an edit ([`Policy::edit_to`]) from a minimal script over rule
+//! identities ([`Rule::identity`]: what the rule allows, not where it stands), found by the
+//! O((N+M)·D) greedy algorithm of Myers ("An O(ND) difference algorithm", 1986) after the
+//! common head and tail are set aside, and only when it is smaller than the whole policy.
+//!
+//! # Security
+//! An edit comes from the network. Applying one never panics and allocates at most the
+//! result's rules: counts past the base's end, lines out of range, more than [`MAX_RULES`]
+//! rules, and a result that is not the announced one are errors.
+
+use blake2::digest::consts::U8;
+use blake2::{Blake2b, Digest};
+use serde::{Deserialize, Serialize};
+
+use super::{Policy, Ports, Rule, Selector, MAX_RULES};
+
+/// The change from one version of a policy to another, applied with [`Policy::apply_edit`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyEdit {
+    /// The version of the policy this edit applies to.
+    pub base: u64,
+    /// [`Policy::digest`] of the policy this edit applies to.
+    pub base_digest: u64,
+    /// The version after it.
+    pub version: u64,
+    /// [`Policy::digest`] of the policy after it.
+    pub digest: u64,
+    /// The script, over the base's rules in order.
+    pub ops: Vec<EditOp>,
+}
+
+/// One step of a [`PolicyEdit`]'s script.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EditOp {
+    /// The base's next `count` rules stay, their lines moved by `shift`.
+    Keep {
+        /// How many.
+        count: u32,
+        /// Added to each one's line. Absent: 0.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        shift: i64,
+    },
+    /// The base's next `count` rules go.
+    Drop {
+        /// How many.
+        count: u32,
+    },
+    /// These rules come next, new.
+    Add {
+        /// The rules, whole.
+        rules: Vec<Rule>,
+    },
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+/// Why an edit does not apply to a policy. Every case leaves the policy as it was; the holder
+/// asks for a whole map.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EditError {
+    /// The holder's policy is not the edit's base (another version, or none).
+    #[error("the edit applies to policy version {base}, this node has {have}")]
+    BaseVersion {
+        /// The edit's `base`.
+        base: u64,
+        /// The holder's version, or "none".
+        have: String,
+    },
+    /// The holder's policy has the base's version but other rules.
+    #[error("the edit's base_digest does not match policy version {base} as this node has it")]
+    BaseDigest {
+        /// The edit's `base`.
+        base: u64,
+    },
+    /// An op keeps or drops past the base's last rule.
+    #[error("ops[{op}] takes {count} rules where {left} are left")]
+    PastEnd {
+        /// The op's index.
+        op: usize,
+        /// Its count.
+        count: u32,
+        /// The base's rules not yet taken.
+        left: usize,
+    },
+    /// The script ends before the base's last rule.
+    #[error("the ops leave {left} rules of the base unaccounted for")]
+    Unconsumed {
+        /// The base's rules not taken.
+        left: usize,
+    },
+    /// A kept rule's line moves out of range.
+    #[error("ops[{op}].shift moves line {line} out of range")]
+    Line {
+        /// The op's index.
+        op: usize,
+        /// The rule's line in the base.
+        line: u32,
+    },
+    /// The result would have more than [`MAX_RULES`] rules.
+    #[error("the result would have more than {MAX_RULES} rules")]
+    TooManyRules,
+    /// The result is not the policy the edit announces.
+    #[error("the result's digest is not the edit's digest")]
+    Digest,
+}
+
+/// A 64-bit digest: BLAKE2b with an 8-byte output, over a canonical encoding.
+struct Digester(Blake2b<U8>);
+
+impl Digester {
+    fn new() -> Self {
+        Digester(Blake2b::new())
+    }
+
+    fn u64(&mut self, v: u64) {
+        self.0.update(v.to_le_bytes());
+    }
+
+    fn text(&mut self, s: &str) {
+        self.u64(s.len() as u64);
+        self.0.update(s.as_bytes());
+    }
+
+    fn selectors(&mut self, list: &[Selector]) {
+        self.u64(list.len() as u64);
+        for s in list {
+            match s {
+                Selector::Any => self.text("*"),
+                Selector::Tag(n) => self.text_pair("tag", n),
+                Selector::Node(n) => self.text_pair("node", n),
+                Selector::Workload(n) => self.text_pair("workload", n),
+            }
+        }
+    }
+
+    fn text_pair(&mut self, kind: &str, name: &str) {
+        self.text(kind);
+        self.text(name);
+    }
+
+    fn ports(&mut self, list: &[Ports]) {
+        self.u64(list.len() as u64);
+        for p in list {
+            let (kind, a, b) = match *p {
+                Ports::Any => (0, 0, 0),
+                Ports::Icmp => (1, 0, 0),
+                Ports::Tcp(a, b) => (2, a, b),
+                Ports::Udp(a, b) => (3, a, b),
+            };
+            self.u64(kind | (u64::from(a) << 8) | (u64::from(b) << 24));
+        }
+    }
+
+    /// What a rule allows: its selectors and ports, not its line.
+    fn rule_body(&mut self, r: &Rule) {
+        self.selectors(&r.from);
+        self.selectors(&r.to);
+        self.ports(&r.ports);
+    }
+
+    fn finish(self) -> u64 {
+        u64::from_le_bytes(self.0.finalize().into())
+    }
+}
+
+impl Rule {
+    /// The rule's identity: a digest of what it allows (its selectors and ports, in order),
+    /// the same wherever in the file it stands. Edits match rules by it.
+    pub fn identity(&self) -> u64 {
+        let mut d = Digester::new();
+        d.rule_body(self);
+        d.finish()
+    }
+}
+
+impl Policy {
+    /// A digest of the whole policy: its version and every rule (line included), in order.
+    /// Equal policies have equal digests; an edit names its base and result by it.
+    pub fn digest(&self) -> u64 {
+        let mut d = Digester::new();
+        d.u64(self.version);
+        d.u64(self.rules.len() as u64);
+        for r in &self.rules {
+            d.u64(u64::from(r.line));
+            d.rule_body(r);
+        }
+        d.finish()
+    }
+
+    /// The edit from this policy to `newer`, or `None` when an edit would not be smaller than
+    /// `newer` whole: it adds more than half as many rules as `newer` has (a rule whole is
+    /// some hundred bytes of JSON, an op some twenty), or the script would be long (many
+    /// rules moved about).
+    pub fn edit_to(&self, newer: &Policy) -> Option<PolicyEdit> {
+        let a: Vec<u64> = self.rules.iter().map(Rule::identity).collect();
+        let b: Vec<u64> = newer.rules.iter().map(Rule::identity).collect();
+        let added_at_least = missing_from(&b, &a);
+        let dropped_at_least = missing_from(&a, &b);
+        if 2 * added_at_least > newer.rules.len() {
+            return None;
+        }
+        // Reordered rules make the script longer than the two counts above; past this many
+        // steps the edit is not worth finding.
+        let max_d = added_at_least + dropped_at_least + 64 + (a.len() + b.len()) / 8;
+        let steps = script(&a, &b, max_d)?;
+        let mut ops: Vec<EditOp> = Vec::new();
+        let (mut i, mut j, mut added) = (0usize, 0usize, 0usize);
+        for step in steps {
+            match step {
+                Step::Keep => {
+                    let shift = i64::from(newer.rules[j].line) - i64::from(self.rules[i].line);
+                    match ops.last_mut() {
+                        Some(EditOp::Keep { count, shift: s }) if *s == shift => *count += 1,
+                        _ => ops.push(EditOp::Keep { count: 1, shift }),
+                    }
+                    i += 1;
+                    j += 1;
+                }
+                Step::Drop => {
+                    match ops.last_mut() {
+                        Some(EditOp::Drop { count }) => *count += 1,
+                        _ => ops.push(EditOp::Drop { count: 1 }),
+                    }
+                    i += 1;
+                }
+                Step::Add => {
+                    let rule = newer.rules[j].clone();
+                    match ops.last_mut() {
+                        Some(EditOp::Add { rules }) => rules.push(rule),
+                        _ => ops.push(EditOp::Add { rules: vec![rule] }),
+                    }
+                    added += 1;
+                    j += 1;
+                }
+            }
+        }
+        if 2 * added > newer.rules.len() || ops.len() > newer.rules.len().max(8) {
+            return None;
+        }
+        Some(PolicyEdit {
+            base: self.version,
+            base_digest: self.digest(),
+            version: newer.version,
+            digest: newer.digest(),
+            ops,
+        })
+    }
+
+    /// This policy with `edit` applied: the policy the edit announces.
+    ///
+    /// # Errors
+    /// [`EditError`] when this policy is not the edit's base, the script does not fit it,
+    /// or the result is not the announced policy.
+    pub fn apply_edit(&self, edit: &PolicyEdit) -> Result<Policy, EditError> {
+        if self.version != edit.base {
+            return Err(EditError::BaseVersion {
+                base: edit.base,
+                have: self.version.to_string(),
+            });
+        }
+        if self.digest() != edit.base_digest {
+            return Err(EditError::BaseDigest { base: edit.base });
+        }
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut next = 0usize;
+        let room = |rules: &Vec<Rule>, more: usize| {
+            if rules.len().saturating_add(more) > MAX_RULES {
+                Err(EditError::TooManyRules)
+            } else {
+                Ok(())
+            }
+        };
+        for (op, step) in edit.ops.iter().enumerate() {
+            let take = |count: u32| {
+                let left = self.rules.len() - next;
+                match usize::try_from(count) {
+                    Ok(c) if c <= left => Ok(c),
+                    _ => Err(EditError::PastEnd { op, count, left }),
+                }
+            };
+            match step {
+                EditOp::Keep { count, shift } => {
+                    let count = take(*count)?;
+                    room(&rules, count)?;
+                    for r in &self.rules[next..next + count] {
+                        let line = i64::from(r.line)
+                            .checked_add(*shift)
+                            .and_then(|l| u32::try_from(l).ok())
+                            .ok_or(EditError::Line { op, line: r.line })?;
+                        rules.push(Rule { line, ..r.clone() });
+                    }
+                    next += count;
+                }
+                EditOp::Drop { count } => next += take(*count)?,
+                EditOp::Add { rules: new } => {
+                    room(&rules, new.len())?;
+                    rules.extend(new.iter().cloned());
+                }
+            }
+        }
+        if next != self.rules.len() {
+            return Err(EditError::Unconsumed {
+                left: self.rules.len() - next,
+            });
+        }
+        let out = Policy {
+            version: edit.version,
+            rules,
+        };
+        if out.digest() != edit.digest {
+            return Err(EditError::Digest);
+        }
+        Ok(out)
+    }
+}
+
+/// How many entries of `of` (counted with repeats) `from` lacks.
+fn missing_from(of: &[u64], from: &[u64]) -> usize {
+    let mut have: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for &x in from {
+        *have.entry(x).or_default() += 1;
+    }
+    of.iter()
+        .filter(|x| match have.get_mut(x) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                false
+            }
+            _ => true,
+        })
+        .count()
+}
+
+/// One step of a script turning `a` into `b`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// `a`'s next entry is `b`'s next entry.
+    Keep,
+    /// `a`'s next entry goes.
+    Drop,
+    /// `b`'s next entry comes.
+    Add,
+}
+
+/// A shortest script turning `a` into `b` (Myers), or `None` when it takes more than `max_d`
+/// drops and adds. The common head and tail are kept without search.
+fn script(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
+    let head = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let tail = a[head..]
+        .iter()
+        .rev()
+        .zip(b[head..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (a_mid, b_mid) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
+    let mut steps = vec![Step::Keep; head];
+    steps.extend(myers(a_mid, b_mid, max_d)?);
+    steps.extend(std::iter::repeat_n(Step::Keep, tail));
+    Some(steps)
+}
+
+/// Myers' greedy forward search with the frontier of every round kept for the way back.
+fn myers(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
+    let (n, m) = (a.len() as isize, b.len() as isize);
+    let max_d = max_d.min(a.len() + b.len()) as isize;
+    // v[k + off]: the furthest x reached on diagonal k (y = x - k).
+    let off = max_d + 1;
+    let mut v = vec![0isize; (2 * off + 1) as usize];
+    // trace[d][k + d]: v on diagonals -d..=d at the start of round d.
+    let mut trace: Vec<Vec<isize>> = Vec::new();
+    let mut found = None;
+    'rounds: for d in 0..=max_d {
+        trace.push(v[(off - d) as usize..=(off + d) as usize].to_vec());
+        let mut k = -d;
+        while k <= d {
+            let down = k == -d || (k != d && v[(off + k - 1) as usize] < v[(off + k + 1) as usize]);
+            let mut x = if down {
+                v[(off + k + 1) as usize]
+            } else {
+                v[(off + k - 1) as usize] + 1
+            };
+            let mut y = x - k;
+            while x < n && y < m && a[x as usize] == b[y as usize] {
+                x += 1;
+                y += 1;
+            }
+            v[(off + k) as usize] = x;
+            if x >= n && y >= m {
+                found = Some(d);
+                break 'rounds;
+            }
+            k += 2;
+        }
+    }
+    let d_end = found?;
+    let (mut x, mut y) = (n, m);
+    let mut back = Vec::new();
+    for d in (1..=d_end).rev() {
+        let v = &trace[d as usize];
+        let at = |k: isize| v[(k + d) as usize];
+        let k = x - y;
+        let down = k == -d || (k != d && at(k - 1) < at(k + 1));
+        let prev_k = if down { k + 1 } else { k - 1 };
+        let prev_x = at(prev_k);
+        let prev_y = prev_x - prev_k;
+        while x > prev_x && y > prev_y {
+            back.push(Step::Keep);
+            x -= 1;
+            y -= 1;
+        }
+        back.push(if down { Step::Add } else { Step::Drop });
+        x = prev_x;
+        y = prev_y;
+    }
+    while x > 0 && y > 0 {
+        back.push(Step::Keep);
+        x -= 1;
+        y -= 1;
+    }
+    back.reverse();
+    Some(back)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small deterministic generator.
+    struct Lcg(u64);
+    impl Lcg {
+        fn below(&mut self, n: u64) -> u64 {
+            self.0 = self
+                .0
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (self.0 >> 33) % n.max(1)
+        }
+    }
+
+    fn rule(line: u32, port: u16) -> Rule {
+        Rule {
+            line,
+            from: vec![Selector::Tag("web".into())],
+            to: vec![Selector::Tag(format!("db-{}", port % 7))],
+            ports: vec![Ports::Tcp(port, port)],
+        }
+    }
+
+    /// A policy of rules with these ports, each rule on its own 4 lines.
+    fn policy(version: u64, ports: &[u16]) -> Policy {
+        Policy {
+            version,
+            rules: ports
+                .iter()
+                .enumerate()
+                .map(|(i, &p)| rule(1 + 4 * i as u32, p))
+                .collect(),
+        }
+    }
+
+    fn round_trip(old: &Policy, new: &Policy) -> Option<PolicyEdit> {
+        let edit = old.edit_to(new)?;
+        // Over the wire and back.
+        let json = serde_json::to_string(&edit).unwrap();
+        let edit: PolicyEdit = serde_json::from_str(&json).unwrap();
+        assert_eq!(old.apply_edit(&edit).as_ref(), Ok(new), "{edit:?}");
+        Some(edit)
+    }
+
+    #[test]
+    fn identity_ignores_the_line_and_digest_sees_everything() {
+        let a = rule(3, 80);
+        assert_eq!(a.identity(), rule(9, 80).identity());
+        assert_ne!(a.identity(), rule(3, 81).identity());
+        let mut swapped = a.clone();
+        std::mem::swap(&mut swapped.from, &mut swapped.to);
+        assert_ne!(a.identity(), swapped.identity());
+        let p = policy(1, &[80, 81]);
+        let mut q = p.clone();
+        q.rules[1].line += 1;
+        assert_ne!(p.digest(), q.digest(), "a line");
+        q = p.clone();
+        q.version = 2;
+        assert_ne!(p.digest(), q.digest(), "the version");
+        q = p.clone();
+        q.rules.swap(0, 1);
+        assert_ne!(p.digest(), q.digest(), "the order");
+        assert_eq!(p.digest(), p.clone().digest());
+    }
+
+    #[test]
+    fn a_few_changed_rules_travel_alone() {
+        let ports: Vec<u16> = (1..=1000).collect();
+        let old = policy(1, &ports);
+        let mut changed = ports.clone();
+        for i in [3, 500, 997] {
+            changed[i] += 5000;
+        }
+        let new = policy(2, &changed);
+        let edit = round_trip(&old, &new).unwrap();
+        assert_eq!(added(&edit), 3);
+        let whole = serde_json::to_vec(&new).unwrap().len();
+        let small = serde_json::to_vec(&edit).unwrap().len();
+        assert!(small * 50 < whole, "{small} bytes against {whole}");
+    }
+
+    #[test]
+    fn lines_move_with_a_rule_removed_or_added_above_them() {
+        let ports: Vec<u16> = (1..=50).collect();
+        let old = policy(4, &ports);
+        // Rule 10 removed: every later rule moves up 4 lines.
+        let mut fewer = ports.clone();
+        fewer.remove(10);
+        let edit = round_trip(&old, &policy(5, &fewer)).unwrap();
+        assert_eq!(
+            edit.ops,
+            vec![
+                EditOp::Keep {
+                    count: 10,
+                    shift: 0
+                },
+                EditOp::Drop { count: 1 },
+                EditOp::Keep {
+                    count: 39,
+                    shift: -4
+                },
+            ]
+        );
+        // One added at the top: everything moves down.
+        let mut more = vec![999];
+        more.extend(&ports);
+        round_trip(&old, &policy(5, &more)).unwrap();
+        // The same rules, only their lines moved: no rule travels.
+        let mut moved = old.clone();
+        moved.version = 5;
+        moved.rules.iter_mut().for_each(|r| r.line += 2);
+        let edit = round_trip(&old, &moved).unwrap();
+        assert_eq!(
+            edit.ops,
+            vec![EditOp::Keep {
+                count: 50,
+                shift: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn order_and_repeated_rules_come_out_exactly() {
+        let mut rng = Lcg(11);
+        for round in 0..300 {
+            let n = rng.below(40) as usize;
+            // Few distinct ports: rules repeat.
+            let ports: Vec<u16> = (0..n).map(|_| rng.below(6) as u16).collect();
+            let old = policy(round, &ports);
+            let mut new_ports = ports.clone();
+            for _ in 0..rng.below(4) {
+                match rng.below(4) {
+                    0 if !new_ports.is_empty() => {
+                        let i = rng.below(new_ports.len() as u64) as usize;
+                        new_ports.remove(i);
+                    }
+                    1 => {
+                        let i = rng.below(new_ports.len() as u64 + 1) as usize;
+                        new_ports.insert(i, rng.below(9) as u16);
+                    }
+                    2 if new_ports.len() > 1 => {
+                        let i = rng.below(new_ports.len() as u64) as usize;
+                        let j = rng.below(new_ports.len() as u64) as usize;
+                        new_ports.swap(i, j);
+                    }
+                    _ if !new_ports.is_empty() => {
+                        let i = rng.below(new_ports.len() as u64) as usize;
+                        new_ports[i] = 100 + rng.below(9) as u16;
+                    }
+                    _ => {}
+                }
+            }
+            let new = policy(round + 1, &new_ports);
+            let ids = |p: &Policy| p.rules.iter().map(Rule::identity).collect::<Vec<_>>();
+            let shortest = new.rules.len() - lcs(&ids(&old), &ids(&new));
+            match round_trip(&old, &new) {
+                // A shortest script: as many adds as `new` has rules outside a longest
+                // common subsequence.
+                Some(edit) => assert_eq!(added(&edit), shortest, "round {round}"),
+                // Refused only when adding would not be smaller than the whole.
+                None => assert!(
+                    2 * shortest > new.rules.len() || new.rules.len() < 16,
+                    "round {round}"
+                ),
+            }
+        }
+    }
+
+    fn added(edit: &PolicyEdit) -> usize {
+        edit.ops
+            .iter()
+            .map(|op| match op {
+                EditOp::Add { rules } => rules.len(),
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// The length of a longest common subsequence, by the textbook table.
+    fn lcs(a: &[u64], b: &[u64]) -> usize {
+        let mut t = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+        for i in 1..=a.len() {
+            for j in 1..=b.len() {
+                t[i][j] = if a[i - 1] == b[j - 1] {
+                    t[i - 1][j - 1] + 1
+                } else {
+                    t[i - 1][j].max(t[i][j - 1])
+                };
+            }
+        }
+        t[a.len()][b.len()]
+    }
+
+    #[test]
+    fn a_whole_replacement_is_not_an_edit() {
+        let old = policy(1, &(1..=100).collect::<Vec<_>>());
+        let new = policy(2, &(1001..=1100).collect::<Vec<_>>());
+        assert_eq!(old.edit_to(&new), None);
+        // One rule replaced in a one-rule policy: the whole policy is as small.
+        assert_eq!(policy(1, &[1]).edit_to(&policy(2, &[2])), None);
+    }
+
+    #[test]
+    fn an_edit_applies_to_its_base_only() {
+        let old = policy(3, &[1, 2, 3, 4]);
+        let new = policy(4, &[1, 2, 9, 4]);
+        let edit = old.edit_to(&new).unwrap();
+        assert!(matches!(
+            policy(2, &[1, 2, 3, 4]).apply_edit(&edit),
+            Err(EditError::BaseVersion { base: 3, .. })
+        ));
+        // The same version with other rules (a node whose rules changed in between).
+        assert_eq!(
+            policy(3, &[1, 2, 3, 5]).apply_edit(&edit),
+            Err(EditError::BaseDigest { base: 3 })
+        );
+    }
+
+    #[test]
+    fn untrusted_scripts_are_refused_not_obeyed() {
+        let old = policy(3, &[1, 2, 3]);
+        let base = |ops: Vec<EditOp>| PolicyEdit {
+            base: 3,
+            base_digest: old.digest(),
+            version: 4,
+            digest: 0,
+            ops,
+        };
+        let keep = |count, shift| EditOp::Keep { count, shift };
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(2, 0), EditOp::Drop { count: 5 }])),
+            Err(EditError::PastEnd {
+                op: 1,
+                count: 5,
+                left: 1
+            })
+        );
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(u32::MAX, 0)])),
+            Err(EditError::PastEnd {
+                op: 0,
+                count: u32::MAX,
+                left: 3
+            })
+        );
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(2, 0)])),
+            Err(EditError::Unconsumed { left: 1 })
+        );
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(3, -2)])),
+            Err(EditError::Line { op: 0, line: 1 })
+        );
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(3, i64::MAX)])),
+            Err(EditError::Line { op: 0, line: 1 })
+        );
+        // A script that fits but yields another policy than announced.
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(3, 0)])),
+            Err(EditError::Digest)
+        );
+        let flood = EditOp::Add {
+            rules: vec![rule(1, 1); MAX_RULES / 2 + 1],
+        };
+        assert_eq!(
+            old.apply_edit(&base(vec![keep(3, 0), flood.clone(), flood])),
+            Err(EditError::TooManyRules)
+        );
+        // Malformed JSON is a decode error, not a panic.
+        assert!(serde_json::from_str::<PolicyEdit>(
+            r#"{"base":1,"base_digest":1,"version":2,"digest":1,"ops":[{"keep":{"count":-1}}]}"#
+        )
+        .is_err());
+    }
+}
