@@ -520,6 +520,25 @@ fn firewall_line(fw: &serde_json::Value) -> Option<String> {
     Some(out)
 }
 
+/// Where packets to workload addresses went at handovers here (`None` before the first).
+fn handover_line(h: &serde_json::Value) -> Option<String> {
+    let n = |k: &str| h[k].as_u64().unwrap_or(0);
+    (n("queued") + n("not_held") > 0).then(|| {
+        format!(
+            "handovers: kept back {}  released {} (refused {})  dropped: full {}, timed out {}, \
+             abandoned {}, not held {}  waiting {}",
+            n("queued"),
+            n("released"),
+            n("refused"),
+            n("full"),
+            n("timed_out"),
+            n("abandoned"),
+            n("not_held"),
+            n("waiting"),
+        )
+    })
+}
+
 fn print_status_table(v: &serde_json::Value) {
     let s = |x: &serde_json::Value| x.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     println!(
@@ -547,6 +566,9 @@ fn print_status_table(v: &serde_json::Value) {
     }
     println!("device drops: {}", v["drops"]);
     if let Some(line) = firewall_line(&v["firewall"]) {
+        println!("{line}");
+    }
+    if let Some(line) = handover_line(&v["handover"]) {
         println!("{line}");
     }
     let c = &v["control"];
@@ -636,6 +658,17 @@ fn print_status_table(v: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_handover_line_names_where_packets_went() {
+        assert_eq!(handover_line(&serde_json::json!({"queued": 0})), None);
+        let h = serde_json::json!({"queued": 7, "released": 5, "timed_out": 2, "not_held": 1});
+        assert_eq!(
+            handover_line(&h).unwrap(),
+            "handovers: kept back 7  released 5 (refused 0)  dropped: full 0, timed out 2, \
+             abandoned 0, not held 1  waiting 0"
+        );
+    }
 
     #[test]
     fn the_firewall_line_shows_policy_counters_and_flows() {

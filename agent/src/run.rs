@@ -111,8 +111,12 @@ const RELEASE_LINGER: Duration = Duration::from_millis(20);
 enum NetCmd {
     /// The wanted routes (all of them).
     Routes(Vec<IpNet>),
-    /// The wanted workload addresses held here (all of them).
+    /// The wanted workload addresses held here (all of them); then the packets kept back
+    /// for those now up are delivered.
     Addresses(Vec<IpNet>),
+    /// Deliver the packets kept back for workload addresses that may be answered now (see
+    /// `Device::take_released`).
+    Release,
 }
 
 /// The data plane as the control loop sees it (to prepare moves).
@@ -264,6 +268,7 @@ impl UapiHandler for Control {
             },
             "peers": peers,
             "firewall": self.device.firewall_status(),
+            "handover": self.device.handover_status(),
             "discovery": self.discovery.as_ref().map(|d| d.counters_json()),
             "control": self.session.as_ref().map(|s| {
                 let coordinators = s.coordinators().clone();
@@ -288,6 +293,7 @@ fn control_json(
     now: Instant,
 ) -> serde_json::Value {
     let held = session.holdings().held(now);
+    let held_back = session.holdings().held_back();
     let workloads: Vec<serde_json::Value> = session
         .map()
         .workloads
@@ -299,6 +305,7 @@ fn control_json(
                 "generation": w.generation,
                 "holder": w.holder,
                 "held_here": held.iter().any(|h| h.address == w.address),
+                "awaiting_confirmation": held_back.contains(&w.name),
             })
         })
         .collect();
@@ -438,6 +445,11 @@ pub async fn run(
         nl.add_route(net).await?;
         installed.insert(net);
     }
+    // Packets kept back at handovers, on their way to the TUN device.
+    let mut released = (
+        TunBatch::new(64, HEADROOM, 2048),
+        tun_rs::GROTable::default(),
+    );
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
     cleanup.socket = Some(listener.path().to_path_buf());
@@ -595,7 +607,11 @@ pub async fn run(
                                 Err(e) => warn!("{e}"),
                             }
                         }
+                        // Only now that the kernel has them: what was kept back for them.
+                        device.set_addresses_up(workload_addrs.iter().map(IpNet::addr));
+                        release_kept(&device, &tun, &mut released).await;
                     }
+                    NetCmd::Release => release_kept(&device, &tun, &mut released).await,
                 }
             }
         } => Ok(()),
@@ -848,13 +864,14 @@ async fn reconcile_mesh(
             .values()
             .map(|p| (p.node_id, p.public_key))
             .collect();
-        let (held, forwards, tentative, senders, relays) = {
+        let (held, forwards, tentative, awaited, senders, relays) = {
             let mut s = shared.lock();
             let h = s.holdings_mut();
             (
                 h.held(now),
                 h.forwards(now),
                 h.tentative(now),
+                h.awaited(now),
                 h.senders(now),
                 h.relays(now),
             )
@@ -884,6 +901,9 @@ async fn reconcile_mesh(
                 .collect(),
             // What a relay may pass on: packets from nodes' own addresses, not from the
             // prefixes they route for others.
+            awaited: awaited.iter().map(IpNet::addr).collect(),
+            held: held.iter().map(|h| h.address.addr()).collect(),
+            workloads: map.workloads.values().map(|w| w.ip()).collect(),
             relay_sources: if relays.is_empty() {
                 std::collections::HashSet::new()
             } else {
@@ -931,6 +951,10 @@ async fn reconcile_mesh(
         });
         // Forwarding first, then addresses: a released address is never left unanswered.
         control.device.set_workload_routing(routing);
+        if control.device.has_released() {
+            // An address already up became held: its kept packets go out now.
+            let _ = control.routes_tx.send(NetCmd::Release);
+        }
         // Rotating peers: their next keys as aliases, set before the peers that use them and
         // kept until the peers that no longer do are gone.
         let wanted_aliases = crate::control::keys::alias_peers(&map, &mut peers);
@@ -1138,6 +1162,16 @@ async fn udp_to_tun(
             udp.send_batch(&net).await;
             net.clear();
         }
+    }
+}
+
+/// Writes the packets kept back for workload addresses that may be answered now to the TUN
+/// device (see `Device::take_released`).
+async fn release_kept(device: &Device, tun: &Tun, (batch, gro): &mut (TunBatch, tun_rs::GROTable)) {
+    let n = device.take_released(batch);
+    if n > 0 {
+        debug!(packets = n, "packets kept back at a handover delivered");
+        flush_tun(tun, gro, batch).await;
     }
 }
 

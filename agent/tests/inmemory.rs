@@ -701,6 +701,138 @@ fn a_relayed_packet_needs_a_node_address_as_source_and_the_workload_as_destinati
     assert_eq!(spoofed(&sim, 2), spoofed_before + 3);
 }
 
+/// A handover the coordinator has not confirmed yet: the new holder (node 2) keeps back what
+/// reaches it for the workload address, from peers whose maps name it already and relayed by
+/// the old holder (node 1), and delivers all of it, in order and before anything newer, once
+/// the address is held and up; nothing is answered before. What it keeps for an address that
+/// goes elsewhere, or longer than the timeout, is dropped and counted.
+#[test]
+fn an_unconfirmed_new_holder_keeps_packets_back_until_the_address_is_held_and_up() {
+    use meshlink_agent::dataplane::handover::HANDOVER_TIMEOUT;
+    use meshlink_agent::dataplane::FirewallConfig;
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(0, 2, b"0 to 2"));
+    assert!(sim.ping(1, 2, b"1 to 2"));
+    let k1 = sim.nodes[1].key.public_key();
+    let k2 = sim.nodes[2].key.public_key();
+    let w: std::net::IpAddr = WORKLOAD.into();
+    let n2: std::net::IpAddr = sim.nodes[2].overlay.into();
+    // Node 2 checks destinations, as a mesh node does: its own address; the workload address
+    // only once held.
+    let local = |held: bool| FirewallConfig {
+        local: Some(
+            std::iter::once(format!("{n2}/32").parse().unwrap())
+                .chain(held.then(|| format!("{WORKLOAD}/32").parse().unwrap()))
+                .collect(),
+        ),
+        policy: None,
+    };
+    sim.nodes[2].device.set_firewall(local(false));
+    let awaited = WorkloadRouting {
+        awaited: [w].into(),
+        relay_from: [(w, k1)].into(),
+        relay_sources: [sim.nodes[0].overlay.into(), sim.nodes[1].overlay.into()].into(),
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    };
+    sim.nodes[2].device.set_workload_routing(awaited.clone());
+    // Node 0 routes the address to node 2 already; node 1 forwards what still reaches it.
+    route_workload(&mut sim, 2);
+    sim.nodes[1].device.set_workload_routing(WorkloadRouting {
+        forward: [(w, k2)].into(),
+        ..WorkloadRouting::default()
+    });
+    let p = |sim: &Sim, i: u8| ipv4(sim.nodes[0].overlay, WORKLOAD, &[i; 8]);
+    let delivered_before = sim.nodes[2].delivered.len();
+    sim.send(0, &p(&sim, 1));
+    let mut config = sim.nodes[0].device.config();
+    // A packet sent to the old holder (node 0's map a moment behind), relayed to node 2.
+    for peer in &mut config.peers {
+        peer.allowed_ips.retain(|n| n.addr() != w);
+        if peer.public_key == k1 {
+            peer.allowed_ips
+                .push(format!("{WORKLOAD}/32").parse().unwrap());
+        }
+    }
+    sim.nodes[0].device.set_config(config);
+    sim.send(0, &p(&sim, 2));
+    route_workload(&mut sim, 2);
+    sim.send(0, &p(&sim, 3));
+    assert_eq!(
+        sim.nodes[2].delivered.len(),
+        delivered_before,
+        "nothing answered before the confirmation"
+    );
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!((st.queued, st.waiting, st.released), (3, 3, 0));
+    assert_eq!(spoofed(&sim, 2), 0, "the relayed packet is taken");
+    assert!(!sim.nodes[2].device.has_released());
+
+    // Confirmed: held, but the address is not up on the interface yet. Still kept back.
+    sim.nodes[2].device.set_firewall(local(true));
+    let held = WorkloadRouting {
+        awaited: Default::default(),
+        held: [w].into(),
+        ..awaited.clone()
+    };
+    sim.nodes[2].device.set_workload_routing(held.clone());
+    sim.send(0, &p(&sim, 4));
+    assert!(!sim.nodes[2].device.has_released());
+    assert_eq!(sim.nodes[2].delivered.len(), delivered_before);
+    // Up: released in order, ahead of anything newer.
+    sim.nodes[2].device.set_addresses_up([w]);
+    assert!(sim.nodes[2].device.has_released());
+    sim.send(0, &p(&sim, 5));
+    let mut tun = TunBatch::new(2, 16, 2048);
+    assert_eq!(sim.nodes[2].device.take_released(&mut tun), 5);
+    let released: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
+    assert_eq!(released, (1..=5).map(|i| p(&sim, i)).collect::<Vec<_>>());
+    assert!(!sim.nodes[2].device.has_released());
+    sim.send(0, &p(&sim, 6));
+    assert_eq!(
+        sim.nodes[2].delivered.last(),
+        Some(&p(&sim, 6)),
+        "directly now"
+    );
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!(
+        (st.queued, st.released, st.waiting, st.refused),
+        (5, 5, 0, 0)
+    );
+
+    // Another move here that goes elsewhere before its confirmation: dropped, abandoned.
+    sim.nodes[2].device.set_addresses_up([]);
+    sim.nodes[2].device.set_firewall(local(false));
+    sim.nodes[2].device.set_workload_routing(awaited.clone());
+    sim.send(0, &p(&sim, 7));
+    sim.nodes[2].device.set_workload_routing(WorkloadRouting {
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    });
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!((st.abandoned, st.waiting), (1, 0));
+    // Neither held nor awaited: dropped as not local, and named.
+    sim.send(0, &p(&sim, 8));
+    assert_eq!(sim.nodes[2].device.handover_status().not_held, 1);
+    // No confirmation within the timeout: dropped, timed out.
+    sim.nodes[2].device.set_workload_routing(awaited);
+    sim.send(0, &p(&sim, 9));
+    sim.advance(HANDOVER_TIMEOUT + TICK);
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!((st.timed_out, st.waiting), (1, 0));
+    sim.nodes[2].device.set_firewall(local(true));
+    sim.nodes[2].device.set_workload_routing(held);
+    sim.nodes[2].device.set_addresses_up([w]);
+    assert_eq!(sim.nodes[2].device.take_released(&mut tun), 0);
+    assert_eq!(
+        st.queued,
+        st.released + st.full + st.timed_out + st.abandoned + st.waiting,
+        "every packet kept back is accounted for: {st:?}"
+    );
+}
+
 #[test]
 fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
     MockClock::set_time(Duration::ZERO);

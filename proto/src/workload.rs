@@ -22,7 +22,9 @@
 //!   coordinator has confirmed that generation ([`Holdings::on_confirmed`]): every node that
 //!   held the address before has acknowledged the change, or its lease has surely run out.
 //!   So a holder cut off just before a move (which keeps its lease and cannot learn of the
-//!   move) is never answered over. Invariant: at no instant do two nodes answer for one
+//!   move) is never answered over. What reaches the new holder for the address before its
+//!   confirmation is kept back, not answered ([`Holdings::awaited`]), and answered once the
+//!   confirmation has come: the old holder had stopped by then. Invariant: at no instant do two nodes answer for one
 //!   address, given clocks that run at the same rate (each node counts its lease from the
 //!   send time of the heartbeat the coordinator answered, before the coordinator received
 //!   it, and stops at its end on its own clock; the coordinator confirms the next holder
@@ -375,6 +377,30 @@ impl Holdings {
                 .is_some_and(|g| *g >= w.generation)
     }
 
+    /// The workload addresses this node is about to answer for and may not yet, while the
+    /// coordinator confirms handovers: those the map gives it at a generation not confirmed
+    /// yet ([`Holdings::held_back`]), and those of moves being prepared here. Packets that
+    /// reach this node for them (peers whose maps name it already, the old holder forwarding)
+    /// are kept back, not answered, until the confirmation (the data plane queues them, a
+    /// bounded time). Empty from a coordinator that confirms nothing (prepared addresses are
+    /// then [`Holdings::tentative`]).
+    pub fn awaited(&mut self, now: Instant) -> Vec<IpNet> {
+        self.tentative.retain(|_, (_, _, until)| now < *until);
+        if !self.confirms {
+            return Vec::new();
+        }
+        let mut out: Vec<IpNet> = self
+            .current
+            .values()
+            .filter(|w| w.holder == Some(self.me) && !self.confirmed(w))
+            .map(|w| w.address)
+            .chain(self.tentative.values().map(|(a, _, _)| *a))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// Workloads the map gives this node that it may not answer for yet: the coordinator has
     /// not confirmed their handover (see the module documentation).
     pub fn held_back(&self) -> Vec<String> {
@@ -573,11 +599,16 @@ impl Holdings {
     /// node that may relay packets of other senders to each (the packets peers still send to
     /// it because their maps are not updated yet):
     ///
-    /// - held here at generation G: G's previous holder, for the grace period counted from
-    ///   the first map that showed this node G. Keyed by G: no later map, claim or restart of
-    ///   the session reopens it; only another change of holder opens another window.
+    /// - held here at generation G, or given here at G and awaiting the coordinator's
+    ///   confirmation ([`Holdings::awaited`]): G's previous holder, for the grace period
+    ///   counted from the first map that showed this node G. Keyed by G: no later map, claim
+    ///   or restart of the session reopens it; only another change of holder opens another
+    ///   window.
     /// - being prepared here: the current holder (it forwards once it has seen the move, so
     ///   whatever it relays comes after the switch), until the preparation ends.
+    ///
+    /// What is relayed to an awaited address is kept back with the rest of its packets until
+    /// the confirmation, never answered before it.
     ///
     /// # Security
     ///
@@ -589,13 +620,13 @@ impl Holdings {
         self.current
             .values()
             .filter_map(|w| {
-                let from = if held.contains_key(&w.name) {
+                let awaited = w.holder == Some(self.me) && !self.confirmed(w);
+                let from = if held.contains_key(&w.name) || awaited {
                     w.previous.filter(|_| self.in_grace(&w.name, now))?
-                } else if !self.confirms
-                    && self
-                        .tentative
-                        .get(&w.name)
-                        .is_some_and(|(_, _, until)| now < *until)
+                } else if self
+                    .tentative
+                    .get(&w.name)
+                    .is_some_and(|(_, _, until)| now < *until)
                 {
                     w.holder?
                 } else {
@@ -610,7 +641,8 @@ impl Holdings {
     }
 
     /// The next instant after `now` at which [`Holdings::held`], [`Holdings::forwards`],
-    /// [`Holdings::tentative`], [`Holdings::relays`] or [`Holdings::senders`] may change by
+    /// [`Holdings::tentative`], [`Holdings::awaited`], [`Holdings::relays`] or
+    /// [`Holdings::senders`] may change by
     /// time alone (a lease, a forward, a prepared move or a change's grace period ending).
     /// Heartbeats are paced apart: [`Holdings::next_heartbeat`].
     pub fn poll_timeout(&self, now: Instant) -> Option<Instant> {
@@ -1098,6 +1130,11 @@ pub(crate) mod tests {
             new.tentative(t0 + ms(21)).is_empty(),
             "no address ahead of a confirmation: the holder may be cut off"
         );
+        assert_eq!(
+            new.awaited(t0 + ms(21)),
+            vec![moved_address()],
+            "what reaches it for the address is kept back"
+        );
         let mut moved = wl("chat", Some(2), 2);
         moved.previous = Some(1);
         new.on_map(&map(2, &[moved.clone()]), t0 + ms(30));
@@ -1111,7 +1148,12 @@ pub(crate) mod tests {
                 t - t0
             );
             assert!(new.held(t).is_empty(), "not confirmed yet");
-            assert!(new.relays(t).is_empty());
+            assert_eq!(new.awaited(t), vec![moved.address]);
+            // The old holder's relays are taken within the move's grace period (1 s), to be
+            // kept back with the rest.
+            let relays: Vec<NodeId> = new.relays(t).iter().map(|r| r.from).collect();
+            let in_grace = t < t0 + ms(30) + moved.grace();
+            assert_eq!(relays, if in_grace { vec![1] } else { vec![] });
             t += ms(10);
         }
         assert!(old.held(t0 + DEFAULT_LEASE).is_empty(), "its lease ran out");
@@ -1119,9 +1161,11 @@ pub(crate) mod tests {
         // generation's confirmation would not do.
         new.on_confirmed(Some(&confirmed(&[(7, 1)])));
         assert!(new.held(t0 + ms(1600)).is_empty());
+        assert_eq!(new.awaited(t0 + ms(1600)), vec![moved.address]);
         new.on_confirmed(Some(&confirmed(&[(7, 2)])));
         assert_eq!(new.held(t0 + ms(1600)).len(), 1);
         assert!(new.held_back().is_empty());
+        assert!(new.awaited(t0 + ms(1600)).is_empty(), "held now");
         // A confirmation is kept: a later answer that does not list it changes nothing.
         new.on_confirmed(Some(&confirmed(&[])));
         assert_eq!(new.held(t0 + ms(1600)).len(), 1);
@@ -1134,8 +1178,53 @@ pub(crate) mod tests {
         new.on_lease(s, DEFAULT_LEASE, 1);
         new.on_confirmed(None);
         assert_eq!(new.tentative(t0).len(), 1);
+        assert!(new.awaited(t0).is_empty(), "the tentative address is up");
         new.on_map(&map(2, &[moved]), t0 + ms(30));
         assert_eq!(new.held(t0 + ms(30)).len(), 1);
+    }
+
+    /// What a new holder keeps back while the coordinator confirms: the prepared address
+    /// (with relays from the current holder) until the move lands or the preparation ends,
+    /// then the address the map gives it until the confirmation; never an address moved on.
+    #[test]
+    fn a_prepared_or_unconfirmed_address_is_awaited_until_confirmed_or_gone() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut h = Holdings::new(2);
+        h.on_map(&map(1, &[wl("chat", Some(1), 1)]), t0);
+        let s = h.heartbeat_now(t0);
+        h.on_lease(s, Duration::from_secs(5), 1);
+        h.on_confirmed(Some(&[]));
+        assert!(h.awaited(t0).is_empty(), "nothing prepared");
+        h.on_prepare("chat", 2, t0);
+        assert_eq!(h.awaited(t0 + ms(1)), vec![moved_address()]);
+        assert_eq!(
+            h.relays(t0 + ms(1))
+                .iter()
+                .map(|r| r.from)
+                .collect::<Vec<_>>(),
+            vec![1],
+            "the current holder forwards once it has seen the move"
+        );
+        // The preparation ends without a move: nothing is awaited any more.
+        assert!(h.awaited(t0 + PREPARE_HOLD).is_empty());
+        assert!(h.relays(t0 + PREPARE_HOLD).is_empty());
+        // Prepared again, the move lands, and then moves on before any confirmation.
+        h.on_prepare("chat", 2, t0 + ms(4000));
+        let mut moved = wl("chat", Some(2), 2);
+        moved.previous = Some(1);
+        h.on_map(&map(2, &[moved]), t0 + ms(4001));
+        assert_eq!(h.awaited(t0 + ms(4002)), vec![moved_address()]);
+        let mut on = wl("chat", Some(3), 3);
+        on.previous = Some(2);
+        h.on_map(&map(3, &[on]), t0 + ms(4003));
+        assert!(h.awaited(t0 + ms(4004)).is_empty());
+        assert!(h.held(t0 + ms(4004)).is_empty());
+        assert!(h.relays(t0 + ms(4004)).is_empty());
+    }
+
+    fn moved_address() -> IpNet {
+        wl("chat", None, 0).address
     }
 
     #[test]

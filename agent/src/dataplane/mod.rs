@@ -7,6 +7,8 @@
 //!  UDP read batch ──> Device::inbound  ──> peer by receiver index / handshake ──> decapsulate
 //!                                          ──> allowed-IPs check (src) ──> roam endpoint
 //!                                          ──> firewall (destination, policy; see `firewall`) ──> TunBatch ──> TUN (GRO)
+//!                                          ──> (an awaited workload address) kept back (see `handover`)
+//!  address held and up ──> Device::take_released ──> firewall ──> TunBatch ──> TUN
 //!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
 //! ```
 //!
@@ -32,6 +34,7 @@ pub mod allowed_ips;
 pub mod batch;
 pub mod conntrack;
 pub mod firewall;
+pub mod handover;
 pub mod noise;
 pub mod status;
 
@@ -53,8 +56,9 @@ pub use batch::{NetBatch, TunBatch};
 use conntrack::Conntrack;
 pub use firewall::{CompiledPolicy, FirewallConfig, FirewallCounters, Verdict};
 use firewall::{Firewall, Memo};
+use handover::{HandoverLimits, HandoverQueues};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
-use status::{DeviceStatus, DropCounts, FirewallStatus, PeerStatus};
+use status::{DeviceStatus, DropCounts, FirewallStatus, HandoverStatus, PeerStatus};
 
 /// Handshake initiations per second the device accepts before it asks for cookies.
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
@@ -171,6 +175,18 @@ pub struct WorkloadRouting {
     /// nodes. Never a prefix a peer routes for others (a LAN behind it) or a workload address:
     /// a relay cannot speak for those.
     pub relay_sources: HashSet<IpAddr>,
+    /// Workload addresses this node is about to answer for and may not yet (the coordinator
+    /// has not confirmed the handover, or a move here is being prepared; see
+    /// `meshlink_proto::workload::Holdings::awaited`): what arrives for them is kept back,
+    /// in order, a bounded time (see `handover`), never delivered before they are held.
+    pub awaited: HashSet<IpAddr>,
+    /// Workload addresses this node answers for. A packet for one that arrives before the
+    /// address is up on the interface ([`Device::set_addresses_up`]) is kept back too, and
+    /// delivered once it is: the kernel would drop it.
+    pub held: HashSet<IpAddr>,
+    /// Every workload address of the map: a packet for one that this node neither holds,
+    /// awaits nor forwards is counted (`HandoverStatus::not_held`) as well as `not_local`.
+    pub workloads: HashSet<IpAddr>,
 }
 
 struct Table {
@@ -188,6 +204,12 @@ struct Table {
     aliases: HashMap<PublicKey, PublicKey>,
     /// For each peer whose alias is configured too: its key in use -> the alias's peer.
     alias_peers: HashMap<PublicKey, Arc<Peer>>,
+    /// Workload addresses up on the interface ([`Device::set_addresses_up`]).
+    up: HashSet<IpAddr>,
+    /// The destinations whose packets are kept back now: awaited addresses, held ones not up
+    /// yet, and held ones whose kept packets are not delivered yet (so that nothing overtakes
+    /// them). See [`Device::settle`].
+    waiting: HashSet<IpAddr>,
 }
 
 impl Table {
@@ -244,6 +266,13 @@ pub struct Device {
     /// The time as the timer loop last told it, in milliseconds ([`Device::set_time`]).
     clock_ms: AtomicU64,
     firewall_counters: FirewallCounters,
+    /// Packets kept back for awaited workload addresses (see `handover`). Lock order: the
+    /// table, a peer, then this.
+    handover: Mutex<HandoverQueues>,
+    /// Packets for a workload address neither held, awaited nor forwarded here.
+    not_held: AtomicU64,
+    /// Kept packets the firewall refused at their release.
+    refused: AtomicU64,
 }
 
 /// Makes a WireGuard session; tests may substitute their own engine.
@@ -327,6 +356,8 @@ impl Device {
             next_index: index_seed & 0x00ff_ffff,
             aliases: HashMap::new(),
             alias_peers: HashMap::new(),
+            up: HashSet::new(),
+            waiting: HashSet::new(),
         };
         let device = Device {
             table: RwLock::new(table),
@@ -337,6 +368,9 @@ impl Device {
                 ^ u64::from(index_seed.rotate_left(16)),
             clock_ms: AtomicU64::new(0),
             firewall_counters: FirewallCounters::default(),
+            handover: Mutex::new(HandoverQueues::new(HandoverLimits::default())),
+            not_held: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         };
         device.set_config(config);
         device
@@ -461,11 +495,112 @@ impl Device {
         t.pair_aliases();
     }
 
-    /// Sets how workload addresses are forwarded and accepted; peers and sessions stay.
+    /// Sets how workload addresses are forwarded, accepted and kept back; peers and sessions
+    /// stay. Packets kept back for an address that is now neither awaited nor held are
+    /// dropped (`abandoned`); those of an address now held and up wait for
+    /// [`Device::take_released`] (see [`Device::has_released`]).
     pub fn set_workload_routing(&self, routing: WorkloadRouting) {
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         if t.workloads != routing {
             t.workloads = routing;
+            self.settle(&mut t);
+        }
+    }
+
+    /// Tells the data plane which workload addresses are up on the interface (all of them):
+    /// kept packets of a held address wait until it is, since the kernel drops packets to an
+    /// address it does not have. Call after each change of the interface's addresses, then
+    /// [`Device::take_released`].
+    pub fn set_addresses_up(&self, up: impl IntoIterator<Item = IpAddr>) {
+        let up: HashSet<IpAddr> = up.into_iter().collect();
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        if t.up != up {
+            t.up = up;
+            self.settle(&mut t);
+        }
+    }
+
+    fn handover(&self) -> MutexGuard<'_, HandoverQueues> {
+        self.handover.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `dst`, whose packets are kept back, may be answered now: held, up, and not
+    /// awaited again.
+    fn releasable(t: &Table, dst: IpAddr) -> bool {
+        t.workloads.held.contains(&dst)
+            && t.up.contains(&dst)
+            && !t.workloads.awaited.contains(&dst)
+    }
+
+    /// Drops what is kept for addresses no longer awaited nor held, and works out which
+    /// destinations are kept back from now on.
+    fn settle(&self, t: &mut Table) {
+        let mut q = self.handover();
+        let gone: Vec<IpAddr> = q
+            .addresses()
+            .filter(|a| !t.workloads.awaited.contains(a) && !t.workloads.held.contains(a))
+            .collect();
+        for a in gone {
+            q.discard(a);
+        }
+        let mut waiting: HashSet<IpAddr> = t.workloads.awaited.clone();
+        waiting.extend(t.workloads.held.iter().filter(|a| !t.up.contains(a)));
+        // Held and up, with packets kept: still kept back until they are delivered.
+        waiting.extend(q.addresses());
+        t.waiting = waiting;
+    }
+
+    /// Whether kept packets may be delivered now ([`Device::take_released`]).
+    pub fn has_released(&self) -> bool {
+        let t = self.read();
+        let q = self.handover();
+        q.has_ready() || q.addresses().any(|a| Self::releasable(&t, a))
+    }
+
+    /// Moves the packets kept back for addresses that may be answered now (held and up) to
+    /// `tun`, in arrival order, through the firewall as if they arrived now; from then on the
+    /// packets of those addresses go to the TUN device directly. Returns how many.
+    pub fn take_released(&self, tun: &mut TunBatch) -> usize {
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let now = self.now();
+        let mut q = self.handover();
+        let ready: Vec<IpAddr> = q.addresses().filter(|a| Self::releasable(&t, *a)).collect();
+        for a in ready {
+            q.release(a, now);
+        }
+        let mut memo = Memo::default();
+        let mut n = 0;
+        while let Some(packet) = q.pop_ready() {
+            let verdict = if t.firewall.is_open() {
+                Verdict::Pass
+            } else {
+                t.firewall.inbound(
+                    &packet,
+                    destination(&packet),
+                    self.flows.get(),
+                    now,
+                    &self.firewall_counters,
+                    &mut memo,
+                )
+            };
+            if verdict == Verdict::Pass {
+                tun.push_copy(&packet);
+                n += 1;
+            } else {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        drop(q);
+        self.settle(&mut t);
+        n
+    }
+
+    /// Where packets to workload addresses went at handovers (see `handover`).
+    pub fn handover_status(&self) -> HandoverStatus {
+        HandoverStatus {
+            refused: self.refused.load(Ordering::Relaxed),
+            not_held: self.not_held.load(Ordering::Relaxed),
+            ..self.handover().status()
         }
     }
 
@@ -495,6 +630,7 @@ impl Device {
             u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
+        self.handover().expire(now);
         if let Some(flows) = self.flows.get() {
             // The whole table every 64 calls: 16 s at 4 calls a second.
             let buckets = (flows.capacity() / conntrack::WAYS).div_ceil(64);
@@ -678,17 +814,27 @@ impl Device {
                             .and_then(|d| t.workloads.forward.get(&d))
                             .and_then(|k| t.peers.get(k))
                     };
+                    let dst = destination(packet);
                     match next {
                         // Never back to the sender: that would loop. The new holder's
                         // firewall checks what is forwarded to it.
                         Some(to) if to.key != *who => forward = Some((to, n)),
+                        // An awaited workload address: kept back until it may be answered
+                        // (the firewall checks it then).
+                        _ if !t.waiting.is_empty()
+                            && dst.is_some_and(|d| t.waiting.contains(&d)) =>
+                        {
+                            if let Some(d) = dst {
+                                self.handover().push(d, packet, self.now());
+                            }
+                        }
                         _ => {
                             let verdict = if t.firewall.is_open() {
                                 Verdict::Pass
                             } else {
                                 t.firewall.inbound(
                                     packet,
-                                    destination(packet),
+                                    dst,
                                     self.flows.get(),
                                     self.now(),
                                     &self.firewall_counters,
@@ -702,7 +848,12 @@ impl Device {
                                     }
                                     tun.commit(n);
                                 }
-                                Verdict::NotLocal => drops.not_local += 1,
+                                Verdict::NotLocal => {
+                                    drops.not_local += 1;
+                                    if dst.is_some_and(|d| t.workloads.workloads.contains(&d)) {
+                                        self.not_held.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                }
                                 Verdict::Denied => drops.policy_denied += 1,
                             }
                         }

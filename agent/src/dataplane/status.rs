@@ -89,3 +89,32 @@ pub struct FirewallStatus {
     /// The connection table (made when a policy first takes effect).
     pub flows: Option<ConntrackStats>,
 }
+
+/// Where packets to workload addresses went at a handover on this node (see
+/// `dataplane::handover`): kept back while the address was awaited (its handover not
+/// confirmed yet, or not up on the interface yet), then delivered or dropped for a named
+/// reason. Counted since the start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct HandoverStatus {
+    /// Packets that arrived for an awaited address (kept back, or dropped at once: `full`).
+    pub queued: u64,
+    /// Of those, released to the firewall and the TUN device once the address could be
+    /// answered (the firewall refused `refused` of them).
+    pub released: u64,
+    /// Released packets the firewall refused (the policy, or the address no longer local).
+    pub refused: u64,
+    /// Dropped: their address's queue was full (the oldest go first), or no room was left.
+    pub full: u64,
+    /// Dropped: no confirmation came within the timeout (`handover::HANDOVER_TIMEOUT`).
+    pub timed_out: u64,
+    /// Dropped: the address was not taken here after all (the workload went elsewhere, the
+    /// preparation ended, the lease ran out).
+    pub abandoned: u64,
+    /// Dropped: addressed to a workload address of the map that this node neither holds,
+    /// awaits nor forwards (a peer's map is ahead of or behind this node's).
+    pub not_held: u64,
+    /// Packets kept back now (queued or released and not yet delivered).
+    pub waiting: u64,
+    /// Their bytes.
+    pub waiting_bytes: u64,
+}
