@@ -268,6 +268,36 @@ pub fn load_settings(
     load_with(config, wg_quick, overrides, env, &system_resolve)
 }
 
+/// The settings of a device that is configured through its userspace API once it runs
+/// (`meshlink-agent INTERFACE`, wg-quick's userspace hook): the interface `interface`
+/// (argument `argument`, for errors), the environment variables read as [`load_settings`]
+/// reads them, and no file. Without `MESHLINK_PRIVATE_KEY_FILE` the device starts with
+/// `placeholder_key` (a fresh key that no peer knows) until the configurer sets its own.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming the argument or the variable at fault; a key file that
+/// cannot be used.
+pub fn load_api_configured(
+    argument: &'static str,
+    interface: &str,
+    env: &impl Fn(&str) -> Option<String>,
+    placeholder_key: PrivateKey,
+) -> Result<Settings, ConfigError> {
+    let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    let mut flags = Layer::default();
+    let name = parse_interface(interface).map_err(|reason| ConfigError::Invalid {
+        at: Origin::Flag(argument),
+        reason,
+    })?;
+    flags.interface = Some(Val::new(name, Origin::Flag(argument)));
+    let mut defaults = FileLayer::default();
+    defaults.layer.private_key = Some(Val::new(
+        KeySource::Inline(placeholder_key),
+        Origin::Default("private key"),
+    ));
+    merge(flags, env_layer(&env)?, defaults)
+}
+
 /// Whether the TOML configuration file at `path` describes a node with static peers (it names
 /// a private key or peers), rather than only the local settings of a mesh node (interface,
 /// MTU, socket directory, ...), whose key and peers come from its state directory and the
@@ -1800,6 +1830,36 @@ endpoint = "peer.example:7000"
         let err = load_with(None, None, &Overrides::default(), &no_env, &fake_resolve)
             .expect_err("no key");
         assert!(matches!(err, ConfigError::MissingPrivateKey));
+    }
+
+    #[test]
+    fn api_configured_device_takes_the_argument_the_variables_and_a_placeholder_key() {
+        let placeholder = PrivateKey::from_bytes([9; 32]);
+        let env = env_from(&[
+            ("MESHLINK_LISTEN_PORT", "51820"),
+            ("MESHLINK_INTERFACE", "x0"),
+        ]);
+        let s = load_api_configured("INTERFACE", "wg0", &env, placeholder.clone()).unwrap();
+        assert_eq!(s.interface, "wg0");
+        assert_eq!(s.device.listen_port, 51820);
+        assert_eq!(s.device.private_key, placeholder);
+        assert!(s.device.peers.is_empty() && s.addresses.is_empty());
+
+        let f = Fixture::new();
+        let path = f.key_path.display().to_string();
+        let env = env_from(&[("MESHLINK_PRIVATE_KEY_FILE", &path)]);
+        let s = load_api_configured("INTERFACE", "wg0", &env, placeholder.clone()).unwrap();
+        assert_eq!(s.device.private_key, PrivateKey::from_bytes([1; 32]));
+
+        let msg = load_api_configured("INTERFACE", "wg/0", &no_env, placeholder.clone())
+            .expect_err("bad name")
+            .to_string();
+        assert!(msg.contains("INTERFACE") && msg.contains("wg/0"), "{msg}");
+        let env = env_from(&[("MESHLINK_LISTEN_PORT", "banana")]);
+        let msg = load_api_configured("INTERFACE", "wg0", &env, placeholder)
+            .expect_err("bad port")
+            .to_string();
+        assert!(msg.contains("MESHLINK_LISTEN_PORT"), "{msg}");
     }
 
     #[test]

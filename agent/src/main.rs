@@ -17,12 +17,25 @@ use meshlink_proto::token::JoinToken;
 use meshlink_proto::{Key, Netmap};
 use std::time::{Duration, Instant};
 
+mod wg_quick_hook;
+
 /// meshlink agent: WireGuard tunnels through a TUN device.
+///
+/// `meshlink-agent [-f] INTERFACE` behaves as wireguard-go's command line, for wg-quick:
+/// `WG_QUICK_USERSPACE_IMPLEMENTATION=meshlink-agent wg-quick up wg0`.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version, about, long_about = None, args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// With INTERFACE: stay in the foreground instead of starting a daemon (as wireguard-go's
+    /// -f; also WG_PROCESS_FOREGROUND=1).
+    #[arg(short = 'f', long, requires = "interface")]
+    foreground: bool,
+    /// Create INTERFACE with no address and no peer, to be configured through its userspace
+    /// API socket (`wg setconf`, as wg-quick does), and run until it is deleted.
+    #[arg(value_name = "INTERFACE")]
+    interface: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -135,11 +148,19 @@ struct StatusArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Genkey => genkey(),
-        Command::Pubkey => pubkey(),
-        Command::Up(args) => up(*args),
-        Command::Status(args) => status(args),
+    let result = match (cli.command, cli.interface) {
+        (Some(Command::Genkey), _) => genkey(),
+        (Some(Command::Pubkey), _) => pubkey(),
+        (Some(Command::Up(args)), _) => up(*args),
+        (Some(Command::Status(args)), _) => status(args),
+        (None, Some(interface)) => {
+            wg_quick_hook::main(&interface, cli.foreground).map_err(anyhow::Error::from)
+        }
+        (None, None) => {
+            use clap::CommandFactory;
+            let _ = Cli::command().print_help();
+            return ExitCode::from(2);
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,15 +187,16 @@ fn pubkey() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .thread_name("meshlink")
-        .build()?)
+        .build()
 }
 
-fn up(args: UpArgs) -> anyhow::Result<()> {
+/// Logs to standard error at the level of `MESHLINK_LOG` (default `info`).
+fn init_logging() {
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -184,6 +206,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+}
+
+fn up(args: UpArgs) -> anyhow::Result<()> {
+    init_logging();
     // The token is read first, so that bad input is reported before anything is touched.
     let source = TokenSource::choose(args.token, args.token_file, &config::process_env)?;
     let given = |var: &str| config::process_env(var).is_some_and(|x| !x.trim().is_empty());

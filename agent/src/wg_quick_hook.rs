@@ -1,0 +1,294 @@
+//! `meshlink-agent [-f] INTERFACE`: wireguard-go's command line, so that wg-quick runs the
+//! agent as its userspace implementation
+//! (`WG_QUICK_USERSPACE_IMPLEMENTATION=meshlink-agent wg-quick up wg0`).
+//!
+//! # What wg-quick expects
+//!
+//! Debian's `/usr/bin/wg-quick` (`add_if`), where `ip link add INTERFACE type wireguard` fails
+//! (no kernel module), runs `$WG_QUICK_USERSPACE_IMPLEMENTATION INTERFACE` and goes on when it
+//! returns zero: by then the interface must exist and its userspace API socket
+//! (`/var/run/wireguard/INTERFACE.sock`) must answer. wg-quick then sets the key, port and
+//! peers with `wg setconf`, the addresses, MTU and routes with `ip`. `wg-quick down` deletes
+//! the link (`ip link delete dev INTERFACE`), and the program must then exit.
+//!
+//! # What this command does
+//!
+//! As wireguard-go: by default it starts a copy of itself in the foreground in a new session
+//! (the daemon), waits until the daemon's socket answers (or the daemon reports why it could
+//! not start) and returns; with `-f`/`--foreground` or `WG_PROCESS_FOREGROUND=1` it runs in the
+//! foreground itself. The device starts with no address and no peer, and with a fresh private
+//! key that no peer knows until `wg setconf` sets the configured one
+//! ([`config::load_api_configured`]). The daemon exits when the interface is deleted (its TUN
+//! device then reads `EBADFD`), on SIGTERM or SIGINT.
+//!
+//! The daemon's standard input and output are `/dev/null`. Its log (standard error) goes to
+//! the journal when wg-quick's standard error is the journal (a `wg-quick@` unit:
+//! `JOURNAL_STREAM`), to wg-quick's standard error when `MESHLINK_LOG` is set (as wireguard-go
+//! keeps it with `LOG_LEVEL`), and nowhere otherwise, so that a caller reading wg-quick's
+//! output through a pipe is not held open by the daemon.
+//!
+//! # Limits (until the data plane's shell follows them at run time)
+//!
+//! - A `ListenPort` differing from the port bound at start is refused by `wg setconf`
+//!   (the agent binds one port for its life): start with `MESHLINK_LISTEN_PORT` set to the
+//!   file's port, or leave `ListenPort` out (a client).
+//! - A firewall mark set later (`wg set INTERFACE fwmark`, which wg-quick does for an
+//!   `AllowedIPs` of `0.0.0.0/0` unless the device has one) does not reach the UDP socket: set
+//!   `MESHLINK_FWMARK` (wg-quick then uses it as its routing table).
+//! - The agent installs (replacing) a route to each peer's allowed IPs in the main table
+//!   itself, as it does outside wg-quick; wg-quick skips a route that already exists. For
+//!   `AllowedIPs = 0.0.0.0/0` that replaces the main table's default route, which wg-quick's
+//!   own policy routing does not expect: full-tunnel files are not supported yet.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use meshlink_agent::config::{self, ConfigError};
+use meshlink_agent::run::{self, RunError};
+use meshlink_agent::settings::PrivateKey;
+use meshlink_agent::uapi;
+
+/// Set (to `1`) in the daemon's environment: its standard output is the pipe on which it
+/// reports readiness to the command that started it ([`READY`] or [`FAILED`] and a reason).
+const ENV_READY_PIPE: &str = "MESHLINK_READY_PIPE";
+/// wireguard-go's switch for foreground operation, honoured the same way.
+const ENV_FOREGROUND: &str = "WG_PROCESS_FOREGROUND";
+/// systemd's `device:inode` of the journal stream on standard error, when there is one.
+const ENV_JOURNAL_STREAM: &str = "JOURNAL_STREAM";
+
+/// The daemon's line on the readiness pipe once its socket answers.
+const READY: &str = "ready";
+/// The prefix of the daemon's line on the readiness pipe when it could not start.
+const FAILED: &str = "error: ";
+
+/// How long the command waits for its daemon to be ready.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the daemon asks its own socket whether it answers yet.
+const READY_POLL: Duration = Duration::from_millis(10);
+
+/// Why `meshlink-agent INTERFACE` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The interface name or an environment variable is not acceptable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The device could not be started or stopped running.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The daemon could not be started.
+    #[error("cannot start the daemon ({program}): {source}")]
+    Spawn {
+        /// The program started.
+        program: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The daemon reported that it could not bring the interface up.
+    #[error("{0}")]
+    Daemon(String),
+    /// The daemon exited without saying it was ready.
+    #[error("the daemon exited ({0}) before {1} was up")]
+    DaemonExited(ExitStatus, String),
+    /// The daemon did not become ready in time; it was stopped.
+    #[error("the daemon did not bring {0} up within {START_TIMEOUT:?}; stopped it")]
+    DaemonTimeout(String),
+    /// A system call of the start-up failed.
+    #[error("{0}: {1}")]
+    Os(&'static str, std::io::Error),
+}
+
+/// Runs `meshlink-agent [-f] INTERFACE`.
+///
+/// # Errors
+/// [`HookError`]: a bad interface name or variable, a device that cannot start, a daemon
+/// that failed to start.
+pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
+    let foreground = foreground || std::env::var_os(ENV_FOREGROUND).is_some_and(|v| v == "1");
+    let ready_pipe = std::env::var_os(ENV_READY_PIPE).is_some_and(|v| v == "1");
+    if ready_pipe {
+        // The daemon leaves wg-quick's session, so that closing its terminal does not end it.
+        let _ = nix::unistd::setsid();
+    }
+    if !foreground && !ready_pipe {
+        return start_daemon(interface);
+    }
+    crate::init_logging();
+    let settings = config::load_api_configured(
+        "INTERFACE",
+        interface,
+        &config::process_env,
+        PrivateKey::generate(),
+    );
+    let settings = match settings {
+        Ok(s) => s,
+        Err(e) => return Err(report_failure(ready_pipe, e.into())),
+    };
+    let socket = settings.uapi_dir.join(format!("{interface}.sock"));
+    let rt = match crate::runtime() {
+        Ok(rt) => rt,
+        Err(e) => return Err(report_failure(ready_pipe, HookError::Os("runtime", e))),
+    };
+    let result = rt.block_on(async {
+        let device = run::run(settings, crate::shutdown_signal(), None);
+        tokio::pin!(device);
+        tokio::select! {
+            result = &mut device => return result.map_err(HookError::from),
+            () = answers(&socket) => {}
+        }
+        tracing::info!(socket = %socket.display(), "ready for wg setconf");
+        if ready_pipe {
+            report_ready();
+        }
+        device.await.map_err(HookError::from)
+    });
+    match result {
+        Err(HookError::Run(e)) if interface_deleted(&e) => {
+            tracing::info!(interface, "the interface was deleted; exiting");
+            Ok(())
+        }
+        Err(e) => Err(report_failure(ready_pipe, e)),
+        Ok(()) => Ok(()),
+    }
+}
+
+/// Whether `e` is the TUN device's read failing because its interface was deleted
+/// (`ip link delete`, as `wg-quick down` does): the kernel detaches the device from the file
+/// and reads fail with `EBADFD`.
+fn interface_deleted(e: &RunError) -> bool {
+    let detached = std::io::Error::from_raw_os_error(libc::EBADFD).to_string();
+    matches!(e, RunError::Io(text) if text.ends_with(&detached))
+}
+
+/// Resolves once the userspace API socket at `path` answers a `get`.
+async fn answers(path: &Path) {
+    loop {
+        if let Ok(answer) = uapi::request(path, "get=1").await {
+            if uapi::response_errno(&answer) == Some(0) {
+                return;
+            }
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+}
+
+/// Tells the command that started this daemon that it is ready, then detaches standard
+/// output from its pipe.
+fn report_ready() {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{READY}");
+    let _ = out.flush();
+    drop(out);
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2_stdout(&null);
+    }
+}
+
+/// Passes `e` back to the command that started this daemon, if one waits for it (it prints
+/// it); returns it for this process's own exit.
+fn report_failure(ready_pipe: bool, e: HookError) -> HookError {
+    if ready_pipe {
+        let line = e.to_string().replace('\n', " ");
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{FAILED}{line}");
+        let _ = out.flush();
+    }
+    e
+}
+
+/// Starts the daemon (this program with `--foreground INTERFACE`) and waits until it is ready.
+fn start_daemon(interface: &str) -> Result<(), HookError> {
+    let program = std::env::current_exe().map_err(|e| HookError::Os("finding this program", e))?;
+    let mut cmd = Command::new(&program);
+    cmd.arg("--foreground")
+        .arg(interface)
+        .env(ENV_READY_PIPE, "1")
+        .env_remove(ENV_FOREGROUND)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(daemon_stderr());
+    let mut child = cmd.spawn().map_err(|source| HookError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let read = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(read.map(|_| line));
+    });
+    match rx.recv_timeout(START_TIMEOUT) {
+        Ok(Ok(line)) if line.trim_end() == READY => Ok(()),
+        Ok(Ok(line)) if line.starts_with(FAILED) => {
+            let _ = child.wait();
+            Err(HookError::Daemon(
+                line[FAILED.len()..].trim_end().to_string(),
+            ))
+        }
+        Ok(_) => {
+            let status = child.wait().map_err(|e| HookError::Os("waiting", e))?;
+            Err(HookError::DaemonExited(status, interface.to_string()))
+        }
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(HookError::DaemonTimeout(interface.to_string()))
+        }
+    }
+}
+
+/// The daemon's standard error: ours when it is the journal or when a log was asked for
+/// (`MESHLINK_LOG`), else `/dev/null` (see the module's documentation).
+fn daemon_stderr() -> Stdio {
+    let asked = std::env::var_os("MESHLINK_LOG").is_some_and(|v| !v.is_empty());
+    if asked || stderr_is_journal(std::env::var(ENV_JOURNAL_STREAM).ok().as_deref()) {
+        Stdio::inherit()
+    } else {
+        Stdio::null()
+    }
+}
+
+/// Whether standard error is the journal stream that systemd names in `JOURNAL_STREAM`
+/// (`device:inode`).
+fn stderr_is_journal(journal_stream: Option<&str>) -> bool {
+    let Some((dev, ino)) = journal_stream.and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr()).is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_detached_tun_device_reads_as_a_deleted_interface() {
+        let detached = std::io::Error::from_raw_os_error(libc::EBADFD);
+        assert!(interface_deleted(&RunError::Io(format!(
+            "reading the TUN device: {detached}"
+        ))));
+        let other = std::io::Error::from_raw_os_error(libc::EIO);
+        assert!(!interface_deleted(&RunError::Io(format!(
+            "reading the TUN device: {other}"
+        ))));
+        assert!(!interface_deleted(&RunError::InterfaceExists("wg0".into())));
+    }
+
+    #[test]
+    fn only_a_matching_journal_stream_counts() {
+        assert!(!stderr_is_journal(None));
+        assert!(!stderr_is_journal(Some("garbage")));
+        assert!(!stderr_is_journal(Some("1:x")));
+        let st = nix::sys::stat::fstat(std::io::stderr()).expect("fstat stderr");
+        let ours = format!("{}:{}", st.st_dev, st.st_ino);
+        assert!(stderr_is_journal(Some(&ours)));
+        let other = format!("{}:{}", st.st_dev, st.st_ino.wrapping_add(1));
+        assert!(!stderr_is_journal(Some(&other)));
+    }
+}
