@@ -83,17 +83,19 @@ impl RealAgent {
             interface: self.interface.clone(),
             what,
         };
-        let out = tokio::process::Command::new(&self.bin)
-            .arg("status")
+        // A blocking child on the blocking pool: tokio's own process support would change the
+        // feature set of tokio, and so the build, of every crate in a workspace-wide build.
+        let mut cmd = std::process::Command::new(&self.bin);
+        cmd.arg("status")
             .arg("--interface")
             .arg(&self.interface)
             .arg("--uapi-dir")
             .arg(&self.uapi_dir)
             .args(["-o", "json"])
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output()
+            .stdin(std::process::Stdio::null());
+        let out = tokio::task::spawn_blocking(move || cmd.output())
             .await
+            .map_err(|e| failed(e.to_string()))?
             .map_err(|e| failed(e.to_string()))?;
         if !out.status.success() {
             return Err(failed(format!(
