@@ -21,6 +21,14 @@
 //! is the same share one encoding; a session's full map is encoded for it alone. Without a
 //! policy nothing of this runs: one encoding, shared.
 //!
+//! Policies: each slot keeps the node policy its agent has ([`NodePolicy`]: the rules that
+//! concern its node), shared by every slot with the same rules. When a change gives a node
+//! other rules, its agent gets them as an edit of the node policy it has
+//! ([`meshlink_proto::policy::PolicyEdit`], made once per pair of old and new node policy)
+//! when its hello said it takes edits and the edit is smaller, else whole; when the rules are
+//! the same as it has, nothing. So an operator's edit of a few rules of a large policy costs
+//! each agent those rules, and the coordinator one diff and one encoding per distinct pair.
+//!
 //! The hub never blocks and never awaits: its lock is held only to touch maps and queues.
 //! Ordering of changes is the caller's job ([`crate::service`] holds its write lock while it
 //! changes the store and applies the result here), so deltas reach every queue in version
@@ -34,11 +42,12 @@ mod need_to_know;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use meshlink_proto::control::{encode, ServerMessage};
-use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange};
+use meshlink_proto::control::{encode, Hello, ServerMessage};
+use meshlink_proto::policy::{relevant_rules, PolicyEdit};
+use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, Policy, PolicyChange};
 use tokio::sync::mpsc;
 
-use need_to_know::{Selection, Visible};
+use need_to_know::{Rules, Selection, Visible};
 
 /// An encoded server message, shared by every queue it is put on.
 pub type Frame = Arc<[u8]>;
@@ -61,6 +70,22 @@ pub enum CloseReason {
     Revoked,
     /// The node was deleted.
     Deleted,
+}
+
+/// What a session's agent can take, as its hello says.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// Policy changes as edits of the policy it has ([`Hello::policy_edits`]).
+    pub policy_edits: bool,
+}
+
+impl Features {
+    /// What the agent that sent `hello` can take.
+    pub fn of(hello: &Hello) -> Self {
+        Features {
+            policy_edits: hello.policy_edits,
+        }
+    }
 }
 
 /// A session just attached: its queue, and the full map to send first.
@@ -102,6 +127,53 @@ struct Slot {
     /// The peers this session's node sees, while the network has a policy; `None`: every
     /// peer (no policy).
     visible: Visible,
+    /// What its agent can take.
+    features: Features,
+    /// The policy its agent has (the rules that concern its node), while the network has
+    /// one: the base of the next edit.
+    policy: Option<Arc<NodePolicy>>,
+}
+
+/// The rules of a network's policy that concern a node, as the policy its agent has. Slots
+/// with the same rules share one.
+#[derive(Debug)]
+struct NodePolicy {
+    /// Never reused in a network: encodings and edits are keyed by it.
+    id: u64,
+    policy: Policy,
+}
+
+/// The node policies of a network's current policy, by rules.
+#[derive(Debug, Default)]
+struct NodePolicies {
+    by_rules: HashMap<Rules, Arc<NodePolicy>>,
+    next_id: u64,
+}
+
+impl NodePolicies {
+    /// The node policy of `rules` of `policy` (the network's current one), made on first
+    /// demand. Those no slot holds any more are forgotten once there are more than twice as
+    /// many as `sessions`.
+    fn get(&mut self, policy: &Policy, rules: &Rules, sessions: usize) -> Arc<NodePolicy> {
+        if let Some(p) = self.by_rules.get(rules) {
+            return p.clone();
+        }
+        if self.by_rules.len() > 2 * sessions + 16 {
+            self.by_rules.retain(|_, p| Arc::strong_count(p) > 1);
+        }
+        self.next_id += 1;
+        let p = Arc::new(NodePolicy {
+            id: self.next_id,
+            policy: policy.subset(rules),
+        });
+        self.by_rules.insert(rules.clone(), p.clone());
+        p
+    }
+
+    /// The network's policy changed: every node policy is made anew (the ids go on).
+    fn policy_changed(&mut self) {
+        self.by_rules.clear();
+    }
 }
 
 /// What a session's request for a full map gets ([`Hub::full_map_for`]).
@@ -123,6 +195,7 @@ struct NetworkState {
     /// The encoded full map at `map.version`, made on first demand after each change.
     full: Option<Frame>,
     sessions: HashMap<NodeId, Slot>,
+    policies: NodePolicies,
 }
 
 impl NetworkState {
@@ -135,28 +208,43 @@ impl NetworkState {
         f
     }
 
-    /// The full map as a node that sees `visible` may see it: the shared encoding without a
-    /// policy, else one for it alone.
-    fn full_frame_for(&mut self, me: NodeId, visible: Option<&BTreeSet<NodeId>>) -> Frame {
+    /// The full map as a node that sees `visible` and has `policy` may see it: the shared
+    /// encoding without a policy, else one for it alone.
+    fn full_frame_for(
+        &mut self,
+        me: NodeId,
+        visible: Option<&BTreeSet<NodeId>>,
+        policy: Option<&NodePolicy>,
+    ) -> Frame {
         match visible {
             Some(v) => encode(&ServerMessage::FullMap(need_to_know::map_for(
-                &self.map, me, v,
+                &self.map,
+                me,
+                v,
+                policy.map(|p| &p.policy),
             )))
             .into(),
             None => self.full_frame(),
         }
     }
 
-    /// Computes every session's visible peers again (the map was replaced).
-    fn recompute_visible(&mut self) {
+    /// Computes every session's visible peers and node policy again (the map was replaced).
+    fn recompute_need_to_know(&mut self) {
         let nodes: Vec<NodeId> = self.sessions.keys().copied().collect();
         let mut sets = need_to_know::visible_each(&self.map, &nodes);
+        let mut rules = need_to_know::rules_each(&self.map, &nodes);
+        self.policies.policy_changed();
+        let count = self.sessions.len();
         for (node, slot) in &mut self.sessions {
             slot.visible = self
                 .map
                 .policy
                 .as_ref()
                 .map(|_| sets.remove(node).unwrap_or_default());
+            slot.policy = match (&self.map.policy, rules.remove(node)) {
+                (Some(p), Some(r)) => Some(self.policies.get(p, &r, count)),
+                _ => None,
+            };
         }
     }
 }
@@ -196,7 +284,7 @@ impl Hub {
         let net = st.networks.entry(network.to_string()).or_default();
         net.map = map;
         net.full = None;
-        net.recompute_visible();
+        net.recompute_need_to_know();
     }
 
     /// A network's current version.
@@ -258,12 +346,16 @@ impl Hub {
         let pending = need_to_know::judge(&net.map, &delta);
         net.map.apply(&delta).ok()?;
         net.full = None;
+        if delta.policy.is_some() {
+            net.policies.policy_changed();
+        }
         let nodes: Vec<NodeId> = net.sessions.keys().copied().collect();
         let change = pending.applied(&net.map, &delta, &nodes);
         Some(fan_out_cut(
             network,
             &net.map,
             &mut net.sessions,
+            &mut net.policies,
             delta,
             change,
         ))
@@ -277,7 +369,7 @@ impl Hub {
         let net = st.networks.entry(network.to_string()).or_default();
         net.map = map;
         net.full = None;
-        net.recompute_visible();
+        net.recompute_need_to_know();
         let version = net.map.version;
         for slot in net.sessions.values_mut() {
             slot.full_sent = version;
@@ -290,9 +382,13 @@ impl Hub {
         let map = &net.map;
         net.sessions.retain(|&node, slot| {
             let frame: Frame = match &slot.visible {
-                Some(v) => {
-                    encode(&ServerMessage::FullMap(need_to_know::map_for(map, node, v))).into()
-                }
+                Some(v) => encode(&ServerMessage::FullMap(need_to_know::map_for(
+                    map,
+                    node,
+                    v,
+                    slot.policy.as_ref().map(|p| &p.policy),
+                )))
+                .into(),
                 None => encode(&ServerMessage::FullMap(map.clone())).into(),
             };
             fanout.bytes += frame.len();
@@ -302,9 +398,9 @@ impl Hub {
         fanout
     }
 
-    /// Attaches a session of `node`, closing an older one ([`CloseReason::Replaced`]).
-    /// `None` for an unknown network.
-    pub fn attach(&self, network: &str, node: NodeId) -> Option<Attached> {
+    /// Attaches a session of `node` whose agent can take `features`, closing an older one
+    /// ([`CloseReason::Replaced`]). `None` for an unknown network.
+    pub fn attach(&self, network: &str, node: NodeId, features: Features) -> Option<Attached> {
         let mut st = self.lock();
         st.next_serial += 1;
         let serial = st.next_serial;
@@ -314,7 +410,12 @@ impl Hub {
         }
         let (tx, rx) = mpsc::channel(self.queue_depth + CLOSE_ROOM);
         let visible = need_to_know::visible(&net.map, node);
-        let full_map = net.full_frame_for(node, visible.as_ref());
+        let count = net.sessions.len() + 1;
+        let policy = net.map.policy.as_ref().map(|p| {
+            let rules: Rules = relevant_rules(p, &net.map, node).into();
+            net.policies.get(p, &rules, count)
+        });
+        let full_map = net.full_frame_for(node, visible.as_ref(), policy.as_deref());
         net.sessions.insert(
             node,
             Slot {
@@ -322,6 +423,8 @@ impl Hub {
                 tx,
                 full_sent: net.map.version,
                 visible,
+                features,
+                policy,
             },
         );
         Some(Attached {
@@ -391,14 +494,14 @@ impl Hub {
             return FullMapAnswer::NoNetwork;
         };
         let version = net.map.version;
-        let visible = match net.sessions.get_mut(&node) {
+        let (visible, policy) = match net.sessions.get_mut(&node) {
             Some(slot) if slot.serial == serial && slot.full_sent != version => {
                 slot.full_sent = version;
-                slot.visible.clone()
+                (slot.visible.clone(), slot.policy.clone())
             }
             _ => return FullMapAnswer::Nothing,
         };
-        FullMapAnswer::Send(net.full_frame_for(node, visible.as_ref()))
+        FullMapAnswer::Send(net.full_frame_for(node, visible.as_ref(), policy.as_deref()))
     }
 
     /// The encoded full map of a network, every peer (what its sessions get while it has no
@@ -493,19 +596,21 @@ fn fan_out(network: &str, net: &mut NetworkState, frame: &Frame) -> Fanout {
 }
 
 /// Queues to every session of a network the cut of `delta` (as applied to `map`) that
-/// `change` selects for it, moving its visible peers along; sessions with the same cut share
-/// one encoding. Drops sessions whose queue is full.
+/// `change` selects for it, moving its visible peers and node policy along; sessions with the
+/// same cut and the same policy to send share one encoding. Drops sessions whose queue is
+/// full.
 fn fan_out_cut(
     network: &str,
     map: &Netmap,
     sessions: &mut HashMap<NodeId, Slot>,
+    policies: &mut NodePolicies,
     delta: NetmapDelta,
     mut change: need_to_know::Change<'_>,
 ) -> Fanout {
-    // Everything but the peers is the same for every session: one message, its peers set
-    // for each distinct cut.
-    // A policy set goes to each session as the rules that concern it (its selection's);
-    // a policy cleared, to everyone as it is.
+    // Everything but the peers and the policy is the same for every session: one message,
+    // those set for each distinct cut.
+    // A policy set goes to each session as the rules that concern it (its selection's), as
+    // an edit of what it has or whole; a policy cleared, to everyone as it is.
     let clear = matches!(delta.policy, Some(PolicyChange::Clear));
     let mut message = ServerMessage::Delta(NetmapDelta {
         upsert: Vec::new(),
@@ -513,38 +618,99 @@ fn fan_out_cut(
         policy: None,
         ..delta
     });
-    let mut frames: HashMap<Selection, Frame> = HashMap::new();
+    let count = sessions.len();
+    // The node policy of each subset of the change, and the edit of each pair.
+    let mut node_policies: HashMap<usize, Arc<NodePolicy>> = HashMap::new();
+    let mut edits: HashMap<(u64, u64), Option<Arc<PolicyEdit>>> = HashMap::new();
+    let mut frames: HashMap<(Selection, PolicyKey), Frame> = HashMap::new();
     let mut fanout = Fanout::default();
     sessions.retain(|&node, slot| {
         let selection = change.select(node, &mut slot.visible);
-        let frame = match frames.get(&selection) {
+        let send = match (selection.rules, &map.policy) {
+            (Some(id), Some(policy)) => {
+                let new = node_policies
+                    .entry(id)
+                    .or_insert_with(|| policies.get(policy, change.subset(id), count))
+                    .clone();
+                let send = match slot.policy.take() {
+                    Some(old) if old.id == new.id => PolicySend::Nothing,
+                    Some(old) if slot.features.policy_edits => {
+                        // Made once per pair; whole (and shared with the sessions that get
+                        // it whole) when an edit is not smaller.
+                        match edits
+                            .entry((old.id, new.id))
+                            .or_insert_with(|| old.policy.edit_to(&new.policy).map(Arc::new))
+                        {
+                            Some(edit) => PolicySend::Edit(edit.clone(), old.id, new.id),
+                            None => PolicySend::Whole(new.clone()),
+                        }
+                    }
+                    _ => PolicySend::Whole(new.clone()),
+                };
+                slot.policy = Some(new);
+                send
+            }
+            _ if clear => {
+                slot.policy = None;
+                PolicySend::Clear
+            }
+            _ => PolicySend::Nothing,
+        };
+        let key = (selection, send.key());
+        let frame = match frames.get(&key) {
             Some(f) => f.clone(),
             None => {
                 if let ServerMessage::Delta(d) = &mut message {
-                    d.upsert = selection
+                    d.upsert = key
+                        .0
                         .upsert
                         .iter()
                         .filter_map(|id| map.peers.get(id).cloned())
                         .collect();
-                    d.remove.clone_from(&selection.remove);
-                    d.policy = match (&selection.rules, &map.policy) {
-                        (Some(rules), Some(p)) => {
-                            Some(PolicyChange::Set(need_to_know::policy_for(p, rules)))
-                        }
-                        _ if clear => Some(PolicyChange::Clear),
-                        _ => None,
+                    d.remove.clone_from(&key.0.remove);
+                    d.policy = match &send {
+                        PolicySend::Nothing => None,
+                        PolicySend::Clear => Some(PolicyChange::Clear),
+                        PolicySend::Whole(new) => Some(PolicyChange::Set(new.policy.clone())),
+                        PolicySend::Edit(edit, ..) => Some(PolicyChange::Edit((**edit).clone())),
                     };
                 }
                 let f: Frame = encode(&message).into();
                 fanout.bytes += f.len();
                 fanout.frames += 1;
-                frames.insert(selection, f.clone());
+                frames.insert(key, f.clone());
                 f
             }
         };
         offer(network, node, slot, &frame, &mut fanout)
     });
     fanout
+}
+
+/// What of the policy one session gets with a change.
+enum PolicySend {
+    /// Nothing: its rules are as they were.
+    Nothing,
+    /// The network's policy was cleared.
+    Clear,
+    /// Its node policy, whole.
+    Whole(Arc<NodePolicy>),
+    /// The edit from the node policy it has to its new one (their ids).
+    Edit(Arc<PolicyEdit>, u64, u64),
+}
+
+/// [`PolicySend`] as a key of encodings: the kind and the node policies' ids.
+type PolicyKey = (u8, u64, u64);
+
+impl PolicySend {
+    fn key(&self) -> PolicyKey {
+        match self {
+            PolicySend::Nothing => (0, 0, 0),
+            PolicySend::Clear => (1, 0, 0),
+            PolicySend::Whole(new) => (2, 0, new.id),
+            PolicySend::Edit(_, old, new) => (3, *old, *new),
+        }
+    }
 }
 
 /// Queues `frame` to one session of a fan-out; `false` when the session is to be dropped
@@ -611,7 +777,9 @@ mod tests {
                 ..Netmap::default()
             },
         );
-        let mut sessions: Vec<Attached> = (1..=3).map(|id| hub.attach("n", id).unwrap()).collect();
+        let mut sessions: Vec<Attached> = (1..=3)
+            .map(|id| hub.attach("n", id, Features::default()).unwrap())
+            .collect();
         let fan = hub.apply("n", 6, vec![peer(9)], vec![]).unwrap();
         assert_eq!((fan.sessions, fan.dropped), (3, 0));
         let frames: Vec<Frame> = sessions
@@ -639,8 +807,8 @@ mod tests {
     fn a_full_queue_drops_the_session() {
         let hub = Hub::new(2);
         hub.set_map("n", Netmap::default());
-        let mut slow = hub.attach("n", 1).unwrap();
-        let _fast = hub.attach("n", 2).unwrap();
+        let mut slow = hub.attach("n", 1, Features::default()).unwrap();
+        let _fast = hub.attach("n", 2, Features::default()).unwrap();
         for v in 1..=3 {
             hub.apply("n", v, vec![peer(v)], vec![]);
         }
@@ -658,8 +826,8 @@ mod tests {
     fn attaching_again_replaces_and_detach_checks_the_serial() {
         let hub = Hub::new(4);
         hub.set_map("n", Netmap::default());
-        let mut first = hub.attach("n", 1).unwrap();
-        let second = hub.attach("n", 1).unwrap();
+        let mut first = hub.attach("n", 1, Features::default()).unwrap();
+        let second = hub.attach("n", 1, Features::default()).unwrap();
         assert!(matches!(
             first.rx.try_recv(),
             Ok(Outbound::Close(CloseReason::Replaced))
@@ -690,9 +858,9 @@ mod tests {
     fn a_session_gets_the_full_map_of_a_version_once() {
         let hub = Hub::new(4);
         hub.set_map("n", Netmap::default());
-        let old = hub.attach("n", 1).unwrap();
+        let old = hub.attach("n", 1, Features::default()).unwrap();
         hub.apply("n", 1, vec![peer(1)], vec![]);
-        let new = hub.attach("n", 1).unwrap();
+        let new = hub.attach("n", 1, Features::default()).unwrap();
         assert_eq!(
             hub.full_map_for("n", 1, new.serial),
             FullMapAnswer::Nothing,
@@ -746,7 +914,9 @@ mod tests {
             map.peers.insert(id, peer(id));
         }
         hub.set_map("n", map.clone());
-        let mut s: Vec<Attached> = (1..=3).map(|id| hub.attach("n", id).unwrap()).collect();
+        let mut s: Vec<Attached> = (1..=3)
+            .map(|id| hub.attach("n", id, Features::default()).unwrap())
+            .collect();
         assert_eq!(peers_of(&s[0].full_map), [1, 2]);
         assert_eq!(peers_of(&s[2].full_map), [3]);
 
@@ -788,11 +958,199 @@ mod tests {
         }
     }
 
+    /// A policy of `ports.len()` rules, each naming every node (`tag:all`), rule `i` on port
+    /// `ports[i]`.
+    fn policy_of(ports: &[u16], version: u64) -> meshlink_proto::Policy {
+        let text: String = ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "[[rule]]\nfrom = [\"tag:all\"]\nto = [\"tag:all\"]\nports = [\"tcp:{p}\"]\n"
+                )
+            })
+            .collect();
+        meshlink_proto::policy::parse(&text)
+            .unwrap()
+            .into_policy(version)
+    }
+
+    /// An agent's map: the full map it attached with, then every delta queued to it.
+    fn follow(map: &mut Netmap, a: &mut Attached) -> Vec<ServerMessage> {
+        let mut got = Vec::new();
+        while let Ok(Outbound::Frame(f)) = a.rx.try_recv() {
+            let msg = decode(&f);
+            if let ServerMessage::Delta(d) = &msg {
+                map.apply(d).unwrap();
+            }
+            got.push(msg);
+        }
+        got
+    }
+
+    fn policy_change(msg: &ServerMessage) -> Option<&PolicyChange> {
+        match msg {
+            ServerMessage::Delta(d) => d.policy.as_ref(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_policy_edit_reaches_agents_that_take_edits_as_an_edit_shared() {
+        let hub = Hub::new(8);
+        let mut map = Netmap {
+            version: 1,
+            ..Netmap::default()
+        };
+        for id in 1..=4 {
+            let mut p = peer(id);
+            p.tags = vec!["all".into()];
+            map.peers.insert(id, p);
+        }
+        hub.set_map("n", map);
+        let edits = Features { policy_edits: true };
+        // 1 to 3 take edits; 4 is an older agent.
+        let mut s: Vec<Attached> = (1..=4)
+            .map(|id| {
+                let f = if id < 4 { edits } else { Features::default() };
+                hub.attach("n", id, f).unwrap()
+            })
+            .collect();
+        let mut maps: Vec<Netmap> = s
+            .iter()
+            .map(|a| match decode(&a.full_map) {
+                ServerMessage::FullMap(m) => m,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut ports: Vec<u16> = (1..=200).collect();
+        let check = |maps: &[Netmap], hub: &Hub| {
+            let whole = hub.map("n").unwrap();
+            for (i, m) in maps.iter().enumerate() {
+                let me = i as NodeId + 1;
+                assert_eq!(m.version, whole.version);
+                assert_eq!(
+                    m.policy,
+                    whole.policy.as_ref().map(|p| p.for_node(&whole, me)),
+                    "node {me}"
+                );
+            }
+        };
+
+        // The first policy: whole to everyone, one encoding.
+        let fan = hub
+            .apply_delta(
+                "n",
+                NetmapDelta {
+                    to_version: 2,
+                    policy: Some(PolicyChange::Set(policy_of(&ports, 1))),
+                    ..NetmapDelta::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((fan.sessions, fan.frames), (4, 1));
+        for (a, m) in s.iter_mut().zip(&mut maps) {
+            let got = follow(m, a);
+            assert!(matches!(policy_change(&got[0]), Some(PolicyChange::Set(_))));
+        }
+        check(&maps, &hub);
+
+        // Two rules edited: an edit, encoded once, to 1-3; the whole policy to 4.
+        ports[17] = 9000;
+        ports[150] = 9001;
+        let fan = hub
+            .apply_delta(
+                "n",
+                NetmapDelta {
+                    to_version: 3,
+                    policy: Some(PolicyChange::Set(policy_of(&ports, 2))),
+                    ..NetmapDelta::default()
+                },
+            )
+            .unwrap();
+        assert_eq!((fan.sessions, fan.frames), (4, 2));
+        let got: Vec<Vec<ServerMessage>> = s
+            .iter_mut()
+            .zip(&mut maps)
+            .map(|(a, m)| follow(m, a))
+            .collect();
+        for g in &got[..3] {
+            match policy_change(&g[0]) {
+                Some(PolicyChange::Edit(e)) => {
+                    assert_eq!((e.base, e.version), (1, 2));
+                    // Two rules and a few ops, against some 14 KB whole.
+                    let len = serde_json::to_vec(e).unwrap().len();
+                    assert!(len < 1000, "{len} bytes");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(matches!(
+            policy_change(&got[3][0]),
+            Some(PolicyChange::Set(_))
+        ));
+        check(&maps, &hub);
+
+        // Every rule replaced: whole to everyone, one encoding again.
+        let replaced: Vec<u16> = ports.iter().map(|p| p + 20_000).collect();
+        let fan = hub
+            .apply_delta(
+                "n",
+                NetmapDelta {
+                    to_version: 4,
+                    policy: Some(PolicyChange::Set(policy_of(&replaced, 3))),
+                    ..NetmapDelta::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(fan.frames, 1);
+        for (a, m) in s.iter_mut().zip(&mut maps) {
+            let got = follow(m, a);
+            assert!(matches!(policy_change(&got[0]), Some(PolicyChange::Set(_))));
+        }
+        check(&maps, &hub);
+
+        // A node's tag changes its rules (none of them now concern it): it gets the rules it
+        // has now (an edit dropping every rule); the others keep theirs and get no policy.
+        let mut untagged = peer(2);
+        untagged.tags = vec!["other".into()];
+        hub.apply("n", 5, vec![untagged], vec![]).unwrap();
+        let got: Vec<Vec<ServerMessage>> = s
+            .iter_mut()
+            .zip(&mut maps)
+            .map(|(a, m)| follow(m, a))
+            .collect();
+        assert!(matches!(
+            policy_change(&got[1][0]),
+            Some(PolicyChange::Edit(_))
+        ));
+        assert_eq!(maps[1].policy.as_ref().map(|p| p.rules.len()), Some(0));
+        for i in [0, 2, 3] {
+            assert_eq!(policy_change(&got[i][0]), None, "node {}", i + 1);
+        }
+        check(&maps, &hub);
+
+        // A session that asks for a full map gets its rules as its slot has them.
+        hub.apply("n", 6, vec![], vec![]).unwrap();
+        match hub.full_map_for("n", 3, s[2].serial) {
+            FullMapAnswer::Send(f) => match decode(&f) {
+                ServerMessage::FullMap(m) => {
+                    let whole = hub.map("n").unwrap();
+                    assert_eq!(
+                        m.policy,
+                        whole.policy.as_ref().map(|p| p.for_node(&whole, 3))
+                    );
+                }
+                other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn close_sends_the_last_words_then_closes() {
         let hub = Hub::new(4);
         hub.set_map("n", Netmap::default());
-        let mut s = hub.attach("n", 1).unwrap();
+        let mut s = hub.attach("n", 1, Features::default()).unwrap();
         let last: Frame = encode(&ServerMessage::Revoked { reason: "r".into() }).into();
         assert!(hub.close("n", 1, CloseReason::Revoked, Some(last)));
         assert!(matches!(s.rx.try_recv(), Ok(Outbound::Frame(_))));

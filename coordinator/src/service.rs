@@ -1395,7 +1395,7 @@ impl Service {
         }
         let attached = self
             .hub
-            .attach(&network.name, node.id)
+            .attach(&network.name, node.id, crate::hub::Features::of(hello))
             .ok_or_else(|| ApiError::Refused(format!("network {} is not loaded", network.name)))?;
         if let Some(store) = self.shared.get() {
             if let Err(e) = store.presence_attach(node.id, &self.me).await {

@@ -12,6 +12,12 @@
 //! change only with the policy or with what the node is, exactly when its set is computed
 //! again, and are sent then. Without a policy, every peer.
 //!
+//! Both a node's visible peers and its rules depend only on its *kind* (what it is and may
+//! hold, as the policy can tell it: [`Kind`]), so each is computed once per kind of node, not
+//! once per node: with a thousand nodes of one kind, a policy change costs one pass over the
+//! rules, not a thousand. Distinct rule subsets are numbered in a [`Change`], so that the hub
+//! keys its encodings by a number, not by the list.
+//!
 //! Why a change is cheap to follow: visibility is symmetric (`b` is among `a`'s visible peers
 //! iff `a` is among `b`'s: [`meshlink_proto::policy::may_talk`] looks both ways), and whether
 //! two nodes see each other depends only on the policy and on what each of them *is* (its name
@@ -23,10 +29,14 @@
 //! a policy set or cleared computes every session's set again.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use meshlink_proto::policy::{relevant_rules, visible_peers, Selector};
 use meshlink_proto::Policy;
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
+
+/// Indices of the rules of a map's policy that concern a node, shared by nodes of a kind.
+pub(super) type Rules = Arc<[usize]>;
 
 /// The peers a session's node sees: `None` while its network has no policy (every peer).
 pub(super) type Visible = Option<BTreeSet<NodeId>>;
@@ -47,38 +57,15 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
     let Some(policy) = &map.policy else {
         return HashMap::new();
     };
-    let named: HashSet<&str> = policy
-        .rules
-        .iter()
-        .flat_map(|r| r.from.iter().chain(&r.to))
-        .filter_map(|s| match s {
-            Selector::Node(n) => Some(n.as_str()),
-            _ => None,
-        })
-        .collect();
-    let mut held: HashMap<NodeId, Vec<&str>> = HashMap::new();
-    for w in map.workloads.values() {
-        for id in may_hold(w) {
-            // In name order: the workloads are.
-            held.entry(id).or_default().push(&w.name);
-        }
-    }
-    let mut kinds: HashMap<Kind<'_>, (NodeId, BTreeSet<NodeId>)> = HashMap::new();
+    let kinds = Kinds::new(map, policy);
+    let mut seen: HashMap<Kind<'_>, (NodeId, BTreeSet<NodeId>)> = HashMap::new();
     let mut out = HashMap::with_capacity(nodes.len());
     for &me in nodes {
-        let Some(p) = map.peers.get(&me) else {
+        let Some(kind) = kinds.of(map, me) else {
             out.insert(me, visible_peers(Some(policy), map, me));
             continue;
         };
-        let mut tags: Vec<&str> = p.tags.iter().map(String::as_str).collect();
-        tags.sort_unstable();
-        tags.dedup();
-        let kind = Kind {
-            tags,
-            name: named.contains(p.name.as_str()).then_some(p.name.as_str()),
-            held: held.get(&me).cloned().unwrap_or_default(),
-        };
-        let set = match kinds.get(&kind) {
+        let set = match seen.get(&kind) {
             Some((a, theirs)) => {
                 let mut set = theirs.clone();
                 if set.remove(&me) {
@@ -88,13 +75,124 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
             }
             None => {
                 let set = visible_peers(Some(policy), map, me);
-                kinds.insert(kind, (me, set.clone()));
+                seen.insert(kind, (me, set.clone()));
                 set
             }
         };
         out.insert(me, set);
     }
     out
+}
+
+/// The rules of `map`'s policy that concern each of `nodes` ([`relevant_rules`]), computed
+/// once per kind and shared; empty when `map` has no policy.
+pub(super) fn rules_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, Rules> {
+    let Some(policy) = &map.policy else {
+        return HashMap::new();
+    };
+    let mut by_kind = RulesByKind::new(map, policy);
+    nodes
+        .iter()
+        .map(|&me| {
+            let id = by_kind.of(me);
+            (me, by_kind.subsets[id].clone())
+        })
+        .collect()
+}
+
+/// What of a map a policy can tell nodes apart by.
+#[derive(Debug)]
+struct Kinds<'a> {
+    /// The names `node:` selectors name.
+    named: HashSet<&'a str>,
+    /// The workloads each node holds, held or may hold, by name, in name order.
+    held: HashMap<NodeId, Vec<&'a str>>,
+}
+
+impl<'a> Kinds<'a> {
+    fn new(map: &'a Netmap, policy: &'a Policy) -> Self {
+        let named = policy
+            .rules
+            .iter()
+            .flat_map(|r| r.from.iter().chain(&r.to))
+            .filter_map(|s| match s {
+                Selector::Node(n) => Some(n.as_str()),
+                _ => None,
+            })
+            .collect();
+        let mut held: HashMap<NodeId, Vec<&str>> = HashMap::new();
+        for w in map.workloads.values() {
+            for id in may_hold(w) {
+                // In name order: the workloads are.
+                held.entry(id).or_default().push(&w.name);
+            }
+        }
+        Kinds { named, held }
+    }
+
+    /// Node `me`'s kind; `None` when the map does not have it.
+    fn of(&self, map: &'a Netmap, me: NodeId) -> Option<Kind<'a>> {
+        let p = map.peers.get(&me)?;
+        let mut tags: Vec<&str> = p.tags.iter().map(String::as_str).collect();
+        tags.sort_unstable();
+        tags.dedup();
+        Some(Kind {
+            tags,
+            name: self
+                .named
+                .contains(p.name.as_str())
+                .then_some(p.name.as_str()),
+            held: self.held.get(&me).cloned().unwrap_or_default(),
+        })
+    }
+}
+
+/// The rules that concern nodes, computed once per kind ([`relevant_rules`] reads of a node
+/// only what its kind holds) and numbered once per distinct subset.
+#[derive(Debug)]
+struct RulesByKind<'a> {
+    map: &'a Netmap,
+    policy: &'a Policy,
+    kinds: Kinds<'a>,
+    by_kind: HashMap<Kind<'a>, usize>,
+    by_content: HashMap<Rules, usize>,
+    /// The distinct subsets, by number.
+    subsets: Vec<Rules>,
+}
+
+impl<'a> RulesByKind<'a> {
+    fn new(map: &'a Netmap, policy: &'a Policy) -> Self {
+        RulesByKind {
+            map,
+            policy,
+            kinds: Kinds::new(map, policy),
+            by_kind: HashMap::new(),
+            by_content: HashMap::new(),
+            subsets: Vec::new(),
+        }
+    }
+
+    /// The number of the subset that concerns `me`.
+    fn of(&mut self, me: NodeId) -> usize {
+        let kind = self.kinds.of(self.map, me);
+        if let Some(id) = kind.as_ref().and_then(|k| self.by_kind.get(k)) {
+            return *id;
+        }
+        let rules: Rules = relevant_rules(self.policy, self.map, me).into();
+        let id = match self.by_content.get(&rules) {
+            Some(id) => *id,
+            None => {
+                let id = self.subsets.len();
+                self.subsets.push(rules.clone());
+                self.by_content.insert(rules, id);
+                id
+            }
+        };
+        if let Some(kind) = kind {
+            self.by_kind.insert(kind, id);
+        }
+        id
+    }
 }
 
 /// What a policy can tell of a node: nodes of one kind see the same peers but themselves.
@@ -108,9 +206,14 @@ struct Kind<'a> {
     held: Vec<&'a str>,
 }
 
-/// `map` as node `me` may see it: itself and `visible` of its peers; every workload, the
-/// rules of the policy that concern it ([`relevant_rules`]), tags.
-pub(super) fn map_for(map: &Netmap, me: NodeId, visible: &BTreeSet<NodeId>) -> Netmap {
+/// `map` as node `me` may see it: itself and `visible` of its peers; every workload, tags,
+/// and `policy`, the rules of the map's policy that concern it (see [`rules_each`]).
+pub(super) fn map_for(
+    map: &Netmap,
+    me: NodeId,
+    visible: &BTreeSet<NodeId>,
+    policy: Option<&Policy>,
+) -> Netmap {
     Netmap {
         version: map.version,
         peers: visible
@@ -119,18 +222,7 @@ pub(super) fn map_for(map: &Netmap, me: NodeId, visible: &BTreeSet<NodeId>) -> N
             .filter_map(|id| Some((*id, map.peers.get(id)?.clone())))
             .collect(),
         workloads: map.workloads.clone(),
-        policy: map
-            .policy
-            .as_ref()
-            .map(|p| policy_for(p, &relevant_rules(p, map, me))),
-    }
-}
-
-/// The rules of `policy` at `indices`, as the policy a node gets (same version, same lines).
-pub(super) fn policy_for(policy: &Policy, indices: &[usize]) -> Policy {
-    Policy {
-        version: policy.version,
-        rules: indices.iter().map(|&i| policy.rules[i].clone()).collect(),
+        policy: policy.cloned(),
     }
 }
 
@@ -142,9 +234,10 @@ pub(super) struct Selection {
     pub upsert: Vec<NodeId>,
     /// Removed peers: those of the delta it saw, then those it sees no longer.
     pub remove: Vec<NodeId>,
-    /// The rules of the policy that concern the node (indices into the map's policy), when
-    /// they are to be sent: the policy was set, or the change touched what the node is.
-    pub rules: Option<Vec<usize>>,
+    /// The rules of the policy that concern the node, when they are to be sent (the policy
+    /// was set, or the change touched what the node is): the number of the subset
+    /// ([`Change::subset`]).
+    pub rules: Option<usize>,
 }
 
 /// Which nodes' visibility a change can alter, judged before it is applied.
@@ -250,6 +343,7 @@ impl Pending {
         };
         Change {
             after,
+            rules: after.policy.as_ref().map(|p| RulesByKind::new(after, p)),
             all: self.recompute == Recompute::All,
             before_all: self.before_all,
             after_all,
@@ -270,6 +364,8 @@ impl Pending {
 #[derive(Debug)]
 pub(super) struct Change<'a> {
     after: &'a Netmap,
+    /// The rules that concern each kind of node, while there is a policy.
+    rules: Option<RulesByKind<'a>>,
     /// Every session's set is computed again (the policy was set or cleared).
     all: bool,
     /// Every peer before, when there was no policy.
@@ -288,15 +384,25 @@ pub(super) struct Change<'a> {
 }
 
 impl Change<'_> {
+    /// The rules of subset `id` of a [`Selection`] (indices into the map's policy).
+    ///
+    /// # Panics
+    /// When no selection of this change named `id`.
+    pub(super) fn subset(&self, id: usize) -> &Rules {
+        &self
+            .rules
+            .as_ref()
+            .expect("a selection named a subset")
+            .subsets[id]
+    }
+
     /// Moves session `me`'s visible peers (`cached`) to the map after the change and says what
     /// of it the session gets.
     pub(super) fn select(&mut self, me: NodeId, cached: &mut Visible) -> Selection {
         // The rules that concern `me` change only with the policy or with what `me` is, and
         // then `me`'s set is computed again (all, or `me` among the touched nodes).
-        let rules = match &self.after.policy {
-            Some(p) if self.all || self.recomputed.contains_key(&me) => {
-                Some(relevant_rules(p, self.after, me))
-            }
+        let rules = match &mut self.rules {
+            Some(by_kind) if self.all || self.recomputed.contains_key(&me) => Some(by_kind.of(me)),
             _ => None,
         };
         let old = cached.take();
@@ -487,11 +593,12 @@ ports = ["tcp:7070"]
         let m = map();
         let v = visible(&m, 1).unwrap();
         assert_eq!(v, BTreeSet::from([2]));
-        let mine = map_for(&m, 1, &v);
+        let whole = m.policy.as_ref().unwrap();
+        let rules = rules_each(&m, &[1]);
+        let mine = map_for(&m, 1, &v, Some(&whole.subset(&rules[&1])));
         assert_eq!(mine.peers.keys().copied().collect::<Vec<_>>(), [1, 2]);
         assert_eq!(mine.workloads, m.workloads);
         // Of the policy, only the rules that concern node 1 (tag web: the first rule).
-        let whole = m.policy.as_ref().unwrap();
         assert_eq!(mine.policy.as_ref().unwrap().rules, whole.rules[..1]);
         assert_eq!(mine.policy.as_ref().unwrap().version, whole.version);
         assert_eq!(visible(&m, 3).unwrap(), BTreeSet::from([4]));
@@ -650,9 +757,21 @@ ports = ["tcp:7070"]
             .insert("chat".into(), workload("chat", Some(4), &[4, 11]));
         let ids: Vec<NodeId> = m.peers.keys().copied().collect();
         let each = visible_each(&m, &ids);
-        for id in ids {
+        let rules = rules_each(&m, &ids);
+        let policy = m.policy.as_ref().unwrap();
+        for &id in &ids {
             assert_eq!(Some(&each[&id]), visible(&m, id).as_ref(), "node {id}");
+            assert_eq!(
+                &*rules[&id],
+                relevant_rules(policy, &m, id).as_slice(),
+                "node {id}'s rules"
+            );
         }
+        // One computation, one list, for the webs; n8 (named by a rule) is a kind of its own
+        // but has the clients' rules: one list too.
+        assert!(Arc::ptr_eq(&rules[&6], &rules[&7]) && Arc::ptr_eq(&rules[&1], &rules[&6]));
+        assert_eq!(&*rules[&8], [1, 2]);
+        assert!(Arc::ptr_eq(&rules[&8], &rules[&9]));
         assert_eq!(each[&6], BTreeSet::from([1, 2, 7, 10]));
         assert!(visible_each(&Netmap::default(), &[1]).is_empty());
     }

@@ -17,7 +17,7 @@ use meshlink_coordinator::access::PolicyEdit;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
-use meshlink_coordinator::hub::{Frame, FullMapAnswer, Hub, Outbound};
+use meshlink_coordinator::hub::{Features, Frame, FullMapAnswer, Hub, Outbound};
 use meshlink_coordinator::service::{Service, Session, SystemClock};
 use meshlink_proto::control::ServerMessage;
 use meshlink_proto::policy::{relevant_rules, visible_peers};
@@ -241,7 +241,7 @@ async fn strangers_are_not_in_each_others_maps(db: &TestDb) {
 
     // A session attached now gets the cut full map too, and so does a full map request.
     let client = mesh.agent("client-1").session.node;
-    let fresh = s.hub().attach("prod", client).unwrap();
+    let fresh = s.hub().attach("prod", client, Features::default()).unwrap();
     match decode_frame(&fresh.full_map) {
         ServerMessage::FullMap(m) => {
             assert_eq!(m.peers.keys().copied().collect::<Vec<_>>(), [client])
@@ -605,7 +605,9 @@ fn fan_out_figures() {
         }
         hub.set_map("n", m);
         let t = Instant::now();
-        let mut sessions: Vec<_> = (1..=NODES).map(|id| hub.attach("n", id).unwrap()).collect();
+        let mut sessions: Vec<_> = (1..=NODES)
+            .map(|id| hub.attach("n", id, Features::default()).unwrap())
+            .collect();
         let attach = t.elapsed() / NODES as u32;
         let drain = |sessions: &mut Vec<meshlink_coordinator::hub::Attached>| {
             for s in sessions.iter_mut() {

@@ -12,8 +12,8 @@ use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::{Service, Session, SystemClock};
-use meshlink_proto::control::ServerMessage;
-use meshlink_proto::{NetmapDelta, PolicyChange};
+use meshlink_proto::control::{Hello, ServerMessage};
+use meshlink_proto::{Netmap, NetmapDelta, PolicyChange};
 
 use crate::common::{decode_frame, join_hello, TestDb};
 
@@ -279,7 +279,99 @@ async fn a_restarted_or_second_coordinator_has_the_policy(db: &TestDb) {
     );
 }
 
+/// An operator's edit of a few rules of a large policy: agents whose hello says they take
+/// edits get the change as an edit of the rules they have; an older agent gets its rules
+/// whole; both end with the rules that concern them.
+async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
+    let s = service(db).await;
+    s.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/24".into(),
+    })
+    .await
+    .unwrap();
+    let mut sessions = Vec::new();
+    for (i, name) in ["new-1", "old-1"].into_iter().enumerate() {
+        let (_, secret) = s
+            .create_token(CreateToken {
+                network: "prod".into(),
+                tags: vec!["web".into()],
+                expires_in_secs: None,
+                uses: Some(1),
+            })
+            .await
+            .unwrap();
+        let hello = Hello {
+            policy_edits: i == 0,
+            ..join_hello(&secret, i as u8 + 1, Some(name))
+        };
+        sessions.push(s.hello(&hello, remote()).await.unwrap());
+    }
+    let mut maps: Vec<Netmap> = sessions
+        .iter_mut()
+        .map(|session| match decode_frame(&session.attached.full_map) {
+            ServerMessage::FullMap(m) => m,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let policy = |ports: &[u16]| -> String {
+        ports
+            .iter()
+            .map(|p| {
+                format!(
+                    "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:web\"]\nports = [\"tcp:{p}\"]\n"
+                )
+            })
+            .collect()
+    };
+    let mut ports: Vec<u16> = (1000..1300).collect();
+    let mut versions = Vec::new();
+    for round in 0..3 {
+        if round == 1 {
+            ports[7] = 7;
+            ports.remove(200);
+        }
+        if round == 2 {
+            ports.insert(0, 9);
+        }
+        s.edit_policy("prod", PolicyEdit::Set(policy(&ports)), "alice")
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        for (session, map) in sessions.iter_mut().zip(&mut maps) {
+            for d in deltas(session) {
+                map.apply(&d).unwrap();
+                // (The old agent's join reached the new one before: no policy in it.)
+                match d.policy {
+                    Some(PolicyChange::Set(_)) => kinds.push("set"),
+                    Some(PolicyChange::Edit(_)) => kinds.push("edit"),
+                    Some(PolicyChange::Clear) => kinds.push("clear"),
+                    None => {}
+                }
+            }
+        }
+        versions.push(kinds);
+        let whole = s.hub().map("prod").unwrap();
+        for (session, map) in sessions.iter().zip(&maps) {
+            assert_eq!(map.version, whole.version);
+            assert_eq!(
+                map.policy,
+                whole
+                    .policy
+                    .as_ref()
+                    .map(|p| p.for_node(&whole, session.node)),
+                "{}",
+                session.name
+            );
+        }
+    }
+    // The first version is whole to both; then the new agent gets edits, the old one the
+    // rules whole.
+    assert_eq!(versions, [["set", "set"], ["edit", "set"], ["edit", "set"]]);
+}
+
 crate::on_both_stores!(
+    an_edited_policy_reaches_agents_as_an_edit_or_whole,
     a_bad_policy_changes_nothing_and_names_line_and_field,
     policies_are_versioned_sent_rolled_back_and_cleared,
     tags_reach_the_map_and_policies_follow_them,
