@@ -334,6 +334,40 @@ fn packages_install_and_their_units_run_a_mesh() {
             field("Depends").contains("libc6 (>= "),
             "{package}: Depends"
         );
+        // The maintainer scripts parse, and every file under /etc is a conffile.
+        let control = bed.dir.join(&format!("control-{package}"));
+        let status = Command::new("dpkg-deb")
+            .arg("-e")
+            .arg(deb)
+            .arg(&control)
+            .status()
+            .unwrap();
+        assert!(status.success(), "dpkg-deb -e {}", deb.display());
+        for script in ["postinst", "prerm", "postrm"] {
+            let path = control.join(script);
+            if path.exists() {
+                let ok = Command::new("sh").arg("-n").arg(&path).status().unwrap();
+                assert!(ok.success(), "{package}: {script} does not parse");
+            }
+        }
+        let conffiles = std::fs::read_to_string(control.join("conffiles")).unwrap_or_default();
+        let listing = Command::new("dpkg-deb")
+            .arg("-c")
+            .arg(deb)
+            .output()
+            .unwrap();
+        for line in String::from_utf8_lossy(&listing.stdout).lines() {
+            let Some(path) = line.split_whitespace().last() else {
+                continue;
+            };
+            if path.starts_with("./etc/") && !path.ends_with('/') {
+                let path = &path[1..];
+                assert!(
+                    conffiles.lines().any(|c| c == path),
+                    "{package}: {path} is not a conffile"
+                );
+            }
+        }
     }
 
     // One root per host: `a` has the coordinator, meshctl and an agent; `b` an agent.
