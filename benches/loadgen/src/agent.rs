@@ -23,7 +23,7 @@ use meshlink_proto::control::{
     encode, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
     PROTOCOL_VERSION,
 };
-use meshlink_proto::{NodeId, PublicKey};
+use meshlink_proto::{DeltaError, NodeId, PolicyChange, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::scoreboard::Scoreboard;
@@ -81,6 +81,9 @@ pub struct Shared {
     pub board: Arc<Scoreboard>,
     /// Set when the run ends: lost sessions are then not opened again.
     pub stopping: AtomicBool,
+    /// Whether agents say in their hello that they take policy edits (as the real agent
+    /// does); without, they get every policy change whole, as an older agent.
+    pub policy_edits: bool,
 }
 
 impl Shared {
@@ -117,6 +120,10 @@ pub struct MapSummary {
     pub peers: usize,
     /// [`PeerTable::digest`].
     pub digest: u64,
+    /// The node's id.
+    pub node: NodeId,
+    /// [`meshlink_proto::Policy::digest`] of its policy (the rules that concern it), if any.
+    pub policy: Option<u64>,
 }
 
 /// An open control session: one connection, one stream, a decoder.
@@ -236,6 +243,8 @@ pub struct Credentials {
     pub public_key: PublicKey,
     /// The underlay endpoints it reports.
     pub endpoints: Vec<SocketAddr>,
+    /// Whether its hello says it takes policy edits ([`Shared::policy_edits`]).
+    pub policy_edits: bool,
 }
 
 impl Credentials {
@@ -248,7 +257,7 @@ impl Credentials {
             },
             public_key: self.public_key,
             key_rotation: false,
-            policy_edits: true,
+            policy_edits: self.policy_edits,
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.endpoints.clone(),
@@ -263,6 +272,7 @@ async fn join_session(
     server: SocketAddr,
     token: &str,
     endpoints: Vec<SocketAddr>,
+    policy_edits: bool,
 ) -> Result<(Session, Credentials), AgentError> {
     let public_key = PublicKey(rand::random());
     let hello = Hello {
@@ -272,7 +282,7 @@ async fn join_session(
         },
         public_key,
         key_rotation: false,
-        policy_edits: true,
+        policy_edits,
         name: None,
         labels: BTreeMap::new(),
         endpoints: endpoints.clone(),
@@ -293,6 +303,7 @@ async fn join_session(
         secret,
         public_key,
         endpoints,
+        policy_edits,
     };
     Ok((session, creds))
 }
@@ -339,8 +350,14 @@ impl Agent {
         token: &str,
         endpoints: Vec<SocketAddr>,
     ) -> Result<Agent, AgentError> {
-        let (mut session, creds) =
-            join_session(&endpoint, shared.server(index), token, endpoints).await?;
+        let (mut session, creds) = join_session(
+            &endpoint,
+            shared.server(index),
+            token,
+            endpoints,
+            shared.policy_edits,
+        )
+        .await?;
         let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
             .await
             .map_err(|_| AgentError::Timeout)??;
@@ -357,8 +374,10 @@ impl Agent {
         server: SocketAddr,
         token: &str,
         endpoints: Vec<SocketAddr>,
+        policy_edits: bool,
     ) -> Result<Credentials, AgentError> {
-        let (session, creds) = join_session(endpoint, server, token, endpoints).await?;
+        let (session, creds) =
+            join_session(endpoint, server, token, endpoints, policy_edits).await?;
         session.conn.close(0u32.into(), b"enrolled");
         Ok(creds)
     }
@@ -488,6 +507,8 @@ impl Agent {
                             version: self.table.version(),
                             peers: self.table.len(),
                             digest: self.table.digest(),
+                            node: self.creds.node,
+                            policy: self.table.policy().map(|p| p.digest()),
                         });
                     }
                 },
@@ -514,13 +535,25 @@ impl Agent {
                 match self.table.apply(&delta) {
                     Ok(()) if self.table.version() != before => {
                         board.counters.deltas.fetch_add(1, Ordering::Relaxed);
+                        let policy = match delta.policy {
+                            Some(PolicyChange::Edit(_)) => Some(&board.counters.policy_edits),
+                            Some(PolicyChange::Set(_)) => Some(&board.counters.policy_wholes),
+                            _ => None,
+                        };
+                        if let Some(counter) = policy {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
                         board.applied(self.index, self.table.version(), Some(len));
                     }
                     Ok(()) => {}
-                    Err(gap) => {
-                        board.counters.gaps.fetch_add(1, Ordering::Relaxed);
+                    Err(refused) => {
+                        match refused {
+                            DeltaError::Gap(_) => &board.counters.gaps,
+                            DeltaError::Policy(_) => &board.counters.edits_refused,
+                        }
+                        .fetch_add(1, Ordering::Relaxed);
                         if !self.awaiting_full_map {
-                            tracing::info!(agent = self.index, "{gap}; asking for a full map");
+                            tracing::info!(agent = self.index, "{refused}; asking for a full map");
                             self.awaiting_full_map = true;
                             self.session.send(&ClientMessage::FullMapRequest).await?;
                         }

@@ -358,6 +358,7 @@ impl Fleet {
                                     shared.server(index),
                                     &token,
                                     vec![join_endpoint(index)],
+                                    shared.policy_edits,
                                 )
                             })
                             .await;

@@ -64,8 +64,43 @@ enum ChangeArg {
     Endpoints,
     /// An operator sets a new version of the network's policy (`--policy-rules` rules over
     /// tags, one of which lets every agent reach every other on one port, so need to know
-    /// leaves every peer in every map and the delta carries the policy alone).
+    /// leaves every peer in every map and the delta carries the policy alone; how many rules
+    /// each version changes: `--policy-edit`; which rules concern the agents:
+    /// `--policy-scope`).
     Policy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PolicyScope {
+    /// The first rule concerns every agent, the others none (each agent gets one rule).
+    First,
+    /// Every rule concerns every agent (each agent gets the whole policy): the worst case.
+    Every,
+}
+
+/// How many rules of the policy each `--change policy` changes (their ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PolicyEditArg {
+    /// This many: the first rule, and the others spread over the file, different each time.
+    Rules(usize),
+    /// Every rule: the whole policy replaced.
+    All,
+}
+
+impl std::str::FromStr for PolicyEditArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(PolicyEditArg::All),
+            n => match n.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(PolicyEditArg::Rules(n)),
+                _ => Err(format!(
+                    "{s:?}: expected a number of rules (1 or more) or \"all\""
+                )),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +154,17 @@ struct Args {
     /// Rules of the policy each `--change policy` sets.
     #[arg(long, default_value_t = 1000)]
     policy_rules: usize,
+    /// Rules each `--change policy` changes: a number (the first rule and others spread over
+    /// the file), or `all` (every rule: the whole policy replaced).
+    #[arg(long, default_value = "1")]
+    policy_edit: PolicyEditArg,
+    /// Which rules of the policy concern the agents.
+    #[arg(long, value_enum, default_value_t = PolicyScope::First)]
+    policy_scope: PolicyScope,
+    /// Agents do not say in their hello that they take policy edits: every policy change
+    /// reaches them whole, as it reaches agents from before edits.
+    #[arg(long)]
+    no_policy_edits: bool,
     /// Pause between changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
@@ -450,21 +496,67 @@ async fn network_state(admin: &Admin, network: &str) -> anyhow::Result<NetworkSt
     Ok(tokio::task::spawn_blocking(move || admin.network(&network)).await??)
 }
 
-/// The policy of change `k`: `rules` rules, the first letting every agent (all tagged
-/// `loadgen` by their join token) reach every other on a port that differs per change, the
-/// others over tags nobody has. Every version differs; what each node may see does not.
-fn policy_source(k: usize, rules: usize) -> String {
-    let mut text = format!(
-        "[[rule]]\nfrom = [\"tag:loadgen\"]\nto = [\"tag:loadgen\"]\nports = [\"tcp:{}\"]\n",
-        1 + k % 60_000
-    );
-    for i in 1..rules {
-        text.push_str(&format!(
-            "\n[[rule]]\nfrom = [\"tag:client-{i}\", \"node:spare-{i}\"]\nto = [\"tag:server-{i}\", \"workload:svc-{i}\"]\nports = [\"tcp:{}\", \"udp:53\", \"icmp\"]\n",
-            1 + i % 60_000
-        ));
+/// The policy `--change policy` sets, version after version: rule 0 lets every agent (all
+/// tagged `loadgen` by their join token) reach every other on one port; rule `i` > 0 speaks
+/// of tags, nodes and workloads nobody has, and concerns every agent too (it names
+/// `tag:loadgen` as a destination) with [`PolicyScope::Every`]. A change moves the ports of
+/// the rules `--policy-edit` says; what each node may see never changes.
+#[derive(Debug, Clone)]
+struct PolicyFile {
+    scope: PolicyScope,
+    /// The TCP port of each rule.
+    ports: Vec<u16>,
+}
+
+impl PolicyFile {
+    fn new(rules: usize, scope: PolicyScope) -> Self {
+        PolicyFile {
+            scope,
+            ports: (0..rules.max(1)).map(|i| 1 + (i % 60_000) as u16).collect(),
+        }
     }
-    text
+
+    /// The rules change `k` edits: rule 0 and `n - 1` others spread over the file, starting
+    /// at a different place each time; every rule for [`PolicyEditArg::All`].
+    fn edited(&self, k: usize, edit: PolicyEditArg) -> Vec<usize> {
+        let rules = self.ports.len();
+        let n = match edit {
+            PolicyEditArg::All => return (0..rules).collect(),
+            PolicyEditArg::Rules(n) => n.min(rules),
+        };
+        let others = rules - 1;
+        let mut out = vec![0];
+        if n > 1 {
+            let stride = (others / (n - 1)).max(1);
+            out.extend((0..n - 1).map(|j| 1 + (k.wrapping_mul(131) + j * stride) % others));
+        }
+        out
+    }
+
+    /// Moves the ports of the rules change `k` edits (each to a port it did not have).
+    fn change(&mut self, k: usize, edit: PolicyEditArg) {
+        for i in self.edited(k, edit) {
+            self.ports[i] = self.ports[i] % 60_000 + 1;
+        }
+    }
+
+    /// The file.
+    fn source(&self) -> String {
+        let mut text = format!(
+            "[[rule]]\nfrom = [\"tag:loadgen\"]\nto = [\"tag:loadgen\"]\nports = [\"tcp:{}\"]\n",
+            self.ports[0]
+        );
+        for (i, port) in self.ports.iter().enumerate().skip(1) {
+            let to = match self.scope {
+                PolicyScope::First => format!("tag:server-{i}"),
+                PolicyScope::Every => "tag:loadgen".to_string(),
+            };
+            text.push_str(&format!(
+                "\n[[rule]]\nfrom = [\"tag:client-{i}\", \"node:spare-{i}\"]\nto = [\"{to}\", \"workload:svc-{i}\"]\nports = [\"tcp:{port}\", \"udp:53\", \"icmp\"]\n"
+            ));
+        }
+        text
+    }
 }
 
 /// The endpoint agent `agent` reports for change `k`: distinct for every change.
@@ -503,6 +595,7 @@ async fn run(
         table,
         board: board.clone(),
         stopping: AtomicBool::new(false),
+        policy_edits: !args.no_policy_edits,
     });
     let plan = RampPlan {
         agents: n,
@@ -595,6 +688,7 @@ async fn run(
     let mut on_trigger = Vec::new();
     let mut on_others = Vec::new();
     let mut version = version;
+    let mut policy = PolicyFile::new(args.policy_rules, args.policy_scope);
     for k in 0..args.warmup + args.changes {
         let agent = change_agent(k, n, m);
         board.arm(version + 1);
@@ -612,7 +706,11 @@ async fn run(
                 trigger
             }
             ChangeArg::Policy => {
-                let source = policy_source(k, args.policy_rules);
+                // The first sets the policy (whole to every agent); each later one changes it.
+                if k > 0 {
+                    policy.change(k, args.policy_edit);
+                }
+                let source = policy.source();
                 let (admin, net) = (target.admin.clone(), network.to_string());
                 let trigger = Instant::now();
                 tokio::task::spawn_blocking(move || admin.set_policy(&net, &source)).await??;
@@ -704,11 +802,17 @@ async fn run(
     // other.
     let summaries = fleet.describe().await;
     let net = network_state(&target.admin, network).await?;
-    let expected: Vec<Option<u64>> = target
+    let maps: Vec<Option<meshlink_proto::Netmap>> = target
         .services
         .iter()
-        .map(|s| s.hub().map(network).map(|m| map_digest(&m)))
+        .map(|s| s.hub().map(network))
         .collect();
+    let expected: Vec<Option<u64>> = maps.iter().map(|m| m.as_ref().map(map_digest)).collect();
+    // Each agent's policy: the rules of its coordinator's that concern its node, exactly.
+    let policy_of = |agent: usize, node: meshlink_proto::NodeId| {
+        let m = maps.get(agent % maps.len().max(1))?.as_ref()?;
+        Some(m.policy.as_ref().map(|p| p.for_node(m, node).digest()))
+    };
     let sessions_per_coordinator: Vec<usize> = target
         .services
         .iter()
@@ -729,7 +833,10 @@ async fn run(
         .enumerate()
         .filter_map(|(i, s)| s.map(|s| (i, s)))
         .filter(|(i, s)| {
-            s.version == net.version && s.peers == net.nodes && Some(s.digest) == reference(*i)
+            s.version == net.version
+                && s.peers == net.nodes
+                && Some(s.digest) == reference(*i)
+                && (maps.is_empty() || policy_of(*i, s.node) == Some(s.policy))
         })
         .count();
     let consistent = answered == n && matching == n && coordinators_agree;
@@ -754,8 +861,14 @@ async fn run(
         ),
     };
     let consistency = format!(
-        "{matching} of {n} agents hold version {} with all {} peers, identical to {compared_with}",
-        net.version, net.nodes,
+        "{matching} of {n} agents hold version {} with all {} peers{}, identical to {compared_with}",
+        net.version,
+        net.nodes,
+        if maps.is_empty() {
+            ""
+        } else {
+            " and the rules of the policy that concern them"
+        },
     );
     let memory_end = sys::memory();
     let counters_end = board.counters.values();
@@ -830,7 +943,37 @@ async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::change_agent;
+    use super::{change_agent, PolicyEditArg, PolicyFile, PolicyScope};
+
+    #[test]
+    fn policy_changes_edit_as_many_rules_as_asked() {
+        let parse = |f: &PolicyFile| meshlink_proto::policy::parse(&f.source()).unwrap();
+        for scope in [PolicyScope::First, PolicyScope::Every] {
+            let mut f = PolicyFile::new(1000, scope);
+            assert_eq!(parse(&f).rules.len(), 1000);
+            for (edit, n) in [
+                (PolicyEditArg::Rules(1), 1),
+                (PolicyEditArg::Rules(10), 10),
+                (PolicyEditArg::All, 1000),
+            ] {
+                for k in 1..5 {
+                    let before = parse(&f).into_policy(k as u64);
+                    f.change(k, edit);
+                    let after = parse(&f).into_policy(k as u64 + 1);
+                    let changed = before
+                        .rules
+                        .iter()
+                        .zip(&after.rules)
+                        .filter(|(a, b)| a != b)
+                        .count();
+                    assert_eq!(changed, n, "{edit:?}, change {k}");
+                }
+            }
+        }
+        assert_eq!("all".parse(), Ok(PolicyEditArg::All));
+        assert_eq!("7".parse(), Ok(PolicyEditArg::Rules(7)));
+        assert!("0".parse::<PolicyEditArg>().is_err() && "x".parse::<PolicyEditArg>().is_err());
+    }
 
     #[test]
     fn changes_rotate_over_coordinators() {

@@ -389,6 +389,13 @@ impl RunReport {
         );
         let _ = writeln!(
             out,
+            "Policies: {} deltas with a policy edit and {} with a policy whole applied; {} edits refused (not the agent's base).",
+            e.policy_edits - a.policy_edits,
+            e.policy_wholes - a.policy_wholes,
+            e.edits_refused,
+        );
+        let _ = writeln!(
+            out,
             "Dropped by socket (ramp / changes): coordinator {}, agents {} / {}.",
             self.coordinator_socket_drops
                 .map_or("not visible".to_string(), |(r, c)| format!("{r} / {c}")),

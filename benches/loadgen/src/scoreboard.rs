@@ -30,6 +30,13 @@ pub struct Counters {
     pub largest_full_map: AtomicU64,
     /// Joins tried again after a connection failure or timeout.
     pub join_retries: AtomicU64,
+    /// Deltas applied that carried a policy edit.
+    pub policy_edits: AtomicU64,
+    /// Deltas applied that carried a policy whole.
+    pub policy_wholes: AtomicU64,
+    /// Deltas refused because their policy edit did not fit the agent's policy (each
+    /// answered by one `FullMapRequest` unless one was already pending).
+    pub edits_refused: AtomicU64,
 }
 
 /// A snapshot of [`Counters`].
@@ -49,6 +56,12 @@ pub struct CounterValues {
     pub largest_full_map: u64,
     /// See [`Counters::join_retries`].
     pub join_retries: u64,
+    /// See [`Counters::policy_edits`].
+    pub policy_edits: u64,
+    /// See [`Counters::policy_wholes`].
+    pub policy_wholes: u64,
+    /// See [`Counters::edits_refused`].
+    pub edits_refused: u64,
 }
 
 impl Counters {
@@ -63,6 +76,9 @@ impl Counters {
             reconnects: l(&self.reconnects),
             largest_full_map: l(&self.largest_full_map),
             join_retries: l(&self.join_retries),
+            policy_edits: l(&self.policy_edits),
+            policy_wholes: l(&self.policy_wholes),
+            edits_refused: l(&self.edits_refused),
         }
     }
 }
