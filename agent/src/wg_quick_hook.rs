@@ -216,23 +216,26 @@ fn start_daemon(interface: &str) -> Result<(), HookError> {
     let stdout = child.stdout.take().expect("stdout is piped");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut line = String::new();
-        let read = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(read.map(|_| line));
+        // Lines other than the report (there should be none) are skipped; the pipe's end
+        // (the daemon exited or detached) ends the thread.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line == READY || line.starts_with(FAILED) {
+                let _ = tx.send(line);
+                return;
+            }
+        }
     });
     match rx.recv_timeout(START_TIMEOUT) {
-        Ok(Ok(line)) if line.trim_end() == READY => Ok(()),
-        Ok(Ok(line)) if line.starts_with(FAILED) => {
+        Ok(line) if line == READY => Ok(()),
+        Ok(line) => {
             let _ = child.wait();
-            Err(HookError::Daemon(
-                line[FAILED.len()..].trim_end().to_string(),
-            ))
+            Err(HookError::Daemon(line[FAILED.len()..].to_string()))
         }
-        Ok(_) => {
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
             let status = child.wait().map_err(|e| HookError::Os("waiting", e))?;
             Err(HookError::DaemonExited(status, interface.to_string()))
         }
-        Err(_) => {
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
             let _ = child.kill();
             let _ = child.wait();
             Err(HookError::DaemonTimeout(interface.to_string()))
