@@ -646,6 +646,44 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_edit_that_does_not_fit_asks_for_a_full_map() {
+        let t0 = Instant::now();
+        let policy = |ports: &[u16], version| {
+            let text: String = ports
+                .iter()
+                .map(|p| format!("[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:{p}\"]\n"))
+                .collect();
+            crate::policy::parse(&text).unwrap().into_policy(version)
+        };
+        let (v1, v2) = (policy(&[1, 2, 3, 4], 1), policy(&[1, 2, 9, 4], 2));
+        let with = |m: Netmap, p: &crate::Policy| Netmap {
+            policy: Some(p.clone()),
+            ..m
+        };
+        let mut s = AgentSession::new(2, with(map(1, &[]), &v1), t0);
+        s.connected(t0, with(map(1, &[]), &v1), vec![]);
+        transmits(&mut s);
+        events(&mut s);
+        let edit = |from, to| {
+            ServerMessage::Delta(NetmapDelta {
+                policy: Some(crate::PolicyChange::Edit(v1.edit_to(&v2).unwrap())),
+                ..delta(from, to)
+            })
+        };
+        // An edit of the policy it has: applied.
+        s.handle_message(t0, edit(1, 2)).unwrap();
+        assert_eq!(s.map().policy.as_ref(), Some(&v2));
+        assert!(events(&mut s).contains(&Event::MapChanged));
+        // The same edit again (its base is gone): refused, the map kept, a full map asked.
+        s.handle_message(t0, edit(2, 3)).unwrap();
+        assert_eq!((s.map().version, s.map().policy.as_ref()), (2, Some(&v2)));
+        assert_eq!(transmits(&mut s), vec![ClientMessage::FullMapRequest]);
+        s.handle_message(t0, ServerMessage::FullMap(with(map(3, &[]), &v1)))
+            .unwrap();
+        assert_eq!(s.map().policy.as_ref(), Some(&v1));
+    }
+
+    #[test]
     fn claims_wait_for_a_session_until_their_deadline_and_fail_with_it() {
         let t0 = Instant::now();
         let ms = Duration::from_millis;
