@@ -7,6 +7,7 @@ One command, as root:
     python3 benches/wlmove.py                    # builds the release binaries; 20 moves, 5 failovers
     python3 benches/wlmove.py --moves 40 --failovers 10 --json wlmove.json
     python3 benches/wlmove.py --no-build --bin-dir target/debug   # quick check, debug build
+    python3 benches/wlmove.py --meshes 4 --moves 30 --failovers 0 # 120 moves in 4 fresh meshes
 
 Setup: three simulated providers (a router namespace with one bridge each: A on 198.18.1.0/24,
 B on 198.18.2.0/24, C on 198.18.3.0/24; every host routes 198.18.0.0/15 via its provider's
@@ -25,6 +26,11 @@ probes carry the same clock). Per move:
   - lost: probes sent from the request until the next move's request (or the end of the run)
     that were never answered;
   - the coordinator's own figures from its answer: destination ready (tunnels up) and commit.
+With `--meshes N` the moves run in N fresh meshes one after the other (everything made again:
+namespaces, coordinator, agents, keys), `--moves` in each; failovers, restarts and kills run in
+the last one. After the moves each agent's drop counters are read from its status, with its
+`handover` counters: where packets to the workload address went at the new holder (kept back
+until the handover was confirmed, released, or dropped: full, timed out, abandoned, not held).
 Failover: `--failovers` times, with the workload on vm-a, vm-a's agent is killed (SIGKILL: the
 tunnel interface and with it the address vanish, the coordinator hears nothing); failover time
 is from the kill to the first probe answered by vm-c among those sent after the kill. Then vm-a's
@@ -306,7 +312,7 @@ class MoveBench(Bed):
             for p in st.get("peers", []):
                 for k, v in (p.get("drops") or {}).items():
                     peers[k] = peers.get(k, 0) + v
-            out[f"vm-{h}"] = {"device": st.get("drops"), "peers": peers}
+            out[f"vm-{h}"] = {"device": st.get("drops"), "peers": peers, "handover": st.get("handover")}
         return out
 
     def failovers(self):
@@ -435,12 +441,25 @@ def report_kills(ks, opts):
           f"{json.dumps([k['victim'] for k in ks])}.")
 
 
+def merge_moves(runs):
+    """The move figures of several fresh meshes as one (each move keeps its mesh's index)."""
+    if not runs:
+        return None
+    moves = [dict(m, mesh=i) for i, r in enumerate(runs) for m in r["moves"]]
+    return {"moves": moves, "meshes": len(runs),
+            "lost_before_first_move": sum(r["lost_before_first_move"] for r in runs),
+            "probes_before_first_move": sum(r["probes_before_first_move"] for r in runs),
+            "agent_drops": [r["agent_drops"] for r in runs]}
+
+
 def report_moves(res):
     mv = res["moves"]["moves"]
+    meshes = res["moves"].get("meshes", 1)
     lat = [m["to_new_holder_ms"] for m in mv if m["to_new_holder_ms"] is not None]
     lost = [m["lost"] for m in mv]
     missing = len(mv) - len(lat)
-    print(f"\n## Workload moves: {len(mv)} planned moves vm-a <-> vm-c, probe 1/ms from vm-b\n")
+    print(f"\n## Workload moves: {len(mv)} planned moves vm-a <-> vm-c in {meshes} fresh mesh(es), "
+          f"probe 1/ms from vm-b\n")
     print("| figure | median | p99 | max | bar |")
     print("|---|---|---|---|---|")
     print(f"| move request -> first probe answered by the new holder | {fmt(statistics.median(lat) if lat else None)} "
@@ -452,8 +471,11 @@ def report_moves(res):
     print(f"\nProbes lost per planned move: total {sum(lost)} over {len(mv)} moves, max {max(lost) if lost else 0} "
           f"(bar: 0); moves never answered by the new holder: {missing}. Before the first move: "
           f"{res['moves']['lost_before_first_move']} lost of {res['moves']['probes_before_first_move']}.")
+    if meshes > 1:
+        per = [sum(m["lost"] for m in mv if m.get("mesh") == i) for i in range(meshes)]
+        print(f"\nProbes lost per mesh: {per}.")
     print(f"\nPer move: {json.dumps([(m['to'], m['to_new_holder_ms'], m['lost']) for m in mv])}")
-    print(f"\nAgent drop counters after the moves: {json.dumps(res['moves']['agent_drops'])}")
+    print(f"\nAgent drop counters after the moves (per mesh): {json.dumps(res['moves']['agent_drops'])}")
 
 
 def report_failovers(fo):
@@ -486,7 +508,8 @@ def report_restarts(rs, opts):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--moves", type=int, default=20)
+    ap.add_argument("--moves", type=int, default=20, help="planned moves (in each mesh)")
+    ap.add_argument("--meshes", type=int, default=1, help="fresh meshes to run the moves in, one after the other")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between moves")
     ap.add_argument("--failovers", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=0,
@@ -511,19 +534,28 @@ def main():
         log("building release binaries ...")
         run(["cargo", "build", "--release", "-q", "-p", "meshlink-agent", "-p", "meshlink-coordinator",
              "-p", "meshctl", "-p", "meshlink-probe"], cwd=REPO, capture=False)
-    bench = MoveBench(opts)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
-    try:
-        bench.setup()
-        bench.start()
-        res = {"moves": bench.moves() if opts.moves else None, "failovers": bench.failovers(), "restarts": bench.restarts(),
-               "kills": bench.coordinator_kills(), "machine": bench.environment()}
-    except Exception:
-        log(f"logs: {bench.tmp}")
-        opts.keep_logs = True
-        raise
-    finally:
-        bench.cleanup()
+    runs, res = [], None
+    meshes = max(1, opts.meshes)
+    for i in range(meshes):
+        bench = MoveBench(opts)
+        try:
+            bench.setup()
+            bench.start()
+            if opts.moves:
+                runs.append(bench.moves())
+                lost = sum(m["lost"] for m in runs[-1]["moves"])
+                log(f"mesh {i + 1} of {meshes}: {opts.moves} moves, {lost} probes lost")
+            if i == meshes - 1:
+                res = {"failovers": bench.failovers(), "restarts": bench.restarts(),
+                       "kills": bench.coordinator_kills(), "machine": bench.environment()}
+        except Exception:
+            log(f"logs: {bench.tmp}")
+            opts.keep_logs = True
+            raise
+        finally:
+            bench.cleanup()
+    res["moves"] = merge_moves(runs)
     report(res, opts)
     if opts.json:
         with open(opts.json, "w") as f:
