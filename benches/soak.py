@@ -213,6 +213,8 @@ class Soak(Bed):
         checks = []
         st = self.status() or {}
         checks.append(("coordinator: nodes online", 3, st.get("online"), st.get("online") == 3))
+        sessions = sum(c.get("sessions", 0) for c in st.get("coordinators") or [])
+        checks.append(("coordinator: sessions (status)", 3, sessions, sessions == 3))
         b, a = baseline["coordinator"], after["coordinator"]
         checks.append(("coordinator: open fds", b["fds"], a["fds"], a["fds"] <= b["fds"] + self.opts.fd_slack))
         checks.append(("coordinator: threads", b["threads"], a["threads"], a["threads"] <= b["threads"] + 2))
@@ -320,9 +322,10 @@ def iperf_summary(path):
         with open(path, errors="replace") as f:
             for ln in f:
                 parts = ln.split()
-                if "sec" in parts and ln.rstrip().endswith("/sec"):
+                units = [i for i, p in enumerate(parts) if p.endswith("bits/sec")]
+                if "sec" in parts and units and "receiver" not in parts and "sender" not in parts:
                     try:
-                        v, unit = float(parts[-2]), parts[-1]
+                        v, unit = float(parts[units[0] - 1]), parts[units[0]]
                     except ValueError:
                         continue
                     rates.append(v * {"Gbits/sec": 1000, "Mbits/sec": 1, "Kbits/sec": 0.001}.get(unit, 0))

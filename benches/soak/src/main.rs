@@ -249,10 +249,13 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             while checking.load(Ordering::Relaxed) {
                 tick.tick().await;
+                // Every session locked first, then the instant read: the snapshot is of one
+                // instant even if this thread is preempted halfway through taking the locks
+                // (agents lock only their own slot, so the fixed order cannot deadlock).
+                let views: Vec<_> = slots.iter().map(|s| s.lock()).collect();
                 let now = std::time::Instant::now();
                 let mut held: BTreeMap<NodeId, Vec<Holding>> = BTreeMap::new();
-                for s in &slots {
-                    let v = s.lock();
+                for v in &views {
                     if let (Some(node), Some(session)) = (v.node, v.session.as_ref()) {
                         let h = session.holdings().held(now);
                         if !h.is_empty() {
@@ -276,6 +279,7 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
                         }
                     }
                 }
+                drop(views);
                 fencing
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())

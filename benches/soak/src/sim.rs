@@ -303,7 +303,7 @@ pub async fn run(
                     cached = s.map().clone();
                 }
                 match end {
-                    End::Stopping => break,
+                    _ if shared.stopping.load(Ordering::Relaxed) => break,
                     End::Told(Command::Leave(pause)) => {
                         shared.counters.leaves.fetch_add(1, Ordering::Relaxed);
                         pause
