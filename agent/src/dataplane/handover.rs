@@ -16,8 +16,9 @@
 //! ```
 //!
 //! Bounded: per address in packets and bytes, and in bytes over all addresses; every packet
-//! waits at most [`HANDOVER_TIMEOUT`]. Pure and given time (the data plane's clock, see
-//! `Device::set_time`).
+//! waits at most [`HANDOVER_TIMEOUT`]. Each kept packet is copied into a buffer of its own:
+//! handovers are rare and short (about one round trip), so the steady packet path still
+//! allocates nothing. Pure and given time (the data plane's clock, see `Device::set_time`).
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
