@@ -25,6 +25,8 @@ probes carry the same clock). Per move:
     probes sent after the request;
   - lost: probes sent from the request until the next move's request (or the end of the run)
     that were never answered;
+  - slowest probe round trip: the longest send-to-answer time among those probes (a probe kept
+    back at the new holder until its handover is confirmed waits that long);
   - the coordinator's own figures from its answer: destination ready (tunnels up) and commit.
 With `--meshes N` the moves run in N fresh meshes one after the other (everything made again:
 namespaces, coordinator, agents, keys), `--moves` in each; failovers, restarts and kills run in
@@ -289,6 +291,9 @@ class MoveBench(Bed):
                 "to": m["to"],
                 "to_new_holder_ms": (min(first) - t0) / 1e6 if first else None,
                 "lost": sum(1 for r in window if r["recv"] is None),
+                # The slowest answer around the switch: what waiting for the confirmation cost.
+                "max_rtt_ms": max(((r["recv"] - r["sent"]) / 1e6 for r in window if r["recv"] is not None),
+                                  default=None),
                 "answered_by_old": sum(1 for r in window if r["by"] == m["from"]),
                 "probes": len(window),
                 "request_ms": (m["t_resp"] - t0) / 1e6,
@@ -464,7 +469,8 @@ def report_moves(res):
     print("|---|---|---|---|---|")
     print(f"| move request -> first probe answered by the new holder | {fmt(statistics.median(lat) if lat else None)} "
           f"| {fmt(pct(lat, 99))} | {fmt(max(lat) if lat else None)} | median < 50 ms, p99 < 200 ms |")
-    for key, label in (("request_ms", "admin API request -> answer"), ("prepared_ms", "destination ready (tunnels)"),
+    for key, label in (("max_rtt_ms", "slowest probe round trip of the move"),
+                       ("request_ms", "admin API request -> answer"), ("prepared_ms", "destination ready (tunnels)"),
                        ("commit_ms", "coordinator: request -> change queued")):
         v = [m[key] for m in mv if m[key] is not None]
         print(f"| {label} | {fmt(statistics.median(v) if v else None)} | {fmt(pct(v, 99))} | {fmt(max(v) if v else None)} | |")
