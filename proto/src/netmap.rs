@@ -95,22 +95,23 @@ pub enum PolicyChange {
 }
 
 impl PolicyChange {
-    /// The policy after this change, given the one before.
+    /// Applies this change to `policy`, or refuses it and changes nothing.
     ///
     /// # Errors
-    /// [`EditError`] when an edit does not apply to `before` (see [`Policy::apply_edit`]).
-    pub fn applied_to(&self, before: Option<&Policy>) -> Result<Option<Policy>, EditError> {
-        match self {
-            PolicyChange::Set(p) => Ok(Some(p.clone())),
-            PolicyChange::Clear => Ok(None),
-            PolicyChange::Edit(e) => match before {
-                Some(p) => p.apply_edit(e).map(Some),
-                None => Err(EditError::BaseVersion {
+    /// [`EditError`] when an edit does not fit (see [`Policy::apply_edit`]).
+    pub fn apply_to(&self, policy: &mut Option<Policy>) -> Result<(), EditError> {
+        match (self, policy.as_mut()) {
+            (PolicyChange::Set(p), _) => *policy = Some(p.clone()),
+            (PolicyChange::Clear, _) => *policy = None,
+            (PolicyChange::Edit(e), Some(p)) => p.apply_edit(e)?,
+            (PolicyChange::Edit(e), None) => {
+                return Err(EditError::BaseVersion {
                     base: e.base,
                     have: "none".into(),
-                }),
-            },
+                })
+            }
         }
+        Ok(())
     }
 }
 
@@ -178,11 +179,11 @@ impl Netmap {
             }
             .into());
         }
-        // Before anything changes: an edit that does not fit refuses the whole delta.
-        let policy = match &delta.policy {
-            Some(change) => Some(change.applied_to(self.policy.as_ref())?),
-            None => None,
-        };
+        // First, as the one step that may still fail (and then changes nothing): an edit that
+        // does not fit refuses the whole delta.
+        if let Some(change) = &delta.policy {
+            change.apply_to(&mut self.policy)?;
+        }
         for id in &delta.remove {
             self.peers.remove(id);
         }
@@ -194,9 +195,6 @@ impl Netmap {
         }
         for w in &delta.upsert_workloads {
             self.workloads.insert(w.name.clone(), w.clone());
-        }
-        if let Some(policy) = policy {
-            self.policy = policy;
         }
         self.version = delta.to_version;
         Ok(())

@@ -132,7 +132,7 @@ impl CompactMap {
             .into());
         }
         if let Some(change) = &delta.policy {
-            self.policy = change.applied_to(self.policy.as_ref())?;
+            change.apply_to(&mut self.policy)?;
         }
         for id in &delta.remove {
             self.peers.remove(id);
