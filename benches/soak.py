@@ -122,9 +122,10 @@ class Soak(Bed):
             iface = self.iface(h)
             self.interfaces.append(iface)
             path = token_file(self.tmp, f"vm-{h}", token)
-            self.agents[h] = self.spawn(h, [self.bin("meshlink-agent"), "up", "--token-file", path,
-                                            "--name", f"vm-{h}", "--state-dir", os.path.join(self.tmp, f"state-{h}"),
-                                            "--interface", iface], f"agent-{h}.log")
+            env = dict(kv.split("=", 1) for kv in self.opts.agent_env)
+            self.agents[h] = self.spawn_in(self.ns_name(h), [
+                self.bin("meshlink-agent"), "up", "--token-file", path, "--name", f"vm-{h}",
+                "--state-dir", os.path.join(self.tmp, f"state-{h}"), "--interface", iface], f"agent-{h}.log", env=env)
         self.wait_for("three nodes online", 60, lambda: self.online() == 3)
         self.addr = {h: self.agent_status(h)["addresses"][0].split("/")[0] for h in AGENTS}
         self.wait_for("vm-b reaching vm-a", 30, lambda: subprocess.run(
@@ -271,7 +272,8 @@ def growth(samples, key, start, end):
 
 def report(res, opts):
     f = res["fleet"]
-    print(f"## Churn soak: {opts.agents} simulated agents, {opts.minutes} min, 3 real agents\n")
+    print(f"## Churn soak: {opts.agents} simulated agents, {opts.minutes} min, 3 real agents"
+          + (f" ({' '.join(opts.agent_env)})" if opts.agent_env else "") + "\n")
     print(f"Fleet exit status {res['fleet_status']}; ok: {f.get('ok')}; seed {f.get('seed')}")
     print(f"Ramp {f.get('ramp_s', 0):.1f} s; converged after the churn: {f.get('converged')} "
           f"({f.get('converged_after_s')} s)")
@@ -346,6 +348,8 @@ def main():
     ap.add_argument("--iperf-rate", default="20M", help="iperf3 -b for vm-b -> vm-a")
     ap.add_argument("--fd-slack", type=int, default=2, help="fds above the baseline still passing")
     ap.add_argument("--max-slope-kib", type=float, default=256, help="KiB/min of RSS growth still passing")
+    ap.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the real agents, e.g. MALLOC_ARENA_MAX=1 (repeatable)")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--bin-dir", default=os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO, "target")), "release"))
