@@ -398,6 +398,28 @@ fn garbage_from_the_network_is_dropped_without_panic() {
     );
 }
 
+/// A data message whose plaintext could not fit a packet slot (longer than any MTU the
+/// receiver has room for) is dropped, not handed to boringtun, which panics on it.
+#[test]
+fn a_data_message_longer_than_a_packet_slot_is_dropped_without_panic() {
+    let mut sim = Sim::mesh(2, None);
+    // Node 1 learns node 0's endpoint from its first packet.
+    assert!(sim.ping(0, 1, b"up") && sim.ping(1, 0, b"back"));
+    let mut net = NetBatch::with_capacity(4096);
+    let p = ipv4(sim.nodes[1].overlay, sim.nodes[0].overlay, b"x");
+    sim.nodes[1].device.outbound(&p, &mut net);
+    let item = net.items()[0];
+    let mut long = net.bytes(item.start, item.len).to_vec();
+    long.resize(4096, 0);
+    sim.wire
+        .push_back((sim.nodes[1].addr, sim.nodes[0].addr, long));
+    let before = sim.nodes[0].delivered.len();
+    sim.run();
+    assert_eq!(sim.nodes[0].delivered.len(), before);
+    assert_eq!(sim.peer_status(0, 1).drops.other, 1);
+    assert!(sim.ping(1, 0, b"still fine"));
+}
+
 #[test]
 fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
     let mut sim = Sim::mesh(2, None);

@@ -64,6 +64,10 @@ use status::{DeviceStatus, DropCounts, FirewallStatus, HandoverStatus, PeerStatu
 const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// WireGuard overhead on a data packet: header (16) and tag (16); plaintext is padded to 16.
 const DATA_OVERHEAD: usize = 32 + 16;
+/// WireGuard's transport data message type (the first byte of the datagram).
+const DATA_MESSAGE: u8 = 4;
+/// The bytes of a data message before its ciphertext: type, reserved, receiver, counter.
+const DATA_HEADER: usize = 16;
 /// The smallest buffer boringtun accepts for output (a handshake initiation).
 const MIN_OUT: usize = 148;
 /// A handshake older than this leaves no session (WireGuard's REJECT_AFTER_TIME).
@@ -773,7 +777,14 @@ impl Device {
         } = &mut *s;
         let mut authenticated = false;
         let mut forward: Option<(&Arc<Peer>, usize)> = None;
-        match noise.decapsulate(Some(from.ip()), datagram, tun.slot()) {
+        // boringtun panics when a data message's plaintext cannot fit where it is to go: one
+        // longer than a packet slot (the interface's MTU allows no such packet) is dropped.
+        let slot = tun.slot();
+        if kind == DATA_MESSAGE && datagram.len().saturating_sub(DATA_HEADER) > slot.len() {
+            drops.other += 1;
+            return;
+        }
+        match noise.decapsulate(Some(from.ip()), datagram, slot) {
             NoiseOutput::Tunnel(packet, _)
                 if packet.len()
                     < match packet.first().map_or(0, |b| b >> 4) {
