@@ -560,6 +560,7 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
         },
         max_cached_map_age,
         fail_closed,
+        install_routes: true,
     })
 }
 

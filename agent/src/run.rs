@@ -5,13 +5,19 @@
 //! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends;
 //! - `udp_to_tun`: GRO/`recvmmsg` receive -> `Device::inbound_batch` -> coalesced TUN writes;
 //! - `timers`: WireGuard timers and the data plane's clock every 250 ms, handshake limiter
-//!   window every second;
-//! - `routes`: applies route changes that follow configuration changes;
+//!   window every second, the interface's MTU (the loops' buffers follow it);
+//! - `routes`: applies route changes that follow configuration changes (unless
+//!   `Settings::install_routes` is off);
 //! - the userspace API server (`crate::uapi`);
 //! - for a joined node, the control loop, path discovery, `trusted_maps` (maps go on to the
 //!   data plane only while trusted, see `MapTrust`) and the mesh reconciler.
 //!
 //! The send and receive loops run on different worker threads, so one tunnel uses two cores.
+//!
+//! A new listen port or firewall mark from the userspace API (`wg set`) is applied to the UDP
+//! socket before the rest of the configuration ([`follow_socket`]): a new port is bound first
+//! and every loop moves to it (`UdpTransport::rebind`), the old socket staying on failure.
+//! Sessions live in the data plane, not in the socket, so they survive the move.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::IoSliceMut;
@@ -37,9 +43,9 @@ use crate::dataplane::{
 };
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
-use crate::platform::udp::{UdpError, UdpTransport};
+use crate::platform::udp::{UdpError, UdpTransport, Underlay};
 use crate::settings::{DeviceConfig, Settings};
-use crate::uapi::{self, DeviceStatus, UapiError, UapiHandler};
+use crate::uapi::{self, ApplyError, DeviceStatus, UapiError, UapiHandler};
 use meshlink_proto::agent_session::AgentSession;
 use meshlink_proto::policy::visible_peers;
 use meshlink_proto::{Netmap, NodeId};
@@ -66,9 +72,25 @@ pub enum RunError {
     /// The userspace API socket could not be bound.
     #[error(transparent)]
     Uapi(#[from] UapiError),
-    /// A packet loop failed on I/O.
-    #[error("{0}")]
-    Io(String),
+    /// The interface was deleted under the agent (`ip link delete`, as `wg-quick down`
+    /// does): the kernel detached the TUN device, whose reads then fail with `EBADFD`.
+    #[error("interface {0} was deleted")]
+    InterfaceDeleted(String),
+    /// Reading the TUN device failed for another reason.
+    #[error("reading the TUN device of {interface}: {source}")]
+    TunRead {
+        /// The interface.
+        interface: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A loop that runs until shutdown returned (a bug).
+    #[error("a packet loop stopped")]
+    LoopStopped,
+    /// A loop panicked (a bug); the panic's message.
+    #[error("a packet loop panicked: {0}")]
+    LoopPanicked(String),
     /// The control channel ended for good (revoked, refused).
     #[error(transparent)]
     Control(#[from] ControlError),
@@ -146,13 +168,74 @@ fn wanted_routes(config: &DeviceConfig) -> Vec<IpNet> {
         .collect()
 }
 
+/// What a TUN read error means: the interface deleted (`EBADFD`: the device was detached), or
+/// a failure to report.
+fn tun_read_error(interface: &str, source: std::io::Error) -> RunError {
+    if source.raw_os_error() == Some(libc::EBADFD) {
+        RunError::InterfaceDeleted(interface.to_string())
+    } else {
+        RunError::TunRead {
+            interface: interface.to_string(),
+            source,
+        }
+    }
+}
+
+/// Makes the UDP socket follow a new configuration's listen port and firewall mark (`wg set
+/// ... listen-port`, `fwmark`), before anything else of it is applied, and sets `new`'s port
+/// to the one bound. A new port is bound with the new mark and every loop moves to it; on
+/// failure the old socket stays and nothing changes. Port 0 keeps the port bound (any port
+/// will do); a mark of 0 (or none) clears the socket's. A joined node's port is published by
+/// its coordinator, so changing it at run time is refused.
+///
+/// # Errors
+/// [`ApplyError::ListenPort`], [`ApplyError::Fwmark`], [`ApplyError::Unsupported`] (joined).
+fn follow_socket(
+    udp: &dyn Underlay,
+    new: &mut DeviceConfig,
+    joined: bool,
+) -> Result<(), ApplyError> {
+    let mark = new.fwmark.unwrap_or(0);
+    let bound = udp.port();
+    if new.listen_port != 0 && new.listen_port != bound {
+        if joined {
+            return Err(ApplyError::Unsupported(format!(
+                "this node's coordinator publishes its listen port ({bound}); set listen_port \
+                 in its configuration and restart the agent to change it"
+            )));
+        }
+        let port = new.listen_port;
+        new.listen_port = udp
+            .rebind(port, mark)
+            .map_err(|source| ApplyError::ListenPort { port, source })?;
+        info!(
+            from = bound,
+            to = port,
+            fwmark = mark,
+            "listen port changed"
+        );
+    } else {
+        new.listen_port = bound;
+        if mark != udp.mark() {
+            udp.set_mark(mark)
+                .map_err(|source| ApplyError::Fwmark { mark, source })?;
+            info!(fwmark = mark, "firewall mark of the UDP socket changed");
+        }
+    }
+    Ok(())
+}
+
 /// What the userspace API and `status` see of a running agent.
 struct Control {
     device: Arc<Device>,
     interface: String,
     addresses: Vec<IpNet>,
-    listen_port: u16,
     udp: Arc<UdpTransport>,
+    /// Whether peers' allowed IPs are routed through the interface
+    /// (`Settings::install_routes`).
+    install_routes: bool,
+    /// Joined to a coordinator (which publishes the listen port).
+    joined: bool,
     routes_tx: mpsc::UnboundedSender<NetCmd>,
     /// Path discovery and the relay, when joined to a coordinator.
     discovery: Option<Arc<Discovery>>,
@@ -194,18 +277,14 @@ impl UapiHandler for Control {
         self.device.status(SystemTime::now())
     }
 
-    fn apply(&self, new: DeviceConfig) -> Result<(), String> {
-        if new.listen_port != self.listen_port && new.listen_port != 0 {
-            return Err(format!(
-                "changing listen-port at runtime is not supported (bound to {}); restart the agent",
-                self.listen_port
-            ));
-        }
+    fn apply(&self, new: DeviceConfig) -> Result<(), ApplyError> {
         let mut new = new;
-        new.listen_port = self.listen_port;
+        follow_socket(&*self.udp, &mut new, self.joined)?;
         let routes = wanted_routes(&new);
         self.device.set_config(new);
-        let _ = self.routes_tx.send(NetCmd::Routes(routes));
+        if self.install_routes {
+            let _ = self.routes_tx.send(NetCmd::Routes(routes));
+        }
         Ok(())
     }
 
@@ -256,7 +335,7 @@ impl UapiHandler for Control {
         serde_json::json!({
             "interface": self.interface,
             "public_key": config.private_key.public_key().to_base64(),
-            "listen_port": self.listen_port,
+            "listen_port": self.udp.port(),
             "addresses": self.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "drops": {
                 "no_route": drops.no_route.load(Relaxed),
@@ -440,7 +519,12 @@ pub async fn run(
     }
     let mut installed = BTreeSet::new();
     let mut workload_addrs: BTreeSet<IpNet> = BTreeSet::new();
-    let (add, _) = route_plan(&installed, &wanted_routes(&settings.device));
+    let at_start = if settings.install_routes {
+        wanted_routes(&settings.device)
+    } else {
+        Vec::new()
+    };
+    let (add, _) = route_plan(&installed, &at_start);
     for net in add {
         nl.add_route(net).await?;
         installed.insert(net);
@@ -471,8 +555,9 @@ pub async fn run(
         device: device.clone(),
         interface: settings.interface.clone(),
         addresses: settings.addresses.clone(),
-        listen_port: udp.port(),
         udp: udp.clone(),
+        install_routes: settings.install_routes,
+        joined: mesh.is_some(),
         routes_tx,
         discovery: discovery.clone(),
         claims: mesh.as_ref().map(|m| m.claims.clone()),
@@ -496,7 +581,7 @@ pub async fn run(
         device.clone(),
         tun.clone(),
         udp.clone(),
-        settings.mtu,
+        settings.interface.clone(),
     ));
     tasks.spawn(udp_to_tun(
         device.clone(),
@@ -504,7 +589,7 @@ pub async fn run(
         udp.clone(),
         discovery.clone(),
     ));
-    tasks.spawn(timers(device.clone(), udp.clone()));
+    tasks.spawn(timers(device.clone(), udp.clone(), tun.clone()));
     tasks.spawn({
         let handler: Arc<dyn UapiHandler> = control.clone();
         let stop = stop_rx.clone();
@@ -567,8 +652,8 @@ pub async fn run(
         }
         Some(r) = tasks.join_next() => match r {
             Ok(Err(e)) => Err(e),
-            Ok(Ok(())) => Err(RunError::Io("a packet loop stopped".into())),
-            Err(e) => Err(RunError::Io(format!("a packet loop panicked: {e}"))),
+            Ok(Ok(())) => Err(RunError::LoopStopped),
+            Err(e) => Err(RunError::LoopPanicked(e.to_string())),
         },
         () = async {
             while let Some(cmd) = routes_rx.recv().await {
@@ -993,29 +1078,50 @@ async fn reconcile_mesh(
     }
 }
 
+/// The room for one packet read from the TUN device at `mtu`: the MTU (at least IPv6's
+/// minimum) with some slack.
+fn tun_packet_room(mtu: u16) -> usize {
+    usize::from(mtu).max(1280) + 128
+}
+
+/// The room for one decrypted packet before it is written to the TUN device at `mtu`.
+fn decrypted_packet_room(mtu: u16) -> usize {
+    tun_packet_room(mtu).max(2048)
+}
+
 async fn tun_to_udp(
     device: Arc<Device>,
     tun: Arc<Tun>,
     udp: Arc<UdpTransport>,
-    mtu: u16,
+    interface: String,
 ) -> Result<(), RunError> {
     let slots = IDEAL_BATCH_SIZE;
     let mut original = vec![0u8; HEADROOM + 65536];
+    // The packet buffers follow the interface's MTU (see `timers`).
+    let mut mtu = tun.mtu();
     let mut bufs: Vec<Vec<u8>> = (0..slots)
-        .map(|_| vec![0u8; usize::from(mtu).max(1280) + 128])
+        .map(|_| vec![0u8; tun_packet_room(mtu)])
         .collect();
     let mut sizes = vec![0usize; slots];
     let mut net = NetBatch::with_capacity(slots * (usize::from(mtu) + 64));
     loop {
+        if tun.mtu() != mtu {
+            mtu = tun.mtu();
+            for b in &mut bufs {
+                b.resize(tun_packet_room(mtu), 0);
+            }
+        }
         let n = match tun.recv(&mut original, &mut bufs, &mut sizes).await {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                // A malformed offload frame affects one read only.
-                debug!("tun read: {e}");
                 if e.raw_os_error().is_some() {
-                    return Err(RunError::Io(format!("reading the TUN device: {e}")));
+                    return Err(tun_read_error(&interface, e));
                 }
+                // A malformed offload frame affects one read only; a packet longer than the
+                // buffers means the MTU was raised since it was last read.
+                debug!("tun read: {e}");
+                let _ = tun.refresh_mtu();
                 continue;
             }
         };
@@ -1079,12 +1185,20 @@ async fn udp_to_tun(
     let batch = quinn_udp::BATCH_SIZE.max(1);
     let mut storage = vec![0u8; SLOT * batch];
     let mut meta = vec![RecvMeta::default(); batch];
-    let mut tun_batch = TunBatch::new(IDEAL_BATCH_SIZE, HEADROOM, 2048);
+    // The packet slots follow the interface's MTU (see `timers`).
+    let mut mtu = tun.mtu();
+    let mut tun_batch = TunBatch::new(IDEAL_BATCH_SIZE, HEADROOM, decrypted_packet_room(mtu));
     // Packets of small datagrams, decrypted ahead of their batch (see below).
-    let mut early = TunBatch::new(batch * 4, HEADROOM, 2048);
+    let mut early = TunBatch::new(batch * 4, HEADROOM, decrypted_packet_room(mtu));
     let mut net = NetBatch::with_capacity(16 * 1024);
     let mut gro = tun_rs::GROTable::default();
     loop {
+        if tun.mtu() != mtu {
+            // Both batches are empty here: each round writes out what it decrypted.
+            mtu = tun.mtu();
+            tun_batch = TunBatch::new(IDEAL_BATCH_SIZE, HEADROOM, decrypted_packet_room(mtu));
+            early = TunBatch::new(batch * 4, HEADROOM, decrypted_packet_room(mtu));
+        }
         let n = {
             let mut slices: Vec<IoSliceMut<'_>> =
                 storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
@@ -1185,7 +1299,11 @@ async fn flush_tun(tun: &Tun, gro: &mut tun_rs::GROTable, batch: &mut TunBatch) 
     batch.clear();
 }
 
-async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunError> {
+async fn timers(
+    device: Arc<Device>,
+    udp: Arc<UdpTransport>,
+    tun: Arc<Tun>,
+) -> Result<(), RunError> {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut net = NetBatch::with_capacity(4096);
@@ -1195,6 +1313,17 @@ async fn timers(device: Arc<Device>, udp: Arc<UdpTransport>) -> Result<(), RunEr
     loop {
         tick.tick().await;
         device.set_time(start.elapsed());
+        // wg-quick sets the MTU after starting the agent (`ip link set mtu`): the packet
+        // loops follow it within a tick.
+        if let Ok((before, now)) = tun.refresh_mtu() {
+            if before != now {
+                info!(
+                    from = before,
+                    to = now,
+                    "interface MTU changed; packet buffers follow"
+                );
+            }
+        }
         n += 1;
         if n.is_multiple_of(4) {
             device.reset_handshake_limiter();
@@ -1290,6 +1419,136 @@ mod tests {
             rules: Vec::new(),
         });
         assert_ne!(policy_inputs(&with_policy), before, "a policy arrived");
+    }
+
+    /// An underlay socket that records what it is asked, with ports that cannot be bound.
+    struct FakeUnderlay {
+        port: std::cell::Cell<u16>,
+        mark: std::cell::Cell<u32>,
+        taken: Vec<u16>,
+        calls: std::cell::RefCell<Vec<String>>,
+    }
+
+    impl FakeUnderlay {
+        fn new(port: u16, taken: &[u16]) -> Self {
+            FakeUnderlay {
+                port: port.into(),
+                mark: 0.into(),
+                taken: taken.to_vec(),
+                calls: Default::default(),
+            }
+        }
+    }
+
+    impl Underlay for FakeUnderlay {
+        fn port(&self) -> u16 {
+            self.port.get()
+        }
+        fn mark(&self) -> u32 {
+            self.mark.get()
+        }
+        fn rebind(&self, port: u16, mark: u32) -> Result<u16, UdpError> {
+            self.calls
+                .borrow_mut()
+                .push(format!("rebind {port} {mark}"));
+            if self.taken.contains(&port) {
+                return Err(UdpError::PortInUse(port));
+            }
+            self.port.set(port);
+            self.mark.set(mark);
+            Ok(port)
+        }
+        fn set_mark(&self, mark: u32) -> std::io::Result<()> {
+            self.calls.borrow_mut().push(format!("mark {mark}"));
+            self.mark.set(mark);
+            Ok(())
+        }
+    }
+
+    fn config(port: u16, fwmark: Option<u32>) -> DeviceConfig {
+        DeviceConfig {
+            private_key: crate::settings::PrivateKey::from_bytes([7; 32]),
+            listen_port: port,
+            fwmark,
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_listen_port_is_bound_with_the_mark_and_a_taken_one_keeps_the_old() {
+        let udp = FakeUnderlay::new(40000, &[51820]);
+        let mut new = config(51821, Some(7));
+        follow_socket(&udp, &mut new, false).unwrap();
+        assert_eq!((new.listen_port, udp.port(), udp.mark()), (51821, 51821, 7));
+        assert_eq!(
+            *udp.calls.borrow(),
+            ["rebind 51821 7"],
+            "one new socket, marked"
+        );
+
+        let mut taken = config(51820, None);
+        let e = follow_socket(&udp, &mut taken, false).expect_err("port taken");
+        assert!(
+            matches!(e, ApplyError::ListenPort { port: 51820, .. }),
+            "{e}"
+        );
+        assert_eq!(e.errno(), libc::EADDRINUSE, "as wireguard-go answers");
+        assert_eq!((udp.port(), udp.mark()), (51821, 7), "the old socket stays");
+    }
+
+    #[test]
+    fn port_zero_or_the_same_keeps_the_socket_and_only_a_new_mark_is_set() {
+        let udp = FakeUnderlay::new(40000, &[]);
+        let mut same = config(40000, None);
+        follow_socket(&udp, &mut same, false).unwrap();
+        let mut any = config(0, None);
+        follow_socket(&udp, &mut any, false).unwrap();
+        assert_eq!(
+            any.listen_port, 40000,
+            "port 0 reads back as the port bound"
+        );
+        assert!(udp.calls.borrow().is_empty(), "{:?}", udp.calls.borrow());
+
+        let mut marked = config(0, Some(51820));
+        follow_socket(&udp, &mut marked, false).unwrap();
+        let mut cleared = config(40000, Some(0));
+        follow_socket(&udp, &mut cleared, false).unwrap();
+        let mut none = config(40000, None);
+        follow_socket(&udp, &mut none, false).unwrap();
+        assert_eq!(*udp.calls.borrow(), ["mark 51820", "mark 0"]);
+    }
+
+    #[test]
+    fn a_joined_node_keeps_the_port_its_coordinator_publishes() {
+        let udp = FakeUnderlay::new(40000, &[]);
+        let mut new = config(41000, None);
+        let e = follow_socket(&udp, &mut new, true).expect_err("joined");
+        assert!(matches!(e, ApplyError::Unsupported(_)), "{e}");
+        assert_eq!(udp.port(), 40000);
+        assert!(udp.calls.borrow().is_empty());
+    }
+
+    #[test]
+    fn a_detached_tun_device_means_the_interface_was_deleted() {
+        let e = tun_read_error("wg0", std::io::Error::from_raw_os_error(libc::EBADFD));
+        assert!(
+            matches!(&e, RunError::InterfaceDeleted(i) if i == "wg0"),
+            "{e}"
+        );
+        let e = tun_read_error("wg0", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(
+            matches!(&e, RunError::TunRead { interface, .. } if interface == "wg0"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("wg0"), "{e}");
+    }
+
+    #[test]
+    fn packet_buffers_follow_the_mtu() {
+        assert_eq!(tun_packet_room(1420), 1548);
+        assert_eq!(tun_packet_room(576), 1408, "at least IPv6's minimum");
+        assert_eq!(decrypted_packet_room(1420), 2048);
+        assert!(decrypted_packet_room(9000) >= 9000 && tun_packet_room(65535) >= 65535);
     }
 
     #[test]

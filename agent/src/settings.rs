@@ -120,4 +120,10 @@ pub struct Settings {
     /// agent stops or crashes, so that overlay traffic never leaves in the clear through
     /// another route while it is down. Off: such routes left by an earlier run are removed.
     pub fail_closed: bool,
+    /// Route the peers' allowed IPs through the interface: a route to each in the main table
+    /// at start, kept equal to the peers' as they change, removed at exit (default routes
+    /// excepted). Off where another program owns the routes: wg-quick's userspace hook sets
+    /// it off, since wg-quick routes the file's `AllowedIPs` itself (`Table`, policy routing
+    /// for `0.0.0.0/0`).
+    pub install_routes: bool,
 }

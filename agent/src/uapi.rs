@@ -97,7 +97,7 @@ pub enum UapiError {
     NotUtf8,
     /// The handler refused or failed to apply the new configuration.
     #[error("applying the configuration failed: {0}")]
-    Apply(String),
+    Apply(#[from] ApplyError),
     /// The interface name cannot name a socket file.
     #[error("invalid interface name {0:?}: 1 to 15 bytes, no '/', NUL or whitespace")]
     InvalidInterface(String),
@@ -144,6 +144,44 @@ pub enum UapiError {
     },
 }
 
+/// Why the agent could not apply a new configuration (`set=1`); nothing of it was applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// The new listen port could not be bound; the old one is still in use.
+    #[error("cannot move to listen-port {port}: {source}")]
+    ListenPort {
+        /// The port asked for.
+        port: u16,
+        /// Why it could not be bound.
+        #[source]
+        source: crate::platform::udp::UdpError,
+    },
+    /// The firewall mark could not be set on the UDP socket.
+    #[error("cannot set fwmark {mark:#x} on the UDP socket: {source}")]
+    Fwmark {
+        /// The mark asked for.
+        mark: u32,
+        /// The operating system's reason.
+        #[source]
+        source: io::Error,
+    },
+    /// This agent does not take such a change (e.g. a joined node's listen port, which its
+    /// coordinator publishes): the message says which and what to do instead.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl ApplyError {
+    /// The positive `errno.h` value answered for it: `EADDRINUSE` for a listen port or mark
+    /// that cannot be set, as wireguard-go answers both; `EOPNOTSUPP` for a change refused.
+    pub fn errno(&self) -> i32 {
+        match self {
+            ApplyError::ListenPort { .. } | ApplyError::Fwmark { .. } => libc::EADDRINUSE,
+            ApplyError::Unsupported(_) => libc::EOPNOTSUPP,
+        }
+    }
+}
+
 impl UapiError {
     /// The positive `errno.h` value for this error; the client receives it negated, `errno=-N`.
     pub fn errno(&self) -> i32 {
@@ -160,7 +198,8 @@ impl UapiError {
             UapiError::InUse { .. } => libc::EADDRINUSE,
             UapiError::NotASocket(_) => libc::EEXIST,
             UapiError::UnsafeDirectory { .. } => libc::EACCES,
-            UapiError::Apply(_) | UapiError::NoRuntime => libc::EIO,
+            UapiError::Apply(e) => e.errno(),
+            UapiError::NoRuntime => libc::EIO,
             UapiError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -501,7 +540,10 @@ pub trait UapiHandler: Send + Sync + 'static {
     /// The data plane's live state.
     fn status(&self) -> DeviceStatus;
     /// Applies a new desired config; Err(message) on failure.
-    fn apply(&self, new: DeviceConfig) -> Result<(), String>;
+    ///
+    /// # Errors
+    /// [`ApplyError`] when a part of it cannot be applied; then nothing of it is.
+    fn apply(&self, new: DeviceConfig) -> Result<(), ApplyError>;
     /// JSON for `meshlink-agent status` (our extension op `get=meshlink`).
     fn status_json(&self) -> String;
     /// Claims a workload for this node through the coordinator (our extension op
@@ -726,7 +768,7 @@ fn try_handle_request(
             let current = handler.config();
             let new = apply_set(&current, body)?;
             if new != current {
-                handler.apply(new).map_err(UapiError::Apply)?;
+                handler.apply(new)?;
                 tracing::info!("userspace API: configuration updated");
             }
             Ok(errno_response(0))
@@ -1302,9 +1344,13 @@ mod tests {
         fn status(&self) -> DeviceStatus {
             sample_status()
         }
-        fn apply(&self, new: DeviceConfig) -> Result<(), String> {
+        fn apply(&self, new: DeviceConfig) -> Result<(), ApplyError> {
             if self.fail_apply {
-                return Err("data plane says no".to_string());
+                // As the agent answers a listen port another socket holds.
+                return Err(ApplyError::ListenPort {
+                    port: new.listen_port,
+                    source: crate::platform::udp::UdpError::PortInUse(new.listen_port),
+                });
             }
             self.applied.fetch_add(1, Ordering::SeqCst);
             *self.config.lock().unwrap() = new;
@@ -1440,7 +1486,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn apply_failure_is_eio() {
+    async fn apply_failure_answers_its_errno() {
         let tmp = TempDir::new("eio");
         let dir = tmp.path("uapi");
         let listener = bind(&dir, "mltest1").unwrap();
@@ -1454,7 +1500,11 @@ mod tests {
         let answer = request(&dir.join("mltest1.sock"), "set=1\nlisten_port=9\n")
             .await
             .unwrap();
-        assert_eq!(answer, "errno=-5\n\n");
+        assert_eq!(answer, format!("errno=-{}\n\n", libc::EADDRINUSE));
+        assert_eq!(
+            ApplyError::Unsupported(String::new()).errno(),
+            libc::EOPNOTSUPP
+        );
         drop(_stop_tx); // a dropped sender also stops the server
         tokio::time::timeout(Duration::from_secs(5), server)
             .await

@@ -18,8 +18,14 @@
 //! not start) and returns; with `-f`/`--foreground` or `WG_PROCESS_FOREGROUND=1` it runs in the
 //! foreground itself. The device starts with no address and no peer, and with a fresh private
 //! key that no peer knows until `wg setconf` sets the configured one
-//! ([`config::load_api_configured`]). The daemon exits when the interface is deleted (its TUN
-//! device then reads `EBADFD`), on SIGTERM or SIGINT.
+//! ([`config::load_api_configured`]). It installs no route (`Settings::install_routes` off):
+//! wg-quick routes the file's `AllowedIPs` itself, into the table its `Table` names, and for
+//! `0.0.0.0/0` with policy routing on the firewall mark it sets on the device. What `wg
+//! setconf` and `wg set` change at run time is followed: a new listen port is bound (the
+//! loops move to it; a port that cannot be bound is answered `EADDRINUSE` and the old one
+//! kept), a firewall mark is set on the UDP socket, and the packet buffers follow the MTU
+//! that `ip link set mtu` gives the interface. The daemon exits when the interface is deleted
+//! ([`RunError::InterfaceDeleted`]), on SIGTERM or SIGINT.
 //!
 //! The daemon's standard input and output are `/dev/null`. Its log (standard error) goes to
 //! the journal when wg-quick's standard error is the journal (a `wg-quick@` unit:
@@ -27,18 +33,12 @@
 //! keeps it with `LOG_LEVEL`), and nowhere otherwise, so that a caller reading wg-quick's
 //! output through a pipe is not held open by the daemon.
 //!
-//! # Limits (until the data plane's shell follows them at run time)
+//! # Limits
 //!
-//! - A `ListenPort` differing from the port bound at start is refused by `wg setconf`
-//!   (the agent binds one port for its life): start with `MESHLINK_LISTEN_PORT` set to the
-//!   file's port, or leave `ListenPort` out (a client).
-//! - A firewall mark set later (`wg set INTERFACE fwmark`, which wg-quick does for an
-//!   `AllowedIPs` of `0.0.0.0/0` unless the device has one) does not reach the UDP socket: set
-//!   `MESHLINK_FWMARK` (wg-quick then uses it as its routing table).
-//! - The agent installs (replacing) a route to each peer's allowed IPs in the main table
-//!   itself, as it does outside wg-quick; wg-quick skips a route that already exists. For
-//!   `AllowedIPs = 0.0.0.0/0` that replaces the main table's default route, which wg-quick's
-//!   own policy routing does not expect: full-tunnel files are not supported yet.
+//! - An MTU is followed within a quarter of a second of `ip link set mtu`; packets longer
+//!   than the MTU before in that instant are dropped (TCP sends them again). The packet
+//!   buffers take about 3 × 128 × (MTU + 128) bytes, 3.5 MiB at a 9,000-byte MTU.
+//! - A new listen port loses what peers sent to the old one meanwhile, as in wireguard-go.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -122,10 +122,12 @@ pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
         &config::process_env,
         PrivateKey::generate(),
     );
-    let settings = match settings {
+    let mut settings = match settings {
         Ok(s) => s,
         Err(e) => return Err(report_failure(ready_pipe, e.into())),
     };
+    // wg-quick routes the file's AllowedIPs itself.
+    settings.install_routes = false;
     let socket = settings.uapi_dir.join(format!("{interface}.sock"));
     let rt = match crate::runtime() {
         Ok(rt) => rt,
@@ -154,12 +156,10 @@ pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
     }
 }
 
-/// Whether `e` is the TUN device's read failing because its interface was deleted
-/// (`ip link delete`, as `wg-quick down` does): the kernel detaches the device from the file
-/// and reads fail with `EBADFD`.
+/// Whether `e` says the interface was deleted (`ip link delete`, as `wg-quick down` does),
+/// which ends the daemon normally.
 fn interface_deleted(e: &RunError) -> bool {
-    let detached = std::io::Error::from_raw_os_error(libc::EBADFD).to_string();
-    matches!(e, RunError::Io(text) if text.ends_with(&detached))
+    matches!(e, RunError::InterfaceDeleted(_))
 }
 
 /// Resolves once the userspace API socket at `path` answers a `get`.
@@ -271,16 +271,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_detached_tun_device_reads_as_a_deleted_interface() {
-        let detached = std::io::Error::from_raw_os_error(libc::EBADFD);
-        assert!(interface_deleted(&RunError::Io(format!(
-            "reading the TUN device: {detached}"
-        ))));
-        let other = std::io::Error::from_raw_os_error(libc::EIO);
-        assert!(!interface_deleted(&RunError::Io(format!(
-            "reading the TUN device: {other}"
-        ))));
+    fn only_a_deleted_interface_ends_the_daemon_normally() {
+        assert!(interface_deleted(&RunError::InterfaceDeleted("wg0".into())));
+        let other = RunError::TunRead {
+            interface: "wg0".into(),
+            source: std::io::Error::from_raw_os_error(libc::EIO),
+        };
+        assert!(!interface_deleted(&other));
         assert!(!interface_deleted(&RunError::InterfaceExists("wg0".into())));
+        assert!(!interface_deleted(&RunError::LoopStopped));
     }
 
     #[test]

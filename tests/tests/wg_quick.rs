@@ -5,9 +5,15 @@
 //! socket). The other side runs the stock `wireguard-go` (wg-quick's default userspace
 //! implementation) or the agent the same way.
 //!
+//! What wg-quick changes after starting the agent is followed with no help from the agent's
+//! own variables: a server file's `ListenPort` (and a later `wg set listen-port`), a
+//! full-tunnel file's `AllowedIPs = 0.0.0.0/0` (wg-quick's firewall mark and policy routing;
+//! the agent routes nothing itself, as `Table = off` shows), and an `MTU` above 1420.
+//!
 //! Topology: `meshlink_tests::TwoHosts` (198.18.0.1 and .2 on the underlay, 100.64.0.1 and .2
-//! on the overlay). Needs root, `wg-quick`/`wg` (wireguard-tools), `wireguard-go` and a built
-//! agent; under CI a missing tool fails the test.
+//! on the overlay). Needs root, `wg-quick`/`wg` (wireguard-tools), `wireguard-go`, `nft`
+//! (nftables, which wg-quick's full-tunnel mode runs) and a built agent; under CI a missing
+//! tool fails the test.
 
 use std::fs::File;
 use std::net::IpAddr;
@@ -66,16 +72,38 @@ enum Implementation {
 /// address, `ListenPort` if `listen`, and `peer` (with its endpoint if `dial`, and a 1 s
 /// keepalive then, as a client behind NAT would have).
 fn wg_quick_file(bed: &TwoHosts, host: &Host, peer: &Host, listen: bool, dial: bool) -> PathBuf {
+    wg_quick_file_with(
+        bed,
+        host,
+        peer,
+        listen,
+        dial,
+        &format!("{}/32", peer.overlay),
+        "",
+    )
+}
+
+/// As [`wg_quick_file`], with the peer's `AllowedIPs` given and `interface` (lines) added to
+/// the `[Interface]` section.
+fn wg_quick_file_with(
+    bed: &TwoHosts,
+    host: &Host,
+    peer: &Host,
+    listen: bool,
+    dial: bool,
+    allowed_ips: &str,
+    interface: &str,
+) -> PathBuf {
     let mut text = format!(
-        "[Interface]\nPrivateKey = {}\nAddress = {}/24\n",
+        "[Interface]\nPrivateKey = {}\nAddress = {}/24\n{interface}",
         host.keys.private, host.overlay
     );
     if listen {
         text.push_str(&format!("ListenPort = {}\n", host.listen_port));
     }
     text.push_str(&format!(
-        "\n[Peer]\nPublicKey = {}\nAllowedIPs = {}/32\n",
-        peer.keys.public, peer.overlay
+        "\n[Peer]\nPublicKey = {}\nAllowedIPs = {allowed_ips}\n",
+        peer.keys.public
     ));
     if dial {
         text.push_str(&format!(
@@ -277,26 +305,214 @@ fn agent_client_to_wireguard_go_through_wg_quick() {
     server.down();
 }
 
-/// Both sides are the agent under wg-quick; the server's file has `ListenPort`, which the
-/// agent binds from the start when `MESHLINK_LISTEN_PORT` gives the same port.
+/// Both sides are the agent under wg-quick, started with none of the agent's variables. The
+/// server's file has `ListenPort`, which `wg setconf` moves the agent to, and `Table = off`,
+/// so the agent must route nothing: only the kernel's route for its address goes through its
+/// interface. Then the server's port changes at run time (`wg set listen-port`), its sessions
+/// kept; a port another socket holds is refused with `EADDRINUSE` and the old port kept.
 #[test]
-fn agent_server_and_agent_client_through_wg_quick() {
+fn agent_server_with_listen_port_and_agent_client_through_wg_quick() {
     let Some(bed) = two_hosts("wgq-server") else {
         return;
     };
-    let server_file = wg_quick_file(&bed, &bed.b, &bed.a, true, false);
-    let client_file = wg_quick_file(&bed, &bed.a, &bed.b, false, true);
-    let port = bed.b.listen_port.to_string();
-    let mut server = WgQuickUp::up(
+    let (a, b) = (&bed.a, &bed.b);
+    let server_file = wg_quick_file_with(
         &bed,
-        &bed.b,
-        server_file,
-        Implementation::Agent,
-        &[("MESHLINK_LISTEN_PORT", &port)],
+        b,
+        a,
+        true,
+        false,
+        &format!("{}/32", a.overlay),
+        "Table = off\n",
     );
-    let mut client = WgQuickUp::up(&bed, &bed.a, client_file, Implementation::Agent, &[]);
-    let ports = bed.b.ns.run("wg", &["show", &bed.b.iface, "listen-port"]);
-    assert_eq!(ports.trim(), port);
+    let client_file = wg_quick_file(&bed, a, b, false, true);
+    let mut server = WgQuickUp::up(&bed, b, server_file, Implementation::Agent, &[]);
+    let mut client = WgQuickUp::up(&bed, a, client_file, Implementation::Agent, &[]);
+    let port = b.listen_port.to_string();
+    let ports = b.ns.run("wg", &["show", &b.iface, "listen-port"]);
+    assert_eq!(ports.trim(), port, "the file's ListenPort");
+    traffic_both_ways(&bed);
+    let routes =
+        b.ns.ip(&["-4", "route", "show", "table", "all", "dev", &b.iface]);
+    let ours: Vec<&str> = routes
+        .lines()
+        .filter(|l| !l.contains("proto kernel"))
+        .collect();
+    assert!(
+        ours.is_empty(),
+        "with `Table = off` nothing may route through {}: {ours:?}",
+        b.iface
+    );
+
+    // Another socket holds this port: the agent keeps its own and says why.
+    let held = b.listen_port + 1;
+    let holder_iface = meshlink_tests::unique_name("h");
+    let mut holder_cmd = b.ns.daemon_command(agent_bin());
+    holder_cmd
+        .args(["-f", &holder_iface])
+        .env("MESHLINK_LISTEN_PORT", held.to_string());
+    let holder = Process::spawn(
+        "meshlink-agent -f (holds a port)",
+        holder_cmd,
+        &bed.dir.join("holder.log"),
+        meshlink_tests::process::Stdout::Log,
+    );
+    wait_until(Duration::from_secs(10), "the port holder's socket", || {
+        meshlink_tests::wg::answers(&b.ns, &holder_iface).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}; log:\n{}", holder.log()));
+    let held_s = held.to_string();
+    let refused = b.ns.exec("wg", &["set", &b.iface, "listen-port", &held_s]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && stderr.contains("Address already in use"),
+        "wg set listen-port {held} (taken): {} {stderr}",
+        refused.status
+    );
+    let ports = b.ns.run("wg", &["show", &b.iface, "listen-port"]);
+    assert_eq!(ports.trim(), port, "the old port is kept");
+    drop(holder);
+
+    // A free port: the loops move to it and the session goes on (no new handshake).
+    let handshake = |ns: &NsRef, iface: &str| ns.run("wg", &["show", iface, "latest-handshakes"]);
+    let before = handshake(&b.ns, &b.iface);
+    b.ns.run("wg", &["set", &b.iface, "listen-port", &held_s]);
+    let ports = b.ns.run("wg", &["show", &b.iface, "listen-port"]);
+    assert_eq!(ports.trim(), held_s);
+    let endpoint = format!("{}:{held}", b.underlay);
+    a.ns.run(
+        "wg",
+        &[
+            "set",
+            &a.iface,
+            "peer",
+            &b.keys.public,
+            "endpoint",
+            &endpoint,
+        ],
+    );
+    a.ns.wait_for_ping(b.overlay, FIRST_PING).unwrap();
+    b.ns.wait_for_ping(a.overlay, FIRST_PING).unwrap();
+    assert_eq!(
+        handshake(&b.ns, &b.iface),
+        before,
+        "the session did not survive the port change"
+    );
+    client.down();
+    server.down();
+}
+
+/// The routing state of a namespace that wg-quick changes: rules, routes of every table and
+/// the nftables ruleset.
+fn routing_state(ns: &NsRef) -> String {
+    format!(
+        "{}\n{}\n{}",
+        ns.ip(&["-4", "rule", "show"]),
+        ns.routes(),
+        ns.run("nft", &["list", "ruleset"])
+    )
+}
+
+/// A full-tunnel client (`AllowedIPs = 0.0.0.0/0`): wg-quick puts the default route in its own
+/// table, routes everything unmarked there, and sets a firewall mark on the device so that the
+/// tunnel's own UDP packets take the main table. The agent must put that mark on its socket:
+/// the server is reachable only through the client's own default route (no more specific
+/// route), so an unmarked datagram would loop back into the tunnel. The client's default
+/// route stays its own, traffic to the server's overlay address flows, and `wg-quick down`
+/// leaves the rules, routes and ruleset as they were.
+#[test]
+fn full_tunnel_client_through_wg_quick() {
+    let Some(bed) = two_hosts("wgq-full") else {
+        return;
+    };
+    require_tool("nft", "nftables");
+    let (a, b) = (&bed.a, &bed.b);
+    // The client reaches the underlay through its default route alone.
+    let subnet = format!(
+        "{}.0/24",
+        a.underlay.to_string().rsplit_once('.').unwrap().0
+    );
+    a.ns.ip(&["route", "del", &subnet, "dev", &a.veth]);
+    a.ns.ip(&["route", "add", "default", "dev", &a.veth]);
+    let default_before = a.ns.ip(&["-4", "route", "show", "default"]);
+    let before = routing_state(&a.ns);
+
+    let server_file = wg_quick_file(&bed, b, a, true, false);
+    let client_file = wg_quick_file_with(&bed, a, b, false, true, "0.0.0.0/0", "");
+    let mut server = WgQuickUp::up(&bed, b, server_file, Implementation::WireguardGo, &[]);
+    let mut client = WgQuickUp::up(&bed, a, client_file, Implementation::Agent, &[]);
+    let mark = a.ns.run("wg", &["show", &a.iface, "fwmark"]);
+    assert_ne!(mark.trim(), "off", "wg-quick set no firewall mark");
+    assert_eq!(
+        a.ns.ip(&["-4", "route", "show", "default"]),
+        default_before,
+        "the main table's default route changed"
+    );
+    let rules = a.ns.ip(&["-4", "rule", "show"]);
+    assert!(
+        rules.contains(&format!("not from all fwmark {} lookup", mark.trim())),
+        "wg-quick's policy routing is missing: {rules}"
+    );
+    traffic_both_ways(&bed);
+    client.down();
+    server.down();
+    assert_eq!(
+        routing_state(&a.ns),
+        before,
+        "wg-quick down left the client's routing changed"
+    );
+}
+
+/// `MTU = 8920` in the file (over a 9,000-byte underlay, as wg-quick would choose by itself
+/// there): wg-quick sets it with `ip link set mtu` after starting the agent, whose buffers
+/// must follow. An 8,000-byte ping that may not be fragmented (`-M do`) crosses the tunnel
+/// both ways, and so does a transfer in 8,880-byte segments.
+#[test]
+fn an_mtu_above_1420_carries_jumbo_packets_through_wg_quick() {
+    let Some(bed) = two_hosts("wgq-mtu") else {
+        return;
+    };
+    let (a, b) = (&bed.a, &bed.b);
+    for h in [a, b] {
+        h.ns.ip(&["link", "set", "dev", &h.veth, "mtu", "9000"]);
+    }
+    let server_file = wg_quick_file_with(
+        &bed,
+        b,
+        a,
+        true,
+        false,
+        &format!("{}/32", a.overlay),
+        "MTU = 8920\n",
+    );
+    let client_file = wg_quick_file_with(
+        &bed,
+        a,
+        b,
+        false,
+        true,
+        &format!("{}/32", b.overlay),
+        "MTU = 8920\n",
+    );
+    let mut server = WgQuickUp::up(&bed, b, server_file, Implementation::WireguardGo, &[]);
+    let mut client = WgQuickUp::up(&bed, a, client_file, Implementation::Agent, &[]);
+    assert!(
+        a.ns.ip(&["link", "show", "dev", &a.iface])
+            .contains("mtu 8920"),
+        "wg-quick did not set the MTU"
+    );
+    a.ns.wait_for_ping(b.overlay, FIRST_PING).unwrap();
+    let dst = b.overlay.to_string();
+    let big = wait_until(FIRST_PING, "an 8,000-byte ping through the tunnel", || {
+        let out = a.ns.exec(
+            "ping",
+            &[
+                "-n", "-q", "-c", "1", "-W", "1", "-M", "do", "-s", "8000", &dst,
+            ],
+        );
+        out.status.success().then_some(())
+    });
+    big.unwrap_or_else(|e| panic!("{e}; log:\n{}", log_text(&client.log)));
     traffic_both_ways(&bed);
     client.down();
     server.down();

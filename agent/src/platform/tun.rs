@@ -1,7 +1,12 @@
 //! The TUN device, opened with offload so that the kernel hands over TCP super-packets (split
 //! by tun-rs into MTU-sized packets in one read) and accepts coalesced ones on write.
+//!
+//! The interface's MTU may change under the agent (`ip link set mtu`, as wg-quick does after
+//! starting it): [`Tun::refresh_mtu`] reads it again, and the packet loops size their buffers
+//! from [`Tun::mtu`].
 
 use std::io;
+use std::sync::atomic::{AtomicU16, Ordering};
 
 use tun_rs::{AsyncDevice, DeviceBuilder, GROTable};
 
@@ -35,6 +40,8 @@ pub enum TunError {
 pub struct Tun {
     dev: AsyncDevice,
     offload: bool,
+    /// The interface's MTU as last read.
+    mtu: AtomicU16,
 }
 
 impl Tun {
@@ -69,7 +76,26 @@ impl Tun {
             })?,
         };
         let offload = dev.tcp_gso();
-        Ok(Tun { dev, offload })
+        Ok(Tun {
+            dev,
+            offload,
+            mtu: AtomicU16::new(mtu),
+        })
+    }
+
+    /// The interface's MTU as last read (at creation, then by [`refresh_mtu`](Self::refresh_mtu)).
+    pub fn mtu(&self) -> u16 {
+        self.mtu.load(Ordering::Relaxed)
+    }
+
+    /// Reads the interface's MTU from the kernel and keeps it for [`mtu`](Self::mtu); returns
+    /// it with the one kept before.
+    ///
+    /// # Errors
+    /// The operating system's (`ENODEV` once the interface is deleted).
+    pub fn refresh_mtu(&self) -> io::Result<(u16, u16)> {
+        let now = self.dev.mtu()?;
+        Ok((self.mtu.swap(now, Ordering::Relaxed), now))
     }
 
     /// Whether TCP segmentation offload is on.
