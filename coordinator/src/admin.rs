@@ -332,9 +332,10 @@ async fn list_nodes(
     let Query(q) = q?;
     let list = nodes::list_nodes(s.service.store(), &Caller::Admin, q.network.as_deref()).await?;
     let online = s.service.online_anywhere().await;
+    let names = names_by_id(&list);
     Ok(Json(
         list.iter()
-            .map(|n| node_view(n, &online, &s.service, &list))
+            .map(|n| node_view(n, &online, &s.service, &names))
             .collect(),
     ))
 }
@@ -393,16 +394,21 @@ async fn node_answer(s: &AppState, node: &NodeRecord) -> Json<api::Node> {
         node,
         &s.service.online_anywhere().await,
         &s.service,
-        &all,
+        &names_by_id(&all),
     ))
 }
 
-/// `n` as the API shows it; `all` names the peers in its path report.
+/// Node names by id, for the peers named in path reports.
+fn names_by_id(all: &[NodeRecord]) -> HashMap<NodeId, &str> {
+    all.iter().map(|n| (n.id, n.name.as_str())).collect()
+}
+
+/// `n` as the API shows it; `names` names the peers in its path report.
 fn node_view(
     n: &NodeRecord,
     online: &HashSet<NodeId>,
     service: &Service,
-    all: &[NodeRecord],
+    names: &HashMap<NodeId, &str>,
 ) -> api::Node {
     let paths = service.paths().get(n.id).map(|r| api::NodePaths {
         reported_at: time(r.at),
@@ -411,7 +417,7 @@ fn node_view(
             .into_iter()
             .map(|p| api::PeerPath {
                 peer: api::NodeId(p.peer),
-                peer_name: all.iter().find(|x| x.id == p.peer).map(|x| x.name.clone()),
+                peer_name: names.get(&p.peer).map(|n| (*n).to_owned()),
                 kind: p.kind,
                 via: p.via,
                 over: p.over,

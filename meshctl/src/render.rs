@@ -315,6 +315,7 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
         "LAST SEEN",
         "EXPIRES",
         "ENDPOINTS",
+        "PATHS",
         "LABELS",
     ]);
     for node in nodes {
@@ -327,6 +328,7 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
             relative(node.last_seen, now),
             expires(node, now),
             endpoints(&node.endpoints),
+            path_counts(node.paths.as_ref().map(|p| p.peers.as_slice())),
             labels(&node.labels),
         ]);
     }
@@ -400,6 +402,33 @@ pub fn node(node: &Node, now: UnixTime) -> String {
         );
     }
     fields.to_string()
+}
+
+/// How many of a node's peers it reaches each way, as its last report said: `2 direct, 1
+/// relay/tcp`; `-` without a report (`node show` names them).
+fn path_counts(peers: Option<&[PeerPath]>) -> String {
+    let Some(peers) = peers.filter(|p| !p.is_empty()) else {
+        return NONE.to_owned();
+    };
+    let kinds = [
+        ("direct", PathKind::Direct, None),
+        ("relay/udp", PathKind::Relay, Some(RelayTransport::Udp)),
+        ("relay/tcp", PathKind::Relay, Some(RelayTransport::Tcp)),
+        ("relay", PathKind::Relay, None),
+        ("unconfirmed", PathKind::Unconfirmed, None),
+        ("none", PathKind::None, None),
+    ];
+    kinds
+        .iter()
+        .filter_map(|(label, kind, over)| {
+            let n = peers
+                .iter()
+                .filter(|p| p.kind == *kind && (*kind != PathKind::Relay || p.over == *over))
+                .count();
+            (n > 0).then(|| format!("{n} {label}"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A node's paths to its peers: `vm-b direct 203.0.113.7:51820 1.2 ms, vm-c relay
@@ -882,15 +911,18 @@ mod tests {
             "vm-b direct 203.0.113.7:51820 1.2 ms, #3 relay 198.51.100.5:7443/tcp"
         );
         assert_eq!(peer_paths(&[]), "-");
+        assert_eq!(path_counts(Some(&peers)), "1 direct, 1 relay/tcp");
+        assert_eq!(path_counts(Some(&[])), "-");
+        assert_eq!(path_counts(None), "-");
     }
 
     #[test]
     fn node_table() {
         assert_eq!(
             nodes(&sample_nodes(), NOW),
-            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  EXPIRES  ENDPOINTS          LABELS\n\
-             web-1  1   prod     100.64.0.1  yes      5s ago     -        203.0.113.5:51820  role=web\n\
-             db     2   prod     100.64.0.2  revoked  -          -        -                  -\n"
+            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  EXPIRES  ENDPOINTS          PATHS  LABELS\n\
+             web-1  1   prod     100.64.0.1  yes      5s ago     -        203.0.113.5:51820  -      role=web\n\
+             db     2   prod     100.64.0.2  revoked  -          -        -                  -      -\n"
         );
     }
 

@@ -386,9 +386,9 @@ fn nodes() {
 
     assert_eq!(
         squeeze(&mesh.run(&["node", "list", "--network", "prod"])),
-        "NAME ID NETWORK ADDRESS ONLINE LAST SEEN EXPIRES ENDPOINTS LABELS\n\
-         vm-a 1 prod 100.64.0.1 yes <dur> ago - 198.18.0.1:51820,198.18.7.7:51820 provider=test\n\
-         vm-b 2 prod 100.64.0.2 no <dur> ago - 198.18.0.2:51820,198.18.7.7:51820 provider=test"
+        "NAME ID NETWORK ADDRESS ONLINE LAST SEEN EXPIRES ENDPOINTS PATHS LABELS\n\
+         vm-a 1 prod 100.64.0.1 yes <dur> ago - 198.18.0.1:51820,198.18.7.7:51820 - provider=test\n\
+         vm-b 2 prod 100.64.0.2 no <dur> ago - 198.18.0.2:51820,198.18.7.7:51820 - provider=test"
     );
     let list = mesh.run_json(&["node", "list"]);
     assert_eq!(list, mesh.get("/v1/nodes"), "-o json is the server's JSON");
