@@ -2,7 +2,11 @@
 //! tests run against the network's map first), the verdict on one flow, and the tags of
 //! nodes and workloads that policies select by.
 
-use meshlink_proto::policy::{self, Entity, FlowPort, Policy, PolicyFile, Selector};
+use std::collections::HashSet;
+
+use meshlink_proto::policy::{
+    self, unmatched_selectors, Entity, FlowPort, Policy, PolicyFile, Selector,
+};
 use meshlink_proto::Netmap;
 
 use super::{require_admin, ApiError, Caller};
@@ -46,16 +50,13 @@ pub fn parse_source(source: &str) -> Result<PolicyFile, ApiError> {
 /// The selectors of `file` that name nobody in `map` (nodes may join and workloads be
 /// created later: a warning, not an error).
 pub fn unmatched(file: &PolicyFile, map: &Netmap) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    for rule in &file.rules {
-        for s in rule.from.iter().chain(&rule.to) {
-            let text = format!("line {}: {s} names nobody yet", rule.line);
-            if *s != Selector::Any && !s.names_anyone(map) && !out.contains(&text) {
-                out.push(text);
-            }
-        }
-    }
-    out
+    let mut seen = HashSet::new();
+    unmatched_selectors(&file.rules, map)
+        .into_iter()
+        .filter(|(_, s)| **s != Selector::Any)
+        .map(|(rule, s)| format!("line {}: {s} names nobody yet", rule.line))
+        .filter(|text| seen.insert(text.clone()))
+        .collect()
 }
 
 /// Sets the next version of `network`'s policy to `source` (admin), after parsing it and

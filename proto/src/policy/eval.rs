@@ -106,11 +106,25 @@ pub(super) fn selects_node(selector: &Selector, peer: &PeerInfo) -> bool {
 /// Whether `selector` matches workload `w`.
 impl Selector {
     /// Whether the selector matches some node or workload of `map` (one that names nobody
-    /// matches nothing: not an error, the node may join later).
+    /// matches nothing: not an error, the node may join later). For many selectors, see
+    /// [`unmatched_selectors`].
     pub fn names_anyone(&self, map: &Netmap) -> bool {
         map.peers.values().any(|p| selects_node(self, p))
             || map.workloads.values().any(|w| selects_workload(self, w))
     }
+}
+
+/// The selectors of `rules` that name nobody in `map` ([`Selector::names_anyone`]), with the
+/// rule of each, in file order. One pass to index the map, then a lookup per selector: a
+/// 1,000-rule policy over 1,000 nodes costs some thousands of lookups, not millions of
+/// comparisons.
+pub fn unmatched_selectors<'r>(rules: &'r [Rule], map: &Netmap) -> Vec<(&'r Rule, &'r Selector)> {
+    let index = Index::new(map);
+    rules
+        .iter()
+        .flat_map(|r| r.from.iter().chain(&r.to).map(move |s| (r, s)))
+        .filter(|(_, s)| !index.names_anyone(s))
+        .collect()
 }
 
 pub(super) fn selects_workload(selector: &Selector, w: &WorkloadInfo) -> bool {
@@ -410,6 +424,19 @@ impl<'a> Index<'a> {
             }
         }
         index
+    }
+
+    /// Whether `selector` matches some node or workload ([`Selector::names_anyone`]).
+    fn names_anyone(&self, selector: &Selector) -> bool {
+        match selector {
+            Selector::Any => !self.map.peers.is_empty() || !self.map.workloads.is_empty(),
+            Selector::Tag(t) => {
+                self.nodes_by_tag.contains_key(t.as_str())
+                    || self.workloads_by_tag.contains_key(t.as_str())
+            }
+            Selector::Node(n) => self.node_by_name.contains_key(n.as_str()),
+            Selector::Workload(n) => self.map.workloads.contains_key(n),
+        }
     }
 
     /// The nodes `selector` matches (a node twice if it carries a tag twice).
@@ -904,5 +931,34 @@ expect = \"deny\"
             talking > 1_000,
             "the generator should produce talking pairs: {talking}"
         );
+    }
+
+    #[test]
+    fn unmatched_selectors_are_those_that_name_nobody() {
+        let mut g = Lcg(0x0dd);
+        let (mut named, mut unnamed) = (0, 0);
+        for _ in 0..500 {
+            let map = random_map(&mut g);
+            let policy = random_policy(&mut g, &map);
+            let got: Vec<(u32, &Selector)> = unmatched_selectors(&policy.rules, &map)
+                .into_iter()
+                .map(|(r, s)| (r.line, s))
+                .collect();
+            let want: Vec<(u32, &Selector)> = policy
+                .rules
+                .iter()
+                .flat_map(|r| r.from.iter().chain(&r.to).map(move |s| (r.line, s)))
+                .filter(|(_, s)| !s.names_anyone(&map))
+                .collect();
+            assert_eq!(got, want, "{map:?} under {policy:?}");
+            unnamed += want.len();
+            named += policy
+                .rules
+                .iter()
+                .map(|r| r.from.len() + r.to.len())
+                .sum::<usize>()
+                - want.len();
+        }
+        assert!(named > 100 && unnamed > 100, "{named} named, {unnamed} not");
     }
 }

@@ -32,7 +32,9 @@ use serde::{Deserialize, Serialize};
 
 pub use compile::NodeTable;
 pub use edit::{EditError, EditOp, PolicyEdit};
-pub use eval::{may_talk, relevant_rules, visible_peers, Entity, TestFailure, Verdict};
+pub use eval::{
+    may_talk, relevant_rules, unmatched_selectors, visible_peers, Entity, TestFailure, Verdict,
+};
 pub use parse::{
     parse, FlowTest, PolicyError, PolicyFile, MAX_ENTRIES, MAX_FILE_BYTES, MAX_RULES, MAX_TESTS,
 };
