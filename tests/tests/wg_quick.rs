@@ -402,13 +402,14 @@ fn agent_server_with_listen_port_and_agent_client_through_wg_quick() {
     server.down();
 }
 
-/// The routing state of a namespace that wg-quick changes: rules, routes of every table and
-/// the nftables ruleset.
+/// The IPv4 routing state of a namespace that a full IPv4 tunnel changes: rules, routes of
+/// every table and the nftables ruleset. (IPv6 is left out: the kernel adds a veth's
+/// link-local address, and its route, whenever duplicate address detection ends.)
 fn routing_state(ns: &NsRef) -> String {
     format!(
         "{}\n{}\n{}",
         ns.ip(&["-4", "rule", "show"]),
-        ns.routes(),
+        ns.ip(&["-4", "route", "show", "table", "all"]),
         ns.run("nft", &["list", "ruleset"])
     )
 }
