@@ -279,6 +279,29 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
                         }
                     }
                 }
+                // Two holders of one address in this snapshot: what each session knew, for
+                // the investigation (the judgement counts it either way).
+                let mut by_addr: BTreeMap<IpAddr, Vec<NodeId>> = BTreeMap::new();
+                for (node, hs) in &held {
+                    for h in hs {
+                        by_addr.entry(h.address).or_default().push(*node);
+                    }
+                }
+                for (addr, nodes) in by_addr.iter().filter(|(_, n)| n.len() > 1) {
+                    for v in views.iter().filter(|v| v.node.is_some_and(|n| nodes.contains(&n))) {
+                        if let Some(s) = v.session.as_ref() {
+                            tracing::warn!(
+                                address = %addr,
+                                node = ?v.node,
+                                "two holders in one snapshot; this one's holdings: {:?}; map version {}, \
+                                 connected {}",
+                                s.holdings(),
+                                s.map().version,
+                                s.is_connected()
+                            );
+                        }
+                    }
+                }
                 drop(views);
                 fencing
                     .lock()
