@@ -4,6 +4,7 @@
 //! One explicit loop per owned object, each on the shared tokio runtime:
 //! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends;
 //! - `udp_to_tun`: GRO/`recvmmsg` receive -> `Device::inbound_batch` -> coalesced TUN writes;
+//!   between two receive batches, the packets kept back at a handover (`Device::take_released`);
 //! - `timers`: WireGuard timers and the data plane's clock every 250 ms, handshake limiter
 //!   window every second, the interface's MTU (the loops' buffers follow it);
 //! - `routes`: applies route changes that follow configuration changes (unless
@@ -28,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
 use quinn_udp::RecvMeta;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::control::coordinators::Coordinators;
@@ -134,10 +135,10 @@ enum NetCmd {
     /// The wanted routes (all of them).
     Routes(Vec<IpNet>),
     /// The wanted workload addresses held here (all of them); then the packets kept back
-    /// for those now up are delivered.
+    /// for those now up are delivered (by `udp_to_tun`).
     Addresses(Vec<IpNet>),
     /// Deliver the packets kept back for workload addresses that may be answered now (see
-    /// `Device::take_released`).
+    /// `Device::take_released`; `udp_to_tun` does).
     Release,
 }
 
@@ -529,11 +530,8 @@ pub async fn run(
         nl.add_route(net).await?;
         installed.insert(net);
     }
-    // Packets kept back at handovers, on their way to the TUN device.
-    let mut released = (
-        TunBatch::new(64, HEADROOM, 2048),
-        tun_rs::GROTable::default(),
-    );
+    // Tells the receive loop that packets kept back at handovers may be delivered.
+    let kept = Arc::new(Notify::new());
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
     cleanup.socket = Some(listener.path().to_path_buf());
@@ -588,6 +586,7 @@ pub async fn run(
         tun.clone(),
         udp.clone(),
         discovery.clone(),
+        kept.clone(),
     ));
     tasks.spawn(timers(device.clone(), udp.clone(), tun.clone()));
     tasks.spawn({
@@ -694,9 +693,11 @@ pub async fn run(
                         }
                         // Only now that the kernel has them: what was kept back for them.
                         device.set_addresses_up(workload_addrs.iter().map(IpNet::addr));
-                        release_kept(&device, &tun, &mut released).await;
+                        if device.has_released() {
+                            kept.notify_one();
+                        }
                     }
-                    NetCmd::Release => release_kept(&device, &tun, &mut released).await,
+                    NetCmd::Release => kept.notify_one(),
                 }
             }
         } => Ok(()),
@@ -984,11 +985,11 @@ async fn reconcile_mesh(
                 .iter()
                 .filter_map(|r| Some((r.address, *key_of.get(&r.from)?)))
                 .collect(),
-            // What a relay may pass on: packets from nodes' own addresses, not from the
-            // prefixes they route for others.
             awaited: awaited.iter().map(IpNet::addr).collect(),
             held: held.iter().map(|h| h.address.addr()).collect(),
             workloads: map.workloads.values().map(|w| w.ip()).collect(),
+            // What a relay may pass on: packets from nodes' own addresses, not from the
+            // prefixes they route for others.
             relay_sources: if relays.is_empty() {
                 std::collections::HashSet::new()
             } else {
@@ -1171,6 +1172,7 @@ async fn udp_to_tun(
     tun: Arc<Tun>,
     udp: Arc<UdpTransport>,
     discovery: Option<Arc<Discovery>>,
+    kept: Arc<Notify>,
 ) -> Result<(), RunError> {
     // Discovery datagrams share the socket with WireGuard's; they go to the discovery task
     // (without it, to the device, which counts them as malformed).
@@ -1202,12 +1204,23 @@ async fn udp_to_tun(
         let n = {
             let mut slices: Vec<IoSliceMut<'_>> =
                 storage.chunks_mut(SLOT).map(IoSliceMut::new).collect();
-            match udp.recv(&mut slices, &mut meta).await {
-                Ok(n) => n,
-                Err(e) => {
-                    debug!("udp receive: {e}");
+            tokio::select! {
+                biased;
+                // Packets kept back at a handover: delivered here, between two receive
+                // batches, so that nothing decrypted later overtakes them (this loop is the
+                // TUN device's one writer), in this loop's batch (sized from the MTU). The
+                // receive is cancel-safe: a datagram is taken only when it completes.
+                () = kept.notified() => {
+                    deliver_kept(&device, &tun, &mut gro, &mut tun_batch).await;
                     continue;
                 }
+                r = udp.recv(&mut slices, &mut meta) => match r {
+                    Ok(n) => n,
+                    Err(e) => {
+                        debug!("udp receive: {e}");
+                        continue;
+                    }
+                },
             }
         };
         // Small datagrams are decrypted first (a ping is 128 bytes on the wire, a full TCP
@@ -1280,12 +1293,21 @@ async fn udp_to_tun(
 }
 
 /// Writes the packets kept back for workload addresses that may be answered now to the TUN
-/// device (see `Device::take_released`).
-async fn release_kept(device: &Device, tun: &Tun, (batch, gro): &mut (TunBatch, tun_rs::GROTable)) {
-    let n = device.take_released(batch);
+/// device, a batch at a time (see `Device::take_released`); `batch` is empty before and
+/// after, and does not grow.
+async fn deliver_kept(
+    device: &Device,
+    tun: &Tun,
+    gro: &mut tun_rs::GROTable,
+    batch: &mut TunBatch,
+) {
+    let mut n = 0;
+    while device.has_released() {
+        n += device.take_released(batch);
+        flush_tun(tun, gro, batch).await;
+    }
     if n > 0 {
         debug!(packets = n, "packets kept back at a handover delivered");
-        flush_tun(tun, gro, batch).await;
     }
 }
 

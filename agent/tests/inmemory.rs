@@ -26,6 +26,9 @@ struct Sim {
     nodes: Vec<Node>,
     wire: VecDeque<(SocketAddr, SocketAddr, Vec<u8>)>,
     lost: usize,
+    /// The room for a decrypted packet in the receive batches (2,048 bytes, the agent's at
+    /// an MTU of 1,420).
+    room: usize,
 }
 
 fn underlay(host: u8, port: u16) -> SocketAddr {
@@ -89,6 +92,7 @@ impl Sim {
             nodes,
             wire: VecDeque::new(),
             lost: 0,
+            room: 2048,
         }
     }
 
@@ -115,7 +119,7 @@ impl Sim {
                 self.lost += 1;
                 continue;
             };
-            let mut tun = TunBatch::new(4, 16, 2048);
+            let mut tun = TunBatch::new(4, 16, self.room);
             let mut net = NetBatch::with_capacity(4096);
             self.nodes[j]
                 .device
@@ -142,6 +146,19 @@ impl Sim {
             }
             self.run();
         }
+    }
+
+    /// Delivers what node `node` kept back at a handover and may deliver now, as the agent's
+    /// receive loop does: `tun` taken and written until nothing is left. Returns how many.
+    fn release(&mut self, node: usize, tun: &mut TunBatch) -> usize {
+        let mut n = 0;
+        while self.nodes[node].device.has_released() {
+            n += self.nodes[node].device.take_released(tun);
+            let packets: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
+            self.nodes[node].delivered.extend(packets);
+            tun.clear();
+        }
+        n
     }
 
     /// Sends one packet from `a` to `b` and says whether `b` received exactly it.
@@ -808,9 +825,11 @@ fn an_unconfirmed_new_holder_keeps_packets_back_until_the_address_is_held_and_up
     assert!(sim.nodes[2].device.has_released());
     sim.send(0, &p(&sim, 5));
     let mut tun = TunBatch::new(2, 16, 2048);
-    assert_eq!(sim.nodes[2].device.take_released(&mut tun), 5);
-    let released: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
-    assert_eq!(released, (1..=5).map(|i| p(&sim, i)).collect::<Vec<_>>());
+    assert_eq!(sim.release(2, &mut tun), 5);
+    assert_eq!(
+        sim.nodes[2].delivered[delivered_before..],
+        (1..=5).map(|i| p(&sim, i)).collect::<Vec<_>>()
+    );
     assert!(!sim.nodes[2].device.has_released());
     sim.send(0, &p(&sim, 6));
     assert_eq!(
@@ -820,8 +839,8 @@ fn an_unconfirmed_new_holder_keeps_packets_back_until_the_address_is_held_and_up
     );
     let st = sim.nodes[2].device.handover_status();
     assert_eq!(
-        (st.queued, st.released, st.waiting, st.refused),
-        (5, 5, 0, 0)
+        (st.queued, st.released, st.waiting, st.denied, st.not_local),
+        (5, 5, 0, 0, 0)
     );
 
     // Another move here that goes elsewhere before its confirmation: dropped, abandoned.
@@ -847,12 +866,100 @@ fn an_unconfirmed_new_holder_keeps_packets_back_until_the_address_is_held_and_up
     sim.nodes[2].device.set_firewall(local(true));
     sim.nodes[2].device.set_workload_routing(held);
     sim.nodes[2].device.set_addresses_up([w]);
-    assert_eq!(sim.nodes[2].device.take_released(&mut tun), 0);
+    assert_eq!(sim.release(2, &mut tun), 0);
     assert_eq!(
         st.queued,
-        st.released + st.full + st.timed_out + st.abandoned + st.waiting,
+        st.released + st.denied + st.not_local + st.full + st.timed_out + st.abandoned + st.waiting,
         "every packet kept back is accounted for: {st:?}"
     );
+}
+
+/// Node 2 awaits `WORKLOAD` (its handover not confirmed yet), which node 0 and node 1 route
+/// to it already. Returns the routing that makes it held.
+fn await_workload_at_node_2(sim: &mut Sim) -> WorkloadRouting {
+    let w: std::net::IpAddr = WORKLOAD.into();
+    route_workload(sim, 2);
+    let awaited = WorkloadRouting {
+        awaited: [w].into(),
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    };
+    sim.nodes[2].device.set_workload_routing(awaited.clone());
+    WorkloadRouting {
+        awaited: Default::default(),
+        held: [w].into(),
+        ..awaited
+    }
+}
+
+/// What is kept back goes out a batch at a time, the batch never growing, and a packet that
+/// arrives after a batch is taken and before it is written (on another core, say) is kept
+/// behind it: nothing newer overtakes what was kept.
+#[test]
+fn kept_packets_go_out_a_batch_at_a_time_and_nothing_newer_overtakes_them() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(0, 2, b"0 to 2"));
+    let held = await_workload_at_node_2(&mut sim);
+    let p = |sim: &Sim, i: u8| ipv4(sim.nodes[0].overlay, WORKLOAD, &[i; 8]);
+    for i in 1..=5 {
+        sim.send(0, &p(&sim, i));
+    }
+    let before = sim.nodes[2].delivered.len();
+    sim.nodes[2].device.set_workload_routing(held);
+    sim.nodes[2].device.set_addresses_up([WORKLOAD.into()]);
+    let mut tun = TunBatch::new(2, 16, 2048);
+    let mut written: Vec<Vec<u8>> = Vec::new();
+    let mut next = 6;
+    while sim.nodes[2].device.has_released() {
+        sim.nodes[2].device.take_released(&mut tun);
+        assert_eq!(tun.len() + tun.free(), 2, "the batch did not grow");
+        if next <= 8 {
+            sim.send(0, &p(&sim, next));
+            next += 1;
+        }
+        // What reached the TUN device directly meanwhile was written first.
+        written.extend(sim.nodes[2].delivered.drain(before..));
+        written.extend(tun.packets().map(<[u8]>::to_vec));
+        tun.clear();
+    }
+    let sent = next - 1;
+    assert_eq!(
+        written,
+        (1..=sent).map(|i| p(&sim, i)).collect::<Vec<_>>(),
+        "in order"
+    );
+    assert_eq!(sent, 8, "three packets arrived during the release");
+    // Then directly.
+    sim.send(0, &p(&sim, 9));
+    assert_eq!(sim.nodes[2].delivered[before..], [p(&sim, 9)]);
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!((st.queued, st.released, st.waiting), (8, 8, 0));
+}
+
+/// A kept packet comes out whole whatever the room of the batch it is released into (the
+/// receive batches' at the MTU of its arrival may be larger).
+#[test]
+fn a_large_kept_packet_is_released_whole() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    // Receive batches sized for an MTU of 9,000.
+    sim.room = 9000 + 128;
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(0, 2, b"0 to 2"));
+    let held = await_workload_at_node_2(&mut sim);
+    let payload: Vec<u8> = (0..7000u32).map(|i| (i % 251) as u8).collect();
+    let large = ipv4(sim.nodes[0].overlay, WORKLOAD, &payload);
+    sim.send(0, &large);
+    assert_eq!(sim.nodes[2].device.handover_status().waiting, 1);
+    let before = sim.nodes[2].delivered.len();
+    sim.nodes[2].device.set_workload_routing(held);
+    sim.nodes[2].device.set_addresses_up([WORKLOAD.into()]);
+    // A batch of a smaller room (the MTU lowered meanwhile).
+    let mut tun = TunBatch::new(4, 16, 2048);
+    assert_eq!(sim.release(2, &mut tun), 1);
+    assert_eq!(sim.nodes[2].delivered[before..], [large]);
 }
 
 #[test]
@@ -1277,5 +1384,82 @@ mod policy {
         sim.advance(Duration::from_secs(200));
         let flows = sim.nodes[1].device.firewall_status().flows.unwrap();
         assert_eq!((flows.flows, flows.expired), (0, 1), "{flows:?}");
+    }
+
+    /// A new holder checks what it keeps back against the policy at once: a peer the policy
+    /// lets reach the awaited address on one port cannot fill its queue with packets to
+    /// another (dropped at once, counted as denied), and with packets the policy allows it
+    /// pushes out only its own, not another peer's.
+    #[test]
+    fn an_awaited_address_keeps_back_only_what_the_policy_allows_and_no_peer_crowds_out_another() {
+        use meshlink_agent::dataplane::handover::HANDOVER_PACKETS;
+        use meshlink_proto::workload::WorkloadInfo;
+        let mut sim = mesh();
+        let mut map = map_of(&sim, &[]);
+        let web: ipnet::IpNet = format!("{WORKLOAD}/32").parse().unwrap();
+        map.workloads.insert(
+            "web".into(),
+            WorkloadInfo {
+                id: 1,
+                name: "web".into(),
+                address: web,
+                holder: Some(3),
+                generation: 2,
+                previous: Some(2),
+                candidates: vec![2, 3],
+                grace_ms: None,
+                tags: Vec::new(),
+            },
+        );
+        let policy = Policy {
+            version: 1,
+            rules: vec![rule(1, "*", "workload:web", "udp:5000")],
+        };
+        let compiled = Arc::new(CompiledPolicy::compile(&policy, &map, 3));
+        let firewall = |held: bool| FirewallConfig {
+            local: Some(
+                map.routed_to(3)
+                    .into_iter()
+                    .chain(held.then_some(web))
+                    .collect(),
+            ),
+            policy: Some(compiled.clone()),
+        };
+        sim.nodes[2].device.set_firewall(firewall(false));
+        let held = await_workload_at_node_2(&mut sim);
+        let (n0, n1) = (sim.nodes[0].overlay, sim.nodes[1].overlay);
+        let mine: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| ipv4_ports(n0, 4000, WORKLOAD, 5000, &[i; 8]))
+            .collect();
+        for p in &mine {
+            sim.send(0, p);
+        }
+        // Node 1 floods: first to a port the policy denies, then to the one it allows.
+        for i in 0..600u16 {
+            sim.send(1, &tcp(n1, 40000 + i, WORKLOAD, 23, SYN, b""));
+        }
+        let st = sim.nodes[2].device.handover_status();
+        assert_eq!((st.queued, st.denied, st.waiting), (603, 600, 3));
+        assert_eq!(drops(&sim, 2, 1).policy_denied, 600);
+        for i in 0..600u16 {
+            sim.send(1, &ipv4_ports(n1, 4000, WORKLOAD, 5000, &i.to_be_bytes()));
+        }
+        let st = sim.nodes[2].device.handover_status();
+        assert_eq!(st.waiting, HANDOVER_PACKETS as u64);
+        assert_eq!(st.full, 603 - HANDOVER_PACKETS as u64);
+        // Confirmed and up: node 0's packets were all kept, and come out first.
+        let before = sim.nodes[2].delivered.len();
+        sim.nodes[2].device.set_firewall(firewall(true));
+        sim.nodes[2].device.set_workload_routing(held);
+        sim.nodes[2].device.set_addresses_up([WORKLOAD.into()]);
+        let mut tun = TunBatch::new(64, 16, 2048);
+        assert_eq!(sim.release(2, &mut tun), HANDOVER_PACKETS);
+        assert_eq!(sim.nodes[2].delivered[before..before + 3], mine[..]);
+        let st = sim.nodes[2].device.handover_status();
+        assert_eq!(
+            st.queued,
+            st.released + st.denied + st.full + st.waiting,
+            "{st:?}"
+        );
     }
 }

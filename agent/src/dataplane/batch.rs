@@ -214,13 +214,25 @@ impl TunBatch {
         self.count = self.count.min(len);
     }
 
-    /// Appends a copy of `packet` (at most the slot's room; longer ones are cut, which no IP
-    /// packet from a TUN-sized batch is).
+    /// Appends a copy of `packet`, whole: a packet longer than the batch's room (one kept back
+    /// at a handover before the interface's MTU was lowered) gets a slot grown to fit it,
+    /// never a cut copy, which would reach the TUN device as a broken IP packet (and could
+    /// make the kernel refuse the whole batch).
     pub fn push_copy(&mut self, packet: &[u8]) {
         let slot = self.slot();
-        let n = packet.len().min(slot.len());
-        slot[..n].copy_from_slice(&packet[..n]);
-        self.commit(n);
+        if let Some(slot) = slot.get_mut(..packet.len()) {
+            slot.copy_from_slice(packet);
+        } else {
+            let b = &mut self.bufs[self.count];
+            b.truncate(self.headroom);
+            b.extend_from_slice(packet);
+        }
+        self.commit(packet.len());
+    }
+
+    /// Packets the batch takes before it grows.
+    pub fn free(&self) -> usize {
+        self.bufs.len() - self.count
     }
 
     /// Number of packets held.
@@ -308,5 +320,26 @@ mod tests {
         assert_eq!(t.buffers_mut()[0].len(), 13);
         t.clear();
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_copied_packet_is_never_cut() {
+        let mut t = TunBatch::new(2, 10, 100);
+        assert_eq!(t.free(), 2);
+        let long: Vec<u8> = (0..250u32).map(|i| i as u8).collect();
+        t.push_copy(&[7; 40]);
+        t.push_copy(&long);
+        assert_eq!(t.free(), 0);
+        assert_eq!(t.packet(0), &[7; 40][..]);
+        assert_eq!(t.packet(1), &long[..], "whole, longer than the room");
+        assert_eq!(t.buffers_mut()[1].len(), 10 + 250, "headroom kept");
+        t.clear();
+        // The grown slot serves a packet of the usual room again.
+        t.push_copy(&[1; 20]);
+        t.push_copy(&[2; 100]);
+        assert_eq!(
+            t.packets().collect::<Vec<_>>(),
+            vec![&[1; 20][..], &[2; 100][..]]
+        );
     }
 }

@@ -174,6 +174,16 @@ pub enum Verdict {
     Denied,
 }
 
+/// What the firewall checks of a decrypted packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Check {
+    /// The destination check and the policy: a packet about to reach the TUN device.
+    Full,
+    /// The policy alone: a packet kept back for a workload address this node awaits, which is
+    /// not one of its destinations yet (see `handover`). It is checked in full at its release.
+    Policy,
+}
+
 /// Local destinations in one order, host bits cleared.
 fn normalise(local: Option<Vec<IpNet>>) -> Option<Vec<IpNet>> {
     local.map(|mut nets| {
@@ -343,20 +353,27 @@ impl Firewall {
         false
     }
 
-    /// The verdict on a decrypted packet (`dst` is its destination). A packet of a new flow
-    /// that the policy allows is recorded in `flows`; the counters count drops device-wide.
-    /// `memo` is the batch's (see [`Memo`]).
+    /// The verdict on a decrypted packet (`dst` is its destination), with `check` (the
+    /// destination check is skipped for [`Check::Policy`]). A packet of a new flow that the
+    /// policy allows is recorded in `flows`; the counters count drops device-wide. `memo` is
+    /// the batch's (see [`Memo`]).
     #[inline]
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn inbound(
         &self,
         packet: &[u8],
         dst: Option<IpAddr>,
+        check: Check,
         flows: Option<&Conntrack>,
         now: Duration,
         counters: &FirewallCounters,
         memo: &mut Memo,
     ) -> Verdict {
+        let full = check == Check::Full;
         let (Some(policy), Some(flows)) = (&self.policy, flows) else {
+            if !full || self.local.is_none() {
+                return Verdict::Pass;
+            }
             if dst.is_some() && memo.dst == dst {
                 return Verdict::Pass;
             }
@@ -375,13 +392,13 @@ impl Firewall {
             return Verdict::Pass;
         }
         let Some(p) = Packet::parse(packet) else {
-            return if self.is_local(dst, counters) {
+            return if !full || self.is_local(dst, counters) {
                 deny()
             } else {
                 Verdict::NotLocal
             };
         };
-        if !self.is_local(dst, counters) {
+        if full && !self.is_local(dst, counters) {
             return Verdict::NotLocal;
         }
         let remember = |memo: &mut Memo| {
@@ -636,6 +653,7 @@ mod tests {
             self.fw.inbound(
                 p,
                 Some(dst),
+                Check::Full,
                 Some(&self.flows),
                 self.now,
                 &self.counters,
@@ -840,6 +858,57 @@ mod tests {
         assert_eq!(st.rules, vec![RuleCount { line: 5, flows: 0 }]);
     }
 
+    /// A packet kept back for an awaited workload address (not local yet) is checked against
+    /// the policy alone; the destination check waits for its release.
+    #[test]
+    fn the_policy_check_alone_skips_the_destination_check() {
+        // A destination the policy speaks of that is not local (yet), as an awaited address.
+        const AWAITED: [u8; 4] = [10, 1, 0, 5];
+        let policy = compiled(1, vec![rule(1, "node:b", "node:a", "tcp:22")]);
+        let fw = Fw::new(Some(&["100.64.0.1/32"]), Some(policy));
+        let policy_only = |p: &[u8]| {
+            fw.fw.inbound(
+                p,
+                Some(IpAddr::from([p[16], p[17], p[18], p[19]])),
+                Check::Policy,
+                Some(&fw.flows),
+                fw.now,
+                &fw.counters,
+                &mut Memo::default(),
+            )
+        };
+        assert_eq!(policy_only(&tcp(B, 40000, AWAITED, 22, SYN)), Verdict::Pass);
+        assert_eq!(
+            policy_only(&tcp(B, 40000, AWAITED, 23, SYN)),
+            Verdict::Denied
+        );
+        let mut cut_short = tcp(B, 40000, AWAITED, 22, SYN);
+        cut_short.truncate(24);
+        assert_eq!(policy_only(&cut_short), Verdict::Denied, "unparsable");
+        let st = fw.status();
+        assert_eq!((st.not_local, st.denied), (0, 2));
+        // In full, the same destination is not local (until it is held).
+        assert_eq!(
+            fw.inbound(&tcp(B, 40000, AWAITED, 22, ACK)),
+            Verdict::NotLocal
+        );
+        // Without a policy, nothing to check; the destination check is not made either.
+        let open = Fw::new(Some(LOCAL), None);
+        let mut memo = Memo::default();
+        let v = open.fw.inbound(
+            &tcp(B, 1, AWAITED, 23, SYN),
+            Some(IpAddr::from(AWAITED)),
+            Check::Policy,
+            None,
+            open.now,
+            &open.counters,
+            &mut memo,
+        );
+        assert_eq!(v, Verdict::Pass);
+        assert_eq!(memo.dst, None, "not remembered as local");
+        assert_eq!(open.status().not_local, 0);
+    }
+
     #[test]
     fn a_batch_remembers_only_plain_packets_of_a_flow_that_passed() {
         let policy = compiled(1, vec![rule(1, "node:b", "node:a", "tcp:22")]);
@@ -849,6 +918,7 @@ mod tests {
             fw.fw.inbound(
                 p,
                 Some(IpAddr::from([p[16], p[17], p[18], p[19]])),
+                Check::Full,
                 Some(&fw.flows),
                 fw.now,
                 &fw.counters,
@@ -952,6 +1022,7 @@ mod tests {
                 let v = fw.fw.inbound(
                     std::hint::black_box(&data),
                     dst,
+                    Check::Full,
                     Some(&fw.flows),
                     fw.now,
                     &fw.counters,

@@ -9,20 +9,40 @@
 //! one answerer per address.
 //!
 //! ```text
-//!  decrypted packet for an awaited address ──> push ──> queue of its address (oldest dropped when full: `full`)
-//!  address held and up ──> release ──> ready, in arrival order ──> Device::take_released ──> firewall ──> TUN
+//!  decrypted packet for an awaited address ──> policy (`Device`) ──denied──> dropped (`denied`)
+//!      ──> push ──> queue of its address, by sender (no room: the largest share loses its oldest, `full`)
+//!  address held and up ──> release ──> ready, in arrival order ──> Device::take_released, a batch at a time
+//!      ──> firewall in full (`denied`, `not_local`) ──> TUN; the address stays kept back until all is written
 //!  address neither awaited nor held any more ──> discard (`abandoned`)
 //!  older than the timeout ──> expire (`timed_out`)
 //! ```
 //!
-//! Bounded: per address in packets and bytes, and in bytes over all addresses; every packet
-//! waits at most [`HANDOVER_TIMEOUT`]. Each kept packet is copied into a buffer of its own:
-//! handovers are rare and short (about one round trip), so the steady packet path still
-//! allocates nothing. Pure and given time (the data plane's clock, see `Device::set_time`).
+//! Bounded: per address in packets and bytes, over all addresses in bytes, and every packet
+//! waits at most [`HANDOVER_TIMEOUT`]. Shares are weighed by cost: a packet costs its length,
+//! and at least [`HandoverLimits::bytes`] / [`HandoverLimits::packets`] (1 KiB by default), so
+//! that a flood of small packets weighs what it takes of a queue's 512 packets. The total
+//! bound is on the cost, which is never less than the bytes held.
+//!
+//! Fair when full: the queues are shared by peers that do not trust each other (any peer the
+//! policy lets reach the address on some port can send to it), so no one sender may push the
+//! others out. Within an address, packets are kept per sender (the peer that delivered them;
+//! the old holder relaying everyone's packets counts as one), and a packet that finds no room
+//! takes it from the sender with the largest share, counting the packet itself: a flood evicts
+//! only the flooder's own oldest packets once its share is the largest, and a sender with less
+//! always finds room. Over all addresses, room is taken the same way from the address with
+//! the largest share, so that a few flooded addresses cannot starve the others (each can
+//! always get its even share of the total). Evicting the oldest (not refusing the newest)
+//! keeps what a sender sent last, the most useful once delivered.
+//!
+//! Each kept packet is copied into a buffer of its own: handovers are rare and short (about
+//! one round trip), so the steady packet path still allocates nothing. Pure and given time
+//! (the data plane's clock, see `Device::set_time`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::time::Duration;
+
+use meshlink_proto::PublicKey;
 
 use super::status::HandoverStatus;
 
@@ -61,18 +81,58 @@ impl Default for HandoverLimits {
     }
 }
 
-/// One packet kept back, with when it arrived.
+/// What became of a released packet (see [`HandoverQueues::count`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Delivered to the TUN device.
+    Released,
+    /// The policy denied it.
+    Denied,
+    /// Its address was no longer a local destination.
+    NotLocal,
+}
+
+/// One packet kept back: when it arrived, its place in the arrival order, its cost.
 #[derive(Debug)]
 struct Kept {
     at: Duration,
+    seq: u64,
+    cost: usize,
     packet: Vec<u8>,
 }
 
-/// The packets of one address, oldest first.
+/// The packets of one sender to one address, oldest first.
+#[derive(Debug, Default)]
+struct Share {
+    packets: VecDeque<Kept>,
+    cost: usize,
+}
+
+/// The packets of one address, by sender. An address keeps its (possibly empty) queue until
+/// it is released or discarded, so that it stays kept back until then.
 #[derive(Debug, Default)]
 struct Queue {
-    packets: VecDeque<Kept>,
-    bytes: usize,
+    senders: HashMap<PublicKey, Share>,
+    cost: usize,
+    packets: usize,
+}
+
+impl Queue {
+    /// The sender whose share is the largest, `incoming` (a sender and the cost of the packet
+    /// it brings) counted with its packet; ties go to `incoming`.
+    fn largest_sender(&self, incoming: Option<(PublicKey, usize)>) -> Option<PublicKey> {
+        let mut best: Option<(PublicKey, usize)> =
+            incoming.map(|(s, c)| (s, c + self.senders.get(&s).map_or(0, |sh| sh.cost)));
+        for (s, share) in &self.senders {
+            if incoming.is_some_and(|(i, _)| i == *s) {
+                continue;
+            }
+            if best.is_none_or(|(_, c)| share.cost > c) {
+                best = Some((*s, share.cost));
+            }
+        }
+        best.map(|(s, _)| s)
+    }
 }
 
 /// What happened to the packets kept back, since the start (see [`HandoverStatus`]).
@@ -80,6 +140,8 @@ struct Queue {
 struct Counts {
     queued: u64,
     released: u64,
+    denied: u64,
+    not_local: u64,
     full: u64,
     timed_out: u64,
     abandoned: u64,
@@ -92,8 +154,15 @@ pub struct HandoverQueues {
     limits: HandoverLimits,
     queues: HashMap<IpAddr, Queue>,
     ready: VecDeque<Kept>,
-    /// Bytes in `queues` and `ready`.
+    /// Addresses released whose packets are not all written yet (see
+    /// [`HandoverQueues::finish`]).
+    releasing: HashSet<IpAddr>,
+    /// The cost of the packets in `queues` and `ready`.
     total: usize,
+    /// Their bytes.
+    bytes: usize,
+    /// The arrival order.
+    seq: u64,
     counts: Counts,
 }
 
@@ -106,41 +175,124 @@ impl HandoverQueues {
         }
     }
 
-    /// Keeps `packet`, addressed to `dst`, back at `now`. The oldest packets of `dst` make room
-    /// when its queue is full (counted `full`); a packet that finds no room over all
-    /// addresses (or is larger than a queue) is dropped itself (`full`).
-    pub fn push(&mut self, dst: IpAddr, packet: &[u8], now: Duration) {
+    /// What a packet of `len` bytes costs (see the module documentation): its length, and at
+    /// least an even part of an address's bytes among its packets.
+    fn cost(&self, len: usize) -> usize {
+        len.max(self.limits.bytes / self.limits.packets.max(1))
+    }
+
+    /// Keeps `packet`, addressed to `dst` and delivered by `sender`, back at `now`. A packet
+    /// that finds no room takes it from the largest share (counted `full`), which may be its
+    /// own sender's (then its oldest go) or itself (then it is dropped); see the module
+    /// documentation.
+    pub fn push(&mut self, dst: IpAddr, sender: PublicKey, packet: &[u8], now: Duration) {
         self.counts.queued += 1;
         let limits = self.limits;
-        let len = packet.len();
-        if len > limits.bytes || len > limits.total_bytes || limits.packets == 0 {
+        let cost = self.cost(packet.len());
+        if limits.packets == 0 || cost > limits.bytes || cost > limits.total_bytes {
             self.counts.full += 1;
             return;
         }
-        let q = self.queues.entry(dst).or_default();
-        Self::expire_queue(q, &mut self.total, &mut self.counts, now, limits.timeout);
-        while !q.packets.is_empty()
-            && (q.packets.len() >= limits.packets
-                || q.bytes + len > limits.bytes
-                || self.total + len > limits.total_bytes)
-        {
-            if let Some(old) = q.packets.pop_front() {
-                q.bytes -= old.packet.len();
-                self.total -= old.packet.len();
+        if let Some(q) = self.queues.get_mut(&dst) {
+            Self::expire_queue(
+                q,
+                &mut self.total,
+                &mut self.bytes,
+                &mut self.counts,
+                now,
+                limits.timeout,
+            );
+        }
+        loop {
+            let (own, own_packets) = self
+                .queues
+                .get(&dst)
+                .map_or((0, 0), |q| (q.cost, q.packets));
+            let over_address = own + cost > limits.bytes || own_packets >= limits.packets;
+            if !over_address && self.total + cost <= limits.total_bytes {
+                break;
+            }
+            let from = if over_address {
+                dst
+            } else {
+                self.largest_address(dst, own + cost)
+            };
+            let incoming = (from == dst).then_some((sender, cost));
+            let victim = self
+                .queues
+                .get(&from)
+                .map_or(Some(sender), |q| q.largest_sender(incoming));
+            let evicted = victim.is_some_and(|s| self.evict_oldest(from, s));
+            if !evicted {
+                // The packet itself is the largest share (or the room is held by packets
+                // released and not taken yet).
                 self.counts.full += 1;
+                return;
             }
         }
-        if self.total + len > limits.total_bytes {
-            // Other addresses hold the room: their packets came first.
-            self.counts.full += 1;
-            return;
-        }
-        q.packets.push_back(Kept {
+        self.seq += 1;
+        let share = self
+            .queues
+            .entry(dst)
+            .or_default()
+            .senders
+            .entry(sender)
+            .or_default();
+        share.packets.push_back(Kept {
             at: now,
+            seq: self.seq,
+            cost,
             packet: packet.to_vec(),
         });
-        q.bytes += len;
-        self.total += len;
+        share.cost += cost;
+        if let Some(q) = self.queues.get_mut(&dst) {
+            q.cost += cost;
+            q.packets += 1;
+        }
+        self.total += cost;
+        self.bytes += packet.len();
+    }
+
+    /// The address whose queue costs the most, `dst` counted at `dst_cost`; ties go to `dst`.
+    fn largest_address(&self, dst: IpAddr, dst_cost: usize) -> IpAddr {
+        let mut best = (dst, dst_cost);
+        for (a, q) in &self.queues {
+            if *a != dst && q.cost > best.1 {
+                best = (*a, q.cost);
+            }
+        }
+        best.0
+    }
+
+    /// Drops the oldest packet `sender` has queued for `dst` (counted `full`); false if it has
+    /// none.
+    fn evict_oldest(&mut self, dst: IpAddr, sender: PublicKey) -> bool {
+        let Some(q) = self.queues.get_mut(&dst) else {
+            return false;
+        };
+        let Some(share) = q.senders.get_mut(&sender) else {
+            return false;
+        };
+        let Some(k) = share.packets.pop_front() else {
+            return false;
+        };
+        share.cost -= k.cost;
+        if share.packets.is_empty() {
+            q.senders.remove(&sender);
+        }
+        q.cost -= k.cost;
+        q.packets -= 1;
+        self.total -= k.cost;
+        self.bytes -= k.packet.len();
+        self.counts.full += 1;
+        true
+    }
+
+    /// A packet for an awaited address that the policy denied on arrival: counted `queued`
+    /// and `denied`, not kept.
+    pub fn denied_on_arrival(&mut self) {
+        self.counts.queued += 1;
+        self.counts.denied += 1;
     }
 
     /// Drops every packet that has waited the timeout at `now` (counted `timed_out`), released
@@ -148,16 +300,23 @@ impl HandoverQueues {
     pub fn expire(&mut self, now: Duration) {
         let timeout = self.limits.timeout;
         for q in self.queues.values_mut() {
-            Self::expire_queue(q, &mut self.total, &mut self.counts, now, timeout);
+            Self::expire_queue(
+                q,
+                &mut self.total,
+                &mut self.bytes,
+                &mut self.counts,
+                now,
+                timeout,
+            );
         }
-        self.queues.retain(|_, q| !q.packets.is_empty());
         while self
             .ready
             .front()
             .is_some_and(|k| now.saturating_sub(k.at) >= timeout)
         {
             if let Some(k) = self.ready.pop_front() {
-                self.total -= k.packet.len();
+                self.total -= k.cost;
+                self.bytes -= k.packet.len();
                 self.counts.timed_out += 1;
             }
         }
@@ -166,39 +325,57 @@ impl HandoverQueues {
     fn expire_queue(
         q: &mut Queue,
         total: &mut usize,
+        bytes: &mut usize,
         counts: &mut Counts,
         now: Duration,
         timeout: Duration,
     ) {
-        while q
-            .packets
-            .front()
-            .is_some_and(|k| now.saturating_sub(k.at) >= timeout)
-        {
-            if let Some(k) = q.packets.pop_front() {
-                q.bytes -= k.packet.len();
-                *total -= k.packet.len();
-                counts.timed_out += 1;
+        for share in q.senders.values_mut() {
+            while share
+                .packets
+                .front()
+                .is_some_and(|k| now.saturating_sub(k.at) >= timeout)
+            {
+                if let Some(k) = share.packets.pop_front() {
+                    share.cost -= k.cost;
+                    q.cost -= k.cost;
+                    q.packets -= 1;
+                    *total -= k.cost;
+                    *bytes -= k.packet.len();
+                    counts.timed_out += 1;
+                }
             }
         }
+        q.senders.retain(|_, s| !s.packets.is_empty());
     }
 
-    /// The addresses that have packets kept back.
+    /// The addresses kept back: with a queue (perhaps emptied), or released with packets not
+    /// all written yet.
     pub fn addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.queues
-            .iter()
-            .filter(|(_, q)| !q.packets.is_empty())
-            .map(|(a, _)| *a)
+            .keys()
+            .chain(
+                self.releasing
+                    .iter()
+                    .filter(|a| !self.queues.contains_key(a)),
+            )
+            .copied()
     }
 
-    /// Whether packets of `dst` are kept back.
+    /// The addresses with a queue, which [`HandoverQueues::release`] would release.
+    pub fn queued(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.queues.keys().copied()
+    }
+
+    /// Whether packets of `dst` are queued.
     pub fn has(&self, dst: IpAddr) -> bool {
-        self.queues.get(&dst).is_some_and(|q| !q.packets.is_empty())
+        self.queues.get(&dst).is_some_and(|q| q.cost > 0)
     }
 
     /// `dst` may be answered now: its packets, in arrival order, join those released before
     /// (taken with [`HandoverQueues::pop_ready`]); those that waited the timeout at `now` are
-    /// dropped (`timed_out`).
+    /// dropped (`timed_out`). `dst` stays kept back ([`HandoverQueues::addresses`]) until
+    /// [`HandoverQueues::finish`].
     pub fn release(&mut self, dst: IpAddr, now: Duration) {
         let Some(mut q) = self.queues.remove(&dst) else {
             return;
@@ -206,28 +383,64 @@ impl HandoverQueues {
         Self::expire_queue(
             &mut q,
             &mut self.total,
+            &mut self.bytes,
             &mut self.counts,
             now,
             self.limits.timeout,
         );
-        self.ready.extend(q.packets);
+        let mut kept: Vec<Kept> = q.senders.into_values().flat_map(|s| s.packets).collect();
+        kept.sort_unstable_by_key(|k| k.seq);
+        self.ready.extend(kept);
+        self.releasing.insert(dst);
+    }
+
+    /// Every packet released was taken and written: the addresses released stop being kept
+    /// back. Returns whether any was (nothing happens while released packets wait).
+    pub fn finish(&mut self) -> bool {
+        if !self.ready.is_empty() || self.releasing.is_empty() {
+            return false;
+        }
+        self.releasing.clear();
+        true
+    }
+
+    /// Whether released addresses wait for [`HandoverQueues::finish`].
+    pub fn is_releasing(&self) -> bool {
+        !self.releasing.is_empty()
     }
 
     /// `dst` will not be answered here after all (the workload went elsewhere, the preparation
-    /// ended, the lease ran out): its packets are dropped (`abandoned`).
+    /// ended, the lease ran out): its packets are dropped (`abandoned`). Released ones still
+    /// go through the firewall, which refuses them once the address is not local.
     pub fn discard(&mut self, dst: IpAddr) {
+        self.releasing.remove(&dst);
         if let Some(q) = self.queues.remove(&dst) {
-            self.total -= q.bytes;
-            self.counts.abandoned += q.packets.len() as u64;
+            for share in q.senders.into_values() {
+                for k in share.packets {
+                    self.total -= k.cost;
+                    self.bytes -= k.packet.len();
+                    self.counts.abandoned += 1;
+                }
+            }
         }
     }
 
-    /// The oldest released packet not taken yet, counted `released`.
+    /// The oldest released packet not taken yet. Say what became of it with
+    /// [`HandoverQueues::count`].
     pub fn pop_ready(&mut self) -> Option<Vec<u8>> {
         let k = self.ready.pop_front()?;
-        self.total -= k.packet.len();
-        self.counts.released += 1;
+        self.total -= k.cost;
+        self.bytes -= k.packet.len();
         Some(k.packet)
+    }
+
+    /// Counts what became of a packet taken with [`HandoverQueues::pop_ready`].
+    pub fn count(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Released => self.counts.released += 1,
+            Outcome::Denied => self.counts.denied += 1,
+            Outcome::NotLocal => self.counts.not_local += 1,
+        }
     }
 
     /// Whether released packets wait to be taken.
@@ -238,15 +451,13 @@ impl HandoverQueues {
     /// The counters, and what is kept back now.
     pub fn status(&self) -> HandoverStatus {
         HandoverStatus {
-            waiting: self
-                .queues
-                .values()
-                .map(|q| q.packets.len() as u64)
-                .sum::<u64>()
+            waiting: self.queues.values().map(|q| q.packets as u64).sum::<u64>()
                 + self.ready.len() as u64,
-            waiting_bytes: self.total as u64,
+            waiting_bytes: self.bytes as u64,
             queued: self.counts.queued,
             released: self.counts.released,
+            denied: self.counts.denied,
+            not_local: self.counts.not_local,
             full: self.counts.full,
             timed_out: self.counts.timed_out,
             abandoned: self.counts.abandoned,
@@ -267,6 +478,13 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// Sender `n`.
+    fn peer(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
+    const A: u8 = 1;
+
     fn limits(packets: usize, bytes: usize, total_bytes: usize) -> HandoverLimits {
         HandoverLimits {
             packets,
@@ -277,22 +495,29 @@ mod tests {
     }
 
     fn drain(q: &mut HandoverQueues) -> Vec<Vec<u8>> {
-        std::iter::from_fn(|| q.pop_ready()).collect()
+        std::iter::from_fn(|| {
+            let p = q.pop_ready()?;
+            q.count(Outcome::Released);
+            Some(p)
+        })
+        .collect()
     }
 
     /// Every packet queued is accounted for: waiting, released or dropped for a named reason.
     fn balanced(q: &HandoverQueues) -> bool {
         let s = q.status();
-        s.queued == s.waiting + s.released + s.full + s.timed_out + s.abandoned
+        s.queued
+            == s.waiting + s.released + s.denied + s.not_local + s.full + s.timed_out + s.abandoned
     }
 
     #[test]
     fn released_packets_come_out_in_arrival_order() {
         let mut q = HandoverQueues::new(HandoverLimits::default());
-        for i in 0..5u8 {
-            q.push(ip(10), &[i; 40], ms(u64::from(i)));
+        // Three senders, interleaved: the order of arrival holds across them.
+        for i in 0..6u8 {
+            q.push(ip(10), peer(1 + i % 3), &[i; 40], ms(u64::from(i)));
         }
-        q.push(ip(11), &[9; 40], ms(5));
+        q.push(ip(11), peer(A), &[9; 40], ms(5));
         assert!(q.has(ip(10)) && q.has(ip(11)));
         assert!(!q.has_ready());
         assert_eq!(
@@ -303,9 +528,9 @@ mod tests {
         q.release(ip(10), ms(100));
         assert!(!q.has(ip(10)) && q.has(ip(11)));
         let out = drain(&mut q);
-        assert_eq!(out, (0..5u8).map(|i| vec![i; 40]).collect::<Vec<_>>());
+        assert_eq!(out, (0..6u8).map(|i| vec![i; 40]).collect::<Vec<_>>());
         let s = q.status();
-        assert_eq!((s.queued, s.released, s.waiting), (6, 5, 1));
+        assert_eq!((s.queued, s.released, s.waiting), (7, 6, 1));
         assert_eq!(s.waiting_bytes, 40);
         // Releasing an address with nothing kept back changes nothing.
         q.release(ip(12), ms(100));
@@ -313,11 +538,33 @@ mod tests {
     }
 
     #[test]
+    fn a_released_address_stays_kept_back_until_its_packets_are_all_taken() {
+        let mut q = HandoverQueues::new(HandoverLimits::default());
+        q.push(ip(10), peer(A), &[1; 40], ms(0));
+        q.push(ip(10), peer(A), &[2; 40], ms(0));
+        assert!(!q.finish(), "nothing released");
+        q.release(ip(10), ms(1));
+        assert_eq!(q.addresses().collect::<Vec<_>>(), vec![ip(10)]);
+        assert!(q.is_releasing());
+        assert_eq!(q.pop_ready(), Some(vec![1; 40]));
+        assert!(!q.finish(), "one packet still to be taken");
+        // A packet that arrives meanwhile is queued behind, and released after the others.
+        q.push(ip(10), peer(A), &[3; 40], ms(2));
+        q.release(ip(10), ms(2));
+        assert_eq!(q.pop_ready(), Some(vec![2; 40]));
+        assert_eq!(q.pop_ready(), Some(vec![3; 40]));
+        assert!(q.addresses().any(|a| a == ip(10)), "until written");
+        assert!(q.finish());
+        assert_eq!(q.addresses().count(), 0);
+        assert!(!q.is_releasing() && !q.finish());
+    }
+
+    #[test]
     fn a_full_queue_drops_its_oldest_packets_and_counts_them() {
         // Three packets per address.
         let mut q = HandoverQueues::new(limits(3, 10_000, 100_000));
         for i in 0..5u8 {
-            q.push(ip(10), &[i; 100], ms(1));
+            q.push(ip(10), peer(A), &[i; 100], ms(1));
         }
         assert_eq!(q.status().full, 2);
         q.release(ip(10), ms(2));
@@ -325,26 +572,27 @@ mod tests {
             drain(&mut q),
             vec![vec![2; 100], vec![3; 100], vec![4; 100]]
         );
-        // 250 bytes per address: the fourth 100-byte packet pushes the first out.
+        // 250 bytes per address: the third 100-byte packet pushes the first out.
         let mut q = HandoverQueues::new(limits(100, 250, 100_000));
         for i in 0..3u8 {
-            q.push(ip(10), &[i; 100], ms(1));
+            q.push(ip(10), peer(A), &[i; 100], ms(1));
         }
         assert_eq!(q.status().full, 1);
         assert_eq!(q.status().waiting_bytes, 200);
         // A packet larger than a whole queue is dropped itself.
-        q.push(ip(10), &[7; 300], ms(1));
+        q.push(ip(10), peer(A), &[7; 300], ms(1));
         let s = q.status();
         assert_eq!(
             (s.full, s.waiting),
             (2, 2),
             "dropped itself; the queue stays"
         );
-        // Over all addresses: 300 bytes. Another address's packets are not taken for room.
+        // Over all addresses: 300 bytes. The address with the most makes room: here the one
+        // the packet is for.
         let mut q = HandoverQueues::new(limits(100, 250, 300));
-        q.push(ip(10), &[1; 200], ms(1));
-        q.push(ip(11), &[2; 100], ms(1));
-        q.push(ip(11), &[3; 100], ms(1));
+        q.push(ip(10), peer(A), &[1; 200], ms(1));
+        q.push(ip(11), peer(A), &[2; 100], ms(1));
+        q.push(ip(11), peer(A), &[3; 100], ms(1));
         let s = q.status();
         assert_eq!((s.waiting, s.waiting_bytes, s.full), (2, 300, 1));
         q.release(ip(10), ms(2));
@@ -353,11 +601,99 @@ mod tests {
         assert_eq!(q.status().waiting_bytes, 0);
     }
 
+    /// A peer that floods an address (with small packets the policy lets through, say) evicts
+    /// only its own packets once its share is the largest: the others' stay.
+    #[test]
+    fn a_flooding_sender_evicts_its_own_packets_not_the_others() {
+        const FLOOD: u8 = 7;
+        let mut q = HandoverQueues::new(HandoverLimits::default());
+        for i in 0..3u8 {
+            q.push(ip(10), peer(A), &[i; 1000], ms(1));
+            q.push(ip(10), peer(2), &[100 + i; 80], ms(1));
+        }
+        for _ in 0..5000 {
+            q.push(ip(10), peer(FLOOD), &[0xff; 28], ms(2));
+        }
+        let s = q.status();
+        assert_eq!(s.waiting, HANDOVER_PACKETS as u64, "the queue is full");
+        assert_eq!(s.full, 5000 + 6 - HANDOVER_PACKETS as u64);
+        // A sender with less still finds room: from the flood.
+        q.push(ip(10), peer(2), &[103; 80], ms(3));
+        q.release(ip(10), ms(4));
+        let out = drain(&mut q);
+        let mine: Vec<Vec<u8>> = out.iter().filter(|p| p[0] != 0xff).cloned().collect();
+        assert_eq!(
+            mine,
+            vec![
+                vec![0; 1000],
+                vec![100; 80],
+                vec![1; 1000],
+                vec![101; 80],
+                vec![2; 1000],
+                vec![102; 80],
+                vec![103; 80],
+            ]
+        );
+        assert_eq!(out.len(), HANDOVER_PACKETS);
+        assert!(balanced(&q));
+
+        // Large packets: shares are weighed by cost (here their bytes).
+        let mut q = HandoverQueues::new(limits(512, 8192, 1 << 20));
+        q.push(ip(10), peer(A), &[1; 1000], ms(1));
+        for _ in 0..20 {
+            q.push(ip(10), peer(FLOOD), &[0xff; 1400], ms(2));
+        }
+        q.release(ip(10), ms(3));
+        let out = drain(&mut q);
+        assert_eq!(out[0], vec![1; 1000], "kept: {} packets", out.len());
+        assert_eq!(out.len(), 1 + (8192 - 1000) / 1400);
+    }
+
+    /// Flooded addresses cannot take the whole of the total room: an address with less always
+    /// finds its even share, taken from the address with the most.
+    #[test]
+    fn flooded_addresses_do_not_starve_the_others() {
+        let mut q = HandoverQueues::new(HandoverLimits::default());
+        for flooded in 10..14u8 {
+            for _ in 0..1000 {
+                q.push(ip(flooded), peer(flooded), &[flooded; 1400], ms(1));
+            }
+        }
+        let s = q.status();
+        assert!(
+            s.waiting_bytes <= HANDOVER_TOTAL_BYTES as u64,
+            "{}",
+            s.waiting_bytes
+        );
+        // Four addresses of 374 packets each fill the 2 MiB; a fifth still gets its fifth.
+        let even = HANDOVER_TOTAL_BYTES / 5 / 1400;
+        for i in 0..even {
+            q.push(ip(20), peer(A), &[i as u8; 1400], ms(2));
+        }
+        assert!(q.status().waiting_bytes <= HANDOVER_TOTAL_BYTES as u64);
+        q.release(ip(20), ms(3));
+        let out = drain(&mut q);
+        assert_eq!(
+            out,
+            (0..even).map(|i| vec![i as u8; 1400]).collect::<Vec<_>>(),
+            "none of its packets lost"
+        );
+        for flooded in 10..14u8 {
+            q.release(ip(flooded), ms(3));
+        }
+        let rest = drain(&mut q).len();
+        assert!(
+            rest >= 4 * even,
+            "each flooded address kept its share: {rest}"
+        );
+        assert!(balanced(&q));
+    }
+
     #[test]
     fn packets_wait_the_timeout_at_most() {
         let mut q = HandoverQueues::new(limits(100, 100_000, 100_000));
-        q.push(ip(10), &[1; 10], ms(0));
-        q.push(ip(10), &[2; 10], ms(1000));
+        q.push(ip(10), peer(A), &[1; 10], ms(0));
+        q.push(ip(10), peer(2), &[2; 10], ms(1000));
         q.expire(ms(2999));
         assert_eq!(q.status().timed_out, 0);
         q.expire(ms(3000));
@@ -368,7 +704,7 @@ mod tests {
         assert_eq!(q.pop_ready(), None);
         assert!(!q.has(ip(10)), "an emptied queue is forgotten");
         // Released and not taken in time: dropped too.
-        q.push(ip(10), &[3; 10], ms(5000));
+        q.push(ip(10), peer(A), &[3; 10], ms(5000));
         q.release(ip(10), ms(5001));
         q.expire(ms(8000));
         let s = q.status();
@@ -377,8 +713,8 @@ mod tests {
             (3, 0, 0, 0)
         );
         // A push expires the old packets of its address first.
-        q.push(ip(10), &[4; 10], ms(9000));
-        q.push(ip(10), &[5; 10], ms(12000));
+        q.push(ip(10), peer(A), &[4; 10], ms(9000));
+        q.push(ip(10), peer(A), &[5; 10], ms(12000));
         assert_eq!(q.status().timed_out, 4);
         assert_eq!(q.status().waiting, 1);
     }
@@ -386,9 +722,9 @@ mod tests {
     #[test]
     fn an_address_not_taken_after_all_drops_its_packets() {
         let mut q = HandoverQueues::new(HandoverLimits::default());
-        q.push(ip(10), &[1; 10], ms(0));
-        q.push(ip(10), &[2; 10], ms(0));
-        q.push(ip(11), &[3; 10], ms(0));
+        q.push(ip(10), peer(A), &[1; 10], ms(0));
+        q.push(ip(10), peer(2), &[2; 10], ms(0));
+        q.push(ip(11), peer(A), &[3; 10], ms(0));
         q.discard(ip(10));
         let s = q.status();
         assert_eq!((s.abandoned, s.waiting, s.waiting_bytes), (2, 1, 10));
@@ -401,21 +737,31 @@ mod tests {
     fn every_packet_is_accounted_for() {
         let mut q = HandoverQueues::new(limits(4, 1000, 1500));
         let mut t = 0;
-        for round in 0..50u64 {
+        for round in 0..80u64 {
             for k in 0..(round % 7) {
                 let dst = ip(10 + (k % 3) as u8);
-                q.push(dst, &vec![k as u8; 50 + (k as usize * 37) % 400], ms(t));
+                let len = 50 + (k as usize * 37) % 400;
+                q.push(dst, peer((k % 2) as u8), &vec![k as u8; len], ms(t));
                 t += 150;
             }
-            match round % 4 {
+            match round % 6 {
                 0 => q.release(ip(10), ms(t)),
                 1 => q.discard(ip(11)),
                 2 => q.expire(ms(t)),
+                3 => q.denied_on_arrival(),
+                4 => {
+                    if q.pop_ready().is_some() {
+                        q.count(Outcome::NotLocal);
+                    }
+                }
                 _ => {
-                    let _ = q.pop_ready();
+                    if q.pop_ready().is_some() {
+                        q.count(Outcome::Released);
+                    }
                 }
             }
             assert!(balanced(&q), "round {round}: {:?}", q.status());
+            assert!(q.total <= 1500 && q.bytes <= q.total, "round {round}");
         }
     }
 }

@@ -7,8 +7,8 @@
 //!  UDP read batch ──> Device::inbound  ──> peer by receiver index / handshake ──> decapsulate
 //!                                          ──> allowed-IPs check (src) ──> roam endpoint
 //!                                          ──> firewall (destination, policy; see `firewall`) ──> TunBatch ──> TUN (GRO)
-//!                                          ──> (an awaited workload address) kept back (see `handover`)
-//!  address held and up ──> Device::take_released ──> firewall ──> TunBatch ──> TUN
+//!                                          ──> (an awaited workload address) policy ──> kept back (see `handover`)
+//!  address held and up ──> Device::take_released, a batch at a time ──> firewall ──> TunBatch ──> TUN
 //!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
 //! ```
 //!
@@ -54,9 +54,9 @@ use crate::settings::{DeviceConfig, PeerConfig};
 pub use allowed_ips::AllowedIps;
 pub use batch::{NetBatch, TunBatch};
 use conntrack::Conntrack;
+use firewall::{Check, Firewall, Memo};
 pub use firewall::{CompiledPolicy, FirewallConfig, FirewallCounters, Verdict};
-use firewall::{Firewall, Memo};
-use handover::{HandoverLimits, HandoverQueues};
+use handover::{HandoverLimits, HandoverQueues, Outcome};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
 use status::{DeviceStatus, DropCounts, FirewallStatus, HandoverStatus, PeerStatus};
 
@@ -275,8 +275,6 @@ pub struct Device {
     handover: Mutex<HandoverQueues>,
     /// Packets for a workload address neither held, awaited nor forwarded here.
     not_held: AtomicU64,
-    /// Kept packets the firewall refused at their release.
-    refused: AtomicU64,
 }
 
 /// Makes a WireGuard session; tests may substitute their own engine.
@@ -374,7 +372,6 @@ impl Device {
             firewall_counters: FirewallCounters::default(),
             handover: Mutex::new(HandoverQueues::new(HandoverLimits::default())),
             not_held: AtomicU64::new(0),
-            refused: AtomicU64::new(0),
         };
         device.set_config(config);
         device
@@ -502,7 +499,8 @@ impl Device {
     /// Sets how workload addresses are forwarded, accepted and kept back; peers and sessions
     /// stay. Packets kept back for an address that is now neither awaited nor held are
     /// dropped (`abandoned`); those of an address now held and up wait for
-    /// [`Device::take_released`] (see [`Device::has_released`]).
+    /// [`Device::take_released`] (see [`Device::has_released`]), and so does what arrives
+    /// for it until they are all taken.
     pub fn set_workload_routing(&self, routing: WorkloadRouting) {
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         if t.workloads != routing {
@@ -554,55 +552,95 @@ impl Device {
         t.waiting = waiting;
     }
 
-    /// Whether kept packets may be delivered now ([`Device::take_released`]).
+    /// Whether [`Device::take_released`] has something to do: kept packets to deliver, or
+    /// addresses whose kept packets were all taken to let go of.
     pub fn has_released(&self) -> bool {
         let t = self.read();
         let q = self.handover();
-        q.has_ready() || q.addresses().any(|a| Self::releasable(&t, a))
+        q.has_ready() || q.is_releasing() || q.queued().any(|a| Self::releasable(&t, a))
     }
 
-    /// Moves the packets kept back for addresses that may be answered now (held and up) to
-    /// `tun`, in arrival order, through the firewall as if they arrived now; from then on the
-    /// packets of those addresses go to the TUN device directly. Returns how many.
+    /// Moves packets kept back for addresses that may be answered now (held and up) to `tun`,
+    /// in arrival order, through the firewall as if they arrived now: at most as many as
+    /// `tun` has free slots (at least one), so that it never grows. Returns how many.
+    ///
+    /// Call it until [`Device::has_released`] is false, writing `tun` to the TUN device
+    /// between calls (the call after the last packets were taken finds nothing left and lets
+    /// the addresses go). Until then what arrives for those addresses is kept back behind
+    /// the packets released, so nothing overtakes them however the caller's writes and
+    /// receives interleave; the agent makes them in its receive loop, between two receive
+    /// batches (`crate::run`). The table is held for writing only to move the queues, the
+    /// firewall runs under the read lock.
     pub fn take_released(&self, tun: &mut TunBatch) -> usize {
-        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         let now = self.now();
-        let mut q = self.handover();
-        let ready: Vec<IpAddr> = q.addresses().filter(|a| Self::releasable(&t, *a)).collect();
-        for a in ready {
-            q.release(a, now);
-        }
-        let mut memo = Memo::default();
-        let mut n = 0;
-        while let Some(packet) = q.pop_ready() {
-            let verdict = if t.firewall.is_open() {
-                Verdict::Pass
-            } else {
-                t.firewall.inbound(
-                    &packet,
-                    destination(&packet),
-                    self.flows.get(),
-                    now,
-                    &self.firewall_counters,
-                    &mut memo,
-                )
-            };
-            if verdict == Verdict::Pass {
-                tun.push_copy(&packet);
-                n += 1;
-            } else {
-                self.refused.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+            let mut q = self.handover();
+            // The caller wrote what the previous call took.
+            let finished = q.finish();
+            let ready: Vec<IpAddr> = q.queued().filter(|a| Self::releasable(&t, *a)).collect();
+            for a in &ready {
+                q.release(*a, now);
+            }
+            drop(q);
+            if finished || !ready.is_empty() {
+                self.settle(&mut t);
             }
         }
-        drop(q);
-        self.settle(&mut t);
+        let t = self.read();
+        let mut memo = Memo::default();
+        let mut n = 0;
+        for _ in 0..tun.free().max(1) {
+            let Some(packet) = self.handover().pop_ready() else {
+                break;
+            };
+            let outcome =
+                match self.admit(&t, &packet, destination(&packet), Check::Full, &mut memo) {
+                    Verdict::Pass => {
+                        tun.push_copy(&packet);
+                        n += 1;
+                        Outcome::Released
+                    }
+                    Verdict::Denied => Outcome::Denied,
+                    Verdict::NotLocal => Outcome::NotLocal,
+                };
+            self.handover().count(outcome);
+        }
         n
+    }
+
+    /// The firewall's verdict on a decrypted packet to `dst` (see `firewall`); nothing to
+    /// check when the firewall enforces nothing `check` asks for.
+    #[inline]
+    fn admit(
+        &self,
+        t: &Table,
+        packet: &[u8],
+        dst: Option<IpAddr>,
+        check: Check,
+        memo: &mut Memo,
+    ) -> Verdict {
+        let nothing = match check {
+            Check::Full => t.firewall.is_open(),
+            Check::Policy => !t.firewall.has_policy(),
+        };
+        if nothing {
+            return Verdict::Pass;
+        }
+        t.firewall.inbound(
+            packet,
+            dst,
+            check,
+            self.flows.get(),
+            self.now(),
+            &self.firewall_counters,
+            memo,
+        )
     }
 
     /// Where packets to workload addresses went at handovers (see `handover`).
     pub fn handover_status(&self) -> HandoverStatus {
         HandoverStatus {
-            refused: self.refused.load(Ordering::Relaxed),
             not_held: self.not_held.load(Ordering::Relaxed),
             ..self.handover().status()
         }
@@ -830,44 +868,38 @@ impl Device {
                         // Never back to the sender: that would loop. The new holder's
                         // firewall checks what is forwarded to it.
                         Some(to) if to.key != *who => forward = Some((to, n)),
-                        // An awaited workload address: kept back until it may be answered
-                        // (the firewall checks it then).
+                        // An awaited workload address: kept back until it may be answered,
+                        // if the policy lets it through (what it would drop takes no room
+                        // from others); the firewall checks it in full at its release.
                         _ if !t.waiting.is_empty()
                             && dst.is_some_and(|d| t.waiting.contains(&d)) =>
                         {
-                            if let Some(d) = dst {
-                                self.handover().push(d, packet, self.now());
+                            let verdict = self.admit(t, packet, dst, Check::Policy, memo);
+                            match (verdict, dst) {
+                                (Verdict::Pass, Some(d)) => {
+                                    self.handover().push(d, *who, packet, self.now());
+                                }
+                                _ => {
+                                    drops.policy_denied += 1;
+                                    self.handover().denied_on_arrival();
+                                }
                             }
                         }
-                        _ => {
-                            let verdict = if t.firewall.is_open() {
-                                Verdict::Pass
-                            } else {
-                                t.firewall.inbound(
-                                    packet,
-                                    dst,
-                                    self.flows.get(),
-                                    self.now(),
-                                    &self.firewall_counters,
-                                    memo,
-                                )
-                            };
-                            match verdict {
-                                Verdict::Pass => {
-                                    if is_urgent(packet) {
-                                        tun.mark_urgent();
-                                    }
-                                    tun.commit(n);
+                        _ => match self.admit(t, packet, dst, Check::Full, memo) {
+                            Verdict::Pass => {
+                                if is_urgent(packet) {
+                                    tun.mark_urgent();
                                 }
-                                Verdict::NotLocal => {
-                                    drops.not_local += 1;
-                                    if dst.is_some_and(|d| t.workloads.workloads.contains(&d)) {
-                                        self.not_held.fetch_add(1, Ordering::Relaxed);
-                                    }
-                                }
-                                Verdict::Denied => drops.policy_denied += 1,
+                                tun.commit(n);
                             }
-                        }
+                            Verdict::NotLocal => {
+                                drops.not_local += 1;
+                                if dst.is_some_and(|d| t.workloads.workloads.contains(&d)) {
+                                    self.not_held.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            Verdict::Denied => drops.policy_denied += 1,
+                        },
                     }
                     authenticated = true;
                 } else {

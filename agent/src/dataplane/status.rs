@@ -93,17 +93,22 @@ pub struct FirewallStatus {
 /// Where packets to workload addresses went at a handover on this node (see
 /// `dataplane::handover`): kept back while the address was awaited (its handover not
 /// confirmed yet, or not up on the interface yet), then delivered or dropped for a named
-/// reason. Counted since the start.
+/// reason. Counted since the start: `queued` = `released` + `denied` + `not_local` + `full` +
+/// `timed_out` + `abandoned` + `waiting`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HandoverStatus {
-    /// Packets that arrived for an awaited address (kept back, or dropped at once: `full`).
+    /// Packets that arrived for an awaited address (kept back, or dropped at once: `denied`,
+    /// `full`).
     pub queued: u64,
-    /// Of those, released to the firewall and the TUN device once the address could be
-    /// answered (the firewall refused `refused` of them).
+    /// Of those, delivered to the TUN device once the address could be answered.
     pub released: u64,
-    /// Released packets the firewall refused (the policy, or the address no longer local).
-    pub refused: u64,
-    /// Dropped: their address's queue was full (the oldest go first), or no room was left.
+    /// Dropped: the policy denied them, on arrival (they are checked against it before they
+    /// are kept) or at their release (the policy changed meanwhile).
+    pub denied: u64,
+    /// Dropped at their release: the address was no longer one of this node's destinations.
+    pub not_local: u64,
+    /// Dropped: no room was left (the largest share, by sender and by address, loses its
+    /// oldest packets first; see `dataplane::handover`).
     pub full: u64,
     /// Dropped: no confirmation came within the timeout (`handover::HANDOVER_TIMEOUT`).
     pub timed_out: u64,
@@ -111,7 +116,8 @@ pub struct HandoverStatus {
     /// preparation ended, the lease ran out).
     pub abandoned: u64,
     /// Dropped: addressed to a workload address of the map that this node neither holds,
-    /// awaits nor forwards (a peer's map is ahead of or behind this node's).
+    /// awaits nor forwards (a peer's map is ahead of or behind this node's). Not part of
+    /// `queued`.
     pub not_held: u64,
     /// Packets kept back now (queued or released and not yet delivered).
     pub waiting: u64,
