@@ -21,7 +21,7 @@
 //! is the same share one encoding; a session's full map is encoded for it alone. Without a
 //! policy nothing of this runs: one encoding, shared.
 //!
-//! Policies: each slot keeps the node policy its agent has ([`NodePolicy`]: the rules that
+//! Policies: each slot keeps the node policy its agent has (`NodePolicy`: the rules that
 //! concern its node), shared by every slot with the same rules. When a change gives a node
 //! other rules, its agent gets them as an edit of the node policy it has
 //! ([`meshlink_proto::policy::PolicyEdit`], made once per pair of old and new node policy)

@@ -239,8 +239,9 @@ impl Policy {
             return None;
         }
         // Reordered rules make the script longer than the two counts above; past this many
-        // steps the edit is not worth finding.
-        let max_d = added_at_least + dropped_at_least + 64 + (a.len() + b.len()) / 8;
+        // steps the edit is not worth finding (and the search keeps MAX_STEPS² / 2 words).
+        let max_d =
+            (added_at_least + dropped_at_least + 64 + (a.len() + b.len()) / 8).min(MAX_STEPS);
         let steps = script(&a, &b, max_d)?;
         let mut ops: Vec<EditOp> = Vec::new();
         let (mut i, mut j, mut added) = (0usize, 0usize, 0usize);
@@ -407,6 +408,10 @@ enum Step {
     Add,
 }
 
+/// The most drops and adds [`Policy::edit_to`] searches for (past them, the policy goes
+/// whole): the search keeps the frontier of every step, some 16 MiB at this bound.
+const MAX_STEPS: usize = 2048;
+
 /// A shortest script turning `a` into `b` (Myers), or `None` when it takes more than `max_d`
 /// drops and adds. The common head and tail are kept without search.
 fn script(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
@@ -431,11 +436,17 @@ fn myers(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
     // v[k + off]: the furthest x reached on diagonal k (y = x - k).
     let off = max_d + 1;
     let mut v = vec![0isize; (2 * off + 1) as usize];
-    // trace[d][k + d]: v on diagonals -d..=d at the start of round d.
-    let mut trace: Vec<Vec<isize>> = Vec::new();
+    // trace[d][k + d]: v on diagonals -d..=d at the start of round d (positions fit in an
+    // i32: a policy has at most MAX_RULES rules).
+    let mut trace: Vec<Vec<i32>> = Vec::new();
     let mut found = None;
     'rounds: for d in 0..=max_d {
-        trace.push(v[(off - d) as usize..=(off + d) as usize].to_vec());
+        trace.push(
+            v[(off - d) as usize..=(off + d) as usize]
+                .iter()
+                .map(|&x| x as i32)
+                .collect(),
+        );
         let mut k = -d;
         while k <= d {
             let down = k == -d || (k != d && v[(off + k - 1) as usize] < v[(off + k + 1) as usize]);
@@ -462,7 +473,7 @@ fn myers(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
     let mut back = Vec::new();
     for d in (1..=d_end).rev() {
         let v = &trace[d as usize];
-        let at = |k: isize| v[(k + d) as usize];
+        let at = |k: isize| v[(k + d) as usize] as isize;
         let k = x - y;
         let down = k == -d || (k != d && at(k - 1) < at(k + 1));
         let prev_k = if down { k + 1 } else { k - 1 };
@@ -696,6 +707,10 @@ mod tests {
         let old = policy(1, &(1..=100).collect::<Vec<_>>());
         let new = policy(2, &(1001..=1100).collect::<Vec<_>>());
         assert_eq!(old.edit_to(&new), None);
+        // Every rule moved (the largest policy, reversed): past the search's bound, whole.
+        let ports: Vec<u16> = (0..MAX_RULES as u16).collect();
+        let reversed: Vec<u16> = ports.iter().rev().copied().collect();
+        assert_eq!(policy(1, &ports).edit_to(&policy(2, &reversed)), None);
         // One rule replaced in a one-rule policy: the whole policy is as small.
         assert_eq!(policy(1, &[1]).edit_to(&policy(2, &[2])), None);
     }
