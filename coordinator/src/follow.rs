@@ -98,10 +98,21 @@ impl Service {
                     Change::Workload(name) if workloads_seen.insert(name.clone()) => {
                         match self.store().workload(network, name).await? {
                             Some(w) => {
+                                if self
+                                    .hub()
+                                    .workload_generation(network, name)
+                                    .is_some_and(|(id, _)| id != w.id)
+                                {
+                                    // Deleted and created again under its name meanwhile.
+                                    self.deleted_elsewhere(network, name);
+                                }
                                 self.holder_changed(&w);
                                 delta.upsert_workloads.push(self.info(&w));
                             }
-                            None => delta.remove_workloads.push(name.clone()),
+                            None => {
+                                self.deleted_elsewhere(network, name);
+                                delta.remove_workloads.push(name.clone());
+                            }
                         }
                     }
                     Change::Policy => {
@@ -129,6 +140,13 @@ impl Service {
         let mut map = nodes::netmap(net.version, &members, &wls, policy);
         for w in map.workloads.values_mut() {
             w.grace_ms = self.info_grace_ms();
+        }
+        // Workloads gone (or created again under their names) first, so that what
+        // `holder_changed` records for the new ones stays theirs.
+        for w in self.hub().network_workloads(network, None) {
+            if !wls.iter().any(|x| x.name == w.name && x.id == w.id) {
+                self.deleted_elsewhere(network, &w.name);
+            }
         }
         for w in &wls {
             self.holder_changed(w);

@@ -100,6 +100,9 @@ struct Release {
 struct Handovers {
     /// By (network, workload name): the former holders not yet done answering.
     pending: HashMap<(String, String), Vec<Release>>,
+    /// By (network, address): the holders of deleted workloads not yet done answering for
+    /// their addresses, which a new workload may take at once.
+    freed: HashMap<(String, IpAddr), Vec<Release>>,
     /// The newest map version each node acknowledged.
     acked: HashMap<NodeId, u64>,
     /// By (network, workload name): the (id, generation) last confirmed to its holder
@@ -108,19 +111,47 @@ struct Handovers {
 }
 
 impl Handovers {
-    /// Drops the releases that are over at `now`; whether none is left for the workload.
-    fn settled(&mut self, key: &(String, String), now: Instant) -> bool {
+    /// Drops the releases that are over at `now`; whether none is left for the workload
+    /// named by `key`, nor for its address.
+    fn settled(&mut self, key: &(String, String), address: IpAddr, now: Instant) -> bool {
+        let by_name = settle(&mut self.pending, key, &self.acked, now);
+        let by_address = settle(&mut self.freed, &(key.0.clone(), address), &self.acked, now);
+        by_name && by_address
+    }
+
+    /// Drops every release that is over at `now`, wherever no workload asks.
+    fn prune(&mut self, now: Instant) {
         let acked = &self.acked;
-        let Some(list) = self.pending.get_mut(key) else {
-            return true;
-        };
-        list.retain(|r| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version));
-        if list.is_empty() {
-            self.pending.remove(key);
-            true
-        } else {
-            false
-        }
+        let waiting =
+            |r: &Release| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version);
+        self.pending.retain(|_, list| {
+            list.retain(waiting);
+            !list.is_empty()
+        });
+        self.freed.retain(|_, list| {
+            list.retain(waiting);
+            !list.is_empty()
+        });
+    }
+}
+
+/// Drops the releases of `map[key]` that are over at `now` (the node acknowledged their
+/// version, or their time is up); whether none is left.
+fn settle<K: std::hash::Hash + Eq + Clone>(
+    map: &mut HashMap<K, Vec<Release>>,
+    key: &K,
+    acked: &HashMap<NodeId, u64>,
+    now: Instant,
+) -> bool {
+    let Some(list) = map.get_mut(key) else {
+        return true;
+    };
+    list.retain(|r| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version));
+    if list.is_empty() {
+        map.remove(key);
+        true
+    } else {
+        false
     }
 }
 
@@ -820,6 +851,66 @@ impl Service {
         }
     }
 
+    /// `rec` was deleted at map `version`: whoever may still answer for it (its holder, until
+    /// it acknowledges `version` or its lease has surely run out, and former holders not done
+    /// yet) holds up the first holder of any workload that takes its address.
+    fn address_freed(&self, rec: &WorkloadRecord, version: u64) {
+        let now = self.clock.instant();
+        let mut until = now + self.timing.lease + self.timing.margin;
+        if let Some(o) = rec.holder {
+            if self.shared.get().is_none() {
+                until = until.min(self.leases().expires(o));
+            }
+        }
+        let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = h
+            .pending
+            .remove(&(rec.network.clone(), rec.name.clone()))
+            .unwrap_or_default();
+        if let Some(o) = rec.holder {
+            list.push(Release {
+                node: o,
+                version,
+                until,
+            });
+        }
+        if !list.is_empty() {
+            h.freed
+                .entry((rec.network.clone(), IpAddr::V4(rec.address)))
+                .or_default()
+                .extend(list);
+        }
+    }
+
+    /// Another coordinator deleted workload `name` of `network` (read from the change log,
+    /// before the hub forgets it): this one does not know the version to acknowledge, so
+    /// whoever held it here, or anyone in between, is waited for until a lease plus the margin
+    /// has passed before a new workload's first holder answers for its address.
+    pub(crate) fn deleted_elsewhere(&self, network: &str, name: &str) {
+        let Some(w) = self
+            .workloads_of(network)
+            .into_iter()
+            .find(|w| w.name == name)
+        else {
+            return;
+        };
+        let until = self.clock.instant() + self.timing.lease + self.timing.margin;
+        let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = h
+            .pending
+            .remove(&(network.to_string(), name.to_string()))
+            .unwrap_or_default();
+        list.push(Release {
+            node: 0,
+            version: u64::MAX,
+            until,
+        });
+        h.freed
+            .entry((network.to_string(), w.address.addr()))
+            .or_default()
+            .extend(list);
+    }
+
     /// The workloads of `network`'s map in the hub.
     fn workloads_of(&self, network: &str) -> Vec<meshlink_proto::WorkloadInfo> {
         self.hub.network_workloads(network, None)
@@ -836,7 +927,13 @@ impl Service {
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         workloads
             .iter()
-            .filter(|w| h.settled(&(network.to_string(), w.name.clone()), now))
+            .filter(|w| {
+                h.settled(
+                    &(network.to_string(), w.name.clone()),
+                    w.address.addr(),
+                    now,
+                )
+            })
             .map(|w| Confirmation {
                 workload: w.id,
                 generation: w.generation,
@@ -854,13 +951,29 @@ impl Service {
                 return;
             }
             *acked = version;
-            h.pending
+            let mine =
+                |list: &Vec<Release>| list.iter().any(|r| r.node == node && r.version <= version);
+            let mut names: Vec<String> = h
+                .pending
                 .iter()
-                .filter(|((net, _), list)| {
-                    net == network && list.iter().any(|r| r.node == node && r.version <= version)
-                })
+                .filter(|((net, _), list)| net == network && mine(list))
                 .map(|((_, name), _)| name.clone())
-                .collect()
+                .collect();
+            let addresses: Vec<IpAddr> = h
+                .freed
+                .iter()
+                .filter(|((net, _), list)| net == network && mine(list))
+                .map(|((_, a), _)| *a)
+                .collect();
+            if !addresses.is_empty() {
+                names.extend(
+                    self.workloads_of(network)
+                        .into_iter()
+                        .filter(|w| addresses.contains(&w.address.addr()))
+                        .map(|w| w.name),
+                );
+            }
+            names
         };
         if !waiting.is_empty() {
             self.tell_confirmed(network, &waiting);
@@ -882,7 +995,9 @@ impl Service {
                 };
                 let Some(holder) = w.holder else { continue };
                 let key = (network.to_string(), name.clone());
-                if h.told.get(&key) == Some(&(w.id, w.generation)) || !h.settled(&key, now) {
+                if h.told.get(&key) == Some(&(w.id, w.generation))
+                    || !h.settled(&key, w.address.addr(), now)
+                {
                     continue;
                 }
                 h.told.insert(key, (w.id, w.generation));
@@ -906,6 +1021,11 @@ impl Service {
     /// Confirms every handover whose wait is over by time alone (an old holder's lease, the
     /// start); called by `failover_tick`.
     fn confirm_tick(&self) {
+        let now = self.clock.instant();
+        self.handovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .prune(now);
         let mut by_network: HashMap<String, Vec<String>> = HashMap::new();
         for (network, w) in self.hub.workloads() {
             if w.holder.is_some() {
@@ -1032,6 +1152,9 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::delete_workload(self.store(), &Caller::Admin, network, name).await?;
+        // Its address is free for a new workload at once, but its holder (and any former
+        // holder still answering) may answer for it until it has the deletion.
+        self.address_freed(&rec, version);
         self.publish(
             network,
             NetmapDelta {

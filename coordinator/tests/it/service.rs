@@ -93,7 +93,9 @@ async fn each_change_is_encoded_once_for_every_session() {
         assert_eq!(count, N - 1 - i, "session {i} got one delta per later join");
         last_frames.push(last.unwrap());
     }
-    assert!(last_frames.iter().all(|f| Arc::ptr_eq(f, &last_frames[0])));
+    assert!(last_frames
+        .iter()
+        .all(|f| meshlink_coordinator::hub::Frame::ptr_eq(f, &last_frames[0])));
     let full = s.hub().full_map("prod").unwrap();
     assert!(
         last_frames[0].len() * 20 < full.len(),
@@ -240,4 +242,91 @@ async fn a_standby_may_not_claim_unless_allowed() {
     }
     let o = s.claim(allowed.node, remote(), "chat").await.unwrap();
     assert_eq!(o.workload.holder, Some(allowed.node));
+}
+
+/// A deleted workload's address may go to a new workload at once, but the new one's first
+/// holder answers for it only once the deleted one's holder has the deletion (or its lease
+/// has surely run out): before, it was confirmed at once, and the churn soak saw both answer
+/// for one address for up to 736 ms.
+#[tokio::test]
+async fn a_deleted_workloads_address_is_answered_for_anew_only_once_its_holder_let_go() {
+    use meshlink_coordinator::handlers::workloads::CreateWorkload;
+    use meshlink_coordinator::service::WorkloadTiming;
+    let dir = TempDir::new("svc-freed-address");
+    let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+        .await
+        .unwrap();
+    // A lease far longer than the test: only the acknowledgement can end the wait.
+    let timing = WorkloadTiming {
+        lease: std::time::Duration::from_secs(60),
+        prepare_timeout: std::time::Duration::from_millis(10),
+        ..WorkloadTiming::default()
+    };
+    let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
+    let s = Service::load_with(Arc::new(store), clock, 16, timing)
+        .await
+        .unwrap();
+    s.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/16".into(),
+    })
+    .await
+    .unwrap();
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    let a = s
+        .hello(&join_hello(&secret, 1, Some("vm-a")), remote())
+        .await
+        .unwrap();
+    let b = s
+        .hello(&join_hello(&secret, 2, Some("vm-b")), remote())
+        .await
+        .unwrap();
+    let create = |name: &str, address| CreateWorkload {
+        name: name.into(),
+        network: "prod".into(),
+        address,
+        standby: vec![],
+        allowed: vec!["vm-a".into(), "vm-b".into()],
+        tags: Vec::new(),
+    };
+    let old = s.create_workload(create("old", None)).await.unwrap();
+    s.claim(a.node, remote(), "old").await.unwrap();
+    let confirmed = |node| {
+        s.confirmed_for("prod", node)
+            .iter()
+            .map(|c| (c.workload, c.generation))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        confirmed(a.node),
+        vec![(old.id, 1)],
+        "a first holder answers at once"
+    );
+
+    s.delete_workload("prod", "old").await.unwrap();
+    let deleted_at = s.hub().version("prod").unwrap();
+    let new = s
+        .create_workload(create("new", Some(old.address)))
+        .await
+        .unwrap();
+    assert_eq!(new.address, old.address);
+    s.claim(b.node, remote(), "new").await.unwrap();
+    assert_eq!(
+        confirmed(b.node),
+        vec![],
+        "vm-a may still answer for the address of the workload deleted under it"
+    );
+    // An acknowledgement of an earlier map changes nothing; of the deletion, ends the wait.
+    s.acknowledged("prod", a.node, deleted_at - 1);
+    assert_eq!(confirmed(b.node), vec![]);
+    s.acknowledged("prod", a.node, deleted_at);
+    assert_eq!(confirmed(b.node), vec![(new.id, 1)]);
 }
