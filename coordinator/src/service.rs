@@ -790,11 +790,14 @@ impl Service {
         if let Some(h) = rec.holder {
             self.leases().granted(h, self.clock.instant());
         }
-        self.upsert_workload(&rec, version).await;
         // The holder it leaves may answer until it acknowledges the change or its lease has
         // surely run out; not one whose lease was waited out (fenced) before the commit.
+        // Recorded before the change reaches any session: the new holder's first heartbeat
+        // may be answered (on another thread) before the publishing returns.
         let old = plan.workload.holder.filter(|_| fence.node.is_none());
-        self.handed_over(&rec, old, version, true);
+        self.handed_over(&rec, old, version, false);
+        self.upsert_workload(&rec, version).await;
+        self.tell_confirmed(&rec.network, std::slice::from_ref(&rec.name));
         let took = self.clock.instant().saturating_duration_since(started);
         tracing::info!(
             workload = %rec.name,
