@@ -32,8 +32,8 @@ use crate::handlers::{ApiError, Caller};
 use crate::hub::{Attached, CloseReason, Frame, Hub};
 use crate::identity::random_secret;
 use crate::store::{
-    Leadership, NetworkRecord, NodeRecord, PrepareNote, SqlStore, Store, StoreError, TokenId,
-    TokenRecord, UnixTime, WorkloadRecord, PREPARED_CHANNEL, PREPARE_CHANNEL,
+    Leadership, LeaseFence, NetworkRecord, NodeRecord, PrepareNote, SqlStore, Store, StoreError,
+    TokenId, TokenRecord, UnixTime, WorkloadRecord, PREPARED_CHANNEL, PREPARE_CHANNEL,
 };
 
 /// Timings of workload moves and leases.
@@ -173,6 +173,43 @@ impl Drop for Fence<'_> {
         }
     }
 }
+
+/// A holder fenced in the shared database (see [`SqlStore::fence_lease`]) by this
+/// coordinator: lifted by [`DbFence::lift`], or, when the operation is cancelled half-way, by
+/// a task left behind (or else when the fence times out).
+struct DbFence {
+    store: SqlStore,
+    fence: Option<LeaseFence>,
+}
+
+impl DbFence {
+    async fn lift(mut self) {
+        if let Some(f) = self.fence.take() {
+            if let Err(e) = self.store.unfence_lease(&f).await {
+                tracing::warn!(node = f.node, "cannot lift the fence (it times out): {e}");
+            }
+        }
+    }
+}
+
+impl Drop for DbFence {
+    fn drop(&mut self) {
+        if let Some(f) = self.fence.take() {
+            let store = self.store.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    if let Err(e) = store.unfence_lease(&f).await {
+                        tracing::warn!(node = f.node, "cannot lift the fence (it times out): {e}");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// What a database fence lasts beyond the wait, the preparing and the commit it covers, should
+/// its owner never lift it: the commit's turn at the write lock and its statements.
+const FENCE_SLACK: Duration = Duration::from_secs(10);
 
 /// The service's only source of time: the wall clock for records, and the monotonic clock
 /// (and sleeping on it) for leases, failovers and moves. A simulation passes its own and
@@ -435,6 +472,12 @@ impl Service {
     /// The workload timings.
     pub fn timing(&self) -> WorkloadTiming {
         self.timing
+    }
+
+    /// How long a database fence lasts unless lifted: past the longest wait for a lease to
+    /// run out, the preparing of the destination and the commit.
+    fn fence_ms(&self) -> u64 {
+        millis(self.timing.lease + self.timing.margin + self.timing.prepare_timeout + FENCE_SLACK)
     }
 
     fn leases(&self) -> std::sync::MutexGuard<'_, LeaseTable> {
@@ -728,7 +771,8 @@ impl Service {
         if fence.node.is_none() && self.shared.get().is_some() {
             self.refresh_leases().await;
         }
-        // A quiet holder fenced here in the database (shared store): lifted once committed.
+        // A quiet holder fenced here in the database (shared store): lifted once committed, or
+        // on any way out before.
         let mut fenced_in_db = None;
         if fence.node.is_none() {
             if let Some(old) = plan
@@ -749,15 +793,24 @@ impl Service {
                     // Fenced here alone, the holder could still be renewed by the coordinator
                     // its heartbeats reach (it may just have come back): fence it in the
                     // database, where renewals are decided, and count its lease from the last
-                    // renewal any coordinator recorded. Renewed meanwhile: not quiet after
-                    // all, an ordinary handover.
-                    match store.fence_lease(old, millis(silent)).await {
-                        Ok(true) => {
-                            fenced_in_db = Some(old);
-                            self.refresh_leases().await;
-                            until = Some(self.leases().expires(old));
+                    // renewal any coordinator recorded (as of the fence, read with it). The
+                    // fence outlasts the wait, the preparing and the commit. Renewed
+                    // meanwhile: not quiet after all, an ordinary handover.
+                    match store
+                        .fence_lease(old, millis(silent), self.fence_ms())
+                        .await
+                    {
+                        Ok(Some(f)) => {
+                            fenced_in_db = Some(DbFence {
+                                store: store.clone(),
+                                fence: Some(f),
+                            });
+                            let left = (self.timing.lease + self.timing.margin)
+                                .saturating_sub(Duration::from_millis(f.renewed_ago_ms));
+                            let ends = self.clock.instant() + left;
+                            until = Some(self.leases().expires(old).max(ends));
                         }
-                        Ok(false) => {
+                        Ok(None) => {
                             self.leases().unfence(old);
                             until = None;
                         }
@@ -780,11 +833,9 @@ impl Service {
         };
         let _w = self.write.lock().await;
         let committed = workloads::commit_holder(self.store(), self.clock.now(), &plan).await;
-        if let (Some(store), Some(node)) = (self.shared.get(), fenced_in_db) {
+        if let Some(f) = fenced_in_db {
             // Its later heartbeats get leases that count only once its map has the change.
-            if let Err(e) = store.unfence_lease(node).await {
-                tracing::warn!(node, "cannot lift the fence (it times out): {e}");
-            }
+            f.lift().await;
         }
         let (rec, version) = committed?;
         if let Some(h) = rec.holder {
@@ -1326,11 +1377,17 @@ impl Service {
             };
             // Shared leases: fence it in the database too, unless another coordinator renewed
             // its lease meanwhile (then it is not silent).
+            let mut fenced_in_db = None;
             if let Some(store) = self.shared.get() {
                 let silent = millis(self.timing.lease + self.timing.margin);
-                match store.fence_lease(holder, silent).await {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match store.fence_lease(holder, silent, self.fence_ms()).await {
+                    Ok(Some(f)) => {
+                        fenced_in_db = Some(DbFence {
+                            store: store.clone(),
+                            fence: Some(f),
+                        });
+                    }
+                    Ok(None) => {
                         self.leases().unfence(holder);
                         continue;
                     }
@@ -1351,10 +1408,8 @@ impl Service {
             {
                 tracing::warn!(workload = %name, "failover: {e}");
             }
-            if let Some(store) = self.shared.get() {
-                if let Err(e) = store.unfence_lease(holder).await {
-                    tracing::warn!(node = holder, "cannot lift the fence (it times out): {e}");
-                }
+            if let Some(f) = fenced_in_db {
+                f.lift().await;
             }
         }
     }

@@ -5,7 +5,9 @@
 //! holder's heartbeat reaches renews the lease in the database; one of them at a time (the
 //! failover leader, holding a session-level advisory lock) reads every lease and decides
 //! failovers, fencing a silent holder in the database first, so that no coordinator can
-//! renew it while its workloads are given away. Times are the database's clock.
+//! renew it while its workloads are given away (a move away from a quiet holder fences it
+//! too). Each fence has an owner, who lifts only its own: a node is renewed again once none
+//! of its fences holds. Times are the database's clock.
 
 use sqlx::pool::PoolConnection;
 use sqlx::{Any, Row};
@@ -20,9 +22,6 @@ pub(super) const NOW_MS: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000):
 /// The advisory lock the failover leader holds for as long as its connection lives.
 const LEADER_LOCK: i64 = 0x6d6c_6c65_6164_6572;
 
-/// How long a fence holds when its leader never lifts it (it crashed half-way).
-const FENCE_MS: i64 = 30_000;
-
 /// How old a presence row may be and still count: three refreshes.
 const PRESENCE_MS: i64 = 3_000;
 
@@ -30,6 +29,18 @@ const PRESENCE_MS: i64 = 3_000;
 #[derive(Debug, Default)]
 pub struct Leadership {
     conn: Option<PoolConnection<Any>>,
+}
+
+/// A fence of [`SqlStore::fence_lease`], to be lifted by its owner alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseFence {
+    /// The fenced node.
+    pub node: NodeId,
+    /// The fence's identity in the database.
+    pub token: i64,
+    /// How long before the fence the node's lease was last renewed, by any coordinator, in
+    /// milliseconds of the database's clock (the age of a node never renewed is the epoch's).
+    pub renewed_ago_ms: u64,
 }
 
 /// What a heartbeat did in the database.
@@ -102,37 +113,101 @@ impl SqlStore {
     }
 
     /// Fences `node` if no coordinator renewed its lease for `silent_ms`: from then on none
-    /// renews it until [`SqlStore::unfence_lease`] (or a timeout, should the caller die).
-    /// `false`: it was renewed meanwhile, so it is not silent after all.
+    /// renews it until this fence is lifted ([`SqlStore::unfence_lease`]) or `fence_ms` has
+    /// passed, should the caller die half-way; the node stays fenced while any other fence of
+    /// it holds. `None`: it was renewed meanwhile, so it is not silent after all.
+    ///
+    /// The fence and the renewal age it reports are decided under the lease row's lock, which
+    /// renewals take too: no renewal recorded after the age was read can succeed.
     ///
     /// # Errors
     /// [`StoreError::Database`].
-    pub async fn fence_lease(&self, node: NodeId, silent_ms: u64) -> Result<bool, StoreError> {
+    pub async fn fence_lease(
+        &self,
+        node: NodeId,
+        silent_ms: u64,
+        fence_ms: u64,
+    ) -> Result<Option<LeaseFence>, StoreError> {
         self.require_postgres()?;
         let now = self.now_sql();
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, 0, {now} + $3) \
-             ON CONFLICT (node) DO UPDATE SET fenced_until_ms = {now} + $3 \
-             WHERE leases.heard_ms < {now} - $2 RETURNING node"
-        )))
-        .bind(i64::try_from(node).unwrap_or(i64::MAX))
-        .bind(i64::try_from(silent_ms).unwrap_or(i64::MAX))
-        .bind(FENCE_MS)
-        .fetch_optional(self.pool())
+        let id = i64::try_from(node).unwrap_or(i64::MAX);
+        let mut tx = self.pool().begin().await?;
+        // A node never renewed is fenced as well: its row is made (heard at 0) to be locked.
+        sqlx::query(
+            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, 0, 0) \
+             ON CONFLICT (node) DO NOTHING",
+        )
+        .bind(id)
+        .execute(&mut *tx)
         .await?;
-        Ok(row.is_some())
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT GREATEST({now} - heard_ms, 0) AS ago FROM leases WHERE node = $1 FOR UPDATE"
+        )))
+        .bind(id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let ago = u64::try_from(row.try_get::<i64, _>("ago")?).unwrap_or(0);
+        if ago <= silent_ms {
+            tx.commit().await?;
+            return Ok(None);
+        }
+        let fence_ms = i64::try_from(fence_ms).unwrap_or(i64::MAX / 2);
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO lease_fences (node, until_ms) VALUES ($1, {now} + $2) \
+             RETURNING token, until_ms"
+        )))
+        .bind(id)
+        .bind(fence_ms)
+        .fetch_one(&mut *tx)
+        .await?;
+        let token = row.try_get::<i64, _>("token")?;
+        let until = row.try_get::<i64, _>("until_ms")?;
+        sqlx::query(
+            "UPDATE leases SET fenced_until_ms = GREATEST(fenced_until_ms, $2) WHERE node = $1",
+        )
+        .bind(id)
+        .bind(until)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(LeaseFence {
+            node,
+            token,
+            renewed_ago_ms: ago,
+        }))
     }
 
-    /// Lifts the fence of [`SqlStore::fence_lease`].
+    /// Lifts `fence` (of [`SqlStore::fence_lease`]), and no other: the node is renewed again
+    /// once none of its fences holds. Fences that timed out are cleared on the way.
     ///
     /// # Errors
     /// [`StoreError::Database`].
-    pub async fn unfence_lease(&self, node: NodeId) -> Result<(), StoreError> {
+    pub async fn unfence_lease(&self, fence: &LeaseFence) -> Result<(), StoreError> {
         self.require_postgres()?;
-        sqlx::query("UPDATE leases SET fenced_until_ms = 0 WHERE node = $1")
-            .bind(i64::try_from(node).unwrap_or(i64::MAX))
-            .execute(self.pool())
+        let now = self.now_sql();
+        let id = i64::try_from(fence.node).unwrap_or(i64::MAX);
+        let mut tx = self.pool().begin().await?;
+        // The row's lock first: each statement after it sees every fence committed before.
+        sqlx::query("SELECT node FROM leases WHERE node = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
             .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM lease_fences WHERE node = $1 AND (token = $2 OR until_ms < {now})"
+        )))
+        .bind(id)
+        .bind(fence.token)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE leases SET fenced_until_ms = \
+             COALESCE((SELECT MAX(until_ms) FROM lease_fences WHERE node = $1), 0) \
+             WHERE node = $1",
+        )
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

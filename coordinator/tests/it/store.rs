@@ -8,7 +8,7 @@ use meshlink_coordinator::handlers::networks::{create_network, CreateNetwork};
 use meshlink_coordinator::handlers::tokens::{create_token, CreateToken};
 use meshlink_coordinator::handlers::workloads::{create_workload, CreateWorkload};
 use meshlink_coordinator::handlers::Caller;
-use meshlink_coordinator::store::{Backend, Change, SqlStore, Store, StoreError};
+use meshlink_coordinator::store::{Backend, Change, LeaseClock, SqlStore, Store, StoreError};
 
 use crate::common::{join_hello, TestDb};
 
@@ -227,4 +227,104 @@ async fn coordinators_report_themselves() {
     .unwrap();
     let list = store.coordinators().await.unwrap();
     assert!(!list[1].2, "{list:?}");
+}
+
+/// A shared-lease store whose "now" is `now` (milliseconds), set by the test.
+async fn lease_store(db: &TestDb) -> (SqlStore, Arc<std::sync::atomic::AtomicI64>) {
+    let now = Arc::new(std::sync::atomic::AtomicI64::new(1_000_000));
+    let read = now.clone();
+    let store = db
+        .open()
+        .await
+        .with_lease_clock(LeaseClock(Arc::new(move || {
+            read.load(std::sync::atomic::Ordering::SeqCst)
+        })));
+    (store, now)
+}
+
+fn set(now: &std::sync::atomic::AtomicI64, ms: i64) {
+    now.store(ms, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Two coordinators fence one holder (a failover and a move away from it while quiet, or two
+/// such moves): the first to finish lifts its own fence only, and the holder stays fenced
+/// until the other is lifted too.
+#[tokio::test]
+async fn a_fence_is_lifted_only_by_its_owner() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let (store, now) = lease_store(&db).await;
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    set(&now, 1_005_000);
+    let a = store.fence_lease(7, 1_000, 60_000).await.unwrap().unwrap();
+    let b = store.fence_lease(7, 1_000, 60_000).await.unwrap().unwrap();
+    assert_ne!(a.token, b.token);
+    assert!(!store.renew_lease(7, "prod").await.unwrap().renewed);
+    store.unfence_lease(&a).await.unwrap();
+    assert!(
+        !store.renew_lease(7, "prod").await.unwrap().renewed,
+        "renewed while the second fence holds"
+    );
+    // Lifting a fence twice lifts nobody else's.
+    store.unfence_lease(&a).await.unwrap();
+    assert!(!store.renew_lease(7, "prod").await.unwrap().renewed);
+    store.unfence_lease(&b).await.unwrap();
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    // Another node's fences are its own.
+    set(&now, 1_010_000);
+    let c = store.fence_lease(8, 1_000, 60_000).await.unwrap().unwrap();
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    assert!(!store.renew_lease(8, "prod").await.unwrap().renewed);
+    store.unfence_lease(&c).await.unwrap();
+    assert!(store.renew_lease(8, "prod").await.unwrap().renewed);
+}
+
+/// A fence lasts as long as its owner asks: past the wait for a long lease (600 s) to run
+/// out, and not forever when its owner never lifts it.
+#[tokio::test]
+async fn a_fence_lasts_as_long_as_asked() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let (store, now) = lease_store(&db).await;
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    set(&now, 1_010_000);
+    let fence_ms = 600_000 + 100 + 500 + 10_000;
+    let f = store.fence_lease(7, 5_000, fence_ms).await.unwrap();
+    assert!(f.is_some());
+    // The lease waited out, the destination prepared: still fenced.
+    set(&now, 1_010_000 + 600_600);
+    assert!(
+        !store.renew_lease(7, "prod").await.unwrap().renewed,
+        "the fence ended before the lease it waits out"
+    );
+    set(&now, 1_010_000 + i64::try_from(fence_ms).unwrap() - 1);
+    assert!(!store.renew_lease(7, "prod").await.unwrap().renewed);
+    // Never lifted (its owner died): it times out.
+    set(&now, 1_010_000 + i64::try_from(fence_ms).unwrap() + 1);
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+}
+
+/// The fence reports how long before it the holder was last renewed, as the database saw it:
+/// the wait for its lease to run out is counted from there.
+#[tokio::test]
+async fn a_fence_reports_the_last_renewal() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let (store, now) = lease_store(&db).await;
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    set(&now, 1_003_000);
+    // Renewed 3 s ago: not silent for 5 s.
+    assert_eq!(store.fence_lease(7, 5_000, 60_000).await.unwrap(), None);
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    set(&now, 1_010_250);
+    let f = store.fence_lease(7, 5_000, 60_000).await.unwrap().unwrap();
+    assert_eq!((f.node, f.renewed_ago_ms), (7, 7_250));
+    store.unfence_lease(&f).await.unwrap();
+    // A node never renewed is fenced too, as silent since ever.
+    let g = store.fence_lease(9, 5_000, 60_000).await.unwrap().unwrap();
+    assert!(g.renewed_ago_ms >= 1_010_250, "{g:?}");
+    assert!(!store.renew_lease(9, "prod").await.unwrap().renewed);
 }
