@@ -40,17 +40,72 @@
 mod need_to_know;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use meshlink_proto::control::{encode, Hello, ServerMessage};
+use meshlink_proto::control::{compress, encode, Hello, ServerMessage, COMPRESS_MIN};
 use meshlink_proto::policy::{relevant_rules, PolicyEdit};
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, Policy, PolicyChange};
 use tokio::sync::mpsc;
 
 use need_to_know::{Rules, Selection, Visible};
 
-/// An encoded server message, shared by every queue it is put on.
-pub type Frame = Arc<[u8]>;
+/// An encoded server message, shared by every queue it is put on: as [`encode`] made it
+/// (what it dereferences to), and compressed ([`compress`]) for the agents that take it, made
+/// once, by the first session that is to be sent it compressed (in a fan-out, under the
+/// hub's lock, so never twice).
+#[derive(Debug, Clone)]
+pub struct Frame(Arc<Encoded>);
+
+#[derive(Debug)]
+struct Encoded {
+    plain: Box<[u8]>,
+    /// `None` inside: not worth compressing (see [`compress`]).
+    compressed: OnceLock<Option<Box<[u8]>>>,
+}
+
+impl Frame {
+    /// The bytes to write to an agent that takes compressed records (`compression`: its
+    /// hello said [`Hello::compression`]) or not.
+    pub fn bytes(&self, compression: bool) -> &[u8] {
+        let e = &*self.0;
+        if !compression || e.plain.len() <= 4 + COMPRESS_MIN {
+            return &e.plain;
+        }
+        e.compressed
+            .get_or_init(|| compress(&e.plain).map(Vec::into_boxed_slice))
+            .as_deref()
+            .unwrap_or(&e.plain)
+    }
+
+    /// Whether two frames are the same encoding (shared, not merely equal).
+    pub fn ptr_eq(a: &Frame, b: &Frame) -> bool {
+        Arc::ptr_eq(&a.0, &b.0)
+    }
+}
+
+impl From<Vec<u8>> for Frame {
+    fn from(plain: Vec<u8>) -> Self {
+        Frame(Arc::new(Encoded {
+            plain: plain.into_boxed_slice(),
+            compressed: OnceLock::new(),
+        }))
+    }
+}
+
+impl std::ops::Deref for Frame {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0.plain
+    }
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.0.plain == other.0.plain
+    }
+}
+
+impl Eq for Frame {}
 
 /// What a session's queue carries.
 #[derive(Debug, Clone)]
@@ -77,6 +132,9 @@ pub enum CloseReason {
 pub struct Features {
     /// Policy changes as edits of the policy it has ([`Hello::policy_edits`]).
     pub policy_edits: bool,
+    /// Compressed records ([`Hello::compression`]): its frames are written with
+    /// [`Frame::bytes`]`(true)`.
+    pub compression: bool,
 }
 
 impl Features {
@@ -84,6 +142,7 @@ impl Features {
     pub fn of(hello: &Hello) -> Self {
         Features {
             policy_edits: hello.policy_edits,
+            compression: hello.compression,
         }
     }
 }
@@ -98,6 +157,9 @@ pub struct Attached {
     pub rx: mpsc::Receiver<Outbound>,
     /// The network's map when the session attached, as its node may see it (need to know).
     pub full_map: Frame,
+    /// What its agent can take, as given to [`Hub::attach`]: the session writes every frame
+    /// as [`Frame::bytes`]`(features.compression)`.
+    pub features: Features,
 }
 
 /// What one [`Hub::apply`] did.
@@ -431,6 +493,7 @@ impl Hub {
             serial,
             rx,
             full_map,
+            features,
         })
     }
 
@@ -716,6 +779,11 @@ impl PolicySend {
 /// Queues `frame` to one session of a fan-out; `false` when the session is to be dropped
 /// (its queue is full, or its task is gone).
 fn offer(network: &str, node: NodeId, slot: &Slot, frame: &Frame, fanout: &mut Fanout) -> bool {
+    // Compressed here, once per encoding (the first session that takes it), rather than by
+    // each session's task as it writes.
+    if slot.features.compression {
+        frame.bytes(true);
+    }
     // The last CLOSE_ROOM places are kept for a closing message (see `close`).
     let send = if slot.tx.capacity() > CLOSE_ROOM {
         slot.tx.try_send(Outbound::Frame(frame.clone()))
@@ -789,7 +857,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert!(frames.iter().all(|f| Arc::ptr_eq(f, &frames[0])));
+        assert!(frames.iter().all(|f| Frame::ptr_eq(f, &frames[0])));
         match decode(&frames[0]) {
             ServerMessage::Delta(d) => {
                 assert_eq!((d.from_version, d.to_version, d.upsert.len()), (5, 6, 1))
@@ -801,6 +869,60 @@ mod tests {
             hub.apply("n", 6, vec![], vec![]).is_none(),
             "versions only move forward"
         );
+    }
+
+    #[test]
+    fn large_frames_are_compressed_once_for_the_sessions_that_take_them() {
+        use meshlink_proto::control::COMPRESSED_RECORD;
+        let hub = Hub::new(8);
+        hub.set_map("n", Netmap::default());
+        let take = Features {
+            compression: true,
+            ..Features::default()
+        };
+        let mut sessions: Vec<Attached> = [take, Features::default(), take]
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| hub.attach("n", i as NodeId + 1, f).unwrap())
+            .collect();
+        assert_eq!(
+            sessions
+                .iter()
+                .map(|s| s.features.compression)
+                .collect::<Vec<_>>(),
+            [true, false, true]
+        );
+        let next = |s: &mut Attached| match s.rx.try_recv().unwrap() {
+            Outbound::Frame(f) => f,
+            other => panic!("{other:?}"),
+        };
+        // A small delta: as it is, whoever takes it.
+        hub.apply("n", 1, vec![peer(9)], vec![]).unwrap();
+        let small: Vec<Frame> = sessions.iter_mut().map(next).collect();
+        assert!(small.iter().all(|f| f.bytes(true) == &f[..]));
+        // Some 60 KB of peers: compressed in the fan-out, once, for both that take it.
+        hub.apply("n", 2, (10..210).map(peer).collect(), vec![])
+            .unwrap();
+        let big: Vec<Frame> = sessions.iter_mut().map(next).collect();
+        assert!(big.iter().all(|f| Frame::ptr_eq(f, &big[0])));
+        assert!(big[0].0.compressed.get().is_some(), "made in the fan-out");
+        let packed = big[0].bytes(true);
+        assert!(std::ptr::eq(packed, big[2].bytes(true)));
+        assert_ne!(
+            u32::from_be_bytes(packed[..4].try_into().unwrap()) & COMPRESSED_RECORD,
+            0
+        );
+        assert!(
+            packed.len() * 3 < big[0].len(),
+            "{} of {}",
+            packed.len(),
+            big[0].len()
+        );
+        // Those that do not take it get the JSON as it is.
+        assert_eq!(big[1].bytes(false), &big[1][..]);
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        d.push(packed).unwrap();
+        assert_eq!(d.decode::<ServerMessage>().unwrap(), Some(decode(&big[1])));
     }
 
     #[test]
@@ -846,7 +968,7 @@ mod tests {
         let hub = Hub::new(4);
         hub.set_map("n", Netmap::default());
         let a = hub.full_map("n").unwrap();
-        assert!(Arc::ptr_eq(&a, &hub.full_map("n").unwrap()));
+        assert!(Frame::ptr_eq(&a, &hub.full_map("n").unwrap()));
         hub.apply("n", 1, vec![peer(1)], vec![]);
         match decode(&hub.full_map("n").unwrap()) {
             ServerMessage::FullMap(m) => assert_eq!((m.version, m.peers.len()), (1, 1)),
@@ -930,7 +1052,7 @@ mod tests {
                 other => panic!("{other:?}"),
             })
             .collect();
-        assert!(Arc::ptr_eq(&frames[0], &frames[1]));
+        assert!(Frame::ptr_eq(&frames[0], &frames[1]));
         assert!(peers_of(&frames[0]).is_empty());
         assert_eq!(peers_of(&frames[2]), [3]);
 
@@ -1007,7 +1129,10 @@ mod tests {
             map.peers.insert(id, p);
         }
         hub.set_map("n", map);
-        let edits = Features { policy_edits: true };
+        let edits = Features {
+            policy_edits: true,
+            ..Features::default()
+        };
         // 1 to 3 take edits; 4 is an older agent.
         let mut s: Vec<Attached> = (1..=4)
             .map(|id| {

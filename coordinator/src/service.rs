@@ -1828,6 +1828,7 @@ mod tests {
             public_key: PublicKey(public_key),
             key_rotation: false,
             policy_edits: false,
+            compression: false,
             name: None,
             labels: BTreeMap::new(),
             endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],

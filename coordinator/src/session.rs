@@ -581,7 +581,10 @@ async fn session_loop<T: Transport>(
     if let Err(end) = self::write(write, &session.welcome, limits).await {
         return end;
     }
-    if let Err(end) = self::write(write, &session.attached.full_map, limits).await {
+    // Frames go compressed where the agent's hello said it takes them (large ones only).
+    let compression = session.attached.features.compression;
+    if let Err(end) = self::write(write, session.attached.full_map.bytes(compression), limits).await
+    {
         return end;
     }
     loop {
@@ -596,7 +599,7 @@ async fn session_loop<T: Transport>(
                     };
                     match service.on_agent_message(from, msg).await {
                         Ok(Some(frame)) => {
-                            if let Err(end) = self::write(write, &frame, limits).await {
+                            if let Err(end) = self::write(write, frame.bytes(compression), limits).await {
                                 return end;
                             }
                         }
@@ -619,7 +622,7 @@ async fn session_loop<T: Transport>(
             },
             out = session.attached.rx.recv() => match out {
                 Some(Outbound::Frame(frame)) => {
-                    if let Err(end) = self::write(write, &frame, limits).await {
+                    if let Err(end) = self::write(write, frame.bytes(compression), limits).await {
                         return end;
                     }
                 }

@@ -19,7 +19,11 @@
 //!   the map version a heartbeat acknowledges; `Lease::confirmed`, the generations a holder
 //!   may answer at, also sent unsolicited with `seq` 0: see [`crate::workload`]); (2026-12)
 //!   policy edits (`Hello::policy_edits`; [`crate::PolicyChange::Edit`] in deltas, sent only
-//!   to agents whose hello says so).
+//!   to agents whose hello says so); (2026-12) compressed records (`Hello::compression`: a
+//!   server message whose JSON is over [`COMPRESS_MIN`] bytes may come as a record whose
+//!   prefix has [`COMPRESSED_RECORD`] set, its body the JSON's length (4 bytes, big-endian)
+//!   and the JSON as a raw DEFLATE stream; sent only to agents whose hello says so, so older
+//!   agents get every message as before).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -91,6 +95,10 @@ pub struct Hello {
     /// session on it), so they always get the policy whole. Absent: no.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub policy_edits: bool,
+    /// Whether the agent takes compressed records ([`COMPRESSED_RECORD`]); older agents
+    /// would refuse one as over the size cap, so they get every message as it is. Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compression: bool,
 }
 
 /// Messages from the agent.
@@ -374,6 +382,85 @@ pub const RELAY_RECORD: u32 = 0x8000_0000;
 /// The largest relay frame record: a whole WireGuard datagram (no fragments on a stream).
 pub const MAX_RELAY_RECORD: usize = 65_535 + crate::relay::HEADER_LEN;
 
+/// The length prefix's second bit marks a message sent compressed ([`compress`]), to agents
+/// whose hello says [`Hello::compression`]. The body is the JSON's length (4 bytes, big-endian)
+/// then the JSON as a raw DEFLATE stream (RFC 1951). Both lengths are within the decoder's cap.
+pub const COMPRESSED_RECORD: u32 = 0x4000_0000;
+/// Messages whose JSON is at most this long are never compressed (the saving would not pay
+/// for the work).
+pub const COMPRESS_MIN: usize = 4096;
+/// DEFLATE cannot expand data more than this many times (258 bytes from 2 bits, with room);
+/// a compressed record claiming more is malformed.
+const MAX_INFLATE_RATIO: usize = 1040;
+
+/// The compressed record of a framed message (as [`encode`] made it), or `None` when it is
+/// not worth it: its JSON is at most [`COMPRESS_MIN`] bytes, the record would not be smaller,
+/// or `frame` is not one framed message.
+///
+/// DEFLATE at level 1 (the fastest): the record is made once per message and sent to many
+/// agents, so what counts is the bytes each of them is sent.
+pub fn compress(frame: &[u8]) -> Option<Vec<u8>> {
+    use std::io::Write;
+    let body = frame.get(4..)?;
+    let len = u32::from_be_bytes(frame.get(..4)?.try_into().ok()?);
+    if len as usize != body.len() || body.len() <= COMPRESS_MIN || len & !0x3FFF_FFFF != 0 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(8 + body.len() / 4);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(&len.to_be_bytes());
+    let mut z = flate2::write::DeflateEncoder::new(out, flate2::Compression::fast());
+    z.write_all(body).ok()?;
+    let mut out = z.finish().ok()?;
+    if out.len() >= frame.len() {
+        return None;
+    }
+    let record = u32::try_from(out.len() - 4).ok()?;
+    out[..4].copy_from_slice(&(COMPRESSED_RECORD | record).to_be_bytes());
+    Some(out)
+}
+
+/// The JSON of a compressed record's body, at most `max` bytes.
+///
+/// # Errors
+/// [`CodecError::TooLarge`] when the JSON's length is over `max` (nothing is inflated);
+/// [`CodecError::Malformed`] when the body is shorter than its length field, claims more
+/// than DEFLATE can give from it, is not a DEFLATE stream, or inflates to another length
+/// than it says (inflating stops one byte past it: memory is bounded by `max`).
+pub fn decompress(body: &[u8], max: usize) -> Result<Vec<u8>, CodecError> {
+    use std::io::Read;
+    let (head, stream) = body
+        .split_first_chunk::<4>()
+        .ok_or_else(|| CodecError::Malformed("compressed record: no length".into()))?;
+    let len = u32::from_be_bytes(*head) as usize;
+    if len > max {
+        return Err(CodecError::TooLarge { len, max });
+    }
+    if len > stream.len().saturating_mul(MAX_INFLATE_RATIO) + 64 {
+        return Err(CodecError::Malformed(format!(
+            "compressed record: {len} bytes claimed from {} compressed",
+            stream.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(len);
+    flate2::read::DeflateDecoder::new(stream)
+        .take(len as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| CodecError::Malformed(format!("compressed record: {e}")))?;
+    if out.len() > len {
+        return Err(CodecError::Malformed(format!(
+            "compressed record: inflates past the {len} bytes it says"
+        )));
+    }
+    if out.len() < len {
+        return Err(CodecError::Malformed(format!(
+            "compressed record: inflates to {} bytes, says {len}",
+            out.len()
+        )));
+    }
+    Ok(out)
+}
+
 /// One record of a control stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record<T> {
@@ -405,14 +492,28 @@ pub fn encode_relay(frame: &[u8]) -> Result<Vec<u8>, CodecError> {
 pub struct Decoder {
     buf: Vec<u8>,
     max: usize,
+    /// Whether compressed records are taken ([`Decoder::with_compression`]).
+    compressed: bool,
 }
 
 impl Decoder {
-    /// A decoder refusing messages over `max` bytes.
+    /// A decoder refusing messages over `max` bytes, and compressed records (a prefix with
+    /// [`COMPRESSED_RECORD`] reads as a length over the cap, as it did before them).
     pub fn new(max: usize) -> Self {
         Decoder {
             buf: Vec::new(),
             max,
+            compressed: false,
+        }
+    }
+
+    /// A decoder refusing messages over `max` bytes, taking compressed records
+    /// ([`COMPRESSED_RECORD`]) of which neither the compressed body nor the message it
+    /// inflates to may be over `max` (an agent whose hello says [`Hello::compression`]).
+    pub fn with_compression(max: usize) -> Self {
+        Decoder {
+            compressed: true,
+            ..Decoder::new(max)
         }
     }
 
@@ -425,19 +526,29 @@ impl Decoder {
         self.check_len().map(|_| ())
     }
 
-    /// The next record's kind (relay or not) and length, once its prefix has arrived.
-    fn check_len(&self) -> Result<Option<(bool, usize)>, CodecError> {
+    /// The next record's kind and length, once its prefix has arrived.
+    fn check_len(&self) -> Result<Option<(Kind, usize)>, CodecError> {
         if self.buf.len() < 4 {
             return Ok(None);
         }
         let raw = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]);
-        let relay = raw & RELAY_RECORD != 0;
-        let len = (raw & !RELAY_RECORD) as usize;
-        let max = if relay { MAX_RELAY_RECORD } else { self.max };
+        let (kind, len) = if raw & RELAY_RECORD != 0 {
+            (Kind::Relay, raw & !RELAY_RECORD)
+        } else if self.compressed && raw & COMPRESSED_RECORD != 0 {
+            (Kind::Compressed, raw & !COMPRESSED_RECORD)
+        } else {
+            (Kind::Message, raw)
+        };
+        let len = len as usize;
+        let max = if kind == Kind::Relay {
+            MAX_RELAY_RECORD
+        } else {
+            self.max
+        };
         if len > max {
             return Err(CodecError::TooLarge { len, max });
         }
-        Ok(Some((relay, len)))
+        Ok(Some((kind, len)))
     }
 
     /// The next whole message, if one has arrived. `Ok(None)` means "need more bytes".
@@ -461,27 +572,40 @@ impl Decoder {
     /// [`CodecError`] when the next record is over its cap or a malformed message; the
     /// stream is then unusable.
     pub fn decode_record<T: DeserializeOwned>(&mut self) -> Result<Option<Record<T>>, CodecError> {
-        let Some((relay, len)) = self.check_len()? else {
+        let Some((kind, len)) = self.check_len()? else {
             return Ok(None);
         };
         if self.buf.len() < 4 + len {
             return Ok(None);
         }
-        if relay {
-            let frame = self.buf[4..4 + len].to_vec();
-            self.buf.drain(..4 + len);
-            return Ok(Some(Record::Relay(frame)));
-        }
-        let parsed = serde_json::from_slice(&self.buf[4..4 + len])
-            .map_err(|e| CodecError::Malformed(e.to_string()));
+        let body = &self.buf[4..4 + len];
+        let parsed = match kind {
+            Kind::Relay => Ok(Record::Relay(body.to_vec())),
+            Kind::Message => serde_json::from_slice(body)
+                .map(Record::Message)
+                .map_err(|e| CodecError::Malformed(e.to_string())),
+            Kind::Compressed => decompress(body, self.max).and_then(|json| {
+                serde_json::from_slice(&json)
+                    .map(Record::Message)
+                    .map_err(|e| CodecError::Malformed(e.to_string()))
+            }),
+        };
         self.buf.drain(..4 + len);
-        parsed.map(|m| Some(Record::Message(m)))
+        parsed.map(Some)
     }
 
     /// Bytes held that do not yet form a message.
     pub fn buffered(&self) -> usize {
         self.buf.len()
     }
+}
+
+/// What a record's prefix says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Message,
+    Compressed,
+    Relay,
 }
 
 #[cfg(test)]
@@ -501,6 +625,7 @@ mod tests {
             endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
             key_rotation: true,
             policy_edits: true,
+            compression: true,
         })
     }
 
@@ -540,7 +665,9 @@ mod tests {
         framed.extend_from_slice(old.as_bytes());
         d.push(&framed).unwrap();
         match d.decode::<ClientMessage>().unwrap() {
-            Some(ClientMessage::Hello(h)) => assert!(!h.key_rotation && !h.policy_edits),
+            Some(ClientMessage::Hello(h)) => {
+                assert!(!h.key_rotation && !h.policy_edits && !h.compression)
+            }
             other => panic!("{other:?}"),
         }
         // A key that is not 32 bytes is refused, naming the field.
@@ -650,5 +777,200 @@ mod tests {
         let huge = (RELAY_RECORD | (MAX_RELAY_RECORD as u32 + 1)).to_be_bytes();
         assert!(d.push(&huge).is_err());
         assert!(encode_relay(&vec![0; MAX_RELAY_RECORD + 1]).is_err());
+    }
+
+    /// A server message of `n` peers, some 300 bytes of JSON each.
+    fn big_map(n: u64) -> ServerMessage {
+        let mut map = Netmap {
+            version: 7,
+            ..Netmap::default()
+        };
+        for id in 1..=n {
+            map.peers.insert(
+                id,
+                crate::PeerInfo {
+                    node_id: id,
+                    name: format!("node-{id}"),
+                    public_key: PublicKey([id as u8; 32]),
+                    next_key: None,
+                    addresses: vec![format!("100.64.{}.{}/32", id / 256, id % 256)
+                        .parse()
+                        .unwrap()],
+                    allowed_ips: vec![],
+                    endpoints: vec![format!("198.18.{}.{}:51820", id / 256, id % 256)
+                        .parse()
+                        .unwrap()],
+                    labels: BTreeMap::from([("rack".into(), format!("r{}", id % 7))]),
+                    tags: vec!["web".into()],
+                },
+            );
+        }
+        ServerMessage::FullMap(map)
+    }
+
+    /// A compressed record of `body` as `compress` makes them, claiming `claim` bytes.
+    fn record(claim: u32, json: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut z = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+        z.write_all(json).unwrap();
+        let stream = z.finish().unwrap();
+        let mut out = (COMPRESSED_RECORD | (stream.len() as u32 + 4))
+            .to_be_bytes()
+            .to_vec();
+        out.extend_from_slice(&claim.to_be_bytes());
+        out.extend_from_slice(&stream);
+        out
+    }
+
+    #[test]
+    fn compressed_records_round_trip_in_pieces_among_plain_ones() {
+        let big = big_map(200);
+        let plain = encode(&big);
+        let packed = compress(&plain).expect("a large map compresses");
+        assert!(
+            packed.len() * 3 < plain.len(),
+            "{} of {}",
+            packed.len(),
+            plain.len()
+        );
+        let small = ServerMessage::RotateKey { grace_ms: 5 };
+        let mut bytes = encode(&small);
+        bytes.extend_from_slice(&packed);
+        bytes.extend(encode(&small));
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        let mut got = Vec::new();
+        for chunk in bytes.chunks(1000) {
+            d.push(chunk).unwrap();
+            while let Some(m) = d.decode::<ServerMessage>().unwrap() {
+                got.push(m);
+            }
+        }
+        assert_eq!(got, vec![small.clone(), big, small]);
+        assert_eq!(d.buffered(), 0);
+    }
+
+    #[test]
+    fn only_messages_over_the_threshold_are_compressed() {
+        // JSON of COMPRESS_MIN bytes exactly stays as it is; one byte more is compressed.
+        let at = |n: usize| {
+            let msg = ServerMessage::Revoked {
+                reason: "x".repeat(n),
+            };
+            let pad = encode(&msg).len() - 4 - n;
+            encode(&ServerMessage::Revoked {
+                reason: "x".repeat(COMPRESS_MIN - pad),
+            })
+        };
+        let edge = at(COMPRESS_MIN);
+        assert_eq!(edge.len(), 4 + COMPRESS_MIN);
+        assert_eq!(compress(&edge), None);
+        let mut over = edge.clone();
+        // `"xxx"}` gets one more x.
+        over.insert(over.len() - 3, b'x');
+        over[..4].copy_from_slice(&(COMPRESS_MIN as u32 + 1).to_be_bytes());
+        assert!(compress(&over).is_some());
+        // Not one framed message: nothing.
+        assert_eq!(compress(&over[..over.len() - 1]), None);
+        // Incompressible bytes are not worth it.
+        let mut noise = Vec::new();
+        let mut x: u32 = 1;
+        for _ in 0..COMPRESS_MIN * 2 {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            noise.push((x >> 24) as u8);
+        }
+        let mut framed = (noise.len() as u32).to_be_bytes().to_vec();
+        framed.extend_from_slice(&noise);
+        assert_eq!(compress(&framed), None);
+    }
+
+    #[test]
+    fn a_decoder_without_compression_refuses_compressed_records() {
+        // As an agent from before them: the prefix reads as a length over the cap.
+        let packed = compress(&encode(&big_map(50))).unwrap();
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        assert!(matches!(d.push(&packed), Err(CodecError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn inflating_is_bounded_by_the_cap() {
+        // A bomb: 16 MiB of zeros claimed as 1 KiB inflates no further than 1 KiB + 1.
+        let zeros = vec![b' '; 16 << 20];
+        let bomb = record(1024, &zeros);
+        assert!(bomb.len() < 64 << 10, "{}", bomb.len());
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        d.push(&bomb).unwrap();
+        match d.decode::<ServerMessage>() {
+            Err(CodecError::Malformed(e)) => assert!(e.contains("past the 1024 bytes"), "{e}"),
+            other => panic!("{other:?}"),
+        }
+        // Claiming more than the cap is refused before inflating.
+        let mut d = Decoder::with_compression(1 << 20);
+        d.push(&record(16 << 20, &zeros)).unwrap();
+        assert_eq!(
+            d.decode::<ServerMessage>(),
+            Err(CodecError::TooLarge {
+                len: 16 << 20,
+                max: 1 << 20
+            })
+        );
+        // Claiming more than DEFLATE can give from the bytes sent: refused, nothing reserved.
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        d.push(&record(32 << 20, b"{}")).unwrap();
+        assert!(matches!(
+            d.decode::<ServerMessage>(),
+            Err(CodecError::Malformed(_))
+        ));
+        // The compressed body itself is held to the cap from its prefix.
+        let mut d = Decoder::with_compression(100);
+        assert!(matches!(
+            d.push(&(COMPRESSED_RECORD | 101).to_be_bytes()),
+            Err(CodecError::TooLarge { len: 101, max: 100 })
+        ));
+    }
+
+    #[test]
+    fn corrupt_compressed_records_are_errors_not_panics() {
+        let plain = encode(&big_map(100));
+        let packed = compress(&plain).unwrap();
+        let json_len = plain.len() as u32 - 4;
+        // Too short for its length field.
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        d.push(&(COMPRESSED_RECORD | 2).to_be_bytes()).unwrap();
+        d.push(&[0, 1]).unwrap();
+        assert!(matches!(
+            d.decode::<ServerMessage>(),
+            Err(CodecError::Malformed(_))
+        ));
+        // Claiming more than it gives.
+        let mut short = packed.clone();
+        short[4..8].copy_from_slice(&(json_len + 1).to_be_bytes());
+        let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+        d.push(&short).unwrap();
+        assert!(matches!(
+            d.decode::<ServerMessage>(),
+            Err(CodecError::Malformed(_))
+        ));
+        // Every single-byte corruption of the stream, and every truncation: an error or
+        // (where DEFLATE cannot tell) a message, never a panic; most are errors.
+        let mut errors = 0;
+        let mut tried = 0;
+        for i in (8..packed.len()).step_by(7) {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut bad = packed.clone();
+                bad[i] ^= flip;
+                let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+                d.push(&bad).unwrap();
+                tried += 1;
+                errors += usize::from(d.decode::<ServerMessage>().is_err());
+            }
+        }
+        assert!(errors * 10 >= tried * 9, "{errors} errors of {tried}");
+        for cut in (9..packed.len()).step_by(13) {
+            let mut bad = packed[..cut].to_vec();
+            bad[..4].copy_from_slice(&(COMPRESSED_RECORD | (cut as u32 - 4)).to_be_bytes());
+            let mut d = Decoder::with_compression(MAX_SERVER_MESSAGE);
+            d.push(&bad).unwrap();
+            assert!(d.decode::<ServerMessage>().is_err(), "cut at {cut}");
+        }
     }
 }

@@ -117,7 +117,8 @@ impl Session {
         Ok(Session {
             addr: addr.to_string(),
             transport,
-            decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            // Its hello says it takes compressed records: each is bounded as a message is.
+            decoder: Decoder::with_compression(MAX_SERVER_MESSAGE),
             relay_sink: None,
             reflect_port: None,
             relay: false,
@@ -250,6 +251,7 @@ pub async fn join(
         public_key,
         key_rotation: true,
         policy_edits: true,
+        compression: true,
         name,
         labels,
         endpoints,
@@ -299,6 +301,7 @@ pub async fn authenticate(
         public_key,
         key_rotation: true,
         policy_edits: true,
+        compression: true,
         name: None,
         labels: BTreeMap::new(),
         endpoints,

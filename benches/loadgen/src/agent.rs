@@ -81,9 +81,29 @@ pub struct Shared {
     pub board: Arc<Scoreboard>,
     /// Set when the run ends: lost sessions are then not opened again.
     pub stopping: AtomicBool,
-    /// Whether agents say in their hello that they take policy edits (as the real agent
-    /// does); without, they get every policy change whole, as an older agent.
+    /// What agents say in their hello that they take.
+    pub offers: Offers,
+}
+
+/// What a simulated agent's hello says it takes. The real agent takes all of it; without one,
+/// agents are as an older agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Offers {
+    /// Policy changes as edits ([`Hello::policy_edits`]); without, every change is whole.
     pub policy_edits: bool,
+    /// Compressed records ([`Hello::compression`]); without, every message is sent as it is.
+    pub compression: bool,
+}
+
+impl Offers {
+    /// A decoder of server messages for a session whose hello says this.
+    fn decoder(self) -> Decoder {
+        if self.compression {
+            Decoder::with_compression(MAX_SERVER_MESSAGE)
+        } else {
+            Decoder::new(MAX_SERVER_MESSAGE)
+        }
+    }
 }
 
 impl Shared {
@@ -134,10 +154,16 @@ struct Session {
     decoder: Decoder,
     /// A large frame went through the decoder; shrink it when it is empty.
     shrink: bool,
+    /// What its hello said it takes.
+    offers: Offers,
 }
 
 impl Session {
-    async fn open(endpoint: &quinn::Endpoint, server: SocketAddr) -> Result<Session, AgentError> {
+    async fn open(
+        endpoint: &quinn::Endpoint,
+        server: SocketAddr,
+        offers: Offers,
+    ) -> Result<Session, AgentError> {
         let conn = endpoint
             .connect(server, SERVER_NAME)
             .map_err(|e| AgentError::Connection(chain(&e)))?
@@ -151,8 +177,9 @@ impl Session {
             conn,
             send,
             recv,
-            decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            decoder: offers.decoder(),
             shrink: false,
+            offers,
         })
     }
 
@@ -180,7 +207,7 @@ impl Session {
     /// Reads more bytes into the decoder. Cancel-safe (`read_chunk` is).
     async fn fill(&mut self) -> Result<(), AgentError> {
         if self.shrink && self.decoder.buffered() == 0 {
-            self.decoder = Decoder::new(MAX_SERVER_MESSAGE);
+            self.decoder = self.offers.decoder();
             self.shrink = false;
         }
         match self.recv.read_chunk(usize::MAX, true).await {
@@ -243,8 +270,8 @@ pub struct Credentials {
     pub public_key: PublicKey,
     /// The underlay endpoints it reports.
     pub endpoints: Vec<SocketAddr>,
-    /// Whether its hello says it takes policy edits ([`Shared::policy_edits`]).
-    pub policy_edits: bool,
+    /// What its hello says it takes ([`Shared::offers`]).
+    pub offers: Offers,
 }
 
 impl Credentials {
@@ -257,7 +284,8 @@ impl Credentials {
             },
             public_key: self.public_key,
             key_rotation: false,
-            policy_edits: self.policy_edits,
+            policy_edits: self.offers.policy_edits,
+            compression: self.offers.compression,
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.endpoints.clone(),
@@ -272,7 +300,7 @@ async fn join_session(
     server: SocketAddr,
     token: &str,
     endpoints: Vec<SocketAddr>,
-    policy_edits: bool,
+    offers: Offers,
 ) -> Result<(Session, Credentials), AgentError> {
     let public_key = PublicKey(rand::random());
     let hello = Hello {
@@ -282,13 +310,14 @@ async fn join_session(
         },
         public_key,
         key_rotation: false,
-        policy_edits,
+        policy_edits: offers.policy_edits,
+        compression: offers.compression,
         name: None,
         labels: BTreeMap::new(),
         endpoints: endpoints.clone(),
     };
     let exchange = async {
-        let mut session = Session::open(endpoint, server).await?;
+        let mut session = Session::open(endpoint, server, offers).await?;
         let welcome = session.hello(hello).await?;
         Ok::<_, AgentError>((session, welcome))
     };
@@ -303,7 +332,7 @@ async fn join_session(
         secret,
         public_key,
         endpoints,
-        policy_edits,
+        offers,
     };
     Ok((session, creds))
 }
@@ -316,7 +345,7 @@ async fn authenticate(
     creds: &Credentials,
 ) -> Result<(Session, ServerMessage, usize), AgentError> {
     let exchange = async {
-        let mut session = Session::open(endpoint, server).await?;
+        let mut session = Session::open(endpoint, server, creds.offers).await?;
         session.hello(creds.hello()).await?;
         let (map, len) = session.first_map().await?;
         Ok::<_, AgentError>((session, map, len))
@@ -355,7 +384,7 @@ impl Agent {
             shared.server(index),
             token,
             endpoints,
-            shared.policy_edits,
+            shared.offers,
         )
         .await?;
         let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
@@ -374,10 +403,9 @@ impl Agent {
         server: SocketAddr,
         token: &str,
         endpoints: Vec<SocketAddr>,
-        policy_edits: bool,
+        offers: Offers,
     ) -> Result<Credentials, AgentError> {
-        let (session, creds) =
-            join_session(endpoint, server, token, endpoints, policy_edits).await?;
+        let (session, creds) = join_session(endpoint, server, token, endpoints, offers).await?;
         session.conn.close(0u32.into(), b"enrolled");
         Ok(creds)
     }

@@ -358,7 +358,7 @@ impl Fleet {
                                     shared.server(index),
                                     &token,
                                     vec![join_endpoint(index)],
-                                    shared.policy_edits,
+                                    shared.offers,
                                 )
                             })
                             .await;

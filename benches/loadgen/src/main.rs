@@ -31,7 +31,7 @@ use meshlink_coordinator::server::Limits;
 use meshlink_coordinator::service::Service;
 use meshlink_coordinator::Coordinator;
 use meshlink_loadgen::admin::{Admin, NetworkState};
-use meshlink_loadgen::agent::Shared;
+use meshlink_loadgen::agent::{Offers, Shared};
 use meshlink_loadgen::coordinators::{self, Cleanup, CleanupHandle, StoreChoice};
 use meshlink_loadgen::fleet::{Fleet, RampKind, RampPlan};
 use meshlink_loadgen::report::{ChangeResult, RampResult, RunReport, Spread};
@@ -165,6 +165,10 @@ struct Args {
     /// reaches them whole, as it reaches agents from before edits.
     #[arg(long)]
     no_policy_edits: bool,
+    /// Agents do not say in their hello that they take compressed records: every message
+    /// reaches them as it is, as it reaches agents from before compression.
+    #[arg(long)]
+    no_compression: bool,
     /// Pause between changes, in milliseconds.
     #[arg(long, default_value_t = 200)]
     interval_ms: u64,
@@ -595,7 +599,10 @@ async fn run(
         table,
         board: board.clone(),
         stopping: AtomicBool::new(false),
-        policy_edits: !args.no_policy_edits,
+        offers: Offers {
+            policy_edits: !args.no_policy_edits,
+            compression: !args.no_compression,
+        },
     });
     let plan = RampPlan {
         agents: n,

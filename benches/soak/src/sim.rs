@@ -408,6 +408,7 @@ async fn open(
         public_key: key,
         key_rotation: false,
         policy_edits: false,
+        compression: false,
         name: None,
         labels: BTreeMap::from([("soak".to_string(), index.to_string())]),
         endpoints: Vec::new(),

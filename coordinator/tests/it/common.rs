@@ -134,6 +134,7 @@ pub fn join_hello(secret: &str, key_byte: u8, name: Option<&str>) -> Hello {
         public_key: key(key_byte),
         key_rotation: false,
         policy_edits: false,
+        compression: false,
         name: name.map(str::to_string),
         labels: BTreeMap::from([("provider".to_string(), "test".to_string())]),
         endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
@@ -150,6 +151,7 @@ pub fn node_hello(node_id: NodeId, secret: &str, key_byte: u8) -> Hello {
         public_key: key(key_byte),
         key_rotation: false,
         policy_edits: false,
+        compression: false,
         name: None,
         labels: BTreeMap::new(),
         endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
@@ -218,6 +220,8 @@ pub struct Agent {
     pub send: quinn::SendStream,
     recv: quinn::RecvStream,
     decoder: Decoder,
+    /// Bytes read from the stream so far.
+    pub received: usize,
     _endpoint: quinn::Endpoint,
 }
 
@@ -248,8 +252,16 @@ impl Agent {
             send,
             recv,
             decoder: Decoder::new(MAX_SERVER_MESSAGE),
+            received: 0,
             _endpoint: endpoint,
         })
+    }
+
+    /// From now on takes compressed records (as an agent whose hello says so); before any
+    /// message is read.
+    pub fn take_compression(&mut self) {
+        assert_eq!(self.decoder.buffered(), 0);
+        self.decoder = Decoder::with_compression(MAX_SERVER_MESSAGE);
     }
 
     pub async fn send(&mut self, msg: &ClientMessage) {
@@ -271,7 +283,10 @@ impl Agent {
                 .await
                 .expect("timed out waiting for a message")
             {
-                Ok(Some(n)) => self.decoder.push(&buf[..n]).unwrap(),
+                Ok(Some(n)) => {
+                    self.received += n;
+                    self.decoder.push(&buf[..n]).unwrap();
+                }
                 Ok(None) | Err(_) => return None,
             }
         }

@@ -352,7 +352,7 @@ async fn hidden_changes_reach_nobody_who_may_not_see_them(db: &TestDb) {
         .iter()
         .map(|n| &got[*n][0].1)
         .collect();
-    assert!(empty.iter().all(|f| Arc::ptr_eq(f, empty[0])));
+    assert!(empty.iter().all(|f| Frame::ptr_eq(f, empty[0])));
 
     // db-1's change reaches web-1 (and itself) only.
     s.report_endpoints(db_id, remote(), &[endpoint(2)])
@@ -458,7 +458,7 @@ async fn without_a_policy_every_session_shares_one_frame(db: &TestDb) {
     let shared = |got: &BTreeMap<String, Vec<(NetmapDelta, Frame)>>| {
         let frames: Vec<&Frame> = got.values().map(|d| &d[0].1).collect();
         assert_eq!(frames.len(), NODES.len());
-        frames.iter().all(|f| Arc::ptr_eq(f, frames[0]))
+        frames.iter().all(|f| Frame::ptr_eq(f, frames[0]))
     };
     s.report_endpoints(web, remote(), &[endpoint(1)])
         .await

@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use meshlink_coordinator::server::close_code;
 use meshlink_coordinator::Coordinator;
-use meshlink_proto::control::{ClientMessage, ServerMessage, Welcome};
+use meshlink_proto::control::{ClientMessage, Hello, ServerMessage, Welcome, COMPRESS_MIN};
 use meshlink_proto::token::JoinToken;
-use meshlink_proto::{Netmap, NetmapDelta};
+use meshlink_proto::{Netmap, NetmapDelta, PolicyChange};
 use serde_json::json;
 
 use crate::common::{http, join_hello, loopback_settings, node_hello, start, Agent, TempDir};
@@ -502,5 +502,83 @@ async fn heartbeats_claims_and_prepared_over_quic() {
         }) => assert!(e.contains("not an allowed holder"), "{e}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
+    c.shutdown().await;
+}
+
+/// A large message goes compressed to an agent whose hello says it takes compressed records,
+/// and as it was to one whose hello does not (it would refuse a compressed record as over the
+/// size cap); both get the same message, and small ones go as they are to both.
+#[tokio::test]
+async fn large_messages_go_compressed_only_to_agents_that_take_them() {
+    let dir = TempDir::new("quic-compression");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let mut agents = Vec::new();
+    for (key, compression) in [(1u8, true), (2, false)] {
+        let mut a = Agent::connect(addr_of(&t), &t.fingerprint).await.unwrap();
+        if compression {
+            a.take_compression();
+        }
+        let hello = Hello {
+            compression,
+            ..join_hello(&t.secret, key, None)
+        };
+        welcome(a.hello(hello).await);
+        full_map(&mut a).await;
+        agents.push(a);
+    }
+    // The second join reached the first agent as a small delta, as it is: the delta's JSON.
+    let before = agents[0].received;
+    let d = delta(&mut agents[0]).await;
+    let small = agents[0].received - before;
+    assert_eq!(
+        small,
+        4 + serde_json::to_vec(&ServerMessage::Delta(d)).unwrap().len()
+    );
+    // 300 rules that concern every node: some 30 KB of JSON.
+    let source: String = (0..300)
+        .map(|i| {
+            format!(
+                "[[rule]]\nfrom = [\"*\"]\nto = [\"*\"]\nports = [\"tcp:{}\"]\n",
+                1000 + i
+            )
+        })
+        .collect();
+    let admin = c.admin_token().value.clone();
+    let body = json!({ "source": source }).to_string();
+    let (status, _) = http(
+        c.admin_addr(),
+        "POST",
+        "/v1/networks/prod/policy",
+        Some(&admin),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut got = Vec::new();
+    for a in &mut agents {
+        let before = a.received;
+        let d = delta(a).await;
+        let wire = a.received - before;
+        let json = serde_json::to_vec(&ServerMessage::Delta(d.clone()))
+            .unwrap()
+            .len();
+        assert!(json > 4 * COMPRESS_MIN, "{json}");
+        got.push((d, wire, json));
+    }
+    let (new, old) = (&got[0], &got[1]);
+    match (&new.0.policy, &old.0.policy) {
+        (Some(PolicyChange::Set(a)), Some(PolicyChange::Set(b))) => {
+            assert_eq!((a.rules.len(), a), (300, b));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(old.1, 4 + old.2, "the older agent gets the JSON as it is");
+    assert!(
+        new.1 * 4 < new.2,
+        "compressed: {} bytes on the wire for {} of JSON",
+        new.1,
+        new.2
+    );
     c.shutdown().await;
 }

@@ -170,6 +170,7 @@ impl Mesh {
             public_key: PublicKey(public_key),
             key_rotation: false,
             policy_edits: false,
+            compression: false,
             name: Some(name.into()),
             labels: BTreeMap::from([("provider".to_owned(), "test".to_owned())]),
             endpoints: vec![format!("198.18.0.{key}:51820").parse().unwrap()],
