@@ -38,6 +38,10 @@ enum Behaviour {
     RenewOnce,
     /// Every connection is closed as soon as the handshake is done.
     CloseAtOnce,
+    /// Like `Serve`, the full map sent compressed (to a hello that says it takes that).
+    Compressed,
+    /// Like `Compressed`, but the compressed record is corrupt: its DEFLATE stream cut short.
+    CorruptCompressed,
 }
 
 /// What a fake coordinator received.
@@ -148,6 +152,7 @@ async fn session(
         while let Some(message) = decoder.decode::<ClientMessage>().ok()? {
             match message {
                 ClientMessage::Hello(hello) => {
+                    let hello_compression = hello.compression;
                     let _ = tx.send(Received::Hello(hello));
                     let welcome = Welcome {
                         node_id: NODE,
@@ -164,13 +169,27 @@ async fn session(
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
                         .await
                         .ok()?;
-                    send.write_all(&control::encode(&ServerMessage::FullMap(map.clone())))
-                        .await
-                        .ok()?;
+                    let full = control::encode(&ServerMessage::FullMap(map.clone()));
+                    let full = match behaviour {
+                        Behaviour::Compressed | Behaviour::CorruptCompressed
+                            if hello_compression =>
+                        {
+                            let mut c = control::compress(&full).expect("a large map");
+                            if behaviour == Behaviour::CorruptCompressed {
+                                let len = c.len() / 2;
+                                c.truncate(len);
+                                let prefix = control::COMPRESSED_RECORD | (len as u32 - 4);
+                                c[..4].copy_from_slice(&prefix.to_be_bytes());
+                            }
+                            c
+                        }
+                        _ => full,
+                    };
+                    send.write_all(&full).await.ok()?;
                 }
                 ClientMessage::Heartbeat { seq, .. } => {
                     let _ = tx.send(Received::Heartbeat);
-                    if behaviour == Behaviour::Serve || answered == 0 {
+                    if behaviour != Behaviour::RenewOnce || answered == 0 {
                         answered += 1;
                         let lease = ServerMessage::Lease {
                             seq,
@@ -232,6 +251,8 @@ fn map(holder: bool) -> Netmap {
 /// `cached` as its map.
 struct Agent {
     shared: Arc<Shared>,
+    /// The maps its control loop publishes.
+    maps: watch::Receiver<Netmap>,
     state: StateDir,
     task: tokio::task::JoinHandle<()>,
     _dir: tempfile::TempDir,
@@ -265,7 +286,7 @@ impl Agent {
             Instant::now(),
             Coordinators::new(node.coordinators()).unwrap(),
         ));
-        let (maps, _) = watch::channel(cached);
+        let (maps, maps_rx) = watch::channel(cached);
         let (_claims_tx, claims) = mpsc::channel(4);
         let control = MeshControl::new(
             state.clone(),
@@ -283,6 +304,7 @@ impl Agent {
         });
         Agent {
             shared,
+            maps: maps_rx,
             state,
             task,
             _dir: dir,
@@ -408,4 +430,64 @@ async fn a_holder_leaves_a_coordinator_that_stops_renewing_its_lease() {
         1,
         "the session to a was left, not lost"
     );
+}
+
+/// A map at version 2 with `n` peers: some 250 bytes of JSON each.
+fn large_map(n: u64) -> Netmap {
+    let mut m = map(false);
+    m.version = 2;
+    for id in 2..2 + n {
+        m.peers.insert(
+            id,
+            meshlink_proto::PeerInfo {
+                node_id: id,
+                name: format!("node-{id}"),
+                public_key: meshlink_proto::PublicKey([id as u8; 32]),
+                next_key: None,
+                addresses: vec![format!("100.64.1.{id}/32").parse().unwrap()],
+                allowed_ips: vec![],
+                endpoints: vec![format!("198.18.1.{id}:51820").parse().unwrap()],
+                labels: Default::default(),
+                tags: vec!["web".into()],
+            },
+        );
+    }
+    m
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_full_map_is_taken_and_a_corrupt_one_ends_the_session() {
+    let listed = Arc::new(Mutex::new(Vec::new()));
+    let big = large_map(100);
+    assert!(
+        control::encode(&ServerMessage::FullMap(big.clone())).len() > 4 * control::COMPRESS_MIN
+    );
+    let mut a = FakeCoordinator::start(Behaviour::Compressed, listed.clone(), big.clone());
+    *listed.lock().unwrap() = vec![a.address()];
+    let agent = Agent::start(&[a.address()], map(false));
+    let hello = a.hello().await;
+    assert!(node_auth(&hello) && hello.compression, "{hello:?}");
+    agent
+        .until("the compressed map applied", |g| *g.maps.borrow() == big)
+        .await;
+    assert_eq!(
+        a.connections.load(Ordering::SeqCst),
+        1,
+        "one session throughout"
+    );
+    drop(agent);
+    a.stop();
+
+    // A corrupt record: the session ends (as on any malformed message) and the agent comes
+    // back with a new one; its map is never the corrupt one's.
+    let mut b = FakeCoordinator::start(Behaviour::CorruptCompressed, listed.clone(), big.clone());
+    *listed.lock().unwrap() = vec![b.address()];
+    let agent = Agent::start(&[b.address()], map(false));
+    assert!(b.hello().await.compression);
+    assert!(
+        b.hello().await.compression,
+        "a second session after the corrupt record"
+    );
+    assert!(b.connections.load(Ordering::SeqCst) >= 2);
+    assert_eq!(agent.maps.borrow().version, 1);
 }
