@@ -28,7 +28,7 @@ use std::pin::Pin;
 use ipnet::Ipv4Net;
 use meshlink_proto::{NodeId, PublicKey};
 
-pub use shared::{LeaseFence, Leadership, Renewal};
+pub use shared::{Leadership, LeaseFence, Renewal};
 pub use sql::{LeaseClock, SqlStore, CHANGES_KEPT};
 
 /// Seconds since the Unix epoch, the only time unit of the store and of the admin API.
