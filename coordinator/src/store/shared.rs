@@ -69,25 +69,28 @@ impl SqlStore {
     pub async fn renew_lease(&self, node: NodeId, network: &str) -> Result<Renewal, StoreError> {
         self.require_postgres()?;
         let now = self.now_sql();
-        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH up AS (INSERT INTO leases (node, heard_ms, fenced_until_ms) \
-             VALUES ($1, {now}, 0) \
+        let renewed = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO leases (node, heard_ms, fenced_until_ms) VALUES ($1, {now}, 0) \
              ON CONFLICT (node) DO UPDATE SET heard_ms = EXCLUDED.heard_ms \
-             WHERE leases.fenced_until_ms < {now} RETURNING node) \
-             SELECT (SELECT COUNT(*) FROM up) AS renewed, \
-             (SELECT version FROM networks WHERE name = $2) AS version"
+             WHERE leases.fenced_until_ms < {now} RETURNING node"
         )))
         .bind(i64::try_from(node).unwrap_or(i64::MAX))
-        .bind(network)
-        .fetch_one(self.pool())
-        .await?;
-        Ok(Renewal {
-            renewed: row.try_get::<i64, _>("renewed")? > 0,
-            version: row
-                .try_get::<Option<i64>, _>("version")?
-                .and_then(|v| u64::try_from(v).ok())
-                .unwrap_or(0),
-        })
+        .fetch_optional(self.pool())
+        .await?
+        .is_some();
+        // Read after the renewal, in a statement of its own: a renewal that waited for a
+        // fence to be lifted (the row's lock) would otherwise return the version of the
+        // snapshot its statement started with, from before the change committed under that
+        // fence, and the holder's lease would count on a map without it.
+        let version = sqlx::query("SELECT version FROM networks WHERE name = $1")
+            .bind(network)
+            .fetch_optional(self.pool())
+            .await?
+            .map(|r| r.try_get::<i64, _>("version"))
+            .transpose()?
+            .and_then(|v| u64::try_from(v).ok())
+            .unwrap_or(0);
+        Ok(Renewal { renewed, version })
     }
 
     /// How long ago each node's lease was last renewed, by any coordinator.

@@ -328,3 +328,53 @@ async fn a_fence_reports_the_last_renewal() {
     assert!(g.renewed_ago_ms >= 1_010_250, "{g:?}");
     assert!(!store.renew_lease(9, "prod").await.unwrap().renewed);
 }
+
+/// A renewal that waits for the lease row's lock (held by a fence being lifted, with a change
+/// committed meanwhile) reports the network's version as of after the wait: the holder's lease
+/// then counts only once its map has that change. Read in the renewal's own statement, the
+/// version was the one of the snapshot the statement started with, from before the change.
+#[tokio::test]
+async fn a_renewal_that_waited_for_the_lease_row_reports_the_version_after_the_wait() {
+    let Some(db) = TestDb::postgres() else {
+        return;
+    };
+    let (store, _now) = lease_store(&db).await;
+    network(&store).await;
+    assert!(store.renew_lease(7, "prod").await.unwrap().renewed);
+    let pool = sqlx::AnyPool::connect(&db.url()).await.unwrap();
+    let version = |pool: sqlx::AnyPool| async move {
+        sqlx::query_scalar::<_, i64>("SELECT version FROM networks WHERE name = 'prod'")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = version(pool.clone()).await;
+    // Another coordinator holds the lease row (as lifting a fence does).
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("SELECT node FROM leases WHERE node = 7 FOR UPDATE")
+        .fetch_one(&mut *lock)
+        .await
+        .unwrap();
+    let renewal = tokio::spawn({
+        let store = store.clone();
+        async move { store.renew_lease(7, "prod").await.unwrap() }
+    });
+    // The renewal is waiting for the row; a change commits meanwhile.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(
+        !renewal.is_finished(),
+        "the renewal did not wait for the row"
+    );
+    sqlx::query("UPDATE networks SET version = version + 1 WHERE name = 'prod'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    lock.commit().await.unwrap();
+    let r = renewal.await.unwrap();
+    assert!(r.renewed);
+    assert_eq!(
+        r.version as i64,
+        before + 1,
+        "the version of before the wait: a lease on a map without the change"
+    );
+}
