@@ -12,7 +12,7 @@ use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::Outbound;
-use meshlink_coordinator::service::{Clock, Service, Session, SystemClock};
+use meshlink_coordinator::service::{Clock, Service, Session, SystemClock, WorkloadTiming};
 use meshlink_coordinator::store::{SqlStore, UnixTime};
 
 use crate::common::{join_hello, TempDir};
@@ -36,10 +36,22 @@ impl Clock for TestClock {
 }
 
 async fn service(dir: &TempDir, clock: Arc<TestClock>, queue: usize) -> Service {
+    service_with(dir, clock, queue, WorkloadTiming::default()).await
+}
+
+/// [`service`] with workload timings.
+async fn service_with(
+    dir: &TempDir,
+    clock: Arc<TestClock>,
+    queue: usize,
+    timing: WorkloadTiming,
+) -> Service {
     let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
         .await
         .unwrap();
-    let s = Service::load(Arc::new(store), clock, queue).await.unwrap();
+    let s = Service::load_with(Arc::new(store), clock, queue, timing)
+        .await
+        .unwrap();
     s.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/16".into(),
@@ -47,6 +59,19 @@ async fn service(dir: &TempDir, clock: Arc<TestClock>, queue: usize) -> Service 
     .await
     .unwrap();
     s
+}
+
+/// The secret of a join token of "prod" for any number of joins, valid forever.
+async fn open_token(s: &Service) -> String {
+    s.create_token(CreateToken {
+        network: "prod".into(),
+        tags: vec![],
+        expires_in_secs: None,
+        uses: None,
+    })
+    .await
+    .unwrap()
+    .1
 }
 
 fn remote() -> IpAddr {
@@ -59,15 +84,7 @@ async fn each_change_is_encoded_once_for_every_session() {
     let dir = TempDir::new("svc-fanout");
     let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
     let s = service(&dir, clock, 2 * N).await;
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let secret = open_token(&s).await;
 
     let started = Instant::now();
     let mut sessions: Vec<Session> = Vec::new();
@@ -134,15 +151,7 @@ async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
     let dir = TempDir::new("svc-revoke-full");
     let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
     let s = service(&dir, clock, 1).await;
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let secret = open_token(&s).await;
     let mut a = s
         .hello(&join_hello(&secret, 1, None), remote())
         .await
@@ -173,15 +182,7 @@ async fn a_revoked_node_with_a_full_queue_still_learns_it_was_revoked() {
 async fn joins_with_low_order_public_keys_are_refused() {
     let dir = TempDir::new("svc-weak-keys");
     let s = service(&dir, Arc::new(TestClock(AtomicI64::new(1_000))), 16).await;
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let secret = open_token(&s).await;
     let mut p_minus_1 = [0xff; 32];
     p_minus_1[0] = 0xec;
     p_minus_1[31] = 0x7f;
@@ -209,15 +210,7 @@ async fn a_standby_may_not_claim_unless_allowed() {
     use meshlink_coordinator::handlers::workloads::CreateWorkload;
     let dir = TempDir::new("svc-standby-claim");
     let s = service(&dir, Arc::new(TestClock(AtomicI64::new(1_000))), 16).await;
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let secret = open_token(&s).await;
     let standby = s
         .hello(&join_hello(&secret, 1, Some("vm-s")), remote())
         .await
@@ -251,11 +244,7 @@ async fn a_standby_may_not_claim_unless_allowed() {
 #[tokio::test]
 async fn a_deleted_workloads_address_is_answered_for_anew_only_once_its_holder_let_go() {
     use meshlink_coordinator::handlers::workloads::CreateWorkload;
-    use meshlink_coordinator::service::WorkloadTiming;
     let dir = TempDir::new("svc-freed-address");
-    let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
-        .await
-        .unwrap();
     // A lease far longer than the test: only the acknowledgement can end the wait.
     let timing = WorkloadTiming {
         lease: std::time::Duration::from_secs(60),
@@ -263,24 +252,8 @@ async fn a_deleted_workloads_address_is_answered_for_anew_only_once_its_holder_l
         ..WorkloadTiming::default()
     };
     let clock = Arc::new(TestClock(AtomicI64::new(1_000)));
-    let s = Service::load_with(Arc::new(store), clock, 16, timing)
-        .await
-        .unwrap();
-    s.create_network(CreateNetwork {
-        name: "prod".into(),
-        cidr: "100.64.0.0/16".into(),
-    })
-    .await
-    .unwrap();
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let s = service_with(&dir, clock, 16, timing).await;
+    let secret = open_token(&s).await;
     let a = s
         .hello(&join_hello(&secret, 1, Some("vm-a")), remote())
         .await
