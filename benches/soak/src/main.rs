@@ -154,9 +154,8 @@ fn main() -> anyhow::Result<()> {
 async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
     let seed = args.seed.unwrap_or_else(rand::random);
     tracing::info!(seed, "churn seed");
-    let token_text = std::fs::read_to_string(&args.admin_token_file)
-        .with_context(|| format!("{}", args.admin_token_file.display()))?;
-    let admin = Admin::new(&args.admin, &token_text, &args.network);
+    let admin_token = meshctl::admin_token::AdminToken::from_file(&args.admin_token_file)?;
+    let admin = Admin::new(&args.admin, admin_token, &args.network)?;
     let token = {
         let a = admin.clone();
         blocking(move || a.create_token()).await??
@@ -474,7 +473,7 @@ async fn mismatches(
 ) -> anyhow::Result<Vec<String>> {
     let (net, workloads) = {
         let a = admin.clone();
-        blocking(move || Ok::<_, admin::AdminError>((a.network_state()?, a.workloads()?))).await??
+        blocking(move || anyhow::Ok((a.network_state()?, a.workloads()?))).await??
     };
     let version = net.version.0;
     let store: BTreeMap<String, (IpAddr, u64, Option<NodeId>)> = workloads

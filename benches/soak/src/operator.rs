@@ -59,7 +59,7 @@ impl Tally {
         match r {
             Ok(_) => self.count(action, "ok"),
             Err(e) => {
-                let s = e.status();
+                let s = e.status().unwrap_or(0);
                 if s == 0 || s >= 500 {
                     tracing::warn!("{action}: {e}");
                 }
@@ -221,7 +221,7 @@ impl Operator {
     /// Deletes `w` and creates it again at its address with fresh lists, attached somewhere.
     pub fn recreate(&mut self, w: &Workload) {
         let r = self.admin.delete_workload(&w.name);
-        if r.as_ref().is_err_and(|e| e.status() != 404) {
+        if r.as_ref().is_err_and(|e| e.status() != Some(404)) {
             return self.tally.result("recreate", r);
         }
         let mut sims = self.sim_names();
@@ -252,7 +252,7 @@ impl Operator {
             return;
         };
         let r = self.admin.delete_workload(&w.name);
-        if r.as_ref().is_err_and(|e| e.status() != 404) {
+        if r.as_ref().is_err_and(|e| e.status() != Some(404)) {
             return self.tally.result("create real", r);
         }
         let r =
