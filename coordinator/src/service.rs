@@ -95,6 +95,14 @@ struct Release {
     until: Instant,
 }
 
+impl Release {
+    /// Whether the node may still answer at `now`: it has not acknowledged `version` and its
+    /// time is not up.
+    fn waiting(&self, acked: &HashMap<NodeId, u64>, now: Instant) -> bool {
+        now < self.until && acked.get(&self.node).is_none_or(|v| *v < self.version)
+    }
+}
+
 /// The handovers this coordinator knows of (see `Service::confirmed_for`).
 #[derive(Debug, Default)]
 struct Handovers {
@@ -122,14 +130,12 @@ impl Handovers {
     /// Drops every release that is over at `now`, wherever no workload asks.
     fn prune(&mut self, now: Instant) {
         let acked = &self.acked;
-        let waiting =
-            |r: &Release| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version);
         self.pending.retain(|_, list| {
-            list.retain(waiting);
+            list.retain(|r| r.waiting(acked, now));
             !list.is_empty()
         });
         self.freed.retain(|_, list| {
-            list.retain(waiting);
+            list.retain(|r| r.waiting(acked, now));
             !list.is_empty()
         });
     }
@@ -146,7 +152,7 @@ fn settle<K: std::hash::Hash + Eq + Clone>(
     let Some(list) = map.get_mut(key) else {
         return true;
     };
-    list.retain(|r| now < r.until && acked.get(&r.node).is_none_or(|v| *v < r.version));
+    list.retain(|r| r.waiting(acked, now));
     if list.is_empty() {
         map.remove(key);
         true
@@ -877,15 +883,7 @@ impl Service {
     /// With `tell` (the change is in the hub's map), the new holder is told at once when
     /// nothing is left to wait for.
     fn handed_over(&self, rec: &WorkloadRecord, old: Option<NodeId>, version: u64, tell: bool) {
-        let now = self.clock.instant();
-        let mut until = now + self.timing.lease + self.timing.margin;
-        if let Some(o) = old {
-            if self.shared.get().is_none() {
-                // Alone, this coordinator hears every heartbeat: a holder quiet for a while
-                // lost its lease earlier.
-                until = until.min(self.leases().expires(o));
-            }
-        }
+        let until = self.may_answer_until(old);
         {
             let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
             let key = (rec.network.clone(), rec.name.clone());
@@ -909,28 +907,37 @@ impl Service {
     /// it acknowledges `version` or its lease has surely run out, and former holders not done
     /// yet) holds up the first holder of any workload that takes its address.
     fn address_freed(&self, rec: &WorkloadRecord, version: u64) {
-        let now = self.clock.instant();
-        let mut until = now + self.timing.lease + self.timing.margin;
-        if let Some(o) = rec.holder {
-            if self.shared.get().is_none() {
-                until = until.min(self.leases().expires(o));
-            }
+        let release = rec.holder.map(|o| Release {
+            node: o,
+            version,
+            until: self.may_answer_until(Some(o)),
+        });
+        self.free_address(&rec.network, &rec.name, IpAddr::V4(rec.address), release);
+    }
+
+    /// Until when `old`, a holder this coordinator just took a workload from (or nobody), may
+    /// still answer for it: a lease plus the margin from now, or (alone, hearing every
+    /// heartbeat) when its lease runs out, if earlier.
+    fn may_answer_until(&self, old: Option<NodeId>) -> Instant {
+        let until = self.clock.instant() + self.timing.lease + self.timing.margin;
+        match old {
+            Some(o) if self.shared.get().is_none() => until.min(self.leases().expires(o)),
+            _ => until,
         }
+    }
+
+    /// Workload `name` of `network` is gone: whoever was waited for before its holder answers
+    /// (and `release`) now holds up its address instead.
+    fn free_address(&self, network: &str, name: &str, address: IpAddr, release: Option<Release>) {
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         let mut list = h
             .pending
-            .remove(&(rec.network.clone(), rec.name.clone()))
+            .remove(&(network.to_string(), name.to_string()))
             .unwrap_or_default();
-        if let Some(o) = rec.holder {
-            list.push(Release {
-                node: o,
-                version,
-                until,
-            });
-        }
+        list.extend(release);
         if !list.is_empty() {
             h.freed
-                .entry((rec.network.clone(), IpAddr::V4(rec.address)))
+                .entry((network.to_string(), address))
                 .or_default()
                 .extend(list);
         }
@@ -948,21 +955,12 @@ impl Service {
         else {
             return;
         };
-        let until = self.clock.instant() + self.timing.lease + self.timing.margin;
-        let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list = h
-            .pending
-            .remove(&(network.to_string(), name.to_string()))
-            .unwrap_or_default();
-        list.push(Release {
+        let release = Release {
             node: 0,
             version: u64::MAX,
-            until,
-        });
-        h.freed
-            .entry((network.to_string(), w.address.addr()))
-            .or_default()
-            .extend(list);
+            until: self.may_answer_until(None),
+        };
+        self.free_address(network, name, w.address.addr(), Some(release));
     }
 
     /// The workloads of `network`'s map in the hub.
