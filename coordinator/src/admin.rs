@@ -55,6 +55,7 @@ mod audit;
 mod auth;
 mod keys;
 mod policy;
+mod topology;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -185,7 +186,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         token_hash,
         ctx: Arc::new(ctx),
     };
-    Router::new()
+    let api = Router::new()
         .route("/v1/networks", post(create_network).get(list_networks))
         .route("/v1/tokens", post(create_token).get(list_tokens))
         .route("/v1/tokens/{id}", axum::routing::delete(revoke_token))
@@ -204,6 +205,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .merge(policy::routes())
         .merge(audit::routes())
         .merge(keys::routes())
+        .merge(topology::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -211,7 +213,8 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         ))
         // The gate reads the body itself (up to its own limit), for the audit log.
         .layer(axum::extract::DefaultBodyLimit::max(auth::MAX_BODY))
-        .with_state(state)
+        .with_state(state.clone());
+    topology::page_routes().with_state(state).merge(api)
 }
 
 async fn create_network(
