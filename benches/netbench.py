@@ -5,7 +5,7 @@ One command, as root:
 
     python3 benches/netbench.py                      # build release agent, 3 rounds, 10 s runs
     python3 benches/netbench.py --rounds 5 --time 20
-    python3 benches/netbench.py --only veth,wireguard-go --time 3   # no build, no agent
+    python3 benches/netbench.py --only veth,wg-go-trixie --time 3   # no build, no agent
     python3 benches/netbench.py --with-boringtun     # also boringtun-cli, if on PATH
 
 Setup (mirrors shared/BASELINES.md): two network namespaces joined by a veth with MTU 1500
@@ -14,8 +14,16 @@ the iperf3 client and server all on this machine. Implementations measured in on
 
   veth          no tunnel: iperf3 straight over the veth (the ceiling)
   meshlink      target/release/meshlink-agent on both ends (`up --config`)
-  wireguard-go  Debian's wireguard-go on both ends, configured with `wg setconf`
-  boringtun     boringtun-cli on both ends (--with-boringtun), configured with `wg setconf`
+  wg-go-trixie  Debian trixie's wireguard-go (0.0.20231211: TUN offload, UDP GSO/GRO), what users
+                run today; fetched without installing by ../shared/tools/get-wireguard-go-new.sh
+                into target/baselines/ (or --wireguard-go-new PATH)
+  gotatun       gotatun-cli (Mullvad's maintained boringtun fork; `cargo install --locked
+                gotatun-cli`; on PATH or --gotatun PATH)
+  wireguard-go  Debian bookworm's wireguard-go from PATH (0.0.20220316, no offload): history
+  boringtun     boringtun-cli (--with-boringtun, on PATH): history
+Every stock tunnel is configured the stock way, with `wg setconf` over its UAPI socket, and
+labelled in the report with the version it printed. The ratios are against each modern
+baseline present (trixie's wireguard-go and gotatun) and, for history, bookworm's.
 
 Per implementation and round, with the tunnel started fresh:
   - `iperf3 -c PEER -t T -O 1 -J`, 1 stream and `-P 4`: sum received bits/s;
@@ -24,7 +32,7 @@ Per implementation and round, with the tunnel started fresh:
   - daemon CPU on both ends: utime+stime deltas from /proc/PID/stat over the 1-stream iperf3
     run, in cores (1.0 = one core busy all the time).
 Every implementation runs once per round; the order rotates each round. The report is the
-median [min-max] over rounds, as a markdown table, with ratios against wireguard-go and raw
+median [min-max] over rounds, as a markdown table, with ratios against the baselines and raw
 veth. `--json FILE` also writes every raw sample.
 
 Only python3's standard library is used. Everything made (namespaces, veth, processes, UAPI
@@ -54,13 +62,47 @@ OVERLAY_A, OVERLAY_B = "100.64.0.1", "100.64.0.2"
 WG_PORT = 51820
 IPERF_PORT = 5201
 TUNNEL_MTU = 1420
-ALL_IMPLS = ["veth", "meshlink", "wireguard-go", "boringtun"]
+ALL_IMPLS = ["veth", "meshlink", "wg-go-trixie", "gotatun", "wireguard-go", "boringtun"]
+DEFAULT_IMPLS = "veth,meshlink,wg-go-trixie,gotatun,wireguard-go"
+# The baselines the ratios are taken against, in the report's order: the modern ones first.
+BASELINES = ["wg-go-trixie", "gotatun", "wireguard-go"]
 LABELS = {
     "veth": "raw veth, no tunnel (the ceiling)",
     "meshlink": "meshlink-agent",
-    "wireguard-go": "wireguard-go",
+    "wg-go-trixie": "wireguard-go (Debian trixie)",
+    "gotatun": "gotatun-cli",
+    "wireguard-go": "wireguard-go (Debian bookworm)",
     "boringtun": "boringtun-cli",
 }
+BASELINE_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared",
+                               "tools", "get-wireguard-go-new.sh")
+
+
+def stock_command(impl, opts, iface):
+    """(argv, extra environment) that starts stock implementation `impl` on `iface`, in the
+    foreground, as its users run it."""
+    if impl == "wg-go-trixie":
+        return [opts.wireguard_go_new, iface], {"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"}
+    if impl == "wireguard-go":
+        return ["wireguard-go", iface], {"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"}
+    if impl == "gotatun":
+        return [opts.gotatun, "--foreground", "--disable-drop-privileges", iface], {}
+    if impl == "boringtun":
+        return ["boringtun-cli", iface, "--foreground", "--disable-drop-privileges"], {}
+    raise ValueError(impl)
+
+
+def stock_version(impl, opts):
+    """What `impl` says of its own version, one line."""
+    argv = {"wg-go-trixie": [opts.wireguard_go_new, "--version"],
+            "wireguard-go": ["wireguard-go", "--version"],
+            "gotatun": [opts.gotatun, "--version"],
+            "boringtun": ["boringtun-cli", "--version"]}[impl]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    line = (out.stdout or out.stderr).strip().splitlines()
+    # wireguard-go prints "wireguard-go vX": the label already says what it is.
+    return line[0].split()[-1] if line else "?"
+
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -133,14 +175,9 @@ class Bench(Harness):
                             f'[[peers]]\npublic_key = "{peer_pub}"\nendpoint = "{peer_underlay}:{WG_PORT}"\n'
                             f'allowed_ips = ["{peer_overlay}/32"]\n')
                 proc = self.spawn(ns, [self.opts.agent_bin, "up", "--config", conf], f"{impl}-{side}.log")
-            elif impl == "wireguard-go":
-                proc = self.spawn(ns, ["wireguard-go", iface], f"{impl}-{side}.log",
-                                  env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"})
-            elif impl == "boringtun":
-                proc = self.spawn(ns, ["boringtun-cli", iface, "--foreground", "--disable-drop-privileges"],
-                                  f"{impl}-{side}.log")
             else:
-                raise ValueError(impl)
+                argv, env = stock_command(impl, self.opts, iface)
+                proc = self.spawn(ns, argv, f"{impl}-{side}.log", env=env or None)
             daemons.append(proc)
             self.wait_for(f"{impl} {iface} UAPI socket", 20,
                           lambda: subprocess.run(["ip", "netns", "exec", ns, "wg", "show", iface],
@@ -284,25 +321,29 @@ def report(results, impls, opts):
         idle = f"{med([r['ping_idle']['avg_ms'] for r in rs]):.2f} / {med([r['ping_idle']['p99_ms'] for r in rs]):.2f}"
         load = f"{med([r['ping_load']['avg_ms'] for r in rs]):.2f} / {med([r['ping_load']['p99_ms'] for r in rs]):.2f}"
         cpu = spread([r["cpu_cores"] for r in rs], "{:.2f}")
-        lines.append(f"| {LABELS[impl]} | {spread(gb1, fmt)} | {spread(gb4, fmt)} | {idle} | {load} | {cpu} |")
+        lines.append(f"| {label(impl, opts)} | {spread(gb1, fmt)} | {spread(gb4, fmt)} | {idle} | {load} | {cpu} |")
 
     tunnels = [i for i in impls if i != "veth"]
-    if "wireguard-go" in tunnels and len(tunnels) > 1:
+    for base in [b for b in BASELINES if b in tunnels]:
+        if len(tunnels) < 2:
+            break
         lines.append("")
-        lines.append("Against wireguard-go, ratio of medians (throughput: higher is better; latency and "
-                     "CPU: lower is better):")
+        lines.append(f"Against {label(base, opts)}, ratio of medians (throughput: higher is better; "
+                     "latency and CPU: lower is better):")
         lines.append("")
         lines.append("| implementation | TCP 1 stream | TCP 4 streams | ping idle avg / p99 "
-                     "| ping loaded avg / p99 | CPU cores | Gbit/s per core, 1 stream |")
+                     "| ping loaded avg / p99 | CPU cores | Gbit/s per core, 1 stream (ratio) |")
         lines.append("|---|---|---|---|---|---|---|")
-        b = summary(results["wireguard-go"])
-        for impl in tunnels:
+        b = summary(results[base])
+        b_eff = b["tcp1"] / b["cpu"] if b["cpu"] else None
+        for impl in [i for i in tunnels if i != base]:
             s = summary(results[impl])
-            eff = f"{s['tcp1'] / s['cpu']:.2f}" if s["cpu"] else "-"
-            lines.append(f"| {LABELS[impl]} | {ratio(s['tcp1'], b['tcp1'])} | {ratio(s['tcp4'], b['tcp4'])} "
+            eff = s["tcp1"] / s["cpu"] if s["cpu"] else None
+            eff_text = f"{eff:.2f} ({ratio(eff, b_eff)})" if eff is not None else "-"
+            lines.append(f"| {label(impl, opts)} | {ratio(s['tcp1'], b['tcp1'])} | {ratio(s['tcp4'], b['tcp4'])} "
                          f"| {ratio(s['idle_avg'], b['idle_avg'])} / {ratio(s['idle_p99'], b['idle_p99'])} "
                          f"| {ratio(s['load_avg'], b['load_avg'])} / {ratio(s['load_p99'], b['load_p99'])} "
-                         f"| {ratio(s['cpu'], b['cpu'])} | {eff} |")
+                         f"| {ratio(s['cpu'], b['cpu'])} | {eff_text} |")
     if "veth" in impls and tunnels:
         lines.append("")
         lines.append("Against raw veth (the ceiling), share of its median throughput:")
@@ -312,8 +353,14 @@ def report(results, impls, opts):
         b = summary(results["veth"])
         for impl in tunnels:
             s = summary(results[impl])
-            lines.append(f"| {LABELS[impl]} | {100 * s['tcp1'] / b['tcp1']:.1f}% | {100 * s['tcp4'] / b['tcp4']:.1f}% |")
+            lines.append(f"| {label(impl, opts)} | {100 * s['tcp1'] / b['tcp1']:.1f}% | {100 * s['tcp4'] / b['tcp4']:.1f}% |")
     return "\n".join(lines)
+
+
+def label(impl, opts):
+    """The report's name for `impl`, with the version it printed for a stock tunnel."""
+    version = getattr(opts, "versions", {}).get(impl)
+    return f"{LABELS[impl]} [{version}]" if version else LABELS[impl]
 
 
 def summary(rs):
@@ -337,8 +384,9 @@ def ratio(x, y):
 def environment(opts, impls):
     env = Harness.environment(unknown_cpu="?")
     env["iperf3"] = run(["iperf3", "--version"], check=False).splitlines()[0] if shutil.which("iperf3") else None
-    if "wireguard-go" in impls:
-        env["wireguard-go"] = run(["wireguard-go", "--version"], check=False).splitlines()[0]
+    for impl in impls:
+        if impl in opts.versions:
+            env[impl] = opts.versions[impl]
     if "meshlink" in impls:
         env["meshlink"] = run(["git", "-C", REPO, "describe", "--always", "--dirty"], check=False).strip()
     return env
@@ -350,8 +398,11 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="rounds; each runs every implementation once (3)")
     p.add_argument("--time", type=int, default=10, help="seconds per iperf3 run, -t (10)")
     p.add_argument("--ping-count", type=int, default=200, help="pings per latency sample (200)")
-    p.add_argument("--only", default="veth,meshlink,wireguard-go",
+    p.add_argument("--only", default=DEFAULT_IMPLS,
                    help="comma-separated subset of: " + ",".join(ALL_IMPLS) + " (default: all but boringtun)")
+    p.add_argument("--wireguard-go-new", help="trixie's wireguard-go binary (default: fetched into "
+                   "<target>/baselines by ../shared/tools/get-wireguard-go-new.sh)")
+    p.add_argument("--gotatun", help="gotatun-cli's binary (default: gotatun on PATH)")
     p.add_argument("--with-boringtun", action="store_true", help="add boringtun-cli (must be on PATH)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     p.add_argument("--agent-bin", help="meshlink-agent binary (default: <target>/release/meshlink-agent)")
@@ -376,6 +427,25 @@ def main():
         print(f"missing tools: {', '.join(missing)}; apt-get install -y iproute2 iputils-ping iperf3 "
               f"wireguard-tools wireguard-go{hint}", file=sys.stderr)
         return 1
+    if "wg-go-trixie" in impls and not opts.wireguard_go_new:
+        dest = os.path.join(os.path.dirname(release_dir()), "baselines")
+        got = subprocess.run(["bash", BASELINE_SCRIPT, dest], capture_output=True, text=True)
+        if got.returncode != 0:
+            print(f"fetching trixie's wireguard-go with {BASELINE_SCRIPT} failed:\n{got.stderr[-800:]}\n"
+                  "pass --wireguard-go-new PATH or leave wg-go-trixie out of --only", file=sys.stderr)
+            return 1
+        opts.wireguard_go_new = got.stdout.strip().splitlines()[-1]
+    if "gotatun" in impls and not opts.gotatun:
+        opts.gotatun = shutil.which("gotatun")
+        if not opts.gotatun:
+            print("gotatun not found: cargo install --locked gotatun-cli, or pass --gotatun PATH, "
+                  "or leave gotatun out of --only", file=sys.stderr)
+            return 1
+    for flag, path in (("--wireguard-go-new", opts.wireguard_go_new), ("--gotatun", opts.gotatun)):
+        if path and not os.access(path, os.X_OK):
+            print(f"{flag} {path}: not an executable file", file=sys.stderr)
+            return 1
+    opts.versions = {i: stock_version(i, opts) for i in impls if i not in ("veth", "meshlink")}
 
     if "meshlink" in impls:
         if not opts.agent_bin:
