@@ -26,6 +26,7 @@ mod nodes;
 mod policies;
 mod status;
 mod tokens;
+mod topology;
 mod workloads;
 
 pub use access::{AdminToken, AuditEntry, AuditFilter, CreateAdminToken, CreatedAdminToken, Role};
@@ -42,6 +43,10 @@ pub use status::{CoordinatorStatus, ReflectStatus, RelayDrops, RelayStatus, Stat
 pub use tokens::{
     CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,
     DEFAULT_TOKEN_USES,
+};
+pub use topology::{
+    ProviderGroup, Topology, TopologyNetwork, TopologyNode, TopologyPath, TopologyWorkload,
+    PROVIDER_LABEL,
 };
 pub use workloads::{
     CreateWorkload, MoveWorkload, MovedWorkload, Workload, WorkloadNode, WorkloadState,
