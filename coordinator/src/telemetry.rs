@@ -93,6 +93,36 @@ pub mod names {
     pub const REFLECT: &str = "meshlink_coordinator_reflect_datagrams_total";
     /// Gauge, `version`: 1.
     pub const BUILD_INFO: &str = "meshlink_coordinator_build_info";
+
+    /// Every name above.
+    pub const ALL: &[&str] = &[
+        SESSIONS,
+        CONNECTIONS,
+        NODES,
+        NODES_ONLINE,
+        MAP_VERSION,
+        WORKLOADS,
+        MAP_CHANGES,
+        DELTAS_PUSHED,
+        FULL_MAPS_PUSHED,
+        PUSHED_BYTES,
+        PROPAGATION,
+        SESSIONS_DROPPED,
+        MOVES,
+        MOVE_DURATION,
+        MOVE_ERRORS,
+        FAILOVERS,
+        FAILOVER_DURATION,
+        ADMIN_REQUESTS,
+        ADMIN_DURATION,
+        STORE_DURATION,
+        STORE_ERRORS,
+        RELAY_FRAMES,
+        RELAY_BYTES,
+        RELAY_DROPPED,
+        REFLECT,
+        BUILD_INFO,
+    ];
 }
 
 /// Upper bounds of the buckets of the short latencies (propagation, store, admin requests),

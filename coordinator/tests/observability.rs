@@ -609,3 +609,50 @@ fn an_unknown_log_format_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// The metric names `text` uses: each run of name characters that starts with `prefix`.
+fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(prefix) {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        found.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    found
+}
+
+#[test]
+fn the_sample_dashboard_charts_the_metrics_there_are() {
+    use meshlink_coordinator::telemetry::names::ALL;
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../configs/grafana-meshlink.json"
+    );
+    let text = std::fs::read_to_string(file).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    assert!(dashboard["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
+    let used = metric_names(&text, "meshlink_coordinator_");
+    for name in &used {
+        let known = ALL.contains(&name.as_str())
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| base.ends_with("_seconds") && ALL.contains(&base))
+            });
+        assert!(
+            known,
+            "the dashboard charts {name}, which the coordinator does not export"
+        );
+    }
+    for name in ALL {
+        assert!(
+            used.iter().any(|u| u.starts_with(name)),
+            "{name} is on no panel"
+        );
+    }
+}
