@@ -115,9 +115,7 @@ pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
     if !foreground && !ready_pipe {
         return start_daemon(interface);
     }
-    if let Err(e) = crate::init_logging().map(|_| ()) {
-        tracing::warn!("{e}; logging as text");
-    }
+    crate::init_logging();
     let settings = config::load_api_configured(
         "INTERFACE",
         interface,

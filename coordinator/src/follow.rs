@@ -124,7 +124,7 @@ impl Service {
                     _ => {}
                 }
             }
-            self.hub().apply_delta_at(network, delta, self.instant());
+            self.hub().apply_delta(network, delta);
             at = last.version;
         }
     }

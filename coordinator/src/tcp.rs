@@ -207,7 +207,6 @@ type Stream = TlsStream<TcpStream>;
 impl Transport for TcpTransport {
     type Read = ReadHalf<Stream>;
     type Write = WriteHalf<Stream>;
-    const KIND: crate::telemetry::Transport = crate::telemetry::Transport::Tcp;
 
     fn remote(&self) -> SocketAddr {
         self.remote

@@ -139,6 +139,9 @@ impl<'a> Iterator for Runs<'a> {
     }
 }
 
+/// The largest IP packet: what one coalesced TUN write may carry.
+pub const MAX_COALESCED: usize = 65_535;
+
 /// Decrypted IP packets waiting to be written to the TUN device. Every packet sits in its own
 /// buffer after `headroom` bytes, where the TUN offload header goes.
 pub struct TunBatch {
@@ -147,29 +150,49 @@ pub struct TunBatch {
     urgent: bool,
     headroom: usize,
     packet_room: usize,
+    /// The capacity each buffer is allocated with.
+    capacity: usize,
 }
 
 impl TunBatch {
     /// A batch of `slots` buffers, each with `headroom` bytes before the packet and room for
     /// `packet_room` bytes of packet.
     pub fn new(slots: usize, headroom: usize, packet_room: usize) -> Self {
-        let bufs = (0..slots)
-            .map(|_| Vec::with_capacity(headroom + packet_room))
-            .collect();
+        Self::with_buffer_capacity(slots, headroom, packet_room, headroom + packet_room)
+    }
+
+    /// A batch written to a TUN device with offload, whose write coalesces the segments of
+    /// a TCP flow into one super-packet in the buffer of the first (tun-rs's GRO, as
+    /// wireguard-go's): every buffer can hold a whole coalesced packet and the headroom
+    /// twice, which the coalescing asks of a buffer before it grows one. With buffers the
+    /// size of one packet nothing is coalesced: the kernel then takes every segment through
+    /// its stack alone, and the receiving TCP acknowledges each.
+    pub fn for_coalescing(slots: usize, headroom: usize, packet_room: usize) -> Self {
+        let capacity = (2 * headroom + MAX_COALESCED).max(headroom + packet_room);
+        Self::with_buffer_capacity(slots, headroom, packet_room, capacity)
+    }
+
+    fn with_buffer_capacity(
+        slots: usize,
+        headroom: usize,
+        packet_room: usize,
+        capacity: usize,
+    ) -> Self {
+        let bufs = (0..slots).map(|_| Vec::with_capacity(capacity)).collect();
         TunBatch {
             bufs,
             count: 0,
             urgent: false,
             headroom,
             packet_room,
+            capacity,
         }
     }
 
     /// The next free packet slot.
     pub fn slot(&mut self) -> &mut [u8] {
         if self.count == self.bufs.len() {
-            self.bufs
-                .push(Vec::with_capacity(self.headroom + self.packet_room));
+            self.bufs.push(Vec::with_capacity(self.capacity));
         }
         let b = &mut self.bufs[self.count];
         b.resize(self.headroom + self.packet_room, 0);
@@ -341,5 +364,89 @@ mod tests {
             t.packets().collect::<Vec<_>>(),
             vec![&[1; 20][..], &[2; 100][..]]
         );
+    }
+}
+
+#[cfg(test)]
+mod coalescing {
+    use super::*;
+
+    const HEADROOM: usize = tun_rs::VIRTIO_NET_HDR_LEN;
+
+    fn fold(mut sum: u32) -> u16 {
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
+
+    fn sum16(bytes: &[u8]) -> u32 {
+        bytes
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum()
+    }
+
+    /// A full-size TCP segment of one flow (ACK set), checksums correct.
+    fn segment(seq: u32, payload: usize) -> Vec<u8> {
+        let total = 20 + 20 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[6] = 0x40; // don't fragment
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        let ip = fold(sum16(&p[..20]));
+        p[10..12].copy_from_slice(&ip.to_be_bytes());
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x10; // ACK
+        p[34..36].copy_from_slice(&512u16.to_be_bytes());
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = (seq as usize + i) as u8;
+        }
+        let pseudo = sum16(&p[12..20]) + 6 + (total as u32 - 20);
+        let tcp = fold(pseudo + sum16(&p[20..]));
+        p[36..38].copy_from_slice(&tcp.to_be_bytes());
+        p
+    }
+
+    /// How many writes tun-rs's GRO leaves of `count` consecutive segments of one flow.
+    fn writes(mut batch: TunBatch, count: u32) -> usize {
+        let mss = 1380;
+        for i in 0..count {
+            batch.push_copy(&segment(1000 + i * mss as u32, mss));
+        }
+        let mut to_write = Vec::new();
+        tun_rs::handle_gro(
+            batch.buffers_mut(),
+            HEADROOM,
+            &mut Default::default(),
+            &mut Default::default(),
+            false,
+            &mut to_write,
+        )
+        .expect("gro");
+        to_write.len()
+    }
+
+    #[test]
+    fn a_flows_segments_coalesce_into_few_writes() {
+        // 44 segments of 1,380 bytes: 60,720 bytes, one super-packet.
+        let n = writes(TunBatch::for_coalescing(128, HEADROOM, 2048), 44);
+        assert_eq!(n, 1, "one write for the whole run");
+        // 100 segments: as few writes as 64 KiB super-packets allow.
+        let n = writes(TunBatch::for_coalescing(128, HEADROOM, 2048), 100);
+        assert!(n <= 3, "{n} writes");
+    }
+
+    #[test]
+    fn buffers_of_one_packet_coalesce_nothing() {
+        // Why `for_coalescing` exists: tun-rs refuses to grow a buffer past its capacity.
+        assert_eq!(writes(TunBatch::new(128, HEADROOM, 2048), 44), 44);
     }
 }
