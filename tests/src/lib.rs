@@ -34,6 +34,7 @@
 //! tests, where a panic with context is the most useful failure.
 
 pub mod agent;
+pub mod browser;
 pub mod chaos;
 pub mod coordinator;
 pub mod keys;

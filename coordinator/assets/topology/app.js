@@ -19,8 +19,11 @@
 
   // Layout, in SVG user units.
   const PAD = 16;
-  const COL_W = 240;
-  const COL_GAP = 70;
+  const COL_W = 250;
+  const COL_GAP = 80;
+  // Inside each provider's column, right of its cards: where links between two of its own
+  // nodes run, so that they stay apart from the links that leave the column.
+  const LANE = 34;
   const GROUP_HEAD = 34;
   const CARD_HEAD = 44;
   const PILL_H = 20;
@@ -187,7 +190,7 @@
       for (const node of group.nodes) {
         const held = byHolder.get(node.id) || [];
         const h = CARD_HEAD + held.length * (PILL_H + PILL_GAP) + (held.length ? 6 : 0);
-        const card = { node, held, x: gx + 12, y, w: COL_W - 24, h, col: i };
+        const card = { node, held, x: gx + 12, y, w: COL_W - 12 - LANE, h, col: i };
         nodes.set(node.id, card);
         cards.push(card);
         y += h + CARD_GAP;
@@ -222,8 +225,10 @@
     const yb = cb.y + 22;
     if (ca.col === cb.col) {
       const x = ca.x + ca.w;
-      const bulge = x + 28 + Math.min(40, Math.abs(yb - ya) / 4);
-      return { d: `M ${x} ${ya} C ${bulge} ${ya}, ${bulge} ${yb}, ${x} ${yb}`, mx: bulge - 6, my: (ya + yb) / 2 };
+      // The curve's apex sits at three quarters of its control points' reach.
+      const reach = Math.min(LANE - 6, 10 + Math.abs(yb - ya) / 8) / 0.75;
+      const bulge = x + reach;
+      return { d: `M ${x} ${ya} C ${bulge} ${ya}, ${bulge} ${yb}, ${x} ${yb}`, mx: x + reach * 0.75, my: (ya + yb) / 2 + 4 };
     }
     const [l, r, yl, yr] = ca.col < cb.col ? [ca, cb, ya, yb] : [cb, ca, yb, ya];
     const x1 = l.x + l.w;
@@ -259,10 +264,13 @@
         height: lay.height,
         viewBox: `0 0 ${lay.width} ${lay.height}`,
       });
+      // Bottom to top: the providers' panels, the links, the nodes, the workloads.
+      const panels = el('g', { class: 'panels' });
+      svg.appendChild(panels);
       for (const g of lay.groups) {
         const name = g.group.provider === null ? 'no provider' : g.group.provider;
+        panels.appendChild(el('rect', { class: 'panel', x: g.x, y: g.y, width: g.w, height: g.h, rx: 8 }));
         const gg = el('g', { class: 'provider', 'data-provider': g.group.provider === null ? '' : g.group.provider });
-        gg.appendChild(el('rect', { x: g.x, y: g.y, width: g.w, height: g.h, rx: 8 }));
         gg.appendChild(el('text', { x: g.x + 12, y: g.y + 21 }, name));
         for (const c of g.cards) {
           const n = el('g', {
@@ -297,8 +305,8 @@
             `${(l.rtt / 1000).toFixed(1)} ms`));
         }
       }
-      // Links under the cards.
-      svg.insertBefore(linkLayer, svg.firstChild);
+      // Links over the panels, under the cards.
+      panels.after(linkLayer);
 
       const pills = el('g', { class: 'workloads' });
       for (const c of lay.nodes.values()) {
