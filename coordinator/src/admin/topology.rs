@@ -837,7 +837,43 @@ mod tests {
         assert!(read_until(&mut s, wait, |_| false)
             .await
             .starts_with("HTTP/1.1 404"));
-        drop(stream);
+
+        // A token limited to one network sees that network, and must name it.
+        let body = r#"{"name": "lab-wall", "role": "read", "network": "lab"}"#;
+        let mut s = request(addr, "POST", "/v1/admin-tokens", Some(&boot), body).await;
+        let made = read_until(&mut s, wait, |_| false).await;
+        let lab: serde_json::Value =
+            serde_json::from_str(made.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let lab = lab["token"].as_str().unwrap().to_string();
+        let mut s = request(addr, "GET", "/v1/topology/stream", Some(&lab), "").await;
+        let refused = read_until(&mut s, wait, |_| false).await;
+        assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+        let path = "/v1/topology/stream?network=lab";
+        let mut s = request(addr, "GET", path, Some(&lab), "").await;
+        let text = read_until(&mut s, wait, |t| !pictures(t).is_empty()).await;
+        let names: Vec<String> = pictures(&text)[0]
+            .networks
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        assert_eq!(names, ["lab"]);
+
+        // Two streams are open; up to the limit more may open, then none.
+        let mut open = vec![stream, s];
+        while open.len() < MAX_STREAMS {
+            let mut s = request(addr, "GET", "/v1/topology/stream", Some(&read), "").await;
+            let text = read_until(&mut s, wait, |t| !pictures(t).is_empty()).await;
+            assert!(
+                text.starts_with("HTTP/1.1 200"),
+                "stream {}: {text}",
+                open.len()
+            );
+            open.push(s);
+        }
+        let mut s = request(addr, "GET", "/v1/topology/stream", Some(&read), "").await;
+        let refused = read_until(&mut s, wait, |_| false).await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        drop(open);
         c.shutdown().await;
     }
 }
