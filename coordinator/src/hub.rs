@@ -41,6 +41,7 @@ mod need_to_know;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 use meshlink_proto::control::{compress, encode, Hello, ServerMessage, COMPRESS_MIN};
 use meshlink_proto::policy::{relevant_rules, PolicyEdit};
@@ -61,6 +62,20 @@ struct Encoded {
     plain: Box<[u8]>,
     /// `None` inside: not worth compressing (see [`compress`]).
     compressed: OnceLock<Option<Box<[u8]>>>,
+    kind: FrameKind,
+    /// For a delta: when the change was published (see [`Hub::apply_delta_at`]).
+    published: Option<Instant>,
+}
+
+/// What a [`Frame`] carries, as the metrics count it (`crate::telemetry`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A change of a network's map ([`ServerMessage::Delta`]), made by the hub.
+    Delta,
+    /// A whole map ([`ServerMessage::FullMap`]), made by the hub.
+    FullMap,
+    /// Anything else (made with `Frame::from`).
+    Other,
 }
 
 impl Frame {
@@ -81,14 +96,43 @@ impl Frame {
     pub fn ptr_eq(a: &Frame, b: &Frame) -> bool {
         Arc::ptr_eq(&a.0, &b.0)
     }
+
+    /// What it carries.
+    pub fn kind(&self) -> FrameKind {
+        self.0.kind
+    }
+
+    /// For a delta, when its change was published, by the clock the publisher passed to
+    /// [`Hub::apply_delta_at`]; `None` for anything else.
+    pub fn published(&self) -> Option<Instant> {
+        self.0.published
+    }
+
+    fn made(plain: Vec<u8>, kind: FrameKind, published: Option<Instant>) -> Frame {
+        Frame(Arc::new(Encoded {
+            plain: plain.into_boxed_slice(),
+            compressed: OnceLock::new(),
+            kind,
+            published,
+        }))
+    }
+
+    fn delta(message: &ServerMessage, published: Option<Instant>) -> Frame {
+        Frame::made(encode(message), FrameKind::Delta, published)
+    }
+
+    fn full_map(map: Netmap) -> Frame {
+        Frame::made(
+            encode(&ServerMessage::FullMap(map)),
+            FrameKind::FullMap,
+            None,
+        )
+    }
 }
 
 impl From<Vec<u8>> for Frame {
     fn from(plain: Vec<u8>) -> Self {
-        Frame(Arc::new(Encoded {
-            plain: plain.into_boxed_slice(),
-            compressed: OnceLock::new(),
-        }))
+        Frame::made(plain, FrameKind::Other, None)
     }
 }
 
@@ -265,7 +309,7 @@ impl NetworkState {
         if let Some(f) = &self.full {
             return f.clone();
         }
-        let f: Frame = encode(&ServerMessage::FullMap(self.map.clone())).into();
+        let f = Frame::full_map(self.map.clone());
         self.full = Some(f.clone());
         f
     }
@@ -279,13 +323,12 @@ impl NetworkState {
         policy: Option<&NodePolicy>,
     ) -> Frame {
         match visible {
-            Some(v) => encode(&ServerMessage::FullMap(need_to_know::map_for(
+            Some(v) => Frame::full_map(need_to_know::map_for(
                 &self.map,
                 me,
                 v,
                 policy.map(|p| &p.policy),
-            )))
-            .into(),
+            )),
             None => self.full_frame(),
         }
     }
@@ -391,7 +434,29 @@ impl Hub {
     /// set here to the map's version. While the network has a policy (or gets one with this
     /// delta), each session gets the delta cut to what it may see (see the module
     /// documentation).
-    pub fn apply_delta(&self, network: &str, mut delta: NetmapDelta) -> Option<Fanout> {
+    pub fn apply_delta(&self, network: &str, delta: NetmapDelta) -> Option<Fanout> {
+        self.apply_stamped(network, delta, None)
+    }
+
+    /// As [`Hub::apply_delta`], for a change published at `published` (just after its store
+    /// transaction committed, or, for another coordinator's change, when it was read from the
+    /// change log): its frames carry the time, so that each session can measure how long the
+    /// change took to reach its agent ([`Frame::published`]).
+    pub fn apply_delta_at(
+        &self,
+        network: &str,
+        delta: NetmapDelta,
+        published: Instant,
+    ) -> Option<Fanout> {
+        self.apply_stamped(network, delta, Some(published))
+    }
+
+    fn apply_stamped(
+        &self,
+        network: &str,
+        mut delta: NetmapDelta,
+        published: Option<Instant>,
+    ) -> Option<Fanout> {
         let to_version = delta.to_version;
         let mut st = self.lock();
         let net = st.networks.get_mut(network)?;
@@ -402,12 +467,14 @@ impl Hub {
         if net.map.policy.is_none() && !matches!(delta.policy, Some(PolicyChange::Set(_))) {
             net.map.apply(&delta).ok()?;
             net.full = None;
-            let frame: Frame = encode(&ServerMessage::Delta(delta)).into();
+            crate::telemetry::map_changed();
+            let frame = Frame::delta(&ServerMessage::Delta(delta), published);
             return Some(fan_out(network, net, &frame));
         }
         let pending = need_to_know::judge(&net.map, &delta);
         net.map.apply(&delta).ok()?;
         net.full = None;
+        crate::telemetry::map_changed();
         if delta.policy.is_some() {
             net.policies.policy_changed();
         }
@@ -420,6 +487,7 @@ impl Hub {
             &mut net.policies,
             delta,
             change,
+            published,
         ))
     }
 
@@ -443,15 +511,14 @@ impl Hub {
         let mut fanout = Fanout::default();
         let map = &net.map;
         net.sessions.retain(|&node, slot| {
-            let frame: Frame = match &slot.visible {
-                Some(v) => encode(&ServerMessage::FullMap(need_to_know::map_for(
+            let frame = match &slot.visible {
+                Some(v) => Frame::full_map(need_to_know::map_for(
                     map,
                     node,
                     v,
                     slot.policy.as_ref().map(|p| &p.policy),
-                )))
-                .into(),
-                None => encode(&ServerMessage::FullMap(map.clone())).into(),
+                )),
+                None => Frame::full_map(map.clone()),
             };
             fanout.bytes += frame.len();
             fanout.frames += 1;
@@ -644,6 +711,39 @@ impl Hub {
             .get(network)
             .map_or(0, |n| n.sessions.len())
     }
+
+    /// Counts of every network, by name (for the metrics): nothing is copied but the names.
+    pub fn census(&self) -> Vec<Census> {
+        let mut all: Vec<Census> = self
+            .lock()
+            .networks
+            .iter()
+            .map(|(name, n)| Census {
+                network: name.clone(),
+                version: n.map.version,
+                nodes: n.map.peers.len(),
+                online: n.sessions.len(),
+                workloads: n.map.workloads.len(),
+            })
+            .collect();
+        all.sort_by(|a, b| a.network.cmp(&b.network));
+        all
+    }
+}
+
+/// A network's counts, as [`Hub::census`] gives them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Census {
+    /// The network's name.
+    pub network: String,
+    /// Its map's version.
+    pub version: u64,
+    /// Nodes in its map (revoked ones are not).
+    pub nodes: usize,
+    /// Nodes with a session attached here.
+    pub online: usize,
+    /// Workloads in its map.
+    pub workloads: usize,
 }
 
 /// Queues `frame` to every session of a network, dropping those whose queue is full.
@@ -669,6 +769,7 @@ fn fan_out_cut(
     policies: &mut NodePolicies,
     delta: NetmapDelta,
     mut change: need_to_know::Change<'_>,
+    published: Option<Instant>,
 ) -> Fanout {
     // Everything but the peers and the policy is the same for every session: one message,
     // those set for each distinct cut.
@@ -738,7 +839,7 @@ fn fan_out_cut(
                         PolicySend::Edit(edit, ..) => Some(PolicyChange::Edit((**edit).clone())),
                     };
                 }
-                let f: Frame = encode(&message).into();
+                let f = Frame::delta(&message, published);
                 fanout.bytes += f.len();
                 fanout.frames += 1;
                 frames.insert(key, f.clone());
@@ -799,6 +900,7 @@ fn offer(network: &str, node: NodeId, slot: &Slot, frame: &Frame, fanout: &mut F
         }
         Err(mpsc::error::TrySendError::Full(_)) => {
             tracing::info!(node, network, "session dropped: its queue is full");
+            crate::telemetry::session_dropped();
             fanout.dropped += 1;
             false
         }
@@ -868,6 +970,66 @@ mod tests {
         assert!(
             hub.apply("n", 6, vec![], vec![]).is_none(),
             "versions only move forward"
+        );
+    }
+
+    #[test]
+    fn frames_say_what_they_carry_and_when_their_change_was_published() {
+        let hub = Hub::new(8);
+        hub.set_map("n", Netmap::default());
+        let mut a = hub.attach("n", 1, Features::default()).unwrap();
+        assert_eq!(a.full_map.kind(), FrameKind::FullMap);
+        assert_eq!(a.full_map.published(), None);
+        let next = |a: &mut Attached| match a.rx.try_recv().unwrap() {
+            Outbound::Frame(f) => f,
+            other => panic!("{other:?}"),
+        };
+        let at = Instant::now();
+        hub.apply_delta_at(
+            "n",
+            NetmapDelta {
+                to_version: 1,
+                upsert: vec![peer(2)],
+                ..NetmapDelta::default()
+            },
+            at,
+        )
+        .unwrap();
+        let f = next(&mut a);
+        assert_eq!((f.kind(), f.published()), (FrameKind::Delta, Some(at)));
+        hub.apply("n", 2, vec![peer(3)], vec![]).unwrap();
+        let f = next(&mut a);
+        assert_eq!((f.kind(), f.published()), (FrameKind::Delta, None));
+        // Under a policy each cut carries the time too.
+        let later = at + std::time::Duration::from_millis(5);
+        hub.apply_delta_at(
+            "n",
+            NetmapDelta {
+                to_version: 3,
+                policy: Some(PolicyChange::Set(policy_of(&[80], 1))),
+                ..NetmapDelta::default()
+            },
+            later,
+        )
+        .unwrap();
+        let f = next(&mut a);
+        assert_eq!((f.kind(), f.published()), (FrameKind::Delta, Some(later)));
+        let reset = hub.reset_map("n", hub.map("n").unwrap());
+        assert_eq!(reset.sessions, 1);
+        assert_eq!(next(&mut a).kind(), FrameKind::FullMap);
+        let other: Frame = encode(&ServerMessage::Revoked { reason: "r".into() }).into();
+        assert_eq!((other.kind(), other.published()), (FrameKind::Other, None));
+        let census = hub.census();
+        assert_eq!(census.len(), 1);
+        assert_eq!(
+            (
+                census[0].network.as_str(),
+                census[0].version,
+                census[0].nodes,
+                census[0].online,
+                census[0].workloads
+            ),
+            ("n", 3, 2, 1, 0)
         );
     }
 
