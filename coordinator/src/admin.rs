@@ -43,6 +43,7 @@
 //! | `GET /v1/admin-tokens` | `[`[`api::AdminToken`]`]` |
 //! | `DELETE /v1/admin-tokens/{id}` | 204 |
 //! | `GET /v1/audit[?since=T&node=N&limit=L]` | `[`[`api::AuditEntry`]`]`, oldest first |
+//! | `GET /metrics` | the metrics in Prometheus's text format (read role, every network; see [`crate::telemetry`]) |
 //!
 //! `?network=` ([`api::NetworkFilter`]) may be left out on the routes of one node or one
 //! workload when the name exists in exactly one network; a name used in several networks is a
@@ -54,6 +55,7 @@
 mod audit;
 mod auth;
 mod keys;
+mod metrics;
 mod policy;
 mod topology;
 
@@ -82,6 +84,7 @@ use crate::handlers::{ApiError, Caller};
 use crate::reflect::ReflectCounters;
 use crate::relay::{Relay, RelayStats};
 use crate::service::{MoveOutcome, Service};
+use crate::session::Connections;
 use crate::store::{NetworkRecord, NodeRecord, TokenId, TokenRecord, UnixTime, WorkloadRecord};
 
 /// What the admin API needs besides the service.
@@ -103,6 +106,8 @@ pub struct AdminContext {
     pub relay: Option<Arc<Relay>>,
     /// The reflexive address responder's bound address and counters, when on.
     pub reflect: Option<(SocketAddr, Arc<ReflectCounters>)>,
+    /// The agent connections, for the metrics; `None`: not counted.
+    pub connections: Option<Arc<Connections>>,
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +210,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .merge(policy::routes())
         .merge(audit::routes())
         .merge(keys::routes())
+        .merge(metrics::routes())
         .merge(topology::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
         .layer(middleware::from_fn_with_state(
@@ -214,7 +220,11 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         // The gate reads the body itself (up to its own limit), for the audit log.
         .layer(axum::extract::DefaultBodyLimit::max(auth::MAX_BODY))
         .with_state(state.clone());
-    topology::page_routes().with_state(state).merge(api)
+    topology::page_routes()
+        .with_state(state)
+        .merge(api)
+        // Outermost, so that refusals count too; applied per route, so it sees the template.
+        .layer(middleware::from_fn(metrics::count_request))
 }
 
 async fn create_network(

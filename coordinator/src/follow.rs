@@ -124,7 +124,7 @@ impl Service {
                     _ => {}
                 }
             }
-            self.hub().apply_delta(network, delta);
+            self.hub().apply_delta_at(network, delta, self.instant());
             at = last.version;
         }
     }

@@ -20,7 +20,9 @@
 //!   sessions' connections.
 //! - [`reflect`]: the reflexive address responder (the address a NAT mapped a socket to).
 //! - [`paths`]: what agents last reported of their paths to their peers.
-//! - [`admin`]: the admin HTTP API.
+//! - [`admin`]: the admin HTTP API (and `GET /metrics`).
+//! - [`telemetry`]: what the coordinator measures of itself, for Prometheus.
+//! - [`logging`]: the log format (`MESHLINK_LOG_FORMAT`) and the subscriber `main` installs.
 //! - [`pin`]: the agent-side pinned-certificate verifier (used by tests; a model for the agent).
 //! - [`run`]: start-up and shutdown ([`Coordinator`]).
 
@@ -34,6 +36,7 @@ pub mod handlers;
 pub mod hub;
 pub mod identity;
 pub mod keys;
+pub mod logging;
 pub mod paths;
 pub mod pin;
 pub mod ratelimit;
@@ -45,6 +48,7 @@ pub mod service;
 pub mod session;
 pub mod store;
 pub mod tcp;
+pub mod telemetry;
 
 pub use config::Settings;
 pub use run::{Coordinator, StartError};

@@ -1,6 +1,5 @@
 //! `meshlink-coordinator`: the control service. See `meshlink-coordinator --help`.
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,8 +7,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use meshlink_coordinator::config::{self, Overrides};
 use meshlink_coordinator::identity;
+use meshlink_coordinator::logging::{self, LogFormat};
 use meshlink_coordinator::Coordinator;
-use tracing_subscriber::EnvFilter;
 
 /// meshlink coordinator: join tokens, node identities, addresses and network maps.
 #[derive(Parser)]
@@ -141,14 +140,13 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let stderr_is_tty = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("MESHLINK_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(stderr_is_tty)
-        .init();
+    match LogFormat::from_env() {
+        Ok(format) => logging::init(format),
+        Err(e) => {
+            eprintln!("meshlink-coordinator: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     let result = match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Init { state_dir } => init(state_dir),

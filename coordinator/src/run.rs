@@ -20,8 +20,9 @@ use crate::relay::Relay;
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK};
 use crate::session::Connections;
-use crate::store::{Backend, SqlStore, StoreError};
+use crate::store::{Backend, SqlStore, StoreError, TimedStore};
 use crate::tcp;
+use crate::telemetry;
 
 /// Why the coordinator cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +116,8 @@ impl Coordinator {
     /// [`StartError`].
     pub async fn start(settings: &Settings) -> Result<Coordinator, StartError> {
         let dir = &settings.state_dir;
+        // Before any metric is touched (handles made earlier would go nowhere).
+        telemetry::install();
         identity::prepare_state_dir(dir)?;
         let id = identity::load_or_create_identity(dir)?;
         if id.created {
@@ -149,7 +152,8 @@ impl Coordinator {
         }
         let service = Arc::new(
             Service::load_with(
-                Arc::new(store.clone()),
+                // Every call of the service's timed for the metrics.
+                Arc::new(TimedStore::new(store.clone())),
                 Arc::new(SystemClock),
                 settings.limits.session_queue,
                 WorkloadTiming {
@@ -224,6 +228,7 @@ impl Coordinator {
         let shutdown_rx_failover = shutdown_rx.clone();
         let shutdown_rx_endpoints = shutdown_rx.clone();
         let connections = Arc::new(Connections::with_limits(&settings.limits));
+        let admin_connections = connections.clone();
         let quic_task = tokio::spawn(server::run(
             endpoint,
             service.clone(),
@@ -273,6 +278,7 @@ impl Coordinator {
             started: Instant::now(),
             relay: relay.clone(),
             reflect: reflect_addr.map(|a| (a, reflect_counters.clone())),
+            connections: Some(admin_connections),
         };
         let app = admin::router(service.clone(), ctx);
         let mut admin_rx = shutdown_rx;
@@ -337,6 +343,15 @@ impl Coordinator {
                         Err(e) => tracing::warn!("cannot prune the audit log: {e}"),
                     }
                 }
+            }
+        });
+        // Histogram samples into their buckets, also when nobody scrapes.
+        service.spawn(async {
+            let mut tick = tokio::time::interval(telemetry::UPKEEP_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                telemetry::upkeep();
             }
         });
         // Key rotation on schedule, rotations asked on other coordinators, node expiry.

@@ -375,6 +375,7 @@ struct QuicTransport(quinn::Connection);
 impl Transport for QuicTransport {
     type Read = quinn::RecvStream;
     type Write = quinn::SendStream;
+    const KIND: crate::telemetry::Transport = crate::telemetry::Transport::Quic;
 
     fn remote(&self) -> SocketAddr {
         self.0.remote_address()

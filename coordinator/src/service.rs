@@ -35,6 +35,7 @@ use crate::store::{
     Leadership, LeaseFence, NetworkRecord, NodeRecord, PrepareNote, SqlStore, Store, StoreError,
     TokenId, TokenRecord, UnixTime, WorkloadRecord, PREPARED_CHANNEL, PREPARE_CHANNEL,
 };
+use crate::telemetry::{self, MoveCause};
 
 /// Timings of workload moves and leases.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +117,25 @@ struct Handovers {
     /// By (network, workload name): the (id, generation) last confirmed to its holder
     /// unasked, so that each is sent once.
     told: HashMap<(String, String), (u64, u64)>,
+    /// By (network, workload name): when the change of holder not confirmed yet began, for
+    /// the metrics of moves and failovers.
+    started: HashMap<(String, String), Started>,
 }
+
+/// When a change of holder to a node began (the request, or for a failover the silent
+/// holder's last heartbeat), and why, until its new holder is confirmed.
+#[derive(Debug, Clone, Copy)]
+struct Started {
+    /// The workload's id and the generation of the change.
+    id: u64,
+    generation: u64,
+    at: Instant,
+    cause: MoveCause,
+}
+
+/// How long a change of holder waits for its confirmation in the metrics' book before it is
+/// forgotten (a new holder that never comes back is confirmed by nobody).
+const STARTED_KEPT: Duration = Duration::from_secs(3600);
 
 impl Handovers {
     /// Drops the releases that are over at `now`; whether none is left for the workload
@@ -129,6 +148,8 @@ impl Handovers {
 
     /// Drops every release that is over at `now`, wherever no workload asks.
     fn prune(&mut self, now: Instant) {
+        self.started
+            .retain(|_, s| now.saturating_duration_since(s.at) < STARTED_KEPT);
         let acked = &self.acked;
         self.pending.retain(|_, list| {
             list.retain(|r| r.waiting(acked, now));
@@ -755,13 +776,20 @@ impl Service {
     /// cut off cannot learn of the change, and must have stopped answering before the new
     /// holder starts. Any other change commits at once, and its new holder answers only once
     /// the old one has acknowledged it or its lease has surely run out (`handed_over`).
+    ///
+    /// `cause` and `since` (when the change began, if before this call: a silent holder's
+    /// last heartbeat) are for the metrics, which time the change until its new holder is
+    /// confirmed (`tell_confirmed`).
     async fn execute(
         &self,
         plan: PlannedMove,
         why: &str,
         fenced: Option<NodeId>,
+        cause: MoveCause,
+        since: Option<Instant>,
     ) -> Result<MoveOutcome, ApiError> {
         let started = self.clock.instant();
+        let since = since.unwrap_or(started);
         let mut fence = Fence {
             service: self,
             node: fenced,
@@ -822,6 +850,7 @@ impl Service {
                         }
                         Err(e) => {
                             self.leases().unfence(old);
+                            telemetry::move_failed(cause);
                             return Err(ApiError::Internal(e));
                         }
                     }
@@ -843,9 +872,24 @@ impl Service {
             // Its later heartbeats get leases that count only once its map has the change.
             f.lift().await;
         }
-        let (rec, version) = committed?;
+        let (rec, version) = committed.inspect_err(|_| telemetry::move_failed(cause))?;
         if let Some(h) = rec.holder {
             self.leases().granted(h, self.clock.instant());
+            telemetry::move_committed(cause);
+            // Before the change can be confirmed (`handed_over`, on another thread too).
+            self.handovers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .started
+                .insert(
+                    (rec.network.clone(), rec.name.clone()),
+                    Started {
+                        id: rec.id,
+                        generation: rec.generation,
+                        at: since,
+                        cause,
+                    },
+                );
         }
         // The holder it leaves may answer until it acknowledges the change or its lease has
         // surely run out; not one whose lease was waited out (fenced) before the commit.
@@ -930,10 +974,9 @@ impl Service {
     /// (and `release`) now holds up its address instead.
     fn free_address(&self, network: &str, name: &str, address: IpAddr, release: Option<Release>) {
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list = h
-            .pending
-            .remove(&(network.to_string(), name.to_string()))
-            .unwrap_or_default();
+        let key = (network.to_string(), name.to_string());
+        h.started.remove(&key);
+        let mut list = h.pending.remove(&key).unwrap_or_default();
         list.extend(release);
         if !list.is_empty() {
             h.freed
@@ -1039,6 +1082,7 @@ impl Service {
         let now = self.clock.instant();
         let workloads = self.workloads_of(network);
         let mut holders = Vec::new();
+        let mut confirmed = Vec::new();
         {
             let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
             for name in names {
@@ -1052,9 +1096,19 @@ impl Service {
                 {
                     continue;
                 }
+                if let Some(s) = h
+                    .started
+                    .remove(&key)
+                    .filter(|s| (s.id, s.generation) == (w.id, w.generation))
+                {
+                    confirmed.push((s.cause, now.saturating_duration_since(s.at)));
+                }
                 h.told.insert(key, (w.id, w.generation));
                 holders.push(holder);
             }
+        }
+        for (cause, took) in confirmed {
+            telemetry::handover_confirmed(cause, took);
         }
         holders.sort_unstable();
         holders.dedup();
@@ -1153,7 +1207,8 @@ impl Service {
     pub(crate) async fn publish(&self, network: &str, delta: NetmapDelta) {
         match self.hub.version(network) {
             Some(v) if v + 1 == delta.to_version => {
-                self.hub.apply_delta(network, delta);
+                self.hub
+                    .apply_delta_at(network, delta, self.clock.instant());
             }
             Some(v) if v >= delta.to_version => {}
             _ => {
@@ -1235,7 +1290,8 @@ impl Service {
         } else {
             "detached by an operator"
         };
-        self.execute(plan, why, None).await
+        self.execute(plan, why, None, MoveCause::Operator, None)
+            .await
     }
 
     /// A node claims a workload for itself, from its own agent.
@@ -1252,7 +1308,16 @@ impl Service {
             match workloads::plan_claim(self.store(), &Caller::Node { id: node, remote }, name)
                 .await
             {
-                Ok(plan) => self.execute(plan, "claimed by its destination", None).await,
+                Ok(plan) => {
+                    self.execute(
+                        plan,
+                        "claimed by its destination",
+                        None,
+                        MoveCause::Claim,
+                        None,
+                    )
+                    .await
+                }
                 Err(e) => Err(e),
             };
         self.audit_claim(node, remote, name, &outcome).await;
@@ -1344,8 +1409,13 @@ impl Service {
             };
             // Decide and fence at once: no heartbeat may renew the holder's lease from here
             // until the change is committed.
-            let target = {
+            let (target, lost_at) = {
                 let mut leases = self.leases();
+                let decided = self.clock.instant();
+                // The holder was last heard from (or became the holder) then.
+                let lost_at = decided
+                    .checked_sub(leases.heard_ago(holder, decided))
+                    .unwrap_or(decided);
                 let t = failover_target(
                     &workloads::info(&rec),
                     &rec.standby,
@@ -1356,7 +1426,7 @@ impl Service {
                 if t.is_some() {
                     leases.fence(holder);
                 }
-                t
+                (t, lost_at)
             };
             let Some(target) = target else {
                 let mut stranded = self.stranded.lock().unwrap_or_else(|p| p.into_inner());
@@ -1401,7 +1471,13 @@ impl Service {
                 to: Some(node),
             };
             if let Err(e) = self
-                .execute(plan, "failed over: its holder went silent", Some(holder))
+                .execute(
+                    plan,
+                    "failed over: its holder went silent",
+                    Some(holder),
+                    MoveCause::Failover,
+                    Some(lost_at),
+                )
                 .await
             {
                 tracing::warn!(workload = %name, "failover: {e}");
@@ -1457,6 +1533,8 @@ impl Service {
                     PlannedMove { workload: w, to },
                     "released from a removed node",
                     None,
+                    MoveCause::Release,
+                    None,
                 )
                 .await
             {
@@ -1478,6 +1556,12 @@ impl Service {
     /// Now, by the service's clock.
     pub fn now(&self) -> UnixTime {
         self.clock.now()
+    }
+
+    /// Now, by the service's monotonic clock (the one [`crate::hub::Frame::published`]
+    /// counts by).
+    pub fn instant(&self) -> Instant {
+        self.clock.instant()
     }
 
     /// Accepts or refuses an agent's hello: a join (creating the node and telling its peers)

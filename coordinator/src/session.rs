@@ -49,6 +49,7 @@ use crate::ratelimit::TokenBucket;
 use crate::relay::{stream_link, Relay, SessionLink, Source, StreamQueue};
 use crate::server::{close_code, Limits};
 use crate::service::{Service, Session};
+use crate::telemetry::SessionMeter;
 
 /// How long the coordinator waits for the agent to receive its last message (`Refused`,
 /// `Revoked`) before closing the connection.
@@ -64,6 +65,8 @@ pub(crate) trait Transport: Sync {
     type Read: AsyncRead + Unpin + Send;
     /// The stream's write half.
     type Write: AsyncWrite + Unpin + Send;
+    /// Which transport it is, for the metrics.
+    const KIND: crate::telemetry::Transport;
 
     /// The agent's address.
     fn remote(&self) -> SocketAddr;
@@ -421,6 +424,8 @@ async fn drive<T: Transport>(
     };
     // A node now: its connection no longer counts among those before their hello.
     drop(before_hello);
+    // Counted open until the session ends (dropped with this function's frame).
+    let meter = SessionMeter::open(T::KIND);
     tracing::Span::current().record("node", session.node);
     info!(
         name = %session.name,
@@ -456,6 +461,7 @@ async fn drive<T: Transport>(
                 service,
                 &mut session,
                 limits,
+                &meter,
                 None,
                 None,
             );
@@ -472,6 +478,7 @@ async fn drive<T: Transport>(
                 service,
                 &mut session,
                 limits,
+                &meter,
                 Some((relay, source)),
                 queue,
             )
@@ -485,6 +492,7 @@ async fn drive<T: Transport>(
                 service,
                 &mut session,
                 limits,
+                &meter,
                 None,
                 None,
             )
@@ -575,18 +583,25 @@ async fn session_loop<T: Transport>(
     service: &Arc<Service>,
     session: &mut Session,
     limits: &Limits,
+    meter: &SessionMeter,
     mut stream_relay: Option<(&Arc<Relay>, Source)>,
     mut queue: Option<StreamQueue>,
 ) -> End {
+    // Frames go compressed where the agent's hello said it takes them (large ones only).
+    let compression = session.attached.features.compression;
+    // Counts a frame once it is written.
+    let pushed = |frame: &crate::hub::Frame, bytes: usize| {
+        meter.written(frame, bytes, service.instant());
+    };
     if let Err(end) = self::write(write, &session.welcome, limits).await {
         return end;
     }
-    // Frames go compressed where the agent's hello said it takes them (large ones only).
-    let compression = session.attached.features.compression;
-    if let Err(end) = self::write(write, session.attached.full_map.bytes(compression), limits).await
-    {
+    pushed(&session.welcome, session.welcome.len());
+    let full_map = session.attached.full_map.bytes(compression);
+    if let Err(end) = self::write(write, full_map, limits).await {
         return end;
     }
+    pushed(&session.attached.full_map, full_map.len());
     loop {
         tokio::select! {
             record = reader.next() => match record {
@@ -599,9 +614,11 @@ async fn session_loop<T: Transport>(
                     };
                     match service.on_agent_message(from, msg).await {
                         Ok(Some(frame)) => {
-                            if let Err(end) = self::write(write, frame.bytes(compression), limits).await {
+                            let bytes = frame.bytes(compression);
+                            if let Err(end) = self::write(write, bytes, limits).await {
                                 return end;
                             }
+                            pushed(&frame, bytes.len());
                         }
                         Ok(None) => {}
                         Err(SessionFault::Api(e)) => return End::api(&e),
@@ -622,9 +639,11 @@ async fn session_loop<T: Transport>(
             },
             out = session.attached.rx.recv() => match out {
                 Some(Outbound::Frame(frame)) => {
-                    if let Err(end) = self::write(write, frame.bytes(compression), limits).await {
+                    let bytes = frame.bytes(compression);
+                    if let Err(end) = self::write(write, bytes, limits).await {
                         return end;
                     }
+                    pushed(&frame, bytes.len());
                 }
                 Some(Outbound::Close(reason)) => {
                     T::finish(write).await;

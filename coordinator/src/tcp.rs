@@ -207,6 +207,7 @@ type Stream = TlsStream<TcpStream>;
 impl Transport for TcpTransport {
     type Read = ReadHalf<Stream>;
     type Write = WriteHalf<Stream>;
+    const KIND: crate::telemetry::Transport = crate::telemetry::Transport::Tcp;
 
     fn remote(&self) -> SocketAddr {
         self.remote

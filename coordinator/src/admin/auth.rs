@@ -60,6 +60,7 @@ fn spans_networks(method: &Method, segments: &[&str]) -> bool {
     matches!(
         (method.as_str(), segments),
         (_, ["v1", "networks"])
+            | (_, ["metrics"])
             | ("GET", ["v1", "tokens"])
             | (_, ["v1", "admin-tokens", ..])
             | (_, ["v1", "audit"])
@@ -325,6 +326,7 @@ mod tests {
     fn routes_need_the_roles_the_docs_say() {
         let r = |m: &str, p: &str| required_role(&m.parse().unwrap(), p);
         assert_eq!(r("GET", "/v1/nodes"), Role::Read);
+        assert_eq!(r("GET", "/metrics"), Role::Read);
         assert_eq!(r("GET", "/v1/networks/prod/policy"), Role::Read);
         assert_eq!(r("POST", "/v1/policy/test"), Role::Read);
         assert_eq!(r("POST", "/v1/workloads/chat/move"), Role::Operator);

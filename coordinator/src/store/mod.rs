@@ -19,6 +19,7 @@
 mod audit;
 mod shared;
 mod sql;
+mod timed;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -30,6 +31,7 @@ use meshlink_proto::{NodeId, PublicKey};
 
 pub use shared::{Leadership, LeaseFence, Renewal};
 pub use sql::{LeaseClock, SqlStore, CHANGES_KEPT};
+pub use timed::TimedStore;
 
 /// Seconds since the Unix epoch, the only time unit of the store and of the admin API.
 pub type UnixTime = i64;
