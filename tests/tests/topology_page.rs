@@ -1,7 +1,8 @@
 //! The coordinator's topology page in a real browser: headless Chromium, driven through
 //! ChromeDriver (`meshlink_tests::browser`), loads the page from the coordinator's admin
-//! listener, logs in with a read-only admin token through the page's form, shows the nodes of
-//! two providers, and follows a workload move made through the admin API.
+//! listener, refuses a wrong token in the page's form (and says why), logs in with a read-only
+//! admin token, shows the nodes of two providers, and follows a workload move made through
+//! the admin API.
 //!
 //! Topology (`meshlink_tests::Providers`, two providers): the coordinator, vm-a1 and vm-a2 on
 //! A (label `provider=aws`), vm-b1 on B (`provider=gcp`). The workload `chat` (100.64.50.10)
@@ -152,6 +153,19 @@ fn the_page_shows_the_mesh_and_follows_a_move() {
     assert!(
         browser.find("g.node").is_none(),
         "and shows nothing without one"
+    );
+    // A wrong token: the form says why and stays.
+    browser.type_into("#token", "mla1_not-a-token");
+    browser.click("#connect");
+    let refused = browser.wait_for(
+        FOLLOW,
+        "const e = document.getElementById('login-error').textContent; return e || null;",
+    );
+    assert!(
+        refused
+            .as_ref()
+            .is_ok_and(|e| e.as_str().is_some_and(|e| e.contains("wrong admin token"))),
+        "no refusal shown for a wrong token: {refused:?}"
     );
     browser.type_into("#token", &read_token);
     browser.click("#connect");
