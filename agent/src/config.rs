@@ -17,7 +17,8 @@
 //! * Environment variables: `MESHLINK_INTERFACE`, `MESHLINK_PRIVATE_KEY_FILE`,
 //!   `MESHLINK_LISTEN_PORT`, `MESHLINK_ADDRESSES` (comma-separated), `MESHLINK_MTU`,
 //!   `MESHLINK_FWMARK`, `MESHLINK_UAPI_DIR`, `MESHLINK_MAX_CACHED_MAP_AGE`,
-//!   `MESHLINK_FAIL_CLOSED`. A variable that is empty counts as unset. Other `MESHLINK_*`
+//!   `MESHLINK_FAIL_CLOSED`, `MESHLINK_METRICS_LISTEN`, `MESHLINK_DNS`, `MESHLINK_DNS_LISTEN`,
+//!   `MESHLINK_DNS_SUFFIX`. A variable that is empty counts as unset. Other `MESHLINK_*`
 //!   variables are ignored here.
 //! * Flags, as [`Overrides`].
 //!
@@ -55,8 +56,9 @@ use serde::Deserialize;
 
 use crate::keyfile::{self, KeyFileError};
 use crate::settings::{
-    DeviceConfig, PeerConfig, PrivateKey, Settings, DEFAULT_INTERFACE, DEFAULT_MAX_CACHED_MAP_AGE,
-    DEFAULT_MTU, DEFAULT_UAPI_DIR,
+    DeviceConfig, DnsSettings, MetricsListen, PeerConfig, PrivateKey, Settings, DEFAULT_DNS_PORT,
+    DEFAULT_DNS_SUFFIX, DEFAULT_INTERFACE, DEFAULT_MAX_CACHED_MAP_AGE, DEFAULT_MTU,
+    DEFAULT_UAPI_DIR,
 };
 
 /// Environment variable naming a TOML configuration file.
@@ -81,6 +83,15 @@ pub const ENV_UAPI_DIR: &str = "MESHLINK_UAPI_DIR";
 pub const ENV_MAX_CACHED_MAP_AGE: &str = "MESHLINK_MAX_CACHED_MAP_AGE";
 /// Environment variable for keeping blackhole routes for the overlay while the agent is down.
 pub const ENV_FAIL_CLOSED: &str = "MESHLINK_FAIL_CLOSED";
+
+/// Environment variable for where Prometheus metrics are served (loopback or a Unix socket).
+pub const ENV_METRICS_LISTEN: &str = "MESHLINK_METRICS_LISTEN";
+/// Environment variable turning a mesh node's DNS server on or off.
+pub const ENV_DNS: &str = "MESHLINK_DNS";
+/// Environment variable for where a mesh node's DNS server listens.
+pub const ENV_DNS_LISTEN: &str = "MESHLINK_DNS_LISTEN";
+/// Environment variable for the suffix of mesh names.
+pub const ENV_DNS_SUFFIX: &str = "MESHLINK_DNS_SUFFIX";
 
 /// The smallest MTU accepted.
 pub const MIN_MTU: u16 = 576;
@@ -120,6 +131,14 @@ pub struct Overrides {
     pub max_cached_map_age: Option<String>,
     /// `--fail-closed[=BOOL]`.
     pub fail_closed: Option<bool>,
+    /// `--metrics-listen`: a loopback `ADDR:PORT` or a Unix socket path.
+    pub metrics_listen: Option<String>,
+    /// `--dns[=BOOL]`.
+    pub dns: Option<bool>,
+    /// `--dns-listen`: `ADDR:PORT`.
+    pub dns_listen: Option<String>,
+    /// `--dns-suffix`.
+    pub dns_suffix: Option<String>,
 }
 
 /// Where a configuration value came from; errors name it.
@@ -367,6 +386,10 @@ struct Layer {
     /// `Some(None)`: `never`.
     max_cached_map_age: Option<Val<Option<Duration>>>,
     fail_closed: Option<Val<bool>>,
+    metrics_listen: Option<Val<MetricsListen>>,
+    dns: Option<Val<bool>>,
+    dns_listen: Option<Val<SocketAddr>>,
+    dns_suffix: Option<Val<String>>,
 }
 
 /// A file's settings and its peers, each peer with where its public key was given.
@@ -505,6 +528,28 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
         .or(env.fail_closed)
         .or(file_layer.fail_closed)
         .is_some_and(|v| v.value);
+    let metrics_listen = flags
+        .metrics_listen
+        .or(env.metrics_listen)
+        .or(file_layer.metrics_listen)
+        .map(|v| v.value);
+    let dns = DnsSettings {
+        enabled: flags
+            .dns
+            .or(env.dns)
+            .or(file_layer.dns)
+            .is_none_or(|v| v.value),
+        listen: flags
+            .dns_listen
+            .or(env.dns_listen)
+            .or(file_layer.dns_listen)
+            .map(|v| v.value),
+        suffix: flags
+            .dns_suffix
+            .or(env.dns_suffix)
+            .or(file_layer.dns_suffix)
+            .map_or_else(|| DEFAULT_DNS_SUFFIX.to_string(), |v| v.value),
+    };
     let key_source = flags
         .private_key
         .or(env.private_key)
@@ -561,6 +606,8 @@ fn merge(flags: Layer, env: Layer, file: FileLayer) -> Result<Settings, ConfigEr
         max_cached_map_age,
         fail_closed,
         install_routes: true,
+        metrics_listen,
+        dns,
     })
 }
 
@@ -617,6 +664,21 @@ fn flag_layer(o: &Overrides) -> Result<Layer, ConfigError> {
     if let Some(on) = o.fail_closed {
         layer.fail_closed = Some(Val::new(on, Origin::Flag("--fail-closed")));
     }
+    if let Some(at) = &o.metrics_listen {
+        let value = parse_metrics_listen(at).map_err(invalid("--metrics-listen"))?;
+        layer.metrics_listen = Some(Val::new(value, Origin::Flag("--metrics-listen")));
+    }
+    if let Some(on) = o.dns {
+        layer.dns = Some(Val::new(on, Origin::Flag("--dns")));
+    }
+    if let Some(at) = &o.dns_listen {
+        let value = parse_dns_listen(at).map_err(invalid("--dns-listen"))?;
+        layer.dns_listen = Some(Val::new(value, Origin::Flag("--dns-listen")));
+    }
+    if let Some(suffix) = &o.dns_suffix {
+        let value = parse_dns_suffix(suffix).map_err(invalid("--dns-suffix"))?;
+        layer.dns_suffix = Some(Val::new(value, Origin::Flag("--dns-suffix")));
+    }
     Ok(layer)
 }
 
@@ -668,6 +730,22 @@ fn env_layer(env: &dyn Fn(&str) -> Option<String>) -> Result<Layer, ConfigError>
         let value = parse_bool(&on).map_err(invalid(ENV_FAIL_CLOSED))?;
         layer.fail_closed = Some(Val::new(value, Origin::Env(ENV_FAIL_CLOSED)));
     }
+    if let Some(at) = env(ENV_METRICS_LISTEN) {
+        let value = parse_metrics_listen(&at).map_err(invalid(ENV_METRICS_LISTEN))?;
+        layer.metrics_listen = Some(Val::new(value, Origin::Env(ENV_METRICS_LISTEN)));
+    }
+    if let Some(on) = env(ENV_DNS) {
+        let value = parse_bool(&on).map_err(invalid(ENV_DNS))?;
+        layer.dns = Some(Val::new(value, Origin::Env(ENV_DNS)));
+    }
+    if let Some(at) = env(ENV_DNS_LISTEN) {
+        let value = parse_dns_listen(&at).map_err(invalid(ENV_DNS_LISTEN))?;
+        layer.dns_listen = Some(Val::new(value, Origin::Env(ENV_DNS_LISTEN)));
+    }
+    if let Some(suffix) = env(ENV_DNS_SUFFIX) {
+        let value = parse_dns_suffix(&suffix).map_err(invalid(ENV_DNS_SUFFIX))?;
+        layer.dns_suffix = Some(Val::new(value, Origin::Env(ENV_DNS_SUFFIX)));
+    }
     Ok(layer)
 }
 
@@ -689,6 +767,10 @@ struct TomlFile {
     uapi_dir: Option<String>,
     max_cached_map_age: Option<String>,
     fail_closed: Option<bool>,
+    metrics_listen: Option<String>,
+    dns: Option<bool>,
+    dns_listen: Option<String>,
+    dns_suffix: Option<String>,
     #[serde(default)]
     peers: Vec<TomlPeer>,
 }
@@ -766,6 +848,26 @@ fn parse_toml(path: &Path, text: &str, resolve: &Resolver) -> Result<FileLayer, 
     }
     if let Some(on) = raw.fail_closed {
         layer.fail_closed = Some(Val::new(on, at("fail_closed".into())));
+    }
+    if let Some(listen) = &raw.metrics_listen {
+        let value = parse_metrics_listen(listen).map_err(invalid("metrics_listen"))?;
+        // A relative socket path is relative to the file, as the other paths are.
+        let value = match value {
+            MetricsListen::Unix(path) => MetricsListen::Unix(base.join(path)),
+            tcp => tcp,
+        };
+        layer.metrics_listen = Some(Val::new(value, at("metrics_listen".into())));
+    }
+    if let Some(on) = raw.dns {
+        layer.dns = Some(Val::new(on, at("dns".into())));
+    }
+    if let Some(listen) = &raw.dns_listen {
+        let value = parse_dns_listen(listen).map_err(invalid("dns_listen"))?;
+        layer.dns_listen = Some(Val::new(value, at("dns_listen".into())));
+    }
+    if let Some(suffix) = &raw.dns_suffix {
+        let value = parse_dns_suffix(suffix).map_err(invalid("dns_suffix"))?;
+        layer.dns_suffix = Some(Val::new(value, at("dns_suffix".into())));
     }
 
     let mut peers: Vec<(PeerConfig, Origin)> = Vec::with_capacity(raw.peers.len());
@@ -1313,6 +1415,69 @@ fn parse_bool(s: &str) -> Result<bool, String> {
         "false" | "0" | "no" | "off" => Ok(false),
         other => Err(format!("{other:?} is not true or false")),
     }
+}
+
+/// Parses where metrics are served: a loopback `ADDR:PORT`, or a Unix socket path (anything
+/// with a `/`, or `unix:PATH`). Any other IP address is refused: the metrics name the peers
+/// and their traffic, which only the host's operator should see.
+pub fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
+    let s = s.trim();
+    if let Some(path) = s.strip_prefix("unix:") {
+        check_path(Path::new(path))?;
+        return Ok(MetricsListen::Unix(PathBuf::from(path)));
+    }
+    if s.contains('/') {
+        return Ok(MetricsListen::Unix(PathBuf::from(s)));
+    }
+    let addr: SocketAddr = s.parse().map_err(|_| {
+        format!(
+            "{s:?} is neither ADDR:PORT on loopback (127.0.0.1:9586, [::1]:9586) nor a Unix \
+             socket path"
+        )
+    })?;
+    if !addr.ip().is_loopback() {
+        return Err(format!(
+            "{} is not a loopback address: metrics are served only on loopback (127.0.0.0/8, \
+             ::1) or on a Unix socket path",
+            addr.ip()
+        ));
+    }
+    Ok(MetricsListen::Tcp(addr))
+}
+
+/// Parses where the DNS server listens: `ADDR:PORT`, or `ADDR` for port 53.
+fn parse_dns_listen(s: &str) -> Result<SocketAddr, String> {
+    let s = s.trim();
+    if let Ok(addr) = s.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, DEFAULT_DNS_PORT))
+        .map_err(|_| format!("{s:?} is not ADDR:PORT or ADDR"))
+}
+
+/// Parses the suffix of mesh names: DNS labels (letters, digits, `-`; 1 to 63 bytes each)
+/// joined by dots, at most 100 bytes, lower-cased; a dot at either end is dropped.
+pub fn parse_dns_suffix(s: &str) -> Result<String, String> {
+    let suffix = s.trim().trim_matches('.').to_ascii_lowercase();
+    if suffix.is_empty() || suffix.len() > 100 {
+        return Err(format!("{s:?} is not a DNS suffix of 1 to 100 bytes"));
+    }
+    for label in suffix.split('.') {
+        let ok = (1..=63).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !label.starts_with('-')
+            && !label.ends_with('-');
+        if !ok {
+            return Err(format!(
+                "{s:?}: {label:?} is not a DNS label (letters, digits and inner hyphens, 1 to \
+                 63 bytes)"
+            ));
+        }
+    }
+    Ok(suffix)
 }
 
 /// Parses a persistent keepalive: seconds, with 0 or `off` meaning none.
@@ -1910,6 +2075,7 @@ endpoint = "peer.example:7000"
             uapi_dir: Some("/flag".into()),
             max_cached_map_age: None,
             fail_closed: None,
+            ..Overrides::default()
         };
         let s = f.toml(file, &flags, &env).expect("valid");
         assert_eq!(s.interface, "flag0");
@@ -1926,6 +2092,126 @@ endpoint = "peer.example:7000"
         assert_eq!(s.mtu, 1350);
         assert_eq!(s.uapi_dir, PathBuf::from(DEFAULT_UAPI_DIR));
         assert!(s.device.peers.is_empty());
+    }
+
+    #[test]
+    fn metrics_listen_from_each_source_and_loopback_only() {
+        let f = Fixture::new();
+        let file = "private_key_file = \"KEY\"\n";
+        let s = f.toml(file, &Overrides::default(), &no_env).expect("valid");
+        assert_eq!(s.metrics_listen, None, "off by default");
+        let in_file = format!("{file}metrics_listen = \"127.0.0.1:9586\"\n");
+        let s = f.toml(&in_file, &Overrides::default(), &no_env).unwrap();
+        assert_eq!(
+            s.metrics_listen,
+            Some(MetricsListen::Tcp("127.0.0.1:9586".parse().unwrap()))
+        );
+        // A relative socket path in the file is relative to the file.
+        let s = f
+            .toml(
+                &format!("{file}metrics_listen = \"run/metrics.sock\"\n"),
+                &Overrides::default(),
+                &no_env,
+            )
+            .unwrap();
+        assert_eq!(
+            s.metrics_listen,
+            Some(MetricsListen::Unix(f.dir.path("run/metrics.sock")))
+        );
+        let env = env_from(&[(ENV_METRICS_LISTEN, "[::1]:9000")]);
+        let s = f.toml(&in_file, &Overrides::default(), &env).unwrap();
+        assert_eq!(
+            s.metrics_listen,
+            Some(MetricsListen::Tcp("[::1]:9000".parse().unwrap()))
+        );
+        let flags = Overrides {
+            metrics_listen: Some("unix:/run/meshlink/metrics.sock".into()),
+            ..Overrides::default()
+        };
+        let s = f.toml(&in_file, &flags, &env).unwrap();
+        assert_eq!(
+            s.metrics_listen,
+            Some(MetricsListen::Unix("/run/meshlink/metrics.sock".into()))
+        );
+
+        // Anything but loopback is refused, naming where it came from.
+        let msg = f.toml_err(&format!("{file}metrics_listen = \"0.0.0.0:9586\"\n"));
+        assert!(msg.contains("agent.toml: metrics_listen"), "{msg}");
+        assert!(msg.contains("0.0.0.0 is not a loopback address"), "{msg}");
+        let env = env_from(&[(ENV_METRICS_LISTEN, "198.18.0.1:9586")]);
+        let msg = f
+            .toml(file, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(&format!("environment variable {ENV_METRICS_LISTEN}:")),
+            "{msg}"
+        );
+        let flags = Overrides {
+            metrics_listen: Some("[fd00::1]:9586".into()),
+            ..Overrides::default()
+        };
+        let msg = f.toml(file, &flags, &no_env).unwrap_err().to_string();
+        assert!(msg.contains("--metrics-listen"), "{msg}");
+        assert!(msg.contains("not a loopback"), "{msg}");
+        let msg = f.toml_err(&format!("{file}metrics_listen = \"localhost\"\n"));
+        assert!(msg.contains("metrics_listen"), "{msg}");
+    }
+
+    #[test]
+    fn dns_settings_from_each_source() {
+        let f = Fixture::new();
+        let file = "private_key_file = \"KEY\"\n";
+        let s = f.toml(file, &Overrides::default(), &no_env).expect("valid");
+        assert_eq!(s.dns, DnsSettings::default());
+        assert!(s.dns.enabled, "on by default");
+        assert_eq!(s.dns.suffix, "mesh");
+        let in_file = format!(
+            "{file}dns = false\ndns_listen = \"127.0.0.1\"\ndns_suffix = \"Corp.Internal.\"\n"
+        );
+        let s = f.toml(&in_file, &Overrides::default(), &no_env).unwrap();
+        assert!(!s.dns.enabled);
+        assert_eq!(s.dns.listen, Some("127.0.0.1:53".parse().unwrap()));
+        assert_eq!(s.dns.suffix, "corp.internal");
+        let env = env_from(&[
+            (ENV_DNS, "on"),
+            (ENV_DNS_LISTEN, "127.0.0.2:5353"),
+            (ENV_DNS_SUFFIX, "m"),
+        ]);
+        let s = f.toml(&in_file, &Overrides::default(), &env).unwrap();
+        assert!(s.dns.enabled);
+        assert_eq!(s.dns.listen, Some("127.0.0.2:5353".parse().unwrap()));
+        assert_eq!(s.dns.suffix, "m");
+        let flags = Overrides {
+            dns: Some(false),
+            dns_listen: Some("[::1]:53".into()),
+            dns_suffix: Some("x".into()),
+            ..Overrides::default()
+        };
+        let s = f.toml(&in_file, &flags, &env).unwrap();
+        assert!(!s.dns.enabled);
+        assert_eq!(s.dns.listen, Some("[::1]:53".parse().unwrap()));
+        assert_eq!(s.dns.suffix, "x");
+
+        for (text, expected) in [
+            ("dns_suffix = \"a..b\"", "dns_suffix"),
+            ("dns_suffix = \"under_score\"", "dns_suffix"),
+            ("dns_suffix = \"-x\"", "dns_suffix"),
+            ("dns_listen = \"somewhere\"", "dns_listen"),
+            ("dns = \"yes\"", "dns"),
+        ] {
+            let msg = f.toml_err(&format!("{file}{text}\n"));
+            assert!(msg.contains(expected), "{msg:?} lacks {expected:?}");
+        }
+        let env = env_from(&[(ENV_DNS_SUFFIX, "a b")]);
+        let msg = f
+            .toml(file, &Overrides::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(&format!("environment variable {ENV_DNS_SUFFIX}:")),
+            "{msg}"
+        );
     }
 
     #[test]

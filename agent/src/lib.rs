@@ -6,6 +6,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod keyfile;
+pub mod metrics;
 pub mod platform;
 pub mod run;
 pub mod settings;

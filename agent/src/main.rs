@@ -100,6 +100,28 @@ struct UpArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     fail_closed: Option<bool>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics on a loopback address, or on a
+    /// Unix socket PATH (off by default). Env: MESHLINK_METRICS_LISTEN.
+    #[arg(long, value_name = "ADDR:PORT|PATH")]
+    metrics_listen: Option<String>,
+    /// A mesh node answers DNS for its network's names (NODE.NETWORK.mesh,
+    /// WORKLOAD.NETWORK.mesh) [default: true]. Env: MESHLINK_DNS.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    dns: Option<bool>,
+    /// Where the DNS server listens, UDP and TCP [default: the node's overlay address, port
+    /// 53]. Env: MESHLINK_DNS_LISTEN.
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    dns_listen: Option<String>,
+    /// The suffix of mesh names [default: mesh]. Env: MESHLINK_DNS_SUFFIX.
+    #[arg(long, value_name = "SUFFIX")]
+    dns_suffix: Option<String>,
     /// Join a network with the token (from `meshctl token create`) in FILE; group or others
     /// should not be able to read it. Env: MESHLINK_TOKEN_FILE.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["wg_quick", "token"])]
@@ -164,6 +186,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is::<Logged>() => ExitCode::FAILURE,
         Err(e) => {
             // Our error types already carry their causes in their text; print the top level only.
             eprintln!("meshlink-agent: {e}");
@@ -195,21 +218,75 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-/// Logs to standard error at the level of `MESHLINK_LOG` (default `info`).
-fn init_logging() {
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+/// How the log is written: `MESHLINK_LOG_FORMAT`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    /// Lines for people (the default).
+    Text,
+    /// One JSON object a line, for log collectors.
+    Json,
 }
 
+/// The log format `MESHLINK_LOG_FORMAT` asks for: `json`, or `text` (also when unset or
+/// empty); anything else is an error naming the variable.
+fn log_format(value: Option<&str>) -> Result<LogFormat, String> {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("") | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(format!(
+            "MESHLINK_LOG_FORMAT: {other:?} is not a log format (text or json)"
+        )),
+    }
+}
+
+/// Logs to standard error at the level of `MESHLINK_LOG` (default `info`), as text or, with
+/// `MESHLINK_LOG_FORMAT=json`, as JSON lines (one object per event, its fields flattened,
+/// the current span's fields under `span`).
+///
+/// # Errors
+/// An unknown `MESHLINK_LOG_FORMAT`: the log is then text, and the caller says whether that is
+/// fatal.
+fn init_logging() -> Result<LogFormat, String> {
+    use std::io::IsTerminal;
+    let format = log_format(config::process_env("MESHLINK_LOG_FORMAT").as_deref());
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter);
+    match format {
+        Ok(LogFormat::Json) => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .init(),
+        Ok(LogFormat::Text) | Err(_) => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init();
+        }
+    }
+    format
+}
+
+/// An error already written to the log (as JSON): `main` prints nothing more.
+#[derive(Debug, thiserror::Error)]
+#[error("stopped (the log says why)")]
+struct Logged;
+
+/// `up`, its logging set up first. With JSON logs, why it stopped is a log event too, so that
+/// standard error stays JSON lines only.
 fn up(args: UpArgs) -> anyhow::Result<()> {
-    init_logging();
+    let format = init_logging().map_err(|e| anyhow::anyhow!(e))?;
+    let result = up_logged(args);
+    match result {
+        Err(e) if format == LogFormat::Json => {
+            tracing::error!(error = %e, "meshlink-agent stopped");
+            Err(Logged.into())
+        }
+        other => other,
+    }
+}
+
+fn up_logged(args: UpArgs) -> anyhow::Result<()> {
     // The token is read first, so that bad input is reported before anything is touched.
     let source = TokenSource::choose(args.token, args.token_file, &config::process_env)?;
     let given = |var: &str| config::process_env(var).is_some_and(|x| !x.trim().is_empty());
@@ -249,6 +326,10 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
         uapi_dir: args.uapi_dir,
         max_cached_map_age: args.max_cached_map_age,
         fail_closed: args.fail_closed,
+        metrics_listen: args.metrics_listen,
+        dns: args.dns,
+        dns_listen: args.dns_listen,
+        dns_suffix: args.dns_suffix,
     };
     // Static peers come from a config file naming them or a key, a wg-quick file, or at least
     // a private key given by flag or variable; without any of those the agent is a mesh node
@@ -685,6 +766,16 @@ fn print_status_table(v: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_format_is_text_unless_json_is_asked_for() {
+        assert_eq!(log_format(None), Ok(LogFormat::Text));
+        assert_eq!(log_format(Some(" ")), Ok(LogFormat::Text));
+        assert_eq!(log_format(Some("text")), Ok(LogFormat::Text));
+        assert_eq!(log_format(Some("JSON")), Ok(LogFormat::Json));
+        let e = log_format(Some("yaml")).unwrap_err();
+        assert!(e.starts_with("MESHLINK_LOG_FORMAT:"), "{e}");
+    }
 
     #[test]
     fn the_handover_line_names_where_packets_went() {

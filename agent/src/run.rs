@@ -42,6 +42,10 @@ use crate::control::{ControlError, MeshControl};
 use crate::dataplane::{
     CompiledPolicy, Device, FirewallConfig, NetBatch, TunBatch, WorkloadRouting,
 };
+use crate::metrics::{
+    AgentMetrics, ControlSample, DeviceDropSample, MetricsError, MetricsListener, MetricsSource,
+    PathKind, PeerSample, Snapshot,
+};
 use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError, HEADROOM, IDEAL_BATCH_SIZE};
 use crate::platform::udp::{UdpError, UdpTransport, Underlay};
@@ -95,6 +99,9 @@ pub enum RunError {
     /// The control channel ended for good (revoked, refused).
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The metrics endpoint could not be bound.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// A joined node's link to the coordinator: the control loop and the maps it publishes.
@@ -364,6 +371,64 @@ impl UapiHandler for Control {
     }
 }
 
+/// What a metrics scrape shows (see `crate::metrics`): the data plane's counters, each peer
+/// named as the control session's map names it, and the session's state.
+impl MetricsSource for Control {
+    fn snapshot(&self) -> Snapshot {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = SystemTime::now();
+        let status = self.device.status(now);
+        let (names, control) = match &self.session {
+            Some(shared) => {
+                let session = shared.lock();
+                let map = session.map();
+                let names: HashMap<meshlink_proto::PublicKey, String> = map
+                    .peers
+                    .values()
+                    .flat_map(|p| {
+                        std::iter::once(p.public_key)
+                            .chain(p.next_key)
+                            .map(|k| (k, p.name.clone()))
+                    })
+                    .collect();
+                let control = ControlSample {
+                    connected: session.is_connected(),
+                    map_version: map.version,
+                };
+                (names, Some(control))
+            }
+            None => (HashMap::new(), None),
+        };
+        let peers = status
+            .peers
+            .into_iter()
+            .map(|p| PeerSample {
+                name: names.get(&p.public_key).cloned(),
+                path: match &self.discovery {
+                    Some(d) => d.path_kind(&p.public_key, p.endpoint),
+                    None if p.endpoint.is_some() => PathKind::Direct,
+                    None => PathKind::None,
+                },
+                status: p,
+            })
+            .collect();
+        let drops = self.device.drops();
+        Snapshot {
+            now,
+            peers,
+            device: DeviceDropSample {
+                no_route: drops.no_route.load(Relaxed),
+                no_endpoint: drops.no_endpoint.load(Relaxed),
+                unknown_peer: drops.unknown_peer.load(Relaxed),
+                malformed: drops.malformed.load(Relaxed),
+                udp_send_errors: self.udp.send_errors(),
+            },
+            forwarded: drops.forwarded.load(Relaxed),
+            control,
+        }
+    }
+}
+
 /// The control session as `meshlink-agent status` shows it: whether it is connected and to
 /// which coordinator, the coordinators known, the map version, and each workload of the map
 /// with whether this node answers for it now.
@@ -535,6 +600,15 @@ pub async fn run(
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
     cleanup.socket = Some(listener.path().to_path_buf());
+    // Asked for explicitly, so a metrics endpoint that cannot be bound stops the start.
+    let metrics = match &settings.metrics_listen {
+        Some(at) => {
+            let listener = MetricsListener::bind(at).await?;
+            info!(at = %listener.local(), "serving metrics");
+            Some((listener, Arc::new(AgentMetrics::new())))
+        }
+        None => None,
+    };
 
     let discovery = mesh.as_ref().map(|m| {
         Discovery::new(
@@ -589,6 +663,19 @@ pub async fn run(
         kept.clone(),
     ));
     tasks.spawn(timers(device.clone(), udp.clone(), tun.clone()));
+    let metrics = metrics.map(|(listener, metrics)| {
+        let source: Arc<dyn MetricsSource> = control.clone();
+        let served = metrics.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, served, source).await {
+                warn!("metrics endpoint: {e}");
+            }
+            // Scrapes stop; the tunnels go on.
+            std::future::pending::<()>().await;
+            Ok(())
+        });
+        metrics
+    });
     tasks.spawn({
         let handler: Arc<dyn UapiHandler> = control.clone();
         let stop = stop_rx.clone();
@@ -641,6 +728,7 @@ pub async fn run(
             mesh.self_id,
             trusted_rx,
             mesh.shared,
+            metrics.clone(),
         ));
     }
 
@@ -878,11 +966,14 @@ fn local_destinations(
 /// Keeps the device's peers equal to the latest network map, touching only what changed, and
 /// moves silent peers to their next endpoint. Workload addresses: routed to their holders,
 /// held here while the fencing state says so, forwarded after a move for the grace period.
+/// Each pass's duration (the data plane's side: firewall, routing, peers; the netlink changes
+/// it queues are made by the main loop) goes to `metrics` when they are served.
 async fn reconcile_mesh(
     control: Arc<Control>,
     self_id: NodeId,
     mut maps: watch::Receiver<Netmap>,
     shared: Arc<Shared>,
+    metrics: Option<Arc<AgentMetrics>>,
 ) -> Result<(), RunError> {
     let mut chooser = EndpointChooser::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -1075,6 +1166,9 @@ async fn reconcile_mesh(
         if wanted != held_now {
             held_now = wanted.clone();
             let _ = control.routes_tx.send(NetCmd::Addresses(wanted));
+        }
+        if let Some(m) = &metrics {
+            m.observe_reconcile(now.elapsed());
         }
     }
 }

@@ -24,6 +24,52 @@ pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
 /// default: a week (see [`Settings::max_cached_map_age`]).
 pub const DEFAULT_MAX_CACHED_MAP_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// The DNS suffix of mesh names by default: `NODE.NETWORK.mesh`.
+pub const DEFAULT_DNS_SUFFIX: &str = "mesh";
+/// The DNS server's port when `dns_listen` does not say.
+pub const DEFAULT_DNS_PORT: u16 = 53;
+
+/// Where the agent serves its Prometheus metrics: never beyond the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A TCP address on a loopback interface (`127.0.0.1:9586`, `[::1]:9586`).
+    Tcp(SocketAddr),
+    /// A Unix socket path, made by the agent (mode 0660) and removed at exit.
+    Unix(PathBuf),
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Tcp(addr) => write!(f, "http://{addr}/metrics"),
+            MetricsListen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The DNS server of a mesh node (see `crate::dns`): the names of its network's nodes and
+/// workloads, from its trusted network map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Whether a mesh node answers DNS at all (on by default; static peers have no map and
+    /// never do).
+    pub enabled: bool,
+    /// Where to answer (UDP and TCP); `None`: the node's own overlay address, port 53.
+    pub listen: Option<SocketAddr>,
+    /// The suffix of every name, lower case, without dots at either end: `mesh`.
+    pub suffix: String,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings {
+            enabled: true,
+            listen: None,
+            suffix: DEFAULT_DNS_SUFFIX.to_string(),
+        }
+    }
+}
+
 /// A private X25519 key. It is generated on the host that uses it, read from a 0600 file and
 /// never printed: `Debug` hides it.
 #[derive(Clone)]
@@ -126,4 +172,8 @@ pub struct Settings {
     /// it off, since wg-quick routes the file's `AllowedIPs` itself (`Table`, policy routing
     /// for `0.0.0.0/0`).
     pub install_routes: bool,
+    /// Serve Prometheus metrics there; `None` (the default): no metrics endpoint.
+    pub metrics_listen: Option<MetricsListen>,
+    /// The DNS server of a mesh node.
+    pub dns: DnsSettings,
 }

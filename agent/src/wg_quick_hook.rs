@@ -115,7 +115,9 @@ pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
     if !foreground && !ready_pipe {
         return start_daemon(interface);
     }
-    crate::init_logging();
+    if let Err(e) = crate::init_logging().map(|_| ()) {
+        tracing::warn!("{e}; logging as text");
+    }
     let settings = config::load_api_configured(
         "INTERFACE",
         interface,

@@ -208,6 +208,12 @@ fn handshake_and_traffic_both_ways() {
     }
     let st = sim.peer_status(0, 1);
     assert!(st.tx_bytes > 50 * 100 && st.rx_bytes > 50 * 1300, "{st:?}");
+    // Datagrams: the initiation and the 50 pings out, the response and the 50 answers in
+    // (as with the bytes, the first packet released by the handshake is not counted).
+    assert!(st.tx_packets >= 51 && st.rx_packets >= 51, "{st:?}");
+    // One handshake, completed on both sides: A got B's response, B answered A's initiation.
+    assert_eq!(st.handshakes, 1, "{st:?}");
+    assert_eq!(sim.peer_status(1, 0).handshakes, 1);
     assert_eq!(sim.lost, 0);
 }
 
@@ -228,6 +234,9 @@ fn rekeys_after_simulated_minutes_without_losing_traffic() {
         age < Duration::from_secs(130),
         "last handshake {age:?} ago: no rekey"
     );
+    // A rekey every 120 s or so over ten minutes, each one counted by both sides together.
+    let handshakes = sim.peer_status(0, 1).handshakes + sim.peer_status(1, 0).handshakes;
+    assert!((8..=20).contains(&handshakes), "{handshakes} handshakes");
     // A packet sent while a rekey runs is queued, not lost; allow none lost.
     assert_eq!(delivered, 1200);
 }

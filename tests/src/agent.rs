@@ -155,6 +155,40 @@ fn quote_list(items: &[String]) -> String {
     format!("[{}]", quoted.join(", "))
 }
 
+/// Settings of `meshlink-agent up` beyond its configuration file, given as flags (for a mesh
+/// agent, which has no file: see [`crate::MeshAgent::spawn_join_with`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AgentOptions {
+    /// `--metrics-listen`: a loopback `ADDR:PORT` or a Unix socket path.
+    pub metrics_listen: Option<PathBuf>,
+    /// `--dns=BOOL`.
+    pub dns: Option<bool>,
+    /// `--dns-listen ADDR[:PORT]`.
+    pub dns_listen: Option<SocketAddr>,
+    /// `--dns-suffix SUFFIX`.
+    pub dns_suffix: Option<String>,
+}
+
+impl AgentOptions {
+    /// The flags.
+    pub fn args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(at) = &self.metrics_listen {
+            args.extend(["--metrics-listen".to_string(), at.display().to_string()]);
+        }
+        if let Some(on) = self.dns {
+            args.push(format!("--dns={on}"));
+        }
+        if let Some(at) = self.dns_listen {
+            args.extend(["--dns-listen".to_string(), at.to_string()]);
+        }
+        if let Some(suffix) = &self.dns_suffix {
+            args.extend(["--dns-suffix".to_string(), suffix.clone()]);
+        }
+        args
+    }
+}
+
 /// How the agent is given its configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConfigFormat {
@@ -462,6 +496,29 @@ persistent_keepalive = 25
             "[Interface]\nPrivateKey = PRIV=\nListenPort = 51820\nAddress = 100.64.0.1/24\nMTU = 1420\n\n\
              [Peer]\nPublicKey = PUB=\nPresharedKey = PSK=\nEndpoint = 198.18.0.2:51820\n\
              AllowedIPs = 100.64.0.2/32, 10.0.0.0/8\nPersistentKeepalive = 25\n"
+        );
+    }
+
+    #[test]
+    fn options_become_flags() {
+        assert!(AgentOptions::default().args().is_empty());
+        let options = AgentOptions {
+            metrics_listen: Some("/run/m.sock".into()),
+            dns: Some(false),
+            dns_listen: Some("127.0.0.1:5353".parse().unwrap()),
+            dns_suffix: Some("corp".into()),
+        };
+        assert_eq!(
+            options.args(),
+            [
+                "--metrics-listen",
+                "/run/m.sock",
+                "--dns=false",
+                "--dns-listen",
+                "127.0.0.1:5353",
+                "--dns-suffix",
+                "corp"
+            ]
         );
     }
 

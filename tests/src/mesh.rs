@@ -36,6 +36,8 @@ pub struct MeshAgent {
     process: Process,
     /// Earlier incarnations (before a restart), kept so their logs print if the test fails.
     previous: Vec<Process>,
+    /// Flags given at every start ([`MeshAgent::spawn_join_with`]).
+    options: Vec<String>,
 }
 
 impl MeshAgent {
@@ -70,6 +72,22 @@ impl MeshAgent {
         name: &str,
         labels: &[(&str, &str)],
     ) -> MeshAgent {
+        MeshAgent::spawn_join_with(ns, dir, token, name, labels, &Default::default())
+    }
+
+    /// Like [`MeshAgent::spawn_join`], with `options` as flags at this start and every restart.
+    ///
+    /// # Panics
+    /// When the binary is missing or cannot be started.
+    pub fn spawn_join_with(
+        ns: &NsRef,
+        dir: &ScratchDir,
+        token: &str,
+        name: &str,
+        labels: &[(&str, &str)],
+        options: &crate::agent::AgentOptions,
+    ) -> MeshAgent {
+        let options = options.args();
         let interface = unique_name("m");
         let state_dir = dir.join(&format!("{name}.state"));
         // The token goes in a file (0600), not on the command line where `ps` shows it.
@@ -84,6 +102,7 @@ impl MeshAgent {
         for (key, value) in labels {
             args.extend(["--label".into(), format!("{key}={value}")]);
         }
+        args.extend(options.iter().cloned());
         let process = spawn(ns, name, &interface, &state_dir, &args, dir.path(), 1);
         MeshAgent {
             ns: ns.clone(),
@@ -93,6 +112,7 @@ impl MeshAgent {
             log_dir: dir.path().to_owned(),
             process,
             previous: Vec::new(),
+            options,
         }
     }
 
@@ -145,7 +165,7 @@ impl MeshAgent {
             &self.name,
             &self.interface,
             &self.state_dir,
-            &[],
+            &self.options,
             &self.log_dir,
             n,
         );

@@ -96,6 +96,23 @@ impl Discovery {
 
     /// The path to `peer` as `meshlink-agent status` shows it, given the endpoint the data
     /// plane uses now.
+    pub fn path_kind(&self, peer: &PublicKey, endpoint: Option<SocketAddr>) -> PathKind {
+        let relayed = endpoint.is_some_and(|e| self.relay.is_shim(e));
+        // "direct" only once a probe through some address answered; an endpoint nobody
+        // confirmed yet (the map's first guess) is "unconfirmed".
+        let confirmed = self
+            .paths()
+            .status(peer)
+            .is_some_and(|s| matches!(s.path, Path::Direct(_)));
+        match (relayed, endpoint) {
+            (true, _) => PathKind::Relay,
+            (false, Some(_)) if confirmed => PathKind::Direct,
+            (false, Some(_)) => PathKind::Unconfirmed,
+            (false, None) => PathKind::None,
+        }
+    }
+
+    /// The path to `peer` as `status` shows it: its kind, where it goes, its RTT.
     pub fn status_json(
         &self,
         peer: &PublicKey,
@@ -103,16 +120,9 @@ impl Discovery {
         now: Instant,
     ) -> serde_json::Value {
         let st = self.paths().status(peer);
-        let relayed = endpoint.is_some_and(|e| self.relay.is_shim(e));
-        // "direct" only once a probe through some address answered; an endpoint nobody
-        // confirmed yet (the map's first guess) is "unconfirmed".
-        let confirmed = st.is_some_and(|s| matches!(s.path, Path::Direct(_)));
-        let kind = match (relayed, endpoint) {
-            (true, _) => "relay",
-            (false, Some(_)) if confirmed => "direct",
-            (false, Some(_)) => "unconfirmed",
-            (false, None) => "none",
-        };
+        let kind = self.path_kind(peer, endpoint);
+        let relayed = kind == PathKind::Relay;
+        let kind = crate::metrics::path_label(kind);
         let relay = self.relay.link_remote().filter(|_| relayed);
         let via = match relay {
             Some((remote, _)) => Some(remote.to_string()),

@@ -156,6 +156,9 @@ mod tests {
             last_handshake: None,
             tx_bytes: tx,
             rx_bytes: rx,
+            tx_packets: 0,
+            rx_packets: 0,
+            handshakes: 0,
             drops: DropCounts::default(),
         }
     }

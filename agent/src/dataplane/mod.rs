@@ -66,6 +66,10 @@ const HANDSHAKE_RATE_LIMIT: u64 = 100;
 const DATA_OVERHEAD: usize = 32 + 16;
 /// WireGuard's transport data message type (the first byte of the datagram).
 const DATA_MESSAGE: u8 = 4;
+/// WireGuard's handshake initiation message type.
+const HANDSHAKE_INIT: u8 = 1;
+/// WireGuard's handshake response message type.
+const HANDSHAKE_RESPONSE: u8 = 2;
 /// The bytes of a data message before its ciphertext: type, reserved, receiver, counter.
 const DATA_HEADER: usize = 16;
 /// The smallest buffer boringtun accepts for output (a handshake initiation).
@@ -102,6 +106,13 @@ struct PeerState {
     config: PeerConfig,
     rx_bytes: u64,
     tx_bytes: u64,
+    /// Authenticated datagrams received from the peer (those counted in `rx_bytes`).
+    rx_packets: u64,
+    /// Datagrams sent to the peer (those counted in `tx_bytes`).
+    tx_packets: u64,
+    /// Handshakes completed with the peer: responses to our initiations, and initiations
+    /// of the peer's that we answered.
+    handshakes: u64,
     drops: DropCounts,
     /// Send a keepalive at the next timer tick: set for new peers with a persistent keepalive,
     /// so that a restarted node announces itself (and its new endpoint) at once, as WireGuard
@@ -128,6 +139,7 @@ impl PeerState {
             let n = out.len();
             if let Some(ep) = self.endpoint {
                 self.tx_bytes += n as u64;
+                self.tx_packets += 1;
                 net.commit(ep, n);
                 return true;
             }
@@ -463,6 +475,9 @@ impl Device {
                             config: pc.clone(),
                             rx_bytes: 0,
                             tx_bytes: 0,
+                            rx_packets: 0,
+                            tx_packets: 0,
+                            handshakes: 0,
                             drops: DropCounts::default(),
                             kick: pc.persistent_keepalive.is_some_and(|k| k > 0),
                             rehandshake: false,
@@ -810,6 +825,8 @@ impl Device {
             noise,
             endpoint,
             rx_bytes,
+            rx_packets,
+            handshakes,
             drops,
             ..
         } = &mut *s;
@@ -926,7 +943,9 @@ impl Device {
                     }
                 }
             }
-            NoiseOutput::Done => authenticated = kind == 4 || kind == 2,
+            NoiseOutput::Done => {
+                authenticated = kind == DATA_MESSAGE || kind == HANDSHAKE_RESPONSE;
+            }
             NoiseOutput::Error(e) => match e {
                 NoiseError::DecryptFailed => drops.decrypt_failed += 1,
                 NoiseError::Replay => drops.replay += 1,
@@ -935,6 +954,10 @@ impl Device {
         }
         if authenticated {
             *rx_bytes += datagram.len() as u64;
+            *rx_packets += 1;
+            if kind == HANDSHAKE_INIT || kind == HANDSHAKE_RESPONSE {
+                *handshakes += 1;
+            }
             // Roaming: the endpoint follows the latest authenticated packet, except from
             // loopback (the agent's relay shims) onto a path that is not: a datagram the relay
             // still carried must not pull a peer back from the direct path chosen for it.
@@ -1035,6 +1058,9 @@ impl Device {
                         .and_then(|d| now.checked_sub(d)),
                     tx_bytes: s.tx_bytes,
                     rx_bytes: s.rx_bytes,
+                    tx_packets: s.tx_packets,
+                    rx_packets: s.rx_packets,
+                    handshakes: s.handshakes,
                     drops: s.drops,
                 }
             })

@@ -47,6 +47,12 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
     /// Bytes received from the peer, on the wire.
     pub rx_bytes: u64,
+    /// Datagrams sent to the peer (data, handshakes, keepalives).
+    pub tx_packets: u64,
+    /// Authenticated datagrams received from the peer.
+    pub rx_packets: u64,
+    /// Handshakes completed with the peer (as initiator or responder).
+    pub handshakes: u64,
     /// Packets dropped for this peer.
     pub drops: DropCounts,
 }
