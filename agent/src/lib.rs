@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod dns;
 pub mod keyfile;
 pub mod metrics;
 pub mod platform;

@@ -239,6 +239,20 @@ fn log_format(value: Option<&str>) -> Result<LogFormat, String> {
     }
 }
 
+/// The log filter: `MESHLINK_LOG` (default `info`), with hickory's DNS server at `warn` unless
+/// the variable names it: it logs every request at `info`, and requests come from the network.
+fn log_filter(var: Option<&str>) -> String {
+    let spec = var
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .unwrap_or("info");
+    if spec.contains("hickory") {
+        spec.to_string()
+    } else {
+        format!("{spec},hickory_server=warn")
+    }
+}
+
 /// Logs to standard error at the level of `MESHLINK_LOG` (default `info`), as text or, with
 /// `MESHLINK_LOG_FORMAT=json`, as JSON lines (one object per event, its fields flattened,
 /// the current span's fields under `span`).
@@ -249,8 +263,10 @@ fn log_format(value: Option<&str>) -> Result<LogFormat, String> {
 fn init_logging() -> Result<LogFormat, String> {
     use std::io::IsTerminal;
     let format = log_format(config::process_env("MESHLINK_LOG_FORMAT").as_deref());
-    let filter = tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(
+        config::process_env("MESHLINK_LOG").as_deref(),
+    ))
+    .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_filter(None)));
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter);
@@ -507,6 +523,7 @@ async fn up_mesh(
             state,
             trust,
             network: node.network_cidr,
+            network_name: node.network.clone(),
         }),
     )
     .await?;
@@ -766,6 +783,16 @@ fn print_status_table(v: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dns_requests_are_not_logged_unless_asked_for() {
+        assert_eq!(log_filter(None), "info,hickory_server=warn");
+        assert_eq!(log_filter(Some("debug")), "debug,hickory_server=warn");
+        assert_eq!(
+            log_filter(Some("info,hickory_server=debug")),
+            "info,hickory_server=debug"
+        );
+    }
 
     #[test]
     fn log_format_is_text_unless_json_is_asked_for() {

@@ -123,6 +123,8 @@ pub struct Mesh {
     pub trust: MapTrust,
     /// The network's prefix (what `fail_closed` blackholes).
     pub network: IpNet,
+    /// The network's name (the middle of its DNS names).
+    pub network_name: String,
 }
 
 /// A session younger than this counts as fresh when a move is prepared (WireGuard rekeys
@@ -685,6 +687,35 @@ pub async fn run(
         }
     });
 
+    // Names for a mesh node, once its addresses are on the interface.
+    let mut dns_registration = None;
+    if let (Some(mesh), true) = (&mesh, settings.dns.enabled) {
+        match crate::dns::listen_address(&settings.dns, &settings.addresses) {
+            None => warn!("DNS server not started: this node has no overlay address"),
+            Some(listen) => {
+                let started = crate::dns::DnsService::start(
+                    &settings.dns,
+                    listen,
+                    &mesh.network_name,
+                    mesh.network,
+                    &mesh.maps.borrow(),
+                    &settings.interface,
+                    &crate::dns::resolved::Resolvectl,
+                )
+                .await;
+                if let Some(service) = started {
+                    let (task, registration) = service.split();
+                    dns_registration = registration;
+                    let maps = mesh.maps.clone();
+                    tasks.spawn(async move {
+                        task.run(maps).await;
+                        Ok(())
+                    });
+                }
+            }
+        }
+    }
+
     if let Some(mesh) = mesh {
         let port = udp.port();
         let tunnel = settings.interface.clone();
@@ -793,6 +824,9 @@ pub async fn run(
     let _ = stop_tx.send(true);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    if let Some(r) = dns_registration {
+        r.revert(&crate::dns::resolved::Resolvectl).await;
+    }
     for net in &installed {
         if let Err(e) = nl.del_route(*net).await {
             debug!("{e}");
