@@ -170,6 +170,7 @@ impl Browser {
         let caps = json!({"capabilities": {"alwaysMatch": {
             "browserName": "chrome",
             "goog:chromeOptions": {"binary": CHROMIUM, "args": args},
+            "goog:loggingPrefs": {"browser": "ALL"},
         }}});
         let session = browser
             .call("POST", "/session", Some(&caps))
@@ -371,6 +372,16 @@ impl Browser {
         File::create(path)
             .and_then(|mut f| f.write_all(&png))
             .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    }
+
+    /// What the page logged to its console since the last call (script errors, refused
+    /// loads, policy violations): `[{level, message, timestamp}]`.
+    ///
+    /// # Panics
+    /// When ChromeDriver cannot give the log.
+    pub fn console_log(&self) -> Vec<Value> {
+        let v = self.command("POST", "/se/log", Some(&json!({"type": "browser"})));
+        v.as_array().cloned().unwrap_or_default()
     }
 
     /// The ChromeDriver process (for its log).

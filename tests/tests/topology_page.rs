@@ -287,6 +287,17 @@ fn the_page_shows_the_mesh_and_follows_a_move() {
     assert!(seen_moving, "the address was never seen gliding: {last}");
     shot(&bed, "3-after-move.png");
 
+    // Nothing went wrong in the page: no script error, no load refused by its content
+    // security policy. The one refusal expected is the wrong token's 401.
+    let console = browser.console_log();
+    eprintln!("topology_page: console: {console:?}");
+    let errors: Vec<Value> = console
+        .into_iter()
+        .filter(|e| e["level"] == "SEVERE")
+        .filter(|e| !e["message"].as_str().is_some_and(|m| m.contains("401")))
+        .collect();
+    assert!(errors.is_empty(), "the page logged errors: {errors:?}");
+
     // The holder the page shows is the coordinator's.
     let held = bed.coord.meshctl().json(&["workload", "show", "chat"]);
     assert_eq!(
