@@ -35,7 +35,8 @@ pub struct TopologyNetwork {
     /// Its nodes by [`PROVIDER_LABEL`], groups by provider name, the group of nodes without
     /// the label last.
     pub providers: Vec<ProviderGroup>,
-    /// Every path a node of the network reported, by reporting node then peer.
+    /// The paths its online nodes last reported to its other nodes, by reporting node then
+    /// peer (an offline node's report is stale and left out).
     pub paths: Vec<TopologyPath>,
     /// Its workloads, by name.
     pub workloads: Vec<TopologyWorkload>,

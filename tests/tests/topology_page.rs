@@ -65,7 +65,7 @@ struct Bed {
     // Field order is drop order: the browser and processes before the namespaces they run
     // in, and the scratch directory last.
     browser: Browser,
-    _agents: Vec<MeshAgent>,
+    agents: Vec<MeshAgent>,
     coord: Coordinator,
     _hosts: Vec<meshlink_tests::ProviderHost>,
     _providers: Providers,
@@ -134,9 +134,9 @@ fn the_page_shows_the_mesh_and_follows_a_move() {
     let mut kept: Vec<meshlink_tests::ProviderHost> =
         hosts.into_iter().map(|(h, _, _)| h).collect();
     kept.push(coord_host);
-    let bed = Bed {
+    let mut bed = Bed {
         browser,
-        _agents: agents,
+        agents,
         coord,
         _hosts: kept,
         _providers: providers,
@@ -286,6 +286,28 @@ fn the_page_shows_the_mesh_and_follows_a_move() {
     assert_eq!(last["animated"], 1, "one move animated: {last}");
     assert!(seen_moving, "the address was never seen gliding: {last}");
     shot(&bed, "3-after-move.png");
+
+    // vm-a2's agent stops: the page shows it offline, the others still online.
+    bed.agents
+        .iter_mut()
+        .find(|a| a.name() == "vm-a2")
+        .expect("vm-a2")
+        .terminate();
+    let browser = &bed.browser;
+    let offline = browser.wait_for(
+        FOLLOW,
+        &format!(
+            "const n = (() => {{ {NODES_SHOWN} }})() || []; \
+             const off = n.filter((x) => !x.online).map((x) => x.name); \
+             return off.join() === 'vm-a2' && n.length === 3 ? n : null;"
+        ),
+    );
+    assert!(
+        offline.is_ok(),
+        "vm-a2 not shown offline alone within {FOLLOW:?}: {}",
+        browser.execute(NODES_SHOWN, &[])
+    );
+    shot(&bed, "4-vm-a2-offline.png");
 
     // Nothing went wrong in the page: no script error, no load refused by its content
     // security policy. The one refusal expected is the wrong token's 401.

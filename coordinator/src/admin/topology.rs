@@ -365,8 +365,8 @@ pub(crate) struct Inputs<'a> {
 }
 
 /// The picture: networks by name, each network's nodes (not revoked) grouped by provider,
-/// the paths they reported to peers of their own network, and its workloads with their
-/// holders.
+/// the paths the online ones last reported to peers of their own network, and its workloads
+/// with their holders.
 pub(crate) fn build(inputs: &Inputs<'_>) -> api::Topology {
     let names: HashMap<NodeId, &NodeRecord> = inputs.nodes.iter().map(|n| (n.id, n)).collect();
     let mut networks: Vec<&NetworkRecord> = inputs.networks.iter().collect();
@@ -408,6 +408,8 @@ pub(crate) fn build(inputs: &Inputs<'_>) -> api::Topology {
             let ids = &ids;
             let mut paths: Vec<api::TopologyPath> = members
                 .iter()
+                // An offline node's last report is stale: its paths are not shown.
+                .filter(|n| inputs.online.contains(&n.id))
                 .filter_map(|n| inputs.paths.get(&n.id).map(|r| (n.id, r)))
                 .flat_map(|(from, reports)| {
                     reports
@@ -626,6 +628,7 @@ mod tests {
                 ],
             ),
             (2, vec![path(1, PathKind::Relay)]),
+            (3, vec![path(1, PathKind::Direct)]),
             (4, vec![path(1, PathKind::Direct)]),
         ]
         .into_iter()
@@ -640,7 +643,8 @@ mod tests {
         assert_eq!(
             seen,
             [(1, 2, PathKind::Direct), (2, 1, PathKind::Relay)],
-            "no path to a revoked node, another network's node or itself; one per pair"
+            "no path to a revoked node, another network's node or itself, none from an \
+             offline node (vm-x); one per pair"
         );
         assert_eq!(prod.paths[0].rtt_us, Some(900));
         assert!(t.networks[0].paths.is_empty());
