@@ -687,34 +687,7 @@ pub async fn run(
         }
     });
 
-    // Names for a mesh node, once its addresses are on the interface.
     let mut dns_registration = None;
-    if let (Some(mesh), true) = (&mesh, settings.dns.enabled) {
-        match crate::dns::listen_address(&settings.dns, &settings.addresses) {
-            None => warn!("DNS server not started: this node has no overlay address"),
-            Some(listen) => {
-                let started = crate::dns::DnsService::start(
-                    &settings.dns,
-                    listen,
-                    &mesh.network_name,
-                    mesh.network,
-                    &mesh.maps.borrow(),
-                    &settings.interface,
-                    &crate::dns::resolved::Resolvectl,
-                )
-                .await;
-                if let Some(service) = started {
-                    let (task, registration) = service.split();
-                    dns_registration = registration;
-                    let maps = mesh.maps.clone();
-                    tasks.spawn(async move {
-                        task.run(maps).await;
-                        Ok(())
-                    });
-                }
-            }
-        }
-    }
 
     if let Some(mesh) = mesh {
         let port = udp.port();
@@ -739,6 +712,35 @@ pub async fn run(
             }
         };
         let (trusted_tx, trusted_rx) = watch::channel(trusted);
+        // Names, from the trusted maps too (a map too old to bring up peers names none),
+        // once the node's addresses are on the interface.
+        if settings.dns.enabled {
+            match crate::dns::listen_address(&settings.dns, &settings.addresses) {
+                None => warn!("DNS server not started: this node has no overlay address"),
+                Some(listen) => {
+                    let initial = trusted_rx.borrow().clone();
+                    let started = crate::dns::DnsService::start(
+                        &settings.dns,
+                        listen,
+                        &mesh.network_name,
+                        mesh.network,
+                        &initial,
+                        &settings.interface,
+                        &crate::dns::resolved::Resolvectl,
+                    )
+                    .await;
+                    if let Some(service) = started {
+                        let (task, registration) = service.split();
+                        dns_registration = registration;
+                        let maps = trusted_rx.clone();
+                        tasks.spawn(async move {
+                            task.run(maps).await;
+                            Ok(())
+                        });
+                    }
+                }
+            }
+        }
         tasks.spawn(trusted_maps(
             mesh.maps,
             trusted_tx,
