@@ -239,8 +239,9 @@ fn log_format(value: Option<&str>) -> Result<LogFormat, String> {
     }
 }
 
-/// The log filter: `MESHLINK_LOG` (default `info`), with hickory's DNS server at `warn` unless
-/// the variable names it: it logs every request at `info`, and requests come from the network.
+/// The log filter: `MESHLINK_LOG` (default `info`), with hickory's DNS server and its network
+/// layer at `error` unless the variable names them: they log every request at `info` and odd
+/// datagrams at `warn`, and both come from the network.
 fn log_filter(var: Option<&str>) -> String {
     let spec = var
         .map(str::trim)
@@ -249,7 +250,7 @@ fn log_filter(var: Option<&str>) -> String {
     if spec.contains("hickory") {
         spec.to_string()
     } else {
-        format!("{spec},hickory_server=warn")
+        format!("{spec},hickory_server=error,hickory_net=error")
     }
 }
 
@@ -786,8 +787,14 @@ mod tests {
 
     #[test]
     fn dns_requests_are_not_logged_unless_asked_for() {
-        assert_eq!(log_filter(None), "info,hickory_server=warn");
-        assert_eq!(log_filter(Some("debug")), "debug,hickory_server=warn");
+        assert_eq!(
+            log_filter(None),
+            "info,hickory_server=error,hickory_net=error"
+        );
+        assert_eq!(
+            log_filter(Some("debug")),
+            "debug,hickory_server=error,hickory_net=error"
+        );
         assert_eq!(
             log_filter(Some("info,hickory_server=debug")),
             "info,hickory_server=debug"
