@@ -395,13 +395,18 @@ pub async fn serve(
         axum::routing::get(move || {
             let (metrics, source) = (metrics.clone(), source.clone());
             async move {
-                let text = tokio::task::spawn_blocking(move || metrics.render(&source.snapshot()))
-                    .await
-                    .unwrap_or_default();
-                (
-                    [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
-                    text,
-                )
+                use axum::response::IntoResponse;
+                let rendered =
+                    tokio::task::spawn_blocking(move || metrics.render(&source.snapshot())).await;
+                match rendered {
+                    Ok(text) => (
+                        [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        text,
+                    )
+                        .into_response(),
+                    // A panic while rendering (a bug): no partial page that looks whole.
+                    Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+                }
             }
         }),
     );
