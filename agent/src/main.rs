@@ -665,6 +665,27 @@ fn handover_line(h: &serde_json::Value) -> Option<String> {
     })
 }
 
+/// Where the agent's own servers listen: metrics, DNS (`None` when neither runs).
+fn served_line(served: &serde_json::Value) -> Option<String> {
+    let mut parts = Vec::new();
+    if let Some(at) = served["metrics"].as_str() {
+        parts.push(format!("metrics {at}"));
+    }
+    let dns = &served["dns"];
+    if let Some(listen) = dns["listen"].as_str() {
+        parts.push(format!(
+            "dns {listen} (*.{}, {})",
+            dns["suffix"].as_str().unwrap_or("?"),
+            if dns["registered"].as_bool() == Some(true) {
+                "registered with systemd-resolved"
+            } else {
+                "not registered with the host's resolver"
+            }
+        ));
+    }
+    (!parts.is_empty()).then(|| format!("serving: {}", parts.join("  ")))
+}
+
 fn print_status_table(v: &serde_json::Value) {
     let s = |x: &serde_json::Value| x.as_str().map(str::to_string).unwrap_or_else(|| "-".into());
     println!(
@@ -695,6 +716,9 @@ fn print_status_table(v: &serde_json::Value) {
         println!("{line}");
     }
     if let Some(line) = handover_line(&v["handover"]) {
+        println!("{line}");
+    }
+    if let Some(line) = served_line(&v["served"]) {
         println!("{line}");
     }
     let c = &v["control"];
@@ -784,6 +808,23 @@ fn print_status_table(v: &serde_json::Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_served_line_names_metrics_and_dns() {
+        assert_eq!(
+            served_line(&serde_json::json!({"metrics": null, "dns": null})),
+            None
+        );
+        let served = serde_json::json!({
+            "metrics": "unix:/run/m.sock",
+            "dns": {"listen": "100.64.0.5:53", "suffix": "mesh", "registered": false},
+        });
+        assert_eq!(
+            served_line(&served).unwrap(),
+            "serving: metrics unix:/run/m.sock  dns 100.64.0.5:53 (*.mesh, not registered with \
+             the host's resolver)"
+        );
+    }
 
     #[test]
     fn dns_requests_are_not_logged_unless_asked_for() {

@@ -254,6 +254,35 @@ struct Control {
     session: Option<Arc<Shared>>,
     /// The state directory, when joined (the key's age).
     state: Option<StateDir>,
+    /// Where the metrics and DNS servers listen, once started (`status` shows them).
+    served: std::sync::Mutex<Served>,
+}
+
+/// Where the agent's own servers listen, as `status` shows them.
+#[derive(Debug, Default, serde::Serialize)]
+struct Served {
+    /// The metrics endpoint (`http://ADDR/metrics` or `unix:PATH`).
+    metrics: Option<String>,
+    /// The DNS server.
+    dns: Option<DnsServed>,
+}
+
+/// The DNS server, as `status` shows it.
+#[derive(Debug, serde::Serialize)]
+struct DnsServed {
+    /// Where it listens (UDP and TCP).
+    listen: SocketAddr,
+    /// The names' suffix.
+    suffix: String,
+    /// Whether systemd-resolved sends the suffix's names to it.
+    registered: bool,
+}
+
+impl Control {
+    /// Where the agent's own servers listen.
+    fn served(&self) -> std::sync::MutexGuard<'_, Served> {
+        self.served.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A key rotation's switch, as the control loop asks for it (see `control::keys`).
@@ -368,6 +397,7 @@ impl UapiHandler for Control {
                 self.session.as_ref().map(|s| s.lock()).as_deref(),
                 Instant::now(),
             ),
+            "served": &*self.served(),
         })
         .to_string()
     }
@@ -637,6 +667,7 @@ pub async fn run(
         claims: mesh.as_ref().map(|m| m.claims.clone()),
         session: mesh.as_ref().map(|m| m.shared.clone()),
         state: mesh.as_ref().map(|m| m.state.clone()),
+        served: Default::default(),
     });
     info!(
         interface = %settings.interface,
@@ -666,6 +697,7 @@ pub async fn run(
     ));
     tasks.spawn(timers(device.clone(), udp.clone(), tun.clone()));
     let metrics = metrics.map(|(listener, metrics)| {
+        control.served().metrics = Some(listener.local());
         let source: Arc<dyn MetricsSource> = control.clone();
         let served = metrics.clone();
         tasks.spawn(async move {
@@ -731,6 +763,11 @@ pub async fn run(
                     .await;
                     if let Some(service) = started {
                         let (task, registration) = service.split();
+                        control.served().dns = Some(DnsServed {
+                            listen,
+                            suffix: settings.dns.suffix.clone(),
+                            registered: registration.is_some(),
+                        });
                         dns_registration = registration;
                         let maps = trusted_rx.clone();
                         tasks.spawn(async move {

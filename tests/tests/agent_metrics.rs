@@ -88,6 +88,14 @@ fn metrics_show_the_peer_by_name_with_rising_counters() {
         .wait_for_ping(ip_a, Duration::from_secs(20))
         .unwrap_or_else(|e| panic!("vm-b -> vm-a: {e}"));
 
+    let served = &a.status()["served"];
+    assert_eq!(
+        served["metrics"],
+        format!("unix:{}", socket.display()),
+        "{served}"
+    );
+    assert!(b.status()["served"]["metrics"].is_null(), "off by default");
+
     let peer = r#"{peer="vm-b"}"#;
     let rx = format!("meshlink_agent_peer_rx_bytes_total{peer}");
     let tx = format!("meshlink_agent_peer_tx_bytes_total{peer}");

@@ -146,6 +146,16 @@ fn names_answer_nodes_and_workloads_and_follow_a_move() {
     })
     .unwrap_or_else(|e| panic!("{e}\nvm-b1 log:\n{}", agents[1].log()));
 
+    // `status` says where each agent answers; none registered with systemd-resolved, since
+    // an agent in a namespace of its own leaves the host's resolver alone.
+    for (agent, ip) in agents.iter().zip(&ips) {
+        let st = agent.status();
+        let dns = &st["served"]["dns"];
+        assert_eq!(dns["listen"], format!("{ip}:53"), "{st}");
+        assert_eq!(dns["suffix"], "mesh", "{st}");
+        assert_eq!(dns["registered"], false, "{st}");
+    }
+
     for tcp in [false, true] {
         for (agent, ip) in agents.iter().zip(&ips) {
             let name = format!("{}.prod.mesh", agent.name());
