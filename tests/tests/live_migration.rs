@@ -1,0 +1,207 @@
+//! A TCP connection to a workload address survives a move of the workload between VMs: the
+//! server's socket is frozen on vm-a1 (TCP repair mode, `meshlink-tcp-migrate`), the address
+//! moves to vm-c1 through the mesh (`meshctl workload move`), and the socket is restored
+//! there; the client on vm-b1 keeps its one connection, with bytes in flight both ways at the
+//! freeze (unacknowledged data in the server's send queue, unread data in its receive queue),
+//! and reads everything in order.
+//!
+//! Needs root (TUN, namespaces, repair mode) and the binaries (`cargo build -p meshlink-agent
+//! -p meshlink-coordinator -p meshctl`).
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use meshlink_tcp_migrate::{freeze, restore, Frozen};
+use meshlink_tests::{
+    agent_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator, MeshAgent,
+    NsRef, Provider, ProviderHost, Providers, ScratchDir,
+};
+
+const NETWORK: &str = "prod";
+const WORKLOAD: &str = "kv";
+const WORKLOAD_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
+const PORT: u16 = 7070;
+const STEP: Duration = Duration::from_secs(15);
+
+/// Runs `f` on a thread inside `ns`: sockets made there belong to that namespace for good.
+fn in_ns<T: Send + 'static>(ns: &NsRef, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/var/run/netns/{}", ns.name());
+    std::thread::spawn(move || {
+        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+        f()
+    })
+    .join()
+    .expect("the namespace thread panicked")
+}
+
+fn has_address(agent: &MeshAgent) -> bool {
+    agent
+        .ns()
+        .ip(&["-br", "addr", "show", "dev", agent.interface()])
+        .contains("100.64.50.10/32")
+}
+
+fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf)
+        .unwrap_or_else(|e| panic!("reading {n} bytes: {e}"));
+    buf
+}
+
+#[test]
+fn a_connection_moves_with_its_workload() {
+    if !require_root() {
+        return;
+    }
+    agent_bin();
+    coordinator_bin();
+    meshctl_bin();
+    let dir = ScratchDir::create("live-migration");
+    let mut providers = Providers::create(3);
+    let coord_host = providers.add_host(Provider::A);
+    let hosts: Vec<(ProviderHost, &str, &str)> = vec![
+        (providers.add_host(Provider::A), "vm-a1", "aws"),
+        (providers.add_host(Provider::B), "vm-b1", "gcp"),
+        (providers.add_host(Provider::C), "vm-c1", "azure"),
+    ];
+    let coord = Coordinator::start(&coord_host.ns, &dir, coord_host.underlay);
+    let ctl = coord.meshctl();
+    ctl.network_create(NETWORK, "100.64.0.0/16");
+    let token = ctl.token_create(NETWORK, Some(3), Some("1h"));
+    let mut agents: Vec<MeshAgent> = hosts
+        .iter()
+        .map(|(h, name, provider)| {
+            MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)])
+        })
+        .collect();
+    for a in &mut agents {
+        a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
+    }
+    let (a1, b1, c1) = (&agents[0], &agents[1], &agents[2]);
+    ctl.run(&[
+        "workload",
+        "create",
+        WORKLOAD,
+        "--network",
+        NETWORK,
+        "--address",
+        "100.64.50.10",
+        "--standby",
+        "vm-c1",
+        "--allow",
+        "vm-a1,vm-c1",
+    ]);
+    ctl.run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    wait_until(STEP, "the workload address up on vm-a1", || {
+        has_address(a1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The server listens on the workload address on vm-a1; the client on vm-b1 connects.
+    let addr = SocketAddr::from((WORKLOAD_IP, PORT));
+    let listener: TcpListener = in_ns(a1.ns(), move || TcpListener::bind(addr).expect("bind"));
+    let mut client: TcpStream = in_ns(b1.ns(), move || {
+        let started = Instant::now();
+        loop {
+            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(s) => break s,
+                Err(e) if started.elapsed() > STEP => panic!("connect to {addr}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    });
+    let client_port = client.local_addr().unwrap().port();
+    let (mut server, _) = listener.accept().expect("accept");
+    for s in [&client, &server] {
+        s.set_read_timeout(Some(STEP)).unwrap();
+    }
+    client.write_all(b"hello").unwrap();
+    assert_eq!(read_exact(&mut server, 5), b"hello");
+    server.write_all(b"world").unwrap();
+    assert_eq!(read_exact(&mut client, 5), b"world");
+
+    // Bytes in flight at the freeze: the client's acknowledgements are dropped on vm-b1, so
+    // what the server sends stays unacknowledged in its send queue; and the client sends
+    // what the server does not read before the freeze.
+    client.write_all(b"unread").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let block = format!(
+        "table inet mltest {{\n  chain out {{\n    type filter hook output priority 0;\n    \
+         ip daddr {WORKLOAD_IP} tcp dport {PORT} drop\n  }}\n}}\n"
+    );
+    let rules = dir.join("block.nft");
+    std::fs::write(&rules, &block).unwrap();
+    b1.ns().run("nft", &["-f", rules.to_str().unwrap()]);
+    // As much as the server's socket takes without acknowledgements: some of it sent and
+    // unacknowledged, the rest not sent yet (the window is shut).
+    let pattern: Vec<u8> = (0..4_000_000u32).map(|i| (i % 253) as u8).collect();
+    server.set_nonblocking(true).unwrap();
+    let mut queued = 0;
+    loop {
+        match server.write(&pattern[queued..]) {
+            Ok(n) => queued += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(200));
+                match server.write(&pattern[queued..]) {
+                    Ok(n) => queued += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) => panic!("write: {e}"),
+                }
+            }
+            Err(e) => panic!("write: {e}"),
+        }
+    }
+    server.set_nonblocking(false).unwrap();
+    let bulk = pattern[..queued].to_vec();
+
+    let frozen_at = Instant::now();
+    let (frozen, parked) = freeze(server).expect("freeze on vm-a1");
+    assert!(
+        !frozen.send_queue.is_empty(),
+        "the server's send queue held unacknowledged data at the freeze"
+    );
+    assert_eq!(frozen.recv_queue, b"unread");
+    let shipped = frozen.encode();
+    // The client's acknowledgements flow again: those sent before the address reaches vm-c1
+    // are lost, as in any move.
+    b1.ns().run("nft", &["delete", "table", "inet", "mltest"]);
+    eprintln!(
+        "live migration: frozen with {} bytes to send ({} not sent yet), {} unread, {} bytes shipped",
+        frozen.send_queue.len(),
+        frozen.unsent,
+        frozen.recv_queue.len(),
+        shipped.len()
+    );
+
+    ctl.run(&["workload", "move", WORKLOAD, "--to", "vm-c1"]);
+    wait_until(STEP, "the workload address up on vm-c1", || {
+        has_address(c1).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut server: TcpStream = in_ns(c1.ns(), move || {
+        restore(&Frozen::decode(&shipped).expect("decode")).expect("restore on vm-c1")
+    });
+    parked.discard();
+    let restored_after = frozen_at.elapsed();
+    server.set_read_timeout(Some(STEP)).unwrap();
+
+    // The client reads everything the server sent, in order, on its one connection.
+    let got = read_exact(&mut client, bulk.len());
+    assert!(got == bulk, "the bulk data arrived changed");
+    client.write_all(b"after").unwrap();
+    assert_eq!(read_exact(&mut server, 11), b"unreadafter");
+    server.write_all(b"still here").unwrap();
+    assert_eq!(read_exact(&mut client, 10), b"still here");
+    let gap = frozen_at.elapsed();
+    assert_eq!(client.local_addr().unwrap().port(), client_port);
+    assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+    eprintln!(
+        "live migration: restored {restored_after:.2?} after the freeze; the client's round trip \
+         through the restored server done {gap:.2?} after it"
+    );
+    drop(coord);
+}
