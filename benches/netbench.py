@@ -392,6 +392,31 @@ def environment(opts, impls):
     return env
 
 
+def resolve_baselines(opts, impls):
+    """Finds the modern baselines' binaries (fetching trixie's wireguard-go when not given) and
+    sets `opts.versions`; False, with the reason printed, when one cannot be had."""
+    if "wg-go-trixie" in impls and not opts.wireguard_go_new:
+        dest = os.path.join(os.path.dirname(release_dir()), "baselines")
+        got = subprocess.run(["bash", BASELINE_SCRIPT, dest], capture_output=True, text=True)
+        if got.returncode != 0:
+            print(f"fetching trixie's wireguard-go with {BASELINE_SCRIPT} failed:\n{got.stderr[-800:]}\n"
+                  "pass --wireguard-go-new PATH or leave wg-go-trixie out of --only", file=sys.stderr)
+            return False
+        opts.wireguard_go_new = got.stdout.strip().splitlines()[-1]
+    if "gotatun" in impls and not opts.gotatun:
+        opts.gotatun = shutil.which("gotatun")
+        if not opts.gotatun:
+            print("gotatun not found: cargo install --locked gotatun-cli, or pass --gotatun PATH, "
+                  "or leave gotatun out of --only", file=sys.stderr)
+            return False
+    for flag, path in (("--wireguard-go-new", opts.wireguard_go_new), ("--gotatun", opts.gotatun)):
+        if path and not os.access(path, os.X_OK):
+            print(f"{flag} {path}: not an executable file", file=sys.stderr)
+            return False
+    opts.versions = {i: stock_version(i, opts) for i in impls if i not in ("veth", "meshlink")}
+    return True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -427,25 +452,8 @@ def main():
         print(f"missing tools: {', '.join(missing)}; apt-get install -y iproute2 iputils-ping iperf3 "
               f"wireguard-tools wireguard-go{hint}", file=sys.stderr)
         return 1
-    if "wg-go-trixie" in impls and not opts.wireguard_go_new:
-        dest = os.path.join(os.path.dirname(release_dir()), "baselines")
-        got = subprocess.run(["bash", BASELINE_SCRIPT, dest], capture_output=True, text=True)
-        if got.returncode != 0:
-            print(f"fetching trixie's wireguard-go with {BASELINE_SCRIPT} failed:\n{got.stderr[-800:]}\n"
-                  "pass --wireguard-go-new PATH or leave wg-go-trixie out of --only", file=sys.stderr)
-            return 1
-        opts.wireguard_go_new = got.stdout.strip().splitlines()[-1]
-    if "gotatun" in impls and not opts.gotatun:
-        opts.gotatun = shutil.which("gotatun")
-        if not opts.gotatun:
-            print("gotatun not found: cargo install --locked gotatun-cli, or pass --gotatun PATH, "
-                  "or leave gotatun out of --only", file=sys.stderr)
-            return 1
-    for flag, path in (("--wireguard-go-new", opts.wireguard_go_new), ("--gotatun", opts.gotatun)):
-        if path and not os.access(path, os.X_OK):
-            print(f"{flag} {path}: not an executable file", file=sys.stderr)
-            return 1
-    opts.versions = {i: stock_version(i, opts) for i in impls if i not in ("veth", "meshlink")}
+    if not resolve_baselines(opts, impls):
+        return 1
 
     if "meshlink" in impls:
         if not opts.agent_bin:
