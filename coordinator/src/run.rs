@@ -475,14 +475,16 @@ impl Coordinator {
         if let Some(t) = self.follow_task {
             let _ = t.await;
         }
+        // The service's own tasks end first: claims still waiting for their destination end
+        // with their sessions, and the topology page's feed with them, which ends its open
+        // event streams (else the admin API would wait for them to time out).
+        self.service.abort_tasks();
         if tokio::time::timeout(Duration::from_secs(5), self.admin_task)
             .await
             .is_err()
         {
             tracing::warn!("admin API did not stop in time");
         }
-        // Claims still waiting for their destination end with their sessions.
-        self.service.abort_tasks();
         self.service.resign().await;
         self.store.close().await;
         tracing::info!("coordinator stopped");

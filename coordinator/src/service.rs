@@ -1096,12 +1096,15 @@ impl Service {
                 {
                     continue;
                 }
-                if let Some(s) = h
-                    .started
-                    .remove(&key)
-                    .filter(|s| (s.id, s.generation) == (w.id, w.generation))
+                // The start of this very generation's change: a later change's start, written
+                // before its generation reached this map, stays for its own confirmation.
+                if h.started
+                    .get(&key)
+                    .is_some_and(|s| (s.id, s.generation) == (w.id, w.generation))
                 {
-                    confirmed.push((s.cause, now.saturating_duration_since(s.at)));
+                    if let Some(s) = h.started.remove(&key) {
+                        confirmed.push((s.cause, now.saturating_duration_since(s.at)));
+                    }
                 }
                 h.told.insert(key, (w.id, w.generation));
                 holders.push(holder);

@@ -87,19 +87,25 @@ fn describe(method: &Method, path: &str, query: Option<&str>, body: &[u8]) -> De
             .and_then(|v| v.as_str())
             .map(str::to_string)
     };
-    let from_query = query.and_then(|q| {
-        q.split('&').find_map(|kv| {
-            kv.strip_prefix("network=")
-                .map(|v| percent_decode(v).unwrap_or_else(|| v.to_string()))
+    // Every `network` of the query, its key and value decoded as the handlers' `Query`
+    // decodes them (`%6Eetwork=prod` is `network=prod` to them, and must be to the gate).
+    let from_query: Vec<String> = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .filter_map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let key = percent_decode(k).unwrap_or_else(|| k.to_string());
+            (key == "network").then(|| percent_decode(v).unwrap_or_else(|| v.to_string()))
         })
-    });
+        .collect();
     let from_path = match segments.as_slice() {
         ["v1", "networks", n, ..] => Some((*n).to_string()),
         _ => None,
     };
-    let networks: Vec<String> = [from_path, from_query, field("network")]
+    let networks: Vec<String> = from_path
         .into_iter()
-        .flatten()
+        .chain(from_query)
+        .chain(field("network"))
         .collect();
     let network = networks.first().cloned();
     let node = match segments.as_slice() {
@@ -361,5 +367,23 @@ mod tests {
         assert_eq!(d.networks, ["prod", "x"], "and every other one is kept");
         let d = describe(&get, "/v1/nodes/vm-a/revoke", None, b"not json");
         assert_eq!((d.network, d.node.as_deref()), (None, Some("vm-a")));
+    }
+
+    #[test]
+    fn a_network_named_in_an_encoded_query_key_is_seen() {
+        // The handlers' Query decodes the key: the gate must see what they see, or a token
+        // limited to `lab` could name `lab` in the body and read `prod` through the query.
+        let get: Method = "GET".parse().unwrap();
+        let d = describe(
+            &get,
+            "/v1/topology",
+            Some("%6Eetwork=prod"),
+            br#"{"network":"lab"}"#,
+        );
+        assert_eq!(d.networks, ["prod", "lab"]);
+        let d = describe(&get, "/v1/nodes", Some("network=lab&netw%6Frk=prod"), b"");
+        assert_eq!(d.networks, ["lab", "prod"]);
+        let d = describe(&get, "/v1/nodes", Some("networks=prod&x=network"), b"");
+        assert!(d.networks.is_empty(), "{:?}", d.networks);
     }
 }
