@@ -1448,12 +1448,20 @@ pub fn parse_metrics_listen(s: &str) -> Result<MetricsListen, String> {
 /// Parses where the DNS server listens: `ADDR:PORT`, or `ADDR` for port 53.
 fn parse_dns_listen(s: &str) -> Result<SocketAddr, String> {
     let s = s.trim();
-    if let Ok(addr) = s.parse::<SocketAddr>() {
-        return Ok(addr);
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => s
+            .parse::<IpAddr>()
+            .map(|ip| SocketAddr::new(ip, DEFAULT_DNS_PORT))
+            .map_err(|_| format!("{s:?} is not ADDR:PORT or ADDR"))?,
+    };
+    if addr.ip().is_unspecified() {
+        // Every address would include the underlay's: the names are for this host.
+        return Err(format!(
+            "{s:?}: not every address; give one of this node's (its overlay address or loopback)"
+        ));
     }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, DEFAULT_DNS_PORT))
-        .map_err(|_| format!("{s:?} is not ADDR:PORT or ADDR"))
+    Ok(addr)
 }
 
 /// Parses the suffix of mesh names: DNS labels (letters, digits, `-`; 1 to 63 bytes each)
@@ -2198,6 +2206,8 @@ endpoint = "peer.example:7000"
             ("dns_suffix = \"under_score\"", "dns_suffix"),
             ("dns_suffix = \"-x\"", "dns_suffix"),
             ("dns_listen = \"somewhere\"", "dns_listen"),
+            ("dns_listen = \"0.0.0.0\"", "dns_listen"),
+            ("dns_listen = \"[::]:53\"", "dns_listen"),
             ("dns = \"yes\"", "dns"),
         ] {
             let msg = f.toml_err(&format!("{file}{text}\n"));

@@ -755,7 +755,7 @@ pub async fn run(
                         &settings.dns,
                         listen,
                         &mesh.network_name,
-                        mesh.network,
+                        &settings.addresses,
                         &initial,
                         &settings.interface,
                         &crate::dns::resolved::Resolvectl,

@@ -7,7 +7,9 @@
 //! - vm-b1 asks its own agent (UDP, then TCP) for the three nodes and the workload, each answer
 //!   the address the coordinator gave; the case of a name does not matter; an unknown name
 //!   under the suffix is NXDOMAIN, a name outside it REFUSED (not an open resolver).
-//! - vm-b1 asks vm-a1's agent through the tunnel: the same answers.
+//! - vm-b1 asks vm-a1's agent through the tunnel, over UDP and TCP: no answer at all (an
+//!   agent answers its own host only: its map, under a policy, may name peers vm-b1's leaves
+//!   out); vm-a1's own host asking it gets the same answers as vm-b1's own.
 //! - The workload moves from vm-a1 to vm-c1 (`meshctl workload move`): its name still answers
 //!   its address (a workload keeps its address across moves), with a TTL of 5 s, and its
 //!   `holder` TXT record follows the move, on every agent.
@@ -45,6 +47,19 @@ impl Answer {
             .map(|r| r.3.clone())
             .collect()
     }
+}
+
+/// Whether `dig @server name` in `ns` got no answer at all (UDP, or TCP when `tcp`: a TCP
+/// connection closed before any answer counts as none).
+fn no_answer(ns: &NsRef, server: Ipv4Addr, name: &str, tcp: bool) -> bool {
+    let at = format!("@{server}");
+    let mut args = vec![at.as_str(), name, "A", "+time=1", "+tries=1"];
+    if tcp {
+        args.push("+tcp");
+    }
+    let out = ns.exec("dig", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    !out.status.success() && !text.contains("status: ")
 }
 
 /// `dig @server name kind` in `ns` (`+tcp` when `tcp`), parsed.
@@ -183,25 +198,36 @@ fn names_answer_nodes_and_workloads_and_follow_a_move() {
         assert_eq!(a.status, "REFUSED", "{outside}: {a:?}");
         assert!(a.records.is_empty(), "{outside}: {a:?}");
     }
-    // vm-a1's agent, asked through the tunnel, answers the same.
-    let a = dig(b1, ip_a1, "vm-c1.prod.mesh", "A", false);
+    // vm-a1's agent answers its own host, and nobody else, not even through the tunnel.
+    let a1 = &host_a1.ns;
+    let a = dig(a1, ip_a1, "vm-c1.prod.mesh", "A", false);
     assert_eq!(a.data("A"), [ips[2].to_string()], "{a:?}");
-    let a = dig(b1, ip_a1, "web.prod.mesh", "A", true);
+    let a = dig(a1, ip_a1, "web.prod.mesh", "A", true);
     assert_eq!(a.data("A"), [WORKLOAD_IP], "{a:?}");
+    assert!(
+        b1.wait_for_ping(ip_a1, STEP).is_ok(),
+        "vm-a1 does not answer pings from vm-b1"
+    );
+    for tcp in [false, true] {
+        assert!(
+            no_answer(b1, ip_a1, "vm-c1.prod.mesh", tcp),
+            "vm-a1's agent answered vm-b1 (tcp {tcp})"
+        );
+    }
 
     // The workload moves: its name keeps answering its address, and the holder follows.
     ctl.run(&["workload", "move", "web", "--to", "vm-c1"]);
-    for (server, via) in [(ip_b1, "vm-b1"), (ip_a1, "vm-a1")] {
+    for (ns, server, via) in [(b1, ip_b1, "vm-b1"), (a1, ip_a1, "vm-a1")] {
         wait_until(
             STEP,
             &format!("{via} to name vm-c1 as web's holder"),
             || {
-                let a = dig(b1, server, "web.prod.mesh", "TXT", false);
+                let a = dig(ns, server, "web.prod.mesh", "TXT", false);
                 (a.data("TXT") == [r#""holder=vm-c1""#]).then_some(())
             },
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let a = dig(b1, server, "web.prod.mesh", "A", false);
+        let a = dig(ns, server, "web.prod.mesh", "A", false);
         assert_eq!(a.status, "NOERROR", "{a:?}");
         assert_eq!(
             a.data("A"),

@@ -483,6 +483,13 @@ fn packages_install_and_their_units_run_a_mesh() {
     });
     bed.a.ns.wait_for_ping(addresses[1], FIRST_PING).unwrap();
     bed.b.ns.wait_for_ping(addresses[0], FIRST_PING).unwrap();
+    // The unit's capabilities let the agent serve its names on port 53.
+    for (agent, _, _, name) in &agents {
+        wait_until(READY, &format!("agent {name} to serve DNS names"), || {
+            agent.log_tail(400).contains("DNS server: ").then_some(())
+        })
+        .unwrap_or_else(|e| panic!("{e} under its unit:\n{}", agent.log_tail(30)));
+    }
     for (_, _, root, name) in &agents {
         assert!(
             root.join("var/lib/meshlink/node.json").exists(),

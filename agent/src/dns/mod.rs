@@ -43,6 +43,21 @@ pub fn listen_address(settings: &DnsSettings, own: &[IpNet]) -> Option<SocketAdd
     })
 }
 
+/// The UDP socket for `listen`, with `SO_REUSEADDR`: a resolver of the host (dnsmasq, unbound)
+/// that binds port 53 on every address, before or after the agent, must not be refused (the
+/// kernel gives each datagram to the most specific socket).
+fn udp_socket(listen: SocketAddr) -> std::io::Result<tokio::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(listen),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&listen.into())?;
+    tokio::net::UdpSocket::from_std(socket.into())
+}
+
 /// The handler as hickory's server holds it (shared with the map follower).
 struct Shared(Arc<MeshDns>);
 
@@ -69,14 +84,20 @@ pub struct DnsService {
 }
 
 impl DnsService {
-    /// Binds `listen` (UDP and TCP) and answers the names of `map` (network `network`, whose
-    /// prefix `prefix` may ask) under `settings.suffix`; registers with `host`'s resolver for
-    /// `interface`. `None`, after a log line, when it cannot start.
+    /// Binds `listen` (UDP and TCP) and answers the names of `map` (network `network`) under
+    /// `settings.suffix` to this host alone (loopback and `own`, the node's overlay
+    /// addresses); registers with `host`'s resolver for `interface`. `None`, after a log
+    /// line, when it cannot start.
+    ///
+    /// Only this host: the names come from this node's map, which under a policy holds only
+    /// the peers this node may see; another node asking here would learn of peers its own map
+    /// leaves out.
+    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: &DnsSettings,
         listen: SocketAddr,
         network: &str,
-        prefix: IpNet,
+        own: &[IpNet],
         map: &Netmap,
         interface: &str,
         host: &dyn HostResolver,
@@ -89,7 +110,7 @@ impl DnsService {
             return None;
         };
         let sockets = async {
-            let udp = tokio::net::UdpSocket::bind(listen).await?;
+            let udp = udp_socket(listen)?;
             let tcp = tokio::net::TcpListener::bind(listen).await?;
             std::io::Result::Ok((udp, tcp))
         };
@@ -100,7 +121,8 @@ impl DnsService {
                 return None;
             }
         };
-        let handler = Arc::new(MeshDns::new(&table, serial(map), vec![prefix]));
+        let askers = own.iter().map(|n| IpNet::from(n.addr())).collect();
+        let handler = Arc::new(MeshDns::new(&table, serial(map), askers));
         let mut udp = hickory_server::Server::new(Shared(handler.clone()));
         udp.register_socket(udp_socket);
         info!(%listen, names = table.len(), "DNS server: *.{network}.{}", settings.suffix);
@@ -159,7 +181,16 @@ impl DnsTask {
         let follow = {
             let handler = handler.clone();
             async move {
-                let mut current = NameTable::from_map(&maps.borrow_and_update(), &network, &suffix);
+                // The map may have changed since the server was made from it: answer from
+                // this one from the start.
+                let mut current = {
+                    let map = maps.borrow_and_update();
+                    let table = NameTable::from_map(&map, &network, &suffix);
+                    if let Some(t) = &table {
+                        handler.set(t, serial(&map));
+                    }
+                    table
+                };
                 while maps.changed().await.is_ok() {
                     let (table, version) = {
                         let map = maps.borrow_and_update();

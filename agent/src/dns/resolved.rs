@@ -42,10 +42,27 @@ pub struct Resolvectl;
 
 /// Runs `resolvectl args`, bounded in time; `Err` with its error output when it fails.
 async fn resolvectl(args: &[&str]) -> Result<(), String> {
+    resolvectl_output(args).await.map(drop)
+}
+
+/// Whether this process shares the network namespace of PID 1, where resolved runs: `None`
+/// when that cannot be read (`/proc/1/ns/net` needs more than `CAP_NET_ADMIN`, as under the
+/// packaged unit), and [`same_link`] decides then. An interface name means another link in
+/// another namespace: an agent in a namespace of its own (a container, a test bed) must not
+/// configure the host's links.
+fn in_init_netns() -> Option<bool> {
+    let own = std::fs::read_link("/proc/self/ns/net").ok()?;
+    let init = std::fs::read_link("/proc/1/ns/net").ok()?;
+    Some(own == init)
+}
+
+/// Runs `resolvectl args`, bounded in time, and returns what it printed; `Err` with its error
+/// output when it fails.
+async fn resolvectl_output(args: &[&str]) -> Result<String, String> {
     let run = tokio::process::Command::new("resolvectl")
         .args(args)
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .output();
@@ -55,7 +72,7 @@ async fn resolvectl(args: &[&str]) -> Result<(), String> {
             args.join(" ")
         )),
         Ok(Err(e)) => Err(format!("cannot run resolvectl: {e}")),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) if out.status.success() => Ok(String::from_utf8_lossy(&out.stdout).into()),
         Ok(Ok(out)) => Err(format!(
             "`resolvectl {}` failed ({}): {}",
             args.join(" "),
@@ -65,22 +82,30 @@ async fn resolvectl(args: &[&str]) -> Result<(), String> {
     }
 }
 
-/// Whether this process shares the network namespace of PID 1, where resolved runs. An
-/// interface name means another link in another namespace: an agent in a namespace of its own
-/// (a container, a test bed) must not configure the host's links.
-fn in_init_netns() -> bool {
-    match (
-        std::fs::read_link("/proc/self/ns/net"),
-        std::fs::read_link("/proc/1/ns/net"),
-    ) {
-        (Ok(own), Ok(init)) => own == init,
-        _ => false,
-    }
+/// The link index `resolvectl status IFACE` names (`Link 7 (mesh0)`), which is the index in
+/// resolved's network namespace.
+fn link_index(status: &str) -> Option<u32> {
+    let rest = status.split("Link ").nth(1)?;
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Whether `interface` is the same link for resolved as for this process: its index in this
+/// namespace (sysfs) is the one resolved reports for that name.
+async fn same_link(interface: &str) -> bool {
+    let ours = std::fs::read_to_string(format!("/sys/class/net/{interface}/ifindex"))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    let theirs = resolvectl_output(&["status", interface])
+        .await
+        .ok()
+        .as_deref()
+        .and_then(link_index);
+    ours.is_some() && ours == theirs
 }
 
 impl HostResolver for Resolvectl {
     fn available(&self) -> BoxFuture<'_, bool> {
-        Box::pin(async { in_init_netns() && resolvectl(&["status"]).await.is_ok() })
+        Box::pin(async { in_init_netns() != Some(false) && resolvectl(&["status"]).await.is_ok() })
     }
 
     fn set<'a>(
@@ -95,8 +120,16 @@ impl HostResolver for Resolvectl {
                 53 => server.ip().to_string(),
                 _ => server.to_string(),
             };
-            resolvectl(&["dns", interface, &server]).await?;
-            resolvectl(&["domain", interface, &format!("~{suffix}")]).await
+            if in_init_netns().is_none() && !same_link(interface).await {
+                return Err(format!(
+                    "resolved does not see {interface} as this agent's link (another network \
+                     namespace?): nothing registered"
+                ));
+            }
+            // The routing-only domain first: a link with a server and no domain yet would be
+            // a default route for every name, for a moment.
+            resolvectl(&["domain", interface, &format!("~{suffix}")]).await?;
+            resolvectl(&["dns", interface, &server]).await
         })
     }
 
@@ -159,6 +192,14 @@ impl Registration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_index_resolvectl_names() {
+        let status = "Link 7 (mesh0)\n    Current Scopes: DNS\n";
+        assert_eq!(link_index(status), Some(7));
+        assert_eq!(link_index("Global\n  Protocols: +LLMNR"), None);
+        assert_eq!(link_index("Link x (mesh0)"), None);
+    }
     use std::sync::Mutex;
 
     /// A host resolver that records what it is told.

@@ -1,7 +1,8 @@
 //! The DNS server's request path: who may ask, how often, and the zone that answers.
 //!
-//! Every request, UDP or TCP, goes through [`MeshDns`]: a source outside the network's prefix
-//! and loopback is refused, a request beyond the rate limit is refused, and the rest is
+//! Every request, UDP or TCP, goes through [`MeshDns`]: a source other than this host (its
+//! loopback and its own overlay addresses) gets no answer at all, a request beyond the rate
+//! limit is refused, and the rest is
 //! answered by hickory's catalog over the current [`NameTable`] zone (replaced whole when the
 //! map's names change). UDP is hickory's server loop; TCP is accepted here so that at most
 //! [`MAX_TCP_CONNECTIONS`] connections are open at once (hickory's own TCP loop has no such
@@ -82,8 +83,8 @@ pub struct MeshDns {
 }
 
 impl MeshDns {
-    /// A server answering from `table` (map version `serial`) to senders in `allowed` (the
-    /// network's prefix) and on loopback.
+    /// A server answering from `table` (map version `serial`) to senders in `allowed` (this
+    /// node's own addresses) and on loopback.
     pub fn new(table: &NameTable, serial: u32, allowed: Vec<IpNet>) -> Self {
         MeshDns {
             catalog: RwLock::new(Arc::new(table.zone(serial))),
@@ -108,6 +109,18 @@ impl MeshDns {
     }
 }
 
+/// What hickory is told of `request` when no answer went out: `code`, no records.
+fn unsent(request: &Request, code: ResponseCode) -> ResponseInfo {
+    let mut metadata = request.metadata;
+    metadata.message_type = MessageType::Response;
+    metadata.response_code = code;
+    hickory_server::proto::op::Header {
+        metadata,
+        counts: Default::default(),
+    }
+    .into()
+}
+
 /// Answers `request` with `code` and no records.
 async fn refuse<R: ResponseHandler>(
     request: &Request,
@@ -120,14 +133,7 @@ async fn refuse<R: ResponseHandler>(
         Ok(info) => info,
         Err(e) => {
             debug!("dns: sending a refusal: {e}");
-            let mut metadata = request.metadata;
-            metadata.message_type = MessageType::Response;
-            metadata.response_code = ResponseCode::ServFail;
-            hickory_server::proto::op::Header {
-                metadata,
-                counts: Default::default(),
-            }
-            .into()
+            unsent(request, ResponseCode::ServFail)
         }
     }
 }
@@ -140,7 +146,8 @@ impl RequestHandler for MeshDns {
         response: R,
     ) -> ResponseInfo {
         if !self.allowed(request.src().ip()) {
-            return refuse(request, ResponseCode::Refused, response).await;
+            // No answer at all: a refusal would be a reflector for spoofed sources.
+            return unsent(request, ResponseCode::Refused);
         }
         let allowed = self
             .limit
@@ -174,6 +181,10 @@ pub async fn serve_tcp(listener: tokio::net::TcpListener, handler: Arc<MeshDns>)
             }
         };
         while connections.try_join_next().is_some() {}
+        if !handler.allowed(src.ip()) {
+            // Not one of the senders it answers: no slot for it.
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             debug!(%src, "dns: too many TCP connections; closing this one");
             continue;
@@ -237,6 +248,18 @@ mod tests {
     /// Asks `server` for `name`/`kind` from `src`, through the real request path, and
     /// decodes the answer.
     async fn ask(server: &MeshDns, name: &str, kind: RecordType, src: &str) -> Message {
+        ask_maybe(server, name, kind, src)
+            .await
+            .expect("a DNS message")
+    }
+
+    /// The answer, `None` when none was sent.
+    async fn ask_maybe(
+        server: &MeshDns,
+        name: &str,
+        kind: RecordType,
+        src: &str,
+    ) -> Option<Message> {
         let mut query = Message::query();
         query.metadata.id = 4242;
         query.add_query(Query::query(Name::from_ascii(name).unwrap(), kind));
@@ -247,7 +270,7 @@ mod tests {
             .handle_request::<_, TokioTime>(&request, capture.clone())
             .await;
         let bytes = capture.0.lock().unwrap().clone();
-        Message::from_bytes(&bytes).expect("a DNS message")
+        (!bytes.is_empty()).then(|| Message::from_bytes(&bytes).expect("a DNS message"))
     }
 
     fn addresses(m: &Message) -> Vec<IpAddr> {
@@ -263,9 +286,10 @@ mod tests {
 
     fn server() -> MeshDns {
         let table = NameTable::from_map(&map(), "prod", "mesh").unwrap();
-        MeshDns::new(&table, 7, vec!["100.64.0.0/16".parse().unwrap()])
+        MeshDns::new(&table, 7, vec!["100.64.0.9/32".parse().unwrap()])
     }
 
+    /// The node's own overlay address, as the host's resolver asks from it.
     const PEER: &str = "100.64.0.9:5353";
 
     #[tokio::test]
@@ -318,7 +342,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_the_network_and_loopback_may_ask() {
+    async fn only_this_host_may_ask() {
         let s = server();
         let m = ask(&s, "vm-a1.prod.mesh.", RecordType::A, "127.0.0.1:5000").await;
         assert_eq!(addresses(&m).len(), 1);
@@ -326,18 +350,20 @@ mod tests {
             &s,
             "vm-a1.prod.mesh.",
             RecordType::A,
-            "[::ffff:100.64.1.1]:5000",
+            "[::ffff:100.64.0.9]:5000",
         )
         .await;
         assert_eq!(addresses(&m).len(), 1);
-        for outsider in ["198.18.1.5:5000", "100.65.0.1:5000", "[fd00::1]:53"] {
-            let m = ask(&s, "vm-a1.prod.mesh.", RecordType::A, outsider).await;
-            assert_eq!(
-                m.metadata.response_code,
-                ResponseCode::Refused,
-                "{outsider}"
-            );
-            assert!(m.answers.is_empty());
+        // Another node of the network (its own map may leave out peers this one sees), the
+        // underlay, and the rest: no answer at all, not even a refusal.
+        for outsider in [
+            "100.64.1.1:5000",
+            "198.18.1.5:5000",
+            "100.65.0.1:5000",
+            "[fd00::1]:53",
+        ] {
+            let m = ask_maybe(&s, "vm-a1.prod.mesh.", RecordType::A, outsider).await;
+            assert!(m.is_none(), "{outsider} got {m:?}");
         }
     }
 
