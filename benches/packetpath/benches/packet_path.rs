@@ -30,9 +30,7 @@ fn packet_path(c: &mut Criterion) {
     });
 
     let mut pair = Pair::new();
-    group.bench_function("both", |b| {
-        b.iter(|| pair.round_trip())
-    });
+    group.bench_function("both", |b| b.iter(|| pair.round_trip()));
     group.finish();
 }
 
