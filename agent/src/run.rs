@@ -757,23 +757,37 @@ pub async fn run(
                         &mesh.network_name,
                         &settings.addresses,
                         &initial,
-                        &settings.interface,
-                        &crate::dns::resolved::Resolvectl,
                     )
                     .await;
                     if let Some(service) = started {
-                        let (task, registration) = service.split();
                         control.served().dns = Some(DnsServed {
                             listen,
                             suffix: settings.dns.suffix.clone(),
-                            registered: registration.is_some(),
+                            registered: false,
                         });
-                        dns_registration = registration;
                         let maps = trusted_rx.clone();
+                        let task = service.into_task();
                         tasks.spawn(async move {
                             task.run(maps).await;
                             Ok(())
                         });
+                        // resolved waits on D-Bus: registered beside the mesh, not before it.
+                        let (control, interface, suffix) = (
+                            control.clone(),
+                            settings.interface.clone(),
+                            settings.dns.suffix.clone(),
+                        );
+                        dns_registration = Some(tokio::spawn(async move {
+                            let host = crate::dns::resolved::Resolvectl;
+                            let r = crate::dns::resolved::Registration::register(
+                                &host, &interface, listen, &suffix,
+                            )
+                            .await;
+                            if let Some(d) = control.served().dns.as_mut() {
+                                d.registered = r.is_some();
+                            }
+                            r
+                        }));
                     }
                 }
             }
@@ -863,8 +877,21 @@ pub async fn run(
     let _ = stop_tx.send(true);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    if let Some(r) = dns_registration {
-        r.revert(&crate::dns::resolved::Resolvectl).await;
+    if let Some(registering) = dns_registration {
+        use crate::dns::resolved::HostResolver;
+        let host = crate::dns::resolved::Resolvectl;
+        if registering.is_finished() {
+            if let Ok(Some(r)) = registering.await {
+                r.revert(&host).await;
+            }
+        } else {
+            // Cut midway, perhaps half done: undone all the same (reverting what was never
+            // set changes nothing).
+            registering.abort();
+            if let Err(e) = host.revert(&settings.interface).await {
+                debug!("reverting a registration cut short: {e}");
+            }
+        }
     }
     for net in &installed {
         if let Err(e) = nl.del_route(*net).await {

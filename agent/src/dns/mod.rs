@@ -26,7 +26,6 @@ use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use self::names::NameTable;
-use self::resolved::{HostResolver, Registration};
 use self::server::MeshDns;
 use crate::settings::{DnsSettings, DEFAULT_DNS_PORT};
 
@@ -80,27 +79,24 @@ pub struct DnsService {
     listen: SocketAddr,
     network: String,
     suffix: String,
-    registration: Option<Registration>,
 }
 
 impl DnsService {
     /// Binds `listen` (UDP and TCP) and answers the names of `map` (network `network`) under
     /// `settings.suffix` to this host alone (loopback and `own`, the node's overlay
-    /// addresses); registers with `host`'s resolver for `interface`. `None`, after a log
-    /// line, when it cannot start.
+    /// addresses). `None`, after a log line, when it cannot start. Registering with the
+    /// host's resolver is apart ([`resolved::Registration::register`]): it waits on D-Bus,
+    /// and the mesh must not wait for it.
     ///
     /// Only this host: the names come from this node's map, which under a policy holds only
     /// the peers this node may see; another node asking here would learn of peers its own map
     /// leaves out.
-    #[allow(clippy::too_many_arguments)]
     pub async fn start(
         settings: &DnsSettings,
         listen: SocketAddr,
         network: &str,
         own: &[IpNet],
         map: &Netmap,
-        interface: &str,
-        host: &dyn HostResolver,
     ) -> Option<DnsService> {
         let Some(table) = NameTable::from_map(map, network, &settings.suffix) else {
             warn!(
@@ -126,7 +122,6 @@ impl DnsService {
         let mut udp = hickory_server::Server::new(Shared(handler.clone()));
         udp.register_socket(udp_socket);
         info!(%listen, names = table.len(), "DNS server: *.{network}.{}", settings.suffix);
-        let registration = Registration::register(host, interface, listen, &settings.suffix).await;
         Some(DnsService {
             handler,
             udp,
@@ -134,7 +129,6 @@ impl DnsService {
             listen,
             network: network.to_string(),
             suffix: settings.suffix.clone(),
-            registration,
         })
     }
 
@@ -143,19 +137,15 @@ impl DnsService {
         self.listen
     }
 
-    /// The serving half (run it as a task), and the registration with the host's resolver
-    /// (revert it at exit).
-    pub fn split(self) -> (DnsTask, Option<Registration>) {
-        (
-            DnsTask {
-                handler: self.handler,
-                udp: self.udp,
-                tcp: self.tcp,
-                network: self.network,
-                suffix: self.suffix,
-            },
-            self.registration,
-        )
+    /// The serving half (run it as a task).
+    pub fn into_task(self) -> DnsTask {
+        DnsTask {
+            handler: self.handler,
+            udp: self.udp,
+            tcp: self.tcp,
+            network: self.network,
+            suffix: self.suffix,
+        }
     }
 }
 
