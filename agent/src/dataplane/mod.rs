@@ -826,6 +826,8 @@ impl Device {
             endpoint,
             rx_bytes,
             rx_packets,
+            tx_bytes,
+            tx_packets,
             handshakes,
             drops,
             ..
@@ -928,15 +930,21 @@ impl Device {
             NoiseOutput::Network(reply) => {
                 // A cookie reply is what the limiter sends to unauthenticated senders.
                 authenticated = reply.first() != Some(&3);
+                let n = reply.len();
                 net.push(from, reply);
                 if authenticated {
-                    // A completed handshake releases the packets queued while it ran.
+                    // Sent to the peer: its handshake response (or cookie), then the packets
+                    // queued while the handshake ran, which it releases.
+                    *tx_bytes += n as u64;
+                    *tx_packets += 1;
                     loop {
                         let space = net.space(1500 + DATA_OVERHEAD + 64);
                         match noise.decapsulate(None, &[], space) {
                             NoiseOutput::Network(out) => {
                                 let n = out.len();
                                 net.commit(from, n);
+                                *tx_bytes += n as u64;
+                                *tx_packets += 1;
                             }
                             _ => break,
                         }
