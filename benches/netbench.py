@@ -193,6 +193,10 @@ class Bench(Harness):
                 self.ns(ns, "wg", "setconf", iface, conf)
                 run(["ip", "-n", ns, "addr", "add", f"{overlay}/24", "dev", iface])
                 run(["ip", "-n", ns, "link", "set", "dev", iface, "mtu", str(TUNNEL_MTU), "up"])
+        if getattr(self.opts, "txqueuelen", None):
+            # The TUN devices' queue length (how much the kernel queues ahead of a packet).
+            for ns, iface in ((self.ns_a, self.if_a), (self.ns_b, self.if_b)):
+                run(["ip", "-n", ns, "link", "set", "dev", iface, "txqueuelen", str(self.opts.txqueuelen)])
         self.wait_for(f"{impl} tunnel to pass a ping", 20, lambda: pings(self.ns_a, OVERLAY_B))
         return daemons, OVERLAY_B
 
@@ -308,7 +312,8 @@ def report(results, impls, opts):
     lines = []
     lines.append(f"Two namespaces, veth MTU 1500, tunnel MTU {TUNNEL_MTU}; iperf3 -t {opts.time} -O 1; "
                  f"ping -c {opts.ping_count} -i 0.01. Median [min-max] over {opts.rounds} round(s), "
-                 "order rotated each round.")
+                 "order rotated each round."
+                 + (f" Every tunnel's TUN txqueuelen set to {opts.txqueuelen}." if getattr(opts, "txqueuelen", None) else ""))
     lines.append("")
     lines.append("| implementation | TCP 1 stream Gbit/s | TCP 4 streams | ping idle avg / p99 ms "
                  "| ping under 1-stream TCP, avg / p99 ms | daemon CPU (both ends), cores |")
@@ -431,6 +436,7 @@ def main():
     p.add_argument("--with-boringtun", action="store_true", help="add boringtun-cli (must be on PATH)")
     p.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     p.add_argument("--agent-bin", help="meshlink-agent binary (default: <target>/release/meshlink-agent)")
+    p.add_argument("--txqueuelen", type=int, help="set every tunnel's TUN txqueuelen to this after start")
     p.add_argument("--json", help="also write all samples to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with daemon logs")
     opts = p.parse_args()
