@@ -438,15 +438,7 @@ fn end_processes_using(profile: &Path) {
 /// # Errors
 /// When the namespace cannot be entered or nothing answers.
 pub fn connect_in(ns: &NsRef, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        let file = File::open(&path)?;
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| std::io::Error::other(format!("setns {path}: {e}")))?;
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-    })
-    .join()
-    .unwrap_or_else(|_| Err(std::io::Error::other("the connecting thread panicked")))
+    ns.within(move || TcpStream::connect_timeout(&addr, Duration::from_secs(5)))?
 }
 
 /// Whether `raw` holds a whole HTTP/1.1 answer: its head, and a body of the

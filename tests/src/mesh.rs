@@ -258,6 +258,16 @@ impl MeshAgent {
             .unwrap_or_else(|| panic!("{} reports no IPv4 address: {status}", self.name))
     }
 
+    /// Whether `ip` (as a host address, `/32`) is on its tunnel interface: a workload address
+    /// it holds and has put up.
+    pub fn has_address(&self, ip: Ipv4Addr) -> bool {
+        let host = format!("{ip}/32");
+        self.ns
+            .ip(&["-br", "addr", "show", "dev", self.interface()])
+            .split_whitespace()
+            .any(|a| a == host)
+    }
+
     /// Its public key, from `status`.
     ///
     /// # Panics

@@ -54,6 +54,30 @@ impl NsRef {
         &self.name
     }
 
+    /// Runs `f` on a thread of its own inside the namespace, and returns what it returns:
+    /// sockets made there belong to the namespace for good, whichever thread uses them later.
+    ///
+    /// # Errors
+    /// When the namespace cannot be entered, or the thread panicked.
+    pub fn within<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::io::Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let file = std::fs::File::open(&path)?;
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| std::io::Error::other(format!("setns {path}: {e}")))?;
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(
+                "the thread in the namespace panicked",
+            ))
+        })
+    }
+
     /// A `Command` that runs `program` inside the namespace (`ip netns exec NS program`).
     ///
     /// `ip netns exec` replaces itself with `program`, so the spawned child's pid is the

@@ -30,12 +30,6 @@ fn timing(what: &str, took: Duration) {
     eprintln!("ha: {what}: {took:.2?}");
 }
 
-fn has_address(a: &MeshAgent) -> bool {
-    a.ns()
-        .ip(&["-br", "addr", "show", "dev", a.interface()])
-        .contains("100.64.50.10/32")
-}
-
 /// Runs `count` pings (10 ms apart) from `from` to the workload address around `during`, and
 /// returns (sent, received).
 fn pings_across(from: &MeshAgent, count: u32, during: impl FnOnce()) -> (u32, u32) {
@@ -126,7 +120,7 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
         .meshctl()
         .run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
     wait_until(STEP, "the workload address on vm-a1", || {
-        has_address(&agents[0]).then_some(())
+        agents[0].has_address(WORKLOAD_IP).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
     agents[1]
@@ -226,7 +220,7 @@ fn coordinators_and_the_database_fail_without_the_mesh_noticing() {
     let killed = Instant::now();
     agents[0].kill();
     wait_until(STEP, "vm-c1 to hold the workload address", || {
-        has_address(&agents[2]).then_some(())
+        agents[2].has_address(WORKLOAD_IP).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
     let took = killed.elapsed();

@@ -8,7 +8,6 @@
 //! Needs root (TUN, namespaces, repair mode) and the binaries (`cargo build -p meshlink-agent
 //! -p meshlink-coordinator -p meshctl`).
 
-use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 use meshlink_tcp_migrate::{freeze, restore, Frozen};
 use meshlink_tests::{
     agent_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator, MeshAgent,
-    NsRef, Provider, ProviderHost, Providers, ScratchDir,
+    Provider, ProviderHost, Providers, ScratchDir,
 };
 
 const NETWORK: &str = "prod";
@@ -24,26 +23,6 @@ const WORKLOAD: &str = "kv";
 const WORKLOAD_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
 const PORT: u16 = 7070;
 const STEP: Duration = Duration::from_secs(15);
-
-/// Runs `f` on a thread inside `ns`: sockets made there belong to that namespace for good.
-fn in_ns<T: Send + 'static>(ns: &NsRef, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{}", ns.name());
-    std::thread::spawn(move || {
-        let file = File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .unwrap_or_else(|e| panic!("setns {path}: {e}"));
-        f()
-    })
-    .join()
-    .expect("the namespace thread panicked")
-}
-
-fn has_address(agent: &MeshAgent) -> bool {
-    agent
-        .ns()
-        .ip(&["-br", "addr", "show", "dev", agent.interface()])
-        .contains("100.64.50.10/32")
-}
 
 fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0; n];
@@ -97,23 +76,29 @@ fn a_connection_moves_with_its_workload() {
     ]);
     ctl.run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
     wait_until(STEP, "the workload address up on vm-a1", || {
-        has_address(a1).then_some(())
+        a1.has_address(WORKLOAD_IP).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
 
     // The server listens on the workload address on vm-a1; the client on vm-b1 connects.
     let addr = SocketAddr::from((WORKLOAD_IP, PORT));
-    let listener: TcpListener = in_ns(a1.ns(), move || TcpListener::bind(addr).expect("bind"));
-    let mut client: TcpStream = in_ns(b1.ns(), move || {
-        let started = Instant::now();
-        loop {
-            match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                Ok(s) => break s,
-                Err(e) if started.elapsed() > STEP => panic!("connect to {addr}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+    let listener: TcpListener = a1
+        .ns()
+        .within(move || TcpListener::bind(addr).expect("bind"))
+        .expect("vm-a1's namespace");
+    let mut client: TcpStream = b1
+        .ns()
+        .within(move || {
+            let started = Instant::now();
+            loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                    Ok(s) => break s,
+                    Err(e) if started.elapsed() > STEP => panic!("connect to {addr}: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
             }
-        }
-    });
+        })
+        .expect("vm-b1's namespace");
     let client_port = client.local_addr().unwrap().port();
     let (mut server, _) = listener.accept().expect("accept");
     for s in [&client, &server] {
@@ -179,12 +164,15 @@ fn a_connection_moves_with_its_workload() {
 
     ctl.run(&["workload", "move", WORKLOAD, "--to", "vm-c1"]);
     wait_until(STEP, "the workload address up on vm-c1", || {
-        has_address(c1).then_some(())
+        c1.has_address(WORKLOAD_IP).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
-    let mut server: TcpStream = in_ns(c1.ns(), move || {
-        restore(&Frozen::decode(&shipped).expect("decode")).expect("restore on vm-c1")
-    });
+    let mut server: TcpStream = c1
+        .ns()
+        .within(move || {
+            restore(&Frozen::decode(&shipped).expect("decode")).expect("restore on vm-c1")
+        })
+        .expect("vm-c1's namespace");
     parked.discard();
     let restored_after = frozen_at.elapsed();
     server.set_read_timeout(Some(STEP)).unwrap();

@@ -498,10 +498,7 @@ const WORKLOAD_IP: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
 
 /// Whether the workload address is on `agent`'s tunnel interface.
 fn has_workload(agent: &MeshAgent) -> bool {
-    agent
-        .ns()
-        .ip(&["-br", "addr", "show", "dev", agent.interface()])
-        .contains(&format!("{WORKLOAD_IP}/32"))
+    agent.has_address(WORKLOAD_IP)
 }
 
 fn wait_workload(mesh: &NatMesh, name: &str, present: bool) -> Duration {

@@ -437,12 +437,7 @@ fn a_workload_rule_follows_the_workload_when_it_moves() {
     let version = mesh.set_policy(CHAT_POLICY);
     mesh.wait_policy(Some(version));
     let chat_rule = rule_lines(CHAT_POLICY)[0];
-    let holds = |mesh: &PolicyMesh, name: &str| {
-        let a = mesh.agent(name);
-        a.ns()
-            .ip(&["-br", "addr", "show", "dev", a.interface()])
-            .contains(&format!("{CHAT_IP}/32"))
-    };
+    let holds = |mesh: &PolicyMesh, name: &str| mesh.agent(name).has_address(CHAT_IP);
     eventually("app-1 to hold the chat address", || holds(&mesh, "app-1"));
     let mut app1 = mesh.echo_server("app-1", &[CHAT_PORT], &[]);
     let mut app2 = mesh.echo_server("app-2", &[CHAT_PORT], &[]);
@@ -711,12 +706,7 @@ fn late_sender_across_a_move(label: &str, policy: Option<&str>) -> Option<LateSe
         let version = mesh.set_policy(policy);
         mesh.wait_policy(Some(version));
     }
-    let holds = |mesh: &PolicyMesh, name: &str| {
-        let a = mesh.agent(name);
-        a.ns()
-            .ip(&["-br", "addr", "show", "dev", a.interface()])
-            .contains(&format!("{CHAT_IP}/32"))
-    };
+    let holds = |mesh: &PolicyMesh, name: &str| mesh.agent(name).has_address(CHAT_IP);
     eventually("app-1 to hold the chat address", || holds(&mesh, "app-1"));
     let web = mesh.ns("web-1");
     web.wait_for_ping(CHAT_IP, STEP)

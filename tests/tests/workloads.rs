@@ -145,10 +145,7 @@ impl Bed {
 
     /// Whether the workload address is on `name`'s tunnel interface.
     fn has_address(&self, name: &str) -> bool {
-        let a = self.agent(name);
-        a.ns()
-            .ip(&["-br", "addr", "show", "dev", a.interface()])
-            .contains("100.64.50.10/32")
+        self.agent(name).has_address(WORKLOAD_IP)
     }
 
     fn wait_address(&self, name: &str, present: bool, within: Duration) -> Duration {
