@@ -45,7 +45,7 @@ pub struct RepairWindow {
 
 /// `struct tcp_repair_opt`.
 #[repr(C)]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy)]
 pub struct RepairOpt {
     pub code: u32,
     pub val: u32,
@@ -72,47 +72,54 @@ fn check_len(r: libc::ssize_t) -> io::Result<usize> {
     usize::try_from(r).map_err(|_| io::Error::last_os_error())
 }
 
-pub fn set_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
-    // SAFETY: `val` lives for the call; the length is its size.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            opt,
-            (&raw const val).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
-}
+/// Data the kernel reads or writes as plain bytes through `setsockopt`/`getsockopt`.
+///
+/// # Safety
+/// Implemented only for integers and `repr(C)` structs of integers without padding, for which
+/// every bit pattern is a valid value.
+pub unsafe trait Plain: Copy + Default {}
 
-pub fn set_sol_int(
+// SAFETY: integers, and repr(C) structs of u32 fields (no padding), and a byte array.
+unsafe impl Plain for libc::c_int {}
+// SAFETY: as above.
+unsafe impl Plain for u32 {}
+// SAFETY: as above.
+unsafe impl Plain for RepairWindow {}
+// SAFETY: as above.
+unsafe impl Plain for RepairOpt {}
+// SAFETY: as above.
+unsafe impl Plain for [u8; 8] {}
+
+/// `setsockopt(fd, level, opt, values)`, the values' bytes as the option.
+fn set<T: Plain>(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     opt: libc::c_int,
-    val: libc::c_int,
+    values: &[T],
 ) -> io::Result<()> {
-    // SAFETY: as in `set_int`.
+    // SAFETY: `values` is readable for its size in bytes, which is the length given.
     check(unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             opt,
-            (&raw const val).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
+            values.as_ptr().cast(),
+            std::mem::size_of_val(values) as libc::socklen_t,
         )
     })
     .map(drop)
 }
 
-pub fn get_u32(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u32> {
-    let mut val: u32 = 0;
-    let mut len = size_of::<u32>() as libc::socklen_t;
-    // SAFETY: `val` and `len` live for the call; the kernel writes at most `len` bytes.
+/// `getsockopt(fd, level, opt)` into a `T` (the kernel writes at most its size).
+fn get<T: Plain>(fd: BorrowedFd<'_>, level: libc::c_int, opt: libc::c_int) -> io::Result<T> {
+    let mut val = T::default();
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `val` and `len` live for the call, `val` is writable for `len` bytes, and any
+    // bytes the kernel writes make a valid `T` (`Plain`).
     check(unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
+            level,
             opt,
             (&raw mut val).cast(),
             &raw mut len,
@@ -121,84 +128,53 @@ pub fn get_u32(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u32> {
     Ok(val)
 }
 
+pub fn set_int(fd: BorrowedFd<'_>, opt: libc::c_int, val: libc::c_int) -> io::Result<()> {
+    set(fd, libc::IPPROTO_TCP, opt, &[val])
+}
+
+pub fn set_sol_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    opt: libc::c_int,
+    val: libc::c_int,
+) -> io::Result<()> {
+    set(fd, level, opt, &[val])
+}
+
+pub fn get_u32(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<u32> {
+    get(fd, libc::IPPROTO_TCP, opt)
+}
+
 pub fn set_u32(fd: BorrowedFd<'_>, opt: libc::c_int, val: u32) -> io::Result<()> {
-    // SAFETY: as in `set_int`.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            opt,
-            (&raw const val).cast(),
-            size_of::<u32>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    set(fd, libc::IPPROTO_TCP, opt, &[val])
 }
 
 pub fn get_window(fd: BorrowedFd<'_>) -> io::Result<RepairWindow> {
-    let mut w = RepairWindow::default();
-    let mut len = size_of::<RepairWindow>() as libc::socklen_t;
-    // SAFETY: `w` is a plain repr(C) struct of the size given.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_REPAIR_WINDOW,
-            (&raw mut w).cast(),
-            &raw mut len,
-        )
-    })?;
-    Ok(w)
+    get(fd, libc::IPPROTO_TCP, TCP_REPAIR_WINDOW)
 }
 
 pub fn set_window(fd: BorrowedFd<'_>, w: &RepairWindow) -> io::Result<()> {
-    // SAFETY: `w` is a plain repr(C) struct of the size given.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_REPAIR_WINDOW,
-            std::ptr::from_ref(w).cast(),
-            size_of::<RepairWindow>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    set(
+        fd,
+        libc::IPPROTO_TCP,
+        TCP_REPAIR_WINDOW,
+        std::slice::from_ref(w),
+    )
 }
 
 pub fn set_options(fd: BorrowedFd<'_>, opts: &[RepairOpt]) -> io::Result<()> {
-    // SAFETY: `opts` is a slice of plain repr(C) structs; the length is its size in bytes.
-    check(unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            TCP_REPAIR_OPTIONS,
-            opts.as_ptr().cast(),
-            std::mem::size_of_val(opts) as libc::socklen_t,
-        )
-    })
-    .map(drop)
+    set(fd, libc::IPPROTO_TCP, TCP_REPAIR_OPTIONS, opts)
 }
 
 pub fn info_head(fd: BorrowedFd<'_>) -> io::Result<InfoHead> {
     // struct tcp_info starts: u8 state, ca_state, retransmits, probes, backoff, options,
-    // snd_wscale:4 | rcv_wscale:4, ...; 8 bytes are enough, the kernel writes at most `len`.
-    let mut buf = [0u8; 8];
-    let mut len = buf.len() as libc::socklen_t;
-    // SAFETY: `buf` and `len` live for the call; the kernel writes at most `len` bytes.
-    check(unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            buf.as_mut_ptr().cast(),
-            &raw mut len,
-        )
-    })?;
+    // snd_wscale:4 | rcv_wscale:4, ...; 8 bytes are enough, the kernel writes at most that.
+    let head: [u8; 8] = get(fd, libc::IPPROTO_TCP, libc::TCP_INFO)?;
     Ok(InfoHead {
-        state: buf[0],
-        options: buf[5],
-        snd_wscale: buf[6] & 0x0f,
-        rcv_wscale: buf[6] >> 4,
+        state: head[0],
+        options: head[5],
+        snd_wscale: head[6] & 0x0f,
+        rcv_wscale: head[6] >> 4,
     })
 }
 
