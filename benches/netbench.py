@@ -240,14 +240,19 @@ class Bench(Harness):
         return {"avg_ms": statistics.fmean(times), "p99_ms": p99,
                 "lost": self.opts.ping_count - len(times)}
 
+    def iperf_server(self, tag):
+        """Starts iperf3's server on side B and returns it once it listens."""
+        server = self.spawn(self.ns_b, ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-server-{tag}.log")
+        # iperf3 block-buffers its banner into a file: ask the socket table instead.
+        self.wait_for("iperf3 server", 10,
+                      lambda: str(IPERF_PORT) in run(["ip", "netns", "exec", self.ns_b, "ss", "-Hltn",
+                                                      f"sport = :{IPERF_PORT}"], check=False), server)
+        return server
+
     def measure(self, impl):
         daemons, target = self.start(impl)
         try:
-            server = self.spawn(self.ns_b, ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-server-{impl}.log")
-            # iperf3 block-buffers its banner into a file: ask the socket table instead.
-            self.wait_for("iperf3 server", 10,
-                          lambda: str(IPERF_PORT) in run(["ip", "netns", "exec", self.ns_b, "ss", "-Hltn",
-                                                          f"sport = :{IPERF_PORT}"], check=False), server)
+            server = self.iperf_server(impl)
             t = self.opts.time
 
             cpu0, wall0 = cpu_ticks(daemons), time.monotonic()

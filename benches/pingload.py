@@ -57,9 +57,7 @@ def main():
                 Opts.agent_bin = agents.get(impl)
                 daemons, dst = bench.start(kind)
                 try:
-                    server = bench.spawn(bench.ns_b, ["iperf3", "-s", "-p", str(netbench.IPERF_PORT)], f"srv-{impl}-{r}.log")
-                    bench.wait_for("iperf3 server", 10, lambda: str(netbench.IPERF_PORT) in netbench.run(
-                        ["ip", "netns", "exec", bench.ns_b, "ss", "-Hltn"], check=False), server)
+                    server = bench.iperf_server(f"{impl}-{r}")
                     load = subprocess.Popen(["ip", "netns", "exec", bench.ns_a, "iperf3", "-c", dst, "-p",
                                              str(netbench.IPERF_PORT), "-t", "8", "-J"],
                                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

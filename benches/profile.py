@@ -144,11 +144,7 @@ class Profile(netbench.Bench):
     def profile(self, impl, seconds, freq, keep):
         daemons, target = self.start(impl)
         try:
-            server = self.spawn(self.ns_b, ["iperf3", "-s", "-p", str(netbench.IPERF_PORT)],
-                                f"iperf3-server-{impl}.log")
-            self.wait_for("iperf3 server", 10,
-                          lambda: str(netbench.IPERF_PORT) in run(["ip", "netns", "exec", self.ns_b, "ss",
-                                                                   "-Hltn"], check=False), server)
+            server = self.iperf_server(impl)
             load = subprocess.Popen(["ip", "netns", "exec", self.ns_a, "iperf3", "-c", target, "-p",
                                      str(netbench.IPERF_PORT), "-t", str(seconds), "-J", "-i", "1"],
                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -198,10 +194,7 @@ def report(all_results, freq, mhz):
         lines.append("| stage | sender share | sender ns/KB | sender cycles/B | receiver share "
                      "| receiver ns/KB | receiver cycles/B |")
         lines.append("|---|---:|---:|---:|---:|---:|---:|")
-        per_side = {}
-        for side in ("sender", "receiver"):
-            s = r["sides"][side]
-            per_side[side] = s
+        per_side = r["sides"]
         for stage in STAGES:
             cells = []
             for side in ("sender", "receiver"):

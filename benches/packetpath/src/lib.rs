@@ -59,6 +59,19 @@ fn device(own: u8, peer: u8, peer_overlay: Ipv4Addr) -> Device {
     Device::new(config, u32::from(own) * 1000)
 }
 
+/// Hands `datagrams` (all from `a`'s underlay address) to `b` as its receive loop does, into
+/// `tun` (emptied first); returns how many packets it delivered.
+fn deliver<'d>(
+    b: &Device,
+    tun: &mut TunBatch,
+    datagrams: impl IntoIterator<Item = &'d [u8]>,
+) -> usize {
+    tun.clear();
+    let mut replies = NetBatch::with_capacity(0);
+    b.inbound_batch(underlay(1), datagrams, tun, &mut replies);
+    tun.len()
+}
+
 /// Two devices with a completed handshake, `a` sending to `b`.
 pub struct Pair {
     /// The sender.
@@ -140,31 +153,19 @@ impl Pair {
 
     /// Decrypts `datagrams` at `b`; returns how many packets it delivered.
     pub fn open(&mut self, datagrams: &[Vec<u8>]) -> usize {
-        self.tun.clear();
-        let mut replies = NetBatch::with_capacity(0);
-        self.b.inbound_batch(
-            underlay(1),
-            datagrams.iter().map(Vec::as_slice),
-            &mut self.tun,
-            &mut replies,
-        );
-        self.tun.len()
+        deliver(&self.b, &mut self.tun, datagrams.iter().map(Vec::as_slice))
     }
 
     /// Encrypts the batch at `a` and decrypts it at `b`, as the two loops would, without
     /// copying the ciphertext out; returns how many packets `b` delivered.
     pub fn round_trip(&mut self) -> usize {
         self.seal();
-        self.tun.clear();
-        let mut replies = NetBatch::with_capacity(0);
         let net = &self.net;
-        self.b.inbound_batch(
-            underlay(1),
-            net.items().iter().map(|i| net.bytes(i.start, i.len)),
+        deliver(
+            &self.b,
             &mut self.tun,
-            &mut replies,
-        );
-        self.tun.len()
+            net.items().iter().map(|i| net.bytes(i.start, i.len)),
+        )
     }
 
     /// One batch through both ends arrives whole.
