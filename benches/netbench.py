@@ -94,11 +94,8 @@ def stock_command(impl, opts, iface):
 
 def stock_version(impl, opts):
     """What `impl` says of its own version, one line."""
-    argv = {"wg-go-trixie": [opts.wireguard_go_new, "--version"],
-            "wireguard-go": ["wireguard-go", "--version"],
-            "gotatun": [opts.gotatun, "--version"],
-            "boringtun": ["boringtun-cli", "--version"]}[impl]
-    out = subprocess.run(argv, capture_output=True, text=True)
+    program = stock_command(impl, opts, "-")[0][0]
+    out = subprocess.run([program, "--version"], capture_output=True, text=True)
     line = (out.stdout or out.stderr).strip().splitlines()
     # wireguard-go prints "wireguard-go vX": the label already says what it is.
     return line[0].split()[-1] if line else "?"
