@@ -465,14 +465,14 @@ impl Hub {
         }
         delta.from_version = net.map.version;
         if net.map.policy.is_none() && !matches!(delta.policy, Some(PolicyChange::Set(_))) {
-            net.map.apply(&delta).ok()?;
+            net.map.apply(delta.clone()).ok()?;
             net.full = None;
             crate::telemetry::map_changed();
             let frame = Frame::delta(&ServerMessage::Delta(delta), published);
             return Some(fan_out(network, net, &frame));
         }
         let pending = need_to_know::judge(&net.map, &delta);
-        net.map.apply(&delta).ok()?;
+        net.map.apply(delta.clone()).ok()?;
         net.full = None;
         crate::telemetry::map_changed();
         if delta.policy.is_some() {
@@ -1264,7 +1264,7 @@ mod tests {
         while let Ok(Outbound::Frame(f)) = a.rx.try_recv() {
             let msg = decode(&f);
             if let ServerMessage::Delta(d) = &msg {
-                map.apply(d).unwrap();
+                map.apply(d.clone()).unwrap();
             }
             got.push(msg);
         }

@@ -1,5 +1,10 @@
 //! `meshlink-coordinator`: the control service. See `meshlink-coordinator --help`.
 
+/// mimalloc rather than glibc's allocator: the control messages a daemon decodes are many
+/// small allocations freed on other threads, which glibc's arenas serve slowly and keep.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;

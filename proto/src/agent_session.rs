@@ -213,7 +213,7 @@ impl AgentSession {
             ServerMessage::Delta(d) => {
                 // In place: `apply` changes nothing when it refuses a delta.
                 let before = self.map.version;
-                match self.map.apply(&d) {
+                match self.map.apply(d) {
                     Ok(()) if self.map.version != before => self.map_changed(now),
                     Ok(()) => {} // already applied
                     Err(_gap) => {

@@ -38,6 +38,8 @@ use serde::{Deserialize, Serialize};
 use crate::key::PublicKey;
 use crate::netmap::{Netmap, NetmapDelta, NodeId};
 
+mod tag_first;
+
 /// The ALPN protocol of the control channel (QUIC, TLS 1.3).
 pub const ALPN: &[u8] = b"meshlink/1";
 /// The name the coordinator's certificate is issued to and clients ask for.
@@ -245,8 +247,12 @@ pub struct Welcome {
 }
 
 /// Messages from the coordinator.
+///
+/// Encoded as a JSON object whose `type` comes first; decoded by [`tag_first`] (the derive
+/// below makes the inherent `ServerMessage::serialize`/`deserialize` that it and the trait
+/// impls there use).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "type")]
+#[serde(remote = "Self", rename_all = "snake_case", tag = "type")]
 pub enum ServerMessage {
     /// The hello was accepted.
     Welcome(Welcome),

@@ -99,11 +99,11 @@ impl PolicyChange {
     ///
     /// # Errors
     /// [`EditError`] when an edit does not fit (see [`Policy::apply_edit`]).
-    pub fn apply_to(&self, policy: &mut Option<Policy>) -> Result<(), EditError> {
+    pub fn apply_to(self, policy: &mut Option<Policy>) -> Result<(), EditError> {
         match (self, policy.as_mut()) {
-            (PolicyChange::Set(p), _) => *policy = Some(p.clone()),
+            (PolicyChange::Set(p), _) => *policy = Some(p),
             (PolicyChange::Clear, _) => *policy = None,
-            (PolicyChange::Edit(e), Some(p)) => p.apply_edit(e)?,
+            (PolicyChange::Edit(e), Some(p)) => p.apply_edit(&e)?,
             (PolicyChange::Edit(e), None) => {
                 return Err(EditError::BaseVersion {
                     base: e.base,
@@ -168,7 +168,7 @@ impl Netmap {
     /// # Errors
     /// [`DeltaError::Gap`] when versions do not line up, [`DeltaError::Policy`] when the
     /// policy edit does not fit.
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
+    pub fn apply(&mut self, delta: NetmapDelta) -> Result<(), DeltaError> {
         if delta.to_version <= self.version && delta.from_version < self.version {
             return Ok(());
         }
@@ -181,20 +181,20 @@ impl Netmap {
         }
         // First, as the one step that may still fail (and then changes nothing): an edit that
         // does not fit refuses the whole delta.
-        if let Some(change) = &delta.policy {
+        if let Some(change) = delta.policy {
             change.apply_to(&mut self.policy)?;
         }
         for id in &delta.remove {
             self.peers.remove(id);
         }
-        for p in &delta.upsert {
-            self.peers.insert(p.node_id, p.clone());
+        for p in delta.upsert {
+            self.peers.insert(p.node_id, p);
         }
         for name in &delta.remove_workloads {
             self.workloads.remove(name);
         }
-        for w in &delta.upsert_workloads {
-            self.workloads.insert(w.name.clone(), w.clone());
+        for w in delta.upsert_workloads {
+            self.workloads.insert(w.name.clone(), w);
         }
         self.version = delta.to_version;
         Ok(())
@@ -334,7 +334,7 @@ mod tests {
         assert_eq!(d.remove, vec![1]);
         assert_eq!(d.upsert.len(), 2);
         let mut applied = old.clone();
-        applied.apply(&d).unwrap();
+        applied.apply(d).unwrap();
         assert_eq!(applied, new);
     }
 
@@ -350,7 +350,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            m.apply(&gap),
+            m.apply(gap),
             Err(DeltaError::Gap(Gap {
                 have: 4,
                 delta_from: 5
@@ -363,14 +363,14 @@ mod tests {
             upsert: vec![peer(9, "198.18.0.9:1")],
             ..Default::default()
         };
-        assert_eq!(m.apply(&old), Ok(()));
+        assert_eq!(m.apply(old), Ok(()));
         assert!(m.peers.is_empty());
         let backwards = NetmapDelta {
             from_version: 4,
             to_version: 4,
             ..Default::default()
         };
-        assert!(m.apply(&backwards).is_err());
+        assert!(m.apply(backwards).is_err());
     }
 
     #[test]
@@ -400,16 +400,16 @@ mod tests {
         let delta: NetmapDelta =
             serde_json::from_slice(&serde_json::to_vec(&delta).unwrap()).unwrap();
         let mut applied = m.clone();
-        applied.apply(&delta).unwrap();
+        applied.apply(delta.clone()).unwrap();
         assert_eq!(applied.policy.as_ref(), Some(&v2));
         assert_eq!(applied.peers.len(), 1);
         // A map with another base, or none, refuses it and changes nothing.
         m.policy = Some(rules(&[1, 2, 3, 5]).into_policy(1));
         let before = m.clone();
-        assert!(matches!(m.apply(&delta), Err(DeltaError::Policy(_))));
+        assert!(matches!(m.apply(delta.clone()), Err(DeltaError::Policy(_))));
         assert_eq!(m, before);
         m.policy = None;
-        assert!(matches!(m.apply(&delta), Err(DeltaError::Policy(_))));
+        assert!(matches!(m.apply(delta), Err(DeltaError::Policy(_))));
         assert!(m.peers.is_empty() && m.version == 7);
     }
 

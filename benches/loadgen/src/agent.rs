@@ -560,14 +560,14 @@ impl Agent {
             }
             ServerMessage::Delta(delta) => {
                 let before = self.table.version();
-                match self.table.apply(&delta) {
+                let policy = match delta.policy {
+                    Some(PolicyChange::Edit(_)) => Some(&board.counters.policy_edits),
+                    Some(PolicyChange::Set(_)) => Some(&board.counters.policy_wholes),
+                    _ => None,
+                };
+                match self.table.apply(delta) {
                     Ok(()) if self.table.version() != before => {
                         board.counters.deltas.fetch_add(1, Ordering::Relaxed);
-                        let policy = match delta.policy {
-                            Some(PolicyChange::Edit(_)) => Some(&board.counters.policy_edits),
-                            Some(PolicyChange::Set(_)) => Some(&board.counters.policy_wholes),
-                            _ => None,
-                        };
                         if let Some(counter) = policy {
                             counter.fetch_add(1, Ordering::Relaxed);
                         }

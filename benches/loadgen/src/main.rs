@@ -18,6 +18,11 @@
 //!      against each other; report, shut down, remove the private database and state
 //! ```
 
+/// mimalloc rather than glibc's allocator: the control messages a daemon decodes are many
+/// small allocations freed on other threads, which glibc's arenas serve slowly and keep.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

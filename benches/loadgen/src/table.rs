@@ -66,7 +66,7 @@ impl PeerTable {
     /// # Errors
     /// [`DeltaError`] when the delta does not start at this version or its policy edit does
     /// not apply.
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
+    pub fn apply(&mut self, delta: NetmapDelta) -> Result<(), DeltaError> {
         match self {
             PeerTable::Full(m) => m.apply(delta),
             PeerTable::Compact(c) => c.apply(delta),
@@ -120,7 +120,7 @@ impl CompactMap {
     ///
     /// # Errors
     /// [`DeltaError`].
-    pub fn apply(&mut self, delta: &NetmapDelta) -> Result<(), DeltaError> {
+    pub fn apply(&mut self, delta: NetmapDelta) -> Result<(), DeltaError> {
         if delta.to_version <= self.version && delta.from_version < self.version {
             return Ok(());
         }
@@ -131,7 +131,7 @@ impl CompactMap {
             }
             .into());
         }
-        if let Some(change) = &delta.policy {
+        if let Some(change) = delta.policy {
             change.apply_to(&mut self.policy)?;
         }
         for id in &delta.remove {
@@ -251,8 +251,8 @@ mod tests {
                 remove: (0..rng.next(2)).map(|_| 1 + rng.next(8)).collect(),
                 ..NetmapDelta::default()
             };
-            let a = full.apply(&delta);
-            let b = compact.apply(&delta);
+            let a = full.apply(delta.clone());
+            let b = compact.apply(delta.clone());
             assert_eq!(a, b, "{delta:?}");
             assert_eq!(full.version(), compact.version());
             assert_eq!(full.len(), compact.len());

@@ -20,6 +20,11 @@ mod operator;
 mod real;
 mod sim;
 
+/// mimalloc rather than glibc's allocator: the control messages a daemon decodes are many
+/// small allocations freed on other threads, which glibc's arenas serve slowly and keep.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;

@@ -571,7 +571,7 @@ ports = ["tcp:7070"]
         delta.from_version = map.version;
         delta.to_version = map.version + 1;
         let pending = judge(map, &delta);
-        map.apply(&delta).unwrap();
+        map.apply(delta.clone()).unwrap();
         let ids: Vec<NodeId> = sets.keys().copied().collect();
         let mut change = pending.applied(map, &delta, &ids);
         let out = sets

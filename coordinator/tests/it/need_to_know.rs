@@ -86,7 +86,7 @@ impl Agent {
                 ServerMessage::FullMap(m) => self.map = m,
                 ServerMessage::Delta(d) => {
                     self.map
-                        .apply(&d)
+                        .apply(d.clone())
                         .unwrap_or_else(|gap| panic!("{}: {gap}", self.session.name));
                     out.push((d, f));
                 }

@@ -340,7 +340,7 @@ async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
         let mut kinds = Vec::new();
         for (session, map) in sessions.iter_mut().zip(&mut maps) {
             for d in deltas(session) {
-                map.apply(&d).unwrap();
+                map.apply(d.clone()).unwrap();
                 // (The old agent's join reached the new one before: no policy in it.)
                 match d.policy {
                     Some(PolicyChange::Set(_)) => kinds.push("set"),

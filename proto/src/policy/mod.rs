@@ -297,11 +297,29 @@ macro_rules! as_string {
 
         impl<'de> Deserialize<'de> for $t {
             fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                s.parse().map_err(serde::de::Error::custom)
+                d.deserialize_str(Parsed::<$t>(std::marker::PhantomData))
             }
         }
     };
+}
+
+/// Decodes a string as `T` from the text the decoder holds, without a copy of its own first (a
+/// policy of a thousand rules has seven thousand of them).
+struct Parsed<T>(std::marker::PhantomData<T>);
+
+impl<T> serde::de::Visitor<'_> for Parsed<T>
+where
+    T: FromStr<Err = SyntaxError>,
+{
+    type Value = T;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<T, E> {
+        s.parse().map_err(E::custom)
+    }
 }
 
 as_string!(Selector);
