@@ -24,10 +24,12 @@
 //! Policies: each slot keeps the node policy its agent has (`NodePolicy`: the rules that
 //! concern its node), shared by every slot with the same rules. When a change gives a node
 //! other rules, its agent gets them as an edit of the node policy it has
-//! ([`meshlink_proto::policy::PolicyEdit`], made once per pair of old and new node policy)
-//! when its hello said it takes edits and the edit is smaller, else whole; when the rules are
-//! the same as it has, nothing. So an operator's edit of a few rules of a large policy costs
-//! each agent those rules, and the coordinator one diff and one encoding per distinct pair.
+//! ([`meshlink_proto::policy::PolicyEdit`], made once per pair of old and new node policy, by
+//! projecting one alignment of the old and new policy made once per change) when its hello
+//! said it takes edits and the edit is smaller, else whole; when the rules are the same as it
+//! has, nothing. So an operator's edit of a few rules of a large policy costs each agent those
+//! rules, and the coordinator one diff per change and one pass and one encoding per distinct
+//! pair.
 //!
 //! The hub never blocks and never awaits: its lock is held only to touch maps and queues.
 //! Ordering of changes is the caller's job ([`crate::service`] holds its write lock while it
@@ -44,7 +46,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Instant;
 
 use meshlink_proto::control::{compress, encode, Hello, ServerMessage, COMPRESS_MIN};
-use meshlink_proto::policy::{relevant_rules, PolicyEdit};
+use meshlink_proto::policy::{relevant_rules, Alignment, PolicyEdit};
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, Policy, PolicyChange};
 use tokio::sync::mpsc;
 
@@ -241,19 +243,42 @@ struct Slot {
 }
 
 /// The rules of a network's policy that concern a node, as the policy its agent has. Slots
-/// with the same rules share one.
+/// with the same rules share one. It holds their indices in the network's policy (shared by
+/// every node policy of that version), not copies of them: a policy with many distinct parts
+/// costs the coordinator its indices, and a part's rules are copied only while it is encoded.
 #[derive(Debug)]
 struct NodePolicy {
     /// Never reused in a network: encodings and edits are keyed by it.
     id: u64,
-    policy: Policy,
+    /// The network's policy this is a part of.
+    whole: Arc<Policy>,
+    /// Its rules' indices in `whole`, increasing.
+    rules: Rules,
+    /// [`Policy::digest`] of the part, the result an edit to it announces.
+    digest: u64,
 }
 
-/// The node policies of a network's current policy, by rules.
+impl NodePolicy {
+    /// The part as the policy its agent has.
+    fn policy(&self) -> Policy {
+        self.whole.subset(&self.rules)
+    }
+}
+
+/// The node policies of a network's current policy, by rules, and the alignment of the
+/// policy before it with it, from which the edit of any node policy of the one to any of the
+/// other is made in a pass over the two ([`Alignment::edit`]): one diff per policy change,
+/// however many distinct pairs of node policies it makes.
 #[derive(Debug, Default)]
 struct NodePolicies {
     by_rules: HashMap<Rules, Arc<NodePolicy>>,
     next_id: u64,
+    /// The network's policy the node policies are parts of.
+    current: Option<Arc<Policy>>,
+    /// The one before it, and its alignment with `current` (made on the first edit asked).
+    previous: Option<(Arc<Policy>, Option<Arc<Alignment>>)>,
+    /// The map's policy changed since `current` was taken.
+    stale: bool,
 }
 
 impl NodePolicies {
@@ -261,6 +286,16 @@ impl NodePolicies {
     /// demand. Those no slot holds any more are forgotten once there are more than twice as
     /// many as `sessions`.
     fn get(&mut self, policy: &Policy, rules: &Rules, sessions: usize) -> Arc<NodePolicy> {
+        let whole = match &self.current {
+            Some(c) if !self.stale && c.version == policy.version => c.clone(),
+            _ => {
+                let c = Arc::new(policy.clone());
+                self.previous = self.current.replace(c.clone()).map(|p| (p, None));
+                self.stale = false;
+                self.by_rules.clear();
+                c
+            }
+        };
         if let Some(p) = self.by_rules.get(rules) {
             return p.clone();
         }
@@ -270,15 +305,38 @@ impl NodePolicies {
         self.next_id += 1;
         let p = Arc::new(NodePolicy {
             id: self.next_id,
-            policy: policy.subset(rules),
+            digest: whole.part_digest(rules),
+            whole,
+            rules: rules.clone(),
         });
         self.by_rules.insert(rules.clone(), p.clone());
         p
     }
 
+    /// The edit from node policy `old` (of the current policy or the one before) to `new` (of
+    /// the current one), or `None` when it goes whole: an edit would not be smaller, or `old`
+    /// is of an older policy still.
+    fn edit(&mut self, old: &NodePolicy, new: &NodePolicy) -> Option<PolicyEdit> {
+        let alignment = if Arc::ptr_eq(&old.whole, &new.whole) {
+            Arc::new(Alignment::same(&new.whole))
+        } else {
+            match (&mut self.previous, &self.current) {
+                (Some((before, alignment)), Some(current))
+                    if Arc::ptr_eq(before, &old.whole) && Arc::ptr_eq(current, &new.whole) =>
+                {
+                    alignment
+                        .get_or_insert_with(|| Arc::new(before.align(current)))
+                        .clone()
+                }
+                _ => return None,
+            }
+        };
+        alignment.edit(&old.whole, &old.rules, &new.whole, &new.rules, new.digest)
+    }
+
     /// The network's policy changed: every node policy is made anew (the ids go on).
     fn policy_changed(&mut self) {
-        self.by_rules.clear();
+        self.stale = true;
     }
 }
 
@@ -327,7 +385,7 @@ impl NetworkState {
                 &self.map,
                 me,
                 v,
-                policy.map(|p| &p.policy),
+                policy.map(NodePolicy::policy).as_ref(),
             )),
             None => self.full_frame(),
         }
@@ -516,7 +574,7 @@ impl Hub {
                     map,
                     node,
                     v,
-                    slot.policy.as_ref().map(|p| &p.policy),
+                    slot.policy.as_deref().map(NodePolicy::policy).as_ref(),
                 )),
                 None => Frame::full_map(map.clone()),
             };
@@ -803,7 +861,7 @@ fn fan_out_cut(
                         // it whole) when an edit is not smaller.
                         match edits
                             .entry((old.id, new.id))
-                            .or_insert_with(|| old.policy.edit_to(&new.policy).map(Arc::new))
+                            .or_insert_with(|| policies.edit(&old, &new).map(Arc::new))
                         {
                             Some(edit) => PolicySend::Edit(edit.clone(), old.id, new.id),
                             None => PolicySend::Whole(new.clone()),
@@ -835,7 +893,7 @@ fn fan_out_cut(
                     d.policy = match &send {
                         PolicySend::Nothing => None,
                         PolicySend::Clear => Some(PolicyChange::Clear),
-                        PolicySend::Whole(new) => Some(PolicyChange::Set(new.policy.clone())),
+                        PolicySend::Whole(new) => Some(PolicyChange::Set(new.policy())),
                         PolicySend::Edit(edit, ..) => Some(PolicyChange::Edit((**edit).clone())),
                     };
                 }

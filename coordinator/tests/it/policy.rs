@@ -47,26 +47,21 @@ async fn service(db: &TestDb) -> Service {
 }
 
 /// A network with nodes web-1 (tag web) and db-1 (tag db), joined as sessions.
-async fn mesh(s: &Service) -> Vec<Session> {
+/// Network prod, 100.64.0.0/24.
+async fn create_prod(s: &Service) {
     s.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
     })
     .await
     .unwrap();
+}
+
+async fn mesh(s: &Service) -> Vec<Session> {
+    create_prod(s).await;
     let mut sessions = Vec::new();
     for (i, (name, tag)) in [("web-1", "web"), ("db-1", "db")].into_iter().enumerate() {
-        let (_, secret) = s
-            .create_token(CreateToken {
-                network: "prod".into(),
-                tags: vec![tag.into()],
-                expires_in_secs: None,
-                uses: Some(1),
-            })
-            .await
-            .unwrap();
-        let hello = join_hello(&secret, i as u8 + 1, Some(name));
-        sessions.push(s.hello(&hello, remote()).await.unwrap());
+        sessions.push(join_prod(s, name, tag, i as u8 + 1, false).await.0);
     }
     sessions
 }
@@ -282,38 +277,39 @@ async fn a_restarted_or_second_coordinator_has_the_policy(db: &TestDb) {
 /// An operator's edit of a few rules of a large policy: agents whose hello says they take
 /// edits get the change as an edit of the rules they have; an older agent gets its rules
 /// whole; both end with the rules that concern them.
+/// A node `name` tagged `tag` joined to network prod with key byte `key`, its agent taking
+/// policy edits or not, and the full map it got.
+async fn join_prod(s: &Service, name: &str, tag: &str, key: u8, edits: bool) -> (Session, Netmap) {
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![tag.into()],
+            expires_in_secs: None,
+            uses: Some(1),
+        })
+        .await
+        .unwrap();
+    let hello = Hello {
+        policy_edits: edits,
+        ..join_hello(&secret, key, Some(name))
+    };
+    let session = s.hello(&hello, remote()).await.unwrap();
+    let map = match decode_frame(&session.attached.full_map) {
+        ServerMessage::FullMap(m) => m,
+        other => panic!("{other:?}"),
+    };
+    (session, map)
+}
+
 async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
     let s = service(db).await;
-    s.create_network(CreateNetwork {
-        name: "prod".into(),
-        cidr: "100.64.0.0/24".into(),
-    })
-    .await
-    .unwrap();
-    let mut sessions = Vec::new();
+    create_prod(&s).await;
+    let (mut sessions, mut maps) = (Vec::new(), Vec::new());
     for (i, name) in ["new-1", "old-1"].into_iter().enumerate() {
-        let (_, secret) = s
-            .create_token(CreateToken {
-                network: "prod".into(),
-                tags: vec!["web".into()],
-                expires_in_secs: None,
-                uses: Some(1),
-            })
-            .await
-            .unwrap();
-        let hello = Hello {
-            policy_edits: i == 0,
-            ..join_hello(&secret, i as u8 + 1, Some(name))
-        };
-        sessions.push(s.hello(&hello, remote()).await.unwrap());
+        let (session, map) = join_prod(&s, name, "web", i as u8 + 1, i == 0).await;
+        sessions.push(session);
+        maps.push(map);
     }
-    let mut maps: Vec<Netmap> = sessions
-        .iter_mut()
-        .map(|session| match decode_frame(&session.attached.full_map) {
-            ServerMessage::FullMap(m) => m,
-            other => panic!("{other:?}"),
-        })
-        .collect();
     let policy = |ports: &[u16]| -> String {
         ports
             .iter()
@@ -370,7 +366,105 @@ async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
     assert_eq!(versions, [["set", "set"], ["edit", "set"], ["edit", "set"]]);
 }
 
+/// Six agents, each with a tag of its own, so each has its own part of the policy: a change
+/// of a few rules, and a node's tags changed under the same policy, reach each as an edit of
+/// the part it has (made from one alignment of the policy per change), exactly the rules the
+/// coordinator gives its node.
+async fn distinct_parts_of_a_policy_each_get_their_own_edit(db: &TestDb) {
+    let s = service(db).await;
+    create_prod(&s).await;
+    let (mut sessions, mut maps) = (Vec::new(), Vec::new());
+    for i in 0..6u8 {
+        let (session, map) = join_prod(&s, &format!("vm-{i}"), &format!("t{i}"), i + 1, true).await;
+        sessions.push(session);
+        maps.push(map);
+    }
+    // The rule of port p concerns tag t(p mod 6); every seventh port's, everyone.
+    let policy = |ports: &[u16]| -> String {
+        ports
+            .iter()
+            .map(|p| {
+                let to = if p % 7 == 0 {
+                    "*".to_string()
+                } else {
+                    format!("tag:t{}", p % 6)
+                };
+                format!(
+                    "[[rule]]\nfrom = [\"tag:t{}\"]\nto = [\"{to}\"]\nports = [\"tcp:{p}\"]\n",
+                    p % 6
+                )
+            })
+            .collect()
+    };
+    let mut ports: Vec<u16> = (2000..2600).collect();
+    let mut rounds = Vec::new();
+    for round in 0..4 {
+        match round {
+            0 => {}
+            1 => {
+                for k in [3, 100, 101, 350, 599] {
+                    ports[k] += 1000;
+                }
+            }
+            2 => {
+                ports.insert(40, 9);
+                ports.remove(500);
+            }
+            _ => {}
+        }
+        if round == 3 {
+            // The same policy, another part: vm-2 takes t3's rules too.
+            s.tag_node("vm-2", Some("prod"), &["+t3".into()])
+                .await
+                .unwrap();
+        } else {
+            s.edit_policy("prod", PolicyEdit::Set(policy(&ports)), "alice")
+                .await
+                .unwrap();
+        }
+        let mut kinds = Vec::new();
+        for (session, map) in sessions.iter_mut().zip(&mut maps) {
+            for d in deltas(session) {
+                match &d.policy {
+                    Some(PolicyChange::Set(_)) => kinds.push("set"),
+                    Some(PolicyChange::Edit(_)) => kinds.push("edit"),
+                    Some(PolicyChange::Clear) => kinds.push("clear"),
+                    None => {}
+                }
+                map.apply(d).unwrap();
+            }
+        }
+        rounds.push(kinds);
+        let whole = s.hub().map("prod").unwrap();
+        let parts: std::collections::BTreeSet<u64> = sessions
+            .iter()
+            .map(|session| {
+                let p = whole.policy.as_ref().unwrap();
+                p.for_node(&whole, session.node).digest()
+            })
+            .collect();
+        assert_eq!(parts.len(), 6, "each node has a part of its own");
+        for (session, map) in sessions.iter().zip(&maps) {
+            assert_eq!(map.version, whole.version);
+            assert_eq!(
+                map.policy,
+                whole
+                    .policy
+                    .as_ref()
+                    .map(|p| p.for_node(&whole, session.node)),
+                "{} in round {round}",
+                session.name
+            );
+        }
+    }
+    assert_eq!(rounds[0], ["set"; 6]);
+    assert_eq!(rounds[1], ["edit"; 6]);
+    assert_eq!(rounds[2], ["edit"; 6]);
+    assert_eq!(rounds[3], ["edit"], "vm-2 alone, its part edited");
+}
+
 crate::on_both_stores!(
+    distinct_parts_of_a_policy_each_get_their_own_edit,
     an_edited_policy_reaches_agents_as_an_edit_or_whole,
     a_bad_policy_changes_nothing_and_names_line_and_field,
     policies_are_versioned_sent_rolled_back_and_cleared,

@@ -435,9 +435,10 @@ impl NodeTable {
 
 #[cfg(test)]
 mod tests {
-    use super::super::eval::tests::{map_of, node, random_map, random_policy, workload, Lcg};
+    use super::super::eval::tests::{map_of, node, random_map, random_policy, workload};
     use super::super::{ip_proto, parse, Entity, FlowPort, Rule};
     use super::*;
+    use crate::policy::testkit::Lcg;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -203,6 +203,22 @@ impl Digester {
     }
 }
 
+/// [`Policy::digest`] of the policy of `version` with these rules, in order.
+pub(super) fn digest_of<'a>(
+    version: u64,
+    rules: impl IntoIterator<Item = &'a Rule, IntoIter: ExactSizeIterator>,
+) -> u64 {
+    let rules = rules.into_iter();
+    let len = rules.len();
+    let mut d = Digester::new();
+    d.u64(version);
+    for r in rules {
+        d.rule(r.line, r);
+    }
+    d.u64(len as u64);
+    d.finish()
+}
+
 impl Rule {
     /// The rule's identity: a digest of what it allows (its selectors and ports, in order),
     /// the same wherever in the file it stands. Edits match rules by it.
@@ -217,72 +233,7 @@ impl Policy {
     /// A digest of the whole policy: its version and every rule (line included), in order.
     /// Equal policies have equal digests; an edit names its base and result by it.
     pub fn digest(&self) -> u64 {
-        let mut d = Digester::new();
-        d.u64(self.version);
-        for r in &self.rules {
-            d.rule(r.line, r);
-        }
-        d.u64(self.rules.len() as u64);
-        d.finish()
-    }
-
-    /// The edit from this policy to `newer`, or `None` when an edit would not be smaller than
-    /// `newer` whole: it adds more than half as many rules as `newer` has (a rule whole is
-    /// some hundred bytes of JSON, an op some twenty), or the script would be long (many
-    /// rules moved about).
-    pub fn edit_to(&self, newer: &Policy) -> Option<PolicyEdit> {
-        let a: Vec<u64> = self.rules.iter().map(Rule::identity).collect();
-        let b: Vec<u64> = newer.rules.iter().map(Rule::identity).collect();
-        let added_at_least = missing_from(&b, &a);
-        let dropped_at_least = missing_from(&a, &b);
-        if 2 * added_at_least > newer.rules.len() {
-            return None;
-        }
-        // Reordered rules make the script longer than the two counts above; past this many
-        // steps the edit is not worth finding (and the search keeps MAX_STEPS² / 2 words).
-        let max_d =
-            (added_at_least + dropped_at_least + 64 + (a.len() + b.len()) / 8).min(MAX_STEPS);
-        let steps = script(&a, &b, max_d)?;
-        let mut ops: Vec<EditOp> = Vec::new();
-        let (mut i, mut j, mut added) = (0usize, 0usize, 0usize);
-        for step in steps {
-            match step {
-                Step::Keep => {
-                    let shift = i64::from(newer.rules[j].line) - i64::from(self.rules[i].line);
-                    match ops.last_mut() {
-                        Some(EditOp::Keep { count, shift: s }) if *s == shift => *count += 1,
-                        _ => ops.push(EditOp::Keep { count: 1, shift }),
-                    }
-                    i += 1;
-                    j += 1;
-                }
-                Step::Drop => {
-                    match ops.last_mut() {
-                        Some(EditOp::Drop { count }) => *count += 1,
-                        _ => ops.push(EditOp::Drop { count: 1 }),
-                    }
-                    i += 1;
-                }
-                Step::Add => {
-                    let rule = newer.rules[j].clone();
-                    match ops.last_mut() {
-                        Some(EditOp::Add { rules }) => rules.push(rule),
-                        _ => ops.push(EditOp::Add { rules: vec![rule] }),
-                    }
-                    added += 1;
-                    j += 1;
-                }
-            }
-        }
-        if 2 * added > newer.rules.len() || ops.len() > newer.rules.len().max(8) {
-            return None;
-        }
-        Some(PolicyEdit {
-            base: self.version,
-            version: newer.version,
-            digest: newer.digest(),
-            ops,
-        })
+        digest_of(self.version, &self.rules)
     }
 
     /// Checks that `edit` applies to this policy and yields the policy it announces, in one
@@ -380,159 +331,10 @@ impl Policy {
     }
 }
 
-/// How many entries of `of` (counted with repeats) `from` lacks.
-fn missing_from(of: &[u64], from: &[u64]) -> usize {
-    let mut have: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
-    for &x in from {
-        *have.entry(x).or_default() += 1;
-    }
-    of.iter()
-        .filter(|x| match have.get_mut(x) {
-            Some(n) if *n > 0 => {
-                *n -= 1;
-                false
-            }
-            _ => true,
-        })
-        .count()
-}
-
-/// One step of a script turning `a` into `b`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
-    /// `a`'s next entry is `b`'s next entry.
-    Keep,
-    /// `a`'s next entry goes.
-    Drop,
-    /// `b`'s next entry comes.
-    Add,
-}
-
-/// The most drops and adds [`Policy::edit_to`] searches for (past them, the policy goes
-/// whole): the search keeps the frontier of every step, some 16 MiB at this bound.
-const MAX_STEPS: usize = 2048;
-
-/// A shortest script turning `a` into `b` (Myers), or `None` when it takes more than `max_d`
-/// drops and adds. The common head and tail are kept without search.
-fn script(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
-    let head = a.iter().zip(b).take_while(|(x, y)| x == y).count();
-    let tail = a[head..]
-        .iter()
-        .rev()
-        .zip(b[head..].iter().rev())
-        .take_while(|(x, y)| x == y)
-        .count();
-    let (a_mid, b_mid) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
-    let mut steps = vec![Step::Keep; head];
-    steps.extend(myers(a_mid, b_mid, max_d)?);
-    steps.extend(std::iter::repeat_n(Step::Keep, tail));
-    Some(steps)
-}
-
-/// Myers' greedy forward search with the frontier of every round kept for the way back.
-fn myers(a: &[u64], b: &[u64], max_d: usize) -> Option<Vec<Step>> {
-    let (n, m) = (a.len() as isize, b.len() as isize);
-    let max_d = max_d.min(a.len() + b.len()) as isize;
-    // v[k + off]: the furthest x reached on diagonal k (y = x - k).
-    let off = max_d + 1;
-    let mut v = vec![0isize; (2 * off + 1) as usize];
-    // trace[d][k + d]: v on diagonals -d..=d at the start of round d (positions fit in an
-    // i32: a policy has at most MAX_RULES rules).
-    let mut trace: Vec<Vec<i32>> = Vec::new();
-    let mut found = None;
-    'rounds: for d in 0..=max_d {
-        trace.push(
-            v[(off - d) as usize..=(off + d) as usize]
-                .iter()
-                .map(|&x| x as i32)
-                .collect(),
-        );
-        let mut k = -d;
-        while k <= d {
-            let down = k == -d || (k != d && v[(off + k - 1) as usize] < v[(off + k + 1) as usize]);
-            let mut x = if down {
-                v[(off + k + 1) as usize]
-            } else {
-                v[(off + k - 1) as usize] + 1
-            };
-            let mut y = x - k;
-            while x < n && y < m && a[x as usize] == b[y as usize] {
-                x += 1;
-                y += 1;
-            }
-            v[(off + k) as usize] = x;
-            if x >= n && y >= m {
-                found = Some(d);
-                break 'rounds;
-            }
-            k += 2;
-        }
-    }
-    let d_end = found?;
-    let (mut x, mut y) = (n, m);
-    let mut back = Vec::new();
-    for d in (1..=d_end).rev() {
-        let v = &trace[d as usize];
-        let at = |k: isize| v[(k + d) as usize] as isize;
-        let k = x - y;
-        let down = k == -d || (k != d && at(k - 1) < at(k + 1));
-        let prev_k = if down { k + 1 } else { k - 1 };
-        let prev_x = at(prev_k);
-        let prev_y = prev_x - prev_k;
-        while x > prev_x && y > prev_y {
-            back.push(Step::Keep);
-            x -= 1;
-            y -= 1;
-        }
-        back.push(if down { Step::Add } else { Step::Drop });
-        x = prev_x;
-        y = prev_y;
-    }
-    while x > 0 && y > 0 {
-        back.push(Step::Keep);
-        x -= 1;
-        y -= 1;
-    }
-    back.reverse();
-    Some(back)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A small deterministic generator.
-    struct Lcg(u64);
-    impl Lcg {
-        fn below(&mut self, n: u64) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            (self.0 >> 33) % n.max(1)
-        }
-    }
-
-    fn rule(line: u32, port: u16) -> Rule {
-        Rule {
-            line,
-            from: vec![Selector::Tag("web".into())],
-            to: vec![Selector::Tag(format!("db-{}", port % 7))],
-            ports: vec![Ports::Tcp(port, port)],
-        }
-    }
-
-    /// A policy of rules with these ports, each rule on its own 4 lines.
-    fn policy(version: u64, ports: &[u16]) -> Policy {
-        Policy {
-            version,
-            rules: ports
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| rule(1 + 4 * i as u32, p))
-                .collect(),
-        }
-    }
+    use crate::policy::testkit::{policy, rule, Lcg};
 
     /// `p` with `edit` applied, or why not; `p` itself unchanged when refused.
     fn edited(p: &Policy, edit: &PolicyEdit) -> Result<Policy, EditError> {
@@ -634,7 +436,7 @@ mod tests {
     fn order_and_repeated_rules_come_out_exactly() {
         let mut rng = Lcg(11);
         for round in 0..300 {
-            let n = rng.below(40) as usize;
+            let n = rng.below(40);
             // Few distinct ports: rules repeat.
             let ports: Vec<u16> = (0..n).map(|_| rng.below(6) as u16).collect();
             let old = policy(round, &ports);
@@ -642,20 +444,20 @@ mod tests {
             for _ in 0..rng.below(4) {
                 match rng.below(4) {
                     0 if !new_ports.is_empty() => {
-                        let i = rng.below(new_ports.len() as u64) as usize;
+                        let i = rng.below(new_ports.len());
                         new_ports.remove(i);
                     }
                     1 => {
-                        let i = rng.below(new_ports.len() as u64 + 1) as usize;
+                        let i = rng.below(new_ports.len() + 1);
                         new_ports.insert(i, rng.below(9) as u16);
                     }
                     2 if new_ports.len() > 1 => {
-                        let i = rng.below(new_ports.len() as u64) as usize;
-                        let j = rng.below(new_ports.len() as u64) as usize;
+                        let i = rng.below(new_ports.len());
+                        let j = rng.below(new_ports.len());
                         new_ports.swap(i, j);
                     }
                     _ if !new_ports.is_empty() => {
-                        let i = rng.below(new_ports.len() as u64) as usize;
+                        let i = rng.below(new_ports.len());
                         new_ports[i] = 100 + rng.below(9) as u16;
                     }
                     _ => {}

@@ -478,6 +478,7 @@ pub(super) mod tests {
     use super::super::{ip_proto, parse, Ports};
     use super::*;
     use crate::key::PublicKey;
+    use crate::policy::testkit::Lcg;
     use ipnet::IpNet;
 
     pub(in crate::policy) fn node(id: NodeId, name: &str, tags: &[&str]) -> PeerInfo {
@@ -740,28 +741,6 @@ expect = \"deny\"
             BTreeSet::from([1, 2, 3, 4])
         );
         assert_eq!(visible_peers(Some(&open), &map, 1), BTreeSet::from([5]));
-    }
-
-    /// A small deterministic generator (a 64-bit LCG, Knuth's MMIX constants).
-    pub(in crate::policy) struct Lcg(pub u64);
-
-    impl Lcg {
-        pub fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            self.0 >> 33
-        }
-
-        /// A number in `0..n`.
-        pub fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next()).unwrap() % n.max(1)
-        }
-
-        pub fn chance(&mut self, percent: usize) -> bool {
-            self.below(100) < percent
-        }
     }
 
     pub(in crate::policy) const TAGS: [&str; 4] = ["web", "db", "app", "ops"];

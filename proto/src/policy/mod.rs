@@ -20,16 +20,20 @@
 //! - `edit`: a new version as the change from the one a node has ([`PolicyEdit`]), so that
 //!   an edit of a few rules of a large policy costs each node those rules.
 
+mod align;
 mod compile;
 mod edit;
 mod eval;
 mod parse;
+#[cfg(test)]
+mod testkit;
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+pub use align::Alignment;
 pub use compile::NodeTable;
 pub use edit::{EditError, EditOp, PolicyEdit};
 pub use eval::{
