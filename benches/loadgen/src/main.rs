@@ -143,8 +143,10 @@ struct Args {
     /// Joins started per second at most (0: as fast as --join-concurrency allows).
     #[arg(long, default_value_t = 0.0)]
     join_rate: f64,
-    /// Client UDP sockets the agents' connections are spread over [default: one per 500
-    /// agents, 1 to 32].
+    /// Client UDP sockets the agents' connections are spread over [default: one per 100
+    /// agents, 1 to 32]. Each real agent has a socket of its own; agents that share one share
+    /// its receive buffer, and a change of 17 KB to each of 500 agents behind one socket
+    /// overflowed it (thousands of datagrams dropped and resent a change).
     #[arg(long)]
     client_endpoints: Option<usize>,
     /// Receive and send buffer asked for each client socket, in bytes.
@@ -617,7 +619,7 @@ async fn run(
         },
         client_endpoints: args
             .client_endpoints
-            .unwrap_or_else(|| n.div_ceil(500).clamp(1, 32)),
+            .unwrap_or_else(|| n.div_ceil(100).clamp(1, 32)),
         concurrency: args.join_concurrency,
         rate: (args.join_rate > 0.0).then_some(args.join_rate),
         socket_buffer: args.socket_buffer,
