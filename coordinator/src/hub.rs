@@ -275,6 +275,8 @@ struct NodePolicies {
     next_id: u64,
     /// The network's policy the node policies are parts of.
     current: Option<Arc<Policy>>,
+    /// `current` aligned with itself, for parts of it that change (made on first demand).
+    same: Option<Arc<Alignment>>,
     /// The one before it, and its alignment with `current` (made on the first edit asked).
     previous: Option<(Arc<Policy>, Option<Arc<Alignment>>)>,
     /// The map's policy changed since `current` was taken.
@@ -291,6 +293,7 @@ impl NodePolicies {
             _ => {
                 let c = Arc::new(policy.clone());
                 self.previous = self.current.replace(c.clone()).map(|p| (p, None));
+                self.same = None;
                 self.stale = false;
                 self.by_rules.clear();
                 c
@@ -317,19 +320,23 @@ impl NodePolicies {
     /// the current one), or `None` when it goes whole: an edit would not be smaller, or `old`
     /// is of an older policy still.
     fn edit(&mut self, old: &NodePolicy, new: &NodePolicy) -> Option<PolicyEdit> {
-        let alignment = if Arc::ptr_eq(&old.whole, &new.whole) {
-            Arc::new(Alignment::same(&new.whole))
-        } else {
-            match (&mut self.previous, &self.current) {
-                (Some((before, alignment)), Some(current))
-                    if Arc::ptr_eq(before, &old.whole) && Arc::ptr_eq(current, &new.whole) =>
-                {
-                    alignment
-                        .get_or_insert_with(|| Arc::new(before.align(current)))
-                        .clone()
+        let alignment = match (&mut self.previous, &self.current) {
+            (_, Some(current)) if Arc::ptr_eq(&old.whole, current) => {
+                if !Arc::ptr_eq(&new.whole, current) {
+                    return None;
                 }
-                _ => return None,
+                self.same
+                    .get_or_insert_with(|| Arc::new(Alignment::same(current)))
+                    .clone()
             }
+            (Some((before, alignment)), Some(current))
+                if Arc::ptr_eq(before, &old.whole) && Arc::ptr_eq(current, &new.whole) =>
+            {
+                alignment
+                    .get_or_insert_with(|| Arc::new(before.align(current)))
+                    .clone()
+            }
+            _ => return None,
         };
         alignment.edit(&old.whole, &old.rules, &new.whole, &new.rules, new.digest)
     }

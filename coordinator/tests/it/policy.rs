@@ -46,7 +46,24 @@ async fn service(db: &TestDb) -> Service {
         .unwrap()
 }
 
-/// A network with nodes web-1 (tag web) and db-1 (tag db), joined as sessions.
+/// Applies every delta queued to each session to its map; returns how each delta's policy
+/// came ("set", "edit", "clear"), session by session.
+fn apply_deltas(sessions: &mut [Session], maps: &mut [Netmap]) -> Vec<&'static str> {
+    let mut kinds = Vec::new();
+    for (session, map) in sessions.iter_mut().zip(maps) {
+        for d in deltas(session) {
+            match &d.policy {
+                Some(PolicyChange::Set(_)) => kinds.push("set"),
+                Some(PolicyChange::Edit(_)) => kinds.push("edit"),
+                Some(PolicyChange::Clear) => kinds.push("clear"),
+                None => {}
+            }
+            map.apply(d).unwrap();
+        }
+    }
+    kinds
+}
+
 /// Network prod, 100.64.0.0/24.
 async fn create_prod(s: &Service) {
     s.create_network(CreateNetwork {
@@ -57,6 +74,7 @@ async fn create_prod(s: &Service) {
     .unwrap();
 }
 
+/// A network with nodes web-1 (tag web) and db-1 (tag db), joined as sessions.
 async fn mesh(s: &Service) -> Vec<Session> {
     create_prod(s).await;
     let mut sessions = Vec::new();
@@ -274,9 +292,6 @@ async fn a_restarted_or_second_coordinator_has_the_policy(db: &TestDb) {
     );
 }
 
-/// An operator's edit of a few rules of a large policy: agents whose hello says they take
-/// edits get the change as an edit of the rules they have; an older agent gets its rules
-/// whole; both end with the rules that concern them.
 /// A node `name` tagged `tag` joined to network prod with key byte `key`, its agent taking
 /// policy edits or not, and the full map it got.
 async fn join_prod(s: &Service, name: &str, tag: &str, key: u8, edits: bool) -> (Session, Netmap) {
@@ -301,6 +316,9 @@ async fn join_prod(s: &Service, name: &str, tag: &str, key: u8, edits: bool) -> 
     (session, map)
 }
 
+/// An operator's edit of a few rules of a large policy: agents whose hello says they take
+/// edits get the change as an edit of the rules they have; an older agent gets its rules
+/// whole; both end with the rules that concern them.
 async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
     let s = service(db).await;
     create_prod(&s).await;
@@ -333,20 +351,8 @@ async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
         s.edit_policy("prod", PolicyEdit::Set(policy(&ports)), "alice")
             .await
             .unwrap();
-        let mut kinds = Vec::new();
-        for (session, map) in sessions.iter_mut().zip(&mut maps) {
-            for d in deltas(session) {
-                map.apply(d.clone()).unwrap();
-                // (The old agent's join reached the new one before: no policy in it.)
-                match d.policy {
-                    Some(PolicyChange::Set(_)) => kinds.push("set"),
-                    Some(PolicyChange::Edit(_)) => kinds.push("edit"),
-                    Some(PolicyChange::Clear) => kinds.push("clear"),
-                    None => {}
-                }
-            }
-        }
-        versions.push(kinds);
+        // (The old agent's join reached the new one before: no policy in it.)
+        versions.push(apply_deltas(&mut sessions, &mut maps));
         let whole = s.hub().map("prod").unwrap();
         for (session, map) in sessions.iter().zip(&maps) {
             assert_eq!(map.version, whole.version);
@@ -422,19 +428,7 @@ async fn distinct_parts_of_a_policy_each_get_their_own_edit(db: &TestDb) {
                 .await
                 .unwrap();
         }
-        let mut kinds = Vec::new();
-        for (session, map) in sessions.iter_mut().zip(&mut maps) {
-            for d in deltas(session) {
-                match &d.policy {
-                    Some(PolicyChange::Set(_)) => kinds.push("set"),
-                    Some(PolicyChange::Edit(_)) => kinds.push("edit"),
-                    Some(PolicyChange::Clear) => kinds.push("clear"),
-                    None => {}
-                }
-                map.apply(d).unwrap();
-            }
-        }
-        rounds.push(kinds);
+        rounds.push(apply_deltas(&mut sessions, &mut maps));
         let whole = s.hub().map("prod").unwrap();
         let parts: std::collections::BTreeSet<u64> = sessions
             .iter()
@@ -463,7 +457,62 @@ async fn distinct_parts_of_a_policy_each_get_their_own_edit(db: &TestDb) {
     assert_eq!(rounds[3], ["edit"], "vm-2 alone, its part edited");
 }
 
+/// A policy set, cleared and set again: the agents get it whole, then the clear, then whole
+/// again (nothing they had is a base any more), and end with the coordinator's rules.
+async fn a_policy_set_again_after_a_clear_goes_whole(db: &TestDb) {
+    let s = service(db).await;
+    create_prod(&s).await;
+    let (mut sessions, mut maps) = (Vec::new(), Vec::new());
+    for i in 0..2u8 {
+        let (session, map) = join_prod(&s, &format!("vm-{i}"), "web", i + 1, true).await;
+        sessions.push(session);
+        maps.push(map);
+    }
+    let rules = |port: u16| -> String {
+        (0..50)
+            .map(|k| {
+                format!(
+                    "[[rule]]\nfrom = [\"tag:web\"]\nto = [\"*\"]\nports = [\"tcp:{}\"]\n",
+                    port + k
+                )
+            })
+            .collect()
+    };
+    let mut rounds = Vec::new();
+    for step in [Some(1000), None, Some(1000), Some(1001)] {
+        match step {
+            Some(port) => {
+                s.edit_policy("prod", PolicyEdit::Set(rules(port)), "alice")
+                    .await
+            }
+            None => s.edit_policy("prod", PolicyEdit::Clear, "alice").await,
+        }
+        .unwrap();
+        rounds.push(apply_deltas(&mut sessions, &mut maps));
+        let whole = s.hub().map("prod").unwrap();
+        for (session, map) in sessions.iter().zip(&maps) {
+            assert_eq!(
+                map.policy,
+                whole
+                    .policy
+                    .as_ref()
+                    .map(|p| p.for_node(&whole, session.node))
+            );
+        }
+    }
+    assert_eq!(
+        rounds,
+        [
+            ["set", "set"],
+            ["clear", "clear"],
+            ["set", "set"],
+            ["edit", "edit"]
+        ]
+    );
+}
+
 crate::on_both_stores!(
+    a_policy_set_again_after_a_clear_goes_whole,
     distinct_parts_of_a_policy_each_get_their_own_edit,
     an_edited_policy_reaches_agents_as_an_edit_or_whole,
     a_bad_policy_changes_nothing_and_names_line_and_field,

@@ -8,8 +8,10 @@
 //! any other message, or a tag that does not come first, goes through the derived decoding as
 //! before, from a copy.
 
-use serde::de::value::MapAccessDeserializer;
-use serde::de::{Error as _, MapAccess, Visitor};
+use std::borrow::Cow;
+
+use serde::de::value::{CowStrDeserializer, MapAccessDeserializer};
+use serde::de::{DeserializeSeed, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::ServerMessage;
@@ -61,6 +63,10 @@ impl<'de> Visitor<'de> for TagFirst {
             None => {}
         }
         while let Some((key, value)) = map.next_entry::<String, serde_json::Value>()? {
+            if copy.contains_key(&key) {
+                // As the derived decoding: a key twice is an error, not the last one winning.
+                return Err(A::Error::custom(format_args!("duplicate field `{key}`")));
+            }
             copy.insert(key, value);
         }
         // The derived decoding (the inherent function `remote = "Self"` makes).
@@ -68,9 +74,63 @@ impl<'de> Visitor<'de> for TagFirst {
     }
 }
 
-/// The rest of the object, after its tag, as the variant's content.
+/// The rest of the object, after its tag, as the variant's content; a second tag is an error
+/// (as in the derived decoding), not a field the content ignores.
 fn rest<'de, T: Deserialize<'de>, A: MapAccess<'de>>(map: A) -> Result<T, A::Error> {
-    T::deserialize(MapAccessDeserializer::new(map))
+    T::deserialize(MapAccessDeserializer::new(NoSecondTag(map)))
+}
+
+/// A map's entries, refusing the tag's key.
+struct NoSecondTag<A>(A);
+
+impl<'de, A: MapAccess<'de>> MapAccess<'de> for NoSecondTag<A> {
+    type Error = A::Error;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, A::Error> {
+        match self.0.next_key::<Key<'de>>()? {
+            None => Ok(None),
+            Some(Key(key)) if key == TAG => Err(A::Error::custom("duplicate field `type`")),
+            Some(Key(key)) => seed
+                .deserialize(CowStrDeserializer::<A::Error>::new(key))
+                .map(Some),
+        }
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, A::Error> {
+        self.0.next_value_seed(seed)
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        self.0.size_hint()
+    }
+}
+
+/// A key, borrowed from the input where it can be.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_borrowed_str<E: serde::de::Error>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +188,18 @@ mod tests {
     fn fields_we_do_not_know_are_ignored_after_a_tag_first() {
         let later = r#"{"type":"delta","from_version":1,"to_version":2,"upsert":[],"remove":[],"from_the_future":{"a":[1]}}"#;
         assert!(matches!(decode(later), Ok(ServerMessage::Delta(_))));
+    }
+
+    #[test]
+    fn a_tag_or_field_twice_is_an_error_as_in_the_derived_decoding() {
+        for json in [
+            r#"{"type":"delta","from_version":1,"type":"welcome","to_version":2}"#,
+            r#"{"type":"lease","seq":1,"lease_ms":5,"version":1,"type":"welcome"}"#,
+            r#"{"seq":1,"type":"lease","lease_ms":5,"version":1,"seq":2}"#,
+        ] {
+            let e = decode(json).unwrap_err();
+            assert!(e.to_string().contains("duplicate field"), "{json}: {e}");
+        }
     }
 
     #[test]

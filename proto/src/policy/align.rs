@@ -5,10 +5,11 @@
 //! The alignment is a shortest script found by the O((N+M)·D) greedy algorithm of Myers ("An
 //! O(ND) difference algorithm", 1986) after the common head and tail are set aside; past
 //! [`MAX_STEPS`] drops and adds (rules moved about wholesale), the longest run in the same
-//! order of the rules that occur once on each side instead (patience), found in O(n log n). A coordinator aligns a network's policy once per
-//! change and then makes the edit of each node's part (the rules that concern it) in one pass
-//! over the two parts ([`Alignment::edit`]): many distinct parts cost one alignment, not one
-//! search per pair of parts.
+//! order of the rules that occur once on each side instead (patience), found in O(n log n).
+//! A coordinator aligns a network's policy once per change and then makes the edit of each
+//! node's part (the rules that concern it) in one pass over the two parts
+//! ([`Alignment::edit`]): many distinct parts cost one alignment, not one search per pair of
+//! parts.
 
 use std::collections::HashMap;
 
@@ -254,7 +255,8 @@ enum Step {
     Add,
 }
 
-/// The most drops and adds [`Policy::align`] searches for (past them, it matches by patience): the search keeps the frontier of every step, some 16 MiB at this bound.
+/// The most drops and adds [`Policy::align`] searches for (past them, it matches by
+/// patience): the search keeps the frontier of every step, some 16 MiB at this bound.
 const MAX_STEPS: usize = 2048;
 
 /// A shortest script turning `a` into `b` (Myers), or `None` when it takes more than `max_d`

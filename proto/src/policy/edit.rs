@@ -16,10 +16,10 @@
 //! moving its rules, so an edit of a few rules of a large policy costs it one pass of hashing
 //! and the new rules, not a copy of the policy.
 //!
-//! The coordinator makes an edit ([`Policy::edit_to`]) from a minimal script over rule
-//! identities ([`Rule::identity`]: what the rule allows, not where it stands), found by the
-//! O((N+M)·D) greedy algorithm of Myers ("An O(ND) difference algorithm", 1986) after the
-//! common head and tail are set aside, and only when it is smaller than the whole policy.
+//! The coordinator makes an edit ([`Policy::edit_to`], or [`super::Alignment::edit`] for parts
+//! of a policy) from an alignment of the two versions' rule identities ([`Rule::identity`]:
+//! what the rule allows, not where it stands; see `align.rs`), and only when it is
+//! smaller than the new rules whole.
 //!
 //! # Security
 //! An edit comes from the network. Applying one never panics and allocates at most the
