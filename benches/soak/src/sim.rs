@@ -471,30 +471,16 @@ async fn serve(
             .flatten()
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        // Messages already in the decoder first: the chunk that carried the hello's map may
+        // have carried the next deltas too, and nothing more need ever come to wake `fill`
+        // (an agent that held nothing then stayed a version behind for good).
+        if let Err(e) = handle_buffered(slot, shared, conn) {
+            return e;
+        }
         tokio::select! {
             filled = conn.fill() => {
-                if let Err(e) = filled {
+                if let Err(e) = filled.and_then(|()| handle_buffered(slot, shared, conn)) {
                     return e;
-                }
-                loop {
-                    let msg = match conn.decoded() {
-                        Ok(Some(m)) => m,
-                        Ok(None) => break,
-                        Err(e) => return e,
-                    };
-                    let now = Instant::now().into_std();
-                    let mut v = slot.lock();
-                    let Some(s) = v.session.as_mut() else { break };
-                    if let Err(e) = s.handle_message(now, msg) {
-                        return match e {
-                            SessionError::Revoked(r) | SessionError::Refused(r) => End::Gone(r),
-                            SessionError::Unavailable(r) => End::Unavailable(r),
-                            SessionError::Protocol(r) => {
-                                shared.counters.protocol_errors.fetch_add(1, Ordering::Relaxed);
-                                End::Protocol(r)
-                            }
-                        };
-                    }
                 }
             }
             () = tokio::time::sleep_until(wake) => {
@@ -526,6 +512,29 @@ async fn serve(
             },
         }
     }
+}
+
+/// Hands every whole message in the decoder to the session.
+fn handle_buffered(slot: &Slot, shared: &Shared, conn: &mut Conn) -> Result<(), End> {
+    while let Some(msg) = conn.decoded()? {
+        let now = Instant::now().into_std();
+        let mut v = slot.lock();
+        let Some(s) = v.session.as_mut() else { break };
+        if let Err(e) = s.handle_message(now, msg) {
+            return Err(match e {
+                SessionError::Revoked(r) | SessionError::Refused(r) => End::Gone(r),
+                SessionError::Unavailable(r) => End::Unavailable(r),
+                SessionError::Protocol(r) => {
+                    shared
+                        .counters
+                        .protocol_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    End::Protocol(r)
+                }
+            });
+        }
+    }
+    Ok(())
 }
 
 fn on_event(shared: &Shared, warming: &mut Warming, event: Event) {
