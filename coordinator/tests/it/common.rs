@@ -7,7 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use meshlink_coordinator::config::Settings;
+use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::identity::SERVER_NAME;
+use meshlink_coordinator::service::{Service, Session};
 use meshlink_coordinator::store::{SqlStore, StoreError};
 use meshlink_coordinator::{pin, Coordinator};
 use meshlink_proto::control::{
@@ -123,6 +125,34 @@ pub fn key(n: u8) -> PublicKey {
     let mut k = [n; 32];
     k[0] = 0x42;
     PublicKey(k)
+}
+
+/// A node `name` joined to `network` with a one-use token tagged `tag` and key byte `key`, its
+/// agent taking policy edits or not, saying hello from 198.18.3.3.
+pub async fn join_tagged(
+    s: &Service,
+    network: &str,
+    name: &str,
+    tag: &str,
+    key: u8,
+    edits: bool,
+) -> Session {
+    let (_, secret) = s
+        .create_token(CreateToken {
+            network: network.into(),
+            tags: vec![tag.into()],
+            expires_in_secs: None,
+            uses: Some(1),
+        })
+        .await
+        .unwrap();
+    let hello = Hello {
+        policy_edits: edits,
+        ..join_hello(&secret, key, Some(name))
+    };
+    s.hello(&hello, "198.18.3.3".parse().unwrap())
+        .await
+        .unwrap()
 }
 
 pub fn join_hello(secret: &str, key_byte: u8, name: Option<&str>) -> Hello {

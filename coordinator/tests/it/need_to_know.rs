@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use meshlink_coordinator::access::PolicyEdit;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
-use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::hub::{Features, Frame, FullMapAnswer, Hub, Outbound};
 use meshlink_coordinator::service::{Service, Session, SystemClock};
@@ -23,7 +22,7 @@ use meshlink_proto::control::ServerMessage;
 use meshlink_proto::policy::{relevant_rules, visible_peers};
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange, PublicKey};
 
-use crate::common::{decode_frame, join_hello, TestDb};
+use crate::common::{decode_frame, join_tagged, TestDb};
 
 /// web talks to db; clients to the workload chat, wherever it is held.
 const POLICY: &str = r#"
@@ -155,20 +154,7 @@ fn need_to_know(map: &Netmap, me: NodeId) -> Netmap {
 }
 
 async fn join(s: &Service, name: &str, tag: &str, key: u8) -> Agent {
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![tag.into()],
-            expires_in_secs: None,
-            uses: Some(1),
-        })
-        .await
-        .unwrap();
-    Agent::new(
-        s.hello(&join_hello(&secret, key, Some(name)), remote())
-            .await
-            .unwrap(),
-    )
+    Agent::new(join_tagged(s, "prod", name, tag, key, false).await)
 }
 
 async fn create_network(s: &Service) {

@@ -2,20 +2,18 @@
 //! changes, versions and rollback, the change reaching every session as one delta, tags, a
 //! restarted coordinator and a second coordinator following the change log.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use meshlink_coordinator::access::PolicyEdit;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
-use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::{Service, Session, SystemClock};
-use meshlink_proto::control::{Hello, ServerMessage};
+use meshlink_proto::control::ServerMessage;
 use meshlink_proto::{Netmap, NetmapDelta, PolicyChange};
 
-use crate::common::{decode_frame, join_hello, TestDb};
+use crate::common::{decode_frame, join_tagged, TestDb};
 
 const POLICY: &str = r#"
 [[rule]]
@@ -35,10 +33,6 @@ to = "web-1"
 port = "tcp:22"
 expect = "deny"
 "#;
-
-fn remote() -> IpAddr {
-    "198.18.3.3".parse().unwrap()
-}
 
 async fn service(db: &TestDb) -> Service {
     Service::load(Arc::new(db.open().await), Arc::new(SystemClock), 64)
@@ -62,6 +56,24 @@ fn apply_deltas(sessions: &mut [Session], maps: &mut [Netmap]) -> Vec<&'static s
         }
     }
     kinds
+}
+
+/// Every session's map (as its agent applied what it was sent) is at the coordinator's version
+/// with exactly the rules the coordinator gives its node.
+fn assert_agents_have_their_rules(s: &Service, sessions: &[Session], maps: &[Netmap], when: &str) {
+    let whole = s.hub().map("prod").unwrap();
+    for (session, map) in sessions.iter().zip(maps) {
+        assert_eq!(map.version, whole.version, "{} {when}", session.name);
+        assert_eq!(
+            map.policy,
+            whole
+                .policy
+                .as_ref()
+                .map(|p| p.for_node(&whole, session.node)),
+            "{} {when}",
+            session.name
+        );
+    }
 }
 
 /// Network prod, 100.64.0.0/24.
@@ -295,20 +307,7 @@ async fn a_restarted_or_second_coordinator_has_the_policy(db: &TestDb) {
 /// A node `name` tagged `tag` joined to network prod with key byte `key`, its agent taking
 /// policy edits or not, and the full map it got.
 async fn join_prod(s: &Service, name: &str, tag: &str, key: u8, edits: bool) -> (Session, Netmap) {
-    let (_, secret) = s
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![tag.into()],
-            expires_in_secs: None,
-            uses: Some(1),
-        })
-        .await
-        .unwrap();
-    let hello = Hello {
-        policy_edits: edits,
-        ..join_hello(&secret, key, Some(name))
-    };
-    let session = s.hello(&hello, remote()).await.unwrap();
+    let session = join_tagged(s, "prod", name, tag, key, edits).await;
     let map = match decode_frame(&session.attached.full_map) {
         ServerMessage::FullMap(m) => m,
         other => panic!("{other:?}"),
@@ -353,19 +352,7 @@ async fn an_edited_policy_reaches_agents_as_an_edit_or_whole(db: &TestDb) {
             .unwrap();
         // (The old agent's join reached the new one before: no policy in it.)
         versions.push(apply_deltas(&mut sessions, &mut maps));
-        let whole = s.hub().map("prod").unwrap();
-        for (session, map) in sessions.iter().zip(&maps) {
-            assert_eq!(map.version, whole.version);
-            assert_eq!(
-                map.policy,
-                whole
-                    .policy
-                    .as_ref()
-                    .map(|p| p.for_node(&whole, session.node)),
-                "{}",
-                session.name
-            );
-        }
+        assert_agents_have_their_rules(&s, &sessions, &maps, &format!("round {round}"));
     }
     // The first version is whole to both; then the new agent gets edits, the old one the
     // rules whole.
@@ -438,18 +425,7 @@ async fn distinct_parts_of_a_policy_each_get_their_own_edit(db: &TestDb) {
             })
             .collect();
         assert_eq!(parts.len(), 6, "each node has a part of its own");
-        for (session, map) in sessions.iter().zip(&maps) {
-            assert_eq!(map.version, whole.version);
-            assert_eq!(
-                map.policy,
-                whole
-                    .policy
-                    .as_ref()
-                    .map(|p| p.for_node(&whole, session.node)),
-                "{} in round {round}",
-                session.name
-            );
-        }
+        assert_agents_have_their_rules(&s, &sessions, &maps, &format!("round {round}"));
     }
     assert_eq!(rounds[0], ["set"; 6]);
     assert_eq!(rounds[1], ["edit"; 6]);
@@ -489,16 +465,7 @@ async fn a_policy_set_again_after_a_clear_goes_whole(db: &TestDb) {
         }
         .unwrap();
         rounds.push(apply_deltas(&mut sessions, &mut maps));
-        let whole = s.hub().map("prod").unwrap();
-        for (session, map) in sessions.iter().zip(&maps) {
-            assert_eq!(
-                map.policy,
-                whole
-                    .policy
-                    .as_ref()
-                    .map(|p| p.for_node(&whole, session.node))
-            );
-        }
+        assert_agents_have_their_rules(&s, &sessions, &maps, &format!("{step:?}"));
     }
     assert_eq!(
         rounds,
