@@ -137,7 +137,13 @@ class PolicyBench(Bed):
             ticks[h] = int(fields[11]) + int(fields[12])
         return ticks
 
-    def measure(self, seconds):
+    def measure(self, seconds, profile=None):
+        perf = None
+        if profile:
+            # A flat CPU profile of both agents over the middle of the run (from its second second).
+            pids = ",".join(str(p.pid) for p in self.agents.values())
+            perf = self.spawn_piped("a", ["sh", "-c", f"sleep 1; exec perf record -q -e cpu-clock -F 4999 -p {pids} "
+                                                      f"-o {profile} -- sleep {max(1, seconds - 2)}"], "perf.log")
         ping = self.spawn_piped("a", ["sh", "-c", f"sleep 1; ping -i 0.01 -w {max(1, seconds - 1)} {self.server_ip}"],
                                 "ping-load.log")
         cpu0, t0 = self.cpu(), time.monotonic()
@@ -146,6 +152,9 @@ class PolicyBench(Bed):
         cpu1, t1 = self.cpu(), time.monotonic()
         text, _ = ping.communicate(timeout=30)
         self.untrack(ping)
+        if perf:
+            perf.communicate(timeout=60)
+            self.untrack(perf)
         gbps = json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
         hz = os.sysconf("SC_CLK_TCK")
         cores = {h: (cpu1[h] - cpu0[h]) / hz / (t1 - t0) for h in AGENTS}
@@ -178,6 +187,9 @@ def main():
                                                      "release"))
     p.add_argument("--json", help="write every sample here")
     p.add_argument("--keep-logs", action="store_true")
+    p.add_argument("--perf", metavar="DIR",
+                   help="also record a flat CPU profile of both agents per run (perf record -e cpu-clock) "
+                        "into DIR/ROUND-MODE.data; read with `perf report -i FILE --sort comm,sym`")
     opts = p.parse_args()
     if not root_and_tun():
         sys.exit(1)
@@ -196,7 +208,11 @@ def main():
         for r in range(opts.rounds):
             for mode in modes[r % 2:] + modes[:r % 2]:
                 version = bench.set_mode(mode, policy_file)
-                s = bench.measure(opts.time)
+                profile = None
+                if opts.perf:
+                    os.makedirs(opts.perf, exist_ok=True)
+                    profile = os.path.join(os.path.abspath(opts.perf), f"{r + 1}-{mode}.data")
+                s = bench.measure(opts.time, profile)
                 s["round"], s["policy_version"] = r + 1, version
                 if mode == "policy":
                     fw = bench.firewall("b")
