@@ -675,7 +675,14 @@ pub struct LeaseTable {
     /// Nodes whose workloads are being taken from them: their heartbeats are answered with
     /// no lease until the change is committed.
     fenced: HashMap<NodeId, u32>,
+    /// `last`'s size at which nodes not heard from for [`LeaseTable::forget_after`] are
+    /// forgotten: nodes come and go (a revoked or deleted node joins again as a new one), and
+    /// the table would otherwise keep every node a coordinator ever heard from.
+    prune_at: usize,
 }
+
+/// The least `last` is let grow to before it is pruned (see [`LeaseTable::prune`]).
+const PRUNE_AT_LEAST: usize = 1024;
 
 /// After a coordinator start, how much longer than a lease a holder that has not been heard
 /// from yet is given before its workloads fail over: agents reconnect with a backoff.
@@ -693,7 +700,28 @@ impl LeaseTable {
             last: HashMap::new(),
             started,
             fenced: HashMap::new(),
+            prune_at: PRUNE_AT_LEAST,
         }
+    }
+
+    /// How long after its last heartbeat a node is forgotten: long past any lease, margin and
+    /// start-up grace, so that a forgotten node is as silent as it was (see
+    /// [`LeaseTable::expires`]: the start of a coordinator that has run this long is older).
+    fn forget_after(&self) -> Duration {
+        (2 * (self.lease + self.margin) + STARTUP_GRACE).max(Duration::from_secs(600))
+    }
+
+    /// Forgets the nodes not heard from for [`LeaseTable::forget_after`] (fenced ones are
+    /// kept) once the table has doubled since the last time: amortised O(1) a heartbeat.
+    fn prune(&mut self, now: Instant) {
+        if self.last.len() < self.prune_at {
+            return;
+        }
+        let horizon = self.forget_after();
+        let fenced = &self.fenced;
+        self.last
+            .retain(|n, t| fenced.contains_key(n) || now.saturating_duration_since(*t) < horizon);
+        self.prune_at = (2 * self.last.len()).max(PRUNE_AT_LEAST);
     }
 
     /// The lease granted with each answer.
@@ -711,6 +739,7 @@ impl LeaseTable {
         if now > *e {
             *e = now;
         }
+        self.prune(now);
         self.lease
     }
 
@@ -752,6 +781,7 @@ impl LeaseTable {
         if now > *e {
             *e = now;
         }
+        self.prune(now);
     }
 
     /// Whether `node`'s lease has surely run out at `now`: no heartbeat for `lease + margin`.
@@ -1094,6 +1124,42 @@ pub(crate) mod tests {
         // After a start, a holder not heard from yet gets the startup grace.
         assert!(!leases.is_silent(9, t0 + Duration::from_millis(1601)));
         assert!(leases.is_silent(9, t0 + Duration::from_millis(1601) + STARTUP_GRACE));
+    }
+
+    /// Nodes come and go (a revoked or deleted node joins again as a new one): the table
+    /// forgets those long silent, and a forgotten node stays as silent as it was.
+    #[test]
+    fn lease_table_forgets_nodes_long_gone_and_keeps_them_silent() {
+        let t0 = Instant::now();
+        let mut leases =
+            LeaseTable::new(Duration::from_millis(1500), Duration::from_millis(100), t0);
+        let minute = Duration::from_secs(60);
+        // Twenty thousand nodes over twenty minutes, each heard from once.
+        let mut now = t0;
+        for n in 0..20_000u64 {
+            now = t0 + minute * (n / 1000) as u32;
+            leases.heartbeat(n, now);
+            if n == 5 {
+                // Fenced while its workload is taken from it: kept, however long ago.
+                leases.fence(n);
+            }
+        }
+        assert!(
+            leases.last.len() <= 2 * 1000 * 11,
+            "{} nodes remembered",
+            leases.last.len()
+        );
+        // What is kept: the last ten minutes' nodes and the fenced one.
+        assert!(leases.last.contains_key(&19_999));
+        assert!(leases.last.contains_key(&5));
+        assert!(!leases.last.contains_key(&0));
+        // A forgotten node is silent, as it was before it was forgotten.
+        assert!(leases.is_silent(0, now));
+        assert!(leases.is_silent(1, now));
+        assert!(!leases.is_silent(19_999, now));
+        // One heard from again is remembered again.
+        leases.heartbeat(0, now);
+        assert!(!leases.is_silent(0, now));
     }
 
     /// The bug the chaos tests found: node 1 holds chat and is cut off just before a move to
