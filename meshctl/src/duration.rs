@@ -1,10 +1,19 @@
-//! Human durations: `--expires 90s|30m|1h|2d` in, `3d4h` out.
+//! Human durations: `--expires 90s|30m|1h|2d|1w` in, `3d4h` out.
 //!
-//! The accepted form is one or more `<number><unit>` pairs, largest first or not, without
-//! spaces: `90s`, `1h30m`, `2d`. Units are `s`, `m`, `h`, `d` and `w`. A duration of zero is
-//! refused: a token that expires at once is always a mistake.
+//! Both ways go through [`jiff`]'s friendly duration format. It reads `90s`, `30m`, `1h30m`,
+//! `2d` and `1w`, and also `1h 30m`, `90 seconds`, `1.5h` and ISO 8601 (`PT1H30M`); its units
+//! are written largest first (`30m1h` is refused). A day is 24 hours and a week 7 days here.
+//!
+//! What stays ours is policy, which no crate decides for us: a duration of zero is refused (a
+//! token that expires at once is always a mistake), and so are negative ones (`-1h`,
+//! `1h ago`), parts of a second (the coordinator counts whole seconds), and years or months
+//! (they have no fixed length). [`format`] keeps the two largest units, which is a choice of
+//! precision rather than of notation; `jiff` balances, truncates and writes them.
 
 use std::time::Duration;
+
+use jiff::fmt::friendly::{Designator, Spacing, SpanPrinter};
+use jiff::{RoundMode, SignedDuration, Span, SpanRelativeTo, SpanRound, Unit};
 
 /// Why a duration argument cannot be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -12,17 +21,30 @@ pub enum DurationError {
     /// Nothing was given.
     #[error("empty duration; write it like 90s, 30m, 1h or 2d")]
     Empty,
-    /// A number is not followed by a unit, or a unit by no number.
-    #[error("{text:?} is not a duration; write it like 90s, 30m, 1h or 2d")]
+    /// The text is not a duration; `reason` is the parser's account of where it went wrong
+    /// (an unknown unit, a number without a unit, a number out of range).
+    #[error("{text:?} is not a duration ({reason}); write it like 90s, 30m, 1h or 2d")]
     Malformed {
         /// The text given.
         text: String,
+        /// What the parser found wrong.
+        reason: String,
     },
-    /// The unit is none of `s`, `m`, `h`, `d`, `w`.
-    #[error("unknown unit {unit:?} in {text:?}; use s, m, h, d or w")]
-    UnknownUnit {
-        /// The unit found.
-        unit: String,
+    /// Years or months, which have no fixed length.
+    #[error("{text:?} counts years or months, which have no fixed length; use d or w")]
+    Calendar {
+        /// The text given.
+        text: String,
+    },
+    /// The duration is negative (`-1h`, `1h ago`).
+    #[error("the duration {text:?} is negative")]
+    Negative {
+        /// The text given.
+        text: String,
+    },
+    /// The duration has a part of a second (`1.5s`, `500ms`).
+    #[error("the duration {text:?} is not a whole number of seconds")]
+    Fraction {
         /// The text given.
         text: String,
     },
@@ -32,27 +54,9 @@ pub enum DurationError {
         /// The text given.
         text: String,
     },
-    /// The duration does not fit in 64 bits of seconds.
-    #[error("the duration {text:?} is too long")]
-    TooLong {
-        /// The text given.
-        text: String,
-    },
 }
 
-/// Seconds per unit letter.
-fn unit_seconds(unit: &str) -> Option<u64> {
-    match unit {
-        "s" => Some(1),
-        "m" => Some(60),
-        "h" => Some(60 * 60),
-        "d" => Some(24 * 60 * 60),
-        "w" => Some(7 * 24 * 60 * 60),
-        _ => None,
-    }
-}
-
-/// Reads a duration such as `90s`, `30m`, `1h30m` or `2d`.
+/// Reads a duration such as `90s`, `30m`, `1h30m`, `2d` or `1w`.
 ///
 /// # Errors
 ///
@@ -62,72 +66,57 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     if trimmed.is_empty() {
         return Err(DurationError::Empty);
     }
-    let malformed = || DurationError::Malformed {
-        text: trimmed.to_owned(),
+    let text = || trimmed.to_owned();
+    let malformed = |e: jiff::Error| DurationError::Malformed {
+        text: text(),
+        reason: e.to_string(),
     };
-    let too_long = || DurationError::TooLong {
-        text: trimmed.to_owned(),
-    };
-    let mut total: u64 = 0;
-    let mut rest = trimmed;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(malformed());
-        }
-        let number: u64 = rest[..digits].parse().map_err(|_| too_long())?;
-        rest = &rest[digits..];
-        let letters = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if letters == 0 {
-            return Err(malformed());
-        }
-        let unit = &rest[..letters];
-        let per_unit = unit_seconds(unit).ok_or_else(|| DurationError::UnknownUnit {
-            unit: unit.to_owned(),
-            text: trimmed.to_owned(),
-        })?;
-        rest = &rest[letters..];
-        total = number
-            .checked_mul(per_unit)
-            .and_then(|seconds| total.checked_add(seconds))
-            .ok_or_else(too_long)?;
+    let span: Span = trimmed.parse().map_err(malformed)?;
+    if span.get_years() != 0 || span.get_months() != 0 {
+        return Err(DurationError::Calendar { text: text() });
     }
-    if total == 0 {
-        return Err(DurationError::Zero {
-            text: trimmed.to_owned(),
-        });
+    if span.is_negative() {
+        return Err(DurationError::Negative { text: text() });
     }
-    Ok(Duration::from_secs(total))
+    let exact = span
+        .to_duration(SpanRelativeTo::days_are_24_hours())
+        .map_err(malformed)?;
+    if exact.subsec_nanos() != 0 {
+        return Err(DurationError::Fraction { text: text() });
+    }
+    if exact.is_zero() {
+        return Err(DurationError::Zero { text: text() });
+    }
+    Duration::try_from(exact).map_err(malformed)
 }
 
 /// Writes a number of seconds compactly with its two largest units: `45s`, `1m30s`, `3d4h`.
+/// The second unit is the one right below the first, so a day and a minute is `1d`.
 pub fn format(seconds: u64) -> String {
-    const UNITS: [(u64, &str); 4] = [(86_400, "d"), (3_600, "h"), (60, "m"), (1, "s")];
-    if seconds == 0 {
-        return "0s".to_owned();
-    }
-    let mut out = String::new();
-    let mut rest = seconds;
-    let mut parts = 0;
-    for (size, letter) in UNITS {
-        if parts == 2 {
-            break;
-        }
-        let count = rest / size;
-        if count > 0 {
-            out.push_str(&format!("{count}{letter}"));
-            rest -= count * size;
-            parts += 1;
-        } else if parts > 0 {
-            // The second unit is the one right below the first, so `1d0h` is written `1d`.
-            break;
-        }
-    }
-    out
+    compact(seconds).unwrap_or_else(|| format!("{seconds}s"))
+}
+
+/// [`format`], or `None` past the longest span `jiff` holds (about 20,000 years), which only a
+/// wrong clock or a hostile answer can send.
+fn compact(seconds: u64) -> Option<String> {
+    let exact = SignedDuration::from_secs(i64::try_from(seconds).ok()?);
+    let in_days = SpanRound::new()
+        .largest(Unit::Day)
+        .days_are_24_hours()
+        .mode(RoundMode::Trunc);
+    let balanced = Span::try_from(exact).ok()?.round(in_days).ok()?;
+    let second_unit = if balanced.get_days() != 0 {
+        Unit::Hour
+    } else if balanced.get_hours() != 0 {
+        Unit::Minute
+    } else {
+        Unit::Second
+    };
+    let kept = balanced.round(in_days.smallest(second_unit)).ok()?;
+    let printer = SpanPrinter::new()
+        .designator(Designator::Compact)
+        .spacing(Spacing::None);
+    Some(printer.span_to_string(&kept))
 }
 
 #[cfg(test)]
@@ -135,43 +124,53 @@ mod tests {
     use super::*;
 
     #[test]
-    fn single_units() {
-        assert_eq!(parse("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse("30m"), Ok(Duration::from_secs(1_800)));
-        assert_eq!(parse("1h"), Ok(Duration::from_secs(3_600)));
-        assert_eq!(parse("2d"), Ok(Duration::from_secs(172_800)));
-        assert_eq!(parse("1w"), Ok(Duration::from_secs(604_800)));
-        assert_eq!(parse(" 5m "), Ok(Duration::from_secs(300)));
-    }
-
-    #[test]
-    fn combined_units() {
-        assert_eq!(parse("1h30m"), Ok(Duration::from_secs(5_400)));
-        assert_eq!(parse("1d2h3m4s"), Ok(Duration::from_secs(93_784)));
-        assert_eq!(parse("30m1h"), Ok(Duration::from_secs(5_400)));
+    fn documented_and_longer_forms_are_read() {
+        let cases = [
+            // The forms the flags' help and the README show.
+            ("90s", 90),
+            ("30m", 1_800),
+            ("1h", 3_600),
+            ("1h30m", 5_400),
+            ("2d", 172_800),
+            ("30d", 2_592_000),
+            ("1w", 604_800),
+            (" 5m ", 300),
+            ("1d2h3m4s", 93_784),
+            ("1w1d", 691_200),
+            // What jiff reads besides.
+            ("1h 30m", 5_400),
+            ("90 seconds", 90),
+            ("2 days", 172_800),
+            ("1.5h", 5_400),
+            ("PT1H30M", 5_400),
+        ];
+        for (text, seconds) in cases {
+            assert_eq!(parse(text), Ok(Duration::from_secs(seconds)), "{text}");
+        }
     }
 
     #[test]
     fn malformed_input_is_refused() {
         assert_eq!(parse(""), Err(DurationError::Empty));
-        assert!(matches!(parse("90"), Err(DurationError::Malformed { .. })));
-        assert!(matches!(parse("h"), Err(DurationError::Malformed { .. })));
-        assert!(matches!(parse("-1h"), Err(DurationError::Malformed { .. })));
+        assert_eq!(parse("  "), Err(DurationError::Empty));
+        for text in ["90", "h", "soon", "3x", "1h1h", "30m1h", "1h;rm"] {
+            assert!(
+                matches!(parse(text), Err(DurationError::Malformed { text: t, .. }) if t == text),
+                "{text}: {:?}",
+                parse(text)
+            );
+        }
+        assert!(matches!(parse("3y"), Err(DurationError::Calendar { .. })));
+        assert!(matches!(parse("1mo"), Err(DurationError::Calendar { .. })));
+        assert!(matches!(parse("-1h"), Err(DurationError::Negative { .. })));
         assert!(matches!(
-            parse("1.5h"),
-            Err(DurationError::UnknownUnit { .. })
+            parse("1h ago"),
+            Err(DurationError::Negative { .. })
         ));
+        assert!(matches!(parse("1.5s"), Err(DurationError::Fraction { .. })));
         assert!(matches!(
-            parse("1 h"),
-            Err(DurationError::UnknownUnit { .. })
-        ));
-        assert!(matches!(
-            parse("3y"),
-            Err(DurationError::UnknownUnit { .. })
-        ));
-        assert!(matches!(
-            parse("1H"),
-            Err(DurationError::UnknownUnit { .. })
+            parse("500ms"),
+            Err(DurationError::Fraction { .. })
         ));
         assert!(matches!(parse("0s"), Err(DurationError::Zero { .. })));
         assert!(matches!(parse("0h0m"), Err(DurationError::Zero { .. })));
@@ -179,20 +178,22 @@ mod tests {
 
     #[test]
     fn overflow_is_refused() {
-        assert!(matches!(
-            parse("99999999999999999999s"),
-            Err(DurationError::TooLong { .. })
-        ));
-        assert!(matches!(
-            parse("18446744073709551615w"),
-            Err(DurationError::TooLong { .. })
-        ));
+        for text in ["99999999999999999999s", "18446744073709551615w"] {
+            assert!(
+                matches!(parse(text), Err(DurationError::Malformed { .. })),
+                "{text}: {:?}",
+                parse(text)
+            );
+        }
     }
 
     #[test]
-    fn errors_explain_the_form() {
+    fn errors_name_the_text_and_explain_the_form() {
         let message = parse("soon").unwrap_err().to_string();
+        assert!(message.contains("\"soon\""), "{message}");
         assert!(message.contains("90s"), "{message}");
+        let message = parse("0s").unwrap_err().to_string();
+        assert!(message.contains("\"0s\""), "{message}");
     }
 
     #[test]
@@ -205,5 +206,22 @@ mod tests {
         assert_eq!(format(86_400 + 7_200 + 5), "1d2h");
         assert_eq!(format(86_400 + 60), "1d");
         assert_eq!(format(40 * 86_400), "40d");
+    }
+
+    #[test]
+    fn format_survives_any_number() {
+        assert_eq!(format(u64::MAX), "18446744073709551615s");
+        assert_eq!(format(i64::MAX as u64), "9223372036854775807s");
+    }
+
+    #[test]
+    fn format_reads_back() {
+        for seconds in [1, 59, 90, 3_600, 5_400, 86_400, 93_600, 40 * 86_400] {
+            assert_eq!(
+                parse(&format(seconds)),
+                Ok(Duration::from_secs(seconds)),
+                "{seconds}"
+            );
+        }
     }
 }

@@ -25,23 +25,28 @@ use meshlink_api::{
 use crate::duration;
 
 /// Columns are separated by this many spaces.
-const GAP: usize = 2;
+const GAP: u16 = 2;
 
 /// What an empty or absent cell shows.
 const NONE: &str = "-";
 
-/// A table with a header row; columns are as wide as their widest cell. The last column is
-/// not padded, so no line ends in spaces.
-#[derive(Debug, Clone, Default)]
+/// A table with a header row; columns are as wide as their widest cell (in terminal columns, so
+/// wide characters count twice), two spaces apart, and no line ends in spaces.
+#[derive(Debug, Clone)]
 pub struct Table {
-    rows: Vec<Vec<String>>,
+    table: comfy_table::Table,
+    columns: usize,
 }
 
 impl Table {
     /// A table with these column headers.
     pub fn new(headers: &[&str]) -> Self {
+        let mut table = plain();
+        table.set_header(headers.iter().map(|h| clean(h)));
+        space_columns(&mut table);
         Self {
-            rows: vec![headers.iter().map(|h| clean(h)).collect()],
+            table,
+            columns: headers.len(),
         }
     }
 
@@ -51,47 +56,37 @@ impl Table {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let columns = self.rows[0].len();
-        let mut row: Vec<String> = cells.into_iter().map(|c| clean(c.as_ref())).collect();
-        row.resize(columns, String::new());
-        self.rows.push(row);
+        let mut row: Vec<String> = cells
+            .into_iter()
+            .take(self.columns)
+            .map(|c| clean(c.as_ref()))
+            .collect();
+        row.resize(self.columns, String::new());
+        self.table.add_row(row);
         self
     }
 }
 
 impl fmt::Display for Table {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let columns = self.rows[0].len();
-        let widths: Vec<usize> = (0..columns)
-            .map(|i| {
-                self.rows
-                    .iter()
-                    .map(|row| width(&row[i]))
-                    .max()
-                    .unwrap_or(0)
-            })
-            .collect();
-        for row in &self.rows {
-            let mut line = String::new();
-            for (i, cell) in row.iter().enumerate() {
-                if i > 0 {
-                    line.push_str(&" ".repeat(GAP));
-                }
-                line.push_str(cell);
-                if i + 1 < columns {
-                    line.push_str(&" ".repeat(widths[i] - width(cell)));
-                }
-            }
-            writeln!(f, "{}", line.trim_end())?;
-        }
-        Ok(())
+        writeln!(f, "{}", self.table.trim_fmt())
     }
 }
 
 /// One object as `NAME  value` lines, names aligned.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Fields {
-    rows: Vec<(String, String)>,
+    table: comfy_table::Table,
+    empty: bool,
+}
+
+impl Default for Fields {
+    fn default() -> Self {
+        Self {
+            table: plain(),
+            empty: true,
+        }
+    }
 }
 
 impl Fields {
@@ -102,26 +97,37 @@ impl Fields {
 
     /// Adds a line.
     pub fn field(&mut self, name: &str, value: impl AsRef<str>) -> &mut Self {
-        self.rows.push((clean(name), clean(value.as_ref())));
+        self.table.add_row([clean(name), clean(value.as_ref())]);
+        space_columns(&mut self.table);
+        self.empty = false;
         self
     }
 }
 
 impl fmt::Display for Fields {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let name_width = self.rows.iter().map(|(n, _)| width(n)).max().unwrap_or(0);
-        for (name, value) in &self.rows {
-            let pad = " ".repeat(name_width - width(name) + GAP);
-            writeln!(f, "{}", format!("{name}{pad}{value}").trim_end())?;
+        if self.empty {
+            return Ok(());
         }
-        Ok(())
+        writeln!(f, "{}", self.table.trim_fmt())
     }
 }
 
-/// Display width of a cell; one column per character is close enough for names and
-/// addresses.
-fn width(cell: &str) -> usize {
-    cell.chars().count()
+/// A table drawn with no lines at all: cells, spaces, and a header row only if one is set. The
+/// content is never wrapped to the terminal's width (comfy-table's default), so a script reads
+/// one line per row whatever the terminal.
+fn plain() -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table
+}
+
+/// Puts [`GAP`] spaces after each column (the last one's are trimmed with the line's end)
+/// instead of comfy-table's one space each side.
+fn space_columns(table: &mut comfy_table::Table) {
+    for column in table.column_iter_mut() {
+        column.set_padding((0, GAP));
+    }
 }
 
 /// Replaces control characters, which could drive the terminal, with `?`.
@@ -167,18 +173,13 @@ fn or_none(text: String) -> String {
     }
 }
 
-/// A time as `2024-05-01T12:00:00Z`.
+/// A time as `2024-05-01T12:00:00Z`, in UTC; `@SECONDS` past the years 9999 either side of
+/// year 0, which only a wrong clock or a hostile answer can send.
 pub fn time(at: UnixTime) -> String {
-    let UnixTime(seconds) = at;
-    let days = seconds.div_euclid(86_400);
-    let of_day = seconds.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        of_day / 3_600,
-        of_day % 3_600 / 60,
-        of_day % 60
-    )
+    match jiff::Timestamp::from_second(at.0) {
+        Ok(t) => t.to_string(),
+        Err(_) => format!("@{}", at.0),
+    }
 }
 
 /// A time relative to `now`: `5m ago`, `in 2h`; `-` when absent.
@@ -198,25 +199,6 @@ pub fn time_and_relative(at: Option<UnixTime>, now: UnixTime) -> String {
         Some(t) => format!("{} ({})", time(t), relative(at, now)),
         None => NONE.to_owned(),
     }
-}
-
-/// The proleptic Gregorian date of a day counted from 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let days = days + 719_468;
-    let era = days.div_euclid(146_097);
-    let day_of_era = days - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1_460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let month = if month_from_march < 10 {
-        month_from_march + 3
-    } else {
-        month_from_march - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 /// `network list` and `network create`.
@@ -807,10 +789,32 @@ mod tests {
     }
 
     #[test]
-    fn wide_characters_count_as_one_column() {
+    fn columns_are_as_wide_as_the_terminal_shows_them() {
         let mut table = Table::new(&["N", "X"]);
         table.row(["é", "1"]);
         assert_eq!(table.to_string(), "N  X\né  1\n");
+        let mut table = Table::new(&["N", "X"]);
+        table.row(["日本", "1"]);
+        assert_eq!(table.to_string(), "N     X\n日本  1\n");
+    }
+
+    #[test]
+    fn long_cells_are_not_wrapped() {
+        let long = "x".repeat(500);
+        let mut table = Table::new(&["A", "B"]);
+        table.row([long.as_str(), "1"]);
+        assert_eq!(
+            table.to_string(),
+            format!("A{}B\n{long}  1\n", " ".repeat(501))
+        );
+    }
+
+    #[test]
+    fn fields_cannot_drive_the_terminal() {
+        let mut fields = Fields::new();
+        fields.field("NAME\r", "a\x1b]0;title\x07\nb\tc");
+        assert_eq!(fields.to_string(), "NAME?  a?]0;title??b?c\n");
+        assert_eq!(Fields::new().to_string(), "");
     }
 
     #[test]
@@ -856,6 +860,8 @@ mod tests {
         assert_eq!(time(UnixTime(4_107_542_400)), "2100-03-01T00:00:00Z");
         assert_eq!(time(UnixTime(-86_400)), "1969-12-31T00:00:00Z");
         assert_eq!(time(UnixTime(-62_135_596_800)), "0001-01-01T00:00:00Z");
+        assert_eq!(time(UnixTime(i64::MAX)), "@9223372036854775807");
+        assert_eq!(time(UnixTime(i64::MIN)), "@-9223372036854775808");
     }
 
     #[test]
@@ -864,6 +870,10 @@ mod tests {
         assert_eq!(relative(Some(NOW), NOW), "0s ago");
         assert_eq!(relative(Some(UnixTime(NOW.0 + 7_200)), NOW), "in 2h");
         assert_eq!(relative(None, NOW), "-");
+        assert_eq!(
+            relative(Some(UnixTime(i64::MIN)), UnixTime(i64::MAX)),
+            "18446744073709551615s ago"
+        );
         assert_eq!(
             time_and_relative(Some(UnixTime(NOW.0 - 300)), NOW),
             "2024-05-01T11:55:00Z (5m ago)"
