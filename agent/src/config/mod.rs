@@ -2728,7 +2728,7 @@ endpoint = "peer.example:7000"
     fn example_file_parses() {
         let f = Fixture::new();
         let psk = f.write("peer.psk", &b64(9), 0o600);
-        let text = include_str!("../../configs/agent.static.example.toml")
+        let text = include_str!("../../../configs/agent.static.example.toml")
             .replace(
                 "/etc/meshlink/private.key",
                 &f.key_path.display().to_string(),
@@ -2752,7 +2752,7 @@ endpoint = "peer.example:7000"
     #[test]
     fn example_wg_quick_file_parses() {
         let f = Fixture::new();
-        let text = include_str!("../../configs/example.wg-quick.conf");
+        let text = include_str!("../../../configs/example.wg-quick.conf");
         let s = f
             .wg("wg0.conf", text)
             .expect("the example wg-quick file is valid");
