@@ -163,7 +163,12 @@ enum Output {
 #[derive(clap::Args)]
 struct StatusArgs {
     /// Interface of the agent to ask. Env: MESHLINK_INTERFACE.
-    #[arg(long, env = "MESHLINK_INTERFACE", default_value = DEFAULT_INTERFACE)]
+    #[arg(
+        long,
+        env = "MESHLINK_INTERFACE",
+        default_value = DEFAULT_INTERFACE,
+        value_parser = meshlink_uapi::parse_interface_name
+    )]
     interface: String,
     /// Directory of the userspace API socket. Env: MESHLINK_UAPI_DIR.
     #[arg(long, env = "MESHLINK_UAPI_DIR", default_value = DEFAULT_UAPI_DIR)]
@@ -584,14 +589,11 @@ fn rough(age: Duration) -> String {
 }
 
 fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let path = args.uapi_dir.join(format!("{}.sock", args.interface));
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let response = rt
-        .block_on(uapi::request(&path, "get=meshlink"))
+    let path = meshlink_uapi::socket_path(&args.uapi_dir, &args.interface);
+    let response = uapi::CLIENT
+        .request(&path, "get=meshlink")
         .map_err(|e| anyhow::anyhow!("no agent answers on {}: {e}", path.display()))?;
-    let json_line = response.lines().next().unwrap_or_default();
+    let json_line = response.text().lines().next().unwrap_or_default();
     let v: serde_json::Value = serde_json::from_str(json_line)
         .map_err(|e| anyhow::anyhow!("{}: unexpected answer: {e}", path.display()))?;
     match args.output {

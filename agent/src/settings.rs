@@ -18,7 +18,7 @@ pub const DEFAULT_INTERFACE: &str = "mesh0";
 /// The default tunnel MTU: 1500 minus the 80 bytes of IPv6 + UDP + WireGuard overhead.
 pub const DEFAULT_MTU: u16 = 1420;
 /// The default directory of WireGuard userspace API sockets, where `wg` looks for them.
-pub const DEFAULT_UAPI_DIR: &str = "/var/run/wireguard";
+pub const DEFAULT_UAPI_DIR: &str = meshlink_uapi::DEFAULT_DIR;
 
 /// How long a mesh node trusts a network map that no coordinator has confirmed since, by
 /// default: a week (see [`Settings::max_cached_map_age`]).

@@ -130,7 +130,7 @@ pub fn main(interface: &str, foreground: bool) -> Result<(), HookError> {
     };
     // wg-quick routes the file's AllowedIPs itself.
     settings.install_routes = false;
-    let socket = settings.uapi_dir.join(format!("{interface}.sock"));
+    let socket = meshlink_uapi::socket_path(&settings.uapi_dir, interface);
     let rt = match crate::runtime() {
         Ok(rt) => rt,
         Err(e) => return Err(report_failure(ready_pipe, HookError::Os("runtime", e))),

@@ -7,9 +7,11 @@
 //!
 //! # Protocol
 //!
-//! The agent's userspace API socket is `<uapi-dir>/<interface>.sock`, a unix stream socket
-//! speaking WireGuard's UAPI framing: a request is lines ending with an empty line, and so is the
-//! reply, whose lines are `key=value`.
+//! The agent's userspace API socket is `<uapi-dir>/<interface>.sock`
+//! ([`meshlink_uapi::socket_path`]), a unix stream socket speaking WireGuard's UAPI framing: a
+//! request is lines ending with an empty line, and so is the reply, whose lines are `key=value`
+//! and end with `errno`. The exchange is [`meshlink_uapi::Client`]'s; what a claim reply means is
+//! read here.
 //!
 //! ```text
 //! -> claim=chat
@@ -22,10 +24,11 @@
 //! `errno=0` with a `generation` is success; any other `errno` is a refusal, explained by
 //! `message` when the agent sends one. Unknown keys are ignored.
 
-use std::io::{self, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use meshlink_uapi::{Client, ClientError};
 
 use crate::client::one_line;
 
@@ -143,83 +146,49 @@ fn seconds(d: Duration) -> String {
     }
 }
 
-/// The socket of the agent serving `interface`: `<uapi_dir>/<interface>.sock`.
-pub fn socket_path(uapi_dir: &Path, interface: &str) -> PathBuf {
-    uapi_dir.join(format!("{interface}.sock"))
-}
-
 /// Asks the agent listening on `socket` to claim `workload`, waiting at most `timeout` in all.
 ///
 /// # Errors
 ///
 /// Any [`ClaimError`]; a refusal is [`ClaimError::Refused`] with the agent's message.
 pub fn claim(socket: &Path, workload: &str, timeout: Duration) -> Result<Claimed, ClaimError> {
+    let bad_name = || ClaimError::BadName {
+        name: workload.to_owned(),
+    };
     if workload.is_empty() || workload.chars().any(char::is_control) {
-        return Err(ClaimError::BadName {
-            name: workload.to_owned(),
-        });
+        return Err(bad_name());
     }
     let started = Instant::now();
-    let path = || socket.to_owned();
-    let timed_out = || ClaimError::Timeout {
-        path: path(),
-        after: timeout,
-    };
-    let io_error = |source: io::Error| match source.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => timed_out(),
-        _ => ClaimError::Io {
-            path: path(),
-            source,
-        },
-    };
-    // Time left before the deadline; `None` once it has passed (a zero socket timeout would
-    // mean "wait forever").
-    let remaining = || {
-        timeout
-            .checked_sub(started.elapsed())
-            .filter(|left| !left.is_zero())
-    };
-
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClaimError::Unreachable {
-        path: path(),
-        source,
-    })?;
-    stream
-        .set_write_timeout(Some(remaining().ok_or_else(timed_out)?))
-        .map_err(io_error)?;
-    stream
-        .write_all(format!("claim={workload}\n\n").as_bytes())
-        .map_err(io_error)?;
-
-    let mut reply = Vec::new();
-    let mut chunk = [0u8; 1024];
-    while !is_complete(&reply) {
-        stream
-            .set_read_timeout(Some(remaining().ok_or_else(timed_out)?))
-            .map_err(io_error)?;
-        let n = match stream.read(&mut chunk) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_error(e)),
-        };
-        if n == 0 {
-            // The agent closed the connection: what came is the whole reply.
-            break;
-        }
-        reply.extend_from_slice(&chunk[..n]);
-        if reply.len() > REPLY_LIMIT {
-            return Err(ClaimError::BadReply {
-                path: path(),
-                detail: MalformedReply(format!("longer than {REPLY_LIMIT} bytes")),
-            });
-        }
-    }
+    let response = Client::new(timeout)
+        .max_response_bytes(REPLY_LIMIT)
+        .request(socket, &format!("claim={workload}"))
+        .map_err(|e| match e {
+            ClientError::Connect { path, source } => ClaimError::Unreachable { path, source },
+            ClientError::Timeout { path, after } => ClaimError::Timeout { path, after },
+            ClientError::Io { path, source } => ClaimError::Io { path, source },
+            ClientError::CutShort { path, received } => ClaimError::BadReply {
+                path,
+                detail: MalformedReply(if received == 0 {
+                    "the agent closed the connection without answering".into()
+                } else {
+                    format!("the agent closed the connection {received} bytes into its reply")
+                }),
+            },
+            ClientError::ResponseTooLarge { path, limit } => ClaimError::BadReply {
+                path,
+                detail: MalformedReply(format!("longer than {limit} bytes")),
+            },
+            ClientError::NotUtf8 { path } => ClaimError::BadReply {
+                path,
+                detail: MalformedReply("not UTF-8 text".into()),
+            },
+            // A name too long for one request line.
+            ClientError::EmptyRequest
+            | ClientError::EmptyLineInRequest
+            | ClientError::RequestTooLarge => bad_name(),
+        })?;
     let took = started.elapsed();
-    let text = String::from_utf8(reply).map_err(|_| ClaimError::BadReply {
-        path: path(),
-        detail: MalformedReply("not UTF-8 text".into()),
-    })?;
-    match parse_reply(&text) {
+    match parse_reply(response.text()) {
         Ok(Reply::Claimed { generation }) => Ok(Claimed { generation, took }),
         Ok(Reply::Refused { errno, message }) => Err(ClaimError::Refused {
             workload: workload.to_owned(),
@@ -227,15 +196,10 @@ pub fn claim(socket: &Path, workload: &str, timeout: Duration) -> Result<Claimed
             message,
         }),
         Err(detail) => Err(ClaimError::BadReply {
-            path: path(),
+            path: socket.to_owned(),
             detail,
         }),
     }
-}
-
-/// Whether a reply has reached its terminating empty line.
-fn is_complete(reply: &[u8]) -> bool {
-    reply.starts_with(b"\n") || reply.windows(2).any(|w| w == b"\n\n")
 }
 
 /// Reads the agent's reply: `key=value` lines up to the first empty line (or the end).
@@ -315,9 +279,8 @@ fn describe_errno(errno: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixListener;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::thread;
+    use meshlink_uapi::socket_path;
+    use meshlink_uapi::test_support::serve_once;
 
     fn malformed(text: &str) -> String {
         parse_reply(text).unwrap_err().to_string()
@@ -384,59 +347,10 @@ mod tests {
     }
 
     #[test]
-    fn sockets_are_named_after_the_interface() {
-        assert_eq!(
-            socket_path(Path::new("/var/run/wireguard"), "mesh0"),
-            Path::new("/var/run/wireguard/mesh0.sock")
-        );
-    }
-
-    /// A scratch directory, removed on drop.
-    struct Scratch(PathBuf);
-
-    impl Scratch {
-        fn new() -> Self {
-            static N: AtomicU32 = AtomicU32::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let dir =
-                std::env::temp_dir().join(format!("meshctl-claim-unit-{}-{n}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(&dir).unwrap();
-            Self(dir)
-        }
-    }
-
-    impl Drop for Scratch {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    /// Serves one connection: reads the request up to its empty line, answers `reply` (if
-    /// any), and returns the request.
-    fn agent(path: &Path, reply: Option<&'static str>) -> thread::JoinHandle<String> {
-        let listener = UnixListener::bind(path).unwrap();
-        thread::spawn(move || {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\n\n") && stream.read(&mut byte).unwrap() == 1 {
-                request.push(byte[0]);
-            }
-            match reply {
-                Some(reply) => stream.write_all(reply.as_bytes()).unwrap(),
-                // Say nothing until the client gives up and closes.
-                None => while stream.read(&mut byte).unwrap_or(0) == 1 {},
-            }
-            String::from_utf8(request).unwrap()
-        })
-    }
-
-    #[test]
     fn a_claim_over_the_socket() {
-        let dir = Scratch::new();
-        let path = socket_path(&dir.0, "mesh0");
-        let server = agent(&path, Some("generation=5\nerrno=0\n\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "mesh0");
+        let server = serve_once(&path, Some("generation=5\nerrno=0\n\n".as_bytes()));
         let claimed = claim(&path, "chat", DEFAULT_TIMEOUT).unwrap();
         assert_eq!(claimed.generation, 5);
         assert!(claimed.took < DEFAULT_TIMEOUT);
@@ -445,9 +359,12 @@ mod tests {
 
     #[test]
     fn a_refusal_over_the_socket() {
-        let dir = Scratch::new();
-        let path = socket_path(&dir.0, "mesh0");
-        let server = agent(&path, Some("message=not allowed here\nerrno=-1\n\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "mesh0");
+        let server = serve_once(
+            &path,
+            Some("message=not allowed here\nerrno=-1\n\n".as_bytes()),
+        );
         let err = claim(&path, "chat", DEFAULT_TIMEOUT).unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -458,9 +375,9 @@ mod tests {
 
     #[test]
     fn a_silent_agent_times_out() {
-        let dir = Scratch::new();
-        let path = socket_path(&dir.0, "mesh0");
-        let server = agent(&path, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "mesh0");
+        let server = serve_once(&path, None);
         let started = Instant::now();
         let err = claim(&path, "chat", Duration::from_millis(200)).unwrap_err();
         assert!(matches!(err, ClaimError::Timeout { .. }), "{err:?}");
@@ -474,8 +391,8 @@ mod tests {
 
     #[test]
     fn a_missing_socket_says_what_to_check() {
-        let dir = Scratch::new();
-        let path = socket_path(&dir.0, "mesh0");
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "mesh0");
         let err = claim(&path, "chat", DEFAULT_TIMEOUT).unwrap_err();
         assert!(matches!(err, ClaimError::Unreachable { .. }), "{err:?}");
         let text = err.to_string();

@@ -457,13 +457,13 @@ struct ClaimArgs {
     #[arg(value_name = "NAME", value_parser = workload_name)]
     name: String,
     /// The agent's interface; its socket is <UAPI_DIR>/<INTERFACE>.sock.
-    #[arg(long, env = "MESHLINK_INTERFACE", default_value = "mesh0", value_parser = interface_name)]
+    #[arg(long, env = "MESHLINK_INTERFACE", default_value = "mesh0", value_parser = meshlink_uapi::parse_interface_name)]
     interface: String,
     /// The directory of the agent's userspace API socket.
     #[arg(
         long,
         env = "MESHLINK_UAPI_DIR",
-        default_value = "/var/run/wireguard",
+        default_value = meshlink_uapi::DEFAULT_DIR,
         value_name = "DIR"
     )]
     uapi_dir: PathBuf,
@@ -501,15 +501,6 @@ fn token_lifetime(text: &str) -> Result<TokenLifetime, String> {
             Err(e @ duration::DurationError::Zero { .. }) => Err(e.to_string()),
             Err(e) => Err(format!("{e}; or never, for a token that does not expire")),
         },
-    }
-}
-
-/// An interface name that makes a socket file name: no `/`, not `.` or `..`.
-fn interface_name(text: &str) -> Result<String, String> {
-    if text.is_empty() || text == "." || text == ".." || text.contains('/') || text.contains('\0') {
-        Err("not an interface name".into())
-    } else {
-        Ok(text.to_owned())
     }
 }
 
@@ -859,7 +850,7 @@ fn read_policy_file(path: &std::path::Path) -> Result<String> {
 /// `workload claim`: asks the local agent; in JSON mode prints
 /// `{"workload", "generation", "took_ms"}`.
 fn claim_workload(output: Output, args: &ClaimArgs) -> Result<()> {
-    let socket = claim::socket_path(&args.uapi_dir, &args.interface);
+    let socket = meshlink_uapi::socket_path(&args.uapi_dir, &args.interface);
     let claimed = claim::claim(&socket, &args.name, args.timeout)?;
     let json = serde_json::json!({
         "workload": args.name,

@@ -3,40 +3,15 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use meshlink_uapi::socket_path;
+use meshlink_uapi::test_support::serve_once;
 use serde_json::json;
 use support::{closed_url, meshctl, stderr, stdout};
-
-/// A scratch directory, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new() -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("meshctl-claim-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A fake agent on `<dir>/<interface>.sock`: serves one connection, reads the request up to its
 /// empty line, then answers `reply` (or stays silent until the client leaves). Returns the
@@ -46,20 +21,7 @@ fn fake_agent(
     interface: &str,
     reply: Option<&'static str>,
 ) -> thread::JoinHandle<String> {
-    let listener = UnixListener::bind(dir.join(format!("{interface}.sock"))).unwrap();
-    thread::spawn(move || {
-        let (mut stream, _) = listener.accept().unwrap();
-        let mut request = Vec::new();
-        let mut byte = [0u8; 1];
-        while !request.ends_with(b"\n\n") && stream.read(&mut byte).unwrap() == 1 {
-            request.push(byte[0]);
-        }
-        match reply {
-            Some(reply) => stream.write_all(reply.as_bytes()).unwrap(),
-            None => while stream.read(&mut byte).unwrap_or(0) == 1 {},
-        }
-        String::from_utf8(request).unwrap()
-    })
+    serve_once(&socket_path(dir, interface), reply.map(str::as_bytes))
 }
 
 /// Runs `meshctl workload claim` with no coordinator and no admin token at all.
@@ -74,7 +36,7 @@ fn claim(args: &[&str]) -> Output {
 
 #[test]
 fn claim_asks_the_local_agent_without_a_token() {
-    let dir = Scratch::new();
+    let dir = tempfile::tempdir().unwrap();
     let dir_arg = dir.path().to_str().unwrap();
     let agent = fake_agent(dir.path(), "mesh0", Some("generation=7\nerrno=0\n\n"));
     let output = claim(&["chat", "--uapi-dir", dir_arg]);
@@ -109,7 +71,7 @@ fn claim_asks_the_local_agent_without_a_token() {
 
 #[test]
 fn a_refused_claim_prints_the_agents_message() {
-    let dir = Scratch::new();
+    let dir = tempfile::tempdir().unwrap();
     let agent = fake_agent(
         dir.path(),
         "mesh0",
@@ -127,7 +89,7 @@ fn a_refused_claim_prints_the_agents_message() {
 
 #[test]
 fn a_silent_agent_times_out_clearly() {
-    let dir = Scratch::new();
+    let dir = tempfile::tempdir().unwrap();
     let agent = fake_agent(dir.path(), "mesh0", None);
     let started = Instant::now();
     let output = claim(&[
@@ -154,7 +116,7 @@ fn a_silent_agent_times_out_clearly() {
 
 #[test]
 fn no_agent_is_one_line_saying_where_it_looked() {
-    let dir = Scratch::new();
+    let dir = tempfile::tempdir().unwrap();
     let output = claim(&["chat", "--uapi-dir", dir.path().to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(1));
     let message = stderr(&output);
