@@ -208,6 +208,15 @@ pub struct Attached {
     pub features: Features,
 }
 
+impl Attached {
+    /// The full map to send first, taken: a session holds it only until it is written. It
+    /// is the whole map as of the attachment (shared only with sessions attached at the same
+    /// version), and a session kept it for its whole life, a copy of the map per session.
+    pub fn take_full_map(&mut self) -> Frame {
+        std::mem::replace(&mut self.full_map, Frame::from(Vec::new()))
+    }
+}
+
 /// What one [`Hub::apply`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Fanout {

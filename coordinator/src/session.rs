@@ -597,11 +597,14 @@ async fn session_loop<T: Transport>(
         return end;
     }
     pushed(&session.welcome, session.welcome.len());
-    let full_map = session.attached.full_map.bytes(compression);
-    if let Err(end) = self::write(write, full_map, limits).await {
-        return end;
+    {
+        let full_map = session.attached.take_full_map();
+        let bytes = full_map.bytes(compression);
+        if let Err(end) = self::write(write, bytes, limits).await {
+            return end;
+        }
+        pushed(&full_map, bytes.len());
     }
-    pushed(&session.attached.full_map, full_map.len());
     loop {
         tokio::select! {
             record = reader.next() => match record {
