@@ -91,7 +91,7 @@ pub struct KeyState {
 }
 
 impl KeyState {
-    fn sessions(&self) -> MutexGuard<'_, HashMap<NodeId, Option<UnixTime>>> {
+    pub(crate) fn sessions(&self) -> MutexGuard<'_, HashMap<NodeId, Option<UnixTime>>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -109,6 +109,11 @@ impl Service {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
+    }
+
+    /// Forgets node `node`'s session here (the node was revoked or deleted).
+    pub(crate) fn keys_forget(&self, node: NodeId) {
+        self.keys.sessions().remove(&node);
     }
 
     /// Sends `RotateKey` to node `node`'s session here, for the request made at `asked`, if

@@ -1869,6 +1869,25 @@ impl Service {
         self.hub.close(network, node, reason, Some(last))
     }
 
+    /// Forgets what this coordinator keeps per node about a node revoked or deleted: it
+    /// never comes back under its id (a revoked node joins again as a new one), and the
+    /// tables would otherwise keep every node a coordinator ever served. Its lease stays
+    /// in the lease table (a revoked holder's workloads wait for it to run out; the table
+    /// forgets long silent nodes itself), and releases waiting for it run to their end.
+    fn forget_node(&self, node: NodeId) {
+        self.pace().forget(node);
+        self.handovers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .acked
+            .remove(&node);
+        self.keys_forget(node);
+        self.recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+    }
+
     pub(crate) async fn remove(
         &self,
         node: &NodeRecord,
@@ -1877,7 +1896,7 @@ impl Service {
         why: &str,
     ) {
         let text = format!("node {} ({}) was {why}", node.id, node.name);
-        self.pace().forget(node.id);
+        self.forget_node(node.id);
         if self.close_session(&node.network, node.id, reason, text) {
             tracing::info!(node = node.id, network = %node.network, "closing the session of a node {why}");
         }
@@ -1918,6 +1937,65 @@ mod tests {
             labels: BTreeMap::new(),
             endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],
         }
+    }
+
+    /// A node revoked or deleted never comes back under its id: what the service kept about
+    /// it (its acknowledged map version, its session's rotation requests, its recorded lease
+    /// renewals) goes with it, or the tables would keep every node ever served.
+    #[tokio::test]
+    async fn a_removed_node_leaves_nothing_behind_in_the_services_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+            .await
+            .unwrap();
+        let svc = Service::load(Arc::new(store), Arc::new(SystemClock), 16)
+            .await
+            .unwrap();
+        svc.create_network(CreateNetwork {
+            name: "prod".into(),
+            cidr: "100.64.0.0/24".into(),
+        })
+        .await
+        .unwrap();
+        let mut nodes = Vec::new();
+        for key in [1, 2] {
+            let (_, token) = svc
+                .create_token(CreateToken {
+                    network: "prod".into(),
+                    tags: vec![],
+                    expires_in_secs: None,
+                    uses: None,
+                })
+                .await
+                .unwrap();
+            let remote: IpAddr = "198.18.0.1".parse().unwrap();
+            let joined = svc
+                .hello(&hello(Auth::JoinToken { secret: token }, key), remote)
+                .await
+                .unwrap();
+            nodes.push(joined.node);
+        }
+        let kept = |node: NodeId| {
+            [
+                svc.handovers.lock().unwrap().acked.contains_key(&node),
+                svc.keys.sessions().contains_key(&node),
+                svc.recorded.lock().unwrap().contains_key(&node),
+            ]
+        };
+        for node in &nodes {
+            svc.handovers.lock().unwrap().acked.insert(*node, 3);
+            svc.keys.sessions().insert(*node, None);
+            svc.recorded.lock().unwrap().insert(*node, svc.instant());
+            assert_eq!(kept(*node), [true; 3]);
+        }
+        svc.revoke_node(&nodes[0].to_string(), Some("prod"))
+            .await
+            .unwrap();
+        assert_eq!(kept(nodes[0]), [false; 3], "revoked");
+        svc.delete_node(&nodes[1].to_string(), Some("prod"))
+            .await
+            .unwrap();
+        assert_eq!(kept(nodes[1]), [false; 3], "deleted");
     }
 
     /// A hello with a wrong token or node secret is refused from a read of the store: it does
