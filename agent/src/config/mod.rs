@@ -120,7 +120,7 @@ pub const MIN_MTU_IPV6: u16 = 1280;
 /// The largest MTU accepted.
 pub const MAX_MTU: u16 = 9000;
 /// The longest interface name Linux accepts, in bytes.
-pub const MAX_INTERFACE_LEN: usize = 15;
+pub use meshlink_uapi::MAX_INTERFACE_LEN;
 
 /// The longest `max_cached_map_age` accepted short of `never`: ten years.
 pub const MAX_MAP_AGE: Duration = Duration::from_secs(3650 * 24 * 3600);

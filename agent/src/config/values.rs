@@ -8,32 +8,12 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Resolver, MAX_INTERFACE_LEN, MAX_MAP_AGE, MAX_MTU, MIN_MTU, MIN_MTU_IPV6};
+use super::{Resolver, MAX_MAP_AGE, MAX_MTU, MIN_MTU, MIN_MTU_IPV6};
 use crate::settings::{MetricsListen, DEFAULT_DNS_PORT};
 
 /// Checks an interface name: 1 to 15 bytes of `[A-Za-z0-9_.-]`, not `.` or `..`.
 pub(super) fn parse_interface(name: &str) -> Result<String, String> {
-    if name.is_empty() {
-        return Err("the interface name is empty".to_string());
-    }
-    if name.len() > MAX_INTERFACE_LEN {
-        return Err(format!(
-            "interface name {name:?} is {} bytes long; the limit is {MAX_INTERFACE_LEN}",
-            name.len()
-        ));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(format!(
-            "interface name {name:?} holds {c:?}; only letters, digits, `_`, `.` and `-` are allowed"
-        ));
-    }
-    if name == "." || name == ".." {
-        return Err(format!("{name:?} is not a valid interface name"));
-    }
-    Ok(name.to_string())
+    meshlink_uapi::parse_interface_name(name).map_err(|e| e.to_string())
 }
 
 /// Checks that a path is not empty.
