@@ -29,11 +29,11 @@
 
 mod fail_closed;
 mod handle;
+mod interface;
 mod maps;
 mod packets;
 mod reconcile;
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ use crate::control::workloads::{ClaimSender, Shared, Tunnels};
 use crate::control::{ControlError, MeshControl};
 use crate::dataplane::Device;
 use crate::metrics::{AgentMetrics, MetricsError, MetricsListener, MetricsSource};
-use crate::platform::netlink::{self, route_plan, Netlink, NetlinkError};
+use crate::platform::netlink::{self, Netlink, NetlinkError};
 use crate::platform::tun::{Tun, TunError};
 use crate::platform::udp::{UdpError, UdpTransport, Underlay};
 use crate::settings::{DeviceConfig, Settings};
@@ -57,6 +57,7 @@ use meshlink_proto::{Netmap, NodeId};
 
 use fail_closed::{overlay_prefixes, FailClosed};
 use handle::{Control, DnsServed};
+use interface::{Installed, Kind};
 use maps::{trusted_maps, without_peers};
 use packets::{timers, tun_to_udp, udp_to_tun};
 use reconcile::reconcile_mesh;
@@ -251,18 +252,14 @@ pub async fn run(
     for a in &settings.addresses {
         nl.add_address(*a).await?;
     }
-    let mut installed = BTreeSet::new();
-    let mut workload_addrs: BTreeSet<IpNet> = BTreeSet::new();
+    let mut routes = Installed::new(Kind::Route);
+    let mut workload_addrs = Installed::new(Kind::Address);
     let at_start = if settings.install_routes {
         wanted_routes(&settings.device)
     } else {
         Vec::new()
     };
-    let (add, _) = route_plan(&installed, &at_start);
-    for net in add {
-        nl.add_route(net).await?;
-        installed.insert(net);
-    }
+    routes.install(&nl, &at_start).await?;
     // Tells the receive loop that packets kept back at handovers may be delivered.
     let kept = Arc::new(Notify::new());
     let mut cleanup = Cleanup { socket: None };
@@ -467,41 +464,15 @@ pub async fn run(
             while let Some(cmd) = routes_rx.recv().await {
                 match cmd {
                     NetCmd::Routes(wanted) => {
-                        let (add, del) = route_plan(&installed, &wanted);
-                        for net in del {
-                            if let Err(e) = nl.del_route(net).await { warn!("{e}"); }
-                            installed.remove(&net);
-                        }
-                        for net in add {
-                            match nl.add_route(net).await {
-                                Ok(()) => { installed.insert(net); }
-                                Err(e) => warn!("{e}"),
-                            }
-                        }
+                        routes.reconcile(&nl, &wanted).await;
                         if let Some(f) = &mut fail_closed {
-                            f.follow(&installed).await;
+                            f.follow(routes.nets()).await;
                         }
                     }
                     NetCmd::Addresses(wanted) => {
-                        let (add, del) = route_plan(&workload_addrs, &wanted);
-                        for net in del {
-                            match nl.del_address(net).await {
-                                Ok(()) => info!(address = %net, "workload address released"),
-                                Err(e) => warn!("{e}"),
-                            }
-                            workload_addrs.remove(&net);
-                        }
-                        for net in add {
-                            match nl.add_address(net).await {
-                                Ok(()) => {
-                                    info!(address = %net, "workload address held");
-                                    workload_addrs.insert(net);
-                                }
-                                Err(e) => warn!("{e}"),
-                            }
-                        }
+                        workload_addrs.reconcile(&nl, &wanted).await;
                         // Only now that the kernel has them: what was kept back for them.
-                        device.set_addresses_up(workload_addrs.iter().map(IpNet::addr));
+                        device.set_addresses_up(workload_addrs.nets().iter().map(IpNet::addr));
                         if device.has_released() {
                             kept.notify_one();
                         }
@@ -530,11 +501,7 @@ pub async fn run(
             }
         }
     }
-    for net in &installed {
-        if let Err(e) = nl.del_route(*net).await {
-            debug!("{e}");
-        }
-    }
+    routes.remove_all(&nl).await;
     if let Some(f) = &fail_closed {
         info!(prefixes = ?f.held, "fail_closed: blackhole routes left in place");
     }
