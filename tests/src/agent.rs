@@ -124,7 +124,7 @@ impl AgentConfig {
     /// The path of the UAPI socket the agent will serve.
     pub fn uapi_socket(&self) -> PathBuf {
         let dir = self.uapi_dir.as_deref().unwrap_or(Path::new(UAPI_DIR));
-        dir.join(format!("{}.sock", self.interface))
+        meshlink_uapi::socket_path(dir, &self.interface)
     }
 }
 

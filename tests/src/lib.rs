@@ -73,7 +73,7 @@ pub use xfer::{Transfer, XferReceiver, XferSender};
 
 /// The default directory of WireGuard userspace API sockets, shared by every namespace
 /// (it is a filesystem path, not a network object).
-pub const UAPI_DIR: &str = "/var/run/wireguard";
+pub const UAPI_DIR: &str = meshlink_uapi::DEFAULT_DIR;
 
 /// Whether this process may build namespaces and TUN devices.
 ///

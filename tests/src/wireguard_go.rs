@@ -1,7 +1,7 @@
 //! Debian's `wireguard-go` as a reference peer, configured the stock way: `wg set` over its
 //! userspace API socket, then `ip` for addresses, MTU and routes.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agent::PeerConfig;
@@ -152,7 +152,7 @@ impl WireguardGo {
 impl Drop for WireguardGo {
     fn drop(&mut self) {
         self.process.terminate();
-        let socket = PathBuf::from(UAPI_DIR).join(format!("{}.sock", self.interface));
+        let socket = meshlink_uapi::socket_path(Path::new(UAPI_DIR), &self.interface);
         if socket.exists() {
             let _ = std::fs::remove_file(socket);
         }

@@ -238,7 +238,7 @@ fn log_text(log: &Path) -> String {
 }
 
 fn socket_path(iface: &str) -> PathBuf {
-    Path::new(UAPI_DIR).join(format!("{iface}.sock"))
+    meshlink_uapi::socket_path(Path::new(UAPI_DIR), iface)
 }
 
 /// The pid of the process serving the userspace API socket at `path`, from the kernel
