@@ -220,9 +220,33 @@ fn pubkey() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The runtime's worker threads unless `MESHLINK_WORKER_THREADS` says otherwise: the send loop
+/// and the receive loop each get one (see `run`).
+const WORKER_THREADS: usize = 2;
+/// The most worker threads `MESHLINK_WORKER_THREADS` may ask for.
+const MAX_WORKER_THREADS: usize = 64;
+
+/// The runtime's worker threads: `MESHLINK_WORKER_THREADS` (1 to 64; default 2). One thread
+/// suits a VM with one vCPU: the send and receive loops then take turns.
+fn worker_threads(value: Option<&str>) -> Result<usize, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(WORKER_THREADS),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=MAX_WORKER_THREADS).contains(&n) => Ok(n),
+            _ => Err(format!(
+                "MESHLINK_WORKER_THREADS: {v:?} is not a number of threads from 1 to \
+                 {MAX_WORKER_THREADS}"
+            )),
+        },
+    }
+}
+
+/// The agent's runtime; a bad `MESHLINK_WORKER_THREADS` is an `InvalidInput` error naming it.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = worker_threads(std::env::var("MESHLINK_WORKER_THREADS").ok().as_deref())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(threads)
         .enable_all()
         .thread_name("meshlink")
         .build()
@@ -847,6 +871,18 @@ mod tests {
             log_filter(Some("info,hickory_server=debug")),
             "info,hickory_server=debug"
         );
+    }
+
+    #[test]
+    fn worker_threads_are_two_unless_one_to_sixty_four_is_asked_for() {
+        assert_eq!(worker_threads(None), Ok(2));
+        assert_eq!(worker_threads(Some(" ")), Ok(2));
+        assert_eq!(worker_threads(Some("1")), Ok(1));
+        assert_eq!(worker_threads(Some(" 8 ")), Ok(8));
+        for bad in ["0", "65", "-1", "two", "1.5"] {
+            let e = worker_threads(Some(bad)).unwrap_err();
+            assert!(e.starts_with("MESHLINK_WORKER_THREADS:"), "{e}");
+        }
     }
 
     #[test]
