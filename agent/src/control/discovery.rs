@@ -45,21 +45,15 @@ impl std::fmt::Debug for Discovery {
 }
 
 impl Discovery {
-    /// Discovery for the node with these keys, its WireGuard socket on `wg_port` of a tunnel
-    /// with `mtu`, the control link in `shared`.
+    /// Discovery for the node with these keys, its WireGuard socket on `wg_port`, the control
+    /// link in `shared`.
     #[must_use]
-    pub fn new(
-        own: PublicKey,
-        private: [u8; 32],
-        wg_port: u16,
-        mtu: u16,
-        shared: &Shared,
-    ) -> Arc<Self> {
+    pub fn new(own: PublicKey, private: [u8; 32], wg_port: u16, shared: &Shared) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(INBOX);
         let seed = rand_core::RngCore::next_u64(&mut rand_core::OsRng);
         Arc::new(Self {
             paths: Mutex::new(Paths::new(own, private, seed)),
-            relay: Arc::new(RelayClient::new(wg_port, mtu, shared.link.subscribe())),
+            relay: Arc::new(RelayClient::new(wg_port, shared.link.subscribe())),
             inbox: tx,
             inbox_rx: Mutex::new(Some(rx)),
             dropped: std::sync::atomic::AtomicU64::new(0),

@@ -32,14 +32,14 @@ use super::workloads::Link;
 /// payloads), so a full WireGuard datagram takes two frames.
 pub const MAX_FRAME: usize = 1100;
 
-/// The room a shim gives one datagram from the WireGuard socket of a tunnel with `mtu`: the
-/// largest WireGuard datagram (the packet padded to 16 bytes, a 16-byte header and a 16-byte
-/// tag) and one byte more, so that a longer datagram shows as one that filled the buffer.
-/// Every shim's buffer lives as long as its peer is relayed: a mesh reached through a relay
-/// has one per peer, and 64 KiB each made 200 relayed peers cost 12.5 MiB.
-fn shim_room(mtu: u16) -> usize {
-    usize::from(mtu) + 15 + 32 + 1
-}
+/// The room a shim gives one datagram from the WireGuard socket: the largest WireGuard
+/// datagram of a tunnel at the largest MTU the agent takes (the packet padded to 16 bytes, a
+/// 16-byte header and a 16-byte tag) and one byte more, so that a longer datagram shows as
+/// one that filled the buffer. The largest, not the tunnel's own: the MTU may be changed
+/// while the agent runs (`ip link set mtu`). Every shim's buffer lives as long as its peer is
+/// relayed: a mesh reached through a relay has one per peer, and 64 KiB each made 200
+/// relayed peers cost 12.5 MiB (9 KiB each: 1.8 MiB).
+const SHIM_ROOM: usize = crate::config::MAX_MTU as usize + 15 + 32 + 1;
 
 /// What the relay client counted.
 #[derive(Debug, Default)]
@@ -50,7 +50,7 @@ pub struct RelayCounters {
     pub rx: AtomicU64,
     /// Datagrams for a relayed peer while no relay session was up.
     pub no_relay: AtomicU64,
-    /// Datagrams too large for [`relay::MAX_FRAGMENTS`] frames, or for the tunnel's MTU.
+    /// Datagrams too large for [`relay::MAX_FRAGMENTS`] frames, or for the largest MTU.
     pub too_large: AtomicU64,
     /// Frames the connection refused (its buffer full, datagrams off).
     pub send_failed: AtomicU64,
@@ -73,8 +73,6 @@ impl Drop for Shim {
 /// The relay client: shims per relayed peer and the connection's datagrams.
 pub struct RelayClient {
     wg: SocketAddr,
-    /// The room for one datagram in each shim (see [`shim_room`]).
-    room: usize,
     shims: Mutex<HashMap<PublicKey, Shim>>,
     link: watch::Receiver<Option<Link>>,
     counters: Arc<RelayCounters>,
@@ -88,13 +86,12 @@ impl std::fmt::Debug for RelayClient {
 }
 
 impl RelayClient {
-    /// A client for the WireGuard socket on `wg_port` of a tunnel with `mtu`, sending on
-    /// whatever connection `link` holds.
+    /// A client for the WireGuard socket on `wg_port`, sending on whatever connection `link`
+    /// holds.
     #[must_use]
-    pub fn new(wg_port: u16, mtu: u16, link: watch::Receiver<Option<Link>>) -> Self {
+    pub fn new(wg_port: u16, link: watch::Receiver<Option<Link>>) -> Self {
         Self {
             wg: SocketAddr::from((Ipv4Addr::LOCALHOST, wg_port)),
-            room: shim_room(mtu),
             shims: Mutex::new(HashMap::new()),
             link,
             counters: Arc::new(RelayCounters::default()),
@@ -133,7 +130,6 @@ impl RelayClient {
         let task = tokio::spawn(outbound(
             socket.clone(),
             self.wg,
-            self.room,
             peer,
             self.link.clone(),
             self.counters.clone(),
@@ -247,13 +243,12 @@ impl RelayClient {
 async fn outbound(
     socket: Arc<UdpSocket>,
     wg: SocketAddr,
-    room: usize,
     peer: PublicKey,
     link: watch::Receiver<Option<Link>>,
     counters: Arc<RelayCounters>,
     next_id: Arc<AtomicU64>,
 ) {
-    let mut buf = vec![0u8; room];
+    let mut buf = vec![0u8; SHIM_ROOM];
     loop {
         let Ok((n, from)) = socket.recv_from(&mut buf).await else {
             return;
@@ -263,7 +258,7 @@ async fn outbound(
             continue;
         }
         if n == buf.len() {
-            // Longer than any datagram of this tunnel, and cut short by the buffer.
+            // Longer than any datagram of a tunnel, and cut short by the buffer.
             counters.too_large.fetch_add(1, Ordering::Relaxed);
             continue;
         }
@@ -333,15 +328,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_shim_takes_any_datagram_of_its_tunnel_and_counts_a_longer_one() {
+    async fn a_shim_takes_any_datagram_of_a_tunnel_and_counts_a_longer_one() {
         let wg = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
         let (_link_tx, link) = watch::channel(None);
-        let mtu = 1280;
-        let client = RelayClient::new(wg.local_addr().unwrap().port(), mtu, link);
+        let mtu = crate::config::MAX_MTU;
+        let client = RelayClient::new(wg.local_addr().unwrap().port(), link);
         let shim = client.endpoint(PublicKey([7; 32])).unwrap();
         let c = client.counters();
 
-        // The largest datagram a tunnel of this MTU sends: taken whole (no relay is up, so
+        // The largest datagram a tunnel at the largest MTU sends: taken whole (no relay is up, so
         // it is counted as such).
         let largest = usize::from(mtu) + 15 + 32;
         wg.send_to(&vec![1u8; largest], shim).await.unwrap();

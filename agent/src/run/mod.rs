@@ -280,7 +280,6 @@ pub async fn run(
             settings.device.private_key.public_key(),
             settings.device.private_key.to_key().0,
             udp.port(),
-            settings.mtu,
             &m.shared,
         )
     });
