@@ -168,6 +168,8 @@ impl Service {
             _ => "deleted",
         };
         let text = format!("node {node} was {why} by an operator");
+        // This coordinator may have served the node: what it kept about it goes too.
+        self.forget_node(node);
         if self.close_session(network, node, reason, text) {
             tracing::info!(
                 node,

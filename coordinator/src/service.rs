@@ -1874,7 +1874,7 @@ impl Service {
     /// tables would otherwise keep every node a coordinator ever served. Its lease stays
     /// in the lease table (a revoked holder's workloads wait for it to run out; the table
     /// forgets long silent nodes itself), and releases waiting for it run to their end.
-    fn forget_node(&self, node: NodeId) {
+    pub(crate) fn forget_node(&self, node: NodeId) {
         self.pace().forget(node);
         self.handovers
             .lock()
