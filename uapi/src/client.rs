@@ -152,7 +152,7 @@ impl Client {
                 .ok_or_else(timed_out)
         };
 
-        let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Connect {
+        let mut stream = connect(socket, remaining()?).map_err(|source| ClientError::Connect {
             path: path(),
             source,
         })?;
@@ -260,6 +260,16 @@ impl Response {
     }
 }
 
+/// Connects to the socket at `path` within `timeout`: a blocking connect to a server whose
+/// backlog is full would wait for as long as the server does not accept. Non-blocking, such a
+/// connect fails at once (`EAGAIN`), as it does for every other reason.
+fn connect(path: &Path, timeout: Duration) -> io::Result<UnixStream> {
+    let socket = socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None)?;
+    socket.connect_timeout(&socket2::SockAddr::unix(path)?, timeout)?;
+    socket.set_nonblocking(false)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(socket)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,6 +307,48 @@ mod tests {
         assert_eq!(response.errno(), Some(22));
         assert_eq!(response.into_text(), "message=no\n\nerrno=-22\n\n");
         assert_eq!(server.join().unwrap(), "set=1\nbogus=1\n\n");
+    }
+
+    /// A server that never accepts, with its backlog full: a blocking connect would wait for
+    /// ever; the client gives up within its timeout.
+    #[test]
+    fn a_server_that_never_accepts_does_not_hold_the_client() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = socket_path(dir.path(), "mesh0");
+        let listener =
+            socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+        listener
+            .bind(&socket2::SockAddr::unix(&path).unwrap())
+            .unwrap();
+        listener.listen(0).unwrap();
+        // Fill the backlog: connects that nobody accepts, until one would have to wait.
+        let mut pending = Vec::new();
+        loop {
+            let s =
+                socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).unwrap();
+            s.set_nonblocking(true).unwrap();
+            match s.connect(&socket2::SockAddr::unix(&path).unwrap()) {
+                Ok(()) => pending.push(s),
+                Err(_) => break,
+            }
+            assert!(pending.len() < 1000, "the backlog never filled");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = path.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(Client::new(Duration::from_millis(200)).request(&asked, "get=1"));
+        });
+        let answer = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the client waited on a server that never accepts");
+        assert!(
+            matches!(
+                answer,
+                Err(ClientError::Connect { .. } | ClientError::Timeout { .. })
+            ),
+            "{answer:?}"
+        );
+        drop(listener);
     }
 
     #[test]
