@@ -1939,13 +1939,9 @@ mod tests {
         }
     }
 
-    /// A node revoked or deleted never comes back under its id: what the service kept about
-    /// it (its acknowledged map version, its session's rotation requests, its recorded lease
-    /// renewals) goes with it, or the tables would keep every node ever served.
-    #[tokio::test]
-    async fn a_removed_node_leaves_nothing_behind_in_the_services_tables() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+    /// A service on a SQLite store in `dir` with network `prod` (100.64.0.0/24).
+    async fn prod_service(dir: &std::path::Path) -> Service {
+        let store = SqlStore::open_sqlite(&dir.join("coordinator.db"))
             .await
             .unwrap();
         let svc = Service::load(Arc::new(store), Arc::new(SystemClock), 16)
@@ -1957,24 +1953,35 @@ mod tests {
         })
         .await
         .unwrap();
-        let mut nodes = Vec::new();
-        for key in [1, 2] {
-            let (_, token) = svc
-                .create_token(CreateToken {
-                    network: "prod".into(),
-                    tags: vec![],
-                    expires_in_secs: None,
-                    uses: None,
-                })
-                .await
-                .unwrap();
-            let remote: IpAddr = "198.18.0.1".parse().unwrap();
-            let joined = svc
-                .hello(&hello(Auth::JoinToken { secret: token }, key), remote)
-                .await
-                .unwrap();
-            nodes.push(joined.node);
-        }
+        svc
+    }
+
+    /// A node joined to `prod` with a token of its own and key `key` (see [`hello`]).
+    async fn join(svc: &Service, key: u8) -> NodeId {
+        let (_, token) = svc
+            .create_token(CreateToken {
+                network: "prod".into(),
+                tags: vec![],
+                expires_in_secs: None,
+                uses: None,
+            })
+            .await
+            .unwrap();
+        let remote: IpAddr = "198.18.0.1".parse().unwrap();
+        svc.hello(&hello(Auth::JoinToken { secret: token }, key), remote)
+            .await
+            .unwrap()
+            .node
+    }
+
+    /// A node revoked or deleted never comes back under its id: what the service kept about
+    /// it (its acknowledged map version, its session's rotation requests, its recorded lease
+    /// renewals) goes with it, or the tables would keep every node ever served.
+    #[tokio::test]
+    async fn a_removed_node_leaves_nothing_behind_in_the_services_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = prod_service(dir.path()).await;
+        let nodes = [join(&svc, 1).await, join(&svc, 2).await];
         let kept = |node: NodeId| {
             [
                 svc.handovers.lock().unwrap().acked.contains_key(&node),
@@ -2003,33 +2010,9 @@ mod tests {
     #[tokio::test]
     async fn a_bad_credential_is_refused_without_the_write_lock() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
-            .await
-            .unwrap();
-        let svc = Service::load(Arc::new(store), Arc::new(SystemClock), 16)
-            .await
-            .unwrap();
-        svc.create_network(CreateNetwork {
-            name: "prod".into(),
-            cidr: "100.64.0.0/24".into(),
-        })
-        .await
-        .unwrap();
-        let (_, token) = svc
-            .create_token(CreateToken {
-                network: "prod".into(),
-                tags: vec![],
-                expires_in_secs: None,
-                uses: None,
-            })
-            .await
-            .unwrap();
+        let svc = prod_service(dir.path()).await;
         let remote: IpAddr = "198.18.0.1".parse().unwrap();
-        let joined = svc
-            .hello(&hello(Auth::JoinToken { secret: token }, 1), remote)
-            .await
-            .unwrap();
-        let node = joined.node;
+        let node = join(&svc, 1).await;
 
         let held = svc.write.lock().await;
         let wrong_secret = hello(
