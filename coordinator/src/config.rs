@@ -23,6 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshlink_proto::toml_error::{self, TomlProblem};
 use serde::Deserialize;
 
 use crate::server::Limits;
@@ -59,6 +60,11 @@ pub struct Settings {
     pub reflect_listen: ReflectListen,
     /// Whether agents' sessions relay WireGuard datagrams between the nodes of a network.
     pub relay: bool,
+    /// The standalone relays (`meshlink-relay`) registered with this coordinator: told to
+    /// every agent with a ticket for them (file only: `[[relays]]`). Empty: none.
+    pub relays: Vec<meshlink_proto::relay::RelayInfo>,
+    /// How long a relay ticket is good for (`relay_ticket_secs`).
+    pub relay_ticket: Duration,
     /// Protection limits.
     pub limits: Limits,
     /// Key rotation and node expiry.
@@ -78,6 +84,8 @@ impl Settings {
             store: StoreLocation::Sqlite,
             reflect_listen: ReflectListen::NextToListen,
             relay: true,
+            relays: Vec::new(),
+            relay_ticket: meshlink_relay::ticket::DEFAULT_TTL,
             limits: Limits::default(),
             keys: crate::keys::KeySettings::default(),
         }
@@ -408,6 +416,8 @@ struct FileConfig {
     reflect_listen: Option<String>,
     relay: Option<Switch>,
     relay_rate: Option<u64>,
+    relays: Option<Vec<RelayEntry>>,
+    relay_ticket_secs: Option<u64>,
     hello_timeout_secs: Option<u64>,
     audit_retention_days: Option<u64>,
     message_rate: Option<u32>,
@@ -425,6 +435,69 @@ struct FileConfig {
     key_rotation_grace_ms: Option<u64>,
     node_expiry_secs: Option<u64>,
     key_rotation_networks: Option<std::collections::BTreeMap<String, u64>>,
+}
+
+/// One `[[relays]]` entry: a standalone relay agents are told of.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayEntry {
+    name: String,
+    addr: String,
+    fingerprint: String,
+    #[serde(default)]
+    region: String,
+    #[serde(default)]
+    provider: String,
+}
+
+/// The `[[relays]]` entries, checked: names unique and short, `host:port` addresses,
+/// SHA-256 fingerprints, at most `MAX_LISTED_RELAYS`.
+fn relays(entries: Vec<RelayEntry>) -> Result<Vec<meshlink_proto::relay::RelayInfo>, String> {
+    use meshlink_proto::relay::MAX_LISTED_RELAYS;
+    if entries.len() > MAX_LISTED_RELAYS {
+        return Err(format!(
+            "{} relays listed; at most {MAX_LISTED_RELAYS}",
+            entries.len()
+        ));
+    }
+    let mut out: Vec<meshlink_proto::relay::RelayInfo> = Vec::new();
+    for e in entries {
+        let short = |what: &str, v: &str| {
+            if v.len() > 64 || v.chars().any(char::is_control) {
+                Err(format!(
+                    "relay {:?}: {what} longer than 64 characters or not printable",
+                    e.name
+                ))
+            } else {
+                Ok(())
+            }
+        };
+        short("name", &e.name)?;
+        short("region", &e.region)?;
+        short("provider", &e.provider)?;
+        if e.name.is_empty() {
+            return Err("a relay without a name".into());
+        }
+        if out.iter().any(|r| r.name == e.name) {
+            return Err(format!("relay {:?} listed twice", e.name));
+        }
+        validate_advertise(&e.addr).map_err(|m| format!("relay {:?}: addr: {m}", e.name))?;
+        let fingerprint = e.fingerprint.to_ascii_lowercase();
+        if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "relay {:?}: fingerprint must be 64 hex digits (meshlink-relay prints it)",
+                e.name
+            ));
+        }
+        out.push(meshlink_proto::relay::RelayInfo {
+            name: e.name,
+            addr: e.addr,
+            fingerprint,
+            region: e.region,
+            provider: e.provider,
+        });
+    }
+    Ok(out)
 }
 
 /// A switch in the file: `true`/`false`, or `"on"`/`"off"` as the flag takes it.
@@ -717,6 +790,23 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         workload_lease: Duration::from_millis(workload_lease_ms),
         workload_grace: Duration::from_millis(workload_grace_ms),
     };
+    let relay_list =
+        relays(cfg.relays.unwrap_or_default()).map_err(|m| bad(file_origin("relays"), m))?;
+    let relay_ticket = match cfg.relay_ticket_secs {
+        None => meshlink_relay::ticket::DEFAULT_TTL,
+        Some(s) if (60..=meshlink_relay::ticket::MAX_TTL.as_secs()).contains(&s) => {
+            Duration::from_secs(s)
+        }
+        Some(s) => {
+            return Err(bad(
+                file_origin("relay_ticket_secs"),
+                format!(
+                    "{s}: from 60 to {} (relays refuse longer tickets)",
+                    meshlink_relay::ticket::MAX_TTL.as_secs()
+                ),
+            ))
+        }
+    };
     Ok(Settings {
         state_dir,
         listen,
@@ -727,6 +817,8 @@ pub fn load(file: Option<&Path>, over: Overrides) -> Result<Settings, ConfigErro
         store,
         reflect_listen,
         relay,
+        relays: relay_list,
+        relay_ticket,
         limits,
         keys,
     })
@@ -796,35 +888,13 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         .read_to_string(&mut text)
         .map_err(read_err)?;
     toml::from_str(&text).map_err(|e| {
-        let start = e.span().map_or(0, |s| s.start).min(text.len());
-        let line = 1 + text.as_bytes()[..start]
-            .iter()
-            .filter(|b| **b == b'\n')
-            .count();
-        let mut message = e.message().trim().replace('\n', " ");
-        if !message.contains('`') {
-            if let Some(key) = key_on_line(&text, start) {
-                message = format!("{key}: {message}");
-            }
-        }
+        let TomlProblem { line, message } = toml_error::describe(&text, &e);
         ConfigError::Syntax {
             path: path.to_path_buf(),
             line,
             message,
         }
     })
-}
-
-/// The key of the `key = value` line holding byte `offset`.
-fn key_on_line(text: &str, offset: usize) -> Option<String> {
-    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
-    let end = text
-        .get(offset..)?
-        .find('\n')
-        .map_or(text.len(), |i| offset + i);
-    let key = text.get(start..end)?.split_once('=')?.0.trim();
-    (!key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-        .then(|| key.to_string())
 }
 
 /// Checks an advertised address: `host:port` with a non-zero port, IPv6 in brackets.

@@ -42,6 +42,9 @@ pub enum StartError {
     /// The QUIC endpoint cannot be made.
     #[error(transparent)]
     Quic(#[from] ServerError),
+    /// Relays are listed (`[[relays]]`) but the identity's key cannot sign their tickets.
+    #[error("[[relays]]: {0}")]
+    RelayTickets(meshlink_relay::ticket::KeyError),
     /// The TLS/TCP listener for agents cannot listen.
     #[error("cannot listen on TCP {addr} (tcp_listen): {source}")]
     Tcp {
@@ -201,6 +204,18 @@ impl Coordinator {
         let relay = settings
             .relay
             .then(|| Arc::new(Relay::new(settings.limits.relay_rate)));
+        // Standalone relays are announced on the embedded relay's channel: without it, none.
+        let grants = match (&relay, settings.relays.is_empty()) {
+            (Some(_), false) => {
+                let issuer = meshlink_relay::ticket::Issuer::new(&id.key, settings.relay_ticket)
+                    .map_err(StartError::RelayTickets)?;
+                Some(Arc::new(crate::relay::Grants::new(
+                    issuer,
+                    settings.relays.clone(),
+                )))
+            }
+            _ => None,
+        };
         service.set_endpoint_pace(
             settings.limits.endpoint_interval,
             settings.limits.endpoint_burst,
@@ -234,6 +249,7 @@ impl Coordinator {
             service.clone(),
             settings.limits.clone(),
             relay.clone(),
+            grants.clone(),
             connections.clone(),
             shutdown_rx.clone(),
         ));
@@ -244,6 +260,7 @@ impl Coordinator {
                 service.clone(),
                 settings.limits.clone(),
                 relay.clone(),
+                grants.clone(),
                 connections,
                 shutdown_rx.clone(),
             ))),

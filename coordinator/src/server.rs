@@ -25,7 +25,7 @@ use tokio::time::{timeout, timeout_at};
 use tracing::{info, Instrument};
 
 use crate::identity::Identity;
-use crate::relay::{Relay, SessionLink};
+use crate::relay::{Grants, Relay, SessionLink};
 use crate::service::Service;
 use crate::session::{self, Admission, Connections, End, Transport, LINGER};
 
@@ -141,12 +141,8 @@ pub enum ServerError {
     },
 }
 
-/// Bytes of QUIC datagrams received on one connection and not yet read by its session (quinn
-/// drops the oldest beyond it). About 100 relay frames: the session reads them as they come.
-pub const DATAGRAM_RECEIVE_BUFFER: usize = 128 * 1024;
-/// Bytes of QUIC datagrams queued to one connection and not yet sent (beyond it the relay
-/// drops new frames: `congested`). At 100 Mbit/s, 20 ms of queue.
-pub const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
+/// The bounds of a connection's QUIC datagram buffers, the same at every relay.
+pub use meshlink_relay::forward::{DATAGRAM_RECEIVE_BUFFER, DATAGRAM_SEND_BUFFER};
 
 /// Binds the QUIC endpoint with the coordinator's identity: TLS 1.3 only, ring, ALPN
 /// [`ALPN`], one bidirectional stream per connection; QUIC datagrams (bounded buffers, see
@@ -251,6 +247,7 @@ pub async fn run(
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    grants: Option<Arc<Grants>>,
     connections: Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -289,6 +286,7 @@ pub async fn run(
                 service.clone(),
                 limits.clone(),
                 relay.clone(),
+                grants.clone(),
                 admission,
             )
             .instrument(span),
@@ -309,6 +307,7 @@ async fn connection(
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    grants: Option<Arc<Grants>>,
     admission: Admission,
 ) {
     let Admission {
@@ -348,6 +347,7 @@ async fn connection(
                 &service,
                 &limits,
                 relay,
+                grants.as_ref(),
                 deadline,
                 before_hello,
             )

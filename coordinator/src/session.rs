@@ -46,7 +46,7 @@ use crate::dispatch::{SessionFault, SessionRef};
 use crate::handlers::ApiError;
 use crate::hub::{CloseReason, Outbound};
 use crate::ratelimit::TokenBucket;
-use crate::relay::{stream_link, Relay, SessionLink, Source, StreamQueue};
+use crate::relay::{stream_link, Grants, Link, Relay, SessionLink, Source, StreamQueue};
 use crate::server::{close_code, Limits};
 use crate::service::{Service, Session};
 use crate::telemetry::SessionMeter;
@@ -343,6 +343,7 @@ pub(crate) async fn serve<T: Transport>(
     service: &Arc<Service>,
     limits: &Limits,
     relay: Option<&Arc<Relay>>,
+    grants: Option<&Arc<Grants>>,
     deadline: tokio::time::Instant,
     before_hello: BeforeHello,
 ) {
@@ -355,6 +356,7 @@ pub(crate) async fn serve<T: Transport>(
         service,
         limits,
         relay,
+        grants,
         deadline,
         before_hello,
     )
@@ -373,6 +375,7 @@ async fn drive<T: Transport>(
     service: &Arc<Service>,
     limits: &Limits,
     relay: Option<&Arc<Relay>>,
+    grants: Option<&Arc<Grants>>,
     deadline: tokio::time::Instant,
     before_hello: BeforeHello,
 ) -> End {
@@ -447,62 +450,113 @@ async fn drive<T: Transport>(
             hello.public_key,
             &session.network,
             session.attached.serial,
-            link,
+            link.clone(),
         );
         let source = relay.source(hello.public_key, &session.network, Instant::now());
-        (relay, route, source)
+        (relay, route, source, link)
     });
-    let end = match relaying {
-        Some((relay, _route, source)) if datagrams.is_some() => {
-            let control = session_loop(
-                transport,
-                write,
-                reader,
-                service,
-                &mut session,
-                limits,
-                &meter,
-                None,
-                None,
-            );
-            tokio::select! {
-                end = control => end,
-                never = relay_datagrams(transport, relay, source) => match never {},
+    // Grants of the standalone relays go on the session's relay channel, beside the rest.
+    let granting = match (grants, &relaying) {
+        (Some(grants), Some((_, _, _, link))) => Some((grants.clone(), link.clone())),
+        _ => None,
+    };
+    let relaying = relaying.map(|(relay, route, source, _)| (relay, route, source));
+    let network = session.network.clone();
+    let granted = send_grants(granting, hello.public_key, &network, session.node);
+    let control = async {
+        match relaying {
+            Some((relay, _route, source)) if datagrams.is_some() => {
+                let control = session_loop(
+                    transport,
+                    write,
+                    reader,
+                    service,
+                    &mut session,
+                    limits,
+                    &meter,
+                    None,
+                    None,
+                );
+                tokio::select! {
+                    end = control => end,
+                    never = relay_datagrams(transport, relay, source) => match never {},
+                }
+            }
+            Some((relay, _route, source)) => {
+                session_loop(
+                    transport,
+                    write,
+                    reader,
+                    service,
+                    &mut session,
+                    limits,
+                    &meter,
+                    Some((relay, source)),
+                    queue,
+                )
+                .await
+            }
+            None => {
+                session_loop(
+                    transport,
+                    write,
+                    reader,
+                    service,
+                    &mut session,
+                    limits,
+                    &meter,
+                    None,
+                    None,
+                )
+                .await
             }
         }
-        Some((relay, _route, source)) => {
-            session_loop(
-                transport,
-                write,
-                reader,
-                service,
-                &mut session,
-                limits,
-                &meter,
-                Some((relay, source)),
-                queue,
-            )
-            .await
-        }
-        None => {
-            session_loop(
-                transport,
-                write,
-                reader,
-                service,
-                &mut session,
-                limits,
-                &meter,
-                None,
-                None,
-            )
-            .await
-        }
+    };
+    let end = tokio::select! {
+        end = control => end,
+        never = granted => match never {},
     };
     service
         .session_closed(&session.network, session.node, session.attached.serial)
         .await;
     end
+}
+
+/// Sends the session's node its grants ([`Grants`]) on `link`: a few at first
+/// ([`crate::relay::GRANT_FIRST`]: a QUIC datagram may be lost), then every
+/// [`Grants::every`], each with a fresh ticket. Never returns; without grants it waits for
+/// ever (the session's end is the control loop's to say).
+async fn send_grants(
+    granting: Option<(Arc<Grants>, SessionLink)>,
+    key: meshlink_proto::PublicKey,
+    network: &str,
+    node: meshlink_proto::NodeId,
+) -> std::convert::Infallible {
+    let Some((grants, link)) = granting else {
+        return std::future::pending().await;
+    };
+    let start = tokio::time::Instant::now();
+    let mut at = start;
+    let mut id: u16 = 0;
+    for n in 0usize.. {
+        tokio::time::sleep_until(at).await;
+        let max = link.max_datagram_size().unwrap_or(0);
+        match grants.frames(key, network, node, std::time::SystemTime::now(), id, max) {
+            Ok(frames) => {
+                for f in frames {
+                    // A full queue loses this grant; the next one comes.
+                    let _ = link.send(f);
+                }
+            }
+            Err(e) => warn!("cannot grant relays: {e}"),
+        }
+        id = id.wrapping_add(1);
+        at = match crate::relay::GRANT_FIRST.get(n + 1) {
+            Some(after) => start + *after,
+            None => at + grants.every(),
+        };
+    }
+    std::future::pending().await
 }
 
 /// Reads up to the hello, dropping (and counting) the relay records before it.

@@ -35,7 +35,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::identity::Identity;
-use crate::relay::{Relay, SessionLink};
+use crate::relay::{Grants, Relay, SessionLink};
 use crate::server::{tls_config, Limits, ServerError, ALPN};
 use crate::service::Service;
 use crate::session::{self, Admission, Connections, Transport, LINGER};
@@ -80,12 +80,14 @@ pub fn configure(stream: &TcpStream) -> io::Result<()> {
 /// Accepts connections until `shutdown` changes to `true` (or its sender is dropped), then
 /// stops listening, tells every session to end (code `SHUTDOWN`, in the log) and waits a
 /// little for them. `connections` is shared with the QUIC server.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    grants: Option<Arc<Grants>>,
     connections: Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -130,6 +132,7 @@ pub async fn run(
                 service.clone(),
                 limits.clone(),
                 relay.clone(),
+                grants.clone(),
                 admission,
             )
             .instrument(span),
@@ -145,6 +148,7 @@ pub async fn run(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn connection(
     stream: TcpStream,
     transport: TcpTransport,
@@ -152,6 +156,7 @@ async fn connection(
     service: Arc<Service>,
     limits: Limits,
     relay: Option<Arc<Relay>>,
+    grants: Option<Arc<Grants>>,
     admission: Admission,
 ) {
     let Admission {
@@ -189,6 +194,7 @@ async fn connection(
         &service,
         &limits,
         relay.as_ref(),
+        grants.as_ref(),
         deadline,
         before_hello,
     )

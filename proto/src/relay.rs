@@ -15,11 +15,198 @@
 //! ```text
 //! frame: peer public key (32) | id (u16, per sender) | index (u8) | count (u8) | bytes
 //! ```
+//!
+//! # Relays beyond the coordinator's
+//!
+//! Besides the relay embedded in each coordinator (frames on the control session), a mesh may
+//! run standalone relays (`meshlink-relay`). The coordinator tells each agent of them in a
+//! [`Grant`]: the relays registered with it ([`RelayInfo`]: address, certificate fingerprint,
+//! region, provider) and a [`TicketBody`] signed with the coordinator's identity key that
+//! vouches for the node's key in its network until an expiry. The grant travels as a relay
+//! frame *from the relay itself* ([`RELAY_SELF`] in the key field) on the control session,
+//! sent again well before the ticket expires; an agent that does not know grants counts it as
+//! a frame from a stranger and drops it, so the wire stays compatible both ways. An agent
+//! opens a session to each listed relay ([`RELAY_ALPN`]: a [`RelayHello`] with the ticket,
+//! answered by a [`RelayAnswer`], framed as control messages), then exchanges frames there
+//! exactly as with the embedded relay.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+
 use crate::key::PublicKey;
+use crate::netmap::NodeId;
+
+/// The key field of a frame that comes from the relay itself (a [`Grant`]), not from a
+/// node: the all-zero key, which no node may have (it is of small order).
+pub const RELAY_SELF: PublicKey = PublicKey([0; 32]);
+/// The ALPN protocol of a session with a standalone relay (QUIC and TLS/TCP alike).
+pub const RELAY_ALPN: &[u8] = b"meshlink-relay/1";
+/// The name a standalone relay's certificate is issued to and agents ask for.
+pub const RELAY_SERVER_NAME: &str = "meshlink-relay";
+/// The version of the relay session's protocol ([`RelayHello::protocol`]).
+pub const RELAY_PROTOCOL: u32 = 1;
+/// The most relays a grant lists (more registered are left out, in the coordinator's order).
+pub const MAX_LISTED_RELAYS: usize = 8;
+/// The largest message of a relay session before it is accepted (a hello with its ticket).
+pub const MAX_RELAY_MESSAGE: usize = 8 * 1024;
+/// What a signature over a ticket's body starts with (domain separation: a signature made for
+/// anything else, a TLS handshake say, never verifies as a ticket's).
+pub const TICKET_CONTEXT: &[u8] = b"meshlink relay ticket v1\0";
+
+/// A standalone relay as grants list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayInfo {
+    /// The relay's name, unique in the mesh (status shows it).
+    pub name: String,
+    /// Where it listens, `host:port` (QUIC over UDP and TLS over TCP on the same port).
+    pub addr: String,
+    /// Lowercase hex SHA-256 of its certificate: agents pin it.
+    pub fingerprint: String,
+    /// Its region, for operators (`eu-west`, say). Absent: none given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Its provider, for operators (`hetzner`, say). Absent: none given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+}
+
+/// What the coordinator tells an agent of the standalone relays: the list and a ticket.
+/// Each grant replaces the previous one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// The relays, at most [`MAX_LISTED_RELAYS`].
+    #[serde(default)]
+    pub relays: Vec<RelayInfo>,
+    /// The node's ticket ([`Ticket`] text).
+    pub ticket: String,
+    /// When the ticket expires (Unix seconds): the agent uses it until then.
+    pub expires: u64,
+}
+
+/// What a ticket vouches for: this key is a node of this network until `expires`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TicketBody {
+    /// The node's WireGuard public key.
+    pub key: PublicKey,
+    /// Its network.
+    pub network: String,
+    /// Its id (for logs).
+    pub node: NodeId,
+    /// When it was issued (Unix seconds).
+    pub issued: u64,
+    /// When it expires (Unix seconds).
+    pub expires: u64,
+}
+
+/// A ticket as text: `base64url(body JSON) "." base64url(scheme (u16, big-endian) | signature)`,
+/// the signature over [`TICKET_CONTEXT`] followed by the body JSON, made with the coordinator
+/// identity's key under the TLS signature scheme `scheme`. Parsing checks the form only; the
+/// signature is the verifier's (`meshlink-relay`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ticket {
+    /// The body's JSON, as signed.
+    pub body_json: Vec<u8>,
+    /// The body.
+    pub body: TicketBody,
+    /// The TLS signature scheme's code point.
+    pub scheme: u16,
+    /// The signature.
+    pub signature: Vec<u8>,
+}
+
+/// Why a ticket's text is not a ticket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketError {
+    /// Not two base64url parts separated by a dot, or the body is not a ticket body.
+    #[error("malformed ticket: {0}")]
+    Malformed(&'static str),
+}
+
+/// The most bytes of a ticket's text.
+pub const MAX_TICKET_LEN: usize = 2048;
+
+impl Ticket {
+    /// The message a ticket's signature covers.
+    #[must_use]
+    pub fn signed_message(body_json: &[u8]) -> Vec<u8> {
+        let mut m = Vec::with_capacity(TICKET_CONTEXT.len() + body_json.len());
+        m.extend_from_slice(TICKET_CONTEXT);
+        m.extend_from_slice(body_json);
+        m
+    }
+
+    /// The text of a ticket with `body_json`, signed with `signature` under `scheme`.
+    #[must_use]
+    pub fn encode(body_json: &[u8], scheme: u16, signature: &[u8]) -> String {
+        let mut sig = scheme.to_be_bytes().to_vec();
+        sig.extend_from_slice(signature);
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(body_json),
+            URL_SAFE_NO_PAD.encode(sig)
+        )
+    }
+
+    /// Reads a ticket's text (its form, not its signature).
+    ///
+    /// # Errors
+    /// [`TicketError::Malformed`].
+    pub fn parse(text: &str) -> Result<Ticket, TicketError> {
+        if text.len() > MAX_TICKET_LEN {
+            return Err(TicketError::Malformed("too long"));
+        }
+        let (body, sig) = text
+            .split_once('.')
+            .ok_or(TicketError::Malformed("no signature"))?;
+        let body_json = URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| TicketError::Malformed("body is not base64url"))?;
+        let sig = URL_SAFE_NO_PAD
+            .decode(sig)
+            .map_err(|_| TicketError::Malformed("signature is not base64url"))?;
+        if sig.len() < 3 {
+            return Err(TicketError::Malformed("signature too short"));
+        }
+        let body: TicketBody = serde_json::from_slice(&body_json)
+            .map_err(|_| TicketError::Malformed("body is not a ticket body"))?;
+        Ok(Ticket {
+            body_json,
+            body,
+            scheme: u16::from_be_bytes([sig[0], sig[1]]),
+            signature: sig[2..].to_vec(),
+        })
+    }
+}
+
+/// The first message of a relay session, from the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayHello {
+    /// The agent's [`RELAY_PROTOCOL`].
+    pub protocol: u32,
+    /// The node's ticket.
+    pub ticket: String,
+}
+
+/// The relay's answer to a [`RelayHello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum RelayAnswer {
+    /// Frames may flow; the relay ends the session when the ticket expires (`expires`, Unix
+    /// seconds), so the agent opens a new one with a fresh ticket before that.
+    Accepted {
+        /// The ticket's expiry.
+        expires: u64,
+    },
+    /// The ticket was refused (forged, expired, another mesh's); the session closes.
+    Refused {
+        /// Why, for the operator.
+        reason: String,
+    },
+}
 
 /// Bytes before the payload of a frame.
 pub const HEADER_LEN: usize = 32 + 2 + 1 + 1;
@@ -217,6 +404,38 @@ impl Reassembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ticket_round_trips_and_bad_text_is_refused() {
+        let body = TicketBody {
+            key: PublicKey([3; 32]),
+            network: "prod".into(),
+            node: 7,
+            issued: 100,
+            expires: 700,
+        };
+        let json = serde_json::to_vec(&body).unwrap();
+        let text = Ticket::encode(&json, 0x0403, &[9; 64]);
+        let t = Ticket::parse(&text).unwrap();
+        assert_eq!((t.body, t.scheme, t.signature), (body, 0x0403, vec![9; 64]));
+        assert!(RELAY_SELF.has_small_order(), "no node can have it");
+        for bad in [
+            "",
+            "abc",
+            "!!.!!",
+            &"a".repeat(MAX_TICKET_LEN + 1),
+            "e30.AAAA",
+        ] {
+            assert!(Ticket::parse(bad).is_err(), "{bad}");
+        }
+        let grant = Grant {
+            relays: vec![],
+            ticket: text,
+            expires: 700,
+        };
+        let back: Grant = serde_json::from_slice(&serde_json::to_vec(&grant).unwrap()).unwrap();
+        assert_eq!(back, grant);
+    }
 
     #[test]
     fn a_full_wireguard_datagram_crosses_in_two_frames_in_any_order() {

@@ -1,0 +1,776 @@
+//! The forwarding core of every relay: WireGuard datagrams between two nodes of one network
+//! that cannot reach each other directly ([`meshlink_proto::relay`] frames), as QUIC datagrams
+//! beside a session's stream or as relay records of a TLS/TCP stream
+//! ([`meshlink_proto::control::Record::Relay`]). The coordinator's embedded relay (its agents'
+//! control sessions) and the standalone `meshlink-relay` ([`crate::server`]) both forward
+//! through a [`Relay`]; only who may register a route differs (an accepted hello there, a
+//! verified ticket here: [`crate::ticket`]).
+//!
+//! Pipeline of one frame (a session loop reads it from the source's connection, once the
+//! source is accepted):
+//!
+//! ```text
+//! Relay::forward(source, frame)
+//!   ─> the source's byte cap (token bucket)        over: dropped, rate_limited
+//!   ─> parse the header: the destination's key      malformed
+//!   ─> the destination's route in the source's network
+//!                                                   none: no_route; only in another: other_network
+//!   ─> fits the destination's max_datagram_size     unsupported: it takes no datagrams
+//!        or is a whole datagram (count 1), cut into at most MAX_FRAGMENTS frames that fit
+//!                                                   else: too_large
+//!   ─> room in the destination's send buffer        congested
+//!   ─> readdress with the source's key ─> the destination's link (a QUIC datagram, or a
+//!      record queued to the TLS/TCP session's writer)
+//! ```
+//!
+//! A TLS/TCP agent sends whole WireGuard datagrams (count 1, up to ~1,500 bytes: a stream has
+//! no datagram size); a QUIC destination takes ~1,150 bytes, so the relay cuts such a frame
+//! with the sender's id and the destination's agent puts it back together, as it does for a
+//! QUIC sender's fragments. Fragments pass to a TLS/TCP destination as they are.
+//!
+//! # Security
+//!
+//! Not an open relay: only an accepted session is a source, and a frame goes only to a node
+//! of the source's own network with a live session on this relay. The receiver learns the
+//! source from the key the relay wrote, never from the sender. The relay carries WireGuard
+//! ciphertext it cannot read, which the receiving peer authenticates again. Each source is
+//! capped in bytes per second, and the destinations' queues are bounded ([`STREAM_SEND_BUFFER`],
+//! quinn's datagram buffers), so a fast source cannot make the relay queue without bound; a
+//! drop is counted, never logged per frame.
+//!
+//! Architecture invariant: a node has at most one route per network, the one of its newest
+//! session ([`Relay::register`] keeps the higher serial); a route is removed only by the
+//! session that registered it ([`Route`] on drop), so an older session's end cannot remove a
+//! newer one.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use meshlink_proto::control::MAX_RELAY_RECORD;
+use meshlink_proto::relay;
+use meshlink_proto::PublicKey;
+use tokio::sync::mpsc;
+
+use crate::ratelimit::TokenBucket;
+
+/// The default cap on what one node may send through the relay: 25 MB/s (200 Mbit/s).
+pub const DEFAULT_RATE: u64 = 25_000_000;
+/// The least burst a source is allowed, so that a frame of any size passes a low cap.
+const MIN_BURST: u64 = 64 * 1024;
+
+/// The burst allowed at `rate` bytes per second: a tenth of a second's worth, at least 64 KiB.
+pub fn burst_for(rate: u64) -> u64 {
+    (rate / 10).max(MIN_BURST)
+}
+
+/// A destination's connection, as the relay uses it. Implemented by [`quinn::Connection`],
+/// [`StreamLink`] and [`SessionLink`] (either); a test puts a fake in its place.
+pub trait Link: Clone + Send + Sync + 'static {
+    /// The largest datagram the connection takes now; `None`: the peer takes none.
+    fn max_datagram_size(&self) -> Option<usize>;
+    /// Bytes free in the connection's datagram send buffer.
+    fn send_buffer_space(&self) -> usize;
+    /// Queues `datagram`.
+    ///
+    /// # Errors
+    /// Why it was not queued: [`Dropped::NoRoute`] when the connection is gone,
+    /// [`Dropped::Congested`] when its buffer is full, [`Dropped::TooLarge`],
+    /// [`Dropped::Unsupported`].
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped>;
+}
+
+impl Link for quinn::Connection {
+    fn max_datagram_size(&self) -> Option<usize> {
+        quinn::Connection::max_datagram_size(self)
+    }
+
+    fn send_buffer_space(&self) -> usize {
+        self.datagram_send_buffer_space()
+    }
+
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
+        use quinn::SendDatagramError as E;
+        self.send_datagram(datagram.into()).map_err(|e| match e {
+            E::TooLarge => Dropped::TooLarge,
+            E::UnsupportedByPeer | E::Disabled => Dropped::Unsupported,
+            E::ConnectionLost(_) => Dropped::NoRoute,
+        })
+    }
+}
+
+/// Bytes of QUIC datagrams queued to one connection and not yet sent (beyond it the relay
+/// drops new frames: `congested`). At 100 Mbit/s, 20 ms of queue.
+pub const DATAGRAM_SEND_BUFFER: usize = 256 * 1024;
+/// Bytes of QUIC datagrams received on one connection and not yet read by its session (quinn
+/// drops the oldest beyond it). About 100 relay frames: the session reads them as they come.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 128 * 1024;
+/// Bytes of relay frames queued to one TLS/TCP session and not yet taken by its writer (beyond
+/// it new frames are dropped: `congested`): the bound of a QUIC connection's datagram buffer.
+pub const STREAM_SEND_BUFFER: usize = DATAGRAM_SEND_BUFFER;
+
+/// The relay's end of a session whose frames travel as records of its stream (TLS/TCP): a
+/// queue that the session's writer drains ([`StreamQueue`]), bounded in bytes
+/// ([`STREAM_SEND_BUFFER`]). Made by [`stream_link`].
+#[derive(Debug, Clone)]
+pub struct StreamLink {
+    tx: mpsc::UnboundedSender<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// The session's end of a [`StreamLink`]: the frames to write to its stream, oldest first.
+#[derive(Debug)]
+pub struct StreamQueue {
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+    queued: Arc<AtomicUsize>,
+}
+
+/// A queue of relay frames for one stream session: the relay's end and the writer's end.
+pub fn stream_link() -> (StreamLink, StreamQueue) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        StreamLink {
+            tx,
+            queued: queued.clone(),
+        },
+        StreamQueue { rx, queued },
+    )
+}
+
+impl Link for StreamLink {
+    /// A record takes a whole WireGuard datagram: no fragments are needed on a stream.
+    fn max_datagram_size(&self) -> Option<usize> {
+        Some(MAX_RELAY_RECORD)
+    }
+
+    fn send_buffer_space(&self) -> usize {
+        STREAM_SEND_BUFFER.saturating_sub(self.queued.load(Ordering::Acquire))
+    }
+
+    fn send(&self, frame: Vec<u8>) -> Result<(), Dropped> {
+        let len = frame.len();
+        // Reserved before queuing, so that sources racing each other cannot pass the bound.
+        let before = self.queued.fetch_add(len, Ordering::AcqRel);
+        if before + len > STREAM_SEND_BUFFER {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            return Err(Dropped::Congested);
+        }
+        self.tx.send(frame).map_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+            Dropped::NoRoute
+        })
+    }
+}
+
+impl StreamQueue {
+    /// The next frame to write; `None` once every [`StreamLink`] is gone. Cancel-safe.
+    pub async fn recv(&mut self) -> Option<Vec<u8>> {
+        let frame = self.rx.recv().await?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+
+    /// The next frame if one is queued now.
+    pub fn try_recv(&mut self) -> Option<Vec<u8>> {
+        let frame = self.rx.try_recv().ok()?;
+        self.queued.fetch_sub(frame.len(), Ordering::AcqRel);
+        Some(frame)
+    }
+}
+
+/// A session's connection, QUIC or TLS/TCP: what the relay's routes hold.
+#[derive(Debug, Clone)]
+pub enum SessionLink {
+    /// QUIC datagrams on the session's connection.
+    Quic(quinn::Connection),
+    /// Relay records on the session's TLS/TCP stream.
+    Stream(StreamLink),
+}
+
+impl Link for SessionLink {
+    fn max_datagram_size(&self) -> Option<usize> {
+        match self {
+            SessionLink::Quic(c) => Link::max_datagram_size(c),
+            SessionLink::Stream(s) => s.max_datagram_size(),
+        }
+    }
+
+    fn send_buffer_space(&self) -> usize {
+        match self {
+            SessionLink::Quic(c) => c.send_buffer_space(),
+            SessionLink::Stream(s) => s.send_buffer_space(),
+        }
+    }
+
+    fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
+        match self {
+            SessionLink::Quic(c) => Link::send(c, datagram),
+            SessionLink::Stream(s) => s.send(datagram),
+        }
+    }
+}
+
+/// Why a frame was not relayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped {
+    /// The source is over its byte cap.
+    RateLimited,
+    /// Shorter than a header, or an impossible fragment header.
+    Malformed,
+    /// No node of the source's network with that key has a session here (or it is the source
+    /// itself, or its connection just went away).
+    NoRoute,
+    /// The key is a node with a session here, of another network.
+    OtherNetwork,
+    /// Larger than the destination's connection takes, and not a whole datagram that could be
+    /// cut into at most [`relay::MAX_FRAGMENTS`] frames that fit.
+    TooLarge,
+    /// The destination's connection takes no datagrams (its agent did not ask for them).
+    Unsupported,
+    /// The destination's send buffer is full: it is not keeping up.
+    Congested,
+}
+
+/// What the relay did, since start.
+#[derive(Debug, Default)]
+struct Counters {
+    frames: AtomicU64,
+    bytes: AtomicU64,
+    unauthenticated: AtomicU64,
+    rate_limited: AtomicU64,
+    malformed: AtomicU64,
+    no_route: AtomicU64,
+    other_network: AtomicU64,
+    too_large: AtomicU64,
+    unsupported: AtomicU64,
+    congested: AtomicU64,
+}
+
+/// A copy of the relay's counters at one moment.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Frames delivered to a destination's connection (a frame cut to fit counts once).
+    pub frames: u64,
+    /// Their bytes, as received.
+    pub bytes: u64,
+    /// Datagrams dropped because their connection's hello was not yet accepted.
+    pub unauthenticated: u64,
+    /// Frames dropped: see [`Dropped::RateLimited`].
+    pub rate_limited: u64,
+    /// Frames dropped: see [`Dropped::Malformed`].
+    pub malformed: u64,
+    /// Frames dropped: see [`Dropped::NoRoute`].
+    pub no_route: u64,
+    /// Frames dropped: see [`Dropped::OtherNetwork`].
+    pub other_network: u64,
+    /// Frames dropped: see [`Dropped::TooLarge`].
+    pub too_large: u64,
+    /// Frames dropped: see [`Dropped::Unsupported`].
+    pub unsupported: u64,
+    /// Frames dropped: see [`Dropped::Congested`].
+    pub congested: u64,
+}
+
+#[derive(Debug)]
+struct Entry<L> {
+    network: Arc<str>,
+    serial: u64,
+    link: L,
+}
+
+/// The relay: every node with a session here, by key, and the counters. One per process (a
+/// coordinator or a `meshlink-relay`), shared by every session.
+pub struct Relay<L: Link = SessionLink> {
+    /// Usually one entry per key; several only when one key is a node in several networks.
+    routes: RwLock<HashMap<PublicKey, Vec<Entry<L>>>>,
+    counters: Counters,
+    rate: u64,
+}
+
+impl<L: Link> std::fmt::Debug for Relay<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("rate", &self.rate)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+/// One session's place in the relay: while it lives, frames for its node go to its
+/// connection. Dropping it removes the route, unless a newer session replaced it.
+#[must_use = "the route is removed when this is dropped"]
+pub struct Route<L: Link = SessionLink> {
+    relay: Arc<Relay<L>>,
+    key: PublicKey,
+    network: Arc<str>,
+    serial: u64,
+}
+
+impl<L: Link> std::fmt::Debug for Route<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Route")
+            .field("key", &self.key)
+            .field("network", &self.network)
+            .field("serial", &self.serial)
+            .finish()
+    }
+}
+
+impl<L: Link> Drop for Route<L> {
+    fn drop(&mut self) {
+        self.relay.unregister(&self.key, &self.network, self.serial);
+    }
+}
+
+/// One session as a source of frames: its node's key and network, and its byte cap.
+#[derive(Debug)]
+pub struct Source {
+    key: PublicKey,
+    network: Arc<str>,
+    bucket: TokenBucket,
+}
+
+impl<L: Link> Relay<L> {
+    /// A relay that lets each node send `rate` bytes per second (burst: [`burst_for`]).
+    pub fn new(rate: u64) -> Self {
+        Relay {
+            routes: RwLock::new(HashMap::new()),
+            counters: Counters::default(),
+            rate,
+        }
+    }
+
+    /// Routes frames for `key` in `network` to `link`, for the session attached with `serial`
+    /// (the hub's, which grows with each attach): a route of a newer session stays.
+    pub fn register(
+        self: &Arc<Self>,
+        key: PublicKey,
+        network: &str,
+        serial: u64,
+        link: L,
+    ) -> Route<L> {
+        let network: Arc<str> = network.into();
+        {
+            let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+            let entries = routes.entry(key).or_default();
+            match entries.iter_mut().find(|e| e.network == network) {
+                Some(e) if e.serial > serial => {}
+                Some(e) => {
+                    e.serial = serial;
+                    e.link = link;
+                }
+                None => entries.push(Entry {
+                    network: network.clone(),
+                    serial,
+                    link,
+                }),
+            }
+        }
+        Route {
+            relay: self.clone(),
+            key,
+            network,
+            serial,
+        }
+    }
+
+    fn unregister(&self, key: &PublicKey, network: &str, serial: u64) {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(entries) = routes.get_mut(key) {
+            entries.retain(|e| !(&*e.network == network && e.serial == serial));
+            if entries.is_empty() {
+                routes.remove(key);
+            }
+        }
+    }
+
+    /// The source state of a session of `key` in `network`, with a full bucket at `now`.
+    pub fn source(&self, key: PublicKey, network: &str, now: Instant) -> Source {
+        Source {
+            key,
+            network: network.into(),
+            bucket: TokenBucket::per_second(self.rate, burst_for(self.rate), now),
+        }
+    }
+
+    /// Counts a datagram that arrived before its connection's hello was accepted (dropped).
+    pub fn count_unauthenticated(&self) {
+        self.counters
+            .unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Relays one frame from `source`, or drops it and counts why.
+    ///
+    /// # Errors
+    /// Why the frame was dropped (already counted).
+    pub fn forward(
+        &self,
+        source: &mut Source,
+        frame: Vec<u8>,
+        now: Instant,
+    ) -> Result<(), Dropped> {
+        let result = self.route(source, frame, now);
+        let c = &self.counters;
+        let counter = match result {
+            Ok(len) => {
+                c.bytes.fetch_add(len as u64, Ordering::Relaxed);
+                &c.frames
+            }
+            Err(Dropped::RateLimited) => &c.rate_limited,
+            Err(Dropped::Malformed) => &c.malformed,
+            Err(Dropped::NoRoute) => &c.no_route,
+            Err(Dropped::OtherNetwork) => &c.other_network,
+            Err(Dropped::TooLarge) => &c.too_large,
+            Err(Dropped::Unsupported) => &c.unsupported,
+            Err(Dropped::Congested) => &c.congested,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        result.map(drop)
+    }
+
+    /// Sends `frame` on its way; its length when sent.
+    fn route(
+        &self,
+        source: &mut Source,
+        mut frame: Vec<u8>,
+        now: Instant,
+    ) -> Result<usize, Dropped> {
+        let len = frame.len();
+        if !source.bucket.take(now, len as u64) {
+            return Err(Dropped::RateLimited);
+        }
+        let (header, payload) = relay::parse(&frame).map_err(|_| Dropped::Malformed)?;
+        if header.peer == source.key {
+            return Err(Dropped::NoRoute);
+        }
+        let link = {
+            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+            let entries = routes.get(&header.peer).ok_or(Dropped::NoRoute)?;
+            entries
+                .iter()
+                .find(|e| e.network == source.network)
+                .ok_or(Dropped::OtherNetwork)?
+                .link
+                .clone()
+        };
+        let max = link.max_datagram_size().ok_or(Dropped::Unsupported)?;
+        if len <= max {
+            // Dropping the new frame, rather than letting quinn drop the oldest queued ones,
+            // keeps what a slow destination already has in flight in order.
+            if link.send_buffer_space() < len {
+                return Err(Dropped::Congested);
+            }
+            relay::readdress(&mut frame, &source.key).map_err(|_| Dropped::Malformed)?;
+            return link.send(frame).map(|()| len);
+        }
+        // A whole datagram from a stream session, for a destination of smaller datagrams:
+        // cut with the sender's id (the receiver reassembles by source key and id), the
+        // pieces addressed from the source.
+        if header.count != 1 {
+            return Err(Dropped::TooLarge);
+        }
+        let pieces =
+            relay::frames(&source.key, header.id, payload, max).map_err(|_| Dropped::TooLarge)?;
+        let total: usize = pieces.iter().map(Vec::len).sum();
+        if link.send_buffer_space() < total {
+            return Err(Dropped::Congested);
+        }
+        for piece in pieces {
+            link.send(piece)?;
+        }
+        Ok(len)
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> RelayStats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        RelayStats {
+            frames: get(&c.frames),
+            bytes: get(&c.bytes),
+            unauthenticated: get(&c.unauthenticated),
+            rate_limited: get(&c.rate_limited),
+            malformed: get(&c.malformed),
+            no_route: get(&c.no_route),
+            other_network: get(&c.other_network),
+            too_large: get(&c.too_large),
+            unsupported: get(&c.unsupported),
+            congested: get(&c.congested),
+        }
+    }
+
+    /// Nodes with a route (for tests and status).
+    pub fn routes(&self) -> usize {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use meshlink_proto::relay::{frames, parse, Reassembler, HEADER_LEN, MAX_FRAGMENTS};
+
+    use super::*;
+
+    /// A connection that keeps what it was sent.
+    #[derive(Clone, Default)]
+    struct FakeLink {
+        sent: Arc<Mutex<Vec<Vec<u8>>>>,
+        max: Option<usize>,
+        space: usize,
+    }
+
+    impl FakeLink {
+        fn new() -> Self {
+            FakeLink {
+                max: Some(1200),
+                space: 1 << 20,
+                ..FakeLink::default()
+            }
+        }
+
+        fn sent(&self) -> Vec<Vec<u8>> {
+            self.sent.lock().unwrap().clone()
+        }
+    }
+
+    impl Link for FakeLink {
+        fn max_datagram_size(&self) -> Option<usize> {
+            self.max
+        }
+
+        fn send_buffer_space(&self) -> usize {
+            self.space
+        }
+
+        fn send(&self, datagram: Vec<u8>) -> Result<(), Dropped> {
+            self.sent.lock().unwrap().push(datagram);
+            Ok(())
+        }
+    }
+
+    fn key(n: u8) -> PublicKey {
+        PublicKey([n; 32])
+    }
+
+    fn frame(to: u8, payload: &[u8]) -> Vec<u8> {
+        frames(&key(to), 7, payload, 1200).unwrap().remove(0)
+    }
+
+    #[test]
+    fn a_frame_reaches_its_destination_with_the_source_key() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let b = FakeLink::new();
+        let _a_route = relay.register(key(1), "prod", 1, FakeLink::new());
+        let _b_route = relay.register(key(2), "prod", 2, b.clone());
+        let mut a = relay.source(key(1), "prod", now);
+        assert_eq!(relay.forward(&mut a, frame(2, b"wireguard"), now), Ok(()));
+        let sent = b.sent();
+        assert_eq!(sent.len(), 1);
+        let (h, payload) = parse(&sent[0]).unwrap();
+        assert_eq!((h.peer, h.id, payload), (key(1), 7, &b"wireguard"[..]));
+        let stats = relay.stats();
+        assert_eq!((stats.frames, stats.bytes), (1, (HEADER_LEN + 9) as u64));
+    }
+
+    #[test]
+    fn frames_go_nowhere_outside_the_network() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let other = FakeLink::new();
+        let _r = relay.register(key(3), "staging", 1, other.clone());
+        let _me = relay.register(key(1), "prod", 2, FakeLink::new());
+        let mut a = relay.source(key(1), "prod", now);
+        assert_eq!(
+            relay.forward(&mut a, frame(3, b"x"), now),
+            Err(Dropped::OtherNetwork)
+        );
+        assert_eq!(
+            relay.forward(&mut a, frame(9, b"x"), now),
+            Err(Dropped::NoRoute)
+        );
+        assert_eq!(
+            relay.forward(&mut a, frame(1, b"x"), now),
+            Err(Dropped::NoRoute),
+            "not to itself"
+        );
+        assert_eq!(
+            relay.forward(&mut a, vec![0; 10], now),
+            Err(Dropped::Malformed)
+        );
+        assert!(other.sent().is_empty());
+        let s = relay.stats();
+        assert_eq!(
+            (s.frames, s.other_network, s.no_route, s.malformed),
+            (0, 1, 2, 1)
+        );
+    }
+
+    #[test]
+    fn a_newer_session_keeps_its_route_when_the_older_ends() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let (old, new) = (FakeLink::new(), FakeLink::new());
+        let old_route = relay.register(key(2), "prod", 5, old.clone());
+        let new_route = relay.register(key(2), "prod", 6, new.clone());
+        // A late registration of an older session changes nothing.
+        let stale = relay.register(key(2), "prod", 4, FakeLink::new());
+        drop(stale);
+        drop(old_route);
+        assert_eq!(relay.routes(), 1);
+        let mut a = relay.source(key(1), "prod", now);
+        assert_eq!(relay.forward(&mut a, frame(2, b"x"), now), Ok(()));
+        assert_eq!((old.sent().len(), new.sent().len()), (0, 1));
+        drop(new_route);
+        assert_eq!(relay.routes(), 0);
+        assert_eq!(
+            relay.forward(&mut a, frame(2, b"x"), now),
+            Err(Dropped::NoRoute)
+        );
+    }
+
+    #[test]
+    fn one_key_in_two_networks_has_two_routes() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let (prod, staging) = (FakeLink::new(), FakeLink::new());
+        let _p = relay.register(key(2), "prod", 1, prod.clone());
+        let _s = relay.register(key(2), "staging", 2, staging.clone());
+        let mut a = relay.source(key(1), "staging", now);
+        assert_eq!(relay.forward(&mut a, frame(2, b"x"), now), Ok(()));
+        assert_eq!((prod.sent().len(), staging.sent().len()), (0, 1));
+    }
+
+    #[test]
+    fn size_room_and_rate_are_checked() {
+        let relay = Arc::new(Relay::<FakeLink>::new(200_000));
+        let now = Instant::now();
+        let small = FakeLink {
+            max: Some(HEADER_LEN + 10),
+            ..FakeLink::new()
+        };
+        let full = FakeLink {
+            space: 20,
+            ..FakeLink::new()
+        };
+        let none = FakeLink {
+            max: None,
+            ..FakeLink::new()
+        };
+        let _s = relay.register(key(2), "prod", 1, small.clone());
+        let _f = relay.register(key(3), "prod", 2, full.clone());
+        let _n = relay.register(key(4), "prod", 3, none.clone());
+        let mut a = relay.source(key(1), "prod", now);
+        assert_eq!(relay.forward(&mut a, frame(2, &[0; 10]), now), Ok(()));
+        // A fragment is never cut again; a whole datagram is, into at most MAX_FRAGMENTS.
+        let fragment = frames(&key(2), 8, &[0; 22], HEADER_LEN + 11)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, fragment, now), Err(Dropped::TooLarge));
+        assert_eq!(
+            relay.forward(&mut a, frame(2, &[0; 10 * MAX_FRAGMENTS + 1]), now),
+            Err(Dropped::TooLarge)
+        );
+        assert_eq!(small.sent().len(), 1);
+        assert_eq!(
+            relay.forward(&mut a, frame(3, &[0; 100]), now),
+            Err(Dropped::Congested)
+        );
+        assert_eq!(
+            relay.forward(&mut a, frame(4, &[0; 100]), now),
+            Err(Dropped::Unsupported)
+        );
+        // The burst (64 KiB at this rate), then the rate: 200 kB/s.
+        let big = HEADER_LEN + 1000;
+        let mut b = relay.source(key(5), "prod", now);
+        let _big = relay.register(key(6), "prod", 4, FakeLink::new());
+        let first = (0..200)
+            .filter(|_| relay.forward(&mut b, frame(6, &[0; 1000]), now).is_ok())
+            .count();
+        assert_eq!(first, (MIN_BURST as usize) / big);
+        let later = now + Duration::from_millis(100);
+        let more = (0..200)
+            .filter(|_| relay.forward(&mut b, frame(6, &[0; 1000]), later).is_ok())
+            .count();
+        assert!((19..=21).contains(&more), "{more}");
+        assert!(relay.stats().rate_limited > 0);
+    }
+
+    /// A whole datagram from a stream session reaches a QUIC destination cut to its size,
+    /// with the sender's id, and is put back together there.
+    #[test]
+    fn a_whole_datagram_is_cut_for_a_smaller_destination() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let quic = FakeLink {
+            max: Some(1150),
+            ..FakeLink::new()
+        };
+        let _q = relay.register(key(2), "prod", 1, quic.clone());
+        let mut a = relay.source(key(1), "prod", now);
+        let wg: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+        let whole = frames(&key(2), 77, &wg, MAX_RELAY_RECORD)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, whole, now), Ok(()));
+        let sent = quic.sent();
+        assert_eq!(sent.len(), 2);
+        assert!(sent.iter().all(|f| f.len() <= 1150));
+        let mut r = Reassembler::new();
+        let mut got = None;
+        for f in &sent {
+            let (h, bytes) = parse(f).unwrap();
+            assert_eq!((h.peer, h.id, h.count), (key(1), 77, 2));
+            got = got.or(r.push(h, bytes, now));
+        }
+        assert_eq!(got, Some((key(1), wg)));
+        let s = relay.stats();
+        assert_eq!((s.frames, s.bytes), (1, (HEADER_LEN + 1452) as u64));
+        // No room for every piece: none is sent.
+        let tight = FakeLink {
+            max: Some(1150),
+            space: 1200,
+            ..FakeLink::new()
+        };
+        let _t = relay.register(key(3), "prod", 2, tight.clone());
+        let whole = frames(&key(3), 78, &[0; 1452], MAX_RELAY_RECORD)
+            .unwrap()
+            .remove(0);
+        assert_eq!(relay.forward(&mut a, whole, now), Err(Dropped::Congested));
+        assert!(tight.sent().is_empty());
+    }
+
+    /// A stream session's queue is bounded in bytes, and its frames come out in order.
+    #[tokio::test]
+    async fn a_stream_link_is_a_bounded_queue() {
+        let (link, mut queue) = stream_link();
+        assert_eq!(link.max_datagram_size(), Some(MAX_RELAY_RECORD));
+        let frame = vec![1u8; 60_000];
+        let fits = STREAM_SEND_BUFFER / frame.len();
+        for _ in 0..fits {
+            assert_eq!(link.send(frame.clone()), Ok(()));
+        }
+        assert!(link.send_buffer_space() < frame.len());
+        assert_eq!(link.send(frame.clone()), Err(Dropped::Congested));
+        assert_eq!(queue.recv().await.map(|f| f.len()), Some(60_000));
+        assert_eq!(link.send(vec![2; 10]), Ok(()));
+        for _ in 1..fits {
+            assert!(queue.try_recv().is_some());
+        }
+        assert_eq!(queue.try_recv(), Some(vec![2; 10]));
+        assert_eq!(link.send_buffer_space(), STREAM_SEND_BUFFER);
+        drop(queue);
+        assert_eq!(link.send(vec![3; 10]), Err(Dropped::NoRoute));
+    }
+}

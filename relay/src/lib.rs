@@ -1,0 +1,9 @@
+//! meshlink's relays: the forwarding core ([`forward`]) that the coordinator's embedded relay
+//! and the standalone `meshlink-relay` share, the tickets by which a coordinator vouches for a
+//! node at a standalone relay ([`ticket`]).
+
+pub mod forward;
+pub mod ratelimit;
+pub mod ticket;
+
+pub use forward::{Dropped, Link, Relay, RelayStats, Route, SessionLink, Source};
