@@ -7,11 +7,14 @@
 //!  connected(now, first map, endpoints) ─┐
 //!  handle_message(now, ServerMessage) ───┤                 ┌─> poll_transmit(): ClientMessage to send
 //!  claim(now, workload, deadline) ───────┼─> AgentSession ─┼─> poll_event(): map changed, holdings
-//!  prepared(workload, generation) ───────┤   (Holdings,    │   changed, prepare tunnels, claim answered
-//!  set_endpoints(endpoints) ─────────────┤    Netmap)      └─> poll_timeout(): when to call
-//!  handle_timeout(now) ──────────────────┤                      handle_timeout next
-//!  disconnected(now) ────────────────────┘
+//!  prepared(workload, generation) ───────┤   (Holdings,    │   changed, prepare tunnels, claim
+//!  set_endpoints(endpoints) ─────────────┤    map: M)      │   answered, delta refused
+//!  handle_timeout(now) ──────────────────┤                 └─> poll_timeout(): when to call
+//!  disconnected(now) ────────────────────┘                      handle_timeout next
 //! ```
+//!
+//! `M` is the map as the session holds it ([`SessionMap`]): the whole [`Netmap`] in the agent
+//! and the simulations, a digest per peer in the load generator.
 //!
 //! It never reads a clock or a socket: every input carries `now`. The shell sends what
 //! `poll_transmit` returns in order on the session's stream, and acts on every event.
@@ -23,7 +26,8 @@ use std::time::Instant;
 use crate::control::{ClientMessage, ServerMessage};
 use crate::key::PublicKey;
 use crate::key_rotation::{KeyAction, KeyRotation};
-use crate::netmap::{Netmap, NodeId};
+use crate::netmap::{DeltaError, Netmap, NodeId};
+use crate::session_map::SessionMap;
 use crate::workload::Holdings;
 
 /// A claim's number, unique for the life of an [`AgentSession`], so that a late answer from an
@@ -45,6 +49,10 @@ pub enum Event {
         /// The generation the move will take.
         generation: u64,
     },
+    /// A delta did not apply (it does not follow the map's version, or its policy edit does
+    /// not fit the map's policy): the map is unchanged, a full map was asked for, and deltas
+    /// are skipped until it comes.
+    DeltaRefused(DeltaError),
     /// The answer to a claim.
     ClaimAnswered {
         /// The claim.
@@ -88,11 +96,12 @@ pub enum SessionError {
     Protocol(String),
 }
 
-/// See the module documentation.
+/// See the module documentation. `M` is how the map is held: the whole [`Netmap`], or
+/// anything else that follows its rules ([`SessionMap`]).
 #[derive(Debug)]
-pub struct AgentSession {
+pub struct AgentSession<M = Netmap> {
     holdings: Holdings,
-    map: Netmap,
+    map: M,
     connected: bool,
     /// After a version gap, deltas are skipped until the one full map asked for arrives.
     awaiting_full_map: bool,
@@ -111,11 +120,11 @@ pub struct AgentSession {
     keys: KeyRotation,
 }
 
-impl AgentSession {
+impl<M: SessionMap> AgentSession<M> {
     /// Node `me`, starting from `map` (the cached one, or an empty map), not connected.
-    pub fn new(me: NodeId, map: Netmap, now: Instant) -> Self {
+    pub fn new(me: NodeId, map: M, now: Instant) -> Self {
         let mut holdings = Holdings::new(me);
-        holdings.on_map(&map, now);
+        holdings.on_workloads(map.version(), map.workloads(), now);
         AgentSession {
             holdings,
             map,
@@ -133,7 +142,7 @@ impl AgentSession {
     }
 
     /// The newest map.
-    pub fn map(&self) -> &Netmap {
+    pub fn map(&self) -> &M {
         &self.map
     }
 
@@ -212,13 +221,14 @@ impl AgentSession {
             ServerMessage::Delta(_) if self.awaiting_full_map => {}
             ServerMessage::Delta(d) => {
                 // In place: `apply` changes nothing when it refuses a delta.
-                let before = self.map.version;
+                let before = self.map.version();
                 match self.map.apply(d) {
-                    Ok(()) if self.map.version != before => self.map_changed(now),
+                    Ok(()) if self.map.version() != before => self.map_changed(now),
                     Ok(()) => {} // already applied
-                    Err(_gap) => {
+                    Err(refused) => {
                         self.awaiting_full_map = true;
                         self.transmits.push_back(ClientMessage::FullMapRequest);
+                        self.events.push_back(Event::DeltaRefused(refused));
                     }
                 }
             }
@@ -390,7 +400,7 @@ impl AgentSession {
     /// at start), if any.
     pub fn set_next_key(&mut self, now: Instant, key: Option<PublicKey>) {
         self.keys.set_pending(key);
-        self.keys.on_map(&self.map, now);
+        self.keys_on_map(now);
     }
 
     /// The shell made the key pair asked for by [`KeyAction::MakeKey`] (`None`: it could not;
@@ -404,7 +414,7 @@ impl AgentSession {
         if self.connected {
             self.transmits.push_back(announce);
         }
-        self.keys.on_map(&self.map, now);
+        self.keys_on_map(now);
     }
 
     /// The shell carried out [`KeyAction::Switch`] (`None`: it could not; the next map that
@@ -417,14 +427,20 @@ impl AgentSession {
     }
 
     fn take_map(&mut self, map: Netmap, now: Instant) {
-        self.map = map;
+        self.map.replace(map);
         self.map_changed(now);
+    }
+
+    fn keys_on_map(&mut self, now: Instant) {
+        let me = self.holdings.me();
+        self.keys.on_own_entry(self.map.own_entry(me), now);
     }
 
     fn map_changed(&mut self, now: Instant) {
         // Fencing before anyone is told, so that nobody sees a map the holdings do not know.
-        self.holdings.on_map(&self.map, now);
-        self.keys.on_map(&self.map, now);
+        self.holdings
+            .on_workloads(self.map.version(), self.map.workloads(), now);
+        self.keys_on_map(now);
         self.events.push_back(Event::MapChanged);
         self.events.push_back(Event::HoldingsChanged);
         self.after_input(now);
@@ -451,7 +467,7 @@ impl AgentSession {
         self.holdings.take_release_ack();
         self.transmits.push_back(ClientMessage::Heartbeat {
             seq,
-            version: Some(self.map.version),
+            version: Some(self.map.version()),
         });
     }
 
@@ -629,7 +645,14 @@ mod tests {
             .unwrap();
         assert_eq!(transmits(&mut s), vec![ClientMessage::FullMapRequest]);
         assert_eq!(s.map().version, 2);
-        assert!(!events(&mut s).contains(&Event::MapChanged));
+        // The refusal is told once, with its reason; the skipped delta is not.
+        assert_eq!(
+            events(&mut s),
+            vec![Event::DeltaRefused(DeltaError::Gap(crate::netmap::Gap {
+                have: 2,
+                delta_from: 3
+            }))]
+        );
         s.handle_message(t0, ServerMessage::FullMap(map(5, &[])))
             .unwrap();
         s.handle_message(t0, ServerMessage::Delta(delta(5, 6)))
@@ -678,6 +701,10 @@ mod tests {
         s.handle_message(t0, edit(2, 3)).unwrap();
         assert_eq!((s.map().version, s.map().policy.as_ref()), (2, Some(&v2)));
         assert_eq!(transmits(&mut s), vec![ClientMessage::FullMapRequest]);
+        assert!(matches!(
+            events(&mut s)[..],
+            [Event::DeltaRefused(DeltaError::Policy(_))]
+        ));
         s.handle_message(t0, ServerMessage::FullMap(with(map(3, &[]), &v1)))
             .unwrap();
         assert_eq!(s.map().policy.as_ref(), Some(&v1));

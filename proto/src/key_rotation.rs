@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::{ClientMessage, MAX_KEY_SWITCH_GRACE_MS};
 use crate::key::PublicKey;
-use crate::netmap::{Netmap, NodeId};
+use crate::netmap::{Netmap, NodeId, PeerInfo};
 
 /// The wait before switching when no [`crate::control::ServerMessage::RotateKey`] said how
 /// long (an agent that restarted mid-rotation).
@@ -128,7 +128,12 @@ impl KeyRotation {
     /// switch is due `grace` later (once: later maps do not move it); when it shows it as the
     /// node's key already, at once. When the map no longer shows it, no switch is due.
     pub fn on_map(&mut self, map: &Netmap, now: Instant) {
-        let (Some(pending), Some(me)) = (self.pending, map.peers.get(&self.me)) else {
+        self.on_own_entry(map.peers.get(&self.me), now);
+    }
+
+    /// [`KeyRotation::on_map`] for a map in which this node's entry is `entry`.
+    pub fn on_own_entry(&mut self, entry: Option<&PeerInfo>, now: Instant) {
+        let (Some(pending), Some(me)) = (self.pending, entry) else {
             return;
         };
         if self.switching {

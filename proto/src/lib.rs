@@ -15,7 +15,9 @@ pub mod netmap;
 pub mod policy;
 pub mod reconnect;
 pub mod relay;
+pub mod session_map;
 pub mod token;
+pub mod toml_error;
 pub mod workload;
 
 pub use key::{Key, KeyError, PublicKey};

@@ -228,8 +228,19 @@ impl Holdings {
     /// ignored (fencing). An address this node answered for until now and that is now held by
     /// another node is forwarded to it until the workload's grace period ends.
     pub fn on_map(&mut self, map: &Netmap, now: Instant) {
+        self.on_workloads(map.version, &map.workloads, now);
+    }
+
+    /// [`Holdings::on_map`] for a map at `version` whose workloads are `workloads`, however
+    /// the rest of the map is held.
+    pub fn on_workloads(
+        &mut self,
+        version: u64,
+        workloads: &BTreeMap<String, WorkloadInfo>,
+        now: Instant,
+    ) {
         let held_before: BTreeMap<String, Held> = self.held_named(now);
-        self.map_version = self.map_version.max(map.version);
+        self.map_version = self.map_version.max(version);
         if let Some((v, until)) = self.pending {
             if v <= self.map_version {
                 self.pending = None;
@@ -237,7 +248,7 @@ impl Holdings {
             }
         }
         let mut next = BTreeMap::new();
-        for w in map.workloads.values() {
+        for w in workloads.values() {
             let seen = self.seen.entry(w.name.clone()).or_insert((w.id, 0));
             if seen.0 != w.id {
                 // Another workload under the same name: its generations start again.

@@ -76,6 +76,8 @@ use toml_file::{names_key_or_peers, parse_toml};
 use values::parse_interface;
 use wg_quick::parse_wg_quick;
 
+use meshlink_proto::toml_error;
+
 use crate::keyfile::{self, KeyFileError};
 use crate::settings::{PrivateKey, Settings};
 
@@ -374,7 +376,7 @@ fn read_wg_quick_text(path: &Path, named_by: Origin) -> Result<String, ConfigErr
 fn utf8_text(path: &Path, bytes: Vec<u8>) -> Result<String, ConfigError> {
     String::from_utf8(bytes).map_err(|e| ConfigError::Syntax {
         path: path.to_path_buf(),
-        line: line_of(e.as_bytes(), e.utf8_error().valid_up_to()),
+        line: toml_error::line_of(e.as_bytes(), e.utf8_error().valid_up_to()),
         message: "the file is not UTF-8 text".to_string(),
     })
 }
@@ -410,12 +412,6 @@ fn load_with(
     let env_layer = env_layer(&env)?;
     let flag_layer = flag_layer(overrides)?;
     merge(flag_layer, env_layer, file)
-}
-
-/// The 1-based line holding byte `offset` of `text`.
-fn line_of(text: &[u8], offset: usize) -> usize {
-    let end = offset.min(text.len());
-    1 + text[..end].iter().filter(|b| **b == b'\n').count()
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use std::path::Path;
 
+use meshlink_proto::toml_error::{self, TomlProblem};
 use meshlink_proto::PublicKey;
 use serde::Deserialize;
 
@@ -12,7 +13,7 @@ use super::values::{
     parse_allowed_ip, parse_dns_listen, parse_dns_suffix, parse_endpoint, parse_interface,
     parse_map_age, parse_metrics_listen,
 };
-use super::{line_of, ConfigError, Origin, Resolver};
+use super::{ConfigError, Origin, Resolver};
 use crate::keyfile;
 use crate::settings::{MetricsListen, PeerConfig};
 
@@ -208,44 +209,12 @@ pub(super) fn parse_toml(
 
 /// Turns a TOML error into one line naming the file, line and (when it can) the key.
 fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> ConfigError {
-    let start = err.span().map_or(0, |s| s.start);
-    let line = line_of(text.as_bytes(), start);
-    let mut message = err
-        .message()
-        .trim()
-        .replace('\n', " ")
-        .replace("expected i64", "expected an integer");
-    // Only the unknown- and missing-field messages name a key: take others' from the line.
-    if !message.contains("field `") {
-        if let Some(key) = key_on_line(text, start) {
-            message = format!("{key}: {message}");
-        }
-    }
+    let TomlProblem { line, message } = toml_error::describe(text, err);
     ConfigError::Syntax {
         path: path.to_path_buf(),
         line,
         message,
     }
-}
-
-/// The key of the `key = value` line (or `[table]` header) holding byte `offset`, when it
-/// is a plain key.
-fn key_on_line(text: &str, offset: usize) -> Option<String> {
-    let line_start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
-    let line_end = text
-        .get(offset..)?
-        .find('\n')
-        .map_or(text.len(), |i| offset + i);
-    let line = text.get(line_start..line_end)?.trim();
-    let key = match line.strip_prefix('[') {
-        Some(header) => header.trim_matches(|c| c == '[' || c == ']').trim(),
-        None => line.split_once('=')?.0.trim(),
-    };
-    let plain = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    plain.then(|| key.to_string())
 }
 
 #[cfg(test)]

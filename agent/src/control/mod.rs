@@ -814,6 +814,9 @@ impl MeshControl {
                     self.shared.changed.notify_one();
                 }
                 Event::HoldingsChanged => self.shared.changed.notify_one(),
+                Event::DeltaRefused(refused) => {
+                    info!("a map change from the coordinator did not apply ({refused}); asking for the whole map");
+                }
                 Event::Prepare {
                     workload,
                     generation,

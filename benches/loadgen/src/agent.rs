@@ -4,11 +4,13 @@
 //! Like the real agent it opens one QUIC connection (ALPN `meshlink/1`, the coordinator's
 //! certificate pinned by fingerprint, server name `meshlink-coordinator`) and one
 //! bidirectional stream, sends a `Hello` (a join token the first time, the node's credentials
-//! after that), reads `Welcome` and `FullMap`, then applies every `Delta` to its map, asking
-//! for a full map when a delta does not follow its version. Unlike the real agent it shares a
+//! after that), reads `Welcome` and `FullMap`, then hands every message to the agent's own
+//! session state machine ([`AgentSession`]: deltas, gaps and the full map they ask for,
+//! leases, prepared moves, timers) and sends what it asks. Unlike the real agent it shares a
 //! client `quinn::Endpoint` (one UDP socket) with other simulated agents, keeps its map in
-//! memory only, and reports endpoints only when the benchmark tells it to
-//! ([`Command::ReportEndpoints`]).
+//! memory only (whole or as digests: [`PeerTable`]), changes its endpoints only when the
+//! benchmark tells it to ([`Command::ReportEndpoints`]), and has no data plane: it holds no
+//! workload, claims none, and answers a `Prepare` at once.
 //!
 //! Every map version it reaches is reported to the [`Scoreboard`] right after it is applied.
 
@@ -19,11 +21,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshlink_coordinator::identity::SERVER_NAME;
+use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
 use meshlink_proto::control::{
     encode, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
     PROTOCOL_VERSION,
 };
-use meshlink_proto::{DeltaError, NodeId, PolicyChange, PublicKey};
+use meshlink_proto::session_map::SessionMap;
+use meshlink_proto::{DeltaError, Netmap, NodeId, PolicyChange, PublicKey};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::scoreboard::Scoreboard;
@@ -146,8 +150,8 @@ pub struct MapSummary {
     pub policy: Option<u64>,
 }
 
-/// An open control session: one connection, one stream, a decoder.
-struct Session {
+/// An open control connection: one connection, one stream, a decoder.
+struct Link {
     conn: quinn::Connection,
     send: quinn::SendStream,
     recv: quinn::RecvStream,
@@ -158,12 +162,12 @@ struct Session {
     offers: Offers,
 }
 
-impl Session {
+impl Link {
     async fn open(
         endpoint: &quinn::Endpoint,
         server: SocketAddr,
         offers: Offers,
-    ) -> Result<Session, AgentError> {
+    ) -> Result<Link, AgentError> {
         let conn = endpoint
             .connect(server, SERVER_NAME)
             .map_err(|e| AgentError::Connection(chain(&e)))?
@@ -173,7 +177,7 @@ impl Session {
             .open_bi()
             .await
             .map_err(|e| AgentError::Connection(chain(&e)))?;
-        Ok(Session {
+        Ok(Link {
             conn,
             send,
             recv,
@@ -247,15 +251,14 @@ impl Session {
         }
     }
 
-    /// Reads the full map that follows the welcome.
-    async fn first_map(&mut self) -> Result<(ServerMessage, usize), AgentError> {
-        let (map, len) = self.next().await?;
-        if !matches!(map, ServerMessage::FullMap(_)) {
-            return Err(AgentError::Protocol(
+    /// Reads the full map that follows the welcome, with its frame length.
+    async fn first_map(&mut self) -> Result<(Netmap, usize), AgentError> {
+        match self.next().await? {
+            (ServerMessage::FullMap(map), len) => Ok((map, len)),
+            _ => Err(AgentError::Protocol(
                 "expected a full map after the welcome".into(),
-            ));
+            )),
         }
-        Ok((map, len))
     }
 }
 
@@ -301,7 +304,7 @@ async fn join_session(
     token: &str,
     endpoints: Vec<SocketAddr>,
     offers: Offers,
-) -> Result<(Session, Credentials), AgentError> {
+) -> Result<(Link, Credentials), AgentError> {
     let public_key = PublicKey(rand::random());
     let hello = Hello {
         protocol: PROTOCOL_VERSION,
@@ -317,7 +320,7 @@ async fn join_session(
         endpoints: endpoints.clone(),
     };
     let exchange = async {
-        let mut session = Session::open(endpoint, server, offers).await?;
+        let mut session = Link::open(endpoint, server, offers).await?;
         let welcome = session.hello(hello).await?;
         Ok::<_, AgentError>((session, welcome))
     };
@@ -343,9 +346,9 @@ async fn authenticate(
     endpoint: &quinn::Endpoint,
     server: SocketAddr,
     creds: &Credentials,
-) -> Result<(Session, ServerMessage, usize), AgentError> {
+) -> Result<(Link, Netmap, usize), AgentError> {
     let exchange = async {
-        let mut session = Session::open(endpoint, server, creds.offers).await?;
+        let mut session = Link::open(endpoint, server, creds.offers).await?;
         session.hello(creds.hello()).await?;
         let (map, len) = session.first_map().await?;
         Ok::<_, AgentError>((session, map, len))
@@ -361,9 +364,56 @@ pub struct Agent {
     shared: Arc<Shared>,
     endpoint: quinn::Endpoint,
     creds: Credentials,
-    session: Session,
-    table: PeerTable,
-    awaiting_full_map: bool,
+    link: Link,
+    session: AgentSession<PeerTable>,
+}
+
+/// What the message being handled was, for the counters of what it changed.
+#[derive(Debug, Clone, Copy)]
+enum Arrival {
+    /// A full map of this many bytes.
+    FullMap(usize),
+    /// A delta of this many bytes, with its policy change's counter if it has one.
+    Delta(usize, Option<PolicyKind>),
+    /// Anything else.
+    Other,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum PolicyKind {
+    Edit,
+    Whole,
+}
+
+impl Arrival {
+    fn of(msg: &ServerMessage, len: usize) -> Arrival {
+        match msg {
+            ServerMessage::FullMap(_) => Arrival::FullMap(len),
+            ServerMessage::Delta(d) => Arrival::Delta(
+                len,
+                match d.policy {
+                    Some(PolicyChange::Edit(_)) => Some(PolicyKind::Edit),
+                    Some(PolicyChange::Set(_)) => Some(PolicyKind::Whole),
+                    _ => None,
+                },
+            ),
+            _ => Arrival::Other,
+        }
+    }
+}
+
+impl From<SessionError> for AgentError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Refused(reason) => AgentError::Refused(reason),
+            SessionError::Revoked(reason) => AgentError::Revoked(reason),
+            // Retried as a lost connection is.
+            SessionError::Unavailable(reason) => {
+                AgentError::Connection(format!("unavailable: {reason}"))
+            }
+            SessionError::Protocol(reason) => AgentError::Protocol(reason),
+        }
+    }
 }
 
 impl Agent {
@@ -379,7 +429,7 @@ impl Agent {
         token: &str,
         endpoints: Vec<SocketAddr>,
     ) -> Result<Agent, AgentError> {
-        let (mut session, creds) = join_session(
+        let (mut link, creds) = join_session(
             &endpoint,
             shared.server(index),
             token,
@@ -387,10 +437,10 @@ impl Agent {
             shared.offers,
         )
         .await?;
-        let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, session.first_map())
+        let (map, len) = tokio::time::timeout(HELLO_TIMEOUT, link.first_map())
             .await
             .map_err(|_| AgentError::Timeout)??;
-        Agent::start(shared, endpoint, index, creds, session, map, len).await
+        Agent::start(shared, endpoint, index, creds, link, map, len).await
     }
 
     /// Joins like [`Agent::join`], but closes the session right after the welcome: the node
@@ -405,8 +455,8 @@ impl Agent {
         endpoints: Vec<SocketAddr>,
         offers: Offers,
     ) -> Result<Credentials, AgentError> {
-        let (session, creds) = join_session(endpoint, server, token, endpoints, offers).await?;
-        session.conn.close(0u32.into(), b"enrolled");
+        let (link, creds) = join_session(endpoint, server, token, endpoints, offers).await?;
+        link.conn.close(0u32.into(), b"enrolled");
         Ok(creds)
     }
 
@@ -421,8 +471,8 @@ impl Agent {
         index: usize,
         creds: Credentials,
     ) -> Result<Agent, AgentError> {
-        let (session, map, len) = authenticate(&endpoint, shared.server(index), &creds).await?;
-        Agent::start(shared, endpoint, index, creds, session, map, len).await
+        let (link, map, len) = authenticate(&endpoint, shared.server(index), &creds).await?;
+        Agent::start(shared, endpoint, index, creds, link, map, len).await
     }
 
     async fn start(
@@ -430,21 +480,21 @@ impl Agent {
         endpoint: quinn::Endpoint,
         index: usize,
         creds: Credentials,
-        session: Session,
-        map: ServerMessage,
+        link: Link,
+        map: Netmap,
         len: usize,
     ) -> Result<Agent, AgentError> {
-        shared.board.set_connection(index, session.conn.clone());
+        shared.board.set_connection(index, link.conn.clone());
+        let table = PeerTable::new(shared.table, creds.node);
         let mut agent = Agent {
             index,
-            table: PeerTable::from_full_map(shared.table, Default::default()),
+            session: AgentSession::new(creds.node, table, Instant::now()),
             shared,
             endpoint,
             creds,
-            session,
-            awaiting_full_map: false,
+            link,
         };
-        agent.handle(map, len).await?;
+        agent.connected(map, len).await?;
         Ok(agent)
     }
 
@@ -452,7 +502,9 @@ impl Agent {
     /// Lost sessions are opened again with the node's credentials.
     pub async fn run(mut self, mut commands: mpsc::Receiver<Command>) -> Result<(), AgentError> {
         loop {
-            match self.serve(&mut commands).await {
+            let ended = self.serve(&mut commands).await;
+            self.session.disconnected();
+            match ended {
                 Ok(()) => return Ok(()),
                 Err(e) if self.shared.stopping.load(Ordering::Relaxed) => {
                     tracing::debug!(agent = self.index, "session ended at shutdown: {e}");
@@ -486,7 +538,10 @@ impl Agent {
                 }
                 match self.reconnect().await {
                     Ok(()) => break,
-                    Err(e @ (AgentError::Revoked(_) | AgentError::Refused(_))) => return Err(e),
+                    Err(e @ (AgentError::Revoked(_) | AgentError::Refused(_))) => {
+                        self.session.stop();
+                        return Err(e);
+                    }
                     Err(e) => tracing::info!(agent = self.index, "reconnecting failed: {e}"),
                 }
             }
@@ -494,49 +549,65 @@ impl Agent {
     }
 
     async fn reconnect(&mut self) -> Result<(), AgentError> {
-        let (session, map, len) =
+        let (link, map, len) =
             authenticate(&self.endpoint, self.shared.server(self.index), &self.creds).await?;
         self.shared
             .board
-            .set_connection(self.index, session.conn.clone());
+            .set_connection(self.index, link.conn.clone());
         self.shared
             .board
             .counters
             .reconnects
             .fetch_add(1, Ordering::Relaxed);
-        self.session = session;
-        self.awaiting_full_map = false;
-        self.handle(map, len).await
+        self.link = link;
+        self.connected(map, len).await
     }
 
-    /// One session: messages from the coordinator and commands from the benchmark.
+    /// The coordinator accepted the hello with `map` (`len` bytes on the wire).
+    async fn connected(&mut self, map: Netmap, len: usize) -> Result<(), AgentError> {
+        self.count_full_map(len);
+        self.session
+            .connected(Instant::now(), map, self.creds.endpoints.clone());
+        self.act(Arrival::FullMap(len)).await
+    }
+
+    /// One session: messages from the coordinator, the session's timer, and commands from
+    /// the benchmark.
     async fn serve(&mut self, commands: &mut mpsc::Receiver<Command>) -> Result<(), AgentError> {
         loop {
-            while let Some((msg, len)) = self.session.decoded()? {
-                self.handle(msg, len).await?;
+            while let Some((msg, len)) = self.link.decoded()? {
+                let arrival = Arrival::of(&msg, len);
+                if let Arrival::FullMap(len) = arrival {
+                    self.count_full_map(len);
+                }
+                let handled = self.session.handle_message(Instant::now(), msg);
+                self.act(arrival).await?;
+                handled?;
             }
+            let timer = self.session.poll_timeout();
             tokio::select! {
-                filled = self.session.fill() => filled?,
+                filled = self.link.fill() => filled?,
+                () = sleep_until(timer) => {
+                    self.session.handle_timeout(Instant::now());
+                    self.act(Arrival::Other).await?;
+                }
                 cmd = commands.recv() => match cmd {
                     None => return Ok(()),
                     Some(Command::ReportEndpoints { endpoints, sent }) => {
                         self.creds.endpoints = endpoints.clone();
-                        let frame = encode(&ClientMessage::Endpoints { endpoints });
                         let at = Instant::now();
-                        self.session
-                            .send
-                            .write_all(&frame)
-                            .await
-                            .map_err(|e| AgentError::Connection(chain(&e)))?;
+                        self.session.set_endpoints(endpoints);
+                        self.act(Arrival::Other).await?;
                         let _ = sent.send(at);
                     }
                     Some(Command::Describe(reply)) => {
+                        let map = self.session.map();
                         let _ = reply.send(MapSummary {
-                            version: self.table.version(),
-                            peers: self.table.len(),
-                            digest: self.table.digest(),
+                            version: map.version(),
+                            peers: map.len(),
+                            digest: map.digest(),
                             node: self.creds.node,
-                            policy: self.table.policy().map(|p| p.digest()),
+                            policy: map.policy().map(|p| p.digest()),
                         });
                     }
                 },
@@ -544,65 +615,67 @@ impl Agent {
         }
     }
 
-    /// Applies one message from the coordinator.
-    async fn handle(&mut self, msg: ServerMessage, len: usize) -> Result<(), AgentError> {
-        let board = &self.shared.board;
-        match msg {
-            ServerMessage::FullMap(map) => {
-                self.table = PeerTable::from_full_map(self.shared.table, map);
-                self.awaiting_full_map = false;
-                board.counters.full_maps.fetch_add(1, Ordering::Relaxed);
-                board
-                    .counters
-                    .largest_full_map
-                    .fetch_max(len as u64, Ordering::Relaxed);
-                board.applied(self.index, self.table.version(), None);
-            }
-            ServerMessage::Delta(delta) => {
-                let before = self.table.version();
-                let policy = match delta.policy {
-                    Some(PolicyChange::Edit(_)) => Some(&board.counters.policy_edits),
-                    Some(PolicyChange::Set(_)) => Some(&board.counters.policy_wholes),
-                    _ => None,
-                };
-                match self.table.apply(delta) {
-                    Ok(()) if self.table.version() != before => {
-                        board.counters.deltas.fetch_add(1, Ordering::Relaxed);
-                        if let Some(counter) = policy {
-                            counter.fetch_add(1, Ordering::Relaxed);
+    fn count_full_map(&self, len: usize) {
+        let counters = &self.shared.board.counters;
+        counters.full_maps.fetch_add(1, Ordering::Relaxed);
+        counters
+            .largest_full_map
+            .fetch_max(len as u64, Ordering::Relaxed);
+    }
+
+    /// Sends what the session asks, in order, and carries out its events; `arrival` is the
+    /// message that was just handled, if any.
+    async fn act(&mut self, arrival: Arrival) -> Result<(), AgentError> {
+        while let Some(event) = self.session.poll_event() {
+            let counters = &self.shared.board.counters;
+            match event {
+                Event::MapChanged => {
+                    let version = self.session.map().version();
+                    let frame = match arrival {
+                        Arrival::Delta(len, policy) => {
+                            counters.deltas.fetch_add(1, Ordering::Relaxed);
+                            let policy = match policy {
+                                Some(PolicyKind::Edit) => Some(&counters.policy_edits),
+                                Some(PolicyKind::Whole) => Some(&counters.policy_wholes),
+                                None => None,
+                            };
+                            if let Some(counter) = policy {
+                                counter.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some(len)
                         }
-                        board.applied(self.index, self.table.version(), Some(len));
-                    }
-                    Ok(()) => {}
-                    Err(refused) => {
-                        match refused {
-                            DeltaError::Gap(_) => &board.counters.gaps,
-                            DeltaError::Policy(_) => &board.counters.edits_refused,
-                        }
-                        .fetch_add(1, Ordering::Relaxed);
-                        if !self.awaiting_full_map {
-                            tracing::info!(agent = self.index, "{refused}; asking for a full map");
-                            self.awaiting_full_map = true;
-                            self.session.send(&ClientMessage::FullMapRequest).await?;
-                        }
-                    }
+                        Arrival::FullMap(_) | Arrival::Other => None,
+                    };
+                    self.shared.board.applied(self.index, version, frame);
                 }
+                Event::DeltaRefused(refused) => {
+                    match refused {
+                        DeltaError::Gap(_) => &counters.gaps,
+                        DeltaError::Policy(_) => &counters.edits_refused,
+                    }
+                    .fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(agent = self.index, "{refused}; asking for a full map");
+                }
+                // No tunnels to warm: ready at once.
+                Event::Prepare {
+                    workload,
+                    generation,
+                } => self.session.prepared(workload, generation),
+                // Simulated agents answer for no address and make no claims.
+                Event::HoldingsChanged | Event::ClaimAnswered { .. } => {}
             }
-            ServerMessage::Revoked { reason } => return Err(AgentError::Revoked(reason)),
-            ServerMessage::Refused { reason } => return Err(AgentError::Refused(reason)),
-            // Retried as a lost connection is.
-            ServerMessage::Unavailable { reason } => {
-                return Err(AgentError::Connection(format!("unavailable: {reason}")))
-            }
-            ServerMessage::Welcome(_) => {
-                return Err(AgentError::Protocol("a second welcome".into()))
-            }
-            // Simulated agents hold no workloads and claim none: these never come unasked.
-            ServerMessage::Lease { .. }
-            | ServerMessage::Prepare { .. }
-            | ServerMessage::ClaimResult { .. }
-            | ServerMessage::RotateKey { .. } => {}
+        }
+        while let Some(msg) = self.session.poll_transmit() {
+            self.link.send(&msg).await?;
         }
         Ok(())
+    }
+}
+
+/// Sleeps until `at`, or for ever when there is nothing to wait for.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
     }
 }

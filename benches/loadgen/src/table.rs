@@ -7,11 +7,18 @@
 //! a digest costs about 17 bytes (hash table slot), which is under 2 GB. The compact table
 //! keeps everything the benchmark checks: versions, gaps, and (through the digests) that each
 //! agent ends up with the coordinator's map.
+//!
+//! Both are a [`SessionMap`], so a simulated agent runs the agent's own session code
+//! ([`meshlink_proto::agent_session::AgentSession`]) over either. The compact table keeps
+//! whole what that code reads: the workloads, the policy and the node's own entry.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
-use meshlink_proto::{DeltaError, Gap, Netmap, NetmapDelta, NodeId, PeerInfo, Policy};
+use meshlink_proto::session_map::SessionMap;
+use meshlink_proto::{
+    DeltaError, Gap, Netmap, NetmapDelta, NodeId, PeerInfo, Policy, WorkloadInfo,
+};
 
 /// How agents hold their map.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,19 +39,11 @@ pub enum PeerTable {
 }
 
 impl PeerTable {
-    /// The table for a full map just received.
-    pub fn from_full_map(kind: TableKind, map: Netmap) -> Self {
+    /// An empty map of node `me`, held as `kind` says.
+    pub fn new(kind: TableKind, me: NodeId) -> Self {
         match kind {
-            TableKind::Full => PeerTable::Full(map),
-            TableKind::Compact => PeerTable::Compact(CompactMap::from_netmap(&map)),
-        }
-    }
-
-    /// The map's version.
-    pub fn version(&self) -> u64 {
-        match self {
-            PeerTable::Full(m) => m.version,
-            PeerTable::Compact(c) => c.version,
+            TableKind::Full => PeerTable::Full(Netmap::default()),
+            TableKind::Compact => PeerTable::Compact(CompactMap::new(me)),
         }
     }
 
@@ -59,18 +58,6 @@ impl PeerTable {
     /// Whether the map holds no peer.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Applies a delta with the rules of [`Netmap::apply`].
-    ///
-    /// # Errors
-    /// [`DeltaError`] when the delta does not start at this version or its policy edit does
-    /// not apply.
-    pub fn apply(&mut self, delta: NetmapDelta) -> Result<(), DeltaError> {
-        match self {
-            PeerTable::Full(m) => m.apply(delta),
-            PeerTable::Compact(c) => c.apply(delta),
-        }
     }
 
     /// An order-independent digest of the whole map (version and peers), equal for equal
@@ -91,27 +78,85 @@ impl PeerTable {
     }
 }
 
+impl SessionMap for PeerTable {
+    fn version(&self) -> u64 {
+        match self {
+            PeerTable::Full(m) => m.version,
+            PeerTable::Compact(c) => c.version,
+        }
+    }
+
+    fn replace(&mut self, map: Netmap) {
+        match self {
+            PeerTable::Full(m) => *m = map,
+            PeerTable::Compact(c) => c.replace(map),
+        }
+    }
+
+    fn apply(&mut self, delta: NetmapDelta) -> Result<(), DeltaError> {
+        match self {
+            PeerTable::Full(m) => m.apply(delta),
+            PeerTable::Compact(c) => c.apply(delta),
+        }
+    }
+
+    fn workloads(&self) -> &BTreeMap<String, WorkloadInfo> {
+        match self {
+            PeerTable::Full(m) => &m.workloads,
+            PeerTable::Compact(c) => &c.workloads,
+        }
+    }
+
+    fn own_entry(&self, me: NodeId) -> Option<&PeerInfo> {
+        match self {
+            PeerTable::Full(m) => m.peers.get(&me),
+            PeerTable::Compact(c) => c.own_entry(me),
+        }
+    }
+}
+
 /// A map as `node id -> digest of the PeerInfo`, with the version rules of [`Netmap::apply`].
-/// The policy is kept whole (an edit applies to it), as the real agent keeps it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The policy and the workloads are kept whole (an edit applies to the policy; the session
+/// fences on the workloads), as the real agent keeps them, and so is the node's own entry
+/// (its key rotation reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CompactMap {
+    me: NodeId,
     version: u64,
     peers: HashMap<NodeId, u64>,
+    own: Option<Box<PeerInfo>>,
+    workloads: BTreeMap<String, WorkloadInfo>,
     policy: Option<Policy>,
 }
 
 impl CompactMap {
-    /// The compact form of `map`.
-    pub fn from_netmap(map: &Netmap) -> Self {
+    /// The empty map of node `me`.
+    pub fn new(me: NodeId) -> Self {
         CompactMap {
-            version: map.version,
-            peers: map
-                .peers
-                .values()
-                .map(|p| (p.node_id, peer_digest(p)))
-                .collect(),
-            policy: map.policy.clone(),
+            me,
+            version: 0,
+            peers: HashMap::new(),
+            own: None,
+            workloads: BTreeMap::new(),
+            policy: None,
         }
+    }
+
+    /// Takes `map` in compact form.
+    fn replace(&mut self, map: Netmap) {
+        self.version = map.version;
+        self.peers = map
+            .peers
+            .values()
+            .map(|p| (p.node_id, peer_digest(p)))
+            .collect();
+        self.own = map.peers.get(&self.me).cloned().map(Box::new);
+        self.workloads = map.workloads;
+        self.policy = map.policy;
+    }
+
+    fn own_entry(&self, me: NodeId) -> Option<&PeerInfo> {
+        self.own.as_deref().filter(|_| me == self.me)
     }
 
     /// See [`Netmap::apply`]: an old delta is ignored, one that does not start at this
@@ -136,9 +181,21 @@ impl CompactMap {
         }
         for id in &delta.remove {
             self.peers.remove(id);
+            if *id == self.me {
+                self.own = None;
+            }
         }
-        for p in &delta.upsert {
-            self.peers.insert(p.node_id, peer_digest(p));
+        for p in delta.upsert {
+            self.peers.insert(p.node_id, peer_digest(&p));
+            if p.node_id == self.me {
+                self.own = Some(Box::new(p));
+            }
+        }
+        for name in &delta.remove_workloads {
+            self.workloads.remove(name);
+        }
+        for w in delta.upsert_workloads {
+            self.workloads.insert(w.name.clone(), w);
         }
         self.version = delta.to_version;
         Ok(())
@@ -210,6 +267,20 @@ mod tests {
         }
     }
 
+    fn workload(n: u64, holder: NodeId) -> WorkloadInfo {
+        WorkloadInfo {
+            id: n + 1,
+            name: format!("w{n}"),
+            address: format!("100.64.1.{n}/32").parse().unwrap(),
+            holder: Some(holder),
+            generation: holder,
+            previous: None,
+            candidates: vec![holder],
+            grace_ms: None,
+            tags: Vec::new(),
+        }
+    }
+
     /// A small deterministic generator, so the test needs no RNG crate features.
     struct Lcg(u64);
     impl Lcg {
@@ -230,8 +301,11 @@ mod tests {
             peers: (1..=5).map(|id| (id, peer(id, 51820))).collect(),
             ..Netmap::default()
         };
-        let mut full = PeerTable::from_full_map(TableKind::Full, start.clone());
-        let mut compact = PeerTable::from_full_map(TableKind::Compact, start);
+        // Node 3's tables: its own entry is kept whole in both.
+        let mut full = PeerTable::new(TableKind::Full, 3);
+        let mut compact = PeerTable::new(TableKind::Compact, 3);
+        full.replace(start.clone());
+        compact.replace(start);
         assert_eq!(full.digest(), compact.digest());
         let mut version: u64 = 3;
         for _ in 0..500 {
@@ -249,6 +323,12 @@ mod tests {
                     .map(|_| peer(1 + rng.next(8), 1 + rng.next(60000) as u16))
                     .collect(),
                 remove: (0..rng.next(2)).map(|_| 1 + rng.next(8)).collect(),
+                upsert_workloads: (0..rng.next(2))
+                    .map(|_| workload(rng.next(3), 1 + rng.next(8)))
+                    .collect(),
+                remove_workloads: (0..rng.next(2))
+                    .map(|_| format!("w{}", rng.next(3)))
+                    .collect(),
                 ..NetmapDelta::default()
             };
             let a = full.apply(delta.clone());
@@ -257,6 +337,8 @@ mod tests {
             assert_eq!(full.version(), compact.version());
             assert_eq!(full.len(), compact.len());
             assert_eq!(full.digest(), compact.digest());
+            assert_eq!(full.workloads(), compact.workloads());
+            assert_eq!(full.own_entry(3), compact.own_entry(3));
             version = full.version();
         }
         assert!(version > 100, "most deltas applied");

@@ -454,6 +454,7 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
             "claims_refused": n(&c.claims_refused),
             "claims_lost_or_expired": n(&c.claims_lost),
             "protocol_errors": n(&c.protocol_errors),
+            "deltas_refused": n(&c.deltas_refused),
         },
         "fencing": fencing_report,
         "converged": converged_after.is_some(),

@@ -103,6 +103,8 @@ pub struct Counters {
     pub claims_refused: AtomicU64,
     /// Claims lost with their session, or expired.
     pub claims_lost: AtomicU64,
+    /// Deltas that did not apply (each asked for a full map).
+    pub deltas_refused: AtomicU64,
     /// Sessions ended because the coordinator broke the protocol (as the session judged).
     pub protocol_errors: AtomicU64,
 }
@@ -558,6 +560,9 @@ fn on_event(shared: &Shared, warming: &mut Warming, event: Event) {
                 Err(ClaimError::SessionLost | ClaimError::Expired) => &c.claims_lost,
             };
             counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Event::DeltaRefused(_) => {
+            c.deltas_refused.fetch_add(1, Ordering::Relaxed);
         }
         Event::MapChanged | Event::HoldingsChanged => {}
     }

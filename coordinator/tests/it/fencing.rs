@@ -708,7 +708,7 @@ impl Sim {
                         self.planned.lock().unwrap().insert((name, g));
                     }
                 }
-                Event::MapChanged | Event::HoldingsChanged => {}
+                Event::MapChanged | Event::HoldingsChanged | Event::DeltaRefused(_) => {}
             }
         }
     }

@@ -59,7 +59,7 @@ use meshlink_proto::agent_session::{AgentSession, Event, SessionError};
 use meshlink_proto::control::{
     Auth, ClientMessage, Hello, ServerMessage, Welcome, PROTOCOL_VERSION,
 };
-use meshlink_proto::{Netmap, NodeId, PublicKey};
+use meshlink_proto::{DeltaError, Netmap, NodeId, PublicKey};
 use tokio::sync::mpsc::{self, error::TryRecvError};
 
 use crate::common::{decode_frame, TempDir};
@@ -1067,6 +1067,8 @@ impl Sim {
             match event {
                 // The map is read from the session state when it is checked.
                 Event::MapChanged | Event::HoldingsChanged => {}
+                // Checked where the full-map request it comes with is sent.
+                Event::DeltaRefused(DeltaError::Gap(_)) => {}
                 other => panic!(
                     "seed {seed} step {step}: agent {a}'s session state asked for {other:?}, but the simulation runs no workloads"
                 ),
