@@ -38,7 +38,7 @@ use meshlink_proto::{Netmap, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use meshlink_proto::agent_session::{ClaimId, Event, SessionError};
+use meshlink_proto::agent_session::{ClaimError, ClaimId, Event, SessionError};
 use meshlink_proto::key_rotation::KeyAction;
 use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 use meshlink_proto::workload::HEARTBEATS_PER_LEASE;
@@ -373,7 +373,7 @@ pub struct MeshControl {
     shared: Arc<Shared>,
     claims: mpsc::Receiver<ClaimRequest>,
     /// Where the answer of each claim handed to the session goes.
-    replies: HashMap<ClaimId, std::sync::mpsc::Sender<Result<u64, String>>>,
+    replies: HashMap<ClaimId, std::sync::mpsc::Sender<Result<u64, ClaimError>>>,
     reconnect: Reconnect,
     cache: MapCache,
     /// Where a key switch reaches the data plane (see `keys`).
@@ -831,7 +831,7 @@ impl MeshControl {
                 }
                 Event::ClaimAnswered { id, result } => {
                     if let Some(reply) = self.replies.remove(&id) {
-                        let _ = reply.send(result.map_err(|e| e.to_string()));
+                        let _ = reply.send(result);
                     }
                 }
             }

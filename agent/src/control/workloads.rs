@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use meshlink_proto::agent_session::AgentSession;
+use meshlink_proto::agent_session::{AgentSession, ClaimError};
 use meshlink_proto::{Netmap, NodeId};
 use tokio::sync::{mpsc, watch, Notify};
 
@@ -105,13 +105,34 @@ impl Shared {
     }
 }
 
+/// Why a claim from the userspace API did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimFailure {
+    /// The session answered it: the coordinator refused it, or the session ended or its
+    /// deadline passed before an answer.
+    #[error(transparent)]
+    Session(#[from] ClaimError),
+    /// The control loop did not take the request.
+    #[error("the control loop is busy or stopped")]
+    Busy,
+    /// No answer within [`CLAIM_TIMEOUT`].
+    #[error("no answer from the coordinator within {} s (is it reachable?)", .0.as_secs())]
+    Timeout(Duration),
+    /// The control loop ended without answering.
+    #[error("the control loop stopped before the coordinator answered; try again")]
+    Stopped,
+    /// The agent has no coordinator: it runs static peers.
+    #[error("this agent runs static peers, not joined to a coordinator")]
+    NotJoined,
+}
+
 /// A claim from the userspace API, answered on `reply` with the generation or why not.
 #[derive(Debug)]
 pub struct ClaimRequest {
     /// The workload's name.
     pub workload: String,
     /// Where the answer goes (a blocking caller waits on it).
-    pub reply: std::sync::mpsc::Sender<Result<u64, String>>,
+    pub reply: std::sync::mpsc::Sender<Result<u64, ClaimError>>,
     /// The caller gives up then: a claim still queued by that time is not sent (the caller
     /// was told it failed).
     pub deadline: std::time::Instant,
@@ -123,8 +144,8 @@ pub type ClaimSender = mpsc::Sender<ClaimRequest>;
 /// Asks the control loop to claim `workload` and waits (blocking) for the answer.
 ///
 /// # Errors
-/// The coordinator's refusal, or why no answer came.
-pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, String> {
+/// [`ClaimFailure`]: the coordinator's refusal, or why no answer came.
+pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, ClaimFailure> {
     let (reply, answer) = std::sync::mpsc::channel();
     let deadline = std::time::Instant::now() + CLAIM_TIMEOUT;
     tx.try_send(ClaimRequest {
@@ -132,16 +153,13 @@ pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, String> {
         reply,
         deadline,
     })
-    .map_err(|_| "the control loop is busy or stopped".to_string())?;
+    .map_err(|_| ClaimFailure::Busy)?;
     match answer.recv_timeout(CLAIM_TIMEOUT) {
-        Ok(r) => r,
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(format!(
-            "no answer from the coordinator within {} s (is it reachable?)",
-            CLAIM_TIMEOUT.as_secs()
-        )),
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-            Err("the control session to the coordinator was lost; try again".into())
+        Ok(r) => Ok(r?),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            Err(ClaimFailure::Timeout(CLAIM_TIMEOUT))
         }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(ClaimFailure::Stopped),
     }
 }
 

@@ -13,7 +13,7 @@ use tracing::{debug, info};
 use crate::control::coordinators::Coordinators;
 use crate::control::discovery::Discovery;
 use crate::control::state::StateDir;
-use crate::control::workloads::{claim_blocking, ClaimSender, Shared, Tunnels};
+use crate::control::workloads::{claim_blocking, ClaimFailure, ClaimSender, Shared, Tunnels};
 use crate::dataplane::{Device, NetBatch};
 use crate::metrics::{
     ControlSample, DeviceDropSample, MetricsSource, PathKind, PeerSample, Snapshot,
@@ -135,10 +135,10 @@ impl UapiHandler for Control {
         Ok(())
     }
 
-    fn claim(&self, workload: &str) -> Result<u64, String> {
+    fn claim(&self, workload: &str) -> Result<u64, ClaimFailure> {
         match &self.claims {
             Some(tx) => claim_blocking(tx, workload),
-            None => Err(format!("cannot claim {workload}: this agent runs static peers, not joined to a coordinator")),
+            None => Err(ClaimFailure::NotJoined),
         }
     }
 

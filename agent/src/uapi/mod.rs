@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use meshlink_uapi::{Client, ClientError, InterfaceNameError};
 
+use crate::control::workloads::ClaimFailure;
 pub use crate::dataplane::status::{DeviceStatus, DropCounts, PeerStatus};
 use crate::settings::DeviceConfig;
 pub use meshlink_uapi::{response_errno, MAX_LINE_BYTES, MAX_REQUEST_BYTES};
@@ -229,10 +230,8 @@ pub trait UapiHandler: Send + Sync + 'static {
     /// Claims a workload for this node through the coordinator (our extension op
     /// `claim=NAME`, used by `meshctl workload claim`): the generation it is now held at, or
     /// why not. Blocks until the coordinator answers or a timeout.
-    fn claim(&self, workload: &str) -> Result<u64, String> {
-        Err(format!(
-            "cannot claim {workload}: this agent is not joined to a coordinator"
-        ))
+    fn claim(&self, _workload: &str) -> Result<u64, ClaimFailure> {
+        Err(ClaimFailure::NotJoined)
     }
 }
 

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use meshlink_proto::agent_session::ClaimError;
 use meshlink_uapi::{errno_response, MAX_LINE_BYTES, MAX_REQUEST_BYTES};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::{apply_set, clip, render_get, UapiError, UapiHandler};
+use crate::control::workloads::ClaimFailure;
 
 /// Pause after a failed `accept`, so that running out of file descriptors does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -204,12 +206,12 @@ fn try_handle_request(
             }
             Ok(match handler.claim(name) {
                 Ok(generation) => format!("generation={generation}\nerrno=0\n\n"),
-                Err(message) => {
-                    tracing::warn!("userspace API: claim of {}: {message}", clip(name));
+                Err(failure) => {
+                    tracing::warn!("userspace API: claim of {}: {failure}", clip(name));
                     format!(
                         "message={}\n{}",
-                        message.replace(['\n', '\r'], " "),
-                        errno_response(libc::EPERM)
+                        failure.to_string().replace(['\n', '\r'], " "),
+                        errno_response(claim_errno(&failure))
                     )
                 }
             })
@@ -389,6 +391,17 @@ impl Drop for PrivateDir {
     }
 }
 
+/// The errno a failed claim is answered with (the message says the rest).
+fn claim_errno(failure: &ClaimFailure) -> i32 {
+    match failure {
+        ClaimFailure::Session(ClaimError::Refused(_) | ClaimError::NoResult) => libc::EPERM,
+        ClaimFailure::Session(ClaimError::SessionLost) | ClaimFailure::Stopped => libc::ENOTCONN,
+        ClaimFailure::Session(ClaimError::Expired) | ClaimFailure::Timeout(_) => libc::ETIMEDOUT,
+        ClaimFailure::Busy => libc::EAGAIN,
+        ClaimFailure::NotJoined => libc::EOPNOTSUPP,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +450,23 @@ mod tests {
         fn status_json(&self) -> String {
             serde_json::to_string_pretty(&self.status()).unwrap()
         }
+    }
+
+    #[test]
+    fn claim_failures_have_distinct_errnos() {
+        let all = [
+            ClaimFailure::Session(ClaimError::Refused("no".into())),
+            ClaimFailure::Session(ClaimError::SessionLost),
+            ClaimFailure::Session(ClaimError::Expired),
+            ClaimFailure::Busy,
+            ClaimFailure::NotJoined,
+        ];
+        let errnos: std::collections::BTreeSet<i32> = all.iter().map(claim_errno).collect();
+        assert_eq!(errnos.len(), all.len());
+        assert_eq!(
+            claim_errno(&ClaimFailure::Timeout(Duration::from_secs(10))),
+            claim_errno(&ClaimFailure::Session(ClaimError::Expired))
+        );
     }
 
     async fn read_response(reader: &mut BufReader<UnixStream>) -> String {
@@ -512,6 +542,17 @@ mod tests {
         assert_eq!(
             response_errno(&request(&path, "get=1\n\n").await.unwrap()),
             Some(0)
+        );
+
+        // A claim on an agent without a coordinator: refused with its reason and errno.
+        let answer = request(&path, "claim=chat").await.unwrap();
+        assert_eq!(
+            answer,
+            format!(
+                "message={}\nerrno=-{}\n\n",
+                ClaimFailure::NotJoined,
+                libc::EOPNOTSUPP
+            )
         );
 
         // An overlong line: errno, then the connection closes.
