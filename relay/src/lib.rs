@@ -1,9 +1,10 @@
 //! meshlink's relays: the forwarding core ([`forward`]) that the coordinator's embedded relay
 //! and the standalone `meshlink-relay` share, the tickets by which a coordinator vouches for a
-//! node at a standalone relay ([`ticket`]).
+//! node at a standalone relay ([`ticket`]), and the standalone relay itself ([`server`]).
 
 pub mod forward;
 pub mod ratelimit;
+pub mod server;
 pub mod ticket;
 
 pub use forward::{Dropped, Link, Relay, RelayStats, Route, SessionLink, Source};

@@ -1,0 +1,137 @@
+//! `meshlink-relay`: a standalone relay for meshlink agents (see the crate documentation and
+//! README.md, "Standalone relays").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Default listen address (QUIC over UDP and TLS over TCP).
+const DEFAULT_LISTEN: &str = "0.0.0.0:7450";
+/// Default state directory.
+const DEFAULT_STATE_DIR: &str = "/var/lib/meshlink-relay";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "meshlink-relay",
+    version,
+    about = "Relays WireGuard datagrams between meshlink agents the coordinators vouch for"
+)]
+struct Cli {
+    /// Where the relay's TLS identity lives (relay.crt, relay.key 0600; made on first start).
+    #[arg(long, env = "MESHLINK_RELAY_STATE_DIR", default_value = DEFAULT_STATE_DIR, global = true)]
+    state_dir: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Makes the identity if missing and prints the `[[relays]]` entry for the coordinators'
+    /// configuration (its fingerprint).
+    Init {
+        /// The relay's name in the mesh.
+        #[arg(long)]
+        name: String,
+        /// The address agents reach it at (`host:port`).
+        #[arg(long)]
+        addr: String,
+        /// Its region (for operators).
+        #[arg(long, default_value = "")]
+        region: String,
+        /// Its provider (for operators).
+        #[arg(long, default_value = "")]
+        provider: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// QUIC (UDP) and TLS (TCP) listen address.
+    #[arg(long, env = "MESHLINK_RELAY_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+    /// The coordinators' certificate (`coordinator.crt` of their state directory): tickets are
+    /// checked against its key. Not a secret.
+    #[arg(long, env = "MESHLINK_RELAY_COORDINATOR_CERT")]
+    coordinator_cert: Option<PathBuf>,
+    /// Bytes per second one node may send through the relay.
+    #[arg(long, env = "MESHLINK_RELAY_RATE", default_value_t = meshlink_relay::forward::DEFAULT_RATE)]
+    rate: u64,
+    /// Sessions at once; more are refused.
+    #[arg(long, env = "MESHLINK_RELAY_MAX_SESSIONS", default_value_t = 10_000)]
+    max_sessions: usize,
+    /// Seconds a new connection has for its handshake and hello.
+    #[arg(long, env = "MESHLINK_RELAY_HELLO_TIMEOUT_SECS", default_value_t = 10)]
+    hello_timeout_secs: u64,
+    /// Seconds without a packet after which a session is closed.
+    #[arg(long, env = "MESHLINK_RELAY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
+    idle_timeout_secs: u64,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESHLINK_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Some(Command::Init {
+        name,
+        addr,
+        region,
+        provider,
+    }) = &cli.command
+    {
+        let id = meshlink_relay::server::load_or_create_identity(&cli.state_dir)?;
+        println!("[[relays]]");
+        println!("name = {name:?}");
+        println!("addr = {addr:?}");
+        println!("fingerprint = {:?}", id.fingerprint);
+        if !region.is_empty() {
+            println!("region = {region:?}");
+        }
+        if !provider.is_empty() {
+            println!("provider = {provider:?}");
+        }
+        return Ok(());
+    }
+    let run = &cli.run;
+    let settings = meshlink_relay::server::Settings {
+        listen: run.listen,
+        state_dir: cli.state_dir.clone(),
+        coordinator_cert: run.coordinator_cert.clone().context(
+            "--coordinator-cert (MESHLINK_RELAY_COORDINATOR_CERT) is required: the coordinators' coordinator.crt",
+        )?,
+        rate: run.rate.max(1),
+        max_sessions: run.max_sessions.max(1),
+        hello_timeout: Duration::from_secs(run.hello_timeout_secs.clamp(1, 300)),
+        idle_timeout: Duration::from_secs(run.idle_timeout_secs.clamp(3, 3600)),
+    };
+    let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    rt.block_on(async {
+        let running = meshlink_relay::server::start(&settings).await?;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let stats = running.relay.stats();
+        tracing::info!(
+            ?stats,
+            refused = running.refused.load(std::sync::atomic::Ordering::Relaxed),
+            "stopping"
+        );
+        running.stop().await;
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,230 @@
+//! The standalone relay over real sockets on loopback: only ticket holders get a session,
+//! frames cross between QUIC and TLS/TCP sessions of one network, and nowhere else.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meshlink_proto::control::{encode, encode_relay, Decoder, Record};
+use meshlink_proto::relay::{
+    frames, parse, RelayAnswer, RelayHello, RELAY_ALPN, RELAY_PROTOCOL, RELAY_SERVER_NAME,
+};
+use meshlink_proto::PublicKey;
+use meshlink_relay::server::{start, Running, Settings};
+use meshlink_relay::ticket::Issuer;
+use rustls::pki_types::PrivateKeyDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+struct Bed {
+    _dir: tempfile::TempDir,
+    running: Running,
+    fingerprint: String,
+    issuer: Issuer,
+    foreign: Issuer,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn issuer() -> (Issuer, String) {
+    let c = rcgen::generate_simple_self_signed(vec!["meshlink-coordinator".into()]).unwrap();
+    let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
+    (
+        Issuer::new(&key, Duration::from_secs(600)).unwrap(),
+        c.cert.pem(),
+    )
+}
+
+async fn bed() -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let (issuer, pem) = issuer();
+    let (foreign, _) = issuer();
+    let cert = dir.path().join("coordinator.crt");
+    std::fs::write(&cert, pem).unwrap();
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: dir.path().join("state"),
+        coordinator_cert: cert,
+        rate: meshlink_relay::forward::DEFAULT_RATE,
+        max_sessions: 16,
+        hello_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(10),
+    };
+    let running = start(&settings).await.unwrap();
+    let id = meshlink_relay::server::load_or_create_identity(&settings.state_dir).unwrap();
+    assert!(!id.created, "made once, then loaded");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(settings.state_dir.join("relay.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    Bed {
+        _dir: dir,
+        running,
+        fingerprint: id.fingerprint,
+        issuer,
+        foreign,
+    }
+}
+
+fn tls(pin: &str) -> rustls::ClientConfig {
+    let mut c = meshlink_tls::rustls_client_config(pin).unwrap();
+    c.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    c
+}
+
+/// A QUIC session: the hello, the answer, and the connection when accepted.
+async fn quic(bed: &Bed, ticket: &str) -> (RelayAnswer, quinn::Connection) {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls(&bed.fingerprint)).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let conn = endpoint
+        .connect(bed.running.addr, RELAY_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: ticket.into(),
+    };
+    send.write_all(&encode(&hello)).await.unwrap();
+    let mut d = Decoder::new(8192);
+    let mut buf = [0u8; 1024];
+    let answer = loop {
+        if let Some(a) = d.decode::<RelayAnswer>().unwrap() {
+            break a;
+        }
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        d.push(&buf[..n]).unwrap();
+    };
+    // Kept open: the relay takes the stream's end as the agent's.
+    std::mem::forget((send, recv, endpoint));
+    (answer, conn)
+}
+
+fn ticket(i: &Issuer, key: u8, network: &str) -> String {
+    i.issue(PublicKey([key; 32]), network, u64::from(key), now())
+        .unwrap()
+        .0
+}
+
+async fn datagram(conn: &quinn::Connection) -> Vec<u8> {
+    tokio::time::timeout(Duration::from_secs(5), conn.read_datagram())
+        .await
+        .expect("a datagram within 5 s")
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test]
+async fn only_vouched_nodes_relay_and_only_within_their_network() {
+    let bed = bed().await;
+    let (a_answer, a) = quic(&bed, &ticket(&bed.issuer, 1, "prod")).await;
+    assert!(
+        matches!(a_answer, RelayAnswer::Accepted { .. }),
+        "{a_answer:?}"
+    );
+    let (_, b) = quic(&bed, &ticket(&bed.issuer, 2, "prod")).await;
+    let (_, s) = quic(&bed, &ticket(&bed.issuer, 3, "staging")).await;
+
+    // A to B: B sees it from A.
+    let f = frames(&PublicKey([2; 32]), 1, b"ciphertext", 1100)
+        .unwrap()
+        .remove(0);
+    a.send_datagram(f.into()).unwrap();
+    let got = datagram(&b).await;
+    let (h, payload) = parse(&got).unwrap();
+    assert_eq!((h.peer, payload), (PublicKey([1; 32]), &b"ciphertext"[..]));
+
+    // A to a node of another network: dropped, counted.
+    let f = frames(&PublicKey([3; 32]), 2, b"x", 1100)
+        .unwrap()
+        .remove(0);
+    a.send_datagram(f.into()).unwrap();
+
+    // Forged (another mesh's coordinator), expired and garbage tickets: refused, no session.
+    let (forged, _) = quic(&bed, &ticket(&bed.foreign, 4, "prod")).await;
+    assert!(matches!(forged, RelayAnswer::Refused { .. }), "{forged:?}");
+    let old = bed
+        .issuer
+        .issue(PublicKey([5; 32]), "prod", 5, now() - 3600)
+        .unwrap()
+        .0;
+    let (expired, _) = quic(&bed, &old).await;
+    match expired {
+        RelayAnswer::Refused { reason } => assert!(reason.contains("expired"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+    let (garbage, _) = quic(&bed, "not a ticket").await;
+    assert!(matches!(garbage, RelayAnswer::Refused { .. }));
+    assert_eq!(bed.running.refused.load(Ordering::Relaxed), 3);
+
+    // A TLS/TCP session of B's network: its whole datagram reaches A (QUIC), cut to fit.
+    let tcp = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).unwrap();
+    let mut tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls(&bed.fingerprint)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let hello = RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: ticket(&bed.issuer, 6, "prod"),
+    };
+    tls_stream.write_all(&encode(&hello)).await.unwrap();
+    let whole: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
+    let f = frames(&PublicKey([1; 32]), 9, &whole, 70_000)
+        .unwrap()
+        .remove(0);
+    tls_stream
+        .write_all(&encode_relay(&f).unwrap())
+        .await
+        .unwrap();
+    let mut d = Decoder::new(8192);
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Some(a) = d.decode::<RelayAnswer>().unwrap() {
+            assert!(matches!(a, RelayAnswer::Accepted { .. }));
+            break;
+        }
+        let n = tls_stream.read(&mut buf).await.unwrap();
+        d.push(&buf[..n]).unwrap();
+    }
+    let mut reassembler = meshlink_proto::relay::Reassembler::new();
+    let mut back = None;
+    while back.is_none() {
+        let got = datagram(&a).await;
+        let (h, bytes) = parse(&got).unwrap();
+        back = reassembler.push(h, bytes, std::time::Instant::now());
+    }
+    assert_eq!(back, Some((PublicKey([6; 32]), whole)));
+
+    // And A to the TCP node: a record on its stream.
+    let f = frames(&PublicKey([6; 32]), 3, b"to tcp", 1100)
+        .unwrap()
+        .remove(0);
+    a.send_datagram(f.into()).unwrap();
+    let record = loop {
+        if let Some(r) = d.decode_record::<serde_json::Value>().unwrap() {
+            break r;
+        }
+        let n = tls_stream.read(&mut buf).await.unwrap();
+        d.push(&buf[..n]).unwrap();
+    };
+    let Record::Relay(frame) = record else {
+        panic!("a message")
+    };
+    assert_eq!(parse(&frame).unwrap().1, b"to tcp");
+
+    let stats = bed.running.relay.stats();
+    assert_eq!((stats.frames, stats.other_network), (3, 1), "{stats:?}");
+    drop(s);
+    bed.running.stop().await;
+}
