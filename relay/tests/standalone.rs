@@ -30,7 +30,7 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn issuer() -> (Issuer, String) {
+fn make_issuer() -> (Issuer, String) {
     let c = rcgen::generate_simple_self_signed(vec!["meshlink-coordinator".into()]).unwrap();
     let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
     (
@@ -41,8 +41,8 @@ fn issuer() -> (Issuer, String) {
 
 async fn bed() -> Bed {
     let dir = tempfile::tempdir().unwrap();
-    let (issuer, pem) = issuer();
-    let (foreign, _) = issuer();
+    let (issuer, pem) = make_issuer();
+    let (foreign, _) = make_issuer();
     let cert = dir.path().join("coordinator.crt");
     std::fs::write(&cert, pem).unwrap();
     let settings = Settings {
