@@ -58,7 +58,7 @@ pub const MAX_RELAY_MESSAGE: usize = 8 * 1024;
 pub const TICKET_CONTEXT: &[u8] = b"meshlink relay ticket v1\0";
 
 /// A standalone relay as grants list it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct RelayInfo {
     /// The relay's name, unique in the mesh (status shows it).
     pub name: String,

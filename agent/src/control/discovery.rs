@@ -153,7 +153,9 @@ impl Discovery {
                 "too_large": c.too_large.load(Relaxed),
                 "send_failed": c.send_failed.load(Relaxed),
                 "refused": c.refused.load(Relaxed),
+                "grants": c.grants.load(Relaxed),
             },
+            "relays": self.relay.relays().status(),
         })
     }
 
@@ -214,6 +216,7 @@ impl Discovery {
             move |k| known.lock().unwrap_or_else(|e| e.into_inner()).contains(k)
         }));
         let mut link = shared.link.subscribe();
+        let mut home = self.relay.home();
         maps.mark_changed();
         link.mark_changed();
         let mut net = NetBatch::with_capacity(64 * 1024);
@@ -244,9 +247,20 @@ impl Discovery {
                     }
                     let l = link.borrow_and_update().clone();
                     let now = Instant::now();
+                    let available = self.relay.available();
                     let mut p = self.paths();
                     p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
-                    p.set_relay(l.as_ref().is_some_and(|l| l.relay), now);
+                    p.set_relay(available, now);
+                }
+                r = home.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A standalone relay came or went: the shims stay the relayed peers'
+                    // endpoints, only whether any relay is there matters here.
+                    home.borrow_and_update();
+                    let available = self.relay.available();
+                    self.paths().set_relay(available, Instant::now());
                 }
                 Some((from, d)) = inbox.recv() => {
                     tracing::trace!(%from, len = d.len(), "discovery datagram");

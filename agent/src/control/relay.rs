@@ -1,6 +1,11 @@
-//! The agent's side of the relay: WireGuard datagrams for relayed peers go to the coordinator
-//! as QUIC datagrams on the control session's connection ([`meshlink_proto::relay`] frames),
-//! and come back the same way.
+//! The agent's side of the relays: WireGuard datagrams for relayed peers go to the home
+//! standalone relay ([`sessions`]: the nearest of those the coordinator grants), or, with none
+//! up, to the coordinator's embedded relay as QUIC datagrams (or records) on the control
+//! session's connection ([`meshlink_proto::relay`] frames), and come back the same ways.
+//!
+//! Frames from [`RELAY_SELF`] are the coordinator's grants (the standalone relays and this
+//! node's ticket); they are taken only from the control session, never from a standalone
+//! relay, which could otherwise list relays of its own choosing.
 //!
 //! The data plane is not told about relays. Each relayed peer gets a **shim**: a UDP socket
 //! on loopback whose address is that peer's WireGuard endpoint while it is relayed. What the
@@ -19,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use meshlink_proto::control::{encode_relay, MAX_RELAY_RECORD};
-use meshlink_proto::relay::{self, Reassembler};
+use meshlink_proto::relay::{self, Grant, Reassembler, RELAY_SELF};
 use meshlink_proto::PublicKey;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -27,6 +32,14 @@ use tracing::debug;
 
 use super::transport::LinkConn;
 use super::workloads::Link;
+
+mod home;
+mod sessions;
+
+pub use sessions::{HomeLink, RelayStatus, Relays};
+
+/// Frames from standalone relays waiting for the relay client; more are dropped.
+const RELAYED_QUEUED: usize = 1024;
 
 /// The largest frame sent: fits a QUIC datagram on any path QUIC works on (1,200-byte UDP
 /// payloads), so a full WireGuard datagram takes two frames.
@@ -56,6 +69,8 @@ pub struct RelayCounters {
     pub send_failed: AtomicU64,
     /// Frames from keys that are not peers, or malformed.
     pub refused: AtomicU64,
+    /// Grants received from the coordinator (standalone relays and a ticket).
+    pub grants: AtomicU64,
 }
 
 struct Shim {
@@ -77,6 +92,9 @@ pub struct RelayClient {
     link: watch::Receiver<Option<Link>>,
     counters: Arc<RelayCounters>,
     next_id: Arc<AtomicU64>,
+    relays: Arc<Relays>,
+    home: watch::Receiver<Option<HomeLink>>,
+    grants: watch::Sender<Option<Grant>>,
 }
 
 impl std::fmt::Debug for RelayClient {
@@ -90,13 +108,29 @@ impl RelayClient {
     /// holds.
     #[must_use]
     pub fn new(wg_port: u16, link: watch::Receiver<Option<Link>>) -> Self {
+        let relays = Arc::new(Relays::new());
         Self {
             wg: SocketAddr::from((Ipv4Addr::LOCALHOST, wg_port)),
             shims: Mutex::new(HashMap::new()),
             link,
             counters: Arc::new(RelayCounters::default()),
             next_id: Arc::new(AtomicU64::new(0)),
+            home: relays.home(),
+            relays,
+            grants: watch::channel(None).0,
         }
+    }
+
+    /// The standalone relays (status).
+    #[must_use]
+    pub fn relays(&self) -> &Relays {
+        &self.relays
+    }
+
+    /// The home standalone relay's session, while there is one.
+    #[must_use]
+    pub fn home(&self) -> watch::Receiver<Option<HomeLink>> {
+        self.home.clone()
     }
 
     /// The counters.
@@ -131,7 +165,10 @@ impl RelayClient {
             socket.clone(),
             self.wg,
             peer,
-            self.link.clone(),
+            Routes {
+                home: self.home.clone(),
+                link: self.link.clone(),
+            },
             self.counters.clone(),
             self.next_id.clone(),
         ));
@@ -152,15 +189,24 @@ impl RelayClient {
         addr.ip().is_loopback() && self.shims().values().any(|s| s.addr == addr)
     }
 
-    /// The relay's address (the control connection's remote end) and transport (`udp`,
-    /// `tcp`), while one is up.
+    /// The relay's address (the home standalone relay's, else the control connection's
+    /// remote end) and transport (`udp`, `tcp`), while one is up.
     #[must_use]
     pub fn link_remote(&self) -> Option<(SocketAddr, meshlink_proto::control::RelayTransport)> {
+        if let Some(h) = self.home.borrow().as_ref() {
+            return Some((h.remote, h.transport));
+        }
         self.link
             .borrow()
             .as_ref()
             .filter(|l| l.relay)
             .map(|l| (l.remote, l.transport))
+    }
+
+    /// Whether some relay is up (the home standalone relay, or the coordinator's).
+    #[must_use]
+    pub fn available(&self) -> bool {
+        self.link_remote().is_some()
     }
 
     /// Keeps the shims of `peers` only.
@@ -178,6 +224,12 @@ impl RelayClient {
     ) {
         let mut link = self.link.clone();
         let mut reassembler = Reassembler::new();
+        // Frames from standalone relays are put back together apart, so that none of theirs
+        // can complete (or pass for) a grant.
+        let mut relayed_reassembler = Reassembler::new();
+        let (relayed_tx, mut relayed) = mpsc::channel(RELAYED_QUEUED);
+        let sessions = tokio::spawn(self.relays.clone().run(self.grants.subscribe(), relayed_tx));
+        let _sessions = AbortOnDrop(sessions);
         // A QUIC connection that ended reads nothing more until the link changes.
         let mut ended = false;
         loop {
@@ -188,21 +240,25 @@ impl RelayClient {
                     LinkConn::Quic(c) if !ended => Some(c.clone()),
                     _ => None,
                 });
-            let frame: Vec<u8> = tokio::select! {
+            let (frame, from_control): (Vec<u8>, bool) = tokio::select! {
+                f = relayed.recv() => match f {
+                    Some(f) => (f, false),
+                    None => continue,
+                },
                 d = async {
                     match &quic {
                         Some(c) => c.read_datagram().await.ok(),
                         None => std::future::pending().await,
                     }
                 } => match d {
-                    Some(d) => d.to_vec(),
+                    Some(d) => (d.to_vec(), true),
                     None => {
                         ended = true;
                         continue;
                     }
                 },
                 f = stream_frames.recv() => match f {
-                    Some(f) => f,
+                    Some(f) => (f, true),
                     None => return,
                 },
                 r = link.changed() => {
@@ -217,11 +273,22 @@ impl RelayClient {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if header.peer == RELAY_SELF && from_control {
+                if let Some((_, json)) = reassembler.push(header, bytes, Instant::now()) {
+                    self.take_grant(&json);
+                }
+                continue;
+            }
             if !peers(&header.peer) {
                 self.counters.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some((from, whole)) = reassembler.push(header, bytes, Instant::now()) else {
+            let pushed = if from_control {
+                reassembler.push(header, bytes, Instant::now())
+            } else {
+                relayed_reassembler.push(header, bytes, Instant::now())
+            };
+            let Some((from, whole)) = pushed else {
                 continue;
             };
             let socket = match self.shim(from) {
@@ -239,12 +306,57 @@ impl RelayClient {
     }
 }
 
+impl RelayClient {
+    /// A grant from the coordinator: the newest replaces the one before.
+    fn take_grant(&self, json: &[u8]) {
+        match serde_json::from_slice::<Grant>(json) {
+            Ok(mut grant) => {
+                grant.relays.truncate(relay::MAX_LISTED_RELAYS);
+                self.counters.grants.fetch_add(1, Ordering::Relaxed);
+                self.grants.send_replace(Some(grant));
+            }
+            Err(e) => {
+                self.counters.refused.fetch_add(1, Ordering::Relaxed);
+                debug!("a grant that does not parse: {e}");
+            }
+        }
+    }
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where a shim's datagrams go: the home standalone relay, else the coordinator's.
+struct Routes {
+    home: watch::Receiver<Option<HomeLink>>,
+    link: watch::Receiver<Option<Link>>,
+}
+
+impl Routes {
+    fn conn(&self) -> Option<LinkConn> {
+        if let Some(h) = self.home.borrow().as_ref() {
+            return Some(h.conn.clone());
+        }
+        self.link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.relay)
+            .map(|l| l.conn.clone())
+    }
+}
+
 /// What the data plane sends to one peer's shim goes to the relay.
 async fn outbound(
     socket: Arc<UdpSocket>,
     wg: SocketAddr,
     peer: PublicKey,
-    link: watch::Receiver<Option<Link>>,
+    routes: Routes,
     counters: Arc<RelayCounters>,
     next_id: Arc<AtomicU64>,
 ) {
@@ -262,11 +374,7 @@ async fn outbound(
             counters.too_large.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let conn = link
-            .borrow()
-            .as_ref()
-            .filter(|l| l.relay)
-            .map(|l| l.conn.clone());
+        let conn = routes.conn();
         let id = next_id.fetch_add(1, Ordering::Relaxed) as u16;
         match conn {
             None => {

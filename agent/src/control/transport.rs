@@ -37,6 +37,18 @@ impl std::fmt::Debug for StreamWriter {
 }
 
 impl StreamWriter {
+    /// The writer of a TLS/TCP stream's write half (a control session's, or a relay's).
+    #[must_use]
+    pub fn new(write: WriteHalf<Tls>) -> Self {
+        StreamWriter(Arc::new(tokio::sync::Mutex::new(write)))
+    }
+
+    /// Whether both write to the same stream.
+    #[must_use]
+    pub fn same(&self, other: &StreamWriter) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Writes `bytes` whole (one record), after whatever record is being written.
     ///
     /// # Errors

@@ -1,0 +1,563 @@
+//! Sessions with the standalone relays the coordinator grants (`meshlink-relay`).
+//!
+//! The coordinator's grant lists the relays and carries this node's ticket
+//! ([`meshlink_proto::relay::Grant`]). This node keeps a session with **every** listed relay
+//! (at most [`meshlink_proto::relay::MAX_LISTED_RELAYS`]), so a peer can reach it through any
+//! of them, and sends its own relayed datagrams through one, its **home** ([`HomeChoice`]: the
+//! nearest by round trip). Every peer does the same, so the sender's home is always a relay
+//! both use; no map of who is homed where is needed. A home that dies is noticed within the
+//! session's idle timeout ([`IDLE`]) and replaced by the next nearest at once; the data plane
+//! never learns of it (the shims stay the peers' endpoints), so WireGuard sessions survive.
+//!
+//! Each session opens over QUIC (frames as datagrams) or, when QUIC is not up within
+//! [`TCP_AFTER`], TLS over TCP to the same address (frames as records), pinning the relay's
+//! certificate from the grant, and says a [`RelayHello`] with the ticket. Before the ticket
+//! expires a new session is opened with the newest ticket and takes over, then the old one is
+//! closed (make before break). A session that fails is tried again with backoff.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshlink_proto::control::{encode, Decoder, Record, RelayTransport};
+use meshlink_proto::relay::{
+    Grant, RelayAnswer, RelayHello, RelayInfo, MAX_RELAY_MESSAGE, RELAY_ALPN, RELAY_PROTOCOL,
+    RELAY_SERVER_NAME,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info};
+
+use super::home::{Candidate, HomeChoice};
+use crate::control::transport::{LinkConn, StreamWriter};
+
+/// How long QUIC has before TLS/TCP is tried.
+pub const TCP_AFTER: Duration = Duration::from_secs(2);
+/// How long a connection, its hello and the answer may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(6);
+/// A session with no packet for this long is over (QUIC idle timeout; TCP user timeout).
+pub const IDLE: Duration = Duration::from_secs(4);
+/// The keepalive of a session.
+pub const KEEPALIVE: Duration = Duration::from_secs(1);
+/// A session is renewed this long before its ticket expires (at least).
+pub const RENEW_BEFORE: Duration = Duration::from_secs(30);
+/// The longest wait between tries of a relay that fails.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often round trips are read and the home chosen again.
+pub const CHOOSE_EVERY: Duration = Duration::from_secs(1);
+
+/// The home relay's session, as the relay client sends on it.
+#[derive(Debug, Clone)]
+pub struct HomeLink {
+    /// The relay's name.
+    pub name: String,
+    /// What frames go out on.
+    pub conn: LinkConn,
+    /// The relay's address.
+    pub remote: SocketAddr,
+    /// What frames run over.
+    pub transport: RelayTransport,
+}
+
+/// What `status` shows of one relay.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayStatus {
+    /// Its name.
+    pub name: String,
+    /// Its region.
+    pub region: String,
+    /// Its provider.
+    pub provider: String,
+    /// Its address as listed.
+    pub addr: String,
+    /// Whether a session is up.
+    pub up: bool,
+    /// Over what.
+    pub over: Option<RelayTransport>,
+    /// Its round trip, in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Whether it is home.
+    pub home: bool,
+}
+
+/// One relay's session as the manager keeps it.
+struct Up {
+    conn: LinkConn,
+    quic: Option<quinn::Connection>,
+    remote: SocketAddr,
+    transport: RelayTransport,
+    /// Measured at the hello (TCP); QUIC's own estimate replaces it.
+    rtt: Duration,
+}
+
+enum Event {
+    Up(String, Up),
+    Down(String),
+}
+
+/// The standalone relays: sessions, the home, and what status shows.
+#[derive(Debug)]
+pub struct Relays {
+    home: watch::Sender<Option<HomeLink>>,
+    status: Mutex<Vec<RelayStatus>>,
+}
+
+impl Relays {
+    /// No relays yet.
+    #[must_use]
+    pub fn new() -> Self {
+        Self {
+            home: watch::channel(None).0,
+            status: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The home's session, while there is one.
+    #[must_use]
+    pub fn home(&self) -> watch::Receiver<Option<HomeLink>> {
+        self.home.subscribe()
+    }
+
+    /// The relays as status shows them.
+    #[must_use]
+    pub fn status(&self) -> Vec<RelayStatus> {
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Keeps sessions with the relays of the newest grant in `grants`, puts what they deliver
+    /// in `inbound`, and the home in [`Relays::home`]. Runs until `grants`' sender is gone.
+    pub async fn run(
+        self: Arc<Self>,
+        mut grants: watch::Receiver<Option<Grant>>,
+        inbound: mpsc::Sender<Vec<u8>>,
+    ) {
+        let (events_tx, mut events) = mpsc::channel::<Event>(64);
+        let mut tasks: HashMap<RelayInfo, tokio::task::JoinHandle<()>> = HashMap::new();
+        let mut up: HashMap<String, Up> = HashMap::new();
+        let mut listed: Vec<RelayInfo> = Vec::new();
+        let mut choice = HomeChoice::new();
+        let mut tick = tokio::time::interval(CHOOSE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                r = grants.changed() => {
+                    if r.is_err() {
+                        break;
+                    }
+                    let relays = grants.borrow_and_update().as_ref().map(|g| g.relays.clone()).unwrap_or_default();
+                    if relays != listed {
+                        tasks.retain(|info, task| {
+                            let keep = relays.contains(info);
+                            if !keep {
+                                task.abort();
+                                up.remove(&info.name);
+                            }
+                            keep
+                        });
+                        for info in &relays {
+                            tasks.entry(info.clone()).or_insert_with(|| {
+                                tokio::spawn(session(info.clone(), grants.clone(), events_tx.clone(), inbound.clone()))
+                            });
+                        }
+                        info!(relays = ?relays.iter().map(|r| &r.name).collect::<Vec<_>>(), "standalone relays granted");
+                        listed = relays;
+                    }
+                }
+                Some(e) = events.recv() => match e {
+                    Event::Up(name, u) => { up.insert(name, u); }
+                    Event::Down(name) => { up.remove(&name); }
+                },
+                _ = tick.tick() => {}
+            }
+            // QUIC's round-trip estimate, fresh from the keepalives.
+            for u in up.values_mut() {
+                if let Some(q) = &u.quic {
+                    u.rtt = q.rtt();
+                }
+            }
+            let candidates: Vec<Candidate<'_>> = up
+                .iter()
+                .map(|(name, u)| Candidate {
+                    name,
+                    rtt: Some(u.rtt),
+                })
+                .collect();
+            let changed = choice.update(&candidates, Instant::now());
+            let home = choice.home().and_then(|name| {
+                up.get(name).map(|u| HomeLink {
+                    name: name.to_string(),
+                    conn: u.conn.clone(),
+                    remote: u.remote,
+                    transport: u.transport,
+                })
+            });
+            if changed {
+                info!(home = ?choice.home(), "home relay");
+            }
+            // The link may change without the home changing (a renewed session).
+            self.home.send_if_modified(|h| {
+                let same = match (&*h, &home) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => {
+                        a.name == b.name && a.remote == b.remote && same_conn(&a.conn, &b.conn)
+                    }
+                    _ => false,
+                };
+                if !same {
+                    *h = home.clone();
+                }
+                !same
+            });
+            let status = listed
+                .iter()
+                .map(|info| {
+                    let u = up.get(&info.name);
+                    RelayStatus {
+                        name: info.name.clone(),
+                        region: info.region.clone(),
+                        provider: info.provider.clone(),
+                        addr: info.addr.clone(),
+                        up: u.is_some(),
+                        over: u.map(|u| u.transport),
+                        rtt_ms: u.map(|u| u.rtt.as_secs_f64() * 1000.0),
+                        home: choice.home() == Some(info.name.as_str()),
+                    }
+                })
+                .collect();
+            *self.status.lock().unwrap_or_else(|e| e.into_inner()) = status;
+        }
+        for (_, t) in tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Default for Relays {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn same_conn(a: &LinkConn, b: &LinkConn) -> bool {
+    match (a, b) {
+        (LinkConn::Quic(a), LinkConn::Quic(b)) => a.stable_id() == b.stable_id(),
+        (LinkConn::Stream(a), LinkConn::Stream(b)) => a.same(b),
+        _ => false,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The newest ticket of a grant that lists `info`; waits for one.
+async fn ticket(
+    info: &RelayInfo,
+    grants: &mut watch::Receiver<Option<Grant>>,
+) -> Option<(String, u64)> {
+    loop {
+        {
+            let g = grants.borrow_and_update();
+            if let Some(g) = g.as_ref() {
+                if g.relays.contains(info) && g.expires > unix_now() {
+                    return Some((g.ticket.clone(), g.expires));
+                }
+            }
+        }
+        grants.changed().await.ok()?;
+    }
+}
+
+/// One open session: its link for the manager and what reads from it.
+struct Open {
+    up: Up,
+    reader: Reader,
+    /// Dropping it ends a QUIC session's stream (the relay takes that as the end).
+    _keep: Option<(quinn::Endpoint, quinn::SendStream, quinn::RecvStream)>,
+    expires: u64,
+}
+
+enum Reader {
+    Quic(quinn::Connection),
+    Tcp(
+        ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+        Decoder,
+    ),
+}
+
+/// Keeps a session with one relay (see the module documentation).
+async fn session(
+    info: RelayInfo,
+    mut grants: watch::Receiver<Option<Grant>>,
+    events: mpsc::Sender<Event>,
+    inbound: mpsc::Sender<Vec<u8>>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    let mut current: Option<Open> = None;
+    loop {
+        let open = match current.take() {
+            Some(o) => o,
+            None => {
+                let Some((ticket, expires)) = ticket(&info, &mut grants).await else {
+                    return;
+                };
+                match connect(&info, &ticket, expires).await {
+                    Ok(o) => {
+                        backoff = Duration::from_secs(1);
+                        info!(relay = %info.name, over = ?o.up.transport, "relay session open");
+                        o
+                    }
+                    Err(e) => {
+                        debug!(relay = %info.name, "relay session failed: {e}");
+                        let _ = events.send(Event::Down(info.name.clone())).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                }
+            }
+        };
+        let _ = events
+            .send(Event::Up(info.name.clone(), clone_up(&open.up)))
+            .await;
+        // Renew before the ticket runs out: a quarter of its remaining life early, at least
+        // RENEW_BEFORE.
+        let left = open.expires.saturating_sub(unix_now());
+        let renew_in = Duration::from_secs(left)
+            .saturating_sub(RENEW_BEFORE.max(Duration::from_secs(left / 4)));
+        let Open {
+            up: _,
+            mut reader,
+            _keep,
+            expires: _,
+        } = open;
+        let ended = tokio::select! {
+            why = read_frames(&mut reader, &inbound) => Some(why),
+            () = tokio::time::sleep(renew_in) => None,
+        };
+        match ended {
+            Some(why) => {
+                info!(relay = %info.name, "relay session lost: {why}");
+                let _ = events.send(Event::Down(info.name.clone())).await;
+            }
+            None => {
+                // Make before break: the new session takes over, then the old one goes.
+                let next = match ticket(&info, &mut grants).await {
+                    Some((t, e)) => connect(&info, &t, e).await.ok(),
+                    None => None,
+                };
+                match next {
+                    Some(n) => current = Some(n),
+                    None => {
+                        // Keep the old one until it ends or expires; try again soon.
+                        let old_reader = &mut reader;
+                        tokio::select! {
+                            why = read_frames(old_reader, &inbound) => {
+                                info!(relay = %info.name, "relay session lost: {why}");
+                                let _ = events.send(Event::Down(info.name.clone())).await;
+                            }
+                            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        }
+                    }
+                }
+            }
+        }
+        drop(_keep);
+    }
+}
+
+fn clone_up(u: &Up) -> Up {
+    Up {
+        conn: u.conn.clone(),
+        quic: u.quic.clone(),
+        remote: u.remote,
+        transport: u.transport,
+        rtt: u.rtt,
+    }
+}
+
+/// Delivers what the relay sends until the session ends; why it ended.
+async fn read_frames(reader: &mut Reader, inbound: &mpsc::Sender<Vec<u8>>) -> String {
+    match reader {
+        Reader::Quic(conn) => loop {
+            match conn.read_datagram().await {
+                // A full inbox drops the frame (WireGuard retransmits what matters).
+                Ok(d) => {
+                    let _ = inbound.try_send(d.to_vec());
+                }
+                Err(e) => return e.to_string(),
+            }
+        },
+        Reader::Tcp(read, decoder) => {
+            let mut buf = vec![0u8; 16 * 1024];
+            loop {
+                loop {
+                    match decoder.decode_record::<serde_json::Value>() {
+                        Ok(Some(Record::Relay(f))) => {
+                            let _ = inbound.try_send(f);
+                        }
+                        Ok(Some(Record::Message(_))) => return "a message from the relay".into(),
+                        Ok(None) => break,
+                        Err(e) => return e.to_string(),
+                    }
+                }
+                match read.read(&mut buf).await {
+                    Ok(0) => return "the relay closed".into(),
+                    Ok(n) => {
+                        if let Err(e) = decoder.push(&buf[..n]) {
+                            return e.to_string();
+                        }
+                    }
+                    Err(e) => return e.to_string(),
+                }
+            }
+        }
+    }
+}
+
+fn tls(pin: &str) -> Result<rustls::ClientConfig, String> {
+    let mut c = meshlink_tls::rustls_client_config(pin).map_err(|e| e.to_string())?;
+    c.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    Ok(c)
+}
+
+/// Opens a session with `info` and says hello with `ticket`: QUIC, or TLS/TCP when QUIC is not
+/// up within [`TCP_AFTER`].
+async fn connect(info: &RelayInfo, ticket: &str, expires: u64) -> Result<Open, String> {
+    let target = tokio::net::lookup_host(&info.addr)
+        .await
+        .map_err(|e| format!("{}: {e}", info.addr))?
+        .next()
+        .ok_or_else(|| format!("{}: no address", info.addr))?;
+    let hello = encode(&RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: ticket.to_string(),
+    });
+    let quic = tokio::time::timeout(TCP_AFTER, open_quic(info, target, &hello, expires)).await;
+    let quic_err = match quic {
+        Ok(Ok(o)) => return Ok(o),
+        Ok(Err(e)) => e,
+        Err(_) => "timed out".into(),
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, open_tcp(info, target, &hello, expires)).await {
+        Ok(Ok(o)) => Ok(o),
+        Ok(Err(e)) => Err(format!("QUIC: {quic_err}; TCP: {e}")),
+        Err(_) => Err(format!("QUIC: {quic_err}; TCP: timed out")),
+    }
+}
+
+async fn answer<R: tokio::io::AsyncRead + Unpin>(
+    read: &mut R,
+    decoder: &mut Decoder,
+) -> Result<(), String> {
+    let mut buf = [0u8; 2048];
+    loop {
+        match decoder.decode::<RelayAnswer>().map_err(|e| e.to_string())? {
+            Some(RelayAnswer::Accepted { .. }) => return Ok(()),
+            Some(RelayAnswer::Refused { reason }) => return Err(format!("refused: {reason}")),
+            None => {}
+        }
+        let n = read.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed before answering".into());
+        }
+        decoder.push(&buf[..n]).map_err(|e| e.to_string())?;
+    }
+}
+
+async fn open_quic(
+    info: &RelayInfo,
+    target: SocketAddr,
+    hello: &[u8],
+    expires: u64,
+) -> Result<Open, String> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls(&info.fingerprint)?)
+        .map_err(|e| e.to_string())?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEPALIVE));
+    transport.initial_rtt(Duration::from_millis(100));
+    transport.max_idle_timeout(Some(IDLE.try_into().map_err(|e| format!("{e}"))?));
+    config.transport_config(Arc::new(transport));
+    endpoint.set_default_client_config(config);
+    let conn = endpoint
+        .connect(target, RELAY_SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    send.write_all(hello).await.map_err(|e| e.to_string())?;
+    let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
+    answer(&mut recv, &mut decoder).await?;
+    Ok(Open {
+        up: Up {
+            conn: LinkConn::Quic(conn.clone()),
+            quic: Some(conn.clone()),
+            remote: target,
+            transport: RelayTransport::Udp,
+            rtt: conn.rtt(),
+        },
+        reader: Reader::Quic(conn),
+        _keep: Some((endpoint, send, recv)),
+        expires,
+    })
+}
+
+async fn open_tcp(
+    info: &RelayInfo,
+    target: SocketAddr,
+    hello: &[u8],
+    expires: u64,
+) -> Result<Open, String> {
+    let stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let sock = socket2::SockRef::from(&stream);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE)
+        .with_interval(KEEPALIVE)
+        .with_retries(3);
+    sock.set_tcp_keepalive(&keepalive)
+        .map_err(|e| e.to_string())?;
+    sock.set_tcp_user_timeout(Some(IDLE))
+        .map_err(|e| e.to_string())?;
+    let name =
+        rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).map_err(|e| e.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(tls(&info.fingerprint)?))
+        .connect(name, stream)
+        .await
+        .map_err(|e| e.to_string())?;
+    let sent = Instant::now();
+    tls.write_all(hello).await.map_err(|e| e.to_string())?;
+    tls.flush().await.map_err(|e| e.to_string())?;
+    let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
+    answer(&mut tls, &mut decoder).await?;
+    let rtt = sent.elapsed();
+    let (read, write) = tokio::io::split(tls);
+    Ok(Open {
+        up: Up {
+            conn: LinkConn::Stream(StreamWriter::new(write)),
+            quic: None,
+            remote: target,
+            transport: RelayTransport::Tcp,
+            rtt,
+        },
+        reader: Reader::Tcp(read, decoder),
+        _keep: None,
+        expires,
+    })
+}
