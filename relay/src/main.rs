@@ -119,6 +119,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let running = meshlink_relay::server::start(&settings).await?;
+        // Once the listeners are bound (scripts and tests wait for this line).
+        println!("relay fingerprint: {}", running.fingerprint);
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot watch SIGTERM")?;
         tokio::select! {

@@ -223,6 +223,8 @@ fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, StartError> {
 pub struct Running {
     /// Where it listens (QUIC and TCP).
     pub addr: SocketAddr,
+    /// Its certificate's fingerprint (what `[[relays]]` entries name).
+    pub fingerprint: String,
     /// Its forwarding core (counters, routes).
     pub relay: Arc<Relay>,
     /// Sessions refused (tickets) since start.
@@ -303,6 +305,7 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
     tasks.spawn(accept_tcp(tcp, acceptor, shared, settings.idle_timeout));
     Ok(Running {
         addr,
+        fingerprint: identity.fingerprint.clone(),
         relay,
         refused,
         shutdown,

@@ -231,6 +231,15 @@ pub fn coordinator_bin() -> PathBuf {
     )
 }
 
+/// The `meshlink-relay` binary under test: `$MESHLINK_RELAY_BIN` if set, else the one next to
+/// this test's executable.
+///
+/// # Panics
+/// When the binary does not exist, with the command that builds it.
+pub fn relay_bin() -> PathBuf {
+    workspace_bin("meshlink-relay", "MESHLINK_RELAY_BIN", "meshlink-relay")
+}
+
 /// The `meshctl` binary under test: `$MESHLINK_MESHCTL_BIN` if set, else the one next to this
 /// test's executable.
 ///

@@ -46,7 +46,7 @@
 
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -315,6 +315,29 @@ impl NatBed {
             &format!(
                 "flush chain ip {TABLE} block\n\
                  add rule ip {TABLE} block oifname \"{wan}\" meta l4proto udp drop\n",
+                wan = router.wan
+            ),
+        );
+    }
+
+    /// Blocks UDP from `provider`'s LAN to the internet except to the hosts `allowed` (the
+    /// coordinator and standalone relays, say); as [`NatBed::block_udp_except`] otherwise.
+    ///
+    /// # Panics
+    /// When nftables refuses the rule.
+    pub fn block_udp_except_hosts(&self, provider: Provider, allowed: &[Ipv4Addr]) {
+        let router = self.router(provider);
+        let set = allowed
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ");
+        nft(
+            &router.ns,
+            &format!(
+                "flush chain ip {TABLE} block\n\
+                 add rule ip {TABLE} block oifname \"{wan}\" meta l4proto udp \
+                 ip daddr != {{ {set} }} drop\n",
                 wan = router.wan
             ),
         );
@@ -642,6 +665,7 @@ pub struct NatMesh {
     // Field order is drop order: processes before the namespaces they run in, and the
     // scratch directory last.
     agents: Vec<MeshAgent>,
+    relays: Vec<StandaloneRelay>,
     coord: Coordinator,
     hosts: Vec<ProviderHost>,
     bed: NatBed,
@@ -672,12 +696,96 @@ impl NatMesh {
         let token = ctl.token_create(NETWORK, Some(8), Some("1h"));
         NatMesh {
             agents: Vec::new(),
+            relays: Vec::new(),
             coord,
             hosts: Vec::new(),
             bed,
             token,
             dir,
         }
+    }
+
+    /// As [`NatMesh::new`], with a standalone relay (`meshlink-relay`) per name of `relays`,
+    /// each on a host of its own on the internet segment (198.18.0.11, .12, ...), listening on
+    /// [`RELAY_PORT`] and registered in the coordinator's configuration (`[[relays]]`, region
+    /// `region-NAME`, provider `bed`). The relays start after the coordinator, with its
+    /// certificate.
+    ///
+    /// # Panics
+    /// As [`NatMesh::new`], and when a relay cannot be set up or does not start.
+    pub fn with_relays(name: &str, modes: &[NatMode], relays: &[&str]) -> NatMesh {
+        require_tool("nft", "nftables");
+        agent_bin();
+        coordinator_bin();
+        meshctl_bin();
+        crate::relay_bin();
+        let dir = ScratchDir::create(name);
+        let mut bed = NatBed::create(modes);
+        let mut config = String::new();
+        let mut pending = Vec::new();
+        for relay in relays {
+            let host = bed.add_public_host();
+            let state = dir.join(&format!("relay-{relay}"));
+            let addr = SocketAddrV4::new(host.address, RELAY_PORT);
+            let out = std::process::Command::new(crate::relay_bin())
+                .arg("--state-dir")
+                .arg(&state)
+                .args(["init", "--name", relay, "--addr", &addr.to_string()])
+                .args(["--region", &format!("region-{relay}"), "--provider", "bed"])
+                .output()
+                .expect("meshlink-relay init runs");
+            assert!(
+                out.status.success(),
+                "meshlink-relay init failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            config.push_str(&String::from_utf8_lossy(&out.stdout));
+            pending.push((relay.to_string(), host, state, addr));
+        }
+        let config_path = dir.join("coordinator.toml");
+        std::fs::write(&config_path, &config).expect("the coordinator configuration is written");
+        let config_arg = config_path.display().to_string();
+        let coord = Coordinator::start_with(
+            &bed.coordinator_host().handle(),
+            &dir,
+            COORDINATOR_HOST,
+            &["--config", &config_arg],
+        );
+        let cert = coord.state_dir().join("coordinator.crt");
+        let relays = pending
+            .into_iter()
+            .map(|(name, host, state, addr)| {
+                StandaloneRelay::start(name, host, state, addr, &cert, &dir)
+            })
+            .collect();
+        let ctl = coord.meshctl();
+        ctl.network_create(NETWORK, NETWORK_CIDR);
+        let token = ctl.token_create(NETWORK, Some(8), Some("1h"));
+        NatMesh {
+            agents: Vec::new(),
+            relays,
+            coord,
+            hosts: Vec::new(),
+            bed,
+            token,
+            dir,
+        }
+    }
+
+    /// The standalone relay called `name`.
+    ///
+    /// # Panics
+    /// When there is none.
+    pub fn relay(&mut self, name: &str) -> &mut StandaloneRelay {
+        self.relays
+            .iter_mut()
+            .find(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no relay {name}"))
+    }
+
+    /// The addresses of the standalone relays' hosts.
+    pub fn relay_hosts(&self) -> Vec<Ipv4Addr> {
+        self.relays.iter().map(|r| *r.addr.ip()).collect()
     }
 
     /// Starts an agent called `name` on a new host of each `provider`'s LAN, all at once,
@@ -870,6 +978,66 @@ impl NatMesh {
     ) -> Duration {
         self.settle_paths(names, timeout, what, check)
             .unwrap_or_else(|e| panic!("{e}"))
+    }
+}
+
+/// The port standalone relays listen on in the bed (QUIC and TLS/TCP).
+pub const RELAY_PORT: u16 = 7450;
+
+/// A `meshlink-relay` on a host of the internet segment ([`NatMesh::with_relays`]).
+#[derive(Debug)]
+pub struct StandaloneRelay {
+    // Field order is drop order: the process before its namespace.
+    process: Process,
+    /// Its name in the coordinator's `[[relays]]`.
+    pub name: String,
+    /// Where agents reach it.
+    pub addr: SocketAddrV4,
+    /// Its certificate's fingerprint.
+    pub fingerprint: String,
+    _host: PublicHost,
+}
+
+impl StandaloneRelay {
+    fn start(
+        name: String,
+        host: PublicHost,
+        state: PathBuf,
+        addr: SocketAddrV4,
+        cert: &Path,
+        dir: &ScratchDir,
+    ) -> StandaloneRelay {
+        let mut cmd = host.handle().daemon_command(crate::relay_bin());
+        cmd.arg("--state-dir")
+            .arg(&state)
+            .args(["--listen", &format!("0.0.0.0:{RELAY_PORT}")])
+            .arg("--coordinator-cert")
+            .arg(cert);
+        let log = dir.join(&format!("relay-{name}.log"));
+        let process = Process::spawn(&format!("meshlink-relay {name}"), cmd, &log, Stdout::Lines);
+        let Some(line) = process.wait_for_line("relay fingerprint: ", Duration::from_secs(20))
+        else {
+            panic!(
+                "meshlink-relay {name} did not start; log:\n{}",
+                process.log_tail(40)
+            );
+        };
+        let fingerprint = line
+            .trim()
+            .trim_start_matches("relay fingerprint: ")
+            .to_owned();
+        StandaloneRelay {
+            process,
+            name,
+            addr,
+            fingerprint,
+            _host: host,
+        }
+    }
+
+    /// Kills the relay (SIGKILL): it ends no session, its agents learn of it by silence.
+    pub fn kill(&mut self) {
+        self.process.kill();
     }
 }
 

@@ -591,3 +591,128 @@ fn a_workload_moves_between_natted_nodes() {
         "{w}"
     );
 }
+
+/// The standalone relay that is `name`'s home, from its `status` (`discovery.relays`).
+fn home_relay(mesh: &NatMesh, name: &str) -> Option<String> {
+    let status = mesh.agent(name).try_status()?;
+    status
+        .pointer("/discovery/relays")?
+        .as_array()?
+        .iter()
+        .find(|r| r["home"] == true && r["up"] == true)
+        .and_then(|r| r["name"].as_str())
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let mut mesh = NatMesh::with_relays(
+        "nat-standalone",
+        &[NatMode::Masquerade, NatMode::Masquerade],
+        &["r1", "r2"],
+    );
+    // UDP out of both LANs only to the coordinator and the two relays: no direct path.
+    let mut allowed = vec![COORDINATOR_HOST];
+    allowed.extend(mesh.relay_hosts());
+    mesh.bed().block_udp_except_hosts(Provider::A, &allowed);
+    mesh.bed().block_udp_except_hosts(Provider::B, &allowed);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 and vm-b1 ping each other through the relays", took);
+
+    // Both carry through a standalone relay (not the coordinator's): the path goes via a
+    // relay host's address, which is that agent's home.
+    let relay_addrs: Vec<String> = ["r1", "r2"]
+        .iter()
+        .map(|r| mesh.relay(r).addr.to_string())
+        .collect();
+    let settled = mesh.wait_paths(
+        &names,
+        Duration::from_secs(15),
+        "a path relayed via a standalone relay, both ways",
+        |_, _, path| {
+            path.is_relayed_over("udp")
+                && path.via.as_ref().is_some_and(|v| relay_addrs.contains(v))
+        },
+    );
+    timing("paths relayed via standalone relays", settled);
+    let home = home_relay(&mesh, "vm-a1")
+        .unwrap_or_else(|| panic!("vm-a1 has no home relay\n{}", mesh.statuses()));
+    let home_addr = mesh.relay(&home).addr.to_string();
+    assert_eq!(
+        mesh.path("vm-a1", "vm-b1").via.as_deref(),
+        Some(home_addr.as_str()),
+        "vm-a1 sends through its home\n{}",
+        mesh.statuses()
+    );
+    eprintln!(
+        "nat: homes: vm-a1 {home}, vm-b1 {:?}",
+        home_relay(&mesh, "vm-b1")
+    );
+
+    // A TCP transfer runs while vm-a1's home relay is killed: it completes intact, through
+    // the other relay, on the same WireGuard session.
+    let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
+    let limit = Duration::from_secs(150);
+    let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
+    let bytes = 8_000_000;
+    let mut sender = XferSender::start(
+        a1.ns(),
+        mesh.dir(),
+        receiver.addr(),
+        bytes,
+        Some(4.0),
+        limit,
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        sender.is_running(),
+        "the transfer ended before the relay was killed\n{}",
+        mesh.statuses()
+    );
+    let killed = Instant::now();
+    mesh.relay(&home).kill();
+    let survivors: Vec<String> = relay_addrs
+        .iter()
+        .filter(|a| **a != home_addr)
+        .cloned()
+        .collect();
+    let moved = mesh.wait_paths(
+        &names,
+        Duration::from_secs(20),
+        "the path relayed via the surviving relay, both ways, after the home relay was killed",
+        |_, _, path| path.is("relay") && path.via.as_ref().is_some_and(|v| survivors.contains(v)),
+    );
+    timing(
+        &format!("relay {home} killed -> the other relay carries"),
+        moved,
+    );
+    assert_ne!(
+        home_relay(&mesh, "vm-a1").as_deref(),
+        Some(home.as_str()),
+        "a dead relay is no home\n{}",
+        mesh.statuses()
+    );
+    let sent = sender.finish(limit);
+    let received = receiver.finish(Duration::from_secs(30));
+    timing(
+        &format!(
+            "transfer of {} bytes across the relay's death ({:.1} Mbit/s)",
+            received.bytes,
+            received.mbit_per_sec()
+        ),
+        killed.elapsed(),
+    );
+    assert_eq!(sent.bytes, bytes, "the sender wrote a different count");
+    assert_eq!(
+        (received.bytes, received.sha256),
+        (sent.bytes, sent.sha256),
+        "the bytes received differ from those sent across the relay's death"
+    );
+    mesh.reach(&mesh.both_ways(&names), REACH);
+}
