@@ -1020,6 +1020,66 @@ mod tests {
     }
 
     #[test]
+    fn relays_are_listed_and_checked() {
+        let fp = "AB".repeat(32);
+        let entry = |name: &str, addr: &str, fp: &str| {
+            format!("[[relays]]\nname = \"{name}\"\naddr = \"{addr}\"\nfingerprint = \"{fp}\"\nregion = \"eu\"\n")
+        };
+        let p = file(
+            "relays.toml",
+            &format!(
+                "relay_ticket_secs = 120\n{}",
+                entry("eu-1", "198.18.0.11:7450", &fp)
+            ),
+        );
+        let s = load(Some(&p), Overrides::default()).unwrap();
+        assert_eq!(s.relay_ticket, Duration::from_secs(120));
+        assert_eq!(s.relays.len(), 1);
+        assert_eq!(
+            (
+                s.relays[0].fingerprint.as_str(),
+                s.relays[0].region.as_str()
+            ),
+            ("ab".repeat(32).as_str(), "eu"),
+            "fingerprints are kept in lowercase"
+        );
+        for (name, text, wants) in [
+            (
+                "dup.toml",
+                format!(
+                    "{}{}",
+                    entry("a", "198.18.0.11:7450", &fp),
+                    entry("a", "198.18.0.12:7450", &fp)
+                ),
+                "listed twice",
+            ),
+            (
+                "fp.toml",
+                entry("a", "198.18.0.11:7450", "abcd"),
+                "fingerprint",
+            ),
+            ("addr.toml", entry("a", "nope", &fp), "addr"),
+            (
+                "ttl.toml",
+                "relay_ticket_secs = 10\n".to_string(),
+                "relay_ticket_secs",
+            ),
+        ] {
+            let e = load(Some(&file(name, &text)), Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(wants), "{name}: {e}");
+        }
+        let many: String = (0..9)
+            .map(|i| entry(&format!("r{i}"), "198.18.0.11:7450", &fp))
+            .collect();
+        let e = load(Some(&file("many.toml", &many)), Overrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at most 8"), "{e}");
+    }
+
+    #[test]
     fn flags_win_over_the_file() {
         let p = file("a.toml", "state_dir = \"state\"\nlisten = \"127.0.0.1:9000\"\nmessage_rate = 5\nadvertise = \"coord.example:9000\"\n");
         let over = Overrides {
