@@ -45,6 +45,8 @@ pub const KEEPALIVE: Duration = Duration::from_secs(1);
 pub const RENEW_BEFORE: Duration = Duration::from_secs(30);
 /// The longest wait between tries of a relay that fails.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a session whose renewal failed tries again.
+pub const RENEW_RETRY: Duration = Duration::from_secs(5);
 /// How often round trips are read and the home chosen again.
 pub const CHOOSE_EVERY: Duration = Duration::from_secs(1);
 
@@ -353,23 +355,47 @@ async fn session(
                     Some((t, e)) => connect(&info, &t, e).await.ok(),
                     None => None,
                 };
-                match next {
-                    Some(n) => current = Some(n),
-                    None => {
-                        // Keep the old one until it ends or expires; try again soon.
-                        let old_reader = &mut reader;
-                        tokio::select! {
-                            why = read_frames(old_reader, &inbound) => {
-                                info!(relay = %info.name, "relay session lost: {why}");
-                                let _ = events.send(Event::Down(info.name.clone())).await;
-                            }
-                            () = tokio::time::sleep(Duration::from_secs(5)) => {}
-                        }
-                    }
-                }
+                current = match next {
+                    Some(n) => Some(n),
+                    // Keep the old one until it ends (at the latest when its ticket expires),
+                    // trying again every few seconds.
+                    None => renew(&info, &mut grants, &mut reader, &inbound, &events).await,
+                };
             }
         }
         drop(_keep);
+    }
+}
+
+/// Keeps delivering what the old session reads while a new one is tried every
+/// [`RENEW_RETRY`]; the new session once one opens, `None` once the old one ends.
+async fn renew(
+    info: &RelayInfo,
+    grants: &mut watch::Receiver<Option<Grant>>,
+    old: &mut Reader,
+    inbound: &mpsc::Sender<Vec<u8>>,
+    events: &mpsc::Sender<Event>,
+) -> Option<Open> {
+    loop {
+        tokio::select! {
+            why = read_frames(old, inbound) => {
+                info!(relay = %info.name, "relay session lost: {why}");
+                let _ = events.send(Event::Down(info.name.clone())).await;
+                return None;
+            }
+            () = tokio::time::sleep(RENEW_RETRY) => {}
+        }
+        // The old session's frames wait in quinn's bounded buffer (or the socket) meanwhile.
+        let (t, e) = {
+            let g = grants.borrow_and_update();
+            match g.as_ref() {
+                Some(g) if g.relays.contains(info) => (g.ticket.clone(), g.expires),
+                _ => continue,
+            }
+        };
+        if let Ok(n) = connect(info, &t, e).await {
+            return Some(n);
+        }
     }
 }
 
