@@ -4,6 +4,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::NetworkName;
+
 use crate::UnixTime;
 
 /// What an admin token may do; each role includes the ones before it.
@@ -38,7 +40,7 @@ pub struct CreateAdminToken {
     pub role: Role,
     /// The one network it may act on. Absent: every network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    pub network: Option<NetworkName>,
 }
 
 /// An admin token, without its secret.

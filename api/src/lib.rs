@@ -4,8 +4,12 @@
 //!
 //! The routes, their status codes and authentication are documented with the router, in the
 //! coordinator's `admin` module. This crate holds the shapes only: no HTTP, no I/O, no
-//! validation beyond what the types themselves carry (the coordinator decides what a valid name
-//! or prefix is).
+//! validation beyond what the types themselves carry. Names are such types ([`NetworkName`],
+//! [`NodeName`], [`WorkloadName`]: checked when made, by `meshctl` as it reads its command
+//! line and by the coordinator as it decodes a request); prefixes, selectors and policy text
+//! are checked by the coordinator, which says what is wrong with them. Answers carry names as
+//! text, read as they come: what one coordinator stored is shown by any `meshctl`, even if a
+//! later version widens the rule.
 //!
 //! # The wire format
 //!
@@ -21,6 +25,7 @@
 
 mod access;
 mod ids;
+mod names;
 mod networks;
 mod nodes;
 mod policies;
@@ -33,6 +38,7 @@ pub use access::{AdminToken, AuditEntry, AuditFilter, CreateAdminToken, CreatedA
 pub use ids::{Generation, MapVersion, NodeId, TokenId, UnixTime};
 pub use meshlink_proto::control::{PathKind, RelayTransport};
 pub use meshlink_proto::PublicKey;
+pub use names::{check_name, NameError, NetworkName, NodeName, WorkloadName, MAX_NAME_LEN};
 pub use networks::{CreateNetwork, Network};
 pub use nodes::{Node, NodePaths, PeerPath};
 pub use policies::{
@@ -68,5 +74,5 @@ pub struct NetworkFilter {
     /// Only this network. Absent: every network for a list; for one node or workload, the
     /// only network that has that name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    pub network: Option<NetworkName>,
 }

@@ -3,14 +3,14 @@
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::{MapVersion, UnixTime};
+use crate::{MapVersion, NetworkName, UnixTime};
 
 /// `POST /v1/networks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateNetwork {
     /// Name, `[a-z0-9-]{1,63}`.
-    pub name: String,
+    pub name: NetworkName,
     /// IPv4 prefix, such as `100.64.0.0/16`. Text, not a parsed prefix: the coordinator checks
     /// it and says what is wrong with it.
     pub cidr: String,

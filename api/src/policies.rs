@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{MapVersion, UnixTime};
+use crate::{MapVersion, NetworkName, UnixTime};
 
 /// `POST /v1/networks/{network}/policy`: the policy file, as text (TOML).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +59,7 @@ pub struct PolicyChanged {
 pub struct TestFlow {
     /// The network. Absent: the one network where `from` names a node or workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub network: Option<String>,
+    pub network: Option<NetworkName>,
     /// Source: a node or workload name (`node:NAME`, `workload:NAME` when both exist).
     pub from: String,
     /// Destination, the same way.

@@ -15,7 +15,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::{TokenId, UnixTime};
+use crate::{NetworkName, TokenId, UnixTime};
 
 /// How many joins a token allows when the request does not say.
 pub const DEFAULT_TOKEN_USES: u64 = 1;
@@ -27,7 +27,7 @@ pub const DEFAULT_TOKEN_LIFETIME_SECS: u64 = 60 * 60;
 #[serde(deny_unknown_fields)]
 pub struct CreateToken {
     /// The network a joining node lands in.
-    pub network: String,
+    pub network: NetworkName,
     /// Tags every node joining with the token gets. Absent: none.
     #[serde(default)]
     pub tags: Vec<String>,

@@ -6,16 +6,16 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{Generation, NodeId, UnixTime};
+use crate::{Generation, NetworkName, NodeId, UnixTime, WorkloadName};
 
 /// `POST /v1/workloads`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateWorkload {
     /// Name, unique in its network.
-    pub name: String,
+    pub name: WorkloadName,
     /// Network.
-    pub network: String,
+    pub network: NetworkName,
     /// Absent or `null`: the lowest free address of the network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<Ipv4Addr>,

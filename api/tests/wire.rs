@@ -99,7 +99,7 @@ fn answers_tolerate_what_an_older_or_newer_coordinator_sends() {
 #[test]
 fn requests() {
     let network = CreateNetwork {
-        name: "prod".into(),
+        name: "prod".parse().unwrap(),
         cidr: "100.64.0.0/16".into(),
     };
     assert_eq!(
@@ -108,7 +108,7 @@ fn requests() {
     );
     // Absent options are left out, so the coordinator's defaults apply.
     let token = CreateToken {
-        network: "prod".into(),
+        network: "prod".parse().unwrap(),
         tags: vec![],
         expires_in_secs: None,
         uses: Some(TokenUses::Limit(1)),
@@ -119,7 +119,7 @@ fn requests() {
     );
     // No limit is asked for in words.
     let open = CreateToken {
-        network: "prod".into(),
+        network: "prod".parse().unwrap(),
         tags: vec![],
         expires_in_secs: Some(TokenLifetime::Never),
         uses: Some(TokenUses::Unlimited),
@@ -138,8 +138,8 @@ fn requests() {
         (Some(TokenLifetime::Secs(3600)), Some(TokenUses::Limit(10)))
     );
     let workload = CreateWorkload {
-        name: "chat".into(),
-        network: "prod".into(),
+        name: "chat".parse().unwrap(),
+        network: "prod".parse().unwrap(),
         address: None,
         standby: vec!["vm-d".into()],
         allowed: vec![],
@@ -191,6 +191,14 @@ fn requests_with_defaults_and_refusals() {
             "IPv4",
         ),
         (r#"{"name":"x"}"#, "`network`"),
+        (
+            r#"{"name":"X","network":"p"}"#,
+            r#"workload name "X" is not valid"#,
+        ),
+        (
+            r#"{"name":"x","network":"p/q"}"#,
+            r#"network name "p/q" is not valid"#,
+        ),
     ] {
         let err = serde_json::from_str::<CreateWorkload>(text).unwrap_err();
         assert!(err.to_string().contains(says), "{text}: {err}");

@@ -505,7 +505,7 @@ async fn show_workload(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<Json<api::Workload>> {
     let Query(q) = q?;
-    let network = workload_network(&s, &name, q.network).await?;
+    let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let w = workloads::find_workload(s.service.store(), &network, &name).await?;
     Ok(Json(workload_view(&s, &w).await?))
 }
@@ -516,7 +516,7 @@ async fn delete_workload(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<StatusCode> {
     let Query(q) = q?;
-    let network = workload_network(&s, &name, q.network).await?;
+    let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let (net, n) = (network.clone(), name.clone());
     detached(
         &s,
@@ -535,7 +535,7 @@ async fn move_workload(
 ) -> HttpResult<Json<api::MovedWorkload>> {
     let Query(q) = q?;
     let Json(body) = body?;
-    let network = workload_network(&s, &name, q.network).await?;
+    let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let (net, n) = (network.clone(), name.clone());
     let outcome = detached(&s, move |svc| async move {
         svc.move_workload(&net, &n, Some(&body.node)).await
@@ -550,7 +550,7 @@ async fn detach_workload(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<Json<api::MovedWorkload>> {
     let Query(q) = q?;
-    let network = workload_network(&s, &name, q.network).await?;
+    let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let (net, n) = (network.clone(), name.clone());
     let outcome = detached(&s, move |svc| async move {
         svc.move_workload(&net, &n, None).await
@@ -724,7 +724,10 @@ fn count(n: usize) -> u64 {
 impl From<api::CreateNetwork> for CreateNetwork {
     fn from(body: api::CreateNetwork) -> Self {
         let api::CreateNetwork { name, cidr } = body;
-        CreateNetwork { name, cidr }
+        CreateNetwork {
+            name: name.into(),
+            cidr,
+        }
     }
 }
 
@@ -739,8 +742,8 @@ impl From<api::CreateWorkload> for CreateWorkload {
             tags,
         } = body;
         CreateWorkload {
-            name,
-            network,
+            name: name.into(),
+            network: network.into(),
             address,
             standby,
             allowed,

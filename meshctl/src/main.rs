@@ -93,8 +93,8 @@ use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COOR
 use meshctl::render::Change;
 use meshctl::{claim, duration, render};
 use meshlink_api::{
-    AuditFilter, CreateAdminToken, CreateNetwork, CreateToken, CreateWorkload, Role, SetPolicy,
-    TestFlow, TokenId, TokenLifetime, TokenUses, UnixTime,
+    AuditFilter, CreateAdminToken, CreateNetwork, CreateToken, CreateWorkload, NetworkName, Role,
+    SetPolicy, TestFlow, TokenId, TokenLifetime, TokenUses, UnixTime, WorkloadName,
 };
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
@@ -196,9 +196,8 @@ enum Command {
 enum NetworkCommand {
     /// Create a network.
     Create {
-        /// The network's name.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        name: String,
+        /// The network's name: 1 to 63 of a-z, 0-9 and -.
+        name: NetworkName,
         /// The overlay prefix its nodes get addresses from, for example 100.64.0.0/16.
         #[arg(long, value_parser = NonEmptyStringValueParser::new())]
         cidr: String,
@@ -212,8 +211,8 @@ enum TokenCommand {
     /// Create a join token and print its text (last line in table mode, `.token` in JSON).
     Create {
         /// The network the token enrolls nodes into.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        #[arg(long)]
+        network: NetworkName,
         /// A tag for every node enrolled with the token; repeat for several.
         #[arg(long = "tag", value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
         tags: Vec<String>,
@@ -241,8 +240,8 @@ struct NodeRef {
     #[arg(value_name = "NODE", value_parser = NonEmptyStringValueParser::new())]
     node: String,
     /// The network to look the name up in, when it is used in several.
-    #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-    network: Option<String>,
+    #[arg(long)]
+    network: Option<NetworkName>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,8 +249,8 @@ enum NodeCommand {
     /// List nodes.
     List {
         /// Only the nodes of this network.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: Option<String>,
+        #[arg(long)]
+        network: Option<NetworkName>,
     },
     /// Show one node.
     Show(NodeRef),
@@ -276,11 +275,11 @@ enum NodeCommand {
 #[derive(Debug, Args)]
 struct WorkloadRef {
     /// The workload's name.
-    #[arg(value_name = "NAME", value_parser = NonEmptyStringValueParser::new())]
-    name: String,
+    #[arg(value_name = "NAME")]
+    name: WorkloadName,
     /// The network it is in; needed only when the name is used in several.
-    #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-    network: Option<String>,
+    #[arg(long)]
+    network: Option<NetworkName>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -288,12 +287,11 @@ enum WorkloadCommand {
     /// Create a workload: an address of the network that belongs to it, detached until it is
     /// attached to a node.
     Create {
-        /// The workload's name.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        name: String,
+        /// The workload's name: 1 to 63 of a-z, 0-9 and -.
+        name: WorkloadName,
         /// The network it belongs to.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        #[arg(long)]
+        network: NetworkName,
         /// Its address; by default the lowest free address of the network.
         #[arg(long, value_name = "IP")]
         address: Option<Ipv4Addr>,
@@ -330,8 +328,8 @@ enum WorkloadCommand {
     /// List workloads.
     List {
         /// Only the workloads of this network.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: Option<String>,
+        #[arg(long)]
+        network: Option<NetworkName>,
     },
     /// Show one workload.
     Show(WorkloadRef),
@@ -372,8 +370,8 @@ enum AdminTokenCommand {
         #[arg(long, value_enum)]
         role: RoleArg,
         /// The one network it may act on; every network when left out.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: Option<String>,
+        #[arg(long)]
+        network: Option<NetworkName>,
     },
     /// List admin tokens (without secrets).
     List,
@@ -401,28 +399,24 @@ enum PolicyCommand {
     /// its [[test]] flows run, before anything changes.
     Set {
         /// The network.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        network: NetworkName,
         /// The policy file.
         file: PathBuf,
     },
     /// Show the policy in force.
     Get {
         /// The network.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        network: NetworkName,
     },
     /// List every version of a network's policy.
     History {
         /// The network.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        network: NetworkName,
     },
     /// Restore an earlier version (as a new version).
     Rollback {
         /// The network.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        network: NetworkName,
         /// The version to restore, as `policy history` lists it.
         #[arg(value_name = "VERSION")]
         to: u64,
@@ -430,8 +424,7 @@ enum PolicyCommand {
     /// Remove the policy: every flow in the network is allowed again.
     Clear {
         /// The network.
-        #[arg(value_parser = NonEmptyStringValueParser::new())]
-        network: String,
+        network: NetworkName,
     },
     /// The verdict of the policy in force on one flow, and the rule that decided it.
     Test {
@@ -445,8 +438,8 @@ enum PolicyCommand {
         #[arg(long, value_parser = NonEmptyStringValueParser::new())]
         port: String,
         /// The network; needed only when the source's name is used in several.
-        #[arg(long, value_parser = NonEmptyStringValueParser::new())]
-        network: Option<String>,
+        #[arg(long)]
+        network: Option<NetworkName>,
     },
 }
 
@@ -454,8 +447,8 @@ enum PolicyCommand {
 #[derive(Debug, Args)]
 struct ClaimArgs {
     /// The workload's name.
-    #[arg(value_name = "NAME", value_parser = workload_name)]
-    name: String,
+    #[arg(value_name = "NAME")]
+    name: WorkloadName,
     /// The agent's interface; its socket is <UAPI_DIR>/<INTERFACE>.sock.
     #[arg(long, env = "MESHLINK_INTERFACE", default_value = "mesh0", value_parser = meshlink_uapi::parse_interface_name)]
     interface: String,
@@ -470,15 +463,6 @@ struct ClaimArgs {
     /// How long to wait for the agent's answer.
     #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = duration::parse)]
     timeout: Duration,
-}
-
-/// A workload name as the claim protocol can carry it: one line of text.
-fn workload_name(text: &str) -> Result<String, String> {
-    if text.is_empty() || text.chars().any(char::is_control) {
-        Err("a workload name is one line of text".into())
-    } else {
-        Ok(text.to_owned())
-    }
 }
 
 /// `--uses`: a number of joins, at least 1, or `unlimited`.
@@ -1140,8 +1124,29 @@ mod tests {
                 "../x",
             ],
             &["meshctl", "workload", "claim", "a\nb"],
+            &[
+                "meshctl",
+                "network",
+                "create",
+                "Prod",
+                "--cidr",
+                "100.64.0.0/16",
+            ],
+            &["meshctl", "node", "list", "--network", "prod eu"],
+            &["meshctl", "policy", "get", "a_b"],
+            &["meshctl", "workload", "show", "chat.v2"],
         ] {
             assert!(Cli::try_parse_from(args).is_err(), "{args:?}");
         }
+        // A name that breaks the rule is refused with the rule.
+        let err = Cli::try_parse_from(["meshctl", "network", "create", "Prod", "--cidr", "x"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "network name \"Prod\" is not valid: use 1 to 63 characters of a-z, 0-9 and -"
+            ),
+            "{err}"
+        );
     }
 }

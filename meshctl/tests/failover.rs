@@ -20,7 +20,7 @@ fn token() -> AdminToken {
 
 fn network() -> CreateNetwork {
     CreateNetwork {
-        name: "prod".into(),
+        name: "prod".parse().unwrap(),
         cidr: "100.64.0.0/16".into(),
     }
 }

@@ -17,7 +17,7 @@ pub type AdminError = ClientError;
 #[derive(Debug, Clone)]
 pub struct Admin {
     client: Arc<AdminClient>,
-    network: String,
+    network: api::NetworkName,
 }
 
 impl Admin {
@@ -30,6 +30,9 @@ impl Admin {
         let urls: CoordinatorUrls = base
             .parse()
             .map_err(|e| anyhow::anyhow!("--admin {base}: {e}"))?;
+        let network = network
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--network: {e}"))?;
         Ok(Admin {
             client: Arc::new(AdminClient::with_timeouts(
                 urls,
@@ -37,7 +40,7 @@ impl Admin {
                 Duration::from_secs(5),
                 Duration::from_secs(30),
             )),
-            network: network.to_string(),
+            network,
         })
     }
 
@@ -68,7 +71,7 @@ impl Admin {
             .networks()?
             .value
             .into_iter()
-            .find(|n| n.name == self.network)
+            .find(|n| self.network == n.name.as_str())
             .ok_or_else(|| anyhow::anyhow!("no network named {}", self.network))
     }
 
@@ -94,13 +97,13 @@ impl Admin {
     /// [`AdminError`].
     pub fn create_workload(
         &self,
-        name: &str,
+        name: &api::WorkloadName,
         address: std::net::Ipv4Addr,
         standby: Vec<String>,
         allowed: Vec<String>,
     ) -> Result<api::Workload, AdminError> {
         let request = api::CreateWorkload {
-            name: name.to_string(),
+            name: name.clone(),
             network: self.network.clone(),
             address: Some(address),
             standby,

@@ -193,7 +193,7 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
         .map(|s| -> anyhow::Result<Workload> {
             let (name, addr) = parse_pair(s, "--real-workload")?;
             Ok(Workload {
-                name,
+                name: name.parse().context("--real-workload name")?,
                 address: addr.parse().context("--real-workload address")?,
             })
         })
@@ -350,11 +350,13 @@ async fn soak(args: Args) -> anyhow::Result<(serde_json::Value, bool)> {
 
     // Workloads, then the churn.
     let workloads: Vec<Workload> = (0..args.workloads)
-        .map(|i| Workload {
-            name: format!("wl-{i}"),
-            address: Ipv4Addr::from(u32::from(args.workload_base) + 1 + i as u32),
+        .map(|i| {
+            Ok(Workload {
+                name: format!("wl-{i}").parse()?,
+                address: Ipv4Addr::from(u32::from(args.workload_base) + 1 + i as u32),
+            })
         })
-        .collect();
+        .collect::<Result<_, meshlink_api::NameError>>()?;
     let mut op = Operator {
         admin: admin.clone(),
         slots: slots.clone(),

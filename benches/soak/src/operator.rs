@@ -31,7 +31,7 @@ use crate::sim::{Command, Slot};
 #[derive(Debug, Clone)]
 pub struct Workload {
     /// Name.
-    pub name: String,
+    pub name: meshlink_api::WorkloadName,
     /// Address (kept across recreations).
     pub address: Ipv4Addr,
 }
@@ -146,7 +146,7 @@ impl Operator {
             38..=52 => {
                 let slot = self.random_slot();
                 let w = self.random_workload();
-                self.command("claim", &slot, Command::Claim(w.name));
+                self.command("claim", &slot, Command::Claim(w.name.to_string()));
             }
             53..=77 => {
                 let w = self.random_workload();

@@ -101,7 +101,7 @@ async fn create(
             name: body.name.clone(),
             secret_hash: hash_secret(&secret),
             role: role_of(body.role),
-            network: body.network,
+            network: body.network.map(String::from),
             created_at: s.service.now(),
             created_by: actor.name,
         })

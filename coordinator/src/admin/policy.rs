@@ -125,7 +125,7 @@ async fn test_flow(
 ) -> HttpResult<Json<api::FlowVerdict>> {
     let Json(body) = body?;
     let network = match body.network {
-        Some(n) => n,
+        Some(n) => String::from(n),
         None => network_of(&s, &body.from)?,
     };
     let map = s
@@ -231,7 +231,7 @@ async fn tag_workload(
 ) -> HttpResult<Json<api::Workload>> {
     let Query(q) = q?;
     let Json(body) = body?;
-    let network = workload_network(&s, &name, q.network).await?;
+    let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let w = detached(&s, move |svc| async move {
         svc.tag_workload(&network, &name, &body.edits).await
     })

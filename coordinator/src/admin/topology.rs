@@ -124,7 +124,10 @@ async fn scope(
     q: Result<Query<NetworkFilter>, QueryRejection>,
 ) -> HttpResult<Option<String>> {
     let Query(q) = q?;
-    let network = q.network.or_else(|| actor.and_then(|a| a.network.clone()));
+    let network = q
+        .network
+        .map(String::from)
+        .or_else(|| actor.and_then(|a| a.network.clone()));
     if let Some(name) = network.as_deref() {
         // As for the node and workload lists: an unknown network is a 404.
         if s.service

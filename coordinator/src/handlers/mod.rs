@@ -107,22 +107,14 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Checks a network or node name: 1 to 63 of `a-z`, `0-9` and `-`.
+/// Checks a name (network, workload, admin token): 1 to 63 of `a-z`, `0-9` and `-`, the rule
+/// of the admin API's name types ([`meshlink_api::check_name`]), for requests that do not come
+/// through them (the service's own callers, configuration files).
 ///
 /// # Errors
 /// [`ApiError::Invalid`] naming `what`.
-pub fn validate_name(what: &str, name: &str) -> Result<(), ApiError> {
-    let ok = (1..=63).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::Invalid(format!(
-            "{what} name {name:?} is not valid: use 1 to 63 characters of a-z, 0-9 and -"
-        )))
-    }
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), ApiError> {
+    meshlink_api::check_name(what, name).map_err(|e| ApiError::Invalid(e.to_string()))
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ use meshlink_proto::control::{Auth, Hello, Welcome, PROTOCOL_VERSION};
 use meshlink_proto::{Netmap, NodeId, PeerInfo, PublicKey};
 
 use super::tokens::unusable_reason;
-use super::{constant_time_eq, hash_secret, require_admin, validate_name, ApiError, Caller};
+use super::{constant_time_eq, hash_secret, require_admin, ApiError, Caller};
 use crate::store::{
     AddressChoice, NetworkRecord, NewNode, NodeRecord, Store, StoreError, TokenRecord, UnixTime,
     WorkloadRecord,
@@ -653,13 +653,9 @@ fn check_protocol(hello: &Hello) -> Result<(), ApiError> {
 /// # Errors
 /// [`ApiError::Invalid`].
 pub fn validate_node_name(name: &str) -> Result<(), ApiError> {
-    validate_name("node", name)?;
-    if name.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(ApiError::Invalid(format!(
-            "node name {name:?} is only digits, which reads as a node id"
-        )));
-    }
-    Ok(())
+    meshlink_api::NodeName::new(name)
+        .map(drop)
+        .map_err(|e| ApiError::Invalid(e.to_string()))
 }
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {

@@ -35,7 +35,7 @@ impl From<api::CreateToken> for CreateToken {
             uses,
         } = req;
         CreateToken {
-            network,
+            network: network.into(),
             tags,
             expires_in_secs: match expires_in_secs {
                 None => Some(api::DEFAULT_TOKEN_LIFETIME_SECS),

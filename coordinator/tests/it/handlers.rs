@@ -199,7 +199,7 @@ async fn default_tokens_allow_one_join_within_an_hour(db: &TestDb) {
     network(&store, "prod", "100.64.0.0/24").await;
     let default = || {
         CreateToken::from(meshlink_api::CreateToken {
-            network: "prod".into(),
+            network: "prod".parse().unwrap(),
             tags: vec![],
             expires_in_secs: None,
             uses: None,

@@ -153,7 +153,7 @@ impl Mesh {
     /// agent whose tunnels are up); else the session ends at once.
     pub fn join(&self, network: &str, key: u8, name: &str, online: bool) -> NodeId {
         let request = CreateToken {
-            network: network.into(),
+            network: network.parse().unwrap(),
             tags: vec![],
             expires_in_secs: None,
             uses: Some(TokenUses::Limit(1)),
