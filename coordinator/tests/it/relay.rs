@@ -11,8 +11,9 @@ use meshlink_coordinator::server::close_code;
 use meshlink_coordinator::{Coordinator, StartError};
 use meshlink_proto::control::ServerMessage;
 use meshlink_proto::disco::{Reflect, TX_LEN};
-use meshlink_proto::relay::{frames, parse, Reassembler};
+use meshlink_proto::relay::{frames, parse, Grant, Reassembler, RelayInfo, RELAY_SELF};
 use meshlink_proto::PublicKey;
+use meshlink_relay::ticket::Verifier;
 use serde_json::json;
 use tokio::net::UdpSocket;
 
@@ -308,5 +309,87 @@ async fn a_nodes_path_report_shows_in_the_admin_api() {
     )
     .await;
     assert!(b.get("paths").is_none(), "{b}");
+    c.shutdown().await;
+}
+
+/// A coordinator with two standalone relays registered (`[[relays]]`) and tickets of
+/// `ttl`.
+pub(crate) async fn start_with_relays(dir: &std::path::Path, ttl: Duration) -> Coordinator {
+    let mut s = loopback_settings(dir);
+    s.relays = ["eu-1", "us-1"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| RelayInfo {
+            name: (*name).to_string(),
+            addr: format!("198.18.0.{}:7450", 11 + i),
+            fingerprint: "ab".repeat(32),
+            region: format!("region-{name}"),
+            provider: "bed".into(),
+        })
+        .collect();
+    s.relay_ticket = ttl;
+    Coordinator::start(&s).await.unwrap()
+}
+
+/// Puts the grant together from frames from the relay itself (other frames are not expected),
+/// and checks its ticket against the coordinator's certificate in `dir`: it must vouch for
+/// `key` in `network` for `ttl`.
+pub(crate) fn check_grant(
+    frames: &[Vec<u8>],
+    dir: &std::path::Path,
+    key: PublicKey,
+    network: &str,
+    ttl: Duration,
+) -> Grant {
+    let mut r = Reassembler::new();
+    let mut whole = None;
+    for f in frames {
+        let (h, bytes) = parse(f).unwrap();
+        assert_eq!(h.peer, RELAY_SELF, "only grants come from the relay itself");
+        whole = whole.or(r.push(h, bytes, Instant::now()));
+    }
+    let (_, json) = whole.expect("a whole grant");
+    let grant: Grant = serde_json::from_slice(&json).unwrap();
+    let names: Vec<&str> = grant.relays.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["eu-1", "us-1"]);
+    let verifier = Verifier::from_pem_file(&dir.join("coordinator.crt")).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let body = verifier.verify(&grant.ticket, now).unwrap();
+    assert_eq!((body.key, body.network.as_str()), (key, network));
+    assert_eq!(body.expires - body.issued, ttl.as_secs());
+    assert_eq!(grant.expires, body.expires);
+    grant
+}
+
+/// An agent's session carries grants of the registered relays, with a ticket those relays
+/// accept for that node only, again after a while (fresh tickets); without relays registered,
+/// none (the other tests read every datagram: a grant would show there).
+#[tokio::test]
+async fn sessions_carry_grants_of_the_registered_relays() {
+    let dir = TempDir::new("relay-grants");
+    let ttl = Duration::from_secs(60);
+    let c = start_with_relays(dir.path(), ttl).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (a, _, _) = join(&t, 1, Some("a")).await;
+    // The first grants come at once, a second after and four seconds after: each whole,
+    // each with a ticket of its own.
+    let mut by_id: std::collections::BTreeMap<u16, Vec<Vec<u8>>> = Default::default();
+    while by_id.len() < 2 {
+        let f = datagram(&a, WAIT).await.expect("a grant");
+        let (h, _) = parse(&f).unwrap();
+        by_id.entry(h.id).or_default().push(f);
+    }
+    let grants: Vec<Grant> = by_id
+        .values()
+        .map(|frames| check_grant(frames, dir.path(), key(1), "prod", ttl))
+        .collect();
+    assert_ne!(
+        grants[0].ticket, grants[1].ticket,
+        "a fresh ticket each time"
+    );
+    drop(a);
     c.shutdown().await;
 }

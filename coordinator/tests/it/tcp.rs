@@ -573,3 +573,17 @@ async fn quic_and_tcp_connections_share_max_connections() {
     ));
     c.shutdown().await;
 }
+
+/// Over TLS/TCP, grants come as relay records of the stream, checked as over QUIC.
+#[tokio::test]
+async fn grants_come_as_relay_records_over_tcp() {
+    let dir = TempDir::new("tcp-grants");
+    let ttl = Duration::from_secs(120);
+    let c = crate::relay::start_with_relays(dir.path(), ttl).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (mut a, _, _) = join_tcp(&t, 3, Some("a")).await;
+    let f = a.frame(WAIT).await.expect("a grant record");
+    crate::relay::check_grant(&[f], dir.path(), key(3), "prod", ttl);
+    drop(a);
+    c.shutdown().await;
+}
