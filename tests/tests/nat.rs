@@ -30,9 +30,16 @@
 //!   transfer through that relay arrives whole.
 //! - `a_workload_moves_between_natted_nodes`: a workload address moves from a VM behind one
 //!   router to a VM behind another and answers a third VM (behind a third router) after it.
+//! - `a_standalone_relay_carries_and_another_takes_over_when_it_dies`: two `meshlink-relay`s on
+//!   internet hosts, registered in the coordinator's `[[relays]]`; UDP out of both LANs only to
+//!   the coordinator and the relays: the VMs reach each other via their home relays, and a TCP
+//!   transfer completes intact while vm-a1's home relay is SIGKILLed (the other takes over).
+//! - `without_any_udp_standalone_relays_carry_over_tcp`: no UDP out of either LAN: the relay
+//!   sessions go over TLS/TCP and a transfer through the relay arrives whole.
 //!
 //! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`, and
-//! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl` first.
+//! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl -p
+//! meshlink-relay` first.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -715,4 +722,55 @@ fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
         "the bytes received differ from those sent across the relay's death"
     );
     mesh.reach(&mesh.both_ways(&names), REACH);
+}
+
+#[test]
+fn without_any_udp_standalone_relays_carry_over_tcp() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let mut mesh = NatMesh::with_relays(
+        "nat-standalone-tcp",
+        &[NatMode::Masquerade, NatMode::Masquerade],
+        &["r1"],
+    );
+    // No UDP out of either LAN: the control session, the grants and the relay sessions all
+    // go over TLS/TCP.
+    mesh.bed().block_all_udp(Provider::A);
+    mesh.bed().block_all_udp(Provider::B);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let relay_addr = mesh.relay("r1").addr.to_string();
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("vm-a1 and vm-b1 ping each other without UDP", took);
+    let settled = mesh.wait_paths(
+        &names,
+        Duration::from_secs(15),
+        "a path relayed via the standalone relay over tcp, both ways",
+        |_, _, path| path.is_relayed_over("tcp") && path.via.as_deref() == Some(&relay_addr),
+    );
+    timing("paths relayed via r1 over tcp", settled);
+
+    let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
+    let limit = Duration::from_secs(60);
+    let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
+    let bytes = 4_000_000;
+    let started = Instant::now();
+    let mut sender = XferSender::start(a1.ns(), mesh.dir(), receiver.addr(), bytes, None, limit);
+    let sent = sender.finish(limit);
+    let received = receiver.finish(Duration::from_secs(30));
+    timing(
+        &format!(
+            "transfer of {} bytes through r1 over tcp ({:.1} Mbit/s)",
+            received.bytes,
+            received.mbit_per_sec()
+        ),
+        started.elapsed(),
+    );
+    assert_eq!(
+        (received.bytes, received.sha256),
+        (bytes, sent.sha256),
+        "the bytes received through the relay over TCP differ from those sent"
+    );
 }
