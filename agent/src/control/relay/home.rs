@@ -1,7 +1,10 @@
 //! Which standalone relay is home: the one this node sends its relayed datagrams through.
 //!
 //! A state machine given time: it takes the relays that are up with their round trips and
-//! answers the home. The nearest (lowest round trip) becomes home; another takes over only
+//! answers the home. A relay is a candidate once its session has been up for [`SETTLE`]: the
+//! peers learn the relays at about the same time and need a moment to open their sessions
+//! there too, and a datagram sent through a relay the peer is not on yet is lost (a lost
+//! WireGuard handshake costs 5 s). The nearest (lowest round trip) becomes home; another takes over only
 //! when it is clearly nearer ([`SWITCH_RATIO`]) and the home has been home for at least
 //! [`MIN_HOME`], so the home does not flap between relays of about the same distance. A home
 //! that goes down is replaced at once by the nearest of the others; with none up, there is no
@@ -13,6 +16,8 @@ use std::time::{Duration, Instant};
 pub const SWITCH_RATIO: f64 = 0.7;
 /// How long a relay stays home at least while it is up.
 pub const MIN_HOME: Duration = Duration::from_secs(10);
+/// How long a relay's session must have been up before it may become home.
+pub const SETTLE: Duration = Duration::from_secs(3);
 
 /// One relay as the choice sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -21,6 +26,8 @@ pub struct Candidate<'a> {
     pub name: &'a str,
     /// Its round trip, once measured.
     pub rtt: Option<Duration>,
+    /// Since when its session has been up.
+    pub since: Instant,
 }
 
 /// The home relay and since when.
@@ -44,6 +51,13 @@ impl HomeChoice {
 
     /// Chooses among the relays `up` at `now`; returns whether the home changed.
     pub fn update(&mut self, up: &[Candidate<'_>], now: Instant) -> bool {
+        // The home stays a candidate while up; others once settled.
+        let up: Vec<&Candidate<'_>> = up
+            .iter()
+            .filter(|c| {
+                self.home() == Some(c.name) || now.saturating_duration_since(c.since) >= SETTLE
+            })
+            .collect();
         // The nearest; those not measured yet count as far; ties by name (every node of a site
         // tends to pick the same one).
         let best = up.iter().min_by(|a, b| {
@@ -54,7 +68,7 @@ impl HomeChoice {
         let current = self
             .home
             .as_ref()
-            .and_then(|(name, since)| up.iter().find(|c| c.name == name).map(|c| (c, *since)));
+            .and_then(|(name, since)| up.iter().find(|c| c.name == name).map(|c| (*c, *since)));
         let next = match (current, best) {
             (_, None) => None,
             (None, Some(best)) => Some(best.name),
@@ -84,11 +98,44 @@ impl HomeChoice {
 mod tests {
     use super::*;
 
+    /// A relay up since long before any test's `t0`.
     fn c(name: &str, ms: u64) -> Candidate<'_> {
         Candidate {
             name,
             rtt: Some(Duration::from_millis(ms)),
+            since: long_ago(),
         }
+    }
+
+    fn long_ago() -> Instant {
+        Instant::now()
+            .checked_sub(Duration::from_secs(3600))
+            .unwrap_or_else(Instant::now)
+    }
+
+    #[test]
+    fn a_relay_becomes_home_only_once_settled() {
+        let t0 = Instant::now() + Duration::from_secs(7200);
+        let mut h = HomeChoice::new();
+        let fresh = Candidate {
+            name: "eu",
+            rtt: Some(Duration::from_millis(5)),
+            since: t0,
+        };
+        assert!(!h.update(std::slice::from_ref(&fresh), t0 + SETTLE / 2));
+        assert_eq!(h.home(), None, "the coordinator's relay carries meanwhile");
+        assert!(h.update(std::slice::from_ref(&fresh), t0 + SETTLE));
+        assert_eq!(h.home(), Some("eu"));
+        // A home that dies is replaced at once by a settled relay, not by a fresh one.
+        let mut h = HomeChoice::new();
+        h.update(&[c("eu", 30)], t0);
+        let new = Candidate {
+            name: "ap",
+            rtt: Some(Duration::from_millis(1)),
+            since: t0 + Duration::from_secs(1),
+        };
+        assert!(h.update(&[new.clone(), c("us", 90)], t0 + Duration::from_secs(2)));
+        assert_eq!(h.home(), Some("us"));
     }
 
     #[test]
@@ -134,6 +181,7 @@ mod tests {
         let unmeasured = Candidate {
             name: "a",
             rtt: None,
+            since: long_ago(),
         };
         h.update(&[unmeasured.clone(), c("b", 200)], t0);
         assert_eq!(h.home(), Some("b"));

@@ -92,6 +92,8 @@ struct Up {
     transport: RelayTransport,
     /// Measured at the hello (TCP); QUIC's own estimate replaces it.
     rtt: Duration,
+    /// Since when the relay has had a session (a renewal keeps it).
+    since: Instant,
 }
 
 enum Event {
@@ -171,7 +173,12 @@ impl Relays {
                     }
                 }
                 Some(e) = events.recv() => match e {
-                    Event::Up(name, u) => { up.insert(name, u); }
+                    Event::Up(name, mut u) => {
+                        if let Some(old) = up.get(&name) {
+                            u.since = old.since;
+                        }
+                        up.insert(name, u);
+                    }
                     Event::Down(name) => { up.remove(&name); }
                 },
                 _ = tick.tick() => {}
@@ -187,6 +194,7 @@ impl Relays {
                 .map(|(name, u)| Candidate {
                     name,
                     rtt: Some(u.rtt),
+                    since: u.since,
                 })
                 .collect();
             let changed = choice.update(&candidates, Instant::now());
@@ -406,6 +414,7 @@ fn clone_up(u: &Up) -> Up {
         remote: u.remote,
         transport: u.transport,
         rtt: u.rtt,
+        since: u.since,
     }
 }
 
@@ -535,6 +544,7 @@ async fn open_quic(
             remote: target,
             transport: RelayTransport::Udp,
             rtt: conn.rtt(),
+            since: Instant::now(),
         },
         reader: Reader::Quic(conn),
         _keep: Some((endpoint, send, recv)),
@@ -581,6 +591,7 @@ async fn open_tcp(
             remote: target,
             transport: RelayTransport::Tcp,
             rtt,
+            since: Instant::now(),
         },
         reader: Reader::Tcp(read, decoder),
         _keep: None,
