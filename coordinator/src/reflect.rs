@@ -23,7 +23,7 @@
 //! `debug`, and nothing in it can panic the task.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -145,18 +145,9 @@ impl Reflector {
     }
 }
 
-/// The key a source is capped under: its IPv4 address, or the /64 of its IPv6 address (one
-/// host commonly has a whole /64). Also the source of the caps before the hello
-/// (`session::Connections`).
-pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(bits))
-        }
-        v4 => v4,
-    }
-}
+/// The key a source is capped under (its IPv4 address, or its IPv6 /64): the same as for the
+/// caps before the hello (`meshlink_relay::admission`).
+pub(crate) use meshlink_relay::admission::source_key;
 
 /// Answers on `socket` until `shutdown` changes (or its sender is dropped).
 pub async fn run(
@@ -192,6 +183,8 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv6Addr;
+
     use meshlink_proto::disco::TX_LEN;
 
     use super::*;

@@ -19,7 +19,6 @@ use crate::reflect::{self, ReflectCounters, ReflectStats};
 use crate::relay::Relay;
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK};
-use crate::session::Connections;
 use crate::store::{Backend, SqlStore, StoreError, TimedStore};
 use crate::tcp;
 use crate::telemetry;
@@ -242,7 +241,7 @@ impl Coordinator {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_failover = shutdown_rx.clone();
         let shutdown_rx_endpoints = shutdown_rx.clone();
-        let connections = Arc::new(Connections::with_limits(&settings.limits));
+        let connections = Arc::new(crate::session::connections(&settings.limits));
         let admin_connections = connections.clone();
         let quic_task = tokio::spawn(server::run(
             endpoint,

@@ -27,10 +27,8 @@
 //! session only, with a close code from [`close_code`] and an `info` line; it cannot panic the
 //! process or stall other sessions.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -97,158 +95,18 @@ pub(crate) trait Transport: Sync {
     ) -> impl Future<Output = ()> + Send;
 }
 
-/// The agent connections at once, over every transport: at most `max_connections`
-/// ([`Limits`]), and of them, before their hello is accepted, at most `max_unauthenticated`,
-/// and `max_unauthenticated_per_ip` from one source (an IPv4 address, or an IPv6 /64). A
-/// connection holds a [`Slot`] for as long as it lives, and a [`BeforeHello`] until its hello
-/// is accepted.
-///
-/// # Security
-/// Without the caps before the hello, connections that never say one (each kept for
-/// `hello_timeout`) could take every place, and no node could connect. With them, one source
-/// holds at most its share; many sources together at most `max_unauthenticated`, leaving the
-/// rest of `max_connections` to nodes that have said hello. QUIC sources are proved with a
-/// Retry before they count (`server.rs`), so a spoofed address cannot spend another's share;
-/// TCP's handshake proves them.
-#[derive(Debug)]
-pub struct Connections {
-    open: Arc<AtomicUsize>,
-    max: usize,
-    unauthenticated: Arc<std::sync::Mutex<Unauthenticated>>,
-    max_unauthenticated: usize,
-    max_per_source: usize,
-}
+/// The caps on connections, over every transport (one definition, shared with the standalone
+/// relay): `meshlink_relay::admission`.
+pub use meshlink_relay::admission::{Admission, BeforeHello, Connections, Refusal, Slot};
 
-/// The connections whose hello is not accepted yet, in all and by source.
-#[derive(Debug, Default)]
-struct Unauthenticated {
-    all: usize,
-    by_source: HashMap<IpAddr, usize>,
-}
-
-/// One connection's place among the [`Connections`]; freed on drop.
-#[derive(Debug)]
-pub struct Slot(Arc<AtomicUsize>);
-
-/// A connection's place among those before their hello (see [`Connections`]); freed on drop,
-/// when the hello is accepted or the connection ends.
-#[derive(Debug)]
-pub struct BeforeHello {
-    unauthenticated: Arc<std::sync::Mutex<Unauthenticated>>,
-    source: IpAddr,
-}
-
-/// A new connection's places among the [`Connections`].
-#[derive(Debug)]
-pub struct Admission {
-    /// Among all connections, for as long as it lives.
-    pub slot: Slot,
-    /// Among those before their hello, until its hello is accepted.
-    pub before_hello: BeforeHello,
-}
-
-/// Why a connection was not admitted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// `max_connections` connections are open.
-    #[error("at max_connections")]
-    Full,
-    /// `max_unauthenticated` connections have not said hello yet.
-    #[error("at max_unauthenticated")]
-    TooManyUnauthenticated,
-    /// `max_unauthenticated_per_ip` connections from this source have not said hello yet.
-    #[error("at max_unauthenticated_per_ip for this source")]
-    TooManyFromSource,
-}
-
-impl Connections {
-    /// Room for `max` connections at once, of which `max_unauthenticated` before their hello,
-    /// `max_per_source` of those from one source.
-    pub fn new(max: usize, max_unauthenticated: usize, max_per_source: usize) -> Self {
-        Connections {
-            open: Arc::new(AtomicUsize::new(0)),
-            max,
-            unauthenticated: Arc::default(),
-            max_unauthenticated,
-            max_per_source,
-        }
-    }
-
-    /// The caps of `limits`.
-    pub fn with_limits(limits: &Limits) -> Self {
-        Connections::new(
-            limits.max_connections,
-            limits.max_unauthenticated,
-            limits.max_unauthenticated_per_ip,
-        )
-    }
-
-    /// A place for a new connection from `remote`, which has not said hello yet.
-    ///
-    /// # Errors
-    /// [`Refusal`]: the cap that is reached.
-    pub fn admit(&self, remote: IpAddr) -> Result<Admission, Refusal> {
-        let source = crate::reflect::source_key(remote);
-        let mut u = self
-            .unauthenticated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if u.all >= self.max_unauthenticated {
-            return Err(Refusal::TooManyUnauthenticated);
-        }
-        if u.by_source.get(&source).copied().unwrap_or(0) >= self.max_per_source {
-            return Err(Refusal::TooManyFromSource);
-        }
-        self.open
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .map_err(|_| Refusal::Full)?;
-        u.all += 1;
-        *u.by_source.entry(source).or_default() += 1;
-        Ok(Admission {
-            slot: Slot(self.open.clone()),
-            before_hello: BeforeHello {
-                unauthenticated: self.unauthenticated.clone(),
-                source,
-            },
-        })
-    }
-
-    /// Connections open now.
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    /// Connections open now whose hello is not accepted yet.
-    pub fn unauthenticated(&self) -> usize {
-        self.unauthenticated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .all
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-impl Drop for BeforeHello {
-    fn drop(&mut self) {
-        let mut u = self
-            .unauthenticated
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        u.all = u.all.saturating_sub(1);
-        if let Some(n) = u.by_source.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                u.by_source.remove(&self.source);
-            }
-        }
-    }
+/// The caps of `limits`: `max_connections`, of them `max_unauthenticated` before their hello,
+/// `max_unauthenticated_per_ip` of those from one source.
+pub fn connections(limits: &Limits) -> Connections {
+    Connections::new(
+        limits.max_connections,
+        limits.max_unauthenticated,
+        limits.max_unauthenticated_per_ip,
+    )
 }
 
 /// How a session ended: the close code, a short reason for the agent, a line for the log.
@@ -823,60 +681,6 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connections_are_capped_across_transports() {
-        let c = Connections::new(2, 2, 2);
-        let ip: IpAddr = "198.18.0.1".parse().unwrap();
-        let a = c.admit(ip).unwrap();
-        let _b = c.admit(ip).unwrap();
-        assert_eq!(c.admit(ip).unwrap_err(), Refusal::TooManyUnauthenticated);
-        drop(a);
-        assert_eq!(c.open(), 1);
-        assert!(c.admit(ip).is_ok());
-    }
-
-    #[test]
-    fn before_the_hello_one_source_holds_its_share_only() {
-        let c = Connections::new(10, 4, 2);
-        let one: IpAddr = "198.18.0.1".parse().unwrap();
-        let other: IpAddr = "198.18.0.2".parse().unwrap();
-        let Admission {
-            slot: slot_a,
-            before_hello: hello_a,
-        } = c.admit(one).unwrap();
-        let _b = c.admit(one).unwrap();
-        assert_eq!(c.admit(one).unwrap_err(), Refusal::TooManyFromSource);
-        let _c = c.admit(other).unwrap();
-        let _d = c.admit(other).unwrap();
-        assert_eq!(
-            c.admit("198.18.0.3".parse().unwrap()).unwrap_err(),
-            Refusal::TooManyUnauthenticated
-        );
-        // A hello accepted: the connection stays, its place before the hello is free.
-        drop(hello_a);
-        assert_eq!((c.open(), c.unauthenticated()), (4, 3));
-        let _e = c.admit(one).unwrap();
-        drop(slot_a);
-        assert_eq!((c.open(), c.unauthenticated()), (4, 4));
-
-        // IPv6 sources of one /64 are one source.
-        let c = Connections::new(10, 10, 1);
-        let _f = c.admit("2001:db8::1".parse().unwrap()).unwrap();
-        assert_eq!(
-            c.admit("2001:db8::ffff:2".parse().unwrap()).unwrap_err(),
-            Refusal::TooManyFromSource
-        );
-        assert!(c.admit("2001:db8:0:1::1".parse().unwrap()).is_ok());
-
-        // Authenticated connections count in max_connections only.
-        let c = Connections::new(2, 2, 2);
-        let first = c.admit(one).unwrap();
-        let second = c.admit(one).unwrap();
-        drop((first.before_hello, second.before_hello));
-        assert_eq!(c.admit(other).unwrap_err(), Refusal::Full);
-        assert_eq!(c.unauthenticated(), 0, "a refusal holds nothing");
-    }
 
     #[tokio::test]
     async fn a_stream_reader_passes_relay_records_only_where_the_stream_carries_them() {

@@ -2,6 +2,7 @@
 //! and the standalone `meshlink-relay` share, the tickets by which a coordinator vouches for a
 //! node at a standalone relay ([`ticket`]), and the standalone relay itself ([`server`]).
 
+pub mod admission;
 pub mod forward;
 pub mod ratelimit;
 pub mod server;

@@ -67,6 +67,20 @@ struct RunArgs {
     /// Sessions at once; more are refused.
     #[arg(long, env = "MESHLINK_RELAY_MAX_SESSIONS", default_value_t = 10_000)]
     max_sessions: usize,
+    /// Of them, connections whose hello is not accepted yet.
+    #[arg(
+        long,
+        env = "MESHLINK_RELAY_MAX_UNAUTHENTICATED",
+        default_value_t = 1_000
+    )]
+    max_unauthenticated: usize,
+    /// Of those, from one source (an IPv4 address or an IPv6 /64).
+    #[arg(
+        long,
+        env = "MESHLINK_RELAY_MAX_UNAUTHENTICATED_PER_IP",
+        default_value_t = 16
+    )]
+    max_unauthenticated_per_ip: usize,
     /// Seconds a new connection has for its handshake and hello.
     #[arg(long, env = "MESHLINK_RELAY_HELLO_TIMEOUT_SECS", default_value_t = 10)]
     hello_timeout_secs: u64,
@@ -113,6 +127,8 @@ fn main() -> anyhow::Result<()> {
         )?,
         rate: run.rate.max(1),
         max_sessions: run.max_sessions.max(1),
+        max_unauthenticated: run.max_unauthenticated.max(1),
+        max_unauthenticated_per_ip: run.max_unauthenticated_per_ip.max(1),
         hello_timeout: Duration::from_secs(run.hello_timeout_secs.clamp(1, 300)),
         idle_timeout: Duration::from_secs(run.idle_timeout_secs.clamp(3, 3600)),
     };

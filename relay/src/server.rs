@@ -5,7 +5,8 @@
 //! Pipeline of a session:
 //!
 //! ```text
-//! admitted (at most max_sessions at once, else refused at once)
+//! admitted (at most max_sessions at once, of them max_unauthenticated before their hello and
+//!   max_unauthenticated_per_ip from one source: crate::admission; else refused at once)
 //!   ─> TLS 1.3 handshake, ALPN meshlink-relay/1     within hello_timeout, with the hello
 //!   ─> RelayHello (one control-framed message, at most MAX_RELAY_MESSAGE bytes)
 //!   ─> Verifier::verify(ticket, now)                refused: RelayAnswer::Refused, close
@@ -37,11 +38,12 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
+use crate::admission::{Admission, Connections};
 use crate::forward::{
     stream_link, Relay, SessionLink, StreamQueue, DATAGRAM_RECEIVE_BUFFER, DATAGRAM_SEND_BUFFER,
     STREAM_SEND_BUFFER,
@@ -68,6 +70,10 @@ pub struct Settings {
     pub rate: u64,
     /// Sessions at once (before and after their hello).
     pub max_sessions: usize,
+    /// Of them, before their hello.
+    pub max_unauthenticated: usize,
+    /// Of those, from one source (an IPv4 address or an IPv6 /64).
+    pub max_unauthenticated_per_ip: usize,
     /// How long a new connection has for its handshake and hello.
     pub hello_timeout: Duration,
     /// A connection without a packet for this long is closed (QUIC idle timeout; TCP
@@ -247,7 +253,7 @@ struct Shared {
     verifier: Verifier,
     serial: AtomicU64,
     refused: Arc<AtomicU64>,
-    sessions: Arc<Semaphore>,
+    connections: Connections,
     hello_timeout: Duration,
     shutdown: watch::Receiver<bool>,
 }
@@ -289,7 +295,11 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
         verifier,
         serial: AtomicU64::new(0),
         refused: refused.clone(),
-        sessions: Arc::new(Semaphore::new(settings.max_sessions)),
+        connections: Connections::new(
+            settings.max_sessions,
+            settings.max_unauthenticated,
+            settings.max_unauthenticated_per_ip,
+        ),
         hello_timeout: settings.hello_timeout,
         shutdown: shutdown_rx,
     });
@@ -335,20 +345,13 @@ async fn accept_quic(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
             }
             continue;
         }
-        let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+        let Ok(admission) = shared.connections.admit(incoming.remote_address().ip()) else {
             incoming.refuse();
             continue;
         };
         let span =
             tracing::info_span!("session", remote = %incoming.remote_address(), transport = "quic");
-        let shared = shared.clone();
-        sessions.spawn(
-            async move {
-                let _permit = permit;
-                quic_session(incoming, &shared).await;
-            }
-            .instrument(span),
-        );
+        sessions.spawn(quic_session(incoming, shared.clone(), admission).instrument(span));
     }
     endpoint.close(0u32.into(), b"relay shutting down");
     sessions.abort_all();
@@ -375,18 +378,12 @@ async fn accept_tcp(
             _ = shutdown.changed() => break,
         };
         while sessions.try_join_next().is_some() {}
-        let Ok(permit) = shared.sessions.clone().try_acquire_owned() else {
+        let Ok(admission) = shared.connections.admit(remote.ip()) else {
             continue;
         };
         let span = tracing::info_span!("session", %remote, transport = "tls");
-        let shared = shared.clone();
-        let acceptor = acceptor.clone();
         sessions.spawn(
-            async move {
-                let _permit = permit;
-                tcp_session(stream, acceptor, &shared, idle).await;
-            }
-            .instrument(span),
+            tcp_session(stream, acceptor.clone(), shared.clone(), idle, admission).instrument(span),
         );
     }
     sessions.abort_all();
@@ -461,7 +458,12 @@ fn expiry(expires: u64) -> tokio::time::Instant {
     tokio::time::Instant::now() + Duration::from_secs(left)
 }
 
-async fn quic_session(incoming: quinn::Incoming, shared: &Shared) {
+async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission: Admission) {
+    let shared = &*shared;
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     let deadline = tokio::time::Instant::now() + shared.hello_timeout;
     let Ok(connecting) = incoming.accept() else {
         return;
@@ -490,6 +492,8 @@ async fn quic_session(incoming: quinn::Incoming, shared: &Shared) {
         conn.close(2u32.into(), b"refused");
         return;
     };
+    // A node now: it no longer counts among the connections before their hello.
+    drop(before_hello);
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
     let _route = shared.relay.register(
         body.key,
@@ -527,9 +531,15 @@ async fn quic_session(incoming: quinn::Incoming, shared: &Shared) {
 async fn tcp_session(
     stream: TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
-    shared: &Shared,
+    shared: Arc<Shared>,
     idle: Duration,
+    admission: Admission,
 ) {
+    let shared = &*shared;
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     let _ = stream.set_nodelay(true);
     let sock = socket2::SockRef::from(&stream);
     let keepalive = socket2::TcpKeepalive::new()
@@ -560,6 +570,7 @@ async fn tcp_session(
         let _ = write.shutdown().await;
         return;
     };
+    drop(before_hello);
     let (link, mut queue) = stream_link();
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
     let _route = shared

@@ -40,6 +40,11 @@ fn make_issuer() -> (Issuer, String) {
 }
 
 async fn bed() -> Bed {
+    bed_with(16).await
+}
+
+/// A relay that admits `per_ip` connections before their hello from one source.
+async fn bed_with(per_ip: usize) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let (issuer, pem) = make_issuer();
     let (foreign, _) = make_issuer();
@@ -51,6 +56,8 @@ async fn bed() -> Bed {
         coordinator_cert: cert,
         rate: meshlink_relay::forward::DEFAULT_RATE,
         max_sessions: 16,
+        max_unauthenticated: 16,
+        max_unauthenticated_per_ip: per_ip,
         hello_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
     };
@@ -226,5 +233,41 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
     let stats = bed.running.relay.stats();
     assert_eq!((stats.frames, stats.other_network), (3, 1), "{stats:?}");
     drop(s);
+    bed.running.stop().await;
+}
+
+/// Connections that never say hello hold at most their source's share: beyond it the relay
+/// drops a new one at once; once they go, the source may connect again.
+#[tokio::test]
+async fn silent_connections_hold_only_their_share() {
+    let bed = bed_with(2).await;
+    let silent = [
+        tokio::net::TcpStream::connect(bed.running.addr)
+            .await
+            .unwrap(),
+        tokio::net::TcpStream::connect(bed.running.addr)
+            .await
+            .unwrap(),
+    ];
+    // Both are admitted (and wait for a handshake) before the third is tried.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
+        .await
+        .expect("the third is dropped at once, not kept until the hello timeout");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fourth = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let kept = tokio::time::timeout(Duration::from_millis(500), fourth.read(&mut buf)).await;
+    assert!(
+        kept.is_err(),
+        "admitted again once the others went: {kept:?}"
+    );
     bed.running.stop().await;
 }
