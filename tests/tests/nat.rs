@@ -36,6 +36,9 @@
 //!   transfer completes intact while vm-a1's home relay is SIGKILLed (the other takes over).
 //! - `without_any_udp_standalone_relays_carry_over_tcp`: no UDP out of either LAN: the relay
 //!   sessions go over TLS/TCP and a transfer through the relay arrives whole.
+//! - `after_a_key_rotation_the_standalone_relay_carries_for_the_new_key`: a VM relayed through
+//!   a standalone relay rotates its key; its relay session follows at once (pings within a
+//!   second after the rotation; the ticket of the old key would have kept it for minutes).
 //!
 //! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`, and
 //! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl -p
@@ -772,5 +775,56 @@ fn without_any_udp_standalone_relays_carry_over_tcp() {
         (received.bytes, received.sha256),
         (bytes, sent.sha256),
         "the bytes received through the relay over TCP differ from those sent"
+    );
+}
+
+#[test]
+fn after_a_key_rotation_the_standalone_relay_carries_for_the_new_key() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let mut mesh = NatMesh::with_relays(
+        "nat-standalone-rotation",
+        &[NatMode::Masquerade, NatMode::Masquerade],
+        &["r1"],
+    );
+    let mut allowed = vec![COORDINATOR_HOST];
+    allowed.extend(mesh.relay_hosts());
+    mesh.bed().block_udp_except_hosts(Provider::A, &allowed);
+    mesh.bed().block_udp_except_hosts(Provider::B, &allowed);
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    let relay_addr = mesh.relay("r1").addr.to_string();
+    mesh.reach(&mesh.both_ways(&names), REACH);
+    mesh.wait_paths(
+        &names,
+        Duration::from_secs(15),
+        "a path relayed via r1, both ways",
+        |_, _, path| path.is("relay") && path.via.as_deref() == Some(&relay_addr),
+    );
+
+    // vm-b1 rotates its key: its relay session must follow, or r1 would deliver nothing
+    // addressed to the new key (and name vm-b1 by the old one) until its ticket ran out.
+    let old = mesh.agent("vm-b1").public_key();
+    let asked = Instant::now();
+    mesh.coordinator()
+        .meshctl()
+        .run(&["node", "rotate-key", "vm-b1"]);
+    let rotated = wait_until(Duration::from_secs(30), "vm-b1's new key", || {
+        mesh.agent("vm-b1")
+            .try_status()
+            .and_then(|s| s["public_key"].as_str().map(str::to_owned))
+            .filter(|k| *k != old)
+    });
+    assert!(rotated.is_ok(), "vm-b1 kept its key\n{}", mesh.statuses());
+    timing("vm-b1's key rotated", asked.elapsed());
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing("ping both ways again after the rotation", took);
+    mesh.wait_paths(
+        &names,
+        Duration::from_secs(15),
+        "a path relayed via r1 after the rotation, both ways",
+        |_, _, path| path.is("relay") && path.via.as_deref() == Some(&relay_addr),
     );
 }

@@ -12,8 +12,9 @@
 //! Each session opens over QUIC (frames as datagrams) or, when QUIC is not up within
 //! [`TCP_AFTER`], TLS over TCP to the same address (frames as records), pinning the relay's
 //! certificate from the grant, and says a [`RelayHello`] with the ticket. Before the ticket
-//! expires a new session is opened with the newest ticket and takes over, then the old one is
-//! closed (make before break). A session that fails is tried again with backoff.
+//! expires, or as soon as a grant vouches for another key (the node rotated its key), a new
+//! session is opened with the newest ticket and takes over, then the old one is closed (make
+//! before break). A session that fails is tried again with backoff.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -22,9 +23,10 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, Decoder, Record, RelayTransport};
 use meshlink_proto::relay::{
-    Grant, RelayAnswer, RelayHello, RelayInfo, MAX_RELAY_MESSAGE, RELAY_ALPN, RELAY_PROTOCOL,
-    RELAY_SERVER_NAME,
+    Grant, RelayAnswer, RelayHello, RelayInfo, Ticket, MAX_RELAY_MESSAGE, RELAY_ALPN,
+    RELAY_PROTOCOL, RELAY_SERVER_NAME,
 };
+use meshlink_proto::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -292,6 +294,30 @@ struct Open {
     /// Dropping it ends a QUIC session's stream (the relay takes that as the end).
     _keep: Option<(quinn::Endpoint, quinn::SendStream, quinn::RecvStream)>,
     expires: u64,
+    /// The node key its ticket vouches for.
+    key: Option<PublicKey>,
+}
+
+/// The node key a ticket vouches for (read, not verified: the relay verifies).
+fn ticket_key(ticket: &str) -> Option<PublicKey> {
+    Ticket::parse(ticket).ok().map(|t| t.body.key)
+}
+
+/// Ready once a grant carries a ticket for another key than `key` (the node rotated its key:
+/// a session opened as the old key no longer receives what peers send to the new one).
+async fn key_changed(grants: &mut watch::Receiver<Option<Grant>>, key: Option<PublicKey>) {
+    loop {
+        if grants.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let now = grants
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|g| ticket_key(&g.ticket));
+        if now.is_some() && now != key {
+            return;
+        }
+    }
 }
 
 enum Reader {
@@ -347,10 +373,15 @@ async fn session(
             mut reader,
             _keep,
             expires: _,
+            key,
         } = open;
         let ended = tokio::select! {
             why = read_frames(&mut reader, &inbound) => Some(why),
             () = tokio::time::sleep(renew_in) => None,
+            () = key_changed(&mut grants, key) => {
+                info!(relay = %info.name, "the node's key changed; a session for the new key");
+                None
+            }
         };
         match ended {
             Some(why) => {
@@ -475,14 +506,15 @@ async fn connect(info: &RelayInfo, ticket: &str, expires: u64) -> Result<Open, S
         protocol: RELAY_PROTOCOL,
         ticket: ticket.to_string(),
     });
+    let key = ticket_key(ticket);
     let quic = tokio::time::timeout(TCP_AFTER, open_quic(info, target, &hello, expires)).await;
     let quic_err = match quic {
-        Ok(Ok(o)) => return Ok(o),
+        Ok(Ok(o)) => return Ok(Open { key, ..o }),
         Ok(Err(e)) => e,
         Err(_) => "timed out".into(),
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, open_tcp(info, target, &hello, expires)).await {
-        Ok(Ok(o)) => Ok(o),
+        Ok(Ok(o)) => Ok(Open { key, ..o }),
         Ok(Err(e)) => Err(format!("QUIC: {quic_err}; TCP: {e}")),
         Err(_) => Err(format!("QUIC: {quic_err}; TCP: timed out")),
     }
@@ -549,6 +581,7 @@ async fn open_quic(
         reader: Reader::Quic(conn),
         _keep: Some((endpoint, send, recv)),
         expires,
+        key: None,
     })
 }
 
@@ -596,5 +629,6 @@ async fn open_tcp(
         reader: Reader::Tcp(read, decoder),
         _keep: None,
         expires,
+        key: None,
     })
 }
