@@ -462,19 +462,22 @@ fn relays(entries: Vec<RelayEntry>) -> Result<Vec<meshlink_proto::relay::RelayIn
     }
     let mut out: Vec<meshlink_proto::relay::RelayInfo> = Vec::new();
     for e in entries {
-        let short = |what: &str, v: &str| {
-            if v.len() > 64 || v.chars().any(char::is_control) {
+        // Bounded so that a grant listing the most relays fits the frames of the smallest
+        // QUIC datagram (crate::relay's tests).
+        let short = |what: &str, v: &str, max: usize| {
+            if v.len() > max || v.chars().any(char::is_control) {
                 Err(format!(
-                    "relay {:?}: {what} longer than 64 characters or not printable",
+                    "relay {:?}: {what} longer than {max} bytes or not printable",
                     e.name
                 ))
             } else {
                 Ok(())
             }
         };
-        short("name", &e.name)?;
-        short("region", &e.region)?;
-        short("provider", &e.provider)?;
+        short("name", &e.name, crate::relay::MAX_NAME)?;
+        short("region", &e.region, crate::relay::MAX_NAME)?;
+        short("provider", &e.provider, crate::relay::MAX_NAME)?;
+        short("addr", &e.addr, crate::relay::MAX_ADDR)?;
         if e.name.is_empty() {
             return Err("a relay without a name".into());
         }

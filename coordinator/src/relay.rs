@@ -26,6 +26,11 @@ pub const GRANT_FIRST: [Duration; 3] = [
     Duration::from_secs(4),
 ];
 
+/// The longest name, region or provider of a listed relay, in bytes.
+pub const MAX_NAME: usize = 32;
+/// The longest address (`host:port`) of a listed relay, in bytes.
+pub const MAX_ADDR: usize = 128;
+
 /// What a coordinator tells agents of the standalone relays, and the key it vouches with.
 #[derive(Debug)]
 pub struct Grants {
@@ -98,6 +103,38 @@ mod tests {
             region: "eu-west".into(),
             provider: "example".into(),
         }
+    }
+
+    /// The largest grant the configuration allows (the most relays, every field as long as
+    /// allowed) fits the frames of the smallest QUIC datagram (1,200-byte UDP payloads leave
+    /// more than 1,100 bytes).
+    #[test]
+    fn the_largest_grant_fits_the_smallest_datagram() {
+        let c = rcgen::generate_simple_self_signed(vec!["meshlink-coordinator".into()]).unwrap();
+        let key = PrivateKeyDer::Pkcs8(c.signing_key.serialize_der().into());
+        let issuer = Issuer::new(&key, Duration::from_secs(86_400)).unwrap();
+        let long = |n: usize, len: usize| format!("{n}{}", "x".repeat(len - 1));
+        let relays = (0..frames::MAX_LISTED_RELAYS)
+            .map(|n| RelayInfo {
+                name: long(n, MAX_NAME),
+                addr: format!("{}:65535", long(n, MAX_ADDR - 6)),
+                fingerprint: "ab".repeat(32),
+                region: long(n, MAX_NAME),
+                provider: long(n, MAX_NAME),
+            })
+            .collect();
+        let grants = Grants::new(issuer, relays);
+        let pieces = grants
+            .frames(
+                PublicKey([5; 32]),
+                &"n".repeat(64),
+                u64::MAX,
+                SystemTime::now(),
+                1,
+                1100,
+            )
+            .unwrap();
+        assert!(pieces.len() <= frames::MAX_FRAGMENTS);
     }
 
     /// A grant with every relay listed fits the frames of a QUIC datagram, and carries a ticket

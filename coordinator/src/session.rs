@@ -398,7 +398,12 @@ async fn send_grants(
     let mut id: u16 = 0;
     for n in 0usize.. {
         tokio::time::sleep_until(at).await;
+        // An agent that takes no datagrams (or too small ones) gets no grant: it could not use
+        // the relays' datagrams either. Not logged: it is the agent's choice.
         let max = link.max_datagram_size().unwrap_or(0);
+        if max <= meshlink_proto::relay::HEADER_LEN {
+            return std::future::pending().await;
+        }
         match grants.frames(key, network, node, std::time::SystemTime::now(), id, max) {
             Ok(frames) => {
                 for f in frames {
