@@ -8,6 +8,8 @@ One command, as root:
     python3 benches/wlmove.py --moves 40 --failovers 10 --json wlmove.json
     python3 benches/wlmove.py --no-build --bin-dir target/debug   # quick check, debug build
     python3 benches/wlmove.py --meshes 4 --moves 30 --failovers 0 # 120 moves in 4 fresh meshes
+    python3 benches/wlmove.py --cold --meshes 50 --failovers 0      # 50 cold moves
+    python3 benches/wlmove.py --unlisted --moves 100 --failovers 0  # to nodes not listed
 
 Setup: three simulated providers (a router namespace with one bridge each: A on 198.18.1.0/24,
 B on 198.18.2.0/24, C on 198.18.3.0/24; every host routes 198.18.0.0/15 via its provider's
@@ -30,7 +32,13 @@ probes carry the same clock). Per move:
   - the coordinator's own figures from its answer: destination ready (tunnels up) and commit.
 With `--meshes N` the moves run in N fresh meshes one after the other (everything made again:
 namespaces, coordinator, agents, keys), `--moves` in each; failovers, restarts and kills run in
-the last one. After the moves each agent's drop counters are read from its status, with its
+the last one. Right before each move the destination's status is read: a move whose destination
+has not completed a handshake with any peer yet is counted as *cold* and reported apart. With
+`--cold`, vm-c's agent is started only once the probe runs, and the first move of each mesh goes
+to it the moment the coordinator shows it online (agents set a persistent keepalive, so a node up
+for a second has sessions with every peer: only a node that has just joined is cold). With `--unlisted` the workload
+has no standby and no allowed holder: every move goes to a node the workload does not list
+(failovers need a standby, so `--failovers` must be 0). After the moves each agent's drop counters are read from its status, with its
 `handover` counters: where packets to the workload address went at the new holder (kept back
 until the handover was confirmed, released, or dropped: full, timed out, abandoned, not held).
 Failover: `--failovers` times, with the workload on vm-a, vm-a's agent is killed (SIGKILL: the
@@ -139,11 +147,16 @@ class MoveBench(Bed):
         self.meshctl("network", "create", NETWORK, "--cidr", NETWORK_CIDR)
         self.token = json.loads(self.meshctl("token", "create", "--network", NETWORK, "--uses", "3",
                                              "--expires", "1h", "-o", "json"))["token"]
-        for h in AGENTS:
+        first = [h for h in AGENTS if not (self.opts.cold and h == "c")]
+        for h in first:
             self.start_agent(h)
-        self.wait_for("three nodes online", 30, lambda: self.online() == 3)
+        self.wait_for(f"{len(first)} nodes online", 30, lambda: self.online() == len(first))
+        listed = [] if self.opts.unlisted else ["--standby", "vm-c", "--allow", "vm-a,vm-c"]
+        if self.opts.cold and not self.opts.unlisted:
+            # vm-c has not joined yet: it can be listed only once it has.
+            listed = ["--allow", "vm-a"]
         self.meshctl("workload", "create", WORKLOAD, "--network", NETWORK, "--address", WORKLOAD_IP,
-                     "--standby", "vm-c", "--allow", "vm-a,vm-c")
+                     *listed)
         self.meshctl("workload", "attach", WORKLOAD, "--node", "vm-a")
         for h in ("a", "c"):
             self.echo[h] = self.spawn(h, [self.bin("meshlink-probe"), "echo", "--bind", f"0.0.0.0:{PORT}",
@@ -267,12 +280,18 @@ class MoveBench(Bed):
 
     def moves(self):
         n, gap = self.opts.moves, self.opts.gap
-        proc, out = self.probe(int(2 + n * gap + 2), "moves")
+        # A cold run first waits for vm-c to join (seconds at most).
+        proc, out = self.probe(int(2 + n * gap + 2 + (8 if self.opts.cold else 0)), "moves")
         time.sleep(1.0)
         done, target = [], "c"
+        if self.opts.cold:
+            self.start_agent("c")
+            self.wait_for("vm-c online", 30, lambda: self.online() == 3)
         for _ in range(n):
+            warm = self.handshaken_peers(target)
             r = self.move(target)
             r["to"], r["from"] = f"vm-{target}", f"vm-{'a' if target == 'c' else 'c'}"
+            r["warm_peers"] = warm
             done.append(r)
             target = "a" if target == "c" else "c"
             time.sleep(gap)
@@ -300,9 +319,19 @@ class MoveBench(Bed):
                 "prepared_ms": m["answer"].get("prepared_ms"),
                 "commit_ms": m["answer"].get("took_ms"),
                 "generation": m["answer"].get("generation"),
+                "cold": m["warm_peers"] == 0,
+                "listed": not self.opts.unlisted,
             })
         return {"moves": results, "lost_before_first_move": sum(1 for r in before if r["recv"] is None),
                 "probes_before_first_move": len(before), "agent_drops": self.drops()}
+
+    def handshaken_peers(self, h):
+        """How many of agent `h`'s peers it has completed a handshake with (-1: no status)."""
+        try:
+            st = self.agent_status(h)
+        except (RuntimeError, json.JSONDecodeError):
+            return -1
+        return sum(1 for p in st.get("peers", []) if p.get("latest_handshake_secs_ago") is not None)
 
     def drops(self):
         """Every agent's drop counters (device and per peer, summed), for the record."""
@@ -480,6 +509,16 @@ def report_moves(res):
     if meshes > 1:
         per = [sum(m["lost"] for m in mv if m.get("mesh") == i) for i in range(meshes)]
         print(f"\nProbes lost per mesh: {per}.")
+    cold = [m for m in mv if m.get("cold")]
+    if cold:
+        cl = [m["to_new_holder_ms"] for m in cold if m["to_new_holder_ms"] is not None]
+        print(f"\nCold moves (the destination had no handshake with any peer yet): {len(cold)}, "
+              f"{sum(m['lost'] for m in cold)} probes lost (max {max(m['lost'] for m in cold)}); request -> "
+              f"first answer by the new holder median {fmt(statistics.median(cl) if cl else None)}, "
+              f"p99 {fmt(pct(cl, 99))}, max {fmt(max(cl) if cl else None)}.")
+    unlisted = [m for m in mv if not m.get("listed", True)]
+    if unlisted:
+        print(f"\nMoves to a node the workload does not list (no standby, no allowed holder): {len(unlisted)}.")
     print(f"\nPer move: {json.dumps([(m['to'], m['to_new_holder_ms'], m['lost']) for m in mv])}")
     print(f"\nAgent drop counters after the moves (per mesh): {json.dumps(res['moves']['agent_drops'])}")
 
@@ -517,6 +556,10 @@ def main():
     ap.add_argument("--moves", type=int, default=20, help="planned moves (in each mesh)")
     ap.add_argument("--meshes", type=int, default=1, help="fresh meshes to run the moves in, one after the other")
     ap.add_argument("--gap", type=float, default=1.0, help="seconds between moves")
+    ap.add_argument("--cold", action="store_true",
+                    help="vm-c joins under the probe and the first move goes to it at once (see above)")
+    ap.add_argument("--unlisted", action="store_true",
+                    help="the workload lists no standby and no allowed holder: every move goes to an unlisted node")
     ap.add_argument("--failovers", type=int, default=5)
     ap.add_argument("--restarts", type=int, default=0,
                     help="coordinator SIGKILL + restart rounds with the workload under probe")
@@ -530,6 +573,8 @@ def main():
     ap.add_argument("--json", help="write every figure here")
     ap.add_argument("--keep-logs", action="store_true")
     opts = ap.parse_args()
+    if opts.unlisted and opts.failovers:
+        sys.exit("wlmove: --unlisted leaves the workload without a standby: use --failovers 0")
     if opts.kills and opts.ha < 2:
         sys.exit("wlmove: --kills needs --ha 2 or 3")
     if opts.restarts and opts.ha:

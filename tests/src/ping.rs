@@ -8,12 +8,22 @@ use crate::netns::NsRef;
 /// Starts `count` pings from `ns` to `dst`, one every 10 ms (ping waits for the last answers
 /// before it prints its summary).
 pub fn ping_run(ns: &NsRef, dst: Ipv4Addr, count: u32) -> std::process::Child {
+    ping_every(ns, dst, count, "0.01")
+}
+
+/// Starts `count` pings from `ns` to `dst`, one every millisecond (as root: ping refuses
+/// intervals below 2 ms to others).
+pub fn ping_run_1ms(ns: &NsRef, dst: Ipv4Addr, count: u32) -> std::process::Child {
+    ping_every(ns, dst, count, "0.001")
+}
+
+fn ping_every(ns: &NsRef, dst: Ipv4Addr, count: u32, interval: &str) -> std::process::Child {
     let mut cmd = ns.command("ping");
     cmd.args([
         "-n",
         "-q",
         "-i",
-        "0.01",
+        interval,
         "-c",
         &count.to_string(),
         &dst.to_string(),

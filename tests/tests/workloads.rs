@@ -23,6 +23,11 @@
 //!   vm-a1 and vm-c1 while vm-b1 pings the address every 10 ms: every ping is answered, but
 //!   for the single packet a move occasionally loses at the switch (issue 14, tolerated: at
 //!   most one per move).
+//! - `moves_to_unlisted_and_just_joined_nodes_lose_nothing`: while vm-b1 pings the address
+//!   every millisecond, it moves to vm-b2 (in the mesh from the start, listed neither as
+//!   standby nor as allowed), then to vm-c2, a node that joins under the traffic and gets the
+//!   address the moment it is up (no session with anyone yet), then back to vm-a1: not one
+//!   ping is lost.
 //!
 //! Needs root (skips with one line otherwise) and the binaries: `cargo build -p meshlink-agent
 //! -p meshlink-coordinator -p meshctl -p meshlink-chat` first.
@@ -30,7 +35,7 @@
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use meshlink_tests::ping::{ping_run, ping_summary};
+use meshlink_tests::ping::{ping_run, ping_run_1ms, ping_summary};
 use meshlink_tests::process::Process;
 use meshlink_tests::{
     agent_bin, chat_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator,
@@ -55,8 +60,8 @@ struct Bed {
     // scratch directory last.
     agents: Vec<MeshAgent>,
     coord: Coordinator,
-    _hosts: Vec<ProviderHost>,
-    _providers: Providers,
+    hosts: Vec<ProviderHost>,
+    providers: Providers,
     dir: ScratchDir,
 }
 
@@ -106,8 +111,8 @@ impl Bed {
         Bed {
             agents,
             coord,
-            _hosts: kept,
-            _providers: providers,
+            hosts: kept,
+            providers,
             dir,
         }
     }
@@ -127,6 +132,17 @@ impl Bed {
 
     fn ctl(&self) -> Meshctl {
         self.coord.meshctl()
+    }
+
+    /// A new host on `provider` whose agent joins as `name` (with a token of its own); returns
+    /// once the agent is up, with an address and a map.
+    fn join(&mut self, provider: Provider, name: &str) {
+        let host = self.providers.add_host(provider);
+        let token = self.ctl().token_create(NETWORK, Some(1), Some("1h"));
+        let mut agent = MeshAgent::spawn_join(&host.ns, &self.dir, &token, name, &[]);
+        agent.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
+        self.agents.push(agent);
+        self.hosts.push(host);
     }
 
     fn agent(&self, name: &str) -> &MeshAgent {
@@ -487,5 +503,54 @@ fn planned_moves_under_traffic_lose_nothing() {
         sent - received
     );
     assert_eq!(bed.workload()["generation"], 5);
+    assert_eq!(bed.holder().as_deref(), Some("vm-a1"));
+}
+
+#[test]
+fn moves_to_unlisted_and_just_joined_nodes_lose_nothing() {
+    let Some(mut bed) = Bed::held_by_vm_a1("wl-unlisted") else {
+        return;
+    };
+    let b1 = bed.agent("vm-b1").ns().clone();
+    b1.wait_for_ping(WORKLOAD_IP, STEP)
+        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
+    // 12 s of pings, one per millisecond: long enough for a node to join in the middle.
+    let ping = ping_run_1ms(&b1, WORKLOAD_IP, 12_000);
+    std::thread::sleep(Duration::from_millis(500));
+    let moved = |bed: &Bed, to: &str| {
+        let started = Instant::now();
+        bed.ctl().run(&["workload", "move", WORKLOAD, "--to", to]);
+        timing(&format!("move to {to} answered"), started.elapsed());
+        bed.wait_address(to, true, STEP);
+    };
+    // A node of the mesh the workload does not list.
+    moved(&bed, "vm-b2");
+    std::thread::sleep(Duration::from_millis(800));
+    // A node that has just joined: the move is asked for the moment it is up.
+    let joining = Instant::now();
+    bed.join(Provider::C, "vm-c2");
+    let join_took = joining.elapsed();
+    timing("vm-c2 joined and up", join_took);
+    moved(&bed, "vm-c2");
+    std::thread::sleep(Duration::from_millis(800));
+    // And back to a listed node, from the newcomer.
+    moved(&bed, "vm-a1");
+    let out = ping.wait_with_output().expect("ping runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sent, received) = ping_summary(&text);
+    timing(
+        &format!("pings answered across three moves: {received} of {sent}"),
+        Duration::ZERO,
+    );
+    assert!(
+        join_took < Duration::from_secs(7),
+        "vm-c2 took too long to join for the pings to cover every move; nothing was measured"
+    );
+    assert_eq!(
+        received,
+        sent,
+        "{} pings (1/ms) lost across moves to an unlisted and to a just-joined node: {text}",
+        sent - received
+    );
     assert_eq!(bed.holder().as_deref(), Some("vm-a1"));
 }
