@@ -137,6 +137,27 @@ fn main() -> anyhow::Result<()> {
         let running = meshlink_relay::server::start(&settings).await?;
         // Once the listeners are bound (scripts and tests wait for this line).
         println!("relay fingerprint: {}", running.fingerprint);
+        // What it did, every minute it did something: the only window on a running relay.
+        let relay = running.relay.clone();
+        let refused = running.refused.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let stats = relay.stats();
+                let now = (stats, refused.load(std::sync::atomic::Ordering::Relaxed));
+                if last != Some(now) {
+                    tracing::info!(
+                        sessions = relay.routes(),
+                        ?stats,
+                        refused = now.1,
+                        "relay counters"
+                    );
+                    last = Some(now);
+                }
+            }
+        });
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot watch SIGTERM")?;
         tokio::select! {

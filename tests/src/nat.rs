@@ -1054,6 +1054,8 @@ pub struct PeerPath {
     pub via: Option<String>,
     /// `path.over`: `udp` or `tcp` for a relayed path.
     pub over: Option<String>,
+    /// `path.relay`: the standalone relay's name, for a path through one.
+    pub relay: Option<String>,
     /// `path.rtt_ms`.
     pub rtt_ms: Option<f64>,
 }
@@ -1080,6 +1082,7 @@ impl PeerPath {
             kind: text("/path/kind"),
             via: text("/path/via"),
             over: text("/path/over"),
+            relay: text("/path/relay"),
             rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
         }
     }

@@ -654,9 +654,10 @@ fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
     let home = home_relay(&mesh, "vm-a1")
         .unwrap_or_else(|| panic!("vm-a1 has no home relay\n{}", mesh.statuses()));
     let home_addr = mesh.relay(&home).addr.to_string();
+    let path = mesh.path("vm-a1", "vm-b1");
     assert_eq!(
-        mesh.path("vm-a1", "vm-b1").via.as_deref(),
-        Some(home_addr.as_str()),
+        (path.via.as_deref(), path.relay.as_deref()),
+        (Some(home_addr.as_str()), Some(home.as_str())),
         "vm-a1 sends through its home\n{}",
         mesh.statuses()
     );

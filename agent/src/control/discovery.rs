@@ -128,9 +128,18 @@ impl Discovery {
             Some((remote, _)) => Some(remote.to_string()),
             None => endpoint.map(|e| e.to_string()),
         };
+        // The standalone relay's name; absent through the coordinator's relay.
+        let relay_name = self
+            .relay
+            .home()
+            .borrow()
+            .as_ref()
+            .filter(|_| relayed)
+            .map(|h| h.name.clone());
         serde_json::json!({
             "kind": kind,
             "via": via,
+            "relay": relay_name,
             "over": relay.map(|(_, t)| t),
             "rtt_ms": st.and_then(|s| s.rtt).filter(|_| !relayed).map(|d| d.as_secs_f64() * 1000.0),
             "changed_secs_ago": st.map(|s| now.saturating_duration_since(s.changed).as_secs()),
