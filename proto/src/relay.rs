@@ -182,6 +182,30 @@ impl Ticket {
     }
 }
 
+/// What a standalone relay's notice that a destination has no session there starts with (its
+/// key follows): a frame from [`RELAY_SELF`] on a relay session, sent back for a frame the
+/// relay could not deliver (at a capped rate), so that the sender reaches that peer another
+/// way. The coordinator's relay sends none.
+pub const NOTICE_UNREACHABLE: &[u8] = b"unreachable\0";
+
+/// The notice that `peer` has no session at this relay, as a whole frame.
+#[must_use]
+pub fn unreachable_notice(peer: &PublicKey) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER_LEN + NOTICE_UNREACHABLE.len() + 32);
+    f.extend_from_slice(&RELAY_SELF.0);
+    f.extend_from_slice(&[0, 0, 0, 1]);
+    f.extend_from_slice(NOTICE_UNREACHABLE);
+    f.extend_from_slice(&peer.0);
+    f
+}
+
+/// The peer a notice's payload names, if it is one ([`unreachable_notice`]).
+#[must_use]
+pub fn parse_unreachable(payload: &[u8]) -> Option<PublicKey> {
+    let key = payload.strip_prefix(NOTICE_UNREACHABLE)?;
+    Some(PublicKey(key.try_into().ok()?))
+}
+
 /// The first message of a relay session, from the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayHello {
@@ -404,6 +428,16 @@ impl Reassembler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_notice_names_its_peer() {
+        let f = unreachable_notice(&PublicKey([8; 32]));
+        let (h, payload) = parse(&f).unwrap();
+        assert_eq!((h.peer, h.count), (RELAY_SELF, 1));
+        assert_eq!(parse_unreachable(payload), Some(PublicKey([8; 32])));
+        assert_eq!(parse_unreachable(b"unreachable\0short"), None);
+        assert_eq!(parse_unreachable(&[0; 44]), None);
+    }
 
     #[test]
     fn a_ticket_round_trips_and_bad_text_is_refused() {

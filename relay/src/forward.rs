@@ -332,6 +332,13 @@ pub struct Source {
     bucket: TokenBucket,
 }
 
+impl Source {
+    /// The node's key.
+    pub fn key(&self) -> PublicKey {
+        self.key
+    }
+}
+
 impl<L: Link> Relay<L> {
     /// A relay that lets each node send `rate` bytes per second (burst: [`burst_for`]).
     pub fn new(rate: u64) -> Self {

@@ -11,7 +11,8 @@
 //!   ─> RelayHello (one control-framed message, at most MAX_RELAY_MESSAGE bytes)
 //!   ─> Verifier::verify(ticket, now)                refused: RelayAnswer::Refused, close
 //!   ─> route for (key, network), RelayAnswer::Accepted { expires }
-//!   ─> loop: frames from the agent ─> Relay::forward (rate cap, network, queue caps)
+//!   ─> loop: frames from the agent ─> Relay::forward (rate cap, network, queue caps); one for
+//!            a node with no session here draws a notice back (relay_one, capped)
 //!            frames for the agent (a QUIC datagram, or records the writer batches)
 //!      until the agent closes, the connection dies, or the ticket expires (the agent opens
 //!      a new session with a fresh ticket before that)
@@ -44,9 +45,12 @@ use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
 use crate::admission::{Admission, Connections};
+use crate::ratelimit::TokenBucket;
+use meshlink_proto::relay::unreachable_notice;
+
 use crate::forward::{
-    stream_link, Relay, SessionLink, StreamQueue, DATAGRAM_RECEIVE_BUFFER, DATAGRAM_SEND_BUFFER,
-    STREAM_SEND_BUFFER,
+    stream_link, Dropped, Link, Relay, SessionLink, StreamQueue, DATAGRAM_RECEIVE_BUFFER,
+    DATAGRAM_SEND_BUFFER, STREAM_SEND_BUFFER,
 };
 use crate::ticket::Verifier;
 
@@ -502,6 +506,7 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
         SessionLink::Quic(conn.clone()),
     );
     let mut source = shared.relay.source(body.key, &body.network, Instant::now());
+    let mut notices = Notices::new(SessionLink::Quic(conn.clone()));
     info!(node = body.node, network = %body.network, "session open");
     let ends = expiry(body.expires);
     let mut shutdown = shared.shutdown.clone();
@@ -511,7 +516,7 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
             d = conn.read_datagram() => match d {
                 Ok(d) => {
                     // Dropped frames are counted by the relay; none is logged.
-                    let _ = shared.relay.forward(&mut source, d.to_vec(), Instant::now());
+                    relay_one(shared, &mut source, &mut notices, d.to_vec());
                 }
                 Err(e) => break format!("connection lost: {e}"),
             },
@@ -572,6 +577,7 @@ async fn tcp_session(
     };
     drop(before_hello);
     let (link, mut queue) = stream_link();
+    let mut notices = Notices::new(SessionLink::Stream(link.clone()));
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
     let _route = shared
         .relay
@@ -582,7 +588,7 @@ async fn tcp_session(
     let mut shutdown = shared.shutdown.clone();
     let mut buf = vec![0u8; 16 * 1024];
     // Frames that came with the hello.
-    let mut first = drain(&mut decoder, shared, &mut source).err();
+    let mut first = drain(&mut decoder, shared, &mut source, &mut notices).err();
     let why = loop {
         if let Some(e) = first.take() {
             break e.to_string();
@@ -594,7 +600,7 @@ async fn tcp_session(
                     if decoder.push(&buf[..n]).is_err() {
                         break "an oversized record".into();
                     }
-                    if let Err(e) = drain(&mut decoder, shared, &mut source) {
+                    if let Err(e) = drain(&mut decoder, shared, &mut source, &mut notices) {
                         break e.into();
                     }
                 }
@@ -619,16 +625,55 @@ fn drain(
     decoder: &mut Decoder,
     shared: &Shared,
     source: &mut crate::forward::Source,
+    notices: &mut Notices,
 ) -> Result<(), &'static str> {
     loop {
         match decoder.decode_record::<serde_json::Value>() {
-            Ok(Some(Record::Relay(frame))) => {
-                // Dropped frames are counted by the relay; none is logged.
-                let _ = shared.relay.forward(source, frame, Instant::now());
-            }
+            Ok(Some(Record::Relay(frame))) => relay_one(shared, source, notices, frame),
             Ok(Some(Record::Message(_))) => return Err("a message after the hello"),
             Ok(None) => return Ok(()),
             Err(_) => return Err("a malformed record"),
+        }
+    }
+}
+
+/// The most notices a session is sent per second (and at once).
+pub const NOTICES_PER_SECOND: u32 = 20;
+
+/// A session's notices back to its agent: where they go, and their cap.
+struct Notices {
+    link: SessionLink,
+    bucket: TokenBucket,
+}
+
+impl Notices {
+    fn new(link: SessionLink) -> Self {
+        Notices {
+            link,
+            bucket: TokenBucket::new(NOTICES_PER_SECOND, NOTICES_PER_SECOND, Instant::now()),
+        }
+    }
+}
+
+/// Relays one frame from `source`; a frame for a node with no session here draws a notice
+/// back ([`unreachable_notice`]), at most [`NOTICES_PER_SECOND`], so that the sender reaches
+/// that peer another way. Drops are counted by the relay; none is logged.
+fn relay_one(
+    shared: &Shared,
+    source: &mut crate::forward::Source,
+    notices: &mut Notices,
+    frame: Vec<u8>,
+) {
+    let to = meshlink_proto::relay::parse(&frame)
+        .ok()
+        .map(|(h, _)| h.peer);
+    let now = Instant::now();
+    if shared.relay.forward(source, frame, now) == Err(Dropped::NoRoute) {
+        if let Some(to) = to.filter(|to| *to != source.key()) {
+            if notices.bucket.allow(now) {
+                // A full queue loses the notice; the next frame for that peer draws another.
+                let _ = notices.link.send(unreachable_notice(&to));
+            }
         }
     }
 }

@@ -271,3 +271,39 @@ async fn silent_connections_hold_only_their_share() {
     );
     bed.running.stop().await;
 }
+
+/// A frame for a node with no session here draws a notice naming it back to the sender, at a
+/// capped rate.
+#[tokio::test]
+async fn a_frame_for_an_absent_node_draws_a_capped_notice() {
+    let bed = bed().await;
+    let (_, a) = quic(&bed, &ticket(&bed.issuer, 1, "prod")).await;
+    let f = frames(&PublicKey([9; 32]), 1, b"x", 1100)
+        .unwrap()
+        .remove(0);
+    a.send_datagram(f.into()).unwrap();
+    let got = datagram(&a).await;
+    let (h, payload) = parse(&got).unwrap();
+    assert_eq!(h.peer, meshlink_proto::relay::RELAY_SELF);
+    assert_eq!(
+        meshlink_proto::relay::parse_unreachable(payload),
+        Some(PublicKey([9; 32]))
+    );
+    // A flood of such frames draws at most the cap's burst of notices.
+    for i in 0..200u16 {
+        let f = frames(&PublicKey([10; 32]), i, b"x", 1100)
+            .unwrap()
+            .remove(0);
+        let _ = a.send_datagram(f.into());
+    }
+    let mut notices = 0;
+    while tokio::time::timeout(Duration::from_millis(300), a.read_datagram())
+        .await
+        .is_ok()
+    {
+        notices += 1;
+    }
+    let cap = meshlink_relay::server::NOTICES_PER_SECOND as usize;
+    assert!((1..=cap + 2).contains(&notices), "{notices} notices");
+    bed.running.stop().await;
+}

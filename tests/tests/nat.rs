@@ -36,6 +36,9 @@
 //!   transfer completes intact while vm-a1's home relay is SIGKILLed (the other takes over).
 //! - `without_any_udp_standalone_relays_carry_over_tcp`: no UDP out of either LAN: the relay
 //!   sessions go over TLS/TCP and a transfer through the relay arrives whole.
+//! - `a_peer_not_on_the_home_relay_is_reached_another_way`: vm-a1 reaches only r1, vm-b1 only
+//!   r2: each one's home lacks the other, its notices turn them to the coordinator's relay
+//!   (fails with the notices ignored).
 //! - `after_a_key_rotation_the_standalone_relay_carries_for_the_new_key`: a VM relayed through
 //!   a standalone relay rotates its key; its relay session follows at once (pings within a
 //!   second after the rotation; the ticket of the old key would have kept it for minutes).
@@ -827,5 +830,61 @@ fn after_a_key_rotation_the_standalone_relay_carries_for_the_new_key() {
         Duration::from_secs(15),
         "a path relayed via r1 after the rotation, both ways",
         |_, _, path| path.is("relay") && path.via.as_deref() == Some(&relay_addr),
+    );
+}
+
+#[test]
+fn a_peer_not_on_the_home_relay_is_reached_another_way() {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let mut mesh = NatMesh::with_relays(
+        "nat-standalone-apart",
+        &[NatMode::Masquerade, NatMode::Masquerade],
+        &["r1", "r2"],
+    );
+    let mut allowed = vec![COORDINATOR_HOST];
+    allowed.extend(mesh.relay_hosts());
+    mesh.bed().block_udp_except_hosts(Provider::A, &allowed);
+    mesh.bed().block_udp_except_hosts(Provider::B, &allowed);
+    // vm-a1 reaches r1 only, vm-b1 r2 only: they share no standalone relay, so each one's home
+    // lacks the other; its notices send them through the coordinator's relay.
+    let (r1, r2) = (*mesh.relay("r1").addr.ip(), *mesh.relay("r2").addr.ip());
+    let _a = mesh
+        .bed()
+        .add_forward_rule(Provider::A, &format!("ip daddr {r2} drop"));
+    let _b = mesh
+        .bed()
+        .add_forward_rule(Provider::B, &format!("ip daddr {r1} drop"));
+    join(&mut mesh, &[("vm-a1", Provider::A), ("vm-b1", Provider::B)]);
+    let names = ["vm-a1", "vm-b1"];
+    // Each has its reachable relay as home before anything else is checked.
+    for (name, relay) in [("vm-a1", "r1"), ("vm-b1", "r2")] {
+        let homed = wait_until(Duration::from_secs(15), "a home relay", || {
+            (home_relay(&mesh, name).as_deref() == Some(relay)).then_some(())
+        });
+        assert!(
+            homed.is_ok(),
+            "{name} has no home {relay}\n{}",
+            mesh.statuses()
+        );
+    }
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing(
+        "vm-a1 and vm-b1 ping each other, homed on different relays",
+        took,
+    );
+    let coordinator = format!(
+        "{COORDINATOR_HOST}:{}",
+        meshlink_tests::coordinator::QUIC_PORT
+    );
+    mesh.wait_paths(
+        &names,
+        Duration::from_secs(10),
+        "a path through the coordinator's relay, both ways",
+        |_, _, path| {
+            path.is("relay") && path.relay.is_none() && path.via.as_deref() == Some(&coordinator)
+        },
     );
 }

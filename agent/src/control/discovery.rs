@@ -123,19 +123,14 @@ impl Discovery {
         let kind = self.path_kind(peer, endpoint);
         let relayed = kind == PathKind::Relay;
         let kind = crate::metrics::path_label(kind);
-        let relay = self.relay.link_remote().filter(|_| relayed);
-        let via = match relay {
-            Some((remote, _)) => Some(remote.to_string()),
+        let route = self.relay.route_for(peer).filter(|_| relayed);
+        let via = match &route {
+            Some((remote, _, _)) => Some(remote.to_string()),
             None => endpoint.map(|e| e.to_string()),
         };
+        let relay = route.as_ref().map(|(r, t, _)| (*r, *t));
         // The standalone relay's name; absent through the coordinator's relay.
-        let relay_name = self
-            .relay
-            .home()
-            .borrow()
-            .as_ref()
-            .filter(|_| relayed)
-            .map(|h| h.name.clone());
+        let relay_name = route.and_then(|(_, _, name)| name);
         serde_json::json!({
             "kind": kind,
             "via": via,
@@ -170,11 +165,11 @@ impl Discovery {
 
     /// The paths to the peers `ids` names, as reported to the coordinator.
     fn report(&self, ids: &[(PublicKey, NodeId)], now: Instant) -> Vec<PathReport> {
-        let relay = self.relay.link_remote();
         let p = self.paths();
         ids.iter()
             .filter_map(|(key, id)| {
                 let st = p.status(key)?;
+                let relay = self.relay.route_for(key).map(|(r, t, _)| (r, t));
                 let (kind, via, over) = match st.path {
                     Path::Direct(a) => (PathKind::Direct, Some(a), None),
                     Path::Relay => (PathKind::Relay, relay.map(|r| r.0), relay.map(|r| r.1)),

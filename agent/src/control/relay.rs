@@ -36,7 +36,7 @@ use super::workloads::Link;
 mod home;
 mod sessions;
 
-pub use sessions::{HomeLink, RelayStatus, Relays};
+pub use sessions::{HomeLink, RelayStatus, Relays, Unreachable};
 
 /// Frames from standalone relays waiting for the relay client; more are dropped.
 const RELAYED_QUEUED: usize = 1024;
@@ -166,7 +166,8 @@ impl RelayClient {
             self.wg,
             peer,
             Routes {
-                home: self.home.clone(),
+                links: self.relays.links(),
+                unreachable: self.relays.unreachable(),
                 link: self.link.clone(),
             },
             self.counters.clone(),
@@ -201,6 +202,32 @@ impl RelayClient {
             .as_ref()
             .filter(|l| l.relay)
             .map(|l| (l.remote, l.transport))
+    }
+
+    /// The relay `peer`'s datagrams go through now: its address, transport and, for a
+    /// standalone relay, its name (see [`Routes`]).
+    #[must_use]
+    pub fn route_for(
+        &self,
+        peer: &PublicKey,
+    ) -> Option<(
+        SocketAddr,
+        meshlink_proto::control::RelayTransport,
+        Option<String>,
+    )> {
+        let links = self.relays.links();
+        {
+            let links = links.borrow();
+            let unreachable = self.relays.unreachable();
+            if let Some(l) = sessions::pick(&links, &unreachable, peer, Instant::now()) {
+                return Some((l.remote, l.transport, Some(l.name.clone())));
+            }
+        }
+        self.link
+            .borrow()
+            .as_ref()
+            .filter(|l| l.relay)
+            .map(|l| (l.remote, l.transport, None))
     }
 
     /// Whether some relay is up (the home standalone relay, or the coordinator's).
@@ -332,16 +359,21 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Where a shim's datagrams go: the home standalone relay, else the coordinator's.
+/// Where a shim's datagrams go: the home standalone relay, or the next one that has not said
+/// it lacks the peer, else the coordinator's.
 struct Routes {
-    home: watch::Receiver<Option<HomeLink>>,
+    links: watch::Receiver<Vec<HomeLink>>,
+    unreachable: Arc<sessions::Unreachable>,
     link: watch::Receiver<Option<Link>>,
 }
 
 impl Routes {
-    fn conn(&self) -> Option<LinkConn> {
-        if let Some(h) = self.home.borrow().as_ref() {
-            return Some(h.conn.clone());
+    fn conn(&self, peer: &PublicKey) -> Option<LinkConn> {
+        {
+            let links = self.links.borrow();
+            if let Some(l) = sessions::pick(&links, &self.unreachable, peer, Instant::now()) {
+                return Some(l.conn.clone());
+            }
         }
         self.link
             .borrow()
@@ -374,7 +406,7 @@ async fn outbound(
             counters.too_large.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        let conn = routes.conn();
+        let conn = routes.conn(&peer);
         let id = next_id.fetch_add(1, Ordering::Relaxed) as u16;
         match conn {
             None => {

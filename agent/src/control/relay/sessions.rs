@@ -15,6 +15,12 @@
 //! expires, or as soon as a grant vouches for another key (the node rotated its key), a new
 //! session is opened with the newest ticket and takes over, then the old one is closed (make
 //! before break). A session that fails is tried again with backoff.
+//!
+//! A peer that is not on the home relay (it cannot reach that relay, or has not opened its
+//! session there yet) draws a notice from the relay for the frames sent to it
+//! ([`meshlink_proto::relay::unreachable_notice`]); the peer is then reached through the next
+//! relay ([`Relays::links`]: the home first, then the others nearest first) for
+//! [`UNREACHABLE_FOR`], and through the coordinator's relay when no standalone one has it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -49,6 +55,10 @@ pub const RENEW_BEFORE: Duration = Duration::from_secs(30);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a session whose renewal failed tries again.
 pub const RENEW_RETRY: Duration = Duration::from_secs(5);
+/// How long a relay's notice that a peer is not there keeps that peer's datagrams away from it.
+pub const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
+/// The most (peer, relay) notices kept; beyond it new ones are ignored until old ones expire.
+const MAX_MARKS: usize = 4096;
 /// How often round trips are read and the home chosen again.
 pub const CHOOSE_EVERY: Duration = Duration::from_secs(1);
 
@@ -103,10 +113,66 @@ enum Event {
     Down(String),
 }
 
+/// The peers relays said they do not have, per relay, until when.
+#[derive(Debug, Default)]
+pub struct Unreachable {
+    marks: Mutex<HashMap<(PublicKey, String), Instant>>,
+}
+
+impl Unreachable {
+    /// `relay` said at `now` that `peer` has no session there.
+    pub fn mark(&self, peer: PublicKey, relay: &str, now: Instant) {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= MAX_MARKS {
+            m.retain(|_, until| *until > now);
+            if m.len() >= MAX_MARKS {
+                return;
+            }
+        }
+        m.insert((peer, relay.to_string()), now + UNREACHABLE_FOR);
+    }
+
+    /// Whether `relay` said lately that `peer` is not there.
+    #[must_use]
+    pub fn is_marked(&self, peer: &PublicKey, relay: &str, now: Instant) -> bool {
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(*peer, relay.to_string()))
+            .is_some_and(|until| *until > now)
+    }
+}
+
+/// Something named after its relay.
+pub trait Named {
+    /// The relay's name.
+    fn name(&self) -> &str;
+}
+
+impl Named for HomeLink {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// The first of `links` (in order of preference) not marked unreachable for `peer` at `now`.
+pub fn pick<'a, T: Named>(
+    links: &'a [T],
+    unreachable: &Unreachable,
+    peer: &PublicKey,
+    now: Instant,
+) -> Option<&'a T> {
+    links
+        .iter()
+        .find(|l| !unreachable.is_marked(peer, l.name(), now))
+}
+
 /// The standalone relays: sessions, the home, and what status shows.
 #[derive(Debug)]
 pub struct Relays {
     home: watch::Sender<Option<HomeLink>>,
+    links: watch::Sender<Vec<HomeLink>>,
+    unreachable: Arc<Unreachable>,
     status: Mutex<Vec<RelayStatus>>,
 }
 
@@ -116,8 +182,23 @@ impl Relays {
     pub fn new() -> Self {
         Self {
             home: watch::channel(None).0,
+            links: watch::channel(Vec::new()).0,
+            unreachable: Arc::new(Unreachable::default()),
             status: Mutex::new(Vec::new()),
         }
+    }
+
+    /// The relays to send through, in order of preference: the home, then the other relays
+    /// up for [`super::home::SETTLE`], nearest first.
+    #[must_use]
+    pub fn links(&self) -> watch::Receiver<Vec<HomeLink>> {
+        self.links.subscribe()
+    }
+
+    /// What relays said of peers not there.
+    #[must_use]
+    pub fn unreachable(&self) -> Arc<Unreachable> {
+        self.unreachable.clone()
     }
 
     /// The home's session, while there is one.
@@ -167,7 +248,7 @@ impl Relays {
                         });
                         for info in &relays {
                             tasks.entry(info.clone()).or_insert_with(|| {
-                                tokio::spawn(session(info.clone(), grants.clone(), events_tx.clone(), inbound.clone()))
+                                tokio::spawn(session(info.clone(), grants.clone(), events_tx.clone(), Inbound { tx: inbound.clone(), unreachable: self.unreachable.clone() }))
                             });
                         }
                         info!(relays = ?relays.iter().map(|r| &r.name).collect::<Vec<_>>(), "standalone relays granted");
@@ -222,6 +303,36 @@ impl Relays {
                 };
                 if !same {
                     *h = home.clone();
+                }
+                !same
+            });
+            // The others after the home, nearest first, once settled as a home would be.
+            let now = Instant::now();
+            let mut others: Vec<(&String, &Up)> = up
+                .iter()
+                .filter(|(name, u)| {
+                    Some(name.as_str()) != choice.home()
+                        && now.saturating_duration_since(u.since) >= super::home::SETTLE
+                })
+                .collect();
+            others.sort_by(|a, b| a.1.rtt.cmp(&b.1.rtt).then_with(|| a.0.cmp(b.0)));
+            let links: Vec<HomeLink> = home
+                .iter()
+                .cloned()
+                .chain(others.into_iter().map(|(name, u)| HomeLink {
+                    name: name.clone(),
+                    conn: u.conn.clone(),
+                    remote: u.remote,
+                    transport: u.transport,
+                }))
+                .collect();
+            self.links.send_if_modified(|l| {
+                let same = l.len() == links.len()
+                    && l.iter().zip(&links).all(|(a, b)| {
+                        a.name == b.name && a.remote == b.remote && same_conn(&a.conn, &b.conn)
+                    });
+                if !same {
+                    *l = links.clone();
                 }
                 !same
             });
@@ -333,7 +444,7 @@ async fn session(
     info: RelayInfo,
     mut grants: watch::Receiver<Option<Grant>>,
     events: mpsc::Sender<Event>,
-    inbound: mpsc::Sender<Vec<u8>>,
+    inbound: Inbound,
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut current: Option<Open> = None;
@@ -376,7 +487,7 @@ async fn session(
             key,
         } = open;
         let ended = tokio::select! {
-            why = read_frames(&mut reader, &inbound) => Some(why),
+            why = read_frames(&mut reader, &inbound, &info.name) => Some(why),
             () = tokio::time::sleep(renew_in) => None,
             () = key_changed(&mut grants, key) => {
                 info!(relay = %info.name, "the node's key changed; a session for the new key");
@@ -412,12 +523,12 @@ async fn renew(
     info: &RelayInfo,
     grants: &mut watch::Receiver<Option<Grant>>,
     old: &mut Reader,
-    inbound: &mpsc::Sender<Vec<u8>>,
+    inbound: &Inbound,
     events: &mpsc::Sender<Event>,
 ) -> Option<Open> {
     loop {
         tokio::select! {
-            why = read_frames(old, inbound) => {
+            why = read_frames(old, inbound, &info.name) => {
                 info!(relay = %info.name, "relay session lost: {why}");
                 let _ = events.send(Event::Down(info.name.clone())).await;
                 return None;
@@ -449,15 +560,38 @@ fn clone_up(u: &Up) -> Up {
     }
 }
 
+/// Where a session delivers what its relay sends: frames from peers to the relay client, the
+/// relay's notices to the marks.
+#[derive(Clone)]
+struct Inbound {
+    tx: mpsc::Sender<Vec<u8>>,
+    unreachable: Arc<Unreachable>,
+}
+
+impl Inbound {
+    /// One frame from relay `relay`.
+    fn deliver(&self, relay: &str, frame: Vec<u8>) {
+        if let Ok((h, payload)) = meshlink_proto::relay::parse(&frame) {
+            if h.peer == meshlink_proto::relay::RELAY_SELF {
+                // The relay's own word, never a peer's datagram: a notice, or nothing.
+                if let Some(peer) = meshlink_proto::relay::parse_unreachable(payload) {
+                    debug!(relay, peer = %peer.short(), "the relay does not have this peer");
+                    self.unreachable.mark(peer, relay, Instant::now());
+                }
+                return;
+            }
+        }
+        // A full inbox drops the frame (WireGuard retransmits what matters).
+        let _ = self.tx.try_send(frame);
+    }
+}
+
 /// Delivers what the relay sends until the session ends; why it ended.
-async fn read_frames(reader: &mut Reader, inbound: &mpsc::Sender<Vec<u8>>) -> String {
+async fn read_frames(reader: &mut Reader, inbound: &Inbound, relay: &str) -> String {
     match reader {
         Reader::Quic(conn) => loop {
             match conn.read_datagram().await {
-                // A full inbox drops the frame (WireGuard retransmits what matters).
-                Ok(d) => {
-                    let _ = inbound.try_send(d.to_vec());
-                }
+                Ok(d) => inbound.deliver(relay, d.to_vec()),
                 Err(e) => return e.to_string(),
             }
         },
@@ -466,9 +600,7 @@ async fn read_frames(reader: &mut Reader, inbound: &mpsc::Sender<Vec<u8>>) -> St
             loop {
                 loop {
                     match decoder.decode_record::<serde_json::Value>() {
-                        Ok(Some(Record::Relay(f))) => {
-                            let _ = inbound.try_send(f);
-                        }
+                        Ok(Some(Record::Relay(f))) => inbound.deliver(relay, f),
                         Ok(Some(Record::Message(_))) => return "a message from the relay".into(),
                         Ok(None) => break,
                         Err(e) => return e.to_string(),
@@ -631,4 +763,50 @@ async fn open_tcp(
         expires,
         key: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Named for &str {
+        fn name(&self) -> &str {
+            self
+        }
+    }
+
+    #[test]
+    fn a_peer_a_relay_lacks_goes_through_the_next_for_a_while() {
+        let u = Unreachable::default();
+        let t0 = Instant::now();
+        let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        let links = ["home", "next"];
+        assert_eq!(pick(&links, &u, &a, t0), Some(&"home"));
+        u.mark(a, "home", t0);
+        assert_eq!(pick(&links, &u, &a, t0), Some(&"next"));
+        assert_eq!(pick(&links, &u, &b, t0), Some(&"home"), "other peers stay");
+        u.mark(a, "next", t0);
+        assert_eq!(
+            pick(&links, &u, &a, t0),
+            None,
+            "the coordinator's relay then"
+        );
+        // The notice wears off: the home is tried again.
+        assert_eq!(pick(&links, &u, &a, t0 + UNREACHABLE_FOR), Some(&"home"));
+    }
+
+    #[test]
+    fn notices_are_bounded() {
+        let u = Unreachable::default();
+        let t0 = Instant::now();
+        for i in 0..(MAX_MARKS + 100) {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            u.mark(PublicKey(k), "r", t0);
+        }
+        assert_eq!(u.marks.lock().unwrap().len(), MAX_MARKS);
+        // Once expired, room again.
+        u.mark(PublicKey([9; 32]), "r", t0 + UNREACHABLE_FOR);
+        assert_eq!(u.marks.lock().unwrap().len(), 1);
+    }
 }
