@@ -4,7 +4,7 @@
 //! ([`meshlink_proto::relay::Grant`]). This node keeps a session with **every** listed relay
 //! (at most [`meshlink_proto::relay::MAX_LISTED_RELAYS`]), so a peer can reach it through any
 //! of them, and sends its own relayed datagrams through one, its **home** ([`HomeChoice`]: the
-//! nearest by round trip). Every peer does the same, so the sender's home is always a relay
+//! nearest by round trip). Every peer does the same, so the sender's home is normally a relay
 //! both use; no map of who is homed where is needed. A home that dies is noticed within the
 //! session's idle timeout ([`IDLE`]) and replaced by the next nearest at once; the data plane
 //! never learns of it (the shims stay the peers' endpoints), so WireGuard sessions survive.
