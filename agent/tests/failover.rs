@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use meshlink_agent::control::coordinators::Coordinators;
 use meshlink_agent::control::state::{NodeState, StateDir};
-use meshlink_agent::control::workloads::{Shared, Tunnels};
+use meshlink_agent::control::workloads::{PeerKeys, Shared, Tunnels};
 use meshlink_agent::control::MeshControl;
 use meshlink_proto::control::{
     self, Auth, ClientMessage, Decoder, Hello, ServerMessage, Welcome, ALPN, MAX_CLIENT_MESSAGE,
@@ -155,6 +155,7 @@ async fn session(
                     let hello_compression = hello.compression;
                     let _ = tx.send(Received::Hello(hello));
                     let welcome = Welcome {
+                        talker_reports: false,
                         node_id: NODE,
                         name: "vm-a".into(),
                         network: "prod".into(),
@@ -212,12 +213,24 @@ async fn session(
 struct NoTunnels;
 
 impl Tunnels for NoTunnels {
-    fn warm(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn warm(
+        &self,
+        _only: Option<PeerKeys>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async {})
     }
 
-    fn all_fresh(&self) -> bool {
+    fn all_fresh(&self, _only: Option<&PeerKeys>) -> bool {
         true
+    }
+
+    fn talkers(
+        &self,
+        _address: std::net::IpAddr,
+        _within: Duration,
+        _max: usize,
+    ) -> Vec<meshlink_proto::PublicKey> {
+        Vec::new()
     }
 }
 

@@ -983,29 +983,84 @@ fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
     assert!(sim.ping(0, 1, b"hello 1"));
     let (fresh, alive) = (Duration::from_secs(90), Duration::from_secs(600));
     // Node 2 has never answered node 0: it does not hold the check up.
-    assert!(sim.nodes[0].device.all_fresh(fresh, alive));
+    assert!(sim.nodes[0].device.all_fresh(fresh, alive, None));
     sim.advance(Duration::from_secs(100));
     assert!(
-        !sim.nodes[0].device.all_fresh(fresh, alive),
+        !sim.nodes[0].device.all_fresh(fresh, alive, None),
         "a 100 s old session is not fresh"
     );
     let mut net = NetBatch::with_capacity(4096);
-    let started = sim.nodes[0].device.warm(fresh, &mut net);
+    let started = sim.nodes[0].device.warm(fresh, None, &mut net);
     assert_eq!(started, 2, "both peers are asked");
     sim.enqueue(0, &net);
     sim.run();
     assert!(
-        sim.nodes[0].device.all_fresh(fresh, alive),
+        sim.nodes[0].device.all_fresh(fresh, alive, None),
         "the live peer answered the handshake"
     );
     let mut net = NetBatch::with_capacity(4096);
     assert_eq!(
-        sim.nodes[0].device.warm(fresh, &mut net),
+        sim.nodes[0].device.warm(fresh, None, &mut net),
         0,
         "both peers answered: nothing to renew"
     );
     // Traffic on the renewed session still flows.
     assert!(sim.ping(0, 1, b"after the rekey"));
+}
+
+#[test]
+fn the_talkers_of_a_held_workload_are_remembered_and_a_move_warms_only_them() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(4, None);
+    know_every_endpoint(&mut sim);
+    // Node 1 holds the workload address; nodes 2 and 3 send to it, node 0 only to node 1.
+    route_workload(&mut sim, 1);
+    let w: std::net::IpAddr = WORKLOAD.into();
+    let routing = WorkloadRouting {
+        held: [w].into(),
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    };
+    sim.nodes[1].device.set_workload_routing(routing);
+    sim.nodes[1].device.set_addresses_up([w]);
+    for n in [2, 3] {
+        let p = ipv4(sim.nodes[n].overlay, WORKLOAD, b"to the workload");
+        sim.send(n, &p);
+        assert!(sim.nodes[1].delivered.contains(&p), "node {n}'s packet");
+    }
+    assert!(sim.ping(0, 1, b"to node 1 itself"));
+    let keys: Vec<_> = sim.nodes.iter().map(|n| n.key.public_key()).collect();
+    let key = |i: usize| keys[i];
+    let window = Duration::from_secs(60);
+    let mut talkers = sim.nodes[1].device.talkers(w, window, 64);
+    talkers.sort();
+    let mut want = vec![key(2), key(3)];
+    want.sort();
+    assert_eq!(talkers, want, "nodes 2 and 3, not node 0");
+    assert_eq!(
+        sim.nodes[1].device.talkers(w, window, 1).len(),
+        1,
+        "at most max"
+    );
+    // Node 0, the destination of a move, warms the holder and the talkers it was told of:
+    // one handshake per peer that matters, not one per peer of the mesh.
+    sim.advance(Duration::from_secs(100));
+    let fresh = Duration::from_secs(90);
+    let only: std::collections::HashSet<_> = [key(1), key(2)].into();
+    let mut net = NetBatch::with_capacity(4096);
+    assert_eq!(sim.nodes[0].device.warm(fresh, Some(&only), &mut net), 2);
+    sim.enqueue(0, &net);
+    sim.run();
+    let alive = Duration::from_secs(600);
+    assert!(sim.nodes[0].device.all_fresh(fresh, alive, Some(&only)));
+    assert!(
+        sim.handshake_age(0, 3).is_some_and(|age| age > fresh),
+        "node 3 was not asked: its session is as old as it was ({:?})",
+        sim.handshake_age(0, 3)
+    );
+    // Long after the last packet to the address, nobody is a talker any more.
+    sim.advance(Duration::from_secs(61));
+    assert!(sim.nodes[1].device.talkers(w, window, 64).is_empty());
 }
 
 #[test]

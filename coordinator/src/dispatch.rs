@@ -61,6 +61,10 @@ impl Service {
                 self.paths().record(from.node, paths, self.now());
                 Ok(None)
             }
+            ClientMessage::Talkers { workload, nodes } => {
+                self.record_talkers(from.network, from.node, &workload, nodes);
+                Ok(None)
+            }
             // At most one answer per version: a repeated request is answered by nothing.
             ClientMessage::FullMapRequest => {
                 match self

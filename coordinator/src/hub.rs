@@ -726,6 +726,15 @@ impl Hub {
             .map(|w| (w.id, w.generation))
     }
 
+    /// The holder of a workload in a network's map, if it has one.
+    pub fn holder_of(&self, network: &str, name: &str) -> Option<NodeId> {
+        self.lock()
+            .networks
+            .get(network)
+            .and_then(|n| n.map.workloads.get(name))
+            .and_then(|w| w.holder)
+    }
+
     /// The workloads of one network, or of it those `holder` holds, cloned (nothing of the
     /// other networks is touched: a heartbeat asks this).
     pub fn network_workloads(

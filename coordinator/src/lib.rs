@@ -47,6 +47,7 @@ pub mod server;
 pub mod service;
 pub mod session;
 pub mod store;
+pub mod talkers;
 pub mod tcp;
 pub mod telemetry;
 

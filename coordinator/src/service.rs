@@ -329,6 +329,8 @@ pub struct Service {
     traversal: std::sync::Mutex<Traversal>,
     /// What agents last reported of their paths.
     paths: crate::paths::PathBook,
+    /// Who talks to each workload, as its holder reported (for moves' warm-up lists).
+    talkers: crate::talkers::TalkerBook,
     /// How often each node may change its endpoints, and the reports waiting their turn.
     endpoint_pace: std::sync::Mutex<EndpointPace>,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
@@ -429,6 +431,7 @@ impl Service {
             advertise: std::sync::Mutex::new(String::new()),
             traversal: std::sync::Mutex::new(Traversal::default()),
             paths: crate::paths::PathBook::new(),
+            talkers: crate::talkers::TalkerBook::new(),
             endpoint_pace: std::sync::Mutex::new(EndpointPace::default()),
             shared: std::sync::OnceLock::new(),
             leadership: Mutex::new(Leadership::default()),
@@ -479,6 +482,20 @@ impl Service {
     /// What agents last reported of their paths to their peers.
     pub fn paths(&self) -> &crate::paths::PathBook {
         &self.paths
+    }
+
+    /// A holder's report of who talks to `workload` (kept only if `node` holds it now).
+    pub fn record_talkers(&self, network: &str, node: NodeId, workload: &str, nodes: Vec<NodeId>) {
+        let kept = self.talkers.record(node, workload, nodes, |name| {
+            self.hub.holder_of(network, name) == Some(node)
+        });
+        if !kept {
+            tracing::debug!(
+                node,
+                workload,
+                "a talker report from a node that does not hold the workload, ignored"
+            );
+        }
     }
 
     /// Sets what the welcome tells agents of NAT traversal (nothing until set).
@@ -670,6 +687,7 @@ impl Service {
                 network: network.to_string(),
                 workload: workload.to_string(),
                 generation,
+                warm: None,
             };
             let payload = serde_json::to_string(&note).unwrap_or_default();
             if let Err(e) = store.notify(PREPARED_CHANNEL, &payload).await {
@@ -684,6 +702,7 @@ impl Service {
         let frame: Frame = encode(&ServerMessage::Prepare {
             workload: note.workload.clone(),
             generation: note.generation,
+            warm: note.warm.clone(),
         })
         .into();
         self.hub.send_to(&note.network, note.node, frame);
@@ -718,9 +737,12 @@ impl Service {
             .entry(key.clone())
             .or_default()
             .push(tx);
+        // The peers that matter: the holder and those it says talk to the workload.
+        let warm = self.talkers.warm_list(&w.name, w.holder, to);
         let frame: Frame = encode(&ServerMessage::Prepare {
             workload: w.name.clone(),
             generation,
+            warm: warm.clone(),
         })
         .into();
         let sent = match (here, self.shared.get()) {
@@ -731,6 +753,7 @@ impl Service {
                     network: w.network.clone(),
                     workload: w.name.clone(),
                     generation,
+                    warm,
                 };
                 let payload = serde_json::to_string(&note).unwrap_or_default();
                 store.notify(PREPARE_CHANNEL, &payload).await.is_ok()
@@ -1638,6 +1661,7 @@ impl Service {
         welcome.reflect_port = traversal.reflect_port;
         welcome.relay = traversal.relay;
         welcome.path_reports = true;
+        welcome.talker_reports = true;
         let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {
@@ -1882,6 +1906,7 @@ impl Service {
             .acked
             .remove(&node);
         self.keys_forget(node);
+        self.talkers.forget(node);
         self.recorded
             .lock()
             .unwrap_or_else(|p| p.into_inner())

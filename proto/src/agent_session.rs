@@ -48,6 +48,9 @@ pub enum Event {
         workload: String,
         /// The generation the move will take.
         generation: u64,
+        /// The peers that matter (the holder and those that talk to the workload); `None`:
+        /// every peer.
+        warm: Option<Vec<NodeId>>,
     },
     /// A delta did not apply (it does not follow the map's version, or its policy edit does
     /// not fit the map's policy): the map is unchanged, a full map was asked for, and deltas
@@ -247,6 +250,7 @@ impl<M: SessionMap> AgentSession<M> {
             ServerMessage::Prepare {
                 workload,
                 generation,
+                warm,
             } => {
                 // The address ready and a lease before the move lands; the shell brings the
                 // tunnels up and answers.
@@ -257,6 +261,7 @@ impl<M: SessionMap> AgentSession<M> {
                 self.events.push_back(Event::Prepare {
                     workload,
                     generation,
+                    warm,
                 });
             }
             ServerMessage::ClaimResult {
@@ -775,6 +780,7 @@ mod tests {
         s.handle_message(
             t0,
             ServerMessage::Prepare {
+                warm: None,
                 workload: "chat".into(),
                 generation: 2,
             },
@@ -782,6 +788,7 @@ mod tests {
         .unwrap();
         assert!(heartbeat_seq(&transmits(&mut s)).is_some());
         assert!(events(&mut s).contains(&Event::Prepare {
+            warm: None,
             workload: "chat".into(),
             generation: 2
         }));
@@ -837,6 +844,7 @@ mod tests {
             new.handle_message(
                 t0 + ms(5),
                 ServerMessage::Prepare {
+                    warm: None,
                     workload: "chat".into(),
                     generation: 2,
                 },
@@ -906,6 +914,7 @@ mod tests {
             s.handle_message(
                 t0,
                 ServerMessage::Welcome(crate::control::Welcome {
+                    talker_reports: false,
                     node_id: 1,
                     name: "a".into(),
                     network: "n".into(),

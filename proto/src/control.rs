@@ -23,7 +23,10 @@
 //!   server message whose JSON is over [`COMPRESS_MIN`] bytes may come as a record whose
 //!   prefix has [`COMPRESSED_RECORD`] set, its body the JSON's length (4 bytes, big-endian)
 //!   and the JSON as a raw DEFLATE stream; sent only to agents whose hello says so, so older
-//!   agents get every message as before).
+//!   agents get every message as before); (2026-12) warm-up lists (`ClientMessage::Talkers`,
+//!   the peers that send to a workload's address at its holder, sent only when
+//!   `Welcome::talker_reports` says so; `Prepare::warm`, the peers a move's destination brings
+//!   sessions up with, absent meaning every peer, which older agents ignore).
 //!
 //! Absent optional fields mean "none" or "empty" as documented per field; they never mean
 //! "unchanged", since every message that carries state carries all of it.
@@ -152,6 +155,18 @@ pub enum ClientMessage {
         /// The workload's name.
         workload: String,
     },
+    /// The peers that sent to `workload`'s address at this node, its holder, in the last
+    /// [`TALKER_WINDOW_SECS`] (at most [`MAX_TALKERS`], the most recent first), so that the
+    /// destination of a move brings sessions up with them rather than with every peer of the
+    /// network. Sent only to coordinators whose welcome says [`Welcome::talker_reports`], when
+    /// the set changed; replaces the previous report for that workload. A coordinator keeps
+    /// it only from the workload's holder.
+    Talkers {
+        /// The workload's name.
+        workload: String,
+        /// The peers, by node id.
+        nodes: Vec<NodeId>,
+    },
     /// The public key of the key pair this node made for its rotation, in answer to
     /// [`ServerMessage::RotateKey`] (again after a reconnection, the same key). The private key
     /// stays on the node.
@@ -164,6 +179,12 @@ pub enum ClientMessage {
 /// The most entries of one [`ClientMessage::Paths`] (the message cap allows about twice as
 /// many).
 pub const MAX_PATH_REPORTS: usize = 256;
+
+/// The most peers of one [`ClientMessage::Talkers`] report, and of a `Prepare`'s warm-up list.
+pub const MAX_TALKERS: usize = 64;
+
+/// How far back a holder's [`ClientMessage::Talkers`] report looks.
+pub const TALKER_WINDOW_SECS: u64 = 60;
 
 /// How a node reaches a peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,6 +265,9 @@ pub struct Welcome {
     /// a message they do not know). Absent: no.
     #[serde(default)]
     pub path_reports: bool,
+    /// Whether this coordinator takes [`ClientMessage::Talkers`]. Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub talker_reports: bool,
 }
 
 /// Messages from the coordinator.
@@ -306,6 +330,12 @@ pub enum ServerMessage {
         workload: String,
         /// The generation the move will take.
         generation: u64,
+        /// The peers to bring sessions up with (at most [`MAX_TALKERS`]): the holder and the
+        /// peers its last [`ClientMessage::Talkers`] report named. Absent: every peer (the
+        /// coordinator has no report, or is from before 2026-12; older agents ignore it and
+        /// warm every peer).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warm: Option<Vec<NodeId>>,
     },
     /// The answer to [`ClientMessage::Claim`] `request`.
     ClaimResult {
@@ -747,6 +777,46 @@ mod tests {
         let mut d = Decoder::new(MAX_SERVER_MESSAGE);
         d.push(&encode(&lease)).unwrap();
         assert_eq!(d.decode::<ServerMessage>().unwrap(), Some(lease));
+    }
+
+    #[test]
+    fn warm_up_lists_are_optional_both_ways() {
+        // A coordinator from before 2026-12 sends no list: every peer is warmed.
+        let old: ServerMessage =
+            serde_json::from_str(r#"{"type":"prepare","workload":"chat","generation":3}"#).unwrap();
+        assert_eq!(
+            old,
+            ServerMessage::Prepare {
+                workload: "chat".into(),
+                generation: 3,
+                warm: None
+            }
+        );
+        // An older agent ignores the list; a newer one reads it.
+        let new = ServerMessage::Prepare {
+            workload: "chat".into(),
+            generation: 3,
+            warm: Some(vec![1, 7]),
+        };
+        let bytes = encode(&new);
+        let text = std::str::from_utf8(&bytes[4..]).unwrap();
+        assert!(text.contains(r#""warm":[1,7]"#), "{text}");
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        d.push(&bytes).unwrap();
+        assert_eq!(d.decode::<ServerMessage>().unwrap(), Some(new));
+        // A welcome without the flag: no talker reports.
+        let w: Welcome = serde_json::from_str(
+            r#"{"node_id":1,"name":"a","network":"n","network_cidr":"100.64.0.0/16","addresses":[]}"#,
+        )
+        .unwrap();
+        assert!(!w.talker_reports);
+        let report = ClientMessage::Talkers {
+            workload: "chat".into(),
+            nodes: vec![2, 3],
+        };
+        let mut d = Decoder::new(MAX_CLIENT_MESSAGE);
+        d.push(&encode(&report)).unwrap();
+        assert_eq!(d.decode::<ClientMessage>().unwrap(), Some(report));
     }
 
     #[test]

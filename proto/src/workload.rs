@@ -526,7 +526,8 @@ impl Holdings {
         self.lease_until.is_some_and(|u| now < u)
     }
 
-    fn held_named(&self, now: Instant) -> BTreeMap<String, Held> {
+    /// [`Holdings::held`], by workload name.
+    pub fn held_named(&self, now: Instant) -> BTreeMap<String, Held> {
         if !self.lease_valid(now) {
             return BTreeMap::new();
         }

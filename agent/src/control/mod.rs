@@ -31,10 +31,10 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use meshlink_proto::control::{
     self, Auth, ClientMessage, Decoder, Hello, Record, ServerMessage, Welcome, MAX_SERVER_MESSAGE,
-    PROTOCOL_VERSION,
+    MAX_TALKERS, PROTOCOL_VERSION, TALKER_WINDOW_SECS,
 };
 use meshlink_proto::token::{JoinToken, TokenError};
-use meshlink_proto::{Netmap, PublicKey};
+use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
@@ -93,6 +93,7 @@ pub struct Session {
     reflect_port: Option<u16>,
     relay: bool,
     path_reports: bool,
+    talker_reports: bool,
 }
 
 impl Session {
@@ -123,6 +124,7 @@ impl Session {
             reflect_port: None,
             relay: false,
             path_reports: false,
+            talker_reports: false,
         })
     }
 
@@ -205,6 +207,7 @@ impl Session {
             self.reflect_port = welcome.reflect_port;
             self.relay = welcome.relay;
             self.path_reports = welcome.path_reports;
+            self.talker_reports = welcome.talker_reports;
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
@@ -671,6 +674,8 @@ impl MeshControl {
             tunnels,
             prepared: &prepared_tx,
         };
+        // The talker reports this coordinator has (a new session starts with none).
+        let mut talkers_sent: HashMap<String, Vec<NodeId>> = HashMap::new();
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let opened = Instant::now();
@@ -726,6 +731,20 @@ impl MeshControl {
                             break e;
                         }
                     }
+                    // Who talks to the workloads held here, when it changed.
+                    if s.talker_reports {
+                        let reports = self.talker_reports(tunnels.as_ref(), &mut talkers_sent);
+                        let mut failed = None;
+                        for msg in reports {
+                            if let Err(e) = s.send(&msg).await {
+                                failed = Some(e);
+                                break;
+                            }
+                        }
+                        if let Some(e) = failed {
+                            break e;
+                        }
+                    }
                 }
                 Ok(()) = reflexive.changed() => {
                     let now = self.endpoints(wg_port, tunnel);
@@ -743,19 +762,59 @@ impl MeshControl {
         ended
     }
 
+    /// The talker reports due: for each workload held here, the peers that sent to its
+    /// address lately, when that differs from what this coordinator was last told
+    /// (`sent`, which forgets workloads no longer held).
+    fn talker_reports(
+        &self,
+        tunnels: &dyn Tunnels,
+        sent: &mut HashMap<String, Vec<NodeId>>,
+    ) -> Vec<ClientMessage> {
+        let (held, nodes_by_key) = {
+            let st = self.shared.lock();
+            let held: Vec<(String, IpAddr)> = st
+                .holdings()
+                .held_named(Instant::now())
+                .into_iter()
+                .map(|(name, h)| (name, h.address.addr()))
+                .collect();
+            if held.is_empty() && sent.is_empty() {
+                return Vec::new();
+            }
+            let by_key: HashMap<PublicKey, NodeId> = st
+                .map()
+                .peers
+                .values()
+                .flat_map(|p| {
+                    std::iter::once((p.public_key, p.node_id))
+                        .chain(p.next_key.map(|k| (k, p.node_id)))
+                })
+                .collect();
+            (held, by_key)
+        };
+        sent.retain(|name, _| held.iter().any(|(n, _)| n == name));
+        let mut out = Vec::new();
+        for (workload, address) in held {
+            let window = Duration::from_secs(TALKER_WINDOW_SECS);
+            let nodes: Vec<NodeId> = tunnels
+                .talkers(address, window, MAX_TALKERS)
+                .iter()
+                .filter_map(|k| nodes_by_key.get(k).copied())
+                .collect();
+            if sent.get(&workload) != Some(&nodes) {
+                sent.insert(workload.clone(), nodes.clone());
+                out.push(ClientMessage::Talkers { workload, nodes });
+            }
+        }
+        out
+    }
+
     /// Sends what the session state asks to send, then carries out its events.
     async fn flush(&mut self, s: &mut Session, effects: &Effects<'_>) -> Result<(), ControlError> {
         self.rotate()?;
         loop {
             let next = self.shared.lock().poll_transmit();
             let Some(msg) = next else { break };
-            if matches!(msg, ClientMessage::FullMapRequest) {
-                let version = self.shared.lock().map().version;
-                info!(
-                    version,
-                    "a version gap in the deltas; asking for a full map"
-                );
-            }
             s.send(&msg).await?;
         }
         self.act(effects);
@@ -815,17 +874,31 @@ impl MeshControl {
                 }
                 Event::HoldingsChanged => self.shared.changed.notify_one(),
                 Event::DeltaRefused(refused) => {
-                    info!("a map change from the coordinator did not apply ({refused}); asking for the whole map");
+                    let version = self.shared.lock().map().version;
+                    info!(
+                        version,
+                        "a map change from the coordinator did not apply ({refused}); asking for the whole map"
+                    );
                 }
                 Event::Prepare {
                     workload,
                     generation,
+                    warm,
                 } => {
-                    debug!(%workload, generation, "preparing to take a workload");
+                    // The peers that matter, by key (`None`: every peer).
+                    let only: Option<workloads::PeerKeys> = warm.map(|ids| {
+                        let st = self.shared.lock();
+                        let peers = &st.map().peers;
+                        ids.iter()
+                            .filter_map(|id| peers.get(id))
+                            .flat_map(|p| std::iter::once(p.public_key).chain(p.next_key))
+                            .collect()
+                    });
+                    debug!(%workload, generation, peers = only.as_ref().map(|o| o.len()), "preparing to take a workload");
                     let tunnels = effects.tunnels.clone();
                     let tx = effects.prepared.clone();
                     tokio::spawn(async move {
-                        workloads::prepare(tunnels.as_ref()).await;
+                        workloads::prepare(tunnels.as_ref(), only).await;
                         let _ = tx.send((workload, generation)).await;
                     });
                 }

@@ -3,13 +3,15 @@
 //! for), the coordinators known and the one in use (for `meshlink-agent status`), a wake-up
 //! for the reconciler, and claims coming from the userspace API (`meshctl workload claim`).
 
+use std::collections::HashSet;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use meshlink_proto::agent_session::{AgentSession, ClaimError};
-use meshlink_proto::{Netmap, NodeId};
+use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::{mpsc, watch, Notify};
 
 use super::coordinators::Coordinators;
@@ -163,23 +165,32 @@ pub fn claim_blocking(tx: &ClaimSender, workload: &str) -> Result<u64, ClaimFail
     }
 }
 
-/// What the control loop needs from the data plane to prepare a move here.
+/// Peers by public key (`None` where it stands for every peer).
+pub type PeerKeys = HashSet<PublicKey>;
+
+/// What the control loop needs from the data plane to prepare a move here, and to tell the
+/// coordinator who talks to the workloads held here.
 pub trait Tunnels: Send + Sync + 'static {
-    /// Starts handshakes with every peer that has no fresh session, and sends them.
-    fn warm(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
-    /// Whether every reachable peer has a fresh session.
-    fn all_fresh(&self) -> bool;
+    /// Starts handshakes with every peer (of `only`) that has no fresh session, and sends
+    /// them.
+    fn warm(&self, only: Option<PeerKeys>) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether every reachable peer (of `only`) has a fresh session.
+    fn all_fresh(&self, only: Option<&PeerKeys>) -> bool;
+    /// The peers that sent to `address` (held here) within `within`, the most recent first,
+    /// at most `max`.
+    fn talkers(&self, address: IpAddr, within: Duration, max: usize) -> Vec<PublicKey>;
 }
 
 /// How long a move's preparation waits for handshakes before answering anyway.
 pub const PREPARE_BUDGET: Duration = Duration::from_millis(300);
 
-/// Brings tunnels up for a coming move: starts handshakes, then waits until every peer has a
-/// fresh session or [`PREPARE_BUDGET`] has passed.
-pub async fn prepare(tunnels: &dyn Tunnels) {
-    tunnels.warm().await;
+/// Brings tunnels up for a coming move: starts handshakes with the peers that matter (`only`:
+/// the holder and those that talk to the workload; `None`: every peer), then waits until each
+/// has a fresh session or [`PREPARE_BUDGET`] has passed.
+pub async fn prepare(tunnels: &dyn Tunnels, only: Option<PeerKeys>) {
+    tunnels.warm(only.clone()).await;
     let deadline = tokio::time::Instant::now() + PREPARE_BUDGET;
-    while !tunnels.all_fresh() && tokio::time::Instant::now() < deadline {
+    while !tunnels.all_fresh(only.as_ref()) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }

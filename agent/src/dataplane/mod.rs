@@ -37,6 +37,7 @@ pub mod firewall;
 pub mod handover;
 pub mod noise;
 pub mod status;
+mod talkers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -122,6 +123,8 @@ struct PeerState {
     /// found) while the peer has no session, so the handshake pending towards the old
     /// endpoint is sent again at once rather than after its 5 s retry.
     rehandshake: bool,
+    /// The workload addresses held here that the peer sent to lately ([`Device::talkers`]).
+    talked: talkers::Talked,
 }
 
 impl PeerState {
@@ -481,6 +484,7 @@ impl Device {
                             drops: DropCounts::default(),
                             kick: pc.persistent_keepalive.is_some_and(|k| k > 0),
                             rehandshake: false,
+                            talked: talkers::Talked::default(),
                         }),
                     })
                 }
@@ -707,13 +711,22 @@ impl Device {
             .status(self.flows.get(), &self.firewall_counters)
     }
 
-    /// Starts a handshake with every peer that has an endpoint and no session younger than
-    /// `fresh` (the datagrams go to `net`); returns how many were started. A node about to
-    /// take over a workload address calls it so that its tunnels are up before the switch.
-    pub fn warm(&self, fresh: std::time::Duration, net: &mut NetBatch) -> usize {
+    /// Starts a handshake with every peer (or every one of `only`, by key or by the key it
+    /// is the next key of) that has an endpoint and no session younger than `fresh` (the
+    /// datagrams go to `net`); returns how many were started. A node about to take over a
+    /// workload address calls it so that its tunnels are up before the switch.
+    pub fn warm(
+        &self,
+        fresh: std::time::Duration,
+        only: Option<&HashSet<PublicKey>>,
+        net: &mut NetBatch,
+    ) -> usize {
         let t = self.read();
         let mut started = 0;
         for peer in t.peers.values() {
+            if only.is_some_and(|keys| !keys.contains(t.identity(peer))) {
+                continue;
+            }
             let mut s = peer.lock();
             if s.endpoint.is_none()
                 || s.noise
@@ -729,18 +742,55 @@ impl Device {
         started
     }
 
-    /// Whether every peer that is likely alive has a session younger than `fresh`: peers with
-    /// an endpoint and a handshake within `alive` (a peer silent for longer, or never heard
-    /// from, may be gone, and is not waited for; [`Device::warm`] still reaches out to it).
-    pub fn all_fresh(&self, fresh: std::time::Duration, alive: std::time::Duration) -> bool {
+    /// Whether every peer (of `only`, when given) that is likely alive has a session younger
+    /// than `fresh`: peers with an endpoint and a handshake within `alive` (a peer silent for
+    /// longer, or never heard from, may be gone, and is not waited for; [`Device::warm`]
+    /// still reaches out to it).
+    pub fn all_fresh(
+        &self,
+        fresh: std::time::Duration,
+        alive: std::time::Duration,
+        only: Option<&HashSet<PublicKey>>,
+    ) -> bool {
         let t = self.read();
         t.peers.values().all(|p| {
+            if only.is_some_and(|keys| !keys.contains(t.identity(p))) {
+                return true;
+            }
             let s = p.lock();
             match (s.endpoint, s.noise.time_since_last_handshake()) {
                 (Some(_), Some(age)) if age < alive => age < fresh,
                 _ => true,
             }
         })
+    }
+
+    /// The peers that sent to `address` (a workload address held here) within `within`, the
+    /// most recent first, at most `max`; a peer's next key counts as the peer.
+    pub fn talkers(
+        &self,
+        address: IpAddr,
+        within: std::time::Duration,
+        max: usize,
+    ) -> Vec<PublicKey> {
+        let t = self.read();
+        let now = self.now();
+        let mut recent: Vec<(std::time::Duration, PublicKey)> = t
+            .peers
+            .values()
+            .filter_map(|p| {
+                let ago = p.lock().talked.since(address, now)?;
+                (ago <= within).then(|| (ago, *t.identity(p)))
+            })
+            .collect();
+        recent.sort();
+        let mut seen = HashSet::new();
+        recent
+            .into_iter()
+            .map(|(_, key)| key)
+            .filter(|key| seen.insert(*key))
+            .take(max)
+            .collect()
     }
 
     /// Encrypts one IP packet read from the TUN device into `net`, or drops it (counted).
@@ -830,6 +880,7 @@ impl Device {
             tx_packets,
             handshakes,
             drops,
+            talked,
             ..
         } = &mut *s;
         let mut authenticated = false;
@@ -908,6 +959,11 @@ impl Device {
                             Verdict::Pass => {
                                 if is_urgent(packet) {
                                     tun.mark_urgent();
+                                }
+                                if !t.workloads.held.is_empty() {
+                                    if let Some(d) = dst.filter(|d| t.workloads.held.contains(d)) {
+                                        talked.note(d, self.now());
+                                    }
                                 }
                                 tun.commit(n);
                             }

@@ -2,7 +2,7 @@
 //! loop see it: one `Control` handle over the device, the socket and the session.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,7 +13,9 @@ use tracing::{debug, info};
 use crate::control::coordinators::Coordinators;
 use crate::control::discovery::Discovery;
 use crate::control::state::StateDir;
-use crate::control::workloads::{claim_blocking, ClaimFailure, ClaimSender, Shared, Tunnels};
+use crate::control::workloads::{
+    claim_blocking, ClaimFailure, ClaimSender, PeerKeys, Shared, Tunnels,
+};
 use crate::dataplane::{Device, NetBatch};
 use crate::metrics::{
     ControlSample, DeviceDropSample, MetricsSource, PathKind, PeerSample, Snapshot,
@@ -22,24 +24,41 @@ use crate::platform::udp::UdpTransport;
 use crate::settings::DeviceConfig;
 use crate::uapi::{ApplyError, DeviceStatus, UapiHandler};
 use meshlink_proto::agent_session::AgentSession;
+use meshlink_proto::PublicKey;
 
 use super::{follow_socket, wanted_routes, NetCmd, FRESH_SESSION, PEER_ALIVE};
 
 /// The data plane as the control loop sees it (to prepare moves).
 impl Tunnels for Control {
-    fn warm(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+    fn warm(
+        &self,
+        only: Option<PeerKeys>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
             let mut net = NetBatch::with_capacity(64 * 1024);
-            let started = self.device.warm(FRESH_SESSION, &mut net);
+            let started = self.device.warm(FRESH_SESSION, only.as_ref(), &mut net);
+            *self.last_warm_up.lock().unwrap_or_else(|e| e.into_inner()) = Some(WarmUp {
+                peers: only.as_ref().map(|o| o.len()),
+                handshakes: started,
+                at: Instant::now(),
+            });
             if !net.is_empty() {
                 self.udp.send_batch(&net).await;
             }
-            debug!(started, "handshakes started to prepare a move");
+            debug!(
+                started,
+                peers = only.as_ref().map(|o| o.len()),
+                "handshakes started to prepare a move"
+            );
         })
     }
 
-    fn all_fresh(&self) -> bool {
-        self.device.all_fresh(FRESH_SESSION, PEER_ALIVE)
+    fn all_fresh(&self, only: Option<&PeerKeys>) -> bool {
+        self.device.all_fresh(FRESH_SESSION, PEER_ALIVE, only)
+    }
+
+    fn talkers(&self, address: IpAddr, within: Duration, max: usize) -> Vec<PublicKey> {
+        self.device.talkers(address, within, max)
     }
 }
 
@@ -64,6 +83,18 @@ pub(super) struct Control {
     pub(super) state: Option<StateDir>,
     /// Where the metrics and DNS servers listen, once started (`status` shows them).
     pub(super) served: std::sync::Mutex<Served>,
+    /// The last warm-up for a move here (`status` shows it).
+    pub(super) last_warm_up: std::sync::Mutex<Option<WarmUp>>,
+}
+
+/// A warm-up for a move here, as `status` shows it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WarmUp {
+    /// The peers asked for (the holder and the workload's talkers); `None`: every peer.
+    peers: Option<usize>,
+    /// Handshakes started (peers without a fresh session among them).
+    handshakes: usize,
+    at: Instant,
 }
 
 /// Where the agent's own servers listen, as `status` shows them.
@@ -104,7 +135,7 @@ impl crate::control::keys::KeySwitch for Control {
         }
         // Every session is new: handshakes at once rather than at the next packet or tick.
         let mut net = NetBatch::with_capacity(64 * 1024);
-        let started = self.device.warm(Duration::ZERO, &mut net);
+        let started = self.device.warm(Duration::ZERO, None, &mut net);
         let udp = self.udp.clone();
         tokio::spawn(async move {
             if !net.is_empty() {
@@ -206,6 +237,13 @@ impl UapiHandler for Control {
                 Instant::now(),
             ),
             "served": &*self.served(),
+            "last_warm_up": self.last_warm_up.lock().unwrap_or_else(|e| e.into_inner()).map(|w| {
+                serde_json::json!({
+                    "peers": w.peers,
+                    "handshakes": w.handshakes,
+                    "secs_ago": w.at.elapsed().as_secs(),
+                })
+            }),
         })
         .to_string()
     }

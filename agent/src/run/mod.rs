@@ -301,6 +301,7 @@ pub async fn run(
         session: mesh.as_ref().map(|m| m.shared.clone()),
         state: mesh.as_ref().map(|m| m.state.clone()),
         served: Default::default(),
+        last_warm_up: Default::default(),
     });
     info!(
         interface = %settings.interface,

@@ -660,6 +660,7 @@ impl Agent {
                 Event::Prepare {
                     workload,
                     generation,
+                    ..
                 } => self.session.prepared(workload, generation),
                 // Simulated agents answer for no address and make no claims.
                 Event::HoldingsChanged | Event::ClaimAnswered { .. } => {}

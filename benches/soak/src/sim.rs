@@ -545,6 +545,7 @@ fn on_event(shared: &Shared, warming: &mut Warming, event: Event) {
         Event::Prepare {
             workload,
             generation,
+            ..
         } => {
             let ms = rand::thread_rng().gen_range(0..=MAX_WARM_UP_MS);
             warming.push((

@@ -760,6 +760,7 @@ pub fn welcome(
     let address = Ipv4Net::new(node.address, network.cidr.prefix_len())
         .unwrap_or_else(|_| Ipv4Net::from(node.address));
     Welcome {
+        talker_reports: false,
         node_id: node.id,
         name: node.name.clone(),
         network: network.name.clone(),

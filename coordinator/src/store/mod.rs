@@ -64,6 +64,9 @@ pub struct PrepareNote {
     pub workload: String,
     /// The generation it is to take.
     pub generation: u64,
+    /// The peers it is to warm up sessions with (`Prepare::warm`). Absent: every peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<Vec<NodeId>>,
 }
 
 /// Which database a [`SqlStore`] runs on.

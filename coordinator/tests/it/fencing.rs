@@ -695,6 +695,7 @@ impl Sim {
                 Event::Prepare {
                     workload,
                     generation,
+                    ..
                 } => {
                     // Warming tunnels takes a while, sometimes longer than the coordinator
                     // waits (500 ms): failovers commit 0-600 ms after their decision.
@@ -1110,6 +1111,7 @@ async fn a_quiet_revoked_holder_hands_over_to_its_standby_after_its_lease() {
             if let Event::Prepare {
                 workload,
                 generation,
+                ..
             } = e
             {
                 prepared_at.get_or_insert(now);

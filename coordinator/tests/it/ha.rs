@@ -149,6 +149,7 @@ async fn two_coordinators_share_changes_and_leases() {
                     if let ServerMessage::Prepare {
                         workload,
                         generation,
+                        ..
                     } = decode_frame(&f)
                     {
                         a.prepared_here(n1.node, "prod", &workload, generation)

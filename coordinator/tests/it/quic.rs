@@ -445,6 +445,7 @@ async fn heartbeats_claims_and_prepared_over_quic() {
         Some(ServerMessage::Prepare {
             workload,
             generation,
+            ..
         }) => assert_eq!((workload.as_str(), generation), ("chat", 2)),
         other => panic!("expected a prepare, got {other:?}"),
     }

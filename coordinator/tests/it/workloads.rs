@@ -10,11 +10,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use meshlink_coordinator::config::StoreLocation;
+use meshlink_coordinator::dispatch::SessionRef;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::Session;
 use meshlink_coordinator::Coordinator;
-use meshlink_proto::control::{Decoder, ServerMessage, MAX_SERVER_MESSAGE};
+use meshlink_proto::control::{ClientMessage, Decoder, ServerMessage, MAX_SERVER_MESSAGE};
 use meshlink_proto::NodeId;
 use serde_json::{json, Value};
 
@@ -364,8 +365,9 @@ async fn attach_move_detach_and_delete(db: &TestDb) {
     a.c.shutdown().await;
 }
 
-/// Answers the first `Prepare` on a session's queue, as an agent would once its tunnels are up.
-async fn answer_prepare(c: &Coordinator, session: &mut Session) {
+/// Answers the first `Prepare` on a session's queue, as an agent would once its tunnels are
+/// up; returns its warm-up list.
+async fn answer_prepare(c: &Coordinator, session: &mut Session) -> Option<Vec<NodeId>> {
     loop {
         let out = tokio::time::timeout(WAIT, session.attached.rx.recv())
             .await
@@ -379,10 +381,11 @@ async fn answer_prepare(c: &Coordinator, session: &mut Session) {
         if let Some(ServerMessage::Prepare {
             workload,
             generation,
+            warm,
         }) = d.decode().unwrap()
         {
             c.service().prepared(session.node, &workload, generation);
-            return;
+            return warm;
         }
     }
 }
@@ -398,7 +401,7 @@ async fn state_follows_the_holder_session_and_deleted_nodes_lose_their_name(db: 
     assert_eq!(status, 201);
 
     let to_a = json!({"node": "vm-a"});
-    let (moved, ()) = tokio::join!(
+    let (moved, _) = tokio::join!(
         a.call("POST", "/v1/workloads/chat/attach", Some(&to_a)),
         answer_prepare(&a.c, &mut online),
     );
@@ -542,7 +545,55 @@ async fn a_silent_destination_does_not_block_the_move(db: &TestDb) {
     a.c.shutdown().await;
 }
 
+/// The holder's talker report reaches the next destination's `Prepare`: it warms the holder and
+/// the peers that talk to the workload, not every peer. Reports from other nodes are ignored.
+async fn a_move_warms_the_holder_and_the_workloads_talkers(db: &TestDb) {
+    let a = Admin::start(db).await;
+    a.network("prod", "100.64.0.0/24").await;
+    let mut vm_a = a.join("prod", 1, "vm-a").await;
+    let mut vm_b = a.join("prod", 2, "vm-b").await;
+    let vm_c = a.join("prod", 3, "vm-c").await;
+    let _vm_d = a.join("prod", 4, "vm-d").await;
+    let (status, _) = a.create(json!({"name": "chat", "network": "prod"})).await;
+    assert_eq!(status, 201);
+    let to = |name: &str| json!({ "node": name });
+    let (to_a, to_b) = (to("vm-a"), to("vm-b"));
+    let (attached, warm) = tokio::join!(
+        a.call("POST", "/v1/workloads/chat/attach", Some(&to_a)),
+        answer_prepare(&a.c, &mut vm_a),
+    );
+    assert_eq!(attached.0, 200, "{}", attached.1);
+    assert_eq!(warm, None, "no holder yet, no report: every peer");
+
+    let talkers = |from: &Session, nodes: Vec<NodeId>| {
+        let msg = ClientMessage::Talkers {
+            workload: "chat".into(),
+            nodes,
+        };
+        let at = SessionRef {
+            node: from.node,
+            network: "prod",
+            remote: "198.18.7.7".parse().unwrap(),
+            serial: from.attached.serial,
+        };
+        let service = a.c.service().clone();
+        async move { service.on_agent_message(at, msg).await.unwrap() }
+    };
+    // vm-c does not hold chat: its report is not used.
+    talkers(&vm_c, vec![99]).await;
+    // The holder's is (itself and repeats left out).
+    talkers(&vm_a, vec![vm_c.node, vm_a.node, vm_c.node]).await;
+    let (moved, warm) = tokio::join!(
+        a.call("POST", "/v1/workloads/chat/move", Some(&to_b)),
+        answer_prepare(&a.c, &mut vm_b),
+    );
+    assert_eq!(moved.0, 200, "{}", moved.1);
+    assert_eq!(warm, Some(vec![vm_a.node, vm_c.node]));
+    a.c.shutdown().await;
+}
+
 crate::on_both_stores!(
+    a_move_warms_the_holder_and_the_workloads_talkers,
     create_checks_its_request_and_picks_the_lowest_free_address,
     attach_move_detach_and_delete,
     state_follows_the_holder_session_and_deleted_nodes_lose_their_name,

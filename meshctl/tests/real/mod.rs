@@ -213,6 +213,7 @@ async fn answer_prepares(service: Arc<Service>, mut session: Session) {
         if let Ok(Some(ServerMessage::Prepare {
             workload,
             generation,
+            ..
         })) = decoder.decode()
         {
             service.prepared(session.node, &workload, generation);
