@@ -771,7 +771,14 @@ fn print_status_table(v: &serde_json::Value) {
         println!(
             "control: {}  map version {}  lease {}  holding {}",
             match (c["connected"].as_bool(), c["coordinator"].as_str()) {
-                (Some(true), Some(addr)) => format!("connected to {addr}"),
+                (Some(true), Some(addr)) => format!(
+                    "connected to {addr}{}",
+                    if c["transport"] == "tcp" {
+                        " over TLS/TCP"
+                    } else {
+                        ""
+                    }
+                ),
                 (Some(true), None) => "connected".to_string(),
                 _ => "not connected".to_string(),
             },

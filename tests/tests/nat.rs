@@ -888,3 +888,32 @@ fn a_peer_not_on_the_home_relay_is_reached_another_way() {
         },
     );
 }
+
+#[test]
+fn a_control_session_over_tcp_moves_back_to_quic_once_udp_opens() {
+    let Some(mut mesh) = nat_mesh("nat-quic-back", &[NatMode::Masquerade]) else {
+        return;
+    };
+    // A firewall that lets only TCP out: the session falls back to TLS over TCP.
+    mesh.bed().block_all_udp(Provider::A);
+    join(&mut mesh, &[("vm-a1", Provider::A)]);
+    let a1 = mesh.agent("vm-a1");
+    let over = |want: &str| {
+        let st = a1.try_status()?;
+        let c = &st["control"];
+        (c["connected"] == true && c["transport"] == want).then_some(())
+    };
+    wait_until(STEP, "vm-a1's control session over TCP", || over("tcp"))
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.statuses()));
+    // The firewall lets UDP out again: within a retry period (30 s) and a reconnection, the
+    // session runs over QUIC again.
+    mesh.bed().unblock(Provider::A);
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(45),
+        "vm-a1's control session over QUIC",
+        || over("udp"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.statuses()));
+    timing("back on QUIC after UDP opened", started.elapsed());
+}

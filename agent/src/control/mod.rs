@@ -80,6 +80,10 @@ pub enum ControlError {
     /// it (which completes the rotation at the coordinator); it is opened again at once.
     #[error("switched to the new key; saying hello with it")]
     KeySwitched,
+    /// The session ran over TLS/TCP and QUIC answers again: it ends so that the next one,
+    /// opened at once, runs over QUIC.
+    #[error("QUIC answers again; moving the session off TCP")]
+    QuicBack,
 }
 
 /// An open control session.
@@ -564,8 +568,12 @@ impl MeshControl {
                     }
                     self.reconnect.connected();
                     let e = self.serve(s, map, wg_port, &tunnel, &tunnels).await;
-                    if matches!(e, ControlError::KeySwitched) {
-                        // Not a failure: the same coordinator, at once, with the new key.
+                    if matches!(e, ControlError::KeySwitched | ControlError::QuicBack) {
+                        // Not a failure: the same coordinator, at once (with the new key, or
+                        // over QUIC).
+                        if matches!(e, ControlError::QuicBack) {
+                            info!(coordinator = %self.shared.coordinators().target(), "QUIC answers again: the control session moves off TCP");
+                        }
                         continue;
                     }
                     self.shared.coordinators().failed();
@@ -678,6 +686,14 @@ impl MeshControl {
         let mut talkers_sent: HashMap<String, Vec<NodeId>> = HashMap::new();
         let mut tick = tokio::time::interval(ENDPOINT_CHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Over TCP: whether QUIC answers again, asked now and then by a task of its own.
+        let over_tcp = matches!(s.transport.kind(), control::RelayTransport::Tcp);
+        let (quic_tx, mut quic_rx) = mpsc::channel::<()>(1);
+        let mut quic_retry = tokio::time::interval_at(
+            tokio::time::Instant::now() + transport::QUIC_RETRY,
+            transport::QUIC_RETRY,
+        );
+        quic_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let opened = Instant::now();
         let ended = loop {
             if let Err(e) = self.flush(&mut s, &effects).await {
@@ -746,6 +762,15 @@ impl MeshControl {
                         }
                     }
                 }
+                _ = quic_retry.tick(), if over_tcp => {
+                    let (pin, tx) = (self.node.fingerprint.clone(), quic_tx.clone());
+                    tokio::spawn(async move {
+                        if transport::quic_answers(remote, &pin, Liveness::LONE).await {
+                            let _ = tx.try_send(());
+                        }
+                    });
+                }
+                Some(()) = quic_rx.recv() => break ControlError::QuicBack,
                 Ok(()) = reflexive.changed() => {
                     let now = self.endpoints(wg_port, tunnel);
                     if self.shared.lock().set_endpoints(now.clone()) {

@@ -8,6 +8,11 @@
 //! the same stream as records ([`meshlink_proto::control::RELAY_RECORD`]) instead of as
 //! QUIC datagrams. A TCP session notices a dead coordinator through TCP keepalives and
 //! `TCP_USER_TIMEOUT` at about the QUIC idle timeout.
+//!
+//! A session that fell back to TCP does not stay there: every [`QUIC_RETRY`] the control loop
+//! asks [`quic_answers`] whether a QUIC connection to the coordinator comes up now (a whole
+//! handshake, pinned, then closed), and when it does, ends the TCP session and opens the next
+//! one at once, which [`Transport::connect`] makes over QUIC.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,6 +27,12 @@ use super::tls::{self, Liveness};
 
 /// How long QUIC has alone before TCP joins the race.
 pub const TCP_AFTER: Duration = Duration::from_millis(1000);
+
+/// How often a session over TCP checks whether QUIC works again.
+pub const QUIC_RETRY: Duration = Duration::from_secs(30);
+
+/// How long such a check waits for a QUIC handshake.
+pub const QUIC_PROBE: Duration = Duration::from_secs(2);
 
 type Tls = TlsStream<TcpStream>;
 
@@ -199,6 +210,20 @@ impl Transport {
                 Err(e) => Err(e.to_string()),
             },
         }
+    }
+}
+
+/// Whether a QUIC connection to `target`, pinned to `pin`, comes up within [`QUIC_PROBE`]: a
+/// whole handshake, after which the connection is closed (the coordinator sees a connection
+/// that never said hello, which it counts and closes as any other).
+pub async fn quic_answers(target: SocketAddr, pin: &str, liveness: Liveness) -> bool {
+    match tokio::time::timeout(QUIC_PROBE, quic(target, pin, liveness)).await {
+        Ok(Ok(Transport::Quic { endpoint, conn, .. })) => {
+            conn.close(0u32.into(), b"probe");
+            endpoint.close(0u32.into(), b"probe");
+            true
+        }
+        _ => false,
     }
 }
 

@@ -229,7 +229,10 @@ impl UapiHandler for Control {
             "discovery": self.discovery.as_ref().map(|d| d.counters_json()),
             "control": self.session.as_ref().map(|s| {
                 let coordinators = s.coordinators().clone();
-                control_json(&s.lock(), &coordinators, Instant::now())
+                let mut c = control_json(&s.lock(), &coordinators, Instant::now());
+                // What the session runs over: "udp" (QUIC) or "tcp" (TLS/TCP), while up.
+                c["transport"] = serde_json::json!(s.link.borrow().as_ref().map(|l| l.transport));
+                c
             }),
             "key": crate::control::keys::status_json(
                 self.state.as_ref().and_then(StateDir::key_made_at),
