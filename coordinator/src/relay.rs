@@ -8,8 +8,10 @@
 //! What only a coordinator does is here: [`Grants`], which tells each agent of the standalone
 //! relays registered with this coordinator (its configuration's `[[relays]]`) and vouches for
 //! the node there with a ticket signed by the coordinator identity's key
-//! ([`meshlink_relay::ticket`]). A grant travels on the session's own relay channel as a frame
-//! from [`RELAY_SELF`], and is sent again well before its ticket expires.
+//! ([`meshlink_relay::ticket`]), with the secret of the ticket's proof key by which the node
+//! proves at each relay that the ticket is its own. A grant travels on the session's own relay
+//! channel as a frame from [`RELAY_SELF`] (so the secret only ever crosses the pinned control
+//! session), and is sent again well before its ticket expires.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -74,11 +76,12 @@ impl Grants {
         max: usize,
     ) -> Result<Vec<Vec<u8>>, KeyError> {
         let unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let (ticket, expires) = self.issuer.issue(key, network, node, unix)?;
+        let issued = self.issuer.issue(key, network, node, unix)?;
         let grant = Grant {
             relays: self.relays.clone(),
-            ticket,
-            expires,
+            ticket: issued.ticket,
+            expires: issued.expires,
+            proof_secret: issued.proof_secret,
         };
         let json = serde_json::to_vec(&grant)
             .map_err(|e| KeyError::UnsupportedKey(format!("cannot encode a grant: {e}")))?;

@@ -29,6 +29,22 @@
 //! opens a session to each listed relay ([`RELAY_ALPN`]: a [`RelayHello`] with the ticket,
 //! answered by a [`RelayAnswer`], framed as control messages), then exchanges frames there
 //! exactly as with the embedded relay.
+//!
+//! # Tickets are bound to their sessions
+//!
+//! A ticket alone proves nothing about who presents it: every listed relay sees it. So each
+//! ticket names a fresh Ed25519 key ([`TicketBody::proof_key`]) whose private half travels
+//! only in the grant ([`Grant::proof_secret`], on the pinned control session), and the agent
+//! signs, in each hello, a value of that very connection's TLS keys
+//! ([`session_proof_message`]: the TLS exporter under [`EXPORTER_LABEL`]). The relay derives
+//! the same value from its end of the connection and checks the signature against the
+//! ticket's key. A relay (or anyone) that saw a hello cannot replay it on another connection:
+//! its exporter differs, and signing a new one takes the key only the node has.
+//!
+//! Wire compatibility: only the session with a standalone relay changed ([`RELAY_PROTOCOL`]
+//! 2; the standalone relay was never released with 1). Grants keep their form with one more
+//! field that older agents ignore, so an older agent's use of the coordinator's embedded relay
+//! is untouched.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -48,7 +64,10 @@ pub const RELAY_ALPN: &[u8] = b"meshlink-relay/1";
 /// The name a standalone relay's certificate is issued to and agents ask for.
 pub const RELAY_SERVER_NAME: &str = "meshlink-relay";
 /// The version of the relay session's protocol ([`RelayHello::protocol`]).
-pub const RELAY_PROTOCOL: u32 = 1;
+///
+/// - 1: a hello with a bearer ticket (never released).
+/// - 2: the hello also proves the ticket's key over the connection ([`RelayHello::proof`]).
+pub const RELAY_PROTOCOL: u32 = 2;
 /// The most relays a grant lists (more registered are left out, in the coordinator's order).
 pub const MAX_LISTED_RELAYS: usize = 8;
 /// The largest message of a relay session before it is accepted (a hello with its ticket).
@@ -56,6 +75,60 @@ pub const MAX_RELAY_MESSAGE: usize = 8 * 1024;
 /// What a signature over a ticket's body starts with (domain separation: a signature made for
 /// anything else, a TLS handshake say, never verifies as a ticket's).
 pub const TICKET_CONTEXT: &[u8] = b"meshlink relay ticket v1\0";
+/// What a hello's proof signs before the connection's exporter value (domain separation).
+pub const PROOF_CONTEXT: &[u8] = b"meshlink relay session v1\0";
+/// The TLS exporter label of the value a hello's proof signs (RFC 8446, section 7.5), with an
+/// empty context, over QUIC and TLS/TCP alike.
+pub const EXPORTER_LABEL: &[u8] = b"EXPORTER-meshlink-relay-session";
+/// Bytes of the exporter value a hello's proof signs.
+pub const EXPORTER_LEN: usize = 32;
+/// Bytes of a ticket's proof key (Ed25519 public key) and of its secret (Ed25519 seed).
+pub const PROOF_KEY_LEN: usize = 32;
+
+/// The message a hello's proof signs: [`PROOF_CONTEXT`] and the connection's exporter value.
+#[must_use]
+pub fn session_proof_message(exporter: &[u8; EXPORTER_LEN]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(PROOF_CONTEXT.len() + EXPORTER_LEN);
+    m.extend_from_slice(PROOF_CONTEXT);
+    m.extend_from_slice(exporter);
+    m
+}
+
+/// The private half of a ticket's proof key: an Ed25519 seed, base64url. It travels only in
+/// the grant, on the pinned control session, and is never shown (its `Debug` hides it).
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProofSecret(String);
+
+impl std::fmt::Debug for ProofSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "ProofSecret(none)"
+        } else {
+            "ProofSecret(..)"
+        })
+    }
+}
+
+impl ProofSecret {
+    /// The secret of `seed`.
+    #[must_use]
+    pub fn from_seed(seed: &[u8; PROOF_KEY_LEN]) -> Self {
+        ProofSecret(URL_SAFE_NO_PAD.encode(seed))
+    }
+
+    /// The seed; `None` when absent or not 32 bytes of base64url.
+    #[must_use]
+    pub fn seed(&self) -> Option<[u8; PROOF_KEY_LEN]> {
+        URL_SAFE_NO_PAD.decode(&self.0).ok()?.try_into().ok()
+    }
+
+    /// Whether there is none (a grant of an older coordinator, or one listing no relays).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// A standalone relay as grants list it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -75,16 +148,24 @@ pub struct RelayInfo {
 }
 
 /// What the coordinator tells an agent of the standalone relays: the list and a ticket.
-/// Each grant replaces the previous one.
+/// Each grant replaces the previous one; one listing no relays (its ticket empty) says there
+/// are none, and the agent closes the sessions it had.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     /// The relays, at most [`MAX_LISTED_RELAYS`].
     #[serde(default)]
     pub relays: Vec<RelayInfo>,
-    /// The node's ticket ([`Ticket`] text).
+    /// The node's ticket ([`Ticket`] text); empty when no relay is listed.
+    #[serde(default)]
     pub ticket: String,
     /// When the ticket expires (Unix seconds): the agent uses it until then.
+    #[serde(default)]
     pub expires: u64,
+    /// The secret of the ticket's [`TicketBody::proof_key`], with which the agent proves the
+    /// ticket is its own at each relay ([`RelayHello::proof`]). Absent: none (an older
+    /// coordinator's grant, which standalone relays of protocol 2 refuse).
+    #[serde(default, skip_serializing_if = "ProofSecret::is_empty")]
+    pub proof_secret: ProofSecret,
 }
 
 /// What a ticket vouches for: this key is a node of this network until `expires`.
@@ -100,6 +181,23 @@ pub struct TicketBody {
     pub issued: u64,
     /// When it expires (Unix seconds).
     pub expires: u64,
+    /// The Ed25519 public key (base64url) whose holder the ticket is for: a relay serves the
+    /// ticket only on a connection whose hello is signed with it ([`RelayHello::proof`]).
+    /// Absent (empty): a ticket of an older coordinator, which relays refuse.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub proof_key: String,
+}
+
+impl TicketBody {
+    /// The proof key's bytes; `None` when absent or not 32 bytes of base64url.
+    #[must_use]
+    pub fn proof_key(&self) -> Option<[u8; PROOF_KEY_LEN]> {
+        URL_SAFE_NO_PAD
+            .decode(&self.proof_key)
+            .ok()?
+            .try_into()
+            .ok()
+    }
 }
 
 /// A ticket as text: `base64url(body JSON) "." base64url(scheme (u16, big-endian) | signature)`,
@@ -213,6 +311,11 @@ pub struct RelayHello {
     pub protocol: u32,
     /// The node's ticket.
     pub ticket: String,
+    /// The Ed25519 signature (base64url) with the ticket's proof key over
+    /// [`session_proof_message`] of this connection's exporter value: the ticket is this
+    /// agent's, not one a relay saw and replays.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub proof: String,
 }
 
 /// The relay's answer to a [`RelayHello`].
@@ -447,10 +550,12 @@ mod tests {
             node: 7,
             issued: 100,
             expires: 700,
+            proof_key: URL_SAFE_NO_PAD.encode([6; 32]),
         };
         let json = serde_json::to_vec(&body).unwrap();
         let text = Ticket::encode(&json, 0x0403, &[9; 64]);
         let t = Ticket::parse(&text).unwrap();
+        assert_eq!(t.body.proof_key(), Some([6; 32]));
         assert_eq!((t.body, t.scheme, t.signature), (body, 0x0403, vec![9; 64]));
         assert!(RELAY_SELF.has_small_order(), "no node can have it");
         for bad in [
@@ -466,9 +571,18 @@ mod tests {
             relays: vec![],
             ticket: text,
             expires: 700,
+            proof_secret: ProofSecret::from_seed(&[7; 32]),
         };
         let back: Grant = serde_json::from_slice(&serde_json::to_vec(&grant).unwrap()).unwrap();
         assert_eq!(back, grant);
+        assert_eq!(back.proof_secret.seed(), Some([7; 32]));
+        assert!(!format!("{grant:?}").contains(&URL_SAFE_NO_PAD.encode([7; 32])));
+        // A grant as an agent without proofs reads it, and one without a secret.
+        let old: serde_json::Value =
+            serde_json::from_slice(&serde_json::to_vec(&grant).unwrap()).unwrap();
+        assert_eq!(old["ticket"], grant.ticket);
+        let bare: Grant = serde_json::from_str(r#"{"relays":[],"ticket":"","expires":0}"#).unwrap();
+        assert!(bare.proof_secret.is_empty() && bare.proof_secret.seed().is_none());
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //!   ─> TLS 1.3 handshake, ALPN meshlink-relay/1     within hello_timeout, with the hello
 //!   ─> RelayHello (one control-framed message, at most MAX_RELAY_MESSAGE bytes)
 //!   ─> Verifier::verify(ticket, now)                refused: RelayAnswer::Refused, close
+//!   ─> check_proof(ticket, this connection's TLS exporter value, proof)
+//!                                                   refused: a replayed or foreign ticket
 //!   ─> route for (key, network), RelayAnswer::Accepted { expires }
 //!   ─> loop: frames from the agent ─> Relay::forward (rate cap, network, queue caps); one for
 //!            a node with no session here draws a notice back (relay_one, capped)
@@ -20,7 +22,9 @@
 //!
 //! # Security
 //! No open relay: frames are read only after a ticket signed by the mesh's coordinators was
-//! verified, and go only to nodes of the ticket's network. Nothing before that is buffered
+//! verified and proved the presenter's own (the hello signs this connection's exporter value
+//! with the ticket's proof key: a ticket seen elsewhere cannot be replayed here), and go only
+//! to nodes of the ticket's network. Nothing before that is buffered
 //! beyond one hello; every queue is bounded (quinn's datagram buffers, [`STREAM_SEND_BUFFER`]);
 //! each node is capped in bytes per second. The relay reads no plaintext: frames carry
 //! WireGuard ciphertext.
@@ -33,7 +37,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, encode_relay, Decoder, Record};
 use meshlink_proto::relay::{
-    RelayAnswer, RelayHello, TicketBody, MAX_RELAY_MESSAGE, RELAY_ALPN, RELAY_SERVER_NAME,
+    RelayAnswer, RelayHello, TicketBody, EXPORTER_LABEL, EXPORTER_LEN, MAX_RELAY_MESSAGE,
+    RELAY_ALPN, RELAY_SERVER_NAME,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -393,11 +398,13 @@ async fn accept_tcp(
     sessions.abort_all();
 }
 
-/// Reads the hello from `read` by `deadline` and checks its ticket.
+/// Reads the hello from `read` by `deadline` and checks its ticket, and that the ticket is
+/// proved over this connection, whose TLS exporter value is `exporter`.
 async fn hello<R: AsyncRead + Unpin>(
     read: &mut R,
     decoder: &mut Decoder,
     shared: &Shared,
+    exporter: &[u8; EXPORTER_LEN],
     deadline: tokio::time::Instant,
 ) -> Result<Result<TicketBody, String>, &'static str> {
     let mut buf = [0u8; 4096];
@@ -422,6 +429,10 @@ async fn hello<R: AsyncRead + Unpin>(
     Ok(shared
         .verifier
         .verify(&hello.ticket, unix_now())
+        .and_then(|body| {
+            crate::ticket::check_proof(&body, exporter, &hello.proof)?;
+            Ok(body)
+        })
         .map_err(|e| e.to_string()))
 }
 
@@ -480,9 +491,17 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
         Ok(Ok(s)) => s,
         _ => return,
     };
+    let mut exporter = [0u8; EXPORTER_LEN];
+    if conn
+        .export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .is_err()
+    {
+        conn.close(1u32.into(), b"no exporter");
+        return;
+    }
     let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
     // Datagrams before the hello are not read: quinn's bounded buffer drops them.
-    let verdict = match hello(&mut recv, &mut decoder, shared, deadline).await {
+    let verdict = match hello(&mut recv, &mut decoder, shared, &exporter, deadline).await {
         Ok(v) => v,
         Err(why) => {
             debug!("{why}");
@@ -561,10 +580,17 @@ async fn tcp_session(
     if tls.get_ref().1.alpn_protocol() != Some(RELAY_ALPN) {
         return;
     }
+    let Ok(exporter) = tls.get_ref().1.export_keying_material(
+        [0u8; EXPORTER_LEN],
+        EXPORTER_LABEL,
+        Some(b"".as_slice()),
+    ) else {
+        return;
+    };
     let (mut read, mut write) = tokio::io::split(tls);
     // Frames from the agent are whole WireGuard datagrams: records up to MAX_RELAY_RECORD.
     let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
-    let verdict = match hello(&mut read, &mut decoder, shared, deadline).await {
+    let verdict = match hello(&mut read, &mut decoder, shared, &exporter, deadline).await {
         Ok(v) => v,
         Err(why) => {
             debug!("{why}");

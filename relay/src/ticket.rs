@@ -7,11 +7,15 @@
 //! coordinator per session, and relays keep serving while coordinators restart.
 //!
 //! # Security
-//! - A ticket is a bearer credential: it travels only inside the pinned TLS of the control
-//!   session (coordinator to agent) and of a relay session (agent to a relay the coordinator
-//!   listed), and it names one key in one network. The relay serves its holder only as that
-//!   key in that network, so the worst a stolen ticket does before it expires is take that
-//!   node's route at one relay (its traffic is WireGuard ciphertext the thief cannot read).
+//! - A ticket is not a bearer credential: every listed relay sees it, so it names a fresh
+//!   Ed25519 *proof key* ([`TicketBody::proof_key`]) whose secret the coordinator gives only to
+//!   the node, in the grant on the pinned control session ([`Issued::proof_secret`]). A relay
+//!   serves a ticket only on a connection whose hello signs that connection's TLS exporter
+//!   value with the proof key ([`check_proof`]). A relay that saw a ticket, or anyone who
+//!   copied it, cannot present it elsewhere: the exporter differs per connection and the
+//!   signature needs the secret. What a ticket names is one key in one network, so the worst a
+//!   stolen grant (ticket and secret: the node itself compromised) does before it expires is
+//!   act as that node at the relays (its traffic is WireGuard ciphertext the thief cannot read).
 //! - Revocation is by expiry: a revoked node's ticket stays good at standalone relays until it
 //!   expires ([`DEFAULT_TTL`], 10 minutes; sessions are ended at expiry). Its peers drop its
 //!   key from their maps at once, so what it relays meanwhile is refused by every receiver; the
@@ -23,8 +27,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meshlink_proto::relay::{Ticket, TicketBody};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use meshlink_proto::relay::{
+    session_proof_message, ProofSecret, Ticket, TicketBody, EXPORTER_LEN, PROOF_KEY_LEN,
+};
 use meshlink_proto::{NodeId, PublicKey};
+use ring::rand::SecureRandom;
+use ring::signature::KeyPair;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::sign::SigningKey;
@@ -81,6 +91,13 @@ pub enum Refused {
         /// The relay's time.
         now: u64,
     },
+    /// The ticket names no proof key (an older coordinator's), or a malformed one.
+    #[error("the ticket names no proof key (is the coordinator older than this relay?)")]
+    NoProofKey,
+    /// The hello's proof is missing, or does not verify with the ticket's proof key over this
+    /// connection: a ticket presented by someone other than the node it was granted to.
+    #[error("the hello does not prove the ticket's key over this connection")]
+    BadProof,
     /// Issued in the future or valid for longer than [`MAX_TTL`].
     #[error("the ticket's times are implausible (issued {issued}, expires {expires}, now {now})")]
     Implausible {
@@ -91,6 +108,18 @@ pub enum Refused {
         /// The relay's time.
         now: u64,
     },
+}
+
+/// A ticket as issued: its text, its expiry, and the secret of its proof key (for the grant
+/// only).
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The ticket's text.
+    pub ticket: String,
+    /// Its expiry (Unix seconds).
+    pub expires: u64,
+    /// The secret of the proof key the ticket names: the node signs its hellos with it.
+    pub proof_secret: ProofSecret,
 }
 
 /// Issues tickets with the coordinator identity's key.
@@ -129,26 +158,33 @@ impl Issuer {
         self.ttl
     }
 
-    /// A ticket for `key`, node `node` of `network`, issued at `now` (Unix seconds), and its
-    /// expiry.
+    /// A ticket for `key`, node `node` of `network`, issued at `now` (Unix seconds), naming a
+    /// fresh proof key.
     ///
     /// # Errors
     /// [`KeyError::UnsupportedKey`] when signing fails (it does not with a key [`Issuer::new`]
-    /// took).
+    /// took) or the system has no randomness.
     pub fn issue(
         &self,
         key: PublicKey,
         network: &str,
         node: NodeId,
         now: u64,
-    ) -> Result<(String, u64), KeyError> {
+    ) -> Result<Issued, KeyError> {
         let expires = now + self.ttl.as_secs().max(1);
+        let mut seed = [0u8; PROOF_KEY_LEN];
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| KeyError::UnsupportedKey("no randomness for a proof key".into()))?;
+        let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
+            .map_err(|e| KeyError::UnsupportedKey(format!("proof key: {e}")))?;
         let body = TicketBody {
             key,
             network: network.to_string(),
             node,
             issued: now,
             expires,
+            proof_key: URL_SAFE_NO_PAD.encode(pair.public_key().as_ref()),
         };
         let json = serde_json::to_vec(&body)
             .map_err(|e| KeyError::UnsupportedKey(format!("cannot encode a ticket: {e}")))?;
@@ -159,11 +195,42 @@ impl Issuer {
         let signature = signer
             .sign(&Ticket::signed_message(&json))
             .map_err(|e| KeyError::UnsupportedKey(e.to_string()))?;
-        Ok((
-            Ticket::encode(&json, u16::from(signer.scheme()), &signature),
+        Ok(Issued {
+            ticket: Ticket::encode(&json, u16::from(signer.scheme()), &signature),
             expires,
-        ))
+            proof_secret: ProofSecret::from_seed(&seed),
+        })
     }
+}
+
+/// The proof of a hello on a connection whose TLS exporter value ([`EXPORTER_LEN`] bytes under
+/// [`meshlink_proto::relay::EXPORTER_LABEL`]) is `exporter`, signed with `secret` (what an
+/// agent sends as [`meshlink_proto::relay::RelayHello::proof`]); `None` for a secret that is
+/// not an Ed25519 seed.
+#[must_use]
+pub fn prove(secret: &ProofSecret, exporter: &[u8; EXPORTER_LEN]) -> Option<String> {
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&secret.seed()?).ok()?;
+    let signature = pair.sign(&session_proof_message(exporter));
+    Some(URL_SAFE_NO_PAD.encode(signature.as_ref()))
+}
+
+/// Checks that `proof` signs this connection's `exporter` value with the proof key `body`
+/// names.
+///
+/// # Errors
+/// [`Refused::NoProofKey`], [`Refused::BadProof`].
+pub fn check_proof(
+    body: &TicketBody,
+    exporter: &[u8; EXPORTER_LEN],
+    proof: &str,
+) -> Result<(), Refused> {
+    let key = body.proof_key().ok_or(Refused::NoProofKey)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(proof)
+        .map_err(|_| Refused::BadProof)?;
+    ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key)
+        .verify(&session_proof_message(exporter), &signature)
+        .map_err(|_| Refused::BadProof)
 }
 
 /// Checks tickets against the coordinator's certificate.
@@ -267,7 +334,11 @@ mod tests {
         let issuer = Issuer::new(&key, Duration::from_secs(600)).unwrap();
         let verifier = Verifier::new(cert).unwrap();
         let t0 = 1_800_000_000;
-        let (text, expires) = issuer.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
+        let Issued {
+            ticket: text,
+            expires,
+            ..
+        } = issuer.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
         assert_eq!(expires, t0 + 600);
         let body = verifier.verify(&text, t0 + 10).unwrap();
         assert_eq!(
@@ -298,11 +369,17 @@ mod tests {
         let t0 = 1_800_000_000;
         // Signed by another mesh's coordinator.
         let foreign = Issuer::new(&other_key, DEFAULT_TTL).unwrap();
-        let (text, _) = foreign.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
+        let text = foreign
+            .issue(PublicKey([4; 32]), "prod", 9, t0)
+            .unwrap()
+            .ticket;
         assert_eq!(verifier.verify(&text, t0), Err(Refused::BadSignature));
         // The body changed (another network), the signature kept.
         let issuer = Issuer::new(&key, DEFAULT_TTL).unwrap();
-        let (text, _) = issuer.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
+        let text = issuer
+            .issue(PublicKey([4; 32]), "prod", 9, t0)
+            .unwrap()
+            .ticket;
         let t = Ticket::parse(&text).unwrap();
         let mut body = t.body.clone();
         body.network = "staging".into();
@@ -328,10 +405,46 @@ mod tests {
         assert_eq!(verifier.verify(&odd, t0), Err(Refused::BadSignature));
         assert_eq!(verifier.verify("x.y", t0), Err(Refused::Malformed));
         let long = Issuer::new(&key, MAX_TTL + Duration::from_secs(1)).unwrap();
-        let (text, _) = long.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
+        let text = long
+            .issue(PublicKey([4; 32]), "prod", 9, t0)
+            .unwrap()
+            .ticket;
         assert!(matches!(
             verifier.verify(&text, t0),
             Err(Refused::Implausible { .. })
         ));
+    }
+
+    /// A ticket serves only with a proof of its own key over the connection it is presented
+    /// on: another connection's proof, another ticket's key, or none, is refused.
+    #[test]
+    fn a_ticket_serves_only_with_a_proof_of_its_key_over_the_connection() {
+        let (cert, key) = identity();
+        let issuer = Issuer::new(&key, DEFAULT_TTL).unwrap();
+        let verifier = Verifier::new(cert).unwrap();
+        let t0 = 1_800_000_000;
+        let mine = issuer.issue(PublicKey([4; 32]), "prod", 9, t0).unwrap();
+        let other = issuer.issue(PublicKey([5; 32]), "prod", 10, t0).unwrap();
+        assert_ne!(
+            mine.proof_secret, other.proof_secret,
+            "a fresh key per ticket"
+        );
+        let body = verifier.verify(&mine.ticket, t0).unwrap();
+        let (here, there) = ([1u8; EXPORTER_LEN], [2u8; EXPORTER_LEN]);
+        let proof = prove(&mine.proof_secret, &here).unwrap();
+        assert_eq!(check_proof(&body, &here, &proof), Ok(()));
+        // Replayed on another connection (what a relay that saw the hello could try).
+        assert_eq!(check_proof(&body, &there, &proof), Err(Refused::BadProof));
+        // Signed with another ticket's key, or no proof at all.
+        let foreign = prove(&other.proof_secret, &here).unwrap();
+        assert_eq!(check_proof(&body, &here, &foreign), Err(Refused::BadProof));
+        assert_eq!(check_proof(&body, &here, ""), Err(Refused::BadProof));
+        // A ticket that names no proof key is refused whatever the proof.
+        let mut bare = body.clone();
+        bare.proof_key.clear();
+        assert_eq!(check_proof(&bare, &here, &proof), Err(Refused::NoProofKey));
+        // The secret never shows in the issued ticket's debug output.
+        let seed = mine.proof_secret.seed().unwrap();
+        assert!(!format!("{mine:?}").contains(&URL_SAFE_NO_PAD.encode(seed)));
     }
 }

@@ -1,5 +1,6 @@
-//! The standalone relay over real sockets on loopback: only ticket holders get a session,
-//! frames cross between QUIC and TLS/TCP sessions of one network, and nowhere else.
+//! The standalone relay over real sockets on loopback: only ticket holders that prove the
+//! ticket's key over their connection get a session, frames cross between QUIC and TLS/TCP
+//! sessions of one network, and nowhere else.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -7,11 +8,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meshlink_proto::control::{encode, encode_relay, Decoder, Record};
 use meshlink_proto::relay::{
-    frames, parse, RelayAnswer, RelayHello, RELAY_ALPN, RELAY_PROTOCOL, RELAY_SERVER_NAME,
+    frames, parse, RelayAnswer, RelayHello, EXPORTER_LABEL, EXPORTER_LEN, RELAY_ALPN,
+    RELAY_PROTOCOL, RELAY_SERVER_NAME,
 };
 use meshlink_proto::PublicKey;
 use meshlink_relay::server::{start, Running, Settings};
-use meshlink_relay::ticket::Issuer;
+use meshlink_relay::ticket::{prove, Issued, Issuer};
 use rustls::pki_types::PrivateKeyDer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -85,8 +87,23 @@ fn tls(pin: &str) -> rustls::ClientConfig {
     c
 }
 
-/// A QUIC session: the hello, the answer, and the connection when accepted.
-async fn quic(bed: &Bed, ticket: &str) -> (RelayAnswer, quinn::Connection) {
+/// A QUIC session with `issued`'s ticket, proved with its secret: the answer, and the
+/// connection.
+async fn quic(bed: &Bed, issued: &Issued) -> (RelayAnswer, quinn::Connection) {
+    let (answer, conn, _) = quic_hello(bed, &issued.ticket, |exporter| {
+        prove(&issued.proof_secret, exporter).unwrap()
+    })
+    .await;
+    (answer, conn)
+}
+
+/// A QUIC session whose hello carries `ticket` and the proof `proof` makes of the
+/// connection's exporter value: the answer, the connection, and the hello as sent.
+async fn quic_hello(
+    bed: &Bed,
+    ticket: &str,
+    proof: impl FnOnce(&[u8; EXPORTER_LEN]) -> String,
+) -> (RelayAnswer, quinn::Connection, RelayHello) {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls(&bed.fingerprint)).unwrap();
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
@@ -95,10 +112,14 @@ async fn quic(bed: &Bed, ticket: &str) -> (RelayAnswer, quinn::Connection) {
         .unwrap()
         .await
         .unwrap();
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = RelayHello {
         protocol: RELAY_PROTOCOL,
         ticket: ticket.into(),
+        proof: proof(&exporter),
     };
     send.write_all(&encode(&hello)).await.unwrap();
     let mut d = Decoder::new(8192);
@@ -112,13 +133,12 @@ async fn quic(bed: &Bed, ticket: &str) -> (RelayAnswer, quinn::Connection) {
     };
     // Kept open: the relay takes the stream's end as the agent's.
     std::mem::forget((send, recv, endpoint));
-    (answer, conn)
+    (answer, conn, hello)
 }
 
-fn ticket(i: &Issuer, key: u8, network: &str) -> String {
+fn ticket(i: &Issuer, key: u8, network: &str) -> Issued {
     i.issue(PublicKey([key; 32]), network, u64::from(key), now())
         .unwrap()
-        .0
 }
 
 async fn datagram(conn: &quinn::Connection) -> Vec<u8> {
@@ -161,14 +181,13 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
     let old = bed
         .issuer
         .issue(PublicKey([5; 32]), "prod", 5, now() - 3600)
-        .unwrap()
-        .0;
+        .unwrap();
     let (expired, _) = quic(&bed, &old).await;
     match expired {
         RelayAnswer::Refused { reason } => assert!(reason.contains("expired"), "{reason}"),
         other => panic!("{other:?}"),
     }
-    let (garbage, _) = quic(&bed, "not a ticket").await;
+    let (garbage, _, _) = quic_hello(&bed, "not a ticket", |_| String::new()).await;
     assert!(matches!(garbage, RelayAnswer::Refused { .. }));
     assert_eq!(bed.running.refused.load(Ordering::Relaxed), 3);
 
@@ -181,9 +200,16 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
         .connect(name, tcp)
         .await
         .unwrap();
+    let issued = ticket(&bed.issuer, 6, "prod");
+    let exporter = tls_stream
+        .get_ref()
+        .1
+        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b"".as_slice()))
+        .unwrap();
     let hello = RelayHello {
         protocol: RELAY_PROTOCOL,
-        ticket: ticket(&bed.issuer, 6, "prod"),
+        ticket: issued.ticket.clone(),
+        proof: prove(&issued.proof_secret, &exporter).unwrap(),
     };
     tls_stream.write_all(&encode(&hello)).await.unwrap();
     let whole: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
@@ -305,5 +331,49 @@ async fn a_frame_for_an_absent_node_draws_a_capped_notice() {
     }
     let cap = meshlink_relay::server::NOTICES_PER_SECOND as usize;
     assert!((1..=cap + 2).contains(&notices), "{notices} notices");
+    bed.running.stop().await;
+}
+
+/// A ticket is bound to the connection it is proved on: a hello seen by one relay (ticket and
+/// proof), replayed on another connection, is refused, as is the ticket with a proof made by
+/// another key; the node's own session keeps its route.
+#[tokio::test]
+async fn a_ticket_seen_elsewhere_cannot_take_the_node_over() {
+    let bed = bed().await;
+    let victim = ticket(&bed.issuer, 1, "prod");
+    let (answer, v, seen) = quic_hello(&bed, &victim.ticket, |e| {
+        prove(&victim.proof_secret, e).unwrap()
+    })
+    .await;
+    assert!(matches!(answer, RelayAnswer::Accepted { .. }), "{answer:?}");
+    let (_, b) = quic(&bed, &ticket(&bed.issuer, 2, "prod")).await;
+
+    // The hello replayed whole on a connection of its own.
+    let (replayed, _thief, _) = quic_hello(&bed, &seen.ticket, |_| seen.proof.clone()).await;
+    match replayed {
+        RelayAnswer::Refused { reason } => assert!(reason.contains("prove"), "{reason}"),
+        other => panic!("a replayed hello was accepted: {other:?}"),
+    }
+    // The ticket with a proof by another ticket's key, and with none.
+    let other = ticket(&bed.issuer, 3, "prod");
+    let (foreign, _, _) = quic_hello(&bed, &victim.ticket, |e| {
+        prove(&other.proof_secret, e).unwrap()
+    })
+    .await;
+    assert!(
+        matches!(foreign, RelayAnswer::Refused { .. }),
+        "{foreign:?}"
+    );
+    let (bare, _, _) = quic_hello(&bed, &victim.ticket, |_| String::new()).await;
+    assert!(matches!(bare, RelayAnswer::Refused { .. }), "{bare:?}");
+    assert_eq!(bed.running.refused.load(Ordering::Relaxed), 3);
+
+    // Frames for the victim still reach the victim.
+    let f = frames(&PublicKey([1; 32]), 1, b"for the victim", 1100)
+        .unwrap()
+        .remove(0);
+    b.send_datagram(f.into()).unwrap();
+    let got = datagram(&v).await;
+    assert_eq!(parse(&got).unwrap().1, b"for the victim");
     bed.running.stop().await;
 }

@@ -361,6 +361,13 @@ pub(crate) fn check_grant(
     assert_eq!((body.key, body.network.as_str()), (key, network));
     assert_eq!(body.expires - body.issued, ttl.as_secs());
     assert_eq!(grant.expires, body.expires);
+    // The grant carries the secret of the ticket's proof key, and only it proves the ticket.
+    let exporter = [7u8; meshlink_proto::relay::EXPORTER_LEN];
+    let proof = meshlink_relay::ticket::prove(&grant.proof_secret, &exporter).expect("a secret");
+    assert_eq!(
+        meshlink_relay::ticket::check_proof(&body, &exporter, &proof),
+        Ok(())
+    );
     grant
 }
 

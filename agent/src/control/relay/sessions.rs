@@ -11,7 +11,10 @@
 //!
 //! Each session opens over QUIC (frames as datagrams) or, when QUIC is not up within
 //! [`TCP_AFTER`], TLS over TCP to the same address (frames as records), pinning the relay's
-//! certificate from the grant, and says a [`RelayHello`] with the ticket. Before the ticket
+//! certificate from the grant, and says a [`RelayHello`] with the ticket and its proof: the
+//! connection's TLS exporter value signed with the ticket's proof key, whose secret only the
+//! grant carries ([`meshlink_proto::relay`], "Tickets are bound to their sessions"), so that no
+//! relay can present this node's ticket at another. Before the ticket
 //! expires, or as soon as a grant vouches for another key (the node rotated its key), a new
 //! session is opened with the newest ticket and takes over, then the old one is closed (make
 //! before break). A session that fails is tried again with backoff.
@@ -27,10 +30,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use meshlink_proto::control::{encode, Decoder, Record, RelayTransport};
 use meshlink_proto::relay::{
-    Grant, RelayAnswer, RelayHello, RelayInfo, Ticket, MAX_RELAY_MESSAGE, RELAY_ALPN,
-    RELAY_PROTOCOL, RELAY_SERVER_NAME,
+    session_proof_message, Grant, ProofSecret, RelayAnswer, RelayHello, RelayInfo, Ticket,
+    EXPORTER_LABEL, EXPORTER_LEN, MAX_RELAY_MESSAGE, RELAY_ALPN, RELAY_PROTOCOL, RELAY_SERVER_NAME,
 };
 use meshlink_proto::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
@@ -380,22 +385,60 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
+/// What a session is opened with: the ticket, the secret of its proof key, its expiry.
+#[derive(Debug, Clone)]
+struct Credentials {
+    ticket: String,
+    secret: ProofSecret,
+    expires: u64,
+}
+
+impl Credentials {
+    fn of(grant: &Grant) -> Self {
+        Credentials {
+            ticket: grant.ticket.clone(),
+            secret: grant.proof_secret.clone(),
+            expires: grant.expires,
+        }
+    }
+}
+
 /// The newest ticket of a grant that lists `info`; waits for one.
 async fn ticket(
     info: &RelayInfo,
     grants: &mut watch::Receiver<Option<Grant>>,
-) -> Option<(String, u64)> {
+) -> Option<Credentials> {
     loop {
         {
             let g = grants.borrow_and_update();
             if let Some(g) = g.as_ref() {
                 if g.relays.contains(info) && g.expires > unix_now() {
-                    return Some((g.ticket.clone(), g.expires));
+                    return Some(Credentials::of(g));
                 }
             }
         }
         grants.changed().await.ok()?;
     }
+}
+
+/// The hello of a connection whose TLS exporter value is `exporter`: the ticket, and the
+/// exporter value signed with the ticket's proof key.
+///
+/// # Errors
+/// When the grant carried no usable secret (an older coordinator's): the relay would refuse.
+fn hello(creds: &Credentials, exporter: &[u8; EXPORTER_LEN]) -> Result<Vec<u8>, String> {
+    let seed = creds
+        .secret
+        .seed()
+        .ok_or("the grant carries no proof key secret (is the coordinator older?)")?;
+    let pair = ring::signature::Ed25519KeyPair::from_seed_unchecked(&seed)
+        .map_err(|e| format!("proof key: {e}"))?;
+    let proof = pair.sign(&session_proof_message(exporter));
+    Ok(encode(&RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: creds.ticket.clone(),
+        proof: URL_SAFE_NO_PAD.encode(proof.as_ref()),
+    }))
 }
 
 /// One open session: its link for the manager and what reads from it.
@@ -452,10 +495,10 @@ async fn session(
         let open = match current.take() {
             Some(o) => o,
             None => {
-                let Some((ticket, expires)) = ticket(&info, &mut grants).await else {
+                let Some(creds) = ticket(&info, &mut grants).await else {
                     return;
                 };
-                match connect(&info, &ticket, expires).await {
+                match connect(&info, &creds).await {
                     Ok(o) => {
                         backoff = Duration::from_secs(1);
                         info!(relay = %info.name, over = ?o.up.transport, "relay session open");
@@ -502,7 +545,7 @@ async fn session(
             None => {
                 // Make before break: the new session takes over, then the old one goes.
                 let next = match ticket(&info, &mut grants).await {
-                    Some((t, e)) => connect(&info, &t, e).await.ok(),
+                    Some(creds) => connect(&info, &creds).await.ok(),
                     None => None,
                 };
                 current = match next {
@@ -536,14 +579,14 @@ async fn renew(
             () = tokio::time::sleep(RENEW_RETRY) => {}
         }
         // The old session's frames wait in quinn's bounded buffer (or the socket) meanwhile.
-        let (t, e) = {
+        let creds = {
             let g = grants.borrow_and_update();
             match g.as_ref() {
-                Some(g) if g.relays.contains(info) => (g.ticket.clone(), g.expires),
+                Some(g) if g.relays.contains(info) => Credentials::of(g),
                 _ => continue,
             }
         };
-        if let Ok(n) = connect(info, &t, e).await {
+        if let Ok(n) = connect(info, &creds).await {
             return Some(n);
         }
     }
@@ -626,26 +669,22 @@ fn tls(pin: &str) -> Result<rustls::ClientConfig, String> {
     Ok(c)
 }
 
-/// Opens a session with `info` and says hello with `ticket`: QUIC, or TLS/TCP when QUIC is not
+/// Opens a session with `info` and says hello with `creds`: QUIC, or TLS/TCP when QUIC is not
 /// up within [`TCP_AFTER`].
-async fn connect(info: &RelayInfo, ticket: &str, expires: u64) -> Result<Open, String> {
+async fn connect(info: &RelayInfo, creds: &Credentials) -> Result<Open, String> {
     let target = tokio::net::lookup_host(&info.addr)
         .await
         .map_err(|e| format!("{}: {e}", info.addr))?
         .next()
         .ok_or_else(|| format!("{}: no address", info.addr))?;
-    let hello = encode(&RelayHello {
-        protocol: RELAY_PROTOCOL,
-        ticket: ticket.to_string(),
-    });
-    let key = ticket_key(ticket);
-    let quic = tokio::time::timeout(TCP_AFTER, open_quic(info, target, &hello, expires)).await;
+    let key = ticket_key(&creds.ticket);
+    let quic = tokio::time::timeout(TCP_AFTER, open_quic(info, target, creds)).await;
     let quic_err = match quic {
         Ok(Ok(o)) => return Ok(Open { key, ..o }),
         Ok(Err(e)) => e,
         Err(_) => "timed out".into(),
     };
-    match tokio::time::timeout(CONNECT_TIMEOUT, open_tcp(info, target, &hello, expires)).await {
+    match tokio::time::timeout(CONNECT_TIMEOUT, open_tcp(info, target, creds)).await {
         Ok(Ok(o)) => Ok(Open { key, ..o }),
         Ok(Err(e)) => Err(format!("QUIC: {quic_err}; TCP: {e}")),
         Err(_) => Err(format!("QUIC: {quic_err}; TCP: timed out")),
@@ -674,8 +713,7 @@ async fn answer<R: tokio::io::AsyncRead + Unpin>(
 async fn open_quic(
     info: &RelayInfo,
     target: SocketAddr,
-    hello: &[u8],
-    expires: u64,
+    creds: &Credentials,
 ) -> Result<Open, String> {
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -697,8 +735,12 @@ async fn open_quic(
         .map_err(|e| e.to_string())?
         .await
         .map_err(|e| e.to_string())?;
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .map_err(|_| "no TLS exporter".to_string())?;
+    let hello = hello(creds, &exporter)?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    send.write_all(hello).await.map_err(|e| e.to_string())?;
+    send.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
     answer(&mut recv, &mut decoder).await?;
     Ok(Open {
@@ -712,7 +754,7 @@ async fn open_quic(
         },
         reader: Reader::Quic(conn),
         _keep: Some((endpoint, send, recv)),
-        expires,
+        expires: creds.expires,
         key: None,
     })
 }
@@ -720,8 +762,7 @@ async fn open_quic(
 async fn open_tcp(
     info: &RelayInfo,
     target: SocketAddr,
-    hello: &[u8],
-    expires: u64,
+    creds: &Credentials,
 ) -> Result<Open, String> {
     let stream = TcpStream::connect(target)
         .await
@@ -742,8 +783,14 @@ async fn open_tcp(
         .connect(name, stream)
         .await
         .map_err(|e| e.to_string())?;
+    let exporter = tls
+        .get_ref()
+        .1
+        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b"".as_slice()))
+        .map_err(|e| e.to_string())?;
+    let hello = hello(creds, &exporter)?;
     let sent = Instant::now();
-    tls.write_all(hello).await.map_err(|e| e.to_string())?;
+    tls.write_all(&hello).await.map_err(|e| e.to_string())?;
     tls.flush().await.map_err(|e| e.to_string())?;
     let mut decoder = Decoder::new(MAX_RELAY_MESSAGE);
     answer(&mut tls, &mut decoder).await?;
@@ -760,7 +807,7 @@ async fn open_tcp(
         },
         reader: Reader::Tcp(read, decoder),
         _keep: None,
-        expires,
+        expires: creds.expires,
         key: None,
     })
 }
@@ -808,5 +855,37 @@ mod tests {
         // Once expired, room again.
         u.mark(PublicKey([9; 32]), "r", t0 + UNREACHABLE_FOR);
         assert_eq!(u.marks.lock().unwrap().len(), 1);
+    }
+
+    /// A hello carries the ticket and a proof that only the grant's secret makes, over this
+    /// connection's exporter value only; without a secret there is no hello to send.
+    #[test]
+    fn a_hello_proves_the_ticket_key_over_its_connection() {
+        use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
+        let seed = [3u8; 32];
+        let creds = Credentials {
+            ticket: "t.s".into(),
+            secret: ProofSecret::from_seed(&seed),
+            expires: 1,
+        };
+        let exporter = [9u8; EXPORTER_LEN];
+        let mut d = Decoder::new(MAX_RELAY_MESSAGE);
+        d.push(&hello(&creds, &exporter).unwrap()).unwrap();
+        let h: RelayHello = d.decode().unwrap().unwrap();
+        assert_eq!((h.protocol, h.ticket.as_str()), (RELAY_PROTOCOL, "t.s"));
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        let key = UnparsedPublicKey::new(&ED25519, pair.public_key().as_ref().to_vec());
+        let proof = URL_SAFE_NO_PAD.decode(&h.proof).unwrap();
+        assert!(key
+            .verify(&session_proof_message(&exporter), &proof)
+            .is_ok());
+        assert!(key
+            .verify(&session_proof_message(&[8; EXPORTER_LEN]), &proof)
+            .is_err());
+        let none = Credentials {
+            secret: ProofSecret::default(),
+            ..creds
+        };
+        assert!(hello(&none, &exporter).is_err());
     }
 }
