@@ -20,9 +20,11 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 
 /// The connections at once, over every transport: at most `max_connections`
 /// (the coordinator's `Limits`; the relay's `Settings`), and of them, before their hello is accepted, at most `max_unauthenticated`,
-/// and `max_unauthenticated_per_ip` from one source (an IPv4 address, or an IPv6 /64). A
-/// connection holds a [`Slot`] for as long as it lives, and a [`BeforeHello`] until its hello
-/// is accepted.
+/// and `max_unauthenticated_per_ip` from one source (an IPv4 address, or an IPv6 /64); after
+/// it, at most [`Connections::with_max_sessions_per_source`] from one source (the standalone
+/// relay's `max_sessions_per_ip`; the coordinator sets none). A connection holds a [`Slot`]
+/// for as long as it lives, a [`BeforeHello`] until its hello is accepted, and then an
+/// [`AfterHello`].
 ///
 /// # Security
 /// Without the caps before the hello, connections that never say one (each kept for
@@ -30,7 +32,8 @@ pub fn source_key(ip: IpAddr) -> IpAddr {
 /// holds at most its share; many sources together at most `max_unauthenticated`, leaving the
 /// rest of `max_connections` to nodes that have said hello. QUIC sources are proved with a
 /// Retry before they count (`server.rs`), so a spoofed address cannot spend another's share;
-/// TCP's handshake proves them.
+/// TCP's handshake proves them. The cap after the hello keeps one address (a host with many
+/// tickets, or behind one NAT) from holding every place with valid sessions.
 #[derive(Debug)]
 pub struct Connections {
     open: Arc<AtomicUsize>,
@@ -38,6 +41,8 @@ pub struct Connections {
     unauthenticated: Arc<std::sync::Mutex<Unauthenticated>>,
     max_unauthenticated: usize,
     max_per_source: usize,
+    authenticated: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    max_authenticated_per_source: usize,
 }
 
 /// The connections whose hello is not accepted yet, in all and by source.
@@ -56,6 +61,15 @@ pub struct Slot(Arc<AtomicUsize>);
 #[derive(Debug)]
 pub struct BeforeHello {
     unauthenticated: Arc<std::sync::Mutex<Unauthenticated>>,
+    source: IpAddr,
+    authenticated: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    max_authenticated_per_source: usize,
+}
+
+/// A connection's place among the sessions after their hello from its source; freed on drop.
+#[derive(Debug)]
+pub struct AfterHello {
+    authenticated: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     source: IpAddr,
 }
 
@@ -80,6 +94,9 @@ pub enum Refusal {
     /// `max_unauthenticated_per_ip` connections from this source have not said hello yet.
     #[error("at max_unauthenticated_per_ip for this source")]
     TooManyFromSource,
+    /// This source has as many sessions after their hello as it may have.
+    #[error("too many sessions from this address (max_sessions_per_ip)")]
+    TooManySessionsFromSource,
 }
 
 impl Connections {
@@ -92,7 +109,16 @@ impl Connections {
             unauthenticated: Arc::default(),
             max_unauthenticated,
             max_per_source,
+            authenticated: Arc::default(),
+            max_authenticated_per_source: usize::MAX,
         }
+    }
+
+    /// At most `max` sessions after their hello from one source ([`BeforeHello::accept`]).
+    #[must_use]
+    pub fn with_max_sessions_per_source(mut self, max: usize) -> Self {
+        self.max_authenticated_per_source = max;
+        self
     }
 
     /// A place for a new connection from `remote`, which has not said hello yet.
@@ -123,6 +149,8 @@ impl Connections {
             before_hello: BeforeHello {
                 unauthenticated: self.unauthenticated.clone(),
                 source,
+                authenticated: self.authenticated.clone(),
+                max_authenticated_per_source: self.max_authenticated_per_source,
             },
         })
     }
@@ -144,6 +172,42 @@ impl Connections {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl BeforeHello {
+    /// The connection's hello was accepted: its place before the hello is freed, and it takes
+    /// one among its source's sessions.
+    ///
+    /// # Errors
+    /// [`Refusal::TooManySessionsFromSource`] (the place before the hello is freed all the
+    /// same: the connection is to be closed).
+    pub fn accept(self) -> Result<AfterHello, Refusal> {
+        let mut by_source = self.authenticated.lock().unwrap_or_else(|p| p.into_inner());
+        let n = by_source.entry(self.source).or_default();
+        if *n >= self.max_authenticated_per_source {
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+            return Err(Refusal::TooManySessionsFromSource);
+        }
+        *n += 1;
+        Ok(AfterHello {
+            authenticated: self.authenticated.clone(),
+            source: self.source,
+        })
+    }
+}
+
+impl Drop for AfterHello {
+    fn drop(&mut self) {
+        let mut by_source = self.authenticated.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_source.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                by_source.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -219,5 +283,34 @@ mod tests {
         drop((first.before_hello, second.before_hello));
         assert_eq!(c.admit(other).unwrap_err(), Refusal::Full);
         assert_eq!(c.unauthenticated(), 0, "a refusal holds nothing");
+    }
+
+    /// After their hello, one source holds at most its sessions' share; a session that ends
+    /// frees its place.
+    #[test]
+    fn after_the_hello_one_source_holds_its_share_only() {
+        let c = Connections::new(10, 10, 10).with_max_sessions_per_source(2);
+        let one: IpAddr = "198.18.0.1".parse().unwrap();
+        let accept = |ip: IpAddr| c.admit(ip).unwrap().before_hello.accept();
+        let a = accept(one).unwrap();
+        let _b = accept(one).unwrap();
+        assert_eq!(accept(one).unwrap_err(), Refusal::TooManySessionsFromSource);
+        assert_eq!(
+            c.unauthenticated(),
+            0,
+            "a refused hello holds no place before it"
+        );
+        assert!(
+            accept("198.18.0.2".parse().unwrap()).is_ok(),
+            "others are not held back"
+        );
+        drop(a);
+        assert!(accept(one).is_ok());
+        // Without the cap (the coordinator), any number.
+        let c = Connections::new(10, 10, 10);
+        let all: Vec<_> = (0..5)
+            .map(|_| c.admit(one).unwrap().before_hello.accept())
+            .collect();
+        assert!(all.iter().all(Result::is_ok));
     }
 }

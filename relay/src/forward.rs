@@ -38,20 +38,23 @@
 //! quinn's datagram buffers), so a fast source cannot make the relay queue without bound; a
 //! drop is counted, never logged per frame.
 //!
-//! Architecture invariant: a node has at most one route per network, the one of its newest
-//! session ([`Relay::register`] keeps the higher serial); a route is removed only by the
-//! session that registered it ([`Route`] on drop), so an older session's end cannot remove a
-//! newer one.
+//! Architecture invariant: a node (a key in a network) has at most
+//! [`MAX_SESSIONS_PER_NODE`] sessions here, the current one and the one replacing it (make
+//! before break); frames for it go to the newest ([`Relay::register`] orders them by serial),
+//! a third closes the oldest ([`Route::displaced`]), and all of them draw on one byte cap,
+//! so sessions multiply neither a node's share of the relay nor its rate. A session is removed
+//! only by itself ([`Route`] on drop), so an older session's end cannot remove a newer one's
+//! route.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use meshlink_proto::control::MAX_RELAY_RECORD;
 use meshlink_proto::relay;
 use meshlink_proto::PublicKey;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::ratelimit::TokenBucket;
 
@@ -59,6 +62,9 @@ use crate::ratelimit::TokenBucket;
 pub const DEFAULT_RATE: u64 = 25_000_000;
 /// The least burst a source is allowed, so that a frame of any size passes a low cap.
 const MIN_BURST: u64 = 64 * 1024;
+/// The most sessions one node (a key in a network) has on a relay at once: the current one and
+/// the one that replaces it. A newer one closes the oldest ([`Route::displaced`]).
+pub const MAX_SESSIONS_PER_NODE: usize = 2;
 
 /// The burst allowed at `rate` bytes per second: a tenth of a second's worth, at least 64 KiB.
 pub fn burst_for(rate: u64) -> u64 {
@@ -273,11 +279,29 @@ pub struct RelayStats {
     pub congested: u64,
 }
 
+/// One session of a node.
+#[derive(Debug)]
+struct Session<L> {
+    serial: u64,
+    link: L,
+    /// Told `true` when a newer session pushed this one out.
+    displaced: watch::Sender<bool>,
+}
+
+/// A node's place: its sessions, oldest first (frames go to the last), and its byte cap,
+/// which every one of its sessions draws on.
 #[derive(Debug)]
 struct Entry<L> {
     network: Arc<str>,
-    serial: u64,
-    link: L,
+    sessions: Vec<Session<L>>,
+    bucket: Arc<Mutex<TokenBucket>>,
+}
+
+impl<L> Entry<L> {
+    /// The link of the newest session.
+    fn link(&self) -> Option<&L> {
+        self.sessions.last().map(|s| &s.link)
+    }
 }
 
 /// The relay: every node with a session here, by key, and the counters. One per process (a
@@ -298,14 +322,16 @@ impl<L: Link> std::fmt::Debug for Relay<L> {
     }
 }
 
-/// One session's place in the relay: while it lives, frames for its node go to its
-/// connection. Dropping it removes the route, unless a newer session replaced it.
+/// One session's place in the relay: while it lives and is its node's newest, frames for its
+/// node go to its connection. Dropping it removes the session (the node's other session, if
+/// any, then gets the frames).
 #[must_use = "the route is removed when this is dropped"]
 pub struct Route<L: Link = SessionLink> {
     relay: Arc<Relay<L>>,
     key: PublicKey,
     network: Arc<str>,
     serial: u64,
+    displaced: watch::Receiver<bool>,
 }
 
 impl<L: Link> std::fmt::Debug for Route<L> {
@@ -324,12 +350,31 @@ impl<L: Link> Drop for Route<L> {
     }
 }
 
-/// One session as a source of frames: its node's key and network, and its byte cap.
+impl<L: Link> Route<L> {
+    /// Ready once newer sessions of the node pushed this one out (more than
+    /// [`MAX_SESSIONS_PER_NODE`]): it gets no frames any more and should be closed, so that
+    /// its agent sees it go. Pending for as long as it is not. Cancel-safe.
+    pub async fn displaced(&self) {
+        let mut rx = self.displaced.clone();
+        if rx.wait_for(|d| *d).await.is_err() {
+            // Removed without being displaced: only the route's own drop does that.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Whether newer sessions pushed this one out.
+    pub fn is_displaced(&self) -> bool {
+        *self.displaced.borrow()
+    }
+}
+
+/// One session as a source of frames: its node's key and network, and its node's byte cap
+/// (shared by the node's sessions).
 #[derive(Debug)]
 pub struct Source {
     key: PublicKey,
     network: Arc<str>,
-    bucket: TokenBucket,
+    bucket: Arc<Mutex<TokenBucket>>,
 }
 
 impl Source {
@@ -349,8 +394,11 @@ impl<L: Link> Relay<L> {
         }
     }
 
-    /// Routes frames for `key` in `network` to `link`, for the session attached with `serial`
-    /// (the hub's, which grows with each attach): a route of a newer session stays.
+    /// Adds the session with `serial` (unique, growing with each session: the hub's attach
+    /// serial, the standalone relay's count) of `key` in `network`, on `link`. Frames for the
+    /// node go to its newest session; beyond [`MAX_SESSIONS_PER_NODE`] the oldest is pushed
+    /// out and told so ([`Route::displaced`]): a late registration of an older session is
+    /// itself the one pushed out.
     pub fn register(
         self: &Arc<Self>,
         key: PublicKey,
@@ -359,20 +407,38 @@ impl<L: Link> Relay<L> {
         link: L,
     ) -> Route<L> {
         let network: Arc<str> = network.into();
+        let (displaced, rx) = watch::channel(false);
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
             let entries = routes.entry(key).or_default();
-            match entries.iter_mut().find(|e| e.network == network) {
-                Some(e) if e.serial > serial => {}
-                Some(e) => {
-                    e.serial = serial;
-                    e.link = link;
+            let at = match entries.iter().position(|e| e.network == network) {
+                Some(at) => at,
+                None => {
+                    entries.push(Entry {
+                        network: network.clone(),
+                        sessions: Vec::with_capacity(MAX_SESSIONS_PER_NODE + 1),
+                        bucket: Arc::new(Mutex::new(TokenBucket::per_second(
+                            self.rate,
+                            burst_for(self.rate),
+                            Instant::now(),
+                        ))),
+                    });
+                    entries.len() - 1
                 }
-                None => entries.push(Entry {
-                    network: network.clone(),
+            };
+            let sessions = &mut entries[at].sessions;
+            let place = sessions.partition_point(|s| s.serial < serial);
+            sessions.insert(
+                place,
+                Session {
                     serial,
                     link,
-                }),
+                    displaced,
+                },
+            );
+            while sessions.len() > MAX_SESSIONS_PER_NODE {
+                let oldest = sessions.remove(0);
+                oldest.displaced.send_replace(true);
             }
         }
         Route {
@@ -380,25 +446,43 @@ impl<L: Link> Relay<L> {
             key,
             network,
             serial,
+            displaced: rx,
         }
     }
 
     fn unregister(&self, key: &PublicKey, network: &str, serial: u64) {
         let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
         if let Some(entries) = routes.get_mut(key) {
-            entries.retain(|e| !(&*e.network == network && e.serial == serial));
+            for e in entries.iter_mut().filter(|e| &*e.network == network) {
+                e.sessions.retain(|s| s.serial != serial);
+            }
+            entries.retain(|e| !e.sessions.is_empty());
             if entries.is_empty() {
                 routes.remove(key);
             }
         }
     }
 
-    /// The source state of a session of `key` in `network`, with a full bucket at `now`.
+    /// The source state of a session of `key` in `network`: the node's byte cap, shared with
+    /// its other sessions (a fresh full one at `now` when it has none registered).
     pub fn source(&self, key: PublicKey, network: &str, now: Instant) -> Source {
+        let bucket = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .and_then(|entries| entries.iter().find(|e| &*e.network == network))
+            .map(|e| e.bucket.clone());
         Source {
             key,
             network: network.into(),
-            bucket: TokenBucket::per_second(self.rate, burst_for(self.rate), now),
+            bucket: bucket.unwrap_or_else(|| {
+                Arc::new(Mutex::new(TokenBucket::per_second(
+                    self.rate,
+                    burst_for(self.rate),
+                    now,
+                )))
+            }),
         }
     }
 
@@ -446,7 +530,12 @@ impl<L: Link> Relay<L> {
         now: Instant,
     ) -> Result<usize, Dropped> {
         let len = frame.len();
-        if !source.bucket.take(now, len as u64) {
+        let allowed = source
+            .bucket
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take(now, len as u64);
+        if !allowed {
             return Err(Dropped::RateLimited);
         }
         let (header, payload) = relay::parse(&frame).map_err(|_| Dropped::Malformed)?;
@@ -460,7 +549,8 @@ impl<L: Link> Relay<L> {
                 .iter()
                 .find(|e| e.network == source.network)
                 .ok_or(Dropped::OtherNetwork)?
-                .link
+                .link()
+                .ok_or(Dropped::NoRoute)?
                 .clone()
         };
         let max = link.max_datagram_size().ok_or(Dropped::Unsupported)?;
@@ -516,6 +606,17 @@ impl<L: Link> Relay<L> {
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .map(Vec::len)
+            .sum()
+    }
+
+    /// Sessions registered, over every node (for tests and status).
+    pub fn sessions(&self) -> usize {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .flatten()
+            .map(|e| e.sessions.len())
             .sum()
     }
 }
@@ -645,6 +746,68 @@ mod tests {
             relay.forward(&mut a, frame(2, b"x"), now),
             Err(Dropped::NoRoute)
         );
+    }
+
+    /// A node keeps at most two sessions (make before break): a third pushes out the oldest,
+    /// which is told so and gets no frames; a thief's or an old session's end leaves the
+    /// newest's route; and every session of the node draws on one byte cap.
+    #[test]
+    fn a_node_holds_two_sessions_and_one_rate() {
+        let relay = Arc::new(Relay::<FakeLink>::new(200_000));
+        let now = Instant::now();
+        let links = [FakeLink::new(), FakeLink::new(), FakeLink::new()];
+        let first = relay.register(key(2), "prod", 1, links[0].clone());
+        let second = relay.register(key(2), "prod", 2, links[1].clone());
+        assert!(!first.is_displaced());
+        assert_eq!((relay.routes(), relay.sessions()), (1, 2));
+        let third = relay.register(key(2), "prod", 3, links[2].clone());
+        assert!(first.is_displaced(), "the oldest is pushed out");
+        assert!(!second.is_displaced() && !third.is_displaced());
+        assert_eq!(relay.sessions(), 2);
+        let mut a = relay.source(key(1), "prod", now);
+        assert_eq!(relay.forward(&mut a, frame(2, b"x"), now), Ok(()));
+        assert_eq!(
+            links.iter().map(|l| l.sent().len()).collect::<Vec<_>>(),
+            [0, 0, 1]
+        );
+        // The pushed-out session's end removes nothing; the newest's end leaves the other.
+        drop(first);
+        drop(third);
+        assert_eq!(relay.forward(&mut a, frame(2, b"y"), now), Ok(()));
+        assert_eq!(links[1].sent().len(), 1);
+
+        // One bucket for the node: a second session adds no rate.
+        let _b = relay.register(key(5), "prod", 10, FakeLink::new());
+        let _b2 = relay.register(key(5), "prod", 11, FakeLink::new());
+        let mut s1 = relay.source(key(5), "prod", now);
+        let mut s2 = relay.source(key(5), "prod", now);
+        let sent = |s: &mut Source| {
+            (0..200)
+                .filter(|_| relay.forward(s, frame(2, &[0; 1000]), now).is_ok())
+                .count()
+        };
+        let burst = (MIN_BURST as usize) / (HEADER_LEN + 1000);
+        assert_eq!(sent(&mut s1), burst);
+        assert_eq!(
+            sent(&mut s2),
+            0,
+            "the burst is the node's, not the session's"
+        );
+        drop(second);
+    }
+
+    /// The displacement is awaitable: a session loop ends on it.
+    #[tokio::test]
+    async fn a_displaced_session_is_woken() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let old = relay.register(key(2), "prod", 1, FakeLink::new());
+        let _a = relay.register(key(2), "prod", 2, FakeLink::new());
+        let waiting = tokio::time::timeout(Duration::from_millis(50), old.displaced()).await;
+        assert!(waiting.is_err(), "not displaced yet");
+        let _b = relay.register(key(2), "prod", 3, FakeLink::new());
+        tokio::time::timeout(Duration::from_secs(1), old.displaced())
+            .await
+            .expect("woken once displaced");
     }
 
     #[test]

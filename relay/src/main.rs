@@ -81,6 +81,14 @@ struct RunArgs {
         default_value_t = 16
     )]
     max_unauthenticated_per_ip: usize,
+    /// Sessions after their hello from one source (an IPv4 address or an IPv6 /64): nodes
+    /// behind one address, each with up to 2 sessions while it renews.
+    #[arg(
+        long,
+        env = "MESHLINK_RELAY_MAX_SESSIONS_PER_IP",
+        default_value_t = 256
+    )]
+    max_sessions_per_ip: usize,
     /// Seconds a new connection has for its handshake and hello.
     #[arg(long, env = "MESHLINK_RELAY_HELLO_TIMEOUT_SECS", default_value_t = 10)]
     hello_timeout_secs: u64,
@@ -129,6 +137,7 @@ fn main() -> anyhow::Result<()> {
         max_sessions: run.max_sessions.max(1),
         max_unauthenticated: run.max_unauthenticated.max(1),
         max_unauthenticated_per_ip: run.max_unauthenticated_per_ip.max(1),
+        max_sessions_per_ip: run.max_sessions_per_ip.max(1),
         hello_timeout: Duration::from_secs(run.hello_timeout_secs.clamp(1, 300)),
         idle_timeout: Duration::from_secs(run.idle_timeout_secs.clamp(3, 3600)),
     };

@@ -12,12 +12,15 @@
 //!   ─> Verifier::verify(ticket, now)                refused: RelayAnswer::Refused, close
 //!   ─> check_proof(ticket, this connection's TLS exporter value, proof)
 //!                                                   refused: a replayed or foreign ticket
-//!   ─> route for (key, network), RelayAnswer::Accepted { expires }
+//!   ─> at most max_sessions_per_ip sessions from one source  refused: RelayAnswer::Refused
+//!   ─> route for (key, network) (at most 2 sessions each: a third closes the oldest; one
+//!      byte cap for the node's sessions), RelayAnswer::Accepted { expires }
 //!   ─> loop: frames from the agent ─> Relay::forward (rate cap, network, queue caps); one for
 //!            a node with no session here draws a notice back (relay_one, capped)
 //!            frames for the agent (a QUIC datagram, or records the writer batches)
-//!      until the agent closes, the connection dies, or the ticket expires (the agent opens
-//!      a new session with a fresh ticket before that)
+//!      until the agent closes, the connection dies, the ticket expires (the agent opens
+//!      a new session with a fresh ticket before that), or two newer sessions of the node
+//!      displaced it
 //! ```
 //!
 //! # Security
@@ -26,7 +29,10 @@
 //! with the ticket's proof key: a ticket seen elsewhere cannot be replayed here), and go only
 //! to nodes of the ticket's network. Nothing before that is buffered
 //! beyond one hello; every queue is bounded (quinn's datagram buffers, [`STREAM_SEND_BUFFER`]);
-//! each node is capped in bytes per second. The relay reads no plaintext: frames carry
+//! each node is capped in bytes per second, over all its sessions, of which it has at most
+//! [`crate::forward::MAX_SESSIONS_PER_NODE`]; one source address holds at most
+//! `max_sessions_per_ip` sessions, so neither many sessions of one node nor many nodes behind
+//! one address can take the relay. The relay reads no plaintext: frames carry
 //! WireGuard ciphertext.
 
 use std::net::SocketAddr;
@@ -49,7 +55,7 @@ use tokio::task::JoinSet;
 use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
-use crate::admission::{Admission, Connections};
+use crate::admission::{Admission, AfterHello, BeforeHello, Connections};
 use crate::ratelimit::TokenBucket;
 use meshlink_proto::relay::unreachable_notice;
 
@@ -83,6 +89,8 @@ pub struct Settings {
     pub max_unauthenticated: usize,
     /// Of those, from one source (an IPv4 address or an IPv6 /64).
     pub max_unauthenticated_per_ip: usize,
+    /// Sessions after their hello from one source (an IPv4 address or an IPv6 /64).
+    pub max_sessions_per_ip: usize,
     /// How long a new connection has for its handshake and hello.
     pub hello_timeout: Duration,
     /// A connection without a packet for this long is closed (QUIC idle timeout; TCP
@@ -308,7 +316,8 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
             settings.max_sessions,
             settings.max_unauthenticated,
             settings.max_unauthenticated_per_ip,
-        ),
+        )
+        .with_max_sessions_per_source(settings.max_sessions_per_ip),
         hello_timeout: settings.hello_timeout,
         shutdown: shutdown_rx,
     });
@@ -436,6 +445,20 @@ async fn hello<R: AsyncRead + Unpin>(
         .map_err(|e| e.to_string()))
 }
 
+/// A verified hello takes its place among its source's sessions, or is refused.
+fn accept(
+    verdict: Result<TicketBody, String>,
+    before_hello: BeforeHello,
+) -> (Result<TicketBody, String>, Option<AfterHello>) {
+    match verdict {
+        Ok(body) => match before_hello.accept() {
+            Ok(after) => (Ok(body), Some(after)),
+            Err(e) => (Err(e.to_string()), None),
+        },
+        Err(e) => (Err(e), None),
+    }
+}
+
 /// Writes the answer; the accepted ticket's body, or `None` when refused (counted, logged).
 async fn answer<W: AsyncWrite + Unpin>(
     write: &mut W,
@@ -509,16 +532,16 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
             return;
         }
     };
+    // A node now: it no longer counts among the connections before their hello.
+    let (verdict, _after_hello) = accept(verdict, before_hello);
     let Some(body) = answer(&mut send, verdict, shared).await else {
         let _ = send.finish();
         let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
         conn.close(2u32.into(), b"refused");
         return;
     };
-    // A node now: it no longer counts among the connections before their hello.
-    drop(before_hello);
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
-    let _route = shared.relay.register(
+    let route = shared.relay.register(
         body.key,
         &body.network,
         serial,
@@ -545,6 +568,7 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
                 _ => break "the agent closed".into(),
             },
             () = tokio::time::sleep_until(ends) => break "the ticket expired".into(),
+            () = route.displaced() => break "newer sessions of the node took over".into(),
             _ = shutdown.changed() => break "shutting down".into(),
         }
     };
@@ -597,15 +621,15 @@ async fn tcp_session(
             return;
         }
     };
+    let (verdict, _after_hello) = accept(verdict, before_hello);
     let Some(body) = answer(&mut write, verdict, shared).await else {
         let _ = write.shutdown().await;
         return;
     };
-    drop(before_hello);
     let (link, mut queue) = stream_link();
     let mut notices = Notices::new(SessionLink::Stream(link.clone()));
     let serial = shared.serial.fetch_add(1, Ordering::Relaxed);
-    let _route = shared
+    let route = shared
         .relay
         .register(body.key, &body.network, serial, SessionLink::Stream(link));
     let mut source = shared.relay.source(body.key, &body.network, Instant::now());
@@ -639,6 +663,7 @@ async fn tcp_session(
                 }
             },
             () = tokio::time::sleep_until(ends) => break "the ticket expired".into(),
+            () = route.displaced() => break "newer sessions of the node took over".into(),
             _ = shutdown.changed() => break "shutting down".into(),
         }
     };

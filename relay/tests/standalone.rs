@@ -42,11 +42,12 @@ fn make_issuer() -> (Issuer, String) {
 }
 
 async fn bed() -> Bed {
-    bed_with(16).await
+    bed_with(16, 16).await
 }
 
-/// A relay that admits `per_ip` connections before their hello from one source.
-async fn bed_with(per_ip: usize) -> Bed {
+/// A relay that admits `per_ip` connections before their hello from one source, and
+/// `sessions_per_ip` after it.
+async fn bed_with(per_ip: usize, sessions_per_ip: usize) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let (issuer, pem) = make_issuer();
     let (foreign, _) = make_issuer();
@@ -60,6 +61,7 @@ async fn bed_with(per_ip: usize) -> Bed {
         max_sessions: 16,
         max_unauthenticated: 16,
         max_unauthenticated_per_ip: per_ip,
+        max_sessions_per_ip: sessions_per_ip,
         hello_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
     };
@@ -266,7 +268,7 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
 /// drops a new one at once; once they go, the source may connect again.
 #[tokio::test]
 async fn silent_connections_hold_only_their_share() {
-    let bed = bed_with(2).await;
+    let bed = bed_with(2, 16).await;
     let silent = [
         tokio::net::TcpStream::connect(bed.running.addr)
             .await
@@ -375,5 +377,37 @@ async fn a_ticket_seen_elsewhere_cannot_take_the_node_over() {
     b.send_datagram(f.into()).unwrap();
     let got = datagram(&v).await;
     assert_eq!(parse(&got).unwrap().1, b"for the victim");
+    bed.running.stop().await;
+}
+
+/// One node holds at most two sessions: a third closes the oldest (its agent sees it go),
+/// frames go to the newest; and one address holds at most its sessions' share.
+#[tokio::test]
+async fn a_node_holds_two_sessions_and_an_address_its_share() {
+    let bed = bed_with(16, 4).await;
+    let node = ticket(&bed.issuer, 1, "prod");
+    let (_, first) = quic(&bed, &node).await;
+    let (_, second) = quic(&bed, &node).await;
+    let (_, third) = quic(&bed, &node).await;
+    tokio::time::timeout(Duration::from_secs(5), first.closed())
+        .await
+        .expect("the oldest session is closed");
+    assert!(second.close_reason().is_none(), "the middle one stays");
+    assert_eq!(bed.running.relay.sessions(), 2);
+    let (_, b) = quic(&bed, &ticket(&bed.issuer, 2, "prod")).await;
+    let f = frames(&PublicKey([1; 32]), 1, b"newest", 1100)
+        .unwrap()
+        .remove(0);
+    b.send_datagram(f.into()).unwrap();
+    assert_eq!(parse(&datagram(&third).await).unwrap().1, b"newest");
+
+    // 127.0.0.1 has 3 sessions now (the closed one's place is free): one more, not two.
+    let (fourth, _) = quic(&bed, &ticket(&bed.issuer, 3, "prod")).await;
+    assert!(matches!(fourth, RelayAnswer::Accepted { .. }), "{fourth:?}");
+    let (fifth, _) = quic(&bed, &ticket(&bed.issuer, 4, "prod")).await;
+    match fifth {
+        RelayAnswer::Refused { reason } => assert!(reason.contains("address"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
     bed.running.stop().await;
 }
