@@ -15,9 +15,13 @@
 //! connection's TLS exporter value signed with the ticket's proof key, whose secret only the
 //! grant carries ([`meshlink_proto::relay`], "Tickets are bound to their sessions"), so that no
 //! relay can present this node's ticket at another. Before the ticket
-//! expires, or as soon as a grant vouches for another key (the node rotated its key), a new
-//! session is opened with the newest ticket and takes over, then the old one is closed (make
-//! before break). A session that fails is tried again with backoff.
+//! expires (once a grant brought a ticket that expires later: [`step`]), or as soon as a
+//! grant vouches for another key (the node rotated its key), a new session is opened with the
+//! newest ticket and takes over, then the old one is closed (make before break). Without a
+//! newer ticket (no coordinator answers), the session is read until its ticket expires, then
+//! closed and counted down, so that datagrams go through the coordinator's relay again once
+//! one is reachable. A session that fails is tried again with backoff, and no relay is tried
+//! more than once per [`MIN_RECONNECT`].
 //!
 //! A peer that is not on the home relay (it cannot reach that relay, or has not opened its
 //! session there yet) draws a notice from the relay for the frames sent to it
@@ -60,6 +64,8 @@ pub const RENEW_BEFORE: Duration = Duration::from_secs(30);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often a session whose renewal failed tries again.
 pub const RENEW_RETRY: Duration = Duration::from_secs(5);
+/// The least time between two connection attempts to one relay, whatever happens to them.
+pub const MIN_RECONNECT: Duration = Duration::from_secs(1);
 /// How long a relay's notice that a peer is not there keeps that peer's datagrams away from it.
 pub const UNREACHABLE_FOR: Duration = Duration::from_secs(30);
 /// The most (peer, relay) notices kept; beyond it new ones are ignored until old ones expire.
@@ -457,29 +463,68 @@ fn ticket_key(ticket: &str) -> Option<PublicKey> {
     Ticket::parse(ticket).ok().map(|t| t.body.key)
 }
 
-/// Ready once a grant carries a ticket for another key than `key` (the node rotated its key:
-/// a session opened as the old key no longer receives what peers send to the new one).
-async fn key_changed(grants: &mut watch::Receiver<Option<Grant>>, key: Option<PublicKey>) {
-    loop {
-        if grants.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let now = grants
-            .borrow_and_update()
-            .as_ref()
-            .and_then(|g| ticket_key(&g.ticket));
-        if now.is_some() && now != key {
-            return;
-        }
-    }
-}
-
 enum Reader {
     Quic(quinn::Connection),
     Tcp(
         ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
         Decoder,
     ),
+}
+
+/// What a session does next, given the time (Unix seconds), when it is due for renewal
+/// ([`renew_at`]), its ticket's expiry, and the expiry of the newest ticket granted for its
+/// relay. Pure, so that tests drive it through hours of tickets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// Keep reading the session until `until`, or until a grant comes.
+    Read {
+        /// Unix seconds.
+        until: u64,
+    },
+    /// Open a session with the newest ticket, then close this one (make before break).
+    Renew,
+    /// Its ticket expired with no newer one to renew with: the session is over (the relay
+    /// ends it too), and datagrams go another way.
+    Expired,
+}
+
+/// When a session opened at `opened` with a ticket expiring at `expires` is due for renewal: a
+/// quarter of its remaining life early, at least [`RENEW_BEFORE`].
+fn renew_at(opened: u64, expires: u64) -> u64 {
+    let left = expires.saturating_sub(opened);
+    expires.saturating_sub(RENEW_BEFORE.as_secs().max(left / 4))
+}
+
+/// See [`Step`]. Renewal needs a newer ticket: the same one again would open an identical
+/// session, again and again, until it expired.
+fn step(now: u64, renew_at: u64, expires: u64, newest: Option<u64>) -> Step {
+    if now >= expires {
+        Step::Expired
+    } else if now < renew_at {
+        Step::Read { until: renew_at }
+    } else if newest.is_some_and(|n| n > expires) {
+        Step::Renew
+    } else {
+        Step::Read { until: expires }
+    }
+}
+
+/// How a session held by [`hold`] ended.
+enum Held {
+    /// The connection ended.
+    Lost(String),
+    /// The ticket expired with no newer one.
+    Expired,
+    /// A new session took over.
+    Renewed(Box<Open>),
+}
+
+/// Waits until [`MIN_RECONNECT`] after the previous try (if any), and records this one.
+async fn pace(last_try: &mut Option<tokio::time::Instant>) {
+    if let Some(t) = *last_try {
+        tokio::time::sleep_until(t + MIN_RECONNECT).await;
+    }
+    *last_try = Some(tokio::time::Instant::now());
 }
 
 /// Keeps a session with one relay (see the module documentation).
@@ -491,6 +536,7 @@ async fn session(
 ) {
     let mut backoff = Duration::from_secs(1);
     let mut current: Option<Open> = None;
+    let mut last_try = None;
     loop {
         let open = match current.take() {
             Some(o) => o,
@@ -498,6 +544,7 @@ async fn session(
                 let Some(creds) = ticket(&info, &mut grants).await else {
                     return;
                 };
+                pace(&mut last_try).await;
                 match connect(&info, &creds).await {
                     Ok(o) => {
                         backoff = Duration::from_secs(1);
@@ -517,77 +564,111 @@ async fn session(
         let _ = events
             .send(Event::Up(info.name.clone(), clone_up(&open.up)))
             .await;
-        // Renew before the ticket runs out: a quarter of its remaining life early, at least
-        // RENEW_BEFORE.
-        let left = open.expires.saturating_sub(unix_now());
-        let renew_in = Duration::from_secs(left)
-            .saturating_sub(RENEW_BEFORE.max(Duration::from_secs(left / 4)));
         let Open {
             up: _,
             mut reader,
             _keep,
-            expires: _,
+            expires,
             key,
         } = open;
-        let ended = tokio::select! {
-            why = read_frames(&mut reader, &inbound, &info.name) => Some(why),
-            () = tokio::time::sleep(renew_in) => None,
-            () = key_changed(&mut grants, key) => {
-                info!(relay = %info.name, "the node's key changed; a session for the new key");
-                None
-            }
-        };
-        match ended {
-            Some(why) => {
+        let due = renew_at(unix_now(), expires);
+        let held = hold(
+            &info,
+            &mut grants,
+            &mut reader,
+            &inbound,
+            (due, expires, key),
+            &mut last_try,
+        )
+        .await;
+        match held {
+            Held::Renewed(next) => current = Some(*next),
+            Held::Lost(why) => {
                 info!(relay = %info.name, "relay session lost: {why}");
                 let _ = events.send(Event::Down(info.name.clone())).await;
             }
-            None => {
-                // Make before break: the new session takes over, then the old one goes.
-                let next = match ticket(&info, &mut grants).await {
-                    Some(creds) => connect(&info, &creds).await.ok(),
-                    None => None,
-                };
-                current = match next {
-                    Some(n) => Some(n),
-                    // Keep the old one until it ends (at the latest when its ticket expires),
-                    // trying again every few seconds.
-                    None => renew(&info, &mut grants, &mut reader, &inbound, &events).await,
-                };
+            Held::Expired => {
+                info!(relay = %info.name, "relay ticket expired and no newer one was granted");
+                let _ = events.send(Event::Down(info.name.clone())).await;
             }
         }
         drop(_keep);
     }
 }
 
-/// Keeps delivering what the old session reads while a new one is tried every
-/// [`RENEW_RETRY`]; the new session once one opens, `None` once the old one ends.
-async fn renew(
+/// Delivers what the session `reader` reads until it ends, its ticket (`ticket`: when it is
+/// due for renewal, its expiry, the key it vouches for) expires, or a new session takes over:
+/// once due, with a newer ticket, or at once with a ticket for another key (the node rotated
+/// its key: a session opened as the old key no longer receives what peers send to the new
+/// one). A renewal that fails is tried again every [`RENEW_RETRY`], the old session read
+/// meanwhile.
+async fn hold(
     info: &RelayInfo,
     grants: &mut watch::Receiver<Option<Grant>>,
-    old: &mut Reader,
+    reader: &mut Reader,
     inbound: &Inbound,
-    events: &mpsc::Sender<Event>,
-) -> Option<Open> {
+    ticket: (u64, u64, Option<PublicKey>),
+    last_try: &mut Option<tokio::time::Instant>,
+) -> Held {
+    let (due, expires, key) = ticket;
+    let mut retry_at: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
-            why = read_frames(old, inbound, &info.name) => {
-                info!(relay = %info.name, "relay session lost: {why}");
-                let _ = events.send(Event::Down(info.name.clone())).await;
-                return None;
-            }
-            () = tokio::time::sleep(RENEW_RETRY) => {}
-        }
-        // The old session's frames wait in quinn's bounded buffer (or the socket) meanwhile.
-        let creds = {
-            let g = grants.borrow_and_update();
-            match g.as_ref() {
-                Some(g) if g.relays.contains(info) => Credentials::of(g),
-                _ => continue,
-            }
+        let newest = grants
+            .borrow_and_update()
+            .as_ref()
+            .filter(|g| g.relays.contains(info))
+            .map(|g| (Credentials::of(g), ticket_key(&g.ticket)));
+        let now = unix_now();
+        let rotated = newest
+            .as_ref()
+            .is_some_and(|(c, k)| k.is_some() && *k != key && c.expires > now);
+        let next = if rotated && now < expires {
+            Step::Renew
+        } else {
+            step(now, due, expires, newest.as_ref().map(|(c, _)| c.expires))
         };
-        if let Ok(n) = connect(info, &creds).await {
-            return Some(n);
+        let until = match next {
+            Step::Expired => return Held::Expired,
+            Step::Renew if retry_at.is_none_or(|t| t <= tokio::time::Instant::now()) => {
+                let Some((creds, _)) = newest else {
+                    return Held::Lost("no grant to renew with".into());
+                };
+                if rotated {
+                    info!(relay = %info.name, "the node's key changed; a session for the new key");
+                }
+                let attempt = async {
+                    pace(last_try).await;
+                    connect(info, &creds).await
+                };
+                tokio::select! {
+                    why = read_frames(reader, inbound, &info.name) => return Held::Lost(why),
+                    r = attempt => match r {
+                        Ok(n) => return Held::Renewed(Box::new(n)),
+                        Err(e) => {
+                            debug!(relay = %info.name, "relay session renewal failed: {e}");
+                            retry_at = Some(tokio::time::Instant::now() + RENEW_RETRY);
+                            continue;
+                        }
+                    },
+                }
+            }
+            // A renewal failed lately: the next try, or the expiry if sooner.
+            Step::Renew => expires,
+            Step::Read { until } => until,
+        };
+        let mut wake = tokio::time::Instant::now()
+            + Duration::from_secs(until.saturating_sub(unix_now()).max(1));
+        if let Some(t) = retry_at {
+            wake = wake.min(t);
+        }
+        tokio::select! {
+            why = read_frames(reader, inbound, &info.name) => return Held::Lost(why),
+            () = tokio::time::sleep_until(wake) => {}
+            r = grants.changed() => {
+                if r.is_err() {
+                    return Held::Lost("no more grants".into());
+                }
+            }
         }
     }
 }
@@ -887,5 +968,72 @@ mod tests {
             ..creds
         };
         assert!(hello(&none, &exporter).is_err());
+    }
+
+    /// Renewal needs a newer ticket: with the same one the session is read until it expires
+    /// (before, the last 30 s of every ticket were a loop of new sessions), then it is over.
+    #[test]
+    fn a_session_renews_only_with_a_newer_ticket_and_ends_at_expiry() {
+        assert_eq!(renew_at(0, 600), 450, "a quarter of its life early");
+        assert_eq!(renew_at(580, 600), 570, "at least RENEW_BEFORE");
+        // Not yet due, whatever was granted.
+        assert_eq!(step(100, 450, 600, Some(900)), Step::Read { until: 450 });
+        // Due, with a newer ticket: renewed.
+        assert_eq!(step(450, 450, 600, Some(750)), Step::Renew);
+        // Due, with the same ticket only (the last 30 s included): read on until the expiry.
+        for now in [450, 575, 599] {
+            assert_eq!(step(now, 450, 600, Some(600)), Step::Read { until: 600 });
+            assert_eq!(step(now, 450, 600, None), Step::Read { until: 600 });
+        }
+        assert_eq!(step(600, 450, 600, Some(600)), Step::Expired);
+        assert_eq!(
+            step(601, 450, 600, Some(900)),
+            Step::Expired,
+            "too late to renew"
+        );
+    }
+
+    /// Driven through time second by second: with grants every 150 s (tickets of 600 s) a
+    /// session is renewed once per grant at most, never in a loop; once the coordinator is
+    /// gone, the last ticket's session ends at its expiry.
+    #[test]
+    fn renewals_follow_the_grants_and_stop_at_the_last_expiry() {
+        let ttl = 600;
+        // Grants at 0, 150, ... until `last`; the session as (due, expires).
+        let run = |last: u64, until: u64| {
+            let newest = |now: u64| Some((now.min(last) / 150) * 150 + ttl);
+            let (mut due, mut expires) = (renew_at(0, ttl), ttl);
+            let (mut renewals, mut ended) = (Vec::new(), None);
+            for now in 0..until {
+                match step(now, due, expires, newest(now)) {
+                    Step::Read { until } => assert!(until > now),
+                    Step::Renew => {
+                        renewals.push(now);
+                        expires = newest(now).unwrap();
+                        due = renew_at(now, expires);
+                        assert_eq!(
+                            step(now, due, expires, newest(now)),
+                            Step::Read { until: due }
+                        );
+                    }
+                    Step::Expired => {
+                        ended = Some(now);
+                        break;
+                    }
+                }
+            }
+            (renewals, ended)
+        };
+        let (renewals, ended) = run(u64::MAX, 3600);
+        assert_eq!(ended, None);
+        assert_eq!(renewals.len(), 7, "{renewals:?}");
+        assert!(
+            renewals.windows(2).all(|w| w[1] - w[0] >= 300),
+            "{renewals:?}"
+        );
+        // The coordinator's last grant at 150 (expires 750).
+        let (renewals, ended) = run(150, 3600);
+        assert_eq!(renewals, [450]);
+        assert_eq!(ended, Some(750));
     }
 }
