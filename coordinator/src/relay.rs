@@ -34,9 +34,13 @@ pub const MAX_NAME: usize = 32;
 pub const MAX_ADDR: usize = 128;
 
 /// What a coordinator tells agents of the standalone relays, and the key it vouches with.
+/// A coordinator with none registered still says so ([`Grants::none`]): an agent that was
+/// granted relays by another coordinator, or by this one before its configuration changed,
+/// learns that they are withdrawn and closes its sessions with them.
 #[derive(Debug)]
 pub struct Grants {
-    issuer: Issuer,
+    /// `None`: no relays, no tickets.
+    issuer: Option<Issuer>,
     relays: Vec<RelayInfo>,
 }
 
@@ -45,14 +49,29 @@ impl Grants {
     /// from `issuer`.
     pub fn new(issuer: Issuer, mut relays: Vec<RelayInfo>) -> Self {
         relays.truncate(frames::MAX_LISTED_RELAYS);
-        Grants { issuer, relays }
+        Grants {
+            issuer: Some(issuer),
+            relays,
+        }
+    }
+
+    /// Grants that list no relay (and carry no ticket).
+    pub fn none() -> Self {
+        Grants {
+            issuer: None,
+            relays: Vec::new(),
+        }
     }
 
     /// How often a session's grant is sent again once the first ones went: a quarter of the
     /// ticket's life, so that a fresh ticket is there well before the old one expires even if
-    /// a datagram or two is lost.
+    /// a datagram or two is lost (a quarter of the default life when there are no tickets).
     pub fn every(&self) -> Duration {
-        (self.issuer.ttl() / 4).max(Duration::from_secs(5))
+        let ttl = self
+            .issuer
+            .as_ref()
+            .map_or(meshlink_relay::ticket::DEFAULT_TTL, Issuer::ttl);
+        (ttl / 4).max(Duration::from_secs(5))
     }
 
     /// The relays listed.
@@ -76,12 +95,23 @@ impl Grants {
         max: usize,
     ) -> Result<Vec<Vec<u8>>, KeyError> {
         let unix = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-        let issued = self.issuer.issue(key, network, node, unix)?;
-        let grant = Grant {
-            relays: self.relays.clone(),
-            ticket: issued.ticket,
-            expires: issued.expires,
-            proof_secret: issued.proof_secret,
+        let grant = match &self.issuer {
+            Some(issuer) => {
+                let issued = issuer.issue(key, network, node, unix)?;
+                Grant {
+                    relays: self.relays.clone(),
+                    ticket: issued.ticket,
+                    expires: issued.expires,
+                    proof_secret: issued.proof_secret,
+                }
+            }
+            // The fields agents of every version read, empty: no relays.
+            None => Grant {
+                relays: Vec::new(),
+                ticket: String::new(),
+                expires: 0,
+                proof_secret: Default::default(),
+            },
         };
         let json = serde_json::to_vec(&grant)
             .map_err(|e| KeyError::UnsupportedKey(format!("cannot encode a grant: {e}")))?;
@@ -175,5 +205,21 @@ mod tests {
             (PublicKey([5; 32]), "prod".into(), 3)
         );
         assert!(Ticket::parse(&grant.ticket).is_ok());
+    }
+
+    /// Without relays registered, a grant still goes: one frame listing none, no ticket.
+    #[test]
+    fn no_relays_is_a_grant_of_none() {
+        let grants = Grants::none();
+        assert_eq!(grants.every(), Duration::from_secs(150));
+        let pieces = grants
+            .frames(PublicKey([5; 32]), "prod", 3, SystemTime::now(), 1, 1150)
+            .unwrap();
+        assert_eq!(pieces.len(), 1);
+        let (h, json) = parse(&pieces[0]).unwrap();
+        assert_eq!(h.peer, RELAY_SELF);
+        let grant: Grant = serde_json::from_slice(json).unwrap();
+        assert!(grant.relays.is_empty() && grant.ticket.is_empty());
+        assert!(grant.proof_secret.is_empty());
     }
 }

@@ -204,6 +204,8 @@ impl Coordinator {
             .relay
             .then(|| Arc::new(Relay::new(settings.limits.relay_rate)));
         // Standalone relays are announced on the embedded relay's channel: without it, none.
+        // With it and none registered, grants of none, so that agents drop relays granted
+        // before (by another coordinator, or this one before its configuration changed).
         let grants = match (&relay, settings.relays.is_empty()) {
             (Some(_), false) => {
                 let issuer = meshlink_relay::ticket::Issuer::new(&id.key, settings.relay_ticket)
@@ -213,7 +215,8 @@ impl Coordinator {
                     settings.relays.clone(),
                 )))
             }
-            _ => None,
+            (Some(_), true) => Some(Arc::new(crate::relay::Grants::none())),
+            (None, _) => None,
         };
         service.set_endpoint_pace(
             settings.limits.endpoint_interval,

@@ -23,12 +23,27 @@ use crate::quic::{addr_of, join, token_for, welcome};
 /// The largest frame agents send (they cut WireGuard datagrams to fit).
 const FRAME: usize = 1100;
 
-/// The next datagram on `a`'s connection, or `None` after `within`.
+/// The next datagram on `a`'s connection, or `None` after `within` (grants of no relays,
+/// which every session gets, are skipped: tests of grants use relays).
 pub(crate) async fn datagram(a: &Agent, within: Duration) -> Option<Vec<u8>> {
-    match tokio::time::timeout(within, a.conn.read_datagram()).await {
-        Ok(Ok(d)) => Some(d.to_vec()),
-        Ok(Err(e)) => panic!("connection lost: {e}"),
-        Err(_) => None,
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, a.conn.read_datagram()).await {
+            Ok(Ok(d)) if is_grant_of_none(&d) => {}
+            Ok(Ok(d)) => return Some(d.to_vec()),
+            Ok(Err(e)) => panic!("connection lost: {e}"),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Whether `frame` is a whole grant from the relay itself that lists no relay.
+pub(crate) fn is_grant_of_none(frame: &[u8]) -> bool {
+    match parse(frame) {
+        Ok((h, json)) if h.peer == RELAY_SELF && h.count == 1 => {
+            serde_json::from_slice::<Grant>(json).is_ok_and(|g| g.relays.is_empty())
+        }
+        _ => false,
     }
 }
 
@@ -372,8 +387,7 @@ pub(crate) fn check_grant(
 }
 
 /// An agent's session carries grants of the registered relays, with a ticket those relays
-/// accept for that node only, again after a while (fresh tickets); without relays registered,
-/// none (the other tests read every datagram: a grant would show there).
+/// accept for that node only, again after a while (fresh tickets).
 #[tokio::test]
 async fn sessions_carry_grants_of_the_registered_relays() {
     let dir = TempDir::new("relay-grants");
@@ -397,6 +411,30 @@ async fn sessions_carry_grants_of_the_registered_relays() {
         grants[0].ticket, grants[1].ticket,
         "a fresh ticket each time"
     );
+    drop(a);
+    c.shutdown().await;
+}
+
+/// Without relays registered, a session carries grants of none (one frame, no ticket), so
+/// that an agent granted relays elsewhere or before drops them.
+#[tokio::test]
+async fn without_relays_sessions_carry_grants_of_none() {
+    let dir = TempDir::new("relay-grants-none");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let (a, _, _) = join(&t, 1, Some("a")).await;
+    let f = tokio::time::timeout(WAIT, a.conn.read_datagram())
+        .await
+        .expect("a grant within WAIT")
+        .unwrap();
+    let (h, json) = parse(&f).unwrap();
+    assert_eq!((h.peer, h.count), (RELAY_SELF, 1));
+    let grant: Grant = serde_json::from_slice(json).unwrap();
+    assert!(
+        grant.relays.is_empty() && grant.ticket.is_empty(),
+        "{grant:?}"
+    );
+    assert!(is_grant_of_none(&f));
     drop(a);
     c.shutdown().await;
 }
