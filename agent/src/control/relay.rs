@@ -15,7 +15,9 @@
 //! change is an endpoint change: WireGuard sessions survive it.
 //!
 //! Bounded: one shim per peer of the map (the relay delivers nothing from other keys),
-//! reassembly bounded by [`Reassembler`], QUIC's datagram buffers bounded by quinn.
+//! reassembly bounded by [`Reassembler`] (grants, the coordinator relay's frames and the
+//! standalone relays' each in their own, so that no sender's fragments can evict another's
+//! grant), QUIC's datagram buffers bounded by quinn.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -254,6 +256,9 @@ impl RelayClient {
         // Frames from standalone relays are put back together apart, so that none of theirs
         // can complete (or pass for) a grant.
         let mut relayed_reassembler = Reassembler::new();
+        // Grants apart from peers' frames too: a peer's first fragments (64 of them fill a
+        // reassembler) must not push out a grant that is half there.
+        let mut grant_reassembler = Reassembler::new();
         let (relayed_tx, mut relayed) = mpsc::channel(RELAYED_QUEUED);
         let sessions = tokio::spawn(self.relays.clone().run(self.grants.subscribe(), relayed_tx));
         let _sessions = AbortOnDrop(sessions);
@@ -301,7 +306,7 @@ impl RelayClient {
                 continue;
             };
             if header.peer == RELAY_SELF && from_control {
-                if let Some((_, json)) = reassembler.push(header, bytes, Instant::now()) {
+                if let Some((_, json)) = grant_reassembler.push(header, bytes, Instant::now()) {
                     self.take_grant(&json);
                 }
                 continue;
@@ -489,5 +494,35 @@ mod tests {
         }
         until(|| c.too_large.load(Ordering::Relaxed) == 2).await;
         assert_eq!(c.no_relay.load(Ordering::Relaxed), 1);
+    }
+
+    /// A grant cut in fragments still arrives whole while a peer sends enough first fragments
+    /// to fill a reassembler in between (they are put back together apart).
+    #[tokio::test]
+    async fn a_peer_cannot_push_out_a_grant_half_there() {
+        let (_link_tx, link) = watch::channel(None);
+        let client = Arc::new(RelayClient::new(9, link));
+        let (frames_tx, frames_rx) = mpsc::channel(256);
+        let peer = PublicKey([7; 32]);
+        let inbound = tokio::spawn(client.clone().run_inbound(frames_rx, move |k| *k == peer));
+        let grant = Grant {
+            relays: vec![],
+            ticket: "t".repeat(1500),
+            expires: 1,
+            proof_secret: Default::default(),
+        };
+        let json = serde_json::to_vec(&grant).unwrap();
+        let pieces = relay::frames(&RELAY_SELF, 1, &json, MAX_FRAME).unwrap();
+        assert_eq!(pieces.len(), 2);
+        frames_tx.send(pieces[0].clone()).await.unwrap();
+        for id in 0..relay::MAX_PARTIAL as u16 {
+            let f = relay::frames(&peer, id, &[0; 1500], MAX_FRAME).unwrap();
+            frames_tx.send(f[0].clone()).await.unwrap();
+        }
+        frames_tx.send(pieces[1].clone()).await.unwrap();
+        let c = client.counters();
+        until(|| c.grants.load(Ordering::Relaxed) == 1).await;
+        assert_eq!(client.grants.borrow().as_ref(), Some(&grant));
+        inbound.abort();
     }
 }
