@@ -41,7 +41,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshlink_proto::control::{encode, encode_relay, Decoder, Record};
+use meshlink_proto::control::{encode, encode_relay, Decoder, Record, RELAY_RECORD};
 use meshlink_proto::relay::{
     RelayAnswer, RelayHello, TicketBody, EXPORTER_LABEL, EXPORTER_LEN, MAX_RELAY_MESSAGE,
     RELAY_ALPN, RELAY_SERVER_NAME,
@@ -417,6 +417,10 @@ async fn hello<R: AsyncRead + Unpin>(
     deadline: tokio::time::Instant,
 ) -> Result<Result<TicketBody, String>, &'static str> {
     let mut buf = [0u8; 4096];
+    // The first record's length prefix: a relay record there is refused at once, so that
+    // nothing beyond one hello (MAX_RELAY_MESSAGE) is buffered before it is verified.
+    let mut prefix = [0u8; 4];
+    let mut seen = 0;
     let hello = loop {
         match decoder.decode::<RelayHello>() {
             Ok(Some(h)) => break h,
@@ -426,7 +430,17 @@ async fn hello<R: AsyncRead + Unpin>(
         match timeout_at(deadline, read.read(&mut buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return Err("closed before its hello"),
             Err(_) => return Err("no hello in time"),
-            Ok(Ok(n)) => decoder.push(&buf[..n]).map_err(|_| "oversized hello")?,
+            Ok(Ok(n)) => {
+                if seen < prefix.len() {
+                    let take = (prefix.len() - seen).min(n);
+                    prefix[seen..seen + take].copy_from_slice(&buf[..take]);
+                    seen += take;
+                    if seen == prefix.len() && u32::from_be_bytes(prefix) & RELAY_RECORD != 0 {
+                        return Err("a relay record before the hello");
+                    }
+                }
+                decoder.push(&buf[..n]).map_err(|_| "oversized hello")?;
+            }
         }
     };
     if hello.protocol != meshlink_proto::relay::RELAY_PROTOCOL {

@@ -411,3 +411,27 @@ async fn a_node_holds_two_sessions_and_an_address_its_share() {
     }
     bed.running.stop().await;
 }
+
+/// A connection whose first record is a relay record (a frame before any hello) is dropped at
+/// once, not buffered up to a whole record's size until the hello timeout.
+#[tokio::test]
+async fn a_frame_before_the_hello_ends_the_connection_at_once() {
+    let bed = bed().await;
+    let tcp = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).unwrap();
+    let mut tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls(&bed.fingerprint)))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    // The start of a 60,000-byte frame record.
+    let record = encode_relay(&vec![0u8; 60_000]).unwrap();
+    tls_stream.write_all(&record[..2_000]).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), tls_stream.read(&mut buf))
+        .await
+        .expect("dropped at once, not after the 5 s hello timeout");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    bed.running.stop().await;
+}
