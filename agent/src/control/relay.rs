@@ -238,9 +238,10 @@ impl RelayClient {
         self.link_remote().is_some()
     }
 
-    /// Keeps the shims of `peers` only.
+    /// Keeps the shims of `peers` only, and relays' notices of them only.
     pub fn retain(&self, peers: &[PublicKey]) {
         self.shims().retain(|k, _| peers.contains(k));
+        self.relays.unreachable().set_peers(peers);
     }
 
     /// Delivers what the relay sends: QUIC datagrams on the connection `link` holds, and

@@ -29,7 +29,7 @@
 //! relay ([`Relays::links`]: the home first, then the others nearest first) for
 //! [`UNREACHABLE_FOR`], and through the coordinator's relay when no standalone one has it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -124,15 +124,37 @@ enum Event {
     Down(String),
 }
 
-/// The peers relays said they do not have, per relay, until when.
+/// The peers relays said they do not have, per relay, until when; only peers of the map
+/// ([`Unreachable::set_peers`]), so that a relay's notices naming made-up keys take no room
+/// from the real ones.
 #[derive(Debug, Default)]
 pub struct Unreachable {
     marks: Mutex<HashMap<(PublicKey, String), Instant>>,
+    peers: Mutex<HashSet<PublicKey>>,
 }
 
 impl Unreachable {
-    /// `relay` said at `now` that `peer` has no session there.
+    /// The peers of the map now: marks of others are forgotten, and none are taken.
+    pub fn set_peers(&self, peers: &[PublicKey]) {
+        let peers: HashSet<PublicKey> = peers.iter().copied().collect();
+        self.marks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(peer, _), _| peers.contains(peer));
+        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = peers;
+    }
+
+    /// `relay` said at `now` that `peer` has no session there (ignored unless `peer` is a
+    /// peer of the map).
     pub fn mark(&self, peer: PublicKey, relay: &str, now: Instant) {
+        if !self
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&peer)
+        {
+            return;
+        }
         let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= MAX_MARKS {
             m.retain(|_, until| *until > now);
@@ -908,6 +930,7 @@ mod tests {
         let u = Unreachable::default();
         let t0 = Instant::now();
         let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        u.set_peers(&[a, b]);
         let links = ["home", "next"];
         assert_eq!(pick(&links, &u, &a, t0), Some(&"home"));
         u.mark(a, "home", t0);
@@ -927,15 +950,39 @@ mod tests {
     fn notices_are_bounded() {
         let u = Unreachable::default();
         let t0 = Instant::now();
-        for i in 0..(MAX_MARKS + 100) {
-            let mut k = [0u8; 32];
-            k[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            u.mark(PublicKey(k), "r", t0);
+        let keys: Vec<PublicKey> = (0..(MAX_MARKS + 100))
+            .map(|i| {
+                let mut k = [0u8; 32];
+                k[..8].copy_from_slice(&(i as u64).to_le_bytes());
+                PublicKey(k)
+            })
+            .chain([PublicKey([9; 32])])
+            .collect();
+        u.set_peers(&keys);
+        for k in &keys[..MAX_MARKS + 100] {
+            u.mark(*k, "r", t0);
         }
         assert_eq!(u.marks.lock().unwrap().len(), MAX_MARKS);
         // Once expired, room again.
         u.mark(PublicKey([9; 32]), "r", t0 + UNREACHABLE_FOR);
         assert_eq!(u.marks.lock().unwrap().len(), 1);
+    }
+
+    /// Notices naming keys that are no peers take no room; a peer that left the map loses
+    /// its marks.
+    #[test]
+    fn only_peers_of_the_map_are_marked() {
+        let u = Unreachable::default();
+        let t0 = Instant::now();
+        let (peer, stranger) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        u.set_peers(&[peer]);
+        u.mark(stranger, "r", t0);
+        assert!(!u.is_marked(&stranger, "r", t0));
+        assert!(u.marks.lock().unwrap().is_empty());
+        u.mark(peer, "r", t0);
+        assert!(u.is_marked(&peer, "r", t0));
+        u.set_peers(&[stranger]);
+        assert!(!u.is_marked(&peer, "r", t0), "forgotten with the peer");
     }
 
     /// A hello carries the ticket and a proof that only the grant's secret makes, over this
