@@ -202,15 +202,8 @@ pub fn endpoint(
 /// # Errors
 /// [`ServerError::Tls`].
 pub fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(tls)
+    meshlink_tls::server_config(identity.cert.clone(), identity.key.clone_key(), ALPN)
+        .map_err(|e| ServerError::Tls(e.to_string()))
 }
 
 /// Connection IDs of [`CID_LEN`] random bytes, valid for any coordinator process (see

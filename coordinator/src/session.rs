@@ -322,52 +322,33 @@ async fn drive<T: Transport>(
     let network = session.network.clone();
     let granted = send_grants(granting, hello.public_key, &network, session.node);
     let control = async {
-        match relaying {
-            Some((relay, _route, source)) if datagrams.is_some() => {
-                let control = session_loop(
-                    transport,
-                    write,
-                    reader,
-                    service,
-                    &mut session,
-                    limits,
-                    &meter,
-                    None,
-                    None,
-                );
-                tokio::select! {
-                    end = control => end,
-                    never = relay_datagrams(transport, relay, source) => match never {},
-                }
+        // Over QUIC, relay frames are datagrams, forwarded by a loop of their own beside the
+        // session's; over TLS/TCP they are records of the stream, which the session loop
+        // reads and writes (`queue`). The route lives as long as the session.
+        let (in_stream, as_datagrams, _route) = match relaying {
+            Some((relay, route, source)) if datagrams.is_some() => {
+                (None, Some((relay, source)), Some(route))
             }
-            Some((relay, _route, source)) => {
-                session_loop(
-                    transport,
-                    write,
-                    reader,
-                    service,
-                    &mut session,
-                    limits,
-                    &meter,
-                    Some((relay, source)),
-                    queue,
-                )
-                .await
-            }
-            None => {
-                session_loop(
-                    transport,
-                    write,
-                    reader,
-                    service,
-                    &mut session,
-                    limits,
-                    &meter,
-                    None,
-                    None,
-                )
-                .await
-            }
+            Some((relay, route, source)) => (Some((relay, source)), None, Some(route)),
+            None => (None, None, None),
+        };
+        let control = session_loop(
+            transport,
+            write,
+            reader,
+            service,
+            &mut session,
+            limits,
+            &meter,
+            in_stream,
+            queue,
+        );
+        match as_datagrams {
+            Some((relay, source)) => tokio::select! {
+                end = control => end,
+                never = relay_datagrams(transport, relay, source) => match never {},
+            },
+            None => control.await,
         }
     };
     let end = tokio::select! {

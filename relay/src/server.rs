@@ -230,15 +230,8 @@ pub fn load_or_create_identity(dir: &Path) -> Result<Identity, StartError> {
 
 /// The TLS configuration of both transports: TLS 1.3 only, ring, ALPN [`RELAY_ALPN`].
 fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, StartError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(vec![identity.cert.clone()], identity.key.clone_key())
-        .map_err(|e| StartError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
-    Ok(tls)
+    meshlink_tls::server_config(identity.cert.clone(), identity.key.clone_key(), RELAY_ALPN)
+        .map_err(|e| StartError::Tls(e.to_string()))
 }
 
 /// A running relay: its address, counters and stop switch.

@@ -1,7 +1,8 @@
 //! The client side of trust in the coordinator: a rustls certificate verifier that accepts
 //! exactly the certificate whose SHA-256 is pinned (the fingerprint in a join token), and a
 //! QUIC client configuration using it. The agent uses it for its control channel; the
-//! coordinator's tests and the load generator use it as clients.
+//! coordinator's tests and the load generator use it as clients. And the server side both the
+//! coordinator and the standalone relay serve with ([`server_config`]).
 //!
 //! # Security
 //! Pinning replaces the CA chain and name checks, not the handshake: the TLS 1.3
@@ -129,6 +130,25 @@ pub fn rustls_client_config(fingerprint: &str) -> Result<rustls::ClientConfig, P
         .with_custom_certificate_verifier(verifier)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(tls)
+}
+
+/// A server's TLS configuration (QUIC and TLS/TCP alike): its certificate and key, TLS 1.3
+/// only, the ring provider, and `alpn` as the one protocol it speaks.
+///
+/// # Errors
+/// rustls's, when the key does not fit the certificate.
+pub fn server_config(
+    cert: CertificateDer<'static>,
+    key: rustls::pki_types::PrivateKeyDer<'static>,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(tls)
 }
 
