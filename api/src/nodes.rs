@@ -90,6 +90,10 @@ pub struct PeerPath {
     /// What a relayed path runs over: `udp` or `tcp`.
     #[serde(default)]
     pub over: Option<RelayTransport>,
+    /// The standalone relay's name, for a path through one (absent: the coordinator's relay,
+    /// or not relayed).
+    #[serde(default)]
+    pub relay: Option<String>,
     /// Round trip of a direct path, in microseconds.
     #[serde(default)]
     pub rtt_us: Option<u64>,

@@ -434,6 +434,7 @@ fn node_view(
                 kind: p.kind,
                 via: p.via,
                 over: p.over,
+                relay: p.relay,
                 rtt_us: p.rtt_us,
                 changed_secs_ago: p.changed_secs_ago,
             })

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use meshlink_proto::control::{PathReport, MAX_PATH_REPORTS};
+use meshlink_proto::control::{PathReport, MAX_PATH_REPORTS, MAX_RELAY_NAME};
 use meshlink_proto::NodeId;
 
 use crate::store::UnixTime;
@@ -36,9 +36,21 @@ impl PathBook {
         self.reports.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records `node`'s report, keeping at most [`MAX_PATH_REPORTS`] entries.
+    /// Records `node`'s report, keeping at most [`MAX_PATH_REPORTS`] entries, and of each
+    /// relay name at most [`MAX_RELAY_NAME`] bytes.
     pub fn record(&self, node: NodeId, mut paths: Vec<PathReport>, at: UnixTime) {
         paths.truncate(MAX_PATH_REPORTS);
+        for p in &mut paths {
+            if let Some(name) = &mut p.relay {
+                if name.len() > MAX_RELAY_NAME {
+                    let mut end = MAX_RELAY_NAME;
+                    while !name.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    name.truncate(end);
+                }
+            }
+        }
         self.lock().insert(node, Reported { at, paths });
     }
 
@@ -61,6 +73,7 @@ mod tests {
 
     fn entry(peer: NodeId) -> PathReport {
         PathReport {
+            relay: None,
             peer,
             kind: PathKind::Direct,
             via: Some("198.18.0.2:51820".parse().unwrap()),
@@ -81,5 +94,13 @@ mod tests {
         assert_eq!(book.get(5).unwrap().paths.len(), MAX_PATH_REPORTS);
         book.forget(1);
         assert_eq!(book.get(1), None);
+        // A relay's name is kept to MAX_RELAY_NAME bytes, on a character boundary.
+        let long = PathReport {
+            relay: Some("é".repeat(MAX_RELAY_NAME)),
+            ..entry(2)
+        };
+        book.record(6, vec![long], t);
+        let kept = book.get(6).unwrap().paths[0].relay.clone().unwrap();
+        assert_eq!(kept, "é".repeat(MAX_RELAY_NAME / 2));
     }
 }

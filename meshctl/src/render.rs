@@ -433,6 +433,9 @@ fn peer_paths(peers: &[PeerPath]) -> String {
                 PathKind::None => "none",
             };
             let mut s = format!("{name} {kind}");
+            if let Some(relay) = &p.relay {
+                s.push_str(&format!(" {}", clean(relay)));
+            }
             if let Some(via) = p.via {
                 s.push_str(&format!(" {via}"));
             }
@@ -898,6 +901,7 @@ mod tests {
     fn paths_name_the_peer_the_kind_the_address_and_the_transport() {
         let peers = vec![
             PeerPath {
+                relay: None,
                 peer: meshlink_api::NodeId(2),
                 peer_name: Some("vm-b".into()),
                 kind: PathKind::Direct,
@@ -907,6 +911,7 @@ mod tests {
                 changed_secs_ago: Some(4),
             },
             PeerPath {
+                relay: Some("r1\u{1b}[2J".into()),
                 peer: meshlink_api::NodeId(3),
                 peer_name: None,
                 kind: PathKind::Relay,
@@ -918,7 +923,7 @@ mod tests {
         ];
         assert_eq!(
             peer_paths(&peers),
-            "vm-b direct 203.0.113.7:51820 1.2 ms, #3 relay 198.51.100.5:7443/tcp"
+            "vm-b direct 203.0.113.7:51820 1.2 ms, #3 relay r1?[2J 198.51.100.5:7443/tcp"
         );
         assert_eq!(peer_paths(&[]), "-");
         assert_eq!(path_counts(Some(&peers)), "1 direct, 1 relay/tcp");

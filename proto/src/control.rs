@@ -223,6 +223,11 @@ pub struct PathReport {
     /// For a relay: over what.
     #[serde(default)]
     pub over: Option<RelayTransport>,
+    /// For a path through a standalone relay: the relay's name, as the coordinators'
+    /// `[[relays]]` list it (at most [`MAX_RELAY_NAME`] bytes). Absent: the coordinator's own
+    /// relay, or not relayed (and from agents from before 2026-12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
     /// Round trip of a direct path, in microseconds.
     #[serde(default)]
     pub rtt_us: Option<u64>,
@@ -230,6 +235,10 @@ pub struct PathReport {
     #[serde(default)]
     pub changed_secs_ago: Option<u64>,
 }
+
+/// The longest relay name a [`PathReport`] keeps (a coordinator's `[[relays]]` names are at
+/// most 32 bytes).
+pub const MAX_RELAY_NAME: usize = 64;
 
 /// The coordinator's answer to an accepted hello.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -169,17 +169,21 @@ impl Discovery {
         ids.iter()
             .filter_map(|(key, id)| {
                 let st = p.status(key)?;
-                let relay = self.relay.route_for(key).map(|(r, t, _)| (r, t));
-                let (kind, via, over) = match st.path {
-                    Path::Direct(a) => (PathKind::Direct, Some(a), None),
-                    Path::Relay => (PathKind::Relay, relay.map(|r| r.0), relay.map(|r| r.1)),
-                    Path::Unknown => (PathKind::Unconfirmed, None, None),
+                let relay = self.relay.route_for(key);
+                let (kind, via, over, name) = match (st.path, relay) {
+                    (Path::Direct(a), _) => (PathKind::Direct, Some(a), None, None),
+                    (Path::Relay, Some((addr, over, name))) => {
+                        (PathKind::Relay, Some(addr), Some(over), name)
+                    }
+                    (Path::Relay, None) => (PathKind::Relay, None, None, None),
+                    (Path::Unknown, _) => (PathKind::Unconfirmed, None, None, None),
                 };
                 Some(PathReport {
                     peer: *id,
                     kind,
                     via,
                     over,
+                    relay: name,
                     rtt_us: st
                         .rtt
                         .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX)),
@@ -226,6 +230,8 @@ impl Discovery {
         let mut net = NetBatch::with_capacity(64 * 1024);
         let mut ids: Vec<(PublicKey, NodeId)> = Vec::new();
         let mut reported = Instant::now();
+        // The relay a relayed path goes through changed: reported at once too.
+        let mut relay_changed = false;
         loop {
             let wake = self.paths().poll_timeout();
             tokio::select! {
@@ -255,6 +261,7 @@ impl Discovery {
                     let mut p = self.paths();
                     p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
                     p.set_relay(available, now);
+                    relay_changed = true;
                 }
                 r = home.changed() => {
                     if r.is_err() {
@@ -265,6 +272,7 @@ impl Discovery {
                     home.borrow_and_update();
                     let available = self.relay.available();
                     self.paths().set_relay(available, Instant::now());
+                    relay_changed = true;
                 }
                 Some((from, d)) = inbox.recv() => {
                     tracing::trace!(%from, len = d.len(), "discovery datagram");
@@ -289,8 +297,9 @@ impl Discovery {
             // What operators see (`meshctl node show`): on a change, and every so often for
             // fresh round trips; the control loop sends it at most every few seconds.
             let now = Instant::now();
-            if changed || now.saturating_duration_since(reported) >= REPORT_EVERY {
+            if changed || relay_changed || now.saturating_duration_since(reported) >= REPORT_EVERY {
                 reported = now;
+                relay_changed = false;
                 let report = self.report(&ids, now);
                 shared.path_report.send_if_modified(|r| {
                     let new = *r != report;

@@ -527,6 +527,7 @@ mod tests {
 
     fn path(peer: NodeId, kind: PathKind) -> PathReport {
         PathReport {
+            relay: None,
             peer,
             kind,
             via: None,

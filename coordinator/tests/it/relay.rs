@@ -286,6 +286,7 @@ async fn a_nodes_path_report_shows_in_the_admin_api() {
     let (_b, wb, _) = join(&t, 2, Some("b")).await;
     assert!(wa.path_reports, "the welcome offers path reports");
     let report = vec![PathReport {
+        relay: None,
         peer: wb.node_id,
         kind: PathKind::Relay,
         via: Some(addr_of(&t)),
