@@ -34,7 +34,8 @@ pub const QUIC_RETRY: Duration = Duration::from_secs(30);
 /// How long such a check waits for a QUIC handshake.
 pub const QUIC_PROBE: Duration = Duration::from_secs(2);
 
-type Tls = TlsStream<TcpStream>;
+/// A TLS/TCP client stream.
+pub type Tls = TlsStream<TcpStream>;
 
 /// The writing half of a TLS/TCP session, shared by the control loop (messages) and the
 /// relay client (frames).
@@ -249,28 +250,49 @@ async fn quic(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Trans
     })
 }
 
-async fn tcp(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transport, String> {
-    let config = meshlink_tls::rustls_client_config(pin).map_err(|e| e.to_string())?;
+/// A TLS/TCP connection to `target` (a coordinator's or a relay's): no Nagle, a TCP keepalive
+/// after `keepalive` of silence (three unanswered: dead) and `TCP_USER_TIMEOUT` `idle`, so a
+/// dead server is noticed about when QUIC would notice it; then TLS with `config` for
+/// `server_name`.
+///
+/// # Errors
+/// The socket's or the handshake's error, as text.
+pub async fn tls_over_tcp(
+    target: SocketAddr,
+    config: rustls::ClientConfig,
+    server_name: &'static str,
+    keepalive: Duration,
+    idle: Duration,
+) -> Result<Tls, String> {
     let stream = TcpStream::connect(target)
         .await
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    // A dead coordinator is noticed about when QUIC would notice it.
     let sock = socket2::SockRef::from(&stream);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(liveness.keepalive)
-        .with_interval(liveness.keepalive)
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(keepalive)
         .with_retries(3);
-    sock.set_tcp_keepalive(&keepalive)
+    sock.set_tcp_keepalive(&probes).map_err(|e| e.to_string())?;
+    sock.set_tcp_user_timeout(Some(idle))
         .map_err(|e| e.to_string())?;
-    sock.set_tcp_user_timeout(Some(liveness.idle.max(Duration::from_secs(1))))
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(tls::SERVER_NAME).map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+    let name = rustls::pki_types::ServerName::try_from(server_name).map_err(|e| e.to_string())?;
+    tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, stream)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| e.to_string())
+}
+
+async fn tcp(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transport, String> {
+    let config = meshlink_tls::rustls_client_config(pin).map_err(|e| e.to_string())?;
+    let tls = tls_over_tcp(
+        target,
+        config,
+        tls::SERVER_NAME,
+        liveness.keepalive,
+        liveness.idle.max(Duration::from_secs(1)),
+    )
+    .await?;
     let (read, write) = tokio::io::split(tls);
     Ok(Transport::Tcp {
         remote: target,

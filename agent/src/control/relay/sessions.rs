@@ -43,12 +43,11 @@ use meshlink_proto::relay::{
 };
 use meshlink_proto::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use super::home::{Candidate, HomeChoice};
-use crate::control::transport::{LinkConn, StreamWriter};
+use crate::control::transport::{tls_over_tcp, LinkConn, StreamWriter, Tls};
 
 /// How long QUIC has before TLS/TCP is tried.
 pub const TCP_AFTER: Duration = Duration::from_secs(2);
@@ -487,10 +486,7 @@ fn ticket_key(ticket: &str) -> Option<PublicKey> {
 
 enum Reader {
     Quic(quinn::Connection),
-    Tcp(
-        ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>,
-        Decoder,
-    ),
+    Tcp(ReadHalf<Tls>, Decoder),
 }
 
 /// What a session does next, given the time (Unix seconds), when it is due for renewal
@@ -867,25 +863,14 @@ async fn open_tcp(
     target: SocketAddr,
     creds: &Credentials,
 ) -> Result<Open, String> {
-    let stream = TcpStream::connect(target)
-        .await
-        .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let sock = socket2::SockRef::from(&stream);
-    let keepalive = socket2::TcpKeepalive::new()
-        .with_time(KEEPALIVE)
-        .with_interval(KEEPALIVE)
-        .with_retries(3);
-    sock.set_tcp_keepalive(&keepalive)
-        .map_err(|e| e.to_string())?;
-    sock.set_tcp_user_timeout(Some(IDLE))
-        .map_err(|e| e.to_string())?;
-    let name =
-        rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).map_err(|e| e.to_string())?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(tls(&info.fingerprint)?))
-        .connect(name, stream)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut tls = tls_over_tcp(
+        target,
+        tls(&info.fingerprint)?,
+        RELAY_SERVER_NAME,
+        KEEPALIVE,
+        IDLE,
+    )
+    .await?;
     let exporter = tls
         .get_ref()
         .1
