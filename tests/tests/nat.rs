@@ -668,21 +668,6 @@ fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
         "nat: homes: vm-a1 {home}, vm-b1 {:?}",
         home_relay(&mesh, "vm-b1")
     );
-    // Operators see it too: `meshctl node show` names the relay, from vm-a1's path report.
-    let ctl = mesh.coordinator().meshctl();
-    let names_relay = |node: &Value| {
-        node.pointer("/paths/peers")?
-            .as_array()?
-            .iter()
-            .find(|p| p["peer_name"] == "vm-b1" && p["relay"] == home.as_str())
-            .map(|_| ())
-    };
-    wait_until(
-        Duration::from_secs(12),
-        "meshctl node show to name vm-a1's relay",
-        || names_relay(&ctl.json(&["node", "show", "vm-a1"])),
-    )
-    .unwrap_or_else(|e| panic!("{e}: {}", ctl.json(&["node", "show", "vm-a1"])));
 
     // A TCP transfer runs while vm-a1's home relay is killed: it completes intact, through
     // the other relay, on the same WireGuard session.
