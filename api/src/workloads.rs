@@ -36,6 +36,12 @@ pub struct CreateWorkload {
 pub struct MoveWorkload {
     /// The destination: a node name or id.
     pub node: String,
+    /// A live migration: the application serving the workload on its holder hands its state
+    /// (its open connections, its data) over to the same application on the destination
+    /// before the move commits; refused (nothing moves) when it cannot. Absent: an ordinary
+    /// move.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub live: bool,
 }
 
 /// A node named in a workload. A deleted node keeps its id and has no name.
@@ -118,6 +124,10 @@ pub struct MovedWorkload {
     /// Milliseconds the destination took to report its tunnels ready; `null` when it was not
     /// asked (offline, detach, no change) or did not answer in time.
     pub prepared_ms: Option<f64>,
+    /// Milliseconds the holder's application took to hand its state over (a live
+    /// migration); absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_over_ms: Option<f64>,
     /// Milliseconds from the request to the change being queued to every session.
     pub took_ms: f64,
 }

@@ -539,7 +539,11 @@ async fn move_workload(
     let network = workload_network(&s, &name, q.network.map(String::from)).await?;
     let (net, n) = (network.clone(), name.clone());
     let outcome = detached(&s, move |svc| async move {
-        svc.move_workload(&net, &n, Some(&body.node)).await
+        if body.live {
+            svc.migrate_workload(&net, &n, &body.node).await
+        } else {
+            svc.move_workload(&net, &n, Some(&body.node)).await
+        }
     })
     .await?;
     Ok(Json(moved_view(&s, outcome).await?))
@@ -611,6 +615,7 @@ async fn moved_view(s: &AppState, outcome: MoveOutcome) -> HttpResult<api::Moved
         workload: workload_view(s, &outcome.workload).await?,
         changed: outcome.changed,
         prepared_ms: outcome.prepared_in.map(millis),
+        handed_over_ms: outcome.handed_over_in.map(millis),
         took_ms: millis(outcome.took),
     })
 }

@@ -113,6 +113,16 @@ impl Service {
                     .await;
                 Ok(None)
             }
+            ClientMessage::HandedOver {
+                workload,
+                generation,
+                error,
+            } => {
+                let answer = error.map_or(Ok(()), Err);
+                self.handover_answered_here(from.node, from.network, &workload, generation, answer)
+                    .await;
+                Ok(None)
+            }
             ClientMessage::Claim { request, workload } => {
                 let service = self.clone();
                 let (node, network, remote) = (from.node, from.network.to_string(), from.remote);

@@ -238,9 +238,17 @@ pub async fn follow_postgres(
                             Ok(note) if n.channel() == PREPARE_CHANNEL => {
                                 service.prepare_requested(&note);
                             }
-                            Ok(note) => {
-                                service.prepared(note.node, &note.workload, note.generation);
-                            }
+                            Ok(note) => match note.handed_over {
+                                Some(answer) => service.handover_answered(
+                                    note.node,
+                                    &note.workload,
+                                    note.generation,
+                                    answer,
+                                ),
+                                None => {
+                                    service.prepared(note.node, &note.workload, note.generation)
+                                }
+                            },
                             Err(e) => tracing::debug!("a malformed note on {}: {e}", n.channel()),
                         }
                     }

@@ -181,6 +181,8 @@ pub struct Features {
     /// Compressed records ([`Hello::compression`]): its frames are written with
     /// [`Frame::bytes`]`(true)`.
     pub compression: bool,
+    /// Live migrations ([`Hello::handover`]): it may be sent a `Handover`.
+    pub handover: bool,
 }
 
 impl Features {
@@ -189,6 +191,7 @@ impl Features {
         Features {
             policy_edits: hello.policy_edits,
             compression: hello.compression,
+            handover: hello.handover,
         }
     }
 }
@@ -771,6 +774,17 @@ impl Hub {
     }
 
     /// Whether a node has an attached session.
+    /// What the agent of `node`'s session here can take; `None` without a session here.
+    pub fn features_of(&self, network: &str, node: NodeId) -> Option<Features> {
+        self.lock()
+            .networks
+            .get(network)?
+            .sessions
+            .get(&node)
+            .map(|s| s.features)
+    }
+
+    /// Whether `node` has a session here.
     pub fn is_online(&self, network: &str, node: NodeId) -> bool {
         self.lock()
             .networks

@@ -37,6 +37,7 @@ pub mod hub;
 pub mod identity;
 pub mod keys;
 pub mod logging;
+pub mod migrate;
 pub mod paths;
 pub mod pin;
 pub mod ratelimit;

@@ -14,7 +14,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshlink_proto::control::{encode, Auth, Hello, ServerMessage};
+pub(crate) use meshlink_proto::control::encode;
+use meshlink_proto::control::{Auth, Hello, ServerMessage};
 use meshlink_proto::workload::{
     failover_target, Confirmation, LeaseTable, DEFAULT_LEASE, HEARTBEATS_PER_LEASE,
 };
@@ -46,6 +47,8 @@ pub struct WorkloadTiming {
     pub margin: Duration,
     /// How long a move waits for the destination to report its tunnels ready.
     pub prepare_timeout: Duration,
+    /// How long a live migration waits for the holder's application to hand over.
+    pub handover_timeout: Duration,
     /// How long a former holder forwards for a moved address (told to agents in maps).
     pub grace: Duration,
 }
@@ -56,6 +59,7 @@ impl Default for WorkloadTiming {
             lease: DEFAULT_LEASE,
             margin: Duration::from_millis(100),
             prepare_timeout: Duration::from_millis(500),
+            handover_timeout: Duration::from_secs(10),
             grace: meshlink_proto::workload::DEFAULT_GRACE,
         }
     }
@@ -79,11 +83,13 @@ pub struct MoveOutcome {
     /// How long the destination took to report its tunnels ready; `None` when it was not
     /// asked (offline, detach) or did not answer in time.
     pub prepared_in: Option<Duration>,
+    /// How long the holder's application took to hand over (a live migration).
+    pub handed_over_in: Option<Duration>,
     /// Time from the request to the change being queued to every session.
     pub took: Duration,
 }
 
-type PrepareKey = (NodeId, String, u64);
+pub(crate) type PrepareKey = (NodeId, String, u64);
 
 /// A node that held a workload before a change of holder and may still answer for it: until
 /// it acknowledges the change (a heartbeat at `version` or later) or `until` passes (its lease
@@ -251,7 +257,7 @@ pub trait Clock: Send + Sync {
 }
 
 /// `rx`'s value, unless `deadline` comes first.
-async fn answer_within<T>(
+pub(crate) async fn answer_within<T>(
     rx: oneshot::Receiver<T>,
     deadline: impl Future<Output = ()>,
 ) -> Result<Result<T, oneshot::error::RecvError>, ()> {
@@ -311,11 +317,13 @@ pub struct Session {
 pub struct Service {
     store: Arc<dyn Store>,
     hub: Hub,
-    clock: Arc<dyn Clock>,
+    pub(crate) clock: Arc<dyn Clock>,
     write: Mutex<()>,
     timing: WorkloadTiming,
     leases: std::sync::Mutex<LeaseTable>,
     prepares: std::sync::Mutex<HashMap<PrepareKey, Vec<oneshot::Sender<()>>>>,
+    /// Live migrations waiting for the holder's answer, by (holder, workload, generation).
+    pub(crate) live_migrations: crate::migrate::Waiting,
     /// Workloads whose holder is silent with no standby online: when to look again (and
     /// whether that was already logged).
     stranded: std::sync::Mutex<HashMap<(String, String, u64), Instant>>,
@@ -335,7 +343,7 @@ pub struct Service {
     endpoint_pace: std::sync::Mutex<EndpointPace>,
     /// With several coordinators on one PostgreSQL store: leases kept in the database, and
     /// this coordinator's claim to decide failovers (see `store/leases.rs`).
-    shared: std::sync::OnceLock<SqlStore>,
+    pub(crate) shared: std::sync::OnceLock<SqlStore>,
     leadership: Mutex<Leadership>,
     /// This process among the coordinators (random, for the presence table).
     me: String,
@@ -425,6 +433,7 @@ impl Service {
             // Holders of the previous run may hold leases it granted: they count from now.
             leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, started)),
             prepares: std::sync::Mutex::new(HashMap::new()),
+            live_migrations: crate::migrate::Waiting::default(),
             stranded: std::sync::Mutex::new(HashMap::new()),
             tasks: std::sync::Mutex::new(JoinSet::new()),
             coordinators: std::sync::Mutex::new(Vec::new()),
@@ -688,6 +697,8 @@ impl Service {
                 workload: workload.to_string(),
                 generation,
                 warm: None,
+                handover_to: None,
+                handed_over: None,
             };
             let payload = serde_json::to_string(&note).unwrap_or_default();
             if let Err(e) = store.notify(PREPARED_CHANNEL, &payload).await {
@@ -698,7 +709,11 @@ impl Service {
 
     /// Another coordinator asks for a `Prepare` to be sent to a node: sent when the node's
     /// session is here.
-    pub fn prepare_requested(&self, note: &PrepareNote) {
+    pub fn prepare_requested(self: &Arc<Self>, note: &PrepareNote) {
+        if let Some(to) = note.handover_to {
+            self.handover_requested(note, to);
+            return;
+        }
         let frame: Frame = encode(&ServerMessage::Prepare {
             workload: note.workload.clone(),
             generation: note.generation,
@@ -754,6 +769,8 @@ impl Service {
                     workload: w.name.clone(),
                     generation,
                     warm,
+                    handover_to: None,
+                    handed_over: None,
                 };
                 let payload = serde_json::to_string(&note).unwrap_or_default();
                 store.notify(PREPARE_CHANNEL, &payload).await.is_ok()
@@ -822,6 +839,7 @@ impl Service {
                 workload: plan.workload,
                 changed: false,
                 prepared_in: None,
+                handed_over_in: None,
                 took: self.clock.instant().saturating_duration_since(started),
             });
         }
@@ -889,6 +907,15 @@ impl Service {
             Some(to) => self.prepare(&plan.workload, to.id).await,
             None => None,
         };
+        // A live migration commits only once the holder's application handed its state over.
+        let handed_over_in = match (plan.live, plan.workload.holder, &plan.to) {
+            (true, Some(holder), Some(to)) => Some(
+                self.ask_handover(&plan.workload, holder, to)
+                    .await
+                    .inspect_err(|_| telemetry::move_failed(cause))?,
+            ),
+            _ => None,
+        };
         let _w = self.write.lock().await;
         let committed = workloads::commit_holder(self.store(), self.clock.now(), &plan).await;
         if let Some(f) = fenced_in_db {
@@ -938,6 +965,7 @@ impl Service {
             workload: rec,
             changed: true,
             prepared_in,
+            handed_over_in,
             took,
         })
     }
@@ -1320,6 +1348,47 @@ impl Service {
             .await
     }
 
+    /// Moves a workload with its application's state (admin): the holder's application hands
+    /// its connections and data over to the same application on `to` before the move
+    /// commits (see `migrate.rs`).
+    ///
+    /// # Errors
+    /// As [`Service::move_workload`]; [`ApiError::Conflict`] when the workload has no holder,
+    /// its holder is offline, or its application did not hand over (nothing moved then).
+    pub async fn migrate_workload(
+        &self,
+        network: &str,
+        name: &str,
+        to: &str,
+    ) -> Result<MoveOutcome, ApiError> {
+        let mut plan =
+            workloads::plan_move(self.store(), &Caller::Admin, network, name, Some(to)).await?;
+        if plan.is_noop() {
+            return Err(ApiError::Conflict(format!(
+                "workload {name} is already held by {to}"
+            )));
+        }
+        let Some(holder) = plan.workload.holder else {
+            return Err(ApiError::Conflict(format!(
+                "workload {name} has no holder: there is nothing to migrate (attach it with `workload move`)"
+            )));
+        };
+        if !self.hub.is_online(network, holder) && !self.is_online_anywhere(network, holder) {
+            return Err(ApiError::Conflict(format!(
+                "the holder of workload {name} is offline: a live migration needs its application"
+            )));
+        }
+        plan.live = true;
+        self.execute(
+            plan,
+            "migrated live by an operator",
+            None,
+            MoveCause::Operator,
+            None,
+        )
+        .await
+    }
+
     /// A node claims a workload for itself, from its own agent.
     ///
     /// # Errors
@@ -1495,6 +1564,7 @@ impl Service {
             let plan = PlannedMove {
                 workload: rec,
                 to: Some(node),
+                live: false,
             };
             if let Err(e) = self
                 .execute(
@@ -1556,7 +1626,11 @@ impl Service {
             let name = w.name.clone();
             if let Err(e) = self
                 .execute(
-                    PlannedMove { workload: w, to },
+                    PlannedMove {
+                        workload: w,
+                        to,
+                        live: false,
+                    },
                     "released from a removed node",
                     None,
                     MoveCause::Release,
@@ -1961,6 +2035,7 @@ mod tests {
             name: None,
             labels: BTreeMap::new(),
             endpoints: vec![SocketAddr::from(([198, 18, 0, key], 51820))],
+            handover: false,
         }
     }
 

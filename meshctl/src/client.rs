@@ -549,6 +549,7 @@ impl AdminClient {
         let path = format!("/v1/workloads/{}/attach", encode(name));
         let body = MoveWorkload {
             node: node.to_owned(),
+            live: false,
         };
         self.fetch(Method::Post, &path, network, Some(&body))
     }
@@ -567,6 +568,26 @@ impl AdminClient {
         let path = format!("/v1/workloads/{}/move", encode(name));
         let body = MoveWorkload {
             node: node.to_owned(),
+            live: false,
+        };
+        self.fetch(Method::Post, &path, network, Some(&body))
+    }
+
+    /// `POST /v1/workloads/{name}/move` with `live`: a live migration to `node`.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a 409 when the application did not hand over (nothing moved).
+    pub fn migrate_workload(
+        &self,
+        name: &str,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<MovedWorkload>, ClientError> {
+        let path = format!("/v1/workloads/{}/move", encode(name));
+        let body = MoveWorkload {
+            node: node.to_owned(),
+            live: true,
         };
         self.fetch(Method::Post, &path, network, Some(&body))
     }

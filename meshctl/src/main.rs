@@ -349,6 +349,17 @@ enum WorkloadCommand {
         #[arg(long, value_name = "NODE", value_parser = NonEmptyStringValueParser::new())]
         to: String,
     },
+    /// Move a workload with its application's state: the application on the holder hands its
+    /// open connections and data over to the same application on the destination before the
+    /// address moves (it must be registered with its agent; see the README). Nothing moves
+    /// when it cannot.
+    Migrate {
+        #[command(flatten)]
+        workload: WorkloadRef,
+        /// The node (name or id) to hold it.
+        #[arg(long, value_name = "NODE", value_parser = NonEmptyStringValueParser::new())]
+        to: String,
+    },
     /// Take a workload from its holder: nobody answers for its address until it is attached.
     Detach(WorkloadRef),
     /// Delete a workload and free its address.
@@ -751,6 +762,13 @@ fn workload(client: &AdminClient, output: Output, command: WorkloadCommand) -> R
                 render::moved(&reply.value, Change::Move)
             })
         }
+        WorkloadCommand::Migrate { workload, to } => {
+            let reply =
+                client.migrate_workload(&workload.name, &to, workload.network.as_deref())?;
+            emit(output, &reply.json, || {
+                render::moved(&reply.value, Change::Migrate)
+            })
+        }
         WorkloadCommand::Detach(WorkloadRef { name, network }) => {
             let reply = client.detach_workload(&name, network.as_deref())?;
             emit(output, &reply.json, || {
@@ -998,6 +1016,13 @@ mod tests {
             (workload.name.as_str(), workload.network, to.as_str()),
             ("chat", None, "vm-c")
         );
+
+        let cli = Cli::try_parse_from(["meshctl", "workload", "migrate", "chat", "--to", "vm-c"])
+            .unwrap();
+        let Command::Workload(WorkloadCommand::Migrate { workload, to }) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!((workload.name.as_str(), to.as_str()), ("chat", "vm-c"));
 
         let cli = Cli::try_parse_from(["meshctl", "workload", "claim", "chat"]).unwrap();
         let Command::Workload(WorkloadCommand::Claim(args)) = cli.command else {

@@ -661,6 +661,8 @@ pub enum Change {
     Attach,
     /// `workload move`.
     Move,
+    /// `workload migrate`.
+    Migrate,
     /// `workload detach`.
     Detach,
 }
@@ -679,11 +681,11 @@ pub fn moved(reply: &MovedWorkload, change: Change) -> String {
     let took = format!(" in {}", millis(reply.took_ms));
     let holder = maybe_node(w.holder.as_ref());
     let line = match (change, reply.changed) {
-        (Change::Attach | Change::Move, true) => {
-            let verb = if change == Change::Attach {
-                "attached"
-            } else {
-                "moved"
+        (Change::Attach | Change::Move | Change::Migrate, true) => {
+            let verb = match change {
+                Change::Attach => "attached",
+                Change::Migrate => "migrated",
+                _ => "moved",
             };
             let readiness = match (reply.prepared_ms, w.state) {
                 (Some(ms), _) => format!(" (destination ready in {})", millis(ms)),
@@ -693,9 +695,15 @@ pub fn moved(reply: &MovedWorkload, change: Change) -> String {
                 }
                 (None, WorkloadState::Detached) => String::new(),
             };
-            format!("{name} {verb} to {holder} (generation {generation}){took}{readiness}")
+            let handover = reply
+                .handed_over_ms
+                .map(|ms| format!(" (application handed over in {})", millis(ms)))
+                .unwrap_or_default();
+            format!(
+                "{name} {verb} to {holder} (generation {generation}){took}{readiness}{handover}"
+            )
         }
-        (Change::Attach | Change::Move, false) => {
+        (Change::Attach | Change::Move | Change::Migrate, false) => {
             format!("{name} is already held by {holder} (generation {generation})")
         }
         (Change::Detach, true) => match &w.previous {

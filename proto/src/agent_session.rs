@@ -52,6 +52,16 @@ pub enum Event {
         /// every peer.
         warm: Option<Vec<NodeId>>,
     },
+    /// A live migration of a workload held here: hand the application's state over to `to`,
+    /// then call [`AgentSession::handed_over`].
+    Handover {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+        /// The destination.
+        to: NodeId,
+    },
     /// A delta did not apply (it does not follow the map's version, or its policy edit does
     /// not fit the map's policy): the map is unchanged, a full map was asked for, and deltas
     /// are skipped until it comes.
@@ -264,6 +274,17 @@ impl<M: SessionMap> AgentSession<M> {
                     warm,
                 });
             }
+            ServerMessage::Handover {
+                workload,
+                generation,
+                to,
+            } => {
+                self.events.push_back(Event::Handover {
+                    workload,
+                    generation,
+                    to,
+                });
+            }
             ServerMessage::ClaimResult {
                 request,
                 generation,
@@ -330,6 +351,18 @@ impl<M: SessionMap> AgentSession<M> {
             self.transmits.push_back(ClientMessage::Prepared {
                 workload,
                 generation,
+            });
+        }
+    }
+
+    /// The answer to [`Event::Handover`]: the state was handed over, or why not. Lost with
+    /// the connection (the coordinator gives up on the move).
+    pub fn handed_over(&mut self, workload: String, generation: u64, result: Result<(), String>) {
+        if self.connected {
+            self.transmits.push_back(ClientMessage::HandedOver {
+                workload,
+                generation,
+                error: result.err(),
             });
         }
     }
@@ -803,6 +836,50 @@ mod tests {
         );
         s.disconnected();
         s.prepared("chat".into(), 2);
+        assert!(transmits(&mut s).is_empty());
+    }
+
+    #[test]
+    fn a_handover_is_an_event_and_its_answer_is_sent_only_in_a_session() {
+        let t0 = Instant::now();
+        let m = map(1, &[wl(Some(2), 1)]);
+        let mut s = AgentSession::new(2, m.clone(), t0);
+        s.connected(t0, m, vec![]);
+        transmits(&mut s);
+        let handover = ServerMessage::Handover {
+            workload: "chat".into(),
+            generation: 2,
+            to: 3,
+        };
+        s.handle_message(t0, handover).unwrap();
+        assert!(
+            transmits(&mut s).is_empty(),
+            "nothing sent before the answer"
+        );
+        assert!(events(&mut s).contains(&Event::Handover {
+            workload: "chat".into(),
+            generation: 2,
+            to: 3
+        }));
+        s.handed_over("chat".into(), 2, Err("the destination refused".into()));
+        s.handed_over("chat".into(), 2, Ok(()));
+        assert_eq!(
+            transmits(&mut s),
+            vec![
+                ClientMessage::HandedOver {
+                    workload: "chat".into(),
+                    generation: 2,
+                    error: Some("the destination refused".into()),
+                },
+                ClientMessage::HandedOver {
+                    workload: "chat".into(),
+                    generation: 2,
+                    error: None,
+                }
+            ]
+        );
+        s.disconnected();
+        s.handed_over("chat".into(), 2, Ok(()));
         assert!(transmits(&mut s).is_empty());
     }
 

@@ -104,6 +104,12 @@ pub struct Hello {
     /// would refuse one as over the size cap, so they get every message as it is. Absent: no.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub compression: bool,
+    /// Whether the agent takes part in live migrations ([`ServerMessage::Handover`]): it
+    /// passes a handover to the application registered for the workload on its local API and
+    /// answers [`ClientMessage::HandedOver`]. Older agents are never sent one (a live migration
+    /// away from them is refused). Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
 }
 
 /// Messages from the agent.
@@ -139,6 +145,18 @@ pub enum ClientMessage {
         workload: String,
         /// The generation the move will take.
         generation: u64,
+    },
+    /// The application serving `workload` here handed its state over to the destination of
+    /// a live migration, in answer to [`ServerMessage::Handover`]; with `error`, it could not
+    /// (the move does not happen, and the application carries on here).
+    HandedOver {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+        /// Why the handover failed, when it did.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
     },
     /// The paths this node uses to its peers, for operators (`meshctl node show`); sent only
     /// to coordinators whose welcome says [`Welcome::path_reports`], when they changed, at
@@ -346,6 +364,19 @@ pub enum ServerMessage {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         warm: Option<Vec<NodeId>>,
     },
+    /// A live migration of `workload`, held here, to the node `to` at `generation` (its
+    /// tunnels are up): the application serving the workload here is to hand its state (its
+    /// connections, its data) over to the same application on `to`, then this node answers
+    /// [`ClientMessage::HandedOver`]; only then does the move commit. Sent only to agents
+    /// whose hello says [`Hello::handover`].
+    Handover {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move will take.
+        generation: u64,
+        /// The destination.
+        to: NodeId,
+    },
     /// The answer to [`ClientMessage::Claim`] `request`.
     ClaimResult {
         /// The claim answered.
@@ -386,6 +417,7 @@ impl ServerMessage {
             ServerMessage::Revoked { .. } => "revocation",
             ServerMessage::Lease { .. } => "lease",
             ServerMessage::Prepare { .. } => "prepare",
+            ServerMessage::Handover { .. } => "handover",
             ServerMessage::ClaimResult { .. } => "claim result",
             ServerMessage::RotateKey { .. } => "key rotation",
         }
@@ -671,6 +703,7 @@ mod tests {
             key_rotation: true,
             policy_edits: true,
             compression: true,
+            handover: true,
         })
     }
 
@@ -711,7 +744,7 @@ mod tests {
         d.push(&framed).unwrap();
         match d.decode::<ClientMessage>().unwrap() {
             Some(ClientMessage::Hello(h)) => {
-                assert!(!h.key_rotation && !h.policy_edits && !h.compression)
+                assert!(!h.key_rotation && !h.policy_edits && !h.compression && !h.handover)
             }
             other => panic!("{other:?}"),
         }

@@ -318,6 +318,47 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
 /// `CAP_NET_ADMIN`, or the socket call that failed (`step` names it; for example
 /// `bind` when the address and port are taken here).
 pub fn restore(f: &Frozen) -> Result<TcpStream, MigrateError> {
+    restore_held(f)?.go()
+}
+
+/// A restored connection still in repair mode: it neither sends nor answers (packets that
+/// reach it are dropped, no reset), until [`Held::go`] makes it live or [`Held::discard`]
+/// closes it silently. For a destination that must not speak before the address is
+/// confirmed to be its own: restore early, go when it is.
+#[derive(Debug)]
+pub struct Held {
+    sock: OwnedFd,
+    /// Data the old host had not sent yet: sent as ordinary data once live.
+    unsent: Vec<u8>,
+}
+
+impl Held {
+    /// Takes the connection out of repair mode with a window probe (the peer answers with
+    /// what it has, and TCP retransmits what it lacks), then sends what the old host had not
+    /// sent: the returned stream is the connection, live (blocking).
+    ///
+    /// # Errors
+    /// When the socket refuses to leave repair mode, or the unsent data cannot be queued.
+    pub fn go(self) -> Result<TcpStream, MigrateError> {
+        let fd = self.sock.as_fd();
+        sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_OFF)
+            .map_err(step("leave repair mode"))?;
+        sys::send_all(fd, &self.unsent).map_err(step("send the unsent data"))?;
+        Ok(TcpStream::from(self.sock))
+    }
+
+    /// Closes the restored socket without a FIN or a reset: the connection stays where it
+    /// was (a move that did not happen).
+    pub fn discard(self) {
+        drop(self);
+    }
+}
+
+/// [`restore`], stopping before the connection goes live: see [`Held`].
+///
+/// # Errors
+/// As [`restore`].
+pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     f.validate()?;
     let sock: OwnedFd = sys::tcp_socket(f.local.is_ipv6()).map_err(step("socket"))?;
     let fd = sock.as_fd();
@@ -397,12 +438,10 @@ pub fn restore(f: &Frozen) -> Result<TcpStream, MigrateError> {
         )
         .map_err(step("window"))?;
     }
-    // Out of repair mode with a window probe: the peer answers with what it has, and TCP
-    // retransmits what it lacks.
-    sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_OFF).map_err(step("leave repair mode"))?;
-    // What had not been sent yet goes as ordinary data.
-    sys::send_all(fd, &f.send_queue[sent..]).map_err(step("send the unsent data"))?;
-    Ok(TcpStream::from(sock))
+    Ok(Held {
+        sock,
+        unsent: f.send_queue[sent..].to_vec(),
+    })
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
-use meshlink_tcp_migrate::{freeze, restore, Frozen, MigrateError};
+use meshlink_tcp_migrate::{freeze, restore, restore_held, Frozen, MigrateError};
 
 fn root() -> bool {
     // SAFETY-free check: /proc/self/status's effective uid.
@@ -104,4 +104,43 @@ fn only_an_established_connection_freezes() {
         Err(MigrateError::NotEstablished(state)) => assert_ne!(state, 1),
         other => panic!("expected NotEstablished, got {other:?}"),
     }
+}
+
+/// A connection restored but held in repair mode is silent: the client's data waits (no
+/// reset), and reaches the restored socket once it goes live.
+#[test]
+fn a_held_restore_is_silent_until_it_goes() {
+    if !root() {
+        return;
+    }
+    let (mut client, server) = pair();
+    let (frozen, parked) = freeze(server).unwrap();
+    parked.discard();
+    let held = restore_held(&frozen).unwrap();
+    client.write_all(b"while held").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut server = held.go().unwrap();
+    assert_eq!(read_exact(&mut server, 10), b"while held");
+    server.write_all(b"live").unwrap();
+    assert_eq!(read_exact(&mut client, 4), b"live");
+}
+
+/// A held copy discarded says nothing to the client (no FIN, no reset): a copy restored
+/// after it carries the connection on. (On one host two sockets cannot share the
+/// connection's addresses, so the copies come one after the other.)
+#[test]
+fn a_discarded_held_restore_says_nothing_to_the_client() {
+    if !root() {
+        return;
+    }
+    let (mut client, server) = pair();
+    let (frozen, parked) = freeze(server).unwrap();
+    parked.discard();
+    restore_held(&frozen).unwrap().discard();
+    std::thread::sleep(Duration::from_millis(100));
+    let mut server = restore(&frozen).unwrap();
+    client.write_all(b"still here").unwrap();
+    assert_eq!(read_exact(&mut server, 10), b"still here");
+    server.write_all(b"yes").unwrap();
+    assert_eq!(read_exact(&mut client, 3), b"yes");
 }

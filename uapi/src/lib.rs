@@ -15,6 +15,7 @@
 //! See <https://www.wireguard.com/xplatform/>.
 
 mod client;
+pub mod handover;
 mod interface;
 #[cfg(any(test, feature = "test-support"))]
 pub mod test_support;

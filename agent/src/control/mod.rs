@@ -14,6 +14,7 @@
 
 pub mod coordinators;
 pub mod discovery;
+pub mod handover;
 pub mod keys;
 pub mod paths;
 pub mod peers;
@@ -259,6 +260,7 @@ pub async fn join(
         key_rotation: true,
         policy_edits: true,
         compression: true,
+        handover: true,
         name,
         labels,
         endpoints,
@@ -309,6 +311,7 @@ pub async fn authenticate(
         key_rotation: true,
         policy_edits: true,
         compression: true,
+        handover: true,
         name: None,
         labels: BTreeMap::new(),
         endpoints,
@@ -385,6 +388,8 @@ pub struct MeshControl {
     cache: MapCache,
     /// Where a key switch reaches the data plane (see `keys`).
     key_switch: Option<Arc<dyn keys::KeySwitch>>,
+    /// Applications' answers to handovers (taken from `shared` once).
+    handover_answers: Option<mpsc::Receiver<handover::Answer>>,
 }
 
 /// The map cached in the state directory, written at most once per [`CACHE_INTERVAL`]: every
@@ -486,6 +491,7 @@ impl MeshControl {
         }
         MeshControl {
             key_switch: None,
+            handover_answers: shared.handovers.take_answers(),
             cache: MapCache::new(state.clone()),
             state,
             node,
@@ -727,6 +733,14 @@ impl MeshControl {
                 Some((workload, generation)) = prepared_rx.recv() => {
                     self.shared.lock().prepared(workload, generation);
                 }
+                Some(answer) = recv_some(&mut self.handover_answers) => {
+                    if let Err(why) = &answer.result {
+                        info!(workload = %answer.workload, generation = answer.generation, "the application did not hand over: {why}");
+                    } else {
+                        info!(workload = %answer.workload, generation = answer.generation, "the application handed over");
+                    }
+                    self.shared.lock().handed_over(answer.workload, answer.generation, answer.result);
+                }
                 Some(claim) = self.claims.recv() => {
                     let id = self.shared.lock().claim(Instant::now(), claim.workload, claim.deadline);
                     self.replies.insert(id, claim.reply);
@@ -927,6 +941,28 @@ impl MeshControl {
                         let _ = tx.send((workload, generation)).await;
                     });
                 }
+                Event::Handover {
+                    workload,
+                    generation,
+                    to,
+                } => {
+                    let dest = handover::peer(self.shared.lock().map(), to);
+                    let asked = match dest {
+                        Some((name, address)) => {
+                            info!(%workload, generation, to = %name, "asked to hand a workload over");
+                            self.shared
+                                .handovers
+                                .ask(&workload, generation, name, address)
+                        }
+                        None => Err(format!("node {to} is not in this node's map")),
+                    };
+                    if let Err(why) = asked {
+                        info!(%workload, generation, "cannot hand the workload over: {why}");
+                        self.shared
+                            .lock()
+                            .handed_over(workload, generation, Err(why));
+                    }
+                }
                 Event::ClaimAnswered { id, result } => {
                     if let Some(reply) = self.replies.remove(&id) {
                         let _ = reply.send(result);
@@ -934,6 +970,14 @@ impl MeshControl {
                 }
             }
         }
+    }
+}
+
+/// The next value of `rx`, or never when there is none.
+async fn recv_some<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 

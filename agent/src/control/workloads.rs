@@ -44,6 +44,9 @@ pub struct Shared {
     /// The paths to the peers, as last reported by path discovery (the control loop sends
     /// them to coordinators that take them).
     pub path_report: watch::Sender<Vec<meshlink_proto::control::PathReport>>,
+    /// Applications registered for live migration (the userspace API registers them, the
+    /// reconciler and the control loop tell them what happens).
+    pub handovers: super::handover::Handovers,
 }
 
 /// Relay frames that arrived on a TLS/TCP session's stream, on their way to the relay client.
@@ -86,6 +89,7 @@ impl Shared {
             link: watch::channel(None).0,
             reflexive: watch::channel(None).0,
             path_report: watch::channel(Vec::new()).0,
+            handovers: super::handover::Handovers::default(),
             relay_frames: {
                 let (tx, rx) = mpsc::channel(RELAY_FRAMES_QUEUED);
                 RelayFrames {

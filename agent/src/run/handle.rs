@@ -166,6 +166,10 @@ impl UapiHandler for Control {
         Ok(())
     }
 
+    fn handovers(&self) -> Option<&crate::control::handover::Handovers> {
+        self.session.as_ref().map(|s| &s.handovers)
+    }
+
     fn claim(&self, workload: &str) -> Result<u64, ClaimFailure> {
         match &self.claims {
             Some(tx) => claim_blocking(tx, workload),

@@ -409,6 +409,10 @@ pub(super) async fn reconcile_mesh(
         if let Some(addresses) = plan.addresses {
             let _ = control.routes_tx.send(NetCmd::Addresses(addresses));
         }
+        // Applications registered for live migration hear of holders and of this node
+        // starting or stopping to answer (once its addresses are on their way).
+        let held = shared.lock().holdings().held_named(now);
+        shared.handovers.observe(&map, &held);
         if let Some(m) = &metrics {
             m.observe_reconcile(now.elapsed());
         }

@@ -23,6 +23,8 @@
 //! - `set=1` applies the lines that follow it (see [`apply_set`]) and answers only `errno=N`.
 //! - `get=meshlink` is meshlink's own extension: the answer is [`UapiHandler::status_json`] on a
 //!   single line, followed by `errno=0` and the empty line.
+//! - `handover=NAME` is another: the connection stays open for an application registered
+//!   for live migration of workload `NAME` ([`watch`], `meshlink_uapi::handover`).
 //! - `claim=NAME` is another: [`UapiHandler::claim`]'s generation as `generation=N`, or its
 //!   refusal as `message=...`, before the `errno` line.
 //!
@@ -31,6 +33,7 @@
 
 pub mod protocol;
 pub mod server;
+pub mod watch;
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -227,6 +230,11 @@ pub trait UapiHandler: Send + Sync + 'static {
     fn apply(&self, new: DeviceConfig) -> Result<(), ApplyError>;
     /// JSON for `meshlink-agent status` (our extension op `get=meshlink`).
     fn status_json(&self) -> String;
+    /// The registry of applications taking part in live migrations (our extension op
+    /// `handover=NAME`, see [`watch`]); `None` without a mesh session.
+    fn handovers(&self) -> Option<&crate::control::handover::Handovers> {
+        None
+    }
     /// Claims a workload for this node through the coordinator (our extension op
     /// `claim=NAME`, used by `meshctl workload claim`): the generation it is now held at, or
     /// why not. Blocks until the coordinator answers or a timeout.

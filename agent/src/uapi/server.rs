@@ -76,7 +76,7 @@ pub async fn serve(
 }
 
 /// Completes when shutdown is requested or can no longer be signalled.
-async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
+pub(super) async fn shutdown_requested(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
@@ -93,6 +93,20 @@ async fn serve_connection(
             () = shutdown_requested(&mut shutdown) => return,
             outcome = read_request(&mut reader) => outcome,
         };
+        if let Ok(Incoming::Request(bytes)) = &outcome {
+            if bytes.starts_with(super::watch::OP.as_bytes()) {
+                let request = String::from_utf8_lossy(bytes).into_owned();
+                super::watch::serve(
+                    &request,
+                    handler.handovers(),
+                    &mut reader,
+                    &mut write_half,
+                    &mut shutdown,
+                )
+                .await;
+                return;
+            }
+        }
         let response = match outcome {
             Ok(Incoming::Request(bytes)) => {
                 let handler = Arc::clone(&handler);
@@ -128,7 +142,7 @@ async fn serve_connection(
 }
 
 /// What came in on a connection.
-enum Incoming {
+pub(super) enum Incoming {
     /// The lines of one request, each with its newline, without the terminating empty line.
     Request(Vec<u8>),
     /// A line or the request exceeded the limits.
@@ -137,7 +151,7 @@ enum Incoming {
     Eof,
 }
 
-async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Incoming> {
+pub(super) async fn read_request<R: AsyncBufRead + Unpin>(reader: &mut R) -> io::Result<Incoming> {
     let mut request = Vec::new();
     let mut text = Vec::new();
     loop {
@@ -416,6 +430,7 @@ mod tests {
         config: Mutex<DeviceConfig>,
         applied: AtomicUsize,
         fail_apply: bool,
+        handovers: Option<crate::control::handover::Handovers>,
     }
 
     impl FakeHandler {
@@ -424,6 +439,7 @@ mod tests {
                 config: Mutex::new(config),
                 applied: AtomicUsize::new(0),
                 fail_apply: false,
+                handovers: None,
             })
         }
     }
@@ -450,6 +466,119 @@ mod tests {
         fn status_json(&self) -> String {
             serde_json::to_string_pretty(&self.status()).unwrap()
         }
+        fn handovers(&self) -> Option<&crate::control::handover::Handovers> {
+            self.handovers.as_ref()
+        }
+    }
+
+    /// An application registers for a workload on the socket (with the blocking client
+    /// applications use), hears the agent's events, and its answer reaches the control loop;
+    /// one application per workload, and none without a mesh session.
+    #[tokio::test]
+    async fn live_migration_registrations_on_the_socket() {
+        use crate::control::handover::{Answer, Handovers};
+        use meshlink_uapi::handover::{AgentEvent, AppAnswer, Watch, WatchError};
+        let tmp = TempDir::new("watch");
+        let dir = tmp.path("sock");
+        let path = dir.join("mltest1.sock");
+        let handler = Arc::new(FakeHandler {
+            config: Mutex::new(sample_config()),
+            applied: AtomicUsize::new(0),
+            fail_apply: false,
+            handovers: Some(Handovers::default()),
+        });
+        let h = || handler.handovers.as_ref().unwrap();
+        let mut answers = h().take_answers().unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            bind(&dir, "mltest1").unwrap(),
+            handler.clone(),
+            stop_rx,
+        ));
+
+        let p = path.clone();
+        let mut app = tokio::task::spawn_blocking(move || Watch::open(&p, "chat"))
+            .await
+            .unwrap()
+            .unwrap();
+        let p = path.clone();
+        let second = tokio::task::spawn_blocking(move || Watch::open(&p, "chat"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&second, Err(WatchError::Refused { errno, message }) if *errno == libc::EBUSY && message.contains("chat")),
+            "{second:?}"
+        );
+        h().ask("chat", 5, "vm-c1".into(), "100.64.0.7".parse().unwrap())
+            .unwrap();
+        let (event, app) = tokio::task::spawn_blocking(move || {
+            let e = app.next_event(Some(Duration::from_secs(5))).unwrap();
+            app.answer(&AppAnswer::HandedOver {
+                workload: "chat".into(),
+                generation: 5,
+                error: None,
+            })
+            .unwrap();
+            (e, app)
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            event,
+            Some(AgentEvent::Handover {
+                workload: "chat".into(),
+                generation: 5,
+                to: "vm-c1".into(),
+                address: "100.64.0.7".parse().unwrap()
+            })
+        );
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.recv())
+            .await
+            .unwrap();
+        assert_eq!(
+            answer,
+            Some(Answer {
+                workload: "chat".into(),
+                generation: 5,
+                result: Ok(())
+            })
+        );
+        // The application goes: its registration ends, and another may register.
+        drop(app);
+        let p = path.clone();
+        let again = tokio::task::spawn_blocking(move || {
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                match Watch::open(&p, "chat") {
+                    Ok(w) => return Ok(w),
+                    Err(e) if std::time::Instant::now() > deadline => return Err(e),
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        })
+        .await
+        .unwrap();
+        assert!(
+            again.is_ok(),
+            "a closed registration frees the workload: {again:?}"
+        );
+
+        // Without a mesh session: refused, saying why.
+        let bare = FakeHandler::new(sample_config());
+        let dir2 = tmp.path("sock2");
+        let (_stop2, stop_rx2) = watch::channel(false);
+        tokio::spawn(serve(bind(&dir2, "mltest2").unwrap(), bare, stop_rx2));
+        let p = dir2.join("mltest2.sock");
+        let refused = tokio::task::spawn_blocking(move || Watch::open(&p, "chat"))
+            .await
+            .unwrap();
+        assert!(
+            matches!(&refused, Err(WatchError::Refused { errno, .. }) if *errno == libc::ENOTCONN),
+            "{refused:?}"
+        );
+        drop(again);
+        stop_tx.send(true).unwrap();
+        server.await.unwrap();
     }
 
     #[test]
@@ -613,6 +742,7 @@ mod tests {
             config: Mutex::new(sample_config()),
             applied: AtomicUsize::new(0),
             fail_apply: true,
+            handovers: None,
         });
         let (_stop_tx, stop_rx) = watch::channel(false);
         let server = tokio::spawn(serve(listener, handler, stop_rx));

@@ -292,6 +292,7 @@ impl Credentials {
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.endpoints.clone(),
+            handover: false,
         }
     }
 }
@@ -318,6 +319,7 @@ async fn join_session(
         name: None,
         labels: BTreeMap::new(),
         endpoints: endpoints.clone(),
+        handover: false,
     };
     let exchange = async {
         let mut session = Link::open(endpoint, server, offers).await?;
@@ -662,6 +664,16 @@ impl Agent {
                     generation,
                     ..
                 } => self.session.prepared(workload, generation),
+                // Its hello offers no live migration; were it asked, it has no application.
+                Event::Handover {
+                    workload,
+                    generation,
+                    ..
+                } => self.session.handed_over(
+                    workload,
+                    generation,
+                    Err("a simulated agent runs no application".into()),
+                ),
                 // Simulated agents answer for no address and make no claims.
                 Event::HoldingsChanged | Event::ClaimAnswered { .. } => {}
             }

@@ -414,6 +414,7 @@ async fn open(
         name: None,
         labels: BTreeMap::from([("soak".to_string(), index.to_string())]),
         endpoints: Vec::new(),
+        handover: false,
     };
     let mut conn = Conn::open(endpoint, shared.server).await?;
     let (welcome, map) = conn.hello(hello).await?;
@@ -565,6 +566,7 @@ fn on_event(shared: &Shared, warming: &mut Warming, event: Event) {
         Event::DeltaRefused(_) => {
             c.deltas_refused.fetch_add(1, Ordering::Relaxed);
         }
-        Event::MapChanged | Event::HoldingsChanged => {}
+        // Never asked: its hello offers no live migration (the coordinator would time out).
+        Event::Handover { .. } | Event::MapChanged | Event::HoldingsChanged => {}
     }
 }

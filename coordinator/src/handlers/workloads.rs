@@ -173,6 +173,8 @@ pub struct PlannedMove {
     pub workload: WorkloadRecord,
     /// The node it goes to; `None` detaches it.
     pub to: Option<NodeRecord>,
+    /// A live migration: the holder's application hands over before the commit.
+    pub live: bool,
 }
 
 impl PlannedMove {
@@ -217,7 +219,11 @@ pub async fn plan_move(
         }
         None => None,
     };
-    Ok(PlannedMove { workload, to })
+    Ok(PlannedMove {
+        workload,
+        to,
+        live: false,
+    })
 }
 
 /// Checks a node's claim of a workload of its own network: only a node listed as allowed may
@@ -250,6 +256,7 @@ pub async fn plan_claim(
     Ok(PlannedMove {
         workload,
         to: Some(node),
+        live: false,
     })
 }
 

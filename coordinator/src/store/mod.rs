@@ -67,6 +67,14 @@ pub struct PrepareNote {
     /// The peers it is to warm up sessions with (`Prepare::warm`). Absent: every peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warm: Option<Vec<NodeId>>,
+    /// On [`PREPARE_CHANNEL`]: not a `Prepare` but a live migration's `Handover`, to `node`
+    /// (the holder), towards this node. Absent: a `Prepare`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handover_to: Option<NodeId>,
+    /// On [`PREPARED_CHANNEL`]: not a `Prepared` but the holder's answer to a `Handover`
+    /// (`Err`: why the application could not hand over). Absent: a `Prepared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handed_over: Option<Result<(), String>>,
 }
 
 /// Which database a [`SqlStore`] runs on.

@@ -168,6 +168,7 @@ pub fn join_hello(secret: &str, key_byte: u8, name: Option<&str>) -> Hello {
         name: name.map(str::to_string),
         labels: BTreeMap::from([("provider".to_string(), "test".to_string())]),
         endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
+        handover: false,
     }
 }
 
@@ -185,6 +186,7 @@ pub fn node_hello(node_id: NodeId, secret: &str, key_byte: u8) -> Hello {
         name: None,
         labels: BTreeMap::new(),
         endpoints: vec![format!("198.18.0.{key_byte}:51820").parse().unwrap()],
+        handover: false,
     }
 }
 

@@ -736,6 +736,7 @@ impl Sim {
             name: None,
             labels: BTreeMap::new(),
             endpoints: self.agents[a].endpoints.clone(),
+            handover: false,
         }
     }
 
@@ -798,6 +799,7 @@ impl Sim {
             name: name.clone(),
             labels: BTreeMap::new(),
             endpoints: self.agents[a].endpoints.clone(),
+            handover: false,
         };
         let remote = self.agents[a].remote;
         let session = match (self.svc.hello(&hello, remote).await, &expect) {
@@ -1254,6 +1256,7 @@ impl Sim {
             }
             ServerMessage::Lease { .. }
             | ServerMessage::Prepare { .. }
+            | ServerMessage::Handover { .. }
             | ServerMessage::ClaimResult { .. }
             | ServerMessage::RotateKey { .. } => panic!(
                 "seed {seed} step {step}: agent {a} got a {}, but the simulation runs no workloads",

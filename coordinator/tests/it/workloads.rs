@@ -76,6 +76,11 @@ impl Admin {
 
     /// Joins a node named `name` to `network`; it stays online while the session is kept.
     async fn join(&self, network: &str, key: u8, name: &str) -> Session {
+        self.join_as(network, key, name, false).await
+    }
+
+    /// Joins a node whose agent takes part in live migrations when `handover`.
+    async fn join_as(&self, network: &str, key: u8, name: &str, handover: bool) -> Session {
         let (_, secret) = self
             .c
             .service()
@@ -90,7 +95,13 @@ impl Admin {
         let remote: IpAddr = "198.18.7.7".parse().unwrap();
         self.c
             .service()
-            .hello(&join_hello(&secret, key, Some(name)), remote)
+            .hello(
+                &meshlink_proto::control::Hello {
+                    handover,
+                    ..join_hello(&secret, key, Some(name))
+                },
+                remote,
+            )
             .await
             .unwrap()
     }
@@ -592,7 +603,127 @@ async fn a_move_warms_the_holder_and_the_workloads_talkers(db: &TestDb) {
     a.c.shutdown().await;
 }
 
+/// The next message of `kind` on a session's queue (others skipped).
+async fn next_of(session: &mut Session, kind: &str) -> ServerMessage {
+    loop {
+        let out = tokio::time::timeout(WAIT, session.attached.rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a {kind} in time"))
+            .expect("the session stays attached");
+        let Outbound::Frame(frame) = out else {
+            panic!("the session was closed");
+        };
+        let mut d = Decoder::new(MAX_SERVER_MESSAGE);
+        d.push(&frame).unwrap();
+        if let Some(msg) = d.decode::<ServerMessage>().unwrap() {
+            if msg.kind() == kind {
+                return msg;
+            }
+        }
+    }
+}
+
+/// A live migration asks the holder to hand over once the destination prepared, and commits
+/// only on its answer: a failure (or an agent that cannot take part) moves nothing and says
+/// why.
+async fn a_live_migration_commits_only_once_the_holder_hands_over(db: &TestDb) {
+    let a = Admin::start(db).await;
+    a.network("prod", "100.64.0.0/24").await;
+    let mut vm_a = a.join_as("prod", 1, "vm-a", true).await;
+    let mut vm_b = a.join("prod", 2, "vm-b").await;
+    let (status, _) = a.create(json!({"name": "chat", "network": "prod"})).await;
+    assert_eq!(status, 201);
+    let to = |n: &str| json!({"node": n});
+    let live = |n: &str| json!({"node": n, "live": true});
+    let (to_a, live_a, live_b) = (to("vm-a"), live("vm-a"), live("vm-b"));
+    let (attached, _) = tokio::join!(
+        a.call("POST", "/v1/workloads/chat/attach", Some(&to_a)),
+        answer_prepare(&a.c, &mut vm_a),
+    );
+    assert_eq!(attached.0, 200, "{}", attached.1);
+
+    // The holder's application answers for `generation` (an error, or handed over).
+    let answer = |from: &Session, generation: u64, error: Option<&str>| {
+        let msg = ClientMessage::HandedOver {
+            workload: "chat".into(),
+            generation,
+            error: error.map(str::to_string),
+        };
+        let at = SessionRef {
+            node: from.node,
+            network: "prod",
+            remote: "198.18.7.7".parse().unwrap(),
+            serial: from.attached.serial,
+        };
+        let service = a.c.service().clone();
+        async move { service.on_agent_message(at, msg).await.unwrap() }
+    };
+    let vm_b_id = vm_b.node;
+    for (error, status) in [(Some("the destination refused the room"), 409), (None, 200)] {
+        let holder = async {
+            answer_prepare(&a.c, &mut vm_b).await;
+            let ServerMessage::Handover {
+                workload,
+                generation,
+                to,
+            } = next_of(&mut vm_a, "handover").await
+            else {
+                unreachable!()
+            };
+            assert_eq!((workload.as_str(), generation, to), ("chat", 2, vm_b_id));
+            answer(&vm_a, generation, error).await;
+        };
+        let (moved, ()) = tokio::join!(
+            a.call("POST", "/v1/workloads/chat/move", Some(&live_b)),
+            holder,
+        );
+        assert_eq!(moved.0, status, "{}", moved.1);
+        let (_, w) = a.call("GET", "/v1/workloads/chat", None).await;
+        if let Some(e) = error {
+            let message = moved.1["error"].as_str().unwrap();
+            assert!(
+                message.contains(e) && message.contains("did not happen"),
+                "{message}"
+            );
+            assert_eq!(
+                (&w["holder"]["name"], &w["generation"]),
+                (&json!("vm-a"), &json!(1)),
+                "nothing moved: {w}"
+            );
+        } else {
+            assert!(moved.1["handed_over_ms"].as_f64().is_some(), "{}", moved.1);
+            assert_eq!(
+                (&w["holder"]["name"], &w["generation"]),
+                (&json!("vm-b"), &json!(2)),
+                "{w}"
+            );
+        }
+    }
+
+    // vm-b's agent does not take part in live migrations: refused at once, nothing moves.
+    let (moved, _) = tokio::join!(
+        a.call("POST", "/v1/workloads/chat/move", Some(&live_a)),
+        answer_prepare(&a.c, &mut vm_a),
+    );
+    assert_eq!(moved.0, 409, "{}", moved.1);
+    assert!(
+        moved.1["error"].as_str().unwrap().contains("too old"),
+        "{}",
+        moved.1
+    );
+    // Nothing to migrate without a holder; and the holder must be online.
+    let (status, e) = a.call("POST", "/v1/workloads/chat/detach", None).await;
+    assert_eq!(status, 200, "{e}");
+    let (status, e) = a
+        .call("POST", "/v1/workloads/chat/move", Some(&live_a))
+        .await;
+    assert_eq!(status, 409, "{e}");
+    assert!(e["error"].as_str().unwrap().contains("no holder"), "{e}");
+    a.c.shutdown().await;
+}
+
 crate::on_both_stores!(
+    a_live_migration_commits_only_once_the_holder_hands_over,
     a_move_warms_the_holder_and_the_workloads_talkers,
     create_checks_its_request_and_picks_the_lowest_free_address,
     attach_move_detach_and_delete,

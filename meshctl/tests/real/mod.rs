@@ -174,6 +174,7 @@ impl Mesh {
             name: Some(name.into()),
             labels: BTreeMap::from([("provider".to_owned(), "test".to_owned())]),
             endpoints: vec![format!("198.18.0.{key}:51820").parse().unwrap()],
+            handover: false,
         };
         let service = self.service();
         let remote: IpAddr = OBSERVED.parse().unwrap();

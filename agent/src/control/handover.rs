@@ -1,0 +1,419 @@
+//! Live migration on this node: applications that serve a workload register for it on the
+//! userspace API (`handover=NAME`, see `meshlink_uapi::handover`) and hear who holds it, when
+//! the coordinator asks this node to hand it over, and when this node starts or stops
+//! answering for its address. Their answers go to the control session.
+//!
+//! ```text
+//! uapi connection ─ register ─> Handovers <─ observe(map, held) ─ reconciler
+//!        ^  events (bounded)        │  ask(handover) <─ control loop <─ coordinator
+//!        └──────────────────────────┘  answers ─────> control loop ─> HandedOver
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::sync::{Mutex, MutexGuard};
+
+use meshlink_proto::workload::Held;
+use meshlink_proto::{Netmap, NodeId};
+use meshlink_uapi::handover::AgentEvent;
+use tokio::sync::mpsc;
+
+/// Events queued for one application; one that lets more pile up is dropped.
+const EVENTS_QUEUED: usize = 64;
+/// Answers queued for the control loop.
+const ANSWERS_QUEUED: usize = 16;
+
+/// An application's answer to a handover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The workload.
+    pub workload: String,
+    /// The generation of the handover answered.
+    pub generation: u64,
+    /// Handed over, or why not.
+    pub result: Result<(), String>,
+}
+
+/// An application's registration: its events, until it ends
+/// ([`Handovers::unregister`]).
+#[derive(Debug)]
+pub struct Registration {
+    /// Identifies it, for [`Handovers::unregister`].
+    pub id: u64,
+    /// What the agent tells the application.
+    pub events: mpsc::Receiver<AgentEvent>,
+}
+
+/// Why a registration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegisterError {
+    /// Another application is registered for the workload.
+    #[error("another application is registered for live migration of workload {0}")]
+    Taken(String),
+    /// Not a workload name.
+    #[error("{0:?} is not a workload name")]
+    BadName(String),
+}
+
+#[derive(Debug)]
+struct App {
+    id: u64,
+    tx: mpsc::Sender<AgentEvent>,
+}
+
+/// What the applications were last told, and who they are.
+#[derive(Debug, Default)]
+struct Inner {
+    next_id: u64,
+    apps: HashMap<String, App>,
+    /// Each workload's holder, by the map (generation, name and mesh address).
+    holders: HashMap<String, (u64, Option<(String, IpAddr)>)>,
+    /// What this node answers for, with generations.
+    held: BTreeMap<String, u64>,
+}
+
+/// See the module documentation.
+#[derive(Debug)]
+pub struct Handovers {
+    inner: Mutex<Inner>,
+    answers: mpsc::Sender<Answer>,
+    answers_rx: Mutex<Option<mpsc::Receiver<Answer>>>,
+}
+
+impl Default for Handovers {
+    fn default() -> Self {
+        let (answers, rx) = mpsc::channel(ANSWERS_QUEUED);
+        Handovers {
+            inner: Mutex::default(),
+            answers,
+            answers_rx: Mutex::new(Some(rx)),
+        }
+    }
+}
+
+impl Handovers {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers an application for `workload`. It is told the holder at once (when known),
+    /// and that this node answers for the workload if it does.
+    ///
+    /// # Errors
+    /// [`RegisterError`]: another live registration has the workload, or the name is bad.
+    pub fn register(&self, workload: &str) -> Result<Registration, RegisterError> {
+        if workload.is_empty()
+            || workload.len() > 64
+            || !workload
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(RegisterError::BadName(workload.chars().take(80).collect()));
+        }
+        let mut inner = self.lock();
+        if inner
+            .apps
+            .get(workload)
+            .is_some_and(|app| !app.tx.is_closed())
+        {
+            return Err(RegisterError::Taken(workload.to_string()));
+        }
+        let (tx, events) = mpsc::channel(EVENTS_QUEUED);
+        if let Some((generation, holder)) = inner.holders.get(workload) {
+            let _ = tx.try_send(AgentEvent::Holder {
+                workload: workload.to_string(),
+                generation: *generation,
+                holder: holder.clone(),
+            });
+        }
+        if let Some(generation) = inner.held.get(workload) {
+            let _ = tx.try_send(AgentEvent::Arrived {
+                workload: workload.to_string(),
+                generation: *generation,
+            });
+        }
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.apps.insert(workload.to_string(), App { id, tx });
+        Ok(Registration { id, events })
+    }
+
+    /// Ends registration `id` for `workload` (its connection closed).
+    pub fn unregister(&self, workload: &str, id: u64) {
+        let mut inner = self.lock();
+        if inner.apps.get(workload).is_some_and(|a| a.id == id) {
+            inner.apps.remove(workload);
+        }
+    }
+
+    /// Passes the coordinator's handover to the application registered for `workload`.
+    ///
+    /// # Errors
+    /// Why it cannot be passed on (no application registered, or it is not keeping up): the
+    /// coordinator is told, and nothing moves.
+    pub fn ask(
+        &self,
+        workload: &str,
+        generation: u64,
+        to: String,
+        address: IpAddr,
+    ) -> Result<(), String> {
+        let event = AgentEvent::Handover {
+            workload: workload.to_string(),
+            generation,
+            to,
+            address,
+        };
+        let mut inner = self.lock();
+        let Some(app) = inner.apps.get(workload) else {
+            return Err(format!(
+                "no application on this node is registered for live migration of workload {workload}"
+            ));
+        };
+        match app.tx.try_send(event) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                inner.apps.remove(workload);
+                Err(format!(
+                    "the application registered for workload {workload} is gone or not keeping up ({e})"
+                ))
+            }
+        }
+    }
+
+    /// An application answered a handover: queued for the control loop (dropped, with the
+    /// handover then timing out at the coordinator, only if sixteen wait already).
+    pub fn answer(&self, answer: Answer) {
+        if let Err(e) = self.answers.try_send(answer) {
+            tracing::warn!("a handover answer was dropped: {e}");
+        }
+    }
+
+    /// The answers, for the control loop (taken once).
+    pub fn take_answers(&self) -> Option<mpsc::Receiver<Answer>> {
+        self.answers_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Tells the applications what changed since the last call: each workload's holder by
+    /// `map`, and what this node answers for (`held`).
+    pub fn observe(&self, map: &Netmap, held: &BTreeMap<String, Held>) {
+        let mut inner = self.lock();
+        let holders: HashMap<String, (u64, Option<(String, IpAddr)>)> = map
+            .workloads
+            .values()
+            .map(|w| {
+                let holder = w.holder.and_then(|id| peer(map, id));
+                (w.name.clone(), (w.generation, holder))
+            })
+            .collect();
+        let held: BTreeMap<String, u64> = held
+            .iter()
+            .map(|(name, h)| (name.clone(), h.generation))
+            .collect();
+        let mut events = Vec::new();
+        for (name, (generation, holder)) in &holders {
+            if inner.holders.get(name) != Some(&(*generation, holder.clone())) {
+                events.push(AgentEvent::Holder {
+                    workload: name.clone(),
+                    generation: *generation,
+                    holder: holder.clone(),
+                });
+            }
+        }
+        for (name, generation) in &inner.held {
+            if held.get(name).is_none_or(|g| g != generation) {
+                events.push(AgentEvent::Left {
+                    workload: name.clone(),
+                    generation: *generation,
+                });
+            }
+        }
+        for (name, generation) in &held {
+            if inner.held.get(name) != Some(generation) {
+                events.push(AgentEvent::Arrived {
+                    workload: name.clone(),
+                    generation: *generation,
+                });
+            }
+        }
+        inner.holders = holders;
+        inner.held = held;
+        for event in events {
+            let workload = event.workload().to_string();
+            let Some(app) = inner.apps.get(&workload) else {
+                continue;
+            };
+            if let Err(e) = app.tx.try_send(event) {
+                tracing::warn!(%workload, "dropping the live-migration registration: {e}");
+                inner.apps.remove(&workload);
+            }
+        }
+    }
+}
+
+/// A node's name and first mesh address, by the map.
+pub fn peer(map: &Netmap, id: NodeId) -> Option<(String, IpAddr)> {
+    let p = map.peers.get(&id)?;
+    let address = p.addresses.first()?.addr();
+    Some((p.name.clone(), address))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshlink_proto::workload::WorkloadInfo;
+    use meshlink_proto::{PeerInfo, PublicKey};
+
+    fn map(holder: Option<NodeId>, generation: u64) -> Netmap {
+        let mut m = Netmap::default();
+        for (id, name) in [(1, "vm-a1"), (2, "vm-c1")] {
+            m.peers.insert(
+                id,
+                PeerInfo {
+                    node_id: id,
+                    name: name.into(),
+                    public_key: PublicKey([u8::try_from(id).unwrap(); 32]),
+                    next_key: None,
+                    addresses: vec![format!("100.64.0.{id}/32").parse().unwrap()],
+                    allowed_ips: vec![],
+                    endpoints: vec![],
+                    labels: BTreeMap::new(),
+                    tags: vec![],
+                },
+            );
+        }
+        m.workloads.insert(
+            "chat".into(),
+            WorkloadInfo {
+                id: 1,
+                name: "chat".into(),
+                address: "100.64.50.10/32".parse().unwrap(),
+                holder,
+                generation,
+                previous: None,
+                candidates: vec![],
+                grace_ms: None,
+                tags: vec![],
+            },
+        );
+        m
+    }
+
+    fn held(generation: Option<u64>) -> BTreeMap<String, Held> {
+        generation
+            .map(|g| {
+                (
+                    "chat".to_string(),
+                    Held {
+                        address: "100.64.50.10/32".parse().unwrap(),
+                        generation: g,
+                    },
+                )
+            })
+            .into_iter()
+            .collect()
+    }
+
+    fn drain(r: &mut Registration) -> Vec<AgentEvent> {
+        std::iter::from_fn(|| r.events.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn a_registered_application_hears_the_holder_the_handover_and_the_switch() {
+        let h = Handovers::default();
+        h.observe(&map(Some(1), 4), &held(Some(4)));
+        let mut app = h.register("chat").unwrap();
+        let holder = Some(("vm-a1".to_string(), "100.64.0.1".parse().unwrap()));
+        assert_eq!(
+            drain(&mut app),
+            vec![
+                AgentEvent::Holder {
+                    workload: "chat".into(),
+                    generation: 4,
+                    holder: holder.clone()
+                },
+                AgentEvent::Arrived {
+                    workload: "chat".into(),
+                    generation: 4
+                }
+            ],
+            "told at once what holds and that this node answers"
+        );
+        assert_eq!(
+            h.register("chat").unwrap_err(),
+            RegisterError::Taken("chat".into())
+        );
+        h.ask("chat", 5, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap();
+        assert!(
+            matches!(&drain(&mut app)[..], [AgentEvent::Handover { generation: 5, to, .. }] if to == "vm-c1")
+        );
+        // Nothing changed: nothing told.
+        h.observe(&map(Some(1), 4), &held(Some(4)));
+        assert!(drain(&mut app).is_empty());
+        // The move commits: the holder changes, then this node stops answering.
+        h.observe(&map(Some(2), 5), &held(Some(4)));
+        h.observe(&map(Some(2), 5), &held(None));
+        assert_eq!(
+            drain(&mut app),
+            vec![
+                AgentEvent::Holder {
+                    workload: "chat".into(),
+                    generation: 5,
+                    holder: Some(("vm-c1".to_string(), "100.64.0.2".parse().unwrap()))
+                },
+                AgentEvent::Left {
+                    workload: "chat".into(),
+                    generation: 4
+                }
+            ]
+        );
+        h.answer(Answer {
+            workload: "chat".into(),
+            generation: 5,
+            result: Ok(()),
+        });
+        let mut answers = h.take_answers().unwrap();
+        assert_eq!(answers.try_recv().unwrap().result, Ok(()));
+        assert!(h.take_answers().is_none(), "taken once");
+    }
+
+    #[test]
+    fn a_handover_without_an_application_is_refused_and_registrations_end() {
+        let h = Handovers::default();
+        let err = h
+            .ask("chat", 5, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap_err();
+        assert!(err.contains("no application"), "{err}");
+        let app = h.register("chat").unwrap();
+        h.unregister("chat", app.id + 1);
+        assert!(h.register("chat").is_err(), "another id ends nothing");
+        h.unregister("chat", app.id);
+        let again = h.register("chat").unwrap();
+        drop(again.events);
+        assert!(
+            h.register("chat").is_ok(),
+            "a closed registration is replaced"
+        );
+        assert!(matches!(
+            h.register("bad name\n"),
+            Err(RegisterError::BadName(_))
+        ));
+    }
+
+    #[test]
+    fn an_application_that_does_not_read_is_dropped_not_queued_without_end() {
+        let h = Handovers::default();
+        let _app = h.register("chat").unwrap();
+        for g in 1..=(EVENTS_QUEUED as u64 + 1) {
+            h.observe(&map(Some(1), g), &BTreeMap::new());
+        }
+        let err = h
+            .ask("chat", 99, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap_err();
+        assert!(err.contains("no application"), "{err}");
+    }
+}
