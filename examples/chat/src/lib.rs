@@ -1,18 +1,27 @@
 //! `meshlink-chat`: a small TCP chat room, the application in the workload-migration demo.
 //!
-//! The server listens on a workload address; when the address moves to another VM, a new
-//! server is started there on the same address and the clients, which reconnect on their
-//! own, carry on.
+//! The server listens on a workload address. When the address moves to another VM, either a
+//! new server is started there and the clients, which reconnect on their own, carry on; or,
+//! with live migration, the server hands its room over to a server waiting there, with the
+//! clients' TCP connections, and the clients notice nothing.
 //!
 //! - [`protocol`]: the line protocol (nicks, line limits, reading lines).
 //! - [`room`]: membership and broadcast with bounded per-member outboxes.
-//! - [`server`]: the accept loop and one task per connection.
+//! - [`server`]: the accept loop and one task per connection, which can pause at a clean
+//!   point.
+//! - [`handover`]: live migration: the server registered with the agent, handing its room
+//!   over or taking one in.
+//! - [`migrate`]: the handover's wire format.
+//! - `agent` (private): the agent's blocking handover client on threads of its own.
 //! - [`client`]: the reconnecting client.
 //!
 //! `main.rs` only parses arguments, sets up logging and signals, and wires stdin and stdout
 //! to [`client::run`].
 
+mod agent;
 pub mod client;
+pub mod handover;
+pub mod migrate;
 pub mod protocol;
 pub mod room;
 pub mod server;

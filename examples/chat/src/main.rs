@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! meshlink-chat server --listen 100.64.50.10:7070 [--name vm-a]
+//!                      [--migrate chat [--agent-socket /var/run/wireguard/mesh0.sock] [--handover-port 7071]]
 //! meshlink-chat client --server 100.64.50.10:7070 --nick alice [--connect-timeout-ms 1000] [--linger-ms 500]
 //! ```
 //!
@@ -10,9 +11,14 @@
 //! of its stdin and prints the room's lines, plus `* connected to <addr>` and
 //! `* disconnected: <reason>`, to stdout; failed connection attempts go to stderr. It exits 0
 //! after stdin ends.
+//!
+//! With `--migrate`, the server takes part in the workload's live migrations
+//! ([`meshlink_chat::handover`]): it registers with the agent, listens with `IP_FREEBIND`
+//! (the address may not be on this VM yet) and takes handovers on `0.0.0.0:HANDOVER_PORT`.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,6 +28,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use meshlink_chat::client::{self, ClientConfig, ClientEvent};
+use meshlink_chat::handover::{self, MigrateConfig};
 use meshlink_chat::protocol::Nick;
 use meshlink_chat::server::{self, ServerConfig};
 
@@ -43,6 +50,23 @@ enum Command {
         /// The name in the welcome line [default: the host name].
         #[arg(long)]
         name: Option<String>,
+        /// Take part in live migrations of this workload (the one whose address --listen
+        /// names): hand the room over with its connections, or take one in.
+        #[arg(long, value_name = "WORKLOAD")]
+        migrate: Option<String>,
+        /// The agent's userspace API socket (the default is the agent's default interface,
+        /// mesh0).
+        #[arg(long, value_name = "PATH", requires = "migrate", default_value = DEFAULT_AGENT_SOCKET)]
+        agent_socket: PathBuf,
+        /// The TCP port handovers arrive on (0.0.0.0) and are sent to; the same on every
+        /// node.
+        #[arg(
+            long,
+            value_name = "PORT",
+            requires = "migrate",
+            default_value_t = 7071
+        )]
+        handover_port: u16,
     },
     /// Join the room: send stdin's lines, print the room's.
     Client {
@@ -74,7 +98,21 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Server { listen, name } => runtime.block_on(serve(listen, name)),
+        Command::Server {
+            listen,
+            name,
+            migrate,
+            agent_socket,
+            handover_port,
+        } => {
+            let migrate = migrate.map(|workload| {
+                (
+                    MigrateConfig::new(workload, agent_socket),
+                    SocketAddr::from(([0, 0, 0, 0], handover_port)),
+                )
+            });
+            runtime.block_on(serve(listen, name, migrate))
+        }
         Command::Client {
             server,
             nick,
@@ -89,7 +127,14 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(listen: SocketAddr, name: Option<String>) -> ExitCode {
+/// Where the agent serves its userspace API by default.
+const DEFAULT_AGENT_SOCKET: &str = "/var/run/wireguard/mesh0.sock";
+
+async fn serve(
+    listen: SocketAddr,
+    name: Option<String>,
+    migrate: Option<(MigrateConfig, SocketAddr)>,
+) -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stdout)
         .with_ansi(std::io::stdout().is_terminal())
@@ -112,7 +157,11 @@ async fn serve(listen: SocketAddr, name: Option<String>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match TcpListener::bind(listen).await {
+    let listener = match &migrate {
+        Some(_) => handover::bind_freebind(listen),
+        None => TcpListener::bind(listen).await,
+    };
+    let listener = match listener {
         Ok(listener) => listener,
         Err(e) => {
             eprintln!("meshlink-chat: cannot listen on {listen}: {e}");
@@ -125,8 +174,25 @@ async fn serve(listen: SocketAddr, name: Option<String>) -> ExitCode {
             _ = terminate.recv() => {}
         }
     };
-    server::run(listener, ServerConfig::new(name), shutdown).await;
-    ExitCode::SUCCESS
+    let config = ServerConfig::new(name);
+    let Some((migrate, handover_listen)) = migrate else {
+        server::run(listener, config, shutdown).await;
+        return ExitCode::SUCCESS;
+    };
+    let handovers = match TcpListener::bind(handover_listen).await {
+        Ok(handovers) => handovers,
+        Err(e) => {
+            eprintln!("meshlink-chat: cannot listen on {handover_listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match handover::run(listener, handovers, config, migrate, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshlink-chat: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// The kernel's host name, or `localhost` when it cannot be read.

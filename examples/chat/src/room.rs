@@ -66,6 +66,16 @@ impl Room {
 
     /// Adds `nick` to the room and tells the others `* <nick> joined`.
     pub fn join(&self, nick: Nick) -> Membership {
+        self.enter(nick, true)
+    }
+
+    /// Adds `nick` to the room without a word to the others: a member whose connection was
+    /// handed over from another server, where the others already saw it join.
+    pub fn rejoin(&self, nick: Nick) -> Membership {
+        self.enter(nick, false)
+    }
+
+    fn enter(&self, nick: Nick, announce: bool) -> Membership {
         let (outbox_tx, outbox) = mpsc::channel(self.outbox_len);
         let (evict, evicted) = oneshot::channel();
         let mut members = self.lock();
@@ -78,7 +88,9 @@ impl Room {
             _evict: evict,
         };
         members.by_id.insert(id, member);
-        members.broadcast(Some(id), &line);
+        if announce {
+            members.broadcast(Some(id), &line);
+        }
         Membership {
             id,
             outbox,
@@ -159,6 +171,16 @@ mod tests {
         assert_eq!(drain(&mut a), ["* b joined\n", "b: yo\n", "* b left\n"]);
         assert_eq!(drain(&mut b), ["a: hi\n"]);
         assert_eq!(room.len(), 1);
+    }
+
+    #[test]
+    fn a_member_rejoins_without_a_word() {
+        let room = Room::new(8);
+        let mut a = room.join(nick("a"));
+        let b = room.rejoin(nick("b"));
+        room.say(b.id, "still here");
+        assert_eq!(drain(&mut a), ["b: still here\n"]);
+        assert_eq!(room.len(), 2);
     }
 
     #[test]

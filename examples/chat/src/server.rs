@@ -1,22 +1,31 @@
-//! The chat server: one accept loop ([`run`]) and one task per connection.
+//! The chat server: one accept loop ([`run`]) and one task per connection ([`Connections`]).
 //!
 //! ```text
 //! accept ─> read `NICK <nick>` (within hello_timeout) ─> join the room ─> welcome
 //!        ─> loop: a line from the client     -> Room::say (never waits)
-//!                 a line from the outbox     -> the socket
+//!                 output pending             -> the socket, as much as it takes
+//!                 a line from the outbox     -> output pending (when none is left)
 //!                 evicted (outbox was full)  -> drop the connection
 //!                 shutdown                   -> `* server shutting down`, close
-//!        ─> leave the room (`* <nick> left` to the others, except at shutdown)
+//!                 pause                      -> stop; hand back the socket and the state
+//!        ─> leave the room (`* <nick> left` to the others, except at shutdown and pause)
 //! ```
+//!
+//! Every await of a connection's task can be dropped without losing a byte: the line reader
+//! keeps a line in progress, a write is one `write` call whose count is kept, the outbox and
+//! the signals keep what they hold. So a connection can stop between any two of them, with
+//! its state whole ([`Paused`]): the clean point at which a handover freezes it
+//! ([`crate::handover`]), and from which it goes on, here or on another server.
 //!
 //! Events are logged at `info`, one line each (`listening on ...`, `alice joined from ...`).
 
 use std::future::Future;
+use std::io::{self, Cursor};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, Chain};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -24,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time;
 use tracing::{debug, info, warn};
 
-use crate::protocol::{parse_hello, read_line, LineError, MAX_LINE};
+use crate::protocol::{parse_hello, read_line, LineError, Nick, MAX_LINE};
 use crate::room::{Membership, Room};
 
 /// How long the accept loop pauses after an accept error (out of file descriptors, say), so
@@ -64,44 +73,215 @@ impl ServerConfig {
 /// Serves the room on `listener` until `shutdown` completes, then stops accepting, tells
 /// every client `* server shutting down`, closes the connections and returns.
 pub async fn run(listener: TcpListener, config: ServerConfig, shutdown: impl Future<Output = ()>) {
-    let config = Arc::new(config);
-    let room = Arc::new(Room::new(config.outbox_len));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut connections = JoinSet::new();
-    match listener.local_addr() {
-        Ok(addr) => info!("listening on {addr} as {}", config.name),
-        Err(e) => warn!("listening (address unknown: {e}) as {}", config.name),
-    }
+    let mut connections = Connections::new(config);
+    connections.announce(&listener);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let connection = serve(stream, peer, room.clone(), config.clone(), stop_rx.clone());
-                    connections.spawn(connection);
-                }
-                Err(e) => {
-                    warn!("accept failed: {e}");
-                    time::sleep(ACCEPT_PAUSE).await;
-                }
-            },
-            // Reaps finished connections so the set does not grow.
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => connections.accepted(accepted).await,
+            () = connections.reap() => {}
         }
     }
     drop(listener);
-    info!("shutting down, closing {} connections", connections.len());
-    let _ = stop_tx.send(true);
-    let all_closed = async { while connections.join_next().await.is_some() {} };
-    // Every connection bounds its own close; this is a backstop.
-    if time::timeout(config.close_timeout * 2, all_closed)
-        .await
-        .is_err()
-    {
-        connections.abort_all();
+    connections.shutdown().await;
+}
+
+/// What the connection tasks are told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Control {
+    /// Serve.
+    Run,
+    /// Stop at the next await and hand back the connection ([`Paused`]).
+    Pause,
+    /// Say `* server shutting down` and close.
+    Shutdown,
+}
+
+/// A connection's application state, apart from its socket.
+#[derive(Debug, Default)]
+pub(crate) struct Session {
+    /// The member's nick; `None` before its `NICK` line.
+    pub(crate) nick: Option<Nick>,
+    /// Its place in this server's room. `None` with a nick: a member handed over from
+    /// another server, which rejoins without an announcement.
+    pub(crate) membership: Option<Membership>,
+    /// Input read from the socket and not handled yet, oldest first.
+    pub(crate) unread: Vec<u8>,
+    /// Output for the client not written yet, oldest first; the outbox's lines follow it.
+    pub(crate) pending: Vec<u8>,
+}
+
+/// A connection stopped at a clean point.
+#[derive(Debug)]
+pub(crate) struct Paused {
+    /// The socket, whole again.
+    pub(crate) stream: TcpStream,
+    /// The client's address.
+    pub(crate) peer: SocketAddr,
+    /// Everything else.
+    pub(crate) session: Session,
+}
+
+/// What every connection task shares.
+#[derive(Debug, Clone)]
+struct Shared {
+    room: Arc<Room>,
+    config: Arc<ServerConfig>,
+    /// When connections were last resumed from a handover, until the room hears its next
+    /// line: that line is logged with the time since, for the move's timeline.
+    resumed_at: Arc<Mutex<Option<Instant>>>,
+}
+
+impl Shared {
+    fn heard_line(&self, nick: &Nick) {
+        let resumed = self
+            .resumed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(at) = resumed {
+            info!(
+                "migrate: first line after resume from {nick}, {:.1} ms after resume",
+                millis(at.elapsed())
+            );
+        }
     }
-    info!("stopped");
+}
+
+/// A duration in milliseconds, for the logs.
+pub(crate) fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The room and the tasks serving its connections.
+#[derive(Debug)]
+pub(crate) struct Connections {
+    shared: Shared,
+    control: watch::Sender<Control>,
+    tasks: JoinSet<Option<Paused>>,
+}
+
+impl Connections {
+    pub(crate) fn new(config: ServerConfig) -> Connections {
+        Connections {
+            shared: Shared {
+                room: Arc::new(Room::new(config.outbox_len)),
+                config: Arc::new(config),
+                resumed_at: Arc::default(),
+            },
+            control: watch::channel(Control::Run).0,
+            tasks: JoinSet::new(),
+        }
+    }
+
+    /// The server's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.shared.config.name
+    }
+
+    /// The room.
+    pub(crate) fn room(&self) -> &Room {
+        &self.shared.room
+    }
+
+    /// Logs `listening on <addr> as <name>`.
+    pub(crate) fn announce(&self, listener: &TcpListener) {
+        match listener.local_addr() {
+            Ok(addr) => info!("listening on {addr} as {}", self.name()),
+            Err(e) => warn!("listening (address unknown: {e}) as {}", self.name()),
+        }
+    }
+
+    /// Serves a connection the listener accepted (or pauses after an accept error, so that a
+    /// persistent one does not spin).
+    pub(crate) async fn accepted(&mut self, accepted: io::Result<(TcpStream, SocketAddr)>) {
+        match accepted {
+            Ok((stream, peer)) => self.spawn(stream, peer, Session::default()),
+            Err(e) => {
+                warn!("accept failed: {e}");
+                time::sleep(ACCEPT_PAUSE).await;
+            }
+        }
+    }
+
+    /// Serves a connection again from where it was paused (here or on another server).
+    pub(crate) fn resume(&mut self, paused: Paused) {
+        self.spawn(paused.stream, paused.peer, paused.session);
+    }
+
+    /// Notes that connections were just resumed from a handover: the next line the room
+    /// hears is logged with the time since.
+    pub(crate) fn mark_resumed(&self) {
+        *self
+            .shared
+            .resumed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    fn spawn(&mut self, stream: TcpStream, peer: SocketAddr, session: Session) {
+        let task = serve(
+            stream,
+            peer,
+            session,
+            self.shared.clone(),
+            self.control.subscribe(),
+        );
+        self.tasks.spawn(task);
+    }
+
+    /// Waits until a connection task ends (forever when there are none), so that the set
+    /// does not grow. Cancel-safe.
+    pub(crate) async fn reap(&mut self) {
+        match self.tasks.join_next().await {
+            // Only a pause hands a connection back; should one come here, it goes on.
+            Some(Ok(Some(paused))) => self.resume(paused),
+            Some(_) => {}
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Stops every connection at its next clean point and hands them back, their tasks
+    /// ended. Connections that were closing finish first (each within `close_timeout`).
+    pub(crate) async fn pause(&mut self) -> Vec<Paused> {
+        self.control.send_replace(Control::Pause);
+        let mut paused = Vec::new();
+        let all = async {
+            while let Some(ended) = self.tasks.join_next().await {
+                if let Ok(Some(p)) = ended {
+                    paused.push(p);
+                }
+            }
+        };
+        // Every task stops at once or closes within its own bound; this is a backstop.
+        if time::timeout(self.shared.config.close_timeout * 2, all)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        self.control.send_replace(Control::Run);
+        paused
+    }
+
+    /// Tells every client `* server shutting down`, closes the connections and logs
+    /// `stopped`.
+    pub(crate) async fn shutdown(mut self) {
+        info!("shutting down, closing {} connections", self.tasks.len());
+        self.control.send_replace(Control::Shutdown);
+        let tasks = &mut self.tasks;
+        let all_closed = async { while tasks.join_next().await.is_some() {} };
+        // Every connection bounds its own close; this is a backstop.
+        if time::timeout(self.shared.config.close_timeout * 2, all_closed)
+            .await
+            .is_err()
+        {
+            self.tasks.abort_all();
+        }
+        info!("stopped");
+    }
 }
 
 /// Why a member's connection ended.
@@ -109,7 +289,7 @@ enum End {
     /// The client closed the connection.
     Closed,
     /// Reading or writing failed.
-    Failed(std::io::Error),
+    Failed(io::Error),
     /// The client sent a line over the limit.
     TooLong,
     /// The member's outbox filled up and the room evicted it.
@@ -118,130 +298,247 @@ enum End {
     Shutdown,
 }
 
-/// One connection, from its first byte to its close.
+/// How a connection's first line went.
+enum Hello {
+    /// A good `NICK` line.
+    Nick(Nick),
+    /// Refused with this line, then closed.
+    Refused(&'static str),
+    /// Gone (closed, failed, silent too long) or shut down.
+    Done,
+    /// Paused before its `NICK` line.
+    Paused,
+}
+
+/// The control value after the next change (`Shutdown` once the sender is gone).
+async fn next_control(control: &mut watch::Receiver<Control>) -> Control {
+    if control.changed().await.is_err() {
+        return Control::Shutdown;
+    }
+    *control.borrow_and_update()
+}
+
+/// One connection's socket and buffers.
+struct Conn {
+    peer: SocketAddr,
+    /// Reads what was unread at a pause first, then the socket.
+    reader: BufReader<Chain<Cursor<Vec<u8>>, OwnedReadHalf>>,
+    write: OwnedWriteHalf,
+    /// A line in progress ([`read_line`]).
+    partial: Vec<u8>,
+    /// Output not written yet, and how much of it was.
+    pending: Vec<u8>,
+    written: usize,
+}
+
+impl Conn {
+    fn new(stream: TcpStream, peer: SocketAddr, unread: Vec<u8>, pending: Vec<u8>) -> Conn {
+        // Chat lines are small and each one should leave at once.
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        Conn {
+            peer,
+            reader: BufReader::new(Cursor::new(unread).chain(read)),
+            write,
+            partial: Vec::new(),
+            pending,
+            written: 0,
+        }
+    }
+
+    fn has_pending(&self) -> bool {
+        self.written < self.pending.len()
+    }
+
+    /// Counts `n` more bytes written.
+    fn wrote(&mut self, n: usize) {
+        self.written += n;
+        if self.written == self.pending.len() {
+            self.pending.clear();
+            self.written = 0;
+        }
+    }
+
+    /// Reads the `NICK` line within `hello_timeout`.
+    async fn hello(
+        &mut self,
+        config: &ServerConfig,
+        control: &mut watch::Receiver<Control>,
+    ) -> Hello {
+        let deadline = time::Instant::now() + config.hello_timeout;
+        let peer = self.peer;
+        let hello = loop {
+            let line = read_line(&mut self.reader, &mut self.partial, config.max_line);
+            tokio::select! {
+                line = time::timeout_at(deadline, line) => break line,
+                signal = next_control(control) => match signal {
+                    Control::Run => {}
+                    Control::Pause => return Hello::Paused,
+                    Control::Shutdown => return Hello::Done,
+                },
+            }
+        };
+        match hello {
+            Ok(Ok(Some(line))) => match parse_hello(&line) {
+                Ok(nick) => Hello::Nick(nick),
+                Err(_) => {
+                    info!("{peer} refused: bad nick");
+                    Hello::Refused("ERR bad nick\n")
+                }
+            },
+            Ok(Err(LineError::TooLong)) => {
+                info!("{peer} refused: line too long");
+                Hello::Refused("ERR line too long\n")
+            }
+            Ok(Ok(None) | Err(LineError::Io(_))) => {
+                debug!("{peer} left before NICK");
+                Hello::Done
+            }
+            Err(_) => {
+                info!("{peer} dropped: no NICK within {:?}", config.hello_timeout);
+                Hello::Done
+            }
+        }
+    }
+
+    /// The connection stopped here: its socket whole again, the input not handled yet (the
+    /// line in progress, what the reader had buffered, what was left of earlier unread
+    /// input) and the output not written yet.
+    fn pause(self, nick: Option<Nick>, membership: Option<Membership>) -> Paused {
+        let mut unread = self.partial;
+        unread.extend_from_slice(self.reader.buffer());
+        let (cursor, read) = self.reader.into_inner().into_inner();
+        let at = usize::try_from(cursor.position()).unwrap_or(usize::MAX);
+        unread.extend_from_slice(cursor.get_ref().get(at..).unwrap_or_default());
+        let stream = read
+            .reunite(self.write)
+            .expect("the two halves of one stream reunite");
+        let mut pending = self.pending;
+        pending.drain(..self.written);
+        Paused {
+            stream,
+            peer: self.peer,
+            session: Session {
+                nick,
+                membership,
+                unread,
+                pending,
+            },
+        }
+    }
+
+    /// Sends what is pending and `last`, and closes the connection gracefully: our side
+    /// first, then reading (and discarding) until the client closes its side or `timeout`
+    /// passes. Closing a socket with unread input makes the kernel send a reset, which can
+    /// destroy `last` before the client reads it.
+    async fn close(mut self, last: &str, timeout: Duration) {
+        let closing = async {
+            self.write.write_all(&self.pending[self.written..]).await?;
+            self.write.write_all(last.as_bytes()).await?;
+            self.write.shutdown().await?;
+            let mut sink = [0u8; 4096];
+            while self.reader.read(&mut sink).await? > 0 {}
+            Ok::<_, io::Error>(())
+        };
+        let _ = time::timeout(timeout, closing).await;
+    }
+}
+
+/// One connection, from its first byte (or from where it was paused) to its close or its
+/// next pause.
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    room: Arc<Room>,
-    config: Arc<ServerConfig>,
-    mut stop: watch::Receiver<bool>,
-) {
-    // Chat lines are small and each one should leave at once.
-    let _ = stream.set_nodelay(true);
-    let (read, mut write) = stream.into_split();
-    let mut reader = BufReader::new(read);
-    let mut partial = Vec::new();
-
-    let hello = read_line(&mut reader, &mut partial, config.max_line);
-    let hello = tokio::select! {
-        hello = time::timeout(config.hello_timeout, hello) => hello,
-        _ = stop.changed() => return,
-    };
-    let nick = match hello {
-        Ok(Ok(Some(line))) => match parse_hello(&line) {
-            Ok(nick) => nick,
-            Err(_) => {
-                info!("{peer} refused: bad nick");
-                close(write, reader, "ERR bad nick\n", config.close_timeout).await;
-                return;
+    session: Session,
+    shared: Shared,
+    mut control: watch::Receiver<Control>,
+) -> Option<Paused> {
+    let config = &shared.config;
+    let Session {
+        nick,
+        membership,
+        unread,
+        pending,
+    } = session;
+    let mut conn = Conn::new(stream, peer, unread, pending);
+    let (nick, mut membership) = match (nick, membership) {
+        (Some(nick), Some(membership)) => (nick, membership),
+        (Some(nick), None) => {
+            let membership = shared.room.rejoin(nick.clone());
+            (nick, membership)
+        }
+        (None, _) => match conn.hello(config, &mut control).await {
+            Hello::Nick(nick) => {
+                // Joining before the welcome means a client that has read its welcome is in
+                // the room.
+                let membership = shared.room.join(nick.clone());
+                info!("{nick} joined from {peer}");
+                let welcome = format!("* welcome to the room on {}\n", config.name);
+                conn.pending.extend_from_slice(welcome.as_bytes());
+                (nick, membership)
             }
+            Hello::Refused(line) => {
+                conn.close(line, config.close_timeout).await;
+                return None;
+            }
+            Hello::Done => return None,
+            Hello::Paused => return Some(conn.pause(None, None)),
         },
-        Ok(Err(LineError::TooLong)) => {
-            info!("{peer} refused: line too long");
-            close(write, reader, "ERR line too long\n", config.close_timeout).await;
-            return;
-        }
-        Ok(Ok(None) | Err(LineError::Io(_))) => {
-            debug!("{peer} left before NICK");
-            return;
-        }
-        Err(_) => {
-            info!("{peer} dropped: no NICK within {:?}", config.hello_timeout);
-            return;
-        }
     };
 
-    // Joining before the welcome means a client that has read its welcome is in the room.
-    let Membership {
-        id,
-        mut outbox,
-        mut evicted,
-    } = room.join(nick.clone());
-    info!("{nick} joined from {peer}");
-    let welcome = format!("* welcome to the room on {}\n", config.name);
-    let end = match write.write_all(welcome.as_bytes()).await {
-        Err(e) => End::Failed(e),
-        Ok(()) => loop {
-            tokio::select! {
-                line = read_line(&mut reader, &mut partial, config.max_line) => match line {
-                    Ok(Some(text)) if text.is_empty() => {}
-                    Ok(Some(text)) => {
-                        room.say(id, &text);
-                        // Lets the other members' tasks drain their outboxes before this one
-                        // adds more: a client pasting many lines at once must not get the
-                        // others evicted.
-                        tokio::task::yield_now().await;
-                    }
-                    Ok(None) => break End::Closed,
-                    Err(LineError::TooLong) => break End::TooLong,
-                    Err(LineError::Io(e)) => break End::Failed(e),
-                },
-                Some(line) = outbox.recv() => {
-                    // A client that stops reading blocks this write; eviction and shutdown
-                    // still end it.
-                    tokio::select! {
-                        written = write.write_all(line.as_bytes()) => {
-                            if let Err(e) = written {
-                                break End::Failed(e);
-                            }
-                        }
-                        _ = &mut evicted => break End::TooSlow,
-                        _ = stop.changed() => break End::Shutdown,
-                    }
+    let end = loop {
+        tokio::select! {
+            line = read_line(&mut conn.reader, &mut conn.partial, config.max_line) => match line {
+                Ok(Some(text)) if text.is_empty() => {}
+                Ok(Some(text)) => {
+                    shared.room.say(membership.id, &text);
+                    shared.heard_line(&nick);
+                    // Lets the other members' tasks drain their outboxes before this one
+                    // adds more: a client pasting many lines at once must not get the
+                    // others evicted.
+                    tokio::task::yield_now().await;
                 }
-                _ = &mut evicted => break End::TooSlow,
-                _ = stop.changed() => break End::Shutdown,
+                Ok(None) => break End::Closed,
+                Err(LineError::TooLong) => break End::TooLong,
+                Err(LineError::Io(e)) => break End::Failed(e),
+            },
+            // A client that stops reading leaves this write waiting; its outbox fills and
+            // eviction ends it.
+            written = conn.write.write(&conn.pending[conn.written..]), if conn.has_pending() => {
+                match written {
+                    Ok(0) => break End::Failed(io::ErrorKind::WriteZero.into()),
+                    Ok(n) => conn.wrote(n),
+                    Err(e) => break End::Failed(e),
+                }
             }
-        },
+            Some(line) = membership.outbox.recv(), if !conn.has_pending() => {
+                conn.pending.extend_from_slice(line.as_bytes());
+            }
+            _ = &mut membership.evicted => break End::TooSlow,
+            signal = next_control(&mut control) => match signal {
+                Control::Run => {}
+                Control::Pause => return Some(conn.pause(Some(nick), Some(membership))),
+                Control::Shutdown => break End::Shutdown,
+            },
+        }
     };
 
-    room.leave(id, &nick, !matches!(end, End::Shutdown));
+    shared
+        .room
+        .leave(membership.id, &nick, !matches!(end, End::Shutdown));
     match end {
         End::Closed => info!("{nick} left"),
         End::Failed(e) => info!("{nick} left: {e}"),
         End::TooLong => {
             info!("{nick} disconnected: line too long");
-            close(write, reader, "ERR line too long\n", config.close_timeout).await;
+            conn.close("ERR line too long\n", config.close_timeout)
+                .await;
         }
         End::TooSlow => info!("{nick} disconnected: too slow"),
         End::Shutdown => {
-            close(
-                write,
-                reader,
-                "* server shutting down\n",
-                config.close_timeout,
-            )
-            .await;
+            conn.close("* server shutting down\n", config.close_timeout)
+                .await;
         }
     }
-}
-
-/// Sends `last` and closes the connection gracefully: our side first, then reading (and
-/// discarding) until the client closes its side or `timeout` passes. Closing a socket with
-/// unread input makes the kernel send a reset, which can destroy `last` before the client
-/// reads it.
-async fn close(
-    mut write: OwnedWriteHalf,
-    mut reader: BufReader<OwnedReadHalf>,
-    last: &str,
-    timeout: Duration,
-) {
-    let closing = async {
-        write.write_all(last.as_bytes()).await?;
-        write.shutdown().await?;
-        let mut sink = [0u8; 4096];
-        while reader.read(&mut sink).await? > 0 {}
-        Ok::<_, std::io::Error>(())
-    };
-    let _ = time::timeout(timeout, closing).await;
+    None
 }

@@ -2,12 +2,14 @@
 //! 127.0.0.1 with ephemeral ports.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixListener;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
+use meshlink_uapi::handover::AgentEvent;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -164,4 +166,83 @@ fn a_bad_nick_is_a_usage_error() {
         .status()
         .unwrap();
     assert_eq!(status.code(), Some(2));
+}
+
+#[test]
+fn a_migrating_server_registers_and_takes_handovers_only_from_the_holder() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("mesh0.sock");
+    let agents = UnixListener::bind(&socket).unwrap();
+    let port = TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let server = Proc::start(&[
+        "server",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "vm-c",
+        "--migrate",
+        "chat",
+        "--agent-socket",
+        socket.to_str().unwrap(),
+        "--handover-port",
+        &port,
+    ]);
+    server.expect("listening on 127.0.0.1:");
+    server.expect(&format!(
+        "migrate: listening for handovers of chat on 0.0.0.0:{port}"
+    ));
+
+    let (agent, _) = agents.accept().unwrap();
+    let mut registration = String::new();
+    let mut reader = BufReader::new(agent.try_clone().unwrap());
+    while !registration.ends_with("\n\n") {
+        reader.read_line(&mut registration).unwrap();
+    }
+    assert_eq!(registration, "handover=chat\n\n");
+    let mut agent = agent;
+    agent.write_all(b"errno=0\n\n").unwrap();
+    let holder = AgentEvent::Holder {
+        workload: "chat".into(),
+        generation: 1,
+        holder: Some(("vm-a".into(), "127.0.0.2".parse().unwrap())),
+    };
+    agent.write_all(holder.render().as_bytes()).unwrap();
+    server.expect(&format!(
+        "migrate: registered for chat with the agent at {}",
+        socket.display()
+    ));
+    server.expect("migrate: holder of chat is vm-a (127.0.0.2) at generation 1");
+
+    let stranger = TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).unwrap();
+    let refused = server.expect("migrate: handover from 127.0.0.1:");
+    assert!(
+        refused.ends_with("refused: not the holder (vm-a at 127.0.0.2)"),
+        "{refused}"
+    );
+    drop(stranger);
+
+    server.signal(Signal::SIGTERM);
+    server.expect("stopped");
+    assert_eq!(server.finish(), 0);
+}
+
+#[test]
+fn migration_flags_need_migrate() {
+    for flags in [
+        &["--handover-port", "7071"][..],
+        &["--agent-socket", "/tmp/agent.sock"][..],
+    ] {
+        let status = Command::new(BIN)
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .args(flags)
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert_eq!(status.code(), Some(2), "{flags:?}");
+    }
 }

@@ -1,19 +1,19 @@
 //! The server and the client through the library, on 127.0.0.1 with ephemeral ports.
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use meshlink_chat::client::{self, ClientConfig, ClientEvent};
-use meshlink_chat::protocol::{Nick, MAX_LINE};
+use meshlink_chat::client::ClientEvent;
+use meshlink_chat::protocol::MAX_LINE;
 use meshlink_chat::server::{self, ServerConfig};
 
-const WAIT: Duration = Duration::from_secs(5);
+mod support;
+use support::{is_connected, is_disconnected, Client, WAIT};
 
 struct Server {
     addr: SocketAddr,
@@ -36,71 +36,6 @@ impl Server {
         let _ = self.stop.send(());
         timeout(WAIT, self.task).await.unwrap().unwrap();
     }
-}
-
-struct Client {
-    input: Option<mpsc::Sender<String>>,
-    events: mpsc::UnboundedReceiver<ClientEvent>,
-    task: JoinHandle<()>,
-}
-
-impl Client {
-    fn start(addr: SocketAddr, nick: &str) -> Client {
-        let mut config = ClientConfig::new(addr, Nick::parse(nick).unwrap());
-        config.linger = Duration::from_millis(100);
-        let (input, lines) = mpsc::channel(16);
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            client::run(&config, lines, |event| {
-                let _ = events_tx.send(event);
-            })
-            .await;
-        });
-        Client {
-            input: Some(input),
-            events,
-            task,
-        }
-    }
-
-    async fn say(&self, line: &str) {
-        self.input
-            .as_ref()
-            .unwrap()
-            .send(line.to_string())
-            .await
-            .unwrap();
-    }
-
-    /// Waits for an event matching `wanted`, returning the events before it.
-    async fn expect(&mut self, wanted: impl Fn(&ClientEvent) -> bool) -> Vec<ClientEvent> {
-        let mut before = Vec::new();
-        loop {
-            match timeout(WAIT, self.events.recv()).await {
-                Ok(Some(event)) if wanted(&event) => return before,
-                Ok(Some(event)) => before.push(event),
-                other => panic!("no matching event ({other:?}); before it: {before:?}"),
-            }
-        }
-    }
-
-    async fn expect_line(&mut self, line: &str) -> Vec<ClientEvent> {
-        self.expect(|e| *e == ClientEvent::Line(line.to_string()))
-            .await
-    }
-
-    async fn finish(mut self) {
-        self.input.take();
-        timeout(WAIT, self.task).await.unwrap().unwrap();
-    }
-}
-
-fn is_connected(event: &ClientEvent) -> bool {
-    matches!(event, ClientEvent::Connected(_))
-}
-
-fn is_disconnected(event: &ClientEvent) -> bool {
-    matches!(event, ClientEvent::Disconnected(_))
 }
 
 #[tokio::test]
