@@ -14,8 +14,10 @@
 //! receive, the send queue (bytes sent but not acknowledged, and bytes not sent yet), the
 //! receive queue (bytes the application has not read), the MSS, window scaling, SACK,
 //! timestamps (the clock's offset, so that the peer's PAWS check passes) and the window.
-//! While frozen the connection neither sends nor answers; the peer retransmits into the void
-//! until the new host answers, which its TCP takes as a short loss.
+//! While frozen the old socket sends nothing, but it still takes in and acknowledges what the
+//! peer sends (repair mode stops sending, not receiving): [`Parked::state`] reads the state
+//! again with that data, for the new host, before it goes live. The peer's retransmits go
+//! unanswered until the new host answers, which its TCP takes as a short loss.
 //!
 //! The application's own state (what it has read but not handled) is the application's to
 //! ship. The socket's address must be routed to the new host before the peer's retransmits
@@ -200,33 +202,57 @@ impl Frozen {
     }
 }
 
-/// The old host's socket of a frozen connection: in repair mode, it neither sends nor
-/// answers. Dropped (or [`Parked::discard`]ed) it closes without a FIN or a reset, so the
-/// connection lives on where it was restored; [`Parked::resume`] keeps it here instead.
+/// The old host's socket of a frozen connection: in repair mode, it sends no data and no
+/// window probe. It still takes in what the peer sends (repair mode stops sending, not
+/// receiving) and acknowledges it: [`Parked::state`] reads it again, with that data, for a
+/// last word to the new host. Dropped (or [`Parked::discard`]ed) it closes without a FIN or a
+/// reset, so the connection lives on where it was restored; [`Parked::resume`] keeps it
+/// here instead.
 #[derive(Debug)]
-pub struct Parked(Option<TcpStream>);
+pub struct Parked {
+    stream: Option<TcpStream>,
+    local: SocketAddr,
+    peer: SocketAddr,
+    /// `tcpi_options` at the freeze, and the window scales.
+    options: u8,
+    wscale: (u8, u8),
+}
 
 impl Parked {
+    /// The connection's state now, read again in repair mode (nothing is sent): as frozen,
+    /// plus whatever the peer sent since, which the socket took in and acknowledged and the
+    /// peer will therefore not send again. A new host that restored an earlier state must
+    /// take this one instead (compare `recv_seq`) before it goes live.
+    ///
+    /// # Errors
+    /// The socket call that failed.
+    pub fn state(&self) -> Result<Frozen, MigrateError> {
+        read_state(self)
+    }
+
     /// Closes the old socket silently: the connection now lives elsewhere.
     pub fn discard(mut self) {
-        drop(self.0.take());
+        drop(self.stream.take());
     }
 
     /// Takes the connection out of repair mode here, as if it had not been frozen (a move
-    /// that failed). Data the peer sent meanwhile is retransmitted by it.
+    /// that failed).
     ///
     /// # Errors
     /// When the socket refuses to leave repair mode.
     pub fn resume(mut self) -> Result<TcpStream, MigrateError> {
-        let stream = self.0.take().expect("parked socket present until taken");
+        let stream = self
+            .stream
+            .take()
+            .expect("parked socket present until taken");
         sys::set_int(stream.as_fd(), sys::TCP_REPAIR, sys::TCP_REPAIR_OFF)
             .map_err(step("leave repair mode"))?;
         Ok(stream)
     }
 }
 
-/// Freezes an established connection: the socket enters repair mode (it stops sending and
-/// answering) and its state is read out. The socket comes back as [`Parked`].
+/// Freezes an established connection: the socket enters repair mode (it stops sending) and
+/// its state is read out. The socket comes back as [`Parked`].
 ///
 /// # Errors
 /// [`MigrateError::Permission`] without `CAP_NET_ADMIN`, [`MigrateError::NotEstablished`],
@@ -240,65 +266,14 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
     let local = stream.local_addr().map_err(step("local address"))?;
     let peer = stream.peer_addr().map_err(step("peer address"))?;
     sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
-    let parked = Parked(Some(stream));
-    let read = || -> Result<Frozen, MigrateError> {
-        let fd = parked.0.as_ref().expect("present").as_fd();
-        let outq = sys::outq(fd).map_err(step("send queue length"))?;
-        let unsent = sys::outq_not_sent(fd).map_err(step("unsent length"))?;
-        let inq = sys::inq(fd).map_err(step("receive queue length"))?;
-        sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)
-            .map_err(step("select the send queue"))?;
-        let send_seq = sys::get_u32(fd, sys::TCP_QUEUE_SEQ).map_err(step("send sequence"))?;
-        let send_queue = sys::peek_queue(fd, outq).map_err(step("read the send queue"))?;
-        sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_RECV_QUEUE)
-            .map_err(step("select the receive queue"))?;
-        let recv_seq = sys::get_u32(fd, sys::TCP_QUEUE_SEQ).map_err(step("receive sequence"))?;
-        let recv_queue = sys::peek_queue(fd, inq).map_err(step("read the receive queue"))?;
-        if send_queue.len() != outq || recv_queue.len() != inq {
-            return Err(MigrateError::Socket {
-                step: "read the queues",
-                source: io::Error::other(format!(
-                    "short read: {} of {outq} sent, {} of {inq} received",
-                    send_queue.len(),
-                    recv_queue.len()
-                )),
-            });
-        }
-        let mss = sys::get_u32(fd, libc::TCP_MAXSEG).map_err(step("MSS"))?;
-        let timestamp = if info.options & sys::TCPI_OPT_TIMESTAMPS != 0 {
-            Some(sys::get_u32(fd, sys::TCP_TIMESTAMP).map_err(step("timestamp clock"))?)
-        } else {
-            None
-        };
-        let window = match sys::get_window(fd) {
-            Ok(w) => Some(Window {
-                snd_wl1: w.snd_wl1,
-                snd_wnd: w.snd_wnd,
-                max_window: w.max_window,
-                rcv_wnd: w.rcv_wnd,
-                rcv_wup: w.rcv_wup,
-            }),
-            Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
-            Err(e) => return Err(step("window")(e)),
-        };
-        Ok(Frozen {
-            version: FORMAT_VERSION,
-            local,
-            peer,
-            send_seq,
-            recv_seq,
-            send_queue,
-            unsent: unsent.min(outq),
-            recv_queue,
-            mss,
-            window_scale: (info.options & sys::TCPI_OPT_WSCALE != 0)
-                .then_some((info.snd_wscale, info.rcv_wscale)),
-            sack: info.options & sys::TCPI_OPT_SACK != 0,
-            timestamp,
-            window,
-        })
+    let parked = Parked {
+        stream: Some(stream),
+        local,
+        peer,
+        options: info.options,
+        wscale: (info.snd_wscale, info.rcv_wscale),
     };
-    match read() {
+    match parked.state() {
         Ok(frozen) => Ok((frozen, parked)),
         Err(e) => {
             // Not frozen after all: the connection goes on here.
@@ -306,6 +281,64 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
             Err(e)
         }
     }
+}
+
+/// Reads a socket's state in repair mode.
+fn read_state(p: &Parked) -> Result<Frozen, MigrateError> {
+    let fd = p.stream.as_ref().expect("present until taken").as_fd();
+    let outq = sys::outq(fd).map_err(step("send queue length"))?;
+    let unsent = sys::outq_not_sent(fd).map_err(step("unsent length"))?;
+    let inq = sys::inq(fd).map_err(step("receive queue length"))?;
+    sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)
+        .map_err(step("select the send queue"))?;
+    let send_seq = sys::get_u32(fd, sys::TCP_QUEUE_SEQ).map_err(step("send sequence"))?;
+    let send_queue = sys::peek_queue(fd, outq).map_err(step("read the send queue"))?;
+    sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_RECV_QUEUE)
+        .map_err(step("select the receive queue"))?;
+    let recv_seq = sys::get_u32(fd, sys::TCP_QUEUE_SEQ).map_err(step("receive sequence"))?;
+    let recv_queue = sys::peek_queue(fd, inq).map_err(step("read the receive queue"))?;
+    if send_queue.len() != outq || recv_queue.len() != inq {
+        return Err(MigrateError::Socket {
+            step: "read the queues",
+            source: io::Error::other(format!(
+                "short read: {} of {outq} sent, {} of {inq} received",
+                send_queue.len(),
+                recv_queue.len()
+            )),
+        });
+    }
+    let mss = sys::get_u32(fd, libc::TCP_MAXSEG).map_err(step("MSS"))?;
+    let timestamp = if p.options & sys::TCPI_OPT_TIMESTAMPS != 0 {
+        Some(sys::get_u32(fd, sys::TCP_TIMESTAMP).map_err(step("timestamp clock"))?)
+    } else {
+        None
+    };
+    let window = match sys::get_window(fd) {
+        Ok(w) => Some(Window {
+            snd_wl1: w.snd_wl1,
+            snd_wnd: w.snd_wnd,
+            max_window: w.max_window,
+            rcv_wnd: w.rcv_wnd,
+            rcv_wup: w.rcv_wup,
+        }),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => None,
+        Err(e) => return Err(step("window")(e)),
+    };
+    Ok(Frozen {
+        version: FORMAT_VERSION,
+        local: p.local,
+        peer: p.peer,
+        send_seq,
+        recv_seq,
+        send_queue,
+        unsent: unsent.min(outq),
+        recv_queue,
+        mss,
+        window_scale: (p.options & sys::TCPI_OPT_WSCALE != 0).then_some(p.wscale),
+        sack: p.options & sys::TCPI_OPT_SACK != 0,
+        timestamp,
+        window,
+    })
 }
 
 /// Puts a frozen connection back in a new socket on this host and takes it out of repair
@@ -321,10 +354,11 @@ pub fn restore(f: &Frozen) -> Result<TcpStream, MigrateError> {
     restore_held(f)?.go()
 }
 
-/// A restored connection still in repair mode: it neither sends nor answers (packets that
-/// reach it are dropped, no reset), until [`Held::go`] makes it live or [`Held::discard`]
-/// closes it silently. For a destination that must not speak before the address is
-/// confirmed to be its own: restore early, go when it is.
+/// A restored connection still in repair mode: it sends no data and no window probe (and
+/// draws no reset) until [`Held::go`] makes it live, or [`Held::discard`] closes it
+/// silently. For a destination that must not speak before the address is confirmed to be its
+/// own: restore early, go when it is. What reaches it before then is taken in, as by any
+/// socket in repair mode, and goes live with it.
 #[derive(Debug)]
 pub struct Held {
     sock: OwnedFd,
@@ -362,8 +396,10 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     f.validate()?;
     let sock: OwnedFd = sys::tcp_socket(f.local.is_ipv6()).map_err(step("socket"))?;
     let fd = sock.as_fd();
-    sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
+    // SO_REUSEADDR before repair mode: set after, it takes back the forced reuse that repair
+    // mode gives, and the bind fails while a listener holds the port.
     sys::set_sol_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(step("SO_REUSEADDR"))?;
+    sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
     let freebind = if f.local.is_ipv6() {
         (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
     } else {

@@ -144,3 +144,79 @@ fn a_discarded_held_restore_says_nothing_to_the_client() {
     server.write_all(b"yes").unwrap();
     assert_eq!(read_exact(&mut client, 3), b"yes");
 }
+
+/// What the client sends after the freeze, the parked socket takes in and acknowledges (the
+/// client will not send it again): `Parked::state` has it, and a restore from that state
+/// carries it on; resumed instead, the parked socket reads it.
+#[test]
+fn data_sent_after_the_freeze_is_in_the_parked_state() {
+    if !root() {
+        return;
+    }
+    for resume in [false, true] {
+        let (mut client, server) = pair();
+        let (frozen, parked) = freeze(server).unwrap();
+        client.write_all(b"late").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            unacknowledged(&client),
+            0,
+            "acknowledged by the parked socket"
+        );
+        let last = parked.state().unwrap();
+        assert_eq!(last.recv_queue, b"late");
+        assert_eq!(last.recv_seq, frozen.recv_seq.wrapping_add(4));
+        let mut server = if resume {
+            parked.resume().unwrap()
+        } else {
+            parked.discard();
+            restore(&last).unwrap()
+        };
+        assert_eq!(read_exact(&mut server, 4), b"late");
+        server.write_all(b"ok").unwrap();
+        assert_eq!(read_exact(&mut client, 2), b"ok");
+    }
+}
+
+/// Bytes in a socket's send queue not acknowledged yet: the Send-Q column of `ss` for the
+/// connection from its local port.
+fn unacknowledged(s: &TcpStream) -> usize {
+    let port = s.local_addr().unwrap().port();
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tnH",
+            "state",
+            "established",
+            "src",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("ss (iproute2)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .next()
+        .unwrap_or_else(|| panic!("no connection from port {port}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// A destination restores while its own listener holds the port (a standby server listening
+/// on the workload address): the restore binds all the same.
+#[test]
+fn a_restore_binds_beside_a_listener_on_the_port() {
+    if !root() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let (frozen, parked) = freeze(server).unwrap();
+    parked.discard();
+    let mut server = restore_held(&frozen).unwrap().go().unwrap();
+    client.write_all(b"hi").unwrap();
+    assert_eq!(read_exact(&mut server, 2), b"hi");
+    drop(listener);
+}
