@@ -22,7 +22,7 @@
 //! The application's own state (what it has read but not handled) is the application's to
 //! ship. The socket's address must be routed to the new host before the peer's retransmits
 //! can reach it: with meshlink, move the workload address ([`restore`] binds with
-//! `IP_FREEBIND`, so it may run before the address is up).
+//! `IP_FREEBIND` and `IP_TRANSPARENT`, so it may run before the address is up).
 //!
 //! All of the crate's `unsafe` is in one module (`sys`): plain socket calls.
 
@@ -400,12 +400,20 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     // mode gives, and the bind fails while a listener holds the port.
     sys::set_sol_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(step("SO_REUSEADDR"))?;
     sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
-    let freebind = if f.local.is_ipv6() {
-        (libc::IPPROTO_IPV6, libc::IPV6_FREEBIND)
+    // The local address need not be on this host yet: FREEBIND lets the socket bind it, and
+    // TRANSPARENT lets `connect` route from it (without, the route lookup from a source that
+    // is not local fails with ENETUNREACH).
+    let (level, freebind, transparent) = if f.local.is_ipv6() {
+        (
+            libc::IPPROTO_IPV6,
+            libc::IPV6_FREEBIND,
+            libc::IPV6_TRANSPARENT,
+        )
     } else {
-        (libc::IPPROTO_IP, libc::IP_FREEBIND)
+        (libc::IPPROTO_IP, libc::IP_FREEBIND, libc::IP_TRANSPARENT)
     };
-    sys::set_sol_int(fd, freebind.0, freebind.1, 1).map_err(step("IP_FREEBIND"))?;
+    sys::set_sol_int(fd, level, freebind, 1).map_err(step("IP_FREEBIND"))?;
+    sys::set_sol_int(fd, level, transparent, 1).map_err(step("IP_TRANSPARENT"))?;
     sys::bind(fd, f.local).map_err(step("bind"))?;
     // The queues are written back below, each moving its sequence number forward by its
     // length: start them that much earlier.

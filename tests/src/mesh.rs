@@ -289,8 +289,13 @@ impl MeshAgent {
         peer_keys(&self.status())
     }
 
+    /// Its userspace API socket (where applications register for live migration).
+    pub fn uapi_socket(&self) -> std::path::PathBuf {
+        Path::new(UAPI_DIR).join(format!("{}.sock", self.interface))
+    }
+
     fn remove_stale_socket(&self) {
-        let socket = Path::new(UAPI_DIR).join(format!("{}.sock", self.interface));
+        let socket = self.uapi_socket();
         if socket.exists() {
             let _ = std::fs::remove_file(socket);
         }

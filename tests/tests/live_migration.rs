@@ -13,9 +13,10 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use meshlink_tcp_migrate::{freeze, restore, Frozen};
+use meshlink_tests::process::Process;
 use meshlink_tests::{
-    agent_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator, MeshAgent,
-    Provider, ProviderHost, Providers, ScratchDir,
+    agent_bin, chat_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator,
+    MeshAgent, Provider, ProviderHost, Providers, ScratchDir,
 };
 
 const NETWORK: &str = "prod";
@@ -191,5 +192,192 @@ fn a_connection_moves_with_its_workload() {
         "live migration: restored {restored_after:.2?} after the freeze; the client's round trip \
          through the restored server done {gap:.2?} after it"
     );
+    drop(coord);
+}
+
+/// The chat server's connections to its clients, by the clients' ports: `ss` in the
+/// client's namespace, established connections to the chat address.
+fn chat_ports(agent: &MeshAgent) -> Vec<u16> {
+    let out = agent.ns().run(
+        "ss",
+        &[
+            "-tnH",
+            "state",
+            "established",
+            "dst",
+            &format!("{WORKLOAD_IP}:{CHAT_PORT}"),
+        ],
+    );
+    let mut ports: Vec<u16> = out
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter_map(|local| local.rsplit_once(':'))
+        .filter_map(|(_, port)| port.parse().ok())
+        .collect();
+    ports.sort_unstable();
+    ports
+}
+
+const CHAT_PORT: u16 = 7070;
+const HANDOVER_PORT: u16 = 7071;
+
+fn expect_line(p: &Process, needle: &str) -> String {
+    p.wait_for_line(needle, STEP).unwrap_or_else(|| {
+        panic!(
+            "{} did not print {needle:?} within {STEP:?}; log:\n{}",
+            p.name(),
+            p.log_tail(40)
+        )
+    })
+}
+
+/// `meshctl workload migrate chat --to vm-c1`: the chat server on vm-a1 hands its room and
+/// both clients' connections over to the chat server waiting on vm-c1, and the clients carry
+/// on with the same connections (same ports, no reconnect), their messages now through vm-c1;
+/// then back again. A migration whose destination runs no server is refused and moves nothing.
+#[test]
+fn the_chat_server_moves_with_its_clients() {
+    if !require_root() {
+        return;
+    }
+    agent_bin();
+    coordinator_bin();
+    meshctl_bin();
+    chat_bin();
+    let dir = ScratchDir::create("live-chat");
+    let mut providers = Providers::create(3);
+    let coord_host = providers.add_host(Provider::A);
+    let hosts: Vec<(ProviderHost, &str, &str)> = vec![
+        (providers.add_host(Provider::A), "vm-a1", "aws"),
+        (providers.add_host(Provider::B), "vm-b1", "gcp"),
+        (providers.add_host(Provider::C), "vm-c1", "azure"),
+        (providers.add_host(Provider::B), "vm-b2", "gcp"),
+    ];
+    let coord = Coordinator::start(&coord_host.ns, &dir, coord_host.underlay);
+    let ctl = coord.meshctl();
+    ctl.network_create(NETWORK, "100.64.0.0/16");
+    let token = ctl.token_create(NETWORK, Some(4), Some("1h"));
+    let mut agents: Vec<MeshAgent> = hosts
+        .iter()
+        .map(|(h, name, provider)| {
+            MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)])
+        })
+        .collect();
+    for a in &mut agents {
+        a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
+    }
+    let (a1, b1, c1, b2) = (&agents[0], &agents[1], &agents[2], &agents[3]);
+    ctl.run(&[
+        "workload",
+        "create",
+        "chat",
+        "--network",
+        NETWORK,
+        "--address",
+        "100.64.50.10",
+        "--standby",
+        "vm-c1",
+        "--allow",
+        "vm-a1,vm-c1",
+    ]);
+    ctl.run(&["workload", "attach", "chat", "--node", "vm-a1"]);
+    wait_until(STEP, "the workload address up on vm-a1", || {
+        a1.has_address(WORKLOAD_IP).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    // The same server on both candidates: serving on vm-a1, waiting on vm-c1.
+    let server = |a: &MeshAgent| {
+        let mut cmd = a.ns().daemon_command(chat_bin());
+        cmd.args([
+            "server",
+            "--listen",
+            &format!("{WORKLOAD_IP}:{CHAT_PORT}"),
+            "--name",
+        ])
+        .arg(a.name())
+        .args(["--migrate", "chat", "--agent-socket"])
+        .arg(a.uapi_socket())
+        .args(["--handover-port", &HANDOVER_PORT.to_string()]);
+        let p = Process::spawn_interactive(
+            &format!("chat server on {}", a.name()),
+            cmd,
+            &dir.join(&format!("server-{}.log", a.name())),
+        );
+        expect_line(&p, "listening on");
+        p
+    };
+    let on_a1 = server(a1);
+    let on_c1 = server(c1);
+    let client = |a: &MeshAgent, nick: &str| {
+        let mut cmd = a.ns().daemon_command(chat_bin());
+        cmd.args([
+            "client",
+            "--server",
+            &format!("{WORKLOAD_IP}:{CHAT_PORT}"),
+            "--nick",
+            nick,
+        ]);
+        Process::spawn_interactive(
+            &format!("chat client {nick}"),
+            cmd,
+            &dir.join(&format!("client-{nick}.log")),
+        )
+    };
+    let mut alice = client(b1, "alice");
+    let mut bob = client(b2, "bob");
+    expect_line(&alice, "welcome to the room on vm-a1");
+    expect_line(&bob, "welcome to the room on vm-a1");
+    expect_line(&on_a1, "bob joined");
+    alice.write_line("before the move");
+    expect_line(&bob, "alice: before the move");
+    let ports = (chat_ports(b1), chat_ports(b2));
+    assert_eq!(
+        (ports.0.len(), ports.1.len()),
+        (1, 1),
+        "one connection each: {ports:?}"
+    );
+
+    // A destination with no server registered: refused, nothing moves, nobody notices.
+    let refused = ctl.exec(&["workload", "migrate", "chat", "--to", "vm-b2"]);
+    assert!(
+        !refused.status.success(),
+        "a migration to vm-b2 (no server) went through"
+    );
+    let says = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(says.contains("did not happen"), "{says}");
+    bob.write_line("after a refused move");
+    expect_line(&alice, "bob: after a refused move");
+
+    for (from, to, server_to) in [("vm-a1", "vm-c1", &on_c1), ("vm-c1", "vm-a1", &on_a1)] {
+        let out = ctl.run(&["workload", "migrate", "chat", "--to", to]);
+        assert!(out.contains(&format!("migrated to {to}")), "{out}");
+        assert!(out.contains("handed over in"), "{out}");
+        alice.write_line(&format!("after the move to {to}"));
+        expect_line(&bob, &format!("alice: after the move to {to}"));
+        bob.write_line(&format!("bob on {to} too"));
+        expect_line(&alice, &format!("bob: bob on {to} too"));
+        // Served there now, the same connections carrying the lines.
+        expect_line(server_to, "resumed 2 connections from");
+        expect_line(server_to, "first line after resume");
+        assert_eq!(
+            (chat_ports(b1), chat_ports(b2)),
+            ports,
+            "the clients' connections changed ({from} -> {to})"
+        );
+    }
+    for (p, nick) in [(&alice, "alice"), (&bob, "bob")] {
+        let log = p.log();
+        assert_eq!(
+            log.matches("* connected to").count(),
+            1,
+            "{nick} reconnected:\n{log}"
+        );
+        assert!(
+            !log.contains("* disconnected"),
+            "{nick} was disconnected:\n{log}"
+        );
+    }
+    drop((alice, bob, on_a1, on_c1));
     drop(coord);
 }
