@@ -90,8 +90,8 @@ pub enum Reply {
     Refused(String),
 }
 
-/// The last frame of a handover: the sockets frozen again once the source stopped answering
-/// for the address, in the order of the [`State`]'s connections. A parked socket still takes
+/// The last frame of a handover: the sockets' state read again once the source stopped
+/// answering for the address, in the order of the [`State`]'s connections. A parked socket still takes
 /// in (and acknowledges) what its peer sends, so what arrived after the freeze is in these
 /// and not in the state.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use tracing::{debug, info};
 
 use meshlink_tcp_migrate::{restore_held, Frozen, Held, MigrateError};
 
-use super::{bind_freebind, read_frame, to_tokio, Node, RunError, ACCEPT_PAUSE};
+use super::{read_frame, to_tokio, Node, ACCEPT_PAUSE};
 use crate::migrate::{self, Final, Reply, State};
 use crate::protocol::Nick;
 use crate::server::{millis, Paused, Session};
@@ -77,11 +77,6 @@ fn discard(connections: Vec<Inbound>) {
     for c in connections {
         c.held.discard();
     }
-}
-
-/// Whether a restore failed because a socket holds the port.
-fn port_taken(held: &Result<Held, MigrateError>) -> bool {
-    matches!(held, Err(MigrateError::Socket { step: "bind", source }) if source.kind() == io::ErrorKind::AddrInUse)
 }
 
 /// Checks that the final frame speaks of the same connections, in order.
@@ -247,7 +242,7 @@ impl Node {
         let sockets: Vec<&Frozen> = state.connections.iter().map(|c| &c.socket).collect();
         let mut restored = Vec::with_capacity(sockets.len());
         let mut failure = None;
-        for (i, held) in self.restore_batch(&sockets).into_iter().enumerate() {
+        for (i, held) in Self::restore_batch(&sockets).into_iter().enumerate() {
             match held {
                 Ok(held) => restored.push(held),
                 Err(e) if failure.is_none() => {
@@ -295,36 +290,9 @@ impl Node {
         Ok((id, count))
     }
 
-    /// Restores each socket, held. Should the listener's port refuse a socket (a listening
-    /// socket keeps a restored one from binding its port unless the restored one is bound in
-    /// repair mode without `SO_REUSEADDR`, which `restore_held` sets), the listener is
-    /// closed meanwhile and opened again after; clients arriving in that moment are
-    /// refused and retry.
-    fn restore_batch(&mut self, sockets: &[&Frozen]) -> Vec<Result<Held, MigrateError>> {
-        let mut closed = false;
-        let mut out = Vec::with_capacity(sockets.len());
-        for socket in sockets {
-            let mut held = restore_held(socket);
-            if !closed && self.listener.is_some() && port_taken(&held) {
-                debug!("migrate: the listener is closed while connections are restored");
-                self.listener = None;
-                closed = true;
-                held = restore_held(socket);
-            }
-            out.push(held);
-        }
-        if closed {
-            match bind_freebind(self.listen) {
-                Ok(listener) => self.listener = Some(listener),
-                Err(source) => {
-                    self.fatal = Some(RunError::Listen {
-                        addr: self.listen,
-                        source,
-                    });
-                }
-            }
-        }
-        out
+    /// Restores each socket, held. `restore_held` binds beside the listener on the same port.
+    fn restore_batch(sockets: &[&Frozen]) -> Vec<Result<Held, MigrateError>> {
+        sockets.iter().map(|socket| restore_held(socket)).collect()
     }
 
     /// Answers a handover connection; after ready (to handover `id` of `count`
@@ -392,7 +360,7 @@ impl Node {
         }
         let changed: Vec<usize> = (0..helds.len()).filter(|&i| helds[i].is_none()).collect();
         let fresh: Vec<&Frozen> = changed.iter().map(|&i| &states[i].0).collect();
-        let restored = self.restore_batch(&fresh);
+        let restored = Self::restore_batch(&fresh);
         for (&i, held) in changed.iter().zip(restored) {
             match held {
                 Ok(held) => helds[i] = Some(held),

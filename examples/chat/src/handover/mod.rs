@@ -14,7 +14,7 @@
 //!                                        <─ready─
 //! answer handed_over                                (the coordinator commits the move)
 //! agent: event=left                                 agent: event=arrived
-//! freeze the parked sockets again        ─final─>   restore again those that took in data
+//! read the parked sockets' state again ─final─>   restore again those that took in data
 //! discard them; stand by                            after the freeze; go live, serve them
 //!
 //! any failure before ready: resume here, answer handed_over with the error
@@ -22,9 +22,9 @@
 //! ```
 //!
 //! The final frame exists because a parked socket still takes in (and acknowledges) what
-//! its client sends: without it, a line typed between the freeze and the move would be lost
-//! and the connection would stall. While a handover is out, new clients wait in the accept
-//! backlog.
+//! its client sends (`Parked::state` reads it, without leaving repair mode): without it, a
+//! line typed between the freeze and the move would be lost and the connection would stall.
+//! While a handover is out, new clients wait in the accept backlog.
 //!
 //! Every step is logged at `info` as one line starting `migrate: ` (the README lists them).
 //!
@@ -106,7 +106,7 @@ impl MigrateConfig {
 /// Why a migrating server stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// The client listener could not be opened again after a restore.
+    /// The listener's or the handover listener's address cannot be read.
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         /// The address.
@@ -120,7 +120,8 @@ pub enum RunError {
 }
 
 /// A listener on `addr` with `IP_FREEBIND` (the address need not be on this host yet) and
-/// `SO_REUSEADDR` (restored connections share its port).
+/// `SO_REUSEADDR` (a restart binds while old connections linger; restored connections share
+/// its port, which `restore_held` allows).
 ///
 /// # Errors
 /// The socket call that failed. Must be called within a tokio runtime.
@@ -172,7 +173,7 @@ pub async fn run(
     let (inbound_tx, mut inbound_rx) = mpsc::unbounded_channel();
     let mut node = Node {
         connections: Connections::new(server),
-        listener: Some(listener),
+        listener,
         listen,
         handover_port,
         config,
@@ -183,11 +184,8 @@ pub async fn run(
         receiving: false,
         next_id: 0,
         inbound: inbound_tx,
-        fatal: None,
     };
-    if let Some(listener) = &node.listener {
-        node.connections.announce(listener);
-    }
+    node.connections.announce(&node.listener);
     info!(
         "migrate: listening for handovers of {} on {}",
         node.config.workload,
@@ -201,7 +199,7 @@ pub async fn run(
         let deadline = node.deadline();
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = accept(node.listener.as_ref()), if node.outgoing.is_none() => {
+            accepted = node.listener.accept(), if node.outgoing.is_none() => {
                 node.connections.accepted(accepted).await;
             }
             () = node.connections.reap() => {}
@@ -218,19 +216,9 @@ pub async fn run(
             Some(inbound) = inbound_rx.recv() => node.on_inbound(inbound),
             () = sleep_until(deadline) => node.on_deadline(),
         }
-        if let Some(fatal) = node.fatal.take() {
-            return Err(fatal);
-        }
     }
     node.stop().await;
     Ok(())
-}
-
-async fn accept(listener: Option<&TcpListener>) -> io::Result<(TcpStream, SocketAddr)> {
-    match listener {
-        Some(listener) => listener.accept().await,
-        None => std::future::pending().await,
-    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -280,8 +268,7 @@ async fn read_frame<R: AsyncRead + Unpin>(
 /// The migrating server's state, driven by its loop.
 struct Node {
     connections: Connections,
-    /// `None` only while restored sockets need its port to themselves.
-    listener: Option<TcpListener>,
+    listener: TcpListener,
     listen: SocketAddr,
     handover_port: u16,
     config: MigrateConfig,
@@ -294,7 +281,6 @@ struct Node {
     receiving: bool,
     next_id: u64,
     inbound: mpsc::UnboundedSender<Received>,
-    fatal: Option<RunError>,
 }
 
 impl Node {
@@ -387,7 +373,7 @@ impl Node {
     async fn stop(mut self) {
         self.drop_outgoing();
         self.drop_incoming();
-        drop(self.listener.take());
+        drop(self.listener);
         self.connections.shutdown().await;
     }
 }

@@ -130,18 +130,6 @@ fn resume_here(o: Outbound) -> Result<Paused, (MigrateError, Option<Nick>, Optio
     }
 }
 
-/// Reads a parked socket's state again (what it took in since the freeze included).
-fn refreeze(parked: Parked) -> Result<(Frozen, Parked), MigrateError> {
-    let stream = parked.resume()?;
-    let copy = stream.try_clone().map_err(|source| MigrateError::Socket {
-        step: "duplicate the socket",
-        source,
-    })?;
-    let frozen = freeze(copy)?;
-    drop(stream);
-    Ok(frozen)
-}
-
 /// Whether the room evicted the member while it was paused.
 fn was_evicted(o: &mut Outbound) -> bool {
     o.membership.as_mut().is_some_and(|m| {
@@ -377,8 +365,9 @@ impl Node {
         self.connections.mark_resumed();
     }
 
-    /// The source stopped answering for the address: the sockets are frozen again and sent
-    /// as the final frame, then discarded; this server stands by.
+    /// The source stopped answering for the address: the parked sockets' state is read again
+    /// (with what they took in since the freeze) and sent as the final frame, then they are
+    /// discarded; this server stands by.
     pub(super) async fn left(&mut self, out: Outgoing, generation: u64) {
         let Outgoing {
             to,
@@ -393,16 +382,20 @@ impl Node {
             if let (Some(nick), Some(m)) = (&o.nick, &o.membership) {
                 self.connections.room().leave(m.id, nick, false);
             }
-            match refreeze(o.parked) {
-                Ok((socket, again)) => {
-                    sockets.push(socket);
-                    parked.push(again);
-                }
+            // Read again in repair mode: what the socket took in since the freeze is in it,
+            // and nothing is sent (no window probe), so the client hears only from the
+            // destination.
+            match o.parked.state() {
+                Ok(socket) => sockets.push(socket),
                 Err(e) => {
-                    info!("migrate: {}: cannot freeze again: {e}", o.peer);
+                    info!(
+                        "migrate: {}: cannot read the parked state again: {e}",
+                        o.peer
+                    );
                     sockets.push(o.socket);
                 }
             }
+            parked.push(o.parked);
         }
         let body = Final { sockets }.encode();
         let frame = migrate::frame(&body);
