@@ -1373,7 +1373,11 @@ impl Service {
                 "workload {name} has no holder: there is nothing to migrate (attach it with `workload move`)"
             )));
         };
-        if !self.hub.is_online(network, holder) && !self.is_online_anywhere(network, holder) {
+        if !self.hub.is_online(network, holder) && self.shared.get().is_some() {
+            // Who is online at the other coordinators, as the database has it now.
+            self.refresh_leases().await;
+        }
+        if !self.is_online_anywhere(network, holder) {
             return Err(ApiError::Conflict(format!(
                 "the holder of workload {name} is offline: a live migration needs its application"
             )));

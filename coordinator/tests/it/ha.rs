@@ -229,6 +229,130 @@ async fn two_coordinators_share_changes_and_leases() {
     let _ = stop_b.send(true);
 }
 
+/// A live migration asked of one coordinator while the holder's session is with the other:
+/// the Handover reaches the holder through its coordinator and its answer comes back, before
+/// the commit; a holder whose agent cannot take part is refused through the other coordinator
+/// too, and nothing moves.
+#[tokio::test]
+async fn a_live_migration_through_another_coordinator() {
+    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+        return;
+    };
+    let (a, stop_a) = coordinator(&url).await;
+    let (b, stop_b) = coordinator(&url).await;
+    a.create_network(CreateNetwork {
+        name: "prod".into(),
+        cidr: "100.64.0.0/24".into(),
+    })
+    .await
+    .unwrap();
+    until("B loads the network", Duration::from_secs(3), || {
+        b.hub().version("prod").is_some()
+    })
+    .await;
+    let (_, secret) = a
+        .create_token(CreateToken {
+            network: "prod".into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    // n1 (live migration: yes) on A, n2 (an older agent: no) on B.
+    let hello = meshlink_proto::control::Hello {
+        handover: true,
+        ..join_hello(&secret, 1, Some("n1"))
+    };
+    let n1 = a.hello(&hello, remote()).await.unwrap();
+    let n2 = b
+        .hello(&join_hello(&secret, 2, Some("n2")), remote())
+        .await
+        .unwrap();
+    let (n1_id, n2_id) = (n1.node, n2.node);
+    a.create_workload(CreateWorkload {
+        network: "prod".into(),
+        name: "chat".into(),
+        address: None,
+        standby: vec![],
+        allowed: vec![],
+        tags: Vec::new(),
+    })
+    .await
+    .unwrap();
+    until("B follows the workload", Duration::from_secs(3), || {
+        b.hub().workload_generation("prod", "chat").is_some()
+    })
+    .await;
+    // Each node answers what its coordinator passes on: prepares, and (n1) handovers.
+    let answer =
+        |svc: Arc<Service>, mut session: Session, handovers: Arc<std::sync::Mutex<u32>>| {
+            tokio::spawn(async move {
+                while let Some(out) = session.attached.rx.recv().await {
+                    let Outbound::Frame(f) = out else { continue };
+                    match decode_frame(&f) {
+                        ServerMessage::Prepare {
+                            workload,
+                            generation,
+                            ..
+                        } => {
+                            svc.prepared_here(session.node, "prod", &workload, generation)
+                                .await
+                        }
+                        ServerMessage::Handover {
+                            workload,
+                            generation,
+                            ..
+                        } => {
+                            *handovers.lock().unwrap() += 1;
+                            svc.handover_answered_here(
+                                session.node,
+                                "prod",
+                                &workload,
+                                generation,
+                                Ok(()),
+                            )
+                            .await
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+    let handovers = Arc::new(std::sync::Mutex::new(0));
+    let t1 = answer(a.clone(), n1, handovers.clone());
+    let t2 = answer(b.clone(), n2, handovers.clone());
+    a.move_workload("prod", "chat", Some("n1")).await.unwrap();
+    until("B follows the attach", Duration::from_secs(3), || {
+        b.hub().workload_generation("prod", "chat").map(|(_, g)| g) == Some(1)
+    })
+    .await;
+
+    // Through B, whose sessions do not include n1, the holder.
+    let moved = b.migrate_workload("prod", "chat", "n2").await.unwrap();
+    assert_eq!(
+        (moved.workload.generation, moved.workload.holder),
+        (2, Some(n2_id))
+    );
+    assert!(moved.handed_over_in.is_some(), "{moved:?}");
+    assert_eq!(
+        *handovers.lock().unwrap(),
+        1,
+        "n1 was asked once, through A"
+    );
+
+    // Back through A: n2's agent (on B) cannot take part; B says so, and nothing moves.
+    let refused = a.migrate_workload("prod", "chat", "n1").await.unwrap_err();
+    assert!(refused.to_string().contains("too old"), "{refused}");
+    let w = a.store().workload("prod", "chat").await.unwrap().unwrap();
+    assert_eq!((w.generation, w.holder), (2, Some(n2_id)));
+    let _ = n1_id;
+    t1.abort();
+    t2.abort();
+    let _ = stop_a.send(true);
+    let _ = stop_b.send(true);
+}
+
 /// PostgreSQL stops under a running coordinator: admin writes are refused with an error that
 /// says so (nothing half-done), holders keep their leases, and once the database is back the
 /// same writes succeed without a restart of the coordinator.
