@@ -160,6 +160,37 @@ impl Admin {
         .map(drop)
     }
 
+    /// `POST /v1/workloads`: a workload in `network`, no holder yet.
+    ///
+    /// # Errors
+    /// [`AdminError`].
+    pub fn create_workload(&self, network: &str, name: &str) -> Result<(), AdminError> {
+        self.call(
+            "POST",
+            "/v1/workloads",
+            Some(json!({"name": name, "network": network})),
+        )
+        .map(drop)
+    }
+
+    /// `POST /v1/workloads/{name}/move?network=`: gives the workload to `node` (a name or an
+    /// id); returns the coordinator's answer (`took_ms`, `prepared_ms`).
+    ///
+    /// # Errors
+    /// [`AdminError`].
+    pub fn move_workload(
+        &self,
+        network: &str,
+        name: &str,
+        node: &str,
+    ) -> Result<Value, AdminError> {
+        self.call(
+            "POST",
+            &format!("/v1/workloads/{name}/move?network={network}"),
+            Some(json!({ "node": node })),
+        )
+    }
+
     /// The network named `name` from `GET /v1/networks`.
     ///
     /// # Errors

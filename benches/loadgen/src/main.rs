@@ -73,7 +73,14 @@ enum ChangeArg {
     /// each version changes: `--policy-edit`; which rules concern the agents:
     /// `--policy-scope`).
     Policy,
+    /// An operator moves a workload between two agents (nodes 1 and 2; simulated agents are
+    /// ready at once, so the destination's preparation costs a round trip): from the request
+    /// until every agent has the move is the control plane's move time at this mesh size.
+    Move,
 }
+
+/// The workload `--change move` moves.
+const MOVED_WORKLOAD: &str = "loadgen-move";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum PolicyScope {
@@ -638,6 +645,11 @@ async fn run(
     ));
     let udp_start = sys::udp_drops();
     let (fleet, ramp) = Fleet::ramp(shared, &plan, &target.fingerprint, token).await?;
+    if args.change == ChangeArg::Move {
+        // Made before the drain, so that the changes start from a map that has it.
+        let (admin, net) = (target.admin.clone(), network.to_string());
+        tokio::task::spawn_blocking(move || admin.create_workload(&net, MOVED_WORKLOAD)).await??;
+    }
 
     // Drain: every agent at the network's version, every agent online.
     let drain_start = Instant::now();
@@ -728,6 +740,22 @@ async fn run(
                 let (admin, net) = (target.admin.clone(), network.to_string());
                 let trigger = Instant::now();
                 tokio::task::spawn_blocking(move || admin.set_policy(&net, &source)).await??;
+                trigger
+            }
+            ChangeArg::Move => {
+                // Node 1 (the warm-up's attach), then 2, 1, 2, ...
+                let to = if k % 2 == 0 { "1" } else { "2" };
+                let (admin, net) = (target.admin.clone(), network.to_string());
+                let trigger = Instant::now();
+                let answer = tokio::task::spawn_blocking(move || {
+                    admin.move_workload(&net, MOVED_WORKLOAD, to)
+                })
+                .await??;
+                if answer["prepared_ms"].is_null() {
+                    say(format!(
+                        "  note: node {to} did not report ready for move {k}"
+                    ));
+                }
                 trigger
             }
         };
