@@ -24,8 +24,14 @@
 //! can reach it: with meshlink, move the workload address ([`restore`] binds with
 //! `IP_FREEBIND` and `IP_TRANSPARENT`, so it may run before the address is up).
 //!
+//! With the feature `agent`, [`handover`] does the rest of a live migration for a TCP server
+//! on tokio: the registration with the meshlink agent, shipping the application's state with
+//! the frozen connections, and restoring them held at the destination until they go live.
+//!
 //! All of the crate's `unsafe` is in one module (`sys`): plain socket calls.
 
+#[cfg(feature = "agent")]
+pub mod handover;
 mod sys;
 
 use std::io;

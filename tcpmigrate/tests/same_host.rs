@@ -9,24 +9,8 @@ use std::time::Duration;
 
 use meshlink_tcp_migrate::{freeze, restore, restore_held, Frozen, MigrateError};
 
-fn root() -> bool {
-    // SAFETY-free check: /proc/self/status's effective uid.
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("1");
-    if euid == "0" {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "TCP repair mode needs root, and CI forbids skipping"
-    );
-    eprintln!("skipped: TCP repair mode needs root");
-    false
-}
+mod support;
+use support::root;
 
 fn pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -9,16 +9,14 @@
 //! - [`room`]: membership and broadcast with bounded per-member outboxes.
 //! - [`server`]: the accept loop and one task per connection, which can pause at a clean
 //!   point.
-//! - [`handover`]: live migration: the server registered with the agent, handing its room
-//!   over or taking one in.
-//! - [`migrate`]: the handover's wire format.
-//! - `agent` (private): the agent's blocking handover client on threads of its own.
+//! - [`handover`]: live migration, the chat's part (pausing the room, looking the members
+//!   over, taking them back) of [`meshlink_tcp_migrate::handover`]'s flow.
+//! - [`migrate`]: what travels per member in a handover.
 //! - [`client`]: the reconnecting client.
 //!
 //! `main.rs` only parses arguments, sets up logging and signals, and wires stdin and stdout
 //! to [`client::run`].
 
-mod agent;
 pub mod client;
 pub mod handover;
 pub mod migrate;

@@ -28,7 +28,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
 use meshlink_chat::client::{self, ClientConfig, ClientEvent};
-use meshlink_chat::handover::{self, MigrateConfig};
+use meshlink_chat::handover::{self, Config as MigrateConfig};
 use meshlink_chat::protocol::Nick;
 use meshlink_chat::server::{self, ServerConfig};
 
@@ -158,7 +158,7 @@ async fn serve(
         }
     };
     let listener = match &migrate {
-        Some(_) => handover::bind_freebind(listen),
+        Some(_) => handover::listen(listen),
         None => TcpListener::bind(listen).await,
     };
     let listener = match listener {

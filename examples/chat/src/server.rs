@@ -33,6 +33,8 @@ use tokio::task::JoinSet;
 use tokio::time;
 use tracing::{debug, info, warn};
 
+use meshlink_tcp_migrate::handover;
+
 use crate::protocol::{parse_hello, read_line, LineError, Nick, MAX_LINE};
 use crate::room::{Membership, Room};
 
@@ -98,30 +100,23 @@ enum Control {
     Shutdown,
 }
 
-/// A connection's application state, apart from its socket.
+/// A connection's application state, apart from its socket: what a handover ships with it
+/// ([`crate::migrate`]), its place in the room apart.
 #[derive(Debug, Default)]
-pub(crate) struct Session {
+pub struct Session {
     /// The member's nick; `None` before its `NICK` line.
-    pub(crate) nick: Option<Nick>,
+    pub nick: Option<Nick>,
     /// Its place in this server's room. `None` with a nick: a member handed over from
     /// another server, which rejoins without an announcement.
-    pub(crate) membership: Option<Membership>,
+    pub membership: Option<Membership>,
     /// Input read from the socket and not handled yet, oldest first.
-    pub(crate) unread: Vec<u8>,
+    pub unread: Vec<u8>,
     /// Output for the client not written yet, oldest first; the outbox's lines follow it.
-    pub(crate) pending: Vec<u8>,
+    pub pending: Vec<u8>,
 }
 
-/// A connection stopped at a clean point.
-#[derive(Debug)]
-pub(crate) struct Paused {
-    /// The socket, whole again.
-    pub(crate) stream: TcpStream,
-    /// The client's address.
-    pub(crate) peer: SocketAddr,
-    /// Everything else.
-    pub(crate) session: Session,
-}
+/// A connection stopped at a clean point: its socket, whole again, and its session.
+pub type Paused = handover::Paused<Session>;
 
 /// What every connection task shares.
 #[derive(Debug, Clone)]
@@ -150,7 +145,7 @@ impl Shared {
 }
 
 /// A duration in milliseconds, for the logs.
-pub(crate) fn millis(d: Duration) -> f64 {
+fn millis(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -1,18 +1,18 @@
-//! The server's registration with the agent for one workload's handovers. The client
-//! ([`Watch`]) blocks, so it runs on threads of its own and talks to the server's loop in
-//! messages.
+//! The application's registration with the agent for one workload's handovers. The client
+//! ([`Watch`]) blocks, so it runs on threads of its own and talks to the [`super::Migrator`]
+//! in messages.
 //!
 //! ```text
 //! reader thread:  Watch::open (again every `retry` until it works) ─> Registered(answers)
 //!                 ─> each event ─> Event ─> ... ─> the connection fails ─> Lost, open again
-//! writer thread:  one per registration: the loop's answers ─> the agent
+//! writer thread:  one per registration: the migrator's answers ─> the agent
 //! ```
 //!
-//! The reader ends when the loop has dropped its receiver and something happens (an event,
-//! a failure, a retry), the writer when its registration is lost.
+//! The reader ends when the migrator has dropped its receiver and something happens (an
+//! event, a failure, a retry), the writer when its registration is lost.
 
 use std::io;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::thread;
 use std::time::Duration;
@@ -21,9 +21,9 @@ use meshlink_uapi::handover::{AgentEvent, AppAnswer, Watch};
 use tokio::sync::mpsc;
 use tracing::info;
 
-/// What the reader thread tells the loop.
+/// What the reader thread tells the migrator.
 #[derive(Debug)]
-pub(crate) enum AgentMsg {
+pub(super) enum AgentMsg {
     /// Registered: answers go through this until the registration is lost.
     Registered(Answers),
     /// An event of the registration.
@@ -33,13 +33,13 @@ pub(crate) enum AgentMsg {
     Lost(String),
 }
 
-/// Answers to one registration's agent, sent without blocking the loop.
+/// Answers to one registration's agent, sent without blocking the migrator.
 #[derive(Debug)]
-pub(crate) struct Answers(std_mpsc::Sender<AppAnswer>);
+pub(super) struct Answers(std_mpsc::Sender<AppAnswer>);
 
 impl Answers {
     /// Queues `answer`; false when the registration is gone.
-    pub(crate) fn send(&self, answer: AppAnswer) -> bool {
+    pub(super) fn send(&self, answer: AppAnswer) -> bool {
         self.0.send(answer).is_ok()
     }
 }
@@ -48,7 +48,7 @@ impl Answers {
 ///
 /// # Errors
 /// When the thread cannot be started.
-pub(crate) fn spawn(
+pub(super) fn spawn(
     socket: PathBuf,
     workload: String,
     retry: Duration,
@@ -61,7 +61,7 @@ pub(crate) fn spawn(
 }
 
 fn read_events(
-    socket: &std::path::Path,
+    socket: &Path,
     workload: &str,
     retry: Duration,
     tx: &mpsc::UnboundedSender<AgentMsg>,

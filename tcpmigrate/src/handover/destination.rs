@@ -1,6 +1,6 @@
 //! The destination's side of a handover: take a state in from the holder only, restore its
 //! connections held, answer ready, and on `arrived` (with the source's final frame) make them
-//! live and serve them; without an arrival, let them go.
+//! live and give them to the application; without an arrival, let them go.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,21 +11,16 @@ use tokio::net::TcpStream;
 use tokio::time;
 use tracing::{debug, info};
 
-use meshlink_tcp_migrate::{restore_held, Frozen, Held, MigrateError};
-
-use super::{read_frame, to_tokio, Node, ACCEPT_PAUSE};
-use crate::migrate::{self, Final, Reply, State};
-use crate::protocol::Nick;
-use crate::server::{millis, Paused, Session};
+use super::wire::{self, Final, FormatError, Reply};
+use super::{millis, to_tokio, Application, Arrival, Event, Migrator, Paused, ACCEPT_PAUSE};
+use crate::{restore_held, Frozen, Held};
 
 /// A connection restored at the destination, held until the arrival.
 #[derive(Debug)]
-struct Inbound {
+struct Inbound<S> {
     held: Held,
     socket: Frozen,
-    nick: Option<Nick>,
-    unread: Vec<u8>,
-    pending: Vec<u8>,
+    session: S,
 }
 
 /// The source's final frame, as far as it came.
@@ -38,27 +33,34 @@ enum Last {
 }
 
 /// A handover in that this server answered ready to: waiting for `event=arrived`.
-#[derive(Debug)]
-pub(super) struct Incoming {
+pub(super) struct Incoming<A: Application> {
     id: u64,
     generation: u64,
     from: String,
-    connections: Vec<Inbound>,
+    state: A::State,
+    connections: Vec<Inbound<A::Session>>,
     last: Last,
     arrived: bool,
     /// The end of the wait for the arrival, or after it for the final frame.
     pub(super) deadline: Instant,
 }
 
-/// What the tasks reading handover connections tell the loop.
-#[derive(Debug)]
-pub(super) enum Received {
-    /// A state, or why none could be read.
+/// A state as read and decoded, before its connections are restored.
+pub(super) struct Taken<A: Application> {
+    generation: u64,
+    state: A::State,
+    connections: Vec<(Frozen, A::Session)>,
+}
+
+/// What the tasks reading handover connections tell the migrator.
+pub(super) enum Received<A: Application> {
+    /// A state from the holder `from`, or why none could be taken.
     State {
+        from: String,
         peer: SocketAddr,
         stream: TcpStream,
         bytes: usize,
-        state: Result<State, String>,
+        taken: Result<Taken<A>, String>,
     },
     /// The final frame of handover `id`, or why it did not come.
     Final {
@@ -67,21 +69,49 @@ pub(super) enum Received {
     },
 }
 
-/// A held connection goes live, served by tokio.
-fn go(held: Held) -> Result<TcpStream, MigrateError> {
-    held.go().and_then(to_tokio)
+/// Decodes a state frame's body for `workload`: the frame, then the application's bytes.
+fn take<A: Application>(body: &[u8], workload: &str) -> Result<Taken<A>, FormatError> {
+    let state = wire::State::decode(body)?;
+    if state.format != A::FORMAT {
+        return Err(FormatError::invalid(
+            "format",
+            format!("{:?}, this server takes {:?}", state.format, A::FORMAT),
+        ));
+    }
+    if state.workload != workload {
+        return Err(FormatError::invalid(
+            "workload",
+            format!("{:?}, this server takes {workload:?}", state.workload),
+        ));
+    }
+    let app = A::decode_state(&state.state).map_err(|e| e.under("state"))?;
+    let connections = state
+        .connections
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            A::decode_session(&c.session)
+                .map(|session| (c.socket, session))
+                .map_err(|e| e.under(&format!("connections[{i}].session")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Taken {
+        generation: state.generation,
+        state: app,
+        connections,
+    })
 }
 
 /// Closes held connections silently: the move did not happen here.
-fn discard(connections: Vec<Inbound>) {
+fn discard<S>(connections: Vec<Inbound<S>>) {
     for c in connections {
         c.held.discard();
     }
 }
 
 /// Checks that the final frame speaks of the same connections, in order.
-fn check_final(inc: &Incoming, last: Final) -> Result<Vec<Frozen>, String> {
-    for (i, (fresh, c)) in last.sockets.iter().zip(&inc.connections).enumerate() {
+fn check_final<S>(connections: &[Inbound<S>], last: Final) -> Result<Vec<Frozen>, String> {
+    for (i, (fresh, c)) in last.sockets.iter().zip(connections).enumerate() {
         if fresh.local != c.socket.local || fresh.peer != c.socket.peer {
             return Err(format!(
                 "sockets[{i}]: {} to {} is not the connection {} to {}",
@@ -92,72 +122,71 @@ fn check_final(inc: &Incoming, last: Final) -> Result<Vec<Frozen>, String> {
     Ok(last.sockets)
 }
 
-impl Node {
+impl<A: Application> Migrator<A> {
     /// A connection on the handover port: read it if it comes from the holder.
-    pub(super) async fn on_handover_connection(
-        &mut self,
-        accepted: io::Result<(TcpStream, SocketAddr)>,
-    ) {
+    pub(super) fn on_handover_connection(&mut self, accepted: io::Result<(TcpStream, SocketAddr)>) {
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
                 debug!("migrate: accepting a handover failed: {e}");
-                time::sleep(ACCEPT_PAUSE).await;
+                self.accept_pause = Some(Instant::now() + ACCEPT_PAUSE);
                 return;
             }
         };
-        let from_holder = self
-            .holder
-            .as_ref()
-            .is_some_and(|(_, ip)| ip.to_canonical() == peer.ip().to_canonical());
-        if !from_holder {
-            info!(
-                "migrate: handover from {peer} refused: not the holder ({})",
-                self.holder_text()
-            );
-            return;
-        }
+        let from = match &self.holder {
+            Some((name, ip)) if ip.to_canonical() == peer.ip().to_canonical() => name.clone(),
+            _ => {
+                info!(
+                    "migrate: handover from {peer} refused: not the holder ({})",
+                    self.holder_text()
+                );
+                return;
+            }
+        };
         if self.receiving {
             info!("migrate: handover from {peer} refused: another one is being received");
             return;
         }
         self.receiving = true;
-        let inbound = self.inbound.clone();
+        let inbound = self.inbound_tx.clone();
         let timeout = self.config.receive_timeout;
+        let workload = self.config.workload.clone();
         tokio::spawn(async move {
             let mut stream = stream;
-            let (bytes, state) =
-                match time::timeout(timeout, read_frame(&mut stream, migrate::MAX_MESSAGE)).await {
-                    Ok(Ok(body)) => (
-                        body.len() + 4,
-                        State::decode(&body).map_err(|e| e.to_string()),
-                    ),
-                    Ok(Err(e)) => (0, Err(e.to_string())),
-                    Err(_) => (
-                        0,
-                        Err(format!("no whole state within {} ms", timeout.as_millis())),
-                    ),
-                };
+            let read = time::timeout(timeout, wire::read_frame(&mut stream, wire::MAX_MESSAGE));
+            let (bytes, taken) = match read.await {
+                Ok(Ok(body)) => (
+                    body.len() + 4,
+                    take::<A>(&body, &workload).map_err(|e| e.to_string()),
+                ),
+                Ok(Err(e)) => (0, Err(e.to_string())),
+                Err(_) => (
+                    0,
+                    Err(format!("no whole state within {} ms", timeout.as_millis())),
+                ),
+            };
             let _ = inbound.send(Received::State {
+                from,
                 peer,
                 stream,
                 bytes,
-                state,
+                taken,
             });
         });
     }
 
     /// A state read (taken in or refused), or a final frame.
-    pub(super) fn on_inbound(&mut self, received: Received) {
+    pub(super) fn on_inbound(&mut self, received: Received<A>) {
         match received {
             Received::State {
+                from,
                 peer,
                 stream,
                 bytes,
-                state,
+                taken,
             } => {
                 self.receiving = false;
-                match state.and_then(|state| self.take_in(state, bytes, peer)) {
+                match taken.and_then(|taken| self.take_in(taken, &from, bytes, peer)) {
                     Ok(handover) => self.reply(stream, Reply::Ready, Some(handover)),
                     Err(e) => {
                         info!("migrate: handover from {peer} failed: {e}");
@@ -169,7 +198,7 @@ impl Node {
                 let Some(mut inc) = self.incoming.take_if(|inc| inc.id == id) else {
                     return;
                 };
-                match last.and_then(|last| check_final(&inc, last)) {
+                match last.and_then(|last| check_final(&inc.connections, last)) {
                     Ok(sockets) => {
                         let changed = sockets
                             .iter()
@@ -212,18 +241,13 @@ impl Node {
     /// connections.
     fn take_in(
         &mut self,
-        state: State,
+        taken: Taken<A>,
+        from: &str,
         bytes: usize,
         peer: SocketAddr,
     ) -> Result<(u64, usize), String> {
-        if state.workload != self.config.workload {
-            return Err(format!(
-                "workload: {:?}, this server takes {:?}",
-                state.workload, self.config.workload
-            ));
-        }
-        for (i, c) in state.connections.iter().enumerate() {
-            let local = c.socket.local;
+        for (i, (socket, _)) in taken.connections.iter().enumerate() {
+            let local = socket.local;
             if local.port() != self.listen.port()
                 || !(self.listen.ip().is_unspecified() || self.listen.ip() == local.ip())
             {
@@ -239,40 +263,24 @@ impl Node {
             info!("migrate: a new handover replaces the one held from {}: discarded {count} held connections", old.from);
         }
         let started = Instant::now();
-        let sockets: Vec<&Frozen> = state.connections.iter().map(|c| &c.socket).collect();
-        let mut restored = Vec::with_capacity(sockets.len());
-        let mut failure = None;
-        for (i, held) in Self::restore_batch(&sockets).into_iter().enumerate() {
-            match held {
-                Ok(held) => restored.push(held),
-                Err(e) if failure.is_none() => {
-                    failure = Some(format!("connections[{i}] ({}): {e}", sockets[i].peer));
+        let mut connections = Vec::with_capacity(taken.connections.len());
+        for (i, (socket, session)) in taken.connections.into_iter().enumerate() {
+            // `restore_held` binds beside the server's listener on the same port.
+            match restore_held(&socket) {
+                Ok(held) => connections.push(Inbound {
+                    held,
+                    socket,
+                    session,
+                }),
+                Err(e) => {
+                    discard(connections);
+                    return Err(format!("connections[{i}] ({}): {e}", socket.peer));
                 }
-                Err(_) => {}
             }
         }
-        if let Some(e) = failure {
-            for held in restored {
-                held.discard();
-            }
-            return Err(e);
-        }
-        let connections: Vec<Inbound> = state
-            .connections
-            .into_iter()
-            .zip(restored)
-            .map(|(c, held)| Inbound {
-                held,
-                socket: c.socket,
-                nick: c.nick,
-                unread: c.unread,
-                pending: c.pending,
-            })
-            .collect();
         info!(
-            "migrate: restored {} connections held from {} ({peer}), {bytes} bytes, in {:.1} ms",
+            "migrate: restored {} connections held from {from} ({peer}), {bytes} bytes, in {:.1} ms",
             connections.len(),
-            state.from,
             millis(started.elapsed())
         );
         let id = self.next_id;
@@ -280,8 +288,9 @@ impl Node {
         let count = connections.len();
         self.incoming = Some(Incoming {
             id,
-            generation: state.generation,
-            from: state.from,
+            generation: taken.generation,
+            from: from.to_string(),
+            state: taken.state,
             connections,
             last: Last::Waiting,
             arrived: false,
@@ -290,28 +299,23 @@ impl Node {
         Ok((id, count))
     }
 
-    /// Restores each socket, held. `restore_held` binds beside the listener on the same port.
-    fn restore_batch(sockets: &[&Frozen]) -> Vec<Result<Held, MigrateError>> {
-        sockets.iter().map(|socket| restore_held(socket)).collect()
-    }
-
     /// Answers a handover connection; after ready (to handover `id` of `count`
     /// connections), reads its final frame.
     fn reply(&self, mut stream: TcpStream, reply: Reply, handover: Option<(u64, usize)>) {
-        let inbound = self.inbound.clone();
+        let inbound = self.inbound_tx.clone();
         let timeout = self.config.handover_timeout;
         // The source sends the final frame after its left, which comes within its own
         // outcome timeout; this bound is a backstop.
         let final_timeout =
             self.config.outcome_timeout + self.config.final_wait + self.config.receive_timeout;
         tokio::spawn(async move {
-            let frame = migrate::frame(&reply.encode());
+            let frame = wire::frame(&reply.encode());
             let replied = time::timeout(timeout, stream.write_all(&frame)).await;
             let Some((id, count)) = handover else { return };
             let last = match replied {
                 Ok(Ok(())) => match time::timeout(
                     final_timeout,
-                    read_frame(&mut stream, migrate::MAX_MESSAGE),
+                    wire::read_frame(&mut stream, wire::MAX_MESSAGE),
                 )
                 .await
                 {
@@ -327,12 +331,13 @@ impl Node {
     }
 
     /// The held connections go live, restored again first where the final frame says they
-    /// took in data after the freeze, and are served here.
-    fn go_live(&mut self, inc: Incoming) {
+    /// took in data after the freeze, and go to the application.
+    fn go_live(&mut self, inc: Incoming<A>) {
         let started = Instant::now();
         let Incoming {
             generation,
             from,
+            state,
             connections,
             last,
             ..
@@ -341,58 +346,43 @@ impl Node {
             Last::Got(sockets) => sockets,
             Last::Waiting => Vec::new(),
         };
-        let mut helds = Vec::with_capacity(connections.len());
-        let mut states = Vec::with_capacity(connections.len());
+        let mut live = Vec::with_capacity(connections.len());
         for (i, c) in connections.into_iter().enumerate() {
-            match last.get(i).filter(|fresh| **fresh != c.socket) {
+            let (held, socket) = match last.get(i).filter(|fresh| **fresh != c.socket) {
                 Some(fresh) => {
                     // The old copy goes first: two sockets cannot hold one connection's
                     // addresses.
                     c.held.discard();
-                    helds.push(None);
-                    states.push((fresh.clone(), c.nick, c.unread, c.pending));
+                    match restore_held(fresh) {
+                        Ok(held) => (held, fresh),
+                        Err(e) => {
+                            info!("migrate: {}: cannot restore again: {e}", fresh.peer);
+                            continue;
+                        }
+                    }
                 }
-                None => {
-                    helds.push(Some(c.held));
-                    states.push((c.socket, c.nick, c.unread, c.pending));
-                }
-            }
-        }
-        let changed: Vec<usize> = (0..helds.len()).filter(|&i| helds[i].is_none()).collect();
-        let fresh: Vec<&Frozen> = changed.iter().map(|&i| &states[i].0).collect();
-        let restored = Self::restore_batch(&fresh);
-        for (&i, held) in changed.iter().zip(restored) {
-            match held {
-                Ok(held) => helds[i] = Some(held),
-                Err(e) => info!("migrate: {}: cannot restore again: {e}", states[i].0.peer),
-            }
-        }
-        let mut resumed = 0;
-        for (held, (socket, nick, unread, pending)) in helds.into_iter().zip(states) {
-            let Some(held) = held else { continue };
-            match go(held) {
-                Ok(stream) => {
-                    self.connections.resume(Paused {
-                        stream,
-                        peer: socket.peer,
-                        session: Session {
-                            nick,
-                            membership: None,
-                            unread,
-                            pending,
-                        },
-                    });
-                    resumed += 1;
-                }
+                None => (c.held, &c.socket),
+            };
+            match held.go().and_then(to_tokio) {
+                Ok(stream) => live.push(Paused {
+                    stream,
+                    peer: socket.peer,
+                    session: c.session,
+                }),
                 Err(e) => info!("migrate: {}: cannot go live: {e}", socket.peer),
             }
         }
-        self.connections.mark_resumed();
         info!(
-            "migrate: arrived {} at generation {generation}: resumed {resumed} connections from {from} in {:.1} ms",
+            "migrate: arrived {} at generation {generation}: resumed {} connections from {from} in {:.1} ms",
             self.config.workload,
+            live.len(),
             millis(started.elapsed())
         );
+        self.events.push_back(Event::Arrived(Arrival {
+            from,
+            state,
+            connections: live,
+        }));
     }
 
     /// `event=arrived`: the held connections go live once the source's final frame is in
