@@ -166,6 +166,7 @@ async fn session(
                         reflect_port: None,
                         relay: false,
                         path_reports: false,
+                        handover: false,
                     };
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
                         .await

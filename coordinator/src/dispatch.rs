@@ -116,11 +116,19 @@ impl Service {
             ClientMessage::HandedOver {
                 workload,
                 generation,
+                attempt,
                 error,
             } => {
                 let answer = error.map_or(Ok(()), Err);
-                self.handover_answered_here(from.node, from.network, &workload, generation, answer)
-                    .await;
+                self.handover_answered_here(
+                    from.node,
+                    from.network,
+                    &workload,
+                    generation,
+                    attempt,
+                    answer,
+                )
+                .await;
                 Ok(None)
             }
             ClientMessage::Claim { request, workload } => {

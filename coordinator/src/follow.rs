@@ -239,12 +239,15 @@ pub async fn follow_postgres(
                                 service.prepare_requested(&note);
                             }
                             Ok(note) => match note.handed_over {
-                                Some(answer) => service.handover_answered(
-                                    note.node,
-                                    &note.workload,
-                                    note.generation,
-                                    answer,
-                                ),
+                                Some(answer) => {
+                                    service.handover_answered(
+                                        note.node,
+                                        &note.workload,
+                                        note.generation,
+                                        note.attempt.unwrap_or(0),
+                                        answer,
+                                    );
+                                }
                                 None => {
                                     service.prepared(note.node, &note.workload, note.generation)
                                 }

@@ -2,65 +2,123 @@
 //!
 //! ```text
 //! migrate_workload ─> prepare the destination (tunnels up)
-//!                  ─> Handover to the holder's agent ──> its application freezes its
-//!                     connections, ships them to the destination's application
-//!                  <─ HandedOver (or why not)        <── within handover_timeout
-//!                  ─> commit (or nothing moves, with the application's reason)
+//!                  ─> Handover{attempt} to the holder's agent ──> its application freezes
+//!                     its connections, ships them to the destination's application
+//!                  <─ HandedOver{attempt} (or why not)         <── within handover_timeout
+//!                  ─> commit; on any failure after the Handover: HandoverAborted{attempt}
 //! ```
 //!
-//! The holder's session may be on another coordinator (shared store): the `Handover` goes
-//! there as a [`PrepareNote`] with `handover_to` on the prepare channel, and the answer comes
+//! Each request has an attempt number of its own, so that a late answer to an earlier
+//! request (timed out, refused) can never pass for the answer to a later one, and one live
+//! migration of a workload runs at a time on a coordinator. The holder's session may be on
+//! another coordinator (shared store): the `Handover` (and an abort) goes there as a
+//! [`PrepareNote`] with `handover_to` (`abort`) on the prepare channel, and the answer comes
 //! back with `handed_over` on the prepared channel.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use meshlink_proto::control::ServerMessage;
 use meshlink_proto::NodeId;
+use rand::Rng;
 use tokio::sync::oneshot;
 
 use crate::handlers::ApiError;
 use crate::hub::Frame;
-use crate::service::{answer_within, encode, PrepareKey, Service};
+use crate::service::{answer_within, encode, Service};
 use crate::store::{NodeRecord, PrepareNote, WorkloadRecord, PREPARED_CHANNEL, PREPARE_CHANNEL};
 
-/// Live migrations waiting for their holder's answer.
-#[derive(Debug, Default)]
-pub struct Waiting(Mutex<HashMap<PrepareKey, Vec<AnswerTx>>>);
+/// A handover waited for: (holder, workload, generation, attempt).
+type AttemptKey = (NodeId, String, u64, u64);
 
 /// Where one holder's answer goes: handed over, or why not.
 type AnswerTx = oneshot::Sender<Result<(), String>>;
 
+/// Live migrations under way on this coordinator.
+#[derive(Debug, Default)]
+pub struct Waiting(Mutex<Inner>);
+
+#[derive(Debug, Default)]
+pub(crate) struct Inner {
+    answers: HashMap<AttemptKey, AnswerTx>,
+    /// (network, workload) of every live migration under way here.
+    busy: HashSet<(String, String)>,
+}
+
 impl Waiting {
-    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PrepareKey, Vec<AnswerTx>>> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
+/// Marks a workload's live migration under way; the mark goes with it (any way out).
+pub(crate) struct Busy<'a> {
+    service: &'a Service,
+    key: (String, String),
+}
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.service.live_migrations.lock().busy.remove(&self.key);
+    }
+}
+
+/// A handover asked of a holder, to call off (with its answer's wait) if the move does not
+/// commit.
+pub(crate) struct Asked {
+    network: String,
+    holder: NodeId,
+    workload: String,
+    generation: u64,
+    attempt: u64,
+}
+
 impl Service {
+    /// Marks `network`/`workload` as being migrated live here.
+    ///
+    /// # Errors
+    /// [`ApiError::Conflict`] while another live migration of it is under way here.
+    pub(crate) fn start_live_migration(
+        &self,
+        network: &str,
+        workload: &str,
+    ) -> Result<Busy<'_>, ApiError> {
+        let key = (network.to_string(), workload.to_string());
+        if !self.live_migrations.lock().busy.insert(key.clone()) {
+            return Err(ApiError::Conflict(format!(
+                "a live migration of workload {workload} is under way; try again once it is done"
+            )));
+        }
+        Ok(Busy { service: self, key })
+    }
+
     /// Asks `holder` to hand `w` over to `to` and waits (bounded) for its answer.
     ///
     /// # Errors
     /// [`ApiError::Conflict`] naming why the application did not hand over, or that it did
-    /// not answer in time: nothing moves then.
+    /// not answer in time: nothing moves then (the holder is told to carry on).
     pub(crate) async fn ask_handover(
         &self,
         w: &WorkloadRecord,
         holder: NodeId,
         to: &NodeRecord,
-    ) -> Result<Duration, ApiError> {
+    ) -> Result<(Duration, Asked), ApiError> {
         let started = self.clock.instant();
         let generation = w.generation + 1;
-        let key = (holder, w.name.clone(), generation);
+        let attempt: u64 = rand::thread_rng().gen();
+        let key = (holder, w.name.clone(), generation, attempt);
         let (tx, rx) = oneshot::channel();
-        self.live_migrations
-            .lock()
-            .entry(key.clone())
-            .or_default()
-            .push(tx);
-        let asked = if self.hub().is_online(&w.network, holder) {
-            self.send_handover(&w.network, holder, &w.name, generation, to.id)
+        self.live_migrations.lock().answers.insert(key.clone(), tx);
+        let asked = Asked {
+            network: w.network.clone(),
+            holder,
+            workload: w.name.clone(),
+            generation,
+            attempt,
+        };
+        let sent = if self.hub().is_online(&w.network, holder) {
+            self.send_handover(&w.network, holder, &w.name, generation, to.id, attempt)
         } else if let Some(store) = self.shared.get() {
             let note = PrepareNote {
                 node: holder,
@@ -69,6 +127,8 @@ impl Service {
                 generation,
                 warm: None,
                 handover_to: Some(to.id),
+                attempt: Some(attempt),
+                abort: false,
                 handed_over: None,
             };
             let payload = serde_json::to_string(&note).unwrap_or_default();
@@ -79,7 +139,7 @@ impl Service {
         } else {
             Err("the holder is offline".to_string())
         };
-        let answer = match asked {
+        let answer = match sent {
             Ok(()) => {
                 let deadline = self
                     .clock
@@ -95,27 +155,51 @@ impl Service {
             }
             Err(e) => Err(e),
         };
-        {
-            let mut waiting = self.live_migrations.lock();
-            if let Some(waiters) = waiting.get_mut(&key) {
-                waiters.retain(|t| !t.is_closed());
-                if waiters.is_empty() {
-                    waiting.remove(&key);
-                }
-            }
-        }
+        self.live_migrations.lock().answers.remove(&key);
         match answer {
             Ok(()) => {
                 let took = self.clock.instant().saturating_duration_since(started);
                 tracing::info!(workload = %w.name, to = %to.name, ms = took.as_millis(), "the holder's application handed over");
-                Ok(took)
+                Ok((took, asked))
             }
             Err(why) => {
                 tracing::info!(workload = %w.name, to = %to.name, "live migration refused: {why}");
+                // The application may have frozen its connections, or answer late: it
+                // carries on where it is.
+                self.abort_handover(asked).await;
                 Err(ApiError::Conflict(format!(
                     "live migration of workload {} to {} did not happen: {why}",
                     w.name, to.name
                 )))
+            }
+        }
+    }
+
+    /// Tells the holder that the live migration `asked` will not commit.
+    pub(crate) async fn abort_handover(&self, asked: Asked) {
+        let msg = ServerMessage::HandoverAborted {
+            workload: asked.workload.clone(),
+            generation: asked.generation,
+            attempt: asked.attempt,
+        };
+        if self.hub().is_online(&asked.network, asked.holder) {
+            self.hub()
+                .send_to(&asked.network, asked.holder, encode(&msg).into());
+        } else if let Some(store) = self.shared.get() {
+            let note = PrepareNote {
+                node: asked.holder,
+                network: asked.network,
+                workload: asked.workload,
+                generation: asked.generation,
+                warm: None,
+                handover_to: None,
+                attempt: Some(asked.attempt),
+                abort: true,
+                handed_over: None,
+            };
+            let payload = serde_json::to_string(&note).unwrap_or_default();
+            if let Err(e) = store.notify(PREPARE_CHANNEL, &payload).await {
+                tracing::debug!("cannot pass on a handover's abort: {e}");
             }
         }
     }
@@ -128,6 +212,7 @@ impl Service {
         workload: &str,
         generation: u64,
         to: NodeId,
+        attempt: u64,
     ) -> Result<(), String> {
         match self.hub().features_of(network, holder) {
             None => Err("the holder is offline".to_string()),
@@ -139,6 +224,7 @@ impl Service {
                     workload: workload.to_string(),
                     generation,
                     to,
+                    attempt,
                 })
                 .into();
                 if self.hub().send_to(network, holder, frame) {
@@ -150,17 +236,33 @@ impl Service {
         }
     }
 
-    /// Another coordinator asks for a `Handover` to a holder whose session may be here.
-    pub(crate) fn handover_requested(self: &Arc<Self>, note: &PrepareNote, to: NodeId) {
+    /// Another coordinator asks for a `Handover` (or its abort) to a holder whose session may
+    /// be here.
+    pub(crate) fn handover_requested(self: &Arc<Self>, note: &PrepareNote) {
         if !self.hub().is_online(&note.network, note.node) {
             return;
         }
+        let attempt = note.attempt.unwrap_or(0);
+        if note.abort {
+            let msg = ServerMessage::HandoverAborted {
+                workload: note.workload.clone(),
+                generation: note.generation,
+                attempt,
+            };
+            self.hub()
+                .send_to(&note.network, note.node, encode(&msg).into());
+            return;
+        }
+        let Some(to) = note.handover_to else {
+            return;
+        };
         let sent = self.send_handover(
             &note.network,
             note.node,
             &note.workload,
             note.generation,
             to,
+            attempt,
         );
         if let Err(why) = sent {
             // The waiting coordinator hears why at once rather than at its deadline.
@@ -173,6 +275,7 @@ impl Service {
                         &note.network,
                         &note.workload,
                         note.generation,
+                        attempt,
                         Err(why),
                     )
                     .await;
@@ -181,16 +284,19 @@ impl Service {
     }
 
     /// A holder of this coordinator's sessions answered a `Handover`: wakes the migration
-    /// waiting here, and (shared store) tells the other coordinators.
+    /// waiting here for it, or (shared store) tells the other coordinators.
     pub async fn handover_answered_here(
         &self,
         node: NodeId,
         network: &str,
         workload: &str,
         generation: u64,
+        attempt: u64,
         answer: Result<(), String>,
     ) {
-        self.handover_answered(node, workload, generation, answer.clone());
+        if self.handover_answered(node, workload, generation, attempt, answer.clone()) {
+            return;
+        }
         if let Some(store) = self.shared.get() {
             let note = PrepareNote {
                 node,
@@ -199,6 +305,8 @@ impl Service {
                 generation,
                 warm: None,
                 handover_to: None,
+                attempt: Some(attempt),
+                abort: false,
                 handed_over: Some(answer),
             };
             let payload = serde_json::to_string(&note).unwrap_or_default();
@@ -208,20 +316,28 @@ impl Service {
         }
     }
 
-    /// A holder's answer to a `Handover`, from any coordinator.
+    /// A holder's answer to a `Handover`, from any coordinator: whether a migration here was
+    /// waiting for it (an answer to no request here is dropped).
     pub fn handover_answered(
         &self,
         node: NodeId,
         workload: &str,
         generation: u64,
+        attempt: u64,
         answer: Result<(), String>,
-    ) {
-        let waiters = self
-            .live_migrations
-            .lock()
-            .remove(&(node, workload.to_string(), generation));
-        for tx in waiters.into_iter().flatten() {
-            let _ = tx.send(answer.clone());
+    ) -> bool {
+        let waiter = self.live_migrations.lock().answers.remove(&(
+            node,
+            workload.to_string(),
+            generation,
+            attempt,
+        ));
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(answer);
+                true
+            }
+            None => false,
         }
     }
 }

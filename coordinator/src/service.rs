@@ -698,6 +698,8 @@ impl Service {
                 generation,
                 warm: None,
                 handover_to: None,
+                attempt: None,
+                abort: false,
                 handed_over: None,
             };
             let payload = serde_json::to_string(&note).unwrap_or_default();
@@ -710,8 +712,8 @@ impl Service {
     /// Another coordinator asks for a `Prepare` to be sent to a node: sent when the node's
     /// session is here.
     pub fn prepare_requested(self: &Arc<Self>, note: &PrepareNote) {
-        if let Some(to) = note.handover_to {
-            self.handover_requested(note, to);
+        if note.handover_to.is_some() || note.abort {
+            self.handover_requested(note);
             return;
         }
         let frame: Frame = encode(&ServerMessage::Prepare {
@@ -770,6 +772,8 @@ impl Service {
                     generation,
                     warm,
                     handover_to: None,
+                    attempt: None,
+                    abort: false,
                     handed_over: None,
                 };
                 let payload = serde_json::to_string(&note).unwrap_or_default();
@@ -908,7 +912,7 @@ impl Service {
             None => None,
         };
         // A live migration commits only once the holder's application handed its state over.
-        let handed_over_in = match (plan.live, plan.workload.holder, &plan.to) {
+        let handover = match (plan.live, plan.workload.holder, &plan.to) {
             (true, Some(holder), Some(to)) => Some(
                 self.ask_handover(&plan.workload, holder, to)
                     .await
@@ -916,13 +920,24 @@ impl Service {
             ),
             _ => None,
         };
+        let handed_over_in = handover.as_ref().map(|(took, _)| *took);
         let _w = self.write.lock().await;
         let committed = workloads::commit_holder(self.store(), self.clock.now(), &plan).await;
         if let Some(f) = fenced_in_db {
             // Its later heartbeats get leases that count only once its map has the change.
             f.lift().await;
         }
-        let (rec, version) = committed.inspect_err(|_| telemetry::move_failed(cause))?;
+        let (rec, version) = match committed {
+            Ok(c) => c,
+            Err(e) => {
+                telemetry::move_failed(cause);
+                if let Some((_, asked)) = handover {
+                    // Handed over, but the move did not commit: the application carries on.
+                    self.abort_handover(asked).await;
+                }
+                return Err(e);
+            }
+        };
         if let Some(h) = rec.holder {
             self.leases().granted(h, self.clock.instant());
             telemetry::move_committed(cause);
@@ -1383,6 +1398,7 @@ impl Service {
             )));
         }
         plan.live = true;
+        let _busy = self.start_live_migration(network, name)?;
         self.execute(
             plan,
             "migrated live by an operator",
@@ -1740,6 +1756,7 @@ impl Service {
         welcome.relay = traversal.relay;
         welcome.path_reports = true;
         welcome.talker_reports = true;
+        welcome.handover = true;
         let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {

@@ -61,6 +61,17 @@ pub enum Event {
         generation: u64,
         /// The destination.
         to: NodeId,
+        /// The coordinator's attempt, to repeat in the answer.
+        attempt: u64,
+    },
+    /// The live migration of that [`Event::Handover`] will not commit.
+    HandoverAborted {
+        /// The workload's name.
+        workload: String,
+        /// The generation it would have taken.
+        generation: u64,
+        /// The attempt.
+        attempt: u64,
     },
     /// A delta did not apply (it does not follow the map's version, or its policy edit does
     /// not fit the map's policy): the map is unchanged, a full map was asked for, and deltas
@@ -278,11 +289,24 @@ impl<M: SessionMap> AgentSession<M> {
                 workload,
                 generation,
                 to,
+                attempt,
             } => {
                 self.events.push_back(Event::Handover {
                     workload,
                     generation,
                     to,
+                    attempt,
+                });
+            }
+            ServerMessage::HandoverAborted {
+                workload,
+                generation,
+                attempt,
+            } => {
+                self.events.push_back(Event::HandoverAborted {
+                    workload,
+                    generation,
+                    attempt,
                 });
             }
             ServerMessage::ClaimResult {
@@ -357,11 +381,18 @@ impl<M: SessionMap> AgentSession<M> {
 
     /// The answer to [`Event::Handover`]: the state was handed over, or why not. Lost with
     /// the connection (the coordinator gives up on the move).
-    pub fn handed_over(&mut self, workload: String, generation: u64, result: Result<(), String>) {
+    pub fn handed_over(
+        &mut self,
+        workload: String,
+        generation: u64,
+        attempt: u64,
+        result: Result<(), String>,
+    ) {
         if self.connected {
             self.transmits.push_back(ClientMessage::HandedOver {
                 workload,
                 generation,
+                attempt,
                 error: result.err(),
             });
         }
@@ -850,6 +881,7 @@ mod tests {
             workload: "chat".into(),
             generation: 2,
             to: 3,
+            attempt: 77,
         };
         s.handle_message(t0, handover).unwrap();
         assert!(
@@ -859,27 +891,41 @@ mod tests {
         assert!(events(&mut s).contains(&Event::Handover {
             workload: "chat".into(),
             generation: 2,
-            to: 3
+            to: 3,
+            attempt: 77
         }));
-        s.handed_over("chat".into(), 2, Err("the destination refused".into()));
-        s.handed_over("chat".into(), 2, Ok(()));
+        let abort = ServerMessage::HandoverAborted {
+            workload: "chat".into(),
+            generation: 2,
+            attempt: 77,
+        };
+        s.handle_message(t0, abort).unwrap();
+        assert!(events(&mut s).contains(&Event::HandoverAborted {
+            workload: "chat".into(),
+            generation: 2,
+            attempt: 77
+        }));
+        s.handed_over("chat".into(), 2, 77, Err("the destination refused".into()));
+        s.handed_over("chat".into(), 2, 78, Ok(()));
         assert_eq!(
             transmits(&mut s),
             vec![
                 ClientMessage::HandedOver {
                     workload: "chat".into(),
                     generation: 2,
+                    attempt: 77,
                     error: Some("the destination refused".into()),
                 },
                 ClientMessage::HandedOver {
                     workload: "chat".into(),
                     generation: 2,
+                    attempt: 78,
                     error: None,
                 }
             ]
         );
         s.disconnected();
-        s.handed_over("chat".into(), 2, Ok(()));
+        s.handed_over("chat".into(), 2, 78, Ok(()));
         assert!(transmits(&mut s).is_empty());
     }
 
@@ -1002,6 +1048,7 @@ mod tests {
                     reflect_port: None,
                     relay: false,
                     path_reports: false,
+                    handover: false,
                 })
             ),
             Err(SessionError::Protocol(_))

@@ -154,6 +154,9 @@ pub enum ClientMessage {
         workload: String,
         /// The generation the move will take.
         generation: u64,
+        /// The handover's [`ServerMessage::Handover::attempt`].
+        #[serde(default)]
+        attempt: u64,
         /// Why the handover failed, when it did.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<String>,
@@ -295,6 +298,10 @@ pub struct Welcome {
     /// Whether this coordinator takes [`ClientMessage::Talkers`]. Absent: no.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub talker_reports: bool,
+    /// Whether this coordinator takes [`ClientMessage::HandedOver`] (live migrations); an
+    /// agent answers a handover only on a session whose welcome says so. Absent: no.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handover: bool,
 }
 
 /// Messages from the coordinator.
@@ -376,6 +383,21 @@ pub enum ServerMessage {
         generation: u64,
         /// The destination.
         to: NodeId,
+        /// Identifies this request among the coordinator's (a retry has another): the answer
+        /// repeats it.
+        #[serde(default)]
+        attempt: u64,
+    },
+    /// The live migration asked by the [`ServerMessage::Handover`] with `attempt` will not
+    /// commit (no answer in time, or the commit failed): the application is to carry on where
+    /// it is. Sent only to agents whose hello says [`Hello::handover`].
+    HandoverAborted {
+        /// The workload's name.
+        workload: String,
+        /// The generation the move would have taken.
+        generation: u64,
+        /// The handover's attempt.
+        attempt: u64,
     },
     /// The answer to [`ClientMessage::Claim`] `request`.
     ClaimResult {
@@ -418,6 +440,7 @@ impl ServerMessage {
             ServerMessage::Lease { .. } => "lease",
             ServerMessage::Prepare { .. } => "prepare",
             ServerMessage::Handover { .. } => "handover",
+            ServerMessage::HandoverAborted { .. } => "handover abort",
             ServerMessage::ClaimResult { .. } => "claim result",
             ServerMessage::RotateKey { .. } => "key rotation",
         }

@@ -23,13 +23,15 @@ const EVENTS_QUEUED: usize = 64;
 /// Answers queued for the control loop.
 const ANSWERS_QUEUED: usize = 16;
 
-/// An application's answer to a handover.
+/// An application's answer to a handover, for the coordinator.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     /// The workload.
     pub workload: String,
     /// The generation of the handover answered.
     pub generation: u64,
+    /// The coordinator's attempt it answers.
+    pub attempt: u64,
     /// Handed over, or why not.
     pub result: Result<(), String>,
 }
@@ -70,6 +72,9 @@ struct Inner {
     holders: HashMap<String, (u64, Option<(String, IpAddr)>)>,
     /// What this node answers for, with generations.
     held: BTreeMap<String, u64>,
+    /// Handovers passed to an application and not answered yet: generation and attempt, by
+    /// workload (a later request replaces an earlier one).
+    asks: HashMap<String, (u64, u64)>,
 }
 
 /// See the module documentation.
@@ -155,6 +160,7 @@ impl Handovers {
         &self,
         workload: &str,
         generation: u64,
+        attempt: u64,
         to: String,
         address: IpAddr,
     ) -> Result<(), String> {
@@ -171,7 +177,12 @@ impl Handovers {
             ));
         };
         match app.tx.try_send(event) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                inner
+                    .asks
+                    .insert(workload.to_string(), (generation, attempt));
+                Ok(())
+            }
             Err(e) => {
                 inner.apps.remove(workload);
                 Err(format!(
@@ -181,12 +192,45 @@ impl Handovers {
         }
     }
 
-    /// An application answered a handover: queued for the control loop (dropped, with the
-    /// handover then timing out at the coordinator, only if sixteen wait already).
-    pub fn answer(&self, answer: Answer) {
+    /// An application answered the handover of `workload` at `generation`: queued for the
+    /// control loop with the attempt it answers. An answer to no handover asked (or already
+    /// answered, or called off) is dropped, as is one beyond sixteen waiting (the coordinator
+    /// then gives up at its deadline).
+    pub fn answer(&self, workload: &str, generation: u64, result: Result<(), String>) {
+        let attempt = {
+            let mut inner = self.lock();
+            match inner.asks.get(workload) {
+                Some((g, attempt)) if *g == generation => {
+                    let attempt = *attempt;
+                    inner.asks.remove(workload);
+                    attempt
+                }
+                _ => {
+                    tracing::info!(%workload, generation, "an answer to no handover asked; dropped");
+                    return;
+                }
+            }
+        };
+        let answer = Answer {
+            workload: workload.to_string(),
+            generation,
+            attempt,
+            result,
+        };
         if let Err(e) = self.answers.try_send(answer) {
             tracing::warn!("a handover answer was dropped: {e}");
         }
+    }
+
+    /// The coordinator called off the handover `attempt` of `workload`: an answer to it is
+    /// no longer wanted. Returns whether it was the one asked.
+    pub fn abort(&self, workload: &str, generation: u64, attempt: u64) -> bool {
+        let mut inner = self.lock();
+        if inner.asks.get(workload) == Some(&(generation, attempt)) {
+            inner.asks.remove(workload);
+            return true;
+        }
+        false
     }
 
     /// The answers, for the control loop (taken once).
@@ -252,6 +296,37 @@ impl Handovers {
             }
         }
     }
+}
+
+/// Whether node `me` may hand `workload` over at `generation`: the map gives it the workload
+/// at the generation before, and it answers for it now (its lease is valid, the handover to
+/// it confirmed). A stale request (after a reconnect, a lapsed lease) is refused.
+///
+/// # Errors
+/// Why not, for the coordinator.
+pub fn holds(
+    map: &Netmap,
+    held: &BTreeMap<String, Held>,
+    me: NodeId,
+    workload: &str,
+    generation: u64,
+) -> Result<(), String> {
+    let w = map
+        .workloads
+        .get(workload)
+        .ok_or_else(|| format!("workload {workload} is not in this node's map"))?;
+    if w.holder != Some(me) || w.generation + 1 != generation {
+        return Err(format!(
+            "this node's map does not give it workload {workload} at generation {}",
+            generation.saturating_sub(1)
+        ));
+    }
+    if !held.contains_key(workload) {
+        return Err(format!(
+            "this node does not answer for workload {workload} now"
+        ));
+    }
+    Ok(())
 }
 
 /// A node's name and first mesh address, by the map.
@@ -346,7 +421,7 @@ mod tests {
             h.register("chat").unwrap_err(),
             RegisterError::Taken("chat".into())
         );
-        h.ask("chat", 5, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+        h.ask("chat", 5, 41, "vm-c1".into(), "100.64.0.2".parse().unwrap())
             .unwrap();
         assert!(
             matches!(&drain(&mut app)[..], [AgentEvent::Handover { generation: 5, to, .. }] if to == "vm-c1")
@@ -371,21 +446,67 @@ mod tests {
                 }
             ]
         );
-        h.answer(Answer {
-            workload: "chat".into(),
-            generation: 5,
-            result: Ok(()),
-        });
         let mut answers = h.take_answers().unwrap();
-        assert_eq!(answers.try_recv().unwrap().result, Ok(()));
+        h.answer("chat", 4, Ok(()));
+        assert!(
+            answers.try_recv().is_err(),
+            "not the generation asked: dropped"
+        );
+        h.answer("chat", 5, Ok(()));
+        assert_eq!(
+            answers.try_recv().unwrap(),
+            Answer {
+                workload: "chat".into(),
+                generation: 5,
+                attempt: 41,
+                result: Ok(())
+            },
+            "the answer carries the attempt asked"
+        );
+        h.answer("chat", 5, Ok(()));
+        assert!(
+            answers.try_recv().is_err(),
+            "answered once: a second is dropped"
+        );
         assert!(h.take_answers().is_none(), "taken once");
+        // A retry replaces the ask; the abort of the earlier attempt leaves it.
+        h.ask("chat", 6, 42, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap();
+        h.ask("chat", 6, 43, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap();
+        assert!(!h.abort("chat", 6, 42));
+        h.answer("chat", 6, Err("no".into()));
+        assert_eq!(answers.try_recv().unwrap().attempt, 43);
+        h.ask("chat", 7, 44, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap();
+        assert!(h.abort("chat", 7, 44));
+        h.answer("chat", 7, Ok(()));
+        assert!(
+            answers.try_recv().is_err(),
+            "called off: the late answer is dropped"
+        );
+    }
+
+    #[test]
+    fn only_the_holder_that_answers_for_the_workload_hands_it_over() {
+        let m = map(Some(1), 4);
+        assert_eq!(holds(&m, &held(Some(4)), 1, "chat", 5), Ok(()));
+        for (me, generation, held_now, says) in [
+            (1, 6, Some(4), "generation 5"),
+            (2, 5, Some(4), "generation 4"),
+            (1, 5, None, "does not answer"),
+        ] {
+            let err = holds(&m, &held(held_now), me, "chat", generation).unwrap_err();
+            assert!(err.contains(says), "{err}");
+        }
+        assert!(holds(&m, &held(Some(4)), 1, "other", 5).is_err());
     }
 
     #[test]
     fn a_handover_without_an_application_is_refused_and_registrations_end() {
         let h = Handovers::default();
         let err = h
-            .ask("chat", 5, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .ask("chat", 5, 1, "vm-c1".into(), "100.64.0.2".parse().unwrap())
             .unwrap_err();
         assert!(err.contains("no application"), "{err}");
         let app = h.register("chat").unwrap();
@@ -412,7 +533,7 @@ mod tests {
             h.observe(&map(Some(1), g), &BTreeMap::new());
         }
         let err = h
-            .ask("chat", 99, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .ask("chat", 99, 1, "vm-c1".into(), "100.64.0.2".parse().unwrap())
             .unwrap_err();
         assert!(err.contains("no application"), "{err}");
     }

@@ -99,6 +99,8 @@ pub struct Session {
     relay: bool,
     path_reports: bool,
     talker_reports: bool,
+    /// Whether its coordinator takes handover answers (`Welcome::handover`).
+    handover: bool,
 }
 
 impl Session {
@@ -130,6 +132,7 @@ impl Session {
             relay: false,
             path_reports: false,
             talker_reports: false,
+            handover: false,
         })
     }
 
@@ -213,6 +216,7 @@ impl Session {
             self.relay = welcome.relay;
             self.path_reports = welcome.path_reports;
             self.talker_reports = welcome.talker_reports;
+            self.handover = welcome.handover;
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
@@ -739,7 +743,11 @@ impl MeshControl {
                     } else {
                         info!(workload = %answer.workload, generation = answer.generation, "the application handed over");
                     }
-                    self.shared.lock().handed_over(answer.workload, answer.generation, answer.result);
+                    // Only a coordinator that asks for handovers takes answers (an older one
+                    // would close the session on the message).
+                    if s.handover {
+                        self.shared.lock().handed_over(answer.workload, answer.generation, answer.attempt, answer.result);
+                    }
                 }
                 Some(claim) = self.claims.recv() => {
                     let id = self.shared.lock().claim(Instant::now(), claim.workload, claim.deadline);
@@ -945,22 +953,44 @@ impl MeshControl {
                     workload,
                     generation,
                     to,
+                    attempt,
                 } => {
-                    let dest = handover::peer(self.shared.lock().map(), to);
-                    let asked = match dest {
-                        Some((name, address)) => {
+                    let (dest, holds) = {
+                        let st = self.shared.lock();
+                        let held = st.holdings().held_named(Instant::now());
+                        let holds = handover::holds(
+                            st.map(),
+                            &held,
+                            self.node.node_id,
+                            &workload,
+                            generation,
+                        );
+                        (handover::peer(st.map(), to), holds)
+                    };
+                    let asked = match (holds, dest) {
+                        (Err(why), _) => Err(why),
+                        (Ok(()), Some((name, address))) => {
                             info!(%workload, generation, to = %name, "asked to hand a workload over");
                             self.shared
                                 .handovers
-                                .ask(&workload, generation, name, address)
+                                .ask(&workload, generation, attempt, name, address)
                         }
-                        None => Err(format!("node {to} is not in this node's map")),
+                        (Ok(()), None) => Err(format!("node {to} is not in this node's map")),
                     };
                     if let Err(why) = asked {
                         info!(%workload, generation, "cannot hand the workload over: {why}");
                         self.shared
                             .lock()
-                            .handed_over(workload, generation, Err(why));
+                            .handed_over(workload, generation, attempt, Err(why));
+                    }
+                }
+                Event::HandoverAborted {
+                    workload,
+                    generation,
+                    attempt,
+                } => {
+                    if self.shared.handovers.abort(&workload, generation, attempt) {
+                        info!(%workload, generation, "the coordinator called the handover off");
                     }
                 }
                 Event::ClaimAnswered { id, result } => {

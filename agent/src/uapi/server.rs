@@ -509,7 +509,7 @@ mod tests {
             matches!(&second, Err(WatchError::Refused { errno, message }) if *errno == libc::EBUSY && message.contains("chat")),
             "{second:?}"
         );
-        h().ask("chat", 5, "vm-c1".into(), "100.64.0.7".parse().unwrap())
+        h().ask("chat", 5, 9, "vm-c1".into(), "100.64.0.7".parse().unwrap())
             .unwrap();
         let (event, app) = tokio::task::spawn_blocking(move || {
             let e = app.next_event(Some(Duration::from_secs(5))).unwrap();
@@ -540,6 +540,7 @@ mod tests {
             Some(Answer {
                 workload: "chat".into(),
                 generation: 5,
+                attempt: 9,
                 result: Ok(())
             })
         );

@@ -2,17 +2,22 @@
 //! migration of a workload hears the agent's events and answers its handovers (the protocol
 //! is `meshlink_uapi::handover`'s; the registry is `control::handover`'s).
 
+use std::time::Duration;
+
 use meshlink_uapi::errno_response;
 use meshlink_uapi::handover::AppAnswer;
 use tokio::io::{AsyncBufRead, AsyncWriteExt};
 use tokio::net::unix::OwnedWriteHalf;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::server::{read_request, shutdown_requested, Incoming};
-use crate::control::handover::{Answer, Handovers, RegisterError};
+use crate::control::handover::{Handovers, RegisterError};
 
 /// The request's operation.
 pub const OP: &str = "handover=";
+
+/// How long writing one event to an application may take.
+const EVENT_WRITE: Duration = Duration::from_secs(5);
 
 /// Serves one registration until the application or the agent ends it.
 pub async fn serve<R: AsyncBufRead + Unpin>(
@@ -49,26 +54,48 @@ pub async fn serve<R: AsyncBufRead + Unpin>(
     };
     let handovers = handovers.expect("registered with a registry");
     tracing::info!(%workload, "an application registered for live migration");
-    if writer.write_all(errno_response(0).as_bytes()).await.is_ok() {
+    // The application's messages are read apart (a read cut short by an event in a select
+    // would lose what it had read), and come through a small queue.
+    let (answers_tx, mut answers_rx) = mpsc::channel::<Incoming>(4);
+    let reading = async {
+        loop {
+            let incoming = match read_request(reader).await {
+                Ok(i) => i,
+                Err(_) => Incoming::Eof,
+            };
+            let end = !matches!(incoming, Incoming::Request(_));
+            if answers_tx.send(incoming).await.is_err() || end {
+                break;
+            }
+        }
+    };
+    let serving = async {
+        if writer
+            .write_all(errno_response(0).as_bytes())
+            .await
+            .is_err()
+        {
+            return;
+        }
         loop {
             tokio::select! {
                 () = shutdown_requested(shutdown) => break,
                 event = registration.events.recv() => {
                     let Some(event) = event else { break };
-                    if writer.write_all(event.render().as_bytes()).await.is_err() {
+                    // An application that does not read its events is not waited for.
+                    let text = event.render();
+                    let write = writer.write_all(text.as_bytes());
+                    if !matches!(tokio::time::timeout(EVENT_WRITE, write).await, Ok(Ok(()))) {
+                        tracing::warn!(%workload, "the application does not take its events; closing its registration");
                         break;
                     }
                 }
-                incoming = read_request(reader) => match incoming {
-                    Ok(Incoming::Request(bytes)) => {
+                incoming = answers_rx.recv() => match incoming {
+                    Some(Incoming::Request(bytes)) => {
                         let text = String::from_utf8_lossy(&bytes);
                         match AppAnswer::parse(&text) {
                             Ok(AppAnswer::HandedOver { workload: w, generation, error }) if w == workload => {
-                                handovers.answer(Answer {
-                                    workload: w,
-                                    generation,
-                                    result: error.map_or(Ok(()), Err),
-                                });
+                                handovers.answer(&w, generation, error.map_or(Ok(()), Err));
                             }
                             Ok(AppAnswer::HandedOver { workload: w, .. }) => {
                                 tracing::warn!(%workload, "an application answered for another workload ({w}); ignored");
@@ -79,10 +106,15 @@ pub async fn serve<R: AsyncBufRead + Unpin>(
                             }
                         }
                     }
-                    Ok(Incoming::TooLarge | Incoming::Eof) | Err(_) => break,
+                    _ => break,
                 },
             }
         }
+    };
+    // Reading ends with the connection; serving may end first (then reading is dropped).
+    tokio::select! {
+        () = serving => {}
+        () = async { reading.await; std::future::pending::<()>().await } => {}
     }
     handovers.unregister(workload, registration.id);
     tracing::info!(%workload, "the application's live-migration registration ended");

@@ -668,14 +668,18 @@ impl Agent {
                 Event::Handover {
                     workload,
                     generation,
+                    attempt,
                     ..
                 } => self.session.handed_over(
                     workload,
                     generation,
+                    attempt,
                     Err("a simulated agent runs no application".into()),
                 ),
                 // Simulated agents answer for no address and make no claims.
-                Event::HoldingsChanged | Event::ClaimAnswered { .. } => {}
+                Event::HandoverAborted { .. }
+                | Event::HoldingsChanged
+                | Event::ClaimAnswered { .. } => {}
             }
         }
         while let Some(msg) = self.session.poll_transmit() {

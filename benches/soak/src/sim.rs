@@ -567,6 +567,9 @@ fn on_event(shared: &Shared, warming: &mut Warming, event: Event) {
             c.deltas_refused.fetch_add(1, Ordering::Relaxed);
         }
         // Never asked: its hello offers no live migration (the coordinator would time out).
-        Event::Handover { .. } | Event::MapChanged | Event::HoldingsChanged => {}
+        Event::Handover { .. }
+        | Event::HandoverAborted { .. }
+        | Event::MapChanged
+        | Event::HoldingsChanged => {}
     }
 }

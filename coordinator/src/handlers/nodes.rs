@@ -771,6 +771,7 @@ pub fn welcome(
         reflect_port: None,
         relay: false,
         path_reports: false,
+        handover: false,
     }
 }
 

@@ -71,6 +71,13 @@ pub struct PrepareNote {
     /// (the holder), towards this node. Absent: a `Prepare`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub handover_to: Option<NodeId>,
+    /// The live migration's attempt (with `handover_to`, `abort` or `handed_over`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u64>,
+    /// On [`PREPARE_CHANNEL`]: not a `Prepare` but a `HandoverAborted` for `attempt`, to
+    /// `node` (the holder).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort: bool,
     /// On [`PREPARED_CHANNEL`]: not a `Prepared` but the holder's answer to a `Handover`
     /// (`Err`: why the application could not hand over). Absent: a `Prepared`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -709,7 +709,9 @@ impl Sim {
                         self.planned.lock().unwrap().insert((name, g));
                     }
                 }
-                Event::Handover { .. } => panic!("no live migration in the fencing simulation"),
+                Event::Handover { .. } | Event::HandoverAborted { .. } => {
+                    panic!("no live migration in the fencing simulation")
+                }
                 Event::MapChanged | Event::HoldingsChanged | Event::DeltaRefused(_) => {}
             }
         }

@@ -7,13 +7,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use meshlink_coordinator::dispatch::SessionRef;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::hub::Outbound;
 use meshlink_coordinator::service::{Service, Session, SystemClock, WorkloadTiming};
 use meshlink_coordinator::store::SqlStore;
-use meshlink_proto::control::ServerMessage;
+use meshlink_proto::control::{ClientMessage, ServerMessage};
 use tokio::sync::watch;
 
 use crate::common::{decode_frame, join_hello, TestDb};
@@ -302,17 +303,25 @@ async fn a_live_migration_through_another_coordinator() {
                         ServerMessage::Handover {
                             workload,
                             generation,
+                            attempt,
                             ..
                         } => {
                             *handovers.lock().unwrap() += 1;
-                            svc.handover_answered_here(
-                                session.node,
-                                "prod",
-                                &workload,
+                            // As the agent's message would come: through the session's
+                            // dispatch.
+                            let at = SessionRef {
+                                node: session.node,
+                                network: "prod",
+                                remote: remote(),
+                                serial: session.attached.serial,
+                            };
+                            let msg = ClientMessage::HandedOver {
+                                workload,
                                 generation,
-                                Ok(()),
-                            )
-                            .await
+                                attempt,
+                                error: None,
+                            };
+                            svc.on_agent_message(at, msg).await.unwrap();
                         }
                         _ => {}
                     }

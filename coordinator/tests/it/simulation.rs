@@ -1257,6 +1257,7 @@ impl Sim {
             ServerMessage::Lease { .. }
             | ServerMessage::Prepare { .. }
             | ServerMessage::Handover { .. }
+            | ServerMessage::HandoverAborted { .. }
             | ServerMessage::ClaimResult { .. }
             | ServerMessage::RotateKey { .. } => panic!(
                 "seed {seed} step {step}: agent {a} got a {}, but the simulation runs no workloads",

@@ -643,10 +643,11 @@ async fn a_live_migration_commits_only_once_the_holder_hands_over(db: &TestDb) {
     assert_eq!(attached.0, 200, "{}", attached.1);
 
     // The holder's application answers for `generation` (an error, or handed over).
-    let answer = |from: &Session, generation: u64, error: Option<&str>| {
+    let answer = |from: &Session, generation: u64, attempt: u64, error: Option<&str>| {
         let msg = ClientMessage::HandedOver {
             workload: "chat".into(),
             generation,
+            attempt,
             error: error.map(str::to_string),
         };
         let at = SessionRef {
@@ -666,12 +667,38 @@ async fn a_live_migration_commits_only_once_the_holder_hands_over(db: &TestDb) {
                 workload,
                 generation,
                 to,
+                attempt,
             } = next_of(&mut vm_a, "handover").await
             else {
                 unreachable!()
             };
             assert_eq!((workload.as_str(), generation, to), ("chat", 2, vm_b_id));
-            answer(&vm_a, generation, error).await;
+            // While the holder has not answered, nothing moved, and no second live
+            // migration of the workload starts.
+            let (_, w) = a.call("GET", "/v1/workloads/chat", None).await;
+            assert_eq!(
+                (&w["holder"]["name"], &w["generation"]),
+                (&json!("vm-a"), &json!(1))
+            );
+            let (status, e) = a
+                .call("POST", "/v1/workloads/chat/move", Some(&live_b))
+                .await;
+            assert_eq!(status, 409, "{e}");
+            assert!(e["error"].as_str().unwrap().contains("under way"), "{e}");
+            // An answer to another attempt (a late one to an earlier request) is no answer.
+            answer(&vm_a, generation, attempt.wrapping_add(1), None).await;
+            answer(&vm_a, generation, attempt, error).await;
+            if error.is_some() {
+                // Refused: the holder is told the migration is off.
+                let ServerMessage::HandoverAborted {
+                    attempt: called_off,
+                    ..
+                } = next_of(&mut vm_a, "handover abort").await
+                else {
+                    unreachable!()
+                };
+                assert_eq!(called_off, attempt);
+            }
         };
         let (moved, ()) = tokio::join!(
             a.call("POST", "/v1/workloads/chat/move", Some(&live_b)),
