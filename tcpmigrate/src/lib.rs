@@ -289,9 +289,16 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
     }
 }
 
-/// Reads a socket's state in repair mode.
-fn read_state(p: &Parked) -> Result<Frozen, MigrateError> {
-    let fd = p.stream.as_ref().expect("present until taken").as_fd();
+/// How many times [`read_state`] reads the queues before it gives up on their settling.
+const QUEUE_READS: usize = 16;
+
+/// The send queue's length, how much of it is not sent, the next sequence number to write and
+/// the queue; the next sequence number to receive and the receive queue.
+type Queues = (usize, usize, u32, Vec<u8>, u32, Vec<u8>);
+
+/// One reading of a socket's queues, in repair mode; `None` when a queue changed while it
+/// was read (a segment or an acknowledgement arrived).
+fn queues(fd: std::os::fd::BorrowedFd<'_>) -> Result<Option<Queues>, MigrateError> {
     let outq = sys::outq(fd).map_err(step("send queue length"))?;
     let unsent = sys::outq_not_sent(fd).map_err(step("unsent length"))?;
     let inq = sys::inq(fd).map_err(step("receive queue length"))?;
@@ -304,15 +311,35 @@ fn read_state(p: &Parked) -> Result<Frozen, MigrateError> {
     let recv_seq = sys::get_u32(fd, sys::TCP_QUEUE_SEQ).map_err(step("receive sequence"))?;
     let recv_queue = sys::peek_queue(fd, inq).map_err(step("read the receive queue"))?;
     if send_queue.len() != outq || recv_queue.len() != inq {
-        return Err(MigrateError::Socket {
-            step: "read the queues",
-            source: io::Error::other(format!(
-                "short read: {} of {outq} sent, {} of {inq} received",
-                send_queue.len(),
-                recv_queue.len()
-            )),
-        });
+        return Ok(None);
     }
+    Ok(Some((
+        outq, unsent, send_seq, send_queue, recv_seq, recv_queue,
+    )))
+}
+
+/// Reads a socket's state in repair mode.
+fn read_state(p: &Parked) -> Result<Frozen, MigrateError> {
+    let fd = p.stream.as_ref().expect("present until taken").as_fd();
+    // The socket still takes in data and acknowledgements while it is read (repair mode stops
+    // sending only): the queues and their sequence numbers are read until two readings agree,
+    // so that a segment arriving in between cannot leave a sequence number that does not
+    // match its queue.
+    let mut tries = 0;
+    let (outq, unsent, send_seq, send_queue, recv_seq, recv_queue) = loop {
+        if let (Some(snapshot), Some(again)) = (queues(fd)?, queues(fd)?) {
+            if snapshot == again {
+                break snapshot;
+            }
+        }
+        tries += 1;
+        if tries == QUEUE_READS {
+            return Err(MigrateError::Socket {
+                step: "read the queues",
+                source: io::Error::other(format!("they kept changing over {QUEUE_READS} readings")),
+            });
+        }
+    };
     let mss = sys::get_u32(fd, libc::TCP_MAXSEG).map_err(step("MSS"))?;
     let timestamp = if p.options & sys::TCPI_OPT_TIMESTAMPS != 0 {
         Some(sys::get_u32(fd, sys::TCP_TIMESTAMP).map_err(step("timestamp clock"))?)

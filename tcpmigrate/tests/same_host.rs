@@ -90,8 +90,9 @@ fn only_an_established_connection_freezes() {
     }
 }
 
-/// A connection restored but held in repair mode is silent: the client's data waits (no
-/// reset), and reaches the restored socket once it goes live.
+/// A connection restored but held in repair mode draws no reset: what the client sends
+/// meanwhile is not lost (the held socket takes it in, as any socket in repair mode does),
+/// and is read once it goes live.
 #[test]
 fn a_held_restore_is_silent_until_it_goes() {
     if !root() {
@@ -203,4 +204,41 @@ fn a_restore_binds_beside_a_listener_on_the_port() {
     client.write_all(b"hi").unwrap();
     assert_eq!(read_exact(&mut server, 2), b"hi");
     drop(listener);
+}
+
+/// While the client keeps sending into a parked socket, every state read has a receive
+/// sequence number that matches its queue (the queue starts where it started at the freeze:
+/// nobody reads it), however the segments fall between the reads.
+#[test]
+fn a_parked_state_read_under_incoming_data_is_consistent() {
+    if !root() {
+        return;
+    }
+    let (mut client, server) = pair();
+    let (frozen, parked) = freeze(server).unwrap();
+    let start = |f: &Frozen| {
+        f.recv_seq
+            .wrapping_sub(u32::try_from(f.recv_queue.len()).unwrap())
+    };
+    let base = start(&frozen);
+    let sender = std::thread::spawn(move || {
+        for i in 0..2000u32 {
+            client.write_all(&[(i % 251) as u8]).unwrap();
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        client
+    });
+    let mut grew = 0;
+    let mut last = 0;
+    while !sender.is_finished() {
+        let f = parked.state().unwrap();
+        assert_eq!(start(&f), base, "a receive sequence number off its queue");
+        if f.recv_queue.len() > last {
+            grew += 1;
+            last = f.recv_queue.len();
+        }
+    }
+    let _client = sender.join().unwrap();
+    assert!(grew > 10, "the queue grew while it was read ({grew} times)");
+    parked.discard();
 }
