@@ -397,9 +397,56 @@ pub struct Held {
     sock: OwnedFd,
     /// Data the old host had not sent yet: sent as ordinary data once live.
     unsent: Vec<u8>,
+    /// The connection's addresses, and the next sequence number to receive as of the
+    /// state restored (or caught up to).
+    local: SocketAddr,
+    peer: SocketAddr,
+    recv_seq: u32,
 }
 
 impl Held {
+    /// Takes in what the old socket received after the state this one was restored from:
+    /// `last` is a later state of the same connection ([`Parked::state`] on the old host),
+    /// whose receive queue ends with the bytes the old socket took in (and acknowledged)
+    /// meanwhile; they go at the end of this socket's receive queue, in place (the socket
+    /// never goes away, so a segment arriving meanwhile draws no reset). What changed on the
+    /// sending side needs nothing: data the peer acknowledged meanwhile is sent again once
+    /// live, and the peer ignores it. Returns how many bytes were taken in.
+    ///
+    /// Call it before the connection is routed here: a segment this socket took in already
+    /// lies beyond those bytes, and waits (out of order) for the peer's next one.
+    ///
+    /// # Errors
+    /// [`MigrateError::Invalid`] when `last` is another connection's, or older than this
+    /// one's state, or says it took in more than its queue holds; or the socket call that
+    /// failed.
+    pub fn catch_up(&mut self, last: &Frozen) -> Result<usize, MigrateError> {
+        if last.local != self.local || last.peer != self.peer {
+            return Err(MigrateError::Invalid(format!(
+                "local/peer: the last state is of {} to {}, not {} to {}",
+                last.local, last.peer, self.local, self.peer
+            )));
+        }
+        let late = last.recv_seq.wrapping_sub(self.recv_seq);
+        let late = usize::try_from(late).unwrap_or(usize::MAX);
+        if late == 0 {
+            return Ok(0);
+        }
+        if late > last.recv_queue.len() {
+            return Err(MigrateError::Invalid(format!(
+                "recv_seq: the last state is {late} bytes ahead, more than its receive queue ({} bytes), or behind",
+                last.recv_queue.len()
+            )));
+        }
+        let fd = self.sock.as_fd();
+        sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_RECV_QUEUE)
+            .map_err(step("select the receive queue"))?;
+        sys::send_all(fd, &last.recv_queue[last.recv_queue.len() - late..])
+            .map_err(step("write the late data"))?;
+        self.recv_seq = last.recv_seq;
+        Ok(late)
+    }
+
     /// Takes the connection out of repair mode with a window probe (the peer answers with
     /// what it has, and TCP retransmits what it lacks), then sends what the old host had not
     /// sent: the returned stream is the connection, live (blocking).
@@ -518,6 +565,9 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     Ok(Held {
         sock,
         unsent: f.send_queue[sent..].to_vec(),
+        local: f.local,
+        peer: f.peer,
+        recv_seq: f.recv_seq,
     })
 }
 

@@ -242,3 +242,36 @@ fn a_parked_state_read_under_incoming_data_is_consistent() {
     assert!(grew > 10, "the queue grew while it was read ({grew} times)");
     parked.discard();
 }
+
+/// A held copy restored from the freeze takes in, in place, what the parked socket received
+/// after it (its last state): nothing the client saw acknowledged is lost. A state of another
+/// connection, or an older one, is refused with the field named.
+#[test]
+fn a_held_copy_catches_up_with_the_last_state() {
+    if !root() {
+        return;
+    }
+    let (mut client, server) = pair();
+    let (frozen, parked) = freeze(server).unwrap();
+    client.write_all(b"late").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let last = parked.state().unwrap();
+    parked.discard();
+    let mut held = restore_held(&frozen).unwrap();
+    let mut other = last.clone();
+    other.peer.set_port(other.peer.port().wrapping_add(1));
+    let err = held.catch_up(&other).unwrap_err().to_string();
+    assert!(err.contains("local/peer"), "{err}");
+    assert_eq!(
+        held.catch_up(&frozen).unwrap(),
+        0,
+        "nothing new in the same state"
+    );
+    assert_eq!(held.catch_up(&last).unwrap(), 4);
+    let err = held.catch_up(&frozen).unwrap_err().to_string();
+    assert!(err.contains("recv_seq"), "an older state: {err}");
+    let mut server = held.go().unwrap();
+    assert_eq!(read_exact(&mut server, 4), b"late");
+    server.write_all(b"ok").unwrap();
+    assert_eq!(read_exact(&mut client, 2), b"ok");
+}

@@ -532,6 +532,16 @@ impl Device {
     /// kept packets of a held address wait until it is, since the kernel drops packets to an
     /// address it does not have. Call after each change of the interface's addresses, then
     /// [`Device::take_released`].
+    /// Whether the workload address `address` is on the interface (the kernel has it).
+    pub fn is_up(&self, address: IpAddr) -> bool {
+        self.table
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .up
+            .contains(&address)
+    }
+
+    /// Records the workload addresses now on the interface (see [`Device::is_up`]).
     pub fn set_addresses_up(&self, up: impl IntoIterator<Item = IpAddr>) {
         let up: HashSet<IpAddr> = up.into_iter().collect();
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());

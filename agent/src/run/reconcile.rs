@@ -327,6 +327,13 @@ impl Planner {
     }
 }
 
+/// How soon the reconciler looks again at a held address not up on the interface yet, to
+/// tell applications registered for live migration that it arrived.
+const ARRIVAL_RECHECK: Duration = Duration::from_millis(2);
+
+/// How long the reconciler looks again that often.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(1);
+
 /// Keeps the device's peers equal to the latest network map, touching only what changed, and
 /// moves silent peers to their next endpoint. Workload addresses: routed to their holders,
 /// held here while the fencing state says so, forwarded after a move for the grace period.
@@ -347,16 +354,20 @@ pub(super) async fn reconcile_mesh(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     maps.mark_changed();
     let mut control_gone = false;
+    // When to tell registered applications again of addresses held but not up yet.
+    let mut arrivals_due: Option<Instant> = None;
+    let mut waiting_since: Option<Instant> = None;
     loop {
         // Only instants still ahead: a lease that ran out is no timer (it would wake this
         // loop over and over until the map changes).
-        let wake = match (
+        let wake = [
             shared.lock().holdings().poll_timeout(Instant::now()),
             planner.poll_timeout(),
-        ) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+            arrivals_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         tokio::select! {
             r = maps.changed(), if !control_gone => {
                 if r.is_err() {
@@ -410,8 +421,20 @@ pub(super) async fn reconcile_mesh(
             let _ = control.routes_tx.send(NetCmd::Addresses(addresses));
         }
         // Applications registered for live migration hear of holders and of this node
-        // starting or stopping to answer (once its addresses are on their way).
-        let held = shared.lock().holdings().held_named(now);
+        // starting or stopping to answer: starting once the address is on the interface (a
+        // connection made live before would answer from an address the kernel does not
+        // have yet); until then, look again shortly.
+        let mut held = shared.lock().holdings().held_named(now);
+        let before = held.len();
+        held.retain(|_, h| control.device.is_up(h.address.addr()));
+        if held.len() < before {
+            // For a second at most: an address that does not come up is no reason to spin.
+            let since = *waiting_since.get_or_insert(now);
+            arrivals_due = (now < since + ARRIVAL_WAIT).then(|| now + ARRIVAL_RECHECK);
+        } else {
+            waiting_since = None;
+            arrivals_due = None;
+        }
         shared.handovers.observe(&map, &held);
         if let Some(m) = &metrics {
             m.observe_reconcile(now.elapsed());

@@ -28,8 +28,8 @@ struct Inbound<S> {
 enum Last {
     /// Not yet.
     Waiting,
-    /// The sockets as they were when the source left.
-    Got(Vec<Frozen>),
+    /// In: the held copies caught up with it.
+    Got,
 }
 
 /// A handover in that this server answered ready to: waiting for `event=arrived`.
@@ -200,17 +200,27 @@ impl<A: Application> Migrator<A> {
                 };
                 match last.and_then(|last| check_final(&inc.connections, last)) {
                     Ok(sockets) => {
-                        let changed = sockets
-                            .iter()
-                            .zip(&inc.connections)
-                            .filter(|(s, c)| **s != c.socket)
-                            .count();
+                        // What the source's sockets took in after the freeze goes into the
+                        // held copies now, in place: they never go away, so a segment that
+                        // reaches one meanwhile draws no reset.
+                        let mut late = 0;
+                        for (c, fresh) in inc.connections.iter_mut().zip(&sockets) {
+                            match c.held.catch_up(fresh) {
+                                Ok(0) => {}
+                                Ok(_) => late += 1,
+                                Err(e) => info!(
+                                    "migrate: {}: cannot take in the late data: {e}",
+                                    fresh.peer
+                                ),
+                            }
+                            c.socket = fresh.clone();
+                        }
                         info!(
-                            "migrate: final state from {}: {changed} of {} connections took in data after the freeze",
+                            "migrate: final state from {}: {late} of {} connections took in data after the freeze",
                             inc.from,
                             sockets.len()
                         );
-                        inc.last = Last::Got(sockets);
+                        inc.last = Last::Got;
                         if inc.arrived {
                             self.go_live(inc);
                         } else {
@@ -330,8 +340,8 @@ impl<A: Application> Migrator<A> {
         });
     }
 
-    /// The held connections go live, restored again first where the final frame says they
-    /// took in data after the freeze, and go to the application.
+    /// The held connections go live (caught up with the final frame when it came) and go to
+    /// the application.
     fn go_live(&mut self, inc: Incoming<A>) {
         let started = Instant::now();
         let Incoming {
@@ -339,30 +349,12 @@ impl<A: Application> Migrator<A> {
             from,
             state,
             connections,
-            last,
             ..
         } = inc;
-        let last = match last {
-            Last::Got(sockets) => sockets,
-            Last::Waiting => Vec::new(),
-        };
         let mut live = Vec::with_capacity(connections.len());
-        for (i, c) in connections.into_iter().enumerate() {
-            let (held, socket) = match last.get(i).filter(|fresh| **fresh != c.socket) {
-                Some(fresh) => {
-                    // The old copy goes first: two sockets cannot hold one connection's
-                    // addresses.
-                    c.held.discard();
-                    match restore_held(fresh) {
-                        Ok(held) => (held, fresh),
-                        Err(e) => {
-                            info!("migrate: {}: cannot restore again: {e}", fresh.peer);
-                            continue;
-                        }
-                    }
-                }
-                None => (c.held, &c.socket),
-            };
+        for c in connections {
+            // Caught up already with the final frame, if it came.
+            let (held, socket) = (c.held, &c.socket);
             match held.go().and_then(to_tokio) {
                 Ok(stream) => live.push(Paused {
                     stream,
@@ -390,7 +382,7 @@ impl<A: Application> Migrator<A> {
     pub(super) fn arrived(&mut self, generation: u64) {
         match self.incoming.take() {
             Some(mut inc) if generation >= inc.generation => {
-                if let Last::Got(_) = inc.last {
+                if let Last::Got = inc.last {
                     self.go_live(inc);
                 } else {
                     inc.arrived = true;
