@@ -363,12 +363,22 @@ async fn after_left_the_final_state_has_what_came_in_and_the_sessions_are_releas
 }
 
 #[tokio::test]
-async fn without_left_the_connections_come_back() {
+async fn without_left_or_on_an_abort_the_connections_come_back() {
+    for abort in [false, true] {
+        come_back(abort).await;
+    }
+}
+
+/// No `left` within the outcome timeout, or (`abort`) the coordinator calls the move off
+/// at once (and a lease that ran out on the way is no `left`): the parked connections go on
+/// here.
+async fn come_back(abort: bool) {
     if !root() {
         return;
     }
+    // With an abort, only the abort can bring them back in time.
     let mut node = Node::start("127.0.0.1:0", |c| {
-        c.outcome_timeout = Duration::from_millis(500);
+        c.outcome_timeout = Duration::from_millis(if abort { 60_000 } else { 500 });
     })
     .await;
     let mut agent = node.agent(HERE).await;
@@ -385,8 +395,25 @@ async fn without_left_the_connections_come_back() {
     assert!(matches!(outcome, Outcome::HandedOver), "{outcome:?}");
     assert_eq!(agent.handed_over(2).await, None);
     client.write_all(b"while parked").await.unwrap();
-    // No left comes: the move did not happen, and the connection goes on here.
-    let Event::Resume(mut back) = node.next().await else {
+    if abort {
+        agent
+            .send(meshlink_uapi::handover::AgentEvent::Left {
+                workload: WORKLOAD.into(),
+                generation: 1,
+                moved: false,
+            })
+            .await;
+        agent
+            .send(meshlink_uapi::handover::AgentEvent::Aborted {
+                workload: WORKLOAD.into(),
+                generation: 2,
+            })
+            .await;
+    }
+    // No left comes (or the move is called off): it did not happen, and the connection
+    // goes on here.
+    let next = tokio::time::timeout(Duration::from_secs(10), node.next()).await;
+    let Ok(Event::Resume(mut back)) = next else {
         panic!("the connections resumed");
     };
     assert!(!node.migrator.parked());

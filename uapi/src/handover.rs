@@ -8,6 +8,7 @@
 //! agent -> app   event=handover ... to=vm-c1        a live migration away from this node
 //! app -> agent   handed_over=chat generation=5      state handed over (error=...: not)
 //! agent -> app   event=left / event=arrived         this node stopped / started answering
+//! agent -> app   event=aborted                      the handover answered will not happen
 //! ```
 //!
 //! Every message is `key=value` lines ending with an empty line, like the rest of the API.
@@ -58,11 +59,24 @@ pub enum AgentEvent {
         /// Its generation.
         generation: u64,
     },
-    /// This node stopped answering for the workload's address.
+    /// This node stopped answering for the workload's address: `moved` when the workload
+    /// went to another node (`reason=moved`), not when this node's lease ran out while the
+    /// map still gives it the workload (`reason=lease`: it may come back, or be failed over,
+    /// which then says `left` again with `moved`).
     Left {
         /// The workload.
         workload: String,
         /// The generation it held.
+        generation: u64,
+        /// Whether the workload moved away.
+        moved: bool,
+    },
+    /// The live migration asked by the handover at `generation` will not happen (no answer
+    /// in time, or it could not commit): carry on here, resuming what was frozen.
+    Aborted {
+        /// The workload.
+        workload: String,
+        /// The handover's generation.
         generation: u64,
     },
 }
@@ -168,7 +182,8 @@ impl AgentEvent {
             AgentEvent::Holder { workload, .. }
             | AgentEvent::Handover { workload, .. }
             | AgentEvent::Arrived { workload, .. }
-            | AgentEvent::Left { workload, .. } => workload,
+            | AgentEvent::Left { workload, .. }
+            | AgentEvent::Aborted { workload, .. } => workload,
         }
     }
 
@@ -201,7 +216,17 @@ impl AgentEvent {
             AgentEvent::Left {
                 workload,
                 generation,
-            } => format!("event=left\nworkload={workload}\ngeneration={generation}\n\n"),
+                moved,
+            } => {
+                let reason = if *moved { "moved" } else { "lease" };
+                format!(
+                    "event=left\nworkload={workload}\ngeneration={generation}\nreason={reason}\n\n"
+                )
+            }
+            AgentEvent::Aborted {
+                workload,
+                generation,
+            } => format!("event=aborted\nworkload={workload}\ngeneration={generation}\n\n"),
         }
     }
 
@@ -236,6 +261,20 @@ impl AgentEvent {
                 generation,
             }),
             "left" => Ok(AgentEvent::Left {
+                workload,
+                generation,
+                moved: match f.get("reason") {
+                    None | Some("moved") => true,
+                    Some("lease") => false,
+                    Some(other) => {
+                        return Err(MessageError::Invalid {
+                            field: "reason",
+                            value: other.to_string(),
+                        })
+                    }
+                },
+            }),
+            "aborted" => Ok(AgentEvent::Aborted {
                 workload,
                 generation,
             }),
@@ -475,6 +514,16 @@ mod tests {
             AgentEvent::Left {
                 workload: "chat".into(),
                 generation: 5,
+                moved: true,
+            },
+            AgentEvent::Left {
+                workload: "chat".into(),
+                generation: 5,
+                moved: false,
+            },
+            AgentEvent::Aborted {
+                workload: "chat".into(),
+                generation: 5,
             },
         ] {
             assert_eq!(AgentEvent::parse(&e.render()).unwrap(), e);
@@ -537,8 +586,10 @@ mod tests {
             AgentEvent::parse(&first).unwrap(),
             AgentEvent::Left {
                 workload: "a".into(),
-                generation: 1
-            }
+                generation: 1,
+                moved: true
+            },
+            "no reason: moved (as before reasons)"
         );
         assert_eq!(
             read_message(&mut input).unwrap_err().kind(),

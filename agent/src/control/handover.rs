@@ -72,9 +72,21 @@ struct Inner {
     holders: HashMap<String, (u64, Option<(String, IpAddr)>)>,
     /// What this node answers for, with generations.
     held: BTreeMap<String, u64>,
-    /// Handovers passed to an application and not answered yet: generation and attempt, by
-    /// workload (a later request replaces an earlier one).
-    asks: HashMap<String, (u64, u64)>,
+    /// Handovers passed to an application, by workload (a later request replaces an earlier
+    /// one): until the workload leaves or the coordinator calls it off.
+    asks: HashMap<String, Ask>,
+    /// Workloads this node stopped answering for while the map still gave them to it (its
+    /// lease ran out): told `left` again, as moved, once the map gives them elsewhere.
+    lapsed: HashMap<String, u64>,
+}
+
+/// A handover passed to an application.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ask {
+    generation: u64,
+    attempt: u64,
+    /// Whether the application answered (a second answer is dropped).
+    answered: bool,
 }
 
 /// See the module documentation.
@@ -178,9 +190,12 @@ impl Handovers {
         };
         match app.tx.try_send(event) {
             Ok(()) => {
-                inner
-                    .asks
-                    .insert(workload.to_string(), (generation, attempt));
+                let ask = Ask {
+                    generation,
+                    attempt,
+                    answered: false,
+                };
+                inner.asks.insert(workload.to_string(), ask);
                 Ok(())
             }
             Err(e) => {
@@ -199,11 +214,10 @@ impl Handovers {
     pub fn answer(&self, workload: &str, generation: u64, result: Result<(), String>) {
         let attempt = {
             let mut inner = self.lock();
-            match inner.asks.get(workload) {
-                Some((g, attempt)) if *g == generation => {
-                    let attempt = *attempt;
-                    inner.asks.remove(workload);
-                    attempt
+            match inner.asks.get_mut(workload) {
+                Some(ask) if ask.generation == generation && !ask.answered => {
+                    ask.answered = true;
+                    ask.attempt
                 }
                 _ => {
                     tracing::info!(%workload, generation, "an answer to no handover asked; dropped");
@@ -222,15 +236,29 @@ impl Handovers {
         }
     }
 
-    /// The coordinator called off the handover `attempt` of `workload`: an answer to it is
-    /// no longer wanted. Returns whether it was the one asked.
+    /// The coordinator called off the handover `attempt` of `workload` (answered or not):
+    /// the application is told to carry on here. Returns whether it was the one asked.
     pub fn abort(&self, workload: &str, generation: u64, attempt: u64) -> bool {
         let mut inner = self.lock();
-        if inner.asks.get(workload) == Some(&(generation, attempt)) {
-            inner.asks.remove(workload);
-            return true;
+        let asked = inner
+            .asks
+            .get(workload)
+            .is_some_and(|a| a.generation == generation && a.attempt == attempt);
+        if !asked {
+            return false;
         }
-        false
+        inner.asks.remove(workload);
+        let event = AgentEvent::Aborted {
+            workload: workload.to_string(),
+            generation,
+        };
+        if let Some(app) = inner.apps.get(workload) {
+            if let Err(e) = app.tx.try_send(event) {
+                tracing::warn!(%workload, "dropping the live-migration registration: {e}");
+                inner.apps.remove(workload);
+            }
+        }
+        true
     }
 
     /// The answers, for the control loop (taken once).
@@ -242,8 +270,8 @@ impl Handovers {
     }
 
     /// Tells the applications what changed since the last call: each workload's holder by
-    /// `map`, and what this node answers for (`held`).
-    pub fn observe(&self, map: &Netmap, held: &BTreeMap<String, Held>) {
+    /// `map`, and what this node (`me`) answers for (`held`).
+    pub fn observe(&self, map: &Netmap, me: NodeId, held: &BTreeMap<String, Held>) {
         let mut inner = self.lock();
         let holders: HashMap<String, (u64, Option<(String, IpAddr)>)> = map
             .workloads
@@ -267,13 +295,53 @@ impl Handovers {
                 });
             }
         }
+        let mine = |name: &str| {
+            map.workloads
+                .get(name)
+                .is_some_and(|w| w.holder == Some(me))
+        };
+        let mut lapsed = Vec::new();
         for (name, generation) in &inner.held {
             if held.get(name).is_none_or(|g| g != generation) {
+                let moved = !mine(name);
+                if !moved {
+                    lapsed.push((name.clone(), *generation));
+                }
                 events.push(AgentEvent::Left {
                     workload: name.clone(),
                     generation: *generation,
+                    moved,
                 });
             }
+        }
+        // Left while still given here: moved, once the map gives them elsewhere; held
+        // again: no longer lapsed.
+        let gone: Vec<(String, u64)> = inner
+            .lapsed
+            .iter()
+            .filter(|(name, _)| !mine(name.as_str()) || held.contains_key(name.as_str()))
+            .map(|(n, g)| (n.clone(), *g))
+            .collect();
+        for (name, generation) in gone {
+            inner.lapsed.remove(&name);
+            if !held.contains_key(&name) {
+                events.push(AgentEvent::Left {
+                    workload: name,
+                    generation,
+                    moved: true,
+                });
+            }
+        }
+        inner.lapsed.extend(lapsed);
+        // A handover is settled once its workload moved away.
+        let moved_away: Vec<String> = inner
+            .asks
+            .keys()
+            .filter(|name| !mine(name.as_str()))
+            .cloned()
+            .collect();
+        for name in moved_away {
+            inner.asks.remove(&name);
         }
         for (name, generation) in &held {
             if inner.held.get(name) != Some(generation) {
@@ -399,7 +467,7 @@ mod tests {
     #[test]
     fn a_registered_application_hears_the_holder_the_handover_and_the_switch() {
         let h = Handovers::default();
-        h.observe(&map(Some(1), 4), &held(Some(4)));
+        h.observe(&map(Some(1), 4), 1, &held(Some(4)));
         let mut app = h.register("chat").unwrap();
         let holder = Some(("vm-a1".to_string(), "100.64.0.1".parse().unwrap()));
         assert_eq!(
@@ -426,26 +494,6 @@ mod tests {
         assert!(
             matches!(&drain(&mut app)[..], [AgentEvent::Handover { generation: 5, to, .. }] if to == "vm-c1")
         );
-        // Nothing changed: nothing told.
-        h.observe(&map(Some(1), 4), &held(Some(4)));
-        assert!(drain(&mut app).is_empty());
-        // The move commits: the holder changes, then this node stops answering.
-        h.observe(&map(Some(2), 5), &held(Some(4)));
-        h.observe(&map(Some(2), 5), &held(None));
-        assert_eq!(
-            drain(&mut app),
-            vec![
-                AgentEvent::Holder {
-                    workload: "chat".into(),
-                    generation: 5,
-                    holder: Some(("vm-c1".to_string(), "100.64.0.2".parse().unwrap()))
-                },
-                AgentEvent::Left {
-                    workload: "chat".into(),
-                    generation: 4
-                }
-            ]
-        );
         let mut answers = h.take_answers().unwrap();
         h.answer("chat", 4, Ok(()));
         assert!(
@@ -468,6 +516,27 @@ mod tests {
             answers.try_recv().is_err(),
             "answered once: a second is dropped"
         );
+        // Nothing changed: nothing told.
+        h.observe(&map(Some(1), 4), 1, &held(Some(4)));
+        assert!(drain(&mut app).is_empty());
+        // The move commits: the holder changes, then this node stops answering.
+        h.observe(&map(Some(2), 5), 1, &held(Some(4)));
+        h.observe(&map(Some(2), 5), 1, &held(None));
+        assert_eq!(
+            drain(&mut app),
+            vec![
+                AgentEvent::Holder {
+                    workload: "chat".into(),
+                    generation: 5,
+                    holder: Some(("vm-c1".to_string(), "100.64.0.2".parse().unwrap()))
+                },
+                AgentEvent::Left {
+                    workload: "chat".into(),
+                    generation: 4,
+                    moved: true
+                }
+            ]
+        );
         assert!(h.take_answers().is_none(), "taken once");
         // A retry replaces the ask; the abort of the earlier attempt leaves it.
         h.ask("chat", 6, 42, "vm-c1".into(), "100.64.0.2".parse().unwrap())
@@ -485,6 +554,51 @@ mod tests {
             answers.try_recv().is_err(),
             "called off: the late answer is dropped"
         );
+    }
+
+    /// A lease that runs out while the map still gives the workload here is a `left` that
+    /// is not a move; the move, if the map then gives it elsewhere, is told too. A handover
+    /// called off (answered or not) is told to the application.
+    #[test]
+    fn a_lapsed_lease_is_no_move_and_an_abort_reaches_the_application() {
+        let h = Handovers::default();
+        h.observe(&map(Some(1), 4), 1, &held(Some(4)));
+        let mut app = h.register("chat").unwrap();
+        drain(&mut app);
+        h.observe(&map(Some(1), 4), 1, &held(None));
+        h.observe(&map(Some(1), 4), 1, &held(None));
+        h.observe(&map(Some(2), 5), 1, &held(None));
+        let lefts: Vec<(u64, bool)> = drain(&mut app)
+            .into_iter()
+            .filter_map(|e| match e {
+                AgentEvent::Left {
+                    generation, moved, ..
+                } => Some((generation, moved)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(lefts, vec![(4, false), (4, true)]);
+        // Held again after a lapse: no second left.
+        h.observe(&map(Some(1), 6), 1, &held(Some(6)));
+        h.observe(&map(Some(1), 6), 1, &held(None));
+        h.observe(&map(Some(1), 6), 1, &held(Some(6)));
+        h.observe(&map(Some(1), 6), 1, &held(Some(6)));
+        assert_eq!(
+            drain(&mut app)
+                .iter()
+                .filter(|e| matches!(e, AgentEvent::Left { .. }))
+                .count(),
+            1
+        );
+        h.ask("chat", 7, 70, "vm-c1".into(), "100.64.0.2".parse().unwrap())
+            .unwrap();
+        h.answer("chat", 7, Ok(()));
+        assert!(!h.abort("chat", 7, 71), "another attempt");
+        assert!(h.abort("chat", 7, 70), "answered, then called off");
+        assert!(drain(&mut app).contains(&AgentEvent::Aborted {
+            workload: "chat".into(),
+            generation: 7
+        }));
     }
 
     #[test]
@@ -530,7 +644,7 @@ mod tests {
         let h = Handovers::default();
         let _app = h.register("chat").unwrap();
         for g in 1..=(EVENTS_QUEUED as u64 + 1) {
-            h.observe(&map(Some(1), g), &BTreeMap::new());
+            h.observe(&map(Some(1), g), 1, &BTreeMap::new());
         }
         let err = h
             .ask("chat", 99, 1, "vm-c1".into(), "100.64.0.2".parse().unwrap())

@@ -435,7 +435,7 @@ pub(super) async fn reconcile_mesh(
             waiting_since = None;
             arrivals_due = None;
         }
-        shared.handovers.observe(&map, &held);
+        shared.handovers.observe(&map, self_id, &held);
         if let Some(m) = &metrics {
             m.observe_reconcile(now.elapsed());
         }

@@ -25,7 +25,8 @@
 //! discard them; Event::Released                     after the freeze; go live; Event::Arrived
 //!
 //! any failure before ready: resume here (Outcome::Failed), answer with the error
-//! no left within 15 s: resume here (Event::Resume)  no arrival within 15 s: discard
+//! no left within 15 s, or aborted: resume here       no arrival within 15 s: discard
+//! (Event::Resume)
 //! ```
 //!
 //! The final frame exists because a parked socket still takes in (and acknowledges) what its
@@ -473,10 +474,25 @@ impl<A: Application> Migrator<A> {
                     }));
                 }
             }
+            AgentEvent::Left {
+                generation,
+                moved: false,
+                ..
+            } => {
+                // The lease ran out, the workload still given here: not the move (yet); a
+                // handover under way waits on for `left` as moved, or an abort.
+                info!("migrate: stopped answering for {workload} at generation {generation} (lease), not moved");
+            }
             AgentEvent::Left { generation, .. } => match self.outgoing.take() {
                 Some(out) => self.left(out, generation),
                 None => info!("migrate: left {workload} at generation {generation}"),
             },
+            AgentEvent::Aborted { generation, .. } => {
+                info!(
+                    "migrate: the handover of {workload} at generation {generation} was called off"
+                );
+                self.abort_outgoing();
+            }
             AgentEvent::Arrived { generation, .. } => self.arrived(generation),
         }
     }

@@ -415,6 +415,17 @@ impl<A: Application> Migrator<A> {
         }
     }
 
+    /// The coordinator called the move off: the connections go on here.
+    pub(super) fn abort_outgoing(&mut self) {
+        if let Some(out) = self.outgoing.take() {
+            let count = out.connections.len();
+            let mut back = Resumed::default();
+            resume_all(out.connections, &mut back);
+            info!("migrate: handover called off: resumed {count} connections here");
+            self.events.push_back(Event::Resume(back));
+        }
+    }
+
     /// At shutdown: the parked connections are let go silently (the move may have
     /// happened).
     pub(super) fn drop_outgoing(&mut self) {

@@ -128,6 +128,7 @@ impl FakeAgent {
         self.send(AgentEvent::Left {
             workload: self.workload.clone(),
             generation,
+            moved: true,
         })
         .await;
     }
