@@ -272,6 +272,10 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
     let local = stream.local_addr().map_err(step("local address"))?;
     let peer = stream.peer_addr().map_err(step("peer address"))?;
     sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
+    if let Err(e) = quiet(fd) {
+        let _ = sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_OFF);
+        return Err(e);
+    }
     let parked = Parked {
         stream: Some(stream),
         local,
@@ -295,6 +299,16 @@ const QUEUE_READS: usize = 16;
 /// The send queue's length, how much of it is not sent, the next sequence number to write and
 /// the queue; the next sequence number to receive and the receive queue.
 type Queues = (usize, usize, u32, Vec<u8>, u32, Vec<u8>);
+
+/// Keeps a socket in repair mode from sending data: with the send queue selected, the kernel
+/// takes what it would transmit as sent without transmitting it; with any other queue
+/// selected, an acknowledgement that opens the window makes it transmit for real (a parked
+/// socket would then send what its restored copy does not know it sent, and the peer's
+/// acknowledgements of it would make the copy drop everything the peer sends).
+fn quiet(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), MigrateError> {
+    sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)
+        .map_err(step("select the send queue"))
+}
 
 /// One reading of a socket's queues, in repair mode; `None` when a queue changed while it
 /// was read (a segment or an acknowledgement arrived).
@@ -327,7 +341,8 @@ fn read_state(p: &Parked) -> Result<Frozen, MigrateError> {
     // match its queue.
     let mut tries = 0;
     let (outq, unsent, send_seq, send_queue, recv_seq, recv_queue) = loop {
-        if let (Some(snapshot), Some(again)) = (queues(fd)?, queues(fd)?) {
+        let readings = (queues(fd)?, queues(fd)?);
+        if let (Some(snapshot), Some(again)) = readings {
             if snapshot == again {
                 break snapshot;
             }
@@ -402,16 +417,23 @@ pub struct Held {
     local: SocketAddr,
     peer: SocketAddr,
     recv_seq: u32,
+    /// The next sequence number to write (the end of the send queue): the old socket's
+    /// must be the same.
+    send_seq: u32,
 }
 
 impl Held {
-    /// Takes in what the old socket received after the state this one was restored from:
-    /// `last` is a later state of the same connection ([`Parked::state`] on the old host),
-    /// whose receive queue ends with the bytes the old socket took in (and acknowledged)
-    /// meanwhile; they go at the end of this socket's receive queue, in place (the socket
-    /// never goes away, so a segment arriving meanwhile draws no reset). What changed on the
-    /// sending side needs nothing: data the peer acknowledged meanwhile is sent again once
-    /// live, and the peer ignores it. Returns how many bytes were taken in.
+    /// Takes in what the old socket did after the state this one was restored from: `last`
+    /// is a later state of the same connection ([`Parked::state`] on the old host). Its
+    /// receive queue ends with the bytes the old socket took in (and acknowledged)
+    /// meanwhile: they go at the end of this socket's receive queue, in place (the socket
+    /// never goes away, so a segment arriving meanwhile draws no reset). And a parked socket
+    /// that an acknowledgement let send more counts the data not sent at the freeze as sent
+    /// (its retransmissions may reach the peer): this socket counts it as sent too, or the
+    /// peer's acknowledgements of it would look like acknowledgements of data never sent, and
+    /// everything the peer sends would be dropped. Data the peer acknowledged meanwhile
+    /// needs nothing: it is sent again once live, and the peer ignores it. Returns how many
+    /// bytes were taken in.
     ///
     /// Call it before the connection is routed here: a segment this socket took in already
     /// lies beyond those bytes, and waits (out of order) for the peer's next one.
@@ -427,6 +449,28 @@ impl Held {
                 last.local, last.peer, self.local, self.peer
             )));
         }
+        if last.send_seq != self.send_seq {
+            return Err(MigrateError::Invalid(format!(
+                "send_seq: the last state writes at {}, this one at {}",
+                last.send_seq, self.send_seq
+            )));
+        }
+        if last.unsent > self.unsent.len() {
+            return Err(MigrateError::Invalid(format!(
+                "unsent: the last state has {} bytes not sent, more than this one's {}",
+                last.unsent,
+                self.unsent.len()
+            )));
+        }
+        let fd = self.sock.as_fd();
+        let sent = self.unsent.len() - last.unsent;
+        if sent > 0 {
+            // Written to the send queue in repair mode: counted as sent, not transmitted.
+            sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)
+                .map_err(step("select the send queue"))?;
+            sys::send_all(fd, &self.unsent[..sent]).map_err(step("write what was sent"))?;
+            self.unsent.drain(..sent);
+        }
         let late = last.recv_seq.wrapping_sub(self.recv_seq);
         let late = usize::try_from(late).unwrap_or(usize::MAX);
         if late == 0 {
@@ -438,11 +482,11 @@ impl Held {
                 last.recv_queue.len()
             )));
         }
-        let fd = self.sock.as_fd();
         sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_RECV_QUEUE)
             .map_err(step("select the receive queue"))?;
         sys::send_all(fd, &last.recv_queue[last.recv_queue.len() - late..])
             .map_err(step("write the late data"))?;
+        quiet(fd)?;
         self.recv_seq = last.recv_seq;
         Ok(late)
     }
@@ -568,6 +612,7 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
         local: f.local,
         peer: f.peer,
         recv_seq: f.recv_seq,
+        send_seq: f.send_seq,
     })
 }
 

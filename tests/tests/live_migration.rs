@@ -1,7 +1,7 @@
 //! A TCP connection to a workload address survives a move of the workload between VMs: the
-//! server's socket is frozen on vm-a1 (TCP repair mode, `meshlink-tcp-migrate`), the address
-//! moves to vm-c1 through the mesh (`meshctl workload move`), and the socket is restored
-//! there; the client on vm-b1 keeps its one connection, with bytes in flight both ways at the
+//! server's socket is frozen on vm-a1 (TCP repair mode, `meshlink-tcp-migrate`) and restored
+//! held on vm-c1, the address moves to vm-c1 through the mesh (`meshctl workload move`), and
+//! the restored socket goes live there, with what the parked socket took in meanwhile; the client on vm-b1 keeps its one connection, with bytes in flight both ways at the
 //! freeze (unacknowledged data in the server's send queue, unread data in its receive queue),
 //! and reads everything in order.
 //!
@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use meshlink_tcp_migrate::{freeze, restore, Frozen};
+use meshlink_tcp_migrate::{freeze, restore_held, Frozen};
 use meshlink_tests::process::Process;
 use meshlink_tests::{
     agent_bin, chat_bin, coordinator_bin, meshctl_bin, require_root, wait_until, Coordinator,
@@ -152,6 +152,7 @@ fn a_connection_moves_with_its_workload() {
     );
     assert_eq!(frozen.recv_queue, b"unread");
     let shipped = frozen.encode();
+    let frozen_unsent = frozen.unsent;
     // The client's acknowledgements flow again: those sent before the address reaches vm-c1
     // are lost, as in any move.
     b1.ns().run("nft", &["delete", "table", "inet", "mltest"]);
@@ -163,17 +164,32 @@ fn a_connection_moves_with_its_workload() {
         shipped.len()
     );
 
-    ctl.run(&["workload", "move", WORKLOAD, "--to", "vm-c1"]);
-    wait_until(STEP, "the workload address up on vm-c1", || {
-        c1.has_address(WORKLOAD_IP).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
-    let mut server: TcpStream = c1
+    // Restored on vm-c1 before the move, held (silent, no reset for what reaches it), and
+    // made live once the address is there.
+    let held = c1
         .ns()
         .within(move || {
-            restore(&Frozen::decode(&shipped).expect("decode")).expect("restore on vm-c1")
+            restore_held(&Frozen::decode(&shipped).expect("decode")).expect("restore on vm-c1")
         })
         .expect("vm-c1's namespace");
+    let mut held = held;
+    ctl.run(&["workload", "move", WORKLOAD, "--to", "vm-c1"]);
+    // Once vm-a1 no longer answers for the address, what its parked socket took in after the
+    // freeze (it still receives, and acknowledges) goes to the held copy; then it goes live.
+    wait_until(
+        STEP,
+        "the workload address gone from vm-a1 and up on vm-c1",
+        || (!a1.has_address(WORKLOAD_IP) && c1.has_address(WORKLOAD_IP)).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let last = parked.state().expect("the parked socket's last state");
+    let late = held.catch_up(&last).expect("catch up on vm-c1");
+    eprintln!(
+        "live migration: after the freeze the parked socket took in {late} bytes and counted {} \
+         more as sent (an acknowledgement let it)",
+        frozen_unsent - last.unsent
+    );
+    let mut server: TcpStream = held.go().expect("live on vm-c1");
     parked.discard();
     let restored_after = frozen_at.elapsed();
     server.set_read_timeout(Some(STEP)).unwrap();
