@@ -675,3 +675,87 @@ async fn without_arrival_held_connections_are_let_go() {
         "{read:?}"
     );
 }
+
+/// Going live sends what the source had not sent yet, on a blocking socket that waits while
+/// the send buffer is full and the peer reads nothing: the application's thread goes on
+/// meanwhile (this runtime's one thread runs the migrator too), and the connection arrives
+/// only once that data is queued (here: never, the client resets it).
+#[tokio::test]
+async fn going_live_never_holds_up_the_application() {
+    if !root() {
+        return;
+    }
+    // A source whose client reads nothing: its queue fills with data not sent yet. The
+    // client's small MSS keeps the restored socket's send buffer small (the kernel sizes it
+    // by segments), as on a tunnel, so that the data not sent yet cannot all be queued.
+    let first = TcpListener::bind((ip(HERE), 0)).await.unwrap();
+    let small = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    small.set_tcp_mss(536).unwrap();
+    small.connect(&first.local_addr().unwrap().into()).unwrap();
+    let (served, _) = first.accept().await.unwrap();
+    socket2::SockRef::from(&served)
+        .set_send_buffer_size(1 << 20)
+        .unwrap();
+    let chunk = vec![5u8; 64 * 1024];
+    while served.try_write(&chunk).is_ok() {}
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (at_freeze, parked) = freeze(served.into_std().unwrap()).unwrap();
+    // The client's delayed acknowledgements reach the parked socket, not a closed port.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    parked.discard();
+    drop(first);
+    assert!(at_freeze.unsent > 256 << 10, "{} unsent", at_freeze.unsent);
+
+    let mut node = Node::start(&at_freeze.local.to_string(), |_| {})
+        .await
+        .drive();
+    let mut agent = node.agent(HERE).await;
+    let shipped = state(vec![Connection {
+        socket: at_freeze.clone(),
+        session: b"slow".to_vec(),
+    }]);
+    let (mut source, reply) =
+        hand_in(HERE, node.handover_port, &wire::frame(&shipped.encode())).await;
+    assert_eq!(reply, Reply::Ready);
+    let last = Final {
+        sockets: vec![at_freeze],
+    };
+    source
+        .write_all(&wire::frame(&last.encode()))
+        .await
+        .unwrap();
+    // A watchdog on a thread of its own: after a second it resets the client, which ends
+    // any wait for it, and says whether the runtime had gone on by then.
+    let progressed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watchdog = {
+        let progressed = progressed.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            let went_on = progressed.load(std::sync::atomic::Ordering::SeqCst);
+            small.set_linger(Some(Duration::ZERO)).unwrap();
+            drop(small);
+            went_on
+        })
+    };
+    agent.arrived(2).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    progressed.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        node.events.try_recv().is_err(),
+        "no arrival while the data not sent yet waits"
+    );
+    let went_on = tokio::task::spawn_blocking(move || watchdog.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        went_on,
+        "the runtime was held up while the connection went live"
+    );
+    let Event::Arrived(arrival) = node.next().await else {
+        panic!("an arrival");
+    };
+    assert!(
+        arrival.connections.is_empty(),
+        "the reset client's connection does not arrive"
+    );
+}
