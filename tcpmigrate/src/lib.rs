@@ -208,10 +208,10 @@ impl Frozen {
     }
 }
 
-/// The old host's socket of a frozen connection: in repair mode, it sends no data and no
-/// window probe. It still takes in what the peer sends (repair mode stops sending, not
-/// receiving) and acknowledges it: [`Parked::state`] reads it again, with that data, for a
-/// last word to the new host. Dropped (or [`Parked::discard`]ed) it closes without a FIN or a
+/// The old host's socket of a frozen connection, in repair mode. It still takes in what the
+/// peer sends and acknowledges it, and an acknowledgement that opens the window makes it send
+/// data not sent at the freeze (repair mode stops neither): [`Parked::state`] reads it again,
+/// with both, for a last word to the new host ([`Held::catch_up`]). Dropped (or [`Parked::discard`]ed) it closes without a FIN or a
 /// reset, so the connection lives on where it was restored; [`Parked::resume`] keeps it
 /// here instead.
 #[derive(Debug)]
@@ -272,10 +272,6 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
     let local = stream.local_addr().map_err(step("local address"))?;
     let peer = stream.peer_addr().map_err(step("peer address"))?;
     sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
-    if let Err(e) = quiet(fd) {
-        let _ = sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_OFF);
-        return Err(e);
-    }
     let parked = Parked {
         stream: Some(stream),
         local,
@@ -300,11 +296,13 @@ const QUEUE_READS: usize = 16;
 /// the queue; the next sequence number to receive and the receive queue.
 type Queues = (usize, usize, u32, Vec<u8>, u32, Vec<u8>);
 
-/// Keeps a socket in repair mode from sending data: with the send queue selected, the kernel
-/// takes what it would transmit as sent without transmitting it; with any other queue
-/// selected, an acknowledgement that opens the window makes it transmit for real (a parked
-/// socket would then send what its restored copy does not know it sent, and the peer's
-/// acknowledgements of it would make the copy drop everything the peer sends).
+/// Keeps a held socket from sending data before it goes live: with the send queue selected,
+/// the kernel takes what it would transmit as sent without transmitting it (a held socket has
+/// nothing unsent in its queue: [`Held`] keeps that apart); with another queue selected, an
+/// acknowledgement that opens the window would make it transmit. A parked socket is left
+/// with the receive queue selected on purpose: what it then sends reaches the peer at once
+/// (selected, it would be counted as sent and wait for a retransmission timeout, and so would
+/// its restored copy), and [`Parked::state`] tells the copy.
 fn quiet(fd: std::os::fd::BorrowedFd<'_>) -> Result<(), MigrateError> {
     sys::set_int(fd, sys::TCP_REPAIR_QUEUE, sys::TCP_SEND_QUEUE)
         .map_err(step("select the send queue"))
