@@ -521,6 +521,20 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     // SO_REUSEADDR before repair mode: set after, it takes back the forced reuse that repair
     // mode gives, and the bind fails while a listener holds the port.
     sys::set_sol_int(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1).map_err(step("SO_REUSEADDR"))?;
+    // Room for the whole send queue: writing it in repair mode waits for room in the send
+    // buffer like any send, and nothing drains a socket in repair mode, so a queue larger
+    // than a new socket's buffer (sized by segments: small for a small MSS) would wait for
+    // ever, here or in `Held::catch_up`. Forced (the queue may be over `wmem_max`), which
+    // also fixes the size for the connection's life: at least 4 MiB (the kernel doubles what
+    // it is given), as much as the buffer of a bulk transfer grows to by default.
+    let room = f.send_queue.len().saturating_add(64 << 10).max(2 << 20);
+    sys::set_sol_int(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_SNDBUFFORCE,
+        libc::c_int::try_from(room).unwrap_or(libc::c_int::MAX / 2),
+    )
+    .map_err(step("SO_SNDBUFFORCE"))?;
     sys::set_int(fd, sys::TCP_REPAIR, sys::TCP_REPAIR_ON).map_err(step("enter repair mode"))?;
     // The local address need not be on this host yet: FREEBIND lets the socket bind it, and
     // TRANSPARENT lets `connect` route from it (without, the route lookup from a source that

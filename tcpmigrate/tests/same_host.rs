@@ -275,3 +275,78 @@ fn a_held_copy_catches_up_with_the_last_state() {
     server.write_all(b"ok").unwrap();
     assert_eq!(read_exact(&mut client, 2), b"ok");
 }
+
+/// A held copy takes in, as sent, whatever the parked socket sent after the freeze, however
+/// much that is: writing the send queue in repair mode never waits for room in the
+/// send buffer (it would wait for ever: nothing drains a held socket). The peer's small MSS
+/// keeps the copy's own send buffer small, as on a tunnel.
+#[test]
+fn a_held_copy_catches_up_with_much_sent_after_the_freeze() {
+    if !root() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let small = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    small.set_tcp_mss(536).unwrap();
+    small
+        .connect(&listener.local_addr().unwrap().into())
+        .unwrap();
+    let mut client: TcpStream = small.into();
+    let (mut server, _) = listener.accept().unwrap();
+    drop(listener);
+    socket2::SockRef::from(&server)
+        .set_send_buffer_size(1 << 20)
+        .unwrap();
+    server.set_nonblocking(true).unwrap();
+    let chunk = vec![3u8; 64 * 1024];
+    let mut written = 0usize;
+    loop {
+        match server.write(&chunk) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    server.set_nonblocking(false).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let (frozen, parked) = freeze(server).unwrap();
+    // The client reads what it has: its window opens, and the parked socket sends what the
+    // window lets it.
+    client
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 64 * 1024];
+    while let Ok(n) = client.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    let last = parked.state().unwrap();
+    assert!(
+        frozen.unsent - last.unsent > 128 << 10,
+        "{} bytes counted as sent after the freeze",
+        frozen.unsent - last.unsent
+    );
+    parked.discard();
+    let mut held = restore_held(&frozen).unwrap();
+    let (done, caught_up) = std::sync::mpsc::channel();
+    let catching = std::thread::spawn(move || {
+        let result = held.catch_up(&last).map(|_| ());
+        let _ = done.send(());
+        result.map(|()| held)
+    });
+    assert!(
+        caught_up.recv_timeout(Duration::from_secs(5)).is_ok(),
+        "catch_up waited for room in the send buffer"
+    );
+    let mut server = catching.join().unwrap().unwrap().go().unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let rest = written - got;
+    assert_eq!(read_exact(&mut client, rest).len(), rest);
+    server.write_all(b"end").unwrap();
+    assert_eq!(read_exact(&mut client, 3), b"end");
+}

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::{task, time};
+use tokio::time;
 use tracing::{debug, info};
 
 use super::wire::{self, Final, FormatError, Reply};
@@ -66,14 +66,6 @@ pub(super) enum Received<A: Application> {
     Final {
         id: u64,
         last: Result<Final, String>,
-    },
-    /// A handover's connections, live since `started` (see `go_live`).
-    Live {
-        generation: u64,
-        from: String,
-        state: A::State,
-        connections: Vec<Paused<A::Session>>,
-        started: Instant,
     },
 }
 
@@ -201,25 +193,6 @@ impl<A: Application> Migrator<A> {
                         self.reply(stream, Reply::Refused(e), None);
                     }
                 }
-            }
-            Received::Live {
-                generation,
-                from,
-                state,
-                connections,
-                started,
-            } => {
-                info!(
-                    "migrate: arrived {} at generation {generation}: resumed {} connections from {from} in {:.1} ms",
-                    self.config.workload,
-                    connections.len(),
-                    millis(started.elapsed())
-                );
-                self.events.push_back(Event::Arrived(Arrival {
-                    from,
-                    state,
-                    connections,
-                }));
             }
             Received::Final { id, last } => {
                 let Some(mut inc) = self.incoming.take_if(|inc| inc.id == id) else {
@@ -368,10 +341,7 @@ impl<A: Application> Migrator<A> {
     }
 
     /// The held connections go live (caught up with the final frame when it came) and go to
-    /// the application ([`Received::Live`]). Going live sends what the source had not sent
-    /// yet on a blocking socket, which waits while the restored queue fills its send buffer
-    /// (until the peer acknowledges it): that happens on the runtime's blocking threads, all
-    /// connections at once, never on the thread that runs the application.
+    /// the application.
     fn go_live(&mut self, inc: Incoming<A>) {
         let started = Instant::now();
         let Incoming {
@@ -381,42 +351,30 @@ impl<A: Application> Migrator<A> {
             connections,
             ..
         } = inc;
-        let inbound = self.inbound_tx.clone();
-        tokio::spawn(async move {
+        let mut live = Vec::with_capacity(connections.len());
+        for c in connections {
             // Caught up already with the final frame, if it came.
-            let going: Vec<_> = connections
-                .into_iter()
-                .map(|c| {
-                    let held = c.held;
-                    (
-                        c.socket.peer,
-                        c.session,
-                        task::spawn_blocking(move || held.go()),
-                    )
-                })
-                .collect();
-            let mut live = Vec::with_capacity(going.len());
-            for (peer, session, going) in going {
-                match going.await {
-                    Ok(went) => match went.and_then(to_tokio) {
-                        Ok(stream) => live.push(Paused {
-                            stream,
-                            peer,
-                            session,
-                        }),
-                        Err(e) => info!("migrate: {peer}: cannot go live: {e}"),
-                    },
-                    Err(e) => info!("migrate: {peer}: cannot go live: {e}"),
-                }
+            let (held, socket) = (c.held, &c.socket);
+            match held.go().and_then(to_tokio) {
+                Ok(stream) => live.push(Paused {
+                    stream,
+                    peer: socket.peer,
+                    session: c.session,
+                }),
+                Err(e) => info!("migrate: {}: cannot go live: {e}", socket.peer),
             }
-            let _ = inbound.send(Received::Live {
-                generation,
-                from,
-                state,
-                connections: live,
-                started,
-            });
-        });
+        }
+        info!(
+            "migrate: arrived {} at generation {generation}: resumed {} connections from {from} in {:.1} ms",
+            self.config.workload,
+            live.len(),
+            millis(started.elapsed())
+        );
+        self.events.push_back(Event::Arrived(Arrival {
+            from,
+            state,
+            connections: live,
+        }));
     }
 
     /// `event=arrived`: the held connections go live once the source's final frame is in
