@@ -573,6 +573,14 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
     if let Some(ts) = f.timestamp {
         sys::set_u32(fd, sys::TCP_TIMESTAMP, ts).map_err(step("timestamp clock"))?;
     }
+    // The segment size is worked out at connect, before the options below give the peer's:
+    // without this the restored connection would send 536-byte segments (the default).
+    sys::set_int(
+        fd,
+        libc::TCP_MAXSEG,
+        i32::try_from(f.mss).unwrap_or(i32::MAX),
+    )
+    .map_err(step("TCP_MAXSEG"))?;
     // In repair mode, connect sends nothing: the socket is established at once.
     sys::connect(fd, f.peer).map_err(step("connect"))?;
     let mut opts = vec![sys::RepairOpt {

@@ -153,6 +153,7 @@ fn a_connection_moves_with_its_workload() {
     assert_eq!(frozen.recv_queue, b"unread");
     let shipped = frozen.encode();
     let frozen_unsent = frozen.unsent;
+    let frozen_mss = frozen.mss;
     // The client's acknowledgements flow again: those sent before the address reaches vm-c1
     // are lost, as in any move.
     b1.ns().run("nft", &["delete", "table", "inet", "mltest"]);
@@ -190,6 +191,26 @@ fn a_connection_moves_with_its_workload() {
         frozen_unsent - last.unsent
     );
     let mut server: TcpStream = held.go().expect("live on vm-c1");
+    // The restored connection sends segments as large as the old one did.
+    let info = c1.ns().run(
+        "ss",
+        &[
+            "-tniH",
+            "state",
+            "established",
+            "src",
+            &format!("{WORKLOAD_IP}:{PORT}"),
+        ],
+    );
+    let mss: u32 = info
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("mss:"))
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no mss in ss's answer: {info}"));
+    assert!(
+        mss + 12 >= frozen_mss,
+        "the restored connection's MSS is {mss}, the old one's {frozen_mss}"
+    );
     parked.discard();
     let restored_after = frozen_at.elapsed();
     server.set_read_timeout(Some(STEP)).unwrap();
