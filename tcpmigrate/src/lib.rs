@@ -289,6 +289,9 @@ pub fn freeze(stream: TcpStream) -> Result<(Frozen, Parked), MigrateError> {
     }
 }
 
+/// The largest segment size `TCP_MAXSEG` takes (the kernel's `MAX_TCP_WINDOW`).
+const MAX_USER_MSS: i32 = 32767;
+
 /// How many times [`read_state`] reads the queues before it gives up on their settling.
 const QUEUE_READS: usize = 16;
 
@@ -574,13 +577,11 @@ pub fn restore_held(f: &Frozen) -> Result<Held, MigrateError> {
         sys::set_u32(fd, sys::TCP_TIMESTAMP, ts).map_err(step("timestamp clock"))?;
     }
     // The segment size is worked out at connect, before the options below give the peer's:
-    // without this the restored connection would send 536-byte segments (the default).
-    sys::set_int(
-        fd,
-        libc::TCP_MAXSEG,
-        i32::try_from(f.mss).unwrap_or(i32::MAX),
-    )
-    .map_err(step("TCP_MAXSEG"))?;
+    // without this the restored connection could send 536-byte segments (the default). The
+    // kernel takes at most MAX_TCP_WINDOW here (loopback's MSS is larger: capped, as the
+    // path caps it anyway).
+    let mss = i32::try_from(f.mss).unwrap_or(i32::MAX).min(MAX_USER_MSS);
+    sys::set_int(fd, libc::TCP_MAXSEG, mss).map_err(step("TCP_MAXSEG"))?;
     // In repair mode, connect sends nothing: the socket is established at once.
     sys::connect(fd, f.peer).map_err(step("connect"))?;
     let mut opts = vec![sys::RepairOpt {
