@@ -32,26 +32,32 @@ fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
     buf
 }
 
-#[test]
-fn a_connection_moves_with_its_workload() {
-    if !require_root() {
-        return;
-    }
-    agent_bin();
-    coordinator_bin();
-    meshctl_bin();
-    let dir = ScratchDir::create("live-migration");
+/// A mesh on three providers with the coordinator on A and the VMs `vms` (host provider,
+/// name, provider label), and the workload `workload` (100.64.50.10; vm-c1 its standby,
+/// vm-a1 and vm-c1 allowed) held by vm-a1. Dropped in order: the agents, the coordinator,
+/// the namespaces, the scratch directory.
+struct Bed {
+    agents: Vec<MeshAgent>,
+    coord: Coordinator,
+    /// The hosts' namespaces (the VMs', then the coordinator's), gone with them.
+    _hosts: Vec<ProviderHost>,
+    _providers: Providers,
+    dir: ScratchDir,
+}
+
+fn bed(name: &str, workload: &str, vms: &[(Provider, &str, &str)]) -> Bed {
+    let dir = ScratchDir::create(name);
     let mut providers = Providers::create(3);
     let coord_host = providers.add_host(Provider::A);
-    let hosts: Vec<(ProviderHost, &str, &str)> = vec![
-        (providers.add_host(Provider::A), "vm-a1", "aws"),
-        (providers.add_host(Provider::B), "vm-b1", "gcp"),
-        (providers.add_host(Provider::C), "vm-c1", "azure"),
-    ];
+    let hosts: Vec<(ProviderHost, &str, &str)> = vms
+        .iter()
+        .map(|(p, name, label)| (providers.add_host(*p), *name, *label))
+        .collect();
     let coord = Coordinator::start(&coord_host.ns, &dir, coord_host.underlay);
     let ctl = coord.meshctl();
     ctl.network_create(NETWORK, "100.64.0.0/16");
-    let token = ctl.token_create(NETWORK, Some(3), Some("1h"));
+    let uses = u32::try_from(vms.len()).expect("a few VMs");
+    let token = ctl.token_create(NETWORK, Some(uses), Some("1h"));
     let mut agents: Vec<MeshAgent> = hosts
         .iter()
         .map(|(h, name, provider)| {
@@ -61,11 +67,10 @@ fn a_connection_moves_with_its_workload() {
     for a in &mut agents {
         a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
     }
-    let (a1, b1, c1) = (&agents[0], &agents[1], &agents[2]);
     ctl.run(&[
         "workload",
         "create",
-        WORKLOAD,
+        workload,
         "--network",
         NETWORK,
         "--address",
@@ -75,11 +80,38 @@ fn a_connection_moves_with_its_workload() {
         "--allow",
         "vm-a1,vm-c1",
     ]);
-    ctl.run(&["workload", "attach", WORKLOAD, "--node", "vm-a1"]);
+    ctl.run(&["workload", "attach", workload, "--node", "vm-a1"]);
     wait_until(STEP, "the workload address up on vm-a1", || {
-        a1.has_address(WORKLOAD_IP).then_some(())
+        agents[0].has_address(WORKLOAD_IP).then_some(())
     })
     .unwrap_or_else(|e| panic!("{e}"));
+    let mut hosts: Vec<ProviderHost> = hosts.into_iter().map(|(h, _, _)| h).collect();
+    hosts.push(coord_host);
+    Bed {
+        agents,
+        coord,
+        _hosts: hosts,
+        _providers: providers,
+        dir,
+    }
+}
+
+#[test]
+fn a_connection_moves_with_its_workload() {
+    if !require_root() {
+        return;
+    }
+    agent_bin();
+    coordinator_bin();
+    meshctl_bin();
+    let vms = [
+        (Provider::A, "vm-a1", "aws"),
+        (Provider::B, "vm-b1", "gcp"),
+        (Provider::C, "vm-c1", "azure"),
+    ];
+    let bed = bed("live-migration", WORKLOAD, &vms);
+    let (dir, ctl) = (&bed.dir, bed.coord.meshctl());
+    let (a1, b1, c1) = (&bed.agents[0], &bed.agents[1], &bed.agents[2]);
 
     // The server listens on the workload address on vm-a1; the client on vm-b1 connects.
     let addr = SocketAddr::from((WORKLOAD_IP, PORT));
@@ -229,7 +261,7 @@ fn a_connection_moves_with_its_workload() {
         "live migration: restored {restored_after:.2?} after the freeze; the client's round trip \
          through the restored server done {gap:.2?} after it"
     );
-    drop(coord);
+    drop(bed);
 }
 
 /// The chat server's connections to its clients, by the clients' ports: `ss` in the
@@ -281,47 +313,20 @@ fn the_chat_server_moves_with_its_clients() {
     coordinator_bin();
     meshctl_bin();
     chat_bin();
-    let dir = ScratchDir::create("live-chat");
-    let mut providers = Providers::create(3);
-    let coord_host = providers.add_host(Provider::A);
-    let hosts: Vec<(ProviderHost, &str, &str)> = vec![
-        (providers.add_host(Provider::A), "vm-a1", "aws"),
-        (providers.add_host(Provider::B), "vm-b1", "gcp"),
-        (providers.add_host(Provider::C), "vm-c1", "azure"),
-        (providers.add_host(Provider::B), "vm-b2", "gcp"),
+    let vms = [
+        (Provider::A, "vm-a1", "aws"),
+        (Provider::B, "vm-b1", "gcp"),
+        (Provider::C, "vm-c1", "azure"),
+        (Provider::B, "vm-b2", "gcp"),
     ];
-    let coord = Coordinator::start(&coord_host.ns, &dir, coord_host.underlay);
-    let ctl = coord.meshctl();
-    ctl.network_create(NETWORK, "100.64.0.0/16");
-    let token = ctl.token_create(NETWORK, Some(4), Some("1h"));
-    let mut agents: Vec<MeshAgent> = hosts
-        .iter()
-        .map(|(h, name, provider)| {
-            MeshAgent::spawn_join(&h.ns, &dir, &token, name, &[("provider", provider)])
-        })
-        .collect();
-    for a in &mut agents {
-        a.wait_ready(meshlink_tests::mesh::READY_TIMEOUT);
-    }
-    let (a1, b1, c1, b2) = (&agents[0], &agents[1], &agents[2], &agents[3]);
-    ctl.run(&[
-        "workload",
-        "create",
-        "chat",
-        "--network",
-        NETWORK,
-        "--address",
-        "100.64.50.10",
-        "--standby",
-        "vm-c1",
-        "--allow",
-        "vm-a1,vm-c1",
-    ]);
-    ctl.run(&["workload", "attach", "chat", "--node", "vm-a1"]);
-    wait_until(STEP, "the workload address up on vm-a1", || {
-        a1.has_address(WORKLOAD_IP).then_some(())
-    })
-    .unwrap_or_else(|e| panic!("{e}"));
+    let bed = bed("live-chat", "chat", &vms);
+    let (dir, ctl) = (&bed.dir, bed.coord.meshctl());
+    let (a1, b1, c1, b2) = (
+        &bed.agents[0],
+        &bed.agents[1],
+        &bed.agents[2],
+        &bed.agents[3],
+    );
 
     // The same server on both candidates: serving on vm-a1, waiting on vm-c1.
     let server = |a: &MeshAgent| {
@@ -416,5 +421,5 @@ fn the_chat_server_moves_with_its_clients() {
         );
     }
     drop((alice, bob, on_a1, on_c1));
-    drop(coord);
+    drop(bed);
 }
