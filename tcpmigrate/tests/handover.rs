@@ -17,15 +17,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
-use meshlink_tcp_migrate::handover::testing::{AgentSocket, FakeAgent, WAIT};
+use meshlink_tcp_migrate::handover::testing::{
+    destination, next_frame, root, AgentSocket, FakeAgent, WAIT,
+};
 use meshlink_tcp_migrate::handover::wire::{self, Connection, Final, Reply, State};
 use meshlink_tcp_migrate::handover::{
     self, Application, Config, Event, FormatError, Migrator, Outcome, Paused, Shipment,
 };
 use meshlink_tcp_migrate::{freeze, restore, Frozen, Window, FORMAT_VERSION};
-
-mod support;
-use support::root;
 
 const WORKLOAD: &str = "web";
 const HERE: &str = "127.0.0.1";
@@ -189,45 +188,6 @@ impl Drop for Driven {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-/// A destination at `at`: reads the state and hands it to the test, then answers as told
-/// (`None`: never), then hands over the final frame.
-fn destination(
-    at: SocketAddr,
-    reply: Option<Reply>,
-) -> (mpsc::UnboundedReceiver<Vec<u8>>, JoinHandle<()>) {
-    let (tx, frames) = mpsc::unbounded_channel();
-    let listener = std::net::TcpListener::bind(at).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let task = tokio::spawn(async move {
-        let listener = TcpListener::from_std(listener).unwrap();
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await else {
-            return;
-        };
-        let _ = tx.send(body);
-        let Some(reply) = reply else {
-            // Holds the connection open without a word.
-            let _ = stream.read(&mut [0u8; 1]).await;
-            return;
-        };
-        stream
-            .write_all(&wire::frame(&reply.encode()))
-            .await
-            .unwrap();
-        if let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await {
-            let _ = tx.send(body);
-        }
-    });
-    (frames, task)
-}
-
-async fn next_frame(frames: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
-    timeout(WAIT, frames.recv())
-        .await
-        .expect("a frame in time")
-        .expect("a frame")
 }
 
 async fn read_exact(stream: &mut TcpStream, n: usize) -> Vec<u8> {

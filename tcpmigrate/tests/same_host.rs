@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use meshlink_tcp_migrate::{freeze, restore, restore_held, Frozen, MigrateError};
 
-mod support;
-use support::root;
+use meshlink_tcp_migrate::handover::testing::root;
 
 fn pair() -> (TcpStream, TcpStream) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

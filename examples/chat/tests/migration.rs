@@ -12,9 +12,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
@@ -23,7 +23,9 @@ use meshlink_chat::handover::{self, Config};
 use meshlink_chat::migrate::Chat;
 use meshlink_chat::protocol::Nick;
 use meshlink_chat::server::{ServerConfig, Session};
-use meshlink_tcp_migrate::handover::testing::{AgentSocket, FakeAgent};
+use meshlink_tcp_migrate::handover::testing::{
+    destination, next_frame, root, AgentSocket, FakeAgent,
+};
 use meshlink_tcp_migrate::handover::wire::{self, Connection, Final, Reply, State};
 use meshlink_tcp_migrate::handover::Application;
 use meshlink_tcp_migrate::{freeze, restore};
@@ -35,24 +37,6 @@ const WORKLOAD: &str = "chat";
 const HERE: &str = "127.0.0.1";
 /// The destination's (or a stranger's) address: loopback, but not the server's.
 const THERE: &str = "127.0.0.2";
-
-fn root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let euid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap_or("1");
-    if euid == "0" {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "TCP repair mode needs root, and CI forbids skipping"
-    );
-    eprintln!("skipped: TCP repair mode needs root");
-    false
-}
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
@@ -167,45 +151,6 @@ async fn room_of_three(addr: SocketAddr) -> (Client, Client, Raw) {
     alice.expect_line("* carol joined").await;
     bob.expect_line("* carol joined").await;
     (alice, bob, carol)
-}
-
-/// A destination at [`THERE`]: reads the state and hands it to the test, then answers as
-/// told (`None`: never), then hands over the final frame.
-fn destination(
-    at: SocketAddr,
-    reply: Option<Reply>,
-) -> (mpsc::UnboundedReceiver<Vec<u8>>, JoinHandle<()>) {
-    let (tx, frames) = mpsc::unbounded_channel();
-    let listener = std::net::TcpListener::bind(at).unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let task = tokio::spawn(async move {
-        let listener = TcpListener::from_std(listener).unwrap();
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await else {
-            return;
-        };
-        let _ = tx.send(body);
-        let Some(reply) = reply else {
-            // Holds the connection open without a word.
-            let _ = stream.read(&mut [0u8; 1]).await;
-            return;
-        };
-        stream
-            .write_all(&wire::frame(&reply.encode()))
-            .await
-            .unwrap();
-        if let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await {
-            let _ = tx.send(body);
-        }
-    });
-    (frames, task)
-}
-
-async fn next_frame(frames: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
-    timeout(WAIT, frames.recv())
-        .await
-        .expect("a frame in time")
-        .expect("a frame")
 }
 
 /// Nothing between `before` and now was a reconnection.

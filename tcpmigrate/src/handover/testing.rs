@@ -1,18 +1,95 @@
 //! A stand-in agent for the tests of applications that migrate (feature `test-support`): a
-//! unix socket speaking the agent's side of the handover protocol, driven by the test.
+//! unix socket speaking the agent's side of the handover protocol, driven by the test; a
+//! stand-in destination server ([`destination`]); and the root check of repair-mode tests.
 //! Built for tests only; it panics, with a message, where a real agent would not do what the
 //! test expects.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixListener;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use meshlink_uapi::handover::{AgentEvent, AppAnswer};
+
+use super::wire::{self, Reply};
+
+/// Whether the test runs as root (TCP repair mode needs it). Without root a test fails
+/// under `CI=true` and is skipped otherwise, saying so.
+///
+/// # Panics
+/// Without root under `CI=true`.
+pub fn root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("1");
+    if euid == "0" {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").is_err(),
+        "TCP repair mode needs root, and CI forbids skipping"
+    );
+    eprintln!("skipped: TCP repair mode needs root");
+    false
+}
+
+/// A destination server at `at`: reads the state frame and hands it to the test, then
+/// answers as told (`None`: never, holding the connection open), then hands over the final
+/// frame.
+///
+/// # Panics
+/// When `at` cannot be bound. Must be called within a tokio runtime.
+pub fn destination(
+    at: SocketAddr,
+    reply: Option<Reply>,
+) -> (mpsc::UnboundedReceiver<Vec<u8>>, JoinHandle<()>) {
+    let (tx, frames) = mpsc::unbounded_channel();
+    let listener = std::net::TcpListener::bind(at).unwrap_or_else(|e| panic!("bind {at}: {e}"));
+    listener
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    let task = tokio::spawn(async move {
+        let listener = TcpListener::from_std(listener).expect("a tokio listener");
+        let (mut stream, _) = listener.accept().await.expect("the source connects");
+        let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await else {
+            return;
+        };
+        let _ = tx.send(body);
+        let Some(reply) = reply else {
+            // Holds the connection open without a word.
+            let _ = stream.read(&mut [0u8; 1]).await;
+            return;
+        };
+        stream
+            .write_all(&wire::frame(&reply.encode()))
+            .await
+            .expect("the reply written");
+        if let Ok(body) = wire::read_frame(&mut stream, wire::MAX_MESSAGE).await {
+            let _ = tx.send(body);
+        }
+    });
+    (frames, task)
+}
+
+/// The next frame a [`destination`] got, within [`WAIT`].
+///
+/// # Panics
+/// When none comes in time.
+pub async fn next_frame(frames: &mut mpsc::UnboundedReceiver<Vec<u8>>) -> Vec<u8> {
+    timeout(WAIT, frames.recv())
+        .await
+        .expect("a frame in time")
+        .expect("a frame")
+}
 
 /// How long the fake agent waits for the application.
 pub const WAIT: Duration = Duration::from_secs(5);
