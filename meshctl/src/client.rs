@@ -565,12 +565,7 @@ impl AdminClient {
         node: &str,
         network: Option<&str>,
     ) -> Result<Reply<MovedWorkload>, ClientError> {
-        let path = format!("/v1/workloads/{}/move", encode(name));
-        let body = MoveWorkload {
-            node: node.to_owned(),
-            live: false,
-        };
-        self.fetch(Method::Post, &path, network, Some(&body))
+        self.move_to(name, node, network, false)
     }
 
     /// `POST /v1/workloads/{name}/move` with `live`: a live migration to `node`.
@@ -584,10 +579,21 @@ impl AdminClient {
         node: &str,
         network: Option<&str>,
     ) -> Result<Reply<MovedWorkload>, ClientError> {
+        self.move_to(name, node, network, true)
+    }
+
+    /// `POST /v1/workloads/{name}/move`, live or not.
+    fn move_to(
+        &self,
+        name: &str,
+        node: &str,
+        network: Option<&str>,
+        live: bool,
+    ) -> Result<Reply<MovedWorkload>, ClientError> {
         let path = format!("/v1/workloads/{}/move", encode(name));
         let body = MoveWorkload {
             node: node.to_owned(),
-            live: true,
+            live,
         };
         self.fetch(Method::Post, &path, network, Some(&body))
     }
