@@ -63,15 +63,20 @@ async fn until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> Dura
     started.elapsed()
 }
 
-#[tokio::test]
-async fn two_coordinators_share_changes_and_leases() {
-    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
-        return;
-    };
-    let (a, stop_a) = coordinator(&url).await;
-    let (b, stop_b) = coordinator(&url).await;
-
-    // A network made through A is known to B (notification, or the poll at the latest).
+/// Two coordinators on the database at `url`, a network `prod` made through A and known to
+/// B (notification, or the poll at the latest), and the secret of a join token made through
+/// B; the senders stop each one's following.
+async fn pair_with_network(
+    url: &str,
+) -> (
+    Arc<Service>,
+    watch::Sender<bool>,
+    Arc<Service>,
+    watch::Sender<bool>,
+    String,
+) {
+    let (a, stop_a) = coordinator(url).await;
+    let (b, stop_b) = coordinator(url).await;
     a.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
@@ -91,6 +96,15 @@ async fn two_coordinators_share_changes_and_leases() {
         })
         .await
         .unwrap();
+    (a, stop_a, b, stop_b, secret)
+}
+
+#[tokio::test]
+async fn two_coordinators_share_changes_and_leases() {
+    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+        return;
+    };
+    let (a, stop_a, b, stop_b, secret) = pair_with_network(&url).await;
 
     // n1 joins through A; n2 and n3 through B; each sees the others, in version order.
     let mut n1 = a
@@ -239,27 +253,7 @@ async fn a_live_migration_through_another_coordinator() {
     let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
         return;
     };
-    let (a, stop_a) = coordinator(&url).await;
-    let (b, stop_b) = coordinator(&url).await;
-    a.create_network(CreateNetwork {
-        name: "prod".into(),
-        cidr: "100.64.0.0/24".into(),
-    })
-    .await
-    .unwrap();
-    until("B loads the network", Duration::from_secs(3), || {
-        b.hub().version("prod").is_some()
-    })
-    .await;
-    let (_, secret) = a
-        .create_token(CreateToken {
-            network: "prod".into(),
-            tags: vec![],
-            expires_in_secs: None,
-            uses: None,
-        })
-        .await
-        .unwrap();
+    let (a, stop_a, b, stop_b, secret) = pair_with_network(&url).await;
     // n1 (live migration: yes) on A, n2 (an older agent: no) on B.
     let hello = meshlink_proto::control::Hello {
         handover: true,
