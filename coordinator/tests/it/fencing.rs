@@ -1155,11 +1155,24 @@ fn first_answer(sim: &Sim, name: &str, node: usize) -> Option<u64> {
 }
 
 /// Steps a calm mesh (no chaos) until `until` ms; returns when `node` first answered for
-/// `name` after `from` ms, if it did.
-async fn calm_until(sim: &mut Sim, until: u64, name: &str, node: usize, from: u64) -> Option<u64> {
+/// `name` after `from` ms, if it did. While `pending` (a change the service is making) runs,
+/// every simulated millisecond also lasts a real one: its store works on its own thread, and a
+/// loaded machine must not see simulated time run ahead of a write on its way (a planned move
+/// then looked as slow as a lease).
+async fn calm_until<T>(
+    sim: &mut Sim,
+    until: u64,
+    name: &str,
+    node: usize,
+    from: u64,
+    pending: Option<&tokio::task::JoinHandle<T>>,
+) -> Option<u64> {
     let mut first = None;
     while sim.now < until {
         let now = sim.now + 1;
+        if pending.is_some_and(|p| !p.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         sim.step(now, false).await;
         if now > from && first.is_none() {
             first = first_answer(sim, name, node);
@@ -1178,7 +1191,9 @@ async fn a_move_away_from_a_holder_cut_off_just_before_never_leaves_two_holders(
     let dir = TempDir::new("fencing-cut-move");
     let mut sim = Sim::new(&dir, 9, None, 1).await;
     // Everyone connects; vm-1 holds w0 with a fresh lease.
-    assert!(calm_until(&mut sim, 3_000, "w0", 0, 0).await.is_some());
+    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
+        .await
+        .is_some());
     assert!(sim.overlaps.is_empty());
     // The cut, and the move at once (vm-1's last heartbeat was answered under 300 ms ago).
     let cut_at = sim.now;
@@ -1187,7 +1202,7 @@ async fn a_move_away_from_a_holder_cut_off_just_before_never_leaves_two_holders(
     let service = sim.service();
     let moved =
         tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-2")).await });
-    let answered = calm_until(&mut sim, cut_at + 3_000, "w0", 1, cut_at).await;
+    let answered = calm_until(&mut sim, cut_at + 3_000, "w0", 1, cut_at, Some(&moved)).await;
     let outcome = moved.await.unwrap().unwrap();
     assert_eq!(outcome.workload.holder, Some(sim.agents[1].id));
     assert!(
@@ -1208,7 +1223,7 @@ async fn a_move_away_from_a_holder_cut_off_just_before_never_leaves_two_holders(
     let service = sim.service();
     let moved =
         tokio::spawn(async move { service.move_workload(NETWORK, "w1", Some("vm-4")).await });
-    let answered = calm_until(&mut sim, start + 3_000, "w1", 3, start).await;
+    let answered = calm_until(&mut sim, start + 3_000, "w1", 3, start, Some(&moved)).await;
     let outcome = moved.await.unwrap().unwrap();
     assert_eq!(outcome.workload.holder, Some(sim.agents[3].id));
     assert!(sim.overlaps.is_empty(), "{:?}", sim.overlaps);
