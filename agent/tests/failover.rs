@@ -463,6 +463,7 @@ fn large_map(n: u64) -> Netmap {
                 endpoints: vec![format!("198.18.1.{id}:51820").parse().unwrap()],
                 labels: Default::default(),
                 tags: vec!["web".into()],
+                via: None,
             },
         );
     }

@@ -40,7 +40,7 @@ pub use meshlink_proto::control::{PathKind, RelayTransport};
 pub use meshlink_proto::PublicKey;
 pub use names::{check_name, NameError, NetworkName, NodeName, WorkloadName, MAX_NAME_LEN};
 pub use networks::{CreateNetwork, Network};
-pub use nodes::{Node, NodePaths, PeerPath};
+pub use nodes::{CreateExternalNode, ExternalNode, Gateway, Node, NodePaths, PeerPath, RotateKey};
 pub use policies::{
     EditTags, FlowVerdict, PolicyChanged, PolicyVersion, RollbackPolicy, RuleView, SetPolicy,
     TestFlow,

@@ -1,14 +1,17 @@
 //! Nodes: `GET /v1/nodes`, `GET /v1/nodes/{ref}`, `POST /v1/nodes/{ref}/revoke`,
-//! `POST /v1/nodes/{ref}/rotate-key` (`DELETE /v1/nodes/{ref}` has no body).
+//! `POST /v1/nodes/{ref}/rotate-key` (`DELETE /v1/nodes/{ref}` has no body), and external
+//! nodes: `POST /v1/external-nodes`, `GET /v1/external-nodes/{ref}`.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv4Net;
 
 use meshlink_proto::control::{PathKind, RelayTransport};
 use meshlink_proto::PublicKey;
 use serde::{Deserialize, Serialize};
 
-use crate::{NodeId, UnixTime};
+use crate::{NetworkName, NodeId, NodeName, UnixTime};
 
 /// A node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,6 +66,71 @@ pub struct Node {
     /// session is on another coordinator).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paths: Option<NodePaths>,
+    /// An external node (a device that runs stock WireGuard, no agent): the name of the node
+    /// whose agent it reaches the mesh through, its gateway. Absent: a node with an agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+/// `POST /v1/external-nodes`: registers a device that runs stock WireGuard (a phone, a
+/// router, an appliance) as a node of a network. It gets an address like any node; it is a
+/// WireGuard peer of its gateway's agent only, which forwards its packets to and from the
+/// rest of the mesh (every other node routes its address to the gateway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateExternalNode {
+    /// Name, unique in its network.
+    pub name: NodeName,
+    /// Network.
+    pub network: NetworkName,
+    /// The device's WireGuard public key. Its private key stays on the device (or on the
+    /// machine of the `meshctl` that made it): the coordinator never sees it.
+    pub public_key: PublicKey,
+    /// The gateway: a node name or id of the same network, with an agent.
+    pub via: String,
+    /// Tags, which access policies select by (`tag:NAME`). Absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+}
+
+/// An external node and what its WireGuard configuration needs: the answer of
+/// `POST /v1/external-nodes` and `GET /v1/external-nodes/{ref}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalNode {
+    /// The node.
+    pub node: Node,
+    /// Its network's prefix: what the device routes to its gateway.
+    pub network_cidr: Ipv4Net,
+    /// Its gateway.
+    pub gateway: Gateway,
+}
+
+/// The node an external node reaches the mesh through.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gateway {
+    /// Id.
+    pub id: NodeId,
+    /// Name.
+    pub name: String,
+    /// Its WireGuard public key: the device's one peer.
+    pub public_key: PublicKey,
+    /// Its overlay address.
+    pub address: Ipv4Addr,
+    /// Its endpoints as peers see them, best first (reported, then observed); empty when it
+    /// never reported any (then the operator names one).
+    pub endpoints: Vec<SocketAddr>,
+    /// Has a live session.
+    pub online: bool,
+}
+
+/// `POST /v1/nodes/{ref}/rotate-key`, optional body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// An external node's new public key (required for one: its device made the key pair,
+    /// the node switches to it at once). Absent for a node with an agent, which makes its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<PublicKey>,
 }
 
 /// A node's report of its paths.

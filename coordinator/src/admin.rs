@@ -21,7 +21,9 @@
 //! | `GET /v1/nodes[?network=N]` | `[`[`api::Node`]`]` |
 //! | `GET /v1/nodes/{ref}[?network=N]` | [`api::Node`]; `ref` is an id or a name |
 //! | `POST /v1/nodes/{ref}/revoke[?network=N]` | [`api::Node`] |
-//! | `POST /v1/nodes/{ref}/rotate-key[?network=N]` | [`api::Node`] with `rotation_asked`; its agent makes a new key pair and switches to it (see `crate::keys`) |
+//! | `POST /v1/nodes/{ref}/rotate-key[?network=N]` [[`api::RotateKey`]] | [`api::Node`] with `rotation_asked`; its agent makes a new key pair and switches to it (see `crate::keys`); an external node's body names its new public key, its key at once |
+//! | `POST /v1/external-nodes` [`api::CreateExternalNode`] | 201 [`api::ExternalNode`]: a device that runs stock WireGuard, reached through its gateway `via` (see `crate::handlers::external`) |
+//! | `GET /v1/external-nodes/{ref}[?network=N]` | [`api::ExternalNode`]: what its WireGuard configuration needs |
 //! | `DELETE /v1/nodes/{ref}[?network=N]` | 204 |
 //! | `POST /v1/workloads` [`api::CreateWorkload`] | 201 [`api::Workload`] |
 //! | `GET /v1/workloads[?network=N]` | `[`[`api::Workload`]`]` |
@@ -54,6 +56,7 @@
 
 mod audit;
 mod auth;
+mod external;
 mod keys;
 mod metrics;
 mod policy;
@@ -210,6 +213,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .merge(policy::routes())
         .merge(audit::routes())
         .merge(keys::routes())
+        .merge(external::routes())
         .merge(metrics::routes())
         .merge(topology::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })
@@ -464,6 +468,11 @@ fn node_view(
         .map(time),
         expired_at: n.expired_at.map(time),
         paths,
+        via: n.via.map(|v| {
+            names
+                .get(&v)
+                .map_or_else(|| v.to_string(), |n| (*n).to_owned())
+        }),
     }
 }
 

@@ -1025,6 +1025,7 @@ mod tests {
             endpoints: vec![],
             labels: BTreeMap::new(),
             tags: Vec::new(),
+            via: None,
         }
     }
 

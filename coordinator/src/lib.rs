@@ -31,6 +31,7 @@ pub mod admin;
 pub mod config;
 pub mod dispatch;
 pub mod endpoint_pace;
+pub mod external;
 pub mod follow;
 pub mod handlers;
 pub mod hub;

@@ -1070,6 +1070,7 @@ mod tests {
             endpoints: vec![],
             labels: Default::default(),
             tags: vec![],
+            via: None,
         };
         let mut m = map(1, &[]);
         m.peers.insert(2, me(None));

@@ -943,6 +943,7 @@ mod tests {
                         .unwrap()],
                     labels: BTreeMap::from([("rack".into(), format!("r{}", id % 7))]),
                     tags: vec!["web".into()],
+                    via: None,
                 },
             );
         }

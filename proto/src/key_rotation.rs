@@ -201,6 +201,7 @@ mod tests {
             endpoints: vec![],
             labels: Default::default(),
             tags: vec![],
+            via: None,
         };
         Netmap {
             version,

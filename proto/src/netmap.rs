@@ -51,6 +51,12 @@ pub struct PeerInfo {
     /// chosen by the node; policies select by them. Absent means none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// An external node (a device that runs stock WireGuard, no agent): the node it reaches
+    /// the mesh through, its gateway. Only the gateway has it as a WireGuard peer (it has no
+    /// endpoints: it reaches out); every other node routes its addresses to the gateway
+    /// ([`Netmap::routed_to`]). Absent: a node with an agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<NodeId>,
 }
 
 impl PeerInfo {
@@ -243,8 +249,8 @@ impl Netmap {
         }
     }
 
-    /// The prefixes routed to node `id`: its own ([`PeerInfo::routed`]) and the addresses of
-    /// the workloads it holds.
+    /// The prefixes routed to node `id`: its own ([`PeerInfo::routed`]), the addresses of
+    /// the workloads it holds, and those of the external nodes it is the gateway of.
     pub fn routed_to(&self, id: NodeId) -> Vec<IpNet> {
         let mut out = self
             .peers
@@ -257,7 +263,13 @@ impl Netmap {
                 .filter(|w| w.holder == Some(id))
                 .map(|w| w.address),
         );
+        out.extend(self.externals_via(id).flat_map(PeerInfo::routed));
         out
+    }
+
+    /// The external nodes whose gateway is node `id`.
+    pub fn externals_via(&self, id: NodeId) -> impl Iterator<Item = &PeerInfo> + '_ {
+        self.peers.values().filter(move |p| p.via == Some(id))
     }
 }
 
@@ -314,6 +326,7 @@ mod tests {
             endpoints: vec![ep.parse().unwrap()],
             labels: BTreeMap::new(),
             tags: Vec::new(),
+            via: None,
         }
     }
 

@@ -425,6 +425,7 @@ mod tests {
                     endpoints: vec![],
                     labels: BTreeMap::new(),
                     tags: vec![],
+                    via: None,
                 },
             );
         }

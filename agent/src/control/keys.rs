@@ -93,6 +93,7 @@ mod tests {
             endpoints: vec![],
             labels: Default::default(),
             tags: vec![],
+            via: None,
         }
     }
 

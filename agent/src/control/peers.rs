@@ -143,6 +143,7 @@ mod tests {
                     ],
                     labels: BTreeMap::new(),
                     tags: Vec::new(),
+                    via: None,
                 },
             );
         }

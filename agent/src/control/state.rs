@@ -516,6 +516,7 @@ mod tests {
             endpoints: vec!["198.18.2.10:51820".parse().unwrap()],
             labels: Default::default(),
             tags: Vec::new(),
+            via: None,
         };
         Netmap {
             version: 7,

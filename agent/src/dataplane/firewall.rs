@@ -576,6 +576,7 @@ mod tests {
             endpoints: Vec::new(),
             labels: Default::default(),
             tags: Vec::new(),
+            via: None,
         }
     }
 

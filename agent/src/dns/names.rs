@@ -194,6 +194,7 @@ pub(crate) mod tests {
             endpoints: Vec::new(),
             labels: Default::default(),
             tags: Vec::new(),
+            via: None,
         }
     }
 

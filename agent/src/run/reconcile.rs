@@ -460,6 +460,7 @@ mod tests {
             endpoints: vec!["198.18.0.1:51820".parse().unwrap()],
             labels: Default::default(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            via: None,
         }
     }
 

@@ -264,6 +264,7 @@ mod tests {
             endpoints: vec![format!("198.18.0.{id}:{port}").parse().unwrap()],
             labels: BTreeMap::new(),
             tags: Vec::new(),
+            via: None,
         }
     }
 

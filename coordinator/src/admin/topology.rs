@@ -505,6 +505,7 @@ mod tests {
             key_since: 0,
             rotation_asked: None,
             expired_at: None,
+            via: None,
         }
     }
 

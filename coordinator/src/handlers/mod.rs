@@ -8,6 +8,7 @@
 //! Errors are [`ApiError`], grouped by who is at fault; [`crate::admin`] maps them to HTTP
 //! statuses and [`crate::server`] to `Refused` messages, each in one function.
 
+pub mod external;
 pub mod networks;
 pub mod nodes;
 pub mod policy;

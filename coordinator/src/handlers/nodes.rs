@@ -167,6 +167,7 @@ pub async fn join(
         observed: observed_endpoint(&endpoints, remote),
         endpoints,
         created_at: now,
+        via: None,
     };
     let (node, version) = store
         .insert_node(new, Some((token.id, now)))
@@ -286,6 +287,11 @@ async fn returning_node(
             "node {node_id} is unknown (deleted?); join again with a token"
         ))
     })?;
+    if node.via.is_some() {
+        return Err(ApiError::Unauthorized(format!(
+            "node {node_id} is an external node (stock WireGuard, no agent): it has no session"
+        )));
+    }
     if !constant_time_eq(hash_secret(secret).as_bytes(), node.secret_hash.as_bytes()) {
         return Err(ApiError::Unauthorized(format!(
             "wrong secret for node {node_id}"
@@ -327,6 +333,13 @@ pub async fn ask_rotation(
             node.id, node.name
         )));
     }
+    if node.via.is_some() {
+        return Err(ApiError::Invalid(format!(
+            "public_key: node {} is an external node: its device makes the new key pair, and \
+             the rotation needs the new public key",
+            node.name
+        )));
+    }
     if !store.ask_rotation(node.id, Some(now)).await? {
         return Err(ApiError::NotFound(format!(
             "node {} no longer exists",
@@ -342,6 +355,7 @@ pub async fn ask_rotation(
 pub fn rotation_due(node: &NodeRecord, every: std::time::Duration, now: UnixTime) -> bool {
     let every = i64::try_from(every.as_secs()).unwrap_or(i64::MAX);
     !node.revoked
+        && node.via.is_none()
         && node.next_key.is_none()
         && node.rotation_asked.is_none()
         && node.key_since.saturating_add(every) <= now
@@ -431,14 +445,15 @@ pub async fn complete_rotation(
 }
 
 /// When node `node` expires if it stays away: `expiry` after its last session ended (or its
-/// join); `None` when expiry is off, the node is revoked or it has a session now (`online`).
+/// join); `None` when expiry is off, the node is revoked, it has a session now (`online`), or
+/// it is an external node (which never has one).
 pub fn expires_at(
     node: &NodeRecord,
     expiry: Option<std::time::Duration>,
     online: bool,
 ) -> Option<UnixTime> {
     let expiry = i64::try_from(expiry?.as_secs()).unwrap_or(i64::MAX);
-    if node.revoked || online {
+    if node.revoked || online || node.via.is_some() {
         return None;
     }
     Some(
@@ -745,6 +760,7 @@ pub fn peer_info(node: &NodeRecord) -> PeerInfo {
         endpoints,
         labels: node.labels.clone(),
         tags: node.tags.clone(),
+        via: node.via,
     }
 }
 

@@ -31,7 +31,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use meshlink_proto::policy::{relevant_rules, visible_peers, Selector};
+use meshlink_proto::policy::{
+    add_gateways, relevant_rules, visible_directly, visible_peers, Selector,
+};
 use meshlink_proto::Policy;
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
 
@@ -48,7 +50,8 @@ pub(super) fn visible(map: &Netmap, me: NodeId) -> Visible {
 
 /// The visible peers of each of `nodes` in `map`; empty when `map` has no policy.
 ///
-/// Computed once per kind of node: `visible_peers` reads of `me` only what it is and may hold
+/// Computed once per kind of node (then external nodes' gateways added per node, see
+/// [`visible_peers`]): `visible_directly` reads of `me` only what it is and may hold
 /// (its tags, its name where a `node:` selector names it, the workloads it may hold). Nodes of
 /// one kind may talk with the same nodes R, themselves included or not, and each sees R but
 /// itself. So from `a`'s set `R \ {a}`, another `b` of its kind sees `R \ {b}`, where `a` is
@@ -65,7 +68,7 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
             out.insert(me, visible_peers(Some(policy), map, me));
             continue;
         };
-        let set = match seen.get(&kind) {
+        let mut set = match seen.get(&kind) {
             Some((a, theirs)) => {
                 let mut set = theirs.clone();
                 if set.remove(&me) {
@@ -74,11 +77,13 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
                 set
             }
             None => {
-                let set = visible_peers(Some(policy), map, me);
+                let set = visible_directly(Some(policy), map, me);
                 seen.insert(kind, (me, set.clone()));
                 set
             }
         };
+        // Per node, not per kind: a gateway sees what its external nodes see.
+        add_gateways(Some(policy), map, me, &mut set);
         out.insert(me, set);
     }
     out
@@ -511,6 +516,7 @@ mod tests {
             endpoints: vec![],
             labels: BTreeMap::new(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            via: None,
         }
     }
 

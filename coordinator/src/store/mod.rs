@@ -314,6 +314,9 @@ pub struct NodeRecord {
     /// When it was revoked for not checking in for the configured time (`node_expiry`);
     /// `None`: it did not expire (it may still be revoked by an operator).
     pub expired_at: Option<UnixTime>,
+    /// An external node (stock WireGuard, no agent, no session): the node it reaches the mesh
+    /// through. `None`: a node with an agent.
+    pub via: Option<NodeId>,
 }
 
 /// A new node, as [`Store::insert_node`] takes it.
@@ -339,6 +342,8 @@ pub struct NewNode {
     pub observed: Option<SocketAddr>,
     /// Creation time, also the first `last_seen`.
     pub created_at: UnixTime,
+    /// An external node's gateway (see [`NodeRecord::via`]); `None`: a node with an agent.
+    pub via: Option<NodeId>,
 }
 
 /// One workload: an overlay address that belongs to a workload, not to a node.

@@ -51,7 +51,7 @@ const POLICY_COLUMNS: &str = "network, version, source, author, created_at, rest
 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
                             endpoints, observed, revoked, created_at, last_seen, next_key, \
-                            key_since, rotation_asked, expired_at";
+                            key_since, rotation_asked, expired_at, via";
 
 const TOKEN_COLUMNS: &str =
     "id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at";
@@ -431,8 +431,8 @@ impl Store for SqlStore {
             // name, and the transaction holds the write lock) and renamed once its id is known.
             let row = sqlx::query(
                 "INSERT INTO nodes (network, name, public_key, address, secret_hash, labels, tags, \
-                 endpoints, observed, revoked, created_at, last_seen) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $10) RETURNING id",
+                 endpoints, observed, revoked, created_at, last_seen, via) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 0, $10, $10, $11) RETURNING id",
             )
             .bind(&n.network)
             .bind(n.name.as_deref().unwrap_or(""))
@@ -444,6 +444,7 @@ impl Store for SqlStore {
             .bind(to_json(&n.endpoints))
             .bind(n.observed.map(|o| o.to_string()))
             .bind(n.created_at)
+            .bind(n.via.map(to_i64).transpose()?)
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| conflict_at(e, address))?;
@@ -501,6 +502,7 @@ impl Store for SqlStore {
                 key_since: n.created_at,
                 rotation_asked: None,
                 expired_at: None,
+                via: n.via,
             };
             Ok((record, version))
         })
@@ -1193,6 +1195,10 @@ fn node_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
             .map_or_else(|| row.try_get("created_at"), Ok)?,
         rotation_asked: row.try_get("rotation_asked")?,
         expired_at: row.try_get("expired_at")?,
+        via: row
+            .try_get::<Option<i64>, _>("via")?
+            .map(to_u64)
+            .transpose()?,
     })
 }
 

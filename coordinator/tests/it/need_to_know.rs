@@ -555,6 +555,7 @@ fn fan_out_figures() {
             .unwrap()],
         labels: BTreeMap::new(),
         tags: vec![tag],
+        via: None,
     };
     let rules = |salt: u64| -> String {
         (0..1_000u64)

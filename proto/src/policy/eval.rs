@@ -305,7 +305,42 @@ pub fn relevant_rules(policy: &Policy, map: &Netmap, me: NodeId) -> Vec<usize> {
 /// rule a test of its selectors against what `me` is or may hold; the selectors on the other
 /// side of a rule that concerns `me` are expanded to nodes once each, however many rules
 /// repeat them. Never a check per pair of nodes per rule.
+///
+/// External nodes ([`crate::PeerInfo::via`]) bend this: a gateway sees the external nodes it
+/// serves and everyone they may talk to (it forwards their packets), and whoever sees an
+/// external node sees its gateway too (it routes the node's addresses there).
 pub fn visible_peers(policy: Option<&Policy>, map: &Netmap, me: NodeId) -> BTreeSet<NodeId> {
+    let mut seen = visible_directly(policy, map, me);
+    add_gateways(policy, map, me, &mut seen);
+    seen
+}
+
+/// Adds to `seen`, what node `me` sees directly ([`visible_directly`]), what external nodes
+/// make it see (see [`visible_peers`]). Nothing without external nodes in `map`.
+pub fn add_gateways(
+    policy: Option<&Policy>,
+    map: &Netmap,
+    me: NodeId,
+    seen: &mut BTreeSet<NodeId>,
+) {
+    if !map.peers.values().any(|p| p.via.is_some()) {
+        return;
+    }
+    for x in map.externals_via(me) {
+        seen.insert(x.node_id);
+        seen.extend(visible_directly(policy, map, x.node_id));
+    }
+    let gateways: Vec<NodeId> = seen
+        .iter()
+        .filter_map(|id| map.peers.get(id)?.via)
+        .collect();
+    seen.extend(gateways);
+    seen.remove(&me);
+}
+
+/// The peers node `me` may exchange packets with itself ([`may_talk`]), without what
+/// external nodes add ([`visible_peers`]).
+pub fn visible_directly(policy: Option<&Policy>, map: &Netmap, me: NodeId) -> BTreeSet<NodeId> {
     let everyone = || map.peers.keys().copied().filter(|&id| id != me).collect();
     let Some(policy) = policy else {
         return everyone();
@@ -492,6 +527,7 @@ pub(super) mod tests {
             endpoints: Vec::new(),
             labels: Default::default(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            via: None,
         }
     }
 
