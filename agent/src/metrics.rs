@@ -103,6 +103,8 @@ pub struct Snapshot {
     pub device: DeviceDropSample,
     /// Packets for a released workload address sent on to its new holder.
     pub forwarded: u64,
+    /// Packets from or to an external node this node is the gateway of, sent on.
+    pub gatewayed: u64,
     /// The control session; `None` for static peers.
     pub control: Option<ControlSample>,
 }
@@ -227,6 +229,10 @@ fn record(s: &Snapshot) {
         "meshlink_agent_forwarded_total",
         "Packets for a released workload address sent on to its new holder"
     );
+    describe_counter!(
+        "meshlink_agent_gatewayed_total",
+        "Packets from or to an external node this node is the gateway of, sent on"
+    );
 
     let labels = peer_labels(&s.peers);
     gauge!("meshlink_agent_peers").set(s.peers.len() as f64);
@@ -264,6 +270,7 @@ fn record(s: &Snapshot) {
         counter!("meshlink_agent_device_drops_total", "reason" => reason).absolute(n);
     }
     counter!("meshlink_agent_forwarded_total").absolute(s.forwarded);
+    counter!("meshlink_agent_gatewayed_total").absolute(s.gatewayed);
     if let Some(c) = &s.control {
         describe_gauge!(
             "meshlink_agent_control_connected",
@@ -460,6 +467,7 @@ mod tests {
                 ..DeviceDropSample::default()
             },
             forwarded: 6,
+            gatewayed: 7,
             control: Some(ControlSample {
                 connected: true,
                 map_version: 42,
@@ -497,6 +505,7 @@ mod tests {
             r#"meshlink_agent_device_drops_total{reason="no_route"} 7"#,
             r#"meshlink_agent_device_drops_total{reason="unknown_peer"} 2"#,
             r#"meshlink_agent_forwarded_total 6"#,
+            r#"meshlink_agent_gatewayed_total 7"#,
             r#"meshlink_agent_control_connected 1"#,
             r#"meshlink_agent_map_version 42"#,
         ] {

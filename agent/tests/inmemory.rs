@@ -1108,7 +1108,7 @@ mod policy {
     use super::*;
     use std::sync::Arc;
 
-    use meshlink_agent::dataplane::{CompiledPolicy, FirewallConfig};
+    use meshlink_agent::dataplane::{CompiledPolicy, FirewallConfig, GatewayConfig};
     use meshlink_proto::policy::{Policy, Ports, Rule, Selector};
     use meshlink_proto::{Netmap, PeerInfo};
 
@@ -1165,6 +1165,7 @@ mod policy {
                     endpoints: Vec::new(),
                     labels: Default::default(),
                     tags: Vec::new(),
+                    via: None,
                 },
             );
         }
@@ -1530,5 +1531,120 @@ mod policy {
             st.released + st.denied + st.full + st.waiting,
             "{st:?}"
         );
+    }
+
+    /// The mesh of `mesh()` with node 2 made an external node (stock WireGuard: one peer,
+    /// node 0, its gateway, for the whole network's prefix; no firewall), node 1 routing its
+    /// address to node 0; node 0's firewall in mesh mode. Returns the map (node 2 has `via`
+    /// node 0, tagged `phone`).
+    fn external_behind_node_0(sim: &mut Sim) -> Netmap {
+        let gateway_key = sim.nodes[0].key.public_key();
+        let x_key = sim.nodes[2].key.public_key();
+        let mut x = sim.nodes[2].device.config();
+        x.peers.retain(|p| p.public_key == gateway_key);
+        x.peers[0].allowed_ips = vec!["100.64.0.0/16".parse().unwrap()];
+        x.peers[0].persistent_keepalive = Some(25);
+        sim.nodes[2].device.set_config(x);
+        let mut y = sim.nodes[1].device.config();
+        y.peers.retain(|p| p.public_key != x_key);
+        for p in y.peers.iter_mut().filter(|p| p.public_key == gateway_key) {
+            p.allowed_ips.push("100.64.0.3/32".parse().unwrap());
+        }
+        sim.nodes[1].device.set_config(y);
+        let mut map = map_of(sim, &[]);
+        let x = map.peers.get_mut(&3).unwrap();
+        x.via = Some(1);
+        x.tags = vec!["phone".into()];
+        sim.nodes[0].device.set_firewall(FirewallConfig {
+            local: Some(vec!["100.64.0.1/32".parse().unwrap()]),
+            policy: None,
+        });
+        map
+    }
+
+    fn serve(sim: &Sim, map: &Netmap, policy: Option<&Policy>) {
+        sim.nodes[0].device.set_gateway(GatewayConfig {
+            served: [sim.nodes[2].key.public_key()].into_iter().collect(),
+            policy: policy.map(|p| Arc::new(CompiledPolicy::compile_for(p, map, &[3]))),
+        });
+    }
+
+    #[test]
+    fn a_gateway_forwards_for_its_external_node_both_ways() {
+        let mut sim = mesh();
+        let map = external_behind_node_0(&mut sim);
+        // Not yet its gateway: what the external node sends to node 1 is not node 0's.
+        assert!(!sim.ping(2, 1, b"to n1, no gateway"));
+        let not_local = sim.nodes[0].device.firewall_status().not_local;
+        assert!(not_local >= 1, "{not_local}");
+        serve(&sim, &map, None);
+        for i in 0..10u8 {
+            assert!(sim.ping(2, 1, &[b'x', i]), "external -> n1, {i}");
+            assert!(sim.ping(1, 2, &[b'y', i]), "n1 -> external, {i}");
+        }
+        // And node 0 itself, directly.
+        assert!(sim.ping(2, 0, b"to the gateway"));
+        assert!(sim.ping(0, 2, b"from the gateway"));
+        let gatewayed = sim.nodes[0]
+            .device
+            .drops()
+            .gatewayed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(gatewayed, 20);
+        // The external node's packets reach node 1 with their own source, accepted from the
+        // gateway because node 1 routes that address there.
+        assert_eq!(drops(&sim, 1, 0).spoofed_source, 0);
+    }
+
+    #[test]
+    fn a_gateway_enforces_the_policy_for_its_external_node() {
+        let mut sim = mesh();
+        let map = external_behind_node_0(&mut sim);
+        let policy = Policy {
+            version: 3,
+            rules: vec![
+                // The phone may ssh to n1; n1 may send UDP to port 5000 of phones.
+                rule(2, "tag:phone", "node:n1", "tcp:22"),
+                rule(5, "node:n1", "tag:phone", "udp:5000"),
+            ],
+        };
+        sim.nodes[1].device.set_firewall(FirewallConfig {
+            local: Some(map.routed_to(2)),
+            policy: Some(Arc::new(CompiledPolicy::compile(&policy, &map, 2))),
+        });
+        serve(&sim, &map, Some(&policy));
+        let (n1, x) = (sim.nodes[1].overlay, sim.nodes[2].overlay);
+        // The phone's ssh connection: through, and its answers back.
+        assert!(deliver(&mut sim, 2, 1, &tcp(x, 41000, n1, 22, SYN, b"")));
+        assert!(deliver(
+            &mut sim,
+            1,
+            2,
+            &tcp(n1, 22, x, 41000, SYN | ACK, b"")
+        ));
+        for i in 0..5u8 {
+            assert!(deliver(
+                &mut sim,
+                2,
+                1,
+                &tcp(x, 41000, n1, 22, ACK, &[i; 50])
+            ));
+            assert!(deliver(
+                &mut sim,
+                1,
+                2,
+                &tcp(n1, 22, x, 41000, ACK, &[i; 900])
+            ));
+        }
+        // n1 opening a connection to the phone: no rule allows it; the gateway drops it and
+        // counts it against n1.
+        let denied = drops(&sim, 0, 1).policy_denied;
+        assert!(!deliver(&mut sim, 1, 2, &tcp(n1, 40000, x, 22, SYN, b"")));
+        assert_eq!(drops(&sim, 0, 1).policy_denied, denied + 1);
+        // UDP to the phone's port 5000 (the `ipv4` helper's): allowed by rule 5.
+        assert!(sim.ping(1, 2, b"udp to the phone"));
+        // The phone to n1 on a port no rule opens: n1's own firewall drops it.
+        assert!(!deliver(&mut sim, 2, 1, &tcp(x, 41001, n1, 80, SYN, b"")));
+        assert!(drops(&sim, 1, 0).policy_denied >= 1);
     }
 }

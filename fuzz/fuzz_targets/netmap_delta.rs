@@ -134,6 +134,8 @@ fn small_map(version: u64) -> Netmap {
         allowed_ips: vec![],
         endpoints: vec![format!("198.18.0.{id}:51820").parse().unwrap()],
         labels: BTreeMap::from([("provider".to_string(), "aws".to_string())]),
+        tags: Vec::new(),
+        via: None,
     };
     let chat = WorkloadInfo {
         id: 1,

@@ -165,6 +165,7 @@ fn map() -> &'static Netmap {
             endpoints: Vec::new(),
             labels: Default::default(),
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            via: None,
         };
         let workload = |name: &str, addr: &str, holder: Option<u64>, tags: &[&str]| WorkloadInfo {
             id: 1,

@@ -461,6 +461,32 @@ mod tests {
     }
 
     #[test]
+    fn a_gateway_is_routed_its_external_nodes_addresses() {
+        let mut m = Netmap::default();
+        m.peers.insert(1, peer(1, "198.18.0.1:51820"));
+        m.peers.insert(2, peer(2, "198.18.0.2:51820"));
+        let mut phone = peer(3, "198.18.0.3:51820");
+        phone.via = Some(1);
+        m.peers.insert(3, phone);
+        assert_eq!(
+            m.routed_to(1),
+            vec![
+                "100.64.0.1/32".parse::<IpNet>().unwrap(),
+                "100.64.0.3/32".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            m.routed_to(3),
+            vec!["100.64.0.3/32".parse::<IpNet>().unwrap()]
+        );
+        assert_eq!(
+            m.externals_via(1).map(|p| p.node_id).collect::<Vec<_>>(),
+            vec![3]
+        );
+        assert_eq!(m.externals_via(2).count(), 0);
+    }
+
+    #[test]
     fn absent_optional_fields_mean_empty() {
         let json = r#"{"node_id":7,"name":"a","public_key":"BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=","addresses":["100.64.0.7/32"]}"#;
         let p: PeerInfo = serde_json::from_str(json).unwrap();

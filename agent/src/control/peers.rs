@@ -39,13 +39,15 @@ impl EndpointChooser {
         Self::default()
     }
 
-    /// The WireGuard peers for `map`, leaving out this node (`self_id`).
+    /// The WireGuard peers for `map`, leaving out this node (`self_id`) and the external
+    /// nodes of other gateways (their addresses are routed to their gateway; see
+    /// `meshlink_proto::PeerInfo::via`).
     pub fn peers(&mut self, map: &Netmap, self_id: NodeId, now: Instant) -> Vec<PeerConfig> {
         self.choices
             .retain(|k, _| map.peers.values().any(|p| p.public_key == *k));
         map.peers
             .values()
-            .filter(|p| p.node_id != self_id)
+            .filter(|p| p.node_id != self_id && p.via.is_none_or(|g| g == self_id))
             .map(|p| {
                 let c = self.choices.entry(p.public_key).or_insert(Choice {
                     index: 0,
@@ -171,6 +173,29 @@ mod tests {
         let peers = c.peers(&map(), 2, now);
         assert_eq!(peers.len(), 2);
         assert_eq!(peers[0].endpoint, Some("198.18.0.1:51820".parse().unwrap()));
+        assert_eq!(peers[1].allowed_ips, vec!["100.64.0.3/32".parse().unwrap()]);
+    }
+
+    #[test]
+    fn an_external_node_is_a_peer_of_its_gateway_only() {
+        let mut m = map();
+        m.peers.get_mut(&3).unwrap().via = Some(1);
+        let mut c = EndpointChooser::new();
+        let now = Instant::now();
+        // Node 2: peers with the gateway alone, which it routes the phone's address to.
+        let peers = c.peers(&m, 2, now);
+        assert_eq!(peers.len(), 1);
+        assert_eq!(
+            peers[0].allowed_ips,
+            vec![
+                "100.64.0.1/32".parse().unwrap(),
+                "100.64.0.3/32".parse().unwrap()
+            ]
+        );
+        // The gateway: the phone is its peer.
+        let peers = c.peers(&m, 1, now);
+        assert_eq!(peers.len(), 2);
+        assert_eq!(peers[1].public_key, PublicKey([3; 32]));
         assert_eq!(peers[1].allowed_ips, vec!["100.64.0.3/32".parse().unwrap()]);
     }
 

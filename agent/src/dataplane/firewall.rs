@@ -37,14 +37,17 @@ use super::allowed_ips::AllowedIps;
 use super::conntrack::{Conntrack, Kind, Opened, Packet, Track, Tuple};
 use super::status::{FirewallStatus, RuleCount};
 
-/// One version of the network's policy, compiled for this node, with a counter per rule.
+/// One version of the network's policy, compiled for this node (or for the external nodes a
+/// gateway serves, see `gateway`), with a counter per rule.
 pub struct CompiledPolicy {
     version: u64,
-    table: NodeTable,
-    /// The same rules with `from` and `to` swapped, compiled for this node: whether this node
-    /// may open a flow *to* a peer. Consulted only for TCP segments of a connection the table
-    /// has not seen open (one that began before the policy): which end may have opened it.
-    reverse: NodeTable,
+    /// Per node it is compiled for (one: this node), the table of flows to it, and the same
+    /// rules with `from` and `to` swapped: whether the node may open a flow *to* a peer.
+    /// The reverse is consulted only for TCP segments of a connection the table has not seen
+    /// open (one that began before the policy): which end may have opened it. Each node's
+    /// table has that node's prefixes alone as destinations, so at most one of them answers
+    /// for a packet.
+    tables: Box<[(NodeTable, NodeTable)]>,
     /// The file line of each rule, by rule index.
     lines: Box<[u32]>,
     /// New flows each rule let in, by rule index.
@@ -54,6 +57,12 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// Compiles `policy` for node `me` of `map`.
     pub fn compile(policy: &Policy, map: &Netmap, me: NodeId) -> CompiledPolicy {
+        CompiledPolicy::compile_for(policy, map, &[me])
+    }
+
+    /// Compiles `policy` for each of `nodes` of `map` (a gateway's external nodes: flows to
+    /// any of them).
+    pub fn compile_for(policy: &Policy, map: &Netmap, nodes: &[NodeId]) -> CompiledPolicy {
         let swapped = Policy {
             version: policy.version,
             rules: policy
@@ -66,20 +75,30 @@ impl CompiledPolicy {
                 })
                 .collect(),
         };
-        CompiledPolicy::new(
+        CompiledPolicy::with_tables(
             policy,
-            NodeTable::compile(policy, map, me),
-            NodeTable::compile(&swapped, map, me),
+            nodes
+                .iter()
+                .map(|&n| {
+                    (
+                        NodeTable::compile(policy, map, n),
+                        NodeTable::compile(&swapped, map, n),
+                    )
+                })
+                .collect(),
         )
     }
 
     /// `policy` with its tables, already compiled: `table` for flows to this node, `reverse`
     /// (the rules with `from` and `to` swapped) for flows from it.
     pub fn new(policy: &Policy, table: NodeTable, reverse: NodeTable) -> CompiledPolicy {
+        CompiledPolicy::with_tables(policy, Box::new([(table, reverse)]))
+    }
+
+    fn with_tables(policy: &Policy, tables: Box<[(NodeTable, NodeTable)]>) -> CompiledPolicy {
         CompiledPolicy {
             version: policy.version,
-            table,
-            reverse,
+            tables,
             lines: policy.rules.iter().map(|r| r.line).collect(),
             allowed: policy.rules.iter().map(|_| AtomicU64::new(0)).collect(),
         }
@@ -95,8 +114,9 @@ impl CompiledPolicy {
     #[inline]
     fn allows(&self, t: &Tuple, count: bool) -> bool {
         match self
-            .table
-            .lookup(t.src_ip(), t.dst_ip(), t.proto, t.policy_port())
+            .tables
+            .iter()
+            .find_map(|(table, _)| table.lookup(t.src_ip(), t.dst_ip(), t.proto, t.policy_port()))
         {
             Some(rule) => {
                 if count {
@@ -114,9 +134,11 @@ impl CompiledPolicy {
     /// peer (judged by its destination port, as the peer's own agent would).
     #[inline]
     fn allows_out(&self, t: &Tuple) -> bool {
-        self.reverse
-            .lookup(t.dst_ip(), t.src_ip(), t.proto, t.policy_port())
-            .is_some()
+        self.tables.iter().any(|(_, reverse)| {
+            reverse
+                .lookup(t.dst_ip(), t.src_ip(), t.proto, t.policy_port())
+                .is_some()
+        })
     }
 
     /// Keeps the counts of `old` when it is the same version (the map changed, not the

@@ -34,6 +34,7 @@ pub mod allowed_ips;
 pub mod batch;
 pub mod conntrack;
 pub mod firewall;
+pub mod gateway;
 pub mod handover;
 pub mod noise;
 pub mod status;
@@ -57,6 +58,8 @@ pub use batch::{NetBatch, TunBatch};
 use conntrack::Conntrack;
 use firewall::{Check, Firewall, Memo};
 pub use firewall::{CompiledPolicy, FirewallConfig, FirewallCounters, Verdict};
+use gateway::Gateway;
+pub use gateway::GatewayConfig;
 use handover::{HandoverLimits, HandoverQueues, Outcome};
 pub use noise::{BoringNoise, Noise, NoiseError, NoiseOutput};
 use status::{DeviceStatus, DropCounts, FirewallStatus, HandoverStatus, PeerStatus};
@@ -91,6 +94,9 @@ pub struct DeviceDrops {
     pub malformed: AtomicU64,
     /// Not a drop: packets for a released workload address sent on to its new holder.
     pub forwarded: AtomicU64,
+    /// Not a drop: packets from or to an external node this node is the gateway of, sent on
+    /// (see `gateway`).
+    pub gatewayed: AtomicU64,
 }
 
 /// One peer: its session and where it is.
@@ -212,6 +218,7 @@ struct Table {
     config: DeviceConfig,
     workloads: WorkloadRouting,
     firewall: Firewall,
+    gateway: Gateway,
     public: x25519::PublicKey,
     limiter: Arc<RateLimiter>,
     peers: HashMap<PublicKey, Arc<Peer>>,
@@ -280,6 +287,9 @@ pub struct Device {
     /// The connection table, made when a policy first takes effect (a device that never
     /// has one spends no memory on it); it outlives firewall changes.
     flows: OnceLock<Conntrack>,
+    /// The gateway's connection table (see `gateway`), made when it first serves an external
+    /// node under a policy.
+    gateway_flows: OnceLock<Conntrack>,
     flow_capacity: usize,
     flow_seed: u64,
     /// The time as the timer loop last told it, in milliseconds ([`Device::set_time`]).
@@ -367,6 +377,7 @@ impl Device {
             },
             workloads: WorkloadRouting::default(),
             firewall: Firewall::default(),
+            gateway: Gateway::default(),
             peers: HashMap::new(),
             by_index: HashMap::new(),
             routes: AllowedIps::new(),
@@ -380,6 +391,7 @@ impl Device {
             table: RwLock::new(table),
             drops: DeviceDrops::default(),
             flows: OnceLock::new(),
+            gateway_flows: OnceLock::new(),
             flow_capacity,
             flow_seed: u64::from(index_seed).wrapping_mul(0x9e37_79b9_7f4a_7c15)
                 ^ u64::from(index_seed.rotate_left(16)),
@@ -693,6 +705,69 @@ impl Device {
         t.firewall.set(config);
     }
 
+    /// Sets which external nodes this node is the gateway of, and the policy for flows to
+    /// them (see `gateway`). Their peers must be among the device's peers; their sessions and
+    /// tracked flows stay.
+    pub fn set_gateway(&self, config: GatewayConfig) {
+        if self.read().gateway.is(&config) {
+            return;
+        }
+        if config.policy.is_some() {
+            self.gateway_flows.get_or_init(|| {
+                Conntrack::new(gateway::GATEWAY_FLOWS, self.flow_seed.rotate_left(7))
+            });
+        }
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.gateway.set(config);
+    }
+
+    /// The next hop of a decrypted packet from `who` when this node is the gateway of the
+    /// sender or of the destination (see `gateway`): `None` when it is neither (the packet
+    /// goes its usual way), `Some(None)` when the policy denies it, else the peer to send it
+    /// to.
+    #[inline]
+    fn through_gateway<'t>(
+        &self,
+        t: &'t Table,
+        who: &PublicKey,
+        packet: &[u8],
+        dst: Option<IpAddr>,
+    ) -> Option<Option<&'t Arc<Peer>>> {
+        let dst = dst?;
+        let to = t.routes.lookup(dst)?;
+        if to.key == *who {
+            return None;
+        }
+        if t.gateway.served.contains(&to.key) {
+            // To an external node: its policy, checked here.
+            let verdict = t.gateway.firewall.inbound(
+                packet,
+                Some(dst),
+                Check::Policy,
+                self.gateway_flows.get(),
+                self.now(),
+                &self.firewall_counters,
+                &mut Memo::default(),
+            );
+            return Some((verdict == Verdict::Pass).then_some(to));
+        }
+        if !t.gateway.served.contains(who) {
+            return None;
+        }
+        // From an external node to another node: that node's agent checks it; the flow is
+        // noted as the external node's, so that the answers pass.
+        if let Some(flows) = self.gateway_flows.get() {
+            t.gateway.firewall.outbound(
+                packet,
+                flows,
+                self.now(),
+                &self.firewall_counters,
+                &mut Memo::default(),
+            );
+        }
+        Some(Some(to))
+    }
+
     /// Tells the data plane the time, from any fixed instant (the agent's start): the
     /// connection table's timeouts count by it. Also reclaims expired flows, a slice of the
     /// table at a time. Call from the timer loop (every 250 ms).
@@ -702,7 +777,10 @@ impl Device {
             Ordering::Relaxed,
         );
         self.handover().expire(now);
-        if let Some(flows) = self.flows.get() {
+        for flows in [self.flows.get(), self.gateway_flows.get()]
+            .into_iter()
+            .flatten()
+        {
             // The whole table every 64 calls: 16 s at 4 calls a second.
             let buckets = (flows.capacity() / conntrack::WAYS).div_ceil(64);
             flows.expire(now, buckets);
@@ -895,6 +973,7 @@ impl Device {
         } = &mut *s;
         let mut authenticated = false;
         let mut forward: Option<(&Arc<Peer>, usize)> = None;
+        let mut gatewayed = false;
         // boringtun panics when a data message's plaintext cannot fit where it is to go: one
         // longer than a packet slot (the interface's MTU allows no such packet) is dropped.
         let slot = tun.slot();
@@ -944,10 +1023,23 @@ impl Device {
                             .and_then(|k| t.peers.get(k))
                     };
                     let dst = destination(packet);
+                    let hop = if t.gateway.served.is_empty() {
+                        None
+                    } else {
+                        self.through_gateway(t, who, packet, dst)
+                    };
                     match next {
                         // Never back to the sender: that would loop. The new holder's
                         // firewall checks what is forwarded to it.
                         Some(to) if to.key != *who => forward = Some((to, n)),
+                        // From or to an external node this node is the gateway of.
+                        _ if hop.is_some() => match hop.flatten() {
+                            Some(to) => {
+                                forward = Some((to, n));
+                                gatewayed = true;
+                            }
+                            None => drops.policy_denied += 1,
+                        },
                         // An awaited workload address: kept back until it may be answered,
                         // if the policy lets it through (what it would drop takes no room
                         // from others); the firewall checks it in full at its release.
@@ -1048,7 +1140,12 @@ impl Device {
                 .lock()
                 .seal(tun.uncommitted(n), net, &self.drops)
             {
-                self.drops.forwarded.fetch_add(1, Ordering::Relaxed);
+                let counter = if gatewayed {
+                    &self.drops.gatewayed
+                } else {
+                    &self.drops.forwarded
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

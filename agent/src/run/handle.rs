@@ -225,6 +225,7 @@ impl UapiHandler for Control {
                 "unknown_peer": drops.unknown_peer.load(Relaxed),
                 "malformed": drops.malformed.load(Relaxed),
                 "forwarded": drops.forwarded.load(Relaxed),
+                "gatewayed": drops.gatewayed.load(Relaxed),
                 "udp_send_errors": self.udp.send_errors(),
             },
             "peers": peers,
@@ -309,6 +310,7 @@ impl MetricsSource for Control {
                 udp_send_errors: self.udp.send_errors(),
             },
             forwarded: drops.forwarded.load(Relaxed),
+            gatewayed: drops.gatewayed.load(Relaxed),
             control,
         }
     }

@@ -13,7 +13,7 @@ use tracing::{debug, warn};
 use crate::control::peers::EndpointChooser;
 use crate::control::sleep_until;
 use crate::control::workloads::Shared;
-use crate::dataplane::{CompiledPolicy, FirewallConfig, WorkloadRouting};
+use crate::dataplane::{CompiledPolicy, FirewallConfig, GatewayConfig, WorkloadRouting};
 use crate::metrics::AgentMetrics;
 use crate::settings::PeerConfig;
 use crate::uapi::UapiHandler;
@@ -118,6 +118,8 @@ impl HoldingsNow {
 #[derive(Debug)]
 pub(super) struct Plan {
     pub(super) firewall: FirewallConfig,
+    /// The external nodes this node is the gateway of, and their policy.
+    pub(super) gateway: GatewayConfig,
     pub(super) routing: WorkloadRouting,
     /// Peers' next keys as aliases while the peers change: those of the peers before and
     /// after (see `control::keys`).
@@ -141,6 +143,9 @@ pub(super) struct Planner {
     interface: Vec<IpNet>,
     /// The policy compiled for this node, and what of the map it was compiled from.
     compiled: Option<(Netmap, Arc<CompiledPolicy>)>,
+    /// The policy compiled for the external nodes this node is the gateway of, which they
+    /// were, and what of the map it was compiled from.
+    compiled_served: Option<(Netmap, Vec<NodeId>, Arc<CompiledPolicy>)>,
     /// Peers' next keys configured as aliases, as last planned.
     aliases: HashMap<PublicKey, PublicKey>,
     /// The workload addresses last planned on the interface.
@@ -156,6 +161,7 @@ impl Planner {
             self_id,
             interface,
             compiled: None,
+            compiled_served: None,
             aliases: HashMap::new(),
             addresses: Vec::new(),
             releasing: HashMap::new(),
@@ -260,6 +266,7 @@ impl Planner {
             local: Some(local),
             policy: self.policy(map, self_id),
         };
+        let gateway = self.gateway(map, self_id);
         // Rotating peers: their next keys as aliases, set before the peers that use them and
         // kept until the peers that no longer do are gone.
         let aliases = crate::control::keys::alias_peers(map, &mut peers);
@@ -268,11 +275,45 @@ impl Planner {
         self.aliases = aliases.clone();
         Plan {
             firewall,
+            gateway,
             routing,
             aliases_during,
             peers,
             aliases,
             addresses: self.addresses(&held, tentative, &forwards, now),
+        }
+    }
+
+    /// The external nodes this node is the gateway of in `map`, and the policy compiled for
+    /// them: compiled again only when they or what it reads changed.
+    fn gateway(&mut self, map: &Netmap, self_id: NodeId) -> GatewayConfig {
+        let served: Vec<&meshlink_proto::PeerInfo> = map.externals_via(self_id).collect();
+        let ids: Vec<NodeId> = served.iter().map(|p| p.node_id).collect();
+        let policy = match &map.policy {
+            Some(policy) if !ids.is_empty() => {
+                let inputs = policy_inputs(map);
+                match &self.compiled_served {
+                    Some((from, was, table)) if *from == inputs && *was == ids => {
+                        Some(table.clone())
+                    }
+                    _ => {
+                        let table = Arc::new(CompiledPolicy::compile_for(policy, map, &ids));
+                        self.compiled_served = Some((inputs, ids, table.clone()));
+                        Some(table)
+                    }
+                }
+            }
+            _ => {
+                self.compiled_served = None;
+                None
+            }
+        };
+        GatewayConfig {
+            served: served
+                .iter()
+                .flat_map(|p| std::iter::once(p.public_key).chain(p.next_key))
+                .collect(),
+            policy,
         }
     }
 
@@ -417,6 +458,7 @@ pub(super) async fn reconcile_mesh(
             }
         }
         control.device.set_key_aliases(plan.aliases);
+        control.device.set_gateway(plan.gateway);
         if let Some(addresses) = plan.addresses {
             let _ = control.routes_tx.send(NetCmd::Addresses(addresses));
         }

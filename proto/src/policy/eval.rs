@@ -914,6 +914,49 @@ expect = \"deny\"
     }
 
     #[test]
+    fn a_gateway_sees_what_its_external_nodes_see_and_they_bring_it_along() {
+        // phone (external, via gw) may reach db; web may reach gw. Nobody else talks.
+        let mut phone = node(4, "phone", &["phone"]);
+        phone.via = Some(2);
+        let map = map_of(
+            vec![
+                node(1, "web", &["web"]),
+                node(2, "gw", &["gw"]),
+                node(3, "db", &["db"]),
+                phone,
+                node(5, "other", &[]),
+            ],
+            vec![],
+        );
+        let p = parse(
+            "[[rule]]\nfrom = [\"tag:phone\"]\nto = [\"tag:db\"]\nports = [\"tcp:5432\"]\n\n\
+             [[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:gw\"]\nports = [\"tcp:22\"]\n",
+        )
+        .unwrap()
+        .into_policy(1);
+        let seen = |me| {
+            visible_peers(Some(&p), &map, me)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
+        // The gateway: web (its own rule), db (the phone's), the phone itself.
+        assert_eq!(seen(2), vec![1, 3, 4]);
+        // db sees the phone, and its gateway to route it through.
+        assert_eq!(seen(3), vec![2, 4]);
+        assert_eq!(
+            visible_directly(Some(&p), &map, 3)
+                .into_iter()
+                .collect::<Vec<_>>(),
+            vec![4]
+        );
+        // web sees the gateway for itself, not the phone.
+        assert_eq!(seen(1), vec![2]);
+        assert!(seen(5).is_empty());
+        // Without a policy everyone sees everyone.
+        assert_eq!(visible_peers(None, &map, 5).len(), 4);
+    }
+
+    #[test]
     fn visible_peers_agrees_with_may_talk_and_check() {
         let mut g = Lcg(0x5eed);
         let mut talking = 0;
