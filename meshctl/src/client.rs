@@ -38,10 +38,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use meshlink_api::{
-    AdminToken as AdminTokenView, AuditEntry, AuditFilter, CreateAdminToken, CreateNetwork,
-    CreateToken, CreateWorkload, CreatedAdminToken, CreatedToken, EditTags, FlowVerdict,
-    MoveWorkload, MovedWorkload, Network, Node, PolicyChanged, PolicyVersion, RollbackPolicy,
-    SetPolicy, Status, TestFlow, Token, TokenId, Workload,
+    AdminToken as AdminTokenView, AuditEntry, AuditFilter, CreateAdminToken, CreateExternalNode,
+    CreateNetwork, CreateToken, CreateWorkload, CreatedAdminToken, CreatedToken, EditTags,
+    ExternalNode, FlowVerdict, MoveWorkload, MovedWorkload, Network, Node, PolicyChanged,
+    PolicyVersion, PublicKey, RollbackPolicy, RotateKey, SetPolicy, Status, TestFlow, Token,
+    TokenId, Workload,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -460,19 +461,55 @@ impl AdminClient {
         self.fetch(Method::Post, &path, network, None::<&()>)
     }
 
-    /// `POST /v1/nodes/{node}/rotate-key`: asks a node to rotate its WireGuard key; the
-    /// answer is the node, with the time the rotation was asked.
+    /// `POST /v1/nodes/{node}/rotate-key`: rotates a node's WireGuard key. A node with an
+    /// agent is asked to (`public_key` `None`: its agent makes the pair), and the answer is the
+    /// node with the time the rotation was asked; an external node is given its device's new
+    /// `public_key`, which is its key at once.
     ///
     /// # Errors
     ///
-    /// Any [`ClientError`]; a revoked node is [`ClientError::Api`] with status 409.
+    /// Any [`ClientError`]; a revoked node is [`ClientError::Api`] with status 409, an
+    /// external node without `public_key` (or a node with an agent with one) status 400.
     pub fn rotate_key(
         &self,
         node: &str,
         network: Option<&str>,
+        public_key: Option<PublicKey>,
     ) -> Result<Reply<Node>, ClientError> {
         let path = format!("/v1/nodes/{}/rotate-key", encode(node));
-        self.fetch(Method::Post, &path, network, None::<&()>)
+        let body = public_key.map(|key| RotateKey {
+            public_key: Some(key),
+        });
+        self.fetch(Method::Post, &path, network, body.as_ref())
+    }
+
+    /// `POST /v1/external-nodes`: registers a device that runs stock WireGuard as a node,
+    /// reached through a gateway node; the answer holds what its configuration needs.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a name or key already taken is [`ClientError::Api`] with status
+    /// 409, an unknown network or gateway status 404, a gateway that cannot be one status 400.
+    pub fn add_external(
+        &self,
+        request: &CreateExternalNode,
+    ) -> Result<Reply<ExternalNode>, ClientError> {
+        self.fetch(Method::Post, "/v1/external-nodes", None, Some(request))
+    }
+
+    /// `GET /v1/external-nodes/{node}`: an external node, by id or name, with what its
+    /// configuration needs. `network` disambiguates a name used in several networks.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`]; a node with an agent is [`ClientError::Api`] with status 400.
+    pub fn external(
+        &self,
+        node: &str,
+        network: Option<&str>,
+    ) -> Result<Reply<ExternalNode>, ClientError> {
+        let path = format!("/v1/external-nodes/{}", encode(node));
+        self.fetch(Method::Get, &path, network, None::<&()>)
     }
 
     /// `DELETE /v1/nodes/{node}`: removes a node.

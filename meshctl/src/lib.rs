@@ -11,10 +11,13 @@
 //!   the coordinator.
 //! - [`admin_token`]: the bearer token, read from a flag or from a private file.
 //! - [`duration`]: `--expires` durations (`90s`, `30m`, `1h`, `2d`) in and out.
+//! - [`external`]: an external device's WireGuard configuration (text, QR code, private
+//!   file) and the key pair made for it when it did not make its own.
 //! - [`render`]: aligned tables, field listings, times.
 
 pub mod admin_token;
 pub mod claim;
 pub mod client;
 pub mod duration;
+pub mod external;
 pub mod render;

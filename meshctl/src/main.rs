@@ -15,7 +15,9 @@
 //! meshctl node list [--network NAME]
 //! meshctl node show NODE [--network NAME]      # NODE is an id or a name
 //! meshctl node revoke NODE [--network NAME]
-//! meshctl node rotate-key NODE [--network NAME]
+//! meshctl node rotate-key NODE [--network NAME] [--public-key KEY | --new-key [--endpoint HOST:PORT] [--out FILE] [--qr]]
+//! meshctl node add-external NAME --network NAME --via NODE [--public-key KEY] [--tag TAG]... [--endpoint HOST:PORT] [--out FILE] [--qr]
+//! meshctl node external-config NODE [--network NAME] [--endpoint HOST:PORT] [--out FILE] [--qr]
 //! meshctl node delete NODE [--network NAME]
 //! meshctl workload create NAME --network NAME [--address IP] [--standby NODE,...] [--allow NODE,...] [--tag TAG]...
 //! meshctl workload list [--network NAME]
@@ -73,6 +75,22 @@
 //! node (which the workload must list in `--allow`). It needs no admin token and
 //! does not talk to the coordinator itself; it prints `claimed chat (generation 4) in 9.8 ms`.
 //!
+//! An *external node* is a device that runs stock WireGuard and no agent (a phone, a router, an
+//! appliance): `node add-external` registers it, reached through one node with an agent, its
+//! gateway (`--via`), and prints its wg-quick configuration: one peer, the gateway, for the
+//! network's whole prefix. Give the device's own public key with `--public-key` where it can
+//! make its key pair (its private key then never leaves it; the file has a `PrivateKey` line to
+//! fill in); without it `meshctl` makes the pair on this machine from the operating system's
+//! random source and puts the private key in the configuration, and nowhere else (the
+//! coordinator gets the public key only). `--out FILE` writes the configuration to a new file of
+//! mode 0600 (never over an existing one) and prints one line; `--qr` shows it as a QR code for
+//! a phone's WireGuard app instead of its text (with `--out`, besides the file). In JSON mode
+//! these commands print `{"external_node": ANSWER, "wg_quick": TEXT}`, or `"file": PATH` in place
+//! of `wg_quick` with `--out`. `node external-config` prints the configuration again (the
+//! private key is not kept, so with the line to fill in); `node rotate-key` of an external node
+//! needs its new key: `--public-key`, or `--new-key` for a pair made here and a new
+//! configuration.
+//!
 //! `token revoke`, `node delete` and `workload delete` print a confirmation in table mode and
 //! nothing in JSON mode. On failure, `meshctl` prints one line to stderr and exits with status 1; usage errors
 //! exit with status 2.
@@ -89,12 +107,14 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand,
 use serde_json::Value;
 
 use meshctl::admin_token::AdminToken;
-use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, DEFAULT_COORDINATOR};
-use meshctl::render::Change;
+use meshctl::client::{AdminClient, CoordinatorUrl, CoordinatorUrls, Reply, DEFAULT_COORDINATOR};
+use meshctl::external::{DeviceConfig, DeviceKey, Endpoint, PrivateFile};
+use meshctl::render::{Change, DeviceChange};
 use meshctl::{claim, duration, render};
 use meshlink_api::{
-    AuditFilter, CreateAdminToken, CreateNetwork, CreateToken, CreateWorkload, NetworkName, Role,
-    SetPolicy, TestFlow, TokenId, TokenLifetime, TokenUses, UnixTime, WorkloadName,
+    AuditFilter, CreateAdminToken, CreateExternalNode, CreateNetwork, CreateToken, CreateWorkload,
+    ExternalNode, NetworkName, NodeName, PublicKey, Role, SetPolicy, TestFlow, TokenId,
+    TokenLifetime, TokenUses, UnixTime, WorkloadName,
 };
 
 /// meshlink's admin CLI: manage networks, join tokens, nodes and workloads on a coordinator.
@@ -257,8 +277,26 @@ enum NodeCommand {
     /// Revoke a node: it is cut off from its peers and cannot reconnect.
     Revoke(NodeRef),
     /// Rotate a node's WireGuard key: its agent makes a new key pair, peers accept both keys
-    /// for a grace period, then the node switches (connections through it survive).
-    RotateKey(NodeRef),
+    /// for a grace period, then the node switches (connections through it survive). An
+    /// external node is given its new key: --public-key, or --new-key.
+    #[command(
+        mut_arg("endpoint", |a| a.requires("new_key")),
+        mut_arg("out", |a| a.requires("new_key")),
+        mut_arg("qr", |a| a.requires("new_key"))
+    )]
+    RotateKey(RotateKeyArgs),
+    /// Register a device that runs stock WireGuard (a phone, a router, an appliance) as a node
+    /// reached through a node with an agent, its gateway, and print its WireGuard
+    /// configuration.
+    AddExternal(AddExternalArgs),
+    /// Print an external node's WireGuard configuration again (with a line for its private
+    /// key to fill in: meshctl keeps none).
+    ExternalConfig {
+        #[command(flatten)]
+        node: NodeRef,
+        #[command(flatten)]
+        device: DeviceOutput,
+    },
     /// Add (+TAG) and remove (-TAG) a node's tags, which policies select by.
     Tag {
         #[command(flatten)]
@@ -269,6 +307,63 @@ enum NodeCommand {
     },
     /// Delete a node.
     Delete(NodeRef),
+}
+
+/// `node rotate-key`.
+#[derive(Debug, Args)]
+struct RotateKeyArgs {
+    #[command(flatten)]
+    node: NodeRef,
+    /// An external node's new public key, from a key pair its device made; the node uses it at
+    /// once.
+    #[arg(long, value_name = "KEY", conflicts_with = "new_key")]
+    public_key: Option<PublicKey>,
+    /// For an external node: make the new key pair here and print the new configuration, as
+    /// add-external does.
+    #[arg(long)]
+    new_key: bool,
+    #[command(flatten)]
+    device: DeviceOutput,
+}
+
+/// `node add-external`.
+#[derive(Debug, Args)]
+struct AddExternalArgs {
+    /// The node's name: 1 to 63 of a-z, 0-9 and -, not only digits.
+    #[arg(value_name = "NAME")]
+    name: NodeName,
+    /// The network it joins.
+    #[arg(long)]
+    network: NetworkName,
+    /// Its gateway: a node (name or id) of the network with an agent, which the device can
+    /// reach and which forwards its packets.
+    #[arg(long, value_name = "NODE", value_parser = NonEmptyStringValueParser::new())]
+    via: String,
+    /// The device's WireGuard public key, when it made its own key pair (preferred: its
+    /// private key then never leaves it). Without it, meshctl makes the pair here.
+    #[arg(long, value_name = "KEY")]
+    public_key: Option<PublicKey>,
+    /// A tag, which policies select by; repeat for several.
+    #[arg(long = "tag", value_name = "TAG", value_parser = NonEmptyStringValueParser::new())]
+    tags: Vec<String>,
+    #[command(flatten)]
+    device: DeviceOutput,
+}
+
+/// Where an external device reaches its gateway, and where its configuration goes.
+#[derive(Debug, Args)]
+struct DeviceOutput {
+    /// Where the device reaches its gateway [default: the gateway's first endpoint].
+    #[arg(long, value_name = "HOST:PORT")]
+    endpoint: Option<Endpoint>,
+    /// Write the configuration to this new file (mode 0600; an existing file is never
+    /// overwritten) and print one line instead.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Show the configuration as a QR code, for a phone's WireGuard app to scan, instead of
+    /// its text (with --out: besides the file).
+    #[arg(long)]
+    qr: bool,
 }
 
 /// A workload, named within a network.
@@ -650,9 +745,18 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             let reply = client.revoke_node(&node, network.as_deref())?;
             emit(output, &reply.json, || render::node(&reply.value, now()))
         }
-        Command::Node(NodeCommand::RotateKey(NodeRef { node, network })) => {
-            let reply = client.rotate_key(&node, network.as_deref())?;
-            emit(output, &reply.json, || render::node(&reply.value, now()))
+        Command::Node(NodeCommand::RotateKey(args)) => rotate_key(&client, output, args),
+        Command::Node(NodeCommand::AddExternal(args)) => add_external(&client, output, args),
+        Command::Node(NodeCommand::ExternalConfig {
+            node: NodeRef { node, network },
+            device,
+        }) => {
+            refuse_qr_json(output, &device)?;
+            let file = device.out.as_deref().map(PrivateFile::create).transpose()?;
+            let reply = client.external(&node, network.as_deref())?;
+            let config = DeviceConfig::new(&reply.value, None, device.endpoint.as_ref())
+                .map_err(|e| anyhow!("external node {node}: {e}"))?;
+            deliver(output, &reply, &config, device.qr, file, DeviceChange::None)
         }
         Command::Node(NodeCommand::Tag {
             node: NodeRef { node, network },
@@ -822,6 +926,155 @@ fn policy(client: &AdminClient, output: Output, command: PolicyCommand) -> Resul
             emit(output, &reply.json, || render::verdict(&reply.value))
         }
     }
+}
+
+/// `node add-external`. A path for `--out` is claimed first and a key pair made, before the
+/// coordinator is asked anything; once the node is registered, a configuration that cannot be
+/// made (no endpoint for the gateway) is an error that says so and how to go on.
+fn add_external(client: &AdminClient, output: Output, args: AddExternalArgs) -> Result<()> {
+    let AddExternalArgs {
+        name,
+        network,
+        via,
+        public_key,
+        tags,
+        device,
+    } = args;
+    refuse_qr_json(output, &device)?;
+    let file = device.out.as_deref().map(PrivateFile::create).transpose()?;
+    let (public_key, made) = match public_key {
+        Some(key) => (key, None),
+        None => {
+            let key = DeviceKey::generate()?;
+            (key.public_key(), Some(key))
+        }
+    };
+    let request = CreateExternalNode {
+        name: name.clone(),
+        network: network.clone(),
+        public_key,
+        via,
+        tags,
+    };
+    let reply = client.add_external(&request)?;
+    let config =
+        DeviceConfig::new(&reply.value, made.as_ref(), device.endpoint.as_ref()).map_err(|e| {
+            let again = if made.is_some() {
+                format!(
+                    "the key pair made for it was not kept: make a new one and print the \
+                     configuration with `meshctl node rotate-key {name} --network {network} \
+                     --new-key --endpoint HOST:PORT`"
+                )
+            } else {
+                format!(
+                    "print its configuration with `meshctl node external-config {name} \
+                     --network {network} --endpoint HOST:PORT`"
+                )
+            };
+            anyhow!("external node {name} is registered, but {e}; {again}")
+        })?;
+    deliver(
+        output,
+        &reply,
+        &config,
+        device.qr,
+        file,
+        DeviceChange::Registered,
+    )
+}
+
+/// `node rotate-key`. With `--new-key`, the external node's configuration is asked for first,
+/// so that a node with an agent, or a gateway with no endpoint, stops the command before the
+/// key changes: the private key made here is kept nowhere but in the configuration printed.
+fn rotate_key(client: &AdminClient, output: Output, args: RotateKeyArgs) -> Result<()> {
+    let RotateKeyArgs {
+        node: NodeRef { node, network },
+        public_key,
+        new_key,
+        device,
+    } = args;
+    if !new_key {
+        let reply = client.rotate_key(&node, network.as_deref(), public_key)?;
+        return emit(output, &reply.json, || render::node(&reply.value, now()));
+    }
+    refuse_qr_json(output, &device)?;
+    let mut external = client.external(&node, network.as_deref())?;
+    let key = DeviceKey::generate()?;
+    let config = DeviceConfig::new(&external.value, Some(&key), device.endpoint.as_ref())
+        .map_err(|e| anyhow!("external node {node}: {e}; its key was not changed"))?;
+    let file = device.out.as_deref().map(PrivateFile::create).transpose()?;
+    // By id: the node just found, whatever its name is used for elsewhere.
+    let id = external.value.node.id.to_string();
+    let rotated = client.rotate_key(&id, None, Some(key.public_key()))?;
+    external.value.node = rotated.value;
+    external.json["node"] = rotated.json;
+    deliver(
+        output,
+        &external,
+        &config,
+        device.qr,
+        file,
+        DeviceChange::NewKey,
+    )
+}
+
+/// `--qr` draws on the terminal; JSON is for scripts.
+fn refuse_qr_json(output: Output, device: &DeviceOutput) -> Result<()> {
+    if device.qr && output == Output::Json {
+        return Err(anyhow!(
+            "--qr draws the configuration on the terminal: leave out -o json"
+        ));
+    }
+    Ok(())
+}
+
+/// Shows an external device's configuration: its text on stdout, or its QR code (`qr`), or
+/// into `file` with one line saying so (and the QR code); in JSON mode, the coordinator's
+/// answer with the text or the file's path.
+fn deliver(
+    output: Output,
+    external: &Reply<ExternalNode>,
+    config: &DeviceConfig,
+    qr: bool,
+    file: Option<PrivateFile>,
+    change: DeviceChange,
+) -> Result<()> {
+    let saved = match file {
+        Some(file) => {
+            let path = file.path().to_owned();
+            file.write(config.text())?;
+            Some(path)
+        }
+        None => None,
+    };
+    if output == Output::Json {
+        let mut json = serde_json::json!({ "external_node": external.json });
+        match &saved {
+            Some(path) => json["file"] = path.display().to_string().into(),
+            None => json["wg_quick"] = config.text().into(),
+        }
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    if let Some(path) = &saved {
+        print!(
+            "{}",
+            render::device_config_saved(&external.value, change, config.endpoint(), path)
+        );
+    }
+    if qr {
+        println!("{}", config.qr_code()?);
+        if !config.has_private_key() {
+            eprintln!(
+                "meshctl: note: the QR code has no private key (the device made its own pair), \
+                 and a WireGuard app takes none without one: enter the [Peer] section in the \
+                 device's own tunnel instead"
+            );
+        }
+    } else if saved.is_none() {
+        print!("{}", config.text());
+    }
+    Ok(())
 }
 
 /// `--since`: Unix seconds, or a duration back from now.
@@ -1031,6 +1284,140 @@ mod tests {
         assert_eq!(args.interface, "mesh0");
         assert_eq!(args.uapi_dir, PathBuf::from("/var/run/wireguard"));
         assert_eq!(args.timeout, claim::DEFAULT_TIMEOUT);
+    }
+
+    #[test]
+    fn external_node_arguments() {
+        let key = "QgkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=";
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "node",
+            "add-external",
+            "phone",
+            "--network",
+            "prod",
+            "--via",
+            "vm-a",
+            "--public-key",
+            key,
+            "--tag",
+            "mobile",
+            "--endpoint",
+            "gw.example.com:51820",
+            "--out",
+            "phone.conf",
+            "--qr",
+        ])
+        .unwrap();
+        let Command::Node(NodeCommand::AddExternal(args)) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert_eq!(
+            (args.name.as_str(), args.network.as_str()),
+            ("phone", "prod")
+        );
+        assert_eq!(args.via, "vm-a");
+        assert_eq!(args.public_key.map(|k| k.to_string()), Some(key.to_owned()));
+        assert_eq!(args.tags, ["mobile"]);
+        assert_eq!(
+            args.device.endpoint.map(|e| e.to_string()),
+            Some("gw.example.com:51820".to_owned())
+        );
+        assert_eq!(args.device.out, Some(PathBuf::from("phone.conf")));
+        assert!(args.device.qr);
+
+        let cli = Cli::try_parse_from([
+            "meshctl",
+            "node",
+            "rotate-key",
+            "phone",
+            "--new-key",
+            "--qr",
+        ])
+        .unwrap();
+        let Command::Node(NodeCommand::RotateKey(args)) = cli.command else {
+            panic!("parsed as {:?}", cli.command);
+        };
+        assert!(args.new_key && args.device.qr && args.public_key.is_none());
+
+        let kind = |args: &[&str]| Cli::try_parse_from(args).map(drop).map_err(|e| e.kind());
+        use clap::error::ErrorKind;
+        // The configuration's options go with a key made here, not with one given or none.
+        for option in [&["--out", "f"][..], &["--qr"], &["--endpoint", "gw:1"]] {
+            let mut args = vec!["meshctl", "node", "rotate-key", "phone"];
+            args.extend(option);
+            assert_eq!(
+                kind(&args),
+                Err(ErrorKind::MissingRequiredArgument),
+                "{option:?}"
+            );
+        }
+        assert_eq!(
+            kind(&[
+                "meshctl",
+                "node",
+                "rotate-key",
+                "phone",
+                "--new-key",
+                "--public-key",
+                key
+            ]),
+            Err(ErrorKind::ArgumentConflict)
+        );
+        for bad in [
+            &[
+                "meshctl",
+                "node",
+                "add-external",
+                "phone",
+                "--network",
+                "prod",
+            ][..],
+            &[
+                "meshctl",
+                "node",
+                "add-external",
+                "123",
+                "--network",
+                "prod",
+                "--via",
+                "vm-a",
+            ],
+            &[
+                "meshctl",
+                "node",
+                "add-external",
+                "phone",
+                "--network",
+                "prod",
+                "--via",
+                "vm-a",
+                "--public-key",
+                "AAAA",
+            ],
+            &[
+                "meshctl",
+                "node",
+                "add-external",
+                "phone",
+                "--network",
+                "prod",
+                "--via",
+                "vm-a",
+                "--endpoint",
+                "gw",
+            ],
+            &[
+                "meshctl",
+                "node",
+                "external-config",
+                "phone",
+                "--endpoint",
+                "[::1]",
+            ],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -14,12 +14,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use meshlink_api::{
-    AdminToken, AuditEntry, CreatedAdminToken, CreatedToken, FlowVerdict, MovedWorkload, Network,
-    Node, PathKind, PeerPath, PolicyChanged, PolicyVersion, RelayTransport, Status, Token,
-    UnixTime, Workload, WorkloadNode, WorkloadState,
+    AdminToken, AuditEntry, CreatedAdminToken, CreatedToken, ExternalNode, FlowVerdict,
+    MovedWorkload, Network, Node, PathKind, PeerPath, PolicyChanged, PolicyVersion, RelayTransport,
+    Status, Token, UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 
 use crate::duration;
@@ -273,12 +274,15 @@ pub fn created_token(token: &CreatedToken, now: UnixTime) -> String {
     format!("{fields}\n{}\n", clean(&token.token))
 }
 
-/// A node's state in one word.
+/// A node's state in one word. An external node has no session, so whether it is up is not
+/// known here: `-`.
 fn node_state(node: &Node) -> &'static str {
     if node.expired_at.is_some() {
         "expired"
     } else if node.revoked {
         "revoked"
+    } else if node.via.is_some() {
+        NONE
     } else if node.online {
         "yes"
     } else {
@@ -286,13 +290,14 @@ fn node_state(node: &Node) -> &'static str {
     }
 }
 
-/// `node list`.
+/// `node list`. VIA is an external node's gateway (`-` for a node with an agent).
 pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
     let mut table = Table::new(&[
         "NAME",
         "ID",
         "NETWORK",
         "ADDRESS",
+        "VIA",
         "ONLINE",
         "LAST SEEN",
         "EXPIRES",
@@ -306,6 +311,7 @@ pub fn nodes(nodes: &[Node], now: UnixTime) -> String {
             node.id.to_string(),
             or_none(node.network.clone()),
             node.address.to_string(),
+            or_none(node.via.clone().unwrap_or_default()),
             node_state(node).to_owned(),
             relative(node.last_seen, now),
             expires(node, now),
@@ -335,7 +341,14 @@ pub fn node(node: &Node, now: UnixTime) -> String {
         .field("NAME", or_none(node.name.clone()))
         .field("ID", node.id.to_string())
         .field("NETWORK", or_none(node.network.clone()))
-        .field("ADDRESS", node.address.to_string())
+        .field("ADDRESS", node.address.to_string());
+    if let Some(gateway) = &node.via {
+        fields.field(
+            "VIA",
+            format!("{gateway} (external: a device with stock WireGuard, reached through it)"),
+        );
+    }
+    fields
         .field("PUBLIC KEY", node.public_key.to_base64())
         .field("ONLINE", node_state(node))
         .field("LAST SEEN", time_and_relative(node.last_seen, now))
@@ -730,6 +743,44 @@ pub fn claimed(name: &str, generation: u64, took: Duration) -> String {
     )
 }
 
+/// What an external device's configuration that went to a file follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChange {
+    /// `node add-external`.
+    Registered,
+    /// `node rotate-key --new-key`.
+    NewKey,
+    /// `node external-config`: nothing changed.
+    None,
+}
+
+/// `node add-external --out FILE` and the like: one line, for example `external node phone
+/// registered: 100.64.0.7 in prod, through vm-a at 203.0.113.10:51820; its WireGuard
+/// configuration is in phone.conf`.
+pub fn device_config_saved(
+    external: &ExternalNode,
+    change: DeviceChange,
+    endpoint: &impl fmt::Display,
+    path: &Path,
+) -> String {
+    let node = &external.node;
+    let what = match change {
+        DeviceChange::Registered => " registered",
+        DeviceChange::NewKey => " has a new key",
+        DeviceChange::None => "",
+    };
+    let line = format!(
+        "external node {}{what}: {} in {}, through {} at {endpoint}; its WireGuard \
+         configuration is in {}",
+        or_none(node.name.clone()),
+        node.address,
+        or_none(node.network.clone()),
+        or_none(external.gateway.name.clone()),
+        path.display(),
+    );
+    format!("{}\n", clean(&line))
+}
+
 /// `status`.
 pub fn status(status: &Status) -> String {
     let mut fields = Fields::new();
@@ -902,6 +953,10 @@ mod tests {
              "public_key": "QgICAgICAgICAgICAgICAgICAgICAgICAgICAgICAgI=",
              "labels": {}, "tags": [], "endpoints": [], "online": false, "last_seen": null,
              "revoked": true, "created_at": NOW.0},
+            {"id": 3, "name": "phone", "network": "prod", "address": "100.64.0.3",
+             "public_key": "QgMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=",
+             "labels": {}, "tags": ["mobile"], "endpoints": [], "online": false,
+             "last_seen": null, "revoked": false, "created_at": NOW.0, "via": "web-1"},
         ]))
     }
 
@@ -943,9 +998,10 @@ mod tests {
     fn node_table() {
         assert_eq!(
             nodes(&sample_nodes(), NOW),
-            "NAME   ID  NETWORK  ADDRESS     ONLINE   LAST SEEN  EXPIRES  ENDPOINTS          PATHS  LABELS\n\
-             web-1  1   prod     100.64.0.1  yes      5s ago     -        203.0.113.5:51820  -      role=web\n\
-             db     2   prod     100.64.0.2  revoked  -          -        -                  -      -\n"
+            "NAME   ID  NETWORK  ADDRESS     VIA    ONLINE   LAST SEEN  EXPIRES  ENDPOINTS          PATHS  LABELS\n\
+             web-1  1   prod     100.64.0.1  -      yes      5s ago     -        203.0.113.5:51820  -      role=web\n\
+             db     2   prod     100.64.0.2  -      revoked  -          -        -                  -      -\n\
+             phone  3   prod     100.64.0.3  web-1  -        -          -        -                  -      -\n"
         );
     }
 
@@ -974,7 +1030,7 @@ mod tests {
         let expiry: Vec<&str> = table
             .lines()
             .skip(1)
-            .map(|l| l.split_whitespace().nth(7).unwrap())
+            .map(|l| l.split_whitespace().nth(8).unwrap())
             .collect();
         assert_eq!(expiry, ["in", "due", "expired"], "{table}");
         assert!(table.lines().nth(1).unwrap().contains("in 2d"), "{table}");
@@ -1008,6 +1064,46 @@ mod tests {
              TAGS        web\n\
              LABELS      role=web\n\
              CREATED     2024-05-01T12:00:00Z\n"
+        );
+        // An external node names its gateway; whether it is up is not known.
+        let shown = node(&sample_nodes()[2], NOW);
+        assert!(
+            shown.contains(
+                "\nVIA         web-1 (external: a device with stock WireGuard, reached through it)\n"
+            ),
+            "{shown}"
+        );
+        assert!(shown.contains("\nONLINE      -\n"), "{shown}");
+        let revoked = Node {
+            revoked: true,
+            ..sample_nodes().remove(2)
+        };
+        assert!(node(&revoked, NOW).contains("\nONLINE      revoked\n"));
+    }
+
+    #[test]
+    fn device_config_saved_names_the_node_the_gateway_and_the_file() {
+        let external: ExternalNode = answer(json!({
+            "node": sample_nodes().remove(2),
+            "network_cidr": "100.64.0.0/16",
+            "gateway": {"id": 1, "name": "web-1\u{1b}[2J",
+                        "public_key": "QgEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE=",
+                        "address": "100.64.0.1", "endpoints": [], "online": true}
+        }));
+        let endpoint = "203.0.113.5:51820";
+        let path = Path::new("/tmp/phone.conf");
+        assert_eq!(
+            device_config_saved(&external, DeviceChange::Registered, &endpoint, path),
+            "external node phone registered: 100.64.0.3 in prod, through web-1?[2J at \
+             203.0.113.5:51820; its WireGuard configuration is in /tmp/phone.conf\n"
+        );
+        assert!(
+            device_config_saved(&external, DeviceChange::NewKey, &endpoint, path)
+                .starts_with("external node phone has a new key: 100.64.0.3 in prod")
+        );
+        assert!(
+            device_config_saved(&external, DeviceChange::None, &endpoint, path)
+                .starts_with("external node phone: 100.64.0.3 in prod")
         );
     }
 

@@ -7,14 +7,13 @@ mod real;
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::process::Output;
 
 use meshctl::client::ClientError;
 use meshlink_api::{
     CreateNetwork, CreateWorkload, Generation, NodeId, TokenId, WorkloadNode, WorkloadState,
 };
 use meshlink_proto::token::JoinToken;
-use real::{mask, Mesh};
+use real::{failure, mask, Mesh};
 use serde_json::{json, Value};
 
 /// Each line of `text`, masked ([`mask`]) and with runs of spaces made one, so that a table
@@ -44,16 +43,6 @@ fn sorted<'a>(list: &[&'a str]) -> Vec<&'a str> {
     let mut list = list.to_vec();
     list.sort_unstable();
     list
-}
-
-/// A failed command's one line on stderr; it must have failed with status 1 and printed
-/// nothing on stdout.
-fn failure(output: &Output) -> String {
-    assert_eq!(output.status.code(), Some(1), "{output:?}");
-    assert!(output.stdout.is_empty(), "{output:?}");
-    let text = String::from_utf8(output.stderr.clone()).unwrap();
-    assert_eq!(text.lines().count(), 1, "{text}");
-    text
 }
 
 const NETWORK_KEYS: &[&str] = &["name", "cidr", "version", "nodes", "online", "created_at"];
@@ -386,9 +375,9 @@ fn nodes() {
 
     assert_eq!(
         squeeze(&mesh.run(&["node", "list", "--network", "prod"])),
-        "NAME ID NETWORK ADDRESS ONLINE LAST SEEN EXPIRES ENDPOINTS PATHS LABELS\n\
-         vm-a 1 prod 100.64.0.1 yes <dur> ago - 198.18.0.1:51820,198.18.7.7:51820 - provider=test\n\
-         vm-b 2 prod 100.64.0.2 no <dur> ago - 198.18.0.2:51820,198.18.7.7:51820 - provider=test"
+        "NAME ID NETWORK ADDRESS VIA ONLINE LAST SEEN EXPIRES ENDPOINTS PATHS LABELS\n\
+         vm-a 1 prod 100.64.0.1 - yes <dur> ago - 198.18.0.1:51820,198.18.7.7:51820 - provider=test\n\
+         vm-b 2 prod 100.64.0.2 - no <dur> ago - 198.18.0.2:51820,198.18.7.7:51820 - provider=test"
     );
     let list = mesh.run_json(&["node", "list"]);
     assert_eq!(list, mesh.get("/v1/nodes"), "-o json is the server's JSON");

@@ -6,7 +6,7 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::process::Output;
 use std::sync::Arc;
 
@@ -152,6 +152,20 @@ impl Mesh {
     /// would. An `online` node keeps its session (and answers every `Prepare` at once, as an
     /// agent whose tunnels are up); else the session ends at once.
     pub fn join(&self, network: &str, key: u8, name: &str, online: bool) -> NodeId {
+        let endpoint = format!("198.18.0.{key}:51820").parse().unwrap();
+        self.join_reporting(network, key, name, online, &[endpoint])
+    }
+
+    /// [`Mesh::join`] with the agent reporting `endpoints` (none: the coordinator knows no
+    /// endpoint of the node, since it observes only the address of a port reported).
+    pub fn join_reporting(
+        &self,
+        network: &str,
+        key: u8,
+        name: &str,
+        online: bool,
+        endpoints: &[SocketAddr],
+    ) -> NodeId {
         let request = CreateToken {
             network: network.parse().unwrap(),
             tags: vec![],
@@ -173,7 +187,7 @@ impl Mesh {
             compression: false,
             name: Some(name.into()),
             labels: BTreeMap::from([("provider".to_owned(), "test".to_owned())]),
-            endpoints: vec![format!("198.18.0.{key}:51820").parse().unwrap()],
+            endpoints: endpoints.to_vec(),
             handover: false,
         };
         let service = self.service();
@@ -202,6 +216,16 @@ impl Drop for Mesh {
             self.runtime.block_on(c.shutdown());
         }
     }
+}
+
+/// A failed command's one line on stderr; it must have failed with status 1 and printed
+/// nothing on stdout.
+pub fn failure(output: &Output) -> String {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(output.stdout.is_empty(), "{output:?}");
+    let text = String::from_utf8(output.stderr.clone()).unwrap();
+    assert_eq!(text.lines().count(), 1, "{text}");
+    text
 }
 
 /// Keeps a session open, answering each `Prepare` on its queue as an agent with its tunnels up.
