@@ -482,11 +482,9 @@ async fn up_mesh(
             let port = preferred_port(&settings, None);
             let endpoints = match port {
                 0 => Vec::new(),
-                p => ctl::local_endpoints(
-                    p,
-                    &settings.interface,
-                    &"0.0.0.0/32".parse().expect("a valid prefix"),
-                ),
+                // Before the join the overlay's prefixes are unknown: only the tunnel's
+                // interface is left out.
+                p => ctl::local_endpoints(p, &settings.interface, &[]),
             };
             // Every address of the token in turn, with the control loop's backoff.
             let mut reconnect = Reconnect::new(ReconnectPolicy::default());
@@ -557,7 +555,7 @@ async fn up_mesh(
             claims: claims_tx,
             state,
             trust,
-            network: node.network_cidr,
+            networks: node.networks(),
             network_name: node.network.clone(),
         }),
     )

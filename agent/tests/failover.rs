@@ -167,6 +167,7 @@ async fn session(
                         relay: false,
                         path_reports: false,
                         handover: false,
+                        network_cidr6: None,
                     };
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))
                         .await
@@ -254,6 +255,7 @@ fn map(holder: bool) -> Netmap {
                 candidates: vec![NODE],
                 grace_ms: None,
                 tags: Vec::new(),
+                address6: None,
             },
         );
     }
@@ -292,6 +294,7 @@ impl Agent {
             network_cidr: "100.64.0.0/16".parse().unwrap(),
             addresses: vec!["100.64.0.1/16".parse().unwrap()],
             listen_port: None,
+            network_cidr6: None,
         };
         state.save_node(&node).unwrap();
         let shared = Arc::new(Shared::new(

@@ -1479,6 +1479,7 @@ mod policy {
                 candidates: vec![2, 3],
                 grace_ms: None,
                 tags: Vec::new(),
+                address6: None,
             },
         );
         let policy = Policy {
@@ -1646,5 +1647,242 @@ mod policy {
         // The phone to n1 on a port no rule opens: n1's own firewall drops it.
         assert!(!deliver(&mut sim, 2, 1, &tcp(x, 41001, n1, 80, SYN, b"")));
         assert!(drops(&sim, 1, 0).policy_denied >= 1);
+    }
+}
+
+// Issue 10, "A 5 s tail on the relayed first packet": handshakes that cross. Two agents that
+// switch to the relay in the same timer tick each send an initiation there before the other's
+// arrives, each with packets queued while its first initiation went to a dead address. See
+// `dataplane::noise`, "Crossing handshakes".
+
+mod crossing_handshakes {
+    use super::*;
+    use meshlink_agent::dataplane::noise::CONFIRM_RUNS;
+
+    /// WireGuard's message types, as the first byte of a datagram.
+    const INITIATION: u8 = 1;
+    const COOKIE_REPLY: u8 = 3;
+    const DATA: u8 = 4;
+
+    /// The one-way delay of the simulated path (a relay through the coordinator).
+    const LATENCY: Duration = Duration::from_millis(2);
+
+    /// Datagrams in flight on a path with `LATENCY`, delivered in the order they fall due;
+    /// counts what each node sent. boringtun's clock (and so the TAI64N timestamp of each
+    /// initiation, which the receiver needs to grow) moves with every delivery.
+    #[derive(Default)]
+    struct Flight {
+        queue: VecDeque<(Duration, SocketAddr, SocketAddr, Vec<u8>)>,
+        initiations: [usize; 2],
+        cookies: [usize; 2],
+        /// Every data message from this node is lost while set.
+        lose_data_from: Option<usize>,
+    }
+
+    impl Flight {
+        /// Takes what `sim` put on its wire, as sent now.
+        fn take(&mut self, sim: &mut Sim) {
+            let due = MockClock::time() + LATENCY;
+            for (from, to, data) in sim.wire.drain(..) {
+                let sender = sim.nodes.iter().position(|n| n.addr == from);
+                if let Some(s) = sender {
+                    match data[0] {
+                        INITIATION => self.initiations[s] += 1,
+                        COOKIE_REPLY => self.cookies[s] += 1,
+                        DATA if self.lose_data_from == Some(s) => continue,
+                        _ => {}
+                    }
+                }
+                self.queue.push_back((due, from, to, data));
+            }
+        }
+
+        /// Delivers what falls due by `until`, the clock moving to each delivery; then the
+        /// clock stands at `until`.
+        fn deliver_until(&mut self, sim: &mut Sim, until: Duration) {
+            while self.queue.front().is_some_and(|(due, ..)| *due <= until) {
+                let (due, from, to, data) = self.queue.pop_front().unwrap();
+                MockClock::set_time(due.max(MockClock::time()));
+                let Some(j) = sim.nodes.iter().position(|n| n.addr == to) else {
+                    sim.lost += 1;
+                    continue;
+                };
+                let mut tun = TunBatch::new(4, 16, sim.room);
+                let mut net = NetBatch::with_capacity(4096);
+                sim.nodes[j].device.inbound(from, &data, &mut tun, &mut net);
+                let packets: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
+                sim.nodes[j].delivered.extend(packets);
+                sim.enqueue(j, &net);
+                self.take(sim);
+            }
+            MockClock::set_time(until.max(MockClock::time()));
+        }
+
+        /// Lets `d` pass: node i's timers run every 250 ms from `phase[i]` after now.
+        fn run(&mut self, sim: &mut Sim, d: Duration, phase: [Duration; 2]) {
+            let start = MockClock::time();
+            let mut next = [start + phase[0], start + phase[1]];
+            loop {
+                let tick = next[0].min(next[1]);
+                if tick > start + d {
+                    break;
+                }
+                self.deliver_until(sim, tick);
+                for (i, at) in next.iter_mut().enumerate() {
+                    if *at == tick {
+                        let mut net = NetBatch::with_capacity(4096);
+                        sim.nodes[i].device.handle_timeout(&mut net);
+                        sim.enqueue(i, &net);
+                        *at += TICK;
+                    }
+                }
+                self.take(sim);
+            }
+            self.deliver_until(sim, start + d);
+        }
+
+        /// Node `a` sends `packet` now.
+        fn send(&mut self, sim: &mut Sim, a: usize, packet: &[u8]) {
+            let mut net = NetBatch::with_capacity(4096);
+            sim.nodes[a].device.outbound(packet, &mut net);
+            sim.enqueue(a, &net);
+            self.take(sim);
+        }
+    }
+
+    /// The packet number `k` from `a` to `b`.
+    fn packet(sim: &Sim, a: usize, b: usize, k: u8) -> Vec<u8> {
+        ipv4(sim.nodes[a].overlay, sim.nodes[b].overlay, &[k])
+    }
+
+    /// Two nodes that first know each other at addresses that go nowhere, each with three
+    /// packets queued for the other behind an initiation that was lost.
+    fn queued_behind_a_lost_initiation() -> (Sim, Flight) {
+        let mut sim = Sim::mesh(2, None);
+        for (i, dead) in [(0usize, 201u8), (1, 202)] {
+            let mut config = sim.nodes[i].device.config();
+            config.peers[0].endpoint = Some(underlay(dead, 51820));
+            sim.nodes[i].device.set_config(config);
+        }
+        let mut flight = Flight::default();
+        for k in 0..3 {
+            for (a, b) in [(0, 1), (1, 0)] {
+                let p = packet(&sim, a, b, k);
+                flight.send(&mut sim, a, &p);
+            }
+        }
+        flight.deliver_until(&mut sim, MockClock::time() + LATENCY);
+        assert_eq!(sim.lost, 2, "both first initiations went nowhere");
+        assert_eq!(flight.initiations, [1, 1]);
+        (sim, flight)
+    }
+
+    /// Path discovery gives `node` the working address of the other (the relay shim).
+    fn path_found(sim: &mut Sim, node: usize) {
+        let other = sim.nodes[1 - node].addr;
+        let mut config = sim.nodes[node].device.config();
+        config.peers[0].endpoint = Some(other);
+        sim.nodes[node].device.set_config(config);
+    }
+
+    /// Whether `node` received packets `0..n` from the other, in order.
+    fn received_in_order(sim: &Sim, node: usize, n: u8) -> bool {
+        let want: Vec<Vec<u8>> = (0..n).map(|k| packet(sim, 1 - node, node, k)).collect();
+        sim.nodes[node].delivered == want
+    }
+
+    #[test]
+    fn crossing_initiations_complete_in_one_round_trip() {
+        let (mut sim, mut flight) = queued_behind_a_lost_initiation();
+        // Both switch to the working path; their ticks 1 ms apart, so each initiation leaves
+        // before the other's arrives.
+        path_found(&mut sim, 0);
+        path_found(&mut sim, 1);
+        flight.run(
+            &mut sim,
+            Duration::from_millis(20),
+            [Duration::ZERO, Duration::from_millis(1)],
+        );
+        // One initiation each on the new path, each answered and its answer taken: before the
+        // fix each answer was followed by a new initiation that voided the one it answered,
+        // ~26 a side until the limiter sent cookies, and no session for 5 s.
+        assert_eq!(
+            flight.initiations,
+            [2, 2],
+            "initiations sent, lost ones included"
+        );
+        assert_eq!(flight.cookies, [0, 0], "the handshake limiter was engaged");
+        for (node, peer) in [(0, 1), (1, 0)] {
+            assert!(
+                sim.handshake_age(node, peer).is_some(),
+                "node {node}: no session"
+            );
+            assert_eq!(
+                sim.peer_status(node, peer).drops.other,
+                0,
+                "answers refused"
+            );
+            assert!(
+                received_in_order(&sim, node, 3),
+                "node {node} missed queued packets"
+            );
+        }
+        assert!(sim.ping(0, 1, b"after") && sim.ping(1, 0, b"after"));
+    }
+
+    #[test]
+    fn an_answered_session_sends_what_waited_once_the_peer_confirms_it() {
+        let (mut sim, mut flight) = queued_behind_a_lost_initiation();
+        // Only node 0 has found the path yet; node 1 still sends towards the dead address.
+        path_found(&mut sim, 0);
+        flight.run(&mut sim, LATENCY, [Duration::ZERO, TICK]);
+        // Node 1 answered node 0's initiation. A packet it sends before node 0's confirmation
+        // arrives waits for it rather than start an initiation that would void the answer.
+        let p = packet(&sim, 1, 0, 3);
+        flight.send(&mut sim, 1, &p);
+        flight.run(&mut sim, Duration::from_millis(20), [TICK, TICK]);
+        assert_eq!(
+            flight.initiations,
+            [2, 1],
+            "node 1 started an initiation of its own"
+        );
+        assert!(sim.handshake_age(1, 0).is_some() && sim.handshake_age(0, 1).is_some());
+        // Node 0's first data confirmed node 1's session: all four went, in order.
+        assert!(
+            received_in_order(&sim, 0, 4),
+            "{:?}",
+            sim.nodes[0].delivered
+        );
+        assert!(received_in_order(&sim, 1, 3));
+    }
+
+    #[test]
+    fn a_lost_confirmation_ends_the_wait_with_a_handshake_of_its_own() {
+        let (mut sim, mut flight) = queued_behind_a_lost_initiation();
+        path_found(&mut sim, 0);
+        // Node 0's confirmation (its keepalive, and the packets it had queued) never arrives,
+        // and node 0 sends nothing more.
+        flight.lose_data_from = Some(0);
+        flight.run(&mut sim, Duration::from_millis(20), [Duration::ZERO, TICK]);
+        assert!(sim.handshake_age(0, 1).is_some());
+        assert!(
+            sim.handshake_age(1, 0).is_none(),
+            "node 1's session is unconfirmed"
+        );
+        assert_eq!(flight.initiations, [2, 1]);
+        // Node 1 waits no longer than CONFIRM_RUNS runs of its timers, then starts a
+        // handshake itself; what it held goes with the session that brings.
+        flight.run(
+            &mut sim,
+            TICK * u32::from(CONFIRM_RUNS),
+            [TICK, Duration::from_millis(230)],
+        );
+        assert_eq!(flight.initiations, [2, 2]);
+        assert!(sim.handshake_age(1, 0).is_some(), "node 1 has no session");
+        assert!(
+            received_in_order(&sim, 0, 3),
+            "{:?}",
+            sim.nodes[0].delivered
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! Networks: `POST /v1/networks` and `GET /v1/networks`.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::{MapVersion, NetworkName, UnixTime};
@@ -14,6 +14,11 @@ pub struct CreateNetwork {
     /// IPv4 prefix, such as `100.64.0.0/16`. Text, not a parsed prefix: the coordinator checks
     /// it and says what is wrong with it.
     pub cidr: String,
+    /// IPv6 ULA /48 (`fdXX:XXXX:XXXX::/48`): the network's nodes and workloads also get an
+    /// IPv6 address, the /48 with their IPv4 address in the low 32 bits. Absent: IPv4 only.
+    /// Set at creation only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cidr6: Option<String>,
 }
 
 /// A network, as created and as listed.
@@ -23,6 +28,9 @@ pub struct Network {
     pub name: String,
     /// Prefix its nodes and workloads get their addresses from, such as `100.64.0.0/16`.
     pub cidr: Ipv4Net,
+    /// Its IPv6 ULA /48; `null`: IPv4 only.
+    #[serde(default)]
+    pub cidr6: Option<Ipv6Net>,
     /// Map version.
     pub version: MapVersion,
     /// Nodes that are not revoked.

@@ -3,9 +3,9 @@
 //! nodes: `POST /v1/external-nodes`, `GET /v1/external-nodes/{ref}`.
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use meshlink_proto::control::{PathKind, RelayTransport};
 use meshlink_proto::PublicKey;
@@ -24,6 +24,9 @@ pub struct Node {
     pub network: String,
     /// Overlay address, without prefix length (`100.64.0.1`).
     pub address: Ipv4Addr,
+    /// IPv6 overlay address, when its network has an IPv6 prefix. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// WireGuard public key (base64).
     pub public_key: PublicKey,
     /// Labels the agent reported (`provider=aws`).
@@ -101,6 +104,9 @@ pub struct ExternalNode {
     pub node: Node,
     /// Its network's prefix: what the device routes to its gateway.
     pub network_cidr: Ipv4Net,
+    /// Its network's IPv6 prefix, routed to the gateway too. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_cidr6: Option<Ipv6Net>,
     /// Its gateway.
     pub gateway: Gateway,
 }

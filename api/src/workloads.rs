@@ -2,7 +2,7 @@
 //! `POST /v1/workloads/{name}/attach|move|detach` (`DELETE /v1/workloads/{name}` has no body).
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +91,9 @@ pub struct Workload {
     pub network: String,
     /// Overlay address, without prefix length (`100.64.50.10`).
     pub address: Ipv4Addr,
+    /// IPv6 overlay address, when its network has an IPv6 prefix. Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<Ipv6Addr>,
     /// The node holding it; `null`: detached.
     pub holder: Option<WorkloadNode>,
     /// Bumped by every change of holder; 0 until it is first attached.

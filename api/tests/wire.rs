@@ -101,6 +101,7 @@ fn requests() {
     let network = CreateNetwork {
         name: "prod".parse().unwrap(),
         cidr: "100.64.0.0/16".into(),
+        cidr6: None,
     };
     assert_eq!(
         serde_json::to_string(&network).unwrap(),

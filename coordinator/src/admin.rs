@@ -273,6 +273,7 @@ fn network_view(s: &AppState, net: &NetworkRecord, nodes: usize, online: usize) 
     api::Network {
         name: net.name.clone(),
         cidr: net.cidr,
+        cidr6: net.cidr6,
         version: api::MapVersion(version),
         nodes: count(nodes),
         online: count(online),
@@ -473,6 +474,7 @@ fn node_view(
                 .get(&v)
                 .map_or_else(|| v.to_string(), |n| (*n).to_owned())
         }),
+        address6: n.address6,
     }
 }
 
@@ -662,6 +664,7 @@ fn render_workload(
         state,
         created_at: time(w.created_at),
         moved_at: w.moved_at.map(time),
+        address6: w.address6,
     }
 }
 
@@ -738,8 +741,9 @@ fn count(n: usize) -> u64 {
 
 impl From<api::CreateNetwork> for CreateNetwork {
     fn from(body: api::CreateNetwork) -> Self {
-        let api::CreateNetwork { name, cidr } = body;
+        let api::CreateNetwork { name, cidr, cidr6 } = body;
         CreateNetwork {
+            cidr6,
             name: name.into(),
             cidr,
         }

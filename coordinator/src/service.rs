@@ -2071,6 +2071,7 @@ mod tests {
         svc.create_network(CreateNetwork {
             name: "prod".into(),
             cidr: "100.64.0.0/24".into(),
+            cidr6: None,
         })
         .await
         .unwrap();

@@ -241,19 +241,26 @@ impl DeviceConfig {
                  PrivateKey = \n",
             ),
         }
+        // With an IPv6 prefix, both families: the device's two addresses, both prefixes.
+        let address = match node.address6 {
+            Some(v6) => format!("{}/32, {v6}/128", node.address),
+            None => format!("{}/32", node.address),
+        };
+        let allowed = match external.network_cidr6 {
+            Some(v6) => format!("{}, {}", external.network_cidr.trunc(), v6.trunc()),
+            None => external.network_cidr.trunc().to_string(),
+        };
         text.push_str(&format!(
-            "Address = {}/32\n\
+            "Address = {address}\n\
              \n\
              [Peer]\n\
              # {}, the gateway: it forwards to and from the rest of the network.\n\
              PublicKey = {}\n\
              Endpoint = {endpoint}\n\
-             AllowedIPs = {}\n\
+             AllowedIPs = {allowed}\n\
              PersistentKeepalive = {PERSISTENT_KEEPALIVE_SECS}\n",
-            node.address,
             comment_name(&gateway.name),
             gateway.public_key.to_base64(),
-            external.network_cidr.trunc(),
         ));
         Ok(Self {
             text,

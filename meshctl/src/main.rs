@@ -221,6 +221,11 @@ enum NetworkCommand {
         /// The overlay prefix its nodes get addresses from, for example 100.64.0.0/16.
         #[arg(long, value_parser = NonEmptyStringValueParser::new())]
         cidr: String,
+        /// An IPv6 ULA /48 beside it (for example fd7a:115c:a1e0::/48), or `auto` for a random
+        /// one: every node and workload also gets the /48 with its IPv4 address in the low 32
+        /// bits. Only at creation.
+        #[arg(long, value_name = "PREFIX|auto", value_parser = NonEmptyStringValueParser::new())]
+        cidr6: Option<String>,
     },
     /// List networks.
     List,
@@ -691,8 +696,12 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
         .ok_or_else(|| anyhow!("no coordinator URL given"))?;
     let client = AdminClient::new(urls, admin_token(&cli, source)?);
     match cli.command {
-        Command::Network(NetworkCommand::Create { name, cidr }) => {
-            let reply = client.create_network(&CreateNetwork { name, cidr })?;
+        Command::Network(NetworkCommand::Create { name, cidr, cidr6 }) => {
+            let cidr6 = match cidr6.as_deref() {
+                Some("auto") => Some(random_ula()?.to_string()),
+                _ => cidr6,
+            };
+            let reply = client.create_network(&CreateNetwork { name, cidr, cidr6 })?;
             emit(output, &reply.json, || {
                 render::networks(std::slice::from_ref(&reply.value))
             })
@@ -1115,6 +1124,17 @@ fn claim_workload(output: Output, args: &ClaimArgs) -> Result<()> {
     emit(output, &json, || {
         render::claimed(&args.name, claimed.generation, claimed.took)
     })
+}
+
+/// A random ULA /48 (RFC 4193) for `network create --cidr6 auto`, from the operating system's
+/// random source.
+fn random_ula() -> Result<ipnet::Ipv6Net> {
+    use rand_core::{OsRng, RngCore};
+    let mut id = [0u8; 5];
+    OsRng
+        .try_fill_bytes(&mut id)
+        .map_err(|e| anyhow::anyhow!("cidr6 auto: the random source failed: {e}"))?;
+    Ok(meshlink_proto::ipam::ula_from(id))
 }
 
 #[cfg(test)]

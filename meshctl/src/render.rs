@@ -202,13 +202,24 @@ pub fn time_and_relative(at: Option<UnixTime>, now: UnixTime) -> String {
     }
 }
 
+/// An IPv4 address and the IPv6 one that goes with it, if any.
+fn both(v4: std::net::Ipv4Addr, v6: Option<std::net::Ipv6Addr>) -> String {
+    match v6 {
+        Some(v6) => format!("{v4} {v6}"),
+        None => v4.to_string(),
+    }
+}
+
 /// `network list` and `network create`.
 pub fn networks(networks: &[Network]) -> String {
     let mut table = Table::new(&["NAME", "CIDR", "NODES", "ONLINE", "VERSION", "CREATED"]);
     for network in networks {
         table.row([
             or_none(network.name.clone()),
-            network.cidr.to_string(),
+            match network.cidr6 {
+                Some(v6) => format!("{} {v6}", network.cidr),
+                None => network.cidr.to_string(),
+            },
             network.nodes.to_string(),
             network.online.to_string(),
             network.version.to_string(),
@@ -341,7 +352,7 @@ pub fn node(node: &Node, now: UnixTime) -> String {
         .field("NAME", or_none(node.name.clone()))
         .field("ID", node.id.to_string())
         .field("NETWORK", or_none(node.network.clone()))
-        .field("ADDRESS", node.address.to_string());
+        .field("ADDRESS", both(node.address, node.address6));
     if let Some(gateway) = &node.via {
         fields.field(
             "VIA",
@@ -515,7 +526,7 @@ pub fn workload(w: &Workload, now: UnixTime) -> String {
     fields
         .field("NAME", or_none(w.name.clone()))
         .field("NETWORK", or_none(w.network.clone()))
-        .field("ADDRESS", w.address.to_string())
+        .field("ADDRESS", both(w.address, w.address6))
         .field("STATE", w.state.as_str())
         .field("HOLDER", maybe_node(w.holder.as_ref()))
         .field("GENERATION", w.generation.to_string())

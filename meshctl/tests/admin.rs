@@ -45,7 +45,15 @@ fn sorted<'a>(list: &[&'a str]) -> Vec<&'a str> {
     list
 }
 
-const NETWORK_KEYS: &[&str] = &["name", "cidr", "version", "nodes", "online", "created_at"];
+const NETWORK_KEYS: &[&str] = &[
+    "name",
+    "cidr",
+    "cidr6",
+    "version",
+    "nodes",
+    "online",
+    "created_at",
+];
 const NODE_KEYS: &[&str] = &[
     "id",
     "name",
@@ -76,6 +84,59 @@ const WORKLOAD_KEYS: &[&str] = &[
     "moved_at",
 ];
 
+/// `network create --cidr6`: a prefix given, or `auto` (a random ULA /48 made by meshctl),
+/// shown in the list; one outside fd00::/8 refused naming `cidr6`.
+#[test]
+fn networks_with_an_ipv6_prefix() {
+    let mesh = Mesh::start();
+    // An IPv6 prefix beside: given, or `auto` (a random ULA /48 made here).
+    let v6 = mesh.run_json(&[
+        "network",
+        "create",
+        "v6",
+        "--cidr",
+        "10.10.0.0/24",
+        "--cidr6",
+        "fd7a:115c:a1e0::/48",
+    ]);
+    assert_eq!(v6["cidr6"], json!("fd7a:115c:a1e0::/48"));
+    let auto = mesh.run_json(&[
+        "network",
+        "create",
+        "v6b",
+        "--cidr",
+        "10.11.0.0/24",
+        "--cidr6",
+        "auto",
+    ]);
+    let auto6 = auto["cidr6"].as_str().unwrap();
+    assert!(
+        auto6.starts_with("fd") && auto6.ends_with("::/48"),
+        "{auto6}"
+    );
+    let err = failure(&mesh.meshctl(&[
+        "network",
+        "create",
+        "v6c",
+        "--cidr",
+        "10.12.0.0/24",
+        "--cidr6",
+        "2001:db8::/48",
+    ]));
+    assert!(
+        err.contains("cidr6") && err.contains("unique local"),
+        "{err}"
+    );
+    assert_eq!(
+        squeeze(&mask(&mesh.run(&["network", "list"]))),
+        format!(
+            "NAME CIDR NODES ONLINE VERSION CREATED\n\
+             v6 10.10.0.0/24 fd7a:115c:a1e0::/48 0 0 0 <time>\n\
+             v6b 10.11.0.0/24 {auto6} 0 0 0 <time>"
+        )
+    );
+}
+
 #[test]
 fn networks_and_status() {
     let mesh = Mesh::start();
@@ -92,6 +153,7 @@ fn networks_and_status() {
         (&json!("lab"), &json!("10.9.0.0/24"), &json!(0), &json!(0))
     );
     assert!(lab["created_at"].as_i64().unwrap() > 1_600_000_000);
+    assert_eq!(lab["cidr6"], json!(null));
 
     let taken = failure(&mesh.meshctl(&["network", "create", "prod", "--cidr", "10.1.0.0/24"]));
     assert!(
@@ -151,6 +213,7 @@ fn networks_and_status() {
         .create_network(&CreateNetwork {
             name: "prod".parse().unwrap(),
             cidr: "10.2.0.0/24".into(),
+            cidr6: None,
         })
         .unwrap_err();
     assert!(

@@ -22,6 +22,7 @@ fn network() -> CreateNetwork {
     CreateNetwork {
         name: "prod".parse().unwrap(),
         cidr: "100.64.0.0/16".into(),
+        cidr6: None,
     }
 }
 

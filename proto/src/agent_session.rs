@@ -1049,6 +1049,7 @@ mod tests {
                     relay: false,
                     path_reports: false,
                     handover: false,
+                    network_cidr6: None,
                 })
             ),
             Err(SessionError::Protocol(_))

@@ -272,7 +272,11 @@ pub struct Welcome {
     pub network: String,
     /// The network's prefix.
     pub network_cidr: IpNet,
-    /// The node's overlay addresses, with the network's prefix length.
+    /// The network's IPv6 prefix, when it has one. Absent: none (or an older coordinator).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_cidr6: Option<IpNet>,
+    /// The node's overlay addresses, with the network's prefix length (IPv4; then IPv6 with
+    /// its /48 when the network has an IPv6 prefix).
     pub addresses: Vec<IpNet>,
     /// Present only on join: the node's secret for [`Auth::Node`]. The agent stores it (0600).
     #[serde(default)]

@@ -261,7 +261,7 @@ impl Netmap {
             self.workloads
                 .values()
                 .filter(|w| w.holder == Some(id))
-                .map(|w| w.address),
+                .flat_map(WorkloadInfo::addresses),
         );
         out.extend(self.externals_via(id).flat_map(PeerInfo::routed));
         out
@@ -444,6 +444,7 @@ mod tests {
             candidates: vec![1, 2],
             grace_ms: None,
             tags: Vec::new(),
+            address6: None,
         };
         m.workloads.insert(w.name.clone(), w);
         assert_eq!(

@@ -72,6 +72,10 @@ pub struct WorkloadInfo {
     pub name: String,
     /// Its overlay address (a host prefix).
     pub address: IpNet,
+    /// Its IPv6 address (a host prefix) when its network has an IPv6 prefix: it goes with
+    /// `address` (held, moved and forwarded with it). Absent: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address6: Option<IpNet>,
     /// The node that holds it now; `None`: detached (nobody answers for it).
     #[serde(default)]
     pub holder: Option<NodeId>,
@@ -100,9 +104,14 @@ impl WorkloadInfo {
         self.grace_ms.map_or(DEFAULT_GRACE, Duration::from_millis)
     }
 
-    /// The single address of the workload.
+    /// The workload's (IPv4) address, the one its fencing state is keyed by.
     pub fn ip(&self) -> IpAddr {
         self.address.addr()
+    }
+
+    /// Every address of the workload: `address`, then `address6` if any.
+    pub fn addresses(&self) -> impl Iterator<Item = IpNet> + '_ {
+        std::iter::once(self.address).chain(self.address6)
     }
 }
 
@@ -844,6 +853,7 @@ pub(crate) mod tests {
             candidates: vec![1, 2, 3],
             grace_ms: Some(1000),
             tags: Vec::new(),
+            address6: None,
         }
     }
 

@@ -278,6 +278,7 @@ mod tests {
                 candidates: vec![1],
                 grace_ms: None,
                 tags: Vec::new(),
+                address6: None,
             },
         );
         let mut h = Holdings::new(1);

@@ -441,6 +441,7 @@ mod tests {
                 candidates: vec![],
                 grace_ms: None,
                 tags: vec![],
+                address6: None,
             },
         );
         m

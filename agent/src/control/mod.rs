@@ -283,6 +283,7 @@ pub async fn join(
         name: w.name,
         network: w.network,
         network_cidr: w.network_cidr,
+        network_cidr6: w.network_cidr6,
         addresses: w.addresses,
         listen_port: None,
     };
@@ -326,7 +327,7 @@ pub async fn authenticate(
 
 /// This host's underlay endpoints: every up, non-loopback address with `port`, except those of
 /// the tunnel interface and inside the overlay.
-pub fn local_endpoints(port: u16, tunnel: &str, overlay: &IpNet) -> Vec<SocketAddr> {
+pub fn local_endpoints(port: u16, tunnel: &str, overlay: &[IpNet]) -> Vec<SocketAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return Vec::new();
     };
@@ -343,7 +344,7 @@ pub fn local_endpoints(port: u16, tunnel: &str, overlay: &IpNet) -> Vec<SocketAd
                 || ip.is_unspecified()
                 || ip.is_multicast()
                 || matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
-                || overlay.contains(&ip);
+                || overlay.iter().any(|o| o.contains(&ip));
             (!unusable).then_some(SocketAddr::new(ip, port))
         })
         .collect();
@@ -621,7 +622,7 @@ impl MeshControl {
     /// The endpoints to report: the local ones, then the reflexive one (the WireGuard socket
     /// as the coordinator sees it through NAT), when known and not already listed.
     fn endpoints(&self, wg_port: u16, tunnel: &str) -> Vec<SocketAddr> {
-        let mut eps = local_endpoints(wg_port, tunnel, &self.node.network_cidr);
+        let mut eps = local_endpoints(wg_port, tunnel, &self.node.networks());
         if let Some(r) = *self.shared.reflexive.borrow() {
             if !eps.contains(&r) {
                 eps.push(r);

@@ -57,6 +57,9 @@ pub struct NodeState {
     pub network: String,
     /// The network's prefix.
     pub network_cidr: IpNet,
+    /// The network's IPv6 prefix, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_cidr6: Option<IpNet>,
     /// This node's overlay addresses.
     pub addresses: Vec<IpNet>,
     /// The UDP port the node used last: peers keep it while the coordinator is away, so a
@@ -66,6 +69,13 @@ pub struct NodeState {
 }
 
 impl NodeState {
+    /// The network's prefixes: IPv4, then IPv6 if any.
+    pub fn networks(&self) -> Vec<IpNet> {
+        std::iter::once(self.network_cidr)
+            .chain(self.network_cidr6)
+            .collect()
+    }
+
     /// Every known coordinator address, in order, each once (at least
     /// [`NodeState::coordinator`]).
     pub fn coordinators(&self) -> Vec<String> {
@@ -486,6 +496,7 @@ mod tests {
             network_cidr: "100.64.0.0/16".parse().unwrap(),
             addresses: vec!["100.64.0.3/16".parse().unwrap()],
             listen_port: Some(51820),
+            network_cidr6: None,
         };
         assert!(s.node().unwrap().is_none());
         s.save_node(&node).unwrap();

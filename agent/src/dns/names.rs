@@ -97,7 +97,7 @@ impl NameTable {
             entries.insert(
                 format!("{name}.{domain}"),
                 Entry {
-                    addresses: vec![w.ip()],
+                    addresses: w.addresses().map(|a| a.addr()).collect(),
                     ttl: WORKLOAD_TTL,
                     holder: Some(holder),
                 },
@@ -209,6 +209,7 @@ pub(crate) mod tests {
             candidates: Vec::new(),
             grace_ms: None,
             tags: Vec::new(),
+            address6: None,
         }
     }
 

@@ -193,12 +193,23 @@ impl Netlink {
             .map_err(self.err(format!("set mtu {mtu} and up on {}", self.name)))
     }
 
-    /// Adds an address with its prefix length (replacing an identical one).
+    /// Adds an address with its prefix length (replacing an identical one). An IPv6 address
+    /// skips duplicate address detection: the overlay's addresses are unique by construction,
+    /// and a tentative address (1-2 s of it) could not be used.
     pub async fn add_address(&self, net: IpNet) -> Result<(), NetlinkError> {
-        self.handle
+        use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags};
+        let mut request = self
+            .handle
             .address()
             .add(self.index, net.addr(), net.prefix_len())
-            .replace()
+            .replace();
+        if net.addr().is_ipv6() {
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        request
             .execute()
             .await
             .map_err(self.err(format!("add address {net} to {}", self.name)))

@@ -77,9 +77,9 @@ impl FailClosed {
 
 /// The overlay's own prefixes, which `fail_closed` blackholes: a joined node's network, or a
 /// static node's allowed IPs as configured.
-pub(super) fn overlay_prefixes(settings: &Settings, network: Option<IpNet>) -> Vec<IpNet> {
-    match network {
-        Some(net) => vec![net.trunc()],
+pub(super) fn overlay_prefixes(settings: &Settings, networks: Option<&[IpNet]>) -> Vec<IpNet> {
+    match networks {
+        Some(nets) => nets.iter().map(IpNet::trunc).collect(),
         None => wanted_routes(&settings.device),
     }
 }

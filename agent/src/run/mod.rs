@@ -128,8 +128,8 @@ pub struct Mesh {
     pub state: StateDir,
     /// How far the map `maps` starts with is trusted without a coordinator.
     pub trust: MapTrust,
-    /// The network's prefix (what `fail_closed` blackholes).
-    pub network: IpNet,
+    /// The network's prefixes (what `fail_closed` blackholes): IPv4, then IPv6 if any.
+    pub networks: Vec<IpNet>,
     /// The network's name (the middle of its DNS names).
     pub network_name: String,
 }
@@ -238,7 +238,7 @@ pub async fn run(
     // Before anything else: no instant of this start-up lets the overlay out another way.
     let mut fail_closed = FailClosed::start(
         handle.clone(),
-        overlay_prefixes(&settings, mesh.as_ref().map(|m| m.network)),
+        overlay_prefixes(&settings, mesh.as_ref().map(|m| m.networks.as_slice())),
         settings.fail_closed,
     )
     .await?;

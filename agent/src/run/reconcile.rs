@@ -2,7 +2,7 @@
 //! addresses equal to what the trusted map and the fencing state ask for.
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -96,16 +96,79 @@ pub(super) struct HoldingsNow {
 }
 
 impl HoldingsNow {
-    /// `h` at `now`.
-    pub(super) fn of(h: &mut Holdings, now: Instant) -> Self {
-        HoldingsNow {
+    /// `h` at `now`, each workload's IPv6 address (in `map`) beside its address: fencing
+    /// decides per workload, keyed by its (IPv4) address, and the IPv6 address goes with it.
+    pub(super) fn of(h: &mut Holdings, map: &Netmap, now: Instant) -> Self {
+        let mut now_ = HoldingsNow {
             held: h.held(now),
             forwards: h.forwards(now),
             tentative: h.tentative(now),
             awaited: h.awaited(now),
             senders: h.senders(now),
             relays: h.relays(now),
+        };
+        let twins: HashMap<IpAddr, IpNet> = map
+            .workloads
+            .values()
+            .filter_map(|w| Some((w.ip(), w.address6?)))
+            .collect();
+        if !twins.is_empty() {
+            now_.add_twins(&twins);
         }
+        now_
+    }
+
+    /// Adds, after each entry for a workload address with an IPv6 twin, the same for the twin.
+    fn add_twins(&mut self, twins: &HashMap<IpAddr, IpNet>) {
+        let twin = |a: IpAddr| twins.get(&a).copied();
+        let held: Vec<Held> = self
+            .held
+            .iter()
+            .filter_map(|h| {
+                Some(Held {
+                    address: twin(h.address.addr())?,
+                    ..*h
+                })
+            })
+            .collect();
+        self.held.extend(held);
+        let forwards: Vec<Forward> = self
+            .forwards
+            .iter()
+            .filter_map(|f| {
+                Some(Forward {
+                    address: twin(f.address)?.addr(),
+                    ..*f
+                })
+            })
+            .collect();
+        self.forwards.extend(forwards);
+        for list in [&mut self.tentative, &mut self.awaited] {
+            let more: Vec<IpNet> = list.iter().filter_map(|a| twin(a.addr())).collect();
+            list.extend(more);
+        }
+        let senders: Vec<Senders> = self
+            .senders
+            .iter()
+            .filter_map(|s| {
+                Some(Senders {
+                    address: twin(s.address)?.addr(),
+                    nodes: s.nodes.clone(),
+                })
+            })
+            .collect();
+        self.senders.extend(senders);
+        let relays: Vec<Relay> = self
+            .relays
+            .iter()
+            .filter_map(|r| {
+                Some(Relay {
+                    address: twin(r.address)?.addr(),
+                    ..*r
+                })
+            })
+            .collect();
+        self.relays.extend(relays);
     }
 }
 
@@ -239,7 +302,11 @@ impl Planner {
                 .collect(),
             awaited: awaited.iter().map(IpNet::addr).collect(),
             held: held.iter().map(|h| h.address.addr()).collect(),
-            workloads: map.workloads.values().map(|w| w.ip()).collect(),
+            workloads: map
+                .workloads
+                .values()
+                .flat_map(|w| w.addresses().map(|a| a.addr()))
+                .collect(),
             // What a relay may pass on: packets from nodes' own addresses, not from the
             // prefixes they route for others.
             relay_sources: if relays.is_empty() {
@@ -430,7 +497,7 @@ pub(super) async fn reconcile_mesh(
         let map = maps.borrow_and_update().clone();
         let now = Instant::now();
         let peers = chooser.peers(&map, self_id, now);
-        let holdings = HoldingsNow::of(shared.lock().holdings_mut(), now);
+        let holdings = HoldingsNow::of(shared.lock().holdings_mut(), &map, now);
         let plan = planner.plan(
             &map,
             peers,
@@ -623,6 +690,81 @@ mod tests {
             Some(&["100.64.0.1/32".parse::<IpNet>().unwrap()][..])
         );
         assert_eq!(plan.addresses, None, "no workload address, as before");
+    }
+
+    #[test]
+    fn a_workloads_ipv6_address_goes_with_its_address() {
+        let twins: HashMap<IpAddr, IpNet> = [(
+            "100.64.50.10".parse().unwrap(),
+            "fd7a:1:2::6440:320a/128".parse().unwrap(),
+        )]
+        .into_iter()
+        .collect();
+        let t0 = Instant::now();
+        let mut h = HoldingsNow {
+            held: vec![held("100.64.50.10/32"), held("100.64.50.11/32")],
+            forwards: vec![Forward {
+                address: "100.64.50.10".parse().unwrap(),
+                to: 3,
+                until: t0,
+            }],
+            tentative: vec!["100.64.50.10/32".parse().unwrap()],
+            awaited: vec![],
+            senders: vec![Senders {
+                address: "100.64.50.10".parse().unwrap(),
+                nodes: vec![2],
+            }],
+            relays: vec![Relay {
+                address: "100.64.50.10".parse().unwrap(),
+                from: 2,
+            }],
+        };
+        h.add_twins(&twins);
+        let v6: IpNet = "fd7a:1:2::6440:320a/128".parse().unwrap();
+        assert_eq!(h.held.len(), 3, "the twin of .10 only");
+        assert_eq!(h.held[2].address, v6);
+        assert_eq!(h.forwards[1].address, v6.addr());
+        assert_eq!(h.forwards[1].to, 3);
+        assert_eq!(h.tentative, vec!["100.64.50.10/32".parse().unwrap(), v6]);
+        assert!(h.awaited.is_empty());
+        assert_eq!(h.senders[1].address, v6.addr());
+        assert_eq!(h.senders[1].nodes, vec![2]);
+        assert_eq!(h.relays[1].address, v6.addr());
+        // The plan: both on the interface, both local.
+        let mut map = three_nodes();
+        let mut w = meshlink_proto::WorkloadInfo {
+            id: 1,
+            name: "web".into(),
+            address: "100.64.50.10/32".parse().unwrap(),
+            address6: Some(v6),
+            holder: Some(1),
+            generation: 1,
+            previous: None,
+            candidates: vec![1],
+            grace_ms: None,
+            tags: vec![],
+        };
+        map.workloads.insert(w.name.clone(), w.clone());
+        let mut planner = Planner::new(1, vec!["100.64.0.1/10".parse().unwrap()]);
+        let held_now = HoldingsNow {
+            held: vec![
+                held("100.64.50.10/32"),
+                Held {
+                    address: v6,
+                    generation: 1,
+                },
+            ],
+            ..HoldingsNow::default()
+        };
+        let plan = planner.plan(&map, chosen(&map, t0), |_| None, held_now, t0);
+        let local = plan.firewall.local.unwrap();
+        assert!(local.contains(&v6), "{local:?}");
+        assert!(plan.routing.held.contains(&v6.addr()));
+        assert!(plan.routing.workloads.contains(&v6.addr()));
+        let on = plan.addresses.unwrap();
+        assert!(on.contains(&v6) && on.contains(&"100.64.50.10/32".parse().unwrap()));
+        w.address6 = None;
+        assert_eq!(w.addresses().count(), 1);
     }
 
     #[test]

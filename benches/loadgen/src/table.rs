@@ -279,6 +279,7 @@ mod tests {
             candidates: vec![holder],
             grace_ms: None,
             tags: Vec::new(),
+            address6: None,
         }
     }
 

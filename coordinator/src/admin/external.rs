@@ -68,5 +68,6 @@ async fn answer(s: &AppState, e: &External) -> api::ExternalNode {
             endpoints: peer_info(&e.gateway).endpoints,
             online: online.contains(&e.gateway.id),
         },
+        network_cidr6: e.network.cidr6,
     }
 }

@@ -480,6 +480,7 @@ mod tests {
             cidr: "100.64.0.0/16".parse().unwrap(),
             version,
             created_at: 0,
+            cidr6: None,
         }
     }
 
@@ -506,6 +507,7 @@ mod tests {
             rotation_asked: None,
             expired_at: None,
             via: None,
+            address6: None,
         }
     }
 
@@ -523,6 +525,7 @@ mod tests {
             tags: Vec::new(),
             created_at: 0,
             moved_at: None,
+            address6: None,
         }
     }
 

@@ -1,6 +1,6 @@
 //! Networks: creation (name and prefix rules) and listing.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::Deserialize;
 
 use super::{require_admin, validate_name, ApiError, Caller};
@@ -26,6 +26,9 @@ pub struct CreateNetwork {
     pub name: String,
     /// IPv4 prefix, such as `100.64.0.0/16`.
     pub cidr: String,
+    /// IPv6 ULA /48, such as `fd7a:115c:a1e0::/48`; `None`: IPv4 only.
+    #[serde(default)]
+    pub cidr6: Option<String>,
 }
 
 /// Creates a network at version 0.
@@ -42,7 +45,16 @@ pub async fn create_network(
     require_admin(caller)?;
     validate_name("network", &req.name)?;
     let cidr = parse_cidr(&req.cidr)?;
+    let cidr6 = req.cidr6.as_deref().map(parse_cidr6).transpose()?;
     for other in store.networks().await? {
+        if let (Some(mine), Some(theirs)) = (cidr6, other.cidr6) {
+            if mine == theirs {
+                return Err(ApiError::Conflict(format!(
+                    "cidr6: {mine} is the IPv6 prefix of network {} already",
+                    other.name
+                )));
+            }
+        }
         if other.name == req.name {
             return Err(ApiError::Conflict(format!(
                 "a network named {} already exists",
@@ -59,6 +71,7 @@ pub async fn create_network(
     let new = NewNetwork {
         name: req.name,
         cidr,
+        cidr6,
         created_at: now,
     };
     store.create_network(new).await.map_err(|e| match e {
@@ -77,6 +90,21 @@ pub async fn list_networks(
 ) -> Result<Vec<NetworkRecord>, ApiError> {
     require_admin(caller)?;
     Ok(store.networks().await?)
+}
+
+/// Parses and checks a network's IPv6 prefix: a ULA /48, host bits clear.
+///
+/// # Errors
+/// [`ApiError::Invalid`] naming `cidr6` and what is wrong.
+pub fn parse_cidr6(text: &str) -> Result<Ipv6Net, ApiError> {
+    let cidr6: Ipv6Net = text.trim().parse().map_err(|_| {
+        ApiError::Invalid(format!(
+            "cidr6: {text:?} is not an IPv6 prefix such as fd7a:115c:a1e0::/48"
+        ))
+    })?;
+    meshlink_proto::ipam::check_cidr6(cidr6)
+        .map_err(|e| ApiError::Invalid(format!("cidr6: {e}")))?;
+    Ok(cidr6)
 }
 
 /// Parses and checks a network prefix: IPv4, a network address, inside [`ALLOWED_RANGES`],

@@ -29,9 +29,9 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use ipnet::{IpNet, Ipv4Net};
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use meshlink_proto::control::{Auth, Hello, Welcome, PROTOCOL_VERSION};
-use meshlink_proto::{Netmap, NodeId, PeerInfo, PublicKey};
+use meshlink_proto::{ipam, Netmap, NodeId, PeerInfo, PublicKey};
 
 use super::tokens::unusable_reason;
 use super::{constant_time_eq, hash_secret, require_admin, ApiError, Caller};
@@ -755,7 +755,9 @@ pub fn peer_info(node: &NodeRecord) -> PeerInfo {
         name: node.name.clone(),
         public_key: node.public_key,
         next_key: node.next_key,
-        addresses: vec![IpNet::V4(Ipv4Net::from(node.address))],
+        addresses: std::iter::once(IpNet::V4(Ipv4Net::from(node.address)))
+            .chain(node.address6.map(|a| IpNet::V6(a.into())))
+            .collect(),
         allowed_ips: Vec::new(),
         endpoints,
         labels: node.labels.clone(),
@@ -781,13 +783,19 @@ pub fn welcome(
         name: node.name.clone(),
         network: network.name.clone(),
         network_cidr: IpNet::V4(network.cidr),
-        addresses: vec![IpNet::V4(address)],
+        addresses: std::iter::once(IpNet::V4(address))
+            .chain(node.address6.map(|a| {
+                // A /48 always fits an IPv6 address.
+                IpNet::V6(Ipv6Net::new(a, ipam::CIDR6_LEN).unwrap_or_else(|_| a.into()))
+            }))
+            .collect(),
         node_secret,
         coordinators,
         reflect_port: None,
         relay: false,
         path_reports: false,
         handover: false,
+        network_cidr6: network.cidr6.map(IpNet::V6),
     }
 }
 

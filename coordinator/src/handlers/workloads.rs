@@ -50,6 +50,7 @@ pub fn info(w: &WorkloadRecord) -> WorkloadInfo {
         candidates,
         grace_ms: None,
         tags: w.tags.clone(),
+        address6: w.address6.map(|a| IpNet::V6(a.into())),
     }
 }
 

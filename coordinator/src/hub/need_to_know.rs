@@ -531,6 +531,7 @@ mod tests {
             candidates: candidates.to_vec(),
             grace_ms: None,
             tags: Vec::new(),
+            address6: None,
         }
     }
 

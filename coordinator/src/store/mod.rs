@@ -23,10 +23,10 @@ mod timed;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use meshlink_proto::{NodeId, PublicKey};
 
 pub use shared::{Leadership, LeaseFence, Renewal};
@@ -217,6 +217,9 @@ pub struct NetworkRecord {
     pub name: String,
     /// The overlay prefix nodes get their addresses from.
     pub cidr: Ipv4Net,
+    /// Its IPv6 ULA /48, if it has one: every node and workload then also has the IPv6
+    /// address [`meshlink_proto::ipam::ipv6_of`] gives.
+    pub cidr6: Option<Ipv6Net>,
     /// The version of the network's map; bumped by every change to it, never lowered.
     pub version: u64,
     /// When it was created.
@@ -230,6 +233,8 @@ pub struct NewNetwork {
     pub name: String,
     /// Prefix.
     pub cidr: Ipv4Net,
+    /// IPv6 prefix (checked: a ULA /48).
+    pub cidr6: Option<Ipv6Net>,
     /// Creation time.
     pub created_at: UnixTime,
 }
@@ -317,6 +322,19 @@ pub struct NodeRecord {
     /// An external node (stock WireGuard, no agent, no session): the node it reaches the mesh
     /// through. `None`: a node with an agent.
     pub via: Option<NodeId>,
+    /// Its IPv6 address, when its network has an IPv6 prefix (derived from `address`, never
+    /// stored: see [`NodeRecord::with_cidr6`]).
+    pub address6: Option<Ipv6Addr>,
+}
+
+impl NodeRecord {
+    /// With the IPv6 address its network's prefix `cidr6` gives it.
+    pub fn with_cidr6(self, cidr6: Option<Ipv6Net>) -> NodeRecord {
+        NodeRecord {
+            address6: cidr6.map(|c| meshlink_proto::ipam::ipv6_of(c, self.address)),
+            ..self
+        }
+    }
 }
 
 /// A new node, as [`Store::insert_node`] takes it.
@@ -373,6 +391,18 @@ pub struct WorkloadRecord {
     pub created_at: UnixTime,
     /// When its holder last changed.
     pub moved_at: Option<UnixTime>,
+    /// Its IPv6 address, when its network has an IPv6 prefix (derived, never stored).
+    pub address6: Option<Ipv6Addr>,
+}
+
+impl WorkloadRecord {
+    /// With the IPv6 address its network's prefix `cidr6` gives it.
+    pub fn with_cidr6(self, cidr6: Option<Ipv6Net>) -> WorkloadRecord {
+        WorkloadRecord {
+            address6: cidr6.map(|c| meshlink_proto::ipam::ipv6_of(c, self.address)),
+            ..self
+        }
+    }
 }
 
 /// A new workload, as [`Store::create_workload`] takes it.

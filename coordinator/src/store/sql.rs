@@ -9,6 +9,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+
+use ipnet::Ipv6Net;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Once;
@@ -45,13 +47,17 @@ const PG_WRITE_LOCK: i64 = 0x6d65_7368_6c69_6e6b;
 pub const CHANGES_KEPT: u64 = 10_000;
 
 const WORKLOAD_COLUMNS: &str = "id, network, name, address, holder, generation, previous, \
-                                standby, allowed, tags, created_at, moved_at";
+                                standby, allowed, tags, created_at, moved_at, \
+                                (SELECT cidr6 FROM networks WHERE networks.name = workloads.network) \
+                                AS cidr6";
 
 const POLICY_COLUMNS: &str = "network, version, source, author, created_at, restored";
 
 const NODE_COLUMNS: &str = "id, network, name, public_key, address, secret_hash, labels, tags, \
                             endpoints, observed, revoked, created_at, last_seen, next_key, \
-                            key_since, rotation_asked, expired_at, via";
+                            key_since, rotation_asked, expired_at, via, \
+                            (SELECT cidr6 FROM networks WHERE networks.name = nodes.network) \
+                            AS cidr6";
 
 const TOKEN_COLUMNS: &str =
     "id, secret_hash, network, tags, expires_at, max_uses, used, revoked, created_at";
@@ -281,6 +287,21 @@ impl SqlStore {
         }
     }
 
+    /// A network's IPv6 prefix, if it has one.
+    async fn network_cidr6(
+        tx: &mut Transaction<'static, Any>,
+        network: &str,
+    ) -> Result<Option<Ipv6Net>, StoreError> {
+        let row = sqlx::query("SELECT cidr6 FROM networks WHERE name = $1")
+            .bind(network)
+            .fetch_optional(&mut **tx)
+            .await?;
+        match row {
+            Some(row) => cidr6_column(&row),
+            None => Ok(None),
+        }
+    }
+
     async fn node_network(
         tx: &mut Transaction<'static, Any>,
         id: NodeId,
@@ -299,11 +320,13 @@ impl Store for SqlStore {
         Box::pin(async move {
             let mut tx = self.write_tx().await?;
             sqlx::query(
-                "INSERT INTO networks (name, cidr, version, created_at) VALUES ($1, $2, 0, $3)",
+                "INSERT INTO networks (name, cidr, version, created_at, cidr6) \
+                 VALUES ($1, $2, 0, $3, $4)",
             )
             .bind(&n.name)
             .bind(n.cidr.to_string())
             .bind(n.created_at)
+            .bind(n.cidr6.map(|c| c.to_string()))
             .execute(&mut *tx)
             .await
             .map_err(conflict)?;
@@ -312,6 +335,7 @@ impl Store for SqlStore {
             Ok(NetworkRecord {
                 name: n.name,
                 cidr: n.cidr,
+                cidr6: n.cidr6,
                 version: 0,
                 created_at: n.created_at,
             })
@@ -320,21 +344,23 @@ impl Store for SqlStore {
 
     fn networks(&self) -> StoreFuture<'_, Vec<NetworkRecord>> {
         Box::pin(async move {
-            let rows =
-                sqlx::query("SELECT name, cidr, version, created_at FROM networks ORDER BY name")
-                    .fetch_all(&self.pool)
-                    .await?;
+            let rows = sqlx::query(
+                "SELECT name, cidr, cidr6, version, created_at FROM networks ORDER BY name",
+            )
+            .fetch_all(&self.pool)
+            .await?;
             rows.iter().map(network_row).collect()
         })
     }
 
     fn network<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Option<NetworkRecord>> {
         Box::pin(async move {
-            let row =
-                sqlx::query("SELECT name, cidr, version, created_at FROM networks WHERE name = $1")
-                    .bind(name)
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let row = sqlx::query(
+                "SELECT name, cidr, cidr6, version, created_at FROM networks WHERE name = $1",
+            )
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await?;
             row.as_ref().map(network_row).transpose()
         })
     }
@@ -427,6 +453,7 @@ impl Store for SqlStore {
                 }
             }
             let address = Self::choose_address(&mut tx, &n.network, n.address).await?;
+            let cidr6 = Self::network_cidr6(&mut tx, &n.network).await?;
             // Without a wanted name the node is inserted under an empty name (never a valid
             // name, and the transaction holds the write lock) and renamed once its id is known.
             let row = sqlx::query(
@@ -503,7 +530,9 @@ impl Store for SqlStore {
                 rotation_asked: None,
                 expired_at: None,
                 via: n.via,
-            };
+                address6: None,
+            }
+            .with_cidr6(cidr6);
             Ok((record, version))
         })
     }
@@ -641,6 +670,7 @@ impl Store for SqlStore {
         Box::pin(async move {
             let mut tx = self.write_tx().await?;
             let address = Self::choose_address(&mut tx, &w.network, w.address).await?;
+            let cidr6 = Self::network_cidr6(&mut tx, &w.network).await?;
             let row = sqlx::query(
                 "INSERT INTO workloads (network, name, address, holder, generation, previous, \
                  standby, allowed, tags, created_at, moved_at) \
@@ -675,7 +705,9 @@ impl Store for SqlStore {
                     tags: w.tags,
                     created_at: w.created_at,
                     moved_at: None,
-                },
+                    address6: None,
+                }
+                .with_cidr6(cidr6),
                 version,
             ))
         })
@@ -1108,6 +1140,7 @@ fn network_row(row: &AnyRow) -> Result<NetworkRecord, StoreError> {
     Ok(NetworkRecord {
         name: row.try_get("name")?,
         cidr: parse(&row.try_get::<String, _>("cidr")?, "cidr")?,
+        cidr6: cidr6_column(row)?,
         version: to_u64(row.try_get("version")?)?,
         created_at: row.try_get("created_at")?,
     })
@@ -1147,7 +1180,16 @@ fn workload_row(row: &AnyRow) -> Result<WorkloadRecord, StoreError> {
         tags: from_json(&row.try_get::<String, _>("tags")?, "workloads.tags")?,
         created_at: row.try_get("created_at")?,
         moved_at: row.try_get("moved_at")?,
-    })
+        address6: None,
+    }
+    .with_cidr6(cidr6_column(row)?))
+}
+
+/// The `cidr6` column of a row (a network's, or one joined to a node or workload).
+fn cidr6_column(row: &AnyRow) -> Result<Option<Ipv6Net>, StoreError> {
+    row.try_get::<Option<String>, _>("cidr6")?
+        .map(|c| parse(&c, "networks.cidr6"))
+        .transpose()
 }
 
 fn policy_row(row: &AnyRow) -> Result<PolicyRecord, StoreError> {
@@ -1199,7 +1241,9 @@ fn node_row(row: &AnyRow) -> Result<NodeRecord, StoreError> {
             .try_get::<Option<i64>, _>("via")?
             .map(to_u64)
             .transpose()?,
-    })
+        address6: None,
+    }
+    .with_cidr6(cidr6_column(row)?))
 }
 
 fn parse<T: FromStr>(text: &str, column: &str) -> Result<T, StoreError> {

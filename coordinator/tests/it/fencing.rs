@@ -287,6 +287,7 @@ impl Sim {
             .create_network(CreateNetwork {
                 name: NETWORK.into(),
                 cidr: "100.64.0.0/16".into(),
+                cidr6: None,
             })
             .await
             .unwrap();

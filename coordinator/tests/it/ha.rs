@@ -80,6 +80,7 @@ async fn pair_with_network(
     a.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
+        cidr6: None,
     })
     .await
     .unwrap();
@@ -379,6 +380,7 @@ async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
     a.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
+        cidr6: None,
     })
     .await
     .unwrap();

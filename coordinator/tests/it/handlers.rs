@@ -33,6 +33,7 @@ async fn network(store: &dyn Store, name: &str, cidr: &str) {
         CreateNetwork {
             name: name.into(),
             cidr: cidr.into(),
+            cidr6: None,
         },
     )
     .await
@@ -571,6 +572,7 @@ async fn network_rules(db: &TestDb) {
     let mk = |name: &str, cidr: &str| CreateNetwork {
         name: name.into(),
         cidr: cidr.into(),
+        cidr6: None,
     };
     let e = create_network(&store, 0, &ADMIN, mk("prod", "10.0.0.0/24"))
         .await
@@ -626,7 +628,121 @@ async fn the_store_trait_is_object_safe(db: &TestDb) {
     assert_eq!(store.networks().await.unwrap().len(), 1);
 }
 
+/// A network with an IPv6 prefix: every node and workload has the /48 with its IPv4 address
+/// in the low 32 bits, in the store's records, the map and the welcome; a bad prefix is
+/// refused naming `cidr6`, and two networks cannot share one.
+async fn ipv6_addresses_go_with_the_ipv4_ones(db: &TestDb) {
+    use meshlink_coordinator::handlers::nodes::welcome;
+    use meshlink_coordinator::handlers::workloads::{create_workload, info, CreateWorkload};
+    let store = db.open().await;
+    let mk = |name: &str, cidr: &str, cidr6: Option<&str>| CreateNetwork {
+        name: name.into(),
+        cidr: cidr.into(),
+        cidr6: cidr6.map(Into::into),
+    };
+    for (bad, why) in [
+        ("fd7a:115c:a1e0::/64", "not a /48"),
+        ("2001:db8:7::/48", "unique local"),
+        ("not-a-prefix", "not an IPv6 prefix"),
+    ] {
+        let e = create_network(&store, 0, &ADMIN, mk("v6", "100.64.0.0/16", Some(bad)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, ApiError::Invalid(m) if m.starts_with("cidr6: ") && m.contains(why)),
+            "{bad}: {e}"
+        );
+    }
+    assert!(
+        store.networks().await.unwrap().is_empty(),
+        "nothing was created"
+    );
+    let net = create_network(
+        &store,
+        0,
+        &ADMIN,
+        mk("v6", "100.64.0.0/16", Some("fd7a:115c:a1e0::/48")),
+    )
+    .await
+    .unwrap();
+    assert_eq!(net.cidr6, Some("fd7a:115c:a1e0::/48".parse().unwrap()));
+    let e = create_network(
+        &store,
+        0,
+        &ADMIN,
+        mk("other", "10.1.0.0/16", Some("fd7a:115c:a1e0::/48")),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Conflict(m) if m.contains("cidr6")),
+        "{e}"
+    );
+    network(&store, "v4", "10.2.0.0/16").await;
+
+    token(&store, "v6", "tok", None, Some(5)).await;
+    let a = join_ok(&store, "tok", 1, Some("a")).await;
+    assert_eq!(a.node.address.to_string(), "100.64.0.1");
+    assert_eq!(
+        a.node.address6,
+        Some("fd7a:115c:a1e0::6440:1".parse().unwrap())
+    );
+    let w = welcome(&a.node, &a.network, None, vec![]);
+    assert_eq!(
+        w.addresses,
+        vec![
+            "100.64.0.1/16".parse().unwrap(),
+            "fd7a:115c:a1e0::6440:1/48".parse().unwrap()
+        ]
+    );
+    assert_eq!(
+        w.network_cidr6,
+        Some("fd7a:115c:a1e0::/48".parse().unwrap())
+    );
+    let (wl, _) = create_workload(
+        &store,
+        1002,
+        &ADMIN,
+        CreateWorkload {
+            name: "web".into(),
+            network: "v6".into(),
+            address: Some("100.64.50.10".parse().unwrap()),
+            standby: vec![],
+            allowed: vec!["a".into()],
+            tags: vec![],
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        info(&wl).address6,
+        Some("fd7a:115c:a1e0::6440:320a/128".parse().unwrap())
+    );
+    // Read back: the same, from the store.
+    let nodes = store.nodes(Some("v6")).await.unwrap();
+    let workloads = store.workloads(Some("v6")).await.unwrap();
+    assert_eq!(workloads[0].address6, wl.address6);
+    let map = netmap(1, &nodes, &workloads, None);
+    assert_eq!(
+        map.peers[&a.node.id].addresses,
+        vec![
+            "100.64.0.1/32".parse().unwrap(),
+            "fd7a:115c:a1e0::6440:1/128".parse().unwrap()
+        ]
+    );
+    assert_eq!(map.workloads["web"].address6, info(&wl).address6);
+    // An IPv4-only network's nodes have none.
+    token(&store, "v4", "tok4", None, Some(1)).await;
+    let b = join_ok(&store, "tok4", 2, Some("b")).await;
+    assert_eq!(b.node.address6, None);
+    assert_eq!(
+        welcome(&b.node, &b.network, None, vec![]).addresses.len(),
+        1
+    );
+}
+
 crate::on_both_stores!(
+    ipv6_addresses_go_with_the_ipv4_ones,
     join_allocates_lowest_addresses_and_counts_uses,
     expired_and_revoked_tokens_are_refused,
     default_tokens_allow_one_join_within_an_hour,

@@ -55,6 +55,7 @@ async fn two_nodes(store: &dyn Store) -> (Joined, Joined) {
         CreateNetwork {
             name: "prod".into(),
             cidr: "100.64.0.0/24".into(),
+            cidr6: None,
         },
     )
     .await
@@ -329,6 +330,7 @@ async fn the_service_carries_a_rotation_from_request_to_completion(db: &TestDb) 
     s.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
+        cidr6: None,
     })
     .await
     .unwrap();
@@ -442,6 +444,7 @@ async fn the_tick_asks_on_schedule_and_expires_nodes_away(db: &TestDb) {
         s.create_network(CreateNetwork {
             name: name.into(),
             cidr: cidr.into(),
+            cidr6: None,
         })
         .await
         .unwrap();

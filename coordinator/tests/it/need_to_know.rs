@@ -161,6 +161,7 @@ async fn create_network(s: &Service) {
     s.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/24".into(),
+        cidr6: None,
     })
     .await
     .unwrap();

@@ -55,6 +55,7 @@ async fn service_with(
     s.create_network(CreateNetwork {
         name: "prod".into(),
         cidr: "100.64.0.0/16".into(),
+        cidr6: None,
     })
     .await
     .unwrap();

@@ -453,6 +453,7 @@ impl Sim {
                 .create_network(CreateNetwork {
                     name: name.into(),
                     cidr: cidr.into(),
+                    cidr6: None,
                 })
                 .await
                 .unwrap();

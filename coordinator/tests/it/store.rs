@@ -20,6 +20,7 @@ async fn network(store: &dyn Store) {
         CreateNetwork {
             name: "prod".into(),
             cidr: "100.64.0.0/16".into(),
+            cidr6: None,
         },
     )
     .await

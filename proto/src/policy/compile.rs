@@ -219,10 +219,14 @@ impl NodeTable {
             .into_iter()
             .map(|n| slot(n, &mut slots))
             .collect();
-        let workload_slot: HashMap<&str, u32> = map
+        // A workload's slots: its address, and its IPv6 address if any.
+        let workload_slots: HashMap<&str, Vec<u32>> = map
             .workloads
             .values()
-            .map(|w| (w.name.as_str(), slot(w.address, &mut slots)))
+            .map(|w| {
+                let mine = w.addresses().map(|a| slot(a, &mut slots)).collect();
+                (w.name.as_str(), mine)
+            })
             .collect();
         table.slot_rules = vec![0; slots.len() * table.words];
         let mut any: Vec<Vec<u32>> = vec![Vec::new(); slots.len()];
@@ -243,7 +247,7 @@ impl NodeTable {
                     index
                         .workloads(s)
                         .iter()
-                        .map(|w| workload_slot[w.name.as_str()]),
+                        .flat_map(|w| &workload_slots[w.name.as_str()]),
                 );
             }
             if dsts.is_empty() {
@@ -266,7 +270,7 @@ impl NodeTable {
                 let prefixes = nodes
                     .iter()
                     .flat_map(|p| p.routed())
-                    .chain(workloads.iter().map(|w| w.address));
+                    .chain(workloads.iter().flat_map(|w| w.addresses()));
                 for src in prefixes {
                     let src = Net::of(src);
                     if src.is_host() {

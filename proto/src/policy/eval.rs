@@ -549,6 +549,7 @@ pub(super) mod tests {
             candidates: holder.into_iter().collect(),
             grace_ms: None,
             tags: tags.iter().map(|t| t.to_string()).collect(),
+            address6: None,
         }
     }
 
