@@ -121,19 +121,14 @@ fn nodes_and_workloads_answer_on_ipv6_too() {
         );
     }
     // Every pair, both ways, small and near the MTU.
-    for i in 0..3 {
-        for j in 0..3 {
-            if i != j {
-                wait_ping6(
-                    ns[i],
-                    v6(ips[j]),
-                    &format!("node {i} to ping node {j} over IPv6"),
-                );
-                assert!(
-                    ping6(ns[i], v6(ips[j]), 1300),
-                    "1,300-byte ping6 {i} -> {j}"
-                );
-            }
+    for (i, from) in ns.iter().enumerate() {
+        for (j, to) in ips.iter().enumerate().filter(|(j, _)| *j != i) {
+            wait_ping6(
+                from,
+                v6(*to),
+                &format!("node {i} to ping node {j} over IPv6"),
+            );
+            assert!(ping6(from, v6(*to), 1300), "1,300-byte ping6 {i} -> {j}");
         }
     }
 
