@@ -451,6 +451,23 @@ mod tests {
     }
 
     #[test]
+    fn in_a_network_with_an_ipv6_prefix_both_families() {
+        let mut a = answer(&["203.0.113.10:51820"]);
+        a.node.address6 = Some("fd7a:115c:a1e0::6440:7".parse().unwrap());
+        a.network_cidr6 = Some("fd7a:115c:a1e0::/48".parse().unwrap());
+        let config = DeviceConfig::new(&a, None, None).unwrap();
+        let text = config.text();
+        assert!(
+            text.contains("\nAddress = 100.64.0.7/32, fd7a:115c:a1e0::6440:7/128\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nAllowedIPs = 100.64.0.0/16, fd7a:115c:a1e0::/48\n"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn with_the_private_key_meshctl_made() {
         let key = DeviceKey::from_bytes([9; 32]);
         let private = Key(key.0.to_bytes()).to_base64();
