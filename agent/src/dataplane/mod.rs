@@ -981,6 +981,7 @@ impl Device {
             drops.other += 1;
             return;
         }
+        let mut flush = false;
         match noise.decapsulate(Some(from.ip()), datagram, slot) {
             NoiseOutput::Tunnel(packet, _)
                 if packet.len()
@@ -1095,18 +1096,7 @@ impl Device {
                     // queued while the handshake ran, which it releases.
                     *tx_bytes += n as u64;
                     *tx_packets += 1;
-                    loop {
-                        let space = net.space(1500 + DATA_OVERHEAD + 64);
-                        match noise.decapsulate(None, &[], space) {
-                            NoiseOutput::Network(out) => {
-                                let n = out.len();
-                                net.commit(from, n);
-                                *tx_bytes += n as u64;
-                                *tx_packets += 1;
-                            }
-                            _ => break,
-                        }
-                    }
+                    flush = true;
                 }
             }
             NoiseOutput::Done => {
@@ -1117,6 +1107,22 @@ impl Device {
                 NoiseError::Replay => drops.replay += 1,
                 _ => drops.other += 1,
             },
+        }
+        // Also released by the peer's first data on a session this side answered (see
+        // `noise`, "Crossing handshakes").
+        if flush || (kind == DATA_MESSAGE && noise.take_confirmed()) {
+            loop {
+                let space = net.space(1500 + DATA_OVERHEAD + 64);
+                match noise.decapsulate(None, &[], space) {
+                    NoiseOutput::Network(out) => {
+                        let n = out.len();
+                        net.commit(from, n);
+                        *tx_bytes += n as u64;
+                        *tx_packets += 1;
+                    }
+                    _ => break,
+                }
+            }
         }
         if authenticated {
             *rx_bytes += datagram.len() as u64;
