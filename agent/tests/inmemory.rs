@@ -488,6 +488,51 @@ fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
     assert!(sim.ping(0, 1, b"after flood"));
 }
 
+#[test]
+fn the_handshake_limit_counts_each_message_once() {
+    // The device allows 100 handshake messages a second before it asks for cookies; each one
+    // must count once (it once counted twice: cookies from the 51st).
+    let mut sim = Sim::mesh(2, None);
+    let mut net = NetBatch::with_capacity(4096);
+    sim.nodes[0].device.outbound(
+        &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"),
+        &mut net,
+    );
+    let init = net.bytes(net.items()[0].start, net.items()[0].len).to_vec();
+    assert_eq!(init[0], 1);
+    let mut answers = [0usize; 4];
+    for _ in 0..95 {
+        let mut tun = TunBatch::new(1, 16, 2048);
+        let mut out = NetBatch::with_capacity(4096);
+        sim.nodes[1]
+            .device
+            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
+        for i in out.items() {
+            answers[usize::from(out.bytes(i.start, i.len)[0]).min(3)] += 1;
+        }
+    }
+    assert_eq!(answers[3], 0, "cookie replies below the limit: {answers:?}");
+    assert!(answers[2] >= 1, "the initiation was answered: {answers:?}");
+    // Beyond it, cookies.
+    let mut cookies = 0;
+    for _ in 0..20 {
+        let mut tun = TunBatch::new(1, 16, 2048);
+        let mut out = NetBatch::with_capacity(4096);
+        sim.nodes[1]
+            .device
+            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
+        cookies += out
+            .items()
+            .iter()
+            .filter(|i| out.bytes(i.start, i.len)[0] == 3)
+            .count();
+    }
+    assert!(
+        cookies >= 10,
+        "only {cookies} cookie replies past the limit"
+    );
+}
+
 /// The workload address of the move tests.
 const WORKLOAD: Ipv4Addr = Ipv4Addr::new(100, 64, 50, 10);
 

@@ -220,7 +220,10 @@ struct Table {
     firewall: Firewall,
     gateway: Gateway,
     public: x25519::PublicKey,
+    /// Counts and limits handshake messages, device-wide (`find_sender`).
     limiter: Arc<RateLimiter>,
+    /// Checks them again in each session, without counting (see [`new_verifier`]).
+    verifier: Arc<RateLimiter>,
     peers: HashMap<PublicKey, Arc<Peer>>,
     by_index: HashMap<u32, Arc<Peer>>,
     routes: AllowedIps<Arc<Peer>>,
@@ -327,6 +330,14 @@ fn new_limiter(public: &x25519::PublicKey) -> Arc<RateLimiter> {
     Arc::new(RateLimiter::new(public, HANDSHAKE_RATE_LIMIT))
 }
 
+/// What the sessions check handshake messages with: the device's MAC1 key, and no limit. The
+/// device's limiter has counted (and, under load, answered with a cookie) each message in
+/// `find_sender` already; a session checking it against that same limiter again would count
+/// it twice, halving the rate before cookies.
+fn new_verifier(public: &x25519::PublicKey) -> Arc<RateLimiter> {
+    Arc::new(RateLimiter::new(public, u64::MAX))
+}
+
 /// Whether a decrypted packet should reach the TUN device without waiting for the rest of its
 /// receive batch: anything but TCP (pings, DNS, real-time UDP). Bulk TCP is what fills large
 /// batches; a packet of another kind decrypted early in one would otherwise wait for all of
@@ -371,6 +382,7 @@ impl Device {
         let table = Table {
             public,
             limiter: new_limiter(&public),
+            verifier: new_verifier(&public),
             config: DeviceConfig {
                 peers: Vec::new(),
                 ..config.clone()
@@ -428,6 +440,7 @@ impl Device {
         if key_changed {
             t.public = x25519::PublicKey::from(&new.private_key.0);
             t.limiter = new_limiter(&t.public);
+            t.verifier = new_verifier(&t.public);
         }
         // Later peers win contested prefixes; drop the prefix from the earlier holder.
         let mut owner: HashMap<ipnet::IpNet, usize> = HashMap::new();
@@ -480,7 +493,7 @@ impl Device {
                     let endpoint = pc
                         .endpoint
                         .or_else(|| t.peers.get(&pc.public_key).and_then(|o| o.lock().endpoint));
-                    let noise = boring_factory(&new.private_key.0, pc, index, t.limiter.clone());
+                    let noise = boring_factory(&new.private_key.0, pc, index, t.verifier.clone());
                     Arc::new(Peer {
                         key: pc.public_key,
                         index,

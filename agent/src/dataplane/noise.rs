@@ -142,7 +142,8 @@ pub struct BoringNoise {
 }
 
 impl BoringNoise {
-    /// A session with `peer`, using a limiter shared by the whole device.
+    /// A session with `peer`; `limiter` checks handshake messages (the device gives its
+    /// verifier, which counts nothing: the device counted them already).
     pub fn new(
         private: x25519::StaticSecret,
         peer: x25519::PublicKey,
