@@ -492,7 +492,7 @@ fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
 fn the_handshake_limit_counts_each_message_once() {
     // The device allows 100 handshake messages a second before it asks for cookies; each one
     // must count once (it once counted twice: cookies from the 51st).
-    let mut sim = Sim::mesh(2, None);
+    let sim = Sim::mesh(2, None);
     let mut net = NetBatch::with_capacity(4096);
     sim.nodes[0].device.outbound(
         &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"),
