@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The key a source is capped under: its IPv4 address, or the /64 of its IPv6 address (one
@@ -43,6 +43,28 @@ pub struct Connections {
     max_per_source: usize,
     authenticated: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
     max_authenticated_per_source: usize,
+    refused: RefusalCounters,
+}
+
+/// Connections [`Connections::admit`] refused since start, by the cap that was reached. (A
+/// hello refused by the cap after it, [`Refusal::TooManySessionsFromSource`], is the caller's
+/// to count, with its other reasons for refusing a hello.)
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Refused {
+    /// [`Refusal::Full`].
+    pub full: u64,
+    /// [`Refusal::TooManyUnauthenticated`].
+    pub unauthenticated: u64,
+    /// [`Refusal::TooManyFromSource`].
+    pub from_source: u64,
+}
+
+/// The counts behind [`Refused`].
+#[derive(Debug, Default)]
+struct RefusalCounters {
+    full: AtomicU64,
+    unauthenticated: AtomicU64,
+    from_source: AtomicU64,
 }
 
 /// The connections whose hello is not accepted yet, in all and by source.
@@ -111,6 +133,7 @@ impl Connections {
             max_per_source,
             authenticated: Arc::default(),
             max_authenticated_per_source: usize::MAX,
+            refused: RefusalCounters::default(),
         }
     }
 
@@ -124,8 +147,34 @@ impl Connections {
     /// A place for a new connection from `remote`, which has not said hello yet.
     ///
     /// # Errors
-    /// [`Refusal`]: the cap that is reached.
+    /// [`Refusal`]: the cap that is reached (counted: [`Connections::refused`]).
     pub fn admit(&self, remote: IpAddr) -> Result<Admission, Refusal> {
+        let admitted = self.try_admit(remote);
+        if let Err(refusal) = &admitted {
+            let r = &self.refused;
+            let counter = match refusal {
+                Refusal::Full => &r.full,
+                Refusal::TooManyUnauthenticated => &r.unauthenticated,
+                Refusal::TooManyFromSource => &r.from_source,
+                // Not a cap of admission: BeforeHello::accept's.
+                Refusal::TooManySessionsFromSource => return admitted,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    /// Connections refused by [`Connections::admit`] since start.
+    pub fn refused(&self) -> Refused {
+        let r = &self.refused;
+        Refused {
+            full: r.full.load(Ordering::Relaxed),
+            unauthenticated: r.unauthenticated.load(Ordering::Relaxed),
+            from_source: r.from_source.load(Ordering::Relaxed),
+        }
+    }
+
+    fn try_admit(&self, remote: IpAddr) -> Result<Admission, Refusal> {
         let source = source_key(remote);
         let mut u = self
             .unauthenticated
@@ -260,6 +309,15 @@ mod tests {
             c.admit("198.18.0.3".parse().unwrap()).unwrap_err(),
             Refusal::TooManyUnauthenticated
         );
+        // Each refusal is counted under its cap.
+        assert_eq!(
+            c.refused(),
+            Refused {
+                full: 0,
+                unauthenticated: 1,
+                from_source: 1
+            }
+        );
         // A hello accepted: the connection stays, its place before the hello is free.
         drop(hello_a);
         assert_eq!((c.open(), c.unauthenticated()), (4, 3));
@@ -283,6 +341,13 @@ mod tests {
         drop((first.before_hello, second.before_hello));
         assert_eq!(c.admit(other).unwrap_err(), Refusal::Full);
         assert_eq!(c.unauthenticated(), 0, "a refusal holds nothing");
+        assert_eq!(
+            c.refused(),
+            Refused {
+                full: 1,
+                ..Refused::default()
+            }
+        );
     }
 
     /// After their hello, one source holds at most its sessions' share; a session that ends
@@ -295,6 +360,11 @@ mod tests {
         let a = accept(one).unwrap();
         let _b = accept(one).unwrap();
         assert_eq!(accept(one).unwrap_err(), Refusal::TooManySessionsFromSource);
+        assert_eq!(
+            c.refused(),
+            Refused::default(),
+            "a refused hello is its caller's to count"
+        );
         assert_eq!(
             c.unauthenticated(),
             0,

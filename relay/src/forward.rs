@@ -279,6 +279,31 @@ pub struct RelayStats {
     pub congested: u64,
 }
 
+impl RelayStats {
+    /// The frames dropped, by reason, named as `GET /v1/status` and the metrics name them.
+    pub fn dropped(&self) -> [(&'static str, u64); 8] {
+        [
+            ("unauthenticated", self.unauthenticated),
+            ("rate_limited", self.rate_limited),
+            ("malformed", self.malformed),
+            ("no_route", self.no_route),
+            ("other_network", self.other_network),
+            ("too_large", self.too_large),
+            ("unsupported", self.unsupported),
+            ("congested", self.congested),
+        ]
+    }
+}
+
+/// Sessions registered with a [`Relay`] of [`SessionLink`]s, by transport.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionsByTransport {
+    /// Over QUIC.
+    pub quic: usize,
+    /// Over TLS/TCP.
+    pub tcp: usize,
+}
+
 /// One session of a node.
 #[derive(Debug)]
 struct Session<L> {
@@ -618,6 +643,21 @@ impl<L: Link> Relay<L> {
             .flatten()
             .map(|e| e.sessions.len())
             .sum()
+    }
+}
+
+impl Relay<SessionLink> {
+    /// Sessions registered, by the transport of their connection (for the metrics).
+    pub fn sessions_by_transport(&self) -> SessionsByTransport {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let mut counts = SessionsByTransport::default();
+        for session in routes.values().flatten().flat_map(|e| &e.sessions) {
+            match session.link {
+                SessionLink::Quic(_) => counts.quic += 1,
+                SessionLink::Stream(_) => counts.tcp += 1,
+            }
+        }
+        counts
     }
 }
 

@@ -95,6 +95,10 @@ struct RunArgs {
     /// Seconds without a packet after which a session is closed.
     #[arg(long, env = "MESHLINK_RELAY_IDLE_TIMEOUT_SECS", default_value_t = 30)]
     idle_timeout_secs: u64,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (plain HTTP, no token: choose an
+    /// address only the scraper reaches). Off unless given.
+    #[arg(long, env = "MESHLINK_RELAY_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,27 +144,27 @@ fn main() -> anyhow::Result<()> {
         max_sessions_per_ip: run.max_sessions_per_ip.max(1),
         hello_timeout: Duration::from_secs(run.hello_timeout_secs.clamp(1, 300)),
         idle_timeout: Duration::from_secs(run.idle_timeout_secs.clamp(3, 3600)),
+        metrics_listen: run.metrics_listen,
     };
     let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     rt.block_on(async {
         let running = meshlink_relay::server::start(&settings).await?;
         // Once the listeners are bound (scripts and tests wait for this line).
         println!("relay fingerprint: {}", running.fingerprint);
-        // What it did, every minute it did something: the only window on a running relay.
-        let relay = running.relay.clone();
-        let refused = running.refused.clone();
+        // What it did, every minute it did something (besides the metrics, when served).
+        let counters = running.counters();
         tokio::spawn(async move {
             let mut last = None;
             let mut tick = tokio::time::interval(Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                let stats = relay.stats();
-                let now = (stats, refused.load(std::sync::atomic::Ordering::Relaxed));
+                let now = counters();
                 if last != Some(now) {
                     tracing::info!(
-                        sessions = relay.routes(),
-                        ?stats,
-                        refused = now.1,
+                        sessions = now.sessions.quic + now.sessions.tcp,
+                        stats = ?now.relay,
+                        accepted = now.outcomes.accepted,
+                        refused = now.outcomes.refused_total(),
                         "relay counters"
                     );
                     last = Some(now);
@@ -173,10 +177,11 @@ fn main() -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
-        let stats = running.relay.stats();
+        let now = running.snapshot();
         tracing::info!(
-            ?stats,
-            refused = running.refused.load(std::sync::atomic::Ordering::Relaxed),
+            stats = ?now.relay,
+            accepted = now.outcomes.accepted,
+            refused = now.outcomes.refused_total(),
             "stopping"
         );
         running.stop().await;

@@ -23,6 +23,10 @@
 //!      displaced it
 //! ```
 //!
+//! Refusals and ends are typed ([`crate::outcome`]) and counted once, where they are decided;
+//! with the forwarding core's and the admission caps' counters they are what `--metrics-listen`
+//! serves ([`crate::metrics`]).
+//!
 //! # Security
 //! No open relay: frames are read only after a ticket signed by the mesh's coordinators was
 //! verified and proved the presenter's own (the hello signs this connection's exporter value
@@ -56,6 +60,8 @@ use tokio::time::timeout_at;
 use tracing::{debug, info, Instrument};
 
 use crate::admission::{Admission, AfterHello, BeforeHello, Connections};
+use crate::metrics::{Snapshot, SnapshotFn};
+use crate::outcome::{HelloRefusal, Outcomes, SessionEnd};
 use crate::ratelimit::TokenBucket;
 use meshlink_proto::relay::unreachable_notice;
 
@@ -96,6 +102,9 @@ pub struct Settings {
     /// A connection without a packet for this long is closed (QUIC idle timeout; TCP
     /// keepalives and `TCP_USER_TIMEOUT`).
     pub idle_timeout: Duration,
+    /// Where the Prometheus metrics are served (`GET /metrics`, plain HTTP, no token:
+    /// [`crate::metrics`]); `None`, the default: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// Why the relay cannot start.
@@ -118,6 +127,15 @@ pub enum StartError {
     /// A listener cannot be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metrics listener cannot be bound.
+    #[error("cannot listen on {addr} (--metrics-listen): {source}")]
+    Metrics {
         /// The address.
         addr: SocketAddr,
         /// Why.
@@ -234,22 +252,42 @@ fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, StartError> {
         .map_err(|e| StartError::Tls(e.to_string()))
 }
 
-/// A running relay: its address, counters and stop switch.
-#[derive(Debug)]
+/// A running relay: its addresses, counters and stop switch.
 pub struct Running {
     /// Where it listens (QUIC and TCP).
     pub addr: SocketAddr,
+    /// Where its metrics are served, when they are.
+    pub metrics_addr: Option<SocketAddr>,
     /// Its certificate's fingerprint (what `[[relays]]` entries name).
     pub fingerprint: String,
     /// Its forwarding core (counters, routes).
     pub relay: Arc<Relay>,
-    /// Sessions refused (tickets) since start.
-    pub refused: Arc<AtomicU64>,
+    snapshot: SnapshotFn,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
 
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("addr", &self.addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Running {
+    /// Every counter now: what the metrics show.
+    pub fn snapshot(&self) -> Snapshot {
+        (self.snapshot)()
+    }
+
+    /// What reads every counter, for a task of its own.
+    pub fn counters(&self) -> SnapshotFn {
+        self.snapshot.clone()
+    }
+
     /// Stops accepting and ends every session.
     pub async fn stop(mut self) {
         let _ = self.shutdown.send(true);
@@ -262,10 +300,25 @@ struct Shared {
     relay: Arc<Relay>,
     verifier: Verifier,
     serial: AtomicU64,
-    refused: Arc<AtomicU64>,
+    outcomes: Outcomes,
     connections: Connections,
     hello_timeout: Duration,
     shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    /// Every counter now.
+    fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            relay: self.relay.stats(),
+            sessions: self.relay.sessions_by_transport(),
+            nodes: self.relay.routes(),
+            connections: self.connections.open(),
+            before_hello: self.connections.unauthenticated(),
+            refused: self.connections.refused(),
+            outcomes: self.outcomes.counts(),
+        }
+    }
 }
 
 /// Binds both listeners and starts serving.
@@ -297,14 +350,22 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
     let tcp = TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
+    let metrics = match settings.metrics_listen {
+        Some(at) => {
+            let fail = |source| StartError::Metrics { addr: at, source };
+            let listener = TcpListener::bind(at).await.map_err(fail)?;
+            let bound = listener.local_addr().map_err(fail)?;
+            Some((listener, bound))
+        }
+        None => None,
+    };
     let relay = Arc::new(Relay::new(settings.rate));
-    let refused = Arc::new(AtomicU64::new(0));
     let (shutdown, shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
         relay: relay.clone(),
         verifier,
         serial: AtomicU64::new(0),
-        refused: refused.clone(),
+        outcomes: Outcomes::default(),
         connections: Connections::new(
             settings.max_sessions,
             settings.max_unauthenticated,
@@ -312,7 +373,7 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
         )
         .with_max_sessions_per_source(settings.max_sessions_per_ip),
         hello_timeout: settings.hello_timeout,
-        shutdown: shutdown_rx,
+        shutdown: shutdown_rx.clone(),
     });
     info!(
         %addr,
@@ -320,15 +381,29 @@ pub async fn start(settings: &Settings) -> Result<Running, StartError> {
         coordinator = %shared.verifier.fingerprint(),
         "relay listening (QUIC and TLS/TCP)"
     );
+    let snapshot: SnapshotFn = {
+        let shared = shared.clone();
+        Arc::new(move || shared.snapshot())
+    };
     let mut tasks = JoinSet::new();
+    let metrics_addr = metrics.map(|(listener, bound)| {
+        info!(addr = %bound, "metrics at http://{bound}/metrics");
+        tasks.spawn(crate::metrics::serve(
+            listener,
+            snapshot.clone(),
+            shutdown_rx,
+        ));
+        bound
+    });
     tasks.spawn(accept_quic(endpoint, shared.clone()));
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     tasks.spawn(accept_tcp(tcp, acceptor, shared, settings.idle_timeout));
     Ok(Running {
         addr,
+        metrics_addr,
         fingerprint: identity.fingerprint.clone(),
         relay,
-        refused,
+        snapshot,
         shutdown,
         tasks,
     })
@@ -408,7 +483,7 @@ async fn hello<R: AsyncRead + Unpin>(
     shared: &Shared,
     exporter: &[u8; EXPORTER_LEN],
     deadline: tokio::time::Instant,
-) -> Result<Result<TicketBody, String>, &'static str> {
+) -> Result<Result<TicketBody, HelloRefusal>, &'static str> {
     let mut buf = [0u8; 4096];
     // The first record's length prefix: a relay record there is refused at once, so that
     // nothing beyond one hello (MAX_RELAY_MESSAGE) is buffered before it is verified.
@@ -437,10 +512,7 @@ async fn hello<R: AsyncRead + Unpin>(
         }
     };
     if hello.protocol != meshlink_proto::relay::RELAY_PROTOCOL {
-        return Ok(Err(format!(
-            "relay protocol {} is not spoken here",
-            hello.protocol
-        )));
+        return Ok(Err(HelloRefusal::Protocol(hello.protocol)));
     }
     Ok(shared
         .verifier
@@ -449,27 +521,29 @@ async fn hello<R: AsyncRead + Unpin>(
             crate::ticket::check_proof(&body, exporter, &hello.proof)?;
             Ok(body)
         })
-        .map_err(|e| e.to_string()))
+        .map_err(HelloRefusal::from))
 }
 
 /// A verified hello takes its place among its source's sessions, or is refused.
 fn accept(
-    verdict: Result<TicketBody, String>,
+    verdict: Result<TicketBody, HelloRefusal>,
     before_hello: BeforeHello,
-) -> (Result<TicketBody, String>, Option<AfterHello>) {
+) -> (Result<TicketBody, HelloRefusal>, Option<AfterHello>) {
     match verdict {
         Ok(body) => match before_hello.accept() {
             Ok(after) => (Ok(body), Some(after)),
-            Err(e) => (Err(e.to_string()), None),
+            // The one cap after the hello: max_sessions_per_ip.
+            Err(_) => (Err(HelloRefusal::SessionsPerSource), None),
         },
         Err(e) => (Err(e), None),
     }
 }
 
-/// Writes the answer; the accepted ticket's body, or `None` when refused (counted, logged).
+/// Writes the answer; the accepted ticket's body once the answer is written (the hello
+/// counted as accepted), or `None` when refused (counted, logged) or unwritten.
 async fn answer<W: AsyncWrite + Unpin>(
     write: &mut W,
-    verdict: Result<TicketBody, String>,
+    verdict: Result<TicketBody, HelloRefusal>,
     shared: &Shared,
 ) -> Option<TicketBody> {
     let (msg, body) = match verdict {
@@ -479,10 +553,15 @@ async fn answer<W: AsyncWrite + Unpin>(
             },
             Some(body),
         ),
-        Err(reason) => {
-            shared.refused.fetch_add(1, Ordering::Relaxed);
-            info!("ticket refused: {reason}");
-            (RelayAnswer::Refused { reason }, None)
+        Err(why) => {
+            shared.outcomes.refused(&why);
+            info!(reason = why.reason(), "hello refused: {why}");
+            (
+                RelayAnswer::Refused {
+                    reason: why.to_string(),
+                },
+                None,
+            )
         }
     };
     let written = async {
@@ -490,7 +569,12 @@ async fn answer<W: AsyncWrite + Unpin>(
         write.flush().await
     };
     match tokio::time::timeout(Duration::from_secs(5), written).await {
-        Ok(Ok(())) => body,
+        Ok(Ok(())) => {
+            if body.is_some() {
+                shared.outcomes.accepted();
+            }
+            body
+        }
         _ => None,
     }
 }
@@ -567,19 +651,28 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
                     // Dropped frames are counted by the relay; none is logged.
                     relay_one(shared, &mut source, &mut notices, d.to_vec());
                 }
-                Err(e) => break format!("connection lost: {e}"),
+                Err(
+                    quinn::ConnectionError::ApplicationClosed(_)
+                    | quinn::ConnectionError::ConnectionClosed(_),
+                ) => break SessionEnd::AgentClosed,
+                Err(e) => break SessionEnd::ConnectionLost(e.to_string()),
             },
             // The agent says nothing more on the stream; its end is the session's.
             r = recv.read(&mut rest) => match r {
-                Ok(Some(_)) => break "a message after the hello".into(),
-                _ => break "the agent closed".into(),
+                Ok(Some(_)) => break SessionEnd::ProtocolError("a message after the hello"),
+                _ => break SessionEnd::AgentClosed,
             },
-            () = tokio::time::sleep_until(ends) => break "the ticket expired".into(),
-            () = route.displaced() => break "newer sessions of the node took over".into(),
-            _ = shutdown.changed() => break "shutting down".into(),
+            () = tokio::time::sleep_until(ends) => break SessionEnd::TicketExpired,
+            () = route.displaced() => break SessionEnd::Displaced,
+            _ = shutdown.changed() => break SessionEnd::Shutdown,
         }
     };
-    info!(node = body.node, "session closed: {why}");
+    shared.outcomes.ended(&why);
+    info!(
+        node = body.node,
+        reason = why.reason(),
+        "session closed: {why}"
+    );
     conn.close(0u32.into(), b"done");
 }
 
@@ -648,17 +741,17 @@ async fn tcp_session(
     let mut first = drain(&mut decoder, shared, &mut source, &mut notices).err();
     let why = loop {
         if let Some(e) = first.take() {
-            break e.to_string();
+            break SessionEnd::ProtocolError(e);
         }
         tokio::select! {
             r = read.read(&mut buf) => match r {
-                Ok(0) | Err(_) => break "the agent closed".to_string(),
+                Ok(0) | Err(_) => break SessionEnd::AgentClosed,
                 Ok(n) => {
                     if decoder.push(&buf[..n]).is_err() {
-                        break "an oversized record".into();
+                        break SessionEnd::ProtocolError("an oversized record");
                     }
                     if let Err(e) = drain(&mut decoder, shared, &mut source, &mut notices) {
-                        break e.into();
+                        break SessionEnd::ProtocolError(e);
                     }
                 }
             },
@@ -666,15 +759,20 @@ async fn tcp_session(
                 let batch = batch(frame, &mut queue);
                 let w = async { write.write_all(&batch).await?; write.flush().await };
                 if tokio::time::timeout(Duration::from_secs(10), w).await.map_or(true, |r| r.is_err()) {
-                    break "the agent stopped reading".into();
+                    break SessionEnd::Stalled;
                 }
             },
-            () = tokio::time::sleep_until(ends) => break "the ticket expired".into(),
-            () = route.displaced() => break "newer sessions of the node took over".into(),
-            _ = shutdown.changed() => break "shutting down".into(),
+            () = tokio::time::sleep_until(ends) => break SessionEnd::TicketExpired,
+            () = route.displaced() => break SessionEnd::Displaced,
+            _ = shutdown.changed() => break SessionEnd::Shutdown,
         }
     };
-    info!(node = body.node, "session closed: {why}");
+    shared.outcomes.ended(&why);
+    info!(
+        node = body.node,
+        reason = why.reason(),
+        "session closed: {why}"
+    );
     let _ = write.shutdown().await;
 }
 

@@ -1,8 +1,10 @@
 //! The standalone relay over real sockets on loopback: only ticket holders that prove the
 //! ticket's key over their connection get a session, frames cross between QUIC and TLS/TCP
-//! sessions of one network, and nowhere else.
+//! sessions of one network, and nowhere else; what it did is served as Prometheus metrics
+//! when asked for.
 
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -42,29 +44,30 @@ fn make_issuer() -> (Issuer, String) {
 }
 
 async fn bed() -> Bed {
-    bed_with(16, 16).await
+    bed_with(|_| {}).await
 }
 
-/// A relay that admits `per_ip` connections before their hello from one source, and
-/// `sessions_per_ip` after it.
-async fn bed_with(per_ip: usize, sessions_per_ip: usize) -> Bed {
+/// A relay whose settings (16 connections of each kind, no metrics) `configure` changed.
+async fn bed_with(configure: impl FnOnce(&mut Settings)) -> Bed {
     let dir = tempfile::tempdir().unwrap();
     let (issuer, pem) = make_issuer();
     let (foreign, _) = make_issuer();
     let cert = dir.path().join("coordinator.crt");
     std::fs::write(&cert, pem).unwrap();
-    let settings = Settings {
+    let mut settings = Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: dir.path().join("state"),
         coordinator_cert: cert,
         rate: meshlink_relay::forward::DEFAULT_RATE,
         max_sessions: 16,
         max_unauthenticated: 16,
-        max_unauthenticated_per_ip: per_ip,
-        max_sessions_per_ip: sessions_per_ip,
+        max_unauthenticated_per_ip: 16,
+        max_sessions_per_ip: 16,
         hello_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(10),
+        metrics_listen: None,
     };
+    configure(&mut settings);
     let running = start(&settings).await.unwrap();
     let id = meshlink_relay::server::load_or_create_identity(&settings.state_dir).unwrap();
     assert!(!id.created, "made once, then loaded");
@@ -138,6 +141,35 @@ async fn quic_hello(
     (answer, conn, hello)
 }
 
+/// A TLS/TCP connection to the relay, its handshake done, before any hello.
+async fn tls_connect(bed: &Bed) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(tls(&bed.fingerprint)))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// The hello of `issued` on `stream`, proved over it.
+fn tls_hello(
+    stream: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    issued: &Issued,
+) -> RelayHello {
+    let exporter = stream
+        .get_ref()
+        .1
+        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b"".as_slice()))
+        .unwrap();
+    RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: issued.ticket.clone(),
+        proof: prove(&issued.proof_secret, &exporter).unwrap(),
+    }
+}
+
 fn ticket(i: &Issuer, key: u8, network: &str) -> Issued {
     i.issue(PublicKey([key; 32]), network, u64::from(key), now())
         .unwrap()
@@ -191,28 +223,21 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
     }
     let (garbage, _, _) = quic_hello(&bed, "not a ticket", |_| String::new()).await;
     assert!(matches!(garbage, RelayAnswer::Refused { .. }));
-    assert_eq!(bed.running.refused.load(Ordering::Relaxed), 3);
+    let counted = bed.running.snapshot().outcomes;
+    assert_eq!(
+        (
+            counted.refused("bad_signature"),
+            counted.refused("expired"),
+            counted.refused("malformed"),
+            counted.refused_total()
+        ),
+        (1, 1, 1, 3),
+        "{counted:?}"
+    );
 
     // A TLS/TCP session of B's network: its whole datagram reaches A (QUIC), cut to fit.
-    let tcp = tokio::net::TcpStream::connect(bed.running.addr)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).unwrap();
-    let mut tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls(&bed.fingerprint)))
-        .connect(name, tcp)
-        .await
-        .unwrap();
-    let issued = ticket(&bed.issuer, 6, "prod");
-    let exporter = tls_stream
-        .get_ref()
-        .1
-        .export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, Some(b"".as_slice()))
-        .unwrap();
-    let hello = RelayHello {
-        protocol: RELAY_PROTOCOL,
-        ticket: issued.ticket.clone(),
-        proof: prove(&issued.proof_secret, &exporter).unwrap(),
-    };
+    let mut tls_stream = tls_connect(&bed).await;
+    let hello = tls_hello(&tls_stream, &ticket(&bed.issuer, 6, "prod"));
     tls_stream.write_all(&encode(&hello)).await.unwrap();
     let whole: Vec<u8> = (0..1452u32).map(|i| i as u8).collect();
     let f = frames(&PublicKey([1; 32]), 9, &whole, 70_000)
@@ -268,7 +293,7 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
 /// drops a new one at once; once they go, the source may connect again.
 #[tokio::test]
 async fn silent_connections_hold_only_their_share() {
-    let bed = bed_with(2, 16).await;
+    let bed = bed_with(|s| s.max_unauthenticated_per_ip = 2).await;
     let silent = [
         tokio::net::TcpStream::connect(bed.running.addr)
             .await
@@ -368,7 +393,12 @@ async fn a_ticket_seen_elsewhere_cannot_take_the_node_over() {
     );
     let (bare, _, _) = quic_hello(&bed, &victim.ticket, |_| String::new()).await;
     assert!(matches!(bare, RelayAnswer::Refused { .. }), "{bare:?}");
-    assert_eq!(bed.running.refused.load(Ordering::Relaxed), 3);
+    let counted = bed.running.snapshot().outcomes;
+    assert_eq!(
+        (counted.refused("bad_proof"), counted.refused_total()),
+        (3, 3),
+        "{counted:?}"
+    );
 
     // Frames for the victim still reach the victim.
     let f = frames(&PublicKey([1; 32]), 1, b"for the victim", 1100)
@@ -384,7 +414,7 @@ async fn a_ticket_seen_elsewhere_cannot_take_the_node_over() {
 /// frames go to the newest; and one address holds at most its sessions' share.
 #[tokio::test]
 async fn a_node_holds_two_sessions_and_an_address_its_share() {
-    let bed = bed_with(16, 4).await;
+    let bed = bed_with(|s| s.max_sessions_per_ip = 4).await;
     let node = ticket(&bed.issuer, 1, "prod");
     let (_, first) = quic(&bed, &node).await;
     let (_, second) = quic(&bed, &node).await;
@@ -409,6 +439,15 @@ async fn a_node_holds_two_sessions_and_an_address_its_share() {
         RelayAnswer::Refused { reason } => assert!(reason.contains("address"), "{reason}"),
         other => panic!("{other:?}"),
     }
+    let counted = bed.running.snapshot().outcomes;
+    assert_eq!(
+        (
+            counted.refused("max_sessions_per_ip"),
+            counted.ended("displaced")
+        ),
+        (1, 1),
+        "{counted:?}"
+    );
     bed.running.stop().await;
 }
 
@@ -417,14 +456,7 @@ async fn a_node_holds_two_sessions_and_an_address_its_share() {
 #[tokio::test]
 async fn a_frame_before_the_hello_ends_the_connection_at_once() {
     let bed = bed().await;
-    let tcp = tokio::net::TcpStream::connect(bed.running.addr)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from(RELAY_SERVER_NAME).unwrap();
-    let mut tls_stream = tokio_rustls::TlsConnector::from(Arc::new(tls(&bed.fingerprint)))
-        .connect(name, tcp)
-        .await
-        .unwrap();
+    let mut tls_stream = tls_connect(&bed).await;
     // The start of a 60,000-byte frame record.
     let record = encode_relay(&vec![0u8; 60_000]).unwrap();
     tls_stream.write_all(&record[..2_000]).await.unwrap();
@@ -433,5 +465,195 @@ async fn a_frame_before_the_hello_ends_the_connection_at_once() {
         .await
         .expect("dropped at once, not after the 5 s hello timeout");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    bed.running.stop().await;
+}
+
+/// `GET /metrics` from `addr` over plain HTTP: every sample, by series (`name{labels}`).
+async fn scrape(addr: SocketAddr) -> BTreeMap<String, f64> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: relay\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a head and a body");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            (series.to_string(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// With `metrics_listen`, the relay serves what it did: sessions by transport, hellos
+/// accepted and refused by reason, frames and bytes relayed, drops by reason, connections
+/// refused by the caps, and a session ended by its ticket's expiry.
+#[tokio::test]
+async fn metrics_show_what_the_relay_did() {
+    let bed = bed_with(|s| {
+        s.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+        s.max_unauthenticated_per_ip = 2;
+    })
+    .await;
+    let metrics = bed.running.metrics_addr.expect("metrics are served");
+    assert_ne!(metrics.port(), 0);
+
+    // Two QUIC nodes of one network, one of another, one over TLS/TCP.
+    let (_, a) = quic(&bed, &ticket(&bed.issuer, 1, "prod")).await;
+    let (_, b) = quic(&bed, &ticket(&bed.issuer, 2, "prod")).await;
+    let (_, _staging) = quic(&bed, &ticket(&bed.issuer, 3, "staging")).await;
+    let mut tcp = tls_connect(&bed).await;
+    tcp.write_all(&encode(&tls_hello(&tcp, &ticket(&bed.issuer, 6, "prod"))))
+        .await
+        .unwrap();
+    let mut d = Decoder::new(8192);
+    let mut buf = [0u8; 1024];
+    loop {
+        if let Some(a) = d.decode::<RelayAnswer>().unwrap() {
+            assert!(matches!(a, RelayAnswer::Accepted { .. }), "{a:?}");
+            break;
+        }
+        let n = tcp.read(&mut buf).await.unwrap();
+        d.push(&buf[..n]).unwrap();
+    }
+
+    // A to B three times (all delivered), to the other network once, to nobody once.
+    let mut bytes = 0;
+    for (i, payload) in [&b"one"[..], b"second", b"the third"]
+        .into_iter()
+        .enumerate()
+    {
+        let f = frames(&PublicKey([2; 32]), i as u16, payload, 1100)
+            .unwrap()
+            .remove(0);
+        bytes += f.len();
+        a.send_datagram(f.into()).unwrap();
+        assert_eq!(parse(&datagram(&b).await).unwrap().1, payload);
+    }
+    for to in [3, 9] {
+        let f = frames(&PublicKey([to; 32]), 7, b"x", 1100)
+            .unwrap()
+            .remove(0);
+        a.send_datagram(f.into()).unwrap();
+    }
+    // The notice for the absent node says the drops are counted.
+    datagram(&a).await;
+
+    // An expired ticket refused; a session whose ticket runs out within 2 s ends then.
+    let old = bed
+        .issuer
+        .issue(PublicKey([5; 32]), "prod", 5, now() - 3600)
+        .unwrap();
+    let (refused, _) = quic(&bed, &old).await;
+    assert!(
+        matches!(refused, RelayAnswer::Refused { .. }),
+        "{refused:?}"
+    );
+    let skew = meshlink_relay::ticket::CLOCK_SKEW;
+    let ending = bed
+        .issuer
+        .issue(PublicKey([7; 32]), "prod", 7, now() - 600 - skew + 2)
+        .unwrap();
+    let (accepted, short) = quic(&bed, &ending).await;
+    assert!(
+        matches!(accepted, RelayAnswer::Accepted { .. }),
+        "{accepted:?}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), short.closed())
+        .await
+        .expect("the session ends when its ticket expires");
+
+    // Two connections that say nothing hold their source's share; a third is refused.
+    let silent = [
+        tokio::net::TcpStream::connect(bed.running.addr)
+            .await
+            .unwrap(),
+        tokio::net::TcpStream::connect(bed.running.addr)
+            .await
+            .unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(bed.running.addr)
+        .await
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut byte))
+        .await
+        .expect("refused at once");
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    // The refused hello's connection closes within 2 s; then 4 sessions and the 2 silent.
+    let settled = tokio::time::timeout(Duration::from_secs(5), async {
+        while bed.running.snapshot().connections != 6 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(settled.is_ok(), "{:?}", bed.running.snapshot());
+
+    let m = scrape(metrics).await;
+    let v = |series: &str| {
+        *m.get(series)
+            .unwrap_or_else(|| panic!("{series} missing from {m:#?}"))
+    };
+    for (series, expected) in [
+        (r#"meshlink_relay_sessions{transport="quic"}"#, 3.0),
+        (r#"meshlink_relay_sessions{transport="tcp"}"#, 1.0),
+        ("meshlink_relay_nodes", 4.0),
+        ("meshlink_relay_connections", 6.0),
+        ("meshlink_relay_connections_before_hello", 2.0),
+        ("meshlink_relay_hellos_accepted_total", 5.0),
+        (
+            r#"meshlink_relay_hellos_refused_total{reason="expired"}"#,
+            1.0,
+        ),
+        (
+            r#"meshlink_relay_hellos_refused_total{reason="bad_signature"}"#,
+            0.0,
+        ),
+        (
+            r#"meshlink_relay_sessions_ended_total{reason="ticket_expired"}"#,
+            1.0,
+        ),
+        (
+            r#"meshlink_relay_sessions_ended_total{reason="agent_closed"}"#,
+            0.0,
+        ),
+        ("meshlink_relay_frames_total", 3.0),
+        ("meshlink_relay_bytes_total", bytes as f64),
+        (
+            r#"meshlink_relay_dropped_total{reason="other_network"}"#,
+            1.0,
+        ),
+        (r#"meshlink_relay_dropped_total{reason="no_route"}"#, 1.0),
+        (
+            r#"meshlink_relay_dropped_total{reason="rate_limited"}"#,
+            0.0,
+        ),
+        (
+            r#"meshlink_relay_connections_refused_total{cap="max_unauthenticated_per_ip"}"#,
+            1.0,
+        ),
+        (
+            r#"meshlink_relay_connections_refused_total{cap="max_sessions"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(v(series), expected, "{series}");
+    }
+    // The same figures as the relay's own counters.
+    let snap = bed.running.snapshot();
+    assert_eq!(
+        (snap.relay.frames, snap.relay.bytes),
+        (3, bytes as u64),
+        "{snap:?}"
+    );
+    drop(silent);
     bed.running.stop().await;
 }
