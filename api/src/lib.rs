@@ -29,6 +29,7 @@ mod names;
 mod networks;
 mod nodes;
 mod policies;
+mod relays;
 mod status;
 mod tokens;
 mod topology;
@@ -45,6 +46,7 @@ pub use policies::{
     EditTags, FlowVerdict, PolicyChanged, PolicyVersion, RollbackPolicy, RuleView, SetPolicy,
     TestFlow,
 };
+pub use relays::{EmbeddedRelay, Relays, StandaloneRelay};
 pub use status::{CoordinatorStatus, ReflectStatus, RelayDrops, RelayStatus, Status};
 pub use tokens::{
     CreateToken, CreatedToken, Token, TokenLifetime, TokenUses, DEFAULT_TOKEN_LIFETIME_SECS,

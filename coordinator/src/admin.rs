@@ -45,6 +45,7 @@
 //! | `GET /v1/admin-tokens` | `[`[`api::AdminToken`]`]` |
 //! | `DELETE /v1/admin-tokens/{id}` | 204 |
 //! | `GET /v1/audit[?since=T&node=N&limit=L]` | `[`[`api::AuditEntry`]`]`, oldest first |
+//! | `GET /v1/relays` | [`api::Relays`]: the embedded relay (on or off, address, transports) and the standalone relays of `[[relays]]` (name, address, fingerprint, region, provider, whether granted) |
 //! | `GET /metrics` | the metrics in Prometheus's text format (read role, every network; see [`crate::telemetry`]) |
 //!
 //! `?network=` ([`api::NetworkFilter`]) may be left out on the routes of one node or one
@@ -60,6 +61,7 @@ mod external;
 mod keys;
 mod metrics;
 mod policy;
+mod relays;
 mod topology;
 
 use std::collections::{HashMap, HashSet};
@@ -111,6 +113,10 @@ pub struct AdminContext {
     pub reflect: Option<(SocketAddr, Arc<ReflectCounters>)>,
     /// The agent connections, for the metrics; `None`: not counted.
     pub connections: Option<Arc<Connections>>,
+    /// The address of the TCP (TLS) listener for agents, when it is on.
+    pub tcp_listen: Option<SocketAddr>,
+    /// The standalone relays of the configuration's `[[relays]]`.
+    pub relays: Vec<meshlink_proto::relay::RelayInfo>,
 }
 
 #[derive(Debug, Clone)]
@@ -214,6 +220,7 @@ pub fn router(service: Arc<Service>, ctx: AdminContext) -> Router {
         .merge(audit::routes())
         .merge(keys::routes())
         .merge(external::routes())
+        .merge(relays::routes())
         .merge(metrics::routes())
         .merge(topology::routes())
         .fallback(|| async { HttpError(StatusCode::NOT_FOUND, "no such route".into()) })

@@ -298,6 +298,8 @@ impl Coordinator {
             relay: relay.clone(),
             reflect: reflect_addr.map(|a| (a, reflect_counters.clone())),
             connections: Some(admin_connections),
+            tcp_listen: tcp_addr,
+            relays: settings.relays.clone(),
         };
         let app = admin::router(service.clone(), ctx);
         let mut admin_rx = shutdown_rx;

@@ -41,8 +41,8 @@ use meshlink_api::{
     AdminToken as AdminTokenView, AuditEntry, AuditFilter, CreateAdminToken, CreateExternalNode,
     CreateNetwork, CreateToken, CreateWorkload, CreatedAdminToken, CreatedToken, EditTags,
     ExternalNode, FlowVerdict, MoveWorkload, MovedWorkload, Network, Node, PolicyChanged,
-    PolicyVersion, PublicKey, RollbackPolicy, RotateKey, SetPolicy, Status, TestFlow, Token,
-    TokenId, Workload,
+    PolicyVersion, PublicKey, Relays, RollbackPolicy, RotateKey, SetPolicy, Status, TestFlow,
+    Token, TokenId, Workload,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -657,6 +657,16 @@ impl AdminClient {
     /// Any [`ClientError`].
     pub fn status(&self) -> Result<Reply<Status>, ClientError> {
         self.fetch(Method::Get, "/v1/status", None, None::<&()>)
+    }
+
+    /// `GET /v1/relays`: the coordinator's embedded relay and the standalone relays it
+    /// vouches for.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ClientError`].
+    pub fn relays(&self) -> Result<Reply<Relays>, ClientError> {
+        self.fetch(Method::Get, "/v1/relays", None, None::<&()>)
     }
 
     /// Sets a network's policy.

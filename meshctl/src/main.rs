@@ -39,6 +39,7 @@
 //! meshctl admin-token list
 //! meshctl admin-token revoke ID
 //! meshctl audit [--since 1h|UNIXTIME] [--node NODE] [--limit N]
+//! meshctl relay list
 //! meshctl status
 //! ```
 //!
@@ -208,8 +209,18 @@ enum Command {
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
     },
+    /// The relays: the coordinator's own and the standalone relays it vouches for.
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// Show the coordinator's state.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum RelayCommand {
+    /// List the coordinator's embedded relay and its `[[relays]]` (name, address, region,
+    /// provider, whether agents are told of them).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -816,6 +827,10 @@ fn run(cli: Cli, source: TokenSource) -> Result<()> {
             Ok(())
         }
         Command::Workload(command) => workload(&client, output, command),
+        Command::Relay(RelayCommand::List) => {
+            let reply = client.relays()?;
+            emit(output, &reply.json, || render::relays(&reply.value))
+        }
         Command::Status => {
             let reply = client.status()?;
             emit(output, &reply.json, || render::status(&reply.value))

@@ -20,7 +20,7 @@ use std::time::Duration;
 use meshlink_api::{
     AdminToken, AuditEntry, CreatedAdminToken, CreatedToken, ExternalNode, FlowVerdict,
     MovedWorkload, Network, Node, PathKind, PeerPath, PolicyChanged, PolicyVersion, RelayTransport,
-    Status, Token, UnixTime, Workload, WorkloadNode, WorkloadState,
+    Relays, Status, Token, UnixTime, Workload, WorkloadNode, WorkloadState,
 };
 
 use crate::duration;
@@ -815,6 +815,52 @@ pub fn status(status: &Status) -> String {
     fields.to_string()
 }
 
+/// `relay list`: the coordinator's own relay first, then the standalone relays it vouches for.
+pub fn relays(relays: &Relays) -> String {
+    let mut table = Table::new(&[
+        "NAME", "KIND", "ADDRESS", "OVER", "REGION", "PROVIDER", "STATE",
+    ]);
+    let embedded = &relays.embedded;
+    table.row([
+        NONE.to_owned(),
+        "embedded".to_owned(),
+        or_none(embedded.addr.clone()),
+        transports(&embedded.transports),
+        NONE.to_owned(),
+        NONE.to_owned(),
+        if embedded.on { "on" } else { "off" }.to_owned(),
+    ]);
+    for relay in &relays.standalone {
+        table.row([
+            or_none(relay.name.clone()),
+            "standalone".to_owned(),
+            or_none(relay.addr.clone()),
+            transports(&relay.transports),
+            or_none(relay.region.clone().unwrap_or_default()),
+            or_none(relay.provider.clone().unwrap_or_default()),
+            if relay.granted {
+                "granted"
+            } else {
+                "not granted"
+            }
+            .to_owned(),
+        ]);
+    }
+    table.to_string()
+}
+
+/// Transports as `udp,tcp`; `-` for none.
+fn transports(over: &[RelayTransport]) -> String {
+    let names: Vec<&str> = over
+        .iter()
+        .map(|t| match t {
+            RelayTransport::Udp => "udp",
+            RelayTransport::Tcp => "tcp",
+        })
+        .collect();
+    or_none(names.join(","))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1115,6 +1161,40 @@ mod tests {
         assert!(
             device_config_saved(&external, DeviceChange::None, &endpoint, path)
                 .starts_with("external node phone: 100.64.0.3 in prod")
+        );
+    }
+
+    #[test]
+    fn relay_table() {
+        let list: Relays = answer(json!({
+            "embedded": {"on": true, "addr": "coord.example:7443", "transports": ["udp", "tcp"]},
+            "standalone": [
+                {"name": "eu-1", "addr": "relay-eu-1.example:7450", "transports": ["udp", "tcp"],
+                 "fingerprint": "3f", "region": "eu-west", "provider": "hetzner",
+                 "granted": true},
+                {"name": "us\u{1b}[2J", "addr": "198.51.100.9:7450", "transports": ["udp", "tcp"],
+                 "fingerprint": "4e", "region": null, "provider": null, "granted": true},
+            ]
+        }));
+        assert_eq!(
+            relays(&list),
+            "NAME    KIND        ADDRESS                  OVER     REGION   PROVIDER  STATE\n\
+             -       embedded    coord.example:7443       udp,tcp  -        -         on\n\
+             eu-1    standalone  relay-eu-1.example:7450  udp,tcp  eu-west  hetzner   granted\n\
+             us?[2J  standalone  198.51.100.9:7450        udp,tcp  -        -         granted\n"
+        );
+        let off: Relays = answer(json!({
+            "embedded": {"on": false, "addr": "coord.example:7443", "transports": []},
+            "standalone": [
+                {"name": "eu-1", "addr": "relay-eu-1.example:7450", "transports": ["udp", "tcp"],
+                 "fingerprint": "3f", "region": "eu-west", "provider": null, "granted": false},
+            ]
+        }));
+        assert_eq!(
+            relays(&off),
+            "NAME  KIND        ADDRESS                  OVER     REGION   PROVIDER  STATE\n\
+             -     embedded    coord.example:7443       -        -        -         off\n\
+             eu-1  standalone  relay-eu-1.example:7450  udp,tcp  eu-west  -         not granted\n"
         );
     }
 

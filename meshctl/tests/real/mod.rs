@@ -35,6 +35,12 @@ pub struct Mesh {
 
 impl Mesh {
     pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// A coordinator whose settings `configure` changed (after the scratch directory and the
+    /// loopback addresses were set).
+    pub fn start_with(configure: impl FnOnce(&mut Settings)) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("meshctl-admin-")
             .tempdir()
@@ -47,6 +53,7 @@ impl Mesh {
         let mut settings = Settings::with_state_dir(dir.path().to_path_buf());
         settings.listen = "127.0.0.1:0".parse().unwrap();
         settings.admin_listen = "127.0.0.1:0".parse().unwrap();
+        configure(&mut settings);
         let coordinator = runtime
             .block_on(Coordinator::start(&settings))
             .expect("the coordinator starts");
