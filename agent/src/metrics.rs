@@ -79,6 +79,8 @@ pub struct DeviceDropSample {
     pub unknown_peer: u64,
     /// Outbound packets that are neither IPv4 nor IPv6.
     pub malformed: u64,
+    /// Outbound packets with the source address of an external node this node serves.
+    pub foreign_source: u64,
     /// UDP sends that failed.
     pub udp_send_errors: u64,
 }
@@ -265,6 +267,7 @@ fn record(s: &Snapshot) {
         ("no_endpoint", d.no_endpoint),
         ("unknown_peer", d.unknown_peer),
         ("malformed", d.malformed),
+        ("foreign_source", d.foreign_source),
         ("udp_send_error", d.udp_send_errors),
     ] {
         counter!("meshlink_agent_device_drops_total", "reason" => reason).absolute(n);

@@ -1692,6 +1692,26 @@ mod policy {
         // The phone to n1 on a port no rule opens: n1's own firewall drops it.
         assert!(!deliver(&mut sim, 2, 1, &tcp(x, 41001, n1, 80, SYN, b"")));
         assert!(drops(&sim, 1, 0).policy_denied >= 1);
+        // The gateway's own host is held to the phone's policy too: no rule lets n0 open a
+        // connection to it; the phone's own connection to n0 is answered.
+        let n0 = sim.nodes[0].overlay;
+        assert!(!deliver(&mut sim, 0, 2, &tcp(n0, 40000, x, 22, SYN, b"")));
+        assert!(deliver(&mut sim, 2, 0, &tcp(x, 41002, n0, 22, SYN, b"")));
+        assert!(deliver(
+            &mut sim,
+            0,
+            2,
+            &tcp(n0, 22, x, 41002, SYN | ACK, b"")
+        ));
+        // Nobody on the gateway's host may speak as the phone.
+        let spoofed = tcp(x, 41003, n1, 22, SYN, b"");
+        assert!(!deliver(&mut sim, 0, 1, &spoofed));
+        let foreign = sim.nodes[0]
+            .device
+            .drops()
+            .foreign_source
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(foreign, 1);
     }
 }
 

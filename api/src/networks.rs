@@ -28,8 +28,9 @@ pub struct Network {
     pub name: String,
     /// Prefix its nodes and workloads get their addresses from, such as `100.64.0.0/16`.
     pub cidr: Ipv4Net,
-    /// Its IPv6 ULA /48; `null`: IPv4 only.
-    #[serde(default)]
+    /// Its IPv6 ULA /48. Absent: IPv4 only (left out, so that the answer for such a network
+    /// is what it was before IPv6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cidr6: Option<Ipv6Net>,
     /// Map version.
     pub version: MapVersion,

@@ -1938,6 +1938,7 @@ impl Service {
     ) -> Result<NodeRecord, ApiError> {
         let _w = self.write.lock().await;
         let changed = nodes::revoke_node(self.store(), &Caller::Admin, reference, network).await?;
+        self.warn_orphans(&changed.node).await;
         self.remove(
             &changed.node,
             changed.version,
@@ -1962,6 +1963,7 @@ impl Service {
     ) -> Result<NodeRecord, ApiError> {
         let _w = self.write.lock().await;
         let changed = nodes::delete_node(self.store(), &Caller::Admin, reference, network).await?;
+        self.warn_orphans(&changed.node).await;
         self.remove(
             &changed.node,
             changed.version,
@@ -1972,6 +1974,26 @@ impl Service {
         drop(_w);
         self.release_orphans(&changed.node.network).await;
         Ok(changed.node)
+    }
+
+    /// Logs the external nodes that reached the mesh through `gateway`, revoked or deleted:
+    /// they reach nothing now, until registered again with another gateway.
+    async fn warn_orphans(&self, gateway: &NodeRecord) {
+        let Ok(all) = self.store().nodes(Some(&gateway.network)).await else {
+            return;
+        };
+        let orphans: Vec<&str> = crate::handlers::external::served_by(&all, gateway.id)
+            .into_iter()
+            .map(|n| n.name.as_str())
+            .collect();
+        if !orphans.is_empty() {
+            tracing::warn!(
+                gateway = %gateway.name,
+                external = ?orphans,
+                "the gateway of these external nodes is gone: they reach nothing until \
+                 registered again with another --via"
+            );
+        }
     }
 
     /// Closes a node's session, if it has one, with a last `Revoked { reason: text }` so that

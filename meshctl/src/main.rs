@@ -1066,8 +1066,19 @@ fn deliver(
     let saved = match file {
         Some(file) => {
             let path = file.path().to_owned();
-            file.write(config.text())?;
-            Some(path)
+            match file.write(config.text()) {
+                Ok(()) => Some(path),
+                // The coordinator has the public key already: the private key made here must
+                // not be lost with the file.
+                Err(e) if config.has_private_key() => {
+                    print!("{}", config.text());
+                    return Err(anyhow!(
+                        "{e}; the configuration, with its private key, is printed above \
+                         instead: save it now (the coordinator has its public key)"
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         None => None,
     };

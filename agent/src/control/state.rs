@@ -69,11 +69,16 @@ pub struct NodeState {
 }
 
 impl NodeState {
-    /// The network's prefixes: IPv4, then IPv6 if any.
+    /// The network's prefixes: IPv4, then IPv6 if any (as the welcome said, or for a node
+    /// that joined with an older agent, the /48 of its IPv6 address).
     pub fn networks(&self) -> Vec<IpNet> {
-        std::iter::once(self.network_cidr)
-            .chain(self.network_cidr6)
-            .collect()
+        let v6 = self.network_cidr6.or_else(|| {
+            self.addresses
+                .iter()
+                .find(|a| a.addr().is_ipv6())
+                .map(IpNet::trunc)
+        });
+        std::iter::once(self.network_cidr).chain(v6).collect()
     }
 
     /// Every known coordinator address, in order, each once (at least

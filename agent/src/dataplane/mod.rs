@@ -92,6 +92,9 @@ pub struct DeviceDrops {
     pub unknown_peer: AtomicU64,
     /// Outbound packets that are not IPv4 or IPv6.
     pub malformed: AtomicU64,
+    /// Outbound packets from this host whose source is the address of an external node this
+    /// node is the gateway of: only the device itself may send as it (see `gateway`).
+    pub foreign_source: AtomicU64,
     /// Not a drop: packets for a released workload address sent on to its new holder.
     pub forwarded: AtomicU64,
     /// Not a drop: packets from or to an external node this node is the gateway of, sent on
@@ -349,6 +352,22 @@ fn is_urgent(packet: &[u8]) -> bool {
         Some(4) => packet.get(9).is_some_and(|p| *p != TCP),
         Some(6) => packet.get(6).is_some_and(|p| *p != TCP),
         _ => false,
+    }
+}
+
+/// The source address of an IP packet, if it is one.
+#[inline]
+fn source(packet: &[u8]) -> Option<IpAddr> {
+    match packet.first()? >> 4 {
+        4 if packet.len() >= 20 => {
+            let b: [u8; 4] = packet[12..16].try_into().ok()?;
+            Some(IpAddr::V4(Ipv4Addr::from(b)))
+        }
+        6 if packet.len() >= 40 => {
+            let b: [u8; 16] = packet[8..24].try_into().ok()?;
+            Some(IpAddr::V6(Ipv6Addr::from(b)))
+        }
+        _ => None,
     }
 }
 
@@ -769,6 +788,41 @@ impl Device {
         }
         // From an external node to another node: that node's agent checks it; the flow is
         // noted as the external node's, so that the answers pass.
+        self.note_served_flow(t, packet);
+        Some(Some(to))
+    }
+
+    /// Whether a gateway sends `packet`, from this host to `dst` (routed to `peer`): not with
+    /// the source address of an external node it serves (a container or a LAN host behind
+    /// this one would otherwise speak as the device to the whole mesh), and to one of them
+    /// only as its policy allows (this host's programs and workloads included: the device has
+    /// no firewall of its own).
+    fn gateway_allows_out(&self, t: &Table, packet: &[u8], dst: IpAddr, peer: &Arc<Peer>) -> bool {
+        if source(packet)
+            .and_then(|s| t.routes.lookup(s))
+            .is_some_and(|owner| t.gateway.served.contains(&owner.key))
+        {
+            self.drops.foreign_source.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if !t.gateway.served.contains(&peer.key) {
+            return true;
+        }
+        t.gateway.firewall.inbound(
+            packet,
+            Some(dst),
+            Check::Policy,
+            self.gateway_flows.get(),
+            self.now(),
+            &self.firewall_counters,
+            &mut Memo::default(),
+        ) == Verdict::Pass
+    }
+
+    /// Notes a flow a served external node opened (to another peer or to this node itself) in
+    /// the gateway's connection table, so that the answers to it pass `gateway_allows_out`
+    /// and `through_gateway`.
+    fn note_served_flow(&self, t: &Table, packet: &[u8]) {
         if let Some(flows) = self.gateway_flows.get() {
             t.gateway.firewall.outbound(
                 packet,
@@ -778,7 +832,6 @@ impl Device {
                 &mut Memo::default(),
             );
         }
-        Some(Some(to))
     }
 
     /// Tells the data plane the time, from any fixed instant (the agent's start): the
@@ -919,6 +972,9 @@ impl Device {
                 self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
+            if !t.gateway.served.is_empty() && !self.gateway_allows_out(&t, packet, dst, peer) {
+                continue;
+            }
             let peer = t.sender(peer);
             if let Some(flows) = flows {
                 // Noted so that the replies pass.
@@ -1073,6 +1129,9 @@ impl Device {
                         }
                         _ => match self.admit(t, packet, dst, Check::Full, memo) {
                             Verdict::Pass => {
+                                if !t.gateway.served.is_empty() && t.gateway.served.contains(who) {
+                                    self.note_served_flow(t, packet);
+                                }
                                 if is_urgent(packet) {
                                     tun.mark_urgent();
                                 }

@@ -250,7 +250,15 @@ pub async fn run(
     let nl = Netlink::for_interface(handle, &settings.interface).await?;
     nl.set_mtu_and_up(settings.mtu, TUN_TXQUEUELEN).await?;
     for a in &settings.addresses {
-        nl.add_address(*a).await?;
+        match nl.add_address(*a).await {
+            Ok(()) => {}
+            // A host with IPv6 disabled (`disable_ipv6=1`) refuses the IPv6 address of a
+            // network with an IPv6 prefix: the node still works over IPv4.
+            Err(e) if a.addr().is_ipv6() => {
+                warn!("the node's IPv6 address {a} is not on the interface (IPv4 only): {e}");
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let mut routes = Installed::new(Kind::Route);
     let mut workload_addrs = Installed::new(Kind::Address);

@@ -149,6 +149,13 @@ pub async fn show(
             node.name
         ))
     })?;
+    if gateway.revoked {
+        return Err(ApiError::Refused(format!(
+            "the gateway of node {} ({}) is revoked: the device reaches nothing through it; \
+             register the device again with another --via",
+            node.name, gateway.name
+        )));
+    }
     let network = store
         .network(&node.network)
         .await?

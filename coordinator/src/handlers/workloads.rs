@@ -68,11 +68,25 @@ async fn resolve(
                 ApiError::NotFound(m) => ApiError::NotFound(format!("{what}: {m}")),
                 other => other,
             })?;
+        refuse_external(&node, what)?;
         if !out.contains(&node.id) {
             out.push(node.id);
         }
     }
     Ok(out)
+}
+
+/// An external node (stock WireGuard, no agent) cannot hold a workload: nothing there would
+/// put the address up, and no peer routes a workload to one.
+fn refuse_external(node: &NodeRecord, what: &str) -> Result<(), ApiError> {
+    if node.via.is_some() {
+        return Err(ApiError::Invalid(format!(
+            "{what}: node {} is an external node (stock WireGuard, no agent): it cannot hold \
+             a workload",
+            node.name
+        )));
+    }
+    Ok(())
 }
 
 /// Creates a detached workload with an address of the network (admin).
@@ -195,7 +209,7 @@ fn check_target(w: &WorkloadRecord, node: &NodeRecord) -> Result<(), ApiError> {
     if node.revoked {
         return Err(ApiError::Refused(format!("node {} is revoked", node.name)));
     }
-    Ok(())
+    refuse_external(node, "node")
 }
 
 /// Checks an operator's attach, move or detach (`to: None`) of a workload (admin).

@@ -32,7 +32,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use meshlink_proto::policy::{
-    add_gateways, relevant_rules, visible_directly, visible_peers, Selector,
+    relevant_rules, visible_directly, visible_peers, Externals, Selector,
 };
 use meshlink_proto::Policy;
 use meshlink_proto::{Netmap, NetmapDelta, NodeId, WorkloadInfo};
@@ -61,10 +61,17 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
         return HashMap::new();
     };
     let kinds = Kinds::new(map, policy);
+    let externals = Externals::of(map);
     let mut seen: HashMap<Kind<'_>, (NodeId, BTreeSet<NodeId>)> = HashMap::new();
     let mut out = HashMap::with_capacity(nodes.len());
     for &me in nodes {
-        let Some(kind) = kinds.of(map, me) else {
+        // A gateway or an external node sees more than its kind: computed alone.
+        let kind = if externals.involves(map, me) {
+            None
+        } else {
+            kinds.of(map, me)
+        };
+        let Some(kind) = kind else {
             out.insert(me, visible_peers(Some(policy), map, me));
             continue;
         };
@@ -82,8 +89,8 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
                 set
             }
         };
-        // Per node, not per kind: a gateway sees what its external nodes see.
-        add_gateways(Some(policy), map, me, &mut set);
+        // Per node, not per kind: whoever sees an external node sees its gateway.
+        externals.add_gateways(Some(policy), map, me, &mut set);
         out.insert(me, set);
     }
     out
@@ -159,6 +166,8 @@ struct RulesByKind<'a> {
     map: &'a Netmap,
     policy: &'a Policy,
     kinds: Kinds<'a>,
+    /// Gateways get their external nodes' rules too: computed alone, not by kind.
+    externals: Externals,
     by_kind: HashMap<Kind<'a>, usize>,
     by_content: HashMap<Rules, usize>,
     /// The distinct subsets, by number.
@@ -171,6 +180,7 @@ impl<'a> RulesByKind<'a> {
             map,
             policy,
             kinds: Kinds::new(map, policy),
+            externals: Externals::of(map),
             by_kind: HashMap::new(),
             by_content: HashMap::new(),
             subsets: Vec::new(),
@@ -179,7 +189,11 @@ impl<'a> RulesByKind<'a> {
 
     /// The number of the subset that concerns `me`.
     fn of(&mut self, me: NodeId) -> usize {
-        let kind = self.kinds.of(self.map, me);
+        let kind = if self.externals.involves(self.map, me) {
+            None
+        } else {
+            self.kinds.of(self.map, me)
+        };
         if let Some(id) = kind.as_ref().and_then(|k| self.by_kind.get(k)) {
             return *id;
         }
@@ -309,6 +323,19 @@ fn touched(before: &Netmap, delta: &NetmapDelta) -> BTreeSet<NodeId> {
             nodes.extend(may_hold(old));
         }
     }
+    // An external node touched, added or removed changes what its gateway sees (its peers,
+    // and the rules it is sent): the gateway, before and after, is computed again too.
+    let via_before = |id: &NodeId| before.peers.get(id).and_then(|p| p.via);
+    let mut gateways: Vec<NodeId> = nodes.iter().filter_map(via_before).collect();
+    gateways.extend(delta.remove.iter().filter_map(via_before));
+    gateways.extend(
+        delta
+            .upsert
+            .iter()
+            .filter(|p| nodes.contains(&p.node_id) || via_before(&p.node_id) != p.via)
+            .filter_map(|p| p.via),
+    );
+    nodes.extend(gateways);
     nodes
 }
 
@@ -721,6 +748,80 @@ ports = ["tcp:7070"]
         assert_eq!(got[&3].remove, [4]);
         assert_eq!(got[&4].remove, [3, 5]);
         assert_eq!(got[&5].remove, [4]);
+    }
+
+    #[test]
+    fn an_external_node_brings_its_gateway_and_the_gateway_its_peers() {
+        let mut m = map();
+        m.policy = Some(
+            parse(&format!(
+                "{POLICY}\n[[rule]]\nfrom = [\"tag:web\"]\nto = [\"tag:phone\"]\nports = [\"tcp:22\"]\n"
+            ))
+            .unwrap()
+            .into_policy(2),
+        );
+        let mut s = sets(&m);
+        let phone = |tags: &[&str]| {
+            let mut p = node(6, tags);
+            p.via = Some(5);
+            p
+        };
+        // The phone joins through 5: web (1) sees it and its gateway, 5 sees it and web.
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![phone(&["phone"])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].upsert, [6, 5]);
+        assert_eq!(got[&5].upsert, [6, 1]);
+        assert!(
+            got[&5].rules.is_some(),
+            "the gateway gets the phone's rules"
+        );
+        let rules = rules_each(&m, &[5]);
+        assert!(
+            rules[&5].contains(&2),
+            "the phone's rule, for its gateway: {:?}",
+            rules[&5]
+        );
+        for id in [2, 3, 4] {
+            assert!(got[&id].upsert.is_empty(), "node {id}: {:?}", got[&id]);
+        }
+        s.insert(6, visible(&m, 6));
+        assert_eq!(visible(&m, 6).unwrap(), BTreeSet::from([1, 5]));
+        // Its tag goes: web loses it and the gateway; the gateway loses web.
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![phone(&[])],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].remove, [5, 6]);
+        assert_eq!(got[&5].remove, [1]);
+        // Back, then removed.
+        step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                upsert: vec![phone(&["phone"])],
+                ..NetmapDelta::default()
+            },
+        );
+        let got = step(
+            &mut m,
+            &mut s,
+            NetmapDelta {
+                remove: vec![6],
+                ..NetmapDelta::default()
+            },
+        );
+        assert_eq!(got[&1].remove, [6, 5]);
+        assert_eq!(got[&5].remove, [6, 1]);
     }
 
     #[test]

@@ -741,7 +741,138 @@ async fn ipv6_addresses_go_with_the_ipv4_ones(db: &TestDb) {
     );
 }
 
+/// External nodes: registered through a gateway (the rules of `via`, names and keys), in the
+/// map with `via`, never a session, never due for rotation or expiry, never a workload's
+/// holder or candidate; their configuration refused once the gateway is revoked.
+async fn external_nodes_follow_their_rules(db: &TestDb) {
+    use meshlink_coordinator::handlers::external::{add, show, NewExternal};
+    use meshlink_coordinator::handlers::nodes::{expires_at, rotation_due};
+    use meshlink_coordinator::handlers::workloads::{create_workload, plan_move, CreateWorkload};
+    let store = db.open().await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "tok", None, Some(5)).await;
+    let gw = join_ok(&store, "tok", 1, Some("gw")).await;
+    let req = |name: &str, key: u8, via: &str| NewExternal {
+        network: "prod".into(),
+        name: name.into(),
+        public_key: crate::common::key(key),
+        via: via.into(),
+        tags: vec!["phone".into()],
+    };
+    let invalid = |e: ApiError, field: &str| {
+        assert!(
+            matches!(&e, ApiError::Invalid(m) | ApiError::NotFound(m) | ApiError::Conflict(m)
+                if m.starts_with(&format!("{field}: "))),
+            "{field}: {e}"
+        );
+    };
+    invalid(
+        add(&store, &ADMIN, 1002, req("phone", 9, "nope"))
+            .await
+            .unwrap_err(),
+        "via",
+    );
+    invalid(
+        add(&store, &ADMIN, 1002, req("gw", 9, "gw"))
+            .await
+            .unwrap_err(),
+        "name",
+    );
+    invalid(
+        add(&store, &ADMIN, 1002, req("phone", 1, "gw"))
+            .await
+            .unwrap_err(),
+        "public_key",
+    );
+    let mut small = req("phone", 9, "gw");
+    small.public_key = meshlink_proto::PublicKey([0; 32]);
+    invalid(
+        add(&store, &ADMIN, 1002, small).await.unwrap_err(),
+        "public_key",
+    );
+    assert!(matches!(
+        add(&store, &agent(), 1002, req("phone", 9, "gw")).await,
+        Err(ApiError::Forbidden(_))
+    ));
+    let phone = add(&store, &ADMIN, 1002, req("phone", 9, "gw"))
+        .await
+        .unwrap();
+    assert_eq!(phone.node.via, Some(gw.node.id));
+    assert_eq!(phone.node.address.to_string(), "100.64.0.2");
+    invalid(
+        add(&store, &ADMIN, 1002, req("tablet", 10, "phone"))
+            .await
+            .unwrap_err(),
+        "via",
+    );
+    let nodes = store.nodes(Some("prod")).await.unwrap();
+    let map = netmap(3, &nodes, &[], None);
+    assert_eq!(map.peers[&phone.node.id].via, Some(gw.node.id));
+    assert!(map.peers[&phone.node.id].endpoints.is_empty());
+    // No session: a hello as it is refused whatever the secret; no schedule, no expiry.
+    let e = authenticate(
+        &store,
+        1003,
+        &agent(),
+        &node_hello(phone.node.id, "", 9),
+        phone.node.id,
+        "",
+        HelloEndpoints::Record,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Unauthorized(m) if m.contains("external")),
+        "{e}"
+    );
+    assert!(!rotation_due(
+        &phone.node,
+        std::time::Duration::from_secs(1),
+        i64::MAX / 2
+    ));
+    assert_eq!(
+        expires_at(&phone.node, Some(std::time::Duration::from_secs(1)), false),
+        None
+    );
+    // Never a workload's holder or candidate.
+    let mk = |allowed: &str| CreateWorkload {
+        name: "web".into(),
+        network: "prod".into(),
+        address: None,
+        standby: vec![],
+        allowed: vec![allowed.into()],
+        tags: vec![],
+    };
+    let e = create_workload(&store, 1004, &ADMIN, mk("phone"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Invalid(m) if m.contains("external")),
+        "{e}"
+    );
+    create_workload(&store, 1004, &ADMIN, mk("gw"))
+        .await
+        .unwrap();
+    let e = plan_move(&store, &ADMIN, "prod", "web", Some("phone"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Invalid(m) if m.contains("external")),
+        "{e}"
+    );
+    // Its configuration, until the gateway is revoked.
+    let shown = show(&store, &ADMIN, "phone", None).await.unwrap();
+    assert_eq!(shown.gateway.id, gw.node.id);
+    revoke_node(&store, &ADMIN, "gw", None).await.unwrap();
+    let e = show(&store, &ADMIN, "phone", None).await.unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Refused(m) if m.contains("revoked")),
+        "{e}"
+    );
+}
+
 crate::on_both_stores!(
+    external_nodes_follow_their_rules,
     ipv6_addresses_go_with_the_ipv4_ones,
     join_allocates_lowest_addresses_and_counts_uses,
     expired_and_revoked_tokens_are_refused,

@@ -286,14 +286,18 @@ pub fn may_talk(policy: Option<&Policy>, map: &Netmap, a: NodeId, b: NodeId) -> 
 /// on either side, that matches something `me` is or may hold. They are all a node needs:
 /// its table ([`super::NodeTable`]) and the reverse one, and [`visible_peers`], give the same
 /// answers from these rules as from the whole policy, so the coordinator sends each node only
-/// these (need to know, for rules too).
+/// these (need to know, for rules too). A gateway also gets those of the external nodes it
+/// serves: it judges the flows to them and forwards for them.
 pub fn relevant_rules(policy: &Policy, map: &Netmap, me: NodeId) -> Vec<usize> {
-    let mine = Holdings::of(map, me);
+    let mine: Vec<Holdings<'_>> = std::iter::once(me)
+        .chain(map.externals_via(me).map(|x| x.node_id))
+        .map(|id| Holdings::of(map, id))
+        .collect();
     policy
         .rules
         .iter()
         .enumerate()
-        .filter(|(_, r)| mine.meets(&r.from) || mine.meets(&r.to))
+        .filter(|(_, r)| mine.iter().any(|h| h.meets(&r.from) || h.meets(&r.to)))
         .map(|(i, _)| i)
         .collect()
 }
@@ -307,35 +311,69 @@ pub fn relevant_rules(policy: &Policy, map: &Netmap, me: NodeId) -> Vec<usize> {
 /// repeat them. Never a check per pair of nodes per rule.
 ///
 /// External nodes ([`crate::PeerInfo::via`]) bend this: a gateway sees the external nodes it
-/// serves and everyone they may talk to (it forwards their packets), and whoever sees an
-/// external node sees its gateway too (it routes the node's addresses there).
+/// serves and everyone they may talk to (it forwards their packets), an external node sees
+/// its gateway, and whoever sees an external node sees its gateway too (it routes the node's
+/// addresses there). The relation stays symmetric, which the coordinator's incremental cuts
+/// rely on.
 pub fn visible_peers(policy: Option<&Policy>, map: &Netmap, me: NodeId) -> BTreeSet<NodeId> {
     let mut seen = visible_directly(policy, map, me);
-    add_gateways(policy, map, me, &mut seen);
+    Externals::of(map).add_gateways(policy, map, me, &mut seen);
     seen
 }
 
-/// Adds to `seen`, what node `me` sees directly ([`visible_directly`]), what external nodes
-/// make it see (see [`visible_peers`]). Nothing without external nodes in `map`.
-pub fn add_gateways(
-    policy: Option<&Policy>,
-    map: &Netmap,
-    me: NodeId,
-    seen: &mut BTreeSet<NodeId>,
-) {
-    if !map.peers.values().any(|p| p.via.is_some()) {
-        return;
+/// The external nodes of a map by gateway, indexed once for many [`Externals::add_gateways`].
+#[derive(Debug, Default)]
+pub struct Externals {
+    by_gateway: std::collections::HashMap<NodeId, Vec<NodeId>>,
+}
+
+impl Externals {
+    /// Indexes `map`'s external nodes.
+    pub fn of(map: &Netmap) -> Externals {
+        let mut by_gateway: std::collections::HashMap<NodeId, Vec<NodeId>> = Default::default();
+        for p in map.peers.values() {
+            if let Some(g) = p.via {
+                by_gateway.entry(g).or_default().push(p.node_id);
+            }
+        }
+        Externals { by_gateway }
     }
-    for x in map.externals_via(me) {
-        seen.insert(x.node_id);
-        seen.extend(visible_directly(policy, map, x.node_id));
+
+    /// Whether the map has none.
+    pub fn is_empty(&self) -> bool {
+        self.by_gateway.is_empty()
     }
-    let gateways: Vec<NodeId> = seen
-        .iter()
-        .filter_map(|id| map.peers.get(id)?.via)
-        .collect();
-    seen.extend(gateways);
-    seen.remove(&me);
+
+    /// Whether node `id` is a gateway or an external node: what it sees depends on more than
+    /// its own kind.
+    pub fn involves(&self, map: &Netmap, id: NodeId) -> bool {
+        self.by_gateway.contains_key(&id) || map.peers.get(&id).is_some_and(|p| p.via.is_some())
+    }
+
+    /// Adds to `seen`, what node `me` sees directly ([`visible_directly`]), what external
+    /// nodes make it see (see [`visible_peers`]).
+    pub fn add_gateways(
+        &self,
+        policy: Option<&Policy>,
+        map: &Netmap,
+        me: NodeId,
+        seen: &mut BTreeSet<NodeId>,
+    ) {
+        if self.is_empty() {
+            return;
+        }
+        for &x in self.by_gateway.get(&me).into_iter().flatten() {
+            seen.insert(x);
+            seen.extend(visible_directly(policy, map, x));
+        }
+        let gateways: Vec<NodeId> = seen
+            .iter()
+            .chain(std::iter::once(&me))
+            .filter_map(|id| map.peers.get(id)?.via)
+            .collect();
+        seen.extend(gateways);
+        seen.remove(&me);
+    }
 }
 
 /// The peers node `me` may exchange packets with itself ([`may_talk`]), without what

@@ -37,8 +37,8 @@ pub use align::Alignment;
 pub use compile::NodeTable;
 pub use edit::{EditError, EditOp, PolicyEdit};
 pub use eval::{
-    add_gateways, may_talk, relevant_rules, unmatched_selectors, visible_directly, visible_peers,
-    Entity, TestFailure, Verdict,
+    may_talk, relevant_rules, unmatched_selectors, visible_directly, visible_peers, Entity,
+    Externals, TestFailure, Verdict,
 };
 pub use parse::{
     parse, FlowTest, PolicyError, PolicyFile, MAX_ENTRIES, MAX_FILE_BYTES, MAX_RULES, MAX_TESTS,
