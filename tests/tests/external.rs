@@ -10,7 +10,9 @@
 //! up unchanged with `wg-quick up`; the phone then reaches vm-b1 (through vm-a1), vm-a1 itself
 //! and the workload address, and vm-b1 reaches the phone; the workload moves and the phone
 //! still reaches it with the same file; `meshctl node rotate-key phone --new-key` prints a new
-//! file, with which the phone reaches vm-b1 again; `meshctl node revoke phone` cuts it off.
+//! file, with which the phone reaches vm-b1 again; under a policy that lets the phone ping
+//! vm-b1 and nothing else, it still does, while vm-b1's and the gateway's own pings to it are
+//! dropped; `meshctl node revoke phone` cuts it off.
 //!
 //! Needs root (skips with one line otherwise; fails under CI), `wg-quick`/`wg`
 //! (wireguard-tools) and `wireguard-go` (wg-quick's userspace fallback where the kernel has no
@@ -185,6 +187,8 @@ fn a_stock_wireguard_device_joins_through_its_gateway() {
         NETWORK,
         "--via",
         "vm-a1",
+        "--tag",
+        "phone",
         "--out",
         file.to_str().expect("UTF-8 path"),
     ]);
@@ -280,6 +284,40 @@ fn a_stock_wireguard_device_joins_through_its_gateway() {
         ip_b1,
         "the phone to reach vm-b1 with its new key",
         FIRST_PING,
+    );
+
+    // Under a policy (the phone may ping vm-b1, nothing else): what the phone opens works,
+    // vm-b1's and vm-a1's own pings to the phone are dropped by the gateway, and the gateway
+    // keeps the phone and learns nothing else.
+    let policy = dir.join("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rule]]\nfrom = [\"tag:phone\"]\nto = [\"node:vm-b1\"]\nports = [\"icmp\"]\n",
+    )
+    .unwrap();
+    ctl.run(&[
+        "policy",
+        "set",
+        "prod",
+        policy.to_str().expect("UTF-8 path"),
+    ]);
+    wait_until(CHANGE, "vm-b1's pings to the phone to be denied", || {
+        (!host_b1.ns.ping_once(ip_phone, Duration::from_millis(500))).then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+    wait_ping(
+        &phone.ns,
+        ip_b1,
+        "the phone to reach vm-b1 under the policy",
+        CHANGE,
+    );
+    assert!(
+        !host_a1.ns.ping_once(ip_phone, Duration::from_millis(500)),
+        "the gateway's own host pings the phone against the policy"
+    );
+    assert!(
+        !phone.ns.ping_once(ip_a1, Duration::from_millis(500)),
+        "the phone pings the gateway against the policy"
     );
 
     // Revoked: cut off.
