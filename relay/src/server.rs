@@ -307,6 +307,14 @@ struct Shared {
 }
 
 impl Shared {
+    /// Counts and logs how a session ended, whatever its transport.
+    fn session_ended(&self, node: u64, why: &SessionEnd) {
+        self.outcomes.ended(why);
+        info!(node, reason = why.reason(), "session closed: {why}");
+    }
+}
+
+impl Shared {
     /// Every counter now.
     fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -667,12 +675,7 @@ async fn quic_session(incoming: quinn::Incoming, shared: Arc<Shared>, admission:
             _ = shutdown.changed() => break SessionEnd::Shutdown,
         }
     };
-    shared.outcomes.ended(&why);
-    info!(
-        node = body.node,
-        reason = why.reason(),
-        "session closed: {why}"
-    );
+    shared.session_ended(body.node, &why);
     conn.close(0u32.into(), b"done");
 }
 
@@ -767,12 +770,7 @@ async fn tcp_session(
             _ = shutdown.changed() => break SessionEnd::Shutdown,
         }
     };
-    shared.outcomes.ended(&why);
-    info!(
-        node = body.node,
-        reason = why.reason(),
-        "session closed: {why}"
-    );
+    shared.session_ended(body.node, &why);
     let _ = write.shutdown().await;
 }
 

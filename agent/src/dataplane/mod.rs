@@ -358,29 +358,25 @@ fn is_urgent(packet: &[u8]) -> bool {
 /// The source address of an IP packet, if it is one.
 #[inline]
 fn source(packet: &[u8]) -> Option<IpAddr> {
-    match packet.first()? >> 4 {
-        4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[12..16].try_into().ok()?;
-            Some(IpAddr::V4(Ipv4Addr::from(b)))
-        }
-        6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[8..24].try_into().ok()?;
-            Some(IpAddr::V6(Ipv6Addr::from(b)))
-        }
-        _ => None,
-    }
+    header_address(packet, 12, 8)
 }
 
 /// The destination address of an IP packet, if it is one.
 #[inline]
 fn destination(packet: &[u8]) -> Option<IpAddr> {
+    header_address(packet, 16, 24)
+}
+
+/// The address at byte `v4` of an IPv4 header or `v6` of an IPv6 one, if `packet` is either.
+#[inline]
+fn header_address(packet: &[u8], v4: usize, v6: usize) -> Option<IpAddr> {
     match packet.first()? >> 4 {
         4 if packet.len() >= 20 => {
-            let b: [u8; 4] = packet[16..20].try_into().ok()?;
+            let b: [u8; 4] = packet[v4..v4 + 4].try_into().ok()?;
             Some(IpAddr::V4(Ipv4Addr::from(b)))
         }
         6 if packet.len() >= 40 => {
-            let b: [u8; 16] = packet[24..40].try_into().ok()?;
+            let b: [u8; 16] = packet[v6..v6 + 16].try_into().ok()?;
             Some(IpAddr::V6(Ipv6Addr::from(b)))
         }
         _ => None,

@@ -9,7 +9,7 @@
 //! secret (it never says hello), so it never has a session, never expires, and its key changes
 //! only when an operator gives a new one ([`rotate_key`]).
 
-use super::nodes::{find_node, validate_node_name};
+use super::nodes::{check_key, find_node, validate_node_name};
 use super::policy::validate_tags;
 use super::{require_admin, ApiError, Caller};
 use crate::store::{
@@ -183,20 +183,6 @@ pub fn check_gateway(node: &NodeRecord) -> Result<(), ApiError> {
         return Err(ApiError::Invalid(format!(
             "via: node {} ({}) is an external node itself; a gateway runs an agent",
             node.id, node.name
-        )));
-    }
-    Ok(())
-}
-
-/// Refuses a key no tunnel would be private with.
-///
-/// # Errors
-/// [`ApiError::Invalid`] naming `field`.
-pub fn check_key(key: &PublicKey, field: &str) -> Result<(), ApiError> {
-    if key.has_small_order() {
-        return Err(ApiError::Invalid(format!(
-            "{field}: the public key is a point of small order: no tunnel with it would be \
-             private; generate a new key pair"
         )));
     }
     Ok(())

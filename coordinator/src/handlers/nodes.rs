@@ -123,13 +123,7 @@ pub async fn join(
         validate_node_name(name)?;
     }
     validate_labels(&hello.labels)?;
-    if hello.public_key.has_small_order() {
-        return Err(ApiError::Invalid(
-            "the public key is a point of small order: no tunnel with it would be private; \
-             generate a new key pair"
-                .into(),
-        ));
-    }
+    check_key(&hello.public_key, "public_key")?;
     let endpoints = clean_endpoints(&hello.endpoints)?;
     // Both lookups are indexed, so a join costs the same in a large network.
     if let Some(name) = &hello.name {
@@ -350,6 +344,20 @@ pub async fn ask_rotation(
     Ok(node)
 }
 
+/// Refuses a key no tunnel would be private with.
+///
+/// # Errors
+/// [`ApiError::Invalid`] naming `field`.
+pub fn check_key(key: &PublicKey, field: &str) -> Result<(), ApiError> {
+    if key.has_small_order() {
+        return Err(ApiError::Invalid(format!(
+            "{field}: the public key is a point of small order: no tunnel with it would be \
+             private; generate a new key pair"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether the schedule asks node `node` for a rotation at `now`: it is not revoked, no
 /// rotation is under way or asked for, and its key is `every` old.
 pub fn rotation_due(node: &NodeRecord, every: std::time::Duration, now: UnixTime) -> bool {
@@ -386,13 +394,7 @@ pub async fn announce_next_key(
     if node.revoked {
         return Err(ApiError::Refused(format!("node {id} has been revoked")));
     }
-    if key.has_small_order() {
-        return Err(ApiError::Invalid(
-            "next_key: the public key is a point of small order: no tunnel with it would be \
-             private; generate a new key pair"
-                .into(),
-        ));
-    }
+    check_key(&key, "next_key")?;
     if key == node.public_key {
         return Err(ApiError::Invalid(format!(
             "next_key: node {id} uses this key already; a rotation needs a new key pair"
