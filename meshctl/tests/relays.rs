@@ -94,6 +94,31 @@ fn relay_list_shows_the_embedded_relay_and_the_configured_ones() {
     assert!(out.status.success(), "{out:?}");
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed, served);
+
+    // So may a token limited to one network, without naming it: the relays serve them all.
+    mesh.run(&["network", "create", "prod", "--cidr", "100.64.0.0/16"]);
+    let limited = mesh.run_json(&[
+        "admin-token",
+        "create",
+        "--name",
+        "prod-reader",
+        "--role",
+        "read",
+        "--network",
+        "prod",
+    ]);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
+        .env_clear()
+        .env("MESHLINK_COORDINATOR", mesh.url())
+        .env("MESHLINK_ADMIN_TOKEN", limited["token"].as_str().unwrap())
+        .args(["relay", "list", "-o", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),
+        served
+    );
 }
 
 /// A coordinator whose own relay is off relays nothing and announces no standalone relay (the

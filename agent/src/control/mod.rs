@@ -820,11 +820,19 @@ impl MeshControl {
     ) -> Vec<ClientMessage> {
         let (held, nodes_by_key) = {
             let st = self.shared.lock();
-            let held: Vec<(String, IpAddr)> = st
+            // Each held workload's addresses: its IPv6 one too, if any (its talkers count).
+            let held: Vec<(String, Vec<IpAddr>)> = st
                 .holdings()
                 .held_named(Instant::now())
                 .into_iter()
-                .map(|(name, h)| (name, h.address.addr()))
+                .map(|(name, h)| {
+                    let v6 = st.map().workloads.get(&name).and_then(|w| w.address6);
+                    let addresses = std::iter::once(h.address)
+                        .chain(v6)
+                        .map(|a| a.addr())
+                        .collect();
+                    (name, addresses)
+                })
                 .collect();
             if held.is_empty() && sent.is_empty() {
                 return Vec::new();
@@ -842,13 +850,19 @@ impl MeshControl {
         };
         sent.retain(|name, _| held.iter().any(|(n, _)| n == name));
         let mut out = Vec::new();
-        for (workload, address) in held {
+        for (workload, addresses) in held {
             let window = Duration::from_secs(TALKER_WINDOW_SECS);
-            let nodes: Vec<NodeId> = tunnels
-                .talkers(address, window, MAX_TALKERS)
-                .iter()
-                .filter_map(|k| nodes_by_key.get(k).copied())
-                .collect();
+            let mut nodes: Vec<NodeId> = Vec::new();
+            for address in addresses {
+                for k in tunnels.talkers(address, window, MAX_TALKERS) {
+                    match nodes_by_key.get(&k) {
+                        Some(n) if !nodes.contains(n) && nodes.len() < MAX_TALKERS => {
+                            nodes.push(*n);
+                        }
+                        _ => {}
+                    }
+                }
+            }
             if sent.get(&workload) != Some(&nodes) {
                 sent.insert(workload.clone(), nodes.clone());
                 out.push(ClientMessage::Talkers { workload, nodes });

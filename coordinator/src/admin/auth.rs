@@ -183,6 +183,11 @@ async fn in_scope(
             "this token may act on network {scope} only, and {method} {path} spans every network"
         ));
     }
+    if let ("GET", ["v1", "relays"]) = (method.as_str(), segments.as_slice()) {
+        // The relays serve every network, this token's among them (its nodes are granted
+        // them): it may read the list without naming a network.
+        return Ok(());
+    }
     if let ("DELETE", ["v1", "tokens", id]) = (method.as_str(), segments.as_slice()) {
         // The route takes no network: the token's own decides.
         let id: u64 = id.parse().map_err(|_| "no such join token".to_string())?;
