@@ -9,7 +9,7 @@
 //! secret (it never says hello), so it never has a session, never expires, and its key changes
 //! only when an operator gives a new one ([`rotate_key`]).
 
-use super::nodes::{check_key, find_node, validate_node_name};
+use super::nodes::{check_free, check_key, find_node, validate_node_name};
 use super::policy::validate_tags;
 use super::{require_admin, ApiError, Caller};
 use crate::store::{
@@ -78,23 +78,7 @@ pub async fn add(
             e => e,
         })?;
     check_gateway(&gateway)?;
-    if let Some(other) = store
-        .nodes_named(&req.name)
-        .await?
-        .into_iter()
-        .find(|n| n.network == network.name)
-    {
-        return Err(ApiError::Conflict(format!(
-            "name: {} is already used by node {} in network {}",
-            other.name, other.id, network.name
-        )));
-    }
-    if let Some(other) = store.node_with_key(&network.name, &req.public_key).await? {
-        return Err(ApiError::Conflict(format!(
-            "public_key: already the key of node {} ({}) in network {}",
-            other.id, other.name, network.name
-        )));
-    }
+    check_free(store, &network.name, Some(&req.name), &req.public_key).await?;
     let new = NewNode {
         network: network.name.clone(),
         name: Some(req.name),

@@ -125,29 +125,13 @@ pub async fn join(
     validate_labels(&hello.labels)?;
     check_key(&hello.public_key, "public_key")?;
     let endpoints = clean_endpoints(&hello.endpoints)?;
-    // Both lookups are indexed, so a join costs the same in a large network.
-    if let Some(name) = &hello.name {
-        if let Some(other) = store
-            .nodes_named(name)
-            .await?
-            .into_iter()
-            .find(|n| n.network == network.name)
-        {
-            return Err(ApiError::Conflict(format!(
-                "the name {} is already used by node {} in network {}; pick another name or delete that node",
-                other.name, other.id, network.name
-            )));
-        }
-    }
-    if let Some(other) = store
-        .node_with_key(&network.name, &hello.public_key)
-        .await?
-    {
-        return Err(ApiError::Conflict(format!(
-            "this public key already belongs to node {} ({}) in network {}",
-            other.id, other.name, network.name
-        )));
-    }
+    check_free(
+        store,
+        &network.name,
+        hello.name.as_deref(),
+        &hello.public_key,
+    )
+    .await?;
     // The lowest free address, chosen by the store inside its write transaction, so that
     // coordinators sharing it never choose the same one.
     let new = NewNode {
@@ -353,6 +337,41 @@ pub fn check_key(key: &PublicKey, field: &str) -> Result<(), ApiError> {
         return Err(ApiError::Invalid(format!(
             "{field}: the public key is a point of small order: no tunnel with it would be \
              private; generate a new key pair"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that no node of `network` has the name `name` (when given) or the key `key`, as a
+/// new node (joining, or an external one) needs. Both lookups are indexed, so it costs the
+/// same in a large network.
+///
+/// # Errors
+/// [`ApiError::Conflict`] naming `name` or `public_key`.
+pub async fn check_free(
+    store: &dyn Store,
+    network: &str,
+    name: Option<&str>,
+    key: &PublicKey,
+) -> Result<(), ApiError> {
+    if let Some(name) = name {
+        if let Some(other) = store
+            .nodes_named(name)
+            .await?
+            .into_iter()
+            .find(|n| n.network == network)
+        {
+            return Err(ApiError::Conflict(format!(
+                "name: {} is already used by node {} in network {network}; pick another name \
+                 or delete that node",
+                other.name, other.id
+            )));
+        }
+    }
+    if let Some(other) = store.node_with_key(network, key).await? {
+        return Err(ApiError::Conflict(format!(
+            "public_key: this public key already belongs to node {} ({}) in network {network}",
+            other.id, other.name
         )));
     }
     Ok(())
