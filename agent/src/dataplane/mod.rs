@@ -768,16 +768,7 @@ impl Device {
         }
         if t.gateway.served.contains(&to.key) {
             // To an external node: its policy, checked here.
-            let verdict = t.gateway.firewall.inbound(
-                packet,
-                Some(dst),
-                Check::Policy,
-                self.gateway_flows.get(),
-                self.now(),
-                &self.firewall_counters,
-                &mut Memo::default(),
-            );
-            return Some((verdict == Verdict::Pass).then_some(to));
+            return Some(self.served_admits(t, packet, dst).then_some(to));
         }
         if !t.gateway.served.contains(who) {
             return None;
@@ -801,9 +792,12 @@ impl Device {
             self.drops.foreign_source.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        if !t.gateway.served.contains(&peer.key) {
-            return true;
-        }
+        !t.gateway.served.contains(&peer.key) || self.served_admits(t, packet, dst)
+    }
+
+    /// Whether the policy of the served external node at `dst` lets `packet` reach it (a flow
+    /// it opened, or a rule); recorded as a flow when it does (see `gateway`).
+    fn served_admits(&self, t: &Table, packet: &[u8], dst: IpAddr) -> bool {
         t.gateway.firewall.inbound(
             packet,
             Some(dst),
