@@ -61,17 +61,10 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
         return HashMap::new();
     };
     let kinds = Kinds::new(map, policy);
-    let externals = Externals::of(map);
     let mut seen: HashMap<Kind<'_>, (NodeId, BTreeSet<NodeId>)> = HashMap::new();
     let mut out = HashMap::with_capacity(nodes.len());
     for &me in nodes {
-        // A gateway or an external node sees more than its kind: computed alone.
-        let kind = if externals.involves(map, me) {
-            None
-        } else {
-            kinds.of(map, me)
-        };
-        let Some(kind) = kind else {
+        let Some(kind) = kinds.of(map, me) else {
             out.insert(me, visible_peers(Some(policy), map, me));
             continue;
         };
@@ -90,7 +83,9 @@ pub(super) fn visible_each(map: &Netmap, nodes: &[NodeId]) -> HashMap<NodeId, BT
             }
         };
         // Per node, not per kind: whoever sees an external node sees its gateway.
-        externals.add_gateways(Some(policy), map, me, &mut set);
+        kinds
+            .externals
+            .add_gateways(Some(policy), map, me, &mut set);
         out.insert(me, set);
     }
     out
@@ -119,6 +114,9 @@ struct Kinds<'a> {
     named: HashSet<&'a str>,
     /// The workloads each node holds, held or may hold, by name, in name order.
     held: HashMap<NodeId, Vec<&'a str>>,
+    /// The external nodes by gateway: a gateway or an external node sees more than its kind
+    /// (and a gateway gets its devices' rules), so neither has a kind to share.
+    externals: Externals,
 }
 
 impl<'a> Kinds<'a> {
@@ -139,11 +137,19 @@ impl<'a> Kinds<'a> {
                 held.entry(id).or_default().push(&w.name);
             }
         }
-        Kinds { named, held }
+        Kinds {
+            named,
+            held,
+            externals: Externals::of(map),
+        }
     }
 
-    /// Node `me`'s kind; `None` when the map does not have it.
+    /// Node `me`'s kind; `None` when the map does not have it, or when `me` is a gateway or an
+    /// external node (computed alone).
     fn of(&self, map: &'a Netmap, me: NodeId) -> Option<Kind<'a>> {
+        if self.externals.involves(map, me) {
+            return None;
+        }
         let p = map.peers.get(&me)?;
         let mut tags: Vec<&str> = p.tags.iter().map(String::as_str).collect();
         tags.sort_unstable();
@@ -166,8 +172,6 @@ struct RulesByKind<'a> {
     map: &'a Netmap,
     policy: &'a Policy,
     kinds: Kinds<'a>,
-    /// Gateways get their external nodes' rules too: computed alone, not by kind.
-    externals: Externals,
     by_kind: HashMap<Kind<'a>, usize>,
     by_content: HashMap<Rules, usize>,
     /// The distinct subsets, by number.
@@ -180,7 +184,6 @@ impl<'a> RulesByKind<'a> {
             map,
             policy,
             kinds: Kinds::new(map, policy),
-            externals: Externals::of(map),
             by_kind: HashMap::new(),
             by_content: HashMap::new(),
             subsets: Vec::new(),
@@ -189,11 +192,7 @@ impl<'a> RulesByKind<'a> {
 
     /// The number of the subset that concerns `me`.
     fn of(&mut self, me: NodeId) -> usize {
-        let kind = if self.externals.involves(self.map, me) {
-            None
-        } else {
-            self.kinds.of(self.map, me)
-        };
+        let kind = self.kinds.of(self.map, me);
         if let Some(id) = kind.as_ref().and_then(|k| self.by_kind.get(k)) {
             return *id;
         }
