@@ -3,10 +3,10 @@
 //! under the service's write lock and sends the changes to the network (see
 //! [`meshlink_proto::PeerInfo::via`] for what agents do with an external node).
 
-use meshlink_proto::{NetmapDelta, PublicKey};
+use meshlink_proto::PublicKey;
 
 use crate::handlers::external::{self, External, NewExternal};
-use crate::handlers::nodes::{self, peer_info};
+use crate::handlers::nodes;
 use crate::handlers::{ApiError, Caller};
 use crate::service::Service;
 use crate::store::{NodeRecord, StoreError};
@@ -20,15 +20,7 @@ impl Service {
         let _w = self.lock_writes().await;
         let added = external::add(self.store(), &Caller::Admin, self.now(), req).await?;
         if let Some(version) = added.version {
-            self.publish(
-                &added.node.network,
-                NetmapDelta {
-                    to_version: version,
-                    upsert: vec![peer_info(&added.node)],
-                    ..NetmapDelta::default()
-                },
-            )
-            .await;
+            self.publish_node(&added.node, version).await;
         }
         tracing::info!(
             node = added.node.id,
@@ -84,26 +76,10 @@ impl Service {
                 e => e.into(),
             })?;
         node.next_key = Some(key);
-        self.publish(
-            &node.network,
-            NetmapDelta {
-                to_version: announced,
-                upsert: vec![peer_info(&node)],
-                ..NetmapDelta::default()
-            },
-        )
-        .await;
+        self.publish_node(&node, announced).await;
         let changed = nodes::complete_rotation(self.store(), &node, key, self.now()).await?;
         if let Some(version) = changed.version {
-            self.publish(
-                &changed.node.network,
-                NetmapDelta {
-                    to_version: version,
-                    upsert: vec![peer_info(&changed.node)],
-                    ..NetmapDelta::default()
-                },
-            )
-            .await;
+            self.publish_node(&changed.node, version).await;
         }
         tracing::info!(node = node.id, key = %key.short(), "external node's key replaced");
         Ok(changed.node)

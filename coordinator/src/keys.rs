@@ -20,9 +20,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use meshlink_proto::control::{encode, Hello, ServerMessage};
-use meshlink_proto::{NetmapDelta, NodeId, PublicKey};
+use meshlink_proto::{NodeId, PublicKey};
 
-use crate::handlers::nodes::{self, peer_info};
+use crate::handlers::nodes;
 use crate::handlers::{ApiError, Caller};
 use crate::hub::CloseReason;
 use crate::service::Service;
@@ -149,15 +149,7 @@ impl Service {
                         key = %hello.public_key.short(),
                         "key rotation complete"
                     );
-                    self.publish(
-                        &node.network,
-                        NetmapDelta {
-                            to_version: v,
-                            upsert: vec![peer_info(&changed.node)],
-                            ..NetmapDelta::default()
-                        },
-                    )
-                    .await;
+                    self.publish_node(&changed.node, v).await;
                 }
             }
             Err(e) => tracing::warn!(node = node.id, "cannot complete the key rotation: {e}"),
@@ -211,15 +203,7 @@ impl Service {
         match changed.version {
             Some(v) => {
                 tracing::info!(node, key = %key.short(), "next key announced");
-                self.publish(
-                    &changed.node.network,
-                    NetmapDelta {
-                        to_version: v,
-                        upsert: vec![peer_info(&changed.node)],
-                        ..NetmapDelta::default()
-                    },
-                )
-                .await;
+                self.publish_node(&changed.node, v).await;
             }
             None if changed.node.next_key != Some(key) => {
                 tracing::debug!(node, "a next key nobody asked for was ignored");

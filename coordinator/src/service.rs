@@ -1291,6 +1291,20 @@ impl Service {
         }
     }
 
+    /// Tells every session of the node's network its new entry, at `version` (see
+    /// [`Service::publish`]).
+    pub(crate) async fn publish_node(&self, node: &NodeRecord, version: u64) {
+        self.publish(
+            &node.network,
+            NetmapDelta {
+                to_version: version,
+                upsert: vec![peer_info(node)],
+                ..NetmapDelta::default()
+            },
+        )
+        .await;
+    }
+
     /// Tells every session of the workload's network its new state, at `version`.
     async fn upsert_workload(&self, rec: &WorkloadRecord, version: u64) {
         self.publish(
@@ -1760,15 +1774,7 @@ impl Service {
         let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {
-                self.publish(
-                    &network.name,
-                    NetmapDelta {
-                        to_version: v,
-                        upsert: vec![peer_info(&node)],
-                        ..NetmapDelta::default()
-                    },
-                )
-                .await;
+                self.publish_node(&node, v).await;
             }
             // A network another coordinator created, not yet followed here.
             None if self.hub.version(&network.name).is_none() => {
@@ -1865,15 +1871,7 @@ impl Service {
         let changed = nodes::update_endpoints(self.store(), &caller, &report.endpoints).await?;
         if let Some(v) = changed.version {
             self.pace().wrote(node, at);
-            self.publish(
-                &changed.node.network,
-                NetmapDelta {
-                    to_version: v,
-                    upsert: vec![peer_info(&changed.node)],
-                    ..NetmapDelta::default()
-                },
-            )
-            .await;
+            self.publish_node(&changed.node, v).await;
         }
         Ok(())
     }
