@@ -451,36 +451,49 @@ fn a_data_message_longer_than_a_packet_slot_is_dropped_without_panic() {
     assert!(sim.ping(1, 0, b"still fine"));
 }
 
-#[test]
-fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
-    let mut sim = Sim::mesh(2, None);
-    // Capture a genuine handshake initiation from node 1 to replay as a flood.
+/// Node 0's first handshake initiation to node 1 (node 0 knows node 1's endpoint).
+fn first_initiation(sim: &Sim) -> Vec<u8> {
     let mut net = NetBatch::with_capacity(4096);
-    sim.nodes[1].device.outbound(
-        &ipv4(sim.nodes[1].overlay, sim.nodes[0].overlay, b"x"),
-        &mut net,
-    );
-    assert!(net.is_empty(), "node 1 knows no endpoint for node 0 yet");
     sim.nodes[0].device.outbound(
         &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"),
         &mut net,
     );
     let init = net.bytes(net.items()[0].start, net.items()[0].len).to_vec();
     assert_eq!(init[0], 1);
-    // Node 1 receives 500 copies from a flooding address within one limiter window.
-    let mut cookies = 0;
-    for _ in 0..500 {
+    init
+}
+
+/// Node 1 receives `datagram` `times` times from a flooding address; what it answers, counted
+/// by WireGuard message type (index 1 to 3; 0 for anything else).
+fn replay(sim: &Sim, datagram: &[u8], times: usize) -> [usize; 4] {
+    let mut answers = [0usize; 4];
+    for _ in 0..times {
         let mut tun = TunBatch::new(1, 16, 2048);
         let mut out = NetBatch::with_capacity(4096);
         sim.nodes[1]
             .device
-            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
-        cookies += out
-            .items()
-            .iter()
-            .filter(|i| out.bytes(i.start, i.len)[0] == 3)
-            .count();
+            .inbound(underlay(66, 6), datagram, &mut tun, &mut out);
+        for i in out.items() {
+            let kind = usize::from(out.bytes(i.start, i.len)[0]);
+            answers[if kind <= 3 { kind } else { 0 }] += 1;
+        }
     }
+    answers
+}
+
+#[test]
+fn handshake_flood_engages_cookies_and_real_peers_still_connect() {
+    let mut sim = Sim::mesh(2, None);
+    // Capture a genuine handshake initiation to replay as a flood.
+    let mut net = NetBatch::with_capacity(4096);
+    sim.nodes[1].device.outbound(
+        &ipv4(sim.nodes[1].overlay, sim.nodes[0].overlay, b"x"),
+        &mut net,
+    );
+    assert!(net.is_empty(), "node 1 knows no endpoint for node 0 yet");
+    let init = first_initiation(&sim);
+    // Node 1 receives 500 copies from a flooding address within one limiter window.
+    let cookies = replay(&sim, &init, 500)[3];
     assert!(cookies > 300, "only {cookies} cookie replies under load");
     // Node 0's own initiation was the one replayed, so its handshake is in flight; it retries
     // after REKEY_TIMEOUT (5 s), by which time the limiter's window has passed.
@@ -493,40 +506,13 @@ fn the_handshake_limit_counts_each_message_once() {
     // The device allows 100 handshake messages a second before it asks for cookies; each one
     // must count once (it once counted twice: cookies from the 51st).
     let sim = Sim::mesh(2, None);
-    let mut net = NetBatch::with_capacity(4096);
-    sim.nodes[0].device.outbound(
-        &ipv4(sim.nodes[0].overlay, sim.nodes[1].overlay, b"x"),
-        &mut net,
-    );
-    let init = net.bytes(net.items()[0].start, net.items()[0].len).to_vec();
-    assert_eq!(init[0], 1);
-    let mut answers = [0usize; 4];
-    for _ in 0..95 {
-        let mut tun = TunBatch::new(1, 16, 2048);
-        let mut out = NetBatch::with_capacity(4096);
-        sim.nodes[1]
-            .device
-            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
-        for i in out.items() {
-            answers[usize::from(out.bytes(i.start, i.len)[0]).min(3)] += 1;
-        }
-    }
+    let init = first_initiation(&sim);
+    let answers = replay(&sim, &init, 95);
     assert_eq!(answers[3], 0, "cookie replies below the limit: {answers:?}");
+    assert_eq!(answers[0], 0, "nothing but handshake answers: {answers:?}");
     assert!(answers[2] >= 1, "the initiation was answered: {answers:?}");
     // Beyond it, cookies.
-    let mut cookies = 0;
-    for _ in 0..20 {
-        let mut tun = TunBatch::new(1, 16, 2048);
-        let mut out = NetBatch::with_capacity(4096);
-        sim.nodes[1]
-            .device
-            .inbound(underlay(66, 6), &init, &mut tun, &mut out);
-        cookies += out
-            .items()
-            .iter()
-            .filter(|i| out.bytes(i.start, i.len)[0] == 3)
-            .count();
-    }
+    let cookies = replay(&sim, &init, 20)[3];
     assert!(
         cookies >= 10,
         "only {cookies} cookie replies past the limit"
