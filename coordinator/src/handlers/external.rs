@@ -9,7 +9,9 @@
 //! secret (it never says hello), so it never has a session, never expires, and its key changes
 //! only when an operator gives a new one ([`rotate_key`]).
 
-use super::nodes::{check_free, check_key, find_node, validate_node_name};
+use super::nodes::{
+    check_free, check_key, check_not_revoked_for_rotation, find_node, validate_node_name,
+};
 use super::policy::validate_tags;
 use super::{require_admin, ApiError, Caller};
 use crate::store::{
@@ -187,12 +189,7 @@ pub fn served_by(nodes: &[NodeRecord], gateway: u64) -> Vec<&NodeRecord> {
 /// [`ApiError::Refused`] for a revoked node; [`ApiError::Invalid`] for a small-order key or
 /// the key it has.
 pub fn check_new_key(node: &NodeRecord, key: &PublicKey) -> Result<(), ApiError> {
-    if node.revoked {
-        return Err(ApiError::Refused(format!(
-            "node {} ({}) is revoked: it has no key to rotate",
-            node.id, node.name
-        )));
-    }
+    check_not_revoked_for_rotation(node)?;
     check_key(key, "public_key")?;
     if *key == node.public_key {
         return Err(ApiError::Invalid(format!(

@@ -305,12 +305,7 @@ pub async fn ask_rotation(
     network: Option<&str>,
 ) -> Result<NodeRecord, ApiError> {
     let mut node = find_node(store, caller, reference, network).await?;
-    if node.revoked {
-        return Err(ApiError::Refused(format!(
-            "node {} ({}) is revoked: it has no key to rotate",
-            node.id, node.name
-        )));
-    }
+    check_not_revoked_for_rotation(&node)?;
     if node.via.is_some() {
         return Err(ApiError::Invalid(format!(
             "public_key: node {} is an external node: its device makes the new key pair, and \
@@ -372,6 +367,20 @@ pub async fn check_free(
         return Err(ApiError::Conflict(format!(
             "public_key: this public key already belongs to node {} ({}) in network {network}",
             other.id, other.name
+        )));
+    }
+    Ok(())
+}
+
+/// A revoked node has no key to rotate.
+///
+/// # Errors
+/// [`ApiError::Refused`] for a revoked node.
+pub fn check_not_revoked_for_rotation(node: &NodeRecord) -> Result<(), ApiError> {
+    if node.revoked {
+        return Err(ApiError::Refused(format!(
+            "node {} ({}) is revoked: it has no key to rotate",
+            node.id, node.name
         )));
     }
     Ok(())
