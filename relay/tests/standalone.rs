@@ -289,30 +289,33 @@ async fn only_vouched_nodes_relay_and_only_within_their_network() {
     bed.running.stop().await;
 }
 
-/// Connections that never say hello hold at most their source's share: beyond it the relay
-/// drops a new one at once; once they go, the source may connect again.
-#[tokio::test]
-async fn silent_connections_hold_only_their_share() {
-    let bed = bed_with(|s| s.max_unauthenticated_per_ip = 2).await;
+/// Opens two connections to `addr` that say nothing (a relay that allows two per source
+/// admits both), then a third, which must be dropped at once rather than kept until the hello
+/// timeout; returns the two, still open.
+async fn two_silent_then_a_third_dropped(addr: SocketAddr) -> [tokio::net::TcpStream; 2] {
     let silent = [
-        tokio::net::TcpStream::connect(bed.running.addr)
-            .await
-            .unwrap(),
-        tokio::net::TcpStream::connect(bed.running.addr)
-            .await
-            .unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
+        tokio::net::TcpStream::connect(addr).await.unwrap(),
     ];
     // Both are admitted (and wait for a handshake) before the third is tried.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut third = tokio::net::TcpStream::connect(bed.running.addr)
-        .await
-        .unwrap();
+    let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
     let mut buf = [0u8; 1];
     let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut buf))
         .await
         .expect("the third is dropped at once, not kept until the hello timeout");
     assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    silent
+}
+
+/// Connections that never say hello hold at most their source's share: beyond it the relay
+/// drops a new one at once; once they go, the source may connect again.
+#[tokio::test]
+async fn silent_connections_hold_only_their_share() {
+    let bed = bed_with(|s| s.max_unauthenticated_per_ip = 2).await;
+    let silent = two_silent_then_a_third_dropped(bed.running.addr).await;
     drop(silent);
+    let mut buf = [0u8; 1];
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut fourth = tokio::net::TcpStream::connect(bed.running.addr)
         .await
@@ -571,23 +574,7 @@ async fn metrics_show_what_the_relay_did() {
         .expect("the session ends when its ticket expires");
 
     // Two connections that say nothing hold their source's share; a third is refused.
-    let silent = [
-        tokio::net::TcpStream::connect(bed.running.addr)
-            .await
-            .unwrap(),
-        tokio::net::TcpStream::connect(bed.running.addr)
-            .await
-            .unwrap(),
-    ];
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut third = tokio::net::TcpStream::connect(bed.running.addr)
-        .await
-        .unwrap();
-    let mut byte = [0u8; 1];
-    let n = tokio::time::timeout(Duration::from_secs(2), third.read(&mut byte))
-        .await
-        .expect("refused at once");
-    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    let silent = two_silent_then_a_third_dropped(bed.running.addr).await;
     // The refused hello's connection closes within 2 s; then 4 sessions and the 2 silent.
     let settled = tokio::time::timeout(Duration::from_secs(5), async {
         while bed.running.snapshot().connections != 6 {
