@@ -19,7 +19,7 @@ use crate::settings::PeerConfig;
 use crate::uapi::UapiHandler;
 use meshlink_proto::policy::visible_peers;
 use meshlink_proto::workload::{Forward, Held, Holdings, Relay, Senders};
-use meshlink_proto::{Netmap, NodeId, PublicKey};
+use meshlink_proto::{Netmap, NodeId, Policy, PublicKey};
 
 use super::handle::Control;
 use super::{NetCmd, RunError};
@@ -194,6 +194,46 @@ pub(super) struct Plan {
     pub(super) addresses: Option<Vec<IpNet>>,
 }
 
+/// A policy compiled for some nodes of a map, and what of the map it was compiled from:
+/// compiled again only when what it reads ([`policy_inputs`]) or the nodes changed.
+#[derive(Debug)]
+struct Compiled {
+    from: Netmap,
+    nodes: Vec<NodeId>,
+    table: Arc<CompiledPolicy>,
+}
+
+impl Compiled {
+    /// The table for `nodes` of `map` (`inputs` its [`policy_inputs`]): `slot`'s, or compiled
+    /// now and kept there.
+    fn get(
+        slot: &mut Option<Compiled>,
+        policy: &Policy,
+        map: &Netmap,
+        inputs: &Netmap,
+        nodes: &[NodeId],
+    ) -> Arc<CompiledPolicy> {
+        if let Some(c) = slot.as_ref() {
+            if c.from == *inputs && c.nodes == nodes {
+                return c.table.clone();
+            }
+        }
+        let table = Arc::new(CompiledPolicy::compile_for(policy, map, nodes));
+        debug!(
+            version = policy.version,
+            rules = policy.rules.len(),
+            nodes = nodes.len(),
+            "policy compiled"
+        );
+        *slot = Some(Compiled {
+            from: inputs.clone(),
+            nodes: nodes.to_vec(),
+            table: table.clone(),
+        });
+        table
+    }
+}
+
 /// The reconciler's decisions, given the map, the fencing state, the peers' chosen endpoints
 /// and the time: no I/O (the shell, [`reconcile_mesh`], reads the inputs and applies the
 /// [`Plan`]). It remembers the compiled policy and what it read, the aliases and the
@@ -204,11 +244,10 @@ pub(super) struct Planner {
     self_id: NodeId,
     /// The addresses on its interface.
     interface: Vec<IpNet>,
-    /// The policy compiled for this node, and what of the map it was compiled from.
-    compiled: Option<(Netmap, Arc<CompiledPolicy>)>,
-    /// The policy compiled for the external nodes this node is the gateway of, which they
-    /// were, and what of the map it was compiled from.
-    compiled_served: Option<(Netmap, Vec<NodeId>, Arc<CompiledPolicy>)>,
+    /// The policy compiled for this node.
+    compiled: Option<Compiled>,
+    /// The policy compiled for the external nodes this node is the gateway of.
+    compiled_served: Option<Compiled>,
     /// Peers' next keys configured as aliases, as last planned.
     aliases: HashMap<PublicKey, PublicKey>,
     /// The workload addresses last planned on the interface.
@@ -329,11 +368,13 @@ impl Planner {
                 .map(|h| h.address)
                 .chain(tentative.iter().copied()),
         );
+        // What the policy tables read of the map, taken once for both.
+        let inputs = map.policy.as_ref().map(|_| policy_inputs(map));
         let firewall = FirewallConfig {
             local: Some(local),
-            policy: self.policy(map, self_id),
+            policy: self.policy(map, self_id, inputs.as_ref()),
         };
-        let gateway = self.gateway(map, self_id);
+        let gateway = self.gateway(map, self_id, inputs.as_ref());
         // Rotating peers: their next keys as aliases, set before the peers that use them and
         // kept until the peers that no longer do are gone.
         let aliases = crate::control::keys::alias_peers(map, &mut peers);
@@ -352,24 +393,18 @@ impl Planner {
     }
 
     /// The external nodes this node is the gateway of in `map`, and the policy compiled for
-    /// them: compiled again only when they or what it reads changed.
-    fn gateway(&mut self, map: &Netmap, self_id: NodeId) -> GatewayConfig {
+    /// them (`inputs`: [`policy_inputs`] of `map`, when it has a policy).
+    fn gateway(&mut self, map: &Netmap, self_id: NodeId, inputs: Option<&Netmap>) -> GatewayConfig {
         let served: Vec<&meshlink_proto::PeerInfo> = map.externals_via(self_id).collect();
         let ids: Vec<NodeId> = served.iter().map(|p| p.node_id).collect();
-        let policy = match &map.policy {
-            Some(policy) if !ids.is_empty() => {
-                let inputs = policy_inputs(map);
-                match &self.compiled_served {
-                    Some((from, was, table)) if *from == inputs && *was == ids => {
-                        Some(table.clone())
-                    }
-                    _ => {
-                        let table = Arc::new(CompiledPolicy::compile_for(policy, map, &ids));
-                        self.compiled_served = Some((inputs, ids, table.clone()));
-                        Some(table)
-                    }
-                }
-            }
+        let policy = match (&map.policy, inputs) {
+            (Some(policy), Some(inputs)) if !ids.is_empty() => Some(Compiled::get(
+                &mut self.compiled_served,
+                policy,
+                map,
+                inputs,
+                &ids,
+            )),
             _ => {
                 self.compiled_served = None;
                 None
@@ -384,27 +419,25 @@ impl Planner {
         }
     }
 
-    /// The policy compiled for this node from `map`: compiled again only when what it reads
-    /// changed (see [`policy_inputs`]).
-    fn policy(&mut self, map: &Netmap, self_id: NodeId) -> Option<Arc<CompiledPolicy>> {
-        let Some(policy) = &map.policy else {
+    /// The policy compiled for this node from `map` (`inputs`: [`policy_inputs`] of `map`,
+    /// when it has a policy).
+    fn policy(
+        &mut self,
+        map: &Netmap,
+        self_id: NodeId,
+        inputs: Option<&Netmap>,
+    ) -> Option<Arc<CompiledPolicy>> {
+        let (Some(policy), Some(inputs)) = (&map.policy, inputs) else {
             self.compiled = None;
             return None;
         };
-        let inputs = policy_inputs(map);
-        if let Some((compiled_from, table)) = &self.compiled {
-            if *compiled_from == inputs {
-                return Some(table.clone());
-            }
-        }
-        let table = Arc::new(CompiledPolicy::compile(policy, map, self_id));
-        debug!(
-            version = policy.version,
-            rules = policy.rules.len(),
-            "policy compiled"
-        );
-        self.compiled = Some((inputs, table.clone()));
-        Some(table)
+        Some(Compiled::get(
+            &mut self.compiled,
+            policy,
+            map,
+            inputs,
+            &[self_id],
+        ))
     }
 
     /// The workload addresses wanted on the interface (held, tentative, and those released
