@@ -359,7 +359,7 @@ async fn a_frame_for_an_absent_node_draws_a_capped_notice() {
     {
         notices += 1;
     }
-    let cap = meshlink_relay::server::NOTICES_PER_SECOND as usize;
+    let cap = meshlink_relay::sessions::NOTICES_PER_SECOND as usize;
     assert!((1..=cap + 2).contains(&notices), "{notices} notices");
     bed.running.stop().await;
 }
