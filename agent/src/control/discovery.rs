@@ -194,22 +194,14 @@ impl Discovery {
             .collect()
     }
 
-    /// Runs discovery until the map channel closes.
+    /// Runs discovery, and the relay client's side that receives, until the map channel
+    /// closes.
     pub async fn run(
         self: Arc<Self>,
         udp: Arc<UdpTransport>,
-        mut maps: watch::Receiver<Netmap>,
+        maps: watch::Receiver<Netmap>,
         shared: Arc<Shared>,
     ) {
-        let Some(mut inbox) = self
-            .inbox_rx
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-        else {
-            return;
-        };
-        let known: Arc<Mutex<Vec<PublicKey>>> = Arc::new(Mutex::new(Vec::new()));
         let Some(stream_frames) = shared
             .relay_frames
             .rx
@@ -219,12 +211,33 @@ impl Discovery {
         else {
             return;
         };
+        let known: Arc<Mutex<Vec<PublicKey>>> = Arc::new(Mutex::new(Vec::new()));
         tokio::spawn(self.relay.clone().run_inbound(stream_frames, {
             let known = known.clone();
             move |k| known.lock().unwrap_or_else(|e| e.into_inner()).contains(k)
         }));
+        self.discover(udp, maps, shared, known).await;
+    }
+
+    /// The discovery loop (see [`Discovery::run`]); the peers of the map go to `known`, the
+    /// keys the relay client takes frames from.
+    async fn discover(
+        self: Arc<Self>,
+        udp: Arc<UdpTransport>,
+        mut maps: watch::Receiver<Netmap>,
+        shared: Arc<Shared>,
+        known: Arc<Mutex<Vec<PublicKey>>>,
+    ) {
+        let Some(mut inbox) = self
+            .inbox_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        else {
+            return;
+        };
         let mut link = shared.link.subscribe();
-        let mut home = self.relay.home();
+        let mut routes = self.relay.route_changes();
         maps.mark_changed();
         link.mark_changed();
         let mut net = NetBatch::with_capacity(64 * 1024);
@@ -263,13 +276,14 @@ impl Discovery {
                     p.set_relay(available, now);
                     relay_changed = true;
                 }
-                r = home.changed() => {
+                r = routes.changed() => {
                     if r.is_err() {
                         return;
                     }
-                    // A standalone relay came or went: the shims stay the relayed peers'
-                    // endpoints, only whether any relay is there matters here.
-                    home.borrow_and_update();
+                    // A standalone relay came or went, or a relayed peer's frames moved to
+                    // another relay (a relay's notice, or its wearing off) with the home
+                    // unchanged: the shims stay the relayed peers' endpoints, so only whether
+                    // any relay is there matters to the paths; the report names the relay.
                     let available = self.relay.available();
                     self.paths().set_relay(available, Instant::now());
                     relay_changed = true;
@@ -319,5 +333,191 @@ impl Discovery {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::coordinators::Coordinators;
+    use crate::control::relay::{HomeLink, UNREACHABLE_FOR};
+    use crate::control::transport::LinkConn;
+    use meshlink_proto::control::RelayTransport;
+    use meshlink_proto::PeerInfo;
+    use std::time::Duration;
+
+    /// How soon the report must name the relay a peer's frames moved to: well below
+    /// [`REPORT_EVERY`], so that only a change told at once gets there in time.
+    const PROMPTLY: Duration = Duration::from_secs(1);
+
+    /// What keeps a test's QUIC connection open: both endpoints and the server's end.
+    struct Keep {
+        _server: quinn::Endpoint,
+        _client: quinn::Endpoint,
+        other_end: quinn::Connection,
+    }
+
+    impl Drop for Keep {
+        fn drop(&mut self) {
+            self.other_end.close(0u32.into(), b"");
+        }
+    }
+
+    /// A QUIC connection on loopback (relay links carry one), with what keeps it open.
+    async fn a_connection() -> (quinn::Connection, Keep) {
+        const CERT: &[u8] = include_bytes!("../../tests/fixtures/coordinator.cert.der");
+        const KEY: &[u8] = include_bytes!("../../tests/fixtures/coordinator.key.der");
+        let tls = meshlink_tls::server_config(
+            CERT.to_vec().into(),
+            rustls::pki_types::PrivateKeyDer::Pkcs8(KEY.to_vec().into()),
+            meshlink_tls::ALPN,
+        )
+        .unwrap();
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
+        let server = quinn::Endpoint::server(
+            quinn::ServerConfig::with_crypto(Arc::new(crypto)),
+            (std::net::Ipv4Addr::LOCALHOST, 0).into(),
+        )
+        .unwrap();
+        let mut client =
+            quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into()).unwrap();
+        client.set_default_client_config(
+            meshlink_tls::client_config(&meshlink_tls::fingerprint(CERT)).unwrap(),
+        );
+        let accepting = server.clone();
+        let accepted = tokio::spawn(async move { accepting.accept().await?.await.ok() });
+        let conn = client
+            .connect(server.local_addr().unwrap(), meshlink_tls::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let other_end = accepted.await.unwrap().unwrap();
+        (
+            conn,
+            Keep {
+                _server: server,
+                _client: client,
+                other_end,
+            },
+        )
+    }
+
+    fn link(name: &str, conn: &quinn::Connection) -> HomeLink {
+        HomeLink {
+            name: name.into(),
+            conn: LinkConn::Quic(conn.clone()),
+            remote: conn.remote_address(),
+            transport: RelayTransport::Udp,
+        }
+    }
+
+    /// Waits (at most `within`) for the report on the one peer to satisfy `want`.
+    async fn reported(
+        rx: &mut watch::Receiver<Vec<PathReport>>,
+        within: Duration,
+        what: &str,
+        want: impl Fn(&PathReport) -> bool,
+    ) {
+        let waited = tokio::time::timeout(within, async {
+            loop {
+                if rx.borrow_and_update().first().is_some_and(&want) {
+                    return;
+                }
+                rx.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            waited.is_ok(),
+            "not reported within {within:?}: {what}; the report: {:?}",
+            *rx.borrow()
+        );
+    }
+
+    /// A relayed peer's frames move between relays with the home unchanged (a relay's
+    /// notice that it lacks the peer, another relay coming up, the notice wearing off): the
+    /// report names the relay in use each time within moments, not at its next periodic
+    /// refresh ([`REPORT_EVERY`]).
+    #[tokio::test]
+    async fn the_report_follows_a_relayed_peer_between_relays_at_once() {
+        let (conn, _keep) = a_connection().await;
+        let coordinators = Coordinators::new(["127.0.0.1:1".to_string()]).unwrap();
+        let shared = Arc::new(Shared::new(
+            1,
+            Netmap::default(),
+            Instant::now(),
+            coordinators,
+        ));
+        let udp = Arc::new(UdpTransport::bind(0, None).unwrap());
+        let discovery = Discovery::new(PublicKey([1; 32]), [1; 32], udp.port(), &shared);
+        let relays = discovery.relay.relays();
+        // r1 is home; the peer lists no endpoint, so its frames go through a relay.
+        relays.set_links(vec![link("r1", &conn)]);
+        let peer = PublicKey([2; 32]);
+        let map = Netmap {
+            version: 1,
+            peers: [(
+                2,
+                PeerInfo {
+                    node_id: 2,
+                    name: "vm-b".into(),
+                    public_key: peer,
+                    next_key: None,
+                    addresses: vec![],
+                    allowed_ips: vec![],
+                    endpoints: vec![],
+                    labels: Default::default(),
+                    tags: vec![],
+                    via: None,
+                },
+            )]
+            .into(),
+            ..Netmap::default()
+        };
+        let (_maps_tx, maps) = watch::channel(map);
+        let mut report = shared.path_report.subscribe();
+        let known = Arc::new(Mutex::new(Vec::new()));
+        let task = tokio::spawn(discovery.clone().discover(udp, maps, shared.clone(), known));
+        let through = |relay: Option<&'static str>| {
+            move |r: &PathReport| r.kind == PathKind::Relay && r.relay.as_deref() == relay
+        };
+        reported(
+            &mut report,
+            Duration::from_secs(10),
+            "relayed by r1",
+            through(Some("r1")),
+        )
+        .await;
+
+        // r1 says it lacks the peer: no other relay (nor the coordinator's) has it. The notice
+        // is dated so that it wears off a few seconds from now.
+        let wears_off = Instant::now() + 3 * PROMPTLY;
+        relays
+            .unreachable()
+            .mark(peer, "r1", wears_off.checked_sub(UNREACHABLE_FOR).unwrap());
+        reported(
+            &mut report,
+            PROMPTLY,
+            "no relay after r1's notice",
+            through(None),
+        )
+        .await;
+        // r2 comes up, the home still r1: the peer's frames go through r2.
+        relays.set_links(vec![link("r1", &conn), link("r2", &conn)]);
+        reported(&mut report, PROMPTLY, "relayed by r2", through(Some("r2"))).await;
+        // The notice wears off: back through r1.
+        let left = wears_off.saturating_duration_since(Instant::now());
+        reported(
+            &mut report,
+            left + PROMPTLY,
+            "relayed by r1 again",
+            through(Some("r1")),
+        )
+        .await;
+        assert!(
+            Instant::now() >= wears_off,
+            "not before the notice wore off"
+        );
+        task.abort();
     }
 }

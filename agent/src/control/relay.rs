@@ -38,7 +38,7 @@ use super::workloads::Link;
 mod home;
 mod sessions;
 
-pub use sessions::{HomeLink, RelayStatus, Relays, Unreachable};
+pub use sessions::{HomeLink, RelayStatus, Relays, Unreachable, UNREACHABLE_FOR};
 
 /// Frames from standalone relays waiting for the relay client; more are dropped.
 const RELAYED_QUEUED: usize = 1024;
@@ -129,10 +129,16 @@ impl RelayClient {
         &self.relays
     }
 
-    /// The home standalone relay's session, while there is one.
+    /// What wakes those who show the relay each peer's frames go through
+    /// ([`RelayClient::route_for`]) when it may have changed.
     #[must_use]
-    pub fn home(&self) -> watch::Receiver<Option<HomeLink>> {
-        self.home.clone()
+    pub fn route_changes(&self) -> RouteChanges {
+        let unreachable = self.relays.unreachable();
+        RouteChanges {
+            links: self.relays.links(),
+            noticed: unreachable.noticed(),
+            unreachable,
+        }
     }
 
     /// The counters.
@@ -362,6 +368,34 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Wakes its holder when the relay some peer's frames go through ([`Routes`]) may have changed
+/// other than by the control link (which its holder watches itself): the standalone relays
+/// came, went or were reordered (the home among them), a relay said it lacks a peer (its
+/// frames go through the next relay from then on, possibly not the home's), or such a notice
+/// wore off (they go back). The last two happen with the home unchanged.
+#[derive(Debug)]
+pub struct RouteChanges {
+    links: watch::Receiver<Vec<HomeLink>>,
+    noticed: watch::Receiver<()>,
+    unreachable: Arc<sessions::Unreachable>,
+}
+
+impl RouteChanges {
+    /// Resolves at the next such change. Cancel safe: a change that comes while this is not
+    /// polled is seen at the next call.
+    ///
+    /// # Errors
+    /// When the relay client is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        let wears_off = self.unreachable.next_expiry(Instant::now());
+        tokio::select! {
+            r = self.links.changed() => r,
+            r = self.noticed.changed() => r,
+            () = super::sleep_until(wears_off) => Ok(()),
+        }
     }
 }
 

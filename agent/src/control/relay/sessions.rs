@@ -126,10 +126,16 @@ enum Event {
 /// The peers relays said they do not have, per relay, until when; only peers of the map
 /// ([`Unreachable::set_peers`]), so that a relay's notices naming made-up keys take no room
 /// from the real ones.
+///
+/// A mark moves its peer's frames to another relay, and its wearing off moves them back: both
+/// are told ([`Unreachable::noticed`], [`Unreachable::next_expiry`]), so that the path report
+/// names the relay in use within moments rather than at its next periodic refresh.
 #[derive(Debug, Default)]
 pub struct Unreachable {
     marks: Mutex<HashMap<(PublicKey, String), Instant>>,
     peers: Mutex<HashSet<PublicKey>>,
+    /// Changed by every new mark (not by a notice repeating one that is still on).
+    noticed: watch::Sender<()>,
 }
 
 impl Unreachable {
@@ -161,7 +167,27 @@ impl Unreachable {
                 return;
             }
         }
-        m.insert((peer, relay.to_string()), now + UNREACHABLE_FOR);
+        let earlier = m.insert((peer, relay.to_string()), now + UNREACHABLE_FOR);
+        drop(m);
+        // A relay repeats its notice for every frame sent meanwhile: only the first one moves
+        // the peer's frames elsewhere.
+        if earlier.is_none_or(|until| until <= now) {
+            self.noticed.send_replace(());
+        }
+    }
+
+    /// Changes with every new mark (a peer's frames go through another relay from then on).
+    #[must_use]
+    pub fn noticed(&self) -> watch::Receiver<()> {
+        self.noticed.subscribe()
+    }
+
+    /// When the next mark wears off after `now` (its peer's frames go back to that relay);
+    /// marks that wore off by `now` are forgotten.
+    pub fn next_expiry(&self, now: Instant) -> Option<Instant> {
+        let mut m = self.marks.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, until| *until > now);
+        m.values().min().copied()
     }
 
     /// Whether `relay` said lately that `peer` is not there.
@@ -248,6 +274,37 @@ impl Relays {
             .clone()
     }
 
+    /// The relays to send through now, the home first ([`Relays::links`], [`Relays::home`]):
+    /// their watchers are woken only when something changed, which may be the session alone
+    /// (a renewed one) with the same relays.
+    fn publish(&self, links: Vec<HomeLink>) {
+        let home = links.first().cloned();
+        self.home.send_if_modified(|h| {
+            let same = match (&*h, &home) {
+                (None, None) => true,
+                (Some(a), Some(b)) => same_link(a, b),
+                _ => false,
+            };
+            if !same {
+                *h = home;
+            }
+            !same
+        });
+        self.links.send_if_modified(|l| {
+            let same = l.len() == links.len() && l.iter().zip(&links).all(|(a, b)| same_link(a, b));
+            if !same {
+                *l = links;
+            }
+            !same
+        });
+    }
+
+    /// Sets the relays to send through, the home first, as the session manager would.
+    #[cfg(test)]
+    pub(crate) fn set_links(&self, links: Vec<HomeLink>) {
+        self.publish(links);
+    }
+
     /// Keeps sessions with the relays of the newest grant in `grants`, puts what they deliver
     /// in `inbound`, and the home in [`Relays::home`]. Runs until `grants`' sender is gone.
     pub async fn run(
@@ -324,20 +381,6 @@ impl Relays {
             if changed {
                 info!(home = ?choice.home(), "home relay");
             }
-            // The link may change without the home changing (a renewed session).
-            self.home.send_if_modified(|h| {
-                let same = match (&*h, &home) {
-                    (None, None) => true,
-                    (Some(a), Some(b)) => {
-                        a.name == b.name && a.remote == b.remote && same_conn(&a.conn, &b.conn)
-                    }
-                    _ => false,
-                };
-                if !same {
-                    *h = home.clone();
-                }
-                !same
-            });
             // The others after the home, nearest first, once settled as a home would be.
             let now = Instant::now();
             let mut others: Vec<(&String, &Up)> = up
@@ -358,16 +401,7 @@ impl Relays {
                     transport: u.transport,
                 }))
                 .collect();
-            self.links.send_if_modified(|l| {
-                let same = l.len() == links.len()
-                    && l.iter().zip(&links).all(|(a, b)| {
-                        a.name == b.name && a.remote == b.remote && same_conn(&a.conn, &b.conn)
-                    });
-                if !same {
-                    *l = links.clone();
-                }
-                !same
-            });
+            self.publish(links);
             let status = listed
                 .iter()
                 .map(|info| {
@@ -396,6 +430,10 @@ impl Default for Relays {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn same_link(a: &HomeLink, b: &HomeLink) -> bool {
+    a.name == b.name && a.remote == b.remote && same_conn(&a.conn, &b.conn)
 }
 
 fn same_conn(a: &LinkConn, b: &LinkConn) -> bool {
@@ -929,6 +967,40 @@ mod tests {
         );
         // The notice wears off: the home is tried again.
         assert_eq!(pick(&links, &u, &a, t0 + UNREACHABLE_FOR), Some(&"home"));
+    }
+
+    /// A first notice is told (the peer's frames move), one repeating it while it is on is
+    /// not; the next wearing off is known ahead, and worn-off marks are forgotten.
+    #[test]
+    fn new_notices_are_told_and_their_wearing_off_known() {
+        let u = Unreachable::default();
+        let mut noticed = u.noticed();
+        let t0 = Instant::now();
+        let (a, b) = (PublicKey([1; 32]), PublicKey([2; 32]));
+        u.set_peers(&[a, b]);
+        assert_eq!(u.next_expiry(t0), None);
+        u.mark(a, "home", t0);
+        assert!(noticed.has_changed().unwrap(), "a new notice is told");
+        noticed.mark_unchanged();
+        let later = t0 + Duration::from_secs(5);
+        u.mark(a, "home", later);
+        assert!(!noticed.has_changed().unwrap(), "a repeated one is not");
+        u.mark(b, "next", t0 + Duration::from_secs(2));
+        assert!(noticed.has_changed().unwrap(), "another pair is new");
+        noticed.mark_unchanged();
+        // The repeat kept a's mark on longer: b's wears off first.
+        assert_eq!(
+            u.next_expiry(later),
+            Some(t0 + Duration::from_secs(2) + UNREACHABLE_FOR)
+        );
+        assert_eq!(u.next_expiry(later + UNREACHABLE_FOR), None);
+        assert!(u.marks.lock().unwrap().is_empty(), "worn off: forgotten");
+        // Once worn off, a notice is new again; a stranger's never is.
+        u.mark(a, "home", later + UNREACHABLE_FOR);
+        assert!(noticed.has_changed().unwrap());
+        noticed.mark_unchanged();
+        u.mark(PublicKey([3; 32]), "home", later + UNREACHABLE_FOR);
+        assert!(!noticed.has_changed().unwrap());
     }
 
     #[test]
