@@ -14,6 +14,7 @@
 //! handshake, pinned, then closed), and when it does, ends the TCP session and opens the next
 //! one at once, which [`Transport::connect`] makes over QUIC.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -250,10 +251,8 @@ async fn quic(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Trans
     })
 }
 
-/// A TLS/TCP connection to `target` (a coordinator's or a relay's): no Nagle, a TCP keepalive
-/// after `keepalive` of silence (three unanswered: dead) and `TCP_USER_TIMEOUT` `idle`, so a
-/// dead server is noticed about when QUIC would notice it; then TLS with `config` for
-/// `server_name`.
+/// A TLS/TCP connection to `target` (a coordinator's or a relay's), its socket set up by
+/// [`configure_tcp`]; then TLS with `config` for `server_name`.
 ///
 /// # Errors
 /// The socket's or the handshake's error, as text.
@@ -267,20 +266,36 @@ pub async fn tls_over_tcp(
     let stream = TcpStream::connect(target)
         .await
         .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let sock = socket2::SockRef::from(&stream);
-    let probes = socket2::TcpKeepalive::new()
-        .with_time(keepalive)
-        .with_interval(keepalive)
-        .with_retries(3);
-    sock.set_tcp_keepalive(&probes).map_err(|e| e.to_string())?;
-    sock.set_tcp_user_timeout(Some(idle))
-        .map_err(|e| e.to_string())?;
+    configure_tcp(&stream, keepalive, idle).map_err(|e| e.to_string())?;
     let name = rustls::pki_types::ServerName::try_from(server_name).map_err(|e| e.to_string())?;
     tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, stream)
         .await
         .map_err(|e| e.to_string())
+}
+
+/// The shortest TCP keepalive: the kernel counts its time and interval in whole seconds, and
+/// refuses 0 (`EINVAL`).
+pub const MIN_TCP_KEEPALIVE: Duration = Duration::from_secs(1);
+
+/// No Nagle, a TCP keepalive after `keepalive` of silence (at least [`MIN_TCP_KEEPALIVE`];
+/// three unanswered: dead) and `TCP_USER_TIMEOUT` `idle` (milliseconds: data unacknowledged
+/// that long ends the connection), so a dead server is noticed about when QUIC would notice
+/// it. A holder's QUIC keepalive is a fraction of a second; over TCP its heartbeats, which
+/// are data, are what `idle` bounds.
+///
+/// # Errors
+/// What the socket refused.
+pub fn configure_tcp(stream: &TcpStream, keepalive: Duration, idle: Duration) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let sock = socket2::SockRef::from(stream);
+    let keepalive = keepalive.max(MIN_TCP_KEEPALIVE);
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(keepalive)
+        .with_interval(keepalive)
+        .with_retries(3);
+    sock.set_tcp_keepalive(&probes)?;
+    sock.set_tcp_user_timeout(Some(idle))
 }
 
 async fn tcp(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transport, String> {
@@ -299,4 +314,34 @@ async fn tcp(target: SocketAddr, pin: &str, liveness: Liveness) -> Result<Transp
         read,
         write: StreamWriter(Arc::new(tokio::sync::Mutex::new(write))),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A holder of a mesh of several coordinators keeps a QUIC keepalive of 125 ms: over TCP
+    /// that was a keepalive of 0 s, which the kernel refuses, so no TCP session could open.
+    /// It is raised to a second; the user timeout stays as short as asked.
+    #[tokio::test]
+    async fn a_keepalive_below_a_second_is_raised_to_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        configure_tcp(
+            &stream,
+            Duration::from_millis(125),
+            Duration::from_millis(625),
+        )
+        .unwrap();
+        let sock = socket2::SockRef::from(&stream);
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), MIN_TCP_KEEPALIVE);
+        assert_eq!(sock.tcp_keepalive_interval().unwrap(), MIN_TCP_KEEPALIVE);
+        assert_eq!(
+            sock.tcp_user_timeout().unwrap(),
+            Some(Duration::from_millis(625))
+        );
+        assert!(stream.nodelay().unwrap());
+    }
 }
