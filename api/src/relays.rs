@@ -13,6 +13,13 @@ pub struct Relays {
     /// The standalone relays of the coordinator's `[[relays]]`, in the configuration's order.
     /// Empty: none.
     pub standalone: Vec<StandaloneRelay>,
+    /// In a mesh of several coordinators, every coordinator, each of which serves relay
+    /// sessions on its own port to agents of all of them (named `coordinator-N` by their place
+    /// in the mesh's list, no region or provider), listed to agents after the standalone
+    /// relays. Empty for a lone coordinator (its agents meet on its embedded relay), and absent
+    /// from the answers of older coordinators.
+    #[serde(default)]
+    pub coordinators: Vec<StandaloneRelay>,
 }
 
 /// The coordinator's own relay.
@@ -28,7 +35,7 @@ pub struct EmbeddedRelay {
     pub transports: Vec<RelayTransport>,
 }
 
-/// A standalone relay the coordinator vouches for (a `[[relays]]` entry).
+/// A relay the coordinator vouches for: a `[[relays]]` entry, or a coordinator of the mesh.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StandaloneRelay {
     /// Its name in the mesh (agents' status and path reports name it).

@@ -117,6 +117,24 @@ pub struct AdminContext {
     pub tcp_listen: Option<SocketAddr>,
     /// The standalone relays of the configuration's `[[relays]]`.
     pub relays: Vec<meshlink_proto::relay::RelayInfo>,
+    /// The mesh's coordinators as relays (a mesh of several; empty otherwise:
+    /// [`crate::relay::coordinator_relays`]).
+    pub coordinator_relays: Vec<meshlink_proto::relay::RelayInfo>,
+    /// The relay sessions served on this coordinator's port (a mesh of several).
+    pub relay_sessions: Option<Arc<meshlink_relay::sessions::Sessions>>,
+}
+
+impl AdminContext {
+    /// What this coordinator relayed: its relay's counts and, in a mesh of several, those of
+    /// the relay sessions on its port, together; `None` when its relay is off.
+    pub fn relay_stats(&self) -> Option<RelayStats> {
+        let own = self.relay.as_ref()?.stats();
+        Some(
+            self.relay_sessions
+                .as_ref()
+                .map_or(own, |s| own + s.relay().stats()),
+        )
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -706,7 +724,7 @@ async fn status(State(s): State<AppState>) -> HttpResult<Json<api::Status>> {
         quic_listen: s.ctx.quic_listen,
         advertise: s.ctx.advertise.clone(),
         fingerprint: s.ctx.fingerprint.clone(),
-        relay: s.ctx.relay.as_ref().map(|r| relay_view(r.stats())),
+        relay: s.ctx.relay_stats().map(relay_view),
         reflect: s.ctx.reflect.as_ref().map(|(listen, counters)| {
             let r = counters.stats();
             api::ReflectStatus {

@@ -481,6 +481,14 @@ fn relays(entries: Vec<RelayEntry>) -> Result<Vec<meshlink_proto::relay::RelayIn
         if e.name.is_empty() {
             return Err("a relay without a name".into());
         }
+        if e.name.starts_with(crate::relay::COORDINATOR_RELAY_PREFIX) {
+            return Err(format!(
+                "relay {:?}: names beginning {:?} are the coordinators' own (a mesh of several \
+                 lists each as a relay)",
+                e.name,
+                crate::relay::COORDINATOR_RELAY_PREFIX
+            ));
+        }
         if out.iter().any(|r| r.name == e.name) {
             return Err(format!("relay {:?} listed twice", e.name));
         }
@@ -1062,6 +1070,11 @@ mod tests {
                 "fingerprint",
             ),
             ("addr.toml", entry("a", "nope", &fp), "addr"),
+            (
+                "taken.toml",
+                entry("coordinator-2", "198.18.0.11:7450", &fp),
+                "the coordinators' own",
+            ),
             (
                 "ttl.toml",
                 "relay_ticket_secs = 10\n".to_string(),

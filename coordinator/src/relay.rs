@@ -12,12 +12,21 @@
 //! proves at each relay that the ticket is its own. A grant travels on the session's own relay
 //! channel as a frame from [`RELAY_SELF`] (so the secret only ever crosses the pinned control
 //! session), and is sent again well before its ticket expires.
+//!
+//! In a mesh of several coordinators, agents on different coordinators share no control
+//! session, so the embedded relays alone would never carry a frame between them. There every
+//! coordinator also serves relay sessions (the standalone relay's protocol, tickets and all:
+//! [`meshlink_relay::sessions`]) on its own port, chosen by ALPN, and lists every coordinator
+//! of the mesh in its grants after the `[[relays]]` ([`coordinator_relays`]): each agent keeps
+//! a relay session with each, so the nearest one a sender picks is one the receiver is at too.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use meshlink_proto::relay::{self as frames, Grant, RelayInfo, RELAY_SELF};
+use meshlink_proto::relay::{self as frames, Grant, RelayInfo, RELAY_ALPN, RELAY_SELF};
 use meshlink_proto::{NodeId, PublicKey};
 pub use meshlink_relay::forward::*;
+use meshlink_relay::sessions::Sessions;
 use meshlink_relay::ticket::{Issuer, KeyError};
 
 /// When a session's first grants go (after the route is registered): again soon after the
@@ -32,6 +41,57 @@ pub const GRANT_FIRST: [Duration; 3] = [
 pub const MAX_NAME: usize = 32;
 /// The longest address (`host:port`) of a listed relay, in bytes.
 pub const MAX_ADDR: usize = 128;
+
+/// What the coordinator's listeners relay with.
+#[derive(Debug, Clone, Default)]
+pub struct Relaying {
+    /// The embedded relay (frames on control sessions); `None` when off.
+    pub relay: Option<Arc<Relay>>,
+    /// What sessions tell agents of the relays; `None` when the embedded relay is off.
+    pub grants: Option<Arc<Grants>>,
+    /// The relay sessions served on this coordinator's own port (ALPN [`RELAY_ALPN`]); `None`
+    /// unless the embedded relay is on and the mesh lists several coordinators.
+    pub sessions: Option<Arc<Sessions>>,
+}
+
+impl Relaying {
+    /// The relay sessions that serve a connection whose handshake chose `alpn`: `Some` when it
+    /// chose the relay's and this coordinator serves them.
+    pub fn sessions_for(&self, alpn: Option<&[u8]>) -> Option<&Arc<Sessions>> {
+        self.sessions.as_ref().filter(|_| alpn == Some(RELAY_ALPN))
+    }
+}
+
+/// The name a coordinator of the mesh has as a relay: [`COORDINATOR_RELAY_PREFIX`] and its
+/// place (from 1) in the mesh's list of coordinators, which every coordinator holds in the
+/// same order. `[[relays]]` names may not take this form.
+pub fn coordinator_relay_name(place: usize) -> String {
+    format!("{COORDINATOR_RELAY_PREFIX}{}", place + 1)
+}
+
+/// How the names of coordinators as relays begin.
+pub const COORDINATOR_RELAY_PREFIX: &str = "coordinator-";
+
+/// The coordinators of a mesh of several, as relays its agents are granted: each at its own
+/// address (`all`, the mesh's list, the same from every coordinator), pinned by the identity
+/// the coordinators share (`fingerprint`). None for a lone coordinator: its agents meet on its
+/// embedded relay. An address longer than [`MAX_ADDR`] is left out (agents refuse it).
+pub fn coordinator_relays(all: &[String], fingerprint: &str) -> Vec<RelayInfo> {
+    if all.len() < 2 {
+        return Vec::new();
+    }
+    all.iter()
+        .enumerate()
+        .filter(|(_, addr)| addr.len() <= MAX_ADDR)
+        .map(|(place, addr)| RelayInfo {
+            name: coordinator_relay_name(place),
+            addr: addr.clone(),
+            fingerprint: fingerprint.to_string(),
+            region: String::new(),
+            provider: String::new(),
+        })
+        .collect()
+}
 
 /// What a coordinator tells agents of the standalone relays, and the key it vouches with.
 /// A coordinator with none registered still says so ([`Grants::none`]): an agent that was
@@ -205,6 +265,22 @@ mod tests {
             (PublicKey([5; 32]), "prod".into(), 3)
         );
         assert!(Ticket::parse(&grant.ticket).is_ok());
+    }
+
+    /// A mesh of several coordinators lists each at its address, in the mesh's order, pinned
+    /// by the shared identity; a lone coordinator lists none.
+    #[test]
+    fn coordinators_of_a_mesh_of_several_are_relays() {
+        let fp = "cd".repeat(32);
+        assert!(coordinator_relays(&["a:7443".into()], &fp).is_empty());
+        let all = ["a:7443".to_string(), "b:7443".into(), "c:7443".into()];
+        let listed = coordinator_relays(&all, &fp);
+        let names: Vec<&str> = listed.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["coordinator-1", "coordinator-2", "coordinator-3"]);
+        assert!(listed.iter().all(|r| r.fingerprint == fp));
+        assert_eq!(listed[1].addr, "b:7443");
+        let r = Relaying::default();
+        assert!(r.sessions_for(Some(RELAY_ALPN)).is_none());
     }
 
     /// Without relays registered, a grant still goes: one frame listing none, no ticket.

@@ -203,20 +203,68 @@ impl Coordinator {
         let relay = settings
             .relay
             .then(|| Arc::new(Relay::new(settings.limits.relay_rate)));
-        // Standalone relays are announced on the embedded relay's channel: without it, none.
-        // With it and none registered, grants of none, so that agents drop relays granted
-        // before (by another coordinator, or this one before its configuration changed).
-        let grants = match (&relay, settings.relays.is_empty()) {
+        let advertise = settings
+            .advertise
+            .clone()
+            .unwrap_or_else(|| default_advertise(quic_addr));
+        // The same list, in the same order, from every coordinator of the mesh.
+        let mut all = settings.coordinators.clone();
+        if !all.contains(&advertise) {
+            all.push(advertise.clone());
+        }
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        // Relays are announced on the embedded relay's channel: without it, none. With it,
+        // the `[[relays]]` and, in a mesh of several, every coordinator (whose own port serves
+        // relay sessions); with none of either, grants of none, so that agents drop relays
+        // granted before (by another coordinator, or this one before its configuration
+        // changed).
+        let coordinator_relays = crate::relay::coordinator_relays(&all, &id.fingerprint);
+        let listed: Vec<_> = settings
+            .relays
+            .iter()
+            .chain(&coordinator_relays)
+            .cloned()
+            .collect();
+        if listed.len() > meshlink_proto::relay::MAX_LISTED_RELAYS {
+            tracing::warn!(
+                listed = listed.len(),
+                "agents are told of the first {} relays only ([[relays]] first, then the \
+                 coordinators)",
+                meshlink_proto::relay::MAX_LISTED_RELAYS
+            );
+        }
+        let grants = match (&relay, listed.is_empty()) {
             (Some(_), false) => {
                 let issuer = meshlink_relay::ticket::Issuer::new(&id.key, settings.relay_ticket)
                     .map_err(StartError::RelayTickets)?;
-                Some(Arc::new(crate::relay::Grants::new(
-                    issuer,
-                    settings.relays.clone(),
-                )))
+                Some(Arc::new(crate::relay::Grants::new(issuer, listed.clone())))
             }
             (Some(_), true) => Some(Arc::new(crate::relay::Grants::none())),
             (None, _) => None,
+        };
+        let relay_sessions = if serves_relay_sessions(settings) {
+            let verifier = meshlink_relay::ticket::Verifier::new(id.cert.clone())
+                .map_err(StartError::RelayTickets)?;
+            let tickets = Arc::new(Relay::new(settings.limits.relay_rate));
+            // A node is at either (an agent opens its relay session here a moment after its
+            // control session elsewhere, or here): each delivers through the other.
+            if let Some(embedded) = &relay {
+                embedded.also_deliver_through(&tickets);
+                tickets.also_deliver_through(embedded);
+            }
+            Some(Arc::new(meshlink_relay::sessions::Sessions::new(
+                tickets,
+                verifier,
+                settings.limits.hello_timeout,
+                shutdown_rx.clone(),
+            )))
+        } else {
+            None
+        };
+        let relaying = crate::relay::Relaying {
+            relay: relay.clone(),
+            grants,
+            sessions: relay_sessions,
         };
         service.set_endpoint_pace(
             settings.limits.endpoint_interval,
@@ -236,12 +284,6 @@ impl Coordinator {
             addr: settings.admin_listen,
             source,
         })?;
-        let advertise = settings
-            .advertise
-            .clone()
-            .unwrap_or_else(|| default_advertise(quic_addr));
-
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let shutdown_rx_failover = shutdown_rx.clone();
         let shutdown_rx_endpoints = shutdown_rx.clone();
         let connections = Arc::new(crate::session::connections(&settings.limits));
@@ -250,19 +292,17 @@ impl Coordinator {
             endpoint,
             service.clone(),
             settings.limits.clone(),
-            relay.clone(),
-            grants.clone(),
+            relaying.clone(),
             connections.clone(),
             shutdown_rx.clone(),
         ));
         let tcp_task = match tcp_listener {
             Some((listener, _)) => Some(tokio::spawn(tcp::run(
                 listener,
-                tcp::acceptor(&id)?,
+                tcp::acceptor(&id, relaying.sessions.is_some())?,
                 service.clone(),
                 settings.limits.clone(),
-                relay.clone(),
-                grants.clone(),
+                relaying.clone(),
                 connections,
                 shutdown_rx.clone(),
             ))),
@@ -282,12 +322,7 @@ impl Coordinator {
             .filter(|c| **c != advertise)
             .cloned()
             .collect();
-        // The same list, in the same order, from every coordinator of the mesh.
-        let mut all = settings.coordinators.clone();
-        if !all.contains(&advertise) {
-            all.push(advertise.clone());
-        }
-        service.set_coordinators(&advertise, all);
+        service.set_coordinators(&advertise, all.clone());
         let ctx = AdminContext {
             admin_token: admin_token.value.clone(),
             quic_listen: quic_addr,
@@ -300,6 +335,8 @@ impl Coordinator {
             connections: Some(admin_connections),
             tcp_listen: tcp_addr,
             relays: settings.relays.clone(),
+            coordinator_relays,
+            relay_sessions: relaying.sessions.clone(),
         };
         let app = admin::router(service.clone(), ctx);
         let mut admin_rx = shutdown_rx;
@@ -529,7 +566,13 @@ async fn bind_agent_listeners(
 > {
     let mut tries = 0;
     loop {
-        let endpoint = server::endpoint(id, settings.listen, &settings.limits, settings.relay)?;
+        let endpoint = server::endpoint(
+            id,
+            settings.listen,
+            &settings.limits,
+            settings.relay,
+            serves_relay_sessions(settings),
+        )?;
         let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: settings.listen,
             source,
@@ -551,4 +594,11 @@ async fn bind_agent_listeners(
             Err(source) => return Err(StartError::Tcp { addr, source }),
         }
     }
+}
+
+/// Whether this coordinator serves relay sessions on its own port: with its relay on, in a
+/// mesh of several coordinators (`coordinators` lists any), whose agents meet there
+/// ([`crate::relay::coordinator_relays`]).
+fn serves_relay_sessions(settings: &Settings) -> bool {
+    settings.relay && !settings.coordinators.is_empty()
 }

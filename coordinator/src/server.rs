@@ -25,11 +25,12 @@ use tokio::time::{timeout, timeout_at};
 use tracing::{info, Instrument};
 
 use crate::identity::Identity;
-use crate::relay::{Grants, Relay, SessionLink};
+use crate::relay::{Relaying, SessionLink};
 use crate::service::Service;
 use crate::session::{self, Admission, Connections, End, Transport, LINGER};
 
 pub use meshlink_proto::control::ALPN;
+use meshlink_proto::relay::RELAY_ALPN;
 
 /// QUIC application close codes the coordinator uses, for the agent's logs and decisions. A
 /// TLS/TCP session carries no code: its agent learns the same from the last message
@@ -155,8 +156,9 @@ pub fn endpoint(
     listen: SocketAddr,
     limits: &Limits,
     relay: bool,
+    relay_sessions: bool,
 ) -> Result<quinn::Endpoint, ServerError> {
-    let quic = QuicServerConfig::try_from(tls_config(identity)?)
+    let quic = QuicServerConfig::try_from(tls_config(identity, relay_sessions)?)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let mut transport = quinn::TransportConfig::default();
     transport
@@ -197,13 +199,22 @@ pub fn endpoint(
 }
 
 /// The TLS configuration of both transports: the coordinator's identity, TLS 1.3 only, ring,
-/// ALPN [`ALPN`].
+/// ALPN [`ALPN`], and with `relay_sessions` also [`RELAY_ALPN`] (a coordinator of several
+/// serves relay sessions on its own port: [`Relaying::sessions`]).
 ///
 /// # Errors
 /// [`ServerError::Tls`].
-pub fn tls_config(identity: &Identity) -> Result<rustls::ServerConfig, ServerError> {
-    meshlink_tls::server_config(identity.cert.clone(), identity.key.clone_key(), ALPN)
-        .map_err(|e| ServerError::Tls(e.to_string()))
+pub fn tls_config(
+    identity: &Identity,
+    relay_sessions: bool,
+) -> Result<rustls::ServerConfig, ServerError> {
+    let mut tls =
+        meshlink_tls::server_config(identity.cert.clone(), identity.key.clone_key(), ALPN)
+            .map_err(|e| ServerError::Tls(e.to_string()))?;
+    if relay_sessions {
+        tls.alpn_protocols.push(RELAY_ALPN.to_vec());
+    }
+    Ok(tls)
 }
 
 /// Connection IDs of [`CID_LEN`] random bytes, valid for any coordinator process (see
@@ -233,14 +244,14 @@ impl quinn::ConnectionIdGenerator for RandomCids {
 const RESET_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Accepts connections until `shutdown` changes (or its sender is dropped), then closes the
-/// endpoint and waits a little for sessions to end. With `relay`, sessions relay datagrams.
+/// endpoint and waits a little for sessions to end. With `relaying`'s relay, sessions relay
+/// datagrams; with its sessions, connections that chose [`RELAY_ALPN`] are relay sessions.
 /// `connections` is shared with the TLS/TCP listener.
 pub async fn run(
     endpoint: quinn::Endpoint,
     service: Arc<Service>,
     limits: Limits,
-    relay: Option<Arc<Relay>>,
-    grants: Option<Arc<Grants>>,
+    relaying: Relaying,
     connections: Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -278,8 +289,7 @@ pub async fn run(
                 incoming,
                 service.clone(),
                 limits.clone(),
-                relay.clone(),
-                grants.clone(),
+                relaying.clone(),
                 admission,
             )
             .instrument(span),
@@ -299,8 +309,7 @@ async fn connection(
     incoming: quinn::Incoming,
     service: Arc<Service>,
     limits: Limits,
-    relay: Option<Arc<Relay>>,
-    grants: Option<Arc<Grants>>,
+    relaying: Relaying,
     admission: Admission,
 ) {
     let Admission {
@@ -327,8 +336,11 @@ async fn connection(
             return;
         }
     };
+    if let Some(sessions) = relaying.sessions_for(alpn(&conn).as_deref()) {
+        return sessions.serve_quic(conn, deadline, before_hello).await;
+    }
     let transport = QuicTransport(conn.clone());
-    let relay = relay.as_ref();
+    let relay = relaying.relay.as_ref();
     let opened =
         session::not_relaying(&transport, relay, timeout_at(deadline, conn.accept_bi())).await;
     let end = match opened {
@@ -340,7 +352,7 @@ async fn connection(
                 &service,
                 &limits,
                 relay,
-                grants.as_ref(),
+                relaying.grants.as_ref(),
                 deadline,
                 before_hello,
             )
@@ -359,6 +371,14 @@ async fn connection(
     };
     info!(code = end.code, "session closed: {}", end.log);
     conn.close(end.code.into(), end.peer.as_bytes());
+}
+
+/// The protocol a connection's handshake chose.
+fn alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
 }
 
 /// A QUIC connection as a session's transport: relay frames are datagrams beside the stream,

@@ -35,7 +35,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 
 use crate::identity::Identity;
-use crate::relay::{Grants, Relay, SessionLink};
+use crate::relay::{Relaying, SessionLink};
 use crate::server::{tls_config, Limits, ServerError, ALPN};
 use crate::service::Service;
 use crate::session::{self, Admission, Connections, Transport, LINGER};
@@ -54,8 +54,11 @@ pub const USER_TIMEOUT: Duration = Duration::from_secs(4);
 ///
 /// # Errors
 /// [`ServerError::Tls`].
-pub fn acceptor(identity: &Identity) -> Result<TlsAcceptor, ServerError> {
-    Ok(TlsAcceptor::from(Arc::new(tls_config(identity)?)))
+pub fn acceptor(identity: &Identity, relay_sessions: bool) -> Result<TlsAcceptor, ServerError> {
+    Ok(TlsAcceptor::from(Arc::new(tls_config(
+        identity,
+        relay_sessions,
+    )?)))
 }
 
 /// Sets what every accepted connection needs: no Nagle delay (small messages and relay
@@ -86,8 +89,7 @@ pub async fn run(
     acceptor: TlsAcceptor,
     service: Arc<Service>,
     limits: Limits,
-    relay: Option<Arc<Relay>>,
-    grants: Option<Arc<Grants>>,
+    relaying: Relaying,
     connections: Arc<Connections>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -131,8 +133,7 @@ pub async fn run(
                 acceptor.clone(),
                 service.clone(),
                 limits.clone(),
-                relay.clone(),
-                grants.clone(),
+                relaying.clone(),
                 admission,
             )
             .instrument(span),
@@ -155,8 +156,7 @@ async fn connection(
     acceptor: TlsAcceptor,
     service: Arc<Service>,
     limits: Limits,
-    relay: Option<Arc<Relay>>,
-    grants: Option<Arc<Grants>>,
+    relaying: Relaying,
     admission: Admission,
 ) {
     let Admission {
@@ -180,6 +180,9 @@ async fn connection(
             return;
         }
     };
+    if let Some(sessions) = relaying.sessions_for(tls.get_ref().1.alpn_protocol()) {
+        return sessions.serve_tls(tls, deadline, before_hello).await;
+    }
     // rustls refuses a client that offers only other protocols; one that offers none gets
     // through the handshake, and is turned away here.
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
@@ -193,8 +196,8 @@ async fn connection(
         write,
         &service,
         &limits,
-        relay.as_ref(),
-        grants.as_ref(),
+        relaying.relay.as_ref(),
+        relaying.grants.as_ref(),
         deadline,
         before_hello,
     )

@@ -91,6 +91,9 @@ pub mod names {
     pub const RELAY_BYTES: &str = "meshlink_coordinator_relay_bytes_total";
     /// Counter, `reason`: frames the relay dropped (as `GET /v1/status` names them).
     pub const RELAY_DROPPED: &str = "meshlink_coordinator_relay_dropped_total";
+    /// Gauge, `transport` (`quic`, `tcp`): relay sessions open on this coordinator's port (a
+    /// mesh of several coordinators).
+    pub const RELAY_SESSIONS: &str = "meshlink_coordinator_relay_sessions";
     /// Counter, `outcome` (`answered`, `refused`, `ignored`): datagrams of the reflect port.
     pub const REFLECT: &str = "meshlink_coordinator_reflect_datagrams_total";
     /// Gauge, `version`: 1.
@@ -122,6 +125,7 @@ pub mod names {
         RELAY_FRAMES,
         RELAY_BYTES,
         RELAY_DROPPED,
+        RELAY_SESSIONS,
         REFLECT,
         BUILD_INFO,
     ];
@@ -290,6 +294,10 @@ fn describe() {
     describe_counter!(RELAY_FRAMES, "Frames the relay forwarded.");
     describe_counter!(RELAY_BYTES, Unit::Bytes, "Bytes the relay forwarded.");
     describe_counter!(RELAY_DROPPED, "Frames the relay dropped, by reason.");
+    describe_gauge!(
+        RELAY_SESSIONS,
+        "Relay sessions open on this coordinator's port (a mesh of several), by transport."
+    );
     describe_counter!(REFLECT, "Datagrams of the reflect port, by outcome.");
     describe_gauge!(BUILD_INFO, "1, labelled with the coordinator's version.");
 }

@@ -815,7 +815,8 @@ pub fn status(status: &Status) -> String {
     fields.to_string()
 }
 
-/// `relay list`: the coordinator's own relay first, then the standalone relays it vouches for.
+/// `relay list`: the coordinator's own relay first, then the standalone relays it vouches for,
+/// then (a mesh of several) the coordinators as relays, in the order agents are told of them.
 pub fn relays(relays: &Relays) -> String {
     let mut table = Table::new(&[
         "NAME", "KIND", "ADDRESS", "OVER", "REGION", "PROVIDER", "STATE",
@@ -830,10 +831,12 @@ pub fn relays(relays: &Relays) -> String {
         NONE.to_owned(),
         if embedded.on { "on" } else { "off" }.to_owned(),
     ]);
-    for relay in &relays.standalone {
+    let listed = (relays.standalone.iter().map(|r| (r, "standalone")))
+        .chain(relays.coordinators.iter().map(|r| (r, "coordinator")));
+    for (relay, kind) in listed {
         table.row([
             or_none(relay.name.clone()),
-            "standalone".to_owned(),
+            kind.to_owned(),
             or_none(relay.addr.clone()),
             transports(&relay.transports),
             or_none(relay.region.clone().unwrap_or_default()),
@@ -1174,14 +1177,20 @@ mod tests {
                  "granted": true},
                 {"name": "us\u{1b}[2J", "addr": "198.51.100.9:7450", "transports": ["udp", "tcp"],
                  "fingerprint": "4e", "region": null, "provider": null, "granted": true},
+            ],
+            "coordinators": [
+                {"name": "coordinator-2", "addr": "coord-b.example:7443",
+                 "transports": ["udp", "tcp"], "fingerprint": "ab", "region": null,
+                 "provider": null, "granted": true},
             ]
         }));
         assert_eq!(
             relays(&list),
-            "NAME    KIND        ADDRESS                  OVER     REGION   PROVIDER  STATE\n\
-             -       embedded    coord.example:7443       udp,tcp  -        -         on\n\
-             eu-1    standalone  relay-eu-1.example:7450  udp,tcp  eu-west  hetzner   granted\n\
-             us?[2J  standalone  198.51.100.9:7450        udp,tcp  -        -         granted\n"
+            "NAME           KIND         ADDRESS                  OVER     REGION   PROVIDER  STATE\n\
+             -              embedded     coord.example:7443       udp,tcp  -        -         on\n\
+             eu-1           standalone   relay-eu-1.example:7450  udp,tcp  eu-west  hetzner   granted\n\
+             us?[2J         standalone   198.51.100.9:7450        udp,tcp  -        -         granted\n\
+             coordinator-2  coordinator  coord-b.example:7443     udp,tcp  -        -         granted\n"
         );
         let off: Relays = answer(json!({
             "embedded": {"on": false, "addr": "coord.example:7443", "transports": []},

@@ -67,7 +67,9 @@ fn relay_list_shows_the_embedded_relay_and_the_configured_ones() {
                 {"name": "us-1", "addr": "198.51.100.9:7450",
                  "transports": ["udp", "tcp"], "fingerprint": "4e".repeat(32),
                  "region": null, "provider": null, "granted": true},
-            ]
+            ],
+            // A lone coordinator: its agents meet on its embedded relay.
+            "coordinators": []
         })
     );
     // The library client reads the same.

@@ -13,7 +13,8 @@
 //! Relay::forward(source, frame)
 //!   ─> the source's byte cap (token bucket)        over: dropped, rate_limited
 //!   ─> parse the header: the destination's key      malformed
-//!   ─> the destination's route in the source's network
+//!   ─> the destination's route in the source's network, else in the relay it also delivers
+//!      through (a coordinator's other one: Relay::also_deliver_through)
 //!                                                   none: no_route; only in another: other_network
 //!   ─> fits the destination's max_datagram_size     unsupported: it takes no datagrams
 //!        or is a whole datagram (count 1), cut into at most MAX_FRAGMENTS frames that fit
@@ -48,7 +49,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Instant;
 
 use meshlink_proto::control::MAX_RELAY_RECORD;
@@ -279,6 +280,27 @@ pub struct RelayStats {
     pub congested: u64,
 }
 
+impl std::ops::Add for RelayStats {
+    type Output = RelayStats;
+
+    /// Both relays' counts together (a coordinator's two: its control sessions' and its relay
+    /// sessions').
+    fn add(self, o: RelayStats) -> RelayStats {
+        RelayStats {
+            frames: self.frames + o.frames,
+            bytes: self.bytes + o.bytes,
+            unauthenticated: self.unauthenticated + o.unauthenticated,
+            rate_limited: self.rate_limited + o.rate_limited,
+            malformed: self.malformed + o.malformed,
+            no_route: self.no_route + o.no_route,
+            other_network: self.other_network + o.other_network,
+            too_large: self.too_large + o.too_large,
+            unsupported: self.unsupported + o.unsupported,
+            congested: self.congested + o.congested,
+        }
+    }
+}
+
 impl RelayStats {
     /// The frames dropped, by reason, named as `GET /v1/status` and the metrics name them.
     pub fn dropped(&self) -> [(&'static str, u64); 8] {
@@ -336,6 +358,9 @@ pub struct Relay<L: Link = SessionLink> {
     routes: RwLock<HashMap<PublicKey, Vec<Entry<L>>>>,
     counters: Counters,
     rate: u64,
+    /// Where a destination with no session here is looked up too
+    /// ([`Relay::also_deliver_through`]).
+    also: OnceLock<Weak<Relay<L>>>,
 }
 
 impl<L: Link> std::fmt::Debug for Relay<L> {
@@ -416,7 +441,18 @@ impl<L: Link> Relay<L> {
             routes: RwLock::new(HashMap::new()),
             counters: Counters::default(),
             rate,
+            also: OnceLock::new(),
         }
+    }
+
+    /// Frames for a node with no session here go to its session at `other` (in the source's
+    /// network), once set; the first call counts. A coordinator of a mesh of several has two
+    /// relays, its control sessions' and the relay sessions on its port (tickets), and a
+    /// node may be at either: each delivers through the other, so that a frame never waits for
+    /// both ends to be at the same one. One hop only: `other`'s own `also` is not followed.
+    /// The frame is counted here (and capped by its source's byte cap here), not at `other`.
+    pub fn also_deliver_through(&self, other: &Arc<Relay<L>>) {
+        let _ = self.also.set(Arc::downgrade(other));
     }
 
     /// Adds the session with `serial` (unique, growing with each session: the hub's attach
@@ -567,16 +603,12 @@ impl<L: Link> Relay<L> {
         if header.peer == source.key {
             return Err(Dropped::NoRoute);
         }
-        let link = {
-            let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
-            let entries = routes.get(&header.peer).ok_or(Dropped::NoRoute)?;
-            entries
-                .iter()
-                .find(|e| e.network == source.network)
-                .ok_or(Dropped::OtherNetwork)?
-                .link()
-                .ok_or(Dropped::NoRoute)?
-                .clone()
+        let link = match self.link_to(&header.peer, &source.network) {
+            Err(Dropped::NoRoute) => match self.also.get().and_then(Weak::upgrade) {
+                Some(other) => other.link_to(&header.peer, &source.network)?,
+                None => return Err(Dropped::NoRoute),
+            },
+            found => found?,
         };
         let max = link.max_datagram_size().ok_or(Dropped::Unsupported)?;
         if len <= max {
@@ -604,6 +636,19 @@ impl<L: Link> Relay<L> {
             link.send(piece)?;
         }
         Ok(len)
+    }
+
+    /// The link of `peer`'s newest session in `network`.
+    fn link_to(&self, peer: &PublicKey, network: &str) -> Result<L, Dropped> {
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let entries = routes.get(peer).ok_or(Dropped::NoRoute)?;
+        Ok(entries
+            .iter()
+            .find(|e| &*e.network == network)
+            .ok_or(Dropped::OtherNetwork)?
+            .link()
+            .ok_or(Dropped::NoRoute)?
+            .clone())
     }
 
     /// The counters now.
@@ -763,6 +808,55 @@ mod tests {
             (s.frames, s.other_network, s.no_route, s.malformed),
             (0, 1, 2, 1)
         );
+    }
+
+    /// A node with no session at the source's relay is reached at the relay it also delivers
+    /// through, in the source's network only, one hop only; the frame counts at the first.
+    #[test]
+    fn a_frame_for_a_node_at_the_other_relay_goes_there() {
+        let control = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let tickets = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let third = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let (a, b, c, far) = (
+            FakeLink::new(),
+            FakeLink::new(),
+            FakeLink::new(),
+            FakeLink::new(),
+        );
+        let _a = control.register(key(1), "prod", 1, a.clone());
+        let _b = tickets.register(key(2), "prod", 1, b.clone());
+        let _c = tickets.register(key(3), "staging", 2, c.clone());
+        let _far = third.register(key(4), "prod", 1, far.clone());
+        let mut from_a = control.source(key(1), "prod", now);
+        assert_eq!(
+            control.forward(&mut from_a, frame(2, b"x"), now),
+            Err(Dropped::NoRoute),
+            "not before it is told to"
+        );
+        control.also_deliver_through(&tickets);
+        tickets.also_deliver_through(&control);
+        tickets.also_deliver_through(&third);
+        assert_eq!(control.forward(&mut from_a, frame(2, b"x"), now), Ok(()));
+        let got = b.sent();
+        assert_eq!(got.len(), 1);
+        assert_eq!(parse(&got[0]).unwrap().0.peer, key(1));
+        // And back: B at the ticket relay reaches A at the control relay.
+        let mut from_b = tickets.source(key(2), "prod", now);
+        assert_eq!(tickets.forward(&mut from_b, frame(1, b"y"), now), Ok(()));
+        assert_eq!(a.sent().len(), 1);
+        assert_eq!(
+            control.forward(&mut from_a, frame(3, b"x"), now),
+            Err(Dropped::OtherNetwork)
+        );
+        // The ticket relay delivers through the control relay (the first call counts), and
+        // the control relay's own `also` is not followed from there.
+        assert_eq!(
+            control.forward(&mut from_a, frame(4, b"x"), now),
+            Err(Dropped::NoRoute)
+        );
+        assert!(c.sent().is_empty() && far.sent().is_empty());
+        assert_eq!((control.stats().frames, tickets.stats().frames), (1, 1));
     }
 
     #[test]

@@ -666,10 +666,15 @@ pub struct NatMesh {
     // scratch directory last.
     agents: Vec<MeshAgent>,
     relays: Vec<StandaloneRelay>,
+    /// The other coordinators of a mesh of several ([`NatMesh::with_coordinators`]).
+    others: Vec<Coordinator>,
     coord: Coordinator,
+    other_hosts: Vec<PublicHost>,
     hosts: Vec<ProviderHost>,
     bed: NatBed,
-    token: String,
+    /// A join token per coordinator (`tokens[i]` made through coordinator `i`, so that its
+    /// list of coordinators begins with that one): agents join with the first unless told.
+    tokens: Vec<String>,
     dir: ScratchDir,
 }
 
@@ -697,10 +702,12 @@ impl NatMesh {
         NatMesh {
             agents: Vec::new(),
             relays: Vec::new(),
+            others: Vec::new(),
             coord,
+            other_hosts: Vec::new(),
             hosts: Vec::new(),
             bed,
-            token,
+            tokens: vec![token],
             dir,
         }
     }
@@ -764,12 +771,85 @@ impl NatMesh {
         NatMesh {
             agents: Vec::new(),
             relays,
+            others: Vec::new(),
             coord,
+            other_hosts: Vec::new(),
             hosts: Vec::new(),
             bed,
-            token,
+            tokens: vec![token],
             dir,
         }
+    }
+
+    /// As [`NatMesh::new`], with `count` coordinators sharing one database of the test
+    /// process's private PostgreSQL cluster and one identity: the first on the coordinator's
+    /// host, the others on hosts of their own on the internet segment (198.18.0.11, .12, ...),
+    /// every one listing all. Each makes a join token ([`NatMesh::spawn_via`]). `None` (said
+    /// why) when PostgreSQL is missing and skipping is allowed.
+    ///
+    /// # Panics
+    /// As [`NatMesh::new`]; when PostgreSQL is missing under `CI=true`, or a coordinator does
+    /// not start.
+    pub fn with_coordinators(name: &str, modes: &[NatMode], count: usize) -> Option<NatMesh> {
+        require_tool("nft", "nftables");
+        agent_bin();
+        coordinator_bin();
+        meshctl_bin();
+        let cluster = crate::postgres::PgCluster::shared()?;
+        let store = cluster
+            .create_database("natmesh")
+            .unwrap_or_else(|e| panic!("a database for the coordinators: {e}"));
+        let dir = ScratchDir::create(name);
+        let mut bed = NatBed::create(modes);
+        let other_hosts: Vec<PublicHost> = (1..count).map(|_| bed.add_public_host()).collect();
+        let list: Vec<SocketAddrV4> = std::iter::once(COORDINATOR_HOST)
+            .chain(other_hosts.iter().map(|h| h.address))
+            .map(|ip| SocketAddrV4::new(ip, crate::coordinator::QUIC_PORT))
+            .collect();
+        let start = |ns: &NsRef, ip: Ipv4Addr, n: usize, first: Option<&Path>| {
+            let name = format!("coord-{n}");
+            let shared = crate::coordinator::Shared {
+                name: &name,
+                store: &store,
+                coordinators: &list,
+                identity_from: first,
+            };
+            Coordinator::start_shared(ns, &dir, ip, &shared)
+        };
+        let coord = start(&bed.coordinator_host().handle(), COORDINATOR_HOST, 1, None);
+        let others: Vec<Coordinator> = other_hosts
+            .iter()
+            .enumerate()
+            .map(|(i, h)| start(&h.handle(), h.address, i + 2, Some(coord.state_dir())))
+            .collect();
+        coord.meshctl().network_create(NETWORK, NETWORK_CIDR);
+        let tokens = std::iter::once(&coord)
+            .chain(&others)
+            .map(|c| c.meshctl().token_create(NETWORK, Some(8), Some("1h")))
+            .collect();
+        Some(NatMesh {
+            agents: Vec::new(),
+            relays: Vec::new(),
+            others,
+            coord,
+            other_hosts,
+            hosts: Vec::new(),
+            bed,
+            tokens,
+            dir,
+        })
+    }
+
+    /// Every coordinator: the first one, then the others of a mesh of several.
+    pub fn coordinators(&self) -> Vec<&Coordinator> {
+        std::iter::once(&self.coord).chain(&self.others).collect()
+    }
+
+    /// The hosts of every coordinator: the coordinator's host first.
+    pub fn coordinator_hosts(&self) -> Vec<Ipv4Addr> {
+        std::iter::once(COORDINATOR_HOST)
+            .chain(self.other_hosts.iter().map(|h| h.address))
+            .collect()
     }
 
     /// The standalone relay called `name`.
@@ -796,6 +876,16 @@ impl NatMesh {
     /// # Panics
     /// When a host cannot be made or an agent cannot be started.
     pub fn spawn(&mut self, nodes: &[(&str, Provider)]) -> Instant {
+        self.spawn_via(nodes, 0)
+    }
+
+    /// [`NatMesh::spawn`] with the join token of coordinator `coordinator` (0: the first),
+    /// which the agents therefore try first.
+    ///
+    /// # Panics
+    /// As [`NatMesh::spawn`]; when there is no such coordinator.
+    pub fn spawn_via(&mut self, nodes: &[(&str, Provider)], coordinator: usize) -> Instant {
+        let token = self.tokens[coordinator].clone();
         let hosts: Vec<ProviderHost> = nodes
             .iter()
             .map(|(_, provider)| self.bed.add_host(*provider))
@@ -803,13 +893,8 @@ impl NatMesh {
         let started = Instant::now();
         for ((name, provider), host) in nodes.iter().zip(hosts) {
             let label = provider.letter().to_string();
-            let agent = MeshAgent::spawn_join(
-                &host.ns,
-                &self.dir,
-                &self.token,
-                name,
-                &[("provider", &label)],
-            );
+            let agent =
+                MeshAgent::spawn_join(&host.ns, &self.dir, &token, name, &[("provider", &label)]);
             self.hosts.push(host);
             self.agents.push(agent);
         }
@@ -822,8 +907,17 @@ impl NatMesh {
     /// As [`NatMesh::spawn`], and when an agent exits or is not up within
     /// [`crate::mesh::READY_TIMEOUT`] (with its log).
     pub fn join(&mut self, nodes: &[(&str, Provider)]) -> Duration {
+        self.join_via(nodes, 0)
+    }
+
+    /// [`NatMesh::join`] with the join token of coordinator `coordinator` (see
+    /// [`NatMesh::spawn_via`]).
+    ///
+    /// # Panics
+    /// As [`NatMesh::join`].
+    pub fn join_via(&mut self, nodes: &[(&str, Provider)], coordinator: usize) -> Duration {
         let first = self.agents.len();
-        let started = self.spawn(nodes);
+        let started = self.spawn_via(nodes, coordinator);
         for agent in &mut self.agents[first..] {
             agent.wait_ready(crate::mesh::READY_TIMEOUT);
         }

@@ -39,12 +39,18 @@
 //! - `a_peer_not_on_the_home_relay_is_reached_another_way`: vm-a1 reaches only r1, vm-b1 only
 //!   r2: each one's home lacks the other, its notices turn them to the coordinator's relay
 //!   (fails with the notices ignored).
+//! - `agents_on_different_coordinators_meet_at_a_coordinator_relay`: two coordinators sharing
+//!   PostgreSQL, vm-a1 on one and vm-b1 on the other, UDP out of both LANs only to the
+//!   coordinators: they reach each other through a coordinator serving relay sessions (the
+//!   embedded relays alone carry nothing between two coordinators' agents), and a TCP transfer
+//!   through it arrives whole; `without_any_udp_agents_on_different_coordinators_meet_over_tcp`:
+//!   the same with no UDP out of either LAN (sessions of both kinds over TLS/TCP).
 //! - `after_a_key_rotation_the_standalone_relay_carries_for_the_new_key`: a VM relayed through
 //!   a standalone relay rotates its key; its relay session follows at once (pings within a
 //!   second after the rotation; the ticket of the old key would have kept it for minutes).
 //!
-//! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`, and
-//! the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl -p
+//! Needs root (skips with one line otherwise, fails under CI=true), `nft` and `python3`,
+//! PostgreSQL for the mesh of two coordinators (likewise), and the binaries: `cargo build -p meshlink-agent -p meshlink-coordinator -p meshctl -p
 //! meshlink-relay` first.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddrV4};
@@ -484,26 +490,7 @@ fn without_any_udp_the_session_and_the_relay_go_over_tcp() {
     );
 
     // Bulk data through the TCP relay arrives whole.
-    let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
-    let limit = Duration::from_secs(60);
-    let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
-    let bytes = 4_000_000;
-    let mut sender = XferSender::start(a1.ns(), mesh.dir(), receiver.addr(), bytes, None, limit);
-    let sent = sender.finish(limit);
-    let received = receiver.finish(Duration::from_secs(30));
-    timing(
-        &format!(
-            "transfer of {} bytes over the TCP relay ({:.1} Mbit/s)",
-            received.bytes,
-            received.mbit_per_sec()
-        ),
-        Duration::ZERO,
-    );
-    assert_eq!(received.bytes, sent.bytes, "bytes lost over the TCP relay");
-    assert_eq!(
-        received.sha256, sent.sha256,
-        "the bytes received over the TCP relay differ from those sent"
-    );
+    send_whole(&mesh, "over the TCP relay");
 }
 
 const WORKLOAD: &str = "web";
@@ -758,7 +745,103 @@ fn without_any_udp_standalone_relays_carry_over_tcp() {
         |_, _, path| path.is_relayed_over("tcp") && path.via.as_deref() == Some(&relay_addr),
     );
     timing("paths relayed via r1 over tcp", settled);
+    send_whole(&mesh, "through r1 over tcp");
+}
 
+#[test]
+fn agents_on_different_coordinators_meet_at_a_coordinator_relay() {
+    // UDP out of both LANs only to the coordinators: no direct path.
+    on_two_coordinators("nat-coordinators", "udp", |bed, provider, coordinators| {
+        bed.block_udp_except_hosts(provider, coordinators);
+    });
+}
+
+#[test]
+fn without_any_udp_agents_on_different_coordinators_meet_over_tcp() {
+    // No UDP out of either LAN: control and relay sessions over TLS/TCP.
+    on_two_coordinators("nat-coordinators-tcp", "tcp", |bed, provider, _| {
+        bed.block_all_udp(provider);
+    });
+}
+
+/// Two coordinators sharing PostgreSQL, vm-a1 (provider A) joined through the first and
+/// vm-b1 (provider B) through the second, both LANs blocked with `block` before they join:
+/// they hold their sessions with different coordinators, reach each other relayed `over`
+/// (`udp`, `tcp`) through a coordinator as a relay, which any coordinator lists, and a TCP
+/// transfer between them arrives whole.
+fn on_two_coordinators(name: &str, over: &str, block: impl Fn(&NatBed, Provider, &[Ipv4Addr])) {
+    if !require_root() {
+        return;
+    }
+    require_tools();
+    let Some(mut mesh) =
+        NatMesh::with_coordinators(name, &[NatMode::Masquerade, NatMode::Masquerade], 2)
+    else {
+        return;
+    };
+    let coordinators = mesh.coordinator_hosts();
+    block(mesh.bed(), Provider::A, &coordinators);
+    block(mesh.bed(), Provider::B, &coordinators);
+    // Each joins with the token of another coordinator, which it tries first.
+    join_via(&mut mesh, &[("vm-a1", Provider::A)], 0);
+    join_via(&mut mesh, &[("vm-b1", Provider::B)], 1);
+    let connected_to = |name: &str| -> Option<String> {
+        let st = mesh.agent(name).try_status()?;
+        let c = &st["control"];
+        (c["connected"] == true).then(|| c["coordinator"].as_str().map(str::to_owned))?
+    };
+    let on: Vec<String> = ["vm-a1", "vm-b1"]
+        .iter()
+        .map(|n| {
+            wait_until(SETTLE, "connected", || connected_to(n)).unwrap_or_else(|e| panic!("{e}"))
+        })
+        .collect();
+    eprintln!("nat: vm-a1 on {}, vm-b1 on {}", on[0], on[1]);
+    assert_ne!(
+        on[0],
+        on[1],
+        "the two agents must hold their sessions with different coordinators\n{}",
+        mesh.statuses()
+    );
+    let names = ["vm-a1", "vm-b1"];
+    let took = mesh.reach(&mesh.both_ways(&names), REACH);
+    timing(
+        &format!("vm-a1 and vm-b1, on different coordinators, ping each other ({over})"),
+        took,
+    );
+    // Relayed, through a coordinator as a relay (a relay session, not the control session).
+    let settled = mesh.wait_paths(
+        &names,
+        Duration::from_secs(15),
+        &format!("a path relayed over {over} through a coordinator's relay sessions, both ways"),
+        |_, _, path| {
+            path.is_relayed_over(over)
+                && path
+                    .relay
+                    .as_deref()
+                    .is_some_and(|r| r.starts_with("coordinator-"))
+        },
+    );
+    timing("paths relayed via coordinators", settled);
+    // Any coordinator lists both as relays.
+    let relays = mesh.coordinators()[1].meshctl().json(&["relay", "list"]);
+    let listed: Vec<&str> = relays["coordinators"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert_eq!(listed, ["coordinator-1", "coordinator-2"], "{relays}");
+    for (from, to) in [("vm-a1", "vm-b1"), ("vm-b1", "vm-a1")] {
+        eprintln!("nat: {from} -> {to}: {:?}", mesh.path(from, to));
+    }
+    send_whole(&mesh, &format!("through a coordinator's relay over {over}"));
+}
+
+/// Sends 4 MB from vm-a1 to vm-b1 over TCP as fast as it goes, and checks that it arrived
+/// whole (count and SHA-256); `how` says which way it went, for the timing line and the
+/// failure.
+fn send_whole(mesh: &NatMesh, how: &str) {
     let (a1, b1) = (mesh.agent("vm-a1"), mesh.agent("vm-b1"));
     let limit = Duration::from_secs(60);
     let mut receiver = XferReceiver::start(b1.ns(), mesh.dir(), IpAddr::V4(b1.address()), limit);
@@ -769,16 +852,25 @@ fn without_any_udp_standalone_relays_carry_over_tcp() {
     let received = receiver.finish(Duration::from_secs(30));
     timing(
         &format!(
-            "transfer of {} bytes through r1 over tcp ({:.1} Mbit/s)",
+            "transfer of {} bytes {how} ({:.1} Mbit/s)",
             received.bytes,
             received.mbit_per_sec()
         ),
         started.elapsed(),
     );
     assert_eq!(
-        (received.bytes, received.sha256),
-        (bytes, sent.sha256),
-        "the bytes received through the relay over TCP differ from those sent"
+        (received.bytes, &received.sha256),
+        (bytes, &sent.sha256),
+        "the bytes received {how} differ from those sent"
+    );
+}
+
+/// [`NatMesh::join_via`], timed.
+fn join_via(mesh: &mut NatMesh, nodes: &[(&str, Provider)], coordinator: usize) {
+    let took = mesh.join_via(nodes, coordinator);
+    timing(
+        &format!("{} agents up via coordinator {coordinator}", nodes.len()),
+        took,
     );
 }
 

@@ -47,22 +47,17 @@ async fn scrape(State(s): State<AppState>) -> Response {
     if let Some(c) = &s.ctx.connections {
         gauge!(names::CONNECTIONS).set(c.open() as f64);
     }
-    if let Some(relay) = &s.ctx.relay {
-        let r = relay.stats();
+    if let Some(r) = s.ctx.relay_stats() {
         counter!(names::RELAY_FRAMES).absolute(r.frames);
         counter!(names::RELAY_BYTES).absolute(r.bytes);
-        for (reason, n) in [
-            ("unauthenticated", r.unauthenticated),
-            ("rate_limited", r.rate_limited),
-            ("malformed", r.malformed),
-            ("no_route", r.no_route),
-            ("other_network", r.other_network),
-            ("too_large", r.too_large),
-            ("unsupported", r.unsupported),
-            ("congested", r.congested),
-        ] {
+        for (reason, n) in r.dropped() {
             counter!(names::RELAY_DROPPED, "reason" => reason).absolute(n);
         }
+    }
+    if let Some(sessions) = &s.ctx.relay_sessions {
+        let by = sessions.relay().sessions_by_transport();
+        gauge!(names::RELAY_SESSIONS, "transport" => "quic").set(by.quic as f64);
+        gauge!(names::RELAY_SESSIONS, "transport" => "tcp").set(by.tcp as f64);
     }
     if let Some((_, counters)) = &s.ctx.reflect {
         let r = counters.stats();

@@ -1,6 +1,6 @@
 //! `GET /v1/relays`: the relays this coordinator's agents relay through: its own embedded relay
-//! (on or off, where agents reach it, over what) and the standalone relays of its `[[relays]]`
-//! configuration, which its grants vouch for. The read role suffices (the default of a `GET`
+//! (on or off, where agents reach it, over what), the standalone relays of its `[[relays]]`
+//! configuration and, in a mesh of several, the coordinators, which its grants vouch for. The read role suffices (the default of a `GET`
 //! in `auth::required_role`).
 //!
 //! Read from the configuration the coordinator started with: no store access, no I/O.
@@ -30,27 +30,34 @@ fn relays_view(ctx: &AdminContext) -> api::Relays {
     } else {
         vec![RelayTransport::Udp]
     };
-    let label = |text: &str| (!text.is_empty()).then(|| text.to_string());
     api::Relays {
         embedded: api::EmbeddedRelay {
             on,
             addr: ctx.advertise.clone(),
             transports,
         },
-        standalone: ctx
-            .relays
+        standalone: ctx.relays.iter().map(|r| listed(r, on)).collect(),
+        coordinators: ctx
+            .coordinator_relays
             .iter()
-            .map(|r| api::StandaloneRelay {
-                name: r.name.clone(),
-                addr: r.addr.clone(),
-                transports: vec![RelayTransport::Udp, RelayTransport::Tcp],
-                fingerprint: r.fingerprint.clone(),
-                region: label(&r.region),
-                provider: label(&r.provider),
-                // Grants ride the embedded relay's channel (`run.rs`): without it, none.
-                granted: on,
-            })
+            .map(|r| listed(r, on))
             .collect(),
+    }
+}
+
+/// A relay of the grants, as listed: every relay agents are told of serves both transports
+/// on one port.
+fn listed(r: &meshlink_proto::relay::RelayInfo, on: bool) -> api::StandaloneRelay {
+    let label = |text: &str| (!text.is_empty()).then(|| text.to_string());
+    api::StandaloneRelay {
+        name: r.name.clone(),
+        addr: r.addr.clone(),
+        transports: vec![RelayTransport::Udp, RelayTransport::Tcp],
+        fingerprint: r.fingerprint.clone(),
+        region: label(&r.region),
+        provider: label(&r.provider),
+        // Grants ride the embedded relay's channel (`run.rs`): without it, none.
+        granted: on,
     }
 }
 
@@ -92,6 +99,11 @@ mod tests {
                     provider: String::new(),
                 },
             ],
+            coordinator_relays: crate::relay::coordinator_relays(
+                &["coord.example:7443".into(), "coord-b.example:7443".into()],
+                &"ab".repeat(32),
+            ),
+            relay_sessions: None,
         }
     }
 
@@ -127,6 +139,19 @@ mod tests {
                 view.standalone[1].provider.as_deref()
             ),
             (None, None)
+        );
+        // The mesh's coordinators after them, named by their place, granted with the relay on.
+        let names: Vec<(&str, &str, bool)> = view
+            .coordinators
+            .iter()
+            .map(|c| (c.name.as_str(), c.addr.as_str(), c.granted))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("coordinator-1", "coord.example:7443", true),
+                ("coordinator-2", "coord-b.example:7443", true)
+            ]
         );
         // Without the TCP listener, QUIC datagrams only.
         assert_eq!(
