@@ -1,10 +1,18 @@
 //! Netmap deltas: JSON from the coordinator, decoded to a `NetmapDelta` and applied with
 //! `Netmap::apply` to a small map, as an agent does with every `ServerMessage::Delta`.
 //!
-//! Input: the delta's JSON. It is applied to a fixed map at version 5 and to a copy of that map
-//! moved to the delta's own `from_version` (so that the fuzzer reaches the upsert and remove
-//! paths without guessing versions). Checked: a refused delta changes nothing; an applied one
-//! does exactly what it says; applying it again changes nothing; `diff` of the maps before and
+//! Input: the delta's JSON. It is applied to a fixed map at version 5 (two peers, a workload
+//! with an IPv6 address and a tag, a policy of version 1 with three rules) and to a copy of
+//! that map moved to the delta's own `from_version` (so that the fuzzer reaches the upsert
+//! and remove paths without guessing versions). A policy edit names its result by a digest
+//! the fuzzer cannot guess, so a delta carrying one whose script fits the map's policy is
+//! applied a third time with the digest of the result a plain model of the script builds:
+//! that is how applied edits are reached.
+//!
+//! Checked: a refused delta changes nothing, and is refused for a version gap or an edit that
+//! does not fit (the model's verdict, or a digest other than its result's); an applied one
+//! does exactly what it says, to peers, workloads and the policy (set, cleared, or edited to
+//! the model's result); applying it again changes nothing; `diff` of the maps before and
 //! after, applied to the map before, gives the map after; maps and deltas survive JSON.
 
 #![no_main]
@@ -12,7 +20,10 @@
 use std::collections::BTreeMap;
 
 use libfuzzer_sys::fuzz_target;
-use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, PublicKey, WorkloadInfo};
+use meshlink_proto::policy::{self, EditOp, Policy, PolicyEdit};
+use meshlink_proto::{
+    DeltaError, Gap, Netmap, NetmapDelta, NodeId, PeerInfo, PolicyChange, PublicKey, WorkloadInfo,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(delta) = serde_json::from_slice::<NetmapDelta>(data) else {
@@ -24,19 +35,84 @@ fuzz_target!(|data: &[u8]| {
 
     let fixed = small_map(5);
     check(&fixed, &delta);
-    check(&small_map(delta.from_version), &delta);
+    let moved = small_map(delta.from_version);
+    check(&moved, &delta);
+    if let Some(PolicyChange::Edit(edit)) = &delta.policy {
+        if let Some(result) = edited(moved.policy.as_ref(), edit) {
+            let mut fitting = delta.clone();
+            fitting.policy = Some(PolicyChange::Edit(PolicyEdit {
+                digest: result.digest(),
+                ..edit.clone()
+            }));
+            check(&moved, &fitting);
+        }
+    }
 });
+
+/// `base` edited by `edit`'s script as plainly as can be (copying every rule), or `None` when
+/// the script does not fit it: another base version, counts past its end or short of it, a
+/// line moved out of range, more than `MAX_RULES` rules. The digest is not looked at.
+fn edited(base: Option<&Policy>, edit: &PolicyEdit) -> Option<Policy> {
+    let base = base.filter(|b| b.version == edit.base)?;
+    let mut left = base.rules.iter();
+    let mut rules = Vec::new();
+    for op in &edit.ops {
+        match op {
+            EditOp::Keep { count, shift } => {
+                for _ in 0..*count {
+                    let mut r = left.next()?.clone();
+                    r.line = u32::try_from(i64::from(r.line).checked_add(*shift)?).ok()?;
+                    rules.push(r);
+                }
+            }
+            EditOp::Drop { count } => {
+                for _ in 0..*count {
+                    left.next()?;
+                }
+            }
+            EditOp::Add { rules: new } => rules.extend(new.iter().cloned()),
+        }
+        if rules.len() > policy::MAX_RULES {
+            return None;
+        }
+    }
+    if left.next().is_some() {
+        return None;
+    }
+    Some(Policy {
+        version: edit.version,
+        rules,
+    })
+}
 
 fn check(before: &Netmap, delta: &NetmapDelta) {
     let mut map = before.clone();
-    match map.apply(delta) {
-        Err(gap) => {
+    // The policy the delta leaves, if it applies: `None` when its edit does not fit.
+    let policy_after = match &delta.policy {
+        None => Some(before.policy.clone()),
+        Some(PolicyChange::Set(p)) => Some(Some(p.clone())),
+        Some(PolicyChange::Clear) => Some(None),
+        Some(PolicyChange::Edit(e)) => edited(before.policy.as_ref(), e)
+            .filter(|p| p.digest() == e.digest)
+            .map(Some),
+    };
+    match map.apply(delta.clone()) {
+        Err(DeltaError::Gap(gap)) => {
             assert_eq!(&map, before, "a refused delta changed the map");
             assert_eq!(
-                (gap.have, gap.delta_from),
-                (before.version, delta.from_version)
+                gap,
+                Gap {
+                    have: before.version,
+                    delta_from: delta.from_version
+                }
             );
             assert!(delta.from_version != before.version || delta.to_version <= delta.from_version);
+            return;
+        }
+        Err(DeltaError::Policy(e)) => {
+            assert_eq!(&map, before, "a refused delta changed the map");
+            assert!(policy_after.is_none(), "an edit that fits was refused: {e}");
+            assert!(delta.from_version == before.version && delta.to_version > before.version);
             return;
         }
         Ok(()) if map.version == before.version => {
@@ -49,6 +125,11 @@ fn check(before: &Netmap, delta: &NetmapDelta) {
     assert_eq!(delta.from_version, before.version);
     assert_eq!(map.version, delta.to_version);
     assert!(map.version > before.version);
+    assert_eq!(
+        Some(&map.policy),
+        policy_after.as_ref(),
+        "the policy is not what the delta says"
+    );
 
     // Exactly what the delta says: removals, then upserts (the last of repeats wins).
     let mut upserted: BTreeMap<NodeId, &PeerInfo> = BTreeMap::new();
@@ -102,14 +183,14 @@ fn check(before: &Netmap, delta: &NetmapDelta) {
 
     // A repeat is ignored.
     let mut again = map.clone();
-    assert_eq!(again.apply(delta), Ok(()));
+    assert_eq!(again.apply(delta.clone()), Ok(()));
     assert_eq!(again, map, "a repeated delta changed the map");
 
     // diff and apply agree.
     let d = before.diff(&map);
     let mut rebuilt = before.clone();
     rebuilt
-        .apply(&d)
+        .apply(d)
         .expect("a diff applies to the map it was taken from");
     assert_eq!(rebuilt, map, "diff then apply does not reach the newer map");
 
@@ -123,7 +204,8 @@ fn check(before: &Netmap, delta: &NetmapDelta) {
     }
 }
 
-/// Two peers and one workload held by the second, at `version`.
+/// Two peers, one workload held by the second (with an IPv6 address and a tag), and a
+/// policy of three rules at version 1, at `version`.
 fn small_map(version: u64) -> Netmap {
     let peer = |id: u8| PeerInfo {
         node_id: NodeId::from(id),
@@ -141,15 +223,24 @@ fn small_map(version: u64) -> Netmap {
         id: 1,
         name: "chat".into(),
         address: "100.64.50.10/32".parse().unwrap(),
+        address6: Some("fd00::50:10/128".parse().unwrap()),
         holder: Some(2),
         generation: 1,
         previous: None,
         candidates: vec![1, 2],
         grace_ms: None,
+        tags: vec!["app".into()],
     };
+    let rules = "[[rule]]\nfrom = [\"*\"]\nto = [\"tag:app\"]\nports = [\"tcp:443\"]\n\n\
+                 [[rule]]\nfrom = [\"node:vm-1\"]\nto = [\"node:vm-2\"]\nports = [\"icmp\"]\n\n\
+                 [[rule]]\nfrom = [\"workload:chat\"]\nto = [\"*\"]\nports = [\"udp:53\"]\n";
+    let policy = policy::parse(rules)
+        .expect("the fixed policy parses")
+        .into_policy(1);
     Netmap {
         version,
         peers: BTreeMap::from([(1, peer(1)), (2, peer(2))]),
         workloads: BTreeMap::from([(chat.name.clone(), chat)]),
+        policy: Some(policy),
     }
 }

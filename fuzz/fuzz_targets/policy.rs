@@ -6,13 +6,18 @@
 //! (`vm-a` tagged `web`, `vm-b` tagged `db` with a routed /24 and an IPv6 address, `vm-c`
 //! untagged), a workload `chat` (tag `app`) held by `vm-b` with `vm-c` a candidate and `vm-a`
 //! its previous holder, a detached workload `db`, and a node and a workload both named `both`.
+//! The workloads' addresses take every form a map gives them: `chat` has an IPv4 address and
+//! its IPv6 twin (`address6`), `db` an IPv6 address alone, `both` an IPv4 address alone. No
+//! address lies within another entity's prefix, so an address names one node or workload and
+//! the table, which goes by addresses, must agree with the check, which goes by names.
 //!
 //! Checked: an error names a line of the file (or the one after its end) and a field; a
 //! parsed file keeps the limits and the shape it promises (non-empty `from`/`to`/`ports`, rules
 //! and tests in file order); every test failure names a test's line; for every node of the
-//! map, `NodeTable::lookup` agrees with `Policy::check` for flows from every node's and
-//! workload's address (and from an address nobody owns, which only `*` sources match) to every
-//! destination of the node's table; `visible_peers` agrees with `may_talk`.
+//! map, `NodeTable::lookup` agrees with `Policy::check` for flows from every address of every
+//! node and workload (IPv6 twins included, and an address nobody owns, which only `*` sources
+//! match) to every destination of the node's table (each of a workload's addresses);
+//! `visible_peers` agrees with `may_talk`.
 
 #![no_main]
 
@@ -78,11 +83,12 @@ fn check_table(policy: &Policy, map: &Netmap, me: u64) {
         .into_iter()
         .map(|n| (Entity::Node(me), n.addr()))
         .collect();
-    dests.extend(
-        map.workloads
-            .values()
-            .map(|w| (Entity::Workload(w.name.clone()), w.ip())),
-    );
+    for w in map.workloads.values() {
+        dests.extend(
+            w.addresses()
+                .map(|a| (Entity::Workload(w.name.clone()), a.addr())),
+        );
+    }
     let mut sources: Vec<(Entity, IpAddr)> = Vec::new();
     for p in map.peers.values() {
         for n in p.routed() {
@@ -90,7 +96,9 @@ fn check_table(policy: &Policy, map: &Netmap, me: u64) {
         }
     }
     for w in map.workloads.values() {
-        sources.push((Entity::Workload(w.name.clone()), w.ip()));
+        for a in w.addresses() {
+            sources.push((Entity::Workload(w.name.clone()), a.addr()));
+        }
     }
     let nobody: IpAddr = "192.0.2.1".parse().unwrap();
     for (to, dst) in &dests {
@@ -171,6 +179,7 @@ fn map() -> &'static Netmap {
             id: 1,
             name: name.to_string(),
             address: addr.parse().unwrap(),
+            address6: None,
             holder,
             generation: 1,
             previous: None,
@@ -181,6 +190,7 @@ fn map() -> &'static Netmap {
         let mut chat = workload("chat", "100.96.0.1/32", Some(2), &["app"]);
         chat.candidates.push(3);
         chat.previous = Some(1);
+        chat.address6 = Some("fd00:96::1/128".parse().unwrap());
         let peers = [
             node(1, "vm-a", &["web"], &[]),
             node(

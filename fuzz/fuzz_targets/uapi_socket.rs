@@ -2,14 +2,23 @@
 //! the real server (`meshlink_agent::uapi::serve`, on a socket made by `uapi::bind`) in front
 //! of a handler that holds a configuration in memory. This reaches what `apply_set` alone does
 //! not: the line and request framing, the size limits, UTF-8, the operations (`get=1`,
-//! `get=meshlink`, `set=1`, `claim=NAME`) and their errors.
+//! `get=meshlink`, `set=1`, `claim=NAME`, `handover=NAME`) and their errors.
+//!
+//! The handler refuses some requests the way the agent does, so that every error path of the
+//! server is taken: `set=1` of listen port 1 or 2 fails to apply (a change the agent does not
+//! take, a port in use); `claim=NAME` succeeds for names of even length and otherwise fails
+//! with one of the agent's `ClaimFailure`s, chosen by the name's length, a refusal carrying
+//! an empty line in its message. It holds a registry of live-migration applications, so a
+//! `handover=NAME` registers (or is refused a bad name) and what follows on the connection is
+//! read as the application's answers (`AppAnswer::parse`).
 //!
 //! Input: the bytes written on one connection, which is then shut for writing; the whole
 //! answer is read until the server closes. Checked: the server answers (it never hangs or
-//! dies), every answer ends with an `errno=N` line and an empty line, and whatever the
-//! requests set leaves a configuration as `uapi_set` checks it. The server's request and op
-//! parsers (`read_request`, `try_handle_request`) are private: this target is how they are
-//! fuzzed until they are given a public, I/O-free entry point.
+//! dies), every answer ends with an `errno=N` line and an empty line (so no message, however
+//! many lines it had, splits an answer), and whatever the requests set leaves a configuration
+//! as `uapi_set` checks it. The server's request and op parsers (`read_request`,
+//! `try_handle_request`) are private: this target is how they are fuzzed until they are given
+//! a public, I/O-free entry point.
 
 #![no_main]
 
@@ -19,14 +28,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use libfuzzer_sys::fuzz_target;
+use meshlink_agent::control::handover::Handovers;
+use meshlink_agent::control::workloads::ClaimFailure;
+use meshlink_agent::platform::udp::UdpError;
 use meshlink_agent::settings::{DeviceConfig, PeerConfig, PrivateKey};
-use meshlink_agent::uapi::{self, DeviceStatus, UapiHandler};
+use meshlink_agent::uapi::{self, ApplyError, DeviceStatus, UapiHandler};
+use meshlink_proto::agent_session::ClaimError;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::runtime::Runtime;
 
 struct Handler {
     config: Mutex<DeviceConfig>,
+    handovers: Handovers,
 }
 
 impl UapiHandler for Handler {
@@ -36,22 +50,44 @@ impl UapiHandler for Handler {
     fn status(&self) -> DeviceStatus {
         DeviceStatus::default()
     }
-    fn apply(&self, new: DeviceConfig) -> Result<(), String> {
-        if new.listen_port == 1 {
-            return Err("port 1 is refused here\nwith a second line".into());
+    fn apply(&self, new: DeviceConfig) -> Result<(), ApplyError> {
+        match new.listen_port {
+            1 => Err(ApplyError::Unsupported(
+                "port 1 is refused here\n\nwith an empty line".into(),
+            )),
+            2 => Err(ApplyError::ListenPort {
+                port: 2,
+                source: UdpError::PortInUse(2),
+            }),
+            _ => {
+                *self.config.lock().unwrap() = new;
+                Ok(())
+            }
         }
-        *self.config.lock().unwrap() = new;
-        Ok(())
     }
     fn status_json(&self) -> String {
         "{\n\"peers\": []\r\n}".into()
     }
-    fn claim(&self, workload: &str) -> Result<u64, String> {
-        if workload.len().is_multiple_of(2) {
-            Ok(workload.len() as u64)
-        } else {
-            Err(format!("no\n{workload}"))
+    fn handovers(&self) -> Option<&Handovers> {
+        Some(&self.handovers)
+    }
+    fn claim(&self, workload: &str) -> Result<u64, ClaimFailure> {
+        let n = workload.len();
+        if n.is_multiple_of(2) {
+            return Ok(n as u64);
         }
+        Err(match n % 16 {
+            1 => ClaimFailure::Session(ClaimError::Refused(format!(
+                "refused\n\nby the fuzz handler: {workload}"
+            ))),
+            3 => ClaimFailure::Session(ClaimError::NoResult),
+            5 => ClaimFailure::Session(ClaimError::SessionLost),
+            7 => ClaimFailure::Session(ClaimError::Expired),
+            9 => ClaimFailure::Busy,
+            11 => ClaimFailure::Timeout(Duration::from_secs(10)),
+            13 => ClaimFailure::Stopped,
+            _ => ClaimFailure::NotJoined,
+        })
     }
 }
 
@@ -77,6 +113,7 @@ fn server() -> &'static Server {
         let dir = meshlink_fuzz::scratch_dir("uapi");
         let handler = Arc::new(Handler {
             config: Mutex::new(base()),
+            handovers: Handovers::default(),
         });
         let listener = {
             let _guard = rt.enter();

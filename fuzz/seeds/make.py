@@ -41,8 +41,9 @@ def relay_record(b):
 peer = {"node_id": 2, "name": "vm-2", "public_key": KEY_B, "addresses": ["100.64.0.2/32"],
         "allowed_ips": ["100.64.0.2/32", "10.2.0.0/16"], "endpoints": ["198.18.0.2:51820"],
         "labels": {"provider": "aws"}}
-workload = {"id": 1, "name": "chat", "address": "100.64.50.10/32", "holder": 2, "generation": 3,
-            "previous": 1, "candidates": [1, 2], "grace_ms": 10000}
+workload = {"id": 1, "name": "chat", "address": "100.64.50.10/32",
+            "address6": "fd00::50:10/128", "holder": 2, "generation": 3, "previous": 1,
+            "candidates": [1, 2], "grace_ms": 10000, "tags": ["app"]}
 delta = {"from_version": 5, "to_version": 6, "upsert": [peer], "remove": [1],
          "upsert_workloads": [workload], "remove_workloads": ["old"]}
 hello = {"type": "hello", "protocol": 1, "auth": {"kind": "node", "node_id": 4, "secret": "s"},
@@ -78,6 +79,17 @@ write("netmap_delta", "minimal", json.dumps({"from_version": 5, "to_version": 7}
 write("netmap_delta", "remove", json.dumps({"from_version": 5, "to_version": 6, "remove": [2, 1],
       "upsert": [dict(peer, node_id=1), dict(peer, node_id=1, name="again")],
       "remove_workloads": ["chat"]}))
+# The target's map has a policy of version 1 with three rules (fuzz_targets/netmap_delta.rs).
+rule = {"line": 9, "from": ["tag:web"], "to": ["workload:chat"], "ports": ["tcp:80-90", "icmp"]}
+write("netmap_delta", "policy-set", json.dumps({"from_version": 5, "to_version": 6,
+      "policy": {"set": {"version": 2, "rules": [rule]}}}))
+write("netmap_delta", "policy-clear", json.dumps({"from_version": 5, "to_version": 6,
+      "policy": "clear"}))
+# The digest is the fuzzer's to guess; the target tries a fitting script with the right one.
+write("netmap_delta", "policy-edit", json.dumps({"from_version": 5, "to_version": 6,
+      "policy": {"edit": {"base": 1, "version": 2, "digest": 0, "ops": [
+          {"keep": {"count": 1}}, {"drop": {"count": 1}}, {"add": {"rules": [rule]}},
+          {"keep": {"count": 1, "shift": 2}}]}}}))
 
 # join_token: the token text, or addresses\0...\0fingerprint\0secret
 tok = {"c": "198.18.1.1:7443", "cs": ["198.18.2.1:7443", "c.example.net:7443"],
@@ -126,6 +138,9 @@ write("uapi_socket", "set-then-get", "set=1\nlisten_port=5\npublic_key=" + pub_h
       + "\nallowed_ip=100.64.0.2/32\n\nget=1\n\nget=meshlink\n\n")
 write("uapi_socket", "claims", "claim=chat\n\nclaim=odd\n\n\nbogus=1\n\n")
 write("uapi_socket", "refused", "set=1\nlisten_port=1\n\nget=1\nx=y\n\n")
+write("uapi_socket", "port-in-use", "set=1\nlisten_port=2\n\nclaim=abc\n\nclaim=abcde\n\n")
+write("uapi_socket", "handover", "handover=chat\n\nhanded_over=chat\ngeneration=4\n"
+      "error=busy\n\nhanded_over=other\ngeneration=1\n\n")
 
 # agent_config: flags (bit 0 wg-quick, bits 1-2 name) | env set | env values | overrides | file
 write("agent_config", "wg-quick", bytes([1, 0, 0, 0]) + f"""[Interface]
