@@ -25,17 +25,18 @@ churn stops, every agent comes back, and the soak waits until every agent, simul
 has the coordinator's map version and generations with exactly each holder answering.
 
 Measured by this script, every `--sample` seconds from before the fleet starts to the end: the
-coordinator's RSS (VmRSS), open fds, threads, and its sessions (admin `status`); the same of
-each real agent (RSS, fds, threads). After the fleet leaves, every simulated node and the shared
+coordinator's RSS (VmRSS), open fds, threads, the tasks alive in its runtime and its sessions
+(admin `status`: `tasks`); the same of each real agent (RSS, fds, threads; tasks from its
+`status`, `runtime.tasks`). After the fleet leaves, every simulated node and the shared
 workloads are deleted through the admin API, so the network is back to its start (three real
 agents, one workload), and after a pause the leak checks compare with the baseline taken before
 the fleet started:
-  - coordinator: sessions online back to 3; fds and threads back to the baseline (within
-    `--fd-slack` / 2 threads);
+  - coordinator: sessions online back to 3; fds, threads and runtime tasks back to the
+    baseline (within `--fd-slack` / 2 threads / `--task-slack`);
   - each real agent: its WireGuard peers (`wg show IFACE peers`) are exactly the other real
     agents (no leaked tunnels); the routes on its interface are exactly its peers' allowed IPs
-    (`status`); its addresses are its own plus the workload it holds, nothing else; fds and
-    threads back to the baseline;
+    (`status`); its addresses are its own plus the workload it holds, nothing else; fds,
+    threads and runtime tasks back to the baseline;
   - memory growth: the least-squares slope of RSS over the second half of the churn, in KiB per
     minute; judged against `--max-slope-kib` (default 256 KiB/min for the coordinator and
     each agent, about 15 MiB an hour), not a single sample. Beside it, the slope of the
@@ -174,7 +175,18 @@ class Soak(Bed):
         if st is not None:
             s["online"] = st.get("online")
             s["sessions"] = sum(c.get("sessions", 0) for c in st.get("coordinators") or [])
+            s["coordinator"]["tasks"] = st.get("tasks")
+        for h in AGENTS:
+            if s[f"vm-{h}"] is not None:
+                s[f"vm-{h}"]["tasks"] = self.agent_tasks(h)
         return s
+
+    def agent_tasks(self, h):
+        """The tasks alive in agent `h`'s runtime (its status), or None when it does not say."""
+        try:
+            return (self.agent_status(h).get("runtime") or {}).get("tasks")
+        except (RuntimeError, OSError, ValueError):
+            return None
 
     def sampler(self):
         while not self.sampling.wait(self.opts.sample):
@@ -225,6 +237,7 @@ class Soak(Bed):
         b, a = baseline["coordinator"], after["coordinator"]
         checks.append(("coordinator: open fds", b["fds"], a["fds"], a["fds"] <= b["fds"] + self.opts.fd_slack))
         checks.append(("coordinator: threads", b["threads"], a["threads"], a["threads"] <= b["threads"] + 2))
+        checks.append(tasks_check("coordinator", b, a, self.opts.task_slack))
         names = json.loads(self.meshctl("node", "list", "--network", NETWORK, "-o", "json"))
         keys = {n["name"]: n["public_key"] for n in names if not n.get("revoked")}
         wl = json.loads(self.meshctl("workload", "show", REAL_WORKLOAD, "--network", NETWORK, "-o", "json"))
@@ -248,7 +261,15 @@ class Soak(Bed):
             b, a = baseline[me], after[me]
             checks.append((f"{me}: open fds", b["fds"], a["fds"], a["fds"] <= b["fds"] + self.opts.fd_slack))
             checks.append((f"{me}: threads", b["threads"], a["threads"], a["threads"] <= b["threads"] + 2))
+            checks.append(tasks_check(me, b, a, self.opts.task_slack))
         return checks
+
+
+def tasks_check(who, b, a, slack):
+    """The leak check of a process's runtime tasks: back to the baseline within `slack`."""
+    bt, at = b.get("tasks"), a.get("tasks")
+    ok = bt is not None and at is not None and at <= bt + slack
+    return (f"{who}: runtime tasks", bt, at, ok)
 
 
 def ping_loss(path):
@@ -312,13 +333,15 @@ def report(res, opts):
         print(f"| {key} | {first} KiB | {last} KiB | {slope if slope is None else round(slope, 1)} | {n} | "
               f"{'yes' if ok else '**NO**'} | {'-' if anon is None else round(anon, 1)} |")
     print("\n| process | RSS KiB: baseline / peak in the churn / after | fds: baseline / peak / after | "
-          "threads: baseline / peak / after |\n|---|---|---|---|")
+          "threads: baseline / peak / after | runtime tasks: baseline / peak / after |\n|---|---|---|---|---|")
     for key in ["coordinator"] + [f"vm-{h}" for h in AGENTS]:
         pts = [s[key] for s in res["samples"] if s.get(key) and s["phase"] == "churn"]
         b, a = res["samples"][0].get(key), res["samples"][-1].get(key)
         if pts and a and b:
-            print(" | ".join([f"| {key}"] + [f"{b[k]} / {max(p[k] for p in pts)} / {a[k]}"
-                                             for k in ("rss_kib", "fds", "threads")]) + " |")
+            def peak(k):
+                return max((p[k] for p in pts if p.get(k) is not None), default=None)
+            print(" | ".join([f"| {key}"] + [f"{b.get(k)} / {peak(k)} / {a.get(k)}"
+                                             for k in ("rss_kib", "fds", "threads", "tasks")]) + " |")
     sent, got = res["ping_workload"]
     print(f"\nTraffic: ping to {REAL_WORKLOAD} every 20 ms: {got} of {sent} answered; "
           f"ping vm-a -> vm-c: {res['ping_node'][1]} of {res['ping_node'][0]}; iperf3: {res['iperf']}")
@@ -355,6 +378,8 @@ def main():
     ap.add_argument("--sample", type=float, default=5, help="seconds between two resource samples")
     ap.add_argument("--iperf-rate", default="20M", help="iperf3 -b for vm-b -> vm-a")
     ap.add_argument("--fd-slack", type=int, default=2, help="fds above the baseline still passing")
+    ap.add_argument("--task-slack", type=int, default=4,
+                    help="runtime tasks above the baseline still passing (timers come and go)")
     ap.add_argument("--max-slope-kib", type=float, default=256, help="KiB/min of RSS growth still passing")
     ap.add_argument("--agent-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the real agents, e.g. MALLOC_ARENA_MAX=1 (repeatable)")

@@ -35,6 +35,11 @@ pub struct Status {
     /// (or `null`): off, or a coordinator before 2026-12.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reflect: Option<ReflectStatus>,
+    /// The asynchronous tasks alive in the coordinator's runtime now (sessions, their timers,
+    /// followers: a count that returns to its level once what started them ended; a leak
+    /// grows it). Absent: a coordinator before 2026-12-06.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tasks: Option<u64>,
 }
 
 /// The relay in [`Status`]: WireGuard datagrams relayed between nodes, as QUIC datagrams on

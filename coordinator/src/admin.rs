@@ -734,6 +734,11 @@ async fn status(State(s): State<AppState>) -> HttpResult<Json<api::Status>> {
                 ignored: r.ignored,
             }
         }),
+        tasks: Some(count(
+            tokio::runtime::Handle::current()
+                .metrics()
+                .num_alive_tasks(),
+        )),
     }))
 }
 

@@ -95,6 +95,9 @@ fn metrics_show_the_peer_by_name_with_rising_counters() {
         "{served}"
     );
     assert!(b.status()["served"]["metrics"].is_null(), "off by default");
+    // The runtime's tasks: the control session's, the packet loops', the metrics server's.
+    let tasks = &a.status()["runtime"]["tasks"];
+    assert!(tasks.as_u64().is_some_and(|n| n >= 3), "{tasks}");
 
     let peer = r#"{peer="vm-b"}"#;
     let rx = format!("meshlink_agent_peer_rx_bytes_total{peer}");

@@ -246,6 +246,13 @@ impl UapiHandler for Control {
                 Instant::now(),
             ),
             "served": &*self.served(),
+            // Tasks alive in the agent's runtime (the status is answered on one of its
+            // blocking threads): a leak of sessions, shims or timers grows it.
+            "runtime": {
+                "tasks": tokio::runtime::Handle::try_current()
+                    .ok()
+                    .map(|h| h.metrics().num_alive_tasks()),
+            },
             "last_warm_up": self.last_warm_up.lock().unwrap_or_else(|e| e.into_inner()).map(|w| {
                 serde_json::json!({
                     "peers": w.peers,

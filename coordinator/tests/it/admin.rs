@@ -283,10 +283,13 @@ async fn shapes_of_networks_tokens_and_status() {
             "fingerprint",
             "coordinators",
             "relay",
-            "reflect"
+            "reflect",
+            "tasks"
         ])
     );
     assert_eq!(st["version"], json!(env!("CARGO_PKG_VERSION")));
+    // The runtime's tasks: at least this request's and the listeners'.
+    assert!(st["tasks"].as_u64().is_some_and(|n| n >= 2), "{st}");
     // A lone coordinator lists itself, up, with its sessions.
     assert_eq!(
         st["coordinators"],
