@@ -249,7 +249,9 @@ pub struct PathReport {
     /// relay, or not relayed (and from agents from before 2026-12).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub relay: Option<String>,
-    /// Round trip of a direct path, in microseconds.
+    /// Round trip of the path, in microseconds: measured by probes straight to the peer
+    /// (direct) or through the relay, end to end (relay; agents from before 2026-12 report
+    /// none for a relayed path). Absent: not measured.
     #[serde(default)]
     pub rtt_us: Option<u64>,
     /// Seconds since the path last changed, when reported.

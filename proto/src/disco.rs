@@ -10,6 +10,12 @@
 //!   a probe that the other node accepts, and a failed probe costs nothing: no WireGuard
 //!   handshake is started. A pong names the transaction of its ping and is accepted once, so a
 //!   replayed pong matches nothing.
+//! - **Relayed probes** ([`Probe::RelayedPing`], [`Probe::RelayedPong`]): the same, sent
+//!   through the relay the two nodes' WireGuard datagrams take (kinds of their own, 2026-12),
+//!   to measure the round trip of a relayed path end to end. They are answered only as they
+//!   came, through the relay, and an address they come from is never tried as a candidate.
+//!   An older agent cannot open them (its `open` finds the kind malformed): it answers and
+//!   learns nothing, and the asker sees no round trip for that peer.
 //! - **Reflexive address queries** ([`Reflect`]): a request from the WireGuard socket to the
 //!   coordinator's discovery port, answered with the source address the coordinator saw, i.e.
 //!   the address a NAT mapped the socket to. Not authenticated (like STUN): the answer is only a
@@ -19,7 +25,8 @@
 //!
 //! ```text
 //! probe:   "MLdsc" 0x01 | sender public key (32) | nonce (24) | sealed body (+16 tag)
-//!          body: kind (1: ping, 2: pong) | transaction (12) | pong only: address
+//!          body: kind (1: ping, 2: pong, 3: relayed ping, 4: relayed pong) | transaction (12)
+//!                | pong only: address
 //! reflect: "MLstn" 0x01 | kind (1: request, 2: response) | transaction (12) | response: address
 //! address: family (4 or 6) | IP (4 or 16) | port (2)
 //! ```
@@ -82,6 +89,17 @@ pub enum Probe {
         /// The source address of the ping as the answering node saw it.
         observed: SocketAddr,
     },
+    /// "Can you hear me through the relay?" (sent through the relay).
+    RelayedPing {
+        /// The asker's transaction.
+        tx: TxId,
+    },
+    /// "Yes", sent back through the relay. No address: the one a relayed ping comes from
+    /// says nothing of the asker's NAT.
+    RelayedPong {
+        /// The ping's transaction.
+        tx: TxId,
+    },
 }
 
 /// The key two nodes share for probes, from one's private key and the other's public key.
@@ -139,6 +157,14 @@ impl PairKey {
                 body.extend_from_slice(tx);
                 put_addr(&mut body, *observed);
             }
+            Probe::RelayedPing { tx } => {
+                body.push(3);
+                body.extend_from_slice(tx);
+            }
+            Probe::RelayedPong { tx } => {
+                body.push(4);
+                body.extend_from_slice(tx);
+            }
         }
         let mut out = Vec::with_capacity(MAX_LEN);
         out.extend_from_slice(&PROBE_MAGIC);
@@ -190,6 +216,8 @@ impl PairKey {
                     Err(DiscoError::Malformed)
                 }
             }
+            3 if body.len() == 1 + TX_LEN => Ok(Probe::RelayedPing { tx }),
+            4 if body.len() == 1 + TX_LEN => Ok(Probe::RelayedPong { tx }),
             _ => Err(DiscoError::Malformed),
         }
     }
@@ -350,6 +378,55 @@ mod tests {
             x[i] ^= 0x20;
             assert!(ba.open(&x).is_err(), "byte {i}");
         }
+    }
+
+    #[test]
+    fn every_kind_of_probe_opens_as_itself_and_nothing_longer_opens() {
+        let (a_sec, a_pub) = keypair(1);
+        let (b_sec, b_pub) = keypair(2);
+        let ab = PairKey::derive(&a_sec, &b_pub).unwrap();
+        let ba = PairKey::derive(&b_sec, &a_pub).unwrap();
+        let tx = [5; TX_LEN];
+        for p in [
+            Probe::Ping { tx },
+            Probe::Pong {
+                tx,
+                observed: "198.51.100.7:40000".parse().unwrap(),
+            },
+            Probe::RelayedPing { tx },
+            Probe::RelayedPong { tx },
+        ] {
+            let d = ab.seal(&a_pub, &p, [2; 24]);
+            assert!(d.len() <= MAX_LEN);
+            assert_eq!(ba.open(&d), Ok(p));
+        }
+        // A relayed probe's body is its kind and transaction, nothing more.
+        let raw = |body: &[u8]| {
+            let mut out = PROBE_MAGIC.to_vec();
+            out.extend_from_slice(&a_pub.0);
+            out.extend_from_slice(&[2; 24]);
+            let aad = out.clone();
+            let sealed = ab
+                .aead
+                .encrypt(
+                    XNonce::from_slice(&[2; 24]),
+                    Payload {
+                        msg: body,
+                        aad: &aad,
+                    },
+                )
+                .unwrap();
+            out.extend_from_slice(&sealed);
+            out
+        };
+        for kind in [3u8, 4] {
+            let mut body = vec![kind];
+            body.extend_from_slice(&tx);
+            assert!(ba.open(&raw(&body)).is_ok());
+            body.push(0);
+            assert_eq!(ba.open(&raw(&body)), Err(DiscoError::Malformed));
+        }
+        assert_eq!(ba.open(&raw(&[5; 1 + TX_LEN])), Err(DiscoError::Malformed));
     }
 
     #[test]

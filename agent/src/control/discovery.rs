@@ -1,8 +1,14 @@
 //! The I/O shell of path discovery: feeds [`Paths`] the map's candidates, the discovery
 //! datagrams the receive loop sets aside, the control link (where to ask for the reflexive
-//! address, whether a relay is there) and time; sends what it asks from the WireGuard socket;
-//! wakes the reconciler when a path changes and tells the control loop the reflexive address.
+//! address, whether a relay is there) and time; sends what it asks from the WireGuard socket
+//! (to a peer through the relay: to the peer's shim, which frames it for the relay as any
+//! datagram of that socket); wakes the reconciler when a path changes and tells the control
+//! loop the reflexive address and the path report.
 //! The reconciler asks [`Discovery::endpoint`] for each peer's endpoint.
+//!
+//! A discovery datagram from a peer's shim came through the relay from that peer
+//! ([`RelayClient::shim_owner`]): it goes to [`Paths::handle_relayed`], never as one from an
+//! address.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -13,7 +19,7 @@ use meshlink_proto::{Netmap, NodeId, PublicKey};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
-use super::paths::{Path, Paths};
+use super::paths::{Destination, Path, Paths};
 use super::relay::RelayClient;
 use super::sleep_until;
 use super::workloads::Shared;
@@ -102,7 +108,7 @@ impl Discovery {
         // confirmed yet (the map's first guess) is "unconfirmed".
         let confirmed = self
             .paths()
-            .status(peer)
+            .status(peer, Instant::now())
             .is_some_and(|s| matches!(s.path, Path::Direct(_)));
         match (relayed, endpoint) {
             (true, _) => PathKind::Relay,
@@ -119,24 +125,33 @@ impl Discovery {
         endpoint: Option<SocketAddr>,
         now: Instant,
     ) -> serde_json::Value {
-        let st = self.paths().status(peer);
+        let st = self.paths().status(peer, now);
         let kind = self.path_kind(peer, endpoint);
         let relayed = kind == PathKind::Relay;
+        // The round trip measured of the kind of path the data plane uses: none while the
+        // two differ (a path just chosen and not yet applied).
+        let rtt = st
+            .filter(|s| match s.path {
+                Path::Direct(_) => !relayed,
+                Path::Relay => relayed,
+                Path::Unknown => false,
+            })
+            .and_then(|s| s.rtt);
         let kind = crate::metrics::path_label(kind);
         let route = self.relay.route_for(peer).filter(|_| relayed);
         let via = match &route {
             Some((remote, _, _)) => Some(remote.to_string()),
             None => endpoint.map(|e| e.to_string()),
         };
-        let relay = route.as_ref().map(|(r, t, _)| (*r, *t));
+        let over = route.as_ref().map(|(_, t, _)| *t);
         // The standalone relay's name; absent through the coordinator's relay.
         let relay_name = route.and_then(|(_, _, name)| name);
         serde_json::json!({
             "kind": kind,
             "via": via,
             "relay": relay_name,
-            "over": relay.map(|(_, t)| t),
-            "rtt_ms": st.and_then(|s| s.rtt).filter(|_| !relayed).map(|d| d.as_secs_f64() * 1000.0),
+            "over": over,
+            "rtt_ms": rtt.map(|d| d.as_secs_f64() * 1000.0),
             "changed_secs_ago": st.map(|s| now.saturating_duration_since(s.changed).as_secs()),
         })
     }
@@ -168,7 +183,7 @@ impl Discovery {
         let p = self.paths();
         ids.iter()
             .filter_map(|(key, id)| {
-                let st = p.status(key)?;
+                let st = p.status(key, now)?;
                 let relay = self.relay.route_for(key);
                 let (kind, via, over, name) = match (st.path, relay) {
                     (Path::Direct(a), _) => (PathKind::Direct, Some(a), None, None),
@@ -290,28 +305,48 @@ impl Discovery {
                 }
                 Some((from, d)) = inbox.recv() => {
                     tracing::trace!(%from, len = d.len(), "discovery datagram");
-                    self.paths().handle_datagram(from, &d, Instant::now());
+                    let now = Instant::now();
+                    match self.relay.shim_owner(from) {
+                        Some(peer) => self.paths().handle_relayed(peer, &d, now),
+                        None => self.paths().handle_datagram(from, &d, now),
+                    }
                 }
                 () = sleep_until(wake) => {
                     self.paths().handle_timeout(Instant::now());
                 }
             }
-            let (changed, reflexive) = {
+            let (changed, measured, reflexive) = {
                 let mut p = self.paths();
                 while let Some((to, d)) = p.poll_transmit() {
+                    let to = match to {
+                        Destination::Addr(a) => a,
+                        // The peer is relayed, so its shim is there already.
+                        Destination::Relay(peer) => match self.relay.endpoint(peer) {
+                            Ok(shim) => shim,
+                            Err(e) => {
+                                debug!("relay shim: {e}");
+                                continue;
+                            }
+                        },
+                    };
                     net.push(to, &d);
                 }
-                (p.take_changed(), p.reflexive())
+                (p.take_changed(), p.take_measured(), p.reflexive())
             };
             if !net.is_empty() {
                 tracing::trace!(datagrams = net.items().len(), "discovery sends");
                 udp.send_batch(&net).await;
                 net.clear();
             }
-            // What operators see (`meshctl node show`): on a change, and every so often for
-            // fresh round trips; the control loop sends it at most every few seconds.
+            // What operators see (`meshctl node show`): on a change, when a new path's round
+            // trip becomes known, and every so often for fresh round trips; the control loop
+            // sends it at most every few seconds.
             let now = Instant::now();
-            if changed || relay_changed || now.saturating_duration_since(reported) >= REPORT_EVERY {
+            if changed
+                || measured
+                || relay_changed
+                || now.saturating_duration_since(reported) >= REPORT_EVERY
+            {
                 reported = now;
                 relay_changed = false;
                 let report = self.report(&ids, now);
@@ -340,6 +375,7 @@ impl Discovery {
 mod tests {
     use super::*;
     use crate::control::coordinators::Coordinators;
+    use crate::control::paths::DIRECT_GRACE;
     use crate::control::relay::{HomeLink, UNREACHABLE_FOR};
     use crate::control::transport::LinkConn;
     use meshlink_proto::control::RelayTransport;
@@ -363,8 +399,8 @@ mod tests {
         }
     }
 
-    /// A QUIC connection on loopback (relay links carry one), with what keeps it open.
-    async fn a_connection() -> (quinn::Connection, Keep) {
+    /// A QUIC server and client endpoint on loopback, the client trusting the server.
+    fn endpoints() -> (quinn::Endpoint, quinn::Endpoint) {
         const CERT: &[u8] = include_bytes!("../../tests/fixtures/coordinator.cert.der");
         const KEY: &[u8] = include_bytes!("../../tests/fixtures/coordinator.key.der");
         let tls = meshlink_tls::server_config(
@@ -384,6 +420,14 @@ mod tests {
         client.set_default_client_config(
             meshlink_tls::client_config(&meshlink_tls::fingerprint(CERT)).unwrap(),
         );
+        (server, client)
+    }
+
+    /// A connection from `client` to `server`, and the server's end of it.
+    async fn connect(
+        server: &quinn::Endpoint,
+        client: &quinn::Endpoint,
+    ) -> (quinn::Connection, quinn::Connection) {
         let accepting = server.clone();
         let accepted = tokio::spawn(async move { accepting.accept().await?.await.ok() });
         let conn = client
@@ -391,7 +435,13 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
-        let other_end = accepted.await.unwrap().unwrap();
+        (conn, accepted.await.unwrap().unwrap())
+    }
+
+    /// A QUIC connection on loopback (relay links carry one), with what keeps it open.
+    async fn a_connection() -> (quinn::Connection, Keep) {
+        let (server, client) = endpoints();
+        let (conn, other_end) = connect(&server, &client).await;
         (
             conn,
             Keep {
@@ -400,6 +450,169 @@ mod tests {
                 other_end,
             },
         )
+    }
+
+    /// A coordinator's relay on loopback between two nodes whose keys are `keys`: what one
+    /// sends on its connection the other gets on its own `delay` later, from the sender.
+    struct FakeRelay {
+        _server: quinn::Endpoint,
+        _client: quinn::Endpoint,
+        ends: Vec<quinn::Connection>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl FakeRelay {
+        async fn start(keys: [PublicKey; 2], delay: Duration) -> (Self, [quinn::Connection; 2]) {
+            let (server, client) = endpoints();
+            let (a, a_end) = connect(&server, &client).await;
+            let (b, b_end) = connect(&server, &client).await;
+            let ends = vec![a_end, b_end];
+            let tasks = (0..2)
+                .map(|i| {
+                    let (from, to, sender) = (ends[i].clone(), ends[1 - i].clone(), keys[i]);
+                    tokio::spawn(async move {
+                        while let Ok(d) = from.read_datagram().await {
+                            let mut frame = d.to_vec();
+                            if meshlink_proto::relay::readdress(&mut frame, &sender).is_err() {
+                                continue;
+                            }
+                            let to = to.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(delay).await;
+                                let _ = to.send_datagram(frame.into());
+                            });
+                        }
+                    })
+                })
+                .collect();
+            let relay = FakeRelay {
+                _server: server,
+                _client: client,
+                ends,
+                tasks,
+            };
+            (relay, [a, b])
+        }
+    }
+
+    impl Drop for FakeRelay {
+        fn drop(&mut self) {
+            for t in &self.tasks {
+                t.abort();
+            }
+            for c in &self.ends {
+                c.close(0u32.into(), b"");
+            }
+        }
+    }
+
+    /// A node's key pair from a seed.
+    fn keys(seed: u8) -> ([u8; 32], PublicKey) {
+        let secret = x25519_dalek::StaticSecret::from([seed; 32]);
+        let public = x25519_dalek::PublicKey::from(&secret);
+        ([seed; 32], PublicKey(*public.as_bytes()))
+    }
+
+    /// A map with one peer, `id` with `key`, that lists no endpoint (reached through a relay).
+    fn map_of(id: NodeId, key: PublicKey) -> Netmap {
+        Netmap {
+            version: 1,
+            peers: [(
+                id,
+                PeerInfo {
+                    node_id: id,
+                    name: format!("vm-{id}"),
+                    public_key: key,
+                    next_key: None,
+                    addresses: vec![],
+                    allowed_ips: vec![],
+                    endpoints: vec![],
+                    labels: Default::default(),
+                    tags: vec![],
+                    via: None,
+                },
+            )]
+            .into(),
+            ..Netmap::default()
+        }
+    }
+
+    /// What the agent's receive loop does for discovery: the discovery datagrams that
+    /// arrive on the WireGuard socket go to it.
+    async fn receive(udp: Arc<UdpTransport>, discovery: Arc<Discovery>) {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        loop {
+            let n = {
+                let mut slices = [std::io::IoSliceMut::new(&mut buf)];
+                udp.recv(&mut slices, &mut meta).await
+            };
+            let Ok(n) = n else {
+                return;
+            };
+            for m in &meta[..n] {
+                for d in buf[..m.len].chunks(m.stride.max(1)) {
+                    if meshlink_proto::disco::is_disco(d) {
+                        discovery.deliver(m.addr, d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One node's discovery with its WireGuard socket, its map's one peer, and the
+    /// coordinator's relay on `conn`; runs until the tasks are aborted.
+    struct Node {
+        discovery: Arc<Discovery>,
+        shared: Arc<Shared>,
+        _maps: watch::Sender<Netmap>,
+        tasks: Vec<tokio::task::JoinHandle<()>>,
+    }
+
+    impl Node {
+        fn start(
+            (id, secret, key): (NodeId, [u8; 32], PublicKey),
+            peer: (NodeId, PublicKey),
+            conn: &quinn::Connection,
+        ) -> Self {
+            let coordinators = Coordinators::new(["127.0.0.1:1".to_string()]).unwrap();
+            let shared = Arc::new(Shared::new(
+                id,
+                Netmap::default(),
+                Instant::now(),
+                coordinators,
+            ));
+            let udp = Arc::new(UdpTransport::bind(0, None).unwrap());
+            let discovery = Discovery::new(key, secret, udp.port(), &shared);
+            shared
+                .link
+                .send_replace(Some(crate::control::workloads::Link {
+                    conn: LinkConn::Quic(conn.clone()),
+                    remote: conn.remote_address(),
+                    transport: RelayTransport::Udp,
+                    reflect: None,
+                    relay: true,
+                }));
+            let (maps_tx, maps) = watch::channel(map_of(peer.0, peer.1));
+            let tasks = vec![
+                tokio::spawn(receive(udp.clone(), discovery.clone())),
+                tokio::spawn(discovery.clone().run(udp, maps, shared.clone())),
+            ];
+            Node {
+                discovery,
+                shared,
+                _maps: maps_tx,
+                tasks,
+            }
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            for t in &self.tasks {
+                t.abort();
+            }
+        }
     }
 
     fn link(name: &str, conn: &quinn::Connection) -> HomeLink {
@@ -434,6 +647,47 @@ mod tests {
         );
     }
 
+    /// Two nodes that reach each other only through the coordinator's relay (their map lists
+    /// no endpoint) measure the round trip of their relayed path through it, end to end: the
+    /// relay adds 25 ms each way, which a round trip measured anywhere else (loopback) lacks.
+    /// Status and the path report both show it, the report within moments of the path
+    /// becoming relayed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_relayed_path_reports_its_round_trip_through_the_relay() {
+        let delay = Duration::from_millis(25);
+        let (a_sec, a_key) = keys(1);
+        let (b_sec, b_key) = keys(2);
+        let (_relay, [a_conn, b_conn]) = FakeRelay::start([a_key, b_key], delay).await;
+        let a = Node::start((1, a_sec, a_key), (2, b_key), &a_conn);
+        let b = Node::start((2, b_sec, b_key), (1, a_key), &b_conn);
+        let through_the_relay = |r: &PathReport| {
+            r.kind == PathKind::Relay
+                && r.over == Some(RelayTransport::Udp)
+                && r.rtt_us
+                    .is_some_and(|us| us >= 2 * delay.as_micros() as u64)
+        };
+        for (node, what) in [(&a, "a's path to b"), (&b, "b's path to a")] {
+            let mut report = node.shared.path_report.subscribe();
+            reported(
+                &mut report,
+                DIRECT_GRACE + 2 * PROMPTLY,
+                what,
+                through_the_relay,
+            )
+            .await;
+        }
+        let endpoint = a.discovery.endpoint(&b_key);
+        assert!(endpoint.is_some_and(|e| a.discovery.relay.is_shim(e)));
+        let status = a.discovery.status_json(&b_key, endpoint, Instant::now());
+        assert_eq!(status["kind"], "relay", "{status}");
+        let rtt_ms = status["rtt_ms"].as_f64().unwrap_or_default();
+        assert!(rtt_ms >= 50.0, "{status}");
+        // Nothing came straight from the peer: no candidate was learnt from the relayed
+        // probes (a shim's address would have become a "direct" path).
+        assert_eq!(a.discovery.paths().path(&b_key), Path::Relay);
+        assert_eq!(a.discovery.paths().drops().refused, 0);
+    }
+
     /// A relayed peer's frames move between relays with the home unchanged (a relay's
     /// notice that it lacks the peer, another relay coming up, the notice wearing off): the
     /// report names the relay in use each time within moments, not at its next periodic
@@ -454,26 +708,7 @@ mod tests {
         // r1 is home; the peer lists no endpoint, so its frames go through a relay.
         relays.set_links(vec![link("r1", &conn)]);
         let peer = PublicKey([2; 32]);
-        let map = Netmap {
-            version: 1,
-            peers: [(
-                2,
-                PeerInfo {
-                    node_id: 2,
-                    name: "vm-b".into(),
-                    public_key: peer,
-                    next_key: None,
-                    addresses: vec![],
-                    allowed_ips: vec![],
-                    endpoints: vec![],
-                    labels: Default::default(),
-                    tags: vec![],
-                    via: None,
-                },
-            )]
-            .into(),
-            ..Netmap::default()
-        };
+        let map = map_of(2, peer);
         let (_maps_tx, maps) = watch::channel(map);
         let mut report = shared.path_report.subscribe();
         let known = Arc::new(Mutex::new(Vec::new()));

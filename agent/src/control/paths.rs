@@ -23,6 +23,12 @@
 //!   the caller keeps its own choice). The path in use is pinged every [`HEARTBEAT`]; one
 //!   silent for [`ALIVE`] is dropped, so a dead direct path falls back to the relay within
 //!   seconds, and a relayed pair keeps searching and upgrades as soon as a ping gets through.
+//! - **Through the relay**: a relayed peer is also pinged through the relay
+//!   ([`Destination::Relay`]: its shim, which frames a probe as any datagram of the WireGuard
+//!   socket) every [`RELAYED_PING_EVERY`], and answers come back the same way
+//!   ([`Paths::handle_relayed`]), so a relayed path's round trip is measured end to end, both
+//!   directions through whatever relays the two nodes send through. Relayed probes only
+//!   measure: they never choose a path, and an address they come from is never a candidate.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -60,8 +66,28 @@ pub const REFLECT_RETRY: Duration = Duration::from_secs(1);
 pub const MAX_CANDIDATES: usize = 8;
 /// The most pongs answered per peer per second (a replayed ping costs one pong at most).
 pub const PONGS_PER_SECOND: u32 = 20;
+/// How often a peer whose path is the relay is pinged through it (its round trip): as
+/// rarely as its candidates are searched ([`SEARCH_EVERY`]), one ping and one pong each way.
+pub const RELAYED_PING_EVERY: Duration = Duration::from_secs(4);
+/// The least time between two pings through the relay to one peer, however often its path or
+/// relay changes.
+pub const RELAYED_PING_GAP: Duration = Duration::from_secs(1);
+/// A round trip through the relay is shown while its last answer is younger than this (three
+/// pings): one that stopped answering shows none rather than an old figure.
+pub const RELAYED_RTT_FOR: Duration = Duration::from_secs(12);
+/// The most pings waiting for their answer per address (or through the relay, per peer).
+const MAX_OUTSTANDING: usize = 4;
 /// The most datagrams waiting to be sent.
 const MAX_QUEUED: usize = 4096;
+
+/// Where a datagram from the WireGuard socket goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// Straight to this address.
+    Addr(SocketAddr),
+    /// To this peer through the relay (its shim).
+    Relay(PublicKey),
+}
 
 /// The path to one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,10 +105,74 @@ pub enum Path {
 pub struct PathStatus {
     /// The path.
     pub path: Path,
-    /// Its round trip, when measured (direct paths).
+    /// Its round trip, when measured: by pings to the address (direct) or through the relay,
+    /// lately ([`RELAYED_RTT_FOR`]).
     pub rtt: Option<Duration>,
     /// When it last changed.
     pub changed: Instant,
+}
+
+/// Pings through the relay to a peer whose path is the relay.
+#[derive(Debug, Default)]
+struct Relayed {
+    outstanding: VecDeque<(TxId, Instant)>,
+    rtt: Option<Duration>,
+    last_pong: Option<Instant>,
+    /// When the next ping is due; none while the path is not the relay.
+    next: Option<Instant>,
+    last_sent: Option<Instant>,
+}
+
+impl Relayed {
+    /// The path through the relay starts at `now`: measured afresh, the first ping as soon
+    /// as [`RELAYED_PING_GAP`] allows.
+    fn restart(&mut self, now: Instant) {
+        self.outstanding.clear();
+        self.rtt = None;
+        self.last_pong = None;
+        self.next = Some(
+            self.last_sent
+                .map_or(now, |at| (at + RELAYED_PING_GAP).max(now)),
+        );
+    }
+
+    /// The path is no longer the relay: no pings, and answers to earlier ones match nothing.
+    fn stop(&mut self) {
+        self.outstanding.clear();
+        self.rtt = None;
+        self.last_pong = None;
+        self.next = None;
+    }
+
+    /// The round trip, while answers keep coming.
+    fn rtt(&self, now: Instant) -> Option<Duration> {
+        let fresh = self
+            .last_pong
+            .is_some_and(|at| now.saturating_duration_since(at) < RELAYED_RTT_FOR);
+        self.rtt.filter(|_| fresh)
+    }
+}
+
+/// Forgets pings of `outstanding` that timed out at `now`, and the oldest beyond
+/// [`MAX_OUTSTANDING`] with one more on its way.
+fn expire(outstanding: &mut VecDeque<(TxId, Instant)>, now: Instant) {
+    while let Some((_, sent)) = outstanding.front() {
+        if now.saturating_duration_since(*sent) >= PING_TIMEOUT
+            || outstanding.len() >= MAX_OUTSTANDING
+        {
+            outstanding.pop_front();
+        } else {
+            break;
+        }
+    }
+}
+
+/// A smoothed round trip: `sample` folded into `old`.
+fn smoothed(old: Option<Duration>, sample: Duration) -> Duration {
+    match old {
+        Some(old) => (old * 3 + sample) / 4,
+        None => sample,
+    }
 }
 
 #[derive(Debug)]
@@ -124,6 +214,23 @@ struct Peer {
     path: Path,
     changed: Instant,
     pong_window: (Instant, u32),
+    relayed: Relayed,
+}
+
+impl Peer {
+    /// Whether one more pong may go out at `now` ([`PONGS_PER_SECOND`]).
+    fn may_answer(&mut self, now: Instant) -> bool {
+        let (start, n) = self.pong_window;
+        if now.saturating_duration_since(start) >= Duration::from_secs(1) {
+            self.pong_window = (now, 1);
+            true
+        } else if n >= PONGS_PER_SECOND {
+            false
+        } else {
+            self.pong_window.1 += 1;
+            true
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -153,8 +260,9 @@ pub struct Paths {
     reflect: Option<ReflectState>,
     reflexive: Option<SocketAddr>,
     relay: bool,
-    out: VecDeque<(SocketAddr, Vec<u8>)>,
+    out: VecDeque<(Destination, Vec<u8>)>,
     changed: bool,
+    measured: bool,
     rng: StdRng,
     drops: DiscoDrops,
 }
@@ -173,6 +281,7 @@ impl Paths {
             relay: false,
             out: VecDeque::new(),
             changed: false,
+            measured: false,
             rng: StdRng::seed_from_u64(seed),
             drops: DiscoDrops::default(),
         }
@@ -212,6 +321,7 @@ impl Paths {
                 path: Path::Unknown,
                 changed: now,
                 pong_window: (now, 0),
+                relayed: Relayed::default(),
             });
             let before: Vec<SocketAddr> = peer
                 .candidates
@@ -291,13 +401,14 @@ impl Paths {
         self.peers.get(peer).map_or(Path::Unknown, |p| p.path)
     }
 
-    /// The path to `peer` with its round trip and age, for status.
+    /// The path to `peer` with its round trip and age at `now`, for status.
     #[must_use]
-    pub fn status(&self, peer: &PublicKey) -> Option<PathStatus> {
+    pub fn status(&self, peer: &PublicKey, now: Instant) -> Option<PathStatus> {
         let p = self.peers.get(peer)?;
         let rtt = match p.path {
             Path::Direct(a) => p.candidates.iter().find(|c| c.addr == a)?.rtt,
-            _ => None,
+            Path::Relay => p.relayed.rtt(now),
+            Path::Unknown => None,
         };
         Some(PathStatus {
             path: p.path,
@@ -311,6 +422,12 @@ impl Paths {
         std::mem::take(&mut self.changed)
     }
 
+    /// Whether the round trip of some path became known since the last call (the first
+    /// answer through the relay after the path became the relay): worth reporting.
+    pub fn take_measured(&mut self) -> bool {
+        std::mem::take(&mut self.measured)
+    }
+
     /// What discovery refused so far.
     #[must_use]
     pub fn drops(&self) -> DiscoDrops {
@@ -318,7 +435,7 @@ impl Paths {
     }
 
     /// The next datagram to send from the WireGuard socket.
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Vec<u8>)> {
+    pub fn poll_transmit(&mut self) -> Option<(Destination, Vec<u8>)> {
         self.out.pop_front()
     }
 
@@ -326,8 +443,9 @@ impl Paths {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         let peers = self.peers.values().map(|p| p.next_probe);
+        let relayed = self.peers.values().filter_map(|p| p.relayed.next);
         let reflect = self.reflect.iter().map(|r| r.next);
-        peers.chain(reflect).min()
+        peers.chain(relayed).chain(reflect).min()
     }
 
     /// A discovery datagram arrived on the WireGuard socket from `from`.
@@ -350,14 +468,9 @@ impl Paths {
         };
         match probe {
             Probe::Ping { tx } => {
-                let (start, n) = peer.pong_window;
-                if now.saturating_duration_since(start) >= Duration::from_secs(1) {
-                    peer.pong_window = (now, 1);
-                } else if n >= PONGS_PER_SECOND {
+                if !peer.may_answer(now) {
                     self.drops.rate_limited += 1;
                     return;
-                } else {
-                    peer.pong_window.1 += 1;
                 }
                 // A ping from an address not listed: the peer's mapping towards this node.
                 if !peer.candidates.iter().any(|c| c.addr == from)
@@ -371,7 +484,7 @@ impl Paths {
                 self.rng.fill_bytes(&mut nonce);
                 if let Some(key) = &peer.key {
                     let d = key.seal(&self.own, &pong, nonce);
-                    push(&mut self.out, from, d);
+                    push(&mut self.out, Destination::Addr(from), d);
                 }
             }
             Probe::Pong { tx, .. } => {
@@ -384,13 +497,67 @@ impl Paths {
                     self.drops.unmatched += 1;
                     return;
                 };
-                let rtt = now.saturating_duration_since(sent);
-                c.rtt = Some(match c.rtt {
-                    Some(old) => (old * 3 + rtt) / 4,
-                    None => rtt,
-                });
+                c.rtt = Some(smoothed(c.rtt, now.saturating_duration_since(sent)));
                 c.last_pong = Some(now);
                 self.choose(&sender, now);
+            }
+            // Relayed probes come through the relay only (`handle_relayed`).
+            Probe::RelayedPing { .. } | Probe::RelayedPong { .. } => {
+                self.drops.refused += 1;
+            }
+        }
+    }
+
+    /// A discovery datagram came through the relay from `peer` (the relay client handed it
+    /// to the WireGuard socket from that peer's shim). Only relayed probes sealed by `peer`
+    /// are taken; a relayed ping is answered the same way.
+    pub fn handle_relayed(&mut self, peer: PublicKey, datagram: &[u8], now: Instant) {
+        if disco::probe_sender(datagram) != Some(peer) {
+            self.drops.refused += 1;
+            return;
+        }
+        let Some(p) = self.peers.get_mut(&peer) else {
+            self.drops.refused += 1;
+            return;
+        };
+        let Some(probe) = p.key.as_ref().and_then(|k| k.open(datagram).ok()) else {
+            self.drops.refused += 1;
+            return;
+        };
+        match probe {
+            Probe::RelayedPing { tx } => {
+                if !p.may_answer(now) {
+                    self.drops.rate_limited += 1;
+                    return;
+                }
+                let mut nonce = [0u8; 24];
+                self.rng.fill_bytes(&mut nonce);
+                if let Some(key) = &p.key {
+                    let d = key.seal(&self.own, &Probe::RelayedPong { tx }, nonce);
+                    push(&mut self.out, Destination::Relay(peer), d);
+                }
+            }
+            Probe::RelayedPong { tx } => {
+                let r = &mut p.relayed;
+                let Some(i) = r.outstanding.iter().position(|(t, _)| *t == tx) else {
+                    self.drops.unmatched += 1;
+                    return;
+                };
+                let Some((_, sent)) = r.outstanding.remove(i) else {
+                    return;
+                };
+                // After a silence the old figure is not folded in.
+                let first = r.rtt(now).is_none();
+                let old = if first { None } else { r.rtt };
+                r.rtt = Some(smoothed(old, now.saturating_duration_since(sent)));
+                r.last_pong = Some(now);
+                if first {
+                    self.measured = true;
+                }
+            }
+            // A probe of a direct path has no business coming through the relay.
+            Probe::Ping { .. } | Probe::Pong { .. } => {
+                self.drops.refused += 1;
             }
         }
     }
@@ -423,7 +590,11 @@ impl Paths {
                 let mut tx = [0u8; disco::TX_LEN];
                 self.rng.fill_bytes(&mut tx);
                 r.outstanding = Some((tx, now));
-                push(&mut self.out, r.target, Reflect::Request { tx }.encode());
+                push(
+                    &mut self.out,
+                    Destination::Addr(r.target),
+                    Reflect::Request { tx }.encode(),
+                );
                 // Asked again soon until an answer comes (see handle_reflect), then rarely.
                 r.next = now
                     + if self.reflexive.is_some() {
@@ -442,6 +613,15 @@ impl Paths {
         for k in keys {
             self.probe(&k, now);
             self.choose(&k, now);
+        }
+        let relayed: Vec<PublicKey> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.relayed.next.is_some_and(|at| at <= now))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in relayed {
+            self.ping_relayed(&k, now);
         }
         // Paths whose answers ran out between probes.
         let stale: Vec<PublicKey> = self
@@ -480,14 +660,7 @@ impl Paths {
             if !full && Some(c.addr) != direct {
                 continue;
             }
-            while let Some((_, sent)) = c.outstanding.front() {
-                if now.saturating_duration_since(*sent) >= PING_TIMEOUT || c.outstanding.len() >= 4
-                {
-                    c.outstanding.pop_front();
-                } else {
-                    break;
-                }
-            }
+            expire(&mut c.outstanding, now);
             let mut tx = [0u8; disco::TX_LEN];
             self.rng.fill_bytes(&mut tx);
             let mut nonce = [0u8; 24];
@@ -495,7 +668,7 @@ impl Paths {
             c.outstanding.push_back((tx, now));
             push(
                 &mut self.out,
-                c.addr,
+                Destination::Addr(c.addr),
                 pair.seal(&self.own, &Probe::Ping { tx }, nonce),
             );
         }
@@ -507,6 +680,30 @@ impl Paths {
             } else {
                 SEARCH_EVERY
             };
+    }
+
+    /// Pings `key` through the relay, and sets when next.
+    fn ping_relayed(&mut self, key: &PublicKey, now: Instant) {
+        let Some(peer) = self.peers.get_mut(key) else {
+            return;
+        };
+        peer.relayed.next = Some(now + RELAYED_PING_EVERY);
+        let Some(pair) = &peer.key else {
+            return;
+        };
+        let r = &mut peer.relayed;
+        expire(&mut r.outstanding, now);
+        let mut tx = [0u8; disco::TX_LEN];
+        self.rng.fill_bytes(&mut tx);
+        let mut nonce = [0u8; 24];
+        self.rng.fill_bytes(&mut nonce);
+        r.outstanding.push_back((tx, now));
+        r.last_sent = Some(now);
+        push(
+            &mut self.out,
+            Destination::Relay(*key),
+            pair.seal(&self.own, &Probe::RelayedPing { tx }, nonce),
+        );
     }
 
     fn choose(&mut self, key: &PublicKey, now: Instant) {
@@ -547,6 +744,11 @@ impl Paths {
             peer.path = next;
             peer.changed = now;
             self.changed = true;
+            if next == Path::Relay {
+                peer.relayed.restart(now);
+            } else {
+                peer.relayed.stop();
+            }
         }
         // The grace ends at a known time: be woken for it.
         if peer.path == Path::Unknown && relay {
@@ -555,7 +757,7 @@ impl Paths {
     }
 }
 
-fn push(out: &mut VecDeque<(SocketAddr, Vec<u8>)>, to: SocketAddr, d: Vec<u8>) {
+fn push(out: &mut VecDeque<(Destination, Vec<u8>)>, to: Destination, d: Vec<u8>) {
     if out.len() < MAX_QUEUED {
         out.push_back((to, d));
     }
@@ -580,16 +782,29 @@ mod tests {
 
     /// Two nodes behind NATs that keep one mapping per socket: `a` is seen as `a_pub`, `b` as
     /// `b_pub`. A datagram crosses when it goes to a public address whose NAT has sent to the
-    /// sender's public address before (the NAT's filter), or when `open` says so.
+    /// sender's public address before (the NAT's filter), or when `open` says so. A datagram
+    /// for the relay crosses it `relay_delay` later while `relay_up`.
     struct Pair {
         a: Paths,
         b: Paths,
+        a_key: PublicKey,
+        b_key: PublicKey,
         a_pub: SocketAddr,
         b_pub: SocketAddr,
         a_sent_to: Vec<SocketAddr>,
         b_sent_to: Vec<SocketAddr>,
         filter: bool,
         blocked: bool,
+        relay_up: bool,
+        relay_delay: Duration,
+        /// Datagrams crossing the relay: when they arrive, whether to `b`, the datagram.
+        in_relay: Vec<(Instant, bool, Vec<u8>)>,
+        /// The pings `a` sent through the relay (not its answers to `b`'s).
+        a_relayed: usize,
+        /// `b`'s key with `a`, to tell `a`'s pings.
+        ba: PairKey,
+        /// How far time moves between two rounds of [`Pair::run`].
+        step: Duration,
     }
 
     impl Pair {
@@ -599,31 +814,83 @@ mod tests {
             let p = Pair {
                 a: Paths::new(a_key, a_sec, 1),
                 b: Paths::new(b_key, b_sec, 2),
+                a_key,
+                b_key,
                 a_pub: addr("198.18.0.1:40001"),
                 b_pub: addr("198.18.0.2:40002"),
                 a_sent_to: vec![],
                 b_sent_to: vec![],
                 filter,
                 blocked: false,
+                relay_up: true,
+                relay_delay: Duration::ZERO,
+                in_relay: vec![],
+                a_relayed: 0,
+                ba: PairKey::derive(&b_sec, &a_key).unwrap(),
+                step: Duration::from_millis(100),
             };
             (p, a_key, b_key)
         }
 
-        /// Moves every queued datagram across, `rounds` times.
+        /// Moves every queued datagram across (and what the relay delivers by `now`), four
+        /// rounds.
         fn exchange(&mut self, now: Instant) {
             for _ in 0..4 {
-                while let Some((to, d)) = self.a.poll_transmit() {
-                    self.a_sent_to.push(to);
-                    let open = !self.filter || self.b_sent_to.contains(&self.a_pub);
-                    if to == self.b_pub && open && !self.blocked {
-                        self.b.handle_datagram(self.a_pub, &d, now);
+                let (due, later) = std::mem::take(&mut self.in_relay)
+                    .into_iter()
+                    .partition(|(at, _, _)| *at <= now);
+                self.in_relay = later;
+                for (_, to_b, d) in due {
+                    if to_b {
+                        self.b.handle_relayed(self.a_key, &d, now);
+                    } else {
+                        self.a.handle_relayed(self.b_key, &d, now);
                     }
                 }
+                while let Some((to, d)) = self.a.poll_transmit() {
+                    self.carry(true, to, d, now);
+                }
                 while let Some((to, d)) = self.b.poll_transmit() {
-                    self.b_sent_to.push(to);
-                    let open = !self.filter || self.a_sent_to.contains(&self.b_pub);
-                    if to == self.a_pub && open && !self.blocked {
-                        self.a.handle_datagram(self.b_pub, &d, now);
+                    self.carry(false, to, d, now);
+                }
+            }
+        }
+
+        /// Carries one datagram from `a` (or `b`) to the other, if it crosses.
+        fn carry(&mut self, from_a: bool, to: Destination, d: Vec<u8>, now: Instant) {
+            let (sent_to, other_sent_to, own, other_pub, other_key) = if from_a {
+                (
+                    &mut self.a_sent_to,
+                    &self.b_sent_to,
+                    self.a_pub,
+                    self.b_pub,
+                    self.b_key,
+                )
+            } else {
+                (
+                    &mut self.b_sent_to,
+                    &self.a_sent_to,
+                    self.b_pub,
+                    self.a_pub,
+                    self.a_key,
+                )
+            };
+            match to {
+                Destination::Addr(to) => {
+                    sent_to.push(to);
+                    let open = !self.filter || other_sent_to.contains(&own);
+                    if to == other_pub && open && !self.blocked {
+                        let receiver = if from_a { &mut self.b } else { &mut self.a };
+                        receiver.handle_datagram(own, &d, now);
+                    }
+                }
+                Destination::Relay(peer) => {
+                    assert_eq!(peer, other_key, "through the relay to its peer");
+                    if from_a && matches!(self.ba.open(&d), Ok(Probe::RelayedPing { .. })) {
+                        self.a_relayed += 1;
+                    }
+                    if self.relay_up {
+                        self.in_relay.push((now + self.relay_delay, from_a, d));
                     }
                 }
             }
@@ -636,9 +903,23 @@ mod tests {
                 self.a.handle_timeout(now);
                 self.b.handle_timeout(now);
                 self.exchange(now);
-                now += Duration::from_millis(100);
+                now += self.step;
             }
             now
+        }
+
+        /// Both list each other's public address, through NATs that let nothing through
+        /// directly, with a relay that takes `relay_delay` each way.
+        fn relayed(relay_delay: Duration, t0: Instant) -> Self {
+            let (mut p, a_key, b_key) = Pair::new(true);
+            p.blocked = true;
+            p.relay_delay = relay_delay;
+            p.step = Duration::from_millis(10);
+            p.a.set_peers([(b_key, vec![p.b_pub])], t0);
+            p.b.set_peers([(a_key, vec![p.a_pub])], t0);
+            p.a.set_relay(true, t0);
+            p.b.set_relay(true, t0);
+            p
         }
     }
 
@@ -655,7 +936,7 @@ mod tests {
         let t = p.run(t0, 1.5);
         assert_eq!(p.a.path(&b_key), Path::Direct(p.b_pub));
         assert_eq!(p.b.path(&a_key), Path::Direct(p.a_pub));
-        assert!(p.a.status(&b_key).unwrap().rtt.is_some());
+        assert!(p.a.status(&b_key, t).unwrap().rtt.is_some());
         assert!(p.a.take_changed());
         // The heartbeat keeps it.
         let t = p.run(t, 20.0);
@@ -738,7 +1019,7 @@ mod tests {
         p.set_reflect_target(Some(coord), t0);
         p.handle_timeout(t0);
         let (to, req) = p.poll_transmit().unwrap();
-        assert_eq!(to, coord);
+        assert_eq!(to, Destination::Addr(coord));
         let Ok(Reflect::Request { tx }) = Reflect::decode(&req) else {
             panic!("not a request")
         };
@@ -767,5 +1048,98 @@ mod tests {
         p.b.set_peers([(a_key, vec![addr("198.18.0.1:1")])], t0);
         p.run(t0, 1.0);
         assert_eq!(p.b.path(&a_key), Path::Direct(p.a_pub));
+    }
+
+    /// A relayed pair measures its round trip through the relay, end to end (both ways
+    /// through it), with one ping every few seconds; none is shown before the first answer,
+    /// nor once answers stop.
+    #[test]
+    fn a_relayed_path_has_its_round_trip_measured_through_the_relay() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        // 40 ms each way through the relay.
+        let mut p = Pair::relayed(ms(40), t0);
+        let (a_key, b_key) = (p.a_key, p.b_key);
+        let t = p.run(t0, DIRECT_GRACE.as_secs_f64() + 0.005);
+        assert_eq!(p.a.path(&b_key), Path::Relay);
+        assert_eq!(p.a.status(&b_key, t).unwrap().rtt, None, "not measured yet");
+        assert!(!p.a.take_measured());
+        let t = p.run(t, 0.2);
+        let rtt = p.a.status(&b_key, t).unwrap().rtt.unwrap();
+        assert!(rtt >= ms(80) && rtt <= ms(90), "{rtt:?}");
+        assert!(
+            p.a.take_measured(),
+            "a round trip newly known is worth reporting"
+        );
+        let rtt = p.b.status(&a_key, t).unwrap().rtt.unwrap();
+        assert!(rtt >= ms(80) && rtt <= ms(90), "{rtt:?}");
+        // Kept up at a modest rate while the direct search goes on.
+        let before = p.a_relayed;
+        let t = p.run(t, 40.0);
+        let sent = p.a_relayed - before;
+        assert!(sent <= 11, "{sent} pings through the relay in 40 s");
+        assert!(p.a.status(&b_key, t).unwrap().rtt.is_some());
+        assert!(!p.a.take_measured(), "only the first answer is news");
+        assert!(p.a_sent_to.contains(&p.b_pub), "the direct search goes on");
+        // The relay stops carrying: no round trip is shown once the answers are old.
+        p.relay_up = false;
+        let t = p.run(t, RELAYED_RTT_FOR.as_secs_f64() + 0.1);
+        assert_eq!(p.a.path(&b_key), Path::Relay);
+        assert_eq!(p.a.status(&b_key, t).unwrap().rtt, None);
+        // The direct path opens: pings through the relay stop.
+        p.relay_up = true;
+        p.blocked = false;
+        let t = p.run(t, SEARCH_EVERY.as_secs_f64() + 0.5);
+        assert_eq!(p.a.path(&b_key), Path::Direct(p.b_pub));
+        let before = p.a_relayed;
+        p.run(t, 20.0);
+        assert_eq!(p.a_relayed, before);
+    }
+
+    /// Relayed probes are taken only through the relay, from the peer whose shim they came
+    /// from; direct probes only from an address.
+    #[test]
+    fn relayed_probes_come_through_the_relay_only() {
+        let t0 = Instant::now();
+        let mut p = Pair::relayed(Duration::ZERO, t0);
+        let (a_key, b_key) = (p.a_key, p.b_key);
+        let t = p.run(t0, 1.0);
+        assert_eq!(p.a.path(&b_key), Path::Relay);
+        // A relayed ping of a's, taken out of the relay.
+        p.relay_up = false;
+        let mut relayed_ping = None;
+        let mut direct_ping = None;
+        let mut now = t;
+        while relayed_ping.is_none() || direct_ping.is_none() {
+            now += Duration::from_millis(100);
+            p.a.handle_timeout(now);
+            while let Some((to, d)) = p.a.poll_transmit() {
+                match to {
+                    Destination::Relay(_) => relayed_ping = Some(d),
+                    Destination::Addr(_) => direct_ping = Some(d),
+                }
+            }
+        }
+        let (relayed_ping, direct_ping) = (relayed_ping.unwrap(), direct_ping.unwrap());
+        let refused = p.b.drops().refused;
+        // Sent straight to b's address: refused, no answer, and a's address is not learnt.
+        p.b.handle_datagram(addr("198.18.0.9:9"), &relayed_ping, now);
+        // A direct ping coming through the relay: refused.
+        p.b.handle_relayed(a_key, &direct_ping, now);
+        // Through the relay but from another peer's shim: refused.
+        let (_, c_key) = node(3);
+        p.b.handle_relayed(c_key, &relayed_ping, now);
+        assert_eq!(p.b.drops().refused, refused + 3);
+        assert!(p.b.poll_transmit().is_none());
+        // Through the relay from a: answered through the relay, to a.
+        p.b.handle_relayed(a_key, &relayed_ping, now);
+        let (to, pong) = p.b.poll_transmit().unwrap();
+        assert_eq!(to, Destination::Relay(a_key));
+        // The answer is taken once.
+        p.a.handle_relayed(b_key, &pong, now);
+        assert!(p.a.status(&b_key, now).unwrap().rtt.is_some());
+        let unmatched = p.a.drops().unmatched;
+        p.a.handle_relayed(b_key, &pong, now);
+        assert_eq!(p.a.drops().unmatched, unmatched + 1);
     }
 }

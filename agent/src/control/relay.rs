@@ -195,7 +195,19 @@ impl RelayClient {
     /// Whether `addr` is the shim of some peer (status shows such an endpoint as the relay).
     #[must_use]
     pub fn is_shim(&self, addr: SocketAddr) -> bool {
-        addr.ip().is_loopback() && self.shims().values().any(|s| s.addr == addr)
+        self.shim_owner(addr).is_some()
+    }
+
+    /// The peer whose shim `addr` is: a datagram from there came through the relay from that
+    /// peer.
+    #[must_use]
+    pub fn shim_owner(&self, addr: SocketAddr) -> Option<PublicKey> {
+        if !addr.ip().is_loopback() {
+            return None;
+        }
+        self.shims()
+            .iter()
+            .find_map(|(peer, s)| (s.addr == addr).then_some(*peer))
     }
 
     /// The relay's address (the home standalone relay's, else the control connection's
