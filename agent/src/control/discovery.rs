@@ -1,9 +1,9 @@
 //! The I/O shell of path discovery: feeds [`Paths`] the map's candidates, the discovery
 //! datagrams the receive loop sets aside, the control link (where to ask for the reflexive
-//! address, whether a relay is there) and time; sends what it asks from the WireGuard socket
-//! (to a peer through the relay: to the peer's shim, which frames it for the relay as any
-//! datagram of that socket); wakes the reconciler when a path changes and tells the control
-//! loop the reflexive address and the path report.
+//! address, whether a relay is there), the relay each peer's datagrams go through and time;
+//! sends what it asks from the WireGuard socket (to a peer through the relay: to the peer's
+//! shim, which frames it for the relay as any datagram of that socket); wakes the reconciler
+//! when a path changes and tells the control loop the reflexive address and the path report.
 //! The reconciler asks [`Discovery::endpoint`] for each peer's endpoint.
 //!
 //! A discovery datagram from a peer's shim came through the relay from that peer
@@ -140,12 +140,12 @@ impl Discovery {
         let kind = crate::metrics::path_label(kind);
         let route = self.relay.route_for(peer).filter(|_| relayed);
         let via = match &route {
-            Some((remote, _, _)) => Some(remote.to_string()),
+            Some(r) => Some(r.remote.to_string()),
             None => endpoint.map(|e| e.to_string()),
         };
-        let over = route.as_ref().map(|(_, t, _)| *t);
+        let over = route.as_ref().map(|r| r.transport);
         // The standalone relay's name; absent through the coordinator's relay.
-        let relay_name = route.and_then(|(_, _, name)| name);
+        let relay_name = route.and_then(|r| r.name);
         serde_json::json!({
             "kind": kind,
             "via": via,
@@ -187,8 +187,8 @@ impl Discovery {
                 let relay = self.relay.route_for(key);
                 let (kind, via, over, name) = match (st.path, relay) {
                     (Path::Direct(a), _) => (PathKind::Direct, Some(a), None, None),
-                    (Path::Relay, Some((addr, over, name))) => {
-                        (PathKind::Relay, Some(addr), Some(over), name)
+                    (Path::Relay, Some(r)) => {
+                        (PathKind::Relay, Some(r.remote), Some(r.transport), r.name)
                     }
                     (Path::Relay, None) => (PathKind::Relay, None, None, None),
                     (Path::Unknown, _) => (PathKind::Unconfirmed, None, None, None),
@@ -207,6 +207,15 @@ impl Discovery {
             })
             .take(MAX_PATH_REPORTS)
             .collect()
+    }
+
+    /// Tells the paths the relay each of `keys` goes through now.
+    fn set_routes(&self, keys: impl Iterator<Item = PublicKey>, now: Instant) {
+        let routes: Vec<_> = keys.map(|k| (k, self.relay.route_for(&k))).collect();
+        let mut p = self.paths();
+        for (key, route) in routes {
+            p.set_route(&key, route, now);
+        }
     }
 
     /// Runs discovery, and the relay client's side that receives, until the map channel
@@ -258,8 +267,6 @@ impl Discovery {
         let mut net = NetBatch::with_capacity(64 * 1024);
         let mut ids: Vec<(PublicKey, NodeId)> = Vec::new();
         let mut reported = Instant::now();
-        // The relay a relayed path goes through changed: reported at once too.
-        let mut relay_changed = false;
         loop {
             let wake = self.paths().poll_timeout();
             tokio::select! {
@@ -277,7 +284,9 @@ impl Discovery {
                     let keys: Vec<PublicKey> = peers.iter().map(|p| p.0).collect();
                     self.relay.retain(&keys);
                     *known.lock().unwrap_or_else(|e| e.into_inner()) = keys;
-                    self.paths().set_peers(peers, Instant::now());
+                    let now = Instant::now();
+                    self.paths().set_peers(peers, now);
+                    self.set_routes(ids.iter().map(|(k, _)| *k), now);
                 }
                 r = link.changed() => {
                     if r.is_err() {
@@ -286,10 +295,13 @@ impl Discovery {
                     let l = link.borrow_and_update().clone();
                     let now = Instant::now();
                     let available = self.relay.available();
-                    let mut p = self.paths();
-                    p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
-                    p.set_relay(available, now);
-                    relay_changed = true;
+                    {
+                        let mut p = self.paths();
+                        p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
+                        p.set_relay(available, now);
+                    }
+                    // The coordinator's relay is the control link's.
+                    self.set_routes(ids.iter().map(|(k, _)| *k), now);
                 }
                 r = routes.changed() => {
                     if r.is_err() {
@@ -297,11 +309,12 @@ impl Discovery {
                     }
                     // A standalone relay came or went, or a relayed peer's frames moved to
                     // another relay (a relay's notice, or its wearing off) with the home
-                    // unchanged: the shims stay the relayed peers' endpoints, so only whether
-                    // any relay is there matters to the paths; the report names the relay.
+                    // unchanged: the shims stay the relayed peers' endpoints, but the relay is
+                    // part of a relayed path (its change is a change of the path).
                     let available = self.relay.available();
-                    self.paths().set_relay(available, Instant::now());
-                    relay_changed = true;
+                    let now = Instant::now();
+                    self.paths().set_relay(available, now);
+                    self.set_routes(ids.iter().map(|(k, _)| *k), now);
                 }
                 Some((from, d)) = inbox.recv() => {
                     tracing::trace!(%from, len = d.len(), "discovery datagram");
@@ -338,17 +351,12 @@ impl Discovery {
                 udp.send_batch(&net).await;
                 net.clear();
             }
-            // What operators see (`meshctl node show`): on a change, when a new path's round
-            // trip becomes known, and every so often for fresh round trips; the control loop
-            // sends it at most every few seconds.
+            // What operators see (`meshctl node show`): on a change (a relayed path's relay
+            // included), when a new path's round trip becomes known, and every so often for
+            // fresh round trips; the control loop paces what it sends to the coordinator.
             let now = Instant::now();
-            if changed
-                || measured
-                || relay_changed
-                || now.saturating_duration_since(reported) >= REPORT_EVERY
-            {
+            if changed || measured || now.saturating_duration_since(reported) >= REPORT_EVERY {
                 reported = now;
-                relay_changed = false;
                 let report = self.report(&ids, now);
                 shared.path_report.send_if_modified(|r| {
                     let new = *r != report;
@@ -753,6 +761,10 @@ mod tests {
             Instant::now() >= wears_off,
             "not before the notice wore off"
         );
+        // Each move was a change of the path: its age counts from the last one, not from
+        // when the peer was first relayed (3 s and more before).
+        let last = report.borrow().first().cloned().unwrap();
+        assert_eq!(last.changed_secs_ago, Some(0), "{last:?}");
         task.abort();
     }
 }

@@ -27,8 +27,11 @@
 //!   ([`Destination::Relay`]: its shim, which frames a probe as any datagram of the WireGuard
 //!   socket) every [`RELAYED_PING_EVERY`], and answers come back the same way
 //!   ([`Paths::handle_relayed`]), so a relayed path's round trip is measured end to end, both
-//!   directions through whatever relays the two nodes send through. Relayed probes only
-//!   measure: they never choose a path, and an address they come from is never a candidate.
+//!   directions through whatever relays the two nodes send through. The relay in use
+//!   ([`Paths::set_route`]) is part of the path: another relay, or the same over another
+//!   transport, is a change of the path (its age starts over and its round trip is measured
+//!   afresh, the first ping going at once). Relayed probes only measure: they never choose a
+//!   path, and an address they come from is never a candidate.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,6 +41,8 @@ use meshlink_proto::disco::{self, PairKey, Probe, Reflect, TxId};
 use meshlink_proto::PublicKey;
 use rand::rngs::StdRng;
 use rand::{RngCore, SeedableRng};
+
+use super::relay::Route;
 
 /// How often a peer without a direct path pings all its candidates at first.
 pub const PUNCH_EVERY: Duration = Duration::from_millis(500);
@@ -108,7 +113,7 @@ pub struct PathStatus {
     /// Its round trip, when measured: by pings to the address (direct) or through the relay,
     /// lately ([`RELAYED_RTT_FOR`]).
     pub rtt: Option<Duration>,
-    /// When it last changed.
+    /// When it last changed (for a relayed path, its relay too).
     pub changed: Instant,
 }
 
@@ -124,8 +129,8 @@ struct Relayed {
 }
 
 impl Relayed {
-    /// The path through the relay starts at `now`: measured afresh, the first ping as soon
-    /// as [`RELAYED_PING_GAP`] allows.
+    /// The path through the relay starts (or its relay changed) at `now`: measured afresh,
+    /// the first ping as soon as [`RELAYED_PING_GAP`] allows.
     fn restart(&mut self, now: Instant) {
         self.outstanding.clear();
         self.rtt = None;
@@ -214,6 +219,8 @@ struct Peer {
     path: Path,
     changed: Instant,
     pong_window: (Instant, u32),
+    /// The relay its datagrams go through while relayed ([`Paths::set_route`]).
+    route: Option<Route>,
     relayed: Relayed,
 }
 
@@ -321,6 +328,7 @@ impl Paths {
                 path: Path::Unknown,
                 changed: now,
                 pong_window: (now, 0),
+                route: None,
                 relayed: Relayed::default(),
             });
             let before: Vec<SocketAddr> = peer
@@ -374,6 +382,23 @@ impl Paths {
         }
     }
 
+    /// The relay `peer`'s datagrams go through now (none: no relay has it). While its path is
+    /// the relay, another route is a change of the path.
+    pub fn set_route(&mut self, peer: &PublicKey, route: Option<Route>, now: Instant) {
+        let Some(p) = self.peers.get_mut(peer) else {
+            return;
+        };
+        if p.route == route {
+            return;
+        }
+        p.route = route;
+        if p.path == Path::Relay {
+            p.changed = now;
+            p.relayed.restart(now);
+            self.changed = true;
+        }
+    }
+
     /// Where reflexive address queries go (the coordinator's discovery port), or none.
     pub fn set_reflect_target(&mut self, target: Option<SocketAddr>, now: Instant) {
         match target {
@@ -423,7 +448,7 @@ impl Paths {
     }
 
     /// Whether the round trip of some path became known since the last call (the first
-    /// answer through the relay after the path became the relay): worth reporting.
+    /// answer through the relay after the path or its relay changed): worth reporting.
     pub fn take_measured(&mut self) -> bool {
         std::mem::take(&mut self.measured)
     }
@@ -688,7 +713,8 @@ impl Paths {
             return;
         };
         peer.relayed.next = Some(now + RELAYED_PING_EVERY);
-        let Some(pair) = &peer.key else {
+        // Without a relay that has the peer, a ping would only be counted as undeliverable.
+        let (Some(pair), Some(_)) = (&peer.key, &peer.route) else {
             return;
         };
         let r = &mut peer.relayed;
@@ -766,6 +792,7 @@ fn push(out: &mut VecDeque<(Destination, Vec<u8>)>, to: Destination, d: Vec<u8>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshlink_proto::control::RelayTransport;
 
     fn node(seed: u8) -> ([u8; 32], PublicKey) {
         let secret = [seed; 32];
@@ -909,7 +936,7 @@ mod tests {
         }
 
         /// Both list each other's public address, through NATs that let nothing through
-        /// directly, with a relay that takes `relay_delay` each way.
+        /// directly, with a relay that takes `relay_delay` each way, `r1` over UDP for both.
         fn relayed(relay_delay: Duration, t0: Instant) -> Self {
             let (mut p, a_key, b_key) = Pair::new(true);
             p.blocked = true;
@@ -919,7 +946,17 @@ mod tests {
             p.b.set_peers([(a_key, vec![p.a_pub])], t0);
             p.a.set_relay(true, t0);
             p.b.set_relay(true, t0);
+            p.a.set_route(&b_key, Some(route(Some("r1"), RelayTransport::Udp)), t0);
+            p.b.set_route(&a_key, Some(route(Some("r1"), RelayTransport::Udp)), t0);
             p
+        }
+    }
+
+    fn route(name: Option<&str>, transport: RelayTransport) -> Route {
+        Route {
+            remote: addr("198.18.0.100:7443"),
+            transport,
+            name: name.map(str::to_string),
         }
     }
 
@@ -1094,6 +1131,80 @@ mod tests {
         let before = p.a_relayed;
         p.run(t, 20.0);
         assert_eq!(p.a_relayed, before);
+    }
+
+    /// The relay a relayed peer's datagrams go through is part of its path: moving to
+    /// another relay, or to the same one over another transport, changes the path (its age
+    /// starts over and the round trip is measured again at once); the same relay does not,
+    /// nor does a relay change under a direct path. A flapping relay costs at most one ping
+    /// per RELAYED_PING_GAP.
+    #[test]
+    fn a_relayed_peer_moving_to_another_relay_changes_its_path() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut p = Pair::relayed(ms(20), t0);
+        let b_key = p.b_key;
+        let t = p.run(t0, 2.0);
+        let st = p.a.status(&b_key, t).unwrap();
+        assert_eq!(st.path, Path::Relay);
+        assert!(st.rtt.is_some());
+        let relayed_at = st.changed;
+        assert!(p.a.take_changed());
+        p.a.take_measured();
+        // Time and pings are no change.
+        let t = p.run(t, 10.0);
+        assert!(!p.a.take_changed());
+        assert_eq!(p.a.status(&b_key, t).unwrap().changed, relayed_at);
+        p.a.set_route(&b_key, Some(route(Some("r1"), RelayTransport::Udp)), t);
+        assert!(!p.a.take_changed(), "the same relay");
+
+        let steps = [
+            (Some("r2"), RelayTransport::Udp),
+            (Some("r2"), RelayTransport::Tcp),
+            (None, RelayTransport::Tcp),
+        ];
+        let mut t = t;
+        for (name, over) in steps {
+            p.a.set_route(&b_key, Some(route(name, over)), t);
+            assert!(p.a.take_changed(), "to {name:?} over {over:?}");
+            let st = p.a.status(&b_key, t).unwrap();
+            assert_eq!((st.path, st.changed, st.rtt), (Path::Relay, t, None));
+            // Measured again within moments (a ping goes at once, or a second after the
+            // last one at most).
+            t = p.run(t, (RELAYED_PING_GAP + ms(100)).as_secs_f64());
+            assert!(p.a.status(&b_key, t).unwrap().rtt.is_some());
+            assert!(p.a.take_measured());
+            t = p.run(t, 5.0);
+        }
+        // No relay has the peer any more: a change too.
+        p.a.set_route(&b_key, None, t);
+        assert!(p.a.take_changed());
+        assert_eq!(p.a.status(&b_key, t).unwrap().changed, t);
+
+        // Flapping between two relays every 100 ms for 5 s: a path change each time, but at
+        // most a ping a second through the relay.
+        let before = p.a_relayed;
+        let mut now = t;
+        for i in 0..50 {
+            let name = if i % 2 == 0 { "r1" } else { "r2" };
+            p.a.set_route(&b_key, Some(route(Some(name), RelayTransport::Udp)), now);
+            now = p.run(now, 0.1);
+        }
+        let sent = p.a_relayed - before;
+        assert!(
+            sent <= 6,
+            "{sent} pings through the relay in 5 s of flapping"
+        );
+
+        // Under a direct path, the relay is no part of it.
+        p.blocked = false;
+        let t = p.run(now, SEARCH_EVERY.as_secs_f64() + 0.5);
+        assert_eq!(p.a.path(&b_key), Path::Direct(p.b_pub));
+        p.a.take_changed();
+        let direct_at = p.a.status(&b_key, t).unwrap().changed;
+        p.a.set_route(&b_key, Some(route(Some("r3"), RelayTransport::Udp)), t);
+        assert!(!p.a.take_changed());
+        assert_eq!(p.a.status(&b_key, t).unwrap().changed, direct_at);
     }
 
     /// Relayed probes are taken only through the relay, from the peer whose shim they came

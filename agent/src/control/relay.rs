@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use meshlink_proto::control::{encode_relay, MAX_RELAY_RECORD};
+use meshlink_proto::control::{encode_relay, RelayTransport, MAX_RELAY_RECORD};
 use meshlink_proto::relay::{self, Grant, Reassembler, RELAY_SELF};
 use meshlink_proto::PublicKey;
 use tokio::net::UdpSocket;
@@ -55,6 +55,18 @@ pub const MAX_FRAME: usize = 1100;
 /// relayed: a mesh reached through a relay has one per peer, and 64 KiB each made 200
 /// relayed peers cost 12.5 MiB (9 KiB each: 1.8 MiB).
 const SHIM_ROOM: usize = crate::config::MAX_MTU as usize + 15 + 32 + 1;
+
+/// The relay one peer's datagrams go through: what status and the path report show of a
+/// relayed path. Another relay, or the same one over another transport, is another route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The relay's address.
+    pub remote: SocketAddr,
+    /// What the frames run over (`udp`, `tcp`).
+    pub transport: RelayTransport,
+    /// A standalone relay's name; none for the coordinator's.
+    pub name: Option<String>,
+}
 
 /// What the relay client counted.
 #[derive(Debug, Default)]
@@ -213,7 +225,7 @@ impl RelayClient {
     /// The relay's address (the home standalone relay's, else the control connection's
     /// remote end) and transport (`udp`, `tcp`), while one is up.
     #[must_use]
-    pub fn link_remote(&self) -> Option<(SocketAddr, meshlink_proto::control::RelayTransport)> {
+    pub fn link_remote(&self) -> Option<(SocketAddr, RelayTransport)> {
         if let Some(h) = self.home.borrow().as_ref() {
             return Some((h.remote, h.transport));
         }
@@ -224,30 +236,30 @@ impl RelayClient {
             .map(|l| (l.remote, l.transport))
     }
 
-    /// The relay `peer`'s datagrams go through now: its address, transport and, for a
-    /// standalone relay, its name (see [`Routes`]).
+    /// The relay `peer`'s datagrams go through now (see [`Routes`]).
     #[must_use]
-    pub fn route_for(
-        &self,
-        peer: &PublicKey,
-    ) -> Option<(
-        SocketAddr,
-        meshlink_proto::control::RelayTransport,
-        Option<String>,
-    )> {
+    pub fn route_for(&self, peer: &PublicKey) -> Option<Route> {
         let links = self.relays.links();
         {
             let links = links.borrow();
             let unreachable = self.relays.unreachable();
             if let Some(l) = sessions::pick(&links, &unreachable, peer, Instant::now()) {
-                return Some((l.remote, l.transport, Some(l.name.clone())));
+                return Some(Route {
+                    remote: l.remote,
+                    transport: l.transport,
+                    name: Some(l.name.clone()),
+                });
             }
         }
         self.link
             .borrow()
             .as_ref()
             .filter(|l| l.relay)
-            .map(|l| (l.remote, l.transport, None))
+            .map(|l| Route {
+                remote: l.remote,
+                transport: l.transport,
+                name: None,
+            })
     }
 
     /// Whether some relay is up (the home standalone relay, or the coordinator's).
