@@ -6,10 +6,15 @@
 //! 100.64.0.2/32, 10.2.0.0/16, fd00::2/128) and C (no endpoint: it reaches out; 100.64.0.3/32,
 //! fd00::3/128); B and C each route everything to A. The input is a script of operations
 //! (`Op`): bytes from anywhere; an IP packet (any source, destination, length field and
-//! payload) sent by B or C through its own device, each datagram on the way maybe arriving
-//! from another address, the first maybe altered; packets from A to a peer; a datagram A
-//! received arriving again; time passing (timers, rekeys, session expiry); A's workload
-//! routing and configuration changing.
+//! payload) sent by B or C through its own device, up to four times, each datagram on the way
+//! maybe arriving from another address, one of the first three maybe altered; packets from A
+//! to a peer; a datagram A received arriving again; time passing (timers, rekeys, session
+//! expiry); A's workload routing and configuration changing.
+//!
+//! A send that finds no session starts a handshake, and the packets go once it completes: a
+//! single `Send` reaches a live session, and its copies (and later sends) the session's
+//! steady state, with a datagram altered after the handshake meeting the session's
+//! authentication and a replayed one its replay window.
 //!
 //! Checked, beyond "never panics":
 //! - A delivers to its TUN device only packets that B or C sent (never from bytes nobody
@@ -52,6 +57,8 @@ enum Op {
     Send {
         by_c: bool,
         packet: Packet,
+        /// The packet is sent `1 + copies % 4` times, one after the other.
+        copies: u8,
         from: Option<Source>,
         tamper: Option<Tamper>,
     },
@@ -106,6 +113,9 @@ enum Addr {
 
 #[derive(Arbitrary, Debug, Clone, Copy)]
 struct Tamper {
+    /// In a `Send`, which of the datagrams its sender sends A is altered: `nth % 3` (0: the
+    /// first, a handshake initiation when there is no session yet). Not used by `Replay`.
+    nth: u8,
     at: u16,
     xor: u8,
     cut: bool,
@@ -142,6 +152,8 @@ struct World {
     /// Applied to datagrams B or C send to A during the current operation.
     send_from: Option<(usize, SocketAddr)>,
     tamper_next: Option<Tamper>,
+    /// Datagrams B or C sent to A during the current operation.
+    to_a: u8,
     steps: u64,
 }
 
@@ -250,6 +262,7 @@ impl World {
             routing: WorkloadRouting::default(),
             send_from: None,
             tamper_next: None,
+            to_a: 0,
             steps: 0,
         }
     }
@@ -284,7 +297,10 @@ impl World {
                         from = addr;
                     }
                 }
-                tamper = self.tamper_next.take();
+                if self.tamper_next.is_some_and(|t| t.nth % 3 == self.to_a) {
+                    tamper = self.tamper_next.take();
+                }
+                self.to_a = self.to_a.saturating_add(1);
             }
             self.wire.push_back(Datagram {
                 from,
@@ -463,6 +479,7 @@ impl World {
             Op::Send {
                 by_c,
                 packet,
+                copies,
                 from,
                 tamper,
             } => {
@@ -471,10 +488,13 @@ impl World {
                 self.sent[i].push(p.clone());
                 self.send_from = from.map(|f| (i, self.address_of(f)));
                 self.tamper_next = tamper;
-                let mut net = NetBatch::with_capacity(4096);
-                self.nodes[i].device.outbound(&p, &mut net);
-                self.enqueue(i, &net);
-                self.pump();
+                self.to_a = 0;
+                for _ in 0..=copies % 4 {
+                    let mut net = NetBatch::with_capacity(4096);
+                    self.nodes[i].device.outbound(&p, &mut net);
+                    self.enqueue(i, &net);
+                    self.pump();
+                }
                 self.send_from = None;
                 self.tamper_next = None;
             }
