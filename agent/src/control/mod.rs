@@ -5,7 +5,8 @@
 //!   `tls`) and return the coordinator's welcome and the first full map.
 //! - [`MeshControl::run`] is the long-lived loop: it applies deltas (asking for a full map on a
 //!   version gap), caches every map in the state directory, reports the node's underlay
-//!   endpoints when they change, and reconnects with jittered exponential backoff when the
+//!   endpoints when they change and its paths to its peers as they change (at most one report
+//!   a second: `ReportPace`), and reconnects with jittered exponential backoff when the
 //!   coordinator goes away, to the next of the mesh's coordinators (`coordinators`: which
 //!   one, and when a holder gives up on one whose lease renewals stopped). Tunnels never wait
 //!   for it: the data plane keeps the last map.
@@ -55,6 +56,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 /// The shortest time between two writes of the cached map (see [`MapCache`]).
 const CACHE_INTERVAL: Duration = Duration::from_secs(1);
+/// The shortest time between two path reports to the coordinator (see [`ReportPace`]).
+const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the control channel failed.
 #[derive(Debug, thiserror::Error)]
@@ -467,6 +470,50 @@ impl Drop for MapCache {
     }
 }
 
+/// When the path report goes to the coordinator (`meshctl node show` reads it there): at once
+/// when it changed, unless one went less than [`REPORT_INTERVAL`] ago; then at the end of that
+/// interval, the latest one only. A path that flaps costs the coordinator at most one message
+/// a second, well within its per-session message rate.
+#[derive(Debug, Default)]
+struct ReportPace {
+    sent: Option<Instant>,
+    waiting: bool,
+}
+
+impl ReportPace {
+    /// The report changed at `now`: whether it goes now (else it waits for
+    /// [`ReportPace::poll_timeout`]).
+    fn changed(&mut self, now: Instant) -> bool {
+        if self.sent.is_some_and(|at| now < at + REPORT_INTERVAL) {
+            self.waiting = true;
+            false
+        } else {
+            self.waiting = false;
+            self.sent = Some(now);
+            true
+        }
+    }
+
+    /// When the report waiting goes; `None` when none waits.
+    fn poll_timeout(&self) -> Option<Instant> {
+        if !self.waiting {
+            return None;
+        }
+        self.sent.map(|at| at + REPORT_INTERVAL)
+    }
+
+    /// Whether the report waiting goes at `now` (it counts as sent then).
+    fn handle_timeout(&mut self, now: Instant) -> bool {
+        if self.poll_timeout().is_some_and(|at| at <= now) {
+            self.waiting = false;
+            self.sent = Some(now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
 /// What the control loop needs to carry out a session's events.
 struct Effects<'a> {
     tunnels: &'a Arc<dyn Tunnels>,
@@ -688,6 +735,8 @@ impl MeshControl {
         let mut reflexive = self.shared.reflexive.subscribe();
         let mut paths = self.shared.path_report.subscribe();
         paths.mark_changed();
+        // A new session's coordinator has no report from this one yet.
+        let mut report_pace = ReportPace::default();
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         let effects = Effects {
             tunnels,
@@ -726,6 +775,7 @@ impl MeshControl {
             }
             let wake = self.shared.lock().poll_timeout();
             let cache_due = self.cache.poll_timeout();
+            let report_due = report_pace.poll_timeout();
             tokio::select! {
                 m = s.recv() => {
                     let handled = m.and_then(|m| {
@@ -758,17 +808,27 @@ impl MeshControl {
                     self.shared.lock().handle_timeout(Instant::now());
                 }
                 () = sleep_until(cache_due) => self.cache.handle_timeout(Instant::now()),
-                _ = tick.tick() => {
-                    let now = self.endpoints(wg_port, tunnel);
-                    if self.shared.lock().set_endpoints(now.clone()) {
-                        info!(endpoints = ?now, "endpoints changed");
-                    }
-                    // Path reports: at most one per tick, when they changed.
-                    if s.path_reports && paths.has_changed().unwrap_or(false) {
+                // Path reports: as they change, paced (see ReportPace).
+                Ok(()) = paths.changed(), if s.path_reports => {
+                    if report_pace.changed(Instant::now()) {
                         let report = paths.borrow_and_update().clone();
                         if let Err(e) = s.send(&ClientMessage::Paths { paths: report }).await {
                             break e;
                         }
+                    }
+                }
+                () = sleep_until(report_due) => {
+                    if report_pace.handle_timeout(Instant::now()) {
+                        let report = paths.borrow_and_update().clone();
+                        if let Err(e) = s.send(&ClientMessage::Paths { paths: report }).await {
+                            break e;
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = self.endpoints(wg_port, tunnel);
+                    if self.shared.lock().set_endpoints(now.clone()) {
+                        info!(endpoints = ?now, "endpoints changed");
                     }
                     // Who talks to the workloads held here, when it changed.
                     if s.talker_reports {
@@ -1048,6 +1108,43 @@ mod tests {
             version,
             ..Netmap::default()
         }
+    }
+
+    /// A changed path report goes at once; changes within a second of it wait for its end
+    /// and go as one (the latest, read when it goes); a flapping path costs one report a
+    /// second.
+    #[test]
+    fn path_reports_go_at_once_then_at_most_once_a_second() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut pace = ReportPace::default();
+        assert!(pace.changed(t0), "the first at once");
+        assert_eq!(pace.poll_timeout(), None);
+        // Changes right after: they wait for the second to be over, then go as one.
+        for i in 1..=50 {
+            assert!(!pace.changed(t0 + ms(i * 10)));
+        }
+        assert_eq!(pace.poll_timeout(), Some(t0 + REPORT_INTERVAL));
+        assert!(!pace.handle_timeout(t0 + ms(999)));
+        assert!(pace.handle_timeout(t0 + REPORT_INTERVAL));
+        assert!(!pace.handle_timeout(t0 + REPORT_INTERVAL), "once");
+        assert_eq!(pace.poll_timeout(), None);
+        // A change long after the last report goes at once.
+        assert!(pace.changed(t0 + ms(5000)));
+        // A path flapping every 50 ms for 10 s: at most one report a second.
+        let mut sent = 0;
+        let mut now = t0 + ms(5000);
+        let end = now + Duration::from_secs(10);
+        while now < end {
+            now += ms(50);
+            if pace.handle_timeout(now) {
+                sent += 1;
+            }
+            if pace.changed(now) {
+                sent += 1;
+            }
+        }
+        assert!((9..=10).contains(&sent), "{sent} reports in 10 s");
     }
 
     #[test]
