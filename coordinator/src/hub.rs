@@ -47,7 +47,7 @@ use std::time::Instant;
 
 use meshlink_proto::control::{compress, encode, Hello, ServerMessage, COMPRESS_MIN};
 use meshlink_proto::policy::{relevant_rules, Alignment, PolicyEdit};
-use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, Policy, PolicyChange};
+use meshlink_proto::{Netmap, NetmapDelta, NodeId, PeerInfo, Policy, PolicyChange, PublicKey};
 use tokio::sync::mpsc;
 
 use need_to_know::{Rules, Selection, Visible};
@@ -479,6 +479,24 @@ impl Hub {
         let mut names: Vec<String> = self.lock().networks.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// The keys (and announced next keys) of every network's nodes now: not revoked, not
+    /// deleted. One pass over the maps, under one lock.
+    pub fn keys(&self) -> HashMap<String, HashSet<PublicKey>> {
+        self.lock()
+            .networks
+            .iter()
+            .map(|(name, n)| {
+                let keys = n
+                    .map
+                    .peers
+                    .values()
+                    .flat_map(|p| std::iter::once(p.public_key).chain(p.next_key))
+                    .collect();
+                (name.clone(), keys)
+            })
+            .collect()
     }
 
     /// A copy of a network's current map.

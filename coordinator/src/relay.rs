@@ -20,6 +20,7 @@
 //! of the mesh in its grants after the `[[relays]]` ([`coordinator_relays`]): each agent keeps
 //! a relay session with each, so the nearest one a sender picks is one the receiver is at too.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,6 +28,8 @@ use meshlink_proto::relay::{self as frames, Grant, RelayInfo, RELAY_ALPN, RELAY_
 use meshlink_proto::{NodeId, PublicKey};
 pub use meshlink_relay::forward::*;
 use meshlink_relay::sessions::Sessions;
+
+use crate::session::{Admission, Connections};
 use meshlink_relay::ticket::{Issuer, KeyError};
 
 /// When a session's first grants go (after the route is registered): again soon after the
@@ -49,17 +52,52 @@ pub struct Relaying {
     pub relay: Option<Arc<Relay>>,
     /// What sessions tell agents of the relays; `None` when the embedded relay is off.
     pub grants: Option<Arc<Grants>>,
-    /// The relay sessions served on this coordinator's own port (ALPN [`RELAY_ALPN`]); `None`
-    /// unless the embedded relay is on and the mesh lists several coordinators.
-    pub sessions: Option<Arc<Sessions>>,
+    /// The relay sessions served on this coordinator's port (ALPN [`RELAY_ALPN`]); `None`
+    /// unless they are ([`serves_relay_sessions`]).
+    pub port: Option<RelayPort>,
+}
+
+/// The relay sessions a coordinator of a mesh of several serves on its own port.
+#[derive(Debug, Clone)]
+pub struct RelayPort {
+    /// The sessions (their own forwarding core, which delivers through the embedded relay).
+    pub sessions: Arc<Sessions>,
+    /// Their places, apart from the control sessions': every agent of the mesh keeps a relay
+    /// session here, which must never take a control session's place.
+    pub connections: Arc<Connections>,
 }
 
 impl Relaying {
-    /// The relay sessions that serve a connection whose handshake chose `alpn`: `Some` when it
-    /// chose the relay's and this coordinator serves them.
-    pub fn sessions_for(&self, alpn: Option<&[u8]>) -> Option<&Arc<Sessions>> {
-        self.sessions.as_ref().filter(|_| alpn == Some(RELAY_ALPN))
+    /// Where a connection whose handshake chose `alpn` is served: `Some` when it chose the
+    /// relay's and this coordinator serves relay sessions.
+    pub fn port_for(&self, alpn: Option<&[u8]>) -> Option<&RelayPort> {
+        self.port.as_ref().filter(|_| alpn == Some(RELAY_ALPN))
     }
+}
+
+impl RelayPort {
+    /// The place among the relay sessions' own of a connection from `remote` that chose the
+    /// relay ALPN, which leaves the place it was admitted to (`control`, a control session's);
+    /// `None` (logged) when theirs are all taken.
+    pub fn admit(&self, remote: IpAddr, control: Admission) -> Option<Admission> {
+        drop(control);
+        match self.connections.admit(remote) {
+            Ok(a) => Some(a),
+            Err(refusal) => {
+                tracing::debug!(%remote, "relay session refused: {refusal}");
+                None
+            }
+        }
+    }
+}
+
+/// Whether a coordinator serves relay sessions on its own port and lists the mesh's
+/// coordinators as relays: with its relay on, in a mesh of several (`all`, the mesh's
+/// coordinators, has two or more), and with no `[[relays]]` (`standalone` empty: standalone
+/// relays serve every coordinator's agents, and operators who run them keep bulk relaying off
+/// their coordinators).
+pub fn serves_relay_sessions(relay: bool, all: &[String], standalone: &[RelayInfo]) -> bool {
+    relay && all.len() >= 2 && standalone.is_empty()
 }
 
 /// The name a coordinator of the mesh has as a relay: [`COORDINATOR_RELAY_PREFIX`] and its
@@ -72,17 +110,27 @@ pub fn coordinator_relay_name(place: usize) -> String {
 /// How the names of coordinators as relays begin.
 pub const COORDINATOR_RELAY_PREFIX: &str = "coordinator-";
 
-/// The coordinators of a mesh of several, as relays its agents are granted: each at its own
-/// address (`all`, the mesh's list, the same from every coordinator), pinned by the identity
-/// the coordinators share (`fingerprint`). None for a lone coordinator: its agents meet on its
-/// embedded relay. An address longer than [`MAX_ADDR`] is left out (agents refuse it).
+/// The coordinators of a mesh of several, as relays its agents are granted (when
+/// [`serves_relay_sessions`]): each at its own address (`all`, the mesh's list, the same from
+/// every coordinator), pinned by the identity the coordinators share (`fingerprint`). None
+/// for a lone coordinator: its agents meet on its embedded relay. An address longer than
+/// [`MAX_ADDR`] is left out, with a warning (agents refuse it).
 pub fn coordinator_relays(all: &[String], fingerprint: &str) -> Vec<RelayInfo> {
     if all.len() < 2 {
         return Vec::new();
     }
     all.iter()
         .enumerate()
-        .filter(|(_, addr)| addr.len() <= MAX_ADDR)
+        .filter(|(_, addr)| {
+            let fits = addr.len() <= MAX_ADDR;
+            if !fits {
+                tracing::warn!(
+                    coordinator = %addr,
+                    "not listed to agents as a relay: an address longer than {MAX_ADDR} bytes"
+                );
+            }
+            fits
+        })
         .map(|(place, addr)| RelayInfo {
             name: coordinator_relay_name(place),
             addr: addr.clone(),
@@ -280,7 +328,18 @@ mod tests {
         assert!(listed.iter().all(|r| r.fingerprint == fp));
         assert_eq!(listed[1].addr, "b:7443");
         let r = Relaying::default();
-        assert!(r.sessions_for(Some(RELAY_ALPN)).is_none());
+        assert!(r.port_for(Some(RELAY_ALPN)).is_none());
+        let two = ["a:7443".to_string(), "b:7443".into()];
+        assert!(serves_relay_sessions(true, &two, &[]));
+        assert!(!serves_relay_sessions(false, &two, &[]), "relay off");
+        assert!(
+            !serves_relay_sessions(true, &two[..1], &[]),
+            "a lone coordinator"
+        );
+        assert!(
+            !serves_relay_sessions(true, &two, &[relay(1)]),
+            "standalone relays carry"
+        );
     }
 
     /// Without relays registered, a grant still goes: one frame listing none, no ticket.

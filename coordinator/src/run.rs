@@ -96,6 +96,8 @@ pub struct Coordinator {
     endpoint_task: JoinHandle<()>,
     follow_task: Option<JoinHandle<()>>,
     reflect_task: Option<JoinHandle<()>>,
+    /// Ends the relay sessions of removed nodes (a mesh of several).
+    sweep_task: Option<JoinHandle<()>>,
 }
 
 /// Tries at a QUIC port that is free in TCP too, when the listen port is ephemeral.
@@ -103,6 +105,9 @@ const EPHEMERAL_TRIES: usize = 16;
 
 /// How often silent workload holders are looked for.
 const FAILOVER_CHECK: Duration = Duration::from_millis(50);
+/// How often the relay sessions on a coordinator's port are checked against the nodes of the
+/// maps: a node revoked or deleted keeps its relay sessions here at most this long.
+const RELAY_SWEEP: Duration = Duration::from_secs(1);
 
 /// How often the audit log is pruned.
 const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
@@ -210,29 +215,36 @@ impl Coordinator {
         // The same list, in the same order, from every coordinator of the mesh.
         let mut all = settings.coordinators.clone();
         if !all.contains(&advertise) {
+            if !all.is_empty() {
+                tracing::warn!(
+                    %advertise,
+                    coordinators = ?all,
+                    "the advertised address is not in the coordinators' list: each coordinator \
+                     must list every one, itself included, in the same order (or agents see \
+                     them under other names)"
+                );
+            }
             all.push(advertise.clone());
         }
         let (shutdown, shutdown_rx) = watch::channel(false);
         // Relays are announced on the embedded relay's channel: without it, none. With it,
-        // the `[[relays]]` and, in a mesh of several, every coordinator (whose own port serves
-        // relay sessions); with none of either, grants of none, so that agents drop relays
-        // granted before (by another coordinator, or this one before its configuration
-        // changed).
-        let coordinator_relays = crate::relay::coordinator_relays(&all, &id.fingerprint);
+        // the `[[relays]]` or, in a mesh of several without them, every coordinator (whose
+        // own port then serves relay sessions); with none of either, grants of none, so that
+        // agents drop relays granted before (by another coordinator, or this one before its
+        // configuration changed).
+        let relay_port =
+            crate::relay::serves_relay_sessions(settings.relay, &all, &settings.relays);
+        let coordinator_relays = if relay_port {
+            crate::relay::coordinator_relays(&all, &id.fingerprint)
+        } else {
+            Vec::new()
+        };
         let listed: Vec<_> = settings
             .relays
             .iter()
             .chain(&coordinator_relays)
             .cloned()
             .collect();
-        if listed.len() > meshlink_proto::relay::MAX_LISTED_RELAYS {
-            tracing::warn!(
-                listed = listed.len(),
-                "agents are told of the first {} relays only ([[relays]] first, then the \
-                 coordinators)",
-                meshlink_proto::relay::MAX_LISTED_RELAYS
-            );
-        }
         let grants = match (&relay, listed.is_empty()) {
             (Some(_), false) => {
                 let issuer = meshlink_relay::ticket::Issuer::new(&id.key, settings.relay_ticket)
@@ -242,7 +254,7 @@ impl Coordinator {
             (Some(_), true) => Some(Arc::new(crate::relay::Grants::none())),
             (None, _) => None,
         };
-        let relay_sessions = if serves_relay_sessions(settings) {
+        let port = if relay_port {
             let verifier = meshlink_relay::ticket::Verifier::new(id.cert.clone())
                 .map_err(StartError::RelayTickets)?;
             let tickets = Arc::new(Relay::new(settings.limits.relay_rate));
@@ -252,20 +264,52 @@ impl Coordinator {
                 embedded.also_deliver_through(&tickets);
                 tickets.also_deliver_through(embedded);
             }
-            Some(Arc::new(meshlink_relay::sessions::Sessions::new(
-                tickets,
-                verifier,
-                settings.limits.hello_timeout,
-                shutdown_rx.clone(),
-            )))
+            Some(crate::relay::RelayPort {
+                sessions: Arc::new(meshlink_relay::sessions::Sessions::new(
+                    tickets,
+                    verifier,
+                    settings.limits.hello_timeout,
+                    shutdown_rx.clone(),
+                )),
+                connections: Arc::new(crate::session::connections(&settings.limits)),
+            })
         } else {
             None
         };
         let relaying = crate::relay::Relaying {
             relay: relay.clone(),
             grants,
-            sessions: relay_sessions,
+            port,
         };
+        // Tickets are checked offline; the nodes revoked or deleted since theirs was issued lose
+        // their relay sessions here within a sweep (the hub's maps no longer have their keys).
+        let sweep_task = relaying.port.as_ref().map(|port| {
+            let (service, relay, mut stop) = (
+                service.clone(),
+                port.sessions.relay().clone(),
+                shutdown_rx.clone(),
+            );
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(RELAY_SWEEP);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stop.changed() => break,
+                    }
+                    if relay.routes() == 0 {
+                        continue;
+                    }
+                    let keys = service.hub().keys();
+                    let gone = relay.push_out(|key, network| {
+                        keys.get(network).is_some_and(|k| k.contains(key))
+                    });
+                    if gone > 0 {
+                        tracing::info!(nodes = gone, "relay sessions of removed nodes ended");
+                    }
+                }
+            })
+        });
         service.set_endpoint_pace(
             settings.limits.endpoint_interval,
             settings.limits.endpoint_burst,
@@ -299,7 +343,7 @@ impl Coordinator {
         let tcp_task = match tcp_listener {
             Some((listener, _)) => Some(tokio::spawn(tcp::run(
                 listener,
-                tcp::acceptor(&id, relaying.sessions.is_some())?,
+                tcp::acceptor(&id, may_serve_relay_sessions(settings))?,
                 service.clone(),
                 settings.limits.clone(),
                 relaying.clone(),
@@ -336,7 +380,7 @@ impl Coordinator {
             tcp_listen: tcp_addr,
             relays: settings.relays.clone(),
             coordinator_relays,
-            relay_sessions: relaying.sessions.clone(),
+            relay_sessions: relaying.port.as_ref().map(|p| p.sessions.clone()),
         };
         let app = admin::router(service.clone(), ctx);
         let mut admin_rx = shutdown_rx;
@@ -464,6 +508,7 @@ impl Coordinator {
             endpoint_task,
             follow_task,
             reflect_task,
+            sweep_task,
         })
     }
 
@@ -533,6 +578,9 @@ impl Coordinator {
         if let Some(t) = self.follow_task {
             let _ = t.await;
         }
+        if let Some(t) = self.sweep_task {
+            let _ = t.await;
+        }
         // The service's own tasks end first: claims still waiting for their destination end
         // with their sessions, and the topology page's feed with them, which ends its open
         // event streams (else the admin API would wait for them to time out).
@@ -571,7 +619,7 @@ async fn bind_agent_listeners(
             settings.listen,
             &settings.limits,
             settings.relay,
-            serves_relay_sessions(settings),
+            may_serve_relay_sessions(settings),
         )?;
         let quic_addr = endpoint.local_addr().map_err(|source| ServerError::Bind {
             addr: settings.listen,
@@ -596,9 +644,10 @@ async fn bind_agent_listeners(
     }
 }
 
-/// Whether this coordinator serves relay sessions on its own port: with its relay on, in a
-/// mesh of several coordinators (`coordinators` lists any), whose agents meet there
-/// ([`crate::relay::coordinator_relays`]).
-fn serves_relay_sessions(settings: &Settings) -> bool {
-    settings.relay && !settings.coordinators.is_empty()
+/// Whether this coordinator may serve relay sessions on its own port, and so offers their ALPN,
+/// as far as its settings tell before its address is known (the default `advertise` comes
+/// from the bound socket): the decision is [`crate::relay::serves_relay_sessions`]'s, and a
+/// relay connection to a coordinator that offered the ALPN but decided against is closed.
+fn may_serve_relay_sessions(settings: &Settings) -> bool {
+    settings.relay && settings.relays.is_empty() && !settings.coordinators.is_empty()
 }

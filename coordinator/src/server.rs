@@ -200,7 +200,7 @@ pub fn endpoint(
 
 /// The TLS configuration of both transports: the coordinator's identity, TLS 1.3 only, ring,
 /// ALPN [`ALPN`], and with `relay_sessions` also [`RELAY_ALPN`] (a coordinator of several
-/// serves relay sessions on its own port: [`Relaying::sessions`]).
+/// serves relay sessions on its own port: [`Relaying::port`]).
 ///
 /// # Errors
 /// [`ServerError::Tls`].
@@ -312,10 +312,6 @@ async fn connection(
     relaying: Relaying,
     admission: Admission,
 ) {
-    let Admission {
-        slot: _slot,
-        before_hello,
-    } = admission;
     let connecting = match incoming.accept() {
         Ok(c) => c,
         Err(e) => {
@@ -336,9 +332,26 @@ async fn connection(
             return;
         }
     };
-    if let Some(sessions) = relaying.sessions_for(alpn(&conn).as_deref()) {
-        return sessions.serve_quic(conn, deadline, before_hello).await;
+    if let Some(port) = relaying.port_for(alpn(&conn).as_deref()) {
+        let Some(Admission {
+            slot: _slot,
+            before_hello,
+        }) = port.admit(conn.remote_address().ip(), admission)
+        else {
+            conn.close(close_code::DONE.into(), b"too many relay sessions");
+            return;
+        };
+        return port.sessions.serve_quic(conn, deadline, before_hello).await;
     }
+    if alpn(&conn).as_deref() == Some(RELAY_ALPN) {
+        // Offered, but this coordinator decided against serving them (run.rs).
+        conn.close(close_code::DONE.into(), b"no relay sessions here");
+        return;
+    }
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     let transport = QuicTransport(conn.clone());
     let relay = relaying.relay.as_ref();
     let opened =

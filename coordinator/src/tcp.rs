@@ -159,10 +159,7 @@ async fn connection(
     relaying: Relaying,
     admission: Admission,
 ) {
-    let Admission {
-        slot: _slot,
-        before_hello,
-    } = admission;
+    let Admission { slot, before_hello } = admission;
     // One deadline covers the handshake and the hello.
     let deadline = tokio::time::Instant::now() + limits.hello_timeout;
     let handshake = tokio::select! {
@@ -180,8 +177,16 @@ async fn connection(
             return;
         }
     };
-    if let Some(sessions) = relaying.sessions_for(tls.get_ref().1.alpn_protocol()) {
-        return sessions.serve_tls(tls, deadline, before_hello).await;
+    if let Some(port) = relaying.port_for(tls.get_ref().1.alpn_protocol()) {
+        let remote = transport.remote;
+        let Some(Admission {
+            slot: _slot,
+            before_hello,
+        }) = port.admit(remote.ip(), Admission { slot, before_hello })
+        else {
+            return;
+        };
+        return port.sessions.serve_tls(tls, deadline, before_hello).await;
     }
     // rustls refuses a client that offers only other protocols; one that offers none gets
     // through the handshake, and is turned away here.

@@ -450,7 +450,8 @@ impl<L: Link> Relay<L> {
     /// relays, its control sessions' and the relay sessions on its port (tickets), and a
     /// node may be at either: each delivers through the other, so that a frame never waits for
     /// both ends to be at the same one. One hop only: `other`'s own `also` is not followed.
-    /// The frame is counted here (and capped by its source's byte cap here), not at `other`.
+    /// The frame is counted here, not at `other`; a node at both has one byte cap (the
+    /// second relay it registers at takes the first one's).
     pub fn also_deliver_through(&self, other: &Arc<Relay<L>>) {
         let _ = self.also.set(Arc::downgrade(other));
     }
@@ -475,14 +476,23 @@ impl<L: Link> Relay<L> {
             let at = match entries.iter().position(|e| e.network == network) {
                 Some(at) => at,
                 None => {
+                    // One byte cap per node over both relays it may be at.
+                    let bucket = self
+                        .also
+                        .get()
+                        .and_then(Weak::upgrade)
+                        .and_then(|other| other.bucket_of(&key, &network))
+                        .unwrap_or_else(|| {
+                            Arc::new(Mutex::new(TokenBucket::per_second(
+                                self.rate,
+                                burst_for(self.rate),
+                                Instant::now(),
+                            )))
+                        });
                     entries.push(Entry {
                         network: network.clone(),
                         sessions: Vec::with_capacity(MAX_SESSIONS_PER_NODE + 1),
-                        bucket: Arc::new(Mutex::new(TokenBucket::per_second(
-                            self.rate,
-                            burst_for(self.rate),
-                            Instant::now(),
-                        ))),
+                        bucket,
                     });
                     entries.len() - 1
                 }
@@ -604,10 +614,18 @@ impl<L: Link> Relay<L> {
             return Err(Dropped::NoRoute);
         }
         let link = match self.link_to(&header.peer, &source.network) {
-            Err(Dropped::NoRoute) => match self.also.get().and_then(Weak::upgrade) {
-                Some(other) => other.link_to(&header.peer, &source.network)?,
-                None => return Err(Dropped::NoRoute),
-            },
+            // Not here in the source's network (or not here at all): maybe at the other
+            // relay; the reason stays this relay's when it is not there either.
+            Err(here @ (Dropped::NoRoute | Dropped::OtherNetwork)) => {
+                match self.also.get().and_then(Weak::upgrade) {
+                    Some(other) => match other.link_to(&header.peer, &source.network) {
+                        Ok(link) => link,
+                        Err(Dropped::NoRoute) => return Err(here),
+                        Err(there) => return Err(there),
+                    },
+                    None => return Err(here),
+                }
+            }
             found => found?,
         };
         let max = link.max_datagram_size().ok_or(Dropped::Unsupported)?;
@@ -636,6 +654,40 @@ impl<L: Link> Relay<L> {
             link.send(piece)?;
         }
         Ok(len)
+    }
+
+    /// The byte cap of `key`'s sessions in `network`, when it has any here.
+    fn bucket_of(&self, key: &PublicKey, network: &str) -> Option<Arc<Mutex<TokenBucket>>> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)?
+            .iter()
+            .find(|e| &*e.network == network)
+            .map(|e| e.bucket.clone())
+    }
+
+    /// Pushes out every session of a node `keep` refuses (by key and network): its routes go
+    /// at once, and each session is told as if displaced ([`Route::displaced`]), so that it
+    /// ends. A coordinator so ends the relay sessions of nodes revoked or deleted since their
+    /// tickets were issued. Returns how many nodes were pushed out.
+    pub fn push_out(&self, keep: impl Fn(&PublicKey, &str) -> bool) -> usize {
+        let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+        let mut pushed = 0;
+        routes.retain(|key, entries| {
+            entries.retain(|e| {
+                let kept = keep(key, &e.network);
+                if !kept {
+                    pushed += 1;
+                    for session in &e.sessions {
+                        session.displaced.send_replace(true);
+                    }
+                }
+                kept
+            });
+            !entries.is_empty()
+        });
+        pushed
     }
 
     /// The link of `peer`'s newest session in `network`.
@@ -857,6 +909,79 @@ mod tests {
         );
         assert!(c.sent().is_empty() && far.sent().is_empty());
         assert_eq!((control.stats().frames, tickets.stats().frames), (1, 1));
+    }
+
+    /// A key at the source's relay in another network only is still found in the source's
+    /// network at the other relay.
+    #[test]
+    fn a_node_of_two_networks_is_found_in_the_right_one() {
+        let control = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let tickets = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        control.also_deliver_through(&tickets);
+        let now = Instant::now();
+        let (staging, prod) = (FakeLink::new(), FakeLink::new());
+        let _a = control.register(key(1), "prod", 1, FakeLink::new());
+        let _s = control.register(key(9), "staging", 2, staging.clone());
+        let _p = tickets.register(key(9), "prod", 1, prod.clone());
+        let mut from_a = control.source(key(1), "prod", now);
+        assert_eq!(control.forward(&mut from_a, frame(9, b"x"), now), Ok(()));
+        assert_eq!((prod.sent().len(), staging.sent().len()), (1, 0));
+        drop(_p);
+        assert_eq!(
+            control.forward(&mut from_a, frame(9, b"x"), now),
+            Err(Dropped::OtherNetwork),
+            "this relay's reason when the other has it nowhere"
+        );
+    }
+
+    /// A node at both relays has one byte cap: what it sends through one is taken from what it
+    /// may send through the other.
+    #[test]
+    fn a_node_at_both_relays_has_one_byte_cap() {
+        let control = Arc::new(Relay::<FakeLink>::new(100_000));
+        let tickets = Arc::new(Relay::<FakeLink>::new(100_000));
+        control.also_deliver_through(&tickets);
+        tickets.also_deliver_through(&control);
+        let now = Instant::now();
+        let _a1 = control.register(key(1), "prod", 1, FakeLink::new());
+        let _a2 = tickets.register(key(1), "prod", 1, FakeLink::new());
+        let _b = control.register(key(2), "prod", 2, FakeLink::new());
+        let mut via_control = control.source(key(1), "prod", now);
+        let mut via_tickets = tickets.source(key(1), "prod", now);
+        let payload = vec![0u8; 1000];
+        let mut sent = 0;
+        for i in 0..400 {
+            let (relay, source) = if i % 2 == 0 {
+                (&control, &mut via_control)
+            } else {
+                (&tickets, &mut via_tickets)
+            };
+            if relay.forward(source, frame(2, &payload), now).is_ok() {
+                sent += 1;
+            }
+        }
+        let one_cap = burst_for(100_000) / (1000 + HEADER_LEN as u64);
+        assert!(
+            sent <= one_cap + 1,
+            "{sent} frames passed in one instant; one cap allows {one_cap}"
+        );
+    }
+
+    /// Pushing out a node ends its sessions' routes and tells them; others stay.
+    #[test]
+    fn pushed_out_nodes_lose_their_routes() {
+        let relay = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let now = Instant::now();
+        let gone = relay.register(key(1), "prod", 1, FakeLink::new());
+        let stays = relay.register(key(2), "prod", 2, FakeLink::new());
+        assert_eq!(relay.push_out(|k, net| *k != key(1) && net == "prod"), 1);
+        assert!(gone.is_displaced() && !stays.is_displaced());
+        let mut from_b = relay.source(key(2), "prod", now);
+        assert_eq!(
+            relay.forward(&mut from_b, frame(1, b"x"), now),
+            Err(Dropped::NoRoute)
+        );
+        assert_eq!(relay.routes(), 1);
     }
 
     #[test]

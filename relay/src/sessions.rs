@@ -16,7 +16,8 @@
 //!   ─> Verifier::verify(ticket, now)                refused: RelayAnswer::Refused, close
 //!   ─> check_proof(ticket, this connection's TLS exporter value, proof)
 //!                                                   refused: a replayed or foreign ticket
-//!   ─> at most max_sessions_per_ip sessions from one source  refused: RelayAnswer::Refused
+//!   ─> at most max_sessions_per_ip sessions from one source (the listener's cap: a
+//!      coordinator sets none after the hello)             refused: RelayAnswer::Refused
 //!   ─> route for (key, network) (at most 2 sessions each: a third closes the oldest; one
 //!      byte cap for the node's sessions), RelayAnswer::Accepted { expires }
 //!   ─> loop: frames from the agent ─> Relay::forward (rate cap, network, queue caps); one for

@@ -9,6 +9,7 @@ use axum::extract::State;
 use axum::routing::get;
 use axum::{Json, Router};
 use meshlink_api::{self as api, RelayTransport};
+use meshlink_proto::relay::MAX_LISTED_RELAYS;
 
 use super::{AdminContext, AppState};
 
@@ -37,10 +38,13 @@ fn relays_view(ctx: &AdminContext) -> api::Relays {
             transports,
         },
         standalone: ctx.relays.iter().map(|r| listed(r, on)).collect(),
+        // After the standalone relays (there are none when coordinators are listed), and
+        // granted only up to the grants' limit.
         coordinators: ctx
             .coordinator_relays
             .iter()
-            .map(|r| listed(r, on))
+            .enumerate()
+            .map(|(i, r)| listed(r, on && ctx.relays.len() + i < MAX_LISTED_RELAYS))
             .collect(),
     }
 }

@@ -10,8 +10,12 @@ use meshlink_coordinator::relay::RelayStats;
 use meshlink_coordinator::server::close_code;
 use meshlink_coordinator::{Coordinator, StartError};
 use meshlink_proto::control::ServerMessage;
+use meshlink_proto::control::{encode, Decoder};
 use meshlink_proto::disco::{Reflect, TX_LEN};
-use meshlink_proto::relay::{frames, parse, Grant, Reassembler, RelayInfo, RELAY_SELF};
+use meshlink_proto::relay::{
+    frames, parse, Grant, Reassembler, RelayAnswer, RelayHello, RelayInfo, EXPORTER_LABEL,
+    EXPORTER_LEN, RELAY_ALPN, RELAY_PROTOCOL, RELAY_SELF, RELAY_SERVER_NAME,
+};
 use meshlink_proto::PublicKey;
 use meshlink_relay::ticket::Verifier;
 use serde_json::json;
@@ -437,5 +441,161 @@ async fn without_relays_sessions_carry_grants_of_none() {
     );
     assert!(is_grant_of_none(&f));
     drop(a);
+    c.shutdown().await;
+}
+
+/// The first grant on `a`'s session that lists relays, put together from its frames.
+async fn grant_with_relays(a: &Agent) -> Grant {
+    let mut r = Reassembler::new();
+    let until = tokio::time::Instant::now() + WAIT;
+    loop {
+        let d = tokio::time::timeout_at(until, a.conn.read_datagram())
+            .await
+            .expect("a grant listing relays within WAIT")
+            .unwrap();
+        let (h, bytes) = parse(&d).unwrap();
+        if h.peer != RELAY_SELF {
+            continue;
+        }
+        if let Some((_, json)) = r.push(h, bytes, Instant::now()) {
+            let grant: Grant = serde_json::from_slice(&json).unwrap();
+            if !grant.relays.is_empty() {
+                return grant;
+            }
+        }
+    }
+}
+
+/// A relay session at `addr` (pinning `fingerprint`) opened with `grant`'s ticket, proved over
+/// the connection as an agent does: the answer and the connection.
+async fn relay_session(
+    addr: SocketAddr,
+    fingerprint: &str,
+    grant: &Grant,
+) -> (RelayAnswer, quinn::Connection) {
+    let mut tls = meshlink_tls::rustls_client_config(fingerprint).unwrap();
+    tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let conn = endpoint
+        .connect(addr, RELAY_SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let mut exporter = [0u8; EXPORTER_LEN];
+    conn.export_keying_material(&mut exporter, EXPORTER_LABEL, b"")
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = RelayHello {
+        protocol: RELAY_PROTOCOL,
+        ticket: grant.ticket.clone(),
+        proof: meshlink_relay::ticket::prove(&grant.proof_secret, &exporter).unwrap(),
+    };
+    send.write_all(&encode(&hello)).await.unwrap();
+    let mut d = Decoder::new(8192);
+    let mut buf = [0u8; 1024];
+    let answer = loop {
+        if let Some(a) = d.decode::<RelayAnswer>().unwrap() {
+            break a;
+        }
+        let n = recv.read(&mut buf).await.unwrap().unwrap();
+        d.push(&buf[..n]).unwrap();
+    };
+    // Kept open: the relay takes the stream's end as the agent's.
+    std::mem::forget((send, recv, endpoint));
+    (answer, conn)
+}
+
+/// A coordinator of a mesh of several serves relay sessions on its own port to the nodes its
+/// grants vouch for, in places of their own (they never take a control session's); frames
+/// cross between them and control sessions both ways; a revoked node's relay session ends
+/// within a sweep although its ticket is still good.
+#[tokio::test]
+async fn a_coordinator_of_several_serves_relay_sessions_on_its_port() {
+    let dir = TempDir::new("relay-port");
+    let mut s = loopback_settings(dir.path());
+    s.coordinators = vec!["127.0.0.2:9".into()];
+    s.limits.max_connections = 2;
+    let c = Coordinator::start(&s).await.unwrap();
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let admin = c.admin_token().value.clone();
+    let (a, _, _) = join(&t, 1, Some("a")).await;
+    let grant = grant_with_relays(&a).await;
+    let listed: Vec<(&str, &str)> = grant
+        .relays
+        .iter()
+        .map(|r| (r.name.as_str(), r.addr.as_str()))
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("coordinator-1", "127.0.0.2:9"),
+            ("coordinator-2", t.coordinator.as_str())
+        ]
+    );
+    assert!(grant.relays.iter().all(|r| r.fingerprint == t.fingerprint));
+    let (answer, relayed) = relay_session(addr_of(&t), &t.fingerprint, &grant).await;
+    assert!(matches!(answer, RelayAnswer::Accepted { .. }), "{answer:?}");
+    // Both control places are still free for control sessions: B joins.
+    let (b, _, _) = join(&t, 2, Some("b")).await;
+    // A leaves its control session; its relay session stays, and carries both ways.
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    send_to(&b, &key(1), 7, b"to a");
+    let got = tokio::time::timeout(WAIT, relayed.read_datagram())
+        .await
+        .expect("B's frame at A's relay session")
+        .unwrap();
+    let (h, payload) = parse(&got).unwrap();
+    assert_eq!((h.peer, payload), (key(2), &b"to a"[..]));
+    for f in frames(&key(2), 8, b"to b", FRAME).unwrap() {
+        relayed.send_datagram(f.into()).unwrap();
+    }
+    // B's grants (from the relay itself) come on the same channel.
+    let back = loop {
+        let d = datagram(&b, WAIT)
+            .await
+            .expect("A's frame at B's control session");
+        if parse(&d).unwrap().0.peer != RELAY_SELF {
+            break d;
+        }
+    };
+    let (h, payload) = parse(&back).unwrap();
+    assert_eq!((h.peer, payload), (key(1), &b"to b"[..]));
+    // Revoked: its relay session ends, its ticket notwithstanding.
+    let (status, _) = http(
+        c.admin_addr(),
+        "POST",
+        "/v1/nodes/a/revoke",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    tokio::time::timeout(Duration::from_secs(3), relayed.closed())
+        .await
+        .expect("the revoked node's relay session ended within 3 s");
+    drop(b);
+    c.shutdown().await;
+}
+
+/// A lone coordinator offers no relay sessions: a connection asking for them fails its
+/// handshake (no ALPN in common).
+#[tokio::test]
+async fn a_lone_coordinator_serves_no_relay_sessions() {
+    let dir = TempDir::new("relay-port-lone");
+    let c = start(dir.path()).await;
+    let t = token_for(&c, "prod", "100.64.0.0/24").await;
+    let mut tls = meshlink_tls::rustls_client_config(&t.fingerprint).unwrap();
+    tls.alpn_protocols = vec![RELAY_ALPN.to_vec()];
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    endpoint.set_default_client_config(quinn::ClientConfig::new(std::sync::Arc::new(quic)));
+    let r = endpoint
+        .connect(addr_of(&t), RELAY_SERVER_NAME)
+        .unwrap()
+        .await;
+    assert!(r.is_err(), "a relay session at a lone coordinator");
     c.shutdown().await;
 }
