@@ -1152,6 +1152,8 @@ pub struct PeerPath {
     pub relay: Option<String>,
     /// `path.rtt_ms`.
     pub rtt_ms: Option<f64>,
+    /// `path.changed_secs_ago`.
+    pub changed_secs_ago: Option<u64>,
 }
 
 impl PeerPath {
@@ -1178,12 +1180,20 @@ impl PeerPath {
             over: text("/path/over"),
             relay: text("/path/relay"),
             rtt_ms: peer.pointer("/path/rtt_ms").and_then(Value::as_f64),
+            changed_secs_ago: peer
+                .pointer("/path/changed_secs_ago")
+                .and_then(Value::as_u64),
         }
     }
 
     /// Whether `path.kind` is `kind`.
     pub fn is(&self, kind: &str) -> bool {
         self.kind.as_deref() == Some(kind)
+    }
+
+    /// Whether it has a round trip measured (through the relay, for a relayed path).
+    pub fn is_measured(&self) -> bool {
+        self.rtt_ms.is_some_and(|ms| ms > 0.0)
     }
 
     /// Whether it is relayed over `over` (`udp` or `tcp`).

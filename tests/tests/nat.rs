@@ -404,7 +404,7 @@ fn udp_blocked_between_providers_goes_through_the_relay() {
     let took = mesh.reach(&mesh.both_ways(&names), REACH);
     timing("vm-a1 and vm-b1 ping each other with UDP blocked", took);
     mesh.wait_paths(&names, SETTLE, "a relayed path both ways", |_, _, path| {
-        path.is("relay")
+        path.is("relay") && path.is_measured()
     });
 
     // A TCP transfer through the relay, during which the block is lifted.
@@ -486,7 +486,7 @@ fn without_any_udp_the_session_and_the_relay_go_over_tcp() {
         &names,
         SETTLE,
         "a path relayed over TCP both ways",
-        |_, _, path| path.is_relayed_over("tcp"),
+        |_, _, path| path.is_relayed_over("tcp") && path.is_measured(),
     );
 
     // Bulk data through the TCP relay arrives whole.
@@ -637,6 +637,7 @@ fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
         "a path relayed via a standalone relay, both ways",
         |_, _, path| {
             path.is_relayed_over("udp")
+                && path.is_measured()
                 && path.via.as_ref().is_some_and(|v| relay_addrs.contains(v))
         },
     );
@@ -699,6 +700,15 @@ fn a_standalone_relay_carries_and_another_takes_over_when_it_dies() {
         "a dead relay is no home\n{}",
         mesh.statuses()
     );
+    // The move to the other relay is the path's last change.
+    for (from, to) in [("vm-a1", "vm-b1"), ("vm-b1", "vm-a1")] {
+        let path = mesh.path(from, to);
+        assert!(
+            path.changed_secs_ago
+                .is_some_and(|ago| ago <= killed.elapsed().as_secs()),
+            "{from} -> {to}: changed before the relay died: {path:?}"
+        );
+    }
     let sent = sender.finish(limit);
     let received = receiver.finish(Duration::from_secs(30));
     timing(
@@ -816,6 +826,7 @@ fn on_two_coordinators(name: &str, over: &str, block: impl Fn(&NatBed, Provider,
         &format!("a path relayed over {over} through a coordinator's relay sessions, both ways"),
         |_, _, path| {
             path.is_relayed_over(over)
+                && path.is_measured()
                 && path
                     .relay
                     .as_deref()
@@ -823,6 +834,28 @@ fn on_two_coordinators(name: &str, over: &str, block: impl Fn(&NatBed, Provider,
         },
     );
     timing("paths relayed via coordinators", settled);
+    // The report reaches vm-a1's coordinator within a second or so, round trip included.
+    let shown = Instant::now();
+    let ctl = mesh.coordinators()[0].meshctl();
+    let last = std::cell::RefCell::new(Value::Null);
+    wait_until(
+        Duration::from_secs(3),
+        "vm-a1's relayed path to vm-b1, measured, in node show",
+        || {
+            let node = ctl.json(&["node", "show", "vm-a1"]);
+            let ok = node["paths"]["peers"].as_array().is_some_and(|peers| {
+                peers.iter().any(|p| {
+                    p["peer_name"] == "vm-b1"
+                        && p["kind"] == "relay"
+                        && p["rtt_us"].as_u64().is_some_and(|us| us > 0)
+                })
+            });
+            *last.borrow_mut() = node;
+            ok.then_some(())
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}: {}", last.borrow()));
+    timing("the measured relayed path in node show", shown.elapsed());
     // Any coordinator lists both as relays.
     let relays = mesh.coordinators()[1].meshctl().json(&["relay", "list"]);
     let listed: Vec<&str> = relays["coordinators"]
