@@ -99,10 +99,12 @@ for t in "${TARGETS[@]}"; do
     echo "| $t | $execs | $((execs / elapsed)) | $size | $crashes | ${first:--} |"
     [ "$crashes" -eq 0 ] || failed=1
     rm -f "$log"
-    # The scratch directories of targets' processes that have ended (fuzz/src/lib.rs).
+    # The scratch directories of targets' processes that have ended (fuzz/src/lib.rs names
+    # them meshlink-fuzz-TARGET-PID); anything else of that prefix is not ours to remove.
     for d in /dev/shm/meshlink-fuzz-* "${TMPDIR:-/tmp}"/meshlink-fuzz-*; do
-        [ -d "$d" ] || continue
-        kill -0 "${d##*-}" 2>/dev/null || rm -rf -- "$d"
+        pid=${d##*-}
+        [ -d "$d" ] && [[ $pid =~ ^[0-9]+$ ]] || continue
+        kill -0 "$pid" 2>/dev/null || rm -rf -- "$d"
     done
 done
 exit "$failed"
