@@ -20,8 +20,10 @@
 //! newest ticket and takes over, then the old one is closed (make before break). Without a
 //! newer ticket (no coordinator answers), the session is read until its ticket expires, then
 //! closed and counted down, so that datagrams go through the coordinator's relay again once
-//! one is reachable. A session that fails is tried again with backoff, and no relay is tried
-//! more than once per [`MIN_RECONNECT`].
+//! one is reachable. A session that fails is tried again with backoff (jittered, as the control
+//! session's: `meshlink_proto::reconnect`), a session lost is opened again after a random pause
+//! below a second (every agent lost it at once when a relay or coordinator restarted), and no
+//! relay is tried more than once per [`MIN_RECONNECT`].
 //!
 //! A peer that is not on the home relay (it cannot reach that relay, or has not opened its
 //! session there yet) draws a notice from the relay for the frames sent to it
@@ -47,7 +49,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info};
 
 use super::home::{Candidate, HomeChoice};
+use crate::control::fraction;
 use crate::control::transport::{tls_over_tcp, LinkConn, StreamWriter, Tls};
+use meshlink_proto::reconnect::{Reconnect, ReconnectPolicy};
 
 /// How long QUIC has before TLS/TCP is tried.
 pub const TCP_AFTER: Duration = Duration::from_secs(2);
@@ -590,7 +594,12 @@ async fn session(
     events: mpsc::Sender<Event>,
     inbound: Inbound,
 ) {
-    let mut backoff = Duration::from_secs(1);
+    // The control session's pauses: jittered, so that a fleet whose relay (a coordinator, say)
+    // restarted does not come back in step.
+    let mut pauses = Reconnect::new(ReconnectPolicy {
+        max_backoff: MAX_BACKOFF,
+        ..ReconnectPolicy::default()
+    });
     let mut current: Option<Open> = None;
     let mut last_try = None;
     loop {
@@ -603,15 +612,14 @@ async fn session(
                 pace(&mut last_try).await;
                 match connect(&info, &creds).await {
                     Ok(o) => {
-                        backoff = Duration::from_secs(1);
+                        pauses.connected();
                         info!(relay = %info.name, over = ?o.up.transport, "relay session open");
                         o
                     }
                     Err(e) => {
                         debug!(relay = %info.name, "relay session failed: {e}");
                         let _ = events.send(Event::Down(info.name.clone())).await;
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        tokio::time::sleep(pauses.after_failure(false, fraction())).await;
                         continue;
                     }
                 }
@@ -642,6 +650,8 @@ async fn session(
             Held::Lost(why) => {
                 info!(relay = %info.name, "relay session lost: {why}");
                 let _ = events.send(Event::Down(info.name.clone())).await;
+                // Up to a second, at random (every peer of the mesh lost it at once).
+                tokio::time::sleep(pauses.after_session(false, usize::MAX, fraction())).await;
             }
             Held::Expired => {
                 info!(relay = %info.name, "relay ticket expired and no newer one was granted");
