@@ -122,6 +122,20 @@ fn a_wg_quick_key_line_without_its_equals_sign_does_not_echo_the_key() {
     assert!(!message.contains(&key[..16]), "{message}");
 }
 
+/// Found by `agent_config` (2026-12-06): the same key line before any section. The error
+/// saying that the key comes before `[Interface]` repeated the key as read, which for
+/// `PrivateKey<base64>=` (its `=` left out, so the line splits at the key's padding) is the
+/// name and 43 of the key's 44 characters.
+#[test]
+fn a_wg_quick_key_line_before_any_section_does_not_echo_the_key() {
+    let key = "IV7qqsBi/ViVTOQOqwUkrFpG1qrLDDQ8B2Gju/JnSVY=";
+    for line in [format!("PrivateKey{key}"), format!("PrivateKey {key}")] {
+        let message = load_wg_quick(&format!("{line}\n[Interface]\n"));
+        assert!(message.contains("comes before any"), "{message}");
+        assert!(!message.contains(&key[..16]), "{message}");
+    }
+}
+
 /// Found by `uapi_set`: a `set=1` line without `=` is refused as malformed with up to 64
 /// characters of the line in the error, which the server logs at warn: for
 /// `private_key <64 hex digits>` that is 52 digits of the private key.

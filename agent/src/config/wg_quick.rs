@@ -215,8 +215,11 @@ impl<'a> WgQuick<'a> {
             });
         }
         match self.section {
+            // Shown only if it looks like a key name: a key line whose `=` is missing splits
+            // at a base64 key's own padding, and then `key` holds the key.
             Section::None => Err(at.syntax(format!(
-                "`{key}` comes before any [Interface] or [Peer] section"
+                "`{}` comes before any [Interface] or [Peer] section",
+                crate::untrusted::key_name(key)
             ))),
             Section::Interface => {
                 let canonical = known_key(&INTERFACE_KEYS, "Interface", at, key)?;
