@@ -2,11 +2,24 @@
 //! line that should have been `Key = value` may hold a private key where the key name was
 //! expected (`PrivateKey <base64>` without its `=`, a hex key on a UAPI line).
 
+/// The names of keys whose values are secrets, in UAPI and wg-quick spelling (compared
+/// without regard to case).
+const SECRET_KEYS: [&str; 4] = ["private_key", "preshared_key", "privatekey", "presharedkey"];
+
 /// `text` when it looks like a key name (letters, digits, `_`, `-`; at most 32 characters),
-/// otherwise a placeholder that shows nothing of it.
+/// otherwise a placeholder that shows nothing of it. A name that begins with the name of a
+/// secret's key and goes on (`private_key0123abcd`) is not shown either: that is the start of
+/// the secret, glued to its key's name where the `=` was left out.
 #[must_use]
 pub fn key_name(text: &str) -> String {
+    let glued = SECRET_KEYS.iter().any(|k| {
+        text.len() > k.len()
+            && text
+                .get(..k.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(k))
+    });
     let plain = !text.is_empty()
+        && !glued
         && text.len() <= 32
         && text
             .chars()
@@ -31,5 +44,7 @@ mod tests {
         let hex = "3f".repeat(32);
         assert!(!key_name(&hex).contains("3f3f"));
         assert!(!key_name("").is_empty());
+        assert_eq!(key_name("PresharedKey"), "PresharedKey");
+        assert!(!key_name("PrivateKeyIV7qqsBi").contains("IV7q"));
     }
 }

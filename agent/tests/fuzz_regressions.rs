@@ -157,3 +157,29 @@ fn a_uapi_key_line_without_its_equals_sign_does_not_echo_the_key() {
         assert!(!message.contains("3f3f3f3f3f3f3f3f"), "{message}");
     }
 }
+
+/// Found by `uapi_set` (2026-12-06): the same line with the space left out too, the key cut
+/// short. Text that looks like a key name (32 characters at most, letters, digits, `_`, `-`)
+/// was shown as the unknown key or the start of the malformed line, so `private_key` glued to
+/// the first 21 hex digits of the key passed, and so did `preshared_key` with 19.
+#[test]
+fn a_uapi_key_glued_to_its_name_is_not_echoed() {
+    let current = DeviceConfig {
+        private_key: PrivateKey::from_bytes([1; 32]),
+        listen_port: 51820,
+        fwmark: None,
+        peers: Vec::new(),
+    };
+    let digits = "0123456789abcdef0123456789";
+    let peer = format!("public_key={}\n", "ab".repeat(32));
+    for request in [
+        format!("private_key{}=1\n", &digits[..21]),
+        format!("private_key{}\n", &digits[..21]),
+        format!("{peer}preshared_key{}=1\n", &digits[..19]),
+        format!("{peer}PRESHARED_KEY{}\n", &digits[..19]),
+    ] {
+        let e = apply_set(&current, &request).expect_err(&request);
+        let message = e.to_string();
+        assert!(!message.contains(&digits[..16]), "{message}");
+    }
+}
