@@ -470,29 +470,23 @@ impl<L: Link> Relay<L> {
     ) -> Route<L> {
         let network: Arc<str> = network.into();
         let (displaced, rx) = watch::channel(false);
+        // One byte cap per node over both relays it may be at. Looked up before this relay's
+        // lock is taken: the other relay registers under its own lock and may look here.
+        let shared = self
+            .also
+            .get()
+            .and_then(Weak::upgrade)
+            .and_then(|other| other.bucket_of(&key, &network));
         {
             let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
             let entries = routes.entry(key).or_default();
             let at = match entries.iter().position(|e| e.network == network) {
                 Some(at) => at,
                 None => {
-                    // One byte cap per node over both relays it may be at.
-                    let bucket = self
-                        .also
-                        .get()
-                        .and_then(Weak::upgrade)
-                        .and_then(|other| other.bucket_of(&key, &network))
-                        .unwrap_or_else(|| {
-                            Arc::new(Mutex::new(TokenBucket::per_second(
-                                self.rate,
-                                burst_for(self.rate),
-                                Instant::now(),
-                            )))
-                        });
                     entries.push(Entry {
                         network: network.clone(),
                         sessions: Vec::with_capacity(MAX_SESSIONS_PER_NODE + 1),
-                        bucket,
+                        bucket: shared.unwrap_or_else(|| self.fresh_bucket(Instant::now())),
                     });
                     entries.len() - 1
                 }
@@ -537,24 +531,22 @@ impl<L: Link> Relay<L> {
     /// The source state of a session of `key` in `network`: the node's byte cap, shared with
     /// its other sessions (a fresh full one at `now` when it has none registered).
     pub fn source(&self, key: PublicKey, network: &str, now: Instant) -> Source {
-        let bucket = self
-            .routes
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .and_then(|entries| entries.iter().find(|e| &*e.network == network))
-            .map(|e| e.bucket.clone());
         Source {
             key,
             network: network.into(),
-            bucket: bucket.unwrap_or_else(|| {
-                Arc::new(Mutex::new(TokenBucket::per_second(
-                    self.rate,
-                    burst_for(self.rate),
-                    now,
-                )))
-            }),
+            bucket: self
+                .bucket_of(&key, network)
+                .unwrap_or_else(|| self.fresh_bucket(now)),
         }
+    }
+
+    /// A node's byte cap, full at `now`.
+    fn fresh_bucket(&self, now: Instant) -> Arc<Mutex<TokenBucket>> {
+        Arc::new(Mutex::new(TokenBucket::per_second(
+            self.rate,
+            burst_for(self.rate),
+            now,
+        )))
     }
 
     /// Counts a datagram that arrived before its connection's hello was accepted (dropped).
@@ -965,6 +957,37 @@ mod tests {
             sent <= one_cap + 1,
             "{sent} frames passed in one instant; one cap allows {one_cap}"
         );
+    }
+
+    /// A node registering at both relays at once (its control session and its relay session
+    /// at one coordinator) never leaves the two waiting for each other's lock.
+    #[test]
+    fn registrations_at_both_relays_at_once_never_deadlock() {
+        let a = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        let b = Arc::new(Relay::<FakeLink>::new(DEFAULT_RATE));
+        a.also_deliver_through(&b);
+        b.also_deliver_through(&a);
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        for relay in [a, b] {
+            let (done, barrier) = (done_tx.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                for n in 0..20_000u32 {
+                    if n % 64 == 0 {
+                        barrier.wait();
+                    }
+                    let mut k = [0u8; 32];
+                    k[..4].copy_from_slice(&n.to_be_bytes());
+                    drop(relay.register(PublicKey(k), "prod", 1, FakeLink::new()));
+                }
+                let _ = done.send(());
+            });
+        }
+        for _ in 0..2 {
+            done_rx
+                .recv_timeout(Duration::from_secs(30))
+                .expect("both registration loops end (no deadlock)");
+        }
     }
 
     /// Pushing out a node ends its sessions' routes and tells them; others stay.
