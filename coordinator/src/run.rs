@@ -343,7 +343,7 @@ impl Coordinator {
         let tcp_task = match tcp_listener {
             Some((listener, _)) => Some(tokio::spawn(tcp::run(
                 listener,
-                tcp::acceptor(&id, may_serve_relay_sessions(settings))?,
+                tcp::acceptor(&id, relaying.port.is_some())?,
                 service.clone(),
                 settings.limits.clone(),
                 relaying.clone(),
@@ -644,10 +644,12 @@ async fn bind_agent_listeners(
     }
 }
 
-/// Whether this coordinator may serve relay sessions on its own port, and so offers their ALPN,
-/// as far as its settings tell before its address is known (the default `advertise` comes
-/// from the bound socket): the decision is [`crate::relay::serves_relay_sessions`]'s, and a
-/// relay connection to a coordinator that offered the ALPN but decided against is closed.
+/// Whether this coordinator may serve relay sessions on its own port, and so offers their ALPN
+/// on its QUIC endpoint, as far as its settings tell before the endpoint is bound (the default
+/// `advertise` comes from the bound socket): the decision is
+/// [`crate::relay::serves_relay_sessions`]'s (the TLS/TCP listener, set up after it, offers
+/// the ALPN on the decision itself), and a QUIC relay connection to a coordinator that offered
+/// the ALPN but decided against is closed.
 fn may_serve_relay_sessions(settings: &Settings) -> bool {
     settings.relay && settings.relays.is_empty() && !settings.coordinators.is_empty()
 }

@@ -332,7 +332,8 @@ async fn connection(
             return;
         }
     };
-    if let Some(port) = relaying.port_for(alpn(&conn).as_deref()) {
+    let chosen = alpn(&conn);
+    if let Some(port) = relaying.port_for(chosen.as_deref()) {
         let Some(Admission {
             slot: _slot,
             before_hello,
@@ -343,7 +344,7 @@ async fn connection(
         };
         return port.sessions.serve_quic(conn, deadline, before_hello).await;
     }
-    if alpn(&conn).as_deref() == Some(RELAY_ALPN) {
+    if chosen.as_deref() == Some(RELAY_ALPN) {
         // Offered, but this coordinator decided against serving them (run.rs).
         conn.close(close_code::DONE.into(), b"no relay sessions here");
         return;

@@ -159,7 +159,6 @@ async fn connection(
     relaying: Relaying,
     admission: Admission,
 ) {
-    let Admission { slot, before_hello } = admission;
     // One deadline covers the handshake and the hello.
     let deadline = tokio::time::Instant::now() + limits.hello_timeout;
     let handshake = tokio::select! {
@@ -178,16 +177,19 @@ async fn connection(
         }
     };
     if let Some(port) = relaying.port_for(tls.get_ref().1.alpn_protocol()) {
-        let remote = transport.remote;
         let Some(Admission {
             slot: _slot,
             before_hello,
-        }) = port.admit(remote.ip(), Admission { slot, before_hello })
+        }) = port.admit(transport.remote.ip(), admission)
         else {
             return;
         };
         return port.sessions.serve_tls(tls, deadline, before_hello).await;
     }
+    let Admission {
+        slot: _slot,
+        before_hello,
+    } = admission;
     // rustls refuses a client that offers only other protocols; one that offers none gets
     // through the handshake, and is turned away here.
     if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
