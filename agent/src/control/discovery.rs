@@ -209,6 +209,14 @@ impl Discovery {
             .collect()
     }
 
+    /// The relays changed (the control link, a standalone relay, or the relay a peer's frames
+    /// go through): whether any is up, and each peer's route, for the paths of `ids`.
+    fn relays_changed(&self, ids: &[(PublicKey, NodeId)], now: Instant) {
+        let available = self.relay.available();
+        self.paths().set_relay(available, now);
+        self.set_routes(ids.iter().map(|(k, _)| *k), now);
+    }
+
     /// Tells the paths the relay each of `keys` goes through now.
     fn set_routes(&self, keys: impl Iterator<Item = PublicKey>, now: Instant) {
         let routes: Vec<_> = keys.map(|k| (k, self.relay.route_for(&k))).collect();
@@ -294,14 +302,10 @@ impl Discovery {
                     }
                     let l = link.borrow_and_update().clone();
                     let now = Instant::now();
-                    let available = self.relay.available();
-                    {
-                        let mut p = self.paths();
-                        p.set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
-                        p.set_relay(available, now);
-                    }
+                    self.paths()
+                        .set_reflect_target(l.as_ref().and_then(|l| l.reflect), now);
                     // The coordinator's relay is the control link's.
-                    self.set_routes(ids.iter().map(|(k, _)| *k), now);
+                    self.relays_changed(&ids, now);
                 }
                 r = routes.changed() => {
                     if r.is_err() {
@@ -311,10 +315,7 @@ impl Discovery {
                     // another relay (a relay's notice, or its wearing off) with the home
                     // unchanged: the shims stay the relayed peers' endpoints, but the relay is
                     // part of a relayed path (its change is a change of the path).
-                    let available = self.relay.available();
-                    let now = Instant::now();
-                    self.paths().set_relay(available, now);
-                    self.set_routes(ids.iter().map(|(k, _)| *k), now);
+                    self.relays_changed(&ids, Instant::now());
                 }
                 Some((from, d)) = inbox.recv() => {
                     tracing::trace!(%from, len = d.len(), "discovery datagram");

@@ -479,16 +479,10 @@ impl Paths {
             self.handle_reflect(from, datagram, now);
             return;
         }
-        let Some(sender) = disco::probe_sender(datagram) else {
-            self.drops.refused += 1;
+        let Some((sender, probe)) = self.open_probe(datagram) else {
             return;
         };
         let Some(peer) = self.peers.get_mut(&sender) else {
-            self.drops.refused += 1;
-            return;
-        };
-        let Some(probe) = peer.key.as_ref().and_then(|k| k.open(datagram).ok()) else {
-            self.drops.refused += 1;
             return;
         };
         match probe {
@@ -504,12 +498,10 @@ impl Paths {
                     peer.candidates.push(Candidate::new(from, false));
                     peer.next_probe = now;
                 }
-                let pong = Probe::Pong { tx, observed: from };
-                let mut nonce = [0u8; 24];
-                self.rng.fill_bytes(&mut nonce);
-                if let Some(key) = &peer.key {
-                    let d = key.seal(&self.own, &pong, nonce);
-                    push(&mut self.out, Destination::Addr(from), d);
+                if let Some(pair) = &peer.key {
+                    let pong = Probe::Pong { tx, observed: from };
+                    let to = Destination::Addr(from);
+                    send_sealed(&mut self.out, &mut self.rng, &self.own, pair, to, &pong);
                 }
             }
             Probe::Pong { tx, .. } => {
@@ -541,12 +533,10 @@ impl Paths {
             self.drops.refused += 1;
             return;
         }
-        let Some(p) = self.peers.get_mut(&peer) else {
-            self.drops.refused += 1;
+        let Some((_, probe)) = self.open_probe(datagram) else {
             return;
         };
-        let Some(probe) = p.key.as_ref().and_then(|k| k.open(datagram).ok()) else {
-            self.drops.refused += 1;
+        let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
         match probe {
@@ -555,11 +545,10 @@ impl Paths {
                     self.drops.rate_limited += 1;
                     return;
                 }
-                let mut nonce = [0u8; 24];
-                self.rng.fill_bytes(&mut nonce);
-                if let Some(key) = &p.key {
-                    let d = key.seal(&self.own, &Probe::RelayedPong { tx }, nonce);
-                    push(&mut self.out, Destination::Relay(peer), d);
+                if let Some(pair) = &p.key {
+                    let pong = Probe::RelayedPong { tx };
+                    let to = Destination::Relay(peer);
+                    send_sealed(&mut self.out, &mut self.rng, &self.own, pair, to, &pong);
                 }
             }
             Probe::RelayedPong { tx } => {
@@ -587,6 +576,19 @@ impl Paths {
         }
     }
 
+    /// The probe `datagram` carries and its sender, when the sender is a peer whose shared
+    /// key opens it; else `None`, counted refused.
+    fn open_probe(&mut self, datagram: &[u8]) -> Option<(PublicKey, Probe)> {
+        let opened = disco::probe_sender(datagram).and_then(|sender| {
+            let pair = self.peers.get(&sender)?.key.as_ref()?;
+            Some((sender, pair.open(datagram).ok()?))
+        });
+        if opened.is_none() {
+            self.drops.refused += 1;
+        }
+        opened
+    }
+
     fn handle_reflect(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         let Ok(Reflect::Response { tx, observed }) = Reflect::decode(datagram) else {
             self.drops.refused += 1;
@@ -612,8 +614,7 @@ impl Paths {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(r) = self.reflect.as_mut() {
             if r.next <= now {
-                let mut tx = [0u8; disco::TX_LEN];
-                self.rng.fill_bytes(&mut tx);
+                let tx = new_tx(&mut self.rng);
                 r.outstanding = Some((tx, now));
                 push(
                     &mut self.out,
@@ -686,16 +687,10 @@ impl Paths {
                 continue;
             }
             expire(&mut c.outstanding, now);
-            let mut tx = [0u8; disco::TX_LEN];
-            self.rng.fill_bytes(&mut tx);
-            let mut nonce = [0u8; 24];
-            self.rng.fill_bytes(&mut nonce);
+            let tx = new_tx(&mut self.rng);
             c.outstanding.push_back((tx, now));
-            push(
-                &mut self.out,
-                Destination::Addr(c.addr),
-                pair.seal(&self.own, &Probe::Ping { tx }, nonce),
-            );
+            let (to, ping) = (Destination::Addr(c.addr), Probe::Ping { tx });
+            send_sealed(&mut self.out, &mut self.rng, &self.own, &pair, to, &ping);
         }
         peer.next_probe = now
             + if direct.is_some() {
@@ -719,17 +714,11 @@ impl Paths {
         };
         let r = &mut peer.relayed;
         expire(&mut r.outstanding, now);
-        let mut tx = [0u8; disco::TX_LEN];
-        self.rng.fill_bytes(&mut tx);
-        let mut nonce = [0u8; 24];
-        self.rng.fill_bytes(&mut nonce);
+        let tx = new_tx(&mut self.rng);
         r.outstanding.push_back((tx, now));
         r.last_sent = Some(now);
-        push(
-            &mut self.out,
-            Destination::Relay(*key),
-            pair.seal(&self.own, &Probe::RelayedPing { tx }, nonce),
-        );
+        let (to, ping) = (Destination::Relay(*key), Probe::RelayedPing { tx });
+        send_sealed(&mut self.out, &mut self.rng, &self.own, pair, to, &ping);
     }
 
     fn choose(&mut self, key: &PublicKey, now: Instant) {
@@ -781,6 +770,27 @@ impl Paths {
             peer.next_probe = peer.next_probe.min(peer.appeared + DIRECT_GRACE);
         }
     }
+}
+
+/// A fresh transaction id.
+fn new_tx(rng: &mut StdRng) -> TxId {
+    let mut tx = [0u8; disco::TX_LEN];
+    rng.fill_bytes(&mut tx);
+    tx
+}
+
+/// Queues `probe` for `to`, sealed by `own` for the peer of `pair` under a fresh nonce.
+fn send_sealed(
+    out: &mut VecDeque<(Destination, Vec<u8>)>,
+    rng: &mut StdRng,
+    own: &PublicKey,
+    pair: &PairKey,
+    to: Destination,
+    probe: &Probe,
+) {
+    let mut nonce = [0u8; 24];
+    rng.fill_bytes(&mut nonce);
+    push(out, to, pair.seal(own, probe, nonce));
 }
 
 fn push(out: &mut VecDeque<(Destination, Vec<u8>)>, to: Destination, d: Vec<u8>) {
