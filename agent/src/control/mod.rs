@@ -6,7 +6,7 @@
 //! - [`MeshControl::run`] is the long-lived loop: it applies deltas (asking for a full map on a
 //!   version gap), caches every map in the state directory, reports the node's underlay
 //!   endpoints when they change and its paths to its peers as they change (at most one report
-//!   a second: `ReportPace`), and reconnects with jittered exponential backoff when the
+//!   a second: `Pace`), and reconnects with jittered exponential backoff when the
 //!   coordinator goes away, to the next of the mesh's coordinators (`coordinators`: which
 //!   one, and when a holder gives up on one whose lease renewals stopped). Tunnels never wait
 //!   for it: the data plane keeps the last map.
@@ -56,7 +56,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const ENDPOINT_CHECK: Duration = Duration::from_secs(5);
 /// The shortest time between two writes of the cached map (see [`MapCache`]).
 const CACHE_INTERVAL: Duration = Duration::from_secs(1);
-/// The shortest time between two path reports to the coordinator (see [`ReportPace`]).
+/// The shortest time between two path reports to the coordinator (a [`Pace`]).
 const REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Why the control channel failed.
@@ -400,6 +400,66 @@ pub struct MeshControl {
     handover_answers: Option<mpsc::Receiver<handover::Answer>>,
 }
 
+/// At most one of something per `interval`: at once when the last went longer ago, else once
+/// at the end of the interval (whatever waits then goes as one). Pure, given time: the map
+/// cache's writes ([`MapCache`]) and the path reports to the coordinator are paced by it.
+#[derive(Debug)]
+struct Pace {
+    interval: Duration,
+    last: Option<Instant>,
+    waiting: bool,
+}
+
+impl Pace {
+    fn new(interval: Duration) -> Self {
+        Pace {
+            interval,
+            last: None,
+            waiting: false,
+        }
+    }
+
+    /// Something changed at `now`: whether it goes now (counted gone; else it waits for
+    /// [`Pace::poll_timeout`]).
+    fn changed(&mut self, now: Instant) -> bool {
+        if self.last.is_some_and(|at| now < at + self.interval) {
+            self.waiting = true;
+            false
+        } else {
+            self.went(now);
+            true
+        }
+    }
+
+    /// When what waits goes; `None` when nothing waits.
+    fn poll_timeout(&self) -> Option<Instant> {
+        if !self.waiting {
+            return None;
+        }
+        self.last.map(|at| at + self.interval)
+    }
+
+    /// Whether what waits goes at `now` (counted gone then).
+    fn handle_timeout(&mut self, now: Instant) -> bool {
+        let due = self.poll_timeout().is_some_and(|at| at <= now);
+        if due {
+            self.went(now);
+        }
+        due
+    }
+
+    /// What waited went at `now`, whatever its time.
+    fn went(&mut self, now: Instant) {
+        self.waiting = false;
+        self.last = Some(now);
+    }
+
+    /// What waited is dropped.
+    fn cancel(&mut self) {
+        self.waiting = false;
+    }
+}
+
 /// The map cached in the state directory, written at most once per [`CACHE_INTERVAL`]: every
 /// delta changes the map, and each write is the whole map, synced to disk, so a burst of
 /// deltas (a wave of joins, a peer's endpoint changes) would otherwise cost as many. A map
@@ -408,7 +468,7 @@ pub struct MeshControl {
 /// (the agent shutting down), and dropped when the node is revoked.
 struct MapCache {
     state: StateDir,
-    written: Option<Instant>,
+    pace: Pace,
     pending: Option<Netmap>,
 }
 
@@ -416,48 +476,50 @@ impl MapCache {
     fn new(state: StateDir) -> Self {
         MapCache {
             state,
-            written: None,
+            pace: Pace::new(CACHE_INTERVAL),
             pending: None,
         }
     }
 
     /// The map changed at `now`: written now, or kept for the end of the interval.
     fn changed(&mut self, map: &Netmap, now: Instant) {
-        if self.written.is_some_and(|at| now < at + CACHE_INTERVAL) {
-            self.pending = Some(map.clone());
-        } else {
+        if self.pace.changed(now) {
             self.pending = None;
-            self.write(map, now);
+            self.write(map);
+        } else {
+            self.pending = Some(map.clone());
         }
     }
 
     /// When the map waiting must be written; `None` when none waits.
     fn poll_timeout(&self) -> Option<Instant> {
-        self.pending.as_ref()?;
-        self.written.map(|at| at + CACHE_INTERVAL)
+        self.pace.poll_timeout()
     }
 
     /// Writes the map waiting, if its time has come at `now`.
     fn handle_timeout(&mut self, now: Instant) {
-        if self.poll_timeout().is_some_and(|at| at <= now) {
-            self.flush(now);
+        if self.pace.handle_timeout(now) {
+            if let Some(map) = self.pending.take() {
+                self.write(&map);
+            }
         }
     }
 
     /// Writes the map waiting, if any, now.
     fn flush(&mut self, now: Instant) {
         if let Some(map) = self.pending.take() {
-            self.write(&map, now);
+            self.pace.went(now);
+            self.write(&map);
         }
     }
 
     /// Forgets the map waiting (the node was revoked: its cache goes).
     fn discard(&mut self) {
         self.pending = None;
+        self.pace.cancel();
     }
 
-    fn write(&mut self, map: &Netmap, now: Instant) {
-        self.written = Some(now);
+    fn write(&self, map: &Netmap) {
         if let Err(e) = self.state.save_netmap(map) {
             warn!("caching the network map: {e}");
         }
@@ -467,50 +529,6 @@ impl MapCache {
 impl Drop for MapCache {
     fn drop(&mut self) {
         self.flush(Instant::now());
-    }
-}
-
-/// When the path report goes to the coordinator (`meshctl node show` reads it there): at once
-/// when it changed, unless one went less than [`REPORT_INTERVAL`] ago; then at the end of that
-/// interval, the latest one only. A path that flaps costs the coordinator at most one message
-/// a second, well within its per-session message rate.
-#[derive(Debug, Default)]
-struct ReportPace {
-    sent: Option<Instant>,
-    waiting: bool,
-}
-
-impl ReportPace {
-    /// The report changed at `now`: whether it goes now (else it waits for
-    /// [`ReportPace::poll_timeout`]).
-    fn changed(&mut self, now: Instant) -> bool {
-        if self.sent.is_some_and(|at| now < at + REPORT_INTERVAL) {
-            self.waiting = true;
-            false
-        } else {
-            self.waiting = false;
-            self.sent = Some(now);
-            true
-        }
-    }
-
-    /// When the report waiting goes; `None` when none waits.
-    fn poll_timeout(&self) -> Option<Instant> {
-        if !self.waiting {
-            return None;
-        }
-        self.sent.map(|at| at + REPORT_INTERVAL)
-    }
-
-    /// Whether the report waiting goes at `now` (it counts as sent then).
-    fn handle_timeout(&mut self, now: Instant) -> bool {
-        if self.poll_timeout().is_some_and(|at| at <= now) {
-            self.waiting = false;
-            self.sent = Some(now);
-            true
-        } else {
-            false
-        }
     }
 }
 
@@ -736,7 +754,7 @@ impl MeshControl {
         let mut paths = self.shared.path_report.subscribe();
         paths.mark_changed();
         // A new session's coordinator has no report from this one yet.
-        let mut report_pace = ReportPace::default();
+        let mut report_pace = Pace::new(REPORT_INTERVAL);
         let (prepared_tx, mut prepared_rx) = mpsc::channel::<(String, u64)>(16);
         let effects = Effects {
             tunnels,
@@ -808,7 +826,7 @@ impl MeshControl {
                     self.shared.lock().handle_timeout(Instant::now());
                 }
                 () = sleep_until(cache_due) => self.cache.handle_timeout(Instant::now()),
-                // Path reports: as they change, paced (see ReportPace).
+                // Path reports: as they change, at most one a second (the latest).
                 Ok(()) = paths.changed(), if s.path_reports => {
                     if report_pace.changed(Instant::now()) {
                         let report = paths.borrow_and_update().clone();
@@ -1117,7 +1135,7 @@ mod tests {
     fn path_reports_go_at_once_then_at_most_once_a_second() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut pace = ReportPace::default();
+        let mut pace = Pace::new(REPORT_INTERVAL);
         assert!(pace.changed(t0), "the first at once");
         assert_eq!(pace.poll_timeout(), None);
         // Changes right after: they wait for the second to be over, then go as one.
