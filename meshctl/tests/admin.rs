@@ -403,13 +403,7 @@ fn the_admin_token_from_a_private_file_or_refused() {
         "ID  NETWORK  TAGS  USES  EXPIRES  STATE\n"
     );
 
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .env_clear()
-        .env("MESHLINK_COORDINATOR", mesh.url())
-        .env("MESHLINK_ADMIN_TOKEN", "wrong-token-wrong-token")
-        .arg("status")
-        .output()
-        .unwrap();
+    let output = mesh.meshctl_as("wrong-token-wrong-token", &["status"]);
     assert_eq!(
         failure(&output),
         "meshctl: the coordinator refused the admin token (401)\n"
@@ -819,15 +813,7 @@ fn admin_tokens_with_roles_and_the_audit_log() {
     );
 
     // The operator token, through meshctl: join tokens in prod, not admin tokens.
-    let as_operator = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-            .env_clear()
-            .env("MESHLINK_COORDINATOR", mesh.url())
-            .env("MESHLINK_ADMIN_TOKEN", &secret)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let as_operator = |args: &[&str]| mesh.meshctl_as(&secret, args);
     let ok = as_operator(&["token", "create", "--network", "prod"]);
     assert!(ok.status.success(), "{ok:?}");
     let refused = failure(&as_operator(&[

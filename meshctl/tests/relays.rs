@@ -86,13 +86,10 @@ fn relay_list_shows_the_embedded_relay_and_the_configured_ones() {
         "--role",
         "read",
     ]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .env_clear()
-        .env("MESHLINK_COORDINATOR", mesh.url())
-        .env("MESHLINK_ADMIN_TOKEN", created["token"].as_str().unwrap())
-        .args(["relay", "list", "-o", "json"])
-        .output()
-        .unwrap();
+    let out = mesh.meshctl_as(
+        created["token"].as_str().unwrap(),
+        &["relay", "list", "-o", "json"],
+    );
     assert!(out.status.success(), "{out:?}");
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed, served);
@@ -109,13 +106,10 @@ fn relay_list_shows_the_embedded_relay_and_the_configured_ones() {
         "--network",
         "prod",
     ]);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
-        .env_clear()
-        .env("MESHLINK_COORDINATOR", mesh.url())
-        .env("MESHLINK_ADMIN_TOKEN", limited["token"].as_str().unwrap())
-        .args(["relay", "list", "-o", "json"])
-        .output()
-        .unwrap();
+    let out = mesh.meshctl_as(
+        limited["token"].as_str().unwrap(),
+        &["relay", "list", "-o", "json"],
+    );
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(),

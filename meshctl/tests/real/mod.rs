@@ -89,10 +89,15 @@ impl Mesh {
 
     /// Runs the built `meshctl` with a clean environment, this coordinator and its token.
     pub fn meshctl(&self, args: &[&str]) -> Output {
+        self.meshctl_as(&self.admin_token(), args)
+    }
+
+    /// [`Mesh::meshctl`] with another admin token (`token`).
+    pub fn meshctl_as(&self, token: &str, args: &[&str]) -> Output {
         std::process::Command::new(env!("CARGO_BIN_EXE_meshctl"))
             .env_clear()
             .env("MESHLINK_COORDINATOR", self.url())
-            .env("MESHLINK_ADMIN_TOKEN", self.admin_token())
+            .env("MESHLINK_ADMIN_TOKEN", token)
             .args(args)
             .output()
             .expect("run meshctl")
