@@ -292,7 +292,7 @@ pub async fn commit_holder(
             &w.network,
             &w.name,
             plan.to.as_ref().map(|n| n.id),
-            w.generation,
+            w.expected(),
             now,
         )
         .await

@@ -405,6 +405,27 @@ impl WorkloadRecord {
     }
 }
 
+/// The state a planned move was decided on, checked again as it commits
+/// ([`Store::set_holder`]): the workload by its id (ids are never reused, so a workload deleted
+/// and created again under the same name is another one) at a generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expected {
+    /// The workload's id.
+    pub id: u64,
+    /// Its generation.
+    pub generation: u64,
+}
+
+impl WorkloadRecord {
+    /// This workload as it is now, for a move decided on it.
+    pub fn expected(&self) -> Expected {
+        Expected {
+            id: self.id,
+            generation: self.generation,
+        }
+    }
+}
+
 /// A new workload, as [`Store::create_workload`] takes it.
 #[derive(Debug, Clone)]
 pub struct NewWorkload {
@@ -652,16 +673,18 @@ pub trait Store: Send + Sync {
         name: &'a str,
     ) -> StoreFuture<'a, Option<WorkloadRecord>>;
 
-    /// Gives a workload to `holder` (`None`: detaches it) at generation `expected + 1`, only if
-    /// its generation is still `expected` (fencing: two racing moves cannot both win); the old
-    /// holder becomes `previous`. Bumps the network's version. [`StoreError::Conflict`] when
-    /// the generation moved on, [`StoreError::NotFound`] when the workload does not exist.
+    /// Gives a workload to `holder` (`None`: detaches it) at generation `expected.generation +
+    /// 1`, only if it is still the workload `expected.id` at that generation (fencing: two
+    /// racing moves cannot both win, nor a move planned on a workload since deleted and created
+    /// again under its name); the old holder becomes `previous`. Bumps the network's version.
+    /// [`StoreError::Conflict`] when the generation moved on or the workload is another one,
+    /// [`StoreError::NotFound`] when no workload has the name.
     fn set_holder<'a>(
         &'a self,
         network: &'a str,
         name: &'a str,
         holder: Option<NodeId>,
-        expected: u64,
+        expected: Expected,
         now: UnixTime,
     ) -> StoreFuture<'a, (WorkloadRecord, u64)>;
 

@@ -25,7 +25,7 @@ use meshlink_proto::ipam::allocate_v4;
 
 use super::{
     AddressChoice, AdminTokenRecord, AuditQuery, AuditRecord, Backend, Change, ChangeRecord,
-    NetworkRecord, NewAdminToken, NewNetwork, NewNode, NewPolicy, NewToken, NewWorkload,
+    Expected, NetworkRecord, NewAdminToken, NewNetwork, NewNode, NewPolicy, NewToken, NewWorkload,
     NodeRecord, PolicyRecord, Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime,
     WorkloadRecord, CHANGES_CHANNEL,
 };
@@ -749,7 +749,7 @@ impl Store for SqlStore {
         network: &'a str,
         name: &'a str,
         holder: Option<NodeId>,
-        expected: u64,
+        expected: Expected,
         now: UnixTime,
     ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
         Box::pin(async move {
@@ -770,18 +770,22 @@ impl Store for SqlStore {
             let done = sqlx::query(
                 "UPDATE workloads SET previous = holder, holder = $1, \
                  generation = generation + 1, moved_at = $2 \
-                 WHERE network = $3 AND name = $4 AND generation = $5",
+                 WHERE network = $3 AND name = $4 AND id = $5 AND generation = $6",
             )
             .bind(holder.map(to_i64).transpose()?)
             .bind(now)
             .bind(network)
             .bind(name)
-            .bind(to_i64(expected)?)
+            .bind(to_i64(expected.id)?)
+            .bind(to_i64(expected.generation)?)
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
                 return match workload_by_name(&mut *tx, network, name).await? {
                     None => Err(StoreError::NotFound(format!("workload {name}"))),
+                    Some(w) if w.id != expected.id => Err(StoreError::Conflict(format!(
+                        "workload {name} was deleted and created again meanwhile"
+                    ))),
                     Some(w) => Err(StoreError::Conflict(format!(
                         "workload {name} moved on to generation {} meanwhile",
                         w.generation

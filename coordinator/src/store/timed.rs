@@ -12,9 +12,9 @@ use std::time::Instant;
 use meshlink_proto::{NodeId, PublicKey};
 
 use super::{
-    AdminTokenRecord, AuditQuery, AuditRecord, ChangeRecord, NetworkRecord, NewAdminToken,
-    NewNetwork, NewNode, NewPolicy, NewToken, NewWorkload, NodeRecord, PolicyRecord, Store,
-    StoreError, StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
+    AdminTokenRecord, AuditQuery, AuditRecord, ChangeRecord, Expected, NetworkRecord,
+    NewAdminToken, NewNetwork, NewNode, NewPolicy, NewToken, NewWorkload, NodeRecord, PolicyRecord,
+    Store, StoreError, StoreFuture, TokenId, TokenRecord, UnixTime, WorkloadRecord,
 };
 use crate::telemetry;
 
@@ -163,7 +163,7 @@ impl<S: Store> Store for TimedStore<S> {
         network: &'a str,
         name: &'a str,
         holder: Option<NodeId>,
-        expected: u64,
+        expected: Expected,
         now: UnixTime,
     ) -> StoreFuture<'a, (WorkloadRecord, u64)> {
         timed(

@@ -871,7 +871,69 @@ async fn external_nodes_follow_their_rules(db: &TestDb) {
     );
 }
 
+/// Fencing across a workload's deletion: a move planned on a workload that is then deleted and
+/// created again under its name (and attached, so at the generation the plan expects) commits
+/// nothing on the new workload. It would give the new workload a second holder that waits for
+/// nobody: the new workload's own holder is not the planned move's old holder.
+async fn a_move_planned_before_a_recreation_commits_nothing(db: &TestDb) {
+    use meshlink_coordinator::handlers::workloads::{
+        commit_holder, create_workload, delete_workload, plan_move, CreateWorkload,
+    };
+    let store = db.open().await;
+    network(&store, "prod", "100.64.0.0/24").await;
+    token(&store, "prod", "tok", None, Some(3)).await;
+    for (key, name) in [(1, "n1"), (2, "n2"), (3, "n3")] {
+        join_ok(&store, "tok", key, Some(name)).await;
+    }
+    let req = |address| CreateWorkload {
+        name: "web".into(),
+        network: "prod".into(),
+        address,
+        standby: vec![],
+        allowed: vec!["n1".into(), "n2".into(), "n3".into()],
+        tags: vec![],
+    };
+    let (old, _) = create_workload(&store, 1002, &ADMIN, req(None))
+        .await
+        .unwrap();
+    let to_n1 = plan_move(&store, &ADMIN, "prod", "web", Some("n1"))
+        .await
+        .unwrap();
+    commit_holder(&store, 1003, &to_n1).await.unwrap();
+    // A move to n2 decided now, at generation 1 of the first workload...
+    let stale = plan_move(&store, &ADMIN, "prod", "web", Some("n2"))
+        .await
+        .unwrap();
+    assert_eq!(stale.workload.generation, 1);
+    // ... commits after the workload was deleted, created again at its address and attached
+    // to n3: generation 1 again, of another workload.
+    delete_workload(&store, &ADMIN, "prod", "web")
+        .await
+        .unwrap();
+    let (new, _) = create_workload(&store, 1004, &ADMIN, req(Some(old.address)))
+        .await
+        .unwrap();
+    assert_ne!(new.id, old.id);
+    let to_n3 = plan_move(&store, &ADMIN, "prod", "web", Some("n3"))
+        .await
+        .unwrap();
+    let (held, _) = commit_holder(&store, 1005, &to_n3).await.unwrap();
+    assert_eq!((held.id, held.generation), (new.id, 1));
+    let e = commit_holder(&store, 1006, &stale).await.unwrap_err();
+    assert!(
+        matches!(&e, ApiError::Conflict(m) if m.contains("created again")),
+        "{e}"
+    );
+    let now = store.workload("prod", "web").await.unwrap().unwrap();
+    assert_eq!(
+        (now.id, now.generation, now.holder),
+        (new.id, 1, Some(to_n3.to.as_ref().unwrap().id)),
+        "{now:?}"
+    );
+}
+
 crate::on_both_stores!(
+    a_move_planned_before_a_recreation_commits_nothing,
     external_nodes_follow_their_rules,
     ipv6_addresses_go_with_the_ipv4_ones,
     join_allocates_lowest_addresses_and_counts_uses,
