@@ -93,7 +93,11 @@ impl Service {
                         tracing::debug!("cannot follow the store: {e}");
                     }
                 }
-                let version = self.hub().version(from.network).unwrap_or(0);
+                // Read after the renewal above: see `Service::unacknowledged_release`.
+                let version = self.hub().version(from.network).unwrap_or(0).max(
+                    self.unacknowledged_release(from.network, from.node)
+                        .unwrap_or(0),
+                );
                 let answer = ServerMessage::Lease {
                     seq,
                     lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),

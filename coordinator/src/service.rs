@@ -993,9 +993,12 @@ impl Service {
     /// With `tell` (the change is in the hub's map), the new holder is told at once when
     /// nothing is left to wait for.
     fn handed_over(&self, rec: &WorkloadRecord, old: Option<NodeId>, version: u64, tell: bool) {
-        let until = self.may_answer_until(old);
         {
             let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+            // Read under the lock that a heartbeat's answer checks for this release (see
+            // `Service::unacknowledged_release`): a renewal either counts here or is answered
+            // at `version`.
+            let until = self.may_answer_until(old);
             let key = (rec.network.clone(), rec.name.clone());
             let list = h.pending.entry(key).or_default();
             // The new holder's own earlier answers are no second holder.
@@ -1017,12 +1020,13 @@ impl Service {
     /// it acknowledges `version` or its lease has surely run out, and former holders not done
     /// yet) holds up the first holder of any workload that takes its address.
     fn address_freed(&self, rec: &WorkloadRecord, version: u64) {
-        let release = rec.holder.map(|o| Release {
-            node: o,
-            version,
-            until: self.may_answer_until(Some(o)),
+        self.free_address(&rec.network, &rec.name, IpAddr::V4(rec.address), || {
+            rec.holder.map(|o| Release {
+                node: o,
+                version,
+                until: self.may_answer_until(Some(o)),
+            })
         });
-        self.free_address(&rec.network, &rec.name, IpAddr::V4(rec.address), release);
     }
 
     /// Until when `old`, a holder this coordinator just took a workload from (or nobody), may
@@ -1037,13 +1041,20 @@ impl Service {
     }
 
     /// Workload `name` of `network` is gone: whoever was waited for before its holder answers
-    /// (and `release`) now holds up its address instead.
-    fn free_address(&self, network: &str, name: &str, address: IpAddr, release: Option<Release>) {
+    /// (and the `release` made under the lock, as in `Service::handed_over`) now holds up its
+    /// address instead.
+    fn free_address(
+        &self,
+        network: &str,
+        name: &str,
+        address: IpAddr,
+        release: impl FnOnce() -> Option<Release>,
+    ) {
         let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
         let key = (network.to_string(), name.to_string());
         h.started.remove(&key);
         let mut list = h.pending.remove(&key).unwrap_or_default();
-        list.extend(release);
+        list.extend(release());
         if !list.is_empty() {
             h.freed
                 .entry((network.to_string(), address))
@@ -1064,12 +1075,13 @@ impl Service {
         else {
             return;
         };
-        let release = Release {
-            node: 0,
-            version: u64::MAX,
-            until: self.may_answer_until(None),
-        };
-        self.free_address(network, name, w.address.addr(), Some(release));
+        self.free_address(network, name, w.address.addr(), || {
+            Some(Release {
+                node: 0,
+                version: u64::MAX,
+                until: self.may_answer_until(None),
+            })
+        });
     }
 
     /// The workloads of `network`'s map in the hub.
@@ -1100,6 +1112,28 @@ impl Service {
                 generation: w.generation,
             })
             .collect()
+    }
+
+    /// The newest change of `network` that took a workload (or a deleted workload's address)
+    /// from `node` and that it has not acknowledged yet, if any. A lease granted to it now must
+    /// count only once its map has that change: the next holder's wait for it was fixed when
+    /// the change was made, and a renewal answered at an older version, between the change and
+    /// its publishing, would let it answer past that wait.
+    pub fn unacknowledged_release(&self, network: &str, node: NodeId) -> Option<u64> {
+        let h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        let acked = h.acked.get(&node).copied().unwrap_or(0);
+        let newest = |list: &Vec<Release>| {
+            list.iter()
+                .filter(|r| r.node == node && r.version > acked)
+                .map(|r| r.version)
+                .max()
+        };
+        let by_name = h.pending.iter().filter(|((net, _), _)| net == network);
+        let by_address = h.freed.iter().filter(|((net, _), _)| net == network);
+        by_name
+            .filter_map(|(_, list)| newest(list))
+            .chain(by_address.filter_map(|(_, list)| newest(list)))
+            .max()
     }
 
     /// `node` acknowledged map `version` (a heartbeat): the workloads it held before a change
@@ -2145,6 +2179,73 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept(nodes[1]), [false; 3], "deleted");
+    }
+
+    /// A holder's heartbeat answered after a change took its workload but before the change
+    /// reached the hub (another thread's move, between `handed_over` and the publishing) is
+    /// answered at the change's version: the lease it grants counts only once the holder has
+    /// the change, so it cannot outlast the wait fixed for the next holder. Once the holder
+    /// acknowledges the change, answers carry the hub's version again.
+    #[tokio::test]
+    async fn a_heartbeat_answered_before_a_change_is_published_counts_from_the_change() {
+        use meshlink_proto::control::{ClientMessage, Decoder, ServerMessage};
+
+        use crate::dispatch::SessionRef;
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Arc::new(prod_service(dir.path()).await);
+        let (old, new) = (join(&svc, 1).await, join(&svc, 2).await);
+        let mut rec = svc
+            .create_workload(CreateWorkload {
+                name: "web".into(),
+                network: "prod".into(),
+                address: None,
+                standby: vec![],
+                allowed: vec![],
+                tags: vec![],
+            })
+            .await
+            .unwrap();
+        let published = svc.hub.version("prod").unwrap();
+        // Committed at the next version, recorded, not published yet.
+        rec.holder = Some(new);
+        rec.generation += 1;
+        svc.handed_over(&rec, Some(old), published + 1, false);
+        let answer = |applied: u64| {
+            let svc = svc.clone();
+            async move {
+                let from = SessionRef {
+                    node: old,
+                    network: "prod",
+                    remote: "198.18.0.1".parse().unwrap(),
+                    serial: 0,
+                };
+                let heartbeat = ClientMessage::Heartbeat {
+                    seq: 1,
+                    version: Some(applied),
+                };
+                let frame = svc
+                    .on_agent_message(from, heartbeat)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                let mut d = Decoder::new(1 << 20);
+                d.push(frame.bytes(false)).unwrap();
+                match d.decode::<ServerMessage>().unwrap().unwrap() {
+                    ServerMessage::Lease {
+                        version, lease_ms, ..
+                    } => {
+                        assert!(lease_ms > 0);
+                        version
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+        };
+        assert_eq!(answer(published).await, published + 1);
+        assert_eq!(svc.unacknowledged_release("prod", new), None);
+        // Acknowledged: nothing left to wait for.
+        assert_eq!(answer(published + 1).await, published);
+        assert_eq!(svc.unacknowledged_release("prod", old), None);
     }
 
     /// A hello with a wrong token or node secret is refused from a read of the store: it does
