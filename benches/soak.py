@@ -273,20 +273,26 @@ def tasks_check(who, b, a, slack):
 
 
 def ping_loss(path):
-    """(sent, received) from a ping log ended by SIGINT/SIGTERM, counting reply lines."""
-    sent = received = 0
+    """(sent, received, first) from a ping log ended by SIGINT/SIGTERM, counting reply lines:
+    `sent` is the highest sequence number answered, `first` the lowest (the pings before it
+    went to an address nobody answered for yet: the workload is attached after the ping
+    starts), and the unanswered sequence numbers between the two."""
+    seqs = set()
     try:
         with open(path, errors="replace") as f:
             for line in f:
                 if "icmp_seq=" in line and "bytes from" in line:
-                    received += 1
                     try:
-                        sent = max(sent, int(line.split("icmp_seq=")[1].split()[0]))
+                        seqs.add(int(line.split("icmp_seq=")[1].split()[0]))
                     except (IndexError, ValueError):
                         pass
     except OSError:
         pass
-    return sent, received
+    if not seqs:
+        return {"sent": 0, "received": 0, "first": None, "lost": []}
+    first, last = min(seqs), max(seqs)
+    return {"sent": last, "received": len(seqs), "first": first,
+            "lost": [q for q in range(first, last + 1) if q not in seqs]}
 
 
 def growth(samples, key, start, end, figure="rss_kib"):
@@ -342,9 +348,13 @@ def report(res, opts):
                 return max((p[k] for p in pts if p.get(k) is not None), default=None)
             print(" | ".join([f"| {key}"] + [f"{b.get(k)} / {peak(k)} / {a.get(k)}"
                                              for k in ("rss_kib", "fds", "threads", "tasks")]) + " |")
-    sent, got = res["ping_workload"]
-    print(f"\nTraffic: ping to {REAL_WORKLOAD} every 20 ms: {got} of {sent} answered; "
-          f"ping vm-a -> vm-c: {res['ping_node'][1]} of {res['ping_node'][0]}; iperf3: {res['iperf']}")
+    wl, node = res["ping_workload"], res["ping_node"]
+    since = wl["sent"] - wl["first"] + 1 if wl["first"] is not None else 0
+    print(f"\nTraffic: ping to {REAL_WORKLOAD} every 20 ms: {wl['received']} of the {since} sent "
+          f"since it first answered (icmp_seq {wl['first']}; the {(wl['first'] or 1) - 1} before went "
+          f"out before the workload was attached), lost: {len(wl['lost'])} {wl['lost'][:50]}; "
+          f"ping vm-a -> vm-c: {node['received']} of {node['sent']} (lost {len(node['lost'])}); "
+          f"iperf3: {res['iperf']}")
 
 
 def iperf_summary(path):
