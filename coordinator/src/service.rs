@@ -118,6 +118,13 @@ struct Handovers {
     /// By (network, address): the holders of deleted workloads not yet done answering for
     /// their addresses, which a new workload may take at once.
     freed: HashMap<(String, IpAddr), Vec<Release>>,
+    /// By network: the nodes that may still answer under a lease the previous run granted,
+    /// until they acknowledge the map as this run loaded it (which has every deletion of the
+    /// previous run) or a lease and the margin after the start. A workload the previous run
+    /// deleted may have left such a holder answering for its address, and this run does not
+    /// know which addresses: a workload created meanwhile waits for them all
+    /// (`Service::create_workload`).
+    started_wait: HashMap<String, Vec<Release>>,
     /// The newest map version each node acknowledged.
     acked: HashMap<NodeId, u64>,
     /// By (network, workload name): the (id, generation) last confirmed to its holder
@@ -396,11 +403,17 @@ impl Service {
         // wall clock's seconds) ago: their old holders may not have acknowledged them, and this
         // run does not know, so their new holders are confirmed a lease after the start.
         let mut recent = Vec::new();
+        let mut members_at_start = Vec::new();
         let recently = clock.now()
             - i64::try_from((timing.lease + timing.margin).as_secs()).unwrap_or(i64::MAX)
             - 2;
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
+            members_at_start.push((
+                net.name.clone(),
+                net.version,
+                members.iter().map(|n| n.id).collect::<Vec<_>>(),
+            ));
             let wls = store.workloads(Some(&net.name)).await?;
             recent.extend(
                 wls.iter()
@@ -415,7 +428,24 @@ impl Service {
             hub.set_map(&net.name, map);
         }
         let started = clock.instant();
-        let mut handovers = Handovers::default();
+        let until = started + timing.lease + timing.margin;
+        let mut handovers = Handovers {
+            started_wait: members_at_start
+                .into_iter()
+                .map(|(net, version, nodes)| {
+                    let wait = nodes
+                        .into_iter()
+                        .map(|node| Release {
+                            node,
+                            version,
+                            until,
+                        })
+                        .collect();
+                    (net, wait)
+                })
+                .collect(),
+            ..Handovers::default()
+        };
         for key in recent {
             let wait = Release {
                 node: 0,
@@ -999,9 +1029,17 @@ impl Service {
             // `Service::unacknowledged_release`): a renewal either counts here or is answered
             // at `version`.
             let until = self.may_answer_until(old);
+            // The new holder's answers for a deleted workload at the same address are no
+            // second holder.
+            if let Some(freed) = h
+                .freed
+                .get_mut(&(rec.network.clone(), IpAddr::V4(rec.address)))
+            {
+                freed.retain(|r| Some(r.node) != rec.holder);
+            }
             let key = (rec.network.clone(), rec.name.clone());
             let list = h.pending.entry(key).or_default();
-            // The new holder's own earlier answers are no second holder.
+            // Nor its own earlier answers.
             list.retain(|r| Some(r.node) != rec.holder);
             if let Some(o) = old.filter(|o| Some(*o) != rec.holder) {
                 list.push(Release {
@@ -1360,6 +1398,22 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::create_workload(self.store(), self.clock.now(), &Caller::Admin, req).await?;
+        {
+            // Soon after a start, its address may still be answered for under a lease of the
+            // previous run (a workload deleted just before a crash): its first holder waits.
+            let now = self.clock.instant();
+            let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+            let h = &mut *h;
+            if let Some(wait) = h.started_wait.get_mut(&rec.network) {
+                wait.retain(|r| r.waiting(&h.acked, now));
+                if !wait.is_empty() {
+                    h.freed
+                        .entry((rec.network.clone(), IpAddr::V4(rec.address)))
+                        .or_default()
+                        .extend(wait.iter().copied());
+                }
+            }
+        }
         self.upsert_workload(&rec, version).await;
         Ok(rec)
     }
@@ -2179,6 +2233,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(kept(nodes[1]), [false; 3], "deleted");
+    }
+
+    /// A workload deleted just before a crash may have left its holder answering under a lease
+    /// the previous run granted (the deletion never reached it). A workload created again at
+    /// its address soon after the restart is not confirmed to its first holder until a lease
+    /// and the margin after the start; later creations are not held back.
+    #[tokio::test]
+    async fn a_workload_created_soon_after_a_start_waits_out_the_previous_runs_leases() {
+        let dir = tempfile::tempdir().unwrap();
+        let web = |address| CreateWorkload {
+            name: "web".into(),
+            network: "prod".into(),
+            address,
+            standby: vec![],
+            allowed: vec![],
+            tags: vec![],
+        };
+        let (old_holder, new_holder, address) = {
+            let svc = prod_service(dir.path()).await;
+            let (a, b) = (join(&svc, 1).await, join(&svc, 2).await);
+            let rec = svc.create_workload(web(None)).await.unwrap();
+            svc.move_workload("prod", "web", Some(&a.to_string()))
+                .await
+                .unwrap();
+            svc.delete_workload("prod", "web").await.unwrap();
+            (a, b, rec.address)
+        };
+        // The crash: the service is gone; another starts on the same store.
+        let store = SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
+            .await
+            .unwrap();
+        let svc = Service::load(Arc::new(store), Arc::new(SystemClock), 16)
+            .await
+            .unwrap();
+        let started = svc.instant();
+        svc.create_workload(web(Some(address))).await.unwrap();
+        svc.move_workload("prod", "web", Some(&new_holder.to_string()))
+            .await
+            .unwrap();
+        let wait = svc.timing.lease + svc.timing.margin;
+        assert!(
+            svc.instant() < started + wait,
+            "the move took too long to test"
+        );
+        assert_eq!(
+            svc.confirmed_for("prod", new_holder),
+            vec![],
+            "confirmed at once"
+        );
+        tokio::time::sleep((started + wait).saturating_duration_since(svc.instant())).await;
+        let w = svc.store().workload("prod", "web").await.unwrap().unwrap();
+        assert_eq!(
+            svc.confirmed_for("prod", new_holder),
+            vec![Confirmation {
+                workload: w.id,
+                generation: w.generation
+            }]
+        );
+        assert_ne!(w.holder, Some(old_holder));
+        // Later, a workload created at a free address is confirmed at once.
+        svc.delete_workload("prod", "web").await.unwrap();
+        svc.create_workload(web(Some(address))).await.unwrap();
+        svc.move_workload("prod", "web", Some(&new_holder.to_string()))
+            .await
+            .unwrap();
+        assert_eq!(svc.confirmed_for("prod", new_holder).len(), 1);
     }
 
     /// A holder's heartbeat answered after a change took its workload but before the change
