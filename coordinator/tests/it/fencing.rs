@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -38,6 +38,7 @@ use meshlink_coordinator::dispatch::SessionRef;
 use meshlink_coordinator::handlers::networks::CreateNetwork;
 use meshlink_coordinator::handlers::tokens::CreateToken;
 use meshlink_coordinator::handlers::workloads::CreateWorkload;
+use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::{Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, WorkloadTiming};
 use meshlink_coordinator::store::{LeaseClock, SqlStore, Store, UnixTime};
@@ -210,7 +211,12 @@ struct Sim {
     tasks: Vec<JoinSet<()>>,
     agents: Vec<Agent>,
     workloads: Vec<String>,
+    /// Each workload's address, kept when it is created again.
+    addresses: Vec<Ipv4Addr>,
     planned: Planned,
+    /// The generations workloads had reached when the operator deleted them (to create them
+    /// again), counted with the live ones' among the changes a run made.
+    retired: Arc<AtomicU64>,
     now: u64,
     /// Per workload, overlaps seen: (older generation, newer generation) -> (from, to, newer
     /// holder).
@@ -220,6 +226,22 @@ struct Sim {
     /// these.
     asked: BTreeMap<(String, Option<NodeId>), u64>,
     stats: BTreeMap<&'static str, u64>,
+}
+
+/// Workload `w{k}`: held first by vm-(k+1), its standbys vm-(k+2) and vm-(k+3), all three
+/// allowed; at `address` (created again at its old one) or the lowest free.
+fn workload_request(k: usize, address: Option<Ipv4Addr>) -> CreateWorkload {
+    let standby = vec![format!("vm-{}", 2 + k), format!("vm-{}", 3 + k)];
+    let mut allowed = standby.clone();
+    allowed.push(format!("vm-{}", 1 + k));
+    CreateWorkload {
+        name: format!("w{k}"),
+        network: NETWORK.into(),
+        address,
+        standby,
+        allowed,
+        tags: Vec::new(),
+    }
 }
 
 fn remote(key: u8) -> IpAddr {
@@ -333,23 +355,14 @@ impl Sim {
                 next: n % services.len(),
             });
         }
-        let mut workloads = Vec::new();
+        let (mut workloads, mut addresses) = (Vec::new(), Vec::new());
         for k in 0..WORKLOADS {
             let name = format!("w{k}");
-            let standby = vec![format!("vm-{}", 2 + k), format!("vm-{}", 3 + k)];
-            let mut allowed = standby.clone();
-            allowed.push(format!("vm-{}", 1 + k));
-            service
-                .create_workload(CreateWorkload {
-                    name: name.clone(),
-                    network: NETWORK.into(),
-                    address: None,
-                    standby,
-                    allowed,
-                    tags: Vec::new(),
-                })
+            let rec = service
+                .create_workload(workload_request(k, None))
                 .await
                 .unwrap();
+            addresses.push(rec.address);
             service
                 .move_workload(NETWORK, &name, Some(&format!("vm-{}", 1 + k)))
                 .await
@@ -371,7 +384,9 @@ impl Sim {
             tasks: (0..n).map(|_| JoinSet::new()).collect(),
             agents,
             workloads,
+            addresses,
             planned: Arc::new(Mutex::new(BTreeSet::new())),
+            retired: Arc::new(AtomicU64::new(0)),
             now: 0,
             overlaps: BTreeMap::new(),
             asked: BTreeMap::new(),
@@ -478,15 +493,23 @@ impl Sim {
         self.start_failover_loop(k);
     }
 
-    /// An operator moves, detaches or attaches a workload (through the service, as the admin
-    /// API does).
+    /// An operator moves, detaches or attaches a workload, or (one time in eight) deletes it
+    /// and creates it again at its address before attaching it, all through the service, as the
+    /// admin API does. A change planned on the old workload (a claim, a failover) may still be
+    /// on its way: it must not land on the new one.
     fn operator(&mut self) {
-        let name = self.workloads[self.rng.gen_range(0..WORKLOADS)].clone();
+        let k = self.rng.gen_range(0..WORKLOADS);
+        let name = self.workloads[k].clone();
         let to = match self.rng.gen_range(0..8) {
             0 => None,
             n => Some(format!("vm-{}", 1 + (n as usize % AGENTS))),
         };
-        self.count("operator changes");
+        let recreate = self.rng.gen_ratio(1, 8);
+        self.count(if recreate {
+            "operator recreations"
+        } else {
+            "operator changes"
+        });
         let to_id = to
             .as_ref()
             .map(|n| self.agents[n[3..].parse::<usize>().unwrap() - 1].id);
@@ -495,9 +518,27 @@ impl Sim {
         let up: Vec<usize> = (0..self.services.len())
             .filter(|k| self.is_up(*k))
             .collect();
-        let k = up[self.rng.gen_range(0..up.len())];
-        let (service, planned) = (self.services[k].clone(), self.planned.clone());
-        self.tasks[k].spawn(async move {
+        let c = up[self.rng.gen_range(0..up.len())];
+        let (service, planned) = (self.services[c].clone(), self.planned.clone());
+        let (retired, address) = (self.retired.clone(), self.addresses[k]);
+        self.tasks[c].spawn(async move {
+            if recreate {
+                match service.delete_workload(NETWORK, &name).await {
+                    Ok(old) => {
+                        retired.fetch_add(old.generation, Ordering::Relaxed);
+                    }
+                    // Deleted by a recreation a coordinator's crash cut short: created now.
+                    Err(ApiError::NotFound(_)) => {}
+                    Err(_) => return,
+                }
+                if service
+                    .create_workload(workload_request(k, Some(address)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
             if let Ok(o) = service.move_workload(NETWORK, &name, to.as_deref()).await {
                 planned
                     .lock()
@@ -505,6 +546,26 @@ impl Sim {
                     .insert((o.workload.name.clone(), o.workload.generation));
             }
         });
+    }
+
+    /// The operator creates again the workloads whose recreation a coordinator's crash cut
+    /// short (deleted, not created yet), detached.
+    async fn finish_recreations(&mut self) {
+        for k in 0..WORKLOADS {
+            if self
+                .store
+                .workload(NETWORK, &self.workloads[k])
+                .await
+                .unwrap()
+                .is_none()
+            {
+                let c = (0..self.services.len()).find(|c| self.is_up(*c)).unwrap();
+                self.services[c]
+                    .create_workload(workload_request(k, Some(self.addresses[k])))
+                    .await
+                    .unwrap();
+            }
+        }
     }
 
     /// Ends agent `i`'s session on both sides.
@@ -951,6 +1012,7 @@ impl Sim {
         for now in 1..=CHAOS_MS {
             self.step(now, true).await;
         }
+        self.finish_recreations().await;
         let mut last = Err(String::new());
         for now in CHAOS_MS + 1..=CHAOS_MS + HEAL_MS {
             self.step(now, false).await;
@@ -980,7 +1042,7 @@ async fn simulate(
     let mut sim = Sim::new(&dir, seed, url, coordinators).await;
     sim.run().await;
     let gens: u64 = {
-        let mut total = 0;
+        let mut total = sim.retired.load(Ordering::Relaxed);
         for w in &sim.workloads {
             total += sim.generation(w).await;
         }
