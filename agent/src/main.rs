@@ -679,10 +679,11 @@ fn handover_line(h: &serde_json::Value) -> Option<String> {
     let n = |k: &str| h[k].as_u64().unwrap_or(0);
     (n("queued") + n("not_held") > 0).then(|| {
         format!(
-            "handovers: kept back {}  released {}  dropped: denied {}, not local {}, full {}, \
-             timed out {}, abandoned {}, not held {}  waiting {}",
+            "handovers: kept back {}  released {}  sent on {}  dropped: denied {}, not local {}, \
+             full {}, timed out {}, abandoned {}, not held {}  waiting {}",
             n("queued"),
             n("released"),
+            n("sent_on"),
             n("denied"),
             n("not_local"),
             n("full"),
@@ -903,12 +904,12 @@ mod tests {
     #[test]
     fn the_handover_line_names_where_packets_went() {
         assert_eq!(handover_line(&serde_json::json!({"queued": 0})), None);
-        let h = serde_json::json!({"queued": 9, "released": 5, "denied": 2, "timed_out": 2,
-            "not_held": 1});
+        let h = serde_json::json!({"queued": 10, "released": 5, "sent_on": 1, "denied": 2,
+            "timed_out": 2, "not_held": 1});
         assert_eq!(
             handover_line(&h).unwrap(),
-            "handovers: kept back 9  released 5  dropped: denied 2, not local 0, full 0, \
-             timed out 2, abandoned 0, not held 1  waiting 0"
+            "handovers: kept back 10  released 5  sent on 1  dropped: denied 2, not local 0, \
+             full 0, timed out 2, abandoned 0, not held 1  waiting 0"
         );
     }
 

@@ -149,15 +149,19 @@ impl Sim {
     }
 
     /// Delivers what node `node` kept back at a handover and may deliver now, as the agent's
-    /// receive loop does: `tun` taken and written until nothing is left. Returns how many.
+    /// receive loop does: `tun` taken and written until nothing is left, and what it sends on
+    /// put on the wire. Returns how many were delivered.
     fn release(&mut self, node: usize, tun: &mut TunBatch) -> usize {
         let mut n = 0;
         while self.nodes[node].device.has_released() {
-            n += self.nodes[node].device.take_released(tun);
+            let mut net = NetBatch::with_capacity(4096);
+            n += self.nodes[node].device.take_released(tun, &mut net);
             let packets: Vec<Vec<u8>> = tun.packets().map(<[u8]>::to_vec).collect();
             self.nodes[node].delivered.extend(packets);
             tun.clear();
+            self.enqueue(node, &net);
         }
+        self.run();
         n
     }
 
@@ -958,7 +962,9 @@ fn kept_packets_go_out_a_batch_at_a_time_and_nothing_newer_overtakes_them() {
     let mut written: Vec<Vec<u8>> = Vec::new();
     let mut next = 6;
     while sim.nodes[2].device.has_released() {
-        sim.nodes[2].device.take_released(&mut tun);
+        sim.nodes[2]
+            .device
+            .take_released(&mut tun, &mut NetBatch::with_capacity(4096));
         assert_eq!(tun.len() + tun.free(), 2, "the batch did not grow");
         if next <= 8 {
             sim.send(0, &p(&sim, next));
@@ -1005,6 +1011,151 @@ fn a_large_kept_packet_is_released_whole() {
     let mut tun = TunBatch::new(4, 16, 2048);
     assert_eq!(sim.release(2, &mut tun), 1);
     assert_eq!(sim.nodes[2].delivered[before..], [large]);
+}
+
+/// Node `node`'s count of packets its host sent that no peer routes.
+fn no_route(sim: &Sim, node: usize) -> u64 {
+    use std::sync::atomic::Ordering;
+    sim.nodes[node]
+        .device
+        .drops()
+        .no_route
+        .load(Ordering::Relaxed)
+}
+
+/// The new holder's own host sends to the workload address during the handover (its map names
+/// it the holder, the coordinator has not confirmed it): no peer routes the address and the
+/// kernel does not have it yet, so the packets come out of its TUN device. They are kept back
+/// with what peers send, not answered before the address is held and up, then delivered in
+/// arrival order. (They were dropped for want of a route: the soak's lost pings.)
+#[test]
+fn the_new_holders_own_host_is_kept_back_and_answered_once_the_address_is_up() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(0, 2, b"0 to 2"));
+    let held = await_workload_at_node_2(&mut sim);
+    let n2 = sim.nodes[2].overlay;
+    let mine = |i: u8| ipv4(n2, WORKLOAD, &[i; 8]);
+    let theirs = ipv4(sim.nodes[0].overlay, WORKLOAD, &[2; 8]);
+    let before = sim.nodes[2].delivered.len();
+    sim.send(2, &mine(1));
+    sim.send(0, &theirs);
+    sim.send(2, &mine(3));
+    assert_eq!(
+        no_route(&sim, 2),
+        0,
+        "kept, not dropped for want of a route"
+    );
+    assert!(
+        sim.nodes[2].device.take_kept_from_host(),
+        "the send loop wakes the receive loop"
+    );
+    assert!(!sim.nodes[2].device.take_kept_from_host());
+    assert_eq!(sim.nodes[2].delivered.len(), before, "nothing answered");
+    assert_eq!(sim.nodes[2].device.handover_status().waiting, 3);
+    // Confirmed, the address not up yet: still kept back.
+    sim.nodes[2].device.set_workload_routing(held);
+    assert!(!sim.nodes[2].device.has_released());
+    sim.send(2, &mine(4));
+    // Up: written to its own TUN device, in arrival order.
+    sim.nodes[2].device.set_addresses_up([WORKLOAD.into()]);
+    let mut tun = TunBatch::new(2, 16, 2048);
+    assert_eq!(sim.release(2, &mut tun), 4);
+    assert_eq!(
+        sim.nodes[2].delivered[before..],
+        [mine(1), theirs, mine(3), mine(4)]
+    );
+    // Written by its host just before the address came up and read after the release: kept
+    // and delivered at the wake-up it causes.
+    sim.send(2, &mine(5));
+    assert!(sim.nodes[2].device.take_kept_from_host());
+    assert_eq!(sim.release(2, &mut tun), 1);
+    assert_eq!(sim.nodes[2].delivered.last(), Some(&mine(5)));
+    // Nothing else changes: a destination no peer routes is dropped, counted.
+    sim.send(2, &ipv4(n2, Ipv4Addr::new(100, 64, 9, 9), b"nowhere"));
+    assert_eq!(no_route(&sim, 2), 1);
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!((st.queued, st.released, st.waiting), (5, 5, 0), "{st:?}");
+}
+
+/// While a move to node 2 is being prepared, node 1 still holds the address and peers route
+/// it there; node 2's own host is kept back all the same (node 1, once it has applied the
+/// move, would forward its packets to node 2, never back to the sender: dropped). If the move
+/// does not land, they are sent on to the holder of then, as they would have been.
+#[test]
+fn a_prepared_holders_own_host_is_kept_back_and_sent_on_if_the_move_does_not_land() {
+    MockClock::set_time(Duration::ZERO);
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(2, 1, b"2 to 1"));
+    route_workload(&mut sim, 1);
+    let w: std::net::IpAddr = WORKLOAD.into();
+    let k1 = sim.nodes[1].key.public_key();
+    let prepared = WorkloadRouting {
+        awaited: [w].into(),
+        relay_from: [(w, k1)].into(),
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    };
+    sim.nodes[2].device.set_workload_routing(prepared);
+    let n2 = sim.nodes[2].overlay;
+    let mine = |i: u8| ipv4(n2, WORKLOAD, &[i; 8]);
+    let at_holder = sim.nodes[1].delivered.len();
+    sim.send(2, &mine(1));
+    sim.send(2, &mine(2));
+    assert_eq!(
+        sim.nodes[1].delivered.len(),
+        at_holder,
+        "kept back, not sent to the holder being replaced"
+    );
+    assert_eq!(sim.nodes[2].device.handover_status().waiting, 2);
+    // The preparation ends without the move: on to node 1, which holds it still.
+    sim.nodes[2].device.set_workload_routing(WorkloadRouting {
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    });
+    assert!(sim.nodes[2].device.has_released());
+    let mut tun = TunBatch::new(2, 16, 2048);
+    assert_eq!(sim.release(2, &mut tun), 0, "nothing for node 2 itself");
+    assert_eq!(sim.nodes[1].delivered[at_holder..], [mine(1), mine(2)]);
+    assert!(!sim.nodes[2].device.has_released());
+    let st = sim.nodes[2].device.handover_status();
+    assert_eq!(
+        (st.queued, st.sent_on, st.abandoned, st.waiting),
+        (2, 2, 0, 0),
+        "{st:?}"
+    );
+    // Directly from now on.
+    sim.send(2, &mine(3));
+    assert_eq!(sim.nodes[1].delivered.last(), Some(&mine(3)));
+}
+
+/// The kernel takes packets with the host's own source from a mesh node's TUN device (its
+/// own, kept back at a handover): a peer never may send from one of the node's own addresses,
+/// whatever its allowed IPs cover.
+#[test]
+fn no_peer_may_send_from_the_nodes_own_address() {
+    let mut sim = Sim::mesh(2, None);
+    assert!(sim.ping(0, 1, b"up"));
+    // Node 0 routes the whole network to node 1 (a hand-written configuration, say).
+    let mut config = sim.nodes[0].device.config();
+    config.peers[0].allowed_ips = vec!["100.64.0.0/16".parse().unwrap()];
+    sim.nodes[0].device.set_config(config);
+    let n0 = sim.nodes[0].overlay;
+    let forged = |tag: &[u8]| ipv4(n0, n0, tag);
+    let before = sim.nodes[0].delivered.len();
+    sim.send(1, &forged(b"as you, before"));
+    assert_eq!(
+        sim.nodes[0].delivered.len(),
+        before + 1,
+        "its allowed IPs cover it"
+    );
+    sim.nodes[0].device.set_own_addresses([n0.into()]);
+    sim.send(1, &forged(b"as you"));
+    assert_eq!(sim.nodes[0].delivered.len(), before + 1, "refused");
+    assert_eq!(sim.peer_status(0, 1).drops.spoofed_source, 1);
+    assert!(sim.ping(1, 0, b"from its own address"));
 }
 
 #[test]
@@ -1563,6 +1714,61 @@ mod policy {
             st.released + st.denied + st.full + st.waiting,
             "{st:?}"
         );
+    }
+
+    /// What the new holder's own host sends the awaited address is not the policy's to judge
+    /// (it speaks of what peers send; the host reaches its own addresses unfiltered): kept
+    /// back and delivered whatever the policy allows peers.
+    #[test]
+    fn the_new_holders_own_host_is_not_judged_by_the_policy() {
+        use meshlink_proto::workload::WorkloadInfo;
+        let mut sim = mesh();
+        let mut map = map_of(&sim, &[]);
+        let web: ipnet::IpNet = format!("{WORKLOAD}/32").parse().unwrap();
+        map.workloads.insert(
+            "web".into(),
+            WorkloadInfo {
+                id: 1,
+                name: "web".into(),
+                address: web,
+                holder: Some(3),
+                generation: 2,
+                previous: Some(2),
+                candidates: vec![2, 3],
+                grace_ms: None,
+                tags: Vec::new(),
+                address6: None,
+            },
+        );
+        let policy = Policy {
+            version: 1,
+            rules: vec![rule(1, "node:n0", "workload:web", "udp:5000")],
+        };
+        let compiled = Arc::new(CompiledPolicy::compile(&policy, &map, 3));
+        let firewall = |held: bool| FirewallConfig {
+            local: Some(
+                map.routed_to(3)
+                    .into_iter()
+                    .chain(held.then_some(web))
+                    .collect(),
+            ),
+            policy: Some(compiled.clone()),
+        };
+        sim.nodes[2].device.set_firewall(firewall(false));
+        let held = await_workload_at_node_2(&mut sim);
+        let (n1, n2) = (sim.nodes[1].overlay, sim.nodes[2].overlay);
+        let mine = tcp(n2, 40000, WORKLOAD, 22, SYN, b"");
+        sim.send(2, &mine);
+        sim.send(1, &tcp(n1, 40000, WORKLOAD, 22, SYN, b""));
+        let st = sim.nodes[2].device.handover_status();
+        assert_eq!((st.queued, st.denied, st.waiting), (2, 1, 1), "{st:?}");
+        let before = sim.nodes[2].delivered.len();
+        sim.nodes[2].device.set_firewall(firewall(true));
+        sim.nodes[2].device.set_workload_routing(held);
+        sim.nodes[2].device.set_addresses_up([WORKLOAD.into()]);
+        let mut tun = TunBatch::new(4, 16, 2048);
+        assert_eq!(sim.release(2, &mut tun), 1);
+        assert_eq!(sim.nodes[2].delivered[before..], [mine]);
     }
 
     /// The mesh of `mesh()` with node 2 made an external node (stock WireGuard: one peer,

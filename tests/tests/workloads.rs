@@ -28,6 +28,10 @@
 //!   standby nor as allowed; it warms up the holder and vm-b1 only, the talkers vm-a1
 //!   reported), then to vm-c2, a node that joins under the traffic and gets the address the
 //!   moment it is up (no session with anyone yet), then back to vm-a1: not one ping is lost.
+//! - `moves_onto_the_pinging_node_lose_nothing`: vm-b1 pings the address every millisecond
+//!   while it moves to vm-b1 itself and back, twice: what vm-b1's own host sends between the
+//!   preparation and the confirmation is kept back and answered once vm-b1 may answer, not
+//!   lost (it was: no route at vm-b1, or dropped by vm-a1 after it let go).
 //!
 //! Needs root (skips with one line otherwise) and the binaries: `cargo build -p meshlink-agent
 //! -p meshlink-coordinator -p meshctl -p meshlink-chat` first.
@@ -558,6 +562,59 @@ fn moves_to_unlisted_and_just_joined_nodes_lose_nothing() {
         sent,
         "{} pings (1/ms) lost across moves to an unlisted and to a just-joined node: {text}",
         sent - received
+    );
+    assert_eq!(bed.holder().as_deref(), Some("vm-a1"));
+}
+
+#[test]
+fn moves_onto_the_pinging_node_lose_nothing() {
+    let Some(bed) = Bed::held_by_vm_a1("wl-onto-pinger") else {
+        return;
+    };
+    let b1 = bed.agent("vm-b1");
+    b1.ns()
+        .wait_for_ping(WORKLOAD_IP, STEP)
+        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
+    // vm-b1 pings the address every millisecond while it moves onto vm-b1 itself and away
+    // again, twice. From the preparation to the confirmation, what vm-b1's own host sends the
+    // address is kept back with what peers send, and answered once vm-b1 may answer (before,
+    // a ping in that window was dropped for want of a route, or by vm-a1 once it had let go).
+    let ping = ping_run_1ms(b1.ns(), WORKLOAD_IP, 9_000);
+    std::thread::sleep(Duration::from_millis(1000));
+    for to in ["vm-b1", "vm-a1", "vm-b1", "vm-a1"] {
+        let started = Instant::now();
+        bed.ctl().run(&["workload", "move", WORKLOAD, "--to", to]);
+        timing(&format!("move to {to} answered"), started.elapsed());
+        bed.wait_address(to, true, STEP);
+        std::thread::sleep(Duration::from_millis(1200));
+    }
+    let out = ping.wait_with_output().expect("ping runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sent, received) = ping_summary(&text);
+    let kept = b1.status()["handover"].clone();
+    let n = |k: &str| kept[k].as_u64().unwrap_or(0);
+    timing(
+        &format!(
+            "pings answered across four moves onto and off the pinger: {received} of {sent} \
+             ({} kept back at vm-b1, {} released)",
+            n("queued"),
+            n("released")
+        ),
+        Duration::ZERO,
+    );
+    assert_eq!(
+        received,
+        sent,
+        "{} pings (1/ms) lost across moves onto the pinging node (vm-b1's handover: {kept}, \
+         drops: {}; vm-a1's handover: {}): {text}",
+        sent - received,
+        b1.status()["drops"],
+        bed.agent("vm-a1").status()["handover"]
+    );
+    assert_eq!(
+        n("queued"),
+        n("released"),
+        "vm-b1 delivered all it kept back: {kept}"
     );
     assert_eq!(bed.holder().as_deref(), Some("vm-a1"));
 }

@@ -8,12 +8,26 @@
 //! holder acknowledged the change before the confirmation was sent, so delivering then keeps
 //! one answerer per address.
 //!
+//! This node's own host sends to the address in that window too (a client on the node the
+//! workload moves to), and its packets come out of the TUN device: the kernel does not have
+//! the address yet. They are kept here as well, under this node's own key as their sender,
+//! and delivered with the rest (the kernel takes a packet with one of its own source addresses
+//! from the TUN device: see `crate::platform::sysctl`); the policy speaks of what peers send,
+//! so it does not judge them. From the preparation on, not only once the map names this node:
+//! sent to the old holder instead, a packet that reaches it after it applied the change would
+//! be dropped there (it forwards to the new holder, never back to the sender). If the address
+//! does not come here after all, they are sent on by the routes of then (`sent_on`), as they
+//! would have been.
+//!
 //! ```text
 //!  decrypted packet for an awaited address ──> policy (`Device`) ──denied──> dropped (`denied`)
 //!      ──> push ──> queue of its address, by sender (no room: the largest share loses its oldest, `full`)
+//!  packet from this host to an awaited address (or a held one no peer routes) ──> push (sender: own key)
 //!  address held and up ──> release ──> ready, in arrival order ──> Device::take_released, a batch at a time
-//!      ──> firewall in full (`denied`, `not_local`) ──> TUN; the address stays kept back until all is written
-//!  address neither awaited nor held any more ──> discard (`abandoned`)
+//!      ──> firewall in full (`denied`, `not_local`; this host's: still held and up, else `not_local`)
+//!      ──> TUN; the address stays kept back until all is written
+//!  address neither awaited nor held any more ──> discard (`abandoned`; this host's: unsent ──> Device::take_released
+//!      ──> the routes of then, `sent_on`)
 //!  older than the timeout ──> expire (`timed_out`)
 //! ```
 //!
@@ -92,12 +106,14 @@ pub enum Outcome {
     NotLocal,
 }
 
-/// One packet kept back: when it arrived, its place in the arrival order, its cost.
+/// One packet kept back: when it arrived, its place in the arrival order, its cost, and who
+/// delivered it.
 #[derive(Debug)]
 struct Kept {
     at: Duration,
     seq: u64,
     cost: usize,
+    sender: PublicKey,
     packet: Vec<u8>,
 }
 
@@ -145,6 +161,7 @@ struct Counts {
     full: u64,
     timed_out: u64,
     abandoned: u64,
+    sent_on: u64,
 }
 
 /// The queues of every awaited address, and the packets released from them waiting to be
@@ -154,10 +171,13 @@ pub struct HandoverQueues {
     limits: HandoverLimits,
     queues: HashMap<IpAddr, Queue>,
     ready: VecDeque<Kept>,
+    /// This host's packets for addresses discarded, in arrival order, to be sent on by the
+    /// routes (see [`HandoverQueues::discard`]).
+    unsent: VecDeque<Kept>,
     /// Addresses released whose packets are not all written yet (see
     /// [`HandoverQueues::finish`]).
     releasing: HashSet<IpAddr>,
-    /// The cost of the packets in `queues` and `ready`.
+    /// The cost of the packets in `queues`, `ready` and `unsent`.
     total: usize,
     /// Their bytes.
     bytes: usize,
@@ -242,6 +262,7 @@ impl HandoverQueues {
             at: now,
             seq: self.seq,
             cost,
+            sender,
             packet: packet.to_vec(),
         });
         share.cost += cost;
@@ -296,7 +317,7 @@ impl HandoverQueues {
     }
 
     /// Drops every packet that has waited the timeout at `now` (counted `timed_out`), released
-    /// ones not taken yet included.
+    /// ones not taken yet and this host's not sent on yet included.
     pub fn expire(&mut self, now: Duration) {
         let timeout = self.limits.timeout;
         for q in self.queues.values_mut() {
@@ -309,15 +330,16 @@ impl HandoverQueues {
                 timeout,
             );
         }
-        while self
-            .ready
-            .front()
-            .is_some_and(|k| now.saturating_sub(k.at) >= timeout)
-        {
-            if let Some(k) = self.ready.pop_front() {
-                self.total -= k.cost;
-                self.bytes -= k.packet.len();
-                self.counts.timed_out += 1;
+        for list in [&mut self.ready, &mut self.unsent] {
+            while list
+                .front()
+                .is_some_and(|k| now.saturating_sub(k.at) >= timeout)
+            {
+                if let Some(k) = list.pop_front() {
+                    self.total -= k.cost;
+                    self.bytes -= k.packet.len();
+                    self.counts.timed_out += 1;
+                }
             }
         }
     }
@@ -410,28 +432,51 @@ impl HandoverQueues {
     }
 
     /// `dst` will not be answered here after all (the workload went elsewhere, the preparation
-    /// ended, the lease ran out): its packets are dropped (`abandoned`). Released ones still
-    /// go through the firewall, which refuses them once the address is not local.
-    pub fn discard(&mut self, dst: IpAddr) {
+    /// ended, the lease ran out): its packets are dropped (`abandoned`), but for those of
+    /// `own` (this host's), which wait to be sent on by the routes
+    /// ([`HandoverQueues::pop_unsent`]). Released ones still go through the firewall, which
+    /// refuses them once the address is not local.
+    pub fn discard(&mut self, dst: IpAddr, own: PublicKey) {
         self.releasing.remove(&dst);
-        if let Some(q) = self.queues.remove(&dst) {
-            for share in q.senders.into_values() {
-                for k in share.packets {
-                    self.total -= k.cost;
-                    self.bytes -= k.packet.len();
-                    self.counts.abandoned += 1;
-                }
+        let Some(mut q) = self.queues.remove(&dst) else {
+            return;
+        };
+        if let Some(mine) = q.senders.remove(&own) {
+            self.unsent.extend(mine.packets);
+            // After another address's, perhaps sent later: in arrival order.
+            self.unsent.make_contiguous().sort_by_key(|k| k.seq);
+        }
+        for share in q.senders.into_values() {
+            for k in share.packets {
+                self.total -= k.cost;
+                self.bytes -= k.packet.len();
+                self.counts.abandoned += 1;
             }
         }
     }
 
-    /// The oldest released packet not taken yet. Say what became of it with
-    /// [`HandoverQueues::count`].
-    pub fn pop_ready(&mut self) -> Option<Vec<u8>> {
+    /// The oldest packet of this host's whose address went elsewhere (see
+    /// [`HandoverQueues::discard`]), counted `sent_on`: the caller sends it by the routes.
+    pub fn pop_unsent(&mut self) -> Option<Vec<u8>> {
+        let k = self.unsent.pop_front()?;
+        self.total -= k.cost;
+        self.bytes -= k.packet.len();
+        self.counts.sent_on += 1;
+        Some(k.packet)
+    }
+
+    /// Whether packets of this host's wait to be sent on ([`HandoverQueues::pop_unsent`]).
+    pub fn has_unsent(&self) -> bool {
+        !self.unsent.is_empty()
+    }
+
+    /// The oldest released packet not taken yet, and who delivered it (the sender given to
+    /// [`HandoverQueues::push`]). Say what became of it with [`HandoverQueues::count`].
+    pub fn pop_ready(&mut self) -> Option<(PublicKey, Vec<u8>)> {
         let k = self.ready.pop_front()?;
         self.total -= k.cost;
         self.bytes -= k.packet.len();
-        Some(k.packet)
+        Some((k.sender, k.packet))
     }
 
     /// Counts what became of a packet taken with [`HandoverQueues::pop_ready`].
@@ -452,7 +497,8 @@ impl HandoverQueues {
     pub fn status(&self) -> HandoverStatus {
         HandoverStatus {
             waiting: self.queues.values().map(|q| q.packets as u64).sum::<u64>()
-                + self.ready.len() as u64,
+                + self.ready.len() as u64
+                + self.unsent.len() as u64,
             waiting_bytes: self.bytes as u64,
             queued: self.counts.queued,
             released: self.counts.released,
@@ -461,6 +507,7 @@ impl HandoverQueues {
             full: self.counts.full,
             timed_out: self.counts.timed_out,
             abandoned: self.counts.abandoned,
+            sent_on: self.counts.sent_on,
             ..HandoverStatus::default()
         }
     }
@@ -484,6 +531,8 @@ mod tests {
     }
 
     const A: u8 = 1;
+    /// This node's own key, the sender of its host's packets.
+    const OWN: u8 = 99;
 
     fn limits(packets: usize, bytes: usize, total_bytes: usize) -> HandoverLimits {
         HandoverLimits {
@@ -496,7 +545,7 @@ mod tests {
 
     fn drain(q: &mut HandoverQueues) -> Vec<Vec<u8>> {
         std::iter::from_fn(|| {
-            let p = q.pop_ready()?;
+            let (_, p) = q.pop_ready()?;
             q.count(Outcome::Released);
             Some(p)
         })
@@ -507,7 +556,14 @@ mod tests {
     fn balanced(q: &HandoverQueues) -> bool {
         let s = q.status();
         s.queued
-            == s.waiting + s.released + s.denied + s.not_local + s.full + s.timed_out + s.abandoned
+            == s.waiting
+                + s.released
+                + s.denied
+                + s.not_local
+                + s.full
+                + s.timed_out
+                + s.abandoned
+                + s.sent_on
     }
 
     #[test]
@@ -546,13 +602,17 @@ mod tests {
         q.release(ip(10), ms(1));
         assert_eq!(q.addresses().collect::<Vec<_>>(), vec![ip(10)]);
         assert!(q.is_releasing());
-        assert_eq!(q.pop_ready(), Some(vec![1; 40]));
+        assert_eq!(q.pop_ready(), Some((peer(A), vec![1; 40])));
         assert!(!q.finish(), "one packet still to be taken");
         // A packet that arrives meanwhile is queued behind, and released after the others.
-        q.push(ip(10), peer(A), &[3; 40], ms(2));
+        q.push(ip(10), peer(2), &[3; 40], ms(2));
         q.release(ip(10), ms(2));
-        assert_eq!(q.pop_ready(), Some(vec![2; 40]));
-        assert_eq!(q.pop_ready(), Some(vec![3; 40]));
+        assert_eq!(q.pop_ready(), Some((peer(A), vec![2; 40])));
+        assert_eq!(
+            q.pop_ready(),
+            Some((peer(2), vec![3; 40])),
+            "with its sender"
+        );
         assert!(q.addresses().any(|a| a == ip(10)), "until written");
         assert!(q.finish());
         assert_eq!(q.addresses().count(), 0);
@@ -725,12 +785,41 @@ mod tests {
         q.push(ip(10), peer(A), &[1; 10], ms(0));
         q.push(ip(10), peer(2), &[2; 10], ms(0));
         q.push(ip(11), peer(A), &[3; 10], ms(0));
-        q.discard(ip(10));
+        q.discard(ip(10), peer(OWN));
         let s = q.status();
         assert_eq!((s.abandoned, s.waiting, s.waiting_bytes), (2, 1, 10));
         assert_eq!(q.addresses().collect::<Vec<_>>(), vec![ip(11)]);
-        q.discard(ip(12));
+        q.discard(ip(12), peer(OWN));
         assert_eq!(q.status().abandoned, 2);
+        assert!(!q.has_unsent() && q.pop_unsent().is_none());
+    }
+
+    /// This host's own packets for an address that goes elsewhere after all are not dropped:
+    /// they wait to be sent by the routes, in arrival order over every address, and time out
+    /// like the rest.
+    #[test]
+    fn this_hosts_packets_for_an_address_not_taken_are_sent_on() {
+        let mut q = HandoverQueues::new(limits(100, 100_000, 100_000));
+        q.push(ip(10), peer(OWN), &[1; 10], ms(0));
+        q.push(ip(11), peer(OWN), &[2; 10], ms(1));
+        q.push(ip(10), peer(A), &[3; 10], ms(2));
+        q.push(ip(10), peer(OWN), &[4; 10], ms(3));
+        q.discard(ip(11), peer(OWN));
+        q.discard(ip(10), peer(OWN));
+        let s = q.status();
+        assert_eq!((s.abandoned, s.waiting, s.sent_on), (1, 3, 0));
+        assert_eq!(q.addresses().count(), 0, "neither address is kept back");
+        assert!(q.has_unsent() && !q.has_ready());
+        assert_eq!(q.pop_unsent(), Some(vec![1; 10]));
+        assert_eq!(q.pop_unsent(), Some(vec![2; 10]));
+        q.expire(ms(3003));
+        let s = q.status();
+        assert_eq!(
+            (s.sent_on, s.timed_out, s.waiting, s.waiting_bytes),
+            (2, 1, 0, 0)
+        );
+        assert!(!q.has_unsent());
+        assert!(balanced(&q));
     }
 
     #[test]
@@ -741,18 +830,22 @@ mod tests {
             for k in 0..(round % 7) {
                 let dst = ip(10 + (k % 3) as u8);
                 let len = 50 + (k as usize * 37) % 400;
-                q.push(dst, peer((k % 2) as u8), &vec![k as u8; len], ms(t));
+                let sender = [peer(0), peer(1), peer(OWN)][(k % 3) as usize];
+                q.push(dst, sender, &vec![k as u8; len], ms(t));
                 t += 150;
             }
-            match round % 6 {
+            match round % 7 {
                 0 => q.release(ip(10), ms(t)),
-                1 => q.discard(ip(11)),
+                1 => q.discard(ip(11), peer(OWN)),
                 2 => q.expire(ms(t)),
                 3 => q.denied_on_arrival(),
                 4 => {
                     if q.pop_ready().is_some() {
                         q.count(Outcome::NotLocal);
                     }
+                }
+                5 => {
+                    q.pop_unsent();
                 }
                 _ => {
                     if q.pop_ready().is_some() {

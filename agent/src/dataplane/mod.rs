@@ -8,6 +8,7 @@
 //!                                          ──> allowed-IPs check (src) ──> roam endpoint
 //!                                          ──> firewall (destination, policy; see `firewall`) ──> TunBatch ──> TUN (GRO)
 //!                                          ──> (an awaited workload address) policy ──> kept back (see `handover`)
+//!  TUN read, dst awaited here (or held and not up, no peer routing it) ──> kept back (this host's)
 //!  address held and up ──> Device::take_released, a batch at a time ──> firewall ──> TunBatch ──> TUN
 //!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
 //! ```
@@ -42,7 +43,7 @@ mod talkers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, SystemTime};
 
@@ -78,6 +79,10 @@ const HANDSHAKE_RESPONSE: u8 = 2;
 const DATA_HEADER: usize = 16;
 /// The smallest buffer boringtun accepts for output (a handshake initiation).
 const MIN_OUT: usize = 148;
+/// This host's packets for an address that went elsewhere sent on per
+/// [`Device::take_released`] call at most, so that the receive loop's datagram batch stays
+/// about the size it has.
+const SEND_ON_BATCH: usize = 8;
 /// A handshake older than this leaves no session (WireGuard's REJECT_AFTER_TIME).
 const NO_SESSION_AFTER: std::time::Duration = std::time::Duration::from_secs(180);
 
@@ -206,7 +211,10 @@ pub struct WorkloadRouting {
     /// Workload addresses this node is about to answer for and may not yet (the coordinator
     /// has not confirmed the handover, or a move here is being prepared; see
     /// `meshlink_proto::workload::Holdings::awaited`): what arrives for them is kept back,
-    /// in order, a bounded time (see `handover`), never delivered before they are held.
+    /// in order, a bounded time (see `handover`), never delivered before they are held. So
+    /// is what this node's own host sends them, even while the map still routes them to
+    /// their holder (a move here being prepared): sent there, it could reach the holder after
+    /// it let go, which never sends it back.
     pub awaited: HashSet<IpAddr>,
     /// Workload addresses this node answers for. A packet for one that arrives before the
     /// address is up on the interface ([`Device::set_addresses_up`]) is kept back too, and
@@ -242,6 +250,12 @@ struct Table {
     /// yet, and held ones whose kept packets are not delivered yet (so that nothing overtakes
     /// them). See [`Device::settle`].
     waiting: HashSet<IpAddr>,
+    /// This node's public key: the sender of the packets of its own host kept back at a
+    /// handover (see `handover`).
+    own_key: PublicKey,
+    /// This node's own addresses on the interface ([`Device::set_own_addresses`]): never an
+    /// inner source a peer may send from.
+    own_addresses: Vec<IpAddr>,
 }
 
 impl Table {
@@ -306,6 +320,9 @@ pub struct Device {
     handover: Mutex<HandoverQueues>,
     /// Packets for a workload address neither held, awaited nor forwarded here.
     not_held: AtomicU64,
+    /// The send path kept back a packet of this host's since [`Device::take_kept_from_host`]
+    /// was last asked.
+    kept_from_host: AtomicBool,
 }
 
 /// Makes a WireGuard session; tests may substitute their own engine.
@@ -413,6 +430,8 @@ impl Device {
             alias_peers: HashMap::new(),
             up: HashSet::new(),
             waiting: HashSet::new(),
+            own_key: PublicKey(public.to_bytes()),
+            own_addresses: Vec::new(),
         };
         let device = Device {
             table: RwLock::new(table),
@@ -426,6 +445,7 @@ impl Device {
             firewall_counters: FirewallCounters::default(),
             handover: Mutex::new(HandoverQueues::new(HandoverLimits::default())),
             not_held: AtomicU64::new(0),
+            kept_from_host: AtomicBool::new(false),
         };
         device.set_config(config);
         device
@@ -454,6 +474,7 @@ impl Device {
         let key_changed = t.config.private_key != new.private_key;
         if key_changed {
             t.public = x25519::PublicKey::from(&new.private_key.0);
+            t.own_key = PublicKey(t.public.to_bytes());
             t.limiter = new_limiter(&t.public);
             t.verifier = new_verifier(&t.public);
         }
@@ -555,9 +576,22 @@ impl Device {
         t.pair_aliases();
     }
 
+    /// Sets this node's own addresses (those on its interface). No peer may send from one,
+    /// whatever its allowed IPs cover (a peer routed `0.0.0.0/0`, say): what passes the
+    /// source check is never taken for this host's own traffic, which the kernel accepts from
+    /// the TUN device on a mesh node (see `crate::platform::sysctl`).
+    pub fn set_own_addresses(&self, addresses: impl IntoIterator<Item = IpAddr>) {
+        let mut own: Vec<IpAddr> = addresses.into_iter().collect();
+        own.sort();
+        own.dedup();
+        let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
+        t.own_addresses = own;
+    }
+
     /// Sets how workload addresses are forwarded, accepted and kept back; peers and sessions
     /// stay. Packets kept back for an address that is now neither awaited nor held are
-    /// dropped (`abandoned`); those of an address now held and up wait for
+    /// dropped (`abandoned`), but for this host's own, which [`Device::take_released`] sends
+    /// on by the routes; those of an address now held and up wait for
     /// [`Device::take_released`] (see [`Device::has_released`]), and so does what arrives
     /// for it until they are all taken.
     pub fn set_workload_routing(&self, routing: WorkloadRouting) {
@@ -612,7 +646,7 @@ impl Device {
             .filter(|a| !t.workloads.awaited.contains(a) && !t.workloads.held.contains(a))
             .collect();
         for a in gone {
-            q.discard(a);
+            q.discard(a, t.own_key);
         }
         let mut waiting: HashSet<IpAddr> = t.workloads.awaited.clone();
         waiting.extend(t.workloads.held.iter().filter(|a| !t.up.contains(a)));
@@ -621,17 +655,31 @@ impl Device {
         t.waiting = waiting;
     }
 
-    /// Whether [`Device::take_released`] has something to do: kept packets to deliver, or
-    /// addresses whose kept packets were all taken to let go of.
+    /// Whether the send path kept back a packet of this host's since the last call (see
+    /// `handover`): the sending loop then wakes the receive loop, which delivers it if its
+    /// address may be answered already ([`Device::has_released`]).
+    pub fn take_kept_from_host(&self) -> bool {
+        self.kept_from_host.load(Ordering::Relaxed)
+            && self.kept_from_host.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether [`Device::take_released`] has something to do: kept packets to deliver or (this
+    /// host's, for an address that went elsewhere) to send on, or addresses whose kept
+    /// packets were all taken to let go of.
     pub fn has_released(&self) -> bool {
         let t = self.read();
         let q = self.handover();
-        q.has_ready() || q.is_releasing() || q.queued().any(|a| Self::releasable(&t, a))
+        q.has_ready()
+            || q.has_unsent()
+            || q.is_releasing()
+            || q.queued().any(|a| Self::releasable(&t, a))
     }
 
     /// Moves packets kept back for addresses that may be answered now (held and up) to `tun`,
     /// in arrival order, through the firewall as if they arrived now: at most as many as
-    /// `tun` has free slots (at least one), so that it never grows. Returns how many.
+    /// `tun` has free slots (at least one), so that it never grows. Returns how many. This
+    /// host's own packets for an address that went elsewhere are sent on by the routes into
+    /// `net`.
     ///
     /// Call it until [`Device::has_released`] is false, writing `tun` to the TUN device
     /// between calls (the call after the last packets were taken finds nothing left and lets
@@ -640,7 +688,8 @@ impl Device {
     /// receives interleave; the agent makes them in its receive loop, between two receive
     /// batches (`crate::run`). The table is held for writing only to move the queues, the
     /// firewall runs under the read lock.
-    pub fn take_released(&self, tun: &mut TunBatch) -> usize {
+    pub fn take_released(&self, tun: &mut TunBatch, net: &mut NetBatch) -> usize {
+        self.send_on(net);
         let now = self.now();
         {
             let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
@@ -660,22 +709,51 @@ impl Device {
         let mut memo = Memo::default();
         let mut n = 0;
         for _ in 0..tun.free().max(1) {
-            let Some(packet) = self.handover().pop_ready() else {
+            let Some((sender, packet)) = self.handover().pop_ready() else {
                 break;
             };
-            let outcome =
-                match self.admit(&t, &packet, destination(&packet), Check::Full, &mut memo) {
-                    Verdict::Pass => {
-                        tun.push_copy(&packet);
-                        n += 1;
-                        Outcome::Released
-                    }
-                    Verdict::Denied => Outcome::Denied,
-                    Verdict::NotLocal => Outcome::NotLocal,
-                };
+            let dst = destination(&packet);
+            let verdict = if sender == t.own_key {
+                // This host's own: the policy speaks of what peers send. Delivered only while
+                // its address may still be answered here.
+                match dst {
+                    Some(d) if Self::releasable(&t, d) => Verdict::Pass,
+                    _ => Verdict::NotLocal,
+                }
+            } else {
+                self.admit(&t, &packet, dst, Check::Full, &mut memo)
+            };
+            let outcome = match verdict {
+                Verdict::Pass => {
+                    tun.push_copy(&packet);
+                    n += 1;
+                    Outcome::Released
+                }
+                Verdict::Denied => Outcome::Denied,
+                Verdict::NotLocal => Outcome::NotLocal,
+            };
             self.handover().count(outcome);
         }
         n
+    }
+
+    /// Sends this host's packets kept back for addresses that went elsewhere by the routes
+    /// (see `handover`), [`SEND_ON_BATCH`] at most: what a peer routes now is sealed into
+    /// `net`; what is kept back here again waits again.
+    fn send_on(&self, net: &mut NetBatch) {
+        let mut unsent = Vec::new();
+        {
+            let mut q = self.handover();
+            while unsent.len() < SEND_ON_BATCH {
+                let Some(p) = q.pop_unsent() else {
+                    break;
+                };
+                unsent.push(p);
+            }
+        }
+        if !unsent.is_empty() {
+            self.outbound_batch(unsent.iter().map(Vec::as_slice), net);
+        }
     }
 
     /// The firewall's verdict on a decrypted packet to `dst` (see `firewall`); nothing to
@@ -958,7 +1036,18 @@ impl Device {
                 self.drops.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let Some(peer) = t.routes.lookup(dst) else {
+            let route = t.routes.lookup(dst);
+            if !t.waiting.is_empty() && t.waiting.contains(&dst)
+                || route.is_none() && t.workloads.held.contains(&dst)
+            {
+                // A workload address moving here, which the kernel does not have yet (or
+                // just got: this packet was written before): kept back with what peers send
+                // it, and delivered once it may be answered here (see `handover`).
+                self.handover().push(dst, t.own_key, packet, now);
+                self.kept_from_host.store(true, Ordering::Relaxed);
+                continue;
+            }
+            let Some(peer) = route else {
                 self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
@@ -1059,20 +1148,22 @@ impl Device {
                 // Cryptokey routing, inbound half: the inner source must be one of the peer's,
                 // or a workload address the peer may send from, or (a packet the previous
                 // holder of a workload address held here relays to it) a node's own address.
-                // A peer's alias (its next key) speaks for the same node.
+                // A peer's alias (its next key) speaks for the same node. Never one of this
+                // node's own addresses, whatever the peer's allowed IPs cover.
                 let who = t.identity(peer);
-                let owner_ok = t
-                    .routes
-                    .lookup(src)
-                    .is_some_and(|o| Arc::ptr_eq(o, peer) || o.key == *who)
-                    || t.workloads
-                        .also_from
-                        .get(&src)
-                        .is_some_and(|keys| keys.contains(who))
-                    || (!t.workloads.relay_from.is_empty()
-                        && destination(packet).and_then(|d| t.workloads.relay_from.get(&d))
-                            == Some(who)
-                        && t.workloads.relay_sources.contains(&src));
+                let owner_ok = !t.own_addresses.contains(&src)
+                    && (t
+                        .routes
+                        .lookup(src)
+                        .is_some_and(|o| Arc::ptr_eq(o, peer) || o.key == *who)
+                        || t.workloads
+                            .also_from
+                            .get(&src)
+                            .is_some_and(|keys| keys.contains(who))
+                        || (!t.workloads.relay_from.is_empty()
+                            && destination(packet).and_then(|d| t.workloads.relay_from.get(&d))
+                                == Some(who)
+                            && t.workloads.relay_sources.contains(&src)));
                 if owner_ok {
                     let n = packet.len();
                     let next = if t.workloads.forward.is_empty() {

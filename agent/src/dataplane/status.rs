@@ -100,11 +100,11 @@ pub struct FirewallStatus {
 /// `dataplane::handover`): kept back while the address was awaited (its handover not
 /// confirmed yet, or not up on the interface yet), then delivered or dropped for a named
 /// reason. Counted since the start: `queued` = `released` + `denied` + `not_local` + `full` +
-/// `timed_out` + `abandoned` + `waiting`.
+/// `timed_out` + `abandoned` + `sent_on` + `waiting`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct HandoverStatus {
     /// Packets that arrived for an awaited address (kept back, or dropped at once: `denied`,
-    /// `full`).
+    /// `full`), this host's own among them.
     pub queued: u64,
     /// Of those, delivered to the TUN device once the address could be answered.
     pub released: u64,
@@ -121,6 +121,9 @@ pub struct HandoverStatus {
     /// Dropped: the address was not taken here after all (the workload went elsewhere, the
     /// preparation ended, the lease ran out).
     pub abandoned: u64,
+    /// Not dropped: this host's own, for an address that was not taken here after all, sent on
+    /// by the routes (to the holder of then).
+    pub sent_on: u64,
     /// Dropped: addressed to a workload address of the map that this node neither holds,
     /// awaits nor forwards (a peer's map is ahead of or behind this node's). Not part of
     /// `queued`.

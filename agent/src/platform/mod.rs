@@ -5,5 +5,6 @@
 //! tested without a kernel.
 
 pub mod netlink;
+pub mod sysctl;
 pub mod tun;
 pub mod udp;

@@ -2,7 +2,8 @@
 //! told to stop, then removes everything it added.
 //!
 //! One explicit loop per owned object, each on the shared tokio runtime:
-//! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends;
+//! - `tun_to_udp`: TUN read batch -> `Device::outbound_batch` -> GSO sends (what it keeps
+//!   back for a workload address moving here wakes `udp_to_tun`, `Device::take_kept_from_host`);
 //! - `udp_to_tun`: GRO/`recvmmsg` receive -> `Device::inbound_batch` -> coalesced TUN writes;
 //!   between two receive batches, the packets kept back at a handover (`Device::take_released`);
 //! - `timers`: WireGuard timers and the data plane's clock every 250 ms, handshake limiter
@@ -260,6 +261,17 @@ pub async fn run(
             Err(e) => return Err(e.into()),
         }
     }
+    if mesh.is_some() {
+        // What this host sends a workload address moving here is kept back until the
+        // handover is confirmed, then written to the TUN device with this host's source.
+        if let Err(e) = crate::platform::sysctl::accept_local(&settings.interface) {
+            warn!(
+                interface = %settings.interface,
+                "accept_local not set: what this host sends a workload address while it moves \
+                 here is lost until the address is up: {e}"
+            );
+        }
+    }
     let mut routes = Installed::new(Kind::Route);
     let mut workload_addrs = Installed::new(Kind::Address);
     let at_start = if settings.install_routes {
@@ -295,6 +307,7 @@ pub async fn run(
     device_config.listen_port = udp.port();
     let seed = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
     let device = Arc::new(Device::new(device_config, seed));
+    device.set_own_addresses(settings.addresses.iter().map(IpNet::addr));
     let (routes_tx, mut routes_rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control {
         device: device.clone(),
@@ -329,6 +342,7 @@ pub async fn run(
         tun.clone(),
         udp.clone(),
         settings.interface.clone(),
+        kept.clone(),
     ));
     tasks.spawn(udp_to_tun(
         device.clone(),

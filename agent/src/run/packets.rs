@@ -41,11 +41,15 @@ pub(super) fn decrypted_packet_room(mtu: u16) -> usize {
     tun_packet_room(mtu).max(2048)
 }
 
+/// The send loop: what this host writes to the TUN device, encrypted to its peers. A packet
+/// it keeps back for a workload address moving here (see `Device::take_kept_from_host`)
+/// wakes the receive loop through `kept`, which delivers it once the address may be answered.
 pub(super) async fn tun_to_udp(
     device: Arc<Device>,
     tun: Arc<Tun>,
     udp: Arc<UdpTransport>,
     interface: String,
+    kept: Arc<Notify>,
 ) -> Result<(), RunError> {
     let slots = IDEAL_BATCH_SIZE;
     let mut original = vec![0u8; HEADROOM + 65536];
@@ -81,6 +85,9 @@ pub(super) async fn tun_to_udp(
             bufs[..n].iter().zip(&sizes[..n]).map(|(b, s)| &b[..*s]),
             &mut net,
         );
+        if device.take_kept_from_host() {
+            kept.notify_one();
+        }
         if !net.is_empty() {
             udp.send_batch(&net).await;
             net.clear();
@@ -166,7 +173,7 @@ pub(super) async fn udp_to_tun(
                 // TUN device's one writer), in this loop's batch (sized from the MTU). The
                 // receive is cancel-safe: a datagram is taken only when it completes.
                 () = kept.notified() => {
-                    deliver_kept(&device, &tun, &mut gro, &mut tun_batch).await;
+                    deliver_kept(&device, &tun, &udp, &mut gro, &mut tun_batch, &mut net).await;
                     continue;
                 }
                 r = udp.recv(&mut slices, &mut meta) => match r {
@@ -248,18 +255,25 @@ pub(super) async fn udp_to_tun(
 }
 
 /// Writes the packets kept back for workload addresses that may be answered now to the TUN
-/// device, a batch at a time (see `Device::take_released`); `batch` is empty before and
-/// after, and does not grow.
+/// device, a batch at a time (see `Device::take_released`), and sends on this host's own for
+/// addresses that went elsewhere; `batch` and `net` are empty before and after, and `batch`
+/// does not grow.
 pub(super) async fn deliver_kept(
     device: &Device,
     tun: &Tun,
+    udp: &UdpTransport,
     gro: &mut tun_rs::GROTable,
     batch: &mut TunBatch,
+    net: &mut NetBatch,
 ) {
     let mut n = 0;
     while device.has_released() {
-        n += device.take_released(batch);
+        n += device.take_released(batch, net);
         flush_tun(tun, gro, batch).await;
+        if !net.is_empty() {
+            udp.send_batch(net).await;
+            net.clear();
+        }
     }
     if n > 0 {
         debug!(packets = n, "packets kept back at a handover delivered");
