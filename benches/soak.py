@@ -278,14 +278,21 @@ def ping_loss(path):
     went to an address nobody answered for yet: the workload is attached after the ping
     starts), and the unanswered sequence numbers between the two."""
     seqs = set()
+    # ICMP sequence numbers wrap at 65,536 (22 minutes at 20 ms): unwrapped by the order of
+    # the replies, which never trail by half the range.
+    wraps, last = 0, None
     try:
         with open(path, errors="replace") as f:
             for line in f:
                 if "icmp_seq=" in line and "bytes from" in line:
                     try:
-                        seqs.add(int(line.split("icmp_seq=")[1].split()[0]))
+                        q = int(line.split("icmp_seq=")[1].split()[0])
                     except (IndexError, ValueError):
-                        pass
+                        continue
+                    if last is not None and q < last - 32768:
+                        wraps += 1
+                    last = q
+                    seqs.add(q + 65536 * wraps)
     except OSError:
         pass
     if not seqs:
