@@ -580,6 +580,7 @@ fn moves_onto_the_pinging_node_lose_nothing() {
     // address is kept back with what peers send, and answered once vm-b1 may answer (before,
     // a ping in that window was dropped for want of a route, or by vm-a1 once it had let go).
     let ping = ping_run_1ms(b1.ns(), WORKLOAD_IP, 9_000);
+    let pinging = Instant::now();
     std::thread::sleep(Duration::from_millis(1000));
     for to in ["vm-b1", "vm-a1", "vm-b1", "vm-a1"] {
         let started = Instant::now();
@@ -588,6 +589,13 @@ fn moves_onto_the_pinging_node_lose_nothing() {
         bed.wait_address(to, true, STEP);
         std::thread::sleep(Duration::from_millis(1200));
     }
+    // Every move under the ping (9,000 at 1 ms take at least 9 s): a slow machine fails here
+    // rather than pass having covered fewer moves.
+    assert!(
+        pinging.elapsed() < Duration::from_millis(8_500),
+        "the four moves took {:?}, longer than the ping",
+        pinging.elapsed()
+    );
     let out = ping.wait_with_output().expect("ping runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (sent, received) = ping_summary(&text);

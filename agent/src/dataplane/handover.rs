@@ -70,6 +70,12 @@ pub const HANDOVER_PACKETS: usize = 512;
 pub const HANDOVER_BYTES: usize = 512 * 1024;
 /// Bytes kept over all addresses at most.
 pub const HANDOVER_TOTAL_BYTES: usize = 2 * 1024 * 1024;
+/// The sender this node's own host's packets are kept under: the all-zero key, which no node
+/// may have (it is of small order; the coordinator refuses it at join, so no mesh peer has
+/// it, and handovers happen only on mesh nodes). So neither a key rotation (this node's key
+/// changes while packets are kept) nor a peer sharing this node's key (a copied state
+/// directory) changes what counts as the host's.
+pub const HOST: PublicKey = PublicKey([0; 32]);
 
 /// The bounds of [`HandoverQueues`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -433,15 +439,15 @@ impl HandoverQueues {
 
     /// `dst` will not be answered here after all (the workload went elsewhere, the preparation
     /// ended, the lease ran out): its packets are dropped (`abandoned`), but for those of
-    /// `own` (this host's), which wait to be sent on by the routes
+    /// [`HOST`] (this host's), which wait to be sent on by the routes
     /// ([`HandoverQueues::pop_unsent`]). Released ones still go through the firewall, which
     /// refuses them once the address is not local.
-    pub fn discard(&mut self, dst: IpAddr, own: PublicKey) {
+    pub fn discard(&mut self, dst: IpAddr) {
         self.releasing.remove(&dst);
         let Some(mut q) = self.queues.remove(&dst) else {
             return;
         };
-        if let Some(mine) = q.senders.remove(&own) {
+        if let Some(mine) = q.senders.remove(&HOST) {
             self.unsent.extend(mine.packets);
             // After another address's, perhaps sent later: in arrival order.
             self.unsent.make_contiguous().sort_by_key(|k| k.seq);
@@ -531,8 +537,6 @@ mod tests {
     }
 
     const A: u8 = 1;
-    /// This node's own key, the sender of its host's packets.
-    const OWN: u8 = 99;
 
     fn limits(packets: usize, bytes: usize, total_bytes: usize) -> HandoverLimits {
         HandoverLimits {
@@ -785,11 +789,11 @@ mod tests {
         q.push(ip(10), peer(A), &[1; 10], ms(0));
         q.push(ip(10), peer(2), &[2; 10], ms(0));
         q.push(ip(11), peer(A), &[3; 10], ms(0));
-        q.discard(ip(10), peer(OWN));
+        q.discard(ip(10));
         let s = q.status();
         assert_eq!((s.abandoned, s.waiting, s.waiting_bytes), (2, 1, 10));
         assert_eq!(q.addresses().collect::<Vec<_>>(), vec![ip(11)]);
-        q.discard(ip(12), peer(OWN));
+        q.discard(ip(12));
         assert_eq!(q.status().abandoned, 2);
         assert!(!q.has_unsent() && q.pop_unsent().is_none());
     }
@@ -800,12 +804,12 @@ mod tests {
     #[test]
     fn this_hosts_packets_for_an_address_not_taken_are_sent_on() {
         let mut q = HandoverQueues::new(limits(100, 100_000, 100_000));
-        q.push(ip(10), peer(OWN), &[1; 10], ms(0));
-        q.push(ip(11), peer(OWN), &[2; 10], ms(1));
+        q.push(ip(10), HOST, &[1; 10], ms(0));
+        q.push(ip(11), HOST, &[2; 10], ms(1));
         q.push(ip(10), peer(A), &[3; 10], ms(2));
-        q.push(ip(10), peer(OWN), &[4; 10], ms(3));
-        q.discard(ip(11), peer(OWN));
-        q.discard(ip(10), peer(OWN));
+        q.push(ip(10), HOST, &[4; 10], ms(3));
+        q.discard(ip(11));
+        q.discard(ip(10));
         let s = q.status();
         assert_eq!((s.abandoned, s.waiting, s.sent_on), (1, 3, 0));
         assert_eq!(q.addresses().count(), 0, "neither address is kept back");
@@ -830,13 +834,13 @@ mod tests {
             for k in 0..(round % 7) {
                 let dst = ip(10 + (k % 3) as u8);
                 let len = 50 + (k as usize * 37) % 400;
-                let sender = [peer(0), peer(1), peer(OWN)][(k % 3) as usize];
+                let sender = [peer(2), peer(1), HOST][(k % 3) as usize];
                 q.push(dst, sender, &vec![k as u8; len], ms(t));
                 t += 150;
             }
             match round % 7 {
                 0 => q.release(ip(10), ms(t)),
-                1 => q.discard(ip(11), peer(OWN)),
+                1 => q.discard(ip(11)),
                 2 => q.expire(ms(t)),
                 3 => q.denied_on_arrival(),
                 4 => {

@@ -250,9 +250,6 @@ struct Table {
     /// yet, and held ones whose kept packets are not delivered yet (so that nothing overtakes
     /// them). See [`Device::settle`].
     waiting: HashSet<IpAddr>,
-    /// This node's public key: the sender of the packets of its own host kept back at a
-    /// handover (see `handover`).
-    own_key: PublicKey,
     /// This node's own addresses on the interface ([`Device::set_own_addresses`]): never an
     /// inner source a peer may send from.
     own_addresses: Vec<IpAddr>,
@@ -430,7 +427,6 @@ impl Device {
             alias_peers: HashMap::new(),
             up: HashSet::new(),
             waiting: HashSet::new(),
-            own_key: PublicKey(public.to_bytes()),
             own_addresses: Vec::new(),
         };
         let device = Device {
@@ -474,7 +470,6 @@ impl Device {
         let key_changed = t.config.private_key != new.private_key;
         if key_changed {
             t.public = x25519::PublicKey::from(&new.private_key.0);
-            t.own_key = PublicKey(t.public.to_bytes());
             t.limiter = new_limiter(&t.public);
             t.verifier = new_verifier(&t.public);
         }
@@ -576,7 +571,9 @@ impl Device {
         t.pair_aliases();
     }
 
-    /// Sets this node's own addresses (those on its interface). No peer may send from one,
+    /// Sets this node's own addresses (every local address of the host: those on its
+    /// interface, its workload addresses up here, the host's other interfaces'; see
+    /// `crate::run`, which reads them again every few seconds). No peer may send from one,
     /// whatever its allowed IPs cover (a peer routed `0.0.0.0/0`, say): what passes the
     /// source check is never taken for this host's own traffic, which the kernel accepts from
     /// the TUN device on a mesh node (see `crate::platform::sysctl`).
@@ -584,6 +581,9 @@ impl Device {
         let mut own: Vec<IpAddr> = addresses.into_iter().collect();
         own.sort();
         own.dedup();
+        if self.read().own_addresses == own {
+            return;
+        }
         let mut t = self.table.write().unwrap_or_else(|e| e.into_inner());
         t.own_addresses = own;
     }
@@ -646,7 +646,7 @@ impl Device {
             .filter(|a| !t.workloads.awaited.contains(a) && !t.workloads.held.contains(a))
             .collect();
         for a in gone {
-            q.discard(a, t.own_key);
+            q.discard(a);
         }
         let mut waiting: HashSet<IpAddr> = t.workloads.awaited.clone();
         waiting.extend(t.workloads.held.iter().filter(|a| !t.up.contains(a)));
@@ -713,7 +713,7 @@ impl Device {
                 break;
             };
             let dst = destination(&packet);
-            let verdict = if sender == t.own_key {
+            let verdict = if sender == handover::HOST {
                 // This host's own: the policy speaks of what peers send. Delivered only while
                 // its address may still be answered here.
                 match dst {
@@ -1043,7 +1043,7 @@ impl Device {
                 // A workload address moving here, which the kernel does not have yet (or
                 // just got: this packet was written before): kept back with what peers send
                 // it, and delivered once it may be answered here (see `handover`).
-                self.handover().push(dst, t.own_key, packet, now);
+                self.handover().push(dst, handover::HOST, packet, now);
                 self.kept_from_host.store(true, Ordering::Relaxed);
                 continue;
             }

@@ -158,7 +158,41 @@ pub async fn link_index(handle: &Handle, name: &str) -> Result<Option<u32>, Netl
     }
 }
 
+/// Every address of every interface of the host (its namespace's): the local addresses the
+/// kernel would take as a packet's own source.
+///
+/// # Errors
+/// [`NetlinkError::Kernel`] when the dump fails.
+pub async fn host_addresses(handle: &Handle) -> Result<Vec<IpAddr>, NetlinkError> {
+    use rtnetlink::packet_route::address::AddressAttribute;
+    let mut dump = handle.address().get().execute();
+    let mut out = Vec::new();
+    loop {
+        match dump.try_next().await {
+            Ok(Some(msg)) => out.extend(msg.attributes.iter().filter_map(|a| match a {
+                AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => Some(*ip),
+                _ => None,
+            })),
+            Ok(None) => break,
+            Err(source) => {
+                return Err(NetlinkError::Kernel {
+                    what: "list the host's addresses".into(),
+                    source,
+                })
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 impl Netlink {
+    /// The netlink session's handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     /// A session for the existing interface `name`.
     ///
     /// # Errors
@@ -284,6 +318,20 @@ mod tests {
 
     fn nets(v: &[&str]) -> Vec<IpNet> {
         v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    /// The host's addresses come from the kernel's dump: loopback's among them, each once.
+    #[tokio::test]
+    async fn the_hosts_addresses_include_loopback() {
+        let handle = connect().unwrap();
+        let all = host_addresses(&handle).await.unwrap();
+        assert!(
+            all.contains(&IpAddr::from([127, 0, 0, 1])),
+            "127.0.0.1 not among {all:?}"
+        );
+        let mut unique = all.clone();
+        unique.dedup();
+        assert_eq!(unique, all);
     }
 
     #[test]

@@ -12,16 +12,15 @@
 //! The setting is the TUN device's alone (the host's other interfaces keep theirs), and every
 //! packet the agent writes to it either came from this host (kept back at a handover) or
 //! passed the WireGuard source check: its inner source is among the allowed IPs of the peer
-//! whose key sealed it (or a workload address that peer may send from), and never one of this
-//! node's own addresses, which the data plane refuses from any peer whatever its allowed IPs
-//! cover (`Device::set_own_addresses`). What the kernel accepts now and refused before: a
-//! workload address up here as the source, from the one peer the map lets send from it (its
-//! previous holder, whose late answers reach this host instead of being dropped), and a
-//! source among the host's other local addresses from a peer whose routed prefix covers it
-//! (the host's LAN address inside a subnet route the operator gave that peer), which may send
-//! from any address of the prefix already, the host's neighbours' included. Set only on mesh
-//! nodes, where handovers happen; a standalone configuration (a peer routed `0.0.0.0/0`) keeps
-//! the kernel's default.
+//! whose key sealed it (or a workload address that peer may send from), and never one of the
+//! host's local addresses, which the data plane refuses from any peer whatever its allowed IPs
+//! cover (`Device::set_own_addresses`: the node's addresses, its workload addresses up here,
+//! and the host's other interfaces', such as its LAN address inside a subnet route an operator
+//! gave a peer). So what a peer sends is held to what the kernel's martian check held it to
+//! before. The one gap: the host's addresses are read again every 2 s and at every change of
+//! the agent's own, so an address another program adds is refused from peers up to 2 s late.
+//! Set only on mesh nodes, where handovers happen; a standalone configuration keeps the
+//! kernel's default.
 
 use std::io;
 use std::path::PathBuf;

@@ -142,6 +142,23 @@ const FRESH_SESSION: Duration = Duration::from_secs(90);
 /// wait for it (`Device::all_fresh`).
 const PEER_ALIVE: Duration = Duration::from_secs(600);
 
+/// How often the host's addresses are read again for [`own_addresses`] (besides every change
+/// of the workload addresses the agent makes).
+const OWN_ADDRESSES_EVERY: Duration = Duration::from_secs(2);
+
+/// Tells the data plane every local address of the host, the node's own (`node`) included:
+/// no peer may send from one (`Device::set_own_addresses`). The TUN device of a mesh node
+/// takes packets with a local source (`accept_local`, for the host's own packets kept back at
+/// a handover), so that check, not the kernel's, keeps a peer whose routed prefix covers one
+/// of the host's addresses (its LAN address, say) from posing as the host. A dump that fails
+/// keeps the addresses known before.
+async fn own_addresses(nl: &Netlink, device: &Device, node: &[IpNet]) {
+    match netlink::host_addresses(nl.handle()).await {
+        Ok(host) => device.set_own_addresses(node.iter().map(IpNet::addr).chain(host)),
+        Err(e) => debug!("cannot list the host's addresses: {e}"),
+    }
+}
+
 /// Changes to the interface that the main loop makes through netlink, in order.
 enum NetCmd {
     /// The wanted routes (all of them).
@@ -308,6 +325,7 @@ pub async fn run(
     let seed = rand_core::RngCore::next_u32(&mut rand_core::OsRng);
     let device = Arc::new(Device::new(device_config, seed));
     device.set_own_addresses(settings.addresses.iter().map(IpNet::addr));
+    own_addresses(&nl, &device, &settings.addresses).await;
     let (routes_tx, mut routes_rx) = mpsc::unbounded_channel();
     let control = Arc::new(Control {
         device: device.clone(),
@@ -483,7 +501,16 @@ pub async fn run(
             Err(e) => Err(RunError::LoopPanicked(e.to_string())),
         },
         () = async {
-            while let Some(cmd) = routes_rx.recv().await {
+            let mut recheck = tokio::time::interval(OWN_ADDRESSES_EVERY);
+            loop {
+                let cmd = tokio::select! {
+                    cmd = routes_rx.recv() => cmd,
+                    _ = recheck.tick() => {
+                        own_addresses(&nl, &device, &settings.addresses).await;
+                        continue;
+                    }
+                };
+                let Some(cmd) = cmd else { break };
                 match cmd {
                     NetCmd::Routes(wanted) => {
                         routes.reconcile(&nl, &wanted).await;
@@ -493,6 +520,7 @@ pub async fn run(
                     }
                     NetCmd::Addresses(wanted) => {
                         workload_addrs.reconcile(&nl, &wanted).await;
+                        own_addresses(&nl, &device, &settings.addresses).await;
                         // Only now that the kernel has them: what was kept back for them.
                         device.set_addresses_up(workload_addrs.nets().iter().map(IpNet::addr));
                         if device.has_released() {
