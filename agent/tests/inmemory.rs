@@ -1158,6 +1158,51 @@ fn no_peer_may_send_from_the_nodes_own_address() {
     assert!(sim.ping(1, 0, b"from its own address"));
 }
 
+/// A workload address up at node 0 while node 1 holds it (prepared there ahead of a move, or
+/// lingering after one) is one of node 0's own addresses, and node 1 answers from it what
+/// node 0's host sent it before: those answers pass, from node 1 only (the fencing state
+/// lets it send from the address). Any other own address stays refused, and so does the
+/// workload address from a peer whose allowed IPs merely cover it. (Refused, a ping's answer
+/// was lost at each move onto or off the pinging node.)
+#[test]
+fn the_holder_answers_from_a_workload_address_that_is_up_here_too() {
+    let mut sim = Sim::mesh(3, None);
+    know_every_endpoint(&mut sim);
+    assert!(sim.ping(0, 1, b"up"));
+    assert!(sim.ping(0, 2, b"up"));
+    route_workload(&mut sim, 1);
+    // Node 2 routes the whole network to node 0's peers (a hand-written configuration).
+    let mut config = sim.nodes[0].device.config();
+    let k2 = sim.nodes[2].key.public_key();
+    for p in &mut config.peers {
+        if p.public_key == k2 {
+            p.allowed_ips.push("100.64.0.0/16".parse().unwrap());
+        }
+    }
+    sim.nodes[0].device.set_config(config);
+    let n0 = sim.nodes[0].overlay;
+    sim.nodes[0]
+        .device
+        .set_own_addresses([n0.into(), WORKLOAD.into()]);
+    let w: std::net::IpAddr = WORKLOAD.into();
+    sim.nodes[0].device.set_workload_routing(WorkloadRouting {
+        also_from: [(w, vec![sim.nodes[1].key.public_key()])].into(),
+        workloads: [w].into(),
+        ..WorkloadRouting::default()
+    });
+    let answer = |tag: &[u8]| ipv4(WORKLOAD, n0, tag);
+    let before = sim.nodes[0].delivered.len();
+    sim.send(1, &answer(b"from the holder"));
+    sim.send(2, &answer(b"covered only"));
+    sim.send(2, &ipv4(n0, n0, b"as node 0"));
+    assert_eq!(
+        sim.nodes[0].delivered[before..],
+        [answer(b"from the holder")]
+    );
+    assert_eq!(sim.peer_status(0, 2).drops.spoofed_source, 2);
+    assert_eq!(sim.peer_status(0, 1).drops.spoofed_source, 0);
+}
+
 #[test]
 fn warming_before_a_move_renews_old_sessions_and_skips_silent_peers() {
     MockClock::set_time(Duration::ZERO);

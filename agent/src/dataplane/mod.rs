@@ -251,7 +251,7 @@ struct Table {
     /// them). See [`Device::settle`].
     waiting: HashSet<IpAddr>,
     /// This node's own addresses on the interface ([`Device::set_own_addresses`]): never an
-    /// inner source a peer may send from.
+    /// inner source a peer may send from (but a workload address, from its senders).
     own_addresses: Vec<IpAddr>,
 }
 
@@ -576,7 +576,9 @@ impl Device {
     /// `crate::run`, which reads them again every few seconds). No peer may send from one,
     /// whatever its allowed IPs cover (a peer routed `0.0.0.0/0`, say): what passes the
     /// source check is never taken for this host's own traffic, which the kernel accepts from
-    /// the TUN device on a mesh node (see `crate::platform::sysctl`).
+    /// the TUN device on a mesh node (see `crate::platform::sysctl`). A workload address up
+    /// here is the one exception, from the nodes the fencing state lets send from it
+    /// ([`WorkloadRouting::also_from`]).
     pub fn set_own_addresses(&self, addresses: impl IntoIterator<Item = IpAddr>) {
         let mut own: Vec<IpAddr> = addresses.into_iter().collect();
         own.sort();
@@ -1149,21 +1151,30 @@ impl Device {
                 // or a workload address the peer may send from, or (a packet the previous
                 // holder of a workload address held here relays to it) a node's own address.
                 // A peer's alias (its next key) speaks for the same node. Never one of this
-                // node's own addresses, whatever the peer's allowed IPs cover.
+                // node's own addresses, whatever the peer's allowed IPs cover, but for a
+                // workload address from a node the fencing state lets send from it: its
+                // holder while it is up here ahead of a move (prepared, or lingering after
+                // one), its previous holder for the grace period after one. Their answers to
+                // what this host sent the address reach it then.
                 let who = t.identity(peer);
-                let owner_ok = !t.own_addresses.contains(&src)
-                    && (t
-                        .routes
+                let sends_as = || {
+                    t.workloads
+                        .also_from
+                        .get(&src)
+                        .is_some_and(|keys| keys.contains(who))
+                };
+                let owner_ok = if t.own_addresses.contains(&src) {
+                    sends_as()
+                } else {
+                    t.routes
                         .lookup(src)
                         .is_some_and(|o| Arc::ptr_eq(o, peer) || o.key == *who)
-                        || t.workloads
-                            .also_from
-                            .get(&src)
-                            .is_some_and(|keys| keys.contains(who))
+                        || sends_as()
                         || (!t.workloads.relay_from.is_empty()
                             && destination(packet).and_then(|d| t.workloads.relay_from.get(&d))
                                 == Some(who)
-                            && t.workloads.relay_sources.contains(&src)));
+                            && t.workloads.relay_sources.contains(&src))
+                };
                 if owner_ok {
                     let n = packet.len();
                     let next = if t.workloads.forward.is_empty() {
