@@ -14,10 +14,13 @@
 //! passed the WireGuard source check: its inner source is among the allowed IPs of the peer
 //! whose key sealed it (or a workload address that peer may send from), and never one of the
 //! host's local addresses, which the data plane refuses from any peer whatever its allowed IPs
-//! cover (`Device::set_own_addresses`: the node's addresses, its workload addresses up here,
-//! and the host's other interfaces', such as its LAN address inside a subnet route an operator
-//! gave a peer). So what a peer sends is held to what the kernel's martian check held it to
-//! before. The one gap: the host's addresses are read again every 2 s and at every change of
+//! cover (`Device::set_own_addresses`: the node's addresses and the host's other interfaces',
+//! such as its LAN address inside a subnet route an operator gave a peer). A workload address
+//! on the interface here is accepted only from the nodes the fencing state lets send from it
+//! (its holder, while the address is prepared here or lingers after a move away; its previous
+//! holder for the grace period), never from a peer whose allowed IPs merely cover it. So what
+//! a peer sends is held to what the kernel's martian check held it to before, but for the
+//! holder's answers during a handover, which that check dropped. The one gap: the host's addresses are read again every 2 s and at every change of
 //! the agent's own, so an address another program adds is refused from peers up to 2 s late.
 //! Set only on mesh nodes, where handovers happen; a standalone configuration keeps the
 //! kernel's default.
