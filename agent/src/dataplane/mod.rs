@@ -1039,12 +1039,17 @@ impl Device {
                 continue;
             };
             let route = t.routes.lookup(dst);
-            if !t.waiting.is_empty() && t.waiting.contains(&dst)
-                || route.is_none() && t.workloads.held.contains(&dst)
+            if route.is_none()
+                && (!t.waiting.is_empty() && t.waiting.contains(&dst)
+                    || t.workloads.held.contains(&dst))
             {
                 // A workload address moving here, which the kernel does not have yet (or
-                // just got: this packet was written before): kept back with what peers send
-                // it, and delivered once it may be answered here (see `handover`).
+                // just got: this packet was written before) and no peer routes any more (the
+                // map names this node): kept back with what peers send it, and delivered once
+                // it may be answered here (see `handover`). While a move here is only
+                // prepared, the holder of the map still answers and gets it: a preparation
+                // that does not land (a live migration refused, a move that lost its race)
+                // must not hold up this host's traffic to the address.
                 self.handover().push(dst, handover::HOST, packet, now);
                 self.kept_from_host.store(true, Ordering::Relaxed);
                 continue;

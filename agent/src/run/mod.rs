@@ -35,10 +35,7 @@ mod maps;
 mod packets;
 mod reconcile;
 
-use std::future::Future;
-use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,7 +58,7 @@ use meshlink_proto::{Netmap, NodeId};
 
 use fail_closed::{overlay_prefixes, FailClosed};
 use handle::{Control, DnsServed};
-use interface::{Installed, InterfaceOps, Kind};
+use interface::{Installed, Kind};
 use maps::{trusted_maps, without_peers};
 use packets::{timers, tun_to_udp, udp_to_tun};
 use reconcile::reconcile_mesh;
@@ -159,51 +156,6 @@ async fn own_addresses(nl: &Netlink, device: &Device, node: &[IpNet]) {
     match netlink::host_addresses(nl.handle()).await {
         Ok(host) => device.set_own_addresses(node.iter().map(IpNet::addr).chain(host)),
         Err(e) => debug!("cannot list the host's addresses: {e}"),
-    }
-}
-
-/// How long the main loop waits at most for the receive loop to finish its round before a
-/// workload address leaves the interface (see [`receive_round`]).
-const ROUND_WAIT: Duration = Duration::from_millis(50);
-
-/// Brings the workload addresses on the interface (`installed`) to `wanted`. Those that go
-/// are down for the data plane first (`Device::set_addresses_up`), and `written` (the
-/// receive loop writing out what it took while they were up, [`receive_round`]) is awaited
-/// before the kernel lets go of them: the receive loop writes a packet kept back at a
-/// handover (or a peer's) only while its address is up, and the kernel drops one written for
-/// an address it no longer has. (A node's first move here puts the prepared address up,
-/// takes it down once the first lease says handovers are confirmed, and up again at the
-/// confirmation; packets kept meanwhile were released while the address was being removed,
-/// and lost.) The caller then tells the data plane which addresses are up.
-async fn set_workload_addresses(
-    ops: &impl InterfaceOps,
-    installed: &mut Installed,
-    device: &Device,
-    wanted: &[IpNet],
-    written: impl Future<Output = ()>,
-) {
-    let staying: Vec<IpAddr> = installed
-        .nets()
-        .iter()
-        .filter(|n| wanted.iter().any(|w| w.trunc() == **n))
-        .map(IpNet::addr)
-        .collect();
-    if staying.len() < installed.nets().len() {
-        device.set_addresses_up(staying);
-        written.await;
-    }
-    installed.reconcile(ops, wanted).await;
-}
-
-/// Returns once the receive loop (`udp_to_tun`, woken by `kept`) has begun a new round
-/// (`rounds`): everything it decrypted or took from the handover queues before is written to
-/// the TUN device. [`ROUND_WAIT`] at most.
-async fn receive_round(rounds: &AtomicU64, kept: &Notify) {
-    let before = rounds.load(Ordering::Acquire);
-    kept.notify_one();
-    let deadline = Instant::now() + ROUND_WAIT;
-    while rounds.load(Ordering::Acquire) == before && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -347,8 +299,6 @@ pub async fn run(
     routes.install(&nl, &at_start).await?;
     // Tells the receive loop that packets kept back at handovers may be delivered.
     let kept = Arc::new(Notify::new());
-    // The receive loop's rounds, counted (see `receive_round`).
-    let rounds = Arc::new(AtomicU64::new(0));
     let mut cleanup = Cleanup { socket: None };
     let listener = uapi::bind(&settings.uapi_dir, &settings.interface)?;
     cleanup.socket = Some(listener.path().to_path_buf());
@@ -418,7 +368,6 @@ pub async fn run(
         udp.clone(),
         discovery.clone(),
         kept.clone(),
-        rounds.clone(),
     ));
     tasks.spawn(timers(device.clone(), udp.clone(), tun.clone()));
     let metrics = metrics.map(|(listener, metrics)| {
@@ -570,14 +519,7 @@ pub async fn run(
                         }
                     }
                     NetCmd::Addresses(wanted) => {
-                        set_workload_addresses(
-                            &nl,
-                            &mut workload_addrs,
-                            &device,
-                            &wanted,
-                            receive_round(&rounds, &kept),
-                        )
-                        .await;
+                        workload_addrs.reconcile(&nl, &wanted).await;
                         own_addresses(&nl, &device, &settings.addresses).await;
                         // Only now that the kernel has them: what was kept back for them.
                         device.set_addresses_up(workload_addrs.nets().iter().map(IpNet::addr));
@@ -728,128 +670,5 @@ mod tests {
         assert!(matches!(e, ApplyError::Unsupported(_)), "{e}");
         assert_eq!(udp.port(), 40000);
         assert!(udp.calls.borrow().is_empty());
-    }
-
-    /// Records each change asked of the interface, and whether the data plane counted the
-    /// address up and the receive loop had finished its round at that instant.
-    struct Watching<'a> {
-        device: &'a Device,
-        round_passed: &'a std::cell::Cell<bool>,
-        calls: std::cell::RefCell<Vec<(String, bool, bool)>>,
-    }
-
-    impl Watching<'_> {
-        fn note(&self, what: &str, net: IpNet) -> Result<(), NetlinkError> {
-            self.calls.borrow_mut().push((
-                format!("{what} {net}"),
-                self.device.is_up(net.addr()),
-                self.round_passed.get(),
-            ));
-            Ok(())
-        }
-    }
-
-    impl InterfaceOps for Watching<'_> {
-        async fn add_route(&self, net: IpNet) -> Result<(), NetlinkError> {
-            self.note("add route", net)
-        }
-        async fn del_route(&self, net: IpNet) -> Result<(), NetlinkError> {
-            self.note("del route", net)
-        }
-        async fn add_address(&self, net: IpNet) -> Result<(), NetlinkError> {
-            self.note("add address", net)
-        }
-        async fn del_address(&self, net: IpNet) -> Result<(), NetlinkError> {
-            self.note("del address", net)
-        }
-    }
-
-    /// A node's first move here: the prepared address went up, goes down (the first lease
-    /// says handovers are confirmed, so the address waits for its confirmation), and the
-    /// confirmation comes while it is being removed. The packets kept meanwhile were
-    /// released while the data plane still counted the address up, and the kernel, which no
-    /// longer had it, dropped them (1 or 2 of 9,000 pings in the namespace test). The data
-    /// plane counts the address down before the kernel lets go, and what the receive loop
-    /// took while it was up is written first: released only once it is up again.
-    #[tokio::test]
-    async fn a_workload_address_is_down_for_the_data_plane_before_the_kernel_lets_go() {
-        use crate::dataplane::{NetBatch, TunBatch, WorkloadRouting};
-        let device = Device::new(config(40000, None), 1);
-        let chat: IpNet = "100.64.50.10/32".parse().unwrap();
-        let round_passed = std::cell::Cell::new(false);
-        let ops = Watching {
-            device: &device,
-            round_passed: &round_passed,
-            calls: Default::default(),
-        };
-        let mut installed = Installed::new(Kind::Address);
-        set_workload_addresses(&ops, &mut installed, &device, &[chat], async {}).await;
-        device.set_addresses_up([chat.addr()]);
-        // Held and up, and this host's packet kept back for it (written before it came up).
-        device.set_workload_routing(WorkloadRouting {
-            held: [chat.addr()].into(),
-            workloads: [chat.addr()].into(),
-            ..WorkloadRouting::default()
-        });
-        let mut packet = vec![0u8; 28];
-        packet[0] = 0x45;
-        packet[2..4].copy_from_slice(&28u16.to_be_bytes());
-        packet[8] = 64;
-        packet[9] = 17;
-        packet[12..16].copy_from_slice(&[100, 64, 0, 1]);
-        packet[16..20].copy_from_slice(&[100, 64, 50, 10]);
-        let mut net = NetBatch::with_capacity(4096);
-        device.outbound(&packet, &mut net);
-        assert_eq!(
-            device.handover_status().waiting,
-            1,
-            "kept: no peer routes it"
-        );
-        // The address goes: down for the data plane before the receive loop's round ends,
-        // and the kernel lets go only after it.
-        set_workload_addresses(&ops, &mut installed, &device, &[], async {
-            assert!(!device.is_up(chat.addr()), "down before the round ends");
-            assert!(!device.has_released(), "nothing to write for it now");
-            round_passed.set(true);
-        })
-        .await;
-        assert_eq!(
-            *ops.calls.borrow(),
-            [
-                ("add address 100.64.50.10/32".to_string(), false, false),
-                ("del address 100.64.50.10/32".to_string(), false, true),
-            ]
-        );
-        // Up again: released then.
-        set_workload_addresses(&ops, &mut installed, &device, &[chat], async {}).await;
-        device.set_addresses_up([chat.addr()]);
-        assert!(device.has_released());
-        let mut tun = TunBatch::new(4, 16, 2048);
-        assert_eq!(device.take_released(&mut tun, &mut net), 1);
-    }
-
-    /// Waits for the receive loop's next round, and no longer than [`ROUND_WAIT`] when none
-    /// comes.
-    #[tokio::test]
-    async fn the_main_loop_waits_for_the_receive_loops_round_a_bounded_time() {
-        let rounds = Arc::new(AtomicU64::new(0));
-        let kept = Arc::new(Notify::new());
-        let receiver = {
-            let (rounds, kept) = (rounds.clone(), kept.clone());
-            tokio::spawn(async move {
-                kept.notified().await;
-                rounds.fetch_add(1, Ordering::Release);
-            })
-        };
-        receive_round(&rounds, &kept).await;
-        assert_eq!(rounds.load(Ordering::Acquire), 1, "woken, and waited for");
-        receiver.await.unwrap();
-        let started = Instant::now();
-        receive_round(&rounds, &kept).await;
-        let waited = started.elapsed();
-        assert!(
-            waited >= ROUND_WAIT && waited < ROUND_WAIT * 20,
-            "{waited:?}"
-        );
     }
 }

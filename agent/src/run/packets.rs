@@ -3,7 +3,6 @@
 
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,7 +131,6 @@ pub(super) async fn udp_to_tun(
     udp: Arc<UdpTransport>,
     discovery: Option<Arc<Discovery>>,
     kept: Arc<Notify>,
-    rounds: Arc<AtomicU64>,
 ) -> Result<(), RunError> {
     // Discovery datagrams share the socket with WireGuard's; they go to the discovery task
     // (without it, to the device, which counts them as malformed).
@@ -158,8 +156,6 @@ pub(super) async fn udp_to_tun(
     let mut net = NetBatch::with_capacity(16 * 1024);
     let mut gro = tun_rs::GROTable::default();
     loop {
-        // Everything of the rounds before is written (see `super::receive_round`).
-        rounds.fetch_add(1, Ordering::Release);
         if tun.mtu() != mtu {
             // Both batches are empty here: each round writes out what it decrypted.
             mtu = tun.mtu();
