@@ -10,14 +10,15 @@
 //!
 //! This node's own host sends to the address in that window too (a client on the node the
 //! workload moves to), and its packets come out of the TUN device: the kernel does not have
-//! the address yet. They are kept here as well, under this node's own key as their sender,
-//! and delivered with the rest (the kernel takes a packet with one of its own source addresses
-//! from the TUN device: see `crate::platform::sysctl`); the policy speaks of what peers send,
-//! so it does not judge them. From the preparation on, not only once the map names this node:
-//! sent to the old holder instead, a packet that reaches it after it applied the change would
-//! be dropped there (it forwards to the new holder, never back to the sender). If the address
-//! does not come here after all, they are sent on by the routes of then (`sent_on`), as they
-//! would have been.
+//! the address yet. Once the map names this node (no peer routes the address any more) they
+//! are kept here as well, under [`HOST`] as their sender, and delivered with the rest (the
+//! kernel takes a packet with one of its own source addresses from the TUN device: see
+//! `crate::platform::sysctl`); the policy speaks of what peers send, so it does not judge
+//! them. While the move is only prepared they go to the holder, which still answers, so that
+//! a preparation that does not land holds nothing up; one that reaches an old holder that has
+//! already applied the move is lost there (it forwards to the new holder, never back to the
+//! sender). If the address does not come here after all, the kept ones are sent on by the
+//! routes of then (`sent_on`), as they would have been.
 //!
 //! ```text
 //!  decrypted packet for an awaited address ──> policy (`Device`) ──denied──> dropped (`denied`)
