@@ -1409,6 +1409,40 @@ mod policy {
         sim.peer_status(node, peer).drops
     }
 
+    /// Node 2's firewall, with workload `web` (at [`WORKLOAD`], moving to node 2, id 3, from
+    /// id 2) local or not yet, under a policy letting `from` reach it on UDP port 5000.
+    fn web_moving_to_node_2(sim: &Sim, from: &str) -> impl Fn(bool) -> FirewallConfig {
+        use meshlink_proto::workload::WorkloadInfo;
+        let mut map = map_of(sim, &[]);
+        let web: ipnet::IpNet = format!("{WORKLOAD}/32").parse().unwrap();
+        map.workloads.insert(
+            "web".into(),
+            WorkloadInfo {
+                id: 1,
+                name: "web".into(),
+                address: web,
+                holder: Some(3),
+                generation: 2,
+                previous: Some(2),
+                candidates: vec![2, 3],
+                grace_ms: None,
+                tags: Vec::new(),
+                address6: None,
+            },
+        );
+        let policy = Policy {
+            version: 1,
+            rules: vec![rule(1, from, "workload:web", "udp:5000")],
+        };
+        let compiled = Arc::new(CompiledPolicy::compile(&policy, &map, 3));
+        let local: Vec<ipnet::IpNet> = map.routed_to(3).into_iter().collect();
+        let firewall = move |held: bool| FirewallConfig {
+            local: Some(local.iter().copied().chain(held.then_some(web)).collect()),
+            policy: Some(compiled.clone()),
+        };
+        firewall
+    }
+
     fn mesh() -> Sim {
         MockClock::set_time(Duration::ZERO);
         let mut sim = Sim::mesh(3, None);
@@ -1667,39 +1701,8 @@ mod policy {
     #[test]
     fn an_awaited_address_keeps_back_only_what_the_policy_allows_and_no_peer_crowds_out_another() {
         use meshlink_agent::dataplane::handover::HANDOVER_PACKETS;
-        use meshlink_proto::workload::WorkloadInfo;
         let mut sim = mesh();
-        let mut map = map_of(&sim, &[]);
-        let web: ipnet::IpNet = format!("{WORKLOAD}/32").parse().unwrap();
-        map.workloads.insert(
-            "web".into(),
-            WorkloadInfo {
-                id: 1,
-                name: "web".into(),
-                address: web,
-                holder: Some(3),
-                generation: 2,
-                previous: Some(2),
-                candidates: vec![2, 3],
-                grace_ms: None,
-                tags: Vec::new(),
-                address6: None,
-            },
-        );
-        let policy = Policy {
-            version: 1,
-            rules: vec![rule(1, "*", "workload:web", "udp:5000")],
-        };
-        let compiled = Arc::new(CompiledPolicy::compile(&policy, &map, 3));
-        let firewall = |held: bool| FirewallConfig {
-            local: Some(
-                map.routed_to(3)
-                    .into_iter()
-                    .chain(held.then_some(web))
-                    .collect(),
-            ),
-            policy: Some(compiled.clone()),
-        };
+        let firewall = web_moving_to_node_2(&sim, "*");
         sim.nodes[2].device.set_firewall(firewall(false));
         let held = await_workload_at_node_2(&mut sim);
         let (n0, n1) = (sim.nodes[0].overlay, sim.nodes[1].overlay);
@@ -1743,39 +1746,8 @@ mod policy {
     /// back and delivered whatever the policy allows peers.
     #[test]
     fn the_new_holders_own_host_is_not_judged_by_the_policy() {
-        use meshlink_proto::workload::WorkloadInfo;
         let mut sim = mesh();
-        let mut map = map_of(&sim, &[]);
-        let web: ipnet::IpNet = format!("{WORKLOAD}/32").parse().unwrap();
-        map.workloads.insert(
-            "web".into(),
-            WorkloadInfo {
-                id: 1,
-                name: "web".into(),
-                address: web,
-                holder: Some(3),
-                generation: 2,
-                previous: Some(2),
-                candidates: vec![2, 3],
-                grace_ms: None,
-                tags: Vec::new(),
-                address6: None,
-            },
-        );
-        let policy = Policy {
-            version: 1,
-            rules: vec![rule(1, "node:n0", "workload:web", "udp:5000")],
-        };
-        let compiled = Arc::new(CompiledPolicy::compile(&policy, &map, 3));
-        let firewall = |held: bool| FirewallConfig {
-            local: Some(
-                map.routed_to(3)
-                    .into_iter()
-                    .chain(held.then_some(web))
-                    .collect(),
-            ),
-            policy: Some(compiled.clone()),
-        };
+        let firewall = web_moving_to_node_2(&sim, "node:n0");
         sim.nodes[2].device.set_firewall(firewall(false));
         let held = await_workload_at_node_2(&mut sim);
         let (n1, n2) = (sim.nodes[1].overlay, sim.nodes[2].overlay);
