@@ -23,7 +23,7 @@
 //! ```text
 //!  decrypted packet for an awaited address ──> policy (`Device`) ──denied──> dropped (`denied`)
 //!      ──> push ──> queue of its address, by sender (no room: the largest share loses its oldest, `full`)
-//!  packet from this host to an awaited address (or a held one no peer routes) ──> push (sender: own key)
+//!  packet from this host to an awaited or held address no peer routes ──> push (sender: HOST)
 //!  address held and up ──> release ──> ready, in arrival order ──> Device::take_released, a batch at a time
 //!      ──> firewall in full (`denied`, `not_local`; this host's: still held and up, else `not_local`)
 //!      ──> TUN; the address stays kept back until all is written
@@ -310,10 +310,15 @@ impl HandoverQueues {
         }
         q.cost -= k.cost;
         q.packets -= 1;
-        self.total -= k.cost;
-        self.bytes -= k.packet.len();
+        self.let_go(&k);
         self.counts.full += 1;
         true
+    }
+
+    /// `k` is no longer kept: its cost and bytes leave the totals.
+    fn let_go(&mut self, k: &Kept) {
+        self.total -= k.cost;
+        self.bytes -= k.packet.len();
     }
 
     /// A packet for an awaited address that the policy denied on arrival: counted `queued`
@@ -455,8 +460,7 @@ impl HandoverQueues {
         }
         for share in q.senders.into_values() {
             for k in share.packets {
-                self.total -= k.cost;
-                self.bytes -= k.packet.len();
+                self.let_go(&k);
                 self.counts.abandoned += 1;
             }
         }
@@ -466,8 +470,7 @@ impl HandoverQueues {
     /// [`HandoverQueues::discard`]), counted `sent_on`: the caller sends it by the routes.
     pub fn pop_unsent(&mut self) -> Option<Vec<u8>> {
         let k = self.unsent.pop_front()?;
-        self.total -= k.cost;
-        self.bytes -= k.packet.len();
+        self.let_go(&k);
         self.counts.sent_on += 1;
         Some(k.packet)
     }
@@ -481,8 +484,7 @@ impl HandoverQueues {
     /// [`HandoverQueues::push`]). Say what became of it with [`HandoverQueues::count`].
     pub fn pop_ready(&mut self) -> Option<(PublicKey, Vec<u8>)> {
         let k = self.ready.pop_front()?;
-        self.total -= k.cost;
-        self.bytes -= k.packet.len();
+        self.let_go(&k);
         Some((k.sender, k.packet))
     }
 

@@ -8,7 +8,7 @@
 //!                                          ──> allowed-IPs check (src) ──> roam endpoint
 //!                                          ──> firewall (destination, policy; see `firewall`) ──> TunBatch ──> TUN (GRO)
 //!                                          ──> (an awaited workload address) policy ──> kept back (see `handover`)
-//!  TUN read, dst awaited here (or held and not up, no peer routing it) ──> kept back (this host's)
+//!  TUN read, dst awaited or held here and no peer routing it ──> kept back (this host's)
 //!  address held and up ──> Device::take_released, a batch at a time ──> firewall ──> TunBatch ──> TUN
 //!  every 250 ms   ──> Device::handle_timeout ──> handshake retries, rekeys, keepalives ──> NetBatch
 //! ```
@@ -212,9 +212,9 @@ pub struct WorkloadRouting {
     /// has not confirmed the handover, or a move here is being prepared; see
     /// `meshlink_proto::workload::Holdings::awaited`): what arrives for them is kept back,
     /// in order, a bounded time (see `handover`), never delivered before they are held. So
-    /// is what this node's own host sends them, even while the map still routes them to
-    /// their holder (a move here being prepared): sent there, it could reach the holder after
-    /// it let go, which never sends it back.
+    /// is what this node's own host sends them once no peer routes them (the map names this
+    /// node); while the map still routes them to their holder (a move here being prepared)
+    /// that goes to the holder.
     pub awaited: HashSet<IpAddr>,
     /// Workload addresses this node answers for. A packet for one that arrives before the
     /// address is up on the interface ([`Device::set_addresses_up`]) is kept back too, and

@@ -501,7 +501,11 @@ pub async fn run(
             Err(e) => Err(RunError::LoopPanicked(e.to_string())),
         },
         () = async {
-            let mut recheck = tokio::time::interval(OWN_ADDRESSES_EVERY);
+            // Read at the start already (above): the first recheck one period on.
+            let mut recheck = tokio::time::interval_at(
+                tokio::time::Instant::now() + OWN_ADDRESSES_EVERY,
+                OWN_ADDRESSES_EVERY,
+            );
             loop {
                 let cmd = tokio::select! {
                     cmd = routes_rx.recv() => cmd,
