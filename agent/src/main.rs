@@ -14,6 +14,7 @@ use meshlink_agent::config::{self, Overrides};
 use meshlink_agent::control::coordinators::Coordinators;
 use meshlink_agent::control::state::{self, MapTrust, StateDir};
 use meshlink_agent::control::{self as ctl, ControlError, MeshControl};
+use meshlink_agent::platform::sched;
 use meshlink_agent::settings::{PrivateKey, DEFAULT_INTERFACE, DEFAULT_UAPI_DIR};
 use meshlink_agent::token_source::TokenSource;
 use meshlink_agent::{run, uapi};
@@ -241,15 +242,32 @@ fn worker_threads(value: Option<&str>) -> Result<usize, String> {
     }
 }
 
-/// The agent's runtime; a bad `MESHLINK_WORKER_THREADS` is an `InvalidInput` error naming it.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+/// The runtime's settings: `MESHLINK_WORKER_THREADS` and `MESHLINK_SCHEDULING`; a bad one is
+/// an `InvalidInput` error naming it.
+fn runtime_settings() -> std::io::Result<(usize, sched::Scheduling)> {
+    let invalid = |e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e);
     let threads = worker_threads(std::env::var("MESHLINK_WORKER_THREADS").ok().as_deref())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    tokio::runtime::Builder::new_multi_thread()
+        .map_err(invalid)?;
+    let scheduling =
+        sched::Scheduling::from_env_value(std::env::var("MESHLINK_SCHEDULING").ok().as_deref())
+            .map_err(invalid)?;
+    Ok((threads, scheduling))
+}
+
+/// The agent's runtime, its threads at the priority `MESHLINK_SCHEDULING` asks for (see
+/// `platform::sched`); errors as [`runtime_settings`].
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let (threads, scheduling) = runtime_settings()?;
+    sched::threads().ask(scheduling);
+    let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads)
         .enable_all()
         .thread_name("meshlink")
-        .build()
+        .on_thread_start(|| sched::threads().started(&sched::Linux))
+        .on_thread_stop(|| sched::threads().stopped())
+        .build()?;
+    sched::spawn_guard();
+    Ok(rt)
 }
 
 /// How the log is written: `MESHLINK_LOG_FORMAT`.
@@ -338,7 +356,9 @@ fn up(args: UpArgs) -> anyhow::Result<()> {
 }
 
 fn up_logged(args: UpArgs) -> anyhow::Result<()> {
-    // The token is read first, so that bad input is reported before anything is touched.
+    // The process's settings and the token are read first, so that bad input is reported
+    // before anything is touched.
+    runtime_settings()?;
     let source = TokenSource::choose(args.token, args.token_file, &config::process_env)?;
     let given = |var: &str| config::process_env(var).is_some_and(|x| !x.trim().is_empty());
     // A TOML file names static peers (with their key), or holds a mesh node's local settings.
@@ -742,6 +762,12 @@ fn print_status_table(v: &serde_json::Value) {
         println!("key: age {age}  rotation {rotation}");
     }
     println!("device drops: {}", v["drops"]);
+    if let Some(state) = v["scheduling"]["state"].as_str() {
+        println!(
+            "scheduling: {state}  released under overload {} times",
+            v["scheduling"]["releases"]
+        );
+    }
     if let Some(line) = firewall_line(&v["firewall"]) {
         println!("{line}");
     }

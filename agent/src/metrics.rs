@@ -109,6 +109,10 @@ pub struct Snapshot {
     pub gatewayed: u64,
     /// The control session; `None` for static peers.
     pub control: Option<ControlSample>,
+    /// Whether the agent's threads hold real-time priority now (see `platform::sched`).
+    pub realtime: bool,
+    /// Times real-time priority was given up under overload.
+    pub realtime_releases: u64,
 }
 
 /// What a scrape reads: the running agent (`run::Control`), or a fixed snapshot in tests.
@@ -235,6 +239,14 @@ fn record(s: &Snapshot) {
         "meshlink_agent_gatewayed_total",
         "Packets from or to an external node this node is the gateway of, sent on"
     );
+    describe_gauge!(
+        "meshlink_agent_realtime",
+        "1 while the agent's threads hold real-time priority, else 0"
+    );
+    describe_counter!(
+        "meshlink_agent_realtime_releases_total",
+        "Times the agent gave up real-time priority for a while because it was overloaded"
+    );
 
     let labels = peer_labels(&s.peers);
     gauge!("meshlink_agent_peers").set(s.peers.len() as f64);
@@ -274,6 +286,8 @@ fn record(s: &Snapshot) {
     }
     counter!("meshlink_agent_forwarded_total").absolute(s.forwarded);
     counter!("meshlink_agent_gatewayed_total").absolute(s.gatewayed);
+    gauge!("meshlink_agent_realtime").set(if s.realtime { 1.0 } else { 0.0 });
+    counter!("meshlink_agent_realtime_releases_total").absolute(s.realtime_releases);
     if let Some(c) = &s.control {
         describe_gauge!(
             "meshlink_agent_control_connected",
@@ -475,6 +489,8 @@ mod tests {
                 connected: true,
                 map_version: 42,
             }),
+            realtime: true,
+            realtime_releases: 3,
         }
     }
 
@@ -511,6 +527,8 @@ mod tests {
             r#"meshlink_agent_gatewayed_total 7"#,
             r#"meshlink_agent_control_connected 1"#,
             r#"meshlink_agent_map_version 42"#,
+            r#"meshlink_agent_realtime 1"#,
+            r#"meshlink_agent_realtime_releases_total 3"#,
         ] {
             assert!(
                 samples.contains(&expected),

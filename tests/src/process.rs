@@ -145,6 +145,12 @@ impl Process {
         self.child.id()
     }
 
+    /// Each of the process's threads: its name and its scheduling policy (see
+    /// [`thread_policies`]).
+    pub fn thread_policies(&self) -> Vec<(String, u32)> {
+        thread_policies(self.pid())
+    }
+
     /// The log file's path.
     pub fn log_path(&self) -> &Path {
         &self.log
@@ -267,4 +273,36 @@ impl Drop for Process {
             );
         }
     }
+}
+
+/// `SCHED_OTHER`: normal priority.
+pub const SCHED_OTHER: u32 = 0;
+/// `SCHED_RR`: real-time round robin.
+pub const SCHED_RR: u32 = 2;
+
+/// Each thread of process `pid`: its name and its scheduling policy (`/proc/PID/task/*/stat`,
+/// field 41). Threads that exit meanwhile are left out.
+///
+/// # Panics
+/// When the process does not exist or a stat line does not parse.
+pub fn thread_policies(pid: u32) -> Vec<(String, u32)> {
+    let mut threads = Vec::new();
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap_or_else(|e| panic!("process {pid}: {e}"));
+    for task in tasks {
+        let path = task.expect("a task entry").path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // The name is in parentheses and may hold spaces: fields are counted after it.
+        let (head, rest) = stat.rsplit_once(") ").expect("stat has a name");
+        let name = head.split_once(" (").expect("stat has a pid").1.to_string();
+        let policy = rest
+            .split_whitespace()
+            .nth(41 - 3)
+            .and_then(|f| f.parse().ok())
+            .unwrap_or_else(|| panic!("no policy in {stat}"));
+        threads.push((name, policy));
+    }
+    threads
 }

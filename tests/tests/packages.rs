@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use meshlink_tests::process::Stdout;
+use meshlink_tests::process::{Stdout, SCHED_RR};
 use meshlink_tests::{
     agent_bin, coordinator_bin, meshctl_bin, require_root, require_tool, target_profile_dir,
     unique_name, wait_until, NsRef, Process, TwoHosts,
@@ -489,6 +489,20 @@ fn packages_install_and_their_units_run_a_mesh() {
             agent.log_tail(400).contains("DNS server: ").then_some(())
         })
         .unwrap_or_else(|e| panic!("{e} under its unit:\n{}", agent.log_tail(30)));
+    }
+    // The unit's capabilities let the agent's runtime threads take real-time priority.
+    for (agent, _, _, name) in &agents {
+        let threads = agent.thread_policies();
+        assert!(
+            threads
+                .iter()
+                .any(|(t, p)| t == "meshlink" && *p == SCHED_RR)
+                && threads
+                    .iter()
+                    .all(|(t, p)| t != "meshlink" || *p == SCHED_RR),
+            "agent {name}'s runtime threads under its unit: {threads:?}\n{}",
+            agent.log_tail(30)
+        );
     }
     for (_, _, root, name) in &agents {
         assert!(

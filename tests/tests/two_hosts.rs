@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use meshlink_tests::keys::{preshared_key, write_secret};
+use meshlink_tests::process::{SCHED_OTHER, SCHED_RR};
 use meshlink_tests::xfer::transfer_checked;
 use meshlink_tests::{
     agent_bin, require_root, wait_until, Agent, ConfigFormat, TwoHosts, XferReceiver, XferSender,
@@ -49,7 +50,7 @@ fn agent_pair(bed: &TwoHosts) -> (Agent, Agent) {
 #[test]
 fn ping_both_ways_and_status() {
     let Some(bed) = two_hosts("ping") else { return };
-    let (agent_a, agent_b) = agent_pair(&bed);
+    let (mut agent_a, agent_b) = agent_pair(&bed);
     let (a, b) = (&bed.a, &bed.b);
 
     let took = a.ns.wait_for_ping(b.overlay, FIRST_PING).unwrap();
@@ -80,6 +81,28 @@ fn ping_both_ways_and_status() {
     for needle in [b.keys.public.as_str(), "198.18.0.2:51820", "100.64.0.2/32"] {
         assert!(status.contains(needle), "status lacks {needle}:\n{json:#}");
     }
+
+    // The agent's runtime threads and its guard run at real-time priority (SCHED_RR), the
+    // main thread, which only waits, at normal priority; status says so.
+    assert_eq!(json["scheduling"]["state"], "realtime", "{json:#}");
+    assert_eq!(json["scheduling"]["releases"], 0, "{json:#}");
+    let threads = agent_a.process().thread_policies();
+    let runtime: Vec<_> = threads
+        .iter()
+        .filter(|(name, _)| name == "meshlink")
+        .collect();
+    assert!(runtime.len() >= 2, "{threads:?}");
+    for (name, policy) in &threads {
+        let expected = match name.as_str() {
+            "meshlink" | "meshlink-guard" => SCHED_RR,
+            _ => SCHED_OTHER,
+        };
+        assert_eq!(*policy, expected, "thread {name}: {threads:?}");
+    }
+    assert!(
+        threads.iter().any(|(name, _)| name == "meshlink-guard"),
+        "{threads:?}"
+    );
 }
 
 #[test]

@@ -232,6 +232,10 @@ impl UapiHandler for Control {
             "peers": peers,
             "firewall": self.device.firewall_status(),
             "handover": self.device.handover_status(),
+            "scheduling": {
+                "state": crate::platform::sched::threads().state(),
+                "releases": crate::platform::sched::threads().releases(),
+            },
             "discovery": self.discovery.as_ref().map(|d| d.counters_json()),
             "control": self.session.as_ref().map(|s| {
                 let coordinators = s.coordinators().clone();
@@ -307,6 +311,7 @@ impl MetricsSource for Control {
             })
             .collect();
         let drops = self.device.drops();
+        let sched = crate::platform::sched::threads();
         Snapshot {
             now,
             peers,
@@ -321,6 +326,8 @@ impl MetricsSource for Control {
             forwarded: drops.forwarded.load(Relaxed),
             gatewayed: drops.gatewayed.load(Relaxed),
             control,
+            realtime: sched.state() == crate::platform::sched::State::Realtime,
+            realtime_releases: sched.releases(),
         }
     }
 }
