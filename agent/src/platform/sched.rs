@@ -9,7 +9,7 @@
 //! packet arrives: the same ping then took 0.45 ms at a higher throughput (BENCHMARKS.md).
 //!
 //! Real time must not cost the host its other work. A thread of the agent that has not slept
-//! once for [`SATURATED_TICKS`] checks in a row while running all along is past what it can
+//! once for [`SATURATED_TICKS`] checks in a row while runnable all along is past what it can
 //! carry (a flood, or more traffic than a core can encrypt); then every thread of the agent
 //! drops to normal priority for [`COOLDOWN`], sharing the CPUs fairly, and takes real time back
 //! after. A loaded agent with spare capacity sleeps hundreds of times a second and is never
@@ -39,7 +39,8 @@ const GUARD_PRIORITY: i32 = 2;
 pub const TICK: Duration = Duration::from_millis(100);
 /// Checks in a row a thread must run through without sleeping to count as overloaded.
 pub const SATURATED_TICKS: u32 = 3;
-/// A tick in which a thread ran at least this share of the time counts as running all along.
+/// A tick in which a thread ran or waited for a CPU at least this share of the time counts as
+/// runnable all along.
 const BUSY_SHARE: f64 = 0.9;
 /// How long the agent stays at normal priority once released.
 pub const COOLDOWN: Duration = Duration::from_secs(2);
@@ -77,6 +78,8 @@ pub struct Usage {
     pub sleeps: u64,
     /// CPU time the thread has run.
     pub ran: Duration,
+    /// Time the thread has waited, runnable, for a CPU.
+    pub waited: Duration,
 }
 
 /// What the guard needs of the operating system: a small trait, faked in the tests.
@@ -124,14 +127,21 @@ impl Os for Linux {
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse().ok())
             .ok_or_else(|| io::Error::other("no voluntary_ctxt_switches in the thread's status"))?;
+        // Nanoseconds run, nanoseconds waited on a run queue, time slices.
         let schedstat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))?;
-        let ran = schedstat
+        let mut fields = schedstat
             .split_whitespace()
-            .next()
-            .and_then(|v| v.parse().ok())
-            .map(Duration::from_nanos)
-            .ok_or_else(|| io::Error::other("no run time in the thread's schedstat"))?;
-        Ok(Usage { sleeps, ran })
+            .map(|v| v.parse().map(Duration::from_nanos));
+        let (Some(Ok(ran)), Some(Ok(waited))) = (fields.next(), fields.next()) else {
+            return Err(io::Error::other(
+                "no run and wait times in the thread's schedstat",
+            ));
+        };
+        Ok(Usage {
+            sleeps,
+            ran,
+            waited,
+        })
     }
 }
 
@@ -191,8 +201,11 @@ impl Guard {
         for &(tid, usage) in readings {
             let streak = match (self.threads.get(&tid), elapsed) {
                 (Some((before, streak)), Some(elapsed)) if !elapsed.is_zero() => {
-                    let ran = usage.ran.saturating_sub(before.ran);
-                    let busy = ran.as_secs_f64() >= BUSY_SHARE * elapsed.as_secs_f64();
+                    // Runnable all along: running, or waiting for a CPU (another thread of
+                    // the agent's on the same core, on a one-core machine, say).
+                    let wanted = usage.ran.saturating_sub(before.ran)
+                        + usage.waited.saturating_sub(before.waited);
+                    let busy = wanted.as_secs_f64() >= BUSY_SHARE * elapsed.as_secs_f64();
                     if busy && usage.sleeps == before.sleeps {
                         streak + 1
                     } else {
@@ -404,6 +417,7 @@ mod tests {
         Usage {
             sleeps,
             ran: ms(ran_ms),
+            waited: Duration::ZERO,
         }
     }
 
@@ -489,6 +503,24 @@ mod tests {
         g.tick(ms(600), &[(7, u(1, 550))]);
         g.tick(ms(700), &[(7, u(1, 650))]);
         assert_eq!(g.tick(ms(800), &[(7, u(1, 750))]), Some(Action::Release));
+    }
+
+    #[test]
+    fn threads_that_share_a_core_without_sleeping_are_overloaded_too() {
+        let mut g = Guard::default();
+        // Two threads on one core, each running half the time and waiting the other half.
+        let both = |t: u64| {
+            let half = Usage {
+                sleeps: 3,
+                ran: ms(t / 2),
+                waited: ms(t / 2),
+            };
+            [(7, half), (8, half)]
+        };
+        assert_eq!(g.tick(ms(0), &both(0)), None);
+        assert_eq!(g.tick(ms(100), &both(100)), None);
+        assert_eq!(g.tick(ms(200), &both(200)), None);
+        assert_eq!(g.tick(ms(300), &both(300)), Some(Action::Release));
     }
 
     #[test]
@@ -583,6 +615,84 @@ mod tests {
         threads.started(&os);
         assert!(os.set.lock().unwrap().is_empty());
         assert!(!threads.check(&os, &mut Guard::default(), ms(0)));
+    }
+
+    /// The policy of thread `tid` of this process (`/proc/self/task/TID/stat`, field 41).
+    fn policy_of(tid: Tid) -> i32 {
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        let rest = stat.rsplit_once(") ").unwrap().1;
+        rest.split_whitespace()
+            .nth(41 - 3)
+            .unwrap()
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn a_real_thread_spinning_at_real_time_is_released_and_restored() {
+        if !nix::unistd::geteuid().is_root() {
+            assert_ne!(
+                std::env::var("CI").as_deref(),
+                Ok("true"),
+                "needs root under CI"
+            );
+            eprintln!("skipped: real-time priority needs root");
+            return;
+        }
+        let threads = fresh();
+        threads.ask(Scheduling::Realtime);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spinner = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                tx.send(current_tid()).unwrap();
+                // Never sleeps: a loop that cannot keep up.
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        };
+        let tid = rx.recv().unwrap();
+        threads.tids.lock().unwrap().push(tid);
+        Linux.set_priority(tid, Some(PRIORITY)).unwrap();
+        assert_eq!(policy_of(tid), libc::SCHED_RR);
+        // The checks run as the guard's thread does, above the spinner.
+        let me = current_tid();
+        Linux.set_priority(me, Some(GUARD_PRIORITY)).unwrap();
+        let start = Instant::now();
+        let mut guard = Guard::default();
+        let mut released_at = None;
+        let mut restored_at = None;
+        while start.elapsed() < COOLDOWN + Duration::from_secs(2) && restored_at.is_none() {
+            threads.check(&Linux, &mut guard, start.elapsed());
+            match threads.state() {
+                State::Released if released_at.is_none() => {
+                    released_at = Some(start.elapsed());
+                    assert_eq!(policy_of(tid), libc::SCHED_OTHER);
+                }
+                State::Realtime if released_at.is_some() => restored_at = Some(start.elapsed()),
+                _ => {}
+            }
+            std::thread::sleep(TICK);
+        }
+        let policy_after = policy_of(tid);
+        stop.store(true, Ordering::Relaxed);
+        spinner.join().unwrap();
+        Linux.set_priority(me, None).unwrap();
+        let released_at = released_at.expect("the spinning thread was never released");
+        // Three busy ticks after the first reading, a tick or two of slack.
+        assert!(
+            released_at <= TICK * (SATURATED_TICKS + 3),
+            "{released_at:?}"
+        );
+        let restored_at = restored_at.expect("real time was never restored");
+        assert!(
+            restored_at >= released_at + COOLDOWN,
+            "{released_at:?} {restored_at:?}"
+        );
+        assert_eq!(policy_after, libc::SCHED_RR);
+        assert_eq!(threads.releases(), 1);
     }
 
     #[test]
