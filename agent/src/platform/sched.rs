@@ -699,6 +699,14 @@ mod tests {
         }
     }
 
+    /// Real time asked, `tids` watched (as if started), and a fake system.
+    fn watching(tids: &[Tid]) -> (Threads, Fake) {
+        let threads = Threads::new();
+        threads.ask(Scheduling::Realtime);
+        threads.tids.lock().unwrap().extend(tids);
+        (threads, Fake::default())
+    }
+
     #[test]
     fn threads_take_real_time_at_start_and_the_guard_releases_and_restores_them_all() {
         let threads = Threads::new();
@@ -725,11 +733,8 @@ mod tests {
 
     #[test]
     fn a_refusal_at_start_puts_every_thread_back_and_stops_the_guard() {
-        let threads = Threads::new();
-        let os = Fake::default();
-        threads.ask(Scheduling::Realtime);
         // Threads 1 and 2 started at real time before this one was refused.
-        threads.tids.lock().unwrap().extend([1, 2]);
+        let (threads, os) = watching(&[1, 2]);
         *os.refuse.lock().unwrap() = vec![current_tid()];
         threads.started(&os);
         assert_eq!(threads.state(), State::Unavailable);
@@ -748,10 +753,7 @@ mod tests {
 
     #[test]
     fn a_refused_restore_leaves_every_thread_at_normal_priority() {
-        let threads = Threads::new();
-        let os = Fake::default();
-        threads.ask(Scheduling::Realtime);
-        threads.tids.lock().unwrap().extend([1, 2]);
+        let (threads, os) = watching(&[1, 2]);
         let mut guard = Guard::default();
         for i in 0..4u64 {
             os.usage
@@ -772,18 +774,12 @@ mod tests {
 
     #[test]
     fn a_guard_that_cannot_read_any_thread_gives_up() {
-        let threads = Threads::new();
-        let os = Fake::default();
-        threads.ask(Scheduling::Realtime);
-        threads.tids.lock().unwrap().extend([1, 2]);
+        let (threads, os) = watching(&[1, 2]);
         assert!(!threads.check(&os, &mut Guard::default(), ms(0)));
         assert_eq!(threads.state(), State::Unavailable);
         assert_eq!((os.last()[&1], os.last()[&2]), (None, None));
         // One thread gone is no reason: the others are read.
-        let threads = Threads::new();
-        threads.ask(Scheduling::Realtime);
-        threads.tids.lock().unwrap().extend([1, 2]);
-        let os = Fake::default();
+        let (threads, os) = watching(&[1, 2]);
         os.usage.lock().unwrap().insert(1, u(0, 0));
         assert!(threads.check(&os, &mut Guard::default(), ms(0)));
         assert_eq!(threads.state(), State::Realtime);
