@@ -237,6 +237,20 @@ class Bench(Harness):
         return {"avg_ms": statistics.fmean(times), "p99_ms": p99,
                 "lost": self.opts.ping_count - len(times)}
 
+    def scheduling(self):
+        """Each agent's priority at the end of a run and how often its real-time guard released
+        it (so that a run shows whether the guard fired), as `side: state/releases`."""
+        out = []
+        for side, ns, iface in (("a", self.ns_a, self.if_a), ("b", self.ns_b, self.if_b)):
+            text = self.ns(ns, self.opts.agent_bin, "status", "--interface", iface, "-o", "json",
+                           check=False)
+            try:
+                s = json.loads(text)["scheduling"]
+                out.append(f"{side}: {s['state']}/{s['releases']}")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                out.append(f"{side}: ?")
+        return ", ".join(out)
+
     def iperf_server(self, tag):
         """Starts iperf3's server on side B and returns it once it listens."""
         server = self.spawn(self.ns_b, ["iperf3", "-s", "-p", str(IPERF_PORT)], f"iperf3-server-{tag}.log")
@@ -277,7 +291,8 @@ class Bench(Harness):
             self.stop(server)
             return {"tcp1_bps": one["bps"], "tcp1_retransmits": one["retransmits"],
                     "tcp4_bps": four["bps"], "tcp4_retransmits": four["retransmits"],
-                    "ping_idle": idle, "ping_load": loaded, "cpu_cores": cores}
+                    "ping_idle": idle, "ping_load": loaded, "cpu_cores": cores,
+                    "scheduling": self.scheduling() if impl == "meshlink" else None}
         finally:
             self.teardown(daemons)
 
@@ -489,7 +504,8 @@ def main():
                 cpu = f"{r['cpu_cores']:.2f}" if r["cpu_cores"] is not None else "-"
                 log(f"  tcp1 {r['tcp1_bps'] / 1e9:.3f} Gbit/s, tcp4 {r['tcp4_bps'] / 1e9:.3f} Gbit/s, "
                     f"ping idle {r['ping_idle']['avg_ms']:.3f}/{r['ping_idle']['p99_ms']:.3f} ms, "
-                    f"loaded {r['ping_load']['avg_ms']:.3f}/{r['ping_load']['p99_ms']:.3f} ms, cpu {cpu}")
+                    f"loaded {r['ping_load']['avg_ms']:.3f}/{r['ping_load']['p99_ms']:.3f} ms, cpu {cpu}"
+                    + (f", scheduling {r['scheduling']}" if r["scheduling"] else ""))
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130
