@@ -454,9 +454,13 @@ def main():
     p.add_argument("--no-build", action="store_true", help="do not run cargo build --release")
     p.add_argument("--agent-bin", help="meshlink-agent binary (default: <target>/release/meshlink-agent)")
     p.add_argument("--txqueuelen", type=int, help="set every tunnel's TUN txqueuelen to this after start")
+    p.add_argument("--scheduling", choices=["realtime", "normal"],
+                   help="MESHLINK_SCHEDULING for the agents (default: the agent's own, normal)")
     p.add_argument("--json", help="also write all samples to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with daemon logs")
     opts = p.parse_args()
+    if opts.scheduling:
+        os.environ["MESHLINK_SCHEDULING"] = opts.scheduling
 
     impls = [i.strip() for i in opts.only.split(",") if i.strip()]
     if opts.with_boringtun and "boringtun" not in impls:
