@@ -18,7 +18,7 @@ use crate::identity::{self, AdminToken, IdentityError, DATABASE_FILE};
 use crate::reflect::{self, ReflectCounters, ReflectStats};
 use crate::relay::Relay;
 use crate::server::{self, ServerError};
-use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK};
+use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK, STOP_LINGER};
 use crate::store::{Backend, SqlStore, StoreError, TimedStore};
 use crate::tcp;
 use crate::telemetry;
@@ -166,6 +166,10 @@ impl Coordinator {
                 WorkloadTiming {
                     lease: settings.limits.workload_lease,
                     grace: settings.limits.workload_grace,
+                    // Alone on SQLite, nobody renews a lease while this coordinator restarts:
+                    // it grants a longer one as it stops. Several share leases instead.
+                    stop_lease: matches!(settings.store, StoreLocation::Sqlite)
+                        .then(|| WorkloadTiming::lone_stop_lease(settings.limits.workload_lease)),
                     ..WorkloadTiming::default()
                 },
             )
@@ -565,6 +569,7 @@ impl Coordinator {
     /// Stops accepting, closes every session (code `SHUTDOWN`), stops the admin API, ends
     /// claims still in progress and closes the database.
     pub async fn shutdown(self) {
+        self.grant_stop_leases().await;
         let _ = self.shutdown.send(true);
         let _ = self.quic_task.await;
         if let Some(t) = self.tcp_task {
@@ -596,6 +601,37 @@ impl Coordinator {
         tracing::info!("coordinator stopped");
     }
 }
+
+impl Coordinator {
+    /// Alone (SQLite): keeps serving until every holder's next heartbeat was answered with the
+    /// stop lease (at most a heartbeat interval and a bit), so that holders keep answering for
+    /// their workload addresses while this coordinator restarts.
+    async fn grant_stop_leases(&self) {
+        let Some(most) = self.service.begin_stop() else {
+            return;
+        };
+        let lease = self.service.timing().stop_lease.unwrap_or_default();
+        let started = tokio::time::Instant::now();
+        let waiting = self.service.without_stop_lease();
+        while self.service.without_stop_lease() > 0 && started.elapsed() < most {
+            tokio::time::sleep(STOP_POLL).await;
+        }
+        let missed = self.service.without_stop_lease();
+        if waiting > missed {
+            tokio::time::sleep(STOP_LINGER).await;
+        }
+        tracing::info!(
+            holders = waiting,
+            missed,
+            lease_ms = lease.as_millis(),
+            took_ms = started.elapsed().as_millis(),
+            "stopping: holders were given a last lease to ride out a restart"
+        );
+    }
+}
+
+/// How often a stopping coordinator looks whether every holder has its stop lease.
+const STOP_POLL: Duration = Duration::from_millis(5);
 
 /// Binds the QUIC endpoint and, unless off, the TLS/TCP listener (with the address asked
 /// for). By default the TCP listener takes the QUIC endpoint's bound address; when the listen

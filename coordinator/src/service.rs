@@ -51,6 +51,24 @@ pub struct WorkloadTiming {
     pub handover_timeout: Duration,
     /// How long a former holder forwards for a moved address (told to agents in maps).
     pub grace: Duration,
+    /// The lease a stopping coordinator answers heartbeats with ([`Service::begin_stop`]), so
+    /// that holders ride out a restart; the next run on the store waits it out. `None`: no
+    /// stop lease (coordinators sharing leases: holders renew through another one).
+    pub stop_lease: Option<Duration>,
+}
+
+impl WorkloadTiming {
+    /// A lone coordinator's stop lease for `lease`: twice the lease and a second, so that a
+    /// restart shorter than a lease leaves a holder more than a lease and a second to
+    /// reconnect and renew.
+    pub fn lone_stop_lease(lease: Duration) -> Duration {
+        2 * lease + Duration::from_secs(1)
+    }
+
+    /// The longest lease a previous run on the store may have granted.
+    fn inherited(&self) -> Duration {
+        self.stop_lease.unwrap_or(self.lease).max(self.lease)
+    }
 }
 
 impl Default for WorkloadTiming {
@@ -61,6 +79,7 @@ impl Default for WorkloadTiming {
             prepare_timeout: Duration::from_millis(500),
             handover_timeout: Duration::from_secs(10),
             grace: meshlink_proto::workload::DEFAULT_GRACE,
+            stop_lease: None,
         }
     }
 }
@@ -68,6 +87,15 @@ impl Default for WorkloadTiming {
 /// How often `run.rs` calls [`Service::endpoint_tick`]: how late, at most, beyond its turn a
 /// waiting endpoint report is written.
 pub const ENDPOINT_TICK: Duration = Duration::from_millis(100);
+
+/// How much longer than a heartbeat interval a stopping coordinator waits for every holder's
+/// heartbeat (the links' delay, a heartbeat sent late).
+const STOP_HEARTBEAT_SLACK: Duration = Duration::from_millis(100);
+
+/// How long a stopping coordinator keeps its sessions open after the last stop lease was
+/// granted, so that the answers leave before the connections close (a close abandons what
+/// is still queued).
+pub const STOP_LINGER: Duration = Duration::from_millis(50);
 
 /// How long a heartbeat waits for the database to record a shared lease renewal before the
 /// coordinator answers on its own word (the database is away, or slow).
@@ -405,7 +433,7 @@ impl Service {
         let mut recent = Vec::new();
         let mut members_at_start = Vec::new();
         let recently = clock.now()
-            - i64::try_from((timing.lease + timing.margin).as_secs()).unwrap_or(i64::MAX)
+            - i64::try_from((timing.inherited() + timing.margin).as_secs()).unwrap_or(i64::MAX)
             - 2;
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
@@ -428,7 +456,8 @@ impl Service {
             hub.set_map(&net.name, map);
         }
         let started = clock.instant();
-        let until = started + timing.lease + timing.margin;
+        // Holders of the previous run may hold leases it granted, up to its stop lease.
+        let until = started + timing.inherited() + timing.margin;
         let mut handovers = Handovers {
             started_wait: members_at_start
                 .into_iter()
@@ -450,7 +479,7 @@ impl Service {
             let wait = Release {
                 node: 0,
                 version: u64::MAX,
-                until: started + timing.lease + timing.margin,
+                until,
             };
             handovers.pending.insert(key, vec![wait]);
         }
@@ -461,7 +490,9 @@ impl Service {
             write: Mutex::new(()),
             timing,
             // Holders of the previous run may hold leases it granted: they count from now.
-            leases: std::sync::Mutex::new(LeaseTable::new(timing.lease, timing.margin, started)),
+            leases: std::sync::Mutex::new(
+                LeaseTable::new(timing.lease, timing.margin, started).inherit(timing.inherited()),
+            ),
             prepares: std::sync::Mutex::new(HashMap::new()),
             live_migrations: crate::migrate::Waiting::default(),
             stranded: std::sync::Mutex::new(HashMap::new()),
@@ -555,6 +586,24 @@ impl Service {
     /// The workload timings.
     pub fn timing(&self) -> WorkloadTiming {
         self.timing
+    }
+
+    /// The coordinator is about to stop: from now on heartbeats are answered with the stop
+    /// lease ([`WorkloadTiming::stop_lease`]). Returns how long to keep serving at most so
+    /// that every holder's next heartbeat gets it (a heartbeat interval and a bit), or `None`
+    /// when there is no stop lease. Wait until [`Service::without_stop_lease`] is zero (and
+    /// then [`STOP_LINGER`]) or that time has passed, then stop.
+    pub fn begin_stop(&self) -> Option<Duration> {
+        let lease = self.timing.stop_lease?;
+        let now = self.clock.instant();
+        let mut leases = self.leases();
+        leases.stop(lease, now);
+        Some(leases.lease() / HEARTBEATS_PER_LEASE + STOP_HEARTBEAT_SLACK)
+    }
+
+    /// While stopping: the holders with a running lease that have not had the stop lease yet.
+    pub fn without_stop_lease(&self) -> usize {
+        self.leases().without_stop_lease()
     }
 
     /// How long a database fence lasts unless lifted: past the longest wait for a lease to
@@ -1068,10 +1117,12 @@ impl Service {
     }
 
     /// Until when `old`, a holder this coordinator just took a workload from (or nobody), may
-    /// still answer for it: a lease plus the margin from now, or (alone, hearing every
+    /// still answer for it: a lease (the stop lease while stopping) plus the margin from
+    /// now, or (alone, hearing every
     /// heartbeat) when its lease runs out, if earlier.
     fn may_answer_until(&self, old: Option<NodeId>) -> Instant {
-        let until = self.clock.instant() + self.timing.lease + self.timing.margin;
+        let granting = self.leases().granting();
+        let until = self.clock.instant() + granting + self.timing.margin;
         match old {
             Some(o) if self.shared.get().is_none() => until.min(self.leases().expires(o)),
             _ => until,

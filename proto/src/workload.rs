@@ -693,6 +693,11 @@ pub struct LeaseTable {
     margin: Duration,
     last: HashMap<NodeId, Instant>,
     started: Instant,
+    /// The longest lease the previous run may have granted (its stop lease, see
+    /// [`LeaseTable::stop`]): what a node not heard from since the start may still hold.
+    inherited: Duration,
+    /// Since when, and with what lease, heartbeats are answered while the coordinator stops.
+    stopping: Option<(Instant, Duration)>,
     /// Nodes whose workloads are being taken from them: their heartbeats are answered with
     /// no lease until the change is committed.
     fenced: HashMap<NodeId, u32>,
@@ -720,16 +725,66 @@ impl LeaseTable {
             margin,
             last: HashMap::new(),
             started,
+            inherited: lease,
+            stopping: None,
             fenced: HashMap::new(),
             prune_at: PRUNE_AT_LEAST,
         }
+    }
+
+    /// The previous run may have granted leases up to `longest` (it stopped granting its
+    /// stop lease, [`LeaseTable::stop`]): nodes not heard from since the start are counted
+    /// as holding that long from the start.
+    pub fn inherit(mut self, longest: Duration) -> Self {
+        self.inherited = longest.max(self.lease);
+        self
+    }
+
+    /// The coordinator is stopping (to restart, alone: nobody else can renew a lease while it
+    /// is away): from `now` on, heartbeats are answered with `lease` (if longer than the
+    /// usual one), so that holders ride out the restart. The next run must be started with
+    /// [`LeaseTable::inherit`] of it.
+    pub fn stop(&mut self, lease: Duration, now: Instant) {
+        if self.stopping.is_none() {
+            self.stopping = Some((now, lease.max(self.lease)));
+        }
+    }
+
+    /// While stopping: how many holders with a running lease (heard from within a lease
+    /// and the margin before the stop, not fenced) have not sent a heartbeat since, and so
+    /// have no stop lease yet. Zero when not stopping.
+    pub fn without_stop_lease(&self) -> usize {
+        let Some((since, _)) = self.stopping else {
+            return 0;
+        };
+        let running = since.checked_sub(self.lease + self.margin);
+        self.last
+            .iter()
+            .filter(|(n, t)| {
+                **t < since && running.is_none_or(|r| **t >= r) && !self.fenced.contains_key(n)
+            })
+            .count()
+    }
+
+    /// The lease a heartbeat that arrives at `at` is answered with.
+    fn granted_at(&self, at: Instant) -> Duration {
+        match self.stopping {
+            Some((since, lease)) if at >= since => lease,
+            _ => self.lease,
+        }
+    }
+
+    /// The longest lease granted from now on: the stop lease while stopping.
+    pub fn granting(&self) -> Duration {
+        self.stopping.map_or(self.lease, |(_, l)| l)
     }
 
     /// How long after its last heartbeat a node is forgotten: long past any lease, margin and
     /// start-up grace, so that a forgotten node is as silent as it was (see
     /// [`LeaseTable::expires`]: the start of a coordinator that has run this long is older).
     fn forget_after(&self) -> Duration {
-        (2 * (self.lease + self.margin) + STARTUP_GRACE).max(Duration::from_secs(600))
+        (2 * (self.granting().max(self.inherited) + self.margin) + STARTUP_GRACE)
+            .max(Duration::from_secs(600))
     }
 
     /// Forgets the nodes not heard from for [`LeaseTable::forget_after`] (fenced ones are
@@ -745,7 +800,7 @@ impl LeaseTable {
         self.prune_at = (2 * self.last.len()).max(PRUNE_AT_LEAST);
     }
 
-    /// The lease granted with each answer.
+    /// The lease granted with each answer (but while stopping, see [`LeaseTable::granting`]).
     pub fn lease(&self) -> Duration {
         self.lease
     }
@@ -761,7 +816,7 @@ impl LeaseTable {
             *e = now;
         }
         self.prune(now);
-        self.lease
+        self.granted_at(now)
     }
 
     /// Stops renewing `node`'s lease until [`LeaseTable::unfence`] (as many times as fenced):
@@ -812,11 +867,12 @@ impl LeaseTable {
     }
 
     /// When `node`'s lease surely ends, as far as the coordinator knows. A node not heard
-    /// from since the coordinator started gets [`STARTUP_GRACE`] more.
+    /// from since the coordinator started gets [`STARTUP_GRACE`] more than a lease, or the
+    /// previous run's stop lease if longer ([`LeaseTable::inherit`]).
     pub fn expires(&self, node: NodeId) -> Instant {
         match self.last.get(&node) {
-            Some(t) if *t >= self.started => *t + self.lease + self.margin,
-            _ => self.started + self.lease + self.margin + STARTUP_GRACE,
+            Some(t) if *t >= self.started => *t + self.granted_at(*t) + self.margin,
+            _ => self.started + self.margin + self.inherited.max(self.lease + STARTUP_GRACE),
         }
     }
 }
@@ -1146,6 +1202,53 @@ pub(crate) mod tests {
         // After a start, a holder not heard from yet gets the startup grace.
         assert!(!leases.is_silent(9, t0 + Duration::from_millis(1601)));
         assert!(leases.is_silent(9, t0 + Duration::from_millis(1601) + STARTUP_GRACE));
+    }
+
+    /// A stopping coordinator answers heartbeats with its stop lease, counts the holders
+    /// that have not had one yet, and the next run counts nodes it has not heard from as
+    /// holding that long from its start.
+    #[test]
+    fn a_stop_lease_is_granted_counted_and_inherited() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut leases = LeaseTable::new(ms(1500), ms(100), t0);
+        leases.heartbeat(1, t0 + ms(100));
+        leases.heartbeat(2, t0 + ms(200));
+        leases.heartbeat(3, t0 + ms(300));
+        leases.fence(3);
+        // Node 4 was last heard 1.7 s before the stop: its lease is over, nothing to wait for.
+        leases.heartbeat(4, t0);
+        assert_eq!(leases.without_stop_lease(), 0, "not stopping");
+        let stop = t0 + ms(1700);
+        leases.stop(ms(4000), stop);
+        assert_eq!(leases.without_stop_lease(), 2, "nodes 1 and 2");
+        assert_eq!(leases.granting(), ms(4000));
+        assert_eq!(leases.lease(), ms(1500), "the usual lease paces heartbeats");
+        assert_eq!(leases.heartbeat(1, stop + ms(50)), ms(4000));
+        assert_eq!(leases.without_stop_lease(), 1);
+        // A fenced holder gets nothing, stopping or not.
+        assert_eq!(leases.heartbeat(3, stop + ms(60)), Duration::ZERO);
+        assert_eq!(leases.heartbeat(2, stop + ms(70)), ms(4000));
+        assert_eq!(leases.without_stop_lease(), 0);
+        // The coordinator knows the longer lease runs: node 1 is silent only after it.
+        assert!(!leases.is_silent(1, stop + ms(50) + ms(4100)));
+        assert!(leases.is_silent(1, stop + ms(51) + ms(4100)));
+        // A second stop changes nothing.
+        leases.stop(ms(9000), stop + ms(80));
+        assert_eq!(leases.heartbeat(1, stop + ms(90)), ms(4000));
+
+        // The next run, started 1 s later, has not heard from node 1 yet: its stop lease may
+        // run until 3.05 s after this start, and is waited out (the start-up grace is longer).
+        let t1 = stop + ms(1000);
+        let next = LeaseTable::new(ms(1500), ms(100), t1).inherit(ms(4000));
+        assert_eq!(next.expires(1), t1 + ms(100) + ms(4500));
+        // With a stop lease longer than a lease and the grace, that is waited out instead.
+        let next = LeaseTable::new(ms(1500), ms(100), t1).inherit(ms(9000));
+        assert!(!next.is_silent(1, t1 + ms(9100)));
+        assert!(next.is_silent(1, t1 + ms(9101)));
+        // A run with no stop lease before it: as ever.
+        let plain = LeaseTable::new(ms(1500), ms(100), t1);
+        assert_eq!(plain.expires(1), t1 + ms(100) + ms(1500) + STARTUP_GRACE);
     }
 
     /// Nodes come and go (a revoked or deleted node joins again as a new one): the table
