@@ -167,6 +167,7 @@ async fn session(
                         relay: false,
                         path_reports: false,
                         handover: false,
+                        confirms_handovers: false,
                         network_cidr6: None,
                     };
                     send.write_all(&control::encode(&ServerMessage::Welcome(welcome)))

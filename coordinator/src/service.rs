@@ -1910,6 +1910,7 @@ impl Service {
         welcome.path_reports = true;
         welcome.talker_reports = true;
         welcome.handover = true;
+        welcome.confirms_handovers = true;
         let welcome: Frame = encode(&ServerMessage::Welcome(welcome)).into();
         match version {
             Some(v) => {

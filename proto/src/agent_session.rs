@@ -185,6 +185,12 @@ impl<M: SessionMap> AgentSession<M> {
         self.connected
     }
 
+    /// The coordinator's welcome on a new connection, before [`AgentSession::connected`]: what
+    /// the session takes from it (whether the coordinator confirms handovers).
+    pub fn welcomed(&mut self, welcome: &crate::control::Welcome) {
+        self.holdings.on_welcome(welcome.confirms_handovers);
+    }
+
     /// A connection was opened and the coordinator accepted the hello with `map`; the node's
     /// underlay endpoints are `endpoints`. A holder renews its lease at once (the previous
     /// connection may have died with a coordinator, and the lease has been running down
@@ -1049,6 +1055,7 @@ mod tests {
                     relay: false,
                     path_reports: false,
                     handover: false,
+                    confirms_handovers: false,
                     network_cidr6: None,
                 })
             ),

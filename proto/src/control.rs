@@ -308,6 +308,12 @@ pub struct Welcome {
     /// agent answers a handover only on a session whose welcome says so. Absent: no.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handover: bool,
+    /// Whether this coordinator confirms handovers ([`ServerMessage::Lease`]'s `confirmed`):
+    /// then a node sets up no address for a move being prepared before the confirmation,
+    /// from the first move on (else it learns so only from its first lease answer). Absent:
+    /// unknown until a lease answer says.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confirms_handovers: bool,
 }
 
 /// Messages from the coordinator.

@@ -370,6 +370,15 @@ impl Holdings {
         self.tentative.values().map(|(a, _, _)| *a).collect()
     }
 
+    /// The welcome said that the coordinator confirms handovers
+    /// ([`crate::control::Welcome::confirms_handovers`]): from now on, as after a lease answer
+    /// with confirmations. A welcome that does not say leaves it to the lease answers.
+    pub fn on_welcome(&mut self, confirms_handovers: bool) {
+        if confirms_handovers {
+            self.confirms = true;
+        }
+    }
+
     /// What a lease message said about handovers
     /// ([`crate::control::ServerMessage::Lease`]'s `confirmed`): `Some` (a coordinator that
     /// confirms handovers) adds the generations it confirms, by workload id; they are kept
@@ -1051,6 +1060,35 @@ pub(crate) mod tests {
         h.on_prepare("chat", 2, t0);
         h.on_map(&map(2, &[wl("chat", Some(2), 2)]), t0);
         assert!(h.tentative(t0).is_empty());
+    }
+
+    /// A node that never held anything learns from its welcome that the coordinator confirms
+    /// handovers: its first prepared move sets up no address (its own host's connections to
+    /// the address would be answered here, by nobody), the address is awaited instead. Without
+    /// the welcome's word it would be set up until the first lease answer says so.
+    #[test]
+    fn a_welcome_that_confirms_handovers_keeps_the_first_prepared_address_down() {
+        let t0 = Instant::now();
+        let chat = wl("chat", Some(1), 1);
+        let mut told = Holdings::new(3);
+        told.on_welcome(true);
+        told.on_map(&map(1, std::slice::from_ref(&chat)), t0);
+        told.on_prepare("chat", 2, t0);
+        assert!(
+            told.tentative(t0).is_empty(),
+            "no address up before a confirmation"
+        );
+        assert_eq!(told.awaited(t0), vec![chat.address]);
+        // An older coordinator's welcome says nothing: as before, until a lease answer.
+        let mut untold = Holdings::new(3);
+        untold.on_welcome(false);
+        untold.on_map(&map(1, std::slice::from_ref(&chat)), t0);
+        untold.on_prepare("chat", 2, t0);
+        assert_eq!(untold.tentative(t0), vec![chat.address]);
+        let s = untold.heartbeat_now(t0);
+        untold.on_lease(s, Duration::from_secs(5), 1);
+        untold.on_confirmed(Some(&[]));
+        assert!(untold.tentative(t0).is_empty());
     }
 
     #[test]

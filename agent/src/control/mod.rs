@@ -104,6 +104,8 @@ pub struct Session {
     talker_reports: bool,
     /// Whether its coordinator takes handover answers (`Welcome::handover`).
     handover: bool,
+    /// The welcome, for the session state.
+    welcome: Option<Welcome>,
 }
 
 impl Session {
@@ -136,6 +138,7 @@ impl Session {
             path_reports: false,
             talker_reports: false,
             handover: false,
+            welcome: None,
         })
     }
 
@@ -220,6 +223,7 @@ impl Session {
             self.path_reports = welcome.path_reports;
             self.talker_reports = welcome.talker_reports;
             self.handover = welcome.handover;
+            self.welcome = Some(welcome.clone());
             match self.recv().await? {
                 ServerMessage::FullMap(m) => Ok((welcome, m)),
                 other => Err(protocol(format!(
@@ -738,7 +742,13 @@ impl MeshControl {
         tunnels: &Arc<dyn Tunnels>,
     ) -> ControlError {
         let endpoints = self.endpoints(wg_port, tunnel);
-        self.shared.lock().connected(Instant::now(), map, endpoints);
+        {
+            let mut session = self.shared.lock();
+            if let Some(w) = &s.welcome {
+                session.welcomed(w);
+            }
+            session.connected(Instant::now(), map, endpoints);
+        }
         s.relay_sink = Some(self.shared.relay_frames.tx.clone());
         let remote = s.transport.remote();
         self.shared.link.send_replace(Some(workloads::Link {

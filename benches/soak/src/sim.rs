@@ -295,6 +295,7 @@ pub async fn run(
                     let session = v
                         .session
                         .get_or_insert_with(|| AgentSession::new(c.node, cached.clone(), now));
+                    session.welcomed(&welcome);
                     session.connected(now, map, Vec::new());
                 }
                 let end = serve(&slot, &shared, &mut conn, &mut commands, settled).await;

@@ -824,6 +824,7 @@ pub fn welcome(
         reflect_port: None,
         relay: false,
         path_reports: false,
+        confirms_handovers: false,
         handover: false,
         network_cidr6: network.cidr6.map(IpNet::V6),
     }

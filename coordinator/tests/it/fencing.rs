@@ -700,7 +700,11 @@ impl Sim {
                 let ServerMessage::FullMap(map) = decode_frame(&s.attached.full_map) else {
                     panic!("seed {}: no full map after the welcome", self.seed)
                 };
+                let ServerMessage::Welcome(welcome) = decode_frame(&s.welcome) else {
+                    panic!("seed {}: no welcome", self.seed)
+                };
                 let a = &mut self.agents[i];
+                a.session.welcomed(&welcome);
                 a.session.connected(now_i, map, vec![]);
                 a.reconnect.connected();
                 a.at = k;

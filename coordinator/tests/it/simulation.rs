@@ -833,6 +833,7 @@ impl Sim {
         }
         let secret = welcome
             .node_secret
+            .clone()
             .expect("a join's welcome carries a secret");
         self.tokens[t].used += 1;
         self.versions[net] += 1;
@@ -841,7 +842,7 @@ impl Sim {
             NodeFact {
                 network: net,
                 agent: a,
-                name: welcome.name,
+                name: welcome.name.clone(),
                 address,
                 secret: secret.clone(),
                 revoked: false,
@@ -867,6 +868,7 @@ impl Sim {
         agent.link = Some(Link::new(a, session));
         // A new agent process: its state starts from the map of the join.
         let mut state = AgentSession::new(id, full.clone(), now);
+        state.welcomed(&welcome);
         state.connected(now, full, agent.endpoints.clone());
         agent.session = Some(state);
         self.count("join.ok");
@@ -930,6 +932,7 @@ impl Sim {
         agent.reconnect_at = None;
         agent.link = Some(Link::new(a, session));
         let endpoints = agent.endpoints.clone();
+        agent.session().welcomed(&welcome);
         agent.session().connected(now, full, endpoints);
         self.count(if replaced {
             "reconnect.ok-replacing"
