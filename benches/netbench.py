@@ -455,7 +455,7 @@ def main():
     p.add_argument("--agent-bin", help="meshlink-agent binary (default: <target>/release/meshlink-agent)")
     p.add_argument("--txqueuelen", type=int, help="set every tunnel's TUN txqueuelen to this after start")
     p.add_argument("--scheduling", choices=["realtime", "normal"],
-                   help="MESHLINK_SCHEDULING for the agents (default: the agent's own, normal)")
+                   help="MESHLINK_SCHEDULING for the agents (default: the agent's own, realtime)")
     p.add_argument("--json", help="also write all samples to this file")
     p.add_argument("--keep-logs", action="store_true", help="keep the temp dir with daemon logs")
     opts = p.parse_args()

@@ -268,8 +268,7 @@ fn configure_agent(root: &Path, token: &str, name: &str, iface: &str) {
     let path = root.join("etc/meshlink/agent.env");
     let mut text = std::fs::read_to_string(&path).expect("the packaged agent.env");
     text.push_str(&format!(
-        "MESHLINK_TOKEN={token}\nMESHLINK_NAME={name}\nMESHLINK_INTERFACE={iface}\n\
-         MESHLINK_SCHEDULING=realtime\n"
+        "MESHLINK_TOKEN={token}\nMESHLINK_NAME={name}\nMESHLINK_INTERFACE={iface}\n"
     ));
     meshlink_tests::write_secret(&path, &text);
 }
@@ -491,7 +490,7 @@ fn packages_install_and_their_units_run_a_mesh() {
         })
         .unwrap_or_else(|e| panic!("{e} under its unit:\n{}", agent.log_tail(30)));
     }
-    // Asked for in agent.env, real-time priority is the agent's under its unit's capabilities.
+    // The unit's capabilities let the agent's runtime threads take real-time priority.
     for (agent, _, _, name) in &agents {
         let threads = agent.thread_policies();
         assert!(

@@ -17,14 +17,10 @@
 //! capacity (the bench's: 20-70 ms of every 100) is not released. The kernel's own limit on
 //! real-time threads (`kernel.sched_rt_runtime_us`, 95 %) stays below that.
 //!
-//! Asked for with `MESHLINK_SCHEDULING=realtime`; not yet the default. With it, a connection
-//! from a move's destination host to the workload address was reset in 3 of 50 runs of the
-//! live-migration test (0 of 50 at normal priority): a preparation that did not land put the
-//! address up there for an instant, and the host's own stack answered for it. The agent's
-//! quicker handling widens that window, which is the agent's to close first. Without the
-//! right to real time (`CAP_SYS_NICE`, or an `RLIMIT_RTPRIO` of at least 2) the agent says so
-//! once and runs at normal priority; so it does, with every thread put back, whenever the
-//! guard cannot do its work (no scheduler statistics in `/proc`, say).
+//! `MESHLINK_SCHEDULING=normal` keeps the agent at normal priority. Without the right to real
+//! time (`CAP_SYS_NICE`, or an `RLIMIT_RTPRIO` of at least 2) the agent says so once and runs
+//! at normal priority; so it does, with every thread put back, whenever the guard cannot do its
+//! work (no scheduler statistics in `/proc`, say).
 //!
 //! The project's unsafe code lives here: `sched_setscheduler(2)`, which neither the standard
 //! library nor nix wraps.
@@ -60,19 +56,19 @@ pub const QUIET: Duration = Duration::from_secs(30);
 /// Which priority the agent asks for: `MESHLINK_SCHEDULING`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheduling {
-    /// Real time for every runtime thread.
+    /// Real time for every runtime thread (the default).
     Realtime,
-    /// Normal priority (the default, for now: see the module's documentation).
+    /// Normal priority.
     Normal,
 }
 
 impl Scheduling {
-    /// The scheduling `MESHLINK_SCHEDULING` asks for: `normal` (also when unset or empty) or
-    /// `realtime`; anything else is an error naming the variable.
+    /// The scheduling `MESHLINK_SCHEDULING` asks for: `realtime` (also when unset or empty) or
+    /// `normal`; anything else is an error naming the variable.
     pub fn from_env_value(value: Option<&str>) -> Result<Scheduling, String> {
         match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-            None | Some("") | Some("normal") => Ok(Scheduling::Normal),
-            Some("realtime") => Ok(Scheduling::Realtime),
+            None | Some("") | Some("realtime") => Ok(Scheduling::Realtime),
+            Some("normal") => Ok(Scheduling::Normal),
             Some(other) => Err(format!(
                 "MESHLINK_SCHEDULING: {other:?} is not a scheduling (realtime or normal)"
             )),
@@ -527,10 +523,10 @@ mod tests {
 
     #[test]
     fn the_variable_names_itself_when_wrong() {
-        assert_eq!(Scheduling::from_env_value(None), Ok(Scheduling::Normal));
+        assert_eq!(Scheduling::from_env_value(None), Ok(Scheduling::Realtime));
         assert_eq!(
             Scheduling::from_env_value(Some(" ")),
-            Ok(Scheduling::Normal)
+            Ok(Scheduling::Realtime)
         );
         assert_eq!(
             Scheduling::from_env_value(Some("Normal")),
