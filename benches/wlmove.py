@@ -46,8 +46,9 @@ tunnel interface and with it the address vanish, the coordinator hears nothing);
 is from the kill to the first probe answered by vm-c among those sent after the kill. Then vm-a's
 agent is restarted and the workload moved back.
 Coordinator restarts: `--restarts` times, with the workload on vm-a under the probe, the
-coordinator is killed (SIGKILL) and started again on the same state directory `--outage`
-seconds later; per round: probes lost from the kill on, the longest silence of the workload
+coordinator is killed (SIGKILL; with `--orderly`, stopped with SIGTERM as an upgrade does, which
+first gives holders its stop lease) and started again on the same state directory `--outage`
+seconds after it ended; per round: probes lost from the kill on, the longest silence of the workload
 address (send time of the last answered probe before a run of lost ones to that of the first
 answered one after it), and the time from the new start to every agent online.
 
@@ -373,8 +374,9 @@ class MoveBench(Bed):
         return results
 
     def restarts(self):
-        """The coordinator SIGKILLed and started again `--outage` seconds later, `--restarts`
-        times, with the workload held by vm-a and probed once per millisecond throughout."""
+        """The coordinator SIGKILLed (with `--orderly`, SIGTERMed and waited for) and started
+        again `--outage` seconds after it ended, `--restarts` times, with the workload held by
+        vm-a and probed once per millisecond throughout."""
         results = []
         for k in range(self.opts.restarts):
             if self.holder() != "vm-a":
@@ -386,8 +388,12 @@ class MoveBench(Bed):
             self.mover.kill()
             self.untrack(self.mover)
             t_kill = time.time_ns()
-            self.coord.kill()
-            self.coord.wait()
+            if self.opts.orderly:
+                self.coord.send_signal(signal.SIGTERM)
+            else:
+                self.coord.kill()
+            self.coord.wait(timeout=30)
+            t_gone = time.time_ns()
             self.untrack(self.coord)
             time.sleep(self.opts.outage)
             t_start = time.time_ns()
@@ -405,6 +411,9 @@ class MoveBench(Bed):
             unanswered_tail = any(r["recv"] is None for r in after[-50:])
             results.append({
                 "outage_s": self.opts.outage,
+                "orderly": self.opts.orderly,
+                "signal_to_exit_ms": (t_gone - t_kill) / 1e6,
+                "exit_to_ready_ms": (t_ready - t_gone) / 1e6,
                 "lost": lost,
                 "probes": len(after),
                 "longest_silence_ms": longest / 1e6,
@@ -540,11 +549,16 @@ def report_restarts(rs, opts):
         return
     sil = [r["longest_silence_ms"] for r in rs]
     lost = [r["lost"] for r in rs]
-    print(f"\n## Coordinator SIGKILLed, started again {opts.outage:g} s later, {len(rs)} times; holder under probe\n")
+    how = "stopped with SIGTERM" if opts.orderly else "SIGKILLed"
+    print(f"\n## Coordinator {how}, started again {opts.outage:g} s after it ended, {len(rs)} times; holder under probe\n")
     print("| figure | median | max | bar |")
     print("|---|---|---|---|")
     print(f"| probes lost (1/ms) | {statistics.median(lost):.0f} | {max(lost)} | 0 |")
     print(f"| longest silence of the workload address | {fmt(statistics.median(sil))} | {fmt(max(sil))} | 0 |")
+    v = [r["signal_to_exit_ms"] for r in rs]
+    print(f"| signal -> coordinator ended | {fmt(statistics.median(v))} | {fmt(max(v))} | |")
+    v = [r["exit_to_ready_ms"] for r in rs]
+    print(f"| coordinator ended -> restarted coordinator ready (the outage) | {fmt(statistics.median(v))} | {fmt(max(v))} | |")
     v = [r["all_online_after_start_ms"] for r in rs]
     print(f"| coordinator start -> every agent online (meshctl polled) | {fmt(statistics.median(v))} | {fmt(max(v))} | |")
     print(f"\nRounds still silent when the probe ended: {sum(1 for r in rs if r['silent_at_end'])}.")
@@ -564,6 +578,8 @@ def main():
     ap.add_argument("--restarts", type=int, default=0,
                     help="coordinator SIGKILL + restart rounds with the workload under probe")
     ap.add_argument("--outage", type=float, default=1.0, help="seconds the coordinator stays down per restart")
+    ap.add_argument("--orderly", action="store_true",
+                    help="restarts stop the coordinator with SIGTERM (an upgrade) instead of SIGKILL")
     ap.add_argument("--ha", type=int, default=0, choices=[0, 2, 3],
                     help="coordinators sharing a private PostgreSQL (0: one on SQLite)")
     ap.add_argument("--kills", type=int, default=0,
