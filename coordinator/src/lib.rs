@@ -48,6 +48,7 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod stop_record;
 pub mod store;
 pub mod talkers;
 pub mod tcp;

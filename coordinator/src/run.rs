@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -19,6 +19,7 @@ use crate::reflect::{self, ReflectCounters, ReflectStats};
 use crate::relay::Relay;
 use crate::server::{self, ServerError};
 use crate::service::{Service, SystemClock, Traversal, WorkloadTiming, ENDPOINT_TICK, STOP_LINGER};
+use crate::stop_record;
 use crate::store::{Backend, SqlStore, StoreError, TimedStore};
 use crate::tcp;
 use crate::telemetry;
@@ -77,6 +78,8 @@ pub enum StartError {
 /// running until the runtime ends.
 #[derive(Debug)]
 pub struct Coordinator {
+    /// Where the stop lease is recorded (alone, on SQLite: `stop_record`).
+    state_dir: std::path::PathBuf,
     quic_addr: SocketAddr,
     tcp_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
@@ -157,6 +160,21 @@ impl Coordinator {
                     source,
                 })?;
         }
+        // Alone on SQLite, nobody renews a lease while this coordinator restarts: it grants a
+        // longer one as it stops, and waits out what its predecessor recorded having granted.
+        // Several share leases instead.
+        let lone = matches!(settings.store, StoreLocation::Sqlite);
+        let previous_stop_left = if lone {
+            stop_record::left(dir, SystemTime::now()).unwrap_or_else(|e| {
+                tracing::warn!(
+                    "{e}: counting the previous run's stop leases as this run's own (twice the \
+                     lease plus a second)"
+                );
+                Duration::ZERO
+            })
+        } else {
+            Duration::ZERO
+        };
         let service = Arc::new(
             Service::load_with(
                 // Every call of the service's timed for the metrics.
@@ -166,10 +184,9 @@ impl Coordinator {
                 WorkloadTiming {
                     lease: settings.limits.workload_lease,
                     grace: settings.limits.workload_grace,
-                    // Alone on SQLite, nobody renews a lease while this coordinator restarts:
-                    // it grants a longer one as it stops. Several share leases instead.
-                    stop_lease: matches!(settings.store, StoreLocation::Sqlite)
+                    stop_lease: lone
                         .then(|| WorkloadTiming::lone_stop_lease(settings.limits.workload_lease)),
+                    previous_stop_left,
                     ..WorkloadTiming::default()
                 },
             )
@@ -493,6 +510,7 @@ impl Coordinator {
             "coordinator running"
         );
         Ok(Coordinator {
+            state_dir: dir.clone(),
             quic_addr,
             tcp_addr,
             admin_addr,
@@ -607,10 +625,18 @@ impl Coordinator {
     /// stop lease (at most a heartbeat interval and a bit), so that holders keep answering for
     /// their workload addresses while this coordinator restarts.
     async fn grant_stop_leases(&self) {
+        let Some(lease) = self.service.timing().stop_lease else {
+            return;
+        };
+        // Recorded before the first is granted: the next run waits out what was granted.
+        let longest = self.service.stop_wait() + STOP_LINGER + lease + STOP_RECORD_SLACK;
+        if let Err(e) = stop_record::record(&self.state_dir, SystemTime::now(), longest) {
+            tracing::warn!("stopping without giving holders a last lease: {e}");
+            return;
+        }
         let Some(most) = self.service.begin_stop() else {
             return;
         };
-        let lease = self.service.timing().stop_lease.unwrap_or_default();
         let started = tokio::time::Instant::now();
         let waiting = self.service.without_stop_lease();
         while self.service.without_stop_lease() > 0 && started.elapsed() < most {
@@ -629,6 +655,9 @@ impl Coordinator {
         );
     }
 }
+
+/// Recorded beyond the stop lease's longest run: the time between the record and the drain.
+const STOP_RECORD_SLACK: Duration = Duration::from_millis(100);
 
 /// How often a stopping coordinator looks whether every holder has its stop lease.
 const STOP_POLL: Duration = Duration::from_millis(5);

@@ -55,6 +55,9 @@ pub struct WorkloadTiming {
     /// that holders ride out a restart; the next run on the store waits it out. `None`: no
     /// stop lease (coordinators sharing leases: holders renew through another one).
     pub stop_lease: Option<Duration>,
+    /// What the previous run's recorded stop leases had left at this start
+    /// ([`crate::stop_record::left`]): waited out too, whatever this run's own stop lease.
+    pub previous_stop_left: Duration,
 }
 
 impl WorkloadTiming {
@@ -65,9 +68,13 @@ impl WorkloadTiming {
         2 * lease + Duration::from_secs(1)
     }
 
-    /// The longest lease a previous run on the store may have granted.
+    /// The longest lease a previous run on the store may have granted, counted from this
+    /// run's start.
     fn inherited(&self) -> Duration {
-        self.stop_lease.unwrap_or(self.lease).max(self.lease)
+        self.stop_lease
+            .unwrap_or(self.lease)
+            .max(self.lease)
+            .max(self.previous_stop_left)
     }
 }
 
@@ -80,6 +87,7 @@ impl Default for WorkloadTiming {
             handover_timeout: Duration::from_secs(10),
             grace: meshlink_proto::workload::DEFAULT_GRACE,
             stop_lease: None,
+            previous_stop_left: Duration::ZERO,
         }
     }
 }
@@ -595,10 +603,17 @@ impl Service {
     /// then [`STOP_LINGER`]) or that time has passed, then stop.
     pub fn begin_stop(&self) -> Option<Duration> {
         let lease = self.timing.stop_lease?;
-        let now = self.clock.instant();
         let mut leases = self.leases();
+        // Read under the lock: a heartbeat answered with the usual lease is stamped before.
+        let now = self.clock.instant();
         leases.stop(lease, now);
-        Some(leases.lease() / HEARTBEATS_PER_LEASE + STOP_HEARTBEAT_SLACK)
+        Some(self.stop_wait())
+    }
+
+    /// How long a stopping coordinator serves at most for every holder's next heartbeat to
+    /// get the stop lease: a heartbeat interval and a bit.
+    pub fn stop_wait(&self) -> Duration {
+        self.timing.lease / HEARTBEATS_PER_LEASE + STOP_HEARTBEAT_SLACK
     }
 
     /// While stopping: the holders with a running lease that have not had the stop lease yet.
@@ -1121,8 +1136,12 @@ impl Service {
     /// now, or (alone, hearing every
     /// heartbeat) when its lease runs out, if earlier.
     fn may_answer_until(&self, old: Option<NodeId>) -> Instant {
-        let granting = self.leases().granting();
-        let until = self.clock.instant() + granting + self.timing.margin;
+        let (granting, inherited) = {
+            let l = self.leases();
+            (l.granting(), l.inherited_until())
+        };
+        // Never before what the previous run may have granted (its stop lease).
+        let until = (self.clock.instant() + granting + self.timing.margin).max(inherited);
         match old {
             Some(o) if self.shared.get().is_none() => until.min(self.leases().expires(o)),
             _ => until,

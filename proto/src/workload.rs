@@ -754,6 +754,8 @@ impl LeaseTable {
     /// usual one), so that holders ride out the restart. The next run must be started with
     /// [`LeaseTable::inherit`] of it.
     pub fn stop(&mut self, lease: Duration, now: Instant) {
+        // (`now` is read under the caller's lock on the table: a heartbeat answered with the
+        // usual lease cannot be stamped after it.)
         if self.stopping.is_none() {
             self.stopping = Some((now, lease.max(self.lease)));
         }
@@ -875,14 +877,24 @@ impl LeaseTable {
             && now.saturating_duration_since(self.expires(node)) > Duration::ZERO
     }
 
-    /// When `node`'s lease surely ends, as far as the coordinator knows. A node not heard
-    /// from since the coordinator started gets [`STARTUP_GRACE`] more than a lease, or the
-    /// previous run's stop lease if longer ([`LeaseTable::inherit`]).
+    /// When `node`'s lease surely ends, as far as the coordinator knows: never before what
+    /// the previous run may have granted it ([`LeaseTable::inherited_until`]; a renewal here
+    /// can be shorter than the stop lease it still holds). A node not heard from since the
+    /// coordinator started gets [`STARTUP_GRACE`] more than a lease, or the previous run's
+    /// stop lease if longer ([`LeaseTable::inherit`]).
     pub fn expires(&self, node: NodeId) -> Instant {
         match self.last.get(&node) {
-            Some(t) if *t >= self.started => *t + self.granted_at(*t) + self.margin,
+            Some(t) if *t >= self.started => {
+                (*t + self.granted_at(*t) + self.margin).max(self.inherited_until())
+            }
             _ => self.started + self.margin + self.inherited.max(self.lease + STARTUP_GRACE),
         }
+    }
+
+    /// Until when any node may still answer under a lease the previous run granted (its stop
+    /// lease, [`LeaseTable::inherit`]), heard from since or not.
+    pub fn inherited_until(&self) -> Instant {
+        self.started + self.inherited + self.margin
     }
 }
 
@@ -1278,8 +1290,14 @@ pub(crate) mod tests {
         // The next run, started 1 s later, has not heard from node 1 yet: its stop lease may
         // run until 3.05 s after this start, and is waited out (the start-up grace is longer).
         let t1 = stop + ms(1000);
-        let next = LeaseTable::new(ms(1500), ms(100), t1).inherit(ms(4000));
+        let mut next = LeaseTable::new(ms(1500), ms(100), t1).inherit(ms(4000));
         assert_eq!(next.expires(1), t1 + ms(100) + ms(4500));
+        // Heard from, its renewal (1.5 s) is shorter than the stop lease it still holds.
+        next.heartbeat(1, t1 + ms(100));
+        assert_eq!(next.expires(1), t1 + ms(4100));
+        assert_eq!(next.inherited_until(), t1 + ms(4100));
+        next.heartbeat(1, t1 + ms(3000));
+        assert_eq!(next.expires(1), t1 + ms(4600));
         // With a stop lease longer than a lease and the grace, that is waited out instead.
         let next = LeaseTable::new(ms(1500), ms(100), t1).inherit(ms(9000));
         assert!(!next.is_silent(1, t1 + ms(9100)));

@@ -1476,14 +1476,42 @@ async fn an_orderly_restart_shorter_than_a_lease_silences_no_workload() {
 /// keeps the standby back; the restart is immediate.
 #[tokio::test(flavor = "current_thread")]
 async fn a_restarted_coordinator_waits_out_the_stop_lease_of_a_holder_it_cannot_reach() {
-    let dir = TempDir::new("fencing-stop-lease-failover");
+    stop_lease_outlives_the_restart("fencing-stop-lease-failover", false).await;
+}
+
+/// The same, but the holder reconnects to the restarted coordinator and renews once before it
+/// is cut off: the lease that renewal granted is shorter than the stop lease it still holds,
+/// and the standby must wait for the latter.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stop_lease_counts_after_its_holder_renewed_with_the_next_run() {
+    stop_lease_outlives_the_restart("fencing-stop-lease-renewed", true).await;
+}
+
+async fn stop_lease_outlives_the_restart(name: &str, renew_first: bool) {
+    let dir = TempDir::new(name);
     let lease = Duration::from_secs(3);
     let mut sim = Sim::with_lease(&dir, 11, None, 1, lease).await;
-    assert!(calm_until::<()>(&mut sim, 6_000, "w0", 0, 0, None)
+    // Long enough for w0's first move to be older than what a restart counts as recent (its
+    // next holder then waits a stop lease from the start whoever held it).
+    assert!(calm_until::<()>(&mut sim, 15_000, "w0", 0, 0, None)
         .await
         .is_some());
     let before = sim.generation("w0").await;
     let stopped = orderly_restart(&mut sim, 10).await;
+    if renew_first {
+        // Back on the restarted coordinator, its heartbeat answered, then cut off.
+        while sim.agents[0].life != Life::Online {
+            let now = sim.now + 1;
+            sim.step(now, false).await;
+            assert!(sim.now < stopped + 3_000, "vm-1 did not reconnect");
+        }
+        let back = sim.now;
+        while sim.now < back + 2 * MAX_LATENCY_MS + 10 {
+            let now = sim.now + 1;
+            sim.step(now, false).await;
+        }
+        sim.agents[0].idle_at = Some(sim.now + IDLE_MS);
+    }
     sim.agents[0].cut_until = Some(stopped + 60_000);
     let mut vm1_last = None;
     let mut vm2_first = None;
@@ -1511,7 +1539,7 @@ async fn a_restarted_coordinator_waits_out_the_stop_lease_of_a_holder_it_cannot_
     );
     assert_eq!(sim.generation("w0").await, before + 1);
     eprintln!(
-        "fencing: after an orderly restart, vm-1 answered until {vm1_last} ms, the standby from \
-         {vm2_first} ms"
+        "fencing ({name}): after an orderly restart, vm-1 answered until {vm1_last} ms, the \
+         standby from {vm2_first} ms"
     );
 }

@@ -759,3 +759,30 @@ crate::on_both_stores!(
     workload_routes_need_the_admin_token,
     a_silent_destination_does_not_block_the_move,
 );
+
+/// A lone coordinator records its stop lease before it grants any (`stop-lease` in its state
+/// directory); the next run there waits out what was recorded even when it is started with a
+/// shorter lease (whose own stop lease would be shorter than the one its holders have).
+#[tokio::test]
+async fn the_next_run_waits_out_the_recorded_stop_lease() {
+    use meshlink_coordinator::stop_record;
+    use std::time::SystemTime;
+    let dir = TempDir::new("stop-record");
+    let mut settings = loopback_settings(dir.path());
+    settings.limits.workload_lease = Duration::from_secs(5);
+    let c = Coordinator::start(&settings).await.unwrap();
+    assert_eq!(c.service().timing().previous_stop_left, Duration::ZERO);
+    c.shutdown().await;
+    // 11 s of stop lease, the 1.1 s drain, the linger and the slack.
+    let left = stop_record::left(dir.path(), SystemTime::now()).unwrap();
+    assert!(
+        left > Duration::from_secs(11) && left <= Duration::from_millis(12_250),
+        "{left:?}"
+    );
+    settings.limits.workload_lease = Duration::from_millis(1500);
+    let c = Coordinator::start(&settings).await.unwrap();
+    let t = c.service().timing();
+    assert_eq!(t.stop_lease, Some(Duration::from_secs(4)));
+    assert!(t.previous_stop_left > Duration::from_secs(10), "{t:?}");
+    c.shutdown().await;
+}
