@@ -166,11 +166,13 @@ impl Coordinator {
         let lone = matches!(settings.store, StoreLocation::Sqlite);
         let previous_stop_left = if lone {
             stop_record::left(dir, SystemTime::now()).unwrap_or_else(|e| {
+                // Unknown: as long as this run's own stop lease could be.
+                let own = WorkloadTiming::lone_stop_lease(settings.limits.workload_lease);
                 tracing::warn!(
-                    "{e}: counting the previous run's stop leases as this run's own (twice the \
-                     lease plus a second)"
+                    "{e}: counting the previous run's stop leases as this run's own ({} ms)",
+                    own.as_millis()
                 );
-                Duration::ZERO
+                own
             })
         } else {
             Duration::ZERO
@@ -625,11 +627,11 @@ impl Coordinator {
     /// stop lease (at most a heartbeat interval and a bit), so that holders keep answering for
     /// their workload addresses while this coordinator restarts.
     async fn grant_stop_leases(&self) {
-        let Some(lease) = self.service.timing().stop_lease else {
+        let Some(longest) = self.service.stop_record_length() else {
             return;
         };
+        let lease = self.service.timing().stop_lease.unwrap_or_default();
         // Recorded before the first is granted: the next run waits out what was granted.
-        let longest = self.service.stop_wait() + STOP_LINGER + lease + STOP_RECORD_SLACK;
         if let Err(e) = stop_record::record(&self.state_dir, SystemTime::now(), longest) {
             tracing::warn!("stopping without giving holders a last lease: {e}");
             return;
@@ -655,9 +657,6 @@ impl Coordinator {
         );
     }
 }
-
-/// Recorded beyond the stop lease's longest run: the time between the record and the drain.
-const STOP_RECORD_SLACK: Duration = Duration::from_millis(100);
 
 /// How often a stopping coordinator looks whether every holder has its stop lease.
 const STOP_POLL: Duration = Duration::from_millis(5);

@@ -52,11 +52,13 @@ pub struct WorkloadTiming {
     /// How long a former holder forwards for a moved address (told to agents in maps).
     pub grace: Duration,
     /// The lease a stopping coordinator answers heartbeats with ([`Service::begin_stop`]), so
-    /// that holders ride out a restart; the next run on the store waits it out. `None`: no
-    /// stop lease (coordinators sharing leases: holders renew through another one).
+    /// that holders ride out a restart; recorded first ([`Service::stop_record_length`]), the
+    /// next run waits it out. `None`: no stop lease (coordinators sharing leases: holders
+    /// renew through another one).
     pub stop_lease: Option<Duration>,
     /// What the previous run's recorded stop leases had left at this start
-    /// ([`crate::stop_record::left`]): waited out too, whatever this run's own stop lease.
+    /// ([`crate::stop_record::left`]): waited out. Zero after a crash (nothing recorded, or
+    /// long over): the previous run granted only leases.
     pub previous_stop_left: Duration,
 }
 
@@ -69,12 +71,9 @@ impl WorkloadTiming {
     }
 
     /// The longest lease a previous run on the store may have granted, counted from this
-    /// run's start.
+    /// run's start: a lease, or what is left of its recorded stop leases.
     fn inherited(&self) -> Duration {
-        self.stop_lease
-            .unwrap_or(self.lease)
-            .max(self.lease)
-            .max(self.previous_stop_left)
+        self.lease.max(self.previous_stop_left)
     }
 }
 
@@ -99,6 +98,9 @@ pub const ENDPOINT_TICK: Duration = Duration::from_millis(100);
 /// How much longer than a heartbeat interval a stopping coordinator waits for every holder's
 /// heartbeat (the links' delay, a heartbeat sent late).
 const STOP_HEARTBEAT_SLACK: Duration = Duration::from_millis(100);
+
+/// Recorded beyond a stop lease's longest run: the time between the record and the stop.
+const STOP_RECORD_SLACK: Duration = Duration::from_millis(100);
 
 /// How long a stopping coordinator keeps its sessions open after the last stop lease was
 /// granted, so that the answers leave before the connections close (a close abandons what
@@ -614,6 +616,15 @@ impl Service {
     /// get the stop lease: a heartbeat interval and a bit.
     pub fn stop_wait(&self) -> Duration {
         self.timing.lease / HEARTBEATS_PER_LEASE + STOP_HEARTBEAT_SLACK
+    }
+
+    /// What to record ([`crate::stop_record::record`]) before [`Service::begin_stop`]: how
+    /// long from now a stop lease granted during the stop may run (the wait, the linger, the
+    /// stop lease and a slack for the time between the record and the stop). `None`: no stop
+    /// lease.
+    pub fn stop_record_length(&self) -> Option<Duration> {
+        let lease = self.timing.stop_lease?;
+        Some(self.stop_wait() + STOP_LINGER + lease + STOP_RECORD_SLACK)
     }
 
     /// While stopping: the holders with a running lease that have not had the stop lease yet.

@@ -441,34 +441,13 @@ fn coordinator_restart_silences_no_workload_address() {
     let Some(mut bed) = Bed::held_by_vm_a1("wl-restart") else {
         return;
     };
-    let b1 = bed.agent("vm-b1").ns().clone();
-    b1.wait_for_ping(WORKLOAD_IP, STEP)
-        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
-    let generation = bed.workload()["generation"].clone();
-
-    let ping = ping_run(&b1, WORKLOAD_IP, 500);
-    std::thread::sleep(Duration::from_secs(1));
-    bed.coord.kill();
-    std::thread::sleep(Duration::from_millis(500));
-    let started = Instant::now();
-    bed.coord.restart();
-    timing("coordinator restarted", started.elapsed());
-    let out = ping.wait_with_output().expect("ping runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (sent, received) = ping_summary(&text);
-    timing(
-        &format!("pings answered across the restart: {received} of {sent}"),
-        Duration::ZERO,
-    );
-    assert!(sent >= 300, "ping sent only {sent}: {text}");
-    assert_eq!(
-        received, sent,
-        "the workload address went silent across a 0.5 s coordinator restart: {text}"
-    );
-    // Nothing moved, and vm-a1 holds it still.
-    let w = bed.workload();
-    assert_eq!(w["generation"], generation, "{w}");
-    assert_eq!(bed.holder().as_deref(), Some("vm-a1"), "{w}");
+    restart_under_pings(&mut bed, "a 0.5 s restart after SIGKILL", |bed| {
+        bed.coord.kill();
+        std::thread::sleep(Duration::from_millis(500));
+        let started = Instant::now();
+        bed.coord.restart();
+        timing("coordinator restarted", started.elapsed());
+    });
     assert!(bed.has_address("vm-a1"));
     // Every agent is back on the restarted coordinator.
     wait_until(STEP, "every agent online after the restart", || {
@@ -482,45 +461,26 @@ fn orderly_coordinator_restart_shorter_than_a_lease_silences_nothing() {
     let Some(mut bed) = Bed::held_by_vm_a1("wl-orderly") else {
         return;
     };
-    let b1 = bed.agent("vm-b1").ns().clone();
-    b1.wait_for_ping(WORKLOAD_IP, STEP)
-        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
-    let generation = bed.workload()["generation"].clone();
-
-    let ping = ping_run(&b1, WORKLOAD_IP, 500);
-    std::thread::sleep(Duration::from_secs(1));
-    // SIGTERM, as systemd stops it for an upgrade: the coordinator gives vm-a1 its stop lease
-    // first. It stays away 1.3 s (with its start, longer than the 1.2 s of lease a holder may
-    // have left when a coordinator crashes), then starts again.
-    let asked = Instant::now();
-    let status = bed.coord.terminate();
-    assert!(status.success(), "the coordinator's orderly stop: {status}");
-    timing("coordinator stopped", asked.elapsed());
-    let stop_log = bed.coord.process().log();
-    let down = Instant::now();
-    std::thread::sleep(Duration::from_millis(1_300));
-    bed.coord.restart();
-    timing("coordinator away (stopped to ready)", down.elapsed());
-    assert!(
-        down.elapsed() < Duration::from_secs(2),
-        "the restart took {:?}: the machine is too slow for this test",
-        down.elapsed()
-    );
-    let out = ping.wait_with_output().expect("ping runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (sent, received) = ping_summary(&text);
-    timing(
-        &format!("pings answered across the orderly restart: {received} of {sent}"),
-        Duration::ZERO,
-    );
-    assert!(sent >= 300, "ping sent only {sent}: {text}");
-    assert_eq!(
-        received, sent,
-        "the workload address went silent across an orderly coordinator restart: {text}"
-    );
-    let w = bed.workload();
-    assert_eq!(w["generation"], generation, "{w}");
-    assert_eq!(bed.holder().as_deref(), Some("vm-a1"), "{w}");
+    let mut stop_log = String::new();
+    restart_under_pings(&mut bed, "an orderly restart", |bed| {
+        // SIGTERM, as systemd stops it for an upgrade: the coordinator gives vm-a1 its stop
+        // lease first. It stays away 1.3 s (with its start, longer than the 1.2 s of lease a
+        // holder may have left when a coordinator crashes), then starts again.
+        let asked = Instant::now();
+        let status = bed.coord.terminate();
+        assert!(status.success(), "the coordinator's orderly stop: {status}");
+        timing("coordinator stopped", asked.elapsed());
+        stop_log = bed.coord.process().log();
+        let down = Instant::now();
+        std::thread::sleep(Duration::from_millis(1_300));
+        bed.coord.restart();
+        timing("coordinator away (stopped to ready)", down.elapsed());
+        assert!(
+            down.elapsed() < Duration::from_secs(2),
+            "the restart took {:?}: the machine is too slow for this test",
+            down.elapsed()
+        );
+    });
     let given = stop_log
         .lines()
         .find(|l| l.contains("holders were given a last lease"))
@@ -529,6 +489,34 @@ fn orderly_coordinator_restart_shorter_than_a_lease_silences_nothing() {
         given.contains("holders=1") && given.contains("missed=0"),
         "vm-a1 was not given the stop lease: {given}"
     );
+}
+
+/// vm-b1 pings the workload address every 10 ms while `restart` stops and starts the
+/// coordinator (`what`, for messages): every ping is answered, and nothing moved.
+fn restart_under_pings(bed: &mut Bed, what: &str, restart: impl FnOnce(&mut Bed)) {
+    let b1 = bed.agent("vm-b1").ns().clone();
+    b1.wait_for_ping(WORKLOAD_IP, STEP)
+        .unwrap_or_else(|e| panic!("the workload address does not answer from vm-b1: {e}"));
+    let generation = bed.workload()["generation"].clone();
+    let ping = ping_run(&b1, WORKLOAD_IP, 500);
+    std::thread::sleep(Duration::from_secs(1));
+    restart(bed);
+    let out = ping.wait_with_output().expect("ping runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (sent, received) = ping_summary(&text);
+    timing(
+        &format!("pings answered across {what}: {received} of {sent}"),
+        Duration::ZERO,
+    );
+    assert!(sent >= 300, "ping sent only {sent}: {text}");
+    assert_eq!(
+        received, sent,
+        "the workload address went silent across {what}: {text}"
+    );
+    // Nothing moved, and vm-a1 holds it still.
+    let w = bed.workload();
+    assert_eq!(w["generation"], generation, "{w}");
+    assert_eq!(bed.holder().as_deref(), Some("vm-a1"), "{w}");
 }
 
 #[test]

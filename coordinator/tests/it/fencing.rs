@@ -46,6 +46,7 @@ use meshlink_coordinator::handlers::workloads::CreateWorkload;
 use meshlink_coordinator::handlers::ApiError;
 use meshlink_coordinator::hub::{Frame, Outbound};
 use meshlink_coordinator::service::{Clock, Service, WorkloadTiming, STOP_LINGER};
+use meshlink_coordinator::stop_record;
 use meshlink_coordinator::store::{LeaseClock, SqlStore, Store, UnixTime};
 use meshlink_proto::agent_session::{AgentSession, ClaimId, Event};
 use meshlink_proto::control::{ClientMessage, ServerMessage};
@@ -225,6 +226,8 @@ struct Sim {
     down_until: Vec<Option<u64>>,
     /// A lone coordinator's timings.
     timing: WorkloadTiming,
+    /// Its state directory, where it records its stop lease (`stop_record`).
+    state: std::path::PathBuf,
     /// Per coordinator: stopping (granting its stop lease).
     stopping: Vec<Option<Stopping>>,
     /// Per coordinator: the work it runs (failover ticks, operators' changes), ended with it.
@@ -439,6 +442,7 @@ impl Sim {
         let n = services.len();
         let mut sim = Sim {
             timing: lone_timing(lease),
+            state: dir.path().to_path_buf(),
             seed,
             rng: StdRng::seed_from_u64(seed),
             clock,
@@ -474,6 +478,11 @@ impl Sim {
     /// The first coordinator (the only one on SQLite).
     fn service(&self) -> Arc<Service> {
         self.services[0].clone()
+    }
+
+    /// The simulated wall clock.
+    fn wall(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000) + Duration::from_millis(self.now)
     }
 
     fn is_up(&self, k: usize) -> bool {
@@ -536,6 +545,11 @@ impl Sim {
         self.count("coordinator stops");
         self.trail
             .coordinator(format!("coordinator {k} begins to stop"));
+        // Recorded first, as `run.rs` does, on the simulated wall clock.
+        let longest = self.services[k]
+            .stop_record_length()
+            .expect("a lone coordinator has a stop lease");
+        stop_record::record(&self.state, self.wall(), longest).unwrap();
         let most = self.services[k]
             .begin_stop()
             .expect("a lone coordinator has a stop lease");
@@ -587,11 +601,18 @@ impl Sim {
         // (a real crash settles it, one way or the other, before the restart reads): let it.
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.services[k] = match &self.url {
-            None => Arc::new(
-                Service::load_with(self.store.clone(), self.clock.clone(), 1024, self.timing)
-                    .await
-                    .unwrap(),
-            ),
+            None => {
+                // What the previous run recorded of its stop lease, as `run.rs` reads it.
+                let timing = WorkloadTiming {
+                    previous_stop_left: stop_record::left(&self.state, self.wall()).unwrap(),
+                    ..self.timing
+                };
+                Arc::new(
+                    Service::load_with(self.store.clone(), self.clock.clone(), 1024, timing)
+                        .await
+                        .unwrap(),
+                )
+            }
             Some(url) => shared_service(url, &self.clock).await,
         };
         self.down_until[k] = None;
