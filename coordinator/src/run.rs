@@ -163,20 +163,18 @@ impl Coordinator {
         // Alone on SQLite, nobody renews a lease while this coordinator restarts: it grants a
         // longer one as it stops, and waits out what its predecessor recorded having granted.
         // Several share leases instead.
-        let lone = matches!(settings.store, StoreLocation::Sqlite);
-        let previous_stop_left = if lone {
+        let stop_lease = matches!(settings.store, StoreLocation::Sqlite)
+            .then(|| WorkloadTiming::lone_stop_lease(settings.limits.workload_lease));
+        let previous_stop_left = stop_lease.map_or(Duration::ZERO, |own| {
             stop_record::left(dir, SystemTime::now()).unwrap_or_else(|e| {
                 // Unknown: as long as this run's own stop lease could be.
-                let own = WorkloadTiming::lone_stop_lease(settings.limits.workload_lease);
                 tracing::warn!(
                     "{e}: counting the previous run's stop leases as this run's own ({} ms)",
                     own.as_millis()
                 );
                 own
             })
-        } else {
-            Duration::ZERO
-        };
+        });
         let service = Arc::new(
             Service::load_with(
                 // Every call of the service's timed for the metrics.
@@ -186,8 +184,7 @@ impl Coordinator {
                 WorkloadTiming {
                     lease: settings.limits.workload_lease,
                     grace: settings.limits.workload_grace,
-                    stop_lease: lone
-                        .then(|| WorkloadTiming::lone_stop_lease(settings.limits.workload_lease)),
+                    stop_lease,
                     previous_stop_left,
                     ..WorkloadTiming::default()
                 },
@@ -620,9 +617,7 @@ impl Coordinator {
         self.store.close().await;
         tracing::info!("coordinator stopped");
     }
-}
 
-impl Coordinator {
     /// Alone (SQLite): keeps serving until every holder's next heartbeat was answered with the
     /// stop lease (at most a heartbeat interval and a bit), so that holders keep answering for
     /// their workload addresses while this coordinator restarts.

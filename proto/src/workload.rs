@@ -703,7 +703,7 @@ pub struct LeaseTable {
     last: HashMap<NodeId, Instant>,
     started: Instant,
     /// The longest lease the previous run may have granted (its stop lease, see
-    /// [`LeaseTable::stop`]): what a node not heard from since the start may still hold.
+    /// [`LeaseTable::stop`]): what any node may still hold, counted from the start.
     inherited: Duration,
     /// Since when, and with what lease, heartbeats are answered while the coordinator stops.
     stopping: Option<(Instant, Duration)>,
@@ -742,8 +742,8 @@ impl LeaseTable {
     }
 
     /// The previous run may have granted leases up to `longest` (it stopped granting its
-    /// stop lease, [`LeaseTable::stop`]): nodes not heard from since the start are counted
-    /// as holding that long from the start.
+    /// stop lease, [`LeaseTable::stop`]): every node is counted as possibly holding that long
+    /// from the start ([`LeaseTable::inherited_until`]), whether heard from since or not.
     pub fn inherit(mut self, longest: Duration) -> Self {
         self.inherited = longest.max(self.lease);
         self
