@@ -218,7 +218,9 @@ struct Sim {
     seed: u64,
     rng: StdRng,
     clock: Arc<SimClock>,
-    store: Arc<dyn Store>,
+    /// The store as the checks read it; a lone coordinator's (SQLite) is opened again at each
+    /// of its starts, as a new process would.
+    store: Arc<SqlStore>,
     /// The coordinators; one on SQLite, or several on one PostgreSQL database (`url`).
     services: Vec<Arc<Service>>,
     url: Option<String>,
@@ -347,9 +349,9 @@ impl Sim {
         let clock = Arc::new(SimClock::new());
         let trail = Trail::new(clock.clone());
         let log = tracing::subscriber::set_default(trail.subscriber());
-        let (store, services): (Arc<dyn Store>, Vec<Arc<Service>>) = match url {
+        let (store, services): (Arc<SqlStore>, Vec<Arc<Service>>) = match url {
             None => {
-                let store: Arc<dyn Store> = Arc::new(
+                let store = Arc::new(
                     SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
                         .await
                         .unwrap(),
@@ -366,8 +368,7 @@ impl Sim {
                 for _ in 0..coordinators {
                     services.push(shared_service(url, &clock).await);
                 }
-                let store: Arc<dyn Store> =
-                    Arc::new(SqlStore::connect_postgres(url).await.unwrap());
+                let store = Arc::new(SqlStore::connect_postgres(url).await.unwrap());
                 (store, services)
             }
         };
@@ -597,11 +598,18 @@ impl Sim {
 
     /// Coordinator `k` starts (again) on the store.
     async fn start_coordinator(&mut self, k: usize) {
-        // A transaction the crash interrupted may still be finishing on SQLite's own thread
-        // (a real crash settles it, one way or the other, before the restart reads): let it.
-        tokio::time::sleep(Duration::from_millis(20)).await;
         self.services[k] = match &self.url {
             None => {
+                // A new process: the previous run's store is closed first, so that a
+                // transaction the crash interrupted (still finishing on SQLite's own thread)
+                // settles one way or the other before this run reads, as it does when a real
+                // process dies.
+                self.store.close().await;
+                self.store = Arc::new(
+                    SqlStore::open_sqlite(&self.state.join("coordinator.db"))
+                        .await
+                        .unwrap(),
+                );
                 // What the previous run recorded of its stop lease, as `run.rs` reads it.
                 let timing = WorkloadTiming {
                     previous_stop_left: stop_record::left(&self.state, self.wall()).unwrap(),
