@@ -81,8 +81,17 @@ impl Proc {
             }
             thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
         panic!("meshlink-chat did not exit");
+    }
+}
+
+/// A test that fails (or ends without [`Proc::finish`]) leaves no `meshlink-chat` running.
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
