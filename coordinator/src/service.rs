@@ -438,8 +438,10 @@ impl Service {
     ) -> Result<Self, StoreError> {
         let hub = Hub::new(queue_depth);
         // Changes of holder the previous run made less than a lease (and the margin, and the
-        // wall clock's seconds) ago: their old holders may not have acknowledged them, and this
-        // run does not know, so their new holders are confirmed a lease after the start.
+        // wall clock's seconds) ago, and workloads it created as recently: their old holders
+        // (of the workload, or of a deleted one at its address) may not have acknowledged them,
+        // and this run does not know, so their holders, present or to come (a detached
+        // workload attached now), are confirmed a lease after the start.
         let mut recent = Vec::new();
         let mut members_at_start = Vec::new();
         let recently = clock.now()
@@ -455,7 +457,7 @@ impl Service {
             let wls = store.workloads(Some(&net.name)).await?;
             recent.extend(
                 wls.iter()
-                    .filter(|w| w.holder.is_some() && w.moved_at.is_some_and(|t| t >= recently))
+                    .filter(|w| w.moved_at.unwrap_or(w.created_at).max(w.created_at) >= recently)
                     .map(|w| (w.network.clone(), w.name.clone())),
             );
             let policy = policy::current(store.as_ref(), &net.name).await?;

@@ -1795,3 +1795,79 @@ async fn a_holder_renewed_after_an_orderly_restart_keeps_its_stop_lease_and_is_n
         );
     }
 }
+
+/// vm-1 holds w0 and is cut off (it keeps its lease, and cannot learn of any change); at once
+/// the lone coordinator detaches w0 (or, with `recreate`, deletes it and creates it again,
+/// detached, at its address) and crashes right after. The next run attaches w0 to vm-2. vm-1
+/// answers on its last lease for up to a lease after the cut: vm-2 must not answer before
+/// then (two holders for 1.15 s before the next run counted detached and created workloads as
+/// recently changed).
+async fn detached_before_a_crash_then_attached(recreate: bool) {
+    let dir = TempDir::new(&format!("fencing-detach-crash-{recreate}"));
+    let mut sim = Sim::new(&dir, 13, None, 1).await;
+    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    let service = sim.service();
+    if recreate {
+        service.delete_workload(NETWORK, "w0").await.unwrap();
+        service
+            .create_workload(workload_request(0, Some(sim.addresses[0])))
+            .await
+            .unwrap();
+    } else {
+        let o = service.move_workload(NETWORK, "w0", None).await.unwrap();
+        assert_eq!(o.workload.holder, None);
+    }
+    // The crash, right after; the next run starts at once.
+    sim.crash_coordinator(0).await;
+    let service = sim.service();
+    let attached =
+        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-2")).await });
+    let mut vm1_last = None;
+    let mut vm2_first = None;
+    while sim.now < cut_at + 4_000 {
+        let now = sim.now + 1;
+        if !attached.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.step(now, false).await;
+        if first_answer(&sim, "w0", 0).is_some() {
+            vm1_last = Some(now - cut_at);
+        }
+        if vm2_first.is_none() {
+            vm2_first = first_answer(&sim, "w0", 1).map(|t| t - cut_at);
+        }
+    }
+    let o = attached.await.unwrap().unwrap();
+    assert_eq!(o.workload.holder, Some(sim.agents[1].id));
+    let (vm1_last, vm2_first) = (
+        vm1_last.expect("vm-1 answered on its lease"),
+        vm2_first.expect("vm-2 answered"),
+    );
+    eprintln!(
+        "fencing (recreate {recreate}): cut and change at {cut_at} ms; vm-1 answered until +{vm1_last} ms, \
+         vm-2 from +{vm2_first} ms; overlaps {:?}",
+        sim.overlaps
+    );
+    assert!(sim.overlaps.is_empty(), "two holders: {:?}", sim.overlaps);
+    assert!(
+        vm2_first > vm1_last,
+        "vm-2 from +{vm2_first} ms, vm-1 until +{vm1_last} ms"
+    );
+}
+
+/// See [`detached_before_a_crash_then_attached`]: a detach.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_detached_just_before_a_crash_is_not_attached_over_its_cut_off_holder() {
+    detached_before_a_crash_then_attached(false).await;
+}
+
+/// See [`detached_before_a_crash_then_attached`]: a deletion and a creation at the address.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_recreated_just_before_a_crash_is_not_attached_over_its_cut_off_holder() {
+    detached_before_a_crash_then_attached(true).await;
+}
