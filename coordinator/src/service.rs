@@ -1384,6 +1384,25 @@ impl Service {
         self.write.lock().await
     }
 
+    /// A workload this run had not seen before (created here, or by another coordinator
+    /// sharing the store): soon after a start, its address may still be answered for under a
+    /// lease of the previous run, or of a holder of a workload deleted before this run loaded
+    /// the map (a deletion this run never saw): its first holder waits for `started_wait`.
+    fn wait_for_start(&self, rec: &WorkloadRecord) {
+        let now = self.clock.instant();
+        let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
+        let h = &mut *h;
+        if let Some(wait) = h.started_wait.get_mut(&rec.network) {
+            wait.retain(|r| r.waiting(&h.acked, now));
+            if !wait.is_empty() {
+                h.freed
+                    .entry((rec.network.clone(), IpAddr::V4(rec.address)))
+                    .or_default()
+                    .extend(wait.iter().copied());
+            }
+        }
+    }
+
     /// A workload's record as read from the store: when its holder changed since this
     /// coordinator last saw it (another coordinator moved it), the new holder's lease counts
     /// from now here, as it does where the change was made.
@@ -1396,6 +1415,10 @@ impl Service {
             .filter(|(id, _)| *id == rec.id)
             .map(|(_, g)| g);
         if known.is_none_or(|g| g < rec.generation) {
+            if known.is_none() {
+                // First seen by this run (created elsewhere, or while it was down).
+                self.wait_for_start(rec);
+            }
             if let Some(h) = rec.holder {
                 self.leases().granted(h, self.clock.instant());
             }
@@ -1481,22 +1504,7 @@ impl Service {
         let _w = self.write.lock().await;
         let (rec, version) =
             workloads::create_workload(self.store(), self.clock.now(), &Caller::Admin, req).await?;
-        {
-            // Soon after a start, its address may still be answered for under a lease of the
-            // previous run (a workload deleted just before a crash): its first holder waits.
-            let now = self.clock.instant();
-            let mut h = self.handovers.lock().unwrap_or_else(|p| p.into_inner());
-            let h = &mut *h;
-            if let Some(wait) = h.started_wait.get_mut(&rec.network) {
-                wait.retain(|r| r.waiting(&h.acked, now));
-                if !wait.is_empty() {
-                    h.freed
-                        .entry((rec.network.clone(), IpAddr::V4(rec.address)))
-                        .or_default()
-                        .extend(wait.iter().copied());
-                }
-            }
-        }
+        self.wait_for_start(&rec);
         self.upsert_workload(&rec, version).await;
         Ok(rec)
     }

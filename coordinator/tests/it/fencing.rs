@@ -1871,3 +1871,99 @@ async fn a_workload_detached_just_before_a_crash_is_not_attached_over_its_cut_of
 async fn a_workload_recreated_just_before_a_crash_is_not_attached_over_its_cut_off_holder() {
     detached_before_a_crash_then_attached(true).await;
 }
+
+/// Three coordinators sharing PostgreSQL. vm-1 holds w0; coordinator 2 (B) crashes. vm-1 is
+/// cut off (it keeps its lease) and at once coordinator 0 (A) deletes w0; B starts again
+/// (its map has no w0, so nothing of w0's holders), A creates w0 again, detached, at its
+/// address, and B follows that creation on its own. vm-3, whose session is now on B, gets w0
+/// (through `via`): vm-1 answers on its last lease for up to a lease after the cut, and vm-3
+/// must not answer before then, whichever coordinator made the change.
+async fn recreated_while_a_coordinator_restarted_then_attached_through(via: usize) {
+    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+        return;
+    };
+    let dir = TempDir::new(&format!("fencing-shared-recreate-{via}"));
+    let mut sim = Sim::new(&dir, 21, Some(&url), 3).await;
+    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    // B down (it comes back when told).
+    sim.crash_coordinator(2).await;
+    sim.down_until[2] = Some(u64::MAX);
+    let until = sim.now + 200;
+    calm_until::<()>(&mut sim, until, "w0", 0, 0, None).await;
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    sim.services[0]
+        .delete_workload(NETWORK, "w0")
+        .await
+        .unwrap();
+    sim.start_coordinator(2).await;
+    sim.services[0]
+        .create_workload(workload_request(0, Some(sim.addresses[0])))
+        .await
+        .unwrap();
+    sim.services[2].follow_all().await.unwrap();
+    // vm-3 moves its session to B.
+    sim.lose(2).await;
+    sim.agents[2].next = 2;
+    sim.agents[2].life = Life::Offline(sim.now);
+    let until = sim.now + 5;
+    calm_until::<()>(&mut sim, until, "w0", 0, 0, None).await;
+    assert_eq!((sim.agents[2].life, sim.agents[2].at), (Life::Online, 2));
+    let service = sim.services[via].clone();
+    let attached =
+        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-3")).await });
+    let mut vm1_last = None;
+    let mut vm3_first = None;
+    while sim.now < cut_at + 4_000 {
+        let now = sim.now + 1;
+        if !attached.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.step(now, false).await;
+        if first_answer(&sim, "w0", 0).is_some() {
+            vm1_last = Some(now - cut_at);
+        }
+        if vm3_first.is_none() {
+            vm3_first = first_answer(&sim, "w0", 2).map(|t| t - cut_at);
+        }
+    }
+    let o = attached.await.unwrap().unwrap();
+    assert_eq!(o.workload.holder, Some(sim.agents[2].id));
+    let (vm1_last, vm3_first) = (
+        vm1_last.expect("vm-1 answered on its lease"),
+        vm3_first.expect("vm-3 answered"),
+    );
+    let w0: Vec<_> = sim
+        .overlaps
+        .iter()
+        .filter(|((n, ..), _)| n == "w0")
+        .collect();
+    eprintln!(
+        "fencing (shared, recreated while B restarted, attached via {via}): cut, deletion at \
+         {cut_at} ms; vm-1 answered until +{vm1_last} ms, vm-3 from +{vm3_first} ms; overlaps \
+         of w0 {w0:?}"
+    );
+    assert!(w0.is_empty(), "two holders: {w0:?}");
+    assert!(
+        vm3_first > vm1_last,
+        "vm-3 from +{vm3_first} ms, vm-1 until +{vm1_last} ms"
+    );
+}
+
+/// See [`recreated_while_a_coordinator_restarted_then_attached_through`]: attached through A,
+/// which knows of vm-1.
+#[tokio::test(flavor = "current_thread")]
+async fn shared_a_workload_recreated_while_a_coordinator_restarted_is_not_answered_over_its_cut_off_holder_via_a(
+) {
+    recreated_while_a_coordinator_restarted_then_attached_through(0).await;
+}
+
+/// See [`recreated_while_a_coordinator_restarted_then_attached_through`]: attached through B.
+#[tokio::test(flavor = "current_thread")]
+async fn shared_a_workload_recreated_while_a_coordinator_restarted_is_not_answered_over_its_cut_off_holder_via_b(
+) {
+    recreated_while_a_coordinator_restarted_then_attached_through(2).await;
+}
