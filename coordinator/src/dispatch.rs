@@ -80,13 +80,13 @@ impl Service {
                 seq,
                 version: applied,
             } => {
-                let (lease, shared_version) = self.heartbeat(from.node, from.network).await;
+                let renewal = self.heartbeat(from.node, from.network).await;
                 // The node's map has every change up to `applied`: the workloads it held
                 // before one of them may go to their new holders.
                 if let Some(v) = applied {
                     self.acknowledged(from.network, from.node, v);
                 }
-                if shared_version > self.hub().version(from.network) {
+                if renewal.database > self.hub().version(from.network) {
                     // Another coordinator committed a change this one has not pushed yet:
                     // push it first, so that the holder has it before the lease counts.
                     if let Err(e) = self.follow(from.network).await {
@@ -100,10 +100,11 @@ impl Service {
                 );
                 let answer = ServerMessage::Lease {
                     seq,
-                    lease_ms: u64::try_from(lease.as_millis()).unwrap_or(u64::MAX),
-                    // With shared leases, the database's version: a change another
+                    lease_ms: u64::try_from(renewal.lease.as_millis()).unwrap_or(u64::MAX),
+                    // With shared leases, the database's version (at the renewal the lease
+                    // is bounded by, while the database is away): a change another
                     // coordinator committed must reach the holder before the lease counts.
-                    version: shared_version.map_or(version, |v| v.max(version)),
+                    version: renewal.floor.map_or(version, |v| v.max(version)),
                     // What it holds and may answer for (see `Service::confirmed_for`).
                     confirmed: Some(self.confirmed_for(from.network, from.node)),
                 };

@@ -358,6 +358,20 @@ pub struct Session {
     pub attached: Attached,
 }
 
+/// What a holder's heartbeat is answered with ([`Service::heartbeat`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatLease {
+    /// The lease to grant; zero while the node's workloads are being taken from it.
+    pub lease: Duration,
+    /// With shared leases, the network's version in the database now: changes up to it that
+    /// this coordinator has not pushed yet are to be followed before the answer.
+    pub database: Option<u64>,
+    /// With shared leases, the version the holder's map must reach before the lease counts,
+    /// at least: the database's now, or while it is away, the one at the last renewal
+    /// recorded there (the lease is bounded by that renewal).
+    pub floor: Option<u64>,
+}
+
 /// See the module documentation.
 pub struct Service {
     store: Arc<dyn Store>,
@@ -395,9 +409,10 @@ pub struct Service {
     /// With shared leases: the nodes with a session on any coordinator, as last read.
     present: std::sync::Mutex<std::collections::HashSet<NodeId>>,
     /// With shared leases: when each holder's lease was last recorded in the database by this
-    /// coordinator. While the database is away a lease is granted no further than a lease past
-    /// that, which is what the failover leader, reading the database, counts from.
-    recorded: std::sync::Mutex<HashMap<NodeId, Instant>>,
+    /// coordinator, and the network's version there then. While the database is away a lease
+    /// is granted no further than a lease past that, which is what the failover leader,
+    /// reading the database, counts from, and counts only on a map at that version.
+    recorded: std::sync::Mutex<HashMap<NodeId, (Instant, u64)>>,
     /// Changes of holder not confirmed yet to their new holders (see `Service::confirmed_for`).
     handovers: std::sync::Mutex<Handovers>,
     /// Key rotation and node expiry (`crate::keys`).
@@ -644,14 +659,17 @@ impl Service {
         self.leases.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A holder's heartbeat arrived: returns the lease to grant (zero while the node's
-    /// workloads are being taken from it) and, with shared leases, the network's version in
-    /// the database, which the holder's map must reach before the lease counts.
-    pub async fn heartbeat(&self, node: NodeId, network: &str) -> (Duration, Option<u64>) {
+    /// A holder's heartbeat arrived: the lease to grant and, with shared leases, the versions
+    /// it goes with.
+    pub async fn heartbeat(&self, node: NodeId, network: &str) -> HeartbeatLease {
         let sent = self.clock.instant();
         let local = self.leases().heartbeat(node, sent);
         let Some(store) = self.shared.get() else {
-            return (local, None);
+            return HeartbeatLease {
+                lease: local,
+                database: None,
+                floor: None,
+            };
         };
         // A database that does not answer must not hold the answer back past the holder's
         // next heartbeat: then this coordinator answers on its own word.
@@ -663,10 +681,18 @@ impl Service {
         let mut recorded = self.recorded.lock().unwrap_or_else(|p| p.into_inner());
         match renewed {
             Some(Ok(r)) if r.renewed => {
-                recorded.insert(node, sent);
-                (local, Some(r.version))
+                recorded.insert(node, (sent, r.version));
+                HeartbeatLease {
+                    lease: local,
+                    database: Some(r.version),
+                    floor: Some(r.version),
+                }
             }
-            Some(Ok(r)) => (Duration::ZERO, Some(r.version)),
+            Some(Ok(r)) => HeartbeatLease {
+                lease: Duration::ZERO,
+                database: Some(r.version),
+                floor: Some(r.version),
+            },
             failed => {
                 // Not recorded: the failover leader, which counts from the database, may fail
                 // this holder over a lease (plus margin) after the last renewal it can see. So
@@ -678,10 +704,19 @@ impl Service {
                 } else {
                     tracing::debug!(node, "the database did not renew the lease in time");
                 }
-                let bound = recorded.get(&node).map_or(Duration::ZERO, |at| {
-                    (*at + self.timing.lease).saturating_duration_since(sent)
+                // And it counts only on a map with every change that renewal could see
+                // (another coordinator's, which this one may not have followed).
+                let (bound, floor) = recorded.get(&node).map_or((Duration::ZERO, None), |r| {
+                    (
+                        (r.0 + self.timing.lease).saturating_duration_since(sent),
+                        Some(r.1),
+                    )
                 });
-                (local.min(bound), None)
+                HeartbeatLease {
+                    lease: local.min(bound),
+                    database: None,
+                    floor,
+                }
             }
         }
     }
@@ -2314,7 +2349,10 @@ mod tests {
         for node in &nodes {
             svc.handovers.lock().unwrap().acked.insert(*node, 3);
             svc.keys.sessions().insert(*node, None);
-            svc.recorded.lock().unwrap().insert(*node, svc.instant());
+            svc.recorded
+                .lock()
+                .unwrap()
+                .insert(*node, (svc.instant(), 1));
             assert_eq!(kept(*node), [true; 3]);
         }
         svc.revoke_node(&nodes[0].to_string(), Some("prod"))

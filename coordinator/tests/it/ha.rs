@@ -199,7 +199,7 @@ async fn two_coordinators_share_changes_and_leases() {
     for (svc, name) in [(&a, "A"), (&b, "B")] {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(2) {
-            let (lease, _) = svc.heartbeat(n1_id, "prod").await;
+            let lease = svc.heartbeat(n1_id, "prod").await.lease;
             assert!(!lease.is_zero(), "a lease refused through {name}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -236,9 +236,10 @@ async fn two_coordinators_share_changes_and_leases() {
         "failed over exactly once"
     );
     // n1's heartbeats are answered again after the failover (it holds nothing now).
-    let (lease, version) = a.heartbeat(n1_id, "prod").await;
-    assert!(!lease.is_zero());
-    assert!(version >= Some(5), "{version:?}");
+    let renewal = a.heartbeat(n1_id, "prod").await;
+    assert!(!renewal.lease.is_zero());
+    assert!(renewal.database >= Some(5), "{renewal:?}");
+    assert_eq!(renewal.floor, renewal.database);
 
     ticking.abort();
     let _ = stop_a.send(true);
@@ -397,8 +398,9 @@ async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
         .unwrap();
 
     // A renewal recorded before the outage.
-    let (lease, _) = a.heartbeat(n1.node, "prod").await;
-    assert!(!lease.is_zero());
+    let before = a.heartbeat(n1.node, "prod").await;
+    assert!(!before.lease.is_zero());
+    assert!(before.database.is_some(), "{before:?}");
     cluster.stop().unwrap();
     let e = a.create_token(token()).await.unwrap_err();
     match &e {
@@ -410,11 +412,21 @@ async fn a_database_outage_refuses_writes_keeps_leases_and_heals() {
         "{}",
         e.public_message()
     );
-    let (lease, _) = a.heartbeat(n1.node, "prod").await;
-    assert!(!lease.is_zero(), "leases go on while the database is away");
+    let during = a.heartbeat(n1.node, "prod").await;
     assert!(
-        lease <= WorkloadTiming::default().lease,
-        "but no further than a lease after the last renewal the database recorded: {lease:?}"
+        !during.lease.is_zero(),
+        "leases go on while the database is away"
+    );
+    assert!(
+        during.lease <= WorkloadTiming::default().lease,
+        "but no further than a lease after the last renewal the database recorded: {during:?}"
+    );
+    // And they count only on a map with every change that renewal saw in the database
+    // (another coordinator's, which this one may not have followed).
+    assert_eq!(
+        (during.database, during.floor),
+        (None, before.database),
+        "{during:?}"
     );
 
     cluster.restart().unwrap();
