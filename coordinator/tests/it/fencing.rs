@@ -1796,6 +1796,41 @@ async fn a_holder_renewed_after_an_orderly_restart_keeps_its_stop_lease_and_is_n
     }
 }
 
+/// Attaches w0 to agent `to` through `service` while vm-1, cut off at `cut_at` holding it,
+/// still answers on its last lease, and steps the simulation to 4 s after the cut: (vm-1's
+/// last answer, `to`'s first), in ms after the cut.
+async fn attach_under_a_cut_off_holder(
+    sim: &mut Sim,
+    service: Arc<Service>,
+    cut_at: u64,
+    to: usize,
+) -> (u64, u64) {
+    let name = format!("vm-{}", to + 1);
+    let dest = name.clone();
+    let attached =
+        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some(&dest)).await });
+    let (mut old_last, mut new_first) = (None, None);
+    while sim.now < cut_at + 4_000 {
+        let now = sim.now + 1;
+        if !attached.is_finished() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.step(now, false).await;
+        if first_answer(sim, "w0", 0).is_some() {
+            old_last = Some(now - cut_at);
+        }
+        if new_first.is_none() {
+            new_first = first_answer(sim, "w0", to).map(|t| t - cut_at);
+        }
+    }
+    let o = attached.await.unwrap().unwrap();
+    assert_eq!(o.workload.holder, Some(sim.agents[to].id));
+    (
+        old_last.expect("vm-1 answered on its lease"),
+        new_first.unwrap_or_else(|| panic!("{name} answered")),
+    )
+}
+
 /// vm-1 holds w0 and is cut off (it keeps its lease, and cannot learn of any change); at once
 /// the lone coordinator detaches w0 (or, with `recreate`, deletes it and creates it again,
 /// detached, at its address) and crashes right after. The next run attaches w0 to vm-2. vm-1
@@ -1825,29 +1860,7 @@ async fn detached_before_a_crash_then_attached(recreate: bool) {
     // The crash, right after; the next run starts at once.
     sim.crash_coordinator(0).await;
     let service = sim.service();
-    let attached =
-        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-2")).await });
-    let mut vm1_last = None;
-    let mut vm2_first = None;
-    while sim.now < cut_at + 4_000 {
-        let now = sim.now + 1;
-        if !attached.is_finished() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        sim.step(now, false).await;
-        if first_answer(&sim, "w0", 0).is_some() {
-            vm1_last = Some(now - cut_at);
-        }
-        if vm2_first.is_none() {
-            vm2_first = first_answer(&sim, "w0", 1).map(|t| t - cut_at);
-        }
-    }
-    let o = attached.await.unwrap().unwrap();
-    assert_eq!(o.workload.holder, Some(sim.agents[1].id));
-    let (vm1_last, vm2_first) = (
-        vm1_last.expect("vm-1 answered on its lease"),
-        vm2_first.expect("vm-2 answered"),
-    );
+    let (vm1_last, vm2_first) = attach_under_a_cut_off_holder(&mut sim, service, cut_at, 1).await;
     eprintln!(
         "fencing (recreate {recreate}): cut and change at {cut_at} ms; vm-1 answered until +{vm1_last} ms, \
          vm-2 from +{vm2_first} ms; overlaps {:?}",
@@ -1913,29 +1926,7 @@ async fn recreated_while_a_coordinator_restarted_then_attached_through(via: usiz
     calm_until::<()>(&mut sim, until, "w0", 0, 0, None).await;
     assert_eq!((sim.agents[2].life, sim.agents[2].at), (Life::Online, 2));
     let service = sim.services[via].clone();
-    let attached =
-        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-3")).await });
-    let mut vm1_last = None;
-    let mut vm3_first = None;
-    while sim.now < cut_at + 4_000 {
-        let now = sim.now + 1;
-        if !attached.is_finished() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        sim.step(now, false).await;
-        if first_answer(&sim, "w0", 0).is_some() {
-            vm1_last = Some(now - cut_at);
-        }
-        if vm3_first.is_none() {
-            vm3_first = first_answer(&sim, "w0", 2).map(|t| t - cut_at);
-        }
-    }
-    let o = attached.await.unwrap().unwrap();
-    assert_eq!(o.workload.holder, Some(sim.agents[2].id));
-    let (vm1_last, vm3_first) = (
-        vm1_last.expect("vm-1 answered on its lease"),
-        vm3_first.expect("vm-3 answered"),
-    );
+    let (vm1_last, vm3_first) = attach_under_a_cut_off_holder(&mut sim, service, cut_at, 2).await;
     let w0: Vec<_> = sim
         .overlaps
         .iter()
