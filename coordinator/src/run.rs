@@ -165,16 +165,25 @@ impl Coordinator {
         // Several share leases instead.
         let stop_lease = matches!(settings.store, StoreLocation::Sqlite)
             .then(|| WorkloadTiming::lone_stop_lease(settings.limits.workload_lease));
-        let previous_stop_left = stop_lease.map_or(Duration::ZERO, |own| {
-            stop_record::left(dir, SystemTime::now()).unwrap_or_else(|e| {
-                // Unknown: as long as this run's own stop lease could be.
-                tracing::warn!(
-                    "{e}: counting the previous run's stop leases as this run's own ({} ms)",
-                    own.as_millis()
-                );
-                own
-            })
-        });
+        let (previous_stop_left, previous_stop_longest) =
+            stop_lease.map_or((Duration::ZERO, Duration::ZERO), |own| {
+                stop_record::read(dir, SystemTime::now()).unwrap_or_else(|e| {
+                    // Unknown: as long as this run's own stop lease could be.
+                    tracing::warn!(
+                        "{e}: counting the previous run's stop leases as this run's own ({} ms)",
+                        own.as_millis()
+                    );
+                    (own, own)
+                })
+            });
+        if stop_lease.is_some() {
+            // Before any lease is granted: a crash of this run leaves the next one (whatever
+            // its lease) waiting out this run's leases, and what was left of its predecessor's.
+            let longest = settings.limits.workload_lease.max(previous_stop_left);
+            if let Err(e) = stop_record::record_running(dir, longest) {
+                tracing::warn!("{e}: a crash of this run may leave its leases unrecorded");
+            }
+        }
         let service = Arc::new(
             Service::load_with(
                 // Every call of the service's timed for the metrics.
@@ -186,6 +195,7 @@ impl Coordinator {
                     grace: settings.limits.workload_grace,
                     stop_lease,
                     previous_stop_left,
+                    previous_stop_longest,
                     ..WorkloadTiming::default()
                 },
             )

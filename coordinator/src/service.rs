@@ -60,6 +60,11 @@ pub struct WorkloadTiming {
     /// ([`crate::stop_record::left`]): waited out. Zero after a crash (nothing recorded, or
     /// long over): the previous run granted only leases.
     pub previous_stop_left: Duration,
+    /// While some is left: how long the previous run's recorded stop leases could run in all
+    /// ([`crate::stop_record::read`]). A change of holder it made while stopping, up to that
+    /// long before they end, may have left the old holder answering on a stop lease granted
+    /// just before: the change counts as recent that long. Zero otherwise.
+    pub previous_stop_longest: Duration,
 }
 
 impl WorkloadTiming {
@@ -87,6 +92,7 @@ impl Default for WorkloadTiming {
             grace: meshlink_proto::workload::DEFAULT_GRACE,
             stop_lease: None,
             previous_stop_left: Duration::ZERO,
+            previous_stop_longest: Duration::ZERO,
         }
     }
 }
@@ -459,9 +465,10 @@ impl Service {
         // workload attached now), are confirmed a lease after the start.
         let mut recent = Vec::new();
         let mut members_at_start = Vec::new();
-        let recently = clock.now()
-            - i64::try_from((timing.inherited() + timing.margin).as_secs()).unwrap_or(i64::MAX)
-            - 2;
+        // A change the previous run made while stopping may have left its old holder a stop
+        // lease granted just before it: recent for as long as the stop leases could run.
+        let window = timing.inherited().max(timing.previous_stop_longest) + timing.margin;
+        let recently = clock.now() - i64::try_from(window.as_secs()).unwrap_or(i64::MAX) - 2;
         for net in store.networks().await? {
             let members = store.nodes(Some(&net.name)).await?;
             members_at_start.push((
@@ -639,9 +646,17 @@ impl Service {
     /// long from now a stop lease granted during the stop may run (the wait, the linger, the
     /// stop lease and a slack for the time between the record and the stop). `None`: no stop
     /// lease.
+    ///
+    /// Never shorter than what is left of the leases this run inherited (a predecessor's stop
+    /// lease, longer when it ran with a longer lease): the record replaces its predecessor's.
     pub fn stop_record_length(&self) -> Option<Duration> {
         let lease = self.timing.stop_lease?;
-        Some(self.stop_wait() + STOP_LINGER + lease + STOP_RECORD_SLACK)
+        let own = self.stop_wait() + STOP_LINGER + lease + STOP_RECORD_SLACK;
+        let inherited = self
+            .leases()
+            .inherited_until()
+            .saturating_duration_since(self.clock.instant());
+        Some(own.max(inherited))
     }
 
     /// While stopping: the holders with a running lease that have not had the stop lease yet.

@@ -44,13 +44,28 @@ pub enum RecordError {
 /// # Errors
 /// [`RecordError::Io`].
 pub fn record(dir: &Path, now: SystemTime, longest: Duration) -> Result<(), RecordError> {
+    let until = unix_ms(now).saturating_add(millis(longest));
+    write(dir, until, millis(longest))
+}
+
+/// Records, as a run starts (before it grants any lease), that leases it grants run for at
+/// most `longest` for as long as it runs: a crash leaves its next run (started with a shorter
+/// lease, perhaps) waiting `longest`, as [`left`] reads it. An orderly stop replaces it
+/// ([`record`]).
+///
+/// # Errors
+/// [`RecordError::Io`].
+pub fn record_running(dir: &Path, longest: Duration) -> Result<(), RecordError> {
+    write(dir, u64::MAX, millis(longest))
+}
+
+fn write(dir: &Path, until: u64, longest: u64) -> Result<(), RecordError> {
     let path = dir.join(FILE);
     let io = |source| RecordError::Io {
         path: path.clone(),
         source,
     };
-    let until = unix_ms(now).saturating_add(millis(longest));
-    let text = format!("until_unix_ms={until}\nlongest_ms={}\n", millis(longest));
+    let text = format!("until_unix_ms={until}\nlongest_ms={longest}\n");
     let tmp = dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
@@ -65,10 +80,21 @@ pub fn record(dir: &Path, now: SystemTime, longest: Duration) -> Result<(), Reco
 /// # Errors
 /// [`RecordError`]: the file cannot be read, or a line is missing or not a number.
 pub fn left(dir: &Path, now: SystemTime) -> Result<Duration, RecordError> {
+    Ok(read(dir, now)?.0)
+}
+
+/// [`left`], and the record's `longest_ms` while something is left (zero otherwise): how long
+/// before the end a stop lease, or a change of holder made while stopping, may have begun.
+///
+/// # Errors
+/// As [`left`].
+pub fn read(dir: &Path, now: SystemTime) -> Result<(Duration, Duration), RecordError> {
     let path = dir.join(FILE);
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Duration::ZERO),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok((Duration::ZERO, Duration::ZERO))
+        }
         Err(source) => return Err(RecordError::Io { path, source }),
     };
     let field = |key: &'static str| -> Result<u64, RecordError> {
@@ -89,7 +115,8 @@ pub fn left(dir: &Path, now: SystemTime) -> Result<Duration, RecordError> {
     let until = field("until_unix_ms")?;
     let longest = field("longest_ms")?;
     let left = until.saturating_sub(unix_ms(now)).min(longest);
-    Ok(Duration::from_millis(left))
+    let longest = if left > 0 { longest } else { 0 };
+    Ok((Duration::from_millis(left), Duration::from_millis(longest)))
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -121,6 +148,32 @@ mod tests {
         // A newer stop replaces the record.
         record(dir.path(), t0 + ms(60_000), ms(11_000)).unwrap();
         assert_eq!(left(dir.path(), t0 + ms(61_000)).unwrap(), ms(10_000));
+    }
+
+    #[test]
+    fn a_running_record_and_the_longest_while_something_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ms = Duration::from_millis;
+        assert_eq!(read(dir.path(), t0).unwrap(), (ms(0), ms(0)), "no record");
+        record(dir.path(), t0, ms(4_450)).unwrap();
+        assert_eq!(
+            read(dir.path(), t0 + ms(1_000)).unwrap(),
+            (ms(3_450), ms(4_450))
+        );
+        assert_eq!(read(dir.path(), t0 + ms(9_000)).unwrap(), (ms(0), ms(0)));
+        // A run records its lease as it starts: after its crash, whenever the next run starts,
+        // that long is left.
+        record_running(dir.path(), ms(3_000)).unwrap();
+        for later in [ms(0), Duration::from_secs(86_400)] {
+            assert_eq!(
+                read(dir.path(), t0 + later).unwrap(),
+                (ms(3_000), ms(3_000))
+            );
+        }
+        // Its orderly stop replaces it.
+        record(dir.path(), t0, ms(4_450)).unwrap();
+        assert_eq!(left(dir.path(), t0 + ms(4_000)).unwrap(), ms(450));
     }
 
     #[test]

@@ -351,6 +351,7 @@ impl Sim {
         let log = tracing::subscriber::set_default(trail.subscriber());
         let (store, services): (Arc<SqlStore>, Vec<Arc<Service>>) = match url {
             None => {
+                stop_record::record_running(dir.path(), lease).unwrap();
                 let store = Arc::new(
                     SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
                         .await
@@ -611,8 +612,14 @@ impl Sim {
                         .unwrap(),
                 );
                 // What the previous run recorded of its stop lease, as `run.rs` reads it.
+                let (previous_stop_left, previous_stop_longest) =
+                    stop_record::read(&self.state, self.wall()).unwrap();
+                // As `run.rs` records at each start.
+                stop_record::record_running(&self.state, self.timing.lease.max(previous_stop_left))
+                    .unwrap();
                 let timing = WorkloadTiming {
-                    previous_stop_left: stop_record::left(&self.state, self.wall()).unwrap(),
+                    previous_stop_left,
+                    previous_stop_longest,
                     ..self.timing
                 };
                 Arc::new(
@@ -1831,6 +1838,25 @@ async fn attach_under_a_cut_off_holder(
     )
 }
 
+/// A scene's end: no two holders of w0, and its new holder's first answer (`new_first`) after
+/// the cut-off vm-1's last (`old_last`), both in ms after the cut; `scene` says what happened.
+fn assert_w0_answered_in_turn(sim: &Sim, scene: &str, old_last: u64, new_first: u64) {
+    let w0: Vec<_> = sim
+        .overlaps
+        .iter()
+        .filter(|((n, ..), _)| n == "w0")
+        .collect();
+    eprintln!(
+        "fencing ({scene}): vm-1 answered until +{old_last} ms after the cut, the new holder \
+         from +{new_first} ms; overlaps of w0 {w0:?}"
+    );
+    assert!(w0.is_empty(), "{scene}: two holders: {w0:?}");
+    assert!(
+        new_first > old_last,
+        "{scene}: the new holder from +{new_first} ms, vm-1 until +{old_last} ms"
+    );
+}
+
 /// vm-1 holds w0 and is cut off (it keeps its lease, and cannot learn of any change); at once
 /// the lone coordinator detaches w0 (or, with `recreate`, deletes it and creates it again,
 /// detached, at its address) and crashes right after. The next run attaches w0 to vm-2. vm-1
@@ -1861,16 +1887,8 @@ async fn detached_before_a_crash_then_attached(recreate: bool) {
     sim.crash_coordinator(0).await;
     let service = sim.service();
     let (vm1_last, vm2_first) = attach_under_a_cut_off_holder(&mut sim, service, cut_at, 1).await;
-    eprintln!(
-        "fencing (recreate {recreate}): cut and change at {cut_at} ms; vm-1 answered until +{vm1_last} ms, \
-         vm-2 from +{vm2_first} ms; overlaps {:?}",
-        sim.overlaps
-    );
-    assert!(sim.overlaps.is_empty(), "two holders: {:?}", sim.overlaps);
-    assert!(
-        vm2_first > vm1_last,
-        "vm-2 from +{vm2_first} ms, vm-1 until +{vm1_last} ms"
-    );
+    let scene = format!("recreate {recreate}, then a crash, attached by the next run");
+    assert_w0_answered_in_turn(&sim, &scene, vm1_last, vm2_first);
 }
 
 /// See [`detached_before_a_crash_then_attached`]: a detach.
@@ -1927,21 +1945,8 @@ async fn recreated_while_a_coordinator_restarted_then_attached_through(via: usiz
     assert_eq!((sim.agents[2].life, sim.agents[2].at), (Life::Online, 2));
     let service = sim.services[via].clone();
     let (vm1_last, vm3_first) = attach_under_a_cut_off_holder(&mut sim, service, cut_at, 2).await;
-    let w0: Vec<_> = sim
-        .overlaps
-        .iter()
-        .filter(|((n, ..), _)| n == "w0")
-        .collect();
-    eprintln!(
-        "fencing (shared, recreated while B restarted, attached via {via}): cut, deletion at \
-         {cut_at} ms; vm-1 answered until +{vm1_last} ms, vm-3 from +{vm3_first} ms; overlaps \
-         of w0 {w0:?}"
-    );
-    assert!(w0.is_empty(), "two holders: {w0:?}");
-    assert!(
-        vm3_first > vm1_last,
-        "vm-3 from +{vm3_first} ms, vm-1 until +{vm1_last} ms"
-    );
+    let scene = format!("shared, recreated while B restarted, attached via {via}");
+    assert_w0_answered_in_turn(&sim, &scene, vm1_last, vm3_first);
 }
 
 /// See [`recreated_while_a_coordinator_restarted_then_attached_through`]: attached through A,
@@ -1957,4 +1962,189 @@ async fn shared_a_workload_recreated_while_a_coordinator_restarted_is_not_answer
 async fn shared_a_workload_recreated_while_a_coordinator_restarted_is_not_answered_over_its_cut_off_holder_via_b(
 ) {
     recreated_while_a_coordinator_restarted_then_attached_through(2).await;
+}
+
+/// A change of holder committed while a lone coordinator stops in order: vm-1 holds w0 and has
+/// its stop lease (7 s for a lease of 3 s), is cut off at once, and w0 is detached (`how`
+/// "detach"), moved to the offline vm-5 (`"move"`), or deleted and created again at its
+/// address (`"recreate"`) before the coordinator stops. The change's wait for vm-1 lives in
+/// memory only. The next run starts late enough that the change looks older than what a
+/// restart counts as recent (a lease, the margin and what is left of the stop lease), yet
+/// before vm-1's stop lease ends; it attaches w0 to vm-2 (or vm-5 comes back with it): the new
+/// holder must not answer while vm-1 still does.
+async fn changed_during_an_orderly_stop(how: &str) {
+    let dir = TempDir::new(&format!("fencing-stop-window-{how}"));
+    let lease = Duration::from_secs(3);
+    let mut sim = Sim::with_lease(&dir, 14, None, 1, lease).await;
+    assert!(calm_until::<()>(&mut sim, 15_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    // vm-5 offline for now (it comes back to the next run).
+    if how == "move" {
+        sim.lose(4).await;
+        sim.agents[4].life = Life::Offline(u64::MAX);
+    }
+    let began = sim.now;
+    sim.begin_stop(0);
+    // vm-1's next heartbeat gets the stop lease.
+    let stop_lease = WorkloadTiming::lone_stop_lease(lease).as_millis() as u64;
+    let lease_ms = lease.as_millis() as u64;
+    while !sim.agents[0]
+        .session
+        .holdings()
+        .lease_valid(sim.clock.at(sim.now + lease_ms + 500))
+    {
+        let now = sim.now + 1;
+        sim.step(now, false).await;
+        assert!(
+            sim.stopping[0].is_some(),
+            "stopped before vm-1 had its stop lease"
+        );
+    }
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    let service = sim.service();
+    match how {
+        "detach" => {
+            service.move_workload(NETWORK, "w0", None).await.unwrap();
+        }
+        "move" => {
+            service
+                .move_workload(NETWORK, "w0", Some("vm-5"))
+                .await
+                .unwrap();
+        }
+        _ => {
+            service.delete_workload(NETWORK, "w0").await.unwrap();
+            service
+                .create_workload(workload_request(0, Some(sim.addresses[0])))
+                .await
+                .unwrap();
+        }
+    }
+    let moved_at = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    let moved_at = moved_at
+        .moved_at
+        .unwrap_or(moved_at.created_at)
+        .max(moved_at.created_at);
+    while sim.stopping[0].is_some() {
+        let now = sim.now + 1;
+        sim.step(now, false).await;
+    }
+    let stopped = sim.now;
+    // The next run counts a change as recent from (lease + margin, what is left of the stop
+    // lease if longer: under 3.1 s here) and 2 s before its start, in whole seconds: it starts
+    // at the first whole second where the change is older than that.
+    let restart = (u64::try_from(moved_at - 1_800_000_000).unwrap() + 6) * 1000;
+    assert!(
+        restart > stopped && restart >= began + 4_950,
+        "{restart} {began}"
+    );
+    sim.down_until[0] = Some(restart);
+    let mut vm1_last = None;
+    let mut new_first = None;
+    let to = if how == "move" { 4 } else { 1 };
+    let mut attach = None;
+    while sim.now < cut_at + stop_lease + 4_000 {
+        let now = sim.now + 1;
+        if attach
+            .as_ref()
+            .is_some_and(|a: &tokio::task::JoinHandle<_>| !a.is_finished())
+        {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.step(now, false).await;
+        if now == restart {
+            // The new holder's agent tries the restarted coordinator at once.
+            sim.agents[to].next = 0;
+            if sim.agents[to].life != Life::Online {
+                sim.agents[to].life = Life::Offline(now);
+            }
+            if how != "move" {
+                let service = sim.service();
+                attach = Some(tokio::spawn(async move {
+                    service.move_workload(NETWORK, "w0", Some("vm-2")).await
+                }));
+            }
+        }
+        if first_answer(&sim, "w0", 0).is_some() {
+            vm1_last = Some(now);
+        }
+        if new_first.is_none() {
+            new_first = first_answer(&sim, "w0", to);
+        }
+    }
+    if let Some(a) = attach {
+        a.await.unwrap().unwrap();
+    }
+    eprintln!(
+        "fencing ({how} during an orderly stop): stop began at {began} ms, vm-1 cut and w0 \
+         changed at {cut_at} ms (moved_at {moved_at}), stopped at {stopped} ms, restarted at \
+         {restart} ms, new holder vm-{}",
+        to + 1
+    );
+    let vm1_last = vm1_last.expect("vm-1 answered on its stop lease");
+    assert!(
+        vm1_last > restart,
+        "vm-1's stop lease did not outlast the restart"
+    );
+    let new_first = new_first.expect("the new holder answered");
+    let scene = format!("{how} during an orderly stop");
+    assert_w0_answered_in_turn(&sim, &scene, vm1_last - cut_at, new_first - cut_at);
+}
+
+/// See [`changed_during_an_orderly_stop`]: a detach, attached by the next run.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_detached_during_an_orderly_stop_is_not_attached_over_its_cut_off_holder() {
+    changed_during_an_orderly_stop("detach").await;
+}
+
+/// See [`changed_during_an_orderly_stop`]: a move to a node that is offline, which comes back to
+/// the next run.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_moved_during_an_orderly_stop_is_not_answered_over_its_cut_off_holder() {
+    changed_during_an_orderly_stop("move").await;
+}
+
+/// See [`changed_during_an_orderly_stop`]: a deletion and a creation at its address, attached
+/// by the next run.
+#[tokio::test(flavor = "current_thread")]
+async fn a_workload_recreated_during_an_orderly_stop_is_not_attached_over_its_cut_off_holder() {
+    changed_during_an_orderly_stop("recreate").await;
+}
+
+/// vm-1 holds w0 on a lone coordinator whose lease is 3 s, and is cut off just after a renewal;
+/// the coordinator crashes and starts again at once with a lease of 1.5 s (its configuration
+/// changed meanwhile), and at once w0 is moved to vm-2 (so soon after the start that vm-1 does
+/// not count as quiet). vm-1 answers on its 3 s lease: vm-2 must not answer before it ends.
+#[tokio::test(flavor = "current_thread")]
+async fn a_lease_shortened_across_a_crash_still_waits_for_the_longer_lease() {
+    let dir = TempDir::new("fencing-lease-shortened");
+    let mut sim = Sim::with_lease(&dir, 15, None, 1, Duration::from_secs(3)).await;
+    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    // Just after a renewal of vm-1's 3 s lease.
+    while !sim.agents[0]
+        .session
+        .holdings()
+        .lease_valid(sim.clock.at(sim.now + 2_900))
+    {
+        let now = sim.now + 1;
+        sim.step(now, false).await;
+    }
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    sim.timing = lone_timing(WorkloadTiming::default().lease);
+    sim.crash_coordinator(0).await;
+    let service = sim.service();
+    let (vm1_last, vm2_first) = attach_under_a_cut_off_holder(&mut sim, service, cut_at, 1).await;
+    assert_w0_answered_in_turn(
+        &sim,
+        "lease 3 s, then 1.5 s after a crash",
+        vm1_last,
+        vm2_first,
+    );
 }

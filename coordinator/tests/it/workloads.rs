@@ -772,6 +772,11 @@ async fn the_next_run_waits_out_the_recorded_stop_lease() {
     settings.limits.workload_lease = Duration::from_secs(5);
     let c = Coordinator::start(&settings).await.unwrap();
     assert_eq!(c.service().timing().previous_stop_left, Duration::ZERO);
+    // While it runs, the record holds its lease: what a crash would leave the next run.
+    assert_eq!(
+        stop_record::left(dir.path(), SystemTime::now()).unwrap(),
+        Duration::from_secs(5)
+    );
     c.shutdown().await;
     // 11 s of stop lease, the 1.1 s drain, the linger and the slack.
     let left = stop_record::left(dir.path(), SystemTime::now()).unwrap();
@@ -784,5 +789,9 @@ async fn the_next_run_waits_out_the_recorded_stop_lease() {
     let t = c.service().timing();
     assert_eq!(t.stop_lease, Some(Duration::from_secs(4)));
     assert!(t.previous_stop_left > Duration::from_secs(10), "{t:?}");
+    // Stopped at once, it records no less than what is left of its predecessor's stop lease,
+    // though its own is shorter.
     c.shutdown().await;
+    let left = stop_record::left(dir.path(), SystemTime::now()).unwrap();
+    assert!(left > Duration::from_secs(9), "{left:?}");
 }
