@@ -178,9 +178,13 @@ impl Coordinator {
             });
         if stop_lease.is_some() {
             // Before any lease is granted: a crash of this run leaves the next one (whatever
-            // its lease) waiting out this run's leases, and what was left of its predecessor's.
-            let longest = settings.limits.workload_lease.max(previous_stop_left);
-            if let Err(e) = stop_record::record_running(dir, longest) {
+            // its lease) waiting out this run's leases, and what is left of its predecessor's.
+            if let Err(e) = stop_record::record_running(
+                dir,
+                SystemTime::now(),
+                settings.limits.workload_lease,
+                previous_stop_left,
+            ) {
                 tracing::warn!("{e}: a crash of this run may leave its leases unrecorded");
             }
         }

@@ -6,6 +6,9 @@
 //! The file holds two lines, `until_unix_ms=` (the latest instant a stop lease may run to,
 //! by the wall clock) and `longest_ms=` (how long from the recording that was); what is left
 //! is never taken as longer than `longest_ms`, so a wall clock stepped back cannot stretch it.
+//! A run writes it as it starts too, with a third line, `running_lease_ms=` (its lease, which
+//! a crash leaves running for that long whenever the next run starts); the first two then say
+//! what was left of its predecessor's stop leases.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -45,27 +48,46 @@ pub enum RecordError {
 /// [`RecordError::Io`].
 pub fn record(dir: &Path, now: SystemTime, longest: Duration) -> Result<(), RecordError> {
     let until = unix_ms(now).saturating_add(millis(longest));
-    write(dir, until, millis(longest))
+    write(
+        dir,
+        &format!("until_unix_ms={until}\nlongest_ms={}\n", millis(longest)),
+    )
 }
 
-/// Records, as a run starts (before it grants any lease), that leases it grants run for at
-/// most `longest` for as long as it runs: a crash leaves its next run (started with a shorter
-/// lease, perhaps) waiting `longest`, as [`left`] reads it. An orderly stop replaces it
-/// ([`record`]).
+/// Records, at `now` as a run starts (before it grants any lease), that the leases it grants
+/// run for at most `lease` for as long as it runs, and that `inherited` is left of its
+/// predecessor's stop leases: a crash leaves its next run (started with a shorter lease,
+/// perhaps) waiting out the longer of the two, as [`left`] reads it. An orderly stop
+/// replaces it ([`record`]).
 ///
 /// # Errors
 /// [`RecordError::Io`].
-pub fn record_running(dir: &Path, longest: Duration) -> Result<(), RecordError> {
-    write(dir, u64::MAX, millis(longest))
+pub fn record_running(
+    dir: &Path,
+    now: SystemTime,
+    lease: Duration,
+    inherited: Duration,
+) -> Result<(), RecordError> {
+    let until = unix_ms(now).saturating_add(millis(inherited));
+    write(
+        dir,
+        &format!(
+            "until_unix_ms={until}\nlongest_ms={}\n{RUNNING}={}\n",
+            millis(inherited),
+            millis(lease)
+        ),
+    )
 }
 
-fn write(dir: &Path, until: u64, longest: u64) -> Result<(), RecordError> {
+/// The line of a running record ([`record_running`]): the running lease.
+const RUNNING: &str = "running_lease_ms";
+
+fn write(dir: &Path, text: &str) -> Result<(), RecordError> {
     let path = dir.join(FILE);
     let io = |source| RecordError::Io {
         path: path.clone(),
         source,
     };
-    let text = format!("until_unix_ms={until}\nlongest_ms={longest}\n");
     let tmp = dir.join(format!("{FILE}.tmp"));
     let mut f = std::fs::File::create(&tmp).map_err(io)?;
     f.write_all(text.as_bytes()).map_err(io)?;
@@ -97,25 +119,41 @@ pub fn read(dir: &Path, now: SystemTime) -> Result<(Duration, Duration), RecordE
         }
         Err(source) => return Err(RecordError::Io { path, source }),
     };
-    let field = |key: &'static str| -> Result<u64, RecordError> {
-        let malformed = |reason: String| RecordError::Malformed {
-            path: path.clone(),
-            field: key,
-            reason,
-        };
-        let value = text
+    let field = |key: &'static str| -> Result<Option<u64>, RecordError> {
+        let Some(value) = text
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-            .ok_or_else(|| malformed("missing".into()))?;
+        else {
+            return Ok(None);
+        };
         value
             .trim()
             .parse()
-            .map_err(|e| malformed(format!("{value:?}: {e}")))
+            .map(Some)
+            .map_err(|e| RecordError::Malformed {
+                path: path.clone(),
+                field: key,
+                reason: format!("{value:?}: {e}"),
+            })
     };
-    let until = field("until_unix_ms")?;
-    let longest = field("longest_ms")?;
-    let left = until.saturating_sub(unix_ms(now)).min(longest);
-    let longest = if left > 0 { longest } else { 0 };
+    let needed = |key: &'static str| -> Result<u64, RecordError> {
+        field(key)?.ok_or_else(|| RecordError::Malformed {
+            path: path.clone(),
+            field: key,
+            reason: "missing".into(),
+        })
+    };
+    let until = needed("until_unix_ms")?;
+    let longest = needed("longest_ms")?;
+    // A running record (the run crashed): its lease, whenever the next run starts.
+    let running = field(RUNNING)?.unwrap_or(0);
+    let stopping = until.saturating_sub(unix_ms(now)).min(longest);
+    let left = stopping.max(running);
+    let longest = if stopping > 0 {
+        longest.max(running)
+    } else {
+        running
+    };
     Ok((Duration::from_millis(left), Duration::from_millis(longest)))
 }
 
@@ -164,13 +202,35 @@ mod tests {
         assert_eq!(read(dir.path(), t0 + ms(9_000)).unwrap(), (ms(0), ms(0)));
         // A run records its lease as it starts: after its crash, whenever the next run starts,
         // that long is left.
-        record_running(dir.path(), ms(3_000)).unwrap();
+        record_running(dir.path(), t0, ms(3_000), ms(0)).unwrap();
         for later in [ms(0), Duration::from_secs(86_400)] {
             assert_eq!(
                 read(dir.path(), t0 + later).unwrap(),
                 (ms(3_000), ms(3_000))
             );
         }
+        // With its predecessor's stop lease still running at its start: the longer of the two,
+        // the stop lease only until it ends.
+        record_running(dir.path(), t0, ms(1_500), ms(4_000)).unwrap();
+        assert_eq!(
+            read(dir.path(), t0 + ms(1_000)).unwrap(),
+            (ms(3_000), ms(4_000))
+        );
+        assert_eq!(
+            read(dir.path(), t0 + ms(3_000)).unwrap(),
+            (ms(1_500), ms(4_000))
+        );
+        assert_eq!(
+            read(dir.path(), t0 + ms(60_000)).unwrap(),
+            (ms(1_500), ms(1_500))
+        );
+        std::fs::write(
+            dir.path().join(FILE),
+            "until_unix_ms=1\nlongest_ms=0\nrunning_lease_ms=x\n",
+        )
+        .unwrap();
+        let e = read(dir.path(), t0).unwrap_err().to_string();
+        assert!(e.contains("stop-lease: running_lease_ms: \"x\""), "{e}");
         // Its orderly stop replaces it.
         record(dir.path(), t0, ms(4_450)).unwrap();
         assert_eq!(left(dir.path(), t0 + ms(4_000)).unwrap(), ms(450));

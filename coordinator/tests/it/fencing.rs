@@ -351,7 +351,9 @@ impl Sim {
         let log = tracing::subscriber::set_default(trail.subscriber());
         let (store, services): (Arc<SqlStore>, Vec<Arc<Service>>) = match url {
             None => {
-                stop_record::record_running(dir.path(), lease).unwrap();
+                // As `run.rs` records at each start, on the simulated wall clock (at 0 ms).
+                let wall = std::time::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+                stop_record::record_running(dir.path(), wall, lease, Duration::ZERO).unwrap();
                 let store = Arc::new(
                     SqlStore::open_sqlite(&dir.path().join("coordinator.db"))
                         .await
@@ -615,8 +617,13 @@ impl Sim {
                 let (previous_stop_left, previous_stop_longest) =
                     stop_record::read(&self.state, self.wall()).unwrap();
                 // As `run.rs` records at each start.
-                stop_record::record_running(&self.state, self.timing.lease.max(previous_stop_left))
-                    .unwrap();
+                stop_record::record_running(
+                    &self.state,
+                    self.wall(),
+                    self.timing.lease,
+                    previous_stop_left,
+                )
+                .unwrap();
                 let timing = WorkloadTiming {
                     previous_stop_left,
                     previous_stop_longest,
