@@ -325,6 +325,55 @@ async fn shared_service(url: &str, clock: &Arc<SimClock>) -> Arc<Service> {
     service
 }
 
+/// A node joined to the network through `service` with a token of its own (key `key`, name
+/// `name`), its session closed at once: an agent offline since `now`, to connect to
+/// coordinator 0.
+async fn join_agent(
+    service: &Service,
+    clock: &Arc<SimClock>,
+    key: u8,
+    name: &str,
+    now: u64,
+) -> Agent {
+    let (_, token) = service
+        .create_token(CreateToken {
+            network: NETWORK.into(),
+            tags: vec![],
+            expires_in_secs: None,
+            uses: None,
+        })
+        .await
+        .unwrap();
+    let s = service
+        .hello(&join_hello(&token, key, Some(name)), remote(key))
+        .await
+        .unwrap();
+    let ServerMessage::Welcome(w) = decode_frame(&s.welcome) else {
+        panic!("no welcome")
+    };
+    service
+        .session_closed(NETWORK, s.node, s.attached.serial)
+        .await;
+    Agent {
+        id: s.node,
+        key,
+        secret: w.node_secret.expect("a join gives a secret"),
+        session: AgentSession::new(s.node, Default::default(), clock.instant()),
+        reconnect: Reconnect::new(ReconnectPolicy::default()),
+        life: Life::Offline(now),
+        cut_until: None,
+        lost_at: None,
+        idle_at: None,
+        coord: None,
+        up: Link::new(),
+        down: Link::new(),
+        preparing: Vec::new(),
+        claims: BTreeMap::new(),
+        at: 0,
+        next: 0,
+    }
+}
+
 impl Sim {
     /// One coordinator on SQLite in `dir`, or `coordinators` on the PostgreSQL database `url`.
     async fn new(dir: &TempDir, seed: u64, url: Option<&str>, coordinators: usize) -> Sim {
@@ -384,47 +433,12 @@ impl Sim {
             })
             .await
             .unwrap();
-        let (_, token) = service
-            .create_token(CreateToken {
-                network: NETWORK.into(),
-                tags: vec![],
-                expires_in_secs: None,
-                uses: None,
-            })
-            .await
-            .unwrap();
         let mut agents = Vec::new();
         for n in 1..=AGENTS {
             let key = u8::try_from(n).unwrap();
-            let name = format!("vm-{n}");
-            let s = service
-                .hello(&join_hello(&token, key, Some(&name)), remote(key))
-                .await
-                .unwrap();
-            let ServerMessage::Welcome(w) = decode_frame(&s.welcome) else {
-                panic!("no welcome")
-            };
-            service
-                .session_closed(NETWORK, s.node, s.attached.serial)
-                .await;
-            agents.push(Agent {
-                id: s.node,
-                key,
-                secret: w.node_secret.expect("a join gives a secret"),
-                session: AgentSession::new(s.node, Default::default(), clock.instant()),
-                reconnect: Reconnect::new(ReconnectPolicy::default()),
-                life: Life::Offline(0),
-                cut_until: None,
-                lost_at: None,
-                idle_at: None,
-                coord: None,
-                up: Link::new(),
-                down: Link::new(),
-                preparing: Vec::new(),
-                claims: BTreeMap::new(),
-                at: 0,
-                next: n % services.len(),
-            });
+            let mut a = join_agent(&service, &clock, key, &format!("vm-{n}"), 0).await;
+            a.next = n % services.len();
+            agents.push(a);
         }
         let (mut workloads, mut addresses) = (Vec::new(), Vec::new());
         for k in 0..WORKLOADS {
@@ -1823,26 +1837,35 @@ async fn attach_under_a_cut_off_holder(
     let dest = name.clone();
     let attached =
         tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some(&dest)).await });
-    let (mut old_last, mut new_first) = (None, None);
-    while sim.now < cut_at + 4_000 {
-        let now = sim.now + 1;
-        if !attached.is_finished() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        sim.step(now, false).await;
-        if first_answer(sim, "w0", 0).is_some() {
-            old_last = Some(now - cut_at);
-        }
-        if new_first.is_none() {
-            new_first = first_answer(sim, "w0", to).map(|t| t - cut_at);
-        }
-    }
+    let (old_last, new_first) = watch_w0(
+        sim,
+        cut_at,
+        cut_at + 4_000,
+        to,
+        Some(&attached),
+        (None, None),
+    )
+    .await;
     let o = attached.await.unwrap().unwrap();
     assert_eq!(o.workload.holder, Some(sim.agents[to].id));
     (
         old_last.expect("vm-1 answered on its lease"),
         new_first.unwrap_or_else(|| panic!("{name} answered")),
     )
+}
+
+/// A lone coordinator's simulation (`seed`) run calmly to 10 s, vm-1 holding w0, then vm-1
+/// cut off for a minute (it keeps its lease and learns of nothing): the simulation and the
+/// cut's time.
+async fn vm1_cut_off_holding_w0(dir: &TempDir, seed: u64) -> (Sim, u64) {
+    let mut sim = Sim::new(dir, seed, None, 1).await;
+    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    (sim, cut_at)
 }
 
 /// A scene's end: no two holders of w0, and its new holder's first answer (`new_first`) after
@@ -1872,13 +1895,7 @@ fn assert_w0_answered_in_turn(sim: &Sim, scene: &str, old_last: u64, new_first: 
 /// recently changed).
 async fn detached_before_a_crash_then_attached(recreate: bool) {
     let dir = TempDir::new(&format!("fencing-detach-crash-{recreate}"));
-    let mut sim = Sim::new(&dir, 13, None, 1).await;
-    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
-        .await
-        .is_some());
-    let cut_at = sim.now;
-    sim.agents[0].cut_until = Some(cut_at + 60_000);
-    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    let (mut sim, cut_at) = vm1_cut_off_holding_w0(&dir, 13).await;
     let service = sim.service();
     if recreate {
         service.delete_workload(NETWORK, "w0").await.unwrap();
@@ -2154,4 +2171,172 @@ async fn a_lease_shortened_across_a_crash_still_waits_for_the_longer_lease() {
         vm1_last,
         vm2_first,
     );
+}
+
+/// Steps the simulation to `until` ms, while `pending` runs (a real millisecond per simulated
+/// one), watching w0: (vm-1's last answer, agent `to`'s first), in ms after `cut_at`.
+async fn watch_w0<T>(
+    sim: &mut Sim,
+    cut_at: u64,
+    until: u64,
+    to: usize,
+    pending: Option<&tokio::task::JoinHandle<T>>,
+    (mut old_last, mut new_first): (Option<u64>, Option<u64>),
+) -> (Option<u64>, Option<u64>) {
+    while sim.now < until {
+        let now = sim.now + 1;
+        if pending.is_some_and(|p| !p.is_finished()) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sim.step(now, false).await;
+        if first_answer(sim, "w0", 0).is_some() {
+            old_last = Some(now - cut_at);
+        }
+        if new_first.is_none() {
+            new_first = first_answer(sim, "w0", to).map(|t| t - cut_at);
+        }
+    }
+    (old_last, new_first)
+}
+
+/// vm-1 holds w0 and is cut off (it keeps its lease, and never learns that it was removed:
+/// it stays cut off); at once an operator revokes it (`how` "revoke") or deletes it
+/// ("delete"): w0 goes to its standby vm-2, online. With "revoke-crash-after" the lone
+/// coordinator crashes right after the release; with "revoke-crash-before" once the
+/// revocation is in the store but before the release committed (the next run fails w0 over to
+/// vm-2). vm-2 must not answer while vm-1 still does.
+async fn removed_while_cut_off(how: &str) {
+    let dir = TempDir::new(&format!("fencing-removed-{how}"));
+    let (mut sim, cut_at) = vm1_cut_off_holding_w0(&dir, 16).await;
+    let service = sim.service();
+    let delete = how == "delete";
+    let removed = tokio::spawn(async move {
+        if delete {
+            service.delete_node("vm-1", Some(NETWORK)).await
+        } else {
+            service.revoke_node("vm-1", Some(NETWORK)).await
+        }
+    });
+    let vm1 = sim.agents[0].id;
+    let mut seen = (None, None);
+    if how == "revoke-crash-before" {
+        loop {
+            let until = sim.now + 1;
+            seen = watch_w0(&mut sim, cut_at, until, 1, Some(&removed), seen).await;
+            let n = sim.store.node(vm1).await.unwrap().unwrap();
+            if n.revoked {
+                break;
+            }
+            assert!(!removed.is_finished(), "revoked before a step");
+        }
+        let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+        assert_eq!(w.holder, Some(vm1), "released already: {w:?}");
+        removed.abort();
+        sim.crash_coordinator(0).await;
+    } else {
+        while !removed.is_finished() {
+            let until = sim.now + 1;
+            seen = watch_w0(&mut sim, cut_at, until, 1, Some(&removed), seen).await;
+            assert!(sim.now < cut_at + 10_000, "the removal did not end");
+        }
+        removed.await.unwrap().unwrap();
+        let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+        assert_eq!(w.holder, Some(sim.agents[1].id), "{w:?}");
+        if how == "revoke-crash-after" {
+            sim.crash_coordinator(0).await;
+        }
+    }
+    let (old_last, new_first) =
+        watch_w0::<()>(&mut sim, cut_at, cut_at + 8_000, 1, None, seen).await;
+    let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    assert_eq!(w.holder, Some(sim.agents[1].id), "{w:?}");
+    assert_w0_answered_in_turn(
+        &sim,
+        &format!("vm-1 cut off, then {how}"),
+        old_last.expect("vm-1 answered on its lease"),
+        new_first.expect("vm-2 answered"),
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_revoked_cut_off_holder_is_not_answered_over_by_its_standby() {
+    removed_while_cut_off("revoke").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_deleted_cut_off_holder_is_not_answered_over_by_its_standby() {
+    removed_while_cut_off("delete").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_revoked_cut_off_holder_released_just_before_a_crash_is_not_answered_over() {
+    removed_while_cut_off("revoke-crash-after").await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_revoked_cut_off_holder_not_yet_released_at_a_crash_is_not_answered_over() {
+    removed_while_cut_off("revoke-crash-before").await;
+}
+
+/// vm-1 holds w0 and is cut off; its standbys vm-2 and vm-3 are down, so deleting vm-1 leaves
+/// w0 held by the deleted id. A node joins again under the name vm-1 (a new id, a new key)
+/// and the operator moves w0 to "vm-1", now the new node. With `crash`, the lone coordinator
+/// crashes between the deletion and the join. The new vm-1 must not answer while the old one
+/// (cut off, unaware) still does.
+async fn rejoined_under_the_name_of_a_deleted_cut_off_holder(crash: bool) {
+    let dir = TempDir::new(&format!("fencing-rejoin-{crash}"));
+    let mut sim = Sim::new(&dir, 17, None, 1).await;
+    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    for i in [1, 2] {
+        let a = &mut sim.agents[i];
+        a.life = Life::Dead(u64::MAX);
+        a.up.cut();
+        a.down.cut();
+        if let Some(c) = a.coord.take() {
+            let id = a.id;
+            sim.services[0].session_closed(NETWORK, id, c.serial).await;
+        }
+    }
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    let service = sim.service();
+    service.delete_node("vm-1", Some(NETWORK)).await.unwrap();
+    let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    assert_eq!(w.holder, Some(sim.agents[0].id), "{w:?}");
+    if crash {
+        sim.crash_coordinator(0).await;
+    }
+    let service = sim.service();
+    let joined = join_agent(&service, &sim.clock, 7, "vm-1", sim.now).await;
+    assert_ne!(joined.id, sim.agents[0].id);
+    sim.agents.push(joined);
+    let to = sim.agents.len() - 1;
+    let until = sim.now + 50;
+    let seen = watch_w0::<()>(&mut sim, cut_at, until, to, None, (None, None)).await;
+    let moved =
+        tokio::spawn(async move { service.move_workload(NETWORK, "w0", Some("vm-1")).await });
+    let (old_last, new_first) =
+        watch_w0(&mut sim, cut_at, cut_at + 6_000, to, Some(&moved), seen).await;
+    let o = moved.await.unwrap().unwrap();
+    assert_eq!(o.workload.holder, Some(sim.agents[to].id));
+    assert_w0_answered_in_turn(
+        &sim,
+        &format!("vm-1 cut off, deleted, joined again (crash {crash}), moved to"),
+        old_last.expect("the old vm-1 answered on its lease"),
+        new_first.expect("the new vm-1 answered"),
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_joined_under_the_name_of_a_deleted_cut_off_holder_does_not_answer_over_it() {
+    rejoined_under_the_name_of_a_deleted_cut_off_holder(false).await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_node_joined_under_a_deleted_cut_off_holders_name_after_a_crash_does_not_answer_over_it()
+{
+    rejoined_under_the_name_of_a_deleted_cut_off_holder(true).await;
 }
