@@ -1927,6 +1927,21 @@ async fn a_workload_recreated_just_before_a_crash_is_not_attached_over_its_cut_o
     detached_before_a_crash_then_attached(true).await;
 }
 
+/// Three coordinators sharing a new PostgreSQL database (`None` without PostgreSQL, where
+/// that is allowed), their simulation (`seed`) run calmly to 3 s: its directory, the
+/// database's URL and the simulation.
+async fn three_sharing_calm(tag: &str, seed: u64) -> Option<(TempDir, String, Sim)> {
+    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+        return None;
+    };
+    let dir = TempDir::new(&format!("fencing-shared-{tag}"));
+    let mut sim = Sim::new(&dir, seed, Some(&url), 3).await;
+    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
+        .await
+        .is_some());
+    Some((dir, url, sim))
+}
+
 /// Three coordinators sharing PostgreSQL. vm-1 holds w0; coordinator 2 (B) crashes. vm-1 is
 /// cut off (it keeps its lease) and at once coordinator 0 (A) deletes w0; B starts again
 /// (its map has no w0, so nothing of w0's holders), A creates w0 again, detached, at its
@@ -1934,14 +1949,9 @@ async fn a_workload_recreated_just_before_a_crash_is_not_attached_over_its_cut_o
 /// (through `via`): vm-1 answers on its last lease for up to a lease after the cut, and vm-3
 /// must not answer before then, whichever coordinator made the change.
 async fn recreated_while_a_coordinator_restarted_then_attached_through(via: usize) {
-    let Some(TestDb::Postgres(url)) = TestDb::postgres() else {
+    let Some((_dir, _, mut sim)) = three_sharing_calm(&format!("recreate-{via}"), 21).await else {
         return;
     };
-    let dir = TempDir::new(&format!("fencing-shared-recreate-{via}"));
-    let mut sim = Sim::new(&dir, 21, Some(&url), 3).await;
-    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
-        .await
-        .is_some());
     // B down (it comes back when told).
     sim.crash_coordinator(2).await;
     sim.down_until[2] = Some(u64::MAX);
@@ -2199,6 +2209,19 @@ async fn watch_w0<T>(
     (old_last, new_first)
 }
 
+/// An operator deletes vm-1 (`how` "delete") or revokes it (anything else) through
+/// `service`, on a task of its own (it fails if the change does).
+fn remove_vm1(service: Arc<Service>, how: &str) -> tokio::task::JoinHandle<()> {
+    let delete = how == "delete";
+    tokio::spawn(async move {
+        if delete {
+            service.delete_node("vm-1", Some(NETWORK)).await.unwrap();
+        } else {
+            service.revoke_node("vm-1", Some(NETWORK)).await.unwrap();
+        }
+    })
+}
+
 /// vm-1 holds w0 and is cut off (it keeps its lease, and never learns that it was removed:
 /// it stays cut off); at once an operator revokes it (`how` "revoke") or deletes it
 /// ("delete"): w0 goes to its standby vm-2, online. With "revoke-crash-after" the lone
@@ -2208,15 +2231,7 @@ async fn watch_w0<T>(
 async fn removed_while_cut_off(how: &str) {
     let dir = TempDir::new(&format!("fencing-removed-{how}"));
     let (mut sim, cut_at) = vm1_cut_off_holding_w0(&dir, 16).await;
-    let service = sim.service();
-    let delete = how == "delete";
-    let removed = tokio::spawn(async move {
-        if delete {
-            service.delete_node("vm-1", Some(NETWORK)).await
-        } else {
-            service.revoke_node("vm-1", Some(NETWORK)).await
-        }
-    });
+    let removed = remove_vm1(sim.service(), how);
     let vm1 = sim.agents[0].id;
     let mut seen = (None, None);
     if how == "revoke-crash-before" {
@@ -2239,7 +2254,7 @@ async fn removed_while_cut_off(how: &str) {
             seen = watch_w0(&mut sim, cut_at, until, 1, Some(&removed), seen).await;
             assert!(sim.now < cut_at + 10_000, "the removal did not end");
         }
-        removed.await.unwrap().unwrap();
+        removed.await.unwrap();
         let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
         assert_eq!(w.holder, Some(sim.agents[1].id), "{w:?}");
         if how == "revoke-crash-after" {
@@ -2339,4 +2354,106 @@ async fn a_node_joined_under_the_name_of_a_deleted_cut_off_holder_does_not_answe
 async fn a_node_joined_under_a_deleted_cut_off_holders_name_after_a_crash_does_not_answer_over_it()
 {
     rejoined_under_the_name_of_a_deleted_cut_off_holder(true).await;
+}
+
+/// When a coordinator last renewed `node`'s lease in the shared database (simulated ms).
+async fn heard_ms(pool: &sqlx::AnyPool, node: NodeId) -> Option<i64> {
+    use sqlx::Row;
+    sqlx::query("SELECT heard_ms FROM leases WHERE node = $1")
+        .bind(i64::try_from(node).unwrap())
+        .fetch_optional(pool)
+        .await
+        .unwrap()
+        .map(|r| r.try_get::<i64, _>("heard_ms").unwrap())
+}
+
+/// Three coordinators sharing PostgreSQL: vm-1 holds w0 with its session on B (coordinator
+/// 1); its standby vm-2 has its session on `vm2_at` (0: A, 2: C). Right after a heartbeat of
+/// vm-1 renewed its lease through B in the database (and its answer reached vm-1), vm-1 is
+/// cut off (it keeps that lease, and never learns of anything) and an operator revokes
+/// (`how` "revoke") or deletes ("delete") it through A: w0 goes to vm-2, which must not answer
+/// while vm-1 still does, whichever coordinator confirms it.
+async fn shared_removed_while_cut_off(how: &str, vm2_at: usize) {
+    let Some((_dir, url, mut sim)) =
+        three_sharing_calm(&format!("removed-{how}-{vm2_at}"), 23).await
+    else {
+        return;
+    };
+    assert_eq!((sim.agents[0].life, sim.agents[0].at), (Life::Online, 1));
+    if sim.agents[1].at != vm2_at {
+        sim.lose(1).await;
+        sim.agents[1].next = vm2_at;
+        sim.agents[1].life = Life::Offline(sim.now);
+        // Long enough for every coordinator's presence to show vm-2's new session.
+        let until = sim.now + 1_500;
+        calm_until::<()>(&mut sim, until, "w0", 0, 0, None).await;
+    }
+    assert_eq!(
+        (sim.agents[1].life, sim.agents[1].at),
+        (Life::Online, vm2_at)
+    );
+    // vm-3, w0's other standby, is gone for good: w0 can only go to vm-2 (a coordinator's
+    // view of where sessions are may lag, and it gives w0 to the first standby online).
+    let a = &mut sim.agents[2];
+    a.life = Life::Dead(u64::MAX);
+    a.up.cut();
+    a.down.cut();
+    if let Some(c) = a.coord.take() {
+        let (id, at) = (a.id, a.at);
+        sim.services[at].session_closed(NETWORK, id, c.serial).await;
+    }
+    let vm1 = sim.agents[0].id;
+    let pool = sqlx::AnyPool::connect(&url).await.unwrap();
+    // The next renewal of vm-1 through B, then its answer's way to vm-1.
+    let before = heard_ms(&pool, vm1).await;
+    let mut seen = (None, None);
+    while heard_ms(&pool, vm1).await == before {
+        let until = sim.now + 1;
+        seen = watch_w0::<()>(&mut sim, 0, until, 1, None, seen).await;
+        assert!(sim.now < 10_000, "vm-1 was not renewed");
+    }
+    let renewed = heard_ms(&pool, vm1).await.unwrap();
+    let until = sim.now + MAX_LATENCY_MS;
+    watch_w0::<()>(&mut sim, 0, until, 1, None, (None, None)).await;
+    let cut_at = sim.now;
+    sim.agents[0].cut_until = Some(cut_at + 60_000);
+    sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
+    // Every coordinator knows where vm-2's session is (A releases w0 to the first standby
+    // online anywhere: vm-2, not vm-3).
+    for k in [0, 1, 2, 0] {
+        sim.services[k].refresh_presence().await;
+    }
+    let removed = remove_vm1(sim.services[0].clone(), how);
+    let mut seen = (None, None);
+    while !removed.is_finished() {
+        let until = sim.now + 1;
+        seen = watch_w0(&mut sim, cut_at, until, 1, Some(&removed), seen).await;
+        assert!(sim.now < cut_at + 10_000, "the removal did not end");
+    }
+    removed.await.unwrap();
+    let released_at = sim.now - cut_at;
+    let (old_last, new_first) =
+        watch_w0::<()>(&mut sim, cut_at, cut_at + 8_000, 1, None, seen).await;
+    let w = sim.store.workload(NETWORK, "w0").await.unwrap().unwrap();
+    assert_eq!(w.holder, Some(sim.agents[1].id), "{w:?}");
+    let scene = format!(
+        "shared, vm-1 on B renewed at {renewed} ms, cut off at {cut_at} ms, {how} via A \
+         (done +{released_at} ms), vm-2 on coordinator {vm2_at}"
+    );
+    assert_w0_answered_in_turn(
+        &sim,
+        &scene,
+        old_last.expect("vm-1 answered on its lease"),
+        new_first.expect("vm-2 answered"),
+    );
+}
+
+/// See [`shared_removed_while_cut_off`]: revoked or deleted, vm-2 on A or on C.
+#[tokio::test(flavor = "current_thread")]
+async fn shared_a_revoked_or_deleted_cut_off_holder_is_not_answered_over_by_its_standby() {
+    for how in ["revoke", "delete"] {
+        for vm2_at in [0, 2] {
+            shared_removed_while_cut_off(how, vm2_at).await;
+        }
+    }
 }
