@@ -636,10 +636,12 @@ impl Coordinator {
     /// stop lease (at most a heartbeat interval and a bit), so that holders keep answering for
     /// their workload addresses while this coordinator restarts.
     async fn grant_stop_leases(&self) {
-        let Some(longest) = self.service.stop_record_length() else {
+        let (Some(longest), Some(lease)) = (
+            self.service.stop_record_length(),
+            self.service.timing().stop_lease,
+        ) else {
             return;
         };
-        let lease = self.service.timing().stop_lease.unwrap_or_default();
         // Recorded before the first is granted: the next run waits out what was granted.
         if let Err(e) = stop_record::record(&self.state_dir, SystemTime::now(), longest) {
             tracing::warn!("stopping without giving holders a last lease: {e}");

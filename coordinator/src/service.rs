@@ -721,12 +721,15 @@ impl Service {
                 }
                 // And it counts only on a map with every change that renewal could see
                 // (another coordinator's, which this one may not have followed).
-                let (bound, floor) = recorded.get(&node).map_or((Duration::ZERO, None), |r| {
-                    (
-                        (r.0 + self.timing.lease).saturating_duration_since(sent),
-                        Some(r.1),
-                    )
-                });
+                let (bound, floor) =
+                    recorded
+                        .get(&node)
+                        .map_or((Duration::ZERO, None), |&(at, version)| {
+                            (
+                                (at + self.timing.lease).saturating_duration_since(sent),
+                                Some(version),
+                            )
+                        });
                 HeartbeatLease {
                     lease: local.min(bound),
                     database: None,

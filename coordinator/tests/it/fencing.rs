@@ -375,6 +375,22 @@ async fn join_agent(
 }
 
 impl Sim {
+    /// [`Sim::new`], run calmly (no chaos) to `until` ms, when every workload is held by its
+    /// first holder.
+    async fn new_calm(
+        dir: &TempDir,
+        seed: u64,
+        url: Option<&str>,
+        coordinators: usize,
+        until: u64,
+    ) -> Sim {
+        let mut sim = Sim::new(dir, seed, url, coordinators).await;
+        assert!(calm_until::<()>(&mut sim, until, "w0", 0, 0, None)
+            .await
+            .is_some());
+        sim
+    }
+
     /// One coordinator on SQLite in `dir`, or `coordinators` on the PostgreSQL database `url`.
     async fn new(dir: &TempDir, seed: u64, url: Option<&str>, coordinators: usize) -> Sim {
         Sim::with_lease(
@@ -1597,11 +1613,8 @@ async fn calm_until<T>(
 #[tokio::test(flavor = "current_thread")]
 async fn a_move_away_from_a_holder_cut_off_just_before_never_leaves_two_holders() {
     let dir = TempDir::new("fencing-cut-move");
-    let mut sim = Sim::new(&dir, 9, None, 1).await;
     // Everyone connects; vm-1 holds w0 with a fresh lease.
-    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
-        .await
-        .is_some());
+    let mut sim = Sim::new_calm(&dir, 9, None, 1, 3_000).await;
     assert!(sim.overlaps.is_empty());
     // The cut, and the move at once (vm-1's last heartbeat was answered under 300 ms ago).
     let cut_at = sim.now;
@@ -1672,10 +1685,7 @@ async fn orderly_restart(sim: &mut Sim, outage: u64) -> u64 {
 #[tokio::test(flavor = "current_thread")]
 async fn an_orderly_restart_shorter_than_a_lease_silences_no_workload() {
     let dir = TempDir::new("fencing-orderly-restart");
-    let mut sim = Sim::new(&dir, 10, None, 1).await;
-    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
-        .await
-        .is_some());
+    let mut sim = Sim::new_calm(&dir, 10, None, 1, 3_000).await;
     let began = sim.now;
     let stopped = orderly_restart(&mut sim, 1_450).await;
     let mut silent = Vec::new();
@@ -1758,12 +1768,9 @@ async fn a_restarted_coordinator_waits_out_the_stop_lease_of_a_holder_it_cannot_
 async fn a_holder_renewed_after_an_orderly_restart_keeps_its_stop_lease_and_is_not_answered_over() {
     for planned in [false, true] {
         let dir = TempDir::new(&format!("fencing-renewed-stop-lease-{planned}"));
-        let mut sim = Sim::new(&dir, 12, None, 1).await;
         // Long enough after w0 was given to vm-1 that the restarted coordinator does not wait
         // for that change's old holders (there were none) anyway.
-        assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
-            .await
-            .is_some());
+        let mut sim = Sim::new_calm(&dir, 12, None, 1, 10_000).await;
         let began = sim.now;
         let stopped = orderly_restart(&mut sim, 10).await;
         // vm-1 back on the restarted coordinator, its first heartbeat there answered.
@@ -1858,10 +1865,7 @@ async fn attach_under_a_cut_off_holder(
 /// cut off for a minute (it keeps its lease and learns of nothing): the simulation and the
 /// cut's time.
 async fn vm1_cut_off_holding_w0(dir: &TempDir, seed: u64) -> (Sim, u64) {
-    let mut sim = Sim::new(dir, seed, None, 1).await;
-    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
-        .await
-        .is_some());
+    let mut sim = Sim::new_calm(dir, seed, None, 1, 10_000).await;
     let cut_at = sim.now;
     sim.agents[0].cut_until = Some(cut_at + 60_000);
     sim.agents[0].idle_at = Some(cut_at + IDLE_MS);
@@ -1935,10 +1939,7 @@ async fn three_sharing_calm(tag: &str, seed: u64) -> Option<(TempDir, String, Si
         return None;
     };
     let dir = TempDir::new(&format!("fencing-shared-{tag}"));
-    let mut sim = Sim::new(&dir, seed, Some(&url), 3).await;
-    assert!(calm_until::<()>(&mut sim, 3_000, "w0", 0, 0, None)
-        .await
-        .is_some());
+    let sim = Sim::new_calm(&dir, seed, Some(&url), 3, 3_000).await;
     Some((dir, url, sim))
 }
 
@@ -2300,10 +2301,7 @@ async fn a_revoked_cut_off_holder_not_yet_released_at_a_crash_is_not_answered_ov
 /// (cut off, unaware) still does.
 async fn rejoined_under_the_name_of_a_deleted_cut_off_holder(crash: bool) {
     let dir = TempDir::new(&format!("fencing-rejoin-{crash}"));
-    let mut sim = Sim::new(&dir, 17, None, 1).await;
-    assert!(calm_until::<()>(&mut sim, 10_000, "w0", 0, 0, None)
-        .await
-        .is_some());
+    let mut sim = Sim::new_calm(&dir, 17, None, 1, 10_000).await;
     for i in [1, 2] {
         let a = &mut sim.agents[i];
         a.life = Life::Dead(u64::MAX);
